@@ -1,0 +1,166 @@
+"""Configuration schema (pydantic v2). One YAML file describes a whole deployment or simulation.
+
+Errors name the file, the key path and the allowed values (see ``load.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from scheduler.core.types import SLO, InstanceRole
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GPUSpec(_Strict):
+    """One GPU type in the catalog."""
+
+    name: str
+    memory_gib: float = Field(gt=0)
+    fp16_tflops: float = Field(gt=0, description="dense fp16/bf16 tensor TFLOP/s")
+    hbm_gbps: float = Field(gt=0, description="HBM bandwidth, GB/s")
+    interconnect_gbps: float = Field(default=300.0, gt=0, description="intra-node GPU link (NVLink), GB/s")
+    network_gbps: float = Field(default=25.0, gt=0, description="inter-node link per GPU, GB/s")
+    network_latency_s: float = Field(default=20e-6, ge=0)
+    price_per_hour: float = Field(default=0.0, ge=0, description="$ per GPU-hour")
+    count: int = Field(default=0, ge=0, description="GPUs of this type available (0 = unbounded)")
+    # Fraction of peak actually reached; the roofline multiplies peaks by these.
+    mfu: float = Field(default=0.6, gt=0, le=1)
+    mbu: float = Field(default=0.8, gt=0, le=1)
+
+
+class ModelSpec(_Strict):
+    """Architecture shape: enough to count FLOPs, bytes, and KV size."""
+
+    name: str
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    dtype: Literal["float32", "float16", "bfloat16", "fp8"] = "float16"
+    max_model_len: int = Field(default=4096, gt=0)
+    gated_mlp: bool = True
+    # Name of the model in profiled tables (Vidur / Splitwise / DistServe), when it differs from ``name``.
+    profile_name: str | None = None
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelSpec:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V, all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def num_params(self) -> int:
+        h, i, L = self.hidden_size, self.intermediate_size, self.num_layers
+        kv = self.num_kv_heads * self.head_dim
+        attn = h * h * 2 + h * kv * 2  # q, o, k, v
+        mlp = h * i * (3 if self.gated_mlp else 2)
+        return L * (attn + mlp) + 2 * self.vocab_size * h
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.num_params * self.dtype_bytes
+
+
+class EngineSpec(_Strict):
+    """vLLM-like iteration scheduler settings (names follow vLLM's)."""
+
+    block_size: int = Field(default=16, gt=0)
+    max_num_seqs: int = Field(default=256, gt=0)
+    max_num_batched_tokens: int = Field(default=2048, gt=0, description="token budget per step (chunked prefill)")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    activation_reserve_gib: float = Field(default=2.0, ge=0)
+    num_kv_blocks: int | None = Field(default=None, gt=0, description="override the KV capacity computed from memory")
+    enable_chunked_prefill: bool = True
+
+
+class PoolSpec(_Strict):
+    """A homogeneous set of instances."""
+
+    name: str
+    role: InstanceRole = InstanceRole.MIXED
+    gpu: str
+    tp: int = Field(default=1, gt=0)
+    count: int = Field(default=1, ge=0)
+    backend: Literal["simulated", "vllm"] = "simulated"
+    engine: EngineSpec = EngineSpec()
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _role(cls, v: Any) -> InstanceRole:
+        return InstanceRole.parse(v)
+
+
+class SLOSpec(_Strict):
+    ttft_s: float | None = Field(default=None, gt=0)
+    tpot_s: float | None = Field(default=None, gt=0)
+
+    def to_slo(self) -> SLO:
+        return SLO(self.ttft_s, self.tpot_s)
+
+
+class PolicySpec(_Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class PoliciesSpec(_Strict):
+    router: PolicySpec = PolicySpec(name="least_outstanding")
+    migration: PolicySpec | None = None
+    scaling: PolicySpec | None = None
+    admission: PolicySpec | None = None
+    predictor: PolicySpec | None = None
+
+
+class ClusterConfig(_Strict):
+    """The whole deployment: GPU catalog, model, pools, SLOs and policies."""
+
+    name: str = "cluster"
+    gpus: dict[str, GPUSpec]
+    model: ModelSpec
+    pools: list[PoolSpec]
+    slos: dict[int, SLOSpec] = Field(default_factory=lambda: {0: SLOSpec(ttft_s=2.0, tpot_s=0.1)})
+    policies: PoliciesSpec = PoliciesSpec()
+    latency_profile: str | None = Field(default=None, description="path to a latency table (llmsched profile)")
+
+    @model_validator(mode="after")
+    def _pools_name_known_gpus(self) -> ClusterConfig:
+        for i, pool in enumerate(self.pools):
+            if pool.gpu not in self.gpus:
+                raise ValueError(
+                    f"pools[{i}].gpu: unknown GPU type {pool.gpu!r}; allowed: {', '.join(sorted(self.gpus))}"
+                )
+        if not self.pools:
+            raise ValueError("pools: at least one instance pool is required")
+        return self
+
+    def slo_for(self, priority: int) -> SLO:
+        spec = self.slos.get(priority) or self.slos.get(0) or SLOSpec()
+        return spec.to_slo()
+
+    @property
+    def num_instances(self) -> int:
+        return sum(p.count for p in self.pools)

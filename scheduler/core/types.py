@@ -1,0 +1,195 @@
+"""Plain data shared by every layer: requests, instance snapshots, the cluster view.
+
+Policies (``scheduler.policy``) read only these types. They hold ids and numbers, never live objects
+(actors, engines, sockets), so the same policy runs unchanged in the simulator and the live control plane.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class InstanceRole(enum.Enum):
+    """What an engine instance does with a request."""
+
+    PREFILL = "prefill"  # runs the prompt, then hands the KV cache to a DECODE instance
+    DECODE = "decode"  # accepts KV from a PREFILL instance and streams tokens
+    MIXED = "mixed"  # colocated: both phases on one instance
+
+    @classmethod
+    def parse(cls, value: str | InstanceRole) -> InstanceRole:
+        if isinstance(value, InstanceRole):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            allowed = ", ".join(r.value for r in cls)
+            raise ValueError(f"unknown instance role {value!r}; allowed: {allowed}") from None
+
+    @property
+    def does_prefill(self) -> bool:
+        return self in (InstanceRole.PREFILL, InstanceRole.MIXED)
+
+    @property
+    def does_decode(self) -> bool:
+        return self in (InstanceRole.DECODE, InstanceRole.MIXED)
+
+
+class Phase(enum.IntEnum):
+    """Request lifecycle. Members from FINISHED on are terminal (as in vLLM's RequestStatus)."""
+
+    QUEUED = 0
+    PREFILL = 1
+    TRANSFER = 2  # KV moving from prefill to decode instance
+    DECODE = 3
+    MIGRATING = 4
+    FINISHED = 10
+    CANCELLED = 11
+    FAILED = 12
+
+    @property
+    def is_terminal(self) -> bool:
+        return self >= Phase.FINISHED
+
+
+@dataclass(frozen=True, slots=True)
+class SLO:
+    """Latency targets in seconds; ``None`` means no target on that metric."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+
+    def met(self, ttft_s: float, tpot_s: float) -> bool:
+        if self.ttft_s is not None and ttft_s > self.ttft_s:
+            return False
+        if self.tpot_s is not None and tpot_s > self.tpot_s:
+            return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What a router knows about a request when it arrives.
+
+    ``output_tokens`` is the true output length where known (traces, the simulator's ground truth); policies must
+    not read it -- they read ``predicted_output_tokens`` (from a predictor, a client hint, or ``None``).
+    """
+
+    request_id: str
+    arrival_s: float
+    prompt_tokens: int
+    max_tokens: int
+    priority: int = 0
+    slo: SLO | None = None
+    predicted_output_tokens: float | None = None
+    hash_ids: tuple[int, ...] = ()
+    tenant: str | None = None
+    output_tokens: int | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLoad:
+    """One running request as an instance reports it."""
+
+    request_id: str
+    context_tokens: int  # prompt + generated so far (KV length)
+    generated_tokens: int
+    predicted_remaining: float | None = None
+    priority: int = 0
+    in_prefill: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """The one load vocabulary (Llumnix's BaseLoad), computed once per snapshot and read by every policy."""
+
+    kv_usage: float  # fraction of KV blocks in use (0..1+)
+    virtual_usage: float  # Llumnix virtual usage: (used + queued demand + headroom) / total
+    outstanding: int  # running + waiting requests
+    decode_batch: int  # requests currently decoding
+    prefill_tokens_pending: int  # prompt tokens queued or partially prefilled
+    decode_context_tokens: int  # sum of KV lengths of decoding requests
+    predicted_remaining_tokens: float  # sum of predicted remaining output tokens
+
+    @staticmethod
+    def of(snapshot: InstanceSnapshot) -> Load:
+        s = snapshot
+        total = max(s.kv_blocks_total, 1)
+        queued_blocks = -(-s.prefill_tokens_pending // max(s.block_size, 1))
+        return Load(
+            kv_usage=s.kv_blocks_used / total,
+            virtual_usage=(s.kv_blocks_used + queued_blocks) / total,
+            outstanding=s.num_running + s.num_waiting,
+            decode_batch=s.num_decoding,
+            prefill_tokens_pending=s.prefill_tokens_pending,
+            decode_context_tokens=s.decode_context_tokens,
+            predicted_remaining_tokens=s.predicted_remaining_tokens,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSnapshot:
+    """Read-only state of one engine instance at ``time_s``."""
+
+    instance_id: str
+    role: InstanceRole
+    gpu: str = "cpu"
+    tp: int = 1
+    model: str = "default"
+    time_s: float = 0.0
+    num_running: int = 0
+    num_waiting: int = 0
+    num_decoding: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 1
+    block_size: int = 16
+    prefill_tokens_pending: int = 0
+    decode_context_tokens: int = 0
+    predicted_remaining_tokens: float = 0.0
+    requests: tuple[RequestLoad, ...] = ()
+    healthy: bool = True
+    draining: bool = False
+    # Mooncake-style prefix cache: block hash ids resident on this instance (bounded by the reporter).
+    cached_hash_ids: frozenset[int] = frozenset()
+
+    @property
+    def load(self) -> Load:
+        return Load.of(self)
+
+    @property
+    def kv_blocks_free(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_used
+
+    @property
+    def accepting(self) -> bool:
+        return self.healthy and not self.draining
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    """All instances at one moment. Built by the simulator or the controller, handed to policies."""
+
+    time_s: float
+    instances: tuple[InstanceSnapshot, ...]
+
+    def by_id(self, instance_id: str) -> InstanceSnapshot:
+        for inst in self.instances:
+            if inst.instance_id == instance_id:
+                return inst
+        raise KeyError(f"no instance {instance_id!r} in view; have {[i.instance_id for i in self.instances]}")
+
+    def with_role(self, *roles: InstanceRole) -> tuple[InstanceSnapshot, ...]:
+        return tuple(i for i in self.instances if i.role in roles and i.accepting)
+
+    @property
+    def disaggregated(self) -> bool:
+        return any(i.role is InstanceRole.PREFILL for i in self.instances)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An expected "no" (vLLM style: a value, not an exception)."""
+
+    reason: str
+    retry_after_s: float | None = None

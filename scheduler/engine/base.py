@@ -1,0 +1,101 @@
+"""The one async interface every engine backend implements (vLLM, simulated).
+
+An Instance actor owns exactly one backend. The control plane only talks to this interface, so a
+simulated instance and a vLLM instance are interchangeable in the live cluster.
+
+KV movement (P->D handoff and live migration) goes through ``KVBlocks``: the KV of a contiguous token range
+of one request, as plain bytes/arrays that can travel through Ray's object store or a socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from scheduler.core.types import RequestLoad
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """A request as an engine sees it. ``prompt_token_ids`` may include tokens generated elsewhere
+    (P->D handoff, migration): ``num_output_tokens_before`` of them at the end are earlier outputs, so
+    ``max_tokens`` counts only what is still to generate and the sampler's RNG position is advanced."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams = SamplingParams()
+    priority: int = 0
+    num_output_tokens_before: int = 0
+    # When set, the engine loads KV for the leading tokens from these blocks instead of recomputing them.
+    kv: tuple[KVBlocks, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChunk:
+    """New output tokens of one request, in order. ``index`` is the sequence index of ``token_ids[0]``
+    within the request's whole output (stable across handoffs and migrations)."""
+
+    request_id: str
+    index: int
+    token_ids: tuple[int, ...]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "migrated" | "error: ..."
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class KVBlocks:
+    """KV cache of tokens ``[start_token, end_token)`` of ``request_id``. ``data`` is backend-specific
+    (numpy arrays per layer for vLLM; ``None`` for the simulated backend, which only accounts bytes)."""
+
+    request_id: str
+    start_token: int
+    end_token: int
+    token_ids: tuple[int, ...]  # the tokens whose KV this is (the destination checks the prefix matches)
+    nbytes: int
+    data: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    block_size: int
+    num_preemptions: int = 0
+    # Prompt tokens this engine computed (prefill FLOPs) vs loaded from transferred KV; tests assert on them.
+    prompt_tokens_computed: int = 0
+    prompt_tokens_loaded: int = 0
+    requests: tuple[RequestLoad, ...] = ()
+
+
+@runtime_checkable
+class EngineBackend(Protocol):
+    async def start(self) -> None: ...
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[TokenChunk]:
+        """Run the request; yield chunks until one with ``finished=True``."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def stats(self) -> EngineStats: ...
+
+    async def export_kv(self, request_id: str, start_token: int, end_token: int | None = None) -> KVBlocks:
+        """Copy out the KV of a request that may still be running (live migration stages, P->D handoff)."""
+        ...
+
+    async def shutdown(self) -> None: ...

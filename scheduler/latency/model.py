@@ -1,0 +1,157 @@
+"""Step-time model for one (model, GPU type, TP degree): pure functions of the batch.
+
+A vLLM step runs every scheduled token through the same GEMMs and then does attention per request::
+
+    step_time = overhead
+              + gemm(num_tokens)                          # QKV/O/MLP GEMMs, norms, TP all-reduce; per step
+              + attn_prefill * sum(chunk * (ctx + chunk/2)) # prefill attention: query x key pairs
+              + attn_decode * sum(decode context tokens)    # decode attention: KV bytes read
+
+``gemm`` is a piecewise-linear table over ``num_tokens`` fitted from profiles (Vidur per-operator MLP profiles)
+or, for an unprofiled (model, GPU) pair, the roofline ``max(FLOPs / peak, bytes / bandwidth)``.
+
+The decode-only step is affine in the summed context (``decode_coeffs``): the simulator advances many
+identical-composition decode steps in closed form from that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from scheduler.config.models import GPUSpec, ModelSpec
+
+
+@dataclass(frozen=True)
+class GemmTable:
+    """Per-step GEMM time (s) vs tokens in the batch, interpolated linearly, extrapolated on the last slope."""
+
+    num_tokens: tuple[int, ...]
+    seconds: tuple[float, ...]
+    source: str = "profile"
+
+    def __call__(self, n: int) -> float:
+        xs, ys = self.num_tokens, self.seconds
+        if n <= xs[0]:
+            return ys[0]
+        if n >= xs[-1]:
+            slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else ys[-1] / xs[-1]
+            return ys[-1] + slope * (n - xs[-1])
+        return float(np.interp(n, xs, ys))
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Latency of one instance: ``model`` on ``tp`` GPUs of type ``gpu``. All times in seconds."""
+
+    model: ModelSpec
+    gpu: GPUSpec
+    tp: int
+    overhead_s: float
+    attn_prefill_s_per_pair: float
+    attn_decode_s_per_token: float
+    gemm: GemmTable
+    source: str = "roofline"
+
+    # ---- the batch cost -------------------------------------------------------------------------------
+    def step_time(
+        self,
+        *,
+        prefill_tokens: int = 0,
+        prefill_pairs: float = 0.0,
+        decode_batch: int = 0,
+        decode_context: int = 0,
+    ) -> float:
+        """Time of one engine step.
+
+        Args:
+            prefill_tokens: prompt tokens scheduled this step (sum of chunk lengths).
+            prefill_pairs: attention work of those chunks, ``sum(chunk * (ctx_before + chunk / 2))``.
+            decode_batch: requests decoding one token this step.
+            decode_context: sum of their KV lengths.
+        """
+        n = prefill_tokens + decode_batch
+        if n == 0:
+            return 0.0
+        return (
+            self.overhead_s
+            + self.gemm(n)
+            + self.attn_prefill_s_per_pair * prefill_pairs
+            + self.attn_decode_s_per_token * decode_context
+        )
+
+    def decode_coeffs(self, batch: int) -> tuple[float, float]:
+        """``(a, b)`` with decode-only step time ``a + b * sum_context`` for a batch of ``batch`` requests."""
+        return self.overhead_s + self.gemm(batch), self.attn_decode_s_per_token
+
+    def prefill_time(self, prompt_tokens: int, context_before: int = 0) -> float:
+        return self.step_time(prefill_tokens=prompt_tokens, prefill_pairs=prefill_pairs(prompt_tokens, context_before))
+
+    # ---- physics -----------------------------------------------------------------------------------------
+    def hbm_floor(self, decode_batch: int, decode_context: int) -> float:
+        """Lower bound for a decode step: every weight and every KV byte read once at peak HBM bandwidth."""
+        bytes_read = self.model.weight_bytes / self.tp + decode_context * self.model.kv_bytes_per_token / self.tp
+        return bytes_read / (self.gpu.hbm_gbps * 1e9)
+
+    def kv_blocks(self, block_size: int, *, gpu_memory_utilization: float, activation_reserve_gib: float) -> int:
+        """KV capacity in blocks: GPU memory (all TP shards) minus weights and an activation reserve."""
+        total = self.gpu.memory_gib * 2**30 * self.tp * gpu_memory_utilization
+        free = total - self.model.weight_bytes - activation_reserve_gib * 2**30 * self.tp
+        return max(int(free // (self.model.kv_bytes_per_token * block_size)), 0)
+
+
+def prefill_pairs(chunk: int, context_before: int) -> float:
+    """Query x key pairs of causal attention for ``chunk`` new tokens after ``context_before`` cached ones."""
+    return chunk * (context_before + (chunk + 1) / 2)
+
+
+def kv_transfer_time(num_tokens: int, model: ModelSpec, *, bandwidth_gbps: float, latency_s: float) -> float:
+    """Time to move ``num_tokens`` of KV cache over a link: one latency plus bytes over bandwidth."""
+    if num_tokens <= 0:
+        return 0.0
+    return latency_s + num_tokens * model.kv_bytes_per_token / (bandwidth_gbps * 1e9)
+
+
+# ---- roofline fallback ----------------------------------------------------------------------------------
+ROOFLINE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def roofline_gemm(model: ModelSpec, gpu: GPUSpec, tp: int) -> GemmTable:
+    """GEMM time per step from the roofline: ``max(2 * params * tokens / FLOPs, weight bytes / bandwidth)``."""
+    flops_per_token = 2 * model.num_params / tp
+    weight_bytes = model.weight_bytes / tp
+    peak = gpu.fp16_tflops * 1e12 * gpu.mfu
+    bw = gpu.hbm_gbps * 1e9 * gpu.mbu
+    comm = _allreduce_time(model, gpu, tp)
+    secs = tuple(max(flops_per_token * n / peak, weight_bytes / bw) + comm(n) for n in ROOFLINE_GRID)
+    return GemmTable(ROOFLINE_GRID, secs, source="roofline")
+
+
+def _allreduce_time(model: ModelSpec, gpu: GPUSpec, tp: int):
+    """Two ring all-reduces of the hidden state per layer under tensor parallelism."""
+    if tp == 1:
+        return lambda n: 0.0
+    link = gpu.interconnect_gbps * 1e9
+
+    def t(n: int) -> float:
+        size = n * model.hidden_size * model.dtype_bytes
+        per = 2 * (tp - 1) / tp * size / link + 10e-6
+        return 2 * model.num_layers * per
+
+    return t
+
+
+def attention_coeffs(model: ModelSpec, gpu: GPUSpec, tp: int) -> tuple[float, float]:
+    """(seconds per prefill query-key pair, seconds per decode context token), roofline-derived."""
+    heads = model.num_heads / tp
+    # QK^T and PV: 2 matmuls x 2 FLOPs x head_dim per head per pair, all layers.
+    flops_per_pair = 4 * model.head_dim * heads * model.num_layers
+    per_pair = flops_per_pair / (gpu.fp16_tflops * 1e12 * gpu.mfu)
+    per_token = model.kv_bytes_per_token / tp / (gpu.hbm_gbps * 1e9 * gpu.mbu)
+    return per_pair, per_token
+
+
+def roofline_model(model: ModelSpec, gpu: GPUSpec, tp: int, *, overhead_s: float = 2e-3) -> LatencyModel:
+    pair, tok = attention_coeffs(model, gpu, tp)
+    return LatencyModel(model, gpu, tp, overhead_s, pair, tok, roofline_gemm(model, gpu, tp), source="roofline")
