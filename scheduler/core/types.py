@@ -184,7 +184,11 @@ class ClusterView:
 
     @property
     def disaggregated(self) -> bool:
-        return any(i.role is InstanceRole.PREFILL for i in self.instances)
+        prefill = InstanceRole.PREFILL
+        for i in self.instances:
+            if i.role is prefill:
+                return True
+        return False
 
 
 @dataclass(frozen=True, slots=True)

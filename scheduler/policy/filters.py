@@ -9,12 +9,18 @@ def is_accepting(inst: InstanceSnapshot) -> bool:
     return inst.healthy and not inst.draining
 
 
+_PREFILL_ROLES = frozenset((InstanceRole.PREFILL, InstanceRole.MIXED))
+
+
 def prefill_candidates(view: ClusterView) -> tuple[InstanceSnapshot, ...]:
     """Instances that may run a prompt: PREFILL, plus MIXED ones (Splitwise's mixed pool)."""
-    return tuple(i for i in view.instances if i.role.does_prefill and is_accepting(i))
+    # NOTE: inlined predicates: this runs once per routed request, over every instance, in the simulator.
+    return tuple([i for i in view.instances if i.role in _PREFILL_ROLES and i.healthy and not i.draining])
 
 
 def decode_candidates(view: ClusterView) -> tuple[InstanceSnapshot, ...]:
-    return tuple(i for i in view.instances if i.role is InstanceRole.DECODE and is_accepting(i)) or tuple(
-        i for i in view.instances if i.role is InstanceRole.MIXED and is_accepting(i)
+    """DECODE instances; MIXED ones only when no DECODE instance is accepting."""
+    dec = InstanceRole.DECODE
+    return tuple([i for i in view.instances if i.role is dec and i.healthy and not i.draining]) or tuple(
+        [i for i in view.instances if i.role is InstanceRole.MIXED and i.healthy and not i.draining]
     )

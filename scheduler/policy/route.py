@@ -96,12 +96,12 @@ class RandomRouter(Router):
 
 
 class LeastOutstandingRouter(Router):
-    """Fewest running + waiting requests; ties by KV usage."""
+    """Fewest running + waiting requests (the Ray Serve / Vidur default)."""
 
     name = "least_outstanding"
 
     def score(self, request, inst, *, phase):  # type: ignore[override]
-        return (inst.num_running + inst.num_waiting) + inst.kv_blocks_used / max(inst.kv_blocks_total, 1) * 1e-3
+        return inst.num_running + inst.num_waiting  # ties: first in view order (deterministic)
 
 
 # One registry, filled here; config picks by name; ``module:Class`` loads an out-of-tree router.

@@ -1,0 +1,495 @@
+"""A vLLM-like iteration scheduler with paged KV accounting, timed by the latency model.
+
+One ``EngineModel`` is one instance. It is driven two ways:
+
+* ``step()`` -- one engine iteration, exactly as the live simulated backend and the naive reference need;
+* ``plan_span()`` / ``advance()`` -- the simulator's fast path: while the batch composition cannot change
+  (only decodes running, nothing admittable, no KV exhaustion, no completion) the next ``k`` steps are
+  identical up to the growing context, and their total time is a closed-form arithmetic series because the
+  decode step time is affine in the summed context (``LatencyModel.decode_coeffs``).
+
+Both paths make the same decisions; ``tests/test_engine_model.py`` checks them against each other.
+
+Semantics (documented choices where vLLM has knobs):
+
+* Running requests are served first (decodes 1 token, partial prefills a chunk from the token budget
+  ``max_num_batched_tokens``); waiting requests are admitted FCFS while budget, ``max_num_seqs`` and KV allow.
+* Admission reserves KV blocks for the request's whole current context (prompt + tokens to recompute), so a
+  chunked prefill never stalls half-way; decodes allocate a block each time their KV crosses a block boundary.
+* When a step's decodes cannot get their blocks, the least important, most recently admitted request is
+  preempted by recompute (KV dropped, re-queued at the front), as vLLM v1 does; no admission in that step.
+* Priority: larger ``priority`` is more important.
+
+Per-request bookkeeping of decoding requests is lazy: a request stores the step counter and its counts when it
+joined the decode set, so advancing ``k`` steps is O(1) regardless of batch size.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from scheduler.config.models import EngineSpec
+from scheduler.core.types import InstanceRole, InstanceSnapshot, RequestLoad
+from scheduler.latency.model import LatencyModel, prefill_pairs
+
+
+class Seq:
+    """One request inside an engine. Decode-set members read their counts through ``EngineModel``."""
+
+    __slots__ = (
+        "rid", "priority", "admit_no", "num_tokens", "num_computed", "max_new", "generated",
+        "join_step", "finish_step", "blocks", "in_decode", "done", "predicted_remaining", "tag",
+    )
+
+    def __init__(self, rid: str, num_tokens: int, num_computed: int, max_new: int, priority: int) -> None:
+        self.rid = rid
+        self.priority = priority
+        self.admit_no = 0
+        self.num_tokens = num_tokens  # context length: prompt + tokens generated so far
+        self.num_computed = num_computed  # tokens whose KV is in this engine
+        self.max_new = max_new  # tokens to generate on this engine
+        self.generated = 0
+        self.join_step = 0
+        self.finish_step = 0
+        self.blocks = 0  # blocks held (prefilling requests only; decode members are counted lazily)
+        self.in_decode = False
+        self.done = False
+        self.predicted_remaining: float | None = None
+        self.tag: object = None  # free slot for the driver (the simulator keeps its request index here)
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What one engine iteration did. ``duration_s`` is the modelled time of the step."""
+
+    duration_s: float = 0.0
+    first_token: list[Seq] = field(default_factory=list)  # emitted their first token on this engine
+    finished: list[Seq] = field(default_factory=list)  # emitted their last token
+    prefill_done: list[Seq] = field(default_factory=list)  # PREFILL role: ready to hand off (KV freed here)
+    preempted: list[Seq] = field(default_factory=list)
+    admitted: list[Seq] = field(default_factory=list)  # left the waiting queue this step
+    decoded: int = 0  # decode tokens produced (excluding first tokens)
+    emitted: list[str] | None = None  # rids with a new token this step (only when asked: O(batch))
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """``steps`` identical-composition decode steps starting now, taking ``duration_s`` in total."""
+
+    steps: int
+    duration_s: float
+    a: float  # per-step constant (s)
+    b: float  # seconds per context token
+    d0: int  # summed decode context of the first step
+    batch: int
+
+    def time_of(self, j: int) -> float:
+        """Time from span start to the end of step ``j`` (1-based)."""
+        return j * self.a + self.b * (j * self.d0 + self.batch * j * (j - 1) / 2)
+
+    def steps_done_by(self, dt: float) -> int:
+        """Smallest ``j >= 1`` whose end is at or after ``dt`` (the step in flight at ``dt`` completes)."""
+        if dt <= 0:
+            return 1
+        qa, qb = self.b * self.batch / 2, self.a + self.b * self.d0 - self.b * self.batch / 2
+        if qa > 0:
+            j = int(np.ceil((-qb + np.sqrt(qb * qb + 4 * qa * dt)) / (2 * qa)))
+        else:
+            j = int(np.ceil(dt / qb))
+        j = min(max(j, 1), self.steps)
+        while j < self.steps and self.time_of(j) < dt:
+            j += 1
+        while j > 1 and self.time_of(j - 1) >= dt:
+            j -= 1
+        return j
+
+
+class EngineModel:
+    """Continuous batching + chunked prefill + paged KV + preemption, for one instance."""
+
+    def __init__(
+        self,
+        latency: LatencyModel,
+        spec: EngineSpec,
+        *,
+        role: InstanceRole = InstanceRole.MIXED,
+        num_blocks: int | None = None,
+    ) -> None:
+        self.latency = latency
+        self.spec = spec
+        self.role = role
+        self.block_size = spec.block_size
+        if num_blocks is None:
+            num_blocks = spec.num_kv_blocks or latency.kv_blocks(
+                spec.block_size,
+                gpu_memory_utilization=spec.gpu_memory_utilization,
+                activation_reserve_gib=spec.activation_reserve_gib,
+            )
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks: the model does not fit: {num_blocks} KV blocks left after weights")
+        self.total_blocks = num_blocks
+        self.waiting: deque[Seq] = deque()
+        self.prefilling: list[Seq] = []  # admitted, still computing their context
+        self.decoding: dict[str, Seq] = {}
+        self._finish_heap: list[tuple[int, int, Seq]] = []
+        self._by_rid: dict[str, Seq] = {}
+        self._admit_counter = itertools.count(1)
+        self._heap_tie = itertools.count()
+        self.step_no = 0  # decode step counter (advances once per iteration that has decodes)
+        self._n_sum = 0  # sum of num_computed over the decode set, at ``step_no``
+        self.prefill_blocks = 0  # blocks held by ``prefilling``
+        # Counters (a live engine reports the same ones).
+        self.num_preemptions = 0
+        self.prompt_tokens_computed = 0
+        self.prompt_tokens_loaded = 0
+        self.busy_time_s = 0.0
+        self.steps_run = 0
+        self._coeffs: dict[int, tuple[float, float]] = {}  # decode_coeffs by batch size (hot in the simulator)
+
+    # ---- requests in/out ------------------------------------------------------------------------------
+    def add_request(
+        self,
+        rid: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        *,
+        cached_tokens: int = 0,
+        priority: int = 0,
+        predicted_remaining: float | None = None,
+    ) -> Seq:
+        """Queue a request whose context is ``prompt_tokens`` long, ``cached_tokens`` of it already in KV here
+        (loaded by a P->D transfer or a migration), with ``max_tokens`` still to generate."""
+        if rid in self._by_rid:
+            raise ValueError(f"request_id: {rid!r} is already on this engine")
+        if prompt_tokens < 1:
+            raise ValueError(f"prompt_tokens: must be >= 1, got {prompt_tokens}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens: must be >= 1, got {max_tokens}")
+        if not 0 <= cached_tokens <= prompt_tokens:
+            raise ValueError(f"cached_tokens: must be in [0, prompt_tokens={prompt_tokens}], got {cached_tokens}")
+        need = -(-(prompt_tokens + max_tokens) // self.block_size)
+        if need > self.total_blocks:
+            raise ValueError(
+                f"prompt_tokens+max_tokens: {prompt_tokens + max_tokens} tokens need {need} KV blocks, "
+                f"the engine has {self.total_blocks}"
+            )
+        if self.role is InstanceRole.PREFILL:
+            max_tokens = 1  # a prefill instance only produces the first token, then hands off
+        seq = Seq(rid, prompt_tokens, cached_tokens, max_tokens, priority)
+        seq.predicted_remaining = predicted_remaining
+        self._by_rid[rid] = seq
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, rid: str) -> bool:
+        seq = self._by_rid.pop(rid, None)
+        if seq is None:
+            return False
+        if seq.in_decode:
+            self._leave_decode(seq)
+        elif seq in self.prefilling:
+            self.prefilling.remove(seq)
+            self.prefill_blocks -= seq.blocks
+            seq.blocks = 0
+        else:
+            self.waiting.remove(seq)
+        seq.done = True
+        return True
+
+    def get(self, rid: str) -> Seq | None:
+        return self._by_rid.get(rid)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.decoding)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.prefilling) + len(self.decoding)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._by_rid)
+
+    # ---- lazy decode-set bookkeeping -------------------------------------------------------------------
+    def computed_of(self, seq: Seq) -> int:
+        """``num_computed`` of ``seq`` now (decode members advance implicitly with ``step_no``)."""
+        if seq.in_decode:
+            return seq.num_computed + (self.step_no - seq.join_step)
+        return seq.num_computed
+
+    def generated_of(self, seq: Seq) -> int:
+        if seq.in_decode:
+            return seq.generated + (self.step_no - seq.join_step)
+        return seq.generated
+
+    def _join_decode(self, seq: Seq) -> None:
+        seq.in_decode = True
+        seq.join_step = self.step_no
+        seq.finish_step = self.step_no + (seq.max_new - seq.generated)
+        self.decoding[seq.rid] = seq
+        self._n_sum += seq.num_computed
+        heapq.heappush(self._finish_heap, (seq.finish_step, next(self._heap_tie), seq))
+
+    def _leave_decode(self, seq: Seq) -> None:
+        """Materialise the lazy counts and drop ``seq`` from the decode set (its heap entry goes stale)."""
+        k = self.step_no - seq.join_step
+        self._n_sum -= seq.num_computed + k
+        seq.num_computed += k
+        seq.generated += k
+        seq.num_tokens += k
+        seq.in_decode = False
+        del self.decoding[seq.rid]
+
+    def _decode_blocks_needed(self, extra_steps: int) -> int:
+        """Blocks the decode set holds after computing ``extra_steps + 1`` more tokens each (exact)."""
+        if not self.decoding:
+            return 0
+        n = np.fromiter(
+            (s.num_computed + self.step_no - s.join_step for s in self.decoding.values()),
+            dtype=np.int64,
+            count=len(self.decoding),
+        )
+        return int(np.sum(-(-(n + extra_steps + 1) // self.block_size)))
+
+    def _decode_blocks_upper(self, extra_steps: int) -> float:
+        bs = len(self.decoding)
+        return (self._n_sum + bs * (extra_steps + 1)) / self.block_size + bs
+
+    def _decode_fits(self, extra_steps: int, budget_blocks: int) -> bool:
+        if self._decode_blocks_upper(extra_steps) <= budget_blocks:
+            return True
+        return self._decode_blocks_needed(extra_steps) <= budget_blocks
+
+    def blocks_used(self) -> int:
+        """Exact blocks held now (O(batch); for snapshots and invariant checks)."""
+        held = self.prefill_blocks
+        if self.decoding:
+            n = np.fromiter(
+                (s.num_computed + self.step_no - s.join_step for s in self.decoding.values()),
+                dtype=np.int64,
+                count=len(self.decoding),
+            )
+            held += int(np.sum(-(-n // self.block_size)))
+        return held
+
+    # ---- one iteration ----------------------------------------------------------------------------------
+    def step(self, *, want_emitted: bool = False) -> StepResult:
+        """Run one engine iteration: schedule, account KV, advance tokens. Returns what happened."""
+        res = StepResult()
+        B = self.block_size
+        # 1. Decodes need blocks for the token each computes now; preempt until they fit.
+        while self.decoding and not self._decode_fits(0, self.total_blocks - self.prefill_blocks):
+            res.preempted.append(self._preempt_one())
+        budget = self.spec.max_num_batched_tokens - len(self.decoding)
+        # 2. Partial prefills continue (FCFS), then admit waiting requests if nothing was preempted.
+        chunks: list[tuple[Seq, int]] = []
+        for seq in self.prefilling:
+            if budget <= 0:
+                break
+            c = self._chunk(seq, budget)
+            chunks.append((seq, c))
+            budget -= c
+        if not res.preempted:
+            decode_blocks = None
+            while self.waiting and budget > 0 and self.num_running < self.spec.max_num_seqs:
+                head = self.waiting[0]
+                need = -(-head.num_tokens // B)
+                free_lb = self.total_blocks - self.prefill_blocks - self._decode_blocks_upper(0)
+                if need > free_lb:
+                    if decode_blocks is None:
+                        decode_blocks = self._decode_blocks_needed(0)
+                    if need > self.total_blocks - self.prefill_blocks - decode_blocks:
+                        break
+                self.waiting.popleft()
+                res.admitted.append(head)
+                head.admit_no = next(self._admit_counter)
+                head.blocks = need
+                self.prefill_blocks += need
+                self.prompt_tokens_loaded += head.num_computed
+                if head.num_tokens - head.num_computed == 1:
+                    # Its whole context is cached (P->D or migration): a plain decode from now on.
+                    self.prefill_blocks -= need
+                    head.blocks = 0
+                    self._join_decode(head)
+                    budget -= 1
+                    continue
+                self.prefilling.append(head)
+                c = self._chunk(head, budget)
+                chunks.append((head, c))
+                budget -= c
+        bs = len(self.decoding)
+        if not chunks and not bs:
+            return res
+        # 3. Time the step, then fold it back.
+        p_tokens = sum(c for _, c in chunks)
+        p_pairs = sum(prefill_pairs(c, s.num_computed) for s, c in chunks)
+        res.duration_s = self.latency.step_time(
+            prefill_tokens=p_tokens, prefill_pairs=p_pairs, decode_batch=bs, decode_context=self._n_sum + bs
+        )
+        if want_emitted:
+            res.emitted = list(self.decoding)
+        self._advance_decodes(1, res)
+        for seq, c in chunks:
+            seq.num_computed += c
+            self.prompt_tokens_computed += c
+            if seq.num_computed == seq.num_tokens:
+                self._prefill_complete(seq, res)
+                if want_emitted:
+                    res.emitted.append(seq.rid)  # type: ignore[union-attr]
+        self.busy_time_s += res.duration_s
+        self.steps_run += 1
+        return res
+
+    def _chunk(self, seq: Seq, budget: int) -> int:
+        left = seq.num_tokens - seq.num_computed
+        return min(left, budget) if self.spec.enable_chunked_prefill else left
+
+    def _prefill_complete(self, seq: Seq, res: StepResult) -> None:
+        """The context is computed: sample the first token on this engine."""
+        self.prefilling.remove(seq)
+        seq.generated += 1
+        seq.num_tokens += 1
+        res.first_token.append(seq)
+        if self.role is InstanceRole.PREFILL or seq.generated >= seq.max_new:
+            self.prefill_blocks -= seq.blocks
+            seq.blocks = 0
+            del self._by_rid[seq.rid]
+            seq.done = True
+            (res.prefill_done if self.role is InstanceRole.PREFILL else res.finished).append(seq)
+            return
+        self.prefill_blocks -= seq.blocks
+        seq.blocks = 0
+        self._join_decode(seq)
+
+    def _advance_decodes(self, k: int, res: StepResult) -> None:
+        bs = len(self.decoding)
+        if not bs:
+            return
+        self.step_no += k
+        self._n_sum += bs * k
+        res.decoded += bs * k
+        heap = self._finish_heap
+        while heap and heap[0][0] <= self.step_no:
+            _, _, seq = heapq.heappop(heap)
+            if not seq.in_decode or seq.finish_step > self.step_no:
+                continue  # stale entry (preempted or aborted)
+            self._leave_decode(seq)
+            del self._by_rid[seq.rid]
+            seq.done = True
+            res.finished.append(seq)
+
+    def _preempt_one(self) -> Seq:
+        """Recompute-preemption of the least important, most recently admitted running request."""
+        pool = list(self.decoding.values()) + self.prefilling
+        victim = min(pool, key=lambda s: (s.priority, -s.admit_no))
+        if victim.in_decode:
+            self._leave_decode(victim)
+        else:
+            self.prefilling.remove(victim)
+            self.prefill_blocks -= victim.blocks
+        victim.blocks = 0
+        victim.num_computed = 0  # KV dropped: prompt and generated tokens are recomputed
+        self.waiting.appendleft(victim)
+        self.num_preemptions += 1
+        return victim
+
+    # ---- the closed-form fast path ------------------------------------------------------------------------
+    def plan_span(self, max_steps: int | None = None) -> Span | None:
+        """The identical-composition decode steps from now, or ``None`` when the next step is not one."""
+        bs = len(self.decoding)
+        if not bs or self.prefilling:
+            return None
+        if self.waiting and self._admittable_now():
+            return None
+        k = self._finish_heap_min() - self.step_no
+        if max_steps is not None:
+            k = min(k, max_steps)
+        budget = self.total_blocks - self.prefill_blocks
+        if not self._decode_fits(k - 1, budget):
+            lo, hi = 0, k - 1  # first infeasible step index lies in (lo-1, hi]
+            if not self._decode_fits(0, budget):
+                return None
+            lo = 0
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if self._decode_fits(mid, budget):
+                    lo = mid
+                else:
+                    hi = mid
+            k = hi  # steps 0..hi-1 fit
+        if k <= 0:
+            return None
+        coeffs = self._coeffs.get(bs)
+        if coeffs is None:
+            coeffs = self._coeffs[bs] = self.latency.decode_coeffs(bs)
+        a, b = coeffs
+        d0 = self._n_sum + bs
+        span = Span(k, 0.0, a, b, d0, bs)
+        return Span(k, span.time_of(k), a, b, d0, bs)
+
+    def _finish_heap_min(self) -> int:
+        heap = self._finish_heap
+        while heap and (not heap[0][2].in_decode or heap[0][2].finish_step != heap[0][0]):
+            heapq.heappop(heap)
+        return heap[0][0]
+
+    def _admittable_now(self) -> bool:
+        if self.num_running >= self.spec.max_num_seqs or self.spec.max_num_batched_tokens - len(self.decoding) <= 0:
+            return False
+        need = -(-self.waiting[0].num_tokens // self.block_size)
+        free = self.total_blocks - self.prefill_blocks
+        if need <= free - self._decode_blocks_upper(0):
+            return True
+        return need <= free - self._decode_blocks_needed(0)
+
+    def advance(self, span: Span, steps: int) -> StepResult:
+        """Apply the first ``steps`` steps of ``span`` (all of it, or up to an interruption)."""
+        res = StepResult()
+        res.duration_s = span.time_of(steps)
+        self._advance_decodes(steps, res)
+        self.busy_time_s += res.duration_s
+        self.steps_run += steps
+        return res
+
+    # ---- what routers see -------------------------------------------------------------------------------
+    def snapshot(self, instance_id: str, now_s: float, *, detail: bool = False, **static: object) -> InstanceSnapshot:
+        requests: tuple[RequestLoad, ...] = ()
+        if detail:
+            rl = []
+            for s in self.decoding.values():
+                g = self.generated_of(s)
+                pr = None if s.predicted_remaining is None else max(s.predicted_remaining - g, 0.0)
+                rl.append(RequestLoad(s.rid, self.computed_of(s) + 1, g, pr, s.priority))
+            for s in itertools.chain(self.prefilling, self.waiting):
+                rl.append(RequestLoad(s.rid, s.num_tokens, s.generated, s.predicted_remaining, s.priority, True))
+            requests = tuple(rl)
+        pending = sum(s.num_tokens - s.num_computed for s in self.prefilling) + sum(
+            s.num_tokens for s in self.waiting
+        )
+        bs = len(self.decoding)
+        pred = sum(s.predicted_remaining or 0.0 for s in self.decoding.values())
+        return InstanceSnapshot(
+            instance_id=instance_id,
+            role=self.role,
+            time_s=now_s,
+            num_running=self.num_running,
+            num_waiting=len(self.waiting),
+            num_decoding=bs,
+            # NOTE: ceil-per-request estimate; exact ``blocks_used()`` is O(batch) and routers don't need it.
+            kv_blocks_used=self.prefill_blocks + (self._n_sum + bs * (self.block_size - 1) // 2) // self.block_size
+            if bs
+            else self.prefill_blocks,
+            kv_blocks_total=self.total_blocks,
+            block_size=self.block_size,
+            prefill_tokens_pending=pending,
+            decode_context_tokens=self._n_sum + bs,
+            predicted_remaining_tokens=pred,
+            requests=requests,
+            **static,  # type: ignore[arg-type]
+        )

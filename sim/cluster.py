@@ -1,0 +1,64 @@
+"""Simulated instances built from a ``ClusterConfig``: one ``EngineModel`` each, plus the driver's state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scheduler.config.models import ClusterConfig, PoolSpec
+from scheduler.core.types import InstanceRole, InstanceSnapshot
+from scheduler.engine_model import EngineModel, Span
+from scheduler.latency import LatencyModel, latency_for
+
+
+@dataclass(eq=False)
+class SimInstance:
+    """An engine model plus what the event loop needs to drive it."""
+
+    instance_id: str
+    pool: PoolSpec
+    engine: EngineModel
+    latency: LatencyModel
+    index: int
+    busy: bool = False  # a STEP or SPAN_END event is pending
+    version: int = 0  # bumps invalidate pending events (a span interrupted by an arrival)
+    span: Span | None = None
+    span_start: float = 0.0
+    snapshot: InstanceSnapshot | None = None
+    snap_dirty: bool = True
+    draining: bool = False
+    started_s: float = 0.0
+    stopped_s: float | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def role(self) -> InstanceRole:
+        return self.engine.role
+
+    @property
+    def gpus(self) -> int:
+        return self.pool.tp
+
+    def make_snapshot(self, now_s: float, *, detail: bool) -> InstanceSnapshot:
+        self.snapshot = self.engine.snapshot(
+            self.instance_id,
+            now_s,
+            detail=detail,
+            gpu=self.pool.gpu,
+            tp=self.pool.tp,
+            draining=self.draining,
+        )
+        self.snap_dirty = False
+        return self.snapshot
+
+
+def build_instances(config: ClusterConfig) -> list[SimInstance]:
+    """One ``SimInstance`` per configured instance, ids ``<pool>-<n>``; latency models shared per pool."""
+    out: list[SimInstance] = []
+    for pool in config.pools:
+        latency = latency_for(config.model, config.gpus[pool.gpu], pool.tp)
+        for n in range(pool.count):
+            engine = EngineModel(latency, pool.engine, role=pool.role)
+            out.append(SimInstance(f"{pool.name}-{n}", pool, engine, latency, len(out)))
+    if not out:
+        raise ValueError("pools: the config defines no instances (every pool has count 0)")
+    return out

@@ -1,0 +1,412 @@
+"""The discrete-event simulator: a virtual clock driving the same policies as the live control plane.
+
+Events live in one heap keyed ``(time, EventKind, seq)``; the kind breaks ties (an arrival at ``t`` is seen by
+a step starting at ``t``) and ``seq`` keeps the order stable. Arrivals are merged from the trace arrays rather
+than pushed up front, so a 1M-request trace costs no heap space.
+
+Speed comes from ``EngineModel.plan_span``: an instance whose batch cannot change advances many decode steps
+as one event; an arrival routed to it mid-span interrupts the span at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import math
+import time as _time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from scheduler.config.models import ClusterConfig
+from scheduler.core.types import ClusterView, InstanceRole, Rejected, RequestInfo
+from scheduler.engine_model import StepResult
+from scheduler.latency import kv_transfer_time
+from scheduler.policy.route import RouteDecision, Router, make_router
+from sim.cluster import SimInstance, build_instances
+
+
+class EventKind(enum.IntEnum):
+    """Same-time order: new work first, so a step starting at ``t`` sees everything that arrived at ``t``."""
+
+    ARRIVAL = 0
+    KV_ARRIVE = 1
+    STEP = 2
+
+
+@dataclass
+class Workload:
+    """Per-request input columns (numpy arrays, index = request number)."""
+
+    arrival_s: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    priority: np.ndarray | None = None
+    predicted_output: np.ndarray | None = None
+    hash_ids: list[tuple[int, ...]] | None = None
+    name: str = "workload"
+
+    def __post_init__(self) -> None:
+        n = len(self.arrival_s)
+        if len(self.prompt_tokens) != n or len(self.output_tokens) != n:
+            raise ValueError("workload: arrival_s, prompt_tokens and output_tokens must have equal length")
+        if n and np.any(np.diff(self.arrival_s) < 0):
+            raise ValueError("workload.arrival_s: arrivals must be non-decreasing")
+
+    def __len__(self) -> int:
+        return len(self.arrival_s)
+
+    @classmethod
+    def from_trace(cls, trace, *, predicted_output: np.ndarray | None = None) -> Workload:
+        return cls(
+            arrival_s=np.asarray(trace.arrival_s, dtype=np.float64),
+            prompt_tokens=np.asarray(trace.prompt_tokens, dtype=np.int64),
+            output_tokens=np.asarray(trace.output_tokens, dtype=np.int64),
+            predicted_output=predicted_output,
+            hash_ids=getattr(trace, "hash_ids", None),
+            name=getattr(trace, "name", "trace"),
+        )
+
+
+@dataclass
+class SimResult:
+    """Per-request outcome columns plus run-level counters. ``nan`` = did not happen."""
+
+    workload: Workload
+    config_name: str
+    router: str
+    first_token_s: np.ndarray
+    finish_s: np.ndarray
+    admit_s: np.ndarray
+    instance: np.ndarray
+    decode_instance: np.ndarray
+    preemptions: np.ndarray
+    rejected: np.ndarray
+    instance_ids: list[str]
+    instance_busy_s: np.ndarray
+    instance_gpus: np.ndarray
+    instance_price_per_hour: np.ndarray
+    makespan_s: float
+    events: int
+    steps: int
+    wall_seconds: float
+    kv_transfers: int = 0
+    kv_transfer_s: float = 0.0
+    timeline_t: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    timeline_load: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    migrations: int = 0
+    slo_ttft_s: np.ndarray | None = None
+    slo_tpot_s: np.ndarray | None = None
+
+
+class Simulator:
+    """Replays a ``Workload`` on the cluster described by ``config`` with ``router``.
+
+    Args:
+        closed_form: advance identical-composition decode steps as one event (the fast path). ``False`` runs
+            the naive one-event-per-step reference; both give the same per-request timings.
+        view_refresh_s: how stale the routers' view may get (the live ingress refreshes every 20-50 ms);
+            the instance a request was just routed to is always refreshed at once.
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        *,
+        router: Router | str | None = None,
+        closed_form: bool = True,
+        view_refresh_s: float = 0.05,
+        timeline_points: int = 200,
+        progress: bool = False,
+    ) -> None:
+        self.config = config
+        if router is None:
+            router = make_router(config.policies.router.name, **config.policies.router.params)
+        elif isinstance(router, str):
+            router = make_router(router)
+        self.router = router
+        self.closed_form = closed_form
+        self.view_refresh_s = view_refresh_s
+        self.timeline_points = timeline_points
+        self.progress = progress
+        self.instances = build_instances(config)
+        self._detail = bool(getattr(router, "needs_request_detail", False))
+        self._ids = [i.instance_id for i in self.instances]
+        self._index = {i.instance_id: i for i in self.instances}
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    def run(self, workload: Workload) -> SimResult:
+        wall0 = _time.perf_counter()
+        n = len(workload)
+        self.w = workload
+        self.first = np.full(n, np.nan)
+        self.finish = np.full(n, np.nan)
+        self.admit = np.full(n, np.nan)
+        self.inst_of = np.full(n, -1, dtype=np.int32)
+        self.dec_of = np.full(n, -1, dtype=np.int32)
+        self.preempt = np.zeros(n, dtype=np.int32)
+        self.rejected = np.zeros(n, dtype=bool)
+        self.kv_transfers = 0
+        self.kv_transfer_s = 0.0
+        self.heap: list = []
+        self.seq = itertools.count()
+        self.events = 0
+        self._view: ClusterView | None = None
+        self._view_t = -math.inf
+        self._view_one_changed = False
+
+        arrivals = workload.arrival_s
+        prompt = workload.prompt_tokens
+        output = workload.output_tokens
+        horizon = float(arrivals[-1]) if n else 0.0
+        tl_step = max(horizon / max(self.timeline_points, 1), 1e-9)
+        tl_next = 0.0
+        tl_t: list[float] = []
+        tl_load: list[list[int]] = []
+        heap = self.heap
+        i = 0
+        now = 0.0
+        bar = _progress(n) if self.progress else None
+        while i < n or heap:
+            if i < n and (not heap or arrivals[i] <= heap[0][0]):
+                now = float(arrivals[i])
+                self._on_arrival(i, now, int(prompt[i]), int(output[i]))
+                i += 1
+                if bar is not None and i % 20000 == 0:
+                    bar.update(i)
+            else:
+                now, kind, _, inst, payload = heapq.heappop(heap)
+                if kind is EventKind.STEP:
+                    if payload != inst.version:
+                        continue  # a span interrupted by an arrival left this behind
+                    self._on_step_end(inst, now)
+                else:
+                    self._on_kv_arrive(inst, payload, now)
+            self.events += 1
+            while now >= tl_next and tl_next <= horizon:
+                tl_t.append(tl_next)
+                tl_load.append([x.engine.num_requests for x in self.instances])
+                tl_next += tl_step
+        if bar is not None:
+            bar.finish(n)
+        return self._result(workload, now, _time.perf_counter() - wall0, tl_t, tl_load)
+
+    def _push(self, t: float, kind: EventKind, inst: SimInstance | None, payload: object) -> None:
+        heapq.heappush(self.heap, (t, kind, next(self.seq), inst, payload))
+
+    # ---- routing ------------------------------------------------------------------------------------------
+    def _view_at(self, now: float) -> ClusterView:
+        if self._view is None or now - self._view_t >= self.view_refresh_s:
+            for inst in self.instances:
+                if inst.snap_dirty or inst.snapshot is None:
+                    inst.make_snapshot(now, detail=self._detail)
+            self._view = ClusterView(now, tuple([x.snapshot for x in self.instances]))  # type: ignore[misc]
+            self._view_t = now
+            self._view_one_changed = False
+        elif self._view_one_changed:
+            self._view = ClusterView(self._view.time_s, tuple([x.snapshot for x in self.instances]))  # type: ignore
+            self._view_one_changed = False
+        return self._view
+
+    def _refresh_one(self, inst: SimInstance, now: float) -> None:
+        """The ingress knows what it just dispatched: refresh that instance's entry at once."""
+        inst.make_snapshot(now, detail=self._detail)
+        self._view_one_changed = True
+
+    def _request_info(self, i: int, now: float, prompt: int, output: int) -> RequestInfo:
+        w = self.w
+        return RequestInfo(
+            request_id=str(i),
+            arrival_s=now,
+            prompt_tokens=prompt,
+            max_tokens=output,
+            priority=int(w.priority[i]) if w.priority is not None else 0,
+            predicted_output_tokens=float(w.predicted_output[i]) if w.predicted_output is not None else None,
+            hash_ids=tuple(w.hash_ids[i]) if w.hash_ids is not None and w.hash_ids[i] is not None else (),
+            output_tokens=output,
+        )
+
+    def _on_arrival(self, i: int, now: float, prompt: int, output: int) -> None:
+        req = self._request_info(i, now, prompt, output)
+        decision = self.router.route(req, self._view_at(now))
+        if isinstance(decision, Rejected):
+            self.rejected[i] = True
+            return
+        self.router.on_routed(req, decision)
+        inst = self._index[decision.prefill_instance]
+        self.inst_of[i] = inst.index
+        if decision.decode_instance is not None:
+            self.dec_of[i] = self._index[decision.decode_instance].index
+        pred = req.predicted_output_tokens
+        try:
+            if inst.role is InstanceRole.PREFILL:
+                seq = inst.engine.add_request(i, prompt, 1, priority=req.priority, predicted_remaining=pred)
+            else:
+                seq = inst.engine.add_request(i, prompt, output, priority=req.priority, predicted_remaining=pred)
+        except ValueError:
+            self.rejected[i] = True  # does not fit this engine at all
+            return
+        seq.tag = i
+        self._poke(inst, now)
+        self._refresh_one(inst, now)
+
+    def _on_kv_arrive(self, inst: SimInstance, i: int, now: float) -> None:
+        """P->D: the prompt's KV landed on the decode instance; it decodes from token 2 on."""
+        prompt, output = int(self.w.prompt_tokens[i]), int(self.w.output_tokens[i])
+        seq = inst.engine.add_request(i, prompt + 1, output - 1, cached_tokens=prompt)
+        seq.tag = i
+        self._poke(inst, now)
+        inst.snap_dirty = True
+
+    # ---- instances ----------------------------------------------------------------------------------------
+    def _poke(self, inst: SimInstance, now: float) -> None:
+        """New work on ``inst``: start it if idle; cut a running span at the next step boundary."""
+        inst.snap_dirty = True
+        if not inst.busy:
+            self._kick(inst, now)
+            return
+        span = inst.span
+        if span is None:
+            return  # a single step is in flight; the new request is considered at its end
+        j = span.steps_done_by(now - inst.span_start)
+        if j >= span.steps:
+            return
+        res = inst.engine.advance(span, j)
+        t_b = inst.span_start + res.duration_s
+        self._record(res, t_b)
+        inst.span = None
+        inst.version += 1
+        self._push(t_b, EventKind.STEP, inst, inst.version)
+
+    def _on_step_end(self, inst: SimInstance, now: float) -> None:
+        inst.busy = False
+        span = inst.span
+        if span is not None:
+            inst.span = None
+            res = inst.engine.advance(span, span.steps)
+            self._record(res, now)
+        self._kick(inst, now)
+
+    def _kick(self, inst: SimInstance, now: float) -> None:
+        eng = inst.engine
+        inst.snap_dirty = True
+        if not eng.has_work:
+            return
+        span = eng.plan_span() if self.closed_form else None
+        if span is not None:
+            inst.span = span
+            inst.span_start = now
+            end = now + span.duration_s
+        else:
+            res = eng.step()
+            if res.duration_s <= 0.0 and not res.preempted:
+                return  # nothing schedulable (cannot happen with validated requests; guards a livelock)
+            end = now + res.duration_s
+            self._record(res, end, started=now)
+        inst.busy = True
+        self._push(end, EventKind.STEP, inst, inst.version)
+
+    def _record(self, res: StepResult, t: float, *, started: float | None = None) -> None:
+        """Fold a step's outcome into the per-request columns at the step's end time ``t``."""
+        for seq in res.admitted:
+            i = seq.tag
+            if self.admit[i] != self.admit[i]:  # nan: first admission only
+                self.admit[i] = started if started is not None else t
+        for seq in res.first_token:
+            i = seq.tag
+            if self.first[i] != self.first[i]:
+                self.first[i] = t
+        for seq in res.finished:
+            i = seq.tag
+            self.finish[i] = t
+            self.router.on_finished(str(i), self._ids[self.inst_of[i]])
+        for seq in res.preempted:
+            self.preempt[seq.tag] += 1
+        for seq in res.prefill_done:
+            self._handoff(seq.tag, t)
+
+    def _handoff(self, i: int, t: float) -> None:
+        output = int(self.w.output_tokens[i])
+        if output <= 1:
+            self.finish[i] = t
+            return
+        d = self.dec_of[i]
+        if d < 0:  # routed to a PREFILL instance without a decode partner: decode where the router says now
+            decision = self.router.route(self._request_info(i, t, int(self.w.prompt_tokens[i]), output),
+                                         self._view_at(t))
+            if isinstance(decision, Rejected) or decision.decode_instance is None:
+                self.rejected[i] = True
+                return
+            d = self.dec_of[i] = self._index[decision.decode_instance].index
+        dst = self.instances[d]
+        src = self.instances[self.inst_of[i]]
+        gpu = self.config.gpus[src.pool.gpu]
+        dt = kv_transfer_time(
+            int(self.w.prompt_tokens[i]), self.config.model, bandwidth_gbps=gpu.network_gbps,
+            latency_s=gpu.network_latency_s,
+        )
+        self.kv_transfers += 1
+        self.kv_transfer_s += dt
+        self._push(t + dt, EventKind.KV_ARRIVE, dst, i)
+
+    # ---- results --------------------------------------------------------------------------------------------
+    def _result(self, w: Workload, end: float, wall: float, tl_t: list, tl_load: list) -> SimResult:
+        cfg = self.config
+        prio = w.priority if w.priority is not None else np.zeros(len(w), dtype=np.int64)
+        slos = {p: cfg.slo_for(int(p)) for p in np.unique(prio)} if len(w) else {}
+        ttft_slo = np.array([slos[p].ttft_s if slos[p].ttft_s is not None else np.inf for p in prio])
+        tpot_slo = np.array([slos[p].tpot_s if slos[p].tpot_s is not None else np.inf for p in prio])
+        return SimResult(
+            workload=w,
+            config_name=cfg.name,
+            router=self.router.name,
+            first_token_s=self.first,
+            finish_s=self.finish,
+            admit_s=self.admit,
+            instance=self.inst_of,
+            decode_instance=self.dec_of,
+            preemptions=self.preempt,
+            rejected=self.rejected,
+            instance_ids=self._ids,
+            instance_busy_s=np.array([x.engine.busy_time_s for x in self.instances]),
+            instance_gpus=np.array([x.gpus for x in self.instances]),
+            instance_price_per_hour=np.array([cfg.gpus[x.pool.gpu].price_per_hour for x in self.instances]),
+            makespan_s=end,
+            events=self.events,
+            steps=sum(x.engine.steps_run for x in self.instances),
+            wall_seconds=wall,
+            kv_transfers=self.kv_transfers,
+            kv_transfer_s=self.kv_transfer_s,
+            timeline_t=np.array(tl_t),
+            timeline_load=np.array(tl_load),
+            slo_ttft_s=ttft_slo,
+            slo_tpot_s=tpot_slo,
+        )
+
+
+def simulate(config: ClusterConfig, workload: Workload, *, router: Router | str | None = None, **kw) -> SimResult:
+    """One simulation run (see ``Simulator`` for options)."""
+    return Simulator(config, router=router, **kw).run(workload)
+
+
+class _progress:
+    """A rich progress bar over arrivals (only built when asked for)."""
+
+    def __init__(self, total: int) -> None:
+        from rich.progress import Progress
+
+        self._p = Progress(transient=True)
+        self._task = self._p.add_task("simulating", total=total)
+        self._p.start()
+
+    def update(self, done: int) -> None:
+        self._p.update(self._task, completed=done)
+
+    def finish(self, done: int) -> None:
+        self._p.update(self._task, completed=done)
+        self._p.stop()
+
+
+__all__ = ["EventKind", "RouteDecision", "SimResult", "Simulator", "Workload", "simulate"]
