@@ -312,7 +312,7 @@ class EngineModel:
                 head.blocks = need
                 self.prefill_blocks += need
                 self.prompt_tokens_loaded += head.num_computed
-                if head.num_tokens - head.num_computed == 1:
+                if head.num_computed and head.num_tokens - head.num_computed == 1:
                     # Its whole context is cached (P->D or migration): a plain decode from now on.
                     self.prefill_blocks -= need
                     head.blocks = 0
