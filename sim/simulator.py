@@ -25,6 +25,7 @@ from scheduler.engine_model import StepResult
 from scheduler.latency import kv_transfer_time
 from scheduler.policy.route import RouteDecision, Router, make_router
 from sim.cluster import SimInstance, build_instances
+from sim.migration import MigrationDriver
 
 
 class EventKind(enum.IntEnum):
@@ -32,7 +33,10 @@ class EventKind(enum.IntEnum):
 
     ARRIVAL = 0
     KV_ARRIVE = 1
-    STEP = 2
+    MIGRATE_COMMIT = 2  # last stage landed: the destination resumes the request
+    MIGRATE_FINAL = 3  # pre-copy stages done: stop the request on the source, copy the rest
+    POLICY = 4  # periodic policy loop (migration)
+    STEP = 5
 
 
 @dataclass
@@ -109,6 +113,9 @@ class Simulator:
         view_refresh_s: how stale the routers' view may get (the live ingress refreshes every 20-50 ms);
             the instance a request was just routed to is always refreshed at once.
         progress: show a progress bar.
+        migration: a migration policy (``plan(view, now_s) -> list[MigrationPlan]``) run every
+            ``migration_interval_s``; each plan is executed with Llumnix's multi-stage copy, costed by the
+            latency model's KV transfer time (``sim/migration.py``).
     """
 
     def __init__(
@@ -120,8 +127,12 @@ class Simulator:
         view_refresh_s: float = 0.05,
         timeline_points: int = 200,
         progress: bool = False,
+        migration: object | None = None,
+        migration_interval_s: float = 0.5,
     ) -> None:
         self.config = config
+        self.migration = migration
+        self.migration_interval_s = migration_interval_s
         if router is None:
             router = make_router(config.policies.router.name, **config.policies.router.params)
         elif isinstance(router, str):
@@ -132,7 +143,7 @@ class Simulator:
         self.timeline_points = timeline_points
         self.progress = progress
         self.instances = build_instances(config)
-        self._detail = bool(getattr(router, "needs_request_detail", False))
+        self._detail = bool(getattr(router, "needs_request_detail", False)) or migration is not None
         self._ids = [i.instance_id for i in self.instances]
         self._index = {i.instance_id: i for i in self.instances}
 
@@ -169,6 +180,9 @@ class Simulator:
         i = 0
         now = 0.0
         bar = _progress(n) if self.progress else None
+        self.migrations = MigrationDriver(self) if self.migration is not None else None
+        if self.migrations is not None:
+            self._push(self.migration_interval_s, EventKind.POLICY, None, None)
         while i < n or heap:
             if i < n and (not heap or arrivals[i] <= heap[0][0]):
                 now = float(arrivals[i])
@@ -182,8 +196,16 @@ class Simulator:
                     if payload != inst.version:
                         continue  # a span interrupted by an arrival left this behind
                     self._on_step_end(inst, now)
-                else:
+                elif kind is EventKind.KV_ARRIVE:
                     self._on_kv_arrive(inst, payload, now)
+                elif kind is EventKind.POLICY:
+                    self.migrations.on_policy(now)  # type: ignore[union-attr]
+                    if i < n or any(x.busy for x in self.instances):
+                        self._push(now + self.migration_interval_s, EventKind.POLICY, None, None)
+                elif kind is EventKind.MIGRATE_FINAL:
+                    self.migrations.on_final(payload, now)  # type: ignore[union-attr]
+                else:
+                    self.migrations.on_commit(payload, now)  # type: ignore[union-attr]
             self.events += 1
             while now >= tl_next and tl_next <= horizon:
                 tl_t.append(tl_next)
@@ -267,18 +289,23 @@ class Simulator:
         if not inst.busy:
             self._kick(inst, now)
             return
+        self.cut_span(inst, now)
+
+    def cut_span(self, inst: SimInstance, now: float) -> float:
+        """End ``inst``'s span at the step boundary at or after ``now``; returns that boundary's time."""
         span = inst.span
         if span is None:
-            return  # a single step is in flight; the new request is considered at its end
+            return now  # a single step is in flight; changes are considered at its end
         j = span.steps_done_by(now - inst.span_start)
         if j >= span.steps:
-            return
+            return inst.span_start + span.duration_s
         res = inst.engine.advance(span, j)
         t_b = inst.span_start + res.duration_s
         self._record(res, t_b)
         inst.span = None
         inst.version += 1
         self._push(t_b, EventKind.STEP, inst, inst.version)
+        return t_b
 
     def _on_step_end(self, inst: SimInstance, now: float) -> None:
         inst.busy = False
@@ -379,6 +406,7 @@ class Simulator:
             wall_seconds=wall,
             kv_transfers=self.kv_transfers,
             kv_transfer_s=self.kv_transfer_s,
+            migrations=self.migrations.committed if self.migrations is not None else 0,
             timeline_t=np.array(tl_t),
             timeline_load=np.array(tl_load),
             slo_ttft_s=ttft_slo,

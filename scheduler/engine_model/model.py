@@ -201,6 +201,21 @@ class EngineModel:
         seq.done = True
         return True
 
+    def detach(self, rid: str) -> Seq | None:
+        """Take a *decoding* request out for migration (the stop-and-copy point), counts materialised.
+
+        Returns ``None`` (and changes nothing) if the request is not decoding here: only requests with a full KV
+        cache move; queued or prefilling ones are cheaper to re-route.
+        """
+        seq = self._by_rid.get(rid)
+        if seq is None or not seq.in_decode:
+            return None
+        self._leave_decode(seq)
+        del self._by_rid[rid]
+        seq.max_new -= seq.generated
+        seq.generated = 0
+        return seq
+
     def get(self, rid: str) -> Seq | None:
         return self._by_rid.get(rid)
 

@@ -1,0 +1,57 @@
+"""``llmsched`` command line. Each subcommand lives with the code it drives; this file only dispatches.
+
+    llmsched run          the README main job: live CPU cluster + replay through gRPC + the same trace simulated
+    llmsched serve        run the control plane and gRPC/HTTP servers from a config
+    llmsched simulate     replay a trace in the discrete-event simulator
+    llmsched compare      router x trace x load matrix in the simulator
+    llmsched plan         capacity planning: cheapest cluster meeting the SLOs
+    llmsched replay       send a trace to a live cluster through the SDK
+    llmsched profile      measure a real engine's step times into a latency table
+    llmsched predict      train / evaluate the response-length predictors
+    llmsched chart        lint, render and validate the Helm chart
+    llmsched bench        benchmarks (migration, chaos, ...)
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> "module:function(argv) -> int"; imported lazily so `llmsched simulate` never imports Ray or vLLM.
+COMMANDS: dict[str, str] = {
+    "run": "scheduler.demo:main",
+    "serve": "scheduler.serve:main",
+    "simulate": "sim.commands:simulate_main",
+    "compare": "sim.compare:main",
+    "plan": "sim.planner:main",
+    "replay": "scheduler.replay:main",
+    "profile": "scheduler.profile:main",
+    "predict": "scheduler.predict.cli:main",
+    "chart": "scheduler.deploy.chart:main",
+    "bench": "bench.cli:main",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    target = COMMANDS.get(name)
+    if target is None:
+        print(f"llmsched: unknown command {name!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    mod, _, fn = target.partition(":")
+    try:
+        func = getattr(importlib.import_module(mod), fn)
+    except ModuleNotFoundError as e:
+        if e.name and mod.startswith(e.name):
+            print(f"llmsched {name}: not available in this build ({e.name} missing)", file=sys.stderr)
+            return 2
+        raise
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""``llmsched simulate``: replay a trace (or a synthetic workload) through the simulator and report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scheduler.config.load import ConfigError, load_config
+from scheduler.config.models import ClusterConfig
+from scheduler.policy.route import make_router
+from sim.goodput import goodput
+from sim.metrics import request_metrics, sim_summary
+from sim.report import print_summaries, write_figure, write_json
+from sim.simulator import Simulator, Workload
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", help="trace file (Azure CSV, Mooncake JSONL, BurstGPT CSV, token-pair CSV; .gz ok)")
+    p.add_argument("--format", help="trace format when auto-detection is not wanted")
+    p.add_argument("--limit", type=int, help="use only the first N requests of the trace")
+    p.add_argument("--window", help="START:END seconds of the trace to replay")
+    p.add_argument("--rate-scale", type=float, default=1.0, help="multiply the trace's request rate")
+    p.add_argument("--synthetic", type=int, metavar="N", help="N synthetic requests instead of a trace")
+    p.add_argument("--rate", type=float, help="synthetic arrival rate, req/s (default: 1.5 per instance)")
+    p.add_argument("--cv", type=float, default=1.0, help="synthetic inter-arrival CV (1 = Poisson, >1 bursty)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="cluster config YAML or a bundled name (default: 'default')")
+    p.add_argument("--instances", type=int, help="override the instance count (spread over the config's pools)")
+
+
+def load_cluster(args: argparse.Namespace) -> ClusterConfig:
+    cfg = load_config(args.config)
+    if args.instances is not None:
+        cfg = with_instances(cfg, args.instances)
+    return cfg
+
+
+def with_instances(cfg: ClusterConfig, n: int) -> ClusterConfig:
+    """Resize pools proportionally to ``n`` instances in total (each pool keeps at least one)."""
+    if n < len(cfg.pools):
+        raise ConfigError(f"--instances: need at least {len(cfg.pools)} (one per pool), got {n}")
+    total = cfg.num_instances or 1
+    counts = [max(1, round(p.count * n / total)) for p in cfg.pools]
+    counts[-1] += n - sum(counts)
+    pools = [p.model_copy(update={"count": c}) for p, c in zip(cfg.pools, counts)]
+    return cfg.model_copy(update={"pools": pools})
+
+
+def load_workload(args: argparse.Namespace, cfg: ClusterConfig):
+    """Returns ``(trace, workload)``; the trace carries the name and source that reports print."""
+    from sim.traces import default_trace, load_trace, synthetic
+
+    if args.synthetic:
+        rate = args.rate or 1.5 * cfg.num_instances
+        trace = synthetic(args.synthetic, rate, arrival="gamma" if args.cv != 1.0 else "poisson", cv=args.cv,
+                          seed=args.seed)
+    elif args.trace:
+        trace = load_trace(args.trace, args.format)
+    else:
+        trace = default_trace()
+    if args.window:
+        start, _, end = args.window.partition(":")
+        trace = trace.window(float(start or 0), float(end) if end else float("inf"))
+    if args.limit:
+        trace = trace.head(args.limit)
+    if args.rate_scale != 1.0:
+        trace = trace.scale_rate(args.rate_scale)
+    if len(trace) == 0:
+        raise ValueError("the workload is empty after --window/--limit")
+    return trace, Workload.from_trace(trace)
+
+
+def simulate_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="llmsched simulate", description=__doc__)
+    add_workload_args(p)
+    add_cluster_args(p)
+    p.add_argument("--router", help="router name (default: the config's)")
+    p.add_argument("--json", help="write the summary object here")
+    p.add_argument("--png", help="write latency CDFs and load over time here")
+    p.add_argument("--goodput", action="store_true", help="also bisect the max rate meeting 90%% SLO attainment")
+    p.add_argument("--naive", action="store_true", help="one event per engine step (reference; slow)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_cluster(args)
+        trace, w = load_workload(args, cfg)
+        router_name = args.router or cfg.policies.router.name
+        params = cfg.policies.router.params if router_name == cfg.policies.router.name else {}
+        router = make_router(router_name, **params)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res = Simulator(cfg, router=router, closed_form=not args.naive, progress=not args.quiet and len(w) > 50_000).run(w)
+    summary = sim_summary(res)
+    summary["trace_source"] = getattr(trace, "source", "")
+    if args.goodput:
+        g = goodput(cfg, w, lambda: make_router(router_name, **params))
+        summary["goodput_rps"] = g.goodput_rps
+    if not args.quiet:
+        print_summaries({f"sim {router_name}": summary},
+                         title=f"trace {trace.name} ({len(w)} req) on {cfg.name} ({cfg.num_instances} instances)")
+        print(
+            f"wall {summary['wall_seconds']:.2f}s  events {summary['events']}  "
+            f"({summary['requests_per_wall_s']:.0f} req/s, {summary['events_per_wall_s']:.0f} events/s)  "
+            f"GPU util {summary['gpu_utilization'] * 100:.0f}%  cost ${summary['cost_usd']:.2f}  "
+            f"preemptions {summary['preemptions']}"
+            + (f"  goodput {summary['goodput_rps']:.2f} req/s" if "goodput_rps" in summary else "")
+        )
+    if args.json:
+        write_json(args.json, summary)
+    if args.png:
+        write_figure(
+            args.png,
+            {f"sim {router_name}": request_metrics(res)},
+            timeline=(res.timeline_t, res.timeline_load, res.instance_ids),
+            title=f"{trace.name} on {cfg.name}",
+        )
+        if not args.quiet:
+            print(f"figure: {Path(args.png)}")
+    return 0

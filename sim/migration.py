@@ -1,0 +1,152 @@
+"""Live migration in the simulator: the same multi-stage protocol as the live path, costed by the latency model.
+
+    handshake (destination reserves KV for context + headroom, or refuses)
+      -> pre-copy stages while the request keeps decoding on the source
+      -> final stop-and-copy of what the request produced meanwhile (the downtime)
+      -> commit (destination resumes; source already freed at the stop)
+
+The stage sizes come from ``scheduler.policy.migration.migration_stages`` when that policy module is present, so
+policy studies in the simulator pay what the live path would pay.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from scheduler.latency import kv_transfer_time
+
+if TYPE_CHECKING:
+    from sim.cluster import SimInstance
+    from sim.simulator import Simulator
+
+
+def stage_tokens(
+    context_tokens: int, *, decode_rate_tok_s: float, bandwidth_tok_s: float, max_stages: int = 4,
+    last_stage_max_tokens: int = 64,
+) -> list[int]:
+    """Tokens copied per stage: stage 1 copies the context; each later stage copies what was generated while the
+    previous one ran; stop when that is small enough (or stages run out): the last entry is the stop-and-copy."""
+    try:
+        from scheduler.policy.migration import migration_stages
+
+        return list(
+            migration_stages(
+                context_tokens, decode_rate_tok_s=decode_rate_tok_s, bandwidth_tok_s=bandwidth_tok_s,
+                max_stages=max_stages, last_stage_max_tokens=last_stage_max_tokens,
+            )
+        )
+    except (ImportError, TypeError):
+        pass
+    stages = [context_tokens]
+    while len(stages) < max_stages:
+        produced = math.ceil(stages[-1] / bandwidth_tok_s * decode_rate_tok_s)
+        stages.append(max(produced, 1))
+        if produced <= last_stage_max_tokens:
+            break
+    return stages
+
+
+@dataclass
+class _InFlight:
+    rid: int
+    src: SimInstance
+    dst: SimInstance
+    reserved: int
+    copied: int
+    started_s: float
+
+
+class MigrationDriver:
+    """Executes the migration policy's plans inside one simulation run."""
+
+    def __init__(self, sim: Simulator, *, headroom_tokens: int = 64, max_stages: int = 4,
+                 last_stage_max_tokens: int = 64) -> None:
+        self.sim = sim
+        self.policy = sim.migration
+        self.headroom_tokens = headroom_tokens
+        self.max_stages = max_stages
+        self.last_stage_max_tokens = last_stage_max_tokens
+        self.in_flight: dict[int, _InFlight] = {}
+        self.committed = 0
+        self.aborted_dst = 0  # destination refused at handshake
+        self.aborted_src = 0  # request finished/preempted on the source before the stop
+        self.downtime_s: list[float] = []
+        self.total_s: list[float] = []
+
+    def _xfer(self, inst: SimInstance, tokens: int) -> float:
+        gpu = self.sim.config.gpus[inst.pool.gpu]
+        return kv_transfer_time(tokens, self.sim.config.model, bandwidth_gbps=gpu.network_gbps,
+                                latency_s=gpu.network_latency_s)
+
+    def on_policy(self, now: float) -> None:
+        sim = self.sim
+        for inst in sim.instances:
+            inst.snap_dirty = True
+        view = sim._view_at(now)
+        for plan in self.policy.plan(view, now):  # type: ignore[union-attr]
+            self.start(int(plan.request_id), sim._index[plan.source], sim._index[plan.destination], now)
+
+    def start(self, rid: int, src: SimInstance, dst: SimInstance, now: float) -> bool:
+        seq = src.engine.get(rid)
+        if seq is None or not seq.in_decode or rid in self.in_flight or src is dst:
+            return False
+        eng = dst.engine
+        context = src.engine.computed_of(seq) + 1
+        need = -(-(context + self.headroom_tokens) // eng.block_size)
+        if need > eng.total_blocks - eng.blocks_used():
+            self.aborted_dst += 1
+            return False
+        eng.prefill_blocks += need  # the reservation: held blocks no request owns yet
+        a, b = src.latency.decode_coeffs(max(len(src.engine.decoding), 1))
+        step = a + b * (src.engine._n_sum + len(src.engine.decoding))
+        gpu = self.sim.config.gpus[src.pool.gpu]
+        bw_tok = gpu.network_gbps * 1e9 / self.sim.config.model.kv_bytes_per_token
+        stages = stage_tokens(context, decode_rate_tok_s=1.0 / step, bandwidth_tok_s=bw_tok,
+                              max_stages=self.max_stages, last_stage_max_tokens=self.last_stage_max_tokens)
+        pre = stages[:-1] or stages  # at least one pre-copy stage of the context
+        t_pre = sum(self._xfer(src, k) for k in pre)
+        self.in_flight[rid] = _InFlight(rid, src, dst, need, sum(pre), now)
+        self.sim._push(now + t_pre, self._kind("MIGRATE_FINAL"), None, rid)
+        return True
+
+    def on_final(self, rid: int, now: float) -> None:
+        m = self.in_flight.get(rid)
+        if m is None:
+            return
+        sim = self.sim
+        t_b = sim.cut_span(m.src, now) if m.src.span is not None else now
+        seq = m.src.engine.detach(rid)
+        if seq is None:  # finished, preempted or aborted meanwhile: the source keeps ownership; free the reservation
+            self._release(m)
+            self.aborted_src += 1
+            del self.in_flight[rid]
+            return
+        m.src.snap_dirty = True
+        if not m.src.busy:
+            sim._kick(m.src, t_b)
+        downtime = self._xfer(m.src, max(seq.num_tokens - m.copied, 1))
+        self.downtime_s.append(downtime)
+        sim._push(t_b + downtime, self._kind("MIGRATE_COMMIT"), None, (rid, seq))
+
+    def on_commit(self, payload: tuple, now: float) -> None:
+        rid, seq = payload
+        m = self.in_flight.pop(rid)
+        self._release(m)
+        new = m.dst.engine.add_request(rid, seq.num_tokens, seq.max_new, cached_tokens=seq.num_tokens - 1,
+                                       priority=seq.priority, predicted_remaining=seq.predicted_remaining)
+        new.tag = rid
+        self.sim.dec_of[rid] = m.dst.index
+        self.sim._poke(m.dst, now)
+        self.committed += 1
+        self.total_s.append(now - m.started_s)
+
+    def _release(self, m: _InFlight) -> None:
+        m.dst.engine.prefill_blocks -= m.reserved
+
+    @staticmethod
+    def _kind(name: str):
+        from sim.simulator import EventKind
+
+        return EventKind[name]
