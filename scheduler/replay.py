@@ -1,0 +1,149 @@
+"""``llmsched replay``: send a trace to a live cluster through the SDK at its timestamps; same report as the
+simulator, so the two compare directly.
+
+Each trace request becomes a prompt of ``prompt_tokens`` token ids (deterministic pseudo-random ids below the
+model's vocabulary) with ``max_tokens = output_tokens`` and ``ignore_eos`` so the live engine produces exactly the
+trace's output length. Lengths are clipped to fit the target model's context (``--max-model-len``) and the
+clipping is reported, because a tiny CPU model cannot take a 30k-token Mooncake prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from scheduler.core.metrics import RequestMetrics, summarize
+
+
+@dataclass
+class LiveResult:
+    """Per-request wall-clock columns of a live replay (seconds from the replay start)."""
+
+    name: str
+    arrival_s: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    first_token_s: np.ndarray
+    finish_s: np.ndarray
+    tokens_received: np.ndarray
+    errors: list[str]
+    wall_seconds: float
+    duplicated_tokens: int = 0
+
+    def metrics(self, *, slo_ttft_s: float = np.inf, slo_tpot_s: float = np.inf) -> RequestMetrics:
+        return RequestMetrics.from_times(self.arrival_s, self.first_token_s, self.finish_s, self.output_tokens,
+                                         slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s)
+
+    def summary(self, **slo) -> dict:
+        return summarize(self.metrics(**slo), requests=len(self.arrival_s), wall_seconds=self.wall_seconds,
+                         events=int(self.tokens_received.sum()),
+                         extra={"source": "live", "trace": self.name, "errors": len(self.errors),
+                                "duplicated_tokens": self.duplicated_tokens})
+
+
+def fit_lengths(prompt: np.ndarray, output: np.ndarray, max_model_len: int, max_output: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clip output to ``max_output`` and prompt so prompt + output fits the context."""
+    out = np.clip(output, 1, max_output)
+    pr = np.clip(prompt, 1, max_model_len - out - 1)
+    return pr.astype(np.int64), out.astype(np.int64)
+
+
+def prompt_ids(i: int, n: int, vocab: int, seed: int = 0) -> list[int]:
+    # Skip the first ids (special tokens in the tiny tokenizer) so prompts are plain text tokens.
+    rng = np.random.default_rng((seed, i))
+    return rng.integers(4, vocab, n).tolist()
+
+
+async def replay_async(
+    target: str,
+    arrival_s: np.ndarray,
+    prompt_tokens: np.ndarray,
+    output_tokens: np.ndarray,
+    *,
+    name: str = "trace",
+    vocab: int = 1024,
+    token: str | None = None,
+    timeout_s: float = 600.0,
+    id_prefix: str = "replay",
+) -> LiveResult:
+    from scheduler.client import AsyncClient
+
+    n = len(arrival_s)
+    first = np.full(n, np.nan)
+    finish = np.full(n, np.nan)
+    got = np.zeros(n, dtype=np.int64)
+    errors: list[str] = []
+    dup = 0
+    client = AsyncClient(target, token=token)
+    t0 = time.perf_counter()
+
+    async def one(i: int) -> None:
+        nonlocal dup
+        delay = arrival_s[i] - (time.perf_counter() - t0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        seen = -1
+        try:
+            async for chunk in client.stream(
+                prompt_ids(i, int(prompt_tokens[i]), vocab), max_tokens=int(output_tokens[i]), temperature=0.0,
+                request_id=f"{id_prefix}-{i}", ignore_eos=True, timeout_s=timeout_s,
+            ):
+                now = time.perf_counter() - t0
+                if chunk.token_ids:
+                    if chunk.index <= seen:
+                        dup += 1
+                    seen = chunk.index + len(chunk.token_ids) - 1
+                    if np.isnan(first[i]):
+                        first[i] = now
+                    got[i] += len(chunk.token_ids)
+                if chunk.finished:
+                    finish[i] = now
+        except Exception as e:  # recorded, never silently dropped
+            errors.append(f"request {i}: {type(e).__name__}: {e}")
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(n)))
+    finally:
+        await client.close()
+    return LiveResult(name, np.asarray(arrival_s, dtype=float), prompt_tokens, output_tokens, first, finish, got,
+                      errors, time.perf_counter() - t0, dup)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from scheduler.telemetry.report import print_summaries, write_json
+    from sim.traces import default_trace, load_trace  # trace files are data; the loaders live with the simulator
+
+    p = argparse.ArgumentParser(prog="llmsched replay", description=__doc__)
+    p.add_argument("--trace", help="trace file (default: the bundled Azure slice)")
+    p.add_argument("--format")
+    p.add_argument("--target", required=True, help="host:port of the llmsched gRPC server")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--rate-scale", type=float, default=1.0)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-output", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--token", help="client token when the server requires auth")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    trace = load_trace(args.trace, args.format) if args.trace else default_trace()
+    if args.limit:
+        trace = trace.head(args.limit)
+    if args.rate_scale != 1.0:
+        trace = trace.scale_rate(args.rate_scale)
+    pr, out = fit_lengths(trace.prompt_tokens, trace.output_tokens, args.max_model_len, args.max_output)
+    res = asyncio.run(replay_async(args.target, trace.arrival_s, pr, out, name=trace.name, vocab=args.vocab,
+                                   token=args.token))
+    s = res.summary()
+    s["clipped_prompts"] = int((pr < trace.prompt_tokens).sum())
+    s["clipped_outputs"] = int((out < trace.output_tokens).sum())
+    print_summaries({"live": s}, title=f"replay of {trace.name} ({len(pr)} req) against {args.target}")
+    for e in res.errors[:5]:
+        print("  error:", e, file=sys.stderr)
+    if args.json:
+        write_json(args.json, s)
+    return 0 if not res.errors else 1

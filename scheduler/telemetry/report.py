@@ -1,0 +1,103 @@
+"""Reports: a terminal table (rich), JSON, and a PNG figure (latency CDFs, load over time)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scheduler.core.metrics import RequestMetrics
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1e3:.1f}"
+
+
+def summary_table(summaries: Mapping[str, Mapping[str, Any]], *, title: str = "llmsched"):
+    """One row per run (simulator, live replay, a router...), latencies in ms."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column("run")
+    for col in ("done/req", "TTFT p50", "TTFT p90", "TTFT p99", "TPOT p50", "TPOT p99", "E2E p50", "E2E p99", "SLO"):
+        t.add_column(col, justify="right")
+    for name, s in summaries.items():
+        t.add_row(
+            name,
+            f"{s['completed']}/{s['requests']}",
+            _ms(s["ttft_s"]["p50"]),
+            _ms(s["ttft_s"]["p90"]),
+            _ms(s["ttft_s"]["p99"]),
+            _ms(s["tpot_s"]["p50"]),
+            _ms(s["tpot_s"]["p99"]),
+            _ms(s["e2e_s"]["p50"]),
+            _ms(s["e2e_s"]["p99"]),
+            f"{s['slo_attainment'] * 100:.1f}%",
+        )
+    return t
+
+
+def print_summaries(summaries: Mapping[str, Mapping[str, Any]], *, title: str = "llmsched", console=None) -> None:
+    from rich.console import Console
+
+    (console or Console()).print(summary_table(summaries, title=title))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_figure(
+    path: str | Path,
+    metrics: Mapping[str, RequestMetrics],
+    *,
+    timeline: tuple[np.ndarray, np.ndarray, list[str]] | None = None,
+    title: str = "",
+) -> Path:
+    """Latency CDFs (TTFT, TPOT, E2E) per run, and per-instance outstanding requests over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = 4 if timeline is not None else 3
+    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.6))
+    for ax, (attr, label) in zip(axes, (("ttft_s", "TTFT (s)"), ("tpot_s", "TPOT (s)"), ("e2e_s", "E2E (s)"))):
+        for name, m in metrics.items():
+            x = np.sort(getattr(m, attr)[np.isfinite(getattr(m, attr))])
+            if len(x):
+                ax.plot(x, np.arange(1, len(x) + 1) / len(x), label=name)
+        ax.set_xlabel(label)
+        ax.set_ylabel("CDF")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if timeline is not None:
+        t, load, ids = timeline
+        ax = axes[3]
+        if len(t):
+            for k in range(load.shape[1]):
+                ax.plot(t, load[:, k], lw=0.8, label=ids[k] if load.shape[1] <= 8 else None)
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("requests on instance")
+        if load.shape[1] <= 8:
+            ax.legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,245 @@
+"""Capacity planning: the cheapest cluster that serves a trace within its SLOs (``llmsched plan``).
+
+Search space: GPU type x TP degree x layout (colocated MIXED pool, or PREFILL + DECODE pools) x router.
+For each (GPU, TP, layout, router) the instance count is found by bisection on "SLO attainment >= target at the
+trace's rate" (attainment grows with instances), so a configuration costs O(log N) simulations. Candidates whose
+weights do not fit, or whose analytic throughput bound is far below the offered rate, are pruned before
+simulating; dominated results (costlier and no better) are dropped from the Pareto set. Runs in parallel across
+cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from scheduler.config.load import ConfigError
+from scheduler.config.models import ClusterConfig, PoolSpec
+from scheduler.core.types import InstanceRole
+from scheduler.latency import latency_for
+from sim.commands import add_cluster_args, add_workload_args, load_cluster, load_workload
+from sim.compare import router_factory
+from sim.metrics import request_metrics
+from sim.simulator import Simulator, Workload
+
+
+@dataclass(frozen=True)
+class Candidate:
+    gpu: str
+    tp: int
+    layout: str  # "mixed" or "pd:<prefill share>"
+    router: str
+
+
+@dataclass
+class PlanResult:
+    candidate: Candidate
+    instances: int  # total instances (0 = infeasible within max)
+    prefill: int
+    decode: int
+    gpus: int
+    cost_per_hour: float
+    attainment: float
+    ttft_p99_s: float | None
+    tpot_p99_s: float | None
+
+
+def make_config(base: ClusterConfig, c: Candidate, n: int) -> ClusterConfig:
+    engine = base.pools[0].engine
+    if c.layout == "mixed":
+        pools = [PoolSpec(name=f"{c.gpu}-tp{c.tp}", role=InstanceRole.MIXED, gpu=c.gpu, tp=c.tp, count=n,
+                          engine=engine)]
+    else:
+        share = float(c.layout.split(":")[1])
+        p = max(1, min(n - 1, round(n * share)))
+        pools = [
+            PoolSpec(name=f"prefill-{c.gpu}", role=InstanceRole.PREFILL, gpu=c.gpu, tp=c.tp, count=p, engine=engine),
+            PoolSpec(name=f"decode-{c.gpu}", role=InstanceRole.DECODE, gpu=c.gpu, tp=c.tp, count=n - p, engine=engine),
+        ]
+    return base.model_copy(update={"pools": pools, "name": f"plan-{c.gpu}-tp{c.tp}-{c.layout}-{c.router}-{n}"})
+
+
+def fits(base: ClusterConfig, gpu: str, tp: int) -> bool:
+    """Weights plus a minimal KV pool fit in ``tp`` GPUs' memory."""
+    lat = latency_for(base.model, base.gpus[gpu], tp)
+    return lat.kv_blocks(16, gpu_memory_utilization=0.9, activation_reserve_gib=2.0) * 16 >= 4 * base.model.max_model_len
+
+
+def capacity_bound(base: ClusterConfig, gpu: str, tp: int, w: Workload) -> float:
+    """Requests/s one instance can at most serve: prompt work at full-batch prefill speed plus decode at a large
+    batch (an optimistic bound used only for pruning and for the bisection's starting bracket)."""
+    lat = latency_for(base.model, base.gpus[gpu], tp)
+    p, o = float(np.mean(w.prompt_tokens)), float(np.mean(w.output_tokens))
+    prefill_s = lat.prefill_time(2048) / 2048 * p
+    bs = 64
+    a, b = lat.decode_coeffs(bs)
+    decode_s = (a + b * bs * (p + o / 2)) / bs * o
+    return 1.0 / max(prefill_s + decode_s, 1e-9)
+
+
+def _evaluate(args: tuple) -> tuple[float, dict]:
+    base, c, n, w, target = args
+    cfg = make_config(base, c, n)
+    res = Simulator(cfg, router=router_factory(c.router, cfg)()).run(w)
+    m = request_metrics(res)
+    return float(m.slo_met.mean()), {
+        "ttft_p99_s": float(np.nanpercentile(m.ttft_s, 99)) if np.isfinite(m.ttft_s).any() else None,
+        "tpot_p99_s": float(np.nanpercentile(m.tpot_s, 99)) if np.isfinite(m.tpot_s).any() else None,
+    }
+
+
+def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, max_instances: int) -> PlanResult:
+    rate = len(w) / max(float(w.arrival_s[-1] - w.arrival_s[0]), 1e-9)
+    min_n = 2 if c.layout != "mixed" else 1
+    lo = max(min_n, math.floor(rate / capacity_bound(base, c.gpu, c.tp, w)))  # fewer than this cannot keep up
+    if lo > max_instances:
+        return PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None)
+    ok_hi, info_hi, hi = None, None, None
+    n = lo
+    while n <= max_instances:  # geometric search for a feasible count
+        a, info = _evaluate((base, c, n, w, target))
+        if a >= target:
+            ok_hi, info_hi, hi = a, info, n
+            break
+        lo = n + 1
+        n = max(n + 1, n * 2)
+    if hi is None:
+        return PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None)
+    while lo < hi:  # bisection for the smallest feasible count
+        mid = (lo + hi) // 2
+        a, info = _evaluate((base, c, mid, w, target))
+        if a >= target:
+            hi, ok_hi, info_hi = mid, a, info
+        else:
+            lo = mid + 1
+    cfg = make_config(base, c, hi)
+    p = sum(x.count for x in cfg.pools if x.role is InstanceRole.PREFILL)
+    gpus = hi * c.tp
+    price = base.gpus[c.gpu].price_per_hour * gpus
+    return PlanResult(c, hi, p, hi - p, gpus, price, ok_hi or 0.0, info_hi["ttft_p99_s"], info_hi["tpot_p99_s"])
+
+
+def _plan_star(args):
+    return plan_one(*args[:3], target=args[3], max_instances=args[4])
+
+
+def plan(
+    base: ClusterConfig,
+    w: Workload,
+    *,
+    gpus: list[str] | None = None,
+    tps: tuple[int, ...] = (1, 2, 4, 8),
+    layouts: tuple[str, ...] = ("mixed", "pd:0.3", "pd:0.5"),
+    routers: tuple[str, ...] = ("least_outstanding",),
+    target: float = 0.9,
+    max_instances: int = 64,
+    workers: int = 2,
+) -> list[PlanResult]:
+    """All feasible candidates, cheapest first."""
+    cands = [
+        Candidate(g, tp, lay, r)
+        for g in (gpus or [g for g in base.gpus if g != "cpu"])
+        for tp in tps
+        if fits(base, g, tp)
+        for lay in layouts
+        for r in routers
+    ]
+    jobs = [(base, c, w, target, max_instances) for c in cands]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as ex:
+            results = list(ex.map(_plan_star, jobs))
+    else:
+        results = [_plan_star(j) for j in jobs]
+    feasible = [r for r in results if r.instances > 0]
+    return sorted(feasible, key=lambda r: (r.cost_per_hour, -r.attainment))
+
+
+def pareto(results: list[PlanResult]) -> list[PlanResult]:
+    """Drop configurations that cost more without better attainment."""
+    out: list[PlanResult] = []
+    best = -1.0
+    for r in sorted(results, key=lambda r: (r.cost_per_hour, -r.attainment)):
+        if r.attainment > best:
+            out.append(r)
+            best = r.attainment
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="llmsched plan", description=__doc__)
+    add_workload_args(p)
+    add_cluster_args(p)
+    p.add_argument("--gpus", help="comma-separated GPU types to consider (default: all in the config's catalog)")
+    p.add_argument("--tp", default="1,2,4,8")
+    p.add_argument("--layouts", default="mixed,pd:0.3,pd:0.5")
+    p.add_argument("--routers", default="least_outstanding")
+    p.add_argument("--target", type=float, default=0.9, help="SLO attainment to meet")
+    p.add_argument("--max-instances", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default="plan-out", help="folder for plan.json, pareto.png and best-cluster.yaml")
+    args = p.parse_args(argv)
+    try:
+        base = load_cluster(args)
+        trace, w = load_workload(args, base)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = plan(
+        base, w, gpus=args.gpus.split(",") if args.gpus else None, tps=tuple(int(x) for x in args.tp.split(",")),
+        layouts=tuple(args.layouts.split(",")), routers=tuple(args.routers.split(",")), target=args.target,
+        max_instances=args.max_instances, workers=args.workers,
+    )
+    write_plan(Path(args.out), base, trace, results, args.target)
+    return 0 if results else 1
+
+
+def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult], target: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out.mkdir(parents=True, exist_ok=True)
+    t = Table(title=f"plan for trace {trace.name} ({len(trace)} req), SLO attainment >= {target:.0%}")
+    for col in ("rank", "gpu", "tp", "layout", "router", "P/D", "GPUs", "$/h", "attain", "TTFT p99", "TPOT p99"):
+        t.add_column(col)
+    for k, r in enumerate(results[:20], 1):
+        c = r.candidate
+        t.add_row(str(k), c.gpu, str(c.tp), c.layout, c.router,
+                  f"{r.prefill}/{r.decode}" if r.prefill else f"{r.instances} mixed", str(r.gpus),
+                  f"{r.cost_per_hour:.2f}", f"{r.attainment:.3f}",
+                  f"{r.ttft_p99_s:.2f}" if r.ttft_p99_s is not None else "-",
+                  f"{r.tpot_p99_s * 1e3:.0f}ms" if r.tpot_p99_s is not None else "-")
+    Console().print(t)
+    import json
+
+    (out / "plan.json").write_text(json.dumps(
+        {"trace": trace.name, "target": target, "results": [asdict(r) for r in results]}, indent=2))
+    if not results:
+        print("no configuration meets the target within --max-instances")
+        return
+    best = results[0]
+    cfg = make_config(base, best.candidate, best.instances)
+    (out / "best-cluster.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([r.cost_per_hour for r in results], [r.attainment for r in results], s=12, label="feasible")
+    front = pareto(results)
+    ax.plot([r.cost_per_hour for r in front], [r.attainment for r in front], "r-o", ms=4, label="Pareto")
+    ax.set_xlabel("$ / hour")
+    ax.set_ylabel("SLO attainment")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}/plan.json, {out}/pareto.png, {out}/best-cluster.yaml "
+          f"(best: {best.candidate.gpu} tp{best.candidate.tp} {best.candidate.layout}, {best.instances} instances)")
