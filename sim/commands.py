@@ -59,7 +59,7 @@ def load_workload(args: argparse.Namespace, cfg: ClusterConfig):
         trace = synthetic(args.synthetic, rate, arrival="gamma" if args.cv != 1.0 else "poisson", cv=args.cv,
                           seed=args.seed)
     elif args.trace:
-        trace = load_trace(args.trace, args.format)
+        trace = load_trace(args.trace, args.format, rate=args.rate or 1.5 * cfg.num_instances, seed=args.seed)
     else:
         trace = default_trace()
     if args.window:

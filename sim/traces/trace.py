@@ -19,9 +19,10 @@ import numpy as np
 class TraceFormatError(ValueError):
     """A trace file could not be read.
 
-    The message names the place: ``"<path>:<line>: column '<name>': <problem> (got '<value>')"``; parts that do not
-    apply (no column for a truncated gzip stream, no value for a missing column) are left out. The pieces are also
-    attributes, for callers that want to point at the cell themselves.
+    The message names the place: ``"<path>:<line>: column '<name>': <problem> (got '<value>')"``; parts
+    that do not apply (no column for a truncated gzip stream, no value for a missing column) are left out.
+    JSON syntax errors give a character column instead: ``"<path>:<line>:<col>: invalid JSON: ..."``.
+    The pieces are also attributes, for callers that want to point at the cell themselves.
     """
 
     def __init__(
@@ -53,7 +54,7 @@ class TraceFormatError(ValueError):
 
 
 def _percentile(x: np.ndarray, q: float) -> float:
-    return float(np.percentile(x, q)) if len(x) else 0.0
+    return round(float(np.percentile(x, q)), 2) if len(x) else 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,8 +62,8 @@ class Trace:
     """A request trace: one entry per request, sorted by arrival.
 
     ``eq=False``: numpy columns make field-wise ``==`` ambiguous; compare columns explicitly instead.
-    ``skipped_rows`` counts source rows the loader dropped on purpose (BurstGPT failures with 0 response tokens);
-    ``summary()`` reports it.
+    ``skipped_rows`` counts source rows the loader dropped on purpose (BurstGPT failures with 0 response
+    tokens); ``summary()`` reports it.
     """
 
     name: str
@@ -146,7 +147,10 @@ class Trace:
         )
 
     def scale_rate(self, factor: float) -> Trace:
-        """``factor`` times the request rate: arrivals divided by ``factor`` (2 = twice as fast); lengths unchanged."""
+        """``factor`` times the request rate: arrivals divided by ``factor`` (2 = twice as fast).
+
+        Lengths are unchanged.
+        """
         if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
             raise ValueError(f"scale_rate: factor must be a finite number > 0 (got {factor!r})")
         if factor == 1:
@@ -200,5 +204,5 @@ class Trace:
         if self.hash_ids is not None:
             out["has_hash_ids"] = True
         if self.tenant is not None:
-            out["tenants"] = int(len(np.unique(self.tenant)))
+            out["tenants"] = len(np.unique(self.tenant))
         return out
