@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from scheduler.config.gpus import GPU_CATALOG, catalog_key, catalog_names
 from scheduler.core.types import SLO, InstanceRole
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
@@ -33,6 +34,20 @@ class GPUSpec(_Strict):
     # Fraction of peak actually reached; the roofline multiplies peaks by these.
     mfu: float = Field(default=0.6, gt=0, le=1)
     mbu: float = Field(default=0.8, gt=0, le=1)
+    # Fixed per-step cost (scheduling, sampling, launches) used by the roofline model for this GPU type.
+    step_overhead_s: float = Field(default=2e-3, ge=0)
+
+    @classmethod
+    def from_catalog(cls, name: str, **overrides: Any) -> GPUSpec:
+        """The catalog entry ``name`` (see ``scheduler/config/gpus.py``), with ``overrides`` applied.
+
+        Raises:
+            ValueError: ``name`` is not in the catalog (the message lists the catalog).
+        """
+        key = catalog_key(name)
+        if key is None:
+            raise ValueError(f"unknown GPU type {name!r}; catalog: {', '.join(catalog_names())}")
+        return cls.model_validate({**GPU_CATALOG[key], **overrides})
 
 
 class ModelSpec(_Strict):
@@ -139,12 +154,19 @@ class ClusterConfig(_Strict):
     """The whole deployment: GPU catalog, model, pools, SLOs and policies."""
 
     name: str = "cluster"
-    gpus: dict[str, GPUSpec]
+    # GPU types by key. A key naming a catalog type takes ``{}`` / ``null`` (catalog numbers) or a partial mapping
+    # of overrides; other keys need a full spec. A list of catalog names is accepted too. Default: the catalog.
+    gpus: dict[str, GPUSpec] = Field(default_factory=lambda: list(GPU_CATALOG), validate_default=True)
     model: ModelSpec
     pools: list[PoolSpec]
     slos: dict[int, SLOSpec] = Field(default_factory=lambda: {0: SLOSpec(ttft_s=2.0, tpot_s=0.1)})
     policies: PoliciesSpec = PoliciesSpec()
     latency_profile: str | None = Field(default=None, description="path to a latency table (llmsched profile)")
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _catalog_gpus(cls, v: Any) -> Any:
+        return _resolve_gpus(v)
 
     @model_validator(mode="after")
     def _pools_name_known_gpus(self) -> ClusterConfig:
@@ -164,3 +186,33 @@ class ClusterConfig(_Strict):
     @property
     def num_instances(self) -> int:
         return sum(p.count for p in self.pools)
+
+
+def _resolve_gpus(v: Any) -> Any:
+    """Fill ``gpus:`` entries from the catalog (see ``ClusterConfig.gpus``); leaves other shapes to pydantic."""
+    if isinstance(v, list | tuple):
+        v = {str(k): None for k in v}
+    if not isinstance(v, dict):
+        return v
+    out: dict[str, Any] = {}
+    for key, spec in v.items():
+        if isinstance(spec, GPUSpec):
+            out[key] = spec
+            continue
+        if spec is None:
+            spec = {}
+        if not isinstance(spec, dict):
+            # NOTE: ValueError (not TypeError) so pydantic reports it as a validation error with its key path.
+            msg = f"{key}: expected a mapping of GPU fields or {{}} for a catalog type, got {spec!r}"
+            raise ValueError(msg)  # noqa: TRY004
+        cat = catalog_key(str(key))
+        if cat is not None:
+            out[key] = {**GPU_CATALOG[cat], **spec}
+        elif {"memory_gib", "fp16_tflops", "hbm_gbps"} <= spec.keys():
+            out[key] = {"name": str(key), **spec}
+        else:
+            raise ValueError(
+                f"{key}: unknown GPU type {key!r}; catalog: {', '.join(catalog_names())} "
+                "(or give a full spec: memory_gib, fp16_tflops, hbm_gbps)"
+            )
+    return out

@@ -152,6 +152,9 @@ def attention_coeffs(model: ModelSpec, gpu: GPUSpec, tp: int) -> tuple[float, fl
     return per_pair, per_token
 
 
-def roofline_model(model: ModelSpec, gpu: GPUSpec, tp: int, *, overhead_s: float = 2e-3) -> LatencyModel:
+def roofline_model(model: ModelSpec, gpu: GPUSpec, tp: int, *, overhead_s: float | None = None) -> LatencyModel:
+    """Roofline-only model; ``overhead_s`` defaults to the GPU type's ``step_overhead_s``."""
+    if overhead_s is None:
+        overhead_s = gpu.step_overhead_s
     pair, tok = attention_coeffs(model, gpu, tp)
     return LatencyModel(model, gpu, tp, overhead_s, pair, tok, roofline_gemm(model, gpu, tp), source="roofline")

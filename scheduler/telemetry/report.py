@@ -41,9 +41,13 @@ def summary_table(summaries: Mapping[str, Mapping[str, Any]], *, title: str = "l
 
 
 def print_summaries(summaries: Mapping[str, Mapping[str, Any]], *, title: str = "llmsched", console=None) -> None:
+    import sys
+
     from rich.console import Console
 
-    (console or Console()).print(summary_table(summaries, title=title))
+    # Pipes and CI logs get a wide table rather than rich's 80-column default.
+    console = console or (Console() if sys.stdout.isatty() else Console(width=150))
+    console.print(summary_table(summaries, title=title))
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -87,13 +91,16 @@ def write_figure(
     if timeline is not None:
         t, load, ids = timeline
         ax = axes[3]
-        if len(t):
+        if len(t) and load.shape[1] <= 4:
             for k in range(load.shape[1]):
-                ax.plot(t, load[:, k], lw=0.8, label=ids[k] if load.shape[1] <= 8 else None)
+                ax.plot(t, load[:, k], lw=0.8, label=ids[k])
+        elif len(t):  # many instances: the spread, not a line each
+            ax.plot(t, load.max(axis=1), lw=0.8, label="max instance")
+            ax.plot(t, load.mean(axis=1), lw=0.8, label="mean instance")
+            ax.plot(t, load.min(axis=1), lw=0.8, label="min instance")
         ax.set_xlabel("time (s)")
         ax.set_ylabel("requests on instance")
-        if load.shape[1] <= 8:
-            ax.legend(fontsize=6)
+        ax.legend(fontsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
