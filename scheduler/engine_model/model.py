@@ -143,6 +143,7 @@ class EngineModel:
         self.step_no = 0  # decode step counter (advances once per iteration that has decodes)
         self._n_sum = 0  # sum of num_computed over the decode set, at ``step_no``
         self.prefill_blocks = 0  # blocks held by ``prefilling``
+        self._pred_sum = 0.0  # predicted output lengths of the decode set (as predicted at arrival)
         # Counters (a live engine reports the same ones).
         self.num_preemptions = 0
         self.prompt_tokens_computed = 0
@@ -249,12 +250,16 @@ class EngineModel:
         seq.finish_step = self.step_no + (seq.max_new - seq.generated)
         self.decoding[seq.rid] = seq
         self._n_sum += seq.num_computed
+        if seq.predicted_remaining is not None:
+            self._pred_sum += seq.predicted_remaining
         heapq.heappush(self._finish_heap, (seq.finish_step, next(self._heap_tie), seq))
 
     def _leave_decode(self, seq: Seq) -> None:
         """Materialise the lazy counts and drop ``seq`` from the decode set (its heap entry goes stale)."""
         k = self.step_no - seq.join_step
         self._n_sum -= seq.num_computed + k
+        if seq.predicted_remaining is not None:
+            self._pred_sum -= seq.predicted_remaining
         seq.num_computed += k
         seq.generated += k
         seq.num_tokens += k
@@ -488,7 +493,8 @@ class EngineModel:
             s.num_tokens for s in self.waiting
         )
         bs = len(self.decoding)
-        pred = sum(s.predicted_remaining or 0.0 for s in self.decoding.values())
+        # NOTE: predicted totals, not minus what was generated: exact remaining needs O(batch); detail has it.
+        pred = self._pred_sum
         return InstanceSnapshot(
             instance_id=instance_id,
             role=self.role,

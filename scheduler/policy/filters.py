@@ -9,13 +9,11 @@ def is_accepting(inst: InstanceSnapshot) -> bool:
     return inst.healthy and not inst.draining
 
 
-_PREFILL_ROLES = frozenset((InstanceRole.PREFILL, InstanceRole.MIXED))
-
-
 def prefill_candidates(view: ClusterView) -> tuple[InstanceSnapshot, ...]:
     """Instances that may run a prompt: PREFILL, plus MIXED ones (Splitwise's mixed pool)."""
     # NOTE: inlined predicates: this runs once per routed request, over every instance, in the simulator.
-    return tuple([i for i in view.instances if i.role in _PREFILL_ROLES and i.healthy and not i.draining])
+    dec = InstanceRole.DECODE  # identity checks: Enum.__hash__ is slow in a set lookup
+    return tuple([i for i in view.instances if i.role is not dec and i.healthy and not i.draining])
 
 
 def decode_candidates(view: ClusterView) -> tuple[InstanceSnapshot, ...]:

@@ -100,8 +100,17 @@ class LeastOutstandingRouter(Router):
 
     name = "least_outstanding"
 
+    def pick(self, request, candidates, view, *, phase):  # type: ignore[override]
+        # A plain loop (not min() with a key): this is the simulator's hottest line at 64+ instances.
+        best, best_v = candidates[0], candidates[0].num_running + candidates[0].num_waiting
+        for s in candidates:
+            v = s.num_running + s.num_waiting
+            if v < best_v:  # ties: first in view order (deterministic)
+                best, best_v = s, v
+        return best
+
     def score(self, request, inst, *, phase):  # type: ignore[override]
-        return inst.num_running + inst.num_waiting  # ties: first in view order (deterministic)
+        return inst.num_running + inst.num_waiting
 
 
 # One registry, filled here; config picks by name; ``module:Class`` loads an out-of-tree router.

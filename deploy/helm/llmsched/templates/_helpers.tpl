@@ -1,0 +1,103 @@
+{{/* Names and labels (Helm conventions). */}}
+{{- define "llmsched.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "llmsched.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "llmsched.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "llmsched.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "llmsched.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "llmsched.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "llmsched.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "llmsched.authSecretName" -}}
+{{- default (printf "%s-auth" (include "llmsched.fullname" .)) .Values.auth.existingSecret }}
+{{- end }}
+
+{{/* The Ray custom resource naming a GPU type; must match scheduler.control.placement.gpu_type_resource. */}}
+{{- define "llmsched.gpuResource" -}}
+{{- printf "llmsched_gpu_%s" (regexReplaceAll "[^A-Za-z0-9_]" . "_") }}
+{{- end }}
+
+{{/* How much of that resource one worker of a GPU type advertises. */}}
+{{- define "llmsched.gpuSlots" -}}
+{{- if gt (int .gpusPerNode) 0 }}{{ int .gpusPerNode }}{{ else }}{{ int .slots }}{{ end }}
+{{- end }}
+
+{{/*
+Cross-field checks a JSON schema cannot express. They fail `helm lint/template/install` with a message naming
+the key and the allowed values, like the project's own config errors.
+*/}}
+{{- define "llmsched.validate" -}}
+{{- $types := dict }}
+{{- range $i, $g := .Values.gpuTypes }}
+{{- if hasKey $types $g.name }}
+{{- fail (printf "gpuTypes[%d].name: duplicate GPU type %q" $i $g.name) }}
+{{- end }}
+{{- $_ := set $types $g.name $g }}
+{{- $min := int (default 0 $g.minReplicas) }}
+{{- $max := int $g.maxReplicas }}
+{{- $rep := int (default $min $g.replicas) }}
+{{- if or (gt $min $max) (lt $rep $min) (gt $rep $max) }}
+{{- fail (printf "gpuTypes[%d] (%s): need minReplicas <= replicas <= maxReplicas, got %d <= %d <= %d" $i $g.name $min $rep $max) }}
+{{- end }}
+{{- end }}
+{{- $allowed := keys $types | sortAlpha | join ", " }}
+{{- range $i, $p := .Values.config.pools }}
+{{- if not (hasKey $types $p.gpu) }}
+{{- /* NOTE: `helm lint` does not stop at fail, hence else rather than falling through. */}}
+{{- fail (printf "config.pools[%d].gpu: unknown GPU type %q; allowed: %s (gpuTypes[].name)" $i $p.gpu $allowed) }}
+{{- else }}
+{{- $g := get $types $p.gpu }}
+{{- $tp := int (default 1 $p.tp) }}
+{{- if and (gt (int $g.gpusPerNode) 0) (gt $tp (int $g.gpusPerNode)) }}
+{{- fail (printf "config.pools[%d].tp: %d exceeds gpuTypes %s gpusPerNode %d (an instance must fit one node)" $i $tp $p.gpu (int $g.gpusPerNode)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and .Values.auth.clientToken .Values.auth.adminToken (eq .Values.auth.clientToken .Values.auth.adminToken) }}
+{{- fail "auth.adminToken: must differ from auth.clientToken (the admin API needs a distinct credential)" }}
+{{- end }}
+{{- end }}
+
+{{/* The ClusterConfig the scheduler loads: values.config plus gpus rendered from gpuTypes. */}}
+{{- define "llmsched.config" -}}
+{{- $gpus := dict }}
+{{- range .Values.gpuTypes }}
+{{- $count := mul (include "llmsched.gpuSlots" . | int) (int .maxReplicas) }}
+{{- $_ := set $gpus .name (merge (dict "name" .name "count" $count) (deepCopy .spec)) }}
+{{- end }}
+{{- $cfg := deepCopy .Values.config }}
+{{- $_ := set $cfg "gpus" $gpus }}
+{{- toYaml $cfg }}
+{{- end }}
+
+{{- define "llmsched.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "llmsched.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}

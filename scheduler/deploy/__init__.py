@@ -1,0 +1,1 @@
+"""Deployment: the Helm chart check (``chart``) and the Kubernetes integration (``k8s``)."""

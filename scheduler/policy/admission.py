@@ -1,0 +1,100 @@
+"""Admission control: bounded queues per priority class, checked before a request is routed.
+
+``AdmissionPolicy.admit(request, view, queued_by_priority)`` returns ``Admitted`` or ``Rejected(reason,
+retry_after_s)`` (an expected "no" is a value). Rules, in order:
+
+1. no accepting instance                         -> Rejected, retry after ``retry_after_s``;
+2. the prompt exceeds every instance's KV        -> Rejected, no retry (it can never run here);
+3. overload shedding: mean virtual usage of accepting instances >= ``shed_usage`` and the request's priority is
+   below ``protected_priority``                  -> Rejected, retry later;
+4. the request's priority queue holds ``limit(priority)`` requests -> Rejected, retry after an estimate of when
+   the queue drains: ``queued / (accepting instances * drain_rps_per_instance)``, at least ``retry_after_s``.
+
+``limit(priority)``: ``max_queued[priority]`` if given, else ``default_max_queued``. Higher classes usually get
+longer queues (they are worth waiting for); the lead's ingress counts queued requests per class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+from scheduler.core.types import ClusterView, Rejected, RequestInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    reason: str = ""
+
+
+AdmissionResult = Admitted | Rejected
+
+
+class AdmissionPolicy:
+    """Bounded per-priority queues with overload shedding (module docstring)."""
+
+    name: ClassVar[str] = "bounded"
+
+    def __init__(self, *, max_queued: Mapping[int, int] | None = None, default_max_queued: int = 1024,
+                 shed_usage: float | None = None, protected_priority: int = 1, retry_after_s: float = 1.0,
+                 drain_rps_per_instance: float = 2.0) -> None:
+        for p, n in (max_queued or {}).items():
+            if n < 0:
+                raise ValueError(f"max_queued[{p}] must be >= 0, got {n}")
+        if default_max_queued < 0:
+            raise ValueError(f"default_max_queued must be >= 0, got {default_max_queued}")
+        self.max_queued = {int(k): int(v) for k, v in (max_queued or {}).items()}
+        self.default_max_queued = default_max_queued
+        self.shed_usage = shed_usage
+        self.protected_priority = protected_priority
+        self.retry_after_s = retry_after_s
+        self.drain_rps_per_instance = drain_rps_per_instance
+
+    def limit(self, priority: int) -> int:
+        return self.max_queued.get(priority, self.default_max_queued)
+
+    def admit(self, request: RequestInfo, view: ClusterView, queued_by_priority: Mapping[int, int]) -> AdmissionResult:
+        accepting = [i for i in view.instances if i.healthy and not i.draining]
+        if not accepting:
+            return Rejected("no healthy instance is accepting requests", retry_after_s=self.retry_after_s)
+        cap = max(i.kv_blocks_total * i.block_size for i in accepting)
+        if request.prompt_tokens > cap:
+            return Rejected(f"prompt_tokens: {request.prompt_tokens} exceeds every instance's KV capacity "
+                            f"({cap} tokens)")
+        if self.shed_usage is not None and request.priority < self.protected_priority:
+            usage = sum(i.load.virtual_usage for i in accepting) / len(accepting)
+            if usage >= self.shed_usage:
+                return Rejected(f"cluster overloaded (mean virtual usage {usage:.2f} >= {self.shed_usage}); "
+                                f"priority {request.priority} is shed", retry_after_s=self.retry_after_s)
+        queued = int(queued_by_priority.get(request.priority, 0))
+        limit = self.limit(request.priority)
+        if queued >= limit:
+            drain = len(accepting) * self.drain_rps_per_instance
+            retry = max(self.retry_after_s, queued / drain if drain > 0 else self.retry_after_s)
+            return Rejected(f"queue for priority {request.priority} is full ({queued}/{limit})", retry_after_s=retry)
+        return Admitted()
+
+
+class AdmitAll(AdmissionPolicy):
+    """Admits everything that can ever run (rules 1-2 only)."""
+
+    name = "always"
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(default_max_queued=2**62, **kw)  # type: ignore[arg-type]
+
+
+ADMISSION_POLICIES: dict[str, Callable[..., AdmissionPolicy]] = {
+    AdmissionPolicy.name: AdmissionPolicy,
+    AdmitAll.name: AdmitAll,
+}
+
+
+def make_admission_policy(name: str, **params: object) -> AdmissionPolicy:
+    """Build an admission policy by registry name; unknown names list the allowed ones."""
+    try:
+        factory = ADMISSION_POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown admission policy {name!r}; allowed: {', '.join(sorted(ADMISSION_POLICIES))}") from None
+    return factory(**params)

@@ -1,0 +1,1 @@
+"""Shipped policy artifacts (data files only)."""

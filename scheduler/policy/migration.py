@@ -1,0 +1,402 @@
+"""Live-migration policy (Llumnix, Sun et al., OSDI 2024) and the multi-stage copy cost model.
+
+``MigrationPolicy.plan(view, now_s)`` returns ``MigrationPlan``s; the simulator (``sim/migration.py``) or the
+controller executes them with the multi-stage protocol whose stage sizes ``migration_stages`` computes here, so
+both pay the same cost::
+
+    stage 1: copy the whole context while the request keeps decoding on the source
+    stage k: copy the tokens produced during stage k-1          (shrinks by decode_rate / bandwidth each time)
+    last   : stop the request, copy the remainder (the downtime), commit on the destination
+
+Triggers of ``LlumnixMigrationPolicy``, in this order each round (a request is planned at most once):
+
+1. drain       -- every decoding request on a ``draining`` instance leaves (longest remaining first: short ones
+                  would finish before their copy pays off);
+2. priority    -- an instance holding high-priority decodes with KV usage >= ``pressure`` sheds its low-priority
+                  decodes (Llumnix's priority headroom);
+3. defrag      -- the head of some instance's queue needs more KV blocks than any instance has free: move the
+                  smallest decodes off that instance until the head fits (only if they can free enough);
+4. balance     -- instances above ``high_watermark`` virtual usage send their shortest-remaining decodes (fewest
+                  KV tokens to copy per unit of relief) to instances below ``low_watermark``.
+
+Destinations: accepting (healthy, not draining), decode-capable, enough free KV for the request plus
+``headroom_tokens`` after everything already planned this round, and not pushed above ``high_watermark``.
+Rate limits so migrations do not thrash: at most ``max_concurrent`` in flight cluster-wide and
+``max_per_instance`` per instance (as source or destination); an instance rests ``cooldown_s`` after a migration
+starts (drain sources excepted); rounds are at least ``min_gap_s`` apart (unless something drains); a migrated
+request is not moved again for ``request_cooldown_s``. In-flight entries clear when the request leaves the
+source's snapshot, on ``on_migration_done``, or after ``inflight_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from scheduler.config.models import ModelSpec
+from scheduler.core.types import ClusterView, InstanceSnapshot, RequestLoad
+
+HIGH_PRIORITY = 1
+
+
+class MigrationReason(enum.Enum):
+    DRAIN = "drain"
+    PRIORITY = "priority"
+    DEFRAG = "defrag"
+    LOAD_BALANCE = "load_balance"
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationPlan:
+    request_id: str
+    source: str
+    destination: str
+    reason: MigrationReason
+
+
+# ---- the cost model ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class MigrationCost:
+    total_s: float  # handshake to commit
+    downtime_s: float  # the request produces no token: the final stop-and-copy
+    stages: tuple[int, ...]  # tokens copied per stage; the last is the stop-and-copy
+
+
+def migration_stages(
+    context_tokens: int,
+    *,
+    decode_rate_tok_s: float,
+    bandwidth_tok_s: float,
+    max_stages: int = 4,
+    last_stage_max_tokens: int = 64,
+) -> list[int]:
+    """Tokens copied per stage of a Llumnix multi-stage migration.
+
+    Stage 1 copies ``context_tokens``; each next stage copies what the request generated meanwhile,
+    ``ceil(previous / bandwidth * decode_rate)`` (at least 1: the block being written). Stops once a stage is at
+    most ``last_stage_max_tokens`` or ``max_stages`` are used; the last entry is the stop-and-copy. With
+    ``decode_rate < bandwidth`` the sizes shrink geometrically; otherwise the copy cannot converge and the last
+    stage exceeds the limit -- check ``migration_cost(...).downtime_s`` before migrating.
+
+    Raises:
+        ValueError: a non-positive bandwidth or ``max_stages``, or a negative rate or limit.
+    """
+    if bandwidth_tok_s <= 0:
+        raise ValueError(f"bandwidth_tok_s must be > 0, got {bandwidth_tok_s}")
+    if decode_rate_tok_s < 0:
+        raise ValueError(f"decode_rate_tok_s must be >= 0, got {decode_rate_tok_s}")
+    if max_stages < 1:
+        raise ValueError(f"max_stages must be >= 1, got {max_stages}")
+    if last_stage_max_tokens < 0:
+        raise ValueError(f"last_stage_max_tokens must be >= 0, got {last_stage_max_tokens}")
+    if context_tokens <= 0:
+        return []
+    stages = [int(context_tokens)]
+    if context_tokens <= last_stage_max_tokens:
+        return stages  # small enough to stop and copy at once
+    while len(stages) < max_stages:
+        produced = max(math.ceil(stages[-1] / bandwidth_tok_s * decode_rate_tok_s), 1)
+        stages.append(produced)
+        if produced <= last_stage_max_tokens:
+            break
+    return stages
+
+
+def migration_cost(
+    context_tokens: int,
+    *,
+    decode_rate_tok_s: float,
+    bandwidth_tok_s: float,
+    latency_s: float = 0.0,
+    max_stages: int = 4,
+    last_stage_max_tokens: int = 64,
+) -> MigrationCost:
+    """Time of a whole migration and its downtime: each stage costs ``latency_s + tokens / bandwidth``."""
+    stages = migration_stages(context_tokens, decode_rate_tok_s=decode_rate_tok_s, bandwidth_tok_s=bandwidth_tok_s,
+                              max_stages=max_stages, last_stage_max_tokens=last_stage_max_tokens)
+    times = [latency_s + s / bandwidth_tok_s for s in stages]
+    return MigrationCost(sum(times), times[-1] if times else 0.0, tuple(stages))
+
+
+def kv_bandwidth_tok_s(model: ModelSpec, bandwidth_gbps: float) -> float:
+    """A link's bandwidth in KV tokens per second for ``model``."""
+    return bandwidth_gbps * 1e9 / model.kv_bytes_per_token
+
+
+# ---- policies -----------------------------------------------------------------------------------------------------
+class MigrationPolicy:
+    """Base: ``plan`` returns migrations to start now; hooks are no-ops. Policies read per-request detail."""
+
+    name: ClassVar[str] = "base"
+    needs_request_detail: ClassVar[bool] = True
+
+    def plan(self, view: ClusterView, now_s: float) -> list[MigrationPlan]:
+        raise NotImplementedError
+
+    def on_migration_done(self, request_id: str, *, ok: bool) -> None:
+        return None
+
+
+class NoMigration(MigrationPolicy):
+    name = "none"
+
+    def plan(self, view: ClusterView, now_s: float) -> list[MigrationPlan]:
+        return []
+
+
+def _blocks(tokens: float, block_size: int) -> int:
+    return -(-int(tokens) // max(block_size, 1))
+
+
+class _Round:
+    """Mutable bookkeeping for one planning round: KV and counts after the moves planned so far."""
+
+    def __init__(self, policy: LlumnixMigrationPolicy, view: ClusterView, now_s: float) -> None:
+        self.p = policy
+        self.now = now_s
+        self.free = {i.instance_id: i.kv_blocks_free for i in view.instances}
+        self.used = {i.instance_id: i.kv_blocks_used + _blocks(i.prefill_tokens_pending, i.block_size)
+                     for i in view.instances}
+        self.busy: dict[str, int] = {}
+        for src, dst, _ in policy._inflight.values():
+            self.busy[src] = self.busy.get(src, 0) + 1
+            self.busy[dst] = self.busy.get(dst, 0) + 1
+        self.inflight = len(policy._inflight)
+        self.plans: list[MigrationPlan] = []
+        self.moved: set[str] = set(policy._inflight)
+
+    def vu(self, inst: InstanceSnapshot) -> float:
+        return self.used[inst.instance_id] / max(inst.kv_blocks_total, 1)
+
+    def full(self) -> bool:
+        return self.inflight >= self.p.max_concurrent or len(self.plans) >= self.p.max_plans
+
+    def can_touch(self, inst: InstanceSnapshot, *, cooldown: bool = True) -> bool:
+        iid = inst.instance_id
+        if self.busy.get(iid, 0) >= self.p.max_per_instance:
+            return False
+        return not cooldown or self.now - self.p._touched.get(iid, -math.inf) >= self.p.cooldown_s
+
+    def movable(self, r: RequestLoad) -> bool:
+        if r.in_prefill or r.request_id in self.moved:
+            return False
+        t = self.p._recent.get(r.request_id)
+        return t is None or self.now - t >= self.p.request_cooldown_s
+
+    def checkpoint(self) -> tuple:
+        return dict(self.free), dict(self.used), dict(self.busy), self.inflight, len(self.plans), set(self.moved)
+
+    def rollback(self, cp: tuple) -> None:
+        self.free, self.used, self.busy, self.inflight, n, self.moved = cp
+        del self.plans[n:]
+
+    def add(self, r: RequestLoad, src: InstanceSnapshot, dst: InstanceSnapshot, reason: MigrationReason) -> None:
+        n = _blocks(r.context_tokens, src.block_size)
+        m = _blocks(r.context_tokens, dst.block_size)
+        self.free[src.instance_id] += n
+        self.used[src.instance_id] -= n
+        self.free[dst.instance_id] -= m
+        self.used[dst.instance_id] += m
+        for iid in (src.instance_id, dst.instance_id):
+            self.busy[iid] = self.busy.get(iid, 0) + 1
+        self.inflight += 1
+        self.moved.add(r.request_id)
+        self.plans.append(MigrationPlan(r.request_id, src.instance_id, dst.instance_id, reason))
+
+
+class LlumnixMigrationPolicy(MigrationPolicy):
+    """Llumnix-style migration: triggers, request choice, destinations and rate limits (module docstring)."""
+
+    name = "llumnix"
+
+    def __init__(
+        self,
+        *,
+        high_watermark: float = 0.8,
+        low_watermark: float = 0.5,
+        pressure: float = 0.85,
+        max_concurrent: int = 4,
+        max_per_instance: int = 1,
+        max_plans: int = 4,
+        cooldown_s: float = 1.0,
+        min_gap_s: float = 0.2,
+        request_cooldown_s: float = 10.0,
+        inflight_timeout_s: float = 10.0,
+        headroom_tokens: int = 64,
+        choose: str = "shortest_remaining",
+        default_output_tokens: float = 256.0,
+    ) -> None:
+        if not 0 <= low_watermark <= high_watermark:
+            raise ValueError(f"watermarks: need 0 <= low_watermark ({low_watermark}) <= high_watermark "
+                             f"({high_watermark})")
+        if choose not in _CHOOSERS:
+            raise ValueError(f"choose: unknown {choose!r}; allowed: {', '.join(_CHOOSERS)}")
+        self.high_watermark = high_watermark
+        self.low_watermark = low_watermark
+        self.pressure = pressure
+        self.max_concurrent = max_concurrent
+        self.max_per_instance = max_per_instance
+        self.max_plans = max_plans
+        self.cooldown_s = cooldown_s
+        self.min_gap_s = min_gap_s
+        self.request_cooldown_s = request_cooldown_s
+        self.inflight_timeout_s = inflight_timeout_s
+        self.headroom_tokens = headroom_tokens
+        self.default_output_tokens = default_output_tokens
+        self._key = _CHOOSERS[choose]
+        self._inflight: dict[str, tuple[str, str, float]] = {}  # request -> (source, destination, started)
+        self._touched: dict[str, float] = {}  # instance -> last migration start
+        self._recent: OrderedDict[str, float] = OrderedDict()  # request -> last migration start
+        self._last_round = -math.inf
+
+    # ---- bookkeeping ----------------------------------------------------------------------------------------------
+    def on_migration_done(self, request_id: str, *, ok: bool) -> None:
+        self._inflight.pop(request_id, None)
+
+    def _expire(self, view: ClusterView, now_s: float) -> None:
+        by_id = {i.instance_id: i for i in view.instances}
+        for rid, (src, _dst, t0) in list(self._inflight.items()):
+            s = by_id.get(src)
+            # Without per-request detail we cannot tell; then only the timeout clears the entry.
+            gone = s is None or ((s.requests or not s.num_running) and all(r.request_id != rid for r in s.requests))
+            if gone or now_s - t0 >= self.inflight_timeout_s:
+                del self._inflight[rid]
+        while self._recent and len(self._recent) > 100_000:
+            self._recent.popitem(last=False)
+
+    def _remaining(self, r: RequestLoad) -> float:
+        return r.predicted_remaining if r.predicted_remaining is not None else self.default_output_tokens
+
+    # ---- the round ----------------------------------------------------------------------------------------------------
+    def plan(self, view: ClusterView, now_s: float) -> list[MigrationPlan]:
+        self._expire(view, now_s)
+        draining = [i for i in view.instances if i.draining and i.healthy]
+        if not draining and now_s - self._last_round < self.min_gap_s:
+            return []
+        rnd = _Round(self, view, now_s)
+        dests = [i for i in view.instances if i.healthy and not i.draining and i.role.does_decode]
+        self._drain(rnd, draining, dests)
+        self._priority(rnd, view, dests)
+        self._defrag(rnd, view, dests)
+        self._balance(rnd, view, dests)
+        for plan in rnd.plans:
+            self._inflight[plan.request_id] = (plan.source, plan.destination, now_s)
+            self._touched[plan.source] = self._touched[plan.destination] = now_s
+            self._recent[plan.request_id] = now_s
+            self._recent.move_to_end(plan.request_id)
+        if rnd.plans:
+            self._last_round = now_s
+        return rnd.plans
+
+    def _destination(self, rnd: _Round, r: RequestLoad, src: InstanceSnapshot, dests: list[InstanceSnapshot], *,
+                     below: float) -> InstanceSnapshot | None:
+        """Least virtually used eligible destination that stays below ``below`` after taking ``r``."""
+        best, best_vu = None, math.inf
+        for d in dests:
+            if d.instance_id == src.instance_id or not rnd.can_touch(d):
+                continue
+            need = _blocks(r.context_tokens + self.headroom_tokens, d.block_size)
+            if rnd.free[d.instance_id] < need:
+                continue
+            vu = rnd.vu(d)
+            after = vu + _blocks(r.context_tokens, d.block_size) / max(d.kv_blocks_total, 1)
+            if after > below or vu >= best_vu:
+                continue
+            best, best_vu = d, vu
+        return best
+
+    def _drain(self, rnd: _Round, draining: list[InstanceSnapshot], dests: list[InstanceSnapshot]) -> None:
+        for src in draining:
+            reqs = sorted((r for r in src.requests if rnd.movable(r)), key=self._remaining, reverse=True)
+            for r in reqs:
+                if rnd.full() or not rnd.can_touch(src, cooldown=False):
+                    return
+                d = self._destination(rnd, r, src, dests, below=1.0)
+                if d is not None:
+                    rnd.add(r, src, d, MigrationReason.DRAIN)
+
+    def _priority(self, rnd: _Round, view: ClusterView, dests: list[InstanceSnapshot]) -> None:
+        for src in view.instances:
+            if rnd.full():
+                return
+            if src.draining or not src.healthy or src.kv_blocks_used / max(src.kv_blocks_total, 1) < self.pressure:
+                continue
+            if not any(r.priority >= HIGH_PRIORITY and not r.in_prefill for r in src.requests):
+                continue
+            low = sorted((r for r in src.requests if r.priority < HIGH_PRIORITY and rnd.movable(r)),
+                         key=lambda r: (r.priority, self._key(self, r)))
+            for r in low:
+                if rnd.full() or not rnd.can_touch(src):
+                    break
+                d = self._destination(rnd, r, src, dests, below=self.high_watermark)
+                if d is not None:
+                    rnd.add(r, src, d, MigrationReason.PRIORITY)
+
+    def _defrag(self, rnd: _Round, view: ClusterView, dests: list[InstanceSnapshot]) -> None:
+        accepting = [i for i in view.instances if i.healthy and not i.draining]
+        if not accepting:
+            return
+        most_free = max(rnd.free[i.instance_id] for i in accepting)
+        for src in accepting:
+            if rnd.full() or not src.num_waiting or not rnd.can_touch(src):
+                continue
+            queued = [r for r in src.requests if r.in_prefill]
+            # NOTE: snapshots list prefilling requests first, then the FCFS queue; the head is the first waiting.
+            waiting = queued[-src.num_waiting:] if len(queued) >= src.num_waiting else queued
+            if not waiting:
+                continue
+            need = _blocks(waiting[0].context_tokens, src.block_size)
+            deficit = need - rnd.free[src.instance_id]
+            if deficit <= 0 or need <= most_free:
+                continue  # it fits here or elsewhere: routing/admission's job, not migration's
+            small = sorted((r for r in src.requests if rnd.movable(r)), key=lambda r: r.context_tokens)
+            if sum(_blocks(r.context_tokens, src.block_size) for r in small) < deficit:
+                continue  # cannot free enough: moving some would only cost
+            freed, cp = 0, rnd.checkpoint()
+            for r in small:
+                if freed >= deficit or rnd.full() or not rnd.can_touch(src):
+                    break
+                d = self._destination(rnd, r, src, dests, below=self.high_watermark)
+                if d is not None:
+                    rnd.add(r, src, d, MigrationReason.DEFRAG)
+                    freed += _blocks(r.context_tokens, src.block_size)
+            if freed < deficit:
+                rnd.rollback(cp)  # a partial defrag only costs: the queued prompt still would not fit
+
+    def _balance(self, rnd: _Round, view: ClusterView, dests: list[InstanceSnapshot]) -> None:
+        sources = sorted((i for i in view.instances if i.healthy and not i.draining and i.role.does_decode
+                          and rnd.vu(i) > self.high_watermark), key=rnd.vu, reverse=True)
+        for src in sources:
+            reqs = sorted((r for r in src.requests if rnd.movable(r)), key=lambda r: self._key(self, r))
+            for r in reqs:
+                if rnd.full() or not rnd.can_touch(src) or rnd.vu(src) <= self.high_watermark:
+                    break
+                low = [d for d in dests if rnd.vu(d) < self.low_watermark]
+                d = self._destination(rnd, r, src, low, below=self.high_watermark)
+                if d is not None:
+                    rnd.add(r, src, d, MigrationReason.LOAD_BALANCE)
+
+
+_CHOOSERS: dict[str, Callable[[LlumnixMigrationPolicy, RequestLoad], tuple[float, ...]]] = {
+    # Shortest predicted remaining first, then least KV (cheapest copy): frees the most for the least copying.
+    "shortest_remaining": lambda p, r: (p._remaining(r), r.context_tokens),
+    "least_kv": lambda p, r: (r.context_tokens, p._remaining(r)),
+}
+
+MIGRATION_POLICIES: dict[str, Callable[..., MigrationPolicy]] = {
+    NoMigration.name: NoMigration,
+    LlumnixMigrationPolicy.name: LlumnixMigrationPolicy,
+}
+
+
+def make_migration_policy(name: str, **params: object) -> MigrationPolicy:
+    """Build a migration policy by registry name; unknown names list the allowed ones."""
+    try:
+        factory = MIGRATION_POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown migration policy {name!r}; allowed: {', '.join(sorted(MIGRATION_POLICIES))}") from None
+    return factory(**params)

@@ -1,0 +1,182 @@
+"""P/D pairing shared by the smart routers, with Splitwise's mixed-pool fallback, and small shared helpers.
+
+P/D pairing (``PairingRouter.route``), for disaggregated views::
+
+    prefill candidates (PREFILL + MIXED, accepting)      decode candidates (see ``decode_pool``)
+              |                                                   |
+              +------------- pair(request, P, D) -----------------+
+                                     |
+         default: best prefill by score(phase="prefill"), best decode by score(phase="decode");
+         a MIXED prefill instance keeps the request (colocated) when it is also the best decoder.
+         ``lookahead`` overrides ``pair`` and costs each (prefill, decode) combination jointly.
+
+Colocated views (no PREFILL instance) pick one instance with ``phase="colocated"``.
+
+Splitwise mixed-pool fallback (Patel et al., ISCA 2024, section 4.2): when every DECODE instance is saturated by
+KV (virtual usage at or above ``saturation``), MIXED instances join the decode candidates, and -- only with
+``allow_prefill_decode`` -- lightly loaded PREFILL instances too (the engine must then accept decodes on a
+PREFILL instance; the re-roling policy in ``scaling.py`` is the durable fix).
+
+Priority: larger is more important; ``priority >= HIGH_PRIORITY`` is "high", and routers penalise queues for it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot, Rejected, RequestInfo
+from scheduler.policy.filters import prefill_candidates
+from scheduler.policy.route import RouteDecision, RouteResult, Router
+
+HIGH_PRIORITY = 1  # priority at or above which a request counts as high priority (larger is more important)
+
+
+# ---- shared helpers ---------------------------------------------------------------------------------------
+def blocks_for(tokens: float, block_size: int) -> int:
+    return -(-int(tokens) // max(block_size, 1))
+
+
+def virtual_usage_with(inst: InstanceSnapshot, extra_tokens: float = 0.0) -> float:
+    """Llumnix virtual usage after adding ``extra_tokens`` of KV demand: (used + queued + extra) / total."""
+    bs = max(inst.block_size, 1)
+    queued = blocks_for(inst.prefill_tokens_pending, bs)
+    return (inst.kv_blocks_used + queued + blocks_for(extra_tokens, bs)) / max(inst.kv_blocks_total, 1)
+
+
+def queue_penalty(request: RequestInfo, inst: InstanceSnapshot, weight: float) -> float:
+    """High-priority requests avoid queues: ``weight`` per waiting request, zero for normal priority."""
+    return weight * inst.num_waiting if request.priority >= HIGH_PRIORITY else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class DecodePool:
+    candidates: tuple[InstanceSnapshot, ...]
+    fallback: str = ""  # non-empty when the Splitwise fallback widened the pool, naming why
+
+
+def decode_pool(
+    view: ClusterView,
+    *,
+    saturation: float = 0.95,
+    allow_prefill_decode: bool = False,
+    prefill_light: float = 0.3,
+) -> DecodePool:
+    """Decode candidates with Splitwise's mixed-pool fallback.
+
+    Args:
+        saturation: a DECODE instance at or above this virtual usage is saturated.
+        allow_prefill_decode: when all decoders are saturated, also offer PREFILL instances whose virtual usage
+            is below ``prefill_light`` and that have nothing waiting.
+    """
+    dec, mixed, pre = [], [], []
+    for i in view.instances:
+        if not (i.healthy and not i.draining):
+            continue
+        if i.role is InstanceRole.DECODE:
+            dec.append(i)
+        elif i.role is InstanceRole.MIXED:
+            mixed.append(i)
+        else:
+            pre.append(i)
+    if any(virtual_usage_with(d) < saturation for d in dec):
+        return DecodePool(tuple(dec))
+    extra = list(mixed)
+    if allow_prefill_decode:
+        extra += [p for p in pre if p.num_waiting == 0 and virtual_usage_with(p) < prefill_light]
+    why = "decode pool saturated" if dec else "no decode instance"
+    return DecodePool(tuple(dec + extra), why if extra else "")
+
+
+class PriorityTracker:
+    """Which instances hold in-flight high-priority requests, from the router's own ``on_routed`` history.
+
+    Snapshots need not carry per-request detail, so a router remembers where it sent high-priority work and
+    forgets it on ``on_finished`` (bounded: the oldest entries are dropped past ``max_tracked``).
+    """
+
+    def __init__(self, max_tracked: int = 100_000) -> None:
+        self.max_tracked = max_tracked
+        self._where: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self._count: dict[str, int] = {}
+
+    def add(self, request: RequestInfo, decision: RouteDecision) -> None:
+        if request.priority < HIGH_PRIORITY:
+            return
+        ids = (decision.prefill_instance,) + (
+            (decision.decode_instance,) if decision.decode_instance not in (None, decision.prefill_instance) else ()
+        )
+        self._drop(request.request_id)
+        self._where[request.request_id] = ids  # type: ignore[assignment]
+        for i in ids:
+            self._count[i] = self._count.get(i, 0) + 1  # type: ignore[index]
+        while len(self._where) > self.max_tracked:
+            self._drop(next(iter(self._where)))
+
+    def _drop(self, request_id: str) -> None:
+        for i in self._where.pop(request_id, ()):
+            n = self._count.get(i, 0) - 1
+            if n > 0:
+                self._count[i] = n
+            else:
+                self._count.pop(i, None)
+
+    def finished(self, request_id: str) -> None:
+        self._drop(request_id)
+
+    def count(self, inst: InstanceSnapshot) -> int:
+        if inst.requests:  # detailed snapshot: the truth beats our memory
+            return sum(1 for r in inst.requests if r.priority >= HIGH_PRIORITY)
+        return self._count.get(inst.instance_id, 0)
+
+
+# ---- the pairing base ---------------------------------------------------------------------------------------
+class PairingRouter(Router):
+    """Router base for the smart routers: P/D pairing with the mixed-pool fallback (see module docstring)."""
+
+    name = "pairing"
+
+    def __init__(self, *, saturation: float = 0.95, allow_prefill_decode: bool = False) -> None:
+        self.saturation = saturation
+        self.allow_prefill_decode = allow_prefill_decode
+
+    def route(self, request: RequestInfo, view: ClusterView) -> RouteResult:
+        prefill = prefill_candidates(view)
+        if not prefill:
+            return Rejected("no healthy instance can run prefill")
+        if not view.disaggregated:
+            p = self.pick(request, prefill, view, phase="colocated")
+            return RouteDecision(p.instance_id, reason=self.name)
+        pool = decode_pool(view, saturation=self.saturation, allow_prefill_decode=self.allow_prefill_decode)
+        if not pool.candidates:
+            p = self.pick(request, prefill, view, phase="prefill")
+            if p.role.does_decode:
+                return RouteDecision(p.instance_id, reason="no decode instance; colocated")
+            return Rejected("no healthy instance can run decode")
+        decision = self.pair(request, prefill, pool.candidates, view)
+        if pool.fallback and not isinstance(decision, Rejected):
+            return RouteDecision(decision.prefill_instance, decision.decode_instance,
+                                 f"{decision.reason}; {pool.fallback}: mixed-pool fallback")
+        return decision
+
+    def pair(
+        self,
+        request: RequestInfo,
+        prefill: tuple[InstanceSnapshot, ...],
+        decode: tuple[InstanceSnapshot, ...],
+        view: ClusterView,
+    ) -> RouteResult:
+        """Default pairing: best prefill, best decode; stay colocated when a MIXED prefill is the best decoder."""
+        p = self.pick(request, prefill, view, phase="prefill")
+        d = self.pick(request, decode, view, phase="decode")
+        if p.role is InstanceRole.MIXED and d.instance_id != p.instance_id:
+            # NOTE: keeping the request on a MIXED instance saves the KV transfer; do it when the instance
+            # would decode about as well as the chosen decoder.
+            if self.score(request, p, phase="decode") <= self.score(request, d, phase="decode"):
+                d = p
+        if d.role is InstanceRole.PREFILL:
+            # Splitwise borrow: an explicit pair (even p == d) tells the applier a PREFILL instance decodes.
+            return RouteDecision(p.instance_id, d.instance_id, reason=f"{self.name}; prefill instance decodes")
+        if d.instance_id == p.instance_id:
+            return RouteDecision(p.instance_id, reason=self.name)
+        return RouteDecision(p.instance_id, d.instance_id, reason=self.name)

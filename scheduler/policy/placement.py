@@ -1,0 +1,200 @@
+"""Placement candidates for capacity planning: which GPU type x TP x instance counts could serve a workload.
+
+``enumerate_placements`` is the analytic first pass of the planner (the simulator-driven ``sim/planner.py``
+evaluates the survivors with DistServe-style rate bisection)::
+
+    for each GPU type g, TP degree t:                       # memory feasibility
+        weights / t + activation reserve fit, KV holds >= one max-context request, heads divide by t
+        per-instance capacity (scaling.py): prefill (M/D/1 under the TTFT SLO), decode (batch meeting TPOT and
+        KV), KV-transfer link bound for prefill instances, colocated = time-shared prefill + decode
+    colocated:      n = ceil(rate / mixed capacity) .. + extra
+    disaggregated:  for prefill (g, t) and decode (g', t') (the same unless ``heterogeneous``):
+                    n_p = ceil(rate / min(prefill, link)) .. + extra, n_d = ceil(rate / decode) .. + extra
+    keep: capacity bound >= rate, GPU counts within the catalog, at most ``max_instances`` instances;
+    prune: per mode, anything dominated on (cost, capacity) -- another is no dearer and serves at least as much.
+
+Capacities are optimistic upper bounds (mean lengths, steady state), so pruning on them only removes
+configurations that cannot win; the simulator decides among the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from scheduler.config.models import EngineSpec, GPUSpec, ModelSpec, PoolSpec
+from scheduler.core.types import SLO, InstanceRole
+from scheduler.latency import LatencyModel, latency_for
+from scheduler.policy.scaling import (
+    WorkloadSummary,
+    decode_capacity_rps,
+    instances_for,
+    mixed_capacity_rps,
+    prefill_capacity_rps,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceProfile:
+    """Analytic capacity of one instance of ``model`` on ``tp`` GPUs of type ``gpu`` for a workload."""
+
+    gpu: str
+    tp: int
+    kv_tokens: int
+    prefill_rps: float
+    decode_rps: float
+    mixed_rps: float
+    transfer_rps: float  # prompts/s whose KV the instance's network link can ship (disaggregated prefill)
+    price_per_hour: float  # all its GPUs
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPlan:
+    role: InstanceRole
+    gpu: str
+    tp: int
+    count: int
+
+    @property
+    def num_gpus(self) -> int:
+        return self.tp * self.count
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementCandidate:
+    mode: str  # "colocated" | "disaggregated"
+    pools: tuple[PoolPlan, ...]
+    cost_per_hour: float
+    capacity_rps: float  # analytic upper bound on the rate served within the SLO
+    num_gpus: int
+
+    @property
+    def label(self) -> str:
+        return " + ".join(f"{p.count}x{p.role.value}[{p.gpu} tp{p.tp}]" for p in self.pools)
+
+    def to_pool_specs(self, engine: EngineSpec | None = None) -> list[PoolSpec]:
+        """Pools ready for a ``ClusterConfig``."""
+        return [PoolSpec(name=f"{p.role.value}-{p.gpu}-tp{p.tp}", role=p.role, gpu=p.gpu, tp=p.tp, count=p.count,
+                         engine=engine or EngineSpec()) for p in self.pools]
+
+
+def instance_profile(
+    model: ModelSpec,
+    gpu: GPUSpec,
+    tp: int,
+    slo: SLO,
+    workload: WorkloadSummary,
+    *,
+    engine: EngineSpec | None = None,
+    max_context_tokens: int | None = None,
+    latency_factory: Callable[[ModelSpec, GPUSpec, int], LatencyModel] = latency_for,
+) -> InstanceProfile | None:
+    """Capacity of one instance, or ``None`` if the model does not fit (weights, KV for one request, TP split)."""
+    eng = engine or EngineSpec()
+    if model.num_heads % tp or (model.num_kv_heads % tp and tp % model.num_kv_heads):
+        return None
+    lat = latency_factory(model, gpu, tp)
+    blocks = eng.num_kv_blocks or lat.kv_blocks(eng.block_size, gpu_memory_utilization=eng.gpu_memory_utilization,
+                                                activation_reserve_gib=eng.activation_reserve_gib)
+    kv_tokens = blocks * eng.block_size
+    need = max_context_tokens or min(model.max_model_len,
+                                     int(workload.mean_prompt_tokens + workload.mean_output_tokens))
+    if kv_tokens < need:
+        return None
+    p, o = workload.mean_prompt_tokens, workload.mean_output_tokens
+    pre = prefill_capacity_rps(lat, p, ttft_slo_s=slo.ttft_s, chunk_tokens=eng.max_num_batched_tokens)
+    dec = decode_capacity_rps(lat, p, o, tpot_slo_s=slo.tpot_s, max_batch=eng.max_num_seqs, kv_tokens=kv_tokens)
+    link = gpu.network_gbps * 1e9 / (max(p, 1.0) * model.kv_bytes_per_token)  # the simulator's per-transfer link
+    return InstanceProfile(gpu.name, tp, kv_tokens, pre, dec, mixed_capacity_rps(pre, dec), link,
+                           gpu.price_per_hour * tp)
+
+
+def _cost(pools: tuple[PoolPlan, ...], prof: Mapping[tuple[str, int], InstanceProfile]) -> float:
+    return sum(prof[(p.gpu, p.tp)].price_per_hour * p.count for p in pools)
+
+
+def _within_catalog(pools: tuple[PoolPlan, ...], gpus: Mapping[str, GPUSpec]) -> bool:
+    used: dict[str, int] = {}
+    for p in pools:
+        used[p.gpu] = used.get(p.gpu, 0) + p.num_gpus
+    return all(gpus[g].count == 0 or n <= gpus[g].count for g, n in used.items())
+
+
+def pareto(cands: list[PlacementCandidate]) -> list[PlacementCandidate]:
+    """Drop candidates dominated on (cost, GPUs) vs capacity: sorted by cost, keep strictly rising capacity."""
+    out, best = [], -1.0
+    for c in sorted(cands, key=lambda c: (c.cost_per_hour, c.num_gpus, -c.capacity_rps)):
+        if c.capacity_rps > best:
+            out.append(c)
+            best = c.capacity_rps
+    return out
+
+
+def enumerate_placements(
+    gpus: Mapping[str, GPUSpec],
+    model: ModelSpec,
+    slo: SLO,
+    workload: WorkloadSummary,
+    *,
+    tp_choices: tuple[int, ...] = (1, 2, 4, 8),
+    modes: tuple[str, ...] = ("colocated", "disaggregated"),
+    heterogeneous: bool = True,
+    extra: int = 1,
+    max_instances: int = 64,
+    gpus_per_node: int = 8,
+    engine: EngineSpec | None = None,
+    max_context_tokens: int | None = None,
+    prune: bool = True,
+    latency_factory: Callable[[ModelSpec, GPUSpec, int], LatencyModel] = latency_for,
+) -> list[PlacementCandidate]:
+    """Candidate clusters for ``workload`` under ``slo``, cheapest first (see the module docstring).
+
+    Raises:
+        ValueError: an unknown mode, or a non-positive rate.
+    """
+    bad = [m for m in modes if m not in ("colocated", "disaggregated")]
+    if bad:
+        raise ValueError(f"modes: unknown {bad}; allowed: colocated, disaggregated")
+    if workload.rate_rps <= 0:
+        raise ValueError(f"workload.rate_rps must be > 0, got {workload.rate_rps}")
+    prof: dict[tuple[str, int], InstanceProfile] = {}
+    for g in gpus.values():
+        for tp in tp_choices:
+            if tp > gpus_per_node or (g.count and tp > g.count):
+                continue
+            pr = instance_profile(model, g, tp, slo, workload, engine=engine, max_context_tokens=max_context_tokens,
+                                  latency_factory=latency_factory)
+            if pr is not None:
+                prof[(g.name, tp)] = pr
+    rate = workload.rate_rps
+    cands: list[PlacementCandidate] = []
+
+    def add(mode: str, pools: tuple[PoolPlan, ...], capacity: float) -> None:
+        if capacity + 1e-9 < rate or sum(p.count for p in pools) > max_instances or not _within_catalog(pools, gpus):
+            return
+        cands.append(PlacementCandidate(mode, pools, _cost(pools, prof), capacity, sum(p.num_gpus for p in pools)))
+
+    if "colocated" in modes:
+        for (g, tp), pr in prof.items():
+            n0 = instances_for(rate, pr.mixed_rps)
+            for n in range(n0, n0 + extra + 1) if n0 else ():
+                add("colocated", (PoolPlan(InstanceRole.MIXED, g, tp, n),), n * pr.mixed_rps)
+    if "disaggregated" in modes:
+        for kp, pp in prof.items():
+            pcap = min(pp.prefill_rps, pp.transfer_rps)
+            np0 = instances_for(rate, pcap)
+            if not np0:
+                continue
+            for kd, dp in prof.items():
+                if kd != kp and not heterogeneous:
+                    continue
+                nd0 = instances_for(rate, dp.decode_rps)
+                if not nd0:
+                    continue
+                for n_p in range(np0, np0 + extra + 1):
+                    for n_d in range(nd0, nd0 + extra + 1):
+                        pools = (PoolPlan(InstanceRole.PREFILL, *kp, n_p), PoolPlan(InstanceRole.DECODE, *kd, n_d))
+                        add("disaggregated", pools, min(n_p * pcap, n_d * dp.decode_rps))
+    if prune:
+        cands = [c for m in modes for c in pareto([c for c in cands if c.mode == m])]
+    return sorted(cands, key=lambda c: (c.cost_per_hour, c.num_gpus, -c.capacity_rps))

@@ -1,0 +1,276 @@
+"""``lookahead``: our cost-model router. It prices each placement with the latency model and picks the cheapest.
+
+For a request (prompt ``P``, predicted output ``O``) and a candidate (prefill instance ``p``, decode instance
+``d``; ``p == d`` when colocated), the estimated marginal increase in total latency of everything involved is::
+
+    cost = w * (TTFT + transfer + own decode time)     # the newcomer's own latency, w = 1 + priority_weight*prio
+         + harm_p + harm_d                            # extra latency it inflicts on residents
+         + kv_penalty                                 # expected preemption/recompute and waiting for KV
+         + slo_penalty                                # fixed price per SLO predicted to be missed
+
+Estimator (documented approximations; all times from ``LatencyModel``):
+
+* TTFT on ``p`` = time to prefill the queued prompt tokens ``Q`` and then ``P`` itself in chunked steps of
+  ``chunk_tokens`` (``step_time`` with the instance's resident decode batch riding along on MIXED instances).
+  Queued prompts are assumed of equal size ``Q / max(waiting, 1)`` for their attention cost.
+* harm_p: on a MIXED instance each of its ``B_p`` decodes waits for the newcomer's prefill steps:
+  ``B_p * (prefill steps' time - the same number of decode-only steps)``. FCFS: queued prompts are not delayed.
+* transfer = ``kv_transfer_time(P)`` over the prefill GPU's network link (zero when colocated).
+* On ``d`` with decode batch ``B``, summed context ``C`` and resident remaining lengths ``R_j`` (per request from
+  a detailed snapshot, else the average ``R`` from ``predicted_remaining_tokens``, else ``default_output_tokens``)
+  and decode-step coefficients ``a(B) + b * context`` (``decode_coeffs``)::
+
+      step_now  = a(B) + b*C
+      step_with = a(B+1) + b*(C + P + O/2)             # newcomer at its mean context
+      harm_d    = (step_with - step_now) * sum_j min(R_j, O)   # residents slowed while they overlap
+      own       = m * step_with + (O - m) * (a(1) + b*(P + O/2)),  m = min(O, mean R)  # batch drains after m
+      TPOT      = step_with
+
+  A non-colocated MIXED decoder also charges the newcomer the time of its queued prefills (they interleave).
+* KV: peak demand on ``d`` over the newcomer's life = other KV + queued prompts + the residents and the newcomer
+  grown to ``t* = min(O, R)``, or the newcomer alone at ``O`` if the residents outlive it. Overflow preempts
+  whole requests (vLLM recompute): ``victims = ceil(overflow / (C / B))``, each costing ``kv_weight *
+  (prefill_time(C / B) + step_with * t* / 2)`` (recompute plus waiting for room); if the prompt does not fit
+  right now, add the wait for an average resident to finish, ``R * step_now``.
+* SLO: ``miss_penalty_s * w`` when predicted TTFT or TPOT exceeds the request's SLO (its own, else the class
+  SLO), plus ``miss_penalty_s`` per resident pushed over the default TPOT SLO by the newcomer.
+
+Disaggregated pairing is exact and linear: the cost splits into a prefill part (TTFT, transfer, harm_p and TTFT
+SLO) and a decode part, so the best pair is the best of each; MIXED prefill instances are also costed colocated
+(no transfer). Latency models come from ``latency`` (one model, or a mapping by instance id), else from
+``config`` by the snapshot's (gpu, tp), else a default 7B-on-A100 roofline (rankings only; pass a config).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from scheduler.config.models import ClusterConfig, GPUSpec, ModelSpec
+from scheduler.core.types import SLO, ClusterView, InstanceRole, InstanceSnapshot, RequestInfo
+from scheduler.latency import LatencyModel, kv_transfer_time, latency_for, prefill_pairs, roofline_model
+from scheduler.policy.pairing import PairingRouter
+from scheduler.policy.route import RouteDecision, RouteResult
+
+_NO_SLO = SLO()
+
+
+@dataclass(frozen=True, slots=True)
+class CostBreakdown:
+    """The estimate for one placement; ``total_s`` is what the router minimises."""
+
+    total_s: float
+    ttft_s: float
+    tpot_s: float
+    own_s: float  # newcomer's decode time
+    harm_s: float  # latency added to residents (prefill and decode side)
+    kv_s: float
+    slo_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Side:
+    cost: float  # this side's contribution to total cost
+    ttft_s: float = 0.0
+    tpot_s: float = 0.0
+    own_s: float = 0.0
+    harm_s: float = 0.0
+    kv_s: float = 0.0
+    slo_s: float = 0.0
+
+
+def default_latency_model() -> LatencyModel:
+    """A Llama-2-7B-class model on one A100-80GB (roofline), for when no config is bound."""
+    model = ModelSpec(name="llama-2-7b", num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=32,
+                      intermediate_size=11008, vocab_size=32000)
+    gpu = GPUSpec(name="a100-80gb", memory_gib=80, fp16_tflops=312, hbm_gbps=2039)
+    return roofline_model(model, gpu, 1)
+
+
+class LookaheadRouter(PairingRouter):
+    """Cost-model lookahead router (see the module docstring for the estimator)."""
+
+    name = "lookahead"
+
+    def __init__(
+        self,
+        latency: LatencyModel | Mapping[str, LatencyModel] | None = None,
+        *,
+        latency_by_instance: Mapping[str, LatencyModel] | None = None,
+        config: ClusterConfig | None = None,
+        slo: SLO | None = None,
+        slo_by_priority: Mapping[int, SLO] | None = None,
+        default_output_tokens: float = 256.0,
+        chunk_tokens: int | None = None,
+        priority_weight: float = 1.0,
+        miss_penalty_s: float = 1.0,
+        kv_weight: float = 2.0,
+        detail: bool = False,
+        **kw: object,
+    ) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self._single: LatencyModel | None = latency if isinstance(latency, LatencyModel) else None
+        self._by_id: dict[str, LatencyModel] = dict(latency_by_instance or {})
+        if isinstance(latency, Mapping):
+            self._by_id.update(latency)
+        self._by_gpu: dict[tuple[str, int], LatencyModel] = {}
+        self.config: ClusterConfig | None = None
+        self.slo = slo
+        self.slo_by_priority: dict[int, SLO] = dict(slo_by_priority or {})
+        self.default_output_tokens = default_output_tokens
+        self.chunk_tokens = chunk_tokens or 2048
+        self._chunk_given = chunk_tokens is not None
+        self.priority_weight = priority_weight
+        self.miss_penalty_s = miss_penalty_s
+        self.kv_weight = kv_weight
+        # Per-request remaining lengths sharpen harm_d; ask for them only when told to (costly to build).
+        self.needs_request_detail = detail  # type: ignore[misc]
+        if config is not None:
+            self.initialize(config)
+
+    def initialize(self, config: ClusterConfig) -> None:
+        """Bind a cluster config: latency models by (gpu, tp), class SLOs and the chunk size come from it."""
+        self.config = config
+        for p, spec in config.slos.items():
+            self.slo_by_priority.setdefault(p, spec.to_slo())
+        if not self._chunk_given and config.pools:
+            self.chunk_tokens = config.pools[0].engine.max_num_batched_tokens
+
+    # ---- inputs ----------------------------------------------------------------------------------------------------
+    def latency_of(self, inst: InstanceSnapshot) -> LatencyModel:
+        m = self._by_id.get(inst.instance_id)
+        if m is not None:
+            return m
+        if self.config is not None and inst.gpu in self.config.gpus:
+            key = (inst.gpu, inst.tp)
+            m = self._by_gpu.get(key)
+            if m is None:
+                m = self._by_gpu[key] = latency_for(self.config.model, self.config.gpus[inst.gpu], inst.tp)
+            return m
+        if self._single is None:
+            self._single = default_latency_model()
+        return self._single
+
+    def slo_for(self, request: RequestInfo) -> SLO:
+        if request.slo is not None:
+            return request.slo
+        return self.slo_by_priority.get(request.priority) or self.slo_by_priority.get(0) or self.slo or _NO_SLO
+
+    def output_of(self, request: RequestInfo) -> float:
+        o = request.predicted_output_tokens
+        return float(o) if o is not None and o > 0 else self.default_output_tokens
+
+    def _weight(self, request: RequestInfo) -> float:
+        return 1.0 + self.priority_weight * max(request.priority, 0)
+
+    # ---- estimator pieces ---------------------------------------------------------------------------------------------
+    def _prefill_span(self, lat: LatencyModel, tokens: float, pairs: float, batch: int, context: int) -> float:
+        """Time to prefill ``tokens`` in chunked steps, ``batch`` decodes (summed ``context``) riding along."""
+        if tokens <= 0:
+            return 0.0
+        per_step = max(self.chunk_tokens - batch, 1)
+        steps = math.ceil(tokens / per_step)
+        return steps * lat.step_time(prefill_tokens=math.ceil(tokens / steps), prefill_pairs=pairs / steps,
+                                     decode_batch=batch, decode_context=context)
+
+    def _prefill_side(self, request: RequestInfo, p: InstanceSnapshot, *, colocated: bool, xfer: bool) -> _Side:
+        lat = self.latency_of(p)
+        P = request.prompt_tokens
+        B, C = (p.num_decoding, p.decode_context_tokens) if p.role.does_decode else (0, 0)
+        Q = p.prefill_tokens_pending
+        avg = Q / max(p.num_waiting, 1)
+        queue_s = self._prefill_span(lat, Q, Q * (avg + 1) / 2, B, C)
+        self_s = self._prefill_span(lat, P, prefill_pairs(P, 0), B, C)
+        harm = 0.0
+        if B:
+            steps = math.ceil(P / max(self.chunk_tokens - B, 1))
+            harm = B * max(self_s - steps * lat.step_time(decode_batch=B, decode_context=C), 0.0)
+        ttft = queue_s + self_s
+        if xfer and not colocated:
+            ttft += kv_transfer_time(P, lat.model, bandwidth_gbps=lat.gpu.network_gbps,
+                                     latency_s=lat.gpu.network_latency_s)
+        w = self._weight(request)
+        slo = self.slo_for(request)
+        pen = self.miss_penalty_s * w if slo.ttft_s is not None and ttft > slo.ttft_s else 0.0
+        return _Side(w * ttft + harm + pen, ttft_s=ttft, harm_s=harm, slo_s=pen)
+
+    def _decode_side(self, request: RequestInfo, d: InstanceSnapshot, *, colocated: bool) -> _Side:
+        lat = self.latency_of(d)
+        P, O = request.prompt_tokens, self.output_of(request)
+        B, C = d.num_decoding, d.decode_context_tokens
+        rem = [r.predicted_remaining if r.predicted_remaining is not None else self.default_output_tokens
+               for r in d.requests if not r.in_prefill]
+        if rem:
+            r_avg = sum(rem) / len(rem)
+            overlap = sum(min(r, O) for r in rem)
+        else:
+            r_avg = d.predicted_remaining_tokens / B if B and d.predicted_remaining_tokens > 0 else (
+                self.default_output_tokens)
+            overlap = B * min(r_avg, O)
+        a0, b = lat.decode_coeffs(max(B, 1))
+        a1, _ = lat.decode_coeffs(B + 1)
+        a_alone, _ = lat.decode_coeffs(1)
+        ctx_new = P + O / 2
+        step_now = a0 + b * C if B else 0.0
+        step_with = a1 + b * (C + ctx_new)
+        harm = (step_with - step_now) * overlap if B else 0.0
+        m = min(O, r_avg) if B else 0.0
+        own = m * step_with + (O - m) * (a_alone + b * ctx_new)
+        if d.role is InstanceRole.MIXED and not colocated and d.prefill_tokens_pending:
+            Q = d.prefill_tokens_pending
+            own += self._prefill_span(lat, Q, Q * (Q / max(d.num_waiting, 1) + 1) / 2, B, C)
+        # KV: peak demand over the newcomer's life vs capacity.
+        bs = max(d.block_size, 1)
+        cap = d.kv_blocks_total * bs
+        other = max(d.kv_blocks_used * bs - C, 0) + (0 if colocated else d.prefill_tokens_pending)
+        t_star = min(O, r_avg)
+        peak = max(C + B * t_star + P + t_star, P + O + (C + B * O if r_avg > O else 0))
+        overflow = other + peak - cap
+        kv = 0.0
+        if overflow > 0:
+            victim_ctx = C / B if B else P
+            victims = math.ceil(overflow / max(victim_ctx, 1))
+            kv = self.kv_weight * victims * (lat.prefill_time(int(min(victim_ctx, cap))) + step_with * t_star / 2)
+        if d.kv_blocks_used * bs + (0 if colocated else P) > cap:
+            kv += r_avg * step_now  # no room now: wait for a resident to finish
+        w = self._weight(request)
+        slo = self.slo_for(request)
+        pen = self.miss_penalty_s * w if slo.tpot_s is not None and step_with > slo.tpot_s else 0.0
+        base = (self.slo_by_priority.get(0) or self.slo or _NO_SLO).tpot_s
+        if base is not None and B and step_now <= base < step_with:
+            pen += self.miss_penalty_s * B  # residents pushed over their TPOT target
+        return _Side(w * own + harm + kv + pen, tpot_s=step_with, own_s=own, harm_s=harm, kv_s=kv, slo_s=pen)
+
+    # ---- public ------------------------------------------------------------------------------------------------------
+    def estimate(self, request: RequestInfo, prefill: InstanceSnapshot,
+                 decode: InstanceSnapshot | None = None) -> CostBreakdown:
+        """Cost of prefilling on ``prefill`` and decoding on ``decode`` (``None``: colocated on ``prefill``)."""
+        colocated = decode is None or decode.instance_id == prefill.instance_id
+        f = self._prefill_side(request, prefill, colocated=colocated, xfer=True)
+        g = self._decode_side(request, prefill if decode is None else decode, colocated=colocated)
+        return CostBreakdown(f.cost + g.cost, f.ttft_s, g.tpot_s, g.own_s, f.harm_s + g.harm_s, g.kv_s,
+                             f.slo_s + g.slo_s)
+
+    def score(self, request: RequestInfo, inst: InstanceSnapshot, *, phase: str) -> float:
+        if phase == "prefill":
+            return self._prefill_side(request, inst, colocated=False, xfer=True).cost
+        if phase == "decode":
+            return self._decode_side(request, inst, colocated=False).cost
+        return self.estimate(request, inst).total_s
+
+    def pair(self, request, prefill, decode, view: ClusterView) -> RouteResult:  # type: ignore[override]
+        f = [(self._prefill_side(request, p, colocated=False, xfer=True).cost, k) for k, p in enumerate(prefill)]
+        g = [(self._decode_side(request, d, colocated=False).cost, k) for k, d in enumerate(decode)]
+        fp, kp = min(f)
+        gd, kd = min(g)
+        best, choice = fp + gd, (prefill[kp], decode[kd])
+        for p in prefill:  # MIXED prefill instances may keep the request: no transfer, no second queue
+            if p.role is InstanceRole.MIXED:
+                c = self.estimate(request, p).total_s
+                if c < best:
+                    best, choice = c, (p, p)
+        p, d = choice
+        if p.instance_id == d.instance_id and d.role is not InstanceRole.PREFILL:  # PREFILL: explicit borrow pair
+            return RouteDecision(p.instance_id, reason=f"lookahead cost {best:.3f}s colocated")
+        return RouteDecision(p.instance_id, d.instance_id, reason=f"lookahead cost {best:.3f}s")

@@ -1,0 +1,230 @@
+"""Load- and workload-aware routers. Importing this module registers every smart router.
+
+Registered names: ``power_of_two``, ``llumnix``, ``prefix_affinity``, ``mixing`` (defined here), ``lookahead``
+(``routers_lookahead.py``) and ``learned`` (``routers_learned.py``). All share the P/D pairing and Splitwise
+fallback of ``pairing.PairingRouter``. Priority: larger is more important; high-priority requests avoid queues.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections import OrderedDict
+
+from scheduler.core.types import ClusterView, InstanceSnapshot, Rejected, RequestInfo
+from scheduler.policy.pairing import (
+    HIGH_PRIORITY,
+    PairingRouter,
+    PriorityTracker,
+    queue_penalty,
+    virtual_usage_with,
+)
+from scheduler.policy.route import RouteDecision, RouteResult, register_router
+from scheduler.policy.routers_learned import LearnedRouter
+from scheduler.policy.routers_lookahead import LookaheadRouter
+
+
+# ---- power of two choices ---------------------------------------------------------------------------------------
+class PowerOfTwoRouter(PairingRouter):
+    """Power of two choices (Mitzenmacher 2001; Ray Serve's ``pow_2_router``).
+
+    Sample two distinct candidates uniformly (seeded), send to the one with fewer outstanding (running +
+    waiting) requests; ties go to the first sample. High-priority requests add ``queue_weight`` per waiting
+    request so they avoid long queues.
+    """
+
+    name = "power_of_two"
+
+    def __init__(self, seed: int = 0, *, queue_weight: float = 1.0, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self._rng = _random.Random(seed)
+        self.queue_weight = queue_weight
+
+    def score(self, request: RequestInfo, inst: InstanceSnapshot, *, phase: str) -> float:
+        return inst.num_running + inst.num_waiting + queue_penalty(request, inst, self.queue_weight)
+
+    def pick(self, request, candidates, view, *, phase):  # type: ignore[override]
+        if len(candidates) <= 2:
+            sample = candidates
+        else:
+            a, b = self._rng.sample(range(len(candidates)), 2)
+            sample = (candidates[a], candidates[b])
+        return min(sample, key=lambda s: self.score(request, s, phase=phase))
+
+
+# ---- Llumnix dispatch ---------------------------------------------------------------------------------------------
+class LlumnixRouter(PairingRouter):
+    """Llumnix dispatch (Sun et al., OSDI 2024, section 4.4.2): the instance with the lowest virtual usage.
+
+    Virtual usage = (KV blocks used + blocks of queued prompts + this request's prompt blocks) / total blocks,
+    i.e. the KV demand the instance will have once its queue is admitted. Priority headroom: an instance holding
+    high-priority requests reports ``headroom`` extra virtual usage per such request (capped at
+    ``max_headroom``) to normal-priority requests, so normal load stays away and the high-priority requests keep
+    room to grow; a high-priority request sees no headroom but pays ``queue_weight`` per waiting request.
+    """
+
+    name = "llumnix"
+
+    def __init__(self, *, headroom: float = 0.1, max_headroom: float = 0.5, queue_weight: float = 0.05,
+                 **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.headroom = headroom
+        self.max_headroom = max_headroom
+        self.queue_weight = queue_weight
+        self._prio = PriorityTracker()
+
+    def score(self, request: RequestInfo, inst: InstanceSnapshot, *, phase: str) -> float:
+        extra = request.prompt_tokens + (1 if phase != "prefill" else 0)
+        s = virtual_usage_with(inst, extra)
+        if request.priority >= HIGH_PRIORITY:
+            return s + queue_penalty(request, inst, self.queue_weight)
+        return s + min(self.headroom * self._prio.count(inst), self.max_headroom)
+
+    def on_routed(self, request: RequestInfo, decision: RouteDecision) -> None:
+        self._prio.add(request, decision)
+
+    def on_finished(self, request_id: str, instance_id: str) -> None:
+        self._prio.finished(request_id)
+
+
+# ---- prefix-cache affinity ------------------------------------------------------------------------------------------
+class PrefixAffinityRouter(PairingRouter):
+    """Prefix-cache affinity, after Mooncake's Conductor (Qin et al., FAST 2025, section 6).
+
+    For each prefill candidate, estimate TTFT in token units: ``load_weight * queued prefill tokens`` plus the
+    prompt tokens NOT already cached there (leading ``hash_ids`` blocks found in the snapshot's
+    ``cached_hash_ids`` or in the router's own LRU of where it sent each block), plus a KV-pressure term once
+    virtual usage passes ``kv_soft_limit``. Pick the minimum. Reuse wins when it saves more prefill than the
+    extra queue costs; otherwise the request goes to a lighter instance (which then caches the prefix too --
+    Mooncake's hot-prefix replication falls out of that).
+
+    Decode instances (disaggregated) are chosen by virtual usage: the prefix cache matters only for prefill.
+    """
+
+    name = "prefix_affinity"
+
+    def __init__(self, *, hash_block_tokens: int = 512, load_weight: float = 1.0, kv_soft_limit: float = 0.9,
+                 max_entries: int = 200_000, replicas_per_block: int = 4, queue_weight: float = 256.0,
+                 **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.hash_block_tokens = hash_block_tokens
+        self.load_weight = load_weight
+        self.kv_soft_limit = kv_soft_limit
+        self.max_entries = max_entries
+        self.replicas_per_block = replicas_per_block
+        self.queue_weight = queue_weight
+        self._lru: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+
+    def matched_blocks(self, request: RequestInfo, inst: InstanceSnapshot) -> int:
+        """Leading ``hash_ids`` resident on ``inst`` (as reported, or as this router remembers sending)."""
+        n = 0
+        cached, lru, iid = inst.cached_hash_ids, self._lru, inst.instance_id
+        for h in request.hash_ids:
+            if h in cached or iid in lru.get(h, ()):
+                n += 1
+            else:
+                break
+        return n
+
+    def score(self, request: RequestInfo, inst: InstanceSnapshot, *, phase: str) -> float:
+        p = request.prompt_tokens
+        if phase == "decode":
+            return virtual_usage_with(inst, p)
+        hit = min(self.matched_blocks(request, inst) * self.hash_block_tokens, p)
+        vu = virtual_usage_with(inst, p - hit)
+        pressure = p * 10.0 * max(vu - self.kv_soft_limit, 0.0)  # a full instance would evict the prefix anyway
+        return (self.load_weight * inst.prefill_tokens_pending + (p - hit) + pressure
+                + queue_penalty(request, inst, self.queue_weight))
+
+    def on_routed(self, request: RequestInfo, decision: RouteDecision) -> None:
+        pid, lru, keep = decision.prefill_instance, self._lru, self.replicas_per_block - 1
+        for h in request.hash_ids:
+            old = lru.pop(h, ())
+            lru[h] = (pid,) + tuple(x for x in old if x != pid)[:keep]
+        while len(lru) > self.max_entries:
+            lru.popitem(last=False)
+
+
+# ---- Intelligent Router mixing heuristic --------------------------------------------------------------------------------
+class MixingRouter(PairingRouter):
+    """Workload-mix heuristic of the Intelligent Router (Jain et al. 2024, "Intelligent Router for LLM Workloads:
+    Improving Performance Through Workload-Aware Load Balancing", section 4: heuristic-guided reward).
+
+    Mixing a prefill-heavy request into a decode-heavy batch hurts both: its prompt stalls every running decode,
+    and the decodes slow its prefill. For request (prompt ``P``, predicted output ``O``) and instance (decode
+    batch ``N``, remaining decode tokens ``R``, queued prefill tokens ``Q``)::
+
+        incoming = P * R + O * Q        # penalty on the newcomer: its prefill vs resident decodes,
+                                        #   its decodes behind queued prompts
+        existing = N * P                # penalty on resident decodes: each stalls for the new prompt
+        load     = outstanding requests
+        queue    = waiting requests, for high-priority requests only (they avoid queues)
+        score = alpha * norm(incoming) + (1 - alpha) * norm(existing) + load_weight * norm(load)
+                + queue_weight * norm(queue)
+
+    ``norm`` divides by the maximum over the candidates (so terms are comparable, in [0, 1]). ``O`` is the
+    predicted output length (``default_output_tokens`` when unknown); ``R`` is the instance's predicted remaining
+    tokens, else ``N * default_output_tokens``. The request is classed prefill-heavy when ``P >= heavy_ratio * O``
+    (recorded in the decision's reason); the penalty terms weigh the two classes differently by construction.
+    """
+
+    name = "mixing"
+
+    def __init__(self, *, alpha: float = 0.5, load_weight: float = 0.3, default_output_tokens: float = 256.0,
+                 heavy_ratio: float = 1.0, queue_weight: float = 1.0, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha: {alpha} is outside [0, 1]")
+        self.alpha = alpha
+        self.load_weight = load_weight
+        self.default_output_tokens = default_output_tokens
+        self.heavy_ratio = heavy_ratio
+        self.queue_weight = queue_weight
+
+    def output_of(self, request: RequestInfo) -> float:
+        o = request.predicted_output_tokens
+        return float(o) if o is not None and o > 0 else self.default_output_tokens
+
+    def classify(self, request: RequestInfo) -> str:
+        return "prefill-heavy" if request.prompt_tokens >= self.heavy_ratio * self.output_of(request) else (
+            "decode-heavy")
+
+    def terms(self, request: RequestInfo, inst: InstanceSnapshot, phase: str) -> tuple[float, float, float, float]:
+        p, o = float(request.prompt_tokens), self.output_of(request)
+        if phase == "decode":
+            p = 1.0  # the prompt ran elsewhere: only a one-token step joins this batch
+        n = inst.num_decoding
+        r = inst.predicted_remaining_tokens if inst.predicted_remaining_tokens > 0 else n * self.default_output_tokens
+        q = inst.prefill_tokens_pending if phase != "prefill" else 0.0
+        if phase == "prefill":
+            o = 0.0  # a PREFILL instance never decodes it
+        incoming = p * r + o * q
+        existing = n * p
+        load = float(inst.num_running + inst.num_waiting)
+        return incoming, existing, load, queue_penalty(request, inst, 1.0)
+
+    def pick(self, request, candidates, view, *, phase):  # type: ignore[override]
+        terms = [self.terms(request, c, phase) for c in candidates]
+        mx = [max(t[k] for t in terms) or 1.0 for k in range(4)]
+        a = self.alpha
+
+        def score(t: tuple[float, float, float, float]) -> float:
+            return (a * t[0] / mx[0] + (1 - a) * t[1] / mx[1] + self.load_weight * t[2] / mx[2]
+                    + self.queue_weight * t[3] / mx[3])
+
+        best = min(range(len(candidates)), key=lambda k: score(terms[k]))
+        return candidates[best]
+
+    def score(self, request: RequestInfo, inst: InstanceSnapshot, *, phase: str) -> float:
+        # Unnormalised single-instance score (used by ``pair`` for the colocation check).
+        i, e, l, q = self.terms(request, inst, phase)
+        return self.alpha * i + (1 - self.alpha) * e + self.load_weight * l + self.queue_weight * q
+
+    def route(self, request: RequestInfo, view: ClusterView) -> RouteResult:
+        d = super().route(request, view)
+        if isinstance(d, Rejected):
+            return d
+        return RouteDecision(d.prefill_instance, d.decode_instance, f"{d.reason}; {self.classify(request)}")
+
+
+for _cls in (PowerOfTwoRouter, LlumnixRouter, PrefixAffinityRouter, MixingRouter, LookaheadRouter, LearnedRouter):
+    register_router(_cls)

@@ -1,0 +1,412 @@
+"""Autoscaling and re-roling policies, and the analytic per-instance capacity they (and placement) use.
+
+* ``ThresholdScaler`` -- Llumnix's load thresholds (Sun et al., OSDI 2024, section 4.4.3): scale a pool up when
+  its mean virtual usage stays above ``scale_up`` for ``sustain_s``, down when it stays below ``scale_down``;
+  hysteresis from the gap between the two and from ``sustain_s``; ``cooldown_s`` between actions; instances
+  still starting (``startup_delay_s``) count as capacity so a burst does not trigger a scale-up per tick.
+* ``SLAScaler`` -- NVIDIA Dynamo planner's SLA mode: from the observed arrival rate and prompt/output mix,
+  forecast the rate ``startup_delay_s`` ahead (Holt's linear trend), and compute the instances needed with the
+  latency model: prefill capacity from ``prefill_time`` under an M/D/1 TTFT bound (DistServe, Zhong et al., OSDI
+  2024, section 3), decode capacity from ``decode_coeffs`` at the largest batch meeting the TPOT SLO and fitting
+  in KV. Scale-up at once, scale-down only after ``down_sustain_s``.
+* ``RerolePolicy`` -- dynamic re-roling (Splitwise's mixed pool made durable): when one P/D pool saturates and
+  the other idles, propose ``RoleChange`` for the idlest instance of the light pool.
+
+Pools are keyed by ``pool_of(snapshot)`` (default: the role's value, "prefill" / "decode" / "mixed").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+from scheduler.config.models import ClusterConfig
+from scheduler.core.types import SLO, ClusterView, InstanceRole, InstanceSnapshot
+from scheduler.latency import LatencyModel, latency_for, prefill_pairs
+
+
+# ---- decisions ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ScaleDecision:
+    """Change pool ``pool`` by ``delta`` instances or to ``target``; exactly one is set.
+
+    ``drain`` names instances the applier should drain first on a scale-down (least loaded first).
+    """
+
+    pool: str
+    delta: int | None = None
+    target: int | None = None
+    reason: str = ""
+    drain: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (self.delta is None) == (self.target is None):
+            raise ValueError(f"ScaleDecision({self.pool!r}): set exactly one of delta / target")
+        if self.target is not None and self.target < 0:
+            raise ValueError(f"ScaleDecision({self.pool!r}).target must be >= 0, got {self.target}")
+
+
+@dataclass(frozen=True, slots=True)
+class RoleChange:
+    instance_id: str
+    new_role: InstanceRole
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSummary:
+    """Observed (or planned) load: arrival rate and mean lengths."""
+
+    rate_rps: float
+    mean_prompt_tokens: float
+    mean_output_tokens: float
+
+
+# ---- analytic capacity ----------------------------------------------------------------------------------------------
+def prefill_capacity_rps(lat: LatencyModel, prompt_tokens: float, *, ttft_slo_s: float | None = None,
+                         chunk_tokens: int = 2048, max_utilization: float = 0.9) -> float:
+    """Requests/s one instance can prefill while (on average) meeting the TTFT SLO.
+
+    Service: prompts packed ``chunk_tokens`` per step (``step_time`` with their attention pairs). Queueing: M/D/1
+    mean wait ``rho * S / (2 (1 - rho))`` with ``S = prefill_time(prompt)``; ``S + wait <= T`` gives
+    ``rho <= 2 (x - 1) / (2 x - 1)`` for ``x = T / S`` (0 if ``x < 1``). Capped at ``max_utilization``.
+    """
+    p = max(int(prompt_tokens), 1)
+    if p <= chunk_tokens:
+        k = max(chunk_tokens // p, 1)
+        per_request = lat.step_time(prefill_tokens=k * p, prefill_pairs=k * prefill_pairs(p, 0)) / k
+    else:
+        steps = math.ceil(p / chunk_tokens)
+        per_request = steps * lat.step_time(prefill_tokens=math.ceil(p / steps),
+                                            prefill_pairs=prefill_pairs(p, 0) / steps)
+    rho = max_utilization
+    if ttft_slo_s is not None:
+        x = ttft_slo_s / lat.prefill_time(p)
+        if x < 1:
+            return 0.0
+        rho = min(rho, 2 * (x - 1) / (2 * x - 1))
+    return rho / per_request
+
+
+def decode_batch_limit(lat: LatencyModel, prompt_tokens: float, output_tokens: float, *,
+                       tpot_slo_s: float | None = None, max_batch: int = 256, kv_tokens: int | None = None) -> int:
+    """Largest decode batch whose step (at mean context ``prompt + output / 2``) meets the TPOT SLO and whose KV
+    fits in ``kv_tokens``; 0 if even one request misses."""
+    ctx = prompt_tokens + output_tokens / 2
+
+    def ok(b: int) -> bool:
+        a, c = lat.decode_coeffs(b)
+        if tpot_slo_s is not None and a + c * b * ctx > tpot_slo_s:
+            return False
+        return kv_tokens is None or b * ctx <= kv_tokens
+
+    if not ok(1):
+        return 0
+    lo, hi = 1, max_batch  # step time is monotone in the batch: bisect
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def decode_capacity_rps(lat: LatencyModel, prompt_tokens: float, output_tokens: float, *,
+                        tpot_slo_s: float | None = None, max_batch: int = 256, kv_tokens: int | None = None,
+                        max_utilization: float = 0.9) -> float:
+    """Requests/s one instance can decode: Little's law at the SLO-meeting batch ``B``:
+    ``B / (output * step(B))``, times ``max_utilization``."""
+    b = decode_batch_limit(lat, prompt_tokens, output_tokens, tpot_slo_s=tpot_slo_s, max_batch=max_batch,
+                           kv_tokens=kv_tokens)
+    if b == 0:
+        return 0.0
+    a, c = lat.decode_coeffs(b)
+    step = a + c * b * (prompt_tokens + output_tokens / 2)
+    return max_utilization * b / (max(output_tokens, 1.0) * step)
+
+
+def mixed_capacity_rps(prefill_rps: float, decode_rps: float) -> float:
+    """A colocated instance time-shares both phases: ``1 / (1/prefill + 1/decode)``."""
+    if prefill_rps <= 0 or decode_rps <= 0:
+        return 0.0
+    return 1.0 / (1.0 / prefill_rps + 1.0 / decode_rps)
+
+
+def instances_for(rate_rps: float, capacity_rps: float) -> int | None:
+    """Instances needed for ``rate_rps`` at ``capacity_rps`` each; ``None`` when one instance cannot meet the SLO."""
+    if rate_rps <= 0:
+        return 0
+    if capacity_rps <= 0:
+        return None
+    return math.ceil(rate_rps / capacity_rps - 1e-9)
+
+
+# ---- scalers ---------------------------------------------------------------------------------------------------------
+def _role_key(inst: InstanceSnapshot) -> str:
+    return inst.role.value
+
+
+class ScalingPolicy:
+    name: ClassVar[str] = "base"
+
+    def __init__(self, *, pool_of: Callable[[InstanceSnapshot], str] = _role_key, startup_delay_s: float = 30.0,
+                 min_instances: int = 1, max_instances: int = 64) -> None:
+        if not 0 <= min_instances <= max_instances:
+            raise ValueError(f"need 0 <= min_instances ({min_instances}) <= max_instances ({max_instances})")
+        self.pool_of = pool_of
+        self.startup_delay_s = startup_delay_s
+        self.min_instances = min_instances
+        self.max_instances = max_instances
+        self._starting: dict[str, list[tuple[float, int]]] = {}  # pool -> (ready_s, count) of pending starts
+        self._last_action: dict[str, float] = {}
+
+    def decide(self, view: ClusterView, now_s: float,
+               observed: WorkloadSummary | None = None) -> list[ScaleDecision]:
+        raise NotImplementedError
+
+    def pools(self, view: ClusterView) -> dict[str, list[InstanceSnapshot]]:
+        out: dict[str, list[InstanceSnapshot]] = {}
+        for i in view.instances:
+            if i.healthy and not i.draining:
+                out.setdefault(self.pool_of(i), []).append(i)
+        return out
+
+    def starting(self, pool: str, now_s: float) -> int:
+        """Instances asked for and not yet up (modelled start-up delay)."""
+        live = [(t, n) for t, n in self._starting.get(pool, []) if t > now_s]
+        self._starting[pool] = live
+        return sum(n for _, n in live)
+
+    def _record(self, pool: str, now_s: float, delta: int) -> None:
+        self._last_action[pool] = now_s
+        if delta > 0:
+            self._starting.setdefault(pool, []).append((now_s + self.startup_delay_s, delta))
+
+    @staticmethod
+    def _least_loaded(insts: list[InstanceSnapshot], n: int) -> tuple[str, ...]:
+        ranked = sorted(insts, key=lambda i: (i.num_running + i.num_waiting, i.kv_blocks_used))
+        return tuple(i.instance_id for i in ranked[:n])
+
+
+def _since(prev: float, now_s: float, holds: bool) -> float:
+    """When a condition started holding (``inf`` while it does not)."""
+    if not holds:
+        return math.inf
+    return now_s if prev == math.inf else prev
+
+
+class NoScaling(ScalingPolicy):
+    name = "none"
+
+    def decide(self, view, now_s, observed=None):  # type: ignore[override]
+        return []
+
+
+class ThresholdScaler(ScalingPolicy):
+    """Llumnix-style threshold autoscaling with hysteresis, cooldown and start-up delay (module docstring)."""
+
+    name = "threshold"
+
+    def __init__(self, *, scale_up: float = 0.8, scale_down: float = 0.3, sustain_s: float = 10.0,
+                 cooldown_s: float = 60.0, step: int = 1, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        if not scale_down < scale_up:
+            raise ValueError(f"need scale_down ({scale_down}) < scale_up ({scale_up}) for hysteresis")
+        self.scale_up, self.scale_down = scale_up, scale_down
+        self.sustain_s, self.cooldown_s, self.step = sustain_s, cooldown_s, step
+        self._above: dict[str, float] = {}
+        self._below: dict[str, float] = {}
+
+    def decide(self, view, now_s, observed=None):  # type: ignore[override]
+        out = []
+        for pool, insts in sorted(self.pools(view).items()):
+            n, starting = len(insts), self.starting(pool, now_s)
+            # Instances on their way will absorb load: spread the current demand over them too.
+            load = sum(i.load.virtual_usage for i in insts) / max(n + starting, 1)
+            self._above[pool] = _since(self._above.get(pool, math.inf), now_s, load >= self.scale_up)
+            self._below[pool] = _since(self._below.get(pool, math.inf), now_s, load <= self.scale_down)
+            if now_s - self._last_action.get(pool, -math.inf) < self.cooldown_s:
+                continue
+            if now_s - self._above[pool] >= self.sustain_s and n + starting < self.max_instances:
+                d = min(self.step, self.max_instances - n - starting)
+                out.append(ScaleDecision(pool, delta=d, reason=f"mean virtual usage {load:.2f} >= {self.scale_up}"))
+                self._record(pool, now_s, d)
+                self._above[pool] = math.inf
+            elif now_s - self._below[pool] >= self.sustain_s and n > self.min_instances and not starting:
+                d = min(self.step, n - self.min_instances)
+                out.append(ScaleDecision(pool, delta=-d, reason=f"mean virtual usage {load:.2f} <= {self.scale_down}",
+                                         drain=self._least_loaded(insts, d)))
+                self._record(pool, now_s, -d)
+                self._below[pool] = math.inf
+        return out
+
+
+class SLAScaler(ScalingPolicy):
+    """Dynamo-planner-style SLA autoscaling from the latency model (module docstring).
+
+    Args:
+        latency: one model for every pool, or a mapping pool -> model; or give ``config`` (first pool of each role).
+        slo: TTFT/TPOT targets (default: the config's priority-0 SLO).
+        headroom: over-provisioning factor on the forecast rate.
+        smoothing / trend_smoothing: Holt's level and trend factors for the rate forecast.
+    """
+
+    name = "sla"
+
+    def __init__(self, latency: LatencyModel | Mapping[str, LatencyModel] | None = None, *, slo: SLO | None = None,
+                 config: ClusterConfig | None = None, headroom: float = 1.1, cooldown_s: float = 10.0,
+                 down_sustain_s: float = 60.0, chunk_tokens: int = 2048, max_batch: int = 256,
+                 kv_tokens: int | None = None, smoothing: float = 0.5, trend_smoothing: float = 0.2,
+                 **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self._lat: dict[str, LatencyModel] = {}
+        self._single = latency if isinstance(latency, LatencyModel) else None
+        if isinstance(latency, Mapping):
+            self._lat.update(latency)
+        if config is not None:
+            for pool in config.pools:
+                self._lat.setdefault(pool.role.value,
+                                     latency_for(config.model, config.gpus[pool.gpu], pool.tp))
+            slo = slo or config.slo_for(0)
+        if self._single is None and not self._lat:
+            raise ValueError("SLAScaler needs a latency model: pass latency= or config=")
+        self.slo = slo or SLO()
+        self.headroom, self.cooldown_s, self.down_sustain_s = headroom, cooldown_s, down_sustain_s
+        self.chunk_tokens, self.max_batch, self.kv_tokens = chunk_tokens, max_batch, kv_tokens
+        self.smoothing, self.trend_smoothing = smoothing, trend_smoothing
+        self._level: float | None = None
+        self._trend = 0.0
+        self._t: float | None = None
+        self._below: dict[str, float] = {}
+
+    def latency_of(self, pool: str) -> LatencyModel:
+        m = self._lat.get(pool) or self._single or next(iter(self._lat.values()))
+        return m
+
+    def forecast(self, now_s: float, rate_rps: float) -> float:
+        """Holt's linear trend on irregular ticks; returns the rate expected ``startup_delay_s`` from now."""
+        if self._level is None or self._t is None:
+            self._level, self._t = rate_rps, now_s
+            return rate_rps
+        dt = max(now_s - self._t, 1e-9)
+        prev = self._level
+        self._level = self.smoothing * rate_rps + (1 - self.smoothing) * (prev + self._trend * dt)
+        self._trend = self.trend_smoothing * (self._level - prev) / dt + (1 - self.trend_smoothing) * self._trend
+        self._t = now_s
+        return max(self._level + self._trend * self.startup_delay_s, 0.0)
+
+    def targets(self, roles: set[str], w: WorkloadSummary) -> dict[str, int | None]:
+        """Instances needed per pool for workload ``w`` (``None``: the SLO is unreachable on this hardware)."""
+        rate = w.rate_rps * self.headroom
+        out: dict[str, int | None] = {}
+        for pool in roles:
+            lat = self.latency_of(pool)
+            pre = prefill_capacity_rps(lat, w.mean_prompt_tokens, ttft_slo_s=self.slo.ttft_s,
+                                       chunk_tokens=self.chunk_tokens)
+            dec = decode_capacity_rps(lat, w.mean_prompt_tokens, w.mean_output_tokens, tpot_slo_s=self.slo.tpot_s,
+                                      max_batch=self.max_batch, kv_tokens=self.kv_tokens)
+            cap = {"prefill": pre, "decode": dec}.get(pool, mixed_capacity_rps(pre, dec))
+            out[pool] = instances_for(rate, cap)
+        return out
+
+    def decide(self, view, now_s, observed=None):  # type: ignore[override]
+        if observed is None:
+            raise ValueError("SLAScaler.decide: observed (a WorkloadSummary of the recent window) is required")
+        rate = self.forecast(now_s, observed.rate_rps)
+        pools = self.pools(view)
+        w = WorkloadSummary(rate, observed.mean_prompt_tokens, observed.mean_output_tokens)
+        out = []
+        for pool, need in sorted(self.targets(set(pools), w).items()):
+            insts = pools[pool]
+            have = len(insts) + self.starting(pool, now_s)
+            target = self.max_instances if need is None else min(max(need, self.min_instances), self.max_instances)
+            why = (f"forecast {rate:.2f} req/s needs {need if need is not None else 'unreachable SLO: max'} "
+                   f"{pool} instances")
+            if target > have and now_s - self._last_action.get(pool, -math.inf) >= self.cooldown_s:
+                # NOTE: ``target`` counts instances still starting: the applier already asked for those.
+                out.append(ScaleDecision(pool, target=target, reason=why))
+                self._record(pool, now_s, target - have)
+                self._below.pop(pool, None)
+            elif target < have:
+                since = self._below.setdefault(pool, now_s)
+                if now_s - since >= self.down_sustain_s and not self.starting(pool, now_s):
+                    out.append(ScaleDecision(pool, target=target, reason=why,
+                                             drain=self._least_loaded(insts, len(insts) - target)))
+                    self._record(pool, now_s, target - have)
+                    self._below.pop(pool, None)
+            else:
+                self._below.pop(pool, None)
+        return out
+
+
+# ---- re-roling ----------------------------------------------------------------------------------------------------------
+class RerolePolicy:
+    """Propose moving one instance between the PREFILL and DECODE pools when one saturates and the other idles.
+
+    Decode saturated: mean DECODE virtual usage >= ``decode_high`` while mean queued prompt tokens per PREFILL
+    instance <= ``prefill_low_tokens``: the PREFILL instance with the least queued work becomes DECODE.
+    Prefill saturated: mean queued prompt tokens per PREFILL instance >= ``prefill_high_tokens`` while mean DECODE
+    virtual usage <= ``decode_low``: the least used DECODE instance becomes PREFILL (the applier drains or
+    migrates its decodes first). Each pool keeps ``min_per_role``; the condition must hold ``sustain_s``; at most
+    one change per ``cooldown_s``.
+    """
+
+    def __init__(self, *, decode_high: float = 0.9, decode_low: float = 0.4, prefill_high_tokens: int = 8192,
+                 prefill_low_tokens: int = 1024, min_per_role: int = 1, sustain_s: float = 5.0,
+                 cooldown_s: float = 30.0) -> None:
+        self.decode_high, self.decode_low = decode_high, decode_low
+        self.prefill_high_tokens, self.prefill_low_tokens = prefill_high_tokens, prefill_low_tokens
+        self.min_per_role, self.sustain_s, self.cooldown_s = min_per_role, sustain_s, cooldown_s
+        self._since: dict[str, float] = {}
+        self._last = -math.inf
+
+    def propose(self, view: ClusterView, now_s: float) -> list[RoleChange]:
+        pre = list(view.with_role(InstanceRole.PREFILL))
+        dec = list(view.with_role(InstanceRole.DECODE))
+        if not pre or not dec:
+            return []
+        dec_vu = sum(d.load.virtual_usage for d in dec) / len(dec)
+        pre_q = sum(p.prefill_tokens_pending for p in pre) / len(pre)
+        conds = {
+            "to_decode": dec_vu >= self.decode_high and pre_q <= self.prefill_low_tokens
+            and len(pre) > self.min_per_role,
+            "to_prefill": pre_q >= self.prefill_high_tokens and dec_vu <= self.decode_low
+            and len(dec) > self.min_per_role,
+        }
+        for k, on in conds.items():
+            if on:
+                self._since.setdefault(k, now_s)
+            else:
+                self._since.pop(k, None)
+        if now_s - self._last < self.cooldown_s:
+            return []
+        for k in conds:
+            t = self._since.get(k)
+            if t is None or now_s - t < self.sustain_s:
+                continue
+            self._last = now_s
+            self._since.pop(k, None)
+            if k == "to_decode":
+                p = min(pre, key=lambda i: (i.prefill_tokens_pending, i.num_running + i.num_waiting))
+                return [RoleChange(p.instance_id, InstanceRole.DECODE,
+                                   f"decode pool saturated (virtual usage {dec_vu:.2f}), prefill idle")]
+            d = min(dec, key=lambda i: (i.load.virtual_usage, i.num_running))
+            return [RoleChange(d.instance_id, InstanceRole.PREFILL,
+                               f"prefill pool saturated ({pre_q:.0f} queued tokens/instance), decode idle")]
+        return []
+
+
+SCALING_POLICIES: dict[str, Callable[..., ScalingPolicy]] = {
+    NoScaling.name: NoScaling,
+    ThresholdScaler.name: ThresholdScaler,
+    SLAScaler.name: SLAScaler,
+}
+
+
+def make_scaling_policy(name: str, **params: object) -> ScalingPolicy:
+    """Build a scaling policy by registry name; unknown names list the allowed ones."""
+    try:
+        factory = SCALING_POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown scaling policy {name!r}; allowed: {', '.join(sorted(SCALING_POLICIES))}") from None
+    return factory(**params)

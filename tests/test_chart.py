@@ -1,0 +1,268 @@
+"""The Helm chart: lint, render, manifest validation and the rendered config, offline (helm-python-sdk)."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytest.importorskip("helm_python")
+pytest.importorskip("kubernetes_validate")
+
+from scheduler.config.load import parse_config
+from scheduler.config.models import ClusterConfig
+from scheduler.deploy.chart import (
+    DEFAULT_CHART,
+    DEFAULT_VALUES_DIR,
+    Finding,
+    check_chart,
+    main,
+    manifest_errors,
+    render_chart,
+)
+from scheduler.deploy.values_schema import render_values_schema
+
+EXAMPLES = ["cpu-dev.yaml", "single-gpu-type.yaml", "hetero-pd.yaml"]
+BROKEN = Path(__file__).parent / "data" / "chart" / "broken-values.yaml"
+
+
+def _values(name: str) -> dict[str, Any]:
+    return yaml.safe_load((DEFAULT_VALUES_DIR / name).read_text())
+
+
+def _render(values: dict[str, Any] | None) -> dict[tuple[str, str], dict[str, Any]]:
+    rendered, findings = render_chart(DEFAULT_CHART, values, "test")
+    assert findings == []
+    return {(m["kind"], m["metadata"]["name"]): m for m in rendered.manifests}
+
+
+def _of_kind(manifests: dict[tuple[str, str], dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [m for (k, _), m in manifests.items() if k == kind]
+
+
+def _write(tmp_path: Path, values: dict[str, Any]) -> Path:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_values_pass_every_check(name: str) -> None:
+    assert check_chart(DEFAULT_CHART, [DEFAULT_VALUES_DIR / name]) == []
+
+
+def test_examples_are_the_shipped_set() -> None:
+    assert sorted(p.name for p in DEFAULT_VALUES_DIR.glob("*.yaml")) == sorted(EXAMPLES)
+
+
+def test_broken_values_file_fails_naming_the_gpu_type() -> None:
+    findings = check_chart(DEFAULT_CHART, [BROKEN])
+    assert findings, "the deliberately broken values file passed the chart check"
+    assert all(f.source == str(BROKEN) for f in findings)
+    text = "\n".join(map(str, findings))
+    assert "config.pools[1].gpu" in text and '"h100"' in text and "allowed: a100" in text
+
+
+def _base() -> dict[str, Any]:
+    return _values("single-gpu-type.yaml")
+
+
+def _set(values: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(values)
+    node: Any = out
+    keys = [int(k) if k.isdigit() else k for k in path.split(".")]
+    for k in keys[:-1]:
+        node = node.setdefault(k, {}) if isinstance(node, dict) else node[k]
+    node[keys[-1]] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "stage", "expected"),
+    [
+        ("gpuTypes.0.gpusPerNode", "eight", "values", "/gpuTypes/0/gpusPerNode': got string, want integer"),
+        ("gpuTypes.0.nodeSelectr", {"a": "b"}, "values", "'nodeSelectr' not allowed"),
+        ("config.model.num_layer", 40, "values", "'num_layer' not allowed"),
+        ("config.pools.0.role", "both", "values", "/config/pools/0/role"),
+        ("config.pools.0.gpu", "a100", "render", 'unknown GPU type "a100"; allowed: h100'),
+        ("config.pools.0.tp", 16, "render", "config.pools[0].tp: 16 exceeds gpuTypes h100 gpusPerNode 8"),
+        ("gpuTypes.0.replicas", 9, "render", "minReplicas <= replicas <= maxReplicas"),
+        ("auth.adminToken", "same-token", "render", "auth.adminToken: must differ from auth.clientToken"),
+        ("tls", {"enabled": True}, "values", "/tls"),
+        ("gpuTypes.0.gpusPerNode", 0, "values", "slots"),
+    ],
+)
+def test_bad_values_fail_with_a_finding_naming_the_key(
+    tmp_path: Path, path: str, value: Any, stage: str, expected: str
+) -> None:
+    values = _set(_base(), path, value)
+    if path == "auth.adminToken":
+        values["auth"]["clientToken"] = value
+    findings = check_chart(DEFAULT_CHART, [_write(tmp_path, values)])
+    assert findings, f"{path}={value!r} passed the chart check"
+    assert any(f.stage == stage and expected in f.message for f in findings), "\n".join(map(str, findings))
+
+
+def test_config_that_only_pydantic_rejects_is_a_config_finding(tmp_path: Path) -> None:
+    # hidden_size not a multiple of num_heads: valid JSON types, rejected by ModelSpec's validator.
+    values = _set(_base(), "config.model.num_heads", 48)
+    findings = check_chart(DEFAULT_CHART, [_write(tmp_path, values)])
+    assert [f.stage for f in findings] == ["config"]
+    assert "not a multiple of num_heads 48" in findings[0].message
+
+
+def test_unreadable_values_file_is_a_finding(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("gpuTypes: [\n")
+    findings = check_chart(DEFAULT_CHART, [bad, tmp_path / "missing.yaml"])
+    assert [f.stage for f in findings] == ["values", "values"]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_rendered_config_parses_into_the_project_schema(name: str) -> None:
+    values = _values(name)
+    cm = _render(values)["ConfigMap", "llmsched-config"]
+    cfg = parse_config(yaml.safe_load(cm["data"]["config.yaml"]), source=name)
+    assert isinstance(cfg, ClusterConfig)
+    assert set(cfg.gpus) == {g["name"] for g in values["gpuTypes"]}
+    assert [p.name for p in cfg.pools] == [p["name"] for p in values["config"]["pools"]]
+
+
+def test_hetero_pd_config_and_worker_groups() -> None:
+    m = _render(_values("hetero-pd.yaml"))
+    cfg = parse_config(yaml.safe_load(m["ConfigMap", "llmsched-config"]["data"]["config.yaml"]))
+    assert {p.name: (p.role.value, p.gpu, p.tp) for p in cfg.pools} == {
+        "prefill": ("prefill", "h100", 4),
+        "decode": ("decode", "a100", 4),
+    }
+    assert (cfg.gpus["h100"].count, cfg.gpus["a100"].count) == (8 * 3, 8 * 6)  # gpusPerNode x maxReplicas
+    assert cfg.gpus["h100"].fp16_tflops == 989
+
+    rc = m["RayCluster", "llmsched"]
+    groups = {g["groupName"]: g for g in rc["spec"]["workerGroupSpecs"]}
+    assert list(groups) == ["h100", "a100"]
+    a100 = groups["a100"]
+    # The Ray resource placement requests, in KubeRay's rayStartParams format.
+    assert json.loads(json.loads(a100["rayStartParams"]["resources"])) == {"llmsched_gpu_a100": 8}
+    assert a100["rayStartParams"]["num-gpus"] == "8"
+    pod = a100["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert {"key": "gpu-pool", "operator": "Equal", "value": "a100", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert (a100["replicas"], a100["minReplicas"], a100["maxReplicas"]) == (2, 1, 6)
+
+    head = rc["spec"]["headGroupSpec"]["template"]["spec"]
+    sched = next(c for c in head["containers"] if c["name"] == "llmsched")
+    assert sched["command"] == [
+        "llmsched",
+        "serve",
+        "--config",
+        "/etc/llmsched/config.yaml",
+        "--port",
+        "50051",
+    ]
+    env = {e["name"]: e.get("value") for e in sched["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4317"
+    assert env["LLMSCHED_TLS_CERT_FILE"] == "/etc/llmsched/tls/tls.crt"
+    assert head["serviceAccountName"] == "llmsched"
+
+    assert _of_kind(m, "ServiceMonitor") and len(_of_kind(m, "PodDisruptionBudget")) == 2
+    dash = m["ConfigMap", "llmsched-dashboard"]
+    assert json.loads(dash["data"]["llmsched.json"])["panels"]
+
+
+def test_cpu_dev_workers_request_no_gpus() -> None:
+    rc = _render(_values("cpu-dev.yaml"))["RayCluster", "llmsched"]
+    (group,) = rc["spec"]["workerGroupSpecs"]
+    assert json.loads(json.loads(group["rayStartParams"]["resources"])) == {"llmsched_gpu_sim_a100": 4}
+    assert group["rayStartParams"]["num-gpus"] == "0"
+    assert "nvidia.com/gpu" not in json.dumps(group["template"])
+
+
+def test_services_for_grpc_and_http() -> None:
+    m = _render(None)
+    grpc, http = m["Service", "llmsched-grpc"], m["Service", "llmsched-http"]
+    assert [(p["name"], p["port"]) for p in grpc["spec"]["ports"]] == [("grpc", 50051)]
+    assert ("http", 8000) in [(p["name"], p["port"]) for p in http["spec"]["ports"]]
+    assert grpc["spec"]["selector"]["app.kubernetes.io/component"] == "head"
+
+
+def _tokens(m: dict[tuple[str, str], dict[str, Any]]) -> dict[str, str]:
+    secret = m["Secret", "llmsched-auth"]
+    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+
+def test_default_install_generates_distinct_tokens_never_in_the_config() -> None:
+    m = _render(None)
+    tokens = _tokens(m)
+    assert len(tokens["client-token"]) >= 32 and len(tokens["admin-token"]) >= 32
+    assert tokens["client-token"] != tokens["admin-token"]
+    rendered = json.dumps([v for (k, _), v in m.items() if k != "Secret"])
+    assert tokens["admin-token"] not in rendered and tokens["client-token"] not in rendered
+
+
+def test_admin_token_exists_even_with_client_auth_off() -> None:
+    m = _render({"auth": {"enabled": False}})
+    assert _tokens(m)["admin-token"]
+    head = m["RayCluster", "llmsched"]["spec"]["headGroupSpec"]["template"]["spec"]
+    sched = next(c for c in head["containers"] if c["name"] == "llmsched")
+    env = {e["name"]: e.get("value") for e in sched["env"]}
+    assert env["LLMSCHED_ADMIN_TOKEN_FILE"] == "/etc/llmsched/auth/admin-token"
+    assert env["LLMSCHED_AUTH_ENABLED"] == "false"
+
+
+def test_existing_secret_is_used_and_none_created() -> None:
+    m = _render({"auth": {"enabled": True, "existingSecret": "my-tokens"}})
+    assert not _of_kind(m, "Secret")
+    vols = m["RayCluster", "llmsched"]["spec"]["headGroupSpec"]["template"]["spec"]["volumes"]
+    assert {"name": "auth", "secret": {"secretName": "my-tokens", "defaultMode": 0o400}} in vols
+
+
+def test_manifest_validation_rejects_unknown_fields_and_types() -> None:
+    m = _render(None)
+    rc = copy.deepcopy(m["RayCluster", "llmsched"])
+    assert manifest_errors(rc) == []
+    rc["spec"]["workerGroupSpec"] = rc["spec"].pop("workerGroupSpecs")  # typo: the API server would reject it
+    assert any("workerGroupSpec" in e for e in manifest_errors(rc))
+    rc = copy.deepcopy(m["RayCluster", "llmsched"])
+    rc["spec"]["workerGroupSpecs"][0]["replicas"] = "two"
+    assert any("replicas" in e for e in manifest_errors(rc))
+    svc = copy.deepcopy(m["Service", "llmsched-grpc"])
+    svc["spec"]["ports"][0]["targetPrt"] = "grpc"
+    assert any("targetPrt" in e for e in manifest_errors(svc))
+    assert manifest_errors({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}})
+
+
+def test_values_schema_is_generated_from_the_config_models() -> None:
+    # Fails when ClusterConfig changed: run `python -m scheduler.deploy.values_schema`.
+    assert (DEFAULT_CHART / "values.schema.json").read_text() == render_values_schema()
+
+
+def test_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--values", str(DEFAULT_VALUES_DIR / "cpu-dev.yaml")]) == 0
+    assert "chart check: OK" in capsys.readouterr().out
+    assert main(["check", "--values", str(BROKEN)]) == 1
+    out = capsys.readouterr().out
+    assert "unknown GPU type" in out and str(BROKEN) in out
+
+
+def test_finding_text_names_source_stage_and_place() -> None:
+    f = Finding("v.yaml", "manifest", "RayCluster/x", "spec: bad")
+    assert str(f) == "v.yaml: manifest: RayCluster/x: spec: bad"
+
+
+def test_worker_resource_is_what_placement_requests() -> None:
+    # The chart's Ray resource per GPU type must be the one scheduler.control.placement puts in its bundles.
+    placement = pytest.importorskip("scheduler.control.placement")
+    rc = _render(_values("cpu-dev.yaml"))["RayCluster", "llmsched"]
+    (group,) = rc["spec"]["workerGroupSpecs"]
+    assert set(json.loads(json.loads(group["rayStartParams"]["resources"]))) == {
+        placement.gpu_type_resource("sim-a100")
+    }
