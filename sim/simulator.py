@@ -110,8 +110,9 @@ class Simulator:
     Args:
         closed_form: advance identical-composition decode steps as one event (the fast path). ``False`` runs
             the naive one-event-per-step reference; both give the same per-request timings.
-        view_refresh_s: how stale the routers' view may get (the live ingress refreshes every 20-50 ms);
-            the instance a request was just routed to is always refreshed at once.
+        view_refresh_s: how stale the routers' view of *gradual* state (KV usage, context lengths) may get.
+            Structural changes (a request admitted, finished, preempted, handed off; the instance a request was
+            just routed to) are in the next view at once, as the live ingress's own dispatch accounting is.
         progress: show a progress bar.
         migration: a migration policy (``plan(view, now_s) -> list[MigrationPlan]``) run every
             ``migration_interval_s``; each plan is executed with Llumnix's multi-stage copy, costed by the
@@ -124,7 +125,7 @@ class Simulator:
         *,
         router: Router | str | None = None,
         closed_form: bool = True,
-        view_refresh_s: float = 0.05,
+        view_refresh_s: float = 1.0,
         timeline_points: int = 200,
         progress: bool = False,
         migration: object | None = None,
@@ -220,17 +221,18 @@ class Simulator:
 
     # ---- routing ------------------------------------------------------------------------------------------
     def _view_at(self, now: float) -> ClusterView:
-        if self._view is None or now - self._view_t >= self.view_refresh_s:
-            for inst in self.instances:
-                if inst.snap_dirty or inst.snapshot is None:
-                    inst.make_snapshot(now, detail=self._detail)
+        full = self._view is None or now - self._view_t >= self.view_refresh_s
+        changed = self._view_one_changed or full
+        for inst in self.instances:
+            if full or inst.snap_dirty or inst.snapshot is None:
+                inst.make_snapshot(now, detail=self._detail)
+                changed = True
+        if changed:
             self._view = ClusterView(now, tuple([x.snapshot for x in self.instances]))  # type: ignore[misc]
-            self._view_t = now
             self._view_one_changed = False
-        elif self._view_one_changed:
-            self._view = ClusterView(self._view.time_s, tuple([x.snapshot for x in self.instances]))  # type: ignore
-            self._view_one_changed = False
-        return self._view
+            if full:
+                self._view_t = now
+        return self._view  # type: ignore[return-value]
 
     def _refresh_one(self, inst: SimInstance, now: float) -> None:
         """The ingress knows what it just dispatched: refresh that instance's entry at once."""
@@ -301,7 +303,7 @@ class Simulator:
             return inst.span_start + span.duration_s
         res = inst.engine.advance(span, j)
         t_b = inst.span_start + res.duration_s
-        self._record(res, t_b)
+        self._record(res, t_b, inst=inst)
         inst.span = None
         inst.version += 1
         self._push(t_b, EventKind.STEP, inst, inst.version)
@@ -313,12 +315,11 @@ class Simulator:
         if span is not None:
             inst.span = None
             res = inst.engine.advance(span, span.steps)
-            self._record(res, now)
+            self._record(res, now, inst=inst)
         self._kick(inst, now)
 
     def _kick(self, inst: SimInstance, now: float) -> None:
         eng = inst.engine
-        inst.snap_dirty = True
         if not eng.has_work:
             return
         span = eng.plan_span() if self.closed_form else None
@@ -331,12 +332,16 @@ class Simulator:
             if res.duration_s <= 0.0 and not res.preempted:
                 return  # nothing schedulable (cannot happen with validated requests; guards a livelock)
             end = now + res.duration_s
-            self._record(res, end, started=now)
+            self._record(res, end, started=now, inst=inst)
         inst.busy = True
         self._push(end, EventKind.STEP, inst, inst.version)
 
-    def _record(self, res: StepResult, t: float, *, started: float | None = None) -> None:
+    def _record(self, res: StepResult, t: float, *, started: float | None = None, inst: SimInstance | None = None
+                ) -> None:
         """Fold a step's outcome into the per-request columns at the step's end time ``t``."""
+        if inst is not None and (res.admitted or res.first_token or res.finished or res.preempted
+                                 or res.prefill_done):
+            inst.snap_dirty = True  # structural change: routers see it in the next view
         for seq in res.admitted:
             i = seq.tag
             if self.admit[i] != self.admit[i]:  # nan: first admission only

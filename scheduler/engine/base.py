@@ -53,6 +53,7 @@ class TokenChunk:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "migrated" | "error: ..."
     text: str = ""
+    instance_id: str = ""  # which instance produced these tokens (set by the control plane)
 
 
 @dataclass(frozen=True, slots=True)

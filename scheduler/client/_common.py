@@ -1,0 +1,273 @@
+"""Shared, I/O-free parts of ``Client`` and ``AsyncClient``: requests, chunk bookkeeping, errors, channel setup."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from scheduler._proto.llmsched.v1 import admin_pb2, inference_pb2
+from scheduler.client.types import (
+    ClusterStateInfo,
+    GenerateResult,
+    InstanceInfo,
+    LLMSchedError,
+    MigrationResult,
+    StreamChunk,
+    error_for,
+)
+from scheduler.core.types import InstanceRole
+
+FIELD_METADATA_KEY = "llmsched-field"
+RETRY_AFTER_METADATA_KEY = "retry-after"
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+_BACKOFF_BASE_S = 0.05
+_BACKOFF_CAP_S = 2.0
+
+_ROLE_FROM_PROTO = {
+    admin_pb2.INSTANCE_ROLE_PREFILL: InstanceRole.PREFILL,
+    admin_pb2.INSTANCE_ROLE_DECODE: InstanceRole.DECODE,
+    admin_pb2.INSTANCE_ROLE_MIXED: InstanceRole.MIXED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTLS:
+    """TLS for the channel. All PEM bytes; None ``root_certificates`` = the system roots.
+    ``private_key`` + ``certificate_chain`` enable mTLS; ``server_name`` overrides the name checked in the cert."""
+
+    root_certificates: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        ca: str | Path | None = None,
+        cert: str | Path | None = None,
+        key: str | Path | None = None,
+        server_name: str | None = None,
+    ) -> ClientTLS:
+        def read(p: str | Path | None) -> bytes | None:
+            return Path(p).read_bytes() if p else None
+
+        return cls(read(ca), read(key), read(cert), server_name)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+
+
+def channel_setup(
+    tls: ClientTLS | bool | None, max_message_bytes: int | None
+) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, Any]]]:
+    """Credentials (None = plaintext) and channel options."""
+    options: list[tuple[str, Any]] = []
+    if max_message_bytes:
+        options += [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+    if tls is None or tls is False:
+        return None, options
+    cfg = ClientTLS() if tls is True else tls
+    if cfg.server_name:
+        options.append(("grpc.ssl_target_name_override", cfg.server_name))
+    return cfg.credentials(), options
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def new_request_id() -> str:
+    # NOTE: the SDK always picks the id itself so a retry after UNAVAILABLE reuses it (idempotency key).
+    return uuid.uuid4().hex
+
+
+def build_generate_request(
+    prompt: str | Sequence[int],
+    *,
+    request_id: str,
+    max_tokens: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+    model: str | None = None,
+    priority: int = 0,
+    ttft_slo_s: float | None = None,
+    tpot_slo_s: float | None = None,
+    length_hint: int | None = None,
+) -> inference_pb2.GenerateRequest:
+    """The wire request. Validation is the server's job (one place); only the prompt type is checked here."""
+    sampling = inference_pb2.SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop_token_ids=list(stop_token_ids),
+        ignore_eos=ignore_eos,
+    )
+    if seed is not None:
+        sampling.seed = seed
+    req = inference_pb2.GenerateRequest(
+        request_id=request_id, sampling=sampling, model=model or "", priority=priority
+    )
+    if isinstance(prompt, str):
+        req.text = prompt
+    elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+        req.token_ids.ids.extend(prompt)
+        if not prompt:
+            req.token_ids.SetInParent()  # an explicit empty list: let the server name the field
+    else:
+        raise TypeError(f"prompt must be str or a sequence of int, got {type(prompt).__name__}")
+    if ttft_slo_s is not None or tpot_slo_s is not None:
+        req.slo.ttft_ms = (ttft_slo_s or 0.0) * 1e3
+        req.slo.tpot_ms = (tpot_slo_s or 0.0) * 1e3
+    if length_hint is not None:
+        req.length_hint = length_hint
+    return req
+
+
+def backoff_s(attempt: int, retry_after_s: float | None = None) -> float:
+    """Exponential backoff with jitter for retry ``attempt`` (0-based); at least the server's retry-after."""
+    delay = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * (2**attempt)) * random.uniform(0.5, 1.0)
+    return max(delay, retry_after_s or 0.0)
+
+
+def convert_rpc_error(e: grpc.RpcError, request_id: str | None = None) -> LLMSchedError:
+    """A typed :class:`LLMSchedError` from a grpc error (sync or aio)."""
+    code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = e.details() if callable(getattr(e, "details", None)) else str(e)
+    field = retry_after = None
+    md = e.trailing_metadata() if callable(getattr(e, "trailing_metadata", None)) else None
+    for key, value in md or ():
+        if key == FIELD_METADATA_KEY:
+            field = value
+        elif key == RETRY_AFTER_METADATA_KEY:
+            try:
+                retry_after = float(value)
+            except ValueError:
+                pass
+    return error_for(
+        code or grpc.StatusCode.UNKNOWN,
+        details or "",
+        field=field,
+        retry_after_s=retry_after,
+        request_id=request_id,
+    )
+
+
+class StreamState:
+    """Index bookkeeping across attempts: drops what was already delivered, detects gaps."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.next_index = 0
+        self.finished = False
+        self.started = time.perf_counter()
+        self.attempts = 0
+
+    def accept(self, msg: inference_pb2.GenerateChunk) -> StreamChunk | None:
+        """The chunk to hand to the caller (trimmed on overlap), or None for a pure duplicate.
+
+        Raises:
+            StreamGap: the server skipped indices.
+        """
+        ids = tuple(msg.token_ids)
+        index, text = msg.index, msg.text
+        if index > self.next_index:
+            raise error_for(
+                grpc.StatusCode.DATA_LOSS,
+                f"stream gap: expected index {self.next_index}, got {index}",
+                request_id=self.request_id,
+            )
+        if index < self.next_index:  # a replay after a retry: keep only the new tail
+            skip = self.next_index - index
+            if skip >= len(ids) and not msg.finished:
+                return None
+            ids, index, text = ids[skip:], self.next_index, ""
+        self.next_index = index + len(ids)
+        self.finished = msg.finished
+        return StreamChunk(
+            request_id=msg.request_id or self.request_id,
+            index=index,
+            token_ids=ids,
+            text=text,
+            finished=msg.finished,
+            finish_reason=msg.finish_reason or None if msg.finished else None,
+            instance_id=msg.instance_id,
+            arrival_s=time.perf_counter() - self.started,
+        )
+
+
+def collect(request_id: str, chunks: list[StreamChunk], attempts: int, e2e_s: float) -> GenerateResult:
+    token_ids: list[int] = []
+    times: list[float] = []
+    for c in chunks:
+        token_ids.extend(c.token_ids)
+        times.extend([c.arrival_s] * len(c.token_ids))
+    return GenerateResult(
+        request_id=request_id,
+        token_ids=token_ids,
+        text="".join(c.text for c in chunks),
+        finish_reason=chunks[-1].finish_reason if chunks else None,
+        chunks=chunks,
+        ttft_s=times[0] if times else None,
+        token_times=times,
+        e2e_s=e2e_s,
+        attempts=attempts,
+    )
+
+
+def instance_from_proto(m: admin_pb2.Instance) -> InstanceInfo:
+    return InstanceInfo(
+        instance_id=m.instance_id,
+        role=_ROLE_FROM_PROTO.get(m.role),
+        gpu=m.gpu,
+        tp=m.tp,
+        model=m.model,
+        running=m.running,
+        waiting=m.waiting,
+        decoding=m.decoding,
+        kv_blocks_used=m.kv_blocks_used,
+        kv_blocks_total=m.kv_blocks_total,
+        block_size=m.block_size,
+        healthy=m.healthy,
+        draining=m.draining,
+    )
+
+
+def cluster_state_from_proto(m: admin_pb2.ClusterState) -> ClusterStateInfo:
+    return ClusterStateInfo(
+        instances=tuple(instance_from_proto(i) for i in m.instances),
+        router=m.router,
+        requests_in_flight=m.requests_in_flight,
+        extra=dict(m.extra),
+    )
+
+
+def migration_from_proto(m: admin_pb2.MigrationResult) -> MigrationResult:
+    return MigrationResult(
+        request_id=m.request_id,
+        source=m.source,
+        destination=m.destination,
+        committed=m.committed,
+        reason=m.reason,
+        downtime_s=m.downtime_s,
+        stages=m.stages,
+    )
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left until a ``time.monotonic()`` deadline (None = no deadline)."""
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)

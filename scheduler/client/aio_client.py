@@ -1,0 +1,274 @@
+"""asyncio SDK client on ``grpc.aio``; the same methods as :class:`scheduler.client.Client`, awaitable.
+
+Example::
+
+    async with AsyncClient("localhost:50051") as c:
+        r = await c.generate("Hello", max_tokens=32)
+        async for chunk in c.stream("Hello"):
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Self
+
+import grpc
+
+from scheduler._proto.llmsched.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from scheduler.client import _common as c
+from scheduler.client.types import (
+    ClusterStateInfo,
+    GenerateResult,
+    InstanceInfo,
+    MigrationResult,
+    StreamChunk,
+)
+
+
+class AsyncClient:
+    """asyncio client for ``llmsched.v1``. Arguments as :class:`~scheduler.client.Client`.
+
+    Create it inside the event loop that uses it (a ``grpc.aio`` channel is bound to its loop).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        admin_token: str | None = None,
+        tls: c.ClientTLS | bool | None = None,
+        timeout_s: float | None = None,
+        retries: int = 2,
+        max_message_bytes: int | None = None,
+    ) -> None:
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        creds, options = c.channel_setup(tls, max_message_bytes)
+        self.target = target
+        self._channel = (
+            grpc.aio.secure_channel(target, creds, options)
+            if creds is not None
+            else grpc.aio.insecure_channel(target, options)
+        )
+        self._inference = inference_pb2_grpc.InferenceStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        self._md = c.auth_metadata(token)
+        self._admin_md = c.auth_metadata(admin_token or token)
+        self.timeout_s = timeout_s
+        self.retries = retries
+
+    # ------------------------------------------------------------------------------------------ inference
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        model: str | None = None,
+        priority: int = 0,
+        request_id: str | None = None,
+        ttft_slo_s: float | None = None,
+        tpot_slo_s: float | None = None,
+        length_hint: int | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[StreamChunk]:
+        """Async-iterate chunks (contiguous indices from 0). Leaving the loop early cancels the request."""
+        req, state, timeout = self._build(
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            model=model,
+            priority=priority,
+            request_id=request_id,
+            ttft_slo_s=ttft_slo_s,
+            tpot_slo_s=tpot_slo_s,
+            length_hint=length_hint,
+            timeout_s=timeout_s,
+        )
+        return self._stream(req, state, timeout)
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        model: str | None = None,
+        priority: int = 0,
+        request_id: str | None = None,
+        ttft_slo_s: float | None = None,
+        tpot_slo_s: float | None = None,
+        length_hint: int | None = None,
+        timeout_s: float | None = None,
+    ) -> GenerateResult:
+        """Run a request to completion (see :meth:`Client.generate`)."""
+        req, state, timeout = self._build(
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            model=model,
+            priority=priority,
+            request_id=request_id,
+            ttft_slo_s=ttft_slo_s,
+            tpot_slo_s=tpot_slo_s,
+            length_hint=length_hint,
+            timeout_s=timeout_s,
+        )
+        chunks = [chunk async for chunk in self._stream(req, state, timeout)]
+        return c.collect(state.request_id, chunks, state.attempts, time.perf_counter() - state.started)
+
+    def _build(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+        **params: Any,
+    ) -> tuple[inference_pb2.GenerateRequest, c.StreamState, float | None]:
+        rid = request_id or c.new_request_id()
+        req = c.build_generate_request(prompt, request_id=rid, **params)
+        return req, c.StreamState(rid), timeout_s if timeout_s is not None else self.timeout_s
+
+    async def _stream(
+        self, req: inference_pb2.GenerateRequest, state: c.StreamState, timeout_s: float | None
+    ) -> AsyncIterator[StreamChunk]:
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        while True:
+            req.resume_from_index = state.next_index
+            state.attempts += 1
+            call = self._inference.Generate(req, timeout=c.remaining(deadline), metadata=self._md)
+            try:
+                async for msg in call:
+                    chunk = state.accept(msg)
+                    if chunk is not None:
+                        yield chunk
+                    if state.finished:
+                        return
+                return
+            except grpc.RpcError as e:
+                err = c.convert_rpc_error(e, req.request_id)
+                if not self._may_retry(err, state.attempts, deadline):
+                    raise err from None
+                await asyncio.sleep(c.backoff_s(state.attempts - 1, err.retry_after_s))
+            finally:
+                call.cancel()
+
+    async def cancel(self, request_id: str, *, timeout_s: float | None = None) -> bool:
+        resp = await self._unary(
+            self._inference.Cancel,
+            inference_pb2.CancelRequest(request_id=request_id),
+            self._md,
+            timeout_s,
+            retry=True,
+        )
+        return resp.cancelled
+
+    # ------------------------------------------------------------------------------------------ admin
+
+    async def cluster_state(self, *, timeout_s: float | None = None) -> ClusterStateInfo:
+        resp = await self._unary(
+            self._admin.GetClusterState,
+            admin_pb2.GetClusterStateRequest(),
+            self._admin_md,
+            timeout_s,
+            retry=True,
+        )
+        return c.cluster_state_from_proto(resp)
+
+    async def instances(self, *, timeout_s: float | None = None) -> list[InstanceInfo]:
+        resp = await self._unary(
+            self._admin.ListInstances, admin_pb2.ListInstancesRequest(), self._admin_md, timeout_s, retry=True
+        )
+        return [c.instance_from_proto(i) for i in resp.instances]
+
+    async def migrate(
+        self, request_id: str, destination: str | None = None, *, timeout_s: float | None = None
+    ) -> MigrationResult:
+        msg = admin_pb2.MigrateRequestRequest(request_id=request_id)
+        if destination is not None:
+            msg.destination = destination
+        resp = await self._unary(self._admin.MigrateRequest, msg, self._admin_md, timeout_s, retry=False)
+        return c.migration_from_proto(resp)
+
+    async def drain(self, instance_id: str, *, timeout_s: float | None = None) -> int:
+        resp = await self._unary(
+            self._admin.DrainInstance,
+            admin_pb2.DrainInstanceRequest(instance_id=instance_id),
+            self._admin_md,
+            timeout_s,
+            retry=True,
+        )
+        return resp.requests_moved
+
+    async def scale(self, pool: str, count: int, *, timeout_s: float | None = None) -> int:
+        resp = await self._unary(
+            self._admin.Scale,
+            admin_pb2.ScaleRequest(pool=pool, count=count),
+            self._admin_md,
+            timeout_s,
+            retry=True,
+        )
+        return resp.count
+
+    # ------------------------------------------------------------------------------------------ plumbing
+
+    def _may_retry(self, err: Exception, attempts: int, deadline: float | None) -> bool:
+        if getattr(err, "code", None) not in c.RETRYABLE or attempts > self.retries:
+            return False
+        return deadline is None or time.monotonic() < deadline
+
+    async def _unary(
+        self,
+        method: Callable[..., Any],
+        msg: Any,
+        md: tuple[tuple[str, str], ...],
+        timeout_s: float | None,
+        *,
+        retry: bool,
+    ) -> Any:
+        timeout_s = timeout_s if timeout_s is not None else self.timeout_s
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return await method(msg, timeout=c.remaining(deadline), metadata=md)
+            except grpc.RpcError as e:
+                err = c.convert_rpc_error(e)
+                if not retry or not self._may_retry(err, attempts, deadline):
+                    raise err from None
+                await asyncio.sleep(c.backoff_s(attempts - 1, err.retry_after_s))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

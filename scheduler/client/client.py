@@ -1,0 +1,302 @@
+"""Blocking SDK client. ``AsyncClient`` (``aio_client.py``) mirrors it method for method.
+
+Example::
+
+    from scheduler.client import Client
+
+    with Client("localhost:50051", token="...") as c:
+        r = c.generate("Hello", max_tokens=32)
+        print(r.text, r.ttft_s)
+        for chunk in c.stream([1, 2, 3], max_tokens=8):
+            print(chunk.index, chunk.token_ids)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Self, TypeVar
+
+import grpc
+
+from scheduler._proto.llmsched.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from scheduler.client import _common as c
+from scheduler.client.types import (
+    ClusterStateInfo,
+    GenerateResult,
+    InstanceInfo,
+    MigrationResult,
+    StreamChunk,
+)
+
+T = TypeVar("T")
+
+
+class Client:
+    """Blocking client for ``llmsched.v1`` (Inference + Admin).
+
+    Args:
+        target: ``host:port``.
+        token: bearer token for Inference.
+        admin_token: bearer token for Admin calls (falls back to ``token``).
+        tls: None/False = plaintext; True = TLS with system roots; a :class:`ClientTLS` for CA / mTLS / name.
+        timeout_s: default deadline per call (a whole generate, including retries).
+        retries: retries after UNAVAILABLE (same request id; streams resume without duplicated indices).
+        max_message_bytes: channel message-size limit (default: grpc's 4 MiB).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        admin_token: str | None = None,
+        tls: c.ClientTLS | bool | None = None,
+        timeout_s: float | None = None,
+        retries: int = 2,
+        max_message_bytes: int | None = None,
+    ) -> None:
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        creds, options = c.channel_setup(tls, max_message_bytes)
+        self.target = target
+        self._channel = (
+            grpc.secure_channel(target, creds, options)
+            if creds is not None
+            else grpc.insecure_channel(target, options)
+        )
+        self._inference = inference_pb2_grpc.InferenceStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        self._md = c.auth_metadata(token)
+        self._admin_md = c.auth_metadata(admin_token or token)
+        self.timeout_s = timeout_s
+        self.retries = retries
+
+    # ------------------------------------------------------------------------------------------ inference
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        model: str | None = None,
+        priority: int = 0,
+        request_id: str | None = None,
+        ttft_slo_s: float | None = None,
+        tpot_slo_s: float | None = None,
+        length_hint: int | None = None,
+        timeout_s: float | None = None,
+    ) -> Iterator[StreamChunk]:
+        """Yield chunks as they arrive: contiguous ``index`` from 0, last one ``finished``.
+
+        Stopping the iteration early (``break``/``close()``) cancels the request on the server.
+
+        Raises:
+            LLMSchedError: a subclass per status (``InvalidArgument`` with ``.field``, ``ResourceExhausted`` with
+                ``.retry_after_s``, ``DeadlineExceeded``, ``Unavailable`` after the retries, ...).
+        """
+        req, state, timeout = self._build(
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            model=model,
+            priority=priority,
+            request_id=request_id,
+            ttft_slo_s=ttft_slo_s,
+            tpot_slo_s=tpot_slo_s,
+            length_hint=length_hint,
+            timeout_s=timeout_s,
+        )
+        return self._stream(req, state, timeout)
+
+    def _build(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+        **params: Any,
+    ) -> tuple[inference_pb2.GenerateRequest, c.StreamState, float | None]:
+        rid = request_id or c.new_request_id()
+        req = c.build_generate_request(prompt, request_id=rid, **params)
+        return req, c.StreamState(rid), timeout_s if timeout_s is not None else self.timeout_s
+
+    def _stream(
+        self, req: inference_pb2.GenerateRequest, state: c.StreamState, timeout_s: float | None
+    ) -> Iterator[StreamChunk]:
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        while True:
+            req.resume_from_index = state.next_index
+            state.attempts += 1
+            call = self._inference.Generate(req, timeout=c.remaining(deadline), metadata=self._md)
+            try:
+                for msg in call:
+                    chunk = state.accept(msg)
+                    if chunk is not None:
+                        yield chunk
+                    if state.finished:
+                        return
+                return  # stream ended without a finished chunk: treat as done (server closed OK)
+            except grpc.RpcError as e:
+                err = c.convert_rpc_error(e, req.request_id)
+                if not self._may_retry(err, state.attempts, deadline):
+                    raise err from None
+                time.sleep(c.backoff_s(state.attempts - 1, err.retry_after_s))
+            finally:
+                call.cancel()  # no-op after a clean finish; frees the server's work on early exit
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        model: str | None = None,
+        priority: int = 0,
+        request_id: str | None = None,
+        ttft_slo_s: float | None = None,
+        tpot_slo_s: float | None = None,
+        length_hint: int | None = None,
+        timeout_s: float | None = None,
+    ) -> GenerateResult:
+        """Run a request to completion; same arguments as :meth:`stream`.
+
+        Returns:
+            :class:`GenerateResult` with ``token_ids``, ``text``, ``request_id``, ``finish_reason``, ``chunks``,
+            ``ttft_s``, ``token_times`` (seconds after sending), ``e2e_s``.
+        """
+        req, state, timeout = self._build(
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            model=model,
+            priority=priority,
+            request_id=request_id,
+            ttft_slo_s=ttft_slo_s,
+            tpot_slo_s=tpot_slo_s,
+            length_hint=length_hint,
+            timeout_s=timeout_s,
+        )
+        chunks = list(self._stream(req, state, timeout))
+        return c.collect(state.request_id, chunks, state.attempts, time.perf_counter() - state.started)
+
+    def cancel(self, request_id: str, *, timeout_s: float | None = None) -> bool:
+        """Cancel a running request; True when it was running."""
+        resp = self._unary(
+            self._inference.Cancel,
+            inference_pb2.CancelRequest(request_id=request_id),
+            self._md,
+            timeout_s,
+            retry=True,
+        )
+        return resp.cancelled
+
+    # ------------------------------------------------------------------------------------------ admin
+
+    def cluster_state(self, *, timeout_s: float | None = None) -> ClusterStateInfo:
+        resp = self._unary(
+            self._admin.GetClusterState,
+            admin_pb2.GetClusterStateRequest(),
+            self._admin_md,
+            timeout_s,
+            retry=True,
+        )
+        return c.cluster_state_from_proto(resp)
+
+    def instances(self, *, timeout_s: float | None = None) -> list[InstanceInfo]:
+        resp = self._unary(
+            self._admin.ListInstances, admin_pb2.ListInstancesRequest(), self._admin_md, timeout_s, retry=True
+        )
+        return [c.instance_from_proto(i) for i in resp.instances]
+
+    def migrate(
+        self, request_id: str, destination: str | None = None, *, timeout_s: float | None = None
+    ) -> MigrationResult:
+        """Live-migrate a running request (not retried: a migration is not idempotent)."""
+        msg = admin_pb2.MigrateRequestRequest(request_id=request_id)
+        if destination is not None:
+            msg.destination = destination
+        return c.migration_from_proto(
+            self._unary(self._admin.MigrateRequest, msg, self._admin_md, timeout_s, retry=False)
+        )
+
+    def drain(self, instance_id: str, *, timeout_s: float | None = None) -> int:
+        """Migrate everything off an instance and release it; returns the number of requests moved."""
+        resp = self._unary(
+            self._admin.DrainInstance,
+            admin_pb2.DrainInstanceRequest(instance_id=instance_id),
+            self._admin_md,
+            timeout_s,
+            retry=True,
+        )
+        return resp.requests_moved
+
+    def scale(self, pool: str, count: int, *, timeout_s: float | None = None) -> int:
+        """Set a pool's size; returns the pool's target size."""
+        resp = self._unary(
+            self._admin.Scale,
+            admin_pb2.ScaleRequest(pool=pool, count=count),
+            self._admin_md,
+            timeout_s,
+            retry=True,
+        )
+        return resp.count
+
+    # ------------------------------------------------------------------------------------------ plumbing
+
+    def _may_retry(self, err: Exception, attempts: int, deadline: float | None) -> bool:
+        if getattr(err, "code", None) not in c.RETRYABLE or attempts > self.retries:
+            return False
+        return deadline is None or time.monotonic() < deadline
+
+    def _unary(
+        self,
+        method: Callable[..., T],
+        msg: Any,
+        md: tuple[tuple[str, str], ...],
+        timeout_s: float | None,
+        *,
+        retry: bool,
+    ) -> T:
+        timeout_s = timeout_s if timeout_s is not None else self.timeout_s
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return method(msg, timeout=c.remaining(deadline), metadata=md)
+            except grpc.RpcError as e:
+                err = c.convert_rpc_error(e)
+                if not retry or not self._may_retry(err, attempts, deadline):
+                    raise err from None
+                time.sleep(c.backoff_s(attempts - 1, err.retry_after_s))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,467 @@
+"""OpenAI-compatible HTTP front end over the same :class:`IngressAPI` as the gRPC server.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` = server-sent events ending in
+``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (200 ready / 503 draining; never needs a token).
+Errors use OpenAI's body, with ``param`` naming the field::
+
+    {"error": {"message": "max_tokens: must be > 0, got 0", "type": "invalid_request_error",
+               "param": "max_tokens", "code": null}}
+
+Extensions beyond OpenAI (vLLM-style): ``top_k``, ``seed``, ``stop_token_ids``, ``ignore_eos``, ``priority``,
+``request_id`` (idempotency key; also the ``X-Request-Id`` header), ``length_hint``, ``ttft_slo_s``,
+``tpot_slo_s``; completions may take ``prompt`` as a list of token ids; each choice carries ``token_ids``.
+Unsupported OpenAI options that would change the output (``n`` > 1, ``stop`` strings, ``logprobs``, ``echo``,
+``best_of`` > 1, batched prompts) are rejected with the field named rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from scheduler.control.api import (
+    GenerateRequest,
+    IngressAPI,
+    IngressError,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    Unavailable,
+)
+from scheduler.engine.base import SamplingParams, TokenChunk
+from scheduler.server.auth import AuthConfig, http_check
+from scheduler.server.validate import HTTP_FIELDS, new_request_id, validate_generate
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
+
+    model: str | None = None
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    stream: bool = False
+    n: int = 1
+    stop: str | list[str] | None = None
+    logprobs: Any = None
+    priority: int = 0
+    request_id: str | None = None
+    length_hint: int | None = None
+    ttft_slo_s: float | None = None
+    tpot_slo_s: float | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str]
+    echo: bool = False
+    best_of: int | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+
+
+class HTTPError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = (
+            status,
+            message,
+            type_,
+            param,
+            headers,
+        )
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def http_error_for(exc: IngressError) -> HTTPError:
+    """The HTTP status/type for an ingress error (mirror of the gRPC mapping)."""
+    if isinstance(exc, InvalidRequest):
+        return HTTPError(400, str(exc), param=exc.field)
+    if isinstance(exc, NotFound):
+        return HTTPError(404, str(exc), type_="not_found_error", param=exc.field)
+    if isinstance(exc, Overloaded):
+        retry = str(max(1, math.ceil(exc.retry_after_s)))  # HTTP Retry-After is whole seconds
+        return HTTPError(
+            429, str(exc), type_="rate_limit_error", param=exc.field, headers={"Retry-After": retry}
+        )
+    if isinstance(exc, Unavailable):
+        return HTTPError(503, str(exc), type_="service_unavailable", param=exc.field)
+    return HTTPError(500, str(exc), type_="server_error", param=exc.field)
+
+
+class _BodyLimit:
+    """Pure ASGI middleware: buffer the request body up to ``max_bytes``; beyond -> 413 (chunked bodies too)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, send)
+            return
+        body, more = bytearray(), True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > self.max_bytes:
+                await self._reject(scope, send)
+                return
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # later reads: wait for the disconnect, as the server would deliver it
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: dict[str, Any], send: Any) -> None:
+        resp = error_response(413, f"request body exceeds {self.max_bytes} bytes", param=None)
+        await resp(scope, None, send)  # type: ignore[arg-type]
+
+
+def _prompt_of(req: CompletionRequest) -> tuple[str | None, tuple[int, ...] | None]:
+    p = req.prompt
+    if isinstance(p, str):
+        return p, None
+    if p and all(isinstance(x, str) for x in p):
+        if len(p) != 1:
+            raise HTTPError(
+                400, "prompt: batched prompts are not supported; send one request per prompt", param="prompt"
+            )
+        return str(p[0]), None
+    return None, tuple(int(x) for x in p)
+
+
+def _chat_prompt(messages: list[ChatMessage]) -> str:
+    # NOTE: a plain role-tagged transcript; the engine's tokenizer chat template is applied further down when
+    # the ingress knows the model (this server stays model-agnostic).
+    if not messages:
+        raise HTTPError(400, "messages: must not be empty", param="messages")
+    lines = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            parts = [p.get("text", "") for p in content if p.get("type") == "text"]
+            if len(parts) != len(content):
+                raise HTTPError(
+                    400,
+                    f"messages[{i}].content: only text parts are supported",
+                    param=f"messages[{i}].content",
+                )
+            content = "".join(parts)
+        lines.append(f"{m.role}: {content or ''}")
+    return "\n".join(lines) + "\nassistant:"
+
+
+def _check_unsupported(req: _Common) -> None:
+    if req.n != 1:
+        raise HTTPError(400, f"n: only n=1 is supported, got {req.n}", param="n")
+    if req.stop:
+        raise HTTPError(400, "stop: stop strings are not supported; use stop_token_ids", param="stop")
+    if req.logprobs not in (None, False, 0):
+        raise HTTPError(400, "logprobs: not supported", param="logprobs")
+    if isinstance(req, CompletionRequest):
+        if req.echo:
+            raise HTTPError(400, "echo: not supported", param="echo")
+        if req.best_of not in (None, 1):
+            raise HTTPError(400, "best_of: not supported", param="best_of")
+
+
+def _generate_request(
+    req: _Common, text: str | None, ids: tuple[int, ...] | None, request_id: str | None, max_tokens: int
+) -> GenerateRequest:
+    _check_unsupported(req)
+    g = GenerateRequest(
+        request_id=req.request_id or request_id or new_request_id(),
+        prompt=text,
+        prompt_token_ids=ids,
+        sampling=SamplingParams(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=req.seed,
+            stop_token_ids=tuple(req.stop_token_ids),
+            ignore_eos=req.ignore_eos,
+        ),
+        model=req.model or None,
+        priority=req.priority,
+        ttft_slo_s=req.ttft_slo_s,
+        tpot_slo_s=req.tpot_slo_s,
+        length_hint=req.length_hint,
+    )
+    try:
+        validate_generate(g, HTTP_FIELDS)
+    except InvalidRequest as e:
+        raise HTTPError(400, str(e), param=e.field) from None
+    return g
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def build_app(
+    ingress: IngressAPI,
+    *,
+    auth: AuthConfig | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ready: Callable[[], bool] | None = None,
+    default_model: str = "default",
+) -> Any:
+    """The OpenAI-compatible ASGI app (a FastAPI app wrapped in a body-size limit).
+
+    Args:
+        ingress: the control plane's ingress.
+        auth: the same tokens as the gRPC server (client token for /v1/*); None = open.
+        max_body_bytes: larger request bodies get 413.
+        ready: readiness probe for /health (None = always ready).
+        default_model: reported by /v1/models when the cluster state names none.
+    """
+    app = FastAPI(title="llmsched", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(_request: Request, exc: HTTPError) -> JSONResponse:
+        return error_response(exc.status, exc.message, type_=exc.type, param=exc.param, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = (exc.errors() or [{}])[0]
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        # A union field reports the failing member type as the last loc part (e.g. "list[int]"); drop it.
+        param = next((p for p in loc if not p.isdigit() and "[" not in p), None) or "body"
+        index = next((p for p in loc if p.isdigit()), None)
+        name = f"{param}[{index}]" if index is not None and param != "body" else param
+        return error_response(400, f"{name}: {err.get('msg', 'invalid value')}", param=param)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Any) -> Any:
+        if request.url.path.startswith("/v1/"):
+            denied = http_check(auth, request.headers.get("authorization"))
+            if denied is not None:
+                status, message = denied
+                return error_response(
+                    status, message, type_="authentication_error" if status == 401 else "permission_error"
+                )
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = ready() if ready is not None else True
+        return JSONResponse({"status": "ok" if ok else "draining"}, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        try:
+            state = await ingress.cluster_state()
+            names = sorted({i.model for i in state.instances}) or [default_model]
+        except (IngressError, NotImplementedError):
+            names = [default_model]
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "llmsched"} for n in names],
+        }
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        text, ids = _prompt_of(body)
+        g = _generate_request(body, text, ids, request.headers.get("x-request-id"), body.max_tokens)
+        return await _respond(ingress, g, body.model or default_model, chat=False, stream=body.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        g = _generate_request(
+            body, _chat_prompt(body.messages), None, request.headers.get("x-request-id"), max_tokens
+        )
+        return await _respond(ingress, g, body.model or default_model, chat=True, stream=body.stream)
+
+    return _BodyLimit(app, max_body_bytes)
+
+
+async def _respond(ingress: IngressAPI, g: GenerateRequest, model: str, *, chat: bool, stream: bool) -> Any:
+    try:
+        chunks = ingress.generate(g)
+        first = await anext(aiter(chunks))  # errors before the first chunk become a proper HTTP status
+    except IngressError as e:
+        raise http_error_for(e) from None
+    except StopAsyncIteration:
+        first = TokenChunk(g.request_id, 0, (), finished=True, finish_reason="error: empty stream")
+        chunks = _empty()
+    except asyncio.CancelledError:  # client went away before the first token: free the engine
+        await _cancel_quietly(ingress, g.request_id)
+        raise
+    created = int(time.time())
+    rid = ("chatcmpl-" if chat else "cmpl-") + g.request_id
+    if stream:
+        gen = _sse_stream(ingress, g.request_id, first, chunks, rid, model, created, chat=chat)
+        return StreamingResponse(
+            gen,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Request-Id": g.request_id},
+        )
+    ids: list[int] = []
+    text: list[str] = []
+    last = first
+    done = False
+    try:
+        c = first
+        while True:
+            ids.extend(c.token_ids)
+            text.append(c.text)
+            last = c
+            if c.finished:
+                done = True
+                break
+            c = await anext(chunks)
+    except StopAsyncIteration:
+        pass
+    except IngressError as e:
+        raise http_error_for(e) from None
+    finally:
+        if not done:  # the client went away (cancelled task) or the stream broke: free the engine
+            await _cancel_quietly(ingress, g.request_id)
+    prompt_tokens = len(g.prompt_token_ids or ())
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": len(ids),
+        "total_tokens": prompt_tokens + len(ids),
+    }
+    if chat:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": "".join(text)},
+            "finish_reason": last.finish_reason,
+            "token_ids": ids,
+        }
+        obj = "chat.completion"
+    else:
+        choice = {
+            "index": 0,
+            "text": "".join(text),
+            "logprobs": None,
+            "finish_reason": last.finish_reason,
+            "token_ids": ids,
+        }
+        obj = "text_completion"
+    return JSONResponse(
+        {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage},
+        headers={"X-Request-Id": g.request_id},
+    )
+
+
+async def _empty() -> AsyncIterator[TokenChunk]:
+    return
+    yield  # pragma: no cover
+
+
+async def _cancel_quietly(ingress: IngressAPI, request_id: str) -> None:
+    try:
+        await asyncio.shield(ingress.cancel(request_id))
+    except (Exception, asyncio.CancelledError):
+        logger.debug("ingress.cancel(%s) failed", request_id, exc_info=True)
+
+
+async def _sse_stream(
+    ingress: IngressAPI,
+    request_id: str,
+    first: TokenChunk,
+    chunks: AsyncIterator[TokenChunk],
+    rid: str,
+    model: str,
+    created: int,
+    *,
+    chat: bool,
+) -> AsyncIterator[bytes]:
+    done = False
+    try:
+        c = first
+        role_sent = False
+        while True:
+            if chat:
+                delta: dict[str, Any] = {"content": c.text}
+                if not role_sent:
+                    delta["role"] = "assistant"
+                    role_sent = True
+                choice: dict[str, Any] = {"index": 0, "delta": delta}
+                obj = "chat.completion.chunk"
+            else:
+                choice = {"index": 0, "text": c.text, "logprobs": None}
+                obj = "text_completion"
+            choice.update(
+                finish_reason=c.finish_reason if c.finished else None,
+                token_ids=list(c.token_ids),
+                first_index=c.index,
+            )
+            yield _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]})
+            if c.finished:
+                done = True
+                break
+            try:
+                c = await anext(chunks)
+            except StopAsyncIteration:
+                done = True
+                break
+        yield b"data: [DONE]\n\n"
+    except IngressError as e:
+        err = http_error_for(e)
+        yield _sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": None}})
+    finally:
+        if not done:
+            await _cancel_quietly(ingress, request_id)
