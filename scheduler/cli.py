@@ -24,7 +24,7 @@ COMMANDS: dict[str, str] = {
     "simulate": "sim.commands:simulate_main",
     "compare": "sim.compare:main",
     "plan": "sim.planner:main",
-    "replay": "scheduler.replay:main",
+    "replay": "sim.replay:main",
     "profile": "scheduler.profile:main",
     "predict": "scheduler.predict.cli:main",
     "chart": "scheduler.deploy.chart:main",

@@ -45,22 +45,12 @@ def at_load(w: Workload, load: float, saturation: float) -> Workload:
 
 
 def router_factory(name: str, config: ClusterConfig):
-    """Routers that need the latency model or SLO get them from the config."""
+    """A zero-argument factory (goodput bisection needs fresh router state per probe). Routers that use the latency
+    model or the SLOs (``lookahead``) get them from the config."""
 
     def make():
         if name == "lookahead":
-            from scheduler.latency import latency_for
-
-            pool = config.pools[0]
-            lat = {}
-            for p in config.pools:
-                m = latency_for(config.model, config.gpus[p.gpu], p.tp)
-                for k in range(p.count):
-                    lat[f"{p.name}-{k}"] = m
-            try:
-                return make_router(name, latency_by_instance=lat, slo=config.slo_for(0))
-            except TypeError:
-                return make_router(name, latency=latency_for(config.model, config.gpus[pool.gpu], pool.tp))
+            return make_router(name, config=config)
         return make_router(name)
 
     return make

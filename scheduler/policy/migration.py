@@ -197,7 +197,8 @@ class _Round:
     def add(self, r: RequestLoad, src: InstanceSnapshot, dst: InstanceSnapshot, reason: MigrationReason) -> None:
         n = _blocks(r.context_tokens, src.block_size)
         m = _blocks(r.context_tokens, dst.block_size)
-        self.free[src.instance_id] += n
+        # NOTE: the source's blocks free only at commit, so they are not credited to ``free`` this round
+        # (crediting them let a later plan in the same round over-commit an instance that was a source).
         self.used[src.instance_id] -= n
         self.free[dst.instance_id] -= m
         self.used[dst.instance_id] += m

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot, Rejected, RequestInfo
 from scheduler.policy.filters import prefill_candidates
-from scheduler.policy.route import RouteDecision, RouteResult, Router
+from scheduler.policy.route import RouteDecision, Router, RouteResult
 
 HIGH_PRIORITY = 1  # priority at or above which a request counts as high priority (larger is more important)
 

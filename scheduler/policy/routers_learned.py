@@ -38,8 +38,8 @@ FEATURES: tuple[str, ...] = (
     "pending_prefill",  # queued prompt tokens, /8192
     "decode_batch",  # /64
     "decode_context",  # summed decode KV tokens, /1e5
-    "mix_in",  # prompt x remaining decode tokens at the instance, /1e6 (Intelligent Router penalty)
-    "mix_ex",  # existing decodes x prompt, /1e4
+    "mix_in",  # prompt x remaining decode tokens at the instance, /1e7 (Intelligent Router penalty)
+    "mix_ex",  # existing decodes x prompt, /1e5
     "out_x_pending",  # predicted output x queued prompt tokens, /1e6
     "prompt",  # /4096
     "pred_output",  # /1024
@@ -52,7 +52,7 @@ FEATURES: tuple[str, ...] = (
 # lowers it. Used when no artifact is found; the shipped artifact starts from the same vector.
 DEFAULT_WEIGHTS: dict[str, float] = {
     "bias": 0.0, "outstanding": 0.5, "waiting": 1.0, "virtual_usage": 1.0, "kv_usage": 0.5,
-    "pending_prefill": 1.0, "decode_batch": 0.3, "decode_context": 0.3, "mix_in": 0.5, "mix_ex": 0.3,
+    "pending_prefill": 2.0, "decode_batch": 0.3, "decode_context": 0.3, "mix_in": 0.5, "mix_ex": 0.3,
     "out_x_pending": 0.3, "prompt": 0.0, "pred_output": 0.0, "high_x_waiting": 2.0, "prefix_hit": -0.5,
     "is_mixed": 0.0,
 }
@@ -86,8 +86,8 @@ def features(request: RequestInfo, inst: InstanceSnapshot, *, phase: str = "colo
         q / 8192,
         n / 64,
         inst.decode_context_tokens / 1e5,
-        p * r / 1e6,
-        n * p / 1e4,
+        p * r / 1e7,
+        n * p / 1e5,
         (o if phase != "prefill" else 0.0) * q / 1e6,
         request.prompt_tokens / 4096,
         o / 1024,

@@ -157,9 +157,10 @@ class MixingRouter(PairingRouter):
                                         #   its decodes behind queued prompts
         existing = N * P                # penalty on resident decodes: each stalls for the new prompt
         load     = outstanding requests
+        backlog  = Q + P                # prompt tokens ahead of (and including) the newcomer's first token
         queue    = waiting requests, for high-priority requests only (they avoid queues)
         score = alpha * norm(incoming) + (1 - alpha) * norm(existing) + load_weight * norm(load)
-                + queue_weight * norm(queue)
+                + backlog_weight * norm(backlog) + queue_weight * norm(queue)
 
     ``norm`` divides by the maximum over the candidates (so terms are comparable, in [0, 1]). ``O`` is the
     predicted output length (``default_output_tokens`` when unknown); ``R`` is the instance's predicted remaining
@@ -169,13 +170,15 @@ class MixingRouter(PairingRouter):
 
     name = "mixing"
 
-    def __init__(self, *, alpha: float = 0.5, load_weight: float = 0.3, default_output_tokens: float = 256.0,
-                 heavy_ratio: float = 1.0, queue_weight: float = 1.0, **kw: object) -> None:
+    def __init__(self, *, alpha: float = 0.5, load_weight: float = 0.3, backlog_weight: float = 1.0,
+                 default_output_tokens: float = 256.0, heavy_ratio: float = 1.0, queue_weight: float = 1.0,
+                 **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha: {alpha} is outside [0, 1]")
         self.alpha = alpha
         self.load_weight = load_weight
+        self.backlog_weight = backlog_weight
         self.default_output_tokens = default_output_tokens
         self.heavy_ratio = heavy_ratio
         self.queue_weight = queue_weight
@@ -188,36 +191,38 @@ class MixingRouter(PairingRouter):
         return "prefill-heavy" if request.prompt_tokens >= self.heavy_ratio * self.output_of(request) else (
             "decode-heavy")
 
-    def terms(self, request: RequestInfo, inst: InstanceSnapshot, phase: str) -> tuple[float, float, float, float]:
+    def terms(self, request: RequestInfo, inst: InstanceSnapshot, phase: str) -> tuple[float, ...]:
         p, o = float(request.prompt_tokens), self.output_of(request)
         if phase == "decode":
             p = 1.0  # the prompt ran elsewhere: only a one-token step joins this batch
         n = inst.num_decoding
         r = inst.predicted_remaining_tokens if inst.predicted_remaining_tokens > 0 else n * self.default_output_tokens
-        q = inst.prefill_tokens_pending if phase != "prefill" else 0.0
+        q = float(inst.prefill_tokens_pending)
         if phase == "prefill":
             o = 0.0  # a PREFILL instance never decodes it
         incoming = p * r + o * q
         existing = n * p
         load = float(inst.num_running + inst.num_waiting)
-        return incoming, existing, load, queue_penalty(request, inst, 1.0)
+        backlog = q + p if phase != "decode" else 0.0
+        return incoming, existing, load, backlog, queue_penalty(request, inst, 1.0)
 
     def pick(self, request, candidates, view, *, phase):  # type: ignore[override]
         terms = [self.terms(request, c, phase) for c in candidates]
-        mx = [max(t[k] for t in terms) or 1.0 for k in range(4)]
+        mx = [max(t[k] for t in terms) or 1.0 for k in range(5)]
         a = self.alpha
 
-        def score(t: tuple[float, float, float, float]) -> float:
+        def score(t: tuple[float, ...]) -> float:
             return (a * t[0] / mx[0] + (1 - a) * t[1] / mx[1] + self.load_weight * t[2] / mx[2]
-                    + self.queue_weight * t[3] / mx[3])
+                    + self.backlog_weight * t[3] / mx[3] + self.queue_weight * t[4] / mx[4])
 
         best = min(range(len(candidates)), key=lambda k: score(terms[k]))
         return candidates[best]
 
     def score(self, request: RequestInfo, inst: InstanceSnapshot, *, phase: str) -> float:
         # Unnormalised single-instance score (used by ``pair`` for the colocation check).
-        i, e, l, q = self.terms(request, inst, phase)
-        return self.alpha * i + (1 - self.alpha) * e + self.load_weight * l + self.queue_weight * q
+        i, e, l, b, q = self.terms(request, inst, phase)
+        return (self.alpha * i + (1 - self.alpha) * e + self.load_weight * l + self.backlog_weight * b
+                + self.queue_weight * q)
 
     def route(self, request: RequestInfo, view: ClusterView) -> RouteResult:
         d = super().route(request, view)

@@ -116,7 +116,7 @@ async def replay_async(
 
 def main(argv: list[str] | None = None) -> int:
     from scheduler.telemetry.report import print_summaries, write_json
-    from sim.traces import default_trace, load_trace  # trace files are data; the loaders live with the simulator
+    from sim.traces import default_trace, load_trace
 
     p = argparse.ArgumentParser(prog="llmsched replay", description=__doc__)
     p.add_argument("--trace", help="trace file (default: the bundled Azure slice)")

@@ -1,0 +1,228 @@
+"""Smart routers over hand-built ClusterViews: each test is a case where the policy's idea must show."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from scheduler.config.models import ClusterConfig, GPUSpec, ModelSpec, PoolSpec
+from scheduler.core.types import (
+    ClusterView,
+    InstanceRole,
+    InstanceSnapshot,
+    Rejected,
+    RequestInfo,
+    RequestLoad,
+)
+from scheduler.policy.pairing import decode_pool
+from scheduler.policy.route import LeastOutstandingRouter, RouteDecision, make_router
+from scheduler.policy.routers_learned import ARTIFACT, DEFAULT_WEIGHTS, FEATURES, LearnedRouter, features
+from scheduler.policy.routers_lookahead import LookaheadRouter, default_latency_model
+from scheduler.policy.routers_smart import LlumnixRouter, MixingRouter, PowerOfTwoRouter, PrefixAffinityRouter
+
+M, P, D = InstanceRole.MIXED, InstanceRole.PREFILL, InstanceRole.DECODE
+SMART = ("power_of_two", "llumnix", "prefix_affinity", "mixing", "lookahead", "learned")
+
+
+def snap(iid: str, role: InstanceRole = M, *, running: int = 0, waiting: int = 0, decoding: int | None = None,
+         used: int = 0, total: int = 1000, pending: int = 0, ctx: int = 0, pred: float = 0.0,
+         requests: tuple[RequestLoad, ...] = (), draining: bool = False,
+         cached: frozenset[int] = frozenset()) -> InstanceSnapshot:
+    return InstanceSnapshot(
+        iid, role, num_running=running, num_waiting=waiting,
+        num_decoding=running if decoding is None else decoding, kv_blocks_used=used, kv_blocks_total=total,
+        block_size=16, prefill_tokens_pending=pending, decode_context_tokens=ctx, predicted_remaining_tokens=pred,
+        requests=requests, draining=draining, cached_hash_ids=cached,
+    )
+
+
+def req(prompt: int = 100, out: float | None = None, *, rid: str = "r", priority: int = 0,
+        hash_ids: tuple[int, ...] = ()) -> RequestInfo:
+    return RequestInfo(rid, 0.0, prompt, 4096, priority=priority, predicted_output_tokens=out, hash_ids=hash_ids)
+
+
+def view(*insts: InstanceSnapshot) -> ClusterView:
+    return ClusterView(0.0, insts)
+
+
+@pytest.mark.parametrize("name", SMART)
+def test_registered_routers_route_colocated_and_disaggregated(name: str) -> None:
+    r = make_router(name)
+    assert r.name == name
+    assert r.needs_request_detail is False  # none asks for per-request detail by default
+    d = r.route(req(), view(snap("a", running=3, used=100), snap("b", running=1, used=50)))
+    assert isinstance(d, RouteDecision) and d.decode_instance is None and d.prefill_instance in ("a", "b")
+    d = r.route(req(), view(snap("p0", P), snap("p1", P, waiting=2, pending=900), snap("d0", D), snap("d1", D)))
+    assert isinstance(d, RouteDecision)
+    assert d.prefill_instance in ("p0", "p1") and d.decode_instance in ("d0", "d1")
+    assert isinstance(r.route(req(), view(snap("x", draining=True))), Rejected)
+
+
+def test_power_of_two_is_seeded_and_never_picks_the_worst() -> None:
+    v = view(*(snap(f"i{k}", running=k) for k in range(5)))
+    a, b = PowerOfTwoRouter(seed=7), PowerOfTwoRouter(seed=7)
+    picks = [a.route(req(), v).prefill_instance for _ in range(200)]  # type: ignore[union-attr]
+    assert picks == [b.route(req(), v).prefill_instance for _ in range(200)]  # type: ignore[union-attr]
+    assert "i4" not in picks and len(set(picks)) >= 3  # samples spread, the worst always loses its pair
+    two = view(snap("x", running=5), snap("y", running=1))
+    assert all(PowerOfTwoRouter(seed=s).route(req(), two).prefill_instance == "y" for s in range(5))  # type: ignore
+
+
+def test_llumnix_counts_queued_prompts_and_keeps_headroom_for_high_priority() -> None:
+    # a: little KV in use but a 12k-token prompt queued (750 blocks); b: more in use, nothing queued.
+    v = view(snap("a", running=1, used=100, pending=12_000), snap("b", running=6, used=400))
+    assert LeastOutstandingRouter().route(req(), v).prefill_instance == "a"  # type: ignore[union-attr]
+    r = LlumnixRouter()
+    assert r.route(req(), v).prefill_instance == "b"  # type: ignore[union-attr]
+    # Equal instances: after a high-priority request lands on x, normal requests go to y, high ones see no headroom.
+    eq = view(snap("x", used=300), snap("y", used=320))
+    hi = req(priority=1, rid="h")
+    d = r.route(hi, eq)
+    assert d.prefill_instance == "x"  # type: ignore[union-attr]
+    r.on_routed(hi, d)  # type: ignore[arg-type]
+    assert r.route(req(), eq).prefill_instance == "y"  # type: ignore[union-attr]
+    assert r.route(req(priority=1, rid="h2"), eq).prefill_instance == "x"  # type: ignore[union-attr]
+    r.on_finished("h", "x")
+    assert r.route(req(), eq).prefill_instance == "x"  # type: ignore[union-attr]
+
+
+def test_prefix_affinity_trades_cache_hits_against_queue() -> None:
+    r = PrefixAffinityRouter(hash_block_tokens=512)
+    prompt = req(4096, hash_ids=tuple(range(8)))
+    hot = frozenset(range(8))
+    v = view(snap("a", pending=500), snap("b", pending=1500, cached=hot))
+    assert r.route(prompt, v).prefill_instance == "b"  # saves 4096 tokens of prefill for 1000 of queue
+    v = view(snap("a", pending=500), snap("b", pending=20_000, cached=hot))
+    assert r.route(prompt, v).prefill_instance == "a"  # the hot instance's queue costs more than the reuse
+    assert r.matched_blocks(req(hash_ids=(0, 1, 99, 3)), snap("b", cached=hot)) == 2  # leading blocks only
+    # Without cache reports the router remembers where it sent the prefix.
+    v = view(snap("a", pending=100), snap("b", pending=600))
+    r.on_routed(prompt, RouteDecision("b"))
+    assert r.route(req(4096, rid="next", hash_ids=tuple(range(8))), v).prefill_instance == "b"
+    assert PrefixAffinityRouter().route(prompt, v).prefill_instance == "a"  # a fresh router knows nothing
+
+
+def test_mixing_sends_prefill_heavy_away_from_decode_heavy() -> None:
+    # "dec": 4 outstanding, all long decodes; "pre": 6 outstanding, mostly queued prompts, few decodes.
+    dec = snap("dec", running=4, decoding=4, ctx=8000, pred=4000.0, used=500)
+    pre = snap("pre", running=2, waiting=4, decoding=1, ctx=600, pred=50.0, pending=6000, used=450)
+    v = view(dec, pre)
+    assert LeastOutstandingRouter().route(req(), v).prefill_instance == "dec"  # type: ignore[union-attr]
+    r = MixingRouter()
+    d = r.route(req(3000, 20.0), v)
+    assert d.prefill_instance == "pre" and "prefill-heavy" in d.reason  # type: ignore[union-attr]
+    # A decode-heavy request avoids the queued prompts instead: they would stall its decodes.
+    d = r.route(req(40, 1500.0), v)
+    assert d.prefill_instance == "dec" and "decode-heavy" in d.reason  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="alpha"):
+        MixingRouter(alpha=1.5)
+
+
+def test_lookahead_beats_least_outstanding_on_marginal_latency() -> None:
+    # "q": one request, but a 30k-token prompt queued ahead; "b": three short decodes. Fewest outstanding is q,
+    # yet a new request there waits for the whole prompt; on b it only slows three tiny decodes a little.
+    q = snap("q", running=0, waiting=1, decoding=0, used=0, pending=30_000)
+    b = snap("b", running=3, decoding=3, ctx=900, pred=300.0, used=60)
+    v = view(q, b)
+    assert LeastOutstandingRouter().route(req(500, 100.0), v).prefill_instance == "q"  # type: ignore[union-attr]
+    r = LookaheadRouter(default_latency_model())
+    assert r.route(req(500, 100.0), v).prefill_instance == "b"  # type: ignore[union-attr]
+    eq, eb = r.estimate(req(500, 100.0), q), r.estimate(req(500, 100.0), b)
+    assert eq.ttft_s > 10 * eb.ttft_s and eb.harm_s > 0 == eq.harm_s
+    assert eq.total_s > eb.total_s
+
+
+def test_lookahead_prices_kv_pressure_and_slo() -> None:
+    from scheduler.core.types import SLO
+
+    lat = default_latency_model()
+    # Both hold ~70k decode tokens; "full" has 80k tokens of KV, "free" 320k: growth on "full" must preempt.
+    full = snap("full", running=10, ctx=70_000, pred=4000.0, used=4900, total=5000)
+    free = snap("free", running=12, ctx=75_000, pred=4800.0, used=4800, total=20_000)
+    r = LookaheadRouter(lat)
+    assert r.estimate(req(800, 400.0), full).kv_s > 0 == r.estimate(req(800, 400.0), free).kv_s
+    assert r.route(req(800, 400.0), view(full, free)).prefill_instance == "free"  # type: ignore[union-attr]
+    # A TTFT SLO it cannot meet is charged.
+    tight = LookaheadRouter(lat, slo=SLO(ttft_s=1e-4))
+    assert tight.estimate(req(800), free).slo_s > 0 == r.estimate(req(800), free).slo_s
+
+
+def test_lookahead_pairs_jointly_and_colocates_when_cheaper() -> None:
+    lat = default_latency_model()
+    r = LookaheadRouter(lat)
+    v = view(snap("p0", P, waiting=3, pending=9000), snap("p1", P),
+             snap("d0", D, running=40, ctx=60_000, pred=12_000.0, used=4000, total=5000),
+             snap("d1", D, running=2, ctx=1000, pred=200.0, used=100, total=5000))
+    d = r.route(req(1000, 200.0), v)
+    assert (d.prefill_instance, d.decode_instance) == ("p1", "d1")  # type: ignore[union-attr]
+    # An idle MIXED instance beats prefill + transfer + decode on busy separate pools.
+    v = view(snap("p0", P, waiting=2, pending=8000), snap("m", M),
+             snap("d0", D, running=30, ctx=40_000, pred=9000.0, used=3000, total=5000))
+    d = r.route(req(1000, 200.0), v)
+    assert d.prefill_instance == "m" and d.decode_instance is None  # type: ignore[union-attr]
+
+
+def test_lookahead_takes_latency_models_from_config() -> None:
+    gpu = GPUSpec(name="g", memory_gib=80, fp16_tflops=300, hbm_gbps=2000)
+    model = ModelSpec(name="m", num_layers=4, hidden_size=512, num_heads=8, num_kv_heads=8,
+                      intermediate_size=1024, vocab_size=1000)
+    cfg = ClusterConfig(gpus={"g": gpu}, model=model, pools=[PoolSpec(name="p", gpu="g", count=2)])
+    r = make_router("lookahead", config=cfg)
+    inst = InstanceSnapshot("p-0", M, gpu="g", tp=1)
+    assert r.latency_of(inst).model == model  # type: ignore[attr-defined]
+    assert r.slo_for(req()).ttft_s == 2.0  # type: ignore[attr-defined]
+
+
+def test_splitwise_fallback_widens_saturated_decode_pool() -> None:
+    sat = snap("d0", D, running=50, used=990, total=1000)
+    pool = decode_pool(view(snap("p0", P), sat, snap("m0", M)))
+    assert {i.instance_id for i in pool.candidates} == {"d0", "m0"} and pool.fallback
+    assert decode_pool(view(snap("p0", P), sat, snap("d1", D, used=100))).fallback == ""
+    # Only on request may a light PREFILL instance decode.
+    v = view(snap("p0", P), snap("p1", P, waiting=3, pending=5000, used=400), sat)
+    assert [i.instance_id for i in decode_pool(v).candidates] == ["d0"]
+    wide = decode_pool(v, allow_prefill_decode=True)
+    assert {i.instance_id for i in wide.candidates} == {"d0", "p0"}
+    d = LlumnixRouter(allow_prefill_decode=True).route(req(), v)
+    assert d.decode_instance == "p0" and "fallback" in d.reason  # type: ignore[union-attr]
+    d = LlumnixRouter().route(req(), view(snap("p0", P), sat, snap("m0", M)))
+    assert d.decode_instance in (None, "m0") and d.prefill_instance in ("p0", "m0")  # type: ignore[union-attr]
+    assert "fallback" in d.reason  # type: ignore[union-attr]
+
+
+def test_high_priority_avoids_long_queues() -> None:
+    v = view(snap("a", running=2, waiting=6, used=200), snap("b", running=6, waiting=0, used=260))
+    for name in ("power_of_two", "llumnix", "mixing", "learned"):
+        r = make_router(name)
+        assert r.route(req(priority=1), v).prefill_instance == "b", name  # type: ignore[union-attr]
+
+
+def test_learned_router_fits_saves_loads_and_routes(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    true = rng.normal(size=len(FEATURES))
+    X = rng.normal(size=(400, len(FEATURES)))
+    r = LearnedRouter(dict(DEFAULT_WEIGHTS))
+    w = r.fit([(x, -float(x @ true)) for x in X], l2=1e-6)  # reward = -cost
+    assert np.allclose([w[k] for k in FEATURES], true, atol=1e-2)
+    path = tmp_path / "lr.json"
+    r.save(path, meta={"trace": "synthetic"})
+    assert json.loads(path.read_text())["meta"] == {"trace": "synthetic"}
+    assert LearnedRouter.load(path).weights == pytest.approx(r.weights)
+    with pytest.raises(ValueError, match="unknown features"):
+        LearnedRouter({"nope": 1.0})
+    with pytest.raises(ValueError, match="entries"):
+        r.fit([([1.0, 2.0], 0.0)])
+    with pytest.raises(ValueError, match="not a learned-router artifact"):
+        (tmp_path / "bad.json").write_text("{}")
+        LearnedRouter(path=tmp_path / "bad.json")
+    # The shipped artifact loads; collect mode logs the chosen arm's features for training.
+    assert ARTIFACT.exists() and LearnedRouter().weights == pytest.approx(LearnedRouter(path=ARTIFACT).weights)
+    c = LearnedRouter(collect=True)
+    v = view(snap("a", running=8, waiting=4, used=700, pending=4000), snap("b", running=1, used=50))
+    d = c.route(req(rid="x"), v)
+    assert d.prefill_instance == "b"  # type: ignore[union-attr]
+    c.on_routed(req(rid="x"), d)  # type: ignore[arg-type]
+    (phi,) = c.take("x")
+    assert np.allclose(phi, features(req(rid="x"), v.by_id("b"), phase="colocated")) and c.take("x") == []

@@ -1,0 +1,216 @@
+"""Scaling, re-roling, admission and placement policies (capacity-side decisions) over hand-built views."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.config.models import ClusterConfig, GPUSpec
+from scheduler.core.types import SLO, ClusterView, InstanceRole, InstanceSnapshot, Rejected, RequestInfo
+from scheduler.policy.admission import AdmissionPolicy, Admitted, make_admission_policy
+from scheduler.policy.placement import enumerate_placements, instance_profile
+from scheduler.policy.routers_lookahead import default_latency_model
+from scheduler.policy.scaling import (
+    RerolePolicy,
+    ScaleDecision,
+    SLAScaler,
+    ThresholdScaler,
+    WorkloadSummary,
+    decode_batch_limit,
+    decode_capacity_rps,
+    make_scaling_policy,
+    prefill_capacity_rps,
+)
+
+M, P, D = InstanceRole.MIXED, InstanceRole.PREFILL, InstanceRole.DECODE
+LAT = default_latency_model()
+MODEL = LAT.model
+
+
+def snap(iid: str, role: InstanceRole = M, *, used: int = 0, total: int = 100, running: int = 0,
+         pending: int = 0, draining: bool = False) -> InstanceSnapshot:
+    return InstanceSnapshot(iid, role, num_running=running, kv_blocks_used=used, kv_blocks_total=total,
+                            prefill_tokens_pending=pending, draining=draining)
+
+
+def view(*insts: InstanceSnapshot) -> ClusterView:
+    return ClusterView(0.0, insts)
+
+
+# ---- decisions and capacity -----------------------------------------------------------------------------------------
+def test_scale_decision_needs_exactly_one_of_delta_and_target() -> None:
+    ScaleDecision("decode", delta=1)
+    ScaleDecision("decode", target=3)
+    with pytest.raises(ValueError, match="exactly one"):
+        ScaleDecision("decode")
+    with pytest.raises(ValueError, match="exactly one"):
+        ScaleDecision("decode", delta=1, target=2)
+    with pytest.raises(ValueError, match="target"):
+        ScaleDecision("decode", target=-1)
+
+
+def test_capacity_functions_follow_the_latency_model() -> None:
+    b = decode_batch_limit(LAT, 1000, 200, tpot_slo_s=0.05)
+    a, c = LAT.decode_coeffs(b)
+    assert a + c * b * 1100 <= 0.05
+    a1, c1 = LAT.decode_coeffs(b + 1)
+    assert a1 + c1 * (b + 1) * 1100 > 0.05  # the largest such batch
+    assert decode_batch_limit(LAT, 1000, 200, tpot_slo_s=1e-4) == 0
+    assert decode_batch_limit(LAT, 1000, 200, kv_tokens=11_000) == 10  # KV-bound
+    assert decode_capacity_rps(LAT, 1000, 200, tpot_slo_s=0.03) < decode_capacity_rps(LAT, 1000, 200, tpot_slo_s=0.1)
+    loose = prefill_capacity_rps(LAT, 2000, ttft_slo_s=5.0)
+    tight = prefill_capacity_rps(LAT, 2000, ttft_slo_s=1.2 * LAT.prefill_time(2000))
+    assert 0 < tight < loose <= prefill_capacity_rps(LAT, 2000)
+    assert prefill_capacity_rps(LAT, 2000, ttft_slo_s=0.5 * LAT.prefill_time(2000)) == 0.0
+
+
+# ---- threshold scaler -------------------------------------------------------------------------------------------------
+def test_threshold_scaler_sustain_cooldown_startup_and_hysteresis() -> None:
+    s = ThresholdScaler(scale_up=0.8, scale_down=0.3, sustain_s=10, cooldown_s=30, startup_delay_s=60)
+    busy = view(snap("d0", D, used=90), snap("d1", D, used=95))
+    assert s.decide(busy, 0.0) == []  # not sustained yet
+    assert s.decide(busy, 5.0) == []
+    (up,) = s.decide(busy, 10.0)
+    assert up.pool == "decode" and up.delta == 1
+    # Still busy, cooldown over, but the new instance is starting: it counts as capacity (2 * 0.925 / 3 < 0.8).
+    assert s.decide(busy, 45.0) == [] and s.decide(busy, 59.0) == []
+    # Between the thresholds: nothing (hysteresis).
+    mid = view(snap("d0", D, used=50), snap("d1", D, used=60), snap("d2", D, used=55))
+    assert s.decide(mid, 100.0) == [] and s.decide(mid, 200.0) == []
+    idle = view(snap("d0", D, used=10, running=3), snap("d1", D, used=5, running=1), snap("d2", D, used=20, running=2))
+    assert s.decide(idle, 300.0) == []
+    (down,) = s.decide(idle, 310.0)
+    assert down.delta == -1 and down.drain == ("d1",)
+    with pytest.raises(ValueError, match="hysteresis"):
+        ThresholdScaler(scale_up=0.3, scale_down=0.5)
+
+
+def test_threshold_scaler_respects_min_and_max() -> None:
+    s = ThresholdScaler(sustain_s=0, cooldown_s=0, min_instances=1, max_instances=2)
+    assert s.decide(view(snap("a", used=99), snap("b", used=99)), 0.0) == []  # at max
+    assert s.decide(view(snap("a", used=0)), 1.0) == []  # at min
+
+
+# ---- SLA scaler -----------------------------------------------------------------------------------------------------------
+def test_sla_scaler_sizes_pools_from_the_latency_model() -> None:
+    s = SLAScaler(LAT, slo=SLO(ttft_s=1.0, tpot_s=0.05), startup_delay_s=0, max_instances=1000)
+    w = WorkloadSummary(10.0, 1000, 300)
+    t1 = s.targets({"prefill", "decode"}, w)
+    t2 = s.targets({"prefill", "decode"}, WorkloadSummary(40.0, 1000, 300))
+    assert all(t1[k] is not None and t2[k] is not None for k in t1)
+    assert 3.5 * t1["decode"] <= t2["decode"] <= 4 * t1["decode"] + 1  # type: ignore[operator]
+    assert t2["prefill"] >= t1["prefill"]  # type: ignore[operator]
+    stricter = SLAScaler(LAT, slo=SLO(ttft_s=1.0, tpot_s=0.02), startup_delay_s=0).targets({"decode"}, w)
+    assert stricter["decode"] > t1["decode"]  # type: ignore[operator]
+    assert SLAScaler(LAT, slo=SLO(tpot_s=1e-5)).targets({"decode"}, w) == {"decode": None}
+
+
+def test_sla_scaler_scales_up_now_down_later_and_forecasts_trend() -> None:
+    s = SLAScaler(LAT, slo=SLO(ttft_s=1.0, tpot_s=0.05), startup_delay_s=30, down_sustain_s=60, cooldown_s=0)
+    v = view(snap("m0"))
+    (up,) = s.decide(v, 0.0, WorkloadSummary(20.0, 1000, 300))
+    assert up.pool == "mixed" and up.target is not None and up.target > 1
+    assert s.decide(v, 1.0, WorkloadSummary(20.0, 1000, 300)) == []  # the started ones count while they boot
+    big = view(*(snap(f"m{k}") for k in range(up.target)))
+    assert s.decide(big, 40.0, WorkloadSummary(0.5, 1000, 300)) == []  # low load: wait down_sustain_s
+    (down,) = s.decide(big, 101.0, WorkloadSummary(0.5, 1000, 300))
+    assert down.target is not None and down.target < up.target and len(down.drain) == up.target - down.target
+    f = SLAScaler(LAT, slo=SLO(), startup_delay_s=30)
+    for t, r in ((0, 1.0), (10, 2.0), (20, 3.0), (30, 4.0)):
+        pred = f.forecast(t, r)
+    assert pred > 4.0  # a rising rate is extrapolated over the start-up delay
+    with pytest.raises(ValueError, match="observed"):
+        s.decide(v, 200.0)
+    with pytest.raises(ValueError, match="latency"):
+        SLAScaler()
+
+
+def test_sla_scaler_from_config_and_registry() -> None:
+    gpu = GPUSpec(name="a100", memory_gib=80, fp16_tflops=312, hbm_gbps=2039)
+    cfg = ClusterConfig(gpus={"a100": gpu}, model=MODEL,
+                        pools=[{"name": "p", "role": "prefill", "gpu": "a100"}, {"name": "d", "role": "decode",
+                                                                                  "gpu": "a100"}])
+    s = make_scaling_policy("sla", config=cfg)
+    assert s.slo.tpot_s == 0.1  # type: ignore[attr-defined]
+    assert set(s.targets({"prefill", "decode"}, WorkloadSummary(5, 500, 200))) == {"prefill", "decode"}  # type: ignore
+    assert make_scaling_policy("none").decide(view(snap("a")), 0.0) == []
+    with pytest.raises(ValueError, match="allowed: none, sla, threshold"):
+        make_scaling_policy("magic")
+
+
+# ---- re-roling ------------------------------------------------------------------------------------------------------------
+def test_reroling_moves_idle_prefill_into_saturated_decode_pool() -> None:
+    r = RerolePolicy(sustain_s=5, cooldown_s=30)
+    v = view(snap("p0", P, pending=0), snap("p1", P, pending=500, running=1),
+             snap("d0", D, used=95), snap("d1", D, used=97))
+    assert r.propose(v, 0.0) == []
+    (ch,) = r.propose(v, 5.0)
+    assert (ch.instance_id, ch.new_role) == ("p0", D) and "decode pool saturated" in ch.reason
+    assert r.propose(v, 12.0) == []  # cooldown
+    lone = view(snap("p0", P), snap("d0", D, used=95))
+    assert RerolePolicy(sustain_s=0).propose(lone, 0.0) == []  # keeps one instance per role
+    flip = view(snap("p0", P, pending=20_000), snap("p1", P, pending=9000), snap("d0", D, used=10),
+                snap("d1", D, used=5))
+    (ch,) = RerolePolicy(sustain_s=0).propose(flip, 0.0)
+    assert ch.instance_id == "d1" and ch.new_role is P
+
+
+# ---- admission ------------------------------------------------------------------------------------------------------------
+def test_admission_bounds_queues_per_priority() -> None:
+    a = AdmissionPolicy(max_queued={0: 2, 1: 10}, retry_after_s=0.5, drain_rps_per_instance=1.0)
+    v = view(snap("a", total=1000), snap("b", total=1000))
+    r0 = RequestInfo("x", 0.0, 100, 100)
+    assert isinstance(a.admit(r0, v, {0: 1}), Admitted)
+    no = a.admit(r0, v, {0: 2, 1: 0})
+    assert isinstance(no, Rejected) and "priority 0" in no.reason and no.retry_after_s == pytest.approx(1.0)
+    assert isinstance(a.admit(RequestInfo("y", 0.0, 100, 100, priority=1), v, {0: 2}), Admitted)
+    huge = a.admit(RequestInfo("z", 0.0, 20_000, 10), v, {})
+    assert isinstance(huge, Rejected) and "prompt_tokens" in huge.reason and huge.retry_after_s is None
+    gone = a.admit(r0, view(snap("a", draining=True)), {})
+    assert isinstance(gone, Rejected) and gone.retry_after_s == 0.5
+
+
+def test_admission_sheds_low_priority_under_overload() -> None:
+    a = make_admission_policy("bounded", shed_usage=0.9, protected_priority=1)
+    hot = view(snap("a", used=95), snap("b", used=92))
+    assert isinstance(a.admit(RequestInfo("x", 0.0, 10, 10), hot, {}), Rejected)
+    assert isinstance(a.admit(RequestInfo("x", 0.0, 10, 10, priority=1), hot, {}), Admitted)
+    assert isinstance(make_admission_policy("always").admit(RequestInfo("x", 0.0, 10, 10), hot, {0: 10**9}), Admitted)
+    with pytest.raises(ValueError, match="allowed: always, bounded"):
+        make_admission_policy("nope")
+
+
+# ---- placement ------------------------------------------------------------------------------------------------------------
+GPUS = {
+    "big": GPUSpec(name="big", memory_gib=80, fp16_tflops=312, hbm_gbps=2039, price_per_hour=2.0),
+    "small": GPUSpec(name="small", memory_gib=16, fp16_tflops=120, hbm_gbps=300, price_per_hour=0.5, count=8),
+}
+
+
+def test_placement_memory_feasibility() -> None:
+    w = WorkloadSummary(10, 1000, 200)
+    assert instance_profile(MODEL, GPUS["small"], 1, SLO(), w) is None  # 13.5 GB of weights + reserve > 16 GiB
+    assert instance_profile(MODEL, GPUS["small"], 2, SLO(), w) is not None
+    assert instance_profile(MODEL, GPUS["big"], 3, SLO(), w) is None  # 32 heads do not split 3 ways
+
+
+def test_placement_enumerates_feasible_non_dominated_candidates() -> None:
+    slo = SLO(ttft_s=2.0, tpot_s=0.1)
+    w = WorkloadSummary(20, 1000, 250)
+    cands = enumerate_placements(GPUS, MODEL, slo, w)
+    assert cands and cands == sorted(cands, key=lambda c: (c.cost_per_hour, c.num_gpus, -c.capacity_rps))
+    assert {c.mode for c in cands} == {"colocated", "disaggregated"}
+    for c in cands:
+        assert c.capacity_rps >= w.rate_rps
+        assert sum(p.num_gpus for p in c.pools if p.gpu == "small") <= 8  # catalog count
+        for o in cands:  # nothing kept is dominated within its mode
+            if o is not c and o.mode == c.mode:
+                assert not (o.cost_per_hour <= c.cost_per_hour and o.num_gpus <= c.num_gpus
+                            and o.capacity_rps > c.capacity_rps)
+        specs = c.to_pool_specs()
+        assert [s.count for s in specs] == [p.count for p in c.pools]
+    unpruned = enumerate_placements(GPUS, MODEL, slo, w, prune=False)
+    assert len(unpruned) > len(cands)
+    busier = enumerate_placements(GPUS, MODEL, slo, WorkloadSummary(60, 1000, 250))
+    assert busier[0].cost_per_hour > cands[0].cost_per_hour
+    with pytest.raises(ValueError, match="modes"):
+        enumerate_placements(GPUS, MODEL, slo, w, modes=("pipelined",))
