@@ -138,6 +138,8 @@ class Simulator:
             router = make_router(config.policies.router.name, **config.policies.router.params)
         elif isinstance(router, str):
             router = make_router(router)
+        if hasattr(router, "initialize"):
+            router.initialize(config)
         self.router = router
         self.closed_form = closed_form
         self.view_refresh_s = view_refresh_s

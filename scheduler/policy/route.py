@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from scheduler.config.models import ClusterConfig
 from scheduler.core.types import ClusterView, InstanceSnapshot, Rejected, RequestInfo
 from scheduler.policy.filters import decode_candidates, prefill_candidates
 
@@ -66,6 +67,10 @@ class Router:
         raise NotImplementedError
 
     # Optional hooks (no-ops by default).
+    def initialize(self, config: ClusterConfig) -> None:
+        """Bind the cluster config (latency models, SLOs); called once by the simulator / controller."""
+        return None
+
     def on_routed(self, request: RequestInfo, decision: RouteDecision) -> None:
         return None
 
