@@ -1,0 +1,120 @@
+"""Routing, prediction and migration studies in the simulator (issue: routing by predicted length and mix).
+
+    python bench/bench_routing.py ir          # Intelligent Router paper setting: 4 x Llama-2-7B, ~20 req/s
+    python bench/bench_routing.py predictor   # lookahead with oracle lengths vs the trace predictor vs none
+    python bench/bench_routing.py migration   # migration on/off under bursty load (cost included)
+    python bench/bench_routing.py all --json docs/results/routing_studies.json
+
+Every number is a ratio against a baseline simulated in the same run, on the named trace and config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from scheduler.config.load import load_config
+from sim.compare import at_load, router_factory, saturation_rate
+from sim.metrics import request_metrics, sim_summary
+from sim.simulator import Simulator, Workload
+from sim.traces import load_trace, synthetic
+from sim.traces.synthetic import LogNormal
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def ir_workload(n: int = 6000, rate: float = 20.0, seed: int = 0) -> Workload:
+    """Jain et al. 2024's mix: half prefill-heavy (long prompt, short answer), half decode-heavy."""
+    rng = np.random.default_rng(seed)
+    heavy_p = rng.random(n) < 0.5
+    t = synthetic(n, rate, seed=seed)
+    prompt = np.where(heavy_p, rng.integers(1500, 3000, n), rng.integers(50, 200, n))
+    output = np.where(heavy_p, rng.integers(10, 60, n), rng.integers(300, 800, n))
+    return Workload(t.arrival_s, prompt.astype(np.int64), output.astype(np.int64),
+                    predicted_output=output.astype(float), name="ir_mixed_synthetic")
+
+
+def run(cfg, w: Workload, router: str, **kw) -> dict:
+    res = Simulator(cfg, router=router_factory(router, cfg)(), **kw).run(w)
+    s = sim_summary(res)
+    m = request_metrics(res)
+    s["e2e_mean_s"] = float(np.nanmean(m.e2e_s))
+    s["ttft_mean_s"] = float(np.nanmean(m.ttft_s))
+    return s
+
+
+def study_ir() -> dict:
+    cfg = load_config("default")  # 4 x Llama-2-7B on A100, MIXED
+    w = ir_workload()
+    out = {"trace": w.name, "config": "default (4 x llama2-7b a100)", "rate_rps": 20.0}
+    base = run(cfg, w, "round_robin")
+    out["round_robin"] = {"e2e_mean_s": base["e2e_mean_s"], "ttft_p99_s": base["ttft_s"]["p99"]}
+    for r in ("least_outstanding", "mixing", "lookahead"):
+        s = run(cfg, w, r)
+        out[r] = {"e2e_mean_s": s["e2e_mean_s"], "ttft_p99_s": s["ttft_s"]["p99"],
+                  "e2e_improvement_vs_rr": 1 - s["e2e_mean_s"] / base["e2e_mean_s"]}
+    return out
+
+
+def study_predictor() -> dict:
+    """Lookahead router fed oracle lengths vs the shipped trace predictor vs no prediction (Azure trace)."""
+    from scheduler.predict import load_predictor
+
+    path = SHARED / "azure_llm_2023_conv.csv.gz"
+    trace = load_trace(path) if path.exists() else load_trace(Path("sim/data/azure_llm_2023_conv_first10min.csv.gz"))
+    cfg = load_config("llama2-7b-a100-16")
+    w = Workload.from_trace(trace)
+    w = at_load(w, 0.8, saturation_rate(cfg, w))
+    pred = load_predictor("trace")
+    guesses = np.array([p.point for p in pred.predict_batch([None] * len(w), w.prompt_tokens.tolist())])
+    out = {"trace": trace.name, "config": "llama2-7b-a100-16", "load": 0.8}
+    for label, po in (("oracle", w.output_tokens.astype(float)), ("trace_predictor", guesses), ("none", None)):
+        wl = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, predicted_output=po, name=w.name)
+        s = run(cfg, wl, "lookahead")
+        out[label] = {"ttft_p99_s": s["ttft_s"]["p99"], "e2e_mean_s": s["e2e_mean_s"],
+                      "slo_attainment": s["slo_attainment"]}
+    return out
+
+
+def study_migration() -> dict:
+    """Bursty arrivals (gamma CV 4) of long requests; migration off vs on (Llumnix policy), cost included."""
+    from scheduler.policy.migration import make_migration_policy
+
+    cfg = load_config("default")
+    t = synthetic(3000, 12.0, arrival="gamma", cv=4.0, seed=3,
+                  prompt=LogNormal.from_p50_p90(1000, 3000, max=3500), output=LogNormal.from_p50_p90(300, 900, max=1500))
+    w = Workload.from_trace(t)
+    out: dict = {"trace": "synthetic gamma cv=4, 3000 req @ 12 req/s", "config": "default (4 x llama2-7b a100)"}
+    for label, mig in (("off", None), ("on", make_migration_policy("llumnix"))):
+        sim = Simulator(cfg, router="least_outstanding", migration=mig)
+        res = sim.run(w)
+        s = sim_summary(res)
+        out[label] = {"ttft_p99_s": s["ttft_s"]["p99"], "tpot_p99_s": s["tpot_s"]["p99"],
+                      "preemptions": s["preemptions"], "migrations": s["migrations"]}
+        if sim.migrations is not None and sim.migrations.downtime_s:
+            out[label]["migration_downtime_p50_s"] = float(np.median(sim.migrations.downtime_s))
+    return out
+
+
+STUDIES = {"ir": study_ir, "predictor": study_predictor, "migration": study_migration}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("study", choices=[*STUDIES, "all"])
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    names = list(STUDIES) if args.study == "all" else [args.study]
+    out = {n: STUDIES[n]() for n in names}
+    print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

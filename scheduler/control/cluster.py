@@ -1,0 +1,204 @@
+"""Bring up a local Ray cluster, a Controller, its instances and an Ingress (tests, ``llmsched serve``, the demo).
+
+::
+
+    start_ray(nodes)        ray.init (one node) or ray.cluster_utils.Cluster (head + workers with fake GPUs,
+                            each worker labelled with its GPU type: llmsched_gpu_<type>)
+    deploy(config)          Controller actor (named, max_restarts=-1) -> placement groups -> Instance actors
+    Ingress(config, ctrl)   in the caller's process; starts lazily in the caller's event loop
+
+``start_local_cluster`` does all three; ``LocalCluster.shutdown()`` undoes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler.config.models import ClusterConfig
+from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, Controller
+from scheduler.control.instance import InstanceInfo
+from scheduler.control.placement import gpu_type_resource
+
+log = logging.getLogger(__name__)
+
+# NOTE(control): Ray 2.60 binds to the external interface unless this is 0; a dev cluster stays on loopback.
+RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    """One (fake) node of a local cluster."""
+
+    gpu: str | None = None  # GPU type label; None: a CPU-only node
+    num_gpus: int = 0
+    num_cpus: int = 1
+
+
+@dataclass
+class RayRuntime:
+    """A Ray runtime this process started (and so must stop)."""
+
+    address: str
+    cluster: Any = None  # ray.cluster_utils.Cluster when multi-node
+    nodes: tuple[NodeSpec, ...] = ()
+
+    def shutdown(self) -> None:
+        import ray
+
+        ray.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
+
+
+def nodes_for(config: ClusterConfig, *, fake_gpus_per_node: int, nodes: int | None = None) -> list[NodeSpec]:
+    """Worker nodes for ``config``: ``nodes`` per GPU type its pools use (default 1), each with
+    ``fake_gpus_per_node`` fake GPUs. No GPUs asked: no worker nodes (CPU-only head)."""
+    if fake_gpus_per_node <= 0:
+        return []
+    types = sorted({p.gpu for p in config.pools})
+    per_type = max(nodes or 1, 1)
+    return [NodeSpec(t, fake_gpus_per_node) for t in types for _ in range(per_type)]
+
+
+def start_ray(
+    workers: list[NodeSpec] | None = None,
+    *,
+    head_cpus: int = 2,
+    object_store_bytes: int = 100 * 2**20,
+    namespace: str = NAMESPACE,
+) -> RayRuntime:
+    """Start Ray for this process: a single node, or a head plus ``workers`` (fake GPU nodes)."""
+    import ray
+
+    os.environ.update(RAY_LOCAL_ENV)
+    t0 = time.perf_counter()
+    common = {"include_dashboard": False, "object_store_memory": object_store_bytes}
+    if not workers:
+        ray.init(num_cpus=head_cpus, namespace=namespace, log_to_driver=False, **common)
+        rt = RayRuntime(ray.get_runtime_context().gcs_address)
+    else:
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, **common})
+        for w in workers:
+            res = {gpu_type_resource(w.gpu): float(w.num_gpus or 1)} if w.gpu else {}
+            cluster.add_node(num_cpus=w.num_cpus, num_gpus=w.num_gpus, resources=res,
+                             object_store_memory=object_store_bytes)
+        ray.init(address=cluster.address, namespace=namespace, log_to_driver=False)
+        cluster.wait_for_nodes()
+        rt = RayRuntime(cluster.address, cluster, tuple(workers))
+    log.info("ray up in %.2fs at %s", time.perf_counter() - t0, rt.address)
+    return rt
+
+
+@dataclass
+class Deployment:
+    """One llmsched cluster (Controller + instances) inside a Ray cluster."""
+
+    config: ClusterConfig
+    controller: Any
+    name: str
+    namespace: str
+    controller_name: str
+    instances: dict[str, InstanceInfo] = field(default_factory=dict)
+    backend_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def make_ingress(self, **kw: Any) -> Any:
+        """A new Ingress for this deployment (starts lazily in the event loop that first uses it)."""
+        from scheduler.control.ingress import Ingress, make_tokenizer
+
+        kw.setdefault("tokenizer", make_tokenizer(self.config, self.backend_kwargs))
+        return Ingress(self.config, self.controller, **kw)
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Release every instance and placement group, then stop the Controller."""
+        import ray
+
+        try:
+            ray.get(self.controller.shutdown.remote(), timeout=timeout_s)
+        except Exception:
+            log.exception("controller shutdown failed")
+        ray.kill(self.controller, no_restart=True)
+
+
+def deploy(
+    config: ClusterConfig,
+    *,
+    name: str = "default",
+    namespace: str = NAMESPACE,
+    controller_name: str = CONTROLLER_NAME,
+    detached: bool = False,
+    backend_kwargs: dict[str, dict[str, Any]] | None = None,
+    refresh_s: float = 0.1,
+    ready_timeout_s: float = 120.0,
+) -> Deployment:
+    """Start the Controller (``detached`` in production; owned by this driver in tests) and wait until every
+    pool's instances run. Instances and their placement groups are always detached: they must outlive a
+    Controller crash (a non-detached actor dies with its owner)."""
+    import ray
+
+    ctrl = (
+        ray.remote(Controller)
+        .options(
+            name=controller_name,
+            namespace=namespace,
+            lifetime="detached" if detached else None,
+            max_restarts=-1,
+            num_cpus=0,
+            max_concurrency=1000,
+        )
+        .remote(config, cluster=name, backend_kwargs=backend_kwargs, refresh_s=refresh_s, namespace=namespace)
+    )
+    infos = ray.get(ctrl.ready.remote(ready_timeout_s), timeout=ready_timeout_s + 10)
+    want = config.num_instances
+    if len(infos) < want:
+        log.warning("only %d of %d instances came up", len(infos), want)
+    return Deployment(config, ctrl, name, namespace, controller_name, infos, dict(backend_kwargs or {}))
+
+
+@dataclass
+class LocalCluster:
+    """Ray + one deployment + an Ingress, all owned by this process."""
+
+    runtime: RayRuntime | None
+    deployment: Deployment
+    ingress: Any
+
+    @property
+    def controller(self) -> Any:
+        return self.deployment.controller
+
+    def shutdown(self) -> None:
+        self.deployment.shutdown()
+        if self.runtime is not None:
+            self.runtime.shutdown()
+
+
+def start_local_cluster(
+    config: ClusterConfig,
+    *,
+    fake_gpus_per_node: int = 0,
+    nodes: int | None = None,
+    name: str = "default",
+    backend_kwargs: dict[str, dict[str, Any]] | None = None,
+    ingress_kwargs: dict[str, Any] | None = None,
+) -> LocalCluster:
+    """Start Ray (unless already initialised), deploy ``config`` and build an Ingress.
+
+    Args:
+        fake_gpus_per_node: > 0 starts one worker node per GPU type of the pools (``nodes`` each) with that many
+            fake GPUs, so placement groups and GPU-type pinning run for real; 0 is a CPU-only single node.
+        backend_kwargs: per backend kind, e.g. ``{"simulated": {"time_scale": 0.5}}``.
+    """
+    import ray
+
+    runtime = None
+    if not ray.is_initialized():
+        runtime = start_ray(nodes_for(config, fake_gpus_per_node=fake_gpus_per_node, nodes=nodes))
+    dep = deploy(config, name=name, backend_kwargs=backend_kwargs)
+    return LocalCluster(runtime, dep, dep.make_ingress(**(ingress_kwargs or {})))

@@ -1,0 +1,607 @@
+"""``Ingress``: the Ray-backed ``IngressAPI`` the gRPC/HTTP servers call. Plain class, one per server process.
+
+Hot path (no Controller on it)::
+
+    generate(req) -> validate/tokenize -> router.route(info, cached view) -> Instance.submit / poll ... -> chunks
+                                                   ^
+             refresh task: Instance.snapshot() of every member every refresh_s (20-50 ms), directly;
+             membership from the Controller every members_s (kept as-is while the Controller is down)
+
+Dispatch::
+
+    colocated      : I.submit(req)                          -> I.poll ... finished
+    disaggregated  : P.submit(req, max_tokens=1)            -> token 0 (streamed at once: TTFT)
+                     kv = P.export_kv(rid)  (ObjectRef)     -> D.submit(prompt+[t0], before=1, kv)  -> D.poll ...
+    instance dies  : route again, submit prompt + emitted tokens (before=len(emitted)) on a live instance
+    migrate/drain  : kv = S.export_kv(rid); S.abort(rid); D.submit(prompt+emitted, before=n, kv)
+
+Every chunk goes through ``_Stream.accept``, which enforces the one invariant clients rely on: indices contiguous
+from 0, each exactly once, across handoffs, recoveries and migrations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import ray
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+
+from scheduler.config.models import ClusterConfig
+from scheduler.control.api import (
+    ClusterState,
+    GenerateRequest,
+    InvalidRequest,
+    MigrationResult,
+    NotFound,
+    Overloaded,
+    Unavailable,
+)
+from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, Member
+from scheduler.control.registry import RequestRecord, RequestRegistry
+from scheduler.core.types import SLO, ClusterView, InstanceSnapshot, Phase, Rejected, RequestInfo
+from scheduler.engine.base import EngineRequest, TokenChunk
+from scheduler.engine.simulated_backend import ByteTokenizer
+from scheduler.policy.route import RouteDecision, Router, make_router
+
+log = logging.getLogger(__name__)
+
+_DEAD = (RayActorError, ActorUnavailableError)
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: tuple[int, ...] | list[int]) -> str: ...
+
+
+class HFTokenizer:
+    """A ``tokenizers`` tokenizer file (the vLLM pools' model), loaded in the ingress so that tokenizing is
+    never a hop to an instance."""
+
+    def __init__(self, path: str | Path) -> None:
+        from tokenizers import Tokenizer as _Tok
+
+        self._tok = _Tok.from_file(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text).ids)
+
+    def decode(self, token_ids: tuple[int, ...] | list[int]) -> str:
+        return str(self._tok.decode(list(token_ids)))
+
+
+def make_tokenizer(config: ClusterConfig, backend_kwargs: dict[str, dict[str, Any]] | None = None) -> Tokenizer:
+    """Byte tokenizer for simulated clusters; the model's ``tokenizer.json`` when any pool runs vLLM."""
+    if any(p.backend == "vllm" for p in config.pools):
+        path = (backend_kwargs or {}).get("vllm", {}).get("model_path")
+        if path is None:
+            from scheduler.engine.tiny_model import ensure_tiny_model
+
+            path = ensure_tiny_model()
+        return HFTokenizer(Path(path) / "tokenizer.json")
+    return ByteTokenizer(max(config.model.vocab_size, 256))
+
+
+class InstanceLost(Exception):
+    """The instance serving a stream died or stopped answering."""
+
+
+class Ingress:
+    """Validates, routes from a locally cached view, dispatches to instances, streams tokens back.
+
+    Args:
+        config: the deployment config (model limits, router policy).
+        controller: the Controller actor handle (membership and admin ops; never per token).
+        router: overrides ``config.policies.router``.
+        refresh_s: snapshot poll period of the cached view.
+        max_in_flight: admission bound of this replica (``Overloaded`` beyond it).
+        max_recoveries: re-prefills allowed per request after instance crashes.
+    """
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        controller: Any,
+        *,
+        router: Router | None = None,
+        refresh_s: float = 0.025,
+        members_s: float = 0.5,
+        report_s: float = 0.2,
+        max_in_flight: int = 4096,
+        max_recoveries: int = 3,
+        poll_timeout_s: float = 5.0,
+        ingress_id: str | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        self.config = config
+        self.controller = controller
+        spec = config.policies.router
+        self.router = router or make_router(spec.name, **spec.params)
+        self.ingress_id = ingress_id or f"ingress-{uuid.uuid4().hex[:8]}"
+        self.refresh_s = refresh_s
+        self.members_s = members_s
+        self.report_s = report_s
+        self.max_in_flight = max_in_flight
+        self.max_recoveries = max_recoveries
+        self.poll_timeout_s = poll_timeout_s
+        self.tokenizer = tokenizer or make_tokenizer(config)
+        self.registry = RequestRegistry()
+        self._members: dict[str, Member] = {}
+        self._snapshots: dict[str, InstanceSnapshot] = {}
+        self._dead: set[str] = set()  # incarnations seen dead; never routed to again
+        self._pending: dict[str, int] = {}  # routed since the last refresh, per instance (optimistic load)
+        self._view: ClusterView = ClusterView(0.0, ())
+        self._tasks: list[asyncio.Task[None]] = []
+        self._starting: asyncio.Future[None] | None = None
+        self._controller_epoch: str | None = None
+        self.controller_ok = False
+        self.view_refreshed_s = 0.0
+        self.counters = {"recoveries": 0, "handoffs": 0, "migrations": 0, "routed": 0}
+
+    @classmethod
+    async def connect(
+        cls, *, namespace: str = NAMESPACE, controller_name: str = CONTROLLER_NAME, **kw: Any
+    ) -> Ingress:
+        """An ingress attached to the named Controller (config and tokenizer from it), started.
+        This is how a gRPC server process or actor gets its ingress."""
+        handle = await asyncio.to_thread(ray.get_actor, controller_name, namespace=namespace)
+        config, backend_kwargs = await handle.spec.remote()
+        kw.setdefault("tokenizer", make_tokenizer(config, backend_kwargs))
+        ing = cls(config, handle, **kw)
+        await ing.start()
+        return ing
+
+    # ---- background: the cached view ------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load membership and a first view, then keep both fresh in the background. Idempotent; every
+        public coroutine calls it, so an Ingress starts in the event loop that first uses it."""
+        if self._tasks:
+            return
+        if self._starting is None:
+            self._starting = asyncio.get_running_loop().create_future()
+            try:
+                await self._start()
+            finally:
+                self._starting.set_result(None)
+        else:
+            await asyncio.shield(self._starting)
+
+    async def _start(self) -> None:
+        await self._refresh_members()
+        await self._refresh_view()
+        self._tasks = [
+            asyncio.create_task(self._loop(self._refresh_view, self.refresh_s)),
+            asyncio.create_task(self._loop(self._refresh_members, self.members_s)),
+            asyncio.create_task(self._loop(self._report, self.report_s)),
+        ]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        self._starting = None
+
+    @staticmethod
+    async def _loop(fn: Any, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("ingress background task %s failed", getattr(fn, "__name__", fn))
+
+    async def _refresh_members(self) -> None:
+        try:
+            members: dict[str, Member] = await asyncio.wait_for(_await(self.controller.members.remote()), 2.0)
+            self.controller_ok = True
+        except (TimeoutError, *_DEAD, RayTaskError):
+            # NOTE: Controller down or restarting: keep routing on the membership we have (Llumnix degrades
+            # the same way); instance crashes are still seen by the snapshot poll.
+            self.controller_ok = False
+            return
+        self._members = {i: m for i, m in members.items() if m.info.incarnation not in self._dead}
+
+    async def _refresh_view(self) -> None:
+        items = list(self._members.items())
+        results = await asyncio.gather(
+            *(asyncio.wait_for(_await(m.handle.snapshot.remote()), 1.0) for _, m in items), return_exceptions=True
+        )
+        snaps: dict[str, InstanceSnapshot] = {}
+        for (iid, m), res in zip(items, results):
+            if isinstance(res, InstanceSnapshot):
+                snaps[iid] = res
+            elif isinstance(res, _DEAD):
+                self._mark_dead(iid)
+            elif iid in self._snapshots:  # slow answer: keep the last one, marked unhealthy
+                snaps[iid] = dataclasses.replace(self._snapshots[iid], healthy=False)
+        self._snapshots = snaps
+        self._pending.clear()
+        self._view = ClusterView(time.time(), tuple(snaps[i] for i in sorted(snaps)))
+        self.view_refreshed_s = time.time()
+
+    def _mark_dead(self, iid: str) -> None:
+        m = self._members.pop(iid, None)
+        if m is not None:
+            self._dead.add(m.info.incarnation)
+        self._snapshots.pop(iid, None)
+        self._view = ClusterView(self._view.time_s, tuple(s for s in self._view.instances if s.instance_id != iid))
+
+    async def _report(self) -> None:
+        """Send the registry delta to the Controller (full set after it restarted)."""
+        full = self._controller_epoch is None
+        upserts, removed = self.registry.take_delta(self.ingress_id, full=full)
+        if not full and not upserts and not removed:
+            return
+        try:
+            epoch = await asyncio.wait_for(
+                _await(self.controller.report_requests.remote(self.ingress_id, upserts, removed, full)), 2.0
+            )
+        except (TimeoutError, *_DEAD, RayTaskError):
+            self._controller_epoch = None  # resend everything once it is back
+            return
+        if self._controller_epoch is not None and epoch != self._controller_epoch:
+            self._controller_epoch = None  # it restarted between reports: next report is full
+        else:
+            self._controller_epoch = epoch
+
+    def view(self) -> ClusterView:
+        """The cached view with requests routed since the last refresh added (so bursts spread out)."""
+        if not self._pending:
+            return self._view
+        return ClusterView(
+            self._view.time_s,
+            tuple(
+                dataclasses.replace(s, num_waiting=s.num_waiting + self._pending[s.instance_id])
+                if s.instance_id in self._pending
+                else s
+                for s in self._view.instances
+            ),
+        )
+
+    # ---- validation and routing -----------------------------------------------------------------------
+    def _validate(self, req: GenerateRequest) -> RequestRecord:
+        m = self.config.model
+        if not req.request_id:
+            raise InvalidRequest("request_id: must not be empty", field="request_id")
+        if req.request_id in self.registry:
+            raise InvalidRequest(f"request_id: {req.request_id!r} is already in flight", field="request_id")
+        if req.model not in (None, "", m.name):
+            raise InvalidRequest(f"model: unknown model {req.model!r}; allowed: {m.name}", field="model")
+        if (req.prompt is None) == (req.prompt_token_ids is None):
+            raise InvalidRequest("prompt: set exactly one of prompt, prompt_token_ids", field="prompt")
+        if req.prompt is not None:
+            ids = tuple(self.tokenizer.encode(req.prompt))
+            field_name = "prompt"
+        else:
+            ids = tuple(req.prompt_token_ids or ())
+            field_name = "prompt_token_ids"
+            bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < m.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(f"prompt_token_ids: token {bad!r} outside [0, {m.vocab_size})",
+                                     field="prompt_token_ids")
+        if not ids:
+            raise InvalidRequest(f"{field_name}: must not be empty", field=field_name)
+        sp = req.sampling
+        if sp.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens: must be >= 1, got {sp.max_tokens}", field="max_tokens")
+        if len(ids) + sp.max_tokens > m.max_model_len:
+            raise InvalidRequest(
+                f"max_tokens: prompt ({len(ids)}) + max_tokens ({sp.max_tokens}) exceeds the model's context "
+                f"({m.max_model_len})", field="max_tokens")
+        if sp.temperature < 0:
+            raise InvalidRequest(f"temperature: must be >= 0, got {sp.temperature}", field="temperature")
+        if not 0 < sp.top_p <= 1:
+            raise InvalidRequest(f"top_p: must be in (0, 1], got {sp.top_p}", field="top_p")
+        if req.deadline_s is not None and req.deadline_s <= time.time():
+            raise Unavailable("deadline_s: the request's deadline has already passed", field="deadline_s")
+        if len(self.registry) >= self.max_in_flight:
+            raise Overloaded(f"ingress {self.ingress_id} has {len(self.registry)} requests in flight",
+                             retry_after_s=1.0)
+        return RequestRecord(req.request_id, ids, sp, req.priority, req.length_hint)
+
+    def _route(self, rec: RequestRecord, *, exclude: frozenset[str] = frozenset()) -> RouteDecision:
+        view = self.view()
+        if exclude:
+            view = ClusterView(view.time_s, tuple(s for s in view.instances if s.instance_id not in exclude))
+        if not view.instances:
+            raise Unavailable("no live engine instance in the cluster view")
+        info = RequestInfo(
+            rec.request_id, time.time(), len(rec.prompt_token_ids) + rec.next_index, max(rec.remaining_tokens, 1),
+            priority=rec.priority, slo=rec.slo, predicted_output_tokens=rec.predicted_output_tokens,
+        )
+        decision = self.router.route(info, view)
+        if isinstance(decision, Rejected):
+            if not any(s.accepting for s in view.instances):
+                raise Unavailable(f"no instance accepts requests: {decision.reason}")
+            raise Overloaded(decision.reason, retry_after_s=decision.retry_after_s or 1.0)
+        self.router.on_routed(info, decision)
+        for iid in (decision.prefill_instance, decision.decode_instance):
+            if iid is not None:
+                self._pending[iid] = self._pending.get(iid, 0) + 1
+        self.counters["routed"] += 1
+        return decision
+
+    def _handle(self, iid: str) -> Any:
+        m = self._members.get(iid)
+        if m is None:
+            raise InstanceLost(f"instance {iid} is not a live member")
+        return m.handle
+
+    # ---- generate -------------------------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        """Validate, route, dispatch; yield chunks with contiguous indices from 0 until one is ``finished``."""
+        if not self._tasks:
+            await self.start()
+        rec = self._validate(request)
+        if request.ttft_slo_s or request.tpot_slo_s:
+            rec.slo = SLO(request.ttft_slo_s, request.tpot_slo_s)
+        else:
+            rec.slo = self.config.slo_for(request.priority)
+        decision = self._route(rec)
+        self.registry.add(rec)
+        finished = False
+        try:
+            async for chunk in self._run(rec, decision):
+                finished = chunk.finished
+                yield chunk
+        finally:
+            if not finished:  # the client went away (or we failed): free the engine(s)
+                rec.cancelled = True
+                for iid in rec.instances:
+                    self._abort_quietly(iid, rec.request_id)
+            if rec.move_waiter is not None and not rec.move_waiter.done():
+                rec.move_waiter.set_result(None)  # finished before the destination took over
+            self.registry.remove(rec.request_id)
+            for iid in rec.instances:
+                self.router.on_finished(rec.request_id, iid)
+
+    async def _run(self, rec: RequestRecord, decision: RouteDecision) -> AsyncIterator[TokenChunk]:
+        rid = rec.request_id
+        target = decision
+        kv_ref: Any = None
+        while True:
+            handoff = target.decode_instance is not None and rec.remaining_tokens > 1
+            iid = target.prefill_instance
+            ereq = rec.resume_request()
+            if handoff:
+                ereq = dataclasses.replace(ereq, sampling=dataclasses.replace(ereq.sampling, max_tokens=1))
+            rec.instances = (iid,)
+            if rec.next_index == 0:
+                rec.phase = Phase.PREFILL
+            self.registry.touch(rid)
+            last: TokenChunk | None = None
+            try:
+                async for chunk in self._attempt(rec, iid, ereq, kv_ref):
+                    last = chunk
+                    if chunk.finished and self._continues(rec, handoff, chunk.finish_reason):
+                        if chunk.token_ids:  # e.g. token 0 from the prefill instance: stream it now (TTFT)
+                            yield dataclasses.replace(chunk, finished=False, finish_reason=None)
+                        continue
+                    yield chunk
+            except InstanceLost as e:
+                if rec.cancelled:
+                    yield TokenChunk(rid, rec.next_index, (), True, "abort")
+                    return
+                target, kv_ref = self._recover(rec, iid, e), None
+                continue
+            assert last is not None and last.finished
+            if not self._continues(rec, handoff, last.finish_reason):
+                rec.phase = Phase.CANCELLED if last.finish_reason == "abort" else Phase.FINISHED
+                return
+            if rec.moving_to is not None and last.finish_reason == "abort":
+                target, kv_ref = RouteDecision(rec.moving_to), rec.move_kv
+                rec.moving_to, rec.move_kv = None, None
+            else:
+                # P->D: the prompt KV moves through the object store, node to node; decode goes on at index 1.
+                kv_ref = self._handle(iid).export_kv.remote(rid, 0, None)
+                target = RouteDecision(target.decode_instance)  # type: ignore[arg-type]
+                rec.phase = Phase.TRANSFER
+                self.counters["handoffs"] += 1
+
+    @staticmethod
+    def _continues(rec: RequestRecord, handoff: bool, reason: str | None) -> bool:
+        """Whether a finished engine stream is a hand-over rather than the end of the client's stream."""
+        if rec.cancelled:
+            return False
+        if handoff and reason == "length" and rec.remaining_tokens > 0:
+            return True
+        return reason == "abort" and rec.moving_to is not None
+
+    async def _attempt(
+        self, rec: RequestRecord, iid: str, ereq: EngineRequest, kv_ref: Any
+    ) -> AsyncIterator[TokenChunk]:
+        """Stream one engine request from one instance; raises ``InstanceLost`` if it dies."""
+        handle = self._handle(iid)
+        try:
+            sub = await handle.submit.remote(ereq, kv_ref, predicted_output_tokens=rec.predicted_output_tokens)
+        except RayTaskError as e:
+            if kv_ref is not None and _is_lost(e):  # the KV source died: re-prefill without it
+                sub = await handle.submit.remote(ereq, None, predicted_output_tokens=rec.predicted_output_tokens)
+            else:
+                raise
+        except _DEAD as e:
+            raise InstanceLost(f"{iid}: {type(e).__name__}") from e
+        if sub.rejected is not None:
+            field = sub.rejected.split(":", 1)[0] if ":" in sub.rejected else None
+            if rec.next_index == 0:
+                raise InvalidRequest(sub.rejected, field=field)
+            yield TokenChunk(rec.request_id, rec.next_index, (), True, f"error: {sub.rejected}")
+            return
+        waiter = rec.move_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(time.perf_counter())
+        chunks = list(sub.chunks)
+        while True:
+            for chunk in chunks:
+                out = self._accept(rec, chunk)
+                if out is not None:
+                    yield out
+                if chunk.finished:
+                    return
+            try:
+                nxt = await asyncio.wait_for(
+                    _await(handle.poll.remote(rec.request_id, self.poll_timeout_s)), self.poll_timeout_s + 5.0
+                )
+            except (TimeoutError, *_DEAD) as e:
+                raise InstanceLost(f"{iid}: {type(e).__name__}") from e
+            if nxt is None:  # the instance forgot it (restarted?): treat as lost
+                raise InstanceLost(f"{iid}: request unknown to the instance")
+            chunks = [nxt]
+
+    def _accept(self, rec: RequestRecord, chunk: TokenChunk) -> TokenChunk | None:
+        """Keep the stream exact: drop tokens already emitted, refuse gaps, record the rest."""
+        if not chunk.token_ids:
+            return dataclasses.replace(chunk, index=rec.next_index) if chunk.finished else None
+        start = rec.next_index
+        if chunk.index > start:
+            raise RuntimeError(f"{rec.request_id}: gap in stream, expected index {start}, got {chunk.index}")
+        skip = start - chunk.index
+        tokens = chunk.token_ids[skip:]
+        if not tokens:
+            return dataclasses.replace(chunk, index=start, token_ids=()) if chunk.finished else None
+        rec.output_token_ids.extend(tokens)
+        rec.phase = Phase.DECODE
+        text = self.tokenizer.decode(tokens) if not chunk.text or skip else chunk.text
+        return dataclasses.replace(chunk, index=start, token_ids=tokens, text=text)
+
+    def _recover(self, rec: RequestRecord, iid: str, err: Exception) -> RouteDecision:
+        rec.recoveries += 1
+        self.counters["recoveries"] += 1
+        log.warning("%s: instance %s lost (%s); recovering at index %d", rec.request_id, iid, err, rec.next_index)
+        self._mark_dead(iid)
+        if rec.recoveries > self.max_recoveries:
+            raise Unavailable(f"request {rec.request_id} lost its instance {rec.recoveries} times")
+        return self._route(rec, exclude=frozenset({iid}))
+
+    def _abort_quietly(self, iid: str, rid: str) -> None:
+        m = self._members.get(iid)
+        if m is not None:
+            m.handle.abort.remote(rid)  # fire and forget
+
+    # ---- admin ----------------------------------------------------------------------------------------
+    async def cancel(self, request_id: str) -> bool:
+        await self.start()
+        rec = self.registry.get(request_id)
+        if rec is not None:
+            rec.cancelled = True
+            for iid in rec.instances:
+                m = self._members.get(iid)
+                if m is not None:
+                    try:
+                        await m.handle.abort.remote(request_id)
+                    except _DEAD:
+                        pass
+            return True
+        # Another ingress replica serves it: abort where the Controller's registry says it runs.
+        try:
+            entry = await asyncio.wait_for(_await(self.controller.lookup.remote(request_id)), 2.0)
+        except (TimeoutError, *_DEAD, RayTaskError):
+            return False
+        if entry is None:
+            return False
+        done = False
+        for iid in entry.instances:
+            m = self._members.get(iid)
+            if m is not None:
+                done = bool(await m.handle.abort.remote(request_id)) or done
+        return done
+
+    async def cluster_state(self) -> ClusterState:
+        await self.start()
+        return ClusterState(
+            instances=self.view().instances,
+            router=self.router.name,
+            requests_in_flight=len(self.registry),
+            extra={
+                "view_age_s": time.time() - self.view_refreshed_s,
+                "controller_ok": float(self.controller_ok),
+                **{k: float(v) for k, v in self.counters.items()},
+            },
+        )
+
+    async def migrate(self, request_id: str, destination: str | None = None) -> MigrationResult:
+        """Stop-and-copy migration of a request this replica serves (KV exported, source aborted,
+        destination admits ``prompt + emitted`` with that KV). The multi-stage protocol replaces it."""
+        rec = self.registry.get(request_id)
+        if rec is None:
+            raise NotFound(f"request_id: {request_id!r} is not in flight on this ingress", field="request_id")
+        src = rec.instances[-1] if rec.instances else ""
+        if rec.phase not in (Phase.DECODE, Phase.PREFILL) or rec.moving_to is not None:
+            return MigrationResult(request_id, src, destination or "", False, f"request is in phase {rec.phase.name}")
+        if destination is None:
+            try:
+                d = self._route(rec, exclude=frozenset({src}))
+            except (Overloaded, Unavailable) as e:
+                return MigrationResult(request_id, src, "", False, f"no destination: {e}")
+            destination = d.decode_instance or d.prefill_instance
+        if destination == src:
+            return MigrationResult(request_id, src, destination, False, "destination is the source")
+        if destination not in self._members:
+            raise NotFound(f"destination: no live instance {destination!r}", field="destination")
+        handle = self._handle(src)
+        kv_ref = handle.export_kv.remote(request_id, 0, None)
+        try:
+            await kv_ref
+        except (RayTaskError, *_DEAD) as e:
+            return MigrationResult(request_id, src, destination, False, f"export failed: {type(e).__name__}")
+        waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        rec.move_kv = kv_ref
+        rec.move_waiter = waiter
+        rec.moving_to = destination
+        t_stop = time.perf_counter()
+        await handle.abort.remote(request_id)
+        try:
+            t_resumed = await asyncio.wait_for(waiter, 30.0)
+        except TimeoutError:
+            return MigrationResult(request_id, src, destination, False, "destination did not admit in 30s")
+        if t_resumed is None:
+            return MigrationResult(request_id, src, destination, False, "request finished before the move")
+        self.counters["migrations"] += 1
+        return MigrationResult(request_id, src, destination, True, "stop-and-copy", t_resumed - t_stop, 1)
+
+    async def drain(self, instance_id: str) -> int:
+        await self.start()
+        if instance_id not in self._members:
+            raise NotFound(f"instance_id: no live instance {instance_id!r}", field="instance_id")
+        await self.controller.set_draining.remote(instance_id, True)
+        self._snapshots.pop(instance_id, None)
+        self._view = ClusterView(self._view.time_s, tuple(
+            dataclasses.replace(s, draining=True) if s.instance_id == instance_id else s for s in self._view.instances
+        ))
+        moved = 0
+        for rec in self.registry.on_instance(instance_id):
+            res = await self.migrate(rec.request_id)
+            moved += int(res.committed)
+        await self.controller.release.remote(instance_id)
+        return moved
+
+    async def scale(self, pool: str, count: int) -> int:
+        await self.start()
+        try:
+            before = await self.controller.scale.remote(pool, count)
+        except RayTaskError as e:
+            if isinstance(e.cause, ValueError):
+                raise InvalidRequest(str(e.cause), field=str(e.cause).split(":", 1)[0]) from None
+            raise
+        await self._refresh_members()
+        await self._refresh_view()
+        return int(before)
+
+
+async def _await(ref: Any) -> Any:
+    return await ref
+
+
+def _is_lost(e: RayTaskError) -> bool:
+    cause = getattr(e, "cause", None)
+    return isinstance(cause, (*_DEAD, KeyError, GetTimeoutError)) or "ActorDied" in str(e)

@@ -1,0 +1,165 @@
+"""Request registry: which instance(s) hold each in-flight request and what it has emitted so far.
+
+Two copies, one type:
+
+* each Ingress keeps full ``RequestRecord``s of the streams it serves (prompt, sampling, every token emitted):
+  that is what recovery needs -- if an instance dies mid-stream, the request is re-prefilled elsewhere as
+  ``prompt + emitted`` and the stream continues at the next index, with nothing lost or duplicated;
+* the Controller keeps ``RegistryEntry`` summaries (request -> ingress, instances, tokens emitted) reported in
+  batches by the ingresses, for admin calls that land on another ingress replica (cancel, migrate) and for
+  ``cluster_state``. After a Controller restart the ingresses re-send their full set.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler.core.types import SLO, Phase
+from scheduler.engine.base import EngineRequest, KVBlocks, SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryEntry:
+    """What the Controller knows about one in-flight request."""
+
+    request_id: str
+    ingress_id: str
+    instances: tuple[str, ...]  # current holder(s): (prefill, decode) during a handoff, else one
+    tokens_emitted: int
+    phase: Phase
+    updated_s: float = 0.0
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """Full state of one stream on the ingress that serves it."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    priority: int = 0
+    predicted_output_tokens: float | None = None
+    arrival_s: float = field(default_factory=time.time)
+    instances: tuple[str, ...] = ()
+    output_token_ids: list[int] = field(default_factory=list)
+    phase: Phase = Phase.QUEUED
+    recoveries: int = 0
+    # Set by admin ops that move the request on purpose (migration, drain) before they abort the source.
+    moving_to: str | None = None
+    move_kv: Any = None  # ObjectRef of the exported KV the destination loads
+    move_waiter: Any = None  # asyncio.Future resolved when the destination admitted the request
+    cancelled: bool = False
+    slo: SLO | None = None
+
+    @property
+    def next_index(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.sampling.max_tokens - len(self.output_token_ids)
+
+    def resume_request(self, kv: tuple[KVBlocks, ...] = ()) -> EngineRequest:
+        """The engine request that continues this stream elsewhere: ``prompt + emitted`` as context,
+        ``max_tokens`` reduced by what was emitted, the sampler advanced past the emitted tokens."""
+        out = tuple(self.output_token_ids)
+        sp = self.sampling
+        sampling = SamplingParams(
+            max_tokens=max(self.remaining_tokens, 1),
+            temperature=sp.temperature,
+            top_p=sp.top_p,
+            top_k=sp.top_k,
+            seed=sp.seed,
+            stop_token_ids=sp.stop_token_ids,
+            ignore_eos=sp.ignore_eos,
+        )
+        return EngineRequest(
+            self.request_id,
+            self.prompt_token_ids + out,
+            sampling,
+            priority=self.priority,
+            num_output_tokens_before=len(out),
+            kv=kv,
+        )
+
+    def entry(self, ingress_id: str) -> RegistryEntry:
+        return RegistryEntry(self.request_id, ingress_id, self.instances, len(self.output_token_ids), self.phase,
+                             time.time())
+
+
+class RequestRegistry:
+    """In-memory map of in-flight requests. Not thread-safe: used from one event loop."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, RequestRecord] = {}
+        self._dirty: set[str] = set()
+        self._removed: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._records
+
+    def __iter__(self) -> Iterator[RequestRecord]:
+        return iter(list(self._records.values()))
+
+    def get(self, request_id: str) -> RequestRecord | None:
+        return self._records.get(request_id)
+
+    def add(self, record: RequestRecord) -> None:
+        if record.request_id in self._records:
+            raise ValueError(f"request_id: {record.request_id!r} is already in flight")
+        self._records[record.request_id] = record
+        self.touch(record.request_id)
+
+    def touch(self, request_id: str) -> None:
+        """Mark a record changed (new holder, phase) so the next report carries it."""
+        self._dirty.add(request_id)
+        self._removed.discard(request_id)
+
+    def remove(self, request_id: str) -> RequestRecord | None:
+        rec = self._records.pop(request_id, None)
+        if rec is not None:
+            self._dirty.discard(request_id)
+            self._removed.add(request_id)
+        return rec
+
+    def on_instance(self, instance_id: str) -> list[RequestRecord]:
+        return [r for r in self._records.values() if instance_id in r.instances]
+
+    def take_delta(self, ingress_id: str, *, full: bool = False) -> tuple[list[RegistryEntry], list[str]]:
+        """Entries changed (or all, when ``full``) and ids removed since the last call."""
+        ids: Iterable[str] = self._records if full else self._dirty
+        upserts = [self._records[i].entry(ingress_id) for i in ids if i in self._records]
+        removed = sorted(self._removed)
+        self._dirty.clear()
+        self._removed.clear()
+        return upserts, removed
+
+
+class EntryTable:
+    """The Controller's copy: entries from every ingress, replaced wholesale per ingress on a full report."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, RegistryEntry] = {}
+
+    def apply(self, ingress_id: str, upserts: list[RegistryEntry], removed: list[str], *, full: bool) -> None:
+        if full:
+            for rid in [r for r, e in self.entries.items() if e.ingress_id == ingress_id]:
+                del self.entries[rid]
+        for e in upserts:
+            self.entries[e.request_id] = e
+        for rid in removed:
+            e = self.entries.get(rid)
+            if e is not None and e.ingress_id == ingress_id:
+                del self.entries[rid]
+
+    def drop_ingress(self, ingress_id: str) -> None:
+        self.apply(ingress_id, [], [], full=True)
+
+    def on_instance(self, instance_id: str) -> list[RegistryEntry]:
+        return [e for e in self.entries.values() if instance_id in e.instances]

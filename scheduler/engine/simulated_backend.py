@@ -1,0 +1,287 @@
+"""Simulated engine backend: the engine model (``scheduler.engine_model``) run in real time.
+
+One asyncio task drives the model::
+
+    while has_work:
+        r = em.step()                  # what one vLLM iteration would do
+        await asyncio.sleep(r.duration_s * time_scale)
+        deliver one token to every rid in r.emitted; close finished ones
+
+Token ids are deterministic pseudo-random in ``[0, vocab)`` from ``(seed, request_id, index)``, so a stream that
+moves between instances (P->D handoff, migration, recovery after a crash) is checkably continuous: the same
+request produces the same token at the same index wherever it runs. KV is only accounted (``KVBlocks.nbytes``
+from the model's ``kv_bytes_per_token``; ``data`` is ``None``); a destination given ``EngineRequest.kv`` admits
+the request with those tokens cached, so it does not recompute them (see ``EngineStats.prompt_tokens_loaded``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from scheduler.config.models import EngineSpec, GPUSpec, ModelSpec
+from scheduler.core.types import InstanceRole, InstanceSnapshot
+from scheduler.engine.base import EngineRequest, EngineStats, KVBlocks, TokenChunk
+from scheduler.engine_model import EngineModel
+from scheduler.latency import LatencyModel, latency_for
+
+log = logging.getLogger(__name__)
+
+_HANDOFF_KEEP = 4096  # finished PREFILL-role requests whose KV can still be exported (P->D handoff)
+
+
+def sim_token(seed: int, request_id: str, index: int, vocab_size: int) -> int:
+    """The token a simulated engine emits at output ``index`` of ``request_id`` (same on every instance)."""
+    h = hashlib.blake2b(f"{seed}:{request_id}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") % vocab_size
+
+
+class ByteTokenizer:
+    """Trivial tokenizer for the simulated backend: UTF-8 bytes are token ids (vocab must be >= 256)."""
+
+    def __init__(self, vocab_size: int) -> None:
+        if vocab_size < 256:
+            raise ValueError(f"vocab_size: the byte tokenizer needs >= 256, got {vocab_size}")
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, token_ids: tuple[int, ...] | list[int]) -> str:
+        return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
+
+
+@dataclass(slots=True)
+class _Req:
+    request: EngineRequest
+    seed: int
+    queue: asyncio.Queue[TokenChunk]
+    next_index: int  # sequence index of the next token (stable across handoffs)
+    remaining: int  # tokens still to generate here
+    outputs: list[int] = field(default_factory=list)  # tokens generated on this engine
+    done: bool = False
+
+
+class SimulatedBackend:
+    """``EngineBackend`` over the engine model, sleeping the modelled step time.
+
+    Args:
+        model, gpu, tp: what the latency model is built for (``latency`` overrides it).
+        engine: vLLM-like scheduler settings (block size, token budget, KV blocks).
+        role: PREFILL engines stop after the first token and keep the prompt KV exportable.
+        seed: token-id seed; every instance of one cluster must share it for stream continuity.
+        time_scale: multiply modelled step times (``0.1`` runs 10x faster than the modelled GPU).
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        gpu: GPUSpec,
+        *,
+        tp: int = 1,
+        engine: EngineSpec | None = None,
+        role: InstanceRole = InstanceRole.MIXED,
+        seed: int = 0,
+        time_scale: float = 1.0,
+        latency: LatencyModel | None = None,
+        num_blocks: int | None = None,
+    ) -> None:
+        if time_scale < 0:
+            raise ValueError(f"time_scale: must be >= 0, got {time_scale}")
+        self.model = model
+        self.role = InstanceRole.parse(role)
+        self.seed = seed
+        self.time_scale = time_scale
+        self.vocab_size = model.vocab_size
+        self.tokenizer = ByteTokenizer(max(model.vocab_size, 256))
+        self.engine = EngineModel(
+            latency or latency_for(model, gpu, tp), engine or EngineSpec(), role=self.role, num_blocks=num_blocks
+        )
+        self._reqs: dict[str, _Req] = {}
+        # PREFILL role: prompt token ids of handed-off requests, for export_kv after the engine freed them.
+        self._handoff: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._task = asyncio.create_task(self._run(), name="simulated-engine")
+
+    async def shutdown(self) -> None:
+        self._closed = True
+        for rid in list(self._reqs):
+            self._finish(rid, "abort")
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def generate(self, request: EngineRequest) -> AsyncIterator[TokenChunk]:
+        """Queue ``request`` and return its chunk stream. Raises ``ValueError`` for bad input (at call time)."""
+        if self._closed:
+            raise RuntimeError("engine is shut down")
+        if self._task is None:
+            raise RuntimeError("engine not started: await start() first")
+        rid = request.request_id
+        if rid in self._reqs:
+            raise ValueError(f"request_id: {rid!r} is already running on this engine")
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise ValueError("prompt_token_ids: must not be empty")
+        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids: token {bad} outside [0, {self.vocab_size})")
+        cached = self._cached_tokens(request)
+        max_tokens = request.sampling.max_tokens
+        self.engine.add_request(rid, len(prompt), max_tokens, cached_tokens=cached, priority=request.priority)
+        seed = request.sampling.seed if request.sampling.seed is not None else self.seed
+        remaining = 1 if self.role is InstanceRole.PREFILL else max_tokens
+        req = _Req(request, seed, asyncio.Queue(), request.num_output_tokens_before, remaining)
+        self._reqs[rid] = req
+        assert self._wake is not None
+        self._wake.set()
+        return self._stream(req)
+
+    def _cached_tokens(self, request: EngineRequest) -> int:
+        """Leading prompt tokens whose KV arrived with the request (contiguous from 0, prefix-checked)."""
+        covered = 0
+        for kv in sorted(request.kv, key=lambda b: b.start_token):
+            if kv.start_token > covered:
+                break
+            end = min(kv.end_token, len(request.prompt_token_ids))
+            if tuple(request.prompt_token_ids[kv.start_token : end]) != tuple(kv.token_ids[: end - kv.start_token]):
+                log.warning("kv for %s does not match the prompt at [%d, %d); recomputing", request.request_id,
+                            kv.start_token, end)
+                break
+            covered = max(covered, end)
+        # NOTE: the last prompt token is always computed here (as in vLLM): it produces the next token's logits.
+        return min(covered, len(request.prompt_token_ids) - 1)
+
+    async def _stream(self, req: _Req) -> AsyncIterator[TokenChunk]:
+        try:
+            while True:
+                chunk = await req.queue.get()
+                yield chunk
+                if chunk.finished:
+                    return
+        finally:
+            if not req.done:  # consumer went away: free the engine
+                await self.abort(req.request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self._reqs:
+            self.engine.abort(request_id)
+            self._finish(request_id, "abort")
+
+    def _finish(self, rid: str, reason: str, tokens: tuple[int, ...] = (), index: int | None = None) -> None:
+        req = self._reqs.pop(rid, None)
+        if req is None:
+            return
+        req.done = True
+        idx = req.next_index if index is None else index
+        req.queue.put_nowait(TokenChunk(rid, idx, tokens, finished=True, finish_reason=reason))
+
+    # ---- the engine loop ------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        assert self._wake is not None
+        em = self.engine
+        while True:
+            if not em.has_work:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            t0 = time.perf_counter()
+            r = em.step(want_emitted=True)
+            # NOTE: sleep until the modelled end of the step, minus the time the bookkeeping itself took.
+            delay = r.duration_s * self.time_scale - (time.perf_counter() - t0)
+            await asyncio.sleep(max(delay, 0.0))
+            done = {s.rid for s in r.finished}
+            done.update(s.rid for s in r.prefill_done)
+            for s in r.prefill_done:
+                self._remember_handoff(s.rid)
+            for rid in r.emitted or ():
+                self._emit(rid, rid in done)
+
+    def _emit(self, rid: str, engine_done: bool) -> None:
+        req = self._reqs.get(rid)
+        if req is None:  # aborted while the step was "running"
+            return
+        idx = req.next_index
+        tok = sim_token(req.seed, rid, idx, self.vocab_size)
+        req.next_index += 1
+        req.outputs.append(tok)
+        req.remaining -= 1
+        text = self.tokenizer.decode((tok,))
+        sp = req.request.sampling
+        if tok in sp.stop_token_ids and not sp.ignore_eos:
+            if not engine_done:
+                self.engine.abort(rid)
+            self._finish(rid, "stop", (tok,), idx)
+        elif engine_done or req.remaining <= 0:
+            if not engine_done:
+                self.engine.abort(rid)
+            self._finish(rid, "length", (tok,), idx)
+        else:
+            req.queue.put_nowait(TokenChunk(rid, idx, (tok,), text=text))
+
+    def _remember_handoff(self, rid: str) -> None:
+        req = self._reqs.get(rid)
+        if req is None:
+            return
+        self._handoff[rid] = tuple(req.request.prompt_token_ids)
+        while len(self._handoff) > _HANDOFF_KEEP:
+            self._handoff.popitem(last=False)
+
+    # ---- stats and KV ---------------------------------------------------------------------------------
+    async def stats(self) -> EngineStats:
+        em = self.engine
+        snap = em.snapshot("", 0.0, detail=True)
+        return EngineStats(
+            num_running=em.num_running,
+            num_waiting=len(em.waiting),
+            kv_blocks_used=em.blocks_used(),
+            kv_blocks_total=em.total_blocks,
+            block_size=em.block_size,
+            num_preemptions=em.num_preemptions,
+            prompt_tokens_computed=em.prompt_tokens_computed,
+            prompt_tokens_loaded=em.prompt_tokens_loaded,
+            requests=snap.requests,
+        )
+
+    def snapshot(self, instance_id: str, now_s: float, **static: object) -> InstanceSnapshot:
+        """The engine model's own snapshot (richer than one derived from ``stats``)."""
+        return self.engine.snapshot(instance_id, now_s, detail=True, **static)
+
+    async def export_kv(self, request_id: str, start_token: int = 0, end_token: int | None = None) -> KVBlocks:
+        """KV of ``[start_token, end_token)``: a running request's computed context, or a handed-off prompt."""
+        req = self._reqs.get(request_id)
+        if req is not None:
+            tokens = tuple(req.request.prompt_token_ids) + tuple(req.outputs)
+            seq = self.engine.get(request_id)
+            have = self.engine.computed_of(seq) if seq is not None else 0
+        elif request_id in self._handoff:
+            tokens = self._handoff[request_id]
+            have = len(tokens)
+        else:
+            raise KeyError(f"request_id: {request_id!r} is not on this engine")
+        end = have if end_token is None else min(end_token, have)
+        if not 0 <= start_token <= end:
+            raise ValueError(f"start_token: {start_token} outside [0, {end}] for {request_id!r}")
+        n = end - start_token
+        return KVBlocks(request_id, start_token, end, tokens[start_token:end], n * self.model.kv_bytes_per_token)
+
+    def release_kv(self, request_id: str) -> bool:
+        """Forget a handed-off request's exportable KV (the decode side has it)."""
+        return self._handoff.pop(request_id, None) is not None

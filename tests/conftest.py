@@ -1,0 +1,71 @@
+"""Shared fixtures. Ray is imported lazily: modules that do not use these fixtures never start it.
+
+* ``local_ray``: one real local Ray cluster per test module -- a CPU head plus one worker per fake GPU type
+  (``h100`` and ``a100``, 4 fake GPUs each, labelled ``llmsched_gpu_<type>``), so placement groups, STRICT_PACK
+  and GPU-type pinning run for real. Shut down at the end of the module.
+* ``aloop``: an asyncio event loop on a background thread, for async code shared across a module's tests
+  (``aloop.run(coro, timeout=...)``); Ingress objects live in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+
+FAKE_GPU_TYPES = ("h100", "a100")
+FAKE_GPUS_PER_NODE = 4
+
+
+class LoopThread:
+    """An event loop running on its own thread; ``run`` submits a coroutine and waits for its result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        async def _cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self.run(_cancel_all(), timeout=10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+            self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def aloop() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[Any]:
+    """A head + one 4-fake-GPU worker per type in ``FAKE_GPU_TYPES``; yields the ``RayRuntime``."""
+    import ray
+
+    from scheduler.control.cluster import NodeSpec, start_ray
+
+    if ray.is_initialized():  # a previous module leaked it; never share state between modules
+        ray.shutdown()
+    rt = start_ray([NodeSpec(t, FAKE_GPUS_PER_NODE) for t in FAKE_GPU_TYPES], head_cpus=2)
+    try:
+        yield rt
+    finally:
+        rt.shutdown()
