@@ -1,0 +1,87 @@
+"""``llmsched serve --config PATH --port N``: the control plane plus the gRPC (and optional HTTP) servers.
+
+Runs in the foreground until SIGTERM/SIGINT, then reports NOT_SERVING, drains (in-flight streams finish), shuts
+the deployment down and exits 0. Starts a local Ray cluster unless one is reachable (``RAY_ADDRESS`` or an
+initialised Ray), so the same command serves a laptop and a KubeRay head pod.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from scheduler.config.load import ConfigError, load_config
+
+log = logging.getLogger("llmsched.serve")
+
+
+def _auth():
+    """Token/TLS settings from the environment the Helm chart sets; ``None`` when none are configured."""
+    from scheduler.server import auth as auth_mod
+
+    from_env = getattr(getattr(auth_mod, "AuthConfig", None), "from_env", None)
+    return from_env() if from_env is not None else None
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from scheduler.control.cluster import start_local_cluster
+    from scheduler.server.grpc_server import serve
+
+    cfg = load_config(args.config)
+    loop = asyncio.get_running_loop()
+    # Ray start-up and engine creation block: keep them off the event loop.
+    cluster = await loop.run_in_executor(
+        None, lambda: start_local_cluster(cfg, fake_gpus_per_node=args.fake_gpus_per_node)
+    )
+    ingress = cluster.ingress
+    http_task = None
+    try:
+        await ingress.start()
+        auth = _auth()
+        if args.http_port:
+            import uvicorn
+
+            from scheduler.server.http_server import build_app
+
+            server = uvicorn.Server(uvicorn.Config(build_app(ingress, auth=auth), host=args.host,
+                                                   port=args.http_port, lifespan="off", log_level="warning"))
+            http_task = asyncio.create_task(server.serve())
+
+        def started(srv) -> None:
+            print(f"llmsched serving {cfg.name} ({cfg.num_instances} instances) on {args.host}:{srv.port}",
+                  flush=True)
+
+        await serve(ingress, port=args.port, host=args.host, auth=auth, on_started=started,
+                    grace_s=args.grace_s)
+    finally:
+        if http_task is not None:
+            http_task.cancel()
+        await ingress.close()
+        await loop.run_in_executor(None, cluster.shutdown)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="llmsched serve", description=__doc__)
+    p.add_argument("--config", required=True, help="cluster config YAML (e.g. deploy/examples/cpu-pd.yaml)")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--host", default=os.environ.get("LLMSCHED_HOST", "127.0.0.1"))
+    p.add_argument("--http-port", type=int, default=int(os.environ.get("LLMSCHED_HTTP_PORT", "0")) or None)
+    p.add_argument("--fake-gpus-per-node", type=int, default=0,
+                   help="start one local Ray node per GPU type with this many fake GPUs (dev/test)")
+    p.add_argument("--grace-s", type=float, default=10.0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LLMSCHED_LOG_LEVEL", "WARNING"))
+    try:
+        load_config(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""`llmsched serve` as a user runs it: foreground process, health SERVING, SDK calls, SIGTERM -> exit 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from scheduler.client import Client
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _simulated_config(tmp_path: Path) -> Path:
+    cfg = yaml.safe_load(Path("deploy/examples/cpu-pd.yaml").read_text())
+    for pool in cfg["pools"]:
+        pool["backend"] = "simulated"  # the vLLM flavour of this test lives in test_vllm_e2e.py
+    path = tmp_path / "sim-pd.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _wait_serving(addr: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
+    with grpc.insecure_channel(addr) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else "server exited"
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    raise AssertionError("server never reported SERVING")
+
+
+def test_serve_foreground_health_generate_and_sigterm(tmp_path: Path) -> None:
+    port = _free_port()
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scheduler.cli", "serve", "--config", str(_simulated_config(tmp_path)),
+         "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        addr = f"127.0.0.1:{port}"
+        _wait_serving(addr, proc)
+        c = Client(addr)
+        r = c.generate([5, 6, 7, 8, 9], max_tokens=12, temperature=0.0, request_id="serve-1")
+        assert len(r.token_ids) == 12 and r.request_id == "serve-1"
+        idx = [ch.index for ch in c.stream("hello there", max_tokens=9) if ch.token_ids]
+        assert idx == sorted(set(idx)) and idx[0] == 0
+        with pytest.raises(Exception) as e:
+            c.generate("", max_tokens=4)
+        assert "prompt" in str(e.value)
+        c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert rc == 0
