@@ -55,7 +55,12 @@ def build_instances(config: ClusterConfig) -> list[SimInstance]:
     """One ``SimInstance`` per configured instance, ids ``<pool>-<n>``; latency models shared per pool."""
     out: list[SimInstance] = []
     for pool in config.pools:
-        latency = latency_for(config.model, config.gpus[pool.gpu], pool.tp)
+        if config.latency_profile:  # measured on a live engine by `llmsched profile`
+            from scheduler.profile import latency_from_profile
+
+            latency = latency_from_profile(config.latency_profile, config.model, config.gpus[pool.gpu], pool.tp)
+        else:
+            latency = latency_for(config.model, config.gpus[pool.gpu], pool.tp)
         for n in range(pool.count):
             engine = EngineModel(latency, pool.engine, role=pool.role)
             out.append(SimInstance(f"{pool.name}-{n}", pool, engine, latency, len(out)))

