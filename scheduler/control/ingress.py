@@ -89,6 +89,9 @@ def make_tokenizer(config: ClusterConfig, backend_kwargs: dict[str, dict[str, An
     return ByteTokenizer(max(config.model.vocab_size, 256))
 
 
+UNHEALTHY_AFTER_S = 10.0  # an instance whose snapshots time out this long is routed around
+
+
 class InstanceLost(Exception):
     """The instance serving a stream died or stopped answering."""
 
@@ -217,13 +220,19 @@ class Ingress:
             *(asyncio.wait_for(_await(m.handle.snapshot.remote()), 1.0) for _, m in items), return_exceptions=True
         )
         snaps: dict[str, InstanceSnapshot] = {}
+        now = time.time()
+        last_ok = self.__dict__.setdefault("_last_ok", {})
         for (iid, m), res in zip(items, results):
             if isinstance(res, InstanceSnapshot):
                 snaps[iid] = res
+                last_ok[iid] = now
             elif isinstance(res, _DEAD):
                 self._mark_dead(iid)
-            elif iid in self._snapshots:  # slow answer: keep the last one, marked unhealthy
-                snaps[iid] = dataclasses.replace(self._snapshots[iid], healthy=False)
+            elif iid in self._snapshots:
+                # A slow answer is not a dead instance: a busy engine on a loaded host answers late. Keep the last
+                # snapshot; only an instance silent for ``unhealthy_after_s`` stops receiving new requests.
+                stale = now - last_ok.get(iid, now) > UNHEALTHY_AFTER_S
+                snaps[iid] = dataclasses.replace(self._snapshots[iid], healthy=not stale)
         self._snapshots = snaps
         self._pending.clear()
         self._view = ClusterView(time.time(), tuple(snaps[i] for i in sorted(snaps)))

@@ -1,0 +1,25 @@
+"""``llmsched bench NAME``: benchmarks that print ratios against baselines measured in the same run."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> module with main(argv) -> int
+BENCHES = {
+    "sim": "bench.bench_sim",
+    "routing": "bench.bench_routing",
+    "grpc": "bench.bench_grpc_overhead",
+    "control-plane": "bench.bench_control_plane",
+    "migration": "bench.bench_migration",
+    "chaos": "bench.bench_chaos",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in BENCHES:
+        print(f"usage: llmsched bench {{{','.join(BENCHES)}}} [args]", file=sys.stderr)
+        return 2
+    mod = importlib.import_module(BENCHES[argv[0]])
+    return int(mod.main(argv[1:]) or 0)
