@@ -81,7 +81,7 @@ async def _live(cfg, ingress, args) -> dict:
     try:
         vocab = cfg.model.vocab_size
         _say("profiling this machine through the SDK (prefill and decode step times)...")
-        profile = fit(await measure(target, vocab=vocab, repeats=1))
+        profile = fit(await measure(target, vocab=vocab, repeats=3))
         _say(f"  profile: step overhead {profile['overhead_s'] * 1e3:.2f} ms, "
              f"{profile['gemm_s_per_token'] * 1e6:.1f} us/token, fit error {profile['fit_mape'] * 100:.1f}%")
         trace = default_trace().head(args.requests)

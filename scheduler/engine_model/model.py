@@ -19,6 +19,13 @@ Semantics (documented choices where vLLM has knobs):
 * When a step's decodes cannot get their blocks, the least important, most recently admitted request is
   preempted by recompute (KV dropped, re-queued at the front), as vLLM v1 does; no admission in that step.
 * Priority: larger ``priority`` is more important.
+* Prefix cache (``EngineSpec.enable_prefix_caching``, as vLLM's automatic prefix caching): a request may carry
+  ``hash_ids``, one id per ``hash_block_tokens`` of its prompt (Mooncake's trace format). When it is admitted,
+  its leading ids found in the instance's cache count as already computed (at most ``prompt - 1`` tokens: the
+  last one is always recomputed to sample the first token), so only the rest is prefilled. A prompt's ids enter
+  the cache when its prefill completes. The cache is an LRU of ids bounded by the instance's KV capacity in
+  tokens. NOTE: admission still reserves KV for the whole context (no block sharing between concurrent
+  requests): cached blocks save compute, not memory -- conservative on memory, exact on compute.
 
 Per-request bookkeeping of decoding requests is lazy: a request stores the step counter and its counts when it
 joined the decode set, so advancing ``k`` steps is O(1) regardless of batch size.
@@ -28,7 +35,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +50,8 @@ class Seq:
 
     __slots__ = (
         "rid", "priority", "admit_no", "num_tokens", "num_computed", "max_new", "generated",
-        "join_step", "finish_step", "blocks", "in_decode", "done", "predicted_remaining", "tag",
+        "join_step", "finish_step", "blocks", "in_decode", "done", "predicted_remaining", "tag", "hash_ids",
+        "hash_block_tokens",
     )
 
     def __init__(self, rid: str, num_tokens: int, num_computed: int, max_new: int, priority: int) -> None:
@@ -61,6 +69,8 @@ class Seq:
         self.done = False
         self.predicted_remaining: float | None = None
         self.tag: object = None  # free slot for the driver (the simulator keeps its request index here)
+        self.hash_ids: tuple[int, ...] = ()  # prompt block ids for the prefix cache
+        self.hash_block_tokens = 0
 
 
 @dataclass(slots=True)
@@ -151,6 +161,13 @@ class EngineModel:
         self.busy_time_s = 0.0
         self.steps_run = 0
         self._coeffs: dict[int, tuple[float, float]] = {}  # decode_coeffs by batch size (hot in the simulator)
+        # Prefix cache: hash id -> tokens it covers, least recently used first (None: caching disabled).
+        self.prefix_cache: OrderedDict[int, int] | None = (
+            OrderedDict() if getattr(spec, "enable_prefix_caching", False) else None
+        )
+        self._prefix_tokens = 0
+        self.prefix_capacity_tokens = num_blocks * spec.block_size
+        self.prefix_hit_tokens = 0
 
     # ---- requests in/out ------------------------------------------------------------------------------
     def add_request(
@@ -162,9 +179,12 @@ class EngineModel:
         cached_tokens: int = 0,
         priority: int = 0,
         predicted_remaining: float | None = None,
+        hash_ids: tuple[int, ...] = (),
+        hash_block_tokens: int = 512,
     ) -> Seq:
         """Queue a request whose context is ``prompt_tokens`` long, ``cached_tokens`` of it already in KV here
-        (loaded by a P->D transfer or a migration), with ``max_tokens`` still to generate."""
+        (loaded by a P->D transfer or a migration), with ``max_tokens`` still to generate. ``hash_ids``: one id
+        per ``hash_block_tokens`` prompt tokens, for the prefix cache (ignored when it is disabled)."""
         if rid in self._by_rid:
             raise ValueError(f"request_id: {rid!r} is already on this engine")
         if prompt_tokens < 1:
@@ -183,6 +203,11 @@ class EngineModel:
             max_tokens = 1  # a prefill instance only produces the first token, then hands off
         seq = Seq(rid, prompt_tokens, cached_tokens, max_tokens, priority)
         seq.predicted_remaining = predicted_remaining
+        if self.prefix_cache is not None and hash_ids:
+            if hash_block_tokens < 1:
+                raise ValueError(f"hash_block_tokens: must be >= 1, got {hash_block_tokens}")
+            seq.hash_ids = tuple(hash_ids)
+            seq.hash_block_tokens = hash_block_tokens
         self._by_rid[rid] = seq
         self.waiting.append(seq)
         return seq
@@ -339,6 +364,8 @@ class EngineModel:
                     self._join_decode(head)
                     budget -= 1
                     continue
+                if head.hash_ids and not head.num_computed:
+                    self._prefix_hit(head)
                 self.prefilling.append(head)
                 c = self._chunk(head, budget)
                 chunks.append((head, c))
@@ -350,7 +377,8 @@ class EngineModel:
         p_tokens = sum(c for _, c in chunks)
         p_pairs = sum(prefill_pairs(c, s.num_computed) for s, c in chunks)
         res.duration_s = self.latency.step_time(
-            prefill_tokens=p_tokens, prefill_pairs=p_pairs, decode_batch=bs, decode_context=self._n_sum + bs
+            prefill_tokens=p_tokens, prefill_pairs=p_pairs, decode_batch=bs, decode_context=self._n_sum + bs,
+            prefill_seqs=len(chunks),
         )
         if want_emitted:
             res.emitted = list(self.decoding)
@@ -370,9 +398,54 @@ class EngineModel:
         left = seq.num_tokens - seq.num_computed
         return min(left, budget) if self.spec.enable_chunked_prefill else left
 
+    # ---- prefix cache -------------------------------------------------------------------------------------
+    def _prefix_hit(self, seq: Seq) -> None:
+        """At admission: the leading cached blocks of ``seq``'s prompt count as computed (and are touched)."""
+        cache = self.prefix_cache
+        assert cache is not None
+        n = 0
+        for h in seq.hash_ids:
+            if h not in cache:
+                break
+            cache.move_to_end(h)
+            n += 1
+        if n:
+            hit = min(n * seq.hash_block_tokens, seq.num_tokens - 1)
+            seq.num_computed = hit
+            self.prefix_hit_tokens += hit
+            self.prompt_tokens_loaded += hit
+
+    def _prefix_insert(self, seq: Seq) -> None:
+        """After ``seq``'s prefill: its prompt blocks are cached here; evict least recently used past capacity."""
+        cache = self.prefix_cache
+        if cache is None or not seq.hash_ids:
+            return
+        for h in seq.hash_ids:
+            if h in cache:
+                cache.move_to_end(h)
+            else:
+                cache[h] = seq.hash_block_tokens
+                self._prefix_tokens += seq.hash_block_tokens
+        while self._prefix_tokens > self.prefix_capacity_tokens and cache:
+            self._prefix_tokens -= cache.popitem(last=False)[1]
+
+    def cached_prefix_blocks(self, hash_ids: tuple[int, ...]) -> int:
+        """How many leading ``hash_ids`` are in this instance's prefix cache now (0 when caching is off)."""
+        cache = self.prefix_cache
+        if not cache:
+            return 0
+        n = 0
+        for h in hash_ids:
+            if h not in cache:
+                break
+            n += 1
+        return n
+
     def _prefill_complete(self, seq: Seq, res: StepResult) -> None:
         """The context is computed: sample the first token on this engine."""
         self.prefilling.remove(seq)
+        if seq.hash_ids:
+            self._prefix_insert(seq)
         seq.generated += 1
         seq.num_tokens += 1
         res.first_token.append(seq)
@@ -512,5 +585,6 @@ class EngineModel:
             decode_context_tokens=self._n_sum + bs,
             predicted_remaining_tokens=pred,
             requests=requests,
+            cached_hash_ids=frozenset(self.prefix_cache) if self.prefix_cache else frozenset(),
             **static,  # type: ignore[arg-type]
         )

@@ -57,6 +57,9 @@ class LatencyModel:
     attn_decode_s_per_token: float
     gemm: GemmTable
     source: str = "roofline"
+    # Per scheduled sequence (sampling, block tables, Python bookkeeping): small on GPUs next to the GEMMs, but it
+    # is most of a decode step on the vLLM CPU build. Fitted by `llmsched profile`.
+    per_seq_s: float = 0.0
 
     # ---- the batch cost -------------------------------------------------------------------------------
     def step_time(
@@ -66,6 +69,7 @@ class LatencyModel:
         prefill_pairs: float = 0.0,
         decode_batch: int = 0,
         decode_context: int = 0,
+        prefill_seqs: int = 0,
     ) -> float:
         """Time of one engine step.
 
@@ -74,6 +78,7 @@ class LatencyModel:
             prefill_pairs: attention work of those chunks, ``sum(chunk * (ctx_before + chunk / 2))``.
             decode_batch: requests decoding one token this step.
             decode_context: sum of their KV lengths.
+            prefill_seqs: requests the prefill chunks belong to (for the per-sequence cost).
         """
         n = prefill_tokens + decode_batch
         if n == 0:
@@ -81,16 +86,18 @@ class LatencyModel:
         return (
             self.overhead_s
             + self.gemm(n)
+            + self.per_seq_s * (decode_batch + prefill_seqs)
             + self.attn_prefill_s_per_pair * prefill_pairs
             + self.attn_decode_s_per_token * decode_context
         )
 
     def decode_coeffs(self, batch: int) -> tuple[float, float]:
         """``(a, b)`` with decode-only step time ``a + b * sum_context`` for a batch of ``batch`` requests."""
-        return self.overhead_s + self.gemm(batch), self.attn_decode_s_per_token
+        return self.overhead_s + self.gemm(batch) + self.per_seq_s * batch, self.attn_decode_s_per_token
 
     def prefill_time(self, prompt_tokens: int, context_before: int = 0) -> float:
-        return self.step_time(prefill_tokens=prompt_tokens, prefill_pairs=prefill_pairs(prompt_tokens, context_before))
+        return self.step_time(prefill_tokens=prompt_tokens, prefill_pairs=prefill_pairs(prompt_tokens, context_before),
+                              prefill_seqs=1)
 
     # ---- physics -----------------------------------------------------------------------------------------
     def hbm_floor(self, decode_batch: int, decode_context: int) -> float:
