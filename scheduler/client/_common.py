@@ -23,6 +23,7 @@ from scheduler.client.types import (
     error_for,
 )
 from scheduler.core.types import InstanceRole
+from scheduler.telemetry.tracing import Span, SpanKind, Stage, Tracing, set_outcome
 
 FIELD_METADATA_KEY = "llmsched-field"
 RETRY_AFTER_METADATA_KEY = "retry-after"
@@ -266,6 +267,37 @@ def migration_from_proto(m: admin_pb2.MigrationResult) -> MigrationResult:
         downtime_s=m.downtime_s,
         stages=m.stages,
     )
+
+
+def start_generate_span(
+    tracing: Tracing, req: inference_pb2.GenerateRequest, md: tuple[tuple[str, str], ...]
+) -> tuple[Span, tuple[tuple[str, str], ...]]:
+    """The client span of one generate (parent: the caller's current span) and the metadata carrying it.
+
+    NOTE: the span is never made current: a generator's body runs in its consumer's context, so attaching here
+    would leak the span into the caller's code between chunks.
+    """
+    span = tracing.start_span(
+        Stage.CLIENT,
+        request_id=req.request_id,
+        kind=SpanKind.CLIENT,
+        attributes={"rpc.system": "grpc", "rpc.service": "llmsched.v1.Inference", "rpc.method": "Generate"},
+    )
+    return span, md + tracing.metadata(context=Tracing.context_with(span))
+
+
+def end_generate_span(span: Span, state: StreamState, err: BaseException | None) -> None:
+    span.set_attribute("llmsched.attempts", state.attempts)
+    span.set_attribute("llmsched.output_tokens", state.next_index)
+    if err is None:
+        set_outcome(span, ok=True, status="finished" if state.finished else "closed")
+    elif isinstance(err, GeneratorExit) or type(err).__name__ == "CancelledError":
+        span.set_attribute("llmsched.status", "cancelled")  # the caller stopped early: not an error
+    else:
+        code = getattr(err, "code", None)
+        set_outcome(span, ok=False, status=getattr(code, "name", type(err).__name__).lower(),
+                    description=str(err))
+    span.end()
 
 
 def remaining(deadline: float | None) -> float | None:

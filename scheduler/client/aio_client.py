@@ -26,6 +26,7 @@ from scheduler.client.types import (
     MigrationResult,
     StreamChunk,
 )
+from scheduler.telemetry.tracing import Tracing
 
 
 class AsyncClient:
@@ -44,6 +45,7 @@ class AsyncClient:
         timeout_s: float | None = None,
         retries: int = 2,
         max_message_bytes: int | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
@@ -60,6 +62,7 @@ class AsyncClient:
         self._admin_md = c.auth_metadata(admin_token or token)
         self.timeout_s = timeout_s
         self.retries = retries
+        self._tracing = tracing if tracing is not None else Tracing()
 
     # ------------------------------------------------------------------------------------------ inference
 
@@ -158,25 +161,34 @@ class AsyncClient:
         self, req: inference_pb2.GenerateRequest, state: c.StreamState, timeout_s: float | None
     ) -> AsyncIterator[StreamChunk]:
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
-        while True:
-            req.resume_from_index = state.next_index
-            state.attempts += 1
-            call = self._inference.Generate(req, timeout=c.remaining(deadline), metadata=self._md)
-            try:
-                async for msg in call:
-                    chunk = state.accept(msg)
-                    if chunk is not None:
-                        yield chunk
-                    if state.finished:
-                        return
-                return
-            except grpc.RpcError as e:
-                err = c.convert_rpc_error(e, req.request_id)
-                if not self._may_retry(err, state.attempts, deadline):
-                    raise err from None
-                await asyncio.sleep(c.backoff_s(state.attempts - 1, err.retry_after_s))
-            finally:
-                call.cancel()
+        span, md = c.start_generate_span(self._tracing, req, self._md)
+        error: BaseException | None = None
+        try:
+            while True:
+                req.resume_from_index = state.next_index
+                state.attempts += 1
+                call = self._inference.Generate(req, timeout=c.remaining(deadline), metadata=md)
+                try:
+                    async for msg in call:
+                        chunk = state.accept(msg)
+                        if chunk is not None:
+                            yield chunk
+                        if state.finished:
+                            return
+                    return
+                except grpc.RpcError as e:
+                    err = c.convert_rpc_error(e, req.request_id)
+                    if not self._may_retry(err, state.attempts, deadline):
+                        raise err from None
+                    span.add_event("retry", {"llmsched.code": err.code.name if err.code else ""})
+                    await asyncio.sleep(c.backoff_s(state.attempts - 1, err.retry_after_s))
+                finally:
+                    call.cancel()
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            c.end_generate_span(span, state, error)
 
     async def cancel(self, request_id: str, *, timeout_s: float | None = None) -> bool:
         resp = await self._unary(
@@ -257,7 +269,7 @@ class AsyncClient:
         while True:
             attempts += 1
             try:
-                return await method(msg, timeout=c.remaining(deadline), metadata=md)
+                return await method(msg, timeout=c.remaining(deadline), metadata=md + self._tracing.metadata())
             except grpc.RpcError as e:
                 err = c.convert_rpc_error(e)
                 if not retry or not self._may_retry(err, attempts, deadline):

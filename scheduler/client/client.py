@@ -28,6 +28,7 @@ from scheduler.client.types import (
     MigrationResult,
     StreamChunk,
 )
+from scheduler.telemetry.tracing import Tracing
 
 T = TypeVar("T")
 
@@ -43,6 +44,9 @@ class Client:
         timeout_s: default deadline per call (a whole generate, including retries).
         retries: retries after UNAVAILABLE (same request id; streams resume without duplicated indices).
         max_message_bytes: channel message-size limit (default: grpc's 4 MiB).
+        tracing: OpenTelemetry spans; each generate gets a CLIENT span whose W3C ``traceparent`` travels in the
+            metadata (the server's span is its child). None = the global provider (a no-op unless the application
+            configured OpenTelemetry; the caller's current trace context is still propagated).
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class Client:
         timeout_s: float | None = None,
         retries: int = 2,
         max_message_bytes: int | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
@@ -71,6 +76,7 @@ class Client:
         self._admin_md = c.auth_metadata(admin_token or token)
         self.timeout_s = timeout_s
         self.retries = retries
+        self._tracing = tracing if tracing is not None else Tracing()
 
     # ------------------------------------------------------------------------------------------ inference
 
@@ -136,25 +142,34 @@ class Client:
         self, req: inference_pb2.GenerateRequest, state: c.StreamState, timeout_s: float | None
     ) -> Iterator[StreamChunk]:
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
-        while True:
-            req.resume_from_index = state.next_index
-            state.attempts += 1
-            call = self._inference.Generate(req, timeout=c.remaining(deadline), metadata=self._md)
-            try:
-                for msg in call:
-                    chunk = state.accept(msg)
-                    if chunk is not None:
-                        yield chunk
-                    if state.finished:
-                        return
-                return  # stream ended without a finished chunk: treat as done (server closed OK)
-            except grpc.RpcError as e:
-                err = c.convert_rpc_error(e, req.request_id)
-                if not self._may_retry(err, state.attempts, deadline):
-                    raise err from None
-                time.sleep(c.backoff_s(state.attempts - 1, err.retry_after_s))
-            finally:
-                call.cancel()  # no-op after a clean finish; frees the server's work on early exit
+        span, md = c.start_generate_span(self._tracing, req, self._md)
+        error: BaseException | None = None
+        try:
+            while True:
+                req.resume_from_index = state.next_index
+                state.attempts += 1
+                call = self._inference.Generate(req, timeout=c.remaining(deadline), metadata=md)
+                try:
+                    for msg in call:
+                        chunk = state.accept(msg)
+                        if chunk is not None:
+                            yield chunk
+                        if state.finished:
+                            return
+                    return  # stream ended without a finished chunk: treat as done (server closed OK)
+                except grpc.RpcError as e:
+                    err = c.convert_rpc_error(e, req.request_id)
+                    if not self._may_retry(err, state.attempts, deadline):
+                        raise err from None
+                    span.add_event("retry", {"llmsched.code": err.code.name if err.code else ""})
+                    time.sleep(c.backoff_s(state.attempts - 1, err.retry_after_s))
+                finally:
+                    call.cancel()  # no-op after a clean finish; frees the server's work on early exit
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            c.end_generate_span(span, state, error)
 
     def generate(
         self,
@@ -285,7 +300,7 @@ class Client:
         while True:
             attempts += 1
             try:
-                return method(msg, timeout=c.remaining(deadline), metadata=md)
+                return method(msg, timeout=c.remaining(deadline), metadata=md + self._tracing.metadata())
             except grpc.RpcError as e:
                 err = c.convert_rpc_error(e)
                 if not retry or not self._may_retry(err, attempts, deadline):

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import enum
 import hmac
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import logging
+import os
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+
+logger = logging.getLogger(__name__)
 
 ADMIN_SERVICE = "llmsched.v1.Admin"
 INFERENCE_SERVICE = "llmsched.v1.Inference"
@@ -41,9 +46,11 @@ class Access(enum.Enum):
 class TLSConfig:
     """Server TLS material (PEM bytes). With ``client_ca`` set, clients must present a certificate it signed (mTLS)."""
 
-    cert_chain: bytes
-    private_key: bytes
-    client_ca: bytes | None = None
+    cert_chain: bytes = field(repr=False)
+    private_key: bytes = field(repr=False)  # NOTE: never in repr/logs
+    client_ca: bytes | None = field(default=None, repr=False)
+    # Where the PEMs came from (uvicorn's TLS takes paths); None when built from bytes.
+    files: tuple[str, str, str | None] | None = None
 
     @classmethod
     def from_files(cls, cert: str | Path, key: str | Path, client_ca: str | Path | None = None) -> TLSConfig:
@@ -51,7 +58,20 @@ class TLSConfig:
             cert_chain=Path(cert).read_bytes(),
             private_key=Path(key).read_bytes(),
             client_ca=Path(client_ca).read_bytes() if client_ca else None,
+            files=(str(cert), str(key), str(client_ca) if client_ca else None),
         )
+
+    def uvicorn_kwargs(self) -> dict[str, object]:
+        """``uvicorn.Config`` TLS arguments for the HTTP server (needs :attr:`files`)."""
+        if self.files is None:
+            raise ValueError("TLSConfig.uvicorn_kwargs: build it with from_files() (uvicorn reads PEM files)")
+        import ssl
+
+        cert, key, ca = self.files
+        out: dict[str, object] = {"ssl_certfile": cert, "ssl_keyfile": key}
+        if ca:
+            out |= {"ssl_ca_certs": ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        return out
 
     def server_credentials(self) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials(
@@ -69,9 +89,13 @@ class AuthConfig:
     configuring client tokens without an admin token leaves Admin unreachable rather than open).
     """
 
-    client_tokens: frozenset[str] = frozenset()
-    admin_tokens: frozenset[str] = frozenset()
+    client_tokens: frozenset[str] = field(default=frozenset(), repr=False)  # NOTE: secrets stay out of repr
+    admin_tokens: frozenset[str] = field(default=frozenset(), repr=False)
     tls: TLSConfig | None = None
+
+    def __repr__(self) -> str:
+        return (f"AuthConfig(client_tokens=<{len(self.client_tokens)} redacted>, "
+                f"admin_tokens=<{len(self.admin_tokens)} redacted>, tls={self.tls!r})")
 
     def __post_init__(self) -> None:
         for name in ("client_tokens", "admin_tokens"):
@@ -92,6 +116,55 @@ class AuthConfig:
             admin_tokens=frozenset([admin] if admin else []),
             tls=tls,
         )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> AuthConfig:
+        """Auth from the variables the Helm chart sets on ``llmsched serve`` (docs/deploy.md, "Security").
+
+        - ``LLMSCHED_ADMIN_TOKEN_FILE``: admin token(s), one per line (several = rotation). The admin API always
+          needs a token: when the variable is unset, a random token nobody knows is used (Admin unreachable,
+          never open) and a warning says so.
+        - ``LLMSCHED_CLIENT_TOKEN_FILE``: client token(s) for Inference and ``/v1/*``; ignored when
+          ``LLMSCHED_AUTH_ENABLED`` is false (inference open; admin still protected). Unset = inference open.
+        - ``LLMSCHED_TLS_CERT_FILE`` + ``LLMSCHED_TLS_KEY_FILE``: serve TLS; ``LLMSCHED_TLS_CLIENT_CA_FILE``: mTLS.
+
+        Raises:
+            ValueError: naming the variable (never a token): unreadable or empty token file, a bad boolean, equal
+                client and admin tokens, TLS half configured.
+        """
+        env = os.environ if env is None else env
+        enabled = _env_bool(env, "LLMSCHED_AUTH_ENABLED", default=True)
+        admin_file = env.get("LLMSCHED_ADMIN_TOKEN_FILE")
+        if admin_file:
+            admin = _read_tokens("LLMSCHED_ADMIN_TOKEN_FILE", admin_file)
+        else:
+            logger.warning("LLMSCHED_ADMIN_TOKEN_FILE is not set: the admin API is locked (no token can call it)")
+            admin = frozenset([secrets.token_urlsafe(32)])
+        client_file = env.get("LLMSCHED_CLIENT_TOKEN_FILE")
+        client: frozenset[str] = frozenset()
+        if enabled and client_file:
+            client = _read_tokens("LLMSCHED_CLIENT_TOKEN_FILE", client_file)
+            if client & admin:
+                raise ValueError("LLMSCHED_CLIENT_TOKEN_FILE: a client token equals an admin token; the admin API "
+                                 "needs a distinct credential")
+        elif enabled:
+            logger.warning("LLMSCHED_CLIENT_TOKEN_FILE is not set: the inference API is open")
+        cert, key = env.get("LLMSCHED_TLS_CERT_FILE"), env.get("LLMSCHED_TLS_KEY_FILE")
+        ca = env.get("LLMSCHED_TLS_CLIENT_CA_FILE")
+        tls = None
+        if cert or key or ca:
+            missing = [n for n, v in (("LLMSCHED_TLS_CERT_FILE", cert), ("LLMSCHED_TLS_KEY_FILE", key)) if not v]
+            if missing:
+                raise ValueError(f"{missing[0]}: must be set with the other TLS variables")
+            for name, path in (("LLMSCHED_TLS_CERT_FILE", cert), ("LLMSCHED_TLS_KEY_FILE", key),
+                               ("LLMSCHED_TLS_CLIENT_CA_FILE", ca)):
+                if path and not Path(path).is_file():
+                    raise ValueError(f"{name}: no such file {path!r}")
+            tls = TLSConfig.from_files(cert, key, ca)  # type: ignore[arg-type]
+        cfg = cls(client_tokens=client, admin_tokens=admin, tls=tls)
+        logger.info("auth: inference %s, admin token required, tls=%s, mtls=%s",
+                    "token required" if client else "open", tls is not None, bool(tls and tls.client_ca))
+        return cfg
 
     @property
     def enabled(self) -> bool:
@@ -124,6 +197,31 @@ class AuthConfig:
         if authorization is None:
             return grpc.StatusCode.UNAUTHENTICATED, "authorization: missing 'authorization: Bearer <token>'"
         return grpc.StatusCode.UNAUTHENTICATED, "authorization: invalid token"
+
+
+def _env_bool(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}: expected true or false, got {raw!r}")
+
+
+def _read_tokens(name: str, path: str) -> frozenset[str]:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"{name}: cannot read {path!r} ({e.strerror or type(e).__name__})") from None
+    tokens = frozenset(line.strip() for line in text.splitlines() if line.strip())
+    if not tokens:
+        raise ValueError(f"{name}: {path!r} holds no token")
+    if any(" " in t or "\t" in t for t in tokens):  # "Bearer a b" could never match: fail at start, not per call
+        raise ValueError(f"{name}: {path!r}: a token must not contain whitespace")
+    return tokens
 
 
 def _bearer(value: str | None) -> str | None:

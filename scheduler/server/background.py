@@ -17,8 +17,11 @@ from concurrent.futures import Future
 from typing import Any, Self, TypeVar
 
 from scheduler.control.api import IngressAPI
+from scheduler.server.admission import InflightLimiter
 from scheduler.server.auth import AuthConfig
 from scheduler.server.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer, build_server
+from scheduler.telemetry.metrics import Recorder
+from scheduler.telemetry.tracing import Tracing
 
 T = TypeVar("T")
 
@@ -30,6 +33,7 @@ class BackgroundServer:
         ingress_factory: called on the server loop (asyncio objects must be created there).
         auth: tokens / TLS for both servers.
         http: also serve the OpenAI-compatible HTTP app (``.http_port``).
+        recorder, tracing, limiter: shared by both servers (see ``build_server``).
     """
 
     def __init__(
@@ -40,8 +44,12 @@ class BackgroundServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         http: bool = False,
         host: str = "127.0.0.1",
+        recorder: Recorder | None = None,
+        tracing: Tracing | None = None,
+        limiter: InflightLimiter | None = None,
     ) -> None:
         self._factory = ingress_factory
+        self.recorder, self.tracing, self.limiter = recorder, tracing, limiter
         self._auth = auth
         self._max = max_message_bytes
         self._http = http
@@ -76,7 +84,8 @@ class BackgroundServer:
     async def _start(self) -> None:
         self.ingress = self._factory()
         self.grpc = build_server(
-            self.ingress, port=0, host=self.host, auth=self._auth, max_message_bytes=self._max
+            self.ingress, port=0, host=self.host, auth=self._auth, max_message_bytes=self._max,
+            recorder=self.recorder, tracing=self.tracing, limiter=self.limiter,
         )
         await self.grpc.start()
         if self._http:
@@ -84,7 +93,10 @@ class BackgroundServer:
 
             from scheduler.server.http_server import build_app
 
-            app = build_app(self.ingress, auth=self._auth, max_body_bytes=self._max)
+            app = build_app(
+                self.ingress, auth=self._auth, max_body_bytes=self._max,
+                recorder=self.recorder, tracing=self.tracing, limiter=self.limiter,
+            )
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, 0))

@@ -16,39 +16,42 @@ Error mapping (also the HTTP server's, see ``http_server.py``): ``InvalidRequest
 ``NotFound`` -> NOT_FOUND, ``Overloaded`` -> RESOURCE_EXHAUSTED + ``retry-after`` trailing metadata,
 ``Unavailable`` -> UNAVAILABLE, ``NotImplementedError`` -> UNIMPLEMENTED, anything else -> INTERNAL (logged).
 Errors naming a field also carry it as ``llmsched-field`` trailing metadata, which the SDK exposes as ``.field``.
+
+Observability and admission (all optional): ``recorder`` (Prometheus), ``tracing`` (OpenTelemetry; the client's
+``traceparent`` metadata parents the ``llmsched.ingress`` span), ``limiter`` (in-flight bound per priority).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from scheduler._proto.llmsched.v1 import admin_pb2, inference_pb2
-from scheduler.control.api import (
-    ClusterState,
-    GenerateRequest,
-    IngressAPI,
-    IngressError,
-    InvalidRequest,
-    MigrationResult,
-    NotFound,
-    Overloaded,
-    Unavailable,
-)
-from scheduler.core.types import InstanceRole, InstanceSnapshot
-from scheduler.engine.base import SamplingParams, TokenChunk
+from scheduler.control.api import IngressAPI, IngressError, InvalidRequest, NotFound, Overloaded, Unavailable
+from scheduler.engine.base import TokenChunk
+from scheduler.server.admission import InflightLimiter, Slot
 from scheduler.server.auth import ADMIN_SERVICE, INFERENCE_SERVICE, AuthConfig, TokenAuthInterceptor
-from scheduler.server.validate import GRPC_FIELDS, new_request_id, validate_generate
+
+# NOTE: the proto conversions live in convert.py; re-exported as this module's public names.
+from scheduler.server.convert import (
+    _parse,
+    cluster_state_to_proto,
+    generate_request_from_proto,
+    instance_to_proto,
+    migration_result_to_proto,
+)
+from scheduler.server.validate import request_status_for, request_status_of_finish
+from scheduler.telemetry.metrics import NULL_RECORDER, Recorder, RequestStatus
+from scheduler.telemetry.tracing import SpanKind, Stage, Tracing, set_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -56,156 +59,6 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 FIELD_METADATA_KEY = "llmsched-field"
 RETRY_AFTER_METADATA_KEY = "retry-after"
 SERVICE_NAMES = (INFERENCE_SERVICE, ADMIN_SERVICE)
-
-_ROLE_TO_PROTO = {
-    InstanceRole.PREFILL: admin_pb2.INSTANCE_ROLE_PREFILL,
-    InstanceRole.DECODE: admin_pb2.INSTANCE_ROLE_DECODE,
-    InstanceRole.MIXED: admin_pb2.INSTANCE_ROLE_MIXED,
-}
-
-
-# ----------------------------------------------------------------------------------------------- conversions
-
-
-def _parse(cls: type[Message], raw: bytes) -> Any:
-    try:
-        return cls.FromString(raw)
-    except (DecodeError, RuntimeError, ValueError) as e:  # upb raises DecodeError; be lenient across backends
-        name = cls.DESCRIPTOR.name
-        raise InvalidRequest(f"request: malformed {name} protobuf ({e})", field="request") from None
-
-
-def _top_level_fields(raw: bytes) -> set[int] | None:
-    """Field numbers present at the top level of an encoded message (None if the walk fails)."""
-    seen: set[int] = set()
-    i, n = 0, len(raw)
-
-    def varint() -> int:
-        nonlocal i
-        shift = result = 0
-        while True:
-            if i >= n or shift > 63:
-                raise IndexError
-            b = raw[i]
-            i += 1
-            result |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return result
-            shift += 7
-
-    try:
-        while i < n:
-            tag = varint()
-            number, wire = tag >> 3, tag & 7
-            seen.add(number)
-            if wire == 0:
-                varint()
-            elif wire == 1:
-                i += 8
-            elif wire == 2:
-                length = varint()  # NOTE: not `i += varint()`: that reads i before varint() advances it
-                i += length
-            elif wire == 5:
-                i += 4
-            else:
-                return None  # groups: not used by our protos; let the parsed message speak
-    except IndexError:
-        return None
-    return seen if i == n else None
-
-
-_DEFAULT_SAMPLING = (
-    SamplingParams()
-)  # NOTE: slotted dataclass: class attributes are descriptors, not defaults
-_PROMPT_TEXT = inference_pb2.GenerateRequest.TEXT_FIELD_NUMBER
-_PROMPT_IDS = inference_pb2.GenerateRequest.TOKEN_IDS_FIELD_NUMBER
-
-
-def generate_request_from_proto(
-    msg: inference_pb2.GenerateRequest, *, raw: bytes | None = None, deadline_s: float | None = None
-) -> GenerateRequest:
-    """Map a proto request to the ingress' :class:`GenerateRequest` and validate it.
-
-    Raises:
-        InvalidRequest: naming the offending field (``sampling.max_tokens``, ``prompt.token_ids[3]``, ...).
-    """
-    if raw is not None:
-        fields = _top_level_fields(raw)
-        if fields is not None and _PROMPT_TEXT in fields and _PROMPT_IDS in fields:
-            raise InvalidRequest("prompt: set exactly one of text or token_ids, got both", field="prompt")
-    which = msg.WhichOneof("prompt")
-    s, d = msg.sampling, _DEFAULT_SAMPLING
-    sampling = SamplingParams(
-        max_tokens=s.max_tokens if s.HasField("max_tokens") else d.max_tokens,
-        temperature=s.temperature if s.HasField("temperature") else d.temperature,
-        top_p=s.top_p if s.HasField("top_p") else d.top_p,
-        top_k=s.top_k,
-        seed=s.seed if s.HasField("seed") else None,
-        stop_token_ids=tuple(s.stop_token_ids),
-        ignore_eos=s.ignore_eos,
-    )
-    slo = msg.slo if msg.HasField("slo") else None
-    req = GenerateRequest(
-        request_id=msg.request_id or new_request_id(),
-        prompt=msg.text if which == "text" else None,
-        prompt_token_ids=tuple(msg.token_ids.ids) if which == "token_ids" else None,
-        sampling=sampling,
-        model=msg.model or None,
-        priority=msg.priority,
-        ttft_slo_s=slo.ttft_ms / 1e3 if slo is not None and slo.ttft_ms else None,
-        tpot_slo_s=slo.tpot_ms / 1e3 if slo is not None and slo.tpot_ms else None,
-        length_hint=msg.length_hint if msg.HasField("length_hint") else None,
-        deadline_s=deadline_s,
-    )
-    validate_generate(req, GRPC_FIELDS)
-    if slo is not None:  # negative ms would be folded away above; reject it explicitly
-        for name, value in (("slo.ttft_ms", slo.ttft_ms), ("slo.tpot_ms", slo.tpot_ms)):
-            if not math.isfinite(value) or value < 0:
-                raise InvalidRequest(f"{name}: must be a finite number >= 0, got {value}", field=name)
-    if msg.resume_from_index < 0:
-        raise InvalidRequest(
-            f"resume_from_index: must be >= 0, got {msg.resume_from_index}", field="resume_from_index"
-        )
-    return req
-
-
-def instance_to_proto(s: InstanceSnapshot) -> admin_pb2.Instance:
-    return admin_pb2.Instance(
-        instance_id=s.instance_id,
-        role=_ROLE_TO_PROTO.get(s.role, admin_pb2.INSTANCE_ROLE_UNSPECIFIED),
-        gpu=s.gpu,
-        tp=s.tp,
-        model=s.model,
-        running=s.num_running,
-        waiting=s.num_waiting,
-        decoding=s.num_decoding,
-        kv_blocks_used=s.kv_blocks_used,
-        kv_blocks_total=s.kv_blocks_total,
-        block_size=s.block_size,
-        healthy=s.healthy,
-        draining=s.draining,
-    )
-
-
-def cluster_state_to_proto(state: ClusterState) -> admin_pb2.ClusterState:
-    return admin_pb2.ClusterState(
-        instances=[instance_to_proto(i) for i in state.instances],
-        router=state.router,
-        requests_in_flight=state.requests_in_flight,
-        extra=dict(state.extra),
-    )
-
-
-def migration_result_to_proto(r: MigrationResult) -> admin_pb2.MigrationResult:
-    return admin_pb2.MigrationResult(
-        request_id=r.request_id,
-        source=r.source,
-        destination=r.destination,
-        committed=r.committed,
-        reason=r.reason,
-        downtime_s=r.downtime_s,
-        stages=r.stages,
-    )
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -243,12 +96,36 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
 
 # ----------------------------------------------------------------------------------------------- servicers
 
+_GRPC_SPAN_ATTRS = {"rpc.system": "grpc", "rpc.service": INFERENCE_SERVICE, "rpc.method": "Generate"}
+
+
+
+
+
+
 
 class InferenceServicer:
-    """``llmsched.v1.Inference``: Generate (server streaming) and Cancel."""
+    """``llmsched.v1.Inference``: Generate (server streaming) and Cancel.
 
-    def __init__(self, ingress: IngressAPI) -> None:
+    Args:
+        ingress: the control plane's ingress.
+        recorder: metrics (request start / first token / finish / rejections); None = off.
+        tracing: spans + W3C context from the ``traceparent`` metadata; None = the global OpenTelemetry provider.
+        limiter: in-flight bound per priority (RESOURCE_EXHAUSTED + retry-after when full); None = unbounded.
+    """
+
+    def __init__(
+        self,
+        ingress: IngressAPI,
+        *,
+        recorder: Recorder | None = None,
+        tracing: Tracing | None = None,
+        limiter: InflightLimiter | None = None,
+    ) -> None:
         self._ingress = ingress
+        self._rec: Recorder = recorder if recorder is not None else NULL_RECORDER
+        self._tracing = tracing if tracing is not None else Tracing()
+        self._limiter = limiter
         self._background: set[asyncio.Task[Any]] = set()
 
     async def Generate(
@@ -257,46 +134,87 @@ class InferenceServicer:
         stream: AsyncIterator[TokenChunk] | None = None
         finished = False
         request_id = ""
+        started = False  # on_request_start called: on_finish / on_reject owes it an end
+        slot: Slot | None = None
+        rec = self._rec
+        status = RequestStatus.CANCELLED  # what a CancelledError (client cancel/deadline/disconnect) leaves
+        n_tokens, last_instance, priority = 0, "", 0
+        parent = self._tracing.extract(context.invocation_metadata())
+        activate = self._tracing.activate
+        span = self._tracing.start_span(
+            Stage.INGRESS, parent=parent, kind=SpanKind.SERVER, attributes=_GRPC_SPAN_ATTRS
+        )
         try:
-            msg = _parse(inference_pb2.GenerateRequest, raw)
-            remaining = context.time_remaining()
-            deadline_s = time.time() + remaining if remaining is not None else None
-            req = generate_request_from_proto(msg, raw=raw, deadline_s=deadline_s)
-            request_id = req.request_id
-            resume = msg.resume_from_index
-            stream = self._ingress.generate(req)
-            chunk_cls = inference_pb2.GenerateChunk
-            async for chunk in stream:
-                ids, index, text = chunk.token_ids, chunk.index, chunk.text
-                if index < resume:  # retry after UNAVAILABLE: drop what the client already has
-                    skip = min(resume - index, len(ids))
-                    ids, index, text = ids[skip:], index + skip, ""
-                    if not ids and not chunk.finished:
-                        continue
-                # NOTE: TokenChunk has no instance_id yet (engine/base.py); read it when the ingress provides it.
-                instance_id = getattr(chunk, "instance_id", "") or ""
-                yield chunk_cls(
-                    request_id=request_id,
-                    index=index,
-                    token_ids=ids,
-                    text=text,
-                    finished=chunk.finished,
-                    finish_reason=(chunk.finish_reason or "") if chunk.finished else "",
-                    instance_id=instance_id,
-                )
-                if chunk.finished:
-                    finished = True
-                    break
-        except (IngressError, NotImplementedError) as e:
-            await _abort(context, e)
-        except asyncio.CancelledError:
-            # Client cancelled, disconnected or its deadline passed: grpc cancels this task. Tell the ingress.
-            raise
-        except Exception as e:
-            if isinstance(e, grpc.aio.AbortError):
+            try:
+                msg = _parse(inference_pb2.GenerateRequest, raw)
+                remaining = context.time_remaining()
+                deadline_s = time.time() + remaining if remaining is not None else None
+                req = generate_request_from_proto(msg, raw=raw, deadline_s=deadline_s)
+                request_id, priority = req.request_id, req.priority
+                span.set_attribute("llmsched.request_id", request_id)
+                span.set_attribute("llmsched.priority", priority)
+                if self._limiter is not None:
+                    slot = self._limiter.acquire(priority)
+                rec.on_request_start(request_id, priority=priority, api="grpc")
+                started = True
+                resume = msg.resume_from_index
+                # NOTE: the span is current only around ingress calls, never across a yield (a generator
+                # finalized from another task could not detach it); the ingress' spans nest under it.
+                with activate(span):
+                    stream = self._ingress.generate(req)
+                    chunks = aiter(stream)
+                chunk_cls = inference_pb2.GenerateChunk
+                while True:
+                    try:
+                        with activate(span):
+                            chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        status = RequestStatus.FINISHED  # ended without a finished chunk: the ingress closed it
+                        break
+                    ids, index, text = chunk.token_ids, chunk.index, chunk.text
+                    instance_id = chunk.instance_id
+                    if ids and n_tokens == 0:
+                        rec.on_first_token(request_id, instance_id=instance_id)
+                    n_tokens += len(ids)
+                    last_instance = instance_id or last_instance
+                    if index < resume:  # retry after UNAVAILABLE: drop what the client already has
+                        skip = min(resume - index, len(ids))
+                        ids, index, text = ids[skip:], index + skip, ""
+                        if not ids and not chunk.finished:
+                            continue
+                    yield chunk_cls(
+                        request_id=request_id,
+                        index=index,
+                        token_ids=ids,
+                        text=text,
+                        finished=chunk.finished,
+                        finish_reason=(chunk.finish_reason or "") if chunk.finished else "",
+                        instance_id=instance_id,
+                    )
+                    if chunk.finished:
+                        finished = True
+                        status = request_status_of_finish(chunk.finish_reason)
+                        break
+            except (IngressError, NotImplementedError) as e:
+                status = self._on_error(e, request_id, started, priority)
+                started = started and not isinstance(e, Overloaded)  # on_reject ended it
+                await _abort(context, e)
+            except asyncio.CancelledError:
+                # Client cancelled, disconnected or its deadline passed: grpc cancels this task. Tell the ingress.
                 raise
-            await _abort(context, e)
+            except Exception as e:
+                if isinstance(e, grpc.aio.AbortError):
+                    raise
+                status = RequestStatus.FAILED
+                await _abort(context, e)
         finally:
+            if slot is not None:
+                slot.release()
+            if started:
+                rec.on_finish(request_id, status=status, output_tokens=n_tokens, instance_id=last_instance)
+            span.set_attribute("llmsched.output_tokens", n_tokens)
+            set_outcome(span, ok=status is RequestStatus.FINISHED, status=status.value)
+            span.end()
             if stream is not None:
                 if not finished:
                     await self._cancel_in_background(request_id)
@@ -306,6 +224,18 @@ class InferenceServicer:
                         await aclose()
                     except (Exception, asyncio.CancelledError):
                         logger.debug("closing the ingress stream of %s failed", request_id, exc_info=True)
+
+    def _on_error(self, e: BaseException, request_id: str, started: bool, priority: int) -> RequestStatus:
+        """Record an error that ends a Generate call; returns the request status for the span/finish."""
+        if isinstance(e, Overloaded):
+            # NOTE: the server limiter rejects before start; the ingress' admission after it (its own reason).
+            reason = "server_limit" if not started else "ingress"
+            self._rec.on_reject(priority=priority, reason=reason, api="grpc", request_id=request_id or None)
+            return RequestStatus.REJECTED
+        status = request_status_for(e)
+        if not started and status is RequestStatus.INVALID:
+            self._rec.on_invalid(api="grpc")
+        return status
 
     async def _cancel_in_background(self, request_id: str) -> None:
         # Shielded: this runs while our task is being cancelled; the ingress must still hear about it.
@@ -441,6 +371,9 @@ def build_server(
     auth: AuthConfig | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     extra_options: tuple[tuple[str, Any], ...] = (),
+    recorder: Recorder | None = None,
+    tracing: Tracing | None = None,
+    limiter: InflightLimiter | None = None,
 ) -> GrpcServer:
     """Build (not start) the gRPC server: Inference + Admin + health + reflection on ``host:port``.
 
@@ -450,6 +383,9 @@ def build_server(
         host: bind address; default loopback only.
         auth: tokens (and TLS); None = open, plaintext.
         max_message_bytes: larger requests get RESOURCE_EXHAUSTED.
+        recorder: Prometheus recorder (``MetricsRecorder``); None = no metrics.
+        tracing: OpenTelemetry spans (``setup_tracing()``); None = the global provider (no-op unless configured).
+        limiter: in-flight bound per priority; None = unbounded (the ingress' admission still applies).
 
     Returns:
         A :class:`GrpcServer`; ``await srv.start()`` to serve.
@@ -463,7 +399,7 @@ def build_server(
     ]
     server = grpc.aio.server(interceptors=interceptors, options=options)
 
-    inference = InferenceServicer(ingress)
+    inference = InferenceServicer(ingress, recorder=recorder, tracing=tracing, limiter=limiter)
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
@@ -510,13 +446,25 @@ async def serve(
     stop: asyncio.Event | None = None,
     on_started: Callable[[GrpcServer], None] | None = None,
     drain: Callable[[], Awaitable[None]] | None = None,
+    recorder: Recorder | None = None,
+    tracing: Tracing | None = None,
+    limiter: InflightLimiter | None = None,
 ) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives, then drain and stop.
 
     Shutdown order: health -> NOT_SERVING, ``drain()`` (e.g. migrate requests off), then stop accepting and wait up
     to ``grace_s`` for in-flight streams.
     """
-    srv = build_server(ingress, port=port, host=host, auth=auth, max_message_bytes=max_message_bytes)
+    srv = build_server(
+        ingress,
+        port=port,
+        host=host,
+        auth=auth,
+        max_message_bytes=max_message_bytes,
+        recorder=recorder,
+        tracing=tracing,
+        limiter=limiter,
+    )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []

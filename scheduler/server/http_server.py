@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler.control.api import (
     GenerateRequest,
@@ -39,8 +41,17 @@ from scheduler.control.api import (
     Unavailable,
 )
 from scheduler.engine.base import SamplingParams, TokenChunk
+from scheduler.server.admission import InflightLimiter, Slot
 from scheduler.server.auth import AuthConfig, http_check
-from scheduler.server.validate import HTTP_FIELDS, new_request_id, validate_generate
+from scheduler.server.validate import (
+    HTTP_FIELDS,
+    new_request_id,
+    request_status_for,
+    request_status_of_finish,
+    validate_generate,
+)
+from scheduler.telemetry.metrics import NULL_RECORDER, Recorder, RequestStatus
+from scheduler.telemetry.tracing import Span, SpanKind, Stage, Tracing, set_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +115,7 @@ class HTTPError(Exception):
             param,
             headers,
         )
+        self.recorded = False  # already counted in metrics (errors of an admitted request)
 
 
 def error_response(
@@ -253,6 +265,14 @@ def _generate_request(
     return g
 
 
+def _header_value(value: str) -> str:
+    """``value`` if it can travel in an HTTP header as is, else percent-encoded (ids may hold any printable
+    Unicode; a header holds latin-1, and encoding it would otherwise fail after the request already ran)."""
+    if value.isascii() and value.isprintable():
+        return value
+    return urllib.parse.quote(value, safe="")
+
+
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
@@ -264,6 +284,10 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ready: Callable[[], bool] | None = None,
     default_model: str = "default",
+    recorder: Recorder | None = None,
+    tracing: Tracing | None = None,
+    limiter: InflightLimiter | None = None,
+    metrics_path: str | None = None,
 ) -> Any:
     """The OpenAI-compatible ASGI app (a FastAPI app wrapped in a body-size limit).
 
@@ -273,15 +297,42 @@ def build_app(
         max_body_bytes: larger request bodies get 413.
         ready: readiness probe for /health (None = always ready).
         default_model: reported by /v1/models when the cluster state names none.
+        recorder: Prometheus recorder (shared with the gRPC server); None = no metrics.
+        tracing: spans, parented on a W3C ``traceparent`` header; None = the global OpenTelemetry provider.
+        limiter: in-flight bound per priority (429 + Retry-After when full; share the gRPC server's).
+        metrics_path: also expose the recorder's registry here (e.g. "/metrics"; no token needed). The chart
+            scrapes a separate metrics port instead (``start_metrics_server``).
     """
     app = FastAPI(title="llmsched", docs_url=None, redoc_url=None, openapi_url=None)
+    deps = _Deps(ingress, recorder if recorder is not None else NULL_RECORDER,
+                 tracing if tracing is not None else Tracing(), limiter)
+    if metrics_path is not None:
+        registry = getattr(recorder, "registry", None)
+        if registry is None:
+            raise ValueError("metrics_path needs a recorder with a registry (MetricsRecorder)")
+        from scheduler.telemetry.metrics import metrics_asgi_app
+
+        app.mount(metrics_path, metrics_asgi_app(registry))
 
     @app.exception_handler(HTTPError)
     async def _http_error(_request: Request, exc: HTTPError) -> JSONResponse:
+        if exc.status == 400 and not exc.recorded:
+            deps.recorder.on_invalid(api="http")
         return error_response(exc.status, exc.message, type_=exc.type, param=exc.param, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _starlette_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own errors (undecodable body, unknown path, wrong method) in OpenAI's shape too.
+        if exc.status_code == 400:
+            deps.recorder.on_invalid(api="http")
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        param = "body" if exc.status_code == 400 else None
+        message = f"body: {exc.detail}" if param else str(exc.detail)
+        return error_response(exc.status_code, message, type_=type_, param=param, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        deps.recorder.on_invalid(api="http")
         err = (exc.errors() or [{}])[0]
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         # A union field reports the failing member type as the last loc part (e.g. "list[int]"); drop it.
@@ -322,7 +373,7 @@ def build_app(
     async def completions(body: CompletionRequest, request: Request) -> Any:
         text, ids = _prompt_of(body)
         g = _generate_request(body, text, ids, request.headers.get("x-request-id"), body.max_tokens)
-        return await _respond(ingress, g, body.model or default_model, chat=False, stream=body.stream)
+        return await _respond(deps, g, body.model or default_model, request, chat=False, stream=body.stream)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
@@ -330,53 +381,165 @@ def build_app(
         g = _generate_request(
             body, _chat_prompt(body.messages), None, request.headers.get("x-request-id"), max_tokens
         )
-        return await _respond(ingress, g, body.model or default_model, chat=True, stream=body.stream)
+        return await _respond(deps, g, body.model or default_model, request, chat=True, stream=body.stream)
 
     return _BodyLimit(app, max_body_bytes)
 
 
-async def _respond(ingress: IngressAPI, g: GenerateRequest, model: str, *, chat: bool, stream: bool) -> Any:
-    try:
-        chunks = ingress.generate(g)
-        first = await anext(aiter(chunks))  # errors before the first chunk become a proper HTTP status
-    except IngressError as e:
-        raise http_error_for(e) from None
-    except StopAsyncIteration:
-        first = TokenChunk(g.request_id, 0, (), finished=True, finish_reason="error: empty stream")
-        chunks = _empty()
-    except asyncio.CancelledError:  # client went away before the first token: free the engine
-        await _cancel_quietly(ingress, g.request_id)
-        raise
-    created = int(time.time())
-    rid = ("chatcmpl-" if chat else "cmpl-") + g.request_id
-    if stream:
-        gen = _sse_stream(ingress, g.request_id, first, chunks, rid, model, created, chat=chat)
-        return StreamingResponse(
-            gen,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Request-Id": g.request_id},
+class _Deps:
+    __slots__ = ("ingress", "limiter", "recorder", "tracing")
+
+    def __init__(self, ingress: IngressAPI, recorder: Recorder, tracing: Tracing,
+                 limiter: InflightLimiter | None) -> None:
+        self.ingress, self.recorder, self.tracing, self.limiter = ingress, recorder, tracing, limiter
+
+
+class _Scope:
+    """One admitted HTTP generate: its limiter slot, metrics and span; :meth:`end` runs exactly once."""
+
+    def __init__(self, deps: _Deps, g: GenerateRequest, request: Request) -> None:
+        self.deps, self.g = deps, g
+        self.span: Span = deps.tracing.start_span(
+            Stage.INGRESS,
+            request_id=g.request_id,
+            parent=deps.tracing.extract(request.headers),
+            kind=SpanKind.SERVER,
+            attributes={"http.route": request.url.path, "llmsched.priority": g.priority},
         )
-    ids: list[int] = []
-    text: list[str] = []
-    last = first
-    done = False
+        self.slot: Slot | None = None
+        self.started = False
+        self.status = RequestStatus.CANCELLED  # unless told otherwise: the client went away
+        self.n_tokens = 0
+        self.last_instance = ""
+        self.done = False  # the ingress stream reached its end (no cancel needed)
+        self._ended = False
+
+    def admit(self) -> None:
+        """Take a slot and start the request's metrics. Raises Overloaded (a 429) when the limiter is full."""
+        if self.deps.limiter is not None:
+            self.slot = self.deps.limiter.acquire(self.g.priority)
+        self.deps.recorder.on_request_start(self.g.request_id, priority=self.g.priority, api="http")
+        self.started = True
+
+    def chunk(self, c: TokenChunk) -> None:
+        if c.token_ids and self.n_tokens == 0:
+            self.deps.recorder.on_first_token(self.g.request_id, instance_id=c.instance_id)
+        self.n_tokens += len(c.token_ids)
+        self.last_instance = c.instance_id or self.last_instance
+        if c.finished:
+            self.done = True
+            self.status = request_status_of_finish(c.finish_reason)
+
+    def fail(self, e: IngressError) -> HTTPError:
+        """Record an ingress error; the HTTP error to raise."""
+        rec = self.deps.recorder
+        if isinstance(e, Overloaded):
+            reason = "server_limit" if not self.started else "ingress"
+            rec.on_reject(priority=self.g.priority, reason=reason, api="http",
+                          request_id=self.g.request_id if self.started else None)
+            self.started = False  # on_reject ended it
+            self.status = RequestStatus.REJECTED
+        else:
+            self.status = request_status_for(e)
+        self.done = True
+        err = http_error_for(e)
+        err.recorded = True
+        return err
+
+    def end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self.slot is not None:
+            self.slot.release()
+        if self.started:
+            self.deps.recorder.on_finish(self.g.request_id, status=self.status, output_tokens=self.n_tokens,
+                                         instance_id=self.last_instance)
+        self.span.set_attribute("llmsched.output_tokens", self.n_tokens)
+        set_outcome(self.span, ok=self.status is RequestStatus.FINISHED, status=self.status.value)
+        self.span.end()
+
+
+
+
+
+
+class _ScopedStreamingResponse(StreamingResponse):
+    """Ends the request scope however the response ends, even when the body iterator never started (a client
+    that disconnects before the first byte would otherwise leak the limiter slot)."""
+
+    def __init__(self, *args: Any, scope: _Scope, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._scope = scope
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            s = self._scope
+            if not s.done:
+                s.done = True
+                await _cancel_quietly(s.deps.ingress, s.g.request_id)
+            s.end()
+
+
+async def _respond(
+    deps: _Deps, g: GenerateRequest, model: str, request: Request, *, chat: bool, stream: bool
+) -> Any:
+    ingress = deps.ingress
+    sc = _Scope(deps, g, request)
+    handed_off = False  # the streaming response owns the scope from then on
     try:
-        c = first
-        while True:
-            ids.extend(c.token_ids)
-            text.append(c.text)
-            last = c
-            if c.finished:
-                done = True
-                break
-            c = await anext(chunks)
-    except StopAsyncIteration:
-        pass
-    except IngressError as e:
-        raise http_error_for(e) from None
+        with deps.tracing.activate(sc.span):
+            try:
+                sc.admit()
+                chunks = ingress.generate(g)
+                first = await anext(aiter(chunks))  # errors before the first chunk become a proper HTTP status
+            except IngressError as e:
+                raise sc.fail(e) from None
+            except StopAsyncIteration:
+                first = TokenChunk(g.request_id, 0, (), finished=True, finish_reason="error: empty stream")
+                chunks = _empty()
+            except asyncio.CancelledError:  # client went away before the first token: free the engine
+                await _cancel_quietly(ingress, g.request_id)
+                sc.done = True
+                raise
+            sc.chunk(first)
+            created = int(time.time())
+            rid = ("chatcmpl-" if chat else "cmpl-") + g.request_id
+            if stream:
+                gen = _sse_stream(sc, first, chunks, rid, model, created, chat=chat)
+                handed_off = True
+                return _ScopedStreamingResponse(
+                    gen,
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Request-Id": _header_value(g.request_id)},
+                    scope=sc,
+                )
+            ids: list[int] = []
+            text: list[str] = []
+            last = first
+            try:
+                c = first
+                while True:
+                    ids.extend(c.token_ids)
+                    text.append(c.text)
+                    last = c
+                    if c.finished:
+                        break
+                    c = await anext(chunks)
+                    sc.chunk(c)
+            except StopAsyncIteration:
+                sc.done = True
+                sc.status = RequestStatus.FINISHED
+            except IngressError as e:
+                raise sc.fail(e) from None
+            finally:
+                if not sc.done:  # the client went away (cancelled task) or the stream broke: free the engine
+                    await _cancel_quietly(ingress, g.request_id)
     finally:
-        if not done:  # the client went away (cancelled task) or the stream broke: free the engine
-            await _cancel_quietly(ingress, g.request_id)
+        if not handed_off:
+            sc.end()
     prompt_tokens = len(g.prompt_token_ids or ())
     usage = {
         "prompt_tokens": prompt_tokens,
@@ -402,7 +565,7 @@ async def _respond(ingress: IngressAPI, g: GenerateRequest, model: str, *, chat:
         obj = "text_completion"
     return JSONResponse(
         {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage},
-        headers={"X-Request-Id": g.request_id},
+        headers={"X-Request-Id": _header_value(g.request_id)},
     )
 
 
@@ -419,8 +582,7 @@ async def _cancel_quietly(ingress: IngressAPI, request_id: str) -> None:
 
 
 async def _sse_stream(
-    ingress: IngressAPI,
-    request_id: str,
+    sc: _Scope,
     first: TokenChunk,
     chunks: AsyncIterator[TokenChunk],
     rid: str,
@@ -429,7 +591,6 @@ async def _sse_stream(
     *,
     chat: bool,
 ) -> AsyncIterator[bytes]:
-    done = False
     try:
         c = first
         role_sent = False
@@ -451,17 +612,22 @@ async def _sse_stream(
             )
             yield _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]})
             if c.finished:
-                done = True
                 break
             try:
-                c = await anext(chunks)
+                # NOTE: the span is current only around the ingress call, never across a yield: a generator
+                # closed later from another task could not detach it.
+                with sc.deps.tracing.activate(sc.span):
+                    c = await anext(chunks)
             except StopAsyncIteration:
-                done = True
+                sc.done = True
+                sc.status = RequestStatus.FINISHED
                 break
+            sc.chunk(c)
         yield b"data: [DONE]\n\n"
     except IngressError as e:
-        err = http_error_for(e)
+        err = sc.fail(e)
         yield _sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": None}})
     finally:
-        if not done:
-            await _cancel_quietly(ingress, request_id)
+        if not sc.done:
+            sc.done = True
+            await _cancel_quietly(sc.deps.ingress, sc.g.request_id)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import uuid
 
-from scheduler.control.api import GenerateRequest, InvalidRequest
+from scheduler.control.api import GenerateRequest, InvalidRequest, NotFound, Overloaded, Unavailable
+from scheduler.telemetry.metrics import RequestStatus
 
 MAX_REQUEST_ID_CHARS = 256
 
@@ -99,3 +100,25 @@ def validate_generate(req: GenerateRequest, names: FieldNames = GRPC_FIELDS) -> 
             raise bad(key, f"must be a finite number >= 0, got {value}")
     if req.length_hint is not None and req.length_hint < 0:
         raise bad("length_hint", f"must be >= 0, got {req.length_hint}")
+
+
+def request_status_for(exc: BaseException) -> RequestStatus:
+    """The metrics/span status of a request that ended with ``exc`` (same mapping on gRPC and HTTP)."""
+    if isinstance(exc, InvalidRequest):
+        return RequestStatus.INVALID
+    if isinstance(exc, NotFound):
+        return RequestStatus.NOT_FOUND
+    if isinstance(exc, Overloaded):
+        return RequestStatus.REJECTED
+    if isinstance(exc, Unavailable):
+        return RequestStatus.UNAVAILABLE
+    return RequestStatus.FAILED
+
+
+def request_status_of_finish(reason: str | None) -> RequestStatus:
+    """The status of a stream that ended with a finished chunk of ``finish_reason``."""
+    if reason == "abort":
+        return RequestStatus.CANCELLED
+    if reason and reason.startswith("error"):
+        return RequestStatus.FAILED
+    return RequestStatus.FINISHED
