@@ -18,12 +18,36 @@ from scheduler.config.load import ConfigError, load_config
 log = logging.getLogger("llmsched.serve")
 
 
-def _auth():
-    """Token/TLS settings from the environment the Helm chart sets; ``None`` when none are configured."""
-    from scheduler.server import auth as auth_mod
+_AUTH_VARS = ("LLMSCHED_CLIENT_TOKEN_FILE", "LLMSCHED_ADMIN_TOKEN_FILE", "LLMSCHED_TLS_CERT_FILE")
 
-    from_env = getattr(getattr(auth_mod, "AuthConfig", None), "from_env", None)
-    return from_env() if from_env is not None else None
+
+def _auth(host: str):
+    """Token/TLS settings from the environment the Helm chart sets.
+
+    With none of them set, a server bound to loopback is open (a developer's machine, the tests); bound to any
+    other address it still locks the admin API (``AuthConfig.from_env``), so nothing is exposed by accident.
+    """
+    from scheduler.server.auth import AuthConfig
+
+    if not any(os.environ.get(v) for v in _AUTH_VARS) and host in ("127.0.0.1", "localhost", "::1"):
+        log.warning("no auth configured: serving open on loopback %s", host)
+        return None
+    return AuthConfig.from_env()
+
+
+def _telemetry():
+    """Prometheus recorder (+ exposition on LLMSCHED_METRICS_PORT), OpenTelemetry from OTEL_*, in-flight limits."""
+    from prometheus_client import CollectorRegistry
+
+    from scheduler.server.admission import InflightLimiter
+    from scheduler.telemetry.metrics import Metrics, MetricsRecorder, start_metrics_server
+    from scheduler.telemetry.tracing import setup_tracing
+
+    recorder = MetricsRecorder(Metrics(CollectorRegistry()))
+    port = int(os.environ.get("LLMSCHED_METRICS_PORT", "0") or 0)
+    if port:
+        start_metrics_server(port, recorder.registry)
+    return recorder, setup_tracing(), InflightLimiter.from_env(os.environ) or InflightLimiter()
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -40,14 +64,17 @@ async def _serve(args: argparse.Namespace) -> int:
     http_task = None
     try:
         await ingress.start()
-        auth = _auth()
+        auth = _auth(args.host)
+        recorder, tracing, limiter = _telemetry()
+        obs = {"recorder": recorder, "tracing": tracing, "limiter": limiter}
         if args.http_port:
             import uvicorn
 
             from scheduler.server.http_server import build_app
 
-            server = uvicorn.Server(uvicorn.Config(build_app(ingress, auth=auth), host=args.host,
-                                                   port=args.http_port, lifespan="off", log_level="warning"))
+            tls = auth.tls.uvicorn_kwargs() if auth is not None and auth.tls is not None else {}
+            server = uvicorn.Server(uvicorn.Config(build_app(ingress, auth=auth, **obs), host=args.host,
+                                                   port=args.http_port, lifespan="off", log_level="warning", **tls))
             http_task = asyncio.create_task(server.serve())
 
         def started(srv) -> None:
@@ -55,7 +82,7 @@ async def _serve(args: argparse.Namespace) -> int:
                   flush=True)
 
         await serve(ingress, port=args.port, host=args.host, auth=auth, on_started=started,
-                    grace_s=args.grace_s)
+                    grace_s=args.grace_s, **obs)
     finally:
         if http_task is not None:
             http_task.cancel()
