@@ -42,6 +42,7 @@ def sim_summary(res) -> dict[str, Any]:
             "preemptions": int(res.preemptions.sum()),
             "kv_transfers": int(res.kv_transfers),
             "migrations": int(res.migrations),
+            "prefix_hit_tokens": int(getattr(res, "prefix_hit_tokens", 0)),
             "makespan_s": float(res.makespan_s),
             "throughput_rps": float(m.completed.sum() / span),
             "output_tokens_per_s": float(w.output_tokens[m.completed].sum() / span),

@@ -50,6 +50,7 @@ class Workload:
     predicted_output: np.ndarray | None = None
     hash_ids: list[tuple[int, ...]] | None = None
     name: str = "workload"
+    hash_block_tokens: int = 512  # prompt tokens per hash id (Mooncake's block size)
 
     def __post_init__(self) -> None:
         n = len(self.arrival_s)
@@ -102,6 +103,7 @@ class SimResult:
     migrations: int = 0
     slo_ttft_s: np.ndarray | None = None
     slo_tpot_s: np.ndarray | None = None
+    prefix_hit_tokens: int = 0  # prompt tokens served from instances' prefix caches (not recomputed)
 
 
 class Simulator:
@@ -266,11 +268,13 @@ class Simulator:
         if decision.decode_instance is not None:
             self.dec_of[i] = self._index[decision.decode_instance].index
         pred = req.predicted_output_tokens
+        kw = {"hash_ids": req.hash_ids, "hash_block_tokens": self.w.hash_block_tokens} if req.hash_ids else {}
         try:
             if inst.role is InstanceRole.PREFILL:
-                seq = inst.engine.add_request(i, prompt, 1, priority=req.priority, predicted_remaining=pred)
+                seq = inst.engine.add_request(i, prompt, 1, priority=req.priority, predicted_remaining=pred, **kw)
             else:
-                seq = inst.engine.add_request(i, prompt, output, priority=req.priority, predicted_remaining=pred)
+                seq = inst.engine.add_request(i, prompt, output, priority=req.priority, predicted_remaining=pred,
+                                              **kw)
         except ValueError:
             self.rejected[i] = True  # does not fit this engine at all
             return
@@ -418,6 +422,7 @@ class Simulator:
             timeline_load=np.array(tl_load),
             slo_ttft_s=ttft_slo,
             slo_tpot_s=tpot_slo,
+            prefix_hit_tokens=sum(x.engine.prefix_hit_tokens for x in self.instances),
         )
 
 

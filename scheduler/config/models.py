@@ -110,6 +110,10 @@ class EngineSpec(_Strict):
     activation_reserve_gib: float = Field(default=2.0, ge=0)
     num_kv_blocks: int | None = Field(default=None, gt=0, description="override the KV capacity computed from memory")
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = Field(
+        default=False,
+        description="reuse the KV of prompt blocks (trace hash_ids) seen before on the instance; LRU bounded by KV",
+    )
 
 
 class PoolSpec(_Strict):

@@ -27,6 +27,13 @@ Estimator (documented approximations; all times from ``LatencyModel``):
       TPOT      = step_with
 
   A non-colocated MIXED decoder also charges the newcomer the time of its queued prefills (they interleave).
+* Prefill pressure (MIXED decoders): prompts keep arriving after the newcomer, and every chunked-prefill step
+  stalls its decodes. The router remembers the prefill time it sent to each instance, decayed over
+  ``pressure_window_s`` (its own ``on_routed`` history, as Llumnix's dispatcher keeps its own counts), as the
+  fraction ``f`` of the instance's time spent prefilling; the newcomer's decode time is ``own / (1 - f)``
+  (``f`` capped at ``max_pressure``). This is what makes decode-heavy requests gather on instances that
+  prefill-heavy ones avoid (their harm_p there is large): the Intelligent Router's segregation, from the cost
+  model rather than from a class label.
 * KV: peak demand on ``d`` over the newcomer's life = other KV + queued prompts + the residents and the newcomer
   grown to ``t* = min(O, R)``, or the newcomer alone at ``O`` if the residents outlive it. Overflow preempts
   whole requests (vLLM recompute): ``victims = ceil(overflow / (C / B))``, each costing ``kv_weight *
@@ -107,6 +114,8 @@ class LookaheadRouter(PairingRouter):
         ttft_weight: float = 16.0,
         miss_penalty_s: float = 1.0,
         kv_weight: float = 2.0,
+        pressure_window_s: float = 10.0,
+        max_pressure: float = 0.9,
         detail: bool = False,
         **kw: object,
     ) -> None:
@@ -128,6 +137,11 @@ class LookaheadRouter(PairingRouter):
         self.ttft_weight = ttft_weight
         self.miss_penalty_s = miss_penalty_s
         self.kv_weight = kv_weight
+        self.pressure_window_s = pressure_window_s
+        self.max_pressure = max_pressure
+        self._now = 0.0
+        self._pressure: dict[str, tuple[float, float]] = {}  # instance -> (decayed prefill seconds, as of time)
+        self._lat_of_id: dict[str, LatencyModel] = {}
         # Per-request remaining lengths sharpen harm_d; ask for them only when told to (costly to build).
         self.needs_request_detail = detail  # type: ignore[misc]
         if config is not None:
@@ -143,6 +157,12 @@ class LookaheadRouter(PairingRouter):
 
     # ---- inputs ----------------------------------------------------------------------------------------------------
     def latency_of(self, inst: InstanceSnapshot) -> LatencyModel:
+        m = self._lat_of_id.get(inst.instance_id)
+        if m is None:
+            m = self._lat_of_id[inst.instance_id] = self._latency_of(inst)
+        return m
+
+    def _latency_of(self, inst: InstanceSnapshot) -> LatencyModel:
         m = self._by_id.get(inst.instance_id)
         if m is not None:
             return m
@@ -221,6 +241,8 @@ class LookaheadRouter(PairingRouter):
         harm = (step_with - step_now) * overlap if B else 0.0
         m = min(O, r_avg) if B else 0.0
         own = m * step_with + (O - m) * (a_alone + b * ctx_new)
+        if d.role is InstanceRole.MIXED:
+            own /= 1.0 - self.prefill_pressure(d.instance_id)
         if d.role is InstanceRole.MIXED and not colocated and d.prefill_tokens_pending:
             Q = d.prefill_tokens_pending
             own += self._prefill_span(lat, Q, Q * (Q / max(d.num_waiting, 1) + 1) / 2, B, C)
@@ -245,6 +267,29 @@ class LookaheadRouter(PairingRouter):
         if base is not None and B and step_now <= base < step_with:
             pen += self.miss_penalty_s * B  # residents pushed over their TPOT target
         return _Side(w * own + harm + kv + pen, tpot_s=step_with, own_s=own, harm_s=harm, kv_s=kv, slo_s=pen)
+
+    # ---- prefill pressure (router-side history) ---------------------------------------------------------------------
+    def prefill_pressure(self, instance_id: str) -> float:
+        """Fraction of ``instance_id``'s recent time spent prefilling what this router sent it (capped)."""
+        v = self._pressure.get(instance_id)
+        if v is None or self.pressure_window_s <= 0:
+            return 0.0
+        work, t = v
+        f = work * math.exp(-max(self._now - t, 0.0) / self.pressure_window_s) / self.pressure_window_s
+        return min(f, self.max_pressure)
+
+    def route(self, request: RequestInfo, view: ClusterView) -> RouteResult:
+        self._now = view.time_s
+        return super().route(request, view)
+
+    def on_routed(self, request: RequestInfo, decision: RouteDecision) -> None:
+        lat = self._lat_of_id.get(decision.prefill_instance)
+        if lat is None or self.pressure_window_s <= 0:
+            return
+        iid, now = decision.prefill_instance, self._now
+        work, t = self._pressure.get(iid, (0.0, now))
+        work *= math.exp(-max(now - t, 0.0) / self.pressure_window_s)
+        self._pressure[iid] = (work + lat.prefill_time(request.prompt_tokens), now)
 
     # ---- public ------------------------------------------------------------------------------------------------------
     def estimate(self, request: RequestInfo, prefill: InstanceSnapshot,

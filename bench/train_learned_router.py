@@ -1,0 +1,117 @@
+"""Train the ``learned`` router (linear contextual bandit) in the simulator and save its artifact.
+
+    python bench/train_learned_router.py                       # Azure conv, first half, 16 x default, load 0.8
+    python bench/train_learned_router.py --trace PATH --config NAME --rounds 4 --out PATH
+
+Each round replays the training workload with ``LearnedRouter(epsilon, collect=True)``: every request's chosen
+arm (its feature vector at routing time) is paired with the request's reward, the negative SLO-normalised
+latency::
+
+    reward = -(TTFT / ttft_slo + E2E / (ttft_slo + tpot_slo * output_tokens))
+
+(a missed request scores > 2; rejected requests score -10). ``fit`` regresses the cost on the features (ridge,
+shrunk toward the previous round's weights), and the next round explores around the new policy (DAgger-style).
+The round whose greedy evaluation (``epsilon=0``) has the highest mean reward (the training objective) is
+saved. Training uses the FIRST half of the trace; ``llmsched compare`` evaluates on the whole trace (and on
+other traces), so the reported numbers are not fitted to the evaluation run alone.
+
+The router never reads ground-truth output lengths: ``output_tokens`` is used only in the reward, after the fact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from scheduler.config.load import load_config
+from scheduler.policy.routers_learned import ARTIFACT, DEFAULT_WEIGHTS, LearnedRouter
+from sim.commands import with_instances
+from sim.compare import at_load, saturation_rate
+from sim.metrics import request_metrics
+from sim.simulator import Simulator, Workload
+from sim.traces import load_trace
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def rewards(res, cfg) -> np.ndarray:
+    """Per-request reward (higher is better): negative SLO-normalised TTFT plus E2E."""
+    w = res.workload
+    m = request_metrics(res)
+    slo = cfg.slo_for(0)
+    ttft_slo = slo.ttft_s or 2.0
+    tpot_slo = slo.tpot_s or 0.1
+    r = -(m.ttft_s / ttft_slo + m.e2e_s / (ttft_slo + tpot_slo * w.output_tokens))
+    return np.where(np.isfinite(r), r, -10.0)
+
+
+def train(cfg, w: Workload, *, rounds: int = 4, epsilon: float = 0.1, l2: float = 1e-2, seed: int = 0
+          ) -> tuple[dict[str, float], list[dict]]:
+    weights = dict(DEFAULT_WEIGHTS)
+    history: list[dict] = []
+    best: tuple[tuple[float, float], dict[str, float]] | None = None
+    for k in range(rounds + 1):
+        # Evaluate the current weights greedily.
+        res = Simulator(cfg, router=LearnedRouter(weights)).run(w)
+        rew = rewards(res, cfg)
+        att = float(request_metrics(res).slo_met.mean())
+        history.append({"round": k, "slo_attainment": att, "mean_reward": float(rew.mean()), "weights": weights})
+        print(f"round {k}: greedy SLO attainment {att:.3f}, mean reward {rew.mean():.3f}", flush=True)
+        key = (float(rew.mean()), att)
+        if best is None or key > best[0]:
+            best = (key, dict(weights))
+        if k == rounds:
+            break
+        # Explore around it and refit.
+        router = LearnedRouter(weights, epsilon=epsilon, seed=seed + k, collect=True)
+        res = Simulator(cfg, router=router).run(w)
+        rew = rewards(res, cfg)
+        samples = []
+        for i in range(len(w)):
+            for phi in router.take(str(i)):
+                samples.append((phi, float(rew[i])))
+        weights = router.fit(samples, l2=l2, prior=weights)
+    assert best is not None
+    return best[1], history
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trace", default=str(SHARED / "azure_llm_2023_conv.csv.gz"))
+    p.add_argument("--config", default="default")
+    p.add_argument("--instances", type=int, default=16)
+    p.add_argument("--load", type=float, default=0.8)
+    p.add_argument("--fraction", type=float, default=0.5, help="leading fraction of the trace to train on")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--epsilon", type=float, default=0.1)
+    p.add_argument("--out", default=str(ARTIFACT))
+    p.add_argument("--history", help="write per-round attainment/reward/weights JSON here")
+    args = p.parse_args(argv)
+    cfg = with_instances(load_config(args.config), args.instances)
+    trace = load_trace(args.trace)
+    full = Workload.from_trace(trace)
+    trace = trace.head(max(int(len(trace) * args.fraction), 1))
+    w = Workload.from_trace(trace)
+    sat = saturation_rate(cfg, full)
+    w = at_load(w, args.load, sat)
+    weights, history = train(cfg, w, rounds=args.rounds, epsilon=args.epsilon)
+    command = "python bench/train_learned_router.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    LearnedRouter(weights).save(args.out, meta={
+        "trace": f"{Path(args.trace).name} (first {args.fraction:.0%}, {len(w)} requests)",
+        "config": f"{cfg.name} x{cfg.num_instances}", "load": args.load, "saturation_rps": sat,
+        "command": command.strip(), "rounds": args.rounds, "epsilon": args.epsilon,
+        "reward": "-(ttft/ttft_slo + e2e/(ttft_slo + tpot_slo*output_tokens))",
+        "history": [{k: v for k, v in h.items() if k != "weights"} for h in history],
+    })
+    print(f"saved {args.out}")
+    if args.history:
+        Path(args.history).write_text(json.dumps(history, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

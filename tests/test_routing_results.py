@@ -1,0 +1,64 @@
+"""Fast sanity checks behind the routing results in docs/routing.md (small slices; the full runs live in bench/)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from scheduler.config.load import load_config
+from sim.commands import with_instances
+from sim.compare import at_load, router_factory, saturation_rate
+from sim.metrics import request_metrics
+from sim.simulator import Simulator, Workload
+from sim.traces import load_trace
+
+DATA = Path(__file__).resolve().parents[1] / "sim" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+def _run(cfg, w: Workload, router: str):
+    res = Simulator(cfg, router=router_factory(router, cfg)()).run(w)
+    return res, request_metrics(res)
+
+
+def test_lookahead_beats_round_robin_on_p99_ttft_on_the_azure_slice_at_high_load() -> None:
+    cfg = with_instances(load_config("default"), 4)
+    w = Workload.from_trace(load_trace(DATA / "azure_llm_2023_conv_first10min.csv.gz"))
+    w = at_load(w, 0.9, saturation_rate(cfg, w, sample=1000))
+    _, rr = _run(cfg, w, "round_robin")
+    _, la = _run(cfg, w, "lookahead")
+    assert np.nanpercentile(la.ttft_s, 99) < np.nanpercentile(rr.ttft_s, 99)
+    assert la.slo_met.mean() > rr.slo_met.mean()
+
+
+def test_lookahead_segregates_the_intelligent_router_mix() -> None:
+    from bench_routing import ir_workload
+
+    cfg = load_config("default")
+    w = ir_workload(n=2000)
+    _, rr = _run(cfg, w, "round_robin")
+    _, la = _run(cfg, w, "lookahead")
+    assert np.nanmean(la.e2e_s) < 0.95 * np.nanmean(rr.e2e_s)
+
+
+def test_prefix_affinity_reuses_the_mooncake_cache_more_than_round_robin() -> None:
+    cfg = with_instances(load_config("llama3-8b-a100-16-longctx"), 4)
+    w = Workload.from_trace(load_trace(DATA / "mooncake_fast25_conversation_first1000.jsonl.gz"))
+    assert w.hash_ids is not None
+    w = at_load(w, 0.8, saturation_rate(cfg, w, sample=300))
+    rr, _ = _run(cfg, w, "round_robin")
+    pa, m = _run(cfg, w, "prefix_affinity")
+    assert pa.prefix_hit_tokens > 1.1 * rr.prefix_hit_tokens  # full trace, 16 instances: ~3x (docs/routing.md)
+    assert np.isfinite(m.ttft_s).all()  # nothing dropped: the long-context config fits every request
+
+
+def test_shipped_learned_router_artifact_records_its_provenance() -> None:
+    import json
+
+    from scheduler.policy.routers_learned import ARTIFACT, LearnedRouter
+
+    doc = json.loads(ARTIFACT.read_text())
+    assert {"trace", "config", "command"} <= set(doc["meta"])
+    assert LearnedRouter().weights == LearnedRouter.load(ARTIFACT).weights
