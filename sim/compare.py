@@ -28,7 +28,8 @@ def saturation_rate(config: ClusterConfig, w: Workload, *, sample: int = 4000) -
     """Completed requests per second when the cluster is never idle (everything arrives at t=0)."""
     k = min(len(w), sample)
     idx = np.linspace(0, len(w) - 1, k).astype(int)  # spread over the trace: the mix, not just its start
-    burst = Workload(np.zeros(k), w.prompt_tokens[idx], w.output_tokens[idx], name=w.name)
+    hash_ids = [w.hash_ids[i] for i in idx] if w.hash_ids is not None else None  # prefix reuse counts too
+    burst = Workload(np.zeros(k), w.prompt_tokens[idx], w.output_tokens[idx], hash_ids=hash_ids, name=w.name)
     res = Simulator(config, router="least_outstanding").run(burst)
     # Completion rate between the 10th and 90th percentile completions: the start-up and the drain of the last
     # long requests (a batch of one) would otherwise understate what a loaded cluster sustains.
