@@ -117,7 +117,28 @@ def study_migration() -> dict:
     return out
 
 
-STUDIES = {"ir": study_ir, "predictor": study_predictor, "migration": study_migration}
+def study_sweep() -> dict:
+    """P99 TTFT of round-robin over the best router, across load, on the Azure trace (16 instances)."""
+    from sim.commands import with_instances
+
+    path = SHARED / "azure_llm_2023_conv.csv.gz"
+    trace = load_trace(path) if path.exists() else load_trace(Path("sim/data/azure_llm_2023_conv_first10min.csv.gz"))
+    cfg = with_instances(load_config("default"), 16)
+    w = Workload.from_trace(trace)
+    sat = saturation_rate(cfg, w)
+    out: dict = {"trace": trace.name, "config": "default x16", "saturation_rps": sat, "loads": {}}
+    for load in (0.4, 0.5, 0.6, 0.7, 0.8):
+        wl = at_load(w, load, sat)
+        row = {r: run(cfg, wl, r) for r in ("round_robin", "least_outstanding", "llumnix", "mixing", "lookahead",
+                                            "learned")}
+        p99 = {r: s["ttft_s"]["p99"] for r, s in row.items()}
+        best = min((v, r) for r, v in p99.items() if r != "round_robin")
+        out["loads"][load] = {"ttft_p99_s": p99, "best": best[1], "rr_over_best": p99["round_robin"] / best[0],
+                              "slo_attainment": {r: s["slo_attainment"] for r, s in row.items()}}
+    return out
+
+
+STUDIES = {"ir": study_ir, "predictor": study_predictor, "migration": study_migration, "sweep": study_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
