@@ -98,22 +98,28 @@ def study_predictor() -> dict:
 
 
 def study_migration() -> dict:
-    """Bursty arrivals (gamma CV 4) of long requests; migration off vs on (Llumnix policy), cost included."""
+    """Bursty arrivals (gamma CV 4) of long requests on KV-tight instances (Llama-2-7B on 24 GB L4s, so KV is the
+    bottleneck and preemptions happen); migration off vs on (Llumnix policy), migration cost included."""
     from scheduler.policy.migration import make_migration_policy
 
-    cfg = load_config("default")
-    t = synthetic(3000, 12.0, arrival="gamma", cv=4.0, seed=3,
-                  prompt=LogNormal.from_p50_p90(1000, 3000, max=3500), output=LogNormal.from_p50_p90(300, 900, max=1500))
-    w = Workload.from_trace(t)
-    out: dict = {"trace": "synthetic gamma cv=4, 3000 req @ 12 req/s", "config": "default (4 x llama2-7b a100)"}
-    for label, mig in (("off", None), ("on", make_migration_policy("llumnix"))):
-        sim = Simulator(cfg, router="least_outstanding", migration=mig)
-        res = sim.run(w)
-        s = sim_summary(res)
-        out[label] = {"ttft_p99_s": s["ttft_s"]["p99"], "tpot_p99_s": s["tpot_s"]["p99"],
-                      "preemptions": s["preemptions"], "migrations": s["migrations"]}
-        if sim.migrations is not None and sim.migrations.downtime_s:
-            out[label]["migration_downtime_p50_s"] = float(np.median(sim.migrations.downtime_s))
+    base = load_config("default")
+    cfg = base.model_copy(update={"pools": [p.model_copy(update={"gpu": "l4"}) for p in base.pools]})
+    out: dict = {"config": "default with gpu l4 (4 x llama2-7b, 24 GB)", "runs": {}}
+    for rate in (0.3, 0.45):
+        t = synthetic(1500, rate, arrival="gamma", cv=4.0, seed=3, prompt=LogNormal.from_p50_p90(1000, 3000, max=3500),
+                      output=LogNormal.from_p50_p90(300, 900, max=1500))
+        w = Workload.from_trace(t)
+        row: dict = {"trace": f"synthetic gamma cv=4, 1500 req @ {rate} req/s"}
+        for label, mig in (("off", None), ("on", make_migration_policy("llumnix"))):
+            sim = Simulator(cfg, router="least_outstanding", migration=mig)
+            s = sim_summary(sim.run(w))
+            row[label] = {"ttft_p99_s": s["ttft_s"]["p99"], "tpot_p99_s": s["tpot_s"]["p99"],
+                          "preemptions": s["preemptions"], "migrations": s["migrations"],
+                          "slo_attainment": s["slo_attainment"]}
+            if sim.migrations is not None and sim.migrations.downtime_s:
+                row[label]["migration_downtime_p50_s"] = float(np.median(sim.migrations.downtime_s))
+                row[label]["migration_total_p50_s"] = float(np.median(sim.migrations.total_s))
+        out["runs"][rate] = row
     return out
 
 
