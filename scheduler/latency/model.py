@@ -19,7 +19,6 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-import numpy as np
 
 from scheduler.config.models import GPUSpec, ModelSpec
 
