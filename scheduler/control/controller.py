@@ -41,6 +41,7 @@ from scheduler.control.placement import (
 )
 from scheduler.control.registry import EntryTable, RegistryEntry
 from scheduler.core.types import ClusterView, InstanceSnapshot
+from scheduler.policy.migration import MigrationPlan, MigrationPolicy, make_migration_policy
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,12 @@ class Controller:
         self.started_s = time.time()
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.epoch = f"{self.started_s:.6f}"
+        self._migration: MigrationPolicy | None = None
+        self._migration_max_per_s = 2.0
+        self._plans: dict[str, list[tuple[float, MigrationPlan]]] = {}  # ingress id -> plans it has to execute
+        self._plan_times: list[float] = []
+        self.migration_stats = {"planned": 0, "dropped": 0, "committed": 0, "failed": 0}
+        self._init_migration_policy()
         self._adopt()
 
     # ---- state that survives restarts -----------------------------------------------------------------
@@ -180,10 +187,57 @@ class Controller:
         self._snapshots.pop(iid, None)
         remove_instance_pg(self.cluster, iid)
 
+    def _init_migration_policy(self) -> None:
+        spec = self.config.policies.migration
+        if spec is None:
+            return
+        params = dict(spec.params)
+        params.pop("protocol", None)  # protocol knobs are the ingress' (scheduler.transfer.migration)
+        self._migration_max_per_s = float(params.pop("max_per_s", self._migration_max_per_s))
+        self._migration = make_migration_policy(spec.name, **params)
+
     def _policy_tick(self) -> None:
-        """Migration and scaling policy loops act here on ``self.view()`` once those policies land."""
-        # NOTE(control): config.policies.migration / .scaling are accepted but not acted on yet (see report).
-        return
+        """Migration policy loop: plan on the live view, hand each plan to the ingress that owns the request's
+        stream (from the request registry); ingresses pick them up with ``take_migrations``.
+
+        Rate limits: the policy's own (in flight cluster-wide / per instance, cooldowns, per-request cooldown)
+        plus ``max_per_s`` plans per second here. Plans nobody takes within 5 s are dropped.
+        """
+        # NOTE(control): config.policies.scaling is accepted but not acted on yet.
+        policy = self._migration
+        if policy is None or not self._snapshots:
+            return
+        now = time.time()
+        for ing, plans in list(self._plans.items()):
+            for t, p in plans:
+                if now - t >= 5.0:
+                    policy.on_migration_done(p.request_id, ok=False)
+            self._plans[ing] = [(t, p) for t, p in plans if now - t < 5.0]
+        self._plan_times = [t for t in self._plan_times if now - t < 1.0]
+        view = ClusterView(now, tuple(self._snapshots[i] for i in sorted(self._snapshots)))
+        for plan in policy.plan(view, now):
+            entry = self._registry.entries.get(plan.request_id)
+            if entry is None or len(self._plan_times) >= self._migration_max_per_s:
+                policy.on_migration_done(plan.request_id, ok=False)
+                self.migration_stats["dropped"] += 1
+                continue
+            self._plan_times.append(now)
+            self._plans.setdefault(entry.ingress_id, []).append((now, plan))
+            self.migration_stats["planned"] += 1
+
+    async def take_migrations(self, ingress_id: str) -> list[MigrationPlan]:
+        """The migration plans for requests served by ``ingress_id`` (taken once)."""
+        self._ensure_loop()
+        return [p for _, p in self._plans.pop(ingress_id, [])]
+
+    async def migration_done(self, request_id: str, ok: bool) -> None:
+        """An ingress reports a planned migration's outcome (the policy's in-flight limits release it)."""
+        self.migration_stats["committed" if ok else "failed"] += 1
+        if self._migration is not None:
+            self._migration.on_migration_done(request_id, ok=ok)
+
+    async def migration_counters(self) -> dict[str, int]:
+        return dict(self.migration_stats)
 
     async def _reconcile(self, *, wait: bool) -> None:
         """Create instances until every pool has its desired count (replacing dead ones); remove extras."""

@@ -13,7 +13,10 @@ Dispatch::
     disaggregated  : P.submit(req, max_tokens=1)            -> token 0 (streamed at once: TTFT)
                      kv = P.export_kv(rid)  (ObjectRef)     -> D.submit(prompt+[t0], before=1, kv)  -> D.poll ...
     instance dies  : route again, submit prompt + emitted tokens (before=len(emitted)) on a live instance
-    migrate/drain  : kv = S.export_kv(rid); S.abort(rid); D.submit(prompt+emitted, before=n, kv)
+    migrate/drain  : multi-stage live migration (scheduler.transfer.migration): D reserves; stages
+                     S.export_kv -> D.migrate_stage while S decodes; S.migrate_stop -> D.migrate_commit (D admits
+                     and starts decoding); the stream switches to D when S's stream ends (S released); abort at any
+                     step leaves the request on S. The Controller's migration policy sends plans here.
 
 Every chunk goes through ``_Stream.accept``, which enforces the one invariant clients rely on: indices contiguous
 from 0, each exactly once, across handoffs, recoveries and migrations.
@@ -49,10 +52,20 @@ from scheduler.core.types import SLO, ClusterView, InstanceSnapshot, Phase, Reje
 from scheduler.engine.base import EngineRequest, TokenChunk
 from scheduler.engine.simulated_backend import ByteTokenizer
 from scheduler.policy.route import RouteDecision, Router, make_router
+from scheduler.transfer.migration import (
+    Migration,
+    MigrationConfig,
+    MigrationMode,
+    Side,
+    StepFailed,
+    run_migration,
+)
 
 log = logging.getLogger(__name__)
 
 _DEAD = (RayActorError, ActorUnavailableError)
+# ``RequestRecord.move_kv`` value meaning "the destination already admitted the request" (live migration commit).
+_ADMITTED = object()
 
 
 class Tokenizer(Protocol):
@@ -122,6 +135,8 @@ class Ingress:
         poll_timeout_s: float = 5.0,
         ingress_id: str | None = None,
         tokenizer: Tokenizer | None = None,
+        migration: MigrationConfig | None = None,
+        plans_s: float = 0.25,
     ) -> None:
         self.config = config
         self.controller = controller
@@ -146,7 +161,11 @@ class Ingress:
         self._controller_epoch: str | None = None
         self.controller_ok = False
         self.view_refreshed_s = 0.0
-        self.counters = {"recoveries": 0, "handoffs": 0, "migrations": 0, "routed": 0}
+        self.counters = {"recoveries": 0, "handoffs": 0, "migrations": 0, "migrations_aborted": 0, "routed": 0}
+        self.migration_config = migration or _migration_config(config)
+        self.plans_s = plans_s
+        self._migrating: dict[str, Migration] = {}  # request id -> its migration in progress
+        self.migrations: list[Migration] = []  # finished migrations (bounded), for tests and the bench
 
     @classmethod
     async def connect(
@@ -183,6 +202,7 @@ class Ingress:
             asyncio.create_task(self._loop(self._refresh_view, self.refresh_s)),
             asyncio.create_task(self._loop(self._refresh_members, self.members_s)),
             asyncio.create_task(self._loop(self._report, self.report_s)),
+            asyncio.create_task(self._loop(self._take_plans, self.plans_s)),
         ]
 
     async def close(self) -> None:
@@ -366,7 +386,7 @@ class Ingress:
         finally:
             if not finished:  # the client went away (or we failed): free the engine(s)
                 rec.cancelled = True
-                for iid in rec.instances:
+                for iid in rec.instances + ((rec.moving_to,) if rec.moving_to else ()):
                     self._abort_quietly(iid, rec.request_id)
             if rec.move_waiter is not None and not rec.move_waiter.done():
                 rec.move_waiter.set_result(None)  # finished before the destination took over
@@ -378,6 +398,7 @@ class Ingress:
         rid = rec.request_id
         target = decision
         kv_ref: Any = None
+        admitted = False
         while True:
             handoff = target.decode_instance is not None and rec.remaining_tokens > 1
             iid = target.prefill_instance
@@ -390,7 +411,7 @@ class Ingress:
             self.registry.touch(rid)
             last: TokenChunk | None = None
             try:
-                async for chunk in self._attempt(rec, iid, ereq, kv_ref):
+                async for chunk in self._attempt(rec, iid, ereq, kv_ref, admitted=admitted):
                     last = chunk
                     if chunk.finished and self._continues(rec, handoff, chunk.finish_reason):
                         if chunk.token_ids:  # e.g. token 0 from the prefill instance: stream it now (TTFT)
@@ -398,11 +419,21 @@ class Ingress:
                         continue
                     yield chunk
             except InstanceLost as e:
+                admitted = False
                 if rec.cancelled:
                     yield TokenChunk(rid, rec.next_index, (), True, "abort")
                     return
+                if rec.moving_to is not None and rec.move_kv is _ADMITTED:
+                    # The source died right after a migration committed: the destination already runs it.
+                    # NOTE(migration): tokens the source produced before the stop but never delivered would show
+                    # as a gap; _accept refuses gaps loudly rather than stream a hole.
+                    target, kv_ref, admitted = RouteDecision(rec.moving_to), None, True
+                    rec.moving_to, rec.move_kv = None, None
+                    self._mark_dead(iid)
+                    continue
                 target, kv_ref = self._recover(rec, iid, e), None
                 continue
+            admitted = False
             assert last is not None and last.finished
             if not self._continues(rec, handoff, last.finish_reason):
                 rec.phase = Phase.CANCELLED if last.finish_reason == "abort" else Phase.FINISHED
@@ -410,6 +441,8 @@ class Ingress:
             if rec.moving_to is not None and last.finish_reason == "abort":
                 target, kv_ref = RouteDecision(rec.moving_to), rec.move_kv
                 rec.moving_to, rec.move_kv = None, None
+                if kv_ref is _ADMITTED:  # live migration: the destination is decoding it already
+                    admitted, kv_ref = True, None
             else:
                 # P->D: the prompt KV moves through the object store, node to node; decode goes on at index 1.
                 kv_ref = self._handle(iid).export_kv.remote(rid, 0, None)
@@ -427,10 +460,15 @@ class Ingress:
         return reason == "abort" and rec.moving_to is not None
 
     async def _attempt(
-        self, rec: RequestRecord, iid: str, ereq: EngineRequest, kv_ref: Any
+        self, rec: RequestRecord, iid: str, ereq: EngineRequest, kv_ref: Any, *, admitted: bool = False
     ) -> AsyncIterator[TokenChunk]:
-        """Stream one engine request from one instance; raises ``InstanceLost`` if it dies."""
+        """Stream one engine request from one instance; raises ``InstanceLost`` if it dies. ``admitted``: the
+        instance already runs it (a committed live migration): only poll."""
         handle = self._handle(iid)
+        if admitted:
+            async for chunk in self._poll_loop(rec, iid, handle, []):
+                yield chunk
+            return
         try:
             sub = await handle.submit.remote(ereq, kv_ref, predicted_output_tokens=rec.predicted_output_tokens)
         except RayTaskError as e:
@@ -449,7 +487,12 @@ class Ingress:
         waiter = rec.move_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(time.perf_counter())
-        chunks = list(sub.chunks)
+        async for chunk in self._poll_loop(rec, iid, handle, list(sub.chunks)):
+            yield chunk
+
+    async def _poll_loop(
+        self, rec: RequestRecord, iid: str, handle: Any, chunks: list[TokenChunk]
+    ) -> AsyncIterator[TokenChunk]:
         while True:
             for chunk in chunks:
                 out = self._accept(rec, chunk)
@@ -538,14 +581,29 @@ class Ingress:
             },
         )
 
-    async def migrate(self, request_id: str, destination: str | None = None) -> MigrationResult:
-        """Stop-and-copy migration of a request this replica serves (KV exported, source aborted,
-        destination admits ``prompt + emitted`` with that KV). The multi-stage protocol replaces it."""
+    async def migrate(
+        self, request_id: str, destination: str | None = None, *, mode: MigrationMode | str | None = None,
+    ) -> MigrationResult:
+        """Live-migrate a request this replica serves (multi-stage protocol, ``scheduler.transfer.migration``).
+
+        The client's stream does not change: it sees a short pause, then the next index from the destination.
+        Expected failures (no destination, refused reservation, a side failing mid-way) come back as
+        ``committed=False`` with the reason; the request then simply continues on its source.
+
+        Raises:
+            NotFound: the request is not in flight here, or ``destination`` is not a live instance.
+        """
+        await self.start()
         rec = self.registry.get(request_id)
         if rec is None:
             raise NotFound(f"request_id: {request_id!r} is not in flight on this ingress", field="request_id")
         src = rec.instances[-1] if rec.instances else ""
-        if rec.phase not in (Phase.DECODE, Phase.PREFILL) or rec.moving_to is not None:
+        cfg = self.migration_config
+        if mode is not None:
+            cfg = dataclasses.replace(cfg, mode=MigrationMode.parse(mode))
+        if request_id in self._migrating or rec.moving_to is not None:
+            return MigrationResult(request_id, src, destination or "", False, "already migrating")
+        if rec.phase is not Phase.DECODE or len(rec.instances) != 1:
             return MigrationResult(request_id, src, destination or "", False, f"request is in phase {rec.phase.name}")
         if destination is None:
             try:
@@ -557,26 +615,69 @@ class Ingress:
             return MigrationResult(request_id, src, destination, False, "destination is the source")
         if destination not in self._members:
             raise NotFound(f"destination: no live instance {destination!r}", field="destination")
-        handle = self._handle(src)
-        kv_ref = handle.export_kv.remote(request_id, 0, None)
+        m = Migration(request_id, src, destination, cfg)
+        self._migrating[request_id] = m
         try:
-            await kv_ref
-        except (RayTaskError, *_DEAD) as e:
-            return MigrationResult(request_id, src, destination, False, f"export failed: {type(e).__name__}")
-        waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        rec.move_kv = kv_ref
-        rec.move_waiter = waiter
-        rec.moving_to = destination
-        t_stop = time.perf_counter()
-        await handle.abort.remote(request_id)
+            await run_migration(
+                m, _RaySource(self._handle(src), request_id),
+                _RayDestination(self._handle(destination), request_id, rec, self._template(rec)),
+                on_committed=lambda: self._switch(rec, destination),
+            )
+        finally:
+            self._migrating.pop(request_id, None)
+            self.migrations.append(m)
+            del self.migrations[:-256]
+        if m.committed:
+            self.counters["migrations"] += 1
+            return MigrationResult(request_id, src, destination, True, cfg.mode.value, m.downtime_s,
+                                   len(m.stages) + 1)
+        self.counters["migrations_aborted"] += 1
+        ab = m.abort
+        assert ab is not None
+        reason = f"aborted by {ab.side.value} in {ab.state.name}: {ab.reason} ({ab.frees})"
+        log.info("%s: migration %s -> %s %s", request_id, src, destination, reason)
+        if ab.side is Side.DESTINATION and ("ActorDied" in ab.reason or "RayActorError" in ab.reason):
+            self._mark_dead(destination)
+        return MigrationResult(request_id, src, destination, False, reason, 0.0, len(m.stages))
+
+    @staticmethod
+    def _template(rec: RequestRecord) -> EngineRequest:
+        """What the destination needs besides the snapshot: the original sampling (max_tokens counts the whole
+        request; the destination subtracts the outputs so far), stop conditions, priority."""
+        return EngineRequest(rec.request_id, (), rec.sampling, priority=rec.priority)
+
+    def _switch(self, rec: RequestRecord, destination: str) -> None:
+        """Commit point: the destination runs the request; follow it there once the source's stream ends."""
+        rec.moving_to, rec.move_kv = destination, _ADMITTED
+        self.registry.touch(rec.request_id)
+        if rec.cancelled:  # the client left meanwhile: do not leave a copy running
+            rec.moving_to, rec.move_kv = None, None
+            self._abort_quietly(destination, rec.request_id)
+
+    async def _take_plans(self) -> None:
+        """Execute the Controller's migration plans for requests this replica serves (its policy loop runs on
+        the Controller's view; the streams live here). Outcomes go back so its rate limits see them."""
+        take = getattr(self.controller, "take_migrations", None)
+        if take is None:
+            return
         try:
-            t_resumed = await asyncio.wait_for(waiter, 30.0)
-        except TimeoutError:
-            return MigrationResult(request_id, src, destination, False, "destination did not admit in 30s")
-        if t_resumed is None:
-            return MigrationResult(request_id, src, destination, False, "request finished before the move")
-        self.counters["migrations"] += 1
-        return MigrationResult(request_id, src, destination, True, "stop-and-copy", t_resumed - t_stop, 1)
+            plans = await asyncio.wait_for(_await(take.remote(self.ingress_id)), 2.0)
+        except (TimeoutError, *_DEAD, RayTaskError):
+            return
+        for plan in plans or ():
+            asyncio.create_task(self._execute_plan(plan))
+
+    async def _execute_plan(self, plan: Any) -> None:
+        ok = False
+        try:
+            if plan.request_id in self.registry and plan.destination in self._members:
+                ok = (await self.migrate(plan.request_id, plan.destination)).committed
+        except Exception:
+            log.exception("migration plan %s failed", plan)
+        try:
+            self.controller.migration_done.remote(plan.request_id, ok)
+        except Exception as e:  # noqa: BLE001 - the Controller restarting; its policy times the entry out
+            log.debug("migration_done for %s not delivered: %s", plan.request_id, e)
 
     async def drain(self, instance_id: str) -> int:
         await self.start()
@@ -588,9 +689,15 @@ class Ingress:
             dataclasses.replace(s, draining=True) if s.instance_id == instance_id else s for s in self._view.instances
         ))
         moved = 0
-        for rec in self.registry.on_instance(instance_id):
-            res = await self.migrate(rec.request_id)
-            moved += int(res.committed)
+        # NOTE(migration): requests still in prefill or queued finish their prefill first; retry them a few
+        # rounds, then release (a request still there is recovered elsewhere by re-prefill).
+        for _ in range(50):
+            pending = [r for r in self.registry.on_instance(instance_id) if r.moving_to is None]
+            if not pending:
+                break
+            results = await asyncio.gather(*(self.migrate(r.request_id) for r in pending), return_exceptions=True)
+            moved += sum(1 for r in results if isinstance(r, MigrationResult) and r.committed)
+            await asyncio.sleep(0.05)
         await self.controller.release.remote(instance_id)
         return moved
 
@@ -609,6 +716,64 @@ class Ingress:
 
 async def _await(ref: Any) -> Any:
     return await ref
+
+
+def _migration_config(config: ClusterConfig) -> MigrationConfig:
+    """Protocol knobs from ``policies.migration.params.protocol`` (max_stages, last_stage_max_tokens, ...)."""
+    spec = config.policies.migration
+    raw = dict((spec.params.get("protocol") or {}) if spec is not None else {})
+    if "mode" in raw:
+        raw["mode"] = MigrationMode.parse(raw["mode"])
+    try:
+        return MigrationConfig(**raw)
+    except TypeError as e:
+        raise ValueError(f"policies.migration.params.protocol: {e}") from None
+
+
+class _RaySource:
+    """``SourceOps`` over an Instance actor handle."""
+
+    def __init__(self, handle: Any, request_id: str) -> None:
+        self.h, self.rid = handle, request_id
+
+    async def context_tokens(self) -> int | None:
+        return await self.h.migrate_context.remote(self.rid)
+
+    def export(self, start_token: int) -> Any:
+        return self.h.export_kv.remote(self.rid, start_token, None)
+
+    def stop(self, start_token: int) -> Any:
+        return self.h.migrate_stop.remote(self.rid, start_token)
+
+    async def resume(self) -> bool:
+        return bool(await self.h.migrate_resume.remote(self.rid))
+
+    async def release(self) -> None:
+        await self.h.abort.remote(self.rid)
+
+
+class _RayDestination:
+    """``DestinationOps`` over an Instance actor handle; KV pieces go source -> destination as ObjectRefs."""
+
+    def __init__(self, handle: Any, request_id: str, rec: RequestRecord, template: EngineRequest) -> None:
+        self.h, self.rid, self.rec, self.template = handle, request_id, rec, template
+
+    async def reserve(self, tokens: int) -> str | None:
+        return await self.h.migrate_reserve.remote(self.rid, tokens)
+
+    async def stage(self, piece: Any) -> int:
+        kind, value = await self.h.migrate_stage.remote(self.rid, [piece])
+        if kind == "source":
+            raise StepFailed(Side.SOURCE, str(value))
+        return int(value)
+
+    async def commit(self, stopped: Any, mode: MigrationMode) -> str | None:
+        return await self.h.migrate_commit.remote(
+            self.rid, self.template, [stopped], predicted_output_tokens=self.rec.predicted_output_tokens
+        )
+
+    async def cancel(self) -> None:
+        await self.h.migrate_cancel.remote(self.rid)
 
 
 def _is_lost(e: RayTaskError) -> bool:

@@ -161,6 +161,7 @@ class Instance:
         self._backend: EngineBackend | None = None
         self._streams: dict[str, _Stream] = {}
         self._draining = False
+        self._faults: dict[str, str] = {}  # migration step -> injected fault kind (tests: fail / hang / exit)
         self._reaper: asyncio.Task[None] | None = None
         node_id = ""
         try:
@@ -307,10 +308,120 @@ class Instance:
     async def export_kv(self, request_id: str, start_token: int = 0, end_token: int | None = None) -> KVBlocks:
         return await self._require_backend().export_kv(request_id, start_token, end_token)
 
+    # ---- live migration (protocol: scheduler.transfer.migration; driven by the ingress that owns the stream) ----
+    async def inject_fault(self, step: str, kind: str = "fail") -> None:
+        """Make this instance's next migration ``step`` (reserve | stage | commit) fail (raise), hang, or exit
+        the actor process -- for fault tests of the destination side. One-shot."""
+        if step not in ("reserve", "stage", "commit") or kind not in ("fail", "hang", "exit"):
+            raise ValueError(f"step/kind: {step!r}/{kind!r}; allowed steps reserve, stage, commit; "
+                             "kinds fail, hang, exit")
+        self._faults[step] = kind
+
+    async def _fault(self, step: str) -> None:
+        kind = self._faults.pop(step, None)
+        if kind == "fail":
+            raise RuntimeError(f"{self.instance_id}: injected fault at migration step {step!r}")
+        if kind == "hang":
+            await asyncio.sleep(3600)
+        if kind == "exit":
+            import os
+
+            log.warning("%s: injected exit at migration step %s", self.instance_id, step)
+            os._exit(1)
+
+    async def migrate_context(self, request_id: str) -> int | None:
+        """Source, handshake: the request's context length here, or ``None`` if it is not decoding here."""
+        if request_id not in self._streams:
+            return None
+        for r in (await self._require_backend().stats()).requests:
+            if r.request_id == request_id:
+                return None if r.in_prefill else int(r.context_tokens)
+        return None
+
+    async def migrate_reserve(self, request_id: str, tokens: int) -> str | None:
+        """Destination, handshake: reserve KV for ``tokens``; ``None`` or why not."""
+        await self._fault("reserve")
+        if self._draining:
+            return f"{self.instance_id} is draining"
+        if request_id in self._streams:
+            return f"request_id: {request_id!r} is already running on {self.instance_id}"
+        return await self._migration_backend().reserve_kv(request_id, tokens)
+
+    async def migrate_stage(self, request_id: str, piece: list[Any]) -> tuple[str, Any]:
+        """Destination, pre-copy stage: ``piece[0]`` is the ObjectRef of the source's ``export_kv`` (wrapped in
+        a list so that a source failure is told apart from ours). Returns ("ok", end token staged) or
+        ("source", why the source could not copy)."""
+        try:
+            kv = await piece[0]
+        except Exception as e:  # noqa: BLE001 - the source's failure, reported as such
+            return "source", f"export failed: {_cause(e)}"
+        await self._fault("stage")
+        await self._migration_backend().stage_kv(request_id, kv)
+        return "ok", int(kv.end_token)
+
+    async def migrate_stop(self, request_id: str, start_token: int) -> tuple[Any, KVBlocks | None] | str:
+        """Source, final stop-and-copy: pause the request (KV kept) and return its ``MigrationSnapshot`` and the
+        KV from ``start_token`` (``< 0``: none). A reason string if it cannot be paused."""
+        if request_id not in self._streams:
+            return "request is not running on this instance"
+        return await self._migration_backend().pause(request_id, start_token)
+
+    async def migrate_commit(
+        self, request_id: str, template: EngineRequest, stopped: list[Any], *, predicted_output_tokens: float | None
+        = None,
+    ) -> str | None:
+        """Destination, final copy + commit: resolve the source's ``migrate_stop`` result, stage the last piece
+        and the RNG state, admit the request from its snapshot (it starts decoding; the ingress polls it).
+
+        Returns ``None`` when admitted, ``"source: <why>"`` if the source had nothing to hand over, else why not.
+        """
+        try:
+            res = await stopped[0]
+        except Exception as e:  # noqa: BLE001
+            return f"source: stop failed: {_cause(e)}"
+        if isinstance(res, str):
+            return f"source: {res}"
+        snap, kv = res
+        await self._fault("commit")
+        sp = template.sampling
+        remaining = sp.max_tokens - snap.num_output_tokens
+        if remaining < 1:
+            return "source: request already produced all its tokens"
+        backend = self._migration_backend()
+        await backend.stage_kv(request_id, kv, snap.rng_state)
+        ereq = EngineRequest(
+            request_id, snap.token_ids, dataclasses.replace(sp, max_tokens=remaining), priority=template.priority,
+            num_output_tokens_before=snap.num_output_tokens,
+        )
+        sub = await self.submit(ereq, predicted_output_tokens=predicted_output_tokens, wait_first=False)
+        return sub.rejected
+
+    async def migrate_resume(self, request_id: str) -> bool:
+        """Source, abort path: the paused request continues here."""
+        return await self._migration_backend().resume(request_id)
+
+    async def migrate_cancel(self, request_id: str) -> None:
+        """Destination, abort path: free the reservation, staged KV and any admitted copy."""
+        await self._migration_backend().cancel_incoming(request_id)
+        st = self._streams.pop(request_id, None)
+        if st is not None and st.task is not None and not st.done:
+            await self._require_backend().abort(request_id)
+
+    def _migration_backend(self) -> Any:
+        backend = self._require_backend()
+        if not hasattr(backend, "pause"):  # NOTE(migration): out-of-tree backends may not implement it
+            raise RuntimeError(f"{self.instance_id}: backend {type(backend).__name__} does not support migration")
+        return backend
+
     def _require_backend(self) -> EngineBackend:
         if self._backend is None:
             raise RuntimeError(f"instance {self.instance_id} not started")
         return self._backend
+
+
+def _cause(e: Exception) -> str:
+    cause = getattr(e, "cause", None) or e
+    return f"{type(cause).__name__}: {cause}"
 
 
 def snapshot_from_stats(

@@ -28,7 +28,8 @@ from scheduler.config.models import EngineSpec, GPUSpec, ModelSpec
 from scheduler.core.types import InstanceRole, InstanceSnapshot
 from scheduler.engine.base import EngineRequest, EngineStats, KVBlocks, TokenChunk
 from scheduler.engine_model import EngineModel
-from scheduler.latency import LatencyModel, latency_for
+from scheduler.latency import LatencyModel, kv_transfer_time, latency_for
+from scheduler.transfer.migration import MigrationSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class SimulatedBackend:
         if time_scale < 0:
             raise ValueError(f"time_scale: must be >= 0, got {time_scale}")
         self.model = model
+        self.gpu = gpu
         self.role = InstanceRole.parse(role)
         self.seed = seed
         self.time_scale = time_scale
@@ -105,6 +107,11 @@ class SimulatedBackend:
         self._reqs: dict[str, _Req] = {}
         # PREFILL role: prompt token ids of handed-off requests, for export_kv after the engine freed them.
         self._handoff: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        # Live migration: destination reservations (blocks) and staged KV (end token, token ids); source requests
+        # paused for the final stop-and-copy (their engine-model seq and the blocks held for it).
+        self._reserved: dict[str, int] = {}
+        self._staged: dict[str, tuple[int, tuple[int, ...]]] = {}
+        self._paused: dict[str, tuple[object, int]] = {}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -144,6 +151,7 @@ class SimulatedBackend:
         if bad is not None:
             raise ValueError(f"prompt_token_ids: token {bad} outside [0, {self.vocab_size})")
         cached = self._cached_tokens(request)
+        self._release_reservation(rid)  # the request takes the blocks it was reserved
         max_tokens = request.sampling.max_tokens
         self.engine.add_request(rid, len(prompt), max_tokens, cached_tokens=cached, priority=request.priority)
         seed = request.sampling.seed if request.sampling.seed is not None else self.seed
@@ -157,6 +165,13 @@ class SimulatedBackend:
     def _cached_tokens(self, request: EngineRequest) -> int:
         """Leading prompt tokens whose KV arrived with the request (contiguous from 0, prefix-checked)."""
         covered = 0
+        staged = self._staged.pop(request.request_id, None) if not request.kv else None
+        if staged is not None:
+            end, toks = staged
+            if tuple(request.prompt_token_ids[:end]) == toks[:end]:
+                covered = min(end, len(request.prompt_token_ids))
+            else:
+                log.warning("staged kv for %s does not match the prompt; recomputing", request.request_id)
         for kv in sorted(request.kv, key=lambda b: b.start_token):
             if kv.start_token > covered:
                 break
@@ -181,6 +196,9 @@ class SimulatedBackend:
                 await self.abort(req.request.request_id)
 
     async def abort(self, request_id: str) -> None:
+        paused = self._paused.pop(request_id, None)
+        if paused is not None:
+            self.engine.prefill_blocks -= paused[1]
         if request_id in self._reqs:
             self.engine.abort(request_id)
             self._finish(request_id, "abort")
@@ -281,6 +299,81 @@ class SimulatedBackend:
             raise ValueError(f"start_token: {start_token} outside [0, {end}] for {request_id!r}")
         n = end - start_token
         return KVBlocks(request_id, start_token, end, tokens[start_token:end], n * self.model.kv_bytes_per_token)
+
+    # ---- live migration (scheduler.transfer.migration) ----------------------------------------------------
+    def _blocks(self, tokens: int) -> int:
+        return -(-int(tokens) // self.engine.block_size)
+
+    def _release_reservation(self, request_id: str) -> None:
+        self.engine.prefill_blocks -= self._reserved.pop(request_id, 0)
+
+    async def reserve_kv(self, request_id: str, tokens: int) -> str | None:
+        """Destination handshake: hold blocks for ``tokens`` (as held-by-nobody prefill blocks, like the
+        simulator's driver). Returns why not, or ``None``."""
+        if request_id in self._reqs:
+            return f"request {request_id!r} is already running on this engine"
+        self._release_reservation(request_id)
+        need = self._blocks(tokens)
+        free = self.engine.total_blocks - self.engine.blocks_used()
+        if need > free:
+            return f"needs {need} KV blocks, {free} free"
+        self.engine.prefill_blocks += need
+        self._reserved[request_id] = need
+        return None
+
+    async def stage_kv(self, request_id: str, kv: KVBlocks | None, rng_state: bytes | None = None) -> int:
+        """Destination: receive one stage copy, taking the latency model's transfer time for it."""
+        if kv is None:
+            return 0
+        end, toks = self._staged.get(request_id, (0, ()))
+        if kv.start_token > end:
+            raise ValueError(f"kv.start_token: gap in staged KV, have [0, {end}) then {kv.start_token}")
+        dt = kv_transfer_time(kv.end_token - kv.start_token, self.model, bandwidth_gbps=self.gpu.network_gbps,
+                              latency_s=self.gpu.network_latency_s)
+        await asyncio.sleep(dt * self.time_scale)
+        self._staged[request_id] = (max(end, kv.end_token), toks[: kv.start_token] + tuple(kv.token_ids))
+        return kv.nbytes
+
+    async def cancel_incoming(self, request_id: str) -> None:
+        self._staged.pop(request_id, None)
+        self._release_reservation(request_id)
+        if request_id in self._reqs:
+            await self.abort(request_id)
+
+    async def pause(self, request_id: str, start_token: int) -> tuple[MigrationSnapshot, KVBlocks | None] | str:
+        """Source stop-and-copy: take the decoding request out of the engine model (its blocks stay held) and
+        return its state and the KV of ``[start_token, context - 1)``."""
+        req = self._reqs.get(request_id)
+        if req is None:
+            return "request is not running on this engine (finished?)"
+        seq = self.engine.detach(request_id)
+        if seq is None:
+            return "request is not decoding (queued or prefilling)"
+        held = self._blocks(seq.num_tokens)
+        self.engine.prefill_blocks += held
+        self._paused[request_id] = (seq, held)
+        tokens = tuple(req.request.prompt_token_ids) + tuple(req.outputs)
+        snap = MigrationSnapshot(request_id, tokens, req.next_index)
+        n = len(tokens) - 1
+        kv = None
+        if 0 <= start_token < n:
+            kv = KVBlocks(request_id, start_token, n, tokens[start_token:n],
+                          (n - start_token) * self.model.kv_bytes_per_token)
+        return snap, kv
+
+    async def resume(self, request_id: str) -> bool:
+        """Source abort path: the paused request continues here (re-admitted with its KV cached)."""
+        paused = self._paused.pop(request_id, None)
+        if paused is None or request_id not in self._reqs:
+            return False
+        seq, held = paused
+        self.engine.prefill_blocks -= held
+        self.engine.add_request(request_id, seq.num_tokens, max(seq.max_new, 1),  # type: ignore[attr-defined]
+                                cached_tokens=seq.num_tokens - 1,  # type: ignore[attr-defined]
+                                priority=seq.priority)  # type: ignore[attr-defined]
+        assert self._wake is not None
+        self._wake.set()
+        return True
 
     def release_kv(self, request_id: str) -> bool:
         """Forget a handed-off request's exportable KV (the decode side has it)."""

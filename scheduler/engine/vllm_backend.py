@@ -30,6 +30,7 @@ from scheduler.core.types import RequestLoad
 from scheduler.engine.base import EngineRequest, EngineStats, KVBlocks, TokenChunk
 from scheduler.engine.tiny_model import configure_cache_env
 from scheduler.transfer.kv_payload import from_wire, merge_kv_blocks, to_kv_blocks, to_wire
+from scheduler.transfer.migration import MigrationSnapshot
 
 KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
 _ENV_LOCK = threading.Lock()
@@ -115,6 +116,8 @@ class VLLMBackend:
         self.vocab_size = 0
         # request_id -> num_output_tokens_before, for requests this backend is streaming.
         self._active: dict[str, int] = {}
+        # Live migration, destination side: request_id -> KV staged in the worker for an incoming request.
+        self._incoming: dict[str, _Incoming] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -215,6 +218,14 @@ class VLLMBackend:
         if self._engine is None:
             raise RuntimeError("VLLMBackend.generate: engine not started (await start() first)")
         self.validate(request)
+        incoming = self._incoming.pop(request.request_id, None) if not request.kv else None
+        if incoming is not None:
+            n = incoming.end_token
+            if n > len(request.prompt_token_ids) or incoming.token_ids[:n] != list(request.prompt_token_ids[:n]):
+                self._incoming[request.request_id] = incoming  # keep it: the caller may cancel properly
+                raise ValueError(f"kv.token_ids: the staged KV's {n} tokens are not a prefix of prompt_token_ids")
+            self._active[request.request_id] = request.num_output_tokens_before
+            return self._stream(request, None, staged_tokens=n)
         payload = merge_kv_blocks(request.kv) if request.kv else None
         if payload is not None:
             n = int(payload["end_token"])
@@ -228,7 +239,7 @@ class VLLMBackend:
         return self._stream(request, payload)
 
     async def _stream(
-        self, request: EngineRequest, payload: dict[str, Any] | None
+        self, request: EngineRequest, payload: dict[str, Any] | None, staged_tokens: int = 0
     ) -> AsyncIterator[TokenChunk]:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -239,7 +250,9 @@ class VLLMBackend:
             "llmsched_id": rid,
             "save": self.kv_role == "kv_producer" or s.max_tokens == 1,
         }
-        staged = False
+        staged = staged_tokens > 0
+        if staged:
+            kv_params["load_tokens"] = staged_tokens
         try:
             if payload is not None:
                 await self._engine.collective_rpc("llmsched_stage_kv", args=(rid, to_wire(payload)))
@@ -352,6 +365,84 @@ class VLLMBackend:
             )
         return to_kv_blocks(request_id, from_wire(wire))
 
+    # ------------------------------------------------------------------ live migration (scheduler.transfer.migration)
+
+    async def reserve_kv(self, request_id: str, tokens: int) -> str | None:
+        """Destination handshake: hold KV blocks for ``tokens`` tokens of an incoming request (handed back to the
+        pool when the request arrives, or by ``cancel_incoming``). Returns why not, or ``None``."""
+        if self._engine is None:
+            return "engine not started"
+        if request_id in self._active:
+            return f"request {request_id!r} is already running on this engine"
+        n_blocks = -(-int(tokens) // self.block_size)
+        res = await self._engine.engine_core.call_utility_async("llmsched_reserve", request_id, n_blocks)
+        if res is None:
+            self._incoming.setdefault(request_id, _Incoming())
+        return None if res is None else str(res)
+
+    async def stage_kv(self, request_id: str, kv: KVBlocks | None, rng_state: bytes | None = None) -> int:
+        """Destination: add one stage copy (and, with the final one, the sampler's RNG state) to the worker-side
+        staging of ``request_id``; ``generate`` then loads all of it. Returns the bytes staged.
+
+        Raises:
+            ValueError: the piece does not continue the staged range (gap), or carries no vLLM payload.
+        """
+        if self._engine is None:
+            raise RuntimeError("VLLMBackend.stage_kv: engine not started")
+        inc = self._incoming.setdefault(request_id, _Incoming())
+        if kv is None:
+            if rng_state is not None:
+                inc.rng_state = rng_state
+                await self._engine.collective_rpc("llmsched_stage_rng", args=(request_id, rng_state))
+            return 0
+        if not isinstance(kv.data, dict) or "layers" not in kv.data:
+            raise ValueError(f"kv.data: KVBlocks of {request_id!r} carries no vLLM KV payload")
+        if kv.start_token > inc.end_token:
+            raise ValueError(f"kv.start_token: gap in staged KV, have [0, {inc.end_token}) then {kv.start_token}")
+        if int(kv.data["block_size"]) != self.block_size:
+            raise ValueError(f"kv.block_size: {kv.data['block_size']} != this engine's {self.block_size}")
+        wire = to_wire(kv.data)
+        nbytes = await self._engine.collective_rpc(
+            "llmsched_stage_kv", args=(request_id, wire, True, rng_state or inc.rng_state)
+        )
+        del inc.token_ids[kv.start_token :]
+        inc.token_ids.extend(kv.token_ids)
+        inc.end_token = max(inc.end_token, kv.end_token)
+        return int(nbytes[0])
+
+    async def cancel_incoming(self, request_id: str) -> None:
+        """Destination abort: free the reservation and the staged pieces (an admitted copy is aborted too)."""
+        if self._engine is None:
+            return
+        self._incoming.pop(request_id, None)
+        if request_id in self._active:
+            await self.abort(request_id)
+        await self._engine.engine_core.call_utility_async("llmsched_unreserve", request_id)
+        await self._engine.collective_rpc("llmsched_unstage_kv", args=(request_id,))
+
+    async def pause(self, request_id: str, start_token: int) -> tuple[MigrationSnapshot, KVBlocks | None] | str:
+        """Source stop-and-copy: pause the request between two engine steps (its KV stays allocated) and return
+        its state and the KV of ``[start_token, end)`` (``start_token < 0``: no KV). A reason string if it
+        cannot be paused (finished, queued, still prefilling)."""
+        if self._engine is None:
+            return "engine not started"
+        res = await self._engine.engine_core.call_utility_async("llmsched_pause", request_id, int(start_token))
+        if isinstance(res, str):
+            return res
+        before = self._active.get(request_id, 0)
+        token_ids = tuple(int(t) for t in res["token_ids"])
+        rng = res.get("rng_state")
+        snap = MigrationSnapshot(request_id, token_ids, before + int(res["num_output_tokens"]),
+                                 bytes(rng) if rng is not None else None)
+        kv = to_kv_blocks(request_id, from_wire(res["kv"])) if res.get("kv") is not None else None
+        return snap, kv
+
+    async def resume(self, request_id: str) -> bool:
+        """Source abort path: a paused request continues decoding here."""
+        if self._engine is None:
+            return False
+        return bool(await self._engine.engine_core.call_utility_async("llmsched_resume", request_id))
+
     async def drop_kv(self, request_id: str) -> bool:
         """Free the saved prompt KV of a finished request (after a handoff). Returns whether there was any."""
         if self._engine is None:
@@ -425,6 +516,17 @@ async def _bench(prompt_tokens: int, decode_tokens: int, streams: int) -> dict[s
     finally:
         await b.shutdown()
     return res
+
+
+class _Incoming:
+    """Destination-side bookkeeping of a migration's staged KV (the bytes live in the worker)."""
+
+    __slots__ = ("end_token", "rng_state", "token_ids")
+
+    def __init__(self) -> None:
+        self.end_token = 0
+        self.token_ids: list[int] = []
+        self.rng_state: bytes | None = None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,6 +66,7 @@ class _Load:
     start_token: int  # block aligned
     end_token: int
     block_ids: list[int]
+    req_id: str = ""  # vLLM's internal id (the worker keys its per-request state, e.g. the sampler RNG, by it)
 
 
 @dataclass
@@ -108,11 +109,18 @@ class LlmschedConnector(KVConnectorBase_V1):
             self._pending_loads: dict[str, _Load] = {}
             # llmsched ids whose staged KV was loaded (not reloaded after a preemption)
             self._consumed: set[str] = set()
+            # Live migration: KV blocks a destination holds for an incoming request (freed when it arrives),
+            # and requests a source paused for the final stop-and-copy (out of ``running``, blocks kept).
+            self._reservations: dict[str, list[Any]] = {}
+            self._paused: dict[str, Request] = {}
             self.counters = _Counters()
             _SCHEDULER_CONNECTOR = self
         else:
             self._kv_caches: dict[str, torch.Tensor] = {}
-            self._staged: dict[str, dict[str, Any]] = {}
+            # llmsched id -> staged pieces (one for P->D, one per stage for a migration), applied in order
+            self._staged: dict[str, list[dict[str, Any]]] = {}
+            self._rng: dict[str, bytes] = {}  # llmsched id -> sampler RNG state to restore on load
+            self._runner: Any = None  # the worker's model runner (set by the extension; RNG restore needs it)
             self._saved: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
             self._saved_bytes = 0
             self._lock = threading.Lock()  # extension RPCs and the model step run on different threads
@@ -129,6 +137,28 @@ class LlmschedConnector(KVConnectorBase_V1):
         lid = self._params(request).get("llmsched_id")
         if lid is not None:
             self._by_llmsched_id[str(lid)] = request.request_id
+            # NOTE(migration): the reservation made at the handshake is handed back to the pool right when the
+            # migrated request arrives (same EngineCore thread, before the next schedule), so it allocates them.
+            self.unreserve(str(lid))
+
+    def reserve(self, llmsched_id: str, num_blocks: int) -> str | None:
+        """Hold ``num_blocks`` free KV blocks for an incoming migration. Returns why not, or ``None``."""
+        if self._kv_cache_manager is None:
+            return "no KV cache manager bound to the connector"
+        pool = self._kv_cache_manager.block_pool
+        self.unreserve(llmsched_id)
+        free = pool.get_num_free_blocks()
+        if num_blocks > free:
+            return f"needs {num_blocks} KV blocks, {free} free"
+        self._reservations[llmsched_id] = list(pool.get_new_blocks(num_blocks))
+        return None
+
+    def unreserve(self, llmsched_id: str) -> bool:
+        blocks = self._reservations.pop(llmsched_id, None)
+        if blocks is None or self._kv_cache_manager is None:
+            return False
+        self._kv_cache_manager.block_pool.free_blocks(blocks)
+        return True
 
     def _loadable_end(self, request: Request) -> int:
         p = self._params(request)
@@ -154,6 +184,7 @@ class LlmschedConnector(KVConnectorBase_V1):
             start_token=start,
             end_token=end,
             block_ids=list(blocks.get_block_ids()[0]),
+            req_id=request.request_id,
         )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
@@ -210,6 +241,8 @@ class LlmschedConnector(KVConnectorBase_V1):
         self._live.pop(request.request_id, None)
         lid = self._params(request).get("llmsched_id")
         if lid is not None:
+            if self._paused.get(str(lid)) is request:
+                del self._paused[str(lid)]
             if self._by_llmsched_id.get(str(lid)) == request.request_id:
                 del self._by_llmsched_id[str(lid)]
             self._consumed.discard(str(lid))
@@ -231,19 +264,40 @@ class LlmschedConnector(KVConnectorBase_V1):
         bs = self._block_size
         for load in meta.loads:
             with self._lock:
-                payload = self._staged.pop(load.llmsched_id, None)
-            if payload is None:
+                pieces = self._staged.pop(load.llmsched_id, None)
+                rng = self._rng.pop(load.llmsched_id, None)
+            if not pieces:
                 # Cannot happen unless staging was skipped; fail loudly rather than decode from garbage KV.
                 raise RuntimeError(f"llmsched connector: no staged KV for request {load.llmsched_id!r}")
-            src0 = int(payload["start_token"]) // bs
             j_start, j_end = load.start_token // bs, -(-load.end_token // bs)
-            dst = torch.tensor(load.block_ids[j_start:j_end], dtype=torch.long)
-            for name, cache in self._kv_caches.items():
-                with warnings.catch_warnings():
-                    # The staged arrays are read-only views on the received bytes; we only read them.
-                    warnings.simplefilter("ignore", UserWarning)
-                    src = torch.from_numpy(payload["layers"][name][j_start - src0 : j_end - src0])
-                cache.index_copy_(0, dst, src.to(cache.dtype))
+            # Stage copies of a live request overlap on their partial last block: apply in copy order (KV only
+            # grows, so a later copy reaches further) and the most filled copy of each block wins.
+            for payload in sorted(pieces, key=lambda p: int(p["end_token"])):
+                p0 = int(payload["start_token"]) // bs
+                n = next(iter(payload["layers"].values())).shape[0]
+                lo, hi = max(j_start, p0), min(j_end, p0 + n)
+                if lo >= hi:
+                    continue
+                dst = torch.tensor(load.block_ids[lo:hi], dtype=torch.long)
+                for name, cache in self._kv_caches.items():
+                    with warnings.catch_warnings():
+                        # The staged arrays are read-only views on the received bytes; we only read them.
+                        warnings.simplefilter("ignore", UserWarning)
+                        src = torch.from_numpy(payload["layers"][name][lo - p0 : hi - p0])
+                    cache.index_copy_(0, dst, src.to(cache.dtype))
+            if rng is not None:
+                self._restore_rng(load.req_id, rng)
+
+    def _restore_rng(self, req_id: str, state: bytes) -> None:
+        """Continue the source's sampler stream: this step samples R's next token with the RNG exactly where the
+        source left it (the request was added to the runner's state earlier in this step, before sampling)."""
+        runner = self._runner
+        req = None if runner is None else getattr(runner, "requests", {}).get(req_id)
+        gen = None if req is None else req.generator
+        if gen is None:
+            logger.warning("llmsched connector: no seeded generator for %s; RNG state not restored", req_id)
+            return
+        gen.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous in start_load_kv
@@ -272,7 +326,9 @@ class LlmschedConnector(KVConnectorBase_V1):
         layers = {name: cache.index_select(0, idx).numpy() for name, cache in self._kv_caches.items()}
         return {"block_size": bs, "start_token": j_start * bs, "end_token": end_token, "layers": layers}
 
-    def stage(self, llmsched_id: str, payload: dict[str, Any]) -> int:
+    def stage(
+        self, llmsched_id: str, payload: dict[str, Any], append: bool = False, rng_state: bytes | None = None
+    ) -> int:
         for name, cache in self._kv_caches.items():
             arr = payload["layers"].get(name)
             if arr is None or tuple(arr.shape[1:]) != tuple(cache.shape[1:]):
@@ -282,12 +338,18 @@ class LlmschedConnector(KVConnectorBase_V1):
                     f"{tuple(cache.shape[1:])} (different model or block size?)"
                 )
         with self._lock:
-            self._staged[llmsched_id] = payload
+            if append:
+                self._staged.setdefault(llmsched_id, []).append(payload)
+            else:
+                self._staged[llmsched_id] = [payload]
+            if rng_state is not None:
+                self._rng[llmsched_id] = rng_state
         return sum(a.nbytes for a in payload["layers"].values())
 
     def unstage(self, llmsched_id: str) -> None:
         with self._lock:
             self._staged.pop(llmsched_id, None)
+            self._rng.pop(llmsched_id, None)
 
     def _store_saved(self, llmsched_id: str, payload: dict[str, Any]) -> None:
         nbytes = sum(a.nbytes for a in payload["layers"].values())
@@ -339,8 +401,25 @@ class LlmschedWorkerExtension:
     def llmsched_copy_blocks(self, block_ids: list[int], start_token: int, end_token: int) -> dict[str, Any]:
         return self._conn().copy_blocks(block_ids, start_token, end_token)
 
-    def llmsched_stage_kv(self, llmsched_id: str, wire: dict[str, Any]) -> int:
-        return self._conn().stage(llmsched_id, from_wire(wire))
+    def llmsched_stage_kv(
+        self, llmsched_id: str, wire: dict[str, Any], append: bool = False, rng_state: bytes | None = None
+    ) -> int:
+        conn = self._conn()
+        conn._runner = getattr(self, "model_runner", None)
+        return conn.stage(llmsched_id, from_wire(wire), append, rng_state)
+
+    def llmsched_stage_rng(self, llmsched_id: str, rng_state: bytes) -> None:
+        conn = self._conn()
+        conn._runner = getattr(self, "model_runner", None)
+        with conn._lock:
+            conn._rng[llmsched_id] = rng_state
+
+    def llmsched_rng_state(self, req_id: str) -> bytes | None:
+        """The sampler RNG state of a (paused) request: vLLM keeps one ``torch.Generator`` per seeded request."""
+        req = getattr(self, "model_runner", None)
+        req = None if req is None else req.requests.get(req_id)
+        gen = None if req is None else req.generator
+        return None if gen is None else bytes(gen.get_state().numpy().tobytes())
 
     def llmsched_unstage_kv(self, llmsched_id: str) -> None:
         self._conn().unstage(llmsched_id)
@@ -380,6 +459,67 @@ def _engine_export_kv(
         return to_wire(payload)
     payload = core.collective_rpc("llmsched_get_saved", args=(llmsched_id, start_token, end_token))[0]
     return None if payload is None else to_wire(payload)
+
+
+def _engine_reserve(core: Any, llmsched_id: str, num_blocks: int) -> str | None:
+    """EngineCore utility: migration handshake on the destination (hold KV blocks, or say why not)."""
+    conn = _SCHEDULER_CONNECTOR
+    if conn is None:
+        return "llmsched connector not initialised"
+    return conn.reserve(llmsched_id, int(num_blocks))
+
+
+def _engine_unreserve(core: Any, llmsched_id: str) -> bool:
+    conn = _SCHEDULER_CONNECTOR
+    return conn.unreserve(llmsched_id) if conn is not None else False
+
+
+def _engine_pause(core: Any, llmsched_id: str, start_token: int) -> dict[str, Any] | str:
+    """EngineCore utility: the source's stop-and-copy. Takes a *running, decoding* request out of the
+    scheduler's running list (its blocks stay allocated, so ``resume`` can put it back as if it had simply not
+    been scheduled for a few steps -- vLLM's worker keeps the cached state of unscheduled running requests) and
+    returns its state plus the KV from ``start_token`` (``start_token < 0``: no KV, recompute migration).
+
+    Returns a reason string when the request cannot be paused (finished, queued, preempted, prefilling).
+    """
+    from vllm.v1.request import RequestStatus
+
+    conn = _SCHEDULER_CONNECTOR
+    request = conn.live_request(llmsched_id) if conn is not None else None
+    if conn is None or request is None or request.is_finished():
+        return "request is not running on this engine (finished?)"
+    sched = core.scheduler
+    if request.status != RequestStatus.RUNNING or request not in sched.running:
+        return f"request is not running (status {request.status.name})"
+    if request.num_computed_tokens < request.num_prompt_tokens:
+        return "request is still in prefill"
+    sched.running.remove(request)
+    conn._paused[llmsched_id] = request
+    n = request.num_computed_tokens  # == num_tokens - 1: the last sampled token has no KV yet
+    out: dict[str, Any] = {
+        "token_ids": list(request.all_token_ids),
+        "num_output_tokens": request.num_output_tokens,
+        "rng_state": None,
+        "kv": None,
+    }
+    if request.sampling_params is not None and request.sampling_params.seed is not None:
+        out["rng_state"] = core.collective_rpc("llmsched_rng_state", args=(request.request_id,))[0]
+    if start_token >= 0 and start_token < n:
+        block_ids = list(sched.kv_cache_manager.get_block_ids(request.request_id)[0])
+        payload = core.collective_rpc("llmsched_copy_blocks", args=(block_ids, start_token, n))[0]
+        payload["token_ids"] = list(request.all_token_ids[payload["start_token"] : n])
+        out["kv"] = to_wire(payload)
+    return out
+
+
+def _engine_resume(core: Any, llmsched_id: str) -> bool:
+    """EngineCore utility: abort path of a migration; the paused request goes back to the running list."""
+    conn = _SCHEDULER_CONNECTOR
+    request = conn._paused.pop(llmsched_id, None) if conn is not None else None
+    if request is None or request.is_finished():
+        return False
+    core.scheduler.running.append(request)
+    return True
 
 
 def _engine_stats(core: Any) -> dict[str, Any]:
@@ -430,6 +570,10 @@ def _install_engine_core_utilities() -> None:
     if not hasattr(EngineCore, "llmsched_export_kv"):
         EngineCore.llmsched_export_kv = _engine_export_kv  # type: ignore[attr-defined]
         EngineCore.llmsched_stats = _engine_stats  # type: ignore[attr-defined]
+        EngineCore.llmsched_reserve = _engine_reserve  # type: ignore[attr-defined]
+        EngineCore.llmsched_unreserve = _engine_unreserve  # type: ignore[attr-defined]
+        EngineCore.llmsched_pause = _engine_pause  # type: ignore[attr-defined]
+        EngineCore.llmsched_resume = _engine_resume  # type: ignore[attr-defined]
 
 
 _install_engine_core_utilities()

@@ -1,0 +1,162 @@
+"""``llmsched bench migration``: live-migration downtime vs context length, against recompute and blocking copy.
+
+One local Ray cluster with two tiny-Llama vLLM-CPU instances (prefix caching off). For each context length, one
+unmigrated reference run, then ``--repeats`` runs of each mode, each migrating the request A -> B once after
+``--after`` tokens:
+
+* ``live``      -- the multi-stage protocol (pre-copy while decoding, short stop-and-copy, commit);
+* ``blocking``  -- stop, copy all KV, commit (same driver, no pre-copy stage);
+* ``recompute`` -- stop, copy nothing, the destination re-prefills prompt + generated tokens.
+
+Downtime is what the consumer of the token stream sees (``IngressAPI.generate``, the stream the gRPC server
+forwards): the gap between the arrival of the last chunk produced by A and the first chunk produced by B. The
+median over repeats is reported. ``identical_outputs``: every migrated run's tokens equal the reference's.
+
+    llmsched bench migration --json docs/results/migration.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CONTEXTS = (256, 512, 1024, 1536, 2048)
+MODES = ("live", "blocking", "recompute")
+
+
+async def _one(ing: Any, rid: str, prompt: tuple[int, ...], n: int, after: int, mode: str | None,
+               dst: str | None) -> dict[str, Any]:
+    from scheduler.control.api import GenerateRequest
+    from scheduler.engine.base import SamplingParams
+
+    arrivals: list[tuple[float, int, str]] = []  # (time, tokens so far, instance serving at arrival)
+    tokens: list[int] = []
+    res: list[Any] = []
+
+    async def mover() -> None:
+        while len(tokens) < after:
+            await asyncio.sleep(0.001)
+        t0 = time.perf_counter()
+        r = await ing.migrate(rid, dst, mode=mode)
+        res.append((r, time.perf_counter() - t0))
+
+    task = asyncio.create_task(mover()) if mode is not None else None
+    req = GenerateRequest(rid, prompt_token_ids=prompt, sampling=SamplingParams(max_tokens=n, ignore_eos=True))
+    async for c in ing.generate(req):
+        if c.token_ids:
+            rec = ing.registry.get(rid)
+            arrivals.append((time.perf_counter(), len(tokens), rec.instances[-1] if rec else ""))
+            tokens.extend(c.token_ids)
+    if task is not None:
+        await task
+    out: dict[str, Any] = {"tokens": tokens}
+    if res:
+        r, total = res[0]
+        out.update(committed=r.committed, reason=r.reason, total_s=total, stages=r.stages,
+                   admit_s=r.downtime_s)  # driver-side: stop issued -> destination admitted the request
+        src_last = [a for a in arrivals if a[2] == r.source]
+        dst_first = [a for a in arrivals if a[2] == r.destination]
+        if r.committed and src_last and dst_first:
+            out["downtime_s"] = dst_first[0][0] - src_last[-1][0]
+            out["context_tokens"] = len(prompt) + dst_first[0][1] - 1
+        # NOTE(bench): the normal inter-token gap on A, for scale.
+        gaps = [y[0] - x[0] for x, y in itertools.pairwise(src_last)]
+        out["tpot_s"] = statistics.median(gaps) if gaps else 0.0
+    return out
+
+
+async def _bench(args: argparse.Namespace) -> dict[str, Any]:
+    from scheduler.config.load import load_config
+    from scheduler.config.models import ClusterConfig
+    from scheduler.control.cluster import start_local_cluster
+
+    root = Path(__file__).resolve().parents[1]
+    raw = load_config(root / "scheduler" / "config" / "examples" / "tiny-cpu.yaml").model_dump()
+    raw["pools"][0]["count"] = 2
+    cfg = ClusterConfig.model_validate(raw)
+    kw = {"kv_cache_bytes": 64 << 20, "enable_prefix_caching": False, "max_num_seqs": 8, "cpu_threads_bind": "nobind"}
+    cluster = await asyncio.to_thread(start_local_cluster, cfg, backend_kwargs={"vllm": kw})
+    ing = cluster.ingress
+    result: dict[str, Any] = {k: [] for k in ("context_tokens", "downtime_s", "recompute_downtime_s",
+                                               "blocking_downtime_s", "total_s", "recompute_total_s",
+                                               "blocking_total_s", "tpot_s", "stages", "admit_s",
+                                               "recompute_admit_s")}
+    identical = True
+    try:
+        await ing.start()
+        n = args.after + args.decode
+        for ctx in args.contexts:
+            prompt_len = min(ctx, cfg.model.max_model_len - n) - args.after
+            prompt = tuple((i * 7919 + ctx) % 1000 + 3 for i in range(prompt_len))
+            ref = (await _one(ing, f"ref-{ctx}", prompt, n, args.after, None, None))["tokens"]
+            per: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+            for rep in range(args.repeats):
+                for mode in MODES:
+                    r = await _one(ing, f"{mode}-{ctx}-{rep}", prompt, n, args.after, mode, None)
+                    if not r.get("committed"):
+                        print(f"  {mode} ctx={ctx}: not committed: {r.get('reason')}", file=sys.stderr)
+                        identical = False
+                        continue
+                    identical &= r["tokens"] == ref
+                    per[mode].append(r)
+            med = {m: statistics.median(x["downtime_s"] for x in per[m]) if per[m] else float("nan") for m in MODES}
+            tot = {m: statistics.median(x["total_s"] for x in per[m]) if per[m] else float("nan") for m in MODES}
+            live = per["live"]
+            result["context_tokens"].append(int(statistics.median(x["context_tokens"] for x in live)) if live else ctx)
+            result["downtime_s"].append(med["live"])
+            result["recompute_downtime_s"].append(med["recompute"])
+            result["blocking_downtime_s"].append(med["blocking"])
+            result["total_s"].append(tot["live"])
+            result["recompute_total_s"].append(tot["recompute"])
+            result["blocking_total_s"].append(tot["blocking"])
+            result["tpot_s"].append(statistics.median(x["tpot_s"] for x in live) if live else float("nan"))
+            result["admit_s"].append(statistics.median(x["admit_s"] for x in live) if live else float("nan"))
+            rc = per["recompute"]
+            result["recompute_admit_s"].append(statistics.median(x["admit_s"] for x in rc) if rc else float("nan"))
+            result["stages"].append(statistics.median(x["stages"] for x in live) if live else 0)
+            print(f"ctx {result['context_tokens'][-1]:5d}: downtime live {med['live'] * 1e3:6.1f} ms, blocking "
+                  f"{med['blocking'] * 1e3:6.1f} ms, recompute {med['recompute'] * 1e3:6.1f} ms; total live "
+                  f"{tot['live'] * 1e3:6.1f} ms", file=sys.stderr)
+    finally:
+        await ing.close()
+        await asyncio.to_thread(cluster.shutdown)
+    d = result["downtime_s"]
+    result["identical_outputs"] = bool(identical)
+    result["downtime_flatness"] = max(d) / min(d) if d and min(d) > 0 else float("nan")
+    result["recompute_over_live_at_longest"] = (result["recompute_downtime_s"][-1] / d[-1]) if d else float("nan")
+    result["blocking_over_live_at_longest"] = (result["blocking_downtime_s"][-1] / d[-1]) if d else float("nan")
+    result["config"] = {"model": "tiny-llama (2 layers, hidden 128, fp32)", "instances": 2, "backend": "vllm-cpu",
+                        "after_tokens": args.after, "decode_tokens": args.decode, "repeats": args.repeats,
+                        "downtime": "client-observed gap, last chunk from A -> first chunk from B (median)"}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="llmsched bench migration", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path, help="write the result JSON here")
+    ap.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--after", type=int, default=16, help="migrate after this many tokens")
+    ap.add_argument("--decode", type=int, default=32, help="tokens generated after the migration point")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    res = asyncio.run(_bench(args))
+    text = json.dumps(res, indent=2)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0 if res["identical_outputs"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
