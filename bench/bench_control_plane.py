@@ -1,0 +1,189 @@
+"""Control-plane overhead added to TTFT, in one run: the same simulated engine (``time_scale`` 0: every modelled
+step takes no time, so what is left is our own cost) measured three ways, interleaved request by request:
+
+    in-process   SimulatedBackend.generate() in this process (the engine alone: the baseline)
+    ingress      LocalCluster.ingress.generate(): validate, route on the cached view, Instance.submit over Ray
+    grpc         AsyncClient.stream() -> gRPC server (loopback) -> the same ingress -> ...
+
+plus router throughput: ``router.route(info, view)`` decisions per second, per router, on the ingress' live view
+(2 instances) and on a 64-instance view built from it (pure policy cost: no Ray, no I/O).
+
+    llmsched bench control-plane
+    llmsched bench control-plane --requests 500 --json cp.json
+
+Target: ingress TTFT overhead over in-process, p50 < 2 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.loadgen import cluster_config, pct
+
+PROMPT = tuple(range(1, 129))  # 128 tokens
+MAX_TOKENS = 4
+
+
+async def ttft_inprocess(backend: Any, rid: str) -> float:
+    from scheduler.engine.base import EngineRequest, SamplingParams
+
+    t = time.perf_counter()
+    stream = backend.generate(EngineRequest(rid, PROMPT, SamplingParams(max_tokens=MAX_TOKENS)))
+    first = None
+    async for c in stream:
+        if first is None and c.token_ids:
+            first = time.perf_counter() - t
+    assert first is not None
+    return first
+
+
+async def ttft_ingress(ingress: Any, rid: str) -> float:
+    from scheduler.control.api import GenerateRequest
+    from scheduler.engine.base import SamplingParams
+
+    t = time.perf_counter()
+    first = None
+    async for c in ingress.generate(GenerateRequest(rid, prompt_token_ids=PROMPT,
+                                                    sampling=SamplingParams(max_tokens=MAX_TOKENS))):
+        if first is None and c.token_ids:
+            first = time.perf_counter() - t
+    assert first is not None
+    return first
+
+
+async def ttft_grpc(client: Any, rid: str) -> float:
+    t = time.perf_counter()
+    first = None
+    async for c in client.stream(list(PROMPT), max_tokens=MAX_TOKENS, request_id=rid, ignore_eos=True):
+        if first is None and c.token_ids:
+            first = time.perf_counter() - t
+    assert first is not None
+    return first
+
+
+def router_rate(router: Any, view: Any, seconds: float) -> dict[str, float]:
+    from scheduler.core.types import RequestInfo
+
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(100):
+            info = RequestInfo(f"r{n}", 0.0, 512, 128)
+            router.route(info, view)
+            n += 1
+    dt = time.perf_counter() - t0
+    return {"instances": len(view.instances), "decisions_per_s": round(n / dt), "us_per_decision": dt / n * 1e6}
+
+
+def wide_view(view: Any, n: int) -> Any:
+    from scheduler.core.types import ClusterView
+
+    base = view.instances
+    snaps = tuple(dataclasses.replace(base[i % len(base)], instance_id=f"x-{i}") for i in range(n))
+    return ClusterView(view.time_s, snaps)
+
+
+async def run(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
+    from scheduler.client import AsyncClient
+    from scheduler.engine.simulated_backend import SimulatedBackend
+    from scheduler.policy.route import make_router
+    from scheduler.server.grpc_server import build_server
+
+    cfg = cluster.deployment.config
+    pool = cfg.pools[0]
+    backend = SimulatedBackend(cfg.model, cfg.gpus[pool.gpu], engine=pool.engine, time_scale=0.0)
+    await backend.start()
+    ingress = cluster.ingress
+    await ingress.start()
+    server = build_server(ingress, port=0)
+    await server.start()
+    client = AsyncClient(f"127.0.0.1:{server.port}")
+    out: dict[str, list[float]] = {"in_process": [], "ingress": [], "grpc": []}
+    fns = {"in_process": lambda r: ttft_inprocess(backend, r), "ingress": lambda r: ttft_ingress(ingress, r),
+           "grpc": lambda r: ttft_grpc(client, r)}
+    try:
+        for i in range(args.warmup):
+            for k, fn in fns.items():
+                await fn(f"w-{k}-{i}")
+        for i in range(args.requests):
+            order = list(fns)[i % 3:] + list(fns)[: i % 3]  # rotate: no path always runs first
+            for k in order:
+                out[k].append(await fns[k](f"m-{k}-{i}"))
+        routers = []
+        for name in args.routers.split(","):
+            for view in (ingress.view(), wide_view(ingress.view(), 64)):
+                try:
+                    routers.append({"router": name, **router_rate(make_router(name), view, args.router_s)})
+                except Exception as e:  # noqa: BLE001 - a router that cannot run here is reported, not fatal
+                    routers.append({"router": name, "instances": len(view.instances), "error": repr(e)[:200]})
+    finally:
+        await client.close()
+        await server.stop(0.2)
+        await ingress.close()
+        await backend.shutdown()
+    base50, base99 = pct(out["in_process"], 50), pct(out["in_process"], 99)
+    res: dict[str, Any] = {"requests": args.requests, "prompt_tokens": len(PROMPT), "router": ingress.router.name,
+                           "instances": len(ingress.view().instances), "ttft_ms": {}, "overhead_ms": {}}
+    for k, xs in out.items():
+        res["ttft_ms"][k] = {"p50": pct(xs, 50) * 1e3, "p99": pct(xs, 99) * 1e3}
+        if k != "in_process":
+            res["overhead_ms"][k] = {"p50": (pct(xs, 50) - base50) * 1e3, "p99": (pct(xs, 99) - base99) * 1e3}
+    res["router_decisions"] = routers
+    res["target_p50_overhead_ms"] = 2.0
+    res["meets_target"] = bool(res["overhead_ms"]["ingress"]["p50"] < 2.0)
+    return res
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(f"TTFT, {r['requests']} sequential requests, {r['prompt_tokens']}-token prompt, engine time_scale 0, "
+          f"router {r['router']} over {r['instances']} instances")
+    print(f"{'path':<12}{'p50 ms':>10}{'p99 ms':>10}{'+p50 ms':>10}{'+p99 ms':>10}")
+    for k, v in r["ttft_ms"].items():
+        o = r["overhead_ms"].get(k, {"p50": 0.0, "p99": 0.0})
+        print(f"{k:<12}{v['p50']:>10.3f}{v['p99']:>10.3f}{o['p50']:>10.3f}{o['p99']:>10.3f}")
+    for d in r["router_decisions"]:
+        if "error" in d:
+            print(f"{d['router']:<18} over {d['instances']:>3} instances: {d['error']}")
+            continue
+        print(f"{d['router']:<18} over {d['instances']:>3} instances: {d['decisions_per_s']:>9,} decisions/s "
+              f"({d['us_per_decision']:.1f} us each)")
+    print(f"target: ingress overhead p50 < {r['target_p50_overhead_ms']} ms -> "
+          f"{'met' if r['meets_target'] else 'NOT met'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="llmsched bench control-plane", description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--instances", type=int, default=2)
+    p.add_argument("--router-s", type=float, default=0.5, help="seconds per router and view")
+    p.add_argument("--routers", default="least_outstanding,power_of_two,llumnix,mixing,lookahead,learned")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    from scheduler.control.cluster import start_local_cluster
+
+    cfg = cluster_config("cp", mixed=args.instances)
+    cluster = start_local_cluster(cfg, backend_kwargs={"simulated": {"time_scale": 0.0}},
+                                  ingress_kwargs={"refresh_s": 0.025})
+    try:
+        res = asyncio.run(run(args, cluster))
+    finally:
+        cluster.shutdown()
+    print_table(res)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
