@@ -197,7 +197,7 @@ async def run(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     arrivals = poisson_arrivals(offered, args.phase_s, args.seed)
     for phase in args.phases.split(","):
         limiter = {"bounded": lambda: InflightLimiter(default_limit=k, max_total=k),
-                   "serve-default": InflightLimiter,
+                   "serve-default": lambda: InflightLimiter.for_config(stack.deployment.config),
                    "unbounded": lambda: None}[phase]()
         reqs = [RequestSpec(f"{phase}-{i}", float(t), PROMPT, OUTPUT) for i, t in enumerate(arrivals)]
         plan = LoadPlan("", reqs, token_seed=args.seed, timeout_s=args.phase_s + args.drain_s, retries=0,

@@ -10,6 +10,7 @@ BENCHES = {
     "sim": "bench.bench_sim",
     "routing": "bench.bench_routing",
     "grpc": "bench.bench_grpc_overhead",
+    "overload": "bench.bench_overload",
     "control-plane": "bench.bench_control_plane",
     "migration": "bench.bench_migration",
     "chaos": "bench.bench_chaos",

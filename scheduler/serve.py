@@ -35,7 +35,7 @@ def _auth(host: str):
     return AuthConfig.from_env()
 
 
-def _telemetry():
+def _telemetry(cfg):
     """Prometheus recorder (+ exposition on LLMSCHED_METRICS_PORT), OpenTelemetry from OTEL_*, in-flight limits."""
     from prometheus_client import CollectorRegistry
 
@@ -47,7 +47,7 @@ def _telemetry():
     port = int(os.environ.get("LLMSCHED_METRICS_PORT", "0") or 0)
     if port:
         start_metrics_server(port, recorder.registry)
-    return recorder, setup_tracing(), InflightLimiter.from_env(os.environ) or InflightLimiter()
+    return recorder, setup_tracing(), InflightLimiter.from_env(os.environ) or InflightLimiter.for_config(cfg)
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -65,7 +65,7 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         await ingress.start()
         auth = _auth(args.host)
-        recorder, tracing, limiter = _telemetry()
+        recorder, tracing, limiter = _telemetry(cfg)
         obs = {"recorder": recorder, "tracing": tracing, "limiter": limiter}
         if args.http_port:
             import uvicorn

@@ -124,13 +124,6 @@ class _Controller:
         return "epoch-0"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in scheduler/control/ingress.py Ingress._run: after the prefill instance streamed token 0, "
-    "`self._handle(iid).export_kv.remote(...)` runs outside the `except InstanceLost` block; if the view refresh "
-    "marked the prefill instance dead while token 0 was being yielded, InstanceLost escapes generate() and the "
-    "client gets INTERNAL instead of the decode instance recomputing the prompt (fix in docs/fault_tolerance.md)",
-)
 def test_prefill_instance_seen_dead_at_handoff_is_recovered_not_internal() -> None:
     from bench.loadgen import cluster_config
     from scheduler.control.api import GenerateRequest

@@ -445,7 +445,13 @@ class Ingress:
                     admitted, kv_ref = True, None
             else:
                 # P->D: the prompt KV moves through the object store, node to node; decode goes on at index 1.
-                kv_ref = self._handle(iid).export_kv.remote(rid, 0, None)
+                try:
+                    kv_ref = self._handle(iid).export_kv.remote(rid, 0, None)
+                except InstanceLost:
+                    # The prefill instance was seen dead after it streamed token 0: the decode side recomputes
+                    # the prompt (as when the KV source dies mid-transfer) rather than failing the request.
+                    self._mark_dead(iid)
+                    kv_ref = None
                 target = RouteDecision(target.decode_instance)  # type: ignore[arg-type]
                 rec.phase = Phase.TRANSFER
                 self.counters["handoffs"] += 1

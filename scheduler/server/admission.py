@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from scheduler.control.api import Overloaded
+
+if TYPE_CHECKING:
+    from scheduler.config.models import ClusterConfig
 
 
 class Slot:
@@ -114,6 +118,16 @@ class InflightLimiter:
             else:
                 self._by_priority.pop(priority, None)  # keep the table as small as the set of live priorities
             self._total -= 1
+
+    @classmethod
+    def for_config(cls, config: ClusterConfig, *, retry_after_s: float = 1.0) -> InflightLimiter:
+        """Sized to the cluster: requests beyond the engines' batch slots (``count x max_num_seqs`` over the pools
+        that accept new requests) would only wait in engine queues, so they are turned away at the door instead."""
+        from scheduler.core.types import InstanceRole
+
+        slots = sum(p.count * p.engine.max_num_seqs for p in config.pools if p.role is not InstanceRole.DECODE)
+        slots = max(slots, 1)
+        return cls(default_limit=slots, max_total=slots, retry_after_s=retry_after_s)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> InflightLimiter | None:
