@@ -70,13 +70,6 @@ def test_bounded_server_at_3x_capacity_keeps_admitted_within_slo(overload: dict[
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(
-    reason="`llmsched serve` sizes its in-flight limit to the engines' batch slots (InflightLimiter.for_config: "
-    "count x max_num_seqs), which with vLLM's default max_num_seqs=256 still admits a backlog at 3x capacity; a "
-    "latency-aware limit (Little's law on measured throughput x TTFT SLO, or AdmissionPolicy in the Ingress) is "
-    "the missing piece (docs/fault_tolerance.md)",
-    strict=False,
-)
 def test_default_serve_admission_at_3x_capacity_keeps_admitted_within_slo(overload: dict[str, Any]) -> None:
     d = overload["phases"]["serve-default"]
     assert d["lost"] == 0 and d["duplicated_tokens"] == 0  # nothing vanishes even here
