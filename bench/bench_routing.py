@@ -3,6 +3,7 @@
     python bench/bench_routing.py ir          # Intelligent Router paper setting: 4 x Llama-2-7B, ~20 req/s
     python bench/bench_routing.py predictor   # lookahead with oracle lengths vs the trace predictor vs none
     python bench/bench_routing.py migration   # migration on/off under bursty load (cost included)
+    python bench/bench_routing.py scaling --json docs/results/scaling.json   # autoscaling vs static provisioning
     python bench/bench_routing.py all --json docs/results/routing_studies.json
 
 Every number is a ratio against a baseline simulated in the same run, on the named trace and config.
@@ -144,7 +145,124 @@ def study_sweep() -> dict:
     return out
 
 
-STUDIES = {"ir": study_ir, "predictor": study_predictor, "migration": study_migration, "sweep": study_sweep}
+def servegen_workload(pairs, *, duration_s: float = 3600.0, mean_rps: float = 5.5, model: str = "m-large",
+                      days: int = 1, seed: int = 0) -> Workload:
+    """A bursty arrival pattern derived from ServeGen (Alibaba Bailian): the summed per-client request rate of
+    ``model`` over its first ``days`` day(s) (600-s windows), time-compressed into ``duration_s`` and scaled to
+    ``mean_rps``; within each window, gamma inter-arrivals with the window's rate-weighted client CV (clipped to
+    [1, 4]). Lengths: (prompt, output) pairs resampled from ``pairs`` (ServeGen ships no per-request lengths)."""
+    import csv
+    import gzip
+
+    rate: dict[float, float] = {}
+    cvw: dict[float, float] = {}
+    with gzip.open(SHARED / "servegen_client_window_arrivals.csv.gz", "rt") as f:
+        for row in csv.DictReader(f):
+            t = float(row["window_start_s"])
+            if row["model"] != model or t >= days * 86400:
+                continue
+            r = float(row["rate_rps"])
+            rate[t] = rate.get(t, 0.0) + r
+            cv = float(row["cv"]) if row["cv"] not in ("", "nan") else 1.0
+            cvw[t] = cvw.get(t, 0.0) + r * cv
+    ts = sorted(rate)
+    curve = np.array([rate[t] for t in ts])
+    cvs = np.clip(np.array([cvw[t] / max(rate[t], 1e-9) for t in ts]), 1.0, 4.0)
+    win = duration_s / len(ts)
+    curve = curve * mean_rps / curve.mean()
+    rng = np.random.default_rng(seed)
+    arr: list[np.ndarray] = []
+    for k, (r, cv) in enumerate(zip(curve, cvs)):
+        shape = 1.0 / cv**2
+        gaps = rng.gamma(shape, 1.0 / (r * shape), int(r * win * 3) + 20)
+        t = k * win + rng.uniform(0, gaps[0]) + np.concatenate([[0.0], np.cumsum(gaps[1:])])
+        arr.append(t[t < (k + 1) * win])
+    a = np.concatenate(arr)
+    idx = rng.integers(0, len(pairs), len(a))
+    return Workload(a, np.asarray(pairs.prompt_tokens)[idx].astype(np.int64),
+                    np.asarray(pairs.output_tokens)[idx].astype(np.int64),
+                    name=f"servegen_{model}_day{days}_x{86400 * days / duration_s:.0f}_azure_lengths")
+
+
+def _curve(w: Workload, bin_s: float = 60.0) -> dict:
+    h = np.histogram(w.arrival_s, bins=np.arange(0, float(w.arrival_s[-1]) + bin_s, bin_s))[0] / bin_s
+    return {"bin_s": bin_s, "rate_min_rps": float(h[:-1].min()), "rate_mean_rps": float(len(w) / w.arrival_s[-1]),
+            "rate_max_rps": float(h.max()), "peak_over_mean": float(h.max() / (len(w) / w.arrival_s[-1]))}
+
+
+def study_scaling(static_sizes: tuple[int, ...] = (3, 4, 5, 6, 7, 8), startup_s: float = 60.0,
+                  interval_s: float = 5.0) -> dict:
+    """Autoscaling vs static provisioning on bursty real traces (Llama-2-7B on A40-48GB MIXED instances,
+    least-outstanding router, SLO TTFT 2 s / TPOT 0.1 s at 90% attainment).
+
+    Static: every size in ``static_sizes``; the smallest meeting 90% SLO attainment is marked. Scalers start at
+    the smallest static size, ``min_instances`` 2, ``max_instances`` 16, start-up delay ``startup_s``; each
+    instance's GPU time counts from its start request to its removal.
+    """
+    from scheduler.policy.scaling import make_scaling_policy
+    from sim.cluster import build_instances
+    from sim.commands import with_instances
+
+    base = load_config("default")
+    base = base.model_copy(update={"pools": [p.model_copy(update={"gpu": "a40"}) for p in base.pools]})
+    path = SHARED / "azure_llm_2023_conv.csv.gz"
+    azure = load_trace(path) if path.exists() else load_trace(Path("sim/data/azure_llm_2023_conv_first10min.csv.gz"))
+    traces = {"azure_conv": Workload.from_trace(azure)}
+    if (SHARED / "servegen_client_window_arrivals.csv.gz").exists():
+        traces["servegen_bursty"] = servegen_workload(azure, mean_rps=len(azure) / float(azure.arrival_s[-1]))
+    out: dict = {"config": "default with gpu a40 (llama2-7b, MIXED, tp1, $/h from the catalog)",
+                 "router": "least_outstanding", "slo": "ttft 2 s, tpot 0.1 s; target 90% attainment",
+                 "startup_delay_s": startup_s, "scaling_interval_s": interval_s,
+                 "command": "python bench/bench_routing.py scaling --json docs/results/scaling.json", "traces": {}}
+
+    def row(s: dict, sim: Simulator | None = None) -> dict:
+        r = {"gpu_hours": s["gpu_hours"], "cost_usd": s["cost_usd"], "slo_attainment": s["slo_attainment"],
+             "ttft_p99_s": s["ttft_s"]["p99"], "tpot_p99_s": s["tpot_s"]["p99"], "preemptions": s["preemptions"],
+             "completed": s["completed"], "makespan_s": s["makespan_s"]}
+        if sim is not None and sim.scaler is not None:
+            r.update(sim.scaler.summary())
+            r["mean_instances"] = s["mean_instances"]
+        return r
+
+    for tname, w in traces.items():
+        t_out: dict = {"requests": len(w), "duration_s": float(w.arrival_s[-1]), "arrivals": _curve(w),
+                       "static": {}, "scaled": {}}
+        smallest = None
+        for n in static_sizes:
+            s = sim_summary(Simulator(with_instances(base, n), router="least_outstanding").run(w))
+            t_out["static"][n] = row(s)
+            if smallest is None and s["slo_attainment"] >= 0.9:
+                smallest = n
+        t_out["smallest_static_meeting_slo"] = smallest
+        start = smallest or static_sizes[-1]
+        cfg = with_instances(base, start)
+        eng = build_instances(cfg)[0].engine
+        kv_tokens = int(eng.total_blocks * eng.block_size)  # the SLA model's decode batch must fit in KV
+        lim = {"min_instances": 2, "max_instances": 16}
+        variants = {
+            "threshold": ("threshold", {}),
+            "threshold_tuned": ("threshold", {"scale_up": 0.5, "scale_down": 0.15, "sustain_s": 10.0,
+                                              "cooldown_s": 30.0}),
+            "sla": ("sla", {"config": cfg}),
+            "sla_tuned": ("sla", {"config": cfg, "kv_tokens": kv_tokens, "headroom": 1.3, "down_sustain_s": 120.0}),
+        }
+        for label, (name, kw) in variants.items():
+            pol = make_scaling_policy(name, **lim, **kw)
+            sim = Simulator(cfg, router="least_outstanding", scaling=pol, scaling_interval_s=interval_s,
+                            scaling_startup_s=startup_s)
+            s = sim_summary(sim.run(w))
+            t_out["scaled"][label] = {"policy": name, "params": {k: v for k, v in kw.items() if k != "config"},
+                                      "start_instances": start, **row(s, sim)}
+        ref = t_out["static"].get(smallest) if smallest else None
+        if ref:
+            for r in t_out["scaled"].values():
+                r["gpu_hours_vs_smallest_static"] = r["gpu_hours"] / ref["gpu_hours"]
+        out["traces"][tname] = t_out
+    return out
+
+
+STUDIES = {"ir": study_ir, "predictor": study_predictor, "migration": study_migration, "sweep": study_sweep,
+           "scaling": study_scaling}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,16 +51,27 @@ class SimInstance:
         return self.snapshot
 
 
+def pool_latency(config: ClusterConfig, pool: PoolSpec) -> LatencyModel:
+    """The latency model of ``pool``'s instances (a live profile when the config names one)."""
+    if config.latency_profile:  # measured on a live engine by `llmsched profile`
+        from scheduler.profile import latency_from_profile
+
+        return latency_from_profile(config.latency_profile, config.model, config.gpus[pool.gpu], pool.tp)
+    return latency_for(config.model, config.gpus[pool.gpu], pool.tp)
+
+
+def new_instance(pool: PoolSpec, latency: LatencyModel, instance_id: str, index: int, *,
+                 started_s: float = 0.0) -> SimInstance:
+    """One more instance of ``pool`` (autoscaling adds these mid-run)."""
+    return SimInstance(instance_id, pool, EngineModel(latency, pool.engine, role=pool.role), latency, index,
+                       started_s=started_s)
+
+
 def build_instances(config: ClusterConfig) -> list[SimInstance]:
     """One ``SimInstance`` per configured instance, ids ``<pool>-<n>``; latency models shared per pool."""
     out: list[SimInstance] = []
     for pool in config.pools:
-        if config.latency_profile:  # measured on a live engine by `llmsched profile`
-            from scheduler.profile import latency_from_profile
-
-            latency = latency_from_profile(config.latency_profile, config.model, config.gpus[pool.gpu], pool.tp)
-        else:
-            latency = latency_for(config.model, config.gpus[pool.gpu], pool.tp)
+        latency = pool_latency(config, pool)
         for n in range(pool.count):
             engine = EngineModel(latency, pool.engine, role=pool.role)
             out.append(SimInstance(f"{pool.name}-{n}", pool, engine, latency, len(out)))

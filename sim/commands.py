@@ -83,6 +83,12 @@ def simulate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--png", help="write latency CDFs and load over time here")
     p.add_argument("--goodput", action="store_true", help="also bisect the max rate meeting 90%% SLO attainment")
     p.add_argument("--naive", action="store_true", help="one event per engine step (reference; slow)")
+    p.add_argument("--scaling", help="autoscaling policy: threshold | sla | none (default: static cluster)")
+    p.add_argument("--scaling-interval", type=float, default=5.0, help="seconds between scaling decisions")
+    p.add_argument("--startup-delay", type=float, default=60.0,
+                   help="seconds from an instance's start request until it takes traffic (model load)")
+    p.add_argument("--min-instances", type=int, default=1, help="autoscaling floor per pool")
+    p.add_argument("--max-instances", type=int, default=64, help="autoscaling ceiling per pool")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -91,11 +97,22 @@ def simulate_main(argv: list[str] | None = None) -> int:
         router_name = args.router or cfg.policies.router.name
         params = cfg.policies.router.params if router_name == cfg.policies.router.name else {}
         router = make_router(router_name, **params)
+        scaling = None
+        if args.scaling and args.scaling != "none":
+            from scheduler.policy.scaling import make_scaling_policy
+
+            kw = {"config": cfg} if args.scaling == "sla" else {}
+            scaling = make_scaling_policy(args.scaling, min_instances=args.min_instances,
+                                          max_instances=args.max_instances, **kw)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    res = Simulator(cfg, router=router, closed_form=not args.naive, progress=not args.quiet and len(w) > 50_000).run(w)
+    sim = Simulator(cfg, router=router, closed_form=not args.naive, progress=not args.quiet and len(w) > 50_000,
+                    scaling=scaling, scaling_interval_s=args.scaling_interval, scaling_startup_s=args.startup_delay)
+    res = sim.run(w)
     summary = sim_summary(res)
+    if sim.scaler is not None:
+        summary["scaling"] = {"policy": args.scaling, **sim.scaler.summary()}
     summary["trace_source"] = getattr(trace, "source", "")
     if args.goodput:
         g = goodput(cfg, w, lambda: make_router(router_name, **params))
@@ -109,6 +126,8 @@ def simulate_main(argv: list[str] | None = None) -> int:
             f"GPU util {summary['gpu_utilization'] * 100:.0f}%  cost ${summary['cost_usd']:.2f}  "
             f"preemptions {summary['preemptions']}"
             + (f"  goodput {summary['goodput_rps']:.2f} req/s" if "goodput_rps" in summary else "")
+            + (f"  GPU-hours {summary['gpu_hours']:.2f}  scale events {summary['scale_events']}  "
+               f"mean instances {summary['mean_instances']:.2f}" if "scale_events" in summary else "")
         )
     if args.json:
         write_json(args.json, summary)

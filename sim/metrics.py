@@ -24,9 +24,12 @@ def sim_summary(res) -> dict[str, Any]:
         slo_tpot_s=res.slo_tpot_s if res.slo_tpot_s is not None else np.inf,
     )
     span = max(res.makespan_s, 1e-9)
-    gpu_hours = float(res.instance_gpus.sum()) * span / 3600
-    cost = float((res.instance_gpus * res.instance_price_per_hour).sum()) * span / 3600
-    util = res.instance_busy_s / span
+    # Each instance counts from its start request to its removal (static clusters: the whole makespan).
+    life = getattr(res, "instance_lifetime_s", None)
+    life = np.full(len(res.instance_ids), span) if life is None else np.asarray(life, dtype=float)
+    gpu_hours = float((res.instance_gpus * life).sum()) / 3600
+    cost = float((res.instance_gpus * res.instance_price_per_hour * life).sum()) / 3600
+    util = res.instance_busy_s / np.maximum(life, 1e-9)
     return summarize(
         m,
         requests=len(w),
@@ -52,8 +55,16 @@ def sim_summary(res) -> dict[str, Any]:
             "engine_steps": int(res.steps),
             "requests_per_wall_s": float(len(w) / max(res.wall_seconds, 1e-9)),
             "events_per_wall_s": float(res.events / max(res.wall_seconds, 1e-9)),
+            **_scaling_extras(res, life, span),
         },
     )
+
+
+def _scaling_extras(res, life: np.ndarray, span: float) -> dict[str, Any]:
+    """Autoscaled runs only: scale events and the time-averaged instance count."""
+    if getattr(res, "scale_events", None) is None:
+        return {}
+    return {"scale_events": int(res.scale_events), "mean_instances": float(life.sum() / span)}
 
 
 def request_metrics(res) -> RequestMetrics:

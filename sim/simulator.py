@@ -37,6 +37,7 @@ class EventKind(enum.IntEnum):
     MIGRATE_FINAL = 3  # pre-copy stages done: stop the request on the source, copy the rest
     POLICY = 4  # periodic policy loop (migration)
     STEP = 5
+    SCALE = 6  # scaling policy tick, or a started instance becoming routable (sim/scaling.py)
 
 
 @dataclass
@@ -104,6 +105,18 @@ class SimResult:
     slo_ttft_s: np.ndarray | None = None
     slo_tpot_s: np.ndarray | None = None
     prefix_hit_tokens: int = 0  # prompt tokens served from instances' prefix caches (not recomputed)
+    # Per-instance lifetimes (autoscaling): alive from ``instance_started_s`` (start requested) to
+    # ``instance_stopped_s`` (removed; the makespan for instances alive at the end). ``None``: static cluster,
+    # every instance alive for the whole makespan.
+    instance_started_s: np.ndarray | None = None
+    instance_stopped_s: np.ndarray | None = None
+    scale_events: int | None = None  # ScaleDecisions applied (None: no scaling policy)
+
+    @property
+    def instance_lifetime_s(self) -> np.ndarray:
+        if self.instance_started_s is None or self.instance_stopped_s is None:
+            return np.full(len(self.instance_ids), self.makespan_s)
+        return self.instance_stopped_s - self.instance_started_s
 
 
 class Simulator:
@@ -119,6 +132,10 @@ class Simulator:
         migration: a migration policy (``plan(view, now_s) -> list[MigrationPlan]``) run every
             ``migration_interval_s``; each plan is executed with Llumnix's multi-stage copy, costed by the
             latency model's KV transfer time (``sim/migration.py``).
+        scaling: a scaling policy (``decide(view, now_s, observed) -> list[ScaleDecision]``) run every
+            ``scaling_interval_s``; scale-ups start instances that become routable ``scaling_startup_s`` later,
+            scale-downs drain instances and remove them once empty (``sim/scaling.py``). ``scaling_options``
+            go to ``ScalingDriver`` (e.g. ``window_s``).
     """
 
     def __init__(
@@ -132,10 +149,18 @@ class Simulator:
         progress: bool = False,
         migration: object | None = None,
         migration_interval_s: float = 0.5,
+        scaling: object | None = None,
+        scaling_interval_s: float = 5.0,
+        scaling_startup_s: float = 60.0,
+        scaling_options: dict | None = None,
     ) -> None:
         self.config = config
         self.migration = migration
         self.migration_interval_s = migration_interval_s
+        self.scaling = scaling
+        self.scaling_interval_s = scaling_interval_s
+        self.scaling_startup_s = scaling_startup_s
+        self.scaling_options = scaling_options or {}
         if router is None:
             router = make_router(config.policies.router.name, **config.policies.router.params)
         elif isinstance(router, str):
@@ -151,6 +176,7 @@ class Simulator:
         self._detail = bool(getattr(router, "needs_request_detail", False)) or migration is not None
         self._ids = [i.instance_id for i in self.instances]
         self._index = {i.instance_id: i for i in self.instances}
+        self._live = self.instances  # instances in the routers' view (the scaling driver keeps its own list)
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def run(self, workload: Workload) -> SimResult:
@@ -188,6 +214,12 @@ class Simulator:
         self.migrations = MigrationDriver(self) if self.migration is not None else None
         if self.migrations is not None:
             self._push(self.migration_interval_s, EventKind.POLICY, None, None)
+        self.scaler = None
+        if self.scaling is not None:
+            from sim.scaling import ScalingDriver
+
+            self.scaler = ScalingDriver(self, startup_delay_s=self.scaling_startup_s, **self.scaling_options)
+            self._push(self.scaling_interval_s, EventKind.SCALE, None, None)
         while i < n or heap:
             if i < n and (not heap or arrivals[i] <= heap[0][0]):
                 now = float(arrivals[i])
@@ -207,6 +239,10 @@ class Simulator:
                     self.migrations.on_policy(now)  # type: ignore[union-attr]
                     if i < n or any(x.busy for x in self.instances):
                         self._push(now + self.migration_interval_s, EventKind.POLICY, None, None)
+                elif kind is EventKind.SCALE:
+                    if self.scaler.on_event(payload, now) and (  # type: ignore[union-attr]
+                            i < n or any(x.busy for x in self._live)):
+                        self._push(now + self.scaling_interval_s, EventKind.SCALE, None, None)
                 elif kind is EventKind.MIGRATE_FINAL:
                     self.migrations.on_final(payload, now)  # type: ignore[union-attr]
                 else:
@@ -227,12 +263,12 @@ class Simulator:
     def _view_at(self, now: float) -> ClusterView:
         full = self._view is None or now - self._view_t >= self.view_refresh_s
         changed = self._view_one_changed or full
-        for inst in self.instances:
+        for inst in self._live:
             if full or inst.snap_dirty or inst.snapshot is None:
                 inst.make_snapshot(now, detail=self._detail)
                 changed = True
         if changed:
-            self._view = ClusterView(now, tuple([x.snapshot for x in self.instances]))  # type: ignore[misc]
+            self._view = ClusterView(now, tuple([x.snapshot for x in self._live]))  # type: ignore[misc]
             self._view_one_changed = False
             if full:
                 self._view_t = now
@@ -327,6 +363,8 @@ class Simulator:
     def _kick(self, inst: SimInstance, now: float) -> None:
         eng = inst.engine
         if not eng.has_work:
+            if inst.draining and self.scaler is not None:
+                self.scaler.on_idle(inst, now)  # a draining instance ran dry: remove it
             return
         span = eng.plan_span() if self.closed_form else None
         if span is not None:
@@ -394,6 +432,10 @@ class Simulator:
         cfg = self.config
         prio = w.priority if w.priority is not None else np.zeros(len(w), dtype=np.int64)
         slos = {p: cfg.slo_for(int(p)) for p in np.unique(prio)} if len(w) else {}
+        if self.scaler is not None:
+            self.scaler.finish(end)
+            width = len(self.instances)  # instances added mid-run have no entry in earlier timeline rows
+            tl_load = [row + [0] * (width - len(row)) for row in tl_load]
         ttft_slo = np.array([slos[p].ttft_s if slos[p].ttft_s is not None else np.inf for p in prio])
         tpot_slo = np.array([slos[p].tpot_s if slos[p].tpot_s is not None else np.inf for p in prio])
         return SimResult(
@@ -423,6 +465,11 @@ class Simulator:
             slo_ttft_s=ttft_slo,
             slo_tpot_s=tpot_slo,
             prefix_hit_tokens=sum(x.engine.prefix_hit_tokens for x in self.instances),
+            instance_started_s=(np.array([x.started_s for x in self.instances]) if self.scaler is not None
+                                else None),
+            instance_stopped_s=(np.array([x.stopped_s if x.stopped_s is not None else end for x in self.instances])
+                                if self.scaler is not None else None),
+            scale_events=self.scaler.applied if self.scaler is not None else None,
         )
 
 

@@ -14,6 +14,12 @@ Fault tolerance: the Controller is created with ``max_restarts=-1``; instances a
 detached and named (``llmsched/<cluster>/...``), so they survive it. A restarted Controller re-runs ``__init__``,
 which adopts every live named instance of its cluster (``_adopt``); desired pool sizes live in Ray's internal KV.
 Ingresses keep routing from their own cached view meanwhile and re-send their request registry on the next report.
+
+Scaling loop (``policies.scaling``): every ``scaling_interval_s`` the scaling policy decides on the live view;
+a scale-up raises the pool's desired count (after growing the KubeRay worker group of its GPU type when running
+under Kubernetes, ``scheduler.deploy.autoscale``); a scale-down marks the chosen instances draining (routers skip
+them; the migration policy, if any, moves their requests), releases each once it is idle (or after
+``drain_timeout_s``), then shrinks the worker group, naming the worker pods left without an instance.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +48,9 @@ from scheduler.control.placement import (
 )
 from scheduler.control.registry import EntryTable, RegistryEntry
 from scheduler.core.types import ClusterView, InstanceSnapshot
+from scheduler.deploy.autoscale import KubernetesBackend
 from scheduler.policy.migration import MigrationPlan, MigrationPolicy, make_migration_policy
+from scheduler.policy.scaling import ScaleDecision, ScalingPolicy, WorkloadSummary, make_scaling_policy
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +79,8 @@ class Controller:
         backend_kwargs: per backend kind, extra kwargs for every instance (``{"simulated": {"time_scale": .5}}``).
         refresh_s: period of the Controller's own snapshot poll (admin view, policy loops).
         detached_instances: create instances and groups detached (survive the Controller and the driver).
+        kubernetes: the KubeRay RayCluster to size (tests inject one pointing at an in-memory API server);
+            default from ``LLMSCHED_RAYCLUSTER`` / ``LLMSCHED_NAMESPACE`` (the Helm chart), else none.
     """
 
     def __init__(
@@ -81,6 +92,7 @@ class Controller:
         refresh_s: float = 0.1,
         detached_instances: bool = True,
         namespace: str = NAMESPACE,
+        kubernetes: KubernetesBackend | None = None,
     ) -> None:
         self.config = config
         self.cluster = cluster
@@ -107,6 +119,19 @@ class Controller:
         self._plan_times: list[float] = []
         self.migration_stats = {"planned": 0, "dropped": 0, "committed": 0, "failed": 0}
         self._init_migration_policy()
+        self._k8s = kubernetes if kubernetes is not None else _kubernetes_from_env()
+        self._scaling: ScalingPolicy | None = None
+        self._scaling_interval_s = 10.0
+        self._drain_timeout_s = 120.0
+        self._scaling_task: asyncio.Task[None] | None = None
+        self._draining: dict[str, tuple[float, int]] = {}  # id -> (release deadline, refresh round at drain)
+        self._refresh_round = 0
+        self._k8s_shrink_due = False
+        self._workload = _WorkloadWindow()
+        self.scaling_stats = {"up": 0, "down": 0, "released": 0, "forced_releases": 0, "k8s_resizes": 0,
+                              "k8s_errors": 0}
+        self._scaling_events: deque[dict[str, Any]] = deque(maxlen=200)
+        self._init_scaling_policy()
         self._adopt()
 
     # ---- state that survives restarts -----------------------------------------------------------------
@@ -153,6 +178,8 @@ class Controller:
         if self._loop_task is None:
             self._lock = asyncio.Lock()
             self._loop_task = asyncio.create_task(self._loop())
+            if self._scaling is not None or self._k8s is not None:
+                self._scaling_task = asyncio.create_task(self._scaling_loop())
 
     async def _loop(self) -> None:
         last_reconcile = 0.0
@@ -168,6 +195,7 @@ class Controller:
             await asyncio.sleep(self._refresh_s)
 
     async def _refresh(self) -> None:
+        self._refresh_round += 1
         items = list(self._members.items())
         if not items:
             return
@@ -238,6 +266,229 @@ class Controller:
 
     async def migration_counters(self) -> dict[str, int]:
         return dict(self.migration_stats)
+
+    # ---- scaling loop -------------------------------------------------------------------------------------
+    def _init_scaling_policy(self) -> None:
+        spec = self.config.policies.scaling
+        if spec is None:
+            return
+        params = dict(spec.params)
+        where = "policies.scaling.params"
+        try:
+            self._scaling_interval_s = float(params.pop("scaling_interval_s", self._scaling_interval_s))
+            self._drain_timeout_s = float(params.pop("drain_timeout_s", self._drain_timeout_s))
+            self._workload.window_s = float(params.pop("window_s", self._workload.window_s))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        if self._scaling_interval_s <= 0 or self._drain_timeout_s < 0 or self._workload.window_s <= 0:
+            raise ValueError(f"{where}: need scaling_interval_s > 0, drain_timeout_s >= 0, window_s > 0")
+        if spec.name == "sla":
+            params.setdefault("config", self.config)
+        try:
+            policy = make_scaling_policy(spec.name, pool_of=self._pool_of, **params)
+        except TypeError as e:
+            raise ValueError(f"{where}: {e}") from None
+        self._scaling = None if policy.name == "none" else policy
+
+    def _pool_of(self, snap: InstanceSnapshot) -> str:
+        m = self._members.get(snap.instance_id)
+        return m.info.pool if m is not None else snap.instance_id.rsplit("-", 1)[0]
+
+    def _draining_key(self) -> bytes:
+        return f"llmsched/{self.cluster}/draining".encode()
+
+    def _save_draining(self) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(self._draining_key(), json.dumps(sorted(self._draining)), overwrite=True,
+                                     namespace=self.namespace)
+
+    def _load_draining(self) -> None:
+        """After a restart: scale-downs in progress continue (their instances were adopted, still draining)."""
+        from ray.experimental import internal_kv
+
+        raw = internal_kv._internal_kv_get(self._draining_key(), namespace=self.namespace)
+        for iid in json.loads(raw) if raw else []:
+            if iid in self._members:
+                self._draining[iid] = (time.time() + self._drain_timeout_s, 0)
+
+    async def _scaling_loop(self) -> None:
+        """Every round (<= 1 s): observe the workload, release drained instances, shrink worker groups when due;
+        every ``scaling_interval_s``: run the scaling policy and apply its decisions."""
+        period = min(self._scaling_interval_s, 1.0)
+        next_decide = time.monotonic() + self._scaling_interval_s
+        try:
+            self._load_draining()
+        except Exception:
+            log.exception("reading the draining set failed")
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self._workload.observe(time.time(), self._snapshots.values(), self._registry.entries)
+                await self._release_drained()
+                if self._scaling is not None and time.monotonic() >= next_decide:
+                    next_decide = time.monotonic() + self._scaling_interval_s
+                    await self._scaling_tick()
+                if self._k8s_shrink_due and self._k8s is not None and not self._pending and not self._draining:
+                    await self._k8s_shrink()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("scaling round failed")
+
+    async def _scaling_tick(self) -> None:
+        assert self._scaling is not None
+        now = time.time()
+        view = ClusterView(now, tuple(self._snapshots[i] for i in sorted(self._snapshots) if i in self._members))
+        if not view.instances:
+            return
+        for d in self._scaling.decide(view, now, self._workload.summary(now)):
+            await self._apply_scale(d)
+
+    def _active(self, pool: str) -> list[str]:
+        """Instances of ``pool`` that count as capacity: live and not draining, plus those being created."""
+        live = [i for i, m in self._members.items() if m.info.pool == pool and i not in self._draining]
+        return live + [i for i in self._pending if i.rsplit("-", 1)[0] == pool and i not in live]
+
+    async def _apply_scale(self, d: ScaleDecision) -> None:
+        if d.pool not in self._pools:
+            log.warning("scaling policy named unknown pool %r; pools: %s", d.pool, ", ".join(sorted(self._pools)))
+            return
+        active = self._active(d.pool)
+        n = len(active)
+        new = max(n + d.delta if d.delta is not None else int(d.target or 0), 0)
+        event = {"time_s": time.time(), "pool": d.pool, "from": n, "to": new, "reason": d.reason}
+        if new > n:
+            if any(i in self._pending for i in active):
+                log.info("pool %s: scale-up to %d deferred, a previous one is still being placed", d.pool, new)
+                return
+            await self._set_desired(d.pool, self._desired.get(d.pool, 0) + new - n)
+            assert self._lock is not None
+            await self._reconcile(wait=False)
+            self.scaling_stats["up"] += 1
+            self._scaling_events.append({**event, "action": "up"})
+            log.info("pool %s: scale up %d -> %d (%s)", d.pool, n, new, d.reason)
+        elif new < n:
+            members = [i for i in active if i in self._members]
+
+            def load(i: str) -> tuple[int, int]:
+                s = self._snapshots.get(i)
+                return (s.num_running + s.num_waiting, s.kv_blocks_used) if s is not None else (0, 0)
+
+            order = [i for i in d.drain if i in members]
+            order += sorted((i for i in members if i not in order), key=load)
+            chosen = order[: n - new]
+            for iid in chosen:
+                await self._begin_drain(iid)
+            self.scaling_stats["down"] += 1
+            self._scaling_events.append({**event, "action": "down", "draining": chosen})
+            log.info("pool %s: scale down %d -> %d, draining %s (%s)", d.pool, n, new, ", ".join(chosen), d.reason)
+
+    async def _begin_drain(self, iid: str) -> None:
+        m = self._members.get(iid)
+        if m is None or iid in self._draining:
+            return
+        await asyncio.wait_for(_await(m.handle.set_draining.remote(True)), 5.0)
+        self._draining[iid] = (time.time() + self._drain_timeout_s, self._refresh_round)
+        self._save_draining()
+
+    async def _release_drained(self) -> None:
+        """Release each draining instance once a snapshot taken after draining shows it idle and no request is
+        registered on it (or at its deadline: its remaining requests are then recovered elsewhere)."""
+        for iid, (deadline, since_round) in list(self._draining.items()):
+            snap = self._snapshots.get(iid)
+            gone = iid not in self._members
+            idle = (
+                snap is not None and snap.draining and self._refresh_round > since_round + 1
+                and snap.num_running + snap.num_waiting == 0 and not self._registry.on_instance(iid)
+            )
+            if not (gone or idle or time.time() >= deadline):
+                continue
+            del self._draining[iid]
+            self._save_draining()
+            self._k8s_shrink_due = True
+            if gone:
+                continue
+            if not idle:
+                self.scaling_stats["forced_releases"] += 1
+                log.warning("instance %s still busy after drain_timeout_s %.0fs: releasing it", iid,
+                            self._drain_timeout_s)
+            await self.release(iid)
+            self.scaling_stats["released"] += 1
+            self._scaling_events.append({"time_s": time.time(), "action": "released", "instance": iid})
+
+    async def _set_desired(self, pool: str, count: int) -> int:
+        """The one path that changes a pool's desired size (admin ``scale`` and the scaling loop): grows the
+        KubeRay worker group first when the pool gets bigger; a smaller pool shrinks it later, once released."""
+        before = self._desired.get(pool, 0)
+        if count > before:
+            await self._k8s_grow({**self._desired, pool: count})
+        elif count < before:
+            self._k8s_shrink_due = True
+        self._desired[pool] = count
+        self._save_desired()
+        return before
+
+    async def _k8s_grow(self, counts: dict[str, int]) -> None:
+        if self._k8s is None:
+            return
+        try:
+            results = await asyncio.wait_for(asyncio.to_thread(self._k8s.grow, self.config, counts), 60.0)
+        except Exception as e:  # noqa: BLE001 - instances are still asked for; they place when capacity comes
+            self.scaling_stats["k8s_errors"] += 1
+            log.warning("growing KubeRay worker groups for %s failed: %s", counts, e)
+            return
+        for r in results:
+            self.scaling_stats["k8s_resizes"] += 1
+            self._scaling_events.append({"time_s": time.time(), "action": "k8s_grow", "group": r.group,
+                                         "from": r.previous, "to": r.replicas})
+
+    async def _k8s_shrink(self) -> None:
+        assert self._k8s is not None
+        try:
+            idle = await asyncio.to_thread(self._idle_workers)
+            results = await asyncio.wait_for(
+                asyncio.to_thread(self._k8s.shrink, self.config, dict(self._desired), idle_workers=idle), 60.0
+            )
+        except Exception as e:  # noqa: BLE001 - retried next round
+            self.scaling_stats["k8s_errors"] += 1
+            log.warning("shrinking KubeRay worker groups failed: %s", e)
+            return
+        self._k8s_shrink_due = False
+        for r in results:
+            self.scaling_stats["k8s_resizes"] += 1
+            self._scaling_events.append({"time_s": time.time(), "action": "k8s_shrink", "group": r.group,
+                                         "from": r.previous, "to": r.replicas})
+
+    def _idle_workers(self) -> dict[str, list[str]]:
+        """Worker group -> pod names of alive Ray nodes of its GPU type that host none of this deployment's
+        instances (a KubeRay pod's hostname is its name)."""
+        from scheduler.control.placement import find_pg, gpu_type_resource, pg_name
+
+        assert self._k8s is not None
+        busy: set[str] = set()
+        for iid, m in list(self._members.items()):
+            if m.info.node_id:
+                busy.add(m.info.node_id)
+            pg = find_pg(pg_name(self.cluster, iid))
+            if pg is not None:
+                busy.update(bundle_nodes(pg))
+        groups = {gpu_type_resource(p.gpu): self._k8s.group_of_gpu(p.gpu) for p in self.config.pools}
+        out: dict[str, list[str]] = {}
+        for node in ray.nodes():
+            if not node.get("Alive") or node.get("NodeID") in busy:
+                continue
+            for res, group in groups.items():
+                if res in (node.get("Resources") or {}):
+                    out.setdefault(group, []).append(node.get("NodeManagerHostname") or node["NodeID"])
+        return out
+
+    async def scaling_counters(self) -> dict[str, int]:
+        return dict(self.scaling_stats)
+
+    async def scaling_events(self) -> list[dict[str, Any]]:
+        """Recent scale-ups, scale-downs, releases and worker-group resizes (oldest first)."""
+        return list(self._scaling_events)
 
     async def _reconcile(self, *, wait: bool) -> None:
         """Create instances until every pool has its desired count (replacing dead ones); remove extras."""
@@ -353,9 +604,7 @@ class Controller:
             raise ValueError(f"pool: unknown pool {pool!r}; allowed: {', '.join(sorted(self._pools))}")
         if count < 0:
             raise ValueError(f"count: must be >= 0, got {count}")
-        before = self._desired.get(pool, 0)
-        self._desired[pool] = count
-        self._save_desired()
+        before = await self._set_desired(pool, count)
         await self._reconcile(wait=True)
         return before
 
@@ -376,6 +625,7 @@ class Controller:
         if not replace:
             self._desired[m.info.pool] = max(self._desired.get(m.info.pool, 1) - 1, 0)
             self._save_desired()
+            self._k8s_shrink_due = True
         assert self._lock is not None
         async with self._lock:
             return await self._release(instance_id)
@@ -394,6 +644,8 @@ class Controller:
         """Release every instance and forget the desired sizes (a full teardown, not a crash)."""
         if self._loop_task is not None:
             self._loop_task.cancel()
+        if self._scaling_task is not None:
+            self._scaling_task.cancel()
         for t in list(self._pending.values()):
             await asyncio.gather(t, return_exceptions=True)
         for iid in list(self._members):
@@ -401,6 +653,7 @@ class Controller:
         from ray.experimental import internal_kv
 
         internal_kv._internal_kv_del(self._kv_key(), namespace=self.namespace)
+        internal_kv._internal_kv_del(self._draining_key(), namespace=self.namespace)
 
 
 async def _await(ref: Any) -> Any:
@@ -410,3 +663,62 @@ async def _await(ref: Any) -> Any:
 def _index_of(instance_id: str) -> int | None:
     tail = instance_id.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else None
+
+
+def _kubernetes_from_env() -> KubernetesBackend | None:
+    """The chart's RayCluster when ``LLMSCHED_RAYCLUSTER`` is set; a bad env is logged, not fatal (the
+    Controller still serves; worker groups are then sized by hand)."""
+    try:
+        return KubernetesBackend.from_env()
+    except ValueError as e:
+        log.warning("not resizing KubeRay worker groups: %s", e)
+        return None
+
+
+class _WorkloadWindow:
+    """Arrival rate and mean prompt/output lengths over the last ``window_s``, from what the Controller sees:
+    requests in instance snapshots (prompt = KV length - generated) and in the ingresses' registry reports.
+    Feeds the SLA scaler's ``observed``; an estimate (requests shorter than a refresh round may be missed)."""
+
+    def __init__(self, window_s: float = 30.0) -> None:
+        self.window_s = window_s
+        self.started_s: float | None = None
+        self._live: dict[str, int] = {}  # request id -> generated tokens last seen
+        self._ended: dict[str, float] = {}  # recently ended ids (a P->D handoff gap is not a new arrival)
+        self._arrivals: deque[tuple[float, int | None]] = deque()
+        self._outputs: deque[tuple[float, int]] = deque()
+
+    def observe(self, now: float, snapshots: Any, registry: Any) -> None:
+        if self.started_s is None:
+            self.started_s = now
+        current: dict[str, tuple[int | None, int]] = {}
+        for s in list(snapshots):
+            for r in s.requests:
+                prompt = max(r.context_tokens - r.generated_tokens, 0)
+                _, gen = current.get(r.request_id, (None, 0))
+                current[r.request_id] = (prompt, max(gen, r.generated_tokens))
+        for rid in list(registry):
+            current.setdefault(rid, (None, self._live.get(rid, 0)))
+        for rid, (prompt, _) in current.items():
+            if rid not in self._live and rid not in self._ended:
+                self._arrivals.append((now, prompt))
+        for rid in self._live.keys() - current.keys():
+            self._ended[rid] = now
+            self._outputs.append((now, self._live[rid]))
+        self._live = {rid: gen for rid, (_, gen) in current.items()}
+        cut = now - self.window_s
+        while self._arrivals and self._arrivals[0][0] < cut:
+            self._arrivals.popleft()
+        while self._outputs and self._outputs[0][0] < cut:
+            self._outputs.popleft()
+        self._ended = {k: t for k, t in self._ended.items() if t >= cut}
+
+    def summary(self, now: float) -> WorkloadSummary:
+        span = min(self.window_s, max(now - (self.started_s or now), 1.0))
+        prompts = [p for _, p in self._arrivals if p is not None]
+        outs = [o for _, o in self._outputs if o > 0]
+        return WorkloadSummary(
+            rate_rps=len(self._arrivals) / span,
+            mean_prompt_tokens=sum(prompts) / len(prompts) if prompts else 512.0,
+            mean_output_tokens=sum(outs) / len(outs) if outs else 128.0,
+        )

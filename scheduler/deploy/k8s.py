@@ -171,6 +171,35 @@ class WorkerGroup:
     replicas: int
     min_replicas: int
     max_replicas: int
+    gpus_per_worker: int = 0  # GPUs one worker pod of the group offers (0: none declared)
+
+
+def _group_gpus(spec: dict[str, Any]) -> int:
+    """GPUs one worker of a group offers: the project's ``llmsched_gpu_<type>`` Ray resource in
+    ``rayStartParams.resources`` (what placement requests; also the fake-GPU count on CPU-only clusters), else
+    ``rayStartParams.num-gpus``, else the ``nvidia.com/gpu`` limit of the pod's containers."""
+    import json
+
+    params = spec.get("rayStartParams") or {}
+    raw = params.get("resources")
+    res: Any = raw
+    for _ in range(2):  # rayStartParams values are strings; the chart quotes the JSON once more
+        if isinstance(res, str):
+            try:
+                res = json.loads(res)
+            except ValueError:
+                res = None
+    if isinstance(res, dict):
+        for k, v in res.items():
+            if str(k).startswith("llmsched_gpu_"):
+                try:
+                    return int(float(v))
+                except (TypeError, ValueError):
+                    break
+    if params.get("num-gpus") is not None:
+        return _quantity_int(params["num-gpus"])
+    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
+    return sum(_quantity_int(((c.get("resources") or {}).get("limits") or {}).get(GPU_RESOURCE)) for c in containers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +253,7 @@ class KubeRayScaler:
                 replicas=int(g.get("replicas", min_r)),
                 min_replicas=min_r,
                 max_replicas=int(g.get("maxReplicas", 2**31 - 1)),
+                gpus_per_worker=_group_gpus(g),
             )
         return out
 

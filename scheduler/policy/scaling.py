@@ -261,12 +261,15 @@ class SLAScaler(ScalingPolicy):
         super().__init__(**kw)  # type: ignore[arg-type]
         self._lat: dict[str, LatencyModel] = {}
         self._single = latency if isinstance(latency, LatencyModel) else None
+        self._role: dict[str, str] = {}  # pool name -> role value, when pools are keyed by name (live Controller)
         if isinstance(latency, Mapping):
             self._lat.update(latency)
         if config is not None:
             for pool in config.pools:
-                self._lat.setdefault(pool.role.value,
-                                     latency_for(config.model, config.gpus[pool.gpu], pool.tp))
+                lat = latency_for(config.model, config.gpus[pool.gpu], pool.tp)
+                self._lat.setdefault(pool.role.value, lat)
+                self._lat.setdefault(pool.name, lat)
+                self._role.setdefault(pool.name, pool.role.value)
             slo = slo or config.slo_for(0)
         if self._single is None and not self._lat:
             raise ValueError("SLAScaler needs a latency model: pass latency= or config=")
@@ -305,7 +308,8 @@ class SLAScaler(ScalingPolicy):
                                        chunk_tokens=self.chunk_tokens)
             dec = decode_capacity_rps(lat, w.mean_prompt_tokens, w.mean_output_tokens, tpot_slo_s=self.slo.tpot_s,
                                       max_batch=self.max_batch, kv_tokens=self.kv_tokens)
-            cap = {"prefill": pre, "decode": dec}.get(pool, mixed_capacity_rps(pre, dec))
+            role = self._role.get(pool, pool)
+            cap = {"prefill": pre, "decode": dec}.get(role, mixed_capacity_rps(pre, dec))
             out[pool] = instances_for(rate, cap)
         return out
 
