@@ -13,10 +13,10 @@ $(STAMP): pyproject.toml scripts/setup.sh
 setup: $(STAMP)
 
 run: $(STAMP)
-	llmsched run
+	$(PY) -m scheduler.cli run
 
 simulate: $(STAMP)
-	llmsched simulate
+	$(PY) -m scheduler.cli simulate
 
 test: $(STAMP)
 	$(PY) -m pytest -q

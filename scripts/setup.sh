@@ -14,4 +14,6 @@ fi
 if [ -f scripts/install_extras.sh ]; then
   bash scripts/install_extras.sh
 fi
+# pyenv only links new console scripts (llmsched) into its shims on a rehash.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 echo "llmsched: setup done"
