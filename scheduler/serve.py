@@ -63,9 +63,10 @@ async def _serve(args: argparse.Namespace) -> int:
     ingress = cluster.ingress
     http_task = None
     try:
+        recorder, tracing, limiter = _telemetry(cfg)
+        ingress.recorder, ingress.tracing = recorder, tracing  # per-stage spans and instance gauges
         await ingress.start()
         auth = _auth(args.host)
-        recorder, tracing, limiter = _telemetry(cfg)
         obs = {"recorder": recorder, "tracing": tracing, "limiter": limiter}
         if args.http_port:
             import uvicorn

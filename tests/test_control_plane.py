@@ -131,6 +131,34 @@ def test_pd_split_streams_contiguous_and_decode_loads_prompt_kv(pd: Any, aloop: 
     assert len(dec) == 1 and loaded[dec[0]] == n_prompt and computed[dec[0]] == 0
 
 
+def test_pd_request_emits_stage_spans_and_instance_gauges(pd: Any, aloop: Any) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from prometheus_client import CollectorRegistry
+
+    from scheduler.telemetry.metrics import NULL_RECORDER, Metrics, MetricsRecorder
+    from scheduler.telemetry.tracing import Stage, Tracing
+
+    _, ing = pd
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    ing.tracing, ing.recorder = Tracing(provider), MetricsRecorder(Metrics(CollectorRegistry()))
+    try:
+        chunks = aloop.run(_collect(ing, _req("pd-spans", 200, 8)))
+        _check_exact(chunks, "pd-spans", 8)
+        time.sleep(0.2)  # a view refresh sets the instance gauges
+        spans = exporter.get_finished_spans()
+        names = [sp.name for sp in spans if sp.attributes.get("llmsched.request_id") == "pd-spans"]
+        for stage in (Stage.ROUTE, Stage.PREFILL, Stage.KV_TRANSFER, Stage.DECODE):
+            assert stage.value in names, names
+        exposed = {m.name for m in ing.recorder.registry.collect()}
+        assert any("kv_usage" in n for n in exposed) and any("queue_depth" in n for n in exposed), exposed
+    finally:
+        ing.tracing, ing.recorder = Tracing.disabled(), NULL_RECORDER
+
+
 def test_bad_requests_name_the_field(mixed: Any, aloop: Any) -> None:
     _, ing = mixed
     cases = {

@@ -48,6 +48,8 @@ from scheduler.control.api import (
 )
 from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, Member
 from scheduler.control.registry import RequestRecord, RequestRegistry
+from scheduler.telemetry.metrics import NULL_RECORDER, Recorder
+from scheduler.telemetry.tracing import Stage, Tracing
 from scheduler.core.types import SLO, ClusterView, InstanceSnapshot, Phase, Rejected, RequestInfo
 from scheduler.engine.base import EngineRequest, TokenChunk
 from scheduler.engine.simulated_backend import ByteTokenizer
@@ -105,6 +107,15 @@ def make_tokenizer(config: ClusterConfig, backend_kwargs: dict[str, dict[str, An
 UNHEALTHY_AFTER_S = 10.0  # an instance whose snapshots time out this long is routed around
 
 
+class _SpanHandoff:
+    """Internal marker from the attempt loop to ``_run``: a KV-transfer span began (never reaches clients)."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: Any) -> None:
+        self.span = span
+
+
 class InstanceLost(Exception):
     """The instance serving a stream died or stopped answering."""
 
@@ -137,8 +148,14 @@ class Ingress:
         tokenizer: Tokenizer | None = None,
         migration: MigrationConfig | None = None,
         plans_s: float = 0.25,
+        recorder: Recorder | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
+        # Telemetry: the servers own request start/finish; the ingress adds routes, instance gauges and the
+        # per-stage spans (route, prefill, kv_transfer, decode, migration). Null objects by default.
+        self.recorder: Recorder = recorder or NULL_RECORDER
+        self.tracing: Tracing = tracing or Tracing.disabled()
         self.controller = controller
         spec = config.policies.router
         self.router = router or make_router(spec.name, **spec.params)
@@ -257,8 +274,10 @@ class Ingress:
         self._pending.clear()
         self._view = ClusterView(time.time(), tuple(snaps[i] for i in sorted(snaps)))
         self.view_refreshed_s = time.time()
+        self.recorder.observe_instances(self._view.instances)
 
     def _mark_dead(self, iid: str) -> None:
+        self.recorder.forget_instance(iid)
         m = self._members.pop(iid, None)
         if m is not None:
             self._dead.add(m.info.incarnation)
@@ -376,14 +395,26 @@ class Ingress:
             rec.slo = SLO(request.ttft_slo_s, request.tpot_slo_s)
         else:
             rec.slo = self.config.slo_for(request.priority)
-        decision = self._route(rec)
+        with self.tracing.span(Stage.ROUTE, request_id=rec.request_id, attributes={"router": self.router.name}):
+            decision = self._route(rec)
+        self.recorder.on_route(rec.request_id, route="disaggregated" if decision.decode_instance else "colocated",
+                               instance_id=decision.prefill_instance)
         self.registry.add(rec)
         finished = False
+        # Prefill lasts until the first token; decode from there on (across handoffs and migrations).
+        phase = self.tracing.start_span(Stage.PREFILL, request_id=rec.request_id,
+                                        attributes={"instance": decision.prefill_instance})
+        decoding = False
         try:
             async for chunk in self._run(rec, decision):
                 finished = chunk.finished
+                if not decoding and chunk.token_ids:
+                    phase.end()
+                    phase = self.tracing.start_span(Stage.DECODE, request_id=rec.request_id)
+                    decoding = True
                 yield chunk
         finally:
+            phase.end()
             if not finished:  # the client went away (or we failed): free the engine(s)
                 rec.cancelled = True
                 for iid in rec.instances + ((rec.moving_to,) if rec.moving_to else ()):
@@ -395,6 +426,23 @@ class Ingress:
                 self.router.on_finished(rec.request_id, iid)
 
     async def _run(self, rec: RequestRecord, decision: RouteDecision) -> AsyncIterator[TokenChunk]:
+        """``_run_attempts`` plus the KV-transfer span of a P->D handoff (until the decode side's first chunk)."""
+        xfer: Any = None
+        try:
+            async for chunk in self._run_attempts(rec, decision):
+                if isinstance(chunk, _SpanHandoff):
+                    xfer = chunk.span
+                    continue
+                if xfer is not None:
+                    xfer.end()
+                    xfer = None
+                yield chunk
+        finally:
+            if xfer is not None:
+                xfer.end()
+
+    async def _run_attempts(self, rec: RequestRecord, decision: RouteDecision) -> AsyncIterator[Any]:
+        """Attempts on instances until the stream ends: prefill, P->D handoff, recoveries, migrations."""
         rid = rec.request_id
         target = decision
         kv_ref: Any = None
@@ -452,6 +500,9 @@ class Ingress:
                     # the prompt (as when the KV source dies mid-transfer) rather than failing the request.
                     self._mark_dead(iid)
                     kv_ref = None
+                yield _SpanHandoff(self.tracing.start_span(
+                    Stage.KV_TRANSFER, request_id=rid,
+                    attributes={"source": iid, "destination": str(target.decode_instance)}))
                 target = RouteDecision(target.decode_instance)  # type: ignore[arg-type]
                 rec.phase = Phase.TRANSFER
                 self.counters["handoffs"] += 1
@@ -624,15 +675,19 @@ class Ingress:
         m = Migration(request_id, src, destination, cfg)
         self._migrating[request_id] = m
         try:
-            await run_migration(
-                m, _RaySource(self._handle(src), request_id),
-                _RayDestination(self._handle(destination), request_id, rec, self._template(rec)),
-                on_committed=lambda: self._switch(rec, destination),
-            )
+            with self.tracing.span(Stage.MIGRATION, request_id=request_id,
+                                   attributes={"source": src, "destination": destination}):
+                await run_migration(
+                    m, _RaySource(self._handle(src), request_id),
+                    _RayDestination(self._handle(destination), request_id, rec, self._template(rec)),
+                    on_committed=lambda: self._switch(rec, destination),
+                )
         finally:
             self._migrating.pop(request_id, None)
             self.migrations.append(m)
             del self.migrations[:-256]
+            self.recorder.on_migration("committed" if m.committed else "aborted",
+                                       m.downtime_s if m.committed else None)
         if m.committed:
             self.counters["migrations"] += 1
             return MigrationResult(request_id, src, destination, True, cfg.mode.value, m.downtime_s,
