@@ -69,7 +69,8 @@ def make_config(base: ClusterConfig, c: Candidate, n: int) -> ClusterConfig:
 def fits(base: ClusterConfig, gpu: str, tp: int) -> bool:
     """Weights plus a minimal KV pool fit in ``tp`` GPUs' memory."""
     lat = latency_for(base.model, base.gpus[gpu], tp)
-    return lat.kv_blocks(16, gpu_memory_utilization=0.9, activation_reserve_gib=2.0) * 16 >= 4 * base.model.max_model_len
+    kv_tokens = lat.kv_blocks(16, gpu_memory_utilization=0.9, activation_reserve_gib=2.0) * 16
+    return kv_tokens >= 4 * base.model.max_model_len
 
 
 def capacity_bound(base: ClusterConfig, gpu: str, tp: int, w: Workload) -> float:

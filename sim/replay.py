@@ -46,7 +46,9 @@ class LiveResult:
                                 "duplicated_tokens": self.duplicated_tokens})
 
 
-def fit_lengths(prompt: np.ndarray, output: np.ndarray, max_model_len: int, max_output: int) -> tuple[np.ndarray, np.ndarray]:
+def fit_lengths(
+    prompt: np.ndarray, output: np.ndarray, max_model_len: int, max_output: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Clip output to ``max_output`` and prompt so prompt + output fits the context."""
     out = np.clip(output, 1, max_output)
     pr = np.clip(prompt, 1, max_model_len - out - 1)
