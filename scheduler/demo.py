@@ -175,7 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     report = {"config": cfg.name, "trace": live.name, "requests": len(pr), "instances": res["instances"],
               "live": live_sum, "simulated": sim_sum, "sim_error": errors, "migration": m,
               "profile": {k: v for k, v in res["profile"].items() if k != "samples"},
-              "wall_seconds": time.perf_counter() - t0}
+              "wall_seconds": time.perf_counter() - t0,
+              # Per-request columns (seconds from the replay start), for diagnosing where live and sim differ.
+              "per_request": {"arrival_s": np.asarray(arrival).tolist(), "prompt_tokens": np.asarray(pr).tolist(),
+                              "output_tokens": np.asarray(out).tolist(),
+                              "live_first_s": live.first_token_s.tolist(), "live_finish_s": live.finish_s.tolist(),
+                              "sim_first_s": sim_res.first_token_s.tolist(), "sim_finish_s": sim_res.finish_s.tolist(),
+                              "sim_decode_instance": sim_res.decode_instance.tolist()},
+              "profile_samples": res["profile"].get("samples")}
     write_json(out_dir / "report.json", report)
     sim_m = RequestMetrics.from_times(arrival, sim_res.first_token_s, sim_res.finish_s, out)
     write_figure(out_dir / "report.png", {"live": live.metrics(), "simulated": sim_m}, title=title)

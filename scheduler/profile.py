@@ -24,75 +24,172 @@ from scheduler.config.models import GPUSpec, ModelSpec
 from scheduler.latency.model import GemmTable, LatencyModel
 
 PREFILL_GRID = (32, 128, 256, 512, 768, 1024)
-DECODE_GRID = ((1, 64), (2, 64), (4, 64), (8, 64), (8, 512), (16, 128))
+# (concurrent requests, prompt tokens). Concurrent requests may land on different decode instances: the samples
+# are regrouped per instance from the chunks' ``instance_id``, so each sample is (batch on one engine, context).
+DECODE_GRID = ((1, 64), (1, 512), (1, 960), (2, 64), (4, 64), (8, 64), (8, 512), (16, 128))
+CONTENTION_PROMPT = 256
 
 
-async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 24, repeats: int = 3,
+def _steady_tpot(runs: list[dict]) -> float | None:
+    """Inter-token time while all of ``runs`` (one engine's concurrent requests) are decoding together.
+
+    Client-side gaps are bursty (one poll carries every token produced since the last), so this counts tokens in
+    the common window ``[last second token, first last token]`` rather than taking gap medians. Token 0 (from the
+    prefill instance on a P/D cluster) and the handoff gap before token 1 are outside the window."""
+    if any(len(r["times"]) < 4 for r in runs):
+        return None
+    lo = max(r["times"][1] for r in runs)
+    hi = min(r["times"][-1] for r in runs)
+    if hi - lo <= 0:
+        return None
+    counts = [sum(1 for t in r["times"] if lo < t <= hi) for r in runs]
+    c = float(np.mean(counts))
+    return (hi - lo) / c if c >= 3 else None
+
+
+async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, repeats: int = 3,
                   token: str | None = None) -> dict:
-    """Prefill TTFTs and decode TPOTs over the grids, median of ``repeats``."""
+    """Samples for the latency model, measured through the SDK against a running server.
+
+    - ``prefill``: (N, TTFT) of one request alone (max_tokens=1): per-request path latency + one prefill step;
+    - ``decode``: (batch on one engine, mean context, steady TPOT, engines busy) from concurrent streams;
+    - ``handoff``: (N, gap between token 0 and token 1 minus one decode step) on a P/D cluster: the P->D handoff
+      (KV export on the prefill engine, object store, import on the decode engine) as clients see it;
+    - ``contention``: step-time factor by number of engines busy on this host (engines share the host's cores).
+    """
     from scheduler.client import AsyncClient
 
     client = AsyncClient(target, token=token)
     rng = np.random.default_rng(0)
-    prefill, decode = [], []
+    prefill, decode, handoff = [], [], []
+    contention: dict[int, list[float]] = {}
     n = 0
 
-    async def one(prompt_len: int, max_tokens: int) -> tuple[float, float]:
+    async def one(prompt_len: int, max_tokens: int) -> dict:
         nonlocal n
         n += 1
         ids = rng.integers(4, vocab, prompt_len).tolist()
         t0 = time.perf_counter()
-        times = []
+        times, insts = [], []
         async for ch in client.stream(ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
                                       request_id=f"profile-{n}-{time.time_ns()}"):
             if ch.token_ids:
-                times.extend([time.perf_counter()] * len(ch.token_ids))
-        ttft = times[0] - t0
-        tpot = (times[-1] - times[0]) / max(len(times) - 1, 1)
-        return ttft, tpot
+                now = time.perf_counter()
+                times.extend([now] * len(ch.token_ids))
+                insts.extend([ch.instance_id] * len(ch.token_ids))
+        return {"ttft": times[0] - t0, "times": times, "inst": insts, "prompt": prompt_len}
+
+    def per_engine(runs: list[dict]) -> list[tuple[int, int, list[dict]]]:
+        """``(engines busy, batch on one engine, runs to window)``: grouped by the chunks' ``instance_id`` where
+        the server sets it, else assuming the router spreads concurrent requests evenly over the decoders."""
+        ids = [r["inst"][-1] for r in runs]
+        if all(ids):
+            groups: dict[str, list[dict]] = {}
+            for r, i in zip(runs, ids):
+                groups.setdefault(i, []).append(r)
+            return [(len(groups), len(g), g) for g in groups.values()]
+        busy, per = min(len(runs), decoders), -(-len(runs) // decoders)
+        return [(busy, 1, [r]) for r in runs] if per == 1 else [(busy, per, runs)]
 
     try:
+        state = await client.cluster_state()
+        engines = len(state.instances)
+        roles = [getattr(i.role, "value", str(i.role)).lower() for i in state.instances]
+        split = any("prefill" in r for r in roles)  # P/D: token 0 from a prefill instance, then a handoff
+        decoders = max(sum(("decode" in r) if split else ("mixed" in r) for r in roles), 1)
         for N in (16, 300, 1000):  # warm-up: first runs of a shape are several times slower on vLLM-CPU
             await one(N, 4)
+            await asyncio.gather(*(one(N, 8) for _ in range(2)))
         for N in PREFILL_GRID:
-            ts = [(await one(N, 1))[0] for _ in range(repeats)]
+            ts = [(await one(N, 1))["ttft"] for _ in range(repeats)]
             prefill.append((N, float(np.median(ts))))
+        alone: dict[int, list[float]] = {}  # prompt -> steady TPOT of one request alone on the host
         for b, ctx in DECODE_GRID:
-            runs = []
             for _ in range(repeats):
-                res = await asyncio.gather(*(one(ctx, decode_tokens) for _ in range(b)))
-                runs.append(float(np.median([r[1] for r in res])))
-            decode.append((b, ctx, float(np.median(runs))))
+                runs = await asyncio.gather(*(one(ctx, decode_tokens) for _ in range(b)))
+                groups = per_engine(runs)
+                for busy, per, g in groups:
+                    tpot = _steady_tpot(g)
+                    if tpot is None:
+                        continue
+                    decode.append((per, ctx + decode_tokens / 2, tpot, busy))
+                    if b == 1:
+                        alone.setdefault(ctx, []).append(tpot)
+                        if split:  # gap between token 0 (prefill instance) and token 1 (decode), less a step
+                            handoff.append((ctx, float(g[0]["times"][1] - g[0]["times"][0] - tpot)))
+                    elif per == 1 and busy > 1 and ctx in alone:
+                        contention.setdefault(busy, []).append(tpot / float(np.median(alone[ctx])))
+        if engines > 2:  # a prefill while two other engines decode: three busy engines
+            iso = float(np.median([(await one(CONTENTION_PROMPT, 1))["ttft"] for _ in range(repeats)]))
+            for _ in range(repeats):
+                bg = [asyncio.create_task(one(64, 160)) for _ in range(engines - 1)]
+                await asyncio.sleep(0.25)  # background streams past their prefill
+                ttft = (await one(CONTENTION_PROMPT, 1))["ttft"]
+                await asyncio.gather(*bg)
+                contention.setdefault(engines, []).append(ttft / iso)
     finally:
         await client.close()
-    return {"prefill": prefill, "decode": decode}
+    return {"prefill": prefill, "decode": decode, "handoff": handoff,
+            "contention": {k: float(np.median(v)) for k, v in sorted(contention.items())}, "engines": engines}
+
+
+def contention_table(samples: dict) -> list[float]:
+    """Step-time factor by engines busy (index 0: one engine), non-decreasing, from the measured points."""
+    pts = {int(k): max(float(v), 1.0) for k, v in samples.get("contention", {}).items()}
+    if not pts:
+        return [1.0]
+    top = max(pts)
+    table = [1.0]
+    for k in range(2, top + 1):
+        if k in pts:
+            table.append(max(pts[k], table[-1]))
+        else:  # between measured points: linear from the last one
+            nxt = min(j for j in pts if j > k)
+            table.append(max(table[-1] + (pts[nxt] - table[-1]) / (nxt - k + 1), table[-1]))
+    return table
 
 
 def fit(samples: dict) -> dict:
-    """Least squares for ``(c, g1, a_p, a_d, s)`` over both kinds of samples, non-negative (scipy NNLS)."""
+    """Least squares for ``(c, g1, a_p, a_d, s, L)`` over both kinds of samples, non-negative (scipy NNLS).
+
+    ``L`` is the per-request path latency (client -> gRPC -> ingress -> instance -> engine and back) that a
+    client sees once per request, not once per step: it is in the TTFT samples only, since the decode samples
+    are steady inter-token times. Decode samples are divided by the contention factor they were measured under.
+    """
     from scipy.optimize import nnls
 
+    table = contention_table(samples)
     rows, y = [], []
     for N, t in samples["prefill"]:
-        rows.append([1.0, N, N * (N + 1) / 2, 0.0, 1.0])
+        rows.append([1.0, N, N * (N + 1) / 2, 0.0, 1.0, 1.0])
         y.append(t)
-    for b, ctx, t in samples["decode"]:
-        rows.append([1.0, b, 0.0, b * (ctx + 12), b])  # ctx grows by half the decoded tokens on average
-        y.append(t)
+    for d in samples["decode"]:
+        b, ctx, t = d[:3]
+        busy = d[3] if len(d) > 3 else 1
+        rows.append([1.0, b, 0.0, b * ctx, b, 0.0])
+        y.append(t / table[min(busy, len(table)) - 1])
     A, Y = np.asarray(rows), np.asarray(y)
-    scale = A.max(axis=0)  # column scaling: pairs are ~1e6, the intercept 1
+    scale = np.maximum(A.max(axis=0), 1e-12)  # column scaling: pairs are ~1e6, the intercept 1
     coef, _ = nnls((A / scale) / Y[:, None], np.ones_like(Y))  # relative-error weighting
     coef = coef / scale
     pred = A @ coef
-    return {
+    out = {
         "overhead_s": float(coef[0]),
         "gemm_s_per_token": float(coef[1]),
         "attn_prefill_s_per_pair": float(coef[2]),
         "attn_decode_s_per_token": float(coef[3]),
         "per_seq_s": float(coef[4]),
+        "request_latency_s": float(coef[5]),
+        "host_contention": table,
         "fit_mape": float(np.mean(np.abs(pred - Y) / Y)),
         "samples": samples,
     }
+    if samples.get("handoff"):
+        h = np.asarray(samples["handoff"], dtype=float)
+        hc, _ = nnls(np.c_[np.ones(len(h)), h[:, 0]], np.maximum(h[:, 1], 0.0))
+        out["handoff_s"] = float(hc[0])
+        out["handoff_s_per_token"] = float(hc[1])
+    return out
 
 
 def latency_from_profile(path: str | Path, model: ModelSpec, gpu: GPUSpec, tp: int = 1) -> LatencyModel:
@@ -101,7 +198,10 @@ def latency_from_profile(path: str | Path, model: ModelSpec, gpu: GPUSpec, tp: i
     g = p["gemm_s_per_token"]
     gemm = GemmTable((1, 16384), (g, g * 16384), source=f"profile:{path}")
     return LatencyModel(model, gpu, tp, p["overhead_s"], p["attn_prefill_s_per_pair"], p["attn_decode_s_per_token"],
-                        gemm, source=f"profile:{Path(path).name}", per_seq_s=p.get("per_seq_s", 0.0))
+                        gemm, source=f"profile:{Path(path).name}", per_seq_s=p.get("per_seq_s", 0.0),
+                        request_latency_s=p.get("request_latency_s", 0.0), handoff_s=p.get("handoff_s"),
+                        handoff_s_per_token=p.get("handoff_s_per_token", 0.0),
+                        host_contention=tuple(p.get("host_contention", (1.0,))))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,6 +194,9 @@ class Simulator:
         self.kv_transfer_s = 0.0
         self.heap: list = []
         self.seq = itertools.count()
+        # Co-located engines sharing a host's cores (live CPU profiles): step times scale with the busy count.
+        self._contended = any(len(x.latency.host_contention) > 1 for x in self.instances)
+        self._n_busy = 0
         self.events = 0
         self._view: ClusterView | None = None
         self._view_t = -math.inf
@@ -360,8 +363,22 @@ class Simulator:
             self._record(res, now, inst=inst)
         self._kick(inst, now)
 
+    def _host_update(self, now: float) -> None:
+        """Engines busy on the host changed: rescale every engine's steps (spans in flight are cut at their next
+        step boundary and re-planned with the new factor)."""
+        n = sum(1 for x in self.instances if x.engine.has_work)
+        if n == self._n_busy:
+            return
+        self._n_busy = n
+        for x in self.instances:
+            x.engine.time_scale = x.latency.contention(n)
+            if x.busy and x.span is not None:
+                self.cut_span(x, now)
+
     def _kick(self, inst: SimInstance, now: float) -> None:
         eng = inst.engine
+        if self._contended:
+            self._host_update(now)
         if not eng.has_work:
             if inst.draining and self.scaler is not None:
                 self.scaler.on_idle(inst, now)  # a draining instance ran dry: remove it
@@ -390,13 +407,14 @@ class Simulator:
             i = seq.tag
             if self.admit[i] != self.admit[i]:  # nan: first admission only
                 self.admit[i] = started if started is not None else t
+        lat = inst.latency.request_latency_s if inst is not None else 0.0
         for seq in res.first_token:
             i = seq.tag
             if self.first[i] != self.first[i]:
-                self.first[i] = t
+                self.first[i] = t + lat
         for seq in res.finished:
             i = seq.tag
-            self.finish[i] = t
+            self.finish[i] = t + lat
             self.router.on_finished(str(i), self._ids[self.inst_of[i]])
         for seq in res.preempted:
             self.preempt[seq.tag] += 1
@@ -406,7 +424,7 @@ class Simulator:
     def _handoff(self, i: int, t: float) -> None:
         output = int(self.w.output_tokens[i])
         if output <= 1:
-            self.finish[i] = t
+            self.finish[i] = t + self.instances[self.inst_of[i]].latency.request_latency_s
             return
         d = self.dec_of[i]
         if d < 0:  # routed to a PREFILL instance without a decode partner: decode where the router says now
@@ -419,10 +437,12 @@ class Simulator:
         dst = self.instances[d]
         src = self.instances[self.inst_of[i]]
         gpu = self.config.gpus[src.pool.gpu]
-        dt = kv_transfer_time(
-            int(self.w.prompt_tokens[i]), self.config.model, bandwidth_gbps=gpu.network_gbps,
-            latency_s=gpu.network_latency_s,
-        )
+        dt = src.latency.handoff_time(int(self.w.prompt_tokens[i]))  # measured end to end (live profiles)
+        if dt is None:
+            dt = kv_transfer_time(
+                int(self.w.prompt_tokens[i]), self.config.model, bandwidth_gbps=gpu.network_gbps,
+                latency_s=gpu.network_latency_s,
+            )
         self.kv_transfers += 1
         self.kv_transfer_s += dt
         self._push(t + dt, EventKind.KV_ARRIVE, dst, i)

@@ -161,6 +161,8 @@ class EngineModel:
         self.busy_time_s = 0.0
         self.steps_run = 0
         self._coeffs: dict[int, tuple[float, float]] = {}  # decode_coeffs by batch size (hot in the simulator)
+        # Step-time multiplier set by the driver (host contention between co-located engines; 1 = alone).
+        self.time_scale = 1.0
         # Prefix cache: hash id -> tokens it covers, least recently used first (None: caching disabled).
         self.prefix_cache: OrderedDict[int, int] | None = (
             OrderedDict() if getattr(spec, "enable_prefix_caching", False) else None
@@ -379,7 +381,7 @@ class EngineModel:
         res.duration_s = self.latency.step_time(
             prefill_tokens=p_tokens, prefill_pairs=p_pairs, decode_batch=bs, decode_context=self._n_sum + bs,
             prefill_seqs=len(chunks),
-        )
+        ) * self.time_scale
         if want_emitted:
             res.emitted = list(self.decoding)
         self._advance_decodes(1, res)
@@ -522,6 +524,8 @@ class EngineModel:
         if coeffs is None:
             coeffs = self._coeffs[bs] = self.latency.decode_coeffs(bs)
         a, b = coeffs
+        if self.time_scale != 1.0:
+            a, b = a * self.time_scale, b * self.time_scale
         d0 = self._n_sum + bs
         span = Span(k, 0.0, a, b, d0, bs)
         return Span(k, span.time_of(k), a, b, d0, bs)

@@ -59,6 +59,17 @@ class LatencyModel:
     # Per scheduled sequence (sampling, block tables, Python bookkeeping): small on GPUs next to the GEMMs, but it
     # is most of a decode step on the vLLM CPU build. Fitted by `llmsched profile`.
     per_seq_s: float = 0.0
+    # Measured by `llmsched profile` on a live cluster (0 / empty elsewhere):
+    # the per-request path latency a client sees once per request (gRPC, ingress, Ray hop, engine IPC), not
+    # once per step; it delays a request's whole stream and occupies no engine.
+    request_latency_s: float = 0.0
+    # The P->D handoff as measured end to end (KV export, object store, import, decode admission):
+    # ``handoff_s + handoff_s_per_token * prompt_tokens``; ``None``: the link model (``kv_transfer_time``).
+    handoff_s: float | None = None
+    handoff_s_per_token: float = 0.0
+    # Step-time factor by number of engines busy on one host (index 0: this engine alone): engines that share
+    # a host's cores (the vLLM CPU build) slow each other down. Beyond the table: its last slope.
+    host_contention: tuple[float, ...] = (1.0,)
 
     # ---- the batch cost -------------------------------------------------------------------------------
     def step_time(
@@ -93,6 +104,21 @@ class LatencyModel:
     def decode_coeffs(self, batch: int) -> tuple[float, float]:
         """``(a, b)`` with decode-only step time ``a + b * sum_context`` for a batch of ``batch`` requests."""
         return self.overhead_s + self.gemm(batch) + self.per_seq_s * batch, self.attn_decode_s_per_token
+
+    def handoff_time(self, prompt_tokens: int) -> float | None:
+        """Measured P->D handoff time for a prompt, or ``None`` when unprofiled (use the link model)."""
+        if self.handoff_s is None:
+            return None
+        return self.handoff_s + self.handoff_s_per_token * prompt_tokens
+
+    def contention(self, busy_engines: int) -> float:
+        """Step-time factor with ``busy_engines`` engines (this one included) busy on the host."""
+        t = self.host_contention
+        if busy_engines <= 1 or len(t) <= 1:
+            return 1.0
+        if busy_engines <= len(t):
+            return t[busy_engines - 1]
+        return t[-1] + (t[-1] - t[-2]) * (busy_engines - len(t))
 
     def prefill_time(self, prompt_tokens: int, context_before: int = 0) -> float:
         return self.step_time(prefill_tokens=prompt_tokens, prefill_pairs=prefill_pairs(prompt_tokens, context_before),
