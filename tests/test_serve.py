@@ -64,8 +64,11 @@ def test_serve_foreground_health_generate_and_sigterm(tmp_path: Path) -> None:
         c = Client(addr)
         r = c.generate([5, 6, 7, 8, 9], max_tokens=12, temperature=0.0, request_id="serve-1")
         assert len(r.token_ids) == 12 and r.request_id == "serve-1"
-        idx = [ch.index for ch in c.stream("hello there", max_tokens=9) if ch.token_ids]
+        chunks = [ch for ch in c.stream("hello there", max_tokens=9) if ch.token_ids]
+        idx = [ch.index for ch in chunks]
         assert idx == sorted(set(idx)) and idx[0] == 0
+        # which instance produced the tokens: the prefill instance for token 0, a decode instance after
+        assert chunks[0].instance_id.startswith("prefill") and chunks[-1].instance_id.startswith("decode")
         with pytest.raises(Exception) as e:
             c.generate("", max_tokens=4)
         assert "prompt" in str(e.value)

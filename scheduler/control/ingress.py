@@ -554,7 +554,7 @@ class Ingress:
             for chunk in chunks:
                 out = self._accept(rec, chunk)
                 if out is not None:
-                    yield out
+                    yield out if out.instance_id else dataclasses.replace(out, instance_id=iid)
                 if chunk.finished:
                     return
             try:
