@@ -154,3 +154,13 @@ def test_http_token_auth() -> None:
         assert request(s, "POST", "/v1/completions", body, {"Authorization": "Bearer c-tok"})[0] == 200
         assert request(s, "POST", "/v1/completions", body, {"Authorization": "Bearer a-tok"})[0] == 200
         assert request(s, "GET", "/health")[0] == 200  # probes stay open
+
+
+@pytest.mark.parametrize("part", [{"type": "text", "text": None}, {"type": "text"}, {"type": "text", "text": 3},
+                                  {"type": "image_url", "image_url": {"url": "x"}}])
+def test_chat_content_parts_must_be_text_strings(srv, part) -> None:  # type: ignore[no-untyped-def]
+    # Found by the HTTP fuzzer: {"text": null} used to reach "".join and answer 500.
+    msgs = [{"role": "user", "content": [part]}]
+    status, _, payload = request(srv, "POST", "/v1/chat/completions", {"messages": msgs, "max_tokens": 2})
+    assert status == 400, payload
+    assert json.loads(payload)["error"]["param"] == "messages[0].content"

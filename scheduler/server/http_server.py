@@ -209,11 +209,11 @@ def _chat_prompt(messages: list[ChatMessage]) -> str:
     for i, m in enumerate(messages):
         content = m.content
         if isinstance(content, list):
-            parts = [p.get("text", "") for p in content if p.get("type") == "text"]
-            if len(parts) != len(content):
+            parts = [p.get("text") for p in content if p.get("type") == "text"]
+            if len(parts) != len(content) or not all(isinstance(t, str) for t in parts):
                 raise HTTPError(
                     400,
-                    f"messages[{i}].content: only text parts are supported",
+                    f"messages[{i}].content: only text parts with a string 'text' are supported",
                     param=f"messages[{i}].content",
                 )
             content = "".join(parts)
