@@ -14,6 +14,7 @@ BENCHES = {
     "control-plane": "bench.bench_control_plane",
     "migration": "bench.bench_migration",
     "chaos": "bench.bench_chaos",
+    "migration-scenario": "bench.bench_migration_scenario",
 }
 
 
