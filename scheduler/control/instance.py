@@ -54,7 +54,12 @@ def make_vllm_backend(
     **kwargs: Any,
 ) -> EngineBackend:
     """A vLLM engine for ``pool``: the tiny local model unless ``model_path`` is given; PREFILL instances save
-    every prompt's KV for export (``kv_producer``); TP > 1 runs vLLM's Ray executor in the instance's group."""
+    every prompt's KV for export (``kv_producer``); TP > 1 runs vLLM's Ray executor in the instance's group.
+
+    On the CPU build (TP 1) every engine's worker runs ONE unbound OpenMP thread (``cpu_threads_bind="nobind"``,
+    ``cpu_omp_threads=1``) unless the pool's backend kwargs say otherwise. vLLM's "auto" binding gives every engine
+    an OMP team over all allowed cores (on a 2-core host: cores [0, 1], 2 threads, each), so co-located engines'
+    teams spin-wait against each other; that made live latencies unrepeatable (docs/live_vs_sim.md, 2026-11-22)."""
     from scheduler.engine.tiny_model import ensure_tiny_model
     from scheduler.engine.vllm_backend import VLLMBackend
 
@@ -67,6 +72,12 @@ def make_vllm_backend(
     }
     if pool.tp > 1:
         kw["engine_kwargs"] = {"tensor_parallel_size": pool.tp, "distributed_executor_backend": "ray"}
+    else:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            kw["cpu_threads_bind"] = "nobind"
+            kw["cpu_omp_threads"] = 1
     kw.update(kwargs)
     return VLLMBackend(model_path or ensure_tiny_model(), **kw)
 

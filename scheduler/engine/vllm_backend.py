@@ -57,6 +57,10 @@ class VLLMBackend:
         scheduling_policy: "fcfs" or "priority" (``EngineRequest.priority`` is only honoured with "priority").
         cpu_threads_bind: sets ``VLLM_CPU_OMP_THREADS_BIND`` for this engine's worker (e.g. "nobind" on shared
             machines, "0-3" to pin); ``None`` keeps vLLM's default ("auto").
+        cpu_omp_threads: sets ``OMP_NUM_THREADS`` for this engine's worker (read when it is spawned). Only matters
+            with ``cpu_threads_bind="nobind"`` (a bind list sets it to the list's length); ``None`` inherits the
+            caller's environment (torch then defaults to all cores, and co-located engines' OMP teams spin-wait
+            against each other).
         saved_kv_capacity_bytes: bound of the host store of saved prompt KV (oldest evicted first).
         engine_kwargs: extra ``AsyncEngineArgs`` fields, passed through.
     """
@@ -77,6 +81,7 @@ class VLLMBackend:
         seed: int = 0,
         scheduling_policy: str = "fcfs",
         cpu_threads_bind: str | None = None,
+        cpu_omp_threads: int | None = None,
         saved_kv_capacity_bytes: int = 256 << 20,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -95,6 +100,9 @@ class VLLMBackend:
         self.max_model_len = max_model_len
         self._scheduling_policy = scheduling_policy
         self._cpu_threads_bind = cpu_threads_bind
+        if cpu_omp_threads is not None and cpu_omp_threads < 1:
+            raise ValueError(f"cpu_omp_threads: {cpu_omp_threads} must be >= 1")
+        self._cpu_omp_threads = cpu_omp_threads
         self._engine_args: dict[str, Any] = dict(
             model=str(self.model_path),
             dtype=dtype,
@@ -148,20 +156,26 @@ class VLLMBackend:
         self.vocab_size = self._engine.model_config.get_vocab_size()
 
     def _construct(self, async_llm_cls: Any, args: Any) -> Any:
-        if self._cpu_threads_bind is None:
+        env: dict[str, str] = {}
+        if self._cpu_threads_bind is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_threads_bind
+        if self._cpu_omp_threads is not None:
+            env["OMP_NUM_THREADS"] = str(self._cpu_omp_threads)
+        if not env:
             return async_llm_cls.from_engine_args(args)
-        # The worker reads VLLM_CPU_OMP_THREADS_BIND when it is spawned (inside from_engine_args); hold the lock
-        # so concurrent starts with different bindings do not see each other's value.
+        # The worker reads these when it is spawned (inside from_engine_args); hold the lock so concurrent starts
+        # with different settings do not see each other's values.
         with _ENV_LOCK:
-            old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_threads_bind
+            old = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
             try:
                 return async_llm_cls.from_engine_args(args)
             finally:
-                if old is None:
-                    os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-                else:
-                    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
 
     async def shutdown(self) -> None:
         """Stop the engine and its processes. Idempotent."""
