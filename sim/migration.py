@@ -5,47 +5,21 @@
       -> final stop-and-copy of what the request produced meanwhile (the downtime)
       -> commit (destination resumes; source already freed at the stop)
 
-The stage sizes come from ``scheduler.policy.migration.migration_stages`` when that policy module is present, so
-policy studies in the simulator pay what the live path would pay.
+The stage sizes come from ``scheduler.policy.migration.migration_stages``, the same function the live path uses,
+so policy studies in the simulator pay what the live path would pay.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from scheduler.latency import kv_transfer_time
+from scheduler.policy.migration import migration_stages
 
 if TYPE_CHECKING:
     from sim.cluster import SimInstance
     from sim.simulator import Simulator
-
-
-def stage_tokens(
-    context_tokens: int, *, decode_rate_tok_s: float, bandwidth_tok_s: float, max_stages: int = 4,
-    last_stage_max_tokens: int = 64,
-) -> list[int]:
-    """Tokens copied per stage: stage 1 copies the context; each later stage copies what was generated while the
-    previous one ran; stop when that is small enough (or stages run out): the last entry is the stop-and-copy."""
-    try:
-        from scheduler.policy.migration import migration_stages
-
-        return list(
-            migration_stages(
-                context_tokens, decode_rate_tok_s=decode_rate_tok_s, bandwidth_tok_s=bandwidth_tok_s,
-                max_stages=max_stages, last_stage_max_tokens=last_stage_max_tokens,
-            )
-        )
-    except (ImportError, TypeError):
-        pass
-    stages = [context_tokens]
-    while len(stages) < max_stages:
-        produced = math.ceil(stages[-1] / bandwidth_tok_s * decode_rate_tok_s)
-        stages.append(max(produced, 1))
-        if produced <= last_stage_max_tokens:
-            break
-    return stages
 
 
 @dataclass
@@ -103,7 +77,7 @@ class MigrationDriver:
         step = a + b * (src.engine._n_sum + len(src.engine.decoding))
         gpu = self.sim.config.gpus[src.pool.gpu]
         bw_tok = gpu.network_gbps * 1e9 / self.sim.config.model.kv_bytes_per_token
-        stages = stage_tokens(context, decode_rate_tok_s=1.0 / step, bandwidth_tok_s=bw_tok,
+        stages = migration_stages(context, decode_rate_tok_s=1.0 / step, bandwidth_tok_s=bw_tok,
                               max_stages=self.max_stages, last_stage_max_tokens=self.last_stage_max_tokens)
         pre = stages[:-1] or stages  # at least one pre-copy stage of the context
         t_pre = sum(self._xfer(src, k) for k in pre)

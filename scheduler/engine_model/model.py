@@ -297,12 +297,15 @@ class EngineModel:
         """Blocks the decode set holds after computing ``extra_steps + 1`` more tokens each (exact)."""
         if not self.decoding:
             return 0
-        n = np.fromiter(
+        return int(np.sum(-(-(self._decode_computed() + extra_steps + 1) // self.block_size)))
+
+    def _decode_computed(self) -> np.ndarray:
+        """``num_computed`` of every decode-set member now (O(batch): only near KV exhaustion and for snapshots)."""
+        return np.fromiter(
             (s.num_computed + self.step_no - s.join_step for s in self.decoding.values()),
             dtype=np.int64,
             count=len(self.decoding),
         )
-        return int(np.sum(-(-(n + extra_steps + 1) // self.block_size)))
 
     def _decode_blocks_upper(self, extra_steps: int) -> float:
         bs = len(self.decoding)
@@ -317,12 +320,7 @@ class EngineModel:
         """Exact blocks held now (O(batch); for snapshots and invariant checks)."""
         held = self.prefill_blocks
         if self.decoding:
-            n = np.fromiter(
-                (s.num_computed + self.step_no - s.join_step for s in self.decoding.values()),
-                dtype=np.int64,
-                count=len(self.decoding),
-            )
-            held += int(np.sum(-(-n // self.block_size)))
+            held += int(np.sum(-(-self._decode_computed() // self.block_size)))
         return held
 
     # ---- one iteration ----------------------------------------------------------------------------------

@@ -123,3 +123,14 @@ class LengthPredictor(Protocol):
         prompt_tokens: Sequence[int],
         tenants: Sequence[str | None] | None = None,
     ) -> list[LengthPrediction]: ...
+
+
+def predict_each(
+    predictor: LengthPredictor,
+    prompts: Sequence[str | None],
+    prompt_tokens: Sequence[int],
+    tenants: Sequence[str | None] | None = None,
+) -> list[LengthPrediction]:
+    """``predict_batch`` for predictors with no batched path: ``predict`` over aligned sequences."""
+    ts = tenants if tenants is not None else [None] * len(prompts)
+    return [predictor.predict(p, prompt_tokens=n, tenant=t) for p, n, t in zip(prompts, prompt_tokens, ts, strict=True)]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scheduler.predict.base import BUCKET_EDGES, LengthPrediction, bucket_of
+from scheduler.predict.base import BUCKET_EDGES, LengthPrediction, bucket_of, predict_each
 from scheduler.predict.features import featurize
 
 
@@ -57,11 +57,7 @@ class NgramPredictor:
         tenants: Sequence[str | None] | None = None,
     ) -> list[LengthPrediction]:
         """``predict`` over aligned sequences."""
-        ts = tenants if tenants is not None else [None] * len(prompts)
-        return [
-            self.predict(p, prompt_tokens=n, tenant=t)
-            for p, n, t in zip(prompts, prompt_tokens, ts, strict=True)
-        ]
+        return predict_each(self, prompts, prompt_tokens, tenants)
 
     # -- persistence ---------------------------------------------------------------------------------------------
 

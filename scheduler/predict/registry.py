@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from scheduler.predict.base import LengthPrediction, LengthPredictor
+from scheduler.predict.base import LengthPrediction, LengthPredictor, predict_each
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
@@ -62,11 +62,7 @@ class TextWithTraceFallback:
         tenants: Sequence[str | None] | None = None,
     ) -> list[LengthPrediction]:
         """``predict`` over aligned sequences."""
-        ts = tenants if tenants is not None else [None] * len(prompts)
-        return [
-            self.predict(p, prompt_tokens=n, tenant=t)
-            for p, n, t in zip(prompts, prompt_tokens, ts, strict=True)
-        ]
+        return predict_each(self, prompts, prompt_tokens, tenants)
 
 
 @dataclass

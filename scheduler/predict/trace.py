@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scheduler.predict.base import BUCKET_EDGES, LengthPrediction, bucket_of
+from scheduler.predict.base import BUCKET_EDGES, LengthPrediction, bucket_of, predict_each
 
 # sqrt(2)-spaced input-length edges from 64 to 128k tokens.
 INPUT_EDGES: tuple[int, ...] = (0, *(round(64 * 2 ** (i / 2)) for i in range(23)))
@@ -58,8 +58,7 @@ class TracePredictor:
         tenants: Sequence[str | None] | None = None,
     ) -> list[LengthPrediction]:
         """``predict`` over aligned sequences."""
-        ts = tenants if tenants is not None else [None] * len(prompt_tokens)
-        return [self.predict(None, prompt_tokens=n, tenant=t) for n, t in zip(prompt_tokens, ts, strict=True)]
+        return predict_each(self, [None] * len(prompt_tokens), prompt_tokens, tenants)  # text is never used
 
     def save(self, path: str | Path) -> None:
         """Write JSON (probabilities rounded to 6 decimals)."""
