@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONTEXTS = (256, 512, 1024, 1536, 2048)
+from scheduler.engine.tiny_model import TinyModelSpec
+
+CONTEXTS = (256, 1024, 2048, 4096, 8192, 16384)  # up to the tiny model's max (TinyModelSpec)
 MODES = ("live", "blocking", "recompute")
 
 
@@ -73,6 +75,12 @@ async def _one(ing: Any, rid: str, prompt: tuple[int, ...], n: int, after: int, 
     return out
 
 
+async def _reset_caches(ing: Any) -> None:
+    ok = await asyncio.gather(*(h.reset_prefix_cache.remote() for h in ing.instance_handles().values()))
+    if not all(ok):
+        raise RuntimeError("prefix cache reset refused (blocks still in use?)")
+
+
 async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     from scheduler.config.load import load_config
     from scheduler.config.models import ClusterConfig
@@ -81,8 +89,12 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(__file__).resolve().parents[1]
     raw = load_config(root / "scheduler" / "config" / "examples" / "tiny-cpu.yaml").model_dump()
     raw["pools"][0]["count"] = 2
+    raw["model"]["max_model_len"] = args.max_model_len
+    raw["pools"][0]["engine"]["num_kv_blocks"] = 4 * args.max_model_len // raw["pools"][0]["engine"]["block_size"]
     cfg = ClusterConfig.model_validate(raw)
-    kw = {"kv_cache_bytes": 64 << 20, "enable_prefix_caching": False, "max_num_seqs": 8, "cpu_threads_bind": "nobind"}
+    # Prefix caching on, as in a real deployment (the live fast path adopts staged blocks through it); every
+    # run starts from empty caches, so recompute cannot hit blocks an earlier run left behind.
+    kw = {"kv_cache_bytes": 160 << 20, "enable_prefix_caching": True, "max_num_seqs": 8, "cpu_threads_bind": "nobind"}
     cluster = await asyncio.to_thread(start_local_cluster, cfg, backend_kwargs={"vllm": kw})
     ing = cluster.ingress
     result: dict[str, Any] = {k: [] for k in ("context_tokens", "downtime_s", "recompute_downtime_s",
@@ -100,6 +112,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             per: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
             for rep in range(args.repeats):
                 for mode in MODES:
+                    await _reset_caches(ing)
                     r = await _one(ing, f"{mode}-{ctx}-{rep}", prompt, n, args.after, mode, None)
                     if not r.get("committed"):
                         print(f"  {mode} ctx={ctx}: not committed: {r.get('reason')}", file=sys.stderr)
@@ -145,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the result JSON here")
     ap.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-model-len", type=int, default=TinyModelSpec().max_position_embeddings,
+                    help="the engines' max_model_len (default: the tiny model's max)")
     ap.add_argument("--after", type=int, default=16, help="migrate after this many tokens")
-    ap.add_argument("--decode", type=int, default=32, help="tokens generated after the migration point")
+    ap.add_argument("--decode", type=int, default=160,
+                    help="tokens generated after the migration point (long enough for the pre-copy stages of the longest context)")
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     res = asyncio.run(_bench(args))

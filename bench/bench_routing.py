@@ -4,6 +4,7 @@
     python bench/bench_routing.py predictor   # lookahead with oracle lengths vs the trace predictor vs none
     python bench/bench_routing.py migration   # migration on/off under bursty load (cost included)
     python bench/bench_routing.py scaling --json docs/results/scaling.json   # autoscaling vs static provisioning
+    python bench/bench_routing.py rerole --json docs/results/routing_rerole.json  # P/D re-roling vs static roles
     python bench/bench_routing.py all --json docs/results/routing_studies.json
 
 Every number is a ratio against a baseline simulated in the same run, on the named trace and config.
@@ -26,6 +27,7 @@ from sim.traces import load_trace, synthetic
 from sim.traces.synthetic import LogNormal
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "sim" / "data"  # vendored trace slices
 
 
 def ir_workload(n: int = 6000, rate: float = 20.0, seed: int = 0) -> Workload:
@@ -261,8 +263,80 @@ def study_scaling(static_sizes: tuple[int, ...] = (3, 4, 5, 6, 7, 8), startup_s:
     return out
 
 
+def shifting_workload(path: Path = DATA / "azure_llm_2023_conv_first10min.csv.gz", *, rate_scale: float = 1.5,
+                      decode_first: bool = False) -> Workload:
+    """A real trace whose mix shifts halfway: the trace's own arrival times, and its own (prompt, output) pairs
+    reordered so the first half of the arrivals get the pairs with prompt/output ratio at or above the median
+    (prefill-heavy) and the second half the rest (decode-heavy); ``decode_first`` swaps the halves. Arrivals are
+    compressed ``rate_scale`` times."""
+    from sim.goodput import scale_rate
+
+    t = load_trace(path)
+    p, o = np.asarray(t.prompt_tokens, dtype=np.int64), np.asarray(t.output_tokens, dtype=np.int64)
+    ratio = p / np.maximum(o, 1)
+    heavy = ratio >= np.median(ratio)
+    halves = [(p[heavy], o[heavy]), (p[~heavy], o[~heavy])]
+    if decode_first:
+        halves.reverse()
+    a = np.asarray(t.arrival_s, dtype=np.float64)
+    order = "decode_then_prefill" if decode_first else "prefill_then_decode"
+    w = Workload(a - a[0], np.concatenate([h[0] for h in halves]), np.concatenate([h[1] for h in halves]),
+                 name=f"{t.name}_shift_{order}")
+    return scale_rate(w, rate_scale)
+
+
+def study_rerole(rate_scale: float = 1.5) -> dict:
+    """Static P/D roles vs ``RerolePolicy`` applied by the simulator (``sim/reroling.py``) on the Azure conv trace
+    with its mix shifted halfway (``shifting_workload``), both directions; 2 PREFILL + 2 DECODE Llama-2-7B A100s
+    (``llama2-7b-pd-a100``), its ``least_outstanding`` router, re-roling with the policy's defaults. Also: the
+    other static splits of the same 4 GPUs, and the switch delay raised from 10 s to a cold start's 60 s."""
+    from scheduler.policy.scaling import RerolePolicy
+
+    cfg = load_config("llama2-7b-pd-a100")
+    pre, dec = cfg.pools
+
+    def split(n_pre: int):
+        return cfg.model_copy(update={"pools": [pre.model_copy(update={"count": n_pre}),
+                                                dec.model_copy(update={"count": 4 - n_pre})]})
+
+    def one(c, w: Workload, reroling: RerolePolicy | None = None, **opts) -> dict:
+        sim = Simulator(c, router=router_factory("least_outstanding", c)(), reroling=reroling,
+                        reroling_options=opts)
+        res = sim.run(w)
+        m = request_metrics(res)
+        first = np.arange(len(w)) < len(w) // 2
+        r = {"slo_attainment": float(m.slo_met.mean()), "ttft_p99_s": float(np.nanpercentile(m.ttft_s, 99)),
+             "tpot_p99_s": float(np.nanpercentile(m.tpot_s, 99)), "e2e_mean_s": float(np.nanmean(m.e2e_s)),
+             "e2e_mean_first_half_s": float(np.nanmean(m.e2e_s[first])),
+             "e2e_mean_second_half_s": float(np.nanmean(m.e2e_s[~first])),
+             "completed": int(np.isfinite(res.finish_s).sum()), "migrations": int(res.migrations)}
+        if sim.reroler is not None:
+            r.update(sim.reroler.summary())
+        return r
+
+    traces = {"azure_conv_first10min": DATA / "azure_llm_2023_conv_first10min.csv.gz"}
+    if (SHARED / "azure_llm_2023_conv.csv.gz").exists():
+        traces["azure_conv_full"] = SHARED / "azure_llm_2023_conv.csv.gz"
+    out: dict = {"config": "llama2-7b-pd-a100 (2 PREFILL + 2 DECODE, llama2-7b, a100)", "router": "least_outstanding",
+                 "slo": "ttft 2 s, tpot 0.1 s", "rate_scale": rate_scale, "policy": "RerolePolicy() defaults",
+                 "switch_delay_s": 10.0, "command": "python bench/bench_routing.py rerole --json "
+                 "docs/results/routing_rerole.json", "runs": {}}
+    for tname, path in traces.items():
+        for decode_first in (False, True):
+            w = shifting_workload(path, rate_scale=rate_scale, decode_first=decode_first)
+            row: dict = {"requests": len(w), "rate_rps": len(w) / float(w.arrival_s[-1]),
+                         "shift_at_s": float(w.arrival_s[len(w) // 2])}
+            row["static_2p2d"] = one(cfg, w)
+            row["rerole"] = one(cfg, w, RerolePolicy())
+            row["rerole_delay_60s"] = one(cfg, w, RerolePolicy(), switch_delay_s=60.0)
+            row["static_1p3d"] = one(split(1), w)
+            row["static_3p1d"] = one(split(3), w)
+            out["runs"][f"{tname}/{w.name.rsplit('_shift_', 1)[1]}"] = row
+    return out
+
+
 STUDIES = {"ir": study_ir, "predictor": study_predictor, "migration": study_migration, "sweep": study_sweep,
-           "scaling": study_scaling}
+           "scaling": study_scaling, "rerole": study_rerole}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,9 +56,7 @@ class MigrationDriver:
 
     def on_policy(self, now: float) -> None:
         sim = self.sim
-        for inst in sim.instances:
-            inst.snap_dirty = True
-        view = sim._view_at(now)
+        view = sim.policy_view(now, sim.instances)
         for plan in self.policy.plan(view, now):  # type: ignore[union-attr]
             self.start(int(plan.request_id), sim._index[plan.source], sim._index[plan.destination], now)
 

@@ -86,9 +86,7 @@ class ScalingDriver:
             self._ready(payload, now)
             return False
         sim = self.sim
-        for inst in self.live:
-            inst.snap_dirty = True
-        view = sim._view_at(now)
+        view = sim.policy_view(now, self.live)
         for d in self.policy.decide(view, now, self.observe(now)):  # type: ignore[union-attr]
             self.apply(d, now)
         drn = sum(1 for x in self.live if x.draining)
@@ -97,7 +95,7 @@ class ScalingDriver:
 
     def on_idle(self, inst: SimInstance, now: float) -> None:
         """The simulator found ``inst`` (draining) without work: remove it if nothing is still on its way."""
-        if inst.draining and inst.stopped_s is None and self._empty(inst):
+        if inst.draining and inst.stopped_s is None and self.sim.is_empty(inst):
             self._remove(inst, now)
 
     def finish(self, end: float) -> None:
@@ -164,7 +162,7 @@ class ScalingDriver:
                 x.snap_dirty = True
                 left -= 1
                 done += 1
-                if not x.busy and self._empty(x):
+                if not x.busy and self.sim.is_empty(x):
                     self._remove(x, now)
             done = -done
         if done:
@@ -200,14 +198,6 @@ class ScalingDriver:
         self.live.append(inst)
         inst.snap_dirty = True
         self.sim._view = None
-
-    def _empty(self, inst: SimInstance) -> bool:
-        if inst.engine.has_work or inst.engine.prefill_blocks > 0:  # requests, or a migration's KV reservation
-            return False
-        from sim.simulator import EventKind
-
-        kv = EventKind.KV_ARRIVE
-        return not any(e[1] is kv and e[3] is inst for e in self.sim.heap)  # a P->D transfer still on its way
 
     def _remove(self, inst: SimInstance, now: float) -> None:
         inst.stopped_s = now

@@ -15,6 +15,7 @@ import heapq
 import itertools
 import math
 import time as _time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,7 @@ class EventKind(enum.IntEnum):
     POLICY = 4  # periodic policy loop (migration)
     STEP = 5
     SCALE = 6  # scaling policy tick, or a started instance becoming routable (sim/scaling.py)
+    REROLE = 7  # re-roling policy tick, or a switching instance taking its new role (sim/reroling.py)
 
 
 @dataclass
@@ -111,6 +113,7 @@ class SimResult:
     instance_started_s: np.ndarray | None = None
     instance_stopped_s: np.ndarray | None = None
     scale_events: int | None = None  # ScaleDecisions applied (None: no scaling policy)
+    role_switches: int | None = None  # re-roling switches completed (None: no re-roling policy)
 
     @property
     def instance_lifetime_s(self) -> np.ndarray:
@@ -136,6 +139,10 @@ class Simulator:
             ``scaling_interval_s``; scale-ups start instances that become routable ``scaling_startup_s`` later,
             scale-downs drain instances and remove them once empty (``sim/scaling.py``). ``scaling_options``
             go to ``ScalingDriver`` (e.g. ``window_s``).
+        reroling: a re-roling policy (``propose(view, now_s) -> list[RoleChange]``, e.g. ``RerolePolicy``) run
+            every ``reroling_interval_s`` on a P/D cluster: a switching instance stops taking work of its old
+            role, finishes or hands off what it has, then pays a modelled switch delay (``sim/reroling.py``;
+            ``reroling_options`` go to ``RerolingDriver``: ``switch_delay_s``, ``handoff``). Not with ``scaling``.
     """
 
     def __init__(
@@ -153,8 +160,16 @@ class Simulator:
         scaling_interval_s: float = 5.0,
         scaling_startup_s: float = 60.0,
         scaling_options: dict | None = None,
+        reroling: object | None = None,
+        reroling_interval_s: float = 5.0,
+        reroling_options: dict | None = None,
     ) -> None:
+        if scaling is not None and reroling is not None:
+            raise ValueError("reroling: not supported together with scaling (the scaling driver keys pools by role)")
         self.config = config
+        self.reroling = reroling
+        self.reroling_interval_s = reroling_interval_s
+        self.reroling_options = reroling_options or {}
         self.migration = migration
         self.migration_interval_s = migration_interval_s
         self.scaling = scaling
@@ -223,6 +238,12 @@ class Simulator:
 
             self.scaler = ScalingDriver(self, startup_delay_s=self.scaling_startup_s, **self.scaling_options)
             self._push(self.scaling_interval_s, EventKind.SCALE, None, None)
+        self.reroler = None
+        if self.reroling is not None:
+            from sim.reroling import RerolingDriver
+
+            self.reroler = RerolingDriver(self, **self.reroling_options)
+            self._push(self.reroling_interval_s, EventKind.REROLE, None, None)
         while i < n or heap:
             if i < n and (not heap or arrivals[i] <= heap[0][0]):
                 now = float(arrivals[i])
@@ -246,6 +267,10 @@ class Simulator:
                     if self.scaler.on_event(payload, now) and (  # type: ignore[union-attr]
                             i < n or any(x.busy for x in self._live)):
                         self._push(now + self.scaling_interval_s, EventKind.SCALE, None, None)
+                elif kind is EventKind.REROLE:
+                    if self.reroler.on_event(payload, now) and (  # type: ignore[union-attr]
+                            i < n or any(x.busy for x in self.instances)):
+                        self._push(now + self.reroling_interval_s, EventKind.REROLE, None, None)
                 elif kind is EventKind.MIGRATE_FINAL:
                     self.migrations.on_final(payload, now)  # type: ignore[union-attr]
                 else:
@@ -263,6 +288,20 @@ class Simulator:
         heapq.heappush(self.heap, (t, kind, next(self.seq), inst, payload))
 
     # ---- routing ------------------------------------------------------------------------------------------
+    def is_empty(self, inst: SimInstance) -> bool:
+        """Nothing left on ``inst``: no requests, no migration's KV reservation, no P->D transfer on its way (a
+        draining instance may be removed or switch role only then)."""
+        if inst.engine.has_work or inst.engine.prefill_blocks > 0:
+            return False
+        return not any(e[1] is EventKind.KV_ARRIVE and e[3] is inst for e in self.heap)
+
+    def policy_view(self, now: float, instances: Iterable[SimInstance] | None = None) -> ClusterView:
+        """A view with every snapshot fresh, for a periodic policy tick (migration, scaling, re-roling): their
+        decisions must not act on a snapshot the router's refresh period let go stale."""
+        for inst in self._live if instances is None else instances:
+            inst.snap_dirty = True
+        return self._view_at(now)
+
     def _view_at(self, now: float) -> ClusterView:
         full = self._view is None or now - self._view_t >= self.view_refresh_s
         changed = self._view_one_changed or full
@@ -382,6 +421,8 @@ class Simulator:
         if not eng.has_work:
             if inst.draining and self.scaler is not None:
                 self.scaler.on_idle(inst, now)  # a draining instance ran dry: remove it
+            elif inst.draining and self.reroler is not None:
+                self.reroler.on_idle(inst, now)  # a switching instance ran dry: start its switch
             return
         span = eng.plan_span() if self.closed_form else None
         if span is not None:
@@ -490,6 +531,7 @@ class Simulator:
             instance_stopped_s=(np.array([x.stopped_s if x.stopped_s is not None else end for x in self.instances])
                                 if self.scaler is not None else None),
             scale_events=self.scaler.applied if self.scaler is not None else None,
+            role_switches=self.reroler.summary()["role_switches"] if self.reroler is not None else None,
         )
 
 

@@ -127,6 +127,38 @@ def test_kv_never_over_allocated(seed: int, blocks: int, steps: int) -> None:
         assert produced == tokens_out
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), blocks=st.integers(30, 200))
+def test_snapshot_predicted_remaining_is_predicted_minus_generated(seed: int, blocks: int) -> None:
+    """The O(1) aggregate equals the per-request sum a detailed snapshot (and the live instance) reports,
+    through spans, preemptions and a migration's detach/re-add (exact predictions: nobody outlives one)."""
+    rng = np.random.default_rng(seed)
+    eng = EngineModel(roofline_model(MODEL, GPU, 1), EngineSpec(block_size=16, max_num_batched_tokens=256,
+                                                                 num_kv_blocks=blocks))
+    for i in range(12):
+        p, o = int(rng.integers(1, 150)), int(rng.integers(2, 120))
+        if -(-(p + o) // 16) <= blocks:
+            eng.add_request(str(i), p, o, predicted_remaining=float(o) if i % 3 else None)
+
+    def check() -> None:
+        snap = eng.snapshot("x", 0.0, detail=True)
+        per = sum(r.predicted_remaining for r in snap.requests if not r.in_prefill and r.predicted_remaining)
+        assert snap.predicted_remaining_tokens == pytest.approx(per, abs=1e-6)
+
+    for k in range(400):
+        if not eng.has_work:
+            break
+        span = eng.plan_span()
+        eng.advance(span, span.steps) if span is not None else eng.step()
+        check()
+        if k == 5 and eng.decoding:  # a migration: detach, re-add elsewhere (here: back) with what is left
+            seq = eng.detach(next(iter(eng.decoding)))
+            assert seq is not None
+            eng.add_request(seq.rid, seq.num_tokens, seq.max_new, cached_tokens=seq.num_tokens - 1,
+                            predicted_remaining=seq.predicted_remaining)
+            check()
+
+
 def test_decode_span_time_is_arithmetic_series() -> None:
     lm = roofline_model(MODEL, GPU, 1)
     eng = EngineModel(lm, EngineSpec(num_kv_blocks=4000))

@@ -149,6 +149,21 @@ def test_lookahead_prices_kv_pressure_and_slo() -> None:
     assert tight.estimate(req(800), free).slo_s > 0 == r.estimate(req(800), free).slo_s
 
 
+def test_lookahead_kv_headroom_does_not_depend_on_the_newcomers_predicted_length() -> None:
+    # 100 residents, 95k tokens of context, 117.6k of KV: 100 x 256 tokens of growth over the horizon overflow it.
+    # The instance is KV-tight for a short answer and a long one alike (the horizon used to be the newcomer's
+    # own life: a 20-token answer saw no pressure, a 600-token one the residents' whole growth).
+    tight = snap("tight", running=100, ctx=95_000, pred=30_000.0, used=5950, total=7350)
+    r = LookaheadRouter(default_latency_model())
+    short, long = r.estimate(req(2000, 20.0), tight), r.estimate(req(150, 600.0), tight)
+    assert short.kv_s > 0 and long.kv_s > 0
+    assert long.kv_s < 2 * short.kv_s
+    # The newcomer's own end state still counts: a request that cannot fit at its end is charged on a
+    # roomy instance too.
+    roomy = snap("roomy", running=1, ctx=500, pred=100.0, used=40, total=250)
+    assert r.estimate(req(1000, 3000.0), roomy).kv_s > 0 == r.estimate(req(1000, 100.0), roomy).kv_s
+
+
 def test_lookahead_pairs_jointly_and_colocates_when_cheaper() -> None:
     lat = default_latency_model()
     r = LookaheadRouter(lat)

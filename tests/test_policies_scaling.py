@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scheduler.config.models import ClusterConfig, GPUSpec
 from scheduler.core.types import SLO, ClusterView, InstanceRole, InstanceSnapshot, Rejected, RequestInfo
@@ -152,6 +154,49 @@ def test_reroling_moves_idle_prefill_into_saturated_decode_pool() -> None:
                 snap("d1", D, used=5))
     (ch,) = RerolePolicy(sustain_s=0).propose(flip, 0.0)
     assert ch.instance_id == "d1" and ch.new_role is P
+
+
+def test_reroling_waits_while_a_switch_is_in_flight_and_restarts_its_clock() -> None:
+    r = RerolePolicy(sustain_s=5, cooldown_s=0)
+    busy = (snap("d0", D, used=95), snap("d1", D, used=97))
+    assert r.propose(view(snap("p0", P), snap("p1", P), snap("p2", P), *busy), 0.0) == []
+    # p2 switching (draining): nothing proposed, even though the condition has held 5 s ...
+    assert r.propose(view(snap("p0", P), snap("p1", P), snap("p2", P, draining=True), *busy), 5.0) == []
+    # ... and the sustain clock restarts once it has landed.
+    landed = view(snap("p0", P), snap("p1", P), snap("p2", D, used=96), *busy)  # still saturated
+    assert r.propose(landed, 6.0) == [] and r.propose(landed, 10.0) == []
+    assert len(r.propose(landed, 11.0)) == 1
+
+
+def test_reroling_keeps_the_donor_pool_below_its_own_trigger() -> None:
+    # Decode idle on average (0.4) but two instances' load on one would be 0.8 -> allowed at decode_high 0.9,
+    # refused at decode_high 0.7 (the instance would be moved straight back).
+    v = view(snap("p0", P, pending=20_000), snap("p1", P, pending=20_000), snap("d0", D, used=40),
+             snap("d1", D, used=40))
+    assert len(RerolePolicy(sustain_s=0).propose(v, 0.0)) == 1
+    assert RerolePolicy(sustain_s=0, decode_high=0.7).propose(v, 0.0) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([P, D]), st.integers(0, 120), st.integers(0, 30_000), st.booleans()),
+                min_size=2, max_size=8),
+       st.integers(1, 3), st.lists(st.integers(0, 120), min_size=20, max_size=20))
+def test_reroling_never_leaves_a_pool_below_min_per_role(insts, min_per_role, drift) -> None:
+    """Apply every proposal to the view (the instance lands in its new role at once) over many ticks with
+    changing loads: each pool keeps ``min_per_role`` accepting instances whenever it had them."""
+    r = RerolePolicy(sustain_s=0, cooldown_s=0, min_per_role=min_per_role)
+    roles = {f"i{k}": role for k, (role, *_) in enumerate(insts)}
+    for t, u in enumerate(drift):
+        snaps = [snap(f"i{k}", roles[f"i{k}"], used=(used + u * k) % 121, pending=(pend * (t + 1)) % 30_001,
+                      draining=drain and t % 3 == 0) for k, (_, used, pend, drain) in enumerate(insts)]
+        v = view(*snaps)
+        before = {role: len(v.with_role(role)) for role in (P, D)}
+        for ch in r.propose(v, float(t)):
+            roles[ch.instance_id] = ch.new_role
+        after = view(*[snap(s.instance_id, roles[s.instance_id], draining=s.draining) for s in snaps])
+        for role in (P, D):
+            if before[role] >= min_per_role:
+                assert len(after.with_role(role)) >= min_per_role
 
 
 # ---- admission ------------------------------------------------------------------------------------------------------------

@@ -187,6 +187,49 @@ def test_live_export_while_decoding(engines: Engines) -> None:
     assert s1.prompt_tokens_computed - s0.prompt_tokens_computed == 1
 
 
+def test_live_migration_adopts_precopied_blocks(engines: Engines) -> None:
+    """Backend-level migration protocol (reserve, pre-copy stage, pause + final copy, admit): the destination
+    (prefix caching on) takes every whole pre-copied block as already in place -- written into its reserved
+    blocks while the source kept decoding -- and copies only the partial tail at admission; greedy output is
+    identical and no prompt token but the last is computed."""
+    p, d = engines.prefill, engines.decode
+    prompt = tuple((i * 7919) % 1000 + 3 for i in range(333))  # seen by no other test: no stale cache hits
+    total = 120
+    ref, _ = engines.run(_collect(p, EngineRequest("adopt-ref", prompt, SamplingParams(max_tokens=total))))
+
+    async def migrate() -> tuple[list[int], list[TokenChunk], Any, Any]:
+        src_out: list[int] = []
+        gen = p.generate(EngineRequest("adopt", prompt, SamplingParams(max_tokens=total)))
+        async for c in gen:
+            src_out.extend(c.token_ids)
+            if len(src_out) >= 30:
+                break
+        assert await d.reserve_kv("adopt", len(prompt) + 96) is None
+        await d.stage_kv("adopt", await p.export_kv("adopt", 0))  # pre-copy: the source keeps decoding
+        res = await p.pause("adopt", 0)
+        assert not isinstance(res, str), res
+        snap, tail = res
+        staged = await d.stage_kv("adopt", tail, snap.rng_state)
+        assert staged > 0
+        s0 = await d.stats()
+        before = snap.num_output_tokens
+        req = EngineRequest("adopt", snap.token_ids, SamplingParams(max_tokens=total - before),
+                            num_output_tokens_before=before)
+        out, chunks = await _collect(d, req)
+        s1 = await d.stats()
+        await p.abort("adopt")
+        await gen.aclose()
+        return list(snap.token_ids[len(prompt):]) + out, chunks, (s0, s1), snap
+
+    tokens, chunks, (s0, s1), snap = engines.run(migrate())
+    assert tokens == ref
+    _check_indices(chunks, snap.num_output_tokens)
+    context = len(snap.token_ids) - 1  # the last sampled token has no KV yet: the destination computes it
+    assert s1.prompt_tokens_computed - s0.prompt_tokens_computed == 1
+    assert s1.prompt_tokens_loaded - s0.prompt_tokens_loaded == context
+    assert s1.prompt_tokens_adopted - s0.prompt_tokens_adopted == context // d.block_size * d.block_size
+
+
 def test_abort_frees_kv_blocks(engines: Engines) -> None:
     d = engines.decode
     prompt = _tokenize(engines.model_path, PROMPTS[0] * 20)

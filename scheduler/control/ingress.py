@@ -379,6 +379,10 @@ class Ingress:
         self.counters["routed"] += 1
         return decision
 
+    def instance_handles(self) -> dict[str, Any]:
+        """Actor handles of the live instances this replica knows (admin tools, benchmarks)."""
+        return {iid: m.handle for iid, m in self._members.items()}
+
     def _handle(self, iid: str) -> Any:
         m = self._members.get(iid)
         if m is None:

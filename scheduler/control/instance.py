@@ -319,6 +319,12 @@ class Instance:
     async def export_kv(self, request_id: str, start_token: int = 0, end_token: int | None = None) -> KVBlocks:
         return await self._require_backend().export_kv(request_id, start_token, end_token)
 
+    async def reset_prefix_cache(self) -> bool:
+        """Drop the engine's prefix cache (benchmarks that repeat a prompt; after a model/weights change).
+        ``False`` when the backend has none or blocks are in use."""
+        reset = getattr(self._require_backend(), "reset_prefix_cache", None)
+        return bool(await reset()) if reset is not None else False
+
     # ---- live migration (protocol: scheduler.transfer.migration; driven by the ingress that owns the stream) ----
     async def inject_fault(self, step: str, kind: str = "fail") -> None:
         """Make this instance's next migration ``step`` (reserve | stage | commit) fail (raise), hang, or exit

@@ -80,6 +80,9 @@ class EngineStats:
     # Prompt tokens this engine computed (prefill FLOPs) vs loaded from transferred KV; tests assert on them.
     prompt_tokens_computed: int = 0
     prompt_tokens_loaded: int = 0
+    # Of the loaded: tokens whose KV a live migration had already written into this engine's blocks before the
+    # request arrived (nothing copied at admission, so the migration's downtime does not grow with context).
+    prompt_tokens_adopted: int = 0
     requests: tuple[RequestLoad, ...] = ()
 
 

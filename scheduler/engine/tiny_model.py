@@ -33,7 +33,9 @@ class TinyModelSpec:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4  # head_dim 32: the smallest head size vLLM's CPU attention supports
     num_key_value_heads: int = 4
-    max_position_embeddings: int = 2048
+    # Long enough that prefill (and so recompute migration) cost grows visibly with context on CPU; the example
+    # configs serve it with a shorter max_model_len to keep tests fast.
+    max_position_embeddings: int = 16384
     # NOTE(vllm-backend): larger than HF's 0.02 so logits are peaked enough that greedy argmax is not decided by
     # float rounding differences between vLLM's CPU kernels and HF's eager attention.
     initializer_range: float = 0.1

@@ -239,7 +239,9 @@ class VLLMBackend:
                 self._incoming[request.request_id] = incoming  # keep it: the caller may cancel properly
                 raise ValueError(f"kv.token_ids: the staged KV's {n} tokens are not a prefix of prompt_token_ids")
             self._active[request.request_id] = request.num_output_tokens_before
-            return self._stream(request, None, staged_tokens=n)
+            # Staged tokens that landed in the reserved blocks (the staged range starts at 0, contiguous).
+            written = min(n, len(incoming.block_ids) * self.block_size)
+            return self._stream(request, None, staged_tokens=n, reserved_tokens=written)
         payload = merge_kv_blocks(request.kv) if request.kv else None
         if payload is not None:
             n = int(payload["end_token"])
@@ -253,7 +255,8 @@ class VLLMBackend:
         return self._stream(request, payload)
 
     async def _stream(
-        self, request: EngineRequest, payload: dict[str, Any] | None, staged_tokens: int = 0
+        self, request: EngineRequest, payload: dict[str, Any] | None, staged_tokens: int = 0,
+        reserved_tokens: int = 0,
     ) -> AsyncIterator[TokenChunk]:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -267,6 +270,8 @@ class VLLMBackend:
         staged = staged_tokens > 0
         if staged:
             kv_params["load_tokens"] = staged_tokens
+            if reserved_tokens:
+                kv_params["reserved_tokens"] = reserved_tokens
         try:
             if payload is not None:
                 await self._engine.collective_rpc("llmsched_stage_kv", args=(rid, to_wire(payload)))
@@ -353,6 +358,7 @@ class VLLMBackend:
             num_preemptions=int(d["num_preemptions"]),
             prompt_tokens_computed=int(d["prompt_tokens_computed"]),
             prompt_tokens_loaded=int(d["prompt_tokens_loaded"]),
+            prompt_tokens_adopted=int(d["prompt_tokens_adopted"]),
             requests=loads,
         )
 
@@ -390,9 +396,10 @@ class VLLMBackend:
             return f"request {request_id!r} is already running on this engine"
         n_blocks = -(-int(tokens) // self.block_size)
         res = await self._engine.engine_core.call_utility_async("llmsched_reserve", request_id, n_blocks)
-        if res is None:
-            self._incoming.setdefault(request_id, _Incoming())
-        return None if res is None else str(res)
+        if isinstance(res, str):
+            return res
+        self._incoming.setdefault(request_id, _Incoming()).block_ids = [int(b) for b in res]
+        return None
 
     async def stage_kv(self, request_id: str, kv: KVBlocks | None, rng_state: bytes | None = None) -> int:
         """Destination: add one stage copy (and, with the final one, the sampler's RNG state) to the worker-side
@@ -417,7 +424,7 @@ class VLLMBackend:
             raise ValueError(f"kv.block_size: {kv.data['block_size']} != this engine's {self.block_size}")
         wire = to_wire(kv.data)
         nbytes = await self._engine.collective_rpc(
-            "llmsched_stage_kv", args=(request_id, wire, True, rng_state or inc.rng_state)
+            "llmsched_stage_kv", args=(request_id, wire, True, rng_state or inc.rng_state, inc.block_ids)
         )
         del inc.token_ids[kv.start_token :]
         inc.token_ids.extend(kv.token_ids)
@@ -456,6 +463,12 @@ class VLLMBackend:
         if self._engine is None:
             return False
         return bool(await self._engine.engine_core.call_utility_async("llmsched_resume", request_id))
+
+    async def reset_prefix_cache(self) -> bool:
+        """Empty vLLM's prefix cache (fails, returning ``False``, while requests hold cached blocks)."""
+        if self._engine is None:
+            return False
+        return bool(await self._engine.reset_prefix_cache())
 
     async def drop_kv(self, request_id: str) -> bool:
         """Free the saved prompt KV of a finished request (after a handoff). Returns whether there was any."""
@@ -535,12 +548,13 @@ async def _bench(prompt_tokens: int, decode_tokens: int, streams: int) -> dict[s
 class _Incoming:
     """Destination-side bookkeeping of a migration's staged KV (the bytes live in the worker)."""
 
-    __slots__ = ("end_token", "rng_state", "token_ids")
+    __slots__ = ("block_ids", "end_token", "rng_state", "token_ids")
 
     def __init__(self) -> None:
         self.end_token = 0
         self.token_ids: list[int] = []
         self.rng_state: bytes | None = None
+        self.block_ids: list[int] = []  # the KV blocks reserved at the handshake (stages are written into them)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -153,7 +153,10 @@ class EngineModel:
         self.step_no = 0  # decode step counter (advances once per iteration that has decodes)
         self._n_sum = 0  # sum of num_computed over the decode set, at ``step_no``
         self.prefill_blocks = 0  # blocks held by ``prefilling``
-        self._pred_sum = 0.0  # predicted output lengths of the decode set (as predicted at arrival)
+        # Predicted remaining output of the decode set in O(1): sum of (prediction - generated + join_step) over
+        # members with a prediction, minus ``step_no`` per member (each decode step generates one token each).
+        self._pred_sum = 0.0
+        self._pred_n = 0
         # Counters (a live engine reports the same ones).
         self.num_preemptions = 0
         self.prompt_tokens_computed = 0
@@ -241,6 +244,8 @@ class EngineModel:
         self._leave_decode(seq)
         del self._by_rid[rid]
         seq.max_new -= seq.generated
+        if seq.predicted_remaining is not None:  # it counts from the new baseline too
+            seq.predicted_remaining = max(seq.predicted_remaining - seq.generated, 0.0)
         seq.generated = 0
         return seq
 
@@ -278,7 +283,8 @@ class EngineModel:
         self.decoding[seq.rid] = seq
         self._n_sum += seq.num_computed
         if seq.predicted_remaining is not None:
-            self._pred_sum += seq.predicted_remaining
+            self._pred_sum += seq.predicted_remaining - seq.generated + seq.join_step
+            self._pred_n += 1
         heapq.heappush(self._finish_heap, (seq.finish_step, next(self._heap_tie), seq))
 
     def _leave_decode(self, seq: Seq) -> None:
@@ -286,7 +292,8 @@ class EngineModel:
         k = self.step_no - seq.join_step
         self._n_sum -= seq.num_computed + k
         if seq.predicted_remaining is not None:
-            self._pred_sum -= seq.predicted_remaining
+            self._pred_sum -= seq.predicted_remaining - seq.generated + seq.join_step
+            self._pred_n -= 1
         seq.num_computed += k
         seq.generated += k
         seq.num_tokens += k
@@ -568,8 +575,9 @@ class EngineModel:
             s.num_tokens for s in self.waiting
         )
         bs = len(self.decoding)
-        # NOTE: predicted totals, not minus what was generated: exact remaining needs O(batch); detail has it.
-        pred = self._pred_sum
+        # NOTE: summed, then clipped at 0 (a live instance clips per request; that needs O(batch), detail has it).
+        # Members who outlived their prediction lower the sum a little; with exact predictions it is exact.
+        pred = max(self._pred_sum - self._pred_n * self.step_no, 0.0)
         return InstanceSnapshot(
             instance_id=instance_id,
             role=self.role,

@@ -17,7 +17,9 @@ Estimator (documented approximations; all times from ``LatencyModel``):
   ``B_p * (prefill steps' time - the same number of decode-only steps)``. FCFS: queued prompts are not delayed.
 * transfer = ``kv_transfer_time(P)`` over the prefill GPU's network link (zero when colocated).
 * On ``d`` with decode batch ``B``, summed context ``C`` and resident remaining lengths ``R_j`` (per request from
-  a detailed snapshot, else the average ``R`` from ``predicted_remaining_tokens``, else ``default_output_tokens``)
+  a detailed snapshot, else the average ``R`` from ``predicted_remaining_tokens`` -- remaining, not total: the
+  live instance and the simulator's engine both report predicted minus generated -- else
+  ``default_output_tokens``)
   and decode-step coefficients ``a(B) + b * context`` (``decode_coeffs``)::
 
       step_now  = a(B) + b*C
@@ -34,11 +36,17 @@ Estimator (documented approximations; all times from ``LatencyModel``):
   (``f`` capped at ``max_pressure``). This is what makes decode-heavy requests gather on instances that
   prefill-heavy ones avoid (their harm_p there is large): the Intelligent Router's segregation, from the cost
   model rather than from a class label.
-* KV: peak demand on ``d`` over the newcomer's life = other KV + queued prompts + the residents and the newcomer
-  grown to ``t* = min(O, R)``, or the newcomer alone at ``O`` if the residents outlive it. Overflow preempts
-  whole requests (vLLM recompute): ``victims = ceil(overflow / (C / B))``, each costing ``kv_weight *
-  (prefill_time(C / B) + step_with * t* / 2)`` (recompute plus waiting for room); if the prompt does not fit
-  right now, add the wait for an average resident to finish, ``R * step_now``.
+* KV: a headroom check over a fixed horizon of ``H = kv_horizon_tokens`` decode steps (default
+  ``default_output_tokens``), the same for every newcomer: peak demand on ``d`` = other KV + queued prompts +
+  ``max(C + B*H + P + min(O, H), P + O)`` -- the batch keeps its size and grows one token per request per step
+  (departures replaced by arrivals, as on a loaded instance), the newcomer with it, and the newcomer's own
+  end state must fit. Overflow preempts whole requests (vLLM recompute): ``victims = ceil(overflow / (C / B))``,
+  each costing ``kv_weight * (prefill_time(C / B) + step_with * H / 2)`` (recompute plus waiting for room); if
+  the prompt does not fit right now, add the wait for an average resident to finish, ``R * step_now``.
+  NOTE: the horizon was the newcomer's own life, ``min(O, R)``; with exact lengths that made KV pressure a
+  function of the newcomer's length: short answers saw none and packed KV-tight instances (Azure, oracle
+  lengths: 2x the preemptions), long ones were charged the residents' whole growth and pushed onto
+  prefill-busy instances (Intelligent Router mix). Without predictions ``O = R = H`` and nothing changed.
 * SLO: ``miss_penalty_s * w`` when predicted TTFT or TPOT exceeds the request's SLO (its own, else the class
   SLO), plus ``miss_penalty_s`` per resident pushed over the default TPOT SLO by the newcomer.
 
@@ -116,6 +124,7 @@ class LookaheadRouter(PairingRouter):
         kv_weight: float = 2.0,
         pressure_window_s: float = 10.0,
         max_pressure: float = 0.9,
+        kv_horizon_tokens: float | None = None,
         detail: bool = False,
         **kw: object,
     ) -> None:
@@ -139,6 +148,7 @@ class LookaheadRouter(PairingRouter):
         self.kv_weight = kv_weight
         self.pressure_window_s = pressure_window_s
         self.max_pressure = max_pressure
+        self.kv_horizon_tokens = kv_horizon_tokens if kv_horizon_tokens is not None else default_output_tokens
         self._now = 0.0
         self._pressure: dict[str, tuple[float, float]] = {}  # instance -> (decayed prefill seconds, as of time)
         self._lat_of_id: dict[str, LatencyModel] = {}
@@ -246,18 +256,18 @@ class LookaheadRouter(PairingRouter):
         if d.role is InstanceRole.MIXED and not colocated and d.prefill_tokens_pending:
             Q = d.prefill_tokens_pending
             own += self._prefill_span(lat, Q, Q * (Q / max(d.num_waiting, 1) + 1) / 2, B, C)
-        # KV: peak demand over the newcomer's life vs capacity.
+        # KV: headroom for the batch's growth over the fixed horizon H (module docstring), and the newcomer's end.
         bs = max(d.block_size, 1)
         cap = d.kv_blocks_total * bs
         other = max(d.kv_blocks_used * bs - C, 0) + (0 if colocated else d.prefill_tokens_pending)
-        t_star = min(O, r_avg)
-        peak = max(C + B * t_star + P + t_star, P + O + (C + B * O if r_avg > O else 0))
+        H = self.kv_horizon_tokens
+        peak = max(C + B * H + P + min(O, H), P + O)
         overflow = other + peak - cap
         kv = 0.0
         if overflow > 0:
             victim_ctx = C / B if B else P
             victims = math.ceil(overflow / max(victim_ctx, 1))
-            kv = self.kv_weight * victims * (lat.prefill_time(int(min(victim_ctx, cap))) + step_with * t_star / 2)
+            kv = self.kv_weight * victims * (lat.prefill_time(int(min(victim_ctx, cap))) + step_with * H / 2)
         if d.kv_blocks_used * bs + (0 if colocated else P) > cap:
             kv += r_avg * step_now  # no room now: wait for a resident to finish
         w = self._weight(request)

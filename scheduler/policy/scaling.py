@@ -351,13 +351,17 @@ class RerolePolicy:
     instance <= ``prefill_low_tokens``: the PREFILL instance with the least queued work becomes DECODE.
     Prefill saturated: mean queued prompt tokens per PREFILL instance >= ``prefill_high_tokens`` while mean DECODE
     virtual usage <= ``decode_low``: the least used DECODE instance becomes PREFILL (the applier drains or
-    migrates its decodes first). Each pool keeps ``min_per_role``; the condition must hold ``sustain_s``; at most
-    one change per ``cooldown_s``.
+    migrates its decodes first). Each pool keeps ``min_per_role`` accepting instances; the condition must hold
+    ``sustain_s``; at most one change per ``cooldown_s``. While any PREFILL/DECODE instance is draining (a change
+    being applied, or a scale-down) nothing is proposed and the sustain clocks restart: the pools' load is judged
+    again only once the change has landed (drivers: ``sim/reroling.py``).
     """
 
     def __init__(self, *, decode_high: float = 0.9, decode_low: float = 0.4, prefill_high_tokens: int = 8192,
                  prefill_low_tokens: int = 1024, min_per_role: int = 1, sustain_s: float = 5.0,
                  cooldown_s: float = 30.0) -> None:
+        if min_per_role < 1:
+            raise ValueError(f"RerolePolicy.min_per_role: a P/D cluster needs both roles, got {min_per_role}")
         self.decode_high, self.decode_low = decode_high, decode_low
         self.prefill_high_tokens, self.prefill_low_tokens = prefill_high_tokens, prefill_low_tokens
         self.min_per_role, self.sustain_s, self.cooldown_s = min_per_role, sustain_s, cooldown_s
@@ -365,17 +369,23 @@ class RerolePolicy:
         self._last = -math.inf
 
     def propose(self, view: ClusterView, now_s: float) -> list[RoleChange]:
+        pd = (InstanceRole.PREFILL, InstanceRole.DECODE)
+        if any(i.draining and i.role in pd for i in view.instances):
+            self._since.clear()
+            return []
         pre = list(view.with_role(InstanceRole.PREFILL))
         dec = list(view.with_role(InstanceRole.DECODE))
         if not pre or not dec:
             return []
         dec_vu = sum(d.load.virtual_usage for d in dec) / len(dec)
         pre_q = sum(p.prefill_tokens_pending for p in pre) / len(pre)
+        # The donor pool must stay below its own saturation trigger once its load is spread over one instance
+        # fewer, or the next check would move the instance straight back (flapping).
         conds = {
             "to_decode": dec_vu >= self.decode_high and pre_q <= self.prefill_low_tokens
-            and len(pre) > self.min_per_role,
+            and len(pre) > self.min_per_role and pre_q * len(pre) / (len(pre) - 1) < self.prefill_high_tokens,
             "to_prefill": pre_q >= self.prefill_high_tokens and dec_vu <= self.decode_low
-            and len(dec) > self.min_per_role,
+            and len(dec) > self.min_per_role and dec_vu * len(dec) / (len(dec) - 1) < self.decode_high,
         }
         for k, on in conds.items():
             if on:

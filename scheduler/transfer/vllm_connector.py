@@ -88,6 +88,7 @@ class _Counters:
     prompt_tokens_computed: int = 0
     prompt_tokens_loaded: int = 0
     prompt_tokens_cached: int = 0  # local prefix-cache hits
+    prompt_tokens_adopted: int = 0  # of the loaded: migrated blocks written before admission (prefix-cache hits)
     num_preemptions: int = 0
 
 
@@ -113,6 +114,7 @@ class LlmschedConnector(KVConnectorBase_V1):
             # and requests a source paused for the final stop-and-copy (out of ``running``, blocks kept).
             self._reservations: dict[str, list[Any]] = {}
             self._paused: dict[str, Request] = {}
+            self._adopted: dict[str, int] = {}  # llmsched id -> tokens of reserved blocks put in the prefix cache
             self.counters = _Counters()
             _SCHEDULER_CONNECTOR = self
         else:
@@ -137,12 +139,34 @@ class LlmschedConnector(KVConnectorBase_V1):
         lid = self._params(request).get("llmsched_id")
         if lid is not None:
             self._by_llmsched_id[str(lid)] = request.request_id
+            self._adopt_reserved(str(lid), request)
             # NOTE(migration): the reservation made at the handshake is handed back to the pool right when the
             # migrated request arrives (same EngineCore thread, before the next schedule), so it allocates them.
             self.unreserve(str(lid))
 
-    def reserve(self, llmsched_id: str, num_blocks: int) -> str | None:
-        """Hold ``num_blocks`` free KV blocks for an incoming migration. Returns why not, or ``None``."""
+    def _adopt_reserved(self, llmsched_id: str, request: Request) -> None:
+        """Migration fast path: the stage copies were written straight into the reserved blocks (worker side,
+        ``stage(..., block_ids=...)``). Register those full blocks in vLLM's prefix cache under the arriving
+        request's own block hashes, so the scheduler's prefix lookup hands them to the request as local hits:
+        nothing proportional to the context is copied when it arrives, only the tail is loaded."""
+        blocks = self._reservations.get(llmsched_id)
+        written = int(self._params(request).get("reserved_tokens", 0))
+        mgr = self._kv_cache_manager
+        if not blocks or written <= 0 or mgr is None or not mgr.enable_caching:
+            return
+        if len(self._kv_cache_config.kv_cache_groups) != 1:
+            return  # NOTE(migration): one reservation pool serves one KV cache group (all llmsched models)
+        bs = self._block_size
+        hashed = len(request.block_hashes) * mgr.block_pool.hash_block_size // bs
+        n_full = min(written // bs, len(blocks), (request.num_tokens - 1) // bs, hashed)
+        if n_full <= 0:
+            return
+        mgr.block_pool.cache_full_blocks(request, blocks, 0, n_full, bs, kv_cache_group_id=0)
+        self._adopted[llmsched_id] = n_full * bs
+
+    def reserve(self, llmsched_id: str, num_blocks: int) -> list[int] | str:
+        """Hold ``num_blocks`` free KV blocks for an incoming migration. Returns their ids (stage copies are
+        written into them), or why not."""
         if self._kv_cache_manager is None:
             return "no KV cache manager bound to the connector"
         pool = self._kv_cache_manager.block_pool
@@ -151,7 +175,7 @@ class LlmschedConnector(KVConnectorBase_V1):
         if num_blocks > free:
             return f"needs {num_blocks} KV blocks, {free} free"
         self._reservations[llmsched_id] = list(pool.get_new_blocks(num_blocks))
-        return None
+        return [b.block_id for b in self._reservations[llmsched_id]]
 
     def unreserve(self, llmsched_id: str) -> bool:
         blocks = self._reservations.pop(llmsched_id, None)
@@ -202,11 +226,14 @@ class LlmschedConnector(KVConnectorBase_V1):
             scheduled[new.req_id] = new.num_computed_tokens
             request = self._live.get(new.req_id)
             if request is not None:
-                n_loaded = loaded_now.get(self._params(request).get("llmsched_id"), 0)
-                self.counters.prompt_tokens_loaded += n_loaded
-                self.counters.prompt_tokens_cached += max(
-                    0, min(new.num_computed_tokens, request.num_prompt_tokens) - n_loaded
-                )
+                lid = self._params(request).get("llmsched_id")
+                n_loaded = loaded_now.get(lid, 0)
+                local = max(0, min(new.num_computed_tokens, request.num_prompt_tokens) - n_loaded)
+                # Prefix hits on blocks a migration staged count as transferred KV, not as local cache.
+                adopted = min(local, self._adopted.pop(str(lid), 0))
+                self.counters.prompt_tokens_loaded += n_loaded + adopted
+                self.counters.prompt_tokens_adopted += adopted
+                self.counters.prompt_tokens_cached += local - adopted
         cached = scheduler_output.scheduled_cached_reqs
         resumed = getattr(cached, "resumed_req_ids", None) or set()
         self.counters.num_preemptions += len(resumed)
@@ -241,6 +268,7 @@ class LlmschedConnector(KVConnectorBase_V1):
         self._live.pop(request.request_id, None)
         lid = self._params(request).get("llmsched_id")
         if lid is not None:
+            self._adopted.pop(str(lid), None)
             if self._paused.get(str(lid)) is request:
                 del self._paused[str(lid)]
             if self._by_llmsched_id.get(str(lid)) == request.request_id:
@@ -327,8 +355,11 @@ class LlmschedConnector(KVConnectorBase_V1):
         return {"block_size": bs, "start_token": j_start * bs, "end_token": end_token, "layers": layers}
 
     def stage(
-        self, llmsched_id: str, payload: dict[str, Any], append: bool = False, rng_state: bytes | None = None
+        self, llmsched_id: str, payload: dict[str, Any], append: bool = False, rng_state: bytes | None = None,
+        block_ids: list[int] | None = None,
     ) -> int:
+        """Keep ``payload`` for the load at admission and, given the destination's reserved ``block_ids`` (a
+        migration), also write its blocks into them now, while the source keeps decoding."""
         for name, cache in self._kv_caches.items():
             arr = payload["layers"].get(name)
             if arr is None or tuple(arr.shape[1:]) != tuple(cache.shape[1:]):
@@ -337,6 +368,16 @@ class LlmschedConnector(KVConnectorBase_V1):
                     f"kv.layers[{name!r}]: block shape {got} does not match this engine's "
                     f"{tuple(cache.shape[1:])} (different model or block size?)"
                 )
+        if block_ids:
+            p0 = int(payload["start_token"]) // self._block_size
+            n = min(next(iter(payload["layers"].values())).shape[0], len(block_ids) - p0)
+            if n > 0:
+                dst = torch.tensor(block_ids[p0 : p0 + n], dtype=torch.long)
+                for name, cache in self._kv_caches.items():
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", UserWarning)  # read-only view on the received bytes
+                        src = torch.from_numpy(payload["layers"][name][:n])
+                    cache.index_copy_(0, dst, src.to(cache.dtype))
         with self._lock:
             if append:
                 self._staged.setdefault(llmsched_id, []).append(payload)
@@ -402,11 +443,12 @@ class LlmschedWorkerExtension:
         return self._conn().copy_blocks(block_ids, start_token, end_token)
 
     def llmsched_stage_kv(
-        self, llmsched_id: str, wire: dict[str, Any], append: bool = False, rng_state: bytes | None = None
+        self, llmsched_id: str, wire: dict[str, Any], append: bool = False, rng_state: bytes | None = None,
+        block_ids: list[int] | None = None,
     ) -> int:
         conn = self._conn()
         conn._runner = getattr(self, "model_runner", None)
-        return conn.stage(llmsched_id, from_wire(wire), append, rng_state)
+        return conn.stage(llmsched_id, from_wire(wire), append, rng_state, block_ids)
 
     def llmsched_stage_rng(self, llmsched_id: str, rng_state: bytes) -> None:
         conn = self._conn()
@@ -461,8 +503,9 @@ def _engine_export_kv(
     return None if payload is None else to_wire(payload)
 
 
-def _engine_reserve(core: Any, llmsched_id: str, num_blocks: int) -> str | None:
-    """EngineCore utility: migration handshake on the destination (hold KV blocks, or say why not)."""
+def _engine_reserve(core: Any, llmsched_id: str, num_blocks: int) -> list[int] | str:
+    """EngineCore utility: migration handshake on the destination (hold KV blocks and return their ids, or say
+    why not)."""
     conn = _SCHEDULER_CONNECTOR
     if conn is None:
         return "llmsched connector not initialised"
@@ -555,6 +598,7 @@ def _engine_stats(core: Any) -> dict[str, Any]:
         "prompt_tokens_computed": counters.prompt_tokens_computed,
         "prompt_tokens_loaded": counters.prompt_tokens_loaded,
         "prompt_tokens_cached": counters.prompt_tokens_cached,
+        "prompt_tokens_adopted": counters.prompt_tokens_adopted,
         "requests": requests,
     }
 
