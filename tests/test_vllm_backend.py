@@ -195,7 +195,7 @@ def test_live_migration_adopts_precopied_blocks(engines: Engines) -> None:
     p, d = engines.prefill, engines.decode
     prompt = tuple((i * 7919) % 1000 + 3 for i in range(333))  # seen by no other test: no stale cache hits
     total = 120
-    ref, _ = engines.run(_collect(p, EngineRequest("adopt-ref", prompt, SamplingParams(max_tokens=total))))
+    ref, ref_chunks = engines.run(_collect(p, EngineRequest("adopt-ref", prompt, SamplingParams(max_tokens=total))))
 
     async def migrate() -> tuple[list[int], list[TokenChunk], Any, Any]:
         src_out: list[int] = []
@@ -224,6 +224,9 @@ def test_live_migration_adopts_precopied_blocks(engines: Engines) -> None:
     tokens, chunks, (s0, s1), snap = engines.run(migrate())
     assert tokens == ref
     _check_indices(chunks, snap.num_output_tokens)
+    # The resumed stream's text (decoded by the backend, not vLLM) is what vLLM gave the unmigrated run.
+    resumed_text = "".join(c.text for c in chunks)
+    assert resumed_text and "".join(c.text for c in ref_chunks).endswith(resumed_text)
     context = len(snap.token_ids) - 1  # the last sampled token has no KV yet: the destination computes it
     assert s1.prompt_tokens_computed - s0.prompt_tokens_computed == 1
     assert s1.prompt_tokens_loaded - s0.prompt_tokens_loaded == context

@@ -59,7 +59,8 @@ def make_vllm_backend(
     On the CPU build (TP 1) every engine's worker runs ONE unbound OpenMP thread (``cpu_threads_bind="nobind"``,
     ``cpu_omp_threads=1``) unless the pool's backend kwargs say otherwise. vLLM's "auto" binding gives every engine
     an OMP team over all allowed cores (on a 2-core host: cores [0, 1], 2 threads, each), so co-located engines'
-    teams spin-wait against each other; that made live latencies unrepeatable (docs/live_vs_sim.md, 2026-11-22)."""
+    teams spin-wait against each other; that made live latencies unrepeatable (docs/live_vs_sim.md, 2026-11-22).
+    Its worker runs in the engine-core process (``distributed_executor_backend="uni"``; see below)."""
     from scheduler.engine.tiny_model import ensure_tiny_model
     from scheduler.engine.vllm_backend import VLLMBackend
 
@@ -78,6 +79,10 @@ def make_vllm_backend(
         if current_platform.is_cpu():
             kw["cpu_threads_bind"] = "nobind"
             kw["cpu_omp_threads"] = 1
+            # The worker inside the EngineCore process: vLLM's default here is a separate worker process whose
+            # shared-memory queue readers busy-spin (sched_yield) for 1 s after every message, so co-located
+            # engines burn the host's few cores waiting on each other, and each step pays one more IPC hop.
+            kw["engine_kwargs"] = {"distributed_executor_backend": "uni"}
     kw.update(kwargs)
     return VLLMBackend(model_path or ensure_tiny_model(), **kw)
 
