@@ -9,6 +9,7 @@ Skipped when vllm is not installed (scripts/install_vllm_cpu.sh). Run: ``pytest 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -205,12 +206,15 @@ def test_live_migration_adopts_precopied_blocks(engines: Engines) -> None:
             if len(src_out) >= 30:
                 break
         assert await d.reserve_kv("adopt", len(prompt) + 96) is None
-        await d.stage_kv("adopt", await p.export_kv("adopt", 0))  # pre-copy: the source keeps decoding
-        res = await p.pause("adopt", 0)
+        pre = await p.export_kv("adopt", 0)  # pre-copy: the source keeps decoding
+        await d.stage_kv("adopt", pre)
+        res = await p.pause("adopt", pre.end_token)
         assert not isinstance(res, str), res
         snap, tail = res
         staged = await d.stage_kv("adopt", tail, snap.rng_state)
         assert staged > 0
+        assert 0 < snap.token_offset == tail.start_token  # only the tail's tokens shipped with the stop
+        snap = dataclasses.replace(snap, token_ids=snap.with_prefix(d.staged_token_ids("adopt")), token_offset=0)
         s0 = await d.stats()
         before = snap.num_output_tokens
         req = EngineRequest("adopt", snap.token_ids, SamplingParams(max_tokens=total - before),

@@ -411,8 +411,12 @@ class Instance:
             return "source: request already produced all its tokens"
         backend = self._migration_backend()
         await backend.stage_kv(request_id, kv, snap.rng_state)
+        try:
+            tokens = snap.with_prefix(backend.staged_token_ids(request_id)) if snap.token_offset else snap.token_ids
+        except ValueError as e:
+            return str(e)
         ereq = EngineRequest(
-            request_id, snap.token_ids, dataclasses.replace(sp, max_tokens=remaining), priority=template.priority,
+            request_id, tokens, dataclasses.replace(sp, max_tokens=remaining), priority=template.priority,
             num_output_tokens_before=snap.num_output_tokens,
         )
         sub = await self.submit(ereq, predicted_output_tokens=predicted_output_tokens, wait_first=False)

@@ -480,12 +480,17 @@ class VLLMBackend:
         if isinstance(res, str):
             return res
         before = self._active.get(request_id, 0)
-        token_ids = tuple(int(t) for t in res["token_ids"])
         rng = res.get("rng_state")
-        snap = MigrationSnapshot(request_id, token_ids, before + int(res["num_output_tokens"]),
-                                 bytes(rng) if rng is not None else None)
+        snap = MigrationSnapshot(request_id, tuple(res["token_ids"]), before + int(res["num_output_tokens"]),
+                                 bytes(rng) if rng is not None else None, int(res.get("token_offset", 0)))
         kv = to_kv_blocks(request_id, from_wire(res["kv"])) if res.get("kv") is not None else None
         return snap, kv
+
+    def staged_token_ids(self, request_id: str) -> list[int]:
+        """Destination: the token ids of the KV staged so far for an incoming request (``MigrationSnapshot.
+        with_prefix`` completes a snapshot with them)."""
+        inc = self._incoming.get(request_id)
+        return inc.token_ids if inc is not None else []
 
     async def resume(self, request_id: str) -> bool:
         """Source abort path: a paused request continues decoding here."""

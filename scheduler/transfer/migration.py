@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -130,14 +130,26 @@ class MigrationConfig:
 
 @dataclass(frozen=True, slots=True)
 class MigrationSnapshot:
-    """R's state at the stop point (what B needs besides KV): every token so far (prompt + outputs), how many of
-    them are outputs, and the sampler's RNG state (``None`` for greedy / unseeded requests or backends without
-    one). Stop conditions and sampling parameters travel in the request template."""
+    """R's state at the stop point (what B needs besides KV): the tokens so far (prompt + outputs) from
+    ``token_offset`` on, how many of all tokens are outputs, and the sampler's RNG state (``None`` for greedy /
+    unseeded requests or backends without one). Stop conditions and sampling parameters travel in the request
+    template.
+
+    ``token_offset > 0``: B already holds the earlier tokens with the staged KV pieces (each piece carries its
+    token ids), so the stop-and-copy does not ship the whole history again; ``with_prefix`` joins them."""
 
     request_id: str
     token_ids: tuple[int, ...]
     num_output_tokens: int
     rng_state: bytes | None = None
+    token_offset: int = 0
+
+    def with_prefix(self, staged: Sequence[int]) -> tuple[int, ...]:
+        """Every token, given the staged tokens ``staged`` (at least ``token_offset`` of them)."""
+        if len(staged) < self.token_offset:
+            raise ValueError(f"token_offset: {self.token_offset} tokens needed from the staged KV, "
+                             f"{len(staged)} staged")
+        return tuple(staged[: self.token_offset]) + self.token_ids
 
 
 @dataclass(frozen=True, slots=True)

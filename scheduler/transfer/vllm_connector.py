@@ -541,6 +541,7 @@ def _engine_pause(core: Any, llmsched_id: str, start_token: int) -> dict[str, An
     n = request.num_computed_tokens  # == num_tokens - 1: the last sampled token has no KV yet
     out: dict[str, Any] = {
         "token_ids": list(request.all_token_ids),
+        "token_offset": 0,
         "num_output_tokens": request.num_output_tokens,
         "rng_state": None,
         "kv": None,
@@ -552,6 +553,11 @@ def _engine_pause(core: Any, llmsched_id: str, start_token: int) -> dict[str, An
         payload = core.collective_rpc("llmsched_copy_blocks", args=(block_ids, start_token, n))[0]
         payload["token_ids"] = list(request.all_token_ids[payload["start_token"] : n])
         out["kv"] = to_wire(payload)
+        if start_token > 0:
+            # The destination holds the tokens before this piece with the staged ones: ship only the rest
+            # (the whole history is O(context) on the stop-and-copy's critical path).
+            out["token_offset"] = payload["start_token"]
+            out["token_ids"] = list(request.all_token_ids[payload["start_token"] :])
     return out
 
 
