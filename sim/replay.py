@@ -34,6 +34,9 @@ class LiveResult:
     errors: list[str]
     wall_seconds: float
     duplicated_tokens: int = 0
+    # When each request was handed to the SDK: lateness against ``arrival_s`` is the load generator's own delay
+    # (TTFT counts from the scheduled arrival, as a client would see it; this tells the two apart).
+    sent_s: np.ndarray | None = None
 
     def metrics(self, *, slo_ttft_s: float = np.inf, slo_tpot_s: float = np.inf) -> RequestMetrics:
         return RequestMetrics.from_times(self.arrival_s, self.first_token_s, self.finish_s, self.output_tokens,
@@ -79,6 +82,7 @@ async def replay_async(
     first = np.full(n, np.nan)
     finish = np.full(n, np.nan)
     got = np.zeros(n, dtype=np.int64)
+    sent = np.full(n, np.nan)
     errors: list[str] = []
     dup = 0
     client = AsyncClient(target, token=token)
@@ -90,9 +94,11 @@ async def replay_async(
         if delay > 0:
             await asyncio.sleep(delay)
         seen = -1
+        ids = prompt_ids(i, int(prompt_tokens[i]), vocab)
+        sent[i] = time.perf_counter() - t0
         try:
             async for chunk in client.stream(
-                prompt_ids(i, int(prompt_tokens[i]), vocab), max_tokens=int(output_tokens[i]), temperature=0.0,
+                ids, max_tokens=int(output_tokens[i]), temperature=0.0,
                 request_id=f"{id_prefix}-{i}", ignore_eos=True, timeout_s=timeout_s,
             ):
                 now = time.perf_counter() - t0
@@ -113,7 +119,7 @@ async def replay_async(
     finally:
         await client.close()
     return LiveResult(name, np.asarray(arrival_s, dtype=float), prompt_tokens, output_tokens, first, finish, got,
-                      errors, time.perf_counter() - t0, dup)
+                      errors, time.perf_counter() - t0, dup, sent)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,40 +188,53 @@ def test_live_export_while_decoding(engines: Engines) -> None:
     assert s1.prompt_tokens_computed - s0.prompt_tokens_computed == 1
 
 
-def test_live_migration_adopts_precopied_blocks(engines: Engines) -> None:
-    """Backend-level migration protocol (reserve, pre-copy stage, pause + final copy, admit): the destination
+@pytest.mark.parametrize("preadmit", [False, True], ids=["admit-at-commit", "preadmitted"])
+def test_live_migration_adopts_precopied_blocks(engines: Engines, preadmit: bool) -> None:
+    """Backend-level migration protocol (reserve, pre-copy stages, pause + final copy, admit): the destination
     (prefix caching on) takes every whole pre-copied block as already in place -- written into its reserved
     blocks while the source kept decoding -- and copies only the partial tail at admission; greedy output is
-    identical and no prompt token but the last is computed."""
+    identical and no prompt token but the last is computed. ``preadmitted``: the reservation carries the request
+    template, so the first stage admits R on the destination (held, invisible in its stats); the commit appends
+    the tokens decoded since then."""
     p, d = engines.prefill, engines.decode
-    prompt = tuple((i * 7919) % 1000 + 3 for i in range(333))  # seen by no other test: no stale cache hits
-    total = 120
-    ref, ref_chunks = engines.run(_collect(p, EngineRequest("adopt-ref", prompt, SamplingParams(max_tokens=total))))
+    rid = f"adopt-{preadmit}"
+    prompt = tuple((i * 7919 + preadmit) % 1000 + 3 for i in range(333))  # seen by no other test: no stale hits
+    total = 300  # long enough that the source is still decoding at the stop on a slow, shared box
+    ref, ref_chunks = engines.run(_collect(p, EngineRequest(f"{rid}-ref", prompt, SamplingParams(max_tokens=total))))
 
     async def migrate() -> tuple[list[int], list[TokenChunk], Any, Any]:
         src_out: list[int] = []
-        gen = p.generate(EngineRequest("adopt", prompt, SamplingParams(max_tokens=total)))
+        gen = p.generate(EngineRequest(rid, prompt, SamplingParams(max_tokens=total)))
         async for c in gen:
             src_out.extend(c.token_ids)
             if len(src_out) >= 30:
                 break
-        assert await d.reserve_kv("adopt", len(prompt) + 96) is None
-        pre = await p.export_kv("adopt", 0)  # pre-copy: the source keeps decoding
-        await d.stage_kv("adopt", pre)
-        res = await p.pause("adopt", pre.end_token)
+        template = EngineRequest(rid, prompt, SamplingParams(max_tokens=total)) if preadmit else None
+        assert await d.reserve_kv(rid, len(prompt) + total, template) is None
+        pre = await p.export_kv(rid, 0)  # pre-copy: the source keeps decoding
+        await d.stage_kv(rid, pre)
+        async for c in gen:  # the source decodes on: these tokens reach the destination with the commit
+            src_out.extend(c.token_ids)
+            if len(src_out) >= 60:
+                break
+        pre2 = await p.export_kv(rid, pre.end_token // d.block_size * d.block_size)
+        await d.stage_kv(rid, pre2)
+        seen = await d.stats()
+        assert rid not in [r.request_id for r in seen.requests] and seen.num_waiting == 0 and seen.num_running == 0
+        res = await p.pause(rid, pre2.end_token)
         assert not isinstance(res, str), res
         snap, tail = res
-        staged = await d.stage_kv("adopt", tail, snap.rng_state)
+        staged = await d.stage_kv(rid, tail, snap.rng_state, final=True)  # preadmitted: goes with the release
         assert staged > 0
         assert 0 < snap.token_offset == tail.start_token  # only the tail's tokens shipped with the stop
-        snap = dataclasses.replace(snap, token_ids=snap.with_prefix(d.staged_token_ids("adopt")), token_offset=0)
+        snap = dataclasses.replace(snap, token_ids=snap.with_prefix(d.staged_token_ids(rid)), token_offset=0)
         s0 = await d.stats()
         before = snap.num_output_tokens
-        req = EngineRequest("adopt", snap.token_ids, SamplingParams(max_tokens=total - before),
+        req = EngineRequest(rid, snap.token_ids, SamplingParams(max_tokens=total - before),
                             num_output_tokens_before=before)
         out, chunks = await _collect(d, req)
         s1 = await d.stats()
-        await p.abort("adopt")
+        await p.abort(rid)
         await gen.aclose()
         return list(snap.token_ids[len(prompt):]) + out, chunks, (s0, s1), snap
 
@@ -235,6 +248,38 @@ def test_live_migration_adopts_precopied_blocks(engines: Engines) -> None:
     assert s1.prompt_tokens_computed - s0.prompt_tokens_computed == 1
     assert s1.prompt_tokens_loaded - s0.prompt_tokens_loaded == context
     assert s1.prompt_tokens_adopted - s0.prompt_tokens_adopted == context // d.block_size * d.block_size
+
+
+def test_cancel_of_preadmitted_migration_frees_everything(engines: Engines) -> None:
+    """Abort after the destination pre-admitted R (held): the held request, the reservation and the staged KV
+    all go; the source keeps R and finishes it."""
+    p, d = engines.prefill, engines.decode
+    prompt = tuple((i * 131 + 5) % 1000 + 3 for i in range(300))
+
+    async def scenario() -> tuple[int, Any, Any, list[int]]:
+        idle = (await d.stats()).kv_blocks_used
+        gen = p.generate(EngineRequest("held-cancel", prompt, SamplingParams(max_tokens=80)))
+        out: list[int] = []
+        async for c in gen:
+            out.extend(c.token_ids)
+            if len(out) >= 10:
+                break
+        template = EngineRequest("held-cancel", prompt, SamplingParams(max_tokens=80))
+        assert await d.reserve_kv("held-cancel", len(prompt) + 96, template) is None
+        await d.stage_kv("held-cancel", await p.export_kv("held-cancel", 0))
+        held = await d.stats()
+        await d.cancel_incoming("held-cancel")
+        await asyncio.sleep(0.2)
+        after = await d.stats()
+        async for c in gen:
+            out.extend(c.token_ids)
+        return idle, held, after, out
+
+    idle, held, after, out = engines.run(scenario())
+    assert held.kv_blocks_used > idle  # the reservation
+    assert after.kv_blocks_used == idle and after.num_running == 0 and after.num_waiting == 0
+    assert len(out) == 80  # the source finished it
+    assert "held-cancel" not in d._active and "held-cancel" not in d._incoming
 
 
 def test_abort_frees_kv_blocks(engines: Engines) -> None:

@@ -683,7 +683,8 @@ class Ingress:
                                    attributes={"source": src, "destination": destination}):
                 await run_migration(
                     m, _RaySource(self._handle(src), request_id),
-                    _RayDestination(self._handle(destination), request_id, rec, self._template(rec)),
+                    _RayDestination(self._handle(destination), request_id, rec, self._template(rec),
+                                    preadmit=cfg.preadmit),
                     on_committed=lambda: self._switch(rec, destination),
                 )
         finally:
@@ -820,11 +821,13 @@ class _RaySource:
 class _RayDestination:
     """``DestinationOps`` over an Instance actor handle; KV pieces go source -> destination as ObjectRefs."""
 
-    def __init__(self, handle: Any, request_id: str, rec: RequestRecord, template: EngineRequest) -> None:
-        self.h, self.rid, self.rec, self.template = handle, request_id, rec, template
+    def __init__(
+        self, handle: Any, request_id: str, rec: RequestRecord, template: EngineRequest, *, preadmit: bool = True
+    ) -> None:
+        self.h, self.rid, self.rec, self.template, self.preadmit = handle, request_id, rec, template, preadmit
 
     async def reserve(self, tokens: int) -> str | None:
-        return await self.h.migrate_reserve.remote(self.rid, tokens)
+        return await self.h.migrate_reserve.remote(self.rid, tokens, self.template if self.preadmit else None)
 
     async def stage(self, piece: Any) -> int:
         kind, value = await self.h.migrate_stage.remote(self.rid, [piece])

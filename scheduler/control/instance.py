@@ -360,14 +360,15 @@ class Instance:
                 return None if r.in_prefill else int(r.context_tokens)
         return None
 
-    async def migrate_reserve(self, request_id: str, tokens: int) -> str | None:
-        """Destination, handshake: reserve KV for ``tokens``; ``None`` or why not."""
+    async def migrate_reserve(self, request_id: str, tokens: int, template: EngineRequest | None = None) -> str | None:
+        """Destination, handshake: reserve KV for ``tokens``; ``None`` or why not. ``template`` (sampling,
+        priority) lets the backend pre-admit the request during the pre-copy."""
         await self._fault("reserve")
         if self._draining:
             return f"{self.instance_id} is draining"
         if request_id in self._streams:
             return f"request_id: {request_id!r} is already running on {self.instance_id}"
-        return await self._migration_backend().reserve_kv(request_id, tokens)
+        return await self._migration_backend().reserve_kv(request_id, tokens, template)
 
     async def migrate_stage(self, request_id: str, piece: list[Any]) -> tuple[str, Any]:
         """Destination, pre-copy stage: ``piece[0]`` is the ObjectRef of the source's ``export_kv`` (wrapped in
@@ -410,7 +411,7 @@ class Instance:
         if remaining < 1:
             return "source: request already produced all its tokens"
         backend = self._migration_backend()
-        await backend.stage_kv(request_id, kv, snap.rng_state)
+        await backend.stage_kv(request_id, kv, snap.rng_state, final=True)
         try:
             tokens = snap.with_prefix(backend.staged_token_ids(request_id)) if snap.token_offset else snap.token_ids
         except ValueError as e:

@@ -307,9 +307,9 @@ class SimulatedBackend:
     def _release_reservation(self, request_id: str) -> None:
         self.engine.prefill_blocks -= self._reserved.pop(request_id, 0)
 
-    async def reserve_kv(self, request_id: str, tokens: int) -> str | None:
+    async def reserve_kv(self, request_id: str, tokens: int, template: EngineRequest | None = None) -> str | None:
         """Destination handshake: hold blocks for ``tokens`` (as held-by-nobody prefill blocks, like the
-        simulator's driver). Returns why not, or ``None``."""
+        simulator's driver). Returns why not, or ``None``. (``template``: unused, nothing to pre-admit here.)"""
         if request_id in self._reqs:
             return f"request {request_id!r} is already running on this engine"
         self._release_reservation(request_id)
@@ -321,7 +321,9 @@ class SimulatedBackend:
         self._reserved[request_id] = need
         return None
 
-    async def stage_kv(self, request_id: str, kv: KVBlocks | None, rng_state: bytes | None = None) -> int:
+    async def stage_kv(
+        self, request_id: str, kv: KVBlocks | None, rng_state: bytes | None = None, *, final: bool = False
+    ) -> int:
         """Destination: receive one stage copy, taking the latency model's transfer time for it."""
         if kv is None:
             return 0

@@ -225,6 +225,20 @@ class VLLMBackend:
         if request.request_id in self._active:
             raise ValueError(f"request_id: {request.request_id!r} is already running on this engine")
 
+    def _validate_resumed(self, request: EngineRequest) -> None:
+        """``validate`` less the per-token check of the history (for a migration's pre-admitted request)."""
+        s = request.sampling
+        if s.max_tokens < 1:
+            raise ValueError(f"sampling.max_tokens: {s.max_tokens} must be >= 1")
+        if len(request.prompt_token_ids) + s.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"sampling.max_tokens: prompt ({len(request.prompt_token_ids)} tokens) + max_tokens "
+                f"({s.max_tokens}) exceeds the model's context of {self.max_model_len} tokens"
+            )
+        if not 0 <= request.num_output_tokens_before < len(request.prompt_token_ids):
+            raise ValueError(f"num_output_tokens_before: {request.num_output_tokens_before} not in "
+                             f"[0, {len(request.prompt_token_ids)})")
+
     def generate(self, request: EngineRequest) -> AsyncIterator[TokenChunk]:
         """Run ``request``; yield ``TokenChunk``s with contiguous ``index`` starting at
         ``request.num_output_tokens_before``, until one with ``finished=True``.
@@ -236,6 +250,20 @@ class VLLMBackend:
         """
         if self._engine is None:
             raise RuntimeError("VLLMBackend.generate: engine not started (await start() first)")
+        incoming = self._incoming.get(request.request_id) if not request.kv else None
+        if incoming is not None and incoming.held is not None:
+            # Pre-admitted migration: the engine holds R with the staged history; only the tail goes now. The
+            # history itself came from our own engine (checked against the staged tokens below), so the O(context)
+            # token validation is skipped; the sampling fields are still checked.
+            self._validate_resumed(request)
+            del self._incoming[request.request_id]
+            n = incoming.end_token
+            if n > len(request.prompt_token_ids) or incoming.token_ids[:n] != list(request.prompt_token_ids[:n]):
+                self._incoming[request.request_id] = incoming
+                raise ValueError(f"kv.token_ids: the staged KV's {n} tokens are not a prefix of prompt_token_ids")
+            written = min(n, len(incoming.block_ids) * self.block_size)
+            self._active[request.request_id] = request.num_output_tokens_before
+            return self._stream(request, None, staged_tokens=n, reserved_tokens=written, held=incoming)
         self.validate(request)
         incoming = self._incoming.pop(request.request_id, None) if not request.kv else None
         if incoming is not None:
@@ -259,13 +287,27 @@ class VLLMBackend:
         self._active[request.request_id] = request.num_output_tokens_before
         return self._stream(request, payload)
 
-    async def _stream(
-        self, request: EngineRequest, payload: dict[str, Any] | None, staged_tokens: int = 0,
-        reserved_tokens: int = 0,
-    ) -> AsyncIterator[TokenChunk]:
+    def _vllm_params(self, s: Any, kv_params: dict[str, Any], *, detokenize: bool, max_tokens: int) -> Any:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        return VllmSamplingParams(
+            detokenize=detokenize,
+            max_tokens=max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else -1,
+            seed=s.seed,
+            stop_token_ids=list(s.stop_token_ids),
+            ignore_eos=s.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args={"kv_transfer_params": kv_params},
+        )
+
+    async def _stream(
+        self, request: EngineRequest, payload: dict[str, Any] | None, staged_tokens: int = 0,
+        reserved_tokens: int = 0, held: _Incoming | None = None,
+    ) -> AsyncIterator[TokenChunk]:
         rid = request.request_id
         s = request.sampling
         kv_params: dict[str, Any] = {
@@ -286,26 +328,18 @@ class VLLMBackend:
             # detokenizer with all of it (~3 ms at 16k tokens, on the migration's critical path): decode its text
             # here instead, from a stream primed with the last few tokens (all that byte-level BPE text needs).
             own_text = self._resume_text_stream(request) if request.num_output_tokens_before else None
-            params = VllmSamplingParams(
-                detokenize=own_text is None,
-                max_tokens=s.max_tokens,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                top_k=s.top_k if s.top_k > 0 else -1,
-                seed=s.seed,
-                stop_token_ids=list(s.stop_token_ids),
-                ignore_eos=s.ignore_eos,
-                output_kind=RequestOutputKind.DELTA,
-                extra_args={"kv_transfer_params": kv_params},
-            )
+            if held is not None:
+                outputs = await self._release_held(request, held, staged_tokens, reserved_tokens)
+            else:
+                outputs = self._engine.generate(
+                    {"prompt_token_ids": list(request.prompt_token_ids)},
+                    self._vllm_params(s, kv_params, detokenize=own_text is None, max_tokens=s.max_tokens),
+                    request_id=rid,
+                    priority=request.priority if self._scheduling_policy == "priority" else 0,
+                )
             index = request.num_output_tokens_before
             finished = False
-            async for out in self._engine.generate(
-                {"prompt_token_ids": list(request.prompt_token_ids)},
-                params,
-                request_id=rid,
-                priority=request.priority if self._scheduling_policy == "priority" else 0,
-            ):
+            async for out in outputs:
                 completion = out.outputs[0]
                 tokens = tuple(completion.token_ids)
                 if not tokens and not out.finished:
@@ -334,6 +368,73 @@ class VLLMBackend:
                     await self._engine.collective_rpc("llmsched_unstage_kv", args=(rid,))
                 except Exception as e:  # noqa: BLE001 - engine shutting down; the staged copy dies with it
                     logger.debug("unstage of %s failed: %s", rid, e)
+
+    async def _preadmit(self, request_id: str, inc: _Incoming) -> None:
+        """Destination, during the pre-copy: admit R now with the history staged so far, held out of scheduling
+        by the connector, so the commit only appends the tail (``_release_held``). The request object, the block
+        hashes and the serialisation of a 16k-token history then cost nothing on the stop-and-copy's path."""
+        t = inc.template
+        n = len(inc.token_ids)
+        if t is None or n + 1 >= self.max_model_len:
+            return
+        s = t.sampling
+        # Every staged token so far was written into the reserved blocks: the engine adopts those right away.
+        written = min(n, len(inc.block_ids) * self.block_size)
+        kv_params = {"llmsched_id": request_id, "hold": True, "save": False, "reserved_tokens": written}
+        # Placeholder budget (the prompt still grows at the commit, which sets the real one).
+        params = self._vllm_params(s, kv_params, detokenize=False, max_tokens=min(s.max_tokens, self.max_model_len - n))
+        gen = self._engine.generate(
+            {"prompt_token_ids": list(inc.token_ids)}, params, request_id=request_id,
+            priority=t.priority if self._scheduling_policy == "priority" else 0,
+        )
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for out in gen:
+                    queue.put_nowait(out)
+            except Exception as e:  # noqa: BLE001 - handed to the reader
+                queue.put_nowait(e)
+            finally:
+                queue.put_nowait(None)
+
+        inc.held = (asyncio.create_task(pump()), queue)
+        inc.held_tokens = n
+        self._active[request_id] = 0  # the engine knows the id from here on (a second admission is refused)
+
+    async def _release_held(
+        self, request: EngineRequest, inc: _Incoming, load_tokens: int, reserved_tokens: int
+    ) -> AsyncIterator[Any]:
+        """Commit of a pre-admitted R: append the tail, set its budget and loads, queue it; returns its outputs."""
+        assert inc.held is not None
+        task, queue = inc.held
+        tail = list(request.prompt_token_ids[inc.held_tokens:])
+        for _ in range(200):  # the pre-admission was sent first; it normally has arrived long before
+            res = await self._engine.engine_core.call_utility_async(
+                "llmsched_release", request.request_id, tail, request.sampling.max_tokens, load_tokens,
+                reserved_tokens, inc.deferred,
+            )
+            if res is not None:
+                break
+            if task.done():  # the pre-admission itself failed (its error is in the queue)
+                item = queue.get_nowait() if not queue.empty() else None
+                res = f"pre-admission failed: {item!r}"
+                break
+            await asyncio.sleep(0.001)
+        if res is not True:
+            task.cancel()
+            raise RuntimeError(f"release of pre-admitted {request.request_id!r} failed: {res}")
+
+        async def outputs() -> AsyncIterator[Any]:
+            try:
+                while (item := await queue.get()) is not None:
+                    if isinstance(item, Exception):
+                        raise item
+                    yield item
+            finally:
+                task.cancel()  # closing vLLM's generator aborts the request if it is still running
+
+        return outputs()
 
     def _resume_text_stream(self, request: EngineRequest) -> Callable[[tuple[int, ...]], str] | None:
         """Incremental text of a resumed stream's new tokens, or ``None`` (no ``tokenizer.json``: vLLM decodes)."""
@@ -416,9 +517,12 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------ live migration (scheduler.transfer.migration)
 
-    async def reserve_kv(self, request_id: str, tokens: int) -> str | None:
+    async def reserve_kv(self, request_id: str, tokens: int, template: EngineRequest | None = None) -> str | None:
         """Destination handshake: hold KV blocks for ``tokens`` tokens of an incoming request (handed back to the
-        pool when the request arrives, or by ``cancel_incoming``). Returns why not, or ``None``."""
+        pool when the request arrives, or by ``cancel_incoming``). Returns why not, or ``None``.
+
+        With ``template`` (the request's sampling parameters and priority) and prefix caching on, the first stage
+        also pre-admits R (see ``_preadmit``)."""
         if self._engine is None:
             return "engine not started"
         if request_id in self._active:
@@ -427,12 +531,19 @@ class VLLMBackend:
         res = await self._engine.engine_core.call_utility_async("llmsched_reserve", request_id, n_blocks)
         if isinstance(res, str):
             return res
-        self._incoming.setdefault(request_id, _Incoming()).block_ids = [int(b) for b in res]
+        inc = self._incoming.setdefault(request_id, _Incoming())
+        inc.block_ids = [int(b) for b in res]
+        inc.template = template if self._engine_args.get("enable_prefix_caching") else None
         return None
 
-    async def stage_kv(self, request_id: str, kv: KVBlocks | None, rng_state: bytes | None = None) -> int:
+    async def stage_kv(
+        self, request_id: str, kv: KVBlocks | None, rng_state: bytes | None = None, *, final: bool = False
+    ) -> int:
         """Destination: add one stage copy (and, with the final one, the sampler's RNG state) to the worker-side
         staging of ``request_id``; ``generate`` then loads all of it. Returns the bytes staged.
+
+        ``final`` (the stop-and-copy's piece) for a pre-admitted request: the piece goes to the worker with the
+        commit's release call, saving an engine round trip on the critical path.
 
         Raises:
             ValueError: the piece does not continue the staged range (gap), or carries no vLLM payload.
@@ -445,6 +556,7 @@ class VLLMBackend:
                 inc.rng_state = rng_state
                 await self._engine.collective_rpc("llmsched_stage_rng", args=(request_id, rng_state))
             return 0
+        defer = final and inc.held is not None
         if not isinstance(kv.data, dict) or "layers" not in kv.data:
             raise ValueError(f"kv.data: KVBlocks of {request_id!r} carries no vLLM KV payload")
         if kv.start_token > inc.end_token:
@@ -452,19 +564,27 @@ class VLLMBackend:
         if int(kv.data["block_size"]) != self.block_size:
             raise ValueError(f"kv.block_size: {kv.data['block_size']} != this engine's {self.block_size}")
         wire = to_wire(kv.data)
-        nbytes = await self._engine.collective_rpc(
-            "llmsched_stage_kv", args=(request_id, wire, True, rng_state or inc.rng_state, inc.block_ids)
-        )
+        args = (request_id, wire, True, rng_state or inc.rng_state, inc.block_ids)
+        if defer:
+            inc.deferred = args
+            nbytes = [sum(a.nbytes for a in kv.data["layers"].values())]
+        else:
+            nbytes = await self._engine.collective_rpc("llmsched_stage_kv", args=args)
         del inc.token_ids[kv.start_token :]
         inc.token_ids.extend(kv.token_ids)
         inc.end_token = max(inc.end_token, kv.end_token)
+        if inc.held is None:
+            await self._preadmit(request_id, inc)
         return int(nbytes[0])
 
     async def cancel_incoming(self, request_id: str) -> None:
         """Destination abort: free the reservation and the staged pieces (an admitted copy is aborted too)."""
         if self._engine is None:
             return
-        self._incoming.pop(request_id, None)
+        inc = self._incoming.pop(request_id, None)
+        if inc is not None and inc.held is not None:
+            inc.held[0].cancel()  # closes vLLM's generator: the held request is aborted
+            self._active.pop(request_id, None)
         if request_id in self._active:
             await self.abort(request_id)
         await self._engine.engine_core.call_utility_async("llmsched_unreserve", request_id)
@@ -582,11 +702,15 @@ async def _bench(prompt_tokens: int, decode_tokens: int, streams: int) -> dict[s
 class _Incoming:
     """Destination-side bookkeeping of a migration's staged KV (the bytes live in the worker)."""
 
-    __slots__ = ("block_ids", "end_token", "rng_state", "token_ids")
+    __slots__ = ("block_ids", "deferred", "end_token", "held", "held_tokens", "rng_state", "template", "token_ids")
 
     def __init__(self) -> None:
         self.end_token = 0
-        self.token_ids: list[int] = []
+        self.token_ids: list[int] = []  # the staged KV's tokens
+        self.template: EngineRequest | None = None  # sampling + priority, for the pre-admission
+        self.held: tuple[asyncio.Task[None], asyncio.Queue[Any]] | None = None  # pre-admitted: output pump
+        self.held_tokens = 0  # the pre-admitted prompt: the first ``held_tokens`` staged tokens
+        self.deferred: tuple[Any, ...] | None = None  # the final piece, staged by the release call
         self.rng_state: bytes | None = None
         self.block_ids: list[int] = []  # the KV blocks reserved at the handshake (stages are written into them)
 

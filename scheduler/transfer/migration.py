@@ -109,6 +109,9 @@ class MigrationConfig:
         headroom_tokens: B reserves KV for the current context plus this many tokens (R grows meanwhile).
         step_timeout_s: each remote step (reserve, one stage, stop+commit, release) must answer within this;
             otherwise the side that did not answer is taken as failed and the migration aborts.
+        preadmit: the destination admits R (held out of scheduling) during the first pre-copy stage, so the
+            commit only appends the tail instead of admitting a whole history (work proportional to the context
+            off the stop-and-copy; Llumnix pre-allocates likewise). Backends without it ignore it.
     """
 
     mode: MigrationMode = MigrationMode.LIVE
@@ -116,6 +119,7 @@ class MigrationConfig:
     last_stage_max_tokens: int = 64
     headroom_tokens: int = 64
     step_timeout_s: float = 10.0
+    preadmit: bool = True
 
     def __post_init__(self) -> None:
         if self.max_stages < 1:

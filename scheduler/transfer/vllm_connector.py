@@ -115,6 +115,10 @@ class LlmschedConnector(KVConnectorBase_V1):
             self._reservations: dict[str, list[Any]] = {}
             self._paused: dict[str, Request] = {}
             self._adopted: dict[str, int] = {}  # llmsched id -> tokens of reserved blocks put in the prefix cache
+            # Live migration, destination: requests pre-admitted during the pre-copy stages and held out of
+            # scheduling until the commit (``_engine_release``) appends the tail and queues them.
+            self._held: dict[str, Request] = {}
+            self._scheduler: Any = None  # set by the first migration utility (the connector has no other path)
             self.counters = _Counters()
             _SCHEDULER_CONNECTOR = self
         else:
@@ -139,6 +143,13 @@ class LlmschedConnector(KVConnectorBase_V1):
         lid = self._params(request).get("llmsched_id")
         if lid is not None:
             self._by_llmsched_id[str(lid)] = request.request_id
+            if self._params(request).get("hold") and self._scheduler is not None:
+                # Pre-admitted migration: vLLM queued it a moment ago (same call); keep it out of scheduling,
+                # with its reservation, until the commit releases it.
+                self._scheduler.waiting.remove_requests([request])
+                self._held[str(lid)] = request
+                self._adopt_reserved(str(lid), request)  # the bulk of it, off the critical path
+                return
             self._adopt_reserved(str(lid), request)
             # NOTE(migration): the reservation made at the handshake is handed back to the pool right when the
             # migrated request arrives (same EngineCore thread, before the next schedule), so it allocates them.
@@ -159,9 +170,10 @@ class LlmschedConnector(KVConnectorBase_V1):
         bs = self._block_size
         hashed = len(request.block_hashes) * mgr.block_pool.hash_block_size // bs
         n_full = min(written // bs, len(blocks), (request.num_tokens - 1) // bs, hashed)
-        if n_full <= 0:
+        done = self._adopted.get(llmsched_id, 0) // bs  # a pre-admitted request adopts in two steps
+        if n_full <= done:
             return
-        mgr.block_pool.cache_full_blocks(request, blocks, 0, n_full, bs, kv_cache_group_id=0)
+        mgr.block_pool.cache_full_blocks(request, blocks, done, n_full, bs, kv_cache_group_id=0)
         self._adopted[llmsched_id] = n_full * bs
 
     def reserve(self, llmsched_id: str, num_blocks: int) -> list[int] | str:
@@ -269,6 +281,8 @@ class LlmschedConnector(KVConnectorBase_V1):
         lid = self._params(request).get("llmsched_id")
         if lid is not None:
             self._adopted.pop(str(lid), None)
+            if self._held.get(str(lid)) is request:
+                del self._held[str(lid)]
             if self._paused.get(str(lid)) is request:
                 del self._paused[str(lid)]
             if self._by_llmsched_id.get(str(lid)) == request.request_id:
@@ -509,6 +523,7 @@ def _engine_reserve(core: Any, llmsched_id: str, num_blocks: int) -> list[int] |
     conn = _SCHEDULER_CONNECTOR
     if conn is None:
         return "llmsched connector not initialised"
+    conn._scheduler = core.scheduler  # pre-admission (on_new_request) needs the waiting queue
     return conn.reserve(llmsched_id, int(num_blocks))
 
 
@@ -571,6 +586,56 @@ def _engine_resume(core: Any, llmsched_id: str) -> bool:
     return True
 
 
+def _engine_release(
+    core: Any, llmsched_id: str, tail_token_ids: list[int], max_tokens: int, load_tokens: int, reserved_tokens: int,
+    final_stage: tuple[Any, ...] | None = None,
+) -> bool | str | None:
+    """EngineCore utility: the destination's commit for a pre-admitted migration. Stages the stop-and-copy's KV
+    in the worker (``final_stage``: the ``llmsched_stage_kv`` arguments; one engine round trip instead of two),
+    appends the tokens R produced on the source since its pre-admission (few: only what came after the first
+    stage) to its prompt, sets what is left of its output budget and what to load, adopts the reserved blocks
+    and queues it.
+
+    Everything proportional to the context (request object, block hashes of 16k tokens, input validation and
+    serialisation) was done at pre-admission, off the stop-and-copy's critical path (Llumnix pre-allocates the
+    same way). Returns ``True``; ``None`` if the pre-admission has not reached the engine yet (retry); a reason
+    string otherwise.
+    """
+    conn = _SCHEDULER_CONNECTOR
+    if conn is None:
+        return "llmsched connector not initialised"
+    request = conn._held.get(llmsched_id)
+    if request is None:
+        return None if conn.live_request(llmsched_id) is None else "request is not held (already released?)"
+    del conn._held[llmsched_id]
+    if request.is_finished():
+        return "held request was aborted"
+    if final_stage is not None:
+        core.collective_rpc("llmsched_stage_kv", args=tuple(final_stage))
+    if tail_token_ids:
+        request.prompt_token_ids.extend(tail_token_ids)
+        request._all_token_ids.extend(tail_token_ids)
+        request.num_prompt_tokens = len(request.prompt_token_ids)
+        request.update_block_hashes()
+    request.max_tokens = int(max_tokens)
+    if request.sampling_params is not None:
+        request.sampling_params.max_tokens = int(max_tokens)
+    params = conn._params(request)
+    params.pop("hold", None)
+    params["load_tokens"] = int(load_tokens)
+    if reserved_tokens:
+        params["reserved_tokens"] = int(reserved_tokens)
+    conn._adopt_reserved(llmsched_id, request)
+    conn.unreserve(llmsched_id)
+    sched = core.scheduler
+    enqueue = getattr(sched, "_enqueue_waiting_request", None)
+    if enqueue is not None:
+        enqueue(request)
+    else:  # pragma: no cover - older vLLM
+        sched.waiting.add_request(request)
+    return True
+
+
 def _engine_stats(core: Any) -> dict[str, Any]:
     """EngineCore utility: exact scheduler state and the connector's counters, read between steps."""
     sched = core.scheduler
@@ -582,8 +647,9 @@ def _engine_stats(core: Any) -> dict[str, Any]:
     counters = _Counters()
     if conn is not None:
         counters = conn.counters
+        held = {id(r) for r in conn._held.values()}
         for internal_id, r in conn._live.items():
-            if r.is_finished():
+            if r.is_finished() or id(r) in held:  # a held request is still the source's until the commit
                 continue
             requests.append(
                 {
@@ -624,6 +690,7 @@ def _install_engine_core_utilities() -> None:
         EngineCore.llmsched_unreserve = _engine_unreserve  # type: ignore[attr-defined]
         EngineCore.llmsched_pause = _engine_pause  # type: ignore[attr-defined]
         EngineCore.llmsched_resume = _engine_resume  # type: ignore[attr-defined]
+        EngineCore.llmsched_release = _engine_release  # type: ignore[attr-defined]
 
 
 _install_engine_core_utilities()
