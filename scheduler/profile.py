@@ -164,7 +164,8 @@ def fit(samples: dict) -> dict:
     one row per point, like the prefill points (already medians): with raw repeats the ~60 decode rows outweighed
     the 7 prefill rows, and the relative-error weights (1/t^2) let each point's one-sided host noise (a step is
     only ever slowed) move the fit. Re-fitting the samples of six `llmsched run`s (docs/live_vs_sim.md): the
-    simulator's TPOT p50 error -31% -> -10% (median over the runs), E2E p50 -26% -> -8%.
+    simulator's TPOT p50 error -31% -> -10% (median over the runs), E2E p50 -26% -> -8%; single runs still
+    scatter far more than that.
     """
     from scipy.optimize import nnls
 
