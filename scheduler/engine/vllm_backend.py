@@ -188,8 +188,12 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------ requests
 
-    def validate(self, request: EngineRequest) -> None:
-        """Raise ``ValueError`` naming the offending field; nothing is sent to the engine."""
+    def validate(self, request: EngineRequest, *, preadmitted: bool = False) -> None:
+        """Raise ``ValueError`` naming the offending field; nothing is sent to the engine.
+
+        ``preadmitted``: a migration's request the engine already holds (``_preadmit``): its id is known there,
+        and its history came from our own engine (``generate`` checks it against the staged tokens), so the
+        per-token check -- O(context) on the stop-and-copy's path -- is skipped."""
         prompt = request.prompt_token_ids
         s = request.sampling
         if not request.request_id:
@@ -198,7 +202,9 @@ class VLLMBackend:
             raise ValueError("prompt_token_ids: empty prompt")
         # Fast path first (a migrated request carries its whole history: 16k ids cost ~4 ms in the loop below);
         # the loop only runs to name the first bad index.
-        if not (set(map(type, prompt)) == {int} and min(prompt) >= 0 and max(prompt) < self.vocab_size):
+        if not preadmitted and not (
+            set(map(type, prompt)) == {int} and min(prompt) >= 0 and max(prompt) < self.vocab_size
+        ):
             for i, t in enumerate(prompt):
                 if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
                     raise ValueError(f"prompt_token_ids[{i}]: token id {t!r} outside [0, {self.vocab_size})")
@@ -222,22 +228,8 @@ class VLLMBackend:
             raise ValueError(
                 f"num_output_tokens_before: {request.num_output_tokens_before} not in [0, {len(prompt)})"
             )
-        if request.request_id in self._active:
+        if request.request_id in self._active and not preadmitted:
             raise ValueError(f"request_id: {request.request_id!r} is already running on this engine")
-
-    def _validate_resumed(self, request: EngineRequest) -> None:
-        """``validate`` less the per-token check of the history (for a migration's pre-admitted request)."""
-        s = request.sampling
-        if s.max_tokens < 1:
-            raise ValueError(f"sampling.max_tokens: {s.max_tokens} must be >= 1")
-        if len(request.prompt_token_ids) + s.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"sampling.max_tokens: prompt ({len(request.prompt_token_ids)} tokens) + max_tokens "
-                f"({s.max_tokens}) exceeds the model's context of {self.max_model_len} tokens"
-            )
-        if not 0 <= request.num_output_tokens_before < len(request.prompt_token_ids):
-            raise ValueError(f"num_output_tokens_before: {request.num_output_tokens_before} not in "
-                             f"[0, {len(request.prompt_token_ids)})")
 
     def generate(self, request: EngineRequest) -> AsyncIterator[TokenChunk]:
         """Run ``request``; yield ``TokenChunk``s with contiguous ``index`` starting at
@@ -251,30 +243,18 @@ class VLLMBackend:
         if self._engine is None:
             raise RuntimeError("VLLMBackend.generate: engine not started (await start() first)")
         incoming = self._incoming.get(request.request_id) if not request.kv else None
-        if incoming is not None and incoming.held is not None:
-            # Pre-admitted migration: the engine holds R with the staged history; only the tail goes now. The
-            # history itself came from our own engine (checked against the staged tokens below), so the O(context)
-            # token validation is skipped; the sampling fields are still checked.
-            self._validate_resumed(request)
-            del self._incoming[request.request_id]
-            n = incoming.end_token
-            if n > len(request.prompt_token_ids) or incoming.token_ids[:n] != list(request.prompt_token_ids[:n]):
-                self._incoming[request.request_id] = incoming
-                raise ValueError(f"kv.token_ids: the staged KV's {n} tokens are not a prefix of prompt_token_ids")
-            written = min(n, len(incoming.block_ids) * self.block_size)
-            self._active[request.request_id] = request.num_output_tokens_before
-            return self._stream(request, None, staged_tokens=n, reserved_tokens=written, held=incoming)
-        self.validate(request)
-        incoming = self._incoming.pop(request.request_id, None) if not request.kv else None
+        # Pre-admitted migration: the engine holds R with the staged history; only the tail goes now.
+        held = incoming if incoming is not None and incoming.held is not None else None
+        self.validate(request, preadmitted=held is not None)
         if incoming is not None:
+            del self._incoming[request.request_id]
             n = incoming.end_token
             if n > len(request.prompt_token_ids) or incoming.token_ids[:n] != list(request.prompt_token_ids[:n]):
                 self._incoming[request.request_id] = incoming  # keep it: the caller may cancel properly
                 raise ValueError(f"kv.token_ids: the staged KV's {n} tokens are not a prefix of prompt_token_ids")
             self._active[request.request_id] = request.num_output_tokens_before
-            # Staged tokens that landed in the reserved blocks (the staged range starts at 0, contiguous).
-            written = min(n, len(incoming.block_ids) * self.block_size)
-            return self._stream(request, None, staged_tokens=n, reserved_tokens=written)
+            written = incoming.written_tokens(self.block_size)
+            return self._stream(request, None, staged_tokens=n, reserved_tokens=written, held=held)
         payload = merge_kv_blocks(request.kv) if request.kv else None
         if payload is not None:
             n = int(payload["end_token"])
@@ -379,8 +359,8 @@ class VLLMBackend:
             return
         s = t.sampling
         # Every staged token so far was written into the reserved blocks: the engine adopts those right away.
-        written = min(n, len(inc.block_ids) * self.block_size)
-        kv_params = {"llmsched_id": request_id, "hold": True, "save": False, "reserved_tokens": written}
+        kv_params = {"llmsched_id": request_id, "hold": True, "save": False,
+                     "reserved_tokens": inc.written_tokens(self.block_size)}
         # Placeholder budget (the prompt still grows at the commit, which sets the real one).
         params = self._vllm_params(s, kv_params, detokenize=False, max_tokens=min(s.max_tokens, self.max_model_len - n))
         gen = self._engine.generate(
@@ -713,6 +693,10 @@ class _Incoming:
         self.deferred: tuple[Any, ...] | None = None  # the final piece, staged by the release call
         self.rng_state: bytes | None = None
         self.block_ids: list[int] = []  # the KV blocks reserved at the handshake (stages are written into them)
+
+    def written_tokens(self, block_size: int) -> int:
+        """Staged tokens that landed in the reserved blocks (the staged range starts at 0, contiguous)."""
+        return min(self.end_token, len(self.block_ids) * block_size)
 
 
 def main(argv: list[str] | None = None) -> None:
