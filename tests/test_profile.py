@@ -161,3 +161,11 @@ def test_resimulate_refits_saved_runs_and_reports_the_error(tmp_path):
     assert max(abs(v) for v in errs[str(tmp_path / "same")].values()) < 1e-6
     assert all(v == pytest.approx(-0.5, abs=1e-6) for v in errs[str(tmp_path / "slow")].values())
     assert (tmp_path / "same" / "profile-refit.json").is_file()
+
+
+def test_resimulate_names_the_report_that_lacks_samples(tmp_path):
+    from scheduler.demo import DEFAULT_CONFIG, resimulate
+
+    (tmp_path / "report.json").write_text(json.dumps({"live": {}, "per_request": None}))
+    with pytest.raises(ValueError, match=r"report\.json: no profile_samples"):
+        resimulate(load_config(DEFAULT_CONFIG), [str(tmp_path)])
