@@ -152,7 +152,8 @@ class Instance:
         pool: the pool spec (role, GPU type, TP, backend kind, engine settings).
         model, gpu: model shape and GPU spec (the simulated backend's latency model reads them).
         backend_kwargs: extra keyword arguments for the backend factory (``time_scale``, ``seed``, paths).
-        lease_s: abort a request nobody polled for this long (its ingress died).
+        lease_s: abort a request nobody polled for this long (its ingress died); likewise free an incoming
+            migration's reservation, staged KV and pre-admitted copy that no migration step touched for this long.
     """
 
     def __init__(
@@ -176,6 +177,9 @@ class Instance:
         self._lease_s = lease_s
         self._backend: EngineBackend | None = None
         self._streams: dict[str, _Stream] = {}
+        # Incoming live migrations (destination side) -> last protocol step seen: the driving ingress may die
+        # between the handshake and the commit, and nothing else would ever free what the handshake reserved.
+        self._incoming: dict[str, float] = {}
         self._draining = False
         self._faults: dict[str, str] = {}  # migration step -> injected fault kind (tests: fail / hang / exit)
         self._reaper: asyncio.Task[None] | None = None
@@ -311,6 +315,11 @@ class Instance:
                     log.warning("%s: no poll for %s in %.1fs; aborting", self.instance_id, rid, self._lease_s)
                     await self.abort(rid)
                     self._streams.pop(rid, None)
+            for rid, seen in list(self._incoming.items()):
+                if now - seen > self._lease_s:
+                    log.warning("%s: incoming migration of %s idle for %.1fs; freeing its reservation",
+                                self.instance_id, rid, self._lease_s)
+                    await self.migrate_cancel(rid)
 
     # ---- state ----------------------------------------------------------------------------------------
     async def stats(self) -> EngineStats:
@@ -368,7 +377,10 @@ class Instance:
             return f"{self.instance_id} is draining"
         if request_id in self._streams:
             return f"request_id: {request_id!r} is already running on {self.instance_id}"
-        return await self._migration_backend().reserve_kv(request_id, tokens, template)
+        why = await self._migration_backend().reserve_kv(request_id, tokens, template)
+        if why is None:
+            self._incoming[request_id] = time.monotonic()
+        return why
 
     async def migrate_stage(self, request_id: str, piece: list[Any]) -> tuple[str, Any]:
         """Destination, pre-copy stage: ``piece[0]`` is the ObjectRef of the source's ``export_kv`` (wrapped in
@@ -379,7 +391,9 @@ class Instance:
         except Exception as e:  # noqa: BLE001 - the source's failure, reported as such
             return "source", f"export failed: {_cause(e)}"
         await self._fault("stage")
+        self._touch_incoming(request_id)
         await self._migration_backend().stage_kv(request_id, kv)
+        self._touch_incoming(request_id)
         return "ok", int(kv.end_token)
 
     async def migrate_stop(self, request_id: str, start_token: int) -> tuple[Any, KVBlocks | None] | str:
@@ -406,6 +420,7 @@ class Instance:
             return f"source: {res}"
         snap, kv = res
         await self._fault("commit")
+        self._touch_incoming(request_id)
         sp = template.sampling
         remaining = sp.max_tokens - snap.num_output_tokens
         if remaining < 1:
@@ -421,6 +436,8 @@ class Instance:
             num_output_tokens_before=snap.num_output_tokens,
         )
         sub = await self.submit(ereq, predicted_output_tokens=predicted_output_tokens, wait_first=False)
+        if sub.rejected is None:  # a stream now: the poll lease covers it from here on
+            self._incoming.pop(request_id, None)
         return sub.rejected
 
     async def migrate_resume(self, request_id: str) -> bool:
@@ -429,10 +446,15 @@ class Instance:
 
     async def migrate_cancel(self, request_id: str) -> None:
         """Destination, abort path: free the reservation, staged KV and any admitted copy."""
+        self._incoming.pop(request_id, None)
         await self._migration_backend().cancel_incoming(request_id)
         st = self._streams.pop(request_id, None)
         if st is not None and st.task is not None and not st.done:
             await self._require_backend().abort(request_id)
+
+    def _touch_incoming(self, request_id: str) -> None:
+        if request_id in self._incoming:
+            self._incoming[request_id] = time.monotonic()
 
     def _migration_backend(self) -> Any:
         backend = self._require_backend()

@@ -1,0 +1,74 @@
+"""Leases on an Instance's state when the ingress that drives it dies (simulated backend, no Ray, fast).
+
+A stream nobody polls is aborted; an incoming live migration that no protocol step touches frees its reservation,
+staged KV and pre-admitted copy. Without them a dead ingress leaks KV blocks until the instance restarts."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bench.loadgen import cluster_config
+from scheduler.control.instance import Instance
+from scheduler.engine.base import EngineRequest, KVBlocks, SamplingParams
+
+LEASE_S = 0.2
+
+
+def _instance(time_scale: float = 0.0) -> Instance:
+    cfg = cluster_config("lease", mixed=1)
+    pool = cfg.pools[0]
+    return Instance("mixed-0", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": time_scale},
+                    lease_s=LEASE_S)
+
+
+async def _blocks_used(inst: Instance) -> int:
+    return (await inst.stats()).kv_blocks_used
+
+
+def test_unpolled_stream_is_aborted_and_its_kv_freed() -> None:
+    async def scenario() -> tuple[int, int, bool]:
+        inst = _instance(time_scale=1.0)  # real-time steps: the request is still decoding when the lease ends
+        await inst.start()
+        try:
+            req = EngineRequest("orphan", tuple(range(1, 257)), SamplingParams(max_tokens=100_000, ignore_eos=True))
+            await inst.submit(req)  # first chunk taken, then nobody polls (the ingress "died")
+            held = await _blocks_used(inst)
+            await asyncio.sleep(LEASE_S * 3)
+            return held, await _blocks_used(inst), await inst.poll("orphan", 0.01) is None
+        finally:
+            await inst.shutdown()
+
+    held, after, forgotten = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert held > 0
+    assert after == 0 and forgotten
+
+
+def test_abandoned_incoming_migration_frees_its_reservation() -> None:
+    async def scenario() -> tuple[int, int, int, int]:
+        inst = _instance()
+        await inst.start()
+        try:
+            assert await inst.migrate_reserve("abandoned", 1024) is None
+            assert await inst.migrate_reserve("alive", 1024) is None
+            reserved = await _blocks_used(inst)
+            # "alive" keeps getting stage copies (its driver is alive), "abandoned" gets nothing after the handshake.
+            for k in range(6):
+                piece = KVBlocks("alive", k * 16, (k + 1) * 16, tuple(range(k * 16, (k + 1) * 16)), 0)
+                assert await inst.migrate_stage("alive", [_ready(piece)]) == ("ok", (k + 1) * 16)
+                await asyncio.sleep(LEASE_S / 2)
+            one_left = await _blocks_used(inst)
+            await asyncio.sleep(LEASE_S * 3)
+            return reserved, one_left, await _blocks_used(inst), len(inst._incoming)
+        finally:
+            await inst.shutdown()
+
+    reserved, one_left, none_left, tracked = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert reserved > 0
+    assert one_left == reserved // 2  # the abandoned one was freed while the live one kept its blocks
+    assert none_left == 0 and tracked == 0
+
+
+def _ready(value: object) -> asyncio.Future:
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_result(value)
+    return fut
