@@ -2,7 +2,8 @@
 
 1. a local Ray cluster with tiny vLLM-CPU instances in prefill/decode roles (``deploy/examples/cpu-pd.yaml``),
    the control plane and a gRPC server on loopback;
-2. a latency profile of this machine, measured through the SDK (``llmsched profile``);
+2. a latency profile of this machine, measured through the SDK (``llmsched profile``), in two parts: before and
+   after step 3, so that the host's drift during the replay is in the profile too;
 3. a slice of a real trace (the bundled Azure conversation sample) replayed through the gRPC SDK;
 4. a live migration of a running request, checked token for token against an unmigrated run;
 5. the same slice in the simulator with the measured profile; live and simulated side by side, with errors.
@@ -69,7 +70,7 @@ async def _migration_check(target: str, *, vocab: int) -> dict:
 
 
 async def _live(cfg, ingress, args) -> dict:
-    from scheduler.profile import fit, measure
+    from scheduler.profile import fit, measure, merge_samples
     from scheduler.server.grpc_server import build_server
     from sim.replay import fit_lengths, replay_async
     from sim.traces import default_trace
@@ -80,16 +81,21 @@ async def _live(cfg, ingress, args) -> dict:
     _say(f"gRPC server on {target}")
     try:
         vocab = cfg.model.vocab_size
-        _say("profiling this machine through the SDK (prefill and decode step times)...")
-        profile = fit(await measure(target, vocab=vocab, repeats=5))
-        _say(f"  profile: step overhead {profile['overhead_s'] * 1e3:.2f} ms, "
-             f"{profile['gemm_s_per_token'] * 1e6:.1f} us/token, fit error {profile['fit_mape'] * 100:.1f}%")
+        # The profile is taken in two parts, before and after the replay: this shared host's speed drifts over
+        # minutes (single-stream decode 3 ms in one run, 5-7 ms in the next), and the replay sits between them.
+        _say("profiling this machine through the SDK (prefill and decode step times; 3 rounds now, 2 after "
+             "the replay)...")
+        before = await measure(target, vocab=vocab, repeats=3)
         trace = default_trace().head(args.requests)
         if args.rate_scale != 1.0:
             trace = trace.scale_rate(args.rate_scale)
         pr, out = fit_lengths(trace.prompt_tokens, trace.output_tokens, 1024, args.max_output)
         _say(f"replaying {len(pr)} requests of {trace.name} ({trace.duration_s:.1f} s of arrivals) through the SDK...")
         live = await replay_async(target, trace.arrival_s, pr, out, name=trace.name, vocab=vocab)
+        _say("profiling again (2 rounds)...")
+        profile = fit(merge_samples(before, await measure(target, vocab=vocab, repeats=2)))
+        _say(f"  profile: step overhead {profile['overhead_s'] * 1e3:.2f} ms, "
+             f"{profile['gemm_s_per_token'] * 1e6:.1f} us/token, fit error {profile['fit_mape'] * 100:.1f}%")
         mig = None
         if not args.no_migration:
             _say("live-migrating a running request...")

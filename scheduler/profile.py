@@ -47,11 +47,18 @@ def _steady_tpot(runs: list[dict]) -> float | None:
     return (hi - lo) / c if c >= 3 else None
 
 
+# Idle time before each lone (TTFT) sample. A request that follows another back to back finds the serving stack
+# hot and is ~2x faster for short prompts than one arriving after any pause, even 10 ms (measured in one process,
+# docs/live_vs_sim.md): trace arrivals are spaced, so the profile measures them the way they arrive.
+IDLE_GAP_S = 0.05
+
+
 async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, repeats: int = 3,
-                  token: str | None = None) -> dict:
+                  token: str | None = None, idle_gap_s: float = IDLE_GAP_S) -> dict:
     """Samples for the latency model, measured through the SDK against a running server.
 
-    - ``prefill``: (N, TTFT) of one request alone (max_tokens=1): per-request path latency + one prefill step;
+    - ``prefill``: (N, TTFT) of one request alone (max_tokens=1) after ``idle_gap_s`` of idle: per-request path
+      latency + one prefill step;
     - ``decode``: (batch on one engine, mean context, steady TPOT, engines busy) from concurrent streams;
     - ``handoff``: (N, gap between token 0 and token 1 minus one decode step) on a P/D cluster: the P->D handoff
       (KV export on the prefill engine, object store, import on the decode engine) as clients see it;
@@ -104,9 +111,13 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
         # seconds (identical requests: 11 vs 17 ms TTFT a few seconds apart), and a drift must hit every point
         # alike, not bend the fitted curve.
         ttfts: dict[int, list[float]] = {N: [] for N in PREFILL_GRID}
+        async def lone(N: int) -> float:
+            await asyncio.sleep(idle_gap_s)
+            return (await one(N, 1))["ttft"]
+
         for _ in range(repeats):
             for N in PREFILL_GRID:
-                ttfts[N].append((await one(N, 1))["ttft"])
+                ttfts[N].append(await lone(N))
         prefill.extend((N, float(np.median(ts))) for N, ts in ttfts.items())
         alone: dict[int, list[float]] = {}  # prompt -> steady TPOT of one request alone on the host
         for b, ctx in [point for _ in range(repeats) for point in DECODE_GRID]:
@@ -124,7 +135,7 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
                 elif per == 1 and busy > 1 and ctx in alone:
                     contention.setdefault(busy, []).append(tpot / float(np.median(alone[ctx])))
         if engines > 2:  # a prefill while two other engines decode: three busy engines
-            iso = float(np.median([(await one(CONTENTION_PROMPT, 1))["ttft"] for _ in range(repeats)]))
+            iso = float(np.median([await lone(CONTENTION_PROMPT) for _ in range(repeats)]))
             for _ in range(repeats):
                 bg = [asyncio.create_task(one(64, 160)) for _ in range(engines - 1)]
                 await asyncio.sleep(0.25)  # background streams past their prefill
@@ -134,12 +145,27 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
     finally:
         await client.close()
     return {"prefill": prefill, "decode": decode, "handoff": handoff,
-            "contention": {k: float(np.median(v)) for k, v in sorted(contention.items())}, "engines": engines}
+            "contention": {k: [float(x) for x in v] for k, v in sorted(contention.items())}, "engines": engines}
+
+
+def merge_samples(*parts: dict) -> dict:
+    """One sample set from several ``measure`` runs (e.g. before and after a replay, so that a drift of the
+    shared host's speed during the replay is seen by the profile too): rows concatenated, contention ratios
+    pooled (``contention_table`` takes their median)."""
+    out: dict = {"prefill": [], "decode": [], "handoff": [], "contention": {}, "engines": 0}
+    for s in parts:
+        for key in ("prefill", "decode", "handoff"):
+            out[key].extend(s.get(key, []))
+        for k, v in s.get("contention", {}).items():
+            out["contention"].setdefault(int(k), []).extend(v if isinstance(v, list) else [v])
+        out["engines"] = max(out["engines"], int(s.get("engines", 0)))
+    return out
 
 
 def contention_table(samples: dict) -> list[float]:
-    """Step-time factor by engines busy (index 0: one engine), non-decreasing, from the measured points."""
-    pts = {int(k): max(float(v), 1.0) for k, v in samples.get("contention", {}).items()}
+    """Step-time factor by engines busy (index 0: one engine), non-decreasing, from the measured points (a ratio
+    or a list of repeated ratios, taken as their median)."""
+    pts = {int(k): max(float(np.median(v)), 1.0) for k, v in samples.get("contention", {}).items()}
     if not pts:
         return [1.0]
     top = max(pts)
@@ -224,8 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="latency-profile.json")
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--idle-gap-ms", type=float, default=IDLE_GAP_S * 1e3,
+                    help="idle time before each TTFT sample (0: back to back, the stack stays hot)")
     args = ap.parse_args(argv)
-    prof = fit(asyncio.run(measure(args.target, vocab=args.vocab, repeats=args.repeats)))
+    prof = fit(asyncio.run(measure(args.target, vocab=args.vocab, repeats=args.repeats,
+                                   idle_gap_s=args.idle_gap_ms / 1e3)))
     Path(args.out).write_text(json.dumps(prof, indent=2) + "\n")
     print(f"wrote {args.out}: overhead {prof['overhead_s'] * 1e3:.2f} ms, per-token {prof['gemm_s_per_token'] * 1e6:.1f} us, "
           f"fit error {prof['fit_mape'] * 100:.1f}%")

@@ -448,7 +448,9 @@ class Simulator:
             i = seq.tag
             if self.admit[i] != self.admit[i]:  # nan: first admission only
                 self.admit[i] = started if started is not None else t
-        lat = inst.latency.request_latency_s if inst is not None else 0.0
+        # The request path (gRPC, ingress, actor hops) is host CPU work too: slowed by the same contention factor
+        # as the engine's steps (the profile's contended-TTFT ratio is measured over path + step).
+        lat = inst.latency.request_latency_s * inst.engine.time_scale if inst is not None else 0.0
         for seq in res.first_token:
             i = seq.tag
             if self.first[i] != self.first[i]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from scheduler.config.load import load_config
-from scheduler.profile import _steady_tpot, contention_table, fit, latency_from_profile
+from scheduler.profile import _steady_tpot, contention_table, fit, latency_from_profile, merge_samples
 from sim.simulator import Simulator, Workload
 
 TRUE = dict(c=2e-3, g=5e-6, s=0.5e-3, a_d=1e-6, L=4e-3)
@@ -60,6 +60,18 @@ def test_contention_table_is_monotone_and_fills_gaps():
     assert contention_table({}) == [1.0]
     assert contention_table({"contention": {"3": 2.0}}) == [1.0, 1.5, 2.0]
     assert contention_table({"contention": {2: 0.9, 3: 1.2}}) == [1.0, 1.0, 1.2]
+
+
+def test_merge_samples_pools_rows_and_contention_ratios():
+    a, b = _samples({2: 1.5}), _samples()
+    a["contention"] = {2: [1.4, 1.5, 1.6], 3: 2.0}  # measure() keeps the ratios; older reports hold a median
+    b["contention"] = {"2": [3.0, 3.0]}  # JSON keys are strings
+    m = merge_samples(a, b)
+    assert len(m["prefill"]) == len(a["prefill"]) + len(b["prefill"])
+    assert len(m["decode"]) == len(a["decode"]) + len(b["decode"])
+    assert m["contention"] == {2: [1.4, 1.5, 1.6, 3.0, 3.0], 3: [2.0]}
+    assert contention_table(m) == [1.0, 1.6, 2.0]
+    assert fit(merge_samples(_samples(), _samples()))["overhead_s"] == pytest.approx(TRUE["c"], rel=0.02)
 
 
 def test_steady_tpot_uses_the_common_window():
@@ -137,6 +149,26 @@ def test_simulator_host_contention_slows_concurrent_engines(tmp_path):
     np.testing.assert_allclose(run([1.0, 2.0, 3.0], closed_form=False).finish_s, r1.finish_s, rtol=0.1)
 
 
+def test_simulator_slows_the_request_path_by_host_contention(tmp_path):
+    """The request path (gRPC, ingress, actor hops) is host CPU work: a request that arrives while another
+    engine decodes sees its path latency scaled by the contention factor, like its prefill step."""
+    base = dict(fit(_samples()), handoff_s=None, handoff_s_per_token=0.0)
+    w = Workload(np.array([0.0, 1.0]), np.array([64, 300]), np.array([1500, 1]))
+
+    def run(latency):
+        path = tmp_path / f"l{latency}.json"
+        path.write_text(json.dumps(dict(base, request_latency_s=latency, host_contention=[1.0, 2.0, 3.0])))
+        cfg = load_config("deploy/examples/cpu-pd.yaml")
+        cfg = cfg.model_copy(update={"latency_profile": str(path),
+                                     "pools": [q.model_copy(update={"backend": "simulated"}) for q in cfg.pools]})
+        return Simulator(cfg).run(w)
+
+    r0, r1 = run(0.0), run(0.01)
+    assert r0.finish_s[0] > 1.5  # request 0 still decodes when request 1 prefills: 2 engines busy
+    assert r1.first_token_s[1] - r0.first_token_s[1] == pytest.approx(0.02, rel=1e-9)
+    assert r1.first_token_s[0] - r0.first_token_s[0] == pytest.approx(0.01, rel=1e-9)  # alone on the host
+
+
 def test_resimulate_refits_saved_runs_and_reports_the_error(tmp_path):
     """``llmsched run --resimulate DIR``: a saved run whose 'live' summary is the simulator's own output for
     that profile and slice re-simulates with ~0 error; a live side twice as slow reads as about -50%."""
@@ -169,3 +201,43 @@ def test_resimulate_names_the_report_that_lacks_samples(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"live": {}, "per_request": None}))
     with pytest.raises(ValueError, match=r"report\.json: no profile_samples"):
         resimulate(load_config(DEFAULT_CONFIG), [str(tmp_path)])
+
+
+def test_lone_ttft_samples_follow_an_idle_gap(monkeypatch):
+    """Each prefill (TTFT) sample is sent after ``idle_gap_s`` with nothing in flight: back to back, the serving
+    stack stays hot and short prompts measure ~2x faster than trace arrivals, which are spaced, ever see."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    import scheduler.client as client_mod
+    from scheduler.profile import PREFILL_GRID, measure
+
+    events: list[tuple[str, float, int]] = []  # (start|end, time, max_tokens)
+
+    class FakeClient:
+        def __init__(self, target, token=None):
+            pass
+
+        async def cluster_state(self):
+            return SimpleNamespace(instances=[SimpleNamespace(role=SimpleNamespace(value="mixed"))])
+
+        async def stream(self, ids, *, max_tokens, **kw):
+            events.append(("start", time.perf_counter(), max_tokens))
+            for i in range(max_tokens):
+                await asyncio.sleep(0.0005)
+                yield SimpleNamespace(token_ids=(5,), instance_id="i0", index=i)
+            events.append(("end", time.perf_counter(), max_tokens))
+
+        async def close(self):
+            pass
+
+    monkeypatch.setattr(client_mod, "AsyncClient", FakeClient)
+    samples = asyncio.run(measure("fake:0", repeats=2, decode_tokens=8, idle_gap_s=0.02))
+    assert sorted(N for N, _ in samples["prefill"]) == sorted(PREFILL_GRID)
+    lone = [i for i, (kind, _, mt) in enumerate(events) if kind == "start" and mt == 1]
+    assert len(lone) == 2 * len(PREFILL_GRID)
+    for i in lone:
+        in_flight = sum(1 if k == "start" else -1 for k, _, _ in events[:i])
+        assert in_flight == 0
+        assert events[i][1] - events[i - 1][1] >= 0.02 * 0.9  # idle since the previous request ended
