@@ -116,6 +116,8 @@ async def run(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
         for i in range(args.requests):
             order = list(fns)[i % 3:] + list(fns)[: i % 3]  # rotate: no path always runs first
             for k in order:
+                if args.idle_ms:  # spaced arrivals: the stack has gone idle before each request
+                    await asyncio.sleep(args.idle_ms / 1e3)
                 out[k].append(await fns[k](f"m-{k}-{i}"))
         routers = []
         for name in args.routers.split(","):
@@ -130,7 +132,8 @@ async def run(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
         await ingress.close()
         await backend.shutdown()
     base50, base99 = pct(out["in_process"], 50), pct(out["in_process"], 99)
-    res: dict[str, Any] = {"requests": args.requests, "prompt_tokens": len(PROMPT), "router": ingress.router.name,
+    res: dict[str, Any] = {"requests": args.requests, "idle_ms": args.idle_ms, "prompt_tokens": len(PROMPT),
+                           "router": ingress.router.name,
                            "instances": len(ingress.view().instances), "ttft_ms": {}, "overhead_ms": {}}
     for k, xs in out.items():
         res["ttft_ms"][k] = {"p50": pct(xs, 50) * 1e3, "p99": pct(xs, 99) * 1e3}
@@ -143,7 +146,8 @@ async def run(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
 
 
 def print_table(r: dict[str, Any]) -> None:
-    print(f"TTFT, {r['requests']} sequential requests, {r['prompt_tokens']}-token prompt, engine time_scale 0, "
+    print(f"TTFT, {r['requests']} sequential requests ({r['idle_ms']:g} ms idle before each), "
+          f"{r['prompt_tokens']}-token prompt, engine time_scale 0, "
           f"router {r['router']} over {r['instances']} instances")
     print(f"{'path':<12}{'p50 ms':>10}{'p99 ms':>10}{'+p50 ms':>10}{'+p99 ms':>10}")
     for k, v in r["ttft_ms"].items():
@@ -163,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="llmsched bench control-plane", description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--idle-ms", type=float, default=0.0,
+                   help="idle time before each measured request (0: back to back; trace arrivals are spaced)")
     p.add_argument("--instances", type=int, default=2)
     p.add_argument("--router-s", type=float, default=0.5, help="seconds per router and view")
     p.add_argument("--routers", default="least_outstanding,power_of_two,llumnix,mixing,lookahead,learned")
