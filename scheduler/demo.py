@@ -120,29 +120,37 @@ def _simulate(cfg, profile_path: Path, arrival, prompt, output, name: str):
 METRICS = [(m, q) for m in ("ttft_s", "tpot_s", "e2e_s") for q in ("p50", "p90")]
 
 
-def resimulate(cfg, dirs: list[str]) -> dict[str, dict[str, float]]:
+def resimulate(cfg, dirs: list[str], json_path: str | None = None) -> dict[str, dict[str, float]]:
     """Re-fit the profile samples saved by earlier runs (``DIR/report.json``) with the current ``fit`` and
     simulate their slices again: the simulator's error against those live runs, without running them again
-    (how a change to the fit or the simulator is checked against several noisy live runs at once)."""
+    (how a change to the fit or the simulator is checked against several noisy live runs at once). Nothing is
+    written into ``DIR``; ``json_path`` gets the per-run errors and their median."""
+    import tempfile
+
     from scheduler.profile import fit
     from sim.metrics import sim_summary
 
     errors: dict[str, dict[str, float]] = {}
-    for d in dirs:
-        report = json.loads((Path(d) / "report.json").read_text())
-        if not report.get("profile_samples") or not report.get("per_request"):
-            raise ValueError(f"{d}/report.json: no profile_samples/per_request (written by an older llmsched run)")
-        path = Path(d) / "profile-refit.json"
-        path.write_text(json.dumps(fit(report["profile_samples"]), indent=2) + "\n")
-        pr = report["per_request"]
-        res = _simulate(cfg, path, np.asarray(pr["arrival_s"]), np.asarray(pr["prompt_tokens"]),
-                        np.asarray(pr["output_tokens"]), report.get("trace", "trace"))
-        sim_sum = sim_summary(res)
-        errors[d] = {f"{m}.{q}": (sim_sum[m][q] - report["live"][m][q]) / report["live"][m][q] for m, q in METRICS}
-        _say(f"{d}: " + ", ".join(f"{k} {v * 100:+.0f}%" for k, v in errors[d].items()))
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, d in enumerate(dirs):
+            report = json.loads((Path(d) / "report.json").read_text())
+            if not report.get("profile_samples") or not report.get("per_request"):
+                raise ValueError(f"{d}/report.json: no profile_samples/per_request (written by an older llmsched run)")
+            path = Path(tmp) / f"profile-{n}.json"
+            path.write_text(json.dumps(fit(report["profile_samples"])))
+            pr = report["per_request"]
+            res = _simulate(cfg, path, np.asarray(pr["arrival_s"]), np.asarray(pr["prompt_tokens"]),
+                            np.asarray(pr["output_tokens"]), report.get("trace", "trace"))
+            sim_sum = sim_summary(res)
+            errors[d] = {f"{m}.{q}": (sim_sum[m][q] - report["live"][m][q]) / report["live"][m][q] for m, q in METRICS}
+            _say(f"{d}: " + ", ".join(f"{k} {v * 100:+.0f}%" for k, v in errors[d].items()))
+    med = {k: float(np.median([e[k] for e in errors.values()])) for k in next(iter(errors.values()))}
     if len(errors) > 1:
-        med = {k: float(np.median([e[k] for e in errors.values()])) for k in next(iter(errors.values()))}
         _say(f"median over {len(errors)} runs: " + ", ".join(f"{k} {v * 100:+.0f}%" for k, v in med.items()))
+    if json_path:
+        Path(json_path).write_text(json.dumps({
+            "config": cfg.name, "what": "(simulated - live) / live per run, simulator re-fitted from each run's own "
+            "profile samples", "runs": errors, "median": med}, indent=2) + "\n")
     return errors
 
 
@@ -156,11 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-migration", action="store_true", help="skip the live-migration step (one-instance configs)")
     p.add_argument("--resimulate", nargs="+", metavar="DIR",
                    help="no live run: re-fit and re-simulate earlier runs' saved reports (DIR/report.json)")
+    p.add_argument("--json", help="with --resimulate: write the per-run errors and their median to this file")
     args = p.parse_args(argv)
     if args.resimulate:
         from scheduler.config.load import load_config
 
-        resimulate(load_config(args.config), args.resimulate)
+        resimulate(load_config(args.config), args.resimulate, args.json)
         return 0
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 

@@ -189,10 +189,14 @@ def test_resimulate_refits_saved_runs_and_reports_the_error(tmp_path):
             "trace": "t", "live": live, "profile_samples": samples,
             "per_request": {"arrival_s": arrival.tolist(), "prompt_tokens": prompt.tolist(),
                             "output_tokens": output.tolist()}}))
-    errs = resimulate(cfg, [str(tmp_path / "same"), str(tmp_path / "slow")])
+    out = tmp_path / "errors.json"
+    errs = resimulate(cfg, [str(tmp_path / "same"), str(tmp_path / "slow")], str(out))
     assert max(abs(v) for v in errs[str(tmp_path / "same")].values()) < 1e-6
     assert all(v == pytest.approx(-0.5, abs=1e-6) for v in errs[str(tmp_path / "slow")].values())
-    assert (tmp_path / "same" / "profile-refit.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "same").iterdir()) == ["report.json"]  # saved runs stay as they were
+    written = json.loads(out.read_text())
+    assert written["runs"] == errs
+    assert all(v == pytest.approx(-0.25, abs=1e-6) for v in written["median"].values())
 
 
 def test_resimulate_names_the_report_that_lacks_samples(tmp_path):
