@@ -219,6 +219,10 @@ def test_live_migration_adopts_precopied_blocks(engines: Engines, preadmit: bool
                 break
         pre2 = await p.export_kv(rid, pre.end_token // d.block_size * d.block_size)
         await d.stage_kv(rid, pre2)
+        async for c in gen:  # a slow box may not have run a step since pre2: make sure the stop has a tail
+            src_out.extend(c.token_ids)
+            if len(prompt) + len(src_out) - 1 > pre2.end_token:
+                break
         seen = await d.stats()
         assert rid not in [r.request_id for r in seen.requests] and seen.num_waiting == 0 and seen.num_running == 0
         res = await p.pause(rid, pre2.end_token)
@@ -248,6 +252,60 @@ def test_live_migration_adopts_precopied_blocks(engines: Engines, preadmit: bool
     assert s1.prompt_tokens_computed - s0.prompt_tokens_computed == 1
     assert s1.prompt_tokens_loaded - s0.prompt_tokens_loaded == context
     assert s1.prompt_tokens_adopted - s0.prompt_tokens_adopted == context // d.block_size * d.block_size
+
+
+@pytest.mark.parametrize("preadmit", [False, True], ids=["admit-at-commit", "preadmitted"])
+def test_seeded_migration_at_a_block_boundary_continues_the_rng(engines: Engines, preadmit: bool) -> None:
+    """Seeded sampling, stopped where the migrated context is a whole number of blocks: every token is then a
+    prefix-cache hit on adopted blocks and nothing is loaded through the connector, and the sampler RNG must still
+    be restored (it used to ride on the load: the destination then resampled from a freshly seeded generator).
+    The source is paused, resumed and paused again until its context is block-aligned."""
+    p, d = engines.prefill, engines.decode
+    rid = f"rng-aligned-{preadmit}"
+    prompt = tuple((i * 613 + 11 + preadmit) % 1000 + 3 for i in range(250))
+    total, bs = 240, d.block_size
+
+    def sampling(n: int) -> SamplingParams:
+        return SamplingParams(max_tokens=n, temperature=1.0, seed=1234, ignore_eos=True)
+
+    ref, _ = engines.run(_collect(p, EngineRequest(f"{rid}-ref", prompt, sampling(total))))
+
+    async def migrate() -> tuple[list[int], int, Any, Any]:
+        gen = p.generate(EngineRequest(rid, prompt, sampling(total)))
+        got = 0
+        async for c in gen:
+            got += len(c.token_ids)
+            if got >= 8:
+                break
+        for _ in range(200):
+            res = await p.pause(rid, -1)
+            assert not isinstance(res, str), res
+            snap, _ = res
+            context = len(prompt) + snap.num_output_tokens - 1  # the last sampled token has no KV yet
+            if context % bs == 0:
+                break
+            assert await p.resume(rid)
+            await asyncio.sleep(0.002)
+        else:
+            pytest.fail("the source never stopped on a block boundary")
+        template = EngineRequest(rid, prompt, sampling(total)) if preadmit else None
+        assert await d.reserve_kv(rid, context + 64, template) is None
+        kv = await p.export_kv(rid, 0, context)
+        assert kv.end_token == context
+        await d.stage_kv(rid, kv, snap.rng_state, final=True)
+        s0 = await d.stats()
+        before = snap.num_output_tokens
+        out, _ = await _collect(d, EngineRequest(rid, snap.token_ids, sampling(total - before),
+                                                  num_output_tokens_before=before))
+        s1 = await d.stats()
+        await p.abort(rid)
+        await gen.aclose()
+        return list(snap.token_ids[len(prompt):]) + out, context, s0, s1
+
+    tokens, context, s0, s1 = engines.run(migrate())
+    assert s1.prompt_tokens_adopted - s0.prompt_tokens_adopted == context  # all of it adopted: no connector load
+    assert s1.prompt_tokens_computed - s0.prompt_tokens_computed == 1
+    assert tokens == ref
 
 
 def test_cancel_of_preadmitted_migration_frees_everything(engines: Engines) -> None:

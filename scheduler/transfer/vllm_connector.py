@@ -66,7 +66,6 @@ class _Load:
     start_token: int  # block aligned
     end_token: int
     block_ids: list[int]
-    req_id: str = ""  # vLLM's internal id (the worker keys its per-request state, e.g. the sampler RNG, by it)
 
 
 @dataclass
@@ -81,6 +80,10 @@ class _Save:
 class LlmschedConnectorMetadata(KVConnectorMetadata):
     loads: list[_Load] = field(default_factory=list)
     saves: list[_Save] = field(default_factory=list)
+    # (llmsched id, vLLM id) of seeded requests scheduled for the first time: the worker restores a migrated
+    # request's sampler RNG for them. Not tied to ``loads``: when the migrated context is block-aligned, every
+    # token is a prefix-cache hit on adopted blocks and nothing is loaded through the connector.
+    first_seen: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -220,7 +223,6 @@ class LlmschedConnector(KVConnectorBase_V1):
             start_token=start,
             end_token=end,
             block_ids=list(blocks.get_block_ids()[0]),
-            req_id=request.request_id,
         )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
@@ -239,6 +241,9 @@ class LlmschedConnector(KVConnectorBase_V1):
             request = self._live.get(new.req_id)
             if request is not None:
                 lid = self._params(request).get("llmsched_id")
+                sp = request.sampling_params
+                if lid is not None and sp is not None and sp.seed is not None:
+                    meta.first_seen.append((str(lid), new.req_id))
                 n_loaded = loaded_now.get(lid, 0)
                 local = max(0, min(new.num_computed_tokens, request.num_prompt_tokens) - n_loaded)
                 # Prefix hits on blocks a migration staged count as transferred KV, not as local cache.
@@ -301,13 +306,17 @@ class LlmschedConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._connector_metadata
-        if not isinstance(meta, LlmschedConnectorMetadata) or not meta.loads:
+        if not isinstance(meta, LlmschedConnectorMetadata):
             return
+        for lid, req_id in meta.first_seen:
+            with self._lock:
+                rng = self._rng.pop(lid, None)
+            if rng is not None:
+                self._restore_rng(req_id, rng)
         bs = self._block_size
         for load in meta.loads:
             with self._lock:
                 pieces = self._staged.pop(load.llmsched_id, None)
-                rng = self._rng.pop(load.llmsched_id, None)
             if not pieces:
                 # Cannot happen unless staging was skipped; fail loudly rather than decode from garbage KV.
                 raise RuntimeError(f"llmsched connector: no staged KV for request {load.llmsched_id!r}")
@@ -327,8 +336,6 @@ class LlmschedConnector(KVConnectorBase_V1):
                         warnings.simplefilter("ignore", UserWarning)
                         src = torch.from_numpy(payload["layers"][name][lo - p0 : hi - p0])
                     cache.index_copy_(0, dst, src.to(cache.dtype))
-            if rng is not None:
-                self._restore_rng(load.req_id, rng)
 
     def _restore_rng(self, req_id: str, state: bytes) -> None:
         """Continue the source's sampler stream: this step samples R's next token with the RNG exactly where the
