@@ -68,6 +68,36 @@ def test_abandoned_incoming_migration_frees_its_reservation() -> None:
     assert none_left == 0 and tracked == 0
 
 
+def test_a_failure_while_freeing_does_not_end_the_reaper() -> None:
+    async def scenario() -> tuple[int, int, bool]:
+        inst = _instance()
+        await inst.start()
+        backend = inst._backend
+        real = backend.cancel_incoming
+        calls = []
+
+        async def flaky(rid: str) -> None:
+            calls.append(rid)
+            if len(calls) == 1:
+                raise RuntimeError("engine hiccup")
+            await real(rid)
+
+        backend.cancel_incoming = flaky
+        try:
+            assert await inst.migrate_reserve("first", 512) is None
+            await asyncio.sleep(LEASE_S * 3)  # its cancel raises: the entry is dropped, the reaper lives on
+            assert await inst.migrate_reserve("second", 512) is None
+            held = await _blocks_used(inst)
+            await asyncio.sleep(LEASE_S * 3)
+            return held, await _blocks_used(inst), not inst._reaper.done()
+        finally:
+            await inst.shutdown()
+
+    held, after, alive = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert alive
+    assert after < held  # the second reservation was still freed by its lease
+
+
 def _ready(value: object) -> asyncio.Future:
     fut = asyncio.get_running_loop().create_future()
     fut.set_result(value)

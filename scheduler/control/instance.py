@@ -313,13 +313,21 @@ class Instance:
             for rid, st in list(self._streams.items()):
                 if now - st.last_poll > self._lease_s:
                     log.warning("%s: no poll for %s in %.1fs; aborting", self.instance_id, rid, self._lease_s)
-                    await self.abort(rid)
+                    await self._reap_one(self.abort, rid)
                     self._streams.pop(rid, None)
             for rid, seen in list(self._incoming.items()):
                 if now - seen > self._lease_s:
                     log.warning("%s: incoming migration of %s idle for %.1fs; freeing its reservation",
                                 self.instance_id, rid, self._lease_s)
-                    await self.migrate_cancel(rid)
+                    await self._reap_one(self.migrate_cancel, rid)
+                    self._incoming.pop(rid, None)
+
+    async def _reap_one(self, free: Any, rid: str) -> None:
+        # One failure (an engine error while freeing) must not end the reaper: every later lease depends on it.
+        try:
+            await free(rid)
+        except Exception:  # noqa: BLE001
+            log.exception("%s: freeing %s after its lease failed", self.instance_id, rid)
 
     # ---- state ----------------------------------------------------------------------------------------
     async def stats(self) -> EngineStats:
