@@ -58,9 +58,10 @@ def _sampling(n: int, seed: int | None = None) -> SamplingParams:
 
 
 async def _run(ing: Any, rid: str, sampling: SamplingParams, moves: list[tuple[int, str | None]] = (),
-               ) -> tuple[list[int], list[Any], list[TokenChunk]]:
+               mode: str | None = None) -> tuple[list[int], list[Any], list[TokenChunk]]:
     """Stream ``rid``; after ``k`` tokens of each ``(k, destination)`` in ``moves``, migrate it (``None``: the
-    next instance in id order). Returns (tokens, migration results, chunks)."""
+    next instance in id order; ``mode``: the migration mode, default the ingress'). Returns (tokens, migration
+    results, chunks)."""
     chunks: list[TokenChunk] = []
     results: list[Any] = []
     moves = list(moves)
@@ -77,7 +78,7 @@ async def _run(ing: Any, rid: str, sampling: SamplingParams, moves: list[tuple[i
             if dst is None:
                 ids = sorted(ing._members)
                 dst = ids[(ids.index(src) + 1) % len(ids)]
-            results.append(await ing.migrate(rid, dst))
+            results.append(await ing.migrate(rid, dst, mode=mode))
 
     assert all(await asyncio.gather(*(h.reset_prefix_cache.remote() for h in ing.instance_handles().values())))
     task = asyncio.create_task(mover())
@@ -136,6 +137,17 @@ def test_seeded_sampling_continues_the_rng_stream(live: Any, aloop: Any) -> None
     got, res, _ = aloop.run(_run(ing, "s-mig", _sampling(300, seed=11), [(15, None), (150, None)]), timeout=120)
     assert [r.committed for r in res] == [True, True], res
     assert got == ref, "seeded sampling: the destination's generator continues the source's stream"
+
+
+def test_seeded_sampling_continues_across_a_recompute_migration(live: Any, aloop: Any) -> None:
+    """Recompute mode ships no KV, only the state: B re-prefills the history, and its first sample still comes
+    from the source's RNG state (restored on the request's first schedule, not with a KV load)."""
+    ing = live.ingress
+    ref, _, _ = aloop.run(_run(ing, "r-ref", _sampling(200, seed=13)), timeout=120)
+    got, res, _ = aloop.run(_run(ing, "r-mig", _sampling(200, seed=13), [(20, None)], mode="recompute"),
+                            timeout=120)
+    assert [r.committed for r in res] == [True], res
+    assert got == ref, "seeded sampling across a recompute migration"
 
 
 @pytest.mark.parametrize("step,state", [("reserve", MigrationState.HANDSHAKE), ("stage", MigrationState.STAGING),
