@@ -11,7 +11,8 @@ plus router throughput: ``router.route(info, view)`` decisions per second, per r
     llmsched bench control-plane
     llmsched bench control-plane --requests 500 --json cp.json
 
-Target: ingress TTFT overhead over in-process, p50 < 2 ms.
+Target (issue 3): the whole control plane -- router + gRPC + Ray hop, i.e. the ``grpc`` path -- adds < 2 ms p50
+to TTFT over in-process. The ``ingress`` path (no gRPC) is shown beside it.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ async def run(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
             res["overhead_ms"][k] = {"p50": (pct(xs, 50) - base50) * 1e3, "p99": (pct(xs, 99) - base99) * 1e3}
     res["router_decisions"] = routers
     res["target_p50_overhead_ms"] = 2.0
-    res["meets_target"] = bool(res["overhead_ms"]["ingress"]["p50"] < 2.0)
+    res["meets_target"] = bool(res["overhead_ms"]["grpc"]["p50"] < 2.0)
     return res
 
 
@@ -159,7 +160,7 @@ def print_table(r: dict[str, Any]) -> None:
             continue
         print(f"{d['router']:<18} over {d['instances']:>3} instances: {d['decisions_per_s']:>9,} decisions/s "
               f"({d['us_per_decision']:.1f} us each)")
-    print(f"target: ingress overhead p50 < {r['target_p50_overhead_ms']} ms -> "
+    print(f"target: control-plane (gRPC path) overhead p50 < {r['target_p50_overhead_ms']} ms -> "
           f"{'met' if r['meets_target'] else 'NOT met'}")
 
 
