@@ -111,6 +111,7 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
         # seconds (identical requests: 11 vs 17 ms TTFT a few seconds apart), and a drift must hit every point
         # alike, not bend the fitted curve.
         ttfts: dict[int, list[float]] = {N: [] for N in PREFILL_GRID}
+
         async def lone(N: int) -> float:
             await asyncio.sleep(idle_gap_s)
             return (await one(N, 1))["ttft"]
