@@ -231,7 +231,6 @@ class Controller:
         Rate limits: the policy's own (in flight cluster-wide / per instance, cooldowns, per-request cooldown)
         plus ``max_per_s`` plans per second here. Plans nobody takes within 5 s are dropped.
         """
-        # NOTE(control): config.policies.scaling is accepted but not acted on yet.
         policy = self._migration
         if policy is None or not self._snapshots:
             return
