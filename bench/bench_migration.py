@@ -38,6 +38,11 @@ MODES = ("live", "blocking", "recompute")
 ABLATION = "live_admit_at_commit"
 
 
+def _median(values: list[float]) -> float:
+    """Median of a mode's repeats; NaN when none committed."""
+    return statistics.median(values) if values else float("nan")
+
+
 async def _one(ing: Any, rid: str, prompt: tuple[int, ...], n: int, after: int, mode: str | None,
                dst: str | None) -> dict[str, Any]:
     if mode == ABLATION:
@@ -137,17 +142,15 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     identical &= r["tokens"] == ref
                     per[mode].append(r)
-            med = {m: statistics.median(x["downtime_s"] for x in per[m]) if per[m] else float("nan") for m in modes}
-            tot = {m: statistics.median(x["total_s"] for x in per[m]) if per[m] else float("nan") for m in modes}
-            exc = {m: statistics.median(x["excess_s"] for x in per[m] if "excess_s" in x)
-                   if any("excess_s" in x for x in per[m]) else float("nan") for m in modes}
+            med = {m: _median([x["downtime_s"] for x in per[m]]) for m in modes}
+            tot = {m: _median([x["total_s"] for x in per[m]]) for m in modes}
+            exc = {m: _median([x["excess_s"] for x in per[m] if "excess_s" in x]) for m in modes}
             result["excess_downtime_s"].append(exc["live"])
             result["recompute_excess_downtime_s"].append(exc["recompute"])
             if args.ablation:
                 result.setdefault("admit_at_commit_downtime_s", []).append(med[ABLATION])
                 result.setdefault("admit_at_commit_excess_downtime_s", []).append(exc[ABLATION])
-                result.setdefault("admit_at_commit_admit_s", []).append(
-                    statistics.median(x["admit_s"] for x in per[ABLATION]) if per[ABLATION] else float("nan"))
+                result.setdefault("admit_at_commit_admit_s", []).append(_median([x["admit_s"] for x in per[ABLATION]]))
             live = per["live"]
             result["context_tokens"].append(int(statistics.median(x["context_tokens"] for x in live)) if live else ctx)
             result["downtime_s"].append(med["live"])
@@ -156,10 +159,9 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             result["total_s"].append(tot["live"])
             result["recompute_total_s"].append(tot["recompute"])
             result["blocking_total_s"].append(tot["blocking"])
-            result["tpot_s"].append(statistics.median(x["tpot_s"] for x in live) if live else float("nan"))
-            result["admit_s"].append(statistics.median(x["admit_s"] for x in live) if live else float("nan"))
-            rc = per["recompute"]
-            result["recompute_admit_s"].append(statistics.median(x["admit_s"] for x in rc) if rc else float("nan"))
+            result["tpot_s"].append(_median([x["tpot_s"] for x in live]))
+            result["admit_s"].append(_median([x["admit_s"] for x in live]))
+            result["recompute_admit_s"].append(_median([x["admit_s"] for x in per["recompute"]]))
             result["stages"].append(statistics.median(x["stages"] for x in live) if live else 0)
             print(f"ctx {result['context_tokens'][-1]:5d}: downtime live {med['live'] * 1e3:6.1f} ms "
                   f"(excess over B's TPOT {exc['live'] * 1e3:5.1f} ms), blocking {med['blocking'] * 1e3:6.1f} ms, "
