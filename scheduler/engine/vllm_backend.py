@@ -267,6 +267,10 @@ class VLLMBackend:
         self._active[request.request_id] = request.num_output_tokens_before
         return self._stream(request, payload)
 
+    def _engine_priority(self, request: EngineRequest) -> int:
+        # ``EngineRequest.priority`` is only honoured under the "priority" policy (class docstring); FCFS gets 0.
+        return request.priority if self._scheduling_policy == "priority" else 0
+
     def _vllm_params(self, s: Any, kv_params: dict[str, Any], *, detokenize: bool, max_tokens: int) -> Any:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -315,7 +319,7 @@ class VLLMBackend:
                     {"prompt_token_ids": list(request.prompt_token_ids)},
                     self._vllm_params(s, kv_params, detokenize=own_text is None, max_tokens=s.max_tokens),
                     request_id=rid,
-                    priority=request.priority if self._scheduling_policy == "priority" else 0,
+                    priority=self._engine_priority(request),
                 )
             index = request.num_output_tokens_before
             finished = False
@@ -365,7 +369,7 @@ class VLLMBackend:
         params = self._vllm_params(s, kv_params, detokenize=False, max_tokens=min(s.max_tokens, self.max_model_len - n))
         gen = self._engine.generate(
             {"prompt_token_ids": list(inc.token_ids)}, params, request_id=request_id,
-            priority=t.priority if self._scheduling_policy == "priority" else 0,
+            priority=self._engine_priority(t),
         )
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
