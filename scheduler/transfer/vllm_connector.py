@@ -153,10 +153,15 @@ class LlmschedConnector(KVConnectorBase_V1):
                 self._held[str(lid)] = request
                 self._adopt_reserved(str(lid), request)  # the bulk of it, off the critical path
                 return
-            self._adopt_reserved(str(lid), request)
-            # NOTE(migration): the reservation made at the handshake is handed back to the pool right when the
-            # migrated request arrives (same EngineCore thread, before the next schedule), so it allocates them.
-            self.unreserve(str(lid))
+            self._arrive(str(lid), request)
+
+    def _arrive(self, llmsched_id: str, request: Request) -> None:
+        """A migrated request enters scheduling (admitted now, or released after a pre-admission): adopt what was
+        written into its reservation, then hand the reservation back to the pool."""
+        self._adopt_reserved(llmsched_id, request)
+        # NOTE(migration): the reservation made at the handshake is handed back to the pool right when the
+        # migrated request arrives (same EngineCore thread, before the next schedule), so it allocates them.
+        self.unreserve(llmsched_id)
 
     def _adopt_reserved(self, llmsched_id: str, request: Request) -> None:
         """Migration fast path: the stage copies were written straight into the reserved blocks (worker side,
@@ -632,8 +637,7 @@ def _engine_release(
     params["load_tokens"] = int(load_tokens)
     if reserved_tokens:
         params["reserved_tokens"] = int(reserved_tokens)
-    conn._adopt_reserved(llmsched_id, request)
-    conn.unreserve(llmsched_id)
+    conn._arrive(llmsched_id, request)
     sched = core.scheduler
     enqueue = getattr(sched, "_enqueue_waiting_request", None)
     if enqueue is not None:
