@@ -120,6 +120,11 @@ def _simulate(cfg, profile_path: Path, arrival, prompt, output, name: str):
 METRICS = [(m, q) for m in ("ttft_s", "tpot_s", "e2e_s") for q in ("p50", "p90")]
 
 
+def sim_errors(live_sum: dict, sim_sum: dict) -> dict[str, float]:
+    """(simulated - live) / live for each of ``METRICS`` the live run has a non-zero value for."""
+    return {f"{m}.{q}": (sim_sum[m][q] - live_sum[m][q]) / live_sum[m][q] for m, q in METRICS if live_sum[m][q]}
+
+
 def resimulate(cfg, dirs: list[str], json_path: str | None = None) -> dict[str, dict[str, float]]:
     """Re-fit the profile samples saved by earlier runs (``DIR/report.json``) with the current ``fit`` and
     simulate their slices again: the simulator's error against those live runs, without running them again
@@ -141,8 +146,7 @@ def resimulate(cfg, dirs: list[str], json_path: str | None = None) -> dict[str, 
             pr = report["per_request"]
             res = _simulate(cfg, path, np.asarray(pr["arrival_s"]), np.asarray(pr["prompt_tokens"]),
                             np.asarray(pr["output_tokens"]), report.get("trace", "trace"))
-            sim_sum = sim_summary(res)
-            errors[d] = {f"{m}.{q}": (sim_sum[m][q] - report["live"][m][q]) / report["live"][m][q] for m, q in METRICS}
+            errors[d] = sim_errors(report["live"], sim_summary(res))
             _say(f"{d}: " + ", ".join(f"{k} {v * 100:+.0f}%" for k, v in errors[d].items()))
     med = {k: float(np.median([e[k] for e in errors.values()])) for k in next(iter(errors.values()))}
     if len(errors) > 1:
@@ -207,12 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     slo = cfg.slo_for(0)
     live_sum = live.summary(slo_ttft_s=slo.ttft_s or np.inf, slo_tpot_s=slo.tpot_s or np.inf)
     sim_sum = sim_summary(sim_res)
-    errors = {}
-    for metric in ("ttft_s", "tpot_s", "e2e_s"):
-        for q in ("p50", "p90"):
-            lv, sv = live_sum[metric][q], sim_sum[metric][q]
-            if lv:
-                errors[f"{metric}.{q}"] = (sv - lv) / lv
+    errors = sim_errors(live_sum, sim_sum)
     title = f"{live.name}: {len(pr)} requests on {cfg.name} (live vLLM-CPU) vs the simulator (profiled latency)"
     print_summaries({"live (gRPC SDK)": live_sum, "simulated": sim_sum}, title=title)
     _say("simulator error vs live: " + ", ".join(f"{k} {v * 100:+.0f}%" for k, v in errors.items()))
