@@ -102,14 +102,16 @@ def _latency(p, tmp=None):
     return latency_from_profile(d / "p.json", cfg.model, cfg.gpus["cpu"])
 
 
-def _sim(p, tmp_path, config="deploy/examples/cpu-pd.yaml"):
+def _sim(p, tmp_path, w=None, *, closed_form=True):
+    """Simulate ``w`` (default: three requests) on cpu-pd with the profile ``p``."""
     path = tmp_path / "p.json"
     path.write_text(json.dumps(p))
-    cfg = load_config(config)
+    cfg = load_config("deploy/examples/cpu-pd.yaml")
     cfg = cfg.model_copy(update={"latency_profile": str(path),
                                  "pools": [q.model_copy(update={"backend": "simulated"}) for q in cfg.pools]})
-    w = Workload(np.array([0.0, 0.0, 5.0]), np.array([200, 600, 100]), np.array([20, 30, 1]))
-    return Simulator(cfg).run(w)
+    if w is None:
+        w = Workload(np.array([0.0, 0.0, 5.0]), np.array([200, 600, 100]), np.array([20, 30, 1]))
+    return Simulator(cfg, closed_form=closed_form).run(w)
 
 
 def test_simulator_applies_request_latency_and_handoff(tmp_path):
@@ -133,12 +135,7 @@ def test_simulator_host_contention_slows_concurrent_engines(tmp_path):
     w = Workload(np.r_[np.arange(n - 1) * 0.01, 5.0], np.full(n, 300), np.r_[np.full(n - 1, 40), 1])
 
     def run(table, closed_form=True):
-        path = tmp_path / f"p{len(table)}.json"
-        path.write_text(json.dumps(dict(base, host_contention=table)))
-        cfg = load_config("deploy/examples/cpu-pd.yaml")
-        cfg = cfg.model_copy(update={"latency_profile": str(path),
-                                     "pools": [q.model_copy(update={"backend": "simulated"}) for q in cfg.pools]})
-        return Simulator(cfg, closed_form=closed_form).run(w)
+        return _sim(dict(base, host_contention=table), tmp_path, w, closed_form=closed_form)
 
     r0, r1 = run([1.0]), run([1.0, 2.0, 3.0])
     # The lone request at t=5 runs alone on the host either way.
@@ -156,12 +153,7 @@ def test_simulator_slows_the_request_path_by_host_contention(tmp_path):
     w = Workload(np.array([0.0, 1.0]), np.array([64, 300]), np.array([1500, 1]))
 
     def run(latency):
-        path = tmp_path / f"l{latency}.json"
-        path.write_text(json.dumps(dict(base, request_latency_s=latency, host_contention=[1.0, 2.0, 3.0])))
-        cfg = load_config("deploy/examples/cpu-pd.yaml")
-        cfg = cfg.model_copy(update={"latency_profile": str(path),
-                                     "pools": [q.model_copy(update={"backend": "simulated"}) for q in cfg.pools]})
-        return Simulator(cfg).run(w)
+        return _sim(dict(base, request_latency_s=latency, host_contention=[1.0, 2.0, 3.0]), tmp_path, w)
 
     r0, r1 = run(0.0), run(0.01)
     assert r0.finish_s[0] > 1.5  # request 0 still decodes when request 1 prefills: 2 engines busy
