@@ -173,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.resimulate:
         from scheduler.config.load import load_config
 
-        resimulate(load_config(args.config), args.resimulate, args.json)
+        try:
+            resimulate(load_config(args.config), args.resimulate, args.json)
+        except (OSError, ValueError) as e:  # a missing or older report: say which, no traceback
+            p.error(f"--resimulate: {e}")
         return 0
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 

@@ -191,6 +191,16 @@ def test_resimulate_refits_saved_runs_and_reports_the_error(tmp_path):
     assert all(v == pytest.approx(-0.25, abs=1e-6) for v in written["median"].values())
 
 
+def test_resimulate_cli_names_a_missing_report(tmp_path, capsys):
+    from scheduler.demo import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--resimulate", str(tmp_path / "nope")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--resimulate" in err and "nope/report.json" in err and "Traceback" not in err
+
+
 def test_resimulate_names_the_report_that_lacks_samples(tmp_path):
     from scheduler.demo import DEFAULT_CONFIG, resimulate
 
