@@ -49,9 +49,12 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     model = ensure_tiny_model()
     loop = asyncio.new_event_loop()
-    common = {"kv_cache_bytes": 32 << 20, "max_num_seqs": 8}
+    common = {"kv_cache_bytes": 32 << 20, "max_num_seqs": 8, "cpu_omp_threads": 1}
+    # ``decode`` as the control plane builds CPU engines (worker inside the EngineCore process); ``prefill`` with
+    # vLLM's default executor (a separate worker process), so both layouts run the connector.
     prefill = VLLMBackend(model, kv_role="kv_producer", enable_prefix_caching=False, **common)
-    decode = VLLMBackend(model, kv_role="kv_both", enable_prefix_caching=True, **common)
+    decode = VLLMBackend(model, kv_role="kv_both", enable_prefix_caching=True,
+                         engine_kwargs={"distributed_executor_backend": "uni"}, **common)
 
     async def both(method: str) -> None:
         await asyncio.gather(getattr(prefill, method)(), getattr(decode, method)())
@@ -63,6 +66,20 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
     finally:
         loop.run_until_complete(both("shutdown"))
         loop.close()
+
+
+def test_uni_executor_keeps_the_worker_in_the_engine_core_process(engines: Engines) -> None:
+    """``distributed_executor_backend="uni"`` must survive vLLM's CPU platform, which turns it into "mp" unless
+    ``VLLM_ENABLE_V1_MULTIPROCESSING`` reads 0 while the config is built: the "uni" engine's worker is the
+    EngineCore process itself (a child of this one); the default engine's worker is a process of its own."""
+
+    async def worker_process(b: VLLMBackend) -> tuple[int, int]:
+        return (await b._engine.collective_rpc("llmsched_process"))[0]
+
+    _, uni_parent = engines.run(worker_process(engines.decode))
+    _, mp_parent = engines.run(worker_process(engines.prefill))
+    assert uni_parent == os.getpid()
+    assert mp_parent != os.getpid()
 
 
 def _tokenize(model_path: Any, text: str) -> tuple[int, ...]:
@@ -392,3 +409,50 @@ def test_kv_that_does_not_match_prompt_is_rejected(engines: Engines) -> None:
         engines.decode.generate(EngineRequest("mm2", other, SamplingParams(max_tokens=2), kv=(blocks,)))
     with pytest.raises(LookupError, match="request_id"):
         engines.run(p.export_kv("never-ran", 0))
+
+
+def test_parked_requests_do_not_keep_the_engine_stepping() -> None:
+    """A request the connector holds (pre-admitted, waiting for its commit) or paused (stop-and-copy) is in vLLM's
+    ``scheduler.requests`` but neither running nor waiting, which vLLM reads as "finished, not cleaned up yet" and
+    answers with back-to-back empty steps -- a core spinning for the whole pre-copy. ``bind_scheduler`` counts
+    them as parked instead, and leaves everything else to vLLM's own test."""
+    from scheduler.transfer.vllm_connector import LlmschedConnector
+
+    class FakeScheduler:
+        def __init__(self) -> None:
+            self.requests: dict[str, object] = {}
+            self.running: list[object] = []
+            self.waiting: list[object] = []
+            self.finished_req_ids: set[str] = set()
+
+        def get_request_counts(self) -> tuple[int, int]:
+            return len(self.running), len(self.waiting)
+
+        def has_finished_requests(self) -> bool:  # vLLM's test, as in 0.32
+            return bool(self.finished_req_ids) or len(self.requests) > len(self.running) + len(self.waiting)
+
+        def has_requests(self) -> bool:
+            return bool(self.running or self.waiting) or self.has_finished_requests()
+
+    conn = LlmschedConnector.__new__(LlmschedConnector)  # scheduler-side state only; no vLLM config needed
+    conn._held, conn._paused, conn._scheduler = {}, {}, None
+    sched = FakeScheduler()
+    conn.bind_scheduler(sched)
+    held, paused, other = object(), object(), object()
+    sched.requests = {"h": held, "p": paused}
+    conn._held["h"], conn._paused["p"] = held, paused
+    assert not sched.has_requests()  # parked only: the engine may block on its input queue
+    sched.running.append(other)
+    sched.requests["o"] = other
+    assert sched.has_requests()
+    sched.running.clear()  # "o" finished but is still in requests: vLLM must step once more to clean it up
+    assert sched.has_requests()
+    del sched.requests["o"]
+    sched.finished_req_ids.add("o")
+    assert sched.has_requests()
+    sched.finished_req_ids.clear()
+    conn._held.clear(), conn._paused.clear()
+    del sched.requests["h"], sched.requests["p"]
+    assert not sched.has_requests()
+    conn.bind_scheduler(sched)  # idempotent: no second wrapper
+    assert not sched.has_requests()

@@ -163,6 +163,13 @@ class VLLMBackend:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_threads_bind
         if self._cpu_omp_threads is not None:
             env["OMP_NUM_THREADS"] = str(self._cpu_omp_threads)
+        if self._engine_args.get("distributed_executor_backend") == "uni":
+            # NOTE(vllm-backend): vLLM's CPU platform turns "uni" into "mp" (a separate worker process whose
+            # shared-memory queue readers spin for 1 s after every message) unless this reads "0" while the
+            # config is built. AsyncLLM runs its engine core in a child process either way (it has no in-process
+            # async client), so the flag only keeps the worker inside that child; the OMP variables above are
+            # inherited by it when it is spawned, which is the set-up the platform's override is there to ensure.
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if not env:
             return async_llm_cls.from_engine_args(args)
         # The worker reads these when it is spawned (inside from_engine_args); hold the lock so concurrent starts

@@ -24,6 +24,7 @@ Per-request control goes in ``SamplingParams.extra_args["kv_transfer_params"]``:
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -183,6 +184,31 @@ class LlmschedConnector(KVConnectorBase_V1):
             return
         mgr.block_pool.cache_full_blocks(request, blocks, done, n_full, bs, kv_cache_group_id=0)
         self._adopted[llmsched_id] = n_full * bs
+
+    def bind_scheduler(self, scheduler: Any) -> None:
+        """Called by the migration utilities (the connector has no other path to its scheduler). Makes the
+        engine's busy loop treat parked requests -- held for a pending commit, paused for a stop-and-copy --
+        as idle work, so an engine waiting for a migration blocks on its input queue instead of spinning."""
+        if self._scheduler is scheduler:
+            return
+        self._scheduler = scheduler
+        # NOTE(migration): vLLM counts a request that is in ``scheduler.requests`` but neither running nor
+        # waiting as "finished, not yet cleaned up", and keeps stepping (empty steps, ~0.4 ms each, back to
+        # back) until it goes. A held or paused request is exactly that for up to the whole pre-copy (0.5 s
+        # at 16k tokens): a core burnt on a 2-core host, next to the source that is still decoding. Our
+        # connector never delays a finished request's cleanup (``request_finished`` returns False), so
+        # "more requests than running + waiting + parked" is the exact test.
+        vllm_has_finished = scheduler.has_finished_requests
+
+        def has_finished_requests() -> bool:
+            if not (self._held or self._paused):
+                return vllm_has_finished()
+            if scheduler.finished_req_ids:
+                return True
+            running, waiting = scheduler.get_request_counts()
+            return len(scheduler.requests) > running + waiting + len(self._held) + len(self._paused)
+
+        scheduler.has_finished_requests = has_finished_requests
 
     def reserve(self, llmsched_id: str, num_blocks: int) -> list[int] | str:
         """Hold ``num_blocks`` free KV blocks for an incoming migration. Returns their ids (stage copies are
@@ -500,6 +526,11 @@ class LlmschedWorkerExtension:
     def llmsched_drop_saved(self, llmsched_id: str) -> bool:
         return self._conn().drop_saved(llmsched_id)
 
+    def llmsched_process(self) -> tuple[int, int]:
+        """(pid, parent pid) of the process the worker runs in. With the "uni" executor that is the EngineCore,
+        a child of the AsyncLLM client; with "mp" a grandchild (a process of its own, see ``VLLMBackend``)."""
+        return os.getpid(), os.getppid()
+
 
 # ---------------------------------------------------------------------- EngineCore utilities
 
@@ -535,7 +566,7 @@ def _engine_reserve(core: Any, llmsched_id: str, num_blocks: int) -> list[int] |
     conn = _SCHEDULER_CONNECTOR
     if conn is None:
         return "llmsched connector not initialised"
-    conn._scheduler = core.scheduler  # pre-admission (on_new_request) needs the waiting queue
+    conn.bind_scheduler(core.scheduler)  # pre-admission (on_new_request) needs the waiting queue
     return conn.reserve(llmsched_id, int(num_blocks))
 
 
@@ -559,6 +590,7 @@ def _engine_pause(core: Any, llmsched_id: str, start_token: int) -> dict[str, An
     if conn is None or request is None or request.is_finished():
         return "request is not running on this engine (finished?)"
     sched = core.scheduler
+    conn.bind_scheduler(sched)
     if request.status != RequestStatus.RUNNING or request not in sched.running:
         return f"request is not running (status {request.status.name})"
     if request.num_computed_tokens < request.num_prompt_tokens:
