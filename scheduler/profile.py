@@ -54,7 +54,7 @@ IDLE_GAP_S = 0.05
 
 
 async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, repeats: int = 3,
-                  token: str | None = None, idle_gap_s: float = IDLE_GAP_S) -> dict:
+                  token: str | None = None, idle_gap_s: float = IDLE_GAP_S, seed: int | None = None) -> dict:
     """Samples for the latency model, measured through the SDK against a running server.
 
     - ``prefill``: (N, TTFT) of one request alone (max_tokens=1) after ``idle_gap_s`` of idle: per-request path
@@ -67,7 +67,10 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
     from scheduler.client import AsyncClient
 
     client = AsyncClient(target, token=token)
-    rng = np.random.default_rng(0)
+    # Fresh prompts on every call unless a seed is given: the engines cache prompt blocks, and a second profile
+    # against the same cluster (``llmsched run`` measures before and after its replay) would otherwise send the
+    # same prompts and time prefix-cache hits (1024-token TTFT samples came out at ~0.55x).
+    rng = np.random.default_rng(seed)
     prefill, decode, handoff = [], [], []
     contention: dict[int, list[float]] = {}
     n = 0

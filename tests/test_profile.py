@@ -209,17 +209,14 @@ def test_resimulate_names_the_report_that_lacks_samples(tmp_path):
         resimulate(load_config(DEFAULT_CONFIG), [str(tmp_path)])
 
 
-def test_lone_ttft_samples_follow_an_idle_gap(monkeypatch):
-    """Each prefill (TTFT) sample is sent after ``idle_gap_s`` with nothing in flight: back to back, the serving
-    stack stays hot and short prompts measure ~2x faster than trace arrivals, which are spaced, ever see."""
+def _fake_sdk(monkeypatch, events: list, prompts: list) -> None:
+    """Replace the SDK's AsyncClient with one MIXED instance that streams a token every 0.5 ms, recording each
+    request's (start|end, time, max_tokens) in ``events`` and its prompt in ``prompts``."""
     import asyncio
     import time
     from types import SimpleNamespace
 
     import scheduler.client as client_mod
-    from scheduler.profile import PREFILL_GRID, measure
-
-    events: list[tuple[str, float, int]] = []  # (start|end, time, max_tokens)
 
     class FakeClient:
         def __init__(self, target, token=None):
@@ -229,6 +226,7 @@ def test_lone_ttft_samples_follow_an_idle_gap(monkeypatch):
             return SimpleNamespace(instances=[SimpleNamespace(role=SimpleNamespace(value="mixed"))])
 
         async def stream(self, ids, *, max_tokens, **kw):
+            prompts.append(tuple(ids))
             events.append(("start", time.perf_counter(), max_tokens))
             for i in range(max_tokens):
                 await asyncio.sleep(0.0005)
@@ -239,6 +237,17 @@ def test_lone_ttft_samples_follow_an_idle_gap(monkeypatch):
             pass
 
     monkeypatch.setattr(client_mod, "AsyncClient", FakeClient)
+
+
+def test_lone_ttft_samples_follow_an_idle_gap(monkeypatch):
+    """Each prefill (TTFT) sample is sent after ``idle_gap_s`` with nothing in flight: back to back, the serving
+    stack stays hot and short prompts measure ~2x faster than trace arrivals, which are spaced, ever see."""
+    import asyncio
+
+    from scheduler.profile import PREFILL_GRID, measure
+
+    events: list[tuple[str, float, int]] = []  # (start|end, time, max_tokens)
+    _fake_sdk(monkeypatch, events, [])
     samples = asyncio.run(measure("fake:0", repeats=2, decode_tokens=8, idle_gap_s=0.02))
     assert sorted(N for N, _ in samples["prefill"]) == sorted(PREFILL_GRID)
     lone = [i for i, (kind, _, mt) in enumerate(events) if kind == "start" and mt == 1]
@@ -262,3 +271,26 @@ def test_recorded_live_vs_sim_errors_match_the_current_simulator():
     errs = resimulate(load_config(DEFAULT_CONFIG), [str(repo / r) for r in runs])
     for r in runs:
         assert errs[str(repo / r)] == pytest.approx(recorded["runs"][r], abs=1e-6), r
+
+
+def test_two_profiles_never_send_the_same_prompt(monkeypatch):
+    """``llmsched run`` profiles before and after its replay on the same engines, which cache prompt blocks: a
+    prompt sent twice is timed as a prefix-cache hit (its 1024-token TTFT samples after the replay were ~0.55x
+    the ones before, in every committed run). Unseeded, each ``measure`` call draws fresh prompts."""
+    import asyncio
+
+    from scheduler.profile import measure
+
+    prompts: list[tuple[int, ...]] = []
+    _fake_sdk(monkeypatch, [], prompts)
+    asyncio.run(measure("fake:0", repeats=1, decode_tokens=4, idle_gap_s=0.0))
+    first = set(prompts)
+    prompts.clear()
+    asyncio.run(measure("fake:0", repeats=1, decode_tokens=4, idle_gap_s=0.0))
+    assert first and not first & set(prompts)
+    seeded = []
+    for _ in range(2):  # a seed still reproduces a profile's prompts exactly
+        prompts.clear()
+        asyncio.run(measure("fake:0", repeats=1, decode_tokens=4, idle_gap_s=0.0, seed=7))
+        seeded.append(list(prompts))
+    assert seeded[0] == seeded[1]

@@ -70,6 +70,8 @@ def make_vllm_backend(
         "max_model_len": model.max_model_len,
         "max_num_seqs": e.max_num_seqs,
         "kv_role": "kv_producer" if role is InstanceRole.PREFILL else "kv_both",
+        # The config decides, as in the simulator (vLLM's own default is on; live migration's fast path needs it).
+        "enable_prefix_caching": e.enable_prefix_caching,
     }
     if pool.tp > 1:
         kw["engine_kwargs"] = {"tensor_parallel_size": pool.tp, "distributed_executor_backend": "ray"}
