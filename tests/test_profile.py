@@ -258,15 +258,16 @@ def test_lone_ttft_samples_follow_an_idle_gap(monkeypatch):
         assert events[i][1] - events[i - 1][1] >= 0.02 * 0.9  # idle since the previous request ended
 
 
-def test_recorded_live_vs_sim_errors_match_the_current_simulator():
-    """docs/results/live_vs_sim.json is what the current fit + simulator give on the committed live runs. A change
-    to either moves these numbers: re-record them with the command in docs/results/README.md."""
+@pytest.mark.parametrize("recorded_json", ["live_vs_sim.json", "live_vs_sim_s6.json"])
+def test_recorded_live_vs_sim_errors_match_the_current_simulator(recorded_json):
+    """docs/results/live_vs_sim*.json are what the current fit + simulator give on the committed live runs. A
+    change to either moves these numbers: re-record them with the commands in docs/results/README.md."""
     from pathlib import Path
 
     from scheduler.demo import DEFAULT_CONFIG, resimulate
 
     repo = Path(__file__).resolve().parents[1]
-    recorded = json.loads((repo / "docs" / "results" / "live_vs_sim.json").read_text())
+    recorded = json.loads((repo / "docs" / "results" / recorded_json).read_text())
     runs = sorted(recorded["runs"])  # paths relative to the repository root
     errs = resimulate(load_config(DEFAULT_CONFIG), [str(repo / r) for r in runs])
     for r in runs:
