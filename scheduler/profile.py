@@ -62,9 +62,7 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
     - ``decode``: (batch on one engine, mean context, steady TPOT, engines busy) from concurrent streams;
     - ``handoff``: (N, gap between token 0 and token 1 minus one decode step) on a P/D cluster: the P->D handoff
       (KV export on the prefill engine, object store, import on the decode engine) as clients see it;
-    - ``contention``: step-time factor by number of engines busy on this host (engines share the host's cores);
-    - ``prefill_contention``: TTFT factor of a lone prefill while ``k`` other engines decode, by ``k + 1`` engines
-      busy (the replay's common contended case is a prefill next to one decoder, which decoders alone do not show).
+    - ``contention``: step-time factor by number of engines busy on this host (engines share the host's cores).
     """
     from scheduler.client import AsyncClient
 
@@ -75,7 +73,6 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
     rng = np.random.default_rng(seed)
     prefill, decode, handoff = [], [], []
     contention: dict[int, list[float]] = {}
-    prefill_contention: dict[int, list[float]] = {}
     n = 0
 
     async def one(prompt_len: int, max_tokens: int) -> dict:
@@ -141,44 +138,38 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
                         handoff.append((ctx, float(g[0]["times"][1] - g[0]["times"][0] - tpot)))
                 elif per == 1 and busy > 1 and ctx in alone:
                     contention.setdefault(busy, []).append(tpot / float(np.median(alone[ctx])))
-        if engines > 1:  # a prefill while k = 1 .. engines - 1 other engines decode: k + 1 busy engines
+        if engines > 2:  # a prefill while two other engines decode: three busy engines
             iso = float(np.median([await lone(CONTENTION_PROMPT) for _ in range(repeats)]))
             for _ in range(repeats):
-                for k in range(1, engines):
-                    bg = [asyncio.create_task(one(64, 160)) for _ in range(k)]
-                    await asyncio.sleep(0.25)  # background streams past their prefill
-                    ttft = (await one(CONTENTION_PROMPT, 1))["ttft"]
-                    await asyncio.gather(*bg)
-                    prefill_contention.setdefault(k + 1, []).append(ttft / iso)
-                    if engines > 2 and k + 1 == engines:  # all busy: the shared table's top point, as before
-                        contention.setdefault(engines, []).append(ttft / iso)
+                bg = [asyncio.create_task(one(64, 160)) for _ in range(engines - 1)]
+                await asyncio.sleep(0.25)  # background streams past their prefill
+                ttft = (await one(CONTENTION_PROMPT, 1))["ttft"]
+                await asyncio.gather(*bg)
+                contention.setdefault(engines, []).append(ttft / iso)
     finally:
         await client.close()
     return {"prefill": prefill, "decode": decode, "handoff": handoff,
-            "contention": {k: [float(x) for x in v] for k, v in sorted(contention.items())},
-            "prefill_contention": {k: [float(x) for x in v] for k, v in sorted(prefill_contention.items())},
-            "engines": engines}
+            "contention": {k: [float(x) for x in v] for k, v in sorted(contention.items())}, "engines": engines}
 
 
 def merge_samples(*parts: dict) -> dict:
     """One sample set from several ``measure`` runs (e.g. before and after a replay, so that a drift of the
     shared host's speed during the replay is seen by the profile too): rows concatenated, contention ratios
     pooled (``contention_table`` takes their median)."""
-    out: dict = {"prefill": [], "decode": [], "handoff": [], "contention": {}, "prefill_contention": {}, "engines": 0}
+    out: dict = {"prefill": [], "decode": [], "handoff": [], "contention": {}, "engines": 0}
     for s in parts:
         for key in ("prefill", "decode", "handoff"):
             out[key].extend(s.get(key, []))
-        for table in ("contention", "prefill_contention"):
-            for k, v in s.get(table, {}).items():
-                out[table].setdefault(int(k), []).extend(v if isinstance(v, list) else [v])
+        for k, v in s.get("contention", {}).items():
+            out["contention"].setdefault(int(k), []).extend(v if isinstance(v, list) else [v])
         out["engines"] = max(out["engines"], int(s.get("engines", 0)))
     return out
 
 
-def contention_table(samples: dict, key: str = "contention") -> list[float]:
+def contention_table(samples: dict) -> list[float]:
     """Step-time factor by engines busy (index 0: one engine), non-decreasing, from the measured points (a ratio
-    or a list of repeated ratios, taken as their median) of ``samples[key]``."""
-    pts = {int(k): max(float(np.median(v)), 1.0) for k, v in samples.get(key, {}).items()}
+    or a list of repeated ratios, taken as their median)."""
+    pts = {int(k): max(float(np.median(v)), 1.0) for k, v in samples.get("contention", {}).items()}
     if not pts:
         return [1.0]
     top = max(pts)
@@ -234,9 +225,6 @@ def fit(samples: dict) -> dict:
         "per_seq_s": float(coef[4]),
         "request_latency_s": float(coef[5]),
         "host_contention": table,
-        # Empty for profiles without prefill-under-load samples: prefill instances then use host_contention.
-        "host_prefill_contention": contention_table(samples, "prefill_contention") if samples.get(
-            "prefill_contention") else [],
         "fit_mape": float(np.mean(np.abs(pred - Y) / Y)),
         "samples": samples,
     }
@@ -257,8 +245,7 @@ def latency_from_profile(path: str | Path, model: ModelSpec, gpu: GPUSpec, tp: i
                         gemm, source=f"profile:{Path(path).name}", per_seq_s=p.get("per_seq_s", 0.0),
                         request_latency_s=p.get("request_latency_s", 0.0), handoff_s=p.get("handoff_s"),
                         handoff_s_per_token=p.get("handoff_s_per_token", 0.0),
-                        host_contention=tuple(p.get("host_contention", (1.0,))),
-                        host_prefill_contention=tuple(p.get("host_prefill_contention", ())))
+                        host_contention=tuple(p.get("host_contention", (1.0,))))
 
 
 def main(argv: list[str] | None = None) -> int:

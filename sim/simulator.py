@@ -410,7 +410,7 @@ class Simulator:
             return
         self._n_busy = n
         for x in self.instances:
-            x.engine.time_scale = x.latency.contention(n, prefill=x.role is InstanceRole.PREFILL)
+            x.engine.time_scale = x.latency.contention(n)
             if x.busy and x.span is not None:
                 self.cut_span(x, now)
 

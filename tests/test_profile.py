@@ -295,27 +295,3 @@ def test_two_profiles_never_send_the_same_prompt(monkeypatch):
         asyncio.run(measure("fake:0", repeats=1, decode_tokens=4, idle_gap_s=0.0, seed=7))
         seeded.append(list(prompts))
     assert seeded[0] == seeded[1]
-
-
-def test_prefill_instances_slow_down_by_the_prefill_contention_table(tmp_path):
-    """A prompt next to a decoding engine is measured apart (``prefill_contention``): the simulator scales the
-    PREFILL instance's steps by that table and the decoders' by ``host_contention``; a profile without it (older
-    reports) leaves both on ``host_contention``."""
-    samples = dict(_samples(), prefill_contention={2: [1.8, 2.0, 2.2], 3: [2.5]})
-    p = fit(samples)
-    assert p["host_prefill_contention"] == [1.0, 2.0, 2.5]
-    assert fit(_samples())["host_prefill_contention"] == []
-    base = dict(p, handoff_s=None, handoff_s_per_token=0.0, request_latency_s=0.0, host_contention=[1.0, 1.25])
-    # request 1 prefills while request 0 decodes (2 engines busy); request 0 alone at first
-    w = Workload(np.array([0.0, 1.0]), np.array([64, 600]), np.array([1500, 1]))
-    split = _sim(base, tmp_path, w)
-    shared = _sim(dict(base, host_prefill_contention=[]), tmp_path, w)
-    alone = _sim(dict(base, host_contention=[1.0], host_prefill_contention=[]), tmp_path, w)
-    assert split.finish_s[0] > 1.5  # request 0 still decodes while request 1 prefills
-
-    def ttft(r):
-        return r.first_token_s[1] - 1.0
-
-    assert ttft(split) == pytest.approx(2.0 * ttft(alone), rel=1e-6)
-    assert ttft(shared) == pytest.approx(1.25 * ttft(alone), rel=1e-6)
-    assert split.first_token_s[0] == alone.first_token_s[0]  # request 0 prefilled alone in every run

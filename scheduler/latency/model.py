@@ -70,9 +70,6 @@ class LatencyModel:
     # Step-time factor by number of engines busy on one host (index 0: this engine alone): engines that share
     # a host's cores (the vLLM CPU build) slow each other down. Beyond the table: its last slope.
     host_contention: tuple[float, ...] = (1.0,)
-    # The same for a PREFILL instance's steps when measured apart (a prompt next to k decoding engines slows more
-    # than a decoder next to decoders); empty: ``host_contention``.
-    host_prefill_contention: tuple[float, ...] = ()
 
     # ---- the batch cost -------------------------------------------------------------------------------
     def step_time(
@@ -114,10 +111,9 @@ class LatencyModel:
             return None
         return self.handoff_s + self.handoff_s_per_token * prompt_tokens
 
-    def contention(self, busy_engines: int, *, prefill: bool = False) -> float:
-        """Step-time factor with ``busy_engines`` engines (this one included) busy on the host; ``prefill``: for a
-        prefill instance's steps."""
-        t = self.host_prefill_contention if prefill and self.host_prefill_contention else self.host_contention
+    def contention(self, busy_engines: int) -> float:
+        """Step-time factor with ``busy_engines`` engines (this one included) busy on the host."""
+        t = self.host_contention
         if busy_engines <= 1 or len(t) <= 1:
             return 1.0
         if busy_engines <= len(t):
