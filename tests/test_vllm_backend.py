@@ -451,7 +451,8 @@ def test_parked_requests_do_not_keep_the_engine_stepping() -> None:
     sched.finished_req_ids.add("o")
     assert sched.has_requests()
     sched.finished_req_ids.clear()
-    conn._held.clear(), conn._paused.clear()
+    conn._held.clear()
+    conn._paused.clear()
     del sched.requests["h"], sched.requests["p"]
     assert not sched.has_requests()
     conn.bind_scheduler(sched)  # idempotent: no second wrapper

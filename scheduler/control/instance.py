@@ -328,7 +328,7 @@ class Instance:
         # One failure (an engine error while freeing) must not end the reaper: every later lease depends on it.
         try:
             await free(rid)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("%s: freeing %s after its lease failed", self.instance_id, rid)
 
     # ---- state ----------------------------------------------------------------------------------------
