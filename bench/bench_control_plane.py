@@ -2,8 +2,10 @@
 step takes no time, so what is left is our own cost) measured three ways, interleaved request by request:
 
     in-process   SimulatedBackend.generate() in this process (the engine alone: the baseline)
-    ingress      LocalCluster.ingress.generate(): validate, route on the cached view, Instance.submit over Ray
-    grpc         AsyncClient.stream() -> gRPC server (loopback) -> the same ingress -> ...
+    ingress      LocalCluster.ingress.generate(): validate, route on the cached view, Instance.submit over the
+                 direct channel (control/channel.py)
+    ingress_ray  the same with Ray actor calls only (``Ingress(direct=False)``: the design before the channel)
+    grpc         AsyncClient.stream() -> gRPC server (loopback) -> the channel ingress -> ...
 
 plus router throughput: ``router.route(info, view)`` decisions per second, per router, on the ingress' live view
 (2 instances) and on a 64-instance view built from it (pure policy cost: no Ray, no I/O).
@@ -104,18 +106,20 @@ async def run(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
     await backend.start()
     ingress = cluster.ingress
     await ingress.start()
+    ray_ingress = cluster.deployment.make_ingress(refresh_s=0.025, direct=False)
+    await ray_ingress.start()
     server = build_server(ingress, port=0)
     await server.start()
     client = AsyncClient(f"127.0.0.1:{server.port}")
-    out: dict[str, list[float]] = {"in_process": [], "ingress": [], "grpc": []}
+    out: dict[str, list[float]] = {"in_process": [], "ingress": [], "ingress_ray": [], "grpc": []}
     fns = {"in_process": lambda r: ttft_inprocess(backend, r), "ingress": lambda r: ttft_ingress(ingress, r),
-           "grpc": lambda r: ttft_grpc(client, r)}
+           "ingress_ray": lambda r: ttft_ingress(ray_ingress, r), "grpc": lambda r: ttft_grpc(client, r)}
     try:
         for i in range(args.warmup):
             for k, fn in fns.items():
                 await fn(f"w-{k}-{i}")
         for i in range(args.requests):
-            order = list(fns)[i % 3:] + list(fns)[: i % 3]  # rotate: no path always runs first
+            order = list(fns)[i % len(fns):] + list(fns)[: i % len(fns)]  # rotate: no path always runs first
             for k in order:
                 if args.idle_ms:  # spaced arrivals: the stack has gone idle before each request
                     await asyncio.sleep(args.idle_ms / 1e3)
@@ -131,6 +135,7 @@ async def run(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
         await client.close()
         await server.stop(0.2)
         await ingress.close()
+        await ray_ingress.close()
         await backend.shutdown()
     base50, base99 = pct(out["in_process"], 50), pct(out["in_process"], 99)
     res: dict[str, Any] = {"requests": args.requests, "idle_ms": args.idle_ms, "prompt_tokens": len(PROMPT),

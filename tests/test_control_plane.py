@@ -238,6 +238,31 @@ def test_instance_killed_mid_stream_resumes_elsewhere(mixed: Any, aloop: Any) ->
         pytest.fail(f"dead instance not replaced: {sorted(members)}")
 
 
+def test_streams_use_the_direct_channel_and_survive_a_dropped_reply(mixed: Any, aloop: Any) -> None:
+    """The hot path runs on the instances' direct channels; a reply lost on a channel (the call ran, the
+    connection broke) is retried over Ray, which resends what was lost: the stream stays exact, no recovery."""
+    _, ing = mixed
+    before = dict(ing.counters)
+    chunks = aloop.run(_collect(ing, _req("direct-1", 64, 40)), timeout=60)
+    _check_exact(chunks, "direct-1", 40)
+    assert ing.counters["channel_calls"] > before["channel_calls"]
+    assert ing.counters["channel_fallbacks"] == before["channel_fallbacks"]
+
+    rid, n = "direct-drop", 120
+    dropped: list[str] = []
+
+    async def on_chunk(c: TokenChunk, out: list[TokenChunk]) -> None:
+        if not dropped and sum(len(x.token_ids) for x in out) >= 10:
+            iid = ing.registry.get(rid).instances[0]
+            dropped.append(iid)
+            await ing._members[iid].handle.inject_fault.remote("channel", "drop")
+
+    chunks = aloop.run(_collect(ing, _req(rid, 64, n), on_chunk), timeout=60)
+    _check_exact(chunks, rid, n)
+    assert dropped and ing.counters["channel_fallbacks"] > before["channel_fallbacks"]
+    assert ing.counters["recoveries"] == before["recoveries"]  # the instance was never taken for dead
+
+
 @pytest.mark.e2e
 def test_controller_restart_rebuilds_view_while_ingress_keeps_routing(mixed: Any, aloop: Any) -> None:
     dep, ing = mixed

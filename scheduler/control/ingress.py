@@ -37,6 +37,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from scheduler.config.models import ClusterConfig
+from scheduler.control.channel import ChannelClient, ChannelError
 from scheduler.control.api import (
     ClusterState,
     GenerateRequest,
@@ -105,6 +106,7 @@ def make_tokenizer(config: ClusterConfig, backend_kwargs: dict[str, dict[str, An
 
 
 UNHEALTHY_AFTER_S = 10.0  # an instance whose snapshots time out this long is routed around
+CHANNEL_RETRY_S = 5.0  # after a direct-channel failure, use Ray calls to that instance for this long
 
 
 class _SpanHandoff:
@@ -130,6 +132,8 @@ class Ingress:
         refresh_s: snapshot poll period of the cached view.
         max_in_flight: admission bound of this replica (``Overloaded`` beyond it).
         max_recoveries: re-prefills allowed per request after instance crashes.
+        direct: use the instances' direct channels (``control/channel.py``) for submit/poll/abort/snapshot;
+            ``False``: Ray actor calls only (the bench's baseline).
     """
 
     def __init__(
@@ -150,6 +154,7 @@ class Ingress:
         plans_s: float = 0.25,
         recorder: Recorder | None = None,
         tracing: Tracing | None = None,
+        direct: bool = True,
     ) -> None:
         self.config = config
         # Telemetry: the servers own request start/finish; the ingress adds routes, instance gauges and the
@@ -178,9 +183,13 @@ class Ingress:
         self._controller_epoch: str | None = None
         self.controller_ok = False
         self.view_refreshed_s = 0.0
-        self.counters = {"recoveries": 0, "handoffs": 0, "migrations": 0, "migrations_aborted": 0, "routed": 0}
+        self.counters = {"recoveries": 0, "handoffs": 0, "migrations": 0, "migrations_aborted": 0, "routed": 0,
+                         "channel_calls": 0, "channel_fallbacks": 0}
         self.migration_config = migration or _migration_config(config)
         self.plans_s = plans_s
+        self.direct = direct
+        self._channels: dict[str, ChannelClient] = {}  # incarnation -> its channel
+        self._channel_down: dict[str, float] = {}  # incarnation -> monotonic time until which Ray is used
         self._migrating: dict[str, Migration] = {}  # request id -> its migration in progress
         self.migrations: list[Migration] = []  # finished migrations (bounded), for tests and the bench
 
@@ -233,6 +242,9 @@ class Ingress:
                 log.warning("ingress close: %d background task(s) did not stop within %.0fs", len(stuck), timeout_s)
         self._tasks = []
         self._starting = None
+        for ch in self._channels.values():
+            ch.close()
+        self._channels.clear()
 
     @staticmethod
     async def _loop(fn: Any, period: float) -> None:
@@ -255,11 +267,15 @@ class Ingress:
             self.controller_ok = False
             return
         self._members = {i: m for i, m in members.items() if m.info.incarnation not in self._dead}
+        live = {m.info.incarnation for m in self._members.values()}
+        for inc in [k for k in self._channels if k not in live]:
+            self._channels.pop(inc).close()
 
     async def _refresh_view(self) -> None:
         items = list(self._members.items())
         results = await asyncio.gather(
-            *(asyncio.wait_for(_await(m.handle.snapshot.remote()), 1.0) for _, m in items), return_exceptions=True
+            *(asyncio.wait_for(self._call(iid, m.handle, "snapshot"), 1.0) for iid, m in items),
+            return_exceptions=True,
         )
         snaps: dict[str, InstanceSnapshot] = {}
         now = time.time()
@@ -286,6 +302,9 @@ class Ingress:
         m = self._members.pop(iid, None)
         if m is not None:
             self._dead.add(m.info.incarnation)
+            ch = self._channels.pop(m.info.incarnation, None)
+            if ch is not None:
+                ch.close()
         self._snapshots.pop(iid, None)
         self._view = ClusterView(self._view.time_s, tuple(s for s in self._view.instances if s.instance_id != iid))
 
@@ -387,6 +406,35 @@ class Ingress:
     def instance_handles(self) -> dict[str, Any]:
         """Actor handles of the live instances this replica knows (admin tools, benchmarks)."""
         return {iid: m.handle for iid, m in self._members.items()}
+
+    def _channel(self, iid: str) -> ChannelClient | None:
+        """The open (or to-be-opened) direct channel to ``iid``, or ``None``: use Ray."""
+        m = self._members.get(iid)
+        if not self.direct or m is None or not m.info.channel:
+            return None
+        key = m.info.incarnation
+        if self._channel_down.get(key, 0.0) > time.monotonic():
+            return None
+        ch = self._channels.get(key)
+        if ch is None or ch.closed or (ch.loop is not None and ch.loop is not asyncio.get_running_loop()):
+            ch = self._channels[key] = ChannelClient(m.info.channel, m.info.channel_token)
+        return ch
+
+    async def _call(self, iid: str, handle: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``handle.<method>.remote(*args)`` on the hot path: over the direct channel when there is one, else (or
+        if the channel fails) over Ray -- which then decides whether the actor is gone (``RayActorError``)."""
+        ch = self._channel(iid)
+        if ch is not None:
+            self.counters["channel_calls"] += 1
+            try:
+                return await ch.call(method, *args, **kwargs)
+            except ChannelError as e:
+                self.counters["channel_fallbacks"] += 1
+                m = self._members.get(iid)
+                if m is not None:
+                    self._channel_down[m.info.incarnation] = time.monotonic() + CHANNEL_RETRY_S
+                log.warning("%s: direct channel failed (%s); using Ray calls for %.0fs", iid, e, CHANNEL_RETRY_S)
+        return await getattr(handle, method).remote(*args, **kwargs)
 
     def _handle(self, iid: str) -> Any:
         m = self._members.get(iid)
@@ -536,7 +584,11 @@ class Ingress:
                 yield chunk
             return
         try:
-            sub = await handle.submit.remote(ereq, kv_ref, predicted_output_tokens=rec.predicted_output_tokens)
+            if kv_ref is None:
+                sub = await self._call(iid, handle, "submit", ereq, None,
+                                       predicted_output_tokens=rec.predicted_output_tokens)
+            else:  # an ObjectRef: Ray resolves it on the instance (KV moves node to node)
+                sub = await handle.submit.remote(ereq, kv_ref, predicted_output_tokens=rec.predicted_output_tokens)
         except RayTaskError as e:
             if kv_ref is not None and _is_lost(e):  # the KV source died: re-prefill without it
                 sub = await handle.submit.remote(ereq, None, predicted_output_tokens=rec.predicted_output_tokens)
@@ -568,7 +620,8 @@ class Ingress:
                     return
             try:
                 nxt = await asyncio.wait_for(
-                    _await(handle.poll.remote(rec.request_id, self.poll_timeout_s)), self.poll_timeout_s + 5.0
+                    self._call(iid, handle, "poll", rec.request_id, self.poll_timeout_s, rec.next_index),
+                    self.poll_timeout_s + 5.0,
                 )
             except (TimeoutError, *_DEAD) as e:
                 raise InstanceLost(f"{iid}: {type(e).__name__}") from e

@@ -1,0 +1,161 @@
+"""The direct ingress <-> Instance channel (``scheduler/control/channel.py``): plain asyncio, no Ray, fast.
+
+What the ingress relies on: concurrent calls share one connection (a long poll does not block a snapshot), a
+remote error comes back as ``RemoteError``, and anything that makes the channel unusable (wrong token, peer gone,
+connection dropped mid-call) is a ``ChannelError`` -- the ingress' signal to retry over Ray. Plus the Instance
+side: a poll answer the channel dropped is sent again when the retry says what arrived (``from_index``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from bench.loadgen import cluster_config
+from scheduler.control.channel import ChannelClient, ChannelError, ChannelServer, RemoteError
+from scheduler.control.instance import Instance
+from scheduler.engine.base import EngineRequest, SamplingParams
+
+
+class _Methods:
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def echo(self, *args: Any, **kwargs: Any) -> Any:
+        return args, kwargs
+
+    async def wait(self) -> str:
+        await self.release.wait()
+        return "released"
+
+    async def boom(self) -> None:
+        raise ValueError("max_tokens: must be positive")
+
+
+async def _server(m: _Methods, token: str = "secret") -> ChannelServer:
+    srv = ChannelServer({"echo": m.echo, "wait": m.wait, "boom": m.boom}, token)
+    await srv.start("127.0.0.1")
+    return srv
+
+
+def test_calls_round_trip_and_long_calls_do_not_block_others() -> None:
+    async def scenario() -> None:
+        m = _Methods()
+        srv = await _server(m)
+        cli = ChannelClient(srv.address, "secret")
+        try:
+            assert await cli.call("echo", 1, (2, 3), key="v") == ((1, (2, 3)), {"key": "v"})
+            slow = asyncio.create_task(cli.call("wait"))
+            await asyncio.sleep(0.05)
+            # The parked call holds no lock: 20 more calls complete meanwhile, each with its own answer.
+            outs = await asyncio.wait_for(asyncio.gather(*(cli.call("echo", i) for i in range(20))), 5)
+            assert [o[0][0] for o in outs] == list(range(20))
+            assert not slow.done()
+            m.release.set()
+            assert await asyncio.wait_for(slow, 5) == "released"
+        finally:
+            cli.close()
+            await srv.close()
+
+    asyncio.run(scenario())
+
+
+def test_remote_errors_name_the_error_and_keep_the_connection() -> None:
+    async def scenario() -> None:
+        srv = await _server(_Methods())
+        cli = ChannelClient(srv.address, "secret")
+        try:
+            with pytest.raises(RemoteError, match="ValueError: max_tokens: must be positive"):
+                await cli.call("boom")
+            with pytest.raises(RemoteError, match="no method 'shutdown'"):
+                await cli.call("shutdown")
+            assert await cli.call("echo", "still") == (("still",), {})
+            assert not cli.closed
+        finally:
+            cli.close()
+            await srv.close()
+
+    asyncio.run(scenario())
+
+
+def test_wrong_token_is_dropped_before_anything_is_unpickled() -> None:
+    async def scenario() -> None:
+        srv = await _server(_Methods())
+        cli = ChannelClient(srv.address, "not-the-token")
+        try:
+            with pytest.raises(ChannelError):
+                await asyncio.wait_for(cli.call("echo", 1), 5)
+            assert cli.closed
+            with pytest.raises(ChannelError):  # closed for good: the caller makes a new client
+                await cli.call("echo", 1)
+        finally:
+            await srv.close()
+
+    asyncio.run(scenario())
+
+
+def test_peer_gone_fails_pending_and_new_calls_with_channel_error() -> None:
+    async def scenario() -> None:
+        srv = await _server(_Methods())
+        cli = ChannelClient(srv.address, "secret")
+        assert await cli.call("echo", 0) == ((0,), {})
+        pending = asyncio.create_task(cli.call("wait"))
+        await asyncio.sleep(0.05)
+        await srv.close()
+        with pytest.raises(ChannelError):
+            await asyncio.wait_for(pending, 5)
+        with pytest.raises(ChannelError):
+            await cli.call("echo", 1)
+        # Nothing listens there any more: connecting fails as a ChannelError too.
+        with pytest.raises(ChannelError):
+            await ChannelClient(srv.address, "secret").call("echo", 2)
+
+    asyncio.run(scenario())
+
+
+def test_instance_resends_a_poll_answer_that_never_arrived() -> None:
+    async def scenario() -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+        cfg = cluster_config("channel", mixed=1)
+        pool = cfg.pools[0]
+        inst = Instance("mixed-0", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 0.0})
+        await inst.start()
+        try:
+            assert inst.info.channel and inst.info.channel_token  # served on a channel from start()
+            req = EngineRequest("r", tuple(range(1, 65)), SamplingParams(max_tokens=12, ignore_eos=True))
+            first = await inst.submit(req)
+            got = [t for c in first.chunks for t in c.token_ids]
+            await asyncio.sleep(0.2)  # the rest is produced (time_scale 0) and buffered
+            lost = await inst.poll("r", 1.0, len(got))  # the final answer is "dropped on the wire"
+            assert lost is not None and lost.finished and lost.token_ids
+            # The retry says what arrived: the lost part again, although the stream has ended here.
+            again = await inst.poll("r", 1.0, len(got))
+            assert again is not None and again.finished
+            # A caller that has everything learns the request is gone (None), as before.
+            gone = await inst.poll("r", 1.0, len(got) + len(again.token_ids))
+            assert gone is None
+
+            # Mid-stream: a decode in real time; one non-final answer is lost, the retry resends it merged
+            # with whatever came after it.
+            inst2 = Instance("mixed-1", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 1.0})
+            await inst2.start()
+            try:
+                req2 = EngineRequest("s", tuple(range(1, 65)), SamplingParams(max_tokens=400, ignore_eos=True))
+                sub = await inst2.submit(req2)
+                have = [t for c in sub.chunks for t in c.token_ids]
+                dropped = await inst2.poll("s", 5.0, len(have))
+                assert dropped is not None and dropped.token_ids and not dropped.finished
+                resent = await inst2.poll("s", 5.0, len(have))
+                assert resent is not None and resent.index == len(have)
+                await inst2.abort("s")
+            finally:
+                await inst2.shutdown()
+            return got, list(lost.token_ids), list(again.token_ids), list(dropped.token_ids), list(resent.token_ids)
+        finally:
+            await inst.shutdown()
+
+    got, lost, again, dropped, resent = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert len(got) + len(lost) == 12
+    assert again == lost
+    assert resent[: len(dropped)] == dropped  # nothing lost: the dropped tokens lead the retry's answer
