@@ -262,6 +262,20 @@ def test_streams_use_the_direct_channel_and_survive_a_dropped_reply(mixed: Any, 
     assert dropped and ing.counters["channel_fallbacks"] > before["channel_fallbacks"]
     assert ing.counters["recoveries"] == before["recoveries"]  # the instance was never taken for dead
 
+    # The reply to a submit lost: the request runs on the instance already; the Ray retry adopts that stream.
+    ing._channel_down.clear()  # the drop above benched that channel for a few seconds
+    mid = ing.counters["channel_fallbacks"]
+    for m in ing._members.values():
+        ray.get(m.handle.inject_fault.remote("channel", "drop_submit"), timeout=10)
+    try:
+        chunks = aloop.run(_collect(ing, _req("direct-submit", 64, 30)), timeout=60)
+    finally:
+        for m in ing._members.values():  # disarm the instance the router did not pick
+            ray.get(m.handle.inject_fault.remote("channel", "clear"), timeout=10)
+    _check_exact(chunks, "direct-submit", 30)
+    assert ing.counters["channel_fallbacks"] > mid
+    assert ing.counters["recoveries"] == before["recoveries"]
+
 
 @pytest.mark.e2e
 def test_controller_restart_rebuilds_view_while_ingress_keeps_routing(mixed: Any, aloop: Any) -> None:

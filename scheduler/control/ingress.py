@@ -420,9 +420,13 @@ class Ingress:
             ch = self._channels[key] = ChannelClient(m.info.channel, m.info.channel_token)
         return ch
 
-    async def _call(self, iid: str, handle: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+    async def _call(
+        self, iid: str, handle: Any, method: str, *args: Any, on_retry: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Any:
         """``handle.<method>.remote(*args)`` on the hot path: over the direct channel when there is one, else (or
-        if the channel fails) over Ray -- which then decides whether the actor is gone (``RayActorError``)."""
+        if the channel fails) over Ray -- which then decides whether the actor is gone (``RayActorError``).
+        ``on_retry``: extra keyword arguments for the Ray call after a channel failure (the first call may have
+        run)."""
         ch = self._channel(iid)
         if ch is not None:
             self.counters["channel_calls"] += 1
@@ -434,6 +438,7 @@ class Ingress:
                 if m is not None:
                     self._channel_down[m.info.incarnation] = time.monotonic() + CHANNEL_RETRY_S
                 log.warning("%s: direct channel failed (%s); using Ray calls for %.0fs", iid, e, CHANNEL_RETRY_S)
+                kwargs.update(on_retry or {})
         return await getattr(handle, method).remote(*args, **kwargs)
 
     def _handle(self, iid: str) -> Any:
@@ -585,7 +590,7 @@ class Ingress:
             return
         try:
             if kv_ref is None:
-                sub = await self._call(iid, handle, "submit", ereq, None,
+                sub = await self._call(iid, handle, "submit", ereq, None, on_retry={"adopt": True},
                                        predicted_output_tokens=rec.predicted_output_tokens)
             else:  # an ObjectRef: Ray resolves it on the instance (KV moves node to node)
                 sub = await handle.submit.remote(ereq, kv_ref, predicted_output_tokens=rec.predicted_output_tokens)

@@ -274,14 +274,20 @@ class Instance:
         *,
         predicted_output_tokens: float | None = None,
         wait_first: bool = True,
+        adopt: bool = False,
     ) -> Submitted:
         """Start ``request``; with ``wait_first``, return once its first chunk exists.
 
         ``kv`` is a top-level argument so that the caller can pass an ``ObjectRef`` from another instance's
         ``export_kv``: Ray resolves it here, moving the KV node-to-node without passing through the caller.
+        ``adopt``: the caller's own earlier submit of this request may have run here with its reply lost (a direct
+        channel dropped it; the ingress retries over Ray): answer with that stream instead of refusing the id.
         """
         backend = self._require_backend()
         rid = request.request_id
+        if adopt and (rid in self._streams or rid in self._finished):
+            out = await self.poll(rid, None, request.num_output_tokens_before)
+            return Submitted(chunks=(out,) if out is not None else ())
         if rid in self._streams:
             return Submitted(rejected=f"request_id: {rid!r} is already running on {self.instance_id}")
         self._finished.pop(rid, None)
@@ -314,7 +320,7 @@ class Instance:
             st.done = True
 
     async def poll(
-        self, request_id: str, timeout_s: float = 5.0, from_index: int | None = None
+        self, request_id: str, timeout_s: float | None = 5.0, from_index: int | None = None
     ) -> TokenChunk | None:
         """Everything produced since the last poll, merged; waits up to ``timeout_s`` for something.
 
@@ -409,13 +415,14 @@ class Instance:
     async def inject_fault(self, step: str, kind: str = "fail") -> None:
         """Make this instance's next migration ``step`` (reserve | stage | commit) fail (raise), hang, or exit
         the actor process -- for fault tests of the destination side. One-shot.
-        ``("channel", "drop")``: the direct channel runs the next poll, then drops the connection unanswered."""
-        if step == "channel" and kind == "drop" and self._channel is not None:
-            self._channel.drop_next = "poll"
+        ``("channel", "drop")`` / ``("channel", "drop_submit")``: the direct channel runs the next poll / submit,
+        then drops the connection unanswered (``"clear"`` disarms)."""
+        if step == "channel" and kind in ("drop", "drop_submit", "clear") and self._channel is not None:
+            self._channel.drop_next = {"drop": "poll", "drop_submit": "submit", "clear": None}[kind]
             return
         if step not in ("reserve", "stage", "commit") or kind not in ("fail", "hang", "exit"):
             raise ValueError(f"step/kind: {step!r}/{kind!r}; allowed steps reserve, stage, commit (kinds fail, "
-                             "hang, exit) and channel (kind drop)")
+                             "hang, exit) and channel (kinds drop, drop_submit, clear)")
         self._faults[step] = kind
 
     async def _fault(self, step: str) -> None:
