@@ -9,6 +9,8 @@ side: a poll answer the channel dropped is sent again when the retry says what a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from typing import Any
 
 import pytest
@@ -159,3 +161,57 @@ def test_instance_resends_a_poll_answer_that_never_arrived() -> None:
     assert len(got) + len(lost) == 12
     assert again == lost
     assert resent[: len(dropped)] == dropped  # nothing lost: the dropped tokens lead the retry's answer
+
+
+class _RayMethod:
+    """Stands in for ``handle.<method>``: ``.remote()`` returns an awaitable, as an ObjectRef is."""
+
+    def __init__(self, calls: list[tuple[Any, ...]]) -> None:
+        self.calls = calls
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append((args, kwargs))
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result("via-ray")
+        return fut
+
+
+def test_ingress_falls_back_to_ray_and_backs_off_a_channel_that_keeps_failing() -> None:
+    from scheduler.control.controller import Member
+    from scheduler.control.ingress import CHANNEL_RETRY_S, Ingress
+    from scheduler.control.instance import InstanceInfo
+    from scheduler.core.types import InstanceRole
+
+    async def scenario() -> tuple[list[Any], list[float], Any, list[tuple[Any, ...]]]:
+        calls: list[tuple[Any, ...]] = []
+        handle = type("H", (), {"poll": _RayMethod(calls)})()
+        ing = Ingress(cluster_config("fallback", mixed=1), None)
+        # Nothing listens on port 1: every channel attempt fails to connect.
+        info = InstanceInfo("m-0", "mixed", InstanceRole.MIXED, "a100", 1, "m", "simulated", "inc-1",
+                            channel="127.0.0.1:1", channel_token="t")
+        ing._members = {"m-0": Member(handle, info)}
+        outs, waits = [], []
+        for _ in range(3):
+            ing._channel_down.clear()  # let the next call try the channel again at once
+            t = time.monotonic()
+            outs.append(await ing._call("m-0", handle, "poll", "rid", 1.0, 0, on_retry={"adopt": True}))
+            waits.append(ing._channel_down["inc-1"] - t)
+        # A working channel again: its first success forgets the failures.
+        m = _Methods()
+        srv = ChannelServer({"poll": m.echo}, "t")
+        await srv.start("127.0.0.1")
+        try:
+            ing._members = {"m-0": Member(handle, dataclasses.replace(info, channel=srv.address))}
+            ing._channel_down.clear()
+            ok = await ing._call("m-0", handle, "poll", "rid", 1.0, 0)
+            assert "inc-1" not in ing._channel_fails
+        finally:
+            await ing.close()
+            await srv.close()
+        return outs, waits, ok, calls
+
+    outs, waits, ok, calls = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert outs == ["via-ray"] * 3
+    assert calls[0] == (("rid", 1.0, 0), {"adopt": True})  # the retry says the first call may have run
+    assert [round(w / CHANNEL_RETRY_S) for w in waits] == [1, 2, 4]  # doubling while it keeps failing
+    assert ok == (("rid", 1.0, 0), {})  # answered on the channel, not by the Ray stand-in

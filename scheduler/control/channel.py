@@ -31,6 +31,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct("!I")
+CONNECT_TIMEOUT_S = 1.0  # same node or same cluster network: a connect that takes longer will not work
 MAX_FRAME = 64 << 20  # a snapshot of a busy instance is tens of KiB; refuse anything absurd
 
 
@@ -140,7 +141,7 @@ class ChannelClient:
 
     async def _connect(self) -> None:
         host, _, port = self.address.rpartition(":")
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2.0)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), CONNECT_TIMEOUT_S)
         writer.write(_frame(self._token))
         self._writer = writer
         self._reader_task = asyncio.create_task(self._read(reader))

@@ -106,7 +106,11 @@ def make_tokenizer(config: ClusterConfig, backend_kwargs: dict[str, dict[str, An
 
 
 UNHEALTHY_AFTER_S = 10.0  # an instance whose snapshots time out this long is routed around
-CHANNEL_RETRY_S = 5.0  # after a direct-channel failure, use Ray calls to that instance for this long
+# After a direct-channel failure, Ray calls to that instance for this long, doubling with each failure in a row up
+# to the max: a channel that cannot connect at all (a firewall between pods) then costs one connect timeout per
+# five minutes, not one every few seconds.
+CHANNEL_RETRY_S = 5.0
+CHANNEL_RETRY_MAX_S = 300.0
 
 
 class _SpanHandoff:
@@ -190,6 +194,7 @@ class Ingress:
         self.direct = direct
         self._channels: dict[str, ChannelClient] = {}  # incarnation -> its channel
         self._channel_down: dict[str, float] = {}  # incarnation -> monotonic time until which Ray is used
+        self._channel_fails: dict[str, int] = {}  # incarnation -> channel failures in a row
         self._migrating: dict[str, Migration] = {}  # request id -> its migration in progress
         self.migrations: list[Migration] = []  # finished migrations (bounded), for tests and the bench
 
@@ -431,14 +436,23 @@ class Ingress:
         if ch is not None:
             self.counters["channel_calls"] += 1
             try:
-                return await ch.call(method, *args, **kwargs)
+                out = await ch.call(method, *args, **kwargs)
             except ChannelError as e:
                 self.counters["channel_fallbacks"] += 1
                 m = self._members.get(iid)
+                wait = CHANNEL_RETRY_S
                 if m is not None:
-                    self._channel_down[m.info.incarnation] = time.monotonic() + CHANNEL_RETRY_S
-                log.warning("%s: direct channel failed (%s); using Ray calls for %.0fs", iid, e, CHANNEL_RETRY_S)
+                    n = self._channel_fails[m.info.incarnation] = self._channel_fails.get(m.info.incarnation, 0) + 1
+                    wait = min(CHANNEL_RETRY_S * 2 ** (n - 1), CHANNEL_RETRY_MAX_S)
+                    self._channel_down[m.info.incarnation] = time.monotonic() + wait
+                log.warning("%s: direct channel failed (%s); using Ray calls for %.0fs", iid, e, wait)
                 kwargs.update(on_retry or {})
+            else:
+                if self._channel_fails:
+                    m = self._members.get(iid)
+                    if m is not None:
+                        self._channel_fails.pop(m.info.incarnation, None)
+                return out
         return await getattr(handle, method).remote(*args, **kwargs)
 
     def _handle(self, iid: str) -> Any:
