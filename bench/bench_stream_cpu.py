@@ -7,8 +7,8 @@ time (the other is closed: its 25 ms snapshot polls would load the box). Rounds 
 with 1 and 2 concurrent greedy streams; per run: tokens/s per stream (first to last token) and the whole box's busy
 CPU-seconds per streamed token from /proc/stat (the idle cluster's background included).
 
-    python -m bench.bench_stream_cpu --json docs/results/stream_cpu.json
-    python -m bench.bench_stream_cpu --rounds 5 --tokens 800
+    llmsched bench stream-cpu --json docs/results/stream_cpu.json
+    llmsched bench stream-cpu --rounds 5 --tokens 800
 
 Why it matters: on a 2-core host a stream's pace is set by the stack's per-token wake-ups competing with the engine
 step (docs/live_vs_sim.md), which the simulator does not model.
@@ -118,7 +118,7 @@ async def bench(cluster: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.bench_stream_cpu", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="llmsched bench stream-cpu", description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=Path("deploy/examples/cpu-pd.yaml"))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=600)

@@ -15,6 +15,7 @@ BENCHES = {
     "migration": "bench.bench_migration",
     "chaos": "bench.bench_chaos",
     "migration-scenario": "bench.bench_migration_scenario",
+    "stream-cpu": "bench.bench_stream_cpu",
 }
 
 
