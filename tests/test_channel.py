@@ -215,3 +215,27 @@ def test_ingress_falls_back_to_ray_and_backs_off_a_channel_that_keeps_failing() 
     assert calls[0] == (("rid", 1.0, 0), {"adopt": True})  # the retry says the first call may have run
     assert [round(w / CHANNEL_RETRY_S) for w in waits] == [1, 2, 4]  # doubling while it keeps failing
     assert ok == (("rid", 1.0, 0), {})  # answered on the channel, not by the Ray stand-in
+
+
+def test_overlapping_polls_of_one_stream_both_answer() -> None:
+    """A dropped channel's poll may still be parked on the instance when its Ray retry arrives: two polls wait on
+    one stream, the first to wake takes the buffer, the other must wait for more rather than fail."""
+
+    async def scenario() -> tuple[Any, Any]:
+        cfg = cluster_config("channel", mixed=1)
+        pool = cfg.pools[0]
+        inst = Instance("mixed-0", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 1.0})
+        await inst.start()
+        try:
+            req = EngineRequest("o", tuple(range(1, 65)), SamplingParams(max_tokens=400, ignore_eos=True))
+            await inst.submit(req)
+            a, b = await asyncio.gather(inst.poll("o", 5.0), inst.poll("o", 5.0))
+            await inst.abort("o")
+            return a, b
+        finally:
+            await inst.shutdown()
+
+    a, b = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert a is not None and b is not None and a.token_ids and b.token_ids
+    first, second = sorted((a, b), key=lambda c: c.index)
+    assert second.index == first.index + len(first.token_ids)  # consecutive, nothing lost between them

@@ -343,10 +343,13 @@ class Instance:
 
     async def _take(self, rid: str, st: _Stream, *, timeout_s: float | None) -> TokenChunk | None:
         st.last_poll = time.monotonic()
-        if not st.buffer:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        # A loop, not one wait: two polls of one stream can overlap for a moment (a dropped channel's poll not yet
+        # cancelled here while its Ray retry arrives), and the other one may have emptied the buffer.
+        while not st.buffer:
             st.event.clear()
             try:
-                await asyncio.wait_for(st.event.wait(), timeout_s)
+                await asyncio.wait_for(st.event.wait(), None if deadline is None else max(deadline - time.monotonic(), 0))
             except TimeoutError:
                 return None
         chunks, st.buffer = st.buffer, []
