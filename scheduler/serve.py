@@ -58,7 +58,8 @@ async def _serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     # Ray start-up and engine creation block: keep them off the event loop.
     cluster = await loop.run_in_executor(
-        None, lambda: start_local_cluster(cfg, fake_gpus_per_node=args.fake_gpus_per_node)
+        None, lambda: start_local_cluster(cfg, fake_gpus_per_node=args.fake_gpus_per_node,
+                                          ingress_kwargs={"direct": args.direct_channel})
     )
     ingress = cluster.ingress
     http_task = None
@@ -101,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fake-gpus-per-node", type=int, default=0,
                    help="start one local Ray node per GPU type with this many fake GPUs (dev/test)")
     p.add_argument("--grace-s", type=float, default=10.0)
+    p.add_argument("--no-direct-channel", dest="direct_channel", action="store_false",
+                   default=os.environ.get("LLMSCHED_DIRECT_CHANNEL", "1").lower() not in ("0", "false", "no"),
+                   help="Ray actor calls only between the ingress and the instances (default: the direct TCP "
+                        "channel, with Ray as fallback; env LLMSCHED_DIRECT_CHANNEL=0 does the same)")
     args = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("LLMSCHED_LOG_LEVEL", "WARNING"))
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -239,3 +240,43 @@ def test_overlapping_polls_of_one_stream_both_answer() -> None:
     assert a is not None and b is not None and a.token_ids and b.token_ids
     first, second = sorted((a, b), key=lambda c: c.index)
     assert second.index == first.index + len(first.token_ids)  # consecutive, nothing lost between them
+
+
+def test_ingress_without_direct_channel_uses_ray_only() -> None:
+    from scheduler.control.controller import Member
+    from scheduler.control.ingress import Ingress
+    from scheduler.control.instance import InstanceInfo
+    from scheduler.core.types import InstanceRole
+
+    async def scenario() -> tuple[Any, list[tuple[Any, ...]], int]:
+        calls: list[tuple[Any, ...]] = []
+        handle = type("H", (), {"snapshot": _RayMethod(calls)})()
+        ing = Ingress(cluster_config("ray-only", mixed=1), None, direct=False)
+        info = InstanceInfo("m-0", "mixed", InstanceRole.MIXED, "a100", 1, "m", "simulated", "inc-1",
+                            channel="127.0.0.1:1", channel_token="t")
+        ing._members = {"m-0": Member(handle, info)}
+        out = await ing._call("m-0", handle, "snapshot")
+        return out, calls, ing.counters["channel_calls"]
+
+    out, calls, channel_calls = asyncio.run(scenario())
+    assert out == "via-ray" and calls == [((), {})] and channel_calls == 0
+
+
+def test_serve_direct_channel_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``llmsched serve`` turns the channel off with a flag or ``LLMSCHED_DIRECT_CHANNEL=0`` (operators whose
+    network blocks pod-to-pod ephemeral ports)."""
+    from scheduler import serve
+
+    seen: list[bool] = []
+
+    async def fake_serve(args: Any) -> int:
+        seen.append(args.direct_channel)
+        return 0
+
+    monkeypatch.setattr(serve, "_serve", fake_serve)
+    cfg = str(Path(__file__).resolve().parents[1] / "deploy" / "examples" / "cpu-mixed.yaml")
+    assert serve.main(["--config", cfg]) == 0
+    assert serve.main(["--config", cfg, "--no-direct-channel"]) == 0
+    monkeypatch.setenv("LLMSCHED_DIRECT_CHANNEL", "0")
+    assert serve.main(["--config", cfg]) == 0
+    assert seen == [True, False, False]
