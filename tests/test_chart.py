@@ -266,3 +266,16 @@ def test_worker_resource_is_what_placement_requests() -> None:
     assert set(json.loads(json.loads(group["rayStartParams"]["resources"]))) == {
         placement.gpu_type_resource("sim-a100")
     }
+
+
+def test_direct_channel_switch_reaches_the_scheduler_container() -> None:
+    """``scheduler.directChannel`` (default on) becomes ``LLMSCHED_DIRECT_CHANNEL``, which ``llmsched serve`` reads."""
+
+    def env_of(values: dict[str, Any] | None) -> dict[str, str]:
+        rc = _of_kind(_render(values), "RayCluster")[0]
+        containers = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+        (c,) = [x for x in containers if any(e["name"] == "LLMSCHED_LOG_LEVEL" for e in x.get("env", []))]
+        return {e["name"]: e.get("value") for e in c["env"]}
+
+    assert env_of(None)["LLMSCHED_DIRECT_CHANNEL"] == "1"
+    assert env_of({"scheduler": {"directChannel": False}})["LLMSCHED_DIRECT_CHANNEL"] == "0"

@@ -159,6 +159,8 @@ def build_values_schema() -> dict[str, Any]:
                 {
                     "resources": _k8s_passthrough("scheduler container resources"),
                     "logLevel": {"enum": ["debug", "info", "warning", "error"]},
+                    "directChannel": {"type": "boolean",
+                                      "description": "ingress<->instance direct TCP channel (false: Ray calls only)"},
                     "extraEnv": _k8s_passthrough("extra env entries for the scheduler container", "array"),
                 }
             ),
