@@ -535,7 +535,7 @@ class Ingress:
             self.registry.touch(rid)
             last: TokenChunk | None = None
             try:
-                async for chunk in self._attempt(rec, iid, ereq, kv_ref, admitted=admitted):
+                async for chunk in self._attempt(rec, iid, ereq, kv_ref, admitted=admitted, export=handoff):
                     last = chunk
                     if chunk.finished and self._continues(rec, handoff, chunk.finish_reason):
                         if chunk.token_ids:  # e.g. token 0 from the prefill instance: stream it now (TTFT)
@@ -569,19 +569,24 @@ class Ingress:
                     admitted, kv_ref = True, None
             else:
                 # P->D: the prompt KV moves through the object store, node to node; decode goes on at index 1.
-                try:
-                    kv_ref = self._handle(iid).export_kv.remote(rid, 0, None)
-                except InstanceLost:
-                    # The prefill instance was seen dead after it streamed token 0: the decode side recomputes
-                    # the prompt (as when the KV source dies mid-transfer) rather than failing the request.
-                    self._mark_dead(iid)
-                    kv_ref = None
+                # (Pulled over the instances' direct channels instead, 2 MB of KV took longer than through the
+                # object store on one node: docs/architecture.md.)
+                kv_ref = self._export_ref(iid, rid)
                 yield _SpanHandoff(self.tracing.start_span(
                     Stage.KV_TRANSFER, request_id=rid,
                     attributes={"source": iid, "destination": str(target.decode_instance)}))
                 target = RouteDecision(target.decode_instance)  # type: ignore[arg-type]
                 rec.phase = Phase.TRANSFER
                 self.counters["handoffs"] += 1
+
+    def _export_ref(self, source: str, rid: str) -> Any:
+        """An ObjectRef of ``source``'s export of ``rid``'s prompt KV, or ``None`` if ``source`` is gone: the
+        decode side then recomputes the prompt (as when the KV source dies mid-transfer) rather than failing."""
+        try:
+            return self._handle(source).export_kv.remote(rid, 0, None)
+        except InstanceLost:
+            self._mark_dead(source)
+            return None
 
     @staticmethod
     def _continues(rec: RequestRecord, handoff: bool, reason: str | None) -> bool:
@@ -593,10 +598,12 @@ class Ingress:
         return reason == "abort" and rec.moving_to is not None
 
     async def _attempt(
-        self, rec: RequestRecord, iid: str, ereq: EngineRequest, kv_ref: Any, *, admitted: bool = False
+        self, rec: RequestRecord, iid: str, ereq: EngineRequest, kv_ref: Any, *, admitted: bool = False,
+        export: bool = False,
     ) -> AsyncIterator[TokenChunk]:
         """Stream one engine request from one instance; raises ``InstanceLost`` if it dies. ``admitted``: the
-        instance already runs it (a committed live migration): only poll."""
+        instance already runs it (a committed live migration): only poll. ``export``: a P->D prefill, whose
+        instance starts exporting the prompt KV the moment it finishes (the decode side then finds it ready)."""
         handle = self._handle(iid)
         if admitted:
             async for chunk in self._poll_loop(rec, iid, handle, []):
@@ -605,7 +612,7 @@ class Ingress:
         try:
             if kv_ref is None:
                 sub = await self._call(iid, handle, "submit", ereq, None, on_retry={"adopt": True},
-                                       predicted_output_tokens=rec.predicted_output_tokens)
+                                       predicted_output_tokens=rec.predicted_output_tokens, export_on_finish=export)
             else:  # an ObjectRef: Ray resolves it on the instance (KV moves node to node)
                 sub = await handle.submit.remote(ereq, kv_ref, predicted_output_tokens=rec.predicted_output_tokens)
         except RayTaskError as e:

@@ -143,6 +143,7 @@ class _Stream:
     last_poll: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
     sent: TokenChunk | None = None  # the last chunk handed out, kept until a poll shows it arrived
+    export: bool = False  # P->D prefill: start exporting the prompt KV the moment the stream ends
 
 
 def merge_chunks(chunks: list[TokenChunk]) -> TokenChunk:
@@ -197,6 +198,8 @@ class Instance:
         self._faults: dict[str, str] = {}  # migration step -> injected fault kind (tests: fail / hang / exit)
         self._reaper: asyncio.Task[None] | None = None
         self._channel: ChannelServer | None = None
+        # P->D prefill side: exports started when a handoff request's prefill ended (request id -> (started, task)).
+        self._exports: dict[str, tuple[float, asyncio.Task[KVBlocks]]] = {}
         node_id = ""
         try:
             import ray
@@ -275,6 +278,7 @@ class Instance:
         predicted_output_tokens: float | None = None,
         wait_first: bool = True,
         adopt: bool = False,
+        export_on_finish: bool = False,
     ) -> Submitted:
         """Start ``request``; with ``wait_first``, return once its first chunk exists.
 
@@ -282,6 +286,8 @@ class Instance:
         ``export_kv``: Ray resolves it here, moving the KV node-to-node without passing through the caller.
         ``adopt``: the caller's own earlier submit of this request may have run here with its reply lost (a direct
         channel dropped it; the ingress retries over Ray): answer with that stream instead of refusing the id.
+        ``export_on_finish``: a P->D prefill: export the prompt KV as soon as the stream ends, so that the
+        ingress' ``export_kv`` for the decode side finds it ready (or under way) instead of starting it a hop later.
         """
         backend = self._require_backend()
         rid = request.request_id
@@ -297,7 +303,8 @@ class Instance:
             chunks = backend.generate(request)
         except ValueError as e:
             return Submitted(rejected=str(e))
-        st = _Stream(predicted=predicted_output_tokens, before=request.num_output_tokens_before)
+        st = _Stream(predicted=predicted_output_tokens, before=request.num_output_tokens_before,
+                     export=export_on_finish)
         self._streams[rid] = st
         st.task = asyncio.create_task(self._pump(rid, st, chunks))
         if not wait_first:
@@ -311,6 +318,11 @@ class Instance:
                 st.buffer.append(chunk)
                 st.event.set()
                 if chunk.finished:
+                    if st.export and chunk.finish_reason == "length":
+                        task = asyncio.create_task(self._require_backend().export_kv(rid, 0, None))
+                        # Its error (if any) is re-raised to whoever asks; never "exception never retrieved".
+                        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+                        self._exports[rid] = (time.monotonic(), task)
                     break
         except Exception as e:
             log.exception("engine stream of %s failed", rid)
@@ -382,6 +394,10 @@ class Instance:
                     log.warning("%s: no poll for %s in %.1fs; aborting", self.instance_id, rid, self._lease_s)
                     await self._reap_one(self.abort, rid)
                     self._streams.pop(rid, None)
+            for rid, (started, task) in list(self._exports.items()):
+                if now - started > self._lease_s:  # nobody came for it (the decode side or the ingress died)
+                    self._exports.pop(rid, None)
+                    task.cancel()
             for rid, seen in list(self._incoming.items()):
                 if now - seen > self._lease_s:
                     log.warning("%s: incoming migration of %s idle for %.1fs; freeing its reservation",
@@ -406,6 +422,9 @@ class Instance:
         return snapshot_from_stats(s, self.info, time.time(), self._streams, draining=self._draining)
 
     async def export_kv(self, request_id: str, start_token: int = 0, end_token: int | None = None) -> KVBlocks:
+        early = self._exports.pop(request_id, None) if start_token == 0 and end_token is None else None
+        if early is not None:
+            return await early[1]
         return await self._require_backend().export_kv(request_id, start_token, end_token)
 
     async def reset_prefix_cache(self) -> bool:
@@ -420,8 +439,9 @@ class Instance:
         the actor process -- for fault tests of the destination side. One-shot.
         ``("channel", "drop")`` / ``("channel", "drop_submit")``: the direct channel runs the next poll / submit,
         then drops the connection unanswered (``"clear"`` disarms)."""
-        if step == "channel" and kind in ("drop", "drop_submit", "clear") and self._channel is not None:
-            self._channel.drop_next = {"drop": "poll", "drop_submit": "submit", "clear": None}[kind]
+        drops = {"drop": "poll", "drop_submit": "submit", "clear": None}
+        if step == "channel" and kind in drops and self._channel is not None:
+            self._channel.drop_next = drops[kind]
             return
         if step not in ("reserve", "stage", "commit") or kind not in ("fail", "hang", "exit"):
             raise ValueError(f"step/kind: {step!r}/{kind!r}; allowed steps reserve, stage, commit (kinds fail, "
