@@ -118,6 +118,28 @@ def test_peer_gone_fails_pending_and_new_calls_with_channel_error() -> None:
     asyncio.run(scenario())
 
 
+def test_a_peer_that_hangs_up_at_once_fails_calls_promptly() -> None:
+    """Accepted, then closed: every call (several at once, racing the connect) ends in ChannelError, none hangs."""
+
+    async def scenario() -> list[bool]:
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        srv = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        cli = ChannelClient(f"127.0.0.1:{port}", "t")
+        try:
+            res = await asyncio.wait_for(
+                asyncio.gather(*(cli.call("echo", i) for i in range(5)), return_exceptions=True), 5)
+        finally:
+            srv.close()
+        return [isinstance(r, ChannelError) for r in res]
+
+    assert asyncio.run(scenario()) == [True] * 5
+    with pytest.raises(ChannelError):  # a malformed address is a ChannelError too (the caller uses Ray)
+        asyncio.run(ChannelClient("no-port-here", "t").call("echo"))
+
+
 def test_instance_resends_a_poll_answer_that_never_arrived() -> None:
     async def scenario() -> tuple[list[int], list[int], list[int], list[int], list[int]]:
         cfg = cluster_config("channel", mixed=1)

@@ -155,14 +155,15 @@ class ChannelClient:
                 self._connecting = asyncio.create_task(self._connect())
             try:
                 await asyncio.shield(self._connecting)
-            except (OSError, TimeoutError) as e:
+            except Exception as e:  # refused, timed out, bad address: all mean "use Ray"
                 self.close()
                 raise ChannelError(f"connect {self.address}: {type(e).__name__}: {e}") from e
+        if self.closed or self._writer is None:  # failed while we waited for the connection: nothing would answer
+            raise ChannelError(f"channel to {self.address} is closed")
         call_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[call_id] = fut
+        self._pending[call_id] = fut  # from here on a failure of the connection fails this future too
         try:
-            assert self._writer is not None
             self._writer.write(_frame(pickle.dumps((call_id, method, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)))
             return await fut
         finally:
