@@ -16,6 +16,7 @@ BENCHES = {
     "chaos": "bench.bench_chaos",
     "migration-scenario": "bench.bench_migration_scenario",
     "stream-cpu": "bench.bench_stream_cpu",
+    "handoff": "bench.bench_handoff",
 }
 
 
