@@ -291,7 +291,10 @@ class Instance:
         """
         backend = self._require_backend()
         rid = request.request_id
-        if adopt and (rid in self._streams or rid in self._finished):
+        last = self._finished.get(rid)
+        ran_here = rid in self._streams or (
+            last is not None and request.num_output_tokens_before < last.index + len(last.token_ids))
+        if adopt and ran_here:
             out = await self.poll(rid, None, request.num_output_tokens_before)
             return Submitted(chunks=(out,) if out is not None else ())
         if rid in self._streams:
