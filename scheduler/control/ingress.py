@@ -275,6 +275,9 @@ class Ingress:
         live = {m.info.incarnation for m in self._members.values()}
         for inc in [k for k in self._channels if k not in live]:
             self._channels.pop(inc).close()
+        for state in (self._channel_down, self._channel_fails):  # back-off of incarnations that are gone
+            for inc in [k for k in state if k not in live]:
+                del state[inc]
 
     async def _refresh_view(self) -> None:
         items = list(self._members.items())
@@ -571,22 +574,19 @@ class Ingress:
                 # P->D: the prompt KV moves through the object store, node to node; decode goes on at index 1.
                 # (Pulled over the instances' direct channels instead, 2 MB of KV took longer than through the
                 # object store on one node: docs/architecture.md.)
-                kv_ref = self._export_ref(iid, rid)
+                try:
+                    kv_ref = self._handle(iid).export_kv.remote(rid, 0, None)
+                except InstanceLost:
+                    # The prefill instance was seen dead after it streamed token 0: the decode side recomputes
+                    # the prompt (as when the KV source dies mid-transfer) rather than failing the request.
+                    self._mark_dead(iid)
+                    kv_ref = None
                 yield _SpanHandoff(self.tracing.start_span(
                     Stage.KV_TRANSFER, request_id=rid,
                     attributes={"source": iid, "destination": str(target.decode_instance)}))
                 target = RouteDecision(target.decode_instance)  # type: ignore[arg-type]
                 rec.phase = Phase.TRANSFER
                 self.counters["handoffs"] += 1
-
-    def _export_ref(self, source: str, rid: str) -> Any:
-        """An ObjectRef of ``source``'s export of ``rid``'s prompt KV, or ``None`` if ``source`` is gone: the
-        decode side then recomputes the prompt (as when the KV source dies mid-transfer) rather than failing."""
-        try:
-            return self._handle(source).export_kv.remote(rid, 0, None)
-        except InstanceLost:
-            self._mark_dead(source)
-            return None
 
     @staticmethod
     def _continues(rec: RequestRecord, handoff: bool, reason: str | None) -> bool:

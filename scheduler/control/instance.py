@@ -146,6 +146,11 @@ class _Stream:
     export: bool = False  # P->D prefill: start exporting the prompt KV the moment the stream ends
 
 
+def _not_received(chunk: TokenChunk | None, from_index: int | None) -> bool:
+    """Whether a caller that has everything before ``from_index`` still lacks some of ``chunk``'s tokens."""
+    return chunk is not None and from_index is not None and from_index < chunk.index + len(chunk.token_ids)
+
+
 def merge_chunks(chunks: list[TokenChunk]) -> TokenChunk:
     """Consecutive chunks of one request as one chunk (indices are contiguous by construction)."""
     if len(chunks) == 1:
@@ -291,9 +296,7 @@ class Instance:
         """
         backend = self._require_backend()
         rid = request.request_id
-        last = self._finished.get(rid)
-        ran_here = rid in self._streams or (
-            last is not None and request.num_output_tokens_before < last.index + len(last.token_ids))
+        ran_here = rid in self._streams or _not_received(self._finished.get(rid), request.num_output_tokens_before)
         if adopt and ran_here:
             out = await self.poll(rid, None, request.num_output_tokens_before)
             return Submitted(chunks=(out,) if out is not None else ())
@@ -345,13 +348,11 @@ class Instance:
         """
         st = self._streams.get(request_id)
         if st is None:
-            last = self._finished.get(request_id)
-            if last is not None and from_index is not None and from_index < last.index + len(last.token_ids):
+            if _not_received(self._finished.get(request_id), from_index):
                 return self._finished.pop(request_id)
             return None
-        sent = st.sent
-        if from_index is not None and sent is not None and from_index < sent.index + len(sent.token_ids):
-            st.buffer.insert(0, sent)
+        if st.sent is not None and _not_received(st.sent, from_index):
+            st.buffer.insert(0, st.sent)
             st.sent = None
         out = await self._take(request_id, st, timeout_s=timeout_s)
         return out if out is not None else TokenChunk(request_id, -1, ())
