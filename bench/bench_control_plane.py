@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.loadgen import cluster_config, pct
+from bench.loadgen import cluster_config, pct, rotated
+from scheduler.telemetry.report import write_json
 
 PROMPT = tuple(range(1, 129))  # 128 tokens
 MAX_TOKENS = 4
@@ -119,8 +119,7 @@ async def run(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
             for k, fn in fns.items():
                 await fn(f"w-{k}-{i}")
         for i in range(args.requests):
-            order = list(fns)[i % len(fns):] + list(fns)[: i % len(fns)]  # rotate: no path always runs first
-            for k in order:
+            for k in rotated(list(fns), i):
                 if args.idle_ms:  # spaced arrivals: the stack has gone idle before each request
                     await asyncio.sleep(args.idle_ms / 1e3)
                 out[k].append(await fns[k](f"m-{k}-{i}"))
@@ -192,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.shutdown()
     print_table(res)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2))
+        write_json(args.json, res)
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -26,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.loadgen import rotated, sole_ingress
+from scheduler.telemetry.report import write_json
 
 
 def _export_on_request(base: type) -> type:
@@ -69,12 +71,8 @@ async def bench(cluster: Any, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, dict[int, list[tuple[float, float]]]] = {p: {n: [] for n in prompts} for p in paths}
     k = 0
     for r in range(args.rounds + 1):  # round 0 warms every path up and is not recorded
-        names = list(paths)
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            ing = paths[name]
-            await ing.start()
-            await asyncio.sleep(0.3)  # a first view; the other ingresses' loops have stopped
-            try:
+        for name in rotated(list(paths), r):
+            async with sole_ingress(paths[name], 0.3) as ing:
                 for n in prompts:
                     k += 1
                     await asyncio.sleep(0.2)
@@ -82,8 +80,6 @@ async def bench(cluster: Any, args: argparse.Namespace) -> dict[str, Any]:
                                           args.tokens)  # (gap, token 1 time)
                     if r:
                         out[name][n].append(ms)
-            finally:
-                await ing.close()
     def med(i: int) -> dict[str, dict[str, float]]:
         return {p: {str(n): statistics.median(x[i] for x in v) for n, v in by.items()} for p, by in out.items()}
 
@@ -122,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {s} tokens: default / on_request {med['default'][s] / med['on_request'][s]:.2f}x, "
                   f"default / ray_calls {med['default'][s] / med['ray_calls'][s]:.2f}x")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2))
+        write_json(args.json, res)
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -27,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.loadgen import rotated, sole_ingress
+from scheduler.telemetry.report import write_json
 
 
 def busy_jiffies() -> tuple[int, int]:
@@ -77,22 +79,15 @@ async def bench(cluster: Any, args: argparse.Namespace) -> dict[str, Any]:
     paths = {"direct": cluster.ingress, "ray_calls": cluster.deployment.make_ingress(direct=False)}
 
     async def segment(name: str, tag: str, streams: int, tokens: int) -> dict[str, float]:
-        ing = paths[name]
-        await ing.start()
-        await asyncio.sleep(0.5)  # a first view; the other ingress' loops have stopped
-        try:
+        async with sole_ingress(paths[name], 0.5) as ing:
             return await run_streams(ing, tag, streams, tokens, args.prompt)
-        finally:
-            await ing.close()
 
     for name in paths:  # warm-up: compile paths, fill caches
         await segment(name, f"warm-{name}", 1, 64)
     rows: dict[str, dict[int, list[dict[str, float]]]] = {p: {1: [], 2: []} for p in paths}
     for r in range(args.rounds):
-        names = list(paths)
-        order = names[r % 2:] + names[: r % 2]
         for streams in (1, 2):
-            for name in order:
+            for name in rotated(list(paths), r):
                 out = await segment(name, f"r{r}-{name}-{streams}", streams, args.tokens)
                 rows[name][streams].append(out)
                 print(f"round {r} {name:<9} streams={streams} {out['tokens_per_s_per_stream']:7.1f} tok/s/stream "
@@ -142,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
               f"CPU-ms/token | Ray calls {r['tokens_per_s_per_stream']:.0f}, {r['cpu_ms_per_token']:.2f} | "
               f"direct/Ray: {q['tokens_per_s']:.2f}x tok/s, {q['cpu_per_token']:.2f}x CPU per token")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2))
+        write_json(args.json, res)
     return 0
 
 

@@ -16,13 +16,14 @@ as a real deployment would. Every request ends in exactly one outcome (``Outcome
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import multiprocessing as mp
 import os
 import queue
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,6 +273,27 @@ class LoadProcess:
         if self._proc.is_alive():
             self._proc.terminate()
             self._proc.join(5)
+
+
+# ---------------------------------------------------------------------------------------------- A/B in one run
+
+
+def rotated(names: Sequence[str], r: int) -> list[str]:
+    """``names`` starting at ``r`` (mod its length): interleaved A/B rounds in which no path always goes first."""
+    k = r % len(names)
+    return list(names[k:]) + list(names[:k])
+
+
+@contextlib.asynccontextmanager
+async def sole_ingress(ingress: Any, settle_s: float) -> AsyncIterator[Any]:
+    """Run ``ingress`` alone: started (a first view after ``settle_s``), closed after. Several ingresses over one
+    cluster measured in turn then never load the box with each other's snapshot polls."""
+    await ingress.start()
+    await asyncio.sleep(settle_s)
+    try:
+        yield ingress
+    finally:
+        await ingress.close()
 
 
 # ---------------------------------------------------------------------------------------------- summaries
