@@ -9,8 +9,10 @@ side: a poll answer the channel dropped is sent again when the retry says what a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +45,22 @@ async def _server(m: _Methods, token: str = "secret") -> ChannelServer:
     return srv
 
 
+@contextlib.asynccontextmanager
+async def _connected(m: _Methods, client_token: str = "secret") -> AsyncIterator[ChannelClient]:
+    """A server for ``m`` (token "secret") and a client presenting ``client_token``; both closed after."""
+    srv = await _server(m)
+    cli = ChannelClient(srv.address, client_token)
+    try:
+        yield cli
+    finally:
+        cli.close()
+        await srv.close()
+
+
 def test_calls_round_trip_and_long_calls_do_not_block_others() -> None:
     async def scenario() -> None:
         m = _Methods()
-        srv = await _server(m)
-        cli = ChannelClient(srv.address, "secret")
-        try:
+        async with _connected(m) as cli:
             assert await cli.call("echo", 1, (2, 3), key="v") == ((1, (2, 3)), {"key": "v"})
             slow = asyncio.create_task(cli.call("wait"))
             await asyncio.sleep(0.05)
@@ -58,43 +70,31 @@ def test_calls_round_trip_and_long_calls_do_not_block_others() -> None:
             assert not slow.done()
             m.release.set()
             assert await asyncio.wait_for(slow, 5) == "released"
-        finally:
-            cli.close()
-            await srv.close()
 
     asyncio.run(scenario())
 
 
 def test_remote_errors_name_the_error_and_keep_the_connection() -> None:
     async def scenario() -> None:
-        srv = await _server(_Methods())
-        cli = ChannelClient(srv.address, "secret")
-        try:
+        async with _connected(_Methods()) as cli:
             with pytest.raises(RemoteError, match="ValueError: max_tokens: must be positive"):
                 await cli.call("boom")
             with pytest.raises(RemoteError, match="no method 'shutdown'"):
                 await cli.call("shutdown")
             assert await cli.call("echo", "still") == (("still",), {})
             assert not cli.closed
-        finally:
-            cli.close()
-            await srv.close()
 
     asyncio.run(scenario())
 
 
 def test_wrong_token_is_dropped_before_anything_is_unpickled() -> None:
     async def scenario() -> None:
-        srv = await _server(_Methods())
-        cli = ChannelClient(srv.address, "not-the-token")
-        try:
+        async with _connected(_Methods(), client_token="not-the-token") as cli:
             with pytest.raises(ChannelError):
                 await asyncio.wait_for(cli.call("echo", 1), 5)
             assert cli.closed
             with pytest.raises(ChannelError):  # closed for good: the caller makes a new client
                 await cli.call("echo", 1)
-        finally:
-            await srv.close()
 
     asyncio.run(scenario())
 
@@ -199,20 +199,30 @@ class _RayMethod:
         return fut
 
 
-def test_ingress_falls_back_to_ray_and_backs_off_a_channel_that_keeps_failing() -> None:
+def _ingress_with_one_member(method: str, channel: str, **ingress_kw: Any) -> tuple[Any, Any, Any, list[Any]]:
+    """An Ingress (no Ray, no Controller) whose only member "m-0" (incarnation "inc-1") has ``channel`` and a
+    Ray stand-in for ``method``. Returns (ingress, handle, info, the stand-in's calls)."""
     from scheduler.control.controller import Member
-    from scheduler.control.ingress import CHANNEL_RETRY_S, Ingress
+    from scheduler.control.ingress import Ingress
     from scheduler.control.instance import InstanceInfo
     from scheduler.core.types import InstanceRole
 
+    calls: list[tuple[Any, ...]] = []
+    handle = type("H", (), {method: _RayMethod(calls)})()
+    ing = Ingress(cluster_config("one-member", mixed=1), None, **ingress_kw)
+    info = InstanceInfo("m-0", "mixed", InstanceRole.MIXED, "a100", 1, "m", "simulated", "inc-1",
+                        channel=channel, channel_token="t")
+    ing._members = {"m-0": Member(handle, info)}
+    return ing, handle, info, calls
+
+
+def test_ingress_falls_back_to_ray_and_backs_off_a_channel_that_keeps_failing() -> None:
+    from scheduler.control.controller import Member
+    from scheduler.control.ingress import CHANNEL_RETRY_S
+
     async def scenario() -> tuple[list[Any], list[float], Any, list[tuple[Any, ...]]]:
-        calls: list[tuple[Any, ...]] = []
-        handle = type("H", (), {"poll": _RayMethod(calls)})()
-        ing = Ingress(cluster_config("fallback", mixed=1), None)
         # Nothing listens on port 1: every channel attempt fails to connect.
-        info = InstanceInfo("m-0", "mixed", InstanceRole.MIXED, "a100", 1, "m", "simulated", "inc-1",
-                            channel="127.0.0.1:1", channel_token="t")
-        ing._members = {"m-0": Member(handle, info)}
+        ing, handle, info, calls = _ingress_with_one_member("poll", "127.0.0.1:1")
         outs, waits = [], []
         for _ in range(3):
             ing._channel_down.clear()  # let the next call try the channel again at once
@@ -265,18 +275,8 @@ def test_overlapping_polls_of_one_stream_both_answer() -> None:
 
 
 def test_ingress_without_direct_channel_uses_ray_only() -> None:
-    from scheduler.control.controller import Member
-    from scheduler.control.ingress import Ingress
-    from scheduler.control.instance import InstanceInfo
-    from scheduler.core.types import InstanceRole
-
     async def scenario() -> tuple[Any, list[tuple[Any, ...]], int]:
-        calls: list[tuple[Any, ...]] = []
-        handle = type("H", (), {"snapshot": _RayMethod(calls)})()
-        ing = Ingress(cluster_config("ray-only", mixed=1), None, direct=False)
-        info = InstanceInfo("m-0", "mixed", InstanceRole.MIXED, "a100", 1, "m", "simulated", "inc-1",
-                            channel="127.0.0.1:1", channel_token="t")
-        ing._members = {"m-0": Member(handle, info)}
+        ing, handle, _, calls = _ingress_with_one_member("snapshot", "127.0.0.1:1", direct=False)
         out = await ing._call("m-0", handle, "snapshot")
         return out, calls, ing.counters["channel_calls"]
 
