@@ -18,6 +18,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from scheduler.core.types import InstanceRole
 from scheduler.engine.base import EngineBackend, EngineRequest, SamplingParams, TokenChunk
 from scheduler.engine.tiny_model import ensure_tiny_model
 from scheduler.engine.vllm_backend import VLLMBackend
@@ -162,6 +163,36 @@ def test_pd_handoff_identical_and_not_recomputed(engines: Engines) -> None:
     assert after.prompt_tokens_loaded - before.prompt_tokens_loaded == len(prompt)
     assert after.prompt_tokens_computed - before.prompt_tokens_computed == 1
     assert engines.run(p.drop_kv("pd-1")) is True
+
+
+def test_role_switch_needs_no_restart(engines: Engines) -> None:
+    """Re-roling (scheduler.control.reroling) switches a running engine: the one built as ``kv_producer`` decodes a
+    handed-off request once it is DECODE and then keeps no finished request's KV; the decode engine, made PREFILL,
+    serves the prefill leg."""
+    p, d = engines.prefill, engines.decode
+    prompt = _tokenize(engines.model_path, PROMPTS[0] * 2)
+    n = 12
+    reference, _ = engines.run(
+        _collect(p, EngineRequest("rs-ref", prompt, SamplingParams(max_tokens=n, ignore_eos=True)))
+    )
+    assert engines.run(p.drop_kv("rs-ref")) is True  # as PREFILL it keeps every finished request's prompt KV
+    p.set_role(InstanceRole.DECODE)
+    d.set_role(InstanceRole.PREFILL)
+    try:
+        first, _ = engines.run(
+            _collect(d, EngineRequest("rs-1", prompt, SamplingParams(max_tokens=1, ignore_eos=True)))
+        )
+        blocks = engines.run(d.export_kv("rs-1", 0))
+        req = EngineRequest("rs-1", prompt + tuple(first), SamplingParams(max_tokens=n - 1, ignore_eos=True),
+                            num_output_tokens_before=1, kv=(blocks,))
+        rest, chunks = engines.run(_collect(p, req))
+        assert first + rest == reference
+        _check_indices(chunks, 1)
+        assert engines.run(p.drop_kv("rs-1")) is False  # as DECODE it leaves nothing behind
+        assert engines.run(d.drop_kv("rs-1")) is True
+    finally:
+        p.set_role(InstanceRole.PREFILL)
+        d.set_role(InstanceRole.DECODE)
 
 
 def test_live_export_while_decoding(engines: Engines) -> None:

@@ -150,6 +150,7 @@ class PoliciesSpec(_Strict):
     router: PolicySpec = PolicySpec(name="least_outstanding")
     migration: PolicySpec | None = None
     scaling: PolicySpec | None = None
+    reroling: PolicySpec | None = None  # PREFILL <-> DECODE role switches (scheduler.control.reroling)
     admission: PolicySpec | None = None
     predictor: PolicySpec | None = None
 

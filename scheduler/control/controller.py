@@ -19,7 +19,8 @@ Scaling loop (``policies.scaling``): every ``scaling_interval_s`` the scaling po
 a scale-up raises the pool's desired count (after growing the KubeRay worker group of its GPU type when running
 under Kubernetes, ``scheduler.deploy.autoscale``); a scale-down marks the chosen instances draining (routers skip
 them; the migration policy, if any, moves their requests), releases each once it is idle (or after
-``drain_timeout_s``), then shrinks the worker group, naming the worker pods left without an instance.
+``drain_timeout_s``), then shrinks the worker group, naming the worker pods left without an instance. The same
+loop applies re-roling (``policies.reroling``, or an operator's ``switch_role``): ``scheduler.control.reroling``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from scheduler.control.placement import (
     remove_instance_pg,
 )
 from scheduler.control.registry import EntryTable, RegistryEntry
+from scheduler.control.reroling import RoleSwitcher
 from scheduler.core.types import ClusterView, InstanceSnapshot
 from scheduler.deploy.autoscale import KubernetesBackend
 from scheduler.policy.migration import MigrationPlan, MigrationPolicy, make_migration_policy
@@ -132,26 +134,17 @@ class Controller:
                               "k8s_errors": 0}
         self._scaling_events: deque[dict[str, Any]] = deque(maxlen=200)
         self._init_scaling_policy()
+        self._switcher = RoleSwitcher.from_config(self)
         self._adopt()
 
     # ---- state that survives restarts -----------------------------------------------------------------
-    def _kv_key(self) -> bytes:
-        return f"llmsched/{self.cluster}/desired".encode()
-
     def _load_desired(self) -> dict[str, int]:
-        from ray.experimental import internal_kv
-
         desired = {p.name: p.count for p in self.config.pools}
-        raw = internal_kv._internal_kv_get(self._kv_key(), namespace=self.namespace)
-        if raw:
-            desired.update({k: int(v) for k, v in json.loads(raw).items() if k in desired})
+        desired.update({k: int(v) for k, v in (self._kv_get("desired") or {}).items() if k in desired})
         return desired
 
     def _save_desired(self) -> None:
-        from ray.experimental import internal_kv
-
-        internal_kv._internal_kv_put(self._kv_key(), json.dumps(self._desired), overwrite=True,
-                                     namespace=self.namespace)
+        self._kv_put("desired", self._desired)
 
     def _adopt(self) -> None:
         """Find this cluster's live named instances (after a restart, or a redeploy of the same name)."""
@@ -178,7 +171,7 @@ class Controller:
         if self._loop_task is None:
             self._lock = asyncio.Lock()
             self._loop_task = asyncio.create_task(self._loop())
-            if self._scaling is not None or self._k8s is not None:
+            if self._scaling is not None or self._k8s is not None or self._switcher.policy is not None:
                 self._scaling_task = asyncio.create_task(self._scaling_loop())
 
     async def _loop(self) -> None:
@@ -293,41 +286,65 @@ class Controller:
         m = self._members.get(snap.instance_id)
         return m.info.pool if m is not None else snap.instance_id.rsplit("-", 1)[0]
 
-    def _draining_key(self) -> bytes:
-        return f"llmsched/{self.cluster}/draining".encode()
+    # Work in progress that must survive a restart, as JSON in Ray's internal KV under llmsched/<cluster>/<name>.
+    _KV_NAMES = ("desired", "draining", "switching")
 
-    def _save_draining(self) -> None:
+    def _kv_put(self, name: str, value: Any) -> None:
         from ray.experimental import internal_kv
 
-        internal_kv._internal_kv_put(self._draining_key(), json.dumps(sorted(self._draining)), overwrite=True,
+        internal_kv._internal_kv_put(f"llmsched/{self.cluster}/{name}".encode(), json.dumps(value), overwrite=True,
                                      namespace=self.namespace)
+
+    def _kv_get(self, name: str) -> Any:
+        from ray.experimental import internal_kv
+
+        raw = internal_kv._internal_kv_get(f"llmsched/{self.cluster}/{name}".encode(), namespace=self.namespace)
+        return json.loads(raw) if raw else None
+
+    def _save_draining(self) -> None:
+        self._kv_put("draining", sorted(self._draining))
 
     def _load_draining(self) -> None:
         """After a restart: scale-downs in progress continue (their instances were adopted, still draining)."""
-        from ray.experimental import internal_kv
-
-        raw = internal_kv._internal_kv_get(self._draining_key(), namespace=self.namespace)
-        for iid in json.loads(raw) if raw else []:
+        for iid in self._kv_get("draining") or []:
             if iid in self._members:
                 self._draining[iid] = (time.time() + self._drain_timeout_s, 0)
+
+    def _drained(self, iid: str, since_round: int) -> bool:
+        """A snapshot taken after ``iid`` started draining (refresh round ``since_round``) shows it idle, and no
+        ingress has a request registered on it."""
+        snap = self._snapshots.get(iid)
+        return (
+            snap is not None and snap.draining and self._refresh_round > since_round + 1
+            and snap.num_running + snap.num_waiting == 0 and not self._registry.on_instance(iid)
+        )
 
     async def _scaling_loop(self) -> None:
         """Every round (<= 1 s): observe the workload, release drained instances, shrink worker groups when due;
         every ``scaling_interval_s``: run the scaling policy and apply its decisions."""
         period = min(self._scaling_interval_s, 1.0)
         next_decide = time.monotonic() + self._scaling_interval_s
+        switcher = self._switcher
+        if switcher.policy is not None:
+            period = min(period, switcher.interval_s)
+        next_switch = time.monotonic() + switcher.interval_s
         try:
             self._load_draining()
+            switcher.load()
         except Exception:
-            log.exception("reading the draining set failed")
+            log.exception("reading the draining / switching sets failed")
         while True:
             await asyncio.sleep(period)
             try:
                 self._workload.observe(time.time(), self._snapshots.values(), self._registry.entries)
                 await self._release_drained()
+                await switcher.advance()
                 if self._scaling is not None and time.monotonic() >= next_decide:
                     next_decide = time.monotonic() + self._scaling_interval_s
                     await self._scaling_tick()
+                if switcher.policy is not None and time.monotonic() >= next_switch:
+                    next_switch = time.monotonic() + switcher.interval_s
+                    await switcher.tick(time.time())
                 if self._k8s_shrink_due and self._k8s is not None and not self._pending and not self._draining:
                     await self._k8s_shrink()
             except asyncio.CancelledError:
@@ -395,12 +412,8 @@ class Controller:
         """Release each draining instance once a snapshot taken after draining shows it idle and no request is
         registered on it (or at its deadline: its remaining requests are then recovered elsewhere)."""
         for iid, (deadline, since_round) in list(self._draining.items()):
-            snap = self._snapshots.get(iid)
             gone = iid not in self._members
-            idle = (
-                snap is not None and snap.draining and self._refresh_round > since_round + 1
-                and snap.num_running + snap.num_waiting == 0 and not self._registry.on_instance(iid)
-            )
+            idle = self._drained(iid, since_round)
             if not (gone or idle or time.time() >= deadline):
                 continue
             del self._draining[iid]
@@ -483,10 +496,11 @@ class Controller:
         return out
 
     async def scaling_counters(self) -> dict[str, int]:
-        return dict(self.scaling_stats)
+        sw = self._switcher.stats
+        return {**self.scaling_stats, "role_switches": sw["switches"], "role_switches_abandoned": sw["abandoned"]}
 
     async def scaling_events(self) -> list[dict[str, Any]]:
-        """Recent scale-ups, scale-downs, releases and worker-group resizes (oldest first)."""
+        """Recent scale-ups, scale-downs, releases, worker-group resizes and role switches (oldest first)."""
         return list(self._scaling_events)
 
     async def _reconcile(self, *, wait: bool) -> None:
@@ -607,6 +621,14 @@ class Controller:
         await self._reconcile(wait=True)
         return before
 
+    async def switch_role(self, instance_id: str, role: str, reason: str = "operator") -> bool:
+        """Move an instance between the PREFILL and DECODE roles: it drains, then switches once idle (see
+        ``scheduler.control.reroling``). False when it has that role already or is already switching/draining."""
+        self._ensure_loop()
+        if self._scaling_task is None:  # the loop that finishes switches; started here when no policy needs it
+            self._scaling_task = asyncio.create_task(self._scaling_loop())
+        return await self._switcher.begin(instance_id, role, reason)
+
     async def set_draining(self, instance_id: str, draining: bool = True) -> bool:
         self._ensure_loop()
         m = self._members.get(instance_id)
@@ -651,8 +673,8 @@ class Controller:
             await self._release(iid)
         from ray.experimental import internal_kv
 
-        internal_kv._internal_kv_del(self._kv_key(), namespace=self.namespace)
-        internal_kv._internal_kv_del(self._draining_key(), namespace=self.namespace)
+        for name in self._KV_NAMES:
+            internal_kv._internal_kv_del(f"llmsched/{self.cluster}/{name}".encode(), namespace=self.namespace)
 
 
 async def _await(ref: Any) -> Any:

@@ -274,6 +274,19 @@ class Instance:
         """A draining instance says so in its snapshot; routers then skip it."""
         self._draining = draining
 
+    async def set_role(self, role: InstanceRole | str) -> InstanceInfo:
+        """Serve as ``role`` from now on (dynamic re-roling between PREFILL and DECODE, applied by the
+        Controller). Only an idle instance switches: a request in flight keeps the role it was placed for."""
+        new = InstanceRole.parse(role)
+        backend = self._require_backend()
+        if self._streams or self._incoming:
+            raise ValueError(f"role: {self.instance_id} still has {len(self._streams)} request(s) and "
+                             f"{len(self._incoming)} incoming migration(s); drain it first")
+        backend.set_role(new)
+        self.role = new
+        self.info = dataclasses.replace(self.info, role=new)
+        return self.info
+
     # ---- requests -------------------------------------------------------------------------------------
     async def submit(
         self,

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from scheduler.core.types import RequestLoad
+from scheduler.core.types import InstanceRole, RequestLoad
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +100,10 @@ class EngineBackend(Protocol):
 
     async def export_kv(self, request_id: str, start_token: int, end_token: int | None = None) -> KVBlocks:
         """Copy out the KV of a request that may still be running (live migration stages, P->D handoff)."""
+        ...
+
+    def set_role(self, role: InstanceRole) -> None:
+        """Serve new requests in ``role`` (re-roling: the controller switches an instance only when it is idle)."""
         ...
 
     async def shutdown(self) -> None: ...

@@ -33,7 +33,7 @@ from scheduler.transfer.migration import MigrationSnapshot
 
 log = logging.getLogger(__name__)
 
-_HANDOFF_KEEP = 4096  # finished PREFILL-role requests whose KV can still be exported (P->D handoff)
+_HANDOFF_KEEP = 4096  # finished prefill legs whose KV can still be exported (P->D handoff)
 
 
 def sim_token(seed: int, request_id: str, index: int, vocab_size: int) -> int:
@@ -74,7 +74,10 @@ class SimulatedBackend:
     Args:
         model, gpu, tp: what the latency model is built for (``latency`` overrides it).
         engine: vLLM-like scheduler settings (block size, token budget, KV blocks).
-        role: PREFILL engines stop after the first token and keep the prompt KV exportable.
+        role: what a finished request leaves behind: a PREFILL engine keeps every prompt's KV exportable, the
+            others only those of ``max_tokens=1`` requests (P->D prefill legs), as ``VLLMBackend`` does. How many
+            tokens a request produces is its ``max_tokens`` whatever the role (the ingress sends prefill legs
+            with 1), so a decode leg that lands on an instance just switched to PREFILL still decodes in full.
         seed: token-id seed; every instance of one cluster must share it for stream continuity.
         time_scale: multiply modelled step times (``0.1`` runs 10x faster than the modelled GPU).
     """
@@ -102,10 +105,10 @@ class SimulatedBackend:
         self.vocab_size = model.vocab_size
         self.tokenizer = ByteTokenizer(max(model.vocab_size, 256))
         self.engine = EngineModel(
-            latency or latency_for(model, gpu, tp), engine or EngineSpec(), role=self.role, num_blocks=num_blocks
+            latency or latency_for(model, gpu, tp), engine or EngineSpec(), num_blocks=num_blocks
         )
         self._reqs: dict[str, _Req] = {}
-        # PREFILL role: prompt token ids of handed-off requests, for export_kv after the engine freed them.
+        # Prompt token ids of finished prefill legs, for export_kv after the engine freed them.
         self._handoff: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         # Live migration: destination reservations (blocks) and staged KV (end token, token ids); source requests
         # paused for the final stop-and-copy (their engine-model seq and the blocks held for it).
@@ -155,7 +158,7 @@ class SimulatedBackend:
         max_tokens = request.sampling.max_tokens
         self.engine.add_request(rid, len(prompt), max_tokens, cached_tokens=cached, priority=request.priority)
         seed = request.sampling.seed if request.sampling.seed is not None else self.seed
-        remaining = 1 if self.role is InstanceRole.PREFILL else max_tokens
+        remaining = max_tokens
         req = _Req(request, seed, asyncio.Queue(), request.num_output_tokens_before, remaining)
         self._reqs[rid] = req
         assert self._wake is not None
@@ -226,9 +229,8 @@ class SimulatedBackend:
             delay = r.duration_s * self.time_scale - (time.perf_counter() - t0)
             await asyncio.sleep(max(delay, 0.0))
             done = {s.rid for s in r.finished}
-            done.update(s.rid for s in r.prefill_done)
-            for s in r.prefill_done:
-                self._remember_handoff(s.rid)
+            for rid in done:
+                self._remember_handoff(rid)
             for rid in r.emitted or ():
                 self._emit(rid, rid in done)
 
@@ -254,9 +256,12 @@ class SimulatedBackend:
         else:
             req.queue.put_nowait(TokenChunk(rid, idx, (tok,), text=text))
 
+    def set_role(self, role: InstanceRole) -> None:
+        self.role = InstanceRole.parse(role)
+
     def _remember_handoff(self, rid: str) -> None:
         req = self._reqs.get(rid)
-        if req is None:
+        if req is None or (self.role is not InstanceRole.PREFILL and req.request.sampling.max_tokens != 1):
             return
         self._handoff[rid] = tuple(req.request.prompt_token_ids)
         while len(self._handoff) > _HANDOFF_KEEP:

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from scheduler.core.types import RequestLoad
+from scheduler.core.types import InstanceRole, RequestLoad
 from scheduler.engine.base import EngineRequest, EngineStats, KVBlocks, TokenChunk
 from scheduler.engine.tiny_model import configure_cache_env
 from scheduler.transfer.kv_payload import from_wire, merge_kv_blocks, to_kv_blocks, to_wire
@@ -185,6 +185,12 @@ class VLLMBackend:
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
+
+    def set_role(self, role: InstanceRole) -> None:
+        # The role only decides which finished requests keep their prompt KV for export (``_stream``): a PREFILL
+        # engine keeps every one, others only max_tokens=1 handoff legs. Both import KV, so a switch needs no
+        # restart; vLLM's own kv_role stays what the engine was built with (it only tunes block freeing there).
+        self.kv_role = "kv_producer" if InstanceRole.parse(role) is InstanceRole.PREFILL else "kv_both"
 
     async def shutdown(self) -> None:
         """Stop the engine and its processes. Idempotent."""

@@ -1,0 +1,179 @@
+"""Dynamic re-roling on the live cluster: ``RerolePolicy`` (``scheduler.policy.scaling``) applied by the Controller.
+
+The simulator's twin is ``sim/reroling.py``; the policy object is the same. A switch goes through:
+
+1. **stop taking work of the old role**: the instance is marked draining, so routers (and the P/D pairing's
+   decode pool) skip it. With a migration policy configured, Llumnix's drain trigger moves its decodes to the
+   other decoders (``policy/migration.py``); otherwise they finish in place. A PREFILL instance finishes its
+   queued prompts, each handing its KV to a decoder as usual.
+2. **switch**: once a snapshot taken after the drain shows it idle and no request is registered on it, the
+   instance serves in its new role (``Instance.set_role``) and stops draining. Every backend imports and exports
+   KV whatever its role, so no engine restarts and the weights stay loaded; the switch costs the drain only.
+
+A switch that is still busy after ``switch_timeout_s`` is abandoned (the instance keeps its role and serves
+again). The instance stays in its pool: pools keep their names and desired counts, only roles move, so an
+instance the Controller re-creates after a crash comes back in its pool's role. Re-roling and an autoscaling
+policy together are refused at start (the scaling policies size pools by role).
+
+Config::
+
+    policies:
+      reroling: {name: threshold, params: {interval_s: 5, switch_timeout_s: 120, decode_high: 0.9, ...}}
+
+Switches in progress survive a Controller restart (kept in Ray's internal KV, like scale-down drains).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from scheduler.core.types import ClusterView, InstanceRole
+from scheduler.policy.scaling import RerolePolicy
+
+if TYPE_CHECKING:
+    from scheduler.control.controller import Controller
+
+log = logging.getLogger(__name__)
+
+REROLING_POLICIES: dict[str, Callable[..., RerolePolicy]] = {"threshold": RerolePolicy}
+
+
+class RoleSwitcher:
+    """Applies role changes for one Controller (module docstring): ``tick`` asks the policy, ``advance`` finishes
+    the switches whose instance ran dry, ``begin`` starts one (the policy's or an operator's)."""
+
+    def __init__(self, ctrl: Controller, policy: RerolePolicy | None, *, interval_s: float = 5.0,
+                 switch_timeout_s: float = 120.0) -> None:
+        if interval_s <= 0 or switch_timeout_s < 0:
+            raise ValueError("policies.reroling.params: need interval_s > 0 and switch_timeout_s >= 0, got "
+                             f"{interval_s} and {switch_timeout_s}")
+        self.ctrl = ctrl
+        self.policy = policy
+        self.interval_s = interval_s
+        self.switch_timeout_s = switch_timeout_s
+        # instance -> (new role, deadline, the Controller's refresh round when the drain began)
+        self.switching: dict[str, tuple[InstanceRole, float, int]] = {}
+        self.stats = {"switches": 0, "abandoned": 0}
+
+    @classmethod
+    def from_config(cls, ctrl: Controller) -> RoleSwitcher:
+        """The configured policy (``policies.reroling``), or an operator-only switcher when there is none."""
+        cfg = ctrl.config
+        spec = cfg.policies.reroling
+        if spec is None:
+            return cls(ctrl, None)
+        where = "policies.reroling"
+        if spec.name not in REROLING_POLICIES:
+            raise ValueError(f"{where}.name: unknown re-roling policy {spec.name!r}; allowed: "
+                             f"{', '.join(sorted(REROLING_POLICIES))}")
+        if cfg.policies.scaling is not None and cfg.policies.scaling.name != "none":
+            raise ValueError(f"{where}: not supported together with policies.scaling (the scaling policies size "
+                             "pools by role; an instance that changes role would be counted in the wrong one)")
+        roles = {p.role for p in cfg.pools}
+        if not {InstanceRole.PREFILL, InstanceRole.DECODE} <= roles:
+            raise ValueError(f"{where}: needs a PREFILL and a DECODE pool; pools have roles "
+                             f"{', '.join(sorted(r.value for r in roles))}")
+        params = dict(spec.params)
+        try:
+            interval_s = float(params.pop("interval_s", 5.0))
+            timeout_s = float(params.pop("switch_timeout_s", 120.0))
+            policy = REROLING_POLICIES[spec.name](**params)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}.params: {e}") from None
+        return cls(ctrl, policy, interval_s=interval_s, switch_timeout_s=timeout_s)
+
+    # ---- the loop's two steps -------------------------------------------------------------------------------
+    async def tick(self, now_s: float) -> None:
+        """Ask the policy on the live view and begin what it proposes."""
+        if self.policy is None:
+            return
+        c = self.ctrl
+        view = ClusterView(now_s, tuple(c._snapshots[i] for i in sorted(c._snapshots) if i in c._members))
+        if not view.instances:
+            return
+        for ch in self.policy.propose(view, now_s):
+            await self.begin(ch.instance_id, ch.new_role, ch.reason)
+
+    async def advance(self) -> None:
+        """Finish each switch whose instance is idle; abandon those past their deadline."""
+        c = self.ctrl
+        for iid, (role, deadline, since_round) in list(self.switching.items()):
+            m = c._members.get(iid)
+            if m is None:  # died meanwhile: the Controller re-creates it in its pool's role
+                self._forget(iid)
+                continue
+            idle = c._drained(iid, since_round)
+            if not idle and time.time() < deadline:
+                continue
+            self._forget(iid)
+            event: dict[str, Any] = {"time_s": time.time(), "instance": iid, "to": role.value}
+            if idle:
+                try:
+                    info = await asyncio.wait_for(m.handle.set_role.remote(role), 5.0)
+                except ValueError as e:  # a request arrived between the snapshot and now: try again later
+                    log.info("role switch of %s deferred: %s", iid, e)
+                    self._remember(iid, role, deadline, c._refresh_round)
+                    continue
+                c._members[iid] = type(m)(m.handle, info)
+                self.stats["switches"] += 1
+                event["action"] = "role_switched"
+                log.info("instance %s now serves as %s", iid, role.value)
+            else:
+                self.stats["abandoned"] += 1
+                event["action"] = "role_switch_abandoned"
+                log.warning("instance %s still busy after switch_timeout_s %.0fs: keeps its role", iid,
+                            self.switch_timeout_s)
+            await asyncio.wait_for(m.handle.set_draining.remote(False), 5.0)
+            c._scaling_events.append(event)
+
+    # ---- starting one ------------------------------------------------------------------------------------------------
+    async def begin(self, instance_id: str, role: InstanceRole | str, reason: str = "") -> bool:
+        """Start moving ``instance_id`` to ``role`` (PREFILL <-> DECODE). False when it already has that role or
+        is already switching or draining for a scale-down."""
+        c = self.ctrl
+        try:
+            new = InstanceRole.parse(role)
+        except ValueError as e:
+            raise ValueError(f"role: {e}") from None
+        m = c._members.get(instance_id)
+        if m is None:
+            raise ValueError(f"instance_id: unknown instance {instance_id!r}; live: {', '.join(sorted(c._members))}")
+        pd = {InstanceRole.PREFILL, InstanceRole.DECODE}
+        if new not in pd or m.info.role not in pd:
+            raise ValueError(f"role: only PREFILL <-> DECODE switches are supported; {instance_id} is "
+                             f"{m.info.role.value}, asked {new.value}")
+        if new is m.info.role or instance_id in self.switching or instance_id in c._draining:
+            return False
+        others = [i for i, o in c._members.items() if o.info.role is m.info.role and i != instance_id
+                  and i not in self.switching and i not in c._draining]
+        if not others:
+            raise ValueError(f"instance_id: {instance_id} is the last {m.info.role.value} instance serving; "
+                             "switching it would leave no instance for that phase")
+        await asyncio.wait_for(m.handle.set_draining.remote(True), 5.0)
+        self._remember(instance_id, new, time.time() + self.switch_timeout_s, c._refresh_round)
+        c._scaling_events.append({"time_s": time.time(), "action": "role_switch", "instance": instance_id,
+                                  "from": m.info.role.value, "to": new.value, "reason": reason})
+        log.info("instance %s: %s -> %s (%s)", instance_id, m.info.role.value, new.value, reason)
+        return True
+
+    # ---- state that survives a Controller restart ------------------------------------------------------------------
+    def _remember(self, iid: str, role: InstanceRole, deadline: float, since_round: int) -> None:
+        self.switching[iid] = (role, deadline, since_round)
+        self._save()
+
+    def _forget(self, iid: str) -> None:
+        self.switching.pop(iid, None)
+        self._save()
+
+    def _save(self) -> None:
+        self.ctrl._kv_put("switching", {i: r.value for i, (r, _, _) in self.switching.items()})
+
+    def load(self) -> None:
+        """After a restart: switches in progress go on (their instances were adopted, still draining)."""
+        for iid, role in (self.ctrl._kv_get("switching") or {}).items():
+            if iid in self.ctrl._members:
+                self.switching[iid] = (InstanceRole.parse(role), time.time() + self.switch_timeout_s, 0)
