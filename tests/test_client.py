@@ -165,6 +165,10 @@ def test_admin(srv, client) -> None:  # type: ignore[no-untyped-def]
     assert [i.instance_id for i in client.instances()] == ["echo-0", "echo-1"]
     assert client.scale("decode", 4) == 4 and srv.ingress.scaled["decode"] == 4
     assert client.drain("echo-0") == 0
+    assert client.switch_role("echo-1", "decode") and srv.ingress.switched["echo-1"] is InstanceRole.DECODE
+    assert not client.switch_role("echo-1", InstanceRole.DECODE)
+    with pytest.raises(ValueError, match="sideways"):
+        client.switch_role("echo-1", "sideways")  # refused before any RPC
     stream = client.stream("x", max_tokens=3000, request_id="sdk-mig")
     next(stream)
     m = client.migrate("sdk-mig", destination="echo-1")
@@ -207,6 +211,7 @@ def test_async_client() -> None:
                 await agen.aclose()
                 assert (await c.cluster_state()).requests_in_flight >= 0
                 assert await c.scale("prefill", 2) == 2
+                assert await c.switch_role("echo-0", "prefill")
                 with pytest.raises(LLMSchedError):
                     await c.drain("nope")
 

@@ -306,6 +306,9 @@ def test_admin_calls_and_errors(channel) -> None:  # type: ignore[no-untyped-def
     assert state.instances[0].role == admin_pb2.INSTANCE_ROLE_MIXED and state.router == "echo"
     assert len(admin.ListInstances(admin_pb2.ListInstancesRequest(), timeout=5).instances) == 2
     assert admin.Scale(admin_pb2.ScaleRequest(pool="decode", count=3), timeout=5).count == 3
+    switch = admin_pb2.SwitchRoleRequest(instance_id="echo-0", role=admin_pb2.INSTANCE_ROLE_PREFILL)
+    assert admin.SwitchRole(switch, timeout=5).started
+    assert not admin.SwitchRole(switch, timeout=5).started  # already asked
     assert (
         admin.DrainInstance(admin_pb2.DrainInstanceRequest(instance_id="echo-1"), timeout=5).requests_moved
         == 0
@@ -336,6 +339,14 @@ def test_admin_calls_and_errors(channel) -> None:  # type: ignore[no-untyped-def
             "count",
         ),
         (admin.Scale, admin_pb2.ScaleRequest(count=1), grpc.StatusCode.INVALID_ARGUMENT, "pool"),
+        (admin.SwitchRole, admin_pb2.SwitchRoleRequest(role=admin_pb2.INSTANCE_ROLE_DECODE),
+         grpc.StatusCode.INVALID_ARGUMENT, "instance_id"),
+        (admin.SwitchRole, admin_pb2.SwitchRoleRequest(instance_id="echo-0"), grpc.StatusCode.INVALID_ARGUMENT,
+         "role"),  # unspecified
+        (admin.SwitchRole, admin_pb2.SwitchRoleRequest(instance_id="echo-0", role=admin_pb2.INSTANCE_ROLE_MIXED),
+         grpc.StatusCode.INVALID_ARGUMENT, "role"),
+        (admin.SwitchRole, admin_pb2.SwitchRoleRequest(instance_id="x", role=admin_pb2.INSTANCE_ROLE_DECODE),
+         grpc.StatusCode.NOT_FOUND, "instance_id"),
     ]
     for method, msg, code, field in cases:
         with pytest.raises(grpc.RpcError) as info:

@@ -36,6 +36,12 @@ _ROLE_FROM_PROTO = {
     admin_pb2.INSTANCE_ROLE_DECODE: InstanceRole.DECODE,
     admin_pb2.INSTANCE_ROLE_MIXED: InstanceRole.MIXED,
 }
+_ROLE_TO_PROTO = {v: k for k, v in _ROLE_FROM_PROTO.items()}
+
+
+def role_to_proto(role: InstanceRole | str) -> int:
+    """``"prefill"`` / ``InstanceRole.PREFILL`` -> the proto enum value (ValueError names an unknown role)."""
+    return _ROLE_TO_PROTO[InstanceRole.parse(role)]
 
 
 @dataclass(frozen=True, slots=True)

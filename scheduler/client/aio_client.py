@@ -26,6 +26,7 @@ from scheduler.client.types import (
     MigrationResult,
     StreamChunk,
 )
+from scheduler.core.types import InstanceRole
 from scheduler.telemetry.tracing import Tracing
 
 
@@ -246,6 +247,18 @@ class AsyncClient:
             retry=True,
         )
         return resp.count
+
+    async def switch_role(self, instance_id: str, role: InstanceRole | str, *,
+                          timeout_s: float | None = None) -> bool:
+        """See :meth:`Client.switch_role`."""
+        resp = await self._unary(
+            self._admin.SwitchRole,
+            admin_pb2.SwitchRoleRequest(instance_id=instance_id, role=c.role_to_proto(role)),
+            self._admin_md,
+            timeout_s,
+            retry=True,
+        )
+        return resp.started
 
     # ------------------------------------------------------------------------------------------ plumbing
 

@@ -28,6 +28,7 @@ from scheduler.client.types import (
     MigrationResult,
     StreamChunk,
 )
+from scheduler.core.types import InstanceRole
 from scheduler.telemetry.tracing import Tracing
 
 T = TypeVar("T")
@@ -277,6 +278,18 @@ class Client:
             retry=True,
         )
         return resp.count
+
+    def switch_role(self, instance_id: str, role: InstanceRole | str, *, timeout_s: float | None = None) -> bool:
+        """Move an instance between the PREFILL and DECODE roles: it drains, then switches once idle (no engine
+        restart). False when it has that role already, or is already switching or draining."""
+        resp = self._unary(
+            self._admin.SwitchRole,
+            admin_pb2.SwitchRoleRequest(instance_id=instance_id, role=c.role_to_proto(role)),
+            self._admin_md,
+            timeout_s,
+            retry=True,
+        )
+        return resp.started
 
     # ------------------------------------------------------------------------------------------ plumbing
 

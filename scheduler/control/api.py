@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from scheduler.core.types import InstanceSnapshot
+from scheduler.core.types import InstanceRole, InstanceSnapshot
 from scheduler.engine.base import SamplingParams, TokenChunk
 
 
@@ -90,3 +90,7 @@ class IngressAPI(Protocol):
         ...
 
     async def scale(self, pool: str, count: int) -> int: ...
+
+    async def switch_role(self, instance_id: str, role: InstanceRole) -> bool:
+        """Move an instance between PREFILL and DECODE (drain, then switch); False when nothing to start."""
+        ...

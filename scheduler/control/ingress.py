@@ -37,7 +37,6 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from scheduler.config.models import ClusterConfig
-from scheduler.control.channel import ChannelClient, ChannelError
 from scheduler.control.api import (
     ClusterState,
     GenerateRequest,
@@ -47,14 +46,23 @@ from scheduler.control.api import (
     Overloaded,
     Unavailable,
 )
+from scheduler.control.channel import ChannelClient, ChannelError
 from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, Member
 from scheduler.control.registry import RequestRecord, RequestRegistry
-from scheduler.telemetry.metrics import NULL_RECORDER, Recorder
-from scheduler.telemetry.tracing import Stage, Tracing
-from scheduler.core.types import SLO, ClusterView, InstanceSnapshot, Phase, Rejected, RequestInfo
+from scheduler.core.types import (
+    SLO,
+    ClusterView,
+    InstanceRole,
+    InstanceSnapshot,
+    Phase,
+    Rejected,
+    RequestInfo,
+)
 from scheduler.engine.base import EngineRequest, TokenChunk
 from scheduler.engine.simulated_backend import ByteTokenizer
 from scheduler.policy.route import RouteDecision, Router, make_router
+from scheduler.telemetry.metrics import NULL_RECORDER, Recorder
+from scheduler.telemetry.tracing import Stage, Tracing
 from scheduler.transfer.migration import (
     Migration,
     MigrationConfig,
@@ -862,6 +870,24 @@ class Ingress:
         await self._refresh_members()
         await self._refresh_view()
         return int(before)
+
+    async def switch_role(self, instance_id: str, role: InstanceRole | str) -> bool:
+        """Ask the Controller to move ``instance_id`` to ``role`` (``scheduler.control.reroling``)."""
+        await self.start()
+        if instance_id not in self._members:
+            raise NotFound(f"instance_id: no live instance {instance_id!r}", field="instance_id")
+        try:
+            new = InstanceRole.parse(role)
+        except ValueError as e:
+            raise InvalidRequest(f"role: {e}", field="role") from None
+        try:
+            started = await self.controller.switch_role.remote(instance_id, new.value)
+        except RayTaskError as e:
+            if isinstance(e.cause, ValueError):  # the Controller names the field first ("role: ...")
+                raise InvalidRequest(str(e.cause), field=str(e.cause).split(":", 1)[0]) from None
+            raise
+        await self._refresh_view()  # the instance shows as draining from now on
+        return bool(started)
 
 
 async def _await(ref: Any) -> Any:

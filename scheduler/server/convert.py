@@ -23,6 +23,12 @@ _ROLE_TO_PROTO = {
     InstanceRole.DECODE: admin_pb2.INSTANCE_ROLE_DECODE,
     InstanceRole.MIXED: admin_pb2.INSTANCE_ROLE_MIXED,
 }
+_ROLE_FROM_PROTO = {v: k for k, v in _ROLE_TO_PROTO.items()}
+
+
+def role_from_proto(value: int) -> InstanceRole | None:
+    """``None`` for INSTANCE_ROLE_UNSPECIFIED (or a value this build does not know)."""
+    return _ROLE_FROM_PROTO.get(value)
 
 
 def _parse(cls: type[Message], raw: bytes) -> Any:

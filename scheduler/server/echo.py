@@ -57,6 +57,7 @@ class EchoIngress:
     _attempts: dict[str, int] = field(default_factory=dict)
     draining: set[str] = field(default_factory=set)
     scaled: dict[str, int] = field(default_factory=dict)
+    switched: dict[str, InstanceRole] = field(default_factory=dict)
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
         # Checks happen here, synchronously, so errors surface before the first chunk (as the protocol says).
@@ -159,3 +160,10 @@ class EchoIngress:
     async def scale(self, pool: str, count: int) -> int:
         self.scaled[pool] = count
         return count
+
+    async def switch_role(self, instance_id: str, role: InstanceRole) -> bool:
+        if instance_id not in self.instance_ids:
+            raise NotFound(f"instance_id: no instance {instance_id!r}", field="instance_id")
+        started = self.switched.get(instance_id) is not role
+        self.switched[instance_id] = role
+        return started

@@ -37,6 +37,7 @@ from grpc_reflection.v1alpha import reflection
 
 from scheduler._proto.llmsched.v1 import admin_pb2, inference_pb2
 from scheduler.control.api import IngressAPI, IngressError, InvalidRequest, NotFound, Overloaded, Unavailable
+from scheduler.core.types import InstanceRole
 from scheduler.engine.base import TokenChunk
 from scheduler.server.admission import InflightLimiter, Slot
 from scheduler.server.auth import ADMIN_SERVICE, INFERENCE_SERVICE, AuthConfig, TokenAuthInterceptor
@@ -48,6 +49,7 @@ from scheduler.server.convert import (
     generate_request_from_proto,
     instance_to_proto,
     migration_result_to_proto,
+    role_from_proto,
 )
 from scheduler.server.validate import request_status_for, request_status_of_finish
 from scheduler.telemetry.metrics import NULL_RECORDER, Recorder, RequestStatus
@@ -313,6 +315,15 @@ class AdminServicer:
             raise InvalidRequest(f"count: must be >= 0, got {msg.count}", field="count")
         return admin_pb2.ScaleResponse(count=await self._ingress.scale(msg.pool, msg.count))
 
+    async def switch_role(self, msg: admin_pb2.SwitchRoleRequest) -> admin_pb2.SwitchRoleResponse:
+        if not msg.instance_id:
+            raise InvalidRequest("instance_id: must not be empty", field="instance_id")
+        role = role_from_proto(msg.role)
+        if role not in (InstanceRole.PREFILL, InstanceRole.DECODE):
+            raise InvalidRequest(f"role: must be PREFILL or DECODE, got {admin_pb2.InstanceRole.Name(msg.role)}",
+                                 field="role")
+        return admin_pb2.SwitchRoleResponse(started=await self._ingress.switch_role(msg.instance_id, role))
+
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         return {
             "GetClusterState": _unary(self.get_cluster_state, admin_pb2.GetClusterStateRequest),
@@ -320,6 +331,7 @@ class AdminServicer:
             "MigrateRequest": _unary(self.migrate, admin_pb2.MigrateRequestRequest),
             "DrainInstance": _unary(self.drain, admin_pb2.DrainInstanceRequest),
             "Scale": _unary(self.scale, admin_pb2.ScaleRequest),
+            "SwitchRole": _unary(self.switch_role, admin_pb2.SwitchRoleRequest),
         }
 
 

@@ -59,6 +59,11 @@ class AdminStub:
                 request_serializer=llmsched_dot_v1_dot_admin__pb2.ScaleRequest.SerializeToString,
                 response_deserializer=llmsched_dot_v1_dot_admin__pb2.ScaleResponse.FromString,
                 _registered_method=True)
+        self.SwitchRole = channel.unary_unary(
+                '/llmsched.v1.Admin/SwitchRole',
+                request_serializer=llmsched_dot_v1_dot_admin__pb2.SwitchRoleRequest.SerializeToString,
+                response_deserializer=llmsched_dot_v1_dot_admin__pb2.SwitchRoleResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -97,6 +102,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SwitchRole(self, request, context):
+        """Moves an instance between the PREFILL and DECODE roles: it drains, then switches once idle (no restart).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +136,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Scale,
                     request_deserializer=llmsched_dot_v1_dot_admin__pb2.ScaleRequest.FromString,
                     response_serializer=llmsched_dot_v1_dot_admin__pb2.ScaleResponse.SerializeToString,
+            ),
+            'SwitchRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwitchRole,
+                    request_deserializer=llmsched_dot_v1_dot_admin__pb2.SwitchRoleRequest.FromString,
+                    response_serializer=llmsched_dot_v1_dot_admin__pb2.SwitchRoleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +278,33 @@ class Admin:
             '/llmsched.v1.Admin/Scale',
             llmsched_dot_v1_dot_admin__pb2.ScaleRequest.SerializeToString,
             llmsched_dot_v1_dot_admin__pb2.ScaleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwitchRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmsched.v1.Admin/SwitchRole',
+            llmsched_dot_v1_dot_admin__pb2.SwitchRoleRequest.SerializeToString,
+            llmsched_dot_v1_dot_admin__pb2.SwitchRoleResponse.FromString,
             options,
             channel_credentials,
             insecure,
