@@ -164,6 +164,19 @@ def test_lookahead_kv_headroom_does_not_depend_on_the_newcomers_predicted_length
     assert r.estimate(req(1000, 3000.0), roomy).kv_s > 0 == r.estimate(req(1000, 100.0), roomy).kv_s
 
 
+def test_lookahead_reprices_an_instance_whose_snapshot_changed() -> None:
+    # The router keeps each instance's request-independent terms while its snapshot object is current; a new
+    # snapshot under the same id (the instance got busy) must be priced afresh, as a fresh router prices it.
+    lat = default_latency_model()
+    r = LookaheadRouter(lat)
+    idle, other = snap("a"), snap("b", running=2, ctx=1000, pred=200.0, used=100)
+    assert r.route(req(1000, 200.0), view(idle, other)).prefill_instance == "a"  # type: ignore[union-attr]
+    busy = snap("a", running=60, waiting=3, pending=12_000, ctx=80_000, pred=15_000.0, used=900)
+    assert r.route(req(1000, 200.0), view(busy, other)).prefill_instance == "b"  # type: ignore[union-attr]
+    assert r.estimate(req(1000, 200.0), busy) == LookaheadRouter(lat).estimate(req(1000, 200.0), busy)
+    assert r.estimate(req(1000, 200.0), idle) == LookaheadRouter(lat).estimate(req(1000, 200.0), idle)
+
+
 def test_lookahead_pairs_jointly_and_colocates_when_cheaper() -> None:
     lat = default_latency_model()
     r = LookaheadRouter(lat)

@@ -95,6 +95,39 @@ class _Side:
     slo_s: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class _Req:
+    """The newcomer, as the estimator reads it (computed once per decision)."""
+
+    P: int  # prompt tokens
+    O: float  # predicted output tokens (or the default)
+    pairs: float  # attention pairs of its prefill
+    w: float  # priority weight
+    slo: SLO
+
+
+@dataclass(frozen=True, slots=True)
+class _Terms:
+    """Request-independent terms of one instance snapshot (``LookaheadRouter._terms``)."""
+
+    snap: InstanceSnapshot
+    lat: LatencyModel
+    Bp: int  # decodes riding along a prefill step here (0 on a PREFILL instance)
+    Cp: int
+    queue_s: float  # prefilling what is queued
+    decode_only_s: float  # a decode-only step of the ``Bp`` decodes
+    rem: tuple[float, ...]  # residents' predicted remaining lengths (with per-request detail)
+    r_avg: float
+    a1: float  # decode step coefficients: a(B + 1), b, a(1)
+    b: float
+    a_alone: float
+    step_now: float
+    cap: int  # KV capacity, tokens
+    other: int  # KV held beyond the decodes' contexts
+    used: int
+    victim_s: float  # recomputing an average resident (preemption)
+
+
 def default_latency_model() -> LatencyModel:
     """A Llama-2-7B-class model on one A100-80GB (roofline), for when no config is bound."""
     model = ModelSpec(name="llama-2-7b", num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=32,
@@ -152,6 +185,7 @@ class LookaheadRouter(PairingRouter):
         self._now = 0.0
         self._pressure: dict[str, tuple[float, float]] = {}  # instance -> (decayed prefill seconds, as of time)
         self._lat_of_id: dict[str, LatencyModel] = {}
+        self._cache: dict[str, _Terms] = {}  # instance -> terms of its current snapshot
         # Per-request remaining lengths sharpen harm_d; ask for them only when told to (costly to build).
         self.needs_request_detail = detail  # type: ignore[misc]
         if config is not None:
@@ -208,58 +242,76 @@ class LookaheadRouter(PairingRouter):
         return steps * lat.step_time(prefill_tokens=math.ceil(tokens / steps), prefill_pairs=pairs / steps,
                                      decode_batch=batch, decode_context=context)
 
-    def _prefill_side(self, request: RequestInfo, p: InstanceSnapshot, *, colocated: bool, xfer: bool) -> _Side:
-        lat = self.latency_of(p)
+    def _request(self, request: RequestInfo) -> _Req:
         P = request.prompt_tokens
-        B, C = (p.num_decoding, p.decode_context_tokens) if p.role.does_decode else (0, 0)
-        Q = p.prefill_tokens_pending
-        avg = Q / max(p.num_waiting, 1)
-        queue_s = self._prefill_span(lat, Q, Q * (avg + 1) / 2, B, C)
-        self_s = self._prefill_span(lat, P, prefill_pairs(P, 0), B, C)
+        return _Req(P, self.output_of(request), prefill_pairs(P, 0), self._weight(request), self.slo_for(request))
+
+    def _terms(self, inst: InstanceSnapshot) -> _Terms:
+        """The request-independent part of the estimate for ``inst``, kept while its snapshot object is current
+        (a router prices every instance for every request; snapshots change far less often)."""
+        t = self._cache.get(inst.instance_id)
+        if t is not None and t.snap is inst:
+            return t
+        lat = self.latency_of(inst)
+        B, C = inst.num_decoding, inst.decode_context_tokens
+        Bp, Cp = (B, C) if inst.role.does_decode else (0, 0)
+        Q = inst.prefill_tokens_pending
+        rem = tuple(r.predicted_remaining if r.predicted_remaining is not None else self.default_output_tokens
+                    for r in inst.requests if not r.in_prefill)
+        if rem:
+            r_avg = sum(rem) / len(rem)
+        else:
+            r_avg = inst.predicted_remaining_tokens / B if B and inst.predicted_remaining_tokens > 0 else (
+                self.default_output_tokens)
+        a0, b = lat.decode_coeffs(max(B, 1))
+        bs = max(inst.block_size, 1)
+        cap = inst.kv_blocks_total * bs
+        t = _Terms(
+            snap=inst, lat=lat, Bp=Bp, Cp=Cp,
+            # Queued prompts, assumed of equal size Q / max(waiting, 1) for their attention cost.
+            queue_s=self._prefill_span(lat, Q, Q * (Q / max(inst.num_waiting, 1) + 1) / 2, Bp, Cp),
+            decode_only_s=lat.step_time(decode_batch=Bp, decode_context=Cp) if Bp else 0.0,
+            rem=rem, r_avg=r_avg, a1=lat.decode_coeffs(B + 1)[0], b=b, a_alone=lat.decode_coeffs(1)[0],
+            step_now=a0 + b * C if B else 0.0, cap=cap,
+            other=max(inst.kv_blocks_used * bs - C, 0), used=inst.kv_blocks_used * bs,
+            victim_s=lat.prefill_time(int(min(C / B, cap))) if B else 0.0,
+        )
+        self._cache[inst.instance_id] = t
+        return t
+
+    def _prefill_side(self, q: _Req, t: _Terms, *, colocated: bool, xfer: bool) -> _Side:
+        lat, P, B = t.lat, q.P, t.Bp
+        self_s = self._prefill_span(lat, P, q.pairs, B, t.Cp)
         harm = 0.0
         if B:
             steps = math.ceil(P / max(self.chunk_tokens - B, 1))
-            harm = B * max(self_s - steps * lat.step_time(decode_batch=B, decode_context=C), 0.0)
-        ttft = queue_s + self_s
+            harm = B * max(self_s - steps * t.decode_only_s, 0.0)
+        ttft = t.queue_s + self_s
         if xfer and not colocated:
             ttft += kv_transfer_time(P, lat.model, bandwidth_gbps=lat.gpu.network_gbps,
                                      latency_s=lat.gpu.network_latency_s)
-        w = self._weight(request)
-        slo = self.slo_for(request)
+        w, slo = q.w, q.slo
         pen = self.miss_penalty_s * w if slo.ttft_s is not None and ttft > slo.ttft_s else 0.0
         return _Side(w * self.ttft_weight * ttft + harm + pen, ttft_s=ttft, harm_s=harm, slo_s=pen)
 
-    def _decode_side(self, request: RequestInfo, d: InstanceSnapshot, *, colocated: bool) -> _Side:
-        lat = self.latency_of(d)
-        P, O = request.prompt_tokens, self.output_of(request)
+    def _decode_side(self, q: _Req, t: _Terms, *, colocated: bool) -> _Side:
+        d = t.snap
+        P, O = q.P, q.O
         B, C = d.num_decoding, d.decode_context_tokens
-        rem = [r.predicted_remaining if r.predicted_remaining is not None else self.default_output_tokens
-               for r in d.requests if not r.in_prefill]
-        if rem:
-            r_avg = sum(rem) / len(rem)
-            overlap = sum(min(r, O) for r in rem)
-        else:
-            r_avg = d.predicted_remaining_tokens / B if B and d.predicted_remaining_tokens > 0 else (
-                self.default_output_tokens)
-            overlap = B * min(r_avg, O)
-        a0, b = lat.decode_coeffs(max(B, 1))
-        a1, _ = lat.decode_coeffs(B + 1)
-        a_alone, _ = lat.decode_coeffs(1)
+        r_avg, b, step_now = t.r_avg, t.b, t.step_now
+        overlap = sum(min(r, O) for r in t.rem) if t.rem else B * min(r_avg, O)
         ctx_new = P + O / 2
-        step_now = a0 + b * C if B else 0.0
-        step_with = a1 + b * (C + ctx_new)
+        step_with = t.a1 + b * (C + ctx_new)
         harm = (step_with - step_now) * overlap if B else 0.0
         m = min(O, r_avg) if B else 0.0
-        own = m * step_with + (O - m) * (a_alone + b * ctx_new)
+        own = m * step_with + (O - m) * (t.a_alone + b * ctx_new)
         if d.role is InstanceRole.MIXED:
             own /= 1.0 - self.prefill_pressure(d.instance_id)
         if d.role is InstanceRole.MIXED and not colocated and d.prefill_tokens_pending:
-            Q = d.prefill_tokens_pending
-            own += self._prefill_span(lat, Q, Q * (Q / max(d.num_waiting, 1) + 1) / 2, B, C)
+            own += t.queue_s  # its queued prefills interleave with the newcomer's decode
         # KV: headroom for the batch's growth over the fixed horizon H (module docstring), and the newcomer's end.
-        bs = max(d.block_size, 1)
-        cap = d.kv_blocks_total * bs
-        other = max(d.kv_blocks_used * bs - C, 0) + (0 if colocated else d.prefill_tokens_pending)
+        cap = t.cap
+        other = t.other + (0 if colocated else d.prefill_tokens_pending)
         H = self.kv_horizon_tokens
         peak = max(C + B * H + P + min(O, H), P + O)
         overflow = other + peak - cap
@@ -267,11 +319,11 @@ class LookaheadRouter(PairingRouter):
         if overflow > 0:
             victim_ctx = C / B if B else P
             victims = math.ceil(overflow / max(victim_ctx, 1))
-            kv = self.kv_weight * victims * (lat.prefill_time(int(min(victim_ctx, cap))) + step_with * H / 2)
-        if d.kv_blocks_used * bs + (0 if colocated else P) > cap:
+            recompute = t.victim_s if B else t.lat.prefill_time(int(min(victim_ctx, cap)))
+            kv = self.kv_weight * victims * (recompute + step_with * H / 2)
+        if t.used + (0 if colocated else P) > cap:
             kv += r_avg * step_now  # no room now: wait for a resident to finish
-        w = self._weight(request)
-        slo = self.slo_for(request)
+        w, slo = q.w, q.slo
         pen = self.miss_penalty_s * w if slo.tpot_s is not None and step_with > slo.tpot_s else 0.0
         base = (self.slo_by_priority.get(0) or self.slo or _NO_SLO).tpot_s
         if base is not None and B and step_now <= base < step_with:
@@ -305,28 +357,40 @@ class LookaheadRouter(PairingRouter):
     def estimate(self, request: RequestInfo, prefill: InstanceSnapshot,
                  decode: InstanceSnapshot | None = None) -> CostBreakdown:
         """Cost of prefilling on ``prefill`` and decoding on ``decode`` (``None``: colocated on ``prefill``)."""
+        return self._estimate(self._request(request), prefill, decode)
+
+    def _estimate(self, q: _Req, prefill: InstanceSnapshot, decode: InstanceSnapshot | None = None) -> CostBreakdown:
         colocated = decode is None or decode.instance_id == prefill.instance_id
-        f = self._prefill_side(request, prefill, colocated=colocated, xfer=True)
-        g = self._decode_side(request, prefill if decode is None else decode, colocated=colocated)
+        tp = self._terms(prefill)
+        f = self._prefill_side(q, tp, colocated=colocated, xfer=True)
+        g = self._decode_side(q, tp if decode is None else self._terms(decode), colocated=colocated)
         return CostBreakdown(f.cost + g.cost, f.ttft_s, g.tpot_s, g.own_s, f.harm_s + g.harm_s, g.kv_s,
                              f.slo_s + g.slo_s)
 
     def score(self, request: RequestInfo, inst: InstanceSnapshot, *, phase: str) -> float:
+        return self._score(self._request(request), inst, phase)
+
+    def _score(self, q: _Req, inst: InstanceSnapshot, phase: str) -> float:
         if phase == "prefill":
-            return self._prefill_side(request, inst, colocated=False, xfer=True).cost
+            return self._prefill_side(q, self._terms(inst), colocated=False, xfer=True).cost
         if phase == "decode":
-            return self._decode_side(request, inst, colocated=False).cost
-        return self.estimate(request, inst).total_s
+            return self._decode_side(q, self._terms(inst), colocated=False).cost
+        return self._estimate(q, inst).total_s
+
+    def pick(self, request, candidates, view, *, phase):  # type: ignore[override]
+        q = self._request(request)  # once per decision, not once per candidate
+        return min(candidates, key=lambda s: self._score(q, s, phase))
 
     def pair(self, request, prefill, decode, view: ClusterView) -> RouteResult:  # type: ignore[override]
-        f = [(self._prefill_side(request, p, colocated=False, xfer=True).cost, k) for k, p in enumerate(prefill)]
-        g = [(self._decode_side(request, d, colocated=False).cost, k) for k, d in enumerate(decode)]
+        q = self._request(request)
+        f = [(self._prefill_side(q, self._terms(p), colocated=False, xfer=True).cost, k) for k, p in enumerate(prefill)]
+        g = [(self._decode_side(q, self._terms(d), colocated=False).cost, k) for k, d in enumerate(decode)]
         fp, kp = min(f)
         gd, kd = min(g)
         best, choice = fp + gd, (prefill[kp], decode[kd])
         for p in prefill:  # MIXED prefill instances may keep the request: no transfer, no second queue
             if p.role is InstanceRole.MIXED:
-                c = self.estimate(request, p).total_s
+                c = self._estimate(q, p).total_s
                 if c < best:
                     best, choice = c, (p, p)
         p, d = choice
