@@ -6,7 +6,9 @@
    after step 3, so that the host's drift during the replay is in the profile too;
 3. a slice of a real trace (the bundled Azure conversation sample) replayed through the gRPC SDK;
 4. a live migration of a running request, checked token for token against an unmigrated run;
-5. the same slice in the simulator with the measured profile; live and simulated side by side, with errors.
+5. a decode instance switched to PREFILL and back through the admin API (dynamic re-roling, no engine restart),
+   checked by serving a prefill there with the same tokens as before;
+6. the same slice in the simulator with the measured profile; live and simulated side by side, with errors.
 """
 
 from __future__ import annotations
@@ -69,6 +71,46 @@ async def _migration_check(target: str, *, vocab: int) -> dict:
     }
 
 
+async def _role_switch_check(target: str, *, vocab: int) -> dict | None:
+    """Switch a DECODE instance to PREFILL through the admin API, prefill there, then switch it back."""
+    from scheduler.client import AsyncClient
+    from scheduler.core.types import InstanceRole
+
+    client = AsyncClient(target)
+
+    async def wait_role(iid: str, role: InstanceRole) -> float:
+        t = time.perf_counter()
+        while True:
+            i = next(i for i in await client.instances() if i.instance_id == iid)
+            if i.role is role and not i.draining:
+                return time.perf_counter() - t
+            if time.perf_counter() - t > 60:
+                raise TimeoutError(f"{iid} did not become {role.value} within 60 s")
+            await asyncio.sleep(0.05)
+
+    try:
+        insts = await client.instances()
+        dec = sorted(i.instance_id for i in insts if i.role is InstanceRole.DECODE)
+        if len(dec) < 2 or not any(i.role is InstanceRole.PREFILL for i in insts):
+            return None  # the switch must leave a decoder behind
+        iid = dec[-1]
+        prompt = np.random.default_rng(11).integers(4, vocab, 96).tolist()
+        ref = await client.generate(prompt, max_tokens=8, temperature=0.0, ignore_eos=True)
+        asked = await client.switch_role(iid, "prefill")
+        to_prefill_s = await wait_role(iid, InstanceRole.PREFILL)
+        # Two at once: least-outstanding sends the second to whichever PREFILL instance the first left idle.
+        runs = await asyncio.gather(*(client.generate(prompt, max_tokens=8, temperature=0.0, ignore_eos=True)
+                                      for _ in range(2)))
+        prefilled_by = [r.chunks[0].instance_id for r in runs]
+        await client.switch_role(iid, "decode")
+        back_s = await wait_role(iid, InstanceRole.DECODE)
+    finally:
+        await client.close()
+    return {"instance": iid, "asked": asked, "to_prefill_s": to_prefill_s, "back_to_decode_s": back_s,
+            "prefilled_by": prefilled_by, "served_prefill": iid in prefilled_by,
+            "identical": all(list(r.token_ids) == list(ref.token_ids) for r in runs)}
+
+
 async def _live(cfg, ingress, args) -> dict:
     from scheduler.profile import fit, measure, merge_samples
     from scheduler.server.grpc_server import build_server
@@ -100,10 +142,13 @@ async def _live(cfg, ingress, args) -> dict:
         if not args.no_migration:
             _say("live-migrating a running request...")
             mig = await _migration_check(target, vocab=vocab)
+        _say("switching a decode instance to PREFILL and back (admin API)...")
+        role = await _role_switch_check(target, vocab=vocab)
         state = await ingress.cluster_state()
     finally:
         await srv.stop()
-    return {"profile": profile, "live": live, "migration": mig, "lengths": (trace.arrival_s, pr, out),
+    return {"profile": profile, "live": live, "migration": mig, "role_switch": role,
+            "lengths": (trace.arrival_s, pr, out),
             "instances": [(i.instance_id, i.role.value) for i in state.instances]}
 
 
@@ -223,10 +268,15 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"migration: committed={m['committed']} {m['source']} -> {m['destination']}, "
              f"indices exact={m['indices_exact']}, identical to unmigrated={m['identical_to_unmigrated']}, "
              f"client-seen max gap {m['max_client_gap_s'] or 0:.3f} s (median {m['median_client_gap_s'] or 0:.4f} s)")
+    rs = res["role_switch"]
+    if rs is not None:
+        _say(f"re-roling: {rs['instance']} -> prefill in {rs['to_prefill_s']:.2f} s, prefilled "
+             f"{rs['prefilled_by'].count(rs['instance'])} of {len(rs['prefilled_by'])} requests (tokens identical="
+             f"{rs['identical']}), back to decode in {rs['back_to_decode_s']:.2f} s; no engine restart")
     if live.errors:
         _say(f"{len(live.errors)} live requests failed, first: {live.errors[0]}")
     report = {"config": cfg.name, "trace": live.name, "requests": len(pr), "instances": res["instances"],
-              "live": live_sum, "simulated": sim_sum, "sim_error": errors, "migration": m,
+              "live": live_sum, "simulated": sim_sum, "sim_error": errors, "migration": m, "role_switch": rs,
               "profile": {k: v for k, v in res["profile"].items() if k != "samples"},
               "wall_seconds": time.perf_counter() - t0,
               # Per-request columns (seconds from the replay start), for diagnosing where live and sim differ.
@@ -245,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = not live.errors and m["indices_exact"] and live_sum["completed"] == len(pr)
     if res["migration"] is not None:
         ok = ok and m["committed"] and m["identical_to_unmigrated"]
+    if rs is not None:
+        ok = ok and rs["asked"] and rs["served_prefill"] and rs["identical"]
     return 0 if ok else 1
 
 
