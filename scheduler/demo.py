@@ -108,6 +108,7 @@ async def _role_switch_check(target: str, *, vocab: int) -> dict | None:
         await client.close()
     return {"instance": iid, "asked": asked, "to_prefill_s": to_prefill_s, "back_to_decode_s": back_s,
             "prefilled_by": prefilled_by, "served_prefill": iid in prefilled_by,
+            "complete": all(len(r.token_ids) == 8 for r in runs),
             "identical": all(list(r.token_ids) == list(ref.token_ids) for r in runs)}
 
 
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if res["migration"] is not None:
         ok = ok and m["committed"] and m["identical_to_unmigrated"]
     if rs is not None:
-        ok = ok and rs["asked"] and rs["served_prefill"] and rs["identical"]
+        ok = ok and rs["asked"] and rs["served_prefill"] and rs["complete"] and rs["identical"]
     return 0 if ok else 1
 
 

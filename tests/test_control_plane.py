@@ -159,6 +159,30 @@ def test_pd_request_emits_stage_spans_and_instance_gauges(pd: Any, aloop: Any) -
         ing.tracing, ing.recorder = Tracing.disabled(), NULL_RECORDER
 
 
+def test_pd_admin_role_switch_over_grpc(pd: Any, aloop: Any) -> None:
+    # The main job's re-roling step (scheduler.demo) against this cluster: SDK -> gRPC Admin.SwitchRole -> ingress
+    # -> Controller; decode-1 serves a prefill as PREFILL, then is DECODE again (the roles other tests expect).
+    from scheduler.demo import _role_switch_check
+    from scheduler.server.grpc_server import build_server
+
+    dep, ing = pd
+
+    async def run() -> Any:
+        srv = build_server(ing, port=0)
+        await srv.start()
+        try:
+            return await _role_switch_check(f"127.0.0.1:{srv.port}", vocab=MODEL["vocab_size"])
+        finally:
+            await srv.stop()
+
+    res = aloop.run(run(), timeout=90)
+    assert res is not None and res["instance"] == "decode-1", res
+    # (Not "identical": the simulated engine's tokens are a function of the request id; with vLLM they are not.)
+    assert res["asked"] and res["served_prefill"] and res["complete"], res
+    roles = {i: m.info.role.value for i, m in ray.get(dep.controller.members.remote()).items()}
+    assert roles == {"prefill-0": "prefill", "decode-0": "decode", "decode-1": "decode"}
+
+
 def test_bad_requests_name_the_field(mixed: Any, aloop: Any) -> None:
     _, ing = mixed
     cases = {
