@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,50 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "
 
 def _say(msg: str) -> None:
     print(f"[llmsched run] {msg}", flush=True)
+
+
+def _probe_loop(conn: Connection, period_s: float) -> None:
+    """In its own process: every ``period_s``, time a fixed ~1 ms of pure-Python work; send the samples at the end."""
+    samples = []
+    while not conn.poll(period_s):
+        t = time.perf_counter()
+        x = 0
+        for i in range(20_000):
+            x += i * i
+        samples.append((time.time(), time.perf_counter() - t))
+    conn.send(samples)
+
+
+class HostProbe:
+    """How much CPU a fixed task gets on this host, sampled through the run (diagnostic: the profile and the replay
+    are minutes apart on a shared box, and the simulator only knows the profile's speed). ~0.4% of a core."""
+
+    def __init__(self, period_s: float = 0.25) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_probe_loop, args=(child, period_s), daemon=True)
+        self._proc.start()
+        self.phases: list[tuple[str, float, float]] = []
+
+    def phase(self, name: str, start: float, end: float) -> None:
+        self.phases.append((name, start, end))
+
+    def stop(self) -> dict:
+        """Per-phase median probe time (ms) and the replay's over the profile's."""
+        self._conn.send(None)
+        samples = self._conn.recv() if self._conn.poll(10) else []
+        self._proc.join(5)
+        out: dict = {"samples": samples, "median_ms": {}}
+        for name, a, b in self.phases:
+            xs = [dt for t, dt in samples if a <= t <= b]
+            out["median_ms"][name] = float(np.median(xs)) * 1e3 if xs else None
+        med = out["median_ms"]
+        prof = [v for k, v in med.items() if k.startswith("profile") and v]
+        if med.get("replay") and prof:
+            out["replay_over_profile"] = med["replay"] / float(np.median(prof))
+        return out
 
 
 async def _migration_check(target: str, *, vocab: int) -> dict:
@@ -112,7 +157,7 @@ async def _role_switch_check(target: str, *, vocab: int) -> dict | None:
             "identical": all(list(r.token_ids) == list(ref.token_ids) for r in runs)}
 
 
-async def _live(cfg, ingress, args) -> dict:
+async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
     from scheduler.profile import fit, measure, merge_samples
     from scheduler.server.grpc_server import build_server
     from sim.replay import fit_lengths, replay_async
@@ -128,15 +173,22 @@ async def _live(cfg, ingress, args) -> dict:
         # minutes (single-stream decode 3 ms in one run, 5-7 ms in the next), and the replay sits between them.
         _say("profiling this machine through the SDK (prefill and decode step times; 3 rounds now, 2 after "
              "the replay)...")
+        t = time.time()
         before = await measure(target, vocab=vocab, repeats=3)
+        probe.phase("profile_before", t, time.time())
         trace = default_trace().head(args.requests)
         if args.rate_scale != 1.0:
             trace = trace.scale_rate(args.rate_scale)
         pr, out = fit_lengths(trace.prompt_tokens, trace.output_tokens, 1024, args.max_output)
         _say(f"replaying {len(pr)} requests of {trace.name} ({trace.duration_s:.1f} s of arrivals) through the SDK...")
+        t = time.time()
         live = await replay_async(target, trace.arrival_s, pr, out, name=trace.name, vocab=vocab)
+        probe.phase("replay", t, time.time())
         _say("profiling again (2 rounds)...")
-        profile = fit(merge_samples(before, await measure(target, vocab=vocab, repeats=2)))
+        t = time.time()
+        after = await measure(target, vocab=vocab, repeats=2)
+        probe.phase("profile_after", t, time.time())
+        profile = fit(merge_samples(before, after))
         _say(f"  profile: step overhead {profile['overhead_s'] * 1e3:.2f} ms, "
              f"{profile['gemm_s_per_token'] * 1e6:.1f} us/token, fit error {profile['fit_mape'] * 100:.1f}%")
         mig = None
@@ -244,11 +296,15 @@ def main(argv: list[str] | None = None) -> int:
         async def run_live():
             await cluster.ingress.start()
             try:
-                return await _live(cfg, cluster.ingress, args)
+                return await _live(cfg, cluster.ingress, args, probe)
             finally:
                 await cluster.ingress.close()
 
-        res = asyncio.run(run_live())
+        probe = HostProbe()
+        try:
+            res = asyncio.run(run_live())
+        finally:
+            host = probe.stop()
     finally:
         cluster.shutdown()
     live = res["live"]
@@ -274,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"re-roling: {rs['instance']} -> prefill in {rs['to_prefill_s']:.2f} s, prefilled "
              f"{rs['prefilled_by'].count(rs['instance'])} of {len(rs['prefilled_by'])} requests (tokens identical="
              f"{rs['identical']}), back to decode in {rs['back_to_decode_s']:.2f} s; no engine restart")
+    med = host["median_ms"]
+    if host.get("replay_over_profile"):
+        _say("host probe (fixed ~1 ms task, median): " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items() if v)
+             + f"; the replay ran at {1 / host['replay_over_profile']:.2f}x the profile's host speed")
     if live.errors:
         _say(f"{len(live.errors)} live requests failed, first: {live.errors[0]}")
     report = {"config": cfg.name, "trace": live.name, "requests": len(pr), "instances": res["instances"],
@@ -287,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                               "live_first_s": live.first_token_s.tolist(), "live_finish_s": live.finish_s.tolist(),
                               "sim_first_s": sim_res.first_token_s.tolist(), "sim_finish_s": sim_res.finish_s.tolist(),
                               "sim_decode_instance": sim_res.decode_instance.tolist()},
-              "profile_samples": res["profile"].get("samples")}
+              "profile_samples": res["profile"].get("samples"), "host_probe": host}
     write_json(out_dir / "report.json", report)
     sim_m = RequestMetrics.from_times(arrival, sim_res.first_token_s, sim_res.finish_s, out)
     write_figure(out_dir / "report.png", {"live": live.metrics(), "simulated": sim_m}, title=title)
