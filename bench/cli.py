@@ -17,6 +17,7 @@ BENCHES = {
     "migration-scenario": "bench.bench_migration_scenario",
     "stream-cpu": "bench.bench_stream_cpu",
     "handoff": "bench.bench_handoff",
+    "rerole-live": "bench.bench_rerole_live",
 }
 
 

@@ -1,0 +1,139 @@
+"""Dynamic re-roling on the live control plane vs static roles, and the simulator's error on both.
+
+The workload of ``bench_routing.py rerole`` (the vendored Azure conv slice, its (prompt, output) pairs reordered
+so that the first half of the arrivals is decode-heavy and the second prefill-heavy, 1.5x its rate), a window of
+it, through the gRPC SDK (load generator in a child process) to a local Ray cluster of ``llama2-7b-pd-a100``
+(2 PREFILL + 2 DECODE, simulated engines timed by the A100 latency model), once with static roles and once with
+``policies.reroling`` (``RerolePolicy`` defaults; ``scheduler/control/reroling.py``). Engines run ``--time-scale``
+times slower than the modelled GPU and arrivals are stretched by the same factor, so the cluster sees the
+modelled load while the 2-core host keeps up with the stream; times are reported back in model seconds.
+The simulator runs the same window with the same policy (``sim/reroling.py``; switch delay 0 and no decode
+hand-off, as the live switch: it costs the drain only).
+
+    llmsched bench rerole-live                              # 200 s of trace, time scale 2 (~15 min)
+    llmsched bench rerole-live --window 60 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.loadgen import COMPLETED, LoadPlan, LoadProcess, RequestSpec, count_outcomes, start_stack
+from scheduler.telemetry.report import write_json
+
+SLO_TTFT_S, SLO_TPOT_S = 2.0, 0.1  # the config's class-0 SLO, model seconds
+
+
+def _stats(ttft: np.ndarray, tpot: np.ndarray, n: int) -> dict[str, float]:
+    ok = (ttft <= SLO_TTFT_S) & (np.nan_to_num(tpot, nan=0.0) <= SLO_TPOT_S)
+    return {"slo_attainment": float(ok.sum() / n), "ttft_p50_s": float(np.nanpercentile(ttft, 50)),
+            "ttft_p90_s": float(np.nanpercentile(ttft, 90)), "tpot_p50_s": float(np.nanpercentile(tpot, 50)),
+            "tpot_p90_s": float(np.nanpercentile(tpot, 90))}
+
+
+def run_live(cfg: Any, w: Any, scale: float, label: str) -> dict:
+    stack = start_stack(cfg, time_scale=scale)
+
+    async def go() -> tuple[list, list, float]:
+        await stack.start_front()
+        try:
+            specs = [RequestSpec(f"{label}-{i}", float(w.arrival_s[i]) * scale, int(w.prompt_tokens[i]),
+                                 int(w.output_tokens[i])) for i in range(len(w))]
+            span = float(w.arrival_s[-1]) * scale
+            load = LoadProcess(LoadPlan(stack.address, specs, vocab=cfg.model.vocab_size, timeout_s=600.0,
+                                        stop_after_s=span + 600.0, id_prefix=label))
+            started = await load.start()
+            res = await load.result(timeout_s=span + 700.0)
+            events = await stack.deployment.controller.scaling_events.remote()
+            return res, events, started
+        finally:
+            await stack.stop_front()
+
+    try:
+        t0 = time.perf_counter()
+        res, events, started = asyncio.run(go())
+    finally:
+        stack.shutdown()
+    done = [o for o in res if o.outcome == COMPLETED]
+    ttft = np.array([o.ttft_s for o in done]) / scale
+    tpot = np.array([o.tpot_s for o in done]) / scale
+    out = _stats(ttft, tpot, len(res))
+    out.update(outcomes=count_outcomes(res), wall_s=time.perf_counter() - t0,
+               switches=[{k: e[k] for k in ("action", "instance", "to") if k in e}
+                         | {"at_model_s": round((e["time_s"] - started) / scale, 1)}
+                         for e in events if e["action"].startswith("role_switch")])
+    return out
+
+
+def run_sim(cfg: Any, w: Any, reroling: bool) -> dict:
+    from scheduler.policy.route import make_router
+    from scheduler.policy.scaling import RerolePolicy
+    from sim.metrics import request_metrics
+    from sim.simulator import Simulator
+
+    kw: dict[str, Any] = {}
+    if reroling:
+        kw = {"reroling": RerolePolicy(), "reroling_interval_s": 5.0,
+              "reroling_options": {"switch_delay_s": 0.0, "handoff": False}}
+    sim = Simulator(cfg, router=make_router("least_outstanding"), **kw)
+    res = sim.run(w)
+    m = request_metrics(res)
+    out = _stats(m.ttft_s, m.tpot_s, len(w))
+    if sim.reroler is not None:
+        out["switches"] = sim.reroler.summary()["switches"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="llmsched bench rerole-live", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--window", type=float, default=200.0, help="seconds of the (1.5x) trace to replay")
+    p.add_argument("--time-scale", type=float, default=2.0, help="engines this much slower than the model")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+
+    from bench.bench_routing import shifting_workload
+    from scheduler.config.load import load_config
+    from sim.simulator import Workload
+
+    full = shifting_workload(decode_first=True)
+    k = int(np.searchsorted(full.arrival_s, args.window))
+    w = Workload(full.arrival_s[:k], full.prompt_tokens[:k], full.output_tokens[:k], name=full.name)
+    base = load_config("llama2-7b-pd-a100")
+    s = args.time_scale
+    policy = {"name": "threshold", "params": {"interval_s": 5.0 * s, "sustain_s": 5.0 * s, "cooldown_s": 30.0 * s,
+                                              "switch_timeout_s": 120.0 * s}}
+    runs = {"static": base, "rerole": base.model_copy(update={"policies": base.policies.model_copy(
+        update={"reroling": type(base.policies.router).model_validate(policy)})})}
+    out: dict[str, Any] = {"trace": w.name, "requests": len(w), "window_s": args.window, "time_scale": s,
+                           "config": "llama2-7b-pd-a100 (2 PREFILL + 2 DECODE, simulated A100 engines)",
+                           "router": "least_outstanding", "slo": f"ttft {SLO_TTFT_S} s, tpot {SLO_TPOT_S} s",
+                           "command": f"llmsched bench rerole-live --window {args.window:g} --time-scale {s:g}",
+                           "live": {}, "sim": {}, "sim_error": {}}
+    for name, cfg in runs.items():
+        print(f"[rerole-live] {name}: {len(w)} requests over {w.arrival_s[-1] * s:.0f} s wall...", flush=True)
+        live = out["live"][name] = run_live(cfg, w, s, name)
+        sim = out["sim"][name] = run_sim(cfg, w, name == "rerole")
+        out["sim_error"][name] = {k: (sim[k] - live[k]) / live[k] for k in sim if k != "switches" and live[k]}
+        print(f"  live: SLO {live['slo_attainment']:.1%}, TTFT p50/p90 {live['ttft_p50_s']:.2f}/{live['ttft_p90_s']:.2f}"
+              f" s, TPOT p50/p90 {live['tpot_p50_s'] * 1e3:.0f}/{live['tpot_p90_s'] * 1e3:.0f} ms, "
+              f"lost {live['outcomes']['lost']}, switches {live['switches']}", flush=True)
+        print(f"  sim:  SLO {sim['slo_attainment']:.1%}, TTFT p50/p90 {sim['ttft_p50_s']:.2f}/{sim['ttft_p90_s']:.2f}"
+              f" s, TPOT p50/p90 {sim['tpot_p50_s'] * 1e3:.0f}/{sim['tpot_p90_s'] * 1e3:.0f} ms, "
+              f"switches {sim.get('switches', [])}", flush=True)
+    if args.json:
+        write_json(Path(args.json), out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
