@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,9 @@ def run_live(cfg: Any, w: Any, scale: float, label: str) -> dict:
     ttft = np.array([o.ttft_s for o in done]) / scale
     tpot = np.array([o.tpot_s for o in done]) / scale
     out = _stats(ttft, tpot, len(res))
-    out.update(outcomes=count_outcomes(res), wall_s=time.perf_counter() - t0,
+    lost = Counter(f"{o.outcome}: {o.finish_reason} {o.message}".strip()[:160] for o in res
+                   if o.outcome != COMPLETED)
+    out.update(outcomes=count_outcomes(res), lost_reasons=dict(lost.most_common(5)), wall_s=time.perf_counter() - t0,
                switches=[{k: e[k] for k in ("action", "instance", "to") if k in e}
                          | {"at_model_s": round((e["time_s"] - started) / scale, 1)}
                          for e in events if e["action"].startswith("role_switch")])
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--window", type=float, default=200.0, help="seconds of the (1.5x) trace to replay")
     p.add_argument("--time-scale", type=float, default=2.0, help="engines this much slower than the model")
+    p.add_argument("--only", choices=("static", "rerole"), help="run one of the two")
     p.add_argument("--json")
     args = p.parse_args(argv)
 
@@ -120,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                            "command": f"llmsched bench rerole-live --window {args.window:g} --time-scale {s:g}",
                            "live": {}, "sim": {}, "sim_error": {}}
     for name, cfg in runs.items():
+        if args.only and name != args.only:
+            continue
         print(f"[rerole-live] {name}: {len(w)} requests over {w.arrival_s[-1] * s:.0f} s wall...", flush=True)
         live = out["live"][name] = run_live(cfg, w, s, name)
         sim = out["sim"][name] = run_sim(cfg, w, name == "rerole")

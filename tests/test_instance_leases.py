@@ -43,6 +43,41 @@ def test_unpolled_stream_is_aborted_and_its_kv_freed() -> None:
     assert after == 0 and forgotten
 
 
+def test_a_request_queued_past_the_lease_is_not_aborted() -> None:
+    """Under overload a request can wait for KV longer than the lease before its first token. ``submit`` answers
+    "accepted, nothing yet" in time and the caller's polls renew the lease: nothing is aborted (it was: 10% of a
+    saturated P/D replay ended "abort" after waiting 30 s in a decode instance's queue, `llmsched bench
+    rerole-live`)."""
+    from scheduler.engine.base import TokenChunk
+
+    async def slow_first(request: EngineRequest):  # queued for 3 leases, then two tokens
+        await asyncio.sleep(LEASE_S * 3)
+        yield TokenChunk(request.request_id, 0, (7,))
+        yield TokenChunk(request.request_id, 1, (8,), True, "length")
+
+    async def scenario() -> tuple[bool, list]:
+        inst = _instance()
+        await inst.start()
+        inst._backend.generate = slow_first
+        try:
+            req = EngineRequest("queued", tuple(range(1, 65)), SamplingParams(max_tokens=2))
+            t0 = asyncio.get_running_loop().time()
+            sub = await inst.submit(req)
+            early = not sub.chunks and asyncio.get_running_loop().time() - t0 < LEASE_S
+            got: list = []
+            while not (got and got[-1].finished):
+                c = await inst.poll("queued", LEASE_S / 2)
+                assert c is not None, "the stream was aborted / forgotten"
+                got.extend([c] if c.token_ids or c.finished else [])
+            return early, got
+        finally:
+            await inst.shutdown()
+
+    early, got = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert early
+    assert [t for c in got for t in c.token_ids] == [7, 8] and got[-1].finish_reason == "length"
+
+
 def test_abandoned_incoming_migration_frees_its_reservation() -> None:
     async def scenario() -> tuple[int, int, int, int]:
         inst = _instance()

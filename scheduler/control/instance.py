@@ -311,8 +311,8 @@ class Instance:
         rid = request.request_id
         ran_here = rid in self._streams or _not_received(self._finished.get(rid), request.num_output_tokens_before)
         if adopt and ran_here:
-            out = await self.poll(rid, None, request.num_output_tokens_before)
-            return Submitted(chunks=(out,) if out is not None else ())
+            out = await self.poll(rid, self._lease_s / 2, request.num_output_tokens_before)  # bounded: see below
+            return Submitted(chunks=(out,) if out is not None and (out.token_ids or out.finished) else ())
         if rid in self._streams:
             return Submitted(rejected=f"request_id: {rid!r} is already running on {self.instance_id}")
         self._finished.pop(rid, None)
@@ -328,7 +328,10 @@ class Instance:
         st.task = asyncio.create_task(self._pump(rid, st, chunks))
         if not wait_first:
             return Submitted()
-        out = await self._take(rid, st, timeout_s=None)
+        # Bounded: a request queued for KV can wait longer than the lease for its first chunk, and a caller parked
+        # here does not renew it (the reaper aborted such requests under overload). Answer "accepted, nothing yet"
+        # in time; the caller's polls renew the lease from then on.
+        out = await self._take(rid, st, timeout_s=self._lease_s / 2)
         return Submitted(chunks=(out,) if out is not None else ())
 
     async def _pump(self, rid: str, st: _Stream, chunks: Any) -> None:
