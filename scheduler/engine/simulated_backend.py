@@ -158,8 +158,7 @@ class SimulatedBackend:
         max_tokens = request.sampling.max_tokens
         self.engine.add_request(rid, len(prompt), max_tokens, cached_tokens=cached, priority=request.priority)
         seed = request.sampling.seed if request.sampling.seed is not None else self.seed
-        remaining = max_tokens
-        req = _Req(request, seed, asyncio.Queue(), request.num_output_tokens_before, remaining)
+        req = _Req(request, seed, asyncio.Queue(), request.num_output_tokens_before, max_tokens)
         self._reqs[rid] = req
         assert self._wake is not None
         self._wake.set()
