@@ -103,8 +103,9 @@ def test_prefill_pressure_moves_a_decoder_to_prefill_without_losing_requests(rer
     assert _roles(dep)[moved] == "prefill"
     snap = {s.instance_id: s for s in ray.get(dep.controller.view.remote()).instances}[moved]
     assert snap.role is InstanceRole.PREFILL and not snap.draining
-    # After the switch, prompts go to both PREFILL instances (token 0 comes from the prefill side).
-    assert {c[0].instance_id for c in second} == {"prefill-0", moved}
+    # After the switch the new PREFILL instance takes prompts (token 0 comes from the prefill side); how many
+    # depends on what prefill-0 still has queued from the first wave.
+    assert moved in {c[0].instance_id for c in second} <= {"prefill-0", moved}
     assert ray.get(dep.controller.scaling_counters.remote())["role_switches"] == 1
 
 
