@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.loadgen import rotated, sole_ingress
+from bench.loadgen import on_local_cluster, rotated, sole_ingress
 from scheduler.telemetry.report import write_json
 
 
@@ -98,14 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
-    from scheduler.config.load import load_config
-    from scheduler.control.cluster import start_local_cluster
-
-    cluster = start_local_cluster(load_config(args.config))
-    try:
-        res = asyncio.run(bench(cluster, args))
-    finally:
-        cluster.shutdown()
+    res = on_local_cluster(args.config, bench, args)
     for key, what in (("handoff_ms_median", "handoff (gap token 0 -> 1 minus one decode step)"),
                       ("token1_ms_median", "token 1 since the request was sent")):
         med = res[key]

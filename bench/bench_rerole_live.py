@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.bench_routing import shifting_workload
     from scheduler.config.load import load_config
+    from scheduler.config.models import PolicySpec
     from sim.simulator import Workload
 
     full = shifting_workload(decode_first=True)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     policy = {"name": "threshold", "params": {"interval_s": 5.0 * s, "sustain_s": 5.0 * s, "cooldown_s": 30.0 * s,
                                               "switch_timeout_s": 120.0 * s}}
     runs = {"static": base, "rerole": base.model_copy(update={"policies": base.policies.model_copy(
-        update={"reroling": type(base.policies.router).model_validate(policy)})})}
+        update={"reroling": PolicySpec.model_validate(policy)})})}
     out: dict[str, Any] = {"trace": w.name, "requests": len(w), "window_s": args.window, "time_scale": s,
                            "config": "llama2-7b-pd-a100 (2 PREFILL + 2 DECODE, simulated A100 engines)",
                            "router": "least_outstanding", "slo": f"ttft {SLO_TTFT_S} s, tpot {SLO_TPOT_S} s",

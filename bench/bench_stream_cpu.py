@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.loadgen import rotated, sole_ingress
+from bench.loadgen import on_local_cluster, rotated, sole_ingress
 from scheduler.telemetry.report import write_json
 
 
@@ -121,14 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
-    from scheduler.config.load import load_config
-    from scheduler.control.cluster import start_local_cluster
-
-    cluster = start_local_cluster(load_config(args.config))
-    try:
-        res = asyncio.run(bench(cluster, args))
-    finally:
-        cluster.shutdown()
+    res = on_local_cluster(args.config, bench, args)
     print(f"medians over {args.rounds} rounds, {args.tokens} tokens per stream ({args.config}):")
     for s in ("1", "2"):
         d, r = res["median"]["direct"][s], res["median"]["ray_calls"][s]

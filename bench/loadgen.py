@@ -411,6 +411,19 @@ class Stack:
                 self.runtime.shutdown()
 
 
+def on_local_cluster(config_path: Any, bench: Any, args: Any) -> Any:
+    """``asyncio.run(bench(cluster, args))`` on a local cluster of the config at ``config_path`` (its own
+    backends, e.g. vLLM-CPU), shut down after: the live vLLM benches' set-up."""
+    from scheduler.config.load import load_config
+    from scheduler.control.cluster import start_local_cluster
+
+    cluster = start_local_cluster(load_config(config_path))
+    try:
+        return asyncio.run(bench(cluster, args))
+    finally:
+        cluster.shutdown()
+
+
 def start_stack(config: Any, *, time_scale: float, fake_gpus: int = 0, seed: int = 0) -> Stack:
     """Start Ray here (unless running) and deploy ``config`` with the simulated backend. Call outside a loop."""
     import ray

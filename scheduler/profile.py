@@ -256,8 +256,6 @@ def latency_from_profile(path: str | Path, model: ModelSpec, gpu: GPUSpec, tp: i
     """The simulator's LatencyModel from a profile JSON written by ``llmsched profile``."""
     p = json.loads(Path(path).read_text())
     g = p["gemm_s_per_token"]
-    gemm = GemmTable((1, 16384), (g, g * 16384), source=f"profile:{path}")
-    attn_prefill = p["attn_prefill_s_per_pair"]
     table = [(int(n), float(t)) for n, t in p.get("prefill_table") or () if int(n) > DECODE_BATCH_MAX]
     if table:
         # Decode batches (up to DECODE_BATCH_MAX) keep the fitted per-token cost; steps with a prompt chunk read
@@ -267,6 +265,9 @@ def latency_from_profile(path: str | Path, model: ModelSpec, gpu: GPUSpec, tp: i
         gemm = GemmTable((1, b, *(n for n, _ in table)), (g, g * b, *(t for _, t in table)),
                          source=f"profile:{path} (prefill table)")
         attn_prefill = 0.0
+    else:  # a profile written before the table
+        gemm = GemmTable((1, 16384), (g, g * 16384), source=f"profile:{path}")
+        attn_prefill = p["attn_prefill_s_per_pair"]
     return LatencyModel(model, gpu, tp, p["overhead_s"], attn_prefill, p["attn_decode_s_per_token"],
                         gemm, source=f"profile:{Path(path).name}", per_seq_s=p.get("per_seq_s", 0.0),
                         request_latency_s=p.get("request_latency_s", 0.0), handoff_s=p.get("handoff_s"),

@@ -289,16 +289,18 @@ class Controller:
     # Work in progress that must survive a restart, as JSON in Ray's internal KV under llmsched/<cluster>/<name>.
     _KV_NAMES = ("desired", "draining", "switching")
 
+    def _kv_key(self, name: str) -> bytes:
+        return f"llmsched/{self.cluster}/{name}".encode()
+
     def _kv_put(self, name: str, value: Any) -> None:
         from ray.experimental import internal_kv
 
-        internal_kv._internal_kv_put(f"llmsched/{self.cluster}/{name}".encode(), json.dumps(value), overwrite=True,
-                                     namespace=self.namespace)
+        internal_kv._internal_kv_put(self._kv_key(name), json.dumps(value), overwrite=True, namespace=self.namespace)
 
     def _kv_get(self, name: str) -> Any:
         from ray.experimental import internal_kv
 
-        raw = internal_kv._internal_kv_get(f"llmsched/{self.cluster}/{name}".encode(), namespace=self.namespace)
+        raw = internal_kv._internal_kv_get(self._kv_key(name), namespace=self.namespace)
         return json.loads(raw) if raw else None
 
     def _save_draining(self) -> None:
@@ -674,7 +676,7 @@ class Controller:
         from ray.experimental import internal_kv
 
         for name in self._KV_NAMES:
-            internal_kv._internal_kv_del(f"llmsched/{self.cluster}/{name}".encode(), namespace=self.namespace)
+            internal_kv._internal_kv_del(self._kv_key(name), namespace=self.namespace)
 
 
 async def _await(ref: Any) -> Any:
