@@ -300,6 +300,44 @@ def test_burst_against_bounded_inflight() -> None:
     assert rejected == len(rejections)
 
 
+class SlowCancelEcho(CountingEcho):
+    """Counting echo whose cancel takes a while (a real ingress asks the instance actor)."""
+
+    async def cancel(self, request_id: str) -> bool:
+        await asyncio.sleep(0.3)
+        return await super().cancel(request_id)
+
+
+def test_slot_is_held_until_the_ingress_stream_is_closed() -> None:
+    """A client that hangs up mid-stream: its slot comes back only after the ingress stream is closed.
+
+    Regression: the gRPC server gave the slot back before awaiting ``ingress.cancel``, so a new request of the same
+    priority reached the ingress while the old stream was still open (CI saw 4 streams of a priority capped at 3).
+    """
+    limiter = InflightLimiter({0: 1}, max_total=4, retry_after_s=0.1)
+
+    async def main(address: str) -> tuple[str, str]:
+        async with AsyncClient(address, retries=0) as c:
+            async for _ in c.stream([1, 2], max_tokens=500):
+                break  # leaving the loop cancels the call: the server cancels the request in the ingress (0.3 s)
+            await asyncio.sleep(0.05)
+            try:
+                await c.generate([3], max_tokens=2)
+                during = "ok"
+            except ResourceExhausted:
+                during = "rejected"
+            await asyncio.sleep(0.6)
+            after = "ok" if (await c.generate([4], max_tokens=2)).token_ids == [4, 4] else "wrong"
+        return during, after
+
+    with BackgroundServer(lambda: SlowCancelEcho(token_delay_s=0.01), limiter=limiter) as s:
+        during, after = asyncio.run(main(s.address))
+        ingress = s.ingress
+    assert ingress.peak[0] == 1, ingress.peak  # never two streams of priority 0 in the ingress
+    assert (during, after) == ("rejected", "ok")
+    assert limiter.in_flight == 0
+
+
 def test_http_burst_429_and_slots_released() -> None:
     limiter = InflightLimiter({0: 2}, default_limit=1, max_total=3, retry_after_s=1.5)
     ingress = CountingEcho(token_delay_s=0.002)

@@ -9,19 +9,37 @@ load. (The ingress' own ``AdmissionPolicy`` still applies behind this, with the 
     limiter = InflightLimiter(limits={0: 64, 1: 256}, default_limit=64, max_total=512)
     slot = limiter.acquire(priority)     # raises Overloaded(field="priority") when full
     ...
+    await close_stream(stream)           # the ingress stream first: the slot bounds what is open there
     slot.release()                       # idempotent
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from scheduler.control.api import Overloaded
 
 if TYPE_CHECKING:
     from scheduler.config.models import ClusterConfig
+
+logger = logging.getLogger(__name__)
+
+
+async def close_stream(stream: AsyncIterator[Any], request_id: str = "") -> None:
+    """Close an ingress stream now (its ``finally`` runs before the slot is given back, not at garbage collection).
+
+    Never raises: it runs in the servers' clean-up paths, also while their task is being cancelled.
+    """
+    aclose = getattr(stream, "aclose", None)  # an AsyncIterator may be a plain iterator object
+    if aclose is not None:
+        try:
+            await aclose()
+        except (Exception, asyncio.CancelledError):
+            logger.debug("closing the ingress stream of %s failed", request_id, exc_info=True)
 
 
 class Slot:

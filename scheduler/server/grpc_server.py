@@ -39,7 +39,7 @@ from scheduler._proto.llmsched.v1 import admin_pb2, inference_pb2
 from scheduler.control.api import IngressAPI, IngressError, InvalidRequest, NotFound, Overloaded, Unavailable
 from scheduler.core.types import InstanceRole
 from scheduler.engine.base import TokenChunk
-from scheduler.server.admission import InflightLimiter, Slot
+from scheduler.server.admission import InflightLimiter, Slot, close_stream
 from scheduler.server.auth import ADMIN_SERVICE, INFERENCE_SERVICE, AuthConfig, TokenAuthInterceptor
 
 # NOTE: the proto conversions live in convert.py; re-exported as this module's public names.
@@ -184,6 +184,11 @@ class InferenceServicer:
                         ids, index, text = ids[skip:], index + skip, ""
                         if not ids and not chunk.finished:
                             continue
+                    if chunk.finished:
+                        # NOTE: before the yield: a client that hangs up on its last chunk cancels us at the yield,
+                        # and the request has finished in the ingress all the same (nothing to cancel there).
+                        finished = True
+                        status = request_status_of_finish(chunk.finish_reason)
                     yield chunk_cls(
                         request_id=request_id,
                         index=index,
@@ -193,9 +198,7 @@ class InferenceServicer:
                         finish_reason=(chunk.finish_reason or "") if chunk.finished else "",
                         instance_id=instance_id,
                     )
-                    if chunk.finished:
-                        finished = True
-                        status = request_status_of_finish(chunk.finish_reason)
+                    if finished:
                         break
             except (IngressError, NotImplementedError) as e:
                 status = self._on_error(e, request_id, started, priority)
@@ -210,22 +213,22 @@ class InferenceServicer:
                 status = RequestStatus.FAILED
                 await _abort(context, e)
         finally:
-            if slot is not None:
-                slot.release()
-            if started:
-                rec.on_finish(request_id, status=status, output_tokens=n_tokens, instance_id=last_instance)
-            span.set_attribute("llmsched.output_tokens", n_tokens)
-            set_outcome(span, ok=status is RequestStatus.FINISHED, status=status.value)
-            span.end()
-            if stream is not None:
-                if not finished:
-                    await self._cancel_in_background(request_id)
-                aclose = getattr(stream, "aclose", None)  # AsyncIterator may be a plain iterator object
-                if aclose is not None:
-                    try:
-                        await aclose()
-                    except (Exception, asyncio.CancelledError):
-                        logger.debug("closing the ingress stream of %s failed", request_id, exc_info=True)
+            try:
+                if started:
+                    rec.on_finish(request_id, status=status, output_tokens=n_tokens, instance_id=last_instance)
+                span.set_attribute("llmsched.output_tokens", n_tokens)
+                set_outcome(span, ok=status is RequestStatus.FINISHED, status=status.value)
+                span.end()
+                if stream is not None:
+                    if not finished:
+                        await self._cancel_in_background(request_id)
+                    await close_stream(stream, request_id)
+            finally:
+                # NOTE: the slot bounds the streams open in the ingress, so it is given back only once this one is
+                # closed (a client that hangs up after its last token made the cancel above yield with the slot
+                # already free, and a fourth stream of a priority capped at 3 reached the ingress).
+                if slot is not None:
+                    slot.release()
 
     def _on_error(self, e: BaseException, request_id: str, started: bool, priority: int) -> RequestStatus:
         """Record an error that ends a Generate call; returns the request status for the span/finish."""

@@ -41,7 +41,7 @@ from scheduler.control.api import (
     Unavailable,
 )
 from scheduler.engine.base import SamplingParams, TokenChunk
-from scheduler.server.admission import InflightLimiter, Slot
+from scheduler.server.admission import InflightLimiter, Slot, close_stream
 from scheduler.server.auth import AuthConfig, http_check
 from scheduler.server.validate import (
     HTTP_FIELDS,
@@ -412,6 +412,7 @@ class _Scope:
         self.n_tokens = 0
         self.last_instance = ""
         self.done = False  # the ingress stream reached its end (no cancel needed)
+        self.stream: AsyncIterator[TokenChunk] | None = None  # the ingress stream, once generate was called
         self._ended = False
 
     def admit(self) -> None:
@@ -446,6 +447,17 @@ class _Scope:
         err.recorded = True
         return err
 
+    async def close(self) -> None:
+        """End the request: cancel it in the ingress if unfinished, close its stream, then :meth:`end`."""
+        try:
+            if not self.done:  # the client went away (cancelled task) or the stream broke: free the engine
+                self.done = True
+                await _cancel_quietly(self.deps.ingress, self.g.request_id)
+            if self.stream is not None:
+                await close_stream(self.stream, self.g.request_id)
+        finally:
+            self.end()  # NOTE: after the close: the slot bounds the streams open in the ingress
+
     def end(self) -> None:
         if self._ended:
             return
@@ -476,11 +488,7 @@ class _ScopedStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            s = self._scope
-            if not s.done:
-                s.done = True
-                await _cancel_quietly(s.deps.ingress, s.g.request_id)
-            s.end()
+            await self._scope.close()
 
 
 async def _respond(
@@ -493,16 +501,14 @@ async def _respond(
         with deps.tracing.activate(sc.span):
             try:
                 sc.admit()
-                chunks = ingress.generate(g)
+                chunks = sc.stream = ingress.generate(g)
                 first = await anext(aiter(chunks))  # errors before the first chunk become a proper HTTP status
             except IngressError as e:
                 raise sc.fail(e) from None
             except StopAsyncIteration:
                 first = TokenChunk(g.request_id, 0, (), finished=True, finish_reason="error: empty stream")
                 chunks = _empty()
-            except asyncio.CancelledError:  # client went away before the first token: free the engine
-                await _cancel_quietly(ingress, g.request_id)
-                sc.done = True
+            except asyncio.CancelledError:  # client went away before the first token: close() frees the engine
                 raise
             sc.chunk(first)
             created = int(time.time())
@@ -534,12 +540,9 @@ async def _respond(
                 sc.status = RequestStatus.FINISHED
             except IngressError as e:
                 raise sc.fail(e) from None
-            finally:
-                if not sc.done:  # the client went away (cancelled task) or the stream broke: free the engine
-                    await _cancel_quietly(ingress, g.request_id)
     finally:
         if not handed_off:
-            sc.end()
+            await sc.close()
     prompt_tokens = len(g.prompt_token_ids or ())
     usage = {
         "prompt_tokens": prompt_tokens,
@@ -627,7 +630,4 @@ async def _sse_stream(
     except IngressError as e:
         err = sc.fail(e)
         yield _sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": None}})
-    finally:
-        if not sc.done:
-            sc.done = True
-            await _cancel_quietly(sc.deps.ingress, sc.g.request_id)
+    # NOTE: no clean-up here: _ScopedStreamingResponse closes the scope however the response ends.
