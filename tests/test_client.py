@@ -56,13 +56,27 @@ def _chunk(index: int, ids: list[int], finished: bool = False) -> inference_pb2.
 
 
 def test_stream_state_drops_replayed_indices_and_trims_overlap() -> None:
+    def seen(chunks):  # type: ignore[no-untyped-def]
+        return [(c.index, c.token_ids, c.text, c.finished) for c in chunks]
+
     st = StreamState("r")
-    assert st.accept(_chunk(0, [1, 2])).token_ids == (1, 2)
-    assert st.accept(_chunk(0, [1])) is None  # pure duplicate after a retry
-    trimmed = st.accept(_chunk(1, [2, 3, 4]))
-    assert (trimmed.index, trimmed.token_ids) == (2, (3, 4))
+    assert seen(st.accept(_chunk(0, [1, 2]))) == [(0, (1,), "", False), (1, (2,), "", False)]
+    assert st.accept(_chunk(0, [1])) == ()  # pure duplicate after a retry
+    assert seen(st.accept(_chunk(1, [2, 3, 4]))) == [(2, (3,), "", False), (3, (4,), "", False)]  # overlap trimmed
     last = st.accept(_chunk(4, [], finished=True))
-    assert last.finished and last.finish_reason == "length" and st.next_index == 4
+    assert seen(last) == [(4, (), "", True)] and last[0].finish_reason == "length" and st.next_index == 4
+
+
+def test_stream_state_yields_one_chunk_per_token() -> None:
+    """A message carrying several tokens (one ingress poll) becomes one chunk per token: ``index`` is the
+    token's index; the text rides on the first; the last carries ``finished``."""
+    st = StreamState("r")
+    msg = inference_pb2.GenerateChunk(request_id="r", index=0, token_ids=[5, 6, 7], text="abc", finished=True,
+                                      finish_reason="stop", instance_id="d0")
+    out = st.accept(msg)
+    assert [(c.index, c.token_ids, c.text) for c in out] == [(0, (5,), "abc"), (1, (6,), ""), (2, (7,), "")]
+    assert [c.finished for c in out] == [False, False, True] and out[-1].finish_reason == "stop"
+    assert {c.instance_id for c in out} == {"d0"} and st.finished and st.next_index == 3
 
 
 def test_stream_state_detects_gap() -> None:

@@ -184,8 +184,10 @@ class StreamState:
         self.started = time.perf_counter()
         self.attempts = 0
 
-    def accept(self, msg: inference_pb2.GenerateChunk) -> StreamChunk | None:
-        """The chunk to hand to the caller (trimmed on overlap), or None for a pure duplicate.
+    def accept(self, msg: inference_pb2.GenerateChunk) -> tuple[StreamChunk, ...]:
+        """The chunks to hand to the caller: one per new token, so ``chunk.index`` is that token's sequence index
+        (the server batches the tokens of one poll into one message); empty for a pure duplicate. A message that
+        finishes the stream without new tokens becomes one empty finished chunk.
 
         Raises:
             StreamGap: the server skipped indices.
@@ -201,19 +203,21 @@ class StreamState:
         if index < self.next_index:  # a replay after a retry: keep only the new tail
             skip = self.next_index - index
             if skip >= len(ids) and not msg.finished:
-                return None
+                return ()
             ids, index, text = ids[skip:], self.next_index, ""
         self.next_index = index + len(ids)
         self.finished = msg.finished
-        return StreamChunk(
-            request_id=msg.request_id or self.request_id,
-            index=index,
-            token_ids=ids,
-            text=text,
-            finished=msg.finished,
-            finish_reason=msg.finish_reason or None if msg.finished else None,
-            instance_id=msg.instance_id,
-            arrival_s=time.perf_counter() - self.started,
+        rid = msg.request_id or self.request_id
+        reason = msg.finish_reason or None if msg.finished else None
+        now = time.perf_counter() - self.started
+        if len(ids) <= 1:
+            return (StreamChunk(rid, index, ids, text, msg.finished, reason, msg.instance_id, now),)
+        # The message's text belongs to its tokens together (detokenized as a run): it rides on the first one.
+        last = len(ids) - 1
+        return tuple(
+            StreamChunk(rid, index + k, (t,), text if k == 0 else "", msg.finished and k == last,
+                        reason if k == last else None, msg.instance_id, now)
+            for k, t in enumerate(ids)
         )
 
 

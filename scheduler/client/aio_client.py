@@ -171,8 +171,7 @@ class AsyncClient:
                 call = self._inference.Generate(req, timeout=c.remaining(deadline), metadata=md)
                 try:
                     async for msg in call:
-                        chunk = state.accept(msg)
-                        if chunk is not None:
+                        for chunk in state.accept(msg):
                             yield chunk
                         if state.finished:
                             return

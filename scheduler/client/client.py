@@ -152,8 +152,7 @@ class Client:
                 call = self._inference.Generate(req, timeout=c.remaining(deadline), metadata=md)
                 try:
                     for msg in call:
-                        chunk = state.accept(msg)
-                        if chunk is not None:
+                        for chunk in state.accept(msg):
                             yield chunk
                         if state.finished:
                             return

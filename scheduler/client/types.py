@@ -11,8 +11,12 @@ from scheduler.core.types import InstanceRole
 
 @dataclass(frozen=True, slots=True)
 class StreamChunk:
-    """New tokens of one request. ``index`` is the sequence index of ``token_ids[0]``; indices are contiguous
-    from 0 across retries, P->D handoffs and migrations (``instance_id`` may change, the index never repeats)."""
+    """One new token of a request (``token_ids`` holds it; a last chunk that only says ``finished`` holds none).
+
+    ``index`` is the token's sequence index: 0, 1, 2, ... with no gap or repeat across retries, P->D handoffs and
+    migrations (``instance_id`` may change, the index never repeats). ``text`` is the detokenized text of the
+    tokens that reached the client together, carried by the first of them (joining every chunk's text gives the
+    whole output)."""
 
     request_id: str
     index: int
