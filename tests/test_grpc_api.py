@@ -212,9 +212,21 @@ def test_bad_request_names_field_and_server_keeps_serving(channel, name: str) ->
 
 
 def test_oversize_payload_is_resource_exhausted(channel) -> None:  # type: ignore[no-untyped-def]
+    """Over the server's limit (256 KiB here): RESOURCE_EXHAUSTED naming ``prompt``, no retry-after (a retry cannot
+    help); past grpc's transport limit (twice that) grpc's own RESOURCE_EXHAUSTED. The server keeps serving."""
     req = inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=[123456] * 100_000))
-    assert req.ByteSize() > 256 * 1024
-    code, details, _ = raw_generate(channel, req.SerializeToString())
+    assert 256 * 1024 < req.ByteSize() < 2 * 256 * 1024
+    call = channel.unary_stream(GENERATE, request_serializer=None,
+                                response_deserializer=inference_pb2.GenerateChunk.FromString)
+    with pytest.raises(grpc.RpcError) as info:
+        list(call(req.SerializeToString(), timeout=5))
+    err = info.value
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and err.details().startswith("prompt:"), err.details()
+    md = dict(err.trailing_metadata())
+    assert md.get("llmsched-field") == "prompt" and "retry-after" not in md, md
+    huge = inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=[123456] * 200_000))
+    assert huge.ByteSize() > 2 * 256 * 1024
+    code, details, _ = raw_generate(channel, huge.SerializeToString())
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
     assert_still_serving(channel)
 

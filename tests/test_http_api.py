@@ -112,7 +112,8 @@ def test_bad_json_and_oversize(srv) -> None:  # type: ignore[no-untyped-def]
     status, _, payload = request(srv, "POST", "/v1/completions", raw=b"{nope")
     assert status == 400 and json.loads(payload)["error"]["type"] == "invalid_request_error"
     status, _, payload = request(srv, "POST", "/v1/completions", {"prompt": "x" * 100_000})
-    assert status == 413 and "exceeds" in json.loads(payload)["error"]["message"]
+    err = json.loads(payload)["error"]
+    assert status == 413 and "exceeds" in err["message"] and err["param"] == "prompt", err
     assert request(srv, "POST", "/v1/completions", {"prompt": "ok", "max_tokens": 1})[0] == 200
 
 

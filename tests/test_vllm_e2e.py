@@ -99,7 +99,7 @@ def test_pd_output_identical_to_colocated_and_decode_does_not_recompute(stack, h
         ({"prompt": [1, 2, -3]}, "INVALID_ARGUMENT", "token"),
         ({"prompt": "hello", "max_tokens": 5000}, "INVALID_ARGUMENT", "max_tokens"),
         ({"prompt": "hello", "model": "no-such-model"}, "INVALID_ARGUMENT", "model"),
-        ({"prompt": "x" * (5 * 2**20)}, "RESOURCE_EXHAUSTED", ""),
+        ({"prompt": "x" * (5 * 2**20)}, "RESOURCE_EXHAUSTED", "prompt"),
     ],
 )
 def test_bad_requests_get_clear_status_and_server_keeps_serving(stack, kwargs, code, field) -> None:

@@ -26,6 +26,10 @@ class InvalidRequest(IngressError):  # -> INVALID_ARGUMENT / HTTP 400
     pass
 
 
+class TooLarge(InvalidRequest):  # -> RESOURCE_EXHAUSTED (no retry-after: a retry cannot help) / HTTP 413
+    pass
+
+
 class NotFound(IngressError):  # -> NOT_FOUND / HTTP 404
     pass
 

@@ -10,7 +10,8 @@
 Requests are deserialized *inside* the handlers (the method handlers take raw bytes) so that a malformed payload is
 INVALID_ARGUMENT naming the message rather than grpc's generic INTERNAL "Exception deserializing request", and so
 that a GenerateRequest carrying both prompt forms on the wire (protobuf's oneof would silently keep the last) is
-rejected. Oversize payloads never reach us: grpc answers RESOURCE_EXHAUSTED (``max_receive_message_length``).
+rejected. An oversize payload (over ``max_message_bytes``) is RESOURCE_EXHAUSTED naming ``prompt``; grpc's transport
+limit sits at twice that, so only a payload past it gets grpc's own generic RESOURCE_EXHAUSTED.
 
 Error mapping (also the HTTP server's, see ``http_server.py``): ``InvalidRequest`` -> INVALID_ARGUMENT,
 ``NotFound`` -> NOT_FOUND, ``Overloaded`` -> RESOURCE_EXHAUSTED + ``retry-after`` trailing metadata,
@@ -36,7 +37,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from scheduler._proto.llmsched.v1 import admin_pb2, inference_pb2
-from scheduler.control.api import IngressAPI, IngressError, InvalidRequest, NotFound, Overloaded, Unavailable
+from scheduler.control.api import (
+    IngressAPI,
+    IngressError,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    TooLarge,
+    Unavailable,
+)
 from scheduler.core.types import InstanceRole
 from scheduler.engine.base import TokenChunk
 from scheduler.server.admission import InflightLimiter, Slot, close_stream
@@ -58,6 +67,9 @@ from scheduler.telemetry.tracing import SpanKind, Stage, Tracing, set_outcome
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# grpc's own receive limit is this multiple of ``max_message_bytes``: a payload between the two reaches the handler,
+# which answers naming the field (grpc's built-in answer names none). Bounds a request's memory at 2x the limit.
+TRANSPORT_SLACK = 2
 FIELD_METADATA_KEY = "llmsched-field"
 RETRY_AFTER_METADATA_KEY = "retry-after"
 SERVICE_NAMES = (INFERENCE_SERVICE, ADMIN_SERVICE)
@@ -71,7 +83,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
     md: list[tuple[str, str]] = []
     if isinstance(exc, IngressError) and exc.field:
         md.append((FIELD_METADATA_KEY, exc.field))
-    if isinstance(exc, InvalidRequest):
+    if isinstance(exc, TooLarge):
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    elif isinstance(exc, InvalidRequest):
         code = grpc.StatusCode.INVALID_ARGUMENT
     elif isinstance(exc, NotFound):
         code = grpc.StatusCode.NOT_FOUND
@@ -101,11 +115,6 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
 _GRPC_SPAN_ATTRS = {"rpc.system": "grpc", "rpc.service": INFERENCE_SERVICE, "rpc.method": "Generate"}
 
 
-
-
-
-
-
 class InferenceServicer:
     """``llmsched.v1.Inference``: Generate (server streaming) and Cancel.
 
@@ -114,6 +123,7 @@ class InferenceServicer:
         recorder: metrics (request start / first token / finish / rejections); None = off.
         tracing: spans + W3C context from the ``traceparent`` metadata; None = the global OpenTelemetry provider.
         limiter: in-flight bound per priority (RESOURCE_EXHAUSTED + retry-after when full); None = unbounded.
+        max_message_bytes: a larger GenerateRequest is RESOURCE_EXHAUSTED naming ``prompt``.
     """
 
     def __init__(
@@ -123,8 +133,10 @@ class InferenceServicer:
         recorder: Recorder | None = None,
         tracing: Tracing | None = None,
         limiter: InflightLimiter | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._ingress = ingress
+        self._max_bytes = max_message_bytes
         self._rec: Recorder = recorder if recorder is not None else NULL_RECORDER
         self._tracing = tracing if tracing is not None else Tracing()
         self._limiter = limiter
@@ -148,6 +160,9 @@ class InferenceServicer:
         )
         try:
             try:
+                if len(raw) > self._max_bytes:
+                    raise TooLarge(f"prompt: the request is {len(raw)} bytes, over the server's limit of "
+                                   f"{self._max_bytes} bytes; send a shorter prompt", field="prompt")
                 msg = _parse(inference_pb2.GenerateRequest, raw)
                 remaining = context.time_remaining()
                 deadline_s = time.time() + remaining if remaining is not None else None
@@ -407,14 +422,15 @@ def build_server(
     """
     interceptors = [TokenAuthInterceptor(auth)] if auth is not None and auth.enabled else []
     options = [
-        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", TRANSPORT_SLACK * max_message_bytes),
         ("grpc.max_send_message_length", max(max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES)),
         ("grpc.so_reuseport", 0),  # NOTE: two servers silently sharing a port hides bugs (and test flakes)
         *extra_options,
     ]
     server = grpc.aio.server(interceptors=interceptors, options=options)
 
-    inference = InferenceServicer(ingress, recorder=recorder, tracing=tracing, limiter=limiter)
+    inference = InferenceServicer(ingress, recorder=recorder, tracing=tracing, limiter=limiter,
+                                  max_message_bytes=max_message_bytes)
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(

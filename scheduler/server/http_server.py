@@ -38,6 +38,7 @@ from scheduler.control.api import (
     InvalidRequest,
     NotFound,
     Overloaded,
+    TooLarge,
     Unavailable,
 )
 from scheduler.engine.base import SamplingParams, TokenChunk
@@ -132,6 +133,8 @@ def error_response(
 
 def http_error_for(exc: IngressError) -> HTTPError:
     """The HTTP status/type for an ingress error (mirror of the gRPC mapping)."""
+    if isinstance(exc, TooLarge):
+        return HTTPError(413, str(exc), param=exc.field)
     if isinstance(exc, InvalidRequest):
         return HTTPError(400, str(exc), param=exc.field)
     if isinstance(exc, NotFound):
@@ -183,7 +186,8 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
     async def _reject(self, scope: dict[str, Any], send: Any) -> None:
-        resp = error_response(413, f"request body exceeds {self.max_bytes} bytes", param=None)
+        resp = error_response(413, f"prompt: the request body exceeds the server's limit of {self.max_bytes} bytes; "
+                                   "send a shorter prompt", param="prompt")
         await resp(scope, None, send)  # type: ignore[arg-type]
 
 
