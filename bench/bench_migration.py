@@ -1,8 +1,8 @@
 """``llmsched bench migration``: live-migration downtime vs context length, against recompute and blocking copy.
 
-One local Ray cluster with two tiny-Llama vLLM-CPU instances (prefix caching off). For each context length, one
-unmigrated reference run, then ``--repeats`` runs of each mode, each migrating the request A -> B once after
-``--after`` tokens:
+One local Ray cluster with two tiny-Llama vLLM-CPU instances (prefix caching on, caches emptied before each run).
+For each context length, one unmigrated reference run, then ``--repeats`` runs of each mode, each migrating the
+request A -> B once after ``--after`` tokens:
 
 * ``live``      -- the multi-stage protocol (pre-copy while decoding, short stop-and-copy, commit);
 * ``blocking``  -- stop, copy all KV, commit (same driver, no pre-copy stage);

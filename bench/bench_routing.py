@@ -5,6 +5,8 @@
     python bench/bench_routing.py migration   # migration on/off under bursty load (cost included)
     python bench/bench_routing.py scaling --json docs/results/scaling.json   # autoscaling vs static provisioning
     python bench/bench_routing.py rerole --json docs/results/routing_rerole.json  # P/D re-roling vs static roles
+    python bench/bench_routing.py shed --json docs/results/routing_shed.json      # SLO shedding (lookahead_shed)
+    python bench/bench_routing.py shed_mooncake --json docs/results/routing_shed_mooncake.json
     python bench/bench_routing.py all --json docs/results/routing_studies.json
 
 Every number is a ratio against a baseline simulated in the same run, on the named trace and config.
@@ -144,6 +146,55 @@ def study_sweep() -> dict:
         best = min((v, r) for r, v in p99.items() if r != "round_robin")
         out["loads"][load] = {"ttft_p99_s": p99, "best": best[1], "rr_over_best": p99["round_robin"] / best[0],
                               "slo_attainment": {r: s["slo_attainment"] for r, s in row.items()}}
+    return out
+
+
+def study_shed(factors: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0), load: float = 0.8, *,
+               mooncake: bool = False) -> dict:
+    """SLO shedding: ``lookahead_shed`` at several ``shed_ttft_factor`` vs the dispatchers, 16 instances, at
+    ``load`` of saturation and as goodput (rejected requests count as SLO misses). Azure conversation trace on
+    ``default`` (Llama-2-7B), or with ``mooncake`` the Mooncake conversation trace on the long-context config."""
+    from scheduler.policy.route import make_router
+    from sim.commands import with_instances
+    from sim.goodput import goodput
+
+    if mooncake:
+        path, vendored = SHARED / "mooncake_fast25_conversation_trace.jsonl.gz", "mooncake_fast25_conversation_first1000"
+        config = str(Path(__file__).resolve().parents[1] / "scheduler/config/examples/llama3-8b-a100-16-longctx.yaml")
+        vendored += ".jsonl.gz"
+    else:
+        path, vendored, config = SHARED / "azure_llm_2023_conv.csv.gz", "azure_llm_2023_conv_first10min.csv.gz", "default"
+    trace = load_trace(path) if path.exists() else load_trace(DATA / vendored)
+    cfg = with_instances(load_config(config), 16)
+    w = Workload.from_trace(trace)
+    sat = saturation_rate(cfg, w)
+    wl = at_load(w, load, sat)
+    out: dict = {"trace": trace.name, "config": f"{cfg.name} x16", "load": load, "saturation_rps": sat,
+                 "routers": {}}
+
+    def one(name: str, make, with_goodput: bool = True) -> dict:
+        res = Simulator(cfg, router=make()).run(wl)
+        s = sim_summary(res)
+        m = request_metrics(res)
+        # P99 over every request, a rejected one counting as never served (inf): shedding cannot hide a miss.
+        ttft_all = np.where(res.rejected, np.inf, m.ttft_s)
+        row = {"slo_attainment": s["slo_attainment"], "rejected_fraction": float(res.rejected.mean()),
+               "ttft_p99_served_s": s["ttft_s"]["p99"], "ttft_p99_all_s": float(np.percentile(ttft_all, 99, method="higher")),
+               "ttft_p90_served_s": s["ttft_s"]["p90"], "tpot_p90_s": s["tpot_s"]["p90"]}
+        if with_goodput:
+            row["goodput_rps"] = goodput(cfg, wl, make, target=0.9, lo=0.05, hi=8.0, iters=6).goodput_rps
+        out["routers"][name] = row
+        print(name, json.dumps(row), flush=True)
+        return row
+
+    one("round_robin", router_factory("round_robin", cfg), with_goodput=False)
+    for name in ("least_outstanding", "llumnix", "lookahead"):
+        one(name, router_factory(name, cfg))
+    for f in factors:
+        one(f"lookahead_shed@{f:g}", lambda f=f: make_router("lookahead_shed", config=cfg, shed_ttft_factor=f))
+    r = out["routers"]
+    base = max(r[n]["goodput_rps"] for n in ("least_outstanding", "llumnix"))
+    out["goodput_over_best_dispatcher"] = {n: v["goodput_rps"] / base for n, v in r.items() if "goodput_rps" in v}
     return out
 
 
@@ -336,7 +387,8 @@ def study_rerole(rate_scale: float = 1.5) -> dict:
 
 
 STUDIES = {"ir": study_ir, "predictor": study_predictor, "migration": study_migration, "sweep": study_sweep,
-           "scaling": study_scaling, "rerole": study_rerole}
+           "scaling": study_scaling, "rerole": study_rerole, "shed": study_shed,
+           "shed_mooncake": lambda: study_shed(mooncake=True)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,7 @@ def router_factory(name: str, config: ClusterConfig):
     model or the SLOs (``lookahead``) get them from the config."""
 
     def make():
-        if name == "lookahead":
+        if name in ("lookahead", "lookahead_shed"):
             return make_router(name, config=config)
         return make_router(name)
 

@@ -136,8 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-output", type=int, default=256)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--token", help="client token when the server requires auth")
+    p.add_argument("--config", default="default",
+                   help="cluster config whose class-0 SLOs score slo_attainment, as in llmsched simulate (default: "
+                        "%(default)s; use the served cluster's config)")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    from scheduler.config.load import ConfigError, load_config
+
+    try:
+        slo = load_config(args.config).slo_for(0)
+    except (ConfigError, OSError, ValueError) as e:
+        p.error(f"--config: {e}")
     trace = load_trace(args.trace, args.format) if args.trace else default_trace()
     if args.limit:
         trace = trace.head(args.limit)
@@ -146,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     pr, out = fit_lengths(trace.prompt_tokens, trace.output_tokens, args.max_model_len, args.max_output)
     res = asyncio.run(replay_async(args.target, trace.arrival_s, pr, out, name=trace.name, vocab=args.vocab,
                                    token=args.token))
-    s = res.summary()
+    s = res.summary(slo_ttft_s=slo.ttft_s or np.inf, slo_tpot_s=slo.tpot_s or np.inf)
+    s["slo"] = {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "config": args.config}
     s["clipped_prompts"] = int((pr < trace.prompt_tokens).sum())
     s["clipped_outputs"] = int((out < trace.output_tokens).sum())
     print_summaries({"live": s}, title=f"replay of {trace.name} ({len(pr)} req) against {args.target}")

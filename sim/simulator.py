@@ -321,7 +321,7 @@ class Simulator:
         inst.make_snapshot(now, detail=self._detail)
         self._view_one_changed = True
 
-    def _request_info(self, i: int, now: float, prompt: int, output: int) -> RequestInfo:
+    def _request_info(self, i: int, now: float, prompt: int, output: int, *, accepted: bool = False) -> RequestInfo:
         w = self.w
         return RequestInfo(
             request_id=str(i),
@@ -332,6 +332,7 @@ class Simulator:
             predicted_output_tokens=float(w.predicted_output[i]) if w.predicted_output is not None else None,
             hash_ids=tuple(w.hash_ids[i]) if w.hash_ids is not None and w.hash_ids[i] is not None else (),
             output_tokens=output,
+            accepted=accepted,
         )
 
     def _on_arrival(self, i: int, now: float, prompt: int, output: int) -> None:
@@ -471,8 +472,8 @@ class Simulator:
             return
         d = self.dec_of[i]
         if d < 0:  # routed to a PREFILL instance without a decode partner: decode where the router says now
-            decision = self.router.route(self._request_info(i, t, int(self.w.prompt_tokens[i]), output),
-                                         self._view_at(t))
+            decision = self.router.route(self._request_info(i, t, int(self.w.prompt_tokens[i]), output,
+                                                            accepted=True), self._view_at(t))
             if isinstance(decision, Rejected) or decision.decode_instance is None:
                 self.rejected[i] = True
                 return

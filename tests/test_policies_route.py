@@ -23,7 +23,7 @@ from scheduler.policy.routers_lookahead import LookaheadRouter, default_latency_
 from scheduler.policy.routers_smart import LlumnixRouter, MixingRouter, PowerOfTwoRouter, PrefixAffinityRouter
 
 M, P, D = InstanceRole.MIXED, InstanceRole.PREFILL, InstanceRole.DECODE
-SMART = ("power_of_two", "llumnix", "prefix_affinity", "mixing", "lookahead", "learned")
+SMART = ("power_of_two", "llumnix", "prefix_affinity", "mixing", "lookahead", "lookahead_shed", "learned")
 
 
 def snap(iid: str, role: InstanceRole = M, *, running: int = 0, waiting: int = 0, decoding: int | None = None,
@@ -147,6 +147,33 @@ def test_lookahead_prices_kv_pressure_and_slo() -> None:
     # A TTFT SLO it cannot meet is charged.
     tight = LookaheadRouter(lat, slo=SLO(ttft_s=1e-4))
     assert tight.estimate(req(800), free).slo_s > 0 == r.estimate(req(800), free).slo_s
+
+
+def test_lookahead_shed_refuses_only_new_low_priority_requests_facing_a_long_wait() -> None:
+    """``lookahead_shed``: Rejected (with the predicted wait as retry-after) when even the best instance's queue
+    is over ``shed_ttft_factor`` x the TTFT SLO; a long prompt on an idle cluster, an accepted request (recovery)
+    and a protected priority are always placed."""
+    from scheduler.core.types import SLO
+
+    lat = default_latency_model()
+    r = make_router("lookahead_shed", latency=lat, slo=SLO(ttft_s=2.0))
+    assert isinstance(r, LookaheadRouter) and r.shed_ttft_factor == 0.1
+    busy = view(snap("a", waiting=4, pending=60_000), snap("b", waiting=4, pending=50_000))
+    wait = min(r._terms(s).queue_s for s in busy.instances)
+    assert wait > 0.2  # the best queue's predicted wait is over 0.1 x 2 s
+    shed = r.route(req(200), busy)
+    assert isinstance(shed, Rejected) and "shed" in shed.reason and shed.retry_after_s == pytest.approx(wait)
+    assert isinstance(r.route(RequestInfo("r", 0.0, 200, 64, accepted=True), busy), RouteDecision)
+    assert isinstance(r.route(req(200, priority=1), busy), RouteDecision)
+    idle = view(snap("a"), snap("b"))
+    assert isinstance(r.route(req(30_000), idle), RouteDecision)  # its own prefill is long, but it waits for none
+    short = view(snap("a", waiting=1, pending=500), snap("b", waiting=1, pending=600))
+    assert max(r._terms(s).queue_s for s in short.instances) < 0.2
+    assert isinstance(r.route(req(200), short), RouteDecision)  # a short queue is waited for
+    # Off by default; a bad factor is refused.
+    assert isinstance(LookaheadRouter(lat, slo=SLO(ttft_s=2.0)).route(req(200), busy), RouteDecision)
+    with pytest.raises(ValueError, match="shed_ttft_factor"):
+        LookaheadRouter(lat, shed_ttft_factor=0.0)
 
 
 def test_lookahead_kv_headroom_does_not_depend_on_the_newcomers_predicted_length() -> None:

@@ -35,6 +35,34 @@ def test_simulate_default_writes_summary(tmp_path: Path) -> None:
     assert png.stat().st_size > 10_000
 
 
+def test_replay_writes_the_simulators_summary_keys_scored_with_the_configs_slos(tmp_path: Path, capsys) -> None:
+    """``llmsched replay`` over real gRPC (echo ingress): the simulator's summary keys; ``slo_attainment`` scored
+    with the config's SLOs (an unmeetable TTFT SLO gives 0, not the completed fraction); a bad --config is a clear
+    error."""
+    from scheduler.server.background import BackgroundServer
+    from scheduler.server.echo import EchoIngress
+
+    import yaml
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "scheduler/config/examples/tiny-cpu.yaml").read_text())
+    raw["slos"] = {0: {"ttft_s": 1e-6, "tpot_s": 10.0}}  # no request can meet it
+    cfg = tmp_path / "tight.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    with BackgroundServer(lambda: EchoIngress(token_delay_s=0.0005)) as srv:
+        out = tmp_path / "live.json"
+        args = ["replay", "--target", srv.address, "--limit", "6", "--rate-scale", "20", "--max-output", "8",
+                "--json", str(out)]
+        assert cli_main(args) == 0
+        s = json.loads(out.read_text())
+        assert SUMMARY_KEYS <= s.keys() and s["requests"] == s["completed"] == 6
+        assert s["slo_attainment"] == 1.0 and s["slo"]["ttft_s"] == 2.0  # the default config's SLOs, all met
+        assert cli_main([*args, "--config", str(cfg)]) == 0
+        assert json.loads(out.read_text())["slo_attainment"] == 0.0
+        with pytest.raises(SystemExit):
+            cli_main([*args, "--config", str(tmp_path / "missing.yaml")])
+    assert "--config" in capsys.readouterr().err
+
+
 def test_simulate_console_script_runs() -> None:
     r = subprocess.run([sys.executable, "-m", "scheduler.cli", "simulate", "--synthetic", "300", "--instances", "2",
                         "--router", "round_robin"], capture_output=True, text=True, timeout=120)

@@ -397,7 +397,8 @@ class Ingress:
                              retry_after_s=1.0)
         return RequestRecord(req.request_id, ids, sp, req.priority, req.length_hint)
 
-    def _route(self, rec: RequestRecord, *, exclude: frozenset[str] = frozenset()) -> RouteDecision:
+    def _route(self, rec: RequestRecord, *, exclude: frozenset[str] = frozenset(), accepted: bool = False
+               ) -> RouteDecision:
         view = self.view()
         if exclude:
             view = ClusterView(view.time_s, tuple(s for s in view.instances if s.instance_id not in exclude))
@@ -406,6 +407,7 @@ class Ingress:
         info = RequestInfo(
             rec.request_id, time.time(), len(rec.prompt_token_ids) + rec.next_index, max(rec.remaining_tokens, 1),
             priority=rec.priority, slo=rec.slo, predicted_output_tokens=rec.predicted_output_tokens,
+            accepted=accepted,
         )
         decision = self.router.route(info, view)
         if isinstance(decision, Rejected):
@@ -686,7 +688,7 @@ class Ingress:
         self._mark_dead(iid)
         if rec.recoveries > self.max_recoveries:
             raise Unavailable(f"request {rec.request_id} lost its instance {rec.recoveries} times")
-        return self._route(rec, exclude=frozenset({iid}))
+        return self._route(rec, exclude=frozenset({iid}), accepted=True)
 
     def _abort_quietly(self, iid: str, rid: str) -> None:
         m = self._members.get(iid)
@@ -760,7 +762,7 @@ class Ingress:
             return MigrationResult(request_id, src, destination or "", False, f"request is in phase {rec.phase.name}")
         if destination is None:
             try:
-                d = self._route(rec, exclude=frozenset({src}))
+                d = self._route(rec, exclude=frozenset({src}), accepted=True)
             except (Overloaded, Unavailable) as e:
                 return MigrationResult(request_id, src, "", False, f"no destination: {e}")
             destination = d.decode_instance or d.prefill_instance

@@ -86,6 +86,9 @@ class RequestInfo:
     hash_ids: tuple[int, ...] = ()
     tenant: str | None = None
     output_tokens: int | None = field(default=None, compare=False)
+    # Already accepted (a recovery after its instance died, a decode placement after its prefill): a router must
+    # place it and never shed it -- nothing accepted is lost.
+    accepted: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from scheduler.policy.pairing import (
 )
 from scheduler.policy.route import RouteDecision, RouteResult, register_router
 from scheduler.policy.routers_learned import LearnedRouter
-from scheduler.policy.routers_lookahead import LookaheadRouter
+from scheduler.policy.routers_lookahead import LookaheadRouter, SheddingLookaheadRouter
 
 
 # ---- power of two choices ---------------------------------------------------------------------------------------
@@ -231,5 +231,6 @@ class MixingRouter(PairingRouter):
         return RouteDecision(d.prefill_instance, d.decode_instance, f"{d.reason}; {self.classify(request)}")
 
 
-for _cls in (PowerOfTwoRouter, LlumnixRouter, PrefixAffinityRouter, MixingRouter, LookaheadRouter, LearnedRouter):
+for _cls in (PowerOfTwoRouter, LlumnixRouter, PrefixAffinityRouter, MixingRouter, LookaheadRouter,
+             SheddingLookaheadRouter, LearnedRouter):
     register_router(_cls)
