@@ -15,7 +15,8 @@ cores keep up), one request shape (256-token prompt, 64 output tokens, ``ignore_
      max_num_seqs``) -- what admission should converge to;
    - ``serve-default``: the limiter ``llmsched serve`` installs when no ``LLMSCHED_MAX_INFLIGHT*`` is set
      (``InflightLimiter()``: 256 per priority, 1024 total) -- what happens today out of the box;
-   - ``unbounded``: no limiter at all (only the ingress' ``max_in_flight`` of 4096).
+   - ``unbounded``: no limiter at all (only the ingress' ``max_in_flight`` of 4096);
+   - ``shed``: no limiter; the router is ``lookahead_shed`` (refuses what would wait too long for its prefill).
 
 Per phase: admitted vs rejected (every rejection must be RESOURCE_EXHAUSTED with a ``retry-after``), p99 TTFT and
 TPOT of *admitted* requests (an admitted request with no token by the hard stop counts as an infinite TTFT),
@@ -101,8 +102,9 @@ async def _await(ref: Any) -> Any:
     return await ref
 
 
-async def run_phase(stack: Stack, name: str, plan: LoadPlan, limiter: Any) -> tuple[list[Outcome], dict[str, Any]]:
-    await stack.start_front(limiter=limiter)
+async def run_phase(stack: Stack, name: str, plan: LoadPlan, limiter: Any, router: Any = None
+                    ) -> tuple[list[Outcome], dict[str, Any]]:
+    await stack.start_front(limiter=limiter, router=router)
     plan.target = stack.address
     await _wait_idle(stack)
     stats: dict[str, Any] = {"rss": [], "peak_registry": 0, "peak_in_flight": 0}
@@ -173,6 +175,7 @@ def summarize_phase(res: list[Outcome], stats: dict[str, Any], *, offered_rps: f
 
 
 async def run(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
+    from scheduler.policy.route import make_router
     from scheduler.server.admission import InflightLimiter
 
     k = args.instances * args.max_num_seqs
@@ -198,11 +201,13 @@ async def run(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     for phase in args.phases.split(","):
         limiter = {"bounded": lambda: InflightLimiter(default_limit=k, max_total=k),
                    "serve-default": lambda: InflightLimiter.for_config(stack.deployment.config),
-                   "unbounded": lambda: None}[phase]()
+                   "unbounded": lambda: None, "shed": lambda: None}[phase]()
+        # "shed": no server limit; the router refuses what would wait too long (SLO shedding, docs/routing.md).
+        router = make_router("lookahead_shed", config=stack.deployment.config) if phase == "shed" else None
         reqs = [RequestSpec(f"{phase}-{i}", float(t), PROMPT, OUTPUT) for i, t in enumerate(arrivals)]
         plan = LoadPlan("", reqs, token_seed=args.seed, timeout_s=args.phase_s + args.drain_s, retries=0,
                         stop_after_s=args.phase_s + args.drain_s, id_prefix=phase)
-        res, stats = await run_phase(stack, phase, plan, limiter)
+        res, stats = await run_phase(stack, phase, plan, limiter, router)
         limit = None if limiter is None else limiter.max_total
         out["phases"][phase] = summarize_phase(res, stats, offered_rps=len(reqs) / args.phase_s, slo_ttft=slo_ttft,
                                                slo_tpot=slo_tpot, limit=limit)
@@ -234,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity-s", type=float, default=12.0)
     p.add_argument("--phase-s", type=float, default=20.0)
     p.add_argument("--drain-s", type=float, default=20.0, help="after the arrivals, for admitted streams (hard stop)")
-    p.add_argument("--phases", default="bounded,serve-default", help="comma list of bounded,serve-default,unbounded")
+    p.add_argument("--phases", default="bounded,serve-default",
+                   help="comma list of bounded,serve-default,unbounded,shed")
     p.add_argument("--instances", type=int, default=2)
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--time-scale", type=float, default=4.0)

@@ -387,10 +387,11 @@ class Stack:
     def address(self) -> str:
         return f"127.0.0.1:{self.server.port}"
 
-    async def start_front(self, **server_kw: Any) -> None:
+    async def start_front(self, *, router: Any = None, **server_kw: Any) -> None:
+        """A fresh ingress (``router`` overrides the config's) and gRPC server (``server_kw``) on the cluster."""
         from scheduler.server.grpc_server import build_server
 
-        self.ingress = self.deployment.make_ingress(refresh_s=0.05)
+        self.ingress = self.deployment.make_ingress(refresh_s=0.05, **({"router": router} if router else {}))
         await self.ingress.start()
         self.server = build_server(self.ingress, port=0, **server_kw)
         await self.server.start()

@@ -47,7 +47,7 @@ def overload(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     out = tmp_path_factory.mktemp("overload") / "overload.json"
     bench_overload.main(["--capacity-s", "10", "--phase-s", "15", "--drain-s", "15", "--factor", "3",
-                         "--phases", "bounded,serve-default", "--json", str(out)])
+                         "--phases", "bounded,serve-default,shed", "--json", str(out)])
     return json.loads(Path(out).read_text())
 
 
@@ -75,3 +75,17 @@ def test_default_serve_admission_at_3x_capacity_keeps_admitted_within_slo(overlo
     assert d["lost"] == 0 and d["duplicated_tokens"] == 0  # nothing vanishes even here
     assert d["rejected"] > 0, "nothing was rejected at 3x capacity"
     assert d["admitted_ttft_p99_s"] <= d["slo_ttft_s"], d
+
+
+@pytest.mark.e2e
+def test_slo_shedding_router_at_3x_capacity_refuses_explicitly_and_keeps_admitted_within_slo(
+        overload: dict[str, Any]) -> None:
+    """No server limit, router ``lookahead_shed``: the router's refusals reach clients as RESOURCE_EXHAUSTED with a
+    retry-after, nothing admitted is lost, and what it admits meets the SLO at 3x capacity."""
+    d = overload["phases"]["shed"]
+    assert d["rejected"] > 0 and d["rejected"] == d["rejected_with_retry_after"], d
+    assert d["other_failures"] == {} and d["lost"] == 0 and d["open_at_hard_stop"] == 0, d
+    assert d["admitted"] + d["rejected"] == d["sent"] and d["duplicated_tokens"] == 0
+    assert d["admitted_ttft_p99_s"] <= d["slo_ttft_s"], d
+    assert d["admitted_tpot_p99_s"] <= d["slo_tpot_s"], d
+
