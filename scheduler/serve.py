@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 
 from scheduler.config.load import ConfigError, load_config
@@ -56,6 +57,15 @@ async def _serve(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     loop = asyncio.get_running_loop()
+    # SIGTERM/SIGINT from now on stop the server cleanly (exit 0), also while the engines are still starting:
+    # a signal then lets start-up finish, and the cluster is shut down instead of served (no leaked Ray workers).
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / platform
+            pass
+    print(f"llmsched starting {cfg.name} ({cfg.num_instances} instances)...", flush=True)
     # Ray start-up and engine creation block: keep them off the event loop.
     cluster = await loop.run_in_executor(
         None, lambda: start_local_cluster(cfg, fake_gpus_per_node=args.fake_gpus_per_node,
@@ -64,6 +74,9 @@ async def _serve(args: argparse.Namespace) -> int:
     ingress = cluster.ingress
     http_task = None
     try:
+        if stop.is_set():
+            print("llmsched: stopped while starting; shutting the cluster down", flush=True)
+            return 0
         recorder, tracing, limiter = _telemetry(cfg)
         ingress.recorder, ingress.tracing = recorder, tracing  # per-stage spans and instance gauges
         await ingress.start()
@@ -84,7 +97,7 @@ async def _serve(args: argparse.Namespace) -> int:
                   flush=True)
 
         await serve(ingress, port=args.port, host=args.host, auth=auth, on_started=started,
-                    grace_s=args.grace_s, **obs)
+                    grace_s=args.grace_s, stop=stop, **obs)
     finally:
         if http_task is not None:
             http_task.cancel()

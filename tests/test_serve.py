@@ -81,3 +81,28 @@ def test_serve_foreground_health_generate_and_sigterm(tmp_path: Path) -> None:
             proc.kill()
             raise
     assert rc == 0
+
+
+def test_serve_sigterm_while_starting_exits_0(tmp_path: Path) -> None:
+    """A SIGTERM before the server is up (engines still starting) lets start-up finish, shuts the cluster down and
+    exits 0, like one after it is up."""
+    port = _free_port()
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scheduler.cli", "serve", "--config", str(_simulated_config(tmp_path)),
+         "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # printed once the handlers are in place, before Ray starts
+        assert "starting" in first, first
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = proc.stdout.read() if proc.stdout else ""
+    assert rc == 0, out
+    assert "stopped while starting" in out and "serving" not in out.replace("stopped while starting", ""), out
+
