@@ -35,6 +35,15 @@ def _simulated_config(tmp_path: Path) -> Path:
     return path
 
 
+def _start_serve(tmp_path: Path, port: int) -> subprocess.Popen:
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    return subprocess.Popen(
+        [sys.executable, "-m", "scheduler.cli", "serve", "--config", str(_simulated_config(tmp_path)),
+         "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+
+
 def _wait_serving(addr: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
     deadline = time.time() + timeout_s
     with grpc.insecure_channel(addr) as ch:
@@ -52,12 +61,7 @@ def _wait_serving(addr: str, proc: subprocess.Popen, timeout_s: float = 120) -> 
 
 def test_serve_foreground_health_generate_and_sigterm(tmp_path: Path) -> None:
     port = _free_port()
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "scheduler.cli", "serve", "--config", str(_simulated_config(tmp_path)),
-         "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
+    proc = _start_serve(tmp_path, port)
     try:
         addr = f"127.0.0.1:{port}"
         _wait_serving(addr, proc)
@@ -87,12 +91,7 @@ def test_serve_sigterm_while_starting_exits_0(tmp_path: Path) -> None:
     """A SIGTERM before the server is up (engines still starting) lets start-up finish, shuts the cluster down and
     exits 0, like one after it is up."""
     port = _free_port()
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "scheduler.cli", "serve", "--config", str(_simulated_config(tmp_path)),
-         "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
+    proc = _start_serve(tmp_path, port)
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()  # printed once the handlers are in place, before Ray starts

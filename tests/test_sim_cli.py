@@ -39,10 +39,10 @@ def test_replay_writes_the_simulators_summary_keys_scored_with_the_configs_slos(
     """``llmsched replay`` over real gRPC (echo ingress): the simulator's summary keys; ``slo_attainment`` scored
     with the config's SLOs (an unmeetable TTFT SLO gives 0, not the completed fraction); a bad --config is a clear
     error."""
+    import yaml
+
     from scheduler.server.background import BackgroundServer
     from scheduler.server.echo import EchoIngress
-
-    import yaml
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "scheduler/config/examples/tiny-cpu.yaml").read_text())
     raw["slos"] = {0: {"ttft_s": 1e-6, "tpot_s": 10.0}}  # no request can meet it
