@@ -158,13 +158,12 @@ def study_shed(factors: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0), load: f
     from sim.commands import with_instances
     from sim.goodput import goodput
 
-    if mooncake:
-        path, vendored = SHARED / "mooncake_fast25_conversation_trace.jsonl.gz", "mooncake_fast25_conversation_first1000"
+    if mooncake:  # the full trace when ../shared is there, else the vendored slice
+        name, vendored = "mooncake_fast25_conversation_trace.jsonl.gz", "mooncake_fast25_conversation_first1000.jsonl.gz"
         config = str(Path(__file__).resolve().parents[1] / "scheduler/config/examples/llama3-8b-a100-16-longctx.yaml")
-        vendored += ".jsonl.gz"
     else:
-        path, vendored, config = SHARED / "azure_llm_2023_conv.csv.gz", "azure_llm_2023_conv_first10min.csv.gz", "default"
-    trace = load_trace(path) if path.exists() else load_trace(DATA / vendored)
+        name, vendored, config = "azure_llm_2023_conv.csv.gz", "azure_llm_2023_conv_first10min.csv.gz", "default"
+    trace = load_trace(SHARED / name) if (SHARED / name).exists() else load_trace(DATA / vendored)
     cfg = with_instances(load_config(config), 16)
     w = Workload.from_trace(trace)
     sat = saturation_rate(cfg, w)
@@ -179,7 +178,8 @@ def study_shed(factors: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0), load: f
         # P99 over every request, a rejected one counting as never served (inf): shedding cannot hide a miss.
         ttft_all = np.where(res.rejected, np.inf, m.ttft_s)
         row = {"slo_attainment": s["slo_attainment"], "rejected_fraction": float(res.rejected.mean()),
-               "ttft_p99_served_s": s["ttft_s"]["p99"], "ttft_p99_all_s": float(np.percentile(ttft_all, 99, method="higher")),
+               "ttft_p99_served_s": s["ttft_s"]["p99"],
+               "ttft_p99_all_s": float(np.percentile(ttft_all, 99, method="higher")),
                "ttft_p90_served_s": s["ttft_s"]["p90"], "tpot_p90_s": s["tpot_s"]["p90"]}
         if with_goodput:
             row["goodput_rps"] = goodput(cfg, wl, make, target=0.9, lo=0.05, hi=8.0, iters=6).goodput_rps

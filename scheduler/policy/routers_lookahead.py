@@ -52,10 +52,11 @@ Estimator (documented approximations; all times from ``LatencyModel``):
 
 SLO shedding (``shed_ttft_factor``; off by default, on in ``lookahead_shed``): when even at the chosen placement
 the predicted wait before the request's own prefill (the queued prompts there) exceeds ``shed_ttft_factor`` x its
-TTFT SLO, the request is rejected (``Rejected`` with a retry-after of that wait) instead of queued. Under a burst beyond capacity an FCFS queue makes every
-later request late; refusing the few that would miss anyway keeps the rest inside their SLO (goodput counts the
-refused ones as misses). Never for requests of priority >= ``shed_below_priority`` or already accepted
-(``RequestInfo.accepted``: recovery, decode placement after a prefill).
+TTFT SLO, the request is rejected (``Rejected`` with a retry-after of that wait) instead of queued. Under a burst
+beyond capacity an FCFS queue makes every later request late; refusing the few that would miss anyway keeps the
+rest inside their SLO (goodput counts the refused ones as misses). Never for requests of priority >=
+``shed_below_priority`` or already accepted (``RequestInfo.accepted``: recovery, decode placement after a
+prefill). The wait leaves out batch-slot waits (``max_num_seqs``; snapshots do not carry it).
 
 Disaggregated pairing is exact and linear: the cost splits into a prefill part (TTFT, transfer, harm_p and TTFT
 SLO) and a decode part, so the best pair is the best of each; MIXED prefill instances are also costed colocated
