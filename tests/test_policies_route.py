@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -174,6 +175,30 @@ def test_lookahead_shed_refuses_only_new_low_priority_requests_facing_a_long_wai
     assert isinstance(LookaheadRouter(lat, slo=SLO(ttft_s=2.0)).route(req(200), busy), RouteDecision)
     with pytest.raises(ValueError, match="shed_ttft_factor"):
         LookaheadRouter(lat, shed_ttft_factor=0.0)
+
+
+def test_lookahead_shed_counts_the_wait_for_a_batch_slot() -> None:
+    """With the config bound, the shed wait includes residents that must finish before a batch slot frees
+    (``max_num_seqs``): a full instance with no prompt queued still makes a newcomer wait."""
+    from scheduler.config.models import EngineSpec
+
+    cfg = ClusterConfig(name="t", gpus={"a100": GPUSpec(name="a100", memory_gib=80, fp16_tflops=312, hbm_gbps=2039)},
+                        model=ModelSpec(name="llama-2-7b", num_layers=32, hidden_size=4096, num_heads=32,
+                                        num_kv_heads=32, intermediate_size=11008, vocab_size=32000),
+                        pools=[PoolSpec(name="m", role="mixed", gpu="a100", count=2,
+                                        engine=EngineSpec(max_num_seqs=8))])
+    r = make_router("lookahead_shed", config=cfg)
+
+    def full(iid: str) -> InstanceSnapshot:  # 8 decoding with ~300 tokens to go, 4 queued: no slot, no prompt work
+        s = snap(iid, running=8, waiting=4, ctx=8 * 400, pred=8 * 300.0, used=400, total=100_000)
+        return dataclasses.replace(s, gpu="a100")
+
+    busy = view(full("a"), full("b"))
+    t = r._terms(busy.instances[0])
+    assert t.queue_s < 0.01 and r._admission_wait(r._request(req(200)), t) > 1.0
+    assert isinstance(r.route(req(200), busy), Rejected)
+    free = view(snap("a", running=2, ctx=800, pred=600.0), snap("b"))
+    assert isinstance(r.route(req(200), free), RouteDecision)
 
 
 def test_lookahead_kv_headroom_does_not_depend_on_the_newcomers_predicted_length() -> None:

@@ -51,12 +51,14 @@ Estimator (documented approximations; all times from ``LatencyModel``):
   SLO), plus ``miss_penalty_s`` per resident pushed over the default TPOT SLO by the newcomer.
 
 SLO shedding (``shed_ttft_factor``; off by default, on in ``lookahead_shed``): when even at the chosen placement
-the predicted wait before the request's own prefill (the queued prompts there) exceeds ``shed_ttft_factor`` x its
-TTFT SLO, the request is rejected (``Rejected`` with a retry-after of that wait) instead of queued. Under a burst
-beyond capacity an FCFS queue makes every later request late; refusing the few that would miss anyway keeps the
-rest inside their SLO (goodput counts the refused ones as misses). Never for requests of priority >=
+the predicted wait before the request's own prefill exceeds ``shed_ttft_factor`` x its TTFT SLO, the request is
+rejected (``Rejected`` with a retry-after of that wait) instead of queued. The wait: the queued prompts' prefill
+time plus, when the instance is out of batch slots (``max_num_seqs`` of the config's pool for its (gpu, tp)) or KV
+room, the residents that must finish first at its completion rate (``_admission_wait``). Under a burst beyond
+capacity an FCFS queue makes every later request late; refusing the few that would miss anyway keeps the rest
+inside their SLO (goodput counts the refused ones as misses). Never for requests of priority >=
 ``shed_below_priority`` or already accepted (``RequestInfo.accepted``: recovery, decode placement after a
-prefill). The wait leaves out batch-slot waits (``max_num_seqs``; snapshots do not carry it).
+prefill).
 
 Disaggregated pairing is exact and linear: the cost splits into a prefill part (TTFT, transfer, harm_p and TTFT
 SLO) and a decode part, so the best pair is the best of each; MIXED prefill instances are also costed colocated
@@ -365,11 +367,34 @@ class LookaheadRouter(PairingRouter):
             return decision
         snap = next(s for s in view.instances if s.instance_id == decision.prefill_instance)
         # NOTE: the wait before its own prefill, not the whole TTFT: a long prompt is never refused for its length.
-        wait = self._terms(snap).queue_s
+        t = self._terms(snap)
+        wait = t.queue_s + self._admission_wait(q, t)
         if wait > self.shed_ttft_factor * q.slo.ttft_s:
             return Rejected(f"shed: predicted wait {wait:.2f} s on {snap.instance_id} is over "
                             f"{self.shed_ttft_factor:g} x the {q.slo.ttft_s:g} s TTFT SLO", retry_after_s=wait)
         return decision
+
+    def _max_num_seqs(self, inst: InstanceSnapshot) -> int | None:
+        """The engine's batch-slot limit, from the bound config's pools of the instance's (gpu, tp); None unknown."""
+        if self.config is None:
+            return None
+        caps = [p.engine.max_num_seqs for p in self.config.pools if p.gpu == inst.gpu and p.tp == inst.tp]
+        return min(caps) if caps else None
+
+    def _admission_wait(self, q: _Req, t: _Terms) -> float:
+        """Before the newcomer is admitted at all: residents that must finish to free a batch slot (everything
+        running and queued ahead holds one) or KV room for the queue and its prompt, at the instance's completion
+        rate ``B / (mean remaining x step)``."""
+        snap = t.snap
+        B = snap.num_decoding
+        if not B:
+            return 0.0
+        seqs = self._max_num_seqs(snap)
+        need = max(snap.num_running + snap.num_waiting + 1 - seqs, 0) if seqs else 0
+        short = t.used + snap.prefill_tokens_pending + q.P - t.cap  # KV tokens missing
+        if short > 0:
+            need = max(need, math.ceil(short / max(snap.decode_context_tokens / B, 1.0)))
+        return need * t.r_avg * t.step_now / B
 
     def on_routed(self, request: RequestInfo, decision: RouteDecision) -> None:
         lat = self._lat_of_id.get(decision.prefill_instance)
