@@ -55,7 +55,7 @@ async def _one(ing: Any, rid: str, prompt: tuple[int, ...], n: int, after: int, 
     from scheduler.control.api import GenerateRequest
     from scheduler.engine.base import SamplingParams
 
-    arrivals: list[tuple[float, int, str]] = []  # (time, tokens so far, instance serving at arrival)
+    arrivals: list[tuple[float, int, str]] = []  # (time, tokens so far, instance that produced the chunk)
     tokens: list[int] = []
     res: list[Any] = []
 
@@ -70,8 +70,9 @@ async def _one(ing: Any, rid: str, prompt: tuple[int, ...], n: int, after: int, 
     req = GenerateRequest(rid, prompt_token_ids=prompt, sampling=SamplingParams(max_tokens=n, ignore_eos=True))
     async for c in ing.generate(req):
         if c.token_ids:
-            rec = ing.registry.get(rid)
-            arrivals.append((time.perf_counter(), len(tokens), rec.instances[-1] if rec else ""))
+            # The chunk's own instance_id (stamped by the control plane), not the registry at arrival time: a
+            # chunk from A that arrives after the commit must still count as A's.
+            arrivals.append((time.perf_counter(), len(tokens), c.instance_id))
             tokens.extend(c.token_ids)
     if task is not None:
         await task
