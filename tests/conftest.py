@@ -23,6 +23,20 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
+# The end-to-end tests ``importorskip`` these so a developer without them still runs the rest; in CI a missing one
+# would turn the real-Ray / real-vLLM tests into silent skips, so there it is an error.
+CI_REQUIRED = ("ray", "vllm", "torch", "transformers")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import importlib.util
+
+    if os.environ.get("CI"):
+        missing = [m for m in CI_REQUIRED if importlib.util.find_spec(m) is None]
+        if missing:
+            raise pytest.UsageError(f"CI runs the end-to-end tests, but {', '.join(missing)} is not installed "
+                                    "(scripts/setup.sh installs it)")
+
 T = TypeVar("T")
 
 FAKE_GPU_TYPES = ("h100", "a100")
