@@ -149,11 +149,16 @@ def study_sweep() -> dict:
     return out
 
 
-def study_shed(factors: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0), load: float = 0.8, *,
+# (ttft factor, tpot factor) variants of lookahead_shed; the first is its default. None: that rule off.
+SHED_VARIANTS = ((0.1, 1.0), (0.05, 1.0), (0.25, 1.0), (1.0, 1.0), (0.1, None), (None, 1.0))
+
+
+def study_shed(variants: tuple[tuple[float | None, float | None], ...] = SHED_VARIANTS, load: float = 0.8, *,
                mooncake: bool = False) -> dict:
-    """SLO shedding: ``lookahead_shed`` at several ``shed_ttft_factor`` vs the dispatchers, 16 instances, at
-    ``load`` of saturation and as goodput (rejected requests count as SLO misses). Azure conversation trace on
-    ``default`` (Llama-2-7B), or with ``mooncake`` the Mooncake conversation trace on the long-context config."""
+    """SLO shedding: ``lookahead_shed`` with several (``shed_ttft_factor``, ``shed_tpot_factor``) vs the dispatchers,
+    16 instances, at ``load`` of saturation and as goodput (rejected requests count as SLO misses). Azure
+    conversation trace on ``default`` (Llama-2-7B), or with ``mooncake`` the Mooncake conversation trace on the
+    long-context config."""
     from scheduler.policy.route import make_router
     from sim.commands import with_instances
     from sim.goodput import goodput
@@ -190,8 +195,10 @@ def study_shed(factors: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0), load: f
     one("round_robin", router_factory("round_robin", cfg), with_goodput=False)
     for name in ("least_outstanding", "llumnix", "lookahead"):
         one(name, router_factory(name, cfg))
-    for f in factors:
-        one(f"lookahead_shed@{f:g}", lambda f=f: make_router("lookahead_shed", config=cfg, shed_ttft_factor=f))
+    for ttft, tpot in variants:
+        one(f"lookahead_shed ttft={ttft} tpot={tpot}",
+            lambda ttft=ttft, tpot=tpot: make_router("lookahead_shed", config=cfg, shed_ttft_factor=ttft,
+                                                     shed_tpot_factor=tpot))
     r = out["routers"]
     base = max(r[n]["goodput_rps"] for n in ("least_outstanding", "llumnix"))
     out["goodput_over_best_dispatcher"] = {n: v["goodput_rps"] / base for n, v in r.items() if "goodput_rps" in v}

@@ -201,6 +201,29 @@ def test_lookahead_shed_counts_the_wait_for_a_batch_slot() -> None:
     assert isinstance(r.route(req(200), free), RouteDecision)
 
 
+def test_lookahead_shed_refuses_when_prefill_pressure_would_push_tpot_over_its_slo() -> None:
+    """The TPOT rule: on a MIXED decoder the router has just sent many long prompts to, its chunked-prefill steps
+    will stall the decodes; a newcomer whose predicted TPOT (step / (1 - pressure)) is over the TPOT SLO is refused.
+    With the rule off (``shed_tpot_factor=None``) the same request is placed."""
+    from scheduler.core.types import SLO
+
+    lat = default_latency_model()
+    slo = SLO(ttft_s=2.0, tpot_s=0.1)
+    v = view(snap("a", running=4, ctx=4 * 500, pred=4 * 300.0, used=200, total=100_000))
+    r = make_router("lookahead_shed", latency=lat, slo=slo)
+    off = make_router("lookahead_shed", latency=lat, slo=slo, shed_tpot_factor=None)
+    for router in (r, off):
+        assert isinstance(router.route(req(200), v), RouteDecision)  # a light instance: served
+        for _ in range(50):  # 50 long prompts just sent there
+            router.on_routed(req(4000), RouteDecision("a"))
+    assert r.prefill_pressure("a") == pytest.approx(r.max_pressure)
+    shed = r.route(req(200), v)
+    assert isinstance(shed, Rejected) and "TPOT" in shed.reason and shed.retry_after_s > 0
+    assert isinstance(off.route(req(200), v), RouteDecision)
+    with pytest.raises(ValueError, match="shed_tpot_factor"):
+        LookaheadRouter(lat, shed_tpot_factor=-1.0)
+
+
 def test_lookahead_kv_headroom_does_not_depend_on_the_newcomers_predicted_length() -> None:
     # 100 residents, 95k tokens of context, 117.6k of KV: 100 x 256 tokens of growth over the horizon overflow it.
     # The instance is KV-tight for a short answer and a long one alike (the horizon used to be the newcomer's

@@ -50,15 +50,20 @@ Estimator (documented approximations; all times from ``LatencyModel``):
 * SLO: ``miss_penalty_s * w`` when predicted TTFT or TPOT exceeds the request's SLO (its own, else the class
   SLO), plus ``miss_penalty_s`` per resident pushed over the default TPOT SLO by the newcomer.
 
-SLO shedding (``shed_ttft_factor``; off by default, on in ``lookahead_shed``): when even at the chosen placement
-the predicted wait before the request's own prefill exceeds ``shed_ttft_factor`` x its TTFT SLO, the request is
-rejected (``Rejected`` with a retry-after of that wait) instead of queued. The wait: the queued prompts' prefill
-time plus, when the instance is out of batch slots (``max_num_seqs`` of the config's pool for its (gpu, tp)) or KV
-room, the residents that must finish first at its completion rate (``_admission_wait``). Under a burst beyond
-capacity an FCFS queue makes every later request late; refusing the few that would miss anyway keeps the rest
-inside their SLO (goodput counts the refused ones as misses). Never for requests of priority >=
-``shed_below_priority`` or already accepted (``RequestInfo.accepted``: recovery, decode placement after a
-prefill).
+SLO shedding (``shed_ttft_factor`` / ``shed_tpot_factor``; off by default, on in ``lookahead_shed``): a request is
+rejected (``Rejected`` with a retry-after) instead of queued when even at the chosen placement
+
+* its predicted wait before its own prefill exceeds ``shed_ttft_factor`` x its TTFT SLO -- the wait: the queued
+  prompts' prefill time plus, when the instance is out of batch slots (``max_num_seqs`` of the config's pool for
+  its (gpu, tp)) or KV room, the residents that must finish first at its completion rate (``_admission_wait``);
+  retry-after = that wait; or
+* its predicted TPOT exceeds ``shed_tpot_factor`` x its TPOT SLO -- the decode step with it in the batch, divided
+  by ``1 - prefill pressure`` on a MIXED decoder (its chunked-prefill steps stall the decodes).
+
+Under a burst beyond capacity an FCFS queue makes every later request late and every prefill slows every decode;
+refusing the few that would miss anyway keeps the rest inside their SLOs (goodput counts the refused ones as
+misses). Never for requests of priority >= ``shed_below_priority`` or already accepted (``RequestInfo.accepted``:
+recovery, decode placement after a prefill).
 
 Disaggregated pairing is exact and linear: the cost splits into a prefill part (TTFT, transfer, harm_p and TTFT
 SLO) and a decode part, so the best pair is the best of each; MIXED prefill instances are also costed colocated
@@ -170,13 +175,16 @@ class LookaheadRouter(PairingRouter):
         kv_horizon_tokens: float | None = None,
         detail: bool = False,
         shed_ttft_factor: float | None = None,
+        shed_tpot_factor: float | None = None,
         shed_below_priority: int = 1,
         **kw: object,
     ) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
-        if shed_ttft_factor is not None and not shed_ttft_factor > 0:
-            raise ValueError(f"shed_ttft_factor must be > 0 (or None: never shed), got {shed_ttft_factor}")
+        for name, v in (("shed_ttft_factor", shed_ttft_factor), ("shed_tpot_factor", shed_tpot_factor)):
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be > 0 (or None: no shedding on it), got {v}")
         self.shed_ttft_factor = shed_ttft_factor
+        self.shed_tpot_factor = shed_tpot_factor
         self.shed_below_priority = shed_below_priority
         self._single: LatencyModel | None = latency if isinstance(latency, LatencyModel) else None
         self._by_id: dict[str, LatencyModel] = dict(latency_by_instance or {})
@@ -359,20 +367,32 @@ class LookaheadRouter(PairingRouter):
     def route(self, request: RequestInfo, view: ClusterView) -> RouteResult:
         self._now = view.time_s
         decision = super().route(request, view)
-        if (self.shed_ttft_factor is None or not isinstance(decision, RouteDecision) or request.accepted
+        if (not isinstance(decision, RouteDecision) or request.accepted
                 or request.priority >= self.shed_below_priority):
             return decision
-        q = self._request(request)
-        if q.slo.ttft_s is None:
-            return decision
-        snap = next(s for s in view.instances if s.instance_id == decision.prefill_instance)
-        # NOTE: the wait before its own prefill, not the whole TTFT: a long prompt is never refused for its length.
-        t = self._terms(snap)
-        wait = t.queue_s + self._admission_wait(q, t)
-        if wait > self.shed_ttft_factor * q.slo.ttft_s:
-            return Rejected(f"shed: predicted wait {wait:.2f} s on {snap.instance_id} is over "
-                            f"{self.shed_ttft_factor:g} x the {q.slo.ttft_s:g} s TTFT SLO", retry_after_s=wait)
-        return decision
+        return self._shed(self._request(request), decision, view) or decision
+
+    def _shed(self, q: _Req, decision: RouteDecision, view: ClusterView) -> Rejected | None:
+        """SLO shedding (module docstring): a ``Rejected`` when the placement is predicted to miss an SLO."""
+        snaps = {s.instance_id: s for s in view.instances}
+        p = snaps[decision.prefill_instance]
+        if self.shed_ttft_factor is not None and q.slo.ttft_s is not None:
+            # NOTE: the wait before its own prefill, not the whole TTFT: a long prompt is never refused for its length.
+            t = self._terms(p)
+            wait = t.queue_s + self._admission_wait(q, t)
+            if wait > self.shed_ttft_factor * q.slo.ttft_s:
+                return Rejected(f"shed: predicted wait {wait:.2f} s on {p.instance_id} is over "
+                                f"{self.shed_ttft_factor:g} x the {q.slo.ttft_s:g} s TTFT SLO", retry_after_s=wait)
+        if self.shed_tpot_factor is not None and q.slo.tpot_s is not None:
+            d = snaps[decision.decode_instance or decision.prefill_instance]
+            tpot = self._decode_side(q, self._terms(d), colocated=d is p).tpot_s
+            if d.role is InstanceRole.MIXED:  # its prefill steps stall the decodes: tokens come that much slower
+                tpot /= 1.0 - self.prefill_pressure(d.instance_id)
+            if tpot > self.shed_tpot_factor * q.slo.tpot_s:
+                return Rejected(f"shed: predicted TPOT {tpot * 1e3:.0f} ms on {d.instance_id} is over "
+                                f"{self.shed_tpot_factor:g} x the {q.slo.tpot_s * 1e3:g} ms TPOT SLO",
+                                retry_after_s=self.pressure_window_s / 2)  # prefill pressure decays over the window
+        return None
 
     def _max_num_seqs(self, inst: InstanceSnapshot) -> int | None:
         """The engine's batch-slot limit, from the bound config's pools of the instance's (gpu, tp); None unknown."""
@@ -453,14 +473,18 @@ class LookaheadRouter(PairingRouter):
 
 class SheddingLookaheadRouter(LookaheadRouter):
     """``lookahead`` with SLO shedding on (module docstring): refuses a request that would wait more than 0.1 x its
-    TTFT SLO before its own prefill, even on the best instance. 0.1 gave the most goodput at 90% attainment on the
-    Azure conversation trace and the second most on Mooncake (16 instances; 0.05 / 0.1 / 0.25 / 0.5 / 1.0 tried,
-    docs/routing.md "SLO shedding"). Why so small: SLO attainment counts TPOT too, and at factor 1.0 the misses are
-    mostly TPOT (p90 101 ms against 100 ms) -- refusing earlier keeps fewer prompts interleaving with the decodes
-    of MIXED instances (TPOT p90 68 ms at 0.1). A TPOT rule instead (refuse when the predicted decode step is over
-    a share of the TPOT SLO) did worse: 1.27x at best (0.5 x the SLO)."""
+    TTFT SLO before its own prefill, or whose predicted TPOT is over its TPOT SLO, even on the best placement.
+
+    Measured (docs/routing.md "SLO shedding"; 16 instances at 0.8 of saturation, goodput at 90% attainment over the
+    best of least-outstanding / Llumnix): Azure conversation 1.48x, Mooncake conversation 1.35x. The TTFT factor is
+    small because Mooncake needs it (TTFT factor 0.05 / 0.1 / 0.25 / 1.0 with the TPOT rule: 1.41 / 1.35 / 1.24 /
+    1.27x there; Azure 1.41 / 1.48 / 1.51 / 1.51x, where the TPOT rule does most of the work): the wait estimate
+    leaves out the prompts that arrive after the newcomer.
+    """
 
     name = "lookahead_shed"
 
-    def __init__(self, *, shed_ttft_factor: float | None = 0.1, **kw: object) -> None:
-        super().__init__(shed_ttft_factor=shed_ttft_factor, **kw)  # type: ignore[arg-type]
+    def __init__(self, *, shed_ttft_factor: float | None = 0.1, shed_tpot_factor: float | None = 1.0,
+                 **kw: object) -> None:
+        super().__init__(shed_ttft_factor=shed_ttft_factor, shed_tpot_factor=shed_tpot_factor,
+                         **kw)  # type: ignore[arg-type]
