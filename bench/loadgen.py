@@ -391,7 +391,7 @@ class Stack:
         """A fresh ingress (``router`` overrides the config's) and gRPC server (``server_kw``) on the cluster."""
         from scheduler.server.grpc_server import build_server
 
-        self.ingress = self.deployment.make_ingress(refresh_s=0.05, **({"router": router} if router else {}))
+        self.ingress = self.deployment.make_ingress(refresh_s=0.05, router=router)
         await self.ingress.start()
         self.server = build_server(self.ingress, port=0, **server_kw)
         await self.server.start()

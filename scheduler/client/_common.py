@@ -210,7 +210,7 @@ class StreamState:
         rid = msg.request_id or self.request_id
         reason = msg.finish_reason or None if msg.finished else None
         now = time.perf_counter() - self.started
-        if len(ids) <= 1:
+        if not ids:  # finishes the stream, no new token
             return (StreamChunk(rid, index, ids, text, msg.finished, reason, msg.instance_id, now),)
         # The message's text belongs to its tokens together (detokenized as a run): it rides on the first one.
         last = len(ids) - 1

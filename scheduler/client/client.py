@@ -152,8 +152,7 @@ class Client:
                 call = self._inference.Generate(req, timeout=c.remaining(deadline), metadata=md)
                 try:
                     for msg in call:
-                        for chunk in state.accept(msg):
-                            yield chunk
+                        yield from state.accept(msg)
                         if state.finished:
                             return
                     return  # stream ended without a finished chunk: treat as done (server closed OK)

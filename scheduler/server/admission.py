@@ -25,8 +25,28 @@ from scheduler.control.api import Overloaded
 
 if TYPE_CHECKING:
     from scheduler.config.models import ClusterConfig
+    from scheduler.control.api import IngressAPI
 
 logger = logging.getLogger(__name__)
+
+_CANCELLING: set[asyncio.Task[Any]] = set()  # strong references: the event loop keeps only weak ones to tasks
+
+
+async def cancel_quietly(ingress: IngressAPI, request_id: str) -> None:
+    """Tell the ingress to cancel ``request_id`` (a stream that ended without finishing frees its engine).
+
+    Shielded -- it runs while the server's task is being cancelled, and the ingress must still hear about it --
+    and it never raises.
+    """
+    task = asyncio.ensure_future(ingress.cancel(request_id))
+    _CANCELLING.add(task)
+    task.add_done_callback(_CANCELLING.discard)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        logger.warning("ingress.cancel(%s) failed", request_id, exc_info=True)
 
 
 async def close_stream(stream: AsyncIterator[Any], request_id: str = "") -> None:

@@ -48,7 +48,7 @@ from scheduler.control.api import (
 )
 from scheduler.core.types import InstanceRole
 from scheduler.engine.base import TokenChunk
-from scheduler.server.admission import InflightLimiter, Slot, close_stream
+from scheduler.server.admission import InflightLimiter, Slot, cancel_quietly, close_stream
 from scheduler.server.auth import ADMIN_SERVICE, INFERENCE_SERVICE, AuthConfig, TokenAuthInterceptor
 
 # NOTE: the proto conversions live in convert.py; re-exported as this module's public names.
@@ -140,7 +140,6 @@ class InferenceServicer:
         self._rec: Recorder = recorder if recorder is not None else NULL_RECORDER
         self._tracing = tracing if tracing is not None else Tracing()
         self._limiter = limiter
-        self._background: set[asyncio.Task[Any]] = set()
 
     async def Generate(
         self, raw: bytes, context: grpc.aio.ServicerContext
@@ -236,7 +235,7 @@ class InferenceServicer:
                 span.end()
                 if stream is not None:
                     if not finished:
-                        await self._cancel_in_background(request_id)
+                        await cancel_quietly(self._ingress, request_id)
                     await close_stream(stream, request_id)
             finally:
                 # NOTE: the slot bounds the streams open in the ingress, so it is given back only once this one is
@@ -256,18 +255,6 @@ class InferenceServicer:
         if not started and status is RequestStatus.INVALID:
             self._rec.on_invalid(api="grpc")
         return status
-
-    async def _cancel_in_background(self, request_id: str) -> None:
-        # Shielded: this runs while our task is being cancelled; the ingress must still hear about it.
-        task = asyncio.ensure_future(self._ingress.cancel(request_id))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            logger.warning("ingress.cancel(%s) failed", request_id, exc_info=True)
 
     async def Cancel(self, raw: bytes, context: grpc.aio.ServicerContext) -> inference_pb2.CancelResponse:
         try:

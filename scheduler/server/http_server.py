@@ -42,7 +42,7 @@ from scheduler.control.api import (
     Unavailable,
 )
 from scheduler.engine.base import SamplingParams, TokenChunk
-from scheduler.server.admission import InflightLimiter, Slot, close_stream
+from scheduler.server.admission import InflightLimiter, Slot, cancel_quietly, close_stream
 from scheduler.server.auth import AuthConfig, http_check
 from scheduler.server.validate import (
     HTTP_FIELDS,
@@ -456,7 +456,7 @@ class _Scope:
         try:
             if not self.done:  # the client went away (cancelled task) or the stream broke: free the engine
                 self.done = True
-                await _cancel_quietly(self.deps.ingress, self.g.request_id)
+                await cancel_quietly(self.deps.ingress, self.g.request_id)
             if self.stream is not None:
                 await close_stream(self.stream, self.g.request_id)
         finally:
@@ -579,13 +579,6 @@ async def _respond(
 async def _empty() -> AsyncIterator[TokenChunk]:
     return
     yield  # pragma: no cover
-
-
-async def _cancel_quietly(ingress: IngressAPI, request_id: str) -> None:
-    try:
-        await asyncio.shield(ingress.cancel(request_id))
-    except (Exception, asyncio.CancelledError):
-        logger.debug("ingress.cancel(%s) failed", request_id, exc_info=True)
 
 
 async def _sse_stream(
