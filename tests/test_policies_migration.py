@@ -126,6 +126,19 @@ def test_drain_moves_everything_longest_remaining_first() -> None:
     assert p.plan(view(inst("d", reqs, draining=True), inst("x", total=200)), 0.01) == []
 
 
+def test_a_dropped_plan_is_planned_again() -> None:
+    """The caller could not start a plan (the Controller had not heard of the request yet): the request gets no
+    cooldown and the next round plans it again; a started-and-failed one keeps its cooldown."""
+    reqs = (rl("a", rem=300.0),)
+    p = LlumnixMigrationPolicy(max_concurrent=4, cooldown_s=0.0, request_cooldown_s=10.0)
+    v = view(inst("d", reqs, draining=True), inst("x", total=200))
+    assert [x.request_id for x in p.plan(v, 0.0)] == ["a"]
+    p.on_migration_dropped("a")
+    assert [x.request_id for x in p.plan(v, 0.1)] == ["a"]
+    p.on_migration_done("a", ok=False)
+    assert p.plan(v, 0.2) == []
+
+
 def test_priority_isolation_moves_low_priority_off() -> None:
     reqs = (rl("hi", prio=1, ctx=800), rl("lo1", rem=300.0), rl("lo2", rem=30.0))
     p = LlumnixMigrationPolicy(max_per_instance=2, high_watermark=0.95)

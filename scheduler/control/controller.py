@@ -238,7 +238,7 @@ class Controller:
         for plan in policy.plan(view, now):
             entry = self._registry.entries.get(plan.request_id)
             if entry is None or len(self._plan_times) >= self._migration_max_per_s:
-                policy.on_migration_done(plan.request_id, ok=False)
+                policy.on_migration_dropped(plan.request_id)  # never started: planned again next tick if still due
                 self.migration_stats["dropped"] += 1
                 continue
             self._plan_times.append(now)

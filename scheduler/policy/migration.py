@@ -25,7 +25,8 @@ Rate limits so migrations do not thrash: at most ``max_concurrent`` in flight cl
 ``max_per_instance`` per instance (as source or destination); an instance rests ``cooldown_s`` after a migration
 starts (drain sources excepted); rounds are at least ``min_gap_s`` apart (unless something drains); a migrated
 request is not moved again for ``request_cooldown_s``. In-flight entries clear when the request leaves the
-source's snapshot, on ``on_migration_done``, or after ``inflight_timeout_s``.
+source's snapshot, on ``on_migration_done``, or after ``inflight_timeout_s``. A plan the caller dropped without
+starting it (``on_migration_dropped``) leaves no trace on its request: no cooldown for what never moved.
 """
 
 from __future__ import annotations
@@ -139,6 +140,10 @@ class MigrationPolicy:
 
     def on_migration_done(self, request_id: str, *, ok: bool) -> None:
         return None
+
+    def on_migration_dropped(self, request_id: str) -> None:
+        """A plan the caller never started (no owner known yet, over its rate limit)."""
+        self.on_migration_done(request_id, ok=False)
 
 
 class NoMigration(MigrationPolicy):
@@ -257,6 +262,12 @@ class LlumnixMigrationPolicy(MigrationPolicy):
     # ---- bookkeeping ----------------------------------------------------------------------------------------------
     def on_migration_done(self, request_id: str, *, ok: bool) -> None:
         self._inflight.pop(request_id, None)
+
+    def on_migration_dropped(self, request_id: str) -> None:
+        # NOTE: without this a drain plan dropped once (the Controller had not heard of the request yet) kept its
+        # request out of every plan for request_cooldown_s -- longer than the request lived.
+        self._inflight.pop(request_id, None)
+        self._recent.pop(request_id, None)
 
     def _expire(self, view: ClusterView, now_s: float) -> None:
         by_id = {i.instance_id: i for i in view.instances}
