@@ -28,6 +28,12 @@ PREFILL_GRID = (32, 128, 256, 384, 512, 768, 1024)
 # are regrouped per instance from the chunks' ``instance_id``, so each sample is (batch on one engine, context).
 DECODE_GRID = ((1, 64), (1, 512), (1, 960), (2, 64), (4, 64), (8, 64), (8, 512), (16, 128))
 CONTENTION_PROMPT = 256
+# The vLLM CPU build's oneDNN GEMMs build a kernel ("primitive") for each batch token count a step runs and keep
+# the last 32 per weight shape (vllm/model_executor/layers/utils.py: ``create_onednn_mm(weight, 32)``; the LRU is
+# in csrc/cpu/dnnl_helper.cpp). A step at a count not among them builds its kernels first: a lone ~900-token
+# prompt of a size never sent took 24.6 ms, the same size again 18.0 ms (docs/live_vs_sim.md). Trace prompts are
+# mostly sizes never sent, the profile's grid sizes repeat: the profile measures both.
+SHAPE_CACHE_SIZE = 32
 DECODE_BATCH_MAX = max(b for b, _ in DECODE_GRID)  # below the prefill grid: the table keeps the two apart
 assert DECODE_BATCH_MAX < PREFILL_GRID[0]
 
@@ -64,7 +70,9 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
     - ``decode``: (batch on one engine, mean context, steady TPOT, engines busy) from concurrent streams;
     - ``handoff``: (N, gap between token 0 and token 1 minus one decode step) on a P/D cluster: the P->D handoff
       (KV export on the prefill engine, object store, import on the decode engine) as clients see it;
-    - ``contention``: step-time factor by number of engines busy on this host (engines share the host's cores).
+    - ``contention``: step-time factor by number of engines busy on this host (engines share the host's cores);
+    - ``new_shape``: (M, TTFT of a lone prompt of a size M never sent less that of the same size sent again right
+      after): the engine's kernel build for a new batch token count (``SHAPE_CACHE_SIZE``).
     """
     from scheduler.client import AsyncClient
 
@@ -73,13 +81,15 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
     # against the same cluster (``llmsched run`` measures before and after its replay) would otherwise send the
     # same prompts and time prefix-cache hits (1024-token TTFT samples came out at ~0.55x).
     rng = np.random.default_rng(seed)
-    prefill, decode, handoff = [], [], []
+    prefill, decode, handoff, new_shape = [], [], [], []
     contention: dict[int, list[float]] = {}
+    sizes: set[int] = set()  # prompt sizes sent by this profile
     n = 0
 
     async def one(prompt_len: int, max_tokens: int) -> dict:
         nonlocal n
         n += 1
+        sizes.add(prompt_len)
         ids = rng.integers(4, vocab, prompt_len).tolist()
         t0 = time.perf_counter()
         times, insts = [], []
@@ -121,9 +131,16 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
             await asyncio.sleep(idle_gap_s)
             return (await one(N, 1))["ttft"]
 
+        for N in PREFILL_GRID:  # unrecorded: the grid sizes' first steps build their kernels
+            await lone(N)
         for _ in range(repeats):
             for N in PREFILL_GRID:
                 ttfts[N].append(await lone(N))
+                # A size this profile has not sent (odd offsets: the grid and the other prompts are even), then
+                # the same size again: the difference is the kernel build alone.
+                M = N + int(rng.choice([d for d in range(1, 32, 2) if N + d not in sizes]))
+                cold = await lone(M)
+                new_shape.append((M, cold - await lone(M)))
         prefill.extend((N, float(np.median(ts))) for N, ts in ttfts.items())
         alone: dict[int, list[float]] = {}  # prompt -> steady TPOT of one request alone on the host
         for b, ctx in [point for _ in range(repeats) for point in DECODE_GRID]:
@@ -150,7 +167,7 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
                 contention.setdefault(engines, []).append(ttft / iso)
     finally:
         await client.close()
-    return {"prefill": prefill, "decode": decode, "handoff": handoff,
+    return {"prefill": prefill, "decode": decode, "handoff": handoff, "new_shape": new_shape,
             "contention": {k: [float(x) for x in v] for k, v in sorted(contention.items())}, "engines": engines}
 
 
@@ -158,9 +175,9 @@ def merge_samples(*parts: dict) -> dict:
     """One sample set from several ``measure`` runs (e.g. before and after a replay, so that a drift of the
     shared host's speed during the replay is seen by the profile too): rows concatenated, contention ratios
     pooled (``contention_table`` takes their median)."""
-    out: dict = {"prefill": [], "decode": [], "handoff": [], "contention": {}, "engines": 0}
+    out: dict = {"prefill": [], "decode": [], "handoff": [], "new_shape": [], "contention": {}, "engines": 0}
     for s in parts:
-        for key in ("prefill", "decode", "handoff"):
+        for key in ("prefill", "decode", "handoff", "new_shape"):
             out[key].extend(s.get(key, []))
         for k, v in s.get("contention", {}).items():
             out["contention"].setdefault(int(k), []).extend(v if isinstance(v, list) else [v])
@@ -249,6 +266,16 @@ def fit(samples: dict) -> dict:
         hc, _ = nnls(np.c_[np.ones(len(h)), h[:, 0]], np.maximum(h[:, 1], 0.0))
         out["handoff_s"] = float(hc[0])
         out["handoff_s_per_token"] = float(hc[1])
+    if samples.get("new_shape"):
+        # A table, not a curve: the build cost is not smooth in M (measured: ~2 ms at 100-300 tokens, 7-12 ms at
+        # 400-550). One point per grid size: the medians of its pairs (each pair is two lone samples' noise).
+        by_grid: dict[int, list[tuple[float, float]]] = {}
+        for M, extra in samples["new_shape"]:
+            g = min(PREFILL_GRID, key=lambda x: abs(x - M))
+            by_grid.setdefault(g, []).append((float(M), float(extra)))
+        pts = sorted(tuple(np.median(np.asarray(v), axis=0)) for v in by_grid.values())
+        out["new_shape_table"] = [[int(round(m)), max(float(e), 0.0)] for m, e in pts]
+        out["shape_cache_size"] = SHAPE_CACHE_SIZE
     return out
 
 
@@ -272,7 +299,9 @@ def latency_from_profile(path: str | Path, model: ModelSpec, gpu: GPUSpec, tp: i
                         gemm, source=f"profile:{Path(path).name}", per_seq_s=p.get("per_seq_s", 0.0),
                         request_latency_s=p.get("request_latency_s", 0.0), handoff_s=p.get("handoff_s"),
                         handoff_s_per_token=p.get("handoff_s_per_token", 0.0),
-                        host_contention=tuple(p.get("host_contention", (1.0,))))
+                        host_contention=tuple(p.get("host_contention", (1.0,))),
+                        new_shape_table=tuple((int(m), float(e)) for m, e in p.get("new_shape_table", ())),
+                        shape_cache_size=p.get("shape_cache_size", 0))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -273,7 +273,11 @@ def test_lone_ttft_samples_follow_an_idle_gap(monkeypatch):
     samples = asyncio.run(measure("fake:0", repeats=2, decode_tokens=8, idle_gap_s=0.02))
     assert sorted(N for N, _ in samples["prefill"]) == sorted(PREFILL_GRID)
     lone = [i for i, (kind, _, mt) in enumerate(events) if kind == "start" and mt == 1]
-    assert len(lone) == 2 * len(PREFILL_GRID)
+    # An unrecorded round over the grid, then per round and grid size: a grid sample, a size never sent, and it again.
+    assert len(lone) == len(PREFILL_GRID) + 2 * 3 * len(PREFILL_GRID)
+    sizes = [M for M, _ in samples["new_shape"]]
+    assert len(sizes) == 2 * len(PREFILL_GRID) and len(set(sizes)) == len(sizes)
+    assert not set(sizes) & set(PREFILL_GRID)
     for i in lone:
         in_flight = sum(1 if k == "start" else -1 for k, _, _ in events[:i])
         assert in_flight == 0
@@ -318,3 +322,52 @@ def test_two_profiles_never_send_the_same_prompt(monkeypatch):
         asyncio.run(measure("fake:0", repeats=1, decode_tokens=4, idle_gap_s=0.0, seed=7))
         seeded.append(list(prompts))
     assert seeded[0] == seeded[1]
+
+
+def test_fit_measures_the_new_shape_cost():
+    """The vLLM CPU build pays a kernel build on a step at a batch token count it has not run recently: the fit
+    keeps one (size, extra) point per grid size, the medians of its pairs, so one noisy pair does not move it."""
+    from scheduler.profile import PREFILL_GRID, SHAPE_CACHE_SIZE
+
+    def extra(m: int) -> float:  # not smooth in M, as measured
+        return 2e-3 if m < 384 else 9e-3
+
+    pairs = [(N + d, extra(N + d)) for N in PREFILL_GRID for d in (1, 7, 13)]
+    pairs += [(PREFILL_GRID[1] + 5, 0.03)]  # one slow outlier, a minority at its size
+    p = fit(dict(_samples(), new_shape=pairs))
+    assert p["new_shape_table"] == [[N + 7, pytest.approx(extra(N))] for N in PREFILL_GRID[:1]] + [
+        [PREFILL_GRID[1] + 6, pytest.approx(2e-3)]] + [[N + 7, pytest.approx(extra(N))] for N in PREFILL_GRID[2:]]
+    assert p["shape_cache_size"] == SHAPE_CACHE_SIZE
+    assert "new_shape_table" not in fit(_samples())  # profiles without the samples: no such cost
+
+
+def test_engine_charges_a_new_batch_token_count_once_until_it_is_evicted(tmp_path):
+    """A step at a token count outside the engine's kernel cache (LRU, ``shape_cache_size`` deep) costs
+    ``new_shape_time``; the same count again does not, until enough other counts have pushed it out."""
+    from scheduler.engine_model import EngineModel
+
+    cfg = load_config("tiny-cpu")
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(dict(fit(_samples()), new_shape_table=[[100, 2e-3], [500, 6e-3]],
+                                    shape_cache_size=4)))
+    lat = latency_from_profile(path, cfg.model, cfg.gpus["cpu"])
+    eng = EngineModel(lat, cfg.pools[0].engine)
+
+    def lone(n: int) -> float:
+        eng.add_request(f"r{n}-{eng.steps_run}", n, 1)
+        t = 0.0
+        while eng.has_work:
+            t += eng.step().duration_s
+        return t
+
+    hot = lat.prefill_time(300)
+    assert lat.new_shape_time(50) == 2e-3 and lat.new_shape_time(900) == 6e-3  # flat past the ends
+    assert lone(300) == pytest.approx(hot + 4e-3)
+    assert lone(300) == pytest.approx(hot)
+    for n in (101, 102, 103):  # three other counts: 300 is still among the last four
+        lone(n)
+    assert lone(300) == pytest.approx(hot)
+    for n in (104, 105, 106, 107):
+        lone(n)
+    assert lone(300) == pytest.approx(hot + 4e-3)
+    assert eng.new_shapes == 9

@@ -173,6 +173,10 @@ class EngineModel:
         self._prefix_tokens = 0
         self.prefix_capacity_tokens = num_blocks * spec.block_size
         self.prefix_hit_tokens = 0
+        # Batch token counts whose GEMM kernels the engine has built, least recently used first (the vLLM CPU
+        # build's oneDNN primitive cache); None: the latency model has no such cost.
+        self._shapes: OrderedDict[int, None] | None = OrderedDict() if latency.shape_cache_size > 0 else None
+        self.new_shapes = 0
 
     # ---- requests in/out ------------------------------------------------------------------------------
     def add_request(
@@ -383,10 +387,10 @@ class EngineModel:
         # 3. Time the step, then fold it back.
         p_tokens = sum(c for _, c in chunks)
         p_pairs = sum(prefill_pairs(c, s.num_computed) for s, c in chunks)
-        res.duration_s = self.latency.step_time(
+        res.duration_s = (self.latency.step_time(
             prefill_tokens=p_tokens, prefill_pairs=p_pairs, decode_batch=bs, decode_context=self._n_sum + bs,
             prefill_seqs=len(chunks),
-        ) * self.time_scale
+        ) + self._shape_cost(p_tokens + bs)) * self.time_scale
         if want_emitted:
             res.emitted = list(self.decoding)
         self._advance_decodes(1, res)
@@ -400,6 +404,20 @@ class EngineModel:
         self.busy_time_s += res.duration_s
         self.steps_run += 1
         return res
+
+    def _shape_cost(self, tokens: int) -> float:
+        """The kernel-build cost of a step of ``tokens`` batch tokens: 0 when cached (marked recently used)."""
+        shapes = self._shapes
+        if shapes is None:
+            return 0.0
+        if tokens in shapes:
+            shapes.move_to_end(tokens)
+            return 0.0
+        shapes[tokens] = None
+        if len(shapes) > self.latency.shape_cache_size:
+            shapes.popitem(last=False)
+        self.new_shapes += 1
+        return self.latency.new_shape_time(tokens)
 
     def _chunk(self, seq: Seq, budget: int) -> int:
         left = seq.num_tokens - seq.num_computed
@@ -505,6 +523,10 @@ class EngineModel:
         bs = len(self.decoding)
         if not bs or self.prefilling:
             return None
+        if self._shapes is not None:
+            if bs not in self._shapes:
+                return None  # its first step builds the kernels: ``step`` charges that
+            self._shapes.move_to_end(bs)
         if self.waiting and self._admittable_now():
             return None
         k = self._finish_heap_min() - self.step_no

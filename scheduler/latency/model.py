@@ -70,6 +70,12 @@ class LatencyModel:
     # Step-time factor by number of engines busy on one host (index 0: this engine alone): engines that share
     # a host's cores (the vLLM CPU build) slow each other down. Beyond the table: its last slope.
     host_contention: tuple[float, ...] = (1.0,)
+    # First step at a batch token count the engine has not run recently: extra time on top of the step,
+    # ``(tokens, seconds)`` points, interpolated (flat past the ends). The vLLM CPU build's oneDNN GEMMs build a
+    # kernel per token count, kept in a per-weight-shape LRU of ``shape_cache_size`` (0: no such cost, as on GPUs).
+    # Measured by `llmsched profile`.
+    new_shape_table: tuple[tuple[int, float], ...] = ()
+    shape_cache_size: int = 0
 
     # ---- the batch cost -------------------------------------------------------------------------------
     def step_time(
@@ -119,6 +125,19 @@ class LatencyModel:
         if busy_engines <= len(t):
             return t[busy_engines - 1]
         return t[-1] + (t[-1] - t[-2]) * (busy_engines - len(t))
+
+    def new_shape_time(self, tokens: int) -> float:
+        """Extra time of a step at a token count outside the engine's kernel cache (see ``shape_cache_size``)."""
+        t = self.new_shape_table
+        if not t:
+            return 0.0
+        k = bisect.bisect_right(t, (tokens, float("inf")))
+        if k == 0:
+            return t[0][1]
+        if k == len(t):
+            return t[-1][1]
+        (x0, y0), (x1, y1) = t[k - 1], t[k]
+        return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
 
     def prefill_time(self, prompt_tokens: int, context_before: int = 0) -> float:
         return self.step_time(prefill_tokens=prompt_tokens, prefill_pairs=prefill_pairs(prompt_tokens, context_before),
