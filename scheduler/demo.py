@@ -189,8 +189,12 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
         after = await measure(target, vocab=vocab, repeats=2)
         probe.phase("profile_after", t, time.time())
         profile = fit(merge_samples(before, after))
-        _say(f"  profile: step overhead {profile['overhead_s'] * 1e3:.2f} ms, "
-             f"{profile['gemm_s_per_token'] * 1e6:.1f} us/token, fit error {profile['fit_mape'] * 100:.1f}%")
+        line = (f"  profile: step overhead {profile['overhead_s'] * 1e3:.2f} ms, "
+                f"{profile['gemm_s_per_token'] * 1e6:.1f} us/token, fit error {profile['fit_mape'] * 100:.1f}%")
+        if profile.get("new_shape_table"):
+            extra = [e for _, e in profile["new_shape_table"]]
+            line += f", kernel build at a new prompt size {min(extra) * 1e3:.1f}-{max(extra) * 1e3:.1f} ms"
+        _say(line)
         mig = None
         if not args.no_migration:
             _say("live-migrating a running request...")
