@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from scheduler.config.models import ClusterConfig, PoolSpec
 from scheduler.core.types import InstanceRole, InstanceSnapshot
@@ -29,6 +29,9 @@ class SimInstance:
     started_s: float = 0.0
     stopped_s: float | None = None
     meta: dict = field(default_factory=dict)
+    # Requests routed here to decode whose prompt KV has not arrived: the engine does not hold them yet, but the
+    # live ingress counts what it dispatched as waiting until its next refresh, so the next route sees them.
+    incoming: int = 0
 
     @property
     def role(self) -> InstanceRole:
@@ -47,6 +50,8 @@ class SimInstance:
             tp=self.pool.tp,
             draining=self.draining,
         )
+        if self.incoming:
+            self.snapshot = replace(self.snapshot, num_waiting=self.snapshot.num_waiting + self.incoming)
         self.snap_dirty = False
         return self.snapshot
 

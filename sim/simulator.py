@@ -360,6 +360,13 @@ class Simulator:
         seq.tag = i
         self._poke(inst, now)
         self._refresh_one(inst, now)
+        if self.dec_of[i] >= 0 and inst.role is InstanceRole.PREFILL:  # a handoff will follow its prefill
+            self._expect_kv(self.instances[self.dec_of[i]], +1, now)
+
+    def _expect_kv(self, inst: SimInstance, delta: int, now: float) -> None:
+        """A request routed to ``inst`` to decode (+1) or no longer on its way there (-1)."""
+        inst.incoming = max(inst.incoming + delta, 0)
+        self._refresh_one(inst, now)
 
     def _on_kv_arrive(self, inst: SimInstance, i: int, now: float) -> None:
         """P->D: the prompt's KV landed on the decode instance; it decodes from token 2 on."""
@@ -367,7 +374,7 @@ class Simulator:
         seq = inst.engine.add_request(i, prompt + 1, output - 1, cached_tokens=prompt)
         seq.tag = i
         self._poke(inst, now)
-        inst.snap_dirty = True
+        self._expect_kv(inst, -1, now)
 
     # ---- instances ----------------------------------------------------------------------------------------
     def _poke(self, inst: SimInstance, now: float) -> None:
@@ -467,10 +474,12 @@ class Simulator:
 
     def _handoff(self, i: int, t: float) -> None:
         output = int(self.w.output_tokens[i])
+        d = self.dec_of[i]
         if output <= 1:
             self.finish[i] = t + self.instances[self.inst_of[i]].latency.request_latency_s
+            if d >= 0:
+                self._expect_kv(self.instances[d], -1, t)
             return
-        d = self.dec_of[i]
         if d < 0:  # routed to a PREFILL instance without a decode partner: decode where the router says now
             decision = self.router.route(self._request_info(i, t, int(self.w.prompt_tokens[i]), output,
                                                             accepted=True), self._view_at(t))
@@ -478,6 +487,7 @@ class Simulator:
                 self.rejected[i] = True
                 return
             d = self.dec_of[i] = self._index[decision.decode_instance].index
+            self._expect_kv(self.instances[d], +1, t)
         dst = self.instances[d]
         src = self.instances[self.inst_of[i]]
         gpu = self.config.gpus[src.pool.gpu]

@@ -371,3 +371,13 @@ def test_engine_charges_a_new_batch_token_count_once_until_it_is_evicted(tmp_pat
         lone(n)
     assert lone(300) == pytest.approx(hot + 4e-3)
     assert eng.new_shapes == 9
+
+
+def test_simulator_counts_a_decode_placement_before_its_kv_arrives(tmp_path):
+    """P/D: the live ingress counts a request as waiting on its decode instance from the moment it routes it, so
+    two requests a millisecond apart decode on two instances. The simulated decode engine only holds a request once
+    its KV arrives; until then the routers' view counts it as incoming there (they all picked decode-0 before, and
+    the simulator missed the two decoders' host contention the live runs show)."""
+    w = Workload(np.array([0.0, 0.001, 0.002, 0.003]), np.full(4, 200), np.full(4, 32))
+    res = _sim(fit(_samples()), tmp_path, w)
+    assert sorted(np.bincount(res.decode_instance, minlength=3)[1:]) == [2, 2]
