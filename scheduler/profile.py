@@ -274,7 +274,7 @@ def fit(samples: dict) -> dict:
             g = min(PREFILL_GRID, key=lambda x: abs(x - M))
             by_grid.setdefault(g, []).append((float(M), float(extra)))
         pts = sorted(tuple(np.median(np.asarray(v), axis=0)) for v in by_grid.values())
-        out["new_shape_table"] = [[int(round(m)), max(float(e), 0.0)] for m, e in pts]
+        out["new_shape_table"] = [[round(float(m)), max(float(e), 0.0)] for m, e in pts]
         out["shape_cache_size"] = SHAPE_CACHE_SIZE
     return out
 
