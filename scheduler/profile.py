@@ -267,8 +267,8 @@ def fit(samples: dict) -> dict:
         out["handoff_s"] = float(hc[0])
         out["handoff_s_per_token"] = float(hc[1])
     if samples.get("new_shape"):
-        # A table, not a curve: the build cost is not smooth in M (measured: ~2 ms at 100-300 tokens, 7-12 ms at
-        # 400-550). One point per grid size: the medians of its pairs (each pair is two lone samples' noise).
+        # A table, not a curve: the build cost is not smooth in M (six cpu-pd profiles: 0.2-3 ms up to ~400 tokens,
+        # 6-13 ms from ~520). One point per grid size: the medians of its pairs (each is two lone samples' noise).
         by_grid: dict[int, list[tuple[float, float]]] = {}
         for M, extra in samples["new_shape"]:
             g = min(PREFILL_GRID, key=lambda x: abs(x - M))

@@ -523,12 +523,12 @@ class EngineModel:
         bs = len(self.decoding)
         if not bs or self.prefilling:
             return None
+        if self.waiting and self._admittable_now():
+            return None
         if self._shapes is not None:
             if bs not in self._shapes:
                 return None  # its first step builds the kernels: ``step`` charges that
             self._shapes.move_to_end(bs)
-        if self.waiting and self._admittable_now():
-            return None
         k = self._finish_heap_min() - self.step_no
         if max_steps is not None:
             k = min(k, max_steps)
