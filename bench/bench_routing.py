@@ -7,6 +7,7 @@
     python bench/bench_routing.py rerole --json docs/results/routing_rerole.json  # P/D re-roling vs static roles
     python bench/bench_routing.py shed --json docs/results/routing_shed.json      # SLO shedding (lookahead_shed)
     python bench/bench_routing.py shed_mooncake --json docs/results/routing_shed_mooncake.json
+    python bench/bench_routing.py shed_learned_mooncake --json docs/results/routing_shed_learned_mooncake.json
     python bench/bench_routing.py all --json docs/results/routing_studies.json
 
 Every number is a ratio against a baseline simulated in the same run, on the named trace and config.
@@ -151,14 +152,16 @@ def study_sweep() -> dict:
 
 # (ttft factor, tpot factor) variants of lookahead_shed; the first is its default. None: that rule off.
 SHED_VARIANTS = ((0.1, 1.0), (0.05, 1.0), (0.25, 1.0), (1.0, 1.0), (0.1, None), (None, 1.0))
+# The learned router alone and under the same refusal rules (``shed`` over it).
+SHED_LEARNED = (("learned", "learned", {}), ("shed base=learned", "shed", {"base": "learned"}))
 
 
 def study_shed(variants: tuple[tuple[float | None, float | None], ...] = SHED_VARIANTS, load: float = 0.8, *,
-               mooncake: bool = False) -> dict:
+               mooncake: bool = False, extra: tuple[tuple[str, str, dict], ...] = ()) -> dict:
     """SLO shedding: ``lookahead_shed`` with several (``shed_ttft_factor``, ``shed_tpot_factor``) vs the dispatchers,
     16 instances, at ``load`` of saturation and as goodput (rejected requests count as SLO misses). Azure
     conversation trace on ``default`` (Llama-2-7B), or with ``mooncake`` the Mooncake conversation trace on the
-    long-context config."""
+    long-context config. ``extra``: more routers, (label, registry name, params)."""
     from scheduler.policy.route import make_router
     from sim.commands import with_instances
     from sim.goodput import goodput
@@ -199,6 +202,8 @@ def study_shed(variants: tuple[tuple[float | None, float | None], ...] = SHED_VA
         one(f"lookahead_shed ttft={ttft} tpot={tpot}",
             lambda ttft=ttft, tpot=tpot: make_router("lookahead_shed", config=cfg, shed_ttft_factor=ttft,
                                                      shed_tpot_factor=tpot))
+    for label, name, params in extra:
+        one(label, lambda name=name, params=params: make_router(name, **params))  # the simulator binds cfg
     r = out["routers"]
     base = max(r[n]["goodput_rps"] for n in ("least_outstanding", "llumnix"))
     out["goodput_over_best_dispatcher"] = {n: v["goodput_rps"] / base for n, v in r.items() if "goodput_rps" in v}
@@ -395,7 +400,9 @@ def study_rerole(rate_scale: float = 1.5) -> dict:
 
 STUDIES = {"ir": study_ir, "predictor": study_predictor, "migration": study_migration, "sweep": study_sweep,
            "scaling": study_scaling, "rerole": study_rerole, "shed": study_shed,
-           "shed_mooncake": lambda: study_shed(mooncake=True)}
+           "shed_mooncake": lambda: study_shed(mooncake=True),
+           "shed_learned": lambda: study_shed((), extra=SHED_LEARNED),
+           "shed_learned_mooncake": lambda: study_shed((), mooncake=True, extra=SHED_LEARNED)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, dict] = {}
     base = load_config("default")
 
-    azure_path = SHARED_AZURE if SHARED_AZURE.exists() else bundled_traces()["azure_conv_sample"]
+    azure_path = SHARED_AZURE if SHARED_AZURE.exists() else bundled_traces()["azure_llm_2023_conv"]
     trace = load_trace(azure_path)
     if args.quick:
         trace = trace.head(3000)

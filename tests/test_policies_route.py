@@ -24,7 +24,7 @@ from scheduler.policy.routers_lookahead import LookaheadRouter, default_latency_
 from scheduler.policy.routers_smart import LlumnixRouter, MixingRouter, PowerOfTwoRouter, PrefixAffinityRouter
 
 M, P, D = InstanceRole.MIXED, InstanceRole.PREFILL, InstanceRole.DECODE
-SMART = ("power_of_two", "llumnix", "prefix_affinity", "mixing", "lookahead", "lookahead_shed", "learned")
+SMART = ("power_of_two", "llumnix", "prefix_affinity", "mixing", "lookahead", "lookahead_shed", "learned", "shed")
 
 
 def snap(iid: str, role: InstanceRole = M, *, running: int = 0, waiting: int = 0, decoding: int | None = None,
@@ -329,3 +329,49 @@ def test_learned_router_fits_saves_loads_and_routes(tmp_path) -> None:
     c.on_routed(req(rid="x"), d)  # type: ignore[arg-type]
     (phi,) = c.take("x")
     assert np.allclose(phi, features(req(rid="x"), v.by_id("b"), phase="colocated")) and c.take("x") == []
+
+
+def test_shed_composes_any_router_with_the_lookahead_refusal_rules() -> None:
+    """``shed`` = a base router's placements + ``LookaheadRouter._shed`` on them. Over ``lookahead`` it must decide
+    exactly what ``lookahead_shed`` decides (the judge tracks the same prefill pressure from the same placements);
+    over ``learned`` it refuses some of an overload (``learned`` alone refuses none) and serves the rest."""
+    from pathlib import Path
+
+    from scheduler.config.load import load_config
+    from sim.commands import with_instances
+    from sim.compare import at_load, saturation_rate
+    from sim.simulator import Simulator, Workload
+    from sim.traces import load_trace
+
+    data = Path(__file__).resolve().parents[1] / "sim" / "data"
+    cfg = with_instances(load_config("default"), 4)
+    w = Workload.from_trace(load_trace(data / "azure_llm_2023_conv_first10min.csv.gz"))
+    w = Workload(w.arrival_s[:600], w.prompt_tokens[:600], w.output_tokens[:600])
+    wl = at_load(w, 1.2, saturation_rate(cfg, w, sample=600))
+    runs = {name: Simulator(cfg, router=make_router(name, **kw)).run(wl)  # the simulator binds the config
+            for name, kw in (("lookahead_shed", {}), ("shed", {"base": "lookahead"}), ("learned", {}))}
+    a, b = runs["lookahead_shed"], runs["shed"]
+    assert 0 < a.rejected.sum() < len(wl)
+    assert np.array_equal(a.rejected, b.rejected)
+    assert np.array_equal(a.instance, b.instance)
+    np.testing.assert_array_equal(a.first_token_s, b.first_token_s)
+    learned = Simulator(cfg, router=make_router("shed", base="learned")).run(wl)
+    assert 0 < learned.rejected.sum() < len(wl) // 2
+    assert not runs["learned"].rejected.any()
+
+
+@pytest.mark.parametrize("name", ["lookahead_shed", "shed"])
+def test_the_live_ingress_binds_the_config_to_the_router_it_names(name: str) -> None:
+    """``policies.router: {name: lookahead_shed}`` in a served config: the ingress builds the router and binds the
+    config (latency models, SLO classes), as the simulator does. Unbound, the shedding rules had no SLOs and the
+    router never refused."""
+    from scheduler.config.load import load_config
+    from scheduler.config.models import PolicySpec
+    from scheduler.control.ingress import Ingress
+
+    cfg = load_config("deploy/examples/cpu-pd.yaml")
+    cfg = cfg.model_copy(update={"policies": cfg.policies.model_copy(update={"router": PolicySpec(name=name)})})
+    router = Ingress(cfg, None).router
+    judge = getattr(router, "judge", router)
+    assert router.name == name and judge.config is cfg
+    assert judge.slo_for(req()).ttft_s == cfg.slos[0].ttft_s

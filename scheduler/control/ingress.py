@@ -175,7 +175,12 @@ class Ingress:
         self.tracing: Tracing = tracing or Tracing.disabled()
         self.controller = controller
         spec = config.policies.router
-        self.router = router or make_router(spec.name, **spec.params)
+        if router is None:
+            router = make_router(spec.name, **spec.params)
+            # A router named in the config gets the config too (latency models, SLO classes), as in the simulator:
+            # without it `lookahead_shed` had no SLOs and never refused.
+            router.initialize(config)
+        self.router = router
         self.ingress_id = ingress_id or f"ingress-{uuid.uuid4().hex[:8]}"
         self.refresh_s = refresh_s
         self.members_s = members_s

@@ -81,7 +81,7 @@ from scheduler.config.models import ClusterConfig, GPUSpec, ModelSpec
 from scheduler.core.types import SLO, ClusterView, InstanceRole, InstanceSnapshot, Rejected, RequestInfo
 from scheduler.latency import LatencyModel, kv_transfer_time, latency_for, prefill_pairs, roofline_model
 from scheduler.policy.pairing import PairingRouter
-from scheduler.policy.route import RouteDecision, RouteResult
+from scheduler.policy.route import RouteDecision, Router, RouteResult
 
 _NO_SLO = SLO()
 
@@ -488,3 +488,55 @@ class SheddingLookaheadRouter(LookaheadRouter):
                  **kw: object) -> None:
         super().__init__(shed_ttft_factor=shed_ttft_factor, shed_tpot_factor=shed_tpot_factor,
                          **kw)  # type: ignore[arg-type]
+
+
+class ShedRouter(Router):
+    """Another router's placements with ``lookahead_shed``'s refusal rules (``LookaheadRouter._shed``, one place for
+    that decision): ``base`` places every request; a ``LookaheadRouter`` with the shedding factors judges the
+    placement it chose and refuses when it is predicted to miss an SLO. The judge hears every placement
+    (``on_routed``), so its prefill-pressure term reads the base router's traffic. Config:
+    ``policies.router: {name: shed, params: {base: learned}}``.
+
+    Measured (docs/routing.md "SLO shedding"): over ``lookahead`` it decides exactly what ``lookahead_shed`` does;
+    over ``learned`` on Mooncake it is worse than ``learned`` alone (goodput 1.57 vs 2.21 req/s, 9.9% refused):
+    the judge prices queues without the prefix-cache hits the learned router places for.
+    """
+
+    name = "shed"
+
+    def __init__(self, base: str | Router = "learned", *, config: ClusterConfig | None = None,
+                 shed_ttft_factor: float | None = 0.1, shed_tpot_factor: float | None = 1.0,
+                 shed_below_priority: int = 1, **base_params: object) -> None:
+        from scheduler.policy.route import make_router
+
+        if isinstance(base, Router):
+            self.base = base
+        else:
+            self.base = make_router(base, **base_params)
+            if config is not None:
+                self.base.initialize(config)
+        self.judge = LookaheadRouter(config=config, shed_ttft_factor=shed_ttft_factor,
+                                     shed_tpot_factor=shed_tpot_factor, shed_below_priority=shed_below_priority)
+        self.needs_request_detail = self.base.needs_request_detail  # type: ignore[misc]
+
+    def initialize(self, config: ClusterConfig) -> None:
+        self.base.initialize(config)
+        self.judge.initialize(config)
+
+    def route(self, request: RequestInfo, view: ClusterView) -> RouteResult:
+        decision = self.base.route(request, view)
+        j = self.judge
+        if (not isinstance(decision, RouteDecision) or request.accepted
+                or request.priority >= j.shed_below_priority):
+            return decision
+        j._now = view.time_s
+        return j._shed(j._request(request), decision, view) or decision
+
+    def on_routed(self, request: RequestInfo, decision: RouteDecision) -> None:
+        self.base.on_routed(request, decision)
+        self.judge.on_routed(request, decision)
+
+    def on_finished(self, request_id: str, instance_id: str) -> None:
+        self.base.on_finished(request_id, instance_id)
+        self.judge.on_finished(request_id, instance_id)
+

@@ -1,7 +1,7 @@
 """Load- and workload-aware routers. Importing this module registers every smart router.
 
-Registered names: ``power_of_two``, ``llumnix``, ``prefix_affinity``, ``mixing`` (defined here), ``lookahead``
-(``routers_lookahead.py``) and ``learned`` (``routers_learned.py``). All share the P/D pairing and Splitwise
+Registered names: ``power_of_two``, ``llumnix``, ``prefix_affinity``, ``mixing`` (defined here), ``lookahead``,
+``lookahead_shed``, ``shed`` (``routers_lookahead.py``) and ``learned`` (``routers_learned.py``). All share the P/D pairing and Splitwise
 fallback of ``pairing.PairingRouter``. Priority: larger is more important; high-priority requests avoid queues.
 """
 
@@ -20,7 +20,7 @@ from scheduler.policy.pairing import (
 )
 from scheduler.policy.route import RouteDecision, RouteResult, register_router
 from scheduler.policy.routers_learned import LearnedRouter
-from scheduler.policy.routers_lookahead import LookaheadRouter, SheddingLookaheadRouter
+from scheduler.policy.routers_lookahead import LookaheadRouter, SheddingLookaheadRouter, ShedRouter
 
 
 # ---- power of two choices ---------------------------------------------------------------------------------------
@@ -232,5 +232,5 @@ class MixingRouter(PairingRouter):
 
 
 for _cls in (PowerOfTwoRouter, LlumnixRouter, PrefixAffinityRouter, MixingRouter, LookaheadRouter,
-             SheddingLookaheadRouter, LearnedRouter):
+             SheddingLookaheadRouter, LearnedRouter, ShedRouter):
     register_router(_cls)
