@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Run as a script: import this checkout, not whatever `scheduler` an editable install elsewhere points at.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from scheduler.config.load import load_config
 from sim.compare import at_load, router_factory, saturation_rate
 from sim.metrics import request_metrics, sim_summary

@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Run as a script: import this checkout, not whatever `scheduler` an editable install elsewhere points at.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from scheduler.config.load import load_config
 from scheduler.policy.routers_learned import ARTIFACT, DEFAULT_WEIGHTS, LearnedRouter
 from sim.commands import with_instances

@@ -266,7 +266,8 @@ def test_admin_migrate_through_grpc_and_sdk(live: Any, aloop: Any) -> None:
     from scheduler.server.grpc_server import build_server
 
     ing = live.ingress
-    ref, _, _ = aloop.run(_run(ing, "sdk-ref", _sampling(150)), timeout=120)
+    n = 400  # the migration must finish before the stream: room to spare on a loaded box
+    ref, _, _ = aloop.run(_run(ing, "sdk-ref", _sampling(n)), timeout=120)
 
     async def start() -> Any:
         s = build_server(ing, port=0)
@@ -280,7 +281,7 @@ def test_admin_migrate_through_grpc_and_sdk(live: Any, aloop: Any) -> None:
             done = threading.Event()
 
             def read() -> None:
-                chunks.extend(c.stream(list(PROMPT), max_tokens=150, temperature=0.0, ignore_eos=True,
+                chunks.extend(c.stream(list(PROMPT), max_tokens=n, temperature=0.0, ignore_eos=True,
                                        request_id="sdk-mig"))
                 done.set()
 
@@ -292,6 +293,6 @@ def test_admin_migrate_through_grpc_and_sdk(live: Any, aloop: Any) -> None:
             th.join(60)
         assert res.committed, res
         assert [t for ch in chunks for t in ch.token_ids] == ref
-        assert [i for ch in chunks for i in range(ch.index, ch.index + len(ch.token_ids))] == list(range(150))
+        assert [i for ch in chunks for i in range(ch.index, ch.index + len(ch.token_ids))] == list(range(n))
     finally:
         aloop.run(srv.stop(), timeout=30)

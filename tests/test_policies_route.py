@@ -375,3 +375,19 @@ def test_the_live_ingress_binds_the_config_to_the_router_it_names(name: str) -> 
     judge = getattr(router, "judge", router)
     assert router.name == name and judge.config is cfg
     assert judge.slo_for(req()).ttft_s == cfg.slos[0].ttft_s
+
+
+def test_lookahead_credits_the_prefix_cached_on_an_instance() -> None:
+    """The leading ``hash_ids`` blocks an instance reports cached are not recomputed there: the newcomer's TTFT on
+    it is the rest's prefill (attending over the cached part), so it goes there even against a little queue."""
+    r = LookaheadRouter(default_latency_model())
+    q = req(4096, hash_ids=(1, 2, 3, 4, 5, 6, 7, 8))  # 8 blocks of 512
+    cold = snap("a", waiting=1, pending=256)
+    warm = dataclasses.replace(snap("b", waiting=1, pending=512), cached_hash_ids=frozenset({1, 2, 3, 4, 5, 6, 99}))
+    assert r._cached_tokens(r._request(q), warm) == 6 * 512 and r._cached_tokens(r._request(q), cold) == 0
+    lat = default_latency_model()
+    e_cold, e_warm = r.estimate(q, cold), r.estimate(q, warm)
+    assert e_warm.ttft_s < e_cold.ttft_s - 0.5 * lat.prefill_time(3 * 512)
+    assert r.route(q, view(cold, warm)).prefill_instance == "b"
+    # A request without hash_ids is priced as before: the cached blocks are someone else's.
+    assert r.estimate(req(4096), warm).ttft_s > r.estimate(req(4096), cold).ttft_s

@@ -13,6 +13,9 @@ Estimator (documented approximations; all times from ``LatencyModel``):
 * TTFT on ``p`` = time to prefill the queued prompt tokens ``Q`` and then ``P`` itself in chunked steps of
   ``chunk_tokens`` (``step_time`` with the instance's resident decode batch riding along on MIXED instances).
   Queued prompts are assumed of equal size ``Q / max(waiting, 1)`` for their attention cost.
+* Prefix cache: the leading blocks of the newcomer's ``hash_ids`` that the snapshot reports cached on ``p``
+  (``cached_hash_ids``; ``hash_block_tokens`` each, at most ``P - 1``) are not computed: its prefill there is the
+  rest, attending over the cached part (what the engine does). Without ``hash_ids`` nothing changes.
 * harm_p: on a MIXED instance each of its ``B_p`` decodes waits for the newcomer's prefill steps:
   ``B_p * (prefill steps' time - the same number of decode-only steps)``. FCFS: queued prompts are not delayed.
 * transfer = ``kv_transfer_time(P)`` over the prefill GPU's network link (zero when colocated).
@@ -119,6 +122,7 @@ class _Req:
     pairs: float  # attention pairs of its prefill
     w: float  # priority weight
     slo: SLO
+    hash_ids: tuple[int, ...] = ()  # prompt block ids (prefix cache)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +177,7 @@ class LookaheadRouter(PairingRouter):
         pressure_window_s: float = 10.0,
         max_pressure: float = 0.9,
         kv_horizon_tokens: float | None = None,
+        hash_block_tokens: int = 512,
         detail: bool = False,
         shed_ttft_factor: float | None = None,
         shed_tpot_factor: float | None = None,
@@ -206,6 +211,7 @@ class LookaheadRouter(PairingRouter):
         self.pressure_window_s = pressure_window_s
         self.max_pressure = max_pressure
         self.kv_horizon_tokens = kv_horizon_tokens if kv_horizon_tokens is not None else default_output_tokens
+        self.hash_block_tokens = hash_block_tokens
         self._now = 0.0
         self._pressure: dict[str, tuple[float, float]] = {}  # instance -> (decayed prefill seconds, as of time)
         self._lat_of_id: dict[str, LatencyModel] = {}
@@ -268,7 +274,19 @@ class LookaheadRouter(PairingRouter):
 
     def _request(self, request: RequestInfo) -> _Req:
         P = request.prompt_tokens
-        return _Req(P, self.output_of(request), prefill_pairs(P, 0), self._weight(request), self.slo_for(request))
+        return _Req(P, self.output_of(request), prefill_pairs(P, 0), self._weight(request), self.slo_for(request),
+                    request.hash_ids)
+
+    def _cached_tokens(self, q: _Req, inst: InstanceSnapshot) -> int:
+        """Prompt tokens of ``q`` the engine on ``inst`` will not compute: its leading cached blocks."""
+        if not q.hash_ids or not inst.cached_hash_ids:
+            return 0
+        n = 0
+        for h in q.hash_ids:
+            if h not in inst.cached_hash_ids:
+                break
+            n += 1
+        return min(n * self.hash_block_tokens, q.P - 1)
 
     def _terms(self, inst: InstanceSnapshot) -> _Terms:
         """The request-independent part of the estimate for ``inst``, kept while its snapshot object is current
@@ -305,10 +323,12 @@ class LookaheadRouter(PairingRouter):
 
     def _prefill_side(self, q: _Req, t: _Terms, *, colocated: bool, xfer: bool) -> _Side:
         lat, P, B = t.lat, q.P, t.Bp
-        self_s = self._prefill_span(lat, P, q.pairs, B, t.Cp)
+        hit = self._cached_tokens(q, t.snap)
+        computed = P - hit
+        self_s = self._prefill_span(lat, computed, prefill_pairs(computed, hit) if hit else q.pairs, B, t.Cp)
         harm = 0.0
         if B:
-            steps = math.ceil(P / max(self.chunk_tokens - B, 1))
+            steps = math.ceil(computed / max(self.chunk_tokens - B, 1))
             harm = B * max(self_s - steps * t.decode_only_s, 0.0)
         ttft = t.queue_s + self_s
         if xfer and not colocated:
@@ -476,10 +496,11 @@ class SheddingLookaheadRouter(LookaheadRouter):
     TTFT SLO before its own prefill, or whose predicted TPOT is over its TPOT SLO, even on the best placement.
 
     Measured (docs/routing.md "SLO shedding"; 16 instances at 0.8 of saturation, goodput at 90% attainment over the
-    best of least-outstanding / Llumnix): Azure conversation 1.48x, Mooncake conversation 1.35x. The TTFT factor is
-    small because Mooncake needs it (TTFT factor 0.05 / 0.1 / 0.25 / 1.0 with the TPOT rule: 1.41 / 1.35 / 1.24 /
-    1.27x there; Azure 1.41 / 1.48 / 1.51 / 1.51x, where the TPOT rule does most of the work): the wait estimate
-    leaves out the prompts that arrive after the newcomer.
+    best of least-outstanding / Llumnix): Azure conversation 1.48x (``lookahead`` alone 1.04x), Mooncake conversation
+    1.72x (``lookahead`` alone 1.79x since it credits cached prefixes: there the rules add attainment, not goodput).
+    TTFT factor 0.05 / 0.1 / 0.25 / 1.0 with the TPOT rule: Azure 1.41 / 1.48 / 1.51 / 1.51x, where the TPOT rule does
+    most of the work; Mooncake 1.54 / 1.72 / 1.76 / 1.76x. The factor is small because the wait estimate leaves out
+    the prompts that arrive after the newcomer.
     """
 
     name = "lookahead_shed"
