@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
+import numpy as np
 
 from scheduler.config.models import GPUSpec, ModelSpec
 
@@ -128,16 +129,10 @@ class LatencyModel:
 
     def new_shape_time(self, tokens: int) -> float:
         """Extra time of a step at a token count outside the engine's kernel cache (see ``shape_cache_size``)."""
-        t = self.new_shape_table
-        if not t:
+        if not self.new_shape_table:
             return 0.0
-        k = bisect.bisect_right(t, (tokens, float("inf")))
-        if k == 0:
-            return t[0][1]
-        if k == len(t):
-            return t[-1][1]
-        (x0, y0), (x1, y1) = t[k - 1], t[k]
-        return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
+        xs, ys = zip(*self.new_shape_table)
+        return float(np.interp(tokens, xs, ys))  # flat past the ends; runs on a cache miss only, not per step
 
     def prefill_time(self, prompt_tokens: int, context_before: int = 0) -> float:
         return self.step_time(prefill_tokens=prompt_tokens, prefill_pairs=prefill_pairs(prompt_tokens, context_before),

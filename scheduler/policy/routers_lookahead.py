@@ -386,7 +386,13 @@ class LookaheadRouter(PairingRouter):
 
     def route(self, request: RequestInfo, view: ClusterView) -> RouteResult:
         self._now = view.time_s
-        decision = super().route(request, view)
+        return self.admit(request, super().route(request, view), view)
+
+    def admit(self, request: RequestInfo, decision: RouteResult, view: ClusterView) -> RouteResult:
+        """``decision``, or a ``Rejected`` when the shedding rules refuse that placement (module docstring); never
+        for already-accepted requests or priority >= ``shed_below_priority``. Also judges other routers' placements
+        (``ShedRouter``)."""
+        self._now = view.time_s
         if (not isinstance(decision, RouteDecision) or request.accepted
                 or request.priority >= self.shed_below_priority):
             return decision
@@ -543,13 +549,7 @@ class ShedRouter(Router):
         self.judge.initialize(config)
 
     def route(self, request: RequestInfo, view: ClusterView) -> RouteResult:
-        decision = self.base.route(request, view)
-        j = self.judge
-        if (not isinstance(decision, RouteDecision) or request.accepted
-                or request.priority >= j.shed_below_priority):
-            return decision
-        j._now = view.time_s
-        return j._shed(j._request(request), decision, view) or decision
+        return self.judge.admit(request, self.base.route(request, view), view)
 
     def on_routed(self, request: RequestInfo, decision: RouteDecision) -> None:
         self.base.on_routed(request, decision)
