@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scheduler.core.metrics import RequestMetrics, summarize
+from scheduler.core.metrics import RequestMetrics, percentiles, summarize
 
 
 @dataclass
@@ -34,19 +34,38 @@ class LiveResult:
     errors: list[str]
     wall_seconds: float
     duplicated_tokens: int = 0
-    # When each request was handed to the SDK: lateness against ``arrival_s`` is the load generator's own delay
-    # (TTFT counts from the scheduled arrival, as a client would see it; this tells the two apart).
+    # When each request was handed to the SDK. TTFT and E2E count from here, as vLLM's benchmark_serving does:
+    # the load generator wakes ~1 ms after a scheduled arrival (asyncio's epoll timeout is rounded up to whole
+    # milliseconds), which is this process's delay, not the cluster's. The lateness is reported on its own.
     sent_s: np.ndarray | None = None
 
+    def start_s(self) -> np.ndarray:
+        """Per request, when the cluster's clock starts: sent, or the scheduled arrival if it was never sent."""
+        if self.sent_s is None:
+            return self.arrival_s
+        return np.where(np.isfinite(self.sent_s), self.sent_s, self.arrival_s)
+
     def metrics(self, *, slo_ttft_s: float = np.inf, slo_tpot_s: float = np.inf) -> RequestMetrics:
-        return RequestMetrics.from_times(self.arrival_s, self.first_token_s, self.finish_s, self.output_tokens,
+        return RequestMetrics.from_times(self.start_s(), self.first_token_s, self.finish_s, self.output_tokens,
                                          slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s)
 
     def summary(self, **slo) -> dict:
         return summarize(self.metrics(**slo), requests=len(self.arrival_s), wall_seconds=self.wall_seconds,
                          events=int(self.tokens_received.sum()),
                          extra={"source": "live", "trace": self.name, "errors": len(self.errors),
-                                "duplicated_tokens": self.duplicated_tokens})
+                                "duplicated_tokens": self.duplicated_tokens,
+                                "send_late_s": percentiles(self.start_s() - self.arrival_s)})
+
+    @classmethod
+    def from_columns(cls, cols: dict, *, name: str = "trace", wall_seconds: float = float("nan")) -> LiveResult:
+        """Rebuild from the ``per_request`` columns ``llmsched run`` writes (seconds from the replay start)."""
+        col = {k: np.asarray(v, dtype=float) for k, v in cols.items() if v is not None and k.startswith("live_")}
+        out = np.asarray(cols["output_tokens"], dtype=np.int64)
+        first, finish = col["live_first_s"], col["live_finish_s"]
+        # Tokens received are not kept per request: a finished request received its output_tokens.
+        got = np.where(np.isfinite(finish), out, 0)
+        return cls(name, np.asarray(cols["arrival_s"], dtype=float), np.asarray(cols["prompt_tokens"]), out,
+                   first, finish, got, [], wall_seconds, 0, col.get("live_sent_s"))
 
 
 def fit_lengths(
@@ -56,6 +75,9 @@ def fit_lengths(
     out = np.clip(output, 1, max_output)
     pr = np.clip(prompt, 1, max_model_len - out - 1)
     return pr.astype(np.int64), out.astype(np.int64)
+
+
+PREPARE_AHEAD_S = 0.02
 
 
 def prompt_ids(i: int, n: int, vocab: int, seed: int = 0) -> list[int]:
@@ -90,11 +112,15 @@ async def replay_async(
 
     async def one(i: int) -> None:
         nonlocal dup
+        # Build the prompt a little ahead of its arrival (not all at once: a long trace's prompts would not fit).
+        ahead = arrival_s[i] - PREPARE_AHEAD_S - (time.perf_counter() - t0)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+        ids = prompt_ids(i, int(prompt_tokens[i]), vocab)
         delay = arrival_s[i] - (time.perf_counter() - t0)
         if delay > 0:
             await asyncio.sleep(delay)
         seen = -1
-        ids = prompt_ids(i, int(prompt_tokens[i]), vocab)
         sent[i] = time.perf_counter() - t0
         try:
             async for chunk in client.stream(
