@@ -409,6 +409,43 @@ def test_abort_frees_kv_blocks(engines: Engines) -> None:
     assert engines.run(d.stats()).num_running == 0
 
 
+def test_idle_stats_skip_the_engine_until_something_changes(engines: Engines) -> None:
+    """An idle engine's report is reused (the ingress polls every 25 ms), and every change shows at once: a new
+    request's prompt counters, a reservation's blocks, their release."""
+    d = engines.decode
+    core = d._engine.engine_core
+    calls: list[str] = []
+    real = core.call_utility_async
+
+    def counting(name: str, *args: Any) -> Any:
+        calls.append(name)
+        return real(name, *args)
+
+    prompt = _tokenize(engines.model_path, PROMPTS[1])
+
+    async def scenario() -> None:
+        first = await d.stats()
+        assert not (first.num_running or first.kv_blocks_used or first.requests)
+        assert await d.stats() == first and calls.count("llmsched_stats") <= 1
+        await _collect(d, EngineRequest("idle-1", prompt, SamplingParams(max_tokens=3, ignore_eos=True)))
+        after = await d.stats()
+        assert after.prompt_tokens_computed > first.prompt_tokens_computed
+        assert await d.stats() == after
+        n = calls.count("llmsched_stats")
+        assert await d.reserve_kv("idle-2", 4 * d.block_size) is None
+        held = await d.stats()
+        assert held.kv_blocks_used >= 4
+        await d.cancel_incoming("idle-2")
+        assert (await d.stats()).kv_blocks_used == 0
+        assert calls.count("llmsched_stats") == n + 2  # both read the engine: neither state was idle-cached
+
+    core.call_utility_async = counting
+    try:
+        engines.run(scenario())
+    finally:
+        core.call_utility_async = real
+
+
 @pytest.mark.parametrize(
     ("request_kwargs", "field"),
     [
