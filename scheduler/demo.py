@@ -157,6 +157,28 @@ async def _role_switch_check(target: str, *, vocab: int) -> dict | None:
             "identical": all(list(r.token_ids) == list(ref.token_ids) for r in runs)}
 
 
+async def _server_timings(ingress, live, prefix: str = "replay") -> dict[str, list[float]]:
+    """Per replayed request, when an instance received it and when that instance's engine put out its first
+    token (seconds from the replay start; the earliest first token over the instances, i.e. the prefill side of
+    a P/D request): TTFT minus these is the stack's part (client, gRPC, ingress, Ray/channel hops)."""
+    n = len(live.arrival_s)
+    received, first = np.full(n, np.nan), np.full(n, np.nan)
+    for iid, handle in ingress.instance_handles().items():
+        try:
+            timings = await handle.request_timings.remote()
+        except Exception as e:  # noqa: BLE001 - diagnostic columns only: the run goes on without them
+            _say(f"  server-side timings of {iid} not read: {type(e).__name__}: {e}")
+            continue
+        for rid, (r, f) in timings.items():
+            head, _, idx = rid.rpartition("-")
+            if head != prefix or not idx.isdigit() or int(idx) >= n:
+                continue
+            i = int(idx)
+            if not f - live.started_wall_s >= first[i]:  # NaN compares False: the first record wins
+                received[i], first[i] = r - live.started_wall_s, f - live.started_wall_s
+    return {"server_received_s": received.tolist(), "server_first_s": first.tolist()}
+
+
 async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
     from scheduler.profile import fit, measure, merge_samples
     from scheduler.server.grpc_server import build_server
@@ -184,6 +206,7 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
         t = time.time()
         live = await replay_async(target, trace.arrival_s, pr, out, name=trace.name, vocab=vocab)
         probe.phase("replay", t, time.time())
+        server = await _server_timings(ingress, live)
         _say("profiling again (2 rounds)...")
         t = time.time()
         after = await measure(target, vocab=vocab, repeats=2)
@@ -204,7 +227,7 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
         state = await ingress.cluster_state()
     finally:
         await srv.stop()
-    return {"profile": profile, "live": live, "migration": mig, "role_switch": role,
+    return {"profile": profile, "live": live, "migration": mig, "role_switch": role, "server": server,
             "lengths": (trace.arrival_s, pr, out),
             "instances": [(i.instance_id, i.role.value) for i in state.instances]}
 
@@ -336,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     if late.get("p50") is not None:
         _say(f"load generator: sent {late['p50'] * 1e3:.2f} ms (p50) / {late['p99'] * 1e3:.2f} ms (p99) after the "
              "scheduled arrivals; live TTFT and E2E count from the send")
+    srv = res["server"]
+    engine_part = np.asarray(srv["server_first_s"]) - np.asarray(srv["server_received_s"])
+    stack_part = live.first_token_s - live.start_s() - engine_part
+    if np.isfinite(engine_part).any():
+        _say(f"TTFT split (p50): instance receipt -> engine's first token {np.nanmedian(engine_part) * 1e3:.1f} ms, "
+             f"the rest (SDK, gRPC, ingress, hops) {np.nanmedian(stack_part) * 1e3:.1f} ms")
     m = res["migration"] or {"indices_exact": True}
     if res["migration"] is not None:
         _say(f"migration: committed={m['committed']} {m['source']} -> {m['destination']}, "
@@ -362,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                               "live_sent_s": live.sent_s.tolist() if live.sent_s is not None else None,
                               "live_first_s": live.first_token_s.tolist(), "live_finish_s": live.finish_s.tolist(),
                               "sim_first_s": sim_res.first_token_s.tolist(), "sim_finish_s": sim_res.finish_s.tolist(),
-                              "sim_decode_instance": sim_res.decode_instance.tolist()},
+                              "sim_decode_instance": sim_res.decode_instance.tolist(), **res["server"]},
               "profile_samples": res["profile"].get("samples"), "host_probe": host}
     write_json(out_dir / "report.json", report)
     sim_m = RequestMetrics.from_times(arrival, sim_res.first_token_s, sim_res.finish_s, out)

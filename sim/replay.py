@@ -38,6 +38,7 @@ class LiveResult:
     # the load generator wakes ~1 ms after a scheduled arrival (asyncio's epoll timeout is rounded up to whole
     # milliseconds), which is this process's delay, not the cluster's. The lateness is reported on its own.
     sent_s: np.ndarray | None = None
+    started_wall_s: float | None = None  # time.time() at the replay start (to place server-side timestamps)
 
     def start_s(self) -> np.ndarray:
         """Per request, when the cluster's clock starts: sent, or the scheduled arrival if it was never sent."""
@@ -109,6 +110,7 @@ async def replay_async(
     dup = 0
     client = AsyncClient(target, token=token)
     t0 = time.perf_counter()
+    wall0 = time.time()
 
     async def one(i: int) -> None:
         nonlocal dup
@@ -145,7 +147,7 @@ async def replay_async(
     finally:
         await client.close()
     return LiveResult(name, np.asarray(arrival_s, dtype=float), prompt_tokens, output_tokens, first, finish, got,
-                      errors, time.perf_counter() - t0, dup, sent)
+                      errors, time.perf_counter() - t0, dup, sent, wall0)
 
 
 def main(argv: list[str] | None = None) -> int:

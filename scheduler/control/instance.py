@@ -38,6 +38,7 @@ from scheduler.engine.base import EngineBackend, EngineRequest, EngineStats, KVB
 
 log = logging.getLogger(__name__)
 
+_TIMINGS_KEPT = 4096  # request_timings entries (a live run reads them after its replay)
 _FINISHED_KEPT = 1024  # final answers kept for a poll retry (a lost one is noticed within one poll timeout)
 
 # backend kind (PoolSpec.backend) -> "module:factory"; factory(model=, gpu=, pool=, role=, **backend_kwargs)
@@ -144,6 +145,7 @@ class _Stream:
     task: asyncio.Task[None] | None = None
     sent: TokenChunk | None = None  # the last chunk handed out, kept until a poll shows it arrived
     export: bool = False  # P->D prefill: start exporting the prompt KV the moment the stream ends
+    received: float = field(default_factory=time.time)  # wall clock at submit (request_timings)
 
 
 def _not_received(chunk: TokenChunk | None, from_index: int | None) -> bool:
@@ -205,6 +207,8 @@ class Instance:
         self._channel: ChannelServer | None = None
         # P->D prefill side: exports started when a handoff request's prefill ended (request id -> (started, task)).
         self._exports: dict[str, tuple[float, asyncio.Task[KVBlocks]]] = {}
+        # request_id -> (submit received, first token out of the engine), wall clock, newest _TIMINGS_KEPT.
+        self._timings: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
         node_id = ""
         try:
             import ray
@@ -337,6 +341,10 @@ class Instance:
     async def _pump(self, rid: str, st: _Stream, chunks: Any) -> None:
         try:
             async for chunk in chunks:
+                if chunk.token_ids and rid not in self._timings:
+                    self._timings[rid] = (st.received, time.time())
+                    if len(self._timings) > _TIMINGS_KEPT:
+                        self._timings.popitem(last=False)
                 st.buffer.append(chunk)
                 st.event.set()
                 if chunk.finished:
@@ -435,6 +443,11 @@ class Instance:
     # ---- state ----------------------------------------------------------------------------------------
     async def stats(self) -> EngineStats:
         return await self._require_backend().stats()
+
+    async def request_timings(self) -> dict[str, tuple[float, float]]:
+        """Per request this instance streamed: (submit received, first token out of its engine), wall clock --
+        the server-side part of a live run's TTFT (``llmsched run`` keeps it per request)."""
+        return dict(self._timings)
 
     async def snapshot(self) -> InstanceSnapshot:
         """Load report for routers: engine counts plus per-request context/generated lengths."""
