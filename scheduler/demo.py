@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import sys
@@ -163,20 +164,24 @@ async def _server_timings(ingress, live, prefix: str = "replay") -> dict[str, li
     a P/D request): TTFT minus these is the stack's part (client, gRPC, ingress, Ray/channel hops)."""
     n = len(live.arrival_s)
     received, first = np.full(n, np.nan), np.full(n, np.nan)
+    inner = np.full((n, 3), np.nan)  # the engine's own: arrival at vLLM's front end, first scheduled, finished
     for iid, handle in ingress.instance_handles().items():
         try:
             timings = await handle.request_timings.remote()
         except Exception as e:  # noqa: BLE001 - diagnostic columns only: the run goes on without them
             _say(f"  server-side timings of {iid} not read: {type(e).__name__}: {e}")
             continue
-        for rid, (r, f) in timings.items():
+        for rid, (r, f, *engine) in timings.items():
             head, _, idx = rid.rpartition("-")
             if head != prefix or not idx.isdigit() or int(idx) >= n:
                 continue
             i = int(idx)
             if not f - live.started_wall_s >= first[i]:  # NaN compares False: the first record wins
                 received[i], first[i] = r - live.started_wall_s, f - live.started_wall_s
-    return {"server_received_s": received.tolist(), "server_first_s": first.tolist()}
+                inner[i] = np.asarray(engine, dtype=float) - live.started_wall_s if len(engine) == 3 else np.nan
+    return {"server_received_s": received.tolist(), "server_first_s": first.tolist(),
+            "engine_arrival_s": inner[:, 0].tolist(), "engine_scheduled_s": inner[:, 1].tolist(),
+            "engine_finished_s": inner[:, 2].tolist()}
 
 
 async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
@@ -363,8 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     engine_part = np.asarray(srv["server_first_s"]) - np.asarray(srv["server_received_s"])
     stack_part = live.first_token_s - live.start_s() - engine_part
     if np.isfinite(engine_part).any():
-        _say(f"TTFT split (p50): instance receipt -> engine's first token {np.nanmedian(engine_part) * 1e3:.1f} ms, "
-             f"the rest (SDK, gRPC, ingress, hops) {np.nanmedian(stack_part) * 1e3:.1f} ms")
+        line = (f"TTFT split (p50): instance receipt -> engine's first token {np.nanmedian(engine_part) * 1e3:.1f} "
+                f"ms, the rest (SDK, gRPC, ingress, hops) {np.nanmedian(stack_part) * 1e3:.1f} ms")
+        marks = [np.asarray(srv[k]) for k in ("server_received_s", "engine_arrival_s", "engine_scheduled_s",
+                                              "engine_finished_s", "server_first_s")]
+        if np.isfinite(marks[2]).any():
+            parts = [np.nanmedian(b - a) * 1e3 for a, b in itertools.pairwise(marks)]
+            line += ("; inside: to vLLM's front end {:.1f}, to first scheduled {:.1f}, scheduled -> finished "
+                     "{:.1f}, back out {:.1f} ms").format(*parts)
+        _say(line)
     m = res["migration"] or {"indices_exact": True}
     if res["migration"] is not None:
         _say(f"migration: committed={m['committed']} {m['source']} -> {m['destination']}, "

@@ -131,7 +131,7 @@ def test_pd_split_streams_contiguous_and_decode_loads_prompt_kv(pd: Any, aloop: 
     assert len(dec) == 1 and loaded[dec[0]] == n_prompt and computed[dec[0]] == 0
     # Server-side timings (llmsched run's TTFT split): the prefill side put out token 0, the decoder token 1 after.
     timings = {i: ray.get(m.handle.request_timings.remote()).get(rid) for i, m in ing._members.items()}
-    (p_recv, p_first), (d_recv, d_first) = timings["prefill-0"], timings[dec[0]]
+    (p_recv, p_first, *_), (d_recv, d_first, *_) = timings["prefill-0"], timings[dec[0]]
     assert p_recv <= p_first <= d_recv <= d_first
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -407,6 +408,16 @@ def test_abort_frees_kv_blocks(engines: Engines) -> None:
     assert last.finished and last.finish_reason == "abort"
     assert after == idle
     assert engines.run(d.stats()).num_running == 0
+
+
+def test_engine_timings_place_a_request_inside_the_engine(engines: Engines) -> None:
+    """(arrival at vLLM's front end, first scheduled, finished), wall clock, per llmsched id: llmsched run's split."""
+    d = engines.decode
+    prompt = _tokenize(engines.model_path, PROMPTS[2])
+    t0 = time.time()
+    engines.run(_collect(d, EngineRequest("timed-1", prompt, SamplingParams(max_tokens=4, ignore_eos=True))))
+    arrival, scheduled, finished = engines.run(d.engine_timings())["timed-1"]
+    assert t0 <= arrival <= scheduled <= finished <= time.time()
 
 
 def test_idle_stats_skip_the_engine_until_something_changes(engines: Engines) -> None:

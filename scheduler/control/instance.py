@@ -444,10 +444,13 @@ class Instance:
     async def stats(self) -> EngineStats:
         return await self._require_backend().stats()
 
-    async def request_timings(self) -> dict[str, tuple[float, float]]:
+    async def request_timings(self) -> dict[str, tuple[float, ...]]:
         """Per request this instance streamed: (submit received, first token out of its engine), wall clock --
-        the server-side part of a live run's TTFT (``llmsched run`` keeps it per request)."""
-        return dict(self._timings)
+        the server-side part of a live run's TTFT (``llmsched run`` keeps it per request) -- followed, where the
+        backend records them (vLLM), by the engine's own (arrival at its front end, first scheduled, finished)."""
+        engine_timings = getattr(self._require_backend(), "engine_timings", None)
+        inner = await engine_timings() if engine_timings is not None else {}
+        return {rid: t + inner.get(rid, ()) for rid, t in self._timings.items()}
 
     async def snapshot(self) -> InstanceSnapshot:
         """Load report for routers: engine counts plus per-request context/generated lengths."""

@@ -516,6 +516,13 @@ class VLLMBackend:
         self._idle_stats = (epoch, stats) if idle and quiet else None
         return stats
 
+    async def engine_timings(self) -> dict[str, tuple[float, float, float]]:
+        """Per request: (arrival at vLLM's front end, first scheduled, finished) in the engine, wall clock."""
+        if self._engine is None:
+            return {}
+        d = await self._engine.engine_core.call_utility_async("llmsched_timings")  # reads only: no epoch bump
+        return {str(k): (float(v[0]), float(v[1]), float(v[2])) for k, v in d.items()}
+
     async def export_kv(self, request_id: str, start_token: int, end_token: int | None = None) -> KVBlocks:
         """Copy out the KV of ``request_id`` for tokens ``[start_token, end_token)``.
 

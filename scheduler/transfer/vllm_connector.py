@@ -24,8 +24,10 @@ Per-request control goes in ``SamplingParams.extra_args["kv_transfer_params"]``:
 from __future__ import annotations
 
 import collections
+import math
 import os
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -53,6 +55,7 @@ logger = init_logger(__name__)
 
 CONNECTOR_NAME = "LlmschedConnector"
 MODULE_PATH = __name__
+_TIMINGS_KEPT = 4096  # per-request engine timings kept (llmsched_timings)
 WORKER_EXTENSION = f"{__name__}.LlmschedWorkerExtension"
 
 # One engine per EngineCore/Worker process (vLLM-CPU always uses the multiprocess executor), so module globals
@@ -124,6 +127,9 @@ class LlmschedConnector(KVConnectorBase_V1):
             self._held: dict[str, Request] = {}
             self._scheduler: Any = None  # set by the first migration utility (the connector has no other path)
             self.counters = _Counters()
+            # llmsched id -> [arrival (vLLM's front end), first scheduled, finished], wall clock: where a request's
+            # time inside the engine went (``llmsched_timings``; newest _TIMINGS_KEPT).
+            self.timings: collections.OrderedDict[str, list[float]] = collections.OrderedDict()
             _SCHEDULER_CONNECTOR = self
         else:
             self._kv_caches: dict[str, torch.Tensor] = {}
@@ -267,11 +273,16 @@ class LlmschedConnector(KVConnectorBase_V1):
         # prefix-cache hits (both known at first schedule), computed = prompt tokens run through the model.
         loaded_now = {ld.llmsched_id: ld.end_token - ld.start_token for ld in meta.loads}
         scheduled: dict[str, int] = {}
+        now = time.time()
         for new in scheduler_output.scheduled_new_reqs:
             scheduled[new.req_id] = new.num_computed_tokens
             request = self._live.get(new.req_id)
             if request is not None:
                 lid = self._params(request).get("llmsched_id")
+                if lid is not None and str(lid) not in self.timings:
+                    self.timings[str(lid)] = [float(request.arrival_time), now, math.nan]
+                    if len(self.timings) > _TIMINGS_KEPT:
+                        self.timings.popitem(last=False)
                 sp = request.sampling_params
                 if lid is not None and sp is not None and sp.seed is not None:
                     meta.first_seen.append((str(lid), new.req_id))
@@ -316,6 +327,9 @@ class LlmschedConnector(KVConnectorBase_V1):
         self._live.pop(request.request_id, None)
         lid = self._params(request).get("llmsched_id")
         if lid is not None:
+            t = self.timings.get(str(lid))
+            if t is not None and math.isnan(t[2]):
+                t[2] = time.time()
             self._adopted.pop(str(lid), None)
             if self._held.get(str(lid)) is request:
                 del self._held[str(lid)]
@@ -679,6 +693,12 @@ def _engine_release(
     return True
 
 
+def _engine_timings(core: Any) -> dict[str, list[float]]:
+    """EngineCore utility: per request (llmsched id), [arrival, first scheduled, finished], wall clock."""
+    conn = _SCHEDULER_CONNECTOR
+    return dict(conn.timings) if conn is not None else {}
+
+
 def _engine_stats(core: Any) -> dict[str, Any]:
     """EngineCore utility: exact scheduler state and the connector's counters, read between steps."""
     sched = core.scheduler
@@ -734,6 +754,7 @@ def _install_engine_core_utilities() -> None:
         EngineCore.llmsched_pause = _engine_pause  # type: ignore[attr-defined]
         EngineCore.llmsched_resume = _engine_resume  # type: ignore[attr-defined]
         EngineCore.llmsched_release = _engine_release  # type: ignore[attr-defined]
+        EngineCore.llmsched_timings = _engine_timings  # type: ignore[attr-defined]
 
 
 _install_engine_core_utilities()
