@@ -158,34 +158,38 @@ async def _role_switch_check(target: str, *, vocab: int) -> dict | None:
             "identical": all(list(r.token_ids) == list(ref.token_ids) for r in runs)}
 
 
-async def _server_timings(ingress, live, prefix: str = "replay") -> dict[str, list[float]]:
-    """Per replayed request, when an instance received it and when that instance's engine put out its first
-    token (seconds from the replay start; the earliest first token over the instances, i.e. the prefill side of
-    a P/D request): TTFT minus these is the stack's part (client, gRPC, ingress, Ray/channel hops)."""
-    n = len(live.arrival_s)
-    received, first = np.full(n, np.nan), np.full(n, np.nan)
-    inner = np.full((n, 3), np.nan)  # the engine's own: arrival at vLLM's front end, first scheduled, finished
+async def _instance_timings(ingress) -> dict[str, tuple[float, ...]]:
+    """``Instance.request_timings`` of every instance, per request id the record with the earliest first token
+    (the prefill side of a P/D request)."""
+    out: dict[str, tuple[float, ...]] = {}
     for iid, handle in ingress.instance_handles().items():
         try:
             timings = await handle.request_timings.remote()
         except Exception as e:  # noqa: BLE001 - diagnostic columns only: the run goes on without them
             _say(f"  server-side timings of {iid} not read: {type(e).__name__}: {e}")
             continue
-        for rid, (r, f, *engine) in timings.items():
-            head, _, idx = rid.rpartition("-")
-            if head != prefix or not idx.isdigit() or int(idx) >= n:
-                continue
-            i = int(idx)
-            if not f - live.started_wall_s >= first[i]:  # NaN compares False: the first record wins
-                received[i], first[i] = r - live.started_wall_s, f - live.started_wall_s
-                inner[i] = np.asarray(engine, dtype=float) - live.started_wall_s if len(engine) == 3 else np.nan
-    return {"server_received_s": received.tolist(), "server_first_s": first.tolist(),
-            "engine_arrival_s": inner[:, 0].tolist(), "engine_scheduled_s": inner[:, 1].tolist(),
-            "engine_finished_s": inner[:, 2].tolist()}
+        for rid, t in timings.items():
+            if rid not in out or t[1] < out[rid][1]:
+                out[rid] = tuple(t)
+    return out
+
+
+async def _server_timings(ingress, live, prefix: str = "replay") -> dict[str, list[float]]:
+    """Per replayed request, when an instance received it and when that instance's engine put out its first
+    token, then the engine's own stamps (seconds from the replay start): TTFT minus these is the stack's part
+    (client, gRPC, ingress, Ray/channel hops)."""
+    n = len(live.arrival_s)
+    cols = np.full((n, 5), np.nan)  # received, first out, engine arrival, first scheduled, finished
+    for rid, t in (await _instance_timings(ingress)).items():
+        head, _, idx = rid.rpartition("-")
+        if head == prefix and idx.isdigit() and int(idx) < n:
+            cols[int(idx), :len(t)] = np.asarray(t[:5], dtype=float) - live.started_wall_s
+    names = ("server_received_s", "server_first_s", "engine_arrival_s", "engine_scheduled_s", "engine_finished_s")
+    return {k: cols[:, j].tolist() for j, k in enumerate(names)}
 
 
 async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
-    from scheduler.profile import fit, measure, merge_samples
+    from scheduler.profile import attach_engine_times, fit, measure, merge_samples
     from scheduler.server.grpc_server import build_server
     from sim.replay import fit_lengths, replay_async
     from sim.traces import default_trace
@@ -201,7 +205,7 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
         _say("profiling this machine through the SDK (prefill and decode step times; 3 rounds now, 2 after "
              "the replay)...")
         t = time.time()
-        before = await measure(target, vocab=vocab, repeats=3)
+        before = attach_engine_times(await measure(target, vocab=vocab, repeats=3), await _instance_timings(ingress))
         probe.phase("profile_before", t, time.time())
         trace = default_trace().head(args.requests)
         if args.rate_scale != 1.0:
@@ -214,7 +218,7 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
         server = await _server_timings(ingress, live)
         _say("profiling again (2 rounds)...")
         t = time.time()
-        after = await measure(target, vocab=vocab, repeats=2)
+        after = attach_engine_times(await measure(target, vocab=vocab, repeats=2), await _instance_timings(ingress))
         probe.phase("profile_after", t, time.time())
         profile = fit(merge_samples(before, after))
         line = (f"  profile: step overhead {profile['overhead_s'] * 1e3:.2f} ms, "

@@ -84,6 +84,10 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
     prefill, decode, handoff, new_shape = [], [], [], []
     contention: dict[int, list[float]] = {}
     sizes: set[int] = set()  # prompt sizes sent by this profile
+    # (N, request id, TTFT) of every recorded lone prefill: a caller with the instances' request_timings turns
+    # them into ``prefill_engine`` samples (``attach_engine_times``).
+    prefill_runs: list[tuple[int, str, float]] = []
+    last_lone: list[str] = []
     n = 0
 
     async def one(prompt_len: int, max_tokens: int) -> dict:
@@ -91,15 +95,16 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
         n += 1
         sizes.add(prompt_len)
         ids = rng.integers(4, vocab, prompt_len).tolist()
+        rid = f"profile-{n}-{time.time_ns()}"
         t0 = time.perf_counter()
         times, insts = [], []
         async for ch in client.stream(ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                                      request_id=f"profile-{n}-{time.time_ns()}"):
+                                      request_id=rid):
             if ch.token_ids:
                 now = time.perf_counter()
                 times.extend([now] * len(ch.token_ids))
                 insts.extend([ch.instance_id] * len(ch.token_ids))
-        return {"ttft": times[0] - t0, "times": times, "inst": insts, "prompt": prompt_len}
+        return {"ttft": times[0] - t0, "times": times, "inst": insts, "prompt": prompt_len, "id": rid}
 
     def per_engine(runs: list[dict]) -> list[tuple[int, int, list[dict]]]:
         """``(engines busy, batch on one engine, runs to window)``: grouped by the chunks' ``instance_id`` where
@@ -129,13 +134,16 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
 
         async def lone(N: int) -> float:
             await asyncio.sleep(idle_gap_s)
-            return (await one(N, 1))["ttft"]
+            r = await one(N, 1)
+            last_lone[:] = [r["id"]]
+            return r["ttft"]
 
         for N in PREFILL_GRID:  # unrecorded: the grid sizes' first steps build their kernels
             await lone(N)
         for _ in range(repeats):
             for N in PREFILL_GRID:
                 ttfts[N].append(await lone(N))
+                prefill_runs.append((N, last_lone[0], ttfts[N][-1]))
                 # A size this profile has not sent (odd offsets: the grid and the other prompts are even), then
                 # the same size again: the difference is the kernel build alone.
                 M = N + int(rng.choice([d for d in range(1, 32, 2) if N + d not in sizes]))
@@ -168,7 +176,22 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
     finally:
         await client.close()
     return {"prefill": prefill, "decode": decode, "handoff": handoff, "new_shape": new_shape,
-            "contention": {k: [float(x) for x in v] for k, v in sorted(contention.items())}, "engines": engines}
+            "contention": {k: [float(x) for x in v] for k, v in sorted(contention.items())}, "engines": engines,
+            "prefill_runs": prefill_runs}
+
+
+def attach_engine_times(samples: dict, timings: dict[str, tuple[float, ...]]) -> dict:
+    """``samples`` with ``prefill_engine`` rows ``(N, TTFT, forward)`` for its lone prefills whose engine stamps
+    are in ``timings`` (request id -> ``Instance.request_timings`` tuple: received, first token out, engine
+    arrival, first scheduled, finished; the forward is finished - scheduled), and without the request ids."""
+    out = {k: v for k, v in samples.items() if k != "prefill_runs"}
+    rows = []
+    for N, rid, ttft in samples.get("prefill_runs", ()):
+        t = timings.get(rid)
+        if t is not None and len(t) >= 5 and t[4] >= t[3]:
+            rows.append((int(N), float(ttft), float(t[4] - t[3])))
+    out["prefill_engine"] = rows
+    return out
 
 
 def merge_samples(*parts: dict) -> dict:
@@ -177,8 +200,8 @@ def merge_samples(*parts: dict) -> dict:
     pooled (``contention_table`` takes their median)."""
     out: dict = {"prefill": [], "decode": [], "handoff": [], "new_shape": [], "contention": {}, "engines": 0}
     for s in parts:
-        for key in ("prefill", "decode", "handoff", "new_shape"):
-            out[key].extend(s.get(key, []))
+        for key in ("prefill", "decode", "handoff", "new_shape", "prefill_engine"):
+            out.setdefault(key, []).extend(s.get(key, []))
         for k, v in s.get("contention", {}).items():
             out["contention"].setdefault(int(k), []).extend(v if isinstance(v, list) else [v])
         out["engines"] = max(out["engines"], int(s.get("engines", 0)))
@@ -255,7 +278,19 @@ def fit(samples: dict) -> dict:
     for N, t in samples["prefill"]:
         by_n.setdefault(int(N), []).append(float(t))
     lone = {N: float(np.median(ts)) for N, ts in sorted(by_n.items())}
-    if lone:
+    engine = np.asarray(samples.get("prefill_engine") or (), dtype=float).reshape(-1, 3)
+    if len(engine):
+        # The engine's own stamps (``llmsched run``): the step is what it measured from first scheduled to
+        # finished, the path is the rest of the TTFT -- split by measurement, not by the fit's intercepts (which
+        # gave the path ~3 ms too much and small prefills ~5 ms too little: docs/live_vs_sim.md). The path grows
+        # with the prompt (ids through gRPC, pickling, ZMQ, block hashing): L + per-token, medians per grid size.
+        sizes = sorted({int(n) for n in engine[:, 0]})
+        step = {N: float(np.median(engine[engine[:, 0] == N, 2])) for N in sizes}
+        path = np.array([np.median(engine[engine[:, 0] == N, 1] - engine[engine[:, 0] == N, 2]) for N in sizes])
+        (L, per_token), _ = nnls(np.c_[np.ones(len(sizes)), sizes], np.maximum(path, 0.0))
+        out["request_latency_s"], out["request_latency_s_per_token"] = float(L), float(per_token)
+        out["prefill_table"] = [[N, max(t - coef[0] - coef[4], 0.0)] for N, t in step.items()]
+    elif lone:
         # L no larger than the smallest lone TTFT allows (the curve's intercept can overshoot it).
         L = min(out["request_latency_s"], max(min(lone.values()) - coef[0] - coef[4], 0.0))
         out["request_latency_s"] = L
@@ -297,7 +332,9 @@ def latency_from_profile(path: str | Path, model: ModelSpec, gpu: GPUSpec, tp: i
         attn_prefill = p["attn_prefill_s_per_pair"]
     return LatencyModel(model, gpu, tp, p["overhead_s"], attn_prefill, p["attn_decode_s_per_token"],
                         gemm, source=f"profile:{Path(path).name}", per_seq_s=p.get("per_seq_s", 0.0),
-                        request_latency_s=p.get("request_latency_s", 0.0), handoff_s=p.get("handoff_s"),
+                        request_latency_s=p.get("request_latency_s", 0.0),
+                        request_latency_s_per_token=p.get("request_latency_s_per_token", 0.0),
+                        handoff_s=p.get("handoff_s"),
                         handoff_s_per_token=p.get("handoff_s_per_token", 0.0),
                         host_contention=tuple(p.get("host_contention", (1.0,))),
                         new_shape_table=tuple((int(m), float(e)) for m, e in p.get("new_shape_table", ())),
@@ -313,8 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-gap-ms", type=float, default=IDLE_GAP_S * 1e3,
                     help="idle time before each TTFT sample (0: back to back, the stack stays hot)")
     args = ap.parse_args(argv)
-    prof = fit(asyncio.run(measure(args.target, vocab=args.vocab, repeats=args.repeats,
-                                   idle_gap_s=args.idle_gap_ms / 1e3)))
+    # Through the SDK only: no engine stamps here (``llmsched run`` has the instances and attaches them), so the
+    # step and the path are split by the fit.
+    samples = asyncio.run(measure(args.target, vocab=args.vocab, repeats=args.repeats,
+                                  idle_gap_s=args.idle_gap_ms / 1e3))
+    prof = fit(attach_engine_times(samples, {}))
     Path(args.out).write_text(json.dumps(prof, indent=2) + "\n")
     print(f"wrote {args.out}: overhead {prof['overhead_s'] * 1e3:.2f} ms, per-token {prof['gemm_s_per_token'] * 1e6:.1f} us, "
           f"fit error {prof['fit_mape'] * 100:.1f}%")

@@ -458,14 +458,18 @@ class Simulator:
                 self.admit[i] = started if started is not None else t
         # The request path (gRPC, ingress, actor hops) is host CPU work too: slowed by the same contention factor
         # as the engine's steps (the profile's contended-TTFT ratio is measured over path + step).
-        lat = inst.latency.request_latency_s * inst.engine.time_scale if inst is not None else 0.0
+        def lat(i: int) -> float:
+            if inst is None:
+                return 0.0
+            return inst.latency.path_latency(int(self.w.prompt_tokens[i])) * inst.engine.time_scale
+
         for seq in res.first_token:
             i = seq.tag
             if self.first[i] != self.first[i]:
-                self.first[i] = t + lat
+                self.first[i] = t + lat(i)
         for seq in res.finished:
             i = seq.tag
-            self.finish[i] = t + lat
+            self.finish[i] = t + lat(i)
             self.router.on_finished(str(i), self._ids[self.inst_of[i]])
         for seq in res.preempted:
             self.preempt[seq.tag] += 1
@@ -476,7 +480,7 @@ class Simulator:
         output = int(self.w.output_tokens[i])
         d = self.dec_of[i]
         if output <= 1:
-            self.finish[i] = t + self.instances[self.inst_of[i]].latency.request_latency_s
+            self.finish[i] = t + self.instances[self.inst_of[i]].latency.path_latency(int(self.w.prompt_tokens[i]))
             if d >= 0:
                 self._expect_kv(self.instances[d], -1, t)
             return

@@ -38,6 +38,29 @@ def test_fit_separates_request_latency_from_step_overhead():
     assert p["fit_mape"] < 1e-6
 
 
+def test_fit_splits_step_and_path_by_the_engine_stamps(tmp_path):
+    """With the engines' own stamps (``llmsched run``: first scheduled -> finished per lone prefill), the step is
+    what the engine measured and the path is the rest of the TTFT, growing with the prompt -- not the fit's
+    intercepts. The simulated lone TTFT stays the measured one."""
+    c, s = TRUE["c"], TRUE["s"]
+    step = {32: 6e-3, 128: 7e-3, 256: 9e-3, 512: 14e-3, 1024: 30e-3}  # the engine's forward, per size
+    L0, per_token = 7e-3, 3e-6
+    engine = [(N, step[N] + L0 + per_token * N + noise, step[N]) for N in step for noise in (0.0, 1e-3, -1e-3)]
+    samples = dict(_samples(), prefill_engine=engine)
+    p = fit(samples)
+    assert p["request_latency_s"] == pytest.approx(L0, rel=1e-6)
+    assert p["request_latency_s_per_token"] == pytest.approx(per_token, rel=1e-6)
+    assert dict(p["prefill_table"]) == pytest.approx({N: t - p["overhead_s"] - p["per_seq_s"] for N, t in step.items()})
+    assert p["overhead_s"] == pytest.approx(c, rel=0.02) and p["per_seq_s"] == pytest.approx(s, rel=0.02)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(p))
+    lat = latency_from_profile(path, load_config("tiny-cpu").model, load_config("tiny-cpu").gpus["cpu"])
+    for N, t in step.items():  # a lone request: the path, then one prefill step (c + s + the table)
+        assert lat.prefill_time(N) + lat.path_latency(N) == pytest.approx(t + L0 + per_token * N, rel=1e-9), N
+    # Without stamps (``llmsched profile`` through the SDK alone) the fit splits them as before.
+    assert "request_latency_s_per_token" not in fit(dict(samples, prefill_engine=[]))
+
+
 def test_fit_normalizes_decode_samples_by_contention():
     p = fit(_samples({2: 1.5, 3: 2.0}))
     assert p["host_contention"] == [1.0, 1.5, 2.0]
@@ -144,6 +167,9 @@ def test_simulator_applies_request_latency_and_handoff(tmp_path):
     r1 = _sim(p, tmp_path)
     np.testing.assert_allclose(r1.first_token_s - r0.first_token_s, 0.004, atol=1e-12)
     np.testing.assert_allclose(r1.finish_s - r0.finish_s, 0.004, atol=1e-12)
+    r3 = _sim(dict(p, request_latency_s_per_token=1e-5), tmp_path)  # the path's per-prompt-token part
+    np.testing.assert_allclose(r3.first_token_s - r1.first_token_s, 1e-5 * np.array([200, 600, 100]), atol=1e-12)
+    np.testing.assert_allclose(r3.finish_s - r1.finish_s, 1e-5 * np.array([200, 600, 100]), atol=1e-12)
     r2 = _sim(dict(base, handoff_s=0.05), tmp_path)
     tpot0 = (r0.finish_s - r0.first_token_s)[:2]
     tpot2 = (r2.finish_s - r2.first_token_s)[:2]

@@ -64,6 +64,7 @@ class LatencyModel:
     # the per-request path latency a client sees once per request (gRPC, ingress, Ray hop, engine IPC), not
     # once per step; it delays a request's whole stream and occupies no engine.
     request_latency_s: float = 0.0
+    request_latency_s_per_token: float = 0.0  # the path's part that grows with the prompt (ids on the wire, hashing)
     # The P->D handoff as measured end to end (KV export, object store, import, decode admission):
     # ``handoff_s + handoff_s_per_token * prompt_tokens``; ``None``: the link model (``kv_transfer_time``).
     handoff_s: float | None = None
@@ -79,6 +80,10 @@ class LatencyModel:
     shape_cache_size: int = 0
 
     # ---- the batch cost -------------------------------------------------------------------------------
+    def path_latency(self, prompt_tokens: int) -> float:
+        """The request path's delay on its stream (first token and finish), occupying no engine."""
+        return self.request_latency_s + self.request_latency_s_per_token * prompt_tokens
+
     def step_time(
         self,
         *,
