@@ -87,6 +87,7 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
     # (N, request id, TTFT) of every recorded lone prefill: a caller with the instances' request_timings turns
     # them into ``prefill_engine`` samples (``attach_engine_times``).
     prefill_runs: list[tuple[int, str, float]] = []
+    shape_runs: list[tuple[int, str, str]] = []  # (M, request id of its first run, of the one right after)
     last_lone: list[str] = []
     n = 0
 
@@ -148,7 +149,9 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
                 # the same size again: the difference is the kernel build alone.
                 M = N + int(rng.choice([d for d in range(1, 32, 2) if N + d not in sizes]))
                 cold = await lone(M)
+                cold_id = last_lone[0]
                 new_shape.append((M, cold - await lone(M)))
+                shape_runs.append((M, cold_id, last_lone[0]))
         prefill.extend((N, float(np.median(ts))) for N, ts in ttfts.items())
         alone: dict[int, list[float]] = {}  # prompt -> steady TPOT of one request alone on the host
         for b, ctx in [point for _ in range(repeats) for point in DECODE_GRID]:
@@ -177,20 +180,25 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
         await client.close()
     return {"prefill": prefill, "decode": decode, "handoff": handoff, "new_shape": new_shape,
             "contention": {k: [float(x) for x in v] for k, v in sorted(contention.items())}, "engines": engines,
-            "prefill_runs": prefill_runs}
+            "prefill_runs": prefill_runs, "shape_runs": shape_runs}
 
 
 def attach_engine_times(samples: dict, timings: dict[str, tuple[float, ...]]) -> dict:
     """``samples`` with ``prefill_engine`` rows ``(N, TTFT, forward)`` for its lone prefills whose engine stamps
     are in ``timings`` (request id -> ``Instance.request_timings`` tuple: received, first token out, engine
-    arrival, first scheduled, finished; the forward is finished - scheduled), and without the request ids."""
-    out = {k: v for k, v in samples.items() if k != "prefill_runs"}
-    rows = []
-    for N, rid, ttft in samples.get("prefill_runs", ()):
+    arrival, first scheduled, finished; the forward is finished - scheduled), ``new_shape`` from the two runs'
+    forwards where both are stamped (the kernel build without the path's noise), and without the request ids."""
+    def forward(rid: str) -> float | None:
         t = timings.get(rid)
-        if t is not None and len(t) >= 5 and t[4] >= t[3]:
-            rows.append((int(N), float(ttft), float(t[4] - t[3])))
-    out["prefill_engine"] = rows
+        return float(t[4] - t[3]) if t is not None and len(t) >= 5 and t[4] >= t[3] else None
+
+    out = {k: v for k, v in samples.items() if k not in ("prefill_runs", "shape_runs")}
+    out["prefill_engine"] = [(int(N), float(ttft), f) for N, rid, ttft in samples.get("prefill_runs", ())
+                             if (f := forward(rid)) is not None]
+    runs = samples.get("shape_runs", ())
+    pairs = [(int(M), forward(a), forward(b)) for M, a, b in runs]
+    if runs and all(a is not None and b is not None for _, a, b in pairs):
+        out["new_shape"] = [(M, a - b) for M, a, b in pairs]
     return out
 
 

@@ -61,6 +61,22 @@ def test_fit_splits_step_and_path_by_the_engine_stamps(tmp_path):
     assert "request_latency_s_per_token" not in fit(dict(samples, prefill_engine=[]))
 
 
+def test_attach_engine_times_turns_request_ids_into_forward_samples():
+    from scheduler.profile import attach_engine_times
+
+    samples = {"prefill": [(128, 0.02)], "new_shape": [(131, 0.009)],
+               "prefill_runs": [(128, "a", 0.02), (128, "lost", 0.03)], "shape_runs": [(131, "b", "c")]}
+    # Instance.request_timings: received, first token out, engine arrival, first scheduled, finished
+    timings = {"a": (0.0, 0.02, 0.001, 0.004, 0.012), "b": (1.0, 1.03, 1.001, 1.004, 1.020),
+               "c": (2.0, 2.02, 2.001, 2.004, 2.013)}
+    out = attach_engine_times(samples, timings)
+    assert out["prefill_engine"] == [(128, 0.02, pytest.approx(0.008))]
+    assert out["new_shape"] == [(131, pytest.approx(0.016 - 0.009))]  # the forwards' difference, not the TTFTs'
+    assert "prefill_runs" not in out and "shape_runs" not in out
+    bare = attach_engine_times(samples, {})  # no stamps (SDK only): the TTFT-based samples stand
+    assert bare["prefill_engine"] == [] and bare["new_shape"] == [(131, 0.009)]
+
+
 def test_fit_normalizes_decode_samples_by_contention():
     p = fit(_samples({2: 1.5, 3: 2.0}))
     assert p["host_contention"] == [1.0, 1.5, 2.0]
