@@ -205,7 +205,8 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
         _say("profiling this machine through the SDK (prefill and decode step times; 3 rounds now, 2 after "
              "the replay)...")
         t = time.time()
-        before = attach_engine_times(await measure(target, vocab=vocab, repeats=3), await _instance_timings(ingress))
+        sampled = await measure(target, vocab=vocab, repeats=3)
+        before = attach_engine_times(sampled, await _instance_timings(ingress))
         probe.phase("profile_before", t, time.time())
         trace = default_trace().head(args.requests)
         if args.rate_scale != 1.0:
@@ -218,7 +219,10 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
         server = await _server_timings(ingress, live)
         _say("profiling again (2 rounds)...")
         t = time.time()
-        after = attach_engine_times(await measure(target, vocab=vocab, repeats=2), await _instance_timings(ingress))
+        # New-size samples must be sizes these engines never ran (a run size stays cheap: profile.SHAPE_CACHE_SIZE).
+        ran = {*sampled["sizes_sent"], *(int(x) for x in pr)}
+        after = attach_engine_times(await measure(target, vocab=vocab, repeats=2, avoid=ran),
+                                    await _instance_timings(ingress))
         probe.phase("profile_after", t, time.time())
         profile = fit(merge_samples(before, after))
         line = (f"  profile: step overhead {profile['overhead_s'] * 1e3:.2f} ms, "

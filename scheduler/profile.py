@@ -16,6 +16,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,11 @@ CONTENTION_PROMPT = 256
 # in csrc/cpu/dnnl_helper.cpp). A step at a count not among them builds its kernels first: a lone ~900-token
 # prompt of a size never sent took 24.6 ms, the same size again 18.0 ms (docs/live_vs_sim.md). Trace prompts are
 # mostly sizes never sent, the profile's grid sizes repeat: the profile measures both.
-SHAPE_CACHE_SIZE = 32
+# Evicted from that LRU, a kernel is still in oneDNN's own primitive cache (1024 primitives by default, over the
+# tiny model's 4 linear weight shapes: 256 sizes), and rebuilding it costs nothing measurable: ~250-token sizes
+# run once, then 45 other sizes, then again: forward 9.5 ms, the same as right after (9.4), against 13.4-14.6 ms
+# the first time (engine stamps, docs/live_vs_sim.md). So what costs is a size the engine has never run.
+SHAPE_CACHE_SIZE = 256
 DECODE_BATCH_MAX = max(b for b, _ in DECODE_GRID)  # below the prefill grid: the table keeps the two apart
 assert DECODE_BATCH_MAX < PREFILL_GRID[0]
 
@@ -62,7 +67,8 @@ IDLE_GAP_S = 0.05
 
 
 async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, repeats: int = 3,
-                  token: str | None = None, idle_gap_s: float = IDLE_GAP_S, seed: int | None = None) -> dict:
+                  token: str | None = None, idle_gap_s: float = IDLE_GAP_S, seed: int | None = None,
+                  avoid: Iterable[int] = ()) -> dict:
     """Samples for the latency model, measured through the SDK against a running server.
 
     - ``prefill``: (N, TTFT) of one request alone (max_tokens=1) after ``idle_gap_s`` of idle: per-request path
@@ -72,7 +78,9 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
       (KV export on the prefill engine, object store, import on the decode engine) as clients see it;
     - ``contention``: step-time factor by number of engines busy on this host (engines share the host's cores);
     - ``new_shape``: (M, TTFT of a lone prompt of a size M never sent less that of the same size sent again right
-      after): the engine's kernel build for a new batch token count (``SHAPE_CACHE_SIZE``).
+      after): the engine's kernel build for a new batch token count (``SHAPE_CACHE_SIZE``). ``avoid``: sizes the
+      engines have run already (an earlier profile, a replay), never picked as new; ``sizes_sent`` in the result
+      lists this call's.
     """
     from scheduler.client import AsyncClient
 
@@ -83,7 +91,7 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
     rng = np.random.default_rng(seed)
     prefill, decode, handoff, new_shape = [], [], [], []
     contention: dict[int, list[float]] = {}
-    sizes: set[int] = set()  # prompt sizes sent by this profile
+    sizes: set[int] = set(avoid)  # prompt sizes the engines have run (this profile's, and ``avoid``)
     # (N, request id, TTFT) of every recorded lone prefill: a caller with the instances' request_timings turns
     # them into ``prefill_engine`` samples (``attach_engine_times``).
     prefill_runs: list[tuple[int, str, float]] = []
@@ -180,7 +188,7 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
         await client.close()
     return {"prefill": prefill, "decode": decode, "handoff": handoff, "new_shape": new_shape,
             "contention": {k: [float(x) for x in v] for k, v in sorted(contention.items())}, "engines": engines,
-            "prefill_runs": prefill_runs, "shape_runs": shape_runs}
+            "prefill_runs": prefill_runs, "shape_runs": shape_runs, "sizes_sent": sorted(sizes)}
 
 
 def attach_engine_times(samples: dict, timings: dict[str, tuple[float, ...]]) -> dict:
@@ -192,7 +200,7 @@ def attach_engine_times(samples: dict, timings: dict[str, tuple[float, ...]]) ->
         t = timings.get(rid)
         return float(t[4] - t[3]) if t is not None and len(t) >= 5 and t[4] >= t[3] else None
 
-    out = {k: v for k, v in samples.items() if k not in ("prefill_runs", "shape_runs")}
+    out = {k: v for k, v in samples.items() if k not in ("prefill_runs", "shape_runs", "sizes_sent")}
     out["prefill_engine"] = [(int(N), float(ttft), f) for N, rid, ttft in samples.get("prefill_runs", ())
                              if (f := forward(rid)) is not None]
     runs = samples.get("shape_runs", ())

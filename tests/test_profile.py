@@ -372,6 +372,23 @@ def test_recorded_live_vs_sim_errors_match_the_current_simulator(recorded_json):
         assert errs[str(repo / r)] == pytest.approx(recorded["runs"][r], abs=1e-6), r
 
 
+def test_new_size_samples_avoid_sizes_the_engines_have_run(monkeypatch):
+    """A size an engine ran once stays cheap (oneDNN's own primitive cache), so ``llmsched run``'s second profile
+    must not take a size the first one or the replay sent as a new one."""
+    import asyncio
+
+    from scheduler.profile import measure
+
+    prompts: list[tuple[int, ...]] = []
+    _fake_sdk(monkeypatch, [], prompts)
+    first = asyncio.run(measure("fake:0", repeats=2, decode_tokens=4, idle_gap_s=0.0, seed=3))
+    ran = set(first["sizes_sent"]) | {301, 303}  # + what a replay sent
+    assert {len(p) for p in prompts} <= ran
+    second = asyncio.run(measure("fake:0", repeats=2, decode_tokens=4, idle_gap_s=0.0, seed=3, avoid=ran))
+    assert second["new_shape"] and not {M for M, _ in second["new_shape"]} & ran
+    assert {M for M, _ in first["new_shape"]} <= set(second["sizes_sent"])  # sizes_sent carries avoid along
+
+
 def test_two_profiles_never_send_the_same_prompt(monkeypatch):
     """``llmsched run`` profiles before and after its replay on the same engines, which cache prompt blocks: a
     prompt sent twice is timed as a prefix-cache hit (its 1024-token TTFT samples after the replay were ~0.55x
