@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -44,6 +45,80 @@ def _probe_loop(conn: Connection, period_s: float) -> None:
     conn.send(samples)
 
 
+# Who uses this host's CPU, by process role. Matched on the process title (Ray actors and vLLM's engine core set
+# theirs) or the command line; first match wins.
+CPU_CLASSES = (("engines", ("EngineCore",)), ("instance actors", ("ray::Instance",)),
+               ("controller", ("ray::Controller",)),
+               ("ray system", ("raylet", "gcs_server", "dashboard", "ray::", "log_monitor", "monitor.py",
+                               "runtime_env", "ray/_private")))
+
+
+def cpu_class(title: str, cmdline: str, *, this_process: bool = False) -> str | None:
+    """The role a process plays in ``llmsched run``'s cluster, or ``None`` for a process outside it."""
+    if this_process:
+        return "this process"  # gRPC server, ingress, load generator and SDK: one asyncio process
+    for name, keys in CPU_CLASSES:
+        if any(k in title or k in cmdline for k in keys):
+            return name
+    return None
+
+
+class HostCPU:
+    """CPU seconds used on this host between snapshots, by process role (``cpu_class``), plus what the rest of the
+    machine used (``/proc/stat`` busy time less the cluster's: other tenants' jobs) and the hypervisor's steal.
+
+    Why: on a 2-core box the engines share the cores with the serving stack (actors, gRPC, ingress, the load
+    generator); each streamed token costs stack CPU as well as engine CPU, so how close the host is to saturation
+    depends on the token rate, which the simulator's busy-engine contention factor does not see."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._procs: dict[int, tuple[object, str]] = {}
+
+    def _scan(self) -> None:
+        me = os.getpid()
+        for p in self._psutil.process_iter(["pid", "name", "cmdline"]):
+            if p.pid in self._procs:
+                continue
+            try:
+                cls = cpu_class(p.info["name"] or "", " ".join(p.info["cmdline"] or ()), this_process=p.pid == me)
+            except (self._psutil.Error, OSError):
+                continue
+            if cls is not None:
+                self._procs[p.pid] = (p, cls)
+
+    def snapshot(self) -> dict:
+        self._scan()
+        used: dict[str, float] = {}
+        for pid, (p, cls) in list(self._procs.items()):
+            try:
+                t = p.cpu_times()
+            except (self._psutil.Error, OSError):
+                del self._procs[pid]  # exited: its last CPU time is lost (short-lived helpers only)
+                continue
+            used[(pid, cls)] = t.user + t.system
+        host = self._psutil.cpu_times()
+        busy = host.user + host.nice + host.system + getattr(host, "irq", 0) + getattr(host, "softirq", 0)
+        return {"t": time.time(), "procs": used, "busy": busy, "steal": getattr(host, "steal", 0.0)}
+
+    @staticmethod
+    def delta(a: dict, b: dict) -> dict:
+        """Cores used on average between snapshots ``a`` and ``b``, by role, with ``outside the cluster`` and
+        ``steal``; ``wall_s`` the interval."""
+        wall = max(b["t"] - a["t"], 1e-9)
+        out: dict[str, float] = {}
+        for key, t in b["procs"].items():
+            out[key[1]] = out.get(key[1], 0.0) + t - a["procs"].get(key, t)  # new since ``a``: not counted
+        cluster = sum(out.values())
+        out = {k: v / wall for k, v in out.items()}
+        out["outside the cluster"] = max(b["busy"] - a["busy"] - cluster, 0.0) / wall
+        out["steal"] = (b["steal"] - a["steal"]) / wall
+        out["wall_s"] = wall
+        return out
+
+
 class HostProbe:
     """How much CPU a fixed task gets on this host, sampled through the run (diagnostic: the profile and the replay
     are minutes apart on a shared box, and the simulator only knows the profile's speed). ~0.4% of a core."""
@@ -56,16 +131,23 @@ class HostProbe:
         self._proc = ctx.Process(target=_probe_loop, args=(child, period_s), daemon=True)
         self._proc.start()
         self.phases: list[tuple[str, float, float]] = []
+        self.cpu = HostCPU()
+        self.cpu_by_phase: dict[str, dict] = {}
 
-    def phase(self, name: str, start: float, end: float) -> None:
-        self.phases.append((name, start, end))
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Time a phase of the run (probe samples inside it) and the CPU each role used during it."""
+        start, before = time.time(), self.cpu.snapshot()
+        yield
+        self.phases.append((name, start, time.time()))
+        self.cpu_by_phase[name] = HostCPU.delta(before, self.cpu.snapshot())
 
     def stop(self) -> dict:
         """Per-phase median probe time (ms) and the replay's over the profile's."""
         self._conn.send(None)
         samples = self._conn.recv() if self._conn.poll(10) else []
         self._proc.join(5)
-        out: dict = {"samples": samples, "median_ms": {}}
+        out: dict = {"samples": samples, "median_ms": {}, "cpu_cores": self.cpu_by_phase}
         for name, a, b in self.phases:
             xs = [dt for t, dt in samples if a <= t <= b]
             out["median_ms"][name] = float(np.median(xs)) * 1e3 if xs else None
@@ -204,26 +286,23 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
         # minutes (single-stream decode 3 ms in one run, 5-7 ms in the next), and the replay sits between them.
         _say("profiling this machine through the SDK (prefill and decode step times; 3 rounds now, 2 after "
              "the replay)...")
-        t = time.time()
-        sampled = await measure(target, vocab=vocab, repeats=3)
-        before = attach_engine_times(sampled, await _instance_timings(ingress))
-        probe.phase("profile_before", t, time.time())
+        with probe.phase("profile_before"):
+            sampled = await measure(target, vocab=vocab, repeats=3)
+            before = attach_engine_times(sampled, await _instance_timings(ingress))
         trace = default_trace().head(args.requests)
         if args.rate_scale != 1.0:
             trace = trace.scale_rate(args.rate_scale)
         pr, out = fit_lengths(trace.prompt_tokens, trace.output_tokens, 1024, args.max_output)
         _say(f"replaying {len(pr)} requests of {trace.name} ({trace.duration_s:.1f} s of arrivals) through the SDK...")
-        t = time.time()
-        live = await replay_async(target, trace.arrival_s, pr, out, name=trace.name, vocab=vocab)
-        probe.phase("replay", t, time.time())
+        with probe.phase("replay"):
+            live = await replay_async(target, trace.arrival_s, pr, out, name=trace.name, vocab=vocab)
         server = await _server_timings(ingress, live)
         _say("profiling again (2 rounds)...")
-        t = time.time()
         # New-size samples must be sizes these engines never ran (a run size stays cheap: profile.SHAPE_CACHE_SIZE).
         ran = {*sampled["sizes_sent"], *(int(x) for x in pr)}
-        after = attach_engine_times(await measure(target, vocab=vocab, repeats=2, avoid=ran),
-                                    await _instance_timings(ingress))
-        probe.phase("profile_after", t, time.time())
+        with probe.phase("profile_after"):
+            after = attach_engine_times(await measure(target, vocab=vocab, repeats=2, avoid=ran),
+                                        await _instance_timings(ingress))
         profile = fit(merge_samples(before, after))
         line = (f"  profile: step overhead {profile['overhead_s'] * 1e3:.2f} ms, "
                 f"{profile['gemm_s_per_token'] * 1e6:.1f} us/token, fit error {profile['fit_mape'] * 100:.1f}%")
@@ -399,6 +478,16 @@ def main(argv: list[str] | None = None) -> int:
     if host.get("replay_over_profile"):
         _say("host probe (fixed ~1 ms task, median): " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items() if v)
              + f"; the replay ran at {1 / host['replay_over_profile']:.2f}x the profile's host speed")
+    cores = host["cpu_cores"].get("replay")
+    if cores:
+        cluster_cores = sum(v for k, v in cores.items() if k not in ("outside the cluster", "steal", "wall_s"))
+        per_token = cores["wall_s"] / max(int(np.sum(out)), 1) * 1e3  # ms of CPU per streamed token, per core used
+        roles = [name for name, _ in CPU_CLASSES] + ["this process"]
+        _say(f"host CPU during the replay (cores of {os.cpu_count()}): cluster {cluster_cores:.2f} = "
+             + ", ".join(f"{k} {cores[k]:.2f}" for k in roles if k in cores)
+             + f"; outside the cluster {cores['outside the cluster']:.2f}, steal {cores['steal']:.2f}; "
+             f"per streamed token: engines {cores.get('engines', 0) * per_token:.2f} ms, the rest of the cluster "
+             f"{(cluster_cores - cores.get('engines', 0)) * per_token:.2f} ms")
     if live.errors:
         _say(f"{len(live.errors)} live requests failed, first: {live.errors[0]}")
     report = {"config": cfg.name, "trace": live.name, "requests": len(pr), "instances": res["instances"],

@@ -469,3 +469,45 @@ def test_simulator_counts_a_decode_placement_before_its_kv_arrives(tmp_path):
     w = Workload(np.array([0.0, 0.001, 0.002, 0.003]), np.full(4, 200), np.full(4, 32))
     res = _sim(fit(_samples()), tmp_path, w)
     assert sorted(np.bincount(res.decode_instance, minlength=3)[1:]) == [2, 2]
+
+
+def test_cpu_class_names_the_cluster_roles():
+    from scheduler.demo import cpu_class
+
+    assert cpu_class("VLLM::EngineCor", "VLLM::EngineCore") == "engines"
+    assert cpu_class("ray::Instance", "ray::Instance") == "instance actors"
+    assert cpu_class("ray::Controller", "ray::Controller") == "controller"
+    assert cpu_class("raylet", "/site-packages/ray/core/src/ray/raylet/raylet --x") == "ray system"
+    assert cpu_class("python3", "python3 -m http.server") is None  # someone else's job on the host
+    assert cpu_class("python3", "python3 -m http.server", this_process=True) == "this process"
+
+
+def test_host_cpu_attributes_a_busy_process_to_its_role():
+    """A child whose title names an engine burns ~0.3 s of CPU: HostCPU books it to ``engines`` (not to this
+    process, not outside the cluster), within the interval's wall time."""
+    import subprocess
+    import sys
+
+    from scheduler import demo
+
+    burn = ("import sys, time\nsys.stdin.readline()\nt = time.process_time()\n"
+            "while time.process_time() - t < 0.3: pass\nprint(flush=True)\nsys.stdin.readline()")
+    child = subprocess.Popen([sys.executable, "-c", burn, "EngineCore-test"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        cpu = demo.HostCPU()
+        a = cpu.snapshot()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        child.stdout.readline()  # the child has burnt its 0.3 s
+        b = cpu.snapshot()
+    finally:
+        child.stdin.write("done\n")
+        child.stdin.flush()
+        child.wait(10)
+    key = (child.pid, "engines")
+    assert 0.25 <= b["procs"][key] - a["procs"][key] <= 0.35
+    d = demo.HostCPU.delta(a, b)  # cores on average over the interval, by role
+    assert d["engines"] * d["wall_s"] >= 0.25
+    assert d.get("this process", 0.0) * d["wall_s"] < 0.15  # waiting on a pipe costs nothing
+    assert d["outside the cluster"] * d["wall_s"] < 0.25  # the child's time is not counted twice
