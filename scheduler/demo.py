@@ -48,7 +48,7 @@ def _probe_loop(conn: Connection, period_s: float) -> None:
 # Who uses this host's CPU, by process role. Matched on the process title (Ray actors and vLLM's engine core set
 # theirs) or the command line; first match wins.
 CPU_CLASSES = (("engines", ("EngineCore",)), ("instance actors", ("ray::Instance",)),
-               ("controller", ("ray::Controller",)),
+               ("controller", ("ray::Controller",)), ("server", ("llmsched serve",)),
                ("ray system", ("raylet", "gcs_server", "dashboard", "ray::", "log_monitor", "monitor.py",
                                "runtime_env", "ray/_private")))
 
@@ -56,7 +56,7 @@ CPU_CLASSES = (("engines", ("EngineCore",)), ("instance actors", ("ray::Instance
 def cpu_class(title: str, cmdline: str, *, this_process: bool = False) -> str | None:
     """The role a process plays in ``llmsched run``'s cluster, or ``None`` for a process outside it."""
     if this_process:
-        return "this process"  # gRPC server, ingress, load generator and SDK: one asyncio process
+        return "this process"  # llmsched run: gRPC server, ingress, load generator and SDK in one asyncio process
     for name, keys in CPU_CLASSES:
         if any(k in title or k in cmdline for k in keys):
             return name

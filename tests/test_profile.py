@@ -356,7 +356,8 @@ def test_lone_ttft_samples_follow_an_idle_gap(monkeypatch):
 
 
 @pytest.mark.parametrize("recorded_json", ["live_vs_sim.json", "live_vs_sim_s6.json", "live_vs_sim_s8.json",
-                                           "live_vs_sim_s9.json", "live_vs_sim_s11.json", "live_vs_sim_s12.json"])
+                                           "live_vs_sim_s9.json", "live_vs_sim_s11.json", "live_vs_sim_s12.json",
+                                           "live_vs_sim_s13.json", "live_vs_sim_s13_120.json"])
 def test_recorded_live_vs_sim_errors_match_the_current_simulator(recorded_json):
     """docs/results/live_vs_sim*.json are what the current fit + simulator give on the committed live runs. A
     change to either moves these numbers: re-record them with the commands in docs/results/README.md."""
@@ -477,6 +478,7 @@ def test_cpu_class_names_the_cluster_roles():
     assert cpu_class("VLLM::EngineCor", "VLLM::EngineCore") == "engines"
     assert cpu_class("ray::Instance", "ray::Instance") == "instance actors"
     assert cpu_class("ray::Controller", "ray::Controller") == "controller"
+    assert cpu_class("llmsched", "/usr/bin/python3 /usr/bin/llmsched serve --config x.yaml") == "server"
     assert cpu_class("raylet", "/site-packages/ray/core/src/ray/raylet/raylet --x") == "ray system"
     assert cpu_class("python3", "python3 -m http.server") is None  # someone else's job on the host
     assert cpu_class("python3", "python3 -m http.server", this_process=True) == "this process"
