@@ -91,7 +91,7 @@ class HostCPU:
 
     def snapshot(self) -> dict:
         self._scan()
-        used: dict[str, float] = {}
+        used: dict[tuple[int, str], float] = {}  # (pid, role) -> CPU seconds so far
         for pid, (p, cls) in list(self._procs.items()):
             try:
                 t = p.cpu_times()
