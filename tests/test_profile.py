@@ -512,4 +512,5 @@ def test_host_cpu_attributes_a_busy_process_to_its_role():
     d = demo.HostCPU.delta(a, b)  # cores on average over the interval, by role
     assert d["engines"] * d["wall_s"] >= 0.25
     assert d.get("this process", 0.0) * d["wall_s"] < 0.15  # waiting on a pipe costs nothing
-    assert d["outside the cluster"] * d["wall_s"] < 0.25  # the child's time is not counted twice
+    # The child's time is not counted again outside the cluster (whatever else the host ran meanwhile).
+    assert d["outside the cluster"] * d["wall_s"] <= max(b["busy"] - a["busy"] - 0.25, 0.0) + 1e-6
