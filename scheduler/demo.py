@@ -119,6 +119,40 @@ class HostCPU:
         return out
 
 
+NOT_CLUSTER = ("outside the cluster", "steal", "wall_s")
+
+
+async def measure_request_cpu(target: str, cpu: HostCPU, *, vocab: int = 1024, sizes: tuple[int, ...] = (32, 384, 1024),
+                              n: int = 10, gap_s: float = 0.05, idle_s: float = 1.0) -> list[tuple[int, float]]:
+    """``(prompt tokens, host CPU seconds per request)``: lone requests with a decode leg (``max_tokens=2``: on a
+    P/D cluster a prefill, a KV handoff and one decode step), ``n`` per size, ``gap_s`` apart, the cluster's
+    idle background (measured first, ``idle_s``) removed. Sizes of the profile's grid: no kernel build."""
+    from scheduler.client import AsyncClient
+
+    def cluster(d: dict) -> float:
+        return sum(v for k, v in d.items() if k not in NOT_CLUSTER) * d["wall_s"]
+
+    client = AsyncClient(target)
+    rng = np.random.default_rng()
+    try:
+        a = cpu.snapshot()
+        await asyncio.sleep(idle_s)
+        idle = HostCPU.delta(a, cpu.snapshot())
+        background = cluster(idle) / idle["wall_s"]  # cores the idle cluster uses (loops, polls)
+        out = []
+        for P in sizes:
+            a = cpu.snapshot()
+            for _ in range(n):
+                await client.generate(rng.integers(4, vocab, P).tolist(), max_tokens=2, temperature=0.0,
+                                      ignore_eos=True)
+                await asyncio.sleep(gap_s)
+            d = HostCPU.delta(a, cpu.snapshot())
+            out.append((P, max(cluster(d) - background * d["wall_s"], 0.0) / n))
+    finally:
+        await client.close()
+    return out
+
+
 class HostProbe:
     """How much CPU a fixed task gets on this host, sampled through the run (diagnostic: the profile and the replay
     are minutes apart on a shared box, and the simulator only knows the profile's speed). ~0.4% of a core."""
@@ -289,6 +323,9 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
         with probe.phase("profile_before"):
             sampled = await measure(target, vocab=vocab, repeats=3)
             before = attach_engine_times(sampled, await _instance_timings(ingress))
+            # The CPU a request costs beside its engine steps (the simulator charges it to the host's cores).
+            before["request_cpu"] = await measure_request_cpu(target, probe.cpu, vocab=vocab)
+            before["host_cores"] = os.cpu_count() or 1
         trace = default_trace().head(args.requests)
         if args.rate_scale != 1.0:
             trace = trace.scale_rate(args.rate_scale)
@@ -309,6 +346,9 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
         if profile.get("new_shape_table"):
             extra = [e for _, e in profile["new_shape_table"]]
             line += f", kernel build at a new prompt size {min(extra) * 1e3:.1f}-{max(extra) * 1e3:.1f} ms"
+        if "request_cpu_s" in profile:
+            line += (f", host CPU per request beside its steps {profile['request_cpu_s'] * 1e3:.0f} ms + "
+                     f"{profile['request_cpu_s_per_token'] * 1e6:.0f} us/prompt token")
         _say(line)
         mig = None
         if not args.no_migration:
@@ -480,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
              + f"; the replay ran at {1 / host['replay_over_profile']:.2f}x the profile's host speed")
     cores = host["cpu_cores"].get("replay")
     if cores:
-        cluster_cores = sum(v for k, v in cores.items() if k not in ("outside the cluster", "steal", "wall_s"))
+        cluster_cores = sum(v for k, v in cores.items() if k not in NOT_CLUSTER)
         per_token = cores["wall_s"] / max(int(np.sum(out)), 1) * 1e3  # ms of CPU per streamed token, per core used
         roles = [name for name, _ in CPU_CLASSES] + ["this process"]
         _say(f"host CPU during the replay (cores of {os.cpu_count()}): cluster {cluster_cores:.2f} = "

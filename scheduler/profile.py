@@ -221,6 +221,9 @@ def merge_samples(*parts: dict) -> dict:
         for k, v in s.get("contention", {}).items():
             out["contention"].setdefault(int(k), []).extend(v if isinstance(v, list) else [v])
         out["engines"] = max(out["engines"], int(s.get("engines", 0)))
+        if s.get("request_cpu"):
+            out.setdefault("request_cpu", []).extend(s["request_cpu"])
+            out["host_cores"] = max(out.get("host_cores", 0), int(s.get("host_cores") or 0))
     return out
 
 
@@ -327,6 +330,17 @@ def fit(samples: dict) -> dict:
         pts = sorted(tuple(np.median(np.asarray(v), axis=0)) for v in by_grid.values())
         out["new_shape_table"] = [[round(float(m)), max(float(e), 0.0)] for m, e in pts]
         out["shape_cache_size"] = SHAPE_CACHE_SIZE
+    if samples.get("request_cpu") and samples.get("host_cores"):
+        # ``llmsched run``: (prompt tokens, host CPU seconds per lone P/D request, idle background removed). What
+        # is not the request's own prefill step (the step as the table has it, plus c + s) runs beside the steps.
+        rc = np.asarray(samples["request_cpu"], dtype=float).reshape(-1, 2)
+        step = np.zeros(len(rc))
+        if out.get("prefill_table"):
+            xs, ys = zip(*out["prefill_table"])
+            step = np.interp(rc[:, 0], xs, ys) + coef[0] + coef[4]
+        (c0, c1), _ = nnls(np.c_[np.ones(len(rc)), rc[:, 0]], np.maximum(rc[:, 1] - step, 0.0))
+        out["request_cpu_s"], out["request_cpu_s_per_token"] = float(c0), float(c1)
+        out["host_cores"] = int(samples["host_cores"])
     return out
 
 
@@ -354,7 +368,10 @@ def latency_from_profile(path: str | Path, model: ModelSpec, gpu: GPUSpec, tp: i
                         handoff_s_per_token=p.get("handoff_s_per_token", 0.0),
                         host_contention=tuple(p.get("host_contention", (1.0,))),
                         new_shape_table=tuple((int(m), float(e)) for m, e in p.get("new_shape_table", ())),
-                        shape_cache_size=p.get("shape_cache_size", 0))
+                        shape_cache_size=p.get("shape_cache_size", 0),
+                        request_cpu_s=p.get("request_cpu_s", 0.0),
+                        request_cpu_s_per_token=p.get("request_cpu_s_per_token", 0.0),
+                        host_cores=p.get("host_cores", 0))
 
 
 def main(argv: list[str] | None = None) -> int:

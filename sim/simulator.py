@@ -24,6 +24,7 @@ from scheduler.config.models import ClusterConfig
 from scheduler.core.types import ClusterView, InstanceRole, Rejected, RequestInfo
 from scheduler.engine_model import StepResult
 from scheduler.latency import kv_transfer_time
+from scheduler.latency.model import prefill_pairs
 from scheduler.policy.route import RouteDecision, Router, make_router
 from sim.cluster import SimInstance, build_instances
 from sim.migration import MigrationDriver
@@ -32,6 +33,9 @@ from sim.migration import MigrationDriver
 class EventKind(enum.IntEnum):
     """Same-time order: new work first, so a step starting at ``t`` sees everything that arrived at ``t``."""
 
+    # A request's off-step CPU on the host is spent (``LatencyModel.request_cpu``); before a KV arrival at the
+    # same time, so the handoff it ends does not charge the request's own first decode step.
+    HOST = -1
     ARRIVAL = 0
     KV_ARRIVE = 1
     MIGRATE_COMMIT = 2  # last stage landed: the destination resumes the request
@@ -211,7 +215,13 @@ class Simulator:
         self.seq = itertools.count()
         # Co-located engines sharing a host's cores (live CPU profiles): step times scale with the busy count.
         self._contended = any(len(x.latency.host_contention) > 1 for x in self.instances)
-        self._n_busy = 0
+        # ... and with the CPU each request costs outside its engine steps, spent while it is set up, prefilled
+        # and handed off: decode engines slow down while it is (``_host_load`` cores in flight).
+        self._host_cpu = any(x.latency.request_cpu_s > 0 or x.latency.request_cpu_s_per_token > 0
+                             for x in self.instances)
+        self._contended = self._contended or self._host_cpu
+        self._host_load = 0.0
+        self._host_key: tuple | None = None
         self.events = 0
         self._view: ClusterView | None = None
         self._view_t = -math.inf
@@ -271,6 +281,9 @@ class Simulator:
                     if self.reroler.on_event(payload, now) and (  # type: ignore[union-attr]
                             i < n or any(x.busy for x in self.instances)):
                         self._push(now + self.reroling_interval_s, EventKind.REROLE, None, None)
+                elif kind is EventKind.HOST:
+                    self._host_load = max(self._host_load - payload, 0.0)
+                    self._host_update(now)
                 elif kind is EventKind.MIGRATE_FINAL:
                     self.migrations.on_final(payload, now)  # type: ignore[union-attr]
                 else:
@@ -358,10 +371,24 @@ class Simulator:
             self.rejected[i] = True  # does not fit this engine at all
             return
         seq.tag = i
+        if self._host_cpu:
+            self._spend_request_cpu(inst, prompt, now, handoff=self.dec_of[i] >= 0)
         self._poke(inst, now)
         self._refresh_one(inst, now)
         if self.dec_of[i] >= 0 and inst.role is InstanceRole.PREFILL:  # a handoff will follow its prefill
             self._expect_kv(self.instances[self.dec_of[i]], +1, now)
+
+    def _spend_request_cpu(self, inst: SimInstance, prompt: int, now: float, *, handoff: bool) -> None:
+        """A request's off-step CPU (``LatencyModel.request_cpu``), spread evenly over the time it takes alone
+        from arrival until its KV lands on the decode instance: prefill step and handoff."""
+        lat = inst.latency
+        span = lat.step_time(prefill_tokens=prompt, prefill_pairs=prefill_pairs(prompt, 0), prefill_seqs=1)
+        if handoff:
+            span += lat.handoff_time(prompt) or 0.0
+        rate = lat.request_cpu(prompt) / max(span, 1e-6)
+        self._host_load += rate
+        self._push(now + span, EventKind.HOST, None, rate)
+        self._host_update(now)
 
     def _expect_kv(self, inst: SimInstance, delta: int, now: float) -> None:
         """A request routed to ``inst`` to decode (+1) or no longer on its way there (-1)."""
@@ -411,14 +438,18 @@ class Simulator:
         self._kick(inst, now)
 
     def _host_update(self, now: float) -> None:
-        """Engines busy on the host changed: rescale every engine's steps (spans in flight are cut at their next
-        step boundary and re-planned with the new factor)."""
+        """Engines busy on the host, or the request CPU in flight, changed: rescale every engine's steps (spans in
+        flight are cut at their next step boundary and re-planned with the new factor)."""
         n = sum(1 for x in self.instances if x.engine.has_work)
-        if n == self._n_busy:
+        key = (n, self._host_load)
+        if key == self._host_key:
             return
-        self._n_busy = n
+        self._host_key = key
         for x in self.instances:
-            x.engine.time_scale = x.latency.contention(n)
+            # The request CPU slows the decode engines; a prefill engine's lone TTFT samples already hold its own
+            # request's CPU, and that request is most of the load while it prefills.
+            load = self._host_load if x.role is InstanceRole.DECODE else 0.0
+            x.engine.time_scale = x.latency.host_factor(n, load)
             if x.busy and x.span is not None:
                 self.cut_span(x, now)
 

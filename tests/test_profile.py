@@ -514,3 +514,109 @@ def test_host_cpu_attributes_a_busy_process_to_its_role():
     assert d.get("this process", 0.0) * d["wall_s"] < 0.15  # waiting on a pipe costs nothing
     # The child's time is not counted again outside the cluster (whatever else the host ran meanwhile).
     assert d["outside the cluster"] * d["wall_s"] <= max(b["busy"] - a["busy"] - 0.25, 0.0) + 1e-6
+
+
+def test_fit_takes_the_request_cpu_beside_the_prefill_step():
+    """Per-request host CPU samples less the request's own prefill step (the fitted table, plus c + s) give the
+    off-step CPU, linear in the prompt; merge_samples carries the samples and the host's cores."""
+    base = fit(_samples())
+    xs, ys = zip(*base["prefill_table"])
+    step = lambda n: float(np.interp(n, xs, ys)) + base["overhead_s"] + base["per_seq_s"]  # noqa: E731
+    true0, true1 = 0.040, 3e-5
+    rc = [(n, true0 + true1 * n + step(n)) for n in (32, 384, 1024)]
+    merged = merge_samples(dict(_samples(), request_cpu=rc, host_cores=2), _samples())
+    assert merged["request_cpu"] == rc and merged["host_cores"] == 2
+    out = fit(merged)
+    assert out["request_cpu_s"] == pytest.approx(true0, rel=1e-6)
+    assert out["request_cpu_s_per_token"] == pytest.approx(true1, rel=1e-6)
+    assert out["host_cores"] == 2
+    assert "request_cpu_s" not in fit(_samples())  # `llmsched profile` through the SDK alone: no such term
+
+
+def test_latency_model_host_factor_is_processor_sharing_over_the_contention_table():
+    from dataclasses import replace
+
+    lat = latency_from_profile_dict(dict(fit(_samples()), host_contention=[1.0, 1.8, 2.7], host_cores=2))
+    assert lat.host_factor(2, 0.0) == pytest.approx(1.8)  # no load: the table
+    assert lat.host_factor(1, 0.0) == 1.0
+    # Two busy engines oversubscribe 2 cores 1.8x (demand 3.6 cores); 0.5 core more: 4.1 / 3.6.
+    assert lat.host_factor(2, 0.5) == pytest.approx(1.8 * 4.1 / 3.6)
+    # One engine demands 1.8 of 2 cores: 0.1 core of load fits, 0.6 does not.
+    assert lat.host_factor(1, 0.1) == pytest.approx(1.0)
+    assert lat.host_factor(1, 0.6) == pytest.approx(2.4 / 2)
+    assert replace(lat, host_cores=0).host_factor(2, 0.5) == pytest.approx(1.8)  # cores unknown: no load term
+
+
+def latency_from_profile_dict(p: dict):
+    import tempfile
+    from pathlib import Path
+
+    cfg = load_config("deploy/examples/cpu-pd.yaml")
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "p.json"
+        path.write_text(json.dumps(p))
+        return latency_from_profile(path, cfg.model, cfg.gpus["cpu"])
+
+
+def test_simulator_charges_request_cpu_to_the_decode_engines(tmp_path):
+    """Requests arriving while another streams cost host CPU beside their steps: the stream (on a decode engine)
+    slows while they are set up, prefilled and handed off; a request alone on the host is unchanged, and with no
+    request CPU measured the simulation is what it was."""
+    base = dict(fit(_samples()), host_contention=[1.0, 1.8, 2.7], host_cores=2)
+    n = 6  # request 0 streams 400 tokens; 1..5 arrive during it, short; the last one alone, much later
+    arrival = np.r_[0.0, 0.2 + 0.05 * np.arange(n - 2), 30.0]
+    w = Workload(arrival, np.r_[64, np.full(n - 2, 300), 64], np.r_[400, np.full(n - 2, 2), 2])
+
+    def run(cpu0, closed_form=True):
+        return _sim(dict(base, request_cpu_s=cpu0, request_cpu_s_per_token=0.0), tmp_path, w,
+                    closed_form=closed_form)
+
+    r0, r1 = run(0.0), run(0.05)
+    assert r1.finish_s[0] > r0.finish_s[0] + 0.02  # the stream paid for the arrivals' CPU
+    # The arrivals' own prefills are not charged (their lone TTFT samples already hold it) ...
+    np.testing.assert_allclose(r1.first_token_s[1:] - arrival[1:], r0.first_token_s[1:] - arrival[1:], rtol=0.35)
+    # ... and a request alone on the host costs nothing more.
+    assert r1.first_token_s[-1] == pytest.approx(r0.first_token_s[-1])
+    assert r1.finish_s[-1] == pytest.approx(r0.finish_s[-1])
+    np.testing.assert_allclose(run(0.05, closed_form=False).finish_s, r1.finish_s, rtol=0.05)
+
+
+def test_measure_request_cpu_removes_the_idle_background(monkeypatch):
+    """Per size: the cluster's CPU over ``n`` requests less what the idle cluster used in as long, per request."""
+    import asyncio
+
+    import scheduler.client as client_mod
+    from scheduler import demo
+
+    sent = []
+
+    class FakeClient:
+        def __init__(self, target):
+            pass
+
+        async def generate(self, ids, **kw):
+            sent.append((len(ids), kw["max_tokens"]))
+
+        async def close(self):
+            pass
+
+    per_request = {32: 0.030, 1024: 0.090}
+    background = 0.2  # cores
+
+    class FakeCPU:
+        def __init__(self):
+            self.t, self.cpu, self.calls = 0.0, 0.0, 0
+
+        def snapshot(self):
+            self.calls += 1
+            if self.calls > 1:  # every interval is 1 s long: background + the requests sent in it
+                self.t += 1.0
+                self.cpu += background + sum(per_request[n] for n, _ in sent[self.seen:])
+            self.seen = len(sent)
+            return {"t": self.t, "procs": {(1, "engines"): self.cpu}, "busy": self.cpu, "steal": 0.0}
+
+    monkeypatch.setattr(client_mod, "AsyncClient", FakeClient)
+    out = asyncio.run(demo.measure_request_cpu("x", FakeCPU(), sizes=(32, 1024), n=4, gap_s=0.0, idle_s=0.0))
+    assert [n for n, _ in out] == [32, 1024]
+    assert [c for _, c in out] == pytest.approx([0.030, 0.090])
+    assert sent == [(32, 2)] * 4 + [(1024, 2)] * 4  # with a decode leg: prefill, handoff, one decode step

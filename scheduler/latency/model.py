@@ -78,6 +78,13 @@ class LatencyModel:
     # Measured by `llmsched profile`.
     new_shape_table: tuple[tuple[int, float], ...] = ()
     shape_cache_size: int = 0
+    # Host CPU a request costs outside its own engine steps (request handling in the engines, the actors' hops, KV
+    # export and import, gRPC): ``request_cpu_s + request_cpu_s_per_token * prompt_tokens`` CPU seconds, spent
+    # while the request is set up, prefilled and handed off. Engines sharing the host's cores run slower while it
+    # is spent. Measured by `llmsched run` (CPU by process role); 0 elsewhere.
+    request_cpu_s: float = 0.0
+    request_cpu_s_per_token: float = 0.0
+    host_cores: int = 0  # cores of the profiled host (for ``request_cpu_s``)
 
     # ---- the batch cost -------------------------------------------------------------------------------
     def path_latency(self, prompt_tokens: int) -> float:
@@ -131,6 +138,23 @@ class LatencyModel:
         if busy_engines <= len(t):
             return t[busy_engines - 1]
         return t[-1] + (t[-1] - t[-2]) * (busy_engines - len(t))
+
+    def request_cpu(self, prompt_tokens: int) -> float:
+        """Host CPU seconds a request uses outside its engine steps (see ``request_cpu_s``)."""
+        return self.request_cpu_s + self.request_cpu_s_per_token * prompt_tokens
+
+    def host_factor(self, busy_engines: int, load_cores: float) -> float:
+        """Step-time factor with ``busy_engines`` busy and ``load_cores`` of other CPU work (requests being set up,
+        prefilled, handed off: ``request_cpu``) on the host. Processor sharing over ``host_cores``: the engines
+        with their streams demand ``busy x`` what one demands, which the two-busy contention point gives (two
+        engines oversubscribe the cores by that factor); the load stretches the steps by how much more it
+        oversubscribes them. No load: the contention table itself."""
+        base = self.contention(busy_engines)
+        if load_cores <= 0 or self.host_cores <= 0:
+            return base
+        c = float(self.host_cores)
+        demand = busy_engines * (self.host_contention[1] if len(self.host_contention) > 1 else 1.0) * c / 2
+        return base * max(1.0, (demand + load_cores) / c) / max(1.0, demand / c)
 
     def new_shape_time(self, tokens: int) -> float:
         """Extra time of a step at a token count outside the engine's kernel cache (see ``shape_cache_size``)."""
