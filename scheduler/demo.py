@@ -274,9 +274,10 @@ async def _role_switch_check(target: str, *, vocab: int) -> dict | None:
             "identical": all(list(r.token_ids) == list(ref.token_ids) for r in runs)}
 
 
-async def _instance_timings(ingress) -> dict[str, tuple[float, ...]]:
+async def _instance_timings(ingress, *, decode_side: bool = False) -> dict[str, tuple[float, ...]]:
     """``Instance.request_timings`` of every instance, per request id the record with the earliest first token
-    (the prefill side of a P/D request)."""
+    (the prefill side of a P/D request), or with ``decode_side`` the latest (the decode leg's instance; the same
+    record where there is no handoff)."""
     out: dict[str, tuple[float, ...]] = {}
     for iid, handle in ingress.instance_handles().items():
         try:
@@ -285,7 +286,7 @@ async def _instance_timings(ingress) -> dict[str, tuple[float, ...]]:
             _say(f"  server-side timings of {iid} not read: {type(e).__name__}: {e}")
             continue
         for rid, t in timings.items():
-            if rid not in out or t[1] < out[rid][1]:
+            if rid not in out or (t[1] > out[rid][1] if decode_side else t[1] < out[rid][1]):
                 out[rid] = tuple(t)
     return out
 
@@ -295,12 +296,17 @@ async def _server_timings(ingress, live, prefix: str = "replay") -> dict[str, li
     token, then the engine's own stamps (seconds from the replay start): TTFT minus these is the stack's part
     (client, gRPC, ingress, Ray/channel hops)."""
     n = len(live.arrival_s)
-    cols = np.full((n, 5), np.nan)  # received, first out, engine arrival, first scheduled, finished
-    for rid, t in (await _instance_timings(ingress)).items():
-        head, _, idx = rid.rpartition("-")
-        if head == prefix and idx.isdigit() and int(idx) < n:
-            cols[int(idx), :len(t)] = np.asarray(t[:5], dtype=float) - live.started_wall_s
-    names = ("server_received_s", "server_first_s", "engine_arrival_s", "engine_scheduled_s", "engine_finished_s")
+    # Per request: received, first out, engine arrival, first scheduled, finished -- on the instance that put
+    # out its first token (the prefill side of a P/D request), then the same on the one that decoded it.
+    cols = np.full((n, 10), np.nan)
+    for side, rows in enumerate((await _instance_timings(ingress), await _instance_timings(ingress, decode_side=True))):
+        for rid, t in rows.items():
+            head, _, idx = rid.rpartition("-")
+            if head == prefix and idx.isdigit() and int(idx) < n:
+                t = np.asarray(t[:5], dtype=float) - live.started_wall_s
+                cols[int(idx), 5 * side:5 * side + len(t)] = t
+    names = ("server_received_s", "server_first_s", "engine_arrival_s", "engine_scheduled_s", "engine_finished_s",
+             "decode_received_s", "decode_first_s", "decode_arrival_s", "decode_scheduled_s", "decode_finished_s")
     return {k: cols[:, j].tolist() for j, k in enumerate(names)}
 
 
@@ -504,6 +510,16 @@ def main(argv: list[str] | None = None) -> int:
             line += ("; inside: to vLLM's front end {:.1f}, to first scheduled {:.1f}, scheduled -> finished "
                      "{:.1f}, back out {:.1f} ms").format(*parts)
         _say(line)
+    if np.isfinite(np.asarray(srv.get("decode_finished_s", [np.nan]), dtype=float)).any():
+        # Inside the decode engine (its first token out to its finish stamp) against what the client saw, per
+        # stream: a TPOT above the engine's is the stack's (streaming, hops); the engine's own against the profile.
+        o = np.asarray(out, dtype=float)
+        eng = (np.asarray(srv["decode_finished_s"]) - np.asarray(srv["decode_first_s"])) / np.maximum(o - 2, 1)
+        seen = (live.finish_s - live.first_token_s) / np.maximum(o - 1, 1)
+        ok = np.isfinite(eng) & np.isfinite(seen) & (o >= 8)
+        if ok.any():
+            _say(f"TPOT split (p50 over streams of 8+ tokens): inside the decode engine {np.median(eng[ok]) * 1e3:.2f} "
+                 f"ms/token, as the client saw it {np.median(seen[ok]) * 1e3:.2f} ms/token (handoff included)")
     m = res["migration"] or {"indices_exact": True}
     if res["migration"] is not None:
         _say(f"migration: committed={m['committed']} {m['source']} -> {m['destination']}, "

@@ -621,3 +621,33 @@ def test_measure_request_cpu_removes_the_idle_background(monkeypatch):
     assert [n for n, _ in out] == [32, 1024]
     assert [c for _, c in out] == pytest.approx([0.030, 0.090])
     assert sent == [(32, 2)] * 4 + [(1024, 2)] * 4  # with a decode leg: prefill, handoff, one decode step
+
+
+def test_server_timings_keep_both_legs_of_a_pd_request():
+    """``llmsched run``'s per-request columns: the instance that put out the first token (the prefill leg) and
+    the one that decoded it, each (received, first out, engine arrival, scheduled, finished) from the replay
+    start; a request seen on one instance only fills both from that record."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from scheduler import demo
+
+    class Handle:
+        def __init__(self, rows):
+            self.request_timings = SimpleNamespace(remote=lambda: self._get(rows))
+
+        async def _get(self, rows):
+            return rows
+
+    t0 = 100.0
+    prefill = {"replay-0": (t0 + 0.001, t0 + 0.020, t0 + 0.002, t0 + 0.003, t0 + 0.019),
+               "replay-1": (t0 + 1.0, t0 + 1.01, t0 + 1.001, t0 + 1.002, t0 + 1.2), "profile-3-1": (0, 1, 2, 3, 4)}
+    decode = {"replay-0": (t0 + 0.035, t0 + 0.041, t0 + 0.036, t0 + 0.037, t0 + 0.300)}
+    ingress = SimpleNamespace(instance_handles=lambda: {"prefill-0": Handle(prefill), "decode-0": Handle(decode)})
+    live = SimpleNamespace(arrival_s=np.zeros(3), started_wall_s=t0)
+    cols = asyncio.run(demo._server_timings(ingress, live))
+    assert cols["server_first_s"][0] == pytest.approx(0.020) and cols["decode_first_s"][0] == pytest.approx(0.041)
+    assert cols["engine_finished_s"][0] == pytest.approx(0.019)
+    assert cols["decode_finished_s"][0] == pytest.approx(0.300)
+    assert cols["decode_scheduled_s"][1] == pytest.approx(1.002)  # one leg only: the same record
+    assert all(np.isnan(cols[k][2]) for k in cols)  # never seen on any instance
