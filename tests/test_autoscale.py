@@ -304,3 +304,43 @@ def test_controller_scales_up_under_load_and_back_down_without_losing_requests(a
             aloop.run(ing.close())
             dep.shutdown()
             rt.shutdown()
+
+
+def test_controller_clamps_a_decision_to_the_policys_bounds() -> None:
+    """The policy decides from its view, which lags an instance placed but not yet snapshotted: its +1 applied to
+    the controller's own count must not pass the policy's max_instances (seen: 1 -> 2 -> 3 with a max of 2), nor a
+    -1 its min_instances."""
+    from types import SimpleNamespace
+
+    from scheduler.control.controller import Controller
+    from scheduler.policy.scaling import ScaleDecision, ThresholdScaler
+
+    ctrl = Controller.__new__(Controller)  # the applier alone: no Ray, no engines
+    asked: list[int] = []
+
+    async def set_desired(pool: str, count: int) -> int:
+        asked.append(count)
+        return count
+
+    async def reconcile(*, wait: bool) -> None:
+        pass
+
+    async def begin_drain(iid: str) -> None:
+        ctrl._draining[iid] = (0.0, 0)
+
+    member = SimpleNamespace(info=SimpleNamespace(pool="mixed"))
+    ctrl._pools = {"mixed": object()}
+    ctrl._members = {"mixed-0": member, "mixed-1": member}  # mixed-1 placed, its first snapshot not in yet
+    ctrl._pending, ctrl._draining, ctrl._snapshots = {}, {}, {}
+    ctrl._desired = {"mixed": 2}
+    ctrl._scaling = ThresholdScaler(min_instances=1, max_instances=2)
+    ctrl._lock = asyncio.Lock()
+    ctrl.scaling_stats = {"up": 0, "down": 0}
+    ctrl._scaling_events = []
+    ctrl._set_desired, ctrl._reconcile, ctrl._begin_drain = set_desired, reconcile, begin_drain
+
+    asyncio.run(ctrl._apply_scale(ScaleDecision("mixed", delta=1, reason="view saw one")))
+    assert asked == [] and ctrl.scaling_stats["up"] == 0  # already at max_instances
+    asyncio.run(ctrl._apply_scale(ScaleDecision("mixed", delta=-5, reason="idle")))
+    assert len(ctrl._draining) == 1  # down to min_instances = 1, not to 0
+    assert ctrl._scaling_events[-1]["to"] == 1
