@@ -310,6 +310,32 @@ async def _server_timings(ingress, live, prefix: str = "replay") -> dict[str, li
     return {k: cols[:, j].tolist() for j, k in enumerate(names)}
 
 
+def _engine_pace(lone: list[tuple[int, str, int]], timings: dict[str, tuple[float, ...]]) -> list[float]:
+    """Per lone decode stream of the profile ``(prompt, request id, tokens)``, its decode engine's time per token:
+    the engine's first token out to its finish stamp (``Instance.request_timings``), free of the stack's noise."""
+    out = []
+    for _, rid, n in lone:
+        t = timings.get(rid)
+        if t is not None and len(t) >= 5 and n > 3 and t[4] > t[1]:
+            out.append(float(t[4] - t[1]) / (n - 2))
+    return out
+
+
+def _replay_lone_pace(server: dict[str, list[float]], output) -> list[float]:
+    """The same for the replay's streams that decoded alone (no other decode leg in their window, 8+ tokens)."""
+    first = np.asarray(server["decode_first_s"], dtype=float)
+    fin = np.asarray(server["decode_finished_s"], dtype=float)
+    o = np.asarray(output, dtype=float)
+    out = []
+    for i in range(len(o)):
+        if o[i] < 8 or not (np.isfinite(first[i]) and np.isfinite(fin[i])) or fin[i] <= first[i]:
+            continue
+        others = np.isfinite(first) & np.isfinite(fin) & (np.arange(len(o)) != i)
+        if not np.any((first[others] < fin[i]) & (fin[others] > first[i])):
+            out.append(float(fin[i] - first[i]) / (o[i] - 2))
+    return out
+
+
 async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
     from scheduler.profile import attach_engine_times, fit, measure, merge_samples
     from scheduler.server.grpc_server import build_server
@@ -344,8 +370,12 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
         # New-size samples must be sizes these engines never ran (a run size stays cheap: profile.SHAPE_CACHE_SIZE).
         ran = {*sampled["sizes_sent"], *(int(x) for x in pr)}
         with probe.phase("profile_after"):
-            after = attach_engine_times(await measure(target, vocab=vocab, repeats=2, avoid=ran),
-                                        await _instance_timings(ingress))
+            sampled_after = await measure(target, vocab=vocab, repeats=2, avoid=ran)
+            after = attach_engine_times(sampled_after, await _instance_timings(ingress))
+        decode_side = await _instance_timings(ingress, decode_side=True)
+        pace = {"profile_lone_s": _engine_pace([*sampled["lone_decodes"], *sampled_after["lone_decodes"]],
+                                               decode_side),
+                "replay_lone_s": _replay_lone_pace(server, out)}
         profile = fit(merge_samples(before, after))
         line = (f"  profile: step overhead {profile['overhead_s'] * 1e3:.2f} ms, "
                 f"{profile['gemm_s_per_token'] * 1e6:.1f} us/token, fit error {profile['fit_mape'] * 100:.1f}%")
@@ -366,7 +396,7 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
     finally:
         await srv.stop()
     return {"profile": profile, "live": live, "migration": mig, "role_switch": role, "server": server,
-            "lengths": (trace.arrival_s, pr, out),
+            "lengths": (trace.arrival_s, pr, out), "engine_pace": pace,
             "instances": [(i.instance_id, i.role.value) for i in state.instances]}
 
 
@@ -520,6 +550,12 @@ def main(argv: list[str] | None = None) -> int:
         if ok.any():
             _say(f"TPOT split (p50 over streams of 8+ tokens): inside the decode engine {np.median(eng[ok]) * 1e3:.2f} "
                  f"ms/token, as the client saw it {np.median(seen[ok]) * 1e3:.2f} ms/token (handoff included)")
+    pace = res["engine_pace"]
+    if pace["profile_lone_s"] and pace["replay_lone_s"]:
+        a, b = np.median(pace["profile_lone_s"]), np.median(pace["replay_lone_s"])
+        _say(f"decode engine pace, lone streams (inside the engine): profile {a * 1e3:.2f} ms/token "
+             f"({len(pace['profile_lone_s'])}), replay {b * 1e3:.2f} ms/token ({len(pace['replay_lone_s'])}): the "
+             f"replay's engines ran at {a / b:.2f}x the profile's speed")
     m = res["migration"] or {"indices_exact": True}
     if res["migration"] is not None:
         _say(f"migration: committed={m['committed']} {m['source']} -> {m['destination']}, "
@@ -557,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
                               "live_first_s": live.first_token_s.tolist(), "live_finish_s": live.finish_s.tolist(),
                               "sim_first_s": sim_res.first_token_s.tolist(), "sim_finish_s": sim_res.finish_s.tolist(),
                               "sim_decode_instance": sim_res.decode_instance.tolist(), **res["server"]},
-              "profile_samples": res["profile"].get("samples"), "host_probe": host}
+              "profile_samples": res["profile"].get("samples"), "host_probe": host,
+              "engine_pace": res["engine_pace"]}
     write_json(out_dir / "report.json", report)
     sim_m = RequestMetrics.from_times(arrival, sim_res.first_token_s, sim_res.finish_s, out)
     write_figure(out_dir / "report.png", {"live": live.metrics(), "simulated": sim_m}, title=title)

@@ -80,7 +80,9 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
     - ``new_shape``: (M, TTFT of a lone prompt of a size M never sent less that of the same size sent again right
       after): the engine's kernel build for a new batch token count (``SHAPE_CACHE_SIZE``). ``avoid``: sizes the
       engines have run already (an earlier profile, a replay), never picked as new; ``sizes_sent`` in the result
-      lists this call's.
+      lists this call's;
+    - ``lone_decodes``: (prompt, request id, tokens) of each lone decode stream, for a caller with the instances'
+      request timings to read the engine's own pace (``llmsched run``).
     """
     from scheduler.client import AsyncClient
 
@@ -96,6 +98,7 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
     # them into ``prefill_engine`` samples (``attach_engine_times``).
     prefill_runs: list[tuple[int, str, float]] = []
     shape_runs: list[tuple[int, str, str]] = []  # (M, request id of its first run, of the one right after)
+    lone_decodes: list[tuple[int, str, int]] = []  # (prompt, request id, tokens) of each lone decode stream
     last_lone: list[str] = []
     n = 0
 
@@ -172,6 +175,7 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
                 decode.append((per, ctx + decode_tokens / 2, tpot, busy))
                 if b == 1:
                     alone.setdefault(ctx, []).append(tpot)
+                    lone_decodes.append((ctx, g[0]["id"], len(g[0]["times"])))
                     if split:  # gap between token 0 (prefill instance) and token 1 (decode), less a step
                         handoff.append((ctx, float(g[0]["times"][1] - g[0]["times"][0] - tpot)))
                 elif per == 1 and busy > 1 and ctx in alone:
@@ -188,7 +192,8 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
         await client.close()
     return {"prefill": prefill, "decode": decode, "handoff": handoff, "new_shape": new_shape,
             "contention": {k: [float(x) for x in v] for k, v in sorted(contention.items())}, "engines": engines,
-            "prefill_runs": prefill_runs, "shape_runs": shape_runs, "sizes_sent": sorted(sizes)}
+            "prefill_runs": prefill_runs, "shape_runs": shape_runs, "sizes_sent": sorted(sizes),
+            "lone_decodes": lone_decodes}
 
 
 def attach_engine_times(samples: dict, timings: dict[str, tuple[float, ...]]) -> dict:

@@ -651,3 +651,16 @@ def test_server_timings_keep_both_legs_of_a_pd_request():
     assert cols["decode_finished_s"][0] == pytest.approx(0.300)
     assert cols["decode_scheduled_s"][1] == pytest.approx(1.002)  # one leg only: the same record
     assert all(np.isnan(cols[k][2]) for k in cols)  # never seen on any instance
+
+
+def test_engine_pace_of_lone_streams_in_the_profile_and_the_replay():
+    """The decode engine's own time per token (its first token out to its finish stamp): the profile's lone
+    streams by request id; the replay's streams only where no other decode leg overlapped them."""
+    from scheduler import demo
+
+    timings = {"p-1": (0.0, 1.0, 0.0, 0.0, 1.0 + 46 * 0.003), "p-2": (0.0, 5.0, 0.0, 0.0, 5.0 + 46 * 0.005)}
+    assert demo._engine_pace([(64, "p-1", 48), (512, "p-2", 48), (64, "p-missing", 48)], timings) == \
+        pytest.approx([0.003, 0.005])
+    server = {"decode_first_s": [0.0, 0.5, 10.0, 20.0], "decode_finished_s": [1.0, 1.5, 10.0 + 62 * 0.004, 20.1]}
+    # 0 and 1 overlap; 2 decodes alone (64 tokens); 3 has too few tokens to count.
+    assert demo._replay_lone_pace(server, [64, 64, 64, 4]) == pytest.approx([0.004])
