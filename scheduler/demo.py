@@ -118,8 +118,10 @@ class HostCPU:
         out["wall_s"] = wall
         return out
 
-
-NOT_CLUSTER = ("outside the cluster", "steal", "wall_s")
+    @staticmethod
+    def cluster_cores(d: dict) -> float:
+        """Cores the cluster's processes used in a ``delta``."""
+        return sum(v for k, v in d.items() if k not in ("outside the cluster", "steal", "wall_s"))
 
 
 async def measure_request_cpu(target: str, cpu: HostCPU, *, vocab: int = 1024, sizes: tuple[int, ...] = (32, 384, 1024),
@@ -129,16 +131,13 @@ async def measure_request_cpu(target: str, cpu: HostCPU, *, vocab: int = 1024, s
     idle background (measured first, ``idle_s``) removed. Sizes of the profile's grid: no kernel build."""
     from scheduler.client import AsyncClient
 
-    def cluster(d: dict) -> float:
-        return sum(v for k, v in d.items() if k not in NOT_CLUSTER) * d["wall_s"]
-
     client = AsyncClient(target)
     rng = np.random.default_rng()
     try:
         a = cpu.snapshot()
         await asyncio.sleep(idle_s)
         idle = HostCPU.delta(a, cpu.snapshot())
-        background = cluster(idle) / idle["wall_s"]  # cores the idle cluster uses (loops, polls)
+        background = HostCPU.cluster_cores(idle)  # cores the idle cluster uses (loops, polls)
         out = []
         for P in sizes:
             a = cpu.snapshot()
@@ -147,7 +146,7 @@ async def measure_request_cpu(target: str, cpu: HostCPU, *, vocab: int = 1024, s
                                       ignore_eos=True)
                 await asyncio.sleep(gap_s)
             d = HostCPU.delta(a, cpu.snapshot())
-            out.append((P, max(cluster(d) - background * d["wall_s"], 0.0) / n))
+            out.append((P, max(HostCPU.cluster_cores(d) - background, 0.0) * d["wall_s"] / n))
     finally:
         await client.close()
     return out
@@ -274,11 +273,15 @@ async def _role_switch_check(target: str, *, vocab: int) -> dict | None:
             "identical": all(list(r.token_ids) == list(ref.token_ids) for r in runs)}
 
 
-async def _instance_timings(ingress, *, decode_side: bool = False) -> dict[str, tuple[float, ...]]:
+Timings = dict[str, tuple[float, ...]]
+
+
+async def _instance_timings(ingress) -> tuple[Timings, Timings]:
     """``Instance.request_timings`` of every instance, per request id the record with the earliest first token
-    (the prefill side of a P/D request), or with ``decode_side`` the latest (the decode leg's instance; the same
-    record where there is no handoff)."""
-    out: dict[str, tuple[float, ...]] = {}
+    (the prefill side of a P/D request) and the one with the latest (the decode leg's instance; the same record
+    where there is no handoff)."""
+    first: Timings = {}
+    last: Timings = {}
     for iid, handle in ingress.instance_handles().items():
         try:
             timings = await handle.request_timings.remote()
@@ -286,9 +289,11 @@ async def _instance_timings(ingress, *, decode_side: bool = False) -> dict[str, 
             _say(f"  server-side timings of {iid} not read: {type(e).__name__}: {e}")
             continue
         for rid, t in timings.items():
-            if rid not in out or (t[1] > out[rid][1] if decode_side else t[1] < out[rid][1]):
-                out[rid] = tuple(t)
-    return out
+            if rid not in first or t[1] < first[rid][1]:
+                first[rid] = tuple(t)
+            if rid not in last or t[1] > last[rid][1]:
+                last[rid] = tuple(t)
+    return first, last
 
 
 async def _server_timings(ingress, live, prefix: str = "replay") -> dict[str, list[float]]:
@@ -299,7 +304,7 @@ async def _server_timings(ingress, live, prefix: str = "replay") -> dict[str, li
     # Per request: received, first out, engine arrival, first scheduled, finished -- on the instance that put
     # out its first token (the prefill side of a P/D request), then the same on the one that decoded it.
     cols = np.full((n, 10), np.nan)
-    for side, rows in enumerate((await _instance_timings(ingress), await _instance_timings(ingress, decode_side=True))):
+    for side, rows in enumerate(await _instance_timings(ingress)):
         for rid, t in rows.items():
             head, _, idx = rid.rpartition("-")
             if head == prefix and idx.isdigit() and int(idx) < n:
@@ -310,7 +315,7 @@ async def _server_timings(ingress, live, prefix: str = "replay") -> dict[str, li
     return {k: cols[:, j].tolist() for j, k in enumerate(names)}
 
 
-def _engine_pace(lone: list[tuple[int, str, int]], timings: dict[str, tuple[float, ...]]) -> list[float]:
+def _engine_pace(lone: list[tuple[int, str, int]], timings: Timings) -> list[float]:
     """Per lone decode stream of the profile ``(prompt, request id, tokens)``, its decode engine's time per token:
     the engine's first token out to its finish stamp (``Instance.request_timings``), free of the stack's noise."""
     out = []
@@ -321,18 +326,27 @@ def _engine_pace(lone: list[tuple[int, str, int]], timings: dict[str, tuple[floa
     return out
 
 
+def _decode_pace(server: dict[str, list[float]], output) -> np.ndarray:
+    """Per replayed stream of 8+ tokens, its decode engine's time per token (first token out to finish stamp);
+    NaN where either stamp is missing or the stream is shorter."""
+    first = np.asarray(server["decode_first_s"], dtype=float)
+    fin = np.asarray(server["decode_finished_s"], dtype=float)
+    o = np.asarray(output, dtype=float)
+    pace = (fin - first) / np.maximum(o - 2, 1)
+    return np.where((o >= 8) & (fin > first), pace, np.nan)
+
+
 def _replay_lone_pace(server: dict[str, list[float]], output) -> list[float]:
     """The same for the replay's streams that decoded alone (no other decode leg in their window, 8+ tokens)."""
     first = np.asarray(server["decode_first_s"], dtype=float)
     fin = np.asarray(server["decode_finished_s"], dtype=float)
-    o = np.asarray(output, dtype=float)
+    pace = _decode_pace(server, output)
+    legs = np.isfinite(first) & np.isfinite(fin)
     out = []
-    for i in range(len(o)):
-        if o[i] < 8 or not (np.isfinite(first[i]) and np.isfinite(fin[i])) or fin[i] <= first[i]:
-            continue
-        others = np.isfinite(first) & np.isfinite(fin) & (np.arange(len(o)) != i)
+    for i in np.flatnonzero(np.isfinite(pace)):
+        others = legs & (np.arange(len(pace)) != i)
         if not np.any((first[others] < fin[i]) & (fin[others] > first[i])):
-            out.append(float(fin[i] - first[i]) / (o[i] - 2))
+            out.append(float(pace[i]))
     return out
 
 
@@ -354,7 +368,7 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
              "the replay)...")
         with probe.phase("profile_before"):
             sampled = await measure(target, vocab=vocab, repeats=3)
-            before = attach_engine_times(sampled, await _instance_timings(ingress))
+            before = attach_engine_times(sampled, (await _instance_timings(ingress))[0])
             # The CPU a request costs beside its engine steps (the simulator charges it to the host's cores).
             before["request_cpu"] = await measure_request_cpu(target, probe.cpu, vocab=vocab)
             before["host_cores"] = os.cpu_count() or 1
@@ -371,8 +385,8 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
         ran = {*sampled["sizes_sent"], *(int(x) for x in pr)}
         with probe.phase("profile_after"):
             sampled_after = await measure(target, vocab=vocab, repeats=2, avoid=ran)
-            after = attach_engine_times(sampled_after, await _instance_timings(ingress))
-        decode_side = await _instance_timings(ingress, decode_side=True)
+            prefill_side, decode_side = await _instance_timings(ingress)
+            after = attach_engine_times(sampled_after, prefill_side)
         pace = {"profile_lone_s": _engine_pace([*sampled["lone_decodes"], *sampled_after["lone_decodes"]],
                                                decode_side),
                 "replay_lone_s": _replay_lone_pace(server, out)}
@@ -543,10 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     if np.isfinite(np.asarray(srv.get("decode_finished_s", [np.nan]), dtype=float)).any():
         # Inside the decode engine (its first token out to its finish stamp) against what the client saw, per
         # stream: a TPOT above the engine's is the stack's (streaming, hops); the engine's own against the profile.
-        o = np.asarray(out, dtype=float)
-        eng = (np.asarray(srv["decode_finished_s"]) - np.asarray(srv["decode_first_s"])) / np.maximum(o - 2, 1)
-        seen = (live.finish_s - live.first_token_s) / np.maximum(o - 1, 1)
-        ok = np.isfinite(eng) & np.isfinite(seen) & (o >= 8)
+        eng = _decode_pace(srv, out)
+        seen = (live.finish_s - live.first_token_s) / np.maximum(np.asarray(out, dtype=float) - 1, 1)
+        ok = np.isfinite(eng) & np.isfinite(seen)
         if ok.any():
             _say(f"TPOT split (p50 over streams of 8+ tokens): inside the decode engine {np.median(eng[ok]) * 1e3:.2f} "
                  f"ms/token, as the client saw it {np.median(seen[ok]) * 1e3:.2f} ms/token (handoff included)")
@@ -572,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
              + f"; the replay ran at {1 / host['replay_over_profile']:.2f}x the profile's host speed")
     cores = host["cpu_cores"].get("replay")
     if cores:
-        cluster_cores = sum(v for k, v in cores.items() if k not in NOT_CLUSTER)
+        cluster_cores = HostCPU.cluster_cores(cores)
         per_token = cores["wall_s"] / max(int(np.sum(out)), 1) * 1e3  # ms of CPU per streamed token, per core used
         roles = [name for name, _ in CPU_CLASSES] + ["this process"]
         _say(f"host CPU during the replay (cores of {os.cpu_count()}): cluster {cluster_cores:.2f} = "

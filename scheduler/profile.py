@@ -205,7 +205,7 @@ def attach_engine_times(samples: dict, timings: dict[str, tuple[float, ...]]) ->
         t = timings.get(rid)
         return float(t[4] - t[3]) if t is not None and len(t) >= 5 and t[4] >= t[3] else None
 
-    out = {k: v for k, v in samples.items() if k not in ("prefill_runs", "shape_runs", "sizes_sent")}
+    out = {k: v for k, v in samples.items() if k not in ("prefill_runs", "shape_runs", "sizes_sent", "lone_decodes")}
     out["prefill_engine"] = [(int(N), float(ttft), f) for N, rid, ttft in samples.get("prefill_runs", ())
                              if (f := forward(rid)) is not None]
     runs = samples.get("shape_runs", ())
