@@ -39,6 +39,10 @@ CONTENTION_PROMPT = 256
 # run once, then 45 other sizes, then again: forward 9.5 ms, the same as right after (9.4), against 13.4-14.6 ms
 # the first time (engine stamps, docs/live_vs_sim.md). So what costs is a size the engine has never run.
 SHAPE_CACHE_SIZE = 256
+# The host's speed spread (``LatencyModel.host_noise``): from this many lone decode streams up, redrawn per engine
+# every period (about one short stream: a stream's pace varies as a whole, 0.5-2x its median between runs).
+HOST_NOISE_MIN = 8
+HOST_NOISE_PERIOD_S = 0.25
 DECODE_BATCH_MAX = max(b for b, _ in DECODE_GRID)  # below the prefill grid: the table keeps the two apart
 assert DECODE_BATCH_MAX < PREFILL_GRID[0]
 
@@ -335,6 +339,14 @@ def fit(samples: dict) -> dict:
         pts = sorted(tuple(np.median(np.asarray(v), axis=0)) for v in by_grid.values())
         out["new_shape_table"] = [[round(float(m)), max(float(e), 0.0)] for m, e in pts]
         out["shape_cache_size"] = SHAPE_CACHE_SIZE
+    lone = [(float(d[1]), float(d[2])) for d in samples["decode"] if int(d[0]) == 1 and (d[3] if len(d) > 3 else 1) == 1]
+    if len(lone) >= HOST_NOISE_MIN:
+        # Each lone stream's pace over the median of its context's: the host's spread, not the model's shape.
+        ctx = np.array([c for c, _ in lone])
+        t = np.array([x for _, x in lone])
+        rel = np.array([x / np.median(t[ctx == c]) for c, x in lone])
+        out["host_noise"] = sorted(float(x) for x in rel / np.median(rel))
+        out["host_noise_period_s"] = HOST_NOISE_PERIOD_S
     if samples.get("request_cpu") and samples.get("host_cores"):
         # ``llmsched run``: (prompt tokens, host CPU seconds per lone P/D request, idle background removed). What
         # is not the request's own prefill step (the step as the table has it, plus c + s) runs beside the steps.
@@ -346,6 +358,20 @@ def fit(samples: dict) -> dict:
         (c0, c1), _ = nnls(np.c_[np.ones(len(rc)), rc[:, 0]], np.maximum(rc[:, 1] - step, 0.0))
         out["request_cpu_s"], out["request_cpu_s_per_token"] = float(c0), float(c1)
         out["host_cores"] = int(samples["host_cores"])
+    return out
+
+
+def scale_decode_steps(profile: dict, factor: float) -> dict:
+    """``profile`` with its decode-step terms (step overhead, per-token, per-sequence and decode attention costs)
+    times ``factor``; the prefill table, kernel builds, request path, handoff and request CPU as they were. For a
+    host whose decode engines ran ``factor`` x slower during a replay than during its profile (``llmsched run``'s
+    engine pace of lone decode streams): the simulator's error with that drift divided out. Decode only: the
+    prefill engine drifts on its own (replay forwards at 1.1-1.55x the profile's in runs whose decode pace moved
+    0.84-1.64x), and scaling prompts by the decoders' ratio put the TTFT p90 off by up to +500%."""
+    out = dict(profile)
+    for k in ("overhead_s", "gemm_s_per_token", "attn_decode_s_per_token", "per_seq_s"):
+        if k in out:
+            out[k] = out[k] * factor
     return out
 
 
@@ -376,7 +402,9 @@ def latency_from_profile(path: str | Path, model: ModelSpec, gpu: GPUSpec, tp: i
                         shape_cache_size=p.get("shape_cache_size", 0),
                         request_cpu_s=p.get("request_cpu_s", 0.0),
                         request_cpu_s_per_token=p.get("request_cpu_s_per_token", 0.0),
-                        host_cores=p.get("host_cores", 0))
+                        host_cores=p.get("host_cores", 0),
+                        host_noise=tuple(p.get("host_noise", ())),
+                        host_noise_period_s=p.get("host_noise_period_s", HOST_NOISE_PERIOD_S))
 
 
 def main(argv: list[str] | None = None) -> int:

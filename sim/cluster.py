@@ -32,6 +32,7 @@ class SimInstance:
     # Requests routed here to decode whose prompt KV has not arrived: the engine does not hold them yet, but the
     # live ingress counts what it dispatched as waiting until its next refresh, so the next route sees them.
     incoming: int = 0
+    noise: float = 1.0  # the host's step multiplier on this engine now (``LatencyModel.host_noise``)
 
     @property
     def role(self) -> InstanceRole:

@@ -36,6 +36,7 @@ class EventKind(enum.IntEnum):
     # A request's off-step CPU on the host is spent (``LatencyModel.request_cpu``); before a KV arrival at the
     # same time, so the handoff it ends does not charge the request's own first decode step.
     HOST = -1
+    NOISE = -2  # the host's speed moves: a new draw of each engine's step multiplier (``LatencyModel.host_noise``)
     ARRIVAL = 0
     KV_ARRIVE = 1
     MIGRATE_COMMIT = 2  # last stage landed: the destination resumes the request
@@ -167,10 +168,12 @@ class Simulator:
         reroling: object | None = None,
         reroling_interval_s: float = 5.0,
         reroling_options: dict | None = None,
+        seed: int = 0,
     ) -> None:
         if scaling is not None and reroling is not None:
             raise ValueError("reroling: not supported together with scaling (the scaling driver keys pools by role)")
         self.config = config
+        self.seed = seed  # of the host-noise draws (``LatencyModel.host_noise``): the rest is deterministic
         self.reroling = reroling
         self.reroling_interval_s = reroling_interval_s
         self.reroling_options = reroling_options or {}
@@ -222,6 +225,11 @@ class Simulator:
         self._contended = self._contended or self._host_cpu
         self._host_load = 0.0
         self._host_key: tuple | None = None
+        # Seeded: a noisy host, but the same draws on every run of one workload (tests, re-simulations).
+        self._noise_rng = np.random.default_rng(self.seed)
+        self._noise_epoch = 0
+        self._noisy = [x for x in self.instances if x.latency.host_noise]
+        self._contended = self._contended or bool(self._noisy)
         self.events = 0
         self._view: ClusterView | None = None
         self._view_t = -math.inf
@@ -254,6 +262,8 @@ class Simulator:
 
             self.reroler = RerolingDriver(self, **self.reroling_options)
             self._push(self.reroling_interval_s, EventKind.REROLE, None, None)
+        if self._noisy:
+            self._push(0.0, EventKind.NOISE, None, None)
         while i < n or heap:
             if i < n and (not heap or arrivals[i] <= heap[0][0]):
                 now = float(arrivals[i])
@@ -281,6 +291,13 @@ class Simulator:
                     if self.reroler.on_event(payload, now) and (  # type: ignore[union-attr]
                             i < n or any(x.busy for x in self.instances)):
                         self._push(now + self.reroling_interval_s, EventKind.REROLE, None, None)
+                elif kind is EventKind.NOISE:
+                    for x in self._noisy:
+                        x.noise = float(self._noise_rng.choice(x.latency.host_noise))
+                    self._noise_epoch += 1
+                    self._host_update(now)
+                    if i < n or any(x.busy for x in self.instances):
+                        self._push(now + self._noisy[0].latency.host_noise_period_s, EventKind.NOISE, None, None)
                 elif kind is EventKind.HOST:
                     self._host_load = max(self._host_load - payload, 0.0)
                     self._host_update(now)
@@ -441,7 +458,7 @@ class Simulator:
         """Engines busy on the host, or the request CPU in flight, changed: rescale every engine's steps (spans in
         flight are cut at their next step boundary and re-planned with the new factor)."""
         n = sum(1 for x in self.instances if x.engine.has_work)
-        key = (n, self._host_load)
+        key = (n, self._host_load, self._noise_epoch)
         if key == self._host_key:
             return
         self._host_key = key
@@ -449,7 +466,7 @@ class Simulator:
             # The request CPU slows the decode engines; a prefill engine's lone TTFT samples already hold its own
             # request's CPU, and that request is most of the load while it prefills.
             load = self._host_load if x.role is InstanceRole.DECODE else 0.0
-            x.engine.time_scale = x.latency.host_factor(n, load)
+            x.engine.time_scale = x.latency.host_factor(n, load) * x.noise
             if x.busy and x.span is not None:
                 self.cut_span(x, now)
 
@@ -527,6 +544,13 @@ class Simulator:
         src = self.instances[self.inst_of[i]]
         gpu = self.config.gpus[src.pool.gpu]
         dt = src.latency.handoff_time(int(self.w.prompt_tokens[i]))  # measured end to end (live profiles)
+        if dt is not None and self._contended:
+            # Measured alone; on a shared host it is CPU work (export, Ray hops, import) that stretches with the
+            # engines busy beside it, as one more party on the cores (live: 15 ms alone, 26-29 ms with one other
+            # request in flight, 35-44 ms with two; docs/live_vs_sim.md, fourteenth session). Not with the request
+            # CPU in flight: the measured handoff holds its own request's.
+            busy = sum(1 for x in self.instances if x.engine.has_work)
+            dt *= dst.latency.host_factor(busy + 1, 0.0) * dst.noise
         if dt is None:
             dt = kv_transfer_time(
                 int(self.w.prompt_tokens[i]), self.config.model, bandwidth_gbps=gpu.network_gbps,

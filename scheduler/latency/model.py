@@ -85,6 +85,12 @@ class LatencyModel:
     request_cpu_s: float = 0.0
     request_cpu_s_per_token: float = 0.0
     host_cores: int = 0  # cores of the profiled host (for ``request_cpu_s``)
+    # The host's speed as the profile saw it vary: multipliers on the steps (lone decode streams, each over its
+    # own median), one drawn per engine every ``host_noise_period_s``. A shared CPU host runs the same lone stream
+    # at 0.5-2x its median pace from one run to the next; without the spread the simulator's deterministic steps
+    # put every p90 at the p50's pace. Empty: no noise (GPU profiles, the roofline).
+    host_noise: tuple[float, ...] = ()
+    host_noise_period_s: float = 0.25
 
     # ---- the batch cost -------------------------------------------------------------------------------
     def path_latency(self, prompt_tokens: int) -> float:
