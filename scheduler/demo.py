@@ -85,6 +85,12 @@ class HostCPU:
                 continue
             try:
                 cls = cpu_class(p.info["name"] or "", " ".join(p.info["cmdline"] or ()), this_process=p.pid == me)
+                if cls is None:
+                    # An instance actor's child is its engine, whatever its title reads (one run in fourteen
+                    # booked the engines outside the cluster: their titles never matched).
+                    parent = p.parent()
+                    if parent is not None and self._procs.get(parent.pid, (None, None))[1] == "instance actors":
+                        cls = "engines"
             except (self._psutil.Error, OSError):
                 continue
             if cls is not None:

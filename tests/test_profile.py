@@ -524,6 +524,25 @@ def test_host_cpu_attributes_a_busy_process_to_its_role():
     assert d["outside the cluster"] * d["wall_s"] <= max(b["busy"] - a["busy"] - 0.25, 0.0) + 1e-6
 
 
+def test_host_cpu_books_an_instance_actors_child_to_the_engines():
+    """A process whose title names no role but whose parent is an instance actor is that instance's engine."""
+    from types import SimpleNamespace
+
+    from scheduler import demo
+
+    class Proc(SimpleNamespace):
+        def parent(self):
+            return self.up
+
+    actor = Proc(pid=10, info={"name": "ray::Instance", "cmdline": ["ray::Instance"]}, up=None)
+    engine = Proc(pid=11, info={"name": "python3", "cmdline": ["python3", "-c", "spawn_main()"]}, up=actor)
+    stranger = Proc(pid=12, info={"name": "python3", "cmdline": ["python3", "-m", "http.server"]}, up=None)
+    cpu = demo.HostCPU()
+    cpu._psutil = SimpleNamespace(process_iter=lambda attrs: [actor, engine, stranger], Error=Exception)
+    cpu._scan()
+    assert {pid: cls for pid, (_, cls) in cpu._procs.items()} == {10: "instance actors", 11: "engines"}
+
+
 def test_fit_takes_the_request_cpu_beside_the_prefill_step():
     """Per-request host CPU samples less the request's own prefill step (the fitted table, plus c + s) give the
     off-step CPU, linear in the prompt; merge_samples carries the samples and the host's cores."""
