@@ -467,6 +467,9 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
             "instances": [(i.instance_id, i.role.value) for i in state.instances]}
 
 
+SIM_SEEDS = 8  # draws of the host's noise per simulated slice (``_simulate``)
+
+
 def _simulate(cfg, profile_path: Path, arrival, prompt, output, name: str) -> list:
     """The slice in the simulator with the profile: one ``SimResult`` per draw of the host's noise (``SIM_SEEDS``
     when the profile measured the host's spread, ``host_noise``; else the one deterministic run). A noisy host's
@@ -479,9 +482,6 @@ def _simulate(cfg, profile_path: Path, arrival, prompt, output, name: str) -> li
     })
     seeds = SIM_SEEDS if json.loads(Path(profile_path).read_text()).get("host_noise") else 1
     return [Simulator(sim_cfg, seed=k).run(Workload(arrival, prompt, output, name=name)) for k in range(seeds)]
-
-
-SIM_SEEDS = 8
 
 
 def pooled_metrics(results: list):
