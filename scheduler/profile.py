@@ -29,6 +29,7 @@ PREFILL_GRID = (32, 128, 256, 384, 512, 768, 1024)
 # are regrouped per instance from the chunks' ``instance_id``, so each sample is (batch on one engine, context).
 DECODE_GRID = ((1, 64), (1, 512), (1, 960), (2, 64), (4, 64), (8, 64), (8, 512), (16, 128))
 CONTENTION_PROMPT = 256
+CONTENTION_DECODE_TOKENS = 320  # decode streams outlasting ~0.6 s of back-to-back prefills beside them
 # The vLLM CPU build's oneDNN GEMMs build a kernel ("primitive") for each batch token count a step runs and keep
 # the last 32 per weight shape (vllm/model_executor/layers/utils.py: ``create_onednn_mm(weight, 32)``; the LRU is
 # in csrc/cpu/dnnl_helper.cpp). A step at a count not among them builds its kernels first: a lone ~900-token
@@ -97,6 +98,7 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
     rng = np.random.default_rng(seed)
     prefill, decode, handoff, new_shape = [], [], [], []
     contention: dict[int, list[float]] = {}
+    contention_decode: dict[int, list[float]] = {}  # the same from the decode engines' side (their TPOT)
     sizes: set[int] = set(avoid)  # prompt sizes the engines have run (this profile's, and ``avoid``)
     # (N, request id, TTFT) of every recorded lone prefill: a caller with the instances' request_timings turns
     # them into ``prefill_engine`` samples (``attach_engine_times``).
@@ -192,10 +194,37 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
                 ttft = (await one(CONTENTION_PROMPT, 1))["ttft"]
                 await asyncio.gather(*bg)
                 contention.setdefault(engines, []).append(ttft / iso)
+            # ... and the decoders' side: their streams while the prefill engine works back to back. A prefill
+            # slowed by two decoders says little about how much it slows them.
+            if decoders >= 2 and 64 in alone:
+                async def prefills(until: float, streams: list) -> None:
+                    while not any(t.done() for t in streams) and time.perf_counter() < until:
+                        await one(PREFILL_GRID[-1], 1)
+
+                for _ in range(repeats):
+                    bg = []
+                    for _ in range(decoders):  # staggered, so the router sees each on its decoder: one per decoder
+                        bg.append(asyncio.create_task(one(64, CONTENTION_DECODE_TOKENS)))
+                        await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.2)  # streams past their prefill and handoff
+                    t0 = time.perf_counter()
+                    # Two prompts in flight, so the prefill engine never idles between them (a grid size: no
+                    # kernel build; fresh ids: no prefix hits).
+                    await asyncio.gather(*(prefills(t0 + 0.6, bg) for _ in range(2)))
+                    t1 = time.perf_counter()
+                    runs = await asyncio.gather(*bg)
+                    if len({r["inst"][-1] for r in runs}) < decoders:
+                        continue  # two streams on one decoder: not the point measured
+                    for r in runs:
+                        k = sum(1 for t in r["times"] if t0 < t <= t1)
+                        if k >= 8:
+                            contention_decode.setdefault(engines, []).append(
+                                (t1 - t0) / k / float(np.median(alone[64])))
     finally:
         await client.close()
     return {"prefill": prefill, "decode": decode, "handoff": handoff, "new_shape": new_shape,
             "contention": {k: [float(x) for x in v] for k, v in sorted(contention.items())}, "engines": engines,
+            "contention_decode": {k: [float(x) for x in v] for k, v in sorted(contention_decode.items())},
             "prefill_runs": prefill_runs, "shape_runs": shape_runs, "sizes_sent": sorted(sizes),
             "lone_decodes": lone_decodes}
 
@@ -227,8 +256,9 @@ def merge_samples(*parts: dict) -> dict:
     for s in parts:
         for key in ("prefill", "decode", "handoff", "new_shape", "prefill_engine"):
             out.setdefault(key, []).extend(s.get(key, []))
-        for k, v in s.get("contention", {}).items():
-            out["contention"].setdefault(int(k), []).extend(v if isinstance(v, list) else [v])
+        for key in ("contention", "contention_decode"):
+            for k, v in s.get(key, {}).items():
+                out.setdefault(key, {}).setdefault(int(k), []).extend(v if isinstance(v, list) else [v])
         out["engines"] = max(out["engines"], int(s.get("engines", 0)))
         if s.get("request_cpu"):
             out.setdefault("request_cpu", []).extend(s["request_cpu"])
@@ -295,6 +325,11 @@ def fit(samples: dict) -> dict:
         "per_seq_s": float(coef[4]),
         "request_latency_s": float(coef[5]),
         "host_contention": table,
+        # The decoders' own table where measured: the two-busy point (two decoders) as above, the higher ones from
+        # the decoders' side.
+        "host_contention_decode": contention_table({"contention": {**samples.get("contention", {}),
+                                                                   **samples["contention_decode"]}})
+        if samples.get("contention_decode") else [],
         "fit_mape": float(np.mean(np.abs(pred - Y) / Y)),
         "samples": samples,
     }
@@ -398,6 +433,7 @@ def latency_from_profile(path: str | Path, model: ModelSpec, gpu: GPUSpec, tp: i
                         handoff_s=p.get("handoff_s"),
                         handoff_s_per_token=p.get("handoff_s_per_token", 0.0),
                         host_contention=tuple(p.get("host_contention", (1.0,))),
+                        host_contention_decode=tuple(p.get("host_contention_decode", ())),
                         new_shape_table=tuple((int(m), float(e)) for m, e in p.get("new_shape_table", ())),
                         shape_cache_size=p.get("shape_cache_size", 0),
                         request_cpu_s=p.get("request_cpu_s", 0.0),

@@ -466,7 +466,7 @@ class Simulator:
             # The request CPU slows the decode engines; a prefill engine's lone TTFT samples already hold its own
             # request's CPU, and that request is most of the load while it prefills.
             load = self._host_load if x.role is InstanceRole.DECODE else 0.0
-            x.engine.time_scale = x.latency.host_factor(n, load) * x.noise
+            x.engine.time_scale = x.latency.host_factor(n, load, decode=x.role is InstanceRole.DECODE) * x.noise
             if x.busy and x.span is not None:
                 self.cut_span(x, now)
 

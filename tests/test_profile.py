@@ -361,7 +361,8 @@ def test_lone_ttft_samples_follow_an_idle_gap(monkeypatch):
                                            "live_vs_sim_s13c.json", "live_vs_sim_s13c_120.json",
                                            "live_vs_sim_s14.json", "live_vs_sim_s14_120.json",
                                            "live_vs_sim_s14b.json", "live_vs_sim_s14b_120.json",
-                                           "live_vs_sim_s14c.json", "live_vs_sim_s14c_120.json"])
+                                           "live_vs_sim_s14c.json", "live_vs_sim_s14c_120.json",
+                                           "live_vs_sim_s14d.json", "live_vs_sim_s14d_120.json"])
 def test_recorded_live_vs_sim_errors_match_the_current_simulator(recorded_json, tmp_path):
     """docs/results/live_vs_sim*.json are what the current fit + simulator give on the committed live runs (and,
     for runs with the engine pace, with its drift divided out). A change to either moves these numbers:
@@ -816,3 +817,62 @@ def test_simulator_stretches_the_handoff_with_the_engines_busy(tmp_path):
     hop = lambda r, i: r.finish_s[i] - r.first_token_s[i]  # noqa: E731 - 19 steps after the handoff
     # The 0.5 s handoff took ~1.8x; the 19 slower steps after it add only ~0.04 s.
     assert hop(busy, 1) - hop(alone, 0) == pytest.approx(0.8 * 0.5, abs=0.1)
+
+
+def test_measure_takes_the_decoders_side_of_a_busy_prefill_engine(monkeypatch):
+    """On a P/D cluster the profile also times decode streams, one per decoder, while prompts run back to back
+    on the prefill engine: a fake cluster whose decode tokens come 3x slower while a prompt is in flight reads
+    as a three-busy factor of ~3 for the decoders (``contention_decode``), into their own table in ``fit``."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import scheduler.client as client_mod
+    from scheduler.profile import measure
+
+    state = {"prompts": 0, "n": 0}
+
+    class FakeClient:
+        def __init__(self, target, token=None):
+            pass
+
+        async def cluster_state(self):
+            return SimpleNamespace(instances=[SimpleNamespace(role=SimpleNamespace(value=r))
+                                              for r in ("prefill", "decode", "decode")])
+
+        async def stream(self, ids, *, max_tokens, **kw):
+            dec = f"d{state['n'] % 2}"
+            state["n"] += 1
+            state["prompts"] += max_tokens == 1
+            try:
+                await asyncio.sleep(0.001)
+                yield SimpleNamespace(token_ids=(5,), instance_id="p0", index=0)
+                for i in range(1, max_tokens):
+                    await asyncio.sleep(0.003 if state["prompts"] else 0.001)
+                    yield SimpleNamespace(token_ids=(5,), instance_id=dec, index=i)
+            finally:
+                state["prompts"] -= max_tokens == 1
+
+        async def close(self):
+            pass
+
+    monkeypatch.setattr(client_mod, "AsyncClient", FakeClient)
+    samples = asyncio.run(measure("fake:0", repeats=1, decode_tokens=16, idle_gap_s=0.0, seed=1))
+    side = samples["contention_decode"][3]
+    assert len(side) == 2 and all(2.0 < x < 4.0 for x in side), side
+    p = fit({**_samples(), "contention": {2: [1.5]}, "contention_decode": samples["contention_decode"]})
+    assert p["host_contention_decode"][1] == pytest.approx(1.5) and p["host_contention_decode"][2] > 2.0
+    assert len(p["host_contention"]) == 2  # the prefill side's table as it was
+
+
+def test_simulator_applies_the_decoders_table_to_decode_engines_only(tmp_path):
+    """With ``host_contention_decode`` a decode engine's steps use it, the prefill engine's the main table."""
+    base = dict(fit(_samples()), host_contention=[1.0, 1.5, 2.0], request_latency_s=0.0, handoff_s=0.0,
+                handoff_s_per_token=0.0, prefill_table=[[32, 0.001], [2048, 0.05]])  # 1000 tokens: ~25 ms
+    # A long stream decodes while a stream of prompts keeps the prefill engine (and the other decoder) busy.
+    w = Workload(np.r_[0.0, 0.3 + 0.02 * np.arange(30)], np.r_[64, np.full(30, 1000)], np.r_[400, np.full(30, 40)])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()  # one profile file each: the simulator caches a profile by its path
+    plain = _sim(base, tmp_path / "a", w)
+    slow = _sim(dict(base, host_contention_decode=[1.0, 1.5, 4.0]), tmp_path / "b", w)
+    assert slow.finish_s[0] > plain.finish_s[0] + 0.05  # the stream paid the decoders' higher factor
+    np.testing.assert_allclose(slow.first_token_s[1:6], plain.first_token_s[1:6], rtol=1e-6)  # prompts did not

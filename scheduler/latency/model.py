@@ -72,6 +72,10 @@ class LatencyModel:
     # Step-time factor by number of engines busy on one host (index 0: this engine alone): engines that share
     # a host's cores (the vLLM CPU build) slow each other down. Beyond the table: its last slope.
     host_contention: tuple[float, ...] = (1.0,)
+    # The same for a decode engine's steps where the profile measured them from the decoders' side too (decode
+    # streams while the prefill engine works: a decode step there is not slowed as a prefill is). Empty: the table
+    # above for every engine.
+    host_contention_decode: tuple[float, ...] = ()
     # First step at a batch token count the engine has not run recently: extra time on top of the step,
     # ``(tokens, seconds)`` points, interpolated (flat past the ends). The vLLM CPU build's oneDNN GEMMs build a
     # kernel per token count, kept in a per-weight-shape LRU of ``shape_cache_size`` (0: no such cost, as on GPUs).
@@ -136,9 +140,10 @@ class LatencyModel:
             return None
         return self.handoff_s + self.handoff_s_per_token * prompt_tokens
 
-    def contention(self, busy_engines: int) -> float:
-        """Step-time factor with ``busy_engines`` engines (this one included) busy on the host."""
-        t = self.host_contention
+    def contention(self, busy_engines: int, *, decode: bool = False) -> float:
+        """Step-time factor with ``busy_engines`` engines (this one included) busy on the host; ``decode``: for a
+        decode engine's steps (``host_contention_decode`` where measured)."""
+        t = self.host_contention_decode if decode and self.host_contention_decode else self.host_contention
         if busy_engines <= 1 or len(t) <= 1:
             return 1.0
         if busy_engines <= len(t):
@@ -149,13 +154,13 @@ class LatencyModel:
         """Host CPU seconds a request uses outside its engine steps (see ``request_cpu_s``)."""
         return self.request_cpu_s + self.request_cpu_s_per_token * prompt_tokens
 
-    def host_factor(self, busy_engines: int, load_cores: float) -> float:
+    def host_factor(self, busy_engines: int, load_cores: float, *, decode: bool = False) -> float:
         """Step-time factor with ``busy_engines`` busy and ``load_cores`` of other CPU work (requests being set up,
         prefilled, handed off: ``request_cpu``) on the host. Processor sharing over ``host_cores``: the engines
         with their streams demand ``busy x`` what one demands, which the two-busy contention point gives (two
         engines oversubscribe the cores by that factor); the load stretches the steps by how much more it
-        oversubscribes them. No load: the contention table itself."""
-        base = self.contention(busy_engines)
+        oversubscribes them. No load: the contention table itself (``decode``: the decoders' one)."""
+        base = self.contention(busy_engines, decode=decode)
         if load_cores <= 0 or self.host_cores <= 0:
             return base
         c = float(self.host_cores)
