@@ -568,29 +568,28 @@ def resimulate(cfg, dirs: list[str], json_path: str | None = None) -> dict[str, 
             if not report.get("profile_samples") or not report.get("per_request"):
                 raise ValueError(f"{d}/report.json: no profile_samples/per_request (written by an older llmsched run)")
             path = Path(tmp) / f"profile-{n}.json"
-            path.write_text(json.dumps(fit(report["profile_samples"])))
+            profile = fit(report["profile_samples"])
+            path.write_text(json.dumps(profile))
             pr = report["per_request"]
-            res = _simulate(cfg, path, np.asarray(pr["arrival_s"]), np.asarray(pr["prompt_tokens"]),
-                            np.asarray(pr["output_tokens"]), report.get("trace", "trace"))
+            slice_ = (np.asarray(pr["arrival_s"]), np.asarray(pr["prompt_tokens"]), np.asarray(pr["output_tokens"]),
+                      report.get("trace", "trace"))
+            res = _simulate(cfg, path, *slice_)
             # The live side is recomputed from its per-request columns where saved, so every run is scored by the
             # current rules (TTFT from when the request was sent; reports without ``live_sent_s``: from arrival).
             live = report["live"]
             if pr.get("live_first_s") is not None:
                 slo = cfg.slo_for(0)
-                live = LiveResult.from_columns(pr, name=report.get("trace", "trace")).summary(
-                    slo_ttft_s=slo.ttft_s or np.inf, slo_tpot_s=slo.tpot_s or np.inf)
+                lr = LiveResult.from_columns(pr, name=report.get("trace", "trace"))
+                live = lr.summary(slo_ttft_s=slo.ttft_s or np.inf, slo_tpot_s=slo.tpot_s or np.inf)
+                pools.append((lr.metrics(), pooled_metrics(res)))
             errors[d] = sim_errors(live, pooled_sim_summary(res))
             _say(f"{d}: " + ", ".join(f"{k} {v * 100:+.0f}%" for k, v in errors[d].items()))
-            if pr.get("live_first_s") is not None:
-                pools.append((LiveResult.from_columns(pr).metrics(), pooled_metrics(res)))
             pace = dict(report.get("engine_pace") or {})
             if pace and pr.get("decode_first_s") is not None:  # the replay side by the current rule
                 pace["replay_lone_s"] = _replay_lone_pace(pr, pr["output_tokens"])
             ratio = pace_ratio(pace)
             if ratio is not None:
-                res = _simulate_paced(cfg, json.loads(path.read_text()), ratio, Path(tmp) / f"paced-{n}.json",
-                                      np.asarray(pr["arrival_s"]), np.asarray(pr["prompt_tokens"]),
-                                      np.asarray(pr["output_tokens"]), report.get("trace", "trace"))
+                res = _simulate_paced(cfg, profile, ratio, Path(tmp) / f"paced-{n}.json", *slice_)
                 paced[d] = {"pace_ratio": ratio, **sim_errors(live, pooled_sim_summary(res))}
                 _say(f"  engine drift x{ratio:.2f} divided out: " + ", ".join(
                     f"{k} {v * 100:+.0f}%" for k, v in paced[d].items() if k != "pace_ratio"))

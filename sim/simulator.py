@@ -454,10 +454,14 @@ class Simulator:
             self._record(res, now, inst=inst)
         self._kick(inst, now)
 
+    def _busy_engines(self) -> int:
+        """Engines with work on the (one, shared) host: what the contention factors are indexed by."""
+        return sum(1 for x in self.instances if x.engine.has_work)
+
     def _host_update(self, now: float) -> None:
         """Engines busy on the host, or the request CPU in flight, changed: rescale every engine's steps (spans in
         flight are cut at their next step boundary and re-planned with the new factor)."""
-        n = sum(1 for x in self.instances if x.engine.has_work)
+        n = self._busy_engines()
         key = (n, self._host_load, self._noise_epoch)
         if key == self._host_key:
             return
@@ -549,8 +553,7 @@ class Simulator:
             # engines busy beside it, as one more party on the cores (live: 15 ms alone, 26-29 ms with one other
             # request in flight, 35-44 ms with two; docs/live_vs_sim.md, fourteenth session). Not with the request
             # CPU in flight: the measured handoff holds its own request's.
-            busy = sum(1 for x in self.instances if x.engine.has_work)
-            dt *= dst.latency.host_factor(busy + 1, 0.0) * dst.noise
+            dt *= dst.latency.host_factor(self._busy_engines() + 1, 0.0) * dst.noise
         if dt is None:
             dt = kv_transfer_time(
                 int(self.w.prompt_tokens[i]), self.config.model, bandwidth_gbps=gpu.network_gbps,
