@@ -71,7 +71,7 @@ def test_gpu_catalog_entries_validate():
         assert spec.memory_gib > 0 and spec.hbm_gbps > 0
     assert GPUSpec.from_catalog("A100-80GB").hbm_gbps == 2039
     assert GPUSpec.from_catalog("h100", count=8).count == 8
-    with pytest.raises(ValueError, match="catalog: a100, a40, cpu, h100, l4"):
+    with pytest.raises(ValueError, match="catalog: a100, a40, cpu, h100, h200, l4"):
         GPUSpec.from_catalog("tpu-v5")
 
 
@@ -113,7 +113,7 @@ def test_unknown_gpu_in_pool_lists_configured_gpus(tmp_path):
 
 def test_unknown_gpu_type_lists_catalog(tmp_path):
     msg = _error(tmp_path, MODEL + "gpus: {tpu9: {}}\npools: [{name: p, gpu: tpu9}]\n")
-    assert "gpus.tpu9" in msg and "a100, a40, cpu, h100, l4" in msg and "memory_gib" in msg
+    assert "gpus.tpu9" in msg and "a100, a40, cpu, h100, h200, l4" in msg and "memory_gib" in msg
 
 
 def test_unknown_role_lists_roles(tmp_path):

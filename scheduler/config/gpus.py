@@ -8,6 +8,9 @@ Sources (dense, i.e. without 2:4 sparsity; fp16/bf16 tensor-core peak):
 
 * A100-80GB SXM: NVIDIA A100 datasheet -- 80 GB HBM2e, 2,039 GB/s, 312 TFLOP/s, NVLink 600 GB/s bidirectional.
 * H100-80GB SXM: NVIDIA H100 datasheet -- 80 GB HBM3, 3,350 GB/s, 989 TFLOP/s, NVLink 900 GB/s bidirectional.
+* H200 SXM: NVIDIA H200 datasheet -- 141 GB HBM3e, 4,800 GB/s, 989 TFLOP/s (the H100's Hopper die), NVLink 900 GB/s
+  bidirectional. Measured on one here (2026-12-04, ``bench/bench_gpu_kernels.py``): 139.8 GiB visible, device copy
+  2.09 TB/s each way (4.2 TB/s read + write), pinned host <-> device 55 GB/s each way.
 * A40: NVIDIA A40 datasheet -- 48 GB GDDR6, 696 GB/s, 149.7 TFLOP/s, NVLink bridge 112.5 GB/s bidirectional.
 * L4: NVIDIA L4 datasheet -- 24 GB GDDR6, 300 GB/s, 121 TFLOP/s, no NVLink (PCIe Gen4 x16, 64 GB/s bidirectional).
 
@@ -41,6 +44,15 @@ GPU_CATALOG: dict[str, dict[str, Any]] = {
         "interconnect_gbps": 450.0,
         "network_gbps": 50.0,  # 400 Gb/s InfiniBand NDR per GPU (DGX H100)
         "price_per_hour": 4.50,  # ASSUMPTION
+    },
+    "h200": {
+        "name": "H200",
+        "memory_gib": 141.0,
+        "fp16_tflops": 989.0,
+        "hbm_gbps": 4800.0,
+        "interconnect_gbps": 450.0,
+        "network_gbps": 50.0,  # 400 Gb/s InfiniBand NDR per GPU (HGX H200)
+        "price_per_hour": 5.50,  # ASSUMPTION
     },
     "a40": {
         "name": "A40",
@@ -84,6 +96,8 @@ GPU_ALIASES: dict[str, str] = {
     "h100-80gb": "h100",
     "h100_80gb": "h100",
     "h100-sxm": "h100",
+    "h200-141gb": "h200",
+    "h200-sxm": "h200",
 }
 
 

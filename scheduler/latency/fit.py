@@ -25,6 +25,7 @@ from scipy.optimize import least_squares
 from scheduler.config.models import GPUSpec, ModelSpec
 from scheduler.latency import profiles
 from scheduler.latency.model import LatencyModel, _allreduce_time, attention_coeffs, roofline_model
+from scheduler.latency.model import prefill_pairs as profiles_prefill_pairs
 from scheduler.latency.profiles import Calibration, ProfileRows, _lm_head_s, gemm_table, model_key
 
 DATA_OUT = Path(__file__).resolve().parent / "data"
@@ -32,6 +33,18 @@ DEFAULT_SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 BEGIN, END = "<!-- fit-report:begin -->", "<!-- fit-report:end -->"
 HOLDOUT_EVERY = 5
 SPLITWISE_FILE = "splitwise_llama2_70b_medians.csv"  # vendored for the end-to-end test
+# Kernel timings measured on lent GPUs by bench/bench_gpu_kernels.py (committed with the repo, not in shared/).
+GPU_KERNEL_FILES = (Path(__file__).resolve().parents[2] / "docs" / "results" / "gpu" / "h200_kernels.json",)
+# Families whose all-reduce is borrowed from another family's Vidur network profile: HGX H200 boards carry the
+# H100's NVLink 4 / NVSwitch fabric, so one all-reduce of the same bytes costs the same.
+ALLREDUCE_FROM = {"h200": "h100"}
+# Engine overhead per step (scheduling, sampling, launches) is host-side work a kernel benchmark cannot see:
+# a measured family borrows the Splitwise-fitted constants of its generation.
+OVERHEAD_FROM = {"h200": "h100"}
+# Decode attention points used for k_decode: enough (sequence x KV head) blocks to fill the SMs, the regime a
+# split-KV kernel (vLLM's FlashAttention 3 / FlashInfer) reaches at any batch; torch's SDPA does not split the KV.
+DECODE_MIN_BLOCKS = 128
+PREFILL_MIN_TOKENS = 1024  # below this the prefill attention kernel is launch-bound (a few microseconds)
 
 # Vidur model name -> (num_layers, vocab_size): what the per-layer profile does not say.
 PROFILED_MODELS: dict[str, tuple[int, int]] = {
@@ -303,8 +316,14 @@ def run(data: Path) -> tuple[str, dict]:
     pts, shapes = read_vidur_mlp(data / "vidur_mlp_profiling_compact.csv.gz")
     allreduce = read_allreduce(data / "vidur_network_profiling_compact.csv.gz")
     rows = build_rows(pts, shapes, allreduce)
+    vidur_rows = dict(rows)
+    measured = []  # (path, family, raw measurement) per lent-GPU benchmark
+    for path in GPU_KERNEL_FILES:
+        fam, gk_rows, raw = read_gpu_kernels(path, allreduce, shapes)
+        rows.update(gk_rows)
+        measured.append((path, fam, raw))
     specs = {k: spec_for(s) for k, s in shapes.items()}
-    gpus = {g: GPUSpec.from_catalog(g) for g in ("a100", "h100", "a40")}
+    gpus = {g: GPUSpec.from_catalog(g) for g in ("a100", "h100", "a40", *(f for _, f, _ in measured))}
     lines: list[str] = []
     summary: dict = {}
 
@@ -369,6 +388,17 @@ def run(data: Path) -> tuple[str, dict]:
                      f"{c.k_decode:.2f} | {swk[g].k_prefill:.2f} |")
     summary["calibration"] = {g: vars_of(c) for g, c in cals.items()}
 
+    # 2b. GPU families measured here: their own attention multipliers, their generation's engine overhead.
+    table_source = {}
+    for path, fam, raw in measured:
+        kp_m, kd_m, kps_m, kds_m = measured_attention(raw, gpus[fam])
+        base = cals[OVERHEAD_FROM[fam]]
+        cal = Calibration(base.overhead_s, base.overhead_per_tp_s, kp_m, kd_m)
+        summary["calibration"][fam] = vars_of(cal, source=f"{OVERHEAD_FROM[fam]}-overhead")
+        table_source[fam] = "measured"
+        lines += ["", *gpu_kernel_section(path, raw, fam, {k: r for k, r in rows.items() if k[0] == fam}, specs,
+                                          cal, kps_m, kds_m, vidur_rows)]
+
     # 3. DistServe (OPT on A100: unprofiled, so the roofline fallback) vs ours.
     lines += ["", "### Roofline fallback vs DistServe's fitted vLLM latency (OPT on A100-80GB; MAPE %)", "",
               "Grid: single prompts of 128..2048 tokens; decode batches 1..128 at 512 context tokens each.", "",
@@ -378,7 +408,7 @@ def run(data: Path) -> tuple[str, dict]:
             lines.append(f"| {path.name.split('.')[1]} | {name} | {tp} | {pm:.1f} | {dm:.1f} |")
 
     meta = {"models": shapes, "calibration": summary["calibration"], "calibration_fallback": {"a40": "a100"},
-            "sources": "see README.md in this folder"}
+            "table_source": table_source, "sources": "see README.md in this folder"}
     DATA_OUT.mkdir(exist_ok=True)
     write_table(rows, DATA_OUT / profiles.TABLE_FILE)
     write_splitwise(sw, DATA_OUT / SPLITWISE_FILE)
@@ -389,9 +419,179 @@ def run(data: Path) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
-def vars_of(c: Calibration) -> dict:
+# ---- kernel timings measured on a lent GPU (bench/bench_gpu_kernels.py) -------------------------------------------
+def read_gpu_kernels(path: Path, allreduce: dict, shapes: dict) -> tuple[str, dict, dict]:
+    """(gpu family, {(family, model key, tp): ProfileRows}, the raw measurement) from one benchmark JSON.
+
+    ``layer_ms`` is the benchmark's measured decoder layer without attention (the quantity of Vidur's per-layer
+    operator sum); ``emb_ms`` is measured on a coarser grid and interpolated; the all-reduce is the Vidur profile
+    of the family named in ``ALLREDUCE_FROM`` (a one-GPU machine cannot measure it).
+    """
+    raw = json.loads(path.read_text())
+    fam = profiles.gpu_family(raw["info"]["name"])
+    if fam is None:
+        raise ValueError(f"{path}: no GPU family for {raw['info']['name']!r}")
+    by_key: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for r in raw["layers"]:
+        by_key[(r["model"], r["tp"])].append(r)
+    out = {}
+    for (key, tp), pts in sorted(by_key.items()):
+        pts.sort(key=lambda r: r["num_tokens"])
+        ns = [r["num_tokens"] for r in pts]
+        emb_pts = [(r["num_tokens"], r["emb_ms"]) for r in pts if "emb_ms" in r]
+        emb = np.interp(ns, [n for n, _ in emb_pts], [e for _, e in emb_pts])
+        ar: list[float] | None = [0.0] * len(ns) if tp == 1 else None
+        src = (ALLREDUCE_FROM.get(fam, fam), tp)
+        if tp > 1 and src in allreduce:
+            sizes, ms = allreduce[src]
+            ar = [float(np.interp(n * shapes[key]["n_embd"] * 2, sizes, ms)) for n in ns]
+        out[(fam, key, tp)] = ProfileRows(tuple(ns), tuple(r["layer_ms"] for r in pts), tuple(float(e) for e in emb),
+                                          tuple(ar) if ar else None)
+    return fam, out, raw
+
+
+def measured_attention(raw: dict, gpu: GPUSpec) -> tuple[float, float, list[float], list[float]]:
+    """(k_prefill, k_decode, prefill ratios, decode ratios): measured attention over the roofline terms, per layer.
+
+    Prefill: causal attention of ``n`` tokens is ``n (n + 1) / 2`` query-key pairs; decode: ``batch x context``
+    tokens read. Medians over the points where the kernel is neither launch- nor occupancy-bound (see
+    ``PREFILL_MIN_TOKENS`` and ``DECODE_MIN_BLOCKS``).
+    """
+    kps, kds = [], []
+    for r in raw["attention"]:
+        d, heads, kv = r["head_dim"], r["heads"], r["kv_heads"]
+        if r["kind"] == "prefill" and r["tokens"] >= PREFILL_MIN_TOKENS:
+            n = r["tokens"]
+            roof = 4 * d * heads * n * (n + 1) / 2 / (gpu.fp16_tflops * 1e12 * gpu.mfu)
+            kps.append(r["ms"] / 1e3 / roof)
+        elif r["kind"] == "decode" and r["batch"] * kv >= DECODE_MIN_BLOCKS:
+            roof = r["batch"] * r["context"] * 2 * kv * d * 2 / (gpu.hbm_gbps * 1e9 * gpu.mbu)
+            kds.append(r["ms"] / 1e3 / roof)
+    return statistics.median(kps), statistics.median(kds), kps, kds
+
+
+def gpu_kernel_section(path: Path, raw: dict, fam: str, rows: dict, specs: dict, cal: Calibration,
+                       kps: list[float], kds: list[float], vidur_rows: dict) -> list[str]:
+    """The report's lines for one measured GPU family."""
+    gpu = GPUSpec.from_catalog(fam)
+    info = raw["info"]
+    lines = [f"### {info['name']}, measured here (`bench/bench_gpu_kernels.py`)", "",
+             (f"Source: `{path.relative_to(path.parents[3])}` -- torch {info['torch']}, CUDA {info.get('cuda')}, "
+              f"{info.get('nvidia_smi', '')}; bf16, random weights, one decoder layer per TP shard (GEMMs, norms, "
+              "RoPE, SiLU x mul, adds; attention timed apart), CUDA-graph replays over distinct layer copies. "
+              f"All-reduce: the {ALLREDUCE_FROM.get(fam, fam)} Vidur profile (same NVLink fabric); engine overhead: "
+              f"the {OVERHEAD_FROM.get(fam, fam)} Splitwise fit (c0 {cal.overhead_s * 1e3:.2f} ms, c1 "
+              f"{cal.overhead_per_tp_s * 1e3:.2f} ms per extra TP worker): a kernel benchmark cannot see the "
+              "engine's host work."), "",
+             (f"Attention against the roofline at the catalog's mfu/mbu: prefill (>= {PREFILL_MIN_TOKENS} tokens, "
+              f"{len(kps)} points) ratios {min(kps):.2f}..{max(kps):.2f}, median **k_prefill = "
+              f"{statistics.median(kps):.2f}**; decode (batch x KV heads >= {DECODE_MIN_BLOCKS}, {len(kds)} points) "
+              f"{min(kds):.2f}..{max(kds):.2f}, median **k_decode = {statistics.median(kds):.2f}**. Below that "
+              "occupancy torch's SDPA does not split the KV and reads it at a fraction of the bandwidth (a batch of "
+              "1 at 16k context: 0.19 ms per layer, ~0.35 TB/s); vLLM's split-KV kernels do not have that floor, so "
+              "it is left out of the fit."), "",
+             ("GEMM side per step (all layers + embedding + LM head + all-reduce), measured vs what an H200 config "
+              "got before this profile (the roofline) and vs the H100 Vidur table where one exists:"), "",
+             "| model | tp | n | measured ms | roofline ms | roofline err % | H100 Vidur ms | measured / H100 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (f, key, tp), r in rows.items():
+        model = specs[key]
+        roof = roofline_model(model, gpu, tp).gemm
+        h100 = vidur_rows.get(("h100", key, tp))
+        for n in (1, 256, 4096):
+            i = r.num_tokens.index(n)
+            got = raw_gemm_s(r, model, gpu, tp, i)
+            ref = "-", "-"
+            if h100 is not None and n in h100.num_tokens:
+                hv = raw_gemm_s(h100, model, GPUSpec.from_catalog("h100"), tp, h100.num_tokens.index(n))
+                ref = f"{hv * 1e3:.2f}", f"{got / hv:.2f}"
+            lines.append(f"| {key} | {tp} | {n} | {got * 1e3:.2f} | {roof(n) * 1e3:.2f} | "
+                         f"{100 * (roof(n) / got - 1):+.0f} | {ref[0]} | {ref[1]} |")
+    if raw.get("steps"):
+        lines += ["", *whole_step_lines(raw["steps"], specs, gpu)]
+    if path.with_name(path.stem + "_run1.json").exists():
+        lines += ["", repeatability_line(json.loads(path.with_name(path.stem + "_run1.json").read_text()), raw)]
+    kv = raw.get("kv_copy", {})
+    if kv:
+        bw = {r["mb"]: r for r in kv["bandwidth"]}
+        big = bw[max(bw)]
+        lines += ["", (f"Copies ({max(bw)} MiB): device->host pinned {big['d2h_pinned_gbps']:.0f} GB/s, host->device "
+                       f"pinned {big['h2d_pinned_gbps']:.0f} GB/s, device->host pageable "
+                       f"{big['d2h_pageable_gbps']:.0f} GB/s, device->device {big['d2d_gbps']:.0f} GB/s. One "
+                       "request's paged KV (Llama-3-8B shape, 128 KiB per token, 16-token blocks over 32 layers) "
+                       "gathered, sent through pinned host memory and scattered into another cache, unpipelined:"), "",
+                  "| tokens | MiB | gather ms | d2h ms | h2d ms | scatter ms | end to end ms | GB/s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in kv["paged"]:
+            lines.append(f"| {r['tokens']} | {r['bytes'] / 2**20:.0f} | {r['gather_ms']:.2f} | {r['d2h_ms']:.2f} | "
+                         f"{r['h2d_ms']:.2f} | {r['scatter_ms']:.2f} | {r['end_to_end_ms']:.2f} | "
+                         f"{r['end_to_end_gbps']:.1f} |")
+    return lines + [""]
+
+
+def step_prediction(lat: LatencyModel, chunk: int, batch: int, ctx: int) -> float:
+    """The model's step time less its engine overhead (a whole-model benchmark has no engine around it)."""
+    t = lat.step_time(prefill_tokens=chunk, prefill_pairs=profiles_prefill_pairs(chunk, 0), decode_batch=batch,
+                      decode_context=batch * ctx, prefill_seqs=int(chunk > 0))
+    return t - lat.overhead_s
+
+
+def whole_step_errors(steps: list[dict], specs: dict, gpu: GPUSpec) -> list[tuple[dict, float]]:
+    """(measured row, predicted seconds) for every whole-model step of the benchmark."""
+    from scheduler.latency import latency_for
+
+    return [(r, step_prediction(latency_for(specs[r["model"]], gpu, r["tp"]), r["chunk"], r["batch"], r["context"]))
+            for r in steps]
+
+
+def whole_step_lines(steps: list[dict], specs: dict, gpu: GPUSpec) -> list[str]:
+    pairs = whole_step_errors(steps, specs, gpu)
+    errs = [100 * (p * 1e3 / r["ms"] - 1) for r, p in pairs]
+    lines = [("Whole steps (the benchmark's own Llama forward, all layers, attention over a KV cache, LM head on "
+              "each sequence's last position; one CUDA graph per step) against the model's step time less its "
+              f"engine overhead: {len(errs)} steps, median |error| {statistics.median(abs(e) for e in errs):.1f} %, "
+              f"max {max(abs(e) for e in errs):.0f} %. The additive model (GEMMs on the batch's tokens + attention "
+              "terms) holds for prefill, decode and mixed steps." + _mixing_note(steps)), "",
+             "| model | prompt chunk | decodes | context each | measured ms | model ms | error % |",
+             "|---|---|---|---|---|---|---|"]
+    for (r, p), e in zip(pairs, errs):
+        lines.append(f"| {r['model']} | {r['chunk']} | {r['batch']} | {r['context']} | {r['ms']:.2f} | "
+                     f"{p * 1e3:.2f} | {e:+.0f} |")
+    return lines
+
+
+def _mixing_note(steps: list[dict]) -> str:
+    """The interference the mixing routers avoid, in the measurement: decodes sharing a step with a prompt chunk."""
+    by = {(r["model"], r["chunk"], r["batch"], r["context"]): r["ms"] for r in steps}
+    mixed = by.get(("llama38b", 512, 32, 1024))
+    alone = [v for (m, c, b, _), v in by.items() if (m, c, b) == ("llama38b", 0, 32)]
+    if mixed is None or not alone:
+        return ""
+    return (f" Mixing shows in it: 32 decodes (1024-token contexts) sharing a step with a 512-token prompt chunk "
+            f"wait {mixed:.1f} ms for their token, against {min(alone):.1f}-{max(alone):.1f} ms in decode-only steps "
+            "(512-2048-token contexts).")
+
+
+def repeatability_line(first: dict, raw: dict) -> str:
+    """Run-to-run spread of the layer and attention timings between two benchmark runs (fresh machines)."""
+    la = {(r["model"], r["tp"], r["num_tokens"]): r["layer_ms"] for r in first["layers"]}
+    dl = [abs(r["layer_ms"] / la[(r["model"], r["tp"], r["num_tokens"])] - 1) for r in raw["layers"]]
+
+    def akey(r: dict) -> tuple:
+        return r["kind"], r["model"], r["tp"], r.get("tokens"), r.get("batch"), r.get("context")
+
+    aa = {akey(r): r["ms"] for r in first["attention"]}
+    da = [abs(r["ms"] / aa[akey(r)] - 1) for r in raw["attention"] if akey(r) in aa]
+    return (f"Repeatability (the table's run against an earlier run on another machine of the same kind, "
+            f"`*_run1.json`): layer timings differ by median "
+            f"{100 * statistics.median(dl):.1f} %, p95 {100 * float(np.percentile(dl, 95)):.1f} %, max "
+            f"{100 * max(dl):.0f} % ({len(dl)} points); attention by median {100 * statistics.median(da):.1f} %, "
+            f"max {100 * max(da):.0f} % ({len(da)} points).")
+
+
+def vars_of(c: Calibration, source: str = "splitwise-overhead+distserve-attention") -> dict:
     return {"overhead_s": c.overhead_s, "overhead_per_tp_s": c.overhead_per_tp_s, "k_prefill": c.k_prefill,
-            "k_decode": c.k_decode, "source": "splitwise-overhead+distserve-attention"}
+            "k_decode": c.k_decode, "source": source}
 
 
 def _base(rows: ProfileRows, model: ModelSpec, gpu: GPUSpec, tp: int) -> LatencyModel:
@@ -408,7 +608,7 @@ def _sanity_lines() -> list[str]:
            "|---|---|---|---|---|---|---|---|"]
     for key, tps in (("llama27b", (1, 2)), ("llama270b", (4, 8))):
         spec = spec_for(profiles.profile_meta()["models"][key])
-        for g in ("a100", "h100", "a40", "l4"):
+        for g in ("a100", "h100", "h200", "a40", "l4"):
             for tp in tps:
                 lat = latency_for(spec, GPUSpec.from_catalog(g), tp)
                 d1 = sum(x * y for x, y in zip(lat.decode_coeffs(1), (1, 1024)))

@@ -47,7 +47,7 @@ _EXTRAP_FACTORS = (2, 4)
 def gpu_family(name: str) -> str | None:
     """Profile key of a GPU name: ``A100-80GB`` / ``a100`` -> ``a100``; ``None`` for unprofiled types."""
     n = name.lower()
-    for fam in ("a100", "h100", "a40"):
+    for fam in ("a100", "h100", "h200", "a40"):
         # "a40" must not match "a400"/"a4000"-style names.
         if re.search(rf"(^|[^a-z0-9]){fam}($|[^0-9])", n):
             return fam
@@ -126,7 +126,7 @@ def _lm_head_s(model: ModelSpec, gpu: GPUSpec, tp: int, n: np.ndarray) -> np.nda
     return np.maximum(flops, w * model.dtype_bytes / (gpu.hbm_gbps * 1e9 * gpu.mbu))
 
 
-def gemm_table(rows: ProfileRows, model: ModelSpec, gpu: GPUSpec, tp: int) -> GemmTable:
+def gemm_table(rows: ProfileRows, model: ModelSpec, gpu: GPUSpec, tp: int, source: str = "vidur") -> GemmTable:
     """Per-step token-parallel time from profiled rows: smoothed, extended, in seconds."""
     n = np.asarray(rows.num_tokens, dtype=float)
     L = model.num_layers
@@ -147,7 +147,7 @@ def gemm_table(rows: ProfileRows, model: ModelSpec, gpu: GPUSpec, tp: int) -> Ge
         x = int(n[-1] * f)
         xs.append(x)
         ys.append(max(ys[-1], float(icpt + slope * x)))
-    return GemmTable(tuple(xs), tuple(ys), source="vidur")
+    return GemmTable(tuple(xs), tuple(ys), source=source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,14 +200,15 @@ def profiled_model(model: ModelSpec, gpu: GPUSpec, tp: int) -> LatencyModel | No
     if shape is None or rows is None or not _shape_matches(model, shape):
         return None
     cal = calibration_for(fam)
+    table = profile_meta().get("table_source", {}).get(fam, "vidur")  # "measured": bench/bench_gpu_kernels.py
     pair, tok = attention_coeffs(model, gpu, tp)
     return LatencyModel(
         model, gpu, tp,
         overhead_s=cal.overhead(tp),
         attn_prefill_s_per_pair=pair * cal.k_prefill,
         attn_decode_s_per_token=tok * cal.k_decode,
-        gemm=gemm_table(rows, model, gpu, tp),
-        source=f"vidur+{cal.source}",
+        gemm=gemm_table(rows, model, gpu, tp, source=table),
+        source=f"{table}+{cal.source}",
     )
 
 
