@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from scheduler.config.gpus import catalog_key, catalog_names
 from scheduler.config.load import ConfigError
-from scheduler.config.models import ClusterConfig, PoolSpec
+from scheduler.config.models import ClusterConfig, GPUSpec, PoolSpec
 from scheduler.core.types import InstanceRole
 from scheduler.latency import latency_for
 from sim.commands import add_cluster_args, add_workload_args, load_cluster, load_workload
@@ -127,6 +128,31 @@ def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, m
     return PlanResult(c, hi, p, hi - p, gpus, price, ok_hi or 0.0, info_hi["ttft_p99_s"], info_hi["tpot_p99_s"])
 
 
+def with_gpus(base: ClusterConfig, names: list[str]) -> tuple[ClusterConfig, list[str]]:
+    """``base`` with every GPU type of ``names`` it lacks taken from the catalog, and the keys to plan over.
+
+    Raises:
+        ValueError: a name neither in the config nor in the catalog (the message names ``--gpus``).
+    """
+    keys, extra = [], {}
+    for raw in (n.strip() for n in names):
+        if not raw:
+            continue
+        if raw in base.gpus:
+            keys.append(raw)
+            continue
+        key = catalog_key(raw)
+        if key is None:
+            raise ValueError(f"--gpus: unknown GPU type {raw!r}; config has {', '.join(sorted(base.gpus))}, "
+                             f"catalog: {', '.join(catalog_names())}")
+        if key not in base.gpus:
+            extra[key] = GPUSpec.from_catalog(key)
+        keys.append(key)
+    if not keys:
+        raise ValueError("--gpus: no GPU type given")
+    return (base.model_copy(update={"gpus": {**base.gpus, **extra}}) if extra else base), keys
+
+
 def _plan_star(args):
     return plan_one(*args[:3], target=args[3], max_instances=args[4])
 
@@ -188,12 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         base = load_cluster(args)
+        gpus = None
+        if args.gpus:
+            base, gpus = with_gpus(base, args.gpus.split(","))
         trace, w = load_workload(args, base)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results = plan(
-        base, w, gpus=args.gpus.split(",") if args.gpus else None, tps=tuple(int(x) for x in args.tp.split(",")),
+        base, w, gpus=gpus, tps=tuple(int(x) for x in args.tp.split(",")),
         layouts=tuple(args.layouts.split(",")), routers=tuple(args.routers.split(",")), target=args.target,
         max_instances=args.max_instances, workers=args.workers,
     )

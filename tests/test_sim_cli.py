@@ -134,6 +134,23 @@ def test_compare_cli_json(tmp_path: Path) -> None:
         assert SUMMARY_KEYS <= s.keys()
 
 
+def test_plan_gpus_takes_catalog_types_the_config_lacks(capsys) -> None:
+    """``--gpus h200`` on a config without it plans over the catalog entry (measured H200 profile); an unknown type
+    is a clear error naming the flag, the config's types and the catalog."""
+    from sim.planner import with_gpus
+
+    cfg = load_config("default")
+    assert "h200" not in cfg.gpus
+    cfg2, keys = with_gpus(cfg, ["a100", "H200"])
+    assert keys == ["a100", "h200"] and cfg2.gpus["h200"].hbm_gbps == 4800 and "h200" not in cfg.gpus
+    w = Workload.from_trace(default_trace().head(200))
+    r = plan_one(cfg2, Candidate("h200", 1, "mixed", "least_outstanding"), w, target=0.9, max_instances=8)
+    assert r.instances >= 1 and r.attainment >= 0.9
+    assert cli_main(["plan", "--synthetic", "20", "--gpus", "tpu9"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpus: unknown GPU type 'tpu9'" in err and "catalog: a100, a40, cpu, h100, h200, l4" in err
+
+
 def test_planner_finds_smallest_feasible_count() -> None:
     cfg = load_config("default")
     w = Workload.from_trace(default_trace().head(300))
