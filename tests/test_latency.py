@@ -239,6 +239,22 @@ def test_gpu_kernel_benchmark_smoke_on_cpu(tmp_path):
     assert r.num_tokens == (1, 8, 64) and len(r.emb_ms) == 3 and all(a > 0 for a in r.allreduce_ms)
 
 
+def test_gpu_replay_benchmark_smoke_on_cpu(tmp_path):
+    """Live vs simulated through one EngineModel on two clocks (tiny shapes on the CPU): every request gets its
+    first and last token on both clocks, the real clock's steps are the engine model's, errors are reported."""
+    from bench.bench_gpu_replay import main
+
+    assert main(["--out", str(tmp_path), "--quick", "--device", "cpu"]) == 0
+    d = json.loads((tmp_path / "gpu_replay.json").read_text())
+    assert d["profile"]["overhead_s"] > 0 and len(d["runs"]) == 2
+    for run in d["runs"]:
+        live = run["live_per_request"]
+        assert not any(np.isnan(live["first_s"])) and not any(np.isnan(live["finish_s"]))
+        assert all(f >= a for f, a in zip(live["first_s"], live["arrival_s"]))
+        assert run["steps"]["count"] > 0 and run["steps"]["prompt_chunks"] >= run["requests"]
+        assert set(run["sim_error_pct"]) == {f"{k}_{q}" for k in ("ttft_s", "tpot_s", "e2e_s") for q in ("p50", "p90")}
+
+
 def test_profiles_load_lazily():
     code = ("import scheduler.latency, scheduler.latency.profiles as p; "
             "assert p.profile_rows.cache_info().currsize == 0 and p.profile_meta.cache_info().currsize == 0")

@@ -85,6 +85,11 @@ class StepResult:
     admitted: list[Seq] = field(default_factory=list)  # left the waiting queue this step
     decoded: int = 0  # decode tokens produced (excluding first tokens)
     emitted: list[str] | None = None  # rids with a new token this step (only when asked: O(batch))
+    # The step's composition, for a driver that executes it on a real engine (``bench/bench_gpu_replay.py``):
+    # (context before, chunk length) of each prompt chunk (only when ``want_emitted``), decodes and their context.
+    chunks: list[tuple[int, int]] | None = None
+    decode_batch: int = 0
+    decode_context: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,8 +396,10 @@ class EngineModel:
             prefill_tokens=p_tokens, prefill_pairs=p_pairs, decode_batch=bs, decode_context=self._n_sum + bs,
             prefill_seqs=len(chunks),
         ) + self._shape_cost(p_tokens + bs)) * self.time_scale
+        res.decode_batch, res.decode_context = bs, self._n_sum + bs
         if want_emitted:
             res.emitted = list(self.decoding)
+            res.chunks = [(s.num_computed, c) for s, c in chunks]
         self._advance_decodes(1, res)
         for seq, c in chunks:
             seq.num_computed += c
