@@ -159,6 +159,45 @@ async def measure_request_cpu(target: str, cpu: HostCPU, *, vocab: int = 1024, s
     return out
 
 
+# Roles whose CPU a streamed token costs outside the engines (``llmsched run`` puts the gRPC server, ingress and
+# load generator in "this process").
+STACK_ROLES = ("this process", "instance actors", "controller", "ray system", "server")
+
+
+async def measure_token_cpu(target: str, cpu: HostCPU, *, vocab: int = 1024, n: int = 8, tokens: int = 66,
+                            idle_s: float = 1.0) -> list[float]:
+    """Host CPU seconds per streamed output token outside the engines (gRPC, ingress, instance actors): lone
+    requests of a short prompt, ``n`` with 2 output tokens and ``n`` with ``tokens``, one at a time; the stack's
+    CPU difference over the extra tokens, the idle background removed. One value per pair of batches (two)."""
+    from scheduler.client import AsyncClient
+
+    client = AsyncClient(target)
+    rng = np.random.default_rng()
+
+    def stack(d: dict) -> float:
+        return sum(v for k, v in d.items() if k in STACK_ROLES) * d["wall_s"]
+
+    try:
+        a = cpu.snapshot()
+        await asyncio.sleep(idle_s)
+        idle = HostCPU.delta(a, cpu.snapshot())
+        background = sum(v for k, v in idle.items() if k in STACK_ROLES)  # cores the idle stack uses
+        out = []
+        for _ in range(2):
+            used = {}
+            for T in (2, tokens):
+                a = cpu.snapshot()
+                for _ in range(n):
+                    await client.generate(rng.integers(4, vocab, 32).tolist(), max_tokens=T, temperature=0.0,
+                                          ignore_eos=True)
+                d = HostCPU.delta(a, cpu.snapshot())
+                used[T] = stack(d) - background * d["wall_s"]
+            out.append(max(used[tokens] - used[2], 0.0) / (n * (tokens - 2)))
+    finally:
+        await client.close()
+    return out
+
+
 class HostProbe:
     """How much CPU a fixed task gets on this host, sampled through the run (diagnostic: the profile and the replay
     are minutes apart on a shared box, and the simulator only knows the profile's speed). ~0.4% of a core."""
@@ -413,6 +452,7 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
             before = attach_engine_times(sampled, (await _instance_timings(ingress))[0])
             # The CPU a request costs beside its engine steps (the simulator charges it to the host's cores).
             before["request_cpu"] = await measure_request_cpu(target, probe.cpu, vocab=vocab)
+            before["token_cpu"] = await measure_token_cpu(target, probe.cpu, vocab=vocab)
             before["host_cores"] = os.cpu_count() or 1
         trace = default_trace().head(args.requests)
         if args.rate_scale != 1.0:
@@ -452,6 +492,8 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
         if "request_cpu_s" in profile:
             line += (f", host CPU per request beside its steps {profile['request_cpu_s'] * 1e3:.0f} ms + "
                      f"{profile['request_cpu_s_per_token'] * 1e6:.0f} us/prompt token")
+        if profile.get("token_cpu_s"):
+            line += f", stack CPU per streamed token {profile['token_cpu_s'] * 1e3:.2f} ms"
         _say(line)
         mig = None
         if not args.no_migration:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from scheduler.config.models import GPUSpec, ModelSpec
-from scheduler.latency.model import GemmTable, LatencyModel
+from scheduler.latency.model import GemmTable, LatencyModel, load_stretch
 
 PREFILL_GRID = (32, 128, 256, 384, 512, 768, 1024)
 # (concurrent requests, prompt tokens). Concurrent requests may land on different decode instances: the samples
@@ -260,6 +260,8 @@ def merge_samples(*parts: dict) -> dict:
             for k, v in s.get(key, {}).items():
                 out.setdefault(key, {}).setdefault(int(k), []).extend(v if isinstance(v, list) else [v])
         out["engines"] = max(out["engines"], int(s.get("engines", 0)))
+        if s.get("token_cpu"):
+            out.setdefault("token_cpu", []).extend(s["token_cpu"])
         if s.get("request_cpu"):
             out.setdefault("request_cpu", []).extend(s["request_cpu"])
             out["host_cores"] = max(out.get("host_cores", 0), int(s.get("host_cores") or 0))
@@ -309,9 +311,16 @@ def fit(samples: dict) -> dict:
         b, ctx, t = d[:3]
         busy = d[3] if len(d) > 3 else 1
         points.setdefault((int(b), float(ctx), int(busy)), []).append(float(t))
+    # Stack CPU per streamed token (``token_cpu_s``): a decode point with b > 1 streams per engine loaded the cores
+    # with b - 1 more tokens per step and engine than the contention table holds; divided out as the simulator
+    # puts it back (``load_stretch``), so ``per_seq_s`` is the engine's own cost per sequence.
+    tok_cpu = float(np.median(samples["token_cpu"])) if samples.get("token_cpu") else 0.0
+    cores = int(samples.get("host_cores") or 0)
     for (b, ctx, busy), ts in points.items():
         rows.append([1.0, b, 0.0, b * ctx, b, 0.0])
-        y.append(float(np.median(ts)) / table[min(busy, len(table)) - 1])
+        t = float(np.median(ts))
+        stretch = load_stretch(cores, table[1] if len(table) > 1 else 1.0, busy, tok_cpu * busy * (b - 1) / t)
+        y.append(t / table[min(busy, len(table)) - 1] / stretch)
     A, Y = np.asarray(rows), np.asarray(y)
     scale = np.maximum(A.max(axis=0), 1e-12)  # column scaling: pairs are ~1e6, the intercept 1
     coef, _ = nnls((A / scale) / Y[:, None], np.ones_like(Y))  # relative-error weighting
@@ -393,6 +402,8 @@ def fit(samples: dict) -> dict:
         (c0, c1), _ = nnls(np.c_[np.ones(len(rc)), rc[:, 0]], np.maximum(rc[:, 1] - step, 0.0))
         out["request_cpu_s"], out["request_cpu_s_per_token"] = float(c0), float(c1)
         out["host_cores"] = int(samples["host_cores"])
+    if tok_cpu and cores:
+        out["token_cpu_s"] = tok_cpu
     return out
 
 
@@ -439,6 +450,7 @@ def latency_from_profile(path: str | Path, model: ModelSpec, gpu: GPUSpec, tp: i
                         request_cpu_s=p.get("request_cpu_s", 0.0),
                         request_cpu_s_per_token=p.get("request_cpu_s_per_token", 0.0),
                         host_cores=p.get("host_cores", 0),
+                        token_cpu_s=p.get("token_cpu_s", 0.0),
                         host_noise=tuple(p.get("host_noise", ())),
                         host_noise_period_s=p.get("host_noise_period_s", HOST_NOISE_PERIOD_S))
 

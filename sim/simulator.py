@@ -223,6 +223,9 @@ class Simulator:
         self._host_cpu = any(x.latency.request_cpu_s > 0 or x.latency.request_cpu_s_per_token > 0
                              for x in self.instances)
         self._contended = self._contended or self._host_cpu
+        # ... and with the stack CPU of the tokens streamed beyond one per busy engine (``token_cpu_s``).
+        self._tok_cpu = any(x.latency.token_cpu_s > 0 for x in self.instances)
+        self._contended = self._contended or self._tok_cpu
         self._host_load = 0.0
         self._host_key: tuple | None = None
         # Seeded: a noisy host, but the same draws on every run of one workload (tests, re-simulations).
@@ -462,17 +465,32 @@ class Simulator:
         """Engines busy on the host, or the request CPU in flight, changed: rescale every engine's steps (spans in
         flight are cut at their next step boundary and re-planned with the new factor)."""
         n = self._busy_engines()
-        key = (n, self._host_load, self._noise_epoch)
+        tok = self._token_load(n) if self._tok_cpu else 0.0
+        key = (n, self._host_load, round(tok, 2), self._noise_epoch)
         if key == self._host_key:
             return
         self._host_key = key
         for x in self.instances:
             # The request CPU slows the decode engines; a prefill engine's lone TTFT samples already hold its own
-            # request's CPU, and that request is most of the load while it prefills.
-            load = self._host_load if x.role is InstanceRole.DECODE else 0.0
+            # request's CPU, and that request is most of the load while it prefills. The streamed tokens' stack
+            # CPU slows every engine.
+            load = (self._host_load if x.role is InstanceRole.DECODE else 0.0) + tok
             x.engine.time_scale = x.latency.host_factor(n, load, decode=x.role is InstanceRole.DECODE) * x.noise
             if x.busy and x.span is not None:
                 self.cut_span(x, now)
+
+    def _token_load(self, busy: int) -> float:
+        """Cores of stack CPU the decode batches stream beyond one token per engine step (``token_load``), each
+        engine's token rate taken at its batch's contended step time (not stretched by this load itself)."""
+        total = 0.0
+        for x in self.instances:
+            b, ctx = x.engine.decode_batch_context()
+            if b < 2:
+                continue
+            a, per_tok = x.latency.decode_coeffs(b)
+            step = (a + per_tok * ctx) * x.latency.contention(busy, decode=x.role is InstanceRole.DECODE)
+            total += x.latency.token_load((b - 1) / max(step, 1e-6))
+        return total
 
     def _kick(self, inst: SimInstance, now: float) -> None:
         eng = inst.engine

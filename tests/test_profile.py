@@ -651,6 +651,66 @@ def test_measure_request_cpu_removes_the_idle_background(monkeypatch):
     assert sent == [(32, 2)] * 4 + [(1024, 2)] * 4  # with a decode leg: prefill, handoff, one decode step
 
 
+def test_measure_token_cpu_takes_the_stacks_cpu_per_extra_token(monkeypatch):
+    """Stack roles only (engines excluded), idle background removed, per token beyond the 2-token requests."""
+    import asyncio
+
+    import scheduler.client as client_mod
+    from scheduler import demo
+
+    sent = []
+
+    class FakeClient:
+        def __init__(self, target):
+            pass
+
+        async def generate(self, ids, **kw):
+            sent.append(kw["max_tokens"])
+
+        async def close(self):
+            pass
+
+    per_token, per_request, background = 0.0008, 0.01, 0.1  # stack CPU: s per token, s per request, idle cores
+
+    class FakeCPU:
+        def __init__(self):
+            self.t, self.stack, self.engines, self.seen = 0.0, 0.0, 0.0, 0
+
+        def snapshot(self):
+            new = sent[self.seen:]
+            self.seen = len(sent)
+            self.t += 1.0  # every interval 1 s: background + what its requests cost
+            self.stack += background + sum(per_request + per_token * t for t in new)
+            self.engines += sum(0.003 * t for t in new)  # engine CPU must not count
+            return {"t": self.t, "procs": {(1, "this process"): self.stack, (2, "engines"): self.engines},
+                    "busy": self.stack + self.engines, "steal": 0.0}
+
+    monkeypatch.setattr(client_mod, "AsyncClient", FakeClient)
+    out = asyncio.run(demo.measure_token_cpu("x", FakeCPU(), n=4, tokens=66, idle_s=0.0))
+    assert out == pytest.approx([per_token, per_token])
+    assert sent == ([2] * 4 + [66] * 4) * 2
+
+
+def test_token_cpu_slows_batches_not_lone_streams(tmp_path):
+    """``token_cpu_s``: every token streamed beyond one per busy engine loads the host's cores, so a decode batch
+    runs slower than the contention table alone says; a lone stream does not change. The fit divides the same
+    stretch out of its batched decode points."""
+    base = dict(fit(_samples()), host_contention=[1.0, 1.5, 2.0], host_cores=2, request_latency_s=0.0,
+                handoff_s=0.0, handoff_s_per_token=0.0, prefill_table=[[32, 0.001], [2048, 0.05]])
+    batch = Workload(np.zeros(8), np.full(8, 64), np.full(8, 200))
+    lone = Workload(np.zeros(1), np.full(1, 64), np.full(1, 200))
+    runs = {}
+    for name, tok in (("off", 0.0), ("on", 0.001)):
+        (tmp_path / name).mkdir()  # one profile file each: the simulator caches a profile by its path
+        runs[name] = [_sim(dict(base, token_cpu_s=tok), tmp_path / name, w) for w in (batch, lone)]
+    assert runs["on"][0].finish_s.max() > 1.1 * runs["off"][0].finish_s.max()
+    assert runs["on"][1].finish_s[0] == pytest.approx(runs["off"][1].finish_s[0])
+    s = _samples({2: [1.5]})
+    plain, stretched = fit(dict(s, host_cores=2)), fit(dict(s, host_cores=2, token_cpu=[0.001, 0.001]))
+    assert stretched["token_cpu_s"] == pytest.approx(0.001) and "token_cpu_s" not in plain
+    assert stretched["per_seq_s"] < plain["per_seq_s"]
+
+
 def test_server_timings_keep_both_legs_of_a_pd_request():
     """``llmsched run``'s per-request columns: the instance that put out the first token (the prefill leg) and
     the one that decoded it, each (received, first out, engine arrival, scheduled, finished) from the replay

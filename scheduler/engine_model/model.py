@@ -332,6 +332,11 @@ class EngineModel:
             return True
         return self._decode_blocks_needed(extra_steps) <= budget_blocks
 
+    def decode_batch_context(self) -> tuple[int, int]:
+        """(requests decoding, their summed context) as of the last step boundary."""
+        bs = len(self.decoding)
+        return bs, self._n_sum + bs
+
     def blocks_used(self) -> int:
         """Exact blocks held now (O(batch); for snapshots and invariant checks)."""
         held = self.prefill_blocks

@@ -89,6 +89,11 @@ class LatencyModel:
     request_cpu_s: float = 0.0
     request_cpu_s_per_token: float = 0.0
     host_cores: int = 0  # cores of the profiled host (for ``request_cpu_s``)
+    # Host CPU each streamed output token costs outside the engines (gRPC server and client, ingress, the instance
+    # actor relaying it): ~0.75-1 ms on the 2-core VM, a third of a lone decode step. The contention tables hold one
+    # stream per busy engine; every further token in flight loads the cores (``token_load``). Measured by
+    # `llmsched run` (CPU by process role over lone streams of two lengths); 0 elsewhere.
+    token_cpu_s: float = 0.0
     # The host's speed as the profile saw it vary: multipliers on the steps (lone decode streams, each over its
     # own median), one drawn per engine every ``host_noise_period_s``. A shared CPU host runs the same lone stream
     # at 0.5-2x its median pace from one run to the next; without the spread the simulator's deterministic steps
@@ -163,9 +168,13 @@ class LatencyModel:
         base = self.contention(busy_engines, decode=decode)
         if load_cores <= 0 or self.host_cores <= 0:
             return base
-        c = float(self.host_cores)
-        demand = busy_engines * (self.host_contention[1] if len(self.host_contention) > 1 else 1.0) * c / 2
-        return base * max(1.0, (demand + load_cores) / c) / max(1.0, demand / c)
+        two_busy = self.host_contention[1] if len(self.host_contention) > 1 else 1.0
+        return base * load_stretch(self.host_cores, two_busy, busy_engines, load_cores)
+
+    def token_load(self, extra_tokens_per_s: float) -> float:
+        """Cores of stack CPU (gRPC, ingress, instance actors) that ``extra_tokens_per_s`` streamed tokens cost
+        beyond one stream per busy engine, which the contention tables were measured with."""
+        return self.token_cpu_s * max(extra_tokens_per_s, 0.0)
 
     def new_shape_time(self, tokens: int) -> float:
         """Extra time of a step at a token count outside the engine's kernel cache (see ``shape_cache_size``)."""
@@ -189,6 +198,18 @@ class LatencyModel:
         total = self.gpu.memory_gib * 2**30 * self.tp * gpu_memory_utilization
         free = total - self.model.weight_bytes - activation_reserve_gib * 2**30 * self.tp
         return max(int(free // (self.model.kv_bytes_per_token * block_size)), 0)
+
+
+def load_stretch(host_cores: int, two_busy: float, busy_engines: int, load_cores: float) -> float:
+    """How much ``load_cores`` of other CPU work stretches the steps of ``busy_engines`` engines on a host of
+    ``host_cores``, by processor sharing: the engines demand ``busy x`` what one demands, which the two-busy
+    contention point ``two_busy`` gives (two engines oversubscribe the cores by that factor); the load stretches
+    the steps by how much more it oversubscribes them."""
+    if load_cores <= 0 or host_cores <= 0:
+        return 1.0
+    c = float(host_cores)
+    demand = busy_engines * two_busy * c / 2
+    return max(1.0, (demand + load_cores) / c) / max(1.0, demand / c)
 
 
 def prefill_pairs(chunk: int, context_before: int) -> float:
