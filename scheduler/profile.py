@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from scheduler.config.models import GPUSpec, ModelSpec
-from scheduler.latency.model import GemmTable, LatencyModel, load_stretch
+from scheduler.latency.model import GemmTable, LatencyModel
 
 PREFILL_GRID = (32, 128, 256, 384, 512, 768, 1024)
 # (concurrent requests, prompt tokens). Concurrent requests may land on different decode instances: the samples
@@ -311,16 +311,9 @@ def fit(samples: dict) -> dict:
         b, ctx, t = d[:3]
         busy = d[3] if len(d) > 3 else 1
         points.setdefault((int(b), float(ctx), int(busy)), []).append(float(t))
-    # Stack CPU per streamed token (``token_cpu_s``): a decode point with b > 1 streams per engine loaded the cores
-    # with b - 1 more tokens per step and engine than the contention table holds; divided out as the simulator
-    # puts it back (``load_stretch``), so ``per_seq_s`` is the engine's own cost per sequence.
-    tok_cpu = float(np.median(samples["token_cpu"])) if samples.get("token_cpu") else 0.0
-    cores = int(samples.get("host_cores") or 0)
     for (b, ctx, busy), ts in points.items():
         rows.append([1.0, b, 0.0, b * ctx, b, 0.0])
-        t = float(np.median(ts))
-        stretch = load_stretch(cores, table[1] if len(table) > 1 else 1.0, busy, tok_cpu * busy * (b - 1) / t)
-        y.append(t / table[min(busy, len(table)) - 1] / stretch)
+        y.append(float(np.median(ts)) / table[min(busy, len(table)) - 1])
     A, Y = np.asarray(rows), np.asarray(y)
     scale = np.maximum(A.max(axis=0), 1e-12)  # column scaling: pairs are ~1e6, the intercept 1
     coef, _ = nnls((A / scale) / Y[:, None], np.ones_like(Y))  # relative-error weighting
@@ -402,8 +395,11 @@ def fit(samples: dict) -> dict:
         (c0, c1), _ = nnls(np.c_[np.ones(len(rc)), rc[:, 0]], np.maximum(rc[:, 1] - step, 0.0))
         out["request_cpu_s"], out["request_cpu_s_per_token"] = float(c0), float(c1)
         out["host_cores"] = int(samples["host_cores"])
-    if tok_cpu and cores:
-        out["token_cpu_s"] = tok_cpu
+    # Stack CPU per streamed token, measured over lone streams. Not divided out of the batched decode points above:
+    # there the stack sends a step's tokens together, and charging them at the lone rate took ~2x off those points
+    # and made every re-simulated run faster (docs/live_vs_sim.md, fifteenth session).
+    if samples.get("token_cpu") and samples.get("host_cores"):
+        out["token_cpu_s"] = float(np.median(samples["token_cpu"]))
     return out
 
 
