@@ -24,8 +24,7 @@ from scipy.optimize import least_squares
 
 from scheduler.config.models import GPUSpec, ModelSpec
 from scheduler.latency import profiles
-from scheduler.latency.model import LatencyModel, _allreduce_time, attention_coeffs, roofline_model
-from scheduler.latency.model import prefill_pairs as profiles_prefill_pairs
+from scheduler.latency.model import LatencyModel, _allreduce_time, attention_coeffs, prefill_pairs, roofline_model
 from scheduler.latency.profiles import Calibration, ProfileRows, _lm_head_s, gemm_table, model_key
 
 DATA_OUT = Path(__file__).resolve().parent / "data"
@@ -531,7 +530,7 @@ def gpu_kernel_section(path: Path, raw: dict, fam: str, rows: dict, specs: dict,
 
 def step_prediction(lat: LatencyModel, chunk: int, batch: int, ctx: int) -> float:
     """The model's step time less its engine overhead (a whole-model benchmark has no engine around it)."""
-    t = lat.step_time(prefill_tokens=chunk, prefill_pairs=profiles_prefill_pairs(chunk, 0), decode_batch=batch,
+    t = lat.step_time(prefill_tokens=chunk, prefill_pairs=prefill_pairs(chunk, 0), decode_batch=batch,
                       decode_context=batch * ctx, prefill_seqs=int(chunk > 0))
     return t - lat.overhead_s
 
