@@ -17,7 +17,7 @@ Measures, on whatever CUDA GPU it runs on (bf16, random weights, real model shap
   buffer, sent to pinned host memory and scattered back into another cache: the stage copy of a migration or a
   P->D handoff that goes through host memory.
 
-    python bench/bench_gpu_kernels.py --out DIR             # on a GPU machine (about 3 minutes on an H200)
+    python bench/bench_gpu_kernels.py --out DIR             # on a GPU machine (about a minute on an H200)
     python bench/bench_gpu_kernels.py --out DIR --quick --device cpu   # a smoke run of the same code paths
 
 Writes ``DIR/gpu_kernels.json``; ``python -m scheduler.latency.fit --gpu-kernels FILE`` turns it into the
