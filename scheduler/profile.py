@@ -162,9 +162,12 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
             for N in PREFILL_GRID:
                 ttfts[N].append(await lone(N))
                 prefill_runs.append((N, last_lone[0], ttfts[N][-1]))
-                # A size this profile has not sent (odd offsets: the grid and the other prompts are even), then
-                # the same size again: the difference is the kernel build alone.
-                M = N + int(rng.choice([d for d in range(1, 32, 2) if N + d not in sizes]))
+                # A size this profile has not sent (odd: the grid and the other prompts are even), then the same
+                # size again: the difference is the kernel build alone. From the middle third of the gap to the
+                # next grid size: sizes just past a grid size built for 1-31 tokens more came out at a third of
+                # what a replay's first-seen ~960-token prompts cost (6.5 vs 19.6 ms; docs/live_vs_sim.md).
+                gap = next((g for g in PREFILL_GRID if g > N), N + 128) - N
+                M = int(rng.choice([m for m in range((N + gap // 3) | 1, N + 2 * gap // 3, 2) if m not in sizes]))
                 cold = await lone(M)
                 cold_id = last_lone[0]
                 new_shape.append((M, cold - await lone(M)))
