@@ -62,13 +62,7 @@ class Clock:
     def time(self, fn: Callable[[], Any], *, target_s: float = TARGET_S, max_reps: int = 200) -> float:
         """Median seconds per call of ``fn`` over a few timed batches."""
         if not self.cuda:
-            fn()
-            samples = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                samples.append(time.perf_counter() - t0)
-            return statistics.median(samples)
+            return _time_copy(fn, lambda: None, reps=3)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up on a side stream, as graph capture requires

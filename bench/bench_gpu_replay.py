@@ -41,9 +41,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_gpu_kernels import PROFILES, _layer_weights, _sdpa, _shard, device_info
-from scheduler.config.models import EngineSpec, GPUSpec, ModelSpec
+from scheduler.config.models import EngineSpec, GPUSpec
 from scheduler.engine_model.model import EngineModel
 from scheduler.latency import latency_for
+from scheduler.latency.fit import kernel_time, spec_for
 from sim.traces import default_trace
 
 KV_CAPACITY_TOKENS = 1 << 18  # per layer: 32 layers x 2 x 262,144 x 8 x 128 x 2 B = 34 GiB on the GPU
@@ -51,12 +52,6 @@ QUICK_SHAPE = {"n_embd": 256, "n_expanded_embd": 896, "vocab_size": 2048, "num_l
 LOADS = ((1.0, 150), (4.0, 400))  # (rate scale, requests) of the trace's first requests
 QUICK_LOADS = ((8.0, 12), (16.0, 24))
 BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def model_spec(shape: dict) -> ModelSpec:
-    return ModelSpec(name=shape["hf_name"], num_layers=shape["num_layers"], hidden_size=shape["n_embd"],
-                     num_heads=shape["n_head"], num_kv_heads=shape["n_kv_head"],
-                     intermediate_size=shape["n_expanded_embd"], vocab_size=shape["vocab_size"])
 
 
 class Executor:
@@ -130,15 +125,6 @@ class Executor:
         rows = torch.arange(n - batch - len(chunks), n, device=self.dev)  # one sampled position per sequence
         (F.rms_norm(y[rows], (h,), self.norm) @ self.head).argmax(-1)
         self.sync()
-
-
-def kernel_time(lat, chunks: list[tuple[int, int]], batch: int, context: int) -> float:
-    """The model's step time less its engine overhead."""
-    from scheduler.latency.model import prefill_pairs
-
-    return lat.step_time(prefill_tokens=sum(c for _, c in chunks),
-                         prefill_pairs=sum(prefill_pairs(c, b) for b, c in chunks), decode_batch=batch,
-                         decode_context=context, prefill_seqs=len(chunks)) - lat.overhead_s
 
 
 def profile_overhead(ex: Executor, lat, quick: bool) -> dict:
@@ -233,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = json.loads(PROFILES.read_text())["models"]["llama38b"]
     if args.quick:
         shape = {**shape, **QUICK_SHAPE}
-    model = model_spec(shape)
+    model = spec_for(shape)
     gpu = GPUSpec.from_catalog("h200")
     shipped = latency_for(model, gpu, 1)  # quick: the roofline (the tiny shape has no profile)
     kv_tokens = 4096 if args.quick else KV_CAPACITY_TOKENS

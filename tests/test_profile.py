@@ -612,24 +612,30 @@ def test_simulator_charges_request_cpu_to_the_decode_engines(tmp_path):
     np.testing.assert_allclose(run(0.05, closed_form=False).finish_s, r1.finish_s, rtol=0.05)
 
 
-def test_measure_request_cpu_removes_the_idle_background(monkeypatch):
-    """Per size: the cluster's CPU over ``n`` requests less what the idle cluster used in as long, per request."""
-    import asyncio
-
+def _fake_generate(monkeypatch, record) -> None:
+    """The SDK's AsyncClient replaced by one whose ``generate`` only calls ``record(ids, kwargs)``."""
     import scheduler.client as client_mod
-    from scheduler import demo
-
-    sent = []
 
     class FakeClient:
         def __init__(self, target):
             pass
 
         async def generate(self, ids, **kw):
-            sent.append((len(ids), kw["max_tokens"]))
+            record(ids, kw)
 
         async def close(self):
             pass
+
+    monkeypatch.setattr(client_mod, "AsyncClient", FakeClient)
+
+
+def test_measure_request_cpu_removes_the_idle_background(monkeypatch):
+    """Per size: the cluster's CPU over ``n`` requests less what the idle cluster used in as long, per request."""
+    import asyncio
+
+    from scheduler import demo
+
+    sent = []
 
     per_request = {32: 0.030, 1024: 0.090}
     background = 0.2  # cores
@@ -646,7 +652,7 @@ def test_measure_request_cpu_removes_the_idle_background(monkeypatch):
             self.seen = len(sent)
             return {"t": self.t, "procs": {(1, "engines"): self.cpu}, "busy": self.cpu, "steal": 0.0}
 
-    monkeypatch.setattr(client_mod, "AsyncClient", FakeClient)
+    _fake_generate(monkeypatch, lambda ids, kw: sent.append((len(ids), kw["max_tokens"])))
     out = asyncio.run(demo.measure_request_cpu("x", FakeCPU(), sizes=(32, 1024), n=4, gap_s=0.0, idle_s=0.0))
     assert [n for n, _ in out] == [32, 1024]
     assert [c for _, c in out] == pytest.approx([0.030, 0.090])
@@ -657,20 +663,9 @@ def test_measure_token_cpu_takes_the_stacks_cpu_per_extra_token(monkeypatch):
     """Stack roles only (engines excluded), idle background removed, per token beyond the 2-token requests."""
     import asyncio
 
-    import scheduler.client as client_mod
     from scheduler import demo
 
     sent = []
-
-    class FakeClient:
-        def __init__(self, target):
-            pass
-
-        async def generate(self, ids, **kw):
-            sent.append(kw["max_tokens"])
-
-        async def close(self):
-            pass
 
     per_token, per_request, background = 0.0008, 0.01, 0.1  # stack CPU: s per token, s per request, idle cores
 
@@ -687,7 +682,7 @@ def test_measure_token_cpu_takes_the_stacks_cpu_per_extra_token(monkeypatch):
             return {"t": self.t, "procs": {(1, "this process"): self.stack, (2, "engines"): self.engines},
                     "busy": self.stack + self.engines, "steal": 0.0}
 
-    monkeypatch.setattr(client_mod, "AsyncClient", FakeClient)
+    _fake_generate(monkeypatch, lambda ids, kw: sent.append(kw["max_tokens"]))
     out = asyncio.run(demo.measure_token_cpu("x", FakeCPU(), n=4, tokens=66, idle_s=0.0))
     assert out == pytest.approx([per_token, per_token])
     assert sent == ([2] * 4 + [66] * 4) * 2

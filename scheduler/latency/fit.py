@@ -109,19 +109,24 @@ def read_allreduce(path: Path) -> dict[tuple[str, int], tuple[np.ndarray, np.nda
     return out
 
 
+def _allreduce_ms(allreduce: dict, key: tuple[str, int], hidden: int, ns: list[int]) -> list[float] | None:
+    """One all-reduce of each batch's fp16 hidden state, interpolated in a family's network profile: zeros at TP 1,
+    ``None`` where the family has no profile."""
+    if key[1] == 1:
+        return [0.0] * len(ns)
+    if key not in allreduce:
+        return None
+    sizes, ms = allreduce[key]
+    return [float(np.interp(n * hidden * 2, sizes, ms)) for n in ns]
+
+
 def build_rows(pts, shapes, allreduce) -> dict[tuple[str, str, int], ProfileRows]:
     out = {}
     for (gpu, key, tp), by_n in sorted(pts.items()):
         ns = sorted(by_n)
         layer = [statistics.fmean(a for a, _ in by_n[n]) for n in ns]
         emb = [statistics.fmean(b for _, b in by_n[n]) for n in ns]
-        ar: list[float] | None = None
-        if tp == 1:
-            ar = [0.0] * len(ns)
-        elif (gpu, tp) in allreduce:
-            sizes, ms = allreduce[(gpu, tp)]
-            hidden = shapes[key]["n_embd"]
-            ar = [float(np.interp(n * hidden * 2, sizes, ms)) for n in ns]  # fp16 hidden state
+        ar = _allreduce_ms(allreduce, (gpu, tp), shapes[key]["n_embd"], ns)
         out[(gpu, key, tp)] = ProfileRows(tuple(ns), tuple(layer), tuple(emb), tuple(ar) if ar else None)
     return out
 
@@ -439,11 +444,7 @@ def read_gpu_kernels(path: Path, allreduce: dict, shapes: dict) -> tuple[str, di
         ns = [r["num_tokens"] for r in pts]
         emb_pts = [(r["num_tokens"], r["emb_ms"]) for r in pts if "emb_ms" in r]
         emb = np.interp(ns, [n for n, _ in emb_pts], [e for _, e in emb_pts])
-        ar: list[float] | None = [0.0] * len(ns) if tp == 1 else None
-        src = (ALLREDUCE_FROM.get(fam, fam), tp)
-        if tp > 1 and src in allreduce:
-            sizes, ms = allreduce[src]
-            ar = [float(np.interp(n * shapes[key]["n_embd"] * 2, sizes, ms)) for n in ns]
+        ar = _allreduce_ms(allreduce, (ALLREDUCE_FROM.get(fam, fam), tp), shapes[key]["n_embd"], ns)
         out[(fam, key, tp)] = ProfileRows(tuple(ns), tuple(r["layer_ms"] for r in pts), tuple(float(e) for e in emb),
                                           tuple(ar) if ar else None)
     return fam, out, raw
@@ -528,10 +529,12 @@ def gpu_kernel_section(path: Path, raw: dict, fam: str, rows: dict, specs: dict,
     return lines + [""]
 
 
-def step_prediction(lat: LatencyModel, chunk: int, batch: int, ctx: int) -> float:
-    """The model's step time less its engine overhead (a whole-model benchmark has no engine around it)."""
-    t = lat.step_time(prefill_tokens=chunk, prefill_pairs=prefill_pairs(chunk, 0), decode_batch=batch,
-                      decode_context=batch * ctx, prefill_seqs=int(chunk > 0))
+def kernel_time(lat: LatencyModel, chunks: list[tuple[int, int]], batch: int, context: int) -> float:
+    """The model's step time less its engine overhead (a benchmark's own forward has no engine around it):
+    prompt chunks ``(context before, length)`` and ``batch`` decodes attending ``context`` tokens in all."""
+    t = lat.step_time(prefill_tokens=sum(c for _, c in chunks),
+                      prefill_pairs=sum(prefill_pairs(c, b) for b, c in chunks), decode_batch=batch,
+                      decode_context=context, prefill_seqs=len(chunks))
     return t - lat.overhead_s
 
 
@@ -539,8 +542,8 @@ def whole_step_errors(steps: list[dict], specs: dict, gpu: GPUSpec) -> list[tupl
     """(measured row, predicted seconds) for every whole-model step of the benchmark."""
     from scheduler.latency import latency_for
 
-    return [(r, step_prediction(latency_for(specs[r["model"]], gpu, r["tp"]), r["chunk"], r["batch"], r["context"]))
-            for r in steps]
+    return [(r, kernel_time(latency_for(specs[r["model"]], gpu, r["tp"]), [(0, r["chunk"])] if r["chunk"] else [],
+                            r["batch"], r["batch"] * r["context"])) for r in steps]
 
 
 def whole_step_lines(steps: list[dict], specs: dict, gpu: GPUSpec) -> list[str]:
