@@ -18,6 +18,7 @@ BENCHES = {
     "stream-cpu": "bench.bench_stream_cpu",
     "handoff": "bench.bench_handoff",
     "rerole-live": "bench.bench_rerole_live",
+    "arrivals": "bench.bench_arrivals",
 }
 
 

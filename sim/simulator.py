@@ -458,8 +458,10 @@ class Simulator:
         self._kick(inst, now)
 
     def _busy_engines(self) -> int:
-        """Engines with work on the (one, shared) host: what the contention factors are indexed by."""
-        return sum(1 for x in self.instances if x.engine.has_work)
+        """Engines with work on the (one, shared) host: what the contention factors are indexed by. A step in
+        flight counts even when the engine model has already booked its outcome (a single prefill step leaves the
+        engine empty until the step's end: the other engines share the host with it all that time)."""
+        return sum(1 for x in self.instances if x.busy or x.engine.has_work)
 
     def _host_update(self, now: float) -> None:
         """Engines busy on the host, or the request CPU in flight, changed: rescale every engine's steps (spans in

@@ -933,3 +933,23 @@ def test_simulator_applies_the_decoders_table_to_decode_engines_only(tmp_path):
     slow = _sim(dict(base, host_contention_decode=[1.0, 1.5, 4.0]), tmp_path / "b", w)
     assert slow.finish_s[0] > plain.finish_s[0] + 0.05  # the stream paid the decoders' higher factor
     np.testing.assert_allclose(slow.first_token_s[1:6], plain.first_token_s[1:6], rtol=1e-6)  # prompts did not
+
+
+def test_decoders_share_the_host_with_a_prefill_step_for_all_of_it(tmp_path):
+    """A single prefill step books its request out of the engine model at the step's start; the decode engines
+    must still count that engine busy (the contention table's three-busy point) until the step ends, not only
+    until their own next step boundary (which is how the simulator undercounted a prefill's cost to the streams)."""
+    base = dict(fit(_samples()), host_contention=[1.0, 1.5, 3.0], request_latency_s=0.0, handoff_s=0.0,
+                handoff_s_per_token=0.0, request_cpu_s=0.0, request_cpu_s_per_token=0.0, token_cpu_s=0.0,
+                host_noise=[], prefill_table=[[32, 0.001], [2048, 0.05]])
+    streams = Workload(np.array([0.0, 0.01]), np.array([64, 64]), np.array([400, 400]))
+    both = Workload(np.array([0.0, 0.01, 0.5]), np.array([64, 64, 1000]), np.array([400, 400, 1]))
+    (tmp_path / "a").mkdir()
+    alone = _sim(base, tmp_path / "a", streams)
+    mixed = _sim(base, tmp_path / "a", both)
+    assert sorted(mixed.decode_instance[:2]) != [mixed.decode_instance[0]] * 2  # one stream per decoder
+    prefill = mixed.first_token_s[2] - 0.5  # the 1000-token step at the three-busy factor
+    assert prefill > 0.05
+    # While it ran, each stream stepped at 3.0 instead of 1.5: it lost half of that time.
+    for k in (0, 1):
+        assert mixed.finish_s[k] - alone.finish_s[k] == pytest.approx(prefill / 2, rel=0.2)
