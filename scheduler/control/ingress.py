@@ -194,6 +194,11 @@ class Ingress:
         self._snapshots: dict[str, InstanceSnapshot] = {}
         self._dead: set[str] = set()  # incarnations seen dead; never routed to again
         self._pending: dict[str, int] = {}  # routed since the last refresh, per instance (optimistic load)
+        # P->D requests routed to a decode instance that does not hold them yet (prefilling elsewhere, or their KV
+        # on its way): that instance's snapshots cannot show them, so the view adds them until they land (as the
+        # simulator's ``incoming``). Without it a refresh dropped them and a burst piled onto one decoder.
+        self._incoming: dict[str, int] = {}
+        self._expected: dict[str, str] = {}  # request id -> the decode instance it is on its way to
         self._view: ClusterView = ClusterView(0.0, ())
         self._tasks: list[asyncio.Task[None]] = []
         self._starting: asyncio.Future[None] | None = None
@@ -348,18 +353,38 @@ class Ingress:
             self._controller_epoch = epoch
 
     def view(self) -> ClusterView:
-        """The cached view with requests routed since the last refresh added (so bursts spread out)."""
-        if not self._pending:
+        """The cached view with requests routed since the last refresh, and P->D requests on their way to a decode
+        instance, added as waiting there (so bursts spread out)."""
+        if not self._pending and not self._incoming:
             return self._view
+        extra = dict(self._pending)
+        for iid, n in self._incoming.items():
+            extra[iid] = extra.get(iid, 0) + n
         return ClusterView(
             self._view.time_s,
             tuple(
-                dataclasses.replace(s, num_waiting=s.num_waiting + self._pending[s.instance_id])
-                if s.instance_id in self._pending
+                dataclasses.replace(s, num_waiting=s.num_waiting + extra[s.instance_id])
+                if s.instance_id in extra
                 else s
                 for s in self._view.instances
             ),
         )
+
+    def _expect_decode(self, rid: str, iid: str | None, *, landed: bool = False) -> None:
+        """``rid`` is now on its way to decode instance ``iid`` (``None``: to none). ``landed``: it reached the one
+        it was going to, whose snapshots show it from the next refresh on (counted as routed until then)."""
+        old = self._expected.pop(rid, None)
+        if old is not None:
+            n = self._incoming.get(old, 0) - 1
+            if n > 0:
+                self._incoming[old] = n
+            else:
+                self._incoming.pop(old, None)
+            if landed:
+                self._pending[old] = self._pending.get(old, 0) + 1
+        if iid is not None:
+            self._expected[rid] = iid
+            self._incoming[iid] = self._incoming.get(iid, 0) + 1
 
     # ---- validation and routing -----------------------------------------------------------------------
     def _validate(self, req: GenerateRequest) -> RequestRecord:
@@ -420,9 +445,10 @@ class Ingress:
                 raise Unavailable(f"no instance accepts requests: {decision.reason}")
             raise Overloaded(decision.reason, retry_after_s=decision.retry_after_s or 1.0)
         self.router.on_routed(info, decision)
-        for iid in (decision.prefill_instance, decision.decode_instance):
-            if iid is not None:
-                self._pending[iid] = self._pending.get(iid, 0) + 1
+        # The decode instance of a P->D pair is counted while the request is on its way there (_expect_decode).
+        self._pending[decision.prefill_instance] = self._pending.get(decision.prefill_instance, 0) + 1
+        handoff = decision.decode_instance is not None and rec.remaining_tokens > 1  # as _run_attempts decides
+        self._expect_decode(rec.request_id, decision.decode_instance if handoff else None)
         self.counters["routed"] += 1
         return decision
 
@@ -516,6 +542,7 @@ class Ingress:
             if rec.move_waiter is not None and not rec.move_waiter.done():
                 rec.move_waiter.set_result(None)  # finished before the destination took over
             self.registry.remove(rec.request_id)
+            self._expect_decode(rec.request_id, None)  # ended (or failed) before its decode leg began
             for iid in rec.instances:
                 self.router.on_finished(rec.request_id, iid)
 
@@ -544,6 +571,8 @@ class Ingress:
         while True:
             handoff = target.decode_instance is not None and rec.remaining_tokens > 1
             iid = target.prefill_instance
+            if not handoff and self._expected.get(rid) == iid:
+                self._expect_decode(rid, None, landed=True)  # its decode leg starts: the instance has it next
             ereq = rec.resume_request()
             if handoff:
                 ereq = dataclasses.replace(ereq, sampling=dataclasses.replace(ereq.sampling, max_tokens=1))
