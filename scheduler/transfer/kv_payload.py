@@ -23,10 +23,26 @@ import numpy as np
 from scheduler.engine.base import KVBlocks
 
 Payload = dict[str, Any]
+PUSHED_KV = "llmsched_kv"  # key of the saved prompt KV in a finished producer request's kv_transfer_params
 
 
 def payload_nbytes(payload: Payload) -> int:
     return int(sum(a.nbytes for a in payload["layers"].values()))
+
+
+def slice_payload(payload: Payload, start_token: int, end_token: int | None) -> Payload:
+    """Tokens ``[start_token (rounded down to a block), end_token)`` of a payload that starts at token 0
+    (``end_token`` ``None`` or past its end: to its end). Arrays are views."""
+    bs = int(payload["block_size"])
+    end = payload["end_token"] if end_token is None else min(end_token, payload["end_token"])
+    j_start = start_token // bs
+    return {
+        "block_size": bs,
+        "start_token": j_start * bs,
+        "end_token": end,
+        "token_ids": payload["token_ids"][j_start * bs : end],
+        "layers": {n: a[j_start : -(-end // bs)] for n, a in payload["layers"].items()},
+    }
 
 
 def to_kv_blocks(request_id: str, payload: Payload) -> KVBlocks:

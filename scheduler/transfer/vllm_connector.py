@@ -40,7 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
-from scheduler.transfer.kv_payload import from_wire, to_wire
+from scheduler.transfer.kv_payload import PUSHED_KV, from_wire, slice_payload, to_wire
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -338,6 +338,16 @@ class LlmschedConnector(KVConnectorBase_V1):
             if self._by_llmsched_id.get(str(lid)) == request.request_id:
                 del self._by_llmsched_id[str(lid)]
             self._consumed.discard(str(lid))
+            # A producer's prompt KV leaves with the request's last output (vLLM carries ``kv_transfer_params`` to
+            # the front end), so the handoff does not wait for an export utility, which runs only between this
+            # engine's steps: in a burst of prompts that was the next whole prefill step (~100 ms of a 150 ms
+            # hop). The worker saved it during this step's forward; with the in-process ("uni") executor its
+            # store is right here (with "mp" it is not, and the export utility remains the path).
+            worker = _WORKER_CONNECTOR
+            if self._params(request).get("save") and worker is not None:
+                saved = worker.get_saved(str(lid), 0, None)
+                if saved is not None:
+                    return False, {PUSHED_KV: to_wire(saved)}
         return False, None
 
     def live_request(self, llmsched_id: str) -> Request | None:
@@ -473,18 +483,7 @@ class LlmschedConnector(KVConnectorBase_V1):
     def get_saved(self, llmsched_id: str, start_token: int, end_token: int | None) -> dict[str, Any] | None:
         with self._lock:
             payload = self._saved.get(llmsched_id)
-        if payload is None:
-            return None
-        bs = self._block_size
-        end = payload["end_token"] if end_token is None else min(end_token, payload["end_token"])
-        j_start = start_token // bs
-        return {
-            "block_size": bs,
-            "start_token": j_start * bs,
-            "end_token": end,
-            "token_ids": payload["token_ids"][j_start * bs : end],
-            "layers": {n: a[j_start : -(-end // bs)] for n, a in payload["layers"].items()},
-        }
+        return None if payload is None else slice_payload(payload, start_token, end_token)
 
     def drop_saved(self, llmsched_id: str) -> bool:
         with self._lock:
