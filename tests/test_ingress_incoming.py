@@ -63,3 +63,26 @@ def test_a_recovery_moves_the_expectation_to_the_new_decoder() -> None:
     d = ing._route(_rec("a")).decode_instance
     ing._route(_rec("a"), exclude=frozenset({d}), accepted=True)  # re-routed (its decoder was lost)
     assert list(ing._incoming.values()) == [1] and d not in ing._incoming
+
+
+def test_a_migration_destination_pick_leaves_no_expectation() -> None:
+    """``migrate`` picks its destination with the router; that is not a P->D request on its way there."""
+    import asyncio
+
+    import pytest
+
+    from scheduler.control.registry import Phase
+
+    ing = _ingress()
+
+    async def started() -> None:
+        return None
+
+    ing.start = started  # type: ignore[method-assign]  # no controller here
+    rec = _rec("m")
+    rec.phase, rec.instances = Phase.DECODE, ("decode-0",)
+    ing.registry.add(rec)
+    ing._members = {}  # the picked destination is then unknown: migrate stops right after the pick
+    with pytest.raises(Exception, match="destination"):
+        asyncio.run(ing.migrate("m"))
+    assert not ing._incoming and not ing._expected

@@ -799,6 +799,7 @@ class Ingress:
                 d = self._route(rec, exclude=frozenset({src}), accepted=True)
             except (Overloaded, Unavailable) as e:
                 return MigrationResult(request_id, src, "", False, f"no destination: {e}")
+            self._expect_decode(request_id, None)  # a destination pick, not a P->D handoff on its way
             destination = d.decode_instance or d.prefill_instance
         if destination == src:
             return MigrationResult(request_id, src, destination, False, "destination is the source")
