@@ -79,7 +79,9 @@ def start_ray(
     t0 = time.perf_counter()
     common = {"include_dashboard": False, "object_store_memory": object_store_bytes}
     if not workers:
-        ray.init(num_cpus=head_cpus, namespace=namespace, log_to_driver=False, **common)
+        # "local": always a new instance of our own, never another Ray found on the machine (ray.init() would join
+        # a cluster some other process started, and then refuse num_cpus).
+        ray.init(address="local", num_cpus=head_cpus, namespace=namespace, log_to_driver=False, **common)
         rt = RayRuntime(ray.get_runtime_context().gcs_address)
     else:
         from ray.cluster_utils import Cluster
