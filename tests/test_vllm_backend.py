@@ -157,7 +157,20 @@ def test_pd_handoff_identical_and_not_recomputed(engines: Engines) -> None:
         num_output_tokens_before=1,
         kv=(blocks,),
     )
-    rest, chunks = engines.run(_collect(d, req))
+    rpcs: list[str] = []
+    rpc = d._rpc
+
+    def recording(name: str, args: tuple[Any, ...]) -> Any:
+        rpcs.append(name)
+        return rpc(name, args=args)
+
+    d._rpc = recording  # type: ignore[method-assign]
+    try:
+        rest, chunks = engines.run(_collect(d, req))
+    finally:
+        d._rpc = rpc  # type: ignore[method-assign]
+    # The worker runs in d's EngineCore process: the KV rode with the request, no staging RPC before it.
+    assert "llmsched_stage_kv" not in rpcs
     after = engines.run(d.stats())
     assert first + rest == reference
     _check_indices(chunks, 1)

@@ -336,7 +336,12 @@ class VLLMBackend:
                 kv_params["reserved_tokens"] = reserved_tokens
         try:
             if payload is not None:
-                await self._rpc("llmsched_stage_kv", args=(rid, to_wire(payload)))
+                if self._engine_args.get("distributed_executor_backend") == "uni":
+                    # The worker lives in the EngineCore process: the KV rides with the request and the connector
+                    # stages it as the request is added (one step boundary to wait for, not two).
+                    kv_params[PUSHED_KV] = to_wire(payload)
+                else:
+                    await self._rpc("llmsched_stage_kv", args=(rid, to_wire(payload)))
                 staged = True
                 kv_params["load_tokens"] = int(payload["end_token"])
             # A resumed stream (migration, recovery) carries its whole history as the prompt, and vLLM primes its
@@ -355,6 +360,7 @@ class VLLMBackend:
             index = request.num_output_tokens_before
             finished = False
             async for out in outputs:
+                kv_params.pop(PUSHED_KV, None)  # sent with the request: this front end need not hold it
                 completion = out.outputs[0]
                 tokens = tuple(completion.token_ids)
                 if not tokens and not out.finished:

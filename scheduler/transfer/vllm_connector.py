@@ -151,6 +151,16 @@ class LlmschedConnector(KVConnectorBase_V1):
     def on_new_request(self, request: Request) -> None:
         self._live[request.request_id] = request
         lid = self._params(request).get("llmsched_id")
+        wire = self._params(request).pop(PUSHED_KV, None)
+        if wire is not None and lid is not None:
+            # KV that came with the request (worker in this process): staged here, as the request is added, instead
+            # of by a separate RPC that waits for a step boundary of its own before the request can be sent.
+            worker = _WORKER_CONNECTOR
+            if worker is not None:
+                worker.stage(str(lid), from_wire(wire))
+            else:  # cannot happen with the in-process worker the backend checks for; recompute rather than crash
+                logger.warning("llmsched connector: KV of %s came with the request but no worker here", lid)
+                self._params(request)["load_tokens"] = 0
         if lid is not None:
             self._by_llmsched_id[str(lid)] = request.request_id
             if self._params(request).get("hold") and self._scheduler is not None:
