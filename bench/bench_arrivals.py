@@ -134,18 +134,18 @@ def serving(config: Path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "scheduler.cli", "serve", "--config", str(config), "--port",
-                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _wait_serving(f"127.0.0.1:{port}", proc, timeout_s=180)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen([sys.executable, "-m", "scheduler.cli", "serve", "--config", str(config), "--port",
+                                 str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            _wait_serving(f"127.0.0.1:{port}", proc, timeout_s=180)
+            yield f"127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def _wait_serving(target: str, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gap", type=float, default=0.15, help="seconds between arrivals")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    kw = dict(long=args.long, arrivals=args.arrivals, gap_s=args.gap, start_s=0.1)
+    kw = {"long": args.long, "arrivals": args.arrivals, "gap_s": args.gap, "start_s": 0.1}
 
     with tempfile.TemporaryDirectory() as tmp:
         prof = fitted_profile(Path(args.profile), Path(tmp))

@@ -11,7 +11,7 @@ import pytest
 from bench.bench_arrivals import SCENARIOS, Scenario, fitted_profile, paired, schedule, simulated_tpot
 
 REPO = Path(__file__).resolve().parents[1]
-KW = dict(long=200, arrivals=6, gap_s=0.15, start_s=0.1)
+KW = {"long": 200, "arrivals": 6, "gap_s": 0.15, "start_s": 0.1}
 
 
 def test_schedule_puts_the_arrivals_inside_the_long_streams():
