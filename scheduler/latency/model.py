@@ -165,11 +165,9 @@ class LatencyModel:
         with their streams demand ``busy x`` what one demands, which the two-busy contention point gives (two
         engines oversubscribe the cores by that factor); the load stretches the steps by how much more it
         oversubscribes them. No load: the contention table itself (``decode``: the decoders' one)."""
-        base = self.contention(busy_engines, decode=decode)
-        if load_cores <= 0 or self.host_cores <= 0:
-            return base
         two_busy = self.host_contention[1] if len(self.host_contention) > 1 else 1.0
-        return base * load_stretch(self.host_cores, two_busy, busy_engines, load_cores)
+        return self.contention(busy_engines, decode=decode) * load_stretch(self.host_cores, two_busy, busy_engines,
+                                                                            load_cores)
 
     def token_load(self, extra_tokens_per_s: float) -> float:
         """Cores of stack CPU (gRPC, ingress, instance actors) that ``extra_tokens_per_s`` streamed tokens cost

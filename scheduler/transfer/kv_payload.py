@@ -16,6 +16,8 @@ A payload is a plain dict (msgpack/pickle friendly, numpy arrays zero-copy throu
 
 from __future__ import annotations
 
+import collections
+import threading
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,45 @@ PUSHED_KV = "llmsched_kv"  # key of the saved prompt KV in a finished producer r
 
 def payload_nbytes(payload: Payload) -> int:
     return int(sum(a.nbytes for a in payload["layers"].values()))
+
+
+class PayloadStore:
+    """Payloads by request id, bounded by their bytes: the oldest are evicted first, the newest is always kept.
+    Thread-safe (the worker's extension RPCs and its model step run on different threads)."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self._items: collections.OrderedDict[str, Payload] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, key: str, payload: Payload) -> None:
+        with self._lock:
+            self._pop(key)
+            self._items[key] = payload
+            self._bytes += payload_nbytes(payload)
+            while self._bytes > self.capacity_bytes and len(self._items) > 1:
+                self._pop(next(iter(self._items)))
+
+    def get(self, key: str) -> Payload | None:
+        with self._lock:
+            return self._items.get(key)
+
+    def pop(self, key: str) -> Payload | None:
+        with self._lock:
+            return self._pop(key)
+
+    def _pop(self, key: str) -> Payload | None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._bytes -= payload_nbytes(old)
+        return old
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def slice_payload(payload: Payload, start_token: int, end_token: int | None) -> Payload:

@@ -40,7 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
-from scheduler.transfer.kv_payload import PUSHED_KV, from_wire, slice_payload, to_wire
+from scheduler.transfer.kv_payload import PUSHED_KV, PayloadStore, from_wire, slice_payload, to_wire
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -137,8 +137,7 @@ class LlmschedConnector(KVConnectorBase_V1):
             self._staged: dict[str, list[dict[str, Any]]] = {}
             self._rng: dict[str, bytes] = {}  # llmsched id -> sampler RNG state to restore on load
             self._runner: Any = None  # the worker's model runner (set by the extension; RNG restore needs it)
-            self._saved: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
-            self._saved_bytes = 0
+            self._saved = PayloadStore(self._saved_capacity_bytes)
             self._lock = threading.Lock()  # extension RPCs and the model step run on different threads
             _WORKER_CONNECTOR = self
 
@@ -428,7 +427,7 @@ class LlmschedConnector(KVConnectorBase_V1):
         for save in meta.saves:
             payload = self.copy_blocks(save.block_ids, 0, save.end_token)
             payload["token_ids"] = save.token_ids[: save.end_token]
-            self._store_saved(save.llmsched_id, payload)
+            self._saved.put(save.llmsched_id, payload)
 
     # ------------------------------------------------------------------ worker-side helpers (extension RPCs)
 
@@ -478,29 +477,12 @@ class LlmschedConnector(KVConnectorBase_V1):
             self._staged.pop(llmsched_id, None)
             self._rng.pop(llmsched_id, None)
 
-    def _store_saved(self, llmsched_id: str, payload: dict[str, Any]) -> None:
-        nbytes = sum(a.nbytes for a in payload["layers"].values())
-        with self._lock:
-            old = self._saved.pop(llmsched_id, None)
-            if old is not None:
-                self._saved_bytes -= sum(a.nbytes for a in old["layers"].values())
-            self._saved[llmsched_id] = payload
-            self._saved_bytes += nbytes
-            while self._saved_bytes > self._saved_capacity_bytes and len(self._saved) > 1:
-                _, ev = self._saved.popitem(last=False)
-                self._saved_bytes -= sum(a.nbytes for a in ev["layers"].values())
-
     def get_saved(self, llmsched_id: str, start_token: int, end_token: int | None) -> dict[str, Any] | None:
-        with self._lock:
-            payload = self._saved.get(llmsched_id)
+        payload = self._saved.get(llmsched_id)
         return None if payload is None else slice_payload(payload, start_token, end_token)
 
     def drop_saved(self, llmsched_id: str) -> bool:
-        with self._lock:
-            payload = self._saved.pop(llmsched_id, None)
-            if payload is not None:
-                self._saved_bytes -= sum(a.nbytes for a in payload["layers"].values())
-        return payload is not None
+        return self._saved.pop(llmsched_id) is not None
 
 
 class LlmschedWorkerExtension:
