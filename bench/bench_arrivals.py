@@ -178,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     kw = {"long": args.long, "arrivals": args.arrivals, "gap_s": args.gap, "start_s": 0.1}
 
     with tempfile.TemporaryDirectory() as tmp:
-        prof = fitted_profile(Path(args.profile), Path(tmp))
+        try:
+            prof = fitted_profile(Path(args.profile), Path(tmp))
+        except (OSError, ValueError) as e:  # missing, unreadable or not JSON: say which, no traceback
+            p.error(f"--profile: {e}")
         sim = {sc.name: simulated_tpot(prof, sc, **kw) for sc in SCENARIOS}
     with contextlib.ExitStack() as stack:
         target = args.target or stack.enter_context(serving(CONFIG))

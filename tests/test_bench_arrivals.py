@@ -41,3 +41,14 @@ def test_a_fitted_profile_is_used_as_given(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"overhead_s": 0.002}))
     assert fitted_profile(path, tmp_path) == path
+
+
+def test_a_missing_or_broken_profile_is_a_clear_error(tmp_path, capsys):
+    from bench.bench_arrivals import main
+
+    for path in (tmp_path / "none.json", tmp_path / "bad.json"):
+        if path.name == "bad.json":
+            path.write_text("{not json")
+        with pytest.raises(SystemExit) as e:
+            main(["--profile", str(path)])
+        assert e.value.code == 2 and "--profile" in capsys.readouterr().err
