@@ -301,9 +301,9 @@ def test_resimulate_names_the_report_that_lacks_samples(tmp_path):
         resimulate(load_config(DEFAULT_CONFIG), [str(tmp_path)])
 
 
-def _fake_sdk(monkeypatch, events: list, prompts: list) -> None:
-    """Replace the SDK's AsyncClient with one MIXED instance that streams a token every 0.5 ms, recording each
-    request's (start|end, time, max_tokens) in ``events`` and its prompt in ``prompts``."""
+def _fake_sdk(monkeypatch, events: list, prompts: list, roles: tuple[str, ...] = ("mixed",)) -> None:
+    """Replace the SDK's AsyncClient with instances of ``roles`` (default: one MIXED) that stream a token every
+    0.5 ms, recording each request's (start|end, time, max_tokens) in ``events`` and its prompt in ``prompts``."""
     import asyncio
     import time
     from types import SimpleNamespace
@@ -315,7 +315,7 @@ def _fake_sdk(monkeypatch, events: list, prompts: list) -> None:
             pass
 
         async def cluster_state(self):
-            return SimpleNamespace(instances=[SimpleNamespace(role=SimpleNamespace(value="mixed"))])
+            return SimpleNamespace(instances=[SimpleNamespace(role=SimpleNamespace(value=r)) for r in roles])
 
         async def stream(self, ids, *, max_tokens, **kw):
             prompts.append(tuple(ids))
@@ -331,18 +331,21 @@ def _fake_sdk(monkeypatch, events: list, prompts: list) -> None:
     monkeypatch.setattr(client_mod, "AsyncClient", FakeClient)
 
 
-def test_lone_ttft_samples_follow_an_idle_gap(monkeypatch):
+@pytest.mark.parametrize("roles, ttft_tokens", [(("mixed",), 1), (("prefill", "decode"), 2)])
+def test_lone_ttft_samples_follow_an_idle_gap(monkeypatch, roles, ttft_tokens):
     """Each prefill (TTFT) sample is sent after ``idle_gap_s`` with nothing in flight: back to back, the serving
-    stack stays hot and short prompts measure ~2x faster than trace arrivals, which are spaced, ever see."""
+    stack stays hot and short prompts measure ~2x faster than trace arrivals, which are spaced, ever see. On a P/D
+    cluster the sample asks for two tokens, as a replayed request does: its token 0 goes out while the KV is
+    handed to a decoder (one token ends at the prefill instance, with no handoff beside it)."""
     import asyncio
 
     from scheduler.profile import PREFILL_GRID, measure
 
     events: list[tuple[str, float, int]] = []  # (start|end, time, max_tokens)
-    _fake_sdk(monkeypatch, events, [])
+    _fake_sdk(monkeypatch, events, [], roles)
     samples = asyncio.run(measure("fake:0", repeats=2, decode_tokens=8, idle_gap_s=0.02))
     assert sorted(N for N, _ in samples["prefill"]) == sorted(PREFILL_GRID)
-    lone = [i for i, (kind, _, mt) in enumerate(events) if kind == "start" and mt == 1]
+    lone = [i for i, (kind, _, mt) in enumerate(events) if kind == "start" and mt == ttft_tokens]
     # An unrecorded round over the grid, then per round and grid size: a grid sample, a size never sent, and it again.
     assert len(lone) == len(PREFILL_GRID) + 2 * 3 * len(PREFILL_GRID)
     sizes = [M for M, _ in samples["new_shape"]]
