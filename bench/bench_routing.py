@@ -401,11 +401,59 @@ def study_rerole(rate_scale: float = 1.5) -> dict:
     return out
 
 
+def study_prefill_speed(multipliers: tuple[float | None, ...] = (1.0, 2.5, None), load: float = 0.8,
+                        trace_path: Path | None = None) -> dict:
+    """What-if for the Mooncake P99-TTFT target: the long-context config's A100 prefill attention multiplier
+    (``k_prefill``, 5.28 from DistServe's fits at <= 2k-token prompts; ``None``: as shipped) set lower, towards
+    FlashAttention-2's long-sequence efficiency. Saturation is re-measured per multiplier, so each row is at ``load``
+    of its own cluster's capacity. The question: does the round-robin / best-router P99 TTFT ratio depend on how
+    slow the longest prefills are? (The best router's P99 sits near the P99 of the prompts' own prefill time.)
+    ``trace_path``: another Mooncake-format trace (default: the full conversation trace, else the vendored slice)."""
+    import dataclasses
+    from unittest import mock
+
+    from scheduler.latency import profiles
+    from sim.commands import with_instances
+
+    name, vendored = "mooncake_fast25_conversation_trace.jsonl.gz", "mooncake_fast25_conversation_first1000.jsonl.gz"
+    if trace_path is None:
+        trace_path = SHARED / name if (SHARED / name).exists() else DATA / vendored
+    trace = load_trace(trace_path)
+    config = str(Path(__file__).resolve().parents[1] / "scheduler/config/examples/llama3-8b-a100-16-longctx.yaml")
+    w = Workload.from_trace(trace)
+    shipped = profiles.calibration_for("a100").k_prefill
+    out: dict = {"trace": trace.name, "config": "llama3-8b-a100-16-longctx x16", "load": load,
+                 "shipped_k_prefill": shipped, "rows": []}
+    real = profiles.calibration_for
+    for k in multipliers:
+        def cal(family: str, k: float | None = k):
+            c = real(family)
+            return dataclasses.replace(c, k_prefill=k) if k is not None and family == "a100" else c
+
+        with mock.patch.object(profiles, "calibration_for", cal):
+            cfg = with_instances(load_config(config), 16)
+            sat = saturation_rate(cfg, w)
+            wl = at_load(w, load, sat)
+            lat = Simulator(cfg).instances[0].latency
+            row: dict = {"k_prefill": k if k is not None else shipped, "saturation_rps": sat,
+                         "prefill_p99_alone_s": float(np.percentile(
+                             [lat.prefill_time(int(p)) for p in w.prompt_tokens], 99))}
+            for r in ("round_robin", "prefix_affinity", "lookahead", "learned"):
+                res = Simulator(cfg, router=router_factory(r, cfg)()).run(wl)
+                row[r] = {"ttft_p99_s": sim_summary(res)["ttft_s"]["p99"]}
+        best = min(row[r]["ttft_p99_s"] for r in ("prefix_affinity", "lookahead", "learned"))
+        row["rr_over_best"] = row["round_robin"]["ttft_p99_s"] / best
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
 STUDIES = {"ir": study_ir, "predictor": study_predictor, "migration": study_migration, "sweep": study_sweep,
            "scaling": study_scaling, "rerole": study_rerole, "shed": study_shed,
            "shed_mooncake": lambda: study_shed(mooncake=True),
            "shed_learned": lambda: study_shed((), extra=SHED_LEARNED),
-           "shed_learned_mooncake": lambda: study_shed((), mooncake=True, extra=SHED_LEARNED)}
+           "shed_learned_mooncake": lambda: study_shed((), mooncake=True, extra=SHED_LEARNED),
+           "prefill_speed": study_prefill_speed}
 
 
 def main(argv: list[str] | None = None) -> int:

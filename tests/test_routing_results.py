@@ -78,3 +78,20 @@ def test_shipped_learned_router_artifact_records_its_provenance() -> None:
     doc = json.loads(ARTIFACT.read_text())
     assert {"trace", "config", "command"} <= set(doc["meta"])
     assert LearnedRouter().weights == LearnedRouter.load(ARTIFACT).weights
+
+
+def test_mooncake_best_router_sits_at_the_prompts_own_prefill_whatever_its_speed() -> None:
+    """Why the Mooncake P99-TTFT 10x is out of any router's reach (docs/routing.md): the best router's P99 is the
+    P99 of the prompts' own prefill on an empty instance, at the shipped A100 prefill attention multiplier and at
+    a ~5x faster one, and round-robin's excess over it stays about the same."""
+    from bench_routing import study_prefill_speed
+
+    out = study_prefill_speed((1.0, None), trace_path=DATA / "mooncake_fast25_conversation_first1000.jsonl.gz")
+    fast, shipped = out["rows"]
+    assert fast["k_prefill"] == 1.0 and shipped["k_prefill"] == pytest.approx(out["shipped_k_prefill"])
+    assert shipped["prefill_p99_alone_s"] > 3 * fast["prefill_p99_alone_s"]  # the multiplier moved the floor
+    for row in (fast, shipped):
+        best = min(row[r]["ttft_p99_s"] for r in ("prefix_affinity", "lookahead", "learned"))
+        assert best == pytest.approx(row["prefill_p99_alone_s"], rel=0.1)
+        assert row["round_robin"]["ttft_p99_s"] > 2 * best
+    assert fast["rr_over_best"] == pytest.approx(shipped["rr_over_best"], rel=0.2)
