@@ -405,7 +405,8 @@ def study_prefill_speed(multipliers: tuple[float | None, ...] = (1.0, 2.5, None)
                         trace_path: Path | None = None) -> dict:
     """What-if for the Mooncake P99-TTFT target: the long-context config's A100 prefill attention multiplier
     (``k_prefill``, 5.28 from DistServe's fits at <= 2k-token prompts; ``None``: as shipped) set lower, towards
-    FlashAttention-2's long-sequence efficiency. Saturation is re-measured per multiplier, so each row is at ``load``
+    FlashAttention-2's long-sequence efficiency (1.0 is the roofline at the catalog's 60% of peak; the FA2 paper
+    reports 50-73% of A100 peak). Saturation is re-measured per multiplier, so each row is at ``load``
     of its own cluster's capacity. The question: does the round-robin / best-router P99 TTFT ratio depend on how
     slow the longest prefills are? (The best router's P99 sits near the P99 of the prompts' own prefill time.)
     ``trace_path``: another Mooncake-format trace (default: the full conversation trace, else the vendored slice)."""
