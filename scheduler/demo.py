@@ -575,6 +575,38 @@ def pooled_errors(pools: list) -> dict[str, float]:
     return sim_errors(live, sim)
 
 
+IN_FLIGHT_BINS = (0, 1, 2, 3)  # other requests in flight; the last bin holds that many or more
+
+
+def in_flight_at_ttft(sent: np.ndarray, first: np.ndarray, finish: np.ndarray) -> np.ndarray:
+    """Per request, how many other requests were in flight (sent, not finished) halfway to its first token, as
+    the live run saw it; -1 for a request that never got one."""
+    mid = (sent + first) / 2
+    busy = (sent[None, :] <= mid[:, None]) & (finish[None, :] > mid[:, None])
+    return np.where(np.isfinite(mid), busy.sum(axis=1) - 1, -1)
+
+
+def ttft_by_in_flight(in_flight: np.ndarray, live_ttft: np.ndarray, sim_ttft: np.ndarray) -> list[dict]:
+    """Live against simulated TTFT of the same requests, binned by the others in flight live (``IN_FLIGHT_BINS``):
+    count, the two medians and the median per-request ratio. Where a set median's TTFT error comes from: alone on
+    the host the simulator should match the profile; with others in flight, its contention model is what shows."""
+    rows = []
+    for k, lo in enumerate(IN_FLIGHT_BINS):
+        hi = IN_FLIGHT_BINS[k + 1] if k + 1 < len(IN_FLIGHT_BINS) else np.inf
+        m = (in_flight >= lo) & (in_flight < hi) & np.isfinite(live_ttft) & np.isfinite(sim_ttft) & (live_ttft > 0)
+        if m.any():
+            rows.append({"in_flight": f"{lo}+" if hi == np.inf else str(lo), "requests": int(m.sum()),
+                         "live_p50_s": float(np.median(live_ttft[m])), "sim_p50_s": float(np.median(sim_ttft[m])),
+                         "sim_over_live": float(np.median(sim_ttft[m] / live_ttft[m]))})
+    return rows
+
+
+def _say_ttft_by_in_flight(rows: list[dict]) -> None:
+    _say("TTFT by other requests in flight (live), live / simulated p50: " + "; ".join(
+        f"{r['in_flight']}: {r['live_p50_s'] * 1e3:.1f} / {r['sim_p50_s'] * 1e3:.1f} ms ({r['requests']} requests, "
+        f"x{r['sim_over_live']:.2f})" for r in rows))
+
+
 def pace_ratio(pace: dict | None) -> float | None:
     """How much slower the decode engines ran during the replay than during the profile: the median engine time
     per token of lone streams, replay over profile (``engine_pace``), or ``None`` with too few of either."""
@@ -612,6 +644,7 @@ def resimulate(cfg, dirs: list[str], json_path: str | None = None) -> dict[str, 
     errors: dict[str, dict[str, float]] = {}
     paced: dict[str, dict[str, float]] = {}
     pools: list[tuple] = []  # (live, simulated) RequestMetrics per run with per-request columns
+    flights: list[tuple] = []  # (in flight, live TTFT, simulated TTFT) per request, every run
     with tempfile.TemporaryDirectory() as tmp:
         for n, d in enumerate(dirs):
             report = json.loads((Path(d) / "report.json").read_text())
@@ -632,6 +665,9 @@ def resimulate(cfg, dirs: list[str], json_path: str | None = None) -> dict[str, 
                 lr = LiveResult.from_columns(pr, name=report.get("trace", "trace"))
                 live = lr.summary(slo_ttft_s=slo.ttft_s or np.inf, slo_tpot_s=slo.tpot_s or np.inf)
                 pools.append((lr.metrics(), pooled_metrics(res)))
+                flights.append((in_flight_at_ttft(lr.start_s(), lr.first_token_s, lr.finish_s),
+                                lr.first_token_s - lr.start_s(),
+                                np.median([r.first_token_s - slice_[0] for r in res], axis=0)))
             errors[d] = sim_errors(live, pooled_sim_summary(res))
             _say(f"{d}: " + ", ".join(f"{k} {v * 100:+.0f}%" for k, v in errors[d].items()))
             pace = dict(report.get("engine_pace") or {})
@@ -650,6 +686,8 @@ def resimulate(cfg, dirs: list[str], json_path: str | None = None) -> dict[str, 
     if pooled:
         _say(f"pooled over the {len(pools)} runs' requests: " + ", ".join(
             f"{k} {v * 100:+.0f}%" for k, v in pooled.items()))
+    if flights:
+        _say_ttft_by_in_flight(ttft_by_in_flight(*(np.concatenate(c) for c in zip(*flights))))
     med_paced = {k: float(np.median([e[k] for e in paced.values()])) for k in next(iter(paced.values()))} \
         if paced else None
     if med_paced and len(paced) > 1:
@@ -755,6 +793,10 @@ def main(argv: list[str] | None = None) -> int:
             line += ("; inside: to vLLM's front end {:.1f}, to first scheduled {:.1f}, scheduled -> finished "
                      "{:.1f}, back out {:.1f} ms").format(*parts)
         _say(line)
+    in_flight = in_flight_at_ttft(live.start_s(), live.first_token_s, live.finish_s)
+    sim_ttft = np.median([r.first_token_s - np.asarray(arrival) for r in sim_runs], axis=0)
+    by_in_flight = ttft_by_in_flight(in_flight, live.first_token_s - live.start_s(), sim_ttft)
+    _say_ttft_by_in_flight(by_in_flight)
     if np.isfinite(np.asarray(srv.get("decode_finished_s", [np.nan]), dtype=float)).any():
         # Inside the decode engine (its first token out to its finish stamp) against what the client saw, per
         # stream: a TPOT above the engine's is the stack's (streaming, hops); the engine's own against the profile.
@@ -823,7 +865,8 @@ def main(argv: list[str] | None = None) -> int:
                               "sim_first_s": sim_res.first_token_s.tolist(), "sim_finish_s": sim_res.finish_s.tolist(),
                               "sim_decode_instance": sim_res.decode_instance.tolist(), **res["server"]},
               "profile_samples": res["profile"].get("samples"), "host_probe": host,
-              "engine_pace": res["engine_pace"], "sim_error_paced": paced, "replay_engines": res["replay_engines"]}
+              "engine_pace": res["engine_pace"], "sim_error_paced": paced, "replay_engines": res["replay_engines"],
+              "ttft_by_in_flight": by_in_flight}
     write_json(out_dir / "report.json", report)
     sim_m = RequestMetrics.from_times(arrival, sim_res.first_token_s, sim_res.finish_s, out)
     write_figure(out_dir / "report.png", {"live": live.metrics(), "simulated": sim_m}, title=title)

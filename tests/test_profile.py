@@ -962,3 +962,28 @@ def test_decoders_share_the_host_with_a_prefill_step_for_all_of_it(tmp_path):
     # While it ran, each stream stepped at 3.0 instead of 1.5: it lost half of that time.
     for k in (0, 1):
         assert mixed.finish_s[k] - alone.finish_s[k] == pytest.approx(prefill / 2, rel=0.2)
+
+
+def test_ttft_by_requests_in_flight_bins_live_against_simulated():
+    """``llmsched run`` / ``--resimulate`` print the TTFT of the requests by how many others the live run had in
+    flight halfway to their first token: alone, the simulator should match its profile; beside others, its
+    contention model shows."""
+    from scheduler.demo import in_flight_at_ttft, ttft_by_in_flight
+
+    sent = np.array([0.0, 0.012, 1.0, 2.0, 2.005, 2.006])
+    first = np.array([0.02, 0.05, 1.02, 2.03, 2.04, np.nan])  # the last never got a token
+    finish = np.array([0.5, 0.6, 1.1, 2.5, 2.5, np.nan])
+    flight = in_flight_at_ttft(sent, first, finish)
+    # 0: request 1 not sent yet at 0.01; 1: request 0 running at 0.031; 2: alone; 3: request 4 sent at 2.005 < 2.015;
+    # 4: requests 3 (5 never finished: nan compares false) at 2.0225; 5: no first token.
+    assert flight.tolist() == [0, 1, 0, 1, 1, -1]
+    live = first - sent
+    sim = live * np.array([1.0, 0.5, 0.8, 0.6, 0.7, 1.0])
+    rows = ttft_by_in_flight(flight, live, sim)
+    assert [r["in_flight"] for r in rows] == ["0", "1"]
+    assert rows[0]["requests"] == 2 and rows[0]["sim_over_live"] == pytest.approx(0.9)
+    assert rows[1]["requests"] == 3 and rows[1]["sim_over_live"] == pytest.approx(0.6)
+    assert rows[1]["live_p50_s"] == pytest.approx(0.035)  # 0.038, 0.03, 0.035
+    many = ttft_by_in_flight(np.array([3, 7]), np.array([0.1, 0.3]), np.array([0.1, 0.15]))
+    assert many == [{"in_flight": "3+", "requests": 2, "live_p50_s": pytest.approx(0.2),
+                     "sim_p50_s": pytest.approx(0.125), "sim_over_live": pytest.approx(0.75)}]
