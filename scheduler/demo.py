@@ -582,8 +582,12 @@ def in_flight_at_ttft(sent: np.ndarray, first: np.ndarray, finish: np.ndarray) -
     """Per request, how many other requests were in flight (sent, not finished) halfway to its first token, as
     the live run saw it; -1 for a request that never got one."""
     mid = (sent + first) / 2
-    busy = (sent[None, :] <= mid[:, None]) & (finish[None, :] > mid[:, None])
-    return np.where(np.isfinite(mid), busy.sum(axis=1) - 1, -1)
+    done = np.isfinite(finish)  # a request that never finished (it failed) is left out of the counts
+    s, f = np.sort(sent[done]), np.sort(finish[done])
+    # In flight at t: sent by t less finished by t (a request finishes after it is sent). Sorted: O(n log n).
+    busy = np.searchsorted(s, mid, side="right") - np.searchsorted(f, mid, side="right")
+    own = done & (sent <= mid) & (finish > mid)
+    return np.where(np.isfinite(mid), busy - own, -1)
 
 
 def ttft_by_in_flight(in_flight: np.ndarray, live_ttft: np.ndarray, sim_ttft: np.ndarray) -> list[dict]:
