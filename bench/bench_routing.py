@@ -414,6 +414,7 @@ def study_prefill_speed(multipliers: tuple[float | None, ...] = (1.0, 2.5, None)
     from unittest import mock
 
     from scheduler.latency import profiles
+    from sim.cluster import pool_latency
     from sim.commands import with_instances
 
     name, vendored = "mooncake_fast25_conversation_trace.jsonl.gz", "mooncake_fast25_conversation_first1000.jsonl.gz"
@@ -435,7 +436,7 @@ def study_prefill_speed(multipliers: tuple[float | None, ...] = (1.0, 2.5, None)
             cfg = with_instances(load_config(config), 16)
             sat = saturation_rate(cfg, w)
             wl = at_load(w, load, sat)
-            lat = Simulator(cfg).instances[0].latency
+            lat = pool_latency(cfg, cfg.pools[0])
             row: dict = {"k_prefill": k if k is not None else shipped, "saturation_rps": sat,
                          "prefill_p99_alone_s": float(np.percentile(
                              [lat.prefill_time(int(p)) for p in w.prompt_tokens], 99))}

@@ -605,6 +605,14 @@ def ttft_by_in_flight(in_flight: np.ndarray, live_ttft: np.ndarray, sim_ttft: np
     return rows
 
 
+def ttft_flight_columns(live, sim_runs: list, arrival) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``ttft_by_in_flight``'s inputs for one run: the others in flight live, the live TTFT (from the send) and
+    the simulated one (median over the noise draws) per request."""
+    sim_ttft = np.median([r.first_token_s - np.asarray(arrival) for r in sim_runs], axis=0)
+    return (in_flight_at_ttft(live.start_s(), live.first_token_s, live.finish_s),
+            live.first_token_s - live.start_s(), sim_ttft)
+
+
 def _say_ttft_by_in_flight(rows: list[dict]) -> None:
     _say("TTFT by other requests in flight (live), live / simulated p50: " + "; ".join(
         f"{r['in_flight']}: {r['live_p50_s'] * 1e3:.1f} / {r['sim_p50_s'] * 1e3:.1f} ms ({r['requests']} requests, "
@@ -669,9 +677,7 @@ def resimulate(cfg, dirs: list[str], json_path: str | None = None) -> dict[str, 
                 lr = LiveResult.from_columns(pr, name=report.get("trace", "trace"))
                 live = lr.summary(slo_ttft_s=slo.ttft_s or np.inf, slo_tpot_s=slo.tpot_s or np.inf)
                 pools.append((lr.metrics(), pooled_metrics(res)))
-                flights.append((in_flight_at_ttft(lr.start_s(), lr.first_token_s, lr.finish_s),
-                                lr.first_token_s - lr.start_s(),
-                                np.median([r.first_token_s - slice_[0] for r in res], axis=0)))
+                flights.append(ttft_flight_columns(lr, res, slice_[0]))
             errors[d] = sim_errors(live, pooled_sim_summary(res))
             _say(f"{d}: " + ", ".join(f"{k} {v * 100:+.0f}%" for k, v in errors[d].items()))
             pace = dict(report.get("engine_pace") or {})
@@ -797,9 +803,7 @@ def main(argv: list[str] | None = None) -> int:
             line += ("; inside: to vLLM's front end {:.1f}, to first scheduled {:.1f}, scheduled -> finished "
                      "{:.1f}, back out {:.1f} ms").format(*parts)
         _say(line)
-    in_flight = in_flight_at_ttft(live.start_s(), live.first_token_s, live.finish_s)
-    sim_ttft = np.median([r.first_token_s - np.asarray(arrival) for r in sim_runs], axis=0)
-    by_in_flight = ttft_by_in_flight(in_flight, live.first_token_s - live.start_s(), sim_ttft)
+    by_in_flight = ttft_by_in_flight(*ttft_flight_columns(live, sim_runs, arrival))
     _say_ttft_by_in_flight(by_in_flight)
     if np.isfinite(np.asarray(srv.get("decode_finished_s", [np.nan]), dtype=float)).any():
         # Inside the decode engine (its first token out to its finish stamp) against what the client saw, per

@@ -687,7 +687,6 @@ class VLLMBackend:
         return any(await self._rpc("llmsched_drop_saved", args=(request_id,))) or pushed is not None
 
 
-
 async def _bench(prompt_tokens: int, decode_tokens: int, streams: int) -> dict[str, float]:
     """One producer engine: start time, decode throughput, P->D export/load vs recompute (see docs/vllm_cpu.md)."""
     import time
