@@ -141,28 +141,34 @@ def _ready(value: object) -> asyncio.Future:
 
 def test_early_export_is_served_once_and_an_unclaimed_one_expires() -> None:
     """A P->D prefill submitted with ``export_on_finish`` starts exporting its prompt KV when it finishes; the
-    ingress' ``export_kv`` gets that export; one nobody asks for (the decode side died) is dropped after the lease."""
+    ingress' ``export_kv`` gets that export; one nobody asks for (the decode side died) is dropped after the lease.
+    Either way, and for a request with no handoff, the engine's copy of the prompt KV is let go (the vLLM backend
+    kept every prompt's until a byte cap pushed it out: ``forget_pushed``)."""
 
-    async def scenario() -> tuple[int, bool, bool, bool]:
+    async def scenario() -> tuple[int, bool, bool, bool, list[str]]:
         cfg = cluster_config("lease-pd", mixed=0, prefill=1, decode=1)
         pool = next(p for p in cfg.pools if p.role.value == "prefill")
         inst = Instance("prefill-0", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 0.0},
                         lease_s=LEASE_S)
         await inst.start()
+        forgotten: list[str] = []
+        inst._backend.forget_pushed = forgotten.append  # type: ignore[union-attr]
         try:
             prompt = tuple(range(1, 97))
-            for rid in ("claimed", "orphan"):
+            for rid, export in (("claimed", True), ("orphan", True), ("no-handoff", False)):
                 req = EngineRequest(rid, prompt, SamplingParams(max_tokens=1, ignore_eos=True))
-                sub = await inst.submit(req, export_on_finish=True)
+                sub = await inst.submit(req, export_on_finish=export)
                 assert sub.rejected is None
             await asyncio.sleep(0.05)
-            both_started = {"claimed", "orphan"} <= set(inst._exports)
+            both_started = {"claimed", "orphan"} == set(inst._exports)
             kv = await inst.export_kv("claimed")
             served_once = "claimed" not in inst._exports
             await asyncio.sleep(LEASE_S * 3)
-            return int(kv.end_token), both_started, served_once, "orphan" not in inst._exports
+            return int(kv.end_token), both_started, served_once, "orphan" not in inst._exports, forgotten
         finally:
             await inst.shutdown()
 
-    end, both_started, served_once, expired = asyncio.run(asyncio.wait_for(scenario(), 30))
+    end, both_started, served_once, expired, forgotten = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert end == 96 and both_started and served_once and expired
+    # The one without a handoff at once, the claimed one when served, the orphan when its lease ran out.
+    assert forgotten == ["no-handoff", "claimed", "orphan"]

@@ -183,14 +183,20 @@ def test_pd_handoff_identical_and_not_recomputed(engines: Engines) -> None:
 def test_prefill_kv_comes_out_with_the_last_output(engines: Engines) -> None:
     """A producer's prompt KV travels with its finished output (``kv_transfer_params``), so the export for the
     handoff needs no call into the engine loop (which waits for the engine's next step: a whole prefill in a
-    burst). It is the same KV the engine utility returns. Only with the worker in the EngineCore process (the
-    control plane's layout, ``decode`` here); with a worker process of its own the export utility remains."""
-    from scheduler.transfer.kv_payload import from_wire
-
+    burst). It is the KV the engine computed (the same prompt's export from the other engine, which goes through
+    the engine utility), and the engine keeps no copy of it (a copy per prompt grew the engine process' heap until
+    every prefill step wrote into fresh pages). Only with the worker in the EngineCore process (the control
+    plane's layout, ``decode`` here); with a worker process of its own the export utility remains."""
     p = engines.decode  # a max_tokens=1 leg is saved on any engine
-    prompt = _tokenize(engines.model_path, PROMPTS[2] * 2)
+    # Whole blocks: the slots past a prompt's end in its last block hold whatever the block held before.
+    prompt = (_tokenize(engines.model_path, PROMPTS[2] * 2) * 8)[: 2 * p.block_size]
     engines.run(_collect(p, EngineRequest("push-1", prompt, SamplingParams(max_tokens=1, ignore_eos=True))))
     assert "push-1" in p._pushed
+    assert engines.run(p._utility("llmsched_export_kv", "push-1", 0, None)) is None  # the engine let it go
+    ref = engines.prefill
+    engines.run(_collect(ref, EngineRequest("push-ref", prompt, SamplingParams(max_tokens=1, ignore_eos=True))))
+    via_engine = engines.run(ref.export_kv("push-ref", 0))
+    assert not ref._pushed  # exported through its engine utility
 
     async def no_engine_loop(*args: Any) -> Any:
         raise AssertionError("the export went through the engine loop")
@@ -201,13 +207,13 @@ def test_prefill_kv_comes_out_with_the_last_output(engines: Engines) -> None:
         tail = engines.run(p.export_kv("push-1", 40))  # a block-aligned slice of it, as a later stage asks
     finally:
         p._utility = utility
-    via_engine = from_wire(engines.run(p._utility("llmsched_export_kv", "push-1", 0, None)))
     assert (blocks.start_token, blocks.end_token, blocks.token_ids) == (0, len(prompt), prompt)
-    for name, arr in via_engine["layers"].items():
+    assert via_engine.token_ids == prompt and via_engine.data["layers"].keys() == blocks.data["layers"].keys()
+    for name, arr in via_engine.data["layers"].items():
         assert np.array_equal(blocks.data["layers"][name], arr)
     assert tail.start_token == 40 // p.block_size * p.block_size and tail.end_token == len(prompt)
     assert engines.run(p.drop_kv("push-1")) is True and "push-1" not in p._pushed
-    assert not engines.prefill._pushed  # its worker runs in another process: nothing pushed, exports as before
+    assert engines.run(ref.drop_kv("push-ref")) is True
 
 
 def test_role_switch_needs_no_restart(engines: Engines) -> None:

@@ -353,6 +353,8 @@ class Instance:
                         # Its error (if any) is re-raised to whoever asks; never "exception never retrieved".
                         task.add_done_callback(lambda t: t.cancelled() or t.exception())
                         self._exports[rid] = (time.monotonic(), task)
+                    else:
+                        self._drop_kv(rid)  # no handoff follows: nobody will ask for its prompt KV
                     break
         except Exception as e:
             log.exception("engine stream of %s failed", rid)
@@ -426,6 +428,7 @@ class Instance:
                 if now - started > self._lease_s:  # nobody came for it (the decode side or the ingress died)
                     self._exports.pop(rid, None)
                     task.cancel()
+                    self._drop_kv(rid)
             for rid, seen in list(self._incoming.items()):
                 if now - seen > self._lease_s:
                     log.warning("%s: incoming migration of %s idle for %.1fs; freeing its reservation",
@@ -460,8 +463,19 @@ class Instance:
     async def export_kv(self, request_id: str, start_token: int = 0, end_token: int | None = None) -> KVBlocks:
         early = self._exports.pop(request_id, None) if start_token == 0 and end_token is None else None
         if early is not None:
-            return await early[1]
+            kv = await early[1]
+            # The handoff's one export: from here the object store holds the KV (the arrays stay alive with the
+            # reply), and a decode side that dies recomputes rather than asks again.
+            self._drop_kv(request_id)
+            return kv
         return await self._require_backend().export_kv(request_id, start_token, end_token)
+
+    def _drop_kv(self, request_id: str) -> None:
+        """Free the prompt KV a finished request brought out of its engine for a handoff (held here up to a byte
+        cap: without this, every prompt's KV stayed until the cap pushed it out). No call into the engine."""
+        forget = getattr(self._backend, "forget_pushed", None)
+        if forget is not None:
+            forget(request_id)
 
     async def reset_prefix_cache(self) -> bool:
         """Drop the engine's prefix cache (benchmarks that repeat a prompt; after a model/weights change).

@@ -679,11 +679,16 @@ class VLLMBackend:
         self._epoch += 1
         return bool(await self._engine.reset_prefix_cache())
 
+    def forget_pushed(self, request_id: str) -> bool:
+        """Drop the prompt KV a finished request brought out with its last output (its worker kept no copy, so
+        no call into the engine). Returns whether there was any."""
+        return self._pushed.pop(request_id) is not None
+
     async def drop_kv(self, request_id: str) -> bool:
         """Free the saved prompt KV of a finished request (after a handoff). Returns whether there was any."""
         pushed = self._pushed.pop(request_id)
-        if self._engine is None:
-            return pushed is not None
+        if self._engine is None or pushed is not None:
+            return pushed is not None  # pushed: the worker gave its copy up (no call through the engine loop)
         return any(await self._rpc("llmsched_drop_saved", args=(request_id,))) or pushed is not None
 
 

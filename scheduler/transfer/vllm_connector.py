@@ -352,9 +352,13 @@ class LlmschedConnector(KVConnectorBase_V1):
             # engine's steps: in a burst of prompts that was the next whole prefill step (~100 ms of a 150 ms
             # hop). The worker saved it during this step's forward; with the in-process ("uni") executor its
             # store is right here (with "mp" it is not, and the export utility remains the path).
+            # Taken out of the worker's store, not copied: the front end holds it from here (``export_kv``
+            # serves it), and a copy left behind for every prompt grew this process' heap to the store's cap,
+            # so that each later prefill step wrote its buffers into fresh pages (page faults cost a 960-token
+            # step up to 2x on the CPU host: docs/live_vs_sim.md, eighteenth session).
             worker = _WORKER_CONNECTOR
             if self._params(request).get("save") and worker is not None:
-                saved = worker.get_saved(str(lid), 0, None)
+                saved = worker.pop_saved(str(lid))
                 if saved is not None:
                     return False, {PUSHED_KV: to_wire(saved)}
         return False, None
@@ -480,6 +484,10 @@ class LlmschedConnector(KVConnectorBase_V1):
     def get_saved(self, llmsched_id: str, start_token: int, end_token: int | None) -> dict[str, Any] | None:
         payload = self._saved.get(llmsched_id)
         return None if payload is None else slice_payload(payload, start_token, end_token)
+
+    def pop_saved(self, llmsched_id: str) -> dict[str, Any] | None:
+        """The saved prompt KV of ``llmsched_id``, removed from the store (it leaves with the request)."""
+        return self._saved.pop(llmsched_id)
 
     def drop_saved(self, llmsched_id: str) -> bool:
         return self._saved.pop(llmsched_id) is not None
