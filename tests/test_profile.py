@@ -374,7 +374,10 @@ def test_lone_ttft_samples_follow_an_idle_gap(monkeypatch, roles, ttft_tokens):
                                            "live_vs_sim_s17.json", "live_vs_sim_s17_120.json",
                                            "live_vs_sim_s17b.json", "live_vs_sim_s17b_120.json",
                                            "live_vs_sim_s17c.json", "live_vs_sim_s17c_120.json",
-                                           "live_vs_sim_s17d.json", "live_vs_sim_s17d_120.json"])
+                                           "live_vs_sim_s17d.json", "live_vs_sim_s17d_120.json",
+                                           "live_vs_sim_s18.json", "live_vs_sim_s18_120.json",
+                                           "live_vs_sim_s18b.json", "live_vs_sim_s18b_120.json",
+                                           "live_vs_sim_s18c.json", "live_vs_sim_s18c_120.json"])
 def test_recorded_live_vs_sim_errors_match_the_current_simulator(recorded_json, tmp_path):
     """docs/results/live_vs_sim*.json are what the current fit + simulator give on the committed live runs (and,
     for runs with the engine pace, with its drift divided out). A change to either moves these numbers:
