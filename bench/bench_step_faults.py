@@ -109,6 +109,15 @@ async def _run(args, out_npz: str) -> dict:
             pr, out = fit_lengths(trace.prompt_tokens, trace.output_tokens, 1024, 64)
             if args.profile:
                 await measure(target, vocab=1024, repeats=1)
+            if args.warm:  # one prompt of this size first (does a warmed heap keep the replay's steps fault-free?)
+                from scheduler.client import AsyncClient
+
+                warm = AsyncClient(target)
+                try:
+                    ids = np.random.default_rng().integers(4, 1024, args.warm).tolist()
+                    await warm.generate(ids, max_tokens=2, temperature=0.0, ignore_eos=True)
+                finally:
+                    await warm.close()
             cpu = HostCPU()
             cpu._scan()
             pids = [(pid, role) for pid, (_, role) in cpu._procs.items()]
@@ -152,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=40)
     p.add_argument("--no-profile", dest="profile", action="store_false", help="replay on fresh engines")
     p.add_argument("--period-ms", type=float, default=4.0)
+    p.add_argument("--warm", type=int, default=0, help="send one prompt of this many tokens before the replay")
     p.add_argument("--json")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
