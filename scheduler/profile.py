@@ -29,6 +29,8 @@ PREFILL_GRID = (32, 128, 256, 384, 512, 768, 1024)
 # are regrouped per instance from the chunks' ``instance_id``, so each sample is (batch on one engine, context).
 DECODE_GRID = ((1, 64), (1, 512), (1, 960), (2, 64), (4, 64), (8, 64), (8, 512), (16, 128))
 CONTENTION_PROMPT = 256
+BESIDE_SIZES = (384, 1024)  # grid sizes (no kernel build) of the prefills measured beside one decode stream
+BESIDE_TOKENS = 4  # their output: a P/D handoff as a replayed request's (a count of their own among the calls)
 CONTENTION_DECODE_TOKENS = 320  # decode streams outlasting ~0.6 s of back-to-back prefills beside them
 # The vLLM CPU build's oneDNN GEMMs build a kernel ("primitive") for each batch token count a step runs and keep
 # the last 32 per weight shape (vllm/model_executor/layers/utils.py: ``create_onednn_mm(weight, 32)``; the LRU is
@@ -106,10 +108,12 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
     prefill_runs: list[tuple[int, str, float]] = []
     shape_runs: list[tuple[int, str, str]] = []  # (M, request id of its first run, of the one right after)
     lone_decodes: list[tuple[int, str, int]] = []  # (prompt, request id, tokens) of each lone decode stream
+    beside_runs: list[tuple[int, str]] = []  # (N, request id) of prefills sent while one other engine decodes
     last_lone: list[str] = []
     n = 0
 
-    async def one(prompt_len: int, max_tokens: int) -> dict:
+    async def one(prompt_len: int, max_tokens: int, decoding: asyncio.Event | None = None) -> dict:
+        """One request, streamed; ``decoding`` is set once its second token is out (on a P/D cluster: it decodes)."""
         nonlocal n
         n += 1
         sizes.add(prompt_len)
@@ -123,6 +127,8 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
                 now = time.perf_counter()
                 times.extend([now] * len(ch.token_ids))
                 insts.extend([ch.instance_id] * len(ch.token_ids))
+                if decoding is not None and len(times) >= 2:
+                    decoding.set()
         return {"ttft": times[0] - t0, "times": times, "inst": insts, "prompt": prompt_len, "id": rid}
 
     def per_engine(runs: list[dict]) -> list[tuple[int, int, list[dict]]]:
@@ -194,6 +200,24 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
                         handoff.append((ctx, float(g[0]["times"][1] - g[0]["times"][0] - tpot)))
                 elif per == 1 and busy > 1 and ctx in alone:
                     contention.setdefault(busy, []).append(tpot / float(np.median(alone[ctx])))
+        if split and engines > 1:
+            # A prefill while one other engine decodes: its engine step (stamps attached by the caller, as for
+            # the lone samples) over the lone step at the same size. The two-busy point above is two decode
+            # streams; a prefill beside one lost more than that live once its own steps stopped paying page
+            # faults (1.74x against 1.55: docs/live_vs_sim.md, eighteenth session). A TTFT ratio would not show
+            # it: the path, about half a 256-token TTFT, does not stretch.
+            for _ in range(repeats):
+                for N in BESIDE_SIZES:
+                    decoding = asyncio.Event()
+                    bg = asyncio.create_task(one(64, CONTENTION_DECODE_TOKENS, decoding))
+                    waiter = asyncio.ensure_future(decoding.wait())  # the stream past its prefill and handoff
+                    await asyncio.wait({bg, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    r = await one(N, BESIDE_TOKENS)
+                    await bg
+                    if bg.result()["times"] and bg.result()["times"][-1] > r["times"][0]:  # still streaming
+                        beside_runs.append((N, r["id"]))
+                    await asyncio.sleep(idle_gap_s)
         if engines > 2:  # a prefill while two other engines decode: three busy engines
             iso = float(np.median([await lone(CONTENTION_PROMPT) for _ in range(repeats)]))
             for _ in range(repeats):
@@ -234,7 +258,7 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
             "contention": {k: [float(x) for x in v] for k, v in sorted(contention.items())}, "engines": engines,
             "contention_decode": {k: [float(x) for x in v] for k, v in sorted(contention_decode.items())},
             "prefill_runs": prefill_runs, "shape_runs": shape_runs, "sizes_sent": sorted(sizes),
-            "lone_decodes": lone_decodes}
+            "lone_decodes": lone_decodes, "beside_runs": beside_runs}
 
 
 def attach_engine_times(samples: dict, timings: dict[str, tuple[float, ...]]) -> dict:
@@ -246,9 +270,12 @@ def attach_engine_times(samples: dict, timings: dict[str, tuple[float, ...]]) ->
         t = timings.get(rid)
         return float(t[4] - t[3]) if t is not None and len(t) >= 5 and t[4] >= t[3] else None
 
-    out = {k: v for k, v in samples.items() if k not in ("prefill_runs", "shape_runs", "sizes_sent", "lone_decodes")}
+    out = {k: v for k, v in samples.items()
+           if k not in ("prefill_runs", "shape_runs", "sizes_sent", "lone_decodes", "beside_runs")}
     out["prefill_engine"] = [(int(N), float(ttft), f) for N, rid, ttft in samples.get("prefill_runs", ())
                              if (f := forward(rid)) is not None]
+    if samples.get("beside_runs"):
+        out["prefill_beside_decode"] = [(int(N), f) for N, rid in samples["beside_runs"] if (f := forward(rid)) is not None]
     runs = samples.get("shape_runs", ())
     pairs = [(int(M), forward(a), forward(b)) for M, a, b in runs]
     if runs and all(a is not None and b is not None for _, a, b in pairs):
@@ -262,7 +289,7 @@ def merge_samples(*parts: dict) -> dict:
     pooled (``contention_table`` takes their median)."""
     out: dict = {"prefill": [], "decode": [], "handoff": [], "new_shape": [], "contention": {}, "engines": 0}
     for s in parts:
-        for key in ("prefill", "decode", "handoff", "new_shape", "prefill_engine"):
+        for key in ("prefill", "decode", "handoff", "new_shape", "prefill_engine", "prefill_beside_decode"):
             out.setdefault(key, []).extend(s.get(key, []))
         for key in ("contention", "contention_decode"):
             for k, v in s.get(key, {}).items():
@@ -291,6 +318,20 @@ def contention_table(samples: dict) -> list[float]:
             nxt = min(j for j in pts if j > k)
             table.append(max(table[-1] + (pts[nxt] - table[-1]) / (nxt - k + 1), table[-1]))
     return table
+
+
+def prefill_side_table(samples: dict, table: list[float]) -> list[float]:
+    """``table`` (by engines busy) with its two-busy entry taken from the prefills measured beside one decode
+    stream where the profile has them (``prefill_beside_decode``: their engine step over the median lone step at
+    the same size, from ``prefill_engine``); the decoders keep the two-decoder point (``host_contention_decode``)."""
+    lone = np.asarray(samples.get("prefill_engine") or (), dtype=float).reshape(-1, 3)
+    ratios = [f / float(np.median(lone[lone[:, 0] == N, 2])) for N, f in samples.get("prefill_beside_decode") or ()
+              if (lone[:, 0] == N).any()]
+    if not ratios:
+        return table
+    pts = {int(k): v for k, v in samples.get("contention", {}).items()}  # keys are strings once through JSON
+    pts[2] = [max(float(np.median(ratios)), 1.0)]
+    return contention_table({"contention": pts})
 
 
 def fit(samples: dict) -> dict:
@@ -327,6 +368,7 @@ def fit(samples: dict) -> dict:
     coef, _ = nnls((A / scale) / Y[:, None], np.ones_like(Y))  # relative-error weighting
     coef = coef / scale
     pred = A @ coef
+    table = prefill_side_table(samples, table)
     out = {
         "overhead_s": float(coef[0]),
         "gemm_s_per_token": float(coef[1]),
@@ -339,7 +381,8 @@ def fit(samples: dict) -> dict:
         # the decoders' side.
         "host_contention_decode": contention_table({"contention": {**samples.get("contention", {}),
                                                                    **samples["contention_decode"]}})
-        if samples.get("contention_decode") else [],
+        if samples.get("contention_decode") else (contention_table(samples) if samples.get("prefill_beside_decode")
+                                                  else []),
         "fit_mape": float(np.mean(np.abs(pred - Y) / Y)),
         "samples": samples,
     }

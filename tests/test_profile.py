@@ -357,6 +357,43 @@ def test_lone_ttft_samples_follow_an_idle_gap(monkeypatch, roles, ttft_tokens):
         assert events[i][1] - events[i - 1][1] >= 0.02 * 0.9  # idle since the previous request ended
 
 
+def test_pd_profile_times_prefills_beside_one_decode_stream(monkeypatch):
+    """On a P/D cluster the profile sends prefills of ``BESIDE_SIZES`` while one other request streams (its engine
+    step, stamped by the caller, over the lone step at that size becomes the prefill table's two-busy entry); a
+    single MIXED instance has no other engine to measure it against."""
+    import asyncio
+
+    from scheduler.profile import BESIDE_SIZES, BESIDE_TOKENS, measure
+
+    for roles, expected in ((("prefill", "decode"), 2 * len(BESIDE_SIZES)), (("mixed",), 0)):
+        events: list[tuple[str, float, int]] = []
+        prompts: list[tuple[int, ...]] = []
+        _fake_sdk(monkeypatch, events, prompts, roles)
+        samples = asyncio.run(measure("fake:0", repeats=2, decode_tokens=8, idle_gap_s=0.01))
+        assert [N for N, _ in samples["beside_runs"]] == list(BESIDE_SIZES) * 2 if expected else not samples["beside_runs"]
+        starts = [i for i, e in enumerate(events) if e[0] == "start"]
+        for k, i in enumerate(starts):
+            if events[i][2] == BESIDE_TOKENS and len(prompts[k]) in BESIDE_SIZES:
+                assert sum(1 if e[0] == "start" else -1 for e in events[:i]) == 1  # one stream in flight
+
+
+def test_fit_takes_the_prefill_two_busy_factor_from_the_prefills_beside_a_decode_stream():
+    """Two decode streams give the decoders' two-busy factor; a prefill beside one decode stream, its engine step
+    over the lone step at its size, gives the prefill engines' (``host_contention``)."""
+    lone = [(384, 0.02, 0.010), (384, 0.021, 0.011), (1024, 0.04, 0.030)]
+    beside = [(384, 0.018), (1024, 0.051), (384, 0.017)]  # 1.71x, 1.7x, 1.62x of the lone steps' medians
+    samples = dict(_samples({2: [1.5], 3: [2.2]}), prefill_engine=lone)
+    base = fit(samples)
+    p = fit(dict(samples, prefill_beside_decode=beside))
+    assert base["host_contention"][1] == pytest.approx(1.5) and base["host_contention_decode"] == []
+    ratios = [0.018 / 0.0105, 0.051 / 0.030, 0.017 / 0.0105]
+    assert p["host_contention"][1] == pytest.approx(float(np.median(ratios)))
+    assert p["host_contention"][2] == pytest.approx(2.2)  # the three-busy point stands (monotone)
+    assert p["host_contention_decode"][:2] == pytest.approx([1.0, 1.5])  # the decoders keep theirs
+    # The decode samples are normalized by the decoders' factor either way: the same fit.
+    assert p["overhead_s"] == pytest.approx(base["overhead_s"]) and p["per_seq_s"] == pytest.approx(base["per_seq_s"])
+
+
 @pytest.mark.parametrize("recorded_json", ["live_vs_sim.json", "live_vs_sim_s6.json", "live_vs_sim_s8.json",
                                            "live_vs_sim_s9.json", "live_vs_sim_s11.json", "live_vs_sim_s12.json",
                                            "live_vs_sim_s13.json", "live_vs_sim_s13_120.json",
@@ -377,7 +414,8 @@ def test_lone_ttft_samples_follow_an_idle_gap(monkeypatch, roles, ttft_tokens):
                                            "live_vs_sim_s17d.json", "live_vs_sim_s17d_120.json",
                                            "live_vs_sim_s18.json", "live_vs_sim_s18_120.json",
                                            "live_vs_sim_s18b.json", "live_vs_sim_s18b_120.json",
-                                           "live_vs_sim_s18c.json", "live_vs_sim_s18c_120.json"])
+                                           "live_vs_sim_s18c.json", "live_vs_sim_s18c_120.json",
+                                           "live_vs_sim_s18d.json", "live_vs_sim_s18d_120.json"])
 def test_recorded_live_vs_sim_errors_match_the_current_simulator(recorded_json, tmp_path):
     """docs/results/live_vs_sim*.json are what the current fit + simulator give on the committed live runs (and,
     for runs with the engine pace, with its drift divided out). A change to either moves these numbers:
