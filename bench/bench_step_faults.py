@@ -118,12 +118,10 @@ async def _run(args, out_npz: str) -> dict:
                     await warm.generate(ids, max_tokens=2, temperature=0.0, ignore_eos=True)
                 finally:
                     await warm.close()
-            cpu = HostCPU()
-            cpu._scan()
-            pids = [(pid, role) for pid, (_, role) in cpu._procs.items()]
-            parent, child = mp.get_context("spawn").Pipe()
-            proc = mp.get_context("spawn").Process(target=_sampler, args=(child, pids, args.period_ms / 1e3, out_npz),
-                                                   daemon=True)
+            ctx = mp.get_context("spawn")
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_sampler, args=(child, HostCPU().processes(), args.period_ms / 1e3, out_npz),
+                               daemon=True)
             proc.start()
             tasks = parent.recv()
             live = await replay_async(target, trace.arrival_s, pr, out, name=trace.name, vocab=1024)

@@ -96,6 +96,11 @@ class HostCPU:
             if cls is not None:
                 self._procs[p.pid] = (p, cls)
 
+    def processes(self) -> list[tuple[int, str]]:
+        """``(pid, role)`` of the cluster's processes running now."""
+        self._scan()
+        return [(pid, cls) for pid, (_, cls) in self._procs.items()]
+
     def snapshot(self) -> dict:
         self._scan()
         used: dict[tuple[int, str], float] = {}  # (pid, role) -> CPU seconds so far

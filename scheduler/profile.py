@@ -214,8 +214,8 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
                     await asyncio.wait({bg, waiter}, return_when=asyncio.FIRST_COMPLETED)
                     waiter.cancel()
                     r = await one(N, BESIDE_TOKENS)
-                    await bg
-                    if bg.result()["times"] and bg.result()["times"][-1] > r["times"][0]:  # still streaming
+                    stream = await bg
+                    if stream["times"] and stream["times"][-1] > r["times"][0]:  # it was still streaming
                         beside_runs.append((N, r["id"]))
                     await asyncio.sleep(idle_gap_s)
         if engines > 2:  # a prefill while two other engines decode: three busy engines
@@ -320,17 +320,16 @@ def contention_table(samples: dict) -> list[float]:
     return table
 
 
-def prefill_side_table(samples: dict, table: list[float]) -> list[float]:
-    """``table`` (by engines busy) with its two-busy entry taken from the prefills measured beside one decode
-    stream where the profile has them (``prefill_beside_decode``: their engine step over the median lone step at
-    the same size, from ``prefill_engine``); the decoders keep the two-decoder point (``host_contention_decode``)."""
+def prefill_side_table(samples: dict) -> list[float]:
+    """``contention_table`` with its two-busy entry taken from the prefills measured beside one decode stream
+    where the profile has them (``prefill_beside_decode``: their engine step over the median lone step at the same
+    size, from ``prefill_engine``); the decoders keep the two-decoder point (``host_contention_decode``)."""
     lone = np.asarray(samples.get("prefill_engine") or (), dtype=float).reshape(-1, 3)
     ratios = [f / float(np.median(lone[lone[:, 0] == N, 2])) for N, f in samples.get("prefill_beside_decode") or ()
               if (lone[:, 0] == N).any()]
-    if not ratios:
-        return table
     pts = {int(k): v for k, v in samples.get("contention", {}).items()}  # keys are strings once through JSON
-    pts[2] = [max(float(np.median(ratios)), 1.0)]
+    if ratios:
+        pts[2] = [max(float(np.median(ratios)), 1.0)]
     return contention_table({"contention": pts})
 
 
@@ -368,7 +367,6 @@ def fit(samples: dict) -> dict:
     coef, _ = nnls((A / scale) / Y[:, None], np.ones_like(Y))  # relative-error weighting
     coef = coef / scale
     pred = A @ coef
-    table = prefill_side_table(samples, table)
     out = {
         "overhead_s": float(coef[0]),
         "gemm_s_per_token": float(coef[1]),
@@ -376,13 +374,12 @@ def fit(samples: dict) -> dict:
         "attn_decode_s_per_token": float(coef[3]),
         "per_seq_s": float(coef[4]),
         "request_latency_s": float(coef[5]),
-        "host_contention": table,
-        # The decoders' own table where measured: the two-busy point (two decoders) as above, the higher ones from
-        # the decoders' side.
+        "host_contention": prefill_side_table(samples),
+        # The decoders' own table where it differs from the prefills': the two-busy point (two decoders) as above,
+        # the higher ones from the decoders' side where measured.
         "host_contention_decode": contention_table({"contention": {**samples.get("contention", {}),
-                                                                   **samples["contention_decode"]}})
-        if samples.get("contention_decode") else (contention_table(samples) if samples.get("prefill_beside_decode")
-                                                  else []),
+                                                                   **samples.get("contention_decode", {})}})
+        if samples.get("contention_decode") or samples.get("prefill_beside_decode") else [],
         "fit_mape": float(np.mean(np.abs(pred - Y) / Y)),
         "samples": samples,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -567,6 +568,7 @@ def test_host_cpu_attributes_a_busy_process_to_its_role():
         child.stdin.flush()
         child.stdout.readline()  # the child has burnt its 0.3 s
         b = cpu.snapshot()
+        assert (child.pid, "engines") in cpu.processes() and (os.getpid(), "this process") in cpu.processes()
     finally:
         child.stdin.write("done\n")
         child.stdin.flush()
