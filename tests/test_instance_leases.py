@@ -143,7 +143,7 @@ def test_early_export_is_served_once_and_an_unclaimed_one_expires() -> None:
     """A P->D prefill submitted with ``export_on_finish`` starts exporting its prompt KV when it finishes; the
     ingress' ``export_kv`` gets that export; one nobody asks for (the decode side died) is dropped after the lease.
     Either way, and for a request with no handoff, the engine's copy of the prompt KV is let go (the vLLM backend
-    kept every prompt's until a byte cap pushed it out: ``forget_pushed``)."""
+    kept every prompt's until a byte cap pushed it out: ``release_kv``)."""
 
     async def scenario() -> tuple[int, bool, bool, bool, list[str]]:
         cfg = cluster_config("lease-pd", mixed=0, prefill=1, decode=1)
@@ -152,7 +152,7 @@ def test_early_export_is_served_once_and_an_unclaimed_one_expires() -> None:
                         lease_s=LEASE_S)
         await inst.start()
         forgotten: list[str] = []
-        inst._backend.forget_pushed = forgotten.append  # type: ignore[union-attr]
+        inst._backend.release_kv = forgotten.append  # type: ignore[union-attr]
         try:
             prompt = tuple(range(1, 97))
             for rid, export in (("claimed", True), ("orphan", True), ("no-handoff", False)):

@@ -216,6 +216,28 @@ def test_prefill_kv_comes_out_with_the_last_output(engines: Engines) -> None:
     assert engines.run(ref.drop_kv("push-ref")) is True
 
 
+def test_a_worker_process_gives_up_a_released_prompt_kv(engines: Engines) -> None:
+    """With the worker in a process of its own (vLLM's default executor here; the Ray executor for TP > 1) the
+    prompt KV stays in the worker and the export goes through the engine: once nobody will ask for it
+    (``release_kv``: the handoff was served, or none follows) the worker is told to let it go, in the background;
+    a KV not released yet stays exportable."""
+    p = engines.prefill
+    prompt = _tokenize(engines.model_path, PROMPTS[1])
+    for rid in ("kept-1", "kept-2"):
+        engines.run(_collect(p, EngineRequest(rid, prompt, SamplingParams(max_tokens=1, ignore_eos=True))))
+    assert not p._pushed  # nothing came out with the output: the worker holds both
+
+    async def release() -> bool:
+        dropped = p.release_kv("kept-1")
+        await asyncio.gather(*p._background)
+        return dropped
+
+    assert engines.run(release()) is False  # no front-end copy to drop...
+    assert engines.run(p._utility("llmsched_export_kv", "kept-1", 0, None)) is None  # ...the worker's went
+    assert engines.run(p.export_kv("kept-2", 0)).token_ids == prompt
+    assert engines.run(p.drop_kv("kept-2")) is True and not {"kept-1", "kept-2"} & p._kept_by_worker
+
+
 def test_role_switch_needs_no_restart(engines: Engines) -> None:
     """Re-roling (scheduler.control.reroling) switches a running engine: the one built as ``kv_producer`` decodes a
     handed-off request once it is DECODE and then keeps no finished request's KV; the decode engine, made PREFILL,

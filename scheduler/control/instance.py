@@ -471,11 +471,11 @@ class Instance:
         return await self._require_backend().export_kv(request_id, start_token, end_token)
 
     def _drop_kv(self, request_id: str) -> None:
-        """Free the prompt KV a finished request brought out of its engine for a handoff (held here up to a byte
-        cap: without this, every prompt's KV stayed until the cap pushed it out). No call into the engine."""
-        forget = getattr(self._backend, "forget_pushed", None)
-        if forget is not None:
-            forget(request_id)
+        """Free the prompt KV a finished request kept for a handoff (held up to a byte cap: without this, every
+        prompt's KV stayed until the cap pushed it out). Never waits on the engine."""
+        release = getattr(self._backend, "release_kv", None)
+        if release is not None:
+            release(request_id)
 
     async def reset_prefix_cache(self) -> bool:
         """Drop the engine's prefix cache (benchmarks that repeat a prompt; after a model/weights change).

@@ -142,6 +142,10 @@ class VLLMBackend:
         # request_id -> prompt KV a finished producer request brought out with its last output (``export_kv``
         # serves it without a trip through the engine loop); bounded like the worker's store, oldest dropped.
         self._pushed = PayloadStore(saved_kv_capacity_bytes)
+        # Requests whose prompt KV the worker saved and kept (no "uni" executor, so none comes out with the output);
+        # ``release_kv`` frees it there. Every finished stream is released by the Instance, so this stays small.
+        self._kept_by_worker: set[str] = set()
+        self._background: set[asyncio.Task] = set()
         self._tokenizer: Any = None  # loaded on first use (resumed streams' text)
 
     # ------------------------------------------------------------------ lifecycle
@@ -332,6 +336,8 @@ class VLLMBackend:
             kv_params["load_tokens"] = staged_tokens
             if reserved_tokens:
                 kv_params["reserved_tokens"] = reserved_tokens
+        if kv_params["save"] and self._engine_args.get("distributed_executor_backend") != "uni":
+            self._kept_by_worker.add(rid)
         try:
             if payload is not None:
                 if self._engine_args.get("distributed_executor_backend") == "uni":
@@ -679,14 +685,26 @@ class VLLMBackend:
         self._epoch += 1
         return bool(await self._engine.reset_prefix_cache())
 
-    def forget_pushed(self, request_id: str) -> bool:
-        """Drop the prompt KV a finished request brought out with its last output (its worker kept no copy, so
-        no call into the engine). Returns whether there was any."""
-        return self._pushed.pop(request_id) is not None
+    def release_kv(self, request_id: str) -> bool:
+        """Nobody will ask for the prompt KV of finished ``request_id`` any more (its handoff was served, or none
+        follows): drop the copy it brought out with its last output -- no call into the engine. Where the worker
+        kept it instead (an executor outside the EngineCore process: nothing comes out with the output), free it
+        there in the background; otherwise every prompt's KV stayed until the worker store's byte cap pushed it
+        out. Returns whether a pushed copy was dropped."""
+        if self._pushed.pop(request_id) is not None:
+            return True
+        if request_id in self._kept_by_worker:
+            self._kept_by_worker.discard(request_id)
+            task = asyncio.create_task(self._rpc("llmsched_drop_saved", args=(request_id,)))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # engine gone: nothing left to free
+        return False
 
     async def drop_kv(self, request_id: str) -> bool:
         """Free the saved prompt KV of a finished request (after a handoff). Returns whether there was any."""
         pushed = self._pushed.pop(request_id)
+        self._kept_by_worker.discard(request_id)
         if self._engine is None or pushed is not None:
             return pushed is not None  # pushed: the worker gave its copy up (no call through the engine loop)
         return any(await self._rpc("llmsched_drop_saved", args=(request_id,))) or pushed is not None
