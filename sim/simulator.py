@@ -219,7 +219,7 @@ class Simulator:
         # Co-located engines sharing a host's cores (live CPU profiles): step times scale with the busy count.
         self._contended = any(len(x.latency.host_contention) > 1 for x in self.instances)
         # ... and with the CPU each request costs outside its engine steps, spent while it is set up, prefilled
-        # and handed off: decode engines slow down while it is (``_host_load`` cores in flight).
+        # and handed off: engines slow down while it is (``_host_load`` cores in flight; ``_own_cpu``).
         self._host_cpu = any(x.latency.request_cpu_s > 0 or x.latency.request_cpu_s_per_token > 0
                              for x in self.instances)
         self._contended = self._contended or self._host_cpu
@@ -227,6 +227,7 @@ class Simulator:
         self._tok_cpu = any(x.latency.token_cpu_s > 0 for x in self.instances)
         self._contended = self._contended or self._tok_cpu
         self._host_load = 0.0
+        self._cpu_rate: dict[int, float] = {}  # request -> its share of ``_host_load`` (cores) while in flight
         self._host_key: tuple | None = None
         # Seeded: a noisy host, but the same draws on every run of one workload (tests, re-simulations).
         self._noise_rng = np.random.default_rng(self.seed)
@@ -302,7 +303,7 @@ class Simulator:
                     if i < n or any(x.busy for x in self.instances):
                         self._push(now + self._noisy[0].latency.host_noise_period_s, EventKind.NOISE, None, None)
                 elif kind is EventKind.HOST:
-                    self._host_load = max(self._host_load - payload, 0.0)
+                    self._host_load = max(self._host_load - self._cpu_rate.pop(payload, 0.0), 0.0)
                     self._host_update(now)
                 elif kind is EventKind.MIGRATE_FINAL:
                     self.migrations.on_final(payload, now)  # type: ignore[union-attr]
@@ -392,13 +393,13 @@ class Simulator:
             return
         seq.tag = i
         if self._host_cpu:
-            self._spend_request_cpu(inst, prompt, now, handoff=self.dec_of[i] >= 0)
+            self._spend_request_cpu(i, inst, prompt, now, handoff=self.dec_of[i] >= 0)
         self._poke(inst, now)
         self._refresh_one(inst, now)
         if self.dec_of[i] >= 0 and inst.role is InstanceRole.PREFILL:  # a handoff will follow its prefill
             self._expect_kv(self.instances[self.dec_of[i]], +1, now)
 
-    def _spend_request_cpu(self, inst: SimInstance, prompt: int, now: float, *, handoff: bool) -> None:
+    def _spend_request_cpu(self, i: int, inst: SimInstance, prompt: int, now: float, *, handoff: bool) -> None:
         """A request's off-step CPU (``LatencyModel.request_cpu``), spread evenly over the time it takes alone
         from arrival until its KV lands on the decode instance: prefill step and handoff."""
         lat = inst.latency
@@ -407,7 +408,8 @@ class Simulator:
             span += lat.handoff_time(prompt) or 0.0
         rate = lat.request_cpu(prompt) / max(span, 1e-6)
         self._host_load += rate
-        self._push(now + span, EventKind.HOST, None, rate)
+        self._cpu_rate[i] = rate
+        self._push(now + span, EventKind.HOST, None, i)
         self._host_update(now)
 
     def _expect_kv(self, inst: SimInstance, delta: int, now: float) -> None:
@@ -468,18 +470,28 @@ class Simulator:
         flight are cut at their next step boundary and re-planned with the new factor)."""
         n = self._busy_engines()
         tok = self._token_load(n) if self._tok_cpu else 0.0
-        key = (n, self._host_load, round(tok, 2), self._noise_epoch)
+        own = tuple(self._own_cpu(x) if self._cpu_rate else 0.0 for x in self.instances)
+        key = (n, self._host_load, own, round(tok, 2), self._noise_epoch)
         if key == self._host_key:
             return
         self._host_key = key
-        for x in self.instances:
-            # The request CPU slows the decode engines; a prefill engine's lone TTFT samples already hold its own
-            # request's CPU, and that request is most of the load while it prefills. The streamed tokens' stack
-            # CPU slows every engine.
-            load = (self._host_load if x.role is InstanceRole.DECODE else 0.0) + tok
+        for x, mine in zip(self.instances, own):
+            # The request CPU in flight slows every engine (a prefill engine not by its own requests'); the
+            # streamed tokens' stack CPU too.
+            load = max(self._host_load - mine, 0.0) + tok
             x.engine.time_scale = x.latency.host_factor(n, load, decode=x.role is InstanceRole.DECODE) * x.noise
             if x.busy and x.span is not None:
                 self.cut_span(x, now)
+
+    def _own_cpu(self, x: SimInstance) -> float:
+        """Cores of the request CPU in flight that ``x``'s steps do not feel as load: a prefill engine's lone
+        samples already hold the CPU of the request they prefill (set-up, the prompt's own path), so its own
+        requests -- waiting for their prefill there or in it -- are no load to it. The others' (another request's
+        handoff) are: live, a prefill beside one ran ~1.2x its lone step (docs/live_vs_sim.md, nineteenth
+        session)."""
+        if x.role is InstanceRole.DECODE:
+            return 0.0
+        return sum(self._cpu_rate.get(q.tag, 0.0) for q in itertools.chain(x.engine.waiting, x.engine.prefilling))
 
     def _token_load(self, busy: int) -> float:
         """Cores of stack CPU the decode batches stream beyond one token per engine step (``token_load``), each

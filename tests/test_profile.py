@@ -666,6 +666,21 @@ def test_simulator_charges_request_cpu_to_the_decode_engines(tmp_path):
     np.testing.assert_allclose(run(0.05, closed_form=False).finish_s, r1.finish_s, rtol=0.05)
 
 
+def test_simulator_slows_a_prefill_beside_another_requests_handoff(tmp_path):
+    """A prefill engine feels the request CPU of another request in its P->D handoff (live a prefill beside one ran
+    ~1.2x its lone step), not that of the requests it prefills itself (its lone samples hold that)."""
+    base = dict(fit(_samples()), host_contention=[1.0, 1.8, 2.7], host_cores=2)
+    # A (960 tokens) is prefilled at once and handed off for ~30 ms; B (64 tokens) arrives 5 ms into that handoff.
+    w = Workload(np.array([0.0, 0.012]), np.array([960, 64]), np.array([2, 2]))
+    r0 = _sim(dict(base, request_cpu_s=0.0), tmp_path, w)
+    r1 = _sim(dict(base, request_cpu_s=0.2), tmp_path, w)
+    ttft0, ttft1 = r0.first_token_s - w.arrival_s, r1.first_token_s - w.arrival_s
+    assert ttft1[0] == pytest.approx(ttft0[0])  # A prefilled alone: its own CPU is in its lone samples
+    assert ttft1[1] > 1.5 * ttft0[1]  # B's prefill shared the host with A's handoff
+    alone = _sim(dict(base, request_cpu_s=0.2), tmp_path, Workload(np.array([0.0]), np.array([64]), np.array([2])))
+    assert alone.first_token_s[0] == pytest.approx(ttft0[1])  # B alone: nothing more
+
+
 def _fake_generate(monkeypatch, record) -> None:
     """The SDK's AsyncClient replaced by one whose ``generate`` only calls ``record(ids, kwargs)``."""
     import scheduler.client as client_mod
