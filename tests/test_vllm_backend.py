@@ -13,6 +13,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -236,6 +237,31 @@ def test_a_worker_process_gives_up_a_released_prompt_kv(engines: Engines) -> Non
     assert engines.run(p._utility("llmsched_export_kv", "kept-1", 0, None)) is None  # ...the worker's went
     assert engines.run(p.export_kv("kept-2", 0)).token_ids == prompt
     assert engines.run(p.drop_kv("kept-2")) is True and not {"kept-1", "kept-2"} & p._kept_by_worker
+
+
+def test_engine_ipc_sockets_live_in_a_folder_of_their_own(engines: Engines) -> None:
+    """vLLM's ZMQ IPC sockets (front end <-> engine core) go into the backend's own folder, removed at shutdown
+    (in /tmp at large they were left behind, ~4 per engine); the variable is not left set for others."""
+    for b in (engines.prefill, engines.decode):
+        assert b._rpc_dir is not None and any(q.is_socket() for q in Path(b._rpc_dir).iterdir())
+    assert engines.prefill._rpc_dir != engines.decode._rpc_dir
+
+    class FakeLLM:  # what _construct hands vLLM's engine args to: makes its sockets where the variable says
+        @classmethod
+        def from_engine_args(cls, args: Any) -> FakeLLM:
+            Path(os.environ["VLLM_RPC_BASE_PATH"], "socket").touch()
+            return cls()
+
+        def shutdown(self) -> None:
+            pass
+
+    before = os.environ.get("VLLM_RPC_BASE_PATH")
+    b = VLLMBackend(engines.model_path)
+    b._engine = b._construct(FakeLLM, None)
+    folder = Path(b._rpc_dir)
+    assert (folder / "socket").exists() and os.environ.get("VLLM_RPC_BASE_PATH") == before
+    engines.run(b.shutdown())
+    assert not folder.exists()
 
 
 def test_role_switch_needs_no_restart(engines: Engines) -> None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -130,6 +132,7 @@ class VLLMBackend:
         )
         self._saved_kv_capacity_bytes = saved_kv_capacity_bytes
         self._engine: Any = None
+        self._rpc_dir: str | None = None  # the engine's IPC sockets (``_construct``)
         self.vocab_size = 0
         # request_id -> num_output_tokens_before, for requests this backend is streaming.
         self._active: dict[str, int] = {}
@@ -173,11 +176,19 @@ class VLLMBackend:
         # NOTE(vllm-backend): construction blocks ~20 s (it spawns and handshakes with the engine-core and worker
         # processes); run it in a thread so the caller's event loop (an actor's health checks, other engines
         # starting) stays responsive. AsyncLLM starts its output handler lazily on the first request.
-        self._engine = await asyncio.to_thread(self._construct, AsyncLLM, args)
+        try:
+            self._engine = await asyncio.to_thread(self._construct, AsyncLLM, args)
+        except BaseException:
+            await self.shutdown()  # its socket folder
+            raise
         self.vocab_size = self._engine.model_config.get_vocab_size()
 
     def _construct(self, async_llm_cls: Any, args: Any) -> Any:
-        env: dict[str, str] = {}
+        # vLLM names its ZMQ IPC sockets (front end <-> engine core) under VLLM_RPC_BASE_PATH, /tmp by default, and
+        # leaves them behind: ~4 per engine, thousands after a day of tests and runs. A folder of this engine's
+        # own, removed at shutdown, takes them along.
+        self._rpc_dir = tempfile.mkdtemp(prefix="llmsched-vllm-")
+        env: dict[str, str] = {"VLLM_RPC_BASE_PATH": self._rpc_dir}
         if self._cpu_threads_bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_threads_bind
         if self._cpu_omp_threads is not None:
@@ -189,8 +200,6 @@ class VLLMBackend:
             # async client), so the flag only keeps the worker inside that child; the OMP variables above are
             # inherited by it when it is spawned, which is the set-up the platform's override is there to ensure.
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        if not env:
-            return async_llm_cls.from_engine_args(args)
         # The worker reads these when it is spawned (inside from_engine_args); hold the lock so concurrent starts
         # with different settings do not see each other's values.
         with _ENV_LOCK:
@@ -217,6 +226,9 @@ class VLLMBackend:
         if engine is not None:
             # Blocks while the child processes exit (a few seconds); keep the event loop free meanwhile.
             await asyncio.to_thread(engine.shutdown)
+        if self._rpc_dir is not None:
+            shutil.rmtree(self._rpc_dir, ignore_errors=True)
+            self._rpc_dir = None
 
     # ------------------------------------------------------------------ requests
 
