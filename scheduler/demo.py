@@ -595,33 +595,57 @@ def in_flight_at_ttft(sent: np.ndarray, first: np.ndarray, finish: np.ndarray) -
     return np.where(np.isfinite(mid), busy - own, -1)
 
 
-def ttft_by_in_flight(in_flight: np.ndarray, live_ttft: np.ndarray, sim_ttft: np.ndarray) -> list[dict]:
+def ttft_by_in_flight(in_flight: np.ndarray, live_ttft: np.ndarray, sim_ttft: np.ndarray,
+                      live_queue: np.ndarray | None = None, sim_queue: np.ndarray | None = None) -> list[dict]:
     """Live against simulated TTFT of the same requests, binned by the others in flight live (``IN_FLIGHT_BINS``):
     count, the two medians and the median per-request ratio. Where a set median's TTFT error comes from: alone on
-    the host the simulator should match the profile; with others in flight, its contention model is what shows."""
+    the host the simulator should match the profile; with others in flight, its contention model is what shows.
+    With ``live_queue`` / ``sim_queue`` (each request's wait at its first engine, arrival there to first scheduled)
+    also their means: whether the gap is waiting behind other requests' steps or the request's own step and path.
+    Live, even a request alone waits ~1.5 ms (vLLM's hop into its engine loop), which the simulator holds in the
+    request's path latency instead."""
     rows = []
     for k, lo in enumerate(IN_FLIGHT_BINS):
         hi = IN_FLIGHT_BINS[k + 1] if k + 1 < len(IN_FLIGHT_BINS) else np.inf
         m = (in_flight >= lo) & (in_flight < hi) & np.isfinite(live_ttft) & np.isfinite(sim_ttft) & (live_ttft > 0)
         if m.any():
-            rows.append({"in_flight": f"{lo}+" if hi == np.inf else str(lo), "requests": int(m.sum()),
-                         "live_p50_s": float(np.median(live_ttft[m])), "sim_p50_s": float(np.median(sim_ttft[m])),
-                         "sim_over_live": float(np.median(sim_ttft[m] / live_ttft[m]))})
+            row = {"in_flight": f"{lo}+" if hi == np.inf else str(lo), "requests": int(m.sum()),
+                   "live_p50_s": float(np.median(live_ttft[m])), "sim_p50_s": float(np.median(sim_ttft[m])),
+                   "sim_over_live": float(np.median(sim_ttft[m] / live_ttft[m]))}
+            if live_queue is not None and sim_queue is not None:
+                q = m & np.isfinite(live_queue) & np.isfinite(sim_queue)
+                if q.any():
+                    row.update(live_queue_mean_s=float(live_queue[q].mean()),
+                               sim_queue_mean_s=float(sim_queue[q].mean()))
+            rows.append(row)
     return rows
 
 
-def ttft_flight_columns(live, sim_runs: list, arrival) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``ttft_by_in_flight``'s inputs for one run: the others in flight live, the live TTFT (from the send) and
-    the simulated one (median over the noise draws) per request."""
-    sim_ttft = np.median([r.first_token_s - np.asarray(arrival) for r in sim_runs], axis=0)
+def ttft_flight_columns(live, sim_runs: list, arrival, stamps: dict | None = None) -> tuple[np.ndarray, ...]:
+    """``ttft_by_in_flight``'s inputs for one run: the others in flight live, the live TTFT (from the send), the
+    simulated one (median over the noise draws), and each request's wait at its first engine, live (the engines'
+    stamps in ``stamps``: ``engine_arrival_s`` to ``engine_scheduled_s``; NaN without them) and simulated."""
+    arrival = np.asarray(arrival)
+    sim_ttft = np.median([r.first_token_s - arrival for r in sim_runs], axis=0)
+    sim_queue = np.median([r.admit_s - arrival for r in sim_runs], axis=0)
+    nan = np.full(len(arrival), np.nan)
+    stamps = stamps or {}
+    live_queue = (np.asarray(stamps.get("engine_scheduled_s", nan), dtype=float)
+                  - np.asarray(stamps.get("engine_arrival_s", nan), dtype=float))
     return (in_flight_at_ttft(live.start_s(), live.first_token_s, live.finish_s),
-            live.first_token_s - live.start_s(), sim_ttft)
+            live.first_token_s - live.start_s(), sim_ttft, live_queue, sim_queue)
 
 
 def _say_ttft_by_in_flight(rows: list[dict]) -> None:
+    def queue(r: dict) -> str:
+        if "live_queue_mean_s" not in r:
+            return ""
+        return f", wait at the engine {r['live_queue_mean_s'] * 1e3:.1f} / {r['sim_queue_mean_s'] * 1e3:.1f} ms"
+
     _say("TTFT by other requests in flight (live), live / simulated p50: " + "; ".join(
         f"{r['in_flight']}: {r['live_p50_s'] * 1e3:.1f} / {r['sim_p50_s'] * 1e3:.1f} ms ({r['requests']} requests, "
-        f"x{r['sim_over_live']:.2f})" for r in rows))
+        f"x{r['sim_over_live']:.2f}{queue(r)})" for r in rows) + ("; waits: means, live / simulated" if any(
+        "live_queue_mean_s" in r for r in rows) else ""))
 
 
 def pace_ratio(pace: dict | None) -> float | None:
@@ -682,7 +706,7 @@ def resimulate(cfg, dirs: list[str], json_path: str | None = None) -> dict[str, 
                 lr = LiveResult.from_columns(pr, name=report.get("trace", "trace"))
                 live = lr.summary(slo_ttft_s=slo.ttft_s or np.inf, slo_tpot_s=slo.tpot_s or np.inf)
                 pools.append((lr.metrics(), pooled_metrics(res)))
-                flights.append(ttft_flight_columns(lr, res, slice_[0]))
+                flights.append(ttft_flight_columns(lr, res, slice_[0], pr))
             errors[d] = sim_errors(live, pooled_sim_summary(res))
             _say(f"{d}: " + ", ".join(f"{k} {v * 100:+.0f}%" for k, v in errors[d].items()))
             pace = dict(report.get("engine_pace") or {})
@@ -808,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
             line += ("; inside: to vLLM's front end {:.1f}, to first scheduled {:.1f}, scheduled -> finished "
                      "{:.1f}, back out {:.1f} ms").format(*parts)
         _say(line)
-    by_in_flight = ttft_by_in_flight(*ttft_flight_columns(live, sim_runs, arrival))
+    by_in_flight = ttft_by_in_flight(*ttft_flight_columns(live, sim_runs, arrival, srv))
     _say_ttft_by_in_flight(by_in_flight)
     if np.isfinite(np.asarray(srv.get("decode_finished_s", [np.nan]), dtype=float)).any():
         # Inside the decode engine (its first token out to its finish stamp) against what the client saw, per

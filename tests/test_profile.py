@@ -1049,3 +1049,11 @@ def test_ttft_by_requests_in_flight_bins_live_against_simulated():
     many = ttft_by_in_flight(np.array([3, 7]), np.array([0.1, 0.3]), np.array([0.1, 0.15]))
     assert many == [{"in_flight": "3+", "requests": 2, "live_p50_s": pytest.approx(0.2),
                      "sim_p50_s": pytest.approx(0.125), "sim_over_live": pytest.approx(0.75)}]
+    assert "live_queue_mean_s" not in rows[0]  # no engine stamps given
+    # With each request's wait at its first engine: the means per bin (a request without a live stamp left out).
+    live_q = np.array([0.001, 0.002, 0.003, 0.004, np.nan, 0.0])
+    sim_q = np.array([0.0, 0.0, 0.001, 0.002, 0.5, 0.0])
+    waits = ttft_by_in_flight(flight, live, sim, live_q, sim_q)
+    assert waits[0]["live_queue_mean_s"] == pytest.approx(0.002) and waits[0]["sim_queue_mean_s"] == pytest.approx(0.0005)
+    assert waits[1]["live_queue_mean_s"] == pytest.approx(0.003) and waits[1]["sim_queue_mean_s"] == pytest.approx(0.001)
+    assert waits[1]["requests"] == 3  # the bin still counts the request with no stamp
