@@ -29,8 +29,9 @@ PREFILL_GRID = (32, 128, 256, 384, 512, 768, 1024)
 # are regrouped per instance from the chunks' ``instance_id``, so each sample is (batch on one engine, context).
 DECODE_GRID = ((1, 64), (1, 512), (1, 960), (2, 64), (4, 64), (8, 64), (8, 512), (16, 128))
 CONTENTION_PROMPT = 256
-BESIDE_SIZES = (384, 1024)  # grid sizes (no kernel build) of the prefills measured beside one decode stream
+BESIDE_SIZES = (384, 1024)  # grid sizes (no kernel build) of the prefills measured beside decode streams
 BESIDE_TOKENS = 4  # their output: a P/D handoff as a replayed request's (a count of their own among the calls)
+BESIDE_STREAM_TOKENS = 128  # the streams beside them: decoding well past the prefill (checked), not much longer
 CONTENTION_DECODE_TOKENS = 320  # decode streams outlasting ~0.6 s of back-to-back prefills beside them
 # The vLLM CPU build's oneDNN GEMMs build a kernel ("primitive") for each batch token count a step runs and keep
 # the last 32 per weight shape (vllm/model_executor/layers/utils.py: ``create_onednn_mm(weight, 32)``; the LRU is
@@ -108,7 +109,8 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
     prefill_runs: list[tuple[int, str, float]] = []
     shape_runs: list[tuple[int, str, str]] = []  # (M, request id of its first run, of the one right after)
     lone_decodes: list[tuple[int, str, int]] = []  # (prompt, request id, tokens) of each lone decode stream
-    beside_runs: list[tuple[int, str]] = []  # (N, request id) of prefills sent while one other engine decodes
+    # (N, request id, decode streams) of prefills sent while that many other engines decode, one stream each
+    beside_runs: list[tuple[int, str, int]] = []
     last_lone: list[str] = []
     n = 0
 
@@ -130,6 +132,22 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
                 if decoding is not None and len(times) >= 2:
                     decoding.set()
         return {"ttft": times[0] - t0, "times": times, "inst": insts, "prompt": prompt_len, "id": rid}
+
+    async def beside(N: int, streams: int) -> tuple[dict, bool]:
+        """A prefill of ``N`` tokens sent once ``streams`` other requests decode (each past its second token
+        before the next starts, so the router puts each on its own decoder): its run, and whether every stream
+        was still streaming when it got its first token, each on an instance of its own."""
+        bg = []
+        for _ in range(streams):
+            decoding = asyncio.Event()
+            bg.append(asyncio.create_task(one(64, BESIDE_STREAM_TOKENS, decoding)))
+            waiter = asyncio.ensure_future(decoding.wait())
+            await asyncio.wait({bg[-1], waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+        r = await one(N, BESIDE_TOKENS)
+        runs = await asyncio.gather(*bg)
+        streaming = all(b["times"] and b["times"][-1] > r["times"][0] for b in runs)
+        return r, streaming and len({b["inst"][-1] for b in runs}) == streams
 
     def per_engine(runs: list[dict]) -> list[tuple[int, int, list[dict]]]:
         """``(engines busy, batch on one engine, runs to window)``: grouped by the chunks' ``instance_id`` where
@@ -201,23 +219,19 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
                 elif per == 1 and busy > 1 and ctx in alone:
                     contention.setdefault(busy, []).append(tpot / float(np.median(alone[ctx])))
         if split and engines > 1:
-            # A prefill while one other engine decodes: its engine step (stamps attached by the caller, as for
-            # the lone samples) over the lone step at the same size. The two-busy point above is two decode
-            # streams; a prefill beside one lost more than that live once its own steps stopped paying page
-            # faults (1.74x against 1.55: docs/live_vs_sim.md, eighteenth session). A TTFT ratio would not show
-            # it: the path, about half a 256-token TTFT, does not stretch.
-            for _ in range(repeats):
-                for N in BESIDE_SIZES:
-                    decoding = asyncio.Event()
-                    bg = asyncio.create_task(one(64, CONTENTION_DECODE_TOKENS, decoding))
-                    waiter = asyncio.ensure_future(decoding.wait())  # the stream past its prefill and handoff
-                    await asyncio.wait({bg, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
-                    r = await one(N, BESIDE_TOKENS)
-                    stream = await bg
-                    if stream["times"] and stream["times"][-1] > r["times"][0]:  # it was still streaming
-                        beside_runs.append((N, r["id"]))
-                    await asyncio.sleep(idle_gap_s)
+            # A prefill while one other engine decodes, and (two decoders or more) while two do: its engine step
+            # (stamps attached by the caller, as for the lone samples) over the lone step at the same size. The
+            # two-busy point above is two decode streams; a prefill beside one lost more than that live once its
+            # own steps stopped paying page faults (1.74x against 1.55: docs/live_vs_sim.md, eighteenth session).
+            # The three-busy point below is a TTFT ratio: the path, about half a 256-token TTFT, does not stretch,
+            # and live prefill steps with two or more others in flight ran ~1.14x what it gives (nineteenth).
+            for streams in range(1, min(decoders, 2) + 1):
+                for _ in range(repeats):
+                    for N in BESIDE_SIZES:
+                        r, ok = await beside(N, streams)
+                        if ok:
+                            beside_runs.append((N, r["id"], streams))
+                        await asyncio.sleep(idle_gap_s)
         if engines > 2:  # a prefill while two other engines decode: three busy engines
             iso = float(np.median([await lone(CONTENTION_PROMPT) for _ in range(repeats)]))
             for _ in range(repeats):
@@ -275,7 +289,8 @@ def attach_engine_times(samples: dict, timings: dict[str, tuple[float, ...]]) ->
     out["prefill_engine"] = [(int(N), float(ttft), f) for N, rid, ttft in samples.get("prefill_runs", ())
                              if (f := forward(rid)) is not None]
     if samples.get("beside_runs"):
-        out["prefill_beside_decode"] = [(int(N), f) for N, rid in samples["beside_runs"] if (f := forward(rid)) is not None]
+        out["prefill_beside_decode"] = [(int(N), f, int(k)) for N, rid, k in samples["beside_runs"]
+                                        if (f := forward(rid)) is not None]
     runs = samples.get("shape_runs", ())
     pairs = [(int(M), forward(a), forward(b)) for M, a, b in runs]
     if runs and all(a is not None and b is not None for _, a, b in pairs):
@@ -321,15 +336,19 @@ def contention_table(samples: dict) -> list[float]:
 
 
 def prefill_side_table(samples: dict) -> list[float]:
-    """``contention_table`` with its two-busy entry taken from the prefills measured beside one decode stream
-    where the profile has them (``prefill_beside_decode``: their engine step over the median lone step at the same
-    size, from ``prefill_engine``); the decoders keep the two-decoder point (``host_contention_decode``)."""
+    """``contention_table`` with its two- and three-busy entries taken from the prefills measured beside one and
+    two decode streams where the profile has them (``prefill_beside_decode`` rows ``(N, step, streams)``, streams
+    1 in profiles from before there were two: their engine step over the median lone step at the same size, from
+    ``prefill_engine``); the decoders keep the decode points (``host_contention_decode``)."""
     lone = np.asarray(samples.get("prefill_engine") or (), dtype=float).reshape(-1, 3)
-    ratios = [f / float(np.median(lone[lone[:, 0] == N, 2])) for N, f in samples.get("prefill_beside_decode") or ()
-              if (lone[:, 0] == N).any()]
+    ratios: dict[int, list[float]] = {}  # engines busy -> step ratios
+    for row in samples.get("prefill_beside_decode") or ():
+        N, f, streams = row[0], row[1], int(row[2]) if len(row) > 2 else 1
+        if (lone[:, 0] == N).any():
+            ratios.setdefault(streams + 1, []).append(f / float(np.median(lone[lone[:, 0] == N, 2])))
     pts = {int(k): v for k, v in samples.get("contention", {}).items()}  # keys are strings once through JSON
-    if ratios:
-        pts[2] = [max(float(np.median(ratios)), 1.0)]
+    for busy, r in ratios.items():
+        pts[busy] = [max(float(np.median(r)), 1.0)]
     return contention_table({"contention": pts})
 
 

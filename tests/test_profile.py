@@ -302,9 +302,12 @@ def test_resimulate_names_the_report_that_lacks_samples(tmp_path):
         resimulate(load_config(DEFAULT_CONFIG), [str(tmp_path)])
 
 
-def _fake_sdk(monkeypatch, events: list, prompts: list, roles: tuple[str, ...] = ("mixed",)) -> None:
+def _fake_sdk(monkeypatch, events: list, prompts: list, roles: tuple[str, ...] = ("mixed",), *,
+              spread: bool = False) -> None:
     """Replace the SDK's AsyncClient with instances of ``roles`` (default: one MIXED) that stream a token every
-    0.5 ms, recording each request's (start|end, time, max_tokens) in ``events`` and its prompt in ``prompts``."""
+    0.5 ms, recording each request's (start|end, time, max_tokens) in ``events`` and its prompt in ``prompts``.
+    Every chunk says instance "i0"; with ``spread``, "i<k>" for a request sent with k others in flight (as a
+    router spreading streams over decoders)."""
     import asyncio
     import time
     from types import SimpleNamespace
@@ -320,10 +323,11 @@ def _fake_sdk(monkeypatch, events: list, prompts: list, roles: tuple[str, ...] =
 
         async def stream(self, ids, *, max_tokens, **kw):
             prompts.append(tuple(ids))
+            inst = f"i{sum(1 if e[0] == 'start' else -1 for e in events)}" if spread else "i0"
             events.append(("start", time.perf_counter(), max_tokens))
             for i in range(max_tokens):
                 await asyncio.sleep(0.0005)
-                yield SimpleNamespace(token_ids=(5,), instance_id="i0", index=i)
+                yield SimpleNamespace(token_ids=(5,), instance_id=inst, index=i)
             events.append(("end", time.perf_counter(), max_tokens))
 
         async def close(self):
@@ -358,29 +362,33 @@ def test_lone_ttft_samples_follow_an_idle_gap(monkeypatch, roles, ttft_tokens):
         assert events[i][1] - events[i - 1][1] >= 0.02 * 0.9  # idle since the previous request ended
 
 
-def test_pd_profile_times_prefills_beside_one_decode_stream(monkeypatch):
-    """On a P/D cluster the profile sends prefills of ``BESIDE_SIZES`` while one other request streams (its engine
-    step, stamped by the caller, over the lone step at that size becomes the prefill table's two-busy entry); a
-    single MIXED instance has no other engine to measure it against."""
+@pytest.mark.parametrize("roles, streams", [(("prefill", "decode"), [1]), (("prefill", "decode", "decode"), [1, 2]),
+                                           (("mixed",), [])])
+def test_pd_profile_times_prefills_beside_decode_streams(monkeypatch, roles, streams):
+    """On a P/D cluster the profile sends prefills of ``BESIDE_SIZES`` while one other request streams, and with
+    two decoders while two do, one on each (its engine step, stamped by the caller, over the lone step at that
+    size becomes the prefill table's two- and three-busy entries); a single MIXED instance has no other engine to
+    measure it against."""
     import asyncio
 
     from scheduler.profile import BESIDE_SIZES, BESIDE_TOKENS, measure
 
-    for roles, expected in ((("prefill", "decode"), 2 * len(BESIDE_SIZES)), (("mixed",), 0)):
-        events: list[tuple[str, float, int]] = []
-        prompts: list[tuple[int, ...]] = []
-        _fake_sdk(monkeypatch, events, prompts, roles)
-        samples = asyncio.run(measure("fake:0", repeats=2, decode_tokens=8, idle_gap_s=0.01))
-        assert [N for N, _ in samples["beside_runs"]] == list(BESIDE_SIZES) * 2 if expected else not samples["beside_runs"]
-        starts = [i for i, e in enumerate(events) if e[0] == "start"]
-        for k, i in enumerate(starts):
-            if events[i][2] == BESIDE_TOKENS and len(prompts[k]) in BESIDE_SIZES:
-                assert sum(1 if e[0] == "start" else -1 for e in events[:i]) == 1  # one stream in flight
+    events: list[tuple[str, float, int]] = []
+    prompts: list[tuple[int, ...]] = []
+    _fake_sdk(monkeypatch, events, prompts, roles, spread=True)
+    samples = asyncio.run(measure("fake:0", repeats=2, decode_tokens=8, idle_gap_s=0.01))
+    assert [(N, k) for N, _, k in samples["beside_runs"]] == [(N, k) for k in streams for _ in range(2)
+                                                              for N in BESIDE_SIZES]
+    starts = [i for i, e in enumerate(events) if e[0] == "start"]
+    beside = [sum(1 if e[0] == "start" else -1 for e in events[:i]) for k, i in enumerate(starts)
+              if events[i][2] == BESIDE_TOKENS and len(prompts[k]) in BESIDE_SIZES]
+    assert beside == [k for k in streams for _ in range(2) for _ in BESIDE_SIZES]  # that many streams in flight
 
 
-def test_fit_takes_the_prefill_two_busy_factor_from_the_prefills_beside_a_decode_stream():
+def test_fit_takes_the_prefill_busy_factors_from_the_prefills_beside_decode_streams():
     """Two decode streams give the decoders' two-busy factor; a prefill beside one decode stream, its engine step
-    over the lone step at its size, gives the prefill engines' (``host_contention``)."""
+    over the lone step at its size, gives the prefill engines' (``host_contention``), and beside two streams their
+    three-busy factor."""
     lone = [(384, 0.02, 0.010), (384, 0.021, 0.011), (1024, 0.04, 0.030)]
     beside = [(384, 0.018), (1024, 0.051), (384, 0.017)]  # 1.71x, 1.7x, 1.62x of the lone steps' medians
     samples = dict(_samples({2: [1.5], 3: [2.2]}), prefill_engine=lone)
@@ -393,6 +401,12 @@ def test_fit_takes_the_prefill_two_busy_factor_from_the_prefills_beside_a_decode
     assert p["host_contention_decode"][:2] == pytest.approx([1.0, 1.5])  # the decoders keep theirs
     # The decode samples are normalized by the decoders' factor either way: the same fit.
     assert p["overhead_s"] == pytest.approx(base["overhead_s"]) and p["per_seq_s"] == pytest.approx(base["per_seq_s"])
+    # Rows of newer profiles say how many streams ran beside (1: as above); two give the three-busy entry.
+    two = [(384, 0.027, 2), (1024, 0.075, 2)]  # 2.57x, 2.5x
+    q = fit(dict(samples, prefill_beside_decode=[(N, f, 1) for N, f in beside] + two))
+    assert q["host_contention"][1] == pytest.approx(p["host_contention"][1])
+    assert q["host_contention"][2] == pytest.approx(float(np.median([0.027 / 0.0105, 0.075 / 0.030])))
+    assert q["host_contention_decode"] == p["host_contention_decode"]  # the decoders' table is not the prefills'
 
 
 @pytest.mark.parametrize("recorded_json", ["live_vs_sim.json", "live_vs_sim_s6.json", "live_vs_sim_s8.json",
