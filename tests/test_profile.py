@@ -433,7 +433,9 @@ def test_fit_takes_the_prefill_busy_factors_from_the_prefills_beside_decode_stre
                                            "live_vs_sim_s18d.json", "live_vs_sim_s18d_120.json",
                                            "live_vs_sim_s18e.json", "live_vs_sim_s18e_120.json",
                                            "live_vs_sim_s19.json", "live_vs_sim_s19_120.json",
-                                           "live_vs_sim_s19b.json", "live_vs_sim_s19b_120.json"])
+                                           "live_vs_sim_s19b.json", "live_vs_sim_s19b_120.json",
+                                           "live_vs_sim_s19c.json", "live_vs_sim_s19c_120.json",
+                                           "live_vs_sim_s19d.json", "live_vs_sim_s19d_120.json"])
 def test_recorded_live_vs_sim_errors_match_the_current_simulator(recorded_json, tmp_path):
     """docs/results/live_vs_sim*.json are what the current fit + simulator give on the committed live runs (and,
     for runs with the engine pace, with its drift divided out). A change to either moves these numbers:
