@@ -131,6 +131,9 @@ class VLLMBackend:
             **(engine_kwargs or {}),
         )
         self._saved_kv_capacity_bytes = saved_kv_capacity_bytes
+        # The worker runs inside the EngineCore process ("uni" executor): KV rides in and out with the requests
+        # through the connector; otherwise it is staged and exported by RPCs into the worker.
+        self._worker_in_core = self._engine_args.get("distributed_executor_backend") == "uni"
         self._engine: Any = None
         self._rpc_dir: str | None = None  # the engine's IPC sockets (``_construct``)
         self.vocab_size = 0
@@ -193,7 +196,7 @@ class VLLMBackend:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_threads_bind
         if self._cpu_omp_threads is not None:
             env["OMP_NUM_THREADS"] = str(self._cpu_omp_threads)
-        if self._engine_args.get("distributed_executor_backend") == "uni":
+        if self._worker_in_core:
             # NOTE(vllm-backend): vLLM's CPU platform turns "uni" into "mp" (a separate worker process whose
             # shared-memory queue readers spin for 1 s after every message) unless this reads "0" while the
             # config is built. AsyncLLM runs its engine core in a child process either way (it has no in-process
@@ -348,11 +351,11 @@ class VLLMBackend:
             kv_params["load_tokens"] = staged_tokens
             if reserved_tokens:
                 kv_params["reserved_tokens"] = reserved_tokens
-        if kv_params["save"] and self._engine_args.get("distributed_executor_backend") != "uni":
+        if kv_params["save"] and not self._worker_in_core:
             self._kept_by_worker.add(rid)
         try:
             if payload is not None:
-                if self._engine_args.get("distributed_executor_backend") == "uni":
+                if self._worker_in_core:
                     # The worker lives in the EngineCore process: the KV rides with the request and the connector
                     # stages it as the request is added (one step boundary to wait for, not two).
                     kv_params[PUSHED_KV] = to_wire(payload)
