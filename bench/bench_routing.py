@@ -47,6 +47,26 @@ def ir_workload(n: int = 6000, rate: float = 20.0, seed: int = 0) -> Workload:
                     predicted_output=output.astype(float), name="ir_mixed_synthetic")
 
 
+def with_predictor(cfg, name: str, **params):
+    """``cfg`` with ``policies.predictor`` set: the simulator then guesses every request's length the way a live
+    ingress would (``scheduler/predict/serving.py``)."""
+    from scheduler.config.models import PolicySpec
+
+    return cfg.model_copy(update={"policies": cfg.policies.model_copy(
+        update={"predictor": PolicySpec(name=name, params=params)})})
+
+
+def fit_history_predictor(history: Workload, out_dir: Path, tenant: str) -> Path:
+    """What ``llmsched predict fit-trace`` writes, fitted on an earlier stretch of the same deployment's requests:
+    the trace predictor's artifact folder for ``policies.predictor: {name: trace, params: {artifacts: ...}}``."""
+    from scheduler.predict.trace import fit_trace
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = list(zip(history.prompt_tokens.tolist(), history.output_tokens.tolist(), strict=True))
+    fit_trace({tenant: rows}).save(out_dir / "trace.json")
+    return out_dir
+
+
 def run(cfg, w: Workload, router: str, **kw) -> dict:
     res = Simulator(cfg, router=router_factory(router, cfg)(), **kw).run(w)
     s = sim_summary(res)
@@ -60,8 +80,12 @@ def study_ir() -> dict:
     """Mean E2E vs round-robin on the Intelligent Router setting, split by request class.
 
     Lengths: routers see ``predicted_output_tokens`` = the true lengths here (the paper's setting assumes a
-    length predictor; this study is labelled oracle-length). ``lookahead`` with no prediction is reported too.
+    length predictor; this study is labelled oracle-length). ``lookahead`` is also run with no prediction, with
+    the shipped trace predictor (fitted on public traces) and with the trace predictor fitted on another hour of
+    the same mix (``ir_workload(seed=100)``, what ``llmsched predict fit-trace`` does on a deployment's log).
     """
+    import tempfile
+
     cfg = load_config("default")  # 4 x Llama-2-7B on A100, MIXED
     w = ir_workload()
     heavy = w.prompt_tokens >= 1500
@@ -69,38 +93,44 @@ def study_ir() -> dict:
                  "lengths": "oracle predicted_output_tokens (the paper assumes a predictor)",
                  "command": "python bench/bench_routing.py ir"}
 
-    def one(label: str, router: str, wl: Workload) -> dict:
-        res = Simulator(cfg, router=router_factory(router, cfg)()).run(wl)
+    def one(label: str, router: str, wl: Workload, c=cfg) -> dict:
+        res = Simulator(c, router=router_factory(router, c)()).run(wl)
         m = request_metrics(res)
+        guess = res.workload.predicted_output  # what the router was told (None: no prediction)
         return {"e2e_mean_s": float(np.nanmean(m.e2e_s)), "ttft_p99_s": float(np.nanpercentile(m.ttft_s, 99)),
                 "e2e_mean_prefill_heavy_s": float(np.nanmean(m.e2e_s[heavy])),
-                "e2e_mean_decode_heavy_s": float(np.nanmean(m.e2e_s[~heavy]))}
+                "e2e_mean_decode_heavy_s": float(np.nanmean(m.e2e_s[~heavy])),
+                "predicted_output_median": None if guess is None else {
+                    "prefill_heavy": float(np.median(guess[heavy])), "decode_heavy": float(np.median(guess[~heavy]))}}
 
     base = out["round_robin"] = one("round_robin", "round_robin", w)
     runs = [(r, r, w) for r in ("least_outstanding", "power_of_two", "llumnix", "mixing", "lookahead", "learned")]
     no_pred = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, name=w.name)
     runs.append(("lookahead_no_prediction", "lookahead", no_pred))
-    for label, r, wl in runs:
-        s = out[label] = one(label, r, wl)
-        s["e2e_improvement_vs_rr"] = 1 - s["e2e_mean_s"] / base["e2e_mean_s"]
+    with tempfile.TemporaryDirectory() as d:
+        fitted = fit_history_predictor(ir_workload(seed=100), Path(d), "ir")
+        configs = {"lookahead_shipped_trace_predictor": with_predictor(cfg, "trace"),
+                   "lookahead_fitted_trace_predictor": with_predictor(cfg, "trace", artifacts=str(fitted),
+                                                                      tenant="ir")}
+        for label, r, wl in runs + [(k, "lookahead", no_pred) for k in configs]:
+            s = out[label] = one(label, r, wl, configs.get(label, cfg))
+            s["e2e_improvement_vs_rr"] = 1 - s["e2e_mean_s"] / base["e2e_mean_s"]
     return out
 
 
 def study_predictor() -> dict:
     """Lookahead router fed oracle lengths vs the shipped trace predictor vs no prediction (Azure trace)."""
-    from scheduler.predict import load_predictor
-
     path = SHARED / "azure_llm_2023_conv.csv.gz"
     trace = load_trace(path) if path.exists() else load_trace(Path("sim/data/azure_llm_2023_conv_first10min.csv.gz"))
     cfg = load_config("llama2-7b-a100-16")
     w = Workload.from_trace(trace)
     w = at_load(w, 0.8, saturation_rate(cfg, w))
-    pred = load_predictor("trace")
-    guesses = np.array([p.point for p in pred.predict_batch([None] * len(w), w.prompt_tokens.tolist())])
     out = {"trace": trace.name, "config": "llama2-7b-a100-16", "load": 0.8}
-    for label, po in (("oracle", w.output_tokens.astype(float)), ("trace_predictor", guesses), ("none", None)):
+    for label, po, c in (("oracle", w.output_tokens.astype(float), cfg),
+                         ("trace_predictor", None, with_predictor(cfg, "trace")),  # policies.predictor
+                         ("none", None, cfg)):
         wl = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, predicted_output=po, name=w.name)
-        s = run(cfg, wl, "lookahead")
+        s = run(c, wl, "lookahead")
         out[label] = {"ttft_p99_s": s["ttft_s"]["p99"], "e2e_mean_s": s["e2e_mean_s"],
                       "slo_attainment": s["slo_attainment"]}
     return out

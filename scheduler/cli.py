@@ -7,7 +7,7 @@
     llmsched plan         capacity planning: cheapest cluster meeting the SLOs
     llmsched replay       send a trace to a live cluster through the SDK
     llmsched profile      measure a real engine's step times into a latency table
-    llmsched predict      train / evaluate the response-length predictors
+    llmsched predict      train / evaluate the response-length predictors (fit-trace: on your own request log)
     llmsched chart        lint, render and validate the Helm chart
     llmsched bench        benchmarks (migration, chaos, ...)
 """
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     target = COMMANDS.get(name)
+    if name == "predict" and rest[:1] == ["fit-trace"]:  # reads trace files: the simulator's loaders
+        target, rest = "sim.commands:fit_predictor_main", rest[1:]
     if target is None:
         print(f"llmsched: unknown command {name!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2

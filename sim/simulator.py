@@ -10,6 +10,7 @@ as one event; an arrival routed to it mid-span interrupts the span at the next s
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import heapq
 import itertools
@@ -26,6 +27,7 @@ from scheduler.engine_model import StepResult
 from scheduler.latency import kv_transfer_time
 from scheduler.latency.model import prefill_pairs
 from scheduler.policy.route import RouteDecision, Router, make_router
+from scheduler.predict.serving import serving_predictor
 from sim.cluster import SimInstance, build_instances
 from sim.migration import MigrationDriver
 
@@ -190,6 +192,8 @@ class Simulator:
         if hasattr(router, "initialize"):
             router.initialize(config)
         self.router = router
+        # ``policies.predictor``: the routers' length guess for workloads that bring none (as the live ingress).
+        self.predictor = serving_predictor(config.policies.predictor)
         self.closed_form = closed_form
         self.view_refresh_s = view_refresh_s
         self.timeline_points = timeline_points
@@ -204,6 +208,9 @@ class Simulator:
     def run(self, workload: Workload) -> SimResult:
         wall0 = _time.perf_counter()
         n = len(workload)
+        if self.predictor is not None and workload.predicted_output is None and n:
+            workload = dataclasses.replace(workload,
+                                           predicted_output=self.predictor.predict_lengths(workload.prompt_tokens))
         self.w = workload
         self.first = np.full(n, np.nan)
         self.finish = np.full(n, np.nan)

@@ -204,6 +204,46 @@ def test_bad_requests_name_the_field(mixed: Any, aloop: Any) -> None:
     assert len(ing.registry) == 0
 
 
+def test_the_configured_length_predictor_reaches_the_router_and_the_instance(mixed: Any, aloop: Any) -> None:
+    """``policies.predictor`` on a live ingress: a request without a ``length_hint`` is routed with the predictor's
+    guess from its text, and the instance serving it reports that guess (less what it generated) as predicted
+    remaining work; a client's hint wins."""
+    from scheduler.config.models import PolicySpec
+    from scheduler.control.ingress import make_tokenizer
+    from scheduler.policy.route import LeastOutstandingRouter
+    from scheduler.predict import load_predictor
+
+    dep, _ = mixed
+    seen: dict[str, float | None] = {}
+
+    class Recording(LeastOutstandingRouter):
+        def route(self, request, view):  # type: ignore[no-untyped-def, override]
+            seen[request.request_id] = request.predicted_output_tokens
+            return super().route(request, view)
+
+    cfg = MIXED.model_copy(update={"policies": MIXED.policies.model_copy(
+        update={"predictor": PolicySpec(name="default")})})
+    ing = Ingress(cfg, dep.controller, router=Recording(), tokenizer=make_tokenizer(cfg, dep.backend_kwargs))
+    text = "Write a long, detailed essay on the history of parallel computing, with examples."
+    reported: list[float] = []
+
+    async def on_chunk(c: TokenChunk, out: list[TokenChunk]) -> None:
+        if len(out) == 2:  # mid-stream: the instance holds it
+            m = ing._members[ing.registry.get("pred-1").instances[-1]]
+            reported.append((await m.handle.snapshot.remote()).predicted_remaining_tokens)
+
+    req = GenerateRequest("pred-1", prompt=text, sampling=SamplingParams(max_tokens=200))
+    chunks = aloop.run(_collect(ing, req, on_chunk))
+    _check_exact(chunks, "pred-1", 200)
+    guess = load_predictor("default").predict(text, prompt_tokens=len(ing.tokenizer.encode(text))).point
+    assert seen["pred-1"] == pytest.approx(guess)
+    assert 0 < reported[0] <= guess and reported[0] == pytest.approx(guess, abs=20)  # a few tokens generated
+    hinted = GenerateRequest("pred-2", prompt=text, sampling=SamplingParams(max_tokens=4), length_hint=3)
+    _check_exact(aloop.run(_collect(ing, hinted)), "pred-2", 4)
+    assert seen["pred-2"] == 3
+    aloop.run(ing.close())
+
+
 def test_cancel_stops_stream_and_frees_kv(mixed: Any, aloop: Any) -> None:
     _, ing = mixed
     rid = "cancel-1"

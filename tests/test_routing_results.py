@@ -59,6 +59,26 @@ def test_lookahead_meets_the_intelligent_router_target_with_and_without_lengths(
     assert exact <= none
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_predictor_fitted_on_the_deployments_history_meets_the_intelligent_router_target(seed: int, tmp_path) -> None:
+    """The length guess from ``policies.predictor``: the trace predictor refitted (``llmsched predict fit-trace``)
+    on another hour of the same mix tells prefill-heavy from decode-heavy requests by prompt length alone, and
+    lookahead with it is >= 15% better than round-robin (measured 19.8% / 18.4%, oracle 19.3% / 18.0%)."""
+    from bench_routing import fit_history_predictor, ir_workload, with_predictor
+
+    cfg = load_config("default")
+    w = ir_workload(seed=seed)
+    no_pred = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, name=w.name)
+    fitted = with_predictor(cfg, "trace", artifacts=str(fit_history_predictor(ir_workload(seed=100), tmp_path, "ir")),
+                            tenant="ir")
+    rr = np.nanmean(_run(cfg, no_pred, "round_robin")[1].e2e_s)
+    res, m = _run(fitted, no_pred, "lookahead")
+    heavy = w.prompt_tokens >= 1500
+    guess = res.workload.predicted_output
+    assert np.median(guess[heavy]) < 60 and np.median(guess[~heavy]) > 300  # the two classes' true ranges
+    assert np.nanmean(m.e2e_s) <= 0.85 * rr
+
+
 def test_prefix_affinity_reuses_the_mooncake_cache_more_than_round_robin() -> None:
     cfg = with_instances(load_config("llama3-8b-a100-16-longctx"), 4)
     w = Workload.from_trace(load_trace(DATA / "mooncake_fast25_conversation_first1000.jsonl.gz"))

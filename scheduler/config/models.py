@@ -152,7 +152,16 @@ class PoliciesSpec(_Strict):
     scaling: PolicySpec | None = None
     reroling: PolicySpec | None = None  # PREFILL <-> DECODE role switches (scheduler.control.reroling)
     admission: PolicySpec | None = None
-    predictor: PolicySpec | None = None
+    predictor: PolicySpec | None = None  # output-length guess for requests without a hint (predict/serving.py)
+
+    @field_validator("predictor")
+    @classmethod
+    def _known_predictor(cls, v: PolicySpec | None) -> PolicySpec | None:
+        if v is not None:
+            from scheduler.predict.serving import check_spec
+
+            check_spec(v.name, v.params)
+        return v
 
 
 class ClusterConfig(_Strict):

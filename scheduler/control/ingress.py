@@ -61,6 +61,7 @@ from scheduler.core.types import (
 from scheduler.engine.base import EngineRequest, TokenChunk
 from scheduler.engine.simulated_backend import ByteTokenizer
 from scheduler.policy.route import RouteDecision, Router, make_router
+from scheduler.predict.serving import ServingPredictor, serving_predictor
 from scheduler.telemetry.metrics import NULL_RECORDER, Recorder
 from scheduler.telemetry.tracing import Stage, Tracing
 from scheduler.transfer.migration import (
@@ -146,6 +147,8 @@ class Ingress:
         max_recoveries: re-prefills allowed per request after instance crashes.
         direct: use the instances' direct channels (``control/channel.py``) for submit/poll/abort/snapshot;
             ``False``: Ray actor calls only (the bench's baseline).
+        predictor: overrides ``config.policies.predictor`` (the output-length guess for requests without a
+            ``length_hint``; ``scheduler/predict/serving.py``).
     """
 
     def __init__(
@@ -167,6 +170,7 @@ class Ingress:
         recorder: Recorder | None = None,
         tracing: Tracing | None = None,
         direct: bool = True,
+        predictor: ServingPredictor | None = None,
     ) -> None:
         self.config = config
         # Telemetry: the servers own request start/finish; the ingress adds routes, instance gauges and the
@@ -181,6 +185,7 @@ class Ingress:
             # without it `lookahead_shed` had no SLOs and never refused.
             router.initialize(config)
         self.router = router
+        self.predictor = predictor or serving_predictor(config.policies.predictor)
         self.ingress_id = ingress_id or f"ingress-{uuid.uuid4().hex[:8]}"
         self.refresh_s = refresh_s
         self.members_s = members_s
@@ -427,6 +432,25 @@ class Ingress:
                              retry_after_s=1.0)
         return RequestRecord(req.request_id, ids, sp, req.priority, req.length_hint)
 
+    async def _predict(self, rec: RequestRecord, prompt: str | None) -> None:
+        """The configured predictor's guess of the output length, unless the client gave a ``length_hint``.
+        ``prompt``: the request's text (``None`` for token ids: the prediction then uses the length only)."""
+        p = self.predictor
+        if p is None or rec.predicted_output_tokens is not None:
+            return
+        n = len(rec.prompt_token_ids)
+        try:
+            if not p.slow:  # tens of microseconds: cheaper than a thread hop
+                rec.predicted_output_tokens = p.predict(prompt, n)
+                return
+            rec.predicted_output_tokens = await asyncio.to_thread(p.predict, prompt, n)
+        except Exception:
+            # A predictor fault costs the routers their guess, never the request.
+            log.exception("length predictor %s failed on request %s", p.name, rec.request_id)
+            return
+        if rec.request_id in self.registry:  # the same id validated again while this one was predicted
+            raise InvalidRequest(f"request_id: {rec.request_id!r} is already in flight", field="request_id")
+
     def _route(self, rec: RequestRecord, *, exclude: frozenset[str] = frozenset(), accepted: bool = False
                ) -> RouteDecision:
         view = self.view()
@@ -511,6 +535,7 @@ class Ingress:
         if not self._tasks:
             await self.start()
         rec = self._validate(request)
+        await self._predict(rec, request.prompt)
         if request.ttft_slo_s or request.tpot_slo_s:
             rec.slo = SLO(request.ttft_slo_s, request.tpot_slo_s)
         else:

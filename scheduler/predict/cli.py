@@ -2,6 +2,8 @@
 
     llmsched predict train --data-dir DIR [--out DIR] [--only ngram,trace,embedding] [--report PATH.json]
     llmsched predict eval --data PATH.jsonl [--predictor default|ngram|embedding|trace] [--json OUT] [--no-tenant]
+    llmsched predict fit-trace --trace LOG --out DIR [--tenant NAME] [--holdout 0.2] [--json OUT]
+        (the trace predictor refitted on a deployment's own request log: sim/commands.py, fit_predictor_main)
 
 ``eval`` reads JSONL lines with ``prompt`` and ``response`` text (see ``data.read_eval_jsonl``); both are counted
 with ``count_tokens``, the same counter used in training.
@@ -14,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-_USAGE = "usage: llmsched predict {train,eval} [options]   (-h after the subcommand for help)"
+_USAGE = "usage: llmsched predict {train,eval,fit-trace} [options]   (-h after the subcommand for help)"
 
 
 def main(argv: list[str] | None = None) -> int:

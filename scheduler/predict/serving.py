@@ -1,0 +1,90 @@
+"""The length predictor a deployment runs: ``policies.predictor`` in the cluster config.
+
+It is applied where a request enters -- the live ingress (``scheduler/control/ingress.py``) and the simulator
+(``sim/simulator.py``) -- and fills ``RequestInfo.predicted_output_tokens`` for the routers, the instances'
+``predicted_remaining_tokens`` and the migration policy. A client's ``length_hint`` wins over it; without either,
+routers fall back to their own default length.
+
+    policies:
+      predictor: {name: default}                       # ngram on prompt text, trace on token ids
+      predictor: {name: trace, params: {tenant: azure_conv}}   # one app behind the deployment
+      predictor: {name: ngram, params: {artifacts: /models/predictor}}   # `llmsched predict train --out DIR`
+
+The guess is the prediction's median (``LengthPrediction.point``), not capped by ``max_tokens``: in trace replays
+``max_tokens`` is the true length, and a cap would hand the router the oracle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scheduler.predict.base import LengthPredictor
+from scheduler.predict.registry import PredictorKind, load_predictor
+
+PARAMS = ("artifacts", "tenant")
+
+
+@dataclass(frozen=True)
+class ServingPredictor:
+    """A loaded predictor plus the deployment's defaults for it.
+
+    ``tenant``: the app name requests are predicted for (the trace predictor conditions on it; unknown names mix
+    the trained tenants). ``slow``: the predictor runs a neural encoder (ms per request), so the live ingress
+    calls it off its event loop; the others take ~20-130 us and run inline.
+    """
+
+    predictor: LengthPredictor
+    name: str
+    tenant: str | None = None
+    slow: bool = False
+
+    def predict(self, prompt: str | None, prompt_tokens: int) -> float:
+        """Predicted output tokens of one request (``prompt=None``: its length only)."""
+        return float(self.predictor.predict(prompt, prompt_tokens=int(prompt_tokens), tenant=self.tenant).point)
+
+    def predict_lengths(self, prompt_tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Predicted output tokens for requests known by prompt length only (trace replays): one prediction per
+        distinct length, since without text that is all a prediction depends on."""
+        lengths, inverse = np.unique(np.asarray(prompt_tokens, dtype=np.int64), return_inverse=True)
+        points = np.array([self.predict(None, int(n)) for n in lengths], dtype=np.float64)
+        return points[inverse.reshape(-1)]
+
+
+def check_spec(name: str, params: dict[str, Any]) -> PredictorKind:
+    """The predictor kind ``name`` names, with ``params`` checked (config validation: no artifact is loaded)."""
+    unknown = sorted(set(params) - set(PARAMS))
+    if unknown:
+        raise ValueError(f"policies.predictor.params: unknown {', '.join(unknown)}; allowed: {', '.join(PARAMS)}")
+    try:
+        return PredictorKind.parse(name)
+    except ValueError as e:
+        raise ValueError(f"policies.predictor.name: {e}") from None
+
+
+def serving_predictor(spec: Any) -> ServingPredictor | None:
+    """The predictor ``policies.predictor`` names (``spec``: its ``PolicySpec``, or ``None`` for no prediction).
+
+    Raises:
+        ValueError: an unknown name or parameter, or a missing artifact, with the config field in the message.
+    """
+    if spec is None:
+        return None
+    kind = check_spec(spec.name, spec.params)
+    artifacts = spec.params.get("artifacts")
+    try:
+        predictor = load_predictor(kind, artifacts=Path(artifacts) if artifacts is not None else None)
+    except FileNotFoundError as e:
+        raise ValueError(f"policies.predictor.params.artifacts: {e}") from None
+    except RuntimeError as e:  # EmbeddingUnavailable: the optional embedding stack is not installed
+        raise ValueError(f"policies.predictor.name: {spec.name!r} cannot load here: {e}") from None
+    tenant = spec.params.get("tenant")
+    return ServingPredictor(predictor, kind.value, str(tenant) if tenant is not None else None,
+                            slow=kind in (PredictorKind.EMBEDDING, PredictorKind.ENSEMBLE))
+
+
+__all__ = ["PARAMS", "ServingPredictor", "check_spec", "serving_predictor"]

@@ -1,0 +1,183 @@
+"""``policies.predictor``: the length guess the routers get, applied the same way by the simulator and the live
+ingress (the ingress without Ray here; through a real cluster in test_control_plane.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from scheduler.config.load import ConfigError, load_config, parse_config
+from scheduler.config.models import ClusterConfig, PolicySpec
+from scheduler.control.api import InvalidRequest
+from scheduler.control.ingress import Ingress
+from scheduler.control.registry import RequestRecord
+from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot
+from scheduler.engine.base import SamplingParams
+from scheduler.policy.route import LeastOutstandingRouter
+from scheduler.predict import load_predictor
+from scheduler.predict.serving import ServingPredictor, serving_predictor
+from sim.simulator import Simulator, Workload
+
+
+class Recording(LeastOutstandingRouter):
+    """Least-outstanding placement; remembers the length guess of every request it placed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, float | None] = {}
+
+    def route(self, request, view):  # type: ignore[override]
+        self.seen[request.request_id] = request.predicted_output_tokens
+        return super().route(request, view)
+
+
+def _with_predictor(cfg: ClusterConfig, name: str | None, **params: object) -> ClusterConfig:
+    spec = PolicySpec(name=name, params=params) if name is not None else None
+    return cfg.model_copy(update={"policies": cfg.policies.model_copy(update={"predictor": spec})})
+
+
+def _workload(n: int = 60, seed: int = 0) -> Workload:
+    rng = np.random.default_rng(seed)
+    prompt = rng.choice([40, 700, 3000], n)  # three input-length buckets: three different guesses
+    return Workload(np.sort(rng.uniform(0, 20, n)), prompt.astype(np.int64), rng.integers(5, 200, n))
+
+
+def test_the_simulator_gives_routers_the_configured_predictors_guess() -> None:
+    cfg = _with_predictor(load_config("llama2-7b-a100-16"), "trace", tenant="azure_conv")
+    w = _workload()
+    router = Recording()
+    res = Simulator(cfg, router=router).run(w)
+    trace = load_predictor("trace")
+    want = [trace.predict(None, prompt_tokens=int(p), tenant="azure_conv").point for p in w.prompt_tokens]
+    assert [router.seen[str(i)] for i in range(len(w))] == pytest.approx(want)
+    assert len(set(np.round(want, 3))) == 3  # the guess follows the prompt length
+    assert res.workload.predicted_output == pytest.approx(want)  # reported with the run
+    # A workload's own lengths (oracle, a client's hints) win; without a predictor routers get none.
+    own = w.output_tokens.astype(float) + 0.5
+    router = Recording()
+    Simulator(cfg, router=router).run(Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, predicted_output=own))
+    assert [router.seen[str(i)] for i in range(len(w))] == pytest.approx(own)
+    router = Recording()
+    Simulator(_with_predictor(cfg, None), router=router).run(w)
+    assert set(router.seen.values()) == {None}
+
+
+@pytest.mark.parametrize(("policies", "field", "why"), [
+    ({"predictor": {"name": "oracle"}}, "policies.predictor.name", "allowed: default, ngram"),
+    ({"predictor": {"name": "trace", "params": {"tenants": "x"}}}, "policies.predictor.params", "allowed: artifacts"),
+])
+def test_a_bad_predictor_config_is_refused_at_load_naming_the_field(policies: dict, field: str, why: str) -> None:
+    raw = load_config("tiny-cpu").model_dump(mode="json")
+    with pytest.raises(ConfigError) as e:
+        parse_config({**raw, "policies": policies}, source="bad.yaml")
+    assert field in str(e.value) and why in str(e.value)
+
+
+def test_a_missing_predictor_artifact_names_the_field(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"policies.predictor.params.artifacts: .*ngram.npz is missing"):
+        serving_predictor(PolicySpec(name="ngram", params={"artifacts": str(tmp_path)}))
+
+
+def _ingress(predictor: str | None, router: Recording) -> Ingress:
+    cfg = _with_predictor(load_config("deploy/examples/cpu-pd.yaml"), predictor)
+    ing = Ingress(cfg, controller=None, router=router)
+    ing._view = ClusterView(0.0, (InstanceSnapshot("prefill-0", InstanceRole.PREFILL),
+                                  InstanceSnapshot("decode-0", InstanceRole.DECODE)))
+    return ing
+
+
+def test_the_ingress_guesses_from_the_prompt_text_and_a_client_hint_wins() -> None:
+    router = Recording()
+    ing = _ingress("default", router)
+    text = "Write a detailed, step-by-step tutorial on building a compiler, with code for every stage."
+    ids = tuple(range(1, 41))
+    recs = {"text": RequestRecord("text", ids, SamplingParams(max_tokens=64)),
+            "ids": RequestRecord("ids", ids, SamplingParams(max_tokens=64)),
+            "hint": RequestRecord("hint", ids, SamplingParams(max_tokens=64), predicted_output_tokens=7)}
+    for rid, prompt in (("text", text), ("ids", None), ("hint", text)):
+        asyncio.run(ing._predict(recs[rid], prompt))
+        ing._route(recs[rid])
+    default = load_predictor("default")
+    assert router.seen["text"] == pytest.approx(default.predict(text, prompt_tokens=40).point)
+    assert router.seen["ids"] == pytest.approx(default.predict(None, prompt_tokens=40).point)  # the trace model
+    assert router.seen["text"] != pytest.approx(router.seen["ids"])
+    assert router.seen["hint"] == 7
+    # No predictor configured: no guess.
+    router = Recording()
+    ing = _ingress(None, router)
+    rec = RequestRecord("none", ids, SamplingParams(max_tokens=64))
+    asyncio.run(ing._predict(rec, text))
+    ing._route(rec)
+    assert router.seen == {"none": None}
+
+
+def test_a_predictor_fault_costs_the_guess_not_the_request() -> None:
+    class Broken:
+        name = "broken"
+
+        def predict(self, *a, **k):
+            raise RuntimeError("boom")
+
+    router = Recording()
+    ing = _ingress("trace", router)
+    ing.predictor = ServingPredictor(Broken(), "broken")  # type: ignore[arg-type]
+    rec = RequestRecord("r", tuple(range(1, 9)), SamplingParams(max_tokens=8))
+    asyncio.run(ing._predict(rec, "hello"))
+    assert rec.predicted_output_tokens is None
+    ing._route(rec)
+    assert router.seen == {"r": None}
+
+
+def test_a_slow_predictor_runs_off_the_loop_and_a_duplicate_id_meanwhile_is_refused() -> None:
+    """The embedding predictor is awaited in a thread; a second request with the same id that got registered in
+    the meantime must not be routed twice."""
+    import threading
+
+    release = threading.Event()
+
+    class Slow:
+        name = "slow"
+
+        def predict(self, prompt, *, prompt_tokens, tenant=None):
+            release.wait(5)
+            return load_predictor("trace").predict(None, prompt_tokens=prompt_tokens)
+
+    ing = _ingress(None, Recording())
+    ing.predictor = ServingPredictor(Slow(), "slow", slow=True)  # type: ignore[arg-type]
+
+    async def race() -> None:
+        first = RequestRecord("dup", tuple(range(1, 9)), SamplingParams(max_tokens=8))
+        task = asyncio.create_task(ing._predict(first, None))
+        await asyncio.sleep(0.05)
+        assert not task.done()  # the loop is free while it predicts
+        ing.registry.add(RequestRecord("dup", tuple(range(1, 9)), SamplingParams(max_tokens=8)))
+        release.set()
+        with pytest.raises(InvalidRequest, match="request_id"):
+            await task
+
+    asyncio.run(race())
+
+
+def test_fit_trace_refits_the_trace_predictor_on_a_request_log(tmp_path, capsys) -> None:
+    """``llmsched predict fit-trace``: held-out metrics on the log's tail, an artifact a config can name."""
+    import json
+    from pathlib import Path
+
+    from scheduler.cli import main as cli
+
+    log = Path(__file__).resolve().parents[1] / "sim/data/azure_llm_2023_conv_first10min.csv.gz"
+    out, report = tmp_path / "pred", tmp_path / "fit.json"
+    assert cli(["predict", "fit-trace", "--trace", str(log), "--tenant", "chat", "--out", str(out),
+                "--json", str(report)]) == 0
+    r = json.loads(report.read_text())
+    assert r["tenants"] == {"chat": 2867} and r["held_out"]["n"] == 574
+    assert r["held_out"]["kendall_tau"] > 0.4  # Azure chat: input length is informative (measured 0.57)
+    sp = serving_predictor(PolicySpec(name="trace", params={"artifacts": str(out), "tenant": "chat"}))
+    assert sp is not None and sp.predict(None, 1000) != pytest.approx(sp.predict(None, 50))
+    for argv, flag in ((["--trace", str(tmp_path / "nope.csv"), "--out", str(out)], "nope.csv"),
+                       (["--trace", str(log), "--out", str(out), "--holdout", "1"], "--holdout")):
+        capsys.readouterr()
+        assert cli(["predict", "fit-trace", *argv]) == 2
+        assert flag in capsys.readouterr().err
