@@ -224,6 +224,37 @@ def test_lookahead_shed_refuses_when_prefill_pressure_would_push_tpot_over_its_s
         LookaheadRouter(lat, shed_tpot_factor=-1.0)
 
 
+def test_lookahead_prices_a_short_answers_tpot_miss_behind_prefill_stalls() -> None:
+    """The newcomer's own TPOT is priced as a miss probability: over a few tokens one long prefill stall is enough
+    to miss the TPOT SLO, over many tokens the stalls average out. On an instance the router has just sent two
+    16k-token prompts (1.5 s of prefill each), the mean stretch ``step / (1 - f)`` is well inside the SLO for any
+    length, yet a 10-token answer there is a likely miss and goes to the quiet (if fuller) instance; without the
+    price it stays. A decoder with no prefill history gets the plain ``step > SLO`` test."""
+    from scheduler.core.types import SLO
+
+    lat = default_latency_model()
+    slo = SLO(ttft_s=10.0, tpot_s=0.03)
+    busy = snap("busy", running=8, ctx=8 * 600, pred=8 * 20.0, used=300, total=100_000)
+    quiet = snap("quiet", running=24, ctx=24 * 600, pred=24 * 20.0, used=900, total=100_000)
+    picks = {}
+    for price in (10.0, 0.0):
+        r = LookaheadRouter(lat, slo=slo, tpot_miss_penalty_s=price)
+        r.route(req(100, 10.0), view(busy, quiet))  # binds the instances' latency models
+        for _ in range(2):
+            r.on_routed(req(16_000), RouteDecision("busy"))
+        picks[price] = r.route(req(100, 10.0), view(busy, quiet)).prefill_instance  # type: ignore[union-attr]
+    f = r.prefill_pressure("busy")
+    step = r.estimate(req(100, 10.0), busy).tpot_s
+    assert 0.2 < f < 0.5 and step / (1 - f) < 0.7 * slo.tpot_s  # the mean stretch alone: a hit
+    p_short = r._tpot_miss_probability("busy", 10.0, step, slo.tpot_s)
+    p_long = r._tpot_miss_probability("busy", 600.0, step, slo.tpot_s)
+    assert p_short > 0.2 and p_long < 0.01
+    assert picks == {10.0: "quiet", 0.0: "busy"}
+    # No prefill history: the indicator on the decode step.
+    assert r._tpot_miss_probability("quiet", 10.0, 0.02, slo.tpot_s) == 0.0
+    assert r._tpot_miss_probability("quiet", 10.0, 0.04, slo.tpot_s) == 1.0
+
+
 def test_lookahead_kv_headroom_does_not_depend_on_the_newcomers_predicted_length() -> None:
     # 100 residents, 95k tokens of context, 117.6k of KV: 100 x 256 tokens of growth over the horizon overflow it.
     # The instance is KV-tight for a short answer and a long one alike (the horizon used to be the newcomer's
