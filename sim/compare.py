@@ -14,6 +14,7 @@ import numpy as np
 
 from scheduler.config.load import ConfigError
 from scheduler.config.models import ClusterConfig
+from scheduler.core.types import InstanceRole
 from scheduler.policy.route import make_router
 from sim.commands import add_cluster_args, add_workload_args, load_cluster, load_workload
 from sim.goodput import goodput, scale_rate
@@ -25,7 +26,14 @@ DEFAULT_ROUTERS = "round_robin,random,least_outstanding,power_of_two,llumnix,mix
 
 
 def saturation_rate(config: ClusterConfig, w: Workload, *, sample: int = 4000) -> float:
-    """Completed requests per second when the cluster is never idle (everything arrives at t=0)."""
+    """Completed requests per second when the cluster is never idle (everything arrives at t=0).
+
+    Several MIXED pools (GPU types, TP degrees) are measured one at a time and summed: routed all at once, a burst
+    is split by outstanding count, so the faster pool drains its share and idles while the slower one works, and
+    the cluster's capacity reads as barely more than its slowest pool's (a 12 x TP1 + 4 x TP4 cluster: 3.99
+    req/s measured jointly on the Mooncake trace). P/D pools only work together and are measured together."""
+    if len(config.pools) > 1 and all(p.role is InstanceRole.MIXED for p in config.pools):
+        return sum(saturation_rate(config.model_copy(update={"pools": [p]}), w, sample=sample) for p in config.pools)
     k = min(len(w), sample)
     idx = np.linspace(0, len(w) - 1, k).astype(int)  # spread over the trace: the mix, not just its start
     hash_ids = [w.hash_ids[i] for i in idx] if w.hash_ids is not None else None  # prefix reuse counts too
