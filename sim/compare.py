@@ -2,7 +2,8 @@
 
 ``--load`` is the offered load as a fraction of the cluster's *measured* saturation rate: the rate at which the
 cluster completes this trace's request mix when it is never idle (all requests queued at once, least-outstanding
-routing). The trace is then rate-scaled so its mean arrival rate is ``load x saturation``.
+routing; a cluster of several MIXED pools is the sum of its pools, each measured alone). The trace is then
+rate-scaled so its mean arrival rate is ``load x saturation``.
 """
 
 from __future__ import annotations
