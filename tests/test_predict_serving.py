@@ -181,3 +181,24 @@ def test_fit_trace_refits_the_trace_predictor_on_a_request_log(tmp_path, capsys)
         capsys.readouterr()
         assert cli(["predict", "fit-trace", *argv]) == 2
         assert flag in capsys.readouterr().err
+
+
+def test_fit_trace_fits_a_tenant_too_small_to_score(tmp_path) -> None:
+    """A BurstGPT log's tenants are its models: one with a single request is fitted but not held out."""
+    import json
+
+    from scheduler.cli import main as cli
+
+    rows = [(100, 50), (2000, 20), (120, 60), (1900, 25), (90, 55), (2100, 22), (110, 58), (2050, 21), (95, 52)]
+    lines = ["Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type"]
+    lines += [f"{i},ChatGPT,{a},{b},{a + b},Conversation log" for i, (a, b) in enumerate(rows)]
+    lines.append("9,GPT-4,300,400,700,Conversation log")
+    log = tmp_path / "burst.csv"
+    log.write_text("\n".join(lines) + "\n")
+    report = tmp_path / "fit.json"
+    assert cli(["predict", "fit-trace", "--trace", str(log), "--out", str(tmp_path / "p"), "--json", str(report)]) == 0
+    r = json.loads(report.read_text())
+    assert r["not_scored"] == ["GPT-4/Conversation log"] and r["held_out"]["n"] == 2
+    sp = serving_predictor(PolicySpec(name="trace", params={"artifacts": str(tmp_path / "p"),
+                                                            "tenant": "ChatGPT/Conversation log"}))
+    assert sp is not None and sp.predict(None, 2000) < sp.predict(None, 100)  # long prompts, short answers here
