@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -185,14 +184,14 @@ def fit_predictor_main(argv: list[str] | None = None) -> int:
     pairs: dict[str, list[tuple[int, int]]] = {}
     for t, a, b in zip(tenants, trace.prompt_tokens.tolist(), trace.output_tokens.tolist(), strict=True):
         pairs.setdefault(t, []).append((int(a), int(b)))
+    train, test = split_pairs(pairs, args.holdout)
     # A tenant too small to split (BurstGPT logs have a few-request model or two) is fitted, not scored.
-    big = {t: rows for t, rows in pairs.items() if math.floor(len(rows) * (1 - args.holdout)) >= 1
-           and len(rows) - math.floor(len(rows) * (1 - args.holdout)) >= 1}
-    if not big:
+    small = sorted(t for t in pairs if not train[t] or not test[t])
+    for t in small:
+        train[t], test[t] = pairs[t], []
+    if not any(test.values()):
         print(f"error: --trace: too few requests per tenant to hold out {args.holdout:g} of them", file=sys.stderr)
         return 2
-    train, test = split_pairs(big, args.holdout)
-    train.update({t: rows for t, rows in pairs.items() if t not in big})
     held_out = [Record(None, a, b, t, source=t) for t, rows in test.items() for a, b in rows]
     metrics = evaluate(fit_trace(train), held_out)
     out = Path(args.out)
@@ -200,7 +199,7 @@ def fit_predictor_main(argv: list[str] | None = None) -> int:
     fit_trace(pairs).save(out / "trace.json")  # the artifact uses the whole log
     report = {"trace": trace.name, "trace_source": getattr(trace, "source", ""), "requests": len(trace),
               "tenants": {t: len(rows) for t, rows in pairs.items()}, "holdout": args.holdout,
-              "not_scored": sorted(set(pairs) - set(big)),
+              "not_scored": small,
               "held_out": metrics, "artifact": str(out / "trace.json")}
     print(f"trace {trace.name}: {len(trace)} requests, tenants {', '.join(sorted(pairs))}")
     print(f"held-out last {args.holdout:.0%}: n {metrics['n']}  Kendall tau {metrics['kendall_tau']:.3f}  "

@@ -413,9 +413,10 @@ class LookaheadRouter(PairingRouter):
         slack = O * (slo_s - step_s)
         if slack <= 0:
             return 1.0
-        f = self.prefill_pressure(instance_id)
+        rate, sq_rate = self._stalls(instance_id)
+        f = min(rate, self.max_pressure)  # prefill_pressure, from the one read of the history
         life = O * step_s / (1.0 - f)
-        mean, var = f * life, self._stalls(instance_id)[1] * life
+        mean, var = f * life, sq_rate * life
         if var <= 0:
             return 1.0 if mean > slack else 0.0
         return 0.5 * math.erfc((slack - mean) / math.sqrt(2.0 * var))
