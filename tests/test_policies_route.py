@@ -378,7 +378,7 @@ def test_shed_composes_any_router_with_the_lookahead_refusal_rules() -> None:
     cfg = with_instances(load_config("default"), 4)
     w = Workload.from_trace(load_trace(data / "azure_llm_2023_conv_first10min.csv.gz"))
     w = Workload(w.arrival_s[:600], w.prompt_tokens[:600], w.output_tokens[:600])
-    wl = at_load(w, 1.2, saturation_rate(cfg, w, sample=600))
+    wl = at_load(w, 1.2, saturation_rate(cfg, w))
     runs = {name: Simulator(cfg, router=make_router(name, **kw)).run(wl)  # the simulator binds the config
             for name, kw in (("lookahead_shed", {}), ("shed", {"base": "lookahead"}), ("learned", {}))}
     a, b = runs["lookahead_shed"], runs["shed"]

@@ -114,14 +114,17 @@ def test_goodput_bisection_brackets_target() -> None:
 def test_saturation_and_load_scaling() -> None:
     cfg = load_config("default")
     w = Workload.from_trace(default_trace().head(600))
-    sat = saturation_rate(cfg, w, sample=300)
+    sat = saturation_rate(cfg, w)
     wl = at_load(w, 0.5, sat)
     rate = len(wl) / (wl.arrival_s[-1] - wl.arrival_s[0])
     assert rate == pytest.approx(0.5 * sat, rel=1e-6)
-    # Above saturation the queue must grow: the median TTFT at 2x load is far worse than at 0.5x.
+    # Above saturation the queue must grow: the last arrivals wait far longer at 2x load than at 0.5x (the first
+    # ones do not: batches absorb an overload until the KV cache is full).
     lo = Simulator(cfg, router="least_outstanding").run(wl)
     hi = Simulator(cfg, router="least_outstanding").run(at_load(w, 2.0, sat))
-    assert np.nanmedian(hi.first_token_s - hi.workload.arrival_s) > 3 * np.nanmedian(lo.first_token_s - wl.arrival_s)
+    late = slice(-len(w) // 10, None)
+    wait_hi = np.nanmean((hi.first_token_s - hi.workload.arrival_s)[late])
+    assert wait_hi > 5 * np.nanmean((lo.first_token_s - wl.arrival_s)[late])  # measured 1.1 s vs 0.13 s
 
 
 def test_compare_cli_json(tmp_path: Path) -> None:
