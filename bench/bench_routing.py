@@ -107,9 +107,8 @@ def study_ir() -> dict:
                  "lookahead_params": IR_LOOKAHEAD,
                  "command": "python bench/bench_routing.py ir"}
 
-    def one(label: str, router: str, wl: Workload, c=cfg) -> dict:
-        r = router_factory("lookahead", c)() if label == "lookahead_default_slo_weights" else ir_router(router, c)
-        res = Simulator(c, router=r).run(wl)
+    def one(make, wl: Workload, c=cfg) -> dict:
+        res = Simulator(c, router=make(c)).run(wl)
         m = request_metrics(res)
         guess = res.workload.predicted_output  # what the router was told (None: no prediction)
         return {"e2e_mean_s": float(np.nanmean(m.e2e_s)), "ttft_p99_s": float(np.nanpercentile(m.ttft_s, 99)),
@@ -118,17 +117,21 @@ def study_ir() -> dict:
                 "predicted_output_median": None if guess is None else {
                     "prefill_heavy": float(np.median(guess[heavy])), "decode_heavy": float(np.median(guess[~heavy]))}}
 
-    base = out["round_robin"] = one("round_robin", "round_robin", w)
-    runs = [(r, r, w) for r in ("least_outstanding", "power_of_two", "llumnix", "mixing", "lookahead", "learned")]
+    def study(name: str):  # the study's router (lookahead with the mean-E2E weight)
+        return lambda c: ir_router(name, c)
+
+    base = out["round_robin"] = one(study("round_robin"), w)
+    runs = [(r, study(r), w) for r in ("least_outstanding", "power_of_two", "llumnix", "mixing", "lookahead", "learned")]
     no_pred = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, name=w.name)
-    runs += [("lookahead_no_prediction", "lookahead", no_pred), ("lookahead_default_slo_weights", "lookahead", w)]
+    runs += [("lookahead_no_prediction", study("lookahead"), no_pred),
+             ("lookahead_default_slo_weights", lambda c: router_factory("lookahead", c)(), w)]
     with tempfile.TemporaryDirectory() as d:
         fitted = fit_history_predictor(ir_workload(seed=100), Path(d), "ir")
         configs = {"lookahead_shipped_trace_predictor": with_predictor(cfg, "trace"),
                    "lookahead_fitted_trace_predictor": with_predictor(cfg, "trace", artifacts=str(fitted),
                                                                       tenant="ir")}
-        for label, r, wl in runs + [(k, "lookahead", no_pred) for k in configs]:
-            s = out[label] = one(label, r, wl, configs.get(label, cfg))
+        for label, make, wl in runs + [(k, study("lookahead"), no_pred) for k in configs]:
+            s = out[label] = one(make, wl, configs.get(label, cfg))
             s["e2e_improvement_vs_rr"] = 1 - s["e2e_mean_s"] / base["e2e_mean_s"]
     return out
 
@@ -178,7 +181,10 @@ def study_migration() -> dict:
 
 
 def study_sweep() -> dict:
-    """P99 TTFT of round-robin over the best router, across load, on the Azure trace (16 instances)."""
+    """P99 TTFT of round-robin over the best router, across load, on the Azure trace (16 instances), and the floor
+    under any router's P99: the P99 of the prompts' own prefill time on an idle instance (``prefill_p99_alone_s``);
+    a 10x ratio needs round-robin's P99 at 10x that floor or more."""
+    from sim.cluster import pool_latency
     from sim.commands import with_instances
 
     path = SHARED / "azure_llm_2023_conv.csv.gz"
@@ -186,8 +192,11 @@ def study_sweep() -> dict:
     cfg = with_instances(load_config("default"), 16)
     w = Workload.from_trace(trace)
     sat = saturation_rate(cfg, w)
-    out: dict = {"trace": trace.name, "config": "default x16", "saturation_rps": sat, "loads": {}}
-    for load in (0.4, 0.5, 0.6, 0.7, 0.8):
+    lat = pool_latency(cfg, cfg.pools[0])
+    floor = float(np.percentile([lat.prefill_time(int(p)) for p in w.prompt_tokens], 99))
+    out: dict = {"trace": trace.name, "config": "default x16", "saturation_rps": sat, "prefill_p99_alone_s": floor,
+                 "loads": {}}
+    for load in (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95):
         wl = at_load(w, load, sat)
         row = {r: run(cfg, wl, r) for r in ("round_robin", "least_outstanding", "llumnix", "mixing", "lookahead",
                                             "learned")}
