@@ -130,3 +130,31 @@ def test_prefix_affinity_gets_more_hits_than_round_robin() -> None:
     rr = Simulator(cfg, router="round_robin").run(w)
     pa = Simulator(cfg, router="prefix_affinity").run(w)
     assert pa.prefix_hit_tokens > rr.prefix_hit_tokens
+
+
+def test_snapshot_reports_the_queues_compute_net_of_cached_prefixes_and_lookahead_prices_it() -> None:
+    """``prefill_compute_tokens``: waiting prompts' leading cached blocks are not work; ``prefill_tokens_pending``
+    (KV accounting) still counts them whole. Lookahead's queue time follows the compute figure, so a queue of
+    prompts this instance has cached looks short, and an instance without a cache reports ``None``."""
+    from scheduler.core.types import RequestInfo
+    from scheduler.policy.routers_lookahead import LookaheadRouter
+
+    eng = engine()
+    eng.add_request("a", 1024, 2, hash_ids=(1, 2, 3, 4), hash_block_tokens=256)
+    drain(eng)
+    eng.add_request("b", 1024, 2, hash_ids=(1, 2, 3, 9), hash_block_tokens=256)  # 768 cached
+    eng.add_request("c", 1024, 2, hash_ids=(5, 6, 7, 8), hash_block_tokens=256)  # none cached
+    snap = eng.snapshot("i0", 0.0)
+    assert snap.prefill_tokens_pending == 2048
+    assert snap.prefill_compute_tokens == 2048 - 768
+    cold = engine(cache=False)
+    cold.add_request("b", 1024, 2)
+    cold.add_request("c", 1024, 2)
+    plain = cold.snapshot("i1", 0.0)
+    assert plain.prefill_compute_tokens is None and plain.prefill_tokens_pending == 2048
+
+    router = LookaheadRouter(latency=LAT)
+    req = RequestInfo("n", 0.0, prompt_tokens=512, max_tokens=16)
+    warm_ttft = router.estimate(req, snap).ttft_s
+    cold_ttft = router.estimate(req, plain).ttft_s
+    assert warm_ttft < cold_ttft

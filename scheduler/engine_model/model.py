@@ -466,6 +466,17 @@ class EngineModel:
         while self._prefix_tokens > self.prefix_capacity_tokens and cache:
             self._prefix_tokens -= cache.popitem(last=False)[1]
 
+    def _waiting_cache_hits(self) -> int:
+        """Prompt tokens of the waiting requests their admission would find cached here now (as ``_prefix_hit``
+        will count them, unless the cache changes before then)."""
+        hit = 0
+        for s in self.waiting:
+            if s.hash_ids and not s.num_computed:
+                n = self.cached_prefix_blocks(s.hash_ids)
+                if n:
+                    hit += min(n * s.hash_block_tokens, s.num_tokens - 1)
+        return hit
+
     def cached_prefix_blocks(self, hash_ids: tuple[int, ...]) -> int:
         """How many leading ``hash_ids`` are in this instance's prefix cache now (0 when caching is off)."""
         cache = self.prefix_cache
@@ -608,6 +619,7 @@ class EngineModel:
         pending = sum(s.num_tokens - s.num_computed for s in self.prefilling) + sum(
             s.num_tokens for s in self.waiting
         )
+        compute = pending - self._waiting_cache_hits() if self.prefix_cache else None
         bs = len(self.decoding)
         # NOTE: summed, then clipped at 0 (a live instance clips per request; that needs O(batch), detail has it).
         # Members who outlived their prediction lower the sum a little; with exact predictions it is exact.
@@ -630,5 +642,6 @@ class EngineModel:
             predicted_remaining_tokens=pred,
             requests=requests,
             cached_hash_ids=frozenset(self.prefix_cache) if self.prefix_cache else frozenset(),
+            prefill_compute_tokens=compute,
             **static,  # type: ignore[arg-type]
         )

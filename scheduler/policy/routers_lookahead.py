@@ -313,6 +313,8 @@ class LookaheadRouter(PairingRouter):
         B, C = inst.num_decoding, inst.decode_context_tokens
         Bp, Cp = (B, C) if inst.role.does_decode else (0, 0)
         Q = inst.prefill_tokens_pending
+        # The queue's prefill time counts what the engine will compute: queued prompts' cached prefixes are skipped.
+        Qc = Q if inst.prefill_compute_tokens is None else inst.prefill_compute_tokens
         rem = tuple(r.predicted_remaining if r.predicted_remaining is not None else self.default_output_tokens
                     for r in inst.requests if not r.in_prefill)
         if rem:
@@ -326,7 +328,7 @@ class LookaheadRouter(PairingRouter):
         t = _Terms(
             snap=inst, lat=lat, Bp=Bp, Cp=Cp,
             # Queued prompts, assumed of equal size Q / max(waiting, 1) for their attention cost.
-            queue_s=self._prefill_span(lat, Q, Q * (Q / max(inst.num_waiting, 1) + 1) / 2, Bp, Cp),
+            queue_s=self._prefill_span(lat, Qc, Qc * (Q / max(inst.num_waiting, 1) + 1) / 2, Bp, Cp),
             decode_only_s=lat.step_time(decode_batch=Bp, decode_context=Cp) if Bp else 0.0,
             rem=rem, r_avg=r_avg, a1=lat.decode_coeffs(B + 1)[0], b=b, a_alone=lat.decode_coeffs(1)[0],
             step_now=a0 + b * C if B else 0.0, cap=cap,
