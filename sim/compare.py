@@ -30,15 +30,15 @@ def saturation_rate(config: ClusterConfig, w: Workload, *, sample: int | None = 
     ``sample`` requests (default 1000 per instance, the trace repeated as needed) are drawn shuffled with a fixed
     seed, so the mix is the same all through, and arrive evenly spaced at an offered rate above capacity, routed as
     they come by least-outstanding -- so a faster instance, draining sooner, takes more: mixed GPU types and P/D
-    pools of mixed speed are measured as they would run. The rate is the completions
-    over the second half of the arrivals (the first half fills the batches). If the cluster kept up with the offered
-    rate, that rate was not above capacity: measure again at twice what it completed.
+    pools of mixed speed are measured as they would run. The rate is the completions over the second half of the
+    arrivals (the first half fills the batches). If the cluster kept up with the offered rate, that rate was not
+    above capacity: measure again at twice what it completed.
 
     Why not one burst at t=0 (what this measured until the twenty-first session): a few thousand requests queued at
     once make only a few generations of batches per instance, and the completion rate between the burst's 10th and
-    90th percentile completions read 17% high on the Azure trace (76.8 vs 65 req/s sustained on 16 A100s), so
-    "load 0.8" was 0.94 of what the cluster sustains; and a burst split by count left a fast pool idle while a slow
-    one worked (a TP-4 PREFILL tier beside TP-1 instances read 2.76 req/s against 4.9 sustained)."""
+    90th percentile completions read 17% high on the Azure trace (76.8 vs 65-66 req/s sustained on 16 A100s), so
+    "load 0.8" was 0.93 of what the cluster sustains; and a burst split by count left a fast pool idle while a slow
+    one worked (a TP-4 PREFILL tier beside TP-1 instances read 2.76 req/s against 5.05 sustained)."""
     # Fewer than ~500 per instance and the first half does not reach steady state (Azure, 4 x A100: 250 per
     # instance read 10.9 req/s, 500-4000 read 14.0-14.6); 1000 per instance repeat within ~3%.
     k = sample or 1000 * config.num_instances
@@ -46,6 +46,8 @@ def saturation_rate(config: ClusterConfig, w: Workload, *, sample: int | None = 
     idx = np.concatenate([rng.permutation(len(w)) for _ in range(-(-k // len(w)))])[:k]
     hash_ids = [w.hash_ids[i] for i in idx] if w.hash_ids is not None else None  # prefix reuse counts too
     offered = _first_guess(config, w, idx, hash_ids)
+    if offered <= 0.0:  # nothing completes at all (every request refused): no capacity for this mix
+        return 0.0
     for _ in range(8):
         arrival = np.arange(k) / offered
         res = Simulator(config, router="least_outstanding").run(
