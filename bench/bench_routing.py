@@ -208,7 +208,7 @@ def study_sweep() -> dict:
 
 
 # (ttft factor, tpot factor) variants of lookahead_shed; the first is its default. None: that rule off.
-SHED_VARIANTS = ((0.1, 1.0), (0.05, 1.0), (0.25, 1.0), (1.0, 1.0), (0.1, None), (None, 1.0))
+SHED_VARIANTS = ((0.25, 1.0), (0.1, 1.0), (0.05, 1.0), (1.0, 1.0), (0.25, None), (None, 1.0))
 # The learned router alone and under the same refusal rules (``shed`` over it).
 SHED_LEARNED = (("learned", "learned", {}), ("shed base=learned", "shed", {"base": "learned"}))
 
