@@ -44,19 +44,20 @@ def saturation_rate(config: ClusterConfig, w: Workload, *, sample: int | None = 
     k = sample or 1000 * config.num_instances
     rng = np.random.default_rng(seed)
     idx = np.concatenate([rng.permutation(len(w)) for _ in range(-(-k // len(w)))])[:k]
-    hash_ids = [w.hash_ids[i] for i in idx] if w.hash_ids is not None else None  # prefix reuse counts too
-    offered = _first_guess(config, w, idx, hash_ids)
+    # First guess, above capacity on every cluster tried: twice a t=0 burst of 500 (a burst reads high on
+    # homogeneous clusters and low on mixed ones; the loop doubles again if it was not enough).
+    offered = 2.0 * _completion_rate(Simulator(config, router="least_outstanding").run(
+        _sampled(w, idx[:500], np.zeros(min(k, 500)))))
     if offered <= 0.0:  # nothing completes at all (every request refused): no capacity for this mix
         return 0.0
     for _ in range(8):
         arrival = np.arange(k) / offered
-        res = Simulator(config, router="least_outstanding").run(
-            Workload(arrival, w.prompt_tokens[idx], w.output_tokens[idx], hash_ids=hash_ids, name=w.name))
+        res = Simulator(config, router="least_outstanding").run(_sampled(w, idx, arrival))
         done = res.finish_s[np.isfinite(res.finish_s)]
         half = 0.5 * float(arrival[-1])
         n = int(np.sum((done >= half) & (done <= 2 * half)))
         if n < 10:  # a tiny sample: whole-run throughput is the best it can say
-            return float(len(done) / max(float(done.max(initial=0.0)), 1e-9))
+            return _completion_rate(res)
         rate = n / max(half, 1e-9)
         if rate < 0.95 * offered:
             return float(rate)
@@ -64,16 +65,16 @@ def saturation_rate(config: ClusterConfig, w: Workload, *, sample: int | None = 
     return float(rate)
 
 
-def _first_guess(config: ClusterConfig, w: Workload, idx: np.ndarray, hash_ids) -> float:
-    """An offered rate to start from, above capacity on every cluster tried: twice the completions per second of
-    a burst of 500 of the sample at t=0 (the burst reads high on homogeneous clusters and low on mixed ones;
-    ``saturation_rate`` doubles again if it was not enough)."""
-    sub = idx[:500]
-    hid = hash_ids[:500] if hash_ids is not None else None
-    res = Simulator(config, router="least_outstanding").run(
-        Workload(np.zeros(len(sub)), w.prompt_tokens[sub], w.output_tokens[sub], hash_ids=hid, name=w.name))
+def _sampled(w: Workload, idx: np.ndarray, arrival: np.ndarray) -> Workload:
+    """Requests ``idx`` of ``w`` (prefix ``hash_ids`` kept: reuse counts too) arriving at ``arrival``."""
+    hash_ids = [w.hash_ids[i] for i in idx] if w.hash_ids is not None else None
+    return Workload(arrival, w.prompt_tokens[idx], w.output_tokens[idx], hash_ids=hash_ids, name=w.name)
+
+
+def _completion_rate(res) -> float:
+    """Completed requests per second over the whole run (0 when none completed)."""
     done = res.finish_s[np.isfinite(res.finish_s)]
-    return 2.0 * len(done) / max(float(done.max(initial=0.0)), 1e-9)
+    return float(len(done) / max(float(done.max(initial=0.0)), 1e-9))
 
 
 def at_load(w: Workload, load: float, saturation: float) -> Workload:

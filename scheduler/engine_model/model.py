@@ -447,7 +447,7 @@ class EngineModel:
             cache.move_to_end(h)
             n += 1
         if n:
-            hit = min(n * seq.hash_block_tokens, seq.num_tokens - 1)
+            hit = self._hit_tokens(seq, n)
             seq.num_computed = hit
             self.prefix_hit_tokens += hit
             self.prompt_tokens_loaded += hit
@@ -472,10 +472,13 @@ class EngineModel:
         hit = 0
         for s in self.waiting:
             if s.hash_ids and not s.num_computed:
-                n = self.cached_prefix_blocks(s.hash_ids)
-                if n:
-                    hit += min(n * s.hash_block_tokens, s.num_tokens - 1)
+                hit += self._hit_tokens(s, self.cached_prefix_blocks(s.hash_ids))
         return hit
+
+    @staticmethod
+    def _hit_tokens(seq: Seq, n: int) -> int:
+        """Prompt tokens ``n`` leading cached blocks spare ``seq``: all but the last token, which is recomputed."""
+        return min(n * seq.hash_block_tokens, seq.num_tokens - 1)
 
     def cached_prefix_blocks(self, hash_ids: tuple[int, ...]) -> int:
         """How many leading ``hash_ids`` are in this instance's prefix cache now (0 when caching is off)."""
