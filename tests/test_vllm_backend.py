@@ -508,6 +508,54 @@ def test_abort_frees_kv_blocks(engines: Engines) -> None:
     assert engines.run(d.stats()).num_running == 0
 
 
+def test_stats_count_the_prompt_tokens_a_waiting_request_still_has_to_compute(engines: Engines) -> None:
+    """A queued prompt whose leading blocks the prefix cache holds will cost only its tail: ``prefill_compute_tokens``
+    (what the lookahead router prices a queue by; the engine model reports the same) counts that, while
+    ``prefill_tokens_pending`` keeps the whole prompt for KV accounting."""
+    d = engines.decode
+    bs = d.block_size
+    rng = np.random.default_rng(11)
+
+    def ids(n: int) -> tuple[int, ...]:
+        return tuple(int(t) for t in rng.integers(5, 1000, size=n))
+
+    shared, tail, fresh = ids(5 * bs + 7), ids(40), ids(3 * bs + 5)
+    engines.run(_collect(d, EngineRequest("pc-warm", shared, SamplingParams(max_tokens=1, ignore_eos=True))))
+    blockers = [ids(20) for _ in range(d._engine_args["max_num_seqs"])]  # every slot busy: the next ones queue
+
+    async def scenario() -> Any:
+        gens = [
+            d.generate(EngineRequest(f"pc-block-{i}", p, SamplingParams(max_tokens=1500, ignore_eos=True)))
+            for i, p in enumerate(blockers)
+        ]
+        for g in gens:
+            await g.__anext__()  # running and decoding
+        queued = [
+            asyncio.ensure_future(_collect(d, EngineRequest(rid, p, SamplingParams(max_tokens=2, ignore_eos=True))))
+            for rid, p in (("pc-hit", shared + tail), ("pc-fresh", fresh))
+        ]
+        try:
+            for _ in range(400):
+                s = await d.stats()
+                if s.num_waiting == 2:
+                    return s
+                await asyncio.sleep(0.005)
+            raise AssertionError("the two requests never queued behind the blockers")
+        finally:
+            for i in range(len(gens)):
+                await d.abort(f"pc-block-{i}")
+            for g in gens:
+                _ = [c async for c in g]
+            await asyncio.gather(*queued)
+
+    s = engines.run(scenario())
+    waiting = {r.request_id: r for r in s.requests if r.in_prefill}
+    assert set(waiting) == {"pc-hit", "pc-fresh"}
+    hit = (len(shared) // bs) * bs  # the cached prompt's full blocks
+    assert s.prefill_compute_tokens == len(shared) + len(tail) - hit + len(fresh)
+    assert sum(r.context_tokens for r in waiting.values()) == len(shared) + len(tail) + len(fresh)
+
+
 def test_engine_timings_place_a_request_inside_the_engine(engines: Engines) -> None:
     """(arrival at vLLM's front end, first scheduled, finished), wall clock, per llmsched id: llmsched run's split."""
     d = engines.decode

@@ -664,6 +664,7 @@ def snapshot_from_stats(
         kv_blocks_total=s.kv_blocks_total,
         block_size=s.block_size,
         prefill_tokens_pending=pending,
+        prefill_compute_tokens=s.prefill_compute_tokens,
         decode_context_tokens=decode_ctx,
         predicted_remaining_tokens=predicted,
         requests=tuple(reqs),

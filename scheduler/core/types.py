@@ -155,10 +155,10 @@ class InstanceSnapshot:
     draining: bool = False
     # Mooncake-style prefix cache: block hash ids resident on this instance (bounded by the reporter).
     cached_hash_ids: frozenset[int] = frozenset()
-    # Prompt tokens still to *compute*: ``prefill_tokens_pending`` less the leading blocks of the waiting prompts
-    # that this instance's prefix cache holds now. ``None``: the reporter cannot tell (the live instance sees no
-    # hash ids); take ``prefill_tokens_pending``. KV accounting keeps using that: a cache hit saves compute, not
-    # the request's KV reservation.
+    # Prompt tokens still to *compute*: ``prefill_tokens_pending`` less what is computed of a prompt in prefill
+    # and the leading blocks of the waiting prompts that this instance's prefix cache holds now (or that come with
+    # transferred KV). ``None``: the reporter cannot tell; take ``prefill_tokens_pending``. KV accounting keeps
+    # using that: a cache hit saves compute, not the request's KV reservation.
     prefill_compute_tokens: int | None = None
 
     @property

@@ -84,6 +84,9 @@ class EngineStats:
     # request arrived (nothing copied at admission, so the migration's downtime does not grow with context).
     prompt_tokens_adopted: int = 0
     requests: tuple[RequestLoad, ...] = ()
+    # Prompt tokens the requests in prefill still have to compute (see ``InstanceSnapshot.prefill_compute_tokens``);
+    # ``None``: this backend cannot tell.
+    prefill_compute_tokens: int | None = None
 
 
 @runtime_checkable

@@ -280,6 +280,7 @@ class SimulatedBackend:
             prompt_tokens_computed=em.prompt_tokens_computed,
             prompt_tokens_loaded=em.prompt_tokens_loaded,
             requests=snap.requests,
+            prefill_compute_tokens=snap.prefill_compute_tokens,
         )
 
     def snapshot(self, instance_id: str, now_s: float, **static: object) -> InstanceSnapshot:

@@ -551,6 +551,7 @@ class VLLMBackend:
             prompt_tokens_loaded=int(d["prompt_tokens_loaded"]),
             prompt_tokens_adopted=int(d["prompt_tokens_adopted"]),
             requests=loads,
+            prefill_compute_tokens=None if d["prefill_compute_tokens"] is None else int(d["prefill_compute_tokens"]),
         )
         idle = not (stats.num_running or stats.num_waiting or stats.kv_blocks_used or stats.requests)
         quiet = epoch == self._epoch and not self._active and not self._incoming

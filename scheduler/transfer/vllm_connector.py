@@ -707,12 +707,15 @@ def _engine_stats(core: Any) -> dict[str, Any]:
     conn = _SCHEDULER_CONNECTOR
     requests = []
     counters = _Counters()
+    compute: int | None = 0
     if conn is not None:
         counters = conn.counters
         held = {id(r) for r in conn._held.values()}
         for internal_id, r in conn._live.items():
             if r.is_finished() or id(r) in held:  # a held request is still the source's until the commit
                 continue
+            if compute is not None and r.num_computed_tokens < r.num_prompt_tokens:
+                compute = _add_compute_left(compute, sched, conn, r)
             requests.append(
                 {
                     "llmsched_id": conn._params(r).get("llmsched_id", internal_id),
@@ -733,8 +736,26 @@ def _engine_stats(core: Any) -> dict[str, Any]:
         "prompt_tokens_loaded": counters.prompt_tokens_loaded,
         "prompt_tokens_cached": counters.prompt_tokens_cached,
         "prompt_tokens_adopted": counters.prompt_tokens_adopted,
+        "prefill_compute_tokens": compute,
         "requests": requests,
     }
+
+
+def _add_compute_left(total: int, sched: Any, conn: LlmschedConnector, r: Request) -> int | None:
+    """``total`` plus the tokens ``r`` (in prefill) still has to run through the model: less what it computed,
+    and, not yet scheduled, less the larger of its local prefix-cache hit and the KV it brings (loaded, not
+    computed) -- what vLLM will find when it admits ``r``. ``None`` when this vLLM's layout hides the hit."""
+    done = r.num_computed_tokens
+    if done == 0:
+        kvm = sched.kv_cache_manager
+        try:
+            if kvm.prefix_cache_lookup_enabled(r):
+                # NOTE: the read half of get_computed_blocks (which also records hit stats and emits KV events).
+                done = int(kvm.coordinator.find_longest_cache_hit(r.block_hashes, r.num_tokens - 1)[1])
+        except (AttributeError, TypeError, IndexError):  # pragma: no cover - vLLM layout changed
+            return None
+        done = max(done, conn._loadable_end(r))
+    return total + max(r.num_tokens - done, 0)
 
 
 def _install_engine_core_utilities() -> None:
