@@ -75,8 +75,12 @@ def test_disabled_cache_changes_nothing() -> None:
 def test_lru_is_bounded_by_kv_capacity_and_evicts_oldest() -> None:
     eng = engine(blocks=64)  # 1024 tokens of KV: four 256-token ids fit in the cache
     for k in range(6):
+        before = eng.snapshot("m-0", 0.0).cached_hash_ids  # the snapshot's copy is reused until the cache changes
+        assert not before or eng.snapshot("m-0", 0.0).cached_hash_ids is before
         eng.add_request(f"r{k}", 256, 1, hash_ids=(100 + k,), hash_block_tokens=256)
         drain(eng)
+        assert eng.snapshot("m-0", 0.0).cached_hash_ids == frozenset(range(max(100, 100 + k - 3), 101 + k))
+        assert before == frozenset(range(max(100, 100 + k - 4), 100 + k))  # an earlier snapshot stays as it was
     cached = eng.snapshot("m-0", 0.0).cached_hash_ids
     assert cached == frozenset({102, 103, 104, 105})
     assert eng.cached_prefix_blocks((104, 105)) == 2
