@@ -37,9 +37,9 @@ Estimator (documented approximations; all times from ``LatencyModel``):
   ``pressure_window_s`` (its own ``on_routed`` history, as Llumnix's dispatcher keeps its own counts), as the
   fraction ``f`` of the instance's time spent prefilling; the newcomer's decode time is ``own / (1 - f)``
   (``f`` capped at ``max_pressure``). A prompt counts at its whole prefill time, cached prefix included (see
-  ``pressure_net_of_cache``: the overstatement spreads a conversation's turns). This is what makes decode-heavy requests gather on instances that
-  prefill-heavy ones avoid (their harm_p there is large): the Intelligent Router's segregation, from the cost
-  model rather than from a class label.
+  ``pressure_net_of_cache``: the overstatement spreads a conversation's turns). This is what makes decode-heavy
+  requests gather on instances that prefill-heavy ones avoid (their harm_p there is large): the Intelligent
+  Router's segregation, from the cost model rather than from a class label.
 * KV: a headroom check over a fixed horizon of ``H = kv_horizon_tokens`` decode steps (default
   ``default_output_tokens``), the same for every newcomer: peak demand on ``d`` = other KV + queued prompts +
   ``max(C + B*H + P + min(O, H), P + O)`` -- the batch keeps its size and grows one token per request per step
