@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scheduler.config.load import load_config
+from sim.commands import with_predictor
 from sim.compare import at_load, router_factory, saturation_rate
 from sim.metrics import request_metrics, sim_summary
 from sim.simulator import Simulator, Workload
@@ -45,15 +46,6 @@ def ir_workload(n: int = 6000, rate: float = 20.0, seed: int = 0) -> Workload:
     output = np.where(heavy_p, rng.integers(10, 60, n), rng.integers(300, 800, n))
     return Workload(t.arrival_s, prompt.astype(np.int64), output.astype(np.int64),
                     predicted_output=output.astype(float), name="ir_mixed_synthetic")
-
-
-def with_predictor(cfg, name: str, **params):
-    """``cfg`` with ``policies.predictor`` set: the simulator then guesses every request's length the way a live
-    ingress would (``scheduler/predict/serving.py``)."""
-    from scheduler.config.models import PolicySpec
-
-    return cfg.model_copy(update={"policies": cfg.policies.model_copy(
-        update={"predictor": PolicySpec(name=name, params=params)})})
 
 
 def fit_history_predictor(history: Workload, out_dir: Path, tenant: str) -> Path:

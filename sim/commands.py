@@ -50,6 +50,15 @@ def with_instances(cfg: ClusterConfig, n: int) -> ClusterConfig:
     return cfg.model_copy(update={"pools": pools})
 
 
+def with_predictor(cfg: ClusterConfig, name: str | None, **params: object) -> ClusterConfig:
+    """``cfg`` with ``policies.predictor`` set (``None``: none): the simulator then guesses every request's length
+    the way a live ingress would (``scheduler/predict/serving.py``)."""
+    from scheduler.config.models import PolicySpec
+
+    spec = PolicySpec(name=name, params=params) if name is not None else None
+    return cfg.model_copy(update={"policies": cfg.policies.model_copy(update={"predictor": spec})})
+
+
 def load_workload(args: argparse.Namespace, cfg: ClusterConfig):
     """Returns ``(trace, workload)``; the trace carries the name and source that reports print."""
     from sim.traces import default_trace, load_trace, synthetic
@@ -205,7 +214,7 @@ def fit_predictor_main(argv: list[str] | None = None) -> int:
     print(f"held-out last {args.holdout:.0%}: n {metrics['n']}  Kendall tau {metrics['kendall_tau']:.3f}  "
           f"bucket accuracy {metrics['bucket_accuracy']:.3f}  MAE {metrics['mae_tokens']:.1f} tokens")
     print(f"wrote {out / 'trace.json'}; use policies.predictor: {{name: trace, params: {{artifacts: {out}, "
-          f"tenant: {sorted(pairs)[0]}}}}}")
+          f"tenant: {min(pairs)}}}}}")
     if args.json:
         write_json(args.json, report)
     return 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from scheduler.config.load import ConfigError, load_config, parse_config
-from scheduler.config.models import ClusterConfig, PolicySpec
+from scheduler.config.models import PolicySpec
 from scheduler.control.api import InvalidRequest
 from scheduler.control.ingress import Ingress
 from scheduler.control.registry import RequestRecord
@@ -18,6 +18,7 @@ from scheduler.engine.base import SamplingParams
 from scheduler.policy.route import LeastOutstandingRouter
 from scheduler.predict import load_predictor
 from scheduler.predict.serving import ServingPredictor, serving_predictor
+from sim.commands import with_predictor
 from sim.simulator import Simulator, Workload
 
 
@@ -33,11 +34,6 @@ class Recording(LeastOutstandingRouter):
         return super().route(request, view)
 
 
-def _with_predictor(cfg: ClusterConfig, name: str | None, **params: object) -> ClusterConfig:
-    spec = PolicySpec(name=name, params=params) if name is not None else None
-    return cfg.model_copy(update={"policies": cfg.policies.model_copy(update={"predictor": spec})})
-
-
 def _workload(n: int = 60, seed: int = 0) -> Workload:
     rng = np.random.default_rng(seed)
     prompt = rng.choice([40, 700, 3000], n)  # three input-length buckets: three different guesses
@@ -45,7 +41,7 @@ def _workload(n: int = 60, seed: int = 0) -> Workload:
 
 
 def test_the_simulator_gives_routers_the_configured_predictors_guess() -> None:
-    cfg = _with_predictor(load_config("llama2-7b-a100-16"), "trace", tenant="azure_conv")
+    cfg = with_predictor(load_config("llama2-7b-a100-16"), "trace", tenant="azure_conv")
     w = _workload()
     router = Recording()
     res = Simulator(cfg, router=router).run(w)
@@ -60,7 +56,7 @@ def test_the_simulator_gives_routers_the_configured_predictors_guess() -> None:
     Simulator(cfg, router=router).run(Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, predicted_output=own))
     assert [router.seen[str(i)] for i in range(len(w))] == pytest.approx(own)
     router = Recording()
-    Simulator(_with_predictor(cfg, None), router=router).run(w)
+    Simulator(with_predictor(cfg, None), router=router).run(w)
     assert set(router.seen.values()) == {None}
 
 
@@ -81,7 +77,7 @@ def test_a_missing_predictor_artifact_names_the_field(tmp_path) -> None:
 
 
 def _ingress(predictor: str | None, router: Recording) -> Ingress:
-    cfg = _with_predictor(load_config("deploy/examples/cpu-pd.yaml"), predictor)
+    cfg = with_predictor(load_config("deploy/examples/cpu-pd.yaml"), predictor)
     ing = Ingress(cfg, controller=None, router=router)
     ing._view = ClusterView(0.0, (InstanceSnapshot("prefill-0", InstanceRole.PREFILL),
                                   InstanceSnapshot("decode-0", InstanceRole.DECODE)))

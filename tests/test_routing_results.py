@@ -10,7 +10,7 @@ import pytest
 
 from scheduler.config.load import load_config
 from scheduler.core.types import InstanceRole
-from sim.commands import with_instances
+from sim.commands import with_instances, with_predictor
 from sim.compare import at_load, router_factory, saturation_rate
 from sim.metrics import request_metrics
 from sim.simulator import Simulator, Workload
@@ -67,7 +67,7 @@ def test_a_predictor_fitted_on_the_deployments_history_meets_the_intelligent_rou
     """The length guess from ``policies.predictor``: the trace predictor refitted (``llmsched predict fit-trace``)
     on another hour of the same mix tells prefill-heavy from decode-heavy requests by prompt length alone, and
     lookahead with it is >= 15% better than round-robin (measured 19.9% / 18.9%, oracle 19.3% / 17.6%)."""
-    from bench_routing import fit_history_predictor, ir_router, ir_workload, with_predictor
+    from bench_routing import fit_history_predictor, ir_router, ir_workload
 
     cfg = load_config("default")
     w = ir_workload(seed=seed)
@@ -160,7 +160,7 @@ def test_lookahead_sends_the_long_prompts_to_a_fast_prefill_tier() -> None:
     assert tier.role is InstanceRole.PREFILL and tier.tp == 4
     w = Workload.from_trace(load_trace(DATA / "mooncake_fast25_conversation_first1000.jsonl.gz"))
     w = at_load(w, 0.8, saturation_rate(cfg, w))
-    (rr, m_rr), (la, m_la) = (_run(cfg, w, r) for r in ("round_robin", "lookahead"))
+    (_, m_rr), (la, m_la) = (_run(cfg, w, r) for r in ("round_robin", "lookahead"))
     assert np.nanpercentile(m_la.ttft_s, 99) < np.nanpercentile(m_rr.ttft_s, 99) / 5  # measured 31 vs 455 s
     on_tier = np.array([la.instance_ids[i].startswith(tier.name) for i in la.instance])
     assert 0 < on_tier.mean() < 1
