@@ -554,6 +554,16 @@ def test_stats_count_the_prompt_tokens_a_waiting_request_still_has_to_compute(en
     hit = (len(shared) // bs) * bs  # the cached prompt's full blocks
     assert s.prefill_compute_tokens == len(shared) + len(tail) - hit + len(fresh)
     assert sum(r.context_tokens for r in waiting.values()) == len(shared) + len(tail) + len(fresh)
+    # What the instance reports to routers, and what lookahead prices the queue by.
+    from scheduler.control.instance import InstanceInfo, snapshot_from_stats
+    from scheduler.policy.routers_lookahead import LookaheadRouter
+
+    snap = snapshot_from_stats(s, InstanceInfo("d", "p", InstanceRole.MIXED, "cpu", 1, "tiny", "vllm", "i"), 0.0)
+    assert snap.prefill_compute_tokens == s.prefill_compute_tokens
+    assert snap.prefill_tokens_pending == len(shared) + len(tail) + len(fresh)
+    whole = dataclasses.replace(snap, prefill_compute_tokens=None)
+    router = LookaheadRouter()
+    assert router._terms(snap).queue_s < 0.8 * router._terms(whole).queue_s
 
 
 def test_engine_timings_place_a_request_inside_the_engine(engines: Engines) -> None:
