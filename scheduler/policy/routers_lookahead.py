@@ -36,8 +36,10 @@ Estimator (documented approximations; all times from ``LatencyModel``):
   stalls its decodes. The router remembers the prefill time it sent to each instance, decayed over
   ``pressure_window_s`` (its own ``on_routed`` history, as Llumnix's dispatcher keeps its own counts), as the
   fraction ``f`` of the instance's time spent prefilling; the newcomer's decode time is ``own / (1 - f)``
-  (``f`` capped at ``max_pressure``). A prompt counts at its whole prefill time, cached prefix included (see
-  ``pressure_net_of_cache``: the overstatement spreads a conversation's turns). This is what makes decode-heavy
+  (``f`` capped at ``max_pressure``). A prompt counts at its whole prefill time, cached prefix included: netting
+  the hit measured worse for routing (Mooncake tier: goodput -9%; the overstatement keeps a conversation's turns
+  from piling up where they are cached), while the shedding rule below reads the net figure (what the engine
+  runs; whole prompts made its TPOT rule refuse requests that met their SLO). This is what makes decode-heavy
   requests gather on instances that prefill-heavy ones avoid (their harm_p there is large): the Intelligent
   Router's segregation, from the cost model rather than from a class label.
 * KV: a headroom check over a fixed horizon of ``H = kv_horizon_tokens`` decode steps (default
@@ -70,7 +72,8 @@ rejected (``Rejected`` with a retry-after) instead of queued when even at the ch
   its (gpu, tp)) or KV room, the residents that must finish first at its completion rate (``_admission_wait``);
   retry-after = that wait; or
 * its predicted TPOT exceeds ``shed_tpot_factor`` x its TPOT SLO -- the decode step with it in the batch, divided
-  by ``1 - prefill pressure`` on a MIXED decoder (its chunked-prefill steps stall the decodes).
+  by ``1 - prefill pressure`` on a MIXED decoder (its chunked-prefill steps stall the decodes), the pressure net
+  of prefix-cache hits (``prefill_pressure(net=True)``).
 
 Under a burst beyond capacity an FCFS queue makes every later request late and every prefill slows every decode;
 refusing the few that would miss anyway keeps the rest inside their SLOs (goodput counts the refused ones as
@@ -188,7 +191,6 @@ class LookaheadRouter(PairingRouter):
         max_pressure: float = 0.9,
         kv_horizon_tokens: float | None = None,
         hash_block_tokens: int = 512,
-        pressure_net_of_cache: bool = False,
         detail: bool = False,
         shed_ttft_factor: float | None = None,
         shed_tpot_factor: float | None = None,
@@ -229,16 +231,11 @@ class LookaheadRouter(PairingRouter):
         self.kv_horizon_tokens = kv_horizon_tokens if kv_horizon_tokens is not None else default_output_tokens
         self.hash_block_tokens = hash_block_tokens
         self._now = 0.0
-        # instance -> (decayed prefill seconds, decayed sum of squared prefill seconds, as of time)
-        self._pressure: dict[str, tuple[float, float, float]] = {}
-        # Count a placed prompt's pressure as the prefill the engine will run (less its prefix-cache hit on the
-        # chosen instance) instead of the whole prompt. Off for routing: on the Mooncake tier netting lowered
-        # lookahead's goodput 9% (TPOT p90 0.091 -> 0.101 s) -- the whole prompt overstates the mean stall but keeps
-        # a conversation's turns from piling onto the instance that caches them. On for ``shed``'s judge, which
-        # predicts another router's placement's TPOT: whole prompts made it refuse 7.2% of ``learned``'s
-        # placements on Mooncake, three in four of which met their SLO unrefused (docs/routing.md).
-        self.pressure_net_of_cache = pressure_net_of_cache
-        # (request id, prefill instance, cached prompt tokens there) of the last placement judged (``admit``).
+        # instance -> (decayed prefill seconds, decayed sum of their squares, decayed prefill seconds net of
+        # prefix-cache hits, as of time)
+        self._pressure: dict[str, tuple[float, float, float, float]] = {}
+        # (request id, prefill instance, cached prompt tokens there) of the last placement judged (``admit``):
+        # ``on_routed`` adds the prefill the engine will run to the net pressure.
         self._placed_hit: tuple[str, str, int] | None = None
         self._lat_of_id: dict[str, LatencyModel] = {}
         self._cache: dict[str, _Terms] = {}  # instance -> terms of its current snapshot
@@ -405,19 +402,21 @@ class LookaheadRouter(PairingRouter):
         return _Side(w * own + harm + kv + pen, tpot_s=step_with, own_s=own, harm_s=harm, kv_s=kv, slo_s=pen)
 
     # ---- prefill pressure (router-side history) ---------------------------------------------------------------------
-    def prefill_pressure(self, instance_id: str) -> float:
-        """Fraction of ``instance_id``'s recent time spent prefilling what this router sent it (capped)."""
-        return min(self._stalls(instance_id)[0], self.max_pressure)
+    def prefill_pressure(self, instance_id: str, *, net: bool = False) -> float:
+        """Fraction of ``instance_id``'s recent time spent prefilling what this router sent it (capped); ``net``:
+        each prompt less its prefix-cache hit there (what the engine ran), else whole (module docstring)."""
+        rate, _, rate_net = self._stalls(instance_id)
+        return min(rate_net if net else rate, self.max_pressure)
 
-    def _stalls(self, instance_id: str) -> tuple[float, float]:
-        """(prefill seconds per second, squared prefill seconds per second) this router sent ``instance_id``
-        recently: the mean and the variance rate of the stalls its decodes meet."""
+    def _stalls(self, instance_id: str) -> tuple[float, float, float]:
+        """(prefill seconds per second, squared prefill seconds per second, the first net of prefix-cache hits)
+        this router sent ``instance_id`` recently: the mean and the variance rate of the stalls its decodes meet."""
         v = self._pressure.get(instance_id)
         if v is None or self.pressure_window_s <= 0:
-            return 0.0, 0.0
-        work, sq, t = v
+            return 0.0, 0.0, 0.0
+        work, sq, net, t = v
         k = math.exp(-max(self._now - t, 0.0) / self.pressure_window_s) / self.pressure_window_s
-        return work * k, sq * k
+        return work * k, sq * k, net * k
 
     def _tpot_miss_probability(self, instance_id: str, O: float, step_s: float, slo_s: float) -> float:
         """P(the newcomer's TPOT > ``slo_s``) over a life of ``O`` tokens of ``step_s`` each plus the prefill
@@ -426,7 +425,7 @@ class LookaheadRouter(PairingRouter):
         slack = O * (slo_s - step_s)
         if slack <= 0:
             return 1.0
-        rate, sq_rate = self._stalls(instance_id)
+        rate, sq_rate, _ = self._stalls(instance_id)
         f = min(rate, self.max_pressure)  # prefill_pressure, from the one read of the history
         life = O * step_s / (1.0 - f)
         mean, var = f * life, sq_rate * life
@@ -446,8 +445,9 @@ class LookaheadRouter(PairingRouter):
         if not isinstance(decision, RouteDecision):
             return decision
         q = self._request(request)
-        if self.pressure_net_of_cache and q.hash_ids:
-            p = next(s for s in view.instances if s.instance_id == decision.prefill_instance)
+        p = view.by_id(decision.prefill_instance)
+        self.latency_of(p)  # ``on_routed`` prices the placed prefill with it, judged or not
+        if q.hash_ids:
             self._placed_hit = (request.request_id, p.instance_id, self._cached_tokens(q, p))
         if request.accepted or request.priority >= self.shed_below_priority:
             return decision
@@ -468,7 +468,7 @@ class LookaheadRouter(PairingRouter):
             d = snaps[decision.decode_instance or decision.prefill_instance]
             tpot = self._decode_side(q, self._terms(d), colocated=d is p).tpot_s
             if d.role is InstanceRole.MIXED:  # its prefill steps stall the decodes: tokens come that much slower
-                tpot /= 1.0 - self.prefill_pressure(d.instance_id)
+                tpot /= 1.0 - self.prefill_pressure(d.instance_id, net=True)
             if tpot > self.shed_tpot_factor * q.slo.tpot_s:
                 return Rejected(f"shed: predicted TPOT {tpot * 1e3:.0f} ms on {d.instance_id} is over "
                                 f"{self.shed_tpot_factor:g} x the {q.slo.tpot_s * 1e3:g} ms TPOT SLO",
@@ -502,12 +502,13 @@ class LookaheadRouter(PairingRouter):
         if lat is None or self.pressure_window_s <= 0:
             return
         iid, now = decision.prefill_instance, self._now
-        work, sq, t = self._pressure.get(iid, (0.0, 0.0, now))
+        work, sq, net, t = self._pressure.get(iid, (0.0, 0.0, 0.0, now))
         k = math.exp(-max(now - t, 0.0) / self.pressure_window_s)
-        placed = self._placed_hit  # set only with ``pressure_net_of_cache``
+        tau = lat.prefill_time(request.prompt_tokens)
+        placed = self._placed_hit
         hit = placed[2] if placed is not None and placed[:2] == (request.request_id, iid) else 0
-        tau = lat.prefill_time(request.prompt_tokens - hit, hit)
-        self._pressure[iid] = (work * k + tau, sq * k + tau * tau, now)
+        tau_net = lat.prefill_time(request.prompt_tokens - hit, hit) if hit else tau
+        self._pressure[iid] = (work * k + tau, sq * k + tau * tau, net * k + tau_net, now)
 
     # ---- public ------------------------------------------------------------------------------------------------------
     def estimate(self, request: RequestInfo, prefill: InstanceSnapshot,
@@ -556,15 +557,14 @@ class LookaheadRouter(PairingRouter):
 
 
 class SheddingLookaheadRouter(LookaheadRouter):
-    """``lookahead`` with SLO shedding on (module docstring): refuses a request that would wait more than 0.1 x its
+    """``lookahead`` with SLO shedding on (module docstring): refuses a request that would wait more than 0.25 x its
     TTFT SLO before its own prefill, or whose predicted TPOT is over its TPOT SLO, even on the best placement.
 
     Measured (docs/routing.md "SLO shedding"; 16 instances at 0.8 of saturation, goodput at 90% attainment over the
-    best of least-outstanding / Llumnix): Azure conversation 1.48x (``lookahead`` alone 1.04x), Mooncake conversation
-    1.72x (``lookahead`` alone 1.79x since it credits cached prefixes: there the rules add attainment, not goodput).
-    TTFT factor 0.05 / 0.1 / 0.25 / 1.0 with the TPOT rule: Azure 1.41 / 1.48 / 1.51 / 1.51x, where the TPOT rule does
-    most of the work; Mooncake 1.54 / 1.72 / 1.76 / 1.76x. The factor is small because the wait estimate leaves out
-    the prompts that arrive after the newcomer.
+    best of least-outstanding / Llumnix): Azure conversation 1.51x (``lookahead`` alone 1.04x), where the TPOT rule
+    does most of the work; Mooncake conversation 1.79x (``lookahead`` alone 1.83x: there the rules add attainment,
+    not goodput). The TTFT factor is small because the wait estimate leaves out the prompts that arrive after the
+    newcomer; the table there has the other factors.
     """
 
     name = "lookahead_shed"
@@ -585,9 +585,9 @@ class ShedRouter(Router):
     ``policies.router: {name: shed, params: {base: learned}}``.
 
     Measured (docs/routing.md "SLO shedding"): over ``lookahead`` it decides exactly what ``lookahead_shed`` does;
-    over ``learned`` it lifts Azure goodput (1.02x -> 1.38x the best dispatcher). The judge counts prefill
-    pressure net of prefix-cache hits (``pressure_net_of_cache``): counting whole prompts, its TPOT rule refused
-    7.2% of ``learned``'s Mooncake placements and cut goodput below ``learned`` alone (1.62 vs 2.20 req/s).
+    over ``learned`` it lifts Azure goodput (1.02x -> 1.38x the best dispatcher). The TPOT rule reads prefill
+    pressure net of prefix-cache hits: counting whole prompts, it refused 7.2% of ``learned``'s Mooncake
+    placements and cut goodput below ``learned`` alone (1.62 vs 2.20 req/s).
     """
 
     name = "shed"
@@ -602,8 +602,7 @@ class ShedRouter(Router):
             if config is not None:
                 self.base.initialize(config)
         self.judge = LookaheadRouter(config=config, shed_ttft_factor=shed_ttft_factor,
-                                     shed_tpot_factor=shed_tpot_factor, shed_below_priority=shed_below_priority,
-                                     pressure_net_of_cache=True)
+                                     shed_tpot_factor=shed_tpot_factor, shed_below_priority=shed_below_priority)
         self.needs_request_detail = self.base.needs_request_detail  # type: ignore[misc]
 
     def initialize(self, config: ClusterConfig) -> None:
