@@ -397,7 +397,12 @@ def test_learned_router_fits_saves_loads_and_routes(tmp_path) -> None:
     assert np.allclose(phi, features(req(rid="x"), v.by_id("b"), phase="colocated")) and c.take("x") == []
 
 
-def test_shed_composes_any_router_with_the_lookahead_refusal_rules() -> None:
+@pytest.mark.parametrize(("config", "trace"), [
+    ("default", "azure_llm_2023_conv_first10min.csv.gz"),
+    # prefix-cache hash ids: the judge's net prefill pressure must follow the same placements too
+    ("scheduler/config/examples/llama3-8b-a100-16-longctx.yaml", "mooncake_fast25_conversation_first1000.jsonl.gz"),
+])
+def test_shed_composes_any_router_with_the_lookahead_refusal_rules(config: str, trace: str) -> None:
     """``shed`` = a base router's placements + ``LookaheadRouter._shed`` on them. Over ``lookahead`` it must decide
     exactly what ``lookahead_shed`` decides (the judge tracks the same prefill pressure from the same placements);
     over ``learned`` it refuses some of an overload (``learned`` alone refuses none) and serves the rest."""
@@ -409,10 +414,12 @@ def test_shed_composes_any_router_with_the_lookahead_refusal_rules() -> None:
     from sim.simulator import Simulator, Workload
     from sim.traces import load_trace
 
-    data = Path(__file__).resolve().parents[1] / "sim" / "data"
-    cfg = with_instances(load_config("default"), 4)
-    w = Workload.from_trace(load_trace(data / "azure_llm_2023_conv_first10min.csv.gz"))
-    w = Workload(w.arrival_s[:600], w.prompt_tokens[:600], w.output_tokens[:600])
+    root = Path(__file__).resolve().parents[1]
+    cfg = with_instances(load_config(config if config == "default" else str(root / config)), 4)
+    w = Workload.from_trace(load_trace(root / "sim" / "data" / trace))
+    n = 600
+    w = Workload(w.arrival_s[:n], w.prompt_tokens[:n], w.output_tokens[:n],
+                 hash_ids=None if w.hash_ids is None else w.hash_ids[:n], hash_block_tokens=w.hash_block_tokens)
     wl = at_load(w, 1.2, saturation_rate(cfg, w))
     runs = {name: Simulator(cfg, router=make_router(name, **kw)).run(wl)  # the simulator binds the config
             for name, kw in (("lookahead_shed", {}), ("shed", {"base": "lookahead"}), ("learned", {}))}
