@@ -496,12 +496,52 @@ def study_prefill_speed(multipliers: tuple[float | None, ...] = (1.0, 2.5, None)
     return out
 
 
+def study_learned_training(load: float = 0.8) -> dict:
+    """How the ``learned`` router is trained: the shipped bandit artifact against the cross-entropy policy search
+    of ``bench/train_learned_router.py --method cem`` (objective: mean reward, or SLO attainment), trained as the
+    artifact is (first half of Azure conv, ``default`` x16, 0.9 of saturation) and evaluated at ``load`` on the
+    whole Azure trace and, out of distribution, on the Mooncake conversation trace (``llama3-8b-a100-16-longctx``
+    x16): SLO attainment, P99 TTFT, mean E2E, goodput@90% (6 bisection steps); ``lookahead`` for reference."""
+    from scheduler.policy.routers_learned import LearnedRouter
+    from sim.commands import with_instances
+    from sim.goodput import goodput
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_learned_router import train_cem
+
+    azure = load_trace(SHARED / "azure_llm_2023_conv.csv.gz")
+    cfg = with_instances(load_config("default"), 16)
+    train_w = at_load(Workload.from_trace(azure.head(len(azure) // 2)), 0.9,
+                      saturation_rate(cfg, Workload.from_trace(azure)))
+    out: dict = {"load": load, "training": {}, "rows": []}
+    makers = {"learned (shipped bandit artifact)": LearnedRouter}
+    for objective in ("reward", "slo"):
+        weights, history = train_cem(cfg, train_w, iters=6, objective=objective)
+        out["training"][f"cem_{objective}"] = {"weights": weights, "history": history}
+        makers[f"cem_{objective}"] = lambda weights=weights: LearnedRouter(weights)
+    longctx = str(Path(__file__).resolve().parents[1] / "scheduler/config/examples/llama3-8b-a100-16-longctx.yaml")
+    for trace_name, config in (("azure_llm_2023_conv.csv.gz", "default"),
+                               ("mooncake_fast25_conversation_trace.jsonl.gz", longctx)):
+        c = with_instances(load_config(config), 16)
+        w = Workload.from_trace(load_trace(SHARED / trace_name))
+        wl = at_load(w, load, saturation_rate(c, w))
+        for name, make in [*makers.items(), ("lookahead", router_factory("lookahead", c))]:
+            s = sim_summary(Simulator(c, router=make()).run(wl))
+            row = {"trace": trace_name, "config": f"{c.name} x16", "router": name,
+                   "slo_attainment": s["slo_attainment"], "ttft_p99_s": s["ttft_s"]["p99"],
+                   "e2e_mean_s": s["e2e_s"]["mean"],
+                   "goodput_rps": goodput(c, wl, make, target=0.9, lo=0.05, hi=8.0, iters=6).goodput_rps}
+            out["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
 STUDIES = {"ir": study_ir, "predictor": study_predictor, "migration": study_migration, "sweep": study_sweep,
            "scaling": study_scaling, "rerole": study_rerole, "shed": study_shed,
            "shed_mooncake": lambda: study_shed(mooncake=True),
            "shed_learned": lambda: study_shed((), extra=SHED_LEARNED),
            "shed_learned_mooncake": lambda: study_shed((), mooncake=True, extra=SHED_LEARNED),
-           "prefill_speed": study_prefill_speed}
+           "prefill_speed": study_prefill_speed, "learned_training": study_learned_training}
 
 
 def main(argv: list[str] | None = None) -> int:

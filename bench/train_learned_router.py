@@ -16,6 +16,10 @@ saved. Training uses the FIRST half of the trace; ``llmsched compare`` evaluates
 other traces), so the reported numbers are not fitted to the evaluation run alone.
 
 The router never reads ground-truth output lengths: ``output_tokens`` is used only in the reward, after the fact.
+
+``--method cem`` searches the weights instead (cross-entropy method, ``train_cem``; ``--objective slo`` ranks by
+SLO attainment): measured better on the training trace, worse out of distribution, so not what the shipped
+artifact uses (docs/routing.md, "What changed").
 """
 
 from __future__ import annotations
@@ -82,6 +86,39 @@ def train(cfg, w: Workload, *, rounds: int = 4, epsilon: float = 0.1, l2: float 
     return best[1], history
 
 
+def train_cem(cfg, w: Workload, *, iters: int = 6, population: int = 12, elite: int = 3, sigma: float = 0.5,
+              seed: int = 0, objective: str = "reward") -> tuple[dict[str, float], list[dict]]:
+    """Policy search instead of the bandit refit: the cross-entropy method over the weight vector, each candidate
+    scored by a greedy replay (mean reward, the same objective). The bandit regresses one request's outcome on the
+    features of its own arm, though the outcome depends on every other placement; a replay scores the policy whole.
+    The weight on ``bias`` is not searched (it shifts every candidate's cost alike)."""
+    rng = np.random.default_rng(seed)
+    names = list(DEFAULT_WEIGHTS)
+    free = np.array([n != "bias" for n in names])
+    mu = np.array([DEFAULT_WEIGHTS[n] for n in names], dtype=float)
+    sd = sigma * np.maximum(np.abs(mu), 0.25) * free
+
+    def score(v: np.ndarray) -> tuple[float, float]:
+        res = Simulator(cfg, router=LearnedRouter(dict(zip(names, v.tolist())))).run(w)
+        att, rew = float(request_metrics(res).slo_met.mean()), float(rewards(res, cfg).mean())
+        return (att, rew) if objective == "slo" else (rew, att)
+
+    history: list[dict] = []
+    best = (score(mu), mu.copy())
+    history.append({"round": 0, "score": list(best[0]), "weights": dict(zip(names, mu.tolist()))})
+    print(f"round 0 (prior): {objective} first {best[0]}", flush=True)
+    for k in range(1, iters + 1):
+        cands = [mu] + [mu + sd * rng.standard_normal(len(mu)) for _ in range(population - 1)]
+        scored = sorted(((score(c), c) for c in cands), key=lambda x: x[0], reverse=True)
+        if scored[0][0] > best[0]:
+            best = (scored[0][0], scored[0][1].copy())
+        top = np.stack([c for _, c in scored[:elite]])
+        mu, sd = top.mean(axis=0), np.maximum(top.std(axis=0), 0.02) * free
+        history.append({"round": k, "score": list(scored[0][0]), "weights": dict(zip(names, scored[0][1].tolist()))})
+        print(f"round {k}: best of {population}: {objective} first {scored[0][0]}", flush=True)
+    return dict(zip(names, best[1].tolist())), history
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trace", default=str(SHARED / "azure_llm_2023_conv.csv.gz"))
@@ -93,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fraction", type=float, default=0.5, help="leading fraction of the trace to train on")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--epsilon", type=float, default=0.1)
+    p.add_argument("--method", choices=("bandit", "cem"), default="bandit",
+                   help="bandit refit (epsilon-greedy, ridge) or cross-entropy policy search (--rounds iterations)")
+    p.add_argument("--objective", choices=("reward", "slo"), default="reward",
+                   help="cem: rank candidates by mean reward or by SLO attainment (the other breaks ties)")
     p.add_argument("--out", default=str(ARTIFACT))
     p.add_argument("--history", help="write per-round attainment/reward/weights JSON here")
     args = p.parse_args(argv)
@@ -103,12 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     w = Workload.from_trace(trace)
     sat = saturation_rate(cfg, full)
     w = at_load(w, args.load, sat)
-    weights, history = train(cfg, w, rounds=args.rounds, epsilon=args.epsilon)
+    if args.method == "cem":
+        weights, history = train_cem(cfg, w, iters=args.rounds, objective=args.objective)
+    else:
+        weights, history = train(cfg, w, rounds=args.rounds, epsilon=args.epsilon)
     command = "python bench/train_learned_router.py " + " ".join(argv if argv is not None else sys.argv[1:])
     LearnedRouter(weights).save(args.out, meta={
         "trace": f"{Path(args.trace).name} (first {args.fraction:.0%}, {len(w)} requests)",
         "config": f"{cfg.name} x{cfg.num_instances}", "load": args.load, "saturation_rps": sat,
-        "command": command.strip(), "rounds": args.rounds, "epsilon": args.epsilon,
+        "command": command.strip(), "method": args.method, "rounds": args.rounds, "epsilon": args.epsilon,
         "reward": "-(ttft/ttft_slo + e2e/(ttft_slo + tpot_slo*output_tokens))",
         "history": [{k: v for k, v in h.items() if k != "weights"} for h in history],
     })

@@ -165,3 +165,23 @@ def test_lookahead_sends_the_long_prompts_to_a_fast_prefill_tier() -> None:
     on_tier = np.array([la.instance_ids[i].startswith(tier.name) for i in la.instance])
     assert 0 < on_tier.mean() < 1
     assert np.median(w.prompt_tokens[on_tier]) > 2 * np.median(w.prompt_tokens[~on_tier])  # measured 20.1k vs 6.1k
+
+
+def test_cem_training_returns_the_weights_whose_replay_scored_best() -> None:
+    """``train_learned_router.py --method cem``: the returned weights are the best candidate seen (replaying them
+    gives the recorded score, never below the prior's), and ``bias`` -- a shift of every candidate's cost -- is
+    not searched."""
+    from train_learned_router import rewards, train_cem
+
+    from scheduler.policy.routers_learned import DEFAULT_WEIGHTS, LearnedRouter
+
+    cfg = with_instances(load_config("default"), 4)
+    w = Workload.from_trace(load_trace(DATA / "azure_llm_2023_conv_first10min.csv.gz"))
+    w = at_load(Workload(w.arrival_s[:300], w.prompt_tokens[:300], w.output_tokens[:300]), 1.0,
+                saturation_rate(cfg, w))
+    weights, history = train_cem(cfg, w, iters=2, population=4, elite=2, objective="slo")
+    assert len(history) == 3 and weights["bias"] == DEFAULT_WEIGHTS["bias"]
+    res = Simulator(cfg, router=LearnedRouter(weights)).run(w)
+    replay = (float(request_metrics(res).slo_met.mean()), float(rewards(res, cfg).mean()))
+    assert replay == pytest.approx(max(tuple(h["score"]) for h in history))
+    assert replay >= tuple(history[0]["score"])
