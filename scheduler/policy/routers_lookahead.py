@@ -445,10 +445,11 @@ class LookaheadRouter(PairingRouter):
         if not isinstance(decision, RouteDecision):
             return decision
         q = self._request(request)
-        p = view.by_id(decision.prefill_instance)
-        self.latency_of(p)  # ``on_routed`` prices the placed prefill with it, judged or not
-        if q.hash_ids:
-            self._placed_hit = (request.request_id, p.instance_id, self._cached_tokens(q, p))
+        p = next((s for s in view.instances if s.instance_id == decision.prefill_instance), None)
+        if p is not None:
+            self.latency_of(p)  # ``on_routed`` prices the placed prefill with it, judged or not
+            if q.hash_ids:
+                self._placed_hit = (request.request_id, p.instance_id, self._cached_tokens(q, p))
         if request.accepted or request.priority >= self.shed_below_priority:
             return decision
         return self._shed(q, decision, view) or decision
