@@ -507,12 +507,11 @@ def study_learned_training(load: float = 0.8) -> dict:
     from sim.goodput import goodput
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_learned_router import train_cem
+    from train_learned_router import train_cem, training_workload
 
-    azure = load_trace(SHARED / "azure_llm_2023_conv.csv.gz")
+    azure_name = "azure_llm_2023_conv.csv.gz"
     cfg = with_instances(load_config("default"), 16)
-    train_w = at_load(Workload.from_trace(azure.head(len(azure) // 2)), 0.9,
-                      saturation_rate(cfg, Workload.from_trace(azure)))
+    train_w, azure_sat = training_workload(cfg, load_trace(SHARED / azure_name))
     out: dict = {"load": load, "training": {}, "rows": []}
     makers = {"learned (shipped bandit artifact)": LearnedRouter}
     for objective in ("reward", "slo"):
@@ -520,11 +519,10 @@ def study_learned_training(load: float = 0.8) -> dict:
         out["training"][f"cem_{objective}"] = {"weights": weights, "history": history}
         makers[f"cem_{objective}"] = lambda weights=weights: LearnedRouter(weights)
     longctx = str(Path(__file__).resolve().parents[1] / "scheduler/config/examples/llama3-8b-a100-16-longctx.yaml")
-    for trace_name, config in (("azure_llm_2023_conv.csv.gz", "default"),
-                               ("mooncake_fast25_conversation_trace.jsonl.gz", longctx)):
-        c = with_instances(load_config(config), 16)
+    mooncake = ("mooncake_fast25_conversation_trace.jsonl.gz", with_instances(load_config(longctx), 16), None)
+    for trace_name, c, sat in ((azure_name, cfg, azure_sat), mooncake):  # sat None: measure it
         w = Workload.from_trace(load_trace(SHARED / trace_name))
-        wl = at_load(w, load, saturation_rate(c, w))
+        wl = at_load(w, load, saturation_rate(c, w) if sat is None else sat)
         for name, make in [*makers.items(), ("lookahead", router_factory("lookahead", c))]:
             s = sim_summary(Simulator(c, router=make()).run(wl))
             row = {"trace": trace_name, "config": f"{c.name} x16", "router": name,

@@ -56,6 +56,14 @@ def rewards(res, cfg) -> np.ndarray:
     return np.where(np.isfinite(r), r, -10.0)
 
 
+def training_workload(cfg, trace, *, fraction: float = 0.5, load: float = 0.9) -> tuple[Workload, float]:
+    """The leading ``fraction`` of ``trace`` offered at ``load`` of the whole trace's measured saturation on
+    ``cfg``; returns (workload, saturation req/s)."""
+    sat = saturation_rate(cfg, Workload.from_trace(trace))
+    head = Workload.from_trace(trace.head(max(int(len(trace) * fraction), 1)))
+    return at_load(head, load, sat), sat
+
+
 def train(cfg, w: Workload, *, rounds: int = 4, epsilon: float = 0.1, l2: float = 1e-2, seed: int = 0
           ) -> tuple[dict[str, float], list[dict]]:
     weights = dict(DEFAULT_WEIGHTS)
@@ -98,10 +106,15 @@ def train_cem(cfg, w: Workload, *, iters: int = 6, population: int = 12, elite: 
     mu = np.array([DEFAULT_WEIGHTS[n] for n in names], dtype=float)
     sd = sigma * np.maximum(np.abs(mu), 0.25) * free
 
+    seen: dict[bytes, tuple[float, float]] = {}  # a replay is deterministic: each round's mean is scored once
+
     def score(v: np.ndarray) -> tuple[float, float]:
-        res = Simulator(cfg, router=LearnedRouter(dict(zip(names, v.tolist())))).run(w)
-        att, rew = float(request_metrics(res).slo_met.mean()), float(rewards(res, cfg).mean())
-        return (att, rew) if objective == "slo" else (rew, att)
+        key = v.tobytes()
+        if key not in seen:
+            res = Simulator(cfg, router=LearnedRouter(dict(zip(names, v.tolist())))).run(w)
+            att, rew = float(request_metrics(res).slo_met.mean()), float(rewards(res, cfg).mean())
+            seen[key] = (att, rew) if objective == "slo" else (rew, att)
+        return seen[key]
 
     history: list[dict] = []
     best = (score(mu), mu.copy())
@@ -138,12 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--history", help="write per-round attainment/reward/weights JSON here")
     args = p.parse_args(argv)
     cfg = with_instances(load_config(args.config), args.instances)
-    trace = load_trace(args.trace)
-    full = Workload.from_trace(trace)
-    trace = trace.head(max(int(len(trace) * args.fraction), 1))
-    w = Workload.from_trace(trace)
-    sat = saturation_rate(cfg, full)
-    w = at_load(w, args.load, sat)
+    w, sat = training_workload(cfg, load_trace(args.trace), fraction=args.fraction, load=args.load)
     if args.method == "cem":
         weights, history = train_cem(cfg, w, iters=args.rounds, objective=args.objective)
     else:

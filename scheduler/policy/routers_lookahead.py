@@ -445,18 +445,18 @@ class LookaheadRouter(PairingRouter):
         if not isinstance(decision, RouteDecision):
             return decision
         q = self._request(request)
-        p = next((s for s in view.instances if s.instance_id == decision.prefill_instance), None)
+        snaps = {s.instance_id: s for s in view.instances}
+        p = snaps.get(decision.prefill_instance)
         if p is not None:
             self.latency_of(p)  # ``on_routed`` prices the placed prefill with it, judged or not
             if q.hash_ids:
                 self._placed_hit = (request.request_id, p.instance_id, self._cached_tokens(q, p))
         if request.accepted or request.priority >= self.shed_below_priority:
             return decision
-        return self._shed(q, decision, view) or decision
+        return self._shed(q, decision, snaps) or decision
 
-    def _shed(self, q: _Req, decision: RouteDecision, view: ClusterView) -> Rejected | None:
+    def _shed(self, q: _Req, decision: RouteDecision, snaps: Mapping[str, InstanceSnapshot]) -> Rejected | None:
         """SLO shedding (module docstring): a ``Rejected`` when the placement is predicted to miss an SLO."""
-        snaps = {s.instance_id: s for s in view.instances}
         p = snaps[decision.prefill_instance]
         if self.shed_ttft_factor is not None and q.slo.ttft_s is not None:
             # NOTE: the wait before its own prefill, not the whole TTFT: a long prompt is never refused for its length.
