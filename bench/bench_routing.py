@@ -498,10 +498,11 @@ def study_prefill_speed(multipliers: tuple[float | None, ...] = (1.0, 2.5, None)
 
 def study_learned_training(load: float = 0.8) -> dict:
     """How the ``learned`` router is trained: the shipped bandit artifact against the cross-entropy policy search
-    of ``bench/train_learned_router.py --method cem`` (objective: mean reward, or SLO attainment), trained as the
-    artifact is (first half of Azure conv, ``default`` x16, 0.9 of saturation) and evaluated at ``load`` on the
-    whole Azure trace and, out of distribution, on the Mooncake conversation trace (``llama3-8b-a100-16-longctx``
-    x16): SLO attainment, P99 TTFT, mean E2E, goodput@90% (6 bisection steps); ``lookahead`` for reference."""
+    of ``bench/train_learned_router.py --method cem`` (objective: mean reward, or SLO attainment), starting from the
+    artifact and trained as it was (first half of Azure conv, ``default`` x16, 0.9 of saturation), and the robust
+    objective (same start) trained on the first halves of both traces at ``load`` (Mooncake on
+    ``llama3-8b-a100-16-longctx`` x16); evaluated at ``load`` on the whole Azure and Mooncake conversation traces:
+    SLO attainment, P99 TTFT, mean E2E, goodput@90% (6 bisection steps); ``lookahead`` for reference."""
     from scheduler.policy.routers_learned import LearnedRouter
     from sim.commands import with_instances
     from sim.goodput import goodput
@@ -509,18 +510,21 @@ def study_learned_training(load: float = 0.8) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_learned_router import train_cem, training_workload
 
-    azure_name = "azure_llm_2023_conv.csv.gz"
+    azure_name, mooncake_name = "azure_llm_2023_conv.csv.gz", "mooncake_fast25_conversation_trace.jsonl.gz"
     cfg = with_instances(load_config("default"), 16)
     train_w, azure_sat = training_workload(cfg, load_trace(SHARED / azure_name))
+    longctx = str(Path(__file__).resolve().parents[1] / "scheduler/config/examples/llama3-8b-a100-16-longctx.yaml")
+    mc_cfg = with_instances(load_config(longctx), 16)
     out: dict = {"load": load, "training": {}, "rows": []}
     makers = {"learned (shipped bandit artifact)": LearnedRouter}
-    for objective in ("reward", "slo"):
-        weights, history = train_cem(cfg, train_w, iters=6, objective=objective)
+    # robust: both traces' first halves at the evaluation load, ranked by the worse trace's gain over the prior
+    mc_train, mc_sat = training_workload(mc_cfg, load_trace(SHARED / mooncake_name), load=load)
+    both = [(cfg, at_load(train_w, load, azure_sat)), (mc_cfg, mc_train)]
+    for objective, runs in (("reward", [(cfg, train_w)]), ("slo", [(cfg, train_w)]), ("robust", both)):
+        weights, history = train_cem(runs, start=LearnedRouter().weights, iters=6, objective=objective)
         out["training"][f"cem_{objective}"] = {"weights": weights, "history": history}
         makers[f"cem_{objective}"] = lambda weights=weights: LearnedRouter(weights)
-    longctx = str(Path(__file__).resolve().parents[1] / "scheduler/config/examples/llama3-8b-a100-16-longctx.yaml")
-    mooncake = ("mooncake_fast25_conversation_trace.jsonl.gz", with_instances(load_config(longctx), 16), None)
-    for trace_name, c, sat in ((azure_name, cfg, azure_sat), mooncake):  # sat None: measure it
+    for trace_name, c, sat in ((azure_name, cfg, azure_sat), (mooncake_name, mc_cfg, mc_sat)):
         w = Workload.from_trace(load_trace(SHARED / trace_name))
         wl = at_load(w, load, saturation_rate(c, w) if sat is None else sat)
         for name, make in [*makers.items(), ("lookahead", router_factory("lookahead", c))]:

@@ -179,9 +179,53 @@ def test_cem_training_returns_the_weights_whose_replay_scored_best() -> None:
     w = Workload.from_trace(load_trace(DATA / "azure_llm_2023_conv_first10min.csv.gz"))
     w = at_load(Workload(w.arrival_s[:300], w.prompt_tokens[:300], w.output_tokens[:300]), 1.0,
                 saturation_rate(cfg, w))
-    weights, history = train_cem(cfg, w, iters=2, population=4, elite=2, objective="slo")
+    weights, history = train_cem([(cfg, w)], iters=2, population=4, elite=2, objective="slo")
     assert len(history) == 3 and weights["bias"] == DEFAULT_WEIGHTS["bias"]
     res = Simulator(cfg, router=LearnedRouter(weights)).run(w)
     replay = (float(request_metrics(res).slo_met.mean()), float(rewards(res, cfg).mean()))
     assert replay == pytest.approx(max(tuple(h["score"]) for h in history))
     assert replay >= tuple(history[0]["score"])
+
+
+def test_robust_cem_ranks_by_the_worst_runs_gain_over_the_prior() -> None:
+    """``--objective robust`` over several runs: each candidate's score is its WORST run's relative gain over the
+    prior in mean reward + tail (minus the worst 1% of SLO-normalised TTFTs); the prior scores exactly 0, and the
+    returned weights' replays reproduce their recorded score, which is never below the prior's."""
+    from train_learned_router import replay_score, train_cem
+
+    from scheduler.policy.routers_learned import LearnedRouter
+
+    cfg = with_instances(load_config("default"), 4)
+    w = Workload.from_trace(load_trace(DATA / "azure_llm_2023_conv_first10min.csv.gz"))
+    w = Workload(w.arrival_s[:300], w.prompt_tokens[:300], w.output_tokens[:300])
+    sat = saturation_rate(cfg, w)
+    runs = [(cfg, at_load(w, 0.8, sat)), (cfg, at_load(w, 1.1, sat))]
+    weights, history = train_cem(runs, iters=2, population=4, elite=2, objective="robust")
+    assert history[0]["score"][0] == 0.0 and len(history[0]["runs"]) == 2
+    prior = history[0]["runs"]
+    replays = [replay_score(c, wl, weights) for c, wl in runs]
+
+    def tot(r: dict) -> float:
+        return r["mean_reward"] + r["cvar"]
+
+    worst = min(1.0 - tot(r) / tot(p) for r, p in zip(replays, prior))
+    assert worst == pytest.approx(max(h["score"][0] for h in history)) and worst >= 0.0
+    # the tail term: minus the SLO-normalised TTFT of the worst requests (with a tiny fraction, the single worst)
+    m = request_metrics(Simulator(cfg, router=LearnedRouter(weights)).run(runs[0][1]))
+    worst_ttft = replay_score(cfg, runs[0][1], weights, tail=1e-9)["cvar"]
+    assert worst_ttft == pytest.approx(-np.nanmax(m.ttft_s) / cfg.slo_for(0).ttft_s)
+    assert replays[0]["cvar"] >= worst_ttft
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--trace", "a.csv", "--trace", "b.csv"], "--trace"),  # several traces need --method cem
+    (["--load", "0.7", "--load", "0.9"], "--load"),  # several loads too
+    (["--method", "cem", "--trace", "a.csv", "--trace", "b.csv", "--config", "x", "--config", "y", "--config", "z"],
+     "--config"),  # one config, or one per trace
+])
+def test_train_learned_router_cli_names_the_bad_argument(argv, field, capsys) -> None:
+    from train_learned_router import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and field in capsys.readouterr().err
