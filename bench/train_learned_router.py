@@ -159,7 +159,8 @@ def train_cem(runs: list[tuple[object, Workload]], *, start: dict[str, float] | 
         return seen[k][0]
 
     def entry(k: int, v: np.ndarray) -> dict:
-        return {"round": k, "score": list(score(v)), "runs": seen[v.tobytes()][1], "weights": dict(zip(names, v.tolist()))}
+        return {"round": k, "score": list(score(v)), "runs": seen[v.tobytes()][1],
+                "weights": dict(zip(names, v.tolist()))}
 
     history: list[dict] = [entry(0, mu)]
     best = (score(mu), mu.copy())
@@ -223,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         weights, history = train(cfgs[0], runs[0][1], rounds=args.rounds, epsilon=args.epsilon)
     command = "python bench/train_learned_router.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    search = {"objective": args.objective, "start": Path(args.start).name if args.start else "DEFAULT_WEIGHTS"}
+    if args.method != "cem":
+        search = {}
     LearnedRouter(weights).save(args.out, meta={
         "trace": "; ".join(f"{Path(t).name} (first {args.fraction:.0%}, {len(w)} requests)"
                            for t, (_, w, _) in zip(traces, runs[::len(loads)])),
@@ -230,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "load": loads if len(loads) > 1 else loads[0],
         "saturation_rps": [sat for _, _, sat in runs[::len(loads)]] if len(traces) > 1 else runs[0][2],
         "command": command.strip(), "method": args.method, "rounds": args.rounds, "epsilon": args.epsilon,
+        **search,
         "reward": "-(ttft/ttft_slo + e2e/(ttft_slo + tpot_slo*output_tokens))",
         "history": [{k: v for k, v in h.items() if k != "weights"} for h in history],
     })
