@@ -511,22 +511,23 @@ def study_learned_training(load: float = 0.8) -> dict:
     from train_learned_router import train_cem, training_workload
 
     azure_name, mooncake_name = "azure_llm_2023_conv.csv.gz", "mooncake_fast25_conversation_trace.jsonl.gz"
+    traces = {name: load_trace(SHARED / name) for name in (azure_name, mooncake_name)}  # read once: train + eval
     cfg = with_instances(load_config("default"), 16)
-    train_w, azure_sat = training_workload(cfg, load_trace(SHARED / azure_name))
+    train_w, azure_sat = training_workload(cfg, traces[azure_name])
     longctx = str(Path(__file__).resolve().parents[1] / "scheduler/config/examples/llama3-8b-a100-16-longctx.yaml")
     mc_cfg = with_instances(load_config(longctx), 16)
     out: dict = {"load": load, "training": {}, "rows": []}
     makers = {"learned (shipped bandit artifact)": LearnedRouter}
-    # robust: both traces' first halves at the evaluation load, ranked by the worse trace's gain over the prior
-    mc_train, mc_sat = training_workload(mc_cfg, load_trace(SHARED / mooncake_name), load=load)
+    # robust: both traces' first halves at the evaluation load, ranked by the worse trace's gain over the start
+    mc_train, mc_sat = training_workload(mc_cfg, traces[mooncake_name], load=load)
     both = [(cfg, at_load(train_w, load, azure_sat)), (mc_cfg, mc_train)]
+    start = LearnedRouter().weights
     for objective, runs in (("reward", [(cfg, train_w)]), ("slo", [(cfg, train_w)]), ("robust", both)):
-        weights, history = train_cem(runs, start=LearnedRouter().weights, iters=6, objective=objective)
+        weights, history = train_cem(runs, start=start, iters=6, objective=objective)
         out["training"][f"cem_{objective}"] = {"weights": weights, "history": history}
         makers[f"cem_{objective}"] = lambda weights=weights: LearnedRouter(weights)
     for trace_name, c, sat in ((azure_name, cfg, azure_sat), (mooncake_name, mc_cfg, mc_sat)):
-        w = Workload.from_trace(load_trace(SHARED / trace_name))
-        wl = at_load(w, load, saturation_rate(c, w) if sat is None else sat)
+        wl = at_load(Workload.from_trace(traces[trace_name]), load, sat)
         for name, make in [*makers.items(), ("lookahead", router_factory("lookahead", c))]:
             s = sim_summary(Simulator(c, router=make()).run(wl))
             row = {"trace": trace_name, "config": f"{c.name} x16", "router": name,
