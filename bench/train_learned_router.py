@@ -1,6 +1,6 @@
 """Train the ``learned`` router (linear contextual bandit) in the simulator and save its artifact.
 
-    python bench/train_learned_router.py                       # Azure conv, first half, 16 x default, load 0.8
+    python bench/train_learned_router.py                       # Azure conv, first half, 16 x default, load 0.9
     python bench/train_learned_router.py --trace PATH --config NAME --rounds 4 --out PATH
 
 Each round replays the training workload with ``LearnedRouter(epsilon, collect=True)``: every request's chosen
@@ -20,9 +20,14 @@ The router never reads ground-truth output lengths: ``output_tokens`` is used on
 ``--method cem`` searches the weights instead (cross-entropy method, ``train_cem``), starting from ``--start`` (the
 shipped artifact by default), over several traces (``--trace A --config CA --trace B --config CB``) and loads
 (``--load 0.7 --load 0.9``) if given; ``--objective slo`` ranks by SLO attainment, ``robust`` by the worst run's
-gain over the start in mean reward plus a TTFT tail. Measured (docs/routing.md, "What changed"): from the artifact,
-``--method cem --rounds 6`` (mean reward, Azure) gains attainment on Azure and, out of distribution, on Mooncake at
-equal goodput -- the candidate to ship next; the other objectives trade the TTFT tail or attainment away.
+gain over the start in mean reward plus a TTFT tail. Only weights that can change a choice in the training runs
+are searched (``signal_features``). The shipped artifact is the bandit's (``--rounds 4 --out
+docs/results/learned_router_bandit.json``) refined by ``--method cem --rounds 6 --load 0.8 --start
+docs/results/learned_router_bandit.json`` over the first halves of four 16-instance clusters (Azure and Mooncake
+conv, each on a homogeneous and a mixed-speed cluster; the full command is in its meta and docs/routing.md).
+Measured there ("What changed", twenty-fourth session): searches on the homogeneous clusters alone gain
+attainment but give up Azure's P99 TTFT; with the mixed-speed runs (and the time features) the search gains on
+every cluster, the held-out P/D tier included.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scheduler.config.load import load_config
-from scheduler.policy.routers_learned import ARTIFACT, DEFAULT_WEIGHTS, LearnedRouter
+from scheduler.policy.routers_learned import ARTIFACT, DEFAULT_WEIGHTS, FEATURES, LearnedRouter
 from sim.commands import with_instances
 from sim.compare import at_load, saturation_rate
 from sim.metrics import request_metrics
@@ -109,13 +114,43 @@ def replay_score(cfg, w: Workload, weights: dict[str, float], *, tail: float = 0
             "cvar": -float(ttft[:max(int(len(ttft) * tail), 1)].mean())}
 
 
+class _SignalProbe(LearnedRouter):
+    """A greedy ``LearnedRouter`` that records which features ever differ between the candidates of one pick."""
+
+    def __init__(self, weights: dict[str, float]) -> None:
+        super().__init__(weights)
+        self.varies = np.zeros(len(FEATURES), dtype=bool)
+
+    def pick(self, request, candidates, view, *, phase):  # type: ignore[override]
+        if len(candidates) > 1:
+            phis = np.stack([self.phi(request, c, phase=phase) for c in candidates])
+            self.varies |= np.ptp(phis, axis=0) > 0
+        return super().pick(request, candidates, view, phase=phase)
+
+
+def signal_features(runs: list[tuple[object, Workload]], weights: dict[str, float]) -> list[str]:
+    """Features that ever separate two candidates of one routing decision in greedy replays of ``runs``.
+
+    Only these can change an argmin there; a weight on any other (``bias``, the request's own ``prompt``, or
+    ``prefix_hit`` on a trace without hash_ids) is invisible to the training runs, so a search would move it at
+    random -- and it acts out of distribution (a search on Azure moved ``prefix_hit`` from -0.5 to -3.1, the
+    twenty-fourth session). Like the bandit's ridge prior, the search leaves those weights where they start."""
+    varies = np.zeros(len(FEATURES), dtype=bool)
+    for cfg, w in runs:
+        probe = _SignalProbe(weights)
+        Simulator(cfg, router=probe).run(w)
+        varies |= probe.varies
+    return [n for n, v in zip(FEATURES, varies) if v]
+
+
 def train_cem(runs: list[tuple[object, Workload]], *, start: dict[str, float] | None = None, iters: int = 6,
               population: int = 12, elite: int = 3, sigma: float = 0.5, seed: int = 0, objective: str = "reward"
               ) -> tuple[dict[str, float], list[dict]]:
     """Policy search instead of the bandit refit: the cross-entropy method over the weight vector, each candidate
     scored by greedy replays of every ``(cfg, workload)`` in ``runs``. The bandit regresses one request's outcome on
     the features of its own arm, though the outcome depends on every other placement; a replay scores the policy
-    whole. The weight on ``bias`` is not searched (it shifts every candidate's cost alike). The search starts at
+    whole. Only the weights of ``signal_features`` are searched (the others -- ``bias`` always -- never change a
+    choice in the training runs; they keep their start values). The search starts at
     ``start`` (default ``DEFAULT_WEIGHTS``; ``main`` passes the shipped artifact), the "prior" below, and returns it
     unless a candidate scores higher.
 
@@ -128,8 +163,9 @@ def train_cem(runs: list[tuple[object, Workload]], *, start: dict[str, float] | 
     """
     rng = np.random.default_rng(seed)
     names = list(DEFAULT_WEIGHTS)
-    free = np.array([n != "bias" for n in names])
     start = {**DEFAULT_WEIGHTS, **(start or {})}
+    searched = signal_features(runs, start)
+    free = np.array([n in searched and n != "bias" for n in names])
     mu = np.array([start[n] for n in names], dtype=float)
     sd = sigma * np.maximum(np.abs(mu), 0.25) * free
 
@@ -160,7 +196,7 @@ def train_cem(runs: list[tuple[object, Workload]], *, start: dict[str, float] | 
 
     def entry(k: int, v: np.ndarray) -> dict:
         return {"round": k, "score": list(score(v)), "runs": seen[v.tobytes()][1],
-                "weights": dict(zip(names, v.tolist()))}
+                "weights": dict(zip(names, v.tolist())), **({"searched": searched} if k == 0 else {})}
 
     history: list[dict] = [entry(0, mu)]
     best = (score(mu), mu.copy())

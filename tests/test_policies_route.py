@@ -8,8 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from scheduler.config.load import load_config
 from scheduler.config.models import ClusterConfig, GPUSpec, ModelSpec, PoolSpec
 from scheduler.core.types import (
+    SLO,
     ClusterView,
     InstanceRole,
     InstanceSnapshot,
@@ -229,7 +231,7 @@ def test_the_tpot_rule_reads_prefill_pressure_net_of_prefix_cache_hits(name: str
     """The stalls a MIXED decoder's residents meet are the prefills it computes: for the shedding rule a prompt
     whose leading blocks are cached there adds only its tail (attending over the cached part) to the prefill
     pressure. Counting whole prompts overstated it on a prefix-heavy trace (Mooncake) and the TPOT rule refused
-    requests that would have met their SLO (``shed`` over ``learned``: 7.2% refused, goodput 1.62 vs 2.20 req/s
+    requests that would have met their SLO (``shed`` over the then ``learned``: 7.2% refused, goodput 1.62 vs 2.20 req/s
     alone). The routing cost keeps the whole prompt (measured better, docs/routing.md): two readings of one
     history, for the router's own placements and for another router's (judged by ``shed``) alike."""
     from scheduler.core.types import SLO
@@ -394,7 +396,33 @@ def test_learned_router_fits_saves_loads_and_routes(tmp_path) -> None:
     assert d.prefill_instance == "b"  # type: ignore[union-attr]
     c.on_routed(req(rid="x"), d)  # type: ignore[arg-type]
     (phi,) = c.take("x")
-    assert np.allclose(phi, features(req(rid="x"), v.by_id("b"), phase="colocated")) and c.take("x") == []
+    assert np.allclose(phi, c.phi(req(rid="x"), v.by_id("b"), phase="colocated")) and c.take("x") == []
+    # without a latency model the two time features are zero; the rest is the snapshot's summary
+    bare = features(req(rid="x"), v.by_id("b"), phase="colocated")
+    assert np.allclose(phi[:-2], bare[:-2]) and bare[-2:].tolist() == [0.0, 0.0] and (phi[-2:] > 0).all()
+
+
+def test_learned_time_features_read_each_instances_own_speed() -> None:
+    """``ttft_est`` / ``tpot_est`` come from the instance's latency model (its GPU and TP) in units of the request's
+    SLO: at equal queues an H100 instance's are smaller than an A100's, and a TP-4 instance prefills faster than a
+    TP-1 one, so a router weighting them sends the prompt to the faster one -- which no count feature can tell. (A
+    small decode batch is not faster at TP 4 in the fitted profile: the step is not compute-bound.)"""
+    replace = dataclasses.replace
+    cfg = load_config("hetero-a100-h100")
+    r = LearnedRouter({"ttft_est": 1.0, "tpot_est": 1.0})
+    r.initialize(cfg)
+    slow = replace(snap("a100-0", running=4, pending=3000, ctx=4000), gpu="a100")
+    fast = replace(snap("h100-0", running=4, pending=3000, ctx=4000), gpu="h100")
+    tp4 = replace(slow, instance_id="a100-tp4", tp=4)
+    q = req(prompt=2000)
+    f_slow, f_fast, f_tp4 = (r.phi(q, s, phase="colocated")[-2:] for s in (slow, fast, tp4))
+    assert (f_fast < f_slow).all() and f_tp4[0] < f_slow[0]
+    assert r.route(q, view(slow, fast)).prefill_instance == "h100-0"  # type: ignore[union-attr]
+    # SLO units: a class with half the TTFT target doubles ttft_est
+    tight = replace(q, slo=SLO(ttft_s=cfg.slo_for(0).ttft_s / 2, tpot_s=cfg.slo_for(0).tpot_s))
+    assert r.phi(tight, slow, phase="colocated")[-2] == pytest.approx(2 * f_slow[0])
+    # a prefill-phase arm has no decode step, a decode-phase arm no prefill
+    assert r.phi(q, slow, phase="prefill")[-1] == 0.0 and r.phi(q, slow, phase="decode")[-2] == 0.0
 
 
 @pytest.mark.parametrize(("config", "trace"), [

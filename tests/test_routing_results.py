@@ -169,8 +169,9 @@ def test_lookahead_sends_the_long_prompts_to_a_fast_prefill_tier() -> None:
 
 def test_cem_training_returns_the_weights_whose_replay_scored_best() -> None:
     """``train_learned_router.py --method cem``: the returned weights are the best candidate seen (replaying them
-    gives the recorded score, never below the prior's), and ``bias`` -- a shift of every candidate's cost -- is
-    not searched."""
+    gives the recorded score, never below the prior's), and only weights that can change a choice in the training
+    run are searched: not ``bias`` or the request's own ``prompt`` (alike for every candidate), nor ``prefix_hit`` on
+    a trace without hash_ids."""
     from train_learned_router import rewards, train_cem
 
     from scheduler.policy.routers_learned import DEFAULT_WEIGHTS, LearnedRouter
@@ -180,11 +181,30 @@ def test_cem_training_returns_the_weights_whose_replay_scored_best() -> None:
     w = at_load(Workload(w.arrival_s[:300], w.prompt_tokens[:300], w.output_tokens[:300]), 1.0,
                 saturation_rate(cfg, w))
     weights, history = train_cem([(cfg, w)], iters=2, population=4, elite=2, objective="slo")
-    assert len(history) == 3 and weights["bias"] == DEFAULT_WEIGHTS["bias"]
+    assert len(history) == 3
+    searched = history[0]["searched"]
+    assert "pending_prefill" in searched and not {"bias", "prompt", "pred_output", "prefix_hit"} & set(searched)
+    assert all(weights[n] == DEFAULT_WEIGHTS[n] for n in DEFAULT_WEIGHTS if n not in searched)
     res = Simulator(cfg, router=LearnedRouter(weights)).run(w)
     replay = (float(request_metrics(res).slo_met.mean()), float(rewards(res, cfg).mean()))
     assert replay == pytest.approx(max(tuple(h["score"]) for h in history))
     assert replay >= tuple(history[0]["score"])
+
+
+def test_signal_features_are_those_that_separate_candidates_in_the_runs() -> None:
+    """The CEM search space is read from replays, not listed: on a Mooncake sample (hash_ids) ``prefix_hit``
+    separates candidates; on a homogeneous MIXED cluster ``is_mixed`` never does, on a P/D one it does."""
+    from train_learned_router import signal_features
+
+    from scheduler.policy.routers_learned import DEFAULT_WEIGHTS
+
+    cfg = with_instances(load_config("llama3-8b-a100-16-longctx"), 4)
+    w = Workload.from_trace(load_trace(DATA / "mooncake_fast25_conversation_first1000.jsonl.gz").head(200))
+    w = at_load(w, 0.8, saturation_rate(cfg, w))
+    mixed = signal_features([(cfg, w)], DEFAULT_WEIGHTS)
+    assert "prefix_hit" in mixed and "is_mixed" not in mixed and "prompt" not in mixed
+    pd = load_config("llama3-8b-a100-longctx-tier-pd")
+    assert "is_mixed" in signal_features([(pd, w)], DEFAULT_WEIGHTS)
 
 
 def test_robust_cem_ranks_by_the_worst_runs_gain_over_the_prior() -> None:

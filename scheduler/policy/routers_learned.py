@@ -12,7 +12,13 @@ greedy linear bandit (LinUCB without the bonus). Samples are ``(features, reward
 How the simulator trains it (see ``collect``): run with ``LearnedRouter(epsilon=0.1, collect=True)``; after each
 request finishes, ``take(request_id)`` returns the feature vector logged at routing time; pair it with that
 request's reward and call ``fit(samples)``; repeat a few rounds (DAgger-style, seeded from the default weights via
-``prior``); ``save(path)``. The shipped artifact is ``artifacts/learned_router.json``.
+``prior``); ``save(path)``. The shipped artifact, ``artifacts/learned_router.json``, is that bandit's best round
+refined by policy search (``bench/train_learned_router.py --method cem``: greedy replays of four 16-instance
+clusters, two of mixed speed); its meta names the command.
+
+Two features are times, not counts: ``ttft_est`` and ``tpot_est`` read the instance's own latency model (by GPU
+and TP, bound by ``initialize``) in units of the request's SLO, so one weight vector prices an H100 or a TP-4
+instance as faster than an A100 TP-1 one -- what the counts cannot say on a cluster of mixed speeds.
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from scheduler.core.types import InstanceRole, InstanceSnapshot, RequestInfo
+from scheduler.config.models import ClusterConfig
+from scheduler.core.types import SLO, InstanceRole, InstanceSnapshot, RequestInfo
+from scheduler.latency import LatencyModel, latency_for
 from scheduler.policy.pairing import HIGH_PRIORITY, PairingRouter, virtual_usage_with
 from scheduler.policy.route import RouteDecision
+from scheduler.policy.routers_lookahead import default_latency_model
 
 FEATURES: tuple[str, ...] = (
     "bias",
@@ -46,6 +55,10 @@ FEATURES: tuple[str, ...] = (
     "high_x_waiting",  # high priority x waiting, /16
     "prefix_hit",  # fraction of leading hash_ids cached on the instance
     "is_mixed",
+    # In units of the request's SLO, from the instance's own latency model (its GPU and TP): what the counts above
+    # cannot say on a cluster of mixed speeds. Zero without a model (``features(..., lat=None)``).
+    "ttft_est",  # (queued prompt tokens at the chunk's per-token pace + this prompt's uncached prefill) / TTFT SLO
+    "tpot_est",  # decode step with this request joining the batch / TPOT SLO
 )
 
 # A hand-set starting point (cost units ~ seconds-equivalent): load, KV pressure and mixing raise cost, a prefix hit
@@ -54,15 +67,17 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "bias": 0.0, "outstanding": 0.5, "waiting": 1.0, "virtual_usage": 1.0, "kv_usage": 0.5,
     "pending_prefill": 2.0, "decode_batch": 0.3, "decode_context": 0.3, "mix_in": 0.5, "mix_ex": 0.3,
     "out_x_pending": 0.3, "prompt": 0.0, "pred_output": 0.0, "high_x_waiting": 2.0, "prefix_hit": -0.5,
-    "is_mixed": 0.0,
+    "is_mixed": 0.0, "ttft_est": 0.0, "tpot_est": 0.0,
 }
 
 ARTIFACT = Path(__file__).parent / "artifacts" / "learned_router.json"
 
 
 def features(request: RequestInfo, inst: InstanceSnapshot, *, phase: str = "colocated",
-             default_output_tokens: float = 256.0) -> np.ndarray:
-    """The feature vector ``phi(request, instance)`` in ``FEATURES`` order; reads only the snapshot summary."""
+             default_output_tokens: float = 256.0, lat: LatencyModel | None = None, slo: SLO | None = None,
+             chunk_tokens: int = 2048) -> np.ndarray:
+    """The feature vector ``phi(request, instance)`` in ``FEATURES`` order; reads only the snapshot summary and,
+    for the two time features, ``inst``'s latency model ``lat`` and the request's ``slo``."""
     p = float(request.prompt_tokens) if phase != "decode" else 1.0
     o = request.predicted_output_tokens or default_output_tokens
     n = inst.num_decoding
@@ -77,6 +92,16 @@ def features(request: RequestInfo, inst: InstanceSnapshot, *, phase: str = "colo
             k += 1
         hit = k / len(request.hash_ids)
     high = 1.0 if request.priority >= HIGH_PRIORITY else 0.0
+    ttft_est = tpot_est = 0.0
+    if lat is not None:
+        if phase != "decode":
+            queued = inst.prefill_compute_tokens if inst.prefill_compute_tokens is not None else q
+            cached = int(hit * request.prompt_tokens)
+            ttft_est = (queued * lat.prefill_time(chunk_tokens) / chunk_tokens
+                        + lat.prefill_time(request.prompt_tokens - cached, cached)) / ((slo and slo.ttft_s) or 2.0)
+        if phase != "prefill":
+            a, b = lat.decode_coeffs(n + 1)
+            tpot_est = (a + b * (inst.decode_context_tokens + request.prompt_tokens)) / ((slo and slo.tpot_s) or 0.1)
     return np.array([
         1.0,
         (inst.num_running + inst.num_waiting) / 32,
@@ -94,7 +119,38 @@ def features(request: RequestInfo, inst: InstanceSnapshot, *, phase: str = "colo
         high * inst.num_waiting / 16,
         hit,
         1.0 if inst.role is InstanceRole.MIXED else 0.0,
+        ttft_est,
+        tpot_est,
     ])
+
+
+class _MemoLatency:
+    """A latency model's ``prefill_time`` / ``decode_coeffs``, memoized (bounded): one pick asks every candidate of
+    a speed the same questions (the newcomer's prefill, the queue's per-token pace, a batch's step), so at 64
+    instances most answers repeat."""
+
+    def __init__(self, lat: LatencyModel, max_entries: int = 4096) -> None:
+        self.lat = lat
+        self.max_entries = max_entries
+        self._prefill: dict[tuple[int, int], float] = {}
+        self._decode: dict[int, tuple[float, float]] = {}
+
+    def prefill_time(self, prompt_tokens: int, context_before: int = 0) -> float:
+        key = (prompt_tokens, context_before)
+        t = self._prefill.get(key)
+        if t is None:
+            if len(self._prefill) >= self.max_entries:
+                self._prefill.clear()
+            t = self._prefill[key] = self.lat.prefill_time(prompt_tokens, context_before)
+        return t
+
+    def decode_coeffs(self, batch: int) -> tuple[float, float]:
+        ab = self._decode.get(batch)
+        if ab is None:
+            if len(self._decode) >= self.max_entries:
+                self._decode.clear()
+            ab = self._decode[batch] = self.lat.decode_coeffs(batch)
+        return ab
 
 
 class LearnedRouter(PairingRouter):
@@ -124,17 +180,44 @@ class LearnedRouter(PairingRouter):
         self.default_output_tokens = default_output_tokens
         self._pending: dict[str, np.ndarray] = {}  # this route() call's chosen arms, by phase
         self._log: OrderedDict[str, list[np.ndarray]] = OrderedDict()
+        self.config: ClusterConfig | None = None
+        self.chunk_tokens = 2048
+        self._lat: dict[tuple[str, int], _MemoLatency] = {}
+
+    def initialize(self, config: ClusterConfig) -> None:
+        """Bind a cluster config: per-(GPU, TP) latency models, class SLOs and the chunk size (time features)."""
+        self.config = config
+        self._lat.clear()
+        if config.pools:
+            self.chunk_tokens = config.pools[0].engine.max_num_batched_tokens
+
+    def latency_of(self, inst: InstanceSnapshot) -> LatencyModel:
+        key = (inst.gpu, inst.tp)
+        m = self._lat.get(key)
+        if m is None:
+            cfg = self.config
+            m = self._lat[key] = _MemoLatency(latency_for(cfg.model, cfg.gpus[inst.gpu], inst.tp)
+                                              if cfg is not None and inst.gpu in cfg.gpus else default_latency_model())
+        return m  # type: ignore[return-value]  # duck-typed: the two methods ``features`` calls
+
+    def slo_of(self, request: RequestInfo) -> SLO | None:
+        return request.slo or (self.config.slo_for(request.priority) if self.config is not None else None)
+
+    def phi(self, request: RequestInfo, inst: InstanceSnapshot, *, phase: str, slo: SLO | None = None) -> np.ndarray:
+        """``features`` with this router's latency model for ``inst`` and the request's SLO (``slo_of``)."""
+        return features(request, inst, phase=phase, default_output_tokens=self.default_output_tokens,
+                        lat=self.latency_of(inst), slo=slo or self.slo_of(request), chunk_tokens=self.chunk_tokens)
 
     @property
     def weights(self) -> dict[str, float]:
         return {k: float(v) for k, v in zip(FEATURES, self.w)}
 
     def score(self, request: RequestInfo, inst: InstanceSnapshot, *, phase: str) -> float:
-        return float(self.w @ features(request, inst, phase=phase, default_output_tokens=self.default_output_tokens))
+        return float(self.w @ self.phi(request, inst, phase=phase))
 
     def pick(self, request, candidates, view, *, phase):  # type: ignore[override]
-        phis = [features(request, c, phase=phase, default_output_tokens=self.default_output_tokens)
-                for c in candidates]
+        slo = self.slo_of(request)
+        phis = [self.phi(request, c, phase=phase, slo=slo) for c in candidates]
         if self.epsilon > 0 and self._rng.random() < self.epsilon:
             k = self._rng.randrange(len(candidates))
         else:
