@@ -102,6 +102,10 @@ def test_shipped_learned_router_artifact_records_its_provenance() -> None:
     doc = json.loads(ARTIFACT.read_text())
     assert {"trace", "config", "command"} <= set(doc["meta"])
     assert LearnedRouter().weights == LearnedRouter.load(ARTIFACT).weights
+    if doc["meta"].get("method") == "cem":  # a search: the start it names is committed, so the command reruns
+        start = Path(__file__).resolve().parents[1] / "docs" / "results" / doc["meta"]["start"]
+        assert f"--start docs/results/{start.name}" in doc["meta"]["command"]
+        assert LearnedRouter.load(start).weights != LearnedRouter().weights
 
 
 def test_mooncake_best_router_sits_at_the_prompts_own_prefill_whatever_its_speed() -> None:

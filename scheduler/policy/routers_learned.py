@@ -74,7 +74,7 @@ ARTIFACT = Path(__file__).parent / "artifacts" / "learned_router.json"
 
 
 def features(request: RequestInfo, inst: InstanceSnapshot, *, phase: str = "colocated",
-             default_output_tokens: float = 256.0, lat: LatencyModel | None = None, slo: SLO | None = None,
+             default_output_tokens: float = 256.0, lat: LatencyModel | _MemoLatency | None = None, slo: SLO | None = None,
              chunk_tokens: int = 2048) -> np.ndarray:
     """The feature vector ``phi(request, instance)`` in ``FEATURES`` order; reads only the snapshot summary and,
     for the two time features, ``inst``'s latency model ``lat`` and the request's ``slo``."""
@@ -191,14 +191,14 @@ class LearnedRouter(PairingRouter):
         if config.pools:
             self.chunk_tokens = config.pools[0].engine.max_num_batched_tokens
 
-    def latency_of(self, inst: InstanceSnapshot) -> LatencyModel:
+    def latency_of(self, inst: InstanceSnapshot) -> _MemoLatency:
         key = (inst.gpu, inst.tp)
         m = self._lat.get(key)
         if m is None:
             cfg = self.config
             m = self._lat[key] = _MemoLatency(latency_for(cfg.model, cfg.gpus[inst.gpu], inst.tp)
                                               if cfg is not None and inst.gpu in cfg.gpus else default_latency_model())
-        return m  # type: ignore[return-value]  # duck-typed: the two methods ``features`` calls
+        return m
 
     def slo_of(self, request: RequestInfo) -> SLO | None:
         return request.slo or (self.config.slo_for(request.priority) if self.config is not None else None)
