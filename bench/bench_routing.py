@@ -499,11 +499,12 @@ def study_prefill_speed(multipliers: tuple[float | None, ...] = (1.0, 2.5, None)
 def study_learned_training(load: float = 0.8) -> dict:
     """How the ``learned`` router is trained: the bandit artifact (``docs/results/learned_router_bandit.json``)
     against the cross-entropy policy searches of ``bench/train_learned_router.py --method cem`` that start from it:
-    objective mean reward or SLO attainment on the first half of Azure conv (``default`` x16, 0.9 of saturation),
-    robust and mean reward on the first halves of Azure and Mooncake conv (Mooncake on
-    ``llama3-8b-a100-16-longctx`` x16) at ``load``, and mean reward on those two plus the two mixed-speed clusters
-    (Azure on ``hetero-a100-h100`` x16, Mooncake on ``llama3-8b-a100-longctx-tier``) at ``load`` -- the shipped
-    artifact's recipe (``same_as_shipped`` says whether it reproduced it). Evaluated at ``load`` on the whole Azure
+    mean reward on the first half of Azure conv (``default`` x16, 0.9 of saturation), on the first halves of Azure
+    and Mooncake conv (Mooncake on ``llama3-8b-a100-16-longctx`` x16) at ``load``, and on those two plus the three
+    mixed-speed clusters (Azure on ``hetero-a100-h100`` x16, Mooncake on ``llama3-8b-a100-longctx-tier`` and on
+    ``llama3-8b-a100-longctx-tier-pd``) at ``load`` -- the shipped artifact's recipe (``same_as_shipped`` says
+    whether it reproduced it). (The SLO and robust objectives, and the four-cluster search shipped before the P/D
+    tier joined, were measured at commit beea876.) Evaluated at ``load`` on the whole Azure
     and Mooncake conversation traces: SLO attainment, P99 TTFT, mean E2E, goodput@90% (6 bisection steps);
     ``lookahead`` for reference."""
     from scheduler.policy.routers_learned import LearnedRouter
@@ -520,28 +521,30 @@ def study_learned_training(load: float = 0.8) -> dict:
     mc_cfg = with_instances(load_config(str(examples / "llama3-8b-a100-16-longctx.yaml")), 16)
     hetero = with_instances(load_config("hetero-a100-h100"), 16)
     tier = with_instances(load_config(str(examples / "llama3-8b-a100-longctx-tier.yaml")), 16)
+    tier_pd = with_instances(load_config(str(examples / "llama3-8b-a100-longctx-tier-pd.yaml")), 16)
     train_w, azure_sat = training_workload(cfg, traces[azure_name])  # at 0.9, as the bandit was trained
     # the other runs built as the CLI builds them (``--load``), so the four-cluster arm replays the shipped recipe
     runs = {name: training_workload(c, traces[t], load=load)
             for name, c, t in (("azure", cfg, azure_name), ("mooncake", mc_cfg, mooncake_name),
-                               ("azure_hetero", hetero, azure_name), ("mooncake_tier", tier, mooncake_name))}
+                               ("azure_hetero", hetero, azure_name), ("mooncake_tier", tier, mooncake_name),
+                               ("mooncake_tier_pd", tier_pd, mooncake_name))}
     mc_sat = runs["mooncake"][1]
     both = [(cfg, runs["azure"][0]), (mc_cfg, runs["mooncake"][0])]
-    four = both + [(hetero, runs["azure_hetero"][0]), (tier, runs["mooncake_tier"][0])]
+    five = both + [(hetero, runs["azure_hetero"][0]), (tier, runs["mooncake_tier"][0]),
+                   (tier_pd, runs["mooncake_tier_pd"][0])]
     bandit = Path(__file__).resolve().parents[1] / "docs/results/learned_router_bandit.json"
     start = LearnedRouter(path=bandit).weights
     out: dict = {"load": load, "start": bandit.name, "training": {}, "rows": []}
     makers = {"learned, bandit artifact (the searches' start)": lambda: LearnedRouter(start)}
-    arms = (("cem_reward", "reward", [(cfg, train_w)]), ("cem_slo", "slo", [(cfg, train_w)]),
-            ("cem_robust", "robust", both), ("cem_reward_both", "reward", both),
-            ("cem_reward_four (shipped)", "reward", four))
+    arms = (("cem_reward", "reward", [(cfg, train_w)]), ("cem_reward_both", "reward", both),
+            ("cem_reward_five (shipped)", "reward", five))
     for arm, objective, arm_runs in arms:
         weights, history = train_cem(arm_runs, start=start, iters=6, objective=objective)
         out["training"][arm] = {"weights": weights, "history": history}
         makers[arm] = lambda weights=weights: LearnedRouter(weights)
     shipped = LearnedRouter().weights
     out["same_as_shipped"] = all(abs(shipped[k] - v) < 1e-12
-                                 for k, v in out["training"]["cem_reward_four (shipped)"]["weights"].items())
+                                 for k, v in out["training"]["cem_reward_five (shipped)"]["weights"].items())
     for trace_name, c, sat in ((azure_name, cfg, azure_sat), (mooncake_name, mc_cfg, mc_sat)):
         wl = at_load(Workload.from_trace(traces[trace_name]), load, sat)
         for name, make in [*makers.items(), ("lookahead", router_factory("lookahead", c))]:

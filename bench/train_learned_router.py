@@ -23,11 +23,11 @@ shipped artifact by default), over several traces (``--trace A --config CA --tra
 gain over the start in mean reward plus a TTFT tail. Only weights that can change a choice in the training runs
 are searched (``signal_features``). The shipped artifact is the bandit's (``--rounds 4 --out
 docs/results/learned_router_bandit.json``) refined by ``--method cem --rounds 6 --load 0.8 --start
-docs/results/learned_router_bandit.json`` over the first halves of four 16-instance clusters (Azure and Mooncake
-conv, each on a homogeneous and a mixed-speed cluster; the full command is in its meta and docs/routing.md).
-Measured there ("What changed", twenty-fourth session): searches on the homogeneous clusters alone gain
-attainment but give up Azure's P99 TTFT; with the mixed-speed runs (and the time features) the search gains on
-every cluster, the held-out P/D tier included.
+docs/results/learned_router_bandit.json`` over the first halves of five 16-instance clusters (Azure conv on a
+homogeneous and a mixed-speed cluster, Mooncake conv on a homogeneous one, a long-context tier and the same tier
+as a PREFILL pool; the full command is in its meta and docs/routing.md). Measured there ("What changed",
+twenty-fourth session): a search on one trace overfits it, on the two homogeneous clusters it gives up Azure's
+P99 TTFT; with the mixed-speed runs (and the time features) it gains on every cluster.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ How the simulator trains it (see ``collect``): run with ``LearnedRouter(epsilon=
 request finishes, ``take(request_id)`` returns the feature vector logged at routing time; pair it with that
 request's reward and call ``fit(samples)``; repeat a few rounds (DAgger-style, seeded from the default weights via
 ``prior``); ``save(path)``. The shipped artifact, ``artifacts/learned_router.json``, is that bandit's best round
-refined by policy search (``bench/train_learned_router.py --method cem``: greedy replays of four 16-instance
-clusters, two of mixed speed); its meta names the command.
+refined by policy search (``bench/train_learned_router.py --method cem``: greedy replays of five 16-instance
+clusters, three of mixed speed, one of them P/D); its meta names the command.
 
 Two features are times, not counts: ``ttft_est`` and ``tpot_est`` read the instance's own latency model (by GPU
 and TP, bound by ``initialize``) in units of the request's SLO, so one weight vector prices an H100 or a TP-4
