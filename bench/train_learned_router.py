@@ -22,7 +22,7 @@ shipped artifact by default), over several traces (``--trace A --config CA --tra
 (``--load 0.7 --load 0.9``) if given; ``--objective slo`` ranks by SLO attainment, ``robust`` by the worst run's
 gain over the start in mean reward plus a TTFT tail. Only weights that can change a choice in the training runs
 are searched (``signal_features``). The shipped artifact is the bandit's (``--rounds 4 --out
-docs/results/learned_router_bandit.json``) refined by ``--method cem --rounds 6 --load 0.8 --start
+docs/results/learned_router_bandit.json`` at commit 4bb3cf9, before the time features) refined by ``--method cem --rounds 6 --load 0.8 --start
 docs/results/learned_router_bandit.json`` over the first halves of five 16-instance clusters (Azure conv on a
 homogeneous and a mixed-speed cluster, Mooncake conv on a homogeneous one, a long-context tier and the same tier
 as a PREFILL pool; the full command is in its meta and docs/routing.md). Measured there ("What changed",
