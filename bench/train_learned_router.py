@@ -102,11 +102,17 @@ def train(cfg, w: Workload, *, rounds: int = 4, epsilon: float = 0.1, l2: float 
     return best[1], history
 
 
-def replay_score(cfg, w: Workload, weights: dict[str, float], *, tail: float = 0.01) -> dict[str, float]:
+TAIL = 0.01  # the tail term's fraction: the worst 1% of TTFTs, P99's neighbourhood
+
+
+def replay_score(cfg, w: Workload, weights: dict[str, float], *, tail: float = TAIL) -> dict[str, float]:
     """One greedy replay of ``w`` on ``cfg`` under ``weights``: SLO attainment, mean reward and the tail term
     (``cvar``: minus the mean SLO-normalised TTFT of the worst ``tail`` fraction of requests -- P99 TTFT's
     neighbourhood -- so that, like the reward, higher is better)."""
-    res = Simulator(cfg, router=LearnedRouter(weights)).run(w)
+    return _scores(Simulator(cfg, router=LearnedRouter(weights)).run(w), cfg, tail)
+
+
+def _scores(res, cfg, tail: float) -> dict[str, float]:
     m = request_metrics(res)
     ttft = m.ttft_s / (cfg.slo_for(0).ttft_s or 2.0)
     ttft = np.sort(np.where(np.isfinite(ttft), ttft, 10.0))[::-1]
@@ -135,12 +141,20 @@ def signal_features(runs: list[tuple[object, Workload]], weights: dict[str, floa
     ``prefix_hit`` on a trace without hash_ids) is invisible to the training runs, so a search would move it at
     random -- and it acts out of distribution (a search on Azure moved ``prefix_hit`` from -0.5 to -3.1, the
     twenty-fourth session). Like the bandit's ridge prior, the search leaves those weights where they start."""
+    return _probe(runs, weights)[0]
+
+
+def _probe(runs: list[tuple[object, Workload]], weights: dict[str, float]
+           ) -> tuple[list[str], list[dict[str, float]]]:
+    """``signal_features`` and, from the same greedy replays (the probe routes as ``LearnedRouter(weights)``
+    does), each run's ``replay_score``."""
     varies = np.zeros(len(FEATURES), dtype=bool)
+    scores = []
     for cfg, w in runs:
         probe = _SignalProbe(weights)
-        Simulator(cfg, router=probe).run(w)
+        scores.append(_scores(Simulator(cfg, router=probe).run(w), cfg, TAIL))
         varies |= probe.varies
-    return [n for n, v in zip(FEATURES, varies) if v]
+    return [n for n, v in zip(FEATURES, varies) if v], scores
 
 
 def train_cem(runs: list[tuple[object, Workload]], *, start: dict[str, float] | None = None, iters: int = 6,
@@ -164,7 +178,7 @@ def train_cem(runs: list[tuple[object, Workload]], *, start: dict[str, float] | 
     rng = np.random.default_rng(seed)
     names = list(DEFAULT_WEIGHTS)
     start = {**DEFAULT_WEIGHTS, **(start or {})}
-    searched = signal_features(runs, start)
+    searched, prior = _probe(runs, start)  # one replay per run: the search space and the prior's score
     free = np.array([n in searched and n != "bias" for n in names])
     mu = np.array([start[n] for n in names], dtype=float)
     sd = sigma * np.maximum(np.abs(mu), 0.25) * free
@@ -172,8 +186,6 @@ def train_cem(runs: list[tuple[object, Workload]], *, start: dict[str, float] | 
     def replays(v: np.ndarray) -> list[dict[str, float]]:
         weights = dict(zip(names, v.tolist()))
         return [replay_score(cfg, w, weights) for cfg, w in runs]
-
-    prior = replays(mu)
 
     def key(rs: list[dict[str, float]]) -> tuple[float, float]:
         att = float(np.mean([r["slo_attainment"] for r in rs]))
