@@ -8,6 +8,7 @@
     python bench/bench_routing.py shed --json docs/results/routing_shed.json      # SLO shedding (lookahead_shed)
     python bench/bench_routing.py shed_mooncake --json docs/results/routing_shed_mooncake.json
     python bench/bench_routing.py shed_learned_mooncake --json docs/results/routing_shed_learned_mooncake.json
+    python bench/bench_routing.py learned_hints --json docs/results/routing_learned_hints.json  # length guesses
     python bench/bench_routing.py all --json docs/results/routing_studies.json
 
 Every number is a ratio against a baseline simulated in the same run, on the named trace and config.
@@ -507,7 +508,7 @@ def study_learned_training(load: float = 0.8) -> dict:
     tier joined, were measured at commit beea876.) Evaluated at ``load`` on the whole Azure
     and Mooncake conversation traces: SLO attainment, P99 TTFT, mean E2E, goodput@90% (6 bisection steps);
     ``lookahead`` for reference."""
-    from scheduler.policy.routers_learned import LearnedRouter
+    from scheduler.policy.routers_learned import LearnedRouter, read_weights
     from sim.commands import with_instances
     from sim.goodput import goodput
 
@@ -533,7 +534,7 @@ def study_learned_training(load: float = 0.8) -> dict:
     five = both + [(hetero, runs["azure_hetero"][0]), (tier, runs["mooncake_tier"][0]),
                    (tier_pd, runs["mooncake_tier_pd"][0])]
     bandit = Path(__file__).resolve().parents[1] / "docs/results/learned_router_bandit.json"
-    start = LearnedRouter(path=bandit).weights
+    start = read_weights(bandit)
     out: dict = {"load": load, "start": bandit.name, "training": {}, "rows": []}
     makers = {"learned, bandit artifact (the searches' start)": lambda: LearnedRouter(start)}
     arms = (("cem_reward", "reward", [(cfg, train_w)]), ("cem_reward_both", "reward", both),
@@ -558,12 +559,40 @@ def study_learned_training(load: float = 0.8) -> dict:
     return out
 
 
+def study_learned_hints(load: float = 0.8) -> dict:
+    """The ``learned`` router under every source of a length guess a deployment can have: none (the router's
+    default 256), the trace predictor (``policies.predictor: {name: trace}``), exact lengths, and a client's
+    ``length_hint`` of 500 / 2000 tokens on every request. Azure conv, ``default`` x16, at ``load``. Its training
+    runs carry no guesses, so this is where a weight that only the default guess kept harmless would show (the
+    twenty-fifth session's finding: before the load weights were bounded, a 500-token hint gave 0.5% attainment)."""
+    from scheduler.policy.routers_learned import LearnedRouter
+    from sim.commands import with_instances
+
+    path = SHARED / "azure_llm_2023_conv.csv.gz"
+    trace = load_trace(path) if path.exists() else load_trace(DATA / "azure_llm_2023_conv_first10min.csv.gz")
+    cfg = with_instances(load_config("default"), 16)
+    w = Workload.from_trace(trace)
+    w = at_load(w, load, saturation_rate(cfg, w))
+    out: dict = {"trace": trace.name, "config": "default x16", "load": load, "router": "learned", "rows": {}}
+    n = len(w)
+    for label, po, c in (("none", None, cfg), ("trace_predictor", None, with_predictor(cfg, "trace")),
+                         ("oracle", w.output_tokens.astype(float), cfg), ("hint_500", np.full(n, 500.0), cfg),
+                         ("hint_2000", np.full(n, 2000.0), cfg)):
+        wl = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, predicted_output=po, name=w.name)
+        s = sim_summary(Simulator(c, router=LearnedRouter()).run(wl))
+        out["rows"][label] = {"slo_attainment": s["slo_attainment"], "ttft_p99_s": s["ttft_s"]["p99"],
+                              "e2e_mean_s": s["e2e_s"]["mean"]}
+        print(label, json.dumps(out["rows"][label]), flush=True)
+    return out
+
+
 STUDIES = {"ir": study_ir, "predictor": study_predictor, "migration": study_migration, "sweep": study_sweep,
            "scaling": study_scaling, "rerole": study_rerole, "shed": study_shed,
            "shed_mooncake": lambda: study_shed(mooncake=True),
            "shed_learned": lambda: study_shed((), extra=SHED_LEARNED),
            "shed_learned_mooncake": lambda: study_shed((), mooncake=True, extra=SHED_LEARNED),
-           "prefill_speed": study_prefill_speed, "learned_training": study_learned_training}
+           "prefill_speed": study_prefill_speed, "learned_training": study_learned_training,
+           "learned_hints": study_learned_hints}
 
 
 def main(argv: list[str] | None = None) -> int:

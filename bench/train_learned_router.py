@@ -22,12 +22,14 @@ shipped artifact by default), over several traces (``--trace A --config CA --tra
 (``--load 0.7 --load 0.9``) if given; ``--objective slo`` ranks by SLO attainment, ``robust`` by the worst run's
 gain over the start in mean reward plus a TTFT tail. Only weights that can change a choice in the training runs
 are searched (``signal_features``). The shipped artifact is the bandit's (``--rounds 4 --out
-docs/results/learned_router_bandit.json`` at commit 4bb3cf9, before the time features) refined by ``--method cem --rounds 6 --load 0.8 --start
+docs/results/learned_router_bandit.json``) refined by ``--method cem --rounds 6 --load 0.8 --start
 docs/results/learned_router_bandit.json`` over the first halves of five 16-instance clusters (Azure conv on a
 homogeneous and a mixed-speed cluster, Mooncake conv on a homogeneous one, a long-context tier and the same tier
 as a PREFILL pool; the full command is in its meta and docs/routing.md). Measured there ("What changed",
 twenty-fourth session): a search on one trace overfits it, on the two homogeneous clusters it gives up Azure's
-P99 TTFT; with the mixed-speed runs (and the time features) it gains on every cluster.
+P99 TTFT; with the mixed-speed runs (and the time features) it gains on every cluster. Both methods keep the
+``LOAD_FEATURES`` weights >= 0 (twenty-fifth session: the bandit's one negative weight, harmless at the default
+length guess its runs all had, sent every request to one instance under a 500-token length hint).
 """
 
 from __future__ import annotations
@@ -43,7 +45,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scheduler.config.load import load_config
-from scheduler.policy.routers_learned import ARTIFACT, DEFAULT_WEIGHTS, FEATURES, LearnedRouter
+from scheduler.policy.routers_learned import (
+    ARTIFACT,
+    DEFAULT_WEIGHTS,
+    FEATURES,
+    LOAD_FEATURES,
+    LearnedRouter,
+    monotone,
+    read_weights,
+)
 from sim.commands import with_instances
 from sim.compare import at_load, saturation_rate
 from sim.metrics import request_metrics
@@ -177,9 +187,10 @@ def train_cem(runs: list[tuple[object, Workload]], *, start: dict[str, float] | 
     """
     rng = np.random.default_rng(seed)
     names = list(DEFAULT_WEIGHTS)
-    start = {**DEFAULT_WEIGHTS, **(start or {})}
+    start = monotone({**DEFAULT_WEIGHTS, **(start or {})})  # an artifact from before the bounds starts clipped
     searched, prior = _probe(runs, start)  # one replay per run: the search space and the prior's score
     free = np.array([n in searched and n != "bias" for n in names])
+    lower = np.where([n in LOAD_FEATURES for n in names], 0.0, -np.inf)  # load weights stay >= 0 (LOAD_FEATURES)
     mu = np.array([start[n] for n in names], dtype=float)
     sd = sigma * np.maximum(np.abs(mu), 0.25) * free
 
@@ -214,7 +225,7 @@ def train_cem(runs: list[tuple[object, Workload]], *, start: dict[str, float] | 
     best = (score(mu), mu.copy())
     print(f"round 0 (prior): {objective} first {best[0]}", flush=True)
     for k in range(1, iters + 1):
-        cands = [mu] + [mu + sd * rng.standard_normal(len(mu)) for _ in range(population - 1)]
+        cands = [mu] + [np.maximum(mu + sd * rng.standard_normal(len(mu)), lower) for _ in range(population - 1)]
         scored = sorted(((score(c), c) for c in cands), key=lambda x: x[0], reverse=True)
         if scored[0][0] > best[0]:
             best = (scored[0][0], scored[0][1].copy())
@@ -266,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         w, sat = training_workload(c, load_trace(t), fraction=args.fraction, load=loads[0])
         runs += [(c, w, sat)] + [(c, at_load(w, x, sat), sat) for x in loads[1:]]
     if args.method == "cem":
-        start = LearnedRouter(path=args.start).weights if args.start else None
+        start = read_weights(args.start) if args.start else None
         weights, history = train_cem([(c, w) for c, w, _ in runs], start=start, iters=args.rounds,
                                      objective=args.objective)
     else:

@@ -21,7 +21,15 @@ from scheduler.core.types import (
 )
 from scheduler.policy.pairing import decode_pool
 from scheduler.policy.route import LeastOutstandingRouter, RouteDecision, make_router
-from scheduler.policy.routers_learned import ARTIFACT, DEFAULT_WEIGHTS, FEATURES, LearnedRouter, features
+from scheduler.policy.routers_learned import (
+    ARTIFACT,
+    DEFAULT_WEIGHTS,
+    FEATURES,
+    LOAD_FEATURES,
+    LearnedRouter,
+    features,
+    monotone,
+)
 from scheduler.policy.routers_lookahead import LookaheadRouter, default_latency_model
 from scheduler.policy.routers_smart import LlumnixRouter, MixingRouter, PowerOfTwoRouter, PrefixAffinityRouter
 
@@ -372,11 +380,17 @@ def test_high_priority_avoids_long_queues() -> None:
 
 def test_learned_router_fits_saves_loads_and_routes(tmp_path) -> None:
     rng = np.random.default_rng(0)
+    load = np.array([k in LOAD_FEATURES for k in FEATURES])
     true = rng.normal(size=len(FEATURES))
+    true[load] = np.abs(true[load])
     X = rng.normal(size=(400, len(FEATURES)))
     r = LearnedRouter(dict(DEFAULT_WEIGHTS))
     w = r.fit([(x, -float(x @ true)) for x in X], l2=1e-6)  # reward = -cost
     assert np.allclose([w[k] for k in FEATURES], true, atol=1e-2)
+    # Data that asks for a negative load weight gets the bound (0), not a negative one; the rest still fits.
+    true[FEATURES.index("out_x_pending")] = -0.5
+    w = r.fit([(x, -float(x @ true)) for x in X], l2=1e-6)
+    assert w["out_x_pending"] == 0.0 and w["pending_prefill"] == pytest.approx(true[FEATURES.index("pending_prefill")], abs=0.1)
     path = tmp_path / "lr.json"
     r.save(path, meta={"trace": "synthetic"})
     assert json.loads(path.read_text())["meta"] == {"trace": "synthetic"}
@@ -400,6 +414,51 @@ def test_learned_router_fits_saves_loads_and_routes(tmp_path) -> None:
     # without a latency model the two time features are zero; the rest is the snapshot's summary
     bare = features(req(rid="x"), v.by_id("b"), phase="colocated")
     assert np.allclose(phi[:-2], bare[:-2]) and bare[-2:].tolist() == [0.0, 0.0] and (phi[-2:] > 0).all()
+
+
+def test_learned_cost_never_falls_as_an_instance_gets_busier() -> None:
+    """The shipped artifact's cost is non-decreasing in every kind of load an instance can carry, for any request:
+    long or short prompt, any length guess (a client's hint), either priority, with or without a prefix hit. A
+    negative load weight breaks this for some requests: the bandit's -0.28 on ``out_x_pending`` (fitted where every
+    length guess was the default 256) made a 500-token hint prefer the longest queue, and the router then sent
+    every request to one instance (Azure x16, SLO attainment 0.5%)."""
+    replace = dataclasses.replace
+    rng = np.random.default_rng(0)
+    cfg = load_config("hetero-a100-h100")
+    r = LearnedRouter()
+    r.initialize(cfg)
+    more = (  # each adds one kind of work to an instance
+        lambda s: replace(s, num_waiting=s.num_waiting + 4, num_running=s.num_running + 4,
+                          prefill_tokens_pending=s.prefill_tokens_pending + 8000),
+        lambda s: replace(s, num_decoding=s.num_decoding + 16, num_running=s.num_running + 16,
+                          decode_context_tokens=s.decode_context_tokens + 20_000,
+                          kv_blocks_used=s.kv_blocks_used + 1250, predicted_remaining_tokens=s.predicted_remaining_tokens + 4000),
+        lambda s: replace(s, prefill_tokens_pending=s.prefill_tokens_pending + 30_000,
+                          prefill_compute_tokens=(s.prefill_compute_tokens or 0) + 30_000),
+    )
+    for _ in range(200):
+        n = int(rng.integers(0, 40))
+        inst = replace(snap("i", running=n + int(rng.integers(0, 5)), decoding=n, used=int(rng.integers(0, 4000)),
+                            total=8000, pending=int(rng.integers(0, 20_000)), ctx=int(rng.integers(0, 50_000)),
+                            pred=float(rng.integers(0, 9000)), cached=frozenset({1, 2})),
+                       gpu=str(rng.choice(["a100", "h100"])), num_waiting=int(rng.integers(0, 8)))
+        q = req(int(rng.integers(10, 8000)), rng.choice([None, 10.0, 500.0, 4000.0]), priority=int(rng.integers(0, 2)),
+                hash_ids=(1, 2, 3) if rng.random() < 0.5 else ())
+        for phase in ("colocated", "prefill", "decode"):
+            for add in more:
+                assert r.score(q, add(inst), phase=phase) >= r.score(q, inst, phase=phase) - 1e-12, (q, inst, phase)
+    # and the router says so when handed weights that break it
+    with pytest.raises(ValueError, match="out_x_pending=-0.28.*>= 0"):
+        LearnedRouter({**DEFAULT_WEIGHTS, "out_x_pending": -0.28})
+    assert monotone({"out_x_pending": -0.28, "prefix_hit": -0.5}) == {"out_x_pending": 0.0, "prefix_hit": -0.5}
+
+
+def test_learned_router_sends_a_long_length_hint_to_the_idle_instance() -> None:
+    """Whatever the guess, an idle instance beats one with a long queue and a full batch."""
+    busy = snap("busy", running=90, waiting=30, used=900, pending=400_000, ctx=90_000, pred=20_000)
+    idle = snap("idle")
+    for out in (None, 100.0, 500.0, 2000.0):
+        assert LearnedRouter().route(req(500, out), view(busy, idle)).prefill_instance == "idle", out  # type: ignore
 
 
 def test_learned_time_features_read_each_instances_own_speed() -> None:

@@ -6,7 +6,8 @@ epsilon-greedy with a seeded RNG (``epsilon=0`` to evaluate). This is the contex
 Intelligent Router (Jain et al. 2024), whose features are the same workload-mix signals the heuristic routers use.
 
 Training (``fit``) is ridge regression of the observed cost on the features of the chosen arm -- the standard
-greedy linear bandit (LinUCB without the bonus). Samples are ``(features, reward)`` with reward higher = better
+greedy linear bandit (LinUCB without the bonus) -- with the weights of ``LOAD_FEATURES`` bounded at >= 0, so the
+cost never falls as an instance gets busier, whatever the request (see ``LOAD_FEATURES``). Samples are ``(features, reward)`` with reward higher = better
 (e.g. ``-e2e_latency_s``, or ``-e2e / slo`` with a bonus for meeting the SLO); ``fit`` regresses on ``-reward``.
 
 How the simulator trains it (see ``collect``): run with ``LearnedRouter(epsilon=0.1, collect=True)``; after each
@@ -59,6 +60,17 @@ FEATURES: tuple[str, ...] = (
     # cannot say on a cluster of mixed speeds. Zero without a model (``features(..., lat=None)``).
     "ttft_est",  # (queued prompt tokens at the chunk's per-token pace + this prompt's uncached prefill) / TTFT SLO
     "tpot_est",  # decode step with this request joining the batch / TPOT SLO
+)
+
+# Features that grow with the work already on an instance. Their weights are kept >= 0 (``fit`` and the policy
+# search are bounded; ``LearnedRouter`` refuses weights that break it): the cost must never fall as an instance gets
+# busier, or the busiest instance draws the next request, and the next. A bandit fitted without length predictions
+# (every guess the default 256) put -0.28 on ``out_x_pending`` -- there collinear with ``pending_prefill``, so
+# harmless -- and a 500-token length hint then sent every request to one instance (Azure x16 SLO attainment 0.5%,
+# twenty-fifth session). ``prefix_hit`` and ``is_mixed`` describe the instance, not its load: any sign.
+LOAD_FEATURES: tuple[str, ...] = (
+    "outstanding", "waiting", "virtual_usage", "kv_usage", "pending_prefill", "decode_batch", "decode_context",
+    "mix_in", "mix_ex", "out_x_pending", "high_x_waiting", "ttft_est", "tpot_est",
 )
 
 # A hand-set starting point (cost units ~ seconds-equivalent): load, KV pressure and mixing raise cost, a prefix hit
@@ -171,8 +183,12 @@ class LearnedRouter(PairingRouter):
         super().__init__(**kw)  # type: ignore[arg-type]
         if weights is None:
             src = Path(path) if path is not None else ARTIFACT
-            weights = _read(src) if (path is not None or src.exists()) else dict(DEFAULT_WEIGHTS)
+            weights = read_weights(src) if (path is not None or src.exists()) else dict(DEFAULT_WEIGHTS)
         self.w = _vector(weights)
+        falls = [f"{k}={weights[k]:g}" for k in LOAD_FEATURES if weights.get(k, 0.0) < 0]
+        if falls:
+            raise ValueError(f"weights: {', '.join(falls)}: load features need weights >= 0 (a negative one makes a "
+                             f"busier instance cheaper and draws traffic onto it); `monotone(weights)` clips them")
         self.epsilon = epsilon
         self._rng = _random.Random(seed)
         self.collect = collect
@@ -242,7 +258,8 @@ class LearnedRouter(PairingRouter):
 
     def fit(self, samples: Iterable[tuple[Sequence[float], float]], *, l2: float = 1e-2,
             prior: dict[str, float] | None = None) -> dict[str, float]:
-        """Ridge regression of ``-reward`` on features, shrunk toward ``prior`` (default: current weights).
+        """Ridge regression of ``-reward`` on features, shrunk toward ``prior`` (default: current weights), with the
+        ``LOAD_FEATURES`` weights bounded at >= 0 (a bounded least-squares solve, not a clip afterwards).
 
         Returns the new weights (also installed). Raises ``ValueError`` on no samples or wrong feature length.
         """
@@ -254,11 +271,16 @@ class LearnedRouter(PairingRouter):
             raise ValueError(f"samples: feature vectors must have {len(FEATURES)} entries ({FEATURES}); got {bad[0]}")
         X = np.stack([f for f, _ in rows])
         y = -np.array([r for _, r in rows])
+        # training only: keeps scipy.optimize off the router's import path
+        from scipy.optimize import lsq_linear
+
         w0 = _vector(prior) if prior is not None else self.w
-        # argmin |Xw - y|^2 + l2 * n * |w - w0|^2
+        # argmin |Xw - y|^2 + l2 * n * |w - w0|^2  subject to  w[LOAD_FEATURES] >= 0: the ridge term as extra rows
         lam = l2 * len(rows)
-        A = X.T @ X + lam * np.eye(X.shape[1])
-        self.w = np.linalg.solve(A, X.T @ y + lam * w0)
+        A = np.vstack([X, np.sqrt(lam) * np.eye(X.shape[1])])
+        b = np.concatenate([y, np.sqrt(lam) * w0])
+        lower = np.where(_LOAD_MASK, 0.0, -np.inf)
+        self.w = lsq_linear(A, b, bounds=(lower, np.inf), method="bvls").x
         return self.weights
 
     def save(self, path: str | Path, *, meta: dict[str, object] | None = None) -> None:
@@ -268,7 +290,15 @@ class LearnedRouter(PairingRouter):
 
     @classmethod
     def load(cls, path: str | Path, **kw: object) -> LearnedRouter:
-        return cls(_read(Path(path)), **kw)  # type: ignore[arg-type]
+        return cls(read_weights(path), **kw)  # type: ignore[arg-type]
+
+
+_LOAD_MASK = np.array([k in LOAD_FEATURES for k in FEATURES])
+
+
+def monotone(weights: dict[str, float]) -> dict[str, float]:
+    """``weights`` with every ``LOAD_FEATURES`` weight clipped at 0 (the nearest weights a router accepts)."""
+    return {k: (max(v, 0.0) if k in LOAD_FEATURES else v) for k, v in weights.items()}
 
 
 def _vector(weights: dict[str, float]) -> np.ndarray:
@@ -278,7 +308,9 @@ def _vector(weights: dict[str, float]) -> np.ndarray:
     return np.array([float(weights.get(k, 0.0)) for k in FEATURES])
 
 
-def _read(path: Path) -> dict[str, float]:
+def read_weights(path: str | Path) -> dict[str, float]:
+    """An artifact's weights as written (not checked: ``monotone`` makes an old artifact acceptable)."""
+    path = Path(path)
     try:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
