@@ -389,8 +389,14 @@ def test_learned_router_fits_saves_loads_and_routes(tmp_path) -> None:
     assert np.allclose([w[k] for k in FEATURES], true, atol=1e-2)
     # Data that asks for a negative load weight gets the bound (0), not a negative one; the rest still fits.
     true[FEATURES.index("out_x_pending")] = -0.5
+    prior = r.w.copy()  # fit shrinks toward the current weights
     w = r.fit([(x, -float(x @ true)) for x in X], l2=1e-6)
     assert w["out_x_pending"] == 0.0 and w["pending_prefill"] == pytest.approx(true[FEATURES.index("pending_prefill")], abs=0.1)
+    # ... and it is the bounded optimum (KKT): zero gradient on free weights, >= 0 on those held at their bound
+    v = np.array([w[k] for k in FEATURES])
+    grad = X.T @ (X @ v - X @ true) + 1e-6 * len(X) * (v - prior)
+    held = load & (v == 0.0)
+    assert np.abs(grad[~held]).max() < 1e-6 and (grad[held] > -1e-6).all() and held.any()
     path = tmp_path / "lr.json"
     r.save(path, meta={"trace": "synthetic"})
     assert json.loads(path.read_text())["meta"] == {"trace": "synthetic"}

@@ -259,7 +259,7 @@ class LearnedRouter(PairingRouter):
     def fit(self, samples: Iterable[tuple[Sequence[float], float]], *, l2: float = 1e-2,
             prior: dict[str, float] | None = None) -> dict[str, float]:
         """Ridge regression of ``-reward`` on features, shrunk toward ``prior`` (default: current weights), with the
-        ``LOAD_FEATURES`` weights bounded at >= 0 (a bounded least-squares solve, not a clip afterwards).
+        ``LOAD_FEATURES`` weights bounded at >= 0 (solved with the bounds, not clipped afterwards).
 
         Returns the new weights (also installed). Raises ``ValueError`` on no samples or wrong feature length.
         """
@@ -271,16 +271,11 @@ class LearnedRouter(PairingRouter):
             raise ValueError(f"samples: feature vectors must have {len(FEATURES)} entries ({FEATURES}); got {bad[0]}")
         X = np.stack([f for f, _ in rows])
         y = -np.array([r for _, r in rows])
-        # training only: keeps scipy.optimize off the router's import path
-        from scipy.optimize import lsq_linear
-
         w0 = _vector(prior) if prior is not None else self.w
-        # argmin |Xw - y|^2 + l2 * n * |w - w0|^2  subject to  w[LOAD_FEATURES] >= 0: the ridge term as extra rows
+        # argmin |Xw - y|^2 + l2 * n * |w - w0|^2  subject to  w[LOAD_FEATURES] >= 0
         lam = l2 * len(rows)
-        A = np.vstack([X, np.sqrt(lam) * np.eye(X.shape[1])])
-        b = np.concatenate([y, np.sqrt(lam) * w0])
-        lower = np.where(_LOAD_MASK, 0.0, -np.inf)
-        self.w = lsq_linear(A, b, bounds=(lower, np.inf), method="bvls").x
+        self.w = _bounded_quadratic_min(X.T @ X + lam * np.eye(X.shape[1]), X.T @ y + lam * w0,
+                                        np.where(_LOAD_MASK, 0.0, -np.inf))
         return self.weights
 
     def save(self, path: str | Path, *, meta: dict[str, object] | None = None) -> None:
@@ -294,6 +289,23 @@ class LearnedRouter(PairingRouter):
 
 
 _LOAD_MASK = np.array([k in LOAD_FEATURES for k in FEATURES])
+
+
+def _bounded_quadratic_min(A: np.ndarray, b: np.ndarray, lower: np.ndarray, *, tol: float = 1e-12,
+                           max_sweeps: int = 10_000) -> np.ndarray:
+    """argmin 0.5 w'Aw - b'w subject to w >= lower, for A symmetric positive definite (the ridge normal equations):
+    cyclic coordinate descent, each coordinate set to its exact minimiser given the others, clipped to its bound --
+    it converges to the optimum of this convex problem. (numpy only: policies import nothing heavier.)"""
+    w = np.maximum(np.linalg.solve(A, b), lower)  # the unbounded optimum, clipped: exact when no bound binds
+    for _ in range(max_sweeps):
+        step = 0.0
+        for j in range(len(w)):
+            new = max((b[j] - A[j] @ w + A[j, j] * w[j]) / A[j, j], lower[j])
+            step = max(step, abs(new - w[j]))
+            w[j] = new
+        if step <= tol * (1.0 + float(np.abs(w).max())):
+            break
+    return w
 
 
 def monotone(weights: dict[str, float]) -> dict[str, float]:
