@@ -8,7 +8,7 @@
     python bench/bench_routing.py shed --json docs/results/routing_shed.json      # SLO shedding (lookahead_shed)
     python bench/bench_routing.py shed_mooncake --json docs/results/routing_shed_mooncake.json
     python bench/bench_routing.py shed_learned_mooncake --json docs/results/routing_shed_learned_mooncake.json
-    python bench/bench_routing.py learned_hints --json docs/results/routing_learned_hints.json  # length guesses
+    python bench/bench_routing.py length_hints --json docs/results/routing_length_hints.json  # length guesses
     python bench/bench_routing.py all --json docs/results/routing_studies.json
 
 Every number is a ratio against a baseline simulated in the same run, on the named trace and config.
@@ -559,13 +559,13 @@ def study_learned_training(load: float = 0.8) -> dict:
     return out
 
 
-def study_learned_hints(load: float = 0.8) -> dict:
-    """The ``learned`` router under every source of a length guess a deployment can have: none (the router's
-    default 256), the trace predictor (``policies.predictor: {name: trace}``), exact lengths, and a client's
-    ``length_hint`` of 500 / 2000 tokens on every request. Azure conv, ``default`` x16, at ``load``. Its training
-    runs carry no guesses, so this is where a weight that only the default guess kept harmless would show (the
-    twenty-fifth session's finding: before the load weights were bounded, a 500-token hint gave 0.5% attainment)."""
-    from scheduler.policy.routers_learned import LearnedRouter
+def study_length_hints(load: float = 0.8) -> dict:
+    """Routers that read a length guess (``learned``, ``lookahead``, ``mixing``) under every source of one a
+    deployment can have: none (each router's default), the trace predictor (``policies.predictor: {name:
+    trace}``), exact lengths, and a client's ``length_hint`` of 10 / 500 / 2000 tokens on every request. Azure
+    conv, ``default`` x16, at ``load``. No source should wreck a router: before the twenty-fifth session bounded
+    ``learned``'s load weights, a 500-token guess gave it 0.5% SLO attainment (its training runs carry no guesses,
+    so a weight only the default guess kept harmless went unseen)."""
     from sim.commands import with_instances
 
     path = SHARED / "azure_llm_2023_conv.csv.gz"
@@ -573,16 +573,19 @@ def study_learned_hints(load: float = 0.8) -> dict:
     cfg = with_instances(load_config("default"), 16)
     w = Workload.from_trace(trace)
     w = at_load(w, load, saturation_rate(cfg, w))
-    out: dict = {"trace": trace.name, "config": "default x16", "load": load, "router": "learned", "rows": {}}
     n = len(w)
-    for label, po, c in (("none", None, cfg), ("trace_predictor", None, with_predictor(cfg, "trace")),
-                         ("oracle", w.output_tokens.astype(float), cfg), ("hint_500", np.full(n, 500.0), cfg),
-                         ("hint_2000", np.full(n, 2000.0), cfg)):
-        wl = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, predicted_output=po, name=w.name)
-        s = sim_summary(Simulator(c, router=LearnedRouter()).run(wl))
-        out["rows"][label] = {"slo_attainment": s["slo_attainment"], "ttft_p99_s": s["ttft_s"]["p99"],
-                              "e2e_mean_s": s["e2e_s"]["mean"]}
-        print(label, json.dumps(out["rows"][label]), flush=True)
+    sources = (("none", None, cfg), ("trace_predictor", None, with_predictor(cfg, "trace")),
+               ("oracle", w.output_tokens.astype(float), cfg), ("hint_10", np.full(n, 10.0), cfg),
+               ("hint_500", np.full(n, 500.0), cfg), ("hint_2000", np.full(n, 2000.0), cfg))
+    out: dict = {"trace": trace.name, "config": "default x16", "load": load, "routers": {}}
+    for router in ("learned", "lookahead", "mixing"):
+        rows = out["routers"][router] = {}
+        for label, po, c in sources:
+            wl = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, predicted_output=po, name=w.name)
+            s = sim_summary(Simulator(c, router=router_factory(router, c)()).run(wl))
+            rows[label] = {"slo_attainment": s["slo_attainment"], "ttft_p99_s": s["ttft_s"]["p99"],
+                           "e2e_mean_s": s["e2e_s"]["mean"]}
+            print(router, label, json.dumps(rows[label]), flush=True)
     return out
 
 
@@ -592,7 +595,7 @@ STUDIES = {"ir": study_ir, "predictor": study_predictor, "migration": study_migr
            "shed_learned": lambda: study_shed((), extra=SHED_LEARNED),
            "shed_learned_mooncake": lambda: study_shed((), mooncake=True, extra=SHED_LEARNED),
            "prefill_speed": study_prefill_speed, "learned_training": study_learned_training,
-           "learned_hints": study_learned_hints}
+           "length_hints": study_length_hints}
 
 
 def main(argv: list[str] | None = None) -> int:
