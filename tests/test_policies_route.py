@@ -405,6 +405,11 @@ def test_learned_router_fits_saves_loads_and_routes(tmp_path) -> None:
         LearnedRouter({"nope": 1.0})
     with pytest.raises(ValueError, match="entries"):
         r.fit([([1.0, 2.0], 0.0)])
+    bad = tmp_path / "old.json"
+    LearnedRouter(monotone({"waiting": 1.0})).save(bad)
+    bad.write_text(bad.read_text().replace('"waiting": 1.0', '"waiting": -1.0'))
+    with pytest.raises(ValueError, match=r"old\.json: weights: waiting=-1: load features need weights >= 0"):
+        LearnedRouter(path=bad)
     with pytest.raises(ValueError, match="not a learned-router artifact"):
         (tmp_path / "bad.json").write_text("{}")
         LearnedRouter(path=tmp_path / "bad.json")

@@ -7,8 +7,9 @@ Intelligent Router (Jain et al. 2024), whose features are the same workload-mix 
 
 Training (``fit``) is ridge regression of the observed cost on the features of the chosen arm -- the standard
 greedy linear bandit (LinUCB without the bonus) -- with the weights of ``LOAD_FEATURES`` bounded at >= 0, so the
-cost never falls as an instance gets busier, whatever the request (see ``LOAD_FEATURES``). Samples are ``(features, reward)`` with reward higher = better
-(e.g. ``-e2e_latency_s``, or ``-e2e / slo`` with a bonus for meeting the SLO); ``fit`` regresses on ``-reward``.
+cost never falls as an instance gets busier, whatever the request (see ``LOAD_FEATURES``). Samples are
+``(features, reward)`` with reward higher = better (e.g. ``-e2e_latency_s``, or ``-e2e / slo`` with a bonus for
+meeting the SLO); ``fit`` regresses on ``-reward``.
 
 How the simulator trains it (see ``collect``): run with ``LearnedRouter(epsilon=0.1, collect=True)``; after each
 request finishes, ``take(request_id)`` returns the feature vector logged at routing time; pair it with that
@@ -181,14 +182,18 @@ class LearnedRouter(PairingRouter):
                  epsilon: float = 0.0, seed: int = 0, collect: bool = False, max_logged: int = 1_000_000,
                  default_output_tokens: float = 256.0, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
+        origin = ""  # names the artifact in errors
         if weights is None:
             src = Path(path) if path is not None else ARTIFACT
-            weights = read_weights(src) if (path is not None or src.exists()) else dict(DEFAULT_WEIGHTS)
+            if path is not None or src.exists():
+                weights, origin = read_weights(src), f"{src}: "
+            else:
+                weights = dict(DEFAULT_WEIGHTS)
         self.w = _vector(weights)
         falls = [f"{k}={weights[k]:g}" for k in LOAD_FEATURES if weights.get(k, 0.0) < 0]
         if falls:
-            raise ValueError(f"weights: {', '.join(falls)}: load features need weights >= 0 (a negative one makes a "
-                             f"busier instance cheaper and draws traffic onto it); `monotone(weights)` clips them")
+            raise ValueError(f"{origin}weights: {', '.join(falls)}: load features need weights >= 0 (a negative "
+                             f"one makes a busier instance cheaper and draws traffic onto it); `monotone` clips them")
         self.epsilon = epsilon
         self._rng = _random.Random(seed)
         self.collect = collect
