@@ -586,9 +586,9 @@ class ShedRouter(Router):
     ``policies.router: {name: shed, params: {base: learned}}``.
 
     Measured (docs/routing.md "SLO shedding"): over ``lookahead`` it decides exactly what ``lookahead_shed`` does;
-    over ``learned`` it lifts Azure goodput (1.02x -> 1.38x the best dispatcher). The TPOT rule reads prefill
+    over ``learned`` it lifts Azure goodput (1.02x -> 1.35x the best dispatcher). The TPOT rule reads prefill
     pressure net of prefix-cache hits: counting whole prompts, it refused 7.2% of ``learned``'s Mooncake
-    placements and cut goodput below ``learned`` alone (1.62 vs 2.20 req/s).
+    placements and cut goodput below ``learned`` alone (1.62 vs 2.20 req/s, the artifact of that time).
     """
 
     name = "shed"
