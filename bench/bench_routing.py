@@ -38,6 +38,13 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATA = Path(__file__).resolve().parents[1] / "sim" / "data"  # vendored trace slices
 
 
+def azure_conv_trace():
+    """The whole Azure conversation trace from ../shared when this checkout sits beside it, else the vendored
+    10-minute slice."""
+    path = SHARED / "azure_llm_2023_conv.csv.gz"
+    return load_trace(path if path.exists() else DATA / "azure_llm_2023_conv_first10min.csv.gz")
+
+
 def ir_workload(n: int = 6000, rate: float = 20.0, seed: int = 0) -> Workload:
     """Jain et al. 2024's mix: half prefill-heavy (long prompt, short answer), half decode-heavy."""
     rng = np.random.default_rng(seed)
@@ -131,8 +138,7 @@ def study_ir() -> dict:
 
 def study_predictor() -> dict:
     """Lookahead router fed oracle lengths vs the shipped trace predictor vs no prediction (Azure trace)."""
-    path = SHARED / "azure_llm_2023_conv.csv.gz"
-    trace = load_trace(path) if path.exists() else load_trace(Path("sim/data/azure_llm_2023_conv_first10min.csv.gz"))
+    trace = azure_conv_trace()
     cfg = load_config("llama2-7b-a100-16")
     w = Workload.from_trace(trace)
     w = at_load(w, 0.8, saturation_rate(cfg, w))
@@ -180,8 +186,7 @@ def study_sweep() -> dict:
     from sim.cluster import pool_latency
     from sim.commands import with_instances
 
-    path = SHARED / "azure_llm_2023_conv.csv.gz"
-    trace = load_trace(path) if path.exists() else load_trace(Path("sim/data/azure_llm_2023_conv_first10min.csv.gz"))
+    trace = azure_conv_trace()
     cfg = with_instances(load_config("default"), 16)
     w = Workload.from_trace(trace)
     sat = saturation_rate(cfg, w)
@@ -320,8 +325,7 @@ def study_scaling(static_sizes: tuple[int, ...] = (3, 4, 5, 6, 7, 8), startup_s:
 
     base = load_config("default")
     base = base.model_copy(update={"pools": [p.model_copy(update={"gpu": "a40"}) for p in base.pools]})
-    path = SHARED / "azure_llm_2023_conv.csv.gz"
-    azure = load_trace(path) if path.exists() else load_trace(Path("sim/data/azure_llm_2023_conv_first10min.csv.gz"))
+    azure = azure_conv_trace()
     traces = {"azure_conv": Workload.from_trace(azure)}
     if (SHARED / "servegen_client_window_arrivals.csv.gz").exists():
         traces["servegen_bursty"] = servegen_workload(azure, mean_rps=len(azure) / float(azure.arrival_s[-1]))
@@ -568,8 +572,7 @@ def study_length_hints(load: float = 0.8) -> dict:
     so a weight only the default guess kept harmless went unseen)."""
     from sim.commands import with_instances
 
-    path = SHARED / "azure_llm_2023_conv.csv.gz"
-    trace = load_trace(path) if path.exists() else load_trace(DATA / "azure_llm_2023_conv_first10min.csv.gz")
+    trace = azure_conv_trace()
     cfg = with_instances(load_config("default"), 16)
     w = Workload.from_trace(trace)
     w = at_load(w, load, saturation_rate(cfg, w))

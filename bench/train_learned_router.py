@@ -49,7 +49,7 @@ from scheduler.policy.routers_learned import (
     ARTIFACT,
     DEFAULT_WEIGHTS,
     FEATURES,
-    LOAD_FEATURES,
+    WEIGHT_FLOOR,
     LearnedRouter,
     monotone,
     read_weights,
@@ -186,11 +186,10 @@ def train_cem(runs: list[tuple[object, Workload]], *, start: dict[str, float] | 
         trace's (or its own) tail -- what the single-trace searches did (docs/routing.md, "What changed").
     """
     rng = np.random.default_rng(seed)
-    names = list(DEFAULT_WEIGHTS)
+    names = list(FEATURES)  # the order of WEIGHT_FLOOR
     start = monotone({**DEFAULT_WEIGHTS, **(start or {})})  # an artifact from before the bounds starts clipped
     searched, prior = _probe(runs, start)  # one replay per run: the search space and the prior's score
     free = np.array([n in searched and n != "bias" for n in names])
-    lower = np.where([n in LOAD_FEATURES for n in names], 0.0, -np.inf)  # load weights stay >= 0 (LOAD_FEATURES)
     mu = np.array([start[n] for n in names], dtype=float)
     sd = sigma * np.maximum(np.abs(mu), 0.25) * free
 
@@ -225,7 +224,9 @@ def train_cem(runs: list[tuple[object, Workload]], *, start: dict[str, float] | 
     best = (score(mu), mu.copy())
     print(f"round 0 (prior): {objective} first {best[0]}", flush=True)
     for k in range(1, iters + 1):
-        cands = [mu] + [np.maximum(mu + sd * rng.standard_normal(len(mu)), lower) for _ in range(population - 1)]
+        # load weights stay >= 0 (LOAD_FEATURES)
+        cands = [mu] + [np.maximum(mu + sd * rng.standard_normal(len(mu)), WEIGHT_FLOOR)
+                        for _ in range(population - 1)]
         scored = sorted(((score(c), c) for c in cands), key=lambda x: x[0], reverse=True)
         if scored[0][0] > best[0]:
             best = (scored[0][0], scored[0][1].copy())

@@ -190,7 +190,7 @@ class LearnedRouter(PairingRouter):
             else:
                 weights = dict(DEFAULT_WEIGHTS)
         self.w = _vector(weights)
-        falls = [f"{k}={weights[k]:g}" for k in LOAD_FEATURES if weights.get(k, 0.0) < 0]
+        falls = [f"{k}={v:g}" for k, v, floor in zip(FEATURES, self.w, WEIGHT_FLOOR) if v < floor]
         if falls:
             raise ValueError(f"{origin}weights: {', '.join(falls)}: load features need weights >= 0 (a negative "
                              f"one makes a busier instance cheaper and draws traffic onto it); `monotone` clips them")
@@ -279,8 +279,7 @@ class LearnedRouter(PairingRouter):
         w0 = _vector(prior) if prior is not None else self.w
         # argmin |Xw - y|^2 + l2 * n * |w - w0|^2  subject to  w[LOAD_FEATURES] >= 0
         lam = l2 * len(rows)
-        self.w = _bounded_quadratic_min(X.T @ X + lam * np.eye(X.shape[1]), X.T @ y + lam * w0,
-                                        np.where(_LOAD_MASK, 0.0, -np.inf))
+        self.w = _bounded_quadratic_min(X.T @ X + lam * np.eye(X.shape[1]), X.T @ y + lam * w0, WEIGHT_FLOOR)
         return self.weights
 
     def save(self, path: str | Path, *, meta: dict[str, object] | None = None) -> None:
@@ -293,7 +292,8 @@ class LearnedRouter(PairingRouter):
         return cls(read_weights(path), **kw)  # type: ignore[arg-type]
 
 
-_LOAD_MASK = np.array([k in LOAD_FEATURES for k in FEATURES])
+# Lower bound per weight, in ``FEATURES`` order: 0 for ``LOAD_FEATURES``, none for the rest (fit, search, checks).
+WEIGHT_FLOOR = np.where([k in LOAD_FEATURES for k in FEATURES], 0.0, -np.inf)
 
 
 def _bounded_quadratic_min(A: np.ndarray, b: np.ndarray, lower: np.ndarray, *, tol: float = 1e-12,
