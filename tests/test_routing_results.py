@@ -153,6 +153,29 @@ def test_adding_a_prefill_pool_never_lowers_the_measured_saturation() -> None:
     assert both > 1.3 * alone  # measured 0.97 vs 0.59 req/s
 
 
+def test_saturation_of_a_cluster_that_collapses_under_overload_is_the_most_it_keeps_up_with() -> None:
+    """2 PREFILL + 2 DECODE A100s on the Azure slice complete ~7.5 req/s when offered 12-20 (prefilled KV waits on
+    decoders that preempt: thrash) but keep up with 10: saturation is the edge -- kept up with just below it, not
+    well above it. Measured above capacity only, it read 7.5 and "load 0.8" was 0.57 of what the cluster
+    sustains (Azure x16 on 8 + 8: 35 vs 52 req/s)."""
+    from sim.compare import _sampled
+
+    cfg = load_config("llama2-7b-pd-a100")
+    w = Workload.from_trace(load_trace(DATA / "azure_llm_2023_conv_first10min.csv.gz"))
+    sat = saturation_rate(cfg, w)
+    k = 4000
+    idx = np.concatenate([np.random.default_rng(0).permutation(len(w)) for _ in range(-(-k // len(w)))])[:k]
+
+    def completes(offered: float) -> float:  # completion rate over the second half of the arrivals
+        arrival = np.arange(k) / offered
+        done = Simulator(cfg, router="least_outstanding").run(_sampled(w, idx, arrival)).finish_s
+        half = 0.5 * arrival[-1]
+        return float(np.sum((done >= half) & (done <= 2 * half)) / half)
+
+    assert completes(0.9 * sat) >= 0.95 * 0.9 * sat  # kept up with below saturation (measured 10.5: 9.4 of 9.4)
+    assert completes(1.2 * sat) < 0.95 * 1.2 * sat  # not above it (12.6 offered: 7.4)
+
+
 def test_lookahead_sends_the_long_prompts_to_a_fast_prefill_tier() -> None:
     """``llama3-8b-a100-longctx-tier-pd`` in small (3 x TP1 MIXED + 1 x TP4 PREFILL): lookahead picks the prefill
     instance and the decoder jointly, so the long prompts go to the TP-4 PREFILL instance (their prefill there plus
