@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 
 from scheduler.config.models import ClusterConfig, PoolSpec
 from scheduler.core.types import InstanceRole, InstanceSnapshot
-from scheduler.engine_model import EngineModel, Span
+from scheduler.engine_model import EngineModel, Span, StepResult
 from scheduler.latency import LatencyModel, latency_for
 
 
@@ -22,6 +22,10 @@ class SimInstance:
     busy: bool = False  # a STEP or SPAN_END event is pending
     version: int = 0  # bumps invalidate pending events (a span interrupted by an arrival)
     span: Span | None = None
+    # A single step in flight: (its outcome, end time, start time). The engine model books a step's outcome when it
+    # starts; routers see it at the step's end, as a real engine's state changes (``Simulator._kick``).
+    in_step: tuple[StepResult, float, float] | None = None
+    rebuild_at_step_end: bool = False  # work came mid-step: its snapshot is rebuilt from the engine at the end
     span_start: float = 0.0
     snapshot: InstanceSnapshot | None = None
     snap_dirty: bool = True

@@ -10,9 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scheduler.config.models import ClusterConfig, EngineSpec, GPUSpec, ModelSpec, PoolSpec
-from scheduler.core.types import InstanceRole
+from scheduler.core.types import ClusterView, InstanceRole, Rejected
 from scheduler.engine_model import EngineModel
 from scheduler.latency import roofline_model
+from scheduler.policy.route import RouteDecision, Router
 from sim.simulator import Simulator, Workload
 
 MODEL = ModelSpec(
@@ -60,12 +61,15 @@ def assert_same_timings(fast, slow) -> None:
     assert np.array_equal(fast.instance, slow.instance)
 
 
+@pytest.mark.parametrize("router", ["round_robin", "least_outstanding"])
 @pytest.mark.parametrize("seed", range(6))
-def test_closed_form_matches_naive_stepping(seed: int) -> None:
-    # Small KV on purpose: preemptions and admission stalls happen, and spans must stop before them.
+def test_closed_form_matches_naive_stepping(seed: int, router: str) -> None:
+    # Small KV on purpose: preemptions and admission stalls happen, and spans must stop before them. A router that
+    # reads load sees the same in both: a single step's outcome shows at its end, as a span's does (it showed at
+    # the step's start, so least-outstanding chose differently one step early).
     cfg = config(2, blocks=60 + 20 * seed, block_size=16)
     w = random_workload(seed, 300, rate=8.0 + seed)
-    fast, slow = run_both(cfg, w)
+    fast, slow = run_both(cfg, w, router)
     assert_same_timings(fast, slow)
     assert fast.events < slow.events  # the point of the fast path
 
@@ -75,6 +79,62 @@ def test_closed_form_exact_under_pd_disaggregation() -> None:
     fast, slow = run_both(config(pd=(1, 2), blocks=200), w)
     assert_same_timings(fast, slow)
     assert fast.kv_transfers == np.sum(w.output_tokens > 1)
+
+
+class _Pair(Router):
+    """Prefill on the first instance, decode on the second: a P/D pair whose prefill side is MIXED."""
+
+    name = "pair"
+
+    def __init__(self) -> None:
+        self.views: list[ClusterView] = []
+
+    def route(self, request, view):  # type: ignore[override]
+        self.views.append(view)
+        return RouteDecision(view.instances[0].instance_id, view.instances[1].instance_id)
+
+
+def test_a_pair_from_a_mixed_instance_hands_the_kv_off_to_its_decoder() -> None:
+    # The live ingress hands off whenever the router names a decoder; the simulator ran such a pair colocated on a
+    # MIXED prefill instance and ignored the decoder (a third of learned's placements on the Mooncake tier as P/D).
+    w = random_workload(2, 40, rate=4.0)
+    res = Simulator(config(2, blocks=400), router=_Pair()).run(w)
+    assert np.isfinite(res.finish_s).all()
+    assert res.kv_transfers == np.sum(w.output_tokens > 1)
+    assert res.instance_busy_s[1] > 0  # the decoder decoded
+
+
+def test_a_handed_off_request_keeps_its_priority_and_length_guess_on_the_decoder() -> None:
+    w = Workload(np.array([0.0, 0.5]), np.array([300, 10]), np.array([400, 5]), priority=np.array([2, 0]),
+                 predicted_output=np.array([300.0, 5.0]))
+    r = _Pair()
+    Simulator(config(2, blocks=400), router=r).run(w)
+    dec = r.views[1].instances[1]  # request 0 decodes there when request 1 arrives
+    assert dec.num_decoding == 1 and 0 < dec.predicted_remaining_tokens < 300
+
+
+def test_a_handoff_that_does_not_fit_its_decoder_is_refused_not_a_crash() -> None:
+    eng = EngineSpec(block_size=16, max_num_batched_tokens=512, max_num_seqs=64)
+    pools = [PoolSpec(name="p", role=InstanceRole.PREFILL, gpu="a100", count=1, engine=eng),
+             PoolSpec(name="d", role=InstanceRole.DECODE, gpu="a100", count=1,
+                      engine=eng.model_copy(update={"num_kv_blocks": 64}))]  # 1024 tokens
+    w = Workload(np.array([0.0, 0.1]), np.array([900, 100]), np.array([400, 50]))  # the first fits only the prefill side
+    res = Simulator(ClusterConfig(gpus={"a100": GPU}, model=MODEL, pools=pools), router="least_outstanding").run(w)
+    assert res.rejected.tolist() == [True, False] and np.isfinite(res.finish_s[1])
+
+
+def test_a_router_sees_the_time_it_routes_at() -> None:
+    # After a refusal nothing changed and the view's snapshots are reused, but its time is the arrival's (lookahead
+    # decays its prefill pressure by it; it read the first refusal's time).
+    class Refuse(_Pair):
+        def route(self, request, view):  # type: ignore[override]
+            self.views.append(view)
+            return Rejected("full")
+
+    r = Refuse()
+    Simulator(config(2, blocks=400), router=r).run(Workload(np.array([0.0, 0.3, 0.6]), np.array([100] * 3),
+                                                             np.array([10] * 3)))
+    assert [v.time_s for v in r.views] == [0.0, 0.3, 0.6]
 
 
 def test_preemptions_happen_and_everyone_finishes() -> None:

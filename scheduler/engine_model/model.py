@@ -51,7 +51,7 @@ class Seq:
     __slots__ = (
         "rid", "priority", "admit_no", "num_tokens", "num_computed", "max_new", "generated",
         "join_step", "finish_step", "blocks", "in_decode", "done", "predicted_remaining", "tag", "hash_ids",
-        "hash_block_tokens",
+        "hash_block_tokens", "handoff",
     )
 
     def __init__(self, rid: str, num_tokens: int, num_computed: int, max_new: int, priority: int) -> None:
@@ -71,6 +71,7 @@ class Seq:
         self.tag: object = None  # free slot for the driver (the simulator keeps its request index here)
         self.hash_ids: tuple[int, ...] = ()  # prompt block ids for the prefix cache
         self.hash_block_tokens = 0
+        self.handoff = False  # prefill only, then hand the KV to another instance
 
 
 @dataclass(slots=True)
@@ -80,7 +81,7 @@ class StepResult:
     duration_s: float = 0.0
     first_token: list[Seq] = field(default_factory=list)  # emitted their first token on this engine
     finished: list[Seq] = field(default_factory=list)  # emitted their last token
-    prefill_done: list[Seq] = field(default_factory=list)  # PREFILL role: ready to hand off (KV freed here)
+    prefill_done: list[Seq] = field(default_factory=list)  # prefilled to hand off (KV freed here): see ``handoff``
     preempted: list[Seq] = field(default_factory=list)
     admitted: list[Seq] = field(default_factory=list)  # left the waiting queue this step
     decoded: int = 0  # decode tokens produced (excluding first tokens)
@@ -198,10 +199,13 @@ class EngineModel:
         predicted_remaining: float | None = None,
         hash_ids: tuple[int, ...] = (),
         hash_block_tokens: int = 512,
+        handoff: bool = False,
     ) -> Seq:
         """Queue a request whose context is ``prompt_tokens`` long, ``cached_tokens`` of it already in KV here
         (loaded by a P->D transfer or a migration), with ``max_tokens`` still to generate. ``hash_ids``: one id
-        per ``hash_block_tokens`` prompt tokens, for the prefix cache (ignored when it is disabled)."""
+        per ``hash_block_tokens`` prompt tokens, for the prefix cache (ignored when it is disabled). ``handoff``:
+        prefill only and report it in ``prefill_done`` to decode elsewhere -- always on a PREFILL instance; on a
+        MIXED one when the router paired it with another decoder."""
         if rid in self._by_rid:
             raise ValueError(f"request_id: {rid!r} is already on this engine")
         if prompt_tokens < 1:
@@ -216,9 +220,11 @@ class EngineModel:
                 f"prompt_tokens+max_tokens: {prompt_tokens + max_tokens} tokens need {need} KV blocks, "
                 f"the engine has {self.total_blocks}"
             )
-        if self.role is InstanceRole.PREFILL:
-            max_tokens = 1  # a prefill instance only produces the first token, then hands off
+        handoff = handoff or self.role is InstanceRole.PREFILL
+        if handoff:
+            max_tokens = 1  # only the first token here, then the KV goes to the decoder
         seq = Seq(rid, prompt_tokens, cached_tokens, max_tokens, priority)
+        seq.handoff = handoff
         seq.predicted_remaining = predicted_remaining
         if self.prefix_cache is not None and hash_ids:
             if hash_block_tokens < 1:
@@ -512,12 +518,12 @@ class EngineModel:
         seq.generated += 1
         seq.num_tokens += 1
         res.first_token.append(seq)
-        if self.role is InstanceRole.PREFILL or seq.generated >= seq.max_new:
+        if seq.handoff or seq.generated >= seq.max_new:
             self.prefill_blocks -= seq.blocks
             seq.blocks = 0
             del self._by_rid[seq.rid]
             seq.done = True
-            (res.prefill_done if self.role is InstanceRole.PREFILL else res.finished).append(seq)
+            (res.prefill_done if seq.handoff else res.finished).append(seq)
             return
         self.prefill_blocks -= seq.blocks
         seq.blocks = 0
