@@ -748,16 +748,20 @@ def resimulate(cfg, dirs: list[str], json_path: str | None = None) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from scheduler.cli_args import output_dir, output_file, positive_float, positive_int
+
     p = argparse.ArgumentParser(prog="llmsched run", description=__doc__)
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
-    p.add_argument("--requests", type=int, default=40, help="requests of the trace slice to replay")
-    p.add_argument("--max-output", type=int, default=64, help="clip output lengths (CPU engines are slow)")
-    p.add_argument("--rate-scale", type=float, default=1.0)
-    p.add_argument("--out", default="out/run", help="folder for report.json, profile.json and report.png")
+    # Checked here, before a Ray cluster and its engines take a minute to start.
+    p.add_argument("--requests", type=positive_int, default=40, help="requests of the trace slice to replay")
+    p.add_argument("--max-output", type=positive_int, default=64, help="clip output lengths (CPU engines are slow)")
+    p.add_argument("--rate-scale", type=positive_float, default=1.0)
+    p.add_argument("--out", type=output_dir, default="out/run",
+                   help="folder for report.json, profile.json and report.png")
     p.add_argument("--no-migration", action="store_true", help="skip the live-migration step (one-instance configs)")
     p.add_argument("--resimulate", nargs="+", metavar="DIR",
                    help="no live run: re-fit and re-simulate earlier runs' saved reports (DIR/report.json)")
-    p.add_argument("--json", help="with --resimulate: write the per-run errors and their median to this file")
+    p.add_argument("--json", type=output_file, help="with --resimulate: write the per-run errors and their median to this file")
     args = p.parse_args(argv)
     if args.resimulate:
         from scheduler.config.load import load_config
@@ -769,12 +773,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-    from scheduler.config.load import load_config
+    from scheduler.config.load import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except (ConfigError, OSError) as e:  # missing file, bad YAML, bad field: before Ray starts
+        p.error(f"--config: {e}")
+
     from scheduler.control.cluster import start_local_cluster
     from scheduler.core.metrics import RequestMetrics
     from scheduler.telemetry.report import print_summaries, write_figure, write_json
 
-    cfg = load_config(args.config)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

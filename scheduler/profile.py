@@ -519,18 +519,25 @@ def latency_from_profile(path: str | Path, model: ModelSpec, gpu: GPUSpec, tp: i
 
 
 def main(argv: list[str] | None = None) -> int:
+    from scheduler.cli_args import nonneg_float, output_file, positive_int, token_vocab
+    from scheduler.client.types import LLMSchedError
+
     ap = argparse.ArgumentParser(prog="llmsched profile", description=__doc__)
     ap.add_argument("--target", required=True, help="host:port of a running llmsched server (one instance is best)")
-    ap.add_argument("--out", default="latency-profile.json")
-    ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--idle-gap-ms", type=float, default=IDLE_GAP_S * 1e3,
+    ap.add_argument("--out", type=output_file, default="latency-profile.json")
+    ap.add_argument("--vocab", type=token_vocab, default=1024)
+    ap.add_argument("--repeats", type=positive_int, default=2)
+    ap.add_argument("--idle-gap-ms", type=nonneg_float, default=IDLE_GAP_S * 1e3,
                     help="idle time before each TTFT sample (0: back to back, the stack stays hot)")
     args = ap.parse_args(argv)
     # Through the SDK only: no engine stamps here (``llmsched run`` has the instances and attaches them), so the
     # step and the path are split by the fit.
-    samples = asyncio.run(measure(args.target, vocab=args.vocab, repeats=args.repeats,
-                                  idle_gap_s=args.idle_gap_ms / 1e3))
+    try:
+        samples = asyncio.run(measure(args.target, vocab=args.vocab, repeats=args.repeats,
+                                      idle_gap_s=args.idle_gap_ms / 1e3))
+    except LLMSchedError as e:  # nothing listening, refused, timed out...: say so, no traceback
+        print(f"llmsched profile: --target {args.target}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     prof = fit(attach_engine_times(samples, {}))
     Path(args.out).write_text(json.dumps(prof, indent=2) + "\n")
     print(f"wrote {args.out}: overhead {prof['overhead_s'] * 1e3:.2f} ms, per-token {prof['gemm_s_per_token'] * 1e6:.1f} us, "

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
+from scheduler.cli_args import (
+    figure_file,
+    nonneg_float,
+    nonneg_int,
+    output_dir,
+    output_file,
+    positive_float,
+    positive_int,
+)
 from scheduler.config.load import ConfigError, load_config
 from scheduler.config.models import ClusterConfig
 from scheduler.policy.route import make_router
@@ -18,13 +28,26 @@ from sim.simulator import Simulator, Workload
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", help="trace file (Azure CSV, Mooncake JSONL, BurstGPT CSV, token-pair CSV; .gz ok)")
     p.add_argument("--format", help="trace format when auto-detection is not wanted")
-    p.add_argument("--limit", type=int, help="use only the first N requests of the trace")
-    p.add_argument("--window", help="START:END seconds of the trace to replay")
-    p.add_argument("--rate-scale", type=float, default=1.0, help="multiply the trace's request rate")
-    p.add_argument("--synthetic", type=int, metavar="N", help="N synthetic requests instead of a trace")
-    p.add_argument("--rate", type=float, help="synthetic arrival rate, req/s (default: 1.5 per instance)")
-    p.add_argument("--cv", type=float, default=1.0, help="synthetic inter-arrival CV (1 = Poisson, >1 bursty)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=positive_int, help="use only the first N requests of the trace")
+    p.add_argument("--window", type=window_arg, help="START:END seconds of the trace to replay (either may be empty)")
+    p.add_argument("--rate-scale", type=positive_float, default=1.0, help="multiply the trace's request rate")
+    p.add_argument("--synthetic", type=positive_int, metavar="N", help="N synthetic requests instead of a trace")
+    p.add_argument("--rate", type=positive_float, help="synthetic arrival rate, req/s (default: 1.5 per instance)")
+    p.add_argument("--cv", type=positive_float, default=1.0,
+                   help="synthetic inter-arrival CV (1 = Poisson, >1 bursty)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+
+
+def window_arg(s: str) -> tuple[float, float]:
+    """``START:END`` seconds (an empty START is 0, an empty END the trace's end) -> ``(start, end)``."""
+    start, _, end = s.partition(":")
+    try:
+        lo, hi = float(start or 0), float(end) if end else float("inf")
+    except ValueError:
+        lo = hi = float("nan")
+    if not 0 <= lo < hi:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected START:END seconds with 0 <= START < END, got {s!r}")
+    return lo, hi
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -36,7 +59,19 @@ def load_cluster(args: argparse.Namespace) -> ClusterConfig:
     cfg = load_config(args.config)
     if args.instances is not None:
         cfg = with_instances(cfg, args.instances)
+    if cfg.num_instances == 0:  # the simulator would fail deep inside; say which setting to change
+        raise ConfigError(f"{args.config or 'default'}: pools[*].count: every pool has count 0; give a pool "
+                          "instances or pass --instances")
     return cfg
+
+
+def check_time_span(trace) -> None:
+    """Refuse a trace whose arrivals span no time (one request, or all at one instant): its request rate, which
+    ``compare --load`` and ``plan`` scale from, cannot be measured (it would read ~1e11 req/s)."""
+    if len(trace) < 2 or float(trace.arrival_s[-1] - trace.arrival_s[0]) <= 0:
+        raise ValueError(f"trace {getattr(trace, 'source', '') or trace.name}: its {len(trace)} arrival(s) span no "
+                         "time, so its request rate cannot be measured; use a trace (or --window/--limit) with "
+                         "arrivals spread over time")
 
 
 def with_instances(cfg: ClusterConfig, n: int) -> ClusterConfig:
@@ -72,8 +107,7 @@ def load_workload(args: argparse.Namespace, cfg: ClusterConfig):
     else:
         trace = default_trace()
     if args.window:
-        start, _, end = args.window.partition(":")
-        trace = trace.window(float(start or 0), float(end) if end else float("inf"))
+        trace = trace.window(*args.window)
     if args.limit:
         trace = trace.head(args.limit)
     if args.rate_scale != 1.0:
@@ -88,16 +122,16 @@ def simulate_main(argv: list[str] | None = None) -> int:
     add_workload_args(p)
     add_cluster_args(p)
     p.add_argument("--router", help="router name (default: the config's)")
-    p.add_argument("--json", help="write the summary object here")
-    p.add_argument("--png", help="write latency CDFs and load over time here")
+    p.add_argument("--json", type=output_file, help="write the summary object here")
+    p.add_argument("--png", type=figure_file, help="write latency CDFs and load over time here")
     p.add_argument("--goodput", action="store_true", help="also bisect the max rate meeting 90%% SLO attainment")
     p.add_argument("--naive", action="store_true", help="one event per engine step (reference; slow)")
     p.add_argument("--scaling", help="autoscaling policy: threshold | sla | none (default: static cluster)")
-    p.add_argument("--scaling-interval", type=float, default=5.0, help="seconds between scaling decisions")
-    p.add_argument("--startup-delay", type=float, default=60.0,
+    p.add_argument("--scaling-interval", type=positive_float, default=5.0, help="seconds between scaling decisions")
+    p.add_argument("--startup-delay", type=nonneg_float, default=60.0,
                    help="seconds from an instance's start request until it takes traffic (model load)")
-    p.add_argument("--min-instances", type=int, default=1, help="autoscaling floor per pool")
-    p.add_argument("--max-instances", type=int, default=64, help="autoscaling ceiling per pool")
+    p.add_argument("--min-instances", type=nonneg_int, default=1, help="autoscaling floor per pool")
+    p.add_argument("--max-instances", type=positive_int, default=64, help="autoscaling ceiling per pool")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -105,7 +139,11 @@ def simulate_main(argv: list[str] | None = None) -> int:
         trace, w = load_workload(args, cfg)
         router_name = args.router or cfg.policies.router.name
         params = cfg.policies.router.params if router_name == cfg.policies.router.name else {}
-        router = make_router(router_name, **params)
+        try:
+            router = make_router(router_name, **params)
+        except ValueError as e:  # say where the name / params came from
+            where = "--router" if args.router else f"{args.config or 'default'}: policies.router"
+            raise ValueError(f"{where}: {e}") from None
         scaling = None
         if args.scaling and args.scaling != "none":
             from scheduler.policy.scaling import make_scaling_policy
@@ -170,11 +208,11 @@ def fit_predictor_main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", required=True, help="request log / trace file (.gz ok)")
     p.add_argument("--format", help="trace format when auto-detection is not wanted")
-    p.add_argument("--limit", type=int, help="use only the first N requests")
+    p.add_argument("--limit", type=positive_int, help="use only the first N requests")
     p.add_argument("--tenant", help="app name for every request (default: the trace's model column, else its name)")
     p.add_argument("--holdout", type=float, default=0.2, help="last share of each tenant's requests scored, in (0, 1)")
-    p.add_argument("--out", required=True, help="artifact folder to write trace.json into")
-    p.add_argument("--json", help="write the held-out metrics here")
+    p.add_argument("--out", type=output_dir, required=True, help="artifact folder to write trace.json into")
+    p.add_argument("--json", type=output_file, help="write the held-out metrics here")
     args = p.parse_args(argv)
     if not 0 < args.holdout < 1:
         print(f"error: --holdout: must be in (0, 1), got {args.holdout}", file=sys.stderr)
@@ -203,6 +241,8 @@ def fit_predictor_main(argv: list[str] | None = None) -> int:
         return 2
     held_out = [Record(None, a, b, t, source=t) for t, rows in test.items() for a, b in rows]
     metrics = evaluate(fit_trace(train), held_out)
+    # Kendall's tau is undefined when the held-out lengths are all equal: NaN is not JSON, the report writes null.
+    metrics = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fit_trace(pairs).save(out / "trace.json")  # the artifact uses the whole log
@@ -211,7 +251,8 @@ def fit_predictor_main(argv: list[str] | None = None) -> int:
               "not_scored": small,
               "held_out": metrics, "artifact": str(out / "trace.json")}
     print(f"trace {trace.name}: {len(trace)} requests, tenants {', '.join(sorted(pairs))}")
-    print(f"held-out last {args.holdout:.0%}: n {metrics['n']}  Kendall tau {metrics['kendall_tau']:.3f}  "
+    tau = "undefined" if metrics["kendall_tau"] is None else f"{metrics['kendall_tau']:.3f}"
+    print(f"held-out last {args.holdout:.0%}: n {metrics['n']}  Kendall tau {tau}  "
           f"bucket accuracy {metrics['bucket_accuracy']:.3f}  MAE {metrics['mae_tokens']:.1f} tokens")
     print(f"wrote {out / 'trace.json'}; use policies.predictor: {{name: trace, params: {{artifacts: {out}, "
           f"tenant: {min(pairs)}}}}}")

@@ -152,21 +152,31 @@ def compare(config: ClusterConfig, w: Workload, routers: list[str], *, load: flo
 
 
 def main(argv: list[str] | None = None) -> int:
+    from scheduler.cli_args import figure_file, output_file, positive_float
+    from sim.commands import check_time_span
+
     p = argparse.ArgumentParser(prog="llmsched compare", description=__doc__)
     add_workload_args(p)
     add_cluster_args(p)
-    p.add_argument("--load", type=float, default=0.8, help="offered load / measured saturation rate")
-    p.add_argument("--routers", default=DEFAULT_ROUTERS)
+    # > 0 and finite: load 0 scales the trace's arrivals to infinity and the simulation never ends.
+    p.add_argument("--load", type=positive_float, default=0.8, help="offered load / measured saturation rate")
+    p.add_argument("--routers", default=DEFAULT_ROUTERS, help="comma-separated router names")
     p.add_argument("--no-goodput", action="store_true")
-    p.add_argument("--json")
-    p.add_argument("--png")
+    p.add_argument("--json", type=output_file)
+    p.add_argument("--png", type=figure_file)
     args = p.parse_args(argv)
+    routers = [r.strip() for r in args.routers.split(",")]
+    if not all(routers):
+        p.error(f"--routers: empty router name in {args.routers!r}; give comma-separated names")
     try:
         cfg = load_cluster(args)
         trace, w = load_workload(args, cfg)
-        routers = [r.strip() for r in args.routers.split(",") if r.strip()]
+        check_time_span(trace)  # --load scales from the trace's rate
         for r in routers:
-            router_factory(r, cfg)()  # fail fast on unknown names
+            try:
+                router_factory(r, cfg)()  # fail fast on unknown names
+            except ValueError as e:
+                raise ValueError(f"--routers: {e}") from None
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from scheduler.cli_args import output_dir, positive_int
 from scheduler.config.gpus import catalog_key, catalog_names
 from scheduler.config.load import ConfigError
 from scheduler.config.models import ClusterConfig, GPUSpec, PoolSpec
 from scheduler.core.types import InstanceRole
 from scheduler.latency import latency_for
-from sim.commands import add_cluster_args, add_workload_args, load_cluster, load_workload
+from sim.commands import add_cluster_args, add_workload_args, check_time_span, load_cluster, load_workload
 from sim.compare import router_factory
 from sim.metrics import request_metrics
 from sim.simulator import Simulator, Workload
@@ -199,31 +200,75 @@ def pareto(results: list[PlanResult]) -> list[PlanResult]:
     return out
 
 
+def _csv(flag: str, s: str) -> list[str]:
+    """Comma-separated entries, none empty (the message names ``flag``)."""
+    items = [x.strip() for x in s.split(",")]
+    if not all(items):
+        raise ValueError(f"{flag}: empty entry in {s!r}; give comma-separated values")
+    return items
+
+
+def parse_tps(s: str) -> tuple[int, ...]:
+    out = []
+    for x in _csv("--tp", s):
+        if not x.isdigit() or int(x) < 1:
+            raise ValueError(f"--tp: expected comma-separated integers >= 1, got {x!r}")
+        out.append(int(x))
+    return tuple(out)
+
+
+def parse_layouts(s: str) -> tuple[str, ...]:
+    """``mixed`` or ``pd:<share>``, the share of instances that prefill strictly between 0 and 1."""
+    for x in _csv("--layouts", s):
+        if x == "mixed":
+            continue
+        kind, _, share = x.partition(":")
+        try:
+            ok = kind == "pd" and 0.0 < float(share) < 1.0  # make_config would clamp a share outside silently
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"--layouts: expected 'mixed' or 'pd:<prefill share in (0, 1)>', got {x!r}")
+    return tuple(_csv("--layouts", s))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="llmsched plan", description=__doc__)
     add_workload_args(p)
     add_cluster_args(p)
     p.add_argument("--gpus", help="comma-separated GPU types to consider (default: all in the config's catalog)")
-    p.add_argument("--tp", default="1,2,4,8")
-    p.add_argument("--layouts", default="mixed,pd:0.3,pd:0.5")
-    p.add_argument("--routers", default="least_outstanding")
-    p.add_argument("--target", type=float, default=0.9, help="SLO attainment to meet")
-    p.add_argument("--max-instances", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", default="plan-out", help="folder for plan.json, pareto.png and best-cluster.yaml")
+    p.add_argument("--tp", default="1,2,4,8", help="comma-separated tensor-parallel degrees (default: %(default)s)")
+    p.add_argument("--layouts", default="mixed,pd:0.3,pd:0.5",
+                   help="comma-separated layouts: 'mixed' (one colocated pool) or 'pd:<share>' (PREFILL + DECODE "
+                        "pools, <share> of the instances prefilling, 0 < share < 1); default: %(default)s")
+    p.add_argument("--routers", default="least_outstanding", help="comma-separated router names")
+    p.add_argument("--target", type=float, default=0.9, help="SLO attainment to meet, in (0, 1]")
+    p.add_argument("--max-instances", type=positive_int, default=64)
+    p.add_argument("--workers", type=positive_int, default=2)
+    p.add_argument("--out", type=output_dir, default="plan-out",
+                   help="folder for plan.json, pareto.png and best-cluster.yaml")
     args = p.parse_args(argv)
+    if not 0 < args.target <= 1:  # NaN fails too
+        p.error(f"--target: SLO attainment must be in (0, 1], got {args.target}")
     try:
+        tps, layouts = parse_tps(args.tp), parse_layouts(args.layouts)
+        routers = tuple(_csv("--routers", args.routers))
         base = load_cluster(args)
+        for r in routers:
+            try:
+                router_factory(r, base)()  # fail fast on unknown names
+            except ValueError as e:
+                raise ValueError(f"--routers: {e}") from None
         gpus = None
         if args.gpus:
             base, gpus = with_gpus(base, args.gpus.split(","))
         trace, w = load_workload(args, base)
+        check_time_span(trace)  # the instance counts are sized for the trace's rate
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results = plan(
-        base, w, gpus=gpus, tps=tuple(int(x) for x in args.tp.split(",")),
-        layouts=tuple(args.layouts.split(",")), routers=tuple(args.routers.split(",")), target=args.target,
+        base, w, gpus=gpus, tps=tps, layouts=layouts, routers=routers, target=args.target,
         max_instances=args.max_instances, workers=args.workers,
     )
     write_plan(Path(args.out), base, trace, results, args.target)

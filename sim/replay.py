@@ -151,6 +151,7 @@ async def replay_async(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from scheduler.cli_args import output_file, positive_float, positive_int, token_vocab
     from scheduler.telemetry.report import print_summaries, write_json
     from sim.traces import default_trace, load_trace
 
@@ -158,24 +159,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace", help="trace file (default: the bundled Azure slice)")
     p.add_argument("--format")
     p.add_argument("--target", required=True, help="host:port of the llmsched gRPC server")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--rate-scale", type=float, default=1.0)
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--max-output", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--limit", type=positive_int, default=50, help="send the first N requests (default: %(default)s)")
+    p.add_argument("--rate-scale", type=positive_float, default=1.0)
+    p.add_argument("--max-model-len", type=positive_int, default=2048)
+    p.add_argument("--max-output", type=positive_int, default=256)
+    p.add_argument("--vocab", type=token_vocab, default=1024)
     p.add_argument("--token", help="client token when the server requires auth")
     p.add_argument("--config", default="default",
                    help="cluster config whose class-0 SLOs score slo_attainment, as in llmsched simulate (default: "
                         "%(default)s; use the served cluster's config)")
-    p.add_argument("--json")
+    p.add_argument("--json", type=output_file)
     args = p.parse_args(argv)
+    if args.max_output > args.max_model_len - 2:  # fit_lengths needs room for a prompt of at least one token
+        p.error(f"--max-output: must be at most --max-model-len - 2 ({args.max_model_len - 2}), got {args.max_output}")
     from scheduler.config.load import ConfigError, load_config
 
     try:
         slo = load_config(args.config).slo_for(0)
     except (ConfigError, OSError, ValueError) as e:
         p.error(f"--config: {e}")
-    trace = load_trace(args.trace, args.format) if args.trace else default_trace()
+    try:
+        trace = load_trace(args.trace, args.format) if args.trace else default_trace()
+    except (OSError, ValueError) as e:  # missing file, malformed trace (TraceFormatError names line and column)
+        p.error(f"--trace: {e}")
     if args.limit:
         trace = trace.head(args.limit)
     if args.rate_scale != 1.0:

@@ -344,6 +344,23 @@ def check_chart(
     return findings
 
 
+def kube_version_error(version: str) -> str | None:
+    """Why ``version`` is not a Kubernetes ``MAJOR.MINOR`` with schemas here (None when it is): helm and
+    kubernetes-validate would otherwise fail on it with a traceback."""
+    parts = version.split(".")
+    if len(parts) != 2 or not all(x.isdigit() and str(int(x)) == x for x in parts):  # helm refuses "01"
+        return f"expected MAJOR.MINOR, e.g. {DEFAULT_KUBE_VERSION}; got {version!r}"
+    try:
+        from kubernetes_validate.utils import all_versions
+    except ImportError:  # the check itself will say the dev extra is missing
+        return None
+    known = sorted({tuple(map(int, v.split(".")[:2])) for v in all_versions()})
+    if (int(parts[0]), int(parts[1])) not in known:
+        return (f"no schemas for Kubernetes {version}; supported: {'.'.join(map(str, known[0]))} .. "
+                f"{'.'.join(map(str, known[-1]))}")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``llmsched chart check [--values PATH ...] [--chart DIR] [--kube-version X.Y]``; exit 1 on any finding."""
     parser = argparse.ArgumentParser(prog="llmsched chart", description=__doc__.splitlines()[0])
@@ -363,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         "--kube-version", default=DEFAULT_KUBE_VERSION, help="Kubernetes schemas (1.25 .. 1.37)"
     )
     args = parser.parse_args(argv)
+    err = kube_version_error(args.kube_version)
+    if err:
+        parser.error(f"--kube-version: {err}")
 
     values = args.values
     if values is None:

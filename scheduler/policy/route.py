@@ -132,18 +132,48 @@ for _cls in (RoundRobinRouter, RandomRouter, LeastOutstandingRouter):
 
 
 def make_router(name: str, **params: object) -> Router:
-    """Build a router by registry name (or ``package.module:Class``)."""
+    """Build a router by registry name (or ``package.module:Class``).
+
+    Raises:
+        ValueError: unknown name, or a parameter the router does not take (the message names both).
+    """
     if ":" in name:
         import importlib
 
         mod, _, attr = name.partition(":")
-        return getattr(importlib.import_module(mod), attr)(**params)
-    _ensure_builtin_routers_loaded()
+        factory = getattr(importlib.import_module(mod), attr)
+    else:
+        _ensure_builtin_routers_loaded()
+        try:
+            factory = ROUTERS[name]
+        except KeyError:
+            raise ValueError(f"unknown router {name!r}; allowed: {', '.join(sorted(ROUTERS))}") from None
+    _check_params(name, factory, params)
     try:
-        factory = ROUTERS[name]
-    except KeyError:
-        raise ValueError(f"unknown router {name!r}; allowed: {', '.join(sorted(ROUTERS))}") from None
-    return factory(**params)
+        return factory(**params)
+    except TypeError as e:  # a **kw router passes an unknown key down to a base class that refuses it
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ValueError(f"router {name!r}: {e}") from None
+
+
+def _check_params(name: str, factory: Callable[..., Router], params: dict[str, object]) -> None:
+    """A config's ``policies.router.params`` key the router does not take is a config error, not a TypeError
+    from deep inside the constructor."""
+    import inspect
+
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # no introspectable signature: let the call decide
+        return
+    ps = sig.parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in ps):
+        return
+    allowed = sorted(p.name for p in ps if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"router {name!r}: unknown parameter(s) {', '.join(unknown)}; "
+                         f"allowed: {', '.join(allowed) or 'none'}")
 
 
 def _ensure_builtin_routers_loaded() -> None:

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
+
+from scheduler.cli_args import output_file
 
 _USAGE = "usage: llmsched predict {train,eval,fit-trace} [options]   (-h after the subcommand for help)"
 
@@ -30,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(rest)
     if sub == "eval":
         return eval_main(rest)
-    print(f"llmsched predict: unknown subcommand {sub!r}; allowed: train, eval", file=sys.stderr)
+    # fit-trace is dispatched by scheduler/cli.py (it reads traces with the simulator's loaders) but is ours to list
+    print(f"llmsched predict: unknown subcommand {sub!r}; allowed: train, eval, fit-trace", file=sys.stderr)
     return 2
 
 
@@ -45,13 +49,15 @@ def train_main(argv: list[str] | None = None) -> int:
         "--out", default=str(ARTIFACTS), help="artifact folder (default: the package's artifacts/)"
     )
     ap.add_argument("--only", default="ngram,trace,embedding", help="comma list of ngram, trace, embedding")
-    ap.add_argument("--report", default=None, help="write the held-out metrics JSON here")
+    ap.add_argument("--report", type=output_file, default=None, help="write the held-out metrics JSON here")
     ap.add_argument(
         "--embed-cache", default=None, help=".npz cache of prompt embeddings (speeds up re-training)"
     )
     ap.add_argument("--balance", type=float, default=0.5, help="source weight = n_source ** balance")
     ap.add_argument("--l2", type=float, default=3e-5, help="ngram L2 strength")
     a = ap.parse_args(argv)
+    if not Path(a.data_dir).is_dir():
+        ap.error(f"--data-dir: {a.data_dir!r} is not a directory")
     which = [w.strip() for w in a.only.split(",") if w.strip()]
     bad = [w for w in which if w not in ("ngram", "trace", "embedding")]
     if bad:
@@ -81,20 +87,30 @@ def eval_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="JSONL with 'prompt' and 'response' text per line")
     ap.add_argument("--predictor", default="default", help="default, ngram, embedding, trace or ensemble")
     ap.add_argument("--artifacts", default=None, help="artifact folder (default: the shipped one)")
-    ap.add_argument("--json", default=None, help="write metrics JSON here")
+    ap.add_argument("--json", type=output_file, default=None, help="write metrics JSON here")
     ap.add_argument("--no-tenant", action="store_true", help="ignore tenant/generator/model fields")
     a = ap.parse_args(argv)
+    if not Path(a.data).is_file():
+        ap.error(f"--data: {a.data!r} is not a file")
     try:
         records = read_eval_jsonl(a.data, use_tenant=not a.no_tenant)
         predictor = load_predictor(a.predictor, artifacts=a.artifacts)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"llmsched predict eval: {e}", file=sys.stderr)
         return 2
+    metrics = evaluate(predictor, records)
+    # A rank correlation is undefined on one record or all-equal lengths: NaN is not JSON, so write null and say why.
+    undefined = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+    for k in undefined:
+        metrics[k] = None
+    if undefined:
+        print(f"llmsched predict eval: {', '.join(undefined)} undefined on these {len(records)} record(s) (too few, or "
+              "all lengths equal): written as null", file=sys.stderr)
     result = {
         "predictor": predictor.name,
         "data": str(a.data),
         "token_counter": "scheduler.predict.count_tokens",
-        **evaluate(predictor, records),
+        **metrics,
     }
     print(json.dumps(result, indent=1))
     if a.json:
