@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scheduler.config.load import load_config
 from sim.commands import with_predictor
-from sim.compare import at_load, router_factory, saturation_rate
+from sim.compare import GOODPUT_ITERS, at_load, router_factory, saturation_rate
 from sim.metrics import request_metrics, sim_summary
 from sim.simulator import Simulator, Workload
 from sim.traces import load_trace, synthetic
@@ -245,7 +245,7 @@ def study_shed(variants: tuple[tuple[float | None, float | None], ...] = SHED_VA
                "ttft_p99_all_s": float(np.percentile(ttft_all, 99, method="higher")),
                "ttft_p90_served_s": s["ttft_s"]["p90"], "tpot_p90_s": s["tpot_s"]["p90"]}
         if with_goodput:
-            row["goodput_rps"] = goodput(cfg, wl, make, target=0.9, lo=0.05, hi=8.0, iters=6).goodput_rps
+            row["goodput_rps"] = goodput(cfg, wl, make, target=0.9, lo=0.05, hi=8.0, iters=GOODPUT_ITERS).goodput_rps
         out["routers"][name] = row
         print(name, json.dumps(row), flush=True)
         return row
@@ -557,7 +557,7 @@ def study_learned_training(load: float = 0.8) -> dict:
             row = {"trace": trace_name, "config": f"{c.name} x16", "router": name,
                    "slo_attainment": s["slo_attainment"], "ttft_p99_s": s["ttft_s"]["p99"],
                    "e2e_mean_s": s["e2e_s"]["mean"],
-                   "goodput_rps": goodput(c, wl, make, target=0.9, lo=0.05, hi=8.0, iters=6).goodput_rps}
+                   "goodput_rps": goodput(c, wl, make, target=0.9, lo=0.05, hi=8.0, iters=GOODPUT_ITERS).goodput_rps}
             out["rows"].append(row)
             print(json.dumps(row), flush=True)
     return out

@@ -74,6 +74,19 @@ def check_time_span(trace) -> None:
                          "arrivals spread over time")
 
 
+def warn_over_context(cfg: ClusterConfig, w) -> None:
+    """Say when requests need more context than the config's model has: the live ingress refuses them (a prompt
+    plus max_tokens over ``model.max_model_len``); the simulator serves them as if the context were longer."""
+    from sim.simulator import over_context
+
+    n = over_context(cfg, w)
+    if n:
+        print(f"warning: {n} of {len(w)} requests need more than {cfg.name}'s max_model_len "
+              f"({cfg.model.max_model_len} tokens of prompt + output); a live cluster refuses them, the simulator "
+              "serves them as if the context were longer (a long-context config fits them: "
+              "scheduler/config/examples/llama3-8b-a100-16-longctx.yaml)", file=sys.stderr)
+
+
 def with_instances(cfg: ClusterConfig, n: int) -> ClusterConfig:
     """Resize pools proportionally to ``n`` instances in total (each pool keeps at least one)."""
     if n < len(cfg.pools):
@@ -157,6 +170,7 @@ def simulate_main(argv: list[str] | None = None) -> int:
     sim = Simulator(cfg, router=router, closed_form=not args.naive, progress=not args.quiet and len(w) > 50_000,
                     scaling=scaling, scaling_interval_s=args.scaling_interval, scaling_startup_s=args.startup_delay)
     res = sim.run(w)
+    warn_over_context(cfg, w)
     summary = sim_summary(res)
     if sim.scaler is not None:
         summary["scaling"] = {"policy": args.scaling, **sim.scaler.summary()}

@@ -46,6 +46,7 @@ def sim_summary(res) -> dict[str, Any]:
             "kv_transfers": int(res.kv_transfers),
             "migrations": int(res.migrations),
             "prefix_hit_tokens": int(getattr(res, "prefix_hit_tokens", 0)),
+            "over_max_model_len": int(getattr(res, "over_max_model_len", 0)),
             "makespan_s": float(res.makespan_s),
             "throughput_rps": float(m.completed.sum() / span),
             "output_tokens_per_s": float(w.output_tokens[m.completed].sum() / span),

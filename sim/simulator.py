@@ -121,6 +121,9 @@ class SimResult:
     instance_stopped_s: np.ndarray | None = None
     scale_events: int | None = None  # ScaleDecisions applied (None: no scaling policy)
     role_switches: int | None = None  # re-roling switches completed (None: no re-roling policy)
+    # Requests whose prompt + output exceed the model's max_model_len: the live ingress refuses them; the simulator
+    # serves them as if the context were longer (``over_context``).
+    over_max_model_len: int = 0
 
     @property
     def instance_lifetime_s(self) -> np.ndarray:
@@ -712,7 +715,13 @@ class Simulator:
                                 if self.scaler is not None else None),
             scale_events=self.scaler.applied if self.scaler is not None else None,
             role_switches=self.reroler.summary()["role_switches"] if self.reroler is not None else None,
+            over_max_model_len=over_context(cfg, w),
         )
+
+
+def over_context(config: ClusterConfig, w: Workload) -> int:
+    """How many of ``w``'s requests need more context (prompt + output) than ``config.model.max_model_len``."""
+    return int(np.sum(w.prompt_tokens + w.output_tokens > config.model.max_model_len))
 
 
 def simulate(config: ClusterConfig, workload: Workload, *, router: Router | str | None = None, **kw) -> SimResult:

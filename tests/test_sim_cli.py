@@ -35,6 +35,19 @@ def test_simulate_default_writes_summary(tmp_path: Path) -> None:
     assert png.stat().st_size > 10_000
 
 
+def test_requests_longer_than_the_models_context_are_counted_and_named(tmp_path: Path, capsys) -> None:
+    """A live ingress refuses a prompt plus max_tokens over ``model.max_model_len``; the simulator serves such
+    requests as if the context were longer, and says how many there are (summary key and a warning)."""
+    trace = tmp_path / "t.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                     "2023-11-16 18:15:46.6805900,100,20\n2023-11-16 18:15:47.0,4000,200\n"
+                     "2023-11-16 18:15:48.0,5000,10\n")
+    out = tmp_path / "s.json"
+    assert cli_main(["simulate", "--quiet", "--trace", str(trace), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["over_max_model_len"] == 2  # 4200 and 5010 tokens > 4096
+    assert "2 of 3 requests need more than default's max_model_len (4096" in capsys.readouterr().err
+
+
 def test_replay_writes_the_simulators_summary_keys_scored_with_the_configs_slos(tmp_path: Path, capsys) -> None:
     """``llmsched replay`` over real gRPC (echo ingress): the simulator's summary keys; ``slo_attainment`` scored
     with the config's SLOs (an unmeetable TTFT SLO gives 0, not the completed fraction); a bad --config is a clear
