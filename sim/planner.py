@@ -254,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         tps, layouts = parse_tps(args.tp), parse_layouts(args.layouts)
         routers = tuple(_csv("--routers", args.routers))
         base = load_cluster(args)
+        odd = [tp for tp in tps if base.model.num_heads % tp]
+        if odd:  # vLLM splits attention heads evenly over the tensor-parallel GPUs
+            raise ValueError(f"--tp: {base.model.name}'s {base.model.num_heads} attention heads do not split over "
+                             f"{', '.join(map(str, odd))} GPUs")
         for r in routers:
             try:
                 router_factory(r, base)()  # fail fast on unknown names

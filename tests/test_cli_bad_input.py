@@ -37,6 +37,8 @@ def files(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "count0.yaml").write_text(yaml.safe_dump(zero))
     router = {**raw, "policies": {"router": {"name": "least_outstanding", "params": {"bogus": 1}}}}
     (tmp_path / "router_param.yaml").write_text(yaml.safe_dump(router))
+    tp3 = {**raw, "pools": [{**p, "tp": 3} for p in raw["pools"]]}  # 32 heads do not split over 3 GPUs
+    (tmp_path / "tp3.yaml").write_text(yaml.safe_dump(tp3))
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     row = '{"timestamp": 0, "input_length": 500, "output_length": 100}\n'
     (tmp_path / "same_ts.jsonl").write_text(row * 20)
@@ -45,7 +47,7 @@ def files(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "dir").mkdir()
     return {k: str(tmp_path / v) for k, v in {
-        "count0": "count0.yaml", "router_param": "router_param.yaml", "bad_yaml": "bad.yaml",
+        "count0": "count0.yaml", "router_param": "router_param.yaml", "bad_yaml": "bad.yaml", "tp3": "tp3.yaml",
         "same_ts": "same_ts.jsonl", "one": "one.jsonl", "bad_trace": "bad.jsonl", "file": "file.txt", "dir": "dir",
         "missing": "missing.csv", "png_txt": "fig.txt"}.items()}
 
@@ -70,6 +72,7 @@ CASES = [
     (PLAN + ["--tp", "0"], "--tp"),
     (PLAN + ["--tp", "abc"], "--tp"),
     (PLAN + ["--tp", "-1"], "--tp"),
+    (PLAN + ["--tp", "3"], "--tp"),  # 32 heads do not split over 3 GPUs
     (PLAN + ["--layouts", "bogus"], "--layouts"),
     (PLAN + ["--layouts", ""], "--layouts"),
     (PLAN + ["--layouts", "pd:abc"], "--layouts"),
@@ -93,6 +96,7 @@ CASES = [
     (REPLAY + ["--max-output", "4000"], "--max-output"),
     (REPLAY + ["--json", "{dir}"], "--json"),
     (["simulate", "--quiet", "--config", "{count0}"], "count"),
+    (["simulate", "--quiet", "--config", "{tp3}"], "pools[0].tp"),
     (["simulate", "--quiet", "--synthetic", "50", "--config", "{router_param}"], "policies.router"),
     (["profile", "--target", "127.0.0.1:1", "--repeats", "-1"], "--repeats"),
     (["profile", "--target", "127.0.0.1:1", "--vocab", "0"], "--vocab"),

@@ -191,6 +191,10 @@ class ClusterConfig(_Strict):
                 )
         if not self.pools:
             raise ValueError("pools: at least one instance pool is required")
+        for i, pool in enumerate(self.pools):
+            if self.model.num_heads % pool.tp:  # vLLM splits attention heads evenly over the TP GPUs
+                raise ValueError(f"pools[{i}].tp: {pool.tp} does not divide the model's {self.model.num_heads} "
+                                 "attention heads")
         return self
 
     def slo_for(self, priority: int) -> SLO:
