@@ -137,10 +137,12 @@ class Simulator:
 
     Args:
         closed_form: advance identical-composition decode steps as one event (the fast path). ``False`` runs
-            the naive one-event-per-step reference; both give the same per-request timings.
+            the naive one-event-per-step reference; both give the same per-request timings (for a router that
+            reads gradual state, up to when that state is refreshed).
         view_refresh_s: how stale the routers' view of *gradual* state (KV usage, context lengths) may get.
             Structural changes (a request admitted, finished, preempted, handed off; the instance a request was
-            just routed to) are in the next view at once, as the live ingress's own dispatch accounting is.
+            just routed to) are in the next view at once, as the live ingress's own dispatch accounting is -- at
+            the end of the engine step that makes them, as a real engine's state changes when its step returns.
         progress: show a progress bar.
         migration: a migration policy (``plan(view, now_s) -> list[MigrationPlan]``) run every
             ``migration_interval_s``; each plan is executed with Llumnix's multi-stage copy, costed by the
