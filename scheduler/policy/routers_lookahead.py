@@ -574,9 +574,9 @@ class SheddingLookaheadRouter(LookaheadRouter):
     TTFT SLO before its own prefill, or whose predicted TPOT is over its TPOT SLO, even on the best placement.
 
     Measured (docs/routing.md "SLO shedding"; 16 instances at 0.8 of saturation, goodput at 90% attainment over the
-    best of least-outstanding / Llumnix): Azure conversation 1.51x (``lookahead`` alone 1.04x), where the TPOT rule
-    does most of the work; Mooncake conversation 1.79x (``lookahead`` alone 1.83x: there the rules add attainment,
-    not goodput). The TTFT factor is small because the wait estimate leaves out the prompts that arrive after the
+    best of least-outstanding / Llumnix; twenty-sixth session): Azure conversation 1.54x (``lookahead`` alone 1.05x),
+    where the TPOT rule does most of the work; Mooncake conversation 1.76x (``lookahead`` alone 1.79x: there the
+    rules add attainment, not goodput). The TTFT factor is small because the wait estimate leaves out the prompts that arrive after the
     newcomer; the table there has the other factors.
     """
 
@@ -598,7 +598,7 @@ class ShedRouter(Router):
     ``policies.router: {name: shed, params: {base: learned}}``.
 
     Measured (docs/routing.md "SLO shedding"): over ``lookahead`` it decides exactly what ``lookahead_shed`` does;
-    over ``learned`` it lifts Azure goodput (1.02x -> 1.35x the best dispatcher). The TPOT rule reads prefill
+    over ``learned`` it lifts Azure goodput (1.04x -> 1.37x the best dispatcher). The TPOT rule reads prefill
     pressure net of prefix-cache hits: counting whole prompts, it refused 7.2% of ``learned``'s Mooncake
     placements and cut goodput below ``learned`` alone (1.62 vs 2.20 req/s, the artifact of that time).
     """
