@@ -62,9 +62,9 @@ def test_desired_replicas_tp_packing_and_shared_gpu_type() -> None:
         {"name": "small", "role": "mixed", "gpu": "a100", "tp": 2, "count": 3},
     ])
     assert desired_worker_replicas(cfg, gpus_per_worker={"a100": 8}) == {"a100": 2}
-    # An instance never spans nodes: TP=3 on 4-GPU nodes is one instance per node (6 GPUs, but 2 nodes).
-    cfg3 = _config([{"name": "m", "role": "mixed", "gpu": "a100", "tp": 3, "count": 2}])
-    assert desired_worker_replicas(cfg3, gpus_per_worker={"a100": 4}) == {"a100": 2}
+    # An instance never spans nodes: TP=4 on 6-GPU nodes is one instance per node (8 GPUs, but 2 nodes).
+    cfg4 = _config([{"name": "m", "role": "mixed", "gpu": "a100", "tp": 4, "count": 2}])
+    assert desired_worker_replicas(cfg4, gpus_per_worker={"a100": 6}) == {"a100": 2}
     assert nodes_for([3, 3, 2, 1, 1], 4) == 3 and nodes_for([], 8) == 0 and nodes_for([8] * 3, 8) == 3
     # A group name that differs from the GPU type.
     assert desired_worker_replicas(cfg, gpus_per_worker={"gpu-a100": 4}, group_of={"a100": "gpu-a100"}) == {
