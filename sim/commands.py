@@ -65,6 +65,14 @@ def load_cluster(args: argparse.Namespace) -> ClusterConfig:
     return cfg
 
 
+def comma_list(flag: str, s: str) -> list[str]:
+    """Comma-separated entries, none empty (the message names ``flag``)."""
+    items = [x.strip() for x in s.split(",")]
+    if not all(items):
+        raise ValueError(f"{flag}: empty entry in {s!r}; give comma-separated values")
+    return items
+
+
 def check_time_span(trace) -> None:
     """Refuse a trace whose arrivals span no time (one request, or all at one instant): its request rate, which
     ``compare --load`` and ``plan`` scale from, cannot be measured (it would read ~1e11 req/s)."""

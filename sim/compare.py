@@ -159,7 +159,7 @@ def compare(config: ClusterConfig, w: Workload, routers: list[str], *, load: flo
 
 def main(argv: list[str] | None = None) -> int:
     from scheduler.cli_args import figure_file, output_file, positive_float
-    from sim.commands import check_time_span, warn_over_context
+    from sim.commands import check_time_span, comma_list, warn_over_context
 
     p = argparse.ArgumentParser(prog="llmsched compare", description=__doc__)
     add_workload_args(p)
@@ -171,10 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=output_file)
     p.add_argument("--png", type=figure_file)
     args = p.parse_args(argv)
-    routers = [r.strip() for r in args.routers.split(",")]
-    if not all(routers):
-        p.error(f"--routers: empty router name in {args.routers!r}; give comma-separated names")
     try:
+        routers = comma_list("--routers", args.routers)
         cfg = load_cluster(args)
         trace, w = load_workload(args, cfg)
         check_time_span(trace)  # --load scales from the trace's rate

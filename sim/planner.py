@@ -26,7 +26,14 @@ from scheduler.config.load import ConfigError
 from scheduler.config.models import ClusterConfig, GPUSpec, PoolSpec
 from scheduler.core.types import InstanceRole
 from scheduler.latency import latency_for
-from sim.commands import add_cluster_args, add_workload_args, check_time_span, load_cluster, load_workload
+from sim.commands import (
+    add_cluster_args,
+    add_workload_args,
+    check_time_span,
+    comma_list,
+    load_cluster,
+    load_workload,
+)
 from sim.compare import router_factory
 from sim.metrics import request_metrics
 from sim.simulator import Simulator, Workload
@@ -200,17 +207,9 @@ def pareto(results: list[PlanResult]) -> list[PlanResult]:
     return out
 
 
-def _csv(flag: str, s: str) -> list[str]:
-    """Comma-separated entries, none empty (the message names ``flag``)."""
-    items = [x.strip() for x in s.split(",")]
-    if not all(items):
-        raise ValueError(f"{flag}: empty entry in {s!r}; give comma-separated values")
-    return items
-
-
 def parse_tps(s: str) -> tuple[int, ...]:
     out = []
-    for x in _csv("--tp", s):
+    for x in comma_list("--tp", s):
         if not x.isdigit() or int(x) < 1:
             raise ValueError(f"--tp: expected comma-separated integers >= 1, got {x!r}")
         out.append(int(x))
@@ -219,7 +218,7 @@ def parse_tps(s: str) -> tuple[int, ...]:
 
 def parse_layouts(s: str) -> tuple[str, ...]:
     """``mixed`` or ``pd:<share>``, the share of instances that prefill strictly between 0 and 1."""
-    for x in _csv("--layouts", s):
+    for x in comma_list("--layouts", s):
         if x == "mixed":
             continue
         kind, _, share = x.partition(":")
@@ -229,7 +228,7 @@ def parse_layouts(s: str) -> tuple[str, ...]:
             ok = False
         if not ok:
             raise ValueError(f"--layouts: expected 'mixed' or 'pd:<prefill share in (0, 1)>', got {x!r}")
-    return tuple(_csv("--layouts", s))
+    return tuple(comma_list("--layouts", s))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,10 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--target: SLO attainment must be in (0, 1], got {args.target}")
     try:
         tps, layouts = parse_tps(args.tp), parse_layouts(args.layouts)
-        routers = tuple(_csv("--routers", args.routers))
+        routers = tuple(comma_list("--routers", args.routers))
         base = load_cluster(args)
-        odd = [tp for tp in tps if base.model.num_heads % tp]
-        if odd:  # vLLM splits attention heads evenly over the tensor-parallel GPUs
+        odd = [tp for tp in tps if not base.model.splits_over(tp)]
+        if odd:
             raise ValueError(f"--tp: {base.model.name}'s {base.model.num_heads} attention heads do not split over "
                              f"{', '.join(map(str, odd))} GPUs")
         for r in routers:

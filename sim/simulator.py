@@ -379,11 +379,9 @@ class Simulator:
         snap = inst.snapshot
         if snap is None:
             return
-        eng = inst.engine
         compute = snap.prefill_compute_tokens
         if compute is not None:
-            hit = eng._hit_tokens(seq, eng.cached_prefix_blocks(seq.hash_ids)) if seq.hash_ids else 0
-            compute += seq.num_tokens - hit
+            compute += seq.num_tokens - inst.engine.cache_hit_tokens(seq)
         requests = snap.requests
         if self._detail:
             requests += (RequestLoad(seq.rid, seq.num_tokens, 0, seq.predicted_remaining, seq.priority, True),)

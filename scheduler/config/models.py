@@ -78,6 +78,10 @@ class ModelSpec(_Strict):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    def splits_over(self, tp: int) -> bool:
+        """vLLM splits the attention heads evenly over the tensor-parallel GPUs: ``tp`` must divide them."""
+        return self.num_heads % tp == 0
+
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
@@ -192,7 +196,7 @@ class ClusterConfig(_Strict):
         if not self.pools:
             raise ValueError("pools: at least one instance pool is required")
         for i, pool in enumerate(self.pools):
-            if self.model.num_heads % pool.tp:  # vLLM splits attention heads evenly over the TP GPUs
+            if not self.model.splits_over(pool.tp):
                 raise ValueError(f"pools[{i}].tp: {pool.tp} does not divide the model's {self.model.num_heads} "
                                  "attention heads")
         return self

@@ -487,11 +487,11 @@ class EngineModel:
     def _waiting_cache_hits(self) -> int:
         """Prompt tokens of the waiting requests their admission would find cached here now (as ``_prefix_hit``
         will count them, unless the cache changes before then)."""
-        hit = 0
-        for s in self.waiting:
-            if s.hash_ids and not s.num_computed:
-                hit += self._hit_tokens(s, self.cached_prefix_blocks(s.hash_ids))
-        return hit
+        return sum(self.cache_hit_tokens(s) for s in self.waiting if not s.num_computed)
+
+    def cache_hit_tokens(self, seq: Seq) -> int:
+        """Prompt tokens of ``seq`` this instance's prefix cache would spare it if admitted now."""
+        return self._hit_tokens(seq, self.cached_prefix_blocks(seq.hash_ids)) if seq.hash_ids else 0
 
     @staticmethod
     def _hit_tokens(seq: Seq, n: int) -> int:

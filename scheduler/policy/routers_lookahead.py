@@ -322,7 +322,8 @@ class LookaheadRouter(PairingRouter):
         lat = self.latency_of(inst)
         B, C = inst.num_decoding, inst.decode_context_tokens
         Bp, Cp = (B, C) if inst.role.does_decode else (0, 0)
-        used = inst.kv_blocks_used * max(inst.block_size, 1)
+        bs = max(inst.block_size, 1)
+        used = inst.kv_blocks_used * bs
         other = max(used - C, 0)
         Q = inst.prefill_tokens_pending
         # The queue's prefill time counts what the engine will compute: queued prompts' cached prefixes are skipped.
@@ -344,7 +345,6 @@ class LookaheadRouter(PairingRouter):
             B, C, used = B + W, C + extra, used + extra
             rem = rem + (r_avg,) * W if rem else rem
         a0, b = lat.decode_coeffs(max(B, 1))
-        bs = max(inst.block_size, 1)
         cap = inst.kv_blocks_total * bs
         t = _Terms(
             snap=inst, lat=lat, Bp=Bp, Cp=Cp, Bd=B, Cd=C,
