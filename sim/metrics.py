@@ -47,6 +47,7 @@ def sim_summary(res) -> dict[str, Any]:
             "migrations": int(res.migrations),
             "prefix_hit_tokens": int(getattr(res, "prefix_hit_tokens", 0)),
             "over_max_model_len": int(getattr(res, "over_max_model_len", 0)),
+            "slo": _slo_targets(res, m.slo_met),
             "makespan_s": float(res.makespan_s),
             "throughput_rps": float(m.completed.sum() / span),
             "output_tokens_per_s": float(w.output_tokens[m.completed].sum() / span),
@@ -59,6 +60,24 @@ def sim_summary(res) -> dict[str, Any]:
             **_scaling_extras(res, life, span),
         },
     )
+
+
+def _slo_targets(res, met: np.ndarray) -> dict[str, Any]:
+    """The targets ``slo_attainment`` scored and the attainment, per priority class (``None``: no target; a class
+    with none counts its completed requests as met). The top level repeats class 0's targets, as the live
+    replay's summary has them."""
+    w = res.workload
+    prio = w.priority if w.priority is not None else np.zeros(len(w), dtype=np.int64)
+
+    def target(col, i: int) -> float | None:
+        v = None if col is None else float(np.broadcast_to(col, prio.shape)[i])
+        return v if v is not None and np.isfinite(v) else None
+
+    classes = {int(p): {"ttft_s": target(res.slo_ttft_s, i), "tpot_s": target(res.slo_tpot_s, i),
+                        "requests": int((prio == p).sum()), "attainment": float(met[prio == p].mean())}
+               for p, i in zip(*np.unique(prio, return_index=True), strict=True)}
+    top = classes.get(0) or (next(iter(classes.values())) if classes else {})
+    return {"ttft_s": top.get("ttft_s"), "tpot_s": top.get("tpot_s"), "classes": classes}
 
 
 def _scaling_extras(res, life: np.ndarray, span: float) -> dict[str, Any]:

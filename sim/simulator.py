@@ -630,7 +630,9 @@ class Simulator:
         for seq in res.finished:
             i = seq.tag
             self.finish[i] = t + lat(i)
-            self.router.on_finished(str(i), self._ids[self.inst_of[i]])
+            # The instance it ends on (its decoder, after a handoff or a migration), as the live ingress names it.
+            d = self.dec_of[i]
+            self.router.on_finished(str(i), self._ids[d if d >= 0 else self.inst_of[i]])
         for seq in res.preempted:
             self.preempt[seq.tag] += 1
         for seq in res.prefill_done:

@@ -577,3 +577,35 @@ def test_lookahead_credits_the_prefix_cached_on_an_instance() -> None:
     assert r.route(q, view(cold, warm)).prefill_instance == "b"
     # A request without hash_ids is priced as before: the cached blocks are someone else's.
     assert r.estimate(req(4096), warm).ttft_s > r.estimate(req(4096), cold).ttft_s
+
+
+def _all_router_names() -> list[str]:
+    from scheduler.policy.route import ROUTERS, _ensure_builtin_routers_loaded
+
+    _ensure_builtin_routers_loaded()
+    return sorted(ROUTERS)
+
+
+@pytest.mark.parametrize("name", _all_router_names())
+def test_no_router_reads_the_clients_max_tokens(name: str) -> None:
+    """A trace replay asks for exactly the trace's output length (live and simulated alike), so ``max_tokens``
+    would hand a router the true length: a router must read ``predicted_output_tokens`` instead. Same requests,
+    same views, ``max_tokens`` from 1 to 8192: the same placements."""
+    v_mixed = view(snap("a", running=3, used=100, ctx=900, pred=300.0), snap("b", running=1, used=50, pending=700),
+                   snap("c", waiting=2, used=400, ctx=4000, pred=50.0))
+    v_pd = view(snap("p0", P), snap("p1", P, waiting=2, pending=900), snap("d0", D, running=4, ctx=2000),
+                snap("d1", D, running=1, ctx=300))
+    runs = []
+    for max_tokens in (1, 64, 8192):
+        r = make_router(name)
+        picks = []
+        for k in range(12):
+            rq = RequestInfo(f"r{k}", 0.1 * k, 50 + 400 * (k % 3), max_tokens, priority=k % 2,
+                             predicted_output_tokens=(None, 20.0, 700.0)[k % 3], output_tokens=max_tokens)
+            for v in (v_mixed, v_pd):
+                d = r.route(rq, v)
+                picks.append(d if isinstance(d, Rejected) else (d.prefill_instance, d.decode_instance))
+                if isinstance(d, RouteDecision):
+                    r.on_routed(rq, d)
+        runs.append(picks)
+    assert runs[0] == runs[1] == runs[2]

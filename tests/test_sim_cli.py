@@ -12,6 +12,7 @@ import pytest
 
 from scheduler.cli import main as cli_main
 from scheduler.config.load import load_config
+from scheduler.config.models import SLOSpec
 from sim.compare import at_load, saturation_rate
 from sim.goodput import goodput
 from sim.planner import Candidate, plan_one
@@ -46,6 +47,33 @@ def test_requests_longer_than_the_models_context_are_counted_and_named(tmp_path:
     assert cli_main(["simulate", "--quiet", "--trace", str(trace), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["over_max_model_len"] == 2  # 4200 and 5010 tokens > 4096
     assert "2 of 3 requests need more than default's max_model_len (4096" in capsys.readouterr().err
+
+
+def test_summary_names_the_slo_it_scored_and_the_table_says_when_there_is_none() -> None:
+    """With no SLO set, ``slo_attainment`` is only the completed share: the summary says which targets were
+    scored (per priority class) and the table shows "no SLO" rather than a 100% nobody earned."""
+    from scheduler.telemetry.report import summary_table
+    from sim.metrics import sim_summary
+    from tests.test_engine_model import config, random_workload
+
+    w = random_workload(1, 40, rate=20.0)
+    w = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, priority=np.arange(40) % 2)
+    bare = config(2).model_copy(update={"slos": {}})
+    s = sim_summary(Simulator(bare).run(w))
+    none = {"ttft_s": None, "tpot_s": None, "requests": 20, "attainment": 1.0}
+    assert s["slo"] == {"ttft_s": None, "tpot_s": None, "classes": {0: none, 1: none}}
+    assert s["slo_attainment"] == 1.0
+
+    def cell(summary) -> str:
+        t = summary_table({"x": summary})
+        return next(iter(t.columns[-1].cells))
+
+    assert cell(s) == "no SLO"
+    # A target for class 1 only: class 0 has none (its completed requests count as met), and the summary says so.
+    s = sim_summary(Simulator(bare.model_copy(update={"slos": {1: SLOSpec(ttft_s=1e-6)}})).run(w))
+    assert s["slo"]["classes"][0] == none and s["slo"]["ttft_s"] is None
+    assert s["slo"]["classes"][1] == {"ttft_s": 1e-6, "tpot_s": None, "requests": 20, "attainment": 0.0}
+    assert s["slo_attainment"] == 0.5 and cell(s) == "50.0%"
 
 
 def test_replay_writes_the_simulators_summary_keys_scored_with_the_configs_slos(tmp_path: Path, capsys) -> None:

@@ -70,3 +70,26 @@ def test_migration_moves_requests_and_loses_nothing() -> None:
     assert res.finish_s.max() < base.finish_s.max()
     assert min(sim.migrations.downtime_s) > 0
     assert len(sim.migrations.downtime_s) == res.migrations + len(sim.migrations.in_flight)
+
+
+class RecordsFinishes(AllToFirst):
+    def __init__(self) -> None:
+        self.finished_on: dict[str, str] = {}
+
+    def on_finished(self, request_id, instance_id):
+        self.finished_on[request_id] = instance_id
+
+
+def test_router_hears_the_instance_a_migrated_request_finished_on() -> None:
+    """The live ingress names the final holder in ``on_finished``; a migrated request's is its destination."""
+    cfg = config(2, blocks=2000)
+    router = RecordsFinishes()
+    res = Simulator(cfg, router=router, migration=MoveOneFromBusiest(), migration_interval_s=0.05).run(
+        skewed_workload())
+    moved = np.flatnonzero(res.decode_instance >= 0)
+    assert len(moved) > 0 and len(router.finished_on) == len(res.finish_s)
+    for i in moved:  # (some move back to m-0 later)
+        assert router.finished_on[str(i)] == res.instance_ids[res.decode_instance[i]]
+    assert sum(router.finished_on[str(i)] != res.instance_ids[0] for i in moved) > 0
+    stayed = np.flatnonzero(res.decode_instance < 0)
+    assert all(router.finished_on[str(i)] == res.instance_ids[0] for i in stayed)

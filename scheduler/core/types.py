@@ -73,7 +73,9 @@ class RequestInfo:
     """What a router knows about a request when it arrives.
 
     ``output_tokens`` is the true output length where known (traces, the simulator's ground truth); policies must
-    not read it -- they read ``predicted_output_tokens`` (from a predictor, a client hint, or ``None``).
+    not read it -- they read ``predicted_output_tokens`` (from a predictor, a client hint, or ``None``). Nor
+    ``max_tokens``: a trace replay (live or simulated) asks for exactly the trace's output length, so there it is
+    the true length too (``test_no_router_reads_the_clients_max_tokens``).
     """
 
     request_id: str

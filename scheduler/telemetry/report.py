@@ -35,9 +35,18 @@ def summary_table(summaries: Mapping[str, Mapping[str, Any]], *, title: str = "l
             _ms(s["tpot_s"]["p99"]),
             _ms(s["e2e_s"]["p50"]),
             _ms(s["e2e_s"]["p99"]),
-            f"{s['slo_attainment'] * 100:.1f}%",
+            _slo_cell(s),
         )
     return t
+
+
+def _slo_cell(s: Mapping[str, Any]) -> str:
+    """Attainment, or "no SLO" where no target was set (the attainment is then only the completed share)."""
+    targets = s.get("slo") or {}
+    classes = targets.get("classes") or {"0": targets}
+    if targets and all(c.get("ttft_s") is None and c.get("tpot_s") is None for c in classes.values()):
+        return "no SLO"
+    return f"{s['slo_attainment'] * 100:.1f}%"
 
 
 def print_summaries(summaries: Mapping[str, Mapping[str, Any]], *, title: str = "llmsched", console=None) -> None:
