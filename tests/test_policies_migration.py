@@ -85,6 +85,21 @@ def test_load_balance_moves_shortest_remaining_to_least_loaded() -> None:
         LlumnixMigrationPolicy(choose="random")
 
 
+def test_load_balance_is_relative_to_the_source() -> None:
+    """Under a burst every instance is busy: a fixed low watermark (0.5) found no destination; the gap rule moves
+    work from 0.9 to 0.65 but not to 0.75 (closer than ``balance_gap``), nor past the high watermark."""
+    warm = inst("warm", (rl("w0"),), used=65)
+    assert LlumnixMigrationPolicy(low_watermark=0.5).plan(view(hot(), warm), 0.0) == []
+    assert LlumnixMigrationPolicy().plan(view(hot(), warm), 0.0) == [
+        MigrationPlan("hot0", "hot", "warm", MigrationReason.LOAD_BALANCE)]
+    assert LlumnixMigrationPolicy().plan(view(hot(), inst("near", (rl("n0"),), used=75)), 0.0) == []
+    # The destination would end above the high watermark (0.62 + a 60-block request): no move.
+    big = inst("big", (rl("b0", ctx=960, rem=1.0),), used=90)
+    assert LlumnixMigrationPolicy().plan(view(big, inst("x", (rl("x0"),), used=62)), 0.0) == []
+    with pytest.raises(ValueError, match="balance_gap"):
+        LlumnixMigrationPolicy(balance_gap=0.0)
+
+
 def test_destination_is_never_draining_unhealthy_or_short_of_kv() -> None:
     p = LlumnixMigrationPolicy(max_concurrent=8, max_per_instance=8, max_plans=8)
     others = (inst("drain", draining=True), inst("sick", healthy=False),
