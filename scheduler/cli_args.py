@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 
@@ -47,10 +48,24 @@ def token_vocab(s: str) -> int:
     return v
 
 
+def _creatable(s: str) -> None:
+    """Refuse a path whose nearest existing ancestor is a file or cannot be written into: it would fail only
+    when the result is written, at the end of the run."""
+    parent = Path(s).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot create {s!r}: {str(parent)!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot create {s!r}: no permission to write in {str(parent)!r}")
+
+
 def output_file(s: str) -> str:
-    """A file to write at the end: refused up front when it names a folder (the work would be lost)."""
+    """A file to write at the end: refused up front when it names a folder or cannot be created (the work would
+    be lost)."""
     if not s or Path(s).is_dir():
         raise argparse.ArgumentTypeError(f"{s!r} is a directory, not a file" if s else "empty path")
+    _creatable(s)
     return s
 
 
@@ -72,4 +87,6 @@ def output_dir(s: str) -> str:
     """A folder to write into (created if missing): refused up front when it is an existing file."""
     if not s or (Path(s).exists() and not Path(s).is_dir()):
         raise argparse.ArgumentTypeError(f"{s!r} exists and is not a directory" if s else "empty path")
+    if not Path(s).exists():
+        _creatable(s)
     return s

@@ -47,7 +47,14 @@ class SimInstance:
         return self.pool.tp
 
     def make_snapshot(self, now_s: float, *, detail: bool) -> InstanceSnapshot:
-        self.snapshot = self.engine.snapshot(
+        """The routers' snapshot of this instance, kept until marked dirty (``snap_dirty``)."""
+        self.snapshot = self.fresh_snapshot(now_s, detail=detail)
+        self.snap_dirty = False
+        return self.snapshot
+
+    def fresh_snapshot(self, now_s: float, *, detail: bool) -> InstanceSnapshot:
+        """The engine's state now (the routers' snapshot left as it is)."""
+        snap = self.engine.snapshot(
             self.instance_id,
             now_s,
             detail=detail,
@@ -56,9 +63,8 @@ class SimInstance:
             draining=self.draining,
         )
         if self.incoming:
-            self.snapshot = replace(self.snapshot, num_waiting=self.snapshot.num_waiting + self.incoming)
-        self.snap_dirty = False
-        return self.snapshot
+            snap = replace(snap, num_waiting=snap.num_waiting + self.incoming, num_incoming=self.incoming)
+        return snap
 
 
 def pool_latency(config: ClusterConfig, pool: PoolSpec) -> LatencyModel:

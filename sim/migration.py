@@ -56,18 +56,34 @@ class MigrationDriver:
 
     def on_policy(self, now: float) -> None:
         sim = self.sim
-        view = sim.policy_view(now, sim.instances)
+        view = sim.policy_view(now)
         for plan in self.policy.plan(view, now):  # type: ignore[union-attr]
-            self.start(int(plan.request_id), sim._index[plan.source], sim._index[plan.destination], now)
+            if not self.start(int(plan.request_id), sim._index[plan.source], sim._index[plan.destination], now):
+                # As the live Controller does: a refused plan leaves no in-flight entry or cooldown behind (it kept
+                # both instances untouchable for 9.5 s with max_per_instance=1; twenty-seventh session's audit).
+                self._tell("on_migration_dropped", plan.request_id)
+
+    def _tell(self, hook: str, rid: object, **kw: object) -> None:
+        fn = getattr(self.policy, hook, None)  # plain test policies have no hooks
+        if fn is not None:
+            fn(str(rid), **kw)
 
     def start(self, rid: int, src: SimInstance, dst: SimInstance, now: float) -> bool:
         seq = src.engine.get(rid)
         if seq is None or not seq.in_decode or rid in self.in_flight or src is dst:
             return False
+        # A closed-form span books its steps at its end: read both engines as of now, or the handshake takes the
+        # context and free blocks of the span's start (201 of 529 tokens).
+        for inst in (src, dst):
+            self.sim.materialise(inst, now)
+        seq = src.engine.get(rid)
+        if seq is None or not seq.in_decode:
+            return False
         eng = dst.engine
         context = src.engine.computed_of(seq) + 1
         need = -(-(context + self.headroom_tokens) // eng.block_size)
-        if need > eng.total_blocks - eng.blocks_used():
+        whole = -(-(context + seq.max_new - src.engine.generated_of(seq)) // eng.block_size)
+        if need > eng.total_blocks - eng.blocks_used() or whole > eng.total_blocks:  # (smaller KV: heterogeneous)
             self.aborted_dst += 1
             return False
         eng.prefill_blocks += need  # the reservation: held blocks no request owns yet
@@ -88,11 +104,15 @@ class MigrationDriver:
         if m is None:
             return
         sim = self.sim
-        t_b = sim.cut_span(m.src, now) if m.src.span is not None else now
+        sim.materialise(m.src, now)
+        # The step in flight (booked) makes this request's token: the last copy starts at its end (it started at
+        # the stop, and the destination resumed up to 0.38 s before the source's step ended).
+        t_b = m.src.in_step[1] if m.src.in_step is not None else now
         seq = m.src.engine.detach(rid)
         if seq is None:  # finished, preempted or aborted meanwhile: the source keeps ownership; free the reservation
             self._release(m)
             self.aborted_src += 1
+            self._tell("on_migration_done", rid, ok=False)
             del self.in_flight[rid]
             return
         m.src.snap_dirty = True
@@ -108,10 +128,16 @@ class MigrationDriver:
         self._release(m)
         new = m.dst.engine.add_request(rid, seq.num_tokens, seq.max_new, cached_tokens=seq.num_tokens - 1,
                                        priority=seq.priority, predicted_remaining=seq.predicted_remaining)
+        # Its blocks were reserved for it (live: adopted at pre-admission, so it waits holding its KV): ahead of the
+        # prompts queued behind the reservation, which otherwise took the blocks first and left its copied KV
+        # unaccounted (206 blocks held on a 200-block engine).
+        m.dst.engine.waiting.remove(new)
+        m.dst.engine.waiting.appendleft(new)
         new.tag = rid
         self.sim.dec_of[rid] = m.dst.index
         self.sim._poke(m.dst, now)
         self.committed += 1
+        self._tell("on_migration_done", rid, ok=True)
         self.total_s.append(now - m.started_s)
 
     def _release(self, m: _InFlight) -> None:

@@ -65,7 +65,7 @@ class RerolingDriver:
             self._switch(payload, now)
             return False
         sim = self.sim
-        view = sim.policy_view(now, sim.instances)
+        view = sim.policy_view(now)
         for ch in self.policy.propose(view, now):  # type: ignore[union-attr]
             self.begin(ch.instance_id, ch.new_role, ch.reason, now)
         for sw in list(self.switching.values()):

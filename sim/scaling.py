@@ -86,7 +86,7 @@ class ScalingDriver:
             self._ready(payload, now)
             return False
         sim = self.sim
-        view = sim.policy_view(now, self.live)
+        view = sim.policy_view(now)
         for d in self.policy.decide(view, now, self.observe(now)):  # type: ignore[union-attr]
             self.apply(d, now)
         drn = sum(1 for x in self.live if x.draining)

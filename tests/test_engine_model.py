@@ -104,6 +104,18 @@ def test_a_pair_from_a_mixed_instance_hands_the_kv_off_to_its_decoder() -> None:
     assert res.instance_busy_s[1] > 0  # the decoder decoded
 
 
+def test_the_view_tells_decodes_on_their_way_from_queued_prompts_on_a_mixed_decoder() -> None:
+    """Requests whose KV is on its way to a MIXED decoder wait there with its queued prompts; the snapshot says how
+    many of its ``num_waiting`` they are (``num_incoming``), as the live ingress's view does."""
+    w = random_workload(2, 60, rate=40.0)
+    r = _Pair()
+    Simulator(config(2, blocks=400), router=r).run(w)
+    dec = [v.instances[1] for v in r.views]
+    assert all(0 <= d.num_incoming <= d.num_waiting for d in dec)
+    assert max(d.num_incoming for d in dec) >= 2  # a burst: several on their way at once
+    assert all(v.instances[0].num_incoming == 0 for v in r.views)  # the prefill side gets none
+
+
 def test_a_handed_off_request_keeps_its_priority_and_length_guess_on_the_decoder() -> None:
     w = Workload(np.array([0.0, 0.5]), np.array([300, 10]), np.array([400, 5]), priority=np.array([2, 0]),
                  predicted_output=np.array([300.0, 5.0]))

@@ -37,6 +37,9 @@ def test_a_refresh_does_not_forget_a_request_on_its_way_to_a_decoder() -> None:
     _refresh(ing, {"prefill-0": 1})  # decode-0 does not hold it yet: its snapshot is empty
     second = ing._route(_rec("b"))
     assert {first.decode_instance, second.decode_instance} == {"decode-0", "decode-1"}
+    # The view tells policies which of the waiting are decodes on their way (``num_incoming``).
+    seen = {s.instance_id: (s.num_waiting, s.num_incoming) for s in ing.view().instances}
+    assert seen["decode-0"] == seen["decode-1"] == (1, 1)
 
 
 def test_a_landed_request_counts_until_the_next_refresh_then_the_snapshot_has_it() -> None:
@@ -44,7 +47,8 @@ def test_a_landed_request_counts_until_the_next_refresh_then_the_snapshot_has_it
     d = ing._route(_rec("a")).decode_instance
     ing._expect_decode("a", None, landed=True)  # its decode leg was submitted there
     assert not ing._incoming
-    assert next(s for s in ing.view().instances if s.instance_id == d).num_waiting == 1
+    s = next(s for s in ing.view().instances if s.instance_id == d)
+    assert (s.num_waiting, s.num_incoming) == (1, 0)  # landed: the engine has it (its next report shows it)
     _refresh(ing, {d: 1})  # the instance reports it now
     assert next(s for s in ing.view().instances if s.instance_id == d).num_waiting == 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -158,8 +159,12 @@ def test_priority_isolation_moves_low_priority_off() -> None:
     reqs = (rl("hi", prio=1, ctx=800), rl("lo1", rem=300.0), rl("lo2", rem=30.0))
     p = LlumnixMigrationPolicy(max_per_instance=2, high_watermark=0.95)
     plans = p.plan(view(inst("busy", reqs, used=88), inst("free", total=100)), 0.0)
-    assert [x.request_id for x in plans] == ["lo2", "lo1"]
+    assert [x.request_id for x in plans] == ["lo2"]  # shortest remaining first; 88 -> 78 blocks relieves it
     assert all(x.reason is MigrationReason.PRIORITY for x in plans)
+    # Still over the pressure after one move: the next low-priority decode goes too.
+    plans = LlumnixMigrationPolicy(max_per_instance=2, high_watermark=0.95).plan(
+        view(inst("busy", reqs, used=99), inst("free", total=100)), 0.0)
+    assert [x.request_id for x in plans] == ["lo2", "lo1"]
     # No high-priority decode there: no isolation (and below the balance watermark: nothing).
     calm = (rl("lo1"), rl("lo2"))
     assert LlumnixMigrationPolicy(high_watermark=0.95).plan(view(inst("busy", calm, used=88), inst("free")), 0.0) == []
@@ -181,6 +186,19 @@ def test_defrag_frees_room_for_a_queued_prompt_that_fits_nowhere() -> None:
     roomy = inst("o", used=10, total=100)
     plans = LlumnixMigrationPolicy(high_watermark=0.9).plan(view(src, roomy), 0.0)
     assert plans and all(x.reason is MigrationReason.LOAD_BALANCE for x in plans)  # (s is virtually overloaded)
+
+
+def test_defrag_finds_the_queue_head_when_decodes_are_on_their_way() -> None:
+    """``num_waiting`` also counts requests whose KV is on its way (``num_incoming``; not in ``requests``): the
+    queue's head is found among the listed prompts all the same."""
+    big = rl("big", ctx=1200, rem=None, prefill=True)  # 75 blocks
+    o1, o2 = inst("o1", (rl("x1", ctx=640),), used=40), inst("o2", (rl("x2", ctx=640),), used=40)
+    for incoming in (0, 2):
+        src = dataclasses.replace(
+            inst("s", (rl("a", ctx=320), rl("b", ctx=160), rl("c", ctx=480), big), used=60, waiting=1, pending=1200),
+            num_waiting=1 + incoming, num_incoming=incoming)
+        p = LlumnixMigrationPolicy(max_per_instance=3, max_plans=5, max_concurrent=5, high_watermark=0.9)
+        assert [x.request_id for x in p.plan(view(src, o1, o2), 0.0)] == ["b", "a", "c"], incoming
 
 
 def test_registry() -> None:

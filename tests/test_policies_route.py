@@ -358,6 +358,22 @@ def test_lookahead_counts_the_decodes_on_their_way_to_a_decode_instance() -> Non
     assert r.route(req(1000, 200.0), v).decode_instance == "d0"  # type: ignore[union-attr]
 
 
+def test_lookahead_counts_the_decodes_on_their_way_to_a_mixed_instance() -> None:
+    # The same on a MIXED decoder, where queued prompts wait too: ``num_incoming`` says which of its waiting
+    # requests are decodes on their way (they join its batch), the rest are prompts (they queue for prefill).
+    # m0 decodes 10 with 30 more coming, m1 decodes 25: m1 is the lighter decoder.
+    r = LookaheadRouter(default_latency_model())
+    m0 = dataclasses.replace(snap("m0", M, running=10, waiting=30, ctx=15_000, pred=2000.0, used=1100, total=7000),
+                             num_incoming=30)
+    m1 = snap("m1", M, running=25, ctx=37_500, pred=5000.0, used=2600, total=7000)
+    p0 = snap("p0", P)
+    assert r.route(req(1000, 200.0), view(p0, m0, m1)).decode_instance == "m1"  # type: ignore[union-attr]
+    # Taken for prompts (no num_incoming: the snapshots before it), they had no pending tokens and no weight.
+    m0_old = dataclasses.replace(m0, num_incoming=0)
+    assert LookaheadRouter(default_latency_model()).route(
+        req(1000, 200.0), view(p0, m0_old, m1)).decode_instance == "m0"  # type: ignore[union-attr]
+
+
 def test_lookahead_takes_latency_models_from_config() -> None:
     gpu = GPUSpec(name="g", memory_gib=80, fp16_tflops=300, hbm_gbps=2000)
     model = ModelSpec(name="m", num_layers=4, hidden_size=512, num_heads=8, num_kv_heads=8,

@@ -113,6 +113,61 @@ def test_llumnix_migration_cuts_preemptions_under_bursty_kv_tight_load() -> None
     on = sim.run(w)
     assert np.isfinite(on.finish_s).all() and np.isfinite(off.finish_s).all()
     assert on.migrations > 50 and sim.migrations.aborted_dst == 0
-    assert on.preemptions.sum() < 0.6 * off.preemptions.sum()  # 45 -> 16 (with a 0.5 low watermark: 45 -> 36)
+    assert on.preemptions.sum() < 0.7 * off.preemptions.sum()  # 45 -> 27 (with a 0.5 low watermark: 45 -> 37)
     # Staged: the stop-and-copy is the short part of a move.
     assert np.median(sim.migrations.total_s) > 10 * np.median(sim.migrations.downtime_s) > 0
+
+
+class MoveAt:
+    """Plans request 0 from the first instance to the second once, at ``t``; records the driver's hooks."""
+
+    def __init__(self, t: float) -> None:
+        self.t, self.done, self.hooks = t, False, []
+
+    def plan(self, view: ClusterView, now_s: float) -> list[Plan]:
+        if self.done or now_s < self.t:
+            return []
+        self.done = True
+        return [Plan("0", view.instances[0].instance_id, view.instances[1].instance_id)]
+
+    def on_migration_done(self, request_id: str, *, ok: bool) -> None:
+        self.hooks.append(("done", request_id, ok))
+
+    def on_migration_dropped(self, request_id: str) -> None:
+        self.hooks.append(("dropped", request_id))
+
+
+def test_a_move_at_any_moment_keeps_every_token_made_so_far() -> None:
+    """The stop reads the request as it is: a span books its steps at its end, and a stop inside the span's last
+    step took the request as it was at the span's start (the destination re-made ~300 tokens: 4.6 -> 9.1 s);
+    a stop mid-step copied before the step made its token. One request, a move planned at 25 moments."""
+    cfg = config(2, blocks=2000)
+    w = Workload(np.array([0.0]), np.array([200]), np.array([300]))
+    alone = Simulator(cfg, router=AllToFirst()).run(w).finish_s[0]
+    for t in np.linspace(0.05, alone - 0.01, 25):
+        pol = MoveAt(float(t))
+        sim = Simulator(cfg, router=AllToFirst(), migration=pol, migration_interval_s=0.01)
+        res = sim.run(w)
+        if res.migrations:  # (a move too late to start is refused and dropped)
+            assert pol.hooks == [("done", "0", True)]
+            assert res.finish_s[0] <= alone + sim.migrations.total_s[0] + 0.05, t  # no token made twice
+            assert res.first_token_s[0] < t < res.finish_s[0]
+        else:
+            assert pol.hooks in ([("dropped", "0")], [])
+
+
+def test_a_move_to_an_instance_too_small_for_the_request_is_refused_not_a_crash() -> None:
+    from scheduler.config.models import ClusterConfig, EngineSpec, PoolSpec
+    from tests.test_engine_model import GPU, MODEL
+
+    def eng(blocks: int) -> EngineSpec:
+        return EngineSpec(block_size=16, max_num_batched_tokens=512, max_num_seqs=64, num_kv_blocks=blocks)
+
+    cfg = ClusterConfig(gpus={"a100": GPU}, model=MODEL, pools=[
+        PoolSpec(name="big", gpu="a100", count=1, engine=eng(2000)),
+        PoolSpec(name="small", gpu="a100", count=1, engine=eng(40))])  # 640 tokens: the request needs 800
+    pol = MoveAt(0.3)
+    sim = Simulator(cfg, router=AllToFirst(), migration=pol, migration_interval_s=0.3)
+    res = sim.run(Workload(np.array([0.0]), np.array([200]), np.array([600])))
+    assert res.migrations == 0 and sim.migrations.aborted_dst == 1 and pol.hooks == [("dropped", "0")]
+    assert np.isfinite(res.finish_s[0])

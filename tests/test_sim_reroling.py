@@ -122,3 +122,28 @@ def test_static_runs_are_unchanged_and_reroling_with_scaling_is_refused() -> Non
     assert sim.reroler is None and res.role_switches is None
     with pytest.raises(ValueError, match="reroling"):
         Simulator(CFG, scaling=ThresholdScaler(), reroling=RerolePolicy())
+
+
+def test_a_decoder_paired_with_a_prompt_still_prefilling_switches_only_after_decoding_it() -> None:
+    """Re-roled to PREFILL while a request paired with it to decode still prefilled elsewhere, a decoder switched
+    at once and the KV then landed on a PREFILL instance, which stopped the request at one token."""
+    from scheduler.policy.scaling import RoleChange
+    from tests.test_engine_model import config
+
+    class Once:
+        def __init__(self) -> None:
+            self.done = False
+
+        def propose(self, view, now_s):
+            if not self.done and now_s >= 0.02:
+                self.done = True
+                return [RoleChange("d-0", InstanceRole.PREFILL, "test")]
+            return []
+
+    w = Workload(np.array([0.01, 5.0]), np.array([16000, 50]), np.array([200, 20]))
+    sim = Simulator(config(pd=(1, 2), blocks=2000), router="least_outstanding", reroling=Once(),
+                    reroling_interval_s=0.02, reroling_options={"switch_delay_s": 0.5})
+    res = sim.run(w)
+    sw = sim.reroler.events[0]
+    assert sw.idle_s >= res.first_token_s[0] > 3.0  # idle only after the paired request's KV came and went
+    assert res.finish_s[0] - res.first_token_s[0] > 199 * 0.005  # all 199 decode steps, not cut to one token

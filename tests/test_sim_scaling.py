@@ -88,6 +88,35 @@ def test_scale_down_of_a_decode_pool_waits_for_kv_in_flight():
     assert np.isfinite(res.finish_s).all() and not res.rejected.any()
 
 
+def test_a_decoder_paired_with_a_prompt_still_prefilling_is_not_removed_before_its_kv_lands():
+    """A request is paired with its decoder at routing; the KV only leaves the prefill instance at its end. The
+    decoder is not empty meanwhile: it used to be removed at once, then decoded the request anyway, uncharged."""
+    cfg = config(pd=(1, 2), blocks=2000)
+    w = Workload(np.array([0.01, 5.0]), np.array([16000, 50]), np.array([200, 20]))  # a long prefill first
+    pol = Scripted([(0.02, ScaleDecision("decode", delta=-1, reason="test", drain=("d-0",)))])
+    sim = Simulator(cfg, router="least_outstanding", scaling=pol, scaling_interval_s=0.02, scaling_startup_s=1.0)
+    res = sim.run(w)
+    d0 = sim._index["d-0"]
+    assert res.decode_instance[0] == d0.index and res.first_token_s[0] > 3.0
+    assert d0.stopped_s is not None and res.finish_s[0] <= d0.stopped_s + 1e-9  # removed once it decoded it
+    assert res.instance_lifetime_s[d0.index] >= d0.engine.busy_time_s  # every busy second charged
+
+
+def test_a_start_still_pending_at_the_end_does_not_stretch_the_run():
+    """A start asked for 2 s before the last arrival (120 s start-up) left its ready event in the queue; the run
+    ended there, charging every instance 171 s for 55 s of work and dividing throughput by it."""
+    cfg = config(2)
+    w = random_workload(4, 400, rate=8.0)
+    pol = Scripted([(float(w.arrival_s[-1]) - 2.0, ScaleDecision("mixed", delta=1, reason="up"))])
+    sim = Simulator(cfg, router="round_robin", scaling=pol, scaling_interval_s=1.0, scaling_startup_s=120.0)
+    res = sim.run(w)
+    static = Simulator(cfg, router="round_robin").run(w)
+    assert res.makespan_s == pytest.approx(static.makespan_s) and res.makespan_s <= np.nanmax(res.finish_s)
+    asked = sim.scaler.events[0].time_s
+    assert res.instance_lifetime_s[2] == pytest.approx(res.makespan_s - asked)  # the starting one: asked -> end
+    assert sim_summary(res)["throughput_rps"] == pytest.approx(sim_summary(static)["throughput_rps"])
+
+
 def test_gpu_hours_count_each_instance_lifetime():
     cfg = config(2)
     w = random_workload(4, 800, rate=8.0)

@@ -368,7 +368,8 @@ class Ingress:
         return ClusterView(
             self._view.time_s,
             tuple(
-                dataclasses.replace(s, num_waiting=s.num_waiting + extra[s.instance_id])
+                dataclasses.replace(s, num_waiting=s.num_waiting + extra[s.instance_id],
+                                    num_incoming=self._incoming.get(s.instance_id, 0))
                 if s.instance_id in extra
                 else s
                 for s in self._view.instances

@@ -33,9 +33,11 @@ joined the decode set, so advancing ``k`` steps is O(1) regardless of batch size
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -626,6 +628,20 @@ class EngineModel:
         return res
 
     # ---- what routers see -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def ahead(self, steps: int) -> Iterator[EngineModel]:
+        """The engine as if ``steps`` more decode steps of its batch had run, for a read (a snapshot mid-span: a
+        span books its steps at its end); restored after. ``steps`` must stop short of the span's end, where
+        requests finish."""
+        k = len(self.decoding) * steps
+        self.step_no += steps
+        self._n_sum += k
+        try:
+            yield self
+        finally:
+            self.step_no -= steps
+            self._n_sum -= k
+
     def snapshot(self, instance_id: str, now_s: float, *, detail: bool = False, **static: object) -> InstanceSnapshot:
         requests: tuple[RequestLoad, ...] = ()
         if detail:

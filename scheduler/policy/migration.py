@@ -12,8 +12,8 @@ Triggers of ``LlumnixMigrationPolicy``, in this order each round (a request is p
 
 1. drain       -- every decoding request on a ``draining`` instance leaves (longest remaining first: short ones
                   would finish before their copy pays off);
-2. priority    -- an instance holding high-priority decodes with KV usage >= ``pressure`` sheds its low-priority
-                  decodes (Llumnix's priority headroom);
+2. priority    -- an instance holding high-priority decodes with KV usage >= ``pressure`` sheds low-priority
+                  decodes until it is below (Llumnix's priority headroom);
 3. defrag      -- the head of some instance's queue needs more KV blocks than any instance has free: move the
                   smallest decodes off that instance until the head fits (only if they can free enough);
 4. balance     -- instances above ``high_watermark`` virtual usage send their shortest-remaining decodes (fewest
@@ -347,8 +347,11 @@ class LlumnixMigrationPolicy(MigrationPolicy):
                 continue
             low = sorted((r for r in src.requests if r.priority < HIGH_PRIORITY and rnd.movable(r)),
                          key=lambda r: (r.priority, self._key(self, r)))
+            used0 = rnd.used[src.instance_id]
             for r in low:
-                if rnd.full() or not rnd.can_touch(src):
+                # Until the pressure is relieved (it went on shedding: 4 moves where one took 0.86 to 0.80).
+                left = src.kv_blocks_used - (used0 - rnd.used[src.instance_id])
+                if rnd.full() or not rnd.can_touch(src) or left / max(src.kv_blocks_total, 1) < self.pressure:
                     break
                 d = self._destination(rnd, r, src, dests, below=self.high_watermark)
                 if d is not None:
@@ -360,11 +363,13 @@ class LlumnixMigrationPolicy(MigrationPolicy):
             return
         most_free = max(rnd.free[i.instance_id] for i in accepting)
         for src in accepting:
-            if rnd.full() or not src.num_waiting or not rnd.can_touch(src):
+            # Requests whose KV is on its way count as waiting but are not listed (the engine does not hold them).
+            nq = src.num_waiting - src.num_incoming
+            if rnd.full() or nq <= 0 or not rnd.can_touch(src):
                 continue
             queued = [r for r in src.requests if r.in_prefill]
             # NOTE: snapshots list prefilling requests first, then the FCFS queue; the head is the first waiting.
-            waiting = queued[-src.num_waiting:] if len(queued) >= src.num_waiting else queued
+            waiting = queued[-nq:] if len(queued) >= nq else queued
             if not waiting:
                 continue
             need = _blocks(waiting[0].context_tokens, src.block_size)

@@ -335,12 +335,14 @@ class LookaheadRouter(PairingRouter):
         else:
             r_avg = inst.predicted_remaining_tokens / B if B and inst.predicted_remaining_tokens > 0 else (
                 self.default_output_tokens)
-        if inst.role is InstanceRole.DECODE and inst.num_waiting:
-            # Waiting on a DECODE instance: requests routed here whose KV is on its way (the snapshot counts them
-            # as waiting) and preempted ones. They join the batch ahead of a newcomer. Unseen, a decoder that
-            # preempts looks lighter and draws more (Azure on 4 PREFILL + 12 DECODE, prefill-bound: one decoder
-            # took 4890 of 18k requests, 15k preemptions, TPOT p50 0.78 s; least-outstanding 0.026 s).
-            W = inst.num_waiting
+        # Decodes about to join the batch ahead of a newcomer. On a DECODE instance every waiting request: those
+        # whose KV is on its way (the snapshot counts them as waiting) and preempted ones. Unseen, a decoder that
+        # preempts looks lighter and draws more (Azure on 4 PREFILL + 12 DECODE, prefill-bound: one decoder
+        # took 4890 of 18k requests, 15k preemptions, TPOT p50 0.78 s; least-outstanding 0.026 s). On a MIXED one
+        # only those on their way (``num_incoming``): the rest of its queue are prompts.
+        W = inst.num_waiting if inst.role is InstanceRole.DECODE else min(inst.num_incoming, inst.num_waiting)
+        prompts_waiting = inst.num_waiting - (W if inst.role is not InstanceRole.DECODE else 0)
+        if W and inst.role.does_decode:
             extra = int(W * C / B) if B else 0  # their contexts, as the residents' (unknown when none decode)
             B, C, used = B + W, C + extra, used + extra
             rem = rem + (r_avg,) * W if rem else rem
@@ -349,7 +351,7 @@ class LookaheadRouter(PairingRouter):
         t = _Terms(
             snap=inst, lat=lat, Bp=Bp, Cp=Cp, Bd=B, Cd=C,
             # Queued prompts, assumed of equal size Q / max(waiting, 1) for their attention cost.
-            queue_s=self._prefill_span(lat, Qc, Qc * (Q / max(inst.num_waiting, 1) + 1) / 2, Bp, Cp),
+            queue_s=self._prefill_span(lat, Qc, Qc * (Q / max(prompts_waiting, 1) + 1) / 2, Bp, Cp),
             decode_only_s=lat.step_time(decode_batch=Bp, decode_context=Cp) if Bp else 0.0,
             rem=rem, r_avg=r_avg, a1=lat.decode_coeffs(B + 1)[0], b=b, a_alone=lat.decode_coeffs(1)[0],
             step_now=a0 + b * C if B else 0.0, cap=cap, other=other, used=used,
