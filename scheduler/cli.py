@@ -1,4 +1,6 @@
-"""``llmsched`` command line. Each subcommand lives with the code it drives; this file only dispatches.
+"""llmsched: a distributed LLM-serving cluster scheduler (live control plane and simulator).
+
+usage: llmsched COMMAND [--help] ...
 
     llmsched run          the README main job: live CPU cluster + replay through gRPC + the same trace simulated
     llmsched serve        run the control plane and gRPC/HTTP servers from a config
@@ -10,7 +12,11 @@
     llmsched predict      train / evaluate the response-length predictors (fit-trace: on your own request log)
     llmsched chart        lint, render and validate the Helm chart
     llmsched bench        benchmarks (migration, chaos, ...)
+
+Each command's options: llmsched COMMAND --help. README.md has the two set-up commands and examples.
 """
+
+# Each subcommand lives with the code it drives; this module only dispatches.
 
 from __future__ import annotations
 
@@ -37,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"llmsched {version('llmsched')}")
+        except PackageNotFoundError:
+            print("llmsched (not installed as a package)")
+        return 0
     name, rest = argv[0], argv[1:]
     target = COMMANDS.get(name)
     if name == "predict" and rest[:1] == ["fit-trace"]:  # reads trace files: the simulator's loaders

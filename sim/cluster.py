@@ -86,11 +86,20 @@ def new_instance(pool: PoolSpec, latency: LatencyModel, instance_id: str, index:
 def build_instances(config: ClusterConfig) -> list[SimInstance]:
     """One ``SimInstance`` per configured instance, ids ``<pool>-<n>``; latency models shared per pool."""
     out: list[SimInstance] = []
-    for pool in config.pools:
+    for k, pool in enumerate(config.pools):
         latency = pool_latency(config, pool)
         for n in range(pool.count):
-            engine = EngineModel(latency, pool.engine, role=pool.role)
+            try:
+                engine = EngineModel(latency, pool.engine, role=pool.role)
+            except ValueError as e:  # the weights leave no KV memory: say which pool, and what to change
+                raise ValueError(f"pools[{k}] ({pool.name}): {config.model.name} on {pool.gpu} x TP{pool.tp}: {e}; "
+                                 "use more GPUs per instance (tp) or a larger GPU") from None
             out.append(SimInstance(f"{pool.name}-{n}", pool, engine, latency, len(out)))
     if not out:
         raise ValueError("pools: the config defines no instances (every pool has count 0)")
+    # Every request needs both phases: without either it would wait forever (a run that never ends).
+    for phase, can in (("prefill", lambda r: r.does_prefill), ("decode", lambda r: r.does_decode)):
+        if not any(can(x.role) for x in out):
+            raise ValueError(f"pools: no instance can {phase} (roles: "
+                             f"{', '.join(sorted({x.role.value for x in out}))}); add a mixed or {phase} pool")
     return out

@@ -19,6 +19,7 @@ from scheduler.cli_args import (
 from scheduler.config.load import ConfigError, load_config
 from scheduler.config.models import ClusterConfig
 from scheduler.policy.route import make_router
+from sim.cluster import build_instances
 from sim.goodput import goodput
 from sim.metrics import request_metrics, sim_summary
 from sim.report import print_summaries, write_figure, write_json
@@ -91,8 +92,8 @@ def warn_over_context(cfg: ClusterConfig, w) -> None:
     if n:
         print(f"warning: {n} of {len(w)} requests need more than {cfg.name}'s max_model_len "
               f"({cfg.model.max_model_len} tokens of prompt + output); a live cluster refuses them, the simulator "
-              "serves them as if the context were longer (a long-context config fits them: "
-              "scheduler/config/examples/llama3-8b-a100-16-longctx.yaml)", file=sys.stderr)
+              "serves them as if the context were longer, and refuses those that do not fit an instance's KV cache "
+              "at all (a long-context config fits them: --config llama3-8b-a100-16-longctx)", file=sys.stderr)
 
 
 def with_instances(cfg: ClusterConfig, n: int) -> ClusterConfig:
@@ -119,12 +120,20 @@ def load_workload(args: argparse.Namespace, cfg: ClusterConfig):
     """Returns ``(trace, workload)``; the trace carries the name and source that reports print."""
     from sim.traces import default_trace, load_trace, synthetic
 
+    if args.synthetic and args.trace:
+        raise ValueError("--synthetic: generates the workload; give it or --trace, not both")
+    if args.format and not args.trace:
+        raise ValueError("--format: names the format of --trace; no --trace given")
     if args.synthetic:
         rate = args.rate or 1.5 * cfg.num_instances
         trace = synthetic(args.synthetic, rate, arrival="gamma" if args.cv != 1.0 else "poisson", cv=args.cv,
                           seed=args.seed)
     elif args.trace:
         trace = load_trace(args.trace, args.format, rate=args.rate or 1.5 * cfg.num_instances, seed=args.seed)
+        if ", arrivals: " in trace.source:  # lengths only: the loader drew the arrival times
+            print(f"note: {args.trace} has no timestamps as read (format {args.format or 'detected'}); arrivals "
+                  f"are synthetic ({trace.source.split(', arrivals: ', 1)[1]}; --rate sets the rate)",
+                  file=sys.stderr)
     else:
         trace = default_trace()
     if args.window:
@@ -151,8 +160,8 @@ def simulate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--scaling-interval", type=positive_float, default=5.0, help="seconds between scaling decisions")
     p.add_argument("--startup-delay", type=nonneg_float, default=60.0,
                    help="seconds from an instance's start request until it takes traffic (model load)")
-    p.add_argument("--min-instances", type=nonneg_int, default=1, help="autoscaling floor per pool")
-    p.add_argument("--max-instances", type=positive_int, default=64, help="autoscaling ceiling per pool")
+    p.add_argument("--min-instances", type=nonneg_int, help="autoscaling floor per pool (default 1)")
+    p.add_argument("--max-instances", type=positive_int, help="autoscaling ceiling per pool (default 64)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -169,9 +178,17 @@ def simulate_main(argv: list[str] | None = None) -> int:
         if args.scaling and args.scaling != "none":
             from scheduler.policy.scaling import make_scaling_policy
 
+            if args.goodput:  # the bisection replays a static cluster: its number would not be this run's
+                raise ValueError("--goodput: bisects the rate on the static cluster; not with --scaling")
             kw = {"config": cfg} if args.scaling == "sla" else {}
-            scaling = make_scaling_policy(args.scaling, min_instances=args.min_instances,
-                                          max_instances=args.max_instances, **kw)
+            lo = 1 if args.min_instances is None else args.min_instances
+            hi = 64 if args.max_instances is None else args.max_instances
+            if not lo <= hi:
+                raise ValueError(f"--min-instances ({lo}) must be <= --max-instances ({hi})")
+            scaling = make_scaling_policy(args.scaling, min_instances=lo, max_instances=hi, **kw)
+        elif args.min_instances is not None or args.max_instances is not None:
+            raise ValueError("--min-instances / --max-instances: bounds of autoscaling; give --scaling too")
+        build_instances(cfg)  # fail fast: a pool without KV memory, a cluster that cannot prefill or decode
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -194,6 +211,7 @@ def simulate_main(argv: list[str] | None = None) -> int:
             f"({summary['requests_per_wall_s']:.0f} req/s, {summary['events_per_wall_s']:.0f} events/s)  "
             f"GPU util {summary['gpu_utilization'] * 100:.0f}%  cost ${summary['cost_usd']:.2f}  "
             f"preemptions {summary['preemptions']}"
+            + (f"  refused {summary['rejected']}" if summary["rejected"] else "")
             + (f"  goodput {summary['goodput_rps']:.2f} req/s" if "goodput_rps" in summary else "")
             + (f"  GPU-hours {summary['gpu_hours']:.2f}  scale events {summary['scale_events']}  "
                f"mean instances {summary['mean_instances']:.2f}" if "scale_events" in summary else "")

@@ -284,7 +284,7 @@ def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult],
 
     out.mkdir(parents=True, exist_ok=True)
     t = Table(title=f"plan for trace {trace.name} ({len(trace)} req), SLO attainment >= {target:.0%}")
-    for col in ("rank", "gpu", "tp", "layout", "router", "P/D", "GPUs", "$/h", "attain", "TTFT p99", "TPOT p99"):
+    for col in ("rank", "gpu", "tp", "layout", "router", "P/D", "GPUs", "$/h", "attain", "TTFT p99 s", "TPOT p99 ms"):
         t.add_column(col)
     for k, r in enumerate(results[:20], 1):
         c = r.candidate
@@ -292,8 +292,10 @@ def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult],
                   f"{r.prefill}/{r.decode}" if r.prefill else f"{r.instances} mixed", str(r.gpus),
                   f"{r.cost_per_hour:.2f}", f"{r.attainment:.3f}",
                   f"{r.ttft_p99_s:.2f}" if r.ttft_p99_s is not None else "-",
-                  f"{r.tpot_p99_s * 1e3:.0f}ms" if r.tpot_p99_s is not None else "-")
-    Console().print(t)
+                  f"{r.tpot_p99_s * 1e3:.0f}" if r.tpot_p99_s is not None else "-")
+    import sys
+
+    Console(width=None if sys.stdout.isatty() else 150).print(t)  # pipes and logs: not cut to 80 columns
     import json
 
     (out / "plan.json").write_text(json.dumps(

@@ -46,10 +46,16 @@ def files(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "bad.jsonl").write_text(row + '{"timestamp": 5, "input_length" 7}\n')
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "dir").mkdir()
+    decode_only = {**raw, "pools": [{**p, "role": "decode"} for p in raw["pools"]]}  # nothing prefills: hung
+    (tmp_path / "decode_only.yaml").write_text(yaml.safe_dump(decode_only))
+    big = {**raw, "model": {**raw["model"], "num_layers": 80, "hidden_size": 8192, "num_heads": 64,
+                            "num_kv_heads": 8, "intermediate_size": 28672}}  # 70B on one A100: no KV memory
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump(big))
     return {k: str(tmp_path / v) for k, v in {
         "count0": "count0.yaml", "router_param": "router_param.yaml", "bad_yaml": "bad.yaml", "tp3": "tp3.yaml",
         "same_ts": "same_ts.jsonl", "one": "one.jsonl", "bad_trace": "bad.jsonl", "file": "file.txt", "dir": "dir",
-        "missing": "missing.csv", "png_txt": "fig.txt"}.items()}
+        "missing": "missing.csv", "png_txt": "fig.txt", "decode_only": "decode_only.yaml",
+        "big": "big.yaml"}.items()}
 
 
 # Small, fast settings first; the case's own flags come after and win (argparse keeps the last value).
@@ -117,6 +123,21 @@ CASES = [
     (CMP + ["--trace", "{same_ts}", "--limit", "20"], "same_ts.jsonl"),
     (CMP + ["--trace", "{one}"], "one.jsonl"),
     (PLAN + ["--trace", "{same_ts}", "--limit", "20"], "same_ts.jsonl"),
+    # Second CLI audit (twenty-seventh session)
+    (SIM + ["--config", "{decode_only}"], "no instance can prefill"),
+    (CMP + ["--config", "{decode_only}"], "no instance can prefill"),
+    (SIM + ["--config", "{big}"], "pools[0]"),
+    (CMP + ["--config", "{big}"], "pools[0]"),
+    (SIM + ["--json", "{file}/x.json"], "--json"),
+    (SIM + ["--png", "{file}/x.png"], "--png"),
+    (CMP + ["--json", "{file}/x.json"], "--json"),
+    (PLAN + ["--out", "{file}/sub"], "--out"),
+    (SIM + ["--trace", "{one}"], "--synthetic"),
+    (["simulate", "--quiet", "--format", "azure"], "--format"),
+    (SIM + ["--min-instances", "3"], "--scaling"),
+    (SIM + ["--scaling", "threshold", "--goodput"], "--goodput"),
+    (SIM + ["--scaling", "threshold", "--min-instances", "5", "--max-instances", "2"], "--min-instances"),
+    (CMP + ["--rate-scale", "2"], "--rate-scale"),
     # P4: messages name the flag
     (SIM + ["--window", "abc"], "--window"),
     (SIM + ["--window", "5:1"], "--window"),

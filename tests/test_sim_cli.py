@@ -74,6 +74,8 @@ def test_summary_names_the_slo_it_scored_and_the_table_says_when_there_is_none()
     assert s["slo"]["classes"][0] == none and s["slo"]["ttft_s"] is None
     assert s["slo"]["classes"][1] == {"ttft_s": 1e-6, "tpot_s": None, "requests": 20, "attainment": 0.0}
     assert s["slo_attainment"] == 0.5 and cell(s) == "50.0%"
+    assert cell({**s, "slo_attainment": 2998 / 2999}) == "99.9%"  # one miss is not rounded up to 100.0%
+    assert cell({**s, "slo_attainment": 1.0}) == "100.0%"
 
 
 def test_replay_writes_the_simulators_summary_keys_scored_with_the_configs_slos(tmp_path: Path, capsys) -> None:
