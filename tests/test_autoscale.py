@@ -344,3 +344,46 @@ def test_controller_clamps_a_decision_to_the_policys_bounds() -> None:
     asyncio.run(ctrl._apply_scale(ScaleDecision("mixed", delta=-5, reason="idle")))
     assert len(ctrl._draining) == 1  # down to min_instances = 1, not to 0
     assert ctrl._scaling_events[-1]["to"] == 1
+
+
+def test_controller_takes_a_draining_instance_back_before_starting_one() -> None:
+    """A scale-up while an instance of the pool still drains takes it back (it is up and warm; a start costs the
+    model's load) -- as the simulator's applier does and as the policies book it -- and starts only the rest."""
+    from types import SimpleNamespace
+
+    from scheduler.control.controller import Controller
+    from scheduler.policy.scaling import ScaleDecision, ThresholdScaler
+
+    ctrl = Controller.__new__(Controller)  # the applier alone: no Ray, no engines
+    asked: list[int] = []
+    undrained: list[bool] = []
+
+    async def set_desired(pool: str, count: int) -> int:
+        asked.append(count)
+        return count
+
+    async def reconcile(*, wait: bool) -> None:
+        pass
+
+    async def set_draining(flag: bool) -> None:
+        undrained.append(flag)
+
+    handle = SimpleNamespace(set_draining=SimpleNamespace(remote=set_draining))
+    member = SimpleNamespace(info=SimpleNamespace(pool="mixed"), handle=handle)
+    ctrl._pools = {"mixed": object()}
+    ctrl._members = {"mixed-0": member, "mixed-1": member, "mixed-2": member}
+    ctrl._pending, ctrl._snapshots = {}, {}
+    ctrl._draining = {"mixed-2": (0.0, 0)}
+    ctrl._desired = {"mixed": 3}
+    ctrl._scaling = ThresholdScaler(min_instances=1, max_instances=8)
+    ctrl._lock = asyncio.Lock()
+    ctrl.scaling_stats = {"up": 0, "down": 0}
+    ctrl._scaling_events = []
+    ctrl._save_draining = lambda: None
+    ctrl._set_desired, ctrl._reconcile = set_desired, reconcile
+
+    asyncio.run(ctrl._apply_scale(ScaleDecision("mixed", delta=1, reason="busy")))
+    assert undrained == [False] and not ctrl._draining and asked == []  # taken back, nothing started
+    assert ctrl._scaling_events[-1]["undrained"] == ["mixed-2"]
+    asyncio.run(ctrl._apply_scale(ScaleDecision("mixed", delta=2, reason="busier")))
+    assert asked == [5]  # nothing left draining: two new ones

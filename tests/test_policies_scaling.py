@@ -86,6 +86,22 @@ def test_threshold_scaler_sustain_cooldown_startup_and_hysteresis() -> None:
         ThresholdScaler(scale_up=0.3, scale_down=0.5)
 
 
+def test_a_scale_up_met_by_taking_back_draining_instances_books_no_start() -> None:
+    """Both appliers take a pool's draining instances back before starting new ones: booked as starting, those
+    counted twice (up to ``startup_delay_s``: an SLA target of 10 saw 15) and blocked scale-downs meanwhile."""
+    s = ThresholdScaler(scale_up=0.8, scale_down=0.3, sustain_s=0, cooldown_s=0, startup_delay_s=60)
+    busy = view(snap("d0", D, used=90), snap("d1", D, used=95), snap("d2", D, used=10, draining=True))
+    (up,) = s.decide(busy, 0.0)
+    assert up.delta == 1 and s.starting("decode", 1.0) == 0  # d2 comes back: nothing starts
+    (up,) = s.decide(view(snap("d0", D, used=90), snap("d1", D, used=95)), 2.0)
+    assert s.starting("decode", 3.0) == 1  # nothing draining: a start, capacity in 60 s
+    sla = SLAScaler(LAT, slo=SLO(ttft_s=1.0, tpot_s=0.05), startup_delay_s=60, cooldown_s=0, max_instances=100)
+    insts = [snap(f"m{k}", used=50) for k in range(2)] + [snap(f"x{k}", draining=True) for k in range(3)]
+    (d,) = sla.decide(view(*insts), 0.0, WorkloadSummary(40.0, 1000, 300))
+    assert d.target is not None and d.target - 2 > 3  # more than the three draining ones
+    assert sla.starting("mixed", 1.0) == d.target - 2 - 3
+
+
 def test_threshold_scaler_respects_min_and_max() -> None:
     s = ThresholdScaler(sustain_s=0, cooldown_s=0, min_instances=1, max_instances=2)
     assert s.decide(view(snap("a", used=99), snap("b", used=99)), 0.0) == []  # at max
@@ -104,6 +120,34 @@ def test_sla_scaler_sizes_pools_from_the_latency_model() -> None:
     stricter = SLAScaler(LAT, slo=SLO(ttft_s=1.0, tpot_s=0.02), startup_delay_s=0).targets({"decode"}, w)
     assert stricter["decode"] > t1["decode"]  # type: ignore[operator]
     assert SLAScaler(LAT, slo=SLO(tpot_s=1e-5)).targets({"decode"}, w) == {"decode": None}
+
+
+@pytest.mark.parametrize("by_name", [False, True])
+def test_sla_scaler_splits_a_roles_rate_over_pools_of_two_gpu_types(by_name: bool) -> None:
+    """2 H100 + 4 A100 MIXED instances: keyed by pool name (the live Controller) each pool was sized for the whole
+    rate (2.36x the forecast); keyed by role, every A100 counted as an H100 (3 A100s kept for 20 req/s: 11.9).
+    Now the capacity asked for covers the forecast with at most one instance per pool to spare."""
+    from scheduler.config.load import load_config
+    from sim.cluster import build_instances
+
+    cfg = load_config("hetero-a100-h100")
+    v = ClusterView(0.0, tuple(x.make_snapshot(0.0, detail=False) for x in build_instances(cfg)))
+    kw = {"pool_of": lambda i: i.instance_id.rsplit("-", 1)[0]} if by_name else {}
+    w1 = WorkloadSummary(1.0, 1000, 250)
+    for rate in (20.0, 60.0):
+        pol = SLAScaler(config=cfg, headroom=1.0, startup_delay_s=0, cooldown_s=0, down_sustain_s=0, **kw)
+        cap = {g: pol.capacity(pol._lat_of_gpu[(g, 1)], "mixed", w1) for g in ("h100", "a100")}
+        size = {g: sum(i.gpu == g for i in v.instances) for g in cap}
+        for d in pol.decide(v, 0.0, WorkloadSummary(rate, 1000, 250)):
+            if by_name:
+                size[d.pool] = d.target
+            elif d.target < len(v.instances):  # one role key: drained ones go
+                for iid in d.drain:
+                    size[iid.rsplit("-", 1)[0]] -= 1
+            else:  # new ones start from the first pool's template (H100)
+                size["h100"] += d.target - len(v.instances)
+        provisioned = sum(size[g] * cap[g] for g in cap)
+        assert rate <= provisioned <= rate + sum(cap.values()), (rate, size)
 
 
 def test_sla_scaler_scales_up_now_down_later_and_forecasts_trend() -> None:

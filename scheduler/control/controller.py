@@ -382,23 +382,31 @@ class Controller:
         if hi is not None:
             new = min(new, max(hi, n))  # nor above the maximum
         event = {"time_s": time.time(), "pool": d.pool, "from": n, "to": new, "reason": d.reason}
+
+        def load(i: str) -> tuple[int, int]:
+            s = self._snapshots.get(i)
+            return (s.num_running + s.num_waiting, s.kv_blocks_used) if s is not None else (0, 0)
+
         if new > n:
             if any(i in self._pending for i in active):
                 log.info("pool %s: scale-up to %d deferred, a previous one is still being placed", d.pool, new)
                 return
-            await self._set_desired(d.pool, self._desired.get(d.pool, 0) + new - n)
-            assert self._lock is not None
-            await self._reconcile(wait=False)
+            # Instances of the pool still draining are up and warm: taken back first (busiest first), as the
+            # simulator's applier does -- a start costs the model's load -- and as the policy books it.
+            back = sorted((i for i in self._draining if i in self._members and self._members[i].info.pool == d.pool),
+                          key=load, reverse=True)[: new - n]
+            for iid in back:
+                await self._end_drain(iid)
+            if new - n - len(back):
+                await self._set_desired(d.pool, self._desired.get(d.pool, 0) + new - n - len(back))
+                assert self._lock is not None
+                await self._reconcile(wait=False)
             self.scaling_stats["up"] += 1
-            self._scaling_events.append({**event, "action": "up"})
-            log.info("pool %s: scale up %d -> %d (%s)", d.pool, n, new, d.reason)
+            self._scaling_events.append({**event, "action": "up", "undrained": back})
+            log.info("pool %s: scale up %d -> %d (%s)%s", d.pool, n, new, d.reason,
+                     f", taking back {', '.join(back)}" if back else "")
         elif new < n:
             members = [i for i in active if i in self._members]
-
-            def load(i: str) -> tuple[int, int]:
-                s = self._snapshots.get(i)
-                return (s.num_running + s.num_waiting, s.kv_blocks_used) if s is not None else (0, 0)
-
             order = [i for i in d.drain if i in members]
             order += sorted((i for i in members if i not in order), key=load)
             chosen = order[: n - new]
@@ -414,6 +422,13 @@ class Controller:
             return
         await asyncio.wait_for(_await(m.handle.set_draining.remote(True)), 5.0)
         self._draining[iid] = (time.time() + self._drain_timeout_s, self._refresh_round)
+        self._save_draining()
+
+    async def _end_drain(self, iid: str) -> None:
+        """A scale-up takes a draining instance back: it routes again, and is no longer released."""
+        m = self._members[iid]
+        await asyncio.wait_for(_await(m.handle.set_draining.remote(False)), 5.0)
+        self._draining.pop(iid, None)
         self._save_draining()
 
     async def _release_drained(self) -> None:

@@ -177,10 +177,18 @@ class ScalingPolicy:
         self._starting[pool] = live
         return sum(n for _, n in live)
 
-    def _record(self, pool: str, now_s: float, delta: int) -> None:
+    def draining(self, view: ClusterView, pool: str) -> int:
+        """Instances of ``pool`` draining now: a scale-up takes them back first (they are up), as both appliers do
+        (``sim/scaling.py``, the live Controller)."""
+        return sum(1 for i in view.instances if i.healthy and i.draining and self.pool_of(i) == pool)
+
+    def _record(self, pool: str, now_s: float, delta: int, *, undrain: int = 0) -> None:
+        """Book a change: ``delta`` > 0 starts instances (they count as capacity ``startup_delay_s`` later), less
+        the ``undrain`` draining ones the applier takes back at once (booked as starting, they were capacity twice:
+        an SLA target of 10 saw 15)."""
         self._last_action[pool] = now_s
-        if delta > 0:
-            self._starting.setdefault(pool, []).append((now_s + self.startup_delay_s, delta))
+        if delta - undrain > 0:
+            self._starting.setdefault(pool, []).append((now_s + self.startup_delay_s, delta - undrain))
 
     @staticmethod
     def _least_loaded(insts: list[InstanceSnapshot], n: int) -> tuple[str, ...]:
@@ -230,7 +238,7 @@ class ThresholdScaler(ScalingPolicy):
             if now_s - self._above[pool] >= self.sustain_s and n + starting < self.max_instances:
                 d = min(self.step, self.max_instances - n - starting)
                 out.append(ScaleDecision(pool, delta=d, reason=f"mean virtual usage {load:.2f} >= {self.scale_up}"))
-                self._record(pool, now_s, d)
+                self._record(pool, now_s, d, undrain=min(d, self.draining(view, pool)))
                 self._above[pool] = math.inf
             elif now_s - self._below[pool] >= self.sustain_s and n > self.min_instances and not starting:
                 d = min(self.step, n - self.min_instances)
@@ -262,6 +270,7 @@ class SLAScaler(ScalingPolicy):
         self._lat: dict[str, LatencyModel] = {}
         self._single = latency if isinstance(latency, LatencyModel) else None
         self._role: dict[str, str] = {}  # pool name -> role value, when pools are keyed by name (live Controller)
+        self._lat_of_gpu: dict[tuple[str, int], LatencyModel] = {}  # an instance's own model, by (gpu, tp)
         if isinstance(latency, Mapping):
             self._lat.update(latency)
         if config is not None:
@@ -270,6 +279,7 @@ class SLAScaler(ScalingPolicy):
                 self._lat.setdefault(pool.role.value, lat)
                 self._lat.setdefault(pool.name, lat)
                 self._role.setdefault(pool.name, pool.role.value)
+                self._lat_of_gpu.setdefault((pool.gpu, pool.tp), lat)
             slo = slo or config.slo_for(0)
         if self._single is None and not self._lat:
             raise ValueError("SLAScaler needs a latency model: pass latency= or config=")
@@ -298,19 +308,58 @@ class SLAScaler(ScalingPolicy):
         self._t = now_s
         return max(self._level + self._trend * self.startup_delay_s, 0.0)
 
+    def capacity(self, lat: LatencyModel, role: str, w: WorkloadSummary) -> float:
+        """Requests/s one instance of ``role`` with latency model ``lat`` serves within the SLO."""
+        pre = prefill_capacity_rps(lat, w.mean_prompt_tokens, ttft_slo_s=self.slo.ttft_s,
+                                   chunk_tokens=self.chunk_tokens)
+        dec = decode_capacity_rps(lat, w.mean_prompt_tokens, w.mean_output_tokens, tpot_slo_s=self.slo.tpot_s,
+                                  max_batch=self.max_batch, kv_tokens=self.kv_tokens)
+        return {"prefill": pre, "decode": dec}.get(role, mixed_capacity_rps(pre, dec))
+
     def targets(self, roles: set[str], w: WorkloadSummary) -> dict[str, int | None]:
-        """Instances needed per pool for workload ``w`` (``None``: the SLO is unreachable on this hardware)."""
+        """Instances needed per pool for workload ``w`` (``None``: the SLO is unreachable on this hardware), each
+        pool alone serving the whole rate (``decide`` splits it among pools of one role)."""
         rate = w.rate_rps * self.headroom
+        return {pool: instances_for(rate, self.capacity(self.latency_of(pool), self._role.get(pool, pool), w))
+                for pool in roles}
+
+    def _targets_in(self, pools: dict[str, list[InstanceSnapshot]], now_s: float,
+                    w: WorkloadSummary) -> dict[str, int | None]:
+        """``targets`` for the pools of ``view``: the rate of a role split among its pools in proportion to their
+        capacity (each sized for the whole rate, two pools of one role were twice what the rate needs: 2.36x on
+        the hetero config), each instance at its own GPU's capacity (a key spanning two GPU types counted all at
+        the first's: A100s as H100s), new ones at the capacity of the pool's template."""
+        rate = w.rate_rps * self.headroom
+        new_cap = {k: self.capacity(self.latency_of(k), self._role.get(k, k), w) for k in pools}
+        caps: dict[str, list[float]] = {}
+        for k, insts in pools.items():
+            role = self._role.get(k, k)
+            caps[k] = [new_cap[k] if (i.gpu, i.tp) not in self._lat_of_gpu
+                       else self.capacity(self._lat_of_gpu[(i.gpu, i.tp)], role, w) for i in insts]
+        have = {k: sum(caps[k]) + self.starting(k, now_s) * new_cap[k] for k in pools}
+        by_role: dict[str, list[str]] = {}
+        for k in pools:
+            by_role.setdefault(self._role.get(k, k), []).append(k)
         out: dict[str, int | None] = {}
-        for pool in roles:
-            lat = self.latency_of(pool)
-            pre = prefill_capacity_rps(lat, w.mean_prompt_tokens, ttft_slo_s=self.slo.ttft_s,
-                                       chunk_tokens=self.chunk_tokens)
-            dec = decode_capacity_rps(lat, w.mean_prompt_tokens, w.mean_output_tokens, tpot_slo_s=self.slo.tpot_s,
-                                      max_batch=self.max_batch, kv_tokens=self.kv_tokens)
-            role = self._role.get(pool, pool)
-            cap = {"prefill": pre, "decode": dec}.get(role, mixed_capacity_rps(pre, dec))
-            out[pool] = instances_for(rate, cap)
+        for keys in by_role.values():
+            total = sum(have[k] for k in keys)
+            for k in keys:
+                need = rate * (have[k] / total if total > 0 else 1 / len(keys))
+                c = new_cap[k]
+                if all(abs(x - c) <= 1e-9 * max(c, 1.0) for x in caps[k]):
+                    out[k] = instances_for(need, c)  # one GPU type: whole instances of it
+                elif c <= 0:
+                    out[k] = None
+                elif need > have[k]:  # add template instances for the gap
+                    out[k] = len(caps[k]) + self.starting(k, now_s) + math.ceil((need - have[k]) / c - 1e-9)
+                else:  # drop the instances scale-down would drain (least loaded first) while the rest suffice
+                    left, n = have[k], len(caps[k]) + self.starting(k, now_s)
+                    order = {iid: j for j, iid in enumerate(self._least_loaded(pools[k], len(pools[k])))}
+                    for x, inst in sorted(zip(caps[k], pools[k], strict=True), key=lambda t: order[t[1].instance_id]):
+                        if left - x < need:
+                            break
+                        left, n = left - x, n - 1
+                    out[k] = n
         return out
 
     def decide(self, view, now_s, observed=None):  # type: ignore[override]
@@ -320,7 +369,7 @@ class SLAScaler(ScalingPolicy):
         pools = self.pools(view)
         w = WorkloadSummary(rate, observed.mean_prompt_tokens, observed.mean_output_tokens)
         out = []
-        for pool, need in sorted(self.targets(set(pools), w).items()):
+        for pool, need in sorted(self._targets_in(pools, now_s, w).items()):
             insts = pools[pool]
             have = len(insts) + self.starting(pool, now_s)
             target = self.max_instances if need is None else min(max(need, self.min_instances), self.max_instances)
@@ -329,7 +378,7 @@ class SLAScaler(ScalingPolicy):
             if target > have and now_s - self._last_action.get(pool, -math.inf) >= self.cooldown_s:
                 # NOTE: ``target`` counts instances still starting: the applier already asked for those.
                 out.append(ScaleDecision(pool, target=target, reason=why))
-                self._record(pool, now_s, target - have)
+                self._record(pool, now_s, target - have, undrain=min(target - have, self.draining(view, pool)))
                 self._below.pop(pool, None)
             elif target < have:
                 since = self._below.setdefault(pool, now_s)
