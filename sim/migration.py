@@ -115,7 +115,10 @@ class MigrationDriver:
             self._tell("on_migration_done", rid, ok=False)
             del self.in_flight[rid]
             return
-        m.src.snap_dirty = True
+        if m.src.in_step is not None:
+            m.src.rebuild_at_step_end = True  # it leaves at the step's end (the stop), as the step's outcome shows
+        else:
+            m.src.snap_dirty = True
         if not m.src.busy:
             sim._kick(m.src, t_b)
         downtime = self._xfer(m.src, max(seq.num_tokens - m.copied, 1))
@@ -135,6 +138,8 @@ class MigrationDriver:
         m.dst.engine.waiting.appendleft(new)
         new.tag = rid
         self.sim.dec_of[rid] = m.dst.index
+        if m.dst.in_step is not None:  # mid-step: on the pre-step snapshot now, as an arrival is (else on none)
+            self.sim._queue_on_snapshot(m.dst, new, now)
         self.sim._poke(m.dst, now)
         self.committed += 1
         self._tell("on_migration_done", rid, ok=True)
