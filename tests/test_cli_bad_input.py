@@ -107,6 +107,7 @@ CASES = [
     (["profile", "--target", "127.0.0.1:1", "--repeats", "-1"], "--repeats"),
     (["profile", "--target", "127.0.0.1:1", "--vocab", "0"], "--vocab"),
     (["predict", "train", "--data-dir", "{missing}"], "--data-dir"),
+    (["predict", "train", "--data-dir", "{dir}", "--out", "{dir}/out"], "--data-dir"),  # exists, but empty
     (["predict", "eval", "--data", "{dir}"], "--data"),
     (["predict", "eval", "--data", "{file}", "--json", "{dir}"], "--json"),
     (["predict", "fit-trace", "--trace", "{one}", "--out", "{file}"], "--out"),

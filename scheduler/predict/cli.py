@@ -62,15 +62,19 @@ def train_main(argv: list[str] | None = None) -> int:
     bad = [w for w in which if w not in ("ngram", "trace", "embedding")]
     if bad:
         ap.error(f"--only: unknown {bad}; allowed: ngram, trace, embedding")
-    report = train_all(
-        a.data_dir,
-        a.out,
-        which=which,
-        balance=a.balance,
-        l2=a.l2,
-        embed_cache=a.embed_cache,
-        log=lambda m: print(m, file=sys.stderr),
-    )
+    try:
+        report = train_all(
+            a.data_dir,
+            a.out,
+            which=which,
+            balance=a.balance,
+            l2=a.l2,
+            embed_cache=a.embed_cache,
+            log=lambda m: print(m, file=sys.stderr),
+        )
+    except FileNotFoundError as e:  # the datasets are read first: nothing was trained yet
+        ap.error(f"--data-dir: {a.data_dir!r} lacks {Path(e.filename or '?').name!r} (the prompt/response datasets "
+                 "and traces named in shared/data/README.md)")
     _print_report(report)
     if a.report:
         Path(a.report).write_text(json.dumps(report, indent=1))

@@ -318,7 +318,7 @@ def _load_csv(
                 "cannot tell the trace format from the header; expected azure (TIMESTAMP,ContextTokens,"
                 "GeneratedTokens), burstgpt (Timestamp,Model,Request tokens,Response tokens,...), tokens "
                 "(num_prefill_tokens,num_decode_tokens or prompt_tokens,output_tokens) or mooncake JSONL; "
-                f"pass format= one of {', '.join(FORMATS)}",
+                f"name it (--format, or format= in Python): one of {', '.join(FORMATS)}",
                 value=",".join(header),
             )
     cols: dict[str, int] = {}
@@ -492,7 +492,7 @@ def load_trace(
     if format is not None:
         format = format.lower()
         if format not in FORMATS:
-            raise ValueError(f"unknown trace format {format!r}; allowed: {', '.join(FORMATS)}")
+            raise ValueError(f"unknown trace format (--format) {format!r}; allowed: {', '.join(FORMATS)}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 (got {limit})")
     counter = [0]
@@ -518,7 +518,8 @@ def load_trace(
             raise TraceFormatError(
                 str(path),
                 counter[0],
-                f"this is JSON lines, not a {format} CSV; use format='mooncake' or leave format unset",
+                f"this is JSON lines, not a {format} CSV; use the format mooncake (--format mooncake) or leave it "
+                "unset",
                 value=first.strip(),
             )
 
