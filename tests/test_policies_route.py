@@ -374,6 +374,41 @@ def test_lookahead_counts_the_decodes_on_their_way_to_a_mixed_instance() -> None
         req(1000, 200.0), view(p0, m0_old, m1)).decode_instance == "m0"  # type: ignore[union-attr]
 
 
+def test_llumnix_and_prefix_affinity_count_decodes_on_their_way() -> None:
+    """Decodes whose KV is in transfer hold no blocks yet: scored on blocks alone, a decoder receiving a burst of
+    handoffs stayed the emptiest and took them all."""
+    for role in (D, M):
+        busy = dataclasses.replace(snap("d0", role, waiting=5, used=100, total=1000), num_incoming=5)
+        calm = snap("d1", role, used=100, total=1000)
+        for name in ("llumnix", "prefix_affinity"):
+            d = make_router(name).route(req(600), view(snap("p0", P), busy, calm))
+            assert d.decode_instance == "d1", (name, role)  # type: ignore[union-attr]
+
+
+def test_llumnix_keeps_a_pairs_priority_headroom_on_its_decoder_only() -> None:
+    """A high-priority P/D request holds KV on its decoder for its whole life; on its prefill instance one step.
+    Counted on both until it finished decoding, the emptied prefill instance kept repelling normal requests."""
+    r = LlumnixRouter()
+    hi = req(200, priority=1, rid="h")
+    r.on_routed(hi, RouteDecision("p0", "d0"))
+    v = view(snap("p0", P), snap("p1", P, used=50), snap("d0", D), snap("d1", D, used=50))
+    d = r.route(req(200), v)
+    assert d.prefill_instance == "p0" and d.decode_instance == "d1"  # type: ignore[union-attr]
+
+
+def test_learned_logs_only_the_arms_a_request_used() -> None:
+    """Kept on its MIXED prefill instance by the pairing, a request never used the decoder its decode arm picked:
+    that arm is not logged as a training sample for it."""
+    v = view(snap("p0", P, running=8, waiting=8, pending=20_000), snap("m0", M),
+             snap("d0", D, running=4, used=200, ctx=3000))
+    r = LearnedRouter(collect=True)
+    q = req(100, rid="r")
+    d = r.route(q, v)
+    r.on_routed(q, d)  # type: ignore[arg-type]
+    assert (d.prefill_instance, d.decode_instance) == ("m0", None)  # type: ignore[union-attr]
+    assert len(r.take("r")) == 1
+
+
 def test_lookahead_takes_latency_models_from_config() -> None:
     gpu = GPUSpec(name="g", memory_gib=80, fp16_tflops=300, hbm_gbps=2000)
     model = ModelSpec(name="m", num_layers=4, hidden_size=512, num_heads=8, num_kv_heads=8,

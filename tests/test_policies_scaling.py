@@ -256,6 +256,10 @@ def test_admission_bounds_queues_per_priority() -> None:
     assert isinstance(huge, Rejected) and "prompt_tokens" in huge.reason and huge.retry_after_s is None
     gone = a.admit(r0, view(snap("a", draining=True)), {})
     assert isinstance(gone, Rejected) and gone.retry_after_s == 0.5
+    # A decoder's KV does not hold a prompt no prefill instance can: 1000 blocks x 16 there, 100 x 16 to prefill.
+    pd = view(snap("p", P, total=100), snap("d", D, total=1000))
+    big = a.admit(RequestInfo("w", 0.0, 5000, 10), pd, {})
+    assert isinstance(big, Rejected) and "prefill-capable" in big.reason
 
 
 def test_admission_sheds_low_priority_under_overload() -> None:

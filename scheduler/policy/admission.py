@@ -58,10 +58,11 @@ class AdmissionPolicy:
         accepting = [i for i in view.instances if i.healthy and not i.draining]
         if not accepting:
             return Rejected("no healthy instance is accepting requests", retry_after_s=self.retry_after_s)
-        cap = max(i.kv_blocks_total * i.block_size for i in accepting)
+        # Where it can be prefilled (a DECODE instance's KV does not help a prompt no prefill instance holds).
+        cap = max((i.kv_blocks_total * i.block_size for i in accepting if i.role.does_prefill), default=0)
         if request.prompt_tokens > cap:
-            return Rejected(f"prompt_tokens: {request.prompt_tokens} exceeds every instance's KV capacity "
-                            f"({cap} tokens)")
+            return Rejected(f"prompt_tokens: {request.prompt_tokens} exceeds every prefill-capable instance's KV "
+                            f"capacity ({cap} tokens)")
         if self.shed_usage is not None and request.priority < self.protected_priority:
             usage = sum(i.load.virtual_usage for i in accepting) / len(accepting)
             if usage >= self.shed_usage:

@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from scheduler.config.models import ClusterConfig
-from scheduler.core.types import SLO, InstanceRole, InstanceSnapshot, RequestInfo
+from scheduler.core.types import SLO, ClusterView, InstanceRole, InstanceSnapshot, RequestInfo
 from scheduler.latency import LatencyModel, latency_for
 from scheduler.policy.pairing import HIGH_PRIORITY, PairingRouter, virtual_usage_with
-from scheduler.policy.route import RouteDecision
+from scheduler.policy.route import RouteDecision, RouteResult
 from scheduler.policy.routers_lookahead import default_latency_model
 
 FEATURES: tuple[str, ...] = (
@@ -249,9 +249,16 @@ class LearnedRouter(PairingRouter):
         return candidates[k]
 
     # ---- training hooks --------------------------------------------------------------------------------------------
+    def route(self, request: RequestInfo, view: ClusterView) -> RouteResult:
+        self._pending.clear()  # arms picked for a request that was then refused are not this one's
+        return super().route(request, view)
+
     def on_routed(self, request: RequestInfo, decision: RouteDecision) -> None:
         if not self.collect:
             return
+        if decision.decode_instance in (None, decision.prefill_instance):
+            # The pairing kept it on its MIXED prefill instance: the decoder picked was never used.
+            self._pending.pop("decode", None)
         self._log[request.request_id] = list(self._pending.values())
         self._pending.clear()
         while len(self._log) > self.max_logged:

@@ -15,6 +15,7 @@ from scheduler.policy.pairing import (
     HIGH_PRIORITY,
     PairingRouter,
     PriorityTracker,
+    incoming_tokens,
     queue_penalty,
     virtual_usage_with,
 )
@@ -73,7 +74,7 @@ class LlumnixRouter(PairingRouter):
         self._prio = PriorityTracker()
 
     def score(self, request: RequestInfo, inst: InstanceSnapshot, *, phase: str) -> float:
-        extra = request.prompt_tokens + (1 if phase != "prefill" else 0)
+        extra = request.prompt_tokens + (1 if phase != "prefill" else 0) + incoming_tokens(inst, request)
         s = virtual_usage_with(inst, extra)
         if request.priority >= HIGH_PRIORITY:
             return s + queue_penalty(request, inst, self.queue_weight)
@@ -128,7 +129,7 @@ class PrefixAffinityRouter(PairingRouter):
     def score(self, request: RequestInfo, inst: InstanceSnapshot, *, phase: str) -> float:
         p = request.prompt_tokens
         if phase == "decode":
-            return virtual_usage_with(inst, p)
+            return virtual_usage_with(inst, p + incoming_tokens(inst, request))
         hit = min(self.matched_blocks(request, inst) * self.hash_block_tokens, p)
         vu = virtual_usage_with(inst, p - hit)
         pressure = p * 10.0 * max(vu - self.kv_soft_limit, 0.0)  # a full instance would evict the prefix anyway
