@@ -332,6 +332,7 @@ def test_controller_clamps_a_decision_to_the_policys_bounds() -> None:
     ctrl._pools = {"mixed": object()}
     ctrl._members = {"mixed-0": member, "mixed-1": member}  # mixed-1 placed, its first snapshot not in yet
     ctrl._pending, ctrl._draining, ctrl._snapshots = {}, {}, {}
+    ctrl._operator_drained, ctrl._switcher = set(), SimpleNamespace(switching={})
     ctrl._desired = {"mixed": 2}
     ctrl._scaling = ThresholdScaler(min_instances=1, max_instances=2)
     ctrl._lock = asyncio.Lock()
@@ -374,6 +375,7 @@ def test_controller_takes_a_draining_instance_back_before_starting_one() -> None
     ctrl._members = {"mixed-0": member, "mixed-1": member, "mixed-2": member}
     ctrl._pending, ctrl._snapshots = {}, {}
     ctrl._draining = {"mixed-2": (0.0, 0)}
+    ctrl._operator_drained, ctrl._switcher = set(), SimpleNamespace(switching={})
     ctrl._desired = {"mixed": 3}
     ctrl._scaling = ThresholdScaler(min_instances=1, max_instances=8)
     ctrl._lock = asyncio.Lock()

@@ -410,5 +410,5 @@ def test_drain_moves_requests_and_releases_instance(mixed: Any, aloop: Any) -> N
     moved = aloop.run(asyncio.wait_for(task, 20))
     assert moved == 1
     assert iid not in ray.get(dep.controller.members.remote())
-    assert aloop.run(ing.scale("mixed", 2)) == 1
+    assert aloop.run(ing.scale("mixed", 2)) == 2  # the target size after the call
     assert len(ray.get(dep.controller.members.remote())) == 2

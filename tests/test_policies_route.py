@@ -374,17 +374,6 @@ def test_lookahead_counts_the_decodes_on_their_way_to_a_mixed_instance() -> None
         req(1000, 200.0), view(p0, m0_old, m1)).decode_instance == "m0"  # type: ignore[union-attr]
 
 
-def test_llumnix_and_prefix_affinity_count_decodes_on_their_way() -> None:
-    """Decodes whose KV is in transfer hold no blocks yet: scored on blocks alone, a decoder receiving a burst of
-    handoffs stayed the emptiest and took them all."""
-    for role in (D, M):
-        busy = dataclasses.replace(snap("d0", role, waiting=5, used=100, total=1000), num_incoming=5)
-        calm = snap("d1", role, used=100, total=1000)
-        for name in ("llumnix", "prefix_affinity"):
-            d = make_router(name).route(req(600), view(snap("p0", P), busy, calm))
-            assert d.decode_instance == "d1", (name, role)  # type: ignore[union-attr]
-
-
 def test_llumnix_keeps_a_pairs_priority_headroom_on_its_decoder_only() -> None:
     """A high-priority P/D request holds KV on its decoder for its whole life; on its prefill instance one step.
     Counted on both until it finished decoding, the emptied prefill instance kept repelling normal requests."""

@@ -238,6 +238,7 @@ class AsyncClient:
         return resp.requests_moved
 
     async def scale(self, pool: str, count: int, *, timeout_s: float | None = None) -> int:
+        """Set a pool's size; returns the pool's target size after the call (``count``)."""
         resp = await self._unary(
             self._admin.Scale,
             admin_pb2.ScaleRequest(pool=pool, count=count),

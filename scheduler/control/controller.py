@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "llmsched"
 CONTROLLER_NAME = "llmsched-controller"
+# Upper bound on a pool's size (Admin Scale): the count is persisted, sent to KubeRay, and every missing instance
+# is one task + placement group started in a single reconcile pass. ``grpc_server.MAX_SCALE_COUNT`` mirrors it.
+MAX_POOL_SIZE = 1024
 
 
 def instance_actor_name(cluster: str, instance_id: str) -> str:
@@ -127,6 +130,7 @@ class Controller:
         self._drain_timeout_s = 120.0
         self._scaling_task: asyncio.Task[None] | None = None
         self._draining: dict[str, tuple[float, int]] = {}  # id -> (release deadline, refresh round at drain)
+        self._operator_drained: set[str] = set()  # drained by an operator (set_draining), not by the scaling loop
         self._refresh_round = 0
         self._k8s_shrink_due = False
         self._workload = _WorkloadWindow()
@@ -178,6 +182,7 @@ class Controller:
         last_reconcile = 0.0
         while True:
             try:
+                self._registry.expire()
                 await self._refresh()
                 if time.monotonic() - last_reconcile > 0.5:
                     last_reconcile = time.monotonic()
@@ -205,6 +210,7 @@ class Controller:
 
     def _forget(self, iid: str) -> None:
         self._members.pop(iid, None)
+        self._drop_operator_drain(iid)
         self._snapshots.pop(iid, None)
         remove_instance_pg(self.cluster, iid)
 
@@ -248,6 +254,7 @@ class Controller:
     async def take_migrations(self, ingress_id: str) -> list[MigrationPlan]:
         """The migration plans for requests served by ``ingress_id`` (taken once)."""
         self._ensure_loop()
+        self._registry.seen(ingress_id)  # polled every plans_s by every live ingress: its heartbeat
         return [p for _, p in self._plans.pop(ingress_id, [])]
 
     async def migration_done(self, request_id: str, ok: bool) -> None:
@@ -287,7 +294,7 @@ class Controller:
         return m.info.pool if m is not None else snap.instance_id.rsplit("-", 1)[0]
 
     # Work in progress that must survive a restart, as JSON in Ray's internal KV under llmsched/<cluster>/<name>.
-    _KV_NAMES = ("desired", "draining", "switching")
+    _KV_NAMES = ("desired", "draining", "switching", "operator_draining")
 
     def _kv_key(self, name: str) -> bytes:
         return f"llmsched/{self.cluster}/{name}".encode()
@@ -311,11 +318,23 @@ class Controller:
         for iid in self._kv_get("draining") or []:
             if iid in self._members:
                 self._draining[iid] = (time.time() + self._drain_timeout_s, 0)
+        self._operator_drained.update(i for i in self._kv_get("operator_draining") or [] if i in self._members)
+
+    def _drop_operator_drain(self, iid: str) -> None:
+        if iid in self._operator_drained:
+            self._operator_drained.discard(iid)
+            self._kv_put("operator_draining", sorted(self._operator_drained))
+
+    def _held(self) -> set[str]:
+        """Instances drained by someone other than the scaling loop -- an operator's drain, a role switch: not
+        capacity, and not the scaling loop's to drain or take back (each un-drains its own when done)."""
+        return self._operator_drained | set(self._switcher.switching)
 
     def _drained(self, iid: str, since_round: int) -> bool:
         """A snapshot taken after ``iid`` started draining (refresh round ``since_round``) shows it idle, and no
         ingress has a request registered on it."""
         snap = self._snapshots.get(iid)
+        self._registry.expire()  # a dead ingress' entries would keep it from ever counting as drained
         return (
             snap is not None and snap.draining and self._refresh_round > since_round + 1
             and snap.num_running + snap.num_waiting == 0 and not self._registry.on_instance(iid)
@@ -364,8 +383,11 @@ class Controller:
             await self._apply_scale(d)
 
     def _active(self, pool: str) -> list[str]:
-        """Instances of ``pool`` that count as capacity: live and not draining, plus those being created."""
-        live = [i for i, m in self._members.items() if m.info.pool == pool and i not in self._draining]
+        """Instances of ``pool`` that count as capacity: live and not draining (for a scale-down, an operator's drain
+        or a role switch), plus those being created."""
+        held = self._held()
+        live = [i for i, m in self._members.items()
+                if m.info.pool == pool and i not in self._draining and i not in held]
         return live + [i for i in self._pending if i.rsplit("-", 1)[0] == pool and i not in live]
 
     async def _apply_scale(self, d: ScaleDecision) -> None:
@@ -393,8 +415,10 @@ class Controller:
                 return
             # Instances of the pool still draining are up and warm: taken back first (busiest first), as the
             # simulator's applier does -- a start costs the model's load -- and as the policy books it.
-            back = sorted((i for i in self._draining if i in self._members and self._members[i].info.pool == d.pool),
-                          key=load, reverse=True)[: new - n]
+            # Only the scaling loop's own drains: an operator's drain (or a role switch) of one of them still runs.
+            held = self._held()
+            back = sorted((i for i in self._draining if i in self._members and i not in held
+                           and self._members[i].info.pool == d.pool), key=load, reverse=True)[: new - n]
             for iid in back:
                 await self._end_drain(iid)
             if new - n - len(back):
@@ -420,16 +444,28 @@ class Controller:
         m = self._members.get(iid)
         if m is None or iid in self._draining:
             return
-        await asyncio.wait_for(_await(m.handle.set_draining.remote(True)), 5.0)
+        # Recorded before the call: a call whose reply comes late may still land, and an instance draining that
+        # nothing tracks would never be released nor serve again. One that never drained is released at deadline.
         self._draining[iid] = (time.time() + self._drain_timeout_s, self._refresh_round)
         self._save_draining()
+        try:
+            await asyncio.wait_for(_await(m.handle.set_draining.remote(True)), 5.0)
+        except Exception as e:  # noqa: BLE001 - the other chosen instances still drain
+            log.warning("draining %s for a scale-down: %s (released at its deadline)", iid, type(e).__name__)
 
     async def _end_drain(self, iid: str) -> None:
         """A scale-up takes a draining instance back: it routes again, and is no longer released."""
-        m = self._members[iid]
-        await asyncio.wait_for(_await(m.handle.set_draining.remote(False)), 5.0)
+        # Forgotten before the call: once it lands (even with a late reply) the instance serves again, and the
+        # drain deadline must not force-release it with its requests.
         self._draining.pop(iid, None)
         self._save_draining()
+        m = self._members.get(iid)
+        if m is None:
+            return
+        try:
+            await asyncio.wait_for(_await(m.handle.set_draining.remote(False)), 5.0)
+        except Exception as e:  # noqa: BLE001 - a late call still lands; a dead instance is replaced
+            log.warning("taking %s back from draining: %s", iid, type(e).__name__)
 
     async def _release_drained(self) -> None:
         """Release each draining instance once a snapshot taken after draining shows it idle and no request is
@@ -448,7 +484,12 @@ class Controller:
                 self.scaling_stats["forced_releases"] += 1
                 log.warning("instance %s still busy after drain_timeout_s %.0fs: releasing it", iid,
                             self._drain_timeout_s)
-            await self.release(iid)
+            # The pool shrinks by this instance unless an admin scale already counted it out meanwhile.
+            pool = self._members[iid].info.pool
+            serving = sum(1 for i, o in self._members.items()
+                          if o.info.pool == pool and i != iid and i not in self._draining)
+            serving += sum(1 for i in self._pending if i.rsplit("-", 1)[0] == pool)
+            await self.release(iid, replace=self._desired.get(pool, 0) <= serving)
             self.scaling_stats["released"] += 1
             self._scaling_events.append({"time_s": time.time(), "action": "released", "instance": iid})
 
@@ -541,7 +582,14 @@ class Controller:
                     iid = f"{pool.name}-{self._next_index[pool.name]}"
                     self._next_index[pool.name] += 1
                     self._pending[iid] = asyncio.create_task(self._create(pool, iid))
-                for iid in have[want:][::-1] if len(have) > want else ():
+                if len(have) <= want:
+                    continue
+                # Instances already draining for a scale-down go first (an admin scale overtook the drain), then the
+                # newest: releasing busy ones while an idle draining one stays would shrink the pool twice.
+                draining = [i for i in have if i in self._draining]
+                for iid in (draining + [i for i in have[::-1] if i not in draining])[: len(have) - want]:
+                    if self._draining.pop(iid, None) is not None:
+                        self._save_draining()
                     if iid in self._members:
                         await self._release(iid)
         if wait and self._pending:
@@ -578,6 +626,7 @@ class Controller:
     async def _release(self, iid: str) -> bool:
         m = self._members.pop(iid, None)
         self._snapshots.pop(iid, None)
+        self._drop_operator_drain(iid)
         if m is None:
             return False
         try:
@@ -631,6 +680,7 @@ class Controller:
         return self._registry.on_instance(instance_id)
 
     async def num_requests(self) -> int:
+        self._registry.expire()
         return len(self._registry.entries)
 
     async def scale(self, pool: str, count: int) -> int:
@@ -640,6 +690,8 @@ class Controller:
             raise ValueError(f"pool: unknown pool {pool!r}; allowed: {', '.join(sorted(self._pools))}")
         if count < 0:
             raise ValueError(f"count: must be >= 0, got {count}")
+        if count > MAX_POOL_SIZE:
+            raise ValueError(f"count: must be <= {MAX_POOL_SIZE}, got {count}")
         before = await self._set_desired(pool, count)
         await self._reconcile(wait=True)
         return before
@@ -653,10 +705,21 @@ class Controller:
         return await self._switcher.begin(instance_id, role, reason)
 
     async def set_draining(self, instance_id: str, draining: bool = True) -> bool:
+        """The operator's drain (Admin DrainInstance). Recorded, so the scaling loop neither counts the instance as
+        capacity, nor drains it, nor takes it back on a scale-up while the operator's drain moves requests off."""
         self._ensure_loop()
         m = self._members.get(instance_id)
         if m is None:
             return False
+        ops = self._operator_drained
+        if draining:
+            ops.add(instance_id)  # before the call: see _begin_drain
+            self._kv_put("operator_draining", sorted(ops))
+        else:
+            self._drop_operator_drain(instance_id)
+            # Serving again also ends a scale-down drain of it: it must not be released at that drain's deadline.
+            if self._draining.pop(instance_id, None) is not None:
+                self._save_draining()
         await m.handle.set_draining.remote(draining)
         return True
 

@@ -135,6 +135,11 @@ class InstanceLost(Exception):
     """The instance serving a stream died or stopped answering."""
 
 
+class RequestLost(InstanceLost):
+    """The instance answers but no longer knows the request (``poll`` returned ``None``): recover the request, and
+    keep routing to the instance -- a dead actor raises ``RayActorError`` instead."""
+
+
 class Ingress:
     """Validates, routes from a locally cached view, dispatches to instances, streams tokens back.
 
@@ -304,6 +309,9 @@ class Ingress:
 
     async def _refresh_view(self) -> None:
         items = list(self._members.items())
+        # Only what was routed before the snapshots were asked for is in them: requests routed while they are in
+        # flight stay counted (clearing all of _pending after the await dropped a burst from the view).
+        taken = dict(self._pending)
         results = await asyncio.gather(
             *(asyncio.wait_for(self._call(iid, m.handle, "snapshot"), 1.0) for iid, m in items),
             return_exceptions=True,
@@ -323,7 +331,12 @@ class Ingress:
                 stale = now - last_ok.get(iid, now) > UNHEALTHY_AFTER_S
                 snaps[iid] = dataclasses.replace(self._snapshots[iid], healthy=not stale)
         self._snapshots = snaps
-        self._pending.clear()
+        for iid, n in taken.items():
+            left = self._pending.get(iid, 0) - n
+            if left > 0:
+                self._pending[iid] = left
+            else:
+                self._pending.pop(iid, None)
         self._view = ClusterView(time.time(), tuple(snaps[i] for i in sorted(snaps)))
         self.view_refreshed_s = time.time()
         self.recorder.observe_instances(self._view.instances)
@@ -446,11 +459,17 @@ class Ingress:
                 return
             rec.predicted_output_tokens = await asyncio.to_thread(p.predict, prompt, n)
         except Exception:
-            # A predictor fault costs the routers their guess, never the request.
+            # A predictor fault costs the routers their guess, never the request (nor the re-check below:
+            # the thread hop yielded either way).
             log.exception("length predictor %s failed on request %s", p.name, rec.request_id)
-            return
         if rec.request_id in self.registry:  # the same id validated again while this one was predicted
             raise InvalidRequest(f"request_id: {rec.request_id!r} is already in flight", field="request_id")
+
+    def prompt_tokens(self, request: GenerateRequest) -> int:
+        """The request's prompt length in tokens, as this ingress tokenizes it (the HTTP front end's usage)."""
+        if request.prompt_token_ids is not None:
+            return len(request.prompt_token_ids)
+        return len(self.tokenizer.encode(request.prompt or ""))
 
     def _route(self, rec: RequestRecord, *, exclude: frozenset[str] = frozenset(), accepted: bool = False
                ) -> RouteDecision:
@@ -563,8 +582,12 @@ class Ingress:
             phase.end()
             if not finished:  # the client went away (or we failed): free the engine(s)
                 rec.cancelled = True
-                for iid in rec.instances + ((rec.moving_to,) if rec.moving_to else ()):
+                for iid in rec.instances:
                     self._abort_quietly(iid, rec.request_id)
+            if rec.moving_to:
+                # A committed migration's destination that never took over (the stream ended on the source: a
+                # cancel, an error) still runs its copy: free it, finished or not.
+                self._abort_quietly(rec.moving_to, rec.request_id)
             if rec.move_waiter is not None and not rec.move_waiter.done():
                 rec.move_waiter.set_result(None)  # finished before the destination took over
             self.registry.remove(rec.request_id)
@@ -626,7 +649,8 @@ class Ingress:
                     # as a gap; _accept refuses gaps loudly rather than stream a hole.
                     target, kv_ref, admitted = RouteDecision(rec.moving_to), None, True
                     rec.moving_to, rec.move_kv = None, None
-                    self._mark_dead(iid)
+                    if not isinstance(e, RequestLost):
+                        self._mark_dead(iid)
                     continue
                 target, kv_ref = self._recover(rec, iid, e), None
                 continue
@@ -698,6 +722,12 @@ class Ingress:
                 raise InvalidRequest(sub.rejected, field=field)
             yield TokenChunk(rec.request_id, rec.next_index, (), True, f"error: {sub.rejected}")
             return
+        if rec.cancelled:
+            # Cancelled while the submit was in flight: its abort may have run before the submit did and found
+            # nothing to stop, so stop it here rather than stream a cancelled request to the end.
+            self._abort_quietly(iid, rec.request_id)
+            yield TokenChunk(rec.request_id, rec.next_index, (), True, "abort")
+            return
         waiter = rec.move_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(time.perf_counter())
@@ -721,8 +751,8 @@ class Ingress:
                 )
             except (TimeoutError, *_DEAD) as e:
                 raise InstanceLost(f"{iid}: {type(e).__name__}") from e
-            if nxt is None:  # the instance forgot it (restarted?): treat as lost
-                raise InstanceLost(f"{iid}: request unknown to the instance")
+            if nxt is None:  # the instance forgot it: the request is lost, not the instance
+                raise RequestLost(f"{iid}: request unknown to the instance")
             chunks = [nxt]
 
     def _accept(self, rec: RequestRecord, chunk: TokenChunk) -> TokenChunk | None:
@@ -745,7 +775,8 @@ class Ingress:
         rec.recoveries += 1
         self.counters["recoveries"] += 1
         log.warning("%s: instance %s lost (%s); recovering at index %d", rec.request_id, iid, err, rec.next_index)
-        self._mark_dead(iid)
+        if not isinstance(err, RequestLost):  # a live instance that lost one request stays routable
+            self._mark_dead(iid)
         if rec.recoveries > self.max_recoveries:
             raise Unavailable(f"request {rec.request_id} lost its instance {rec.recoveries} times")
         return self._route(rec, exclude=frozenset({iid}), accepted=True)
@@ -761,7 +792,8 @@ class Ingress:
         rec = self.registry.get(request_id)
         if rec is not None:
             rec.cancelled = True
-            for iid in rec.instances:
+            # A committed migration's destination runs a copy too (the stream moves there once the source ends).
+            for iid in rec.instances + ((rec.moving_to,) if rec.moving_to else ()):
                 m = self._members.get(iid)
                 if m is not None:
                     try:
@@ -780,7 +812,10 @@ class Ingress:
         for iid in entry.instances:
             m = self._members.get(iid)
             if m is not None:
-                done = bool(await m.handle.abort.remote(request_id)) or done
+                try:
+                    done = bool(await m.handle.abort.remote(request_id)) or done
+                except _DEAD:  # a dead instance holds nothing to stop; the others still need the abort
+                    pass
         return done
 
     async def cluster_state(self) -> ClusterState:
@@ -831,6 +866,8 @@ class Ingress:
             return MigrationResult(request_id, src, destination, False, "destination is the source")
         if destination not in self._members:
             raise NotFound(f"destination: no live instance {destination!r}", field="destination")
+        if src not in self._members:  # seen dead; its stream recovers the request on its own
+            return MigrationResult(request_id, src, destination, False, f"source {src!r} is not a live instance")
         m = Migration(request_id, src, destination, cfg)
         self._migrating[request_id] = m
         try:
@@ -904,35 +941,67 @@ class Ingress:
         await self.start()
         if instance_id not in self._members:
             raise NotFound(f"instance_id: no live instance {instance_id!r}", field="instance_id")
-        await self.controller.set_draining.remote(instance_id, True)
+        await self._admin("set_draining", instance_id, True)
         self._snapshots.pop(instance_id, None)
         self._view = ClusterView(self._view.time_s, tuple(
             dataclasses.replace(s, draining=True) if s.instance_id == instance_id else s for s in self._view.instances
         ))
         moved = 0
-        # NOTE(migration): requests still in prefill or queued finish their prefill first; retry them a few
-        # rounds, then release (a request still there is recovered elsewhere by re-prefill).
-        for _ in range(50):
-            pending = [r for r in self.registry.on_instance(instance_id) if r.moving_to is None]
-            if not pending:
-                break
-            results = await asyncio.gather(*(self.migrate(r.request_id) for r in pending), return_exceptions=True)
-            moved += sum(1 for r in results if isinstance(r, MigrationResult) and r.committed)
-            await asyncio.sleep(0.05)
-        await self.controller.release.remote(instance_id)
+        released = False
+        try:
+            # NOTE(migration): requests still in prefill or queued finish their prefill first; retry them a few
+            # rounds, then release (a request still there is recovered elsewhere by re-prefill).
+            for _ in range(50):
+                pending = [r for r in self.registry.on_instance(instance_id) if r.moving_to is None]
+                if not pending:
+                    break
+                results = await asyncio.gather(*(self.migrate(r.request_id) for r in pending),
+                                               return_exceptions=True)
+                moved += sum(1 for r in results if isinstance(r, MigrationResult) and r.committed)
+                await asyncio.sleep(0.05)
+            await self._admin("release", instance_id)
+            released = True
+        finally:
+            if not released:
+                # Cancelled (the caller's deadline) or failed before the release: nothing else would ever release
+                # or un-drain the instance (the Controller keeps an operator's drain until it is undone), so put it
+                # back in service rather than leave it silently out of it.
+                await self._undrain(instance_id)
         return moved
 
-    async def scale(self, pool: str, count: int) -> int:
-        await self.start()
+    async def _undrain(self, instance_id: str) -> None:
+        fut = asyncio.ensure_future(_await(self.controller.set_draining.remote(instance_id, False)))
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if we stop waiting
         try:
-            before = await self.controller.scale.remote(pool, count)
+            await asyncio.shield(fut)  # runs to the end even if this task is cancelled again
+        except Exception as e:  # noqa: BLE001 - the Controller is down: the drain stays; the operator retries
+            log.warning("drain of %s interrupted; un-draining it failed: %r", instance_id, e)
+        else:
+            self._view = ClusterView(self._view.time_s, tuple(
+                dataclasses.replace(s, draining=False) if s.instance_id == instance_id else s
+                for s in self._view.instances))
+
+    async def _admin(self, method: str, *args: Any) -> Any:
+        """``controller.<method>.remote(*args)`` for an admin call: the Controller down or restarting is
+        ``Unavailable`` (retryable, as on the hot path), a ``ValueError`` it raises is ``InvalidRequest`` (it names
+        the field first: "count: ...")."""
+        try:
+            return await getattr(self.controller, method).remote(*args)
+        except _DEAD as e:
+            raise Unavailable(f"the Controller is unavailable ({type(e).__name__}); retry") from None
         except RayTaskError as e:
             if isinstance(e.cause, ValueError):
                 raise InvalidRequest(str(e.cause), field=str(e.cause).split(":", 1)[0]) from None
             raise
+
+    async def scale(self, pool: str, count: int) -> int:
+        """Set ``pool``'s size; returns its target size after the call (``count``; the Controller answers the
+        previous one, which is not what Admin.Scale promises)."""
+        await self.start()
+        await self._admin("scale", pool, count)
         await self._refresh_members()
         await self._refresh_view()
-        return int(before)
+        return int(count)
 
     async def switch_role(self, instance_id: str, role: InstanceRole | str) -> bool:
         """Ask the Controller to move ``instance_id`` to ``role`` (``scheduler.control.reroling``)."""
@@ -943,12 +1012,7 @@ class Ingress:
             new = InstanceRole.parse(role)
         except ValueError as e:
             raise InvalidRequest(f"role: {e}", field="role") from None
-        try:
-            started = await self.controller.switch_role.remote(instance_id, new.value)
-        except RayTaskError as e:
-            if isinstance(e.cause, ValueError):  # the Controller names the field first ("role: ...")
-                raise InvalidRequest(str(e.cause), field=str(e.cause).split(":", 1)[0]) from None
-            raise
+        started = await self._admin("switch_role", instance_id, new.value)
         await self._refresh_view()  # the instance shows as draining from now on
         return bool(started)
 

@@ -374,7 +374,11 @@ class Instance:
         """
         st = self._streams.get(request_id)
         if st is None:
-            if _not_received(self._finished.get(request_id), from_index):
+            last = self._finished.get(request_id)
+            # A zero-token end (abort, engine error) has no index range to compare: a poll after it means its
+            # answer was lost (the ingress stops polling once it sees the end), so it is sent again. Answering
+            # None instead read as "request unknown" and the ingress gave up on a healthy instance.
+            if _not_received(last, from_index) or (last is not None and not last.token_ids):
                 return self._finished.pop(request_id)
             return None
         if st.sent is not None and _not_received(st.sent, from_index):
@@ -400,10 +404,10 @@ class Instance:
             st.sent = merged
         if merged.finished:
             self._streams.pop(rid, None)
-            if merged.token_ids:
-                self._finished[rid] = merged
-                while len(self._finished) > _FINISHED_KEPT:
-                    self._finished.popitem(last=False)
+            # Kept for a retry of this poll whose answer was lost, token-less ends included (see poll).
+            self._finished[rid] = merged
+            while len(self._finished) > _FINISHED_KEPT:
+                self._finished.popitem(last=False)
         return merged
 
     async def abort(self, request_id: str) -> bool:

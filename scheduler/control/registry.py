@@ -142,12 +142,26 @@ class RequestRegistry:
 
 
 class EntryTable:
-    """The Controller's copy: entries from every ingress, replaced wholesale per ingress on a full report."""
+    """The Controller's copy: entries from every ingress, replaced wholesale per ingress on a full report.
 
-    def __init__(self) -> None:
+    Ingress ids are random per process, so a dead replica never reports its entries removed: an ingress not heard
+    from (``seen``: its reports, and its ``take_migrations`` polls every 0.25 s even when it has nothing to report)
+    for ``ttl_s`` is dropped (``expire``) -- else its ghosts would keep instances from ever counting as drained.
+    A live one cut off that long re-sends its full set on its next successful report (it lost the epoch).
+    """
+
+    def __init__(self, ttl_s: float = 30.0) -> None:
         self.entries: dict[str, RegistryEntry] = {}
+        self.ttl_s = ttl_s
+        self._seen: dict[str, float] = {}  # ingress id -> monotonic time it was last heard from
+        self._swept: float | None = None
 
-    def apply(self, ingress_id: str, upserts: list[RegistryEntry], removed: list[str], *, full: bool) -> None:
+    def seen(self, ingress_id: str, now: float | None = None) -> None:
+        self._seen[ingress_id] = time.monotonic() if now is None else now
+
+    def apply(self, ingress_id: str, upserts: list[RegistryEntry], removed: list[str], *, full: bool,
+              now: float | None = None) -> None:
+        self.seen(ingress_id, now)
         if full:
             for rid in [r for r, e in self.entries.items() if e.ingress_id == ingress_id]:
                 del self.entries[rid]
@@ -158,8 +172,22 @@ class EntryTable:
             if e is not None and e.ingress_id == ingress_id:
                 del self.entries[rid]
 
+    def expire(self, now: float | None = None) -> list[str]:
+        """Drop the entries of ingresses silent for ``ttl_s``; returns their ids."""
+        now = time.monotonic() if now is None else now
+        if self._swept is not None and now - self._swept > self.ttl_s:
+            # Nobody swept for a whole ttl: the Controller itself was stalled, so silence proves nothing.
+            self._seen = dict.fromkeys(self._seen, now)
+        self._swept = now
+        dead = [i for i, t in self._seen.items() if now - t > self.ttl_s]
+        for ingress_id in dead:
+            self.drop_ingress(ingress_id)
+        return dead
+
     def drop_ingress(self, ingress_id: str) -> None:
-        self.apply(ingress_id, [], [], full=True)
+        for rid in [r for r, e in self.entries.items() if e.ingress_id == ingress_id]:
+            del self.entries[rid]
+        self._seen.pop(ingress_id, None)
 
     def on_instance(self, instance_id: str) -> list[RegistryEntry]:
         return [e for e in self.entries.values() if instance_id in e.instances]

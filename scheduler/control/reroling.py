@@ -109,25 +109,38 @@ class RoleSwitcher:
             idle = c._drained(iid, since_round)
             if not idle and time.time() < deadline:
                 continue
-            self._forget(iid)
+            # Forgotten only once it serves again: a step that fails (a late reply, a busy actor) leaves it tracked,
+            # to be retried next round -- else it stays draining, tracked by nothing, and takes no work for good.
             event: dict[str, Any] = {"time_s": time.time(), "instance": iid, "to": role.value}
-            if idle:
+            if idle and m.info.role is not role:
                 try:
-                    info = await asyncio.wait_for(m.handle.set_role.remote(role), 5.0)
+                    info = await asyncio.wait_for(_await(m.handle.set_role.remote(role)), 5.0)
                 except ValueError as e:  # a request arrived between the snapshot and now: try again later
                     log.info("role switch of %s deferred: %s", iid, e)
                     self._remember(iid, role, deadline, c._refresh_round)
                     continue
-                c._members[iid] = type(m)(m.handle, info)
+                except Exception as e:  # noqa: BLE001 - retried next round; abandoned (un-drained) past the deadline
+                    log.warning("role switch of %s: set_role failed: %s", iid, type(e).__name__)
+                    if time.time() < deadline:
+                        continue
+                else:
+                    m = type(m)(m.handle, info)
+                    c._members[iid] = m
+            try:
+                await asyncio.wait_for(_await(m.handle.set_draining.remote(False)), 5.0)
+            except Exception as e:  # noqa: BLE001 - still tracked: a later round un-drains it again
+                log.warning("un-draining %s after its role switch: %s", iid, type(e).__name__)
+                continue
+            self._forget(iid)
+            if m.info.role is role:
                 self.stats["switches"] += 1
                 event["action"] = "role_switched"
                 log.info("instance %s now serves as %s", iid, role.value)
             else:
                 self.stats["abandoned"] += 1
                 event["action"] = "role_switch_abandoned"
-                log.warning("instance %s still busy after switch_timeout_s %.0fs: keeps its role", iid,
+                log.warning("instance %s not switched within switch_timeout_s %.0fs: keeps its role", iid,
                             self.switch_timeout_s)
-            await asyncio.wait_for(m.handle.set_draining.remote(False), 5.0)
             c._scaling_events.append(event)
 
     # ---- starting one ------------------------------------------------------------------------------------------------
@@ -146,15 +159,21 @@ class RoleSwitcher:
         if new not in pd or m.info.role not in pd:
             raise ValueError(f"role: only PREFILL <-> DECODE switches are supported; {instance_id} is "
                              f"{m.info.role.value}, asked {new.value}")
-        if new is m.info.role or instance_id in self.switching or instance_id in c._draining:
+        # c._held(): switching, or drained by an operator (its drain ends in a release, not in serving again)
+        held = c._held()
+        if new is m.info.role or instance_id in held or instance_id in c._draining:
             return False
         others = [i for i, o in c._members.items() if o.info.role is m.info.role and i != instance_id
-                  and i not in self.switching and i not in c._draining]
+                  and i not in held and i not in c._draining]
         if not others:
             raise ValueError(f"instance_id: {instance_id} is the last {m.info.role.value} instance serving; "
                              "switching it would leave no instance for that phase")
-        await asyncio.wait_for(m.handle.set_draining.remote(True), 5.0)
+        # Remembered before the call: a late reply may still drain it, and only a tracked switch un-drains it.
         self._remember(instance_id, new, time.time() + self.switch_timeout_s, c._refresh_round)
+        try:
+            await asyncio.wait_for(_await(m.handle.set_draining.remote(True)), 5.0)
+        except Exception as e:  # noqa: BLE001 - tracked: advance() un-drains it at the deadline if it never ran dry
+            log.warning("draining %s for a role switch: %s", instance_id, type(e).__name__)
         c._scaling_events.append({"time_s": time.time(), "action": "role_switch", "instance": instance_id,
                                   "from": m.info.role.value, "to": new.value, "reason": reason})
         log.info("instance %s: %s -> %s (%s)", instance_id, m.info.role.value, new.value, reason)
@@ -177,3 +196,7 @@ class RoleSwitcher:
         for iid, role in (self.ctrl._kv_get("switching") or {}).items():
             if iid in self.ctrl._members:
                 self.switching[iid] = (InstanceRole.parse(role), time.time() + self.switch_timeout_s, 0)
+
+
+async def _await(ref: Any) -> Any:
+    return await ref

@@ -44,15 +44,6 @@ def virtual_usage_with(inst: InstanceSnapshot, extra_tokens: float = 0.0) -> flo
     return (inst.kv_blocks_used + queued + blocks_for(extra_tokens, bs)) / max(inst.kv_blocks_total, 1)
 
 
-def incoming_tokens(inst: InstanceSnapshot, request: RequestInfo) -> float:
-    """KV the decodes on their way to ``inst`` will take (``num_incoming``; their contexts as its residents', else
-    as this request's prompt): they hold no blocks yet, so a burst of handoffs all saw one decoder as the emptiest."""
-    if not inst.num_incoming:
-        return 0.0
-    each = inst.decode_context_tokens / inst.num_decoding if inst.num_decoding else request.prompt_tokens
-    return inst.num_incoming * each
-
-
 def queue_penalty(request: RequestInfo, inst: InstanceSnapshot, weight: float) -> float:
     """High-priority requests avoid queues: ``weight`` per waiting request, zero for normal priority."""
     return weight * inst.num_waiting if request.priority >= HIGH_PRIORITY else 0.0

@@ -120,6 +120,10 @@ class EchoIngress:
         finally:
             self._inflight.pop(rid, None)
 
+    def prompt_tokens(self, request: GenerateRequest) -> int:
+        """The prompt's length in this echo's tokens (one per character of a text prompt, as ``_stream``)."""
+        return len(request.prompt_token_ids or request.prompt or "")
+
     async def cancel(self, request_id: str) -> bool:
         self.cancelled.append(request_id)
         ev = self._inflight.get(request_id)

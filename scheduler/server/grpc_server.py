@@ -71,6 +71,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # which answers naming the field (grpc's built-in answer names none). Bounds a request's memory at 2x the limit.
 TRANSPORT_SLACK = 2
 FIELD_METADATA_KEY = "llmsched-field"
+# Largest Admin Scale count: the Controller's MAX_POOL_SIZE (not imported: that module needs Ray).
+MAX_SCALE_COUNT = 1024
 RETRY_AFTER_METADATA_KEY = "retry-after"
 SERVICE_NAMES = (INFERENCE_SERVICE, ADMIN_SERVICE)
 
@@ -318,6 +320,8 @@ class AdminServicer:
             raise InvalidRequest("pool: must not be empty", field="pool")
         if msg.count < 0:
             raise InvalidRequest(f"count: must be >= 0, got {msg.count}", field="count")
+        if msg.count > MAX_SCALE_COUNT:
+            raise InvalidRequest(f"count: must be <= {MAX_SCALE_COUNT}, got {msg.count}", field="count")
         return admin_pb2.ScaleResponse(count=await self._ingress.scale(msg.pool, msg.count))
 
     async def switch_role(self, msg: admin_pb2.SwitchRoleRequest) -> admin_pb2.SwitchRoleResponse:

@@ -46,6 +46,7 @@ from scheduler.server.admission import InflightLimiter, Slot, cancel_quietly, cl
 from scheduler.server.auth import AuthConfig, http_check
 from scheduler.server.validate import (
     HTTP_FIELDS,
+    FieldNames,
     new_request_id,
     request_status_for,
     request_status_of_finish,
@@ -240,7 +241,8 @@ def _check_unsupported(req: _Common) -> None:
 
 
 def _generate_request(
-    req: _Common, text: str | None, ids: tuple[int, ...] | None, request_id: str | None, max_tokens: int
+    req: _Common, text: str | None, ids: tuple[int, ...] | None, request_id: str | None, max_tokens: int,
+    names: FieldNames = HTTP_FIELDS,
 ) -> GenerateRequest:
     _check_unsupported(req)
     g = GenerateRequest(
@@ -263,7 +265,7 @@ def _generate_request(
         length_hint=req.length_hint,
     )
     try:
-        validate_generate(g, HTTP_FIELDS)
+        validate_generate(g, names)
     except InvalidRequest as e:
         raise HTTPError(400, str(e), param=e.field) from None
     return g
@@ -381,9 +383,15 @@ def build_app(
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        max_tokens = body.max_completion_tokens or body.max_tokens
+        # `is not None`, not `or`: an explicit 0 is an error to report, not "unset"; and errors name the field the
+        # client actually sent.
+        names = HTTP_FIELDS
+        if body.max_completion_tokens is not None:
+            max_tokens, names = body.max_completion_tokens, {**HTTP_FIELDS, "max_tokens": "max_completion_tokens"}
+        else:
+            max_tokens = body.max_tokens
         g = _generate_request(
-            body, _chat_prompt(body.messages), None, request.headers.get("x-request-id"), max_tokens
+            body, _chat_prompt(body.messages), None, request.headers.get("x-request-id"), max_tokens, names
         )
         return await _respond(deps, g, body.model or default_model, request, chat=True, stream=body.stream)
 
@@ -547,11 +555,11 @@ async def _respond(
     finally:
         if not handed_off:
             await sc.close()
-    prompt_tokens = len(g.prompt_token_ids or ())
+    prompt_tokens = _prompt_tokens(ingress, g)
     usage = {
-        "prompt_tokens": prompt_tokens,
+        "prompt_tokens": prompt_tokens,  # null when the ingress cannot count a text prompt (never a wrong 0)
         "completion_tokens": len(ids),
-        "total_tokens": prompt_tokens + len(ids),
+        "total_tokens": None if prompt_tokens is None else prompt_tokens + len(ids),
     }
     if chat:
         choice: dict[str, Any] = {
@@ -574,6 +582,21 @@ async def _respond(
         {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage},
         headers={"X-Request-Id": _header_value(g.request_id)},
     )
+
+
+def _prompt_tokens(ingress: IngressAPI, g: GenerateRequest) -> int | None:
+    """The prompt's length in tokens: a text prompt is tokenized by the ingress (``prompt_tokens``, optional on
+    ``IngressAPI``); ``None`` when it cannot say."""
+    if g.prompt_token_ids is not None:
+        return len(g.prompt_token_ids)
+    count = getattr(ingress, "prompt_tokens", None)
+    if count is None:
+        return None
+    try:
+        return int(count(g))
+    except Exception:  # usage is informational: never fail a finished request over it
+        logger.debug("prompt_tokens of %s failed", g.request_id, exc_info=True)
+        return None
 
 
 async def _empty() -> AsyncIterator[TokenChunk]:

@@ -1,0 +1,325 @@
+"""Controller scaling / draining / re-roling bookkeeping, without Ray: the applier alone (``Controller.__new__``)
+on fake instance handles whose ``.method.remote(...)`` returns a task."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from scheduler.control.controller import Controller, Member
+from scheduler.control.instance import InstanceInfo
+from scheduler.control.registry import EntryTable, RegistryEntry
+from scheduler.control.reroling import RoleSwitcher
+from scheduler.core.types import InstanceRole, InstanceSnapshot, Phase
+from scheduler.policy.scaling import ScaleDecision, ThresholdScaler
+from tests.test_ingress_audit import _Method
+
+
+class FakeInstance:
+    """Ray-handle look-alike: ``set_draining`` / ``set_role``; ``late`` names calls that land but whose reply times
+    out (raise TimeoutError after taking effect)."""
+
+    def __init__(self, iid: str, role: InstanceRole = InstanceRole.MIXED, late: tuple[str, ...] = ()) -> None:
+        self.iid, self.role, self.late = iid, role, set(late)
+        self.draining = False
+
+    def __getattr__(self, name: str) -> _Method:
+        fn = getattr(type(self), "_" + name, None)
+        if fn is None:
+            raise AttributeError(name)
+        return _Method(fn.__get__(self))
+
+    async def _set_draining(self, flag: bool) -> None:
+        self.draining = flag
+        if "set_draining" in self.late:
+            raise TimeoutError
+
+    async def _set_role(self, role: Any) -> InstanceInfo:
+        if "set_role" in self.late:
+            raise TimeoutError
+        self.role = InstanceRole.parse(role)
+        return _info(self, self.iid.rsplit("-", 1)[0])
+
+
+def _info(inst: FakeInstance, pool: str) -> InstanceInfo:
+    return InstanceInfo(inst.iid, pool, inst.role, "cpu", 1, "m", "simulated", incarnation=inst.iid + "#1")
+
+
+def _member(inst: FakeInstance, pool: str = "mixed") -> Member:
+    return Member(inst, _info(inst, pool))  # type: ignore[arg-type]
+
+
+def _snap(iid: str, n: int = 0, draining: bool = False, role: InstanceRole = InstanceRole.MIXED) -> InstanceSnapshot:
+    return InstanceSnapshot(iid, role, num_running=n, draining=draining)
+
+
+def _controller(insts: list[FakeInstance], pools: dict[str, int], *, drain_timeout_s: float = 120.0) -> Controller:
+    ctrl = Controller.__new__(Controller)  # the applier alone: no Ray, no engines
+    ctrl.config = SimpleNamespace(pools=[SimpleNamespace(name=p, count=n) for p, n in pools.items()])
+    ctrl._pools = {p.name: p for p in ctrl.config.pools}
+    ctrl._members = {i.iid: _member(i, i.iid.rsplit("-", 1)[0]) for i in insts}
+    ctrl._pending, ctrl._snapshots, ctrl._registry, ctrl._refresh_round = {}, {}, EntryTable(), 10
+    ctrl._next_index = {p: n for p, n in pools.items()}
+    ctrl._desired = dict(pools)
+    ctrl._draining, ctrl._operator_drained = {}, set()
+    ctrl._k8s, ctrl._k8s_shrink_due, ctrl._drain_timeout_s = None, False, drain_timeout_s
+    ctrl._scaling = ThresholdScaler(min_instances=1, max_instances=4)
+    ctrl._lock = asyncio.Lock()
+    ctrl.scaling_stats = {"up": 0, "down": 0, "released": 0, "forced_releases": 0}
+    ctrl._scaling_events = []
+    ctrl.epoch = "e1"
+    ctrl._kv_put = lambda name, value: None
+    ctrl._ensure_loop = lambda: None
+    ctrl.killed = []  # type: ignore[attr-defined]
+
+    async def _release(iid: str) -> bool:  # the real one shuts the actor down and removes its placement group
+        m = ctrl._members.pop(iid, None)
+        ctrl._snapshots.pop(iid, None)
+        ctrl._drop_operator_drain(iid)  # as the real one does
+        if m is None:
+            return False
+        ctrl.killed.append(iid)  # type: ignore[attr-defined]
+        return True
+
+    async def _create(pool: Any, iid: str) -> None:
+        ctrl._pending.pop(iid, None)
+
+    ctrl._release, ctrl._create = _release, _create
+    ctrl._switcher = RoleSwitcher(ctrl, None)
+    return ctrl
+
+
+def test_end_drain_whose_reply_is_late_does_not_leave_the_instance_to_be_force_released() -> None:
+    """A scale-up's set_draining(False) that landed but timed out left the instance in _draining while routable,
+    and its deadline force-released it with running requests."""
+    insts = [FakeInstance(f"mixed-{i}") for i in range(3)]
+    insts[0].draining = True
+    insts[0].late.add("set_draining")
+    ctrl = _controller(insts, {"mixed": 3}, drain_timeout_s=0.0)
+    ctrl._draining = {"mixed-0": (time.time(), 1)}  # a scale-down in progress, already at its deadline
+
+    async def main() -> None:
+        await ctrl._apply_scale(ScaleDecision("mixed", delta=1, reason="load"))
+        assert not insts[0].draining and "mixed-0" not in ctrl._draining and ctrl.scaling_stats["up"] == 1
+        ctrl._snapshots["mixed-0"] = _snap("mixed-0", 5)
+        await ctrl._release_drained()
+        assert ctrl.killed == [] and ctrl.scaling_stats["forced_releases"] == 0  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+
+
+def test_begin_drain_whose_reply_is_late_is_still_tracked() -> None:
+    """A scale-down's set_draining(True) that landed but timed out left the instance draining, tracked by nothing."""
+    insts = [FakeInstance(f"mixed-{i}", late=("set_draining",) if i == 0 else ()) for i in range(2)]
+    ctrl = _controller(insts, {"mixed": 2})
+    ctrl._snapshots = {"mixed-0": _snap("mixed-0", 0), "mixed-1": _snap("mixed-1", 3)}
+    asyncio.run(ctrl._apply_scale(ScaleDecision("mixed", delta=-1, reason="idle")))
+    assert insts[0].draining and "mixed-0" in ctrl._draining
+
+
+def test_scaling_loop_leaves_an_operator_drain_alone() -> None:
+    """An operator-drained instance counted as capacity, a scale-down picked it, and a scale-up un-drained it while
+    the operator's drain was still moving its requests off."""
+    insts = [FakeInstance(f"mixed-{i}") for i in range(3)]
+    ctrl = _controller(insts, {"mixed": 3})
+    ctrl._snapshots = {i.iid: _snap(i.iid, n) for i, n in zip(insts, (1, 5, 5))}
+
+    async def main() -> None:
+        await ctrl.set_draining("mixed-0", True)  # Admin DrainInstance(mixed-0) starts ...
+        assert ctrl._active("mixed") == ["mixed-1", "mixed-2"]
+        await ctrl._apply_scale(ScaleDecision("mixed", delta=-1, reason="idle"))  # 2 -> 1: not mixed-0
+        assert "mixed-0" not in ctrl._draining and len(ctrl._draining) == 1
+        await ctrl._apply_scale(ScaleDecision("mixed", delta=+1, reason="load"))  # 1 -> 2: takes its own back
+        assert insts[0].draining and not ctrl._draining
+        await ctrl.release("mixed-0")  # ... and ends with release()
+        assert sorted(ctrl._members) == ["mixed-1", "mixed-2"] and ctrl._desired == {"mixed": 2}
+        assert not ctrl._operator_drained
+        # the operator's un-drain clears the record, and ends a scale-down drain of that instance too
+        await ctrl._apply_scale(ScaleDecision("mixed", delta=-1, reason="idle"))
+        (iid,) = ctrl._draining
+        await ctrl.set_draining(iid, True)
+        await ctrl.set_draining(iid, False)
+        assert not ctrl._operator_drained and not ctrl._draining
+
+    asyncio.run(main())
+
+
+def test_scale_down_does_not_pick_an_instance_a_role_switch_is_draining() -> None:
+    """A scale-down picked an instance a role switch was draining; once switched (un-drained) it stayed in
+    _draining and was force-released at the deadline while serving its new role."""
+    p0 = FakeInstance("prefill-0", InstanceRole.PREFILL)
+    ds = [FakeInstance(f"decode-{i}", InstanceRole.DECODE) for i in range(3)]
+    ctrl = _controller([p0, *ds], {"prefill": 1, "decode": 3}, drain_timeout_s=0.0)
+    sw = ctrl._switcher
+
+    async def main() -> None:
+        ctrl._snapshots = {d.iid: _snap(d.iid, 4, role=InstanceRole.DECODE) for d in ds}
+        assert await sw.begin("decode-2", "prefill", "operator")
+        ctrl._snapshots["decode-2"] = _snap("decode-2", 0, True, InstanceRole.DECODE)
+        assert "decode-2" not in ctrl._active("decode")
+        await ctrl._apply_scale(ScaleDecision("decode", delta=-1, reason="idle"))
+        assert "decode-2" not in ctrl._draining
+        ctrl._refresh_round = 20
+        await sw.advance()
+        assert ds[2].role is InstanceRole.PREFILL and not ds[2].draining and not sw.switching
+        ctrl._snapshots["decode-2"] = _snap("decode-2", 6, False, InstanceRole.PREFILL)
+        await ctrl._release_drained()
+        assert "decode-2" not in ctrl.killed  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+
+
+def test_admin_scale_during_a_drain_releases_the_draining_instance_first() -> None:
+    """Scale(pool, 2) during a scale-down drain released the busy highest-index instance, then the drained one's
+    release lowered desired again: asked 2, ended at 1."""
+    insts = [FakeInstance(f"mixed-{i}") for i in range(3)]
+    ctrl = _controller(insts, {"mixed": 3})
+    ctrl._snapshots = {"mixed-0": _snap("mixed-0"), "mixed-1": _snap("mixed-1", 4), "mixed-2": _snap("mixed-2", 4)}
+
+    async def main() -> None:
+        await ctrl._begin_drain("mixed-0")  # the scaling policy's 3 -> 2 picked the idle mixed-0
+        await ctrl.scale("mixed", 2)  # the operator asks for 2 as well
+        assert ctrl.killed == ["mixed-0"] and not ctrl._draining  # type: ignore[attr-defined]
+        assert ctrl._desired == {"mixed": 2} and sorted(ctrl._members) == ["mixed-1", "mixed-2"]
+
+    asyncio.run(main())
+
+
+def test_release_of_a_drained_instance_keeps_a_count_set_meanwhile() -> None:
+    """_release_drained lowered desired even when an admin scale had already counted the draining instance out."""
+    insts = [FakeInstance(f"mixed-{i}") for i in range(3)]
+    ctrl = _controller(insts, {"mixed": 3})
+    ctrl._draining = {"mixed-0": (time.time() + 60, 1)}
+    ctrl._desired = {"mixed": 2}  # set while mixed-0 drains, before a reconcile ran
+    ctrl._snapshots = {"mixed-0": _snap("mixed-0", 0, True)}
+    asyncio.run(ctrl._release_drained())
+    assert ctrl.killed == ["mixed-0"] and ctrl._desired == {"mixed": 2}  # type: ignore[attr-defined]
+    # a plain scale-down still shrinks the pool by the one released
+    ctrl._draining = {"mixed-1": (time.time() + 60, 1)}
+    ctrl._snapshots = {"mixed-1": _snap("mixed-1", 0, True)}
+    asyncio.run(ctrl._release_drained())
+    assert ctrl._desired == {"mixed": 1}
+
+
+def test_role_switch_that_times_out_stays_tracked() -> None:
+    """advance() forgot the switch before set_role; its TimeoutError left the instance draining, tracked by
+    nothing."""
+    p0 = FakeInstance("prefill-0", InstanceRole.PREFILL, late=("set_role",))
+    p1 = FakeInstance("prefill-1", InstanceRole.PREFILL)
+    ctrl = _controller([p0, p1], {"prefill": 2})
+    sw = ctrl._switcher
+
+    async def main() -> None:
+        assert await sw.begin("prefill-0", "decode")
+        ctrl._refresh_round = 20
+        ctrl._snapshots = {"prefill-0": _snap("prefill-0", 0, True, InstanceRole.PREFILL)}
+        await sw.advance()
+        assert p0.draining and "prefill-0" in sw.switching
+        # past the deadline, still failing: abandoned, un-drained, forgotten
+        role, _, since = sw.switching["prefill-0"]
+        sw.switching["prefill-0"] = (role, time.time() - 1, since)
+        await sw.advance()
+        assert not p0.draining and not sw.switching and sw.stats["abandoned"] == 1
+
+    asyncio.run(main())
+
+
+def test_role_switch_whose_undrain_fails_stays_tracked() -> None:
+    """A failing set_draining(False) after the switch left the instance draining, tracked by nothing."""
+    p0 = FakeInstance("prefill-0", InstanceRole.PREFILL)
+    p1 = FakeInstance("prefill-1", InstanceRole.PREFILL)
+    ctrl = _controller([p0, p1], {"prefill": 2})
+    sw = ctrl._switcher
+
+    async def main() -> None:
+        assert await sw.begin("prefill-0", "decode")
+        ctrl._refresh_round = 20
+        ctrl._snapshots = {"prefill-0": _snap("prefill-0", 0, True, InstanceRole.PREFILL)}
+
+        async def refuse(flag: bool) -> None:
+            raise RuntimeError("actor busy")
+
+        handle = SimpleNamespace(set_draining=_Method(refuse), set_role=p0.set_role)
+        ctrl._members["prefill-0"] = Member(handle, ctrl._members["prefill-0"].info)  # type: ignore[arg-type]
+        await sw.advance()
+        assert "prefill-0" in sw.switching and sw.stats["switches"] == 0
+        ctrl._members["prefill-0"] = Member(p0, ctrl._members["prefill-0"].info)  # type: ignore[arg-type]
+        await sw.advance()  # role already switched: only un-drains
+        assert not p0.draining and not sw.switching and sw.stats["switches"] == 1
+        assert p0.role is InstanceRole.DECODE
+
+    asyncio.run(main())
+
+
+def test_entries_of_a_silent_ingress_expire() -> None:
+    """Entries of a dead ingress (random id, never reports them removed) stayed forever: its instances never
+    counted as drained and num_requests counted ghosts."""
+    ctrl = _controller([FakeInstance("mixed-0")], {"mixed": 1})
+    ctrl._registry.ttl_s = 0.05
+
+    async def main() -> None:
+        entry = RegistryEntry("r1", "ingress-a", ("mixed-0",), 5, Phase.DECODE)
+        await ctrl.report_requests("ingress-a", [entry], [], True)
+        ctrl._snapshots = {"mixed-0": _snap("mixed-0", 0, True)}
+        ctrl._refresh_round = 1000
+        assert not ctrl._drained("mixed-0", 1)  # ingress-a is alive: its request holds the instance
+        for _ in range(10):  # the Controller's loop sweeps every refresh; ingress-a is gone, ingress-b reports
+            await asyncio.sleep(0.01)
+            await ctrl.report_requests("ingress-b", [], [], True)
+            ctrl._registry.expire()
+        assert await ctrl.num_requests() == 0 and ctrl._drained("mixed-0", 1)
+
+    asyncio.run(main())
+
+
+def test_entries_of_an_ingress_that_only_polls_for_plans_stay() -> None:
+    """An ingress with nothing new to report still polls take_migrations: its entries are live, not expired."""
+    table = EntryTable(ttl_s=10.0)
+    table.apply("ingress-a", [RegistryEntry("r1", "ingress-a", ("mixed-0",), 5, Phase.DECODE)], [], full=True,
+                now=0.0)
+    table.expire(5.0)
+    table.seen("ingress-a", 9.0)
+    table.expire(15.0)
+    assert "r1" in table.entries
+    table.expire(20.0)
+    assert "r1" not in table.entries
+    # a Controller stalled past the ttl proves no ingress dead
+    table.apply("ingress-b", [RegistryEntry("r2", "ingress-b", ("mixed-0",), 5, Phase.DECODE)], [], full=True,
+                now=20.0)
+    assert table.expire(100.0) == [] and "r2" in table.entries
+
+
+def test_scale_count_is_bounded() -> None:
+    """Admin Scale accepted any count up to int32 max (persisted, sent to KubeRay, one creation task each)."""
+    import grpc
+
+    from scheduler._proto.llmsched.v1 import admin_pb2
+    from scheduler.control.api import InvalidRequest
+    from scheduler.server.grpc_server import AdminServicer, status_for
+
+    ctrl = _controller([], {"mixed": 2})
+
+    class Ing:  # what Ingress.scale does, minus Ray
+        async def scale(self, pool: str, count: int) -> int:
+            return await ctrl.scale(pool, count)
+
+    async def main() -> None:
+        with pytest.raises(InvalidRequest) as ei:
+            await AdminServicer(Ing()).scale(admin_pb2.ScaleRequest(pool="mixed", count=50_000))  # type: ignore[arg-type]
+        code, message, md = status_for(ei.value)
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and message.startswith("count:") and ("llmsched-field", "count") in md
+        with pytest.raises(ValueError, match="^count:"):
+            await ctrl.scale("mixed", 2**31 - 1)
+        assert ctrl._desired == {"mixed": 2}
+        await AdminServicer(Ing()).scale(admin_pb2.ScaleRequest(pool="mixed", count=3))  # type: ignore[arg-type]
+        assert ctrl._desired == {"mixed": 3}
+
+    asyncio.run(main())
+    from scheduler.control.controller import MAX_POOL_SIZE
+    from scheduler.server.grpc_server import MAX_SCALE_COUNT
+
+    assert MAX_SCALE_COUNT == MAX_POOL_SIZE
