@@ -705,10 +705,12 @@ class Simulator:
         if d < 0:  # routed to a PREFILL instance without a decode partner: decode where the router says now
             decision = self.router.route(self._request_info(i, t, int(self.w.prompt_tokens[i]), output,
                                                             accepted=True), self._view_at(t))
-            if isinstance(decision, Rejected) or decision.decode_instance is None:
+            # A colocated answer names a MIXED instance to do both: the prompt is done, so it decodes there.
+            name = None if isinstance(decision, Rejected) else decision.decode_instance or decision.prefill_instance
+            if name is None or not self._index[name].role.does_decode:
                 self.rejected[i] = True
                 return
-            d = self.dec_of[i] = self._index[decision.decode_instance].index
+            d = self.dec_of[i] = self._index[name].index
             self._expect_kv(self.instances[d], +1, t)
         dst = self.instances[d]
         src = self.instances[self.inst_of[i]]

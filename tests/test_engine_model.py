@@ -116,6 +116,25 @@ def test_the_view_tells_decodes_on_their_way_from_queued_prompts_on_a_mixed_deco
     assert all(v.instances[0].num_incoming == 0 for v in r.views)  # the prefill side gets none
 
 
+def test_a_prefill_only_placement_decodes_where_the_re_route_says_colocated_too() -> None:
+    """Prefilled on a PREFILL instance with no decoder named, a request is re-routed at its handoff; an answer
+    naming one MIXED instance (colocated) means "decode there" -- it was taken for a refusal and the request lost."""
+    eng = EngineSpec(block_size=16, max_num_batched_tokens=512, max_num_seqs=64, num_kv_blocks=400)
+    pools = [PoolSpec(name="p", role=InstanceRole.PREFILL, gpu="a100", count=1, engine=eng),
+             PoolSpec(name="m", role=InstanceRole.MIXED, gpu="a100", count=1, engine=eng)]
+
+    class PrefillThenMixed(Router):
+        name = "prefill_then_mixed"
+
+        def route(self, request, view):  # type: ignore[override]
+            return RouteDecision("m-0" if request.accepted else "p-0")
+
+    w = Workload(np.array([0.0, 0.2]), np.array([300, 200]), np.array([50, 40]))
+    res = Simulator(ClusterConfig(gpus={"a100": GPU}, model=MODEL, pools=pools), router=PrefillThenMixed()).run(w)
+    assert not res.rejected.any() and np.isfinite(res.finish_s).all()
+    assert (res.decode_instance == 1).all() and res.kv_transfers == 2
+
+
 def test_a_handed_off_request_keeps_its_priority_and_length_guess_on_the_decoder() -> None:
     w = Workload(np.array([0.0, 0.5]), np.array([300, 10]), np.array([400, 5]), priority=np.array([2, 0]),
                  predicted_output=np.array([300.0, 5.0]))
