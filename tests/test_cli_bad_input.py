@@ -226,6 +226,8 @@ def test_make_router_unknown_parameter_names_router_and_parameter() -> None:
     with pytest.raises(ValueError, match=r"llumnix.*bogus"):  # **kw passed on to a base class that refuses it
         make_router("llumnix", bogus=1)
     make_router("lookahead", config=None)  # a parameter the router does take still passes
+    with pytest.raises(ValueError, match="max_pressure"):  # 1 - pressure divides a decode's time
+        make_router("lookahead", max_pressure=1.0)
 
 
 def test_fit_trace_undefined_kendall_tau_is_null(tmp_path: Path, capsys) -> None:

@@ -229,6 +229,8 @@ class LookaheadRouter(PairingRouter):
         self.tpot_miss_penalty_s = tpot_miss_penalty_s
         self.kv_weight = kv_weight
         self.pressure_window_s = pressure_window_s
+        if not 0 <= max_pressure < 1:  # a decode's time is divided by 1 - pressure
+            raise ValueError(f"max_pressure: must be in [0, 1), got {max_pressure}")
         self.max_pressure = max_pressure
         self.kv_horizon_tokens = kv_horizon_tokens if kv_horizon_tokens is not None else default_output_tokens
         self.hash_block_tokens = hash_block_tokens
