@@ -378,9 +378,9 @@ class Simulator:
     def materialise(self, inst: SimInstance, now: float) -> None:
         """Turn ``inst``'s closed-form span, which books its steps at its end, into what naive stepping has at
         ``now``: the steps before it booked, the one in flight a single step (booked, recorded at its end). A
-        reader of the engine's counts (a policy view, a migration's handshake or stop-and-copy) then sees the
-        request as it is, not as it was when the span began (a stop-and-copy took it so, and the destination
-        re-made every token of the span)."""
+        migration's handshake or stop-and-copy then reads the request as it is, not as it was when the span began
+        (a stop-and-copy took it so, and the destination re-made every token of the span). A policy view reads
+        without changing anything (``_fresh``)."""
         span = inst.span
         if span is None:
             return
