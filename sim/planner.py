@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -131,9 +132,10 @@ def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, m
             lo = mid + 1
     cfg = make_config(base, c, hi)
     p = sum(x.count for x in cfg.pools if x.role is InstanceRole.PREFILL)
+    d = sum(x.count for x in cfg.pools if x.role is InstanceRole.DECODE)  # MIXED instances are neither
     gpus = hi * c.tp
     price = base.gpus[c.gpu].price_per_hour * gpus
-    return PlanResult(c, hi, p, hi - p, gpus, price, ok_hi or 0.0, info_hi["ttft_p99_s"], info_hi["tpot_p99_s"])
+    return PlanResult(c, hi, p, d, gpus, price, ok_hi or 0.0, info_hi["ttft_p99_s"], info_hi["tpot_p99_s"])
 
 
 def with_gpus(base: ClusterConfig, names: list[str]) -> tuple[ClusterConfig, list[str]]:
@@ -176,8 +178,9 @@ def plan(
     target: float = 0.9,
     max_instances: int = 64,
     workers: int = 2,
+    progress: Callable[[int, int, PlanResult], None] | None = None,
 ) -> list[PlanResult]:
-    """All feasible candidates, cheapest first."""
+    """All feasible candidates, cheapest first. ``progress(done, total, result)`` after each candidate."""
     cands = [
         Candidate(g, tp, lay, r)
         for g in (gpus or [g for g in base.gpus if g != "cpu"])
@@ -187,11 +190,19 @@ def plan(
         for r in routers
     ]
     jobs = [(base, c, w, target, max_instances) for c in cands]
+    results: list[PlanResult] = []
+
+    def collect(it) -> None:
+        for r in it:
+            results.append(r)
+            if progress is not None:
+                progress(len(results), len(jobs), r)
+
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as ex:
-            results = list(ex.map(_plan_star, jobs))
+            collect(ex.map(_plan_star, jobs))
     else:
-        results = [_plan_star(j) for j in jobs]
+        collect(_plan_star(j) for j in jobs)
     feasible = [r for r in results if r.instances > 0]
     return sorted(feasible, key=lambda r: (r.cost_per_hour, -r.attainment))
 
@@ -270,9 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    def said(done: int, total: int, r: PlanResult) -> None:  # a search takes minutes: say where it is
+        c = r.candidate
+        got = (f"{r.instances} instances, ${r.cost_per_hour:.2f}/h, attainment {r.attainment:.3f}" if r.instances
+               else "infeasible within --max-instances")
+        print(f"[{done}/{total}] {c.gpu} TP{c.tp} {c.layout} {c.router}: {got}", file=sys.stderr, flush=True)
+
     results = plan(
         base, w, gpus=gpus, tps=tps, layouts=layouts, routers=routers, target=args.target,
-        max_instances=args.max_instances, workers=args.workers,
+        max_instances=args.max_instances, workers=args.workers, progress=said,
     )
     write_plan(Path(args.out), base, trace, results, args.target)
     return 0 if results else 1
