@@ -558,8 +558,7 @@ def pooled_sim_summary(results: list) -> dict:
         for k in ("ttft_s", "tpot_s", "e2e_s", "queue_s"):
             out[k] = percentiles(getattr(m, k))
         out["slo_attainment"] = float(m.slo_met.mean())
-        prio = np.concatenate([r.workload.priority if r.workload.priority is not None
-                               else np.zeros(len(r.workload), dtype=np.int64) for r in results])
+        prio = np.concatenate([r.workload.priorities for r in results])
         for p, c in out["slo"]["classes"].items():
             c["attainment"] = float(m.slo_met[prio == p].mean())
         out["noise_draws"] = len(results)

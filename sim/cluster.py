@@ -46,6 +46,21 @@ class SimInstance:
     def gpus(self) -> int:
         return self.pool.tp
 
+    def mark_changed(self) -> None:
+        """Work came or left: the routers' snapshot is rebuilt -- at the end of a step in flight, as that step's own
+        outcome shows then (``Simulator._kick``)."""
+        if self.in_step is None:
+            self.snap_dirty = True
+        else:
+            self.rebuild_at_step_end = True
+
+    def pre_step_snapshot(self, now_s: float, *, detail: bool) -> bool:
+        """Before a single step starts: the snapshot that stands until its end, rebuilt if dirty (True then)."""
+        if self.snap_dirty or self.snapshot is None:
+            self.make_snapshot(now_s, detail=detail)
+            return True
+        return False
+
     def make_snapshot(self, now_s: float, *, detail: bool) -> InstanceSnapshot:
         """The routers' snapshot of this instance, kept until marked dirty (``snap_dirty``)."""
         self.snapshot = self.fresh_snapshot(now_s, detail=detail)

@@ -19,7 +19,6 @@ from scheduler.cli_args import (
 from scheduler.config.load import ConfigError, load_config
 from scheduler.config.models import ClusterConfig
 from scheduler.policy.route import make_router
-from sim.cluster import build_instances
 from sim.goodput import goodput
 from sim.metrics import request_metrics, sim_summary
 from sim.report import print_summaries, write_figure, write_json
@@ -188,12 +187,13 @@ def simulate_main(argv: list[str] | None = None) -> int:
             scaling = make_scaling_policy(args.scaling, min_instances=lo, max_instances=hi, **kw)
         elif args.min_instances is not None or args.max_instances is not None:
             raise ValueError("--min-instances / --max-instances: bounds of autoscaling; give --scaling too")
-        build_instances(cfg)  # fail fast: a pool without KV memory, a cluster that cannot prefill or decode
+        # Builds the instances: a pool without KV memory, a cluster that cannot prefill or decode fail here.
+        sim = Simulator(cfg, router=router, closed_form=not args.naive, progress=not args.quiet and len(w) > 50_000,
+                        scaling=scaling, scaling_interval_s=args.scaling_interval,
+                        scaling_startup_s=args.startup_delay)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sim = Simulator(cfg, router=router, closed_form=not args.naive, progress=not args.quiet and len(w) > 50_000,
-                    scaling=scaling, scaling_interval_s=args.scaling_interval, scaling_startup_s=args.startup_delay)
     res = sim.run(w)
     warn_over_context(cfg, w)
     summary = sim_summary(res)

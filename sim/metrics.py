@@ -66,8 +66,7 @@ def _slo_targets(res, met: np.ndarray) -> dict[str, Any]:
     """The targets ``slo_attainment`` scored and the attainment, per priority class (``None``: no target; a class
     with none counts its completed requests as met). The top level repeats class 0's targets, as the live
     replay's summary has them."""
-    w = res.workload
-    prio = w.priority if w.priority is not None else np.zeros(len(w), dtype=np.int64)
+    prio = res.workload.priorities
 
     def target(col, i: int) -> float | None:
         v = None if col is None else float(np.broadcast_to(col, prio.shape)[i])

@@ -115,10 +115,7 @@ class MigrationDriver:
             self._tell("on_migration_done", rid, ok=False)
             del self.in_flight[rid]
             return
-        if m.src.in_step is not None:
-            m.src.rebuild_at_step_end = True  # it leaves at the step's end (the stop), as the step's outcome shows
-        else:
-            m.src.snap_dirty = True
+        m.src.mark_changed()  # mid-step it leaves at the step's end (the stop)
         if not m.src.busy:
             sim._kick(m.src, t_b)
         downtime = self._xfer(m.src, max(seq.num_tokens - m.copied, 1))
@@ -129,13 +126,12 @@ class MigrationDriver:
         rid, seq = payload
         m = self.in_flight.pop(rid)
         self._release(m)
-        new = m.dst.engine.add_request(rid, seq.num_tokens, seq.max_new, cached_tokens=seq.num_tokens - 1,
-                                       priority=seq.priority, predicted_remaining=seq.predicted_remaining)
         # Its blocks were reserved for it (live: adopted at pre-admission, so it waits holding its KV): ahead of the
         # prompts queued behind the reservation, which otherwise took the blocks first and left its copied KV
         # unaccounted (206 blocks held on a 200-block engine).
-        m.dst.engine.waiting.remove(new)
-        m.dst.engine.waiting.appendleft(new)
+        new = m.dst.engine.add_request(rid, seq.num_tokens, seq.max_new, cached_tokens=seq.num_tokens - 1,
+                                       priority=seq.priority, predicted_remaining=seq.predicted_remaining,
+                                       front=True)
         new.tag = rid
         self.sim.dec_of[rid] = m.dst.index
         if m.dst.in_step is not None:  # mid-step: on the pre-step snapshot now, as an arrival is (else on none)

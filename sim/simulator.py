@@ -78,6 +78,11 @@ class Workload:
     def __len__(self) -> int:
         return len(self.arrival_s)
 
+    @property
+    def priorities(self) -> np.ndarray:
+        """Each request's priority class (0 where the workload gives none)."""
+        return self.priority if self.priority is not None else np.zeros(len(self), dtype=np.int64)
+
     @classmethod
     def from_trace(cls, trace, *, predicted_output: np.ndarray | None = None) -> Workload:
         return cls(
@@ -392,8 +397,7 @@ class Simulator:
             res = inst.engine.advance(span, j - 1)
             t += res.duration_s
             self._record(res, t, inst=inst)
-        if inst.snap_dirty or inst.snapshot is None:  # the pre-step snapshot, as ``_kick`` takes it
-            inst.make_snapshot(t, detail=self._detail)
+        if inst.pre_step_snapshot(t, detail=self._detail):  # as ``_kick`` takes it
             self._view_one_changed = True
         res = inst.engine.step()
         inst.in_step = (res, t + res.duration_s, t)
@@ -538,10 +542,7 @@ class Simulator:
     def _poke(self, inst: SimInstance, now: float) -> None:
         """New work on ``inst``: start it if idle; cut a running span at the next step boundary. (Mid-step, its
         snapshot waits for the step's end, as the step's own outcome does: ``_kick``.)"""
-        if inst.in_step is None:
-            inst.snap_dirty = True
-        else:
-            inst.rebuild_at_step_end = True
+        inst.mark_changed()
         if not inst.busy:
             self._kick(inst, now)
             return
@@ -651,8 +652,7 @@ class Simulator:
             # here stands until then, and ``_record`` runs at the STEP event. Booked at the start, a finish or a
             # computed chunk showed up to a step early (Azure x16 at 0.8: P99 TTFT of the load-aware routers
             # -16..+21% against the end-of-step view; twenty-sixth session).
-            if inst.snap_dirty or inst.snapshot is None:
-                inst.make_snapshot(now, detail=self._detail)
+            if inst.pre_step_snapshot(now, detail=self._detail):
                 self._view_one_changed = True
             res = eng.step()
             if res.duration_s <= 0.0 and not res.preempted:
@@ -734,7 +734,7 @@ class Simulator:
     # ---- results --------------------------------------------------------------------------------------------
     def _result(self, w: Workload, end: float, wall: float, tl_t: list, tl_load: list) -> SimResult:
         cfg = self.config
-        prio = w.priority if w.priority is not None else np.zeros(len(w), dtype=np.int64)
+        prio = w.priorities
         slos = {p: cfg.slo_for(int(p)) for p in np.unique(prio)} if len(w) else {}
         if self.scaler is not None:
             self.scaler.finish(end)

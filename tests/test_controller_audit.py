@@ -205,18 +205,26 @@ def test_release_of_a_drained_instance_keeps_a_count_set_meanwhile() -> None:
     assert ctrl._desired == {"mixed": 1}
 
 
+def _two_prefill(p0: FakeInstance) -> Controller:
+    return _controller([p0, FakeInstance("prefill-1", InstanceRole.PREFILL)], {"prefill": 2})
+
+
+async def _switch_ran_dry(ctrl: Controller) -> None:
+    """prefill-0 asked to switch to decode, then seen idle and draining: ``advance`` acts on it next."""
+    assert await ctrl._switcher.begin("prefill-0", "decode")
+    ctrl._refresh_round = 20
+    ctrl._snapshots = {"prefill-0": _snap("prefill-0", 0, True, InstanceRole.PREFILL)}
+
+
 def test_role_switch_that_times_out_stays_tracked() -> None:
     """advance() forgot the switch before set_role; its TimeoutError left the instance draining, tracked by
     nothing."""
     p0 = FakeInstance("prefill-0", InstanceRole.PREFILL, late=("set_role",))
-    p1 = FakeInstance("prefill-1", InstanceRole.PREFILL)
-    ctrl = _controller([p0, p1], {"prefill": 2})
+    ctrl = _two_prefill(p0)
     sw = ctrl._switcher
 
     async def main() -> None:
-        assert await sw.begin("prefill-0", "decode")
-        ctrl._refresh_round = 20
-        ctrl._snapshots = {"prefill-0": _snap("prefill-0", 0, True, InstanceRole.PREFILL)}
+        await _switch_ran_dry(ctrl)
         await sw.advance()
         assert p0.draining and "prefill-0" in sw.switching
         # past the deadline, still failing: abandoned, un-drained, forgotten
@@ -231,14 +239,11 @@ def test_role_switch_that_times_out_stays_tracked() -> None:
 def test_role_switch_whose_undrain_fails_stays_tracked() -> None:
     """A failing set_draining(False) after the switch left the instance draining, tracked by nothing."""
     p0 = FakeInstance("prefill-0", InstanceRole.PREFILL)
-    p1 = FakeInstance("prefill-1", InstanceRole.PREFILL)
-    ctrl = _controller([p0, p1], {"prefill": 2})
+    ctrl = _two_prefill(p0)
     sw = ctrl._switcher
 
     async def main() -> None:
-        assert await sw.begin("prefill-0", "decode")
-        ctrl._refresh_round = 20
-        ctrl._snapshots = {"prefill-0": _snap("prefill-0", 0, True, InstanceRole.PREFILL)}
+        await _switch_ran_dry(ctrl)
 
         async def refuse(flag: bool) -> None:
             raise RuntimeError("actor busy")

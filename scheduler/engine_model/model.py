@@ -202,12 +202,14 @@ class EngineModel:
         hash_ids: tuple[int, ...] = (),
         hash_block_tokens: int = 512,
         handoff: bool = False,
+        front: bool = False,
     ) -> Seq:
         """Queue a request whose context is ``prompt_tokens`` long, ``cached_tokens`` of it already in KV here
         (loaded by a P->D transfer or a migration), with ``max_tokens`` still to generate. ``hash_ids``: one id
         per ``hash_block_tokens`` prompt tokens, for the prefix cache (ignored when it is disabled). ``handoff``:
         prefill only and report it in ``prefill_done`` to decode elsewhere -- always on a PREFILL instance; on a
-        MIXED one when the router paired it with another decoder."""
+        MIXED one when the router paired it with another decoder. ``front``: ahead of the queue (a migrated request
+        whose KV blocks were reserved for it)."""
         if rid in self._by_rid:
             raise ValueError(f"request_id: {rid!r} is already on this engine")
         if prompt_tokens < 1:
@@ -234,7 +236,10 @@ class EngineModel:
             seq.hash_ids = tuple(hash_ids)
             seq.hash_block_tokens = hash_block_tokens
         self._by_rid[rid] = seq
-        self.waiting.append(seq)
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
         return seq
 
     def abort(self, rid: str) -> bool:
