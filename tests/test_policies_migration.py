@@ -132,6 +132,16 @@ def test_rate_limits_stop_thrashing() -> None:
     assert moved.request_id not in {x.request_id for x in later}
 
 
+def test_cooldowns_of_retired_instances_are_forgotten() -> None:
+    # An instance's last-migration time only matters for cooldown_s; the ids of instances scaled away must not
+    # pile up in a long-running Controller.
+    p = LlumnixMigrationPolicy(cooldown_s=5.0, min_gap_s=0.0)
+    for k in range(20):
+        hot_k, cold_k = hot(iid=f"hot{k}"), inst(f"cold{k}")
+        assert p.plan(view(hot_k, cold_k), 10.0 * k)  # every round a fresh pair migrates
+    assert set(p._touched) <= {"hot19", "cold19"}
+
+
 def test_drain_moves_everything_longest_remaining_first() -> None:
     reqs = (rl("s", rem=5.0), rl("l", rem=500.0), rl("m", rem=50.0), rl("pf", prefill=True))
     p = LlumnixMigrationPolicy(max_concurrent=10, max_per_instance=10, max_plans=10)

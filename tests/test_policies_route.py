@@ -328,6 +328,19 @@ def test_lookahead_reprices_an_instance_whose_snapshot_changed() -> None:
     assert r.estimate(req(1000, 200.0), idle) == LookaheadRouter(lat).estimate(req(1000, 200.0), idle)
 
 
+def test_lookahead_forgets_instances_that_left_the_cluster() -> None:
+    # Autoscaling retires ids for good; a long-running ingress must not keep every retired instance's pressure
+    # history, latency model and cached terms (each holding a whole snapshot).
+    r = LookaheadRouter(default_latency_model())
+    for k in range(50):  # a cluster of two, replaced one instance at a time
+        a, b = snap(f"i{k}"), snap(f"i{k + 1}", running=1, ctx=500, used=50)
+        d = r.route(req(1000, 50.0, rid=f"r{k}"), ClusterView(float(k), (a, b)))
+        r.on_routed(req(1000, 50.0, rid=f"r{k}"), d)  # type: ignore[arg-type]
+    for state in (r._cache, r._lat_of_id, r._pressure):
+        assert len(state) <= 4 and {"i49", "i50"} & set(state)  # at most twice the view's size
+    assert r.prefill_pressure(d.prefill_instance) > 0  # type: ignore[union-attr]  # the live ones keep theirs
+
+
 def test_lookahead_pairs_jointly_and_colocates_when_cheaper() -> None:
     lat = default_latency_model()
     r = LookaheadRouter(lat)

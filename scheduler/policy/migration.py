@@ -285,6 +285,9 @@ class LlumnixMigrationPolicy(MigrationPolicy):
                 del self._inflight[rid]
         while self._recent and len(self._recent) > 100_000:
             self._recent.popitem(last=False)
+        # Past its cooldown an entry decides nothing; dropping it keeps retired instances' ids from piling up.
+        for iid in [i for i, t in self._touched.items() if now_s - t >= self.cooldown_s]:
+            del self._touched[iid]
 
     def _remaining(self, r: RequestLoad) -> float:
         return r.predicted_remaining if r.predicted_remaining is not None else self.default_output_tokens

@@ -458,6 +458,7 @@ class LookaheadRouter(PairingRouter):
         for already-accepted requests or priority >= ``shed_below_priority``. Also judges other routers' placements
         (``ShedRouter``)."""
         self._now = view.time_s
+        self._forget_departed(view)
         if not isinstance(decision, RouteDecision):
             return decision
         q = self._request(request)
@@ -470,6 +471,20 @@ class LookaheadRouter(PairingRouter):
         if request.accepted or request.priority >= self.shed_below_priority:
             return decision
         return self._shed(q, decision, snaps) or decision
+
+    def _forget_departed(self, view: ClusterView) -> None:
+        """Drop per-instance state of instances no longer in the view. Instance ids are never reused (the Controller
+        numbers them on), so under autoscaling the pressure history, latency models and cached terms (which hold a
+        whole snapshot) of every instance ever seen would pile up in a long-running ingress. Only once the state
+        outgrows twice the view: a steady cluster pays a length check per request, and a view briefly short of an
+        instance (the ingress retrying around a failed one) does not wipe that instance's history."""
+        n = 2 * len(view.instances)
+        if len(self._cache) <= n and len(self._pressure) <= n and len(self._lat_of_id) <= n:
+            return
+        live = {s.instance_id for s in view.instances}
+        for state in (self._cache, self._pressure, self._lat_of_id):
+            for iid in [k for k in state if k not in live]:
+                del state[iid]
 
     def _shed(self, q: _Req, decision: RouteDecision, snaps: Mapping[str, InstanceSnapshot]) -> Rejected | None:
         """SLO shedding (module docstring): a ``Rejected`` when the placement is predicted to miss an SLO."""
