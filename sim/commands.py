@@ -129,9 +129,9 @@ def load_workload(args: argparse.Namespace, cfg: ClusterConfig):
                           seed=args.seed)
     elif args.trace:
         trace = load_trace(args.trace, args.format, rate=args.rate or 1.5 * cfg.num_instances, seed=args.seed)
-        if ", arrivals: " in trace.source:  # lengths only: the loader drew the arrival times
+        if trace.drawn_arrivals:  # lengths only: the loader drew the arrival times
             print(f"note: {args.trace} has no timestamps as read (format {args.format or 'detected'}); arrivals "
-                  f"are synthetic ({trace.source.split(', arrivals: ', 1)[1]}; --rate sets the rate)",
+                  f"are synthetic ({trace.drawn_arrivals}; --rate sets the rate)",
                   file=sys.stderr)
     else:
         trace = default_trace()

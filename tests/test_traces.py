@@ -171,6 +171,28 @@ def test_token_pairs_with_arrival_column(tmp_path: Path) -> None:
     assert tr.arrival_s.tolist() == [0.0, 0.75] and tr.prompt_tokens.tolist() == [10, 20]
 
 
+def test_a_lengths_only_file_says_its_arrivals_were_drawn(tmp_path: Path, capsys) -> None:
+    import argparse
+
+    from scheduler.config.load import load_config
+    from sim.commands import load_workload
+
+    lengths = write(tmp_path, "lengths.csv", "num_prefill_tokens,num_decode_tokens\n10,2\n20,4\n30,6\n")
+    tr = load_trace(lengths, rate=4.0, seed=1)
+    assert tr.drawn_arrivals == "poisson at 4 req/s, seed=1"
+    for t in (tr.head(2), tr.window(0.0, 1e9), tr.scale_rate(2.0)):  # what the CLI does to a trace keeps it
+        assert t.drawn_arrivals == tr.drawn_arrivals
+    timed = write(tmp_path, "timed.csv", "arrived_at,num_prefill_tokens,num_decode_tokens\n0.5,10,2\n1.25,20,4\n")
+    assert load_trace(timed).drawn_arrivals == ""
+    assert synthetic(5, 2.0, seed=0).drawn_arrivals == "poisson at 2 req/s, seed=0"
+    args = argparse.Namespace(synthetic=None, trace=str(lengths), format=None, rate=4.0, seed=1, window=None,
+                              limit=None, rate_scale=1.0)
+    load_workload(args, load_config("default"))
+    assert "arrivals are synthetic (poisson at 4 req/s, seed=1; --rate sets the rate)" in capsys.readouterr().err
+    load_workload(argparse.Namespace(**{**vars(args), "trace": str(timed)}), load_config("default"))
+    assert "synthetic" not in capsys.readouterr().err
+
+
 def test_mooncake_without_hash_ids_and_blank_lines(tmp_path: Path) -> None:
     text = (
         '{"timestamp": 0, "input_length": 5, "output_length": 1}\n\n'

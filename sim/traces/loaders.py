@@ -244,6 +244,7 @@ def _finish(
     hash_ids: list[tuple[int, ...]] | None = None,
     tenant: np.ndarray | None = None,
     limit: int | None = None,
+    drawn_arrivals: str = "",
 ) -> Trace:
     keep = (p > 0) & (o > 0)  # "00"-style zeros that slipped past the string check
     if not np.all(keep):
@@ -270,6 +271,7 @@ def _finish(
         hash_ids=hash_ids,
         tenant=tenant,
         skipped_rows=skipped,
+        drawn_arrivals=drawn_arrivals,
     )
     return tr if limit is None else tr.head(limit)
 
@@ -367,7 +369,7 @@ def _load_csv(
         raise TraceFormatError(str(path), counter[0], f"bad CSV ({e})") from None
     p = _to_tokens(path, data["prompt"], lines, canon["prompt"])
     o = _to_tokens(path, data["output"], lines, canon["output"])
-    source = f"{path} ({fmt})"
+    source, drawn = f"{path} ({fmt})", ""
     if "time" in cols:
         conv = _to_wallclock if fmt == "azure" else _to_seconds
         t = conv(path, data["time"], lines, canon["time"])
@@ -375,14 +377,15 @@ def _load_csv(
         # No timestamps (length statistics only): an arrival process supplies them.
         t = arrival_times(len(p), rate, np.random.default_rng(seed), arrival=arrival, cv=cv)
         proc = arrival if arrival == "poisson" else f"{arrival}(cv={cv:g})"
-        source += f", arrivals: {proc} at {rate:g} req/s, seed={seed}"
+        drawn = f"{proc} at {rate:g} req/s, seed={seed}"
+        source += f", arrivals: {drawn}"
     tenant = None
     if "model" in cols:
         models = np.array([s.strip() for s in data["model"]], dtype=object)
         if "log_type" in cols:
             models = np.array([f"{m}/{lt.strip()}" for m, lt in zip(models, data["log_type"])], dtype=object)
         tenant = models
-    return _finish(path, _trace_name(path), source, t, p, o, skipped=skipped, tenant=tenant)
+    return _finish(path, _trace_name(path), source, t, p, o, skipped=skipped, tenant=tenant, drawn_arrivals=drawn)
 
 
 def _json_int(path: Path, line: int, d: dict, key: str, *, required: bool = True) -> float | None:

@@ -205,5 +205,6 @@ def synthetic(
         lengths = f"prompt {pd!r}, output {od!r}"
     src = f"synthetic: {proc} arrivals at {rate:g} req/s, {lengths}, seed={seed}"
     return Trace(
-        name=name or f"synthetic_{arrival}", source=src, arrival_s=arr, prompt_tokens=p, output_tokens=o
+        name=name or f"synthetic_{arrival}", source=src, arrival_s=arr, prompt_tokens=p, output_tokens=o,
+        drawn_arrivals=f"{proc} at {rate:g} req/s, seed={seed}",
     )

@@ -63,7 +63,8 @@ class Trace:
 
     ``eq=False``: numpy columns make field-wise ``==`` ambiguous; compare columns explicitly instead.
     ``skipped_rows`` counts source rows the loader dropped on purpose (BurstGPT failures with 0 response
-    tokens); ``summary()`` reports it.
+    tokens); ``summary()`` reports it. ``drawn_arrivals`` names the arrival process that supplied the arrival times
+    when the source had none (a lengths-only file, a synthetic workload); empty: the source's own timestamps.
     """
 
     name: str
@@ -74,6 +75,7 @@ class Trace:
     hash_ids: list[tuple[int, ...]] | None = None
     tenant: np.ndarray | None = None
     skipped_rows: int = 0
+    drawn_arrivals: str = ""
 
     def __post_init__(self) -> None:
         # Coerce once here so every consumer can rely on the dtypes (frozen -> object.__setattr__).
