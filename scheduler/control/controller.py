@@ -382,12 +382,13 @@ class Controller:
         for d in self._scaling.decide(view, now, self._workload.summary(now)):
             await self._apply_scale(d)
 
-    def _active(self, pool: str) -> list[str]:
-        """Instances of ``pool`` that count as capacity: live and not draining (for a scale-down, an operator's drain
-        or a role switch), plus those being created."""
-        held = self._held()
+    def _active(self, pool: str, *, held: bool = False) -> list[str]:
+        """Instances of ``pool`` that count as capacity: live and not draining for a scale-down, plus those being
+        created. ``held``: also those an operator's drain or a role switch holds -- not capacity now, but members
+        the pool's desired size counts (they serve again once un-drained)."""
+        skip = set() if held else self._held()
         live = [i for i, m in self._members.items()
-                if m.info.pool == pool and i not in self._draining and i not in held]
+                if m.info.pool == pool and i not in self._draining and i not in skip]
         return live + [i for i in self._pending if i.rsplit("-", 1)[0] == pool and i not in live]
 
     async def _apply_scale(self, d: ScaleDecision) -> None:
@@ -486,9 +487,7 @@ class Controller:
                             self._drain_timeout_s)
             # The pool shrinks by this instance unless an admin scale already counted it out meanwhile.
             pool = self._members[iid].info.pool
-            serving = sum(1 for i, o in self._members.items()
-                          if o.info.pool == pool and i != iid and i not in self._draining)
-            serving += sum(1 for i in self._pending if i.rsplit("-", 1)[0] == pool)
+            serving = sum(1 for i in self._active(pool, held=True) if i != iid)
             await self.release(iid, replace=self._desired.get(pool, 0) <= serving)
             self.scaling_stats["released"] += 1
             self._scaling_events.append({"time_s": time.time(), "action": "released", "instance": iid})
