@@ -38,6 +38,9 @@ class FakeInstance:
         if "set_draining" in self.late:
             raise TimeoutError
 
+    async def _snapshot(self) -> InstanceSnapshot:
+        return _snap(self.iid, draining=self.draining, role=self.role)
+
     async def _set_role(self, role: Any) -> InstanceInfo:
         if "set_role" in self.late:
             raise TimeoutError
@@ -63,6 +66,7 @@ def _controller(insts: list[FakeInstance], pools: dict[str, int], *, drain_timeo
     ctrl._pools = {p.name: p for p in ctrl.config.pools}
     ctrl._members = {i.iid: _member(i, i.iid.rsplit("-", 1)[0]) for i in insts}
     ctrl._pending, ctrl._snapshots, ctrl._registry, ctrl._refresh_round = {}, {}, EntryTable(), 10
+    ctrl._role_round = {}
     ctrl._next_index = {p: n for p, n in pools.items()}
     ctrl._desired = dict(pools)
     ctrl._draining, ctrl._operator_drained = {}, set()
@@ -232,6 +236,50 @@ def test_role_switch_that_times_out_stays_tracked() -> None:
         sw.switching["prefill-0"] = (role, time.time() - 1, since)
         await sw.advance()
         assert not p0.draining and not sw.switching and sw.stats["abandoned"] == 1
+
+    asyncio.run(main())
+
+
+def test_a_role_switch_that_landed_after_it_was_abandoned_is_adopted() -> None:
+    """set_role timed out until the switch was abandoned, then landed: the instance served as DECODE while the
+    Controller's member record said PREFILL (switches and the last-of-a-phase check judged by the wrong role)."""
+    p0 = FakeInstance("prefill-0", InstanceRole.PREFILL, late=("set_role",))
+    ctrl = _two_prefill(p0)
+    sw = ctrl._switcher
+
+    async def main() -> None:
+        await _switch_ran_dry(ctrl)
+        role, _, since = sw.switching["prefill-0"]
+        sw.switching["prefill-0"] = (role, time.time() - 1, since)
+        await sw.advance()
+        assert sw.stats["abandoned"] == 1 and ctrl._members["prefill-0"].info.role is InstanceRole.PREFILL
+        p0.role = InstanceRole.DECODE  # the late call lands
+        await ctrl._refresh()
+        assert ctrl._members["prefill-0"].info.role is InstanceRole.DECODE
+        assert ctrl._snapshots["prefill-0"].role is InstanceRole.DECODE
+        # prefill-1 is now the last PREFILL instance: switching it away is refused
+        with pytest.raises(ValueError, match="last prefill"):
+            await sw.begin("prefill-1", "decode")
+
+    asyncio.run(main())
+
+
+def test_a_snapshot_older_than_the_controllers_own_switch_does_not_undo_it() -> None:
+    """A refresh round whose snapshots were asked for before a switch's set_role landed must not put the old role
+    back (another instance's slow snapshot can hold the round's results until after the switch)."""
+    p0 = FakeInstance("prefill-0", InstanceRole.PREFILL)
+    ctrl = _two_prefill(p0)
+    sw = ctrl._switcher
+
+    async def main() -> None:
+        await _switch_ran_dry(ctrl)
+        rnd = ctrl._refresh_round  # a round in flight while the switch completes
+        await sw.advance()
+        assert ctrl._members["prefill-0"].info.role is InstanceRole.DECODE
+        ctrl._adopt_role("prefill-0", _snap("prefill-0", role=InstanceRole.PREFILL), rnd)
+        assert ctrl._members["prefill-0"].info.role is InstanceRole.DECODE
+        ctrl._adopt_role("prefill-0", _snap("prefill-0", role=InstanceRole.PREFILL), rnd + 1)  # a later round is the truth
+        assert ctrl._members["prefill-0"].info.role is InstanceRole.PREFILL
 
     asyncio.run(main())
 

@@ -26,6 +26,7 @@ loop applies re-roling (``policies.reroling``, or an operator's ``switch_role``)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -108,6 +109,7 @@ class Controller:
         self._use_gpus = cluster_has_gpus()
         self._members: dict[str, Member] = {}
         self._snapshots: dict[str, InstanceSnapshot] = {}
+        self._role_round: dict[str, int] = {}  # instance -> refresh round of the Controller's last switch of its role
         self._registry = EntryTable()
         self._pools = {p.name: p for p in config.pools}
         self._desired = self._load_desired()
@@ -194,6 +196,7 @@ class Controller:
 
     async def _refresh(self) -> None:
         self._refresh_round += 1
+        rnd = self._refresh_round
         items = list(self._members.items())
         if not items:
             return
@@ -203,13 +206,27 @@ class Controller:
         for (iid, m), res in zip(items, results):
             if isinstance(res, InstanceSnapshot):
                 self._snapshots[iid] = res
+                self._adopt_role(iid, res, rnd)
             elif isinstance(res, ray.exceptions.RayActorError):
                 log.warning("instance %s died: %s", iid, type(res).__name__)
                 self._forget(iid)
             # timeouts: keep the last snapshot; a hung instance is caught by its ingress' poll timeouts
 
+    def _adopt_role(self, iid: str, snap: InstanceSnapshot, rnd: int) -> None:
+        """The instance is the truth about its role: a ``set_role`` whose reply was lost (the switch abandoned at its
+        deadline) may still have landed, and the Controller would go on judging switches and the last instance of a
+        phase by the old one. A snapshot asked for in or before the round of the Controller's own last switch of it
+        may predate that switch, and is not believed."""
+        m = self._members.get(iid)
+        if m is None or snap.role is m.info.role or rnd <= self._role_round.get(iid, -1):
+            return
+        log.warning("instance %s reports role %s, not %s: a role switch landed late; adopting it", iid,
+                    snap.role.value, m.info.role.value)
+        self._members[iid] = Member(m.handle, dataclasses.replace(m.info, role=snap.role))
+
     def _forget(self, iid: str) -> None:
         self._members.pop(iid, None)
+        self._role_round.pop(iid, None)
         self._drop_operator_drain(iid)
         self._snapshots.pop(iid, None)
         remove_instance_pg(self.cluster, iid)
@@ -625,6 +642,7 @@ class Controller:
     async def _release(self, iid: str) -> bool:
         m = self._members.pop(iid, None)
         self._snapshots.pop(iid, None)
+        self._role_round.pop(iid, None)
         self._drop_operator_drain(iid)
         if m is None:
             return False

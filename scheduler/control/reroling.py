@@ -126,6 +126,7 @@ class RoleSwitcher:
                 else:
                     m = type(m)(m.handle, info)
                     c._members[iid] = m
+                    c._role_round[iid] = c._refresh_round
             try:
                 await asyncio.wait_for(_await(m.handle.set_draining.remote(False)), 5.0)
             except Exception as e:  # noqa: BLE001 - still tracked: a later round un-drains it again
