@@ -2,10 +2,14 @@
 
 Search space: GPU type x TP degree x layout (colocated MIXED pool, or PREFILL + DECODE pools) x router.
 For each (GPU, TP, layout, router) the instance count is found by bisection on "SLO attainment >= target at the
-trace's rate" (attainment grows with instances), so a configuration costs O(log N) simulations. Candidates whose
-weights do not fit, or whose analytic throughput bound is far below the offered rate, are pruned before
-simulating; dominated results (costlier and no better) are dropped from the Pareto set. Runs in parallel across
-cores.
+trace's rate" (attainment grows with instances), so a configuration costs O(log N) simulations. The analytic pass
+of ``scheduler.policy.placement`` (``instance_profile``: memory and TP feasibility, per-instance prefill / decode /
+colocated capacity under the SLO, the same capacity model the SLA autoscaler sizes pools with) decides which
+(GPU, TP) can hold the model at all, where the count search starts (its instance estimate), and the prefill share
+of a ``pd:auto`` layout (its prefill : decode instance ratio). The search runs both ways from the estimate, so an
+estimate that is off costs simulations, never the smallest count. Candidates whose optimistic throughput bound is
+far below the offered rate are pruned before simulating; dominated results (costlier and no better) are dropped
+from the Pareto set. Runs in parallel across cores.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from scheduler.config.load import ConfigError
 from scheduler.config.models import ClusterConfig, GPUSpec, PoolSpec
 from scheduler.core.types import InstanceRole
 from scheduler.latency import latency_for
+from scheduler.policy.placement import InstanceProfile, instance_profile
+from scheduler.policy.scaling import WorkloadSummary, instances_for
 from sim.commands import (
     add_cluster_args,
     add_workload_args,
@@ -44,8 +50,15 @@ from sim.simulator import Simulator, Workload
 class Candidate:
     gpu: str
     tp: int
-    layout: str  # "mixed" or "pd:<prefill share>"
+    layout: str  # "mixed", "pd:<prefill share>" or "pd:auto=<share>" (the share the analytic profile suggested)
     router: str
+
+    @property
+    def prefill_share(self) -> float | None:
+        """The share of instances that prefill; None for a colocated (MIXED) layout."""
+        if self.layout == "mixed":
+            return None
+        return float(self.layout.split(":", 1)[1].removeprefix("auto="))
 
 
 @dataclass
@@ -63,11 +76,11 @@ class PlanResult:
 
 def make_config(base: ClusterConfig, c: Candidate, n: int) -> ClusterConfig:
     engine = base.pools[0].engine
-    if c.layout == "mixed":
+    share = c.prefill_share
+    if share is None:
         pools = [PoolSpec(name=f"{c.gpu}-tp{c.tp}", role=InstanceRole.MIXED, gpu=c.gpu, tp=c.tp, count=n,
                           engine=engine)]
     else:
-        share = float(c.layout.split(":")[1])
         p = max(1, min(n - 1, round(n * share)))
         pools = [
             PoolSpec(name=f"prefill-{c.gpu}", role=InstanceRole.PREFILL, gpu=c.gpu, tp=c.tp, count=p, engine=engine),
@@ -76,11 +89,48 @@ def make_config(base: ClusterConfig, c: Candidate, n: int) -> ClusterConfig:
     return base.model_copy(update={"pools": pools, "name": f"plan-{c.gpu}-tp{c.tp}-{c.layout}-{c.router}-{n}"})
 
 
-def fits(base: ClusterConfig, gpu: str, tp: int) -> bool:
-    """Weights plus a minimal KV pool fit in ``tp`` GPUs' memory."""
-    lat = latency_for(base.model, base.gpus[gpu], tp)
-    kv_tokens = lat.kv_blocks(16, gpu_memory_utilization=0.9, activation_reserve_gib=2.0) * 16
-    return kv_tokens >= 4 * base.model.max_model_len
+# A (GPU, TP) must hold KV for this many max-length requests: one alone would serve a batch of one.
+MIN_KV_REQUESTS = 4
+
+
+def summary_of(w: Workload) -> WorkloadSummary:
+    """The workload as the analytic capacity model sees it: arrival rate and mean lengths."""
+    rate = len(w) / max(float(w.arrival_s[-1] - w.arrival_s[0]), 1e-9)
+    return WorkloadSummary(rate, float(np.mean(w.prompt_tokens)), float(np.mean(w.output_tokens)))
+
+
+def profile(base: ClusterConfig, gpu: str, tp: int, w: WorkloadSummary) -> InstanceProfile | None:
+    """One instance's analytic capacity for ``w`` under the config's default SLO, with the config's engine
+    settings (``placement.instance_profile``); None when the model does not fit: weights plus KV for
+    ``MIN_KV_REQUESTS`` max-length requests, and heads split evenly over ``tp``."""
+    return instance_profile(base.model, base.gpus[gpu], tp, base.slo_for(0), w, engine=base.pools[0].engine,
+                            max_context_tokens=MIN_KV_REQUESTS * base.model.max_model_len)
+
+
+def estimate(prof: InstanceProfile | None, c: Candidate, rate: float) -> int | None:
+    """The analytic instance count for ``c`` at ``rate`` (where the count search starts); None: the model says
+    no count serves it (the simulator may still find one: it is a guess from mean lengths)."""
+    if prof is None:
+        return None
+    share = c.prefill_share
+    if share is None:
+        return instances_for(rate, prof.mixed_rps)
+    # PREFILL + DECODE: the share fixes the split, so the count is set by the pool that runs out first.
+    pre, dec = min(prof.prefill_rps, prof.transfer_rps), prof.decode_rps
+    if pre <= 0 or dec <= 0:
+        return None
+    return math.ceil(max(rate / (share * pre), rate / ((1 - share) * dec)) - 1e-9)
+
+
+def auto_share(prof: InstanceProfile | None) -> float | None:
+    """The prefill share the analytic profile suggests: instances in proportion to each phase's per-instance time
+    (``1 / prefill capacity`` : ``1 / decode capacity``), clipped to [0.05, 0.95]; None when it cannot say."""
+    if prof is None:
+        return None
+    pre, dec = min(prof.prefill_rps, prof.transfer_rps), prof.decode_rps
+    if pre <= 0 or dec <= 0:
+        return None
+    return min(max(dec / (pre + dec), 0.05), 0.95)
 
 
 def capacity_bound(base: ClusterConfig, gpu: str, tp: int, w: Workload) -> float:
@@ -107,20 +157,34 @@ def _evaluate(args: tuple) -> tuple[float, dict]:
 
 
 def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, max_instances: int) -> PlanResult:
-    rate = len(w) / max(float(w.arrival_s[-1] - w.arrival_s[0]), 1e-9)
-    min_n = 2 if c.layout != "mixed" else 1
-    lo = max(min_n, math.floor(rate / capacity_bound(base, c.gpu, c.tp, w)))  # fewer than this cannot keep up
+    ws = summary_of(w)
+    min_n = 2 if c.prefill_share is not None else 1
+    lo = max(min_n, math.floor(ws.rate_rps / capacity_bound(base, c.gpu, c.tp, w)))  # fewer cannot keep up
     if lo > max_instances:
         return PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None)
-    ok_hi, info_hi, hi = None, None, None
-    n = lo
-    while n <= max_instances:  # geometric search for a feasible count
-        a, info = _evaluate((base, c, n, w, target))
-        if a >= target:
-            ok_hi, info_hi, hi = a, info, n
-            break
-        lo = n + 1
-        n = max(n + 1, n * 2)
+    guess = estimate(profile(base, c.gpu, c.tp, ws), c, ws.rate_rps)
+    n = min(max(guess or lo, lo), max_instances)
+    hi, ok_hi, info_hi = None, None, None
+    a, info = _evaluate((base, c, n, w, target))
+    if a >= target:  # the estimate serves it: walk down (steps doubling) to a count that does not
+        hi, ok_hi, info_hi = n, a, info
+        step = 1
+        while hi > lo:
+            n = max(lo, hi - step)
+            a, info = _evaluate((base, c, n, w, target))
+            if a < target:
+                lo = n + 1
+                break
+            hi, ok_hi, info_hi, step = n, a, info, step * 2
+    else:  # it does not: walk up (steps doubling) to one that does
+        lo, step = n + 1, 1
+        while hi is None and n < max_instances:
+            n = min(n + step, max_instances)
+            a, info = _evaluate((base, c, n, w, target))
+            if a >= target:
+                hi, ok_hi, info_hi = n, a, info
+            else:
+                lo, step = n + 1, step * 2
     if hi is None:
         return PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None)
     while lo < hi:  # bisection for the smallest feasible count
@@ -173,22 +237,29 @@ def plan(
     *,
     gpus: list[str] | None = None,
     tps: tuple[int, ...] = (1, 2, 4, 8),
-    layouts: tuple[str, ...] = ("mixed", "pd:0.3", "pd:0.5"),
+    layouts: tuple[str, ...] = ("mixed", "pd:auto", "pd:0.3", "pd:0.5"),
     routers: tuple[str, ...] = ("least_outstanding",),
     target: float = 0.9,
     max_instances: int = 64,
     workers: int = 2,
     progress: Callable[[int, int, PlanResult], None] | None = None,
 ) -> list[PlanResult]:
-    """All feasible candidates, cheapest first. ``progress(done, total, result)`` after each candidate."""
-    cands = [
-        Candidate(g, tp, lay, r)
-        for g in (gpus or [g for g in base.gpus if g != "cpu"])
-        for tp in tps
-        if fits(base, g, tp)
-        for lay in layouts
-        for r in routers
-    ]
+    """All feasible candidates, cheapest first. ``progress(done, total, result)`` after each candidate.
+    A ``pd:auto`` layout becomes ``pd:auto=<share>`` per (GPU, TP), the share from its analytic profile."""
+    ws = summary_of(w)
+    cands = []
+    for g in gpus or [g for g in base.gpus if g != "cpu"]:
+        for tp in tps:
+            prof = profile(base, g, tp, ws)
+            if prof is None:
+                continue
+            for lay in layouts:
+                if lay == "pd:auto":
+                    share = auto_share(prof)
+                    if share is None:
+                        continue
+                    lay = f"pd:auto={share:.2f}"
+                cands += [Candidate(g, tp, lay, r) for r in routers if Candidate(g, tp, lay, r) not in cands]
     jobs = [(base, c, w, target, max_instances) for c in cands]
     results: list[PlanResult] = []
 
@@ -228,9 +299,9 @@ def parse_tps(s: str) -> tuple[int, ...]:
 
 
 def parse_layouts(s: str) -> tuple[str, ...]:
-    """``mixed`` or ``pd:<share>``, the share of instances that prefill strictly between 0 and 1."""
+    """``mixed``, ``pd:<share>`` (the share of instances that prefill, strictly between 0 and 1) or ``pd:auto``."""
     for x in comma_list("--layouts", s):
-        if x == "mixed":
+        if x in ("mixed", "pd:auto"):
             continue
         kind, _, share = x.partition(":")
         try:
@@ -238,7 +309,7 @@ def parse_layouts(s: str) -> tuple[str, ...]:
         except ValueError:
             ok = False
         if not ok:
-            raise ValueError(f"--layouts: expected 'mixed' or 'pd:<prefill share in (0, 1)>', got {x!r}")
+            raise ValueError(f"--layouts: expected 'mixed', 'pd:auto' or 'pd:<prefill share in (0, 1)>', got {x!r}")
     return tuple(comma_list("--layouts", s))
 
 
@@ -248,9 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     add_cluster_args(p)
     p.add_argument("--gpus", help="comma-separated GPU types to consider (default: all in the config's catalog)")
     p.add_argument("--tp", default="1,2,4,8", help="comma-separated tensor-parallel degrees (default: %(default)s)")
-    p.add_argument("--layouts", default="mixed,pd:0.3,pd:0.5",
-                   help="comma-separated layouts: 'mixed' (one colocated pool) or 'pd:<share>' (PREFILL + DECODE "
-                        "pools, <share> of the instances prefilling, 0 < share < 1); default: %(default)s")
+    p.add_argument("--layouts", default="mixed,pd:auto,pd:0.3,pd:0.5",
+                   help="comma-separated layouts: 'mixed' (one colocated pool), 'pd:<share>' (PREFILL + DECODE "
+                        "pools, <share> of the instances prefilling, 0 < share < 1) or 'pd:auto' (the share from "
+                        "the analytic capacity of each GPU type and TP); default: %(default)s")
     p.add_argument("--routers", default="least_outstanding", help="comma-separated router names")
     p.add_argument("--target", type=float, default=0.9, help="SLO attainment to meet, in (0, 1]")
     p.add_argument("--max-instances", type=positive_int, default=64)

@@ -197,6 +197,43 @@ def test_plan_gpus_takes_catalog_types_the_config_lacks(capsys) -> None:
     assert "--gpus: unknown GPU type 'tpu9'" in err and "catalog: a100, a40, cpu, h100, h200, l4" in err
 
 
+@pytest.mark.parametrize("guess", [1, 3, 16])
+def test_planner_count_search_does_not_depend_on_where_it_starts(monkeypatch, guess: int) -> None:
+    """The count search starts at the analytic estimate (policy/placement.py) and walks down or up from it: an
+    estimate that is too low or too high costs simulations, never the smallest count."""
+    from sim import planner
+
+    cfg = load_config("default")
+    w = Workload.from_trace(default_trace().head(300).scale_rate(4.0))
+    c = Candidate("a100", 1, "mixed", "least_outstanding")
+    monkeypatch.setattr(planner, "capacity_bound", lambda *a: 1e9)  # no floor: the search alone decides
+    truth = plan_one(cfg, c, w, target=0.9, max_instances=16)
+    assert 1 < truth.instances < 16
+    monkeypatch.setattr(planner, "estimate", lambda *a: guess)
+    again = plan_one(cfg, c, w, target=0.9, max_instances=16)
+    assert (again.instances, again.attainment) == (truth.instances, truth.attainment)
+
+
+def test_plan_pd_auto_takes_its_prefill_share_from_the_analytic_profile() -> None:
+    from sim import planner
+
+    cfg = load_config("default")
+    w = Workload.from_trace(default_trace().head(200))
+    prof = planner.profile(cfg, "a100", 1, planner.summary_of(w))
+    assert prof is not None and planner.profile(cfg, "a100", 3, planner.summary_of(w)) is None  # 32 heads / 3
+    share = planner.auto_share(prof)
+    # instances in proportion to each phase's per-request time: prefill is the faster phase, so fewer prefill
+    assert share == pytest.approx(prof.decode_rps / (prof.decode_rps + min(prof.prefill_rps, prof.transfer_rps)))
+    assert 0.05 <= share < 0.5
+    results = planner.plan(cfg, w, gpus=["a100"], tps=(1,), layouts=("pd:auto",), max_instances=8, workers=1)
+    assert [r.candidate.layout for r in results] == [f"pd:auto={share:.2f}"]
+    r = results[0]
+    assert r.prefill == max(1, min(r.instances - 1, round(r.instances * round(share, 2))))
+    assert planner.parse_layouts("mixed,pd:auto,pd:0.3") == ("mixed", "pd:auto", "pd:0.3")
+    with pytest.raises(ValueError, match="pd:auto"):
+        planner.parse_layouts("pd:1.5")
+
+
 def test_planner_finds_smallest_feasible_count() -> None:
     cfg = load_config("default")
     w = Workload.from_trace(default_trace().head(300))
