@@ -7,9 +7,14 @@ of ``scheduler.policy.placement`` (``instance_profile``: memory and TP feasibili
 colocated capacity under the SLO, the same capacity model the SLA autoscaler sizes pools with) decides which
 (GPU, TP) can hold the model at all, where the count search starts (its instance estimate), and the prefill share
 of a ``pd:auto`` layout (its prefill : decode instance ratio). The search runs both ways from the estimate, so an
-estimate that is off costs simulations, never the smallest count. Candidates whose optimistic throughput bound is
-far below the offered rate are pruned before simulating; dominated results (costlier and no better) are dropped
-from the Pareto set. Runs in parallel across cores.
+estimate that is off costs simulations, never the smallest count; a candidate the estimate puts beyond
+``--max-instances`` costs one simulation there. Dominated results (costlier and no better) are dropped from the
+Pareto set. Runs in parallel across cores.
+
+NOTE: the search used to start at a floor from a throughput bound meant to be optimistic ("fewer cannot keep
+up": prefill at full-chunk speed, decode at a batch of 64). It was not: max_num_seqs admits larger batches, and
+on the committed Azure plan (first 6,000 requests at 16x) the floor's count was itself the answer on every
+cheapest candidate -- 9 H200 where 7 meet the target, 23 A100 where 20 do.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ from scheduler.config.gpus import catalog_key, catalog_names
 from scheduler.config.load import ConfigError
 from scheduler.config.models import ClusterConfig, GPUSpec, PoolSpec
 from scheduler.core.types import InstanceRole
-from scheduler.latency import latency_for
 from scheduler.policy.placement import InstanceProfile, instance_profile
 from scheduler.policy.scaling import WorkloadSummary, instances_for
 from sim.commands import (
@@ -55,7 +59,8 @@ class Candidate:
 
     @property
     def prefill_share(self) -> float | None:
-        """The share of instances that prefill; None for a colocated (MIXED) layout."""
+        """The share of instances that prefill where the P/D count search starts; None for a colocated (MIXED)
+        layout."""
         if self.layout == "mixed":
             return None
         return float(self.layout.split(":", 1)[1].removeprefix("auto="))
@@ -73,20 +78,33 @@ class PlanResult:
     ttft_p99_s: float | None
     tpot_p99_s: float | None
 
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """What ``make_config`` takes: ``(instances,)`` colocated, ``(prefill, decode)`` disaggregated."""
+        return (self.instances,) if self.candidate.prefill_share is None else (self.prefill, self.decode)
 
-def make_config(base: ClusterConfig, c: Candidate, n: int) -> ClusterConfig:
+
+def make_config(base: ClusterConfig, c: Candidate, counts: tuple[int, ...]) -> ClusterConfig:
+    """``base`` with the candidate's pools: ``(n,)`` MIXED instances, or ``(prefill, decode)`` instances."""
     engine = base.pools[0].engine
-    share = c.prefill_share
-    if share is None:
+    if c.prefill_share is None:
+        (n,) = counts
         pools = [PoolSpec(name=f"{c.gpu}-tp{c.tp}", role=InstanceRole.MIXED, gpu=c.gpu, tp=c.tp, count=n,
                           engine=engine)]
     else:
-        p = max(1, min(n - 1, round(n * share)))
+        p, d = counts
         pools = [
             PoolSpec(name=f"prefill-{c.gpu}", role=InstanceRole.PREFILL, gpu=c.gpu, tp=c.tp, count=p, engine=engine),
-            PoolSpec(name=f"decode-{c.gpu}", role=InstanceRole.DECODE, gpu=c.gpu, tp=c.tp, count=n - p, engine=engine),
+            PoolSpec(name=f"decode-{c.gpu}", role=InstanceRole.DECODE, gpu=c.gpu, tp=c.tp, count=d, engine=engine),
         ]
-    return base.model_copy(update={"pools": pools, "name": f"plan-{c.gpu}-tp{c.tp}-{c.layout}-{c.router}-{n}"})
+    label = "-".join(map(str, counts))
+    return base.model_copy(update={"pools": pools, "name": f"plan-{c.gpu}-tp{c.tp}-{c.layout}-{c.router}-{label}"})
+
+
+def split(n: int, share: float) -> tuple[int, int]:
+    """``n`` instances as (prefill, decode) at ``share`` prefilling, at least one of each."""
+    p = max(1, min(n - 1, round(n * share)))
+    return p, n - p
 
 
 # A (GPU, TP) must hold KV for this many max-length requests: one alone would serve a batch of one.
@@ -133,21 +151,8 @@ def auto_share(prof: InstanceProfile | None) -> float | None:
     return min(max(dec / (pre + dec), 0.05), 0.95)
 
 
-def capacity_bound(base: ClusterConfig, gpu: str, tp: int, w: Workload) -> float:
-    """Requests/s one instance can at most serve: prompt work at full-batch prefill speed plus decode at a large
-    batch (an optimistic bound used only for pruning and for the bisection's starting bracket)."""
-    lat = latency_for(base.model, base.gpus[gpu], tp)
-    p, o = float(np.mean(w.prompt_tokens)), float(np.mean(w.output_tokens))
-    prefill_s = lat.prefill_time(2048) / 2048 * p
-    bs = 64
-    a, b = lat.decode_coeffs(bs)
-    decode_s = (a + b * bs * (p + o / 2)) / bs * o
-    return 1.0 / max(prefill_s + decode_s, 1e-9)
-
-
-def _evaluate(args: tuple) -> tuple[float, dict]:
-    base, c, n, w, target = args
-    cfg = make_config(base, c, n)
+def _evaluate(base: ClusterConfig, c: Candidate, counts: tuple[int, ...], w: Workload) -> tuple[float, dict]:
+    cfg = make_config(base, c, counts)
     res = Simulator(cfg, router=router_factory(c.router, cfg)()).run(w)
     m = request_metrics(res)
     return float(m.slo_met.mean()), {
@@ -156,50 +161,80 @@ def _evaluate(args: tuple) -> tuple[float, dict]:
     }
 
 
-def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, max_instances: int) -> PlanResult:
-    ws = summary_of(w)
-    min_n = 2 if c.prefill_share is not None else 1
-    lo = max(min_n, math.floor(ws.rate_rps / capacity_bound(base, c.gpu, c.tp, w)))  # fewer cannot keep up
-    if lo > max_instances:
-        return PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None)
-    guess = estimate(profile(base, c.gpu, c.tp, ws), c, ws.rate_rps)
-    n = min(max(guess or lo, lo), max_instances)
-    hi, ok_hi, info_hi = None, None, None
-    a, info = _evaluate((base, c, n, w, target))
-    if a >= target:  # the estimate serves it: walk down (steps doubling) to a count that does not
-        hi, ok_hi, info_hi = n, a, info
-        step = 1
-        while hi > lo:
-            n = max(lo, hi - step)
-            a, info = _evaluate((base, c, n, w, target))
-            if a < target:
+def smallest(ok: Callable[[int], bool], start: int, lo: int, hi: int) -> int | None:
+    """The smallest ``n`` in ``[lo, hi]`` with ``ok(n)`` (assumed monotone), None if none: from ``start`` walk down
+    (steps doubling) while it holds or up until it does, then bisect the bracket."""
+    n = min(max(start, lo), hi)
+    if ok(n):
+        best, step = n, 1
+        while best > lo:
+            n = max(lo, best - step)
+            if not ok(n):
                 lo = n + 1
                 break
-            hi, ok_hi, info_hi, step = n, a, info, step * 2
-    else:  # it does not: walk up (steps doubling) to one that does
-        lo, step = n + 1, 1
-        while hi is None and n < max_instances:
-            n = min(n + step, max_instances)
-            a, info = _evaluate((base, c, n, w, target))
-            if a >= target:
-                hi, ok_hi, info_hi = n, a, info
+            best, step = n, step * 2
+    else:
+        best, lo, step = None, n + 1, 1
+        while best is None and n < hi:
+            n = min(n + step, hi)
+            if ok(n):
+                best = n
             else:
                 lo, step = n + 1, step * 2
-    if hi is None:
-        return PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None)
-    while lo < hi:  # bisection for the smallest feasible count
+        if best is None:
+            return None
+    hi = best
+    while lo < hi:
         mid = (lo + hi) // 2
-        a, info = _evaluate((base, c, mid, w, target))
-        if a >= target:
-            hi, ok_hi, info_hi = mid, a, info
+        if ok(mid):
+            hi = mid
         else:
             lo = mid + 1
-    cfg = make_config(base, c, hi)
-    p = sum(x.count for x in cfg.pools if x.role is InstanceRole.PREFILL)
-    d = sum(x.count for x in cfg.pools if x.role is InstanceRole.DECODE)  # MIXED instances are neither
-    gpus = hi * c.tp
-    price = base.gpus[c.gpu].price_per_hour * gpus
-    return PlanResult(c, hi, p, d, gpus, price, ok_hi or 0.0, info_hi["ttft_p99_s"], info_hi["tpot_p99_s"])
+    return hi
+
+
+def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, max_instances: int) -> PlanResult:
+    """The fewest instances of ``c`` whose simulated SLO attainment on ``w`` meets ``target``.
+
+    Colocated: the smallest count, searched from the analytic estimate. Disaggregated: first the smallest total at
+    the candidate's prefill share, then each pool alone down to the fewest that still meet the target with the
+    other fixed -- the share is where the search starts, the two counts are its answer (at a fixed share the
+    rounding of ``n * share`` makes attainment jump up and down with ``n``). Infeasible within ``max_instances``:
+    a result with 0 instances.
+    """
+    ws = summary_of(w)
+    guess = estimate(profile(base, c.gpu, c.tp, ws), c, ws.rate_rps)
+    seen: dict[tuple[int, ...], tuple[float, dict]] = {}
+
+    def run(counts: tuple[int, ...]) -> tuple[float, dict]:
+        if counts not in seen:
+            seen[counts] = _evaluate(base, c, counts, w)
+        return seen[counts]
+
+    def ok(counts: tuple[int, ...]) -> bool:
+        return run(counts)[0] >= target
+
+    share = c.prefill_share
+    best: tuple[int, ...]
+    if share is None:
+        n = smallest(lambda k: ok((k,)), guess or 1, 1, max_instances)
+        if n is None:
+            return PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None)
+        best = (n,)
+    else:
+        n = smallest(lambda k: ok(split(k, share)), guess or 2, 2, max_instances) if max_instances >= 2 else None
+        if n is None:
+            return PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None)
+        p, d = split(n, share)
+        p = smallest(lambda k: ok((k, d)), p, 1, p) or p
+        d = smallest(lambda k: ok((p, k)), d, 1, d) or d
+        best = (p, d)
+    a, info = run(best)
+    total = sum(best)
+    gpus = total * c.tp
+    pd = best if share is not None else (0, 0)  # MIXED instances are neither
+    return PlanResult(c, total, *pd, gpus, base.gpus[c.gpu].price_per_hour * gpus, a, info["ttft_p99_s"],
+                      info["tpot_p99_s"])
 
 
 def with_gpus(base: ClusterConfig, names: list[str]) -> tuple[ClusterConfig, list[str]]:
@@ -237,7 +272,7 @@ def plan(
     *,
     gpus: list[str] | None = None,
     tps: tuple[int, ...] = (1, 2, 4, 8),
-    layouts: tuple[str, ...] = ("mixed", "pd:auto", "pd:0.3", "pd:0.5"),
+    layouts: tuple[str, ...] = ("mixed", "pd:auto"),
     routers: tuple[str, ...] = ("least_outstanding",),
     target: float = 0.9,
     max_instances: int = 64,
@@ -319,10 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     add_cluster_args(p)
     p.add_argument("--gpus", help="comma-separated GPU types to consider (default: all in the config's catalog)")
     p.add_argument("--tp", default="1,2,4,8", help="comma-separated tensor-parallel degrees (default: %(default)s)")
-    p.add_argument("--layouts", default="mixed,pd:auto,pd:0.3,pd:0.5",
+    p.add_argument("--layouts", default="mixed,pd:auto",
                    help="comma-separated layouts: 'mixed' (one colocated pool), 'pd:<share>' (PREFILL + DECODE "
-                        "pools, <share> of the instances prefilling, 0 < share < 1) or 'pd:auto' (the share from "
-                        "the analytic capacity of each GPU type and TP); default: %(default)s")
+                        "pools; the count search starts with <share> of the instances prefilling, 0 < share < 1, "
+                        "and then sizes each pool) or 'pd:auto' (the starting share from the analytic capacity of "
+                        "each GPU type and TP); default: %(default)s")
     p.add_argument("--routers", default="least_outstanding", help="comma-separated router names")
     p.add_argument("--target", type=float, default=0.9, help="SLO attainment to meet, in (0, 1]")
     p.add_argument("--max-instances", type=positive_int, default=64)
@@ -393,7 +429,7 @@ def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult],
         print("no configuration meets the target within --max-instances")
         return
     best = results[0]
-    cfg = make_config(base, best.candidate, best.instances)
+    cfg = make_config(base, best.candidate, best.counts)
     (out / "best-cluster.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     import matplotlib
 

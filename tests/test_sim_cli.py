@@ -206,7 +206,6 @@ def test_planner_count_search_does_not_depend_on_where_it_starts(monkeypatch, gu
     cfg = load_config("default")
     w = Workload.from_trace(default_trace().head(300).scale_rate(4.0))
     c = Candidate("a100", 1, "mixed", "least_outstanding")
-    monkeypatch.setattr(planner, "capacity_bound", lambda *a: 1e9)  # no floor: the search alone decides
     truth = plan_one(cfg, c, w, target=0.9, max_instances=16)
     assert 1 < truth.instances < 16
     monkeypatch.setattr(planner, "estimate", lambda *a: guess)
@@ -227,8 +226,6 @@ def test_plan_pd_auto_takes_its_prefill_share_from_the_analytic_profile() -> Non
     assert 0.05 <= share < 0.5
     results = planner.plan(cfg, w, gpus=["a100"], tps=(1,), layouts=("pd:auto",), max_instances=8, workers=1)
     assert [r.candidate.layout for r in results] == [f"pd:auto={share:.2f}"]
-    r = results[0]
-    assert r.prefill == max(1, min(r.instances - 1, round(r.instances * round(share, 2))))
     assert planner.parse_layouts("mixed,pd:auto,pd:0.3") == ("mixed", "pd:auto", "pd:0.3")
     with pytest.raises(ValueError, match="pd:auto"):
         planner.parse_layouts("pd:1.5")
@@ -242,5 +239,21 @@ def test_planner_finds_smallest_feasible_count() -> None:
     if r.instances > 1:  # one fewer must miss the target (that is what "smallest" means)
         from sim.planner import _evaluate
 
-        a, _ = _evaluate((cfg, Candidate("a100", 1, "mixed", "least_outstanding"), r.instances - 1, w, 0.9))
+        a, _ = _evaluate(cfg, Candidate("a100", 1, "mixed", "least_outstanding"), (r.instances - 1,), w)
         assert a < 0.9
+
+
+def test_planner_sizes_each_pool_of_a_pd_layout() -> None:
+    """A P/D answer is the fewest instances per pool: one fewer prefill or one fewer decode instance misses the
+    target. (It was the smallest total at the layout's fixed share, whose rounding makes attainment jump: on an
+    Azure head at 8x rate pd:0.5 took 8 instances where 3 + 3 meet it.)"""
+    from sim.planner import _evaluate
+
+    cfg = load_config("default")
+    w = Workload.from_trace(default_trace().head(600).scale_rate(8.0))
+    c = Candidate("a100", 1, "pd:0.5", "least_outstanding")
+    r = plan_one(cfg, c, w, target=0.9, max_instances=16)
+    assert r.instances == r.prefill + r.decode and r.attainment >= 0.9 and r.cost_per_hour == 2.5 * r.instances
+    for fewer in ((r.prefill - 1, r.decode), (r.prefill, r.decode - 1)):
+        if min(fewer) >= 1:
+            assert _evaluate(cfg, c, fewer, w)[0] < 0.9, fewer
