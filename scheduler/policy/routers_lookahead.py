@@ -396,7 +396,11 @@ class LookaheadRouter(PairingRouter):
             own += t.queue_s  # its queued prefills interleave with the newcomer's decode
         # KV: headroom for the batch's growth over the fixed horizon H (module docstring), and the newcomer's end.
         cap = t.cap
-        other = t.other + (0 if colocated else d.prefill_tokens_pending)
+        # Its queued prompts take KV before the newcomer, whether it prefills there or only decodes. NOTE: until the
+        # twenty-eighth session a colocated placement left them (and the newcomer's prompt in the "no room now"
+        # check) out; counting them: Azure x16 lookahead goodput +1.1%, P/D tier +2.8%, Intelligent Router mix
+        # without lengths 16.1 -> 18.1% better than round-robin on seed 1, Mooncake x16 and the MIXED tier unchanged.
+        other = t.other + d.prefill_tokens_pending
         H = self.kv_horizon_tokens
         peak = max(C + B * H + P + min(O, H), P + O)
         overflow = other + peak - cap
@@ -406,7 +410,7 @@ class LookaheadRouter(PairingRouter):
             victims = math.ceil(overflow / max(victim_ctx, 1))
             recompute = t.victim_s if B else t.lat.prefill_time(int(min(victim_ctx, cap)))
             kv = self.kv_weight * victims * (recompute + step_with * H / 2)
-        if t.used + (0 if colocated else P) > cap:
+        if t.used + P > cap:
             kv += r_avg * step_now  # no room now: wait for a resident to finish
         w, slo = q.w, q.slo
         pen = 0.0
