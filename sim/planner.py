@@ -77,6 +77,8 @@ class PlanResult:
     attainment: float
     ttft_p99_s: float | None
     tpot_p99_s: float | None
+    estimate: int | None = None  # the analytic instance count the search started from
+    simulations: int = 0  # runs the search took
 
     @property
     def counts(self) -> tuple[int, ...]:
@@ -219,12 +221,12 @@ def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, m
     if share is None:
         n = smallest(lambda k: ok((k,)), guess or 1, 1, max_instances)
         if n is None:
-            return PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None)
+            return PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None, guess, len(seen))
         best = (n,)
     else:
         n = smallest(lambda k: ok(split(k, share)), guess or 2, 2, max_instances) if max_instances >= 2 else None
         if n is None:
-            return PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None)
+            return PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None, guess, len(seen))
         p, d = split(n, share)
         p = smallest(lambda k: ok((k, d)), p, 1, p) or p
         d = smallest(lambda k: ok((p, k)), d, 1, d) or d
@@ -234,7 +236,7 @@ def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, m
     gpus = total * c.tp
     pd = best if share is not None else (0, 0)  # MIXED instances are neither
     return PlanResult(c, total, *pd, gpus, base.gpus[c.gpu].price_per_hour * gpus, a, info["ttft_p99_s"],
-                      info["tpot_p99_s"])
+                      info["tpot_p99_s"], guess, len(seen))
 
 
 def with_gpus(base: ClusterConfig, names: list[str]) -> tuple[ClusterConfig, list[str]]:
@@ -393,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         c = r.candidate
         got = (f"{r.instances} instances, ${r.cost_per_hour:.2f}/h, attainment {r.attainment:.3f}" if r.instances
                else "infeasible within --max-instances")
+        got += f" (estimate {r.estimate if r.estimate is not None else '-'}, {r.simulations} simulations)"
         print(f"[{done}/{total}] {c.gpu} TP{c.tp} {c.layout} {c.router}: {got}", file=sys.stderr, flush=True)
 
     results = plan(
@@ -409,7 +412,8 @@ def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult],
 
     out.mkdir(parents=True, exist_ok=True)
     t = Table(title=f"plan for trace {trace.name} ({len(trace)} req), SLO attainment >= {target:.0%}")
-    for col in ("rank", "gpu", "tp", "layout", "router", "P/D", "GPUs", "$/h", "attain", "TTFT p99 s", "TPOT p99 ms"):
+    for col in ("rank", "gpu", "tp", "layout", "router", "P/D", "GPUs", "$/h", "attain", "TTFT p99 s", "TPOT p99 ms",
+                "est. n"):
         t.add_column(col)
     for k, r in enumerate(results[:20], 1):
         c = r.candidate
@@ -417,7 +421,8 @@ def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult],
                   f"{r.prefill}/{r.decode}" if r.prefill else f"{r.instances} mixed", str(r.gpus),
                   f"{r.cost_per_hour:.2f}", f"{r.attainment:.3f}",
                   f"{r.ttft_p99_s:.2f}" if r.ttft_p99_s is not None else "-",
-                  f"{r.tpot_p99_s * 1e3:.0f}" if r.tpot_p99_s is not None else "-")
+                  f"{r.tpot_p99_s * 1e3:.0f}" if r.tpot_p99_s is not None else "-",
+                  str(r.estimate) if r.estimate is not None else "-")
     import sys
 
     Console(width=None if sys.stdout.isatty() else 150).print(t)  # pipes and logs: not cut to 80 columns

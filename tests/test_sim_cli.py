@@ -211,6 +211,7 @@ def test_planner_count_search_does_not_depend_on_where_it_starts(monkeypatch, gu
     monkeypatch.setattr(planner, "estimate", lambda *a: guess)
     again = plan_one(cfg, c, w, target=0.9, max_instances=16)
     assert (again.instances, again.attainment) == (truth.instances, truth.attainment)
+    assert again.estimate == guess and again.simulations >= 2  # the answer and one fewer, at least
 
 
 def test_plan_pd_auto_takes_its_prefill_share_from_the_analytic_profile() -> None:
