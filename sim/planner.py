@@ -35,7 +35,7 @@ from scheduler.config.gpus import catalog_key, catalog_names
 from scheduler.config.load import ConfigError
 from scheduler.config.models import ClusterConfig, GPUSpec, PoolSpec
 from scheduler.core.types import InstanceRole
-from scheduler.policy.placement import InstanceProfile, instance_profile
+from scheduler.policy.placement import InstanceProfile, enumerate_placements, instance_profile
 from scheduler.policy.scaling import WorkloadSummary, instances_for
 from sim.commands import (
     add_cluster_args,
@@ -52,10 +52,22 @@ from sim.simulator import Simulator, Workload
 
 @dataclass(frozen=True)
 class Candidate:
-    gpu: str
+    gpu: str  # of the MIXED pool, or of the PREFILL pool
     tp: int
     layout: str  # "mixed", "pd:<prefill share>" or "pd:auto=<share>" (the share the analytic profile suggested)
     router: str
+    decode_gpu: str = ""  # a P/D layout's DECODE pool on another GPU type / TP ("" / 0: the prefill pool's)
+    decode_tp: int = 0
+
+    @property
+    def decode_on(self) -> tuple[str, int]:
+        return self.decode_gpu or self.gpu, self.decode_tp or self.tp
+
+    @property
+    def hardware(self) -> str:
+        """``gpu TPn``, or ``prefill-gpu TPn / decode-gpu TPm`` when the pools differ."""
+        g, t = self.decode_on
+        return f"{self.gpu} TP{self.tp}" + (f" / {g} TP{t}" if (g, t) != (self.gpu, self.tp) else "")
 
     @property
     def prefill_share(self) -> float | None:
@@ -95,12 +107,21 @@ def make_config(base: ClusterConfig, c: Candidate, counts: tuple[int, ...]) -> C
                           engine=engine)]
     else:
         p, d = counts
+        dg, dt = c.decode_on
         pools = [
             PoolSpec(name=f"prefill-{c.gpu}", role=InstanceRole.PREFILL, gpu=c.gpu, tp=c.tp, count=p, engine=engine),
-            PoolSpec(name=f"decode-{c.gpu}", role=InstanceRole.DECODE, gpu=c.gpu, tp=c.tp, count=d, engine=engine),
+            PoolSpec(name=f"decode-{dg}", role=InstanceRole.DECODE, gpu=dg, tp=dt, count=d, engine=engine),
         ]
     label = "-".join(map(str, counts))
-    return base.model_copy(update={"pools": pools, "name": f"plan-{c.gpu}-tp{c.tp}-{c.layout}-{c.router}-{label}"})
+    hw = c.hardware.lower().replace(" / ", "-").replace(" ", "-")
+    return base.model_copy(update={"pools": pools, "name": f"plan-{hw}-{c.layout}-{c.router}-{label}"})
+
+
+def price_and_gpus(base: ClusterConfig, c: Candidate, counts: tuple[int, ...]) -> tuple[float, int]:
+    """$/h and GPUs of ``counts`` instances of ``c`` (``make_config``'s pools)."""
+    pools = make_config(base, c, counts).pools
+    return (sum(base.gpus[p.gpu].price_per_hour * p.tp * p.count for p in pools),
+            sum(p.tp * p.count for p in pools))
 
 
 def split(n: int, share: float) -> tuple[int, int]:
@@ -127,27 +148,34 @@ def profile(base: ClusterConfig, gpu: str, tp: int, w: WorkloadSummary) -> Insta
                             max_context_tokens=MIN_KV_REQUESTS * base.model.max_model_len)
 
 
-def estimate(prof: InstanceProfile | None, c: Candidate, rate: float) -> int | None:
+def estimate(prof: InstanceProfile | None, c: Candidate, rate: float,
+             decode: InstanceProfile | None = None) -> int | None:
     """The analytic instance count for ``c`` at ``rate`` (where the count search starts); None: the model says
-    no count serves it (the simulator may still find one: it is a guess from mean lengths)."""
+    no count serves it (the simulator may still find one: it is a guess from mean lengths). ``prof`` is the MIXED
+    or PREFILL pool's instance, ``decode`` the DECODE pool's when it runs elsewhere."""
     if prof is None:
         return None
     share = c.prefill_share
     if share is None:
         return instances_for(rate, prof.mixed_rps)
     # PREFILL + DECODE: the share fixes the split, so the count is set by the pool that runs out first.
-    pre, dec = min(prof.prefill_rps, prof.transfer_rps), prof.decode_rps
+    pre, dec = _phase_rps(prof, decode)
     if pre <= 0 or dec <= 0:
         return None
     return math.ceil(max(rate / (share * pre), rate / ((1 - share) * dec)) - 1e-9)
 
 
-def auto_share(prof: InstanceProfile | None) -> float | None:
+def _phase_rps(prefill: InstanceProfile, decode: InstanceProfile | None) -> tuple[float, float]:
+    return min(prefill.prefill_rps, prefill.transfer_rps), (decode or prefill).decode_rps
+
+
+def auto_share(prof: InstanceProfile | None, decode: InstanceProfile | None = None) -> float | None:
     """The prefill share the analytic profile suggests: instances in proportion to each phase's per-instance time
-    (``1 / prefill capacity`` : ``1 / decode capacity``), clipped to [0.05, 0.95]; None when it cannot say."""
+    (``1 / prefill capacity`` : ``1 / decode capacity``; the decode side from ``decode`` when the DECODE pool runs
+    on other GPUs), clipped to [0.05, 0.95]; None when it cannot say."""
     if prof is None:
         return None
-    pre, dec = min(prof.prefill_rps, prof.transfer_rps), prof.decode_rps
+    pre, dec = _phase_rps(prof, decode)
     if pre <= 0 or dec <= 0:
         return None
     return min(max(dec / (pre + dec), 0.05), 0.95)
@@ -205,7 +233,8 @@ def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, m
     a result with 0 instances.
     """
     ws = summary_of(w)
-    guess = estimate(profile(base, c.gpu, c.tp, ws), c, ws.rate_rps)
+    dec = profile(base, *c.decode_on, ws) if c.decode_on != (c.gpu, c.tp) else None
+    guess = estimate(profile(base, c.gpu, c.tp, ws), c, ws.rate_rps, dec)
     seen: dict[tuple[int, ...], tuple[float, dict]] = {}
 
     def run(counts: tuple[int, ...]) -> tuple[float, dict]:
@@ -232,11 +261,9 @@ def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, m
         d = smallest(lambda k: ok((p, k)), d, 1, d) or d
         best = (p, d)
     a, info = run(best)
-    total = sum(best)
-    gpus = total * c.tp
+    price, gpus = price_and_gpus(base, c, best)
     pd = best if share is not None else (0, 0)  # MIXED instances are neither
-    return PlanResult(c, total, *pd, gpus, base.gpus[c.gpu].price_per_hour * gpus, a, info["ttft_p99_s"],
-                      info["tpot_p99_s"], guess, len(seen))
+    return PlanResult(c, sum(best), *pd, gpus, price, a, info["ttft_p99_s"], info["tpot_p99_s"], guess, len(seen))
 
 
 def with_gpus(base: ClusterConfig, names: list[str]) -> tuple[ClusterConfig, list[str]]:
@@ -264,6 +291,24 @@ def with_gpus(base: ClusterConfig, names: list[str]) -> tuple[ClusterConfig, lis
     return (base.model_copy(update={"gpus": {**base.gpus, **extra}}) if extra else base), keys
 
 
+def hetero_pairs(base: ClusterConfig, keys: list[str], tps: tuple[int, ...], ws: WorkloadSummary, *,
+                 max_instances: int) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+    """(prefill (gpu, tp), decode (gpu, tp)) pairs on different hardware worth simulating (Splitwise: each phase on
+    the GPU that does it best per dollar): the analytic pass over both roles (``placement.enumerate_placements``,
+    with the planner's feasibility rule) keeps only P/D clusters no other is cheaper than with at least as much
+    capacity; of those, the ones whose pools differ."""
+    found = enumerate_placements({k: base.gpus[k] for k in keys}, base.model, base.slo_for(0), ws, tp_choices=tps, modes=("disaggregated",),
+                                 extra=0, max_instances=max_instances, engine=base.pools[0].engine,
+                                 max_context_tokens=MIN_KV_REQUESTS * base.model.max_model_len)
+    out: list[tuple[tuple[str, int], tuple[str, int]]] = []
+    for cand in found:
+        pre, dec = cand.pools
+        pair = ((pre.gpu, pre.tp), (dec.gpu, dec.tp))
+        if pair[0] != pair[1] and pair not in out:
+            out.append(pair)
+    return out
+
+
 def _plan_star(args):
     return plan_one(*args[:3], target=args[3], max_instances=args[4])
 
@@ -279,13 +324,17 @@ def plan(
     target: float = 0.9,
     max_instances: int = 64,
     workers: int = 2,
+    hetero_pd: bool = False,
     progress: Callable[[int, int, PlanResult], None] | None = None,
 ) -> list[PlanResult]:
     """All feasible candidates, cheapest first. ``progress(done, total, result)`` after each candidate.
-    A ``pd:auto`` layout becomes ``pd:auto=<share>`` per (GPU, TP), the share from its analytic profile."""
+    A ``pd:auto`` layout becomes ``pd:auto=<share>`` per (GPU, TP), the share from its analytic profile.
+    ``hetero_pd``: also P/D clusters whose DECODE pool runs on another GPU type or TP (``hetero_pairs``), at the
+    share their two profiles suggest."""
     ws = summary_of(w)
+    keys = gpus or [g for g in base.gpus if g != "cpu"]
     cands = []
-    for g in gpus or [g for g in base.gpus if g != "cpu"]:
+    for g in keys:
         for tp in tps:
             prof = profile(base, g, tp, ws)
             if prof is None:
@@ -297,6 +346,11 @@ def plan(
                         continue
                     lay = f"pd:auto={share:.2f}"
                 cands += [Candidate(g, tp, lay, r) for r in routers if Candidate(g, tp, lay, r) not in cands]
+    if hetero_pd:
+        for (g, tp), (dg, dt) in hetero_pairs(base, keys, tps, ws, max_instances=max_instances):
+            share = auto_share(profile(base, g, tp, ws), profile(base, dg, dt, ws))
+            if share is not None:
+                cands += [Candidate(g, tp, f"pd:auto={share:.2f}", r, dg, dt) for r in routers]
     jobs = [(base, c, w, target, max_instances) for c in cands]
     results: list[PlanResult] = []
 
@@ -361,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
                         "pools; the count search starts with <share> of the instances prefilling, 0 < share < 1, "
                         "and then sizes each pool) or 'pd:auto' (the starting share from the analytic capacity of "
                         "each GPU type and TP); default: %(default)s")
+    p.add_argument("--hetero-pd", action="store_true",
+                   help="also P/D clusters whose DECODE pool runs on another GPU type or TP than the PREFILL pool "
+                        "(Splitwise); only pairs the analytic pass does not dominate are simulated")
     p.add_argument("--routers", default="least_outstanding", help="comma-separated router names")
     p.add_argument("--target", type=float, default=0.9, help="SLO attainment to meet, in (0, 1]")
     p.add_argument("--max-instances", type=positive_int, default=64)
@@ -396,11 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         got = (f"{r.instances} instances, ${r.cost_per_hour:.2f}/h, attainment {r.attainment:.3f}" if r.instances
                else "infeasible within --max-instances")
         got += f" (estimate {r.estimate if r.estimate is not None else '-'}, {r.simulations} simulations)"
-        print(f"[{done}/{total}] {c.gpu} TP{c.tp} {c.layout} {c.router}: {got}", file=sys.stderr, flush=True)
+        print(f"[{done}/{total}] {c.hardware} {c.layout} {c.router}: {got}", file=sys.stderr, flush=True)
 
     results = plan(
         base, w, gpus=gpus, tps=tps, layouts=layouts, routers=routers, target=args.target,
-        max_instances=args.max_instances, workers=args.workers, progress=said,
+        max_instances=args.max_instances, workers=args.workers, hetero_pd=args.hetero_pd, progress=said,
     )
     write_plan(Path(args.out), base, trace, results, args.target)
     return 0 if results else 1
@@ -412,12 +469,12 @@ def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult],
 
     out.mkdir(parents=True, exist_ok=True)
     t = Table(title=f"plan for trace {trace.name} ({len(trace)} req), SLO attainment >= {target:.0%}")
-    for col in ("rank", "gpu", "tp", "layout", "router", "P/D", "GPUs", "$/h", "attain", "TTFT p99 s", "TPOT p99 ms",
+    for col in ("rank", "GPU x TP", "layout", "router", "P/D", "GPUs", "$/h", "attain", "TTFT p99 s", "TPOT p99 ms",
                 "est. n"):
         t.add_column(col)
     for k, r in enumerate(results[:20], 1):
         c = r.candidate
-        t.add_row(str(k), c.gpu, str(c.tp), c.layout, c.router,
+        t.add_row(str(k), c.hardware, c.layout, c.router,
                   f"{r.prefill}/{r.decode}" if r.prefill else f"{r.instances} mixed", str(r.gpus),
                   f"{r.cost_per_hour:.2f}", f"{r.attainment:.3f}",
                   f"{r.ttft_p99_s:.2f}" if r.ttft_p99_s is not None else "-",
@@ -452,4 +509,4 @@ def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult],
     fig.savefig(out / "pareto.png", dpi=110)
     plt.close(fig)
     print(f"wrote {out}/plan.json, {out}/pareto.png, {out}/best-cluster.yaml "
-          f"(best: {best.candidate.gpu} tp{best.candidate.tp} {best.candidate.layout}, {best.instances} instances)")
+          f"(best: {best.candidate.hardware} {best.candidate.layout}, {best.instances} instances)")

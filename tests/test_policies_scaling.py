@@ -307,3 +307,13 @@ def test_placement_enumerates_feasible_non_dominated_candidates() -> None:
     assert busier[0].cost_per_hour > cands[0].cost_per_hour
     with pytest.raises(ValueError, match="modes"):
         enumerate_placements(GPUS, MODEL, slo, w, modes=("pipelined",))
+
+
+def test_placement_names_gpus_by_the_catalogs_keys() -> None:
+    """A config names GPU types by key ("a100"), not by GPUSpec.name ("A100-80GB"): candidates name them the same
+    way (it raised KeyError in the catalog check, and to_pool_specs would have named no GPU of the config)."""
+    gpus = {"a100": GPUSpec.from_catalog("a100"), "h100": GPUSpec.from_catalog("h100")}
+    assert gpus["a100"].name != "a100"
+    cands = enumerate_placements(gpus, MODEL, SLO(ttft_s=2.0, tpot_s=0.1), WorkloadSummary(20, 1000, 250))
+    assert cands and {p.gpu for c in cands for p in c.pools} <= {"a100", "h100"}
+    assert {s.gpu for c in cands for s in c.to_pool_specs()} <= {"a100", "h100"}

@@ -244,6 +244,29 @@ def test_planner_finds_smallest_feasible_count() -> None:
         assert a < 0.9
 
 
+def test_plan_hetero_pd_puts_each_phase_on_its_own_gpus() -> None:
+    """``--hetero-pd``: P/D clusters whose DECODE pool runs on another GPU type or TP, the pairs the analytic pass
+    (placement.enumerate_placements) does not dominate, sized and priced pool by pool."""
+    from sim import planner
+
+    cfg, keys = planner.with_gpus(load_config("default"), ["a100", "h100"])
+    w = Workload.from_trace(default_trace().head(300).scale_rate(4.0))
+    pairs = planner.hetero_pairs(cfg, keys, (1, 2), planner.summary_of(w), max_instances=16)
+    assert pairs and all(a != b for a, b in pairs)
+    results = planner.plan(cfg, w, gpus=keys, tps=(1, 2), layouts=("mixed",), max_instances=16, workers=1,
+                           hetero_pd=True)
+    hetero = [r for r in results if r.candidate.decode_gpu]
+    assert {((r.candidate.gpu, r.candidate.tp), r.candidate.decode_on) for r in hetero} == set(pairs)
+    for r in hetero:
+        c = r.candidate
+        pools = planner.make_config(cfg, c, r.counts).pools
+        assert [(p.gpu, p.tp, p.count) for p in pools] == [(c.gpu, c.tp, r.prefill), (*c.decode_on, r.decode)]
+        assert r.cost_per_hour == pytest.approx(cfg.gpus[c.gpu].price_per_hour * c.tp * r.prefill
+                                                + cfg.gpus[c.decode_on[0]].price_per_hour * c.decode_on[1] * r.decode)
+        assert r.gpus == c.tp * r.prefill + c.decode_on[1] * r.decode and r.attainment >= 0.9
+        assert " / " in c.hardware
+
+
 def test_planner_sizes_each_pool_of_a_pd_layout() -> None:
     """A P/D answer is the fewest instances per pool: one fewer prefill or one fewer decode instance misses the
     target. (It was the smallest total at the layout's fixed share, whose rounding makes attainment jump: on an

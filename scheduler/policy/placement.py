@@ -158,14 +158,15 @@ def enumerate_placements(
     if workload.rate_rps <= 0:
         raise ValueError(f"workload.rate_rps must be > 0, got {workload.rate_rps}")
     prof: dict[tuple[str, int], InstanceProfile] = {}
-    for g in gpus.values():
+    # Keyed by the mapping's keys (a config's GPU names), not GPUSpec.name: pools name GPUs by key.
+    for key, g in gpus.items():
         for tp in tp_choices:
             if tp > gpus_per_node or (g.count and tp > g.count):
                 continue
             pr = instance_profile(model, g, tp, slo, workload, engine=engine, max_context_tokens=max_context_tokens,
                                   latency_factory=latency_factory)
             if pr is not None:
-                prof[(g.name, tp)] = pr
+                prof[(key, tp)] = pr
     rate = workload.rate_rps
     cands: list[PlacementCandidate] = []
 
