@@ -1,15 +1,15 @@
 """Capacity planning: the cheapest cluster that serves a trace within its SLOs (``llmsched plan``).
 
-Search space: GPU type x TP degree x layout (colocated MIXED pool, or PREFILL + DECODE pools) x router.
-For each (GPU, TP, layout, router) the instance count is found by bisection on "SLO attainment >= target at the
-trace's rate" (attainment grows with instances), so a configuration costs O(log N) simulations. The analytic pass
-of ``scheduler.policy.placement`` (``instance_profile``: memory and TP feasibility, per-instance prefill / decode /
-colocated capacity under the SLO, the same capacity model the SLA autoscaler sizes pools with) decides which
-(GPU, TP) can hold the model at all, where the count search starts (its instance estimate), and the prefill share
-of a ``pd:auto`` layout (its prefill : decode instance ratio). The search runs both ways from the estimate, so an
-estimate that is off costs simulations, never the smallest count; a candidate the estimate puts beyond
-``--max-instances`` costs one simulation there. Dominated results (costlier and no better) are dropped from the
-Pareto set. Runs in parallel across cores.
+Search space: GPU type x TP degree x layout (colocated MIXED pool, or PREFILL + DECODE pools, with ``--hetero-pd``
+also on two different GPU types / TPs) x router. For each candidate the instance counts are searched on "SLO
+attainment >= target at the trace's rate" (attainment grows with instances): O(log N) simulations each. The
+analytic pass of ``scheduler.policy.placement`` (``instance_profile``: memory and TP feasibility, per-instance
+prefill / decode / colocated capacity under the SLO, the same capacity model the SLA autoscaler sizes pools with)
+decides which (GPU, TP) can hold the model at all, where the count search starts (its instance estimate), the
+prefill share a ``pd:auto`` layout starts from, and which heterogeneous pairs are worth simulating
+(``enumerate_placements``: dominated ones are pruned). The search runs both ways from the estimate, so an estimate
+that is off costs simulations, never the smallest count; a P/D answer is sized pool by pool. Dominated results
+(costlier and no better) are dropped from the Pareto set. Runs in parallel across cores.
 
 NOTE: the search used to start at a floor from a throughput bound meant to be optimistic ("fewer cannot keep
 up": prefill at full-chunk speed, decode at a batch of 64). It was not: max_num_seqs admits larger batches, and

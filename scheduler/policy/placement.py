@@ -1,7 +1,8 @@
 """Placement candidates for capacity planning: which GPU type x TP x instance counts could serve a workload.
 
-``enumerate_placements`` is the analytic first pass of the planner (the simulator-driven ``sim/planner.py``
-evaluates the survivors with DistServe-style rate bisection)::
+``enumerate_placements`` is the analytic first pass of the planner: the simulator-driven ``sim/planner.py`` takes
+each candidate's feasibility, starting instance count and P/D share from ``instance_profile``, and simulates only
+the heterogeneous P/D pairs (prefill and decode on different GPU types / TPs) this enumeration keeps::
 
     for each GPU type g, TP degree t:                       # memory feasibility
         weights / t + activation reserve fit, KV holds >= one max-context request, heads divide by t
