@@ -486,7 +486,10 @@ def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult],
     import json
 
     (out / "plan.json").write_text(json.dumps(
-        {"trace": trace.name, "target": target, "results": [asdict(r) for r in results]}, indent=2))
+        {"trace": trace.name, "trace_source": getattr(trace, "source", ""), "requests": len(trace),
+         "rate_rps": round(trace.mean_rate, 4), "config": base.name, "model": base.model.name,
+         "slo": asdict(base.slo_for(0)),
+         "target": target, "results": [asdict(r) for r in results]}, indent=2))
     if not results:
         print("no configuration meets the target within --max-instances")
         return

@@ -232,6 +232,21 @@ def test_plan_pd_auto_takes_its_prefill_share_from_the_analytic_profile() -> Non
         planner.parse_layouts("pd:1.5")
 
 
+def test_plan_cli_writes_a_plan_that_names_its_inputs(tmp_path) -> None:
+    """plan.json names the trace, config, model, SLO and target (simulator results name what they ran); the best
+    cluster is a loadable config with the planned pools."""
+    out = tmp_path / "plan"
+    assert cli_main(["plan", "--limit", "200", "--gpus", "a100", "--tp", "1", "--layouts", "mixed,pd:auto",
+                     "--workers", "1", "--max-instances", "8", "--out", str(out)]) == 0
+    d = json.loads((out / "plan.json").read_text())
+    assert d["trace"] and d["config"] == "default" and d["requests"] == 200 and d["rate_rps"] > 0
+    assert d["slo"] == {"ttft_s": 2.0, "tpot_s": 0.1} and d["target"] == 0.9
+    best = d["results"][0]
+    assert best["estimate"] is not None and best["simulations"] >= 1
+    cfg = load_config(str(out / "best-cluster.yaml"))
+    assert sum(p.count for p in cfg.pools) == best["instances"]
+
+
 def test_planner_finds_smallest_feasible_count() -> None:
     cfg = load_config("default")
     w = Workload.from_trace(default_trace().head(300))
