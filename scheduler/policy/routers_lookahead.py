@@ -597,7 +597,7 @@ class SheddingLookaheadRouter(LookaheadRouter):
     TTFT SLO before its own prefill, or whose predicted TPOT is over its TPOT SLO, even on the best placement.
 
     Measured (docs/routing.md "SLO shedding"; 16 instances at 0.8 of saturation, goodput at 90% attainment over the
-    best of least-outstanding / Llumnix; twenty-sixth session): Azure conversation 1.54x (``lookahead`` alone 1.05x),
+    best of least-outstanding / Llumnix; twenty-eighth session): Azure conversation 1.52x (``lookahead`` alone 1.06x),
     where the TPOT rule does most of the work; Mooncake conversation 1.76x (``lookahead`` alone 1.79x: there the
     rules add attainment, not goodput). The TTFT factor is small because the wait estimate leaves out the prompts that arrive after the
     newcomer; the table there has the other factors.
