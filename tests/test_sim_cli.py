@@ -243,6 +243,7 @@ def test_plan_cli_writes_a_plan_that_names_its_inputs(tmp_path) -> None:
     assert d["slo"] == {"ttft_s": 2.0, "tpot_s": 0.1} and d["target"] == 0.9
     best = d["results"][0]
     assert best["estimate"] is not None and best["simulations"] >= 1
+    assert best["max_rate_rps"] >= d["rate_rps"] * 0.999  # the plan serves the trace's rate, so at least that
     cfg = load_config(str(out / "best-cluster.yaml"))
     assert sum(p.count for p in cfg.pools) == best["instances"]
 
@@ -257,6 +258,25 @@ def test_planner_finds_smallest_feasible_count() -> None:
 
         a, _ = _evaluate(cfg, Candidate("a100", 1, "mixed", "least_outstanding"), (r.instances - 1,), w)
         assert a < 0.9
+
+
+def test_plan_reports_the_most_its_cluster_serves_at_the_target() -> None:
+    """DistServe's bisection on rate, for the answer: the planned cluster meets the target up to ``max_rate_rps``
+    and misses it a bisection step above."""
+    from sim.compare import router_factory
+    from sim.goodput import attainment, scale_rate
+    from sim.planner import make_config, summary_of
+
+    cfg = load_config("default")
+    w = Workload.from_trace(default_trace().head(300).scale_rate(4.0))
+    c = Candidate("a100", 1, "mixed", "least_outstanding")
+    r = plan_one(cfg, c, w, target=0.9, max_instances=16)
+    rate = summary_of(w).rate_rps
+    assert rate <= r.max_rate_rps < 2 * rate
+    planned = make_config(cfg, c, r.counts)
+    make = router_factory("least_outstanding", planned)
+    assert attainment(planned, scale_rate(w, r.max_rate_rps / rate), make) >= 0.9
+    assert attainment(planned, scale_rate(w, 1.03 * r.max_rate_rps / rate), make) < 0.9
 
 
 def test_plan_hetero_pd_puts_each_phase_on_its_own_gpus() -> None:
