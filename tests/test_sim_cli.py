@@ -246,6 +246,18 @@ def test_plan_cli_writes_a_plan_that_names_its_inputs(tmp_path) -> None:
     assert best["max_rate_rps"] >= d["rate_rps"] * 0.999  # the plan serves the trace's rate, so at least that
     cfg = load_config(str(out / "best-cluster.yaml"))
     assert sum(p.count for p in cfg.pools) == best["instances"]
+    assert (out / "pareto.png").stat().st_size > 0
+
+
+def test_plan_pareto_keeps_what_buys_headroom() -> None:
+    from sim.planner import PlanResult, pareto
+
+    def res(cost: float, rate: float) -> PlanResult:
+        return PlanResult(Candidate("a100", 1, "mixed", "least_outstanding"), 1, 0, 0, 1, cost, 0.95, None, None,
+                          max_rate_rps=rate)
+
+    cheap, dear_more, dear_less = res(10, 50), res(20, 60), res(15, 45)
+    assert pareto([dear_less, dear_more, cheap]) == [cheap, dear_more]  # 15 $/h for less headroom is dominated
 
 
 def test_planner_finds_smallest_feasible_count() -> None:
