@@ -306,8 +306,9 @@ def hetero_pairs(base: ClusterConfig, keys: list[str], tps: tuple[int, ...], ws:
     the GPU that does it best per dollar): the analytic pass over both roles (``placement.enumerate_placements``,
     with the planner's feasibility rule) keeps only P/D clusters no other is cheaper than with at least as much
     capacity; of those, the ones whose pools differ."""
-    found = enumerate_placements({k: base.gpus[k] for k in keys}, base.model, base.slo_for(0), ws, tp_choices=tps, modes=("disaggregated",),
-                                 extra=0, max_instances=max_instances, engine=base.pools[0].engine,
+    found = enumerate_placements({k: base.gpus[k] for k in keys}, base.model, base.slo_for(0), ws, tp_choices=tps,
+                                 modes=("disaggregated",), extra=0, max_instances=max_instances,
+                                 engine=base.pools[0].engine,
                                  max_context_tokens=MIN_KV_REQUESTS * base.model.max_model_len)
     out: list[tuple[tuple[str, int], tuple[str, int]]] = []
     for cand in found:

@@ -278,7 +278,8 @@ def test_a_snapshot_older_than_the_controllers_own_switch_does_not_undo_it() -> 
         assert ctrl._members["prefill-0"].info.role is InstanceRole.DECODE
         ctrl._adopt_role("prefill-0", _snap("prefill-0", role=InstanceRole.PREFILL), rnd)
         assert ctrl._members["prefill-0"].info.role is InstanceRole.DECODE
-        ctrl._adopt_role("prefill-0", _snap("prefill-0", role=InstanceRole.PREFILL), rnd + 1)  # a later round is the truth
+        # a later round's snapshot is the truth
+        ctrl._adopt_role("prefill-0", _snap("prefill-0", role=InstanceRole.PREFILL), rnd + 1)
         assert ctrl._members["prefill-0"].info.role is InstanceRole.PREFILL
 
     asyncio.run(main())
