@@ -121,8 +121,7 @@ def _completion_rate(res) -> float:
 
 
 def at_load(w: Workload, load: float, saturation: float) -> Workload:
-    rate = len(w) / max(float(w.arrival_s[-1] - w.arrival_s[0]), 1e-9)
-    return scale_rate(w, load * saturation / rate)
+    return scale_rate(w, load * saturation / w.rate_rps)
 
 
 def router_factory(name: str, config: ClusterConfig):
@@ -148,7 +147,7 @@ def compare(config: ClusterConfig, w: Workload, routers: list[str], *, load: flo
         s = sim_summary(res)
         s["load"] = load
         s["saturation_rps"] = sat
-        s["offered_rps"] = len(wl) / max(float(wl.arrival_s[-1] - wl.arrival_s[0]), 1e-9)
+        s["offered_rps"] = wl.rate_rps
         if with_goodput:
             s["goodput_rps"] = goodput(config, wl, make, target=target, lo=0.05, hi=8.0,
                                          iters=GOODPUT_ITERS).goodput_rps

@@ -45,7 +45,7 @@ def goodput(
     iters: int = 8,
 ) -> GoodputResult:
     """Max rate (req/s) with SLO attainment >= ``target``; 0 when even ``lo`` x the trace rate misses it."""
-    base_rate = len(w) / max(float(w.arrival_s[-1] - w.arrival_s[0]), 1e-9) if len(w) > 1 else 0.0
+    base_rate = w.rate_rps if len(w) > 1 else 0.0
     probes = 0
 
     def ok(scale: float) -> tuple[bool, float]:

@@ -120,11 +120,10 @@ def make_config(base: ClusterConfig, c: Candidate, counts: tuple[int, ...]) -> C
     return base.model_copy(update={"pools": pools, "name": f"plan-{hw}-{c.layout}-{c.router}-{label}"})
 
 
-def price_and_gpus(base: ClusterConfig, c: Candidate, counts: tuple[int, ...]) -> tuple[float, int]:
-    """$/h and GPUs of ``counts`` instances of ``c`` (``make_config``'s pools)."""
-    pools = make_config(base, c, counts).pools
-    return (sum(base.gpus[p.gpu].price_per_hour * p.tp * p.count for p in pools),
-            sum(p.tp * p.count for p in pools))
+def price_and_gpus(cfg: ClusterConfig) -> tuple[float, int]:
+    """$/h and GPUs of a cluster's pools."""
+    return (sum(cfg.gpus[p.gpu].price_per_hour * p.tp * p.count for p in cfg.pools),
+            sum(p.tp * p.count for p in cfg.pools))
 
 
 def split(n: int, share: float) -> tuple[int, int]:
@@ -139,16 +138,20 @@ MIN_KV_REQUESTS = 4
 
 def summary_of(w: Workload) -> WorkloadSummary:
     """The workload as the analytic capacity model sees it: arrival rate and mean lengths."""
-    rate = len(w) / max(float(w.arrival_s[-1] - w.arrival_s[0]), 1e-9)
-    return WorkloadSummary(rate, float(np.mean(w.prompt_tokens)), float(np.mean(w.output_tokens)))
+    return WorkloadSummary(w.rate_rps, float(np.mean(w.prompt_tokens)), float(np.mean(w.output_tokens)))
+
+
+def _analytic(base: ClusterConfig) -> dict:
+    """The planner's terms for ``placement``'s analytic pass: the config's engine settings, and KV for
+    ``MIN_KV_REQUESTS`` max-length requests as the feasibility rule."""
+    return {"engine": base.pools[0].engine, "max_context_tokens": MIN_KV_REQUESTS * base.model.max_model_len}
 
 
 def profile(base: ClusterConfig, gpu: str, tp: int, w: WorkloadSummary) -> InstanceProfile | None:
-    """One instance's analytic capacity for ``w`` under the config's default SLO, with the config's engine
-    settings (``placement.instance_profile``); None when the model does not fit: weights plus KV for
-    ``MIN_KV_REQUESTS`` max-length requests, and heads split evenly over ``tp``."""
-    return instance_profile(base.model, base.gpus[gpu], tp, base.slo_for(0), w, engine=base.pools[0].engine,
-                            max_context_tokens=MIN_KV_REQUESTS * base.model.max_model_len)
+    """One instance's analytic capacity for ``w`` under the config's default SLO (``placement.instance_profile``,
+    ``_analytic``'s terms); None when the model does not fit: weights plus KV for ``MIN_KV_REQUESTS`` max-length
+    requests, and heads split evenly over ``tp``."""
+    return instance_profile(base.model, base.gpus[gpu], tp, base.slo_for(0), w, **_analytic(base))
 
 
 def estimate(prof: InstanceProfile | None, c: Candidate, rate: float,
@@ -264,12 +267,12 @@ def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, m
         d = smallest(lambda k: ok((p, k)), d, 1, d) or d
         best = (p, d)
     a, info = run(best)
-    price, gpus = price_and_gpus(base, c, best)
+    cfg = make_config(base, c, best)
+    price, gpus = price_and_gpus(cfg)
     pd = best if share is not None else (0, 0)  # MIXED instances are neither
     # DistServe's measure of the answer: the highest rate it keeps at the target, by bisection on the trace's rate
     # -- the headroom a plan sized for this trace has. 1x is known to pass; capped at 2x (a smallest cluster has
     # less unless it is one instance); 5 steps in log space: within 2.2% below the true figure.
-    cfg = make_config(base, c, best)
     g = goodput(cfg, w, router_factory(c.router, cfg), target=target, lo=1.0, hi=2.0, iters=5)
     return PlanResult(c, sum(best), *pd, gpus, price, a, info["ttft_p99_s"], info["tpot_p99_s"], guess,
                       len(seen) + g.probes, g.goodput_rps)
@@ -307,9 +310,7 @@ def hetero_pairs(base: ClusterConfig, keys: list[str], tps: tuple[int, ...], ws:
     with the planner's feasibility rule) keeps only P/D clusters no other is cheaper than with at least as much
     capacity; of those, the ones whose pools differ."""
     found = enumerate_placements({k: base.gpus[k] for k in keys}, base.model, base.slo_for(0), ws, tp_choices=tps,
-                                 modes=("disaggregated",), extra=0, max_instances=max_instances,
-                                 engine=base.pools[0].engine,
-                                 max_context_tokens=MIN_KV_REQUESTS * base.model.max_model_len)
+                                 modes=("disaggregated",), extra=0, max_instances=max_instances, **_analytic(base))
     out: list[tuple[tuple[str, int], tuple[str, int]]] = []
     for cand in found:
         pre, dec = cand.pools

@@ -79,6 +79,12 @@ class Workload:
         return len(self.arrival_s)
 
     @property
+    def rate_rps(self) -> float:
+        """Mean arrival rate: requests over the span from first to last arrival (one request: the span is floored
+        at 1 ns, not divided by zero)."""
+        return len(self) / max(float(self.arrival_s[-1] - self.arrival_s[0]), 1e-9)
+
+    @property
     def priorities(self) -> np.ndarray:
         """Each request's priority class (0 where the workload gives none)."""
         return self.priority if self.priority is not None else np.zeros(len(self), dtype=np.int64)
