@@ -306,16 +306,13 @@ def test_controller_scales_up_under_load_and_back_down_without_losing_requests(a
             rt.shutdown()
 
 
-def test_controller_clamps_a_decision_to_the_policys_bounds() -> None:
-    """The policy decides from its view, which lags an instance placed but not yet snapshotted: its +1 applied to
-    the controller's own count must not pass the policy's max_instances (seen: 1 -> 2 -> 3 with a max of 2), nor a
-    -1 its min_instances."""
-    from types import SimpleNamespace
+def _applier(n: int, desired: int, **kw: Any) -> tuple[Any, list[int], list[Any]]:
+    """The shared fake Controller (tests/test_controller_audit) with ``n`` MIXED members, its start path recorded:
+    the counts asked of ``_set_desired``, and the instances."""
+    from tests.test_controller_audit import FakeInstance, _controller
 
-    from scheduler.control.controller import Controller
-    from scheduler.policy.scaling import ScaleDecision, ThresholdScaler
-
-    ctrl = Controller.__new__(Controller)  # the applier alone: no Ray, no engines
+    insts = [FakeInstance(f"mixed-{i}") for i in range(n)]
+    ctrl = _controller(insts, {"mixed": desired}, **kw)
     asked: list[int] = []
 
     async def set_desired(pool: str, count: int) -> int:
@@ -325,67 +322,38 @@ def test_controller_clamps_a_decision_to_the_policys_bounds() -> None:
     async def reconcile(*, wait: bool) -> None:
         pass
 
-    async def begin_drain(iid: str) -> None:
-        ctrl._draining[iid] = (0.0, 0)
+    ctrl._set_desired, ctrl._reconcile = set_desired, reconcile
+    return ctrl, asked, insts
 
-    member = SimpleNamespace(info=SimpleNamespace(pool="mixed"))
-    ctrl._pools = {"mixed": object()}
-    ctrl._members = {"mixed-0": member, "mixed-1": member}  # mixed-1 placed, its first snapshot not in yet
-    ctrl._pending, ctrl._draining, ctrl._snapshots = {}, {}, {}
-    ctrl._operator_drained, ctrl._switcher = set(), SimpleNamespace(switching={})
-    ctrl._desired = {"mixed": 2}
+
+def test_controller_clamps_a_decision_to_the_policys_bounds() -> None:
+    """The policy decides from its view, which lags an instance placed but not yet snapshotted: its +1 applied to
+    the controller's own count must not pass the policy's max_instances (seen: 1 -> 2 -> 3 with a max of 2), nor a
+    -1 its min_instances."""
+    from scheduler.policy.scaling import ScaleDecision, ThresholdScaler
+
+    ctrl, asked, insts = _applier(2, 2)  # mixed-1 placed, its first snapshot not in yet (no snapshots at all)
     ctrl._scaling = ThresholdScaler(min_instances=1, max_instances=2)
-    ctrl._lock = asyncio.Lock()
-    ctrl.scaling_stats = {"up": 0, "down": 0}
-    ctrl._scaling_events = []
-    ctrl._set_desired, ctrl._reconcile, ctrl._begin_drain = set_desired, reconcile, begin_drain
 
     asyncio.run(ctrl._apply_scale(ScaleDecision("mixed", delta=1, reason="view saw one")))
     assert asked == [] and ctrl.scaling_stats["up"] == 0  # already at max_instances
     asyncio.run(ctrl._apply_scale(ScaleDecision("mixed", delta=-5, reason="idle")))
-    assert len(ctrl._draining) == 1  # down to min_instances = 1, not to 0
+    assert len(ctrl._draining) == 1 and sum(i.draining for i in insts) == 1  # down to min_instances = 1, not to 0
     assert ctrl._scaling_events[-1]["to"] == 1
 
 
 def test_controller_takes_a_draining_instance_back_before_starting_one() -> None:
     """A scale-up while an instance of the pool still drains takes it back (it is up and warm; a start costs the
     model's load) -- as the simulator's applier does and as the policies book it -- and starts only the rest."""
-    from types import SimpleNamespace
-
-    from scheduler.control.controller import Controller
     from scheduler.policy.scaling import ScaleDecision, ThresholdScaler
 
-    ctrl = Controller.__new__(Controller)  # the applier alone: no Ray, no engines
-    asked: list[int] = []
-    undrained: list[bool] = []
-
-    async def set_desired(pool: str, count: int) -> int:
-        asked.append(count)
-        return count
-
-    async def reconcile(*, wait: bool) -> None:
-        pass
-
-    async def set_draining(flag: bool) -> None:
-        undrained.append(flag)
-
-    handle = SimpleNamespace(set_draining=SimpleNamespace(remote=set_draining))
-    member = SimpleNamespace(info=SimpleNamespace(pool="mixed"), handle=handle)
-    ctrl._pools = {"mixed": object()}
-    ctrl._members = {"mixed-0": member, "mixed-1": member, "mixed-2": member}
-    ctrl._pending, ctrl._snapshots = {}, {}
-    ctrl._draining = {"mixed-2": (0.0, 0)}
-    ctrl._operator_drained, ctrl._switcher = set(), SimpleNamespace(switching={})
-    ctrl._desired = {"mixed": 3}
+    ctrl, asked, insts = _applier(3, 3)
     ctrl._scaling = ThresholdScaler(min_instances=1, max_instances=8)
-    ctrl._lock = asyncio.Lock()
-    ctrl.scaling_stats = {"up": 0, "down": 0}
-    ctrl._scaling_events = []
-    ctrl._save_draining = lambda: None
-    ctrl._set_desired, ctrl._reconcile = set_desired, reconcile
+    insts[2].draining = True
+    ctrl._draining = {"mixed-2": (time.time() + 120.0, 0)}
 
     asyncio.run(ctrl._apply_scale(ScaleDecision("mixed", delta=1, reason="busy")))
-    assert undrained == [False] and not ctrl._draining and asked == []  # taken back, nothing started
+    assert not insts[2].draining and not ctrl._draining and asked == []  # taken back, nothing started
     assert ctrl._scaling_events[-1]["undrained"] == ["mixed-2"]
     asyncio.run(ctrl._apply_scale(ScaleDecision("mixed", delta=2, reason="busier")))
     assert asked == [5]  # nothing left draining: two new ones
