@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 
-from scheduler.config.models import ClusterConfig, PoolSpec
+from scheduler.config.models import ClusterConfig, GPUSpec, ModelSpec, PoolSpec
 from scheduler.core.types import InstanceRole, InstanceSnapshot
 from scheduler.engine_model import EngineModel, Span, StepResult
 from scheduler.latency import LatencyModel, latency_for
@@ -82,13 +84,20 @@ class SimInstance:
         return snap
 
 
-def pool_latency(config: ClusterConfig, pool: PoolSpec) -> LatencyModel:
-    """The latency model of ``pool``'s instances (a live profile when the config names one)."""
-    if config.latency_profile:  # measured on a live engine by `llmsched profile`
+def latency_factory(config: ClusterConfig) -> Callable[[ModelSpec, GPUSpec, int], LatencyModel]:
+    """How the simulator times an instance of ``config``: (model, GPU, TP) -> latency model -- a live profile when
+    the config names one (measured on one engine by `llmsched profile`, applied to every pool), else the
+    profiled tables or the roofline (``latency_for``)."""
+    if config.latency_profile:
         from scheduler.profile import latency_from_profile
 
-        return latency_from_profile(config.latency_profile, config.model, config.gpus[pool.gpu], pool.tp)
-    return latency_for(config.model, config.gpus[pool.gpu], pool.tp)
+        return partial(latency_from_profile, config.latency_profile)
+    return latency_for
+
+
+def pool_latency(config: ClusterConfig, pool: PoolSpec) -> LatencyModel:
+    """The latency model of ``pool``'s instances."""
+    return latency_factory(config)(config.model, config.gpus[pool.gpu], pool.tp)
 
 
 def new_instance(pool: PoolSpec, latency: LatencyModel, instance_id: str, index: int, *,

@@ -34,10 +34,11 @@ import yaml
 from scheduler.cli_args import output_dir, positive_int
 from scheduler.config.gpus import catalog_key, catalog_names
 from scheduler.config.load import ConfigError
-from scheduler.config.models import ClusterConfig, GPUSpec, PoolSpec
+from scheduler.config.models import ClusterConfig, GPUSpec, PolicySpec, PoolSpec
 from scheduler.core.types import InstanceRole
 from scheduler.policy.placement import InstanceProfile, enumerate_placements, instance_profile
 from scheduler.policy.scaling import WorkloadSummary, instances_for
+from sim.cluster import latency_factory
 from sim.commands import (
     add_cluster_args,
     add_workload_args,
@@ -94,6 +95,7 @@ class PlanResult:
     estimate: int | None = None  # the analytic instance count the search started from
     simulations: int = 0  # runs the search took
     max_rate_rps: float | None = None  # the most this cluster serves at the target (rate bisection), >= the trace's
+    max_rate_capped: bool = False  # the bisection's 2x ceiling still met the target: max_rate_rps is a lower bound
 
     @property
     def counts(self) -> tuple[int, ...]:
@@ -117,13 +119,27 @@ def make_config(base: ClusterConfig, c: Candidate, counts: tuple[int, ...]) -> C
         ]
     label = "-".join(map(str, counts))
     hw = c.hardware.lower().replace(" / ", "-").replace(" ", "-")
-    return base.model_copy(update={"pools": pools, "name": f"plan-{hw}-{c.layout}-{c.router}-{label}"})
+    # The router the candidate was simulated with (router_factory passes no params), not the base config's: the
+    # written best-cluster.yaml must run the cluster the table measured.
+    policies = base.policies.model_copy(update={"router": PolicySpec(name=c.router)})
+    return base.model_copy(update={"pools": pools, "policies": policies,
+                                   "name": f"plan-{hw}-{c.layout}-{c.router}-{label}"})
 
 
 def price_and_gpus(cfg: ClusterConfig) -> tuple[float, int]:
     """$/h and GPUs of a cluster's pools."""
     return (sum(cfg.gpus[p.gpu].price_per_hour * p.tp * p.count for p in cfg.pools),
             sum(p.tp * p.count for p in cfg.pools))
+
+
+def within_inventory(base: ClusterConfig, c: Candidate, counts: tuple[int, ...]) -> bool:
+    """Whether the pools of ``c`` at ``counts`` use no more GPUs of a type than the config has
+    (``gpus.<key>.count``; 0 = unbounded), as ``placement._within_catalog`` requires of the analytic pass."""
+    hw = [(c.gpu, c.tp)] if c.prefill_share is None else [(c.gpu, c.tp), c.decode_on]
+    used: dict[str, int] = {}
+    for (g, tp), n in zip(hw, counts, strict=True):
+        used[g] = used.get(g, 0) + tp * n
+    return all(base.gpus[g].count == 0 or n <= base.gpus[g].count for g, n in used.items())
 
 
 def split(n: int, share: float) -> tuple[int, int]:
@@ -141,10 +157,29 @@ def summary_of(w: Workload) -> WorkloadSummary:
     return WorkloadSummary(w.rate_rps, float(np.mean(w.prompt_tokens)), float(np.mean(w.output_tokens)))
 
 
+def default_gpus(base: ClusterConfig) -> list[str]:
+    """The GPU types a plan considers without --gpus: the config's catalog but its CPU (a CPU-only config plans
+    its cpu)."""
+    return [g for g in base.gpus if g != "cpu"] or list(base.gpus)
+
+
+def latency_sources(base: ClusterConfig, keys: list[str], tps: tuple[int, ...]) -> dict[str, list[str]]:
+    """``gpu TPn`` grouped by the kind of latency model the simulator uses for it (profiled table, roofline, one
+    measured profile): a plan that mixes kinds compares GPU types at different fidelity."""
+    out: dict[str, list[str]] = {}
+    for g in keys:
+        for tp in tps:
+            src = latency_factory(base)(base.model, base.gpus[g], tp).source
+            kind = "roofline" if src == "roofline" else src.split("+", 1)[0]
+            out.setdefault(kind, []).append(f"{g} TP{tp}")
+    return out
+
+
 def _analytic(base: ClusterConfig) -> dict:
-    """The planner's terms for ``placement``'s analytic pass: the config's engine settings, and KV for
-    ``MIN_KV_REQUESTS`` max-length requests as the feasibility rule."""
-    return {"engine": base.pools[0].engine, "max_context_tokens": MIN_KV_REQUESTS * base.model.max_model_len}
+    """The planner's terms for ``placement``'s analytic pass: the config's engine settings, the latency model the
+    simulator uses, and KV for ``MIN_KV_REQUESTS`` max-length requests as the feasibility rule."""
+    return {"engine": base.pools[0].engine, "max_context_tokens": MIN_KV_REQUESTS * base.model.max_model_len,
+            "latency_factory": latency_factory(base)}
 
 
 def profile(base: ClusterConfig, gpu: str, tp: int, w: WorkloadSummary) -> InstanceProfile | None:
@@ -252,9 +287,14 @@ def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, m
         return run(counts)[0] >= target
 
     share = c.prefill_share
+    # The count search's ceiling: --max-instances, and no more GPUs of a type than the config has (counts past
+    # the inventory are neither simulated nor treated as "missed", which would send the walk the wrong way).
+    as_counts = (lambda k: (k,)) if share is None else (lambda k: split(k, share))
+    max_instances = max((k for k in range(1, max_instances + 1) if within_inventory(base, c, as_counts(k))),
+                        default=0)
     best: tuple[int, ...]
     if share is None:
-        n = smallest(lambda k: ok((k,)), guess or 1, 1, max_instances)
+        n = smallest(lambda k: ok((k,)), guess or 1, 1, max_instances) if max_instances >= 1 else None
         if n is None:
             return PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None, guess, len(seen))
         best = (n,)
@@ -275,7 +315,7 @@ def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, m
     # less unless it is one instance); 5 steps in log space: within 2.2% below the true figure.
     g = goodput(cfg, w, router_factory(c.router, cfg), target=target, lo=1.0, hi=2.0, iters=5)
     return PlanResult(c, sum(best), *pd, gpus, price, a, info["ttft_p99_s"], info["tpot_p99_s"], guess,
-                      len(seen) + g.probes, g.goodput_rps)
+                      len(seen) + g.probes, g.goodput_rps, max_rate_capped=g.scale >= 2.0)
 
 
 def with_gpus(base: ClusterConfig, names: list[str]) -> tuple[ClusterConfig, list[str]]:
@@ -343,12 +383,12 @@ def plan(
     ``hetero_pd``: also P/D clusters whose DECODE pool runs on another GPU type or TP (``hetero_pairs``), at the
     share their two profiles suggest."""
     ws = summary_of(w)
-    keys = gpus or [g for g in base.gpus if g != "cpu"]
+    keys = gpus or default_gpus(base)
     cands = []
     for g in keys:
         for tp in tps:
             prof = profile(base, g, tp, ws)
-            if prof is None:
+            if prof is None or (base.gpus[g].count and tp > base.gpus[g].count):
                 continue
             for lay in layouts:
                 if lay == "pd:auto":
@@ -362,6 +402,10 @@ def plan(
             share = auto_share(profile(base, g, tp, ws), profile(base, dg, dt, ws))
             if share is not None:
                 cands += [Candidate(g, tp, f"pd:auto={share:.2f}", r, dg, dt) for r in routers]
+    if not cands:
+        raise ValueError(f"--gpus/--tp: {base.model.name} fits on none of {', '.join(keys)} at TP "
+                         f"{', '.join(map(str, tps))} (weights plus KV for {MIN_KV_REQUESTS} requests of "
+                         f"{base.model.max_model_len} tokens; or no prefill share for --layouts {','.join(layouts)})")
     jobs = [(base, c, w, target, max_instances) for c in cands]
     results: list[PlanResult] = []
 
@@ -386,13 +430,16 @@ def _headroom(r: PlanResult) -> float:
 
 def pareto(results: list[PlanResult]) -> list[PlanResult]:
     """Drop configurations that cost more without more headroom (``max_rate_rps``: every result already meets the
-    target, so what a dearer one can add is rate it still serves at it)."""
+    target, so what a dearer one can add is rate it still serves at it). Headroom at the bisection's 2x ceiling is
+    a lower bound: the front stops there (what lies beyond it was not measured)."""
     out: list[PlanResult] = []
     best = -1.0
     for r in sorted(results, key=lambda r: (r.cost_per_hour, -_headroom(r))):
         if _headroom(r) > best:
             out.append(r)
             best = _headroom(r)
+        if r.max_rate_capped and out and out[-1] is r:
+            break
     return out
 
 
@@ -425,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     add_workload_args(p)
     add_cluster_args(p)
     p.add_argument("--gpus", help="comma-separated GPU types to consider (default: all in the config's catalog)")
-    p.add_argument("--tp", default="1,2,4,8", help="comma-separated tensor-parallel degrees (default: %(default)s)")
+    p.add_argument("--tp", help="comma-separated tensor-parallel degrees (default: those of 1,2,4,8 the model's "
+                                "attention heads split over)")
     p.add_argument("--layouts", default="mixed,pd:auto",
                    help="comma-separated layouts: 'mixed' (one colocated pool), 'pd:<share>' (PREFILL + DECODE "
                         "pools; the count search starts with <share> of the instances prefilling, 0 < share < 1, "
@@ -443,10 +491,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0 < args.target <= 1:  # NaN fails too
         p.error(f"--target: SLO attainment must be in (0, 1], got {args.target}")
+    if args.instances is not None:  # the planner sizes the pools itself; the config's counts are not read
+        p.error("--instances: plan searches the instance counts (see --max-instances); not with --instances")
     try:
-        tps, layouts = parse_tps(args.tp), parse_layouts(args.layouts)
-        routers = tuple(comma_list("--routers", args.routers))
+        tps, layouts = parse_tps(args.tp or "1,2,4,8"), tuple(dict.fromkeys(parse_layouts(args.layouts)))
+        routers = tuple(dict.fromkeys(comma_list("--routers", args.routers)))
         base = load_cluster(args)
+        if args.tp is None:  # the default list: the degrees this model splits over
+            tps = tuple(tp for tp in tps if base.model.splits_over(tp))
         odd = [tp for tp in tps if not base.model.splits_over(tp)]
         if odd:
             raise ValueError(f"--tp: {base.model.name}'s {base.model.num_heads} attention heads do not split over "
@@ -461,6 +513,15 @@ def main(argv: list[str] | None = None) -> int:
             base, gpus = with_gpus(base, args.gpus.split(","))
         trace, w = load_workload(args, base)
         check_time_span(trace)  # the instance counts are sized for the trace's rate
+        kinds = latency_sources(base, gpus or default_gpus(base), tps)
+        if base.latency_profile and sum(map(len, kinds.values())) > 1:
+            raise ValueError(f"--gpus/--tp: {args.config} sets latency_profile, which the simulator applies to every "
+                             "GPU type and TP alike; plan one GPU type and TP with it, or drop latency_profile")
+        if "roofline" in kinds and len(kinds) > 1:  # profiled tables (vidur, measured) compare among themselves
+            print("warning: GPU types / TPs are simulated with different latency models ("
+                  + "; ".join(f"{k}: {', '.join(v)}" for k, v in kinds.items())
+                  + "); the roofline has no measured overheads and reads fast, so compare them with care",
+                  file=sys.stderr)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -471,10 +532,14 @@ def main(argv: list[str] | None = None) -> int:
         got += f" (estimate {r.estimate if r.estimate is not None else '-'}, {r.simulations} simulations)"
         print(f"[{done}/{total}] {c.hardware} {c.layout} {c.router}: {got}", file=sys.stderr, flush=True)
 
-    results = plan(
-        base, w, gpus=gpus, tps=tps, layouts=layouts, routers=routers, target=args.target,
-        max_instances=args.max_instances, workers=args.workers, hetero_pd=args.hetero_pd, progress=said,
-    )
+    try:
+        results = plan(
+            base, w, gpus=gpus, tps=tps, layouts=layouts, routers=routers, target=args.target,
+            max_instances=args.max_instances, workers=args.workers, hetero_pd=args.hetero_pd, progress=said,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     write_plan(Path(args.out), base, trace, results, args.target)
     return 0 if results else 1
 
@@ -493,7 +558,8 @@ def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult],
         t.add_row(str(k), c.hardware, c.layout, c.router,
                   f"{r.prefill}/{r.decode}" if r.prefill else f"{r.instances} mixed", str(r.gpus),
                   f"{r.cost_per_hour:.2f}", f"{r.attainment:.3f}",
-                  f"{r.max_rate_rps:.1f}" if r.max_rate_rps is not None else "-",
+                  (">=" if r.max_rate_capped else "") + f"{r.max_rate_rps:.1f}" if r.max_rate_rps is not None
+                  else "-",
                   f"{r.ttft_p99_s:.2f}" if r.ttft_p99_s is not None else "-",
                   f"{r.tpot_p99_s * 1e3:.0f}" if r.tpot_p99_s is not None else "-",
                   str(r.estimate) if r.estimate is not None else "-")
@@ -508,6 +574,8 @@ def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult],
          "slo": asdict(base.slo_for(0)),
          "target": target, "results": [asdict(r) for r in results]}, indent=2))
     if not results:
+        for stale in ("best-cluster.yaml", "pareto.png"):  # a previous run's answer is not this plan's
+            (out / stale).unlink(missing_ok=True)
         print("no configuration meets the target within --max-instances")
         return
     best = results[0]

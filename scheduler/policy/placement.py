@@ -14,8 +14,10 @@ the heterogeneous P/D pairs (prefill and decode on different GPU types / TPs) th
     keep: capacity bound >= rate, GPU counts within the catalog, at most ``max_instances`` instances;
     prune: per mode, anything dominated on (cost, capacity) -- another is no dearer and serves at least as much.
 
-Capacities are optimistic upper bounds (mean lengths, steady state), so pruning on them only removes
-configurations that cannot win; the simulator decides among the rest.
+Capacities are estimates at mean lengths in steady state, not bounds: on the committed Azure plans they are 9-50 %
+below what the simulator serves on a short burst and above it over a steady hour (docs/scaling.md), so pruning on
+them is a heuristic that can drop a configuration the simulator would rank first; the simulator decides among
+the rest.
 """
 
 from __future__ import annotations
