@@ -16,7 +16,7 @@ from scheduler.control.registry import RequestRecord
 from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot
 from scheduler.engine.base import SamplingParams
 from scheduler.policy.route import LeastOutstandingRouter
-from scheduler.predict import load_predictor
+from scheduler.predict import count_tokens, load_predictor
 from scheduler.predict.serving import ServingPredictor, serving_predictor
 from sim.commands import with_predictor
 from sim.simulator import Simulator, Workload
@@ -96,7 +96,8 @@ def test_the_ingress_guesses_from_the_prompt_text_and_a_client_hint_wins() -> No
         asyncio.run(ing._predict(recs[rid], prompt))
         ing._route(recs[rid])
     default = load_predictor("default")
-    assert router.seen["text"] == pytest.approx(default.predict(text, prompt_tokens=40).point)
+    # text: the length feature in count_tokens units, as in training and `predict eval` (not the 40 ids)
+    assert router.seen["text"] == pytest.approx(default.predict(text, prompt_tokens=count_tokens(text)).point)
     assert router.seen["ids"] == pytest.approx(default.predict(None, prompt_tokens=40).point)  # the trace model
     assert router.seen["text"] != pytest.approx(router.seen["ids"])
     assert router.seen["hint"] == 7

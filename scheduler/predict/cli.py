@@ -77,7 +77,8 @@ def train_main(argv: list[str] | None = None) -> int:
                  "and traces named in shared/data/README.md)")
     _print_report(report)
     if a.report:
-        Path(a.report).write_text(json.dumps(report, indent=1))
+        # NaN (the constant baseline's undefined tau) is not JSON: write null, as `predict eval` does.
+        Path(a.report).write_text(json.dumps(_finite(report), indent=1, allow_nan=False))
     return 0
 
 
@@ -102,7 +103,11 @@ def eval_main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as e:
         print(f"llmsched predict eval: {e}", file=sys.stderr)
         return 2
-    metrics = evaluate(predictor, records)
+    try:
+        metrics = evaluate(predictor, records)
+    except (ValueError, OSError, RuntimeError) as e:  # e.g. EmbeddingUnavailable when the encoder first loads
+        print(f"llmsched predict eval: {e}", file=sys.stderr)
+        return 2
     # A rank correlation is undefined on one record or all-equal lengths: NaN is not JSON, so write null and say why.
     undefined = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
     for k in undefined:
@@ -120,6 +125,17 @@ def eval_main(argv: list[str] | None = None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
     return 0
+
+
+def _finite(obj):
+    """``obj`` with every non-finite float replaced by ``None`` (recursively)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _print_report(report: dict) -> None:

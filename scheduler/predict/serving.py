@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from scheduler.predict.base import LengthPredictor
+from scheduler.predict.base import LengthPredictor, count_tokens
 from scheduler.predict.registry import PredictorKind, load_predictor
 
 PARAMS = ("artifacts", "tenant")
@@ -44,8 +44,14 @@ class ServingPredictor:
     slow: bool = False
 
     def predict(self, prompt: str | None, prompt_tokens: int) -> float:
-        """Predicted output tokens of one request (``prompt=None``: its length only)."""
-        return float(self.predictor.predict(prompt, prompt_tokens=int(prompt_tokens), tenant=self.tenant).point)
+        """Predicted output tokens of one request (``prompt=None``: its length only).
+
+        With text, the length feature is recounted with ``count_tokens`` -- the unit the text predictors were
+        trained and evaluated in -- not the caller's tokenizer (the ingress's ByteTokenizer counts ~4.5x more,
+        the tiny vLLM model's ~2.5x), so the serving guess equals ``llmsched predict eval``'s for the same prompt.
+        """
+        n = count_tokens(prompt) if prompt is not None else int(prompt_tokens)
+        return float(self.predictor.predict(prompt, prompt_tokens=n, tenant=self.tenant).point)
 
     def predict_lengths(self, prompt_tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """Predicted output tokens for requests known by prompt length only (trace replays): one prediction per

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from scheduler.predict.base import BUCKET_EDGES, bucket_of
-from scheduler.predict.data import Record, load_mtbench, load_text_sources, load_trace_pairs, split
+from scheduler.predict.base import BUCKET_EDGES, bucket_of, count_tokens
+from scheduler.predict.data import Record, load_mtbench, load_text_sources, load_trace_pairs, text_split
 from scheduler.predict.metrics import ConstantPredictor, evaluate
 from scheduler.predict.registry import LogLinearPool
 
@@ -83,7 +83,7 @@ def embed_prompts(prompts: Sequence[str], cache: Path | None) -> np.ndarray:
             known = dict(zip((str(k) for k in z["keys"]), z["emb"]))
     missing = sorted({p for p in prompts if key(p) not in known}, key=len)
     if missing:
-        for t, e in zip(missing, Embedder().encode(missing)):
+        for t, e in zip(missing, Embedder(threads=None).encode(missing)):
             known[key(t)] = e
         if cache is not None:
             keys = sorted(known)
@@ -91,7 +91,7 @@ def embed_prompts(prompts: Sequence[str], cache: Path | None) -> np.ndarray:
     return np.stack([known[key(p)] for p in prompts])
 
 
-def write_vendored_sample(test: Sequence[Record], path: Path, raw: dict[str, str]) -> int:
+def write_vendored_sample(test: Sequence[Record], path: Path, raw: dict[str, list[str]]) -> int:
     """Vendor a small held-out sample (prompt + response text) for the package's tests."""
     by: dict[str, list[Record]] = collections.defaultdict(list)
     for r in test:
@@ -100,30 +100,30 @@ def write_vendored_sample(test: Sequence[Record], path: Path, raw: dict[str, str
     rows = []
     for s, n in VENDORED_SOURCES.items():
         pick = sorted(by[s], key=lambda r: (zlib.crc32((r.prompt or "").encode()), r.tenant or ""))[:n]
-        rows += [
-            {
-                "prompt": r.prompt,
-                "response": raw[(r.prompt or "") + "\x00" + (r.tenant or "")],
-                "tenant": r.tenant,
-                "source": s,
-            }
-            for r in pick
-        ]
+        for r in pick:
+            # Two vicuna-13b builds share a tenant: take the response whose length is this record's label.
+            cands = raw[(r.prompt or "") + "\x00" + (r.tenant or "")]
+            resp = next((c for c in cands if count_tokens(c) == r.output_tokens), None)
+            if resp is None:
+                raise ValueError(f"vendored sample: no raw response matches {s} row {r.prompt[:40]!r}")
+            cands.remove(resp)
+            rows.append({"prompt": r.prompt, "response": resp, "tenant": r.tenant, "source": s})
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return len(rows)
 
 
-def _raw_responses(data_dir: Path) -> dict[str, str]:
-    """(prompt, tenant) -> response text for the vendored sources (gpteacher, vicuna bench)."""
-    from scheduler.predict.data import _join, _jsonl
+def _raw_responses(data_dir: Path) -> dict[str, list[str]]:
+    """(prompt, tenant) -> response texts for the vendored sources (gpteacher, vicuna bench); a list, since
+    vicuna-13b:20230322-clean-lang and vicuna-13b:20230322-new-hp-fp16 both map to tenant "vicuna-13b"."""
+    from scheduler.predict.data import _join, _jsonl, tenant_name
 
-    raw = {}
+    raw: dict[str, list[str]] = collections.defaultdict(list)
     for r in _jsonl(data_dir / "gpteacher_gpt4_roleplay_codegen_toolformer.jsonl.gz"):
-        raw[_join(r["instruction"], r.get("input")) + "\x00gpteacher-gpt4"] = r["response"]
+        raw[_join(r["instruction"], r.get("input")) + "\x00gpteacher-gpt4"].append(r["response"])
     for r in _jsonl(data_dir / "fastchat_vicuna_bench_answers_7models.jsonl.gz"):
-        raw[r["question"] + "\x00" + r["model"].split(":")[0]] = r["answer"]
+        raw[r["question"] + "\x00" + tenant_name(r["model"])].append(r["answer"])
     return raw
 
 
@@ -195,8 +195,7 @@ def train_all(
     ngram = None
     if {"ngram", "embedding"} & set(which):
         recs = load_text_sources(d)
-        train, test = split(recs)
-        test = test + load_mtbench(d)  # never trained on: an out-of-source check
+        train, test = text_split(recs, load_mtbench(d))
         w = sample_weights(train, balance)
         tenants = dropped_tenants(train, tenant_dropout)
         report["split"] = {
