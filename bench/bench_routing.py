@@ -9,6 +9,7 @@
     python bench/bench_routing.py shed_mooncake --json docs/results/routing_shed_mooncake.json
     python bench/bench_routing.py shed_learned_mooncake --json docs/results/routing_shed_learned_mooncake.json
     python bench/bench_routing.py length_hints --json docs/results/routing_length_hints.json  # length guesses
+    python bench/bench_routing.py capacity --json docs/results/routing_azure_capacity.json  # overload, per router
     python bench/bench_routing.py all --json docs/results/routing_studies.json
 
 Every number is a ratio against a baseline simulated in the same run, on the named trace and config.
@@ -221,6 +222,47 @@ def study_sweep() -> dict:
         best = min((v, r) for r, v in p99.items() if r != "round_robin")
         out["loads"][load] = {"ttft_p99_s": p99, "best": best[1], "rr_over_best": p99["round_robin"] / best[0],
                               "slo_attainment": {r: s["slo_attainment"] for r, s in row.items()}}
+    return out
+
+
+CAPACITY_ROUTERS = ("round_robin", "least_outstanding", "power_of_two", "llumnix", "mixing", "lookahead", "learned")
+
+
+def study_capacity(routers: tuple[str, ...] = CAPACITY_ROUTERS) -> dict:
+    """What each router completes of the Azure mix on 16 A100s under overload: ``saturation_rate`` routed by it
+    (completions over the second half of evenly spaced arrivals), and at one offered rate for all (twice
+    least-outstanding's saturation) the mix it completed in that window and the time it took to finish the whole
+    sample. A placement router's goodput cannot pass what the cluster completes of the mix, so this bounds the
+    goodput ratio on the homogeneous cluster (docs/routing.md, "Where the targets fall short")."""
+    from sim.commands import with_instances
+    from sim.compare import _sampled, mix_sample
+
+    trace = azure_conv_trace()
+    cfg = with_instances(load_config("default"), 16)
+    w = Workload.from_trace(trace)
+    sat = saturation_rate(cfg, w)
+    k = 1000 * cfg.num_instances
+    idx = mix_sample(w, k)
+    offered = 2.0 * sat
+    arrival = np.arange(k) / offered
+    sw = _sampled(w, idx, arrival)
+    half = 0.5 * float(arrival[-1])
+    out: dict = {"trace": trace.name, "config": "default x16", "sample": k, "saturation_rps_least_outstanding": sat,
+                 "offered_rps": offered, "mix_mean_prompt_tokens": float(np.mean(sw.prompt_tokens)),
+                 "mix_mean_output_tokens": float(np.mean(sw.output_tokens)), "routers": {}}
+    for r in routers:
+        res = Simulator(cfg, router=r).run(sw)
+        win = np.isfinite(res.finish_s) & (res.finish_s >= half) & (res.finish_s <= 2 * half)
+        out["routers"][r] = {
+            "saturation_rps": saturation_rate(cfg, w, router=r) if r != "least_outstanding" else sat,
+            "window_rps": float(win.sum() / half),
+            "window_prompt_tokens_per_s": float(sw.prompt_tokens[win].sum() / half),
+            "window_output_tokens_per_s": float(sw.output_tokens[win].sum() / half),
+            "window_mean_prompt_tokens": float(np.mean(sw.prompt_tokens[win])),
+            "window_mean_output_tokens": float(np.mean(sw.output_tokens[win])),
+            "makespan_s": float(np.nanmax(res.finish_s)),
+            "completed": int(np.isfinite(res.finish_s).sum()),
+        }
     return out
 
 
@@ -617,7 +659,7 @@ STUDIES = {"ir": study_ir, "predictor": study_predictor, "migration": study_migr
            "shed_learned": lambda: study_shed((), extra=SHED_LEARNED),
            "shed_learned_mooncake": lambda: study_shed((), mooncake=True, extra=SHED_LEARNED),
            "prefill_speed": study_prefill_speed, "learned_training": study_learned_training,
-           "length_hints": study_length_hints}
+           "length_hints": study_length_hints, "capacity": study_capacity}
 
 
 def main(argv: list[str] | None = None) -> int:

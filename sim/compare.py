@@ -29,15 +29,16 @@ DEFAULT_ROUTERS = "round_robin,random,least_outstanding,power_of_two,llumnix,mix
 GOODPUT_ITERS = 8
 
 
-def saturation_rate(config: ClusterConfig, w: Workload, *, sample: int | None = None, seed: int = 0) -> float:
+def saturation_rate(config: ClusterConfig, w: Workload, *, sample: int | None = None, seed: int = 0,
+                    router: str = "least_outstanding") -> float:
     """Requests per second the cluster completes in steady state when this trace's mix arrives faster than it serves.
 
     ``sample`` requests (default 1000 per instance, the trace repeated as needed) are drawn shuffled with a fixed
     seed, so the mix is the same all through, and arrive evenly spaced at an offered rate above capacity, routed as
-    they come by least-outstanding -- so a faster instance, draining sooner, takes more: mixed GPU types and P/D
-    pools of mixed speed are measured as they would run. The rate is the completions over the second half of the
-    arrivals (the first half fills the batches). If the cluster kept up with the offered rate, that rate was not
-    above capacity: measure again at twice what it completed. A cluster that completes less past capacity than at
+    they come by least-outstanding (or ``router``, by name) -- so a faster instance, draining sooner, takes more:
+    mixed GPU types and P/D pools of mixed speed are measured as they would run. The rate is the completions over
+    the second half of the arrivals (the first half fills the batches). If the cluster kept up with the offered
+    rate, that rate was not above capacity: measure again at twice what it completed. A cluster that completes less past capacity than at
     it (P/D pools under overload) reads the most it completes while keeping up (``_past_collapse``).
 
     Why not one burst at t=0 (what this measured until the twenty-first session): a few thousand requests queued at
@@ -48,13 +49,12 @@ def saturation_rate(config: ClusterConfig, w: Workload, *, sample: int | None = 
     # Fewer than ~500 per instance and the first half does not reach steady state (Azure, 4 x A100: 250 per
     # instance read 10.9 req/s, 500-4000 read 14.0-14.6); 1000 per instance repeat within ~3%.
     k = sample or 1000 * config.num_instances
-    rng = np.random.default_rng(seed)
-    idx = np.concatenate([rng.permutation(len(w)) for _ in range(-(-k // len(w)))])[:k]
+    idx = mix_sample(w, k, seed)
 
     def completed(offered: float) -> tuple[float, int]:
         """(completion rate over the second half of the arrivals, completions counted) at ``offered`` req/s."""
         arrival = np.arange(k) / offered
-        res = Simulator(config, router="least_outstanding").run(_sampled(w, idx, arrival))
+        res = Simulator(config, router=router).run(_sampled(w, idx, arrival))
         done = res.finish_s[np.isfinite(res.finish_s)]
         half = 0.5 * float(arrival[-1])
         n = int(np.sum((done >= half) & (done <= 2 * half)))
@@ -64,7 +64,7 @@ def saturation_rate(config: ClusterConfig, w: Workload, *, sample: int | None = 
 
     # First guess, above capacity on every cluster tried: twice a t=0 burst of 500 (a burst reads high on
     # homogeneous clusters and low on mixed ones; the loop doubles again if it was not enough).
-    offered = 2.0 * _completion_rate(Simulator(config, router="least_outstanding").run(
+    offered = 2.0 * _completion_rate(Simulator(config, router=router).run(
         _sampled(w, idx[:500], np.zeros(min(k, 500)))))
     if offered <= 0.0:  # nothing completes at all (every request refused): no capacity for this mix
         return 0.0
@@ -105,6 +105,12 @@ def _past_collapse(completed, rate: float, *, step: float = 1.1, refine: int = 3
         else:
             fail = mid
     return float(best)
+
+
+def mix_sample(w: Workload, k: int, seed: int = 0) -> np.ndarray:
+    """``k`` indices into ``w``, each pass over the trace a fresh shuffle (fixed seed): the trace's mix all through."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(len(w)) for _ in range(-(-k // len(w)))])[:k]
 
 
 def _sampled(w: Workload, idx: np.ndarray, arrival: np.ndarray) -> Workload:
@@ -210,4 +216,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["compare", "saturation_rate", "at_load", "router_factory", "main"]
+__all__ = ["at_load", "compare", "main", "router_factory", "saturation_rate"]

@@ -161,13 +161,13 @@ def test_saturation_of_a_cluster_that_collapses_under_overload_is_the_most_it_ke
     decoders that preempt: thrash) but keep up with 10: saturation is the edge -- kept up with just below it, not
     well above it. Measured above capacity only, it read 7.5 and "load 0.8" was 0.57 of what the cluster
     sustains (Azure x16 on 8 + 8: 35 vs 52 req/s)."""
-    from sim.compare import _sampled
+    from sim.compare import _sampled, mix_sample
 
     cfg = load_config("llama2-7b-pd-a100")
     w = Workload.from_trace(load_trace(DATA / "azure_llm_2023_conv_first10min.csv.gz"))
     sat = saturation_rate(cfg, w)
     k = 4000
-    idx = np.concatenate([np.random.default_rng(0).permutation(len(w)) for _ in range(-(-k // len(w)))])[:k]
+    idx = mix_sample(w, k)
 
     def completes(offered: float) -> float:  # completion rate over the second half of the arrivals
         arrival = np.arange(k) / offered
@@ -297,3 +297,24 @@ def test_no_length_guess_wrecks_a_router_that_reads_one() -> None:
             wl = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, predicted_output=po)
             att[label] = _run(cfg, wl, router)[1].slo_met.mean()
         assert min(att.values()) > att["none"] - 0.1, (router, att)
+
+
+def test_saturation_can_be_measured_under_any_router(monkeypatch) -> None:
+    """``saturation_rate(router=...)`` routes every one of its runs by that router (the capacity study compares
+    what each router completes of a mix under overload: bench/bench_routing.py capacity)."""
+    import sim.compare as C
+
+    used: list[str] = []
+    real = C.Simulator
+
+    def spy(config, router=None, **kw):
+        used.append(router)
+        return real(config, router=router, **kw)
+
+    monkeypatch.setattr(C, "Simulator", spy)
+    cfg = load_config("default")
+    w = Workload.from_trace(load_trace(DATA / "azure_llm_2023_conv_first10min.csv.gz"))
+    rr = C.saturation_rate(cfg, w, sample=800, router="round_robin")
+    assert used and set(used) == {"round_robin"} and rr > 0
+    used.clear()
+    assert C.saturation_rate(cfg, w, sample=800) > 0 and set(used) == {"least_outstanding"}
