@@ -34,7 +34,7 @@ import yaml
 from scheduler.cli_args import output_dir, positive_int
 from scheduler.config.gpus import catalog_key, catalog_names
 from scheduler.config.load import ConfigError
-from scheduler.config.models import ClusterConfig, GPUSpec, PolicySpec, PoolSpec
+from scheduler.config.models import ClusterConfig, EngineSpec, GPUSpec, PolicySpec, PoolSpec
 from scheduler.core.types import InstanceRole
 from scheduler.policy.placement import InstanceProfile, enumerate_placements, instance_profile
 from scheduler.policy.scaling import WorkloadSummary, instances_for
@@ -103,19 +103,26 @@ class PlanResult:
         return (self.instances,) if self.candidate.prefill_share is None else (self.prefill, self.decode)
 
 
+def engine_for(base: ClusterConfig, role: InstanceRole) -> EngineSpec:
+    """Engine settings for a planned pool of ``role``: those of the base config's first pool in that role (a P/D
+    template's prefill chunk budget stays on its PREFILL pool), else of its first pool."""
+    return next((p.engine for p in base.pools if p.role == role), base.pools[0].engine)
+
+
 def make_config(base: ClusterConfig, c: Candidate, counts: tuple[int, ...]) -> ClusterConfig:
     """``base`` with the candidate's pools: ``(n,)`` MIXED instances, or ``(prefill, decode)`` instances."""
-    engine = base.pools[0].engine
     if c.prefill_share is None:
         (n,) = counts
         pools = [PoolSpec(name=f"{c.gpu}-tp{c.tp}", role=InstanceRole.MIXED, gpu=c.gpu, tp=c.tp, count=n,
-                          engine=engine)]
+                          engine=engine_for(base, InstanceRole.MIXED))]
     else:
         p, d = counts
         dg, dt = c.decode_on
         pools = [
-            PoolSpec(name=f"prefill-{c.gpu}", role=InstanceRole.PREFILL, gpu=c.gpu, tp=c.tp, count=p, engine=engine),
-            PoolSpec(name=f"decode-{dg}", role=InstanceRole.DECODE, gpu=dg, tp=dt, count=d, engine=engine),
+            PoolSpec(name=f"prefill-{c.gpu}", role=InstanceRole.PREFILL, gpu=c.gpu, tp=c.tp, count=p,
+                     engine=engine_for(base, InstanceRole.PREFILL)),
+            PoolSpec(name=f"decode-{dg}", role=InstanceRole.DECODE, gpu=dg, tp=dt, count=d,
+                     engine=engine_for(base, InstanceRole.DECODE)),
         ]
     label = "-".join(map(str, counts))
     hw = c.hardware.lower().replace(" / ", "-").replace(" ", "-")

@@ -427,3 +427,17 @@ def test_plan_uses_the_simulators_latency_model_and_refuses_a_profile_across_gpu
     assert cli_main(["plan", "--synthetic", "50", "--config", str(tmp_path / "c.yaml"), "--gpus", "a100,h100",
                      "--tp", "1", "--out", str(tmp_path / "o")]) == 2
     assert "latency_profile" in capsys.readouterr().err
+
+
+def test_planned_pools_keep_their_roles_engine_settings() -> None:
+    """Every planned pool took the base config's first pool's engine: a P/D template's prefill chunk budget
+    (llama2-7b-pd-a100: max_num_batched_tokens 4096 on PREFILL only) landed on the decode and MIXED pools."""
+    from sim.planner import make_config
+
+    base = load_config("llama2-7b-pd-a100")
+    prefill, decode = base.pools
+    pd = make_config(base, Candidate("a100", 1, "pd:0.5", "least_outstanding"), (2, 3)).pools
+    assert [p.engine for p in pd] == [prefill.engine, decode.engine]
+    assert prefill.engine.max_num_batched_tokens != decode.engine.max_num_batched_tokens
+    (mixed,) = make_config(base, Candidate("a100", 1, "mixed", "least_outstanding"), (4,)).pools
+    assert mixed.engine == prefill.engine  # no MIXED pool in the template: its first pool's
