@@ -171,7 +171,7 @@ def split(records: list[Record], test_frac: float = 0.2, seed: int = 0) -> tuple
     return train, test
 
 
-def text_split(records: list[Record], out_of_source: list[Record] = ()) -> tuple[list[Record], list[Record]]:
+def text_split(records: list[Record], out_of_source: Iterable[Record] = ()) -> tuple[list[Record], list[Record]]:
     """The text predictors' (train, test): ``split`` by normalised prompt, so no prompt is on both sides through
     two sources, plus the ``out_of_source`` rows (MT-bench: never trained on) whose prompt no training row holds."""
     train, test = split(records)
