@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="Ray actor calls only between the ingress and the instances (default: the direct TCP "
                         "channel, with Ray as fallback; env LLMSCHED_DIRECT_CHANNEL=0 does the same)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LLMSCHED_LOG_LEVEL", "WARNING"))
+    logging.basicConfig(level=os.environ.get("LLMSCHED_LOG_LEVEL", "WARNING").strip().upper())
     try:
         load_config(args.config)
     except ConfigError as e:

@@ -279,3 +279,66 @@ def test_direct_channel_switch_reaches_the_scheduler_container() -> None:
 
     assert env_of(None)["LLMSCHED_DIRECT_CHANNEL"] == "1"
     assert env_of({"scheduler": {"directChannel": False}})["LLMSCHED_DIRECT_CHANNEL"] == "0"
+
+
+# -- an audit of the chart against what an operator's install does (twenty-ninth session); each failed before ---------
+
+
+def _scheduler_container(values: dict[str, Any] | None) -> dict[str, Any]:
+    rc = _of_kind(_render(values), "RayCluster")[0]
+    containers = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    (c,) = [x for x in containers if any(e["name"] == "LLMSCHED_LOG_LEVEL" for e in x.get("env", []))]
+    return c
+
+
+@pytest.mark.parametrize("level", ["debug", "info", "warning", "error"])
+def test_every_log_level_the_chart_allows_is_one_python_logging_takes(level: str) -> None:
+    """The schema allows lower-case levels and logging.basicConfig takes upper case only: `llmsched serve` died at
+    start-up ("Unknown level: 'info'") on the chart's default."""
+    import logging
+
+    env = {e["name"]: e.get("value") for e in _scheduler_container({"scheduler": {"logLevel": level}})["env"]}
+    assert isinstance(logging.getLevelName(env["LLMSCHED_LOG_LEVEL"]), int)
+
+
+def test_the_scheduler_listens_where_its_services_and_probes_dial() -> None:
+    """`llmsched serve` binds LLMSCHED_HOST (default loopback); Services and kubelet probes dial the pod IP."""
+    c = _scheduler_container(None)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["LLMSCHED_HOST"] == "0.0.0.0"
+
+
+def test_liveness_waits_for_a_start_that_loads_every_instance() -> None:
+    """The gRPC port opens after deploy() waits up to 120 + 10 s for every instance: liveness (60 s delay, 3 x 20 s)
+    restarted the container at ~100 s, so a slow start looped in CrashLoopBackOff."""
+    c = _scheduler_container(None)
+    start = c["startupProbe"]
+    assert start["periodSeconds"] * start["failureThreshold"] >= 130 + 60
+    assert "initialDelaySeconds" not in c["livenessProbe"]
+
+
+def test_worker_budgets_are_ones_kubernetes_can_evaluate_for_a_raycluster() -> None:
+    """A RayCluster has no /scale subresource, so a maxUnavailable (or percentage) budget over its pods is SyncFailed
+    with 0 disruptions allowed and blocks every node drain; an integer minAvailable works for any controller."""
+    pdbs = _of_kind(_render(_values("hetero-pd.yaml")), "PodDisruptionBudget")
+    assert pdbs
+    for pdb in pdbs:
+        assert "maxUnavailable" not in pdb["spec"] and isinstance(pdb["spec"]["minAvailable"], int)
+
+
+def test_a_config_change_rolls_the_pods() -> None:
+    """KubeRay applies a changed pod spec (the config checksum) only with upgradeStrategy Recreate; without it a
+    `helm upgrade` changed the ConfigMap and the scheduler kept running the old config."""
+    rc = _of_kind(_render(None), "RayCluster")[0]
+    assert rc["spec"]["upgradeStrategy"] == {"type": "Recreate"}
+    a = _of_kind(_render(None), "RayCluster")[0]["spec"]["headGroupSpec"]["template"]["metadata"]["annotations"]
+    b = _of_kind(_render({"config": {"slos": {0: {"ttft_s": 3.0, "tpot_s": 0.1}}}}), "RayCluster")[0]
+    assert a["checksum/config"] != b["spec"]["headGroupSpec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+
+def test_a_ray_start_param_the_chart_sets_cannot_be_set_twice() -> None:
+    """A second `num-gpus` rendered a duplicate YAML key: PyYAML kept the last silently, Flux/Kustomize refuse it."""
+    values = _values("single-gpu-type.yaml")
+    values["gpuTypes"][0]["rayStartParams"] = {"num-gpus": "4"}
+    _, findings = render_chart(DEFAULT_CHART, values, "test")
+    assert any("rayStartParams.num-gpus" in str(f) for f in findings)

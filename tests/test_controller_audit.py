@@ -377,3 +377,39 @@ def test_scale_count_is_bounded() -> None:
     from scheduler.server.grpc_server import MAX_SCALE_COUNT
 
     assert MAX_SCALE_COUNT == MAX_POOL_SIZE
+
+
+# -- the chart audit's findings in the control plane (twenty-ninth session) -------------------------------------------
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:6379", ""])
+def test_serve_joins_the_ray_cluster_named_by_ray_address(monkeypatch, address: str) -> None:
+    """The chart's head pod sets RAY_ADDRESS to its KubeRay head; start_local_cluster (what `llmsched serve` runs)
+    always started a private Ray (address="local"), so no GPU worker group was ever used. Unset: a local Ray."""
+    import ray
+
+    from scheduler.config.load import load_config
+    from scheduler.control import cluster as cl
+
+    inits: list[dict] = []
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **kw: inits.append(kw))
+    monkeypatch.setattr(cl, "start_ray", lambda workers: inits.append({"address": "local"}) or "runtime")
+    monkeypatch.setattr(cl, "deploy", lambda config, **kw: SimpleNamespace(make_ingress=lambda **kw: "ingress"))
+    local = cl.start_local_cluster(load_config("default"))
+    assert [i["address"] for i in inits] == [address or "local"]
+    assert (local.runtime is None) == bool(address)  # shutdown() never stops a cluster it did not start
+
+
+def test_cpu_only_placement_takes_a_slot_of_the_pools_type_where_workers_advertise_them() -> None:
+    """The chart's cpu-dev workers advertise llmsched_gpu_<type> slots; CPU-only bundles asked for none, so simulated
+    instances landed on the head pod and the worker group did nothing."""
+    from scheduler.config.models import PoolSpec
+    from scheduler.control.placement import gpu_type_resource, plan_placement
+
+    pool = PoolSpec(name="m", role=InstanceRole.MIXED, gpu="sim-a100", tp=2, count=1, backend="simulated")
+    plain = plan_placement(pool, use_gpus=False)
+    slots = plan_placement(pool, use_gpus=False, type_slots=True)
+    assert all(gpu_type_resource("sim-a100") not in b for b in plain.bundles)
+    assert [b[gpu_type_resource("sim-a100")] for b in slots.bundles] == [1.0, 1.0]

@@ -200,7 +200,13 @@ def start_local_cluster(
     import ray
 
     runtime = None
+    address = os.environ.get("RAY_ADDRESS", "").strip()
     if not ray.is_initialized():
-        runtime = start_ray(nodes_for(config, fake_gpus_per_node=fake_gpus_per_node, nodes=nodes))
+        if address and fake_gpus_per_node <= 0:
+            # A running cluster (the KubeRay head in the chart's head pod): join it, never start a private one;
+            # runtime stays None so shutdown() does not stop a cluster this process did not start.
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        else:
+            runtime = start_ray(nodes_for(config, fake_gpus_per_node=fake_gpus_per_node, nodes=nodes))
     dep = deploy(config, name=name, backend_kwargs=backend_kwargs)
     return LocalCluster(runtime, dep, dep.make_ingress(**(ingress_kwargs or {})))

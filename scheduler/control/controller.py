@@ -45,6 +45,7 @@ from scheduler.control.placement import (
     bundle_nodes,
     cluster_has_gpus,
     create_instance_pg,
+    gpu_type_resource,
     plan_placement,
     remove_instance_pg,
 )
@@ -613,7 +614,8 @@ class Controller:
 
     async def _create(self, pool: PoolSpec, iid: str) -> None:
         try:
-            plan: InstancePlacement = plan_placement(pool, use_gpus=self._use_gpus)
+            slots = not self._use_gpus and ray.cluster_resources().get(gpu_type_resource(pool.gpu), 0) > 0
+            plan: InstancePlacement = plan_placement(pool, use_gpus=self._use_gpus, type_slots=slots)
             pg = create_instance_pg(self.cluster, iid, plan, detached=self._detached)
             await pg.ready()
             opts = actor_options(pg, plan)

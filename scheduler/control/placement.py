@@ -51,12 +51,15 @@ class InstancePlacement:
     uses_gpus: bool
 
 
-def plan_placement(pool: PoolSpec, *, use_gpus: bool) -> InstancePlacement:
+def plan_placement(pool: PoolSpec, *, use_gpus: bool, type_slots: bool = False) -> InstancePlacement:
     """Bundles for one instance of ``pool``.
 
     Args:
         pool: the pool spec (GPU type, TP degree, backend).
         use_gpus: whether the cluster has GPUs (fake or real); ``False`` gives CPU-sliver bundles.
+        type_slots: (CPU-only clusters) nodes advertise ``llmsched_gpu_<type>`` as slots (the chart's
+            ``gpuTypes[].slots``): each bundle then takes one slot, so instances land on that group's workers
+            and a worker holds at most ``slots`` of them.
     """
     if use_gpus:
         bundle = {"GPU": 1.0, gpu_type_resource(pool.gpu): _LABEL_SLIVER}
@@ -65,6 +68,8 @@ def plan_placement(pool: PoolSpec, *, use_gpus: bool) -> InstancePlacement:
         actor_gpus = 1.0 if pool.backend == "vllm" and pool.tp == 1 else 0.0
     else:
         bundle = {"CPU": _CPU_SLIVER}
+        if type_slots:
+            bundle[gpu_type_resource(pool.gpu)] = 1.0
         actor_gpus = 0.0
     return InstancePlacement(
         bundles=tuple(dict(bundle) for _ in range(pool.tp)),

@@ -152,6 +152,10 @@ def build_values_schema() -> dict[str, Any]:
                     "version": {"type": "string", "pattern": r"^[0-9]+\.[0-9]+\.[0-9]+$"},
                     "head": head,
                     "enableInTreeAutoscaling": {"type": "boolean"},
+                    "upgradeStrategy": {
+                        "enum": ["Recreate", "None"],
+                        "description": "KubeRay spec.upgradeStrategy.type: Recreate re-creates all pods when the RayCluster spec (e.g. the config checksum) changes; None keeps running pods",
+                    },
                 },
                 required=["version"],
             ),

@@ -57,11 +57,21 @@ the key and the allowed values, like the project's own config errors.
 {{- fail (printf "gpuTypes[%d].name: duplicate GPU type %q" $i $g.name) }}
 {{- end }}
 {{- $_ := set $types $g.name $g }}
+{{- range $k := list "resources" "num-gpus" }}
+{{- if hasKey (default dict $g.rayStartParams) $k }}
+{{- fail (printf "gpuTypes[%d].rayStartParams.%s: set by the chart (from gpusPerNode/slots); a second key renders a duplicate YAML key" $i $k) }}
+{{- end }}
+{{- end }}
 {{- $min := int (default 0 $g.minReplicas) }}
 {{- $max := int $g.maxReplicas }}
 {{- $rep := int (default $min $g.replicas) }}
 {{- if or (gt $min $max) (lt $rep $min) (gt $rep $max) }}
 {{- fail (printf "gpuTypes[%d] (%s): need minReplicas <= replicas <= maxReplicas, got %d <= %d <= %d" $i $g.name $min $rep $max) }}
+{{- end }}
+{{- end }}
+{{- range $k := list "dashboard-host" "num-gpus" }}
+{{- if hasKey (default dict $.Values.ray.head.rayStartParams) $k }}
+{{- fail (printf "ray.head.rayStartParams.%s: set by the chart; a second key renders a duplicate YAML key" $k) }}
 {{- end }}
 {{- end }}
 {{- $allowed := keys $types | sortAlpha | join ", " }}
