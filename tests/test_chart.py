@@ -342,3 +342,13 @@ def test_a_ray_start_param_the_chart_sets_cannot_be_set_twice() -> None:
     values["gpuTypes"][0]["rayStartParams"] = {"num-gpus": "4"}
     _, findings = render_chart(DEFAULT_CHART, values, "test")
     assert any("rayStartParams.num-gpus" in str(f) for f in findings)
+
+
+def test_the_scheduler_shares_the_ray_heads_session_dir() -> None:
+    """`llmsched serve` joins the head as a Ray driver in another container of the pod: a driver reaches its node's
+    raylet and object store through the sockets under /tmp/ray, so both containers mount one volume there."""
+    rc = _of_kind(_render(None), "RayCluster")[0]
+    spec = rc["spec"]["headGroupSpec"]["template"]["spec"]
+    mounts = {c["name"]: {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])} for c in spec["containers"]}
+    assert mounts["ray-head"]["/tmp/ray"] == mounts["llmsched"]["/tmp/ray"]
+    assert "emptyDir" in {v["name"]: v for v in spec["volumes"]}[mounts["ray-head"]["/tmp/ray"]]
