@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from scheduler.cli_args import (
     figure_file,
     nonneg_float,
@@ -36,6 +38,9 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cv", type=positive_float, default=1.0,
                    help="synthetic inter-arrival CV (1 = Poisson, >1 bursty)")
     p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--spread-ties", action="store_true",
+                   help="spread requests logged at one timestamp (a coarse trace clock, e.g. Mooncake's 3 s ticks) "
+                        "evenly at random up to the next timestamp, instead of replaying them as one burst")
 
 
 def window_arg(s: str) -> tuple[float, float]:
@@ -123,18 +128,30 @@ def load_workload(args: argparse.Namespace, cfg: ClusterConfig):
         raise ValueError("--synthetic: generates the workload; give it or --trace, not both")
     if args.format and not args.trace:
         raise ValueError("--format: names the format of --trace; no --trace given")
+    cv = getattr(args, "cv", 1.0)
+    arrival = "gamma" if cv != 1.0 else "poisson"
     if args.synthetic:
         rate = args.rate or 1.5 * cfg.num_instances
-        trace = synthetic(args.synthetic, rate, arrival="gamma" if args.cv != 1.0 else "poisson", cv=args.cv,
-                          seed=args.seed)
+        trace = synthetic(args.synthetic, rate, arrival=arrival, cv=cv, seed=args.seed)
     elif args.trace:
-        trace = load_trace(args.trace, args.format, rate=args.rate or 1.5 * cfg.num_instances, seed=args.seed)
+        trace = load_trace(args.trace, args.format, rate=args.rate or 1.5 * cfg.num_instances, seed=args.seed,
+                           arrival=arrival, cv=cv)
         if trace.drawn_arrivals:  # lengths only: the loader drew the arrival times
             print(f"note: {args.trace} has no timestamps as read (format {args.format or 'detected'}); arrivals "
-                  f"are synthetic ({trace.drawn_arrivals}; --rate sets the rate)",
+                  f"are synthetic ({trace.drawn_arrivals}; --rate and --cv set them)",
                   file=sys.stderr)
     else:
         trace = default_trace()
+    if not trace.drawn_arrivals and (args.rate is not None or cv != 1.0):
+        flag = "--rate" if args.rate is not None else "--cv"
+        raise ValueError(f"{flag}: sets the arrival process of --synthetic or of a lengths-only trace; "
+                         f"{trace.name} replays its own timestamps (use --rate-scale to change its rate)")
+    if getattr(args, "spread_ties", False):
+        trace = trace.spread_ties(args.seed)
+    elif len(trace) > 2 and np.mean(np.diff(trace.arrival_s) == 0) > 0.5:
+        print(f"note: {trace.name}: {np.mean(np.diff(trace.arrival_s) == 0):.0%} of its requests arrive at the same "
+              "instant as the one before (a coarse trace clock?); they are replayed as bursts; --spread-ties spreads "
+              "them", file=sys.stderr)
     if args.window:
         trace = trace.window(*args.window)
     if args.limit:
@@ -166,6 +183,8 @@ def simulate_main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_cluster(args)
         trace, w = load_workload(args, cfg)
+        if args.goodput:
+            check_time_span(trace)  # goodput = scale x the trace's rate: a zero-span trace reads ~1e11 req/s
         router_name = args.router or cfg.policies.router.name
         params = cfg.policies.router.params if router_name == cfg.policies.router.name else {}
         try:
@@ -258,7 +277,9 @@ def fit_predictor_main(argv: list[str] | None = None) -> int:
         print(f"error: --holdout: must be in (0, 1), got {args.holdout}", file=sys.stderr)
         return 2
     try:
-        trace = load_trace(args.trace, args.format, limit=args.limit)
+        trace = load_trace(args.trace, args.format)  # limit= would keep the first N *rows*: N arrivals, as simulate
+        if args.limit:
+            trace = trace.head(args.limit)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,6 +45,9 @@ def goodput(
     iters: int = 8,
 ) -> GoodputResult:
     """Max rate (req/s) with SLO attainment >= ``target``; 0 when even ``lo`` x the trace rate misses it."""
+    if len(w) > 1 and float(w.arrival_s[-1] - w.arrival_s[0]) <= 0:
+        raise ValueError(f"goodput: the {len(w)} arrivals of {w.name!r} span no time, so the trace's rate (which the "
+                         "result scales) cannot be measured")
     base_rate = w.rate_rps if len(w) > 1 else 0.0
     probes = 0
 

@@ -74,6 +74,10 @@ class Workload:
             raise ValueError("workload: arrival_s, prompt_tokens and output_tokens must have equal length")
         if n and np.any(np.diff(self.arrival_s) < 0):
             raise ValueError("workload.arrival_s: arrivals must be non-decreasing")
+        if self.hash_ids is not None and len(self.hash_ids) != n:  # request i would read another's prefix blocks
+            raise ValueError(f"workload.hash_ids: {len(self.hash_ids)} entries for {n} requests")
+        if self.hash_block_tokens < 1:
+            raise ValueError(f"workload.hash_block_tokens: must be >= 1, got {self.hash_block_tokens}")
 
     def __len__(self) -> int:
         return len(self.arrival_s)

@@ -188,9 +188,16 @@ def test_a_lengths_only_file_says_its_arrivals_were_drawn(tmp_path: Path, capsys
     args = argparse.Namespace(synthetic=None, trace=str(lengths), format=None, rate=4.0, seed=1, window=None,
                               limit=None, rate_scale=1.0)
     load_workload(args, load_config("default"))
-    assert "arrivals are synthetic (poisson at 4 req/s, seed=1; --rate sets the rate)" in capsys.readouterr().err
-    load_workload(argparse.Namespace(**{**vars(args), "trace": str(timed)}), load_config("default"))
+    assert "arrivals are synthetic (poisson at 4 req/s, seed=1; --rate and --cv set them)" in capsys.readouterr().err
+    load_workload(argparse.Namespace(**{**vars(args), "cv": 3.0, "rate": 4.0}), load_config("default"))
+    assert "gamma(cv=3) at 4 req/s" in capsys.readouterr().err  # --cv reaches the drawn arrivals
+    load_workload(argparse.Namespace(**{**vars(args), "trace": str(timed), "rate": None}), load_config("default"))
     assert "synthetic" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--rate: .*own timestamps"):  # not silently ignored
+        load_workload(argparse.Namespace(**{**vars(args), "trace": str(timed)}), load_config("default"))
+    with pytest.raises(ValueError, match="--cv: .*own timestamps"):
+        load_workload(argparse.Namespace(**{**vars(args), "trace": None, "rate": None, "cv": 2.0}),
+                      load_config("default"))
 
 
 def test_mooncake_without_hash_ids_and_blank_lines(tmp_path: Path) -> None:
@@ -457,3 +464,53 @@ def test_not_utf8_names_the_line(tmp_path: Path) -> None:
     p = tmp_path / "bin.csv"
     p.write_bytes(b"TIMESTAMP,ContextTokens,GeneratedTokens\r\n2023-11-16 18:15:46,1,2\r\n\xff\xfe,1,2\r\n")
     assert str(err(p)).startswith(f"{p}:3: not UTF-8 text")
+
+
+def test_goodput_refuses_a_zero_span_workload(capsys) -> None:
+    """Ten Mooncake requests share timestamp 0: the trace's rate is unmeasurable, goodput must not read ~6e11 req/s."""
+    from scheduler.config.load import load_config
+    from sim.commands import simulate_main
+    from sim.goodput import goodput
+    from sim.simulator import Workload
+
+    tr = load_bundled("mooncake_conversation").head(10)
+    assert tr.duration_s == 0.0
+    with pytest.raises(ValueError, match="span no time"):
+        goodput(load_config("default"), Workload.from_trace(tr), lambda: None)
+    rc = simulate_main(["--trace", str(bundled_traces()["mooncake_conversation"]), "--limit", "10", "--goodput",
+                        "--quiet", "--config", "llama3-8b-a100-16-longctx"])
+    assert rc == 2 and "span no time" in capsys.readouterr().err
+def test_spread_ties_undoes_a_coarse_clock() -> None:
+    """The bundled Mooncake slice logs ~10 requests per 3 s tick: 89% zero gaps, CV 2.84 from the clock alone."""
+    tr = load_bundled("mooncake_conversation")
+    gaps = np.diff(tr.arrival_s)
+    assert np.mean(gaps == 0) > 0.8 and gaps.std() / gaps.mean() > 2.5
+    s = tr.spread_ties(seed=1)
+    g = np.diff(s.arrival_s)
+    assert s.arrival_s[0] == 0.0 and np.all(g >= 0) and np.mean(g == 0) == 0.0
+    assert 0.85 < g.std() / g.mean() < 1.2  # per-tick counts are Poisson: spread, the process is too
+    assert s.hash_ids == tr.hash_ids and np.array_equal(s.prompt_tokens, tr.prompt_tokens)  # nothing reordered
+    assert np.all(np.abs(s.arrival_s - tr.arrival_s) < 3.0 + 1e-9)  # each request stays within its tick
+    assert default_trace().spread_ties() is not None and len(default_trace().spread_ties()) == 2867
+def test_tokens_file_with_an_unread_time_column_is_refused(tmp_path: Path) -> None:
+    """A 'timestamp' column the tokens format does not read must not be silently replaced by Poisson arrivals."""
+    p = write(tmp_path, "ts.csv", "timestamp,input_length,output_length\n1000,10,5\n2000,20,5\n")
+    with pytest.raises(TraceFormatError, match="column 'timestamp': looks like arrival times"):
+        load_trace(p)
+    az = write(tmp_path, "az.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,374,44\n")
+    with pytest.raises(TraceFormatError, match="column 'TIMESTAMP'"):
+        load_trace(az, "tokens")  # the Azure trace forced to tokens kept its lengths and lost its clock
+    assert load_trace(az).drawn_arrivals == ""
+def test_cli_limit_takes_the_first_arrivals_of_an_unsorted_file(tmp_path: Path, capsys) -> None:
+    from sim.traces.__main__ import main
+
+    p = write(tmp_path, "u.csv", "arrived_at,num_prefill_tokens,num_decode_tokens\n5,10,5\n1,20,5\n3,30,5\n0.5,40,5\n")
+    assert main([str(p), "--limit", "2"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["n"] == 2 and s["duration_s"] == 0.5  # arrivals 0.5 and 1 (file order would give 5 and 1: 4.0 s)
+def test_mooncake_jsonl_with_a_utf8_bom(tmp_path: Path) -> None:
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"timestamp": 0, "input_length": 10, "output_length": 5}\n'
+                  b'{"timestamp": 1000, "input_length": 20, "output_length": 5}\n')
+    tr = load_trace(p)
+    assert tr.arrival_s.tolist() == [0.0, 1.0] and tr.prompt_tokens.tolist() == [10, 20]

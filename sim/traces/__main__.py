@@ -45,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.files:
             traces = [
-                (f.rsplit("/", 1)[-1], load_trace(f, args.format, limit=args.limit, rate=args.rate))
-                for f in args.files
+                (f.rsplit("/", 1)[-1], load_trace(f, args.format, rate=args.rate)) for f in args.files
             ]
         else:
-            traces = [(f"bundled: {n}", load_bundled(n, limit=args.limit)) for n in bundled_traces()]
+            traces = [(f"bundled: {n}", load_bundled(n)) for n in bundled_traces()]
+        if args.limit is not None:  # the first N arrivals (limit= in load_trace: the first N rows of the file)
+            traces = [(label, t.head(args.limit)) for label, t in traces]
     except TraceFormatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

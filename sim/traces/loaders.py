@@ -73,6 +73,8 @@ _OPTIONAL: dict[str, dict[str, tuple[str, ...]]] = {
     "tokens": {"time": ("arrived_at", "arrival_s", "arrival_time", "timestamp_s")},
 }
 _ZERO = frozenset({"0", "0.0", "-0"})
+# Time-like column names (normalised) that no format reads: a tokens file holding one is refused, not re-timed.
+_UNREAD_TIME = frozenset({"timestamp", "time", "arrival", "arrivaltimems", "timestampms", "ts", "t"})
 _TZ = re.compile(r"(Z|[+-]\d\d:?\d\d)$")
 
 
@@ -339,6 +341,18 @@ def _load_csv(
         i = _find(header_norm, names)
         if i is not None:
             cols[role] = i
+    if fmt == "tokens" and "time" not in cols:
+        timeish = [h for h, n in zip(header, header_norm) if n in _UNREAD_TIME]
+        if timeish:  # drawing Poisson arrivals over a column of real ones would silently replace them
+            raise TraceFormatError(
+                str(path),
+                counter[0],
+                "looks like arrival times, which the tokens format reads only from a column named arrived_at, "
+                "arrival_s, arrival_time or timestamp_s (seconds); rename it (or drop it to draw arrivals), or name "
+                "the format whose timestamps these are (azure: wall clock, burstgpt: seconds)",
+                column=timeish[0].strip(),
+                value=",".join(header),
+            )
     canon = {role: header[i].strip() for role, i in cols.items()}
     roles = list(cols)
     data: dict[str, list[str]] = {r: [] for r in roles}
@@ -481,7 +495,9 @@ def load_trace(
     Args:
         path: plain or gzipped (detected by magic bytes) file.
         format: one of ``FORMATS``, or ``None`` to detect it from the header / first line.
-        limit: keep only the first ``limit`` requests (in file order); stops reading early on large files.
+        limit: keep only the first ``limit`` requests *in file order* (then sorted); stops reading early on large
+            files. On a file that is not sorted by arrival these need not be the first ``limit`` arrivals:
+            ``load_trace(path).head(n)`` gives those.
         rate, seed, arrival, cv: only for ``tokens`` files without an arrival column: the synthetic arrival
             process that times the requests (default Poisson at 1 req/s; use ``Trace.scale_rate`` or pass
             ``rate`` for another load).
@@ -507,7 +523,8 @@ def load_trace(
                 break
         if not first.strip():
             raise TraceFormatError(str(path), counter[0] or 1, "empty file: no header and no requests")
-        is_json = first.lstrip("\ufeff \t").startswith("{")
+        first = first.removeprefix("\ufeff")  # a UTF-8 BOM (Windows tools write one): json.loads refuses it
+        is_json = first.lstrip(" \t").startswith("{")
         if format == "mooncake" or (format is None and is_json):
             if not is_json:
                 raise TraceFormatError(

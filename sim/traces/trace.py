@@ -161,6 +161,31 @@ class Trace:
             self, arrival_s=self.arrival_s / float(factor), source=f"{self.source} (rate x{factor:g})"
         )
 
+    def spread_ties(self, seed: int = 0) -> Trace:
+        """Requests that share one arrival time spread uniformly (file order kept) up to the next distinct time.
+
+        Some traces log arrivals on a coarse clock: the Mooncake FAST'25 conversation trace's 12,031 timestamps take
+        1,180 values 3 s apart (~10 requests per tick, per-tick counts Poisson: variance/mean 1.10). Replayed as
+        read, each tick is a burst of ~10 simultaneous requests (inter-arrival CV 3.03); spread, the CV is 1.01.
+        The last tick spreads over the median gap between distinct times. Order, lengths and ``hash_ids`` are
+        unchanged (no request moves past another), so the columns stay aligned.
+        """
+        if len(self) < 2:
+            return self
+        u, first, counts = np.unique(self.arrival_s, return_index=True, return_counts=True)
+        if len(u) == len(self):
+            return self
+        gaps = np.diff(u)
+        tail = float(np.median(gaps)) if len(gaps) else 0.0
+        span = np.append(gaps, tail)  # each tick's room: up to the next distinct arrival time
+        rng = np.random.default_rng(seed)
+        arr = self.arrival_s.copy()
+        for k in np.flatnonzero(counts > 1):
+            i, c = int(first[k]), int(counts[k])
+            # the tick's first request stays on the tick (first arrival stays at 0.0); the rest in sorted order
+            arr[i + 1 : i + c] = u[k] + np.sort(rng.uniform(0.0, span[k], c - 1))
+        return replace(self, arrival_s=arr, source=f"{self.source} [ties spread, seed={seed}]")
+
     def window(self, start_s: float, end_s: float) -> Trace:
         """The requests arriving in ``[start_s, end_s)``, re-based so the first of them arrives at 0.0.
 
