@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import time
+from dataclasses import dataclass, field
 
 import grpc
 import pytest
@@ -24,10 +26,13 @@ from scheduler.client import (
     Unavailable,
 )
 from scheduler.client._common import StreamState
+from scheduler.control.api import Unavailable as ControlUnavailable
 from scheduler.core.types import InstanceRole
+from scheduler.engine.base import TokenChunk
 from scheduler.server.auth import AuthConfig
 from scheduler.server.background import BackgroundServer
 from scheduler.server.echo import EchoIngress
+from tests.test_grpc_api import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +239,141 @@ def test_async_client() -> None:
         while "aio-break" not in s.ingress.cancelled and time.monotonic() < deadline:
             time.sleep(0.01)
         assert "aio-break" in s.ingress.cancelled
+
+
+# -- an SDK audit's findings (twenty-ninth session); each failed before its fix ---------------------------------------
+
+
+@dataclass
+class _SampledEcho(EchoIngress):
+    """An engine that samples: temperature > 0 without a seed draws fresh tokens on each attempt (a seed or greedy
+    decoding repeats them, as vLLM's per-request seed does); the first attempt of each id fails after 4 tokens."""
+
+    samples: dict = field(default_factory=dict)
+
+    async def _stream(self, request):  # type: ignore[no-untyped-def,override]
+        rid, sp = request.request_id, request.sampling
+        attempt = self._attempts.get(rid, 0)
+        self._attempts[rid] = attempt + 1
+        rng = random.Random(sp.seed) if (sp.temperature == 0 or sp.seed is not None) else random.Random()
+        toks = [rng.randrange(1, 1000) for _ in range(sp.max_tokens)]
+        self.samples.setdefault(rid, []).append(toks)
+        for i, t in enumerate(toks):
+            await asyncio.sleep(0)
+            if attempt == 0 and i == 4:
+                raise ControlUnavailable("instance lost")
+            done = i == len(toks) - 1
+            yield TokenChunk(rid, i, (t,), finished=done, finish_reason="length" if done else None)
+
+
+def test_a_retried_sampled_request_is_one_sample_not_two_spliced() -> None:
+    """A retry re-runs the request from token 0: an unseeded sampled retry is a new sample, and the SDK glued its
+    tail to the first attempt's head. generate() now starts over; stream() raises; greedy/seeded still resume."""
+    with BackgroundServer(lambda: _SampledEcho()) as s, Client(s.address, retries=2, timeout_s=10) as c:
+        r = c.generate("hello", max_tokens=10, request_id="sampled", temperature=0.8)
+        assert r.token_ids == s.ingress.samples["sampled"][-1] and r.attempts == 2
+        r = c.generate("hello", max_tokens=10, request_id="seeded", temperature=0.8, seed=7)
+        assert r.token_ids == s.ingress.samples["seeded"][0] == s.ingress.samples["seeded"][1]
+        with pytest.raises(Unavailable):
+            list(c.stream("hello", max_tokens=10, request_id="sampled-stream", temperature=0.8))
+
+
+def test_text_survives_a_resume_whose_chunks_split_differently() -> None:
+    """The server blanked the text of a message straddling resume_from_index; chunk boundaries differ between
+    attempts, so ``text`` lost characters the token ids still had."""
+
+    class ChrTok:
+        def decode(self, ids):  # type: ignore[no-untyped-def]
+            return "".join(map(chr, ids))
+
+    @dataclass
+    class ReChunk(EchoIngress):
+        tokenizer: object = field(default_factory=ChrTok)
+
+        def _stream(self, request):  # type: ignore[no-untyped-def,override]
+            self.chunk_tokens = 3 if self._attempts.get(request.request_id, 0) == 0 else 4
+            return super()._stream(request)
+
+    with BackgroundServer(lambda: ReChunk(fail_once_after=3)) as s, Client(s.address, timeout_s=10) as c:
+        r = c.generate("abcdefghij", max_tokens=10, request_id="t1")
+        assert r.attempts == 2 and r.text == "".join(map(chr, r.token_ids)) == "abcdefghij"
+
+
+def test_a_field_has_its_wire_name_whichever_layer_rejects_it() -> None:
+    with BackgroundServer(lambda: EchoIngress(max_model_len=64)) as s, Client(s.address, timeout_s=10) as c:
+        fields = []
+        for kw in ({"max_tokens": 0}, {"max_tokens": 100}):  # refused by validate.py, then by the ingress
+            with pytest.raises(InvalidArgument) as e:
+                c.generate("hello", **kw)
+            fields.append(e.value.field)
+        assert fields == ["sampling.max_tokens", "sampling.max_tokens"]
+
+
+def test_closing_an_async_client_under_a_call_raises_cancelled_like_the_sync_one(srv) -> None:  # type: ignore[no-untyped-def]
+    """A bare asyncio.CancelledError in a task nobody cancelled made gather()/TaskGroup treat it as cancelled."""
+
+    async def main() -> BaseException | None:
+        ac = AsyncClient(srv.address, timeout_s=10)
+        t = asyncio.create_task(ac.generate("x" * 10, max_tokens=3000))
+        await asyncio.sleep(0.2)
+        await ac.close()
+        try:
+            await t
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            assert not t.cancelled()
+            return e
+        return None
+
+    assert isinstance(asyncio.run(main()), LLMSchedError)
+
+
+def test_leaving_a_stream_block_cancels_even_while_the_iterator_is_referenced() -> None:
+    with BackgroundServer(lambda: EchoIngress(token_delay_s=0.002, max_model_len=100000)) as s:
+        with Client(s.address, timeout_s=30) as c:
+            with c.stream("x", max_tokens=3000, request_id="held") as stream:
+                for ch in stream:
+                    if ch.index == 2:
+                        break
+            assert wait_for(lambda: "held" in s.ingress.cancelled)
+
+        async def main() -> None:
+            async with AsyncClient(s.address, timeout_s=30) as ac:
+                async with ac.stream("x", max_tokens=3000, request_id="held-aio") as stream:
+                    async for ch in stream:
+                        if ch.index == 2:
+                            break
+                for _ in range(300):
+                    if "held-aio" in s.ingress.cancelled:
+                        return
+                    await asyncio.sleep(0.01)
+                raise AssertionError("not cancelled")
+
+        asyncio.run(main())
+
+
+def test_prompt_types_are_what_they_look_like(client) -> None:  # type: ignore[no-untyped-def]
+    """bytes is a Sequence of ints: a binary-read prompt was sent as token ids; numpy ids were refused oddly."""
+    np = pytest.importorskip("numpy")
+    for bad in (b"Hi!", bytearray(b"Hi!"), [True, False], [1.0, 2.0]):
+        with pytest.raises((InvalidArgument, TypeError, ValueError)):
+            client.generate(bad, max_tokens=3)
+    r = client.generate(list(np.array([5, 6], dtype=np.int64)), max_tokens=2)
+    assert r.token_ids == [5, 6]
+
+
+def test_retries_end_by_the_calls_deadline() -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    with Client(f"127.0.0.1:{port}", retries=8, timeout_s=0.3) as c:
+        t = time.perf_counter()
+        with pytest.raises(LLMSchedError):
+            c.generate("x")
+        assert time.perf_counter() - t < 0.45
+
+
+def test_unary_errors_name_their_request(client) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(NotFound) as e:
+        client.migrate("req-42")
+    assert e.value.request_id == "req-42"

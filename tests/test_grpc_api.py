@@ -192,7 +192,7 @@ BAD_REQUESTS = {
     "long request id": (good_request(request_id="r" * 300).SerializeToString(), "request_id"),
     "malformed bytes": (b"\xff\xff\xff\xff\x0f", "request"),
     "unknown model (ingress)": (good_request(model="gpt-9").SerializeToString(), "model"),
-    "beyond context (ingress)": (_with(max_tokens=5000), "max_tokens"),
+    "beyond context (ingress)": (_with(max_tokens=5000), "sampling.max_tokens"),
 }
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import operator
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,12 +132,14 @@ def build_generate_request(
     )
     if isinstance(prompt, str):
         req.text = prompt
-    elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
-        req.token_ids.ids.extend(prompt)
-        if not prompt:
-            req.token_ids.SetInParent()  # an explicit empty list: let the server name the field
+    elif isinstance(prompt, (bytes, bytearray, memoryview)):
+        # A bytes object is a sequence of ints: without this it would silently go out as token ids = byte values.
+        raise TypeError("prompt must be str or a sequence of int token ids, got bytes; decode text to str first")
     else:
-        raise TypeError(f"prompt must be str or a sequence of int, got {type(prompt).__name__}")
+        ids = _token_ids(prompt)
+        req.token_ids.ids.extend(ids)
+        if not ids:
+            req.token_ids.SetInParent()  # an explicit empty list: let the server name the field
     if ttft_slo_s is not None or tpot_slo_s is not None:
         req.slo.ttft_ms = (ttft_slo_s or 0.0) * 1e3
         req.slo.tpot_ms = (tpot_slo_s or 0.0) * 1e3
@@ -145,10 +148,35 @@ def build_generate_request(
     return req
 
 
+def _token_ids(prompt: object) -> list[int]:
+    """Token ids from a sequence / array of integers (``int``, numpy integers); bools and floats are refused."""
+    if not isinstance(prompt, Iterable) or isinstance(prompt, Mapping):
+        raise TypeError(f"prompt must be str or a sequence of int, got {type(prompt).__name__}")
+    ids: list[int] = []
+    for t in prompt:
+        if isinstance(t, bool):
+            raise TypeError("prompt: token ids must be int, got bool")
+        try:
+            ids.append(operator.index(t))
+        except TypeError:
+            raise TypeError(f"prompt must be str or a sequence of int, got an element of type {type(t).__name__}"
+                            ) from None
+    return ids
+
+
 def backoff_s(attempt: int, retry_after_s: float | None = None) -> float:
     """Exponential backoff with jitter for retry ``attempt`` (0-based); at least the server's retry-after."""
     delay = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * (2**attempt)) * random.uniform(0.5, 1.0)
     return max(delay, retry_after_s or 0.0)
+
+
+def retry_delay(attempt: int, retry_after_s: float | None, deadline: float | None) -> float | None:
+    """The backoff before retry ``attempt``, or None when it would end at or past the call's deadline (an attempt
+    then would have no time left: the retries stay within ``timeout_s``)."""
+    delay = backoff_s(attempt, retry_after_s)
+    if deadline is not None and time.monotonic() + delay >= deadline:
+        return None
+    return delay
 
 
 def convert_rpc_error(e: grpc.RpcError, request_id: str | None = None) -> LLMSchedError:
@@ -174,6 +202,13 @@ def convert_rpc_error(e: grpc.RpcError, request_id: str | None = None) -> LLMSch
     )
 
 
+def resumable(req: inference_pb2.GenerateRequest) -> bool:
+    """Whether a retry can *resume* this request's stream. A retry re-runs the request from token 0 and the server
+    trims what the client has: only greedy or seeded sampling draws the same tokens again. An unseeded sampled
+    retry is a new sample, whose tail must not be glued to the head the caller already holds."""
+    return req.sampling.temperature == 0.0 or req.sampling.HasField("seed")
+
+
 class StreamState:
     """Index bookkeeping across attempts: drops what was already delivered, detects gaps."""
 
@@ -183,6 +218,12 @@ class StreamState:
         self.finished = False
         self.started = time.perf_counter()
         self.attempts = 0
+        self.epoch = 0  # bumped when a retry restarts the stream from index 0 (generate() drops what it had)
+
+    def restart(self) -> None:
+        self.next_index = 0
+        self.finished = False
+        self.epoch += 1
 
     def accept(self, msg: inference_pb2.GenerateChunk) -> tuple[StreamChunk, ...]:
         """The chunks to hand to the caller: one per new token, so ``chunk.index`` is that token's sequence index

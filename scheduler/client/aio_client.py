@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, Self
 
 import grpc
@@ -28,6 +28,42 @@ from scheduler.client.types import (
 )
 from scheduler.core.types import InstanceRole
 from scheduler.telemetry.tracing import Tracing
+
+
+def _channel_cancelled(request_id: str | None) -> Exception | None:
+    """The typed ``Cancelled`` when grpc.aio raised CancelledError for a call that the *channel* cancelled (closed
+    under it) while the awaiting task itself was not cancelled; None when the task is being cancelled (re-raise).
+    ``Client`` raises ``Cancelled`` for the same event."""
+    task = asyncio.current_task()
+    if task is None or task.cancelling():
+        return None
+    return c.error_for(grpc.StatusCode.CANCELLED, "the call was cancelled (channel closed)", request_id=request_id)
+
+
+class AsyncStream(AsyncIterator[StreamChunk]):
+    """The async iterator ``AsyncClient.stream`` returns; also an async context manager. ``break`` alone cancels
+    the request only once the iterator is garbage-collected: leave an ``async with`` block, or ``await
+    aclose()``, to cancel it deterministically."""
+
+    __slots__ = ("_gen",)
+
+    def __init__(self, gen: AsyncGenerator[StreamChunk, None]) -> None:
+        self._gen = gen
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._gen.aclose()
 
 
 class AsyncClient:
@@ -85,8 +121,9 @@ class AsyncClient:
         tpot_slo_s: float | None = None,
         length_hint: int | None = None,
         timeout_s: float | None = None,
-    ) -> AsyncIterator[StreamChunk]:
-        """Async-iterate chunks (contiguous indices from 0). Leaving the loop early cancels the request."""
+    ) -> AsyncStream:
+        """Async-iterate chunks (contiguous indices from 0). Leaving an ``async with ac.stream(...) as s:`` block
+        (or ``await s.aclose()``) cancels the request; a bare ``break`` only once the iterator is collected."""
         req, state, timeout = self._build(
             prompt,
             max_tokens=max_tokens,
@@ -104,7 +141,7 @@ class AsyncClient:
             length_hint=length_hint,
             timeout_s=timeout_s,
         )
-        return self._stream(req, state, timeout)
+        return AsyncStream(self._stream(req, state, timeout))
 
     async def generate(
         self,
@@ -143,7 +180,13 @@ class AsyncClient:
             length_hint=length_hint,
             timeout_s=timeout_s,
         )
-        chunks = [chunk async for chunk in self._stream(req, state, timeout)]
+        chunks: list[StreamChunk] = []
+        epoch = 0
+        async for chunk in self._stream(req, state, timeout, restart=True):
+            if state.epoch != epoch:  # a retry restarted an unseeded sampled request from scratch
+                chunks.clear()
+                epoch = state.epoch
+            chunks.append(chunk)
         return c.collect(state.request_id, chunks, state.attempts, time.perf_counter() - state.started)
 
     def _build(
@@ -159,7 +202,8 @@ class AsyncClient:
         return req, c.StreamState(rid), timeout_s if timeout_s is not None else self.timeout_s
 
     async def _stream(
-        self, req: inference_pb2.GenerateRequest, state: c.StreamState, timeout_s: float | None
+        self, req: inference_pb2.GenerateRequest, state: c.StreamState, timeout_s: float | None,
+        *, restart: bool = False,
     ) -> AsyncIterator[StreamChunk]:
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         span, md = c.start_generate_span(self._tracing, req, self._md)
@@ -180,8 +224,22 @@ class AsyncClient:
                     err = c.convert_rpc_error(e, req.request_id)
                     if not self._may_retry(err, state.attempts, deadline):
                         raise err from None
+                    if state.next_index and not c.resumable(req):
+                        # The retry draws a new sample: gluing its tail to the tokens already handed out would
+                        # be no sample at all. generate() starts over; a stream cannot take tokens back.
+                        if not restart:
+                            raise err from None
+                        state.restart()
+                    delay = c.retry_delay(state.attempts - 1, err.retry_after_s, deadline)
+                    if delay is None:  # no time left for another attempt: the real cause, now
+                        raise err from None
                     span.add_event("retry", {"llmsched.code": err.code.name if err.code else ""})
-                    await asyncio.sleep(c.backoff_s(state.attempts - 1, err.retry_after_s))
+                    await asyncio.sleep(delay)
+                except asyncio.CancelledError:
+                    err2 = _channel_cancelled(req.request_id)
+                    if err2 is None:
+                        raise
+                    raise err2 from None
                 finally:
                     call.cancel()
         except BaseException as e:
@@ -197,6 +255,7 @@ class AsyncClient:
             self._md,
             timeout_s,
             retry=True,
+            request_id=request_id,
         )
         return resp.cancelled
 
@@ -224,7 +283,8 @@ class AsyncClient:
         msg = admin_pb2.MigrateRequestRequest(request_id=request_id)
         if destination is not None:
             msg.destination = destination
-        resp = await self._unary(self._admin.MigrateRequest, msg, self._admin_md, timeout_s, retry=False)
+        resp = await self._unary(self._admin.MigrateRequest, msg, self._admin_md, timeout_s, retry=False,
+                        request_id=request_id)
         return c.migration_from_proto(resp)
 
     async def drain(self, instance_id: str, *, timeout_s: float | None = None) -> int:
@@ -275,6 +335,7 @@ class AsyncClient:
         timeout_s: float | None,
         *,
         retry: bool,
+        request_id: str | None = None,
     ) -> Any:
         timeout_s = timeout_s if timeout_s is not None else self.timeout_s
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
@@ -284,10 +345,18 @@ class AsyncClient:
             try:
                 return await method(msg, timeout=c.remaining(deadline), metadata=md + self._tracing.metadata())
             except grpc.RpcError as e:
-                err = c.convert_rpc_error(e)
+                err = c.convert_rpc_error(e, request_id)
                 if not retry or not self._may_retry(err, attempts, deadline):
                     raise err from None
-                await asyncio.sleep(c.backoff_s(attempts - 1, err.retry_after_s))
+                delay = c.retry_delay(attempts - 1, err.retry_after_s, deadline)
+                if delay is None:
+                    raise err from None
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                err2 = _channel_cancelled(None)
+                if err2 is None:
+                    raise
+                raise err2 from None
 
     async def close(self) -> None:
         await self._channel.close()

@@ -14,7 +14,7 @@ Example::
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, Self, TypeVar
 
 import grpc
@@ -32,6 +32,32 @@ from scheduler.core.types import InstanceRole
 from scheduler.telemetry.tracing import Tracing
 
 T = TypeVar("T")
+
+
+class Stream(Iterator[StreamChunk]):
+    """The iterator ``Client.stream`` returns; also a context manager. ``break`` alone cancels the request only
+    once the iterator is garbage-collected (a variable that still holds it keeps the request running): leave a
+    ``with`` block, or call ``close()``, to cancel it deterministically."""
+
+    __slots__ = ("_gen",)
+
+    def __init__(self, gen: Generator[StreamChunk, None, None]) -> None:
+        self._gen = gen
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> StreamChunk:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._gen.close()
 
 
 class Client:
@@ -99,10 +125,11 @@ class Client:
         tpot_slo_s: float | None = None,
         length_hint: int | None = None,
         timeout_s: float | None = None,
-    ) -> Iterator[StreamChunk]:
+    ) -> Stream:
         """Yield chunks as they arrive: contiguous ``index`` from 0, last one ``finished``.
 
-        Stopping the iteration early (``break``/``close()``) cancels the request on the server.
+        Leaving a ``with c.stream(...) as s:`` block, or ``s.close()``, cancels the request on the server; a bare
+        ``break`` does so only once nothing references the iterator any more.
 
         Raises:
             LLMSchedError: a subclass per status (``InvalidArgument`` with ``.field``, ``ResourceExhausted`` with
@@ -125,7 +152,7 @@ class Client:
             length_hint=length_hint,
             timeout_s=timeout_s,
         )
-        return self._stream(req, state, timeout)
+        return Stream(self._stream(req, state, timeout))
 
     def _build(
         self,
@@ -140,7 +167,8 @@ class Client:
         return req, c.StreamState(rid), timeout_s if timeout_s is not None else self.timeout_s
 
     def _stream(
-        self, req: inference_pb2.GenerateRequest, state: c.StreamState, timeout_s: float | None
+        self, req: inference_pb2.GenerateRequest, state: c.StreamState, timeout_s: float | None,
+        *, restart: bool = False,
     ) -> Iterator[StreamChunk]:
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         span, md = c.start_generate_span(self._tracing, req, self._md)
@@ -160,8 +188,17 @@ class Client:
                     err = c.convert_rpc_error(e, req.request_id)
                     if not self._may_retry(err, state.attempts, deadline):
                         raise err from None
+                    if state.next_index and not c.resumable(req):
+                        # The retry draws a new sample: gluing its tail to the tokens already handed out would
+                        # be no sample at all. generate() starts over; a stream cannot take tokens back.
+                        if not restart:
+                            raise err from None
+                        state.restart()
+                    delay = c.retry_delay(state.attempts - 1, err.retry_after_s, deadline)
+                    if delay is None:  # no time left for another attempt: the real cause, now
+                        raise err from None
                     span.add_event("retry", {"llmsched.code": err.code.name if err.code else ""})
-                    time.sleep(c.backoff_s(state.attempts - 1, err.retry_after_s))
+                    time.sleep(delay)
                 finally:
                     call.cancel()  # no-op after a clean finish; frees the server's work on early exit
         except BaseException as e:
@@ -212,7 +249,13 @@ class Client:
             length_hint=length_hint,
             timeout_s=timeout_s,
         )
-        chunks = list(self._stream(req, state, timeout))
+        chunks: list[StreamChunk] = []
+        epoch = 0
+        for chunk in self._stream(req, state, timeout, restart=True):
+            if state.epoch != epoch:  # a retry restarted an unseeded sampled request from scratch
+                chunks.clear()
+                epoch = state.epoch
+            chunks.append(chunk)
         return c.collect(state.request_id, chunks, state.attempts, time.perf_counter() - state.started)
 
     def cancel(self, request_id: str, *, timeout_s: float | None = None) -> bool:
@@ -223,6 +266,7 @@ class Client:
             self._md,
             timeout_s,
             retry=True,
+            request_id=request_id,
         )
         return resp.cancelled
 
@@ -252,7 +296,8 @@ class Client:
         if destination is not None:
             msg.destination = destination
         return c.migration_from_proto(
-            self._unary(self._admin.MigrateRequest, msg, self._admin_md, timeout_s, retry=False)
+            self._unary(self._admin.MigrateRequest, msg, self._admin_md, timeout_s, retry=False,
+                        request_id=request_id)
         )
 
     def drain(self, instance_id: str, *, timeout_s: float | None = None) -> int:
@@ -304,6 +349,7 @@ class Client:
         timeout_s: float | None,
         *,
         retry: bool,
+        request_id: str | None = None,
     ) -> T:
         timeout_s = timeout_s if timeout_s is not None else self.timeout_s
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
@@ -313,10 +359,13 @@ class Client:
             try:
                 return method(msg, timeout=c.remaining(deadline), metadata=md + self._tracing.metadata())
             except grpc.RpcError as e:
-                err = c.convert_rpc_error(e)
+                err = c.convert_rpc_error(e, request_id)
                 if not retry or not self._may_retry(err, attempts, deadline):
                     raise err from None
-                time.sleep(c.backoff_s(attempts - 1, err.retry_after_s))
+                delay = c.retry_delay(attempts - 1, err.retry_after_s, deadline)
+                if delay is None:
+                    raise err from None
+                time.sleep(delay)
 
     def close(self) -> None:
         self._channel.close()

@@ -133,6 +133,33 @@ def generate_request_from_proto(
     return req
 
 
+# The ingress names request fields as the engine API does (``max_tokens``, ``prompt_token_ids``); on gRPC the
+# contract (protos/llmsched/v1/README.md) names the wire path, which is what clients match ``llmsched-field`` on.
+_INGRESS_TO_GRPC_FIELD = {
+    "max_tokens": "sampling.max_tokens",
+    "temperature": "sampling.temperature",
+    "top_p": "sampling.top_p",
+    "top_k": "sampling.top_k",
+    "seed": "sampling.seed",
+    "stop_token_ids": "sampling.stop_token_ids",
+    "ignore_eos": "sampling.ignore_eos",
+    "prompt_token_ids": "prompt.token_ids",
+    "ttft_slo_s": "slo.ttft_ms",
+    "tpot_slo_s": "slo.tpot_ms",
+}
+
+
+def grpc_invalid_request(e: BaseException) -> BaseException:
+    """An ingress ``InvalidRequest`` re-labelled with the gRPC field name (message prefix and ``field``)."""
+    if type(e) is not InvalidRequest or e.field not in _INGRESS_TO_GRPC_FIELD:
+        return e
+    old, new = e.field, _INGRESS_TO_GRPC_FIELD[e.field]
+    msg = str(e)
+    if msg.startswith(f"{old}:"):
+        msg = new + msg[len(old):]
+    return InvalidRequest(msg, field=new)
+
+
 def instance_to_proto(s: InstanceSnapshot) -> admin_pb2.Instance:
     return admin_pb2.Instance(
         instance_id=s.instance_id,

@@ -56,6 +56,7 @@ from scheduler.server.convert import (
     _parse,
     cluster_state_to_proto,
     generate_request_from_proto,
+    grpc_invalid_request,
     instance_to_proto,
     migration_result_to_proto,
     role_from_proto,
@@ -182,6 +183,8 @@ class InferenceServicer:
                     stream = self._ingress.generate(req)
                     chunks = aiter(stream)
                 chunk_cls = inference_pb2.GenerateChunk
+                tokenizer = getattr(self._ingress, "tokenizer", None)
+                detokenize = getattr(tokenizer, "decode", None)
                 while True:
                     try:
                         with activate(span):
@@ -197,7 +200,10 @@ class InferenceServicer:
                     last_instance = instance_id or last_instance
                     if index < resume:  # retry after UNAVAILABLE: drop what the client already has
                         skip = min(resume - index, len(ids))
-                        ids, index, text = ids[skip:], index + skip, ""
+                        ids, index = ids[skip:], index + skip
+                        # The kept tail still needs its text (the SDK joins chunk texts into the output): the
+                        # chunk's text belongs to all its tokens, so detokenize the tail, as the ingress does.
+                        text = detokenize(ids) if ids and text and detokenize is not None else ""
                         if not ids and not chunk.finished:
                             continue
                     if chunk.finished:
@@ -219,7 +225,7 @@ class InferenceServicer:
             except (IngressError, NotImplementedError) as e:
                 status = self._on_error(e, request_id, started, priority)
                 started = started and not isinstance(e, Overloaded)  # on_reject ended it
-                await _abort(context, e)
+                await _abort(context, grpc_invalid_request(e))
             except asyncio.CancelledError:
                 # Client cancelled, disconnected or its deadline passed: grpc cancels this task. Tell the ingress.
                 raise
