@@ -209,6 +209,24 @@ def resumable(req: inference_pb2.GenerateRequest) -> bool:
     return req.sampling.temperature == 0.0 or req.sampling.HasField("seed")
 
 
+def before_retry(req: inference_pb2.GenerateRequest, state: StreamState, err: LLMSchedError,
+                 deadline: float | None, *, restart: bool) -> float:
+    """The backoff before retrying a Generate that failed with the retryable ``err``; raises ``err`` instead when
+    the retry could not continue the stream the caller holds or would not start before ``deadline``.
+
+    An unseeded sampled request that already produced tokens draws a new sample on retry: gluing its tail to the
+    tokens already handed out would be no sample at all, so ``generate()`` (``restart``) starts over and a stream,
+    which cannot take tokens back, raises."""
+    if state.next_index and not resumable(req):
+        if not restart:
+            raise err from None
+        state.restart()
+    delay = retry_delay(state.attempts - 1, err.retry_after_s, deadline)
+    if delay is None:  # no time left for another attempt: the real cause, now
+        raise err from None
+    return delay
+
+
 class StreamState:
     """Index bookkeeping across attempts: drops what was already delivered, detects gaps."""
 

@@ -188,15 +188,7 @@ class Client:
                     err = c.convert_rpc_error(e, req.request_id)
                     if not self._may_retry(err, state.attempts, deadline):
                         raise err from None
-                    if state.next_index and not c.resumable(req):
-                        # The retry draws a new sample: gluing its tail to the tokens already handed out would
-                        # be no sample at all. generate() starts over; a stream cannot take tokens back.
-                        if not restart:
-                            raise err from None
-                        state.restart()
-                    delay = c.retry_delay(state.attempts - 1, err.retry_after_s, deadline)
-                    if delay is None:  # no time left for another attempt: the real cause, now
-                        raise err from None
+                    delay = c.before_retry(req, state, err, deadline, restart=restart)
                     span.add_event("retry", {"llmsched.code": err.code.name if err.code else ""})
                     time.sleep(delay)
                 finally:
