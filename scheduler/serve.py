@@ -44,7 +44,7 @@ def _telemetry(cfg):
     from scheduler.telemetry.metrics import Metrics, MetricsRecorder, start_metrics_server
     from scheduler.telemetry.tracing import setup_tracing
 
-    recorder = MetricsRecorder(Metrics(CollectorRegistry()))
+    recorder = MetricsRecorder(Metrics(CollectorRegistry(), slos=cfg.slos))  # SLOs: histogram boundaries
     port = int(os.environ.get("LLMSCHED_METRICS_PORT", "0") or 0)
     if port:
         start_metrics_server(port, recorder.registry)

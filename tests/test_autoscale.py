@@ -306,7 +306,7 @@ def test_controller_scales_up_under_load_and_back_down_without_losing_requests(a
             rt.shutdown()
 
 
-def _applier(n: int, desired: int, **kw: Any) -> tuple[Any, list[int], list[Any]]:
+def _fake_controller(n: int, desired: int, **kw: Any) -> tuple[Any, list[int], list[Any]]:
     """The shared fake Controller (tests/test_controller_audit) with ``n`` MIXED members, its start path recorded:
     the counts asked of ``_set_desired``, and the instances."""
     from tests.test_controller_audit import FakeInstance, _controller
@@ -332,7 +332,7 @@ def test_controller_clamps_a_decision_to_the_policys_bounds() -> None:
     -1 its min_instances."""
     from scheduler.policy.scaling import ScaleDecision, ThresholdScaler
 
-    ctrl, asked, insts = _applier(2, 2)  # mixed-1 placed, its first snapshot not in yet (no snapshots at all)
+    ctrl, asked, insts = _fake_controller(2, 2)  # mixed-1 placed, its first snapshot not in yet (no snapshots at all)
     ctrl._scaling = ThresholdScaler(min_instances=1, max_instances=2)
 
     asyncio.run(ctrl._apply_scale(ScaleDecision("mixed", delta=1, reason="view saw one")))
@@ -347,7 +347,7 @@ def test_controller_takes_a_draining_instance_back_before_starting_one() -> None
     model's load) -- as the simulator's applier does and as the policies book it -- and starts only the rest."""
     from scheduler.policy.scaling import ScaleDecision, ThresholdScaler
 
-    ctrl, asked, insts = _applier(3, 3)
+    ctrl, asked, insts = _fake_controller(3, 3)
     ctrl._scaling = ThresholdScaler(min_instances=1, max_instances=8)
     insts[2].draining = True
     ctrl._draining = {"mixed-2": (time.time() + 120.0, 0)}

@@ -555,7 +555,11 @@ class Ingress:
         if not self._tasks:
             await self.start()
         rec = self._validate(request)
-        await self._predict(rec, request.prompt)
+        rec.trace_context = self.tracing.current_context()  # the server span: migrations started elsewhere join it
+        with self.tracing.span(Stage.PREDICT, request_id=rec.request_id):
+            await self._predict(rec, request.prompt)
+        # The predictor's guess (not a client's length_hint): scored against the actual length at the end.
+        predicted = rec.predicted_output_tokens if request.length_hint is None else None
         if request.ttft_slo_s or request.tpot_slo_s:
             rec.slo = SLO(request.ttft_slo_s, request.tpot_slo_s)
         else:
@@ -566,6 +570,7 @@ class Ingress:
                                instance_id=decision.prefill_instance)
         self.registry.add(rec)
         finished = False
+        reason: str | None = None
         # Prefill lasts until the first token; decode from there on (across handoffs and migrations).
         phase = self.tracing.start_span(Stage.PREFILL, request_id=rec.request_id,
                                         attributes={"instance": decision.prefill_instance})
@@ -573,6 +578,7 @@ class Ingress:
         try:
             async for chunk in self._run(rec, decision):
                 finished = chunk.finished
+                reason = chunk.finish_reason
                 if not decoding and chunk.token_ids:
                     phase.end()
                     phase = self.tracing.start_span(Stage.DECODE, request_id=rec.request_id)
@@ -580,6 +586,8 @@ class Ingress:
                 yield chunk
         finally:
             phase.end()
+            if finished and predicted is not None and reason in ("stop", "length") and self.predictor is not None:
+                self.recorder.on_prediction(predicted, rec.next_index, predictor=self.predictor.name)
             if not finished:  # the client went away (or we failed): free the engine(s)
                 rec.cancelled = True
                 for iid in rec.instances:
@@ -772,6 +780,11 @@ class Ingress:
         return dataclasses.replace(chunk, index=start, token_ids=tokens, text=text)
 
     def _recover(self, rec: RequestRecord, iid: str, err: Exception) -> RouteDecision:
+        with self.tracing.span(Stage.RECOVER, request_id=rec.request_id,
+                               attributes={"failed_instance": iid, "llmsched.index": rec.next_index}):
+            return self._recover_route(rec, iid, err)
+
+    def _recover_route(self, rec: RequestRecord, iid: str, err: Exception) -> RouteDecision:
         rec.recoveries += 1
         self.counters["recoveries"] += 1
         log.warning("%s: instance %s lost (%s); recovering at index %d", rec.request_id, iid, err, rec.next_index)
@@ -871,7 +884,9 @@ class Ingress:
         m = Migration(request_id, src, destination, cfg)
         self._migrating[request_id] = m
         try:
-            with self.tracing.span(Stage.MIGRATION, request_id=request_id,
+            # NOTE: parented on the request's trace, not the caller's (the controller's loop or an admin RPC):
+            # the migration is a stage of that request, found in its trace.
+            with self.tracing.span(Stage.MIGRATION, request_id=request_id, parent=rec.trace_context,
                                    attributes={"source": src, "destination": destination}):
                 await run_migration(
                     m, _RaySource(self._handle(src), request_id),

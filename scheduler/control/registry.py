@@ -53,6 +53,7 @@ class RequestRecord:
     move_waiter: Any = None  # asyncio.Future resolved when the destination admitted the request
     cancelled: bool = False
     slo: SLO | None = None
+    trace_context: Any = None  # the request's span context (the server span): parent of spans started elsewhere
 
     @property
     def next_index(self) -> int:

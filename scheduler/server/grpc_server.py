@@ -150,6 +150,7 @@ class InferenceServicer:
         stream: AsyncIterator[TokenChunk] | None = None
         finished = False
         request_id = ""
+        key = ""  # the recorder's key of this request (its id, unless that id was already in flight)
         started = False  # on_request_start called: on_finish / on_reject owes it an end
         slot: Slot | None = None
         rec = self._rec
@@ -174,7 +175,7 @@ class InferenceServicer:
                 span.set_attribute("llmsched.priority", priority)
                 if self._limiter is not None:
                     slot = self._limiter.acquire(priority)
-                rec.on_request_start(request_id, priority=priority, api="grpc")
+                key = rec.on_request_start(request_id, priority=priority, api="grpc")
                 started = True
                 resume = msg.resume_from_index
                 # NOTE: the span is current only around ingress calls, never across a yield (a generator
@@ -195,7 +196,7 @@ class InferenceServicer:
                     ids, index, text = chunk.token_ids, chunk.index, chunk.text
                     instance_id = chunk.instance_id
                     if ids and n_tokens == 0:
-                        rec.on_first_token(request_id, instance_id=instance_id)
+                        rec.on_first_token(key, instance_id=instance_id)
                     n_tokens += len(ids)
                     last_instance = instance_id or last_instance
                     if index < resume:  # retry after UNAVAILABLE: drop what the client already has
@@ -223,7 +224,7 @@ class InferenceServicer:
                     if finished:
                         break
             except (IngressError, NotImplementedError) as e:
-                status = self._on_error(e, request_id, started, priority)
+                status = self._on_error(e, key, started, priority)
                 started = started and not isinstance(e, Overloaded)  # on_reject ended it
                 await _abort(context, grpc_invalid_request(e))
             except asyncio.CancelledError:
@@ -237,7 +238,7 @@ class InferenceServicer:
         finally:
             try:
                 if started:
-                    rec.on_finish(request_id, status=status, output_tokens=n_tokens, instance_id=last_instance)
+                    rec.on_finish(key, status=status, output_tokens=n_tokens, instance_id=last_instance)
                 span.set_attribute("llmsched.output_tokens", n_tokens)
                 set_outcome(span, ok=status is RequestStatus.FINISHED, status=status.value)
                 span.end()
@@ -252,12 +253,13 @@ class InferenceServicer:
                 if slot is not None:
                     slot.release()
 
-    def _on_error(self, e: BaseException, request_id: str, started: bool, priority: int) -> RequestStatus:
+    def _on_error(self, e: BaseException, key: str, started: bool, priority: int) -> RequestStatus:
         """Record an error that ends a Generate call; returns the request status for the span/finish."""
         if isinstance(e, Overloaded):
             # NOTE: the server limiter rejects before start; the ingress' admission after it (its own reason).
+            # Only a started request has an entry to end: another request may be in flight under the same id.
             reason = "server_limit" if not started else "ingress"
-            self._rec.on_reject(priority=priority, reason=reason, api="grpc", request_id=request_id or None)
+            self._rec.on_reject(priority=priority, reason=reason, api="grpc", request_id=key if started else None)
             return RequestStatus.REJECTED
         status = request_status_for(e)
         if not started and status is RequestStatus.INVALID:

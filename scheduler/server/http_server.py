@@ -153,8 +153,8 @@ def http_error_for(exc: IngressError) -> HTTPError:
 class _BodyLimit:
     """Pure ASGI middleware: buffer the request body up to ``max_bytes``; beyond -> 413 (chunked bodies too)."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, on_reject: Callable[[], None] | None = None) -> None:
+        self.app, self.max_bytes, self.on_reject = app, max_bytes, on_reject
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD"):
@@ -187,6 +187,8 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
     async def _reject(self, scope: dict[str, Any], send: Any) -> None:
+        if self.on_reject is not None:  # counted as invalid input, as gRPC counts its RESOURCE_EXHAUSTED TooLarge
+            self.on_reject()
         resp = error_response(413, f"prompt: the request body exceeds the server's limit of {self.max_bytes} bytes; "
                                    "send a shorter prompt", param="prompt")
         await resp(scope, None, send)  # type: ignore[arg-type]
@@ -395,7 +397,7 @@ def build_app(
         )
         return await _respond(deps, g, body.model or default_model, request, chat=True, stream=body.stream)
 
-    return _BodyLimit(app, max_body_bytes)
+    return _BodyLimit(app, max_body_bytes, on_reject=lambda: deps.recorder.on_invalid(api="http"))
 
 
 class _Deps:
@@ -420,6 +422,7 @@ class _Scope:
         )
         self.slot: Slot | None = None
         self.started = False
+        self.key = g.request_id  # the recorder's key (its id, unless that id was already in flight)
         self.status = RequestStatus.CANCELLED  # unless told otherwise: the client went away
         self.n_tokens = 0
         self.last_instance = ""
@@ -431,12 +434,12 @@ class _Scope:
         """Take a slot and start the request's metrics. Raises Overloaded (a 429) when the limiter is full."""
         if self.deps.limiter is not None:
             self.slot = self.deps.limiter.acquire(self.g.priority)
-        self.deps.recorder.on_request_start(self.g.request_id, priority=self.g.priority, api="http")
+        self.key = self.deps.recorder.on_request_start(self.g.request_id, priority=self.g.priority, api="http")
         self.started = True
 
     def chunk(self, c: TokenChunk) -> None:
         if c.token_ids and self.n_tokens == 0:
-            self.deps.recorder.on_first_token(self.g.request_id, instance_id=c.instance_id)
+            self.deps.recorder.on_first_token(self.key, instance_id=c.instance_id)
         self.n_tokens += len(c.token_ids)
         self.last_instance = c.instance_id or self.last_instance
         if c.finished:
@@ -449,7 +452,7 @@ class _Scope:
         if isinstance(e, Overloaded):
             reason = "server_limit" if not self.started else "ingress"
             rec.on_reject(priority=self.g.priority, reason=reason, api="http",
-                          request_id=self.g.request_id if self.started else None)
+                          request_id=self.key if self.started else None)
             self.started = False  # on_reject ended it
             self.status = RequestStatus.REJECTED
         else:
@@ -477,7 +480,7 @@ class _Scope:
         if self.slot is not None:
             self.slot.release()
         if self.started:
-            self.deps.recorder.on_finish(self.g.request_id, status=self.status, output_tokens=self.n_tokens,
+            self.deps.recorder.on_finish(self.key, status=self.status, output_tokens=self.n_tokens,
                                          instance_id=self.last_instance)
         self.span.set_attribute("llmsched.output_tokens", self.n_tokens)
         set_outcome(self.span, ok=self.status is RequestStatus.FINISHED, status=self.status.value)
@@ -536,22 +539,39 @@ async def _respond(
                 )
             ids: list[int] = []
             text: list[str] = []
-            last = first
-            try:
+            seen = [first]  # the last chunk collected
+
+            async def collect() -> None:
                 c = first
                 while True:
                     ids.extend(c.token_ids)
                     text.append(c.text)
-                    last = c
+                    seen[0] = c
                     if c.finished:
-                        break
-                    c = await anext(chunks)
+                        return
+                    try:
+                        c = await anext(chunks)
+                    except StopAsyncIteration:
+                        sc.done = True
+                        sc.status = RequestStatus.FINISHED
+                        return
                     sc.chunk(c)
-            except StopAsyncIteration:
-                sc.done = True
-                sc.status = RequestStatus.FINISHED
+
+            try:
+                # NOTE: nothing else reads the connection of a non-streaming response: without this watch a client
+                # that hangs up is never noticed, its request runs to the end and is counted finished.
+                await _unless_disconnected(request, collect())
+            except _ClientGone:
+                return JSONResponse({}, status_code=499)  # never delivered; close() cancels, status stays cancelled
             except IngressError as e:
                 raise sc.fail(e) from None
+            last = seen[0]
+    except Exception:
+        # Not an ingress error sc.fail() recorded (those set done): the server failed it (a 500), which is neither a
+        # client cancel nor a success. CancelledError (the client went away) is a BaseException and stays cancelled.
+        if not sc.done:
+            sc.status = RequestStatus.FAILED
+        raise
     finally:
         if not handed_off:
             await sc.close()
@@ -597,6 +617,35 @@ def _prompt_tokens(ingress: IngressAPI, g: GenerateRequest) -> int | None:
     except Exception:  # usage is informational: never fail a finished request over it
         logger.debug("prompt_tokens of %s failed", g.request_id, exc_info=True)
         return None
+
+
+class _ClientGone(Exception):
+    """The HTTP client disconnected before its (non-streaming) response was ready."""
+
+
+async def _until_disconnected(request: Request) -> None:
+    # The body has been read: the only message left on the connection is http.disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Any) -> Any:
+    """Await ``work`` (a coroutine) unless the client disconnects first: then cancel it and raise _ClientGone."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and gone.exception() is not None:  # cannot watch the connection: just wait
+            await asyncio.wait((task,))
+        client_left = not task.done()
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,))  # its end, without taking its CancelledError for ours
+    if client_left:
+        raise _ClientGone()
+    return task.result()
 
 
 async def _empty() -> AsyncIterator[TokenChunk]:
@@ -650,4 +699,7 @@ async def _sse_stream(
     except IngressError as e:
         err = sc.fail(e)
         yield _sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": None}})
+    except Exception:
+        sc.status = RequestStatus.FAILED  # a server error mid-stream, not a client cancel
+        raise
     # NOTE: no clean-up here: _ScopedStreamingResponse closes the scope however the response ends.

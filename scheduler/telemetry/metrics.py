@@ -33,7 +33,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,7 +44,17 @@ from scheduler.core.types import InstanceSnapshot
 
 # Latency buckets: sub-ms (echo, overhead) up to minutes (long generations).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
+# TTFT: dense where SLOs live (0.1-10 s; the shipped configs use 1, 1.5, 2, 5, 10 s) so histogram_quantile and
+# le="<slo>" attainment queries are exact at the SLO instead of interpolated across a 1 -> 2.5 s bucket.
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.25, 1.5,
+                2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
+TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05, 0.06, 0.075, 0.08,
+                0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.5, 1.0)
+
+
+def _with_slos(buckets: tuple[float, ...], slos: Iterable[float | None]) -> tuple[float, ...]:
+    """``buckets`` plus every configured SLO threshold as a boundary (exact attainment at the SLO)."""
+    return tuple(sorted(set(buckets) | {float(v) for v in slos if v}))
 TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 ERROR_TOKEN_BUCKETS = (0, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 DOWNTIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
@@ -82,15 +92,20 @@ class Metrics:
     Attributes are the prometheus_client objects; most code should go through :class:`Recorder` instead.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, slos: Mapping[Any, Any] | None = None) -> None:
+        """``slos``: the config's SLO classes (``cfg.slos``: objects with ``ttft_s`` / ``tpot_s``); their thresholds
+        become bucket boundaries of the TTFT / TPOT histograms."""
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         lat = ("route", "instance_id")
         inst = ("instance_id", "role")
-        self.ttft = Histogram("llmsched_ttft_seconds", "Time to first token.", lat, buckets=LATENCY_BUCKETS,
+        classes = list((slos or {}).values())
+        self.ttft = Histogram("llmsched_ttft_seconds", "Time to first token.", lat,
+                              buckets=_with_slos(TTFT_BUCKETS, (getattr(c, "ttft_s", None) for c in classes)),
                               registry=r)
         self.tpot = Histogram("llmsched_tpot_seconds", "Time per output token after the first.", lat,
-                              buckets=TPOT_BUCKETS, registry=r)
+                              buckets=_with_slos(TPOT_BUCKETS, (getattr(c, "tpot_s", None) for c in classes)),
+                              registry=r)
         self.e2e = Histogram("llmsched_e2e_seconds", "Request latency, start to last token.", lat,
                              buckets=LATENCY_BUCKETS, registry=r)
         self.output_tokens = Histogram("llmsched_output_tokens", "Tokens streamed per request.", ("route",),
@@ -138,7 +153,7 @@ class _Live:
 class Recorder(Protocol):
     """What servers and the control plane call. :class:`MetricsRecorder` records; :class:`NullRecorder` does not."""
 
-    def on_request_start(self, request_id: str, *, priority: int = 0, api: str = "grpc") -> None: ...
+    def on_request_start(self, request_id: str, *, priority: int = 0, api: str = "grpc") -> str: ...
     def on_route(self, request_id: str, *, route: str, instance_id: str = "") -> None: ...
     def on_first_token(self, request_id: str, *, instance_id: str = "") -> None: ...
     def on_finish(self, request_id: str, *, status: RequestStatus, output_tokens: int = 0,
@@ -169,7 +184,11 @@ class MetricsRecorder:
         self._clock = clock
         self._live: dict[str, _Live] = {}
         self._instances: dict[str, str] = {}  # instance_id -> role label, to remove stale series
+        # instance_id -> routes of its TTFT/TPOT/E2E series: removed with the instance (ids are never reused, so
+        # these would otherwise pile up with every replacement and scale-up).
+        self._latency_routes: dict[str, set[str]] = {}
         self._lock = threading.Lock()
+        self._dups = 0  # keys handed to requests whose id was already in flight
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -182,14 +201,22 @@ class MetricsRecorder:
 
     # ------------------------------------------------------------------------------------------ requests
 
-    def on_request_start(self, request_id: str, *, priority: int = 0, api: str = "grpc") -> None:
+    def on_request_start(self, request_id: str, *, priority: int = 0, api: str = "grpc") -> str:
+        """Start a request; returns the key the server passes to ``on_first_token`` / ``on_finish`` / ``on_reject``.
+
+        The key is ``request_id``, unless a request with that id is already in flight (a client reusing an id: the
+        ingress refuses the second): then the newcomer gets a key of its own, so neither ends the other's entry
+        (the ingress' ``on_route(request_id)`` keeps reaching the request it routes).
+        """
         live = _Live(api=api, priority=priority_label(priority), started=self._clock())
         with self._lock:
-            old = self._live.get(request_id)
-            self._live[request_id] = live
-        if old is not None:  # a duplicate id replaced a live one: keep the gauge balanced
-            self.metrics.in_flight.labels(old.api, old.priority).dec()
+            key = request_id
+            if key in self._live:
+                self._dups += 1
+                key = f"{request_id}\x00dup{self._dups}"
+            self._live[key] = live
         self.metrics.in_flight.labels(api, live.priority).inc()
+        return key
 
     def on_route(self, request_id: str, *, route: str, instance_id: str = "") -> None:
         """The ingress names the dispatch path (``colocated``, ``disaggregated``, ``recovered``, ...)."""
@@ -206,7 +233,7 @@ class MetricsRecorder:
         live.first_token_s = self._clock()
         if instance_id:
             live.first_instance = instance_id
-        self.metrics.ttft.labels(live.route, live.first_instance).observe(live.first_token_s - live.started)
+        self._observe(self.metrics.ttft, live.route, live.first_instance, live.first_token_s - live.started)
 
     def on_finish(self, request_id: str, *, status: RequestStatus, output_tokens: int = 0,
                   instance_id: str = "") -> None:
@@ -222,10 +249,15 @@ class MetricsRecorder:
             return
         now = self._clock()
         inst = instance_id or live.first_instance
-        m.e2e.labels(live.route, inst).observe(now - live.started)
+        self._observe(m.e2e, live.route, inst, now - live.started)
         m.output_tokens.labels(live.route).observe(output_tokens)
         if live.first_token_s is not None and output_tokens > 1:
-            m.tpot.labels(live.route, inst).observe((now - live.first_token_s) / (output_tokens - 1))
+            self._observe(m.tpot, live.route, inst, (now - live.first_token_s) / (output_tokens - 1))
+
+    def _observe(self, hist: Histogram, route: str, instance_id: str, value: float) -> None:
+        hist.labels(route, instance_id).observe(value)
+        if instance_id:
+            self._latency_routes.setdefault(instance_id, set()).add(route)
 
     def on_invalid(self, *, api: str = "grpc") -> None:
         """A request rejected as bad input before it started."""
@@ -273,8 +305,15 @@ class MetricsRecorder:
         """Remove a dead or released instance's series (else its last values would linger on the dashboard)."""
         with self._lock:
             role = self._instances.pop(instance_id, None)
+            routes = self._latency_routes.pop(instance_id, set())
         if role is not None:
             self._remove_series(instance_id, role)
+        for route in routes:
+            for h in (self.metrics.ttft, self.metrics.tpot, self.metrics.e2e):
+                try:
+                    h.remove(route, instance_id)
+                except KeyError:
+                    pass
 
     def _remove_series(self, instance_id: str, role: str) -> None:
         for g in (self.metrics.queue_depth, self.metrics.running, self.metrics.kv_usage):
@@ -298,8 +337,8 @@ class MetricsRecorder:
 class NullRecorder:
     """The no-op :class:`Recorder` (metrics off)."""
 
-    def on_request_start(self, request_id: str, *, priority: int = 0, api: str = "grpc") -> None:
-        pass
+    def on_request_start(self, request_id: str, *, priority: int = 0, api: str = "grpc") -> str:
+        return request_id
 
     def on_route(self, request_id: str, *, route: str, instance_id: str = "") -> None:
         pass

@@ -27,6 +27,7 @@ are non-recording and cost a few microseconds.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import functools
 import inspect
@@ -121,7 +122,14 @@ class Tracing:
         with self._tracer.start_as_current_span(
             _name(stage), context=parent, kind=kind, attributes=_attrs(request_id, attributes)
         ) as span:
-            yield span
+            try:
+                yield span
+            except asyncio.CancelledError as e:
+                # NOTE: OpenTelemetry records only Exception subclasses; CancelledError is a BaseException.
+                if span.is_recording():
+                    span.record_exception(e)
+                    span.set_status(Status(StatusCode.ERROR, "cancelled"))
+                raise
 
     def start_span(
         self,
@@ -262,7 +270,9 @@ def setup_tracing(
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     else:
-        otlp = _otlp_exporter(env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))
+        # The signal-specific variable wins (OpenTelemetry's spec), as TRACES_ENDPOINT does above.
+        otlp = _otlp_exporter(env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                              or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
         if otlp is None:
             return Tracing.disabled()
         provider.add_span_processor(BatchSpanProcessor(otlp))
