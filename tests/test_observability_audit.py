@@ -76,8 +76,15 @@ def test_a_duplicate_id_does_not_erase_the_running_request(limit, error) -> None
             time.sleep(0.005)
         with pytest.raises(error):
             c.generate([1, 2], max_tokens=5, request_id="same")
-        gauge = rec.registry.get_sample_value("llmsched_requests_in_flight", {"api": "grpc", "priority": "0"})
-        assert gauge == 1  # the first is still running
+        def gauge() -> float | None:
+            return rec.registry.get_sample_value("llmsched_requests_in_flight", {"api": "grpc", "priority": "0"})
+
+        # The server ends the refused call after the client has its status: wait for that, then the first is still
+        # counted (before the fix the refused duplicate's end took the first's entry with it: 0).
+        deadline = time.monotonic() + 5
+        while (gauge() or 0) > 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert gauge() == 1  # the first is still running
         first.join(10)
     labels = {"api": "grpc", "route": "none"}
     assert rec.registry.get_sample_value("llmsched_requests_total", {**labels, "status": "finished"}) == 1
