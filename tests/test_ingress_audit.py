@@ -68,13 +68,14 @@ class FakeInstance:
         if st is None:
             return None
         if st["paused"] or st.get("aborted"):
+            end = "migrated" if st.get("migrated") else "abort"
             if st.get("aborted"):
-                return TokenChunk(rid, st["next"], (), True, "abort")
+                return TokenChunk(rid, st["next"], (), True, end)
             try:
                 await asyncio.wait_for(st["ev"].wait(), timeout)
             except TimeoutError:
                 return TokenChunk(rid, -1, ())
-            return TokenChunk(rid, st["next"], (), True, "abort")
+            return TokenChunk(rid, st["next"], (), True, "migrated" if st.get("migrated") else "abort")
         await asyncio.sleep(0.01)
         return self._tok(rid, st)
 
@@ -100,6 +101,13 @@ class FakeInstance:
         st = self.streams[rid]
         st["paused"] = True
         return ("snap", st["next"])
+
+    async def _migrate_release(self, rid: str) -> bool:
+        st = self.streams.get(rid)
+        if st is None:
+            return False
+        st["migrated"] = True
+        return await self._abort(rid)
 
     async def _migrate_resume(self, rid: str) -> bool:
         self.streams[rid]["paused"] = False

@@ -76,6 +76,9 @@ from scheduler.transfer.migration import (
 log = logging.getLogger(__name__)
 
 _DEAD = (RayActorError, ActorUnavailableError)
+# How long ``drain`` waits, before releasing the instance, for committed migrations' streams to switch over.
+_SWITCH_WAIT_S = 30.0
+
 # ``RequestRecord.move_kv`` value meaning "the destination already admitted the request" (live migration commit).
 _ADMITTED = object()
 
@@ -224,6 +227,7 @@ class Ingress:
         self._channel_down: dict[str, float] = {}  # incarnation -> monotonic time until which Ray is used
         self._channel_fails: dict[str, int] = {}  # incarnation -> channel failures in a row
         self._migrating: dict[str, Migration] = {}  # request id -> its migration in progress
+        self._migration_ended: dict[str, asyncio.Event] = {}  # request id -> set when that migration returned
         self.migrations: list[Migration] = []  # finished migrations (bounded), for tests and the bench
 
     @classmethod
@@ -645,9 +649,19 @@ class Ingress:
                         if chunk.token_ids:  # e.g. token 0 from the prefill instance: stream it now (TTFT)
                             yield dataclasses.replace(chunk, finished=False, finish_reason=None)
                         continue
+                    if chunk.finished and chunk.finish_reason == "migrated":
+                        # A hand-over nobody follows (the request was cancelled meanwhile): the client's end is an abort.
+                        chunk = dataclasses.replace(chunk, finish_reason="abort")
                     yield chunk
             except InstanceLost as e:
                 admitted = False
+                ended = self._migration_ended.get(rid)
+                if ended is not None:
+                    # A migration of this request is in flight from the instance just lost. It cannot commit
+                    # any more unless it already has (checked below), and its abort cancels whatever the
+                    # destination holds under this id: a recovery that landed there first would be killed by
+                    # that cancel. Let it finish (its steps are bounded by step_timeout_s), then recover.
+                    await ended.wait()
                 if rec.cancelled:
                     yield TokenChunk(rid, rec.next_index, (), True, "abort")
                     return
@@ -665,9 +679,9 @@ class Ingress:
             admitted = False
             assert last is not None and last.finished
             if not self._continues(rec, handoff, last.finish_reason):
-                rec.phase = Phase.CANCELLED if last.finish_reason == "abort" else Phase.FINISHED
+                rec.phase = Phase.CANCELLED if last.finish_reason in ("abort", "migrated") else Phase.FINISHED
                 return
-            if rec.moving_to is not None and last.finish_reason == "abort":
+            if rec.moving_to is not None and last.finish_reason == "migrated":
                 target, kv_ref = RouteDecision(rec.moving_to), rec.move_kv
                 rec.moving_to, rec.move_kv = None, None
                 if kv_ref is _ADMITTED:  # live migration: the destination is decoding it already
@@ -697,7 +711,7 @@ class Ingress:
             return False
         if handoff and reason == "length" and rec.remaining_tokens > 0:
             return True
-        return reason == "abort" and rec.moving_to is not None
+        return reason == "migrated" and rec.moving_to is not None
 
     async def _attempt(
         self, rec: RequestRecord, iid: str, ereq: EngineRequest, kv_ref: Any, *, admitted: bool = False,
@@ -883,6 +897,7 @@ class Ingress:
             return MigrationResult(request_id, src, destination, False, f"source {src!r} is not a live instance")
         m = Migration(request_id, src, destination, cfg)
         self._migrating[request_id] = m
+        ended = self._migration_ended[request_id] = asyncio.Event()
         try:
             # NOTE: parented on the request's trace, not the caller's (the controller's loop or an admin RPC):
             # the migration is a stage of that request, found in its trace.
@@ -896,6 +911,8 @@ class Ingress:
                 )
         finally:
             self._migrating.pop(request_id, None)
+            self._migration_ended.pop(request_id, None)
+            ended.set()
             self.migrations.append(m)
             del self.migrations[:-256]
             self.recorder.on_migration("committed" if m.committed else "aborted",
@@ -921,11 +938,14 @@ class Ingress:
 
     def _switch(self, rec: RequestRecord, destination: str) -> None:
         """Commit point: the destination runs the request; follow it there once the source's stream ends."""
+        if rec.cancelled or self.registry.get(rec.request_id) is not rec:
+            # The client left, or the stream already ended (a cancel through another replica aborted the
+            # paused source during the stop-and-copy): do not leave a copy running. (No registry touch either:
+            # it would un-report the removal of an ended request.)
+            self._abort_quietly(destination, rec.request_id)
+            return
         rec.moving_to, rec.move_kv = destination, _ADMITTED
         self.registry.touch(rec.request_id)
-        if rec.cancelled:  # the client left meanwhile: do not leave a copy running
-            rec.moving_to, rec.move_kv = None, None
-            self._abort_quietly(destination, rec.request_id)
 
     async def _take_plans(self) -> None:
         """Execute the Controller's migration plans for requests this replica serves (its policy loop runs on
@@ -974,6 +994,14 @@ class Ingress:
                                                return_exceptions=True)
                 moved += sum(1 for r in results if isinstance(r, MigrationResult) and r.committed)
                 await asyncio.sleep(0.05)
+            # A committed migration's stream still reads what the source made before its stop out of the source's
+            # buffer until it switches (a consumer slower than the engine): releasing the instance first destroys
+            # those tokens and the stream fails on the gap. Wait for the switches (bounded: a stalled consumer's
+            # source stream would be reaped by the instance's lease anyway).
+            deadline = time.monotonic() + _SWITCH_WAIT_S
+            while time.monotonic() < deadline and any(
+                    r.moving_to is not None for r in self.registry.on_instance(instance_id)):
+                await asyncio.sleep(0.01)
             await self._admin("release", instance_id)
             released = True
         finally:
@@ -1067,7 +1095,7 @@ class _RaySource:
         return bool(await self.h.migrate_resume.remote(self.rid))
 
     async def release(self) -> None:
-        await self.h.abort.remote(self.rid)
+        await self.h.migrate_release.remote(self.rid)
 
 
 class _RayDestination:

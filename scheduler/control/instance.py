@@ -145,6 +145,7 @@ class _Stream:
     task: asyncio.Task[None] | None = None
     sent: TokenChunk | None = None  # the last chunk handed out, kept until a poll shows it arrived
     export: bool = False  # P->D prefill: start exporting the prompt KV the moment the stream ends
+    migrated: bool = False  # released by a committed migration: its end reads "migrated", not "abort"
     received: float = field(default_factory=time.time)  # wall clock at submit (request_timings)
 
 
@@ -345,6 +346,8 @@ class Instance:
                     self._timings[rid] = (st.received, time.time())
                     if len(self._timings) > _TIMINGS_KEPT:
                         self._timings.popitem(last=False)
+                if chunk.finished and st.migrated and chunk.finish_reason == "abort":
+                    chunk = dataclasses.replace(chunk, finish_reason="migrated")
                 st.buffer.append(chunk)
                 st.event.set()
                 if chunk.finished:
@@ -574,6 +577,10 @@ class Instance:
             return f"source: {res}"
         snap, kv = res
         await self._fault("commit")
+        if request_id not in self._incoming:
+            # Cancelled (the driver timed out on this step or was cancelled; or the lease expired) while the
+            # source's stop-and-copy was on its way: admitting now would leave a copy nobody polls.
+            return "migration was cancelled on the destination"
         self._touch_incoming(request_id)
         sp = template.sampling
         remaining = sp.max_tokens - snap.num_output_tokens
@@ -581,6 +588,9 @@ class Instance:
             return "source: request already produced all its tokens"
         backend = self._migration_backend()
         await backend.stage_kv(request_id, kv, snap.rng_state, final=True)
+        if request_id not in self._incoming:  # cancelled during the copy: drop what this piece staged again
+            await backend.cancel_incoming(request_id)
+            return "migration was cancelled on the destination"
         try:
             tokens = snap.with_prefix(backend.staged_token_ids(request_id)) if snap.token_offset else snap.token_ids
         except ValueError as e:
@@ -593,6 +603,17 @@ class Instance:
         if sub.rejected is None:  # a stream now: the poll lease covers it from here on
             self._incoming.pop(request_id, None)
         return sub.rejected
+
+    async def migrate_release(self, request_id: str) -> bool:
+        """Source, commit path: free the request (the destination runs it now). Its stream ends with
+        ``finish_reason="migrated"``, so that the ingress tells this hand-over apart from a cancel (an abort from
+        another ingress replica) that reached this instance during the stop-and-copy."""
+        st = self._streams.get(request_id)
+        if st is None or self._backend is None:
+            return False
+        st.migrated = True
+        await self._backend.abort(request_id)
+        return True
 
     async def migrate_resume(self, request_id: str) -> bool:
         """Source, abort path: the paused request continues here."""

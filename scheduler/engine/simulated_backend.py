@@ -116,6 +116,10 @@ class SimulatedBackend:
         self._staged: dict[str, tuple[int, tuple[int, ...]]] = {}
         self._paused: dict[str, tuple[object, int]] = {}
         self._wake: asyncio.Event | None = None
+        # Held by the engine loop from a step's computation to the delivery of its tokens (the modelled step
+        # time in between): ``pause`` takes it, so a request stops between two steps, as vLLM's pause utility
+        # does -- never with a token of the step in flight still to come out on the source after its snapshot.
+        self._step_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -222,16 +226,17 @@ class SimulatedBackend:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            t0 = time.perf_counter()
-            r = em.step(want_emitted=True)
-            # NOTE: sleep until the modelled end of the step, minus the time the bookkeeping itself took.
-            delay = r.duration_s * self.time_scale - (time.perf_counter() - t0)
-            await asyncio.sleep(max(delay, 0.0))
-            done = {s.rid for s in r.finished}
-            for rid in done:
-                self._remember_handoff(rid)
-            for rid in r.emitted or ():
-                self._emit(rid, rid in done)
+            async with self._step_lock:
+                t0 = time.perf_counter()
+                r = em.step(want_emitted=True)
+                # NOTE: sleep until the modelled end of the step, minus the time the bookkeeping itself took.
+                delay = r.duration_s * self.time_scale - (time.perf_counter() - t0)
+                await asyncio.sleep(max(delay, 0.0))
+                done = {s.rid for s in r.finished}
+                for rid in done:
+                    self._remember_handoff(rid)
+                for rid in r.emitted or ():
+                    self._emit(rid, rid in done)
 
     def _emit(self, rid: str, engine_done: bool) -> None:
         req = self._reqs.get(rid)
@@ -350,6 +355,10 @@ class SimulatedBackend:
     async def pause(self, request_id: str, start_token: int) -> tuple[MigrationSnapshot, KVBlocks | None] | str:
         """Source stop-and-copy: take the decoding request out of the engine model (its blocks stay held) and
         return its state and the KV of ``[start_token, context - 1)``."""
+        async with self._step_lock:  # between two steps (see _step_lock)
+            return self._pause(request_id, start_token)
+
+    def _pause(self, request_id: str, start_token: int) -> tuple[MigrationSnapshot, KVBlocks | None] | str:
         req = self._reqs.get(request_id)
         if req is None:
             return "request is not running on this engine (finished?)"
@@ -371,10 +380,12 @@ class SimulatedBackend:
     async def resume(self, request_id: str) -> bool:
         """Source abort path: the paused request continues here (re-admitted with its KV cached)."""
         paused = self._paused.pop(request_id, None)
-        if paused is None or request_id not in self._reqs:
+        if paused is None:
             return False
         seq, held = paused
-        self.engine.prefill_blocks -= held
+        self.engine.prefill_blocks -= held  # given back whether or not the request is still here
+        if request_id not in self._reqs:
+            return False
         self.engine.add_request(request_id, seq.num_tokens, max(seq.max_new, 1),  # type: ignore[attr-defined]
                                 cached_tokens=seq.num_tokens - 1,  # type: ignore[attr-defined]
                                 priority=seq.priority)  # type: ignore[attr-defined]

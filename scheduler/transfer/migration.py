@@ -12,7 +12,7 @@ One migration moves request R from source A to destination B (Llumnix, Sun et al
                                         blocks + request state  ---kv+state--> commit(R): stage the last piece,
                                                                             admit R with its token history, load
                                                                             the KV, restore the sampler's RNG
-    COMMITTED  ---- release(R) ------>  free R (its stream ends "abort";     B streams R from the next index
+    COMMITTED  ---- release(R) ------>  free R (its stream ends "migrated";  B streams R from the next index
                                         the ingress follows R to B)
     any abort  ---- resume(R) ------->  R continues on A                    cancel(R): free reservation + staged
 
@@ -30,6 +30,7 @@ Modes (``MigrationMode``) share the driver, so the benchmark compares like with 
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -68,6 +69,7 @@ TRANSITIONS: dict[MigrationState, frozenset[MigrationState]] = {
 class Side(enum.Enum):
     SOURCE = "source"
     DESTINATION = "destination"
+    DRIVER = "driver"  # the driver's caller gave up (cancelled): R stays on its source, as after a source abort
 
 
 # Who frees what when a migration aborts in a given state (the source always keeps R until COMMITTED).
@@ -192,7 +194,7 @@ class Migration:
     def fail(self, side: Side, reason: str) -> AbortRecord:
         before = self.state
         rec = AbortRecord(side, before, reason, FREES.get(before, "nothing held"))
-        self.advance(MigrationState.ABORTED_SRC if side is Side.SOURCE else MigrationState.ABORTED_DST)
+        self.advance(MigrationState.ABORTED_DST if side is Side.DESTINATION else MigrationState.ABORTED_SRC)
         self.abort = rec
         return rec
 
@@ -240,7 +242,7 @@ class SourceOps(Protocol):
         ...
 
     async def release(self) -> None:
-        """Commit path: A frees R (its stream there ends with ``finish_reason="abort"``)."""
+        """Commit path: A frees R (its stream there ends with ``finish_reason="migrated"``)."""
         ...
 
 
@@ -265,8 +267,6 @@ class DestinationOps(Protocol):
 
 
 async def _step(side: Side, what: str, aw: Awaitable[Any], timeout_s: float) -> Any:
-    import asyncio
-
     try:
         return await asyncio.wait_for(aw, timeout_s)
     except StepFailed:
@@ -331,17 +331,16 @@ async def run_migration(
     except StepFailed as e:
         state = m.state
         m.fail(e.side, e.reason)
-        if reserved:
-            try:
-                await _step(Side.DESTINATION, "cancel", dst.cancel(), t)
-            except StepFailed:
-                pass  # a dead destination frees everything with its process
-        if state is MigrationState.FINAL_COPY:
-            try:
-                await _step(Side.SOURCE, "resume", src.resume(), t)
-            except StepFailed:
-                pass  # a dead source is the ingress' recovery case
+        await _undo(state, reserved, src, dst, t)
         return m
+    except asyncio.CancelledError:
+        # The caller gave up mid-way (an admin RPC's deadline, a cancelled drain). Undo exactly as for a failure,
+        # shielded from the cancellation, then re-raise: otherwise R stays paused on A for good (the ingress keeps
+        # polling it, so no lease ever frees it) and B keeps its reservation / admitted copy.
+        state = m.state
+        m.fail(Side.DRIVER, "the migration's caller cancelled it")
+        await asyncio.shield(_undo(state, reserved, src, dst, t))
+        raise
     if on_committed is not None:
         res = on_committed()
         if res is not None:
@@ -351,3 +350,17 @@ async def run_migration(
     except StepFailed:
         pass  # R is on B already; a dead source has nothing left to free
     return m
+
+
+async def _undo(state: MigrationState, reserved: bool, src: SourceOps, dst: DestinationOps, t: float) -> None:
+    """Abort cleanup of a migration that was in ``state``: B frees what it holds, a paused R resumes on A."""
+    if reserved:
+        try:
+            await _step(Side.DESTINATION, "cancel", dst.cancel(), t)
+        except StepFailed:
+            pass  # a dead destination frees everything with its process
+    if state is MigrationState.FINAL_COPY:
+        try:
+            await _step(Side.SOURCE, "resume", src.resume(), t)
+        except StepFailed:
+            pass  # a dead source is the ingress' recovery case
