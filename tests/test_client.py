@@ -377,3 +377,45 @@ def test_unary_errors_name_their_request(client) -> None:  # type: ignore[no-unt
     with pytest.raises(NotFound) as e:
         client.migrate("req-42")
     assert e.value.request_id == "req-42"
+
+
+def test_drain_and_switch_role_are_not_retried() -> None:
+    """Neither is idempotent: after a lost reply a retry finds the drain or switch under way and reports 0 moved /
+    False. Like migrate, they surface the UNAVAILABLE instead (scale, which sets a size, is still retried)."""
+
+    @dataclass
+    class Flaky(EchoIngress):
+        calls: dict = field(default_factory=dict)
+
+        def _flaky(self, name: str) -> None:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if self.calls[name] == 1:
+                raise ControlUnavailable(f"{name}: controller unavailable")
+
+        async def drain(self, instance_id: str) -> int:  # type: ignore[override]
+            self._flaky("drain")
+            return await super().drain(instance_id)
+
+        async def switch_role(self, instance_id: str, role: InstanceRole) -> bool:  # type: ignore[override]
+            self._flaky("switch_role")
+            return await super().switch_role(instance_id, role)
+
+        async def scale(self, pool: str, count: int) -> int:  # type: ignore[override]
+            self._flaky("scale")
+            return await super().scale(pool, count)
+
+    with BackgroundServer(lambda: Flaky()) as s, Client(s.address, retries=3, timeout_s=10) as c:
+        with pytest.raises(Unavailable):
+            c.drain("echo-0")
+        with pytest.raises(Unavailable):
+            c.switch_role("echo-1", InstanceRole.PREFILL)
+        assert c.scale("mixed", 3) == 3
+        assert s.ingress.calls == {"drain": 1, "switch_role": 1, "scale": 2}
+
+        async def aio() -> None:
+            async with AsyncClient(s.address, retries=3, timeout_s=10) as ac:
+                with pytest.raises(Unavailable):
+                    await ac.drain("echo-1")  # its first call: fails, not retried
+        s.ingress.calls.pop("drain")
+        asyncio.run(aio())
+        assert s.ingress.calls["drain"] == 1

@@ -280,12 +280,13 @@ class AsyncClient:
         return c.migration_from_proto(resp)
 
     async def drain(self, instance_id: str, *, timeout_s: float | None = None) -> int:
+        """See :meth:`Client.drain` (not retried)."""
         resp = await self._unary(
             self._admin.DrainInstance,
             admin_pb2.DrainInstanceRequest(instance_id=instance_id),
             self._admin_md,
             timeout_s,
-            retry=True,
+            retry=False,
         )
         return resp.requests_moved
 
@@ -302,13 +303,13 @@ class AsyncClient:
 
     async def switch_role(self, instance_id: str, role: InstanceRole | str, *,
                           timeout_s: float | None = None) -> bool:
-        """See :meth:`Client.switch_role`."""
+        """See :meth:`Client.switch_role` (not retried)."""
         resp = await self._unary(
             self._admin.SwitchRole,
             admin_pb2.SwitchRoleRequest(instance_id=instance_id, role=c.role_to_proto(role)),
             self._admin_md,
             timeout_s,
-            retry=True,
+            retry=False,
         )
         return resp.started
 

@@ -293,13 +293,14 @@ class Client:
         )
 
     def drain(self, instance_id: str, *, timeout_s: float | None = None) -> int:
-        """Migrate everything off an instance and release it; returns the number of requests moved."""
+        """Migrate everything off an instance and release it; returns the number of requests moved. Not retried:
+        a retry after a lost reply would find the instance draining already and report 0 moved."""
         resp = self._unary(
             self._admin.DrainInstance,
             admin_pb2.DrainInstanceRequest(instance_id=instance_id),
             self._admin_md,
             timeout_s,
-            retry=True,
+            retry=False,
         )
         return resp.requests_moved
 
@@ -316,13 +317,14 @@ class Client:
 
     def switch_role(self, instance_id: str, role: InstanceRole | str, *, timeout_s: float | None = None) -> bool:
         """Move an instance between the PREFILL and DECODE roles: it drains, then switches once idle (no engine
-        restart). False when it has that role already, or is already switching or draining."""
+        restart). False when it has that role already, or is already switching or draining. Not retried: a retry
+        after a lost reply would find the switch under way and report False."""
         resp = self._unary(
             self._admin.SwitchRole,
             admin_pb2.SwitchRoleRequest(instance_id=instance_id, role=c.role_to_proto(role)),
             self._admin_md,
             timeout_s,
-            retry=True,
+            retry=False,
         )
         return resp.started
 
