@@ -146,12 +146,12 @@ def load_workload(args: argparse.Namespace, cfg: ClusterConfig):
         flag = "--rate" if args.rate is not None else "--cv"
         raise ValueError(f"{flag}: sets the arrival process of --synthetic or of a lengths-only trace; "
                          f"{trace.name} replays its own timestamps (use --rate-scale to change its rate)")
+    tied = float(np.mean(np.diff(trace.arrival_s) == 0)) if len(trace) > 2 else 0.0
     if getattr(args, "spread_ties", False):
         trace = trace.spread_ties(args.seed)
-    elif len(trace) > 2 and np.mean(np.diff(trace.arrival_s) == 0) > 0.5:
-        print(f"note: {trace.name}: {np.mean(np.diff(trace.arrival_s) == 0):.0%} of its requests arrive at the same "
-              "instant as the one before (a coarse trace clock?); they are replayed as bursts; --spread-ties spreads "
-              "them", file=sys.stderr)
+    elif tied > 0.5:
+        print(f"note: {trace.name}: {tied:.0%} of its requests arrive at the same instant as the one before (a "
+              "coarse trace clock?); they are replayed as bursts; --spread-ties spreads them", file=sys.stderr)
     if args.window:
         trace = trace.window(*args.window)
     if args.limit:

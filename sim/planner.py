@@ -36,7 +36,7 @@ from scheduler.config.gpus import catalog_key, catalog_names
 from scheduler.config.load import ConfigError
 from scheduler.config.models import ClusterConfig, EngineSpec, GPUSpec, PolicySpec, PoolSpec
 from scheduler.core.types import InstanceRole
-from scheduler.policy.placement import InstanceProfile, enumerate_placements, instance_profile
+from scheduler.policy.placement import InstanceProfile, enumerate_placements, instance_profile, within_catalog
 from scheduler.policy.scaling import WorkloadSummary, instances_for
 from sim.cluster import latency_factory
 from sim.commands import (
@@ -141,12 +141,9 @@ def price_and_gpus(cfg: ClusterConfig) -> tuple[float, int]:
 
 def within_inventory(base: ClusterConfig, c: Candidate, counts: tuple[int, ...]) -> bool:
     """Whether the pools of ``c`` at ``counts`` use no more GPUs of a type than the config has
-    (``gpus.<key>.count``; 0 = unbounded), as ``placement._within_catalog`` requires of the analytic pass."""
+    (``gpus.<key>.count``; 0 = unbounded): the analytic pass's rule (``placement.within_catalog``)."""
     hw = [(c.gpu, c.tp)] if c.prefill_share is None else [(c.gpu, c.tp), c.decode_on]
-    used: dict[str, int] = {}
-    for (g, tp), n in zip(hw, counts, strict=True):
-        used[g] = used.get(g, 0) + tp * n
-    return all(base.gpus[g].count == 0 or n <= base.gpus[g].count for g, n in used.items())
+    return within_catalog(((g, tp * n) for (g, tp), n in zip(hw, counts, strict=True)), base.gpus)
 
 
 def split(n: int, share: float) -> tuple[int, int]:
@@ -174,9 +171,10 @@ def latency_sources(base: ClusterConfig, keys: list[str], tps: tuple[int, ...]) 
     """``gpu TPn`` grouped by the kind of latency model the simulator uses for it (profiled table, roofline, one
     measured profile): a plan that mixes kinds compares GPU types at different fidelity."""
     out: dict[str, list[str]] = {}
+    timed = latency_factory(base)
     for g in keys:
         for tp in tps:
-            src = latency_factory(base)(base.model, base.gpus[g], tp).source
+            src = timed(base.model, base.gpus[g], tp).source
             kind = "roofline" if src == "roofline" else src.split("+", 1)[0]
             out.setdefault(kind, []).append(f"{g} TP{tp}")
     return out

@@ -22,7 +22,7 @@ the rest.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from scheduler.config.models import EngineSpec, GPUSpec, ModelSpec, PoolSpec
@@ -116,10 +116,11 @@ def _cost(pools: tuple[PoolPlan, ...], prof: Mapping[tuple[str, int], InstancePr
     return sum(prof[(p.gpu, p.tp)].price_per_hour * p.count for p in pools)
 
 
-def _within_catalog(pools: tuple[PoolPlan, ...], gpus: Mapping[str, GPUSpec]) -> bool:
+def within_catalog(usage: Iterable[tuple[str, int]], gpus: Mapping[str, GPUSpec]) -> bool:
+    """Whether (GPU type, GPUs) uses, summed per type, stay within each type's ``count`` (0 = unbounded)."""
     used: dict[str, int] = {}
-    for p in pools:
-        used[p.gpu] = used.get(p.gpu, 0) + p.num_gpus
+    for g, n in usage:
+        used[g] = used.get(g, 0) + n
     return all(gpus[g].count == 0 or n <= gpus[g].count for g, n in used.items())
 
 
@@ -174,7 +175,8 @@ def enumerate_placements(
     cands: list[PlacementCandidate] = []
 
     def add(mode: str, pools: tuple[PoolPlan, ...], capacity: float) -> None:
-        if capacity + 1e-9 < rate or sum(p.count for p in pools) > max_instances or not _within_catalog(pools, gpus):
+        fits = within_catalog(((p.gpu, p.num_gpus) for p in pools), gpus)
+        if capacity + 1e-9 < rate or sum(p.count for p in pools) > max_instances or not fits:
             return
         cands.append(PlacementCandidate(mode, pools, _cost(pools, prof), capacity, sum(p.num_gpus for p in pools)))
 
