@@ -14,6 +14,7 @@ import pytest
 from scheduler._proto.llmsched.v1 import inference_pb2
 from scheduler.client import (
     AsyncClient,
+    Cancelled,
     Client,
     DeadlineExceeded,
     InvalidArgument,
@@ -325,6 +326,35 @@ def test_closing_an_async_client_under_a_call_raises_cancelled_like_the_sync_one
         return None
 
     assert isinstance(asyncio.run(main()), LLMSchedError)
+
+
+def test_a_call_on_a_closed_client_raises_cancelled_not_grpcs_usage_error(srv) -> None:  # type: ignore[no-untyped-def]
+    """grpc raised ValueError (sync) / UsageError (aio): outside ``except LLMSchedError``, so a shutdown race
+    (a worker calling while the application closes the client) escaped the SDK's error handling."""
+    c = Client(srv.address, timeout_s=10)
+    c.close()
+    for call in (lambda: c.generate("x"), lambda: list(c.stream("x")), c.instances, lambda: c.cancel("r")):
+        with pytest.raises(Cancelled, match="client is closed"):
+            call()
+
+    async def main() -> list[BaseException]:
+        ac = AsyncClient(srv.address, timeout_s=10)
+        await ac.close()
+        errors = []
+        for call in (lambda: ac.generate("x"), ac.instances):
+            try:
+                await call()
+            except BaseException as e:  # noqa: BLE001 - the test inspects it
+                errors.append(e)
+        try:
+            async for _ in ac.stream("x"):
+                pass
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            errors.append(e)
+        return errors
+
+    errors = asyncio.run(main())
+    assert len(errors) == 3 and all(isinstance(e, Cancelled) for e in errors), errors
 
 
 def test_leaving_a_stream_block_cancels_even_while_the_iterator_is_referenced() -> None:

@@ -179,6 +179,17 @@ def retry_delay(attempt: int, retry_after_s: float | None, deadline: float | Non
     return delay
 
 
+# What grpc raises for a call on a channel already closed (sync: ValueError; aio: UsageError, at the call or its first
+# read). The clients turn it into ``closed_error`` once they know they were closed.
+CLOSED_CHANNEL_ERRORS: tuple[type[Exception], ...] = (ValueError, grpc.aio.UsageError)
+
+
+def closed_error(request_id: str | None = None) -> LLMSchedError:
+    """What a call on a closed client raises: the ``Cancelled`` that a call cut off by ``close()`` gets, so one
+    ``except LLMSchedError`` covers a shutdown race (grpc itself raises ValueError or UsageError)."""
+    return error_for(grpc.StatusCode.CANCELLED, "the client is closed", request_id=request_id)
+
+
 def convert_rpc_error(e: grpc.RpcError, request_id: str | None = None) -> LLMSchedError:
     """A typed :class:`LLMSchedError` from a grpc error (sync or aio)."""
     code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN

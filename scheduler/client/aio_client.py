@@ -100,6 +100,7 @@ class AsyncClient:
         self.timeout_s = timeout_s
         self.retries = retries
         self._tracing = tracing if tracing is not None else Tracing()
+        self._closed = False
 
     # ------------------------------------------------------------------------------------------ inference
 
@@ -212,7 +213,12 @@ class AsyncClient:
             while True:
                 req.resume_from_index = state.next_index
                 state.attempts += 1
-                call = self._inference.Generate(req, timeout=c.remaining(deadline), metadata=md)
+                try:
+                    call = self._inference.Generate(req, timeout=c.remaining(deadline), metadata=md)
+                except c.CLOSED_CHANNEL_ERRORS:
+                    if self._closed:
+                        raise c.closed_error(req.request_id) from None
+                    raise
                 try:
                     async for msg in call:
                         for chunk in state.accept(msg):
@@ -350,8 +356,14 @@ class AsyncClient:
                 if err2 is None:
                     raise
                 raise err2 from None
+            except c.CLOSED_CHANNEL_ERRORS:
+                if self._closed:
+                    raise c.closed_error(request_id) from None
+                raise
 
     async def close(self) -> None:
+        """Close the channel: calls in flight end ``Cancelled``, later calls raise ``Cancelled`` too."""
+        self._closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> Self:

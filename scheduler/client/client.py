@@ -104,6 +104,7 @@ class Client:
         self.timeout_s = timeout_s
         self.retries = retries
         self._tracing = tracing if tracing is not None else Tracing()
+        self._closed = False
 
     # ------------------------------------------------------------------------------------------ inference
 
@@ -177,7 +178,12 @@ class Client:
             while True:
                 req.resume_from_index = state.next_index
                 state.attempts += 1
-                call = self._inference.Generate(req, timeout=c.remaining(deadline), metadata=md)
+                try:
+                    call = self._inference.Generate(req, timeout=c.remaining(deadline), metadata=md)
+                except c.CLOSED_CHANNEL_ERRORS:
+                    if self._closed:
+                        raise c.closed_error(req.request_id) from None
+                    raise
                 try:
                     for msg in call:
                         yield from state.accept(msg)
@@ -360,8 +366,14 @@ class Client:
                 if delay is None:
                     raise err from None
                 time.sleep(delay)
+            except c.CLOSED_CHANNEL_ERRORS:
+                if self._closed:
+                    raise c.closed_error(request_id) from None
+                raise
 
     def close(self) -> None:
+        """Close the channel: calls in flight end ``Cancelled``, later calls raise ``Cancelled`` too."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> Self:
