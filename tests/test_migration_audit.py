@@ -17,7 +17,8 @@ from scheduler.control.api import GenerateRequest
 from scheduler.control.controller import Member
 from scheduler.control.ingress import Ingress
 from scheduler.control.instance import Instance
-from scheduler.core.types import ClusterView, InstanceSnapshot
+from scheduler.control.registry import RequestRecord
+from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot, Phase
 from scheduler.engine.base import EngineRequest, SamplingParams, TokenChunk
 from scheduler.engine.simulated_backend import SimulatedBackend, sim_token
 from scheduler.transfer.migration import MigrationSnapshot
@@ -410,3 +411,28 @@ def test_cancel_via_another_replica_during_final_copy_stops_the_request() -> Non
         f"cancelled (answered {answered}, migration committed {committed}) but the stream went on: "
         f"{n} tokens, ended {out[-1].finish_reason!r} on {out[-1].instance_id}")
     assert not d_running, "the destination still decodes the cancelled request"
+
+
+# ---- H: migrate() without a destination (drain, an admin call) asked the router for a placement and booked it as a
+# route: a phantom prefill on the pair's PREFILL instance (counted waiting there until the next refresh, and the
+# lookahead router's prefill pressure there) while the decoder it goes to counted nothing.
+def test_a_destination_pick_is_booked_on_the_destination_not_as_a_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    import scheduler.control.ingress as ingress_mod
+
+    async def stop_here(*a: Any, **kw: Any) -> None:
+        raise RuntimeError("picked")
+
+    monkeypatch.setattr(ingress_mod, "run_migration", stop_here)
+    insts = [FakeInstance("prefill-0", InstanceRole.PREFILL), FakeInstance("decode-0", InstanceRole.DECODE),
+             FakeInstance("decode-1", InstanceRole.DECODE)]
+    ing = _ingress(insts)
+    routed: list[Any] = []
+    monkeypatch.setattr(ing.router, "on_routed", lambda info, d: routed.append(d))
+    ing.registry.add(RequestRecord("r", (1, 2, 3), SamplingParams(max_tokens=20), instances=("decode-0",),
+                                   output_token_ids=[5, 6], phase=Phase.DECODE))
+    with pytest.raises(RuntimeError, match="picked"):
+        asyncio.run(ing.migrate("r"))
+    assert routed == []
+    assert ing._pending == {"decode-1": 1}
+    waiting = {s.instance_id: s.num_waiting for s in ing.view().instances}
+    assert waiting == {"prefill-0": 0, "decode-0": 0, "decode-1": 1}

@@ -477,6 +477,19 @@ class Ingress:
 
     def _route(self, rec: RequestRecord, *, exclude: frozenset[str] = frozenset(), accepted: bool = False
                ) -> RouteDecision:
+        """Place ``rec``'s prefill (and decode): the router's pick, booked where the request goes next."""
+        info, decision = self._decide(rec, exclude=exclude, accepted=accepted)
+        self.router.on_routed(info, decision)
+        # The decode instance of a P->D pair is counted while the request is on its way there (_expect_decode).
+        self._pending[decision.prefill_instance] = self._pending.get(decision.prefill_instance, 0) + 1
+        handoff = decision.decode_instance is not None and rec.remaining_tokens > 1  # as _run_attempts decides
+        self._expect_decode(rec.request_id, decision.decode_instance if handoff else None)
+        self.counters["routed"] += 1
+        return decision
+
+    def _decide(self, rec: RequestRecord, *, exclude: frozenset[str], accepted: bool
+                ) -> tuple[RequestInfo, RouteDecision]:
+        """The router's pick for ``rec`` over the live view less ``exclude``; nothing booked."""
         view = self.view()
         if exclude:
             view = ClusterView(view.time_s, tuple(s for s in view.instances if s.instance_id not in exclude))
@@ -492,13 +505,7 @@ class Ingress:
             if not any(s.accepting for s in view.instances):
                 raise Unavailable(f"no instance accepts requests: {decision.reason}")
             raise Overloaded(decision.reason, retry_after_s=decision.retry_after_s or 1.0)
-        self.router.on_routed(info, decision)
-        # The decode instance of a P->D pair is counted while the request is on its way there (_expect_decode).
-        self._pending[decision.prefill_instance] = self._pending.get(decision.prefill_instance, 0) + 1
-        handoff = decision.decode_instance is not None and rec.remaining_tokens > 1  # as _run_attempts decides
-        self._expect_decode(rec.request_id, decision.decode_instance if handoff else None)
-        self.counters["routed"] += 1
-        return decision
+        return info, decision
 
     def instance_handles(self) -> dict[str, Any]:
         """Actor handles of the live instances this replica knows (admin tools, benchmarks)."""
@@ -884,11 +891,13 @@ class Ingress:
             return MigrationResult(request_id, src, destination or "", False, f"request is in phase {rec.phase.name}")
         if destination is None:
             try:
-                d = self._route(rec, exclude=frozenset({src}), accepted=True)
+                _, d = self._decide(rec, exclude=frozenset({src}), accepted=True)
             except (Overloaded, Unavailable) as e:
                 return MigrationResult(request_id, src, "", False, f"no destination: {e}")
-            self._expect_decode(request_id, None)  # a destination pick, not a P->D handoff on its way
             destination = d.decode_instance or d.prefill_instance
+            # Booked where the request goes (a drain's next picks spread out), not as a prefill on the pair's
+            # prefill instance, and not with the router: nothing is prefilled anywhere.
+            self._pending[destination] = self._pending.get(destination, 0) + 1
         if destination == src:
             return MigrationResult(request_id, src, destination, False, "destination is the source")
         if destination not in self._members:
