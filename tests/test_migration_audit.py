@@ -436,3 +436,29 @@ def test_a_destination_pick_is_booked_on_the_destination_not_as_a_route(monkeypa
     assert ing._pending == {"decode-1": 1}
     waiting = {s.instance_id: s.num_waiting for s in ing.view().instances}
     assert waiting == {"prefill-0": 0, "decode-0": 0, "decode-1": 1}
+
+
+# ---- I: a request aborted where nobody polls it any more (its client left; a committed migration's copy freed after
+# a cancel) kept its ended stream until the lease, and set_role counted it as running: a re-roling of that instance
+# was deferred for lease_s (30 s by default) and abandoned when switch_timeout_s is shorter.
+def test_an_aborted_unpolled_stream_does_not_hold_a_role_switch_back() -> None:
+    async def scenario() -> tuple[str, str]:
+        (inst,) = await start_instances(1, time_scale=0.2)
+        await inst.submit(EngineRequest("r", tuple(range(1, 50)), SamplingParams(max_tokens=400)))
+        await inst.submit(EngineRequest("s", tuple(range(1, 50)), SamplingParams(max_tokens=400)))
+        busy = ""
+        await inst.abort("r")  # the ingress stops polling "r" here
+        await until(lambda: inst._streams["r"].done)
+        try:
+            await inst.set_role(InstanceRole.PREFILL)  # "s" still runs
+        except ValueError as e:
+            busy = str(e)
+        await inst.abort("s")
+        await until(lambda: all(st.done for st in inst._streams.values()))
+        info = await inst.set_role(InstanceRole.PREFILL)
+        await inst.shutdown()
+        return busy, info.role.value
+
+    busy, role = asyncio.run(scenario())
+    assert "still has 1 request(s)" in busy
+    assert role == "prefill"

@@ -284,8 +284,11 @@ class Instance:
         Controller). Only an idle instance switches: a request in flight keeps the role it was placed for."""
         new = InstanceRole.parse(role)
         backend = self._require_backend()
-        if self._streams or self._incoming:
-            raise ValueError(f"role: {self.instance_id} still has {len(self._streams)} request(s) and "
+        # An ended stream holds nothing but its last answer, and one that nobody will poll (its client left, a
+        # migration's freed copy) stays until the lease: counted, it held a re-roling back for lease_s.
+        running = sum(not st.done for st in self._streams.values())
+        if running or self._incoming:
+            raise ValueError(f"role: {self.instance_id} still has {running} request(s) and "
                              f"{len(self._incoming)} incoming migration(s); drain it first")
         backend.set_role(new)
         self.role = new
