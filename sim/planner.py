@@ -36,6 +36,7 @@ from scheduler.config.gpus import catalog_key, catalog_names
 from scheduler.config.load import ConfigError
 from scheduler.config.models import ClusterConfig, EngineSpec, GPUSpec, PolicySpec, PoolSpec
 from scheduler.core.types import InstanceRole
+from scheduler.deploy.k8s import KubernetesError
 from scheduler.policy.placement import InstanceProfile, enumerate_placements, instance_profile, within_catalog
 from scheduler.policy.scaling import WorkloadSummary, instances_for
 from sim.cluster import latency_factory
@@ -348,6 +349,26 @@ def with_gpus(base: ClusterConfig, names: list[str]) -> tuple[ClusterConfig, lis
     return (base.model_copy(update={"gpus": {**base.gpus, **extra}}) if extra else base), keys
 
 
+def with_inventory(base: ClusterConfig, keys: list[str], have: dict[str, int]) -> tuple[ClusterConfig, list[str]]:
+    """``base`` with the ``count`` of each GPU type of ``keys`` set to the GPUs of that type a cluster has (``have``,
+    e.g. :func:`scheduler.deploy.k8s.read_gpu_inventory`'s usable GPUs per type), and the keys it has any of.
+    The count search then stays within them as it does within a config's own ``gpus.<key>.count``.
+
+    Raises:
+        ValueError: the cluster has none of ``keys`` (the message names ``--k8s-inventory``).
+    """
+    counts: dict[str, int] = {}
+    for name, n in have.items():
+        key = catalog_key(name) or name
+        counts[key] = counts.get(key, 0) + n
+    usable = [k for k in keys if counts.get(k, 0) > 0]
+    if not usable:
+        has = ", ".join(f"{k} x {n}" for k, n in sorted(counts.items()) if n) or "no usable GPU"
+        raise ValueError(f"--k8s-inventory: the cluster has none of {', '.join(keys)} (it has: {has})")
+    gpus = {**base.gpus, **{k: base.gpus[k].model_copy(update={"count": counts[k]}) for k in usable}}
+    return base.model_copy(update={"gpus": gpus}), usable
+
+
 def hetero_pairs(base: ClusterConfig, keys: list[str], tps: tuple[int, ...], ws: WorkloadSummary, *,
                  max_instances: int) -> list[tuple[tuple[str, int], tuple[str, int]]]:
     """(prefill (gpu, tp), decode (gpu, tp)) pairs on different hardware worth simulating (Splitwise: each phase on
@@ -487,6 +508,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hetero-pd", action="store_true",
                    help="also P/D clusters whose DECODE pool runs on another GPU type or TP than the PREFILL pool "
                         "(Splitwise); only pairs the analytic pass does not dominate are simulated")
+    p.add_argument("--k8s-inventory", action="store_true",
+                   help="plan within the GPUs the Kubernetes cluster has now: usable nvidia.com/gpu of Ready, "
+                        "schedulable nodes per GPU type (in-cluster service account, else the kubeconfig; the "
+                        "chart's ClusterRole grants the node list); GPU types it has none of are not planned")
+    p.add_argument("--kube-context", help="kubeconfig context for --k8s-inventory (default: the current one)")
     p.add_argument("--routers", default="least_outstanding", help="comma-separated router names")
     p.add_argument("--target", type=float, default=0.9, help="SLO attainment to meet, in (0, 1]")
     p.add_argument("--max-instances", type=positive_int, default=64)
@@ -516,6 +542,14 @@ def main(argv: list[str] | None = None) -> int:
         gpus = None
         if args.gpus:
             base, gpus = with_gpus(base, args.gpus.split(","))
+        if args.k8s_inventory:
+            from scheduler.deploy.k8s import cluster_gpus
+
+            have = cluster_gpus(args.kube_context)
+            base, gpus = with_inventory(base, gpus or default_gpus(base), have)
+            print(f"inventory: {', '.join(f'{k} x {base.gpus[k].count}' for k in gpus)} GPUs", file=sys.stderr)
+        elif args.kube_context:
+            raise ValueError("--kube-context: only with --k8s-inventory")
         trace, w = load_workload(args, base)
         check_time_span(trace)  # the instance counts are sized for the trace's rate
         kinds = latency_sources(base, gpus or default_gpus(base), tps)
@@ -527,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                   + "; ".join(f"{k}: {', '.join(v)}" for k, v in kinds.items())
                   + "); the roofline has no measured overheads and reads fast, so compare them with care",
                   file=sys.stderr)
-    except (ConfigError, ValueError, OSError) as e:
+    except (ConfigError, ValueError, OSError, KubernetesError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     def said(done: int, total: int, r: PlanResult) -> None:  # a search takes minutes: say where it is

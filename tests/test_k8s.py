@@ -190,3 +190,36 @@ def test_resize_missing_raycluster_is_a_clear_error(server: _Server) -> None:
 def test_product_label_constant_matches_recorded_nodes() -> None:
     labels = _load("nodes-page1.json")["items"][0]["metadata"]["labels"]
     assert GPU_PRODUCT_LABEL in labels
+
+
+def test_plan_k8s_inventory_plans_within_the_clusters_gpus(nodes_server: _Server, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``llmsched plan --k8s-inventory`` reads the node list (what the chart's ClusterRole grants) through the
+    kubeconfig and plans within it: the config's GPU types the cluster has no usable GPU of (a40; l4, NotReady)
+    are not planned, and each planned type is bounded by the cluster's GPUs of it (a100: 8, h100: 16)."""
+    from scheduler.cli import main as cli_main
+    from scheduler.config.load import load_config
+    from sim.planner import with_inventory
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": nodes_server.url}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "u"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+    }))
+    # What KUBECONFIG sets: the client reads the variable once, at import.
+    monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    out = tmp_path / "plan"
+    assert cli_main(["plan", "--k8s-inventory", "--limit", "200", "--tp", "1", "--layouts", "mixed", "--workers", "1",
+                     "--max-instances", "12", "--out", str(out)]) == 0
+    results = json.loads((out / "plan.json").read_text())["results"]
+    assert {r["candidate"]["gpu"] for r in results} == {"a100", "h100"}
+    assert all(r["gpus"] <= {"a100": 8, "h100": 16}[r["candidate"]["gpu"]] for r in results)
+
+    cfg = load_config("default")
+    bounded, keys = with_inventory(cfg, ["a100", "h100", "l4"], {"A100_80GB": 2, "h100": 0})  # aliases resolve
+    assert keys == ["a100"] and bounded.gpus["a100"].count == 2 and bounded.gpus["l4"].count == 0
+    with pytest.raises(ValueError, match="--k8s-inventory: the cluster has none of l4 \\(it has: a100 x 2\\)"):
+        with_inventory(cfg, ["l4"], {"a100": 2})

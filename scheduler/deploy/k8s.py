@@ -162,6 +162,23 @@ def read_gpu_inventory(
     return GPUInventory(tuple(sorted(nodes, key=lambda n: n.name)))
 
 
+def cluster_gpus(context: str | None = None) -> dict[str, int]:
+    """Usable GPUs per GPU type of the cluster :func:`api_client` reaches (``llmsched plan --k8s-inventory``).
+
+    Raises:
+        KubernetesError: no kubeconfig / in-cluster credentials, or the node list failed.
+    """
+    from kubernetes.client import CoreV1Api
+    from kubernetes.config import ConfigException
+
+    try:
+        api = api_client(context)
+    except ConfigException as e:
+        raise KubernetesError(f"no Kubernetes credentials (in-cluster or kubeconfig): {e}") from e
+    with api:
+        return read_gpu_inventory(CoreV1Api(api)).gpus_by_type()
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerGroup:
     """One KubeRay worker group as the RayCluster spec declares it."""
