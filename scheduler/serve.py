@@ -14,12 +14,12 @@ import os
 import signal
 import sys
 
-from scheduler.config.load import ConfigError, load_config
+from scheduler.config.load import load_config
 
 log = logging.getLogger("llmsched.serve")
 
 
-_AUTH_VARS = ("LLMSCHED_CLIENT_TOKEN_FILE", "LLMSCHED_ADMIN_TOKEN_FILE", "LLMSCHED_TLS_CERT_FILE")
+_AUTH_VARS = ("LLMSCHED_CLIENT_TOKEN_FILE", "LLMSCHED_ADMIN_TOKEN_FILE")
 
 
 def _auth(host: str):
@@ -28,9 +28,11 @@ def _auth(host: str):
     With none of them set, a server bound to loopback is open (a developer's machine, the tests); bound to any
     other address it still locks the admin API (``AuthConfig.from_env``), so nothing is exposed by accident.
     """
-    from scheduler.server.auth import AuthConfig
+    from scheduler.server.auth import TLS_VARS, AuthConfig
 
-    if not any(os.environ.get(v) for v in _AUTH_VARS) and host in ("127.0.0.1", "localhost", "::1"):
+    # NOTE: any TLS variable counts: a half-set TLS (key without cert) is an error, never a silent plaintext server.
+    configured = any(os.environ.get(v) for v in (*_AUTH_VARS, *TLS_VARS))
+    if not configured and host in ("127.0.0.1", "localhost", "::1"):
         log.warning("no auth configured: serving open on loopback %s", host)
         return None
     return AuthConfig.from_env()
@@ -80,14 +82,14 @@ async def _serve(args: argparse.Namespace) -> int:
         recorder, tracing, limiter = _telemetry(cfg)
         ingress.recorder, ingress.tracing = recorder, tracing  # per-stage spans and instance gauges
         await ingress.start()
-        auth = _auth(args.host)
+        auth = args.auth
         obs = {"recorder": recorder, "tracing": tracing, "limiter": limiter}
         if args.http_port:
             import uvicorn
 
             from scheduler.server.http_server import build_app
 
-            tls = auth.tls.uvicorn_kwargs() if auth is not None and auth.tls is not None else {}
+            tls = auth.uvicorn_kwargs() if auth is not None else {}
             server = uvicorn.Server(uvicorn.Config(build_app(ingress, auth=auth, **obs), host=args.host,
                                                    port=args.http_port, lifespan="off", log_level="warning", **tls))
             http_task = asyncio.create_task(server.serve())
@@ -123,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LLMSCHED_LOG_LEVEL", "WARNING").strip().upper())
     try:
         load_config(args.config)
-    except ConfigError as e:
+        # NOTE: before Ray starts: a bad token/TLS variable is exit 2 naming it, not a traceback minutes later.
+        args.auth = _auth(args.host)
+    except ValueError as e:  # a ConfigError, or AuthConfig.from_env naming the variable
         print(f"error: {e}", file=sys.stderr)
         return 2
     return asyncio.run(_serve(args))

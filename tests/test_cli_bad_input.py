@@ -181,6 +181,25 @@ def test_run_bad_input_fails_before_ray_starts(argv, needle, files, no_ray, caps
     assert needle in err
 
 
+# Auth audit: these variables were read only once the cluster had started (a traceback minutes in); a TLS key
+# without its certificate was ignored on loopback (plaintext); a file that is no PEM failed as "cannot bind".
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"LLMSCHED_ADMIN_TOKEN_FILE": "{missing}"}, "LLMSCHED_ADMIN_TOKEN_FILE"),
+        ({"LLMSCHED_TLS_CERT_FILE": "{file}", "LLMSCHED_TLS_KEY_FILE": "{file}"}, "LLMSCHED_TLS_CERT_FILE"),
+        ({"LLMSCHED_TLS_KEY_FILE": "{file}"}, "LLMSCHED_TLS_CERT_FILE"),
+    ],
+)
+def test_serve_bad_auth_env_fails_before_ray_starts(env, needle, files, no_ray, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("LLMSCHED_HOST", raising=False)  # loopback: the open-by-default case
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(**files))
+    rc, err = run(["serve", "--config", str(ROOT / "deploy/examples/cpu-mixed.yaml")], capsys)
+    assert rc == 2, err
+    assert f"error: {needle}:" in err and "Traceback" not in err
+
+
 def test_profile_unreachable_target_is_a_clear_error(capsys) -> None:
     rc, err = run(["profile", "--target", "127.0.0.1:1", "--out", "/dev/null"], capsys)
     assert rc == 1

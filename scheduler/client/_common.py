@@ -7,7 +7,7 @@ import random
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ class ClientTLS:
     ``private_key`` + ``certificate_chain`` enable mTLS; ``server_name`` overrides the name checked in the cert."""
 
     root_certificates: bytes | None = None
-    private_key: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)  # NOTE: a secret: never in repr/logs
     certificate_chain: bytes | None = None
     server_name: str | None = None
 

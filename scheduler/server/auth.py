@@ -34,6 +34,10 @@ OPEN_SERVICES = frozenset(
 )
 
 
+# The variables ``AuthConfig.from_env`` reads TLS files from: (cert chain, private key, client CA).
+TLS_VARS = ("LLMSCHED_TLS_CERT_FILE", "LLMSCHED_TLS_KEY_FILE", "LLMSCHED_TLS_CLIENT_CA_FILE")
+
+
 class Access(enum.Enum):
     """What a presented credential allows."""
 
@@ -53,13 +57,32 @@ class TLSConfig:
     files: tuple[str, str, str | None] | None = None
 
     @classmethod
-    def from_files(cls, cert: str | Path, key: str | Path, client_ca: str | Path | None = None) -> TLSConfig:
-        return cls(
-            cert_chain=Path(cert).read_bytes(),
-            private_key=Path(key).read_bytes(),
-            client_ca=Path(client_ca).read_bytes() if client_ca else None,
+    def from_files(
+        cls,
+        cert: str | Path,
+        key: str | Path,
+        client_ca: str | Path | None = None,
+        *,
+        names: tuple[str, str, str] = ("cert", "key", "client_ca"),
+    ) -> TLSConfig:
+        """Raises ValueError naming (as ``names``) a file that is unreadable or not PEM of its kind, or a key not
+        of the cert."""
+
+        def read(name: str, path: str | Path) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as e:
+                why = e.strerror or type(e).__name__
+                raise ValueError(f"{name}: cannot read {str(path)!r} ({why})") from None
+
+        out = cls(
+            cert_chain=read(names[0], cert),
+            private_key=read(names[1], key),
+            client_ca=read(names[2], client_ca) if client_ca else None,
             files=(str(cert), str(key), str(client_ca) if client_ca else None),
         )
+        _check_pems(out.files, names)  # type: ignore[arg-type]
+        return out
 
     def uvicorn_kwargs(self) -> dict[str, object]:
         """``uvicorn.Config`` TLS arguments for the HTTP server (needs :attr:`files`)."""
@@ -104,6 +127,9 @@ class AuthConfig:
                 raise TypeError(f"AuthConfig.{name} must be a collection of tokens, not a str")
             if any(not t for t in tokens):
                 raise ValueError(f"AuthConfig.{name} must not contain empty tokens")
+            # A token read from a file keeps its newline unless stripped: it could never match "Bearer <token>".
+            if any(_has_space(t) for t in tokens):
+                raise ValueError(f"AuthConfig.{name}: a token must not contain whitespace (strip it)")
             object.__setattr__(self, name, frozenset(tokens))
 
     @classmethod
@@ -130,7 +156,8 @@ class AuthConfig:
 
         Raises:
             ValueError: naming the variable (never a token): unreadable or empty token file, a bad boolean, equal
-                client and admin tokens, TLS half configured.
+                client and admin tokens, TLS half configured, a TLS file unreadable or not PEM of its kind (or a
+                key not of the cert).
         """
         env = os.environ if env is None else env
         enabled = _env_bool(env, "LLMSCHED_AUTH_ENABLED", default=True)
@@ -156,11 +183,10 @@ class AuthConfig:
             missing = [n for n, v in (("LLMSCHED_TLS_CERT_FILE", cert), ("LLMSCHED_TLS_KEY_FILE", key)) if not v]
             if missing:
                 raise ValueError(f"{missing[0]}: must be set with the other TLS variables")
-            for name, path in (("LLMSCHED_TLS_CERT_FILE", cert), ("LLMSCHED_TLS_KEY_FILE", key),
-                               ("LLMSCHED_TLS_CLIENT_CA_FILE", ca)):
+            for name, path in zip(TLS_VARS, (cert, key, ca), strict=True):
                 if path and not Path(path).is_file():
                     raise ValueError(f"{name}: no such file {path!r}")
-            tls = TLSConfig.from_files(cert, key, ca)  # type: ignore[arg-type]
+            tls = TLSConfig.from_files(cert, key, ca, names=TLS_VARS)  # type: ignore[arg-type]
         cfg = cls(client_tokens=client, admin_tokens=admin, tls=tls)
         logger.info("auth: inference %s, admin token required, tls=%s, mtls=%s",
                     "token required" if client else "open", tls is not None, bool(tls and tls.client_ca))
@@ -169,6 +195,10 @@ class AuthConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.client_tokens or self.admin_tokens)
+
+    def uvicorn_kwargs(self) -> dict[str, object]:
+        """``uvicorn.Config`` TLS arguments for the HTTP server: none without TLS (see TLSConfig.uvicorn_kwargs)."""
+        return self.tls.uvicorn_kwargs() if self.tls is not None else {}
 
     def access(self, authorization: str | None) -> Access:
         """Classify an ``authorization`` header value (``Bearer <token>``)."""
@@ -219,9 +249,34 @@ def _read_tokens(name: str, path: str) -> frozenset[str]:
     tokens = frozenset(line.strip() for line in text.splitlines() if line.strip())
     if not tokens:
         raise ValueError(f"{name}: {path!r} holds no token")
-    if any(" " in t or "\t" in t for t in tokens):  # "Bearer a b" could never match: fail at start, not per call
+    if any(_has_space(t) for t in tokens):  # "Bearer a b" could never match: fail at start, not per call
         raise ValueError(f"{name}: {path!r}: a token must not contain whitespace")
     return tokens
+
+
+def _has_space(token: str) -> bool:
+    return any(c.isspace() for c in token)
+
+
+def _check_pems(files: tuple[str, str, str | None], names: tuple[str, str, str]) -> None:
+    """ValueError naming the bad file: grpc only logs why and fails start-up with a misleading "Failed to bind"."""
+    import ssl
+
+    cert, key, ca = files
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    for name, path in ((names[0], cert), (names[2], ca)):
+        if path:
+            try:
+                ctx.load_verify_locations(cafile=path)
+            except ssl.SSLError as e:
+                raise ValueError(f"{name}: {path!r} holds no PEM certificate ({e.reason or e})") from None
+    try:
+        # NOTE: a password, so that an encrypted key fails here rather than prompting on the terminal.
+        ctx.load_cert_chain(cert, key, password=b"")
+    except ssl.SSLError as e:
+        raise ValueError(
+            f"{names[1]}: {key!r} is not the unencrypted PEM private key of {names[0]} ({e.reason or e})"
+        ) from None
 
 
 def _bearer(value: str | None) -> str | None:

@@ -82,6 +82,8 @@ class BackgroundServer:
         return self
 
     async def _start(self) -> None:
+        # HTTP is TLS iff gRPC is (checked first: TLS from bytes cannot reach uvicorn, which reads files).
+        tls = self._auth.uvicorn_kwargs() if self._http and self._auth is not None else {}
         self.ingress = self._factory()
         self.grpc = build_server(
             self.ingress, port=0, host=self.host, auth=self._auth, max_message_bytes=self._max,
@@ -101,7 +103,7 @@ class BackgroundServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, 0))
             self.http_port = sock.getsockname()[1]
-            config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+            config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, **tls)
             self._uvicorn = uvicorn.Server(config)
             self._uvicorn.install_signal_handlers = lambda: None  # type: ignore[method-assign]
             self._http_task = asyncio.ensure_future(self._uvicorn.serve(sockets=[sock]))

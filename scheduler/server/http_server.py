@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler.control.api import (
@@ -301,7 +302,8 @@ def build_app(
 
     Args:
         ingress: the control plane's ingress.
-        auth: the same tokens as the gRPC server (client token for /v1/*); None = open.
+        auth: the same tokens as the gRPC server (client token on every path but /health and metrics_path);
+            None = open.
         max_body_bytes: larger request bodies get 413.
         ready: readiness probe for /health (None = always ready).
         default_model: reported by /v1/models when the cluster state names none.
@@ -349,15 +351,22 @@ def build_app(
         name = f"{param}[{index}]" if index is not None and param != "body" else param
         return error_response(400, f"{name}: {err.get('msg', 'invalid value')}", param=param)
 
+    open_paths = ("/health", *([metrics_path.rstrip("/")] if metrics_path else []))
+
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Any:
-        if request.url.path.startswith("/v1/"):
+        # NOTE: every path but the probes' needs the token (deny by default), judged on the path the router matches
+        # (starlette's own root_path handling): behind a proxy's root_path or mounted in another app,
+        # request.url.path carries a prefix (a "/v1/" prefix test on it once served /v1/* to anyone).
+        path = get_route_path(request.scope)
+        if not any(path == p or path.startswith(p + "/") for p in open_paths):
             denied = http_check(auth, request.headers.get("authorization"))
             if denied is not None:
                 status, message = denied
-                return error_response(
-                    status, message, type_="authentication_error" if status == 401 else "permission_error"
-                )
+                # RFC 6750 section 3: a 401 names the scheme it wants.
+                challenge = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+                type_ = "authentication_error" if status == 401 else "permission_error"
+                return error_response(status, message, type_=type_, headers=challenge)
         return await call_next(request)
 
     @app.get("/health")
