@@ -29,7 +29,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler.control.api import (
@@ -282,6 +281,15 @@ def _header_value(value: str) -> str:
     return urllib.parse.quote(value, safe="")
 
 
+def _route_path(scope: dict[str, Any]) -> str:
+    """The path the router matches: ``scope["path"]`` less the ``root_path`` prefix a proxy or a mount adds (as
+    starlette's private ``get_route_path``, not imported: private API)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        return path[len(root):]
+    return path
+
+
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
@@ -358,7 +366,7 @@ def build_app(
         # NOTE: every path but the probes' needs the token (deny by default), judged on the path the router matches
         # (starlette's own root_path handling): behind a proxy's root_path or mounted in another app,
         # request.url.path carries a prefix (a "/v1/" prefix test on it once served /v1/* to anyone).
-        path = get_route_path(request.scope)
+        path = _route_path(request.scope)
         if not any(path == p or path.startswith(p + "/") for p in open_paths):
             denied = http_check(auth, request.headers.get("authorization"))
             if denied is not None:
