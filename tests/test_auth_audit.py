@@ -113,6 +113,20 @@ def test_http_401_names_the_bearer_scheme() -> None:
         assert "www-authenticate" not in _request(s.http_port, "POST", "/v1/completions", CLIENT)[1]
 
 
+def test_http_auth_is_judged_before_the_body_is_read() -> None:
+    """The body limit wrapped the app outside the token check: an unauthenticated client had the server buffer
+    up to the limit and got 413 (counted as the API's invalid input) instead of 401."""
+    big = json.dumps({"prompt": "x" * 5000, "max_tokens": 2}).encode()
+    app = build_app(EchoIngress(), auth=AuthConfig.tokens(client=CLIENT, admin=ADMIN), max_body_bytes=1000)
+    with _uvicorn(app) as port:
+        for token, want in ((None, 401), ("wrong", 401), (CLIENT, 413)):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+            conn.request("POST", "/v1/completions", body=big, headers=headers)
+            assert conn.getresponse().status == want, token
+            conn.close()
+
+
 # ------------------------------------------------------------------------------------------- TLS
 
 

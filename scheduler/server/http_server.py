@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler.control.api import (
@@ -148,6 +149,31 @@ def http_error_for(exc: IngressError) -> HTTPError:
     if isinstance(exc, Unavailable):
         return HTTPError(503, str(exc), type_="service_unavailable", param=exc.field)
     return HTTPError(500, str(exc), type_="server_error", param=exc.field)
+
+
+class _Auth:
+    """Pure ASGI middleware, outermost: the bearer token on every path but the probes' (deny by default), judged on
+    the headers before any body is read (an unauthenticated client had the server buffer up to the body limit, and
+    its 413 counted as the API's invalid input)."""
+
+    def __init__(self, app: Any, auth: AuthConfig, open_paths: tuple[str, ...]) -> None:
+        self.app, self.auth, self.open_paths = app, auth, open_paths
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            # NOTE: the path the router matches: behind a proxy's root_path or mounted in another app, the URL's
+            # path carries a prefix (a "/v1/" prefix test on it once served /v1/* to anyone).
+            path = _route_path(scope)
+            if not any(path == p or path.startswith(p + "/") for p in self.open_paths):
+                denied = http_check(self.auth, Headers(scope=scope).get("authorization"))
+                if denied is not None:
+                    status, message = denied
+                    # RFC 6750 section 3: a 401 names the scheme it wants.
+                    challenge = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+                    type_ = "authentication_error" if status == 401 else "permission_error"
+                    await error_response(status, message, type_=type_, headers=challenge)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 class _BodyLimit:
@@ -359,24 +385,6 @@ def build_app(
         name = f"{param}[{index}]" if index is not None and param != "body" else param
         return error_response(400, f"{name}: {err.get('msg', 'invalid value')}", param=param)
 
-    open_paths = ("/health", *([metrics_path.rstrip("/")] if metrics_path else []))
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        # NOTE: every path but the probes' needs the token (deny by default), judged on the path the router matches
-        # (starlette's own root_path handling): behind a proxy's root_path or mounted in another app,
-        # request.url.path carries a prefix (a "/v1/" prefix test on it once served /v1/* to anyone).
-        path = _route_path(request.scope)
-        if not any(path == p or path.startswith(p + "/") for p in open_paths):
-            denied = http_check(auth, request.headers.get("authorization"))
-            if denied is not None:
-                status, message = denied
-                # RFC 6750 section 3: a 401 names the scheme it wants.
-                challenge = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-                type_ = "authentication_error" if status == 401 else "permission_error"
-                return error_response(status, message, type_=type_, headers=challenge)
-        return await call_next(request)
-
     @app.get("/health")
     async def health() -> JSONResponse:
         ok = ready() if ready is not None else True
@@ -414,7 +422,9 @@ def build_app(
         )
         return await _respond(deps, g, body.model or default_model, request, chat=True, stream=body.stream)
 
-    return _BodyLimit(app, max_body_bytes, on_reject=lambda: deps.recorder.on_invalid(api="http"))
+    open_paths = ("/health", *([metrics_path.rstrip("/")] if metrics_path else []))
+    body_limit = _BodyLimit(app, max_body_bytes, on_reject=lambda: deps.recorder.on_invalid(api="http"))
+    return _Auth(body_limit, auth, open_paths) if auth is not None else body_limit
 
 
 class _Deps:
