@@ -1135,4 +1135,5 @@ class _RayDestination:
 
 def _is_lost(e: RayTaskError) -> bool:
     cause = getattr(e, "cause", None)
-    return isinstance(cause, (*_DEAD, KeyError, GetTimeoutError)) or "ActorDied" in str(e)
+    # LookupError: the KV is gone from its source (vLLM's LookupError, the simulated backend's KeyError).
+    return isinstance(cause, (*_DEAD, LookupError, GetTimeoutError)) or "ActorDied" in str(e)

@@ -34,6 +34,7 @@ from scheduler.engine.tiny_model import configure_cache_env
 from scheduler.transfer.kv_payload import (
     PUSHED_KV,
     PayloadStore,
+    check_payload,
     from_wire,
     merge_kv_blocks,
     slice_payload,
@@ -137,6 +138,9 @@ class VLLMBackend:
         self._engine: Any = None
         self._rpc_dir: str | None = None  # the engine's IPC sockets (``_construct``)
         self.vocab_size = 0
+        # The engine's KV cache per layer, (dtype, block shape): KV to import is checked against it before it is sent
+        # (the connector stages KV inside the EngineCore's add_request, where an error kills the engine).
+        self._kv_layout: dict[str, tuple[str, tuple[int, ...]]] = {}
         # request_id -> num_output_tokens_before, for requests this backend is streaming.
         self._active: dict[str, int] = {}
         # Idle stats reuse: every call that can change the engine's state bumps _epoch; stats read with nothing
@@ -185,6 +189,8 @@ class VLLMBackend:
             await self.shutdown()  # its socket folder
             raise
         self.vocab_size = self._engine.model_config.get_vocab_size()
+        layout = (await self._engine.collective_rpc("llmsched_kv_layout"))[0]
+        self._kv_layout = {name: (str(dt), tuple(shape)) for name, (dt, shape) in layout.items()}
 
     def _construct(self, async_llm_cls: Any, args: Any) -> Any:
         # vLLM names its ZMQ IPC sockets (front end <-> engine core) under VLLM_RPC_BASE_PATH, /tmp by default, and
@@ -309,8 +315,8 @@ class VLLMBackend:
                 request.prompt_token_ids[:n]
             ):
                 raise ValueError(f"kv.token_ids: the KV's {n} tokens are not a prefix of prompt_token_ids")
-            if int(payload["block_size"]) != self.block_size:
-                raise ValueError(f"kv.block_size: {payload['block_size']} != this engine's {self.block_size}")
+            for piece in request.kv:  # each piece: a merge fills a block no piece carries with nothing
+                check_payload(piece.data, self._kv_layout, self.block_size)
         self._active[request.request_id] = request.num_output_tokens_before
         return self._stream(request, payload)
 
@@ -637,8 +643,7 @@ class VLLMBackend:
             raise ValueError(f"kv.data: KVBlocks of {request_id!r} carries no vLLM KV payload")
         if kv.start_token > inc.end_token:
             raise ValueError(f"kv.start_token: gap in staged KV, have [0, {inc.end_token}) then {kv.start_token}")
-        if int(kv.data["block_size"]) != self.block_size:
-            raise ValueError(f"kv.block_size: {kv.data['block_size']} != this engine's {self.block_size}")
+        check_payload(kv.data, self._kv_layout, self.block_size)
         wire = to_wire(kv.data)
         args = (request_id, wire, True, rng_state or inc.rng_state, inc.block_ids)
         if defer:

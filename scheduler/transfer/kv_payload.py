@@ -8,10 +8,11 @@ slots are valid, the rest are ignored by the destination, which overwrites them 
 A payload is a plain dict (msgpack/pickle friendly, numpy arrays zero-copy through vLLM's IPC and Ray):
 
     {"block_size": 32, "start_token": 0, "end_token": 70, "token_ids": [...ids of tokens 0..69...],
-     "layers": {"model.layers.0.self_attn.attn": ndarray[num_blocks, ...], ...}}
+     "dtype": "float32", "layers": {"model.layers.0.self_attn.attn": ndarray[num_blocks, ...], ...}}
 
-``token_ids`` are the tokens ``[start_token, end_token)`` whose KV this is. ``KVBlocks.data``
-(scheduler.engine.base) holds exactly this dict.
+``token_ids`` are the tokens ``[start_token, end_token)`` whose KV this is. ``dtype`` is the KV cache's torch dtype:
+numpy has no bfloat16, so a bfloat16 cache's blocks travel as int16 arrays of the same bits (a payload without the
+key has its arrays' dtype). ``KVBlocks.data`` (scheduler.engine.base) holds exactly this dict.
 """
 
 from __future__ import annotations
@@ -30,6 +31,44 @@ PUSHED_KV = "llmsched_kv"  # key of the saved prompt KV in a finished producer r
 
 def payload_nbytes(payload: Payload) -> int:
     return int(sum(a.nbytes for a in payload["layers"].values()))
+
+
+def payload_dtype(payload: Payload) -> str:
+    """The dtype of the KV cache the payload was copied from (see the module docstring)."""
+    return str(payload.get("dtype") or next(iter(payload["layers"].values())).dtype)
+
+
+def check_payload(payload: Payload, layout: dict[str, tuple[str, tuple[int, ...]]], block_size: int) -> None:
+    """Refuse KV this engine cannot load as it is. ``layout``: the engine's KV cache per layer, (dtype, shape of
+    one block). Whole blocks are copied byte for byte into the cache, so a payload from another model, block size
+    or dtype, or one short of its token range, would decode from wrong or stale KV without a word.
+
+    Raises:
+        ValueError: naming the offending field.
+    """
+    if int(payload["block_size"]) != block_size:
+        raise ValueError(f"kv.block_size: {payload['block_size']} != this engine's {block_size}")
+    dtype = payload_dtype(payload)
+    blocks = -(-int(payload["end_token"]) // block_size) - int(payload["start_token"]) // block_size
+    carrier = "int16" if dtype == "bfloat16" else dtype
+    for name, arr in payload["layers"].items():
+        if str(arr.dtype) != carrier:
+            raise ValueError(f"kv.layers[{name!r}]: {arr.dtype} array for {dtype} KV")
+        if arr.shape[0] != blocks:
+            raise ValueError(
+                f"kv.layers[{name!r}]: {arr.shape[0]} blocks for tokens [{payload['start_token']}, "
+                f"{payload['end_token']}), which take {blocks} (truncated?)"
+            )
+    for name, (cache_dtype, block_shape) in layout.items():
+        arr = payload["layers"].get(name)
+        if arr is None or tuple(arr.shape[1:]) != tuple(block_shape):
+            got = None if arr is None else tuple(arr.shape[1:])
+            raise ValueError(
+                f"kv.layers[{name!r}]: block shape {got} does not match this engine's {tuple(block_shape)} "
+                "(different model or block size?)"
+            )
+        if dtype != cache_dtype:
+            raise ValueError(f"kv.dtype: {dtype} KV, this engine's cache is {cache_dtype}")
 
 
 class PayloadStore:
@@ -81,6 +120,7 @@ def slice_payload(payload: Payload, start_token: int, end_token: int | None) -> 
         "block_size": bs,
         "start_token": j_start * bs,
         "end_token": end,
+        "dtype": payload_dtype(payload),
         "token_ids": payload["token_ids"][j_start * bs : end],
         "layers": {n: a[j_start : -(-end // bs)] for n, a in payload["layers"].items()},
     }
@@ -118,6 +158,7 @@ def merge_kv_blocks(blocks: tuple[KVBlocks, ...] | list[KVBlocks]) -> Payload:
     ordered = sorted(blocks, key=lambda b: (b.start_token, b.end_token))
     bs = int(ordered[0].data["block_size"])
     names = list(ordered[0].data["layers"])
+    dtype = payload_dtype(ordered[0].data)
     if ordered[0].start_token != 0:
         raise ValueError(
             f"kv.start_token: KV must start at token 0, first piece starts at {ordered[0].start_token}"
@@ -128,6 +169,8 @@ def merge_kv_blocks(blocks: tuple[KVBlocks, ...] | list[KVBlocks]) -> Payload:
             raise ValueError(f"kv.block_size: pieces disagree ({bs} vs {b.data['block_size']})")
         if list(b.data["layers"]) != names:
             raise ValueError("kv.layers: pieces come from engines with different layers")
+        if payload_dtype(b.data) != dtype:
+            raise ValueError(f"kv.dtype: pieces disagree ({dtype} vs {payload_dtype(b.data)})")
         if b.start_token % bs:
             raise ValueError(f"kv.start_token: {b.start_token} is not a multiple of block size {bs}")
         if b.start_token > end:
@@ -153,6 +196,7 @@ def merge_kv_blocks(blocks: tuple[KVBlocks, ...] | list[KVBlocks]) -> Payload:
         "block_size": bs,
         "start_token": 0,
         "end_token": end,
+        "dtype": dtype,
         "token_ids": token_ids,
         "layers": layers,
     }

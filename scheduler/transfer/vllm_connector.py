@@ -40,7 +40,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
-from scheduler.transfer.kv_payload import PUSHED_KV, PayloadStore, from_wire, slice_payload, to_wire
+from scheduler.transfer.kv_payload import (
+    PUSHED_KV,
+    PayloadStore,
+    check_payload,
+    from_wire,
+    slice_payload,
+    to_wire,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -397,13 +404,7 @@ class LlmschedConnector(KVConnectorBase_V1):
                 lo, hi = max(j_start, p0), min(j_end, p0 + n)
                 if lo >= hi:
                     continue
-                dst = torch.tensor(load.block_ids[lo:hi], dtype=torch.long)
-                for name, cache in self._kv_caches.items():
-                    with warnings.catch_warnings():
-                        # The staged arrays are read-only views on the received bytes; we only read them.
-                        warnings.simplefilter("ignore", UserWarning)
-                        src = torch.from_numpy(payload["layers"][name][lo - p0 : hi - p0])
-                    cache.index_copy_(0, dst, src.to(cache.dtype))
+                self._write_blocks(load.block_ids[lo:hi], payload, lo - p0, hi - p0)
 
     def _restore_rng(self, req_id: str, state: bytes) -> None:
         """Continue the source's sampler stream: this step samples R's next token with the RNG exactly where the
@@ -440,8 +441,27 @@ class LlmschedConnector(KVConnectorBase_V1):
         bs = self._block_size
         j_start, j_end = start_token // bs, -(-end_token // bs)
         idx = torch.tensor(block_ids[j_start:j_end], dtype=torch.long)
-        layers = {name: cache.index_select(0, idx).numpy() for name, cache in self._kv_caches.items()}
-        return {"block_size": bs, "start_token": j_start * bs, "end_token": end_token, "layers": layers}
+        layers = {name: _as_numpy(cache.index_select(0, idx)) for name, cache in self._kv_caches.items()}
+        return {"block_size": bs, "start_token": j_start * bs, "end_token": end_token, "dtype": self._dtype(),
+                "layers": layers}
+
+    def _dtype(self) -> str:
+        return str(next(iter(self._kv_caches.values())).dtype).removeprefix("torch.")
+
+    def kv_layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Per layer: (dtype, shape of one block) -- what a payload must match to be loaded here."""
+        return {name: (self._dtype(), tuple(cache.shape[1:])) for name, cache in self._kv_caches.items()}
+
+    def _write_blocks(self, block_ids: list[int], payload: dict[str, Any], lo: int, hi: int) -> None:
+        """Blocks ``[lo, hi)`` of ``payload`` into this engine's blocks ``block_ids``, bytes as they are (the
+        payload was checked against ``kv_layout``)."""
+        dst = torch.tensor(block_ids, dtype=torch.long)
+        for name, cache in self._kv_caches.items():
+            with warnings.catch_warnings():
+                # The staged arrays are read-only views on the received bytes; we only read them.
+                warnings.simplefilter("ignore", UserWarning)
+                src = torch.from_numpy(payload["layers"][name][lo:hi])
+            cache.index_copy_(0, dst, src.view(cache.dtype))
 
     def stage(
         self, llmsched_id: str, payload: dict[str, Any], append: bool = False, rng_state: bytes | None = None,
@@ -449,24 +469,12 @@ class LlmschedConnector(KVConnectorBase_V1):
     ) -> int:
         """Keep ``payload`` for the load at admission and, given the destination's reserved ``block_ids`` (a
         migration), also write its blocks into them now, while the source keeps decoding."""
-        for name, cache in self._kv_caches.items():
-            arr = payload["layers"].get(name)
-            if arr is None or tuple(arr.shape[1:]) != tuple(cache.shape[1:]):
-                got = None if arr is None else tuple(arr.shape[1:])
-                raise ValueError(
-                    f"kv.layers[{name!r}]: block shape {got} does not match this engine's "
-                    f"{tuple(cache.shape[1:])} (different model or block size?)"
-                )
+        check_payload(payload, self.kv_layout(), self._block_size)
         if block_ids:
             p0 = int(payload["start_token"]) // self._block_size
             n = min(next(iter(payload["layers"].values())).shape[0], len(block_ids) - p0)
             if n > 0:
-                dst = torch.tensor(block_ids[p0 : p0 + n], dtype=torch.long)
-                for name, cache in self._kv_caches.items():
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", UserWarning)  # read-only view on the received bytes
-                        src = torch.from_numpy(payload["layers"][name][:n])
-                    cache.index_copy_(0, dst, src.to(cache.dtype))
+                self._write_blocks(block_ids[p0 : p0 + n], payload, 0, n)
         with self._lock:
             if append:
                 self._staged.setdefault(llmsched_id, []).append(payload)
@@ -491,6 +499,11 @@ class LlmschedConnector(KVConnectorBase_V1):
 
     def drop_saved(self, llmsched_id: str) -> bool:
         return self._saved.pop(llmsched_id) is not None
+
+
+def _as_numpy(blocks: torch.Tensor) -> Any:
+    # numpy has no bfloat16: its blocks travel as int16 of the same bits (the payload's "dtype" says what they are).
+    return (blocks.view(torch.int16) if blocks.dtype == torch.bfloat16 else blocks).numpy()
 
 
 class LlmschedWorkerExtension:
@@ -527,6 +540,9 @@ class LlmschedWorkerExtension:
         req = None if req is None else req.requests.get(req_id)
         gen = None if req is None else req.generator
         return None if gen is None else bytes(gen.get_state().numpy().tobytes())
+
+    def llmsched_kv_layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return self._conn().kv_layout()
 
     def llmsched_unstage_kv(self, llmsched_id: str) -> None:
         self._conn().unstage(llmsched_id)
