@@ -117,3 +117,34 @@ def test_from_env_end_to_end_over_tls(tmp_path: Path) -> None:
             c.generate("x")
         with Client(s.address, tls=tls, token=CLIENT, admin_token=ADMIN, retries=0) as c:
             assert [i.instance_id for i in c.instances()] == ["echo-0", "echo-1"]
+
+
+def test_rotated_token_files_take_effect_without_a_restart(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The files were read once at start: a rotated Secret reached the server only with a restart of the head pod
+    (its whole Ray cluster). Now a change is re-read; a broken update keeps the tokens in force."""
+    env = _files(tmp_path)
+    auth = AuthConfig.from_env(env, reload_s=0.0)
+
+    def swap(name: str, text: str) -> None:  # as the kubelet updates a Secret volume: a new file replaces the old
+        (tmp_path / f"{name}.new").write_text(text)
+        (tmp_path / f"{name}.new").replace(tmp_path / name)
+
+    with BackgroundServer(EchoIngress, auth=auth) as s:
+        def works(token: str, admin: bool = False) -> bool:
+            with Client(s.address, token=token, timeout_s=10, retries=0) as c:
+                try:
+                    c.instances() if admin else c.generate("hi", max_tokens=2)
+                except (Unauthenticated, PermissionDenied):
+                    return False
+                return True
+
+        assert works(CLIENT) and works(ADMIN, admin=True)
+        swap("client-token", f"{CLIENT}\nclient-new-42\n")  # step 1: the new token beside the old one
+        assert works(CLIENT) and works("client-new-42")
+        swap("client-token", "client-new-42\n")  # step 2: the old one gone
+        assert not works(CLIENT) and works("client-new-42")
+        swap("admin-token", "admin-new-42\n")
+        assert works("admin-new-42", admin=True) and not works(ADMIN, admin=True)
+        swap("client-token", "\n")  # a broken update: nothing is locked out, and it says so
+        assert works("client-new-42")
+        assert "not reloaded" in caplog.text and "client-new-42" not in caplog.text

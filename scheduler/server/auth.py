@@ -14,6 +14,7 @@ import hmac
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,8 @@ class AuthConfig:
     client_tokens: frozenset[str] = field(default=frozenset(), repr=False)  # NOTE: secrets stay out of repr
     admin_tokens: frozenset[str] = field(default=frozenset(), repr=False)
     tls: TLSConfig | None = None
+    # Where the tokens came from (``from_env``): re-read when they change, so a rotation needs no restart.
+    files: TokenFiles | None = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
         return (f"AuthConfig(client_tokens=<{len(self.client_tokens)} redacted>, "
@@ -144,7 +147,7 @@ class AuthConfig:
         )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> AuthConfig:
+    def from_env(cls, env: Mapping[str, str] | None = None, *, reload_s: float = 10.0) -> AuthConfig:
         """Auth from the variables the Helm chart sets on ``llmsched serve`` (docs/deploy.md, "Security").
 
         - ``LLMSCHED_ADMIN_TOKEN_FILE``: admin token(s), one per line (several = rotation). The admin API always
@@ -153,6 +156,9 @@ class AuthConfig:
         - ``LLMSCHED_CLIENT_TOKEN_FILE``: client token(s) for Inference and ``/v1/*``; ignored when
           ``LLMSCHED_AUTH_ENABLED`` is false (inference open; admin still protected). Unset = inference open.
         - ``LLMSCHED_TLS_CERT_FILE`` + ``LLMSCHED_TLS_KEY_FILE``: serve TLS; ``LLMSCHED_TLS_CLIENT_CA_FILE``: mTLS.
+
+        The token files are checked for changes every ``reload_s`` seconds (a Kubernetes Secret update rewrites
+        them in place): rotate by adding the new token, moving clients over, then removing the old one.
 
         Raises:
             ValueError: naming the variable (never a token): unreadable or empty token file, a bad boolean, equal
@@ -187,7 +193,8 @@ class AuthConfig:
                 if path and not Path(path).is_file():
                     raise ValueError(f"{name}: no such file {path!r}")
             tls = TLSConfig.from_files(cert, key, ca, names=TLS_VARS)  # type: ignore[arg-type]
-        cfg = cls(client_tokens=client, admin_tokens=admin, tls=tls)
+        files = TokenFiles(client_file if enabled else None, admin_file, (client, admin), reload_s=reload_s)
+        cfg = cls(client_tokens=client, admin_tokens=admin, tls=tls, files=files)
         logger.info("auth: inference %s, admin token required, tls=%s, mtls=%s",
                     "token required" if client else "open", tls is not None, bool(tls and tls.client_ca))
         return cfg
@@ -200,8 +207,15 @@ class AuthConfig:
         """``uvicorn.Config`` TLS arguments for the HTTP server: none without TLS (see TLSConfig.uvicorn_kwargs)."""
         return self.tls.uvicorn_kwargs() if self.tls is not None else {}
 
+    def _reload(self) -> None:
+        got = self.files.poll() if self.files is not None else None
+        if got is not None:
+            object.__setattr__(self, "client_tokens", got[0])
+            object.__setattr__(self, "admin_tokens", got[1])
+
     def access(self, authorization: str | None) -> Access:
         """Classify an ``authorization`` header value (``Bearer <token>``)."""
+        self._reload()
         token = _bearer(authorization)
         if token is None:
             return Access.NONE
@@ -214,6 +228,7 @@ class AuthConfig:
 
     def check(self, authorization: str | None, *, admin: bool) -> tuple[grpc.StatusCode, str] | None:
         """None when allowed; else the status and a message (which never contains the token)."""
+        self._reload()
         if not self.enabled:
             return None
         needed = self.admin_tokens if admin else self.client_tokens
@@ -227,6 +242,54 @@ class AuthConfig:
         if authorization is None:
             return grpc.StatusCode.UNAUTHENTICATED, "authorization: missing 'authorization: Bearer <token>'"
         return grpc.StatusCode.UNAUTHENTICATED, "authorization: invalid token"
+
+
+class TokenFiles:
+    """The token files an :class:`AuthConfig` was read from, re-read when one changes (its stat: a Kubernetes Secret
+    update swaps the mounted files within a minute or so). Checked at most every ``reload_s`` on the request path
+    (a stat, no read, while nothing changed). A file that cannot be read, holds no token or gives a client token
+    equal to an admin token leaves the tokens in force (a half-written update must not lock every client out) and
+    is logged, then tried again."""
+
+    def __init__(self, client: str | None, admin: str | None, tokens: tuple[frozenset[str], frozenset[str]], *,
+                 reload_s: float) -> None:
+        self.client, self.admin, self.tokens, self.reload_s = client, admin, tokens, reload_s
+        self._stamp = self._stat()
+        self._due = time.monotonic() + reload_s
+
+    def _stat(self) -> tuple[tuple[int, int, int] | None, ...]:
+        out: list[tuple[int, int, int] | None] = []
+        for path in (self.client, self.admin):
+            try:
+                st = os.stat(path) if path else None
+            except OSError:
+                st = None
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else None)
+        return tuple(out)
+
+    def poll(self) -> tuple[frozenset[str], frozenset[str]] | None:
+        """The new (client, admin) tokens when the files changed since the last read; None otherwise."""
+        now = time.monotonic()
+        if now < self._due or (self.client is None and self.admin is None):
+            return None
+        self._due = now + self.reload_s
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return None
+        client, admin = self.tokens
+        try:
+            if self.admin:
+                admin = _read_tokens("LLMSCHED_ADMIN_TOKEN_FILE", self.admin)
+            if self.client:
+                client = _read_tokens("LLMSCHED_CLIENT_TOKEN_FILE", self.client)
+            if client & admin:
+                raise ValueError("LLMSCHED_CLIENT_TOKEN_FILE: a client token equals an admin token")
+        except ValueError as e:
+            logger.warning("auth: token files changed but were not reloaded (the tokens in force stay): %s", e)
+            return None
+        self._stamp, self.tokens = stamp, (client, admin)
+        logger.info("auth: tokens reloaded (%d client, %d admin)", len(client), len(admin))
+        return self.tokens
 
 
 def _env_bool(env: Mapping[str, str], name: str, *, default: bool) -> bool:
