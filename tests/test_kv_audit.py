@@ -265,3 +265,57 @@ def test_handoff_whose_prompt_kv_is_gone_recomputes_it() -> None:
     out, submitted = asyncio.run(scenario())
     assert [c.index for c in out if c.token_ids] == list(range(6)) and out[-1].finish_reason == "length"
     assert submitted == [None]  # the decode instance recomputed the prompt
+
+
+def test_kv_the_decoder_refuses_is_recomputed_there() -> None:
+    """A decode instance whose engine cannot load the prompt KV (pools with different TP degree, dtype or block
+    size: ``generate`` refuses it naming ``kv...``) failed the request after token 0; it now recomputes the prompt."""
+    from scheduler.control.api import GenerateRequest
+    from scheduler.control.instance import Submitted
+    from scheduler.core.types import InstanceRole
+    from tests.test_ingress_audit import FakeInstance, _consume, _ingress
+
+    async def scenario() -> tuple[list[Any], list[Any], int]:
+        P, D = FakeInstance("prefill-0", InstanceRole.PREFILL), FakeInstance("decode-0", InstanceRole.DECODE)
+
+        async def export(rid: str, start: int, end: Any) -> Any:
+            return "kv-of-another-shape"
+
+        submitted: list[Any] = []
+        submit = D._submit
+
+        async def refusing_kv(req: Any, kv: Any = None, **kw: Any) -> Any:
+            kv = await kv if kv is not None else None
+            submitted.append(kv)
+            if kv is not None:
+                return Submitted(rejected="kv.layers['l0']: block shape (2, 16) does not match this engine's (2, 8)")
+            return await submit(req, None, **kw)
+
+        P._export_kv, D._submit = export, refusing_kv  # type: ignore[method-assign]
+        ing = _ingress([P, D])
+        out: list[Any] = []
+        await _consume(ing, GenerateRequest("r", prompt="hello", sampling=SamplingParams(max_tokens=6)), out)
+        return out, submitted, ing.counters["kv_refused"]
+
+    out, submitted, refused = asyncio.run(scenario())
+    assert [c.index for c in out if c.token_ids] == list(range(6)) and out[-1].finish_reason == "length"
+    assert submitted == ["kv-of-another-shape", None] and refused == 1
+
+
+def test_kv_does_not_move_on_a_tensor_parallel_engine(tmp_path: Any) -> None:
+    """The worker calls answer rank 0's KV: with TP > 1 a hand-off or migration would move one rank's shard of the
+    heads and stage it on every rank. KV neither leaves (export: LookupError, so the decode side recomputes) nor
+    enters (a migration's reservation and pause are refused with the reason)."""
+    from scheduler.engine.vllm_backend import VLLMBackend
+
+    b = VLLMBackend(tmp_path, engine_kwargs={"tensor_parallel_size": 2})
+    b._engine = object()  # "started": each call answers before reaching the engine
+
+    async def calls() -> tuple[Any, Any]:
+        with pytest.raises(LookupError, match="2 GPU ranks"):
+            await b.export_kv("r", 0, None)
+        return await b.reserve_kv("r", 64), await b.pause("r", 0)
+
+    reserved, paused = asyncio.run(calls())
+    assert "2 GPU ranks" in reserved and "2 GPU ranks" in paused
+    assert VLLMBackend(tmp_path)._kv_immovable() is None

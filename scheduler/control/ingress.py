@@ -219,7 +219,7 @@ class Ingress:
         self.controller_ok = False
         self.view_refreshed_s = 0.0
         self.counters = {"recoveries": 0, "handoffs": 0, "migrations": 0, "migrations_aborted": 0, "routed": 0,
-                         "channel_calls": 0, "channel_fallbacks": 0}
+                         "channel_calls": 0, "channel_fallbacks": 0, "kv_refused": 0}
         self.migration_config = migration or _migration_config(config)
         self.plans_s = plans_s
         self.direct = direct
@@ -745,6 +745,12 @@ class Ingress:
                 raise
         except _DEAD as e:
             raise InstanceLost(f"{iid}: {type(e).__name__}") from e
+        if sub.rejected is not None and kv_ref is not None and sub.rejected.startswith("kv"):
+            # KV this instance cannot load (the pools' engines differ: TP degree, dtype, block size): it recomputes
+            # the prompt rather than fail the request.
+            log.warning("%s: %s refused the prompt KV (%s); recomputing it there", rec.request_id, iid, sub.rejected)
+            self.counters["kv_refused"] += 1
+            sub = await handle.submit.remote(ereq, None, predicted_output_tokens=rec.predicted_output_tokens)
         if sub.rejected is not None:
             field = sub.rejected.split(":", 1)[0] if ":" in sub.rejected else None
             if rec.next_index == 0:

@@ -132,6 +132,12 @@ class VLLMBackend:
             **(engine_kwargs or {}),
         )
         self._saved_kv_capacity_bytes = saved_kv_capacity_bytes
+        # NOTE(tp): KV moves through worker calls whose answer is rank 0's (``collective_rpc(...)[0]``): with
+        # tensor/pipeline parallelism each rank holds a shard, and rank 0's alone, staged on every rank, would decode
+        # from wrong KV. Until KV moves per rank it does not move at all (``_kv_immovable``).
+        self._ranks = int(self._engine_args.get("tensor_parallel_size") or 1) * int(
+            self._engine_args.get("pipeline_parallel_size") or 1
+        )
         # The worker runs inside the EngineCore process ("uni" executor): KV rides in and out with the requests
         # through the connector; otherwise it is staged and exported by RPCs into the worker.
         self._worker_in_core = self._engine_args.get("distributed_executor_backend") == "uni"
@@ -308,6 +314,8 @@ class VLLMBackend:
             self._active[request.request_id] = request.num_output_tokens_before
             written = incoming.written_tokens(self.block_size)
             return self._stream(request, None, staged_tokens=n, reserved_tokens=written, held=held)
+        if request.kv and self._kv_immovable():
+            raise ValueError(f"kv: {self._kv_immovable()}")
         payload = merge_kv_blocks(request.kv) if request.kv else None
         if payload is not None:
             n = int(payload["end_token"])
@@ -503,6 +511,12 @@ class VLLMBackend:
 
         return decode
 
+    def _kv_immovable(self) -> str | None:
+        """Why no KV can leave or enter this engine (see ``_ranks``), or None."""
+        if self._ranks > 1:
+            return f"KV transfer on {self._ranks} GPU ranks (tensor/pipeline parallel) is not supported yet"
+        return None
+
     def _utility(self, name: str, *args: Any) -> Awaitable[Any]:
         """An EngineCore utility call that may change the engine's state."""
         self._epoch += 1
@@ -585,6 +599,8 @@ class VLLMBackend:
             raise RuntimeError("VLLMBackend.export_kv: engine not started")
         if start_token < 0 or (end_token is not None and end_token <= start_token):
             raise ValueError(f"start_token/end_token: bad range [{start_token}, {end_token})")
+        if self._kv_immovable():  # the caller's fallback for KV that is gone: recompute it
+            raise LookupError(f"request_id: no KV of {request_id!r} can leave this engine: {self._kv_immovable()}")
         pushed = self._pushed.get(request_id)
         if pushed is not None:  # finished here: its KV came out with its last output
             return to_kv_blocks(request_id, slice_payload(pushed, start_token, end_token))
@@ -607,6 +623,8 @@ class VLLMBackend:
         also pre-admits R (see ``_preadmit``)."""
         if self._engine is None:
             return "engine not started"
+        if self._kv_immovable():
+            return self._kv_immovable()
         if request_id in self._active:
             return f"request {request_id!r} is already running on this engine"
         n_blocks = -(-int(tokens) // self.block_size)
@@ -677,6 +695,8 @@ class VLLMBackend:
         cannot be paused (finished, queued, still prefilling)."""
         if self._engine is None:
             return "engine not started"
+        if self._kv_immovable():
+            return self._kv_immovable()  # type: ignore[return-value]
         res = await self._utility("llmsched_pause", request_id, int(start_token))
         if isinstance(res, str):
             return res
