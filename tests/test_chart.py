@@ -194,6 +194,21 @@ def test_services_for_grpc_and_http() -> None:
     assert grpc["spec"]["selector"]["app.kubernetes.io/component"] == "head"
 
 
+def test_metrics_stay_off_a_public_service_type() -> None:
+    """/metrics needs no token and shared the -http Service: with service.type LoadBalancer it was public."""
+    m = _render(_set(_base(), "service.type", "LoadBalancer"))
+    services = {name: svc for (kind, name), svc in m.items() if kind == "Service"}
+    public = [(name, p["name"]) for name, svc in services.items() if svc["spec"]["type"] != "ClusterIP"
+              for p in svc["spec"]["ports"]]
+    assert public == [("llmsched-grpc", "grpc"), ("llmsched-http", "http")]
+    metrics = services["llmsched-metrics"]
+    assert [(p["name"], p["port"]) for p in metrics["spec"]["ports"]] == [("metrics", 9090)]
+    monitor = _render(_set(_base(), "metrics.serviceMonitor.enabled", True))["ServiceMonitor", "llmsched"]
+    selects = monitor["spec"]["selector"]["matchLabels"]
+    matched = [name for name, svc in services.items() if selects.items() <= svc["metadata"]["labels"].items()]
+    assert matched == ["llmsched-metrics"] and monitor["spec"]["endpoints"][0]["port"] == "metrics"
+
+
 def _tokens(m: dict[tuple[str, str], dict[str, Any]]) -> dict[str, str]:
     secret = m["Secret", "llmsched-auth"]
     return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
