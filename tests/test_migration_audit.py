@@ -462,3 +462,46 @@ def test_an_aborted_unpolled_stream_does_not_hold_a_role_switch_back() -> None:
     busy, role = asyncio.run(scenario())
     assert "still has 1 request(s)" in busy
     assert role == "prefill"
+
+
+# ---- J: the source dies right after a migration committed, before the ingress polled the tokens it produced up to
+# the stop: the destination's stream starts at the snapshot's index, so the client's stream had a gap (the ingress
+# refused it: RuntimeError "gap in stream"). The destination now re-sends the outputs of its context it was asked for.
+def test_source_dying_after_commit_with_undelivered_tokens_leaves_no_gap() -> None:
+    async def scenario() -> tuple[list[Any], list[BaseException], Any, Any]:
+        S_inst, D_inst = await start_instances(2, time_scale=0.2)
+        S, D = Handle(S_inst), Handle(D_inst)
+        ing = make_ingress([S, D], routable=["mixed-0"])
+        stall, die = asyncio.Event(), asyncio.Event()
+
+        async def stalled_poll(fn: Any, *a: Any, **kw: Any) -> Any:
+            if stall.is_set():  # the answers stop reaching the ingress; then the process dies
+                await die.wait()
+                raise RayActorError()
+            return await fn(*a, **kw)
+
+        S.hooks["poll"] = stalled_poll
+        out: list[Any] = []
+        errs: list[BaseException] = []
+        req = GenerateRequest("r", prompt_token_ids=list(range(1, 100)), sampling=SamplingParams(max_tokens=60))
+        t = asyncio.create_task(consume(ing, req, out, errs))
+        await until(lambda: len(out) >= 3)
+        stall.set()
+        delivered = len(out)
+        await until(lambda: S_inst._streams["r"].buffer and S_inst._streams["r"].buffer[-1].index >= delivered + 3)
+        set_routable(ing, ["mixed-0", "mixed-1"])
+        res = await ing.migrate("r", "mixed-1")
+        S.dead = True
+        die.set()
+        await asyncio.wait_for(t, 20)
+        seed, vocab = S_inst._backend.seed, S_inst._backend.vocab_size  # type: ignore[attr-defined]
+        for i in (S_inst, D_inst):
+            await i.shutdown()
+        return out, errs, res, (seed, vocab)
+
+    out, errs, res, (seed, vocab) = asyncio.run(scenario())
+    assert res.committed
+    assert not errs, f"the request failed: {errs!r}"
+    assert out[-1].finish_reason == "length"
+    assert [i for c in out for i in range(c.index, c.index + len(c.token_ids))] == list(range(60))
+    assert [t for c in out for t in c.token_ids] == [sim_token(seed, "r", i, vocab) for i in range(60)]

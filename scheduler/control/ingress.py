@@ -673,9 +673,9 @@ class Ingress:
                     yield TokenChunk(rid, rec.next_index, (), True, "abort")
                     return
                 if rec.moving_to is not None and rec.move_kv is _ADMITTED:
-                    # The source died right after a migration committed: the destination already runs it.
-                    # NOTE(migration): tokens the source produced before the stop but never delivered would show
-                    # as a gap; _accept refuses gaps loudly rather than stream a hole.
+                    # The source died right after a migration committed: the destination already runs it, and
+                    # re-sends the outputs the source produced before the stop but never delivered (Instance.poll
+                    # from an index below the snapshot's).
                     target, kv_ref, admitted = RouteDecision(rec.moving_to), None, True
                     rec.moving_to, rec.move_kv = None, None
                     if not isinstance(e, RequestLost):

@@ -147,6 +147,9 @@ class _Stream:
     export: bool = False  # P->D prefill: start exporting the prompt KV the moment the stream ends
     migrated: bool = False  # released by a committed migration: its end reads "migrated", not "abort"
     received: float = field(default_factory=time.time)  # wall clock at submit (request_timings)
+    # The request's context (prompt + the ``before`` outputs emitted elsewhere): a poll from an index below
+    # ``before`` gets those outputs again (a migration's source died before delivering its last tokens).
+    context: tuple[int, ...] = ()
 
 
 def _not_received(chunk: TokenChunk | None, from_index: int | None) -> bool:
@@ -331,7 +334,7 @@ class Instance:
         except ValueError as e:
             return Submitted(rejected=str(e))
         st = _Stream(predicted=predicted_output_tokens, before=request.num_output_tokens_before,
-                     export=export_on_finish)
+                     export=export_on_finish, context=request.prompt_token_ids)
         self._streams[rid] = st
         st.task = asyncio.create_task(self._pump(rid, st, chunks))
         if not wait_first:
@@ -390,6 +393,11 @@ class Instance:
         if st.sent is not None and _not_received(st.sent, from_index):
             st.buffer.insert(0, st.sent)
             st.sent = None
+        if from_index is not None and 0 <= from_index < st.before <= len(st.context):
+            # Outputs emitted before this instance took over (the tail of its context) that the caller lacks:
+            # after a committed migration whose source died before delivering them, the stream would have a gap.
+            n = len(st.context) - st.before
+            st.buffer.insert(0, TokenChunk(request_id, from_index, st.context[n + from_index:]))
         out = await self._take(request_id, st, timeout_s=timeout_s)
         return out if out is not None else TokenChunk(request_id, -1, ())
 
