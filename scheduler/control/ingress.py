@@ -432,9 +432,15 @@ class Ingress:
                                      field="prompt_token_ids")
         if not ids:
             raise InvalidRequest(f"{field_name}: must not be empty", field=field_name)
+        if len(ids) >= m.max_model_len:  # no max_tokens can fit: the prompt is what to shorten
+            raise InvalidRequest(f"{field_name}: {len(ids)} tokens leave no room for output in the model's context "
+                                 f"({m.max_model_len})", field=field_name)
         sp = req.sampling
         if sp.max_tokens < 1:
             raise InvalidRequest(f"max_tokens: must be >= 1, got {sp.max_tokens}", field="max_tokens")
+        bad = next((t for t in sp.stop_token_ids if not 0 <= t < m.vocab_size), None)
+        if bad is not None:  # as the prompt's ids (vLLM refused it after routing; the simulator never stopped)
+            raise InvalidRequest(f"stop_token_ids: token {bad!r} outside [0, {m.vocab_size})", field="stop_token_ids")
         if len(ids) + sp.max_tokens > m.max_model_len:
             raise InvalidRequest(
                 f"max_tokens: prompt ({len(ids)}) + max_tokens ({sp.max_tokens}) exceeds the model's context "

@@ -121,43 +121,16 @@ def generate_request_from_proto(
         length_hint=msg.length_hint if msg.HasField("length_hint") else None,
         deadline_s=deadline_s,
     )
-    validate_generate(req, GRPC_FIELDS)
-    if slo is not None:  # negative ms would be folded away above; reject it explicitly
+    if slo is not None:  # before validate_generate: it would report the value converted to seconds
         for name, value in (("slo.ttft_ms", slo.ttft_ms), ("slo.tpot_ms", slo.tpot_ms)):
             if not math.isfinite(value) or value < 0:
                 raise InvalidRequest(f"{name}: must be a finite number >= 0, got {value}", field=name)
-    if msg.resume_from_index < 0:
-        raise InvalidRequest(
-            f"resume_from_index: must be >= 0, got {msg.resume_from_index}", field="resume_from_index"
-        )
+    validate_generate(req, GRPC_FIELDS)
+    if not 0 <= msg.resume_from_index <= sampling.max_tokens:
+        # Past max_tokens the request cannot reach it: it would run to the end to send nothing.
+        raise InvalidRequest(f"resume_from_index: must be in [0, sampling.max_tokens = {sampling.max_tokens}], "
+                             f"got {msg.resume_from_index}", field="resume_from_index")
     return req
-
-
-# The ingress names request fields as the engine API does (``max_tokens``, ``prompt_token_ids``); on gRPC the
-# contract (protos/llmsched/v1/README.md) names the wire path, which is what clients match ``llmsched-field`` on.
-_INGRESS_TO_GRPC_FIELD = {
-    "max_tokens": "sampling.max_tokens",
-    "temperature": "sampling.temperature",
-    "top_p": "sampling.top_p",
-    "top_k": "sampling.top_k",
-    "seed": "sampling.seed",
-    "stop_token_ids": "sampling.stop_token_ids",
-    "ignore_eos": "sampling.ignore_eos",
-    "prompt_token_ids": "prompt.token_ids",
-    "ttft_slo_s": "slo.ttft_ms",
-    "tpot_slo_s": "slo.tpot_ms",
-}
-
-
-def grpc_invalid_request(e: BaseException) -> BaseException:
-    """An ingress ``InvalidRequest`` re-labelled with the gRPC field name (message prefix and ``field``)."""
-    if type(e) is not InvalidRequest or e.field not in _INGRESS_TO_GRPC_FIELD:
-        return e
-    old, new = e.field, _INGRESS_TO_GRPC_FIELD[e.field]
-    msg = str(e)
-    if msg.startswith(f"{old}:"):
-        msg = new + msg[len(old):]
-    return InvalidRequest(msg, field=new)
 
 
 def instance_to_proto(s: InstanceSnapshot) -> admin_pb2.Instance:

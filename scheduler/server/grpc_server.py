@@ -56,12 +56,11 @@ from scheduler.server.convert import (
     _parse,
     cluster_state_to_proto,
     generate_request_from_proto,
-    grpc_invalid_request,
     instance_to_proto,
     migration_result_to_proto,
     role_from_proto,
 )
-from scheduler.server.validate import request_status_for, request_status_of_finish
+from scheduler.server.validate import GRPC_FIELDS, relabel, request_status_for, request_status_of_finish
 from scheduler.telemetry.metrics import NULL_RECORDER, Recorder, RequestStatus
 from scheduler.telemetry.tracing import SpanKind, Stage, Tracing, set_outcome
 
@@ -224,9 +223,12 @@ class InferenceServicer:
                     if finished:
                         break
             except (IngressError, NotImplementedError) as e:
+                # The ingress ended the stream itself, or never took it: no cancel below, which would abort the
+                # request already holding this id (a duplicate refused as in flight cancelled the original).
+                finished = True
                 status = self._on_error(e, key, started, priority)
                 started = started and not isinstance(e, Overloaded)  # on_reject ended it
-                await _abort(context, grpc_invalid_request(e))
+                await _abort(context, relabel(e, GRPC_FIELDS))
             except asyncio.CancelledError:
                 # Client cancelled, disconnected or its deadline passed: grpc cancels this task. Tell the ingress.
                 raise
@@ -337,8 +339,9 @@ class AdminServicer:
             raise InvalidRequest("instance_id: must not be empty", field="instance_id")
         role = role_from_proto(msg.role)
         if role not in (InstanceRole.PREFILL, InstanceRole.DECODE):
-            raise InvalidRequest(f"role: must be PREFILL or DECODE, got {admin_pb2.InstanceRole.Name(msg.role)}",
-                                 field="role")
+            # An unknown enum value (a newer client) has no name: Name() raised ValueError (INTERNAL).
+            name = admin_pb2.InstanceRole.Name(msg.role) if msg.role in admin_pb2.InstanceRole.values() else msg.role
+            raise InvalidRequest(f"role: must be PREFILL or DECODE, got {name}", field="role")
         return admin_pb2.SwitchRoleResponse(started=await self._ingress.switch_role(msg.instance_id, role))
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:

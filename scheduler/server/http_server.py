@@ -49,6 +49,7 @@ from scheduler.server.validate import (
     HTTP_FIELDS,
     FieldNames,
     new_request_id,
+    relabel,
     request_status_for,
     request_status_of_finish,
     validate_generate,
@@ -406,21 +407,23 @@ def build_app(
     async def completions(body: CompletionRequest, request: Request) -> Any:
         text, ids = _prompt_of(body)
         g = _generate_request(body, text, ids, request.headers.get("x-request-id"), body.max_tokens)
-        return await _respond(deps, g, body.model or default_model, request, chat=False, stream=body.stream)
+        return await _respond(deps, g, body.model or default_model, request, chat=False, stream=body.stream,
+                              names=HTTP_FIELDS)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         # `is not None`, not `or`: an explicit 0 is an error to report, not "unset"; and errors name the field the
         # client actually sent.
-        names = HTTP_FIELDS
+        names = {**HTTP_FIELDS, "prompt": "messages", "prompt.text": "messages"}  # the prompt is their transcript
         if body.max_completion_tokens is not None:
-            max_tokens, names = body.max_completion_tokens, {**HTTP_FIELDS, "max_tokens": "max_completion_tokens"}
+            max_tokens, names = body.max_completion_tokens, {**names, "max_tokens": "max_completion_tokens"}
         else:
             max_tokens = body.max_tokens
         g = _generate_request(
             body, _chat_prompt(body.messages), None, request.headers.get("x-request-id"), max_tokens, names
         )
-        return await _respond(deps, g, body.model or default_model, request, chat=True, stream=body.stream)
+        return await _respond(deps, g, body.model or default_model, request, chat=True, stream=body.stream,
+                              names=names)
 
     open_paths = ("/health", *([metrics_path.rstrip("/")] if metrics_path else []))
     body_limit = _BodyLimit(app, max_body_bytes, on_reject=lambda: deps.recorder.on_invalid(api="http"))
@@ -438,8 +441,8 @@ class _Deps:
 class _Scope:
     """One admitted HTTP generate: its limiter slot, metrics and span; :meth:`end` runs exactly once."""
 
-    def __init__(self, deps: _Deps, g: GenerateRequest, request: Request) -> None:
-        self.deps, self.g = deps, g
+    def __init__(self, deps: _Deps, g: GenerateRequest, request: Request, names: FieldNames) -> None:
+        self.deps, self.g, self.names = deps, g, names
         self.span: Span = deps.tracing.start_span(
             Stage.INGRESS,
             request_id=g.request_id,
@@ -485,7 +488,9 @@ class _Scope:
         else:
             self.status = request_status_for(e)
         self.done = True
-        err = http_error_for(e)
+        # The ingress and the engines name fields as the engine API does (prompt_token_ids, sampling.top_k): name
+        # the body's field instead.
+        err = http_error_for(relabel(e, self.names))
         err.recorded = True
         return err
 
@@ -534,10 +539,10 @@ class _ScopedStreamingResponse(StreamingResponse):
 
 
 async def _respond(
-    deps: _Deps, g: GenerateRequest, model: str, request: Request, *, chat: bool, stream: bool
+    deps: _Deps, g: GenerateRequest, model: str, request: Request, *, chat: bool, stream: bool, names: FieldNames
 ) -> Any:
     ingress = deps.ingress
-    sc = _Scope(deps, g, request)
+    sc = _Scope(deps, g, request, names)
     handed_off = False  # the streaming response owns the scope from then on
     try:
         with deps.tracing.activate(sc.span):

@@ -9,12 +9,16 @@ INVALID_ARGUMENT / HTTP 400 with the field named.
 from __future__ import annotations
 
 import math
+import unicodedata
 import uuid
 
 from scheduler.control.api import GenerateRequest, InvalidRequest, NotFound, Overloaded, Unavailable
 from scheduler.telemetry.metrics import RequestStatus
 
 MAX_REQUEST_ID_CHARS = 256
+# The gRPC wire's integer types (int32 / int64): HTTP's JSON integers are held to them too, so both APIs take the same
+# values (a length_hint of 10**400 passed over HTTP and overflowed float() in its instance's snapshots).
+INT32, INT64 = 1 << 31, 1 << 63
 
 # Canonical field -> wire name. Keys are the names used in messages below.
 FieldNames = dict[str, str]
@@ -28,7 +32,11 @@ GRPC_FIELDS: FieldNames = {
     "temperature": "sampling.temperature",
     "top_p": "sampling.top_p",
     "top_k": "sampling.top_k",
+    "seed": "sampling.seed",
+    "ignore_eos": "sampling.ignore_eos",
     "stop_token_ids": "sampling.stop_token_ids",
+    "priority": "priority",
+    "model": "model",
     "ttft": "slo.ttft_ms",
     "tpot": "slo.tpot_ms",
     "length_hint": "length_hint",
@@ -43,11 +51,38 @@ HTTP_FIELDS: FieldNames = {
     "temperature": "temperature",
     "top_p": "top_p",
     "top_k": "top_k",
+    "seed": "seed",
+    "ignore_eos": "ignore_eos",
     "stop_token_ids": "stop_token_ids",
+    "priority": "priority",
+    "model": "model",
     "ttft": "ttft_slo_s",
     "tpot": "tpot_slo_s",
     "length_hint": "length_hint",
 }
+
+# Field names in the ingress' and the engines' errors (they name fields as the engine API does) -> the keys above.
+_INGRESS_FIELDS: dict[str, str] = {
+    "prompt_token_ids": "prompt.token_ids",
+    "ttft_slo_s": "ttft",
+    "tpot_slo_s": "tpot",
+    **{k: k for k in ("request_id", "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed",
+                      "stop_token_ids", "ignore_eos", "priority", "length_hint")},
+    **{f"sampling.{k}": k for k in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids",
+                                    "ignore_eos")},
+}
+
+
+def relabel(e: BaseException, names: FieldNames) -> BaseException:
+    """An ingress ``InvalidRequest`` re-labelled with the front end's field name (message prefix and ``field``)."""
+    key = _INGRESS_FIELDS.get(e.field or "") if type(e) is InvalidRequest else None
+    if key is None or key not in names:
+        return e
+    old, new = e.field or "", names[key]
+    msg = str(e)
+    if msg.startswith(f"{old}:"):
+        msg = new + msg[len(old):]
+    return InvalidRequest(msg, field=new)
 
 
 def new_request_id() -> str:
@@ -66,7 +101,7 @@ def validate_generate(req: GenerateRequest, names: FieldNames = GRPC_FIELDS) -> 
         raise bad(
             "request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters, got {len(req.request_id)}"
         )
-    if any(ord(c) < 0x20 for c in req.request_id):
+    if any(unicodedata.category(c) == "Cc" for c in req.request_id):  # C0, DEL and C1 (e.g. CSI) alike
         raise bad("request_id", "must not contain control characters")
     has_text = req.prompt is not None
     has_ids = req.prompt_token_ids is not None
@@ -81,8 +116,8 @@ def validate_generate(req: GenerateRequest, names: FieldNames = GRPC_FIELDS) -> 
         if not ids:
             raise bad("prompt.token_ids", "must not be empty")
         for i, tok in enumerate(ids):
-            if tok < 0:
-                raise bad("prompt.token_ids", f"token ids must be >= 0, got {tok}", i)
+            if not 0 <= tok < INT32:
+                raise bad("prompt.token_ids", f"token ids must be in [0, {INT32}), got {tok}", i)
     s = req.sampling
     if s.max_tokens <= 0:
         raise bad("max_tokens", f"must be > 0, got {s.max_tokens}")
@@ -93,13 +128,18 @@ def validate_generate(req: GenerateRequest, names: FieldNames = GRPC_FIELDS) -> 
     if s.top_k < 0:
         raise bad("top_k", f"must be >= 0 (0 disables), got {s.top_k}")
     for i, tok in enumerate(s.stop_token_ids):
-        if tok < 0:
-            raise bad("stop_token_ids", f"token ids must be >= 0, got {tok}", i)
+        if not 0 <= tok < INT32:
+            raise bad("stop_token_ids", f"token ids must be in [0, {INT32}), got {tok}", i)
     for key, value in (("ttft", req.ttft_slo_s), ("tpot", req.tpot_slo_s)):
         if value is not None and (not math.isfinite(value) or value < 0):
             raise bad(key, f"must be a finite number >= 0, got {value}")
     if req.length_hint is not None and req.length_hint < 0:
         raise bad("length_hint", f"must be >= 0, got {req.length_hint}")
+    for key, value, bound in (("max_tokens", s.max_tokens, INT32), ("top_k", s.top_k, INT32),
+                              ("priority", req.priority, INT32), ("seed", s.seed, INT64),
+                              ("length_hint", req.length_hint, INT64)):
+        if value is not None and not -bound <= value < bound:
+            raise bad(key, f"must be in [{-bound}, {bound}), got {value}")
 
 
 def request_status_for(exc: BaseException) -> RequestStatus:
