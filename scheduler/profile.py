@@ -23,6 +23,7 @@ import numpy as np
 
 from scheduler.config.models import GPUSpec, ModelSpec
 from scheduler.latency.model import GemmTable, LatencyModel
+from scheduler.latency.profiles import isotonic
 
 PREFILL_GRID = (32, 128, 256, 384, 512, 768, 1024)
 # (concurrent requests, prompt tokens). Concurrent requests may land on different decode instances: the samples
@@ -487,14 +488,23 @@ def scale_decode_steps(profile: dict, factor: float) -> dict:
 def latency_from_profile(path: str | Path, model: ModelSpec, gpu: GPUSpec, tp: int = 1) -> LatencyModel:
     """The simulator's LatencyModel from a profile JSON written by ``llmsched profile``."""
     p = json.loads(Path(path).read_text())
-    g = p["gemm_s_per_token"]
     table = [(int(n), float(t)) for n, t in p.get("prefill_table") or () if int(n) > DECODE_BATCH_MAX]
+    need = ["overhead_s", "gemm_s_per_token", "attn_decode_s_per_token"]
+    if not table:
+        need.append("attn_prefill_s_per_pair")
+    if missing := [k for k in need if k not in p]:  # a bare KeyError named neither the file nor its writer
+        raise ValueError(f"latency_profile {path}: missing {', '.join(missing)} (see `llmsched profile`)")
+    g = p["gemm_s_per_token"]
     if table:
         # Decode batches (up to DECODE_BATCH_MAX) keep the fitted per-token cost; steps with a prompt chunk read
         # the measured prefill table, which already holds the chunk's attention at zero context (so a_p is 0;
         # the CPU configs' prompts fit one chunk, and past the last grid size the table extrapolates linearly).
+        # The measured sizes made non-decreasing (as the GPU tables): each is a median of a few lone steps on a
+        # noisy host, which put 512 tokens under 384 (8.5 vs 9.4 ms; 7.9-13.6 ms between repeats), and a falling
+        # last slope extrapolated longer prompts cheaper.
         b = DECODE_BATCH_MAX
-        gemm = GemmTable((1, b, *(n for n, _ in table)), (g, g * b, *(t for _, t in table)),
+        steps = isotonic(np.array([t for _, t in table]))
+        gemm = GemmTable((1, b, *(n for n, _ in table)), (g, g * b, *(float(t) for t in steps)),
                          source=f"profile:{path} (prefill table)")
         attn_prefill = 0.0
     else:  # a profile written before the table

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import partial
 
-from scheduler.config.models import ClusterConfig, GPUSpec, ModelSpec, PoolSpec
+from scheduler.config.models import ClusterConfig, PoolSpec
 from scheduler.core.types import InstanceRole, InstanceSnapshot
 from scheduler.engine_model import EngineModel, Span, StepResult
-from scheduler.latency import LatencyModel, latency_for
+from scheduler.latency import LatencyModel, latency_factory
 
 
 @dataclass(eq=False)
@@ -82,17 +80,6 @@ class SimInstance:
         if self.incoming:
             snap = replace(snap, num_waiting=snap.num_waiting + self.incoming, num_incoming=self.incoming)
         return snap
-
-
-def latency_factory(config: ClusterConfig) -> Callable[[ModelSpec, GPUSpec, int], LatencyModel]:
-    """How the simulator times an instance of ``config``: (model, GPU, TP) -> latency model -- a live profile when
-    the config names one (measured on one engine by `llmsched profile`, applied to every pool), else the
-    profiled tables or the roofline (``latency_for``)."""
-    if config.latency_profile:
-        from scheduler.profile import latency_from_profile
-
-        return partial(latency_from_profile, config.latency_profile)
-    return latency_for
 
 
 def pool_latency(config: ClusterConfig, pool: PoolSpec) -> LatencyModel:

@@ -102,7 +102,8 @@ def test_simulator_reproduces_the_measured_lone_prefills(tmp_path):
     request is simulated at the profile's own TTFT sample (the 3-term curve missed sizes by 10-24%). Decode steps
     keep the fitted terms."""
     clean = _samples()
-    bumpy = {32: 1.0, 128: 1.3, 256: 1.1, 512: 1.5, 1024: 2.4}  # measured / the clean curve, per size
+    # Measured / the clean curve, per size; still non-decreasing in N (the loader pools a dip: noise, not kernels).
+    bumpy = {32: 1.0, 128: 1.3, 256: 1.25, 512: 1.5, 1024: 2.4}
     samples = dict(clean, prefill=[(N, t * bumpy[N]) for N, t in clean["prefill"]])
     p = fit(samples)
     path = tmp_path / "p.json"

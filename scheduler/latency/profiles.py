@@ -184,12 +184,22 @@ def _shape_matches(model: ModelSpec, shape: dict) -> bool:
     )
 
 
+def _hardware_matches(gpu: GPUSpec, family: str, tp: int) -> bool:
+    """``gpu`` has the profiled board's speeds (its family's catalog entry): a re-specced part of that name
+    (an H100 PCIe at 2.0 TB/s on PCIe links) must not borrow the SXM/DGX table, which reads its weights faster
+    than its HBM can and all-reduces over NVLink."""
+    ref = GPUSpec.from_catalog(family)
+    same = gpu.hbm_gbps == ref.hbm_gbps and gpu.fp16_tflops == ref.fp16_tflops
+    return same and (tp == 1 or gpu.interconnect_gbps == ref.interconnect_gbps)
+
+
 def profiled_model(model: ModelSpec, gpu: GPUSpec, tp: int) -> LatencyModel | None:
     """A profile-backed latency model for the triple, or ``None`` when no vendored profile covers it.
 
     The match is by ``model.profile_name or model.name`` (normalised, see ``model_key``) and the GPU family in
     ``gpu.name``; a profile is only used when its architecture shape equals ``model``'s and the dtype is 16-bit
-    (Vidur profiled fp16), so a renamed toy model never borrows a 7B table.
+    (Vidur profiled fp16), so a renamed toy model never borrows a 7B table; likewise the GPU's speeds must be
+    the profiled board's (``_hardware_matches``).
     """
     fam = gpu_family(gpu.name)
     if fam is None or model.dtype not in ("float16", "bfloat16"):
@@ -198,6 +208,8 @@ def profiled_model(model: ModelSpec, gpu: GPUSpec, tp: int) -> LatencyModel | No
     shape = profile_meta()["models"].get(key)
     rows = profile_rows().get((fam, key, tp))
     if shape is None or rows is None or not _shape_matches(model, shape):
+        return None
+    if not _hardware_matches(gpu, fam, tp):
         return None
     cal = calibration_for(fam)
     table = profile_meta().get("table_source", {}).get(fam, "vidur")  # "measured": bench/bench_gpu_kernels.py

@@ -35,7 +35,7 @@ import numpy as np
 
 from scheduler.config.models import ClusterConfig
 from scheduler.core.types import SLO, ClusterView, InstanceRole, InstanceSnapshot, RequestInfo
-from scheduler.latency import LatencyModel, latency_for
+from scheduler.latency import LatencyModel, latency_factory
 from scheduler.policy.pairing import HIGH_PRIORITY, PairingRouter, virtual_usage_with
 from scheduler.policy.route import RouteDecision, RouteResult
 from scheduler.policy.routers_lookahead import default_latency_model
@@ -217,7 +217,7 @@ class LearnedRouter(PairingRouter):
         m = self._lat.get(key)
         if m is None:
             cfg = self.config
-            m = self._lat[key] = _MemoLatency(latency_for(cfg.model, cfg.gpus[inst.gpu], inst.tp)
+            m = self._lat[key] = _MemoLatency(latency_factory(cfg)(cfg.model, cfg.gpus[inst.gpu], inst.tp)
                                               if cfg is not None and inst.gpu in cfg.gpus else default_latency_model())
         return m
 

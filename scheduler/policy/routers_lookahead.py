@@ -94,7 +94,7 @@ from dataclasses import dataclass
 
 from scheduler.config.models import ClusterConfig, GPUSpec, ModelSpec
 from scheduler.core.types import SLO, ClusterView, InstanceRole, InstanceSnapshot, Rejected, RequestInfo
-from scheduler.latency import LatencyModel, kv_transfer_time, latency_for, prefill_pairs, roofline_model
+from scheduler.latency import LatencyModel, kv_transfer_time, latency_factory, prefill_pairs, roofline_model
 from scheduler.policy.pairing import PairingRouter
 from scheduler.policy.route import RouteDecision, Router, RouteResult, make_router
 
@@ -271,7 +271,9 @@ class LookaheadRouter(PairingRouter):
             key = (inst.gpu, inst.tp)
             m = self._by_gpu.get(key)
             if m is None:
-                m = self._by_gpu[key] = latency_for(self.config.model, self.config.gpus[inst.gpu], inst.tp)
+                # The simulator's own timing of this config (a named ``latency_profile`` included).
+                timed = latency_factory(self.config)
+                m = self._by_gpu[key] = timed(self.config.model, self.config.gpus[inst.gpu], inst.tp)
             return m
         if self._single is None:
             self._single = default_latency_model()
@@ -297,7 +299,7 @@ class LookaheadRouter(PairingRouter):
         per_step = max(self.chunk_tokens - batch, 1)
         steps = math.ceil(tokens / per_step)
         return steps * lat.step_time(prefill_tokens=math.ceil(tokens / steps), prefill_pairs=pairs / steps,
-                                     decode_batch=batch, decode_context=context)
+                                     decode_batch=batch, decode_context=context, prefill_seqs=1)
 
     def _request(self, request: RequestInfo) -> _Req:
         P = request.prompt_tokens

@@ -24,7 +24,7 @@ from typing import ClassVar
 
 from scheduler.config.models import ClusterConfig
 from scheduler.core.types import SLO, ClusterView, InstanceRole, InstanceSnapshot
-from scheduler.latency import LatencyModel, latency_for, prefill_pairs
+from scheduler.latency import LatencyModel, latency_factory, prefill_pairs
 
 
 # ---- decisions ------------------------------------------------------------------------------------------------
@@ -76,11 +76,12 @@ def prefill_capacity_rps(lat: LatencyModel, prompt_tokens: float, *, ttft_slo_s:
     p = max(int(prompt_tokens), 1)
     if p <= chunk_tokens:
         k = max(chunk_tokens // p, 1)
-        per_request = lat.step_time(prefill_tokens=k * p, prefill_pairs=k * prefill_pairs(p, 0)) / k
+        per_request = lat.step_time(prefill_tokens=k * p, prefill_pairs=k * prefill_pairs(p, 0),
+                                    prefill_seqs=k) / k
     else:
         steps = math.ceil(p / chunk_tokens)
         per_request = steps * lat.step_time(prefill_tokens=math.ceil(p / steps),
-                                            prefill_pairs=prefill_pairs(p, 0) / steps)
+                                            prefill_pairs=prefill_pairs(p, 0) / steps, prefill_seqs=1)
     rho = max_utilization
     if ttft_slo_s is not None:
         x = ttft_slo_s / lat.prefill_time(p)
@@ -274,8 +275,9 @@ class SLAScaler(ScalingPolicy):
         if isinstance(latency, Mapping):
             self._lat.update(latency)
         if config is not None:
+            timed = latency_factory(config)
             for pool in config.pools:
-                lat = latency_for(config.model, config.gpus[pool.gpu], pool.tp)
+                lat = timed(config.model, config.gpus[pool.gpu], pool.tp)
                 self._lat.setdefault(pool.role.value, lat)
                 self._lat.setdefault(pool.name, lat)
                 self._role.setdefault(pool.name, pool.role.value)
