@@ -21,11 +21,15 @@ Semantics (documented choices where vLLM has knobs):
 * Priority: larger ``priority`` is more important.
 * Prefix cache (``EngineSpec.enable_prefix_caching``, as vLLM's automatic prefix caching): a request may carry
   ``hash_ids``, one id per ``hash_block_tokens`` of its prompt (Mooncake's trace format). When it is admitted,
-  its leading ids found in the instance's cache count as already computed (at most ``prompt - 1`` tokens: the
-  last one is always recomputed to sample the first token), so only the rest is prefilled. A prompt's ids enter
-  the cache when its prefill completes. The cache is an LRU of ids bounded by the instance's KV capacity in
-  tokens. NOTE: admission still reserves KV for the whole context (no block sharing between concurrent
-  requests): cached blocks save compute, not memory -- conservative on memory, exact on compute.
+  its leading ids found in the instance's cache count as already computed, in whole KV blocks and at most
+  ``prompt - 1`` tokens (as vLLM: the last block is recomputed to sample the first token), so only the rest is
+  prefilled. Ids enter the cache as the chunk that fills them is scheduled (vLLM caches a block when it allocates
+  it: a prompt admitted later in the same step hits it). The cache is an LRU of ids bounded by the instance's KV
+  capacity in tokens; a prompt's ids are touched last-to-first, so its tail is evicted before its head (vLLM frees
+  a request's blocks in reverse). NOTE: admission still reserves KV for the whole context (no block sharing
+  between concurrent requests): cached blocks save compute, not memory -- conservative on memory; and cached ids
+  do not give way to running requests' KV (vLLM's do: they are its free blocks), so under KV pressure hits are
+  optimistic.
 
 Per-request bookkeeping of decoding requests is lazy: a request stores the step counter and its counts when it
 joined the decode set, so advancing ``k`` steps is O(1) regardless of batch size.
@@ -377,10 +381,13 @@ class EngineModel:
             c = self._chunk(seq, budget)
             chunks.append((seq, c))
             budget -= c
+            self._prefix_insert(seq, seq.num_computed + c)
         if not res.preempted:
             decode_blocks = None
             while self.waiting and budget > 0 and self.num_running < self.spec.max_num_seqs:
                 head = self.waiting[0]
+                if self._waits_unchunked(head, budget):
+                    break
                 need = -(-head.num_tokens // B)
                 free_lb = self.total_blocks - self.prefill_blocks - self._decode_blocks_upper(0)
                 if need > free_lb:
@@ -407,6 +414,7 @@ class EngineModel:
                 c = self._chunk(head, budget)
                 chunks.append((head, c))
                 budget -= c
+                self._prefix_insert(head, head.num_computed + c)
         bs = len(self.decoding)
         if not chunks and not bs:
             return res
@@ -451,29 +459,35 @@ class EngineModel:
         left = seq.num_tokens - seq.num_computed
         return min(left, budget) if self.spec.enable_chunked_prefill else left
 
+    def _waits_unchunked(self, seq: Seq, budget: int) -> bool:
+        """Chunked prefill off: ``seq`` waits for a step with room for all it computes, as in vLLM. One over the
+        whole budget (a config vLLM refuses) runs in a step of its own rather than never."""
+        if self.spec.enable_chunked_prefill or budget >= self.spec.max_num_batched_tokens:
+            return False
+        return seq.num_tokens - (seq.num_computed or self.cache_hit_tokens(seq)) > budget
+
     # ---- prefix cache -------------------------------------------------------------------------------------
     def _prefix_hit(self, seq: Seq) -> None:
         """At admission: the leading cached blocks of ``seq``'s prompt count as computed (and are touched)."""
         cache = self.prefix_cache
         assert cache is not None
-        n = 0
-        for h in seq.hash_ids:
-            if h not in cache:
-                break
+        n = self.cached_prefix_blocks(seq.hash_ids)
+        for h in reversed(seq.hash_ids[:n]):  # the head most recently used: evicted last
             cache.move_to_end(h)
-            n += 1
-        if n:
-            hit = self._hit_tokens(seq, n)
+        hit = self._hit_tokens(seq, n)
+        if hit:
             seq.num_computed = hit
             self.prefix_hit_tokens += hit
             self.prompt_tokens_loaded += hit
 
-    def _prefix_insert(self, seq: Seq) -> None:
-        """After ``seq``'s prefill: its prompt blocks are cached here; evict least recently used past capacity."""
+    def _prefix_insert(self, seq: Seq, computed: int) -> None:
+        """A chunk of ``seq`` up to ``computed`` tokens is scheduled: the ids it fills (all of them at the context's
+        end) are cached here, last to first; evict least recently used past capacity."""
         cache = self.prefix_cache
         if cache is None or not seq.hash_ids:
             return
-        for h in seq.hash_ids:
+        ids = seq.hash_ids if computed >= seq.num_tokens else seq.hash_ids[: computed // seq.hash_block_tokens]
+        for h in reversed(ids):
             if h in cache:
                 cache.move_to_end(h)
             else:
@@ -500,10 +514,10 @@ class EngineModel:
         """Prompt tokens of ``seq`` this instance's prefix cache would spare it if admitted now."""
         return self._hit_tokens(seq, self.cached_prefix_blocks(seq.hash_ids)) if seq.hash_ids else 0
 
-    @staticmethod
-    def _hit_tokens(seq: Seq, n: int) -> int:
-        """Prompt tokens ``n`` leading cached blocks spare ``seq``: all but the last token, which is recomputed."""
-        return min(n * seq.hash_block_tokens, seq.num_tokens - 1)
+    def _hit_tokens(self, seq: Seq, n: int) -> int:
+        """Prompt tokens ``n`` leading cached ids spare ``seq``: the whole KV blocks they cover, short of the last
+        token, which is recomputed."""
+        return min(n * seq.hash_block_tokens, seq.num_tokens - 1) // self.block_size * self.block_size
 
     def cached_prefix_blocks(self, hash_ids: tuple[int, ...]) -> int:
         """How many leading ``hash_ids`` are in this instance's prefix cache now (0 when caching is off)."""
@@ -520,8 +534,6 @@ class EngineModel:
     def _prefill_complete(self, seq: Seq, res: StepResult) -> None:
         """The context is computed: sample the first token on this engine."""
         self.prefilling.remove(seq)
-        if seq.hash_ids:
-            self._prefix_insert(seq)
         seq.generated += 1
         seq.num_tokens += 1
         res.first_token.append(seq)
@@ -615,7 +627,8 @@ class EngineModel:
         return heap[0][0]
 
     def _admittable_now(self) -> bool:
-        if self.num_running >= self.spec.max_num_seqs or self.spec.max_num_batched_tokens - len(self.decoding) <= 0:
+        budget = self.spec.max_num_batched_tokens - len(self.decoding)
+        if self.num_running >= self.spec.max_num_seqs or budget <= 0 or self._waits_unchunked(self.waiting[0], budget):
             return False
         need = -(-self.waiting[0].num_tokens // self.block_size)
         free = self.total_blocks - self.prefill_blocks
