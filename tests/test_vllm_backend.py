@@ -508,6 +508,33 @@ def test_abort_frees_kv_blocks(engines: Engines) -> None:
     assert engines.run(d.stats()).num_running == 0
 
 
+def test_stats_report_the_requests_llmsched_priority(engines: Engines) -> None:
+    """The engines run FCFS, whose vLLM priority is 0 for every request: the snapshots (the migration policy's
+    priority trigger) read 0 for a high-priority request. Under vLLM's "priority" policy the value goes negated
+    (vLLM schedules the smallest first; llmsched's larger is more important)."""
+    d = engines.decode
+    prompt = _tokenize(engines.model_path, PROMPTS[0])
+
+    async def scenario() -> dict[str, int]:
+        gen = d.generate(EngineRequest("vip", prompt, SamplingParams(max_tokens=400, ignore_eos=True), priority=2))
+        await gen.__anext__()
+        seen = {r.request_id: r.priority for r in (await d.stats()).requests}
+        await d.abort("vip")
+        _ = [c async for c in gen]
+        return seen
+
+    assert engines.run(scenario()) == {"vip": 2}
+    assert d._priority == {}
+    vip = EngineRequest("x", prompt, SamplingParams(), priority=2)
+    assert d._engine_priority(vip) == 0  # FCFS
+    d._scheduling_policy = "priority"
+    try:
+        assert d._engine_priority(vip) == -2
+    finally:
+        d._scheduling_policy = "fcfs"
+        d._priority.clear()
+
+
 def test_stats_count_the_prompt_tokens_a_waiting_request_still_has_to_compute(engines: Engines) -> None:
     """A queued prompt whose leading blocks the prefix cache holds will cost only its tail: ``prefill_compute_tokens``
     (what the lookahead router prices a queue by; the engine model reports the same) counts that, while

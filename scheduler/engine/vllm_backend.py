@@ -149,6 +149,8 @@ class VLLMBackend:
         self._kv_layout: dict[str, tuple[str, tuple[int, ...]]] = {}
         # request_id -> num_output_tokens_before, for requests this backend is streaming.
         self._active: dict[str, int] = {}
+        # llmsched priority per request the engine knows (stats report it; the engine's own is 0 under FCFS).
+        self._priority: dict[str, int] = {}
         # Idle stats reuse: every call that can change the engine's state bumps _epoch; stats read with nothing
         # running, queued or holding blocks stay exact until the next bump (see stats()).
         self._epoch = 0
@@ -330,7 +332,11 @@ class VLLMBackend:
 
     def _engine_priority(self, request: EngineRequest) -> int:
         # ``EngineRequest.priority`` is only honoured under the "priority" policy (class docstring); FCFS gets 0.
-        return request.priority if self._scheduling_policy == "priority" else 0
+        # Negated: vLLM schedules the *smallest* value first (``Request.__lt__``), llmsched's larger is more
+        # important -- passed as is, the high-priority requests were served last. Called where the engine learns
+        # the request: its llmsched priority is kept for ``stats`` then.
+        self._priority[request.request_id] = request.priority
+        return -request.priority if self._scheduling_policy == "priority" else 0
 
     def _vllm_params(self, s: Any, kv_params: dict[str, Any], *, detokenize: bool, max_tokens: int) -> Any:
         from vllm import SamplingParams as VllmSamplingParams
@@ -418,6 +424,7 @@ class VLLMBackend:
                 )
         finally:
             self._active.pop(rid, None)
+            self._priority.pop(rid, None)
             self._epoch += 1
             if staged and self._engine is not None:
                 # Normally consumed by the load; clear it in case the request never got scheduled.
@@ -555,7 +562,7 @@ class VLLMBackend:
                 request_id=str(r["llmsched_id"]),
                 context_tokens=int(r["context_tokens"]),
                 generated_tokens=int(r["output_tokens"]) + self._active.get(str(r["llmsched_id"]), 0),
-                priority=int(r["priority"]),
+                priority=self._priority.get(str(r["llmsched_id"]), 0),
                 in_prefill=bool(r["in_prefill"]),
             )
             for r in d["requests"]
@@ -684,6 +691,7 @@ class VLLMBackend:
         if inc is not None and inc.held is not None:
             inc.held[0].cancel()  # closes vLLM's generator: the held request is aborted
             self._active.pop(request_id, None)
+            self._priority.pop(request_id, None)
         if request_id in self._active:
             await self.abort(request_id)
         await self._utility("llmsched_unreserve", request_id)
