@@ -12,8 +12,9 @@ latency::
 (a missed request scores > 2; rejected requests score -10). ``fit`` regresses the cost on the features (ridge,
 shrunk toward the previous round's weights), and the next round explores around the new policy (DAgger-style).
 The round whose greedy evaluation (``epsilon=0``) has the highest mean reward (the training objective) is
-saved. Training uses the FIRST half of the trace; ``llmsched compare`` evaluates on the whole trace (and on
-other traces), so the reported numbers are not fitted to the evaluation run alone.
+saved. Training uses the FIRST half of the trace. A compare on the whole trace replays those requests too (half
+of what it scores); the artifact's meta names the rest, ``held_out``: ``llmsched compare --window START:`` replays
+only requests the training never saw. Its meta also records the ``commit`` and ``seed``.
 
 The router never reads ground-truth output lengths: ``output_tokens`` is used only in the reward, after the fact.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -74,12 +76,37 @@ def rewards(res, cfg) -> np.ndarray:
     return np.where(np.isfinite(r), r, -10.0)
 
 
+def head_size(trace, fraction: float) -> int:
+    """How many leading requests of ``trace`` the training runs replay."""
+    return max(int(len(trace) * fraction), 1)
+
+
 def training_workload(cfg, trace, *, fraction: float = 0.5, load: float = 0.9) -> tuple[Workload, float]:
     """The leading ``fraction`` of ``trace`` offered at ``load`` of the whole trace's measured saturation on
     ``cfg``; returns (workload, saturation req/s)."""
     sat = saturation_rate(cfg, Workload.from_trace(trace))
-    head = Workload.from_trace(trace.head(max(int(len(trace) * fraction), 1)))
+    head = Workload.from_trace(trace.head(head_size(trace, fraction)))
     return at_load(head, load, sat), sat
+
+
+def held_out_window(trace, fraction: float) -> str | None:
+    """``START:`` for ``--window``: the requests after the training head, none of them trained on. START is the
+    first arrival after the head's last, so requests tied with it (a coarse clock: Mooncake's 3 s ticks) are in
+    neither. ``None`` when the head is the whole trace."""
+    arr = trace.arrival_s
+    later = arr[arr > arr[head_size(trace, fraction) - 1]]
+    return f"{float(later[0])!r}:" if len(later) else None
+
+
+def checkout_commit() -> str | None:
+    """This checkout's commit, ``-dirty`` with uncommitted changes to tracked files (``None`` outside git)."""
+    root = str(Path(__file__).resolve().parents[1])
+    try:
+        head, dirty = (subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True, check=True).stdout
+                       for cmd in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]))
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.strip() + ("-dirty" if dirty.strip() else "")
 
 
 def train(cfg, w: Workload, *, rounds: int = 4, epsilon: float = 0.1, l2: float = 1e-2, seed: int = 0
@@ -251,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                         "at several loads")
     p.add_argument("--fraction", type=float, default=0.5, help="leading fraction of the trace to train on")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="exploration (bandit) or sampling (cem) seed")
     p.add_argument("--epsilon", type=float, default=0.1)
     p.add_argument("--method", choices=("bandit", "cem"), default="bandit",
                    help="bandit refit (epsilon-greedy, ridge) or cross-entropy policy search (--rounds iterations)")
@@ -273,16 +301,21 @@ def main(argv: list[str] | None = None) -> int:
     if len(loads) > 1 and args.method != "cem":
         p.error("--load: the bandit trains at one load; several need --method cem")
     cfgs = [with_instances(load_config(c), args.instances) for c in (configs * len(traces))[:len(traces)]]
+    commit = checkout_commit()  # before --out (maybe a tracked file) is written
     runs = []  # (cfg, workload, saturation) per trace and load
+    held_out = []
     for c, t in zip(cfgs, traces):
-        w, sat = training_workload(c, load_trace(t), fraction=args.fraction, load=loads[0])
+        trace = load_trace(t)
+        w, sat = training_workload(c, trace, fraction=args.fraction, load=loads[0])
         runs += [(c, w, sat)] + [(c, at_load(w, x, sat), sat) for x in loads[1:]]
+        held_out.append({"trace": Path(t).name, "config": f"{c.name} x{c.num_instances}",
+                         "window": held_out_window(trace, args.fraction)})
     if args.method == "cem":
         start = read_weights(args.start) if args.start else None
         weights, history = train_cem([(c, w) for c, w, _ in runs], start=start, iters=args.rounds,
-                                     objective=args.objective)
+                                     objective=args.objective, seed=args.seed)
     else:
-        weights, history = train(cfgs[0], runs[0][1], rounds=args.rounds, epsilon=args.epsilon)
+        weights, history = train(cfgs[0], runs[0][1], rounds=args.rounds, epsilon=args.epsilon, seed=args.seed)
     command = "python bench/train_learned_router.py " + " ".join(argv if argv is not None else sys.argv[1:])
     search = {"objective": args.objective, "start": Path(args.start).name if args.start else "DEFAULT_WEIGHTS"}
     if args.method != "cem":
@@ -293,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": "; ".join(f"{c.name} x{c.num_instances}" for c in cfgs),
         "load": loads if len(loads) > 1 else loads[0],
         "saturation_rps": [sat for _, _, sat in runs[::len(loads)]] if len(traces) > 1 else runs[0][2],
+        "held_out": held_out, "commit": commit, "seed": args.seed,
         "command": command.strip(), "method": args.method, "rounds": args.rounds, "epsilon": args.epsilon,
         **search,
         "reward": "-(ttft/ttft_slo + e2e/(ttft_slo + tpot_slo*output_tokens))",

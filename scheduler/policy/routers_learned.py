@@ -189,7 +189,11 @@ class LearnedRouter(PairingRouter):
                 weights, origin = read_weights(src), f"{src}: "
             else:
                 weights = dict(DEFAULT_WEIGHTS)
-        self.w = _vector(weights)
+        self.w = _vector(weights, origin)
+        # NaN or inf makes every cost NaN (inf x a zero feature), and argmin then sends everything to the first candidate
+        odd = [f"{k}={v:g}" for k, v in zip(FEATURES, self.w) if not np.isfinite(v)]
+        if odd:
+            raise ValueError(f"{origin}weights: {', '.join(odd)}: weights must be finite")
         falls = [f"{k}={v:g}" for k, v, floor in zip(FEATURES, self.w, WEIGHT_FLOOR) if v < floor]
         if falls:
             raise ValueError(f"{origin}weights: {', '.join(falls)}: load features need weights >= 0 (a negative "
@@ -283,6 +287,8 @@ class LearnedRouter(PairingRouter):
             raise ValueError(f"samples: feature vectors must have {len(FEATURES)} entries ({FEATURES}); got {bad[0]}")
         X = np.stack([f for f, _ in rows])
         y = -np.array([r for _, r in rows])
+        if not (np.isfinite(X).all() and np.isfinite(y).all()):  # one NaN makes every weight NaN
+            raise ValueError("samples: features and rewards must be finite (score an unserved request, e.g. -10)")
         w0 = _vector(prior) if prior is not None else self.w
         # argmin |Xw - y|^2 + l2 * n * |w - w0|^2  subject to  w[LOAD_FEATURES] >= 0
         lam = l2 * len(rows)
@@ -325,15 +331,16 @@ def monotone(weights: dict[str, float]) -> dict[str, float]:
     return {k: (max(v, 0.0) if k in LOAD_FEATURES else v) for k, v in weights.items()}
 
 
-def _vector(weights: dict[str, float]) -> np.ndarray:
+def _vector(weights: dict[str, float], origin: str = "") -> np.ndarray:
     unknown = sorted(set(weights) - set(FEATURES))
     if unknown:
-        raise ValueError(f"weights: unknown features {unknown}; allowed: {', '.join(FEATURES)}")
+        raise ValueError(f"{origin}weights: unknown features {unknown}; allowed: {', '.join(FEATURES)}")
     return np.array([float(weights.get(k, 0.0)) for k in FEATURES])
 
 
 def read_weights(path: str | Path) -> dict[str, float]:
-    """An artifact's weights as written (not checked: ``monotone`` makes an old artifact acceptable)."""
+    """An artifact's weights as written, numbers by feature name; ``ValueError`` naming ``path`` otherwise. Their
+    bounds are ``LearnedRouter``'s check (``monotone`` makes an old artifact acceptable)."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
@@ -341,4 +348,12 @@ def read_weights(path: str | Path) -> dict[str, float]:
         raise ValueError(f"{path}: cannot read learned-router artifact: {e}") from None
     if not isinstance(doc, dict) or doc.get("kind") != "llmsched.learned_router":
         raise ValueError(f"{path}: not a learned-router artifact (kind must be 'llmsched.learned_router')")
-    return {str(k): float(v) for k, v in doc["weights"].items()}
+    if doc.get("version", 1) != 1:  # another version may scale or mean its features differently
+        raise ValueError(f"{path}: learned-router artifact version {doc['version']!r}; this llmsched reads version 1")
+    weights = doc.get("weights")
+    if not isinstance(weights, dict):
+        raise ValueError(f"{path}: weights: must be an object of feature name -> number")  # noqa: TRY004
+    try:
+        return {str(k): float(v) for k, v in weights.items()}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: weights: {e}") from None
