@@ -258,7 +258,7 @@ def test_a_role_switch_that_landed_after_it_was_abandoned_is_adopted() -> None:
         assert ctrl._members["prefill-0"].info.role is InstanceRole.DECODE
         assert ctrl._snapshots["prefill-0"].role is InstanceRole.DECODE
         # prefill-1 is now the last PREFILL instance: switching it away is refused
-        with pytest.raises(ValueError, match="last prefill"):
+        with pytest.raises(ValueError, match="last instance serving prefill"):
             await sw.begin("prefill-1", "decode")
 
     asyncio.run(main())
@@ -413,3 +413,24 @@ def test_cpu_only_placement_takes_a_slot_of_the_pools_type_where_workers_adverti
     slots = plan_placement(pool, use_gpus=False, type_slots=True)
     assert all(gpu_type_resource("sim-a100") not in b for b in plain.bundles)
     assert [b[gpu_type_resource("sim-a100")] for b in slots.bundles] == [1.0, 1.0]
+
+
+def test_an_operator_drain_of_the_last_instance_serving_a_phase_is_refused() -> None:
+    """Admin DrainInstance of the only instance left for a phase drained it, found no destination for its requests
+    and released it after a few rounds: its requests failed and the phase had no instance (SwitchRole already
+    refused the same case). Instances drained or switching do not count as serving; a MIXED one serves both."""
+    p0 = FakeInstance("prefill-0", InstanceRole.PREFILL)
+    d0, d1 = FakeInstance("decode-0", InstanceRole.DECODE), FakeInstance("decode-1", InstanceRole.DECODE)
+    ctrl = _controller([p0, d0, d1], {"prefill": 1, "decode": 2})
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="instance_id: prefill-0 is the last instance serving prefill"):
+            await ctrl.set_draining("prefill-0", True)
+        assert await ctrl.set_draining("decode-0", True)  # decode-1 serves decode
+        with pytest.raises(ValueError, match="instance_id: decode-1 is the last instance serving decode"):
+            await ctrl.set_draining("decode-1", True)
+        assert not (p0.draining or d1.draining) and d0.draining
+        ctrl._members["mixed-0"] = _member(FakeInstance("mixed-0"), "mixed")
+        assert await ctrl.set_draining("decode-1", True) and await ctrl.set_draining("prefill-0", True)
+
+    asyncio.run(main())

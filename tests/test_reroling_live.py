@@ -146,7 +146,7 @@ def test_operator_switch_waits_for_the_running_request_and_keeps_a_decoder(rerol
     _check_exact(aloop.run(_collect(ing, _req("op-after", 64, 8))), "op-after", 8)
     # Bad input (through the ingress, as the admin API calls it) names the field; the last decoder stays.
     (last,) = [i for i, r in _roles(dep).items() if r == "decode"]
-    cases = [(last, "prefill", InvalidRequest, f"instance_id: {last} is the last decode instance"),
+    cases = [(last, "prefill", InvalidRequest, f"instance_id: {last} is the last instance serving decode"),
              ("nope", "prefill", NotFound, "instance_id: no live instance 'nope'"),
              (last, "mixed", InvalidRequest, "role: only PREFILL <-> DECODE"),
              (last, "sideways", InvalidRequest, "role: unknown instance role 'sideways'")]

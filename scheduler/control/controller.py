@@ -51,7 +51,7 @@ from scheduler.control.placement import (
 )
 from scheduler.control.registry import EntryTable, RegistryEntry
 from scheduler.control.reroling import RoleSwitcher
-from scheduler.core.types import ClusterView, InstanceSnapshot
+from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot
 from scheduler.deploy.autoscale import KubernetesBackend
 from scheduler.policy.migration import MigrationPlan, MigrationPolicy, make_migration_policy
 from scheduler.policy.scaling import ScaleDecision, ScalingPolicy, WorkloadSummary, make_scaling_policy
@@ -63,6 +63,9 @@ CONTROLLER_NAME = "llmsched-controller"
 # Upper bound on a pool's size (Admin Scale): the count is persisted, sent to KubeRay, and every missing instance
 # is one task + placement group started in a single reconcile pass. ``grpc_server.MAX_SCALE_COUNT`` mirrors it.
 MAX_POOL_SIZE = 1024
+# The roles that serve each phase.
+_PREFILLS = frozenset({InstanceRole.PREFILL, InstanceRole.MIXED})
+_DECODES = frozenset({InstanceRole.DECODE, InstanceRole.MIXED})
 
 
 def instance_actor_name(cluster: str, instance_id: str) -> str:
@@ -347,6 +350,17 @@ class Controller:
         """Instances drained by someone other than the scaling loop -- an operator's drain, a role switch: not
         capacity, and not the scaling loop's to drain or take back (each un-drains its own when done)."""
         return self._operator_drained | set(self._switcher.switching)
+
+    def _last_for(self, iid: str) -> str | None:
+        """The phase ("prefill" / "decode") that no live instance but ``iid`` serves (others drained or switching
+        do not count), or None. Draining or switching it away would leave that phase to nobody: its requests
+        could not move and new ones would fail."""
+        held = self._held() | set(self._draining)
+        others = [m.info.role for i, m in self._members.items() if i != iid and i not in held]
+        for phase, roles in (("prefill", _PREFILLS), ("decode", _DECODES)):
+            if self._members[iid].info.role in roles and not any(r in roles for r in others):
+                return phase
+        return None
 
     def _drained(self, iid: str, since_round: int) -> bool:
         """A snapshot taken after ``iid`` started draining (refresh round ``since_round``) shows it idle, and no
@@ -731,6 +745,11 @@ class Controller:
         if m is None:
             return False
         ops = self._operator_drained
+        if draining and instance_id not in ops:
+            phase = self._last_for(instance_id)
+            if phase is not None:  # the drain would release it with its requests nowhere to go
+                raise ValueError(f"instance_id: {instance_id} is the last instance serving {phase}; "
+                                 "scale its pool up first")
         if draining:
             ops.add(instance_id)  # before the call: see _begin_drain
             self._kv_put("operator_draining", sorted(ops))

@@ -164,10 +164,9 @@ class RoleSwitcher:
         held = c._held()
         if new is m.info.role or instance_id in held or instance_id in c._draining:
             return False
-        others = [i for i, o in c._members.items() if o.info.role is m.info.role and i != instance_id
-                  and i not in held and i not in c._draining]
-        if not others:
-            raise ValueError(f"instance_id: {instance_id} is the last {m.info.role.value} instance serving; "
+        phase = c._last_for(instance_id)
+        if phase is not None:
+            raise ValueError(f"instance_id: {instance_id} is the last instance serving {phase}; "
                              "switching it would leave no instance for that phase")
         # Remembered before the call: a late reply may still drain it, and only a tracked switch un-drains it.
         self._remember(instance_id, new, time.time() + self.switch_timeout_s, c._refresh_round)
