@@ -49,6 +49,7 @@ from scheduler.control.api import (
 from scheduler.control.channel import ChannelClient, ChannelError
 from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, Member
 from scheduler.control.registry import RequestRecord, RequestRegistry
+from scheduler.core.prefix import prompt_hash_ids
 from scheduler.core.types import (
     SLO,
     ClusterView,
@@ -454,7 +455,7 @@ class Ingress:
         if len(self.registry) >= self.max_in_flight:
             raise Overloaded(f"ingress {self.ingress_id} has {len(self.registry)} requests in flight",
                              retry_after_s=1.0)
-        return RequestRecord(req.request_id, ids, sp, req.priority, req.length_hint)
+        return RequestRecord(req.request_id, ids, sp, req.priority, req.length_hint, hash_ids=prompt_hash_ids(ids))
 
     async def _predict(self, rec: RequestRecord, prompt: str | None) -> None:
         """The configured predictor's guess of the output length, unless the client gave a ``length_hint``.
@@ -504,7 +505,7 @@ class Ingress:
         info = RequestInfo(
             rec.request_id, time.time(), len(rec.prompt_token_ids) + rec.next_index, max(rec.remaining_tokens, 1),
             priority=rec.priority, slo=rec.slo, predicted_output_tokens=rec.predicted_output_tokens,
-            accepted=accepted,
+            accepted=accepted, hash_ids=rec.hash_ids,
         )
         decision = self.router.route(info, view)
         if isinstance(decision, Rejected):

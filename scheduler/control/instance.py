@@ -701,6 +701,7 @@ def snapshot_from_stats(
         block_size=s.block_size,
         prefill_tokens_pending=pending,
         prefill_compute_tokens=s.prefill_compute_tokens,
+        cached_hash_ids=s.cached_hash_ids,
         decode_context_tokens=decode_ctx,
         predicted_remaining_tokens=predicted,
         requests=tuple(reqs),

@@ -54,6 +54,7 @@ class RequestRecord:
     cancelled: bool = False
     slo: SLO | None = None
     trace_context: Any = None  # the request's span context (the server span): parent of spans started elsewhere
+    hash_ids: tuple[int, ...] = ()  # the prompt's block ids (scheduler.core.prefix): prefix-cache affinity
 
     @property
     def next_index(self) -> int:

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from scheduler.config.models import EngineSpec, GPUSpec, ModelSpec
+from scheduler.core.prefix import HASH_BLOCK_TOKENS, prompt_hash_ids
 from scheduler.core.types import InstanceRole, InstanceSnapshot
 from scheduler.engine.base import EngineRequest, EngineStats, KVBlocks, TokenChunk
 from scheduler.engine_model import EngineModel
@@ -160,7 +161,10 @@ class SimulatedBackend:
         cached = self._cached_tokens(request)
         self._release_reservation(rid)  # the request takes the blocks it was reserved
         max_tokens = request.sampling.max_tokens
-        self.engine.add_request(rid, len(prompt), max_tokens, cached_tokens=cached, priority=request.priority)
+        # The prompt's block ids, as a trace's hash_ids: the engine model's prefix cache hits on a shared prefix
+        # (vLLM's does on its own), and the snapshots report what is cached.
+        self.engine.add_request(rid, len(prompt), max_tokens, cached_tokens=cached, priority=request.priority,
+                                hash_ids=prompt_hash_ids(prompt), hash_block_tokens=HASH_BLOCK_TOKENS)
         seed = request.sampling.seed if request.sampling.seed is not None else self.seed
         req = _Req(request, seed, asyncio.Queue(), request.num_output_tokens_before, max_tokens)
         self._reqs[rid] = req
@@ -286,6 +290,7 @@ class SimulatedBackend:
             prompt_tokens_loaded=em.prompt_tokens_loaded,
             requests=snap.requests,
             prefill_compute_tokens=snap.prefill_compute_tokens,
+            cached_hash_ids=snap.cached_hash_ids,
         )
 
     def snapshot(self, instance_id: str, now_s: float, **static: object) -> InstanceSnapshot:

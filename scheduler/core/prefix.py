@@ -1,0 +1,26 @@
+"""Prompt block ids for prefix-cache affinity, from token ids (the live path's ``hash_ids``).
+
+Mooncake's traces carry ``hash_ids``: one id per 512 prompt tokens, chained, so that two prompts share their
+leading ids exactly as far as they share a prefix. Live requests carry token ids instead; these are the same ids
+computed from them, so the prefix-cache routers, the simulated engines' prefix cache and the simulator read a live
+request as they read a trace's (vLLM hashes its KV blocks the same chained way, at block granularity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+HASH_BLOCK_TOKENS = 512  # prompt tokens per id (Mooncake's block; ``Workload.hash_block_tokens``)
+
+
+def prompt_hash_ids(token_ids: Sequence[int], block_tokens: int = HASH_BLOCK_TOKENS) -> tuple[int, ...]:
+    """One id per ``block_tokens`` of the prompt (the last block may be partial, as in Mooncake's ids), each a hash
+    of the block's tokens and the previous id: equal ids at position ``k`` <=> equal prompts up to block ``k``."""
+    out: list[int] = []
+    h = 0
+    for start in range(0, len(token_ids), block_tokens):
+        # Python's hash of a tuple of ints is deterministic (no per-process salt, unlike str): ids agree across
+        # the ingress replicas and the instances.
+        h = hash((h, *token_ids[start : start + block_tokens]))
+        out.append(h)
+    return tuple(out)
