@@ -5,8 +5,11 @@
       -> final stop-and-copy of what the request produced meanwhile (the downtime)
       -> commit (destination resumes; source already freed at the stop)
 
-The stage sizes come from ``scheduler.policy.migration.migration_stages``, the same function the live path uses,
-so policy studies in the simulator pay what the live path would pay.
+The stage sizes come from ``scheduler.policy.migration.migration_stages``. The live driver
+(``scheduler.transfer.migration.run_migration``) applies the same rule to measured stage sizes, with one difference:
+there the stage at or under ``last_stage_max_tokens`` is still a pre-copy and the stop copies what came after it
+(``max_stages`` counts pre-copies), so a simulated move has one stage less and a stop-and-copy of up to
+``last_stage_max_tokens`` where the live one copies a token or two.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class _InFlight:
     reserved: int
     copied: int
     started_s: float
+    key: object  # the request id as the plan carried it: the policy's hooks get back the key it planned with
 
 
 class MigrationDriver:
@@ -58,17 +62,23 @@ class MigrationDriver:
         sim = self.sim
         view = sim.policy_view(now)
         for plan in self.policy.plan(view, now):  # type: ignore[union-attr]
-            if not self.start(int(plan.request_id), sim._index[plan.source], sim._index[plan.destination], now):
-                # As the live Controller does: a refused plan leaves no in-flight entry or cooldown behind (it kept
-                # both instances untouchable for 9.5 s with max_per_instance=1; twenty-seventh session's audit).
+            refused = self.aborted_dst
+            if self.start(int(plan.request_id), sim._index[plan.source], sim._index[plan.destination], now,
+                          key=plan.request_id):
+                continue
+            if self.aborted_dst > refused:
+                # As the live ingress reports a refused reservation (ABORTED_DST in HANDSHAKE): a failed migration,
+                # whose request rests request_cooldown_s rather than being planned onto that destination again.
+                self._tell("on_migration_done", plan.request_id, ok=False)
+            else:  # never started (no longer decoding there, already moving): no in-flight entry, no cooldown
                 self._tell("on_migration_dropped", plan.request_id)
 
     def _tell(self, hook: str, rid: object, **kw: object) -> None:
         fn = getattr(self.policy, hook, None)  # plain test policies have no hooks
         if fn is not None:
-            fn(str(rid), **kw)
+            fn(rid, **kw)
 
-    def start(self, rid: int, src: SimInstance, dst: SimInstance, now: float) -> bool:
+    def start(self, rid: int, src: SimInstance, dst: SimInstance, now: float, *, key: object = None) -> bool:
         seq = src.engine.get(rid)
         if seq is None or not seq.in_decode or rid in self.in_flight or src is dst:
             return False
@@ -95,7 +105,7 @@ class MigrationDriver:
                               max_stages=self.max_stages, last_stage_max_tokens=self.last_stage_max_tokens)
         pre = stages[:-1] or stages  # at least one pre-copy stage of the context
         t_pre = sum(self._xfer(src, k) for k in pre)
-        self.in_flight[rid] = _InFlight(rid, src, dst, need, sum(pre), now)
+        self.in_flight[rid] = _InFlight(rid, src, dst, need, sum(pre), now, rid if key is None else key)
         self.sim._push(now + t_pre, self._kind("MIGRATE_FINAL"), None, rid)
         return True
 
@@ -112,7 +122,7 @@ class MigrationDriver:
         if seq is None:  # finished, preempted or aborted meanwhile: the source keeps ownership; free the reservation
             self._release(m)
             self.aborted_src += 1
-            self._tell("on_migration_done", rid, ok=False)
+            self._tell("on_migration_done", m.key, ok=False)
             del self.in_flight[rid]
             return
         m.src.mark_changed()  # mid-step it leaves at the step's end (the stop)
@@ -138,7 +148,7 @@ class MigrationDriver:
             self.sim._queue_on_snapshot(m.dst, new, now)
         self.sim._poke(m.dst, now)
         self.committed += 1
-        self._tell("on_migration_done", rid, ok=True)
+        self._tell("on_migration_done", m.key, ok=True)
         self.total_s.append(now - m.started_s)
 
     def _release(self, m: _InFlight) -> None:

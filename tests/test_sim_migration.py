@@ -174,5 +174,6 @@ def test_a_move_to_an_instance_too_small_for_the_request_is_refused_not_a_crash(
     pol = MoveAt(0.3)
     sim = Simulator(cfg, router=AllToFirst(), migration=pol, migration_interval_s=0.3)
     res = sim.run(Workload(np.array([0.0]), np.array([200]), np.array([600])))
-    assert res.migrations == 0 and sim.migrations.aborted_dst == 1 and pol.hooks == [("dropped", "0")]
+    # A refused reservation is a failed migration, as the live ingress reports it (ABORTED_DST in HANDSHAKE).
+    assert res.migrations == 0 and sim.migrations.aborted_dst == 1 and pol.hooks == [("done", "0", False)]
     assert np.isfinite(res.finish_s[0])

@@ -257,8 +257,8 @@ class Controller:
         now = time.time()
         for ing, plans in list(self._plans.items()):
             for t, p in plans:
-                if now - t >= 5.0:
-                    policy.on_migration_done(p.request_id, ok=False)
+                if now - t >= 5.0:  # never started: dropped, not failed (that held the request out of plans 5 s more)
+                    policy.on_migration_dropped(p.request_id)
             self._plans[ing] = [(t, p) for t, p in plans if now - t < 5.0]
         self._plan_times = [t for t in self._plan_times if now - t < 1.0]
         view = ClusterView(now, tuple(self._snapshots[i] for i in sorted(self._snapshots)))

@@ -1,8 +1,8 @@
 """Live-migration policy (Llumnix, Sun et al., OSDI 2024) and the multi-stage copy cost model.
 
 ``MigrationPolicy.plan(view, now_s)`` returns ``MigrationPlan``s; the simulator (``sim/migration.py``) or the
-controller executes them with the multi-stage protocol whose stage sizes ``migration_stages`` computes here, so
-both pay the same cost::
+controller executes them with the multi-stage protocol; the simulator costs it with the stage sizes
+``migration_stages`` computes here (the live driver's one difference: ``sim/migration.py``)::
 
     stage 1: copy the whole context while the request keeps decoding on the source
     stage k: copy the tokens produced during stage k-1          (shrinks by decode_rate / bandwidth each time)
@@ -207,7 +207,9 @@ class _Round:
         # NOTE: the source's blocks free only at commit, so they are not credited to ``free`` this round
         # (crediting them let a later plan in the same round over-commit an instance that was a source).
         self.used[src.instance_id] -= n
-        self.free[dst.instance_id] -= m
+        # The handshake reserves context + headroom until the commit: debit that (debiting the context alone
+        # planned two 14-block reservations into 26 free blocks; the executor refused the second).
+        self.free[dst.instance_id] -= _blocks(r.context_tokens + self.p.headroom_tokens, dst.block_size)
         self.used[dst.instance_id] += m
         for iid in (src.instance_id, dst.instance_id):
             self.busy[iid] = self.busy.get(iid, 0) + 1
