@@ -3,6 +3,7 @@ the destination's reservation, the simulator's hooks, the Controller's untaken p
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 
@@ -12,6 +13,7 @@ from scheduler.config.models import ClusterConfig, EngineSpec, PoolSpec
 from scheduler.control.controller import Controller
 from scheduler.control.registry import EntryTable, RegistryEntry
 from scheduler.core.types import ClusterView, Phase
+from scheduler.engine.base import SamplingParams
 from scheduler.policy.migration import LlumnixMigrationPolicy, MigrationPlan, MigrationReason
 from sim.simulator import Simulator, Workload
 from tests.test_engine_model import GPU, MODEL
@@ -97,3 +99,48 @@ def test_controller_drops_plans_nobody_took_without_a_request_cooldown() -> None
     ctrl._plans = {"ing": [(t0, old[0])]}  # queued 6 s ago, never taken
     ctrl._policy_tick()
     assert [p.request_id for _, p in ctrl._plans["ing"]] == ["a"]  # expired, and planned again
+
+
+def test_a_plan_that_was_moot_on_arrival_is_dropped_not_failed() -> None:
+    """The ingress reported every plan it could not start (the request finished meanwhile, already moving, its
+    source gone) as a failed migration: the Controller counted a failure and the policy rested the request for
+    request_cooldown_s. The ingress now says whether anything was tried; the Controller drops the rest."""
+    from scheduler.control.api import GenerateRequest
+    from tests.test_ingress_audit import FakeInstance, _consume, _ingress
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+            rec = self
+
+            class _M:
+                def remote(self, *a: object) -> None:
+                    rec.calls.append(a)
+
+            self.migration_done = _M()
+
+    async def scenario() -> list[tuple]:
+        ing = _ingress([FakeInstance("mixed-0"), FakeInstance("mixed-1")], routable=["mixed-0"])
+        ing.controller = Recorder()
+        await ing._execute_plan(MigrationPlan("gone", "mixed-0", "mixed-1", MigrationReason.LOAD_BALANCE))  # finished
+        out: list[object] = []
+        task = asyncio.create_task(_consume(ing, GenerateRequest(
+            "r", prompt_token_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=400)), out))
+        while len(out) < 2:
+            await asyncio.sleep(0.005)
+        ing.registry.get("r").moving_to = "mixed-1"  # already moving
+        await ing._execute_plan(MigrationPlan("r", "mixed-0", "mixed-1", MigrationReason.LOAD_BALANCE))
+        ing.registry.get("r").moving_to = None
+        await ing.cancel("r")
+        await task
+        return ing.controller.calls
+
+    assert asyncio.run(scenario()) == [("gone", False, False), ("r", False, False)]
+
+    ctrl = Controller.__new__(Controller)
+    pol = ctrl._migration = LlumnixMigrationPolicy()
+    ctrl.migration_stats = {"planned": 0, "dropped": 0, "committed": 0, "failed": 0}
+    pol._inflight["a"], pol._recent["a"] = ("d", "x", 0.0), 0.0
+    asyncio.run(ctrl.migration_done("a", False, False))
+    assert ctrl.migration_stats["dropped"] == 1 and ctrl.migration_stats["failed"] == 0
+    assert "a" not in pol._inflight and "a" not in pol._recent  # no cooldown for what never moved

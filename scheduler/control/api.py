@@ -75,6 +75,9 @@ class MigrationResult:
     reason: str = ""
     downtime_s: float = 0.0
     stages: int = 0
+    # False: refused before any step (already moving, not decoding, no destination...): nothing was tried, so a
+    # planner drops the plan rather than counting a failure (and resting the request).
+    started: bool = True
 
 
 class IngressAPI(Protocol):

@@ -278,11 +278,17 @@ class Controller:
         self._registry.seen(ingress_id)  # polled every plans_s by every live ingress: its heartbeat
         return [p for _, p in self._plans.pop(ingress_id, [])]
 
-    async def migration_done(self, request_id: str, ok: bool) -> None:
-        """An ingress reports a planned migration's outcome (the policy's in-flight limits release it)."""
-        self.migration_stats["committed" if ok else "failed"] += 1
-        if self._migration is not None:
+    async def migration_done(self, request_id: str, ok: bool, started: bool = True) -> None:
+        """An ingress reports a planned migration's outcome (the policy's in-flight limits release it). ``started``
+        False: the plan was moot when it arrived (the request finished, moved or left its instance): dropped, as the
+        simulator's driver reports it, not a failure that rests the request."""
+        self.migration_stats["committed" if ok else "failed" if started else "dropped"] += 1
+        if self._migration is None:
+            return
+        if started:
             self._migration.on_migration_done(request_id, ok=ok)
+        else:
+            self._migration.on_migration_dropped(request_id)
 
     async def migration_counters(self) -> dict[str, int]:
         return dict(self.migration_stats)

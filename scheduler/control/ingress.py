@@ -899,24 +899,24 @@ class Ingress:
         if mode is not None:
             cfg = dataclasses.replace(cfg, mode=MigrationMode.parse(mode))
         if request_id in self._migrating or rec.moving_to is not None:
-            return MigrationResult(request_id, src, destination or "", False, "already migrating")
+            return MigrationResult(request_id, src, destination or "", False, "already migrating", started=False)
         if rec.phase is not Phase.DECODE or len(rec.instances) != 1:
-            return MigrationResult(request_id, src, destination or "", False, f"request is in phase {rec.phase.name}")
+            return MigrationResult(request_id, src, destination or "", False, f"request is in phase {rec.phase.name}", started=False)
         if destination is None:
             try:
                 _, d = self._decide(rec, exclude=frozenset({src}), accepted=True)
             except (Overloaded, Unavailable) as e:
-                return MigrationResult(request_id, src, "", False, f"no destination: {e}")
+                return MigrationResult(request_id, src, "", False, f"no destination: {e}", started=False)
             destination = d.decode_instance or d.prefill_instance
             # Booked where the request goes (a drain's next picks spread out), not as a prefill on the pair's
             # prefill instance, and not with the router: nothing is prefilled anywhere.
             self._pending[destination] = self._pending.get(destination, 0) + 1
         if destination == src:
-            return MigrationResult(request_id, src, destination, False, "destination is the source")
+            return MigrationResult(request_id, src, destination, False, "destination is the source", started=False)
         if destination not in self._members:
             raise NotFound(f"destination: no live instance {destination!r}", field="destination")
         if src not in self._members:  # seen dead; its stream recovers the request on its own
-            return MigrationResult(request_id, src, destination, False, f"source {src!r} is not a live instance")
+            return MigrationResult(request_id, src, destination, False, f"source {src!r} is not a live instance", started=False)
         m = Migration(request_id, src, destination, cfg)
         self._migrating[request_id] = m
         ended = self._migration_ended[request_id] = asyncio.Event()
@@ -983,14 +983,16 @@ class Ingress:
             asyncio.create_task(self._execute_plan(plan))
 
     async def _execute_plan(self, plan: Any) -> None:
-        ok = False
+        ok = started = False
         try:
             if plan.request_id in self.registry and plan.destination in self._members:
-                ok = (await self.migrate(plan.request_id, plan.destination)).committed
+                res = await self.migrate(plan.request_id, plan.destination)
+                ok, started = res.committed, res.started
         except Exception:
             log.exception("migration plan %s failed", plan)
+            started = True
         try:
-            self.controller.migration_done.remote(plan.request_id, ok)
+            self.controller.migration_done.remote(plan.request_id, ok, started)
         except Exception as e:  # noqa: BLE001 - the Controller restarting; its policy times the entry out
             log.debug("migration_done for %s not delivered: %s", plan.request_id, e)
 
