@@ -198,9 +198,11 @@ class ClusterView:
 
     @property
     def disaggregated(self) -> bool:
-        prefill = InstanceRole.PREFILL
+        """Any accepting PREFILL or DECODE instance. Not "any PREFILL instance": MIXED + DECODE ran colocated on
+        the MIXED ones, the DECODE ones idle, and a drained PREFILL instance still in the view made it P/D."""
+        mixed = InstanceRole.MIXED
         for i in self.instances:
-            if i.role is prefill:
+            if i.role is not mixed and i.healthy and not i.draining:
                 return True
         return False
 

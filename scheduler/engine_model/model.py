@@ -57,7 +57,7 @@ class Seq:
     __slots__ = (
         "rid", "priority", "admit_no", "num_tokens", "num_computed", "max_new", "generated",
         "join_step", "finish_step", "blocks", "in_decode", "done", "predicted_remaining", "tag", "hash_ids",
-        "hash_block_tokens", "handoff",
+        "hash_block_tokens", "handoff", "pred_due",
     )
 
     def __init__(self, rid: str, num_tokens: int, num_computed: int, max_new: int, priority: int) -> None:
@@ -74,6 +74,7 @@ class Seq:
         self.in_decode = False
         self.done = False
         self.predicted_remaining: float | None = None
+        self.pred_due: float | None = None  # decode step at which its prediction runs out, while in the sum
         self.tag: object = None  # free slot for the driver (the simulator keeps its request index here)
         self.hash_ids: tuple[int, ...] = ()  # prompt block ids for the prefix cache
         self.hash_block_tokens = 0
@@ -167,8 +168,11 @@ class EngineModel:
         self.prefill_blocks = 0  # blocks held by ``prefilling``
         # Predicted remaining output of the decode set in O(1): sum of (prediction - generated + join_step) over
         # members with a prediction, minus ``step_no`` per member (each decode step generates one token each).
+        # Members leave the sum when their prediction runs out (``_due_heap``), as a live instance clips each
+        # request at 0: one past its guess no longer cancels the others' remaining.
         self._pred_sum = 0.0
         self._pred_n = 0
+        self._due_heap: list[tuple[float, int, Seq]] = []
         # Counters (a live engine reports the same ones).
         self.num_preemptions = 0
         self.prompt_tokens_computed = 0
@@ -311,18 +315,19 @@ class EngineModel:
         seq.finish_step = self.step_no + (seq.max_new - seq.generated)
         self.decoding[seq.rid] = seq
         self._n_sum += seq.num_computed
-        if seq.predicted_remaining is not None:
-            self._pred_sum += seq.predicted_remaining - seq.generated + seq.join_step
+        due = None if seq.predicted_remaining is None else seq.predicted_remaining - seq.generated + seq.join_step
+        if due is not None and due > self.step_no:
+            seq.pred_due = due
+            self._pred_sum += due
             self._pred_n += 1
+            heapq.heappush(self._due_heap, (due, next(self._heap_tie), seq))
         heapq.heappush(self._finish_heap, (seq.finish_step, next(self._heap_tie), seq))
 
     def _leave_decode(self, seq: Seq) -> None:
         """Materialise the lazy counts and drop ``seq`` from the decode set (its heap entry goes stale)."""
         k = self.step_no - seq.join_step
         self._n_sum -= seq.num_computed + k
-        if seq.predicted_remaining is not None:
-            self._pred_sum -= seq.predicted_remaining - seq.generated + seq.join_step
-            self._pred_n -= 1
+        self._drop_prediction(seq)
         seq.num_computed += k
         seq.generated += k
         seq.num_tokens += k
@@ -645,6 +650,12 @@ class EngineModel:
         self.steps_run += steps
         return res
 
+    def _drop_prediction(self, seq: Seq) -> None:
+        if seq.pred_due is not None:
+            self._pred_sum -= seq.pred_due
+            self._pred_n -= 1
+            seq.pred_due = None
+
     # ---- what routers see -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def ahead(self, steps: int) -> Iterator[EngineModel]:
@@ -676,8 +687,14 @@ class EngineModel:
         )
         compute = pending - self._waiting_cache_hits() if self.prefix_cache else None
         bs = len(self.decoding)
-        # NOTE: summed, then clipped at 0 (a live instance clips per request; that needs O(batch), detail has it).
-        # Members who outlived their prediction lower the sum a little; with exact predictions it is exact.
+        # NOTE: drops the members whose prediction ran out by ``step_no`` for good, inside ``ahead`` too: a span
+        # books at least the steps a mid-span read saw, less one for the simulator's pre-step snapshot (a member
+        # missing there counts at most one token).
+        heap = self._due_heap
+        while heap and heap[0][0] <= self.step_no:
+            due, _, s = heapq.heappop(heap)
+            if s.pred_due == due:  # else stale: it left the decode set (and maybe rejoined with another due)
+                self._drop_prediction(s)
         pred = max(self._pred_sum - self._pred_n * self.step_no, 0.0)
         return InstanceSnapshot(
             instance_id=instance_id,

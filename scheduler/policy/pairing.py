@@ -10,7 +10,7 @@ P/D pairing (``PairingRouter.route``), for disaggregated views::
          a MIXED prefill instance keeps the request (colocated) when it is also the best decoder.
          ``lookahead`` overrides ``pair`` and costs each (prefill, decode) combination jointly.
 
-Colocated views (no PREFILL instance) pick one instance with ``phase="colocated"``.
+Colocated views (every accepting instance MIXED) pick one instance with ``phase="colocated"``.
 
 Splitwise mixed-pool fallback (Patel et al., ISCA 2024, section 4.2): when every DECODE instance is saturated by
 KV (virtual usage at or above ``saturation``), MIXED instances join the decode candidates, and -- only with

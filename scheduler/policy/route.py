@@ -3,8 +3,9 @@
 A router is a pure class: no Ray, no asyncio, no I/O. The simulator and the live ingress call the same object.
 Eligibility (role, health, draining) is decided by named filters in ``filters.py``; a router only ranks.
 
-Disaggregated clusters (any PREFILL instance in the view): a router returns a prefill instance and a decode
-instance. Colocated clusters: ``decode_instance`` is ``None`` and the request runs start to end on one instance.
+Disaggregated clusters (any accepting PREFILL or DECODE instance in the view): a router returns a prefill
+instance and a decode instance. Colocated clusters: ``decode_instance`` is ``None`` and the request runs start to
+end on one instance.
 """
 
 from __future__ import annotations
