@@ -21,6 +21,6 @@ def prompt_hash_ids(token_ids: Sequence[int], block_tokens: int = HASH_BLOCK_TOK
     for start in range(0, len(token_ids), block_tokens):
         # Python's hash of a tuple of ints is deterministic (no per-process salt, unlike str): ids agree across
         # the ingress replicas and the instances.
-        h = hash((h, *token_ids[start : start + block_tokens]))
+        h = hash((h, hash(tuple(token_ids[start : start + block_tokens]))))
         out.append(h)
     return tuple(out)
