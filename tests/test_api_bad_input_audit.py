@@ -150,3 +150,55 @@ def test_http_integers_at_the_grpc_wire_bounds_are_taken() -> None:
     body = {"prompt": "hi", "max_tokens": 2, "seed": -(2**63), "length_hint": 2**63 - 1, "priority": -(2**31),
             "top_k": 2**31 - 1}
     assert _post(EchoIngress(), "/v1/completions", body) == (200, None)
+
+
+# ---- test-suite audit: validate.py's bounds and status maps, called directly (each names the mutant it kills) ----
+def test_validate_generate_bounds_at_their_edges() -> None:
+    """The edges of ``validate_generate``: a request id of exactly 256 characters passes, 257 do not (kills ``> 257``);
+    a token id of ``2**31 - 1`` passes, ``2**31`` does not (kills ``<= INT32``); an infinite or NaN SLO is refused
+    (kills dropping ``isfinite``: ``inf < 0`` and ``nan < 0`` are both false); text and token ids together are
+    refused naming ``prompt`` (kills dropping that check; neither API can send both, a direct caller can)."""
+    import math
+
+    from scheduler.control.api import GenerateRequest, InvalidRequest
+    from scheduler.engine.base import SamplingParams
+    from scheduler.server.validate import (
+        GRPC_FIELDS,
+        HTTP_FIELDS,
+        INT32,
+        MAX_REQUEST_ID_CHARS,
+        validate_generate,
+    )
+
+    def field_of(req: GenerateRequest, names: dict[str, str] = GRPC_FIELDS) -> str | None:
+        try:
+            validate_generate(req, names)
+        except InvalidRequest as e:
+            return e.field
+        return None
+
+    ok = GenerateRequest("r", prompt="hi", sampling=SamplingParams(max_tokens=4))
+    assert field_of(ok) is None
+    assert field_of(GenerateRequest("x" * MAX_REQUEST_ID_CHARS, prompt="hi")) is None
+    assert field_of(GenerateRequest("x" * (MAX_REQUEST_ID_CHARS + 1), prompt="hi")) == "request_id"
+    assert field_of(GenerateRequest("r", prompt_token_ids=(0, INT32 - 1))) is None
+    assert field_of(GenerateRequest("r", prompt_token_ids=(0, INT32))) == "prompt.token_ids[1]"
+    for bad in (math.inf, math.nan):
+        assert field_of(GenerateRequest("r", prompt="hi", ttft_slo_s=bad)) == "slo.ttft_ms"
+        assert field_of(GenerateRequest("r", prompt="hi", tpot_slo_s=bad), HTTP_FIELDS) == "tpot_slo_s"
+    assert field_of(GenerateRequest("r", prompt="hi", prompt_token_ids=(1,))) == "prompt"
+
+
+def test_request_status_maps() -> None:
+    """Metrics/span status of a failed request and of a finished stream: overload is REJECTED (kills FAILED), an
+    ``abort`` finish is CANCELLED and an ``error...`` finish FAILED (kills dropping either branch: FINISHED)."""
+    from scheduler.control.api import InvalidRequest, NotFound, Overloaded
+    from scheduler.control.api import Unavailable as Down
+    from scheduler.server.validate import request_status_for, request_status_of_finish
+    from scheduler.telemetry.metrics import RequestStatus as S
+
+    got = [request_status_for(e) for e in (InvalidRequest("x"), NotFound("x"), Overloaded("x"), Down("x"),
+                                           RuntimeError("x"))]
+    assert got == [S.INVALID, S.NOT_FOUND, S.REJECTED, S.UNAVAILABLE, S.FAILED]
+    assert [request_status_of_finish(r) for r in ("abort", "error: engine died", "stop", "length", None)] == [
+        S.CANCELLED, S.FAILED, S.FINISHED, S.FINISHED, S.FINISHED]

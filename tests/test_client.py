@@ -449,3 +449,144 @@ def test_drain_and_switch_role_are_not_retried() -> None:
         s.ingress.calls.pop("drain")
         asyncio.run(aio())
         assert s.ingress.calls["drain"] == 1
+
+
+# ---- test-suite audit: the I/O-free helpers' promises (each names the mutant of ``_common.py`` it kills) ---------
+def test_stream_state_replays_keep_the_finish_and_drop_the_runs_text() -> None:
+    """A replayed message that only repeats tokens but finishes the stream still finishes it (kills returning ``()``
+    for every pure duplicate: the caller never saw the end); a partly replayed message's text belongs to the whole
+    run, half of it already delivered, so it is dropped (kills keeping it: the text came twice); only the last
+    chunk of a message carries its ``finish_reason`` (kills stamping it on every chunk)."""
+    st = StreamState("r")
+    first = st.accept(inference_pb2.GenerateChunk(request_id="r", index=0, token_ids=[1, 2], text="ab"))
+    assert [c.text for c in first] == ["ab", ""] and [c.finish_reason for c in first] == [None, None]
+    again = st.accept(inference_pb2.GenerateChunk(request_id="r", index=1, token_ids=[2, 3], text="bc"))
+    assert [(c.index, c.token_ids, c.text) for c in again] == [(2, (3,), "")]
+    end = st.accept(inference_pb2.GenerateChunk(request_id="r", index=2, token_ids=[3], finished=True,
+                                                finish_reason="stop"))
+    assert [(c.index, c.token_ids, c.finished, c.finish_reason) for c in end] == [(3, (), True, "stop")]
+    assert st.finished
+    st = StreamState("r")
+    out = st.accept(inference_pb2.GenerateChunk(request_id="r", index=0, token_ids=[5, 6, 7], finished=True,
+                                                finish_reason="length"))
+    assert [c.finish_reason for c in out] == [None, None, "length"]
+
+
+def test_collect_times_one_entry_per_token() -> None:
+    """``token_times`` has one arrival per token: the empty chunk that finishes a stream adds none (kills one entry
+    per chunk)."""
+    from scheduler.client._common import collect
+
+    st = StreamState("r")
+    chunks = [*st.accept(_chunk(0, [1, 2])), *st.accept(_chunk(2, [], finished=True))]
+    res = collect("r", chunks, attempts=1, e2e_s=1.0)
+    assert res.token_ids == [1, 2] and len(res.token_times) == 2 and res.finish_reason == "length"
+
+
+def test_request_building_channel_and_auth_helpers() -> None:
+    """``build_generate_request`` sends SLOs in ms (kills dropping ``* 1e3``), the length hint (kills dropping it)
+    and an empty token list as an explicit (empty) ``token_ids`` so the server names that field (kills dropping
+    ``SetInParent``: the request then had no prompt at all); ``channel_setup`` passes ``server_name`` as the TLS
+    target override (kills dropping it); ``auth_metadata`` sends no header without a token (kills an empty
+    ``Bearer``)."""
+    from scheduler.client._common import ClientTLS, auth_metadata, build_generate_request, channel_setup
+
+    req = build_generate_request("hi", request_id="r", ttft_slo_s=0.5, tpot_slo_s=0.02, length_hint=7)
+    assert req.slo.ttft_ms == pytest.approx(500.0) and req.slo.tpot_ms == pytest.approx(20.0)
+    assert req.HasField("length_hint") and req.length_hint == 7
+    assert not build_generate_request("hi", request_id="r").HasField("length_hint")
+    empty = build_generate_request([], request_id="r")
+    assert empty.WhichOneof("prompt") == "token_ids" and list(empty.token_ids.ids) == []
+    creds, opts = channel_setup(ClientTLS(server_name="llmsched.internal"), 1 << 20)
+    assert creds is not None and ("grpc.ssl_target_name_override", "llmsched.internal") in opts
+    assert ("grpc.max_send_message_length", 1 << 20) in opts
+    assert channel_setup(None, None) == (None, [])
+    assert auth_metadata(None) == () and auth_metadata("") == ()
+    assert auth_metadata("tok") == (("authorization", "Bearer tok"),)
+
+
+def test_backoff_retry_delay_and_remaining() -> None:
+    """``backoff_s`` is capped at 2 s (kills dropping the cap: attempt 20 waited 14 hours) and waits at least the
+    server's retry-after (kills ignoring it); ``retry_delay`` gives up when the wait would end past the deadline
+    (kills never giving up); ``remaining`` is never negative (kills dropping the clamp: a negative timeout)."""
+    from scheduler.client._common import backoff_s, remaining, retry_delay
+
+    assert all(1.0 <= backoff_s(20) <= 2.0 for _ in range(20))
+    assert backoff_s(0, retry_after_s=3.0) == 3.0
+    now = time.monotonic()
+    assert retry_delay(0, 1.0, now + 0.5) is None
+    d = retry_delay(0, None, now + 60.0)
+    assert d is not None and 0.025 <= d <= 0.05
+    assert remaining(time.monotonic() - 5.0) == 0.0 and remaining(None) is None
+
+
+def test_convert_rpc_error_ignores_a_malformed_retry_after() -> None:
+    """A ``retry-after`` trailer that is not a number is ignored (``retry_after_s`` None), not read as 0 (kills
+    replacing the ``pass``); a well-formed one and the field are carried over."""
+    from scheduler.client._common import convert_rpc_error
+
+    class Err(grpc.RpcError):
+        def __init__(self, md: tuple[tuple[str, str], ...]) -> None:
+            self.md = md
+
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return "busy"
+
+        def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+            return self.md
+
+    bad = convert_rpc_error(Err((("retry-after", "soon"),)), "r")
+    assert bad.retry_after_s is None and bad.code == grpc.StatusCode.UNAVAILABLE and bad.request_id == "r"
+    good = convert_rpc_error(Err((("retry-after", "1.5"), ("llmsched-field", "prompt"))))
+    assert good.retry_after_s == 1.5 and good.field == "prompt"
+
+
+def test_before_retry_of_a_sampled_request_with_nothing_delivered_retries() -> None:
+    """An unseeded sampled request that failed before its first token is simply retried, stream or not: nothing
+    was handed out, so there is nothing a new sample could contradict (kills raising whenever the request is not
+    resumable)."""
+    from scheduler.client._common import before_retry, build_generate_request
+
+    req = build_generate_request("hi", request_id="r", temperature=0.8)
+    st = StreamState("r")
+    st.attempts = 1
+    err = Unavailable(grpc.StatusCode.UNAVAILABLE, "down")
+    assert before_retry(req, st, err, None, restart=False) > 0
+    st.accept(_chunk(0, [1]))
+    with pytest.raises(Unavailable):
+        before_retry(req, st, err, None, restart=False)  # a token is out: a stream cannot take it back
+
+
+def test_a_cancelled_generate_span_is_not_an_error() -> None:
+    """The caller stopping an async stream (``CancelledError``) marks the client span "cancelled" without an error
+    status (kills treating only ``GeneratorExit`` so: the span became an ERROR "cancellederror")."""
+    from scheduler.client._common import end_generate_span
+
+    class FakeSpan:
+        def __init__(self) -> None:
+            self.attrs: dict[str, object] = {}
+            self.status: object = None
+            self.ended = False
+
+        def is_recording(self) -> bool:
+            return True
+
+        def set_attribute(self, k: str, v: object) -> None:
+            self.attrs[k] = v
+
+        def set_status(self, s: object) -> None:
+            self.status = s
+
+        def end(self) -> None:
+            self.ended = True
+
+    for err in (asyncio.CancelledError(), GeneratorExit()):
+        span = FakeSpan()
+        end_generate_span(span, StreamState("r"), err)  # type: ignore[arg-type]
+        assert span.attrs["llmsched.status"] == "cancelled" and span.status is None and span.ended
+    span = FakeSpan()
+    end_generate_span(span, StreamState("r"), Unavailable(grpc.StatusCode.UNAVAILABLE, "down"))  # type: ignore[arg-type]
+    assert span.attrs["llmsched.status"] == "unavailable" and span.status is not None

@@ -88,15 +88,20 @@ def test_load_balance_moves_shortest_remaining_to_least_loaded() -> None:
 
 def test_load_balance_is_relative_to_the_source() -> None:
     """Under a burst every instance is busy: a fixed low watermark (0.5) found no destination; the gap rule moves
-    work from 0.9 to 0.65 but not to 0.75 (closer than ``balance_gap``), nor past the high watermark."""
+    work from 0.9 to 0.65 but not to 0.71 (closer than ``balance_gap``), nor past the high watermark.
+
+    (Audit: "near" was at 0.75 of 100 blocks, where the 10-block request already pushed it past the high watermark,
+    and "x" had too little free KV for the request: the gap and the watermark rules could be deleted and the test
+    passed. Each case now fails only on its own rule.)"""
     warm = inst("warm", (rl("w0"),), used=65)
     assert LlumnixMigrationPolicy(low_watermark=0.5).plan(view(hot(), warm), 0.0) == []
     assert LlumnixMigrationPolicy().plan(view(hot(), warm), 0.0) == [
         MigrationPlan("hot0", "hot", "warm", MigrationReason.LOAD_BALANCE)]
-    assert LlumnixMigrationPolicy().plan(view(hot(), inst("near", (rl("n0"),), used=75)), 0.0) == []
-    # The destination would end above the high watermark (0.62 + a 60-block request): no move.
+    assert LlumnixMigrationPolicy().plan(view(hot(), inst("near", (rl("n0"),), used=710, total=1000)), 0.0) == []
+    # The destination would end above the high watermark (0.62 + a 60-block request = 0.92; 76 blocks free, room
+    # enough for it): no move.
     big = inst("big", (rl("b0", ctx=960, rem=1.0),), used=90)
-    assert LlumnixMigrationPolicy().plan(view(big, inst("x", (rl("x0"),), used=62)), 0.0) == []
+    assert LlumnixMigrationPolicy().plan(view(big, inst("x", (rl("x0"),), used=124, total=200)), 0.0) == []
     with pytest.raises(ValueError, match="balance_gap"):
         LlumnixMigrationPolicy(balance_gap=0.0)
 
@@ -192,23 +197,30 @@ def test_defrag_frees_room_for_a_queued_prompt_that_fits_nowhere() -> None:
     # One destination cannot take 35 blocks below the watermark: no partial (useless) defrag.
     p = LlumnixMigrationPolicy(max_per_instance=3, max_plans=5, max_concurrent=5, high_watermark=0.9)
     assert all(x.reason is not MigrationReason.DEFRAG for x in p.plan(view(src, o1), 0.0))
-    # If it fits elsewhere, that is routing's job: no defrag.
+    # If it fits elsewhere, that is routing's job: no defrag. (Same limits as above: with max_per_instance=1 a defrag
+    # could not free enough through one destination anyway, and the "fits elsewhere" rule went untested.)
     roomy = inst("o", used=10, total=100)
-    plans = LlumnixMigrationPolicy(high_watermark=0.9).plan(view(src, roomy), 0.0)
+    plans = LlumnixMigrationPolicy(max_per_instance=3, max_plans=5, max_concurrent=5, high_watermark=0.9).plan(
+        view(src, roomy), 0.0)
     assert plans and all(x.reason is MigrationReason.LOAD_BALANCE for x in plans)  # (s is virtually overloaded)
 
 
 def test_defrag_finds_the_queue_head_when_decodes_are_on_their_way() -> None:
     """``num_waiting`` also counts requests whose KV is on its way (``num_incoming``; not in ``requests``): the
-    queue's head is found among the listed prompts all the same."""
+    queue's head is found among the listed prompts all the same. A prompt mid-prefill is listed ahead of the queue:
+    counting the incoming ones as listed took it for the head (it fits: no defrag)."""
     big = rl("big", ctx=1200, rem=None, prefill=True)  # 75 blocks
+    chunking = rl("pf", ctx=160, rem=None, prefill=True)  # running its prefill: listed first, not waiting
     o1, o2 = inst("o1", (rl("x1", ctx=640),), used=40), inst("o2", (rl("x2", ctx=640),), used=40)
     for incoming in (0, 2):
         src = dataclasses.replace(
-            inst("s", (rl("a", ctx=320), rl("b", ctx=160), rl("c", ctx=480), big), used=60, waiting=1, pending=1200),
+            inst("s", (rl("a", ctx=320), rl("b", ctx=160), rl("c", ctx=480), chunking, big), used=60, waiting=1,
+                 pending=1200),
             num_waiting=1 + incoming, num_incoming=incoming)
         p = LlumnixMigrationPolicy(max_per_instance=3, max_plans=5, max_concurrent=5, high_watermark=0.9)
-        assert [x.request_id for x in p.plan(view(src, o1, o2), 0.0)] == ["b", "a", "c"], incoming
+        plans = p.plan(view(src, o1, o2), 0.0)
+        # The reason too: load balance (s is virtually overloaded) moves the same three in the same order.
+        assert [(x.request_id, x.reason) for x in plans] == [(k, MigrationReason.DEFRAG) for k in "bac"], incoming
 
 
 def test_registry() -> None:
@@ -253,3 +265,65 @@ def test_plans_respect_limits_and_destination_rules(v: ClusterView, max_conc: in
             load[iid] = load.get(iid, 0) + 1
     assert all(n <= per_inst for n in load.values())
     assert p.plan(v, 0.0) == [] or any(i.draining for i in v.instances)  # min gap holds unless draining
+
+
+# ---- test-suite audit: rules the tests above did not pin (each names the mutant it kills) -------------------------
+def test_stage_boundaries() -> None:
+    """``migration_stages``: a stage of exactly ``last_stage_max_tokens`` is the stop-and-copy (kills ``<=`` -> ``<``,
+    for the context and for a later stage); a stage copies at least 1 token even with nothing decoded (kills
+    dropping the ``max(..., 1)``)."""
+    assert migration_stages(64, decode_rate_tok_s=50, bandwidth_tok_s=500) == [64]
+    assert migration_stages(1000, decode_rate_tok_s=20, bandwidth_tok_s=1000, last_stage_max_tokens=20) == [1000, 20]
+    assert migration_stages(1000, decode_rate_tok_s=0, bandwidth_tok_s=500) == [1000, 1]
+
+
+def test_max_plans_caps_a_round() -> None:
+    """``max_plans`` caps the plans of one round below ``max_concurrent`` (kills ``_Round.full`` ignoring it)."""
+    reqs = tuple(rl(f"r{k}", rem=10.0 * (k + 1)) for k in range(4))
+    p = LlumnixMigrationPolicy(max_concurrent=8, max_per_instance=8, max_plans=2)
+    assert len(p.plan(view(inst("d", reqs, draining=True), inst("x", total=200)), 0.0)) == 2
+
+
+def test_a_request_is_planned_at_most_once_per_round() -> None:
+    """Priority isolation moves ``lo``; the source is still above the high watermark, so load balance runs on it
+    next: it must pick another request, not ``lo`` again (kills ``_Round.movable`` forgetting ``moved``)."""
+    reqs = (rl("hi", prio=1, rem=100.0), rl("lo", rem=10.0))
+    p = LlumnixMigrationPolicy(max_per_instance=2)
+    plans = p.plan(view(inst("busy", reqs, used=95), inst("free", total=100)), 0.0)
+    assert [(x.request_id, x.reason) for x in plans] == [("lo", MigrationReason.PRIORITY),
+                                                         ("hi", MigrationReason.LOAD_BALANCE)]
+
+
+def test_priority_isolation_never_moves_the_high_priority_request() -> None:
+    """Still over the pressure after every low-priority decode left: the high-priority one stays (kills dropping
+    ``r.priority < HIGH_PRIORITY`` from the candidates)."""
+    reqs = (rl("hi", prio=1), rl("lo", rem=30.0))
+    p = LlumnixMigrationPolicy(max_per_instance=3, high_watermark=0.95)
+    plans = p.plan(view(inst("busy", reqs, used=99), inst("free", total=100)), 0.0)
+    assert [x.request_id for x in plans] == ["lo"]
+
+
+def test_load_balance_stops_once_the_source_is_relieved() -> None:
+    """One 10-block move takes ``hot`` from 0.9 to 0.8 (not above the high watermark): no more moves even with
+    room for four (kills dropping the ``rnd.vu(src) <= high_watermark`` stop)."""
+    p = LlumnixMigrationPolicy(max_per_instance=4)
+    assert [x.request_id for x in p.plan(view(hot(), inst("cold", total=1000)), 0.0)] == ["hot0"]
+
+
+def test_choosers_order_by_their_own_key_first() -> None:
+    """``shortest_remaining`` picks the shortest remaining request even when it holds more KV; ``least_kv`` the
+    smallest KV (kills swapping the key's terms: every request in ``hot()`` has the same context)."""
+    reqs = (rl("long_small", ctx=160, rem=500.0), rl("short_big", ctx=320, rem=5.0))
+    v = view(inst("src", reqs, used=90), inst("cold", total=1000))
+    assert [x.request_id for x in LlumnixMigrationPolicy().plan(v, 0.0)] == ["short_big"]
+    assert [x.request_id for x in LlumnixMigrationPolicy(choose="least_kv").plan(v, 0.0)] == ["long_small"]
+
+
+def test_inflight_entry_expires_after_the_timeout() -> None:
+    """A migration whose request is still listed on its source stays in flight until ``inflight_timeout_s``, then
+    frees its ``max_concurrent`` slot (kills dropping the timeout: the slot stayed taken forever)."""
+    p = LlumnixMigrationPolicy(max_concurrent=1, inflight_timeout_s=10.0, request_cooldown_s=0.0, cooldown_s=0.0)
+    v = view(hot(), inst("cold", total=1000))
+    assert len(p.plan(v, 0.0)) == 1
+    assert p.plan(v, 5.0) == []  # still in flight: the request is still on its source
+    assert len(p.plan(v, 10.5)) == 1

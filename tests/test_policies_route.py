@@ -662,3 +662,87 @@ def test_no_router_reads_the_clients_max_tokens(name: str) -> None:
                     r.on_routed(rq, d)
         runs.append(picks)
     assert runs[0] == runs[1] == runs[2]
+
+
+# ---- the base routers' P/D path and the pairing helpers (test-suite audit: each test names the mutant it kills) --
+def test_least_outstanding_pd_paths() -> None:
+    """The default router (``least_outstanding``) on P/D views. Kills, in ``route.py`` / ``filters.py``: an explicit
+    ``(p, p)`` pair for a MIXED instance that is both the best prefill and the best decoder (``decode_instance`` must
+    be None: colocated); a PREFILL-only cluster routed "colocated" on a PREFILL instance instead of Rejected;
+    ``decode_candidates`` offering an unhealthy DECODE or a draining MIXED instance; ties going to the last
+    instance in view order instead of the first."""
+    r = LeastOutstandingRouter()
+    d = r.route(req(), view(snap("p0", P, running=2), snap("d0", D), snap("d1", D)))
+    assert d == RouteDecision("p0", "d0")  # tie between d0 and d1: the first in view order
+    sick = dataclasses.replace(snap("d0", D), healthy=False)
+    assert r.route(req(), view(snap("p0", P), sick, snap("d1", D, running=5))) == RouteDecision("p0", "d1")
+    # No DECODE instance: MIXED ones decode; the draining one (idle) must not be offered.
+    v = view(snap("p0", P, running=5), snap("m0", M, draining=True), snap("m1", M, running=3))
+    assert v.disaggregated
+    assert r.route(req(), v) == RouteDecision("m1")  # colocated on m1, not (m1, m1) nor (m1, m0)
+    no_decoder = r.route(req(), view(snap("p0", P), snap("d0", D, draining=True)))
+    assert isinstance(no_decoder, Rejected) and "decode" in no_decoder.reason
+
+
+def test_round_robin_cycles_each_phase_on_its_own_cursor() -> None:
+    """Round-robin keeps one cursor per phase: prefill and decode instances both cycle. Kills a cursor not
+    written back under the phase (every request on the first pair) or one cursor shared by both phases."""
+    r = make_router("round_robin")
+    v = view(snap("p0", P), snap("p1", P), snap("d0", D), snap("d1", D))
+    picks = [r.route(req(rid=f"r{k}"), v) for k in range(4)]
+    assert picks == [RouteDecision("p0", "d0"), RouteDecision("p1", "d1")] * 2
+    r, colocated = make_router("round_robin"), view(snap("a"), snap("b"), snap("c"))
+    assert [r.route(req(), colocated).prefill_instance for _ in range(4)] == ["a", "b", "c", "a"]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("name", SMART)
+def test_smart_routers_reject_a_cluster_with_no_decoder(name: str) -> None:
+    """A P/D cluster whose only decoder is draining: ``PairingRouter.route`` must reject (no instance can decode),
+    not place the request "colocated" on a PREFILL instance (mutant: the ``p.role.does_decode`` check dropped)."""
+    d = make_router(name).route(req(), view(snap("p0", P), snap("d0", D, draining=True)))
+    assert isinstance(d, Rejected) and "decode" in d.reason
+
+
+def test_decode_pool_saturation_boundary_and_prefill_borrow_rules() -> None:
+    """``decode_pool``: a DECODE instance *at* ``saturation`` is saturated (kills ``<`` -> ``<=``); a PREFILL instance
+    is borrowed only if it has nothing waiting AND is below ``prefill_light`` (kills dropping either condition:
+    the existing test's excluded instance failed both); the fallback names why (no decoder vs. saturated)."""
+    at = snap("d0", D, used=950, total=1000)  # virtual usage exactly 0.95
+    pool = decode_pool(view(snap("p0", P), at, snap("m0", M)))
+    assert {i.instance_id for i in pool.candidates} == {"d0", "m0"} and pool.fallback == "decode pool saturated"
+    below = snap("d0", D, used=949, total=1000)
+    assert [i.instance_id for i in decode_pool(view(snap("p0", P), below, snap("m0", M))).candidates] == ["d0"]
+    queued = snap("pq", P, waiting=1)  # idle KV, but a prompt waiting
+    heavy = snap("ph", P, used=300)  # nothing waiting, but at prefill_light
+    light = snap("pl", P, used=299)
+    wide = decode_pool(view(queued, heavy, light, at), allow_prefill_decode=True)
+    assert {i.instance_id for i in wide.candidates} == {"d0", "pl"}
+    none = decode_pool(view(snap("p0", P), snap("m0", M)))
+    assert [i.instance_id for i in none.candidates] == ["m0"] and none.fallback == "no decode instance"
+
+
+def test_pairing_stays_colocated_on_a_mixed_instance_that_decodes_as_well() -> None:
+    """``PairingRouter.pair``: a MIXED prefill instance keeps the request when it would decode *about as well* as
+    the chosen decoder -- a tie included (kills ``<=`` -> ``<``, which paid a KV transfer for nothing)."""
+    d = LlumnixRouter().route(req(), view(snap("m0", M, used=100), snap("d0", D, used=100)))
+    assert d == RouteDecision("m0", reason="llumnix")
+    d = LlumnixRouter().route(req(), view(snap("m0", M, used=100), snap("d0", D, used=99)))
+    assert isinstance(d, RouteDecision) and (d.prefill_instance, d.decode_instance) == ("m0", "d0")
+
+
+def test_priority_tracker_bound_and_detailed_snapshots() -> None:
+    """``PriorityTracker``: at most ``max_tracked`` requests remembered, the oldest dropped (kills an off-by-one in
+    the bound); a detailed snapshot's own high-priority count beats the router's memory (kills ignoring
+    ``inst.requests``, or counting every listed request)."""
+    from scheduler.policy.pairing import PriorityTracker
+
+    t = PriorityTracker(max_tracked=2)
+    for k in range(3):
+        t.add(req(rid=f"h{k}", priority=1), RouteDecision(f"i{k}"))
+    t.add(req(rid="low"), RouteDecision("i0"))  # normal priority: not tracked
+    assert [t.count(snap(f"i{k}")) for k in range(3)] == [0, 1, 1]
+    t.finished("h1")
+    assert t.count(snap("i1")) == 0
+    listed = (RequestLoad("a", 100, 5, priority=1), RequestLoad("b", 100, 5), RequestLoad("c", 100, 5))
+    assert t.count(snap("i1", requests=listed)) == 1  # the snapshot's truth (one high), not memory's 0 nor 3
+    assert t.count(snap("i2", requests=listed[1:])) == 0  # memory says 1; the listed ones are all normal

@@ -317,3 +317,129 @@ def test_placement_names_gpus_by_the_catalogs_keys() -> None:
     cands = enumerate_placements(gpus, MODEL, SLO(ttft_s=2.0, tpot_s=0.1), WorkloadSummary(20, 1000, 250))
     assert cands and {p.gpu for c in cands for p in c.pools} <= {"a100", "h100"}
     assert {s.gpu for c in cands for s in c.to_pool_specs()} <= {"a100", "h100"}
+
+
+# ---- test-suite audit: rules the tests above did not pin (each names the mutant it kills) -------------------------
+def test_capacity_formulas_hold_their_queueing_and_littles_law_bounds() -> None:
+    """``prefill_capacity_rps`` under a TTFT SLO runs at the utilisation where the M/D/1 mean wait plus the service
+    time is exactly the SLO (kills the bound's factor 2 dropped: a stricter rho still passed ``0 < tight < loose``);
+    ``decode_capacity_rps`` is Little's law at the SLO batch times ``max_utilization`` (kills dropping the factor);
+    ``mixed_capacity_rps`` time-shares the two phases (kills ``min`` for the harmonic combination)."""
+    from scheduler.policy.scaling import mixed_capacity_rps
+
+    s = LAT.prefill_time(2000)
+    rho = 0.9 * prefill_capacity_rps(LAT, 2000, ttft_slo_s=1.2 * s) / prefill_capacity_rps(LAT, 2000)
+    assert s + rho * s / (2 * (1 - rho)) == pytest.approx(1.2 * s)
+    b = decode_batch_limit(LAT, 1000, 200, tpot_slo_s=0.05)
+    a, c = LAT.decode_coeffs(b)
+    for util in (0.9, 0.45):
+        assert decode_capacity_rps(LAT, 1000, 200, tpot_slo_s=0.05, max_utilization=util) == pytest.approx(
+            util * b / (200 * (a + c * b * 1100)))
+    assert mixed_capacity_rps(2.0, 2.0) == pytest.approx(1.0) and mixed_capacity_rps(3.0, 6.0) == pytest.approx(2.0)
+    assert mixed_capacity_rps(3.0, 0.0) == 0.0
+
+
+def test_threshold_scaler_boundaries_cooldown_step_and_sustain_restart() -> None:
+    """Mean virtual usage *at* ``scale_up`` / ``scale_down`` triggers (kills ``>=``/``<=`` -> ``>``/``<``); ``cooldown_s``
+    holds a second action (kills skipping it: the test above only saw start-up capacity hold it); the step is capped
+    at ``max_instances`` / ``min_instances`` (kills ``d = step``); after an action the sustain clock restarts (kills
+    keeping the old start); no scale-down while instances are starting (kills dropping ``not starting``)."""
+    at_up = view(snap("d0", D, used=80))
+    assert ThresholdScaler(sustain_s=0, cooldown_s=0).decide(at_up, 0.0)[0].delta == 1
+    (down,) = ThresholdScaler(sustain_s=0, cooldown_s=0, min_instances=0).decide(view(snap("d0", D, used=30)), 0.0)
+    assert down.delta == -1
+    busy = view(snap("d0", D, used=90), snap("d1", D, used=95))
+    s = ThresholdScaler(sustain_s=0, cooldown_s=30, startup_delay_s=0)
+    assert len(s.decide(busy, 0.0)) == 1 and s.decide(busy, 10.0) == [] and len(s.decide(busy, 30.0)) == 1
+    (up,) = ThresholdScaler(sustain_s=0, cooldown_s=0, step=3, max_instances=4).decide(busy, 0.0)
+    assert up.delta == 2
+    idle = view(snap("d0", D, used=1), snap("d1", D, used=2), snap("d2", D, used=3))
+    (down,) = ThresholdScaler(sustain_s=0, cooldown_s=0, step=3, min_instances=1).decide(idle, 0.0)
+    assert down.delta == -2 and down.drain == ("d0", "d1")
+    s = ThresholdScaler(sustain_s=10, cooldown_s=0, startup_delay_s=0)
+    assert s.decide(busy, 0.0) == [] and len(s.decide(busy, 10.0)) == 1
+    assert s.decide(busy, 11.0) == [] and len(s.decide(busy, 21.0)) == 1
+    s = ThresholdScaler(sustain_s=0, cooldown_s=0, startup_delay_s=60)
+    assert len(s.decide(busy, 0.0)) == 1
+    assert s.decide(view(snap("d0", D), snap("d1", D)), 1.0) == []  # idle, but one is still starting
+
+
+def test_scale_down_drains_the_least_kv_among_equally_busy() -> None:
+    """``_least_loaded`` breaks ties in outstanding requests by KV in use (kills dropping the second key)."""
+    idle = view(snap("d0", D, used=20, running=1), snap("d1", D, used=5, running=1))
+    (down,) = ThresholdScaler(sustain_s=0, cooldown_s=0).decide(idle, 0.0)
+    assert down.drain == ("d1",)
+
+
+def test_an_unhealthy_draining_instance_is_not_taken_back() -> None:
+    """A scale-up is met first by the pool's draining instances -- healthy ones only: a dead one cannot come back,
+    so the new instance is booked as starting (kills ``draining()`` counting unhealthy instances)."""
+    import dataclasses
+
+    dead = dataclasses.replace(snap("d2", D, used=10, draining=True), healthy=False)
+    s = ThresholdScaler(scale_up=0.8, scale_down=0.3, sustain_s=0, cooldown_s=0, startup_delay_s=60)
+    (up,) = s.decide(view(snap("d0", D, used=90), snap("d1", D, used=95), dead), 0.0)
+    assert up.delta == 1 and s.starting("decode", 1.0) == 1
+
+
+def test_scaling_policy_validates_min_instances() -> None:
+    """Kills dropping ``0 <=`` from the check: a negative floor was accepted."""
+    with pytest.raises(ValueError, match="min_instances"):
+        ThresholdScaler(min_instances=-1)
+
+
+def test_sla_scaler_headroom_floor_cooldown_and_down_clock() -> None:
+    """``SLAScaler``: ``headroom`` scales the rate it sizes for (kills dropping it in ``targets``); ``min_instances``
+    is a floor on the target (kills dropping the ``max``); ``cooldown_s`` holds a second scale-up (kills dropping
+    it); no scale-down while instances start (kills dropping ``not starting``); the down-sustain clock restarts
+    when the load is back at the target (kills dropping the ``else: pop``)."""
+    w = WorkloadSummary(40.0, 1000, 300)
+    slo = SLO(ttft_s=1.0, tpot_s=0.05)
+    one = SLAScaler(LAT, slo=slo, headroom=1.0, max_instances=1000).targets({"decode"}, w)["decode"]
+    two = SLAScaler(LAT, slo=slo, headroom=2.0, max_instances=1000).targets({"decode"}, w)["decode"]
+    assert one is not None and two is not None and 2 * one - 1 <= two <= 2 * one and two > one
+    floor = SLAScaler(LAT, slo=slo, min_instances=2, startup_delay_s=0, cooldown_s=0)
+    (d,) = floor.decide(view(snap("m0")), 0.0, WorkloadSummary(0.01, 1000, 300))
+    assert d.target == 2
+    s = SLAScaler(LAT, slo=slo, startup_delay_s=0, cooldown_s=10, smoothing=1.0, trend_smoothing=0.0)
+    assert len(s.decide(view(snap("m0")), 0.0, WorkloadSummary(20.0, 1000, 300))) == 1
+    assert s.decide(view(snap("m0")), 1.0, WorkloadSummary(20.0, 1000, 300)) == []  # cooling down
+    assert len(s.decide(view(snap("m0")), 10.0, WorkloadSummary(20.0, 1000, 300))) == 1
+    s = SLAScaler(LAT, slo=slo, startup_delay_s=30, cooldown_s=0, down_sustain_s=0, smoothing=1.0,
+                  trend_smoothing=0.0)
+    assert len(s.decide(view(snap("m0")), 0.0, WorkloadSummary(20.0, 1000, 300))) == 1
+    assert s.decide(view(snap("m0")), 1.0, WorkloadSummary(0.01, 1000, 300)) == []  # the new ones still start
+    s = SLAScaler(LAT, slo=slo, startup_delay_s=0, cooldown_s=0, down_sustain_s=60, smoothing=1.0,
+                  trend_smoothing=0.0)
+    n = s.targets({"mixed"}, WorkloadSummary(20.0, 1000, 300))["mixed"]
+    assert n is not None and n > 1
+    big = view(*(snap(f"m{k}") for k in range(n)))
+    low, at_target = WorkloadSummary(0.5, 1000, 300), WorkloadSummary(20.0, 1000, 300)
+    assert s.decide(big, 0.0, low) == [] and s.decide(big, 30.0, at_target) == []
+    assert s.decide(big, 70.0, low) == []  # the clock restarted at 70 s, not 0 s
+    assert len(s.decide(big, 130.0, low)) == 1
+
+
+def test_sla_forecast_never_goes_negative() -> None:
+    """A falling rate extrapolated over the start-up delay is clamped at 0 (kills dropping the ``max(..., 0)``)."""
+    f = SLAScaler(LAT, slo=SLO(), startup_delay_s=60)
+    preds = [f.forecast(t, r) for t, r in ((0, 10.0), (10, 5.0), (20, 0.0), (30, 0.0))]
+    assert preds[-1] == 0.0 and min(preds) >= 0.0
+
+
+def test_reroling_conditions_each_hold_their_own() -> None:
+    """``RerolePolicy``: to-decode needs the prefill pool idle (kills dropping ``pre_q <= prefill_low_tokens``) and
+    the donor prefill pool below its trigger with one instance fewer (kills dropping that check; only the
+    to-prefill one was tested); to-prefill needs the decode pool idle (kills dropping ``dec_vu <= decode_low``);
+    one change per ``cooldown_s`` (kills dropping the cooldown: ``sustain_s`` alone held the existing check)."""
+    sat = (snap("d0", D, used=95), snap("d1", D, used=97))
+    busy_prefill = view(snap("p0", P, pending=2000), snap("p1", P, pending=2000), *sat)
+    assert RerolePolicy(sustain_s=0).propose(busy_prefill, 0.0) == []
+    near = view(snap("p0", P, pending=1000), snap("p1", P, pending=1000), *sat)
+    assert len(RerolePolicy(sustain_s=0).propose(near, 0.0)) == 1
+    assert RerolePolicy(sustain_s=0, prefill_high_tokens=1500).propose(near, 0.0) == []  # 2000 / instance after
+    half = view(snap("p0", P, pending=20_000), snap("p1", P, pending=20_000),
+                *(snap(f"d{k}", D, used=50) for k in range(4)))
+    assert RerolePolicy(sustain_s=0).propose(half, 0.0) == []  # decode at 0.5 > decode_low 0.4
+    r = RerolePolicy(sustain_s=0, cooldown_s=30)
+    assert len(r.propose(near, 0.0)) == 1 and r.propose(near, 10.0) == [] and len(r.propose(near, 30.0)) == 1
