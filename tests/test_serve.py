@@ -94,8 +94,13 @@ def test_serve_sigterm_while_starting_exits_0(tmp_path: Path) -> None:
     proc = _start_serve(tmp_path, port)
     try:
         assert proc.stdout is not None
-        first = proc.stdout.readline()  # printed once the handlers are in place, before Ray starts
-        assert "starting" in first, first
+        # "starting" is printed once the handlers are in place, before Ray starts (log lines may come first: the
+        # auth settings are read before it).
+        first = ""
+        while "starting" not in first:
+            line = proc.stdout.readline()
+            assert line, f"serve exited before starting: {first}"
+            first += line
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=120)
     finally:
