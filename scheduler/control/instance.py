@@ -390,14 +390,17 @@ class Instance:
             if _not_received(last, from_index) or (last is not None and not last.token_ids):
                 return self._finished.pop(request_id)
             return None
-        if st.sent is not None and _not_received(st.sent, from_index):
-            st.buffer.insert(0, st.sent)
-            st.sent = None
         if from_index is not None and 0 <= from_index < st.before <= len(st.context):
             # Outputs emitted before this instance took over (the tail of its context) that the caller lacks:
             # after a committed migration whose source died before delivering them, the stream would have a gap.
+            # Sent alone and without text (the caller decodes it): merged, the engine chunks' text would stand for
+            # all of it.
+            st.last_poll = time.monotonic()
             n = len(st.context) - st.before
-            st.buffer.insert(0, TokenChunk(request_id, from_index, st.context[n + from_index:]))
+            return TokenChunk(request_id, from_index, st.context[n + from_index:])
+        if st.sent is not None and _not_received(st.sent, from_index):
+            st.buffer.insert(0, st.sent)
+            st.sent = None
         out = await self._take(request_id, st, timeout_s=timeout_s)
         return out if out is not None else TokenChunk(request_id, -1, ())
 
