@@ -346,7 +346,7 @@ def test_live_migration_adopts_precopied_blocks(engines: Engines, preadmit: bool
     p, d = engines.prefill, engines.decode
     rid = f"adopt-{preadmit}"
     prompt = tuple((i * 7919 + preadmit) % 1000 + 3 for i in range(333))  # seen by no other test: no stale hits
-    total = 300  # long enough that the source is still decoding at the stop on a slow, shared box
+    total = 1000  # long enough that the source is still decoding at the stop on a fast idle box too (300 finished first)
     ref, ref_chunks = engines.run(_collect(p, EngineRequest(f"{rid}-ref", prompt, SamplingParams(max_tokens=total))))
 
     async def migrate() -> tuple[list[int], list[TokenChunk], Any, Any]:
