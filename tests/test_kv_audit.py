@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,11 +18,10 @@ pytest.importorskip("vllm")
 torch = pytest.importorskip("torch")
 
 from scheduler.engine.base import EngineRequest, KVBlocks, SamplingParams
-from scheduler.engine.tiny_model import ensure_tiny_model
 from scheduler.engine.vllm_backend import VLLMBackend
 from scheduler.transfer.kv_payload import from_wire, to_wire
 from scheduler.transfer.vllm_connector import LlmschedConnector
-from tests.test_vllm_backend import Engines, _check_indices, _collect
+from tests.test_vllm_backend import Engines, _check_indices, _collect, engine_pair
 
 BS = 32  # both engines' block size
 
@@ -89,30 +87,9 @@ def test_truncated_kv_is_refused() -> None:
 # ---- one pair of real engines ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
-    cache = os.environ.get("LLMSCHED_CACHE") or str(tmp_path_factory.getbasetemp().parent / "llmsched-cache")
-    os.environ["LLMSCHED_CACHE"] = cache
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    model = ensure_tiny_model()
-    loop = asyncio.new_event_loop()
-    common = {
-        "kv_cache_bytes": 32 << 20,
-        "max_num_seqs": 8,
-        "cpu_omp_threads": 1,
-        "block_size": BS,
-        "engine_kwargs": {"distributed_executor_backend": "uni"},
-    }
-    prefill = VLLMBackend(model, kv_role="kv_producer", enable_prefix_caching=False, **common)
-    decode = VLLMBackend(model, kv_role="kv_both", enable_prefix_caching=True, **common)
-
-    async def both(method: str) -> None:
-        await asyncio.gather(getattr(prefill, method)(), getattr(decode, method)())
-
-    try:
-        loop.run_until_complete(asyncio.wait_for(both("start"), 240))
-        yield Engines(loop, prefill, decode, model)
-    finally:
-        loop.run_until_complete(both("shutdown"))
-        loop.close()
+    # Both "uni", the layout the control plane builds.
+    uni = {"engine_kwargs": {"distributed_executor_backend": "uni"}}
+    yield from engine_pair(tmp_path_factory, uni, uni, block_size=BS)
 
 
 def _ids(seed: int, n: int) -> tuple[int, ...]:
@@ -306,8 +283,6 @@ def test_kv_does_not_move_on_a_tensor_parallel_engine(tmp_path: Any) -> None:
     """The worker calls answer rank 0's KV: with TP > 1 a hand-off or migration would move one rank's shard of the
     heads and stage it on every rank. KV neither leaves (export: LookupError, so the decode side recomputes) nor
     enters (a migration's reservation and pause are refused with the reason)."""
-    from scheduler.engine.vllm_backend import VLLMBackend
-
     b = VLLMBackend(tmp_path, engine_kwargs={"tensor_parallel_size": 2})
     b._engine = object()  # "started": each call answers before reaching the engine
 

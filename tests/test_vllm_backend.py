@@ -45,20 +45,19 @@ class Engines:
         return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
+def engine_pair(tmp_path_factory: pytest.TempPathFactory, prefill_kw: dict[str, Any], decode_kw: dict[str, Any],
+                **common: Any) -> Iterator[Engines]:
+    """A prefill (``kv_producer``, no prefix caching) and a decode (``kv_both``, prefix caching) engine of the tiny
+    model, started concurrently in one event loop, shut down after (a module fixture's body)."""
     cache = os.environ.get("LLMSCHED_CACHE") or str(tmp_path_factory.getbasetemp().parent / "llmsched-cache")
     os.environ["LLMSCHED_CACHE"] = cache
     # Shared CI boxes: let the OS place the engines' threads instead of pinning both to core 0.
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     model = ensure_tiny_model()
     loop = asyncio.new_event_loop()
-    common = {"kv_cache_bytes": 32 << 20, "max_num_seqs": 8, "cpu_omp_threads": 1}
-    # ``decode`` as the control plane builds CPU engines (worker inside the EngineCore process); ``prefill`` with
-    # vLLM's default executor (a separate worker process), so both layouts run the connector.
-    prefill = VLLMBackend(model, kv_role="kv_producer", enable_prefix_caching=False, **common)
-    decode = VLLMBackend(model, kv_role="kv_both", enable_prefix_caching=True,
-                         engine_kwargs={"distributed_executor_backend": "uni"}, **common)
+    common = {"kv_cache_bytes": 32 << 20, "max_num_seqs": 8, "cpu_omp_threads": 1, **common}
+    prefill = VLLMBackend(model, kv_role="kv_producer", enable_prefix_caching=False, **prefill_kw, **common)
+    decode = VLLMBackend(model, kv_role="kv_both", enable_prefix_caching=True, **decode_kw, **common)
 
     async def both(method: str) -> None:
         await asyncio.gather(getattr(prefill, method)(), getattr(decode, method)())
@@ -70,6 +69,13 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
     finally:
         loop.run_until_complete(both("shutdown"))
         loop.close()
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
+    # ``decode`` as the control plane builds CPU engines (worker inside the EngineCore process); ``prefill`` with
+    # vLLM's default executor (a separate worker process), so both layouts run the connector.
+    yield from engine_pair(tmp_path_factory, {}, {"engine_kwargs": {"distributed_executor_backend": "uni"}})
 
 
 def test_uni_executor_keeps_the_worker_in_the_engine_core_process(engines: Engines) -> None:
