@@ -316,8 +316,8 @@ class VLLMBackend:
             self._active[request.request_id] = request.num_output_tokens_before
             written = incoming.written_tokens(self.block_size)
             return self._stream(request, None, staged_tokens=n, reserved_tokens=written, held=held)
-        if request.kv and self._kv_immovable():
-            raise ValueError(f"kv: {self._kv_immovable()}")
+        if request.kv and (why := self._kv_immovable()):
+            raise ValueError(f"kv: {why}")
         payload = merge_kv_blocks(request.kv) if request.kv else None
         if payload is not None:
             n = int(payload["end_token"])
@@ -606,8 +606,8 @@ class VLLMBackend:
             raise RuntimeError("VLLMBackend.export_kv: engine not started")
         if start_token < 0 or (end_token is not None and end_token <= start_token):
             raise ValueError(f"start_token/end_token: bad range [{start_token}, {end_token})")
-        if self._kv_immovable():  # the caller's fallback for KV that is gone: recompute it
-            raise LookupError(f"request_id: no KV of {request_id!r} can leave this engine: {self._kv_immovable()}")
+        if why := self._kv_immovable():  # the caller's fallback for KV that is gone: recompute it
+            raise LookupError(f"request_id: no KV of {request_id!r} can leave this engine: {why}")
         pushed = self._pushed.get(request_id)
         if pushed is not None:  # finished here: its KV came out with its last output
             return to_kv_blocks(request_id, slice_payload(pushed, start_token, end_token))
@@ -630,8 +630,8 @@ class VLLMBackend:
         also pre-admits R (see ``_preadmit``)."""
         if self._engine is None:
             return "engine not started"
-        if self._kv_immovable():
-            return self._kv_immovable()
+        if why := self._kv_immovable():
+            return why
         if request_id in self._active:
             return f"request {request_id!r} is already running on this engine"
         n_blocks = -(-int(tokens) // self.block_size)
@@ -703,8 +703,8 @@ class VLLMBackend:
         cannot be paused (finished, queued, still prefilling)."""
         if self._engine is None:
             return "engine not started"
-        if self._kv_immovable():
-            return self._kv_immovable()  # type: ignore[return-value]
+        if why := self._kv_immovable():
+            return why
         res = await self._utility("llmsched_pause", request_id, int(start_token))
         if isinstance(res, str):
             return res
