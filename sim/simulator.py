@@ -33,6 +33,7 @@ from scheduler.engine_model import StepResult
 from scheduler.latency import kv_transfer_time
 from scheduler.latency.model import prefill_pairs
 from scheduler.policy.route import RouteDecision, Router, make_router
+from scheduler.predict.base import LengthPrediction
 from scheduler.predict.serving import serving_predictor
 from sim.cluster import SimInstance, build_instances
 from sim.migration import MigrationDriver
@@ -64,6 +65,9 @@ class Workload:
     output_tokens: np.ndarray
     priority: np.ndarray | None = None
     predicted_output: np.ndarray | None = None
+    # The distributions behind ``predicted_output`` where a predictor made it (renew a guess that ran out:
+    # ``LengthPrediction.expected_remaining``); None for exact lengths and client hints.
+    predicted_dist: list[LengthPrediction] | None = None
     hash_ids: list[tuple[int, ...]] | None = None
     name: str = "workload"
     hash_block_tokens: int = 512  # prompt tokens per hash id (Mooncake's block size)
@@ -76,6 +80,8 @@ class Workload:
             raise ValueError("workload.arrival_s: arrivals must be non-decreasing")
         if self.hash_ids is not None and len(self.hash_ids) != n:  # request i would read another's prefix blocks
             raise ValueError(f"workload.hash_ids: {len(self.hash_ids)} entries for {n} requests")
+        if self.predicted_dist is not None and (self.predicted_output is None or len(self.predicted_dist) != n):
+            raise ValueError(f"workload.predicted_dist: needs predicted_output and {n} entries")
         if self.hash_block_tokens < 1:
             raise ValueError(f"workload.hash_block_tokens: must be >= 1, got {self.hash_block_tokens}")
 
@@ -235,8 +241,9 @@ class Simulator:
         wall0 = _time.perf_counter()
         n = len(workload)
         if self.predictor is not None and workload.predicted_output is None and n:
-            workload = dataclasses.replace(workload,
-                                           predicted_output=self.predictor.predict_lengths(workload.prompt_tokens))
+            dists = self.predictor.predict_dists(workload.prompt_tokens)
+            workload = dataclasses.replace(workload, predicted_dist=dists,
+                                           predicted_output=np.array([d.point for d in dists], dtype=np.float64))
         self.w = workload
         self.first = np.full(n, np.nan)
         self.finish = np.full(n, np.nan)
@@ -489,7 +496,8 @@ class Simulator:
             decision.decode_instance is not None and decision.decode_instance != decision.prefill_instance)
         try:
             seq = inst.engine.add_request(i, prompt, 1 if handoff else output, priority=req.priority,
-                                          predicted_remaining=pred, handoff=handoff, **kw)
+                                          predicted_remaining=pred, length_dist=self._dist(i), handoff=handoff,
+                                          **kw)
         except ValueError:
             self.rejected[i] = True  # does not fit this engine at all
             return
@@ -502,6 +510,9 @@ class Simulator:
         self._refresh_one(inst, now)
         if self.dec_of[i] >= 0 and handoff:  # a handoff will follow its prefill
             self._expect_kv(self.instances[self.dec_of[i]], +1, now)
+
+    def _dist(self, i: int) -> LengthPrediction | None:
+        return self.w.predicted_dist[i] if self.w.predicted_dist is not None else None
 
     def _spend_request_cpu(self, i: int, inst: SimInstance, prompt: int, now: float, *, handoff: bool) -> None:
         """A request's off-step CPU (``LatencyModel.request_cpu``), spread evenly over the time it takes alone
@@ -539,7 +550,8 @@ class Simulator:
         pred = req.predicted_output_tokens
         try:  # the request keeps its priority and length guess (less the token the prefill made)
             seq = inst.engine.add_request(i, prompt + 1, output - 1, cached_tokens=prompt, priority=req.priority,
-                                          predicted_remaining=None if pred is None else max(pred - 1.0, 0.0))
+                                          predicted_remaining=None if pred is None else max(pred - 1.0, 0.0),
+                                          length_dist=self._dist(i), generated_before=1)
         except ValueError:
             self.rejected[i] = True  # its context does not fit this decoder at all: refused, not a crash
             self._expect_kv(inst, -1, now)

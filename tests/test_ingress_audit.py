@@ -317,7 +317,7 @@ def test_failing_slow_predictor_still_rechecks_duplicate_id() -> None:
     class FailingSlowPredictor:
         name, slow = "embedding", True
 
-        def predict(self, prompt: Any, n: int) -> int:
+        def predict_dist(self, prompt: Any, n: int) -> Any:
             time.sleep(0.05)
             raise RuntimeError("encoder unavailable")
 

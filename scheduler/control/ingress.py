@@ -465,10 +465,9 @@ class Ingress:
             return
         n = len(rec.prompt_token_ids)
         try:
-            if not p.slow:  # tens of microseconds: cheaper than a thread hop
-                rec.predicted_output_tokens = p.predict(prompt, n)
-                return
-            rec.predicted_output_tokens = await asyncio.to_thread(p.predict, prompt, n)
+            # Not slow: tens of microseconds, cheaper than a thread hop.
+            dist = p.predict_dist(prompt, n) if not p.slow else await asyncio.to_thread(p.predict_dist, prompt, n)
+            rec.predicted_output_tokens, rec.length_dist = float(dist.point), dist
         except Exception:
             # A predictor fault costs the routers their guess, never the request (nor the re-check below:
             # the thread hop yielded either way).
@@ -742,12 +741,12 @@ class Ingress:
         try:
             if kv_ref is None:
                 sub = await self._call(iid, handle, "submit", ereq, None, on_retry={"adopt": True},
-                                       predicted_output_tokens=rec.predicted_output_tokens, export_on_finish=export)
+                                       **rec.guess(), export_on_finish=export)
             else:  # an ObjectRef: Ray resolves it on the instance (KV moves node to node)
-                sub = await handle.submit.remote(ereq, kv_ref, predicted_output_tokens=rec.predicted_output_tokens)
+                sub = await handle.submit.remote(ereq, kv_ref, **rec.guess())
         except RayTaskError as e:
             if kv_ref is not None and _is_lost(e):  # the KV source died: re-prefill without it
-                sub = await handle.submit.remote(ereq, None, predicted_output_tokens=rec.predicted_output_tokens)
+                sub = await handle.submit.remote(ereq, None, **rec.guess())
             else:
                 raise
         except _DEAD as e:
@@ -757,7 +756,7 @@ class Ingress:
             # the prompt rather than fail the request.
             log.warning("%s: %s refused the prompt KV (%s); recomputing it there", rec.request_id, iid, sub.rejected)
             self.counters["kv_refused"] += 1
-            sub = await handle.submit.remote(ereq, None, predicted_output_tokens=rec.predicted_output_tokens)
+            sub = await handle.submit.remote(ereq, None, **rec.guess())
         if sub.rejected is not None:
             field = sub.rejected.split(":", 1)[0] if ":" in sub.rejected else None
             if rec.next_index == 0:
@@ -1141,7 +1140,7 @@ class _RayDestination:
 
     async def commit(self, stopped: Any, mode: MigrationMode) -> str | None:
         return await self.h.migrate_commit.remote(
-            self.rid, self.template, [stopped], predicted_output_tokens=self.rec.predicted_output_tokens
+            self.rid, self.template, [stopped], **self.rec.guess()
         )
 
     async def cancel(self) -> None:

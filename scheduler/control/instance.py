@@ -35,6 +35,7 @@ from scheduler.config.models import GPUSpec, ModelSpec, PoolSpec
 from scheduler.control.channel import ChannelServer
 from scheduler.core.types import InstanceRole, InstanceSnapshot, RequestLoad
 from scheduler.engine.base import EngineBackend, EngineRequest, EngineStats, KVBlocks, TokenChunk
+from scheduler.predict.base import LengthPrediction, remaining_tokens
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class _Stream:
     event: asyncio.Event = field(default_factory=asyncio.Event)
     done: bool = False
     predicted: float | None = None
+    dist: LengthPrediction | None = None  # the predictor's distribution behind ``predicted``: renews it
     before: int = 0
     last_poll: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
@@ -305,6 +307,7 @@ class Instance:
         kv: KVBlocks | None = None,
         *,
         predicted_output_tokens: float | None = None,
+        length_dist: LengthPrediction | None = None,
         wait_first: bool = True,
         adopt: bool = False,
         export_on_finish: bool = False,
@@ -333,7 +336,7 @@ class Instance:
             chunks = backend.generate(request)
         except ValueError as e:
             return Submitted(rejected=str(e))
-        st = _Stream(predicted=predicted_output_tokens, before=request.num_output_tokens_before,
+        st = _Stream(predicted=predicted_output_tokens, dist=length_dist, before=request.num_output_tokens_before,
                      export=export_on_finish, context=request.prompt_token_ids)
         self._streams[rid] = st
         st.task = asyncio.create_task(self._pump(rid, st, chunks))
@@ -576,7 +579,7 @@ class Instance:
 
     async def migrate_commit(
         self, request_id: str, template: EngineRequest, stopped: list[Any], *, predicted_output_tokens: float | None
-        = None,
+        = None, length_dist: LengthPrediction | None = None,
     ) -> str | None:
         """Destination, final copy + commit: resolve the source's ``migrate_stop`` result, stage the last piece
         and the RNG state, admit the request from its snapshot (it starts decoding; the ingress polls it).
@@ -613,7 +616,8 @@ class Instance:
             request_id, tokens, dataclasses.replace(sp, max_tokens=remaining), priority=template.priority,
             num_output_tokens_before=snap.num_output_tokens,
         )
-        sub = await self.submit(ereq, predicted_output_tokens=predicted_output_tokens, wait_first=False)
+        sub = await self.submit(ereq, predicted_output_tokens=predicted_output_tokens, length_dist=length_dist,
+                                wait_first=False)
         if sub.rejected is None:  # a stream now: the poll lease covers it from here on
             self._incoming.pop(request_id, None)
         return sub.rejected
@@ -679,7 +683,8 @@ def snapshot_from_stats(
         st = streams.get(r.request_id)
         pr = r.predicted_remaining
         if st is not None and st.predicted is not None:
-            pr = max(st.predicted - st.before - r.generated_tokens, 0.0)
+            g = st.before + r.generated_tokens
+            pr = remaining_tokens(st.predicted - g, st.dist, g)
         if pr is not None:
             predicted += pr
             r = dataclasses.replace(r, predicted_remaining=pr)

@@ -19,6 +19,7 @@ from typing import Any
 
 from scheduler.core.types import SLO, Phase
 from scheduler.engine.base import EngineRequest, KVBlocks, SamplingParams
+from scheduler.predict.base import LengthPrediction
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,7 @@ class RequestRecord:
     sampling: SamplingParams
     priority: int = 0
     predicted_output_tokens: float | None = None
+    length_dist: LengthPrediction | None = None  # the predictor's distribution behind the guess (None: a hint)
     arrival_s: float = field(default_factory=time.time)
     instances: tuple[str, ...] = ()
     output_token_ids: list[int] = field(default_factory=list)
@@ -59,6 +61,11 @@ class RequestRecord:
     @property
     def next_index(self) -> int:
         return len(self.output_token_ids)
+
+    def guess(self) -> dict[str, Any]:
+        """The length guess an instance reports this stream's remaining output from (``Instance.submit``'s
+        keywords)."""
+        return {"predicted_output_tokens": self.predicted_output_tokens, "length_dist": self.length_dist}
 
     @property
     def remaining_tokens(self) -> int:

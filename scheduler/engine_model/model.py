@@ -49,6 +49,7 @@ import numpy as np
 from scheduler.config.models import EngineSpec
 from scheduler.core.types import InstanceRole, InstanceSnapshot, RequestLoad
 from scheduler.latency.model import LatencyModel, prefill_pairs
+from scheduler.predict.base import LengthPrediction, remaining_tokens
 
 
 class Seq:
@@ -57,7 +58,7 @@ class Seq:
     __slots__ = (
         "rid", "priority", "admit_no", "num_tokens", "num_computed", "max_new", "generated",
         "join_step", "finish_step", "blocks", "in_decode", "done", "predicted_remaining", "tag", "hash_ids",
-        "hash_block_tokens", "handoff", "pred_due",
+        "hash_block_tokens", "handoff", "pred_due", "length_dist", "dist_base",
     )
 
     def __init__(self, rid: str, num_tokens: int, num_computed: int, max_new: int, priority: int) -> None:
@@ -75,10 +76,22 @@ class Seq:
         self.done = False
         self.predicted_remaining: float | None = None
         self.pred_due: float | None = None  # decode step at which its prediction runs out, while in the sum
+        # The predictor's distribution, to renew a guess that ran out (``LengthPrediction.expected_remaining``), and
+        # the tokens generated before this engine (a P->D handoff's first, a migrated request's) it counts from.
+        self.length_dist: LengthPrediction | None = None
+        self.dist_base = 0
         self.tag: object = None  # free slot for the driver (the simulator keeps its request index here)
         self.hash_ids: tuple[int, ...] = ()  # prompt block ids for the prefix cache
         self.hash_block_tokens = 0
         self.handoff = False  # prefill only, then hand the KV to another instance
+
+
+def _remaining(seq: Seq, generated: int) -> float | None:
+    """``seq``'s predicted remaining output once ``generated`` tokens are out here (``None``: no guess); a guess
+    that ran out is renewed from its distribution where it has one, as the live instance's snapshot does."""
+    if seq.predicted_remaining is None:
+        return None
+    return remaining_tokens(seq.predicted_remaining - generated, seq.length_dist, seq.dist_base + generated)
 
 
 @dataclass(slots=True)
@@ -207,6 +220,8 @@ class EngineModel:
         cached_tokens: int = 0,
         priority: int = 0,
         predicted_remaining: float | None = None,
+        length_dist: LengthPrediction | None = None,
+        generated_before: int = 0,
         hash_ids: tuple[int, ...] = (),
         hash_block_tokens: int = 512,
         handoff: bool = False,
@@ -217,7 +232,8 @@ class EngineModel:
         per ``hash_block_tokens`` prompt tokens, for the prefix cache (ignored when it is disabled). ``handoff``:
         prefill only and report it in ``prefill_done`` to decode elsewhere -- always on a PREFILL instance; on a
         MIXED one when the router paired it with another decoder. ``front``: ahead of the queue (a migrated request
-        whose KV blocks were reserved for it)."""
+        whose KV blocks were reserved for it). ``length_dist``: the distribution ``predicted_remaining`` came from
+        (renews it when it runs out), ``generated_before`` tokens into the response."""
         if rid in self._by_rid:
             raise ValueError(f"request_id: {rid!r} is already on this engine")
         if prompt_tokens < 1:
@@ -238,6 +254,8 @@ class EngineModel:
         seq = Seq(rid, prompt_tokens, cached_tokens, max_tokens, priority)
         seq.handoff = handoff
         seq.predicted_remaining = predicted_remaining
+        if predicted_remaining is not None:
+            seq.length_dist, seq.dist_base = length_dist, generated_before
         if self.prefix_cache is not None and hash_ids:
             if hash_block_tokens < 1:
                 raise ValueError(f"hash_block_tokens: must be >= 1, got {hash_block_tokens}")
@@ -279,6 +297,7 @@ class EngineModel:
         seq.max_new -= seq.generated
         if seq.predicted_remaining is not None:  # it counts from the new baseline too
             seq.predicted_remaining = max(seq.predicted_remaining - seq.generated, 0.0)
+        seq.dist_base += seq.generated
         seq.generated = 0
         return seq
 
@@ -315,12 +334,12 @@ class EngineModel:
         seq.finish_step = self.step_no + (seq.max_new - seq.generated)
         self.decoding[seq.rid] = seq
         self._n_sum += seq.num_computed
-        due = None if seq.predicted_remaining is None else seq.predicted_remaining - seq.generated + seq.join_step
-        if due is not None and due > self.step_no:
-            seq.pred_due = due
-            self._pred_sum += due
-            self._pred_n += 1
-            heapq.heappush(self._due_heap, (due, next(self._heap_tie), seq))
+        if seq.predicted_remaining is not None:
+            due = seq.predicted_remaining - seq.generated + seq.join_step
+            if due <= self.step_no and seq.length_dist is not None:  # ran out before it got here: renewed
+                due = self._renewed_due(seq, due)
+            if due > self.step_no:
+                self._track_prediction(seq, due)
         heapq.heappush(self._finish_heap, (seq.finish_step, next(self._heap_tie), seq))
 
     def _leave_decode(self, seq: Seq) -> None:
@@ -650,6 +669,20 @@ class EngineModel:
         self.steps_run += steps
         return res
 
+    def _track_prediction(self, seq: Seq, due: float) -> None:
+        seq.pred_due = due
+        self._pred_sum += due
+        self._pred_n += 1
+        heapq.heappush(self._due_heap, (due, next(self._heap_tie), seq))
+
+    def _renewed_due(self, seq: Seq, due: float) -> float:
+        """The decode step at which ``seq``'s renewed guess runs out (its old one ran out at ``due``): the expected
+        rest of a response already this long, by its distribution; ``predicted_remaining`` moves with it."""
+        g = seq.dist_base + self.generated_of(seq)
+        new = self.step_no + seq.length_dist.expected_remaining(g)  # type: ignore[union-attr]
+        seq.predicted_remaining += new - due  # type: ignore[operator]
+        return new
+
     def _drop_prediction(self, seq: Seq) -> None:
         if seq.pred_due is not None:
             self._pred_sum -= seq.pred_due
@@ -672,30 +705,31 @@ class EngineModel:
             self._n_sum -= k
 
     def snapshot(self, instance_id: str, now_s: float, *, detail: bool = False, **static: object) -> InstanceSnapshot:
+        # NOTE: drops the members whose prediction ran out by ``step_no`` for good (or renews it), inside ``ahead``
+        # too: a span books at least the steps a mid-span read saw, less one for the simulator's pre-step snapshot
+        # (a member missing there counts at most one token).
+        heap = self._due_heap
+        while heap and heap[0][0] <= self.step_no:
+            due, _, s = heapq.heappop(heap)
+            if s.pred_due == due:  # else stale: it left the decode set (and maybe rejoined with another due)
+                self._drop_prediction(s)
+                if s.length_dist is not None:
+                    self._track_prediction(s, self._renewed_due(s, due))
+        pred = max(self._pred_sum - self._pred_n * self.step_no, 0.0)
         requests: tuple[RequestLoad, ...] = ()
         if detail:
             rl = []
             for s in self.decoding.values():
                 g = self.generated_of(s)
-                pr = None if s.predicted_remaining is None else max(s.predicted_remaining - g, 0.0)
-                rl.append(RequestLoad(s.rid, self.computed_of(s) + 1, g, pr, s.priority))
+                rl.append(RequestLoad(s.rid, self.computed_of(s) + 1, g, _remaining(s, g), s.priority))
             for s in itertools.chain(self.prefilling, self.waiting):
-                rl.append(RequestLoad(s.rid, s.num_tokens, s.generated, s.predicted_remaining, s.priority, True))
+                rl.append(RequestLoad(s.rid, s.num_tokens, s.generated, _remaining(s, s.generated), s.priority, True))
             requests = tuple(rl)
         pending = sum(s.num_tokens - s.num_computed for s in self.prefilling) + sum(
             s.num_tokens for s in self.waiting
         )
         compute = pending - self._waiting_cache_hits() if self.prefix_cache else None
         bs = len(self.decoding)
-        # NOTE: drops the members whose prediction ran out by ``step_no`` for good, inside ``ahead`` too: a span
-        # books at least the steps a mid-span read saw, less one for the simulator's pre-step snapshot (a member
-        # missing there counts at most one token).
-        heap = self._due_heap
-        while heap and heap[0][0] <= self.step_no:
-            due, _, s = heapq.heappop(heap)
-            if s.pred_due == due:  # else stale: it left the decode set (and maybe rejoined with another due)
-                self._drop_prediction(s)
-        pred = max(self._pred_sum - self._pred_n * self.step_no, 0.0)
         return InstanceSnapshot(
             instance_id=instance_id,
             role=self.role,

@@ -88,6 +88,22 @@ class LengthPrediction:
         e = self.bucket_edges
         return sum(p * math.sqrt(max(e[i], 1) * e[i + 1]) for i, p in enumerate(self.probs))
 
+    def expected_remaining(self, generated: float) -> float:
+        """Expected tokens still to come once ``generated`` have been: E[L - g | L > g], at least 1 (the response
+        is still running). A guess that ran out is renewed from this rather than read as "about to finish": a
+        request past its median is, given the distribution, a long one (log-uniform inside a bucket, as
+        ``quantile``; past the last edge there is nothing left to condition on, so it counts one more token)."""
+        e = self.bucket_edges
+        mass = tokens = 0.0  # P(L > g) and E[L; L > g]
+        for i, p in enumerate(self.probs):
+            lo, hi = max(e[i], 1), e[i + 1]
+            if p <= 0.0 or hi <= generated:
+                continue
+            a, width = max(lo, generated), math.log(hi) - math.log(lo)
+            mass += p * (math.log(hi) - math.log(a)) / width
+            tokens += p * (hi - a) / width  # log-uniform density p / (x * width) times x, integrated over [a, hi]
+        return max(tokens / mass - generated, 1.0) if mass > 0.0 else 1.0
+
     def prob_longer_than(self, tokens: float) -> float:
         """P(response > ``tokens``), interpolated log-linearly inside the bucket that holds ``tokens``."""
         e = self.bucket_edges
@@ -101,6 +117,16 @@ class LengthPrediction:
                 acc += p * (math.log(tokens) - math.log(lo)) / (math.log(hi) - math.log(lo))
             break
         return max(0.0, 1.0 - acc)
+
+
+def remaining_tokens(left: float, dist: LengthPrediction | None, generated: float) -> float:
+    """Predicted output still to come of a request ``generated`` tokens into its response, ``left`` of its guess
+    unspent: what routers and the migration policy read, live (``snapshot_from_stats``) and simulated
+    (``EngineModel``) alike. A guess that ran out is renewed from its distribution where there is one; a point
+    guess (a client's ``length_hint``, exact lengths) stays at 0 -- nothing says how far past it a response goes."""
+    if left <= 0.0 and dist is not None:
+        return dist.expected_remaining(generated)
+    return max(left, 0.0)
 
 
 @runtime_checkable

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from scheduler.predict.base import LengthPredictor, count_tokens
+from scheduler.predict.base import LengthPrediction, LengthPredictor, count_tokens
 from scheduler.predict.registry import PredictorKind, load_predictor
 
 PARAMS = ("artifacts", "tenant")
@@ -44,21 +44,29 @@ class ServingPredictor:
     slow: bool = False
 
     def predict(self, prompt: str | None, prompt_tokens: int) -> float:
-        """Predicted output tokens of one request (``prompt=None``: its length only).
+        """Predicted output tokens of one request (``prompt=None``: its length only): ``predict_dist``'s median."""
+        return float(self.predict_dist(prompt, prompt_tokens).point)
+
+    def predict_dist(self, prompt: str | None, prompt_tokens: int) -> LengthPrediction:
+        """The predicted output-length distribution of one request (``prompt=None``: its length only).
 
         With text, the length feature is recounted with ``count_tokens`` -- the unit the text predictors were
         trained and evaluated in -- not the caller's tokenizer (the ingress's ByteTokenizer counts ~4.5x more,
         the tiny vLLM model's ~2.5x), so the serving guess equals ``llmsched predict eval``'s for the same prompt.
         """
         n = count_tokens(prompt) if prompt is not None else int(prompt_tokens)
-        return float(self.predictor.predict(prompt, prompt_tokens=n, tenant=self.tenant).point)
+        return self.predictor.predict(prompt, prompt_tokens=n, tenant=self.tenant)
+
+    def predict_dists(self, prompt_tokens: Sequence[int] | np.ndarray) -> list[LengthPrediction]:
+        """Predictions for requests known by prompt length only (trace replays): one per distinct length, since
+        without text that is all a prediction depends on."""
+        lengths, inverse = np.unique(np.asarray(prompt_tokens, dtype=np.int64), return_inverse=True)
+        dists = [self.predict_dist(None, int(n)) for n in lengths]
+        return [dists[k] for k in inverse.reshape(-1).tolist()]
 
     def predict_lengths(self, prompt_tokens: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Predicted output tokens for requests known by prompt length only (trace replays): one prediction per
-        distinct length, since without text that is all a prediction depends on."""
-        lengths, inverse = np.unique(np.asarray(prompt_tokens, dtype=np.int64), return_inverse=True)
-        points = np.array([self.predict(None, int(n)) for n in lengths], dtype=np.float64)
-        return points[inverse.reshape(-1)]
+        """The guesses (medians) of ``predict_dists``."""
+        return np.array([d.point for d in self.predict_dists(prompt_tokens)], dtype=np.float64)
 
 
 def check_spec(name: str, params: dict[str, Any]) -> PredictorKind:
