@@ -499,7 +499,7 @@ class Simulator:
                                           predicted_remaining=pred, length_dist=self._dist(i), handoff=handoff,
                                           **kw)
         except ValueError:
-            self.rejected[i] = True  # does not fit this engine at all
+            self._refuse(i, inst.index)  # does not fit this engine at all
             return
         seq.tag = i
         if self._host_cpu:
@@ -513,6 +513,13 @@ class Simulator:
 
     def _dist(self, i: int) -> LengthPrediction | None:
         return self.w.predicted_dist[i] if self.w.predicted_dist is not None else None
+
+    def _refuse(self, i: int, inst: int) -> None:
+        """Request ``i``, routed (the router booked it), cannot run on instance ``inst`` (index): refused, and the
+        router told it ended, as the live ingress tells it when an engine refuses a request -- else what it booked
+        stayed (llumnix's priority headroom kept normal requests off that instance for the rest of the run)."""
+        self.rejected[i] = True
+        self.router.on_finished(str(i), self._ids[inst])
 
     def _spend_request_cpu(self, i: int, inst: SimInstance, prompt: int, now: float, *, handoff: bool) -> None:
         """A request's off-step CPU (``LatencyModel.request_cpu``), spread evenly over the time it takes alone
@@ -553,7 +560,7 @@ class Simulator:
                                           predicted_remaining=None if pred is None else max(pred - 1.0, 0.0),
                                           length_dist=self._dist(i), generated_before=1)
         except ValueError:
-            self.rejected[i] = True  # its context does not fit this decoder at all: refused, not a crash
+            self._refuse(i, inst.index)  # its context does not fit this decoder at all: refused, not a crash
             self._expect_kv(inst, -1, now)
             return
         seq.tag = i
@@ -721,6 +728,9 @@ class Simulator:
         d = self.dec_of[i]
         if output <= 1:
             self.finish[i] = t + self.instances[self.inst_of[i]].latency.path_latency(int(self.w.prompt_tokens[i]))
+            # Done on its prefill instance (the engine reports it there as prefilled, not finished): the router
+            # hears of it as the live ingress tells it (its llumnix headroom stayed on the decoder for good).
+            self.router.on_finished(str(i), self._ids[self.inst_of[i]])
             if d >= 0:
                 self._expect_kv(self.instances[d], -1, t)
             return
@@ -730,7 +740,7 @@ class Simulator:
             # A colocated answer names a MIXED instance to do both: the prompt is done, so it decodes there.
             name = None if isinstance(decision, Rejected) else decision.decode_instance or decision.prefill_instance
             if name is None or not self._index[name].role.does_decode:
-                self.rejected[i] = True
+                self._refuse(i, self.inst_of[i])
                 return
             d = self.dec_of[i] = self._index[name].index
             self._expect_kv(self.instances[d], +1, t)

@@ -1,0 +1,78 @@
+"""Regressions from an audit of the routers, the P/D pairing and their bookkeeping (route.py, pairing.py,
+routers_smart.py and how the simulator and the live ingress drive them). Each test reproduces one confirmed bug."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scheduler.config.models import ClusterConfig, EngineSpec, GPUSpec, ModelSpec, PoolSpec
+from scheduler.core.types import InstanceRole, InstanceSnapshot, RequestInfo
+from scheduler.policy.routers_smart import LlumnixRouter
+from sim.simulator import Simulator, Workload
+
+M, P, D = InstanceRole.MIXED, InstanceRole.PREFILL, InstanceRole.DECODE
+MODEL = ModelSpec(
+    name="llama2-7b",
+    num_layers=32,
+    hidden_size=4096,
+    num_heads=32,
+    num_kv_heads=32,
+    intermediate_size=11008,
+    vocab_size=32000,
+)
+GPU = GPUSpec(name="a100", memory_gib=80, fp16_tflops=312, hbm_gbps=2039, price_per_hour=2.0)
+
+
+def _config(*, mixed: int = 0, pd: tuple[int, int] | None = None, blocks: int = 400) -> ClusterConfig:
+    eng = EngineSpec(block_size=16, max_num_batched_tokens=512, max_num_seqs=64, num_kv_blocks=blocks)
+    pools = [PoolSpec(name="m", gpu="a100", count=mixed, engine=eng)] if mixed else []
+    if pd:
+        pools += [
+            PoolSpec(name="p", role=P, gpu="a100", count=pd[0], engine=eng),
+            PoolSpec(name="d", role=D, gpu="a100", count=pd[1], engine=eng),
+        ]
+    return ClusterConfig(gpus={"a100": GPU}, model=MODEL, pools=pools)
+
+
+def _headroom(router: LlumnixRouter, iid: str, blocks: int = 400) -> float:
+    """The priority headroom ``router`` puts on an idle ``iid`` for a normal-priority request."""
+    probe = RequestInfo("probe", 0.0, 100, 10)
+    idle = InstanceSnapshot(iid, M, kv_blocks_total=blocks)
+    other = InstanceSnapshot("untouched", M, kv_blocks_total=blocks)
+    return router.score(probe, idle, phase="colocated") - router.score(probe, other, phase="colocated")
+
+
+# ---- 1: the simulator told routers nothing of requests that ended without an engine's "finished" ------------------
+@pytest.mark.parametrize("case", ["refused_at_admission", "refused_by_its_decoder", "one_token_pd"])
+def test_simulator_tells_the_router_every_routed_request_that_ends(case: str) -> None:
+    """A high-priority request the simulator routed but then refused (too big for its engine, or for its decoder's
+    KV), or a one-token request on a P/D cluster (done at its prefill), never reached ``on_finished``: llumnix kept
+    its priority headroom on that instance for the rest of the run. The live ingress tells the router at the end of
+    every stream, refused or not."""
+    r = LlumnixRouter()
+    if case == "refused_at_admission":  # 64 blocks = 1024 tokens: a 2000-token prompt fits no engine
+        cfg, w, on = (
+            _config(mixed=2, blocks=64),
+            Workload(np.zeros(1), np.array([2000]), np.array([10])),
+            "m-0",
+        )
+    elif case == "refused_by_its_decoder":
+        eng = EngineSpec(block_size=16, max_num_batched_tokens=512, max_num_seqs=64)
+        cfg = ClusterConfig(
+            gpus={"a100": GPU},
+            model=MODEL,
+            pools=[
+                PoolSpec(name="p", role=P, gpu="a100", count=1, engine=eng),
+                PoolSpec(
+                    name="d", role=D, gpu="a100", count=1, engine=eng.model_copy(update={"num_kv_blocks": 64})
+                ),
+            ],
+        )
+        w, on = Workload(np.zeros(1), np.array([900]), np.array([400])), "d-0"
+    else:
+        cfg, w, on = _config(pd=(1, 1)), Workload(np.zeros(1), np.array([200]), np.array([1])), "d-0"
+    w.priority = np.array([1])
+    res = Simulator(cfg, router=r).run(w)
+    assert res.rejected[0] == (case != "one_token_pd")
+    assert _headroom(r, on) == 0.0
