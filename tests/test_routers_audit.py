@@ -3,11 +3,14 @@ routers_smart.py and how the simulator and the live ingress drive them). Each te
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
 from scheduler.config.models import ClusterConfig, EngineSpec, GPUSpec, ModelSpec, PoolSpec
-from scheduler.core.types import InstanceRole, InstanceSnapshot, RequestInfo
+from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot, RequestInfo
+from scheduler.policy.route import make_router
 from scheduler.policy.routers_smart import LlumnixRouter
 from sim.simulator import Simulator, Workload
 
@@ -76,3 +79,27 @@ def test_simulator_tells_the_router_every_routed_request_that_ends(case: str) ->
     res = Simulator(cfg, router=r).run(w)
     assert res.rejected[0] == (case != "one_token_pd")
     assert _headroom(r, on) == 0.0
+
+
+# ---- 2: power of two choices with exactly two candidates -------------------------------------------------------------
+def test_power_of_two_breaks_ties_between_two_candidates_at_random() -> None:
+    """With two candidates po2 compared them in view order, so every tie (two idle decoders, two idle instances)
+    went to the first: 1000 of 1000 requests on an idle pair. Its docstring's "ties go to the first sample" holds
+    only for a random sample; with three or more candidates ties were already spread."""
+    r = make_router("power_of_two", seed=3)
+    idle = ClusterView(
+        0.0, (InstanceSnapshot("a", M, kv_blocks_total=100), InstanceSnapshot("b", M, kv_blocks_total=100))
+    )
+    picks = Counter(r.route(RequestInfo(f"r{k}", 0.0, 100, 10), idle).prefill_instance for k in range(1000))
+    assert 400 < picks["a"] < 600
+    pd = ClusterView(0.0, (InstanceSnapshot("p", P), InstanceSnapshot("d0", D), InstanceSnapshot("d1", D)))
+    decoders = Counter(r.route(RequestInfo(f"r{k}", 0.0, 100, 10), pd).decode_instance for k in range(1000))
+    assert 400 < decoders["d0"] < 600
+    # still never the busier of the two, and the same picks under the same seed
+    busy = ClusterView(0.0, (InstanceSnapshot("a", M, num_running=3), InstanceSnapshot("b", M)))
+    assert {r.route(RequestInfo(f"r{k}", 0.0, 100, 10), busy).prefill_instance for k in range(50)} == {"b"}
+    runs = [make_router("power_of_two", seed=3) for _ in range(2)]
+    a, b = (
+        [x.route(RequestInfo(f"r{k}", 0.0, 100, 10), idle).prefill_instance for k in range(50)] for x in runs
+    )
+    assert a == b

@@ -43,12 +43,12 @@ class PowerOfTwoRouter(PairingRouter):
         return inst.num_running + inst.num_waiting + queue_penalty(request, inst, self.queue_weight)
 
     def pick(self, request, candidates, view, *, phase):  # type: ignore[override]
-        if len(candidates) <= 2:
-            sample = candidates
-        else:
-            a, b = self._rng.sample(range(len(candidates)), 2)
-            sample = (candidates[a], candidates[b])
-        return min(sample, key=lambda s: self.score(request, s, phase=phase))
+        if len(candidates) == 1:
+            return candidates[0]
+        # Two candidates are sampled too (both, in a random order): taken in view order, every tie -- an idle pair
+        # of decoders, say -- went to the first one.
+        a, b = self._rng.sample(range(len(candidates)), 2)
+        return min((candidates[a], candidates[b]), key=lambda s: self.score(request, s, phase=phase))
 
 
 # ---- Llumnix dispatch ---------------------------------------------------------------------------------------------
