@@ -103,3 +103,33 @@ def test_power_of_two_breaks_ties_between_two_candidates_at_random() -> None:
         [x.route(RequestInfo(f"r{k}", 0.0, 100, 10), idle).prefill_instance for k in range(50)] for x in runs
     )
     assert a == b
+
+
+# ---- 3: the live ingress's optimistic load between two view refreshes ------------------------------------------------
+@pytest.mark.parametrize("name", ["llumnix", "prefix_affinity", "lookahead"])
+def test_a_burst_between_two_view_refreshes_spreads_live_as_in_the_simulator(name: str) -> None:
+    """Requests routed since the ingress's last snapshot poll (every 25 ms) were added to the view as a waiting
+    count only. Routers that read queued prompt tokens (llumnix's virtual usage, prefix_affinity's queue, lookahead's
+    prefill span) did not see them: a burst of six 2000-token prompts all went to mixed-0 live, while the simulator,
+    whose snapshots hold a routed prompt at once, alternates."""
+    from scheduler.control.registry import RequestRecord
+    from scheduler.engine.base import SamplingParams
+    from tests.test_ingress_audit import FakeInstance, _ingress
+
+    n, prompt, blocks = 6, 2000, 400
+    sim = Simulator(_config(mixed=2, blocks=blocks), router=name).run(
+        Workload(np.zeros(n), np.full(n, prompt), np.full(n, 50))
+    )
+    ing = _ingress([FakeInstance("mixed-0"), FakeInstance("mixed-1")])
+    ing.router = make_router(name)
+    ing.router.initialize(_config(mixed=2, blocks=blocks))
+    ing._view = ClusterView(
+        0.0, tuple(InstanceSnapshot(f"mixed-{k}", M, kv_blocks_total=blocks) for k in range(2))
+    )
+    live = [
+        ing._route(
+            RequestRecord(f"r{k}", tuple(range(1, prompt + 1)), SamplingParams(max_tokens=50))
+        ).prefill_instance
+        for k in range(n)
+    ]
+    assert [int(x[-1]) for x in live] == sim.instance.tolist() == [0, 1] * (n // 2)

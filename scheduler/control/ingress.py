@@ -208,6 +208,10 @@ class Ingress:
         self._snapshots: dict[str, InstanceSnapshot] = {}
         self._dead: set[str] = set()  # incarnations seen dead; never routed to again
         self._pending: dict[str, int] = {}  # routed since the last refresh, per instance (optimistic load)
+        # ... and their prompt tokens, queued there as the simulator's snapshots show them at once: routers that read
+        # queued prompt tokens (llumnix's virtual usage, prefix_affinity, lookahead) saw a count only and put a whole
+        # burst between two refreshes on one instance.
+        self._pending_prompt: dict[str, int] = {}
         # P->D requests routed to a decode instance that does not hold them yet (prefilling elsewhere, or their KV
         # on its way): that instance's snapshots cannot show them, so the view adds them until they land (as the
         # simulator's ``incoming``). Without it a refresh dropped them and a burst piled onto one decoder.
@@ -316,7 +320,7 @@ class Ingress:
         items = list(self._members.items())
         # Only what was routed before the snapshots were asked for is in them: requests routed while they are in
         # flight stay counted (clearing all of _pending after the await dropped a burst from the view).
-        taken = dict(self._pending)
+        taken, taken_prompt = dict(self._pending), dict(self._pending_prompt)
         results = await asyncio.gather(
             *(asyncio.wait_for(self._call(iid, m.handle, "snapshot"), 1.0) for iid, m in items),
             return_exceptions=True,
@@ -336,12 +340,13 @@ class Ingress:
                 stale = now - last_ok.get(iid, now) > UNHEALTHY_AFTER_S
                 snaps[iid] = dataclasses.replace(self._snapshots[iid], healthy=not stale)
         self._snapshots = snaps
-        for iid, n in taken.items():
-            left = self._pending.get(iid, 0) - n
-            if left > 0:
-                self._pending[iid] = left
-            else:
-                self._pending.pop(iid, None)
+        for pending, took in ((self._pending, taken), (self._pending_prompt, taken_prompt)):
+            for iid, n in took.items():
+                left = pending.get(iid, 0) - n
+                if left > 0:
+                    pending[iid] = left
+                else:
+                    pending.pop(iid, None)
         self._view = ClusterView(time.time(), tuple(snaps[i] for i in sorted(snaps)))
         self.view_refreshed_s = time.time()
         self.recorder.observe_instances(self._view.instances)
@@ -376,8 +381,8 @@ class Ingress:
             self._controller_epoch = epoch
 
     def view(self) -> ClusterView:
-        """The cached view with requests routed since the last refresh, and P->D requests on their way to a decode
-        instance, added as waiting there (so bursts spread out)."""
+        """The cached view with requests routed since the last refresh (their prompts as queued prompt tokens), and
+        P->D requests on their way to a decode instance, added as waiting there (so bursts spread out)."""
         if not self._pending and not self._incoming:
             return self._view
         extra = dict(self._pending)
@@ -385,14 +390,18 @@ class Ingress:
             extra[iid] = extra.get(iid, 0) + n
         return ClusterView(
             self._view.time_s,
-            tuple(
-                dataclasses.replace(s, num_waiting=s.num_waiting + extra[s.instance_id],
-                                    num_incoming=self._incoming.get(s.instance_id, 0))
-                if s.instance_id in extra
-                else s
-                for s in self._view.instances
-            ),
+            tuple(self._with_pending(s, extra[s.instance_id]) if s.instance_id in extra else s
+                  for s in self._view.instances),
         )
+
+    def _with_pending(self, s: InstanceSnapshot, waiting: int) -> InstanceSnapshot:
+        """``s`` plus ``waiting`` requests not in it yet, the prompts among them queued (no cache hit assumed)."""
+        prompt = self._pending_prompt.get(s.instance_id, 0)
+        compute = s.prefill_compute_tokens
+        return dataclasses.replace(
+            s, num_waiting=s.num_waiting + waiting, num_incoming=self._incoming.get(s.instance_id, 0),
+            prefill_tokens_pending=s.prefill_tokens_pending + prompt,
+            prefill_compute_tokens=None if compute is None else compute + prompt)
 
     def _expect_decode(self, rid: str, iid: str | None, *, landed: bool = False) -> None:
         """``rid`` is now on its way to decode instance ``iid`` (``None``: to none). ``landed``: it reached the one
@@ -488,6 +497,8 @@ class Ingress:
         self.router.on_routed(info, decision)
         # The decode instance of a P->D pair is counted while the request is on its way there (_expect_decode).
         self._pending[decision.prefill_instance] = self._pending.get(decision.prefill_instance, 0) + 1
+        self._pending_prompt[decision.prefill_instance] = (
+            self._pending_prompt.get(decision.prefill_instance, 0) + info.prompt_tokens)
         handoff = decision.decode_instance is not None and rec.remaining_tokens > 1  # as _run_attempts decides
         self._expect_decode(rec.request_id, decision.decode_instance if handoff else None)
         self.counters["routed"] += 1
