@@ -732,8 +732,8 @@ def test_pairing_stays_colocated_on_a_mixed_instance_that_decodes_as_well() -> N
 
 def test_priority_tracker_bound_and_detailed_snapshots() -> None:
     """``PriorityTracker``: at most ``max_tracked`` requests remembered, the oldest dropped (kills an off-by-one in
-    the bound); a detailed snapshot's own high-priority count beats the router's memory (kills ignoring
-    ``inst.requests``, or counting every listed request)."""
+    the bound); a detailed snapshot adds the high-priority requests it lists to the router's memory (kills
+    ignoring ``inst.requests``, or counting every listed request)."""
     from scheduler.policy.pairing import PriorityTracker
 
     t = PriorityTracker(max_tracked=2)
@@ -744,5 +744,5 @@ def test_priority_tracker_bound_and_detailed_snapshots() -> None:
     t.finished("h1")
     assert t.count(snap("i1")) == 0
     listed = (RequestLoad("a", 100, 5, priority=1), RequestLoad("b", 100, 5), RequestLoad("c", 100, 5))
-    assert t.count(snap("i1", requests=listed)) == 1  # the snapshot's truth (one high), not memory's 0 nor 3
-    assert t.count(snap("i2", requests=listed[1:])) == 0  # memory says 1; the listed ones are all normal
+    assert t.count(snap("i1", requests=listed)) == 1  # the snapshot's one high (memory has none there), not 3
+    assert t.count(snap("i2", requests=listed[1:])) == 1  # memory's, not listed yet (on its way there)

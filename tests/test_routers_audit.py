@@ -3,14 +3,15 @@ routers_smart.py and how the simulator and the live ingress drive them). Each te
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import numpy as np
 import pytest
 
 from scheduler.config.models import ClusterConfig, EngineSpec, GPUSpec, ModelSpec, PoolSpec
-from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot, RequestInfo
-from scheduler.policy.route import make_router
+from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot, RequestInfo, RequestLoad
+from scheduler.policy.route import RouteDecision, make_router
 from scheduler.policy.routers_smart import LlumnixRouter
 from sim.simulator import Simulator, Workload
 
@@ -40,10 +41,14 @@ def _config(*, mixed: int = 0, pd: tuple[int, int] | None = None, blocks: int = 
 
 def _headroom(router: LlumnixRouter, iid: str, blocks: int = 400) -> float:
     """The priority headroom ``router`` puts on an idle ``iid`` for a normal-priority request."""
+    return _headroom_on(router, InstanceSnapshot(iid, M, kv_blocks_total=blocks))
+
+
+def _headroom_on(router: LlumnixRouter, inst: InstanceSnapshot) -> float:
+    """The priority headroom ``router`` puts on ``inst`` for a normal-priority request."""
     probe = RequestInfo("probe", 0.0, 100, 10)
-    idle = InstanceSnapshot(iid, M, kv_blocks_total=blocks)
-    other = InstanceSnapshot("untouched", M, kv_blocks_total=blocks)
-    return router.score(probe, idle, phase="colocated") - router.score(probe, other, phase="colocated")
+    untracked = dataclasses.replace(inst, instance_id="untracked", requests=())
+    return router.score(probe, inst, phase="decode") - router.score(probe, untracked, phase="decode")
 
 
 # ---- 1: the simulator told routers nothing of requests that ended without an engine's "finished" ------------------
@@ -133,3 +138,44 @@ def test_a_burst_between_two_view_refreshes_spreads_live_as_in_the_simulator(nam
         for k in range(n)
     ]
     assert [int(x[-1]) for x in live] == sim.instance.tolist() == [0, 1] * (n // 2)
+
+
+# ---- 4: llumnix's priority headroom on a live (detailed) view --------------------------------------------------------
+def test_llumnix_headroom_follows_a_pair_to_its_decoder_on_detailed_snapshots_too() -> None:
+    """Live snapshots list their requests, and ``PriorityTracker.count`` took that list alone whenever it was not
+    empty: while a high-priority request prefilled on p0 on its way to d0, p0 carried its headroom and d0 none, so a
+    normal request was sent to p1 and decoded on d0 -- the simulator (no detail for llumnix) sends it to p0/d1."""
+    r = LlumnixRouter()
+    r.on_routed(RequestInfo("h", 0.0, 800, 100, priority=1), RouteDecision("p0", "d0"))
+
+    def inst(iid: str, role: InstanceRole, listed: RequestLoad) -> InstanceSnapshot:
+        prefill = role is P
+        return InstanceSnapshot(
+            iid,
+            role,
+            num_running=1,
+            num_decoding=0 if prefill else 1,
+            kv_blocks_used=50,
+            kv_blocks_total=1000,
+            prefill_tokens_pending=800 if prefill else 0,
+            requests=(listed,),
+        )
+
+    live = ClusterView(
+        0.0,
+        (
+            inst("p0", P, RequestLoad("h", 800, 0, priority=1, in_prefill=True)),
+            inst("p1", P, RequestLoad("n1", 800, 0, in_prefill=True)),
+            inst("d0", D, RequestLoad("n2", 900, 10)),
+            inst("d1", D, RequestLoad("n3", 900, 10)),
+        ),
+    )
+    sim = ClusterView(0.0, tuple(dataclasses.replace(s, requests=()) for s in live.instances))
+    normal = RequestInfo("n", 0.0, 800, 100)
+    assert r.route(normal, sim) == RouteDecision("p0", "d1", reason="llumnix")
+    assert r.route(normal, live) == r.route(normal, sim)
+    # Once h decodes on d0 it is counted once there, listed and remembered; a high-priority request only listed
+    # (another ingress' or migrated there) counts too.
+    d0 = inst("d0", D, RequestLoad("h", 900, 10, priority=1))
+    other = inst("d1", D, RequestLoad("x", 900, 10, priority=1))
+    assert _headroom_on(r, d0) == _headroom_on(r, other) == pytest.approx(r.headroom)

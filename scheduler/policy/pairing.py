@@ -98,7 +98,7 @@ class PriorityTracker:
     def __init__(self, max_tracked: int = 100_000) -> None:
         self.max_tracked = max_tracked
         self._where: OrderedDict[str, tuple[str, ...]] = OrderedDict()
-        self._count: dict[str, int] = {}
+        self._at: dict[str, set[str]] = {}  # instance -> the request ids ``_where`` places there
 
     def add(self, request: RequestInfo, decision: RouteDecision) -> None:
         if request.priority < HIGH_PRIORITY:
@@ -110,25 +110,37 @@ class PriorityTracker:
         self._drop(request.request_id)
         self._where[request.request_id] = ids  # type: ignore[assignment]
         for i in ids:
-            self._count[i] = self._count.get(i, 0) + 1  # type: ignore[index]
+            self._at.setdefault(i, set()).add(request.request_id)  # type: ignore[arg-type]
         while len(self._where) > self.max_tracked:
             self._drop(next(iter(self._where)))
 
     def _drop(self, request_id: str) -> None:
         for i in self._where.pop(request_id, ()):
-            n = self._count.get(i, 0) - 1
-            if n > 0:
-                self._count[i] = n
-            else:
-                self._count.pop(i, None)
+            here = self._at.get(i)
+            if here is not None:
+                here.discard(request_id)
+                if not here:
+                    del self._at[i]
 
     def finished(self, request_id: str) -> None:
         self._drop(request_id)
 
     def count(self, inst: InstanceSnapshot) -> int:
-        if inst.requests:  # detailed snapshot: the truth beats our memory
-            return sum(1 for r in inst.requests if r.priority >= HIGH_PRIORITY)
-        return self._count.get(inst.instance_id, 0)
+        mine = self._at.get(inst.instance_id, ())
+        if not inst.requests:
+            return len(mine)
+        # A detailed snapshot (a live instance's) adds the high-priority requests it lists that memory does not
+        # place here: another ingress' or a migrated one -- but not one in prefill on its way to the decoder memory
+        # names. Memory's own count here still holds: those not listed are on their way (prefilling elsewhere, KV in
+        # transit, routed since the snapshot). Before, the listed ones alone counted whenever any were listed: live,
+        # a pair's headroom sat on its PREFILL instance during the prefill and on its decoder only once the KV
+        # landed, the reverse of the simulator's (which feeds llumnix no detail).
+        where = self._where
+        return len(mine) + sum(
+            1 for r in inst.requests
+            if r.priority >= HIGH_PRIORITY and r.request_id not in mine
+            and not (r.in_prefill and r.request_id in where)
+        )
 
 
 # ---- the pairing base ---------------------------------------------------------------------------------------
