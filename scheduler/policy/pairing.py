@@ -131,10 +131,11 @@ class PriorityTracker:
             return len(mine)
         # A detailed snapshot (a live instance's) adds the high-priority requests it lists that memory does not
         # place here: another ingress' or a migrated one -- but not one in prefill on its way to the decoder memory
-        # names. Memory's own count here still holds: those not listed are on their way (prefilling elsewhere, KV in
-        # transit, routed since the snapshot). Before, the listed ones alone counted whenever any were listed: live,
-        # a pair's headroom sat on its PREFILL instance during the prefill and on its decoder only once the KV
-        # landed, the reverse of the simulator's (which feeds llumnix no detail).
+        # names. Memory's own count here still holds: those not listed are on their way (prefilling elsewhere, KV
+        # in transit, routed since the snapshot), or migrated away (routers hear nothing of migrations: the
+        # instance a request left keeps its headroom until it finishes). Before, the listed ones alone counted
+        # whenever any were listed: live, a pair's headroom sat on its PREFILL instance during the prefill and on
+        # its decoder only once the KV landed, the reverse of the simulator's (which feeds llumnix no detail).
         where = self._where
         return len(mine) + sum(
             1 for r in inst.requests
