@@ -179,3 +179,53 @@ def test_llumnix_headroom_follows_a_pair_to_its_decoder_on_detailed_snapshots_to
     d0 = inst("d0", D, RequestLoad("h", 900, 10, priority=1))
     other = inst("d1", D, RequestLoad("x", 900, 10, priority=1))
     assert _headroom_on(r, d0) == _headroom_on(r, other) == pytest.approx(r.headroom)
+
+
+def test_ingress_replicas_draw_their_own_random_sequences() -> None:
+    """Every ingress built its router at seed 0: N replicas of a `power_of_two` / `random` / `learned` deployment
+    sampled the same instances in lockstep. Now an unseeded router is seeded from the ingress id; a seed in the
+    config still wins (reproducible runs)."""
+    from scheduler.config.load import load_config
+    from scheduler.config.models import PolicySpec
+    from scheduler.control.ingress import Ingress
+    from scheduler.core.types import ClusterView, InstanceSnapshot, RequestInfo
+    from scheduler.policy.route import router_takes
+
+    view = ClusterView(0.0, tuple(InstanceSnapshot(f"m-{i}", InstanceRole.MIXED) for i in range(8)))
+
+    def picks(ingress_id: str, **params: object) -> list[str]:
+        cfg = load_config("default")
+        cfg = cfg.model_copy(update={"policies": cfg.policies.model_copy(
+            update={"router": PolicySpec(name="random", params=params)})})
+        router = Ingress(cfg, controller=None, ingress_id=ingress_id, direct=False).router
+        return [router.route(RequestInfo(str(k), 0.0, 10, 10), view).prefill_instance for k in range(32)]
+
+    assert picks("ingress-a") != picks("ingress-b")
+    assert picks("ingress-a") == picks("ingress-a")
+    assert picks("ingress-a", seed=7) == picks("ingress-b", seed=7)
+    assert router_takes("power_of_two", "seed") and not router_takes("least_outstanding", "seed")
+
+
+def test_no_instance_for_a_phase_is_unavailable_not_overloaded() -> None:
+    """A P/D cluster whose decoders are all gone answered RESOURCE_EXHAUSTED (Overloaded: "retry after 1 s"), as if
+    a queue were full; nothing can serve the request there until a decoder returns: UNAVAILABLE. A busy cluster
+    whose router refuses (shedding) stays Overloaded."""
+    from scheduler.control.api import Overloaded, Unavailable
+    from scheduler.control.registry import RequestRecord
+    from scheduler.engine.base import SamplingParams
+    from tests.test_ingress_audit import FakeInstance, _ingress
+
+    rec = RequestRecord("r", (1, 2, 3), SamplingParams(max_tokens=8))
+    ing = _ingress([FakeInstance("prefill-0", InstanceRole.PREFILL)])
+    with pytest.raises(Unavailable, match="decode"):
+        ing._route(rec)
+
+    class Refuses:
+        def route(self, request, view):  # type: ignore[no-untyped-def]
+            from scheduler.core.types import Rejected
+
+            return Rejected("shed: predicted wait too long", retry_after_s=2.0)
+
+    ing = _ingress([FakeInstance("mixed-0")], router=Refuses())
+    with pytest.raises(Overloaded):
+        ing._route(rec)

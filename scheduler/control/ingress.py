@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,7 +62,8 @@ from scheduler.core.types import (
 )
 from scheduler.engine.base import EngineRequest, TokenChunk
 from scheduler.engine.simulated_backend import ByteTokenizer
-from scheduler.policy.route import RouteDecision, Router, make_router
+from scheduler.policy.filters import decode_candidates, prefill_candidates
+from scheduler.policy.route import RouteDecision, Router, make_router, router_takes
 from scheduler.predict.serving import ServingPredictor, serving_predictor
 from scheduler.telemetry.metrics import NULL_RECORDER, Recorder
 from scheduler.telemetry.tracing import Stage, Tracing
@@ -187,15 +189,20 @@ class Ingress:
         self.recorder: Recorder = recorder or NULL_RECORDER
         self.tracing: Tracing = tracing or Tracing.disabled()
         self.controller = controller
+        self.ingress_id = ingress_id or f"ingress-{uuid.uuid4().hex[:8]}"
         spec = config.policies.router
         if router is None:
-            router = make_router(spec.name, **spec.params)
+            params = dict(spec.params)
+            if "seed" not in params and router_takes(spec.name, "seed"):
+                # Each replica its own random sequence: all at seed 0, N ingresses sampled in lockstep (power_of_two
+                # compared the same two instances on every replica for the same arrival count).
+                params["seed"] = zlib.crc32(self.ingress_id.encode())
+            router = make_router(spec.name, **params)
             # A router named in the config gets the config too (latency models, SLO classes), as in the simulator:
             # without it `lookahead_shed` had no SLOs and never refused.
             router.initialize(config)
         self.router = router
         self.predictor = predictor or serving_predictor(config.policies.predictor)
-        self.ingress_id = ingress_id or f"ingress-{uuid.uuid4().hex[:8]}"
         self.refresh_s = refresh_s
         self.members_s = members_s
         self.report_s = report_s
@@ -519,7 +526,8 @@ class Ingress:
         )
         decision = self.router.route(info, view)
         if isinstance(decision, Rejected):
-            if not any(s.accepting for s in view.instances):
+            if not prefill_candidates(view) or not decode_candidates(view):
+                # Nothing to wait for in a queue (no instance can run a phase): UNAVAILABLE, not RESOURCE_EXHAUSTED.
                 raise Unavailable(f"no instance accepts requests: {decision.reason}")
             raise Overloaded(decision.reason, retry_after_s=decision.retry_after_s or 1.0)
         return info, decision

@@ -138,17 +138,7 @@ def make_router(name: str, **params: object) -> Router:
     Raises:
         ValueError: unknown name, or a parameter the router does not take (the message names both).
     """
-    if ":" in name:
-        import importlib
-
-        mod, _, attr = name.partition(":")
-        factory = getattr(importlib.import_module(mod), attr)
-    else:
-        _ensure_builtin_routers_loaded()
-        try:
-            factory = ROUTERS[name]
-        except KeyError:
-            raise ValueError(f"unknown router {name!r}; allowed: {', '.join(sorted(ROUTERS))}") from None
+    factory = _factory(name)
     _check_params(name, factory, params)
     try:
         return factory(**params)
@@ -156,6 +146,30 @@ def make_router(name: str, **params: object) -> Router:
         if "unexpected keyword argument" not in str(e):
             raise
         raise ValueError(f"router {name!r}: {e}") from None
+
+
+def _factory(name: str) -> Callable[..., Router]:
+    if ":" in name:
+        import importlib
+
+        mod, _, attr = name.partition(":")
+        return getattr(importlib.import_module(mod), attr)
+    _ensure_builtin_routers_loaded()
+    try:
+        return ROUTERS[name]
+    except KeyError:
+        raise ValueError(f"unknown router {name!r}; allowed: {', '.join(sorted(ROUTERS))}") from None
+
+
+def router_takes(name: str, param: str) -> bool:
+    """Whether the router ``name`` (registry name or ``package.module:Class``) names ``param`` in its signature."""
+    import inspect
+
+    factory = _factory(name)
+    try:
+        return param in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _check_params(name: str, factory: Callable[..., Router], params: dict[str, object]) -> None:
