@@ -229,3 +229,16 @@ def test_no_instance_for_a_phase_is_unavailable_not_overloaded() -> None:
     ing = _ingress([FakeInstance("mixed-0")], router=Refuses())
     with pytest.raises(Overloaded):
         ing._route(rec)
+
+
+def test_live_view_orders_instances_by_number_as_the_simulator() -> None:
+    """The live view sorted ids as strings (mixed-10 before mixed-2) and the simulator by number; argmin routers
+    break ties in view order, so the same tie went to different instances."""
+    from scheduler.config.load import load_config
+    from scheduler.control.ingress import _numbered
+    from sim.commands import with_instances
+    from sim.simulator import build_instances
+
+    sim_order = [i.instance_id for i in build_instances(with_instances(load_config("default"), 12))]
+    assert sorted(sim_order, key=_numbered) == sim_order
+    assert sorted(["m-10", "m-2", "m-1"], key=_numbered) == ["m-1", "m-2", "m-10"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import time
 import uuid
 import zlib
@@ -354,7 +355,8 @@ class Ingress:
                     pending[iid] = left
                 else:
                     pending.pop(iid, None)
-        self._view = ClusterView(time.time(), tuple(snaps[i] for i in sorted(snaps)))
+        # Numbered as the simulator orders them (mixed-2 before mixed-10): argmin routers break ties in view order.
+        self._view = ClusterView(time.time(), tuple(snaps[i] for i in sorted(snaps, key=_numbered)))
         self.view_refreshed_s = time.time()
         self.recorder.observe_instances(self._view.instances)
 
@@ -1164,6 +1166,12 @@ class _RayDestination:
 
     async def cancel(self) -> None:
         await self.h.migrate_cancel.remote(self.rid)
+
+
+def _numbered(iid: str) -> tuple[str | int, ...]:
+    """Sort key reading the numbers in an instance id as numbers (``re.split`` alternates text and digits, so
+    two keys compare position by position like with like)."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", iid))
 
 
 def _is_lost(e: RayTaskError) -> bool:
