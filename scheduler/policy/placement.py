@@ -31,6 +31,7 @@ from scheduler.latency import LatencyModel, latency_for
 from scheduler.policy.scaling import (
     WorkloadSummary,
     decode_capacity_rps,
+    engine_kv_tokens,
     instances_for,
     mixed_capacity_rps,
     prefill_capacity_rps,
@@ -97,9 +98,7 @@ def instance_profile(
     if model.num_heads % tp or (model.num_kv_heads % tp and tp % model.num_kv_heads):
         return None
     lat = latency_factory(model, gpu, tp)
-    blocks = eng.num_kv_blocks or lat.kv_blocks(eng.block_size, gpu_memory_utilization=eng.gpu_memory_utilization,
-                                                activation_reserve_gib=eng.activation_reserve_gib)
-    kv_tokens = blocks * eng.block_size
+    kv_tokens = engine_kv_tokens(lat, eng)
     need = max_context_tokens or min(model.max_model_len,
                                      int(workload.mean_prompt_tokens + workload.mean_output_tokens))
     if kv_tokens < need:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from scheduler.config.models import ClusterConfig
+from scheduler.config.models import ClusterConfig, EngineSpec
 from scheduler.core.types import SLO, ClusterView, InstanceRole, InstanceSnapshot
 from scheduler.latency import LatencyModel, latency_factory, prefill_pairs
 
@@ -131,6 +131,15 @@ def mixed_capacity_rps(prefill_rps: float, decode_rps: float) -> float:
     if prefill_rps <= 0 or decode_rps <= 0:
         return 0.0
     return 1.0 / (1.0 / prefill_rps + 1.0 / decode_rps)
+
+
+def engine_kv_tokens(lat: LatencyModel, engine: EngineSpec) -> int:
+    """KV capacity in tokens of an instance running ``engine``: its ``num_kv_blocks`` override, else what the
+    GPU memory left after the weights holds (as the simulator's and vLLM's engines size it)."""
+    blocks = engine.num_kv_blocks or lat.kv_blocks(engine.block_size,
+                                                   gpu_memory_utilization=engine.gpu_memory_utilization,
+                                                   activation_reserve_gib=engine.activation_reserve_gib)
+    return blocks * engine.block_size
 
 
 def instances_for(rate_rps: float, capacity_rps: float) -> int | None:
@@ -257,6 +266,9 @@ class SLAScaler(ScalingPolicy):
         latency: one model for every pool, or a mapping pool -> model; or give ``config`` (first pool of each role).
         slo: TTFT/TPOT targets (default: the config's priority-0 SLO).
         headroom: over-provisioning factor on the forecast rate.
+        chunk_tokens / max_batch / kv_tokens: an instance's prefill chunk, decode batch cap and KV capacity (tokens)
+            for every pool; ``None``: each pool's engine (``max_num_batched_tokens``, ``max_num_seqs``, its KV) when
+            built from ``config`` -- as the planner's ``instance_profile`` sizes it -- else 2048 / 256 / unbounded.
         smoothing / trend_smoothing: Holt's level and trend factors for the rate forecast.
     """
 
@@ -264,7 +276,7 @@ class SLAScaler(ScalingPolicy):
 
     def __init__(self, latency: LatencyModel | Mapping[str, LatencyModel] | None = None, *, slo: SLO | None = None,
                  config: ClusterConfig | None = None, headroom: float = 1.1, cooldown_s: float = 10.0,
-                 down_sustain_s: float = 60.0, chunk_tokens: int = 2048, max_batch: int = 256,
+                 down_sustain_s: float = 60.0, chunk_tokens: int | None = None, max_batch: int | None = None,
                  kv_tokens: int | None = None, smoothing: float = 0.5, trend_smoothing: float = 0.2,
                  **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
@@ -272,6 +284,8 @@ class SLAScaler(ScalingPolicy):
         self._single = latency if isinstance(latency, LatencyModel) else None
         self._role: dict[str, str] = {}  # pool name -> role value, when pools are keyed by name (live Controller)
         self._lat_of_gpu: dict[tuple[str, int], LatencyModel] = {}  # an instance's own model, by (gpu, tp)
+        self._eng: dict[str, EngineSpec] = {}  # pool (name or role) -> its engine settings, from config
+        self._eng_of_gpu: dict[tuple[str, int], EngineSpec] = {}
         if isinstance(latency, Mapping):
             self._lat.update(latency)
         if config is not None:
@@ -282,6 +296,9 @@ class SLAScaler(ScalingPolicy):
                 self._lat.setdefault(pool.name, lat)
                 self._role.setdefault(pool.name, pool.role.value)
                 self._lat_of_gpu.setdefault((pool.gpu, pool.tp), lat)
+                for key in (pool.role.value, pool.name):
+                    self._eng.setdefault(key, pool.engine)
+                self._eng_of_gpu.setdefault((pool.gpu, pool.tp), pool.engine)
             slo = slo or config.slo_for(0)
         if self._single is None and not self._lat:
             raise ValueError("SLAScaler needs a latency model: pass latency= or config=")
@@ -310,19 +327,28 @@ class SLAScaler(ScalingPolicy):
         self._t = now_s
         return max(self._level + self._trend * self.startup_delay_s, 0.0)
 
-    def capacity(self, lat: LatencyModel, role: str, w: WorkloadSummary) -> float:
-        """Requests/s one instance of ``role`` with latency model ``lat`` serves within the SLO."""
-        pre = prefill_capacity_rps(lat, w.mean_prompt_tokens, ttft_slo_s=self.slo.ttft_s,
-                                   chunk_tokens=self.chunk_tokens)
+    def engine_of(self, pool: str) -> EngineSpec | None:
+        return self._eng.get(pool)
+
+    def capacity(self, lat: LatencyModel, role: str, w: WorkloadSummary, engine: EngineSpec | None = None) -> float:
+        """Requests/s one instance of ``role`` with latency model ``lat`` (running ``engine``) serves within the
+        SLO. The explicit ``chunk_tokens`` / ``max_batch`` / ``kv_tokens`` win over the engine's."""
+        chunk, batch, kv = self.chunk_tokens, self.max_batch, self.kv_tokens
+        if engine is not None:
+            chunk = chunk or engine.max_num_batched_tokens
+            batch = batch or engine.max_num_seqs
+            kv = kv or engine_kv_tokens(lat, engine)
+        pre = prefill_capacity_rps(lat, w.mean_prompt_tokens, ttft_slo_s=self.slo.ttft_s, chunk_tokens=chunk or 2048)
         dec = decode_capacity_rps(lat, w.mean_prompt_tokens, w.mean_output_tokens, tpot_slo_s=self.slo.tpot_s,
-                                  max_batch=self.max_batch, kv_tokens=self.kv_tokens)
+                                  max_batch=batch or 256, kv_tokens=kv)
         return {"prefill": pre, "decode": dec}.get(role, mixed_capacity_rps(pre, dec))
 
     def targets(self, roles: set[str], w: WorkloadSummary) -> dict[str, int | None]:
         """Instances needed per pool for workload ``w`` (``None``: the SLO is unreachable on this hardware), each
         pool alone serving the whole rate (``decide`` splits it among pools of one role)."""
         rate = w.rate_rps * self.headroom
-        return {pool: instances_for(rate, self.capacity(self.latency_of(pool), self._role.get(pool, pool), w))
+        return {pool: instances_for(rate, self.capacity(self.latency_of(pool), self._role.get(pool, pool), w,
+                                                        self.engine_of(pool)))
                 for pool in roles}
 
     def _targets_in(self, pools: dict[str, list[InstanceSnapshot]], now_s: float,
@@ -332,12 +358,13 @@ class SLAScaler(ScalingPolicy):
         the hetero config), each instance at its own GPU's capacity (a key spanning two GPU types counted all at
         the first's: A100s as H100s), new ones at the capacity of the pool's template."""
         rate = w.rate_rps * self.headroom
-        new_cap = {k: self.capacity(self.latency_of(k), self._role.get(k, k), w) for k in pools}
+        new_cap = {k: self.capacity(self.latency_of(k), self._role.get(k, k), w, self.engine_of(k)) for k in pools}
         caps: dict[str, list[float]] = {}
         for k, insts in pools.items():
             role = self._role.get(k, k)
             caps[k] = [new_cap[k] if (i.gpu, i.tp) not in self._lat_of_gpu
-                       else self.capacity(self._lat_of_gpu[(i.gpu, i.tp)], role, w) for i in insts]
+                       else self.capacity(self._lat_of_gpu[(i.gpu, i.tp)], role, w, self._eng_of_gpu[(i.gpu, i.tp)])
+                       for i in insts]
         have = {k: sum(caps[k]) + self.starting(k, now_s) * new_cap[k] for k in pools}
         by_role: dict[str, list[str]] = {}
         for k in pools:

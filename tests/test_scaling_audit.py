@@ -1,0 +1,48 @@
+"""Audit of autoscaling (scheduler/policy/scaling.py, sim/scaling.py, the live Controller's applier): each test
+reproduces one finding and failed before its fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.config.models import ClusterConfig, GPUSpec
+from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot
+from scheduler.latency import latency_factory
+from scheduler.policy.placement import instance_profile
+from scheduler.policy.routers_lookahead import default_latency_model
+from scheduler.policy.scaling import SLAScaler, WorkloadSummary, instances_for
+
+MODEL = default_latency_model().model
+A100 = GPUSpec(name="a100", memory_gib=80, fp16_tflops=312, hbm_gbps=2039)
+
+
+def _pd_config(engine: dict) -> ClusterConfig:
+    return ClusterConfig(gpus={"a100": A100}, model=MODEL,
+                         pools=[{"name": "p", "role": "prefill", "gpu": "a100", "engine": engine},
+                                {"name": "d", "role": "decode", "gpu": "a100", "engine": engine}])
+
+
+@pytest.mark.parametrize("engine", [{}, {"max_num_seqs": 16}, {"num_kv_blocks": 400},
+                                    {"max_num_batched_tokens": 512}])
+def test_sla_scaler_from_config_sizes_each_pool_with_its_engines_limits(engine: dict) -> None:
+    """The SLA scaler built from a config sized every pool at a batch of up to 256, 2048-token chunks and no KV
+    bound, whatever the pools' engines allow: with 400 KV blocks (6,400 tokens) a decode instance serves about
+    1 req/s at 1,000 + 250 tokens, not the 6 it counted (4 decode instances for 20 req/s where 20 are needed).
+    Now each pool is sized as the planner's ``instance_profile`` sizes it (max_num_seqs, max_num_batched_tokens,
+    the engine's KV capacity)."""
+    cfg = _pd_config(engine)
+    w = WorkloadSummary(100.0, 1000, 250)
+    prof = instance_profile(cfg.model, A100, 1, cfg.slo_for(0), w, engine=cfg.pools[0].engine,
+                            latency_factory=latency_factory(cfg))
+    assert prof is not None
+    need = {"prefill": instances_for(100.0, prof.prefill_rps), "decode": instances_for(100.0, prof.decode_rps)}
+    s = SLAScaler(config=cfg, headroom=1.0, max_instances=1000)
+    assert s.targets({"prefill", "decode"}, w) == need
+    # The per-instance path (decide over a view) too: one instance of each, scaled up to what the engines serve.
+    v = ClusterView(0.0, (InstanceSnapshot("p-0", InstanceRole.PREFILL, gpu="a100", tp=1),
+                          InstanceSnapshot("d-0", InstanceRole.DECODE, gpu="a100", tp=1)))
+    got = {d.pool: d.target for d in SLAScaler(config=cfg, headroom=1.0, max_instances=1000).decide(v, 0.0, w)}
+    assert got == {k: n for k, n in need.items() if n > 1}
+    # Explicit arguments still override every pool (the bench's tuned ``kv_tokens``).
+    loose = SLAScaler(config=cfg, headroom=1.0, kv_tokens=10**9, max_batch=256, chunk_tokens=2048)
+    assert loose.targets({"decode"}, w)["decode"] <= need["decode"]  # type: ignore[operator]
