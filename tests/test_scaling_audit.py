@@ -46,3 +46,29 @@ def test_sla_scaler_from_config_sizes_each_pool_with_its_engines_limits(engine: 
     # Explicit arguments still override every pool (the bench's tuned ``kv_tokens``).
     loose = SLAScaler(config=cfg, headroom=1.0, kv_tokens=10**9, max_batch=256, chunk_tokens=2048)
     assert loose.targets({"decode"}, w)["decode"] <= need["decode"]  # type: ignore[operator]
+
+
+def test_live_scale_down_calls_off_instances_still_being_placed_before_draining_serving_ones() -> None:
+    """Two MIXED instances serve, two more are being placed (an operator's scale, or a start slower than the
+    policy's ``startup_delay_s``). A scale-down to 1 drained both serving instances -- the Controller counted the
+    pending ones as the pool and chose only among members -- leaving the pool nothing to route to until the new
+    ones loaded. The simulator's applier cancels its starting instances first; so does the Controller now (their
+    creation called off, the desired size lowered), then drains the least loaded member."""
+    import asyncio
+
+    from scheduler.policy.scaling import ScaleDecision
+    from tests.test_autoscale import _fake_controller
+
+    async def run() -> tuple[list[bool], set[str], list[int], int, set[str]]:
+        ctrl, asked, insts = _fake_controller(2, 4)
+        tasks = [asyncio.create_task(asyncio.sleep(3600)) for _ in range(2)]
+        ctrl._pending = {"mixed-2": tasks[0], "mixed-3": tasks[1]}
+        await ctrl._apply_scale(ScaleDecision("mixed", target=1, reason="idle"))
+        await asyncio.sleep(0)
+        return [t.cancelled() for t in tasks], set(ctrl._pending), asked, sum(i.draining for i in insts), set(
+            ctrl._draining)
+
+    cancelled, pending, asked, drained, draining = asyncio.run(run())
+    assert drained == 1 and len(draining) == 1  # one of the two serving instances drains, not both
+    assert cancelled == [True, True] and not pending
+    assert asked == [2]  # desired 4 -> 2: the two placements called off

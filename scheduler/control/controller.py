@@ -17,8 +17,9 @@ Ingresses keep routing from their own cached view meanwhile and re-send their re
 
 Scaling loop (``policies.scaling``): every ``scaling_interval_s`` the scaling policy decides on the live view;
 a scale-up raises the pool's desired count (after growing the KubeRay worker group of its GPU type when running
-under Kubernetes, ``scheduler.deploy.autoscale``); a scale-down marks the chosen instances draining (routers skip
-them; the migration policy, if any, moves their requests), releases each once it is idle (or after
+under Kubernetes, ``scheduler.deploy.autoscale``); a scale-down first calls off instances still being placed
+(they serve nothing yet, as the simulator cancels its starting ones), then marks the chosen instances draining
+(routers skip them; the migration policy, if any, moves their requests), releases each once it is idle (or after
 ``drain_timeout_s``), then shrinks the worker group, naming the worker pods left without an instance. The same
 loop applies re-roling (``policies.reroling``, or an operator's ``switch_role``): ``scheduler.control.reroling``.
 """
@@ -469,15 +470,25 @@ class Controller:
             log.info("pool %s: scale up %d -> %d (%s)%s", d.pool, n, new, d.reason,
                      f", taking back {', '.join(back)}" if back else "")
         elif new < n:
+            # Instances still being placed serve nothing yet: called off first (newest first), as the simulator's
+            # applier cancels its starting ones -- draining members for them left the pool nothing to route to
+            # until the new ones loaded. Then the chosen members drain.
+            placing = sorted((i for i in active if i in self._pending), key=lambda i: _index_of(i) or 0)
+            off = placing[::-1][: n - new]
+            for iid in off:
+                self._pending.pop(iid).cancel()  # ``_create`` removes what it had placed
+            if off:
+                await self._set_desired(d.pool, max(self._desired.get(d.pool, 0) - len(off), 0))
             members = [i for i in active if i in self._members]
             order = [i for i in d.drain if i in members]
             order += sorted((i for i in members if i not in order), key=load)
-            chosen = order[: n - new]
+            chosen = order[: n - new - len(off)]
             for iid in chosen:
                 await self._begin_drain(iid)
             self.scaling_stats["down"] += 1
-            self._scaling_events.append({**event, "action": "down", "draining": chosen})
-            log.info("pool %s: scale down %d -> %d, draining %s (%s)", d.pool, n, new, ", ".join(chosen), d.reason)
+            self._scaling_events.append({**event, "action": "down", "draining": chosen, "called_off": off})
+            log.info("pool %s: scale down %d -> %d, draining %s%s (%s)", d.pool, n, new, ", ".join(chosen) or "none",
+                     f", calling off {', '.join(off)}" if off else "", d.reason)
 
     async def _begin_drain(self, iid: str) -> None:
         m = self._members.get(iid)
@@ -633,6 +644,7 @@ class Controller:
             await asyncio.gather(*self._pending.values(), return_exceptions=True)
 
     async def _create(self, pool: PoolSpec, iid: str) -> None:
+        handle = None
         try:
             slots = not self._use_gpus and ray.cluster_resources().get(gpu_type_resource(pool.gpu), 0) > 0
             plan: InstancePlacement = plan_placement(pool, use_gpus=self._use_gpus, type_slots=slots)
@@ -655,6 +667,11 @@ class Controller:
             info = await handle.start.remote()
             self._members[iid] = Member(handle, info)
             log.info("instance %s up on node %s (bundles on %s)", iid, info.node_id[:8], bundle_nodes(pg))
+        except asyncio.CancelledError:  # a scale-down called it off: nothing of it left behind
+            if handle is not None:
+                ray.kill(handle, no_restart=True)
+            remove_instance_pg(self.cluster, iid)
+            raise
         except Exception:
             log.exception("creating instance %s failed", iid)
             remove_instance_pg(self.cluster, iid)
