@@ -3,6 +3,8 @@ reproduces one finding and failed before its fix."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from scheduler.config.models import ClusterConfig, GPUSpec
@@ -72,3 +74,22 @@ def test_live_scale_down_calls_off_instances_still_being_placed_before_draining_
     assert drained == 1 and len(draining) == 1  # one of the two serving instances drains, not both
     assert cancelled == [True, True] and not pending
     assert asked == [2]  # desired 4 -> 2: the two placements called off
+
+
+def test_live_scale_down_keeps_one_accepting_instance_per_pool_as_the_simulator_does() -> None:
+    """``min_instances: 0`` is accepted by the policies, and the simulator's applier still keeps one accepting
+    instance per pool. The Controller drained and released a pool's last instance: the pool then had no instance
+    in the policy's view (pools are keyed from the instances), so no load could ever scale it back up -- every
+    request for it failed from then on."""
+    import asyncio
+
+    from scheduler.policy.scaling import ThresholdScaler
+    from tests.test_autoscale import _fake_controller
+    from tests.test_controller_audit import _snap
+
+    ctrl, _, insts = _fake_controller(1, 1)
+    ctrl._scaling = ThresholdScaler(min_instances=0, sustain_s=0, cooldown_s=0)
+    ctrl._snapshots = {"mixed-0": _snap("mixed-0")}  # idle: the policy asks for 0
+    ctrl._workload = SimpleNamespace(summary=lambda now: None)
+    asyncio.run(ctrl._scaling_tick())
+    assert not ctrl._draining and not insts[0].draining

@@ -440,7 +440,9 @@ class Controller:
         # The policy counts from its view, which lags a just-placed instance (a member before its first snapshot):
         # its delta applied to this count could pass its own bounds (seen: 1 -> 2 -> 3 with max_instances 2).
         lo, hi = getattr(self._scaling, "min_instances", 0), getattr(self._scaling, "max_instances", None)
-        new = max(new, min(lo, n))  # never below the minimum (unless already below it)
+        # Never below the minimum (unless already below it), nor below one instance: a pool without an instance
+        # leaves the policy's view and no load could scale it up again (the simulator keeps one too).
+        new = max(new, min(max(lo, 1), n))
         if hi is not None:
             new = min(new, max(hi, n))  # nor above the maximum
         event = {"time_s": time.time(), "pool": d.pool, "from": n, "to": new, "reason": d.reason}
