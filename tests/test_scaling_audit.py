@@ -12,7 +12,7 @@ from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot
 from scheduler.latency import latency_factory
 from scheduler.policy.placement import instance_profile
 from scheduler.policy.routers_lookahead import default_latency_model
-from scheduler.policy.scaling import SLAScaler, WorkloadSummary, instances_for
+from scheduler.policy.scaling import SLAScaler, ThresholdScaler, WorkloadSummary, instances_for
 
 MODEL = default_latency_model().model
 A100 = GPUSpec(name="a100", memory_gib=80, fp16_tflops=312, hbm_gbps=2039)
@@ -83,7 +83,6 @@ def test_live_scale_down_keeps_one_accepting_instance_per_pool_as_the_simulator_
     request for it failed from then on."""
     import asyncio
 
-    from scheduler.policy.scaling import ThresholdScaler
     from tests.test_autoscale import _fake_controller
     from tests.test_controller_audit import _snap
 
@@ -93,3 +92,26 @@ def test_live_scale_down_keeps_one_accepting_instance_per_pool_as_the_simulator_
     ctrl._workload = SimpleNamespace(summary=lambda now: None)
     asyncio.run(ctrl._scaling_tick())
     assert not ctrl._draining and not insts[0].draining
+
+
+def test_live_applies_a_higher_target_while_an_earlier_scale_up_is_still_being_placed() -> None:
+    """A burst: the SLA scaler asked for 4, then (one cooldown later, the forecast still rising) for 6. The
+    Controller deferred -- dropped -- any scale-up while one was being placed, though a target counts the instances
+    being placed (no double start to guard against, unlike a delta from a view that lags them); the policy had
+    booked the 2 as starting, so it asked again only ``startup_delay_s`` later: the pool stayed 2 short that long.
+    The simulator applies it at once. A delta is still deferred (its base may not count the ones being placed)."""
+    import asyncio
+
+    from scheduler.policy.scaling import ScaleDecision
+    from tests.test_autoscale import _fake_controller
+
+    async def run(d: ScaleDecision) -> list[int]:
+        ctrl, asked, _ = _fake_controller(2, 4)
+        ctrl._scaling = ThresholdScaler(min_instances=1, max_instances=8)
+        ctrl._pending = {"mixed-2": asyncio.create_task(asyncio.sleep(3600)),
+                         "mixed-3": asyncio.create_task(asyncio.sleep(3600))}
+        await ctrl._apply_scale(d)
+        return asked
+
+    assert asyncio.run(run(ScaleDecision("mixed", target=6, reason="burst"))) == [6]
+    assert asyncio.run(run(ScaleDecision("mixed", delta=1, reason="busy"))) == []

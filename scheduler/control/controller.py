@@ -452,7 +452,11 @@ class Controller:
             return (s.num_running + s.num_waiting, s.kv_blocks_used) if s is not None else (0, 0)
 
         if new > n:
-            if any(i in self._pending for i in active):
+            # A delta comes from a view that may lag the instances being placed (its +1 may be for load they will
+            # take): deferred while any is. A target counts them (``n`` does): applied at once, as the simulator
+            # does -- deferring it dropped it, and the policy, which booked it as starting, asked again only
+            # ``startup_delay_s`` later.
+            if d.delta is not None and any(i in self._pending for i in active):
                 log.info("pool %s: scale-up to %d deferred, a previous one is still being placed", d.pool, new)
                 return
             # Instances of the pool still draining are up and warm: taken back first (busiest first), as the
