@@ -115,3 +115,38 @@ def test_live_applies_a_higher_target_while_an_earlier_scale_up_is_still_being_p
 
     assert asyncio.run(run(ScaleDecision("mixed", target=6, reason="burst"))) == [6]
     assert asyncio.run(run(ScaleDecision("mixed", delta=1, reason="busy"))) == []
+
+
+def test_an_instance_that_dies_while_draining_for_a_scale_down_is_not_replaced(monkeypatch) -> None:
+    """A scale-down 3 -> 2 drains mixed-2, which then dies before it is idle. The pool's desired size is lowered
+    only when a drained instance is released, so the dead one was just forgotten and the next reconcile replaced
+    it: the pool was back at 3 (a model load, and GPU time, for an instance the policy had given up), where the
+    simulator, with no such death, ends at 2. Now a death while draining for a scale-down counts the instance out,
+    as its release would have."""
+    import asyncio
+
+    import ray
+
+    import scheduler.control.controller as controller_mod
+    from scheduler.policy.scaling import ScaleDecision
+    from tests.test_controller_audit import FakeInstance, _controller
+
+    class Dying(FakeInstance):
+        async def _snapshot(self):  # type: ignore[no-untyped-def]
+            raise ray.exceptions.RayActorError()
+
+    monkeypatch.setattr(controller_mod, "remove_instance_pg", lambda cluster, iid: False)
+    insts = [FakeInstance("mixed-0"), FakeInstance("mixed-1"), Dying("mixed-2")]
+    ctrl = _controller(insts, {"mixed": 3})
+    ctrl.cluster = "audit"
+
+    async def run() -> None:
+        await ctrl._apply_scale(ScaleDecision("mixed", target=2, reason="idle", drain=("mixed-2",)))
+        assert list(ctrl._draining) == ["mixed-2"]
+        await ctrl._refresh()  # mixed-2 died
+        await ctrl._reconcile(wait=True)
+        await ctrl._release_drained()
+
+    asyncio.run(run())
+    assert sorted(ctrl._members) == ["mixed-0", "mixed-1"] and not ctrl._pending
+    assert ctrl._next_index["mixed"] == 3 and ctrl._desired["mixed"] == 2  # nothing started in its place

@@ -230,7 +230,15 @@ class Controller:
         self._members[iid] = Member(m.handle, dataclasses.replace(m.info, role=snap.role))
 
     def _forget(self, iid: str) -> None:
-        self._members.pop(iid, None)
+        m = self._members.pop(iid, None)
+        if m is not None and self._draining.pop(iid, None) is not None:
+            # Dead while draining for a scale-down: counted out as its release would have (the next reconcile
+            # would otherwise replace it, undoing the scale-down), unless an admin scale already did.
+            self._save_draining()
+            self._k8s_shrink_due = True
+            if self._desired.get(m.info.pool, 0) > len(self._active(m.info.pool, held=True)):
+                self._desired[m.info.pool] -= 1
+                self._save_desired()
         self._role_round.pop(iid, None)
         self._drop_operator_drain(iid)
         self._snapshots.pop(iid, None)
