@@ -3,6 +3,7 @@ reproduces one finding and failed before its fix."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -150,3 +151,51 @@ def test_an_instance_that_dies_while_draining_for_a_scale_down_is_not_replaced(m
     asyncio.run(run())
     assert sorted(ctrl._members) == ["mixed-0", "mixed-1"] and not ctrl._pending
     assert ctrl._next_index["mixed"] == 3 and ctrl._desired["mixed"] == 2  # nothing started in its place
+
+
+def test_live_called_off_placement_leaves_no_placement_group_behind() -> None:
+    """On a real (local) Ray cluster: an instance that cannot be placed (one fake A100 node, held by mixed-0) is
+    called off by a scale-down; its placement group, which would keep asking for the GPU slot, is removed and the
+    pool's desired size lowered. (Before, a cancelled ``_create`` removed nothing: ``except Exception`` does not
+    catch the cancellation.)"""
+    ray = pytest.importorskip("ray")
+
+    from scheduler.control.cluster import NodeSpec, start_ray
+    from scheduler.control.controller import NAMESPACE, Controller
+    from scheduler.control.placement import find_pg, pg_name
+    from scheduler.policy.scaling import ScaleDecision
+
+    cfg = ClusterConfig.model_validate({
+        "name": "t", "gpus": {"a100": A100.model_dump()}, "model": MODEL.model_dump(),
+        "pools": [{"name": "mixed", "role": "mixed", "gpu": "a100", "count": 1,
+                   "engine": {"num_kv_blocks": 64, "max_num_seqs": 8}}],
+        "policies": {"scaling": {"name": "threshold", "params": {"scaling_interval_s": 3600}}},
+    })
+    if ray.is_initialized():
+        ray.shutdown()
+    rt = start_ray([NodeSpec("a100", 1)], head_cpus=2)
+    ctrl = None
+    try:
+        ctrl = (ray.remote(Controller)
+                .options(name="llmsched-controller-scaling-audit", namespace=NAMESPACE, max_restarts=0, num_cpus=0,
+                         max_concurrency=1000)
+                .remote(cfg, cluster="scaling-audit", backend_kwargs={"simulated": {"time_scale": 1.0}},
+                        refresh_s=0.05, detached_instances=False))
+        assert sorted(ray.get(ctrl.ready.remote(60), timeout=70)) == ["mixed-0"]
+        ctrl.scale.remote("mixed", 2)  # waits for a placement that never comes: not awaited
+        deadline = time.monotonic() + 30
+        while find_pg(pg_name("scaling-audit", "mixed-1")) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert find_pg(pg_name("scaling-audit", "mixed-1")) is not None
+        ray.get(ctrl._apply_scale.remote(ScaleDecision("mixed", target=1, reason="idle")), timeout=30)
+        deadline = time.monotonic() + 10
+        while find_pg(pg_name("scaling-audit", "mixed-1")) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert find_pg(pg_name("scaling-audit", "mixed-1")) is None
+        events = ray.get(ctrl.scaling_events.remote())
+        assert events[-1]["called_off"] == ["mixed-1"] and events[-1]["draining"] == [], events
+        assert sorted(ray.get(ctrl.members.remote())) == ["mixed-0"]
+    finally:
+        if ctrl is not None:
+            ray.get(ctrl.shutdown.remote(), timeout=60)
+        rt.shutdown()
