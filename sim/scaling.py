@@ -17,7 +17,8 @@ GPU-hours count each instance from its start request (``started_s``; 0 for the c
 removal (``stopped_s``; the makespan for instances alive at the end): ``SimResult.instance_lifetime_s``.
 
 The observed summary: arrival rate and mean prompt tokens of the requests that arrived in the window; mean output
-tokens of the requests that *finished* in the window (what a live controller can measure). Before any request has
+tokens of the requests that *finished* in the window (what a live controller can measure); the prompt tokens the
+instances served from their prefix caches in the window, per arrival (``PrefixHitWindow``, as the Controller). Before any request has
 finished, the mean output of the window's arrivals stands in (a cold-start oracle, for the first seconds only).
 """
 
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from scheduler.policy.scaling import ScaleDecision, WorkloadSummary
+from scheduler.policy.scaling import PrefixHitWindow, ScaleDecision, WorkloadSummary
 from sim.cluster import SimInstance, new_instance, pool_latency
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ class ScalingDriver:
             self._lat.setdefault(inst.pool.name, inst.latency)
             self._next_n[inst.pool.name] = self._next_n.get(inst.pool.name, 0) + 1
         self._last_output: float | None = None
+        self._hits = PrefixHitWindow(window_s)
 
     # ---- events ------------------------------------------------------------------------------------------------
     def on_event(self, payload: SimInstance | None, now: float) -> bool:
@@ -87,6 +89,7 @@ class ScalingDriver:
             return False
         sim = self.sim
         view = sim.policy_view(now)
+        self._hits.observe(now, view.instances)
         for d in self.policy.decide(view, now, self.observe(now)):  # type: ignore[union-attr]
             self.apply(d, now)
         drn = sum(1 for x in self.live if x.draining)
@@ -116,7 +119,7 @@ class ScalingDriver:
         output = self._last_output
         if output is None:  # nothing finished yet: cold-start stand-in (see module docstring)
             output = float(w.output_tokens[lo:hi].mean()) if hi > lo else 1.0
-        return WorkloadSummary(rate, prompt, output)
+        return WorkloadSummary(rate, prompt, output, self._hits.per_request(hi - lo, prompt))
 
     # ---- applying decisions --------------------------------------------------------------------------------------
     def pool_key(self, inst: SimInstance) -> str:

@@ -199,3 +199,87 @@ def test_live_called_off_placement_leaves_no_placement_group_behind() -> None:
         if ctrl is not None:
             ray.get(ctrl.shutdown.remote(), timeout=60)
         rt.shutdown()
+
+
+# ---- prefix-cache hits in the SLA sizing -------------------------------------------------------------------------------
+def _shared_prefix_workload(rate: float = 6.0, dur: float = 240.0):  # type: ignore[no-untyped-def]
+    """3,584-token prompts of which 3,072 (6 blocks of 512) are one shared prefix; 50-300 output tokens."""
+    import numpy as np
+
+    from sim.simulator import Workload
+
+    rng = np.random.default_rng(0)
+    a = np.cumsum(rng.exponential(1 / rate, int(rate * dur * 1.5)))
+    a = a[a < dur]
+    n = len(a)
+    return Workload(a, np.full(n, 3584), rng.integers(50, 300, n),
+                    hash_ids=[(*range(6), 1000 + i) for i in range(n)], name="shared-prefix")
+
+
+def test_sla_scaler_sizes_prefill_on_the_tokens_a_prefix_cache_leaves_to_compute() -> None:
+    """P/D Llama-2-7B on A100s with prefix caching, prompts sharing 86% of their tokens: one prefill instance
+    meets the SLO (static 1 P + 4 D: 100%), but the SLA scaler sized prefill on the whole prompt and kept 3
+    (4 with its headroom) -- 3x the prefill GPUs. The observed summary now carries the prompt tokens the
+    instances served from their caches per arrival (from the snapshots' counters, as the live Controller reads
+    them), and prefill capacity is that of the tokens computed."""
+    from scheduler.config.load import load_config
+    from scheduler.policy.scaling import make_scaling_policy
+    from sim.metrics import sim_summary
+    from sim.simulator import Simulator
+
+    base = load_config("llama2-7b-pd-a100")
+    cfg = base.model_copy(update={"pools": [
+        p.model_copy(update={"count": 3 if p.role is InstanceRole.PREFILL else 4,
+                             "engine": p.engine.model_copy(update={"enable_prefix_caching": True})})
+        for p in base.pools]})
+    w = _shared_prefix_workload()
+    pol = make_scaling_policy("sla", config=cfg, min_instances=1, max_instances=8)
+    sim = Simulator(cfg, router="least_outstanding", scaling=pol, scaling_interval_s=5.0, scaling_startup_s=30.0)
+    seen: list[WorkloadSummary] = []
+    decide = pol.decide
+
+    def spy(view: ClusterView, now: float, observed: WorkloadSummary) -> list:
+        seen.append(observed)
+        return decide(view, now, observed)
+
+    pol.decide = spy  # type: ignore[method-assign]
+    res = sim.run(w)
+    hits = res.prefix_hit_tokens / len(w)
+    assert hits > 2500  # the workload does hit the caches
+    assert sim.scaler is not None
+    n_pre = 3 + sum(e.change for e in sim.scaler.events if e.pool == "prefill")
+    assert n_pre == 1, sim.scaler.events
+    assert sim_summary(res)["slo_attainment"] >= 0.95
+    mid = [s.mean_cached_prompt_tokens for s in seen[len(seen) // 4: 3 * len(seen) // 4]]
+    assert min(mid) == pytest.approx(hits, rel=0.15), (min(mid), hits)
+
+
+def test_live_workload_window_reads_prefix_hits_from_the_snapshots() -> None:
+    """The Controller's window: the growth of each instance's ``prompt_tokens_cached`` over the window, per arrival
+    (an instance first seen counts from then on: its earlier hits are not this window's)."""
+    from scheduler.control.controller import _WorkloadWindow
+    from scheduler.core.types import RequestLoad
+
+    def snap(iid: str, cached: int, *rids: str) -> InstanceSnapshot:
+        return InstanceSnapshot(iid, InstanceRole.MIXED, prompt_tokens_cached=cached,
+                                requests=tuple(RequestLoad(r, 1000, 0, in_prefill=True) for r in rids))
+
+    win = _WorkloadWindow(30.0)
+    win.observe(0.0, [snap("a", 50_000)], {})  # history from before: not counted
+    win.observe(1.0, [snap("a", 50_800, "r1", "r2")], {})
+    win.observe(2.0, [snap("a", 51_600, "r3", "r4"), snap("b", 9_999)], {})
+    s = win.summary(2.0)
+    assert s.mean_prompt_tokens == 1000 and s.mean_cached_prompt_tokens == pytest.approx(400)
+    win.observe(40.0, [snap("a", 51_600), snap("b", 9_999)], {})
+    assert win.summary(40.0).mean_cached_prompt_tokens == 0  # out of the window
+
+
+def test_instance_snapshots_carry_the_engines_prefix_hit_counter() -> None:
+    """Live instances report it: the simulated backend's engine counter (and vLLM's connector's
+    ``prompt_tokens_cached``) through ``EngineStats`` into the snapshot the Controller's window reads."""
+    from scheduler.control.instance import InstanceInfo, snapshot_from_stats
+    from scheduler.engine.base import EngineStats
+
+    info = InstanceInfo("m-0", "m", InstanceRole.MIXED, "a100", 1, "m", "simulated", "m-0#1")
+    stats = EngineStats(0, 0, 0, 10, 16, prompt_tokens_cached=1234)
+    assert snapshot_from_stats(stats, info, 0.0).prompt_tokens_cached == 1234

@@ -55,7 +55,13 @@ from scheduler.control.reroling import RoleSwitcher
 from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot
 from scheduler.deploy.autoscale import KubernetesBackend
 from scheduler.policy.migration import MigrationPlan, MigrationPolicy, make_migration_policy
-from scheduler.policy.scaling import ScaleDecision, ScalingPolicy, WorkloadSummary, make_scaling_policy
+from scheduler.policy.scaling import (
+    PrefixHitWindow,
+    ScaleDecision,
+    ScalingPolicy,
+    WorkloadSummary,
+    make_scaling_policy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +318,7 @@ class Controller:
         try:
             self._scaling_interval_s = float(params.pop("scaling_interval_s", self._scaling_interval_s))
             self._drain_timeout_s = float(params.pop("drain_timeout_s", self._drain_timeout_s))
-            self._workload.window_s = float(params.pop("window_s", self._workload.window_s))
+            self._workload = _WorkloadWindow(float(params.pop("window_s", self._workload.window_s)))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from None
         if self._scaling_interval_s <= 0 or self._drain_timeout_s < 0 or self._workload.window_s <= 0:
@@ -859,7 +865,8 @@ def _kubernetes_from_env() -> KubernetesBackend | None:
 
 class _WorkloadWindow:
     """Arrival rate and mean prompt/output lengths over the last ``window_s``, from what the Controller sees:
-    requests in instance snapshots (prompt = KV length - generated) and in the ingresses' registry reports.
+    requests in instance snapshots (prompt = KV length - generated) and in the ingresses' registry reports; the
+    prompt tokens the instances served from their prefix caches (``PrefixHitWindow``, as the simulator's driver).
     Feeds the SLA scaler's ``observed``; an estimate (requests shorter than a refresh round may be missed)."""
 
     def __init__(self, window_s: float = 30.0) -> None:
@@ -869,10 +876,13 @@ class _WorkloadWindow:
         self._ended: dict[str, float] = {}  # recently ended ids (a P->D handoff gap is not a new arrival)
         self._arrivals: deque[tuple[float, int | None]] = deque()
         self._outputs: deque[tuple[float, int]] = deque()
+        self._hits = PrefixHitWindow(window_s)
 
     def observe(self, now: float, snapshots: Any, registry: Any) -> None:
         if self.started_s is None:
             self.started_s = now
+        snapshots = list(snapshots)
+        self._hits.observe(now, snapshots)
         current: dict[str, tuple[int | None, int]] = {}
         for s in list(snapshots):
             for r in s.requests:
@@ -899,8 +909,10 @@ class _WorkloadWindow:
         span = min(self.window_s, max(now - (self.started_s or now), 1.0))
         prompts = [p for _, p in self._arrivals if p is not None]
         outs = [o for _, o in self._outputs if o > 0]
+        prompt = sum(prompts) / len(prompts) if prompts else 512.0
         return WorkloadSummary(
             rate_rps=len(self._arrivals) / span,
-            mean_prompt_tokens=sum(prompts) / len(prompts) if prompts else 512.0,
+            mean_prompt_tokens=prompt,
             mean_output_tokens=sum(outs) / len(outs) if outs else 128.0,
+            mean_cached_prompt_tokens=self._hits.per_request(len(self._arrivals), prompt),
         )

@@ -710,6 +710,7 @@ def snapshot_from_stats(
         prefill_tokens_pending=pending,
         prefill_compute_tokens=s.prefill_compute_tokens,
         cached_hash_ids=s.cached_hash_ids,
+        prompt_tokens_cached=s.prompt_tokens_cached,
         decode_context_tokens=decode_ctx,
         predicted_remaining_tokens=predicted,
         requests=tuple(reqs),

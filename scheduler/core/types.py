@@ -162,6 +162,10 @@ class InstanceSnapshot:
     # transferred KV). ``None``: the reporter cannot tell; take ``prefill_tokens_pending``. KV accounting keeps
     # using that: a cache hit saves compute, not the request's KV reservation.
     prefill_compute_tokens: int | None = None
+    # Prompt tokens this engine has served from its own prefix cache since it started (cumulative; not KV that came
+    # with a transfer or a migration). The scaling window reads its growth: the SLA scaler sizes prefill on the
+    # tokens actually computed.
+    prompt_tokens_cached: int = 0
     # Of ``num_waiting``: requests routed here to decode whose prompt KV is still on its way from their prefill
     # instance (the engine does not hold them yet). Lets a policy tell them from queued prompts on a MIXED
     # instance, where both wait.

@@ -83,6 +83,8 @@ class EngineStats:
     # Of the loaded: tokens whose KV a live migration had already written into this engine's blocks before the
     # request arrived (nothing copied at admission, so the migration's downtime does not grow with context).
     prompt_tokens_adopted: int = 0
+    # Prompt tokens served from this engine's own prefix cache (``InstanceSnapshot.prompt_tokens_cached``).
+    prompt_tokens_cached: int = 0
     requests: tuple[RequestLoad, ...] = ()
     # Prompt tokens the requests in prefill still have to compute (see ``InstanceSnapshot.prefill_compute_tokens``);
     # ``None``: this backend cannot tell.

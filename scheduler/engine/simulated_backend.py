@@ -288,6 +288,7 @@ class SimulatedBackend:
             num_preemptions=em.num_preemptions,
             prompt_tokens_computed=em.prompt_tokens_computed,
             prompt_tokens_loaded=em.prompt_tokens_loaded,
+            prompt_tokens_cached=em.prefix_hit_tokens,
             requests=snap.requests,
             prefill_compute_tokens=snap.prefill_compute_tokens,
             cached_hash_ids=snap.cached_hash_ids,

@@ -577,6 +577,7 @@ class VLLMBackend:
             prompt_tokens_computed=int(d["prompt_tokens_computed"]),
             prompt_tokens_loaded=int(d["prompt_tokens_loaded"]),
             prompt_tokens_adopted=int(d["prompt_tokens_adopted"]),
+            prompt_tokens_cached=int(d["prompt_tokens_cached"]),
             requests=loads,
             prefill_compute_tokens=None if d["prefill_compute_tokens"] is None else int(d["prefill_compute_tokens"]),
         )

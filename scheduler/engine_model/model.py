@@ -749,5 +749,6 @@ class EngineModel:
             requests=requests,
             cached_hash_ids=self._cached_hash_ids(),
             prefill_compute_tokens=compute,
+            prompt_tokens_cached=self.prefix_hit_tokens,
             **static,  # type: ignore[arg-type]
         )

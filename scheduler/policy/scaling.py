@@ -6,8 +6,8 @@
   still starting (``startup_delay_s``) count as capacity so a burst does not trigger a scale-up per tick.
 * ``SLAScaler`` -- NVIDIA Dynamo planner's SLA mode: from the observed arrival rate and prompt/output mix,
   forecast the rate ``startup_delay_s`` ahead (Holt's linear trend), and compute the instances needed with the
-  latency model: prefill capacity from ``prefill_time`` under an M/D/1 TTFT bound (DistServe, Zhong et al., OSDI
-  2024, section 3), decode capacity from ``decode_coeffs`` at the largest batch meeting the TPOT SLO and fitting
+  latency model: prefill capacity from ``prefill_time`` of the tokens computed (the prompt less its observed
+  prefix-cache hits) under an M/D/1 TTFT bound (DistServe, Zhong et al., OSDI 2024, section 3), decode capacity from ``decode_coeffs`` at the largest batch meeting the TPOT SLO and fitting
   in KV. Scale-up at once, scale-down only after ``down_sustain_s``.
 * ``RerolePolicy`` -- dynamic re-roling (Splitwise's mixed pool made durable): when one P/D pool saturates and
   the other idles, propose ``RoleChange`` for the idlest instance of the light pool.
@@ -17,8 +17,9 @@ Pools are keyed by ``pool_of(snapshot)`` (default: the role's value, "prefill" /
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -57,34 +58,63 @@ class RoleChange:
 
 @dataclass(frozen=True, slots=True)
 class WorkloadSummary:
-    """Observed (or planned) load: arrival rate and mean lengths."""
+    """Observed (or planned) load: arrival rate and mean lengths; ``mean_cached_prompt_tokens`` of the prompt were
+    served from a prefix cache (not computed)."""
 
     rate_rps: float
     mean_prompt_tokens: float
     mean_output_tokens: float
+    mean_cached_prompt_tokens: float = 0.0
+
+
+class PrefixHitWindow:
+    """Prompt tokens the instances served from their prefix caches over the last ``window_s``: the growth of each
+    snapshot's cumulative ``prompt_tokens_cached`` (an instance counts from its first sample). One estimator for
+    the simulator's scaling driver and the live Controller."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._last: dict[str, int] = {}
+        self._hits: list[tuple[float, int]] = []
+
+    def observe(self, now_s: float, snapshots: Iterable[InstanceSnapshot]) -> None:
+        seen = {s.instance_id: s.prompt_tokens_cached for s in snapshots}
+        gained = sum(max(n - self._last[i], 0) for i, n in seen.items() if i in self._last)
+        self._last = seen
+        if gained:
+            self._hits.append((now_s, gained))
+        self._hits = [(t, n) for t, n in self._hits if t > now_s - self.window_s]
+
+    def per_request(self, arrivals: int, mean_prompt_tokens: float) -> float:
+        """Mean cached tokens per request of the window's ``arrivals`` (at most the mean prompt)."""
+        if arrivals <= 0:
+            return 0.0
+        return min(sum(n for _, n in self._hits) / arrivals, mean_prompt_tokens)
 
 
 # ---- analytic capacity ----------------------------------------------------------------------------------------------
 def prefill_capacity_rps(lat: LatencyModel, prompt_tokens: float, *, ttft_slo_s: float | None = None,
-                         chunk_tokens: int = 2048, max_utilization: float = 0.9) -> float:
+                         chunk_tokens: int = 2048, max_utilization: float = 0.9, cached_tokens: float = 0.0) -> float:
     """Requests/s one instance can prefill while (on average) meeting the TTFT SLO.
 
-    Service: prompts packed ``chunk_tokens`` per step (``step_time`` with their attention pairs). Queueing: M/D/1
-    mean wait ``rho * S / (2 (1 - rho))`` with ``S = prefill_time(prompt)``; ``S + wait <= T`` gives
-    ``rho <= 2 (x - 1) / (2 x - 1)`` for ``x = T / S`` (0 if ``x < 1``). Capped at ``max_utilization``.
+    Service: the ``prompt - cached_tokens`` tokens to compute (after the cached prefix), packed ``chunk_tokens``
+    per step (``step_time`` with their attention pairs). Queueing: M/D/1 mean wait ``rho * S / (2 (1 - rho))``
+    with ``S = prefill_time(computed, cached)``; ``S + wait <= T`` gives ``rho <= 2 (x - 1) / (2 x - 1)`` for
+    ``x = T / S`` (0 if ``x < 1``). Capped at ``max_utilization``.
     """
-    p = max(int(prompt_tokens), 1)
+    c = max(int(cached_tokens), 0)
+    p = max(int(prompt_tokens) - c, 1)  # tokens computed; a full hit still computes the last one
     if p <= chunk_tokens:
         k = max(chunk_tokens // p, 1)
-        per_request = lat.step_time(prefill_tokens=k * p, prefill_pairs=k * prefill_pairs(p, 0),
+        per_request = lat.step_time(prefill_tokens=k * p, prefill_pairs=k * prefill_pairs(p, c),
                                     prefill_seqs=k) / k
     else:
         steps = math.ceil(p / chunk_tokens)
         per_request = steps * lat.step_time(prefill_tokens=math.ceil(p / steps),
-                                            prefill_pairs=prefill_pairs(p, 0) / steps, prefill_seqs=1)
+                                            prefill_pairs=prefill_pairs(p, c) / steps, prefill_seqs=1)
     rho = max_utilization
     if ttft_slo_s is not None:
-        x = ttft_slo_s / lat.prefill_time(p)
+        x = ttft_slo_s / lat.prefill_time(p, c)
         if x < 1:
             return 0.0
         rho = min(rho, 2 * (x - 1) / (2 * x - 1))
@@ -338,7 +368,8 @@ class SLAScaler(ScalingPolicy):
             chunk = chunk or engine.max_num_batched_tokens
             batch = batch or engine.max_num_seqs
             kv = kv or engine_kv_tokens(lat, engine)
-        pre = prefill_capacity_rps(lat, w.mean_prompt_tokens, ttft_slo_s=self.slo.ttft_s, chunk_tokens=chunk or 2048)
+        pre = prefill_capacity_rps(lat, w.mean_prompt_tokens, ttft_slo_s=self.slo.ttft_s, chunk_tokens=chunk or 2048,
+                                   cached_tokens=w.mean_cached_prompt_tokens)
         dec = decode_capacity_rps(lat, w.mean_prompt_tokens, w.mean_output_tokens, tpot_slo_s=self.slo.tpot_s,
                                   max_batch=batch or 256, kv_tokens=kv)
         return {"prefill": pre, "decode": dec}.get(role, mixed_capacity_rps(pre, dec))
@@ -396,7 +427,7 @@ class SLAScaler(ScalingPolicy):
             raise ValueError("SLAScaler.decide: observed (a WorkloadSummary of the recent window) is required")
         rate = self.forecast(now_s, observed.rate_rps)
         pools = self.pools(view)
-        w = WorkloadSummary(rate, observed.mean_prompt_tokens, observed.mean_output_tokens)
+        w = dataclasses.replace(observed, rate_rps=rate)
         out = []
         for pool, need in sorted(self._targets_in(pools, now_s, w).items()):
             insts = pools[pool]
