@@ -283,3 +283,18 @@ def test_instance_snapshots_carry_the_engines_prefix_hit_counter() -> None:
     info = InstanceInfo("m-0", "m", InstanceRole.MIXED, "a100", 1, "m", "simulated", "m-0#1")
     stats = EngineStats(0, 0, 0, 10, 16, prompt_tokens_cached=1234)
     assert snapshot_from_stats(stats, info, 0.0).prompt_tokens_cached == 1234
+
+
+@pytest.mark.parametrize(("cls", "kw"), [
+    (ThresholdScaler, {"step": 0}), (ThresholdScaler, {"step": -1}), (ThresholdScaler, {"cooldown_s": -1}),
+    (ThresholdScaler, {"sustain_s": -5}), (ThresholdScaler, {"startup_delay_s": -1}),
+    (SLAScaler, {"smoothing": 0.0}), (SLAScaler, {"smoothing": 1.5}), (SLAScaler, {"trend_smoothing": -0.1}),
+    (SLAScaler, {"headroom": 0.0}), (SLAScaler, {"down_sustain_s": -1}), (SLAScaler, {"max_batch": 0}),
+])
+def test_scaling_policies_refuse_parameters_that_invert_or_freeze_them(cls, kw) -> None:  # type: ignore[no-untyped-def]
+    """Accepted before: ``step: -1`` made the threshold scaler answer overload with ``delta=-1`` (the Controller
+    then drained an instance of the saturated pool); ``smoothing: 0`` froze the SLA forecast at the first rate it
+    saw (1 req/s forever, whatever came after); ``headroom: 0`` sized every pool for no load."""
+    args = (default_latency_model(),) if cls is SLAScaler else ()
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        cls(*args, **kw)

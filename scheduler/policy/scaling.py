@@ -193,6 +193,7 @@ class ScalingPolicy:
                  min_instances: int = 1, max_instances: int = 64) -> None:
         if not 0 <= min_instances <= max_instances:
             raise ValueError(f"need 0 <= min_instances ({min_instances}) <= max_instances ({max_instances})")
+        _check(startup_delay_s=(startup_delay_s, 0, None))
         self.pool_of = pool_of
         self.startup_delay_s = startup_delay_s
         self.min_instances = min_instances
@@ -236,6 +237,14 @@ class ScalingPolicy:
         return tuple(i.instance_id for i in ranked[:n])
 
 
+def _check(**bounds: tuple[float | None, float, float | None]) -> None:
+    """``name=(value, lo, hi)``: each value given (not None) must lie in ``[lo, hi]`` (``hi`` None: unbounded)."""
+    for name, (v, lo, hi) in bounds.items():
+        if v is not None and not (lo <= v and (hi is None or v <= hi)):
+            rng = f">= {lo:g}" if hi is None else f"in [{lo:g}, {hi:g}]"
+            raise ValueError(f"{name} must be {rng}, got {v}")
+
+
 def _since(prev: float, now_s: float, holds: bool) -> float:
     """When a condition started holding (``inf`` while it does not)."""
     if not holds:
@@ -260,6 +269,8 @@ class ThresholdScaler(ScalingPolicy):
         super().__init__(**kw)  # type: ignore[arg-type]
         if not scale_down < scale_up:
             raise ValueError(f"need scale_down ({scale_down}) < scale_up ({scale_up}) for hysteresis")
+        # A step below 1 turned a scale-up under load into a no-op or a scale-down (delta -1).
+        _check(sustain_s=(sustain_s, 0, None), cooldown_s=(cooldown_s, 0, None), step=(step, 1, None))
         self.scale_up, self.scale_down = scale_up, scale_down
         self.sustain_s, self.cooldown_s, self.step = sustain_s, cooldown_s, step
         self._above: dict[str, float] = {}
@@ -333,6 +344,11 @@ class SLAScaler(ScalingPolicy):
         if self._single is None and not self._lat:
             raise ValueError("SLAScaler needs a latency model: pass latency= or config=")
         self.slo = slo or SLO()
+        # smoothing 0 froze the forecast at the first rate seen; headroom 0 sized every pool for no load.
+        _check(headroom=(headroom, 1e-9, None), cooldown_s=(cooldown_s, 0, None),
+               down_sustain_s=(down_sustain_s, 0, None), smoothing=(smoothing, 1e-9, 1),
+               trend_smoothing=(trend_smoothing, 0, 1), chunk_tokens=(chunk_tokens, 1, None),
+               max_batch=(max_batch, 1, None), kv_tokens=(kv_tokens, 1, None))
         self.headroom, self.cooldown_s, self.down_sustain_s = headroom, cooldown_s, down_sustain_s
         self.chunk_tokens, self.max_batch, self.kv_tokens = chunk_tokens, max_batch, kv_tokens
         self.smoothing, self.trend_smoothing = smoothing, trend_smoothing
