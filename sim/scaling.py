@@ -18,8 +18,9 @@ removal (``stopped_s``; the makespan for instances alive at the end): ``SimResul
 
 The observed summary: arrival rate and mean prompt tokens of the requests that arrived in the window; mean output
 tokens of the requests that *finished* in the window (what a live controller can measure); the prompt tokens the
-instances served from their prefix caches in the window, per arrival (``PrefixHitWindow``, as the Controller). Before any request has
-finished, the mean output of the window's arrivals stands in (a cold-start oracle, for the first seconds only).
+instances served from their prefix caches in the window, per arrival (``PrefixHitWindow``, as the Controller).
+Before any request has finished, the mean output of the window's arrivals stands in (a cold-start oracle, for the
+first seconds only).
 """
 
 from __future__ import annotations

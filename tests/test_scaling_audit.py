@@ -201,7 +201,7 @@ def test_live_called_off_placement_leaves_no_placement_group_behind() -> None:
         rt.shutdown()
 
 
-# ---- prefix-cache hits in the SLA sizing -------------------------------------------------------------------------------
+# ---- prefix-cache hits in the SLA sizing ----------------------------------------------------------------------------
 def _shared_prefix_workload(rate: float = 6.0, dur: float = 240.0):  # type: ignore[no-untyped-def]
     """3,584-token prompts of which 3,072 (6 blocks of 512) are one shared prefix; 50-300 output tokens."""
     import numpy as np

@@ -884,7 +884,7 @@ class _WorkloadWindow:
         snapshots = list(snapshots)
         self._hits.observe(now, snapshots)
         current: dict[str, tuple[int | None, int]] = {}
-        for s in list(snapshots):
+        for s in snapshots:
             for r in s.requests:
                 prompt = max(r.context_tokens - r.generated_tokens, 0)
                 _, gen = current.get(r.request_id, (None, 0))

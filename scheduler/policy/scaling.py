@@ -7,8 +7,9 @@
 * ``SLAScaler`` -- NVIDIA Dynamo planner's SLA mode: from the observed arrival rate and prompt/output mix,
   forecast the rate ``startup_delay_s`` ahead (Holt's linear trend), and compute the instances needed with the
   latency model: prefill capacity from ``prefill_time`` of the tokens computed (the prompt less its observed
-  prefix-cache hits) under an M/D/1 TTFT bound (DistServe, Zhong et al., OSDI 2024, section 3), decode capacity from ``decode_coeffs`` at the largest batch meeting the TPOT SLO and fitting
-  in KV. Scale-up at once, scale-down only after ``down_sustain_s``.
+  prefix-cache hits) under an M/D/1 TTFT bound (DistServe, Zhong et al., OSDI 2024, section 3), decode capacity
+  from ``decode_coeffs`` at the largest batch meeting the TPOT SLO and fitting in KV, each pool at its engine's
+  limits. Scale-up at once, scale-down only after ``down_sustain_s``.
 * ``RerolePolicy`` -- dynamic re-roling (Splitwise's mixed pool made durable): when one P/D pool saturates and
   the other idles, propose ``RoleChange`` for the idlest instance of the light pool.
 
