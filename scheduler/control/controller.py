@@ -218,10 +218,12 @@ class Controller:
             if isinstance(res, InstanceSnapshot):
                 self._snapshots[iid] = res
                 self._adopt_role(iid, res, rnd)
-            elif isinstance(res, ray.exceptions.RayActorError):
+            elif isinstance(res, ray.exceptions.RayActorError) and not isinstance(
+                    res, ray.exceptions.ActorUnavailableError):
                 log.warning("instance %s died: %s", iid, type(res).__name__)
                 self._forget(iid)
-            # timeouts: keep the last snapshot; a hung instance is caught by its ingress' poll timeouts
+            # timeouts, and "temporarily unavailable" (forgetting it removed its placement group, killing a live
+            # instance and its streams): keep the last snapshot; a confirmed death is forgotten on a later round
 
     def _adopt_role(self, iid: str, snap: InstanceSnapshot, rnd: int) -> None:
         """The instance is the truth about its role: a ``set_role`` whose reply was lost (the switch abandoned at its

@@ -80,6 +80,13 @@ from scheduler.transfer.migration import (
 log = logging.getLogger(__name__)
 
 _DEAD = (RayActorError, ActorUnavailableError)
+
+
+def _gone(e: BaseException) -> bool:
+    """Ray confirmed the actor dead. ``ActorUnavailableError`` (a ``RayActorError``) says it may come back."""
+    return isinstance(e, RayActorError) and not isinstance(e, ActorUnavailableError)
+
+
 # How long ``drain`` waits, before releasing the instance, for committed migrations' streams to switch over.
 _SWITCH_WAIT_S = 30.0
 
@@ -145,6 +152,18 @@ class InstanceLost(Exception):
 class RequestLost(InstanceLost):
     """The instance answers but no longer knows the request (``poll`` returned ``None``): recover the request, and
     keep routing to the instance -- a dead actor raises ``RayActorError`` instead."""
+
+
+class InstanceUnresponsive(InstanceLost):
+    """The instance did not answer (a poll timed out, Ray reports it temporarily unavailable): recover the request
+    elsewhere and stop it there, but keep the instance -- the view routes around it while its snapshots fail, and it
+    is marked dead once Ray confirms it died. (Marked dead at once, a live instance was never used again here.)"""
+
+
+def _lost(iid: str, e: BaseException) -> InstanceLost:
+    """The ``InstanceLost`` for Ray's error ``e`` (or a timeout) on a call to ``iid``."""
+    cls = InstanceLost if _gone(e) else InstanceUnresponsive
+    return cls(f"{iid}: {type(e).__name__}")
 
 
 class Ingress:
@@ -340,7 +359,7 @@ class Ingress:
             if isinstance(res, InstanceSnapshot):
                 snaps[iid] = res
                 last_ok[iid] = now
-            elif isinstance(res, _DEAD):
+            elif _gone(res):
                 self._mark_dead(iid)
             elif iid in self._snapshots:
                 # A slow answer is not a dead instance: a busy engine on a loaded host answers late. Keep the last
@@ -368,6 +387,10 @@ class Ingress:
             ch = self._channels.pop(m.info.incarnation, None)
             if ch is not None:
                 ch.close()
+        self._hide(iid)
+
+    def _hide(self, iid: str) -> None:
+        """Out of the view until a snapshot of it arrives again (never, once it is marked dead)."""
         self._snapshots.pop(iid, None)
         self._view = ClusterView(self._view.time_s, tuple(s for s in self._view.instances if s.instance_id != iid))
 
@@ -705,8 +728,7 @@ class Ingress:
                     # from an index below the snapshot's).
                     target, kv_ref, admitted = RouteDecision(rec.moving_to), None, True
                     rec.moving_to, rec.move_kv = None, None
-                    if not isinstance(e, RequestLost):
-                        self._mark_dead(iid)
+                    self._left(iid, rid, e)
                     continue
                 target, kv_ref = self._recover(rec, iid, e), None
                 continue
@@ -771,7 +793,7 @@ class Ingress:
             else:
                 raise
         except _DEAD as e:
-            raise InstanceLost(f"{iid}: {type(e).__name__}") from e
+            raise _lost(iid, e) from e
         if sub.rejected is not None and kv_ref is not None and sub.rejected.startswith("kv"):
             # KV this instance cannot load (the pools' engines differ: TP degree, dtype, block size): it recomputes
             # the prompt rather than fail the request.
@@ -812,7 +834,7 @@ class Ingress:
                     self.poll_timeout_s + 5.0,
                 )
             except (TimeoutError, *_DEAD) as e:
-                raise InstanceLost(f"{iid}: {type(e).__name__}") from e
+                raise _lost(iid, e) from e
             if nxt is None:  # the instance forgot it: the request is lost, not the instance
                 raise RequestLost(f"{iid}: request unknown to the instance")
             chunks = [nxt]
@@ -842,11 +864,20 @@ class Ingress:
         rec.recoveries += 1
         self.counters["recoveries"] += 1
         log.warning("%s: instance %s lost (%s); recovering at index %d", rec.request_id, iid, err, rec.next_index)
-        if not isinstance(err, RequestLost):  # a live instance that lost one request stays routable
-            self._mark_dead(iid)
+        self._left(iid, rec.request_id, err)
         if rec.recoveries > self.max_recoveries:
             raise Unavailable(f"request {rec.request_id} lost its instance {rec.recoveries} times")
         return self._route(rec, exclude=frozenset({iid}), accepted=True)
+
+    def _left(self, iid: str, rid: str, err: InstanceLost) -> None:
+        """``rid`` left ``iid`` because of ``err``: a dead instance is never routed to again; a live one that lost
+        the request stays routable; one that did not answer stays a member and is told to stop the request (it may
+        come back, and would otherwise decode a copy nobody reads until its lease)."""
+        if isinstance(err, InstanceUnresponsive):
+            self._abort_quietly(iid, rid)
+            self._hide(iid)
+        elif not isinstance(err, RequestLost):
+            self._mark_dead(iid)
 
     def _abort_quietly(self, iid: str, rid: str) -> None:
         m = self._members.get(iid)

@@ -1,0 +1,107 @@
+"""Regressions from an audit of failures in the live control plane (instances that stop answering, engines that
+fail, a Controller that restarts). Each test reproduces one confirmed bug; no Ray unless the bug is in the Ray layer
+(fake actor handles from ``tests/test_ingress_audit.py``, real ``Instance`` objects over the simulated backend)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+from scheduler.control.api import GenerateRequest
+from scheduler.engine.base import SamplingParams, TokenChunk
+from tests.test_controller_audit import FakeInstance as CtrlFakeInstance
+from tests.test_controller_audit import _controller
+from tests.test_ingress_audit import FakeInstance, _consume, _ingress
+
+
+def _unavailable() -> ActorUnavailableError:
+    return ActorUnavailableError("the actor is temporarily unavailable: RpcError", b"\x00" * 16)
+
+
+# ---- 1: "temporarily unavailable" is not "dead" ------------------------------------------------------------------
+def test_an_instance_ray_reports_unavailable_for_a_moment_is_routed_to_again() -> None:
+    """Ray's ``ActorUnavailableError`` ("temporarily unavailable but may be available later") on one snapshot made
+    the ingress mark the incarnation dead: this replica never routed to the live instance again, while the
+    Controller kept it as a member (so it was never replaced either) -- the cluster lost it for good."""
+
+    async def scenario() -> tuple[set[str], set[str]]:
+        S, T = FakeInstance("mixed-0"), FakeInstance("mixed-1")
+        ing = _ingress([S, T])
+        orig, calls = S._snapshot, [0]
+
+        async def snapshot() -> Any:
+            calls[0] += 1
+            if calls[0] == 1:
+                raise _unavailable()
+            return await orig()
+
+        S._snapshot = snapshot  # type: ignore[method-assign]
+        await ing._refresh_view()  # S does not answer this round
+        await ing._refresh_view()  # ... and answers the next
+        return set(ing._members), {s.instance_id for s in ing.view().instances if s.accepting}
+
+    members, routable = asyncio.run(scenario())
+    assert members == {"mixed-0", "mixed-1"}
+    assert routable == {"mixed-0", "mixed-1"}
+
+
+def test_a_stream_whose_instance_is_unavailable_recovers_and_the_instance_stays() -> None:
+    """A poll answered with ``ActorUnavailableError`` recovered the request (right) but also blacklisted the
+    instance for good; it should stay a member, and the copy it may still run be aborted there."""
+
+    async def scenario() -> tuple[list[TokenChunk], FakeInstance, Any]:
+        S, T = FakeInstance("mixed-0"), FakeInstance("mixed-1")
+        ing = _ingress([S, T], routable=["mixed-0"])
+        orig, polls = S._poll, [0]
+
+        async def poll(rid: str, timeout: float, frm: int) -> TokenChunk | None:
+            polls[0] += 1
+            if polls[0] == 3:
+                raise _unavailable()
+            return await orig(rid, timeout, frm)
+
+        S._poll = poll  # type: ignore[method-assign]
+        # The recovery may go anywhere but S; T must be in the view for that.
+        ing._view = type(ing._view)(0.0, ing._view.instances + (await T._snapshot(),))
+        out: list[TokenChunk] = []
+        await asyncio.wait_for(_consume(ing, GenerateRequest("u", prompt="hi",
+                                                             sampling=SamplingParams(max_tokens=8)), out), 5)
+        await asyncio.sleep(0.05)  # the fire-and-forget abort lands
+        return out, S, ing
+
+    out, S, ing = asyncio.run(scenario())
+    indices = [c.index for c in out if c.token_ids]
+    assert indices == list(range(8)) and out[-1].finish_reason == "length"
+    assert out[-1].instance_id == "mixed-1"
+    assert "mixed-0" in ing._members and not ing._dead
+    assert "u" in S.aborted  # no orphan copy decoding on S until its lease
+
+
+def test_the_controller_does_not_forget_an_instance_ray_reports_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Controller forgot an instance on ``ActorUnavailableError`` and removed its placement group (which kills
+    the live actor and every stream on it); only a confirmed death (``ActorDiedError``) should."""
+    import scheduler.control.controller as controller_mod
+
+    removed: list[str] = []
+    monkeypatch.setattr(controller_mod, "remove_instance_pg", lambda cluster, iid: removed.append(iid))
+    a, b = CtrlFakeInstance("mixed-0"), CtrlFakeInstance("mixed-1")
+    ctrl = _controller([a, b], {"mixed": 2})
+    ctrl.cluster = "c"
+
+    def failing(exc: Exception) -> Any:
+        async def snapshot(self: Any) -> Any:
+            raise exc
+        return snapshot
+
+    async def scenario() -> None:
+        monkeypatch.setattr(CtrlFakeInstance, "_snapshot", failing(_unavailable()))
+        await ctrl._refresh()
+        assert set(ctrl._members) == {"mixed-0", "mixed-1"} and not removed
+        monkeypatch.setattr(CtrlFakeInstance, "_snapshot", failing(ActorDiedError()))
+        await ctrl._refresh()
+
+    asyncio.run(scenario())
+    assert not ctrl._members and sorted(removed) == ["mixed-0", "mixed-1"]
