@@ -67,20 +67,23 @@ def test_a_stream_whose_instance_is_unavailable_recovers_and_the_instance_stays(
         # The recovery may go anywhere but S; T must be in the view for that.
         ing._view = type(ing._view)(0.0, ing._view.instances + (await T._snapshot(),))
         out: list[TokenChunk] = []
-        await asyncio.wait_for(_consume(ing, GenerateRequest("u", prompt="hi",
-                                                             sampling=SamplingParams(max_tokens=8)), out), 5)
+        await asyncio.wait_for(
+            _consume(ing, GenerateRequest("u", prompt="hi", sampling=SamplingParams(max_tokens=8)), out), 5
+        )
         await asyncio.sleep(0.05)  # the fire-and-forget abort lands
         return out, S, ing
 
     out, S, ing = asyncio.run(scenario())
-    indices = [c.index for c in out if c.token_ids]
+    indices = [c.index + k for c in out for k in range(len(c.token_ids))]
     assert indices == list(range(8)) and out[-1].finish_reason == "length"
     assert out[-1].instance_id == "mixed-1"
     assert "mixed-0" in ing._members and not ing._dead
     assert "u" in S.aborted  # no orphan copy decoding on S until its lease
 
 
-def test_the_controller_does_not_forget_an_instance_ray_reports_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_controller_does_not_forget_an_instance_ray_reports_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The Controller forgot an instance on ``ActorUnavailableError`` and removed its placement group (which kills
     the live actor and every stream on it); only a confirmed death (``ActorDiedError``) should."""
     import scheduler.control.controller as controller_mod
@@ -94,6 +97,7 @@ def test_the_controller_does_not_forget_an_instance_ray_reports_unavailable(monk
     def failing(exc: Exception) -> Any:
         async def snapshot(self: Any) -> Any:
             raise exc
+
         return snapshot
 
     async def scenario() -> None:
@@ -105,3 +109,123 @@ def test_the_controller_does_not_forget_an_instance_ray_reports_unavailable(monk
 
     asyncio.run(scenario())
     assert not ctrl._members and sorted(removed) == ["mixed-0", "mixed-1"]
+
+
+# ---- 2: a Controller that died while creating an instance --------------------------------------------------------
+def test_concurrent_starts_build_one_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ``start`` calls at once (a restarted Controller adopting an instance still starting) built two engines
+    -- two vLLM engines do not fit one GPU -- and the second call answered before the channel was up."""
+    from bench.loadgen import cluster_config
+    from scheduler.control import instance as instance_mod
+    from scheduler.control.instance import Instance
+
+    built: list[Any] = []
+    real = instance_mod.make_backend
+
+    def make(kind: str, **kw: Any) -> Any:
+        backend = real(kind, **kw)
+        built.append(backend)
+        fast = backend.start
+
+        async def slow_start() -> None:  # an engine takes a while to load
+            await asyncio.sleep(0.05)
+            await fast()
+
+        backend.start = slow_start
+        return backend
+
+    monkeypatch.setattr(instance_mod, "make_backend", make)
+    cfg = cluster_config("starts", mixed=1)
+    pool = cfg.pools[0]
+
+    async def scenario() -> list[Any]:
+        inst = Instance("mixed-0", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 0.0})
+        try:
+            return list(await asyncio.gather(inst.start(), inst.start()))
+        finally:
+            await inst.shutdown()
+
+    infos = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert len(built) == 1
+    assert all(i.channel for i in infos)
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Any:
+    """A bare local Ray node (no fake GPUs: CPU slivers do) for the tests whose bug is in the Ray layer."""
+    import ray
+
+    from scheduler.control.cluster import start_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    rt = start_ray(head_cpus=2)
+    try:
+        yield rt
+    finally:
+        rt.shutdown()
+
+
+def test_an_instance_whose_creator_died_before_starting_it_is_started_on_adoption(ray_head: Any) -> None:
+    """A Controller killed while an instance's actor was being constructed: its ``start`` call, buffered in the dead
+    caller, never runs (checked on Ray 2.60: the detached actor comes up un-started). The restarted Controller
+    adopted it from ``get_info`` and counted it in its pool, so it was never replaced -- yet every snapshot failed
+    ("not started") and no ingress ever routed to it: a pool one instance short for good. Here the orphan is made
+    directly (a named, detached Instance nobody started) and a Controller is deployed over it."""
+    import ray
+
+    from bench.loadgen import cluster_config
+    from scheduler.control.cluster import deploy
+    from scheduler.control.controller import NAMESPACE, instance_actor_name
+    from scheduler.control.instance import Instance
+
+    cfg = cluster_config("adopt", mixed=1)
+    pool = cfg.pools[0]
+    orphan = (
+        ray.remote(Instance)
+        .options(
+            name=instance_actor_name("adopt", "mixed-0"),
+            namespace=NAMESPACE,
+            lifetime="detached",
+            num_cpus=0,
+            max_restarts=0,
+            max_concurrency=1000,
+        )
+        .remote("mixed-0", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 0.0})
+    )
+    # Constructed, never started:
+    assert ray.get(orphan.get_info.remote(), timeout=60).instance_id == "mixed-0"
+    dep = deploy(
+        cfg,
+        name="adopt",
+        controller_name="llmsched-controller-adopt",
+        backend_kwargs={"simulated": {"time_scale": 0.0}},
+        refresh_s=0.05,
+        ready_timeout_s=60,
+    )
+    ing = dep.make_ingress()
+
+    async def scenario() -> list[TokenChunk]:
+        await ing.start()
+        try:
+            for _ in range(200):  # the view shows an instance once one answers its snapshots
+                if ing.view().instances:
+                    break
+                await asyncio.sleep(0.05)
+            assert [s.instance_id for s in ing.view().instances] == ["mixed-0"], (
+                "the adopted instance never serves"
+            )
+            out: list[TokenChunk] = []
+            await _consume(
+                ing, GenerateRequest("adopted-1", prompt="hello", sampling=SamplingParams(max_tokens=4)), out
+            )
+            return out
+        finally:
+            await ing.close()
+
+    try:
+        out = asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        dep.shutdown()
+    assert [c.index + k for c in out for k in range(len(c.token_ids))] == [0, 1, 2, 3]
+    assert out[-1].finish_reason == "length"

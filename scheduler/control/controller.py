@@ -126,6 +126,7 @@ class Controller:
         self._desired = self._load_desired()
         self._next_index: dict[str, int] = {p.name: 0 for p in config.pools}
         self._pending: dict[str, asyncio.Task[Any]] = {}  # instance_id -> creation task
+        self._adopted: list[str] = []  # adopted in __init__, to be started (see _start_adopted)
         self._loop_task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
         self.started_s = time.time()
@@ -176,11 +177,31 @@ class Controller:
                 log.warning("not adopting %s: %s", entry["name"], type(e).__name__)
                 continue
             self._members[info.instance_id] = Member(handle, info)
+            self._adopted.append(info.instance_id)
             n = _index_of(info.instance_id)
             if info.pool in self._next_index and n is not None:
                 self._next_index[info.pool] = max(self._next_index[info.pool], n + 1)
         if self._members:
             log.info("controller %s adopted %d live instance(s)", self.cluster, len(self._members))
+
+    async def _start_adopted(self, iid: str) -> None:
+        """Start an adopted instance (``start`` is idempotent: a no-op for one that runs). The previous Controller
+        may have died while the actor was being constructed: its ``start`` call, buffered in the dead caller, never
+        ran, and the instance answered ``get_info`` but never served and was never replaced (its pool looked full).
+        One whose start fails is released, so that the reconcile loop replaces it."""
+        m = self._members.get(iid)
+        if m is None:
+            return
+        try:
+            info = await m.handle.start.remote()
+        except Exception as e:  # noqa: BLE001 - dead, or its engine cannot start: replaced either way
+            log.warning("adopted instance %s did not start (%s); replacing it", iid, type(e).__name__)
+            assert self._lock is not None
+            async with self._lock:
+                await self._release(iid)
+            return
+        if iid in self._members:  # its channel address is known from the start on
+            self._members[iid] = Member(self._members[iid].handle, info)
 
     # ---- loops ----------------------------------------------------------------------------------------
     def _ensure_loop(self) -> None:
@@ -188,6 +209,9 @@ class Controller:
         if self._loop_task is None:
             self._lock = asyncio.Lock()
             self._loop_task = asyncio.create_task(self._loop())
+            for iid in self._adopted:
+                asyncio.create_task(self._start_adopted(iid))
+            self._adopted = []
             if self._scaling is not None or self._k8s is not None or self._switcher.policy is not None:
                 self._scaling_task = asyncio.create_task(self._scaling_loop())
 

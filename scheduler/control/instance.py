@@ -210,6 +210,7 @@ class Instance:
         self._draining = False
         self._faults: dict[str, str] = {}  # migration step -> injected fault kind (tests: fail / hang / exit)
         self._reaper: asyncio.Task[None] | None = None
+        self._starting: asyncio.Future[None] | None = None
         self._channel: ChannelServer | None = None
         # P->D prefill side: exports started when a handoff request's prefill ended (request id -> (started, task)).
         self._exports: dict[str, tuple[float, asyncio.Task[KVBlocks]]] = {}
@@ -229,17 +230,23 @@ class Instance:
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> InstanceInfo:
-        """Build and start the backend (idempotent). Returns the instance's static info."""
-        if self._backend is None:
-            backend = make_backend(
-                self.pool.backend, model=self._model, gpu=self._gpu, pool=self.pool, role=self.role,
-                **self._backend_kwargs,
-            )
-            await backend.start()
-            self._backend = backend
-            self._reaper = asyncio.create_task(self._reap())
-            await self._start_channel()
+        """Build and start the backend. Idempotent and single-flight: a second call while the first runs (a restarted
+        Controller adopting an instance whose start it did not see finish) waits for that one -- it built a second
+        engine, and answered before the channel was up. Returns the instance's static info."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._starting)
         return self.info
+
+    async def _start(self) -> None:
+        backend = make_backend(
+            self.pool.backend, model=self._model, gpu=self._gpu, pool=self.pool, role=self.role,
+            **self._backend_kwargs,
+        )
+        await backend.start()
+        self._backend = backend
+        self._reaper = asyncio.create_task(self._reap())
+        await self._start_channel()
 
     async def _start_channel(self) -> None:
         """The hot path (submit without KV, poll, abort, snapshot) also served on a direct TCP channel
