@@ -17,6 +17,17 @@ from tests.test_controller_audit import _controller
 from tests.test_ingress_audit import FakeInstance, _consume, _ingress
 
 
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Instance`` objects in this process without starting a Ray node (``get_runtime_context`` would)."""
+    import ray
+
+    def no_runtime() -> Any:
+        raise RuntimeError("no Ray in this test")
+
+    monkeypatch.setattr(ray, "get_runtime_context", no_runtime)
+
+
 def _unavailable() -> ActorUnavailableError:
     return ActorUnavailableError("the actor is temporarily unavailable: RpcError", b"\x00" * 16)
 
@@ -112,7 +123,7 @@ def test_the_controller_does_not_forget_an_instance_ray_reports_unavailable(
 
 
 # ---- 2: a Controller that died while creating an instance --------------------------------------------------------
-def test_concurrent_starts_build_one_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_starts_build_one_engine(monkeypatch: pytest.MonkeyPatch, no_ray: None) -> None:
     """Two ``start`` calls at once (a restarted Controller adopting an instance still starting) built two engines
     -- two vLLM engines do not fit one GPU -- and the second call answered before the channel was up."""
     from bench.loadgen import cluster_config
@@ -229,3 +240,60 @@ def test_an_instance_whose_creator_died_before_starting_it_is_started_on_adoptio
         dep.shutdown()
     assert [c.index + k for c in out for k in range(len(c.token_ids))] == [0, 1, 2, 3]
     assert out[-1].finish_reason == "length"
+
+
+# ---- 3: an engine that fails ---------------------------------------------------------------------------------------
+def _crash_after(inst: Any, steps: int) -> None:
+    """Make the instance's simulated engine raise on its ``steps``-th step from now (a bug, a device fault)."""
+    engine = inst._backend.engine
+    real, n = engine.step, [0]
+
+    def step(*a: Any, **kw: Any) -> Any:
+        n[0] += 1
+        if n[0] >= steps:
+            raise RuntimeError("device fault")
+        return real(*a, **kw)
+
+    engine.step = step
+
+
+def test_a_simulated_engine_whose_loop_fails_ends_its_streams_with_an_error(no_ray: None) -> None:
+    """An exception in the simulated engine's loop ended the loop task silently: every stream on it waited forever
+    (polls answered "nothing yet" every 5 s, so no ingress ever recovered or failed them) and new requests were
+    accepted into the dead engine. Its streams must end with an error naming the fault, and the engine refuse work."""
+    from bench.loadgen import cluster_config
+    from scheduler.control.instance import Instance
+    from scheduler.engine.base import EngineRequest
+
+    cfg = cluster_config("crash", mixed=1)
+    pool = cfg.pools[0]
+
+    async def scenario() -> tuple[list[TokenChunk], list[Any]]:
+        inst = Instance("mixed-0", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 0.02})
+        await inst.start()
+        try:
+            _crash_after(inst, 5)
+            req = EngineRequest("c1", tuple(range(1, 65)), SamplingParams(max_tokens=1000, ignore_eos=True))
+            sub = await inst.submit(req)
+            out = list(sub.chunks)
+            while not out[-1].finished:
+                out.append(await inst.poll("c1", 1.0, out[-1].index + len(out[-1].token_ids)))
+            errors = []
+            for call in (
+                inst.submit(EngineRequest("c2", (1, 2, 3), SamplingParams(max_tokens=4))),
+                inst.snapshot(),
+            ):
+                try:
+                    await call
+                    errors.append(None)
+                except RuntimeError as e:
+                    errors.append(e)
+            return out, errors
+        finally:
+            await inst.shutdown()
+
+    out, errors = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert out[-1].finish_reason is not None and out[-1].finish_reason.startswith("error:")
+    assert "device fault" in out[-1].finish_reason
+    # The dead engine takes nothing new and says why; its snapshot fails (routers stop sending it requests).
+    assert all(e is not None and "device fault" in str(e) for e in errors), errors

@@ -123,6 +123,7 @@ class SimulatedBackend:
         self._step_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._failed: str | None = None  # why the engine loop died (then every call says so)
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -149,6 +150,7 @@ class SimulatedBackend:
             raise RuntimeError("engine is shut down")
         if self._task is None:
             raise RuntimeError("engine not started: await start() first")
+        self._check_alive()
         rid = request.request_id
         if rid in self._reqs:
             raise ValueError(f"request_id: {rid!r} is already running on this engine")
@@ -222,7 +224,23 @@ class SimulatedBackend:
         req.queue.put_nowait(TokenChunk(rid, idx, tokens, finished=True, finish_reason=reason))
 
     # ---- the engine loop ------------------------------------------------------------------------------
+    def _check_alive(self) -> None:
+        if self._failed is not None:
+            raise RuntimeError(f"engine failed: {self._failed}")
+
     async def _run(self) -> None:
+        try:
+            await self._steps()
+        except Exception as e:
+            # NOTE: this loop is the engine. Ended silently, every stream on it waited forever (its polls answered
+            # "nothing yet") and new requests were queued into it; now they end with the fault, as vLLM's do when its
+            # engine core dies, and stats/generate raise, so the instance stops reporting itself fit for work.
+            log.exception("simulated engine failed")
+            self._failed = f"{type(e).__name__}: {e}"
+            for rid in list(self._reqs):
+                self._finish(rid, f"error: engine failed: {self._failed}")
+
+    async def _steps(self) -> None:
         assert self._wake is not None
         em = self.engine
         while True:
@@ -277,6 +295,7 @@ class SimulatedBackend:
 
     # ---- stats and KV ---------------------------------------------------------------------------------
     async def stats(self) -> EngineStats:
+        self._check_alive()
         em = self.engine
         snap = em.snapshot("", 0.0, detail=True)
         return EngineStats(
