@@ -297,3 +297,83 @@ def test_a_simulated_engine_whose_loop_fails_ends_its_streams_with_an_error(no_r
     assert "device fault" in out[-1].finish_reason
     # The dead engine takes nothing new and says why; its snapshot fails (routers stop sending it requests).
     assert all(e is not None and "device fault" in str(e) for e in errors), errors
+
+
+def test_requests_sent_after_an_engine_failed_complete_elsewhere(no_ray: None) -> None:
+    """After one instance's engine failed (its actor alive), the ingress kept its last snapshot as healthy for 10 s
+    and kept routing to it; the submit then raised on the instance and the client got INTERNAL ("internal error
+    (RemoteError)"), though a healthy instance was there. A snapshot that fails with an error (not a timeout) takes
+    the instance out of the view, and a submit that raises is recovered on another instance."""
+    from bench.loadgen import cluster_config
+    from scheduler.control.controller import Member
+    from scheduler.control.ingress import Ingress
+    from scheduler.control.instance import Instance
+    from scheduler.engine.base import EngineRequest
+    from tests.test_chaos import _Controller, _Handle
+
+    cfg = cluster_config("broken", mixed=2)
+    pool = cfg.pools[0]
+
+    async def scenario() -> tuple[list[str | None], set[str]]:
+        insts = [
+            Instance(f"mixed-{n}", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 0.0})
+            for n in range(2)
+        ]
+        members = {i.instance_id: Member(_Handle(i), await i.start()) for i in insts}
+        ing = Ingress(cfg, _Handle(_Controller(members)), refresh_s=0.01)
+        await ing.start()
+        try:
+            broken = insts[0]._backend
+            _crash_after(insts[0], 1)
+            async for c in broken.generate(EngineRequest("kill", (1, 2, 3), SamplingParams(max_tokens=4))):
+                assert c.finish_reason is None or c.finish_reason.startswith("error:")
+            reasons: list[str | None] = []
+            for n in range(6):
+                req = GenerateRequest(f"after-{n}", prompt="hello", sampling=SamplingParams(max_tokens=4))
+                async for c in ing.generate(req):
+                    if c.finished:
+                        reasons.append(c.finish_reason)
+            await asyncio.sleep(0.05)
+            return reasons, {s.instance_id for s in ing.view().instances}
+        finally:
+            await ing.close()
+            for i in insts:
+                await i.shutdown()
+
+    reasons, view = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert reasons == ["length"] * 6
+    assert view == {"mixed-1"}
+
+
+def test_the_controller_replaces_an_instance_whose_engine_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance whose snapshots fail with an error (its engine died: vLLM's EngineDeadError, the simulated
+    engine's fault; the actor lives) was kept by the Controller for good -- only an actor death was ever replaced --
+    so its pool stayed one instance short. It is released (and so replaced) once that lasts ``UNHEALTHY_AFTER_S``;
+    a timeout (a busy instance) is not."""
+    from ray.exceptions import RayTaskError
+
+    import scheduler.control.controller as controller_mod
+
+    monkeypatch.setattr(controller_mod, "UNHEALTHY_AFTER_S", 0.05, raising=False)
+    a, b = CtrlFakeInstance("mixed-0"), CtrlFakeInstance("mixed-1")
+    ctrl = _controller([a, b], {"mixed": 2})
+    real = CtrlFakeInstance._snapshot
+
+    async def snapshot(self: Any) -> Any:
+        if self.iid == "mixed-0":
+            raise RayTaskError("snapshot", "", RuntimeError("engine failed: RuntimeError: device fault"))
+        if self.iid == "mixed-1":
+            raise TimeoutError
+        return await real(self)
+
+    monkeypatch.setattr(CtrlFakeInstance, "_snapshot", snapshot)
+
+    async def scenario() -> None:
+        await ctrl._refresh()
+        assert not ctrl.killed  # type: ignore[attr-defined]  # one failed snapshot is not a verdict
+        await asyncio.sleep(0.1)
+        await ctrl._refresh()
+
+    asyncio.run(scenario())
+    assert ctrl.killed == ["mixed-0"]  # type: ignore[attr-defined]
+    assert set(ctrl._members) == {"mixed-1"}

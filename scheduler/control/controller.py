@@ -70,6 +70,9 @@ CONTROLLER_NAME = "llmsched-controller"
 # Upper bound on a pool's size (Admin Scale): the count is persisted, sent to KubeRay, and every missing instance
 # is one task + placement group started in a single reconcile pass. ``grpc_server.MAX_SCALE_COUNT`` mirrors it.
 MAX_POOL_SIZE = 1024
+# An instance whose snapshots fail this long is out of service: routed around by the ingresses while they time out,
+# released (so replaced) by the Controller when they fail with an error -- its actor lives, its engine does not.
+UNHEALTHY_AFTER_S = 10.0
 # The roles that serve each phase.
 _PREFILLS = frozenset({InstanceRole.PREFILL, InstanceRole.MIXED})
 _DECODES = frozenset({InstanceRole.DECODE, InstanceRole.MIXED})
@@ -127,6 +130,8 @@ class Controller:
         self._next_index: dict[str, int] = {p.name: 0 for p in config.pools}
         self._pending: dict[str, asyncio.Task[Any]] = {}  # instance_id -> creation task
         self._adopted: list[str] = []  # adopted in __init__, to be started (see _start_adopted)
+        self._starting: set[str] = set()  # adopted instances being started: "not started" is no engine failure
+        self._failing: dict[str, float] = {}  # instance -> monotonic time of its first snapshot error in a row
         self._loop_task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
         self.started_s = time.time()
@@ -192,6 +197,7 @@ class Controller:
         m = self._members.get(iid)
         if m is None:
             return
+        self._starting.add(iid)
         try:
             info = await m.handle.start.remote()
         except Exception as e:  # noqa: BLE001 - dead, or its engine cannot start: replaced either way
@@ -200,6 +206,8 @@ class Controller:
             async with self._lock:
                 await self._release(iid)
             return
+        finally:
+            self._starting.discard(iid)
         if iid in self._members:  # its channel address is known from the start on
             self._members[iid] = Member(self._members[iid].handle, info)
 
@@ -238,16 +246,33 @@ class Controller:
         results = await asyncio.gather(
             *(asyncio.wait_for(_await(m.handle.snapshot.remote()), 2.0) for _, m in items), return_exceptions=True
         )
+        broken: list[str] = []
         for (iid, m), res in zip(items, results):
+            if not isinstance(res, ray.exceptions.RayTaskError) or iid in self._starting:
+                self._failing.pop(iid, None)
             if isinstance(res, InstanceSnapshot):
                 self._snapshots[iid] = res
                 self._adopt_role(iid, res, rnd)
+            elif isinstance(res, ray.exceptions.RayTaskError) and iid not in self._starting:
+                # It answers, but cannot report its load: its engine failed (vLLM's EngineDeadError, the simulated
+                # engine's fault). Nothing else would replace it -- only actor deaths were -- and its pool stayed
+                # one instance short for good.
+                since = self._failing.setdefault(iid, time.monotonic())
+                if time.monotonic() - since > UNHEALTHY_AFTER_S:
+                    log.warning("instance %s: snapshots failing for %.0fs (%s); replacing it", iid,
+                                UNHEALTHY_AFTER_S, res.cause if res.cause is not None else res)
+                    broken.append(iid)
             elif isinstance(res, ray.exceptions.RayActorError) and not isinstance(
                     res, ray.exceptions.ActorUnavailableError):
                 log.warning("instance %s died: %s", iid, type(res).__name__)
                 self._forget(iid)
             # timeouts, and "temporarily unavailable" (forgetting it removed its placement group, killing a live
             # instance and its streams): keep the last snapshot; a confirmed death is forgotten on a later round
+        for iid in broken:
+            self._failing.pop(iid, None)
+            assert self._lock is not None
+            async with self._lock:
+                await self._release(iid)  # the pool keeps its size: the reconcile loop creates a replacement
 
     def _adopt_role(self, iid: str, snap: InstanceSnapshot, rnd: int) -> None:
         """The instance is the truth about its role: a ``set_role`` whose reply was lost (the switch abandoned at its
@@ -263,6 +288,7 @@ class Controller:
 
     def _forget(self, iid: str) -> None:
         m = self._members.pop(iid, None)
+        self._failing.pop(iid, None)
         if m is not None and self._draining.pop(iid, None) is not None:
             # Dead while draining for a scale-down: counted out as its release would have (the next reconcile
             # would otherwise replace it, undoing the scale-down), unless an admin scale already did.

@@ -48,8 +48,8 @@ from scheduler.control.api import (
     Overloaded,
     Unavailable,
 )
-from scheduler.control.channel import ChannelClient, ChannelError
-from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, Member
+from scheduler.control.channel import ChannelClient, ChannelError, RemoteError
+from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, UNHEALTHY_AFTER_S, Member
 from scheduler.control.registry import RequestRecord, RequestRegistry
 from scheduler.core.prefix import prompt_hash_ids
 from scheduler.core.types import (
@@ -80,6 +80,8 @@ from scheduler.transfer.migration import (
 log = logging.getLogger(__name__)
 
 _DEAD = (RayActorError, ActorUnavailableError)
+# The call raised on the instance (over Ray, or over the direct channel): the actor lives, what it runs failed.
+_FAILED = (RayTaskError, RemoteError)
 
 
 def _gone(e: BaseException) -> bool:
@@ -128,7 +130,6 @@ def make_tokenizer(config: ClusterConfig, backend_kwargs: dict[str, dict[str, An
     return ByteTokenizer(max(config.model.vocab_size, 256))
 
 
-UNHEALTHY_AFTER_S = 10.0  # an instance whose snapshots time out this long is routed around
 # After a direct-channel failure, Ray calls to that instance for this long, doubling with each failure in a row up
 # to the max: a channel that cannot connect at all (a firewall between pods) then costs one connect timeout per
 # five minutes, not one every few seconds.
@@ -158,6 +159,11 @@ class InstanceUnresponsive(InstanceLost):
     """The instance did not answer (a poll timed out, Ray reports it temporarily unavailable): recover the request
     elsewhere and stop it there, but keep the instance -- the view routes around it while its snapshots fail, and it
     is marked dead once Ray confirms it died. (Marked dead at once, a live instance was never used again here.)"""
+
+
+class EngineFailed(InstanceUnresponsive):
+    """The instance answers, but raised on a request's submit (its engine failed: the request never ran there):
+    recover the request elsewhere, as for an instance that does not answer (it was a gRPC INTERNAL)."""
 
 
 def _lost(iid: str, e: BaseException) -> InstanceLost:
@@ -361,6 +367,10 @@ class Ingress:
                 last_ok[iid] = now
             elif _gone(res):
                 self._mark_dead(iid)
+            elif isinstance(res, _FAILED):
+                # It answered that it cannot report its load (its engine failed): not a slow instance whose last
+                # snapshot stands for a while -- kept, it drew requests for 10 s. Out until it reports again.
+                continue
             elif iid in self._snapshots:
                 # A slow answer is not a dead instance: a busy engine on a loaded host answers late. Keep the last
                 # snapshot; only an instance silent for ``unhealthy_after_s`` stops receiving new requests.
@@ -791,7 +801,9 @@ class Ingress:
             if kv_ref is not None and _is_lost(e):  # the KV source died: re-prefill without it
                 sub = await handle.submit.remote(ereq, None, **rec.guess())
             else:
-                raise
+                raise EngineFailed(f"{iid}: submit failed: {e.cause!r}") from e
+        except RemoteError as e:
+            raise EngineFailed(f"{iid}: submit failed: {e}") from e
         except _DEAD as e:
             raise _lost(iid, e) from e
         if sub.rejected is not None and kv_ref is not None and sub.rejected.startswith("kv"):
