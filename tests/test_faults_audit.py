@@ -377,3 +377,55 @@ def test_the_controller_replaces_an_instance_whose_engine_failed(monkeypatch: py
     asyncio.run(scenario())
     assert ctrl.killed == ["mixed-0"]  # type: ignore[attr-defined]
     assert set(ctrl._members) == {"mixed-1"}
+
+
+def test_an_idle_vllm_engine_that_died_does_not_report_its_cached_idle_stats() -> None:
+    """``VLLMBackend.stats`` answers an idle engine's report from a cache (each utility call wakes the engine core):
+    an idle instance whose engine core died went on reporting itself idle and fit -- the least loaded instance, so the
+    routers' favourite -- while every request sent there failed with EngineDeadError, and the Controller, seeing no
+    failing snapshot, never replaced it."""
+    from scheduler.engine.vllm_backend import VLLMBackend
+
+    class DeadEngineError(RuntimeError):
+        pass
+
+    class Core:
+        dead = False
+
+        async def call_utility_async(self, name: str, *args: Any) -> Any:
+            if self.dead:
+                raise DeadEngineError("EngineCore encountered an issue")
+            idle = dict.fromkeys(("num_running", "num_waiting", "kv_blocks_used", "num_preemptions"), 0)
+            counts = dict.fromkeys(
+                ("prompt_tokens_computed", "prompt_tokens_loaded", "prompt_tokens_adopted"), 0
+            )
+            return {
+                **idle,
+                **counts,
+                "kv_blocks_total": 64,
+                "block_size": 32,
+                "requests": [],
+                "prefill_compute_tokens": None,
+            }
+
+    class Engine:
+        def __init__(self) -> None:
+            self.engine_core = Core()
+
+        @property
+        def errored(
+            self,
+        ) -> bool:  # AsyncLLM.errored: the engine core is dead (or the output handler stopped)
+            return self.engine_core.dead
+
+    backend = VLLMBackend.__new__(VLLMBackend)  # the stats path alone: no engine processes
+    backend._engine, backend._idle_stats, backend._epoch = Engine(), None, 0
+    backend._active, backend._incoming, backend._priority = {}, {}, {}
+
+    async def scenario() -> None:
+        assert (await backend.stats()).kv_blocks_total == 64  # idle: cached from here on
+        backend._engine.engine_core.dead = True
+        with pytest.raises(DeadEngineError):
+            await backend.stats()
+
+    asyncio.run(scenario())

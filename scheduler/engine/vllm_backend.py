@@ -552,8 +552,11 @@ class VLLMBackend:
         # The ingress and the controller poll every few tens of ms; each utility call wakes the engine-core
         # process (measured: ~5% of a core per idle engine here). An engine with nothing running, queued or
         # holding blocks only changes through this backend, so its idle report stands until the next call.
+        # An engine core that died is no idle engine: asked, it raises (EngineDeadError), which takes the instance
+        # out of service; the cached idle report made it the routers' favourite while every request there failed.
         cached = self._idle_stats
-        if cached is not None and cached[0] == self._epoch and not self._active and not self._incoming:
+        if (cached is not None and cached[0] == self._epoch and not self._active and not self._incoming
+                and not self._engine.errored):
             return cached[1]
         epoch = self._epoch
         d = await self._engine.engine_core.call_utility_async("llmsched_stats")  # reads only: no epoch bump
