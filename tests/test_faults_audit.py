@@ -242,6 +242,36 @@ def test_an_instance_whose_creator_died_before_starting_it_is_started_on_adoptio
     assert out[-1].finish_reason == "length"
 
 
+def test_a_placement_group_left_without_its_instance_is_removed_on_restart(ray_head: Any) -> None:
+    """A Controller killed between creating an instance's (detached, named) placement group and its actor -- e.g.
+    while ``pg.ready()`` waits minutes for KubeRay to add a GPU node -- left the group behind: the restarted
+    Controller adopts actors only, so the group held its GPUs (a pending one takes them when the node comes) for
+    good. Groups of the cluster with no adopted instance are removed at adoption."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    from bench.loadgen import cluster_config
+    from scheduler.control.cluster import deploy
+    from scheduler.control.placement import pg_name
+
+    orphan = placement_group([{"CPU": 0.01}], name=pg_name("orphan", "mixed-3"), lifetime="detached")
+    ray.get(orphan.ready(), timeout=60)
+    dep = deploy(
+        cluster_config("orphan", mixed=1),
+        name="orphan",
+        controller_name="llmsched-controller-orphan",
+        backend_kwargs={"simulated": {"time_scale": 0.0}},
+        refresh_s=0.05,
+        ready_timeout_s=60,
+    )
+    try:
+        states = {v["name"]: v["state"] for v in ray.util.placement_group_table().values()}
+    finally:
+        dep.shutdown()
+    assert states[pg_name("orphan", "mixed-3")] == "REMOVED"
+    assert states[pg_name("orphan", "mixed-0")] == "CREATED"  # the instance it placed
+
+
 # ---- 3: an engine that fails ---------------------------------------------------------------------------------------
 def _crash_after(inst: Any, steps: int) -> None:
     """Make the instance's simulated engine raise on its ``steps``-th step from now (a bug, a device fault)."""

@@ -47,6 +47,7 @@ from scheduler.control.placement import (
     cluster_has_gpus,
     create_instance_pg,
     gpu_type_resource,
+    pg_name,
     plan_placement,
     remove_instance_pg,
 )
@@ -188,6 +189,17 @@ class Controller:
                 self._next_index[info.pool] = max(self._next_index[info.pool], n + 1)
         if self._members:
             log.info("controller %s adopted %d live instance(s)", self.cluster, len(self._members))
+        # A group of this cluster with no adopted instance: the previous Controller died between creating an
+        # instance's group and its actor (its ``pg.ready()`` can wait minutes for a node), or the actor did not
+        # answer above. Nothing else would ever remove it, and it held its GPUs for good; removing it also stops
+        # such an actor. Replacements get their own groups.
+        prefix = pg_name(self.cluster, "")
+        for pg in ray.util.placement_group_table().values():
+            name = pg.get("name") or ""
+            iid = name[len(prefix):]
+            if name.startswith(prefix) and pg.get("state") != "REMOVED" and iid not in self._members:
+                log.warning("removing placement group %s: no live instance of this cluster holds it", name)
+                remove_instance_pg(self.cluster, iid)
 
     async def _start_adopted(self, iid: str) -> None:
         """Start an adopted instance (``start`` is idempotent: a no-op for one that runs). The previous Controller
