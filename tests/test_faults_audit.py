@@ -459,3 +459,51 @@ def test_an_idle_vllm_engine_that_died_does_not_report_its_cached_idle_stats() -
             await backend.stats()
 
     asyncio.run(scenario())
+
+
+# ---- 4: releasing an instance with requests in flight ---------------------------------------------------------------
+def test_streams_on_a_released_instance_continue_elsewhere(no_ray: None) -> None:
+    """Releasing an instance that still runs requests (a drain that could not move them all: its comment says
+    "a request still there is recovered elsewhere by re-prefill"; a scale-down past ``drain_timeout_s``; an admin
+    Scale down) calls ``Instance.shutdown``, which aborted every stream: the client's stream ended "abort"
+    (CANCELLED) half-way, though nobody cancelled it. They must continue on another instance."""
+    from bench.loadgen import cluster_config
+    from scheduler.control.controller import Member
+    from scheduler.control.ingress import Ingress
+    from scheduler.control.instance import Instance
+    from tests.test_chaos import _Controller, _Handle
+
+    cfg = cluster_config("release", mixed=2)
+    pool = cfg.pools[0]
+
+    async def scenario() -> list[TokenChunk]:
+        insts = {
+            f"mixed-{n}": Instance(
+                f"mixed-{n}", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 1}
+            )
+            for n in range(2)
+        }
+        members = {iid: Member(_Handle(i), await i.start()) for iid, i in insts.items()}
+        ing = Ingress(cfg, _Handle(_Controller(members)), refresh_s=0.01)
+        await ing.start()
+        out: list[TokenChunk] = []
+        try:
+            req = GenerateRequest(
+                "rel", prompt="hello", sampling=SamplingParams(max_tokens=60, ignore_eos=True)
+            )
+            task = asyncio.create_task(_consume(ing, req, out))
+            while sum(len(c.token_ids) for c in out) < 5:
+                await asyncio.sleep(0.005)
+            await insts[
+                ing.registry.get("rel").instances[0]
+            ].shutdown()  # Controller._release, before ray.kill
+            await asyncio.wait_for(task, 20)
+            return out
+        finally:
+            await ing.close()
+            for i in insts.values():
+                await i.shutdown()
+
+    out = asyncio.run(asyncio.wait_for(scenario(), 40))
+    assert out[-1].finish_reason == "length"
+    assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(60))

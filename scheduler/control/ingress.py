@@ -50,6 +50,7 @@ from scheduler.control.api import (
 )
 from scheduler.control.channel import ChannelClient, ChannelError, RemoteError
 from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, UNHEALTHY_AFTER_S, Member
+from scheduler.control.instance import RELEASED
 from scheduler.control.registry import RequestRecord, RequestRegistry
 from scheduler.core.prefix import prompt_hash_ids
 from scheduler.core.types import (
@@ -835,6 +836,13 @@ class Ingress:
     ) -> AsyncIterator[TokenChunk]:
         while True:
             for chunk in chunks:
+                if chunk.finished and chunk.finish_reason == RELEASED:
+                    # The instance is being shut down with the request on it (released before every request could
+                    # move off): keep what it made, recover the rest elsewhere (it is killed next: marked dead).
+                    out = self._accept(rec, dataclasses.replace(chunk, finished=False, finish_reason=None))
+                    if out is not None:
+                        yield out if out.instance_id else dataclasses.replace(out, instance_id=iid)
+                    raise InstanceLost(f"{iid}: released with the request running")
                 out = self._accept(rec, chunk)
                 if out is not None:
                     yield out if out.instance_id else dataclasses.replace(out, instance_id=iid)

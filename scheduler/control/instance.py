@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 _TIMINGS_KEPT = 4096  # request_timings entries (a live run reads them after its replay)
 _FINISHED_KEPT = 1024  # final answers kept for a poll retry (a lost one is noticed within one poll timeout)
+# The finish_reason of a stream ended by ``shutdown`` (the instance is released with it still running): the ingress
+# recovers it elsewhere. Read as the "abort" it is underneath, the client's stream ended as cancelled half-way.
+RELEASED = "released"
 
 # backend kind (PoolSpec.backend) -> "module:factory"; factory(model=, gpu=, pool=, role=, **backend_kwargs)
 BACKENDS: dict[str, str] = {
@@ -208,6 +211,7 @@ class Instance:
         # between the handshake and the commit, and nothing else would ever free what the handshake reserved.
         self._incoming: dict[str, float] = {}
         self._draining = False
+        self._closing = False  # shutdown began: streams ended from here on end RELEASED
         self._faults: dict[str, str] = {}  # migration step -> injected fault kind (tests: fail / hang / exit)
         self._reaper: asyncio.Task[None] | None = None
         self._starting: asyncio.Future[None] | None = None
@@ -278,6 +282,7 @@ class Instance:
         return self._backend is not None
 
     async def shutdown(self) -> None:
+        self._closing = True
         for rid in list(self._streams):
             await self.abort(rid)
         if self._reaper is not None:
@@ -364,6 +369,8 @@ class Instance:
                         self._timings.popitem(last=False)
                 if chunk.finished and st.migrated and chunk.finish_reason == "abort":
                     chunk = dataclasses.replace(chunk, finish_reason="migrated")
+                elif chunk.finished and self._closing and chunk.finish_reason == "abort":
+                    chunk = dataclasses.replace(chunk, finish_reason=RELEASED)
                 st.buffer.append(chunk)
                 st.event.set()
                 if chunk.finished:
