@@ -507,3 +507,49 @@ def test_streams_on_a_released_instance_continue_elsewhere(no_ray: None) -> None
     out = asyncio.run(asyncio.wait_for(scenario(), 40))
     assert out[-1].finish_reason == "length"
     assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(60))
+
+
+# ---- 5: a client's retry with the same request id ------------------------------------------------------------------
+def test_a_retry_after_the_client_left_is_not_refused_as_already_running(no_ray: None) -> None:
+    """The client's connection drops mid-stream; the ingress aborts the request on its instance and stops polling it;
+    the SDK retries with the same request id (UNAVAILABLE is retried, same id). The instance kept the ended stream
+    until its lease (30 s) and refused the retry as "request_id ... is already running": INVALID_ARGUMENT, not
+    retried, for a request that had been accepted."""
+    from bench.loadgen import cluster_config
+    from scheduler.control.api import InvalidRequest
+    from scheduler.control.controller import Member
+    from scheduler.control.ingress import Ingress
+    from scheduler.control.instance import Instance
+    from tests.test_chaos import _Controller, _Handle
+
+    cfg = cluster_config("retry", mixed=1)
+    pool = cfg.pools[0]
+
+    async def scenario() -> list[TokenChunk] | InvalidRequest:
+        inst = Instance("mixed-0", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 1})
+        ing = Ingress(cfg, _Handle(_Controller({"mixed-0": Member(_Handle(inst), await inst.start())})))
+        await ing.start()
+        try:
+            req = GenerateRequest(
+                "again", prompt="hello", sampling=SamplingParams(max_tokens=30, ignore_eos=True)
+            )
+            stream = ing.generate(req)
+            async for c in stream:
+                if c.index + len(c.token_ids) >= 3:
+                    break
+            await stream.aclose()  # the client went away: the server closes the stream
+            await asyncio.sleep(0.2)  # the abort landed; the ended stream waits for a poll that never comes
+            out: list[TokenChunk] = []
+            try:
+                await _consume(ing, req, out)  # the SDK's retry, same id
+            except InvalidRequest as e:
+                return e
+            return out
+        finally:
+            await ing.close()
+            await inst.shutdown()
+
+    out = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert not isinstance(out, InvalidRequest), out
+    assert out[-1].finish_reason == "length"
+    assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(30))

@@ -339,6 +339,12 @@ class Instance:
         if adopt and ran_here:
             out = await self.poll(rid, self._lease_s / 2, request.num_output_tokens_before)  # bounded: see below
             return Submitted(chunks=(out,) if out is not None and (out.token_ids or out.finished) else ())
+        old = self._streams.get(rid)
+        if old is not None and old.done:
+            # Ended (aborted: its client left, or its ingress failed it) and never polled to its end: nothing runs.
+            # A new submit of the id is that client's retry; refused as "already running" until the lease dropped
+            # the stream, the retry failed with INVALID_ARGUMENT.
+            del self._streams[rid]
         if rid in self._streams:
             return Submitted(rejected=f"request_id: {rid!r} is already running on {self.instance_id}")
         self._finished.pop(rid, None)
@@ -437,7 +443,8 @@ class Instance:
         if merged.token_ids:
             st.sent = merged
         if merged.finished:
-            self._streams.pop(rid, None)
+            if self._streams.get(rid) is st:  # (a retry's new stream of the id may have replaced it: see submit)
+                del self._streams[rid]
             # Kept for a retry of this poll whose answer was lost, token-less ends included (see poll).
             self._finished[rid] = merged
             while len(self._finished) > _FINISHED_KEPT:
