@@ -553,3 +553,53 @@ def test_a_retry_after_the_client_left_is_not_refused_as_already_running(no_ray:
     assert not isinstance(out, InvalidRequest), out
     assert out[-1].finish_reason == "length"
     assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(30))
+
+
+def test_a_retry_that_meets_its_dead_replicas_copy_runs_elsewhere(no_ray: None) -> None:
+    """The ingress (gRPC server) serving a request dies; its copy keeps running on the instance until the lease
+    (30 s). The SDK retries with the same id on another replica; routed to that instance, the submit was refused as
+    "request_id ... is already running" and the retry failed with INVALID_ARGUMENT. Not the client's error: the
+    request runs on another instance (the orphan is reaped at its lease)."""
+    from bench.loadgen import cluster_config
+    from scheduler.control.api import InvalidRequest
+    from scheduler.control.controller import Member
+    from scheduler.control.ingress import Ingress
+    from scheduler.control.instance import Instance
+    from scheduler.engine.base import EngineRequest
+    from scheduler.policy.route import RoundRobinRouter
+    from tests.test_chaos import _Controller, _Handle
+
+    cfg = cluster_config("orphan-copy", mixed=2)
+    pool = cfg.pools[0]
+
+    async def scenario() -> list[TokenChunk] | InvalidRequest:
+        insts = [
+            Instance(f"mixed-{n}", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 1})
+            for n in range(2)
+        ]
+        members = {i.instance_id: Member(_Handle(i), await i.start()) for i in insts}
+        # The dead replica's copy, on the instance the round-robin router picks first.
+        await insts[0].submit(
+            EngineRequest("dup", (1, 2, 3), SamplingParams(max_tokens=500, ignore_eos=True))
+        )
+        ing = Ingress(cfg, _Handle(_Controller(members)), router=RoundRobinRouter())
+        await ing.start()
+        out: list[TokenChunk] = []
+        try:
+            req = GenerateRequest(
+                "dup", prompt="hello", sampling=SamplingParams(max_tokens=10, ignore_eos=True)
+            )
+            try:
+                await _consume(ing, req, out)
+            except InvalidRequest as e:
+                return e
+            return out
+        finally:
+            await ing.close()
+            for i in insts:
+                await i.shutdown()
+
+    out = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert not isinstance(out, InvalidRequest), out
+    assert out[-1].finish_reason == "length" and out[-1].instance_id == "mixed-1"
+    assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(10))

@@ -815,6 +815,11 @@ class Ingress:
             sub = await handle.submit.remote(ereq, None, **rec.guess())
         if sub.rejected is not None:
             field = sub.rejected.split(":", 1)[0] if ":" in sub.rejected else None
+            if field == "request_id":
+                # A copy of this id runs there (this replica admitted it as new): the stream of a replica that died
+                # with it, reaped at the instance's lease, and this is its client's retry. Not the client's error
+                # (it was INVALID_ARGUMENT): run it on another instance.
+                raise RequestLost(f"{iid}: {sub.rejected}")
             if rec.next_index == 0:
                 raise InvalidRequest(sub.rejected, field=field)
             yield TokenChunk(rec.request_id, rec.next_index, (), True, f"error: {sub.rejected}")
