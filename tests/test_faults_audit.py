@@ -461,6 +461,45 @@ def test_an_idle_vllm_engine_that_died_does_not_report_its_cached_idle_stats() -
     asyncio.run(scenario())
 
 
+def test_the_controllers_view_marks_a_silent_instance_unhealthy_until_it_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Controller kept a silent (hung) instance's last snapshot, healthy, for good: the scaling policy counted it
+    as capacity and the migration policy picked it as a destination, while every ingress routed around it. After
+    ``UNHEALTHY_AFTER_S`` without an answer it is unhealthy in the Controller's view too, and healthy again when it
+    answers."""
+    import scheduler.control.controller as controller_mod
+
+    monkeypatch.setattr(controller_mod, "UNHEALTHY_AFTER_S", 0.05, raising=False)
+    ctrl = _controller([CtrlFakeInstance("mixed-0")], {"mixed": 1})
+    real, silent = CtrlFakeInstance._snapshot, [False]
+
+    async def snapshot(self: Any) -> Any:
+        if silent[0]:
+            raise TimeoutError
+        return await real(self)
+
+    monkeypatch.setattr(CtrlFakeInstance, "_snapshot", snapshot)
+
+    async def scenario() -> list[bool]:
+        seen = []
+        await ctrl._refresh()
+        seen.append(ctrl._snapshots["mixed-0"].healthy)
+        silent[0] = True
+        await ctrl._refresh()
+        seen.append(ctrl._snapshots["mixed-0"].healthy)  # one slow answer: no verdict
+        await asyncio.sleep(0.1)
+        await ctrl._refresh()
+        seen.append(ctrl._snapshots["mixed-0"].healthy)
+        silent[0] = False
+        await ctrl._refresh()
+        seen.append(ctrl._snapshots["mixed-0"].healthy)
+        return seen
+
+    assert asyncio.run(scenario()) == [True, True, False, True]
+    assert set(ctrl._members) == {"mixed-0"}  # silent is not dead: kept
+
+
 # ---- 4: releasing an instance with requests in flight ---------------------------------------------------------------
 def test_streams_on_a_released_instance_continue_elsewhere(no_ray: None) -> None:
     """Releasing an instance that still runs requests (a drain that could not move them all: its comment says

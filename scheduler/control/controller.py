@@ -79,6 +79,11 @@ _PREFILLS = frozenset({InstanceRole.PREFILL, InstanceRole.MIXED})
 _DECODES = frozenset({InstanceRole.DECODE, InstanceRole.MIXED})
 
 
+def actor_gone(e: BaseException) -> bool:
+    """Ray confirmed the actor dead. ``ActorUnavailableError`` (a ``RayActorError``) says it may come back."""
+    return isinstance(e, ray.exceptions.RayActorError) and not isinstance(e, ray.exceptions.ActorUnavailableError)
+
+
 def instance_actor_name(cluster: str, instance_id: str) -> str:
     return f"llmsched/{cluster}/inst/{instance_id}"
 
@@ -258,28 +263,35 @@ class Controller:
         results = await asyncio.gather(
             *(asyncio.wait_for(_await(m.handle.snapshot.remote()), 2.0) for _, m in items), return_exceptions=True
         )
+        now = time.monotonic()
         broken: list[str] = []
         for (iid, m), res in zip(items, results):
-            if not isinstance(res, ray.exceptions.RayTaskError) or iid in self._starting:
-                self._failing.pop(iid, None)
             if isinstance(res, InstanceSnapshot):
+                self._failing.pop(iid, None)
                 self._snapshots[iid] = res
                 self._adopt_role(iid, res, rnd)
-            elif isinstance(res, ray.exceptions.RayTaskError) and iid not in self._starting:
+                continue
+            if actor_gone(res):
+                log.warning("instance %s died: %s", iid, type(res).__name__)
+                self._forget(iid)
+                continue
+            # No report: a timeout, "temporarily unavailable" (forgetting it removed its placement group, killing a
+            # live instance and its streams), or an error raised on the instance. A slow answer is no verdict: the
+            # last snapshot stands for UNHEALTHY_AFTER_S (an adopted instance still starting reports nothing yet).
+            if iid in self._starting or now - self._failing.setdefault(iid, now) <= UNHEALTHY_AFTER_S:
+                continue
+            snap = self._snapshots.get(iid)
+            if snap is not None and snap.healthy:
+                # Silent that long: neither capacity to the scaling policy nor a migration destination (it stood as
+                # healthy for good; the ingresses already route around it).
+                self._snapshots[iid] = dataclasses.replace(snap, healthy=False)
+            if isinstance(res, ray.exceptions.RayTaskError):
                 # It answers, but cannot report its load: its engine failed (vLLM's EngineDeadError, the simulated
                 # engine's fault). Nothing else would replace it -- only actor deaths were -- and its pool stayed
                 # one instance short for good.
-                since = self._failing.setdefault(iid, time.monotonic())
-                if time.monotonic() - since > UNHEALTHY_AFTER_S:
-                    log.warning("instance %s: snapshots failing for %.0fs (%s); replacing it", iid,
-                                UNHEALTHY_AFTER_S, res.cause if res.cause is not None else res)
-                    broken.append(iid)
-            elif isinstance(res, ray.exceptions.RayActorError) and not isinstance(
-                    res, ray.exceptions.ActorUnavailableError):
-                log.warning("instance %s died: %s", iid, type(res).__name__)
-                self._forget(iid)
-            # timeouts, and "temporarily unavailable" (forgetting it removed its placement group, killing a live
-            # instance and its streams): keep the last snapshot; a confirmed death is forgotten on a later round
+                log.warning("instance %s: snapshots failing for %.0fs (%s); replacing it", iid, UNHEALTHY_AFTER_S,
+                            res.cause if res.cause is not None else res)
+                broken.append(iid)
         for iid in broken:
             self._failing.pop(iid, None)
             assert self._lock is not None

@@ -49,7 +49,7 @@ from scheduler.control.api import (
     Unavailable,
 )
 from scheduler.control.channel import ChannelClient, ChannelError, RemoteError
-from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, UNHEALTHY_AFTER_S, Member
+from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, UNHEALTHY_AFTER_S, Member, actor_gone
 from scheduler.control.instance import RELEASED
 from scheduler.control.registry import RequestRecord, RequestRegistry
 from scheduler.core.prefix import prompt_hash_ids
@@ -83,11 +83,6 @@ log = logging.getLogger(__name__)
 _DEAD = (RayActorError, ActorUnavailableError)
 # The call raised on the instance (over Ray, or over the direct channel): the actor lives, what it runs failed.
 _FAILED = (RayTaskError, RemoteError)
-
-
-def _gone(e: BaseException) -> bool:
-    """Ray confirmed the actor dead. ``ActorUnavailableError`` (a ``RayActorError``) says it may come back."""
-    return isinstance(e, RayActorError) and not isinstance(e, ActorUnavailableError)
 
 
 # How long ``drain`` waits, before releasing the instance, for committed migrations' streams to switch over.
@@ -169,7 +164,7 @@ class EngineFailed(InstanceUnresponsive):
 
 def _lost(iid: str, e: BaseException) -> InstanceLost:
     """The ``InstanceLost`` for Ray's error ``e`` (or a timeout) on a call to ``iid``."""
-    cls = InstanceLost if _gone(e) else InstanceUnresponsive
+    cls = InstanceLost if actor_gone(e) else InstanceUnresponsive
     return cls(f"{iid}: {type(e).__name__}")
 
 
@@ -366,7 +361,7 @@ class Ingress:
             if isinstance(res, InstanceSnapshot):
                 snaps[iid] = res
                 last_ok[iid] = now
-            elif _gone(res):
+            elif actor_gone(res):
                 self._mark_dead(iid)
             elif isinstance(res, _FAILED):
                 # It answered that it cannot report its load (its engine failed): not a slow instance whose last
