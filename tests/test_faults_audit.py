@@ -642,3 +642,52 @@ def test_a_retry_that_meets_its_dead_replicas_copy_runs_elsewhere(no_ray: None) 
     assert not isinstance(out, InvalidRequest), out
     assert out[-1].finish_reason == "length" and out[-1].instance_id == "mixed-1"
     assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(10))
+
+
+# ---- 6: two failures in one P->D hand-off ---------------------------------------------------------------------------
+def test_a_decode_instance_dying_during_the_resubmit_without_kv_is_recovered() -> None:
+    """P->D: the KV source died (the decode submit fails resolving its KV), so the ingress resubmits without KV --
+    and the decode instance dies during that resubmit. That call sat outside the ``try`` that maps deaths to
+    ``InstanceLost``: ``RayActorError`` escaped ``Ingress.generate`` (gRPC INTERNAL). It is recovered like any death."""
+    from ray.exceptions import RayTaskError
+
+    from scheduler.core.types import InstanceRole
+
+    P = FakeInstance("prefill-0", InstanceRole.PREFILL)
+    D1, D2 = FakeInstance("decode-0", InstanceRole.DECODE), FakeInstance("decode-1", InstanceRole.DECODE)
+    failed: list[str] = []
+
+    def dies_once(inst: FakeInstance) -> None:
+        orig = inst._submit
+
+        async def submit(req: Any, kv: Any = None, **kw: Any) -> Any:
+            if not failed and kv is not None:  # the KV's source died ...
+                raise RayTaskError("submit", "", ActorDiedError())
+            if failed == [inst.iid]:  # ... and this instance dies before the resubmit lands
+                raise ActorDiedError()
+            return await orig(req, kv, **kw)
+
+        async def first(req: Any, kv: Any = None, **kw: Any) -> Any:
+            try:
+                return await submit(req, kv, **kw)
+            except RayTaskError:
+                failed.append(inst.iid)
+                raise
+
+        inst._submit = first  # type: ignore[method-assign]
+
+    dies_once(D1)
+    dies_once(D2)
+
+    async def scenario() -> list[TokenChunk]:
+        ing = _ingress([P, D1, D2])
+        out: list[TokenChunk] = []
+        await asyncio.wait_for(
+            _consume(ing, GenerateRequest("pd", prompt="hi", sampling=SamplingParams(max_tokens=6)), out), 5
+        )
+        return out
+
+    out = asyncio.run(scenario())
+    assert len(failed) == 1
+    assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(6))
+    assert out[-1].finish_reason == "length" and out[-1].instance_id != failed[0]

@@ -552,7 +552,7 @@ class Ingress:
             raise Unavailable("no live engine instance in the cluster view")
         info = RequestInfo(
             rec.request_id, time.time(), len(rec.prompt_token_ids) + rec.next_index, max(rec.remaining_tokens, 1),
-            priority=rec.priority, slo=rec.slo, predicted_output_tokens=rec.predicted_output_tokens,
+            priority=rec.priority, slo=rec.slo, **rec.guess(),
             accepted=accepted, hash_ids=rec.hash_ids,
         )
         decision = self.router.route(info, view)
@@ -787,27 +787,20 @@ class Ingress:
             async for chunk in self._poll_loop(rec, iid, handle, []):
                 yield chunk
             return
+        # Every submit below (the resubmits without KV too: this instance can die during one) maps a death to
+        # InstanceLost; one outside this try escaped generate() as INTERNAL.
         try:
             if kv_ref is None:
                 sub = await self._call(iid, handle, "submit", ereq, None, on_retry={"adopt": True},
                                        **rec.guess(), export_on_finish=export)
-            else:  # an ObjectRef: Ray resolves it on the instance (KV moves node to node)
-                sub = await handle.submit.remote(ereq, kv_ref, **rec.guess())
-        except RayTaskError as e:
-            if kv_ref is not None and _is_lost(e):  # the KV source died: re-prefill without it
-                sub = await handle.submit.remote(ereq, None, **rec.guess())
             else:
-                raise EngineFailed(f"{iid}: submit failed: {e.cause!r}") from e
+                sub = await self._submit_with_kv(rec, iid, handle, ereq, kv_ref)
+        except RayTaskError as e:
+            raise EngineFailed(f"{iid}: submit failed: {e.cause!r}") from e
         except RemoteError as e:
             raise EngineFailed(f"{iid}: submit failed: {e}") from e
         except _DEAD as e:
             raise _lost(iid, e) from e
-        if sub.rejected is not None and kv_ref is not None and sub.rejected.startswith("kv"):
-            # KV this instance cannot load (the pools' engines differ: TP degree, dtype, block size): it recomputes
-            # the prompt rather than fail the request.
-            log.warning("%s: %s refused the prompt KV (%s); recomputing it there", rec.request_id, iid, sub.rejected)
-            self.counters["kv_refused"] += 1
-            sub = await handle.submit.remote(ereq, None, **rec.guess())
         if sub.rejected is not None:
             field = sub.rejected.split(":", 1)[0] if ":" in sub.rejected else None
             if field == "request_id":
@@ -830,6 +823,25 @@ class Ingress:
             waiter.set_result(time.perf_counter())
         async for chunk in self._poll_loop(rec, iid, handle, list(sub.chunks)):
             yield chunk
+
+    async def _submit_with_kv(
+        self, rec: RequestRecord, iid: str, handle: Any, ereq: EngineRequest, kv_ref: Any
+    ) -> Any:
+        """Submit with the prompt KV as an ObjectRef (Ray resolves it on the instance: KV moves node to node); without
+        it if its source died or this instance cannot load it (it recomputes the prompt)."""
+        try:
+            sub = await handle.submit.remote(ereq, kv_ref, **rec.guess())
+        except RayTaskError as e:
+            if not _is_lost(e):
+                raise
+            return await handle.submit.remote(ereq, None, **rec.guess())
+        if sub.rejected is not None and sub.rejected.startswith("kv"):
+            # KV this instance cannot load (the pools' engines differ: TP degree, dtype, block size): it recomputes
+            # the prompt rather than fail the request.
+            log.warning("%s: %s refused the prompt KV (%s); recomputing it there", rec.request_id, iid, sub.rejected)
+            self.counters["kv_refused"] += 1
+            sub = await handle.submit.remote(ereq, None, **rec.guess())
+        return sub
 
     async def _poll_loop(
         self, rec: RequestRecord, iid: str, handle: Any, chunks: list[TokenChunk]
