@@ -5,6 +5,7 @@ fail, a Controller that restarts). Each test reproduces one confirmed bug; no Ra
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -691,3 +692,39 @@ def test_a_decode_instance_dying_during_the_resubmit_without_kv_is_recovered() -
     assert len(failed) == 1
     assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(6))
     assert out[-1].finish_reason == "length" and out[-1].instance_id != failed[0]
+
+
+# ---- 7: ids after a Controller restart ------------------------------------------------------------------------------
+def test_a_replacement_made_after_a_controller_restart_gets_a_new_id(ray_head: Any) -> None:
+    """The restarted Controller rebuilt its id counter from the instances it adopted: an instance that died while it
+    was down was replaced under the dead one's id, so id-keyed state (the prefix-affinity router's LRU, migration
+    cooldowns, metrics series, ingress health timestamps) carried over to a fresh, empty instance. The docs promise
+    a new id; the counter now lives in Ray's KV with the desired sizes."""
+    import ray
+
+    from bench.loadgen import cluster_config
+    from scheduler.control.cluster import deploy
+
+    dep = deploy(
+        cluster_config("ids", mixed=1),
+        name="ids",
+        controller_name="llmsched-controller-ids",
+        backend_kwargs={"simulated": {"time_scale": 0.0}},
+        refresh_s=30.0,  # the first Controller never notices the death below: its successor replaces the instance
+        ready_timeout_s=60,
+    )
+    try:
+        assert list(dep.instances) == ["mixed-0"]
+        victim = ray.get(dep.controller.members.remote(), timeout=30)["mixed-0"].handle
+        ray.kill(victim, no_restart=True)
+        ray.kill(dep.controller, no_restart=False)  # Ray restarts it (max_restarts=-1)
+        after = None
+        for _ in range(60):
+            try:
+                after = ray.get(dep.controller.ready.remote(30.0), timeout=40)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                time.sleep(0.5)
+    finally:
+        dep.shutdown()
+    assert after is not None and list(after) == ["mixed-1"]

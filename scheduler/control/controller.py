@@ -133,7 +133,11 @@ class Controller:
         self._registry = EntryTable()
         self._pools = {p.name: p for p in config.pools}
         self._desired = self._load_desired()
+        # Per pool, the next instance number; persisted (an instance that died while the Controller was down left
+        # no trace among the adopted ones, and its replacement took its id and the state keyed by it).
         self._next_index: dict[str, int] = {p.name: 0 for p in config.pools}
+        self._next_index.update({k: int(v) for k, v in (self._kv_get("next_index") or {}).items()
+                                 if k in self._next_index})
         self._pending: dict[str, asyncio.Task[Any]] = {}  # instance_id -> creation task
         self._adopted: list[str] = []  # adopted in __init__, to be started (see _start_adopted)
         self._starting: set[str] = set()  # adopted instances being started: "not started" is no engine failure
@@ -412,7 +416,7 @@ class Controller:
         return m.info.pool if m is not None else snap.instance_id.rsplit("-", 1)[0]
 
     # Work in progress that must survive a restart, as JSON in Ray's internal KV under llmsched/<cluster>/<name>.
-    _KV_NAMES = ("desired", "draining", "switching", "operator_draining")
+    _KV_NAMES = ("desired", "draining", "switching", "operator_draining", "next_index")
 
     def _kv_key(self, name: str) -> bytes:
         return f"llmsched/{self.cluster}/{name}".encode()
@@ -725,6 +729,7 @@ class Controller:
                 for _ in range(want - len(have)):
                     iid = f"{pool.name}-{self._next_index[pool.name]}"
                     self._next_index[pool.name] += 1
+                    self._kv_put("next_index", self._next_index)
                     self._pending[iid] = asyncio.create_task(self._create(pool, iid))
                 if len(have) <= want:
                     continue
