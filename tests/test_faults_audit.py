@@ -728,3 +728,31 @@ def test_a_replacement_made_after_a_controller_restart_gets_a_new_id(ray_head: A
     finally:
         dep.shutdown()
     assert after is not None and list(after) == ["mixed-1"]
+
+
+# ---- 8: an instance that hangs on a submit ---------------------------------------------------------------------------
+def test_a_submit_that_never_answers_is_recovered_elsewhere() -> None:
+    """The poll had a deadline (``poll_timeout_s`` + 5 s) but the submit none: an instance whose event loop hangs
+    (a blocking call in it) held every request routed to it for good -- the client's stream never got a token, an
+    error or a recovery. ``Instance.submit`` answers within ``lease_s / 2``; no answer in ``submit_timeout_s`` is an
+    unresponsive instance (recovered elsewhere, as a poll timeout is)."""
+    S, T = FakeInstance("mixed-0"), FakeInstance("mixed-1")
+
+    async def hang(req: Any, kv: Any = None, **kw: Any) -> Any:
+        await asyncio.sleep(3600)
+
+    S._submit = hang  # type: ignore[method-assign]
+
+    async def scenario() -> list[TokenChunk]:
+        ing = _ingress([S, T], routable=["mixed-0"])
+        ing.submit_timeout_s = 0.2
+        ing._view = type(ing._view)(0.0, ing._view.instances + (await T._snapshot(),))
+        out: list[TokenChunk] = []
+        await asyncio.wait_for(
+            _consume(ing, GenerateRequest("h", prompt="hi", sampling=SamplingParams(max_tokens=5)), out), 5
+        )
+        return out
+
+    out = asyncio.run(scenario())
+    assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(5))
+    assert out[-1].finish_reason == "length" and out[-1].instance_id == "mixed-1"

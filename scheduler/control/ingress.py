@@ -178,6 +178,8 @@ class Ingress:
         refresh_s: snapshot poll period of the cached view.
         max_in_flight: admission bound of this replica (``Overloaded`` beyond it).
         max_recoveries: re-prefills allowed per request after instance crashes.
+        submit_timeout_s: an instance answers a submit within its ``lease_s / 2`` (15 s by default), first chunk or
+            not; one that has not answered in this long is unresponsive: the request is recovered elsewhere.
         direct: use the instances' direct channels (``control/channel.py``) for submit/poll/abort/snapshot;
             ``False``: Ray actor calls only (the bench's baseline).
         predictor: overrides ``config.policies.predictor`` (the output-length guess for requests without a
@@ -196,6 +198,7 @@ class Ingress:
         max_in_flight: int = 4096,
         max_recoveries: int = 3,
         poll_timeout_s: float = 5.0,
+        submit_timeout_s: float = 30.0,
         ingress_id: str | None = None,
         tokenizer: Tokenizer | None = None,
         migration: MigrationConfig | None = None,
@@ -231,6 +234,7 @@ class Ingress:
         self.max_in_flight = max_in_flight
         self.max_recoveries = max_recoveries
         self.poll_timeout_s = poll_timeout_s
+        self.submit_timeout_s = submit_timeout_s
         self.tokenizer = tokenizer or make_tokenizer(config)
         self.registry = RequestRegistry()
         self._members: dict[str, Member] = {}
@@ -552,7 +556,7 @@ class Ingress:
             raise Unavailable("no live engine instance in the cluster view")
         info = RequestInfo(
             rec.request_id, time.time(), len(rec.prompt_token_ids) + rec.next_index, max(rec.remaining_tokens, 1),
-            priority=rec.priority, slo=rec.slo, **rec.guess(),
+            priority=rec.priority, slo=rec.slo, predicted_output_tokens=rec.predicted_output_tokens,
             accepted=accepted, hash_ids=rec.hash_ids,
         )
         decision = self.router.route(info, view)
@@ -788,13 +792,17 @@ class Ingress:
                 yield chunk
             return
         # Every submit below (the resubmits without KV too: this instance can die during one) maps a death to
-        # InstanceLost; one outside this try escaped generate() as INTERNAL.
+        # InstanceLost; one outside this try escaped generate() as INTERNAL. Bounded, as the poll is: a hung
+        # instance held every request submitted to it for good.
         try:
             if kv_ref is None:
-                sub = await self._call(iid, handle, "submit", ereq, None, on_retry={"adopt": True},
-                                       **rec.guess(), export_on_finish=export)
+                call = self._call(iid, handle, "submit", ereq, None, on_retry={"adopt": True},
+                                  **rec.guess(), export_on_finish=export)
             else:
-                sub = await self._submit_with_kv(rec, iid, handle, ereq, kv_ref)
+                call = self._submit_with_kv(rec, iid, handle, ereq, kv_ref)
+            sub = await asyncio.wait_for(call, self.submit_timeout_s)
+        except TimeoutError as e:
+            raise _lost(iid, e) from e
         except RayTaskError as e:
             raise EngineFailed(f"{iid}: submit failed: {e.cause!r}") from e
         except RemoteError as e:
