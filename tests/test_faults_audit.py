@@ -756,3 +756,31 @@ def test_a_submit_that_never_answers_is_recovered_elsewhere() -> None:
     out = asyncio.run(scenario())
     assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(5))
     assert out[-1].finish_reason == "length" and out[-1].instance_id == "mixed-1"
+
+
+def test_cancel_does_not_hang_on_an_instance_that_does_not_answer() -> None:
+    """``Ingress.cancel`` awaited each instance's ``abort`` with no deadline: with the request's instance hung, the
+    client's Cancel RPC hung with it (and the abort of a migration destination after it never ran). The stream
+    itself is flagged cancelled first, so it ends as an abort however the instance answers."""
+    S = FakeInstance("mixed-0")
+
+    async def hang(rid: str) -> bool:
+        await asyncio.sleep(3600)
+        return True
+
+    async def scenario() -> bool:
+        ing = _ingress([S])
+        out: list[TokenChunk] = []
+        task = asyncio.create_task(
+            _consume(ing, GenerateRequest("c", prompt="hi", sampling=SamplingParams(max_tokens=500)), out)
+        )
+        while len(out) < 2:
+            await asyncio.sleep(0.005)
+        S._abort = hang  # type: ignore[method-assign]  # the instance stops answering
+        try:
+            return await asyncio.wait_for(ing.cancel("c"), 5)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    assert asyncio.run(scenario()) is True

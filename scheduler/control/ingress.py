@@ -931,13 +931,8 @@ class Ingress:
         if rec is not None:
             rec.cancelled = True
             # A committed migration's destination runs a copy too (the stream moves there once the source ends).
-            for iid in rec.instances + ((rec.moving_to,) if rec.moving_to else ()):
-                m = self._members.get(iid)
-                if m is not None:
-                    try:
-                        await m.handle.abort.remote(request_id)
-                    except _DEAD:
-                        pass
+            await asyncio.gather(*(self._abort_bounded(iid, request_id)
+                                   for iid in rec.instances + ((rec.moving_to,) if rec.moving_to else ())))
             return True
         # Another ingress replica serves it: abort where the Controller's registry says it runs.
         try:
@@ -946,15 +941,18 @@ class Ingress:
             return False
         if entry is None:
             return False
-        done = False
-        for iid in entry.instances:
-            m = self._members.get(iid)
-            if m is not None:
-                try:
-                    done = bool(await m.handle.abort.remote(request_id)) or done
-                except _DEAD:  # a dead instance holds nothing to stop; the others still need the abort
-                    pass
-        return done
+        return any(await asyncio.gather(*(self._abort_bounded(iid, request_id) for iid in entry.instances)))
+
+    async def _abort_bounded(self, iid: str, request_id: str) -> bool:
+        """``abort`` on ``iid``, for an admin Cancel: a dead instance holds nothing to stop (the others still need
+        the abort), and one that does not answer must not hang the caller -- it had no deadline."""
+        m = self._members.get(iid)
+        if m is None:
+            return False
+        try:
+            return bool(await asyncio.wait_for(_await(m.handle.abort.remote(request_id)), 2.0))
+        except (TimeoutError, *_DEAD):
+            return False
 
     async def cluster_state(self) -> ClusterState:
         await self.start()
