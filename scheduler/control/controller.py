@@ -141,7 +141,7 @@ class Controller:
         self._pending: dict[str, asyncio.Task[Any]] = {}  # instance_id -> creation task
         self._adopted: list[str] = []  # adopted in __init__, to be started (see _start_adopted)
         self._starting: set[str] = set()  # adopted instances being started: "not started" is no engine failure
-        self._failing: dict[str, float] = {}  # instance -> monotonic time of its first snapshot error in a row
+        self._failing: dict[str, float] = {}  # instance -> monotonic time of its first failed snapshot in a row
         self._loop_task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
         self.started_s = time.time()
@@ -782,6 +782,7 @@ class Controller:
     async def _release(self, iid: str) -> bool:
         m = self._members.pop(iid, None)
         self._snapshots.pop(iid, None)
+        self._failing.pop(iid, None)
         self._role_round.pop(iid, None)
         self._drop_operator_drain(iid)
         if m is None:
