@@ -428,7 +428,7 @@ def test_an_idle_vllm_engine_that_died_does_not_report_its_cached_idle_stats() -
                 raise DeadEngineError("EngineCore encountered an issue")
             idle = dict.fromkeys(("num_running", "num_waiting", "kv_blocks_used", "num_preemptions"), 0)
             counts = dict.fromkeys(
-                ("prompt_tokens_computed", "prompt_tokens_loaded", "prompt_tokens_adopted"), 0
+                ("prompt_tokens_computed", "prompt_tokens_loaded", "prompt_tokens_adopted", "prompt_tokens_cached"), 0
             )
             return {
                 **idle,
