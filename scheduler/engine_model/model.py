@@ -201,8 +201,11 @@ class EngineModel:
         )
         self._prefix_tokens = 0
         # The snapshot's frozen copy of the cache's ids, rebuilt only after an insert or an eviction (a snapshot per
-        # routing decision and instance copied thousands of ids: 29% of a Mooncake run's time).
+        # routing decision and instance copied thousands of ids: 29% of a Mooncake run's time). Rebuilt from
+        # ``_cached_id_set``, the cache's keys kept as a set: frozenset() copies a set's hash table whole, ~3x
+        # faster than hashing the OrderedDict's keys one by one (ids enter per scheduled chunk: a rebuild per step).
         self._cached_ids: frozenset[int] | None = None
+        self._cached_id_set: set[int] = set()
         self.prefix_capacity_tokens = num_blocks * spec.block_size
         self.prefix_hit_tokens = 0
         # Batch token counts whose GEMM kernels the engine has built, least recently used first (the vLLM CPU
@@ -516,17 +519,20 @@ class EngineModel:
                 cache.move_to_end(h)
             else:
                 cache[h] = seq.hash_block_tokens
+                self._cached_id_set.add(h)
                 self._prefix_tokens += seq.hash_block_tokens
                 self._cached_ids = None
         while self._prefix_tokens > self.prefix_capacity_tokens and cache:
-            self._prefix_tokens -= cache.popitem(last=False)[1]
+            h, tokens = cache.popitem(last=False)
+            self._cached_id_set.remove(h)
+            self._prefix_tokens -= tokens
             self._cached_ids = None
 
     def _cached_hash_ids(self) -> frozenset[int]:
         if not self.prefix_cache:
             return frozenset()
         if self._cached_ids is None:
-            self._cached_ids = frozenset(self.prefix_cache)
+            self._cached_ids = frozenset(self._cached_id_set)
         return self._cached_ids
 
     def _waiting_cache_hits(self) -> int:
