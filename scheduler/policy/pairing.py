@@ -99,6 +99,10 @@ class PriorityTracker:
         self.max_tracked = max_tracked
         self._where: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self._at: dict[str, set[str]] = {}  # instance -> the request ids ``_where`` places there
+        # instance -> (its current detailed snapshot, the high-priority requests it lists as (id, in prefill)): a
+        # router asks for every candidate on every request, and a live snapshot's ``requests`` holds its whole batch
+        # (O(instances x batch) a pick); the high-priority few are read once per snapshot.
+        self._listed: dict[str, tuple[InstanceSnapshot, tuple[tuple[str, bool], ...]]] = {}
 
     def add(self, request: RequestInfo, decision: RouteDecision) -> None:
         if request.priority < HIGH_PRIORITY:
@@ -136,12 +140,12 @@ class PriorityTracker:
         # instance a request left keeps its headroom until it finishes). Before, the listed ones alone counted
         # whenever any were listed: live, a pair's headroom sat on its PREFILL instance during the prefill and on
         # its decoder only once the KV landed, the reverse of the simulator's (which feeds llumnix no detail).
+        read = self._listed.get(inst.instance_id)
+        if read is None or read[0] is not inst:
+            high = tuple((r.request_id, r.in_prefill) for r in inst.requests if r.priority >= HIGH_PRIORITY)
+            read = self._listed[inst.instance_id] = (inst, high)
         where = self._where
-        return len(mine) + sum(
-            1 for r in inst.requests
-            if r.priority >= HIGH_PRIORITY and r.request_id not in mine
-            and not (r.in_prefill and r.request_id in where)
-        )
+        return len(mine) + sum(1 for rid, in_prefill in read[1] if rid not in mine and not (in_prefill and rid in where))
 
 
 # ---- the pairing base ---------------------------------------------------------------------------------------
