@@ -88,6 +88,8 @@ SLO) and a decode part, so the best pair is the best of each; MIXED prefill inst
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -149,7 +151,8 @@ class _Terms:
     Cd: int  # their summed context
     queue_s: float  # prefilling what is queued
     decode_only_s: float  # a decode-only step of the ``Bp`` decodes
-    rem: tuple[float, ...]  # residents' predicted remaining lengths (with per-request detail)
+    rem: tuple[float, ...]  # residents' predicted remaining lengths (with per-request detail), ascending
+    rem_sums: tuple[float, ...]  # their running sums, from 0
     r_avg: float
     a1: float  # decode step coefficients: a(B + 1), b, a(1)
     b: float
@@ -352,12 +355,14 @@ class LookaheadRouter(PairingRouter):
             rem = rem + (r_avg,) * W if rem else rem
         a0, b = lat.decode_coeffs(max(B, 1))
         cap = inst.kv_blocks_total * bs
+        rem = tuple(sorted(rem))  # ascending, with running sums: ``_decode_side`` prices a newcomer in O(log B)
         t = _Terms(
             snap=inst, lat=lat, Bp=Bp, Cp=Cp, Bd=B, Cd=C,
             # Queued prompts, assumed of equal size Q / max(waiting, 1) for their attention cost.
             queue_s=self._prefill_span(lat, Qc, Qc * (Q / max(prompts_waiting, 1) + 1) / 2, Bp, Cp),
             decode_only_s=lat.step_time(decode_batch=Bp, decode_context=Cp) if Bp else 0.0,
-            rem=rem, r_avg=r_avg, a1=lat.decode_coeffs(B + 1)[0], b=b, a_alone=lat.decode_coeffs(1)[0],
+            rem=rem, rem_sums=tuple(itertools.accumulate(rem, initial=0.0)),
+            r_avg=r_avg, a1=lat.decode_coeffs(B + 1)[0], b=b, a_alone=lat.decode_coeffs(1)[0],
             step_now=a0 + b * C if B else 0.0, cap=cap, other=other, used=used,
             victim_s=lat.prefill_time(int(min(C / B, cap))) if B else 0.0,
         )
@@ -386,7 +391,11 @@ class LookaheadRouter(PairingRouter):
         P, O = q.P, q.O
         B, C = t.Bd, t.Cd
         r_avg, b, step_now = t.r_avg, t.b, t.step_now
-        overlap = sum(min(r, O) for r in t.rem) if t.rem else B * min(r_avg, O)
+        if t.rem:  # sum(min(r, O)) over the residents: those shorter than O whole, the rest O each
+            k = bisect.bisect_right(t.rem, O)
+            overlap = t.rem_sums[k] + O * (len(t.rem) - k)
+        else:
+            overlap = B * min(r_avg, O)
         ctx_new = P + O / 2
         step_with = t.a1 + b * (C + ctx_new)
         harm = (step_with - step_now) * overlap if B else 0.0
