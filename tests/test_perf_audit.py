@@ -162,3 +162,34 @@ def test_lookahead_overlap_is_the_sum_over_residents() -> None:
         assert side.harm_s == pytest.approx(
             (step_with - t.step_now) * sum(min(r, o) for r in rems), rel=1e-12
         )
+
+
+def test_ingress_view_keeps_the_adjusted_snapshot_of_an_instance_whose_counts_did_not_change() -> None:
+    # The live view adds the requests routed since the last refresh to each instance's snapshot. It made a new
+    # snapshot object per counted instance on every request: in a burst (all 64 counted) 0.6-1.4 ms a view, more
+    # than the routing, and every per-snapshot router cache (lookahead's terms, llumnix's counts) missed on every
+    # instance: lookahead through the ingress 5.5-9.9 ms a decision, 1.2 ms with the objects kept.
+    from scheduler.config.load import load_config
+    from scheduler.control.ingress import Ingress
+
+    ing = Ingress(
+        load_config("default"), controller=None, direct=False, router=make_router("least_outstanding")
+    )
+    ing._view = lookahead_view(8, 4)
+    for s in ing._view.instances:
+        ing._pending[s.instance_id] = 1
+    ing._incoming["x-3"] = 2
+    v1, v2 = ing.view(), ing.view()
+    assert all(a is b for a, b in zip(v1.instances, v2.instances, strict=True))
+    assert [s.num_waiting for s in v1.instances] == [1, 1, 1, 3, 1, 1, 1, 1]
+    assert [s.num_incoming for s in v1.instances] == [0, 0, 0, 2, 0, 0, 0, 0]
+    ing._pending["x-5"] += 1  # one more routed there: only its entry is new
+    v3 = ing.view()
+    assert [b.instance_id for a, b in zip(v2.instances, v3.instances, strict=True) if a is not b] == ["x-5"]
+    assert v3.instances[5].num_waiting == 2
+    fresh = dataclasses.replace(ing._view.instances[0], num_waiting=7)  # a refresh brought a new snapshot
+    ing._view = ClusterView(2.0, (fresh, *ing._view.instances[1:]))
+    assert ing.view().instances[0].num_waiting == 8
+    ing._pending.clear()
+    ing._incoming.clear()
+    assert ing.view() is ing._view

@@ -251,6 +251,8 @@ class Ingress:
         self._incoming: dict[str, int] = {}
         self._expected: dict[str, str] = {}  # request id -> the decode instance it is on its way to
         self._view: ClusterView = ClusterView(0.0, ())
+        # instance -> (its snapshot in _view, (routed, incoming) counts, the snapshot view() adds them to)
+        self._adjusted: dict[str, tuple[InstanceSnapshot, tuple[int, int], InstanceSnapshot]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._starting: asyncio.Future[None] | None = None
         self._controller_epoch: str | None = None
@@ -430,18 +432,31 @@ class Ingress:
         extra = dict(self._pending)
         for iid, n in self._incoming.items():
             extra[iid] = extra.get(iid, 0) + n
-        return ClusterView(
-            self._view.time_s,
-            tuple(self._with_pending(s, extra[s.instance_id]) if s.instance_id in extra else s
-                  for s in self._view.instances),
-        )
+        # An instance whose snapshot and counts are as at the last call keeps its adjusted snapshot object: routers
+        # keep per-snapshot terms (lookahead, llumnix), and a replace() per instance per request (all of them
+        # counted in a burst) cost more than the routing itself at 64 instances.
+        last, adjusted, out = self._adjusted, {}, []
+        for s in self._view.instances:
+            iid = s.instance_id
+            if iid not in extra:
+                out.append(s)
+                continue
+            counts = (extra[iid], self._incoming.get(iid, 0), self._pending_prompt.get(iid, 0))
+            prev = last.get(iid)
+            if prev is None or prev[0] is not s or prev[1] != counts:
+                prev = (s, counts, self._with_pending(s, *counts))
+            adjusted[iid] = prev
+            out.append(prev[2])
+        self._adjusted = adjusted
+        return ClusterView(self._view.time_s, tuple(out))
 
-    def _with_pending(self, s: InstanceSnapshot, waiting: int) -> InstanceSnapshot:
-        """``s`` plus ``waiting`` requests not in it yet, the prompts among them queued (no cache hit assumed)."""
-        prompt = self._pending_prompt.get(s.instance_id, 0)
+    @staticmethod
+    def _with_pending(s: InstanceSnapshot, waiting: int, incoming: int, prompt: int) -> InstanceSnapshot:
+        """``s`` plus ``waiting`` requests not in it yet (``incoming`` of them P->D decodes on their way), and the
+        ``prompt`` tokens of those routed here queued (no cache hit assumed)."""
         compute = s.prefill_compute_tokens
         return dataclasses.replace(
-            s, num_waiting=s.num_waiting + waiting, num_incoming=self._incoming.get(s.instance_id, 0),
+            s, num_waiting=s.num_waiting + waiting, num_incoming=incoming,
             prefill_tokens_pending=s.prefill_tokens_pending + prompt,
             prefill_compute_tokens=None if compute is None else compute + prompt)
 
