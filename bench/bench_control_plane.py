@@ -11,7 +11,9 @@ step takes no time, so what is left is our own cost) measured three ways, interl
                  parent only tells it when to send, the TTFT is timed in the child)
 
 plus router throughput: ``router.route(info, view)`` decisions per second, per router, on the ingress' live view
-(2 instances) and on a 64-instance view built from it (pure policy cost: no Ray, no I/O).
+(2 instances), on a 64-instance view built from it, and on that view with ``--residents`` running requests in
+every snapshot, as a loaded live instance reports them (pure policy cost: no Ray, no I/O). The idle views alone
+hid costs that grow with the batch: lookahead and llumnix walked every resident of every candidate per decision.
 
     llmsched bench control-plane
     llmsched bench control-plane --requests 500 --json cp.json
@@ -125,12 +127,25 @@ def router_rate(router: Any, view: Any, seconds: float) -> dict[str, float]:
     return {"instances": len(view.instances), "decisions_per_s": round(n / dt), "us_per_decision": dt / n * 1e6}
 
 
-def wide_view(view: Any, n: int) -> Any:
-    from scheduler.core.types import ClusterView
+def wide_view(view: Any, n: int, residents: int = 0) -> Any:
+    """``n`` copies of ``view``'s instances; ``residents``: each decoding that many requests (listed, as live
+    snapshots list them), contexts of 600-1100 tokens, KV counted for them."""
+    from scheduler.core.types import ClusterView, RequestLoad
 
     base = view.instances
-    snaps = tuple(dataclasses.replace(base[i % len(base)], instance_id=f"x-{i}") for i in range(n))
-    return ClusterView(view.time_s, snaps)
+    snaps = []
+    for i in range(n):
+        s = dataclasses.replace(base[i % len(base)], instance_id=f"x-{i}")
+        if residents:
+            reqs = tuple(RequestLoad(f"x{i}-{j}", 600 + (37 * j) % 500, 50, float(10 + (53 * j) % 400))
+                         for j in range(residents))
+            ctx = sum(r.context_tokens for r in reqs)
+            pred = sum(r.predicted_remaining or 0.0 for r in reqs)
+            s = dataclasses.replace(s, requests=reqs, num_running=residents, num_decoding=residents,
+                                    decode_context_tokens=ctx, predicted_remaining_tokens=pred,
+                                    kv_blocks_used=min(-(-ctx // s.block_size) + residents, s.kv_blocks_total))
+        snaps.append(s)
+    return ClusterView(view.time_s, tuple(snaps))
 
 
 async def run(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
@@ -166,11 +181,15 @@ async def run(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
                 out[k].append(await fns[k](f"m-{k}-{i}"))
         routers = []
         for name in args.routers.split(","):
-            for view in (ingress.view(), wide_view(ingress.view(), 64)):
+            views = (ingress.view(), wide_view(ingress.view(), 64), wide_view(ingress.view(), 64, args.residents))
+            for view in views:
+                residents = len(view.instances[0].requests) if view.instances else 0
                 try:
-                    routers.append({"router": name, **router_rate(make_router(name), view, args.router_s)})
+                    routers.append({"router": name, "residents": residents,
+                                    **router_rate(make_router(name), view, args.router_s)})
                 except Exception as e:  # noqa: BLE001 - a router that cannot run here is reported, not fatal
-                    routers.append({"router": name, "instances": len(view.instances), "error": repr(e)[:200]})
+                    routers.append({"router": name, "instances": len(view.instances), "residents": residents,
+                                    "error": repr(e)[:200]})
     finally:
         if remote_proc.stdin is not None:
             remote_proc.stdin.close()
@@ -208,10 +227,11 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"{k:<12}{v['p50']:>10.3f}{v['p99']:>10.3f}{o['p50']:>10.3f}{o['p99']:>10.3f}")
     for d in r["router_decisions"]:
         if "error" in d:
-            print(f"{d['router']:<18} over {d['instances']:>3} instances: {d['error']}")
+            print(f"{d['router']:<18} over {d['instances']:>3} instances, {d.get('residents', 0):>3} running each: "
+                  f"{d['error']}")
             continue
-        print(f"{d['router']:<18} over {d['instances']:>3} instances: {d['decisions_per_s']:>9,} decisions/s "
-              f"({d['us_per_decision']:.1f} us each)")
+        print(f"{d['router']:<18} over {d['instances']:>3} instances, {d.get('residents', 0):>3} running each: "
+              f"{d['decisions_per_s']:>9,} decisions/s ({d['us_per_decision']:.1f} us each)")
     print(f"target: control-plane (gRPC path, client in its own process) overhead p50 < "
           f"{r['target_p50_overhead_ms']} ms -> {'met' if r['meets_target'] else 'NOT met'} "
           f"(client in the server's process: {'met' if r['meets_target_same_process_client'] else 'NOT met'})")
@@ -225,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="idle time before each measured request (0: back to back; trace arrivals are spaced)")
     p.add_argument("--instances", type=int, default=2)
     p.add_argument("--router-s", type=float, default=0.5, help="seconds per router and view")
+    p.add_argument("--residents", type=int, default=128,
+                   help="running requests in each snapshot of the loaded 64-instance view")
     p.add_argument("--routers", default="least_outstanding,power_of_two,llumnix,mixing,lookahead,learned")
     p.add_argument("--json", type=Path)
     p.add_argument("--remote-client", metavar="ADDRESS", help=argparse.SUPPRESS)  # the grpc_remote child
