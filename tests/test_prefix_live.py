@@ -50,6 +50,9 @@ def test_prefix_affinity_places_a_shared_prefix_with_its_first_request() -> None
             await _consume(ing, req, out)
             placed.append(out[-1].instance_id)
             # The first one's instance is busier now (500 prompt tokens queued): worth it for a 1536-token hit only.
+            # (A refresh: what was routed before it is in the snapshots, no longer booked on top of them.)
+            ing._pending.clear()
+            ing._pending_prompt.clear()
             ing._view = ClusterView(0.0, tuple(
                 InstanceSnapshot(s.instance_id, s.role, prefill_tokens_pending=500 if s.instance_id == placed[0] else 0)
                 for s in ing._view.instances))

@@ -251,8 +251,8 @@ class Ingress:
         self._incoming: dict[str, int] = {}
         self._expected: dict[str, str] = {}  # request id -> the decode instance it is on its way to
         self._view: ClusterView = ClusterView(0.0, ())
-        # instance -> (its snapshot in _view, (routed, incoming) counts, the snapshot view() adds them to)
-        self._adjusted: dict[str, tuple[InstanceSnapshot, tuple[int, int], InstanceSnapshot]] = {}
+        # instance -> (its snapshot in _view, (routed + incoming, incoming, routed prompt tokens) counts, the snapshot view() adds them to)
+        self._adjusted: dict[str, tuple[InstanceSnapshot, tuple[int, int, int], InstanceSnapshot]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._starting: asyncio.Future[None] | None = None
         self._controller_epoch: str | None = None
