@@ -195,6 +195,14 @@ class ClusterConfig(_Strict):
                 )
         if not self.pools:
             raise ValueError("pools: at least one instance pool is required")
+        # Instance ids are ``<pool>-<n>`` and pools are keyed by name (scaling, placement): two pools of one name
+        # would share ids, and the simulator would route to only one instance of each pair.
+        seen: dict[str, int] = {}
+        for i, pool in enumerate(self.pools):
+            if pool.name in seen:
+                raise ValueError(f"pools[{i}].name: duplicate pool name {pool.name!r} (pools[{seen[pool.name]}] has "
+                                 "it); give each pool its own name")
+            seen[pool.name] = i
         for i, pool in enumerate(self.pools):
             if not self.model.splits_over(pool.tp):
                 raise ValueError(f"pools[{i}].tp: {pool.tp} does not divide the model's {self.model.num_heads} "
