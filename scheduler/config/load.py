@@ -64,7 +64,10 @@ def _format_validation(source: str, err: ValidationError) -> str:
         # Validators name a sub-key at the start of their message ("pools[0].gpu: ..."): fold it into the path.
         m = re.match(r"^([A-Za-z0-9_\-]+(?:\[\d+\])?(?:\.[A-Za-z0-9_\-]+(?:\[\d+\])?)*): (.*)$", msg, re.DOTALL)
         if e["type"] == "value_error" and m:
-            key = f"{key}.{m[1]}" if key else m[1]
+            # A message that already spells the whole path (``check_spec``'s "policies.predictor.name: ...", also
+            # raised outside validation) is not prefixed again.
+            inside = not key or m[1] == key or m[1].startswith((f"{key}.", f"{key}["))
+            key = m[1] if inside else f"{key}.{m[1]}"
             msg = m[2]
         lines.append(f"  {key or '<root>'}: {msg}")
     return "\n".join(lines)
