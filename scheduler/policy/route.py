@@ -138,8 +138,8 @@ def make_router(name: str, **params: object) -> Router:
     Raises:
         ValueError: unknown name, or a parameter the router does not take (the message names both).
     """
-    factory = _factory(name)
-    _check_params(name, factory, params)
+    factory = router_class(name)
+    check_router_params(name, factory, params)
     try:
         return factory(**params)
     except TypeError as e:  # a **kw router passes an unknown key down to a base class that refuses it
@@ -148,12 +148,20 @@ def make_router(name: str, **params: object) -> Router:
         raise ValueError(f"router {name!r}: {e}") from None
 
 
-def _factory(name: str) -> Callable[..., Router]:
+def router_class(name: str) -> Callable[..., Router]:
+    """The factory a registry name or ``package.module:Class`` names (config validation reads it too).
+
+    Raises:
+        ValueError: an unknown name, or a ``module:Class`` that does not import (was a bare ImportError).
+    """
     if ":" in name:
         import importlib
 
         mod, _, attr = name.partition(":")
-        return getattr(importlib.import_module(mod), attr)
+        try:
+            return getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"router {name!r}: cannot load it as package.module:Class ({e})") from None
     _ensure_builtin_routers_loaded()
     try:
         return ROUTERS[name]
@@ -165,14 +173,14 @@ def router_takes(name: str, param: str) -> bool:
     """Whether the router ``name`` (registry name or ``package.module:Class``) names ``param`` in its signature."""
     import inspect
 
-    factory = _factory(name)
+    factory = router_class(name)
     try:
         return param in inspect.signature(factory).parameters
     except (TypeError, ValueError):
         return False
 
 
-def _check_params(name: str, factory: Callable[..., Router], params: dict[str, object]) -> None:
+def check_router_params(name: str, factory: Callable[..., Router], params: dict[str, object]) -> None:
     """A config's ``policies.router.params`` key the router does not take is a config error, not a TypeError
     from deep inside the constructor."""
     import inspect
