@@ -207,7 +207,34 @@ class ClusterConfig(_Strict):
             if not self.model.splits_over(pool.tp):
                 raise ValueError(f"pools[{i}].tp: {pool.tp} does not divide the model's {self.model.num_heads} "
                                  "attention heads")
+        self._check_policy_names()
         return self
+
+    def _check_policy_names(self) -> None:
+        """Unknown policy names (and router parameters) fail at load, naming the field: the live Controller and
+        Ingress build the policies only once Ray is up, and ``llmsched simulate`` never builds migration, scaling
+        or re-roling from the config. (Lazy imports: the policy modules import this one.)"""
+        from scheduler.policy.migration import MIGRATION_POLICIES
+        from scheduler.policy.route import check_router_params, router_class
+        from scheduler.policy.scaling import REROLING_POLICIES, SCALING_POLICIES
+
+        router = self.policies.router
+        if ":" not in router.name:  # an out-of-tree module:Class is imported where the router is built
+            try:
+                factory = router_class(router.name)
+            except ValueError as e:
+                raise ValueError(f"policies.router.name: {e}") from None
+            try:
+                check_router_params(router.name, factory, router.params)
+            except ValueError as e:
+                raise ValueError(f"policies.router.params: {e}") from None
+        for field, kind, registry in (("migration", "migration policy", MIGRATION_POLICIES),
+                                      ("scaling", "scaling policy", SCALING_POLICIES),
+                                      ("reroling", "re-roling policy", REROLING_POLICIES)):
+            spec = getattr(self.policies, field)
+            if spec is not None and spec.name not in registry:
+                raise ValueError(f"policies.{field}.name: unknown {kind} {spec.name!r}; allowed: "
+                                 f"{', '.join(sorted(registry))}")
 
     def slo_for(self, priority: int) -> SLO:
         spec = self.slos.get(priority) or self.slos.get(0) or SLOSpec()

@@ -28,18 +28,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from scheduler.core.types import ClusterView, InstanceRole
-from scheduler.policy.scaling import RerolePolicy
+from scheduler.policy.scaling import REROLING_POLICIES, RerolePolicy
 
 if TYPE_CHECKING:
     from scheduler.control.controller import Controller
 
 log = logging.getLogger(__name__)
-
-REROLING_POLICIES: dict[str, Callable[..., RerolePolicy]] = {"threshold": RerolePolicy}
 
 
 class RoleSwitcher:

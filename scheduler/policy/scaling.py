@@ -542,6 +542,9 @@ SCALING_POLICIES: dict[str, Callable[..., ScalingPolicy]] = {
     SLAScaler.name: SLAScaler,
 }
 
+# ``policies.reroling.name`` (applied by ``scheduler/control/reroling.py`` and ``sim/reroling.py``).
+REROLING_POLICIES: dict[str, Callable[..., RerolePolicy]] = {"threshold": RerolePolicy}
+
 
 def make_scaling_policy(name: str, **params: object) -> ScalingPolicy:
     """Build a scaling policy by registry name; unknown names list the allowed ones."""
