@@ -86,7 +86,7 @@ def test_duplicate_yaml_keys_are_refused(tmp_path: Path) -> None:
         "    count: 4\n", "    count: 4\n    count: 1\n")
     p = tmp_path / "dup.yaml"
     p.write_text(text)
-    with pytest.raises(ConfigError, match=r"dup.yaml: line \d+ column \d+: duplicate key 'count'"):
+    with pytest.raises(ConfigError, match=r"dup.yaml: line \d+ column \d+: not valid YAML: duplicate key 'count'"):
         load_config(p)
 
 
