@@ -487,7 +487,13 @@ def scale_decode_steps(profile: dict, factor: float) -> dict:
 
 def latency_from_profile(path: str | Path, model: ModelSpec, gpu: GPUSpec, tp: int = 1) -> LatencyModel:
     """The simulator's LatencyModel from a profile JSON written by ``llmsched profile``."""
-    p = json.loads(Path(path).read_text())
+    try:  # name the config field: a bare OSError / JSONDecodeError said neither the field nor the file's writer
+        p = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"latency_profile {path}: cannot read it ({e.strerror or e}); write one with "
+                         "`llmsched profile`") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"latency_profile {path}: not a profile JSON ({e}); see `llmsched profile`") from None
     table = [(int(n), float(t)) for n, t in p.get("prefill_table") or () if int(n) > DECODE_BATCH_MAX]
     need = ["overhead_s", "gemm_s_per_token", "attn_decode_s_per_token"]
     if not table:
