@@ -40,6 +40,14 @@ def nonneg_float(s: str) -> float:
     return _number(float, s, low=0.0, strict=False)
 
 
+def port(s: str) -> int:
+    """A TCP port to listen on, 0-65535 (0: any free port). Checked before a server starts its cluster."""
+    v = nonneg_int(s)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port 0-65535, got {s!r}")
+    return v
+
+
 def token_vocab(s: str) -> int:
     """``--vocab`` of the load generators: prompt ids are drawn from ``[4, vocab)`` (0-3: special tokens)."""
     v = positive_int(s)

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 
+from scheduler.cli_args import nonneg_float, nonneg_int, port
 from scheduler.config.load import load_config
 
 log = logging.getLogger("llmsched.serve")
@@ -111,12 +112,14 @@ async def _serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="llmsched serve", description=__doc__)
     p.add_argument("--config", required=True, help="cluster config YAML (e.g. deploy/examples/cpu-pd.yaml)")
-    p.add_argument("--port", type=int, default=50051)
+    # NOTE: checked types: a bad number fails here, not once Ray and the engines are up (minutes later).
+    p.add_argument("--port", type=port, default=50051)
     p.add_argument("--host", default=os.environ.get("LLMSCHED_HOST", "127.0.0.1"))
-    p.add_argument("--http-port", type=int, default=int(os.environ.get("LLMSCHED_HTTP_PORT", "0")) or None)
-    p.add_argument("--fake-gpus-per-node", type=int, default=0,
+    p.add_argument("--http-port", type=port, default=os.environ.get("LLMSCHED_HTTP_PORT", "0"),
+                   help="also serve the HTTP API on this port (default: env LLMSCHED_HTTP_PORT; 0: no HTTP)")
+    p.add_argument("--fake-gpus-per-node", type=nonneg_int, default=0,
                    help="start one local Ray node per GPU type with this many fake GPUs (dev/test)")
-    p.add_argument("--grace-s", type=float, default=10.0)
+    p.add_argument("--grace-s", type=nonneg_float, default=10.0)
     p.add_argument("--no-direct-channel", dest="direct_channel", action="store_false",
                    default=os.environ.get("LLMSCHED_DIRECT_CHANNEL", "1").lower() not in ("0", "false", "no"),
                    help="Ray actor calls only between the ingress and the instances (default: the direct TCP "
