@@ -24,8 +24,14 @@ BENCHES = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    usage = f"usage: llmsched bench {{{','.join(BENCHES)}}} [args]   (llmsched bench NAME --help: its options)"
+    if argv[:1] in (["-h"], ["--help"]):  # asked for: stdout, exit 0
+        print(f"{usage}\n\n{__doc__}")
+        return 0
     if not argv or argv[0] not in BENCHES:
-        print(f"usage: llmsched bench {{{','.join(BENCHES)}}} [args]", file=sys.stderr)
+        print(usage, file=sys.stderr)
+        if argv:
+            print(f"llmsched bench: error: unknown benchmark {argv[0]!r}", file=sys.stderr)
         return 2
     mod = importlib.import_module(BENCHES[argv[0]])
     return int(mod.main(argv[1:]) or 0)
