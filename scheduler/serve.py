@@ -127,7 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("LLMSCHED_LOG_LEVEL", "WARNING").strip().upper())
     try:
-        load_config(args.config)
+        cfg = load_config(args.config)
+        if args.fake_gpus_per_node:
+            from scheduler.control.cluster import nodes_for
+
+            try:
+                nodes_for(cfg, fake_gpus_per_node=args.fake_gpus_per_node)
+            except ValueError as e:
+                raise ValueError(f"--fake-gpus-per-node: {e}") from None
         # NOTE: before Ray starts: a bad token/TLS variable is exit 2 naming it, not a traceback minutes later.
         args.auth = _auth(args.host)
     except ValueError as e:  # a ConfigError, or AuthConfig.from_env naming the variable

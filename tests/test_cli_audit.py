@@ -130,6 +130,24 @@ def test_missing_or_broken_latency_profile_names_the_field(tmp_path: Path, capsy
         assert rc == 2 and f"latency_profile {prof}" in err, err
 
 
+@pytest.fixture
+def no_ray(monkeypatch):
+    """``scheduler.control.cluster`` whose ``start_local_cluster`` fails the test if reached (``nodes_for``, the
+    placement check serve runs first, is the real one)."""
+    import sys
+    import types
+
+    from scheduler.control.cluster import nodes_for
+
+    def start_local_cluster(*a, **k):
+        raise AssertionError("llmsched serve started a cluster despite a bad argument")
+
+    fake = types.ModuleType("scheduler.control.cluster")
+    fake.start_local_cluster = start_local_cluster
+    fake.nodes_for = nodes_for
+    monkeypatch.setitem(sys.modules, "scheduler.control.cluster", fake)
+
+
 @pytest.mark.parametrize(
     "args, flag",
     [
@@ -140,19 +158,22 @@ def test_missing_or_broken_latency_profile_names_the_field(tmp_path: Path, capsy
         (["--fake-gpus-per-node", "-2"], "--fake-gpus-per-node"),
     ],
 )
-def test_serve_bad_numbers_fail_before_ray_starts(args, flag, monkeypatch, capsys) -> None:
+def test_serve_bad_numbers_fail_before_ray_starts(args, flag, no_ray, capsys) -> None:
     """``serve --port -5`` started a Ray cluster and the engines, then failed (or hung) binding the port."""
-    import sys
-    import types
-
-    def start_local_cluster(*a, **k):
-        raise AssertionError("llmsched serve started a cluster despite a bad argument")
-
-    fake = types.ModuleType("scheduler.control.cluster")
-    fake.start_local_cluster = start_local_cluster
-    monkeypatch.setitem(sys.modules, "scheduler.control.cluster", fake)
     rc, err = run(["serve", "--config", "tiny-cpu", *args], capsys)
     assert rc == 2 and f"argument {flag}" in err
+
+
+def test_serve_tp_wider_than_fake_gpu_nodes_fails_before_ray_starts(tmp_path: Path, no_ray, capsys) -> None:
+    """A TP-2 pool on 1-GPU fake nodes: its STRICT_PACK placement group could never be placed; serve waited out the
+    start timeout, warned "only 0 of 2 instances came up" and served nothing."""
+    raw = yaml.safe_load((ROOT / "scheduler/config/examples/tiny-cpu.yaml").read_text())
+    raw["pools"][0]["tp"] = 2
+    cfg = tmp_path / "tp2.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    rc, err = run(["serve", "--config", str(cfg), "--fake-gpus-per-node", "1"], capsys)
+    assert rc == 2 and "--fake-gpus-per-node: " in err and "pools[0] (mixed): TP 2" in err
+    assert run(["serve", "--config", str(cfg), "--fake-gpus-per-node", "x"], capsys)[0] == 2
 
 
 def test_bench_help_exits_0_and_unknown_bench_is_named(capsys) -> None:

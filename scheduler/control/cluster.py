@@ -57,9 +57,19 @@ class RayRuntime:
 
 def nodes_for(config: ClusterConfig, *, fake_gpus_per_node: int, nodes: int | None = None) -> list[NodeSpec]:
     """Worker nodes for ``config``: ``nodes`` per GPU type its pools use (default 1), each with
-    ``fake_gpus_per_node`` fake GPUs. No GPUs asked: no worker nodes (CPU-only head)."""
+    ``fake_gpus_per_node`` fake GPUs. No GPUs asked: no worker nodes (CPU-only head).
+
+    Raises:
+        ValueError: a pool's TP is over ``fake_gpus_per_node``: an instance's GPUs are one STRICT_PACK placement
+            group on one node, so it would never be placed (the start waited out its timeout, then served without
+            those instances).
+    """
     if fake_gpus_per_node <= 0:
         return []
+    for i, p in enumerate(config.pools):
+        if p.tp > fake_gpus_per_node:
+            raise ValueError(f"{fake_gpus_per_node} fake GPUs per node cannot hold an instance of pools[{i}] "
+                             f"({p.name}): TP {p.tp} needs {p.tp} GPUs on one node")
     types = sorted({p.gpu for p in config.pools})
     per_type = max(nodes or 1, 1)
     return [NodeSpec(t, fake_gpus_per_node) for t in types for _ in range(per_type)]
