@@ -184,3 +184,23 @@ def test_bench_help_exits_0_and_unknown_bench_is_named(capsys) -> None:
     assert rc == 0 and "sim" in out.out
     rc, err = run(["bench", "bogus"], capsys)
     assert rc == 2 and "unknown benchmark 'bogus'" in err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["/nonexistent.csv"], "/nonexistent.csv: trace file not found"),
+        (["--rate", "-1", "sim/data/azure_llm_2023_conv_first10min.csv.gz"], "argument --rate"),
+        (["--limit", "0"], "argument --limit"),  # printed n 0 summaries
+    ],
+)
+def test_trace_summary_command_bad_input_exits_2(argv, needle, capsys) -> None:
+    """``python -m sim.traces`` (docs/traces.md): a missing file or a rate <= 0 was a traceback."""
+    from sim.traces.__main__ import main
+
+    try:
+        rc = main([a if a.startswith(("-", "/")) or a.isdigit() else str(ROOT / a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and "Traceback" not in err

@@ -1,7 +1,7 @@
 """``python -m sim.traces FILE... [--format F] [--markdown]``: load traces and print their summaries.
 
-With no FILE, summarises the bundled traces. Exit status 2 on a TraceFormatError (the message names
-path:line).
+With no FILE, summarises the bundled traces. Exit status 2 on a missing or malformed file (a TraceFormatError
+names path:line) or a bad flag.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import json
 import re
 import sys
 
+from scheduler.cli_args import positive_float, positive_int
 from sim.traces.bundled import bundled_traces, load_bundled
 from sim.traces.loaders import FORMATS, load_trace
-from sim.traces.trace import Trace, TraceFormatError
+from sim.traces.trace import Trace
 
 _COLS = (
     "| trace | format | n | duration s | rate req/s | inter-arrival CV "
@@ -38,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sim.traces", description=__doc__)
     ap.add_argument("files", nargs="*", help="trace files (default: the bundled ones)")
     ap.add_argument("--format", choices=FORMATS, help="skip auto-detection")
-    ap.add_argument("--limit", type=int, help="first N requests only")
-    ap.add_argument("--rate", type=float, default=1.0, help="arrival rate for token-pair files (req/s)")
+    ap.add_argument("--limit", type=positive_int, help="first N requests only")
+    ap.add_argument("--rate", type=positive_float, default=1.0, help="arrival rate for token-pair files (req/s)")
     ap.add_argument("--markdown", action="store_true", help="one markdown table row per trace, not JSON")
     args = ap.parse_args(argv)
     try:
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             traces = [(f"bundled: {n}", load_bundled(n)) for n in bundled_traces()]
         if args.limit is not None:  # the first N arrivals (limit= in load_trace: the first N rows of the file)
             traces = [(label, t.head(args.limit)) for label, t in traces]
-    except TraceFormatError as e:
+    except (ValueError, OSError) as e:  # TraceFormatError is a ValueError; a missing file an OSError
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.markdown:
