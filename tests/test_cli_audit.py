@@ -204,3 +204,14 @@ def test_trace_summary_command_bad_input_exits_2(argv, needle, capsys) -> None:
         rc = e.code
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "flags, needle", [(["--only", ""], "--only: nothing named"), (["--l2", "-1"], "argument --l2")]
+)
+def test_predict_train_refuses_an_empty_selection(flags, needle, tmp_path: Path, capsys) -> None:
+    """``predict train --only ''`` trained nothing and exited 0 (an empty report); a negative L2 was taken."""
+    rc, err = run(
+        ["predict", "train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), *flags], capsys
+    )
+    assert rc == 2 and needle in err

@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from scheduler.cli_args import output_file
+from scheduler.cli_args import nonneg_float, output_file
 
 _USAGE = "usage: llmsched predict {train,eval,fit-trace} [options]   (-h after the subcommand for help)"
 
@@ -54,14 +54,14 @@ def train_main(argv: list[str] | None = None) -> int:
         "--embed-cache", default=None, help=".npz cache of prompt embeddings (speeds up re-training)"
     )
     ap.add_argument("--balance", type=float, default=0.5, help="source weight = n_source ** balance")
-    ap.add_argument("--l2", type=float, default=3e-5, help="ngram L2 strength")
+    ap.add_argument("--l2", type=nonneg_float, default=3e-5, help="ngram L2 strength")
     a = ap.parse_args(argv)
     if not Path(a.data_dir).is_dir():
         ap.error(f"--data-dir: {a.data_dir!r} is not a directory")
     which = [w.strip() for w in a.only.split(",") if w.strip()]
     bad = [w for w in which if w not in ("ngram", "trace", "embedding")]
-    if bad:
-        ap.error(f"--only: unknown {bad}; allowed: ngram, trace, embedding")
+    if bad or not which:  # none: it trained nothing, wrote an empty report and exited 0
+        ap.error(f"--only: {f'unknown {bad}' if bad else 'nothing named'}; allowed: ngram, trace, embedding")
     try:
         report = train_all(
             a.data_dir,
