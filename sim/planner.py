@@ -532,8 +532,8 @@ def main(argv: list[str] | None = None) -> int:
             tps = tuple(tp for tp in tps if base.model.splits_over(tp))
         odd = [tp for tp in tps if not base.model.splits_over(tp)]
         if odd:
-            raise ValueError(f"--tp: {base.model.name}'s {base.model.num_heads} attention heads do not split over "
-                             f"{', '.join(map(str, odd))} GPUs")
+            raise ValueError(f"--tp: {base.model.name}'s {base.model.num_heads} attention / "
+                             f"{base.model.num_kv_heads} KV heads do not split over {', '.join(map(str, odd))} GPUs")
         for r in routers:
             try:
                 router_factory(r, base)()  # fail fast on unknown names

@@ -215,3 +215,15 @@ def test_predict_train_refuses_an_empty_selection(flags, needle, tmp_path: Path,
         ["predict", "train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), *flags], capsys
     )
     assert rc == 2 and needle in err
+
+
+def test_tp_must_split_the_kv_heads_as_vllm_does() -> None:
+    """40 heads / 8 KV heads at TP 5: vLLM refuses it (TP must divide the KV heads or be a multiple of them), and so
+    did the planner's instance_profile, but the config accepted it and the simulator ran it."""
+    model = {**RAW["model"], "hidden_size": 5120, "num_heads": 40, "num_kv_heads": 8}
+    err = config_error({**RAW, "model": model, "pools": [{**POOL, "tp": 5}]})
+    assert "pools[0].tp: 5 GPUs do not split the model's 40 attention / 8 KV heads" in err
+    for tp in (1, 2, 4, 8):  # divides both; 8 KV heads, one per GPU
+        parse_config({**RAW, "model": model, "pools": [{**POOL, "tp": tp}]})
+    model16 = {**model, "num_heads": 32, "hidden_size": 4096}
+    parse_config({**RAW, "model": model16, "pools": [{**POOL, "tp": 16}]})  # 16 = 2 x 8 KV heads: replicated

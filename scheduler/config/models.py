@@ -79,8 +79,9 @@ class ModelSpec(_Strict):
         return self.hidden_size // self.num_heads
 
     def splits_over(self, tp: int) -> bool:
-        """vLLM splits the attention heads evenly over the tensor-parallel GPUs: ``tp`` must divide them."""
-        return self.num_heads % tp == 0
+        """vLLM splits the attention heads evenly over the tensor-parallel GPUs (``tp`` divides them), and the KV
+        heads too, or replicates them (``tp`` a multiple of them: ``QKVParallelLinear``)."""
+        return self.num_heads % tp == 0 and (self.num_kv_heads % tp == 0 or tp % self.num_kv_heads == 0)
 
     @property
     def dtype_bytes(self) -> int:
@@ -205,8 +206,9 @@ class ClusterConfig(_Strict):
             seen[pool.name] = i
         for i, pool in enumerate(self.pools):
             if not self.model.splits_over(pool.tp):
-                raise ValueError(f"pools[{i}].tp: {pool.tp} does not divide the model's {self.model.num_heads} "
-                                 "attention heads")
+                raise ValueError(f"pools[{i}].tp: {pool.tp} GPUs do not split the model's {self.model.num_heads} "
+                                 f"attention / {self.model.num_kv_heads} KV heads (vLLM: TP divides the heads, and "
+                                 "divides the KV heads or is a multiple of them)")
         self._check_policy_names()
         return self
 

@@ -95,7 +95,7 @@ def instance_profile(
 ) -> InstanceProfile | None:
     """Capacity of one instance, or ``None`` if the model does not fit (weights, KV for one request, TP split)."""
     eng = engine or EngineSpec()
-    if model.num_heads % tp or (model.num_kv_heads % tp and tp % model.num_kv_heads):
+    if not model.splits_over(tp):
         return None
     lat = latency_factory(model, gpu, tp)
     kv_tokens = engine_kv_tokens(lat, eng)
