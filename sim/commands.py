@@ -67,6 +67,15 @@ def load_cluster(args: argparse.Namespace) -> ClusterConfig:
     if cfg.num_instances == 0:  # the simulator would fail deep inside; say which setting to change
         raise ConfigError(f"{args.config or 'default'}: pools[*].count: every pool has count 0; give a pool "
                           "instances or pass --instances")
+    # Only the live Controller builds these from the config: say so rather than silently simulate without them.
+    unused = [k for k in ("migration", "scaling", "reroling")
+              if (spec := getattr(cfg.policies, k)) is not None and spec.name != "none"]
+    if "scaling" in unused and getattr(args, "scaling", None):  # simulate --scaling: the flag's policy runs
+        unused.remove("scaling")
+    if unused:
+        hint = " (llmsched simulate --scaling runs a scaling policy)" if "scaling" in unused else ""
+        print(f"note: {args.config}: {', '.join(f'policies.{k}' for k in unused)} not applied: the live Controller "
+              f"applies them; this simulation runs without{hint}", file=sys.stderr)
     return cfg
 
 

@@ -227,3 +227,22 @@ def test_tp_must_split_the_kv_heads_as_vllm_does() -> None:
         parse_config({**RAW, "model": model, "pools": [{**POOL, "tp": tp}]})
     model16 = {**model, "num_heads": 32, "hidden_size": 4096}
     parse_config({**RAW, "model": model16, "pools": [{**POOL, "tp": 16}]})  # 16 = 2 x 8 KV heads: replicated
+
+
+def test_simulate_says_which_config_policies_it_does_not_apply(tmp_path: Path, capsys) -> None:
+    """A config with ``policies.migration`` / ``scaling`` (the chart's hetero-pd values) simulated a static cluster
+    without migration, and nothing said so."""
+    cfg = tmp_path / "c.yaml"
+    policies = {
+        "router": {"name": "least_outstanding"},
+        "migration": {"name": "llumnix"},
+        "scaling": {"name": "sla"},
+    }
+    cfg.write_text(yaml.safe_dump({**RAW, "policies": policies}))
+    base = ["simulate", "--quiet", "--synthetic", "30", "--config", str(cfg)]
+    rc, err = run(base, capsys)
+    assert rc == 0 and "policies.migration, policies.scaling not applied" in err
+    rc, err = run([*base, "--scaling", "threshold"], capsys)  # the flag's scaling policy runs
+    assert rc == 0 and "policies.migration not applied" in err and "policies.scaling" not in err
+    rc, err = run(["simulate", "--quiet", "--synthetic", "30"], capsys)
+    assert rc == 0 and "not applied" not in err
