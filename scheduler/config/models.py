@@ -237,6 +237,10 @@ class ClusterConfig(_Strict):
             if spec is not None and spec.name not in registry:
                 raise ValueError(f"policies.{field}.name: unknown {kind} {spec.name!r}; allowed: "
                                  f"{', '.join(sorted(registry))}")
+        if self.policies.admission is not None:  # NOTE: no reader yet: accepting it would promise admission control
+            raise ValueError("policies.admission: not applied by the ingress yet (docs/fault_tolerance.md, 'Still "
+                             "open: admission in the Ingress'); remove it -- router lookahead_shed or shed refuses "
+                             "requests that would miss their SLO")
 
     def slo_for(self, priority: int) -> SLO:
         spec = self.slos.get(priority) or self.slos.get(0) or SLOSpec()
