@@ -116,6 +116,11 @@ def with_instances(cfg: ClusterConfig, n: int) -> ClusterConfig:
     total = cfg.num_instances or 1
     counts = [max(1, round(p.count * n / total)) for p in cfg.pools]
     counts[-1] += n - sum(counts)
+    # Rounding up the first pools could leave the last with none (a P/D config's decode pool: "no instance can
+    # decode"): it takes its one back from the largest of the others (n >= one per pool, so one has two or more).
+    while counts[-1] < 1:
+        counts[max(range(len(counts) - 1), key=counts.__getitem__)] -= 1
+        counts[-1] += 1
     pools = [p.model_copy(update={"count": c}) for p, c in zip(cfg.pools, counts)]
     return cfg.model_copy(update={"pools": pools})
 

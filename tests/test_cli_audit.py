@@ -248,3 +248,32 @@ def test_simulate_says_which_config_policies_it_does_not_apply(tmp_path: Path, c
     assert rc == 0 and "policies.migration not applied" in err and "policies.scaling" not in err
     rc, err = run(["simulate", "--quiet", "--synthetic", "30"], capsys)
     assert rc == 0 and "not applied" not in err
+
+
+def test_instances_keeps_one_instance_in_every_pool(capsys) -> None:
+    """``--instances 2`` on 3 PREFILL + 1 DECODE rounded to [2, 1] and took the overshoot from the last pool: [2, 0],
+    so the decode pool was empty ("no instance can decode") though 2 instances fit one per pool."""
+    from sim.commands import with_instances
+
+    raw = yaml.safe_load((ROOT / "scheduler/config/examples/llama2-7b-pd-a100.yaml").read_text())
+    raw["pools"][0]["count"], raw["pools"][1]["count"] = 3, 1
+    cfg = parse_config(raw)
+    assert [p.count for p in with_instances(cfg, 2).pools] == [1, 1]
+    assert [p.count for p in with_instances(cfg, 8).pools] == [6, 2]  # proportional, as before
+    tier = load_config("llama3-8b-a100-longctx-tier-pd")  # 12 MIXED + 4 PREFILL
+    assert [p.count for p in with_instances(tier, 2).pools] == [1, 1]
+    assert [p.count for p in with_instances(tier, 16).pools] == [12, 4]
+    rc, err = run(
+        [
+            "simulate",
+            "--quiet",
+            "--synthetic",
+            "20",
+            "--config",
+            "llama3-8b-a100-longctx-tier-pd",
+            "--instances",
+            "2",
+        ],
+        capsys,
+    )
+    assert rc == 0, err
