@@ -167,7 +167,11 @@ def load_workload(args: argparse.Namespace, cfg: ClusterConfig):
         print(f"note: {trace.name}: {tied:.0%} of its requests arrive at the same instant as the one before (a "
               "coarse trace clock?); they are replayed as bursts; --spread-ties spreads them", file=sys.stderr)
     if args.window:
+        span = float(trace.arrival_s[-1]) if len(trace) else 0.0
         trace = trace.window(*args.window)
+        if len(trace) == 0:  # say where the trace is, not only that nothing is left
+            raise ValueError(f"--window {args.window[0]:g}:{args.window[1]:g}: no request arrives there; "
+                             f"{trace.name}'s arrivals span 0-{span:.1f} s")
     if args.limit:
         trace = trace.head(args.limit)
     if args.rate_scale != 1.0:

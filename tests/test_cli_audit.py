@@ -277,3 +277,9 @@ def test_instances_keeps_one_instance_in_every_pool(capsys) -> None:
         capsys,
     )
     assert rc == 0, err
+
+
+def test_window_past_the_trace_says_where_the_trace_is(capsys) -> None:
+    """``--window 700:800`` on the 600 s bundled slice said only "the workload is empty after --window/--limit"."""
+    rc, err = run(["simulate", "--quiet", "--window", "700:800"], capsys)
+    assert rc == 2 and "--window 700:800: no request arrives there" in err and "span 0-600.0 s" in err
