@@ -132,12 +132,14 @@ def at_load(w: Workload, load: float, saturation: float) -> Workload:
 
 def router_factory(name: str, config: ClusterConfig):
     """A zero-argument factory (goodput bisection needs fresh router state per probe). Routers that use the latency
-    model or the SLOs (``lookahead``) get them from the config."""
+    model or the SLOs (``lookahead``) get them from the config; the config's own router gets its
+    ``policies.router.params`` (as ``llmsched simulate`` gives them: a learned router's ``path``, say)."""
+    params = dict(config.policies.router.params) if name == config.policies.router.name else {}
+    if name in ("lookahead", "lookahead_shed"):
+        params.setdefault("config", config)
 
     def make():
-        if name in ("lookahead", "lookahead_shed"):
-            return make_router(name, config=config)
-        return make_router(name)
+        return make_router(name, **params)
 
     return make
 

@@ -127,9 +127,10 @@ def make_config(base: ClusterConfig, c: Candidate, counts: tuple[int, ...]) -> C
         ]
     label = "-".join(map(str, counts))
     hw = c.hardware.lower().replace(" / ", "-").replace(" ", "-")
-    # The router the candidate was simulated with (router_factory passes no params), not the base config's: the
-    # written best-cluster.yaml must run the cluster the table measured.
-    policies = base.policies.model_copy(update={"router": PolicySpec(name=c.router)})
+    # The router the candidate is simulated with (router_factory reads it from here: the base config's params when
+    # it is the base config's router): the written best-cluster.yaml runs the cluster the table measured.
+    same = c.router == base.policies.router.name
+    policies = base.policies.model_copy(update={"router": base.policies.router if same else PolicySpec(name=c.router)})
     return base.model_copy(update={"pools": pools, "policies": policies,
                                    "name": f"plan-{hw}-{c.layout}-{c.router}-{label}"})
 

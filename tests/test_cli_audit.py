@@ -283,3 +283,21 @@ def test_window_past_the_trace_says_where_the_trace_is(capsys) -> None:
     """``--window 700:800`` on the 600 s bundled slice said only "the workload is empty after --window/--limit"."""
     rc, err = run(["simulate", "--quiet", "--window", "700:800"], capsys)
     assert rc == 2 and "--window 700:800: no request arrives there" in err and "span 0-600.0 s" in err
+
+
+def test_compare_and_plan_use_the_configs_router_params(tmp_path: Path) -> None:
+    """``compare`` / ``plan`` built every router with default params: a config's ``policies.router: {name: llumnix,
+    params: {headroom: 0.3}}`` (or a learned router's ``path``) ran as plain llumnix, unlike ``simulate``."""
+    from sim.compare import router_factory
+    from sim.planner import Candidate, make_config
+
+    policies = {"router": {"name": "llumnix", "params": {"headroom": 0.3}}}
+    cfg = parse_config({**RAW, "policies": policies})
+    assert router_factory("llumnix", cfg)().headroom == 0.3
+    assert router_factory("round_robin", cfg)().name == "round_robin"  # another router: no params of this one
+    assert router_factory("lookahead", cfg)() is not None  # still bound to the config
+    cand = Candidate("a100", 1, "mixed", "llumnix")
+    planned = make_config(cfg, cand, (2,))
+    assert planned.policies.router.params == {"headroom": 0.3}
+    assert router_factory("llumnix", planned)().headroom == 0.3
+    assert make_config(cfg, Candidate("a100", 1, "mixed", "round_robin"), (2,)).policies.router.params == {}
