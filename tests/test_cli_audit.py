@@ -301,3 +301,15 @@ def test_compare_and_plan_use_the_configs_router_params(tmp_path: Path) -> None:
     assert planned.policies.router.params == {"headroom": 0.3}
     assert router_factory("llumnix", planned)().headroom == 0.3
     assert make_config(cfg, Candidate("a100", 1, "mixed", "round_robin"), (2,)).policies.router.params == {}
+
+
+def test_latency_profile_refuses_pools_it_cannot_time(tmp_path: Path) -> None:
+    """One engine's measured profile timed a TP-1 and a TP-4 pool (or an A100 and an H100 one) alike in the
+    simulator -- the planner refuses that, ``simulate`` ran it."""
+    tier = yaml.safe_load((ROOT / "scheduler/config/examples/llama3-8b-a100-longctx-tier.yaml").read_text())
+    err = config_error({**tier, "latency_profile": str(tmp_path / "p.json")})
+    assert (
+        "latency_profile: one engine's measured step times cannot time pools on a100 x TP1, a100 x TP4" in err
+    )
+    pd = yaml.safe_load((ROOT / "scheduler/config/examples/llama2-7b-pd-a100.yaml").read_text())
+    parse_config({**pd, "latency_profile": str(tmp_path / "p.json")})  # two roles, one (GPU, TP): fine

@@ -209,6 +209,11 @@ class ClusterConfig(_Strict):
                 raise ValueError(f"pools[{i}].tp: {pool.tp} GPUs do not split the model's {self.model.num_heads} "
                                  f"attention / {self.model.num_kv_heads} KV heads (vLLM: TP divides the heads, and "
                                  "divides the KV heads or is a multiple of them)")
+        kinds = sorted({(p.gpu, p.tp) for p in self.pools})
+        if self.latency_profile and len(kinds) > 1:  # the simulator would time every pool with it alike
+            raise ValueError(f"latency_profile: one engine's measured step times cannot time pools on "
+                             f"{', '.join(f'{g} x TP{tp}' for g, tp in kinds)} alike; give each its own config, or "
+                             "drop latency_profile (the profiled tables and the roofline know GPU and TP)")
         self._check_policy_names()
         return self
 
