@@ -313,3 +313,24 @@ def test_latency_profile_refuses_pools_it_cannot_time(tmp_path: Path) -> None:
     )
     pd = yaml.safe_load((ROOT / "scheduler/config/examples/llama2-7b-pd-a100.yaml").read_text())
     parse_config({**pd, "latency_profile": str(tmp_path / "p.json")})  # two roles, one (GPU, TP): fine
+
+
+@pytest.mark.parametrize(
+    "gpus, pool, needle",
+    [
+        (
+            {"a100": {"count": 2}},
+            {"count": 4},
+            "gpus.a100.count: 2 GPUs, but the pools need 4 (pools[0] mixed: 4 x TP1)",
+        ),
+        ({"a100": {"count": 2}}, {"count": 1, "tp": 4}, "gpus.a100.count: 2 GPUs, but the pools need 4"),
+    ],
+)
+def test_pools_beyond_the_gpu_inventory_are_refused(gpus, pool, needle) -> None:
+    """``gpus.<key>.count`` (GPUs of the type available; the chart sets it to the worker groups' maximum) was read by
+    the planner only: a config whose pools need more loaded, simulated, and live left instances unplaced."""
+    err = config_error({**RAW, "gpus": gpus, "pools": [{**POOL, **pool}]})
+    assert needle in err
+    parse_config(
+        {**RAW, "gpus": {"a100": {"count": 4}}, "pools": [{**POOL, "count": 2, "tp": 2}]}
+    )  # exactly fits

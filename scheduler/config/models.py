@@ -209,6 +209,14 @@ class ClusterConfig(_Strict):
                 raise ValueError(f"pools[{i}].tp: {pool.tp} GPUs do not split the model's {self.model.num_heads} "
                                  f"attention / {self.model.num_kv_heads} KV heads (vLLM: TP divides the heads, and "
                                  "divides the KV heads or is a multiple of them)")
+        # ``gpus.<key>.count`` is how many GPUs of the type there are (the planner sizes within it; the chart sets it
+        # to the worker groups' maximum): pools needing more would never all be placed live.
+        for key, spec in self.gpus.items():
+            use = [(i, p) for i, p in enumerate(self.pools) if p.gpu == key and p.count]
+            need = sum(p.count * p.tp for _, p in use)
+            if spec.count and need > spec.count:
+                raise ValueError(f"gpus.{key}.count: {spec.count} GPUs, but the pools need {need} ("
+                                 + ", ".join(f"pools[{i}] {p.name}: {p.count} x TP{p.tp}" for i, p in use) + ")")
         kinds = sorted({(p.gpu, p.tp) for p in self.pools})
         if self.latency_profile and len(kinds) > 1:  # the simulator would time every pool with it alike
             raise ValueError(f"latency_profile: one engine's measured step times cannot time pools on "
