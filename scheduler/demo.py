@@ -683,6 +683,7 @@ def resimulate(cfg, dirs: list[str], json_path: str | None = None) -> dict[str, 
     import tempfile
 
     from scheduler.profile import fit
+    from scheduler.telemetry.report import write_json
     from sim.replay import LiveResult
 
     errors: dict[str, dict[str, float]] = {}
@@ -746,7 +747,7 @@ def resimulate(cfg, dirs: list[str], json_path: str | None = None) -> dict[str, 
             doc.update(paced_what="the same with the profile's decode steps scaled by the run's engine pace "
                        "(replay over profile, lone decode streams): the error with the host's drift divided out",
                        runs_paced=paced, median_paced=med_paced)
-        Path(json_path).write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(json_path, doc)  # creates the folder --json's output_file let through
     return errors
 
 

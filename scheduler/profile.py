@@ -537,6 +537,7 @@ def latency_from_profile(path: str | Path, model: ModelSpec, gpu: GPUSpec, tp: i
 def main(argv: list[str] | None = None) -> int:
     from scheduler.cli_args import nonneg_float, output_file, positive_int, token_vocab
     from scheduler.client.types import LLMSchedError
+    from scheduler.telemetry.report import write_json
 
     ap = argparse.ArgumentParser(prog="llmsched profile", description=__doc__)
     ap.add_argument("--target", required=True, help="host:port of a running llmsched server (one instance is best)")
@@ -555,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmsched profile: --target {args.target}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     prof = fit(attach_engine_times(samples, {}))
-    Path(args.out).write_text(json.dumps(prof, indent=2) + "\n")
+    write_json(args.out, prof)  # creates the folder output_file let through (it failed after the measuring)
     print(f"wrote {args.out}: overhead {prof['overhead_s'] * 1e3:.2f} ms, per-token {prof['gemm_s_per_token'] * 1e6:.1f} us, "
           f"fit error {prof['fit_mape'] * 100:.1f}%")
     return 0

@@ -334,3 +334,20 @@ def test_pools_beyond_the_gpu_inventory_are_refused(gpus, pool, needle) -> None:
     parse_config(
         {**RAW, "gpus": {"a100": {"count": 4}}, "pools": [{**POOL, "count": 2, "tp": 2}]}
     )  # exactly fits
+
+
+def test_json_outputs_into_a_new_folder_are_written(tmp_path: Path, capsys) -> None:
+    """``output_file`` lets a path in a folder still to be made through (it can be created), but ``predict eval
+    --json``, ``predict train --report``, ``profile --out`` and ``run --resimulate --json`` then wrote with a bare
+    ``write_text``: FileNotFoundError after the work was done."""
+    data = tmp_path / "e.jsonl"
+    data.write_text(
+        '{"prompt": "hello there", "response": "hi you"}\n{"prompt": "a long essay", "response": "ok"}\n'
+    )
+    out = tmp_path / "new" / "e.json"
+    rc, err = run(["predict", "eval", "--data", str(data), "--json", str(out)], capsys)
+    assert rc == 0 and out.is_file(), err
+    runs = sorted((ROOT / "docs/results/live_vs_sim_s8").glob("s8-*/"))[:1]
+    out = tmp_path / "new2" / "r.json"
+    rc, err = run(["run", "--resimulate", *map(str, runs), "--json", str(out)], capsys)
+    assert rc == 0 and out.is_file(), err

@@ -42,6 +42,7 @@ def train_main(argv: list[str] | None = None) -> int:
     """Train predictors from the shared data folder and write artifacts + a held-out metrics report."""
     from scheduler.predict.registry import ARTIFACTS
     from scheduler.predict.train import train_all
+    from scheduler.telemetry.report import write_json
 
     ap = argparse.ArgumentParser(prog="llmsched predict train")
     ap.add_argument("--data-dir", required=True, help="folder with the prompt/response datasets and traces")
@@ -77,8 +78,9 @@ def train_main(argv: list[str] | None = None) -> int:
                  "and traces named in shared/data/README.md)")
     _print_report(report)
     if a.report:
-        # NaN (the constant baseline's undefined tau) is not JSON: write null, as `predict eval` does.
-        Path(a.report).write_text(json.dumps(_finite(report), indent=1, allow_nan=False))
+        # NaN (the constant baseline's undefined tau) is not JSON: write null, as `predict eval` does. write_json
+        # creates the folder output_file let through (a missing one was a traceback after the training).
+        write_json(a.report, _finite(report))
     return 0
 
 
@@ -87,6 +89,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     from scheduler.predict.data import read_eval_jsonl
     from scheduler.predict.metrics import evaluate
     from scheduler.predict.registry import load_predictor
+    from scheduler.telemetry.report import write_json
 
     ap = argparse.ArgumentParser(prog="llmsched predict eval")
     ap.add_argument("--data", required=True, help="JSONL with 'prompt' and 'response' text per line")
@@ -123,7 +126,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result, indent=1))
     if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1))
+        write_json(a.json, result)
     return 0
 
 
