@@ -125,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="Ray actor calls only between the ingress and the instances (default: the direct TCP "
                         "channel, with Ray as fallback; env LLMSCHED_DIRECT_CHANNEL=0 does the same)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LLMSCHED_LOG_LEVEL", "WARNING").strip().upper())
+    level = os.environ.get("LLMSCHED_LOG_LEVEL", "WARNING").strip().upper()
     try:
+        if not isinstance(logging.getLevelName(level), int):  # basicConfig's "Unknown level" named no variable
+            raise ValueError(  # noqa: TRY004 -- a bad setting, reported with the config errors below
+                f"LLMSCHED_LOG_LEVEL: Unknown level: {level!r}; use DEBUG, INFO, WARNING or ERROR")
+        logging.basicConfig(level=level)
         cfg = load_config(args.config)
         if args.fake_gpus_per_node:
             from scheduler.control.cluster import nodes_for

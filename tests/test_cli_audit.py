@@ -351,3 +351,10 @@ def test_json_outputs_into_a_new_folder_are_written(tmp_path: Path, capsys) -> N
     out = tmp_path / "new2" / "r.json"
     rc, err = run(["run", "--resimulate", *map(str, runs), "--json", str(out)], capsys)
     assert rc == 0 and out.is_file(), err
+
+
+def test_serve_bad_log_level_is_one_line_naming_the_variable(no_ray, monkeypatch, capsys) -> None:
+    """``LLMSCHED_LOG_LEVEL=foo`` (the chart's ``logLevel``) was a ValueError traceback."""
+    monkeypatch.setenv("LLMSCHED_LOG_LEVEL", "foo")
+    rc, err = run(["serve", "--config", "tiny-cpu"], capsys)
+    assert rc == 2 and "error: LLMSCHED_LOG_LEVEL: Unknown level: 'FOO'" in err
