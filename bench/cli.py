@@ -24,7 +24,9 @@ BENCHES = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = f"usage: llmsched bench {{{','.join(BENCHES)}}} [args]   (llmsched bench NAME --help: its options)"
+    usage = (
+        f"usage: llmsched bench {{{','.join(BENCHES)}}} [args]   (llmsched bench NAME --help: its options)"
+    )
     if argv[:1] in (["-h"], ["--help"]):  # asked for: stdout, exit 0
         print(f"{usage}\n\n{__doc__}")
         return 0
