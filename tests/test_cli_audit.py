@@ -358,3 +358,9 @@ def test_serve_bad_log_level_is_one_line_naming_the_variable(no_ray, monkeypatch
     monkeypatch.setenv("LLMSCHED_LOG_LEVEL", "foo")
     rc, err = run(["serve", "--config", "tiny-cpu"], capsys)
     assert rc == 2 and "error: LLMSCHED_LOG_LEVEL: Unknown level: 'FOO'" in err
+
+
+def test_config_that_is_a_directory_says_so(tmp_path: Path) -> None:
+    """``--config some/folder`` said "no such config file" of a path that exists."""
+    with pytest.raises(ConfigError, match="a directory, not a config file"):
+        load_config(tmp_path)

@@ -124,7 +124,8 @@ def load_config(path: str | Path | None = None) -> ClusterConfig:
             source = f"scheduler/config/examples/{path}.yaml"
             return parse_config(_parse_yaml(bundled.read_text(), source), source=source)
     if not p.is_file():
-        raise ConfigError(f"{path}: no such config file (bundled examples: {', '.join(bundled_configs())})")
+        what = "a directory, not a config file" if p.is_dir() else "no such config file"  # "no such" misled
+        raise ConfigError(f"{path}: {what} (bundled examples: {', '.join(bundled_configs())})")
     return parse_config(_parse_yaml(p.read_text(), str(p)), source=str(p))
 
 
