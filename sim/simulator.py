@@ -485,21 +485,23 @@ class Simulator:
         self.router.on_routed(req, decision)
         inst = self._index[decision.prefill_instance]
         self.inst_of[i] = inst.index
-        if decision.decode_instance is not None:
+        # A pair (prefill here, decode there) hands the KV off after the prefill, from a MIXED instance too (as the
+        # live ingress does); it used to run colocated there, the decoder ignored (a third of learned's placements
+        # on the Mooncake tier as P/D, twenty-sixth session). Not a one-token request: it ends with its prefill,
+        # and the live ingress neither hands it off nor counts it on its way to the decoder (``Ingress._route``).
+        pair = (decision.decode_instance is not None and decision.decode_instance != decision.prefill_instance
+                and output > 1)
+        if pair:
             self.dec_of[i] = self._index[decision.decode_instance].index
         pred = req.predicted_output_tokens
         kw = {"hash_ids": req.hash_ids, "hash_block_tokens": self.w.hash_block_tokens} if req.hash_ids else {}
-        # A pair (prefill here, decode there) hands the KV off after the prefill, from a MIXED instance too (as the
-        # live ingress does); it used to run colocated there, the decoder ignored (a third of learned's placements
-        # on the Mooncake tier as P/D, twenty-sixth session).
-        handoff = inst.role is InstanceRole.PREFILL or (
-            decision.decode_instance is not None and decision.decode_instance != decision.prefill_instance)
+        handoff = inst.role is InstanceRole.PREFILL or pair
         try:
             seq = inst.engine.add_request(i, prompt, 1 if handoff else output, priority=req.priority,
                                           predicted_remaining=pred, length_dist=self._dist(i), handoff=handoff,
                                           **kw)
         except ValueError:
-            self._refuse(i, inst.index)  # does not fit this engine at all
+            self._refuse(i, inst)  # does not fit this engine at all
             return
         seq.tag = i
         if self._host_cpu:
@@ -513,13 +515,6 @@ class Simulator:
 
     def _dist(self, i: int) -> LengthPrediction | None:
         return self.w.predicted_dist[i] if self.w.predicted_dist is not None else None
-
-    def _refuse(self, i: int, inst: int) -> None:
-        """Request ``i``, routed (the router booked it), cannot run on instance ``inst`` (index): refused, and the
-        router told it ended, as the live ingress tells it when an engine refuses a request -- else what it booked
-        stayed (llumnix's priority headroom kept normal requests off that instance for the rest of the run)."""
-        self.rejected[i] = True
-        self.router.on_finished(str(i), self._ids[inst])
 
     def _spend_request_cpu(self, i: int, inst: SimInstance, prompt: int, now: float, *, handoff: bool) -> None:
         """A request's off-step CPU (``LatencyModel.request_cpu``), spread evenly over the time it takes alone
@@ -560,7 +555,7 @@ class Simulator:
                                           predicted_remaining=None if pred is None else max(pred - 1.0, 0.0),
                                           length_dist=self._dist(i), generated_before=1)
         except ValueError:
-            self._refuse(i, inst.index)  # its context does not fit this decoder at all: refused, not a crash
+            self._refuse(i, inst)  # its context does not fit this decoder at all: refused, not a crash
             self._expect_kv(inst, -1, now)
             return
         seq.tag = i
@@ -723,16 +718,18 @@ class Simulator:
         for seq in res.prefill_done:
             self._handoff(seq.tag, t)
 
+    def _refuse(self, i: int, inst: SimInstance) -> None:
+        """Request ``i``, routed, cannot go on at ``inst``: it ends there. The router hears of it, as the live
+        ingress tells it of every routed request's end (a tracker of where requests are would keep it forever)."""
+        self.rejected[i] = True
+        self.router.on_finished(str(i), inst.instance_id)
+
     def _handoff(self, i: int, t: float) -> None:
         output = int(self.w.output_tokens[i])
         d = self.dec_of[i]
-        if output <= 1:
-            self.finish[i] = t + self.instances[self.inst_of[i]].latency.path_latency(int(self.w.prompt_tokens[i]))
-            # Done on its prefill instance (the engine reports it there as prefilled, not finished): the router
-            # hears of it as the live ingress tells it (its llumnix headroom stayed on the decoder for good).
+        if output <= 1:  # its one token was its last (never paired: ``_on_arrival``)
+            self.finish[i] = self.first[i]
             self.router.on_finished(str(i), self._ids[self.inst_of[i]])
-            if d >= 0:
-                self._expect_kv(self.instances[d], -1, t)
             return
         if d < 0:  # routed to a PREFILL instance without a decode partner: decode where the router says now
             decision = self.router.route(self._request_info(i, t, int(self.w.prompt_tokens[i]), output,
@@ -740,7 +737,7 @@ class Simulator:
             # A colocated answer names a MIXED instance to do both: the prompt is done, so it decodes there.
             name = None if isinstance(decision, Rejected) else decision.decode_instance or decision.prefill_instance
             if name is None or not self._index[name].role.does_decode:
-                self._refuse(i, self.inst_of[i])
+                self._refuse(i, self.instances[self.inst_of[i]])
                 return
             d = self.dec_of[i] = self._index[name].index
             self._expect_kv(self.instances[d], +1, t)

@@ -1,0 +1,107 @@
+"""Regressions from an audit of "one scheduling core, two clocks": the simulator and the live control plane must
+hand the same policies the same inputs and hooks. Each test failed before its fix; where practical it drives both
+sides with one scenario (the live side without Ray: fake actor handles, or ``Instance`` objects on the simulated
+backend)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bench.loadgen import cluster_config
+from scheduler.control.registry import RequestRecord
+from scheduler.core.types import InstanceRole
+from scheduler.engine.base import SamplingParams
+from scheduler.policy.route import LeastOutstandingRouter
+from sim.simulator import Simulator, Workload
+from tests.test_ingress_audit import FakeInstance, _ingress
+
+
+class Recorder(LeastOutstandingRouter):
+    """Least-outstanding, recording its hooks and each decoder's ``num_incoming`` as it routes."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.routed: list[str] = []
+        self.finished: dict[str, str] = {}
+        self.incoming: list[dict[str, int]] = []
+
+    def route(self, request: Any, view: Any) -> Any:
+        self.incoming.append({s.instance_id: s.num_incoming for s in view.instances})
+        return super().route(request, view)
+
+    def on_routed(self, request: Any, decision: Any) -> None:
+        self.routed.append(request.request_id)
+
+    def on_finished(self, request_id: str, instance_id: str) -> None:
+        self.finished[request_id] = instance_id
+
+
+# ---- 1: a one-token request on a P/D pair ---------------------------------------------------------------------------
+# The simulator counted it on its way to the decoder while it prefilled (the live ingress does not: it never hands a
+# one-token request off), and never told the router it ended (no ``on_finished``: the live ingress always does) --
+# Llumnix's and prefix affinity's priority tracker kept a high-priority one's headroom on the decoder for good.
+def test_a_one_token_request_on_a_pd_pair_is_not_incoming_and_its_end_is_heard_in_the_simulator() -> None:
+    cfg = cluster_config("twoclocks", mixed=0, prefill=1, decode=1)
+    w = Workload(
+        arrival_s=np.array([0.0, 0.001, 0.002]),
+        prompt_tokens=np.array([2000, 64, 64]),
+        output_tokens=np.array([1, 8, 1]),
+    )
+    router = Recorder()
+    res = Simulator(cfg, router=router).run(w)
+    assert np.isfinite(res.finish_s).all() and not res.rejected.any()
+    # The second arrival comes while the first (one token) still prefills: nothing is on its way to the decoder.
+    assert router.incoming[1]["decode-0"] == 0
+    assert router.incoming[2]["decode-0"] == 1  # the second one (8 tokens) is
+    # Every routed request's end is heard, on the instance it ended on.
+    assert sorted(router.finished) == sorted(router.routed) == ["0", "1", "2"]
+    assert router.finished == {"0": "prefill-0", "1": "decode-0", "2": "prefill-0"}
+    # Its one token is its last: it finishes when it comes out.
+    assert res.finish_s[0] == res.first_token_s[0] and res.decode_instance[0] == -1
+
+
+def test_the_live_ingress_counts_no_one_token_request_on_its_way_to_the_decoder() -> None:
+    """The live side of the scenario above (the reference): the same pair, nothing incoming for one token."""
+
+    async def scenario() -> tuple[int, int]:
+        P, D = FakeInstance("prefill-0", InstanceRole.PREFILL), FakeInstance("decode-0", InstanceRole.DECODE)
+        ing = _ingress([P, D], router=Recorder())
+        one = RequestRecord("a", (1, 2, 3), SamplingParams(max_tokens=1), 0, None)
+        ing._route(one)
+        n_one = ing.view().by_id("decode-0").num_incoming
+        eight = RequestRecord("b", (1, 2, 3), SamplingParams(max_tokens=8), 0, None)
+        ing._route(eight)
+        return n_one, ing.view().by_id("decode-0").num_incoming
+
+    assert asyncio.run(scenario()) == (0, 1)
+
+
+def test_a_request_refused_after_routing_is_heard_as_ended_in_the_simulator() -> None:
+    """A request whose context does not fit its decoder is refused there: the router hears it ended (live: the
+    decode leg's submit is refused, and the ingress's ``generate`` ends with ``on_finished``)."""
+    cfg = cluster_config("twoclocks", mixed=0, prefill=1, decode=1)
+    cfg = cfg.model_copy(
+        update={
+            "pools": [
+                p
+                if p.role is InstanceRole.PREFILL
+                else p.model_copy(update={"engine": p.engine.model_copy(update={"num_kv_blocks": 8})})
+                for p in cfg.pools
+            ]
+        }
+    )
+    w = Workload(arrival_s=np.array([0.0]), prompt_tokens=np.array([1000]), output_tokens=np.array([50]))
+    router = Recorder()
+    res = Simulator(cfg, router=router).run(w)
+    assert res.rejected.all()
+    assert router.finished == {"0": "decode-0"}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(pytest.main([__file__, "-q"]))
