@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 from bench.loadgen import cluster_config
+from scheduler.control.instance import Instance
 from scheduler.control.registry import RequestRecord
-from scheduler.core.types import InstanceRole
+from scheduler.core.types import InstanceRole, InstanceSnapshot
 from scheduler.engine.base import SamplingParams
 from scheduler.policy.route import LeastOutstandingRouter
+from sim.cluster import build_instances
 from sim.simulator import Simulator, Workload
 from tests.test_ingress_audit import FakeInstance, _ingress
 
@@ -101,6 +103,63 @@ def test_a_request_refused_after_routing_is_heard_as_ended_in_the_simulator() ->
     res = Simulator(cfg, router=router).run(w)
     assert res.rejected.all()
     assert router.finished == {"0": "decode-0"}
+
+
+# ---- 2: prefill_tokens_pending of a prompt in chunked prefill -------------------------------------------------------
+@pytest.fixture
+def _no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Instance.__init__`` asks Ray for its node id, which would start a local Ray instance."""
+    import ray
+
+    def no_ray() -> Any:
+        raise RuntimeError("no Ray in these tests")
+
+    monkeypatch.setattr(ray, "get_runtime_context", no_ray)
+
+
+def _snapshots_after(cfg: Any, script: Any) -> tuple[InstanceSnapshot, InstanceSnapshot]:
+    """The live ``Instance`` (simulated backend) and the simulator's instance, after ``script(engine_model)`` ran
+    on each one's engine model: (live snapshot, simulator's snapshot). The live engine loop is started but never
+    woken (nothing goes through ``generate``), so the script alone steps it."""
+    pool = cfg.pools[0]
+
+    async def live() -> InstanceSnapshot:
+        inst = Instance("mixed-0", pool, cfg.model, cfg.gpus[pool.gpu])
+        await inst.start()
+        try:
+            script(inst._backend.engine)  # type: ignore[attr-defined]
+            return await inst.snapshot()
+        finally:
+            await inst.shutdown()
+
+    sim = build_instances(cfg)[0]
+    script(sim.engine)
+    return asyncio.run(live()), sim.fresh_snapshot(0.0, detail=True)
+
+
+def test_a_prompt_in_chunked_prefill_counts_what_it_has_left_live_as_in_the_simulator(_no_ray: None) -> None:
+    """A 5000-token prompt, 2048 of it computed in one step, and a queued 300-token one: the live snapshot counted
+    the first whole (5300 pending), the simulator what is left (3252) -- so Llumnix's virtual usage, prefix
+    affinity's queue, the re-roling policy's prefill queue and the learned router's features read differently
+    live. What a vLLM engine has left to prefill (and to allocate KV for) is the simulator's count."""
+
+    def script(em: Any) -> None:
+        em.add_request("long", 5000, 10)
+        em.add_request("q", 300, 10)
+        em.step()
+
+    live, sim = _snapshots_after(cluster_config("twoclocks", mixed=1), script)
+    assert sim.prefill_tokens_pending == 5000 - 2048 + 300
+    fields = (
+        "num_running",
+        "num_waiting",
+        "num_decoding",
+        "prefill_tokens_pending",
+        "prefill_compute_tokens",
+        "decode_context_tokens",
+    )
+    assert {f: getattr(live, f) for f in fields} == {f: getattr(sim, f) for f in fields}
+    assert live.load.virtual_usage == pytest.approx(sim.load.virtual_usage, abs=1 / sim.kv_blocks_total)
 
 
 if __name__ == "__main__":  # pragma: no cover

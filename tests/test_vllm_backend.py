@@ -587,6 +587,7 @@ def test_stats_count_the_prompt_tokens_a_waiting_request_still_has_to_compute(en
     hit = (len(shared) // bs) * bs  # the cached prompt's full blocks
     assert s.prefill_compute_tokens == len(shared) + len(tail) - hit + len(fresh)
     assert sum(r.context_tokens for r in waiting.values()) == len(shared) + len(tail) + len(fresh)
+    assert s.prefill_tokens_pending == len(shared) + len(tail) + len(fresh)  # queued prompts count whole
     # What the instance reports to routers, and what lookahead prices the queue by.
     from scheduler.control.instance import InstanceInfo, snapshot_from_stats
     from scheduler.policy.routers_lookahead import LookaheadRouter

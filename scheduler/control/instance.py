@@ -728,7 +728,9 @@ def snapshot_from_stats(
         kv_blocks_used=s.kv_blocks_used,
         kv_blocks_total=s.kv_blocks_total,
         block_size=s.block_size,
-        prefill_tokens_pending=pending,
+        # The backend's own count where it has one: a prompt in chunked prefill counts what it has left, as in the
+        # simulator's engine model (its whole context here read 5300 where the simulator's read 3252).
+        prefill_tokens_pending=pending if s.prefill_tokens_pending is None else s.prefill_tokens_pending,
         prefill_compute_tokens=s.prefill_compute_tokens,
         cached_hash_ids=s.cached_hash_ids,
         prompt_tokens_cached=s.prompt_tokens_cached,

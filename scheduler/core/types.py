@@ -113,7 +113,7 @@ class Load:
     virtual_usage: float  # Llumnix virtual usage: (used + queued demand + headroom) / total
     outstanding: int  # running + waiting requests
     decode_batch: int  # requests currently decoding
-    prefill_tokens_pending: int  # prompt tokens queued or partially prefilled
+    prefill_tokens_pending: int  # prompt tokens still to prefill (``InstanceSnapshot.prefill_tokens_pending``)
     decode_context_tokens: int  # sum of KV lengths of decoding requests
     predicted_remaining_tokens: float  # sum of predicted remaining output tokens
 
@@ -149,6 +149,8 @@ class InstanceSnapshot:
     kv_blocks_used: int = 0
     kv_blocks_total: int = 1
     block_size: int = 16
+    # Prompt tokens still to prefill: every queued prompt whole (its context), a prompt in (chunked) prefill less
+    # what it has computed -- the KV it has yet to allocate, the prefill work it has left.
     prefill_tokens_pending: int = 0
     decode_context_tokens: int = 0
     predicted_remaining_tokens: float = 0.0
@@ -157,10 +159,10 @@ class InstanceSnapshot:
     draining: bool = False
     # Mooncake-style prefix cache: block hash ids resident on this instance (bounded by the reporter).
     cached_hash_ids: frozenset[int] = frozenset()
-    # Prompt tokens still to *compute*: ``prefill_tokens_pending`` less what is computed of a prompt in prefill
-    # and the leading blocks of the waiting prompts that this instance's prefix cache holds now (or that come with
-    # transferred KV). ``None``: the reporter cannot tell; take ``prefill_tokens_pending``. KV accounting keeps
-    # using that: a cache hit saves compute, not the request's KV reservation.
+    # Prompt tokens still to *compute*: ``prefill_tokens_pending`` less the leading blocks of the waiting prompts
+    # that this instance's prefix cache holds now (or that come with transferred KV). ``None``: the reporter cannot
+    # tell; take ``prefill_tokens_pending``. KV accounting keeps using that: a cache hit saves compute, not the
+    # request's KV reservation.
     prefill_compute_tokens: int | None = None
     # Prompt tokens this engine has served from its own prefix cache since it started (cumulative; not KV that came
     # with a transfer or a migration). The scaling window reads its growth: the SLA scaler sizes prefill on the

@@ -86,6 +86,9 @@ class EngineStats:
     # Prompt tokens served from this engine's own prefix cache (``InstanceSnapshot.prompt_tokens_cached``).
     prompt_tokens_cached: int = 0
     requests: tuple[RequestLoad, ...] = ()
+    # Prompt tokens still to prefill (``InstanceSnapshot.prefill_tokens_pending``): a queued prompt whole, one in
+    # prefill less what it computed; ``None``: this backend cannot tell (the snapshot sums their contexts).
+    prefill_tokens_pending: int | None = None
     # Prompt tokens the requests in prefill still have to compute (see ``InstanceSnapshot.prefill_compute_tokens``);
     # ``None``: this backend cannot tell.
     prefill_compute_tokens: int | None = None

@@ -309,6 +309,7 @@ class SimulatedBackend:
             prompt_tokens_loaded=em.prompt_tokens_loaded,
             prompt_tokens_cached=em.prefix_hit_tokens,
             requests=snap.requests,
+            prefill_tokens_pending=snap.prefill_tokens_pending,
             prefill_compute_tokens=snap.prefill_compute_tokens,
             cached_hash_ids=snap.cached_hash_ids,
         )

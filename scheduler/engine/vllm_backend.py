@@ -582,6 +582,7 @@ class VLLMBackend:
             prompt_tokens_adopted=int(d["prompt_tokens_adopted"]),
             prompt_tokens_cached=int(d["prompt_tokens_cached"]),
             requests=loads,
+            prefill_tokens_pending=int(d["prefill_tokens_pending"]),
             prefill_compute_tokens=None if d["prefill_compute_tokens"] is None else int(d["prefill_compute_tokens"]),
         )
         idle = not (stats.num_running or stats.num_waiting or stats.kv_blocks_used or stats.requests)

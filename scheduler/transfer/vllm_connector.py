@@ -724,14 +724,17 @@ def _engine_stats(core: Any) -> dict[str, Any]:
     requests = []
     counters = _Counters()
     compute: int | None = 0
+    pending = 0  # prompt tokens still to prefill: a prompt in chunked prefill counts what it has left
     if conn is not None:
         counters = conn.counters
         held = {id(r) for r in conn._held.values()}
         for internal_id, r in conn._live.items():
             if r.is_finished() or id(r) in held:  # a held request is still the source's until the commit
                 continue
-            if compute is not None and r.num_computed_tokens < r.num_prompt_tokens:
-                compute = _add_compute_left(compute, sched, conn, r)
+            if r.num_computed_tokens < r.num_prompt_tokens:
+                pending += r.num_tokens - r.num_computed_tokens
+                if compute is not None:
+                    compute = _add_compute_left(compute, sched, conn, r)
             requests.append(
                 {
                     "llmsched_id": conn._params(r).get("llmsched_id", internal_id),
@@ -752,6 +755,7 @@ def _engine_stats(core: Any) -> dict[str, Any]:
         "prompt_tokens_loaded": counters.prompt_tokens_loaded,
         "prompt_tokens_cached": counters.prompt_tokens_cached,
         "prompt_tokens_adopted": counters.prompt_tokens_adopted,
+        "prefill_tokens_pending": pending,
         "prefill_compute_tokens": compute,
         "requests": requests,
     }
