@@ -15,7 +15,8 @@ from bench.loadgen import cluster_config
 from scheduler.control.instance import Instance
 from scheduler.control.registry import RequestRecord
 from scheduler.core.types import InstanceRole, InstanceSnapshot
-from scheduler.engine.base import SamplingParams
+from scheduler.engine.base import EngineRequest, SamplingParams
+from scheduler.engine.simulated_backend import SimulatedBackend
 from scheduler.policy.route import LeastOutstandingRouter
 from sim.cluster import build_instances
 from sim.simulator import Simulator, Workload
@@ -160,6 +161,41 @@ def test_a_prompt_in_chunked_prefill_counts_what_it_has_left_live_as_in_the_simu
     )
     assert {f: getattr(live, f) for f in fields} == {f: getattr(sim, f) for f in fields}
     assert live.load.virtual_usage == pytest.approx(sim.load.virtual_usage, abs=1 / sim.kv_blocks_total)
+
+
+# ---- 3: the simulated backend's stats during a step ----------------------------------------------------------------
+def test_the_simulated_backend_reports_a_step_s_outcome_when_its_tokens_come_out() -> None:
+    """The engine model books a step's outcome when the step starts; the simulated backend then sleeps the modelled
+    step time. Its ``stats`` answered at once, so a read during the step showed the request finished (its KV freed,
+    gone from the engine) ~0.3 s before its token came out. A vLLM engine answers between two steps, and the
+    simulator shows a step's outcome at its end: the snapshot must not run ahead of the stream."""
+    cfg = cluster_config("twoclocks", mixed=1)
+    pool = cfg.pools[0]
+
+    async def scenario() -> tuple[int, bool]:
+        b = SimulatedBackend(
+            cfg.model, cfg.gpus[pool.gpu], engine=pool.engine, time_scale=30.0
+        )  # a ~0.3 s step
+        await b.start()
+        try:
+            stream = b.generate(EngineRequest("r", tuple(range(1, 65)), SamplingParams(max_tokens=1)))
+            first = asyncio.ensure_future(stream.__anext__())
+            await asyncio.sleep(0.05)  # inside the request's one step
+            s = await b.stats()
+            try:  # whatever the read shows, the stream has shown it too (allowing a hop of the event loop)
+                await asyncio.wait_for(asyncio.shield(first), 0.05)
+                out = True
+            except TimeoutError:
+                out = False
+            await first
+            return s.num_running + s.num_waiting, out
+        finally:
+            await b.shutdown()
+
+    in_engine, token_out = asyncio.run(scenario())
+    assert in_engine == 1 or token_out, (
+        "the engine reported the request gone while its token was still to come"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -296,6 +296,13 @@ class SimulatedBackend:
     # ---- stats and KV ---------------------------------------------------------------------------------
     async def stats(self) -> EngineStats:
         self._check_alive()
+        # Read between two steps, as vLLM answers its stats call: the engine model books a step's outcome when the
+        # step starts, so a read during its modelled time showed finishes (KV freed) and computed chunks up to a step
+        # before their tokens came out -- ahead of a real engine and of the simulator (which shows them at the end).
+        async with self._step_lock:
+            return self._stats()
+
+    def _stats(self) -> EngineStats:
         em = self.engine
         snap = em.snapshot("", 0.0, detail=True)
         return EngineStats(
