@@ -163,6 +163,26 @@ def test_a_prompt_in_chunked_prefill_counts_what_it_has_left_live_as_in_the_simu
     assert live.load.virtual_usage == pytest.approx(sim.load.virtual_usage, abs=1 / sim.kv_blocks_total)
 
 
+def test_the_predicted_remaining_tokens_are_the_decode_batch_s_live_as_in_the_simulator(
+    _no_ray: None,
+) -> None:
+    """One request decoding (40 tokens predicted left) and one queued (200 predicted): the live snapshot summed both
+    (239 after the first token) where the simulator sums the decode batch (39) -- the quantity lookahead divides by
+    ``num_decoding`` and the mixing / learned routers take as the batch's remaining work."""
+
+    def script(em: Any) -> None:
+        em.add_request("a", 100, 50, predicted_remaining=40)
+        em.step()
+        em.add_request("q", 300, 10, predicted_remaining=200)
+
+    live, sim = _snapshots_after(cluster_config("twoclocks", mixed=1), script)
+    assert sim.num_decoding == 1 and sim.predicted_remaining_tokens == 39
+    fields = ("num_decoding", "decode_context_tokens", "predicted_remaining_tokens", "prefill_tokens_pending")
+    assert {f: getattr(live, f) for f in fields} == {f: getattr(sim, f) for f in fields}
+    # Each request still carries its own guess (the migration policy, lookahead's detail read them).
+    assert {r.request_id: r.predicted_remaining for r in live.requests} == {"a": 39, "q": 200}
+
+
 # ---- 3: the simulated backend's stats during a step ----------------------------------------------------------------
 def test_the_simulated_backend_reports_a_step_s_outcome_when_its_tokens_come_out() -> None:
     """The engine model books a step's outcome when the step starts; the simulated backend then sleeps the modelled

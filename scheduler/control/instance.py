@@ -707,13 +707,14 @@ def snapshot_from_stats(
             g = st.before + r.generated_tokens
             pr = remaining_tokens(st.predicted - g, st.dist, g)
         if pr is not None:
-            predicted += pr
             r = dataclasses.replace(r, predicted_remaining=pr)
         if r.in_prefill:
             pending += r.context_tokens
         else:
             decoding += 1
             decode_ctx += r.context_tokens
+            # Of the decode batch only, as the engine model sums it: routers divide it by ``num_decoding``.
+            predicted += pr or 0.0
         reqs.append(r)
     return InstanceSnapshot(
         instance_id=info.instance_id,

@@ -115,7 +115,7 @@ class Load:
     decode_batch: int  # requests currently decoding
     prefill_tokens_pending: int  # prompt tokens still to prefill (``InstanceSnapshot.prefill_tokens_pending``)
     decode_context_tokens: int  # sum of KV lengths of decoding requests
-    predicted_remaining_tokens: float  # sum of predicted remaining output tokens
+    predicted_remaining_tokens: float  # sum of the decoding requests' predicted remaining output tokens
 
     @staticmethod
     def of(snapshot: InstanceSnapshot) -> Load:
@@ -153,7 +153,7 @@ class InstanceSnapshot:
     # what it has computed -- the KV it has yet to allocate, the prefill work it has left.
     prefill_tokens_pending: int = 0
     decode_context_tokens: int = 0
-    predicted_remaining_tokens: float = 0.0
+    predicted_remaining_tokens: float = 0.0  # of the decoding requests (each clipped at 0)
     requests: tuple[RequestLoad, ...] = ()
     healthy: bool = True
     draining: bool = False
