@@ -14,10 +14,10 @@ import pytest
 from bench.loadgen import cluster_config
 from scheduler.control.instance import Instance
 from scheduler.control.registry import RequestRecord
-from scheduler.core.types import InstanceRole, InstanceSnapshot
+from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot
 from scheduler.engine.base import EngineRequest, SamplingParams
 from scheduler.engine.simulated_backend import SimulatedBackend
-from scheduler.policy.route import LeastOutstandingRouter
+from scheduler.policy.route import LeastOutstandingRouter, make_router
 from sim.cluster import build_instances
 from sim.simulator import Simulator, Workload
 from tests.test_ingress_audit import FakeInstance, _ingress
@@ -216,6 +216,50 @@ def test_the_simulated_backend_reports_a_step_s_outcome_when_its_tokens_come_out
     assert in_engine == 1 or token_out, (
         "the engine reported the request gone while its token was still to come"
     )
+
+
+# ---- 4: a burst routed between two refreshes of the live view --------------------------------------------------------
+@pytest.mark.parametrize("router", ["llumnix", "prefix_affinity"])
+def test_a_burst_spreads_live_as_in_the_simulator(router: str) -> None:
+    """Four 1000-token prompts at once on two idle MIXED instances. The simulator's view has each routed prompt in its
+    instance's queued prefill tokens at once (the ingress's own dispatch accounting); the live view added routed
+    requests to ``num_waiting`` only, which routers that price load in tokens do not read: all four went to one
+    instance until the next refresh."""
+    cfg = cluster_config("twoclocks", mixed=2, router=router)
+    n, prompt = 4, 1000
+    w = Workload(arrival_s=np.zeros(n), prompt_tokens=np.full(n, prompt), output_tokens=np.full(n, 20))
+    sim = Simulator(cfg)
+    res = sim.run(w)
+    simulated = [res.instance_ids[k] for k in res.instance]
+
+    async def live() -> list[str]:
+        ing = _ingress([FakeInstance("mixed-0"), FakeInstance("mixed-1")], router=make_router(router))
+        # The live view starts from the simulator's own idle snapshots (same KV capacity, block size).
+        ing._view = ClusterView(0.0, tuple(x.fresh_snapshot(0.0, detail=False) for x in build_instances(cfg)))
+        ids = tuple(range(1, prompt + 1))
+        recs = [RequestRecord(f"r{k}", ids, SamplingParams(max_tokens=20), 0, None) for k in range(n)]
+        return [ing._route(r).prefill_instance for r in recs]
+
+    assert sorted(set(simulated)) == ["mixed-0", "mixed-1"]
+    assert asyncio.run(live()) == simulated
+
+
+# ---- 5: a router object handed to the ingress -------------------------------------------------------------------------
+def test_a_router_given_to_the_ingress_is_bound_to_the_config_as_in_the_simulator() -> None:
+    """``Simulator(cfg, router=obj)`` initializes the router with the config; ``Ingress(cfg, router=obj)`` did only
+    for a router it built itself: a lookahead router handed in priced instances with the default latency model and
+    had none of the config's SLO classes."""
+    from scheduler.config.models import SLOSpec
+    from scheduler.control.ingress import Ingress
+
+    cfg = cluster_config("twoclocks", mixed=1).model_copy(
+        update={"slos": {0: SLOSpec(ttft_s=0.5, tpot_s=0.05)}}
+    )
+    simulated, live = make_router("lookahead"), make_router("lookahead")
+    Simulator(cfg, router=simulated)
+    Ingress(cfg, controller=None, router=live)
+    assert simulated.config is cfg and simulated.slo_by_priority
+    assert (live.config, live.slo_by_priority) == (simulated.config, simulated.slo_by_priority)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -223,8 +223,10 @@ class Ingress:
                 # compared the same two instances on every replica for the same arrival count).
                 params["seed"] = zlib.crc32(self.ingress_id.encode())
             router = make_router(spec.name, **params)
-            # A router named in the config gets the config too (latency models, SLO classes), as in the simulator:
-            # without it `lookahead_shed` had no SLOs and never refused.
+        # The router gets the config too (latency models, SLO classes), a given one as well, as in the simulator:
+        # without it `lookahead_shed` had no SLOs and never refused, and lookahead priced every instance with the
+        # default model's latencies instead of the cluster's GPUs.
+        if hasattr(router, "initialize"):
             router.initialize(config)
         self.router = router
         self.predictor = predictor or serving_predictor(config.policies.predictor)
