@@ -6,6 +6,7 @@ backend)."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -13,14 +14,14 @@ import pytest
 
 from bench.loadgen import cluster_config
 from scheduler.control.instance import Instance
-from scheduler.control.registry import RequestRecord
+from scheduler.control.registry import EntryTable, RequestRecord
 from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot
 from scheduler.engine.base import EngineRequest, SamplingParams
 from scheduler.engine.simulated_backend import SimulatedBackend
 from scheduler.policy.route import LeastOutstandingRouter, make_router
 from sim.cluster import build_instances
 from sim.simulator import Simulator, Workload
-from tests.test_ingress_audit import FakeInstance, _ingress
+from tests.test_ingress_audit import FakeInstance, _ingress, _Method
 
 
 class Recorder(LeastOutstandingRouter):
@@ -260,6 +261,46 @@ def test_a_router_given_to_the_ingress_is_bound_to_the_config_as_in_the_simulato
     Ingress(cfg, controller=None, router=live)
     assert simulated.config is cfg and simulated.slo_by_priority
     assert (live.config, live.slo_by_priority) == (simulated.config, simulated.slo_by_priority)
+
+
+# ---- 6: a decoder with a request on its way to it is not idle ---------------------------------------------------------
+def test_a_decoder_awaiting_a_handoff_is_not_idle_to_a_drain_live_as_in_the_simulator() -> None:
+    """While a P->D request prefills, its decoder holds nothing yet. The simulator keeps a draining decoder until
+    the KV has landed (``is_empty``); the Controller judges a drain by the snapshots and the ingresses' registry
+    reports, which named only the prefill instance: it could release (scale-down) or re-role the decoder under the
+    request."""
+    cfg = cluster_config("twoclocks", mixed=0, prefill=1, decode=1)
+    seen: list[bool] = []
+
+    class Looks(Recorder):
+        def route(self, request: Any, view: Any) -> Any:
+            seen.append(sim.is_empty(sim._index["decode-0"]))
+            return super().route(request, view)
+
+    w = Workload(
+        arrival_s=np.array([0.0, 0.001]), prompt_tokens=np.array([2000, 64]), output_tokens=np.array([8, 8])
+    )
+    sim = Simulator(cfg, router=Looks())
+    sim.run(w)
+    assert seen == [True, False]  # the second arrival comes while the first prefills: its decoder is not idle
+
+    async def live() -> list[Any]:
+        P, D = FakeInstance("prefill-0", InstanceRole.PREFILL), FakeInstance("decode-0", InstanceRole.DECODE)
+        table = EntryTable()
+
+        async def report(ingress_id: str, upserts: Any, removed: Any, full: bool = False) -> str:
+            table.apply(ingress_id, upserts, removed, full=full)
+            return "epoch"
+
+        ing = _ingress([P, D], router=Recorder(), controller=SimpleNamespace(report_requests=_Method(report)))
+        rec = RequestRecord("a", tuple(range(1, 2001)), SamplingParams(max_tokens=8), 0, None)
+        ing._route(rec)  # as generate() does: routed, registered, its prefill attempt on the prefill instance
+        ing.registry.add(rec)
+        rec.instances = ("prefill-0",)
+        await ing._report()
+        return table.on_instance("decode-0")
+
+    assert [e.request_id for e in asyncio.run(live())] == ["a"]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -414,6 +414,15 @@ class Ingress:
         upserts, removed = self.registry.take_delta(self.ingress_id, full=full)
         if not full and not upserts and not removed:
             return
+        # A P->D request on its way to its decoder names that one too, "(prefill, decode) during a handoff": its
+        # snapshots cannot show it until the KV lands, and a drain (scale-down, role switch) judged the decoder idle
+        # and released it under the request (a recovery then re-ran the prefill). The simulator waits for it
+        # (``Simulator.is_empty``). Every change of ``_expected`` comes with a registry touch (route, attempt, end).
+        upserts = [
+            dataclasses.replace(e, instances=e.instances + (d,))
+            if (d := self._expected.get(e.request_id)) is not None and d not in e.instances else e
+            for e in upserts
+        ]
         try:
             epoch = await asyncio.wait_for(
                 _await(self.controller.report_requests.remote(self.ingress_id, upserts, removed, full)), 2.0
