@@ -99,6 +99,8 @@ class RequestLoad:
 
     request_id: str
     context_tokens: int  # prompt + generated so far (KV length)
+    # Made on this engine: a request that came with outputs made elsewhere (a P->D decode leg, a migration, a
+    # recovery) has them in its prompt here.
     generated_tokens: int
     predicted_remaining: float | None = None
     priority: int = 0

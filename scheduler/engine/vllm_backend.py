@@ -564,7 +564,9 @@ class VLLMBackend:
             RequestLoad(
                 request_id=str(r["llmsched_id"]),
                 context_tokens=int(r["context_tokens"]),
-                generated_tokens=int(r["output_tokens"]) + self._active.get(str(r["llmsched_id"]), 0),
+                # Made on this engine, as the simulated backend and the engine model count (the outputs made
+                # elsewhere are part of its prompt here; snapshot_from_stats subtracts the stream's ``before``).
+                generated_tokens=int(r["output_tokens"]),
                 priority=self._priority.get(str(r["llmsched_id"]), 0),
                 in_prefill=bool(r["in_prefill"]),
             )
