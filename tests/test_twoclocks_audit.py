@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bench.loadgen import cluster_config
+from scheduler.control.api import GenerateRequest
 from scheduler.control.instance import Instance
 from scheduler.control.registry import EntryTable, RequestRecord
 from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot
@@ -21,7 +22,7 @@ from scheduler.engine.simulated_backend import SimulatedBackend
 from scheduler.policy.route import LeastOutstandingRouter, make_router
 from sim.cluster import build_instances
 from sim.simulator import Simulator, Workload
-from tests.test_ingress_audit import FakeInstance, _ingress, _Method
+from tests.test_ingress_audit import FakeInstance, _consume, _ingress, _Method
 
 
 class Recorder(LeastOutstandingRouter):
@@ -301,6 +302,44 @@ def test_a_decoder_awaiting_a_handoff_is_not_idle_to_a_drain_live_as_in_the_simu
         return table.on_instance("decode-0")
 
     assert [e.request_id for e in asyncio.run(live())] == ["a"]
+
+
+# ---- 7: a pair naming one instance twice -----------------------------------------------------------------------------
+class SameTwice(LeastOutstandingRouter):
+    """An out-of-tree style router that names its pick as both prefill and decode instance."""
+
+    name = "same_twice"
+
+    def route(self, request: Any, view: Any) -> Any:
+        from scheduler.policy.route import RouteDecision
+
+        d = super().route(request, view)
+        return RouteDecision(d.prefill_instance, d.prefill_instance)
+
+
+def test_a_pair_naming_one_instance_twice_runs_colocated_live_as_in_the_simulator() -> None:
+    """``RouteDecision(p, p)``: the simulator runs it on ``p`` start to end; the live ingress prefilled it there with
+    one token, exported the KV and submitted the decode leg to ``p`` again (counted on its way there meanwhile)."""
+    cfg = cluster_config("twoclocks", mixed=1)
+    w = Workload(arrival_s=np.array([0.0]), prompt_tokens=np.array([64]), output_tokens=np.array([8]))
+    res = Simulator(cfg, router=SameTwice()).run(w)
+    assert res.decode_instance[0] == -1 and res.kv_transfers == 0
+
+    async def live() -> tuple[int, list[str], list[Any]]:
+        M = FakeInstance("mixed-0")
+        ing = _ingress([M], router=SameTwice())
+        rec = RequestRecord("a", tuple(range(1, 65)), SamplingParams(max_tokens=8), 0, None)
+        ing._route(rec)
+        incoming = ing.view().by_id("mixed-0").num_incoming
+        req = GenerateRequest("b", prompt_token_ids=list(range(1, 65)), sampling=SamplingParams(max_tokens=8))
+        out: list[Any] = []
+        await _consume(ing, req, out)
+        return incoming, M.calls, out
+
+    incoming, calls, out = asyncio.run(live())
+    assert incoming == 0
+    assert calls.count("submit") == 1  # one engine request, start to end
+    assert [i for c in out for i in range(c.index, c.index + len(c.token_ids))] == list(range(8))
 
 
 if __name__ == "__main__":  # pragma: no cover

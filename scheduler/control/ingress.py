@@ -564,10 +564,10 @@ class Ingress:
         info, decision = self._decide(rec, exclude=exclude, accepted=accepted)
         self.router.on_routed(info, decision)
         # The decode instance of a P->D pair is counted while the request is on its way there (_expect_decode).
-        self._pending[decision.prefill_instance] = self._pending.get(decision.prefill_instance, 0) + 1
-        self._pending_prompt[decision.prefill_instance] = (
-            self._pending_prompt.get(decision.prefill_instance, 0) + info.prompt_tokens)
-        handoff = decision.decode_instance is not None and rec.remaining_tokens > 1  # as _run_attempts decides
+        p = decision.prefill_instance
+        self._pending[p] = self._pending.get(p, 0) + 1
+        self._pending_prompt[p] = self._pending_prompt.get(p, 0) + info.prompt_tokens
+        handoff = _hands_off(decision, rec)
         self._expect_decode(rec.request_id, decision.decode_instance if handoff else None)
         self.counters["routed"] += 1
         return decision
@@ -723,7 +723,7 @@ class Ingress:
         kv_ref: Any = None
         admitted = False
         while True:
-            handoff = target.decode_instance is not None and rec.remaining_tokens > 1
+            handoff = _hands_off(target, rec)
             iid = target.prefill_instance
             if not handoff and self._expected.get(rid) == iid:
                 self._expect_decode(rid, None, landed=True)  # its decode leg starts: the instance has it next
@@ -1201,6 +1201,13 @@ class Ingress:
 
 async def _await(ref: Any) -> Any:
     return await ref
+
+
+def _hands_off(decision: RouteDecision, rec: RequestRecord) -> bool:
+    """Whether ``rec`` prefills on ``decision``'s prefill instance and decodes on another: a decode instance other
+    than the prefill one (the same one twice is colocated, as the simulator reads it), and more than one token to
+    make (a one-token request ends with its prefill). ``Simulator._on_arrival`` decides alike."""
+    return decision.decode_instance not in (None, decision.prefill_instance) and rec.remaining_tokens > 1
 
 
 def _migration_config(config: ClusterConfig) -> MigrationConfig:
