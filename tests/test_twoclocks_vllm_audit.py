@@ -76,3 +76,39 @@ def _stats_of(load: RequestLoad) -> Any:
     from scheduler.engine.base import EngineStats
 
     return EngineStats(1, 0, 0, 1, 16, requests=(load,))
+
+
+def test_a_vllm_pool_gets_the_kv_capacity_and_token_budget_its_config_gives_the_simulator() -> None:
+    """``make_vllm_backend`` passed neither the pool's ``num_kv_blocks`` nor its ``max_num_batched_tokens``: every
+    live engine had the backend's fixed 256 MiB of KV (4096 blocks of 32 tokens for the cpu-pd example, whose
+    config -- and so the simulator -- gives it 256) and a step budget of the whole ``max_model_len``."""
+    from scheduler.config.load import load_config
+    from scheduler.control.instance import make_vllm_backend
+    from sim.cluster import build_instances
+
+    cfg = load_config("deploy/examples/cpu-pd.yaml")
+    pool = cfg.pools[1].model_copy(
+        update={"engine": cfg.pools[1].engine.model_copy(update={"max_num_batched_tokens": 512})}
+    )
+    cfg = cfg.model_copy(update={"pools": [cfg.pools[0], pool]})
+    simulated = next(x for x in build_instances(cfg) if x.pool is pool).engine
+    backend = make_vllm_backend(
+        model=cfg.model,
+        gpu=cfg.gpus[pool.gpu],
+        pool=pool,
+        role=pool.role,
+        cpu_threads_bind="nobind",
+        cpu_omp_threads=1,
+    )
+
+    async def capacity() -> tuple[int, int]:
+        await backend.start()
+        try:
+            s = await backend.stats()
+            return s.kv_blocks_total * s.block_size, backend._engine_args["max_num_batched_tokens"]
+        finally:
+            await backend.shutdown()
+
+    kv_tokens, budget = asyncio.run(capacity())
+    assert kv_tokens == simulated.total_blocks * simulated.block_size == 256 * 32
+    assert budget == simulated.spec.max_num_batched_tokens == 512

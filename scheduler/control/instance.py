@@ -76,14 +76,24 @@ def make_vllm_backend(
     from scheduler.engine.vllm_backend import VLLMBackend
 
     e = pool.engine
+    block = max(32, -(-e.block_size // 32) * 32)  # vLLM-CPU needs a multiple of 32
     kw: dict[str, Any] = {
-        "block_size": max(32, -(-e.block_size // 32) * 32),  # vLLM-CPU needs a multiple of 32
+        "block_size": block,
         "max_model_len": model.max_model_len,
         "max_num_seqs": e.max_num_seqs,
+        # The config's per-step token budget, as the simulator's engine model chunks prefills by (the backend's
+        # default was the whole max_model_len).
+        "max_num_batched_tokens": e.max_num_batched_tokens,
         "kv_role": "kv_producer" if role is InstanceRole.PREFILL else "kv_both",
         # The config decides, as in the simulator (vLLM's own default is on; live migration's fast path needs it).
         "enable_prefix_caching": e.enable_prefix_caching,
     }
+    if e.num_kv_blocks is not None:
+        # The config's KV capacity, as the engine model has it: its tokens (in the config's block size), plus the
+        # block vLLM keeps as its null block, per GPU. It was the backend's fixed 256 MiB: 16x the cpu-pd example's
+        # 256 blocks, so live KV usage read a sixteenth of the simulator's and never bound where it did.
+        tokens = e.num_kv_blocks * e.block_size + block
+        kw["kv_cache_bytes"] = -(-tokens * model.kv_bytes_per_token // pool.tp)
     if pool.tp > 1:
         kw["engine_kwargs"] = {"tensor_parallel_size": pool.tp, "distributed_executor_backend": "ray"}
     else:
