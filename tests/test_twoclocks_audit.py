@@ -342,5 +342,30 @@ def test_a_pair_naming_one_instance_twice_runs_colocated_live_as_in_the_simulato
     assert [i for c in out for i in range(c.index, c.index + len(c.token_ids))] == list(range(8))
 
 
+# ---- 8: simulated engines of a profiled config ---------------------------------------------------------------------
+def test_simulated_engines_of_a_profiled_config_take_the_simulator_s_step_times(tmp_path: Any) -> None:
+    """A config naming a ``latency_profile``: the simulator (and since an earlier audit the routers' and scalers' cost
+    models) time its engines by the profile; the control plane's simulated engines -- the live reference for
+    simulator-vs-live checks -- slept the roofline's step times (a 64-token prefill 6.3 ms against 4.3 ms)."""
+    from scheduler.control.controller import instance_backend_kwargs
+    from scheduler.control.instance import make_backend
+    from scheduler.latency.model import prefill_pairs
+    from tests.test_latency_audit import _cpu_config
+
+    cfg = _cpu_config(tmp_path)
+    pool = cfg.pools[0]
+    kw = instance_backend_kwargs(
+        cfg, {"simulated": {"time_scale": 0.5}}
+    )  # what the Controller gives each instance
+    assert kw["simulated"]["time_scale"] == 0.5
+    live = make_backend(
+        "simulated", model=cfg.model, gpu=cfg.gpus[pool.gpu], pool=pool, role=pool.role, **kw["simulated"]
+    )
+    simulated = build_instances(cfg)[0]
+    for n in (64, 512, 1024):
+        step = {"prefill_tokens": n, "prefill_pairs": prefill_pairs(n, 0), "prefill_seqs": 1}
+        assert live.engine.latency.step_time(**step) == simulated.latency.step_time(**step)  # type: ignore[attr-defined]
+
+
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(pytest.main([__file__, "-q"]))

@@ -123,7 +123,7 @@ class Controller:
         self.config = config
         self.cluster = cluster
         self.namespace = namespace
-        self._backend_kwargs = backend_kwargs or {}
+        self._backend_kwargs = instance_backend_kwargs(config, backend_kwargs)
         self._refresh_s = refresh_s
         self._detached = detached_instances
         self._use_gpus = cluster_has_gpus()
@@ -924,6 +924,18 @@ class Controller:
 
         for name in self._KV_NAMES:
             internal_kv._internal_kv_del(self._kv_key(name), namespace=self.namespace)
+
+
+def instance_backend_kwargs(
+    config: ClusterConfig, given: dict[str, dict[str, Any]] | None
+) -> dict[str, dict[str, Any]]:
+    """The backend kwargs every instance of a kind gets: ``given``, and for simulated engines the config's
+    ``latency_profile`` (unless given): a profiled config's simulated engines ran at the roofline's step times
+    while the simulator -- and the routers' cost models -- timed them by the profile."""
+    out = {kind: dict(kw) for kind, kw in (given or {}).items()}
+    if config.latency_profile:
+        out.setdefault("simulated", {}).setdefault("latency_profile", config.latency_profile)
+    return out
 
 
 async def _await(ref: Any) -> Any:

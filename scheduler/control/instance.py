@@ -53,10 +53,18 @@ BACKENDS: dict[str, str] = {
 
 
 def make_simulated_backend(
-    *, model: ModelSpec, gpu: GPUSpec, pool: PoolSpec, role: InstanceRole, **kwargs: Any
+    *, model: ModelSpec, gpu: GPUSpec, pool: PoolSpec, role: InstanceRole, latency_profile: str | None = None,
+    **kwargs: Any,
 ) -> EngineBackend:
+    """The engine model in real time for ``pool``. ``latency_profile``: the cluster config's (``llmsched profile``),
+    which the Controller hands to every simulated pool: the steps then take what the simulator times them at
+    (``scheduler.latency.latency_factory``), not the roofline's."""
     from scheduler.engine.simulated_backend import SimulatedBackend
 
+    if latency_profile and "latency" not in kwargs:
+        from scheduler.profile import latency_from_profile
+
+        kwargs["latency"] = latency_from_profile(latency_profile, model, gpu, pool.tp)
     return SimulatedBackend(model, gpu, tp=pool.tp, engine=pool.engine, role=role, **kwargs)
 
 
