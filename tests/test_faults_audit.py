@@ -436,6 +436,7 @@ def test_an_idle_vllm_engine_that_died_does_not_report_its_cached_idle_stats() -
                 "kv_blocks_total": 64,
                 "block_size": 32,
                 "requests": [],
+                "prefill_tokens_pending": 0,
                 "prefill_compute_tokens": None,
             }
 
