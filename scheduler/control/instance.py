@@ -724,6 +724,11 @@ def snapshot_from_stats(
         if st is not None and st.predicted is not None:
             g = st.before + r.generated_tokens
             pr = remaining_tokens(st.predicted - g, st.dist, g)
+            if not r.in_prefill and st.dist is not None and st.predicted - g <= 0.0:
+                # Renewed once, then spent token by token until it runs out again, as the engine model keeps it
+                # (``EngineModel._renewed_due``): read afresh at every snapshot, live and simulated parted after the
+                # first renewal (E[L-g | L>g] at each g against the renewal's countdown).
+                st.predicted = g + pr
         if pr is not None:
             r = dataclasses.replace(r, predicted_remaining=pr)
         if r.in_prefill:
