@@ -489,8 +489,11 @@ class Simulator:
         # live ingress does); it used to run colocated there, the decoder ignored (a third of learned's placements
         # on the Mooncake tier as P/D, twenty-sixth session). Not a one-token request: it ends with its prefill,
         # and the live ingress neither hands it off nor counts it on its way to the decoder (``Ingress._route``).
-        pair = (decision.decode_instance is not None and decision.decode_instance != decision.prefill_instance
-                and output > 1)
+        # One instance named twice is colocated on a MIXED one; on a PREFILL one it is the pairing routers' Splitwise
+        # borrow ("a PREFILL instance decodes", ``PairingRouter.pair``): its KV comes back to it (read as colocated,
+        # the engine's forced handoff re-routed it and refused it when the second pick was a PREFILL instance too).
+        pair = (decision.decode_instance is not None and output > 1
+                and (decision.decode_instance != decision.prefill_instance or inst.role is InstanceRole.PREFILL))
         if pair:
             self.dec_of[i] = self._index[decision.decode_instance].index
         pred = req.predicted_output_tokens
