@@ -274,6 +274,24 @@ def test_live_workload_window_reads_prefix_hits_from_the_snapshots() -> None:
     assert win.summary(40.0).mean_cached_prompt_tokens == 0  # out of the window
 
 
+def test_live_workload_window_counts_the_outputs_made_before_a_move() -> None:
+    """``generated_tokens`` counts what the listing engine made (the two-clocks audit; vLLM too since then): a
+    migrated request's output read as what it made after the move (10 of 60 here), a P->D request's lacked its
+    prefill's token. The window counts the KV grown past the prompt it first saw."""
+    from scheduler.control.controller import _WorkloadWindow
+    from scheduler.core.types import RequestLoad
+
+    def snap(iid: str, *loads: RequestLoad) -> InstanceSnapshot:
+        return InstanceSnapshot(iid, InstanceRole.MIXED, requests=loads)
+
+    win = _WorkloadWindow(30.0)
+    win.observe(1.0, [snap("a", RequestLoad("mig", 150, 50), RequestLoad("pd", 100, 0, in_prefill=True))], {})
+    win.observe(2.0, [snap("b", RequestLoad("mig", 160, 10)), snap("d", RequestLoad("pd", 121, 20))], {})
+    win.observe(3.0, [snap("a"), snap("b"), snap("d")], {})
+    s = win.summary(3.0)
+    assert s.mean_prompt_tokens == 100 and s.mean_output_tokens == pytest.approx((60 + 21) / 2)
+
+
 def test_instance_snapshots_carry_the_engines_prefix_hit_counter() -> None:
     """Live instances report it: the simulated backend's engine counter (and vLLM's connector's
     ``prompt_tokens_cached``) through ``EngineStats`` into the snapshot the Controller's window reads."""

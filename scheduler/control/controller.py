@@ -967,6 +967,7 @@ class _WorkloadWindow:
         self.window_s = window_s
         self.started_s: float | None = None
         self._live: dict[str, int] = {}  # request id -> generated tokens last seen
+        self._prompt: dict[str, int] = {}  # request id -> its prompt tokens as first seen
         self._ended: dict[str, float] = {}  # recently ended ids (a P->D handoff gap is not a new arrival)
         self._arrivals: deque[tuple[float, int | None]] = deque()
         self._outputs: deque[tuple[float, int]] = deque()
@@ -977,12 +978,20 @@ class _WorkloadWindow:
             self.started_s = now
         snapshots = list(snapshots)
         self._hits.observe(now, snapshots)
-        current: dict[str, tuple[int | None, int]] = {}
+        loads: dict[str, list[Any]] = {}
         for s in snapshots:
             for r in s.requests:
-                prompt = max(r.context_tokens - r.generated_tokens, 0)
-                _, gen = current.get(r.request_id, (None, 0))
-                current[r.request_id] = (prompt, max(gen, r.generated_tokens))
+                loads.setdefault(r.request_id, []).append(r)
+        current: dict[str, tuple[int | None, int]] = {}
+        for rid, rs in loads.items():
+            # The prompt as first seen, and the outputs as the KV grown past it: ``generated_tokens`` counts those
+            # made on the engine listing it, and a decode leg, a migrated or a recovered request has the ones made
+            # elsewhere in its prompt there (read alone, a migrated request's output was what it made after the move).
+            prompt = self._prompt.get(rid)
+            if prompt is None:
+                prompt = min(max(r.context_tokens - r.generated_tokens, 0) for r in rs)
+            made = max(max(r.context_tokens - prompt, r.generated_tokens) for r in rs)
+            current[rid] = (prompt, max(made, self._live.get(rid, 0)))
         for rid in list(registry):
             current.setdefault(rid, (None, self._live.get(rid, 0)))
         for rid, (prompt, _) in current.items():
@@ -992,6 +1001,7 @@ class _WorkloadWindow:
             self._ended[rid] = now
             self._outputs.append((now, self._live[rid]))
         self._live = {rid: gen for rid, (_, gen) in current.items()}
+        self._prompt = {rid: p for rid, (p, _) in current.items() if p is not None}
         cut = now - self.window_s
         while self._arrivals and self._arrivals[0][0] < cut:
             self._arrivals.popleft()
