@@ -136,7 +136,7 @@ def test_sla_scaler_splits_a_roles_rate_over_pools_of_two_gpu_types(by_name: boo
     w1 = WorkloadSummary(1.0, 1000, 250)
     for rate in (20.0, 60.0):
         pol = SLAScaler(config=cfg, headroom=1.0, startup_delay_s=0, cooldown_s=0, down_sustain_s=0, **kw)
-        cap = {g: pol.capacity(pol._lat_of_gpu[(g, 1)], "mixed", w1, pol._eng_of_gpu[(g, 1)]) for g in ("h100", "a100")}
+        cap = {g: pol.capacity(pol._lat_of_gpu[(g, 1)], "mixed", w1, pol._eng_of_gpu[("mixed", g, 1)]) for g in ("h100", "a100")}
         size = {g: sum(i.gpu == g for i in v.instances) for g in cap}
         for d in pol.decide(v, 0.0, WorkloadSummary(rate, 1000, 250)):
             if by_name:

@@ -51,6 +51,21 @@ def test_sla_scaler_from_config_sizes_each_pool_with_its_engines_limits(engine: 
     assert loose.targets({"decode"}, w)["decode"] <= need["decode"]  # type: ignore[operator]
 
 
+def test_sla_scaler_sizes_an_instance_with_its_own_pools_engine_not_another_on_the_same_gpu() -> None:
+    """A serving instance's capacity was read with the engine of the first pool on its (GPU, TP): a decode instance
+    next to a prefill pool of 400 KV blocks on the same A100 was sized with those 400 blocks (about 1 req/s
+    instead of its own engine's), so ``decide`` asked for more decoders than ``targets`` says the load needs."""
+    cfg = ClusterConfig(gpus={"a100": A100}, model=MODEL,
+                        pools=[{"name": "p", "role": "prefill", "gpu": "a100", "engine": {"num_kv_blocks": 400}},
+                               {"name": "d", "role": "decode", "gpu": "a100", "engine": {}}])
+    w = WorkloadSummary(100.0, 1000, 250)
+    need = SLAScaler(config=cfg, headroom=1.0, max_instances=1000).targets({"prefill", "decode"}, w)
+    v = ClusterView(0.0, (InstanceSnapshot("p-0", InstanceRole.PREFILL, gpu="a100", tp=1),
+                          *(InstanceSnapshot(f"d-{k}", InstanceRole.DECODE, gpu="a100", tp=1) for k in range(8))))
+    got = {d.pool: d.target for d in SLAScaler(config=cfg, headroom=1.0, max_instances=1000).decide(v, 0.0, w)}
+    assert got == {k: n for k, n in need.items() if n is not None and n > (1 if k == "prefill" else 8)}
+
+
 def test_live_scale_down_calls_off_instances_still_being_placed_before_draining_serving_ones() -> None:
     """Two MIXED instances serve, two more are being placed (an operator's scale, or a start slower than the
     policy's ``startup_delay_s``). A scale-down to 1 drained both serving instances -- the Controller counted the

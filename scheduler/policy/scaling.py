@@ -327,7 +327,9 @@ class SLAScaler(ScalingPolicy):
         self._role: dict[str, str] = {}  # pool name -> role value, when pools are keyed by name (live Controller)
         self._lat_of_gpu: dict[tuple[str, int], LatencyModel] = {}  # an instance's own model, by (gpu, tp)
         self._eng: dict[str, EngineSpec] = {}  # pool (name or role) -> its engine settings, from config
-        self._eng_of_gpu: dict[tuple[str, int], EngineSpec] = {}
+        # (pool key, gpu, tp) -> the engine of that pool's instances there: two pools on one GPU type may run
+        # different engines (a prefill pool's small KV is not its decoders')
+        self._eng_of_gpu: dict[tuple[str, str, int], EngineSpec] = {}
         if isinstance(latency, Mapping):
             self._lat.update(latency)
         if config is not None:
@@ -340,7 +342,7 @@ class SLAScaler(ScalingPolicy):
                 self._lat_of_gpu.setdefault((pool.gpu, pool.tp), lat)
                 for key in (pool.role.value, pool.name):
                     self._eng.setdefault(key, pool.engine)
-                self._eng_of_gpu.setdefault((pool.gpu, pool.tp), pool.engine)
+                    self._eng_of_gpu.setdefault((key, pool.gpu, pool.tp), pool.engine)
             slo = slo or config.slo_for(0)
         if self._single is None and not self._lat:
             raise ValueError("SLAScaler needs a latency model: pass latency= or config=")
@@ -411,7 +413,8 @@ class SLAScaler(ScalingPolicy):
         for k, insts in pools.items():
             role = self._role.get(k, k)
             caps[k] = [new_cap[k] if (i.gpu, i.tp) not in self._lat_of_gpu
-                       else self.capacity(self._lat_of_gpu[(i.gpu, i.tp)], role, w, self._eng_of_gpu[(i.gpu, i.tp)])
+                       else self.capacity(self._lat_of_gpu[(i.gpu, i.tp)], role, w,
+                                          self._eng_of_gpu.get((k, i.gpu, i.tp), self.engine_of(k)))
                        for i in insts]
         have = {k: sum(caps[k]) + self.starting(k, now_s) * new_cap[k] for k in pools}
         by_role: dict[str, list[str]] = {}
