@@ -537,7 +537,7 @@ class Simulator:
         and it waits in the engine now, still counted as waiting)."""
         inst.incoming = max(inst.incoming + delta, 0)
         if delta < 0 and not landed and inst.draining and not inst.busy:
-            self._idle(inst, now)  # no longer waited for (one token only, or refused): it may have run dry
+            self._idle(inst, now)  # no longer waited for (refused there): it may have run dry
         if inst.in_step is not None and inst.snapshot is not None:  # mid-step: adjust the pre-step snapshot
             if not landed:
                 inst.snapshot = dataclasses.replace(inst.snapshot, time_s=now,

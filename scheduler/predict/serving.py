@@ -64,10 +64,6 @@ class ServingPredictor:
         dists = [self.predict_dist(None, int(n)) for n in lengths]
         return [dists[k] for k in inverse.reshape(-1).tolist()]
 
-    def predict_lengths(self, prompt_tokens: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The guesses (medians) of ``predict_dists``."""
-        return np.array([d.point for d in self.predict_dists(prompt_tokens)], dtype=np.float64)
-
 
 def check_spec(name: str, params: dict[str, Any]) -> PredictorKind:
     """The predictor kind ``name`` names, with ``params`` checked (config validation: no artifact is loaded)."""
