@@ -37,7 +37,9 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=positive_float, help="synthetic arrival rate, req/s (default: 1.5 per instance)")
     p.add_argument("--cv", type=positive_float, default=1.0,
                    help="synthetic inter-arrival CV (1 = Poisson, >1 bursty)")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0,
+                   help="synthetic arrivals, trace resampling and tie spreading, and the simulator's host-noise draws "
+                        "(a measured profile's spread)")
     p.add_argument("--spread-ties", action="store_true",
                    help="spread requests logged at one timestamp (a coarse trace clock, e.g. Mooncake's 3 s ticks) "
                         "evenly at random up to the next timestamp, instead of replaying them as one burst")
@@ -227,7 +229,7 @@ def simulate_main(argv: list[str] | None = None) -> int:
         # Builds the instances: a pool without KV memory, a cluster that cannot prefill or decode fail here.
         sim = Simulator(cfg, router=router, closed_form=not args.naive, progress=not args.quiet and len(w) > 50_000,
                         scaling=scaling, scaling_interval_s=args.scaling_interval,
-                        scaling_startup_s=args.startup_delay)
+                        scaling_startup_s=args.startup_delay, seed=args.seed)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -364,3 +364,21 @@ def test_config_that_is_a_directory_says_so(tmp_path: Path) -> None:
     """``--config some/folder`` said "no such config file" of a path that exists."""
     with pytest.raises(ConfigError, match="a directory, not a config file"):
         load_config(tmp_path)
+
+
+def test_simulate_seed_reaches_the_simulators_host_noise(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """``llmsched simulate --seed`` seeded the arrivals but not the simulator's host-noise draws (a profiled
+    config's spread), so two seeds of one replay drew the same noise."""
+    from sim import commands
+
+    seen: list[int] = []
+    real = commands.Simulator
+
+    class Spy(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *a, **kw):  # type: ignore[no-untyped-def]
+            seen.append(kw.get("seed", 0))
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(commands, "Simulator", Spy)
+    rc, _ = run(["simulate", "--quiet", "--synthetic", "20", "--instances", "2", "--seed", "7"], capsys)
+    assert rc == 0 and seen == [7]
