@@ -172,7 +172,7 @@ def test_fit_trace_refits_the_trace_predictor_on_a_request_log(tmp_path, capsys)
     assert r["tenants"] == {"chat": 2867} and r["held_out"]["n"] == 574
     assert r["held_out"]["kendall_tau"] > 0.4  # Azure chat: input length is informative (measured 0.57)
     sp = serving_predictor(PolicySpec(name="trace", params={"artifacts": str(out), "tenant": "chat"}))
-    assert sp is not None and sp.predict(None, 1000) != pytest.approx(sp.predict(None, 50))
+    assert sp is not None and sp.predict_dist(None, 1000).point != pytest.approx(sp.predict_dist(None, 50).point)
     for argv, flag in ((["--trace", str(tmp_path / "nope.csv"), "--out", str(out)], "nope.csv"),
                        (["--trace", str(log), "--out", str(out), "--holdout", "1"], "--holdout")):
         capsys.readouterr()
@@ -198,4 +198,4 @@ def test_fit_trace_fits_a_tenant_too_small_to_score(tmp_path) -> None:
     assert r["not_scored"] == ["GPT-4/Conversation log"] and r["held_out"]["n"] == 2
     sp = serving_predictor(PolicySpec(name="trace", params={"artifacts": str(tmp_path / "p"),
                                                             "tenant": "ChatGPT/Conversation log"}))
-    assert sp is not None and sp.predict(None, 2000) < sp.predict(None, 100)  # long prompts, short answers here
+    assert sp is not None and sp.predict_dist(None, 2000).point < sp.predict_dist(None, 100).point  # long prompts, short answers here

@@ -723,8 +723,9 @@ def snapshot_from_stats(
         pr = r.predicted_remaining
         if st is not None and st.predicted is not None:
             g = st.before + r.generated_tokens
-            pr = remaining_tokens(st.predicted - g, st.dist, g)
-            if not r.in_prefill and st.dist is not None and st.predicted - g <= 0.0:
+            left = st.predicted - g
+            pr = remaining_tokens(left, st.dist, g)
+            if left <= 0.0 and st.dist is not None and not r.in_prefill:
                 # Renewed once, then spent token by token until it runs out again, as the engine model keeps it
                 # (``EngineModel._renewed_due``): read afresh at every snapshot, live and simulated parted after the
                 # first renewal (E[L-g | L>g] at each g against the renewal's countdown).

@@ -43,10 +43,6 @@ class ServingPredictor:
     tenant: str | None = None
     slow: bool = False
 
-    def predict(self, prompt: str | None, prompt_tokens: int) -> float:
-        """Predicted output tokens of one request (``prompt=None``: its length only): ``predict_dist``'s median."""
-        return float(self.predict_dist(prompt, prompt_tokens).point)
-
     def predict_dist(self, prompt: str | None, prompt_tokens: int) -> LengthPrediction:
         """The predicted output-length distribution of one request (``prompt=None``: its length only).
 
