@@ -13,21 +13,13 @@ import yaml
 
 from scheduler.cli import main as cli_main
 from scheduler.config.load import ConfigError, load_config, parse_config
+from tests.test_cli_bad_input import run  # (exit code, stderr) of `llmsched ARGV` in-process
 
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = yaml.safe_load((ROOT / "scheduler/config/examples/default.yaml").read_text())
 POOL = RAW["pools"][0]
-
-
-def run(argv: list[str], capsys) -> tuple[int, str]:
-    """(exit code, stderr) of ``llmsched ARGV`` in-process; argparse's ``SystemExit`` is an exit code too."""
-    try:
-        rc = cli_main(argv)
-    except SystemExit as e:
-        rc = e.code
-    return rc, capsys.readouterr().err
 
 
 def config_error(data: dict) -> str:

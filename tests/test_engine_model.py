@@ -218,6 +218,13 @@ def test_kv_never_over_allocated(seed: int, blocks: int, steps: int) -> None:
         assert produced == tokens_out
 
 
+def assert_predicted_sum_is_per_request(eng: EngineModel) -> None:
+    """The O(1) ``predicted_remaining_tokens`` equals the sum a detailed snapshot lists over the decode batch."""
+    snap = eng.snapshot("x", 0.0, detail=True)
+    per = sum(r.predicted_remaining for r in snap.requests if not r.in_prefill and r.predicted_remaining)
+    assert snap.predicted_remaining_tokens == pytest.approx(per, abs=1e-6)
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), blocks=st.integers(30, 200))
 def test_snapshot_predicted_remaining_is_predicted_minus_generated(seed: int, blocks: int) -> None:
@@ -231,23 +238,18 @@ def test_snapshot_predicted_remaining_is_predicted_minus_generated(seed: int, bl
         if -(-(p + o) // 16) <= blocks:
             eng.add_request(str(i), p, o, predicted_remaining=float(o) if i % 3 else None)
 
-    def check() -> None:
-        snap = eng.snapshot("x", 0.0, detail=True)
-        per = sum(r.predicted_remaining for r in snap.requests if not r.in_prefill and r.predicted_remaining)
-        assert snap.predicted_remaining_tokens == pytest.approx(per, abs=1e-6)
-
     for k in range(400):
         if not eng.has_work:
             break
         span = eng.plan_span()
         eng.advance(span, span.steps) if span is not None else eng.step()
-        check()
+        assert_predicted_sum_is_per_request(eng)
         if k == 5 and eng.decoding:  # a migration: detach, re-add elsewhere (here: back) with what is left
             seq = eng.detach(next(iter(eng.decoding)))
             assert seq is not None
             eng.add_request(seq.rid, seq.num_tokens, seq.max_new, cached_tokens=seq.num_tokens - 1,
                             predicted_remaining=seq.predicted_remaining)
-            check()
+            assert_predicted_sum_is_per_request(eng)
 
 
 def test_decode_span_time_is_arithmetic_series() -> None:

@@ -22,7 +22,7 @@ from scheduler.engine.base import EngineStats
 from scheduler.engine_model import EngineModel
 from scheduler.latency import roofline_model
 from scheduler.predict.base import BUCKET_EDGES, LengthPrediction, remaining_tokens
-from tests.test_engine_model import GPU, MODEL
+from tests.test_engine_model import GPU, MODEL, assert_predicted_sum_is_per_request
 
 # Mass on 128-256 and 512-1024 tokens: the median sits in the first, so a 700-token response outlives its guess.
 DIST = LengthPrediction.from_probs([0, 0, 0, 0, 0.6, 0, 0.4, 0, 0])
@@ -99,16 +99,11 @@ def test_renewed_aggregate_equals_the_per_request_sum(seed: int, blocks: int) ->
             guess = float(rng.integers(1, 60))
             eng.add_request(str(i), p, o, predicted_remaining=guess, length_dist=DIST if i % 2 else None)
 
-    def check() -> None:
-        snap = eng.snapshot("x", 0.0, detail=True)
-        per = sum(r.predicted_remaining for r in snap.requests if not r.in_prefill and r.predicted_remaining)
-        assert snap.predicted_remaining_tokens == pytest.approx(per, abs=1e-6)
-
     for k in range(600):
         if not eng.has_work:
             break
         _run(eng, 1)
-        check()
+        assert_predicted_sum_is_per_request(eng)
         if k == 40 and eng.decoding:
             seq = eng.detach(next(iter(eng.decoding)))
             assert seq is not None
@@ -123,7 +118,7 @@ def test_renewed_aggregate_equals_the_per_request_sum(seed: int, blocks: int) ->
                 generated_before=before,
             )
             assert eng.get(seq.rid).dist_base == before
-            check()
+            assert_predicted_sum_is_per_request(eng)
 
 
 def test_live_and_simulated_snapshots_renew_alike() -> None:
