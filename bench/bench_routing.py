@@ -94,8 +94,8 @@ def study_ir() -> dict:
 
     Lengths: routers see ``predicted_output_tokens`` = the true lengths here (the paper's setting assumes a
     length predictor; this study is labelled oracle-length). ``lookahead`` is also run with no prediction, with
-    the shipped trace predictor (fitted on public traces) and with the trace predictor fitted on another hour of
-    the same mix (``ir_workload(seed=100)``, what ``llmsched predict fit-trace`` does on a deployment's log).
+    the shipped trace predictor (fitted on public traces; alone, and learning online from the requests finished
+    so far) and with the trace predictor fitted on another hour of the same mix (``ir_workload(seed=100)``, what ``llmsched predict fit-trace`` does on a deployment's log).
     lookahead runs with the mean-E2E objective weight ``IR_LOOKAHEAD``; one row shows its default SLO weights.
     """
     import tempfile
@@ -129,6 +129,8 @@ def study_ir() -> dict:
     with tempfile.TemporaryDirectory() as d:
         fitted = fit_history_predictor(ir_workload(seed=100), Path(d), "ir")
         configs = {"lookahead_shipped_trace_predictor": with_predictor(cfg, "trace"),
+                   # the shipped predictor learning from the requests finished so far (``params.online``)
+                   "lookahead_shipped_trace_predictor_online": with_predictor(cfg, "trace", online=True),
                    "lookahead_fitted_trace_predictor": with_predictor(cfg, "trace", artifacts=str(fitted),
                                                                       tenant="ir")}
         for label, make, wl in runs + [(k, study("lookahead"), no_pred) for k in configs]:
@@ -138,7 +140,8 @@ def study_ir() -> dict:
 
 
 def study_predictor() -> dict:
-    """Lookahead router fed oracle lengths vs the shipped trace predictor vs no prediction (Azure trace)."""
+    """Lookahead router fed oracle lengths vs the shipped trace predictor (alone and learning online) vs no
+    prediction (Azure trace)."""
     trace = azure_conv_trace()
     cfg = load_config("llama2-7b-a100-16")
     w = Workload.from_trace(trace)
@@ -146,6 +149,7 @@ def study_predictor() -> dict:
     out = {"trace": trace.name, "config": "llama2-7b-a100-16", "load": 0.8}
     for label, po, c in (("oracle", w.output_tokens.astype(float), cfg),
                          ("trace_predictor", None, with_predictor(cfg, "trace")),  # policies.predictor
+                         ("trace_predictor_online", None, with_predictor(cfg, "trace", online=True)),
                          ("none", None, cfg)):
         wl = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, predicted_output=po, name=w.name)
         s = run(c, wl, "lookahead")

@@ -240,10 +240,17 @@ class Simulator:
     def run(self, workload: Workload) -> SimResult:
         wall0 = _time.perf_counter()
         n = len(workload)
+        # An online predictor learns from the requests finished so far (as the live ingress does): it predicts each
+        # request as it arrives (``_on_arrival``), not the whole trace up front.
+        self._predict_live = False
         if self.predictor is not None and workload.predicted_output is None and n:
-            dists = self.predictor.predict_dists(workload.prompt_tokens)
-            workload = dataclasses.replace(workload, predicted_dist=dists,
-                                           predicted_output=np.array([d.point for d in dists], dtype=np.float64))
+            if self.predictor.online is None:
+                dists = self.predictor.predict_dists(workload.prompt_tokens)
+                points = np.array([d.point for d in dists], dtype=np.float64)
+            else:
+                dists, points, self._predict_live = [None] * n, np.full(n, np.nan), True
+                self.predictor = dataclasses.replace(self.predictor, online=self.predictor.online.fresh())
+            workload = dataclasses.replace(workload, predicted_dist=dists, predicted_output=points)
         self.w = workload
         self.first = np.full(n, np.nan)
         self.finish = np.full(n, np.nan)
@@ -477,6 +484,9 @@ class Simulator:
         )
 
     def _on_arrival(self, i: int, now: float, prompt: int, output: int) -> None:
+        if self._predict_live:
+            dist = self.w.predicted_dist[i] = self.predictor.predict_dist(None, prompt)
+            self.w.predicted_output[i] = dist.point
         req = self._request_info(i, now, prompt, output)
         decision = self.router.route(req, self._view_at(now))
         if isinstance(decision, Rejected):
@@ -515,6 +525,11 @@ class Simulator:
         self._refresh_one(inst, now)
         if self.dec_of[i] >= 0 and handoff:  # a handoff will follow its prefill
             self._expect_kv(self.instances[self.dec_of[i]], +1, now)
+
+    def _learn_length(self, i: int) -> None:
+        """A finished request's lengths reach an online predictor, as the live ingress tells it of each."""
+        if self._predict_live:
+            self.predictor.observe(int(self.w.prompt_tokens[i]), int(self.w.output_tokens[i]))
 
     def _dist(self, i: int) -> LengthPrediction | None:
         return self.w.predicted_dist[i] if self.w.predicted_dist is not None else None
@@ -713,6 +728,7 @@ class Simulator:
         for seq in res.finished:
             i = seq.tag
             self.finish[i] = t + lat(i)
+            self._learn_length(i)
             # The instance it ends on (its decoder, after a handoff or a migration), as the live ingress names it.
             d = self.dec_of[i]
             self.router.on_finished(str(i), self._ids[d if d >= 0 else self.inst_of[i]])
@@ -732,6 +748,7 @@ class Simulator:
         d = self.dec_of[i]
         if output <= 1:  # its one token was its last (never paired: ``_on_arrival``)
             self.finish[i] = self.first[i]
+            self._learn_length(i)
             self.router.on_finished(str(i), self._ids[self.inst_of[i]])
             return
         if d < 0:  # routed to a PREFILL instance without a decode partner: decode where the router says now

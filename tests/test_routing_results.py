@@ -86,6 +86,26 @@ def test_a_predictor_fitted_on_the_deployments_history_meets_the_intelligent_rou
     assert np.nanmean(m.e2e_s) <= 0.85 * rr
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_shipped_predictor_learning_online_meets_the_intelligent_router_target(seed: int) -> None:
+    """No refit: the shipped trace predictor (~130-token guesses for both classes here) with ``params.online``
+    learns the mix from the requests finished so far, and lookahead with it is >= 15% better than round-robin
+    (measured 19.3% on seed 0; the shipped predictor alone 14.9%)."""
+    from bench_routing import ir_router, ir_workload
+
+    cfg = load_config("default")
+    w = ir_workload(seed=seed)
+    no_pred = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, name=w.name)
+    online = with_predictor(cfg, "trace", online=True)
+    rr = np.nanmean(_run(cfg, no_pred, "round_robin")[1].e2e_s)
+    res = Simulator(online, router=ir_router("lookahead", online)).run(no_pred)
+    heavy = w.prompt_tokens >= 1500
+    late = np.arange(len(w)) >= len(w) // 10  # past the first tenth: history has taken over from the prior
+    guess = res.workload.predicted_output
+    assert np.median(guess[heavy & late]) < 60 and np.median(guess[~heavy & late]) > 300
+    assert np.nanmean(request_metrics(res).e2e_s) <= 0.85 * rr
+
+
 def test_prefix_affinity_reuses_the_mooncake_cache_more_than_round_robin() -> None:
     cfg = with_instances(load_config("llama3-8b-a100-16-longctx"), 4)
     w = Workload.from_trace(load_trace(DATA / "mooncake_fast25_conversation_first1000.jsonl.gz"))

@@ -683,8 +683,10 @@ class Ingress:
                 yield chunk
         finally:
             phase.end()
-            if finished and predicted is not None and reason in ("stop", "length") and self.predictor is not None:
-                self.recorder.on_prediction(predicted, rec.next_index, predictor=self.predictor.name)
+            if finished and reason in ("stop", "length") and self.predictor is not None:
+                if predicted is not None:
+                    self.recorder.on_prediction(predicted, rec.next_index, predictor=self.predictor.name)
+                self.predictor.observe(len(rec.prompt_token_ids), rec.next_index)  # ``online`` learns lengths
             if not finished:  # the client went away (or we failed): free the engine(s)
                 rec.cancelled = True
                 for iid in rec.instances:

@@ -9,6 +9,7 @@ routers fall back to their own default length.
       predictor: {name: default}                       # ngram on prompt text, trace on token ids
       predictor: {name: trace, params: {tenant: azure_conv}}   # one app behind the deployment
       predictor: {name: ngram, params: {artifacts: /models/predictor}}   # `llmsched predict train --out DIR`
+      predictor: {name: trace, params: {online: true}}  # learn P(output | input length) from finished requests
 
 The guess is the prediction's median (``LengthPrediction.point``), not capped by ``max_tokens``: in trace replays
 ``max_tokens`` is the true length, and a cap would hand the router the oracle.
@@ -24,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from scheduler.predict.base import LengthPrediction, LengthPredictor, count_tokens
+from scheduler.predict.online import OnlineLengths
 from scheduler.predict.registry import PredictorKind, load_predictor
 
-PARAMS = ("artifacts", "tenant")
+PARAMS = ("artifacts", "tenant", "online")
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,15 @@ class ServingPredictor:
 
     ``tenant``: the app name requests are predicted for (the trace predictor conditions on it; unknown names mix
     the trained tenants). ``slow``: the predictor runs a neural encoder (ms per request), so the live ingress
-    calls it off its event loop; the others take ~20-130 us and run inline.
+    calls it off its event loop; the others take ~20-130 us and run inline. ``online``: the finished requests'
+    lengths adjust predictions made from length alone (``scheduler/predict/online.py``); fed by ``observe``.
     """
 
     predictor: LengthPredictor
     name: str
     tenant: str | None = None
     slow: bool = False
+    online: OnlineLengths | None = None
 
     def predict_dist(self, prompt: str | None, prompt_tokens: int) -> LengthPrediction:
         """The predicted output-length distribution of one request (``prompt=None``: its length only).
@@ -51,11 +55,18 @@ class ServingPredictor:
         the tiny vLLM model's ~2.5x), so the serving guess equals ``llmsched predict eval``'s for the same prompt.
         """
         n = count_tokens(prompt) if prompt is not None else int(prompt_tokens)
-        return self.predictor.predict(prompt, prompt_tokens=n, tenant=self.tenant)
+        dist = self.predictor.predict(prompt, prompt_tokens=n, tenant=self.tenant)
+        return self.online.adjust(dist, n) if self.online is not None and prompt is None else dist
+
+    def observe(self, prompt_tokens: int, output_tokens: int) -> None:
+        """A request finished with ``output_tokens`` (the online history learns it; nothing without ``online``)."""
+        if self.online is not None:
+            self.online.observe(prompt_tokens, output_tokens)
 
     def predict_dists(self, prompt_tokens: Sequence[int] | np.ndarray) -> list[LengthPrediction]:
         """Predictions for requests known by prompt length only (trace replays): one per distinct length, since
-        without text that is all a prediction depends on."""
+        without text that is all a prediction depends on (and on the online history as it stands now: a replay
+        with ``online`` predicts each request as it arrives instead)."""
         lengths, inverse = np.unique(np.asarray(prompt_tokens, dtype=np.int64), return_inverse=True)
         dists = [self.predict_dist(None, int(n)) for n in lengths]
         return [dists[k] for k in inverse.reshape(-1).tolist()]
@@ -66,6 +77,9 @@ def check_spec(name: str, params: dict[str, Any]) -> PredictorKind:
     unknown = sorted(set(params) - set(PARAMS))
     if unknown:
         raise ValueError(f"policies.predictor.params: unknown {', '.join(unknown)}; allowed: {', '.join(PARAMS)}")
+    if not isinstance(params.get("online", False), bool):
+        # A ValueError, as every check here: the config loader reports it naming the field.
+        raise ValueError(f"policies.predictor.params.online: must be true or false, got {params['online']!r}")  # noqa: TRY004
     try:
         return PredictorKind.parse(name)
     except ValueError as e:
@@ -90,7 +104,8 @@ def serving_predictor(spec: Any) -> ServingPredictor | None:
         raise ValueError(f"policies.predictor.name: {spec.name!r} cannot load here: {e}") from None
     tenant = spec.params.get("tenant")
     return ServingPredictor(predictor, kind.value, str(tenant) if tenant is not None else None,
-                            slow=kind in (PredictorKind.EMBEDDING, PredictorKind.ENSEMBLE))
+                            slow=kind in (PredictorKind.EMBEDDING, PredictorKind.ENSEMBLE),
+                            online=OnlineLengths() if spec.params.get("online", False) else None)
 
 
 __all__ = ["PARAMS", "ServingPredictor", "check_spec", "serving_predictor"]

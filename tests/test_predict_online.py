@@ -1,0 +1,133 @@
+"""``policies.predictor.params.online``: the deployment's finished requests adjust length-only predictions
+(``scheduler/predict/online.py``), fed the same way by the simulator and the live ingress."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from scheduler.config.load import ConfigError, load_config, parse_config
+from scheduler.config.models import PolicySpec
+from scheduler.control.api import GenerateRequest
+from scheduler.engine.base import SamplingParams
+from scheduler.predict import load_predictor
+from scheduler.predict.online import OnlineLengths
+from scheduler.predict.serving import serving_predictor
+from sim.commands import with_predictor
+from sim.simulator import Simulator, Workload
+from tests.test_ingress_audit import FakeInstance, _consume, _ingress
+from tests.test_predict_serving import Recording
+
+TRACE = load_predictor("trace")
+
+
+def test_no_history_keeps_the_prediction_and_history_moves_only_its_input_bucket() -> None:
+    online = OnlineLengths(strength=20.0)
+    short, long_ = TRACE.predict(None, prompt_tokens=40), TRACE.predict(None, prompt_tokens=3000)
+    assert online.adjust(short, 40) is short
+    for _ in range(20):  # as many requests as the prior's pseudo-counts: half history, half shipped guess
+        online.observe(40, 600)
+    adjusted = online.adjust(short, 40)
+    k = 6  # the 512-1024 bucket holds 600
+    assert adjusted.probs[k] == pytest.approx(0.5 * short.probs[k] + 0.5)
+    assert adjusted.point > 512 > short.point
+    assert online.adjust(long_, 3000) is long_  # another input bucket: no history there
+    assert online.observed == 20
+
+
+def test_old_traffic_is_forgotten_past_memory() -> None:
+    online = OnlineLengths(strength=1.0, memory=50.0)
+    for _ in range(200):
+        online.observe(100, 20)
+    for _ in range(200):
+        online.observe(100, 700)  # the mix shifted: 200 long answers after 200 short ones
+    row = online.counts[np.nonzero(online.counts.sum(axis=1))[0][0]]
+    assert row.sum() == pytest.approx(50.0)
+    assert row[6] / row.sum() > 0.95  # the short answers have (almost) no vote left
+    assert online.adjust(TRACE.predict(None, prompt_tokens=100), 100).point > 512
+
+
+def test_online_must_be_a_boolean_naming_the_field() -> None:
+    raw = load_config("tiny-cpu").model_dump(mode="json")
+    with pytest.raises(ConfigError, match=r"policies.predictor.params.online: must be true or false"):
+        parse_config(
+            {**raw, "policies": {"predictor": {"name": "trace", "params": {"online": "yes"}}}}, source="x"
+        )
+    assert serving_predictor(PolicySpec(name="trace", params={"online": True})).online is not None
+    assert serving_predictor(PolicySpec(name="trace")).online is None
+
+
+def _two_class_workload(n: int = 400) -> Workload:
+    """The Intelligent Router mix in miniature: long prompts answered briefly, short prompts answered at length
+    (the shipped predictor guesses ~130 tokens for both)."""
+    rng = np.random.default_rng(1)
+    heavy = rng.random(n) < 0.5
+    prompt = np.where(heavy, 2000, 60).astype(np.int64)
+    output = np.where(heavy, rng.integers(20, 40, n), rng.integers(500, 800, n)).astype(np.int64)
+    return Workload(np.sort(rng.uniform(0, 40, n)), prompt, output)
+
+
+def test_the_simulator_predicts_each_arrival_from_the_requests_finished_before_it() -> None:
+    w = _two_class_workload()
+    cfg = with_predictor(load_config("default"), "trace", online=True)
+    router = Recording()
+    sim = Simulator(cfg, router=router)
+    res = sim.run(w)
+    seen = np.array([router.seen[str(i)] for i in range(len(w))])
+    heavy = w.prompt_tokens == 2000
+    shipped = {p: TRACE.predict(None, prompt_tokens=p).point for p in (60, 2000)}
+    # Nothing finished yet: the shipped guess.
+    assert seen[0] == pytest.approx(shipped[int(w.prompt_tokens[0])])
+    late = np.arange(len(w)) >= len(w) // 2
+    assert np.median(seen[late & heavy]) < 64 < shipped[2000]  # learned: brief answers (shipped: ~130)
+    assert np.median(seen[late & ~heavy]) > 400 > shipped[60]  # learned: long answers
+    assert res.workload.predicted_output == pytest.approx(seen)  # reported with the run
+    # A second replay on the same simulator starts from the shipped guesses again (no history carried over).
+    router2 = Recording()
+    sim.router = router2
+    sim.run(w)
+    assert [router2.seen[str(i)] for i in range(len(w))] == pytest.approx(seen.tolist())
+    # Without ``online`` every request gets the shipped guess.
+    router3 = Recording()
+    Simulator(with_predictor(cfg, "trace"), router=router3).run(w)
+    assert {round(router3.seen[str(i)], 6) for i in range(len(w))} == {round(v, 6) for v in shipped.values()}
+
+
+def test_the_live_ingress_learns_from_finished_requests_only() -> None:
+    async def scenario() -> tuple:
+        ing = _ingress([FakeInstance("mixed-0")])
+        ing.predictor = serving_predictor(PolicySpec(name="trace", params={"online": True}))
+        before = ing.predictor.predict_dist(None, 60).point
+
+        async def one(rid: str) -> None:
+            out: list = []
+            await _consume(
+                ing,
+                GenerateRequest(
+                    rid, prompt_token_ids=tuple(range(1, 61)), sampling=SamplingParams(max_tokens=20)
+                ),
+                out,
+            )
+            assert out[-1].finish_reason == "length"
+
+        await asyncio.gather(*(one(f"r{k}") for k in range(30)))
+        # A cancelled request says nothing about its length.
+        task = asyncio.create_task(
+            _consume(
+                ing,
+                GenerateRequest(
+                    "gone", prompt_token_ids=tuple(range(1, 61)), sampling=SamplingParams(max_tokens=700)
+                ),
+                [],
+            )
+        )
+        await asyncio.sleep(0.1)
+        assert await ing.cancel("gone")
+        await asyncio.wait_for(task, 5)
+        return ing.predictor, before
+
+    predictor, before = asyncio.run(scenario())
+    assert predictor.online.observed == 30
+    assert predictor.predict_dist(None, 60).point < 32 < before  # 20-token answers learned
