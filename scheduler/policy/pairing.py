@@ -12,10 +12,18 @@ P/D pairing (``PairingRouter.route``), for disaggregated views::
 
 Colocated views (every accepting instance MIXED) pick one instance with ``phase="colocated"``.
 
-Splitwise mixed-pool fallback (Patel et al., ISCA 2024, section 4.2): when every DECODE instance is saturated by
-KV (virtual usage at or above ``saturation``), MIXED instances join the decode candidates, and -- only with
-``allow_prefill_decode`` -- lightly loaded PREFILL instances too (the engine must then accept decodes on a
-PREFILL instance; the re-roling policy in ``scaling.py`` is the durable fix).
+Splitwise mixed-pool fallback (Patel et al., ISCA 2024, section 4.2), both ways:
+
+* decode pool saturated: when every DECODE instance is saturated by KV (virtual usage at or above ``saturation``),
+  MIXED instances join the decode candidates, and -- only with ``allow_prefill_decode`` -- lightly loaded PREFILL
+  instances too (the engine must then accept decodes on a PREFILL instance).
+* prefill pool saturated (``prefill_pool``): when every prefill candidate has ``prefill_saturation_tokens`` or more
+  prompt tokens queued to compute (``queued_prefill_tokens``; the re-roling policy's ``prefill_high_tokens``, 8192,
+  by default) -- or there is none -- a DECODE instance below that itself, whose virtual usage with the prompt stays
+  under ``decode_light``, joins the prefill candidates. Picked, it keeps the request: colocated on it, no KV
+  hand-off (it decodes anyway; a transfer to another decoder would only add to a decode pool it belongs to).
+
+Either way the decision's reason names the fallback; the re-roling policy in ``scaling.py`` is the durable fix.
 
 Priority: larger is more important; ``priority >= HIGH_PRIORITY`` is "high", and routers penalise queues for it.
 """
@@ -47,6 +55,45 @@ def virtual_usage_with(inst: InstanceSnapshot, extra_tokens: float = 0.0) -> flo
 def queue_penalty(request: RequestInfo, inst: InstanceSnapshot, weight: float) -> float:
     """High-priority requests avoid queues: ``weight`` per waiting request, zero for normal priority."""
     return weight * inst.num_waiting if request.priority >= HIGH_PRIORITY else 0.0
+
+
+def queued_prefill_tokens(inst: InstanceSnapshot) -> int:
+    """Prompt tokens ``inst`` will compute before a newcomer's prefill: its queue net of prefix-cache hits when the
+    snapshot knows them (``prefill_compute_tokens``), else every queued prompt token."""
+    c = inst.prefill_compute_tokens
+    return inst.prefill_tokens_pending if c is None else c
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillPool:
+    candidates: tuple[InstanceSnapshot, ...]
+    fallback: str = ""  # non-empty when the Splitwise fallback added DECODE instances, naming why
+
+
+def prefill_pool(
+    view: ClusterView,
+    request: RequestInfo,
+    *,
+    saturation_tokens: int | None = 8192,
+    decode_light: float = 0.5,
+) -> PrefillPool:
+    """Prefill candidates (``prefill_candidates``) with Splitwise's mixed-pool fallback from the decode side.
+
+    Args:
+        saturation_tokens: a prefill candidate with this many prompt tokens or more queued to compute
+            (``queued_prefill_tokens``) is saturated; ``None`` turns the fallback off.
+        decode_light: when every prefill candidate is saturated (or there is none), a DECODE instance joins if its
+            own queue is below ``saturation_tokens`` and its virtual usage with the prompt is below this.
+    """
+    pre = prefill_candidates(view)
+    if saturation_tokens is None or any(queued_prefill_tokens(p) < saturation_tokens for p in pre):
+        return PrefillPool(pre)
+    dec = InstanceRole.DECODE
+    extra = tuple([d for d in view.instances if d.role is dec and d.healthy and not d.draining
+                   and queued_prefill_tokens(d) < saturation_tokens
+                   and virtual_usage_with(d, request.prompt_tokens) < decode_light])
+    why = "prefill pool saturated" if pre else "no prefill instance"
+    return PrefillPool(pre + extra, why if extra else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,17 +201,25 @@ class PairingRouter(Router):
 
     name = "pairing"
 
-    def __init__(self, *, saturation: float = 0.95, allow_prefill_decode: bool = False) -> None:
+    def __init__(self, *, saturation: float = 0.95, allow_prefill_decode: bool = False,
+                 prefill_saturation_tokens: int | None = 8192, decode_light: float = 0.5) -> None:
         self.saturation = saturation
         self.allow_prefill_decode = allow_prefill_decode
+        self.prefill_saturation_tokens = prefill_saturation_tokens
+        self.decode_light = decode_light
 
     def route(self, request: RequestInfo, view: ClusterView) -> RouteResult:
-        prefill = prefill_candidates(view)
-        if not prefill:
-            return Rejected("no healthy instance can run prefill")
         if not view.disaggregated:
+            prefill = prefill_candidates(view)
+            if not prefill:
+                return Rejected("no healthy instance can run prefill")
             p = self.pick(request, prefill, view, phase="colocated")
             return RouteDecision(p.instance_id, reason=self.name)
+        ppool = prefill_pool(view, request, saturation_tokens=self.prefill_saturation_tokens,
+                             decode_light=self.decode_light)
+        prefill = ppool.candidates
+        if not prefill:
+            return Rejected("no healthy instance can run prefill")
         pool = decode_pool(view, saturation=self.saturation, allow_prefill_decode=self.allow_prefill_decode)
         if not pool.candidates:
             p = self.pick(request, prefill, view, phase="prefill")
@@ -172,9 +227,18 @@ class PairingRouter(Router):
                 return RouteDecision(p.instance_id, reason="no decode instance; colocated")
             return Rejected("no healthy instance can run decode")
         decision = self.pair(request, prefill, pool.candidates, view)
-        if pool.fallback and not isinstance(decision, Rejected):
+        if isinstance(decision, Rejected):
+            return decision
+        # The prefill fallback is named when the pick used it (a DECODE instance prefills, colocated there); the
+        # decode side's whenever it widened the pool, as before.
+        why = []
+        if ppool.fallback and view.by_id(decision.prefill_instance).role is InstanceRole.DECODE:
+            why.append(ppool.fallback)
+        if pool.fallback:
+            why.append(pool.fallback)
+        if why:
             return RouteDecision(decision.prefill_instance, decision.decode_instance,
-                                 f"{decision.reason}; {pool.fallback}: mixed-pool fallback")
+                                 f"{decision.reason}; {', '.join(why)}: mixed-pool fallback")
         return decision
 
     def pair(
@@ -184,8 +248,11 @@ class PairingRouter(Router):
         decode: tuple[InstanceSnapshot, ...],
         view: ClusterView,
     ) -> RouteResult:
-        """Default pairing: best prefill, best decode; stay colocated when a MIXED prefill is the best decoder."""
+        """Default pairing: best prefill, best decode; stay colocated when a MIXED prefill is the best decoder, and
+        on a DECODE instance the prefill fallback offered (``prefill_pool``)."""
         p = self.pick(request, prefill, view, phase="prefill")
+        if p.role is InstanceRole.DECODE:
+            return RouteDecision(p.instance_id, reason=f"{self.name}; decode instance prefills")
         d = self.pick(request, decode, view, phase="decode")
         if p.role is InstanceRole.MIXED and d.instance_id != p.instance_id:
             # NOTE: keeping the request on a MIXED instance saves the KV transfer; do it when the instance

@@ -82,7 +82,8 @@ recovery, decode placement after a prefill).
 
 Disaggregated pairing is exact and linear: the cost splits into a prefill part (TTFT, transfer, harm_p and TTFT
 SLO) and a decode part, so the best pair is the best of each; MIXED prefill instances are also costed colocated
-(no transfer). Latency models come from ``latency`` (one model, or a mapping by instance id), else from
+(no transfer), and so are the DECODE instances Splitwise's prefill fallback offers (``pairing.prefill_pool``): those
+only colocated, never as the prefill half of a pair. Latency models come from ``latency`` (one model, or a mapping by instance id), else from
 ``config`` by the snapshot's (gpu, tp), else a default 7B-on-A100 roofline (rankings only; pass a config).
 """
 
@@ -587,19 +588,25 @@ class LookaheadRouter(PairingRouter):
 
     def pair(self, request, prefill, decode, view: ClusterView) -> RouteResult:  # type: ignore[override]
         q = self._request(request)
-        f = [(self._prefill_side(q, self._terms(p), colocated=False, xfer=True).cost, k) for k, p in enumerate(prefill)]
-        g = [(self._decode_side(q, self._terms(d), colocated=False).cost, k) for k, d in enumerate(decode)]
-        fp, kp = min(f)
-        gd, kd = min(g)
-        best, choice = fp + gd, (prefill[kp], decode[kd])
-        for p in prefill:  # MIXED prefill instances may keep the request: no transfer, no second queue
-            if p.role is InstanceRole.MIXED:
+        dec = InstanceRole.DECODE
+        # A DECODE instance among the prefill candidates (Splitwise's fallback, ``prefill_pool``) only runs the
+        # prompt to keep it: costed colocated below, never as the prefill half of a pair.
+        f = [(self._prefill_side(q, self._terms(p), colocated=False, xfer=True).cost, k)
+             for k, p in enumerate(prefill) if p.role is not dec]
+        best, choice = math.inf, (prefill[0], prefill[0])
+        if f:
+            fp, kp = min(f)
+            gd, kd = min((self._decode_side(q, self._terms(d), colocated=False).cost, k) for k, d in enumerate(decode))
+            best, choice = fp + gd, (prefill[kp], decode[kd])
+        for p in prefill:  # MIXED (and fallback DECODE) instances may keep the request: no transfer, no second queue
+            if p.role.does_decode:
                 c = self._estimate(q, p).total_s
                 if c < best:
                     best, choice = c, (p, p)
         p, d = choice
         if p.instance_id == d.instance_id and d.role is not InstanceRole.PREFILL:  # PREFILL: explicit borrow pair
-            return RouteDecision(p.instance_id, reason=f"lookahead cost {best:.3f}s colocated")
+            why = "; decode instance prefills" if p.role is dec else ""
+            return RouteDecision(p.instance_id, reason=f"lookahead cost {best:.3f}s colocated{why}")
         return RouteDecision(p.instance_id, d.instance_id, reason=f"lookahead cost {best:.3f}s")
 
 
