@@ -189,3 +189,34 @@ def test_the_live_ingress_runs_a_borrowed_prompt_on_a_decode_instance(_no_ray: N
     out, prefill_calls = asyncio.run(scenario())
     assert prefill_calls == []
     assert [c.index for c in out if c.token_ids] == list(range(12)) and out[-1].finish_reason == "length"
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_a_vllm_decode_instance_runs_a_borrowed_prompt_whole() -> None:
+    """The vLLM side of the fallback: a DECODE pool's engine, built as the Controller builds it (``kv_both``),
+    prefills and decodes a prompt given to it whole, and keeps no prompt KV behind for a hand-off nobody asks for."""
+    pytest.importorskip("vllm")
+    from scheduler.config.load import load_config
+    from scheduler.control.instance import make_vllm_backend
+    from scheduler.engine.base import EngineRequest
+
+    cfg = load_config("deploy/examples/cpu-pd.yaml")
+    pool = next(p for p in cfg.pools if p.role is D)
+    backend = make_vllm_backend(model=cfg.model, gpu=cfg.gpus[pool.gpu], pool=pool, role=pool.role)
+
+    async def run() -> tuple[list[Any], bool]:
+        await backend.start()
+        try:
+            req = EngineRequest(
+                "borrowed", tuple(range(5, 69)), SamplingParams(max_tokens=8, ignore_eos=True)
+            )
+            chunks = [c async for c in backend.generate(req)]
+            return chunks, await backend.drop_kv("borrowed")
+        finally:
+            await backend.shutdown()
+
+    chunks, kept = asyncio.run(asyncio.wait_for(run(), 280))
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert len(tokens) == 8 and chunks[-1].finished and chunks[-1].finish_reason == "length"
+    assert kept is False
