@@ -97,6 +97,21 @@ def test_the_prefill_fallback_offers_only_decode_instances_with_headroom() -> No
     assert "no prefill instance" in d.reason
 
 
+def test_a_borrow_never_pushes_a_decoder_past_what_reroling_calls_idle() -> None:
+    """The fallback is the transient fix, re-roling the durable one: ``RerolePolicy`` moves a decoder to PREFILL
+    only while the decoders' mean virtual usage is at most its ``decode_low``. A borrow that took a decoder past it
+    (light was 0.5) could hold that off for as long as the prefill pool stayed saturated."""
+    from scheduler.policy.pairing import virtual_usage_with
+    from scheduler.policy.scaling import RerolePolicy
+
+    low = RerolePolicy().decode_low
+    for used in range(0, 500, 20):  # the decoder's own KV, 0 .. 0.5 of it
+        v = ClusterView(0.0, (_snap("p0", P, waiting=10, pending=20_000), _snap("d0", D, used=used)))
+        d = make_router("llumnix").route(_req(1000), v)
+        if isinstance(d, RouteDecision) and d.prefill_instance == "d0":
+            assert virtual_usage_with(v.instances[1], 1000) < low, used
+
+
 def _config() -> ClusterConfig:
     eng = EngineSpec(block_size=16, max_num_batched_tokens=512, max_num_seqs=64, num_kv_blocks=2000)
     return ClusterConfig(

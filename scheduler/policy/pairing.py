@@ -20,8 +20,10 @@ Splitwise mixed-pool fallback (Patel et al., ISCA 2024, section 4.2), both ways:
 * prefill pool saturated (``prefill_pool``): when every prefill candidate has ``prefill_saturation_tokens`` or more
   prompt tokens queued to compute (``queued_prefill_tokens``; the re-roling policy's ``prefill_high_tokens``, 8192,
   by default) -- or there is none -- a DECODE instance below that itself, whose virtual usage with the prompt stays
-  under ``decode_light``, joins the prefill candidates. Picked, it keeps the request: colocated on it, no KV
-  hand-off (it decodes anyway; a transfer to another decoder would only add to a decode pool it belongs to).
+  under ``decode_light`` (0.4, the re-roling policy's ``decode_low``: a borrow never pushes a decoder past the load
+  at which ``RerolePolicy`` may still move one to PREFILL for good), joins the prefill candidates. Picked, it
+  keeps the request: colocated on it, no KV hand-off (it decodes anyway; a transfer to another decoder would only
+  add to a decode pool it belongs to).
 
 Either way the decision's reason names the fallback; the re-roling policy in ``scaling.py`` is the durable fix.
 
@@ -75,7 +77,7 @@ def prefill_pool(
     request: RequestInfo,
     *,
     saturation_tokens: int | None = 8192,
-    decode_light: float = 0.5,
+    decode_light: float = 0.4,
 ) -> PrefillPool:
     """Prefill candidates (``prefill_candidates``) with Splitwise's mixed-pool fallback from the decode side.
 
@@ -202,7 +204,7 @@ class PairingRouter(Router):
     name = "pairing"
 
     def __init__(self, *, saturation: float = 0.95, allow_prefill_decode: bool = False,
-                 prefill_saturation_tokens: int | None = 8192, decode_light: float = 0.5) -> None:
+                 prefill_saturation_tokens: int | None = 8192, decode_light: float = 0.4) -> None:
         self.saturation = saturation
         self.allow_prefill_decode = allow_prefill_decode
         self.prefill_saturation_tokens = prefill_saturation_tokens
