@@ -14,7 +14,8 @@ from scheduler.control.api import GenerateRequest
 from scheduler.control.instance import Instance
 from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot, RequestInfo
 from scheduler.engine.base import SamplingParams
-from scheduler.policy.route import RouteDecision, make_router
+from scheduler.policy.route import LeastOutstandingRouter, RouteDecision, make_router
+from scheduler.telemetry.metrics import NullRecorder
 from sim.simulator import Simulator, Workload
 from tests.test_ingress_audit import FakeInstance, _consume, _ingress, _Method
 from tests.test_routers_audit import GPU, MODEL
@@ -235,3 +236,51 @@ def test_a_vllm_decode_instance_runs_a_borrowed_prompt_whole() -> None:
     tokens = [t for c in chunks for t in c.token_ids]
     assert len(tokens) == 8 and chunks[-1].finished and chunks[-1].finish_reason == "length"
     assert kept is False
+
+
+# ---- 3: the live ingress labelled a request "disaggregated" that it ran on one instance ---------------------------
+class _Fixed(LeastOutstandingRouter):
+    """Places every request as told: ``(prefill, decode)``."""
+
+    name = "fixed"
+
+    def __init__(self, prefill: str, decode: str | None) -> None:
+        super().__init__()
+        self.where = (prefill, decode)
+
+    def route(self, request: RequestInfo, view: ClusterView) -> Any:
+        return RouteDecision(*self.where)
+
+
+class _Routes(NullRecorder):
+    def __init__(self) -> None:
+        self.routes: dict[str, str] = {}
+
+    def on_route(self, request_id: str, *, route: str, instance_id: str = "") -> None:
+        self.routes[request_id] = route
+
+
+@pytest.mark.parametrize(
+    ("decode", "max_tokens", "route"),
+    [
+        ("decode-0", 5, "disaggregated"),  # a hand-off
+        ("decode-0", 1, "colocated"),  # one token: it ends with its prefill, never handed off
+        ("prefill-0", 5, "colocated"),  # the Splitwise borrow: the PREFILL instance runs it whole
+    ],
+)
+def test_the_route_label_names_the_path_the_ingress_takes(decode: str, max_tokens: int, route: str) -> None:
+    """The ``route`` label of the request counters and the TTFT / TPOT / E2E histograms said "disaggregated"
+    whenever the decision named a decoder, though the ingress runs a one-token request, and a PREFILL instance named
+    twice (the borrow), on the prefill instance alone (``_hands_off``): colocated latencies in the P/D series."""
+
+    async def scenario() -> dict[str, str]:
+        rec = _Routes()
+        pre, dec = FakeInstance("prefill-0", P), FakeInstance("decode-0", D)
+        ing = _ingress([pre, dec], router=_Fixed("prefill-0", decode), recorder=rec)
+        out: list[Any] = []
+        req = GenerateRequest("x", prompt_token_ids=(1, 2, 3), sampling=SamplingParams(max_tokens=max_tokens))
+        await asyncio.wait_for(_consume(ing, req, out), 10)
+        assert [c.index for c in out if c.token_ids] == list(range(max_tokens))
+        return rec.routes
+
+    assert asyncio.run(scenario()) == {"x": route}

@@ -663,7 +663,9 @@ class Ingress:
             rec.slo = self.config.slo_for(request.priority)
         with self.tracing.span(Stage.ROUTE, request_id=rec.request_id, attributes={"router": self.router.name}):
             decision = self._route(rec)
-        self.recorder.on_route(rec.request_id, route="disaggregated" if decision.decode_instance else "colocated",
+        # The path taken, not the decision's shape: a one-token request, or a PREFILL instance named twice (the
+        # Splitwise borrow), runs on the prefill instance alone although the decision names a decoder.
+        self.recorder.on_route(rec.request_id, route="disaggregated" if _hands_off(decision, rec) else "colocated",
                                instance_id=decision.prefill_instance)
         self.registry.add(rec)
         finished = False
