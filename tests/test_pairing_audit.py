@@ -12,7 +12,7 @@ import pytest
 from scheduler.config.models import ClusterConfig, EngineSpec, PoolSpec
 from scheduler.control.api import GenerateRequest
 from scheduler.control.instance import Instance
-from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot, RequestInfo
+from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot, Rejected, RequestInfo
 from scheduler.engine.base import SamplingParams
 from scheduler.policy.route import LeastOutstandingRouter, RouteDecision, make_router
 from scheduler.telemetry.metrics import NullRecorder
@@ -284,3 +284,15 @@ def test_the_route_label_names_the_path_the_ingress_takes(decode: str, max_token
         return rec.routes
 
     assert asyncio.run(scenario()) == {"x": route}
+
+
+def test_a_p_d_cluster_without_prefill_instances_says_why_it_refuses() -> None:
+    """No PREFILL instance left and every decoder too loaded to borrow: the refusal said "no healthy instance can
+    run prefill", untrue since the fallback lets a healthy DECODE instance prefill -- they are all too loaded."""
+    v = ClusterView(0.0, (_snap("d0", D, used=900, decoding=30), _snap("d1", D, used=800, decoding=30)))
+    d = make_router("llumnix").route(_req(), v)
+    assert isinstance(d, Rejected) and d.reason == (
+        "no healthy prefill instance and no decode instance light enough to borrow"
+    )
+    d = make_router("llumnix", prefill_saturation_tokens=None).route(_req(), v)
+    assert isinstance(d, Rejected) and d.reason == "no healthy prefill instance"

@@ -221,7 +221,9 @@ class PairingRouter(Router):
                              decode_light=self.decode_light)
         prefill = ppool.candidates
         if not prefill:
-            return Rejected("no healthy instance can run prefill")
+            # The view is P/D, so healthy DECODE instances exist: the fallback found none light enough to borrow.
+            why = "" if self.prefill_saturation_tokens is None else " and no decode instance light enough to borrow"
+            return Rejected(f"no healthy prefill instance{why}")
         pool = decode_pool(view, saturation=self.saturation, allow_prefill_decode=self.allow_prefill_decode)
         if not pool.candidates:
             p = self.pick(request, prefill, view, phase="prefill")
