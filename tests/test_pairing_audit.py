@@ -1,5 +1,6 @@
 """Regressions from an audit of the P/D pairing (``scheduler/policy/pairing.py``, lookahead's ``pair``) and of the
-appliers of a ``RouteDecision`` (the simulator, the live ingress). Each test reproduces one confirmed defect."""
+appliers of a ``RouteDecision`` (the simulator, the live ingress). Each test reproduces one confirmed defect, but
+the vLLM one: it checks that the live path needed no change for the first."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from sim.simulator import Simulator, Workload
 from tests.test_ingress_audit import FakeInstance, _consume, _ingress, _Method
 from tests.test_routers_audit import GPU, MODEL
 
-M, P, D = InstanceRole.MIXED, InstanceRole.PREFILL, InstanceRole.DECODE
+P, D = InstanceRole.PREFILL, InstanceRole.DECODE
 PAIRING = ("power_of_two", "llumnix", "prefix_affinity", "mixing", "lookahead", "lookahead_shed", "learned")
 
 
