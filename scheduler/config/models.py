@@ -89,8 +89,14 @@ class ModelSpec(_Strict):
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V, all layers."""
+        """K and V, all layers: the model's logical KV (what one copy of it is, e.g. over a link)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    def kv_bytes_per_token_per_gpu(self, tp: int) -> int:
+        """K and V, all layers, that each of ``tp`` tensor-parallel GPUs holds: vLLM splits the KV heads over them
+        and, where ``tp`` exceeds them, replicates them so each GPU holds one (``ModelConfig.get_num_kv_heads``:
+        ``max(1, num_kv_heads // tp)``). Not ``kv_bytes_per_token / tp``: that undercounts a replicated head."""
+        return 2 * self.num_layers * max(1, self.num_kv_heads // tp) * self.head_dim * self.dtype_bytes
 
     @property
     def num_params(self) -> int:

@@ -101,7 +101,7 @@ def make_vllm_backend(
         # block vLLM keeps as its null block, per GPU. It was the backend's fixed 256 MiB: 16x the cpu-pd example's
         # 256 blocks, so live KV usage read a sixteenth of the simulator's and never bound where it did.
         tokens = e.num_kv_blocks * e.block_size + block
-        kw["kv_cache_bytes"] = -(-tokens * model.kv_bytes_per_token // pool.tp)
+        kw["kv_cache_bytes"] = tokens * model.kv_bytes_per_token_per_gpu(pool.tp)
     if pool.tp > 1:
         kw["engine_kwargs"] = {"tensor_parallel_size": pool.tp, "distributed_executor_backend": "ray"}
     else:

@@ -188,14 +188,17 @@ class LatencyModel:
     # ---- physics -----------------------------------------------------------------------------------------
     def hbm_floor(self, decode_batch: int, decode_context: int) -> float:
         """Lower bound for a decode step: every weight and every KV byte read once at peak HBM bandwidth."""
-        bytes_read = self.model.weight_bytes / self.tp + decode_context * self.model.kv_bytes_per_token / self.tp
+        kv_per_token = self.model.kv_bytes_per_token_per_gpu(self.tp)  # each GPU reads its shard's KV
+        bytes_read = self.model.weight_bytes / self.tp + decode_context * kv_per_token
         return bytes_read / (self.gpu.hbm_gbps * 1e9)
 
     def kv_blocks(self, block_size: int, *, gpu_memory_utilization: float, activation_reserve_gib: float) -> int:
-        """KV capacity in blocks: GPU memory (all TP shards) minus weights and an activation reserve."""
+        """KV capacity in blocks: GPU memory (all TP shards) minus weights and an activation reserve, over what a
+        token's KV takes on all the shards (more than the model's KV where ``tp`` replicates KV heads)."""
         total = self.gpu.memory_gib * 2**30 * self.tp * gpu_memory_utilization
         free = total - self.model.weight_bytes - activation_reserve_gib * 2**30 * self.tp
-        return max(int(free // (self.model.kv_bytes_per_token * block_size)), 0)
+        per_token = self.model.kv_bytes_per_token_per_gpu(self.tp) * self.tp
+        return max(int(free // (per_token * block_size)), 0)
 
 
 def load_stretch(host_cores: int, two_busy: float, busy_engines: int, load_cores: float) -> float:
@@ -257,7 +260,7 @@ def attention_coeffs(model: ModelSpec, gpu: GPUSpec, tp: int) -> tuple[float, fl
     # QK^T and PV: 2 matmuls x 2 FLOPs x head_dim per head per pair, all layers.
     flops_per_pair = 4 * model.head_dim * heads * model.num_layers
     per_pair = flops_per_pair / (gpu.fp16_tflops * 1e12 * gpu.mfu)
-    per_token = model.kv_bytes_per_token / tp / (gpu.hbm_gbps * 1e9 * gpu.mbu)
+    per_token = model.kv_bytes_per_token_per_gpu(tp) / (gpu.hbm_gbps * 1e9 * gpu.mbu)
     return per_pair, per_token
 
 

@@ -1,0 +1,62 @@
+"""The simulator's engine model and KV capacity against real (vLLM) engines: each test is a place they differed."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.config.models import EngineSpec, GPUSpec, ModelSpec, PoolSpec
+from scheduler.core.types import InstanceRole
+from scheduler.engine_model import EngineModel
+from scheduler.latency import roofline_model
+from scheduler.latency.model import attention_coeffs
+
+# Llama-2-70B: 8 KV heads (GQA), head_dim 128.
+LLAMA70 = ModelSpec(
+    name="llama2-70b",
+    num_layers=80,
+    hidden_size=8192,
+    num_heads=64,
+    num_kv_heads=8,
+    intermediate_size=28672,
+    vocab_size=32000,
+)
+H100 = GPUSpec.from_catalog("h100")
+ONE_HEAD = (
+    2 * 80 * 1 * 128 * 2
+)  # K and V of one KV head, all layers, fp16: what each GPU holds per token at TP 16
+
+
+def test_kv_capacity_counts_the_kv_heads_vllm_replicates_past_their_number() -> None:
+    """At TP 16 vLLM gives each GPU one of Llama-2-70B's 8 KV heads (``max(1, 8 // 16)``, replicated); the engine
+    model divided the model's KV by 16 (half a head per GPU) and had twice the KV blocks vLLM has."""
+    tp = 16
+    eng = EngineModel(roofline_model(LLAMA70, H100, tp), EngineSpec(block_size=16))
+    free_per_gpu = H100.memory_gib * 2**30 * 0.9 - LLAMA70.weight_bytes / tp - 2 * 2**30
+    assert abs(eng.total_blocks - free_per_gpu // (ONE_HEAD * 16)) <= 1
+    assert LLAMA70.kv_bytes_per_token_per_gpu(tp) == ONE_HEAD
+    assert LLAMA70.kv_bytes_per_token_per_gpu(4) == 2 * ONE_HEAD  # split: 2 heads each
+
+
+def test_decode_kv_reads_per_gpu_stop_shrinking_once_kv_heads_are_replicated() -> None:
+    """A decode reads its context's KV on every GPU: at TP 16 one replicated head each, as much as at TP 8, not
+    half of it (the roofline's per-token attention time halved past TP 8)."""
+    assert attention_coeffs(LLAMA70, H100, 16)[1] == attention_coeffs(LLAMA70, H100, 8)[1]
+    lat16, lat8 = roofline_model(LLAMA70, H100, 16), roofline_model(LLAMA70, H100, 8)
+    weights = LLAMA70.weight_bytes / (H100.hbm_gbps * 1e9)
+    assert lat16.hbm_floor(1, 10_000) - weights / 16 == pytest.approx(lat8.hbm_floor(1, 10_000) - weights / 8)
+
+
+def _vllm_args(pool: PoolSpec, model: ModelSpec = LLAMA70) -> dict:
+    from scheduler.control.instance import make_vllm_backend
+
+    backend = make_vllm_backend(
+        model=model, gpu=H100, pool=pool, role=InstanceRole.MIXED, model_path="/no/model"
+    )
+    return backend._engine_args
+
+
+def test_a_vllm_pool_pinning_kv_blocks_gets_them_per_gpu_with_replicated_kv_heads() -> None:
+    """``num_kv_blocks`` becomes vLLM's per-GPU ``kv_cache_memory_bytes``: with TP past the KV heads each GPU holds
+    one head per token, and the bytes were for half of one (vLLM then had half the blocks the config pins)."""
+    pool = PoolSpec(name="d", gpu="h100", tp=16, backend="vllm", engine=EngineSpec(num_kv_blocks=1000))
+    assert _vllm_args(pool)["kv_cache_memory_bytes"] == (1000 * 16 + 32) * ONE_HEAD
