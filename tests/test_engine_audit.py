@@ -60,3 +60,21 @@ def test_a_vllm_pool_pinning_kv_blocks_gets_them_per_gpu_with_replicated_kv_head
     one head per token, and the bytes were for half of one (vLLM then had half the blocks the config pins)."""
     pool = PoolSpec(name="d", gpu="h100", tp=16, backend="vllm", engine=EngineSpec(num_kv_blocks=1000))
     assert _vllm_args(pool)["kv_cache_memory_bytes"] == (1000 * 16 + 32) * ONE_HEAD
+
+
+def test_a_gpu_vllm_pool_without_kv_blocks_sizes_its_kv_from_gpu_memory_utilization(monkeypatch) -> None:
+    """On a GPU, a pool without ``num_kv_blocks`` had the backend's fixed 256 MiB of KV (a CPU host-memory default:
+    3,276 tokens of Llama-2-70B per H100 at TP 4, where the engine model gives the pool 496,512); vLLM should size
+    it from the pool's ``gpu_memory_utilization``, as the engine model does. On CPU the configured size stays."""
+    from vllm.platforms import current_platform
+
+    engine = EngineSpec(gpu_memory_utilization=0.85)
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    for tp in (1, 4):
+        args = _vllm_args(PoolSpec(name="g", gpu="h100", tp=tp, backend="vllm", engine=engine))
+        assert args["kv_cache_memory_bytes"] is None
+        assert args["gpu_memory_utilization"] == 0.85
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: True)
+    args = _vllm_args(PoolSpec(name="c", gpu="h100", backend="vllm", engine=engine))
+    assert args["kv_cache_memory_bytes"] == 256 << 20
+    assert "gpu_memory_utilization" not in args

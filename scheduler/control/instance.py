@@ -80,9 +80,12 @@ def make_vllm_backend(
     an OMP team over all allowed cores (on a 2-core host: cores [0, 1], 2 threads, each), so co-located engines'
     teams spin-wait against each other; that made live latencies unrepeatable (docs/live_vs_sim.md, 2026-11-22).
     Its worker runs in the engine-core process (``distributed_executor_backend="uni"``; see below)."""
+    from vllm.platforms import current_platform
+
     from scheduler.engine.tiny_model import ensure_tiny_model
     from scheduler.engine.vllm_backend import VLLMBackend
 
+    on_cpu = current_platform.is_cpu()
     e = pool.engine
     block = max(32, -(-e.block_size // 32) * 32)  # vLLM-CPU needs a multiple of 32
     kw: dict[str, Any] = {
@@ -96,24 +99,29 @@ def make_vllm_backend(
         # The config decides, as in the simulator (vLLM's own default is on; live migration's fast path needs it).
         "enable_prefix_caching": e.enable_prefix_caching,
     }
+    engine_kwargs: dict[str, Any] = {}
     if e.num_kv_blocks is not None:
         # The config's KV capacity, as the engine model has it: its tokens (in the config's block size), plus the
         # block vLLM keeps as its null block, per GPU. It was the backend's fixed 256 MiB: 16x the cpu-pd example's
         # 256 blocks, so live KV usage read a sixteenth of the simulator's and never bound where it did.
         tokens = e.num_kv_blocks * e.block_size + block
         kw["kv_cache_bytes"] = tokens * model.kv_bytes_per_token_per_gpu(pool.tp)
+    elif not on_cpu:
+        # On a GPU vLLM sizes the KV from the pool's gpu_memory_utilization, as the engine model does. It was the
+        # backend's fixed 256 MiB (a CPU host-memory size): an 80 GiB GPU got a few hundred tokens of KV.
+        kw["kv_cache_bytes"] = None
+    if not on_cpu:
+        engine_kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
     if pool.tp > 1:
-        kw["engine_kwargs"] = {"tensor_parallel_size": pool.tp, "distributed_executor_backend": "ray"}
-    else:
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
-            kw["cpu_threads_bind"] = "nobind"
-            kw["cpu_omp_threads"] = 1
-            # The worker inside the EngineCore process: vLLM's default here is a separate worker process whose
-            # shared-memory queue readers busy-spin (sched_yield) for 1 s after every message, so co-located
-            # engines burn the host's few cores waiting on each other, and each step pays one more IPC hop.
-            kw["engine_kwargs"] = {"distributed_executor_backend": "uni"}
+        engine_kwargs.update(tensor_parallel_size=pool.tp, distributed_executor_backend="ray")
+    elif on_cpu:
+        kw["cpu_threads_bind"] = "nobind"
+        kw["cpu_omp_threads"] = 1
+        # The worker inside the EngineCore process: vLLM's default here is a separate worker process whose
+        # shared-memory queue readers busy-spin (sched_yield) for 1 s after every message, so co-located
+        # engines burn the host's few cores waiting on each other, and each step pays one more IPC hop.
+        engine_kwargs["distributed_executor_backend"] = "uni"
+    kw["engine_kwargs"] = engine_kwargs
     kw.update(kwargs)
     return VLLMBackend(model_path or ensure_tiny_model(), **kw)
 

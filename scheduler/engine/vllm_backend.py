@@ -54,7 +54,8 @@ class VLLMBackend:
 
     Args:
         model_path: a Hugging Face model directory (e.g. ``ensure_tiny_model()``).
-        kv_cache_bytes: KV cache size; on CPU this is host memory (vLLM otherwise sizes it against NUMA node 0).
+        kv_cache_bytes: KV cache size per GPU (on CPU: host memory). ``None``: vLLM sizes it -- on a GPU from
+            ``gpu_memory_utilization`` (pass it in ``engine_kwargs``), on CPU against NUMA node 0.
         block_size: tokens per KV block; vLLM-CPU needs a multiple of 32.
         max_model_len: context limit (prompt + output tokens).
         max_num_seqs: max requests in the running batch.
@@ -81,7 +82,7 @@ class VLLMBackend:
         self,
         model_path: str | Path,
         *,
-        kv_cache_bytes: int = 256 << 20,
+        kv_cache_bytes: int | None = 256 << 20,
         block_size: int = 32,
         max_model_len: int = 2048,
         max_num_seqs: int = 16,
