@@ -144,7 +144,7 @@ def run_sim(specs: list[RequestSpec], args: argparse.Namespace, params: dict[str
 
     w = Workload(np.array([s.at_s for s in specs], dtype=float), np.array([s.prompt_len for s in specs]),
                  np.array([s.max_tokens for s in specs]), name="migration-scenario")
-    pol = {k: v for k, v in params.items() if k not in ("max_per_s", "protocol")}
+    pol = {k: v for k, v in params.items() if k != "protocol"}  # protocol knobs are the live ingress'; max_per_s binds
     out: dict[str, Any] = {}
     for label, mig in (("off", None), ("on", make_migration_policy("llumnix", **pol))):
         cfg = scenario_config(f"migscn-{label}", kv_blocks=args.kv_blocks, max_num_seqs=args.max_num_seqs,

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 
-from scheduler.config.models import EngineSpec, GPUSpec, ModelSpec, PoolSpec
-from scheduler.core.types import InstanceRole
+from scheduler.config.models import ClusterConfig, EngineSpec, GPUSpec, ModelSpec, PoolSpec
+from scheduler.core.types import ClusterView, InstanceRole
 from scheduler.engine_model import EngineModel
 from scheduler.latency import roofline_model
 from scheduler.latency.model import attention_coeffs
+from scheduler.policy.migration import LlumnixMigrationPolicy, MigrationPlan
+from sim.simulator import Simulator, Workload
 
 # Llama-2-70B: 8 KV heads (GQA), head_dim 128.
 LLAMA70 = ModelSpec(
@@ -78,3 +83,59 @@ def test_a_gpu_vllm_pool_without_kv_blocks_sizes_its_kv_from_gpu_memory_utilizat
     args = _vllm_args(PoolSpec(name="c", gpu="h100", backend="vllm", engine=engine))
     assert args["kv_cache_memory_bytes"] == 256 << 20
     assert "gpu_memory_utilization" not in args
+
+
+# ---- migration rate limits: the policy's, applied by the simulator as by the live Controller ----------------------
+class _DrainFirst(LlumnixMigrationPolicy):
+    """The Llumnix policy with the simulator's first instance draining; records when it planned what."""
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)
+        self.planned: list[tuple[float, object]] = []
+
+    def plan(self, v: ClusterView, now_s: float) -> list[MigrationPlan]:
+        v = ClusterView(v.time_s, (dataclasses.replace(v.instances[0], draining=True), *v.instances[1:]))
+        out = super().plan(v, now_s)
+        self.planned += [(now_s, x.request_id) for x in out]
+        return out
+
+
+def test_the_simulator_starts_no_more_migrations_per_second_than_the_live_controller() -> None:
+    """``max_per_s`` (default 2) was the Controller's own check, after the policy: live, a drain of 8 requests
+    started 2 a second; the simulator ran the policy alone and started all 8 in its first round. The cap is the
+    policy's now, so both apply it."""
+    from tests.test_engine_model import GPU, MODEL
+    from tests.test_sim_migration import AllToFirst
+
+    eng = EngineSpec(block_size=16, max_num_batched_tokens=4096, max_num_seqs=64, num_kv_blocks=4000)
+    cfg = ClusterConfig(
+        gpus={"a100": GPU},
+        model=MODEL,
+        pools=[PoolSpec(name="src", gpu="a100", engine=eng), PoolSpec(name="dst", gpu="a100", engine=eng)],
+    )
+    pol = _DrainFirst(max_concurrent=16, max_per_instance=16, max_plans=16, cooldown_s=0.0)
+    sim = Simulator(cfg, router=AllToFirst(), migration=pol)
+    n = 8
+    res = sim.run(Workload(np.zeros(n), np.full(n, 200), np.full(n, 2000)))
+    times = [t for t, _ in pol.planned]
+    assert sorted({rid for _, rid in pol.planned}) == list(range(n)) and res.migrations == n
+    assert max(sum(t0 <= t < t0 + 1.0 for t in times) for t0 in times) == 2  # the default max_per_s
+
+
+def test_a_dropped_plan_gives_its_slot_of_max_per_s_back() -> None:
+    """A plan its executor never started (the Controller had no stream for it yet; the simulator's request had
+    left the source) did not count against the Controller's ``max_per_s``, and does not against the policy's."""
+    from tests.test_policies_migration import inst, rl, view
+
+    pol = LlumnixMigrationPolicy(
+        max_per_s=2, max_concurrent=16, max_per_instance=16, max_plans=16, cooldown_s=0
+    )
+    d = inst("d", tuple(rl(f"r{k}", rem=100.0 - k) for k in range(5)), draining=True)
+    x = inst("x", total=1000)
+    first = pol.plan(view(d, x), 0.0)
+    assert [p.request_id for p in first] == ["r0", "r1"]
+    d = inst("d", tuple(rl(f"r{k}", rem=100.0 - k) for k in range(2, 5)), draining=True)
+    assert pol.plan(view(d, x), 0.5) == []  # two in the last second already
+    pol.on_migration_dropped("r1")
+    assert [p.request_id for p in pol.plan(view(d, x), 0.6)] == ["r2"]
+    assert [p.request_id for p in pol.plan(view(d, x), 1.0)] == ["r3"]  # r0's start left the window

@@ -149,7 +149,7 @@ def test_cooldowns_of_retired_instances_are_forgotten() -> None:
 
 def test_drain_moves_everything_longest_remaining_first() -> None:
     reqs = (rl("s", rem=5.0), rl("l", rem=500.0), rl("m", rem=50.0), rl("pf", prefill=True))
-    p = LlumnixMigrationPolicy(max_concurrent=10, max_per_instance=10, max_plans=10)
+    p = LlumnixMigrationPolicy(max_concurrent=10, max_per_instance=10, max_plans=10, max_per_s=10)
     plans = p.plan(view(inst("d", reqs, draining=True), inst("x", total=200), inst("y", total=200)), 0.0)
     assert [x.request_id for x in plans] == ["l", "m", "s"]  # prefilling requests are not migrated
     assert all(x.reason is MigrationReason.DRAIN and x.destination in ("x", "y") for x in plans)
@@ -188,14 +188,14 @@ def test_priority_isolation_moves_low_priority_off() -> None:
 def test_defrag_frees_room_for_a_queued_prompt_that_fits_nowhere() -> None:
     big = rl("big", ctx=1200, rem=None, prefill=True)  # 75 blocks
     src = inst("s", (rl("a", ctx=320), rl("b", ctx=160), rl("c", ctx=480), big), used=60, waiting=1, pending=1200)
-    p = LlumnixMigrationPolicy(max_per_instance=3, max_plans=5, max_concurrent=5, high_watermark=0.9)
+    p = LlumnixMigrationPolicy(max_per_instance=3, max_plans=5, max_concurrent=5, max_per_s=5, high_watermark=0.9)
     o1, o2 = inst("o1", (rl("x1", ctx=640),), used=40), inst("o2", (rl("x2", ctx=640),), used=40)
     plans = p.plan(view(src, o1, o2), 0.0)  # 60 blocks free at most anywhere: the 75-block prompt fits nowhere
     # Deficit 75 - 40 = 35 blocks: smallest first (b: 10, a: 20, c: 30 blocks) until it fits.
     assert [x.request_id for x in plans] == ["b", "a", "c"]
     assert all(x.reason is MigrationReason.DEFRAG and x.destination in ("o1", "o2") for x in plans)
     # One destination cannot take 35 blocks below the watermark: no partial (useless) defrag.
-    p = LlumnixMigrationPolicy(max_per_instance=3, max_plans=5, max_concurrent=5, high_watermark=0.9)
+    p = LlumnixMigrationPolicy(max_per_instance=3, max_plans=5, max_concurrent=5, max_per_s=5, high_watermark=0.9)
     assert all(x.reason is not MigrationReason.DEFRAG for x in p.plan(view(src, o1), 0.0))
     # If it fits elsewhere, that is routing's job: no defrag. (Same limits as above: with max_per_instance=1 a defrag
     # could not free enough through one destination anyway, and the "fits elsewhere" rule went untested.)
@@ -217,7 +217,7 @@ def test_defrag_finds_the_queue_head_when_decodes_are_on_their_way() -> None:
             inst("s", (rl("a", ctx=320), rl("b", ctx=160), rl("c", ctx=480), chunking, big), used=60, waiting=1,
                  pending=1200),
             num_waiting=1 + incoming, num_incoming=incoming)
-        p = LlumnixMigrationPolicy(max_per_instance=3, max_plans=5, max_concurrent=5, high_watermark=0.9)
+        p = LlumnixMigrationPolicy(max_per_instance=3, max_plans=5, max_concurrent=5, max_per_s=5, high_watermark=0.9)
         plans = p.plan(view(src, o1, o2), 0.0)
         # The reason too: load balance (s is virtually overloaded) moves the same three in the same order.
         assert [(x.request_id, x.reason) for x in plans] == [(k, MigrationReason.DEFRAG) for k in "bac"], incoming

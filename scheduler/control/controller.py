@@ -148,9 +148,7 @@ class Controller:
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.epoch = f"{self.started_s:.6f}"
         self._migration: MigrationPolicy | None = None
-        self._migration_max_per_s = 2.0
         self._plans: dict[str, list[tuple[float, MigrationPlan]]] = {}  # ingress id -> plans it has to execute
-        self._plan_times: list[float] = []
         self.migration_stats = {"planned": 0, "dropped": 0, "committed": 0, "failed": 0}
         self._init_migration_policy()
         self._k8s = kubernetes if kubernetes is not None else _kubernetes_from_env()
@@ -336,15 +334,14 @@ class Controller:
             return
         params = dict(spec.params)
         params.pop("protocol", None)  # protocol knobs are the ingress' (scheduler.transfer.migration)
-        self._migration_max_per_s = float(params.pop("max_per_s", self._migration_max_per_s))
         self._migration = make_migration_policy(spec.name, **params)
 
     def _policy_tick(self) -> None:
         """Migration policy loop: plan on the live view, hand each plan to the ingress that owns the request's
         stream (from the request registry); ingresses pick them up with ``take_migrations``.
 
-        Rate limits: the policy's own (in flight cluster-wide / per instance, cooldowns, per-request cooldown)
-        plus ``max_per_s`` plans per second here. Plans nobody takes within 5 s are dropped.
+        Rate limits are the policy's (in flight cluster-wide / per instance, ``max_per_s``, cooldowns, per-request
+        cooldown), which the simulator applies alike. Plans nobody takes within 5 s are dropped.
         """
         policy = self._migration
         if policy is None or not self._snapshots:
@@ -355,15 +352,13 @@ class Controller:
                 if now - t >= 5.0:  # never started: dropped, not failed (that held the request out of plans 5 s more)
                     policy.on_migration_dropped(p.request_id)
             self._plans[ing] = [(t, p) for t, p in plans if now - t < 5.0]
-        self._plan_times = [t for t in self._plan_times if now - t < 1.0]
         view = ClusterView(now, tuple(self._snapshots[i] for i in sorted(self._snapshots)))
         for plan in policy.plan(view, now):
             entry = self._registry.entries.get(plan.request_id)
-            if entry is None or len(self._plan_times) >= self._migration_max_per_s:
+            if entry is None:
                 policy.on_migration_dropped(plan.request_id)  # never started: planned again next tick if still due
                 self.migration_stats["dropped"] += 1
                 continue
-            self._plan_times.append(now)
             self._plans.setdefault(entry.ingress_id, []).append((now, plan))
             self.migration_stats["planned"] += 1
 

@@ -24,11 +24,13 @@ Triggers of ``LlumnixMigrationPolicy``, in this order each round (a request is p
 Destinations: accepting (healthy, not draining), decode-capable, enough free KV for the request plus
 ``headroom_tokens`` after everything already planned this round, and not pushed above ``high_watermark``.
 Rate limits so migrations do not thrash: at most ``max_concurrent`` in flight cluster-wide and
-``max_per_instance`` per instance (as source or destination); an instance rests ``cooldown_s`` after a migration
-starts (drain sources excepted); rounds are at least ``min_gap_s`` apart (unless something drains); a migrated
-request is not moved again for ``request_cooldown_s``. In-flight entries clear when the request leaves the
-source's snapshot, on ``on_migration_done``, or after ``inflight_timeout_s``. A plan the caller dropped without
-starting it (``on_migration_dropped``) leaves no trace on its request: no cooldown for what never moved.
+``max_per_instance`` per instance (as source or destination), and at most ``max_per_s`` planned in any second
+(cluster-wide, drains included); an instance rests ``cooldown_s`` after a migration starts (drain sources
+excepted); rounds are at least ``min_gap_s`` apart (unless something drains); a migrated request is not moved again
+for ``request_cooldown_s``. The limits live here, so the live Controller and the simulator apply the same ones.
+In-flight entries clear when the request leaves the source's snapshot, on ``on_migration_done``, or after
+``inflight_timeout_s``. A plan the caller dropped without starting it (``on_migration_dropped``) leaves no trace on
+its request: no cooldown, no ``max_per_s`` slot for what never moved.
 """
 
 from __future__ import annotations
@@ -173,6 +175,7 @@ class _Round:
             self.busy[src] = self.busy.get(src, 0) + 1
             self.busy[dst] = self.busy.get(dst, 0) + 1
         self.inflight = len(policy._inflight)
+        self.rate_left = policy.max_per_s - len(policy._starts)  # ``_expire`` left the last second's starts
         self.plans: list[MigrationPlan] = []
         self.moved: set[str] = set(policy._inflight)
 
@@ -180,7 +183,7 @@ class _Round:
         return self.used[inst.instance_id] / max(inst.kv_blocks_total, 1)
 
     def full(self) -> bool:
-        return self.inflight >= self.p.max_concurrent or len(self.plans) >= self.p.max_plans
+        return self.inflight >= self.p.max_concurrent or len(self.plans) >= min(self.p.max_plans, self.rate_left)
 
     def can_touch(self, inst: InstanceSnapshot, *, cooldown: bool = True) -> bool:
         iid = inst.instance_id
@@ -233,6 +236,7 @@ class LlumnixMigrationPolicy(MigrationPolicy):
         max_concurrent: int = 4,
         max_per_instance: int = 1,
         max_plans: int = 4,
+        max_per_s: float = 2.0,
         cooldown_s: float = 1.0,
         min_gap_s: float = 0.2,
         request_cooldown_s: float = 10.0,
@@ -255,6 +259,9 @@ class LlumnixMigrationPolicy(MigrationPolicy):
         self.max_concurrent = max_concurrent
         self.max_per_instance = max_per_instance
         self.max_plans = max_plans
+        if not max_per_s > 0:
+            raise ValueError(f"max_per_s: must be > 0, got {max_per_s}")
+        self.max_per_s = max_per_s
         self.cooldown_s = cooldown_s
         self.min_gap_s = min_gap_s
         self.request_cooldown_s = request_cooldown_s
@@ -265,6 +272,8 @@ class LlumnixMigrationPolicy(MigrationPolicy):
         self._inflight: dict[str, tuple[str, str, float]] = {}  # request -> (source, destination, started)
         self._touched: dict[str, float] = {}  # instance -> last migration start
         self._recent: OrderedDict[str, float] = OrderedDict()  # request -> last migration start
+        # (time, request) of the plans made in the last second, for ``max_per_s``.
+        self._starts: list[tuple[float, str]] = []
         self._last_round = -math.inf
 
     # ---- bookkeeping ----------------------------------------------------------------------------------------------
@@ -276,6 +285,11 @@ class LlumnixMigrationPolicy(MigrationPolicy):
         # request out of every plan for request_cooldown_s -- longer than the request lived.
         self._inflight.pop(request_id, None)
         self._recent.pop(request_id, None)
+        # Never started: it does not count against ``max_per_s`` either.
+        for i in range(len(self._starts) - 1, -1, -1):
+            if self._starts[i][1] == request_id:
+                del self._starts[i]
+                break
 
     def _expire(self, view: ClusterView, now_s: float) -> None:
         by_id = {i.instance_id: i for i in view.instances}
@@ -285,6 +299,7 @@ class LlumnixMigrationPolicy(MigrationPolicy):
             gone = s is None or ((s.requests or not s.num_running) and all(r.request_id != rid for r in s.requests))
             if gone or now_s - t0 >= self.inflight_timeout_s:
                 del self._inflight[rid]
+        self._starts = [(t, rid) for t, rid in self._starts if now_s - t < 1.0]
         while self._recent and len(self._recent) > 100_000:
             self._recent.popitem(last=False)
         # Past its cooldown an entry decides nothing; dropping it keeps retired instances' ids from piling up.
@@ -311,6 +326,7 @@ class LlumnixMigrationPolicy(MigrationPolicy):
             self._touched[plan.source] = self._touched[plan.destination] = now_s
             self._recent[plan.request_id] = now_s
             self._recent.move_to_end(plan.request_id)
+            self._starts.append((now_s, plan.request_id))
         if rnd.plans:
             self._last_round = now_s
         return rnd.plans
