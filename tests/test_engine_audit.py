@@ -139,3 +139,11 @@ def test_a_dropped_plan_gives_its_slot_of_max_per_s_back() -> None:
     pol.on_migration_dropped("r1")
     assert [p.request_id for p in pol.plan(view(d, x), 0.6)] == ["r2"]
     assert [p.request_id for p in pol.plan(view(d, x), 1.0)] == ["r3"]  # r0's start left the window
+
+
+def test_a_step_budget_below_max_num_seqs_is_refused_as_vllm_refuses_it() -> None:
+    """vLLM refuses ``max_num_batched_tokens < max_num_seqs`` at engine start; the config took it, so a simulation
+    ran a cluster no live vLLM pool starts as (its batches capped at the budget, 4 decodes of 16 allowed)."""
+    with pytest.raises(ValueError, match="max_num_batched_tokens: 4 is below max_num_seqs 16"):
+        EngineSpec(max_num_batched_tokens=4, max_num_seqs=16)
+    EngineSpec(max_num_batched_tokens=16, max_num_seqs=16)

@@ -126,6 +126,15 @@ class EngineSpec(_Strict):
         description="reuse the KV of prompt blocks (trace hash_ids) seen before on the instance; LRU bounded by KV",
     )
 
+    @model_validator(mode="after")
+    def _budget_fits_a_full_batch(self) -> EngineSpec:
+        # NOTE: vLLM refuses it at engine start (SchedulerConfig.verify_max_model_len): a simulation of it is of a
+        # cluster no live vLLM pool starts as.
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens: {self.max_num_batched_tokens} is below max_num_seqs "
+                             f"{self.max_num_seqs}: a step could not decode a full batch (vLLM refuses it)")
+        return self
+
 
 class PoolSpec(_Strict):
     """A homogeneous set of instances."""
