@@ -9,7 +9,9 @@ The stage sizes come from ``scheduler.policy.migration.migration_stages``. The l
 (``scheduler.transfer.migration.run_migration``) applies the same rule to measured stage sizes, with one difference:
 there the stage at or under ``last_stage_max_tokens`` is still a pre-copy and the stop copies what came after it
 (``max_stages`` counts pre-copies), so a simulated move has one stage less and a stop-and-copy of up to
-``last_stage_max_tokens`` where the live one copies a token or two.
+``last_stage_max_tokens`` where the live one copies a token or two. The knobs are the live ingress's:
+``policies.migration.params.protocol`` (``migration_config``); mode ``blocking`` copies everything at the stop,
+``recompute`` is not modelled (refused).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from scheduler.latency import kv_transfer_time
-from scheduler.policy.migration import migration_stages
+from scheduler.policy.migration import kv_bandwidth_tok_s, migration_stages
+from scheduler.transfer.migration import MigrationMode, migration_config
 
 if TYPE_CHECKING:
     from sim.cluster import SimInstance
@@ -39,13 +42,18 @@ class _InFlight:
 class MigrationDriver:
     """Executes the migration policy's plans inside one simulation run."""
 
-    def __init__(self, sim: Simulator, *, headroom_tokens: int = 64, max_stages: int = 4,
-                 last_stage_max_tokens: int = 64) -> None:
+    def __init__(self, sim: Simulator) -> None:
         self.sim = sim
         self.policy = sim.migration
-        self.headroom_tokens = headroom_tokens
-        self.max_stages = max_stages
-        self.last_stage_max_tokens = last_stage_max_tokens
+        # The protocol knobs the live ingress runs with (they were this class's defaults, whatever the config said).
+        protocol = migration_config(sim.config)
+        if protocol.mode is MigrationMode.RECOMPUTE:
+            raise ValueError("policies.migration.params.protocol.mode: the simulator models live and blocking "
+                             "migration, not recompute")
+        self.blocking = protocol.mode is MigrationMode.BLOCKING
+        self.headroom_tokens = protocol.headroom_tokens
+        self.max_stages = protocol.max_stages
+        self.last_stage_max_tokens = protocol.last_stage_max_tokens
         self.in_flight: dict[int, _InFlight] = {}
         self.committed = 0
         self.aborted_dst = 0  # destination refused at handshake
@@ -100,10 +108,10 @@ class MigrationDriver:
         a, b = src.latency.decode_coeffs(max(len(src.engine.decoding), 1))
         step = a + b * (src.engine._n_sum + len(src.engine.decoding))
         gpu = self.sim.config.gpus[src.pool.gpu]
-        bw_tok = gpu.network_gbps * 1e9 / self.sim.config.model.kv_bytes_per_token
+        bw_tok = kv_bandwidth_tok_s(self.sim.config.model, gpu.network_gbps)
         stages = migration_stages(context, decode_rate_tok_s=1.0 / step, bandwidth_tok_s=bw_tok,
                               max_stages=self.max_stages, last_stage_max_tokens=self.last_stage_max_tokens)
-        pre = stages[:-1] or stages  # at least one pre-copy stage of the context
+        pre = [] if self.blocking else stages[:-1] or stages  # live: at least one pre-copy stage of the context
         t_pre = sum(self._xfer(src, k) for k in pre)
         self.in_flight[rid] = _InFlight(rid, src, dst, need, sum(pre), now, rid if key is None else key)
         self.sim._push(now + t_pre, self._kind("MIGRATE_FINAL"), None, rid)

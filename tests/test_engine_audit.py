@@ -147,3 +147,52 @@ def test_a_step_budget_below_max_num_seqs_is_refused_as_vllm_refuses_it() -> Non
     with pytest.raises(ValueError, match="max_num_batched_tokens: 4 is below max_num_seqs 16"):
         EngineSpec(max_num_batched_tokens=4, max_num_seqs=16)
     EngineSpec(max_num_batched_tokens=16, max_num_seqs=16)
+
+
+# ---- the simulator's migration protocol knobs: the live ingress's ------------------------------------------------
+def _protocol_run(protocol: dict, *, small_blocks: int) -> tuple[Simulator, object]:
+    """One request (200-token prompt, 300 out) on a draining instance, moved to ``dst`` (``small_blocks``)."""
+    from tests.test_engine_model import GPU, MODEL
+    from tests.test_sim_migration import AllToFirst
+
+    def eng(blocks: int) -> EngineSpec:
+        return EngineSpec(block_size=16, max_num_batched_tokens=512, max_num_seqs=64, num_kv_blocks=blocks)
+
+    cfg = ClusterConfig(
+        gpus={"a100": GPU},
+        model=MODEL,
+        pools=[
+            PoolSpec(name="src", gpu="a100", engine=eng(2000)),
+            PoolSpec(name="dst", gpu="a100", engine=eng(small_blocks)),
+        ],
+        policies={"migration": {"name": "llumnix", "params": {"protocol": protocol}}},
+    )
+    sim = Simulator(cfg, router=AllToFirst(), migration=_DrainFirst())
+    return sim, sim.run(Workload(np.zeros(1), np.array([200]), np.array([300])))
+
+
+def test_the_simulator_reserves_the_headroom_the_config_gives_the_live_protocol() -> None:
+    """``policies.migration.params.protocol`` sets the live ingress's protocol; the simulator's driver kept its own
+    defaults. With 512 tokens of headroom a 40-block destination refuses a ~210-token request live (46 blocks);
+    the simulator reserved 64 tokens' worth (18 blocks) and moved it."""
+    sim, res = _protocol_run({"headroom_tokens": 512}, small_blocks=40)
+    assert sim.migrations.aborted_dst >= 1 and res.migrations == 0
+    sim, res = _protocol_run({}, small_blocks=40)
+    assert res.migrations == 1
+
+
+def test_a_blocking_protocol_stops_the_request_for_its_whole_context_in_the_simulator_too() -> None:
+    """Mode ``blocking`` (no pre-copy: the stop copies all the KV) was simulated as a live multi-stage move, whose
+    downtime is the last small stage; ``recompute`` is not modelled, and says so."""
+    from scheduler.latency import kv_transfer_time
+
+    sim, res = _protocol_run({"mode": "blocking"}, small_blocks=2000)
+    gpu = sim.config.gpus["a100"]
+    whole = kv_transfer_time(
+        200, sim.config.model, bandwidth_gbps=gpu.network_gbps, latency_s=gpu.network_latency_s
+    )
+    assert res.migrations == 1 and sim.migrations.downtime_s[0] > whole
+    live, _ = _protocol_run({}, small_blocks=2000)
+    assert live.migrations.downtime_s[0] < whole / 2
+    with pytest.raises(ValueError, match="protocol.mode: the simulator models live and blocking"):
+        _protocol_run({"mode": "recompute"}, small_blocks=2000)

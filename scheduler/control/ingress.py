@@ -75,6 +75,7 @@ from scheduler.transfer.migration import (
     MigrationMode,
     Side,
     StepFailed,
+    migration_config,
     run_migration,
 )
 
@@ -262,7 +263,7 @@ class Ingress:
         self.view_refreshed_s = 0.0
         self.counters = {"recoveries": 0, "handoffs": 0, "migrations": 0, "migrations_aborted": 0, "routed": 0,
                          "channel_calls": 0, "channel_fallbacks": 0, "kv_refused": 0}
-        self.migration_config = migration or _migration_config(config)
+        self.migration_config = migration or migration_config(config)
         self.plans_s = plans_s
         self.direct = direct
         self._channels: dict[str, ChannelClient] = {}  # incarnation -> its channel
@@ -1214,18 +1215,6 @@ def _hands_off(decision: RouteDecision, rec: RequestRecord) -> bool:
     there, sends the KV back to it: decoded there either way), and more than one token to make (a one-token
     request ends with its prefill). ``Simulator._on_arrival`` decides alike."""
     return decision.decode_instance not in (None, decision.prefill_instance) and rec.remaining_tokens > 1
-
-
-def _migration_config(config: ClusterConfig) -> MigrationConfig:
-    """Protocol knobs from ``policies.migration.params.protocol`` (max_stages, last_stage_max_tokens, ...)."""
-    spec = config.policies.migration
-    raw = dict((spec.params.get("protocol") or {}) if spec is not None else {})
-    if "mode" in raw:
-        raw["mode"] = MigrationMode.parse(raw["mode"])
-    try:
-        return MigrationConfig(**raw)
-    except TypeError as e:
-        raise ValueError(f"policies.migration.params.protocol: {e}") from None
 
 
 class _RaySource:

@@ -35,7 +35,10 @@ import enum
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from scheduler.config.models import ClusterConfig
 
 
 class MigrationState(enum.IntEnum):
@@ -132,6 +135,20 @@ class MigrationConfig:
             raise ValueError(f"headroom_tokens: must be >= 0, got {self.headroom_tokens}")
         if self.step_timeout_s <= 0:
             raise ValueError(f"step_timeout_s: must be > 0, got {self.step_timeout_s}")
+
+
+def migration_config(config: ClusterConfig) -> MigrationConfig:
+    """Protocol knobs from ``policies.migration.params.protocol`` (max_stages, last_stage_max_tokens, ...): the live
+    ingress's and the simulator's (``sim/migration.py``)."""
+    spec = config.policies.migration
+    raw = dict((spec.params.get("protocol") or {}) if spec is not None else {})
+    if "mode" in raw:
+        raw["mode"] = MigrationMode.parse(raw["mode"])
+    try:
+        return MigrationConfig(**raw)
+    except TypeError as e:
+        raise ValueError(f"policies.migration.params.protocol: {e}") from None
+
 
 
 @dataclass(frozen=True, slots=True)
