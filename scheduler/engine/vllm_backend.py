@@ -56,7 +56,7 @@ class VLLMBackend:
         model_path: a Hugging Face model directory (e.g. ``ensure_tiny_model()``).
         kv_cache_bytes: KV cache size per GPU (on CPU: host memory). ``None``: vLLM sizes it -- on a GPU from
             ``gpu_memory_utilization`` (pass it in ``engine_kwargs``), on CPU against NUMA node 0.
-        block_size: tokens per KV block; vLLM-CPU needs a multiple of 32.
+        block_size: tokens per KV block; vLLM-CPU needs a multiple of 32 (a GPU takes vLLM's sizes, e.g. 16).
         max_model_len: context limit (prompt + output tokens).
         max_num_seqs: max requests in the running batch.
         max_num_batched_tokens: per-step token budget (chunked prefill); default ``max_model_len``.
@@ -101,7 +101,9 @@ class VLLMBackend:
         kv_role = kv_role or "kv_both"
         if kv_role not in KV_ROLES:
             raise ValueError(f"kv_role: {kv_role!r} not one of {', '.join(KV_ROLES)}")
-        if block_size <= 0 or block_size % 32:
+        from vllm.platforms import current_platform
+
+        if block_size <= 0 or (block_size % 32 and current_platform.is_cpu()):
             raise ValueError(
                 f"block_size: {block_size} must be a positive multiple of 32 (vLLM-CPU attention)"
             )
