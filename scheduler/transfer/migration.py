@@ -150,7 +150,6 @@ def migration_config(config: ClusterConfig) -> MigrationConfig:
         raise ValueError(f"policies.migration.params.protocol: {e}") from None
 
 
-
 @dataclass(frozen=True, slots=True)
 class MigrationSnapshot:
     """R's state at the stop point (what B needs besides KV): the tokens so far (prompt + outputs) from
