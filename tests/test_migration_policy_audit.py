@@ -87,9 +87,7 @@ def test_controller_drops_plans_nobody_took_without_a_request_cooldown() -> None
     out of plans for request_cooldown_s (10 s from the plan: 5 s more). Dropped, it is planned again at once."""
     ctrl = Controller.__new__(Controller)  # the policy loop alone: no Ray
     pol = ctrl._migration = LlumnixMigrationPolicy(cooldown_s=0.0)
-    ctrl._migration_max_per_s = 2.0
     ctrl.migration_stats = {"planned": 0, "dropped": 0, "committed": 0, "failed": 0}
-    ctrl._plan_times = []
     ctrl._registry = EntryTable()
     ctrl._registry.apply("ing", [RegistryEntry("a", "ing", ("d",), 5, Phase.DECODE)], [], full=True)
     ctrl._snapshots = {"d": inst("d", (rl("a"),), draining=True), "x": inst("x", total=200)}
