@@ -146,7 +146,7 @@ class MigrationPolicy:
         return None
 
     def on_migration_dropped(self, request_id: str) -> None:
-        """A plan the caller never started (no owner known yet, over its rate limit)."""
+        """A plan the caller never started (no owner known yet, moot when it arrived, never taken)."""
         self.on_migration_done(request_id, ok=False)
 
 
