@@ -18,7 +18,8 @@ removal (``stopped_s``; the makespan for instances alive at the end): ``SimResul
 
 The observed summary: arrival rate and mean prompt tokens of the requests that arrived in the window; mean output
 tokens of the requests that *finished* in the window (what a live controller can measure); the prompt tokens the
-instances served from their prefix caches in the window, per arrival (``PrefixHitWindow``, as the Controller).
+instances served from their prefix caches in the window, per arrival (``PrefixHitWindow``, as the Controller); the
+priority classes of the window's arrivals (``SLAScaler`` sizes for their SLOs).
 Before any request has finished, the mean output of the window's arrivals stands in (a cold-start oracle, for the
 first seconds only).
 """
@@ -120,7 +121,9 @@ class ScalingDriver:
         output = self._last_output
         if output is None:  # nothing finished yet: cold-start stand-in (see module docstring)
             output = float(w.output_tokens[lo:hi].mean()) if hi > lo else 1.0
-        return WorkloadSummary(rate, prompt, output, self._hits.per_request(hi - lo, prompt))
+        return WorkloadSummary(rate, prompt, output, self._hits.per_request(hi - lo, prompt),
+                               tuple(int(p) for p in np.unique(w.priority[lo:hi])) if w.priority is not None
+                               else (0,) * (hi > lo))
 
     # ---- applying decisions --------------------------------------------------------------------------------------
     def pool_key(self, inst: SimInstance) -> str:

@@ -964,7 +964,7 @@ class _WorkloadWindow:
         self._live: dict[str, int] = {}  # request id -> generated tokens last seen
         self._prompt: dict[str, int] = {}  # request id -> its prompt tokens as first seen
         self._ended: dict[str, float] = {}  # recently ended ids (a P->D handoff gap is not a new arrival)
-        self._arrivals: deque[tuple[float, int | None]] = deque()
+        self._arrivals: deque[tuple[float, int | None, int | None]] = deque()  # (time, prompt, priority)
         self._outputs: deque[tuple[float, int]] = deque()
         self._hits = PrefixHitWindow(window_s)
 
@@ -977,7 +977,7 @@ class _WorkloadWindow:
         for s in snapshots:
             for r in s.requests:
                 loads.setdefault(r.request_id, []).append(r)
-        current: dict[str, tuple[int | None, int]] = {}
+        current: dict[str, tuple[int | None, int, int | None]] = {}  # id -> (prompt, made, priority)
         for rid, rs in loads.items():
             # The prompt as first seen, and the outputs as the KV grown past it: ``generated_tokens`` counts those
             # made on the engine listing it, and a decode leg, a migrated or a recovered request has the ones made
@@ -986,17 +986,17 @@ class _WorkloadWindow:
             if prompt is None:
                 prompt = min(max(r.context_tokens - r.generated_tokens, 0) for r in rs)
             made = max(max(r.context_tokens - prompt, r.generated_tokens) for r in rs)
-            current[rid] = (prompt, max(made, self._live.get(rid, 0)))
+            current[rid] = (prompt, max(made, self._live.get(rid, 0)), rs[0].priority)
         for rid in list(registry):
-            current.setdefault(rid, (None, self._live.get(rid, 0)))
-        for rid, (prompt, _) in current.items():
+            current.setdefault(rid, (None, self._live.get(rid, 0), None))
+        for rid, (prompt, _, prio) in current.items():
             if rid not in self._live and rid not in self._ended:
-                self._arrivals.append((now, prompt))
+                self._arrivals.append((now, prompt, prio))
         for rid in self._live.keys() - current.keys():
             self._ended[rid] = now
             self._outputs.append((now, self._live[rid]))
-        self._live = {rid: gen for rid, (_, gen) in current.items()}
-        self._prompt = {rid: p for rid, (p, _) in current.items() if p is not None}
+        self._live = {rid: gen for rid, (_, gen, _) in current.items()}
+        self._prompt = {rid: p for rid, (p, _, _) in current.items() if p is not None}
         cut = now - self.window_s
         while self._arrivals and self._arrivals[0][0] < cut:
             self._arrivals.popleft()
@@ -1006,7 +1006,7 @@ class _WorkloadWindow:
 
     def summary(self, now: float) -> WorkloadSummary:
         span = min(self.window_s, max(now - (self.started_s or now), 1.0))
-        prompts = [p for _, p in self._arrivals if p is not None]
+        prompts = [p for _, p, _ in self._arrivals if p is not None]
         outs = [o for _, o in self._outputs if o > 0]
         prompt = sum(prompts) / len(prompts) if prompts else 512.0
         return WorkloadSummary(
@@ -1014,4 +1014,5 @@ class _WorkloadWindow:
             mean_prompt_tokens=prompt,
             mean_output_tokens=sum(outs) / len(outs) if outs else 128.0,
             mean_cached_prompt_tokens=self._hits.per_request(len(self._arrivals), prompt),
+            priorities=tuple(sorted({c for _, _, c in self._arrivals if c is not None})),
         )

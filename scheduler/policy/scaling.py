@@ -66,6 +66,8 @@ class WorkloadSummary:
     mean_prompt_tokens: float
     mean_output_tokens: float
     mean_cached_prompt_tokens: float = 0.0
+    # Priority classes of the window's arrivals (``SLAScaler`` sizes for their SLOs); empty: unknown (class 0).
+    priorities: tuple[int, ...] = ()
 
 
 class PrefixHitWindow:
@@ -103,8 +105,7 @@ def prefill_capacity_rps(lat: LatencyModel, prompt_tokens: float, *, ttft_slo_s:
     with ``S = prefill_time(computed, cached)``; ``S + wait <= T`` gives ``rho <= 2 (x - 1) / (2 x - 1)`` for
     ``x = T / S`` (0 if ``x < 1``). Capped at ``max_utilization``.
     """
-    c = max(int(cached_tokens), 0)
-    p = max(int(prompt_tokens) - c, 1)  # tokens computed; a full hit still computes the last one
+    p, c = _computed(prompt_tokens, cached_tokens)
     if p <= chunk_tokens:
         k = max(chunk_tokens // p, 1)
         per_request = lat.step_time(prefill_tokens=k * p, prefill_pairs=k * prefill_pairs(p, c),
@@ -120,6 +121,12 @@ def prefill_capacity_rps(lat: LatencyModel, prompt_tokens: float, *, ttft_slo_s:
             return 0.0
         rho = min(rho, 2 * (x - 1) / (2 * x - 1))
     return rho / per_request
+
+
+def _computed(prompt_tokens: float, cached_tokens: float) -> tuple[int, int]:
+    """(tokens a prefill computes, tokens cached before them): a full hit still computes the last one."""
+    c = max(int(cached_tokens), 0)
+    return max(int(prompt_tokens) - c, 1), c
 
 
 def decode_batch_limit(lat: LatencyModel, prompt_tokens: float, output_tokens: float, *,
@@ -306,7 +313,8 @@ class SLAScaler(ScalingPolicy):
 
     Args:
         latency: one model for every pool, or a mapping pool -> model; or give ``config`` (first pool of each role).
-        slo: TTFT/TPOT targets (default: the config's priority-0 SLO).
+        slo: TTFT/TPOT targets for every request. Default: from ``config``, each priority class's own SLO; the pools
+            are sized for the tightest of the classes in the observed window (``slo_of``); else no target.
         headroom: over-provisioning factor on the forecast rate.
         chunk_tokens / max_batch / kv_tokens: an instance's prefill chunk, decode batch cap and KV capacity (tokens)
             for every pool; ``None``: each pool's engine (``max_num_batched_tokens``, ``max_num_seqs``, its KV) when
@@ -343,10 +351,12 @@ class SLAScaler(ScalingPolicy):
                 for key in (pool.role.value, pool.name):
                     self._eng.setdefault(key, pool.engine)
                     self._eng_of_gpu.setdefault((key, pool.gpu, pool.tp), pool.engine)
-            slo = slo or config.slo_for(0)
+        # Per-class SLOs (the config's; an explicit ``slo`` holds for every class). Sized with class 0's alone, a
+        # window of priority-1 requests with a 4x tighter TTFT got class 0's instance count.
+        self._slo_of_class = config.slo_for if config is not None and slo is None else None
         if self._single is None and not self._lat:
             raise ValueError("SLAScaler needs a latency model: pass latency= or config=")
-        self.slo = slo or SLO()
+        self.slo = slo or (config.slo_for(0) if config is not None else SLO())
         # smoothing 0 froze the forecast at the first rate seen; headroom 0 sized every pool for no load.
         _check(headroom=(headroom, 1e-9, None), cooldown_s=(cooldown_s, 0, None),
                down_sustain_s=(down_sustain_s, 0, None), smoothing=(smoothing, 1e-9, 1),
@@ -379,17 +389,50 @@ class SLAScaler(ScalingPolicy):
     def engine_of(self, pool: str) -> EngineSpec | None:
         return self._eng.get(pool)
 
-    def capacity(self, lat: LatencyModel, role: str, w: WorkloadSummary, engine: EngineSpec | None = None) -> float:
-        """Requests/s one instance of ``role`` with latency model ``lat`` (running ``engine``) serves within the
-        SLO. The explicit ``chunk_tokens`` / ``max_batch`` / ``kv_tokens`` win over the engine's."""
+    def slo_of(self, w: WorkloadSummary) -> SLO:
+        """The targets the pools are sized for: with per-class SLOs, each the tightest over the window's classes --
+        an engine admits FCFS and decodes one batch, so every class waits in one queue and steps at one pace."""
+        if self._slo_of_class is None or not w.priorities:
+            return self.slo
+        slos = [self._slo_of_class(p) for p in w.priorities]
+        ttfts = [s.ttft_s for s in slos if s.ttft_s is not None]
+        tpots = [s.tpot_s for s in slos if s.tpot_s is not None]
+        return SLO(min(ttfts, default=None), min(tpots, default=None))
+
+    @staticmethod
+    def reachable(lat: LatencyModel, role: str, w: WorkloadSummary, slo: SLO) -> tuple[SLO, tuple[str, ...]]:
+        """``slo`` less the targets an instance of ``role`` misses even serving the mean request alone (its
+        prefill longer than the TTFT target, a one-request decode step longer than the TPOT one), and why each:
+        more instances cannot help those requests, only throughput can be bought for them."""
+        ttft, tpot, why = slo.ttft_s, slo.tpot_s, []
+        if ttft is not None and role != "decode":
+            p, c = _computed(w.mean_prompt_tokens, w.mean_cached_prompt_tokens)
+            if (t := lat.prefill_time(p, c)) > ttft:
+                why.append(f"TTFT {ttft:g} s unreachable: one {p}-token prefill takes {t:.2f} s")
+                ttft = None
+        if tpot is not None and role != "prefill":
+            a, b = lat.decode_coeffs(1)
+            if (t := a + b * (w.mean_prompt_tokens + w.mean_output_tokens / 2)) > tpot:
+                why.append(f"TPOT {tpot:g} s unreachable: a one-request decode step takes {t:.3f} s")
+                tpot = None
+        return SLO(ttft, tpot), tuple(why)
+
+    def capacity(self, lat: LatencyModel, role: str, w: WorkloadSummary, engine: EngineSpec | None = None, *,
+                 slo: SLO | None = None, best_effort: bool = False) -> float:
+        """Requests/s one instance of ``role`` with latency model ``lat`` (running ``engine``) serves within
+        ``slo`` (default ``slo_of(w)``). The explicit ``chunk_tokens`` / ``max_batch`` / ``kv_tokens`` win over the
+        engine's. ``best_effort``: the targets no instance count can meet (``reachable``) are dropped, not 0."""
         chunk, batch, kv = self.chunk_tokens, self.max_batch, self.kv_tokens
         if engine is not None:
             chunk = chunk or engine.max_num_batched_tokens
             batch = batch or engine.max_num_seqs
             kv = kv or engine_kv_tokens(lat, engine)
-        pre = prefill_capacity_rps(lat, w.mean_prompt_tokens, ttft_slo_s=self.slo.ttft_s, chunk_tokens=chunk or 2048,
+        slo = slo or self.slo_of(w)
+        if best_effort:
+            slo = self.reachable(lat, role, w, slo)[0]
+        pre = prefill_capacity_rps(lat, w.mean_prompt_tokens, ttft_slo_s=slo.ttft_s, chunk_tokens=chunk or 2048,
                                    cached_tokens=w.mean_cached_prompt_tokens)
-        dec = decode_capacity_rps(lat, w.mean_prompt_tokens, w.mean_output_tokens, tpot_slo_s=self.slo.tpot_s,
+        dec = decode_capacity_rps(lat, w.mean_prompt_tokens, w.mean_output_tokens, tpot_slo_s=slo.tpot_s,
                                   max_batch=batch or 256, kv_tokens=kv)
         return {"prefill": pre, "decode": dec}.get(role, mixed_capacity_rps(pre, dec))
 
@@ -406,15 +449,18 @@ class SLAScaler(ScalingPolicy):
         """``targets`` for the pools of ``view``: the rate of a role split among its pools in proportion to their
         capacity (each sized for the whole rate, two pools of one role were twice what the rate needs: 2.36x on
         the hetero config), each instance at its own GPU's capacity (a key spanning two GPU types counted all at
-        the first's: A100s as H100s), new ones at the capacity of the pool's template."""
+        the first's: A100s as H100s), new ones at the capacity of the pool's template. Best effort: a target no
+        instance count meets is not sized for (``reachable``); ``None`` only where an instance cannot serve the
+        mean request at all (its KV does not fit)."""
         rate = w.rate_rps * self.headroom
-        new_cap = {k: self.capacity(self.latency_of(k), self._role.get(k, k), w, self.engine_of(k)) for k in pools}
+        new_cap = {k: self.capacity(self.latency_of(k), self._role.get(k, k), w, self.engine_of(k), best_effort=True)
+                   for k in pools}
         caps: dict[str, list[float]] = {}
         for k, insts in pools.items():
             role = self._role.get(k, k)
             caps[k] = [new_cap[k] if (i.gpu, i.tp) not in self._lat_of_gpu
                        else self.capacity(self._lat_of_gpu[(i.gpu, i.tp)], role, w,
-                                          self._eng_of_gpu.get((k, i.gpu, i.tp), self.engine_of(k)))
+                                          self._eng_of_gpu.get((k, i.gpu, i.tp), self.engine_of(k)), best_effort=True)
                        for i in insts]
         have = {k: sum(caps[k]) + self.starting(k, now_s) * new_cap[k] for k in pools}
         by_role: dict[str, list[str]] = {}
@@ -449,12 +495,20 @@ class SLAScaler(ScalingPolicy):
         pools = self.pools(view)
         w = dataclasses.replace(observed, rate_rps=rate)
         out = []
+        slo = self.slo_of(w)
         for pool, need in sorted(self._targets_in(pools, now_s, w).items()):
             insts = pools[pool]
             have = len(insts) + self.starting(pool, now_s)
-            target = self.max_instances if need is None else min(max(need, self.min_instances), self.max_instances)
-            why = (f"forecast {rate:.2f} req/s needs {need if need is not None else 'unreachable SLO: max'} "
-                   f"{pool} instances")
+            # NOTE: an unreachable target asked for max_instances before: more instances cannot shorten one
+            # request's prefill or decode step. Such a pool is sized for throughput; one that cannot hold the
+            # mean request at all keeps its size.
+            unmet = self.reachable(self.latency_of(pool), self._role.get(pool, pool), w, slo)[1]
+            target = min(max(have if need is None else need, self.min_instances), self.max_instances)
+            why = (f"forecast {rate:.2f} req/s needs {need} {pool} instances" if need is not None else
+                   f"{pool}: an instance cannot hold the mean request ({w.mean_prompt_tokens:.0f} + "
+                   f"{w.mean_output_tokens:.0f} tokens): size kept")
+            if unmet:
+                why += f" ({'; '.join(unmet)}: sized for throughput)"
             if target > have and now_s - self._last_action.get(pool, -math.inf) >= self.cooldown_s:
                 # NOTE: ``target`` counts instances still starting: the applier already asked for those.
                 out.append(ScaleDecision(pool, target=target, reason=why))
