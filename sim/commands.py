@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from scheduler.cli_args import (
 from scheduler.config.load import ConfigError, load_config
 from scheduler.config.models import ClusterConfig
 from scheduler.policy.route import make_router
+from scheduler.policy.scaling import ScalingLoop
 from sim.goodput import goodput
 from sim.metrics import request_metrics, sim_summary
 from sim.report import print_summaries, write_figure, write_json
@@ -75,7 +77,8 @@ def load_cluster(args: argparse.Namespace) -> ClusterConfig:
     if "scaling" in unused and getattr(args, "scaling", None):  # simulate --scaling: the flag's policy runs
         unused.remove("scaling")
     if unused:
-        hint = " (llmsched simulate --scaling runs a scaling policy)" if "scaling" in unused else ""
+        hint = (f" (llmsched simulate --scaling {cfg.policies.scaling.name} runs it with its params)"  # type: ignore
+                if "scaling" in unused else "")
         print(f"note: {args.config}: {', '.join(f'policies.{k}' for k in unused)} not applied: the live Controller "
               f"applies them; this simulation runs without{hint}", file=sys.stderr)
     return cfg
@@ -183,6 +186,41 @@ def load_workload(args: argparse.Namespace, cfg: ClusterConfig):
     return trace, Workload.from_trace(trace)
 
 
+def scaling_policy(args: argparse.Namespace, cfg: ClusterConfig) -> tuple[object | None, ScalingLoop]:
+    """``simulate --scaling NAME``'s policy and loop. When the config's ``policies.scaling`` names the same policy,
+    its params are read as the live Controller reads them (``ScalingLoop.split``: decision interval, observation
+    window, start-up delay, then the policy's own); the flags override them."""
+    from scheduler.policy.scaling import make_scaling_policy
+
+    if not args.scaling or args.scaling == "none":
+        if args.min_instances is not None or args.max_instances is not None:
+            raise ValueError("--min-instances / --max-instances: bounds of autoscaling; give --scaling too")
+        return None, ScalingLoop()
+    if args.goodput:  # the bisection replays a static cluster: its number would not be this run's
+        raise ValueError("--goodput: bisects the rate on the static cluster; not with --scaling")
+    spec = cfg.policies.scaling
+    try:
+        loop, params = ScalingLoop.split(spec.params if spec is not None and spec.name == args.scaling else {})
+    except ValueError as e:
+        raise ValueError(f"policies.scaling.params: {e}") from None
+    params.pop("drain_timeout_s", None)  # live only: the simulator removes a drained instance once idle
+    loop = dataclasses.replace(loop, **{k: v for k, v in (("interval_s", args.scaling_interval),
+                                                           ("startup_delay_s", args.startup_delay)) if v is not None})
+    params["startup_delay_s"] = loop.startup_delay_s
+    for key, flag in (("min_instances", args.min_instances), ("max_instances", args.max_instances)):
+        if flag is not None:
+            params[key] = flag
+    lo, hi = params.setdefault("min_instances", 1), params.setdefault("max_instances", 64)
+    if not lo <= hi:  # type: ignore[operator]
+        raise ValueError(f"--min-instances / min_instances ({lo}) must be <= --max-instances / max_instances ({hi})")
+    if args.scaling == "sla":
+        params.setdefault("config", cfg)
+    try:
+        return make_scaling_policy(args.scaling, **params), loop
+    except TypeError as e:  # a param the policy does not take
+        raise ValueError(f"policies.scaling.params: {e}") from None
+
+
 def simulate_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="llmsched simulate", description=__doc__)
     add_workload_args(p)
@@ -193,11 +231,15 @@ def simulate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--goodput", action="store_true", help="also bisect the max rate meeting 90%% SLO attainment")
     p.add_argument("--naive", action="store_true", help="one event per engine step (reference; slow)")
     p.add_argument("--scaling", help="autoscaling policy: threshold | sla | none (default: static cluster)")
-    p.add_argument("--scaling-interval", type=positive_float, default=5.0, help="seconds between scaling decisions")
-    p.add_argument("--startup-delay", type=nonneg_float, default=60.0,
-                   help="seconds from an instance's start request until it takes traffic (model load)")
-    p.add_argument("--min-instances", type=nonneg_int, help="autoscaling floor per pool (default 1)")
-    p.add_argument("--max-instances", type=positive_int, help="autoscaling ceiling per pool (default 64)")
+    p.add_argument("--scaling-interval", type=positive_float,
+                   help="seconds between scaling decisions (default: the config's policies.scaling.params "
+                        "scaling_interval_s, as the live Controller reads it; else 5)")
+    p.add_argument("--startup-delay", type=nonneg_float,
+                   help="seconds from an instance's start request until it takes traffic (model load; default: "
+                        "the config's startup_delay_s, else 60)")
+    p.add_argument("--min-instances", type=nonneg_int, help="autoscaling floor per pool (default: the config's, else 1)")
+    p.add_argument("--max-instances", type=positive_int,
+                   help="autoscaling ceiling per pool (default: the config's, else 64)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -212,24 +254,11 @@ def simulate_main(argv: list[str] | None = None) -> int:
         except ValueError as e:  # say where the name / params came from
             where = "--router" if args.router else f"{args.config or 'default'}: policies.router"
             raise ValueError(f"{where}: {e}") from None
-        scaling = None
-        if args.scaling and args.scaling != "none":
-            from scheduler.policy.scaling import make_scaling_policy
-
-            if args.goodput:  # the bisection replays a static cluster: its number would not be this run's
-                raise ValueError("--goodput: bisects the rate on the static cluster; not with --scaling")
-            kw = {"config": cfg} if args.scaling == "sla" else {}
-            lo = 1 if args.min_instances is None else args.min_instances
-            hi = 64 if args.max_instances is None else args.max_instances
-            if not lo <= hi:
-                raise ValueError(f"--min-instances ({lo}) must be <= --max-instances ({hi})")
-            scaling = make_scaling_policy(args.scaling, min_instances=lo, max_instances=hi, **kw)
-        elif args.min_instances is not None or args.max_instances is not None:
-            raise ValueError("--min-instances / --max-instances: bounds of autoscaling; give --scaling too")
+        scaling, loop = scaling_policy(args, cfg)
         # Builds the instances: a pool without KV memory, a cluster that cannot prefill or decode fail here.
         sim = Simulator(cfg, router=router, closed_form=not args.naive, progress=not args.quiet and len(w) > 50_000,
-                        scaling=scaling, scaling_interval_s=args.scaling_interval,
-                        scaling_startup_s=args.startup_delay, seed=args.seed)
+                        scaling=scaling, scaling_interval_s=loop.interval_s, scaling_startup_s=loop.startup_delay_s,
+                        scaling_options={"window_s": loop.window_s}, seed=args.seed)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from scheduler.policy.scaling import PrefixHitWindow, ScaleDecision, WorkloadSummary
+from scheduler.policy.scaling import PrefixHitWindow, ScaleDecision, ScalingLoop, WorkloadSummary
 from sim.cluster import SimInstance, new_instance, pool_latency
 
 if TYPE_CHECKING:
@@ -51,8 +51,8 @@ class ScaleEvent:
 class ScalingDriver:
     """Runs ``sim.scaling`` inside one simulation run (see the module docstring)."""
 
-    def __init__(self, sim: Simulator, *, startup_delay_s: float = 60.0, window_s: float = 60.0,
-                 min_accepting: int = 1) -> None:
+    def __init__(self, sim: Simulator, *, startup_delay_s: float = ScalingLoop.startup_delay_s,
+                 window_s: float = ScalingLoop.window_s, min_accepting: int = 1) -> None:
         if startup_delay_s < 0 or window_s <= 0:
             raise ValueError(f"scaling: need startup_delay_s >= 0 and window_s > 0, got {startup_delay_s}, {window_s}")
         self.sim = sim

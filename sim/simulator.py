@@ -33,6 +33,7 @@ from scheduler.engine_model import StepResult
 from scheduler.latency import kv_transfer_time
 from scheduler.latency.model import prefill_pairs
 from scheduler.policy.route import RouteDecision, Router, make_router
+from scheduler.policy.scaling import ScalingLoop
 from scheduler.predict.base import LengthPrediction
 from scheduler.predict.serving import serving_predictor
 from sim.cluster import SimInstance, build_instances
@@ -196,8 +197,8 @@ class Simulator:
         migration: object | None = None,
         migration_interval_s: float = 0.5,
         scaling: object | None = None,
-        scaling_interval_s: float = 5.0,
-        scaling_startup_s: float = 60.0,
+        scaling_interval_s: float = ScalingLoop.interval_s,
+        scaling_startup_s: float = ScalingLoop.startup_delay_s,
         scaling_options: dict | None = None,
         reroling: object | None = None,
         reroling_interval_s: float = 5.0,

@@ -99,3 +99,52 @@ def test_sla_scaler_does_not_jump_to_max_for_an_slo_no_instance_count_meets(prom
     (up,) = SLAScaler(LAT, slo=slo, headroom=1.0, max_instances=64).decide(_mixed(1), 0.0,
                                                                            WorkloadSummary(8.0, prompt, 200))
     assert 1 < up.target < 64 and f"{what} " in up.reason and "sized for throughput" in up.reason  # type: ignore
+
+
+# ---- 3. one scaling loop for both clocks -------------------------------------------------------------------------
+def _live_loop(cfg: ClusterConfig) -> tuple[float, float, float]:
+    """(decision interval, window, the policy's start-up delay) as the live Controller reads the config."""
+    from scheduler.control.controller import Controller
+
+    ctrl = Controller.__new__(Controller)  # its config reader alone: no Ray
+    ctrl.config = cfg
+    ctrl._members = {}
+    ctrl._init_scaling_policy()
+    assert ctrl._scaling is not None
+    return ctrl._scaling_interval_s, ctrl._workload.window_s, ctrl._scaling.startup_delay_s
+
+
+def _sim_loop(cfg: ClusterConfig, monkeypatch, name: str, *flags: str) -> tuple[float, float, float]:
+    """The same, as ``llmsched simulate --scaling NAME`` hands them to the simulator."""
+    from sim import commands
+
+    seen: dict = {}
+
+    def capture(config, **kw):  # type: ignore[no-untyped-def]
+        seen.update(kw)
+        raise ValueError("captured")
+
+    monkeypatch.setattr(commands, "load_cluster", lambda args: cfg)
+    monkeypatch.setattr(commands, "Simulator", capture)
+    assert commands.simulate_main(["--synthetic", "20", "--rate", "2", "--scaling", name, "--quiet", *flags]) == 2
+    pol = seen["scaling"]
+    assert seen["scaling_startup_s"] == pol.startup_delay_s  # the driver models what the policy books
+    return seen["scaling_interval_s"], seen.get("scaling_options", {}).get("window_s", 60.0), pol.startup_delay_s
+
+
+@pytest.mark.parametrize("params", [{}, {"window_s": 20, "scaling_interval_s": 2, "startup_delay_s": 45,
+                                         "headroom": 1.3, "drain_timeout_s": 30}])
+def test_live_controller_and_simulator_read_one_scaling_loop_from_the_config(params: dict, monkeypatch) -> None:
+    """The same config scaled on different clocks: the Controller decided every 10 s on a 30 s window and booked
+    30 s start-ups; ``llmsched simulate --scaling sla`` every 5 s on a 60 s window with 60 s start-ups, and read
+    none of the config's ``policies.scaling.params`` (a config's ``window_s: 20`` was live-only). Both read them
+    through ``ScalingLoop.split`` now, with one set of defaults; the simulator's flags still override."""
+    from scheduler.config.models import PoliciesSpec, PolicySpec
+
+    cfg = _config(c0=LOOSE).model_copy(update={"policies": PoliciesSpec(scaling=PolicySpec(name="sla",
+                                                                                          params=params))})
+    live = _live_loop(cfg)
+    assert _sim_loop(cfg, monkeypatch, "sla") == live
+    if params:
+        assert live == (2.0, 20.0, 45.0)
+    assert _sim_loop(cfg, monkeypatch, "sla", "--scaling-interval", "7", "--startup-delay", "9")[::2] == (7.0, 9.0)

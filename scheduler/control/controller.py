@@ -59,6 +59,7 @@ from scheduler.policy.migration import MigrationPlan, MigrationPolicy, make_migr
 from scheduler.policy.scaling import (
     PrefixHitWindow,
     ScaleDecision,
+    ScalingLoop,
     ScalingPolicy,
     WorkloadSummary,
     make_scaling_policy,
@@ -153,8 +154,8 @@ class Controller:
         self._init_migration_policy()
         self._k8s = kubernetes if kubernetes is not None else _kubernetes_from_env()
         self._scaling: ScalingPolicy | None = None
-        self._scaling_interval_s = 10.0
-        self._drain_timeout_s = 120.0
+        self._scaling_interval_s = ScalingLoop.interval_s
+        self._drain_timeout_s = ScalingLoop.drain_timeout_s
         self._scaling_task: asyncio.Task[None] | None = None
         self._draining: dict[str, tuple[float, int]] = {}  # id -> (release deadline, refresh round at drain)
         self._operator_drained: set[str] = set()  # drained by an operator (set_draining), not by the scaling loop
@@ -388,16 +389,13 @@ class Controller:
         spec = self.config.policies.scaling
         if spec is None:
             return
-        params = dict(spec.params)
         where = "policies.scaling.params"
-        try:
-            self._scaling_interval_s = float(params.pop("scaling_interval_s", self._scaling_interval_s))
-            self._drain_timeout_s = float(params.pop("drain_timeout_s", self._drain_timeout_s))
-            self._workload = _WorkloadWindow(float(params.pop("window_s", self._workload.window_s)))
-        except (TypeError, ValueError) as e:
+        try:  # the loop's values as ``llmsched simulate`` reads them (ScalingLoop)
+            loop, params = ScalingLoop.split(spec.params)
+        except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        if self._scaling_interval_s <= 0 or self._drain_timeout_s < 0 or self._workload.window_s <= 0:
-            raise ValueError(f"{where}: need scaling_interval_s > 0, drain_timeout_s >= 0, window_s > 0")
+        self._scaling_interval_s, self._drain_timeout_s = loop.interval_s, loop.drain_timeout_s
+        self._workload = _WorkloadWindow(loop.window_s)
         if spec.name == "sla":
             params.setdefault("config", self.config)
         try:
@@ -958,7 +956,7 @@ class _WorkloadWindow:
     prompt tokens the instances served from their prefix caches (``PrefixHitWindow``, as the simulator's driver).
     Feeds the SLA scaler's ``observed``; an estimate (requests shorter than a refresh round may be missed)."""
 
-    def __init__(self, window_s: float = 30.0) -> None:
+    def __init__(self, window_s: float = ScalingLoop.window_s) -> None:
         self.window_s = window_s
         self.started_s: float | None = None
         self._live: dict[str, int] = {}  # request id -> generated tokens last seen

@@ -70,6 +70,50 @@ class WorkloadSummary:
     priorities: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True)  # not slotted: the class attributes are the defaults other signatures name
+class ScalingLoop:
+    """How often and on what the scaling loop decides: one reading of ``policies.scaling.params`` for both appliers
+    (the live Controller, ``llmsched simulate`` / ``sim/scaling.py``), so a config scales alike in both. They had
+    their own defaults -- live: decide every 10 s on a 30 s window assuming 30 s start-ups; simulated: 5 s, 60 s,
+    60 s -- and the simulator read none of the config's values.
+
+    ``interval_s`` (``scaling_interval_s``): between decisions (also the SLA forecast's step). ``window_s``: span of
+    the observed ``WorkloadSummary``. ``startup_delay_s``: start request -> serving, the policies' "starting"
+    accounting (and the simulator's modelled load; the policy keeps it). ``drain_timeout_s``: live only, the
+    longest wait for a drained instance to go idle (the simulator removes one once idle).
+    """
+
+    interval_s: float = 5.0
+    window_s: float = 60.0
+    startup_delay_s: float = 60.0
+    drain_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        for key, v, lo in (("scaling_interval_s", self.interval_s, None), ("window_s", self.window_s, None),
+                           ("startup_delay_s", self.startup_delay_s, 0), ("drain_timeout_s", self.drain_timeout_s, 0)):
+            if not (v >= lo if lo is not None else v > 0):
+                raise ValueError(f"{key} must be {'>= 0' if lo is not None else '> 0'}, got {v}")
+
+    @classmethod
+    def split(cls, params: Mapping[str, object]) -> tuple[ScalingLoop, dict[str, object]]:
+        """The loop's values from ``params`` (defaults where absent), and the policy's params (with
+        ``startup_delay_s``). Bad values raise ``ValueError`` naming the key."""
+        rest = dict(params)
+
+        def num(key: str, default: float, *, keep: bool = False) -> float:
+            v = rest.get(key, default) if keep else rest.pop(key, default)
+            try:
+                return float(v)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise ValueError(f"{key} must be a number, got {v!r}") from None
+
+        loop = cls(num("scaling_interval_s", cls.interval_s), num("window_s", cls.window_s),
+                   num("startup_delay_s", cls.startup_delay_s, keep=True),
+                   num("drain_timeout_s", cls.drain_timeout_s))
+        rest["startup_delay_s"] = loop.startup_delay_s
+        return loop, rest
+
+
 class PrefixHitWindow:
     """Prompt tokens the instances served from their prefix caches over the last ``window_s``: the growth of each
     snapshot's cumulative ``prompt_tokens_cached`` (an instance counts from its first sample). One estimator for
@@ -197,7 +241,7 @@ def _role_key(inst: InstanceSnapshot) -> str:
 class ScalingPolicy:
     name: ClassVar[str] = "base"
 
-    def __init__(self, *, pool_of: Callable[[InstanceSnapshot], str] = _role_key, startup_delay_s: float = 30.0,
+    def __init__(self, *, pool_of: Callable[[InstanceSnapshot], str] = _role_key, startup_delay_s: float = ScalingLoop.startup_delay_s,
                  min_instances: int = 1, max_instances: int = 64) -> None:
         if not 0 <= min_instances <= max_instances:
             raise ValueError(f"need 0 <= min_instances ({min_instances}) <= max_instances ({max_instances})")
