@@ -114,6 +114,18 @@ def warn_over_context(cfg: ClusterConfig, w) -> None:
               "at all (a long-context config fits them: --config llama3-8b-a100-16-longctx)", file=sys.stderr)
 
 
+def warn_goodput(g, offered_rps: float, attainment: float) -> None:
+    """Say when the goodput is not the plain answer it looks like: the trace's rate is above it (the cluster is
+    overloaded at the load just simulated), or it is only the search's ceiling (a lower bound)."""
+    if g.capped:
+        print(f"warning: goodput >= {g.goodput_rps:.2f} req/s: SLO attainment still met at {g.scale:g}x the trace's "
+              "rate, the search's ceiling; the true goodput is higher", file=sys.stderr)
+    elif g.goodput_rps < offered_rps:
+        print(f"warning: the offered load ({offered_rps:.2f} req/s) is above this cluster's goodput "
+              f"({g.goodput_rps:.2f} req/s at 90% SLO attainment): it is overloaded at the trace's rate (attainment "
+              f"{attainment:.1%} in this run); add instances or lower --rate-scale to meet the SLO", file=sys.stderr)
+
+
 def with_instances(cfg: ClusterConfig, n: int) -> ClusterConfig:
     """Resize pools proportionally to ``n`` instances in total (each pool keeps at least one)."""
     if n < len(cfg.pools):
@@ -271,6 +283,8 @@ def simulate_main(argv: list[str] | None = None) -> int:
     if args.goodput:
         g = goodput(cfg, w, lambda: make_router(router_name, **params))
         summary["goodput_rps"] = g.goodput_rps
+        summary["offered_rps"] = w.rate_rps
+        warn_goodput(g, w.rate_rps, summary["slo_attainment"])
     if not args.quiet:
         print_summaries({f"sim {router_name}": summary},
                          title=f"trace {trace.name} ({len(w)} req) on {cfg.name} ({cfg.num_instances} instances)")

@@ -28,10 +28,14 @@ def attainment(config: ClusterConfig, w: Workload, router_factory: Callable[[], 
 
 @dataclass(frozen=True)
 class GoodputResult:
+    """``scale`` x the trace's rate is ``goodput_rps``; ``capped``: still met at the search's ceiling ``hi`` (the
+    goodput is at least that, a lower bound)."""
+
     goodput_rps: float
     scale: float
     attainment: float
     probes: int
+    capped: bool = False
 
 
 def goodput(
@@ -71,7 +75,7 @@ def goodput(
             break
         best, best_a, x = nxt, a, nxt
     else:
-        return GoodputResult(best * base_rate, best, best_a, probes)
+        return GoodputResult(best * base_rate, best, best_a, probes, capped=True)
     lo = best
     for _ in range(iters):
         mid = float(np.sqrt(lo * hi))

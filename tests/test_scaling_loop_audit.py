@@ -148,3 +148,26 @@ def test_live_controller_and_simulator_read_one_scaling_loop_from_the_config(par
     if params:
         assert live == (2.0, 20.0, 45.0)
     assert _sim_loop(cfg, monkeypatch, "sla", "--scaling-interval", "7", "--startup-delay", "9")[::2] == (7.0, 9.0)
+
+
+# ---- 4. simulate --goodput under overload ----------------------------------------------------------------------------
+@pytest.mark.parametrize(("rate", "warning"), [(60.0, "is above this cluster's goodput"), (2.0, None),
+                                               (0.02, "the search's ceiling")])
+def test_simulate_goodput_warns_when_the_offered_load_is_above_it(rate: float, warning: str | None, tmp_path,
+                                                                  capsys) -> None:
+    """One A100 offered 60 req/s: ``simulate --goodput`` printed a goodput of a few req/s next to the run's
+    summary and said nothing of the trace's own rate being far above it (the run just shown was overloaded). It
+    now warns, naming both rates, and the JSON summary carries ``offered_rps``. A goodput that is only the
+    bisection's 64x ceiling is said to be a lower bound. A rate the cluster serves: no warning."""
+    import json
+
+    from scheduler.cli import main as cli_main
+
+    out = tmp_path / "s.json"
+    assert cli_main(["simulate", "--synthetic", "150", "--rate", str(rate), "--instances", "1", "--goodput",
+                     "--quiet", "--json", str(out)]) == 0
+    summary, err = json.loads(out.read_text()), capsys.readouterr().err
+    assert summary["offered_rps"] == pytest.approx(rate, rel=0.3)
+    assert (summary["goodput_rps"] < summary["offered_rps"]) is (rate == 60.0)
+    said = [line for line in err.splitlines() if "goodput" in line]
+    assert (warning is None and not said) or (len(said) == 1 and warning in said[0]), err
