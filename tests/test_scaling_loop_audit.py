@@ -171,3 +171,27 @@ def test_simulate_goodput_warns_when_the_offered_load_is_above_it(rate: float, w
     assert (summary["goodput_rps"] < summary["offered_rps"]) is (rate == 60.0)
     said = [line for line in err.splitlines() if "goodput" in line]
     assert (warning is None and not said) or (len(said) == 1 and warning in said[0]), err
+
+
+# ---- 5. scale-down after down_sustain_s: to what the window needed ---------------------------------------------------
+def test_sla_scale_down_keeps_the_largest_need_of_its_sustain_window() -> None:
+    """10 instances; for 60 s (``down_sustain_s``) the load needs 8, then one tick's dip needs 3. The scaler
+    waited its 60 s and then drained to the dip's 3 -- 5 instances the window had needed until the tick before,
+    asked back (60 s to start) at the next tick. It now scales down to the largest need of the window it waited
+    on (Kubernetes HPA's scale-down stabilization window), and lower only once a later window says so."""
+    kw = {"slo": SLO(ttft_s=2.0, tpot_s=0.1), "headroom": 1.0, "startup_delay_s": 60, "cooldown_s": 0,
+          "down_sustain_s": 60, "smoothing": 1.0, "trend_smoothing": 0.0, "max_instances": 64}
+    probe = SLAScaler(LAT, **kw)
+    need = {r: probe.targets({"mixed"}, WorkloadSummary(r, 1000, 300))["mixed"] for r in np.arange(0.5, 60, 0.5)}
+    r8 = max(r for r, n in need.items() if n == 8)
+    r3 = max(r for r, n in need.items() if n == 3)
+    pol = SLAScaler(LAT, **kw)
+    v = _mixed(10)
+    for t in range(0, 60, 5):
+        assert pol.decide(v, float(t), WorkloadSummary(r8, 1000, 300)) == []
+    (d,) = pol.decide(v, 60.0, WorkloadSummary(r3, 1000, 300))
+    assert d.target == 8 and len(d.drain) == 2, d
+    # The smaller need holds a whole window from the cut: then down to it.
+    v = _mixed(8)
+    downs = [x for t in range(65, 130, 5) for x in pol.decide(v, float(t), WorkloadSummary(r3, 1000, 300))]
+    assert [x.target for x in downs] == [3]

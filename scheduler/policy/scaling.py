@@ -9,7 +9,7 @@
   latency model: prefill capacity from ``prefill_time`` of the tokens computed (the prompt less its observed
   prefix-cache hits) under an M/D/1 TTFT bound (DistServe, Zhong et al., OSDI 2024, section 3), decode capacity
   from ``decode_coeffs`` at the largest batch meeting the TPOT SLO and fitting in KV, each pool at its engine's
-  limits. Scale-up at once, scale-down only after ``down_sustain_s``.
+  limits. Scale-up at once, scale-down only after ``down_sustain_s``, to the largest target of that window.
 * ``RerolePolicy`` -- dynamic re-roling (Splitwise's mixed pool made durable): when one P/D pool saturates and
   the other idles, propose ``RoleChange`` for the idlest instance of the light pool.
 
@@ -412,7 +412,7 @@ class SLAScaler(ScalingPolicy):
         self._level: float | None = None
         self._trend = 0.0
         self._t: float | None = None
-        self._below: dict[str, float] = {}
+        self._below: dict[str, tuple[float, int]] = {}  # pool -> (below since, largest target since)
 
     def latency_of(self, pool: str) -> LatencyModel:
         m = self._lat.get(pool) or self._single or next(iter(self._lat.values()))
@@ -559,11 +559,18 @@ class SLAScaler(ScalingPolicy):
                 self._record(pool, now_s, target - have, undrain=min(target - have, self.draining(view, pool)))
                 self._below.pop(pool, None)
             elif target < have:
-                since = self._below.setdefault(pool, now_s)
-                if now_s - since >= self.down_sustain_s and not self.starting(pool, now_s):
-                    out.append(ScaleDecision(pool, target=target, reason=why,
-                                             drain=self._least_loaded(insts, len(insts) - target)))
-                    self._record(pool, now_s, target - have)
+                # NOTE: down to the largest target of the ``down_sustain_s`` window, not the latest alone (as
+                # Kubernetes HPA's scale-down stabilization): one tick's dip drained what the window had needed
+                # until the tick before, asked back -- a start-up delay away -- at the next tick.
+                since, peak = self._below.get(pool, (now_s, target))
+                peak = max(peak, target)
+                self._below[pool] = (since, peak)
+                if now_s - since >= self.down_sustain_s and not self.starting(pool, now_s) and peak < have:
+                    if peak > target:
+                        why += f"; {peak} needed within the last {self.down_sustain_s:g} s"
+                    out.append(ScaleDecision(pool, target=peak, reason=why,
+                                             drain=self._least_loaded(insts, len(insts) - peak)))
+                    self._record(pool, now_s, peak - have)
                     self._below.pop(pool, None)
             else:
                 self._below.pop(pool, None)
