@@ -300,6 +300,7 @@ def test_live_workload_window_counts_the_outputs_made_before_a_move() -> None:
         return InstanceSnapshot(iid, InstanceRole.MIXED, requests=loads)
 
     win = _WorkloadWindow(30.0)
+    win.observe(0.0, [], {})  # the window's first look (what is in flight then is no arrival)
     win.observe(1.0, [snap("a", RequestLoad("mig", 150, 50), RequestLoad("pd", 100, 0, in_prefill=True))], {})
     win.observe(2.0, [snap("b", RequestLoad("mig", 160, 10)), snap("d", RequestLoad("pd", 121, 20))], {})
     win.observe(3.0, [snap("a"), snap("b"), snap("d")], {})

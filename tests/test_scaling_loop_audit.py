@@ -61,6 +61,7 @@ def test_both_windows_report_the_priority_classes_they_saw() -> None:
     from sim.simulator import Simulator, Workload
 
     win = _WorkloadWindow(30.0)
+    win.observe(0.0, [], {})
     win.observe(1.0, [InstanceSnapshot("a", InstanceRole.MIXED, requests=(
         RequestLoad("r1", 100, 0, None, 2, True), RequestLoad("r2", 100, 0, None, 0, True)))], {})
     assert win.summary(1.0).priorities == (0, 2)
@@ -195,3 +196,25 @@ def test_sla_scale_down_keeps_the_largest_need_of_its_sustain_window() -> None:
     v = _mixed(8)
     downs = [x for t in range(65, 130, 5) for x in pol.decide(v, float(t), WorkloadSummary(r3, 1000, 300))]
     assert [x.target for x in downs] == [3]
+
+
+# ---- 6. the live window's first look --------------------------------------------------------------------------------
+def test_live_window_does_not_count_the_requests_in_flight_at_its_start_as_arrivals() -> None:
+    """The Controller's window counted every request id it had not seen before as an arrival -- on its first look,
+    all those already in flight: a Controller (re)started under 60 running requests read 12 req/s at its first
+    decision (60 / 5 s) where 1 request had arrived, and the SLA scaler scaled up for it at once. Those are load
+    already placed; only ids first seen after the first look arrive (their outputs still count when they end)."""
+    from scheduler.control.controller import _WorkloadWindow
+
+    def snap(*rids: str) -> InstanceSnapshot:
+        return InstanceSnapshot("a", InstanceRole.MIXED,
+                                requests=tuple(RequestLoad(r, 1100, 100) for r in rids))
+
+    old = [f"old-{k}" for k in range(60)]
+    win = _WorkloadWindow(60.0)
+    win.observe(100.0, [snap(*old)], {"old-60": None})
+    win.observe(101.0, [snap(*old, "new")], {"old-60": None})
+    win.observe(102.0, [snap("new")], {})
+    s = win.summary(105.0)
+    assert s.rate_rps == pytest.approx(1 / 5)
+    assert s.mean_prompt_tokens == 1000 and s.mean_output_tokens == 100  # the old ones' outputs count

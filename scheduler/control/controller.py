@@ -967,7 +967,10 @@ class _WorkloadWindow:
         self._hits = PrefixHitWindow(window_s)
 
     def observe(self, now: float, snapshots: Any, registry: Any) -> None:
-        if self.started_s is None:
+        # NOTE: the first look finds requests already in flight (a Controller restarted under load): load already
+        # placed, not arrivals -- counted as arrivals, 60 of them read 12 req/s at the first decision.
+        first = self.started_s is None
+        if first:
             self.started_s = now
         snapshots = list(snapshots)
         self._hits.observe(now, snapshots)
@@ -988,7 +991,7 @@ class _WorkloadWindow:
         for rid in list(registry):
             current.setdefault(rid, (None, self._live.get(rid, 0), None))
         for rid, (prompt, _, prio) in current.items():
-            if rid not in self._live and rid not in self._ended:
+            if rid not in self._live and rid not in self._ended and not first:
                 self._arrivals.append((now, prompt, prio))
         for rid in self._live.keys() - current.keys():
             self._ended[rid] = now
