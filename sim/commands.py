@@ -281,7 +281,7 @@ def simulate_main(argv: list[str] | None = None) -> int:
         summary["scaling"] = {"policy": args.scaling, **sim.scaler.summary()}
     summary["trace_source"] = getattr(trace, "source", "")
     if args.goodput:
-        g = goodput(cfg, w, lambda: make_router(router_name, **params))
+        g = goodput(cfg, w, lambda: make_router(router_name, **params), seed=args.seed)
         summary["goodput_rps"] = g.goodput_rps
         summary["offered_rps"] = w.rate_rps
         warn_goodput(g, w.rate_rps, summary["slo_attainment"])

@@ -21,8 +21,8 @@ def scale_rate(w: Workload, factor: float) -> Workload:
     return replace(w, arrival_s=w.arrival_s / factor)
 
 
-def attainment(config: ClusterConfig, w: Workload, router_factory: Callable[[], object]) -> float:
-    res = Simulator(config, router=router_factory()).run(w)  # type: ignore[arg-type]
+def attainment(config: ClusterConfig, w: Workload, router_factory: Callable[[], object], *, seed: int = 0) -> float:
+    res = Simulator(config, router=router_factory(), seed=seed).run(w)  # type: ignore[arg-type]
     return float(request_metrics(res).slo_met.mean()) if len(w) else 0.0
 
 
@@ -47,8 +47,10 @@ def goodput(
     lo: float = 0.05,
     hi: float = 64.0,
     iters: int = 8,
+    seed: int = 0,
 ) -> GoodputResult:
-    """Max rate (req/s) with SLO attainment >= ``target``; 0 when even ``lo`` x the trace rate misses it."""
+    """Max rate (req/s) with SLO attainment >= ``target``; 0 when even ``lo`` x the trace rate misses it. ``seed``:
+    the probes' host-noise draws (``Simulator``), the run's own when reported beside it."""
     if len(w) > 1 and float(w.arrival_s[-1] - w.arrival_s[0]) <= 0:
         raise ValueError(f"goodput: the {len(w)} arrivals of {w.name!r} span no time, so the trace's rate (which the "
                          "result scales) cannot be measured")
@@ -58,7 +60,7 @@ def goodput(
     def ok(scale: float) -> tuple[bool, float]:
         nonlocal probes
         probes += 1
-        a = attainment(config, scale_rate(w, scale), router_factory)
+        a = attainment(config, scale_rate(w, scale), router_factory, seed=seed)
         return a >= target, a
 
     good, a_lo = ok(lo)

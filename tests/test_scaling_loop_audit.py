@@ -218,3 +218,23 @@ def test_live_window_does_not_count_the_requests_in_flight_at_its_start_as_arriv
     s = win.summary(105.0)
     assert s.rate_rps == pytest.approx(1 / 5)
     assert s.mean_prompt_tokens == 1000 and s.mean_output_tokens == 100  # the old ones' outputs count
+
+
+def test_simulate_goodput_probes_draw_the_runs_seed(monkeypatch, capsys) -> None:
+    """``simulate --seed 7 --goodput``: the run drew host noise with seed 7, the goodput bisection's probes with
+    seed 0 (the goodput of another noise draw than the run it is printed beside)."""
+    from sim import goodput as gp
+
+    seen: list[int] = []
+    real = gp.Simulator
+
+    class Spy(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *a, **kw):  # type: ignore[no-untyped-def]
+            seen.append(kw.get("seed", 0))
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(gp, "Simulator", Spy)
+    from scheduler.cli import main as cli_main
+
+    assert cli_main(["simulate", "--quiet", "--synthetic", "40", "--instances", "2", "--seed", "7", "--goodput"]) == 0
+    assert seen and set(seen) == {7}
