@@ -22,7 +22,7 @@ from scheduler.cli_args import (
 from scheduler.config.load import ConfigError, load_config
 from scheduler.config.models import ClusterConfig
 from scheduler.policy.route import make_router
-from scheduler.policy.scaling import ScalingLoop
+from scheduler.policy.scaling import ScalingLoop, make_scaling_policy
 from sim.goodput import goodput
 from sim.metrics import request_metrics, sim_summary
 from sim.report import print_summaries, write_figure, write_json
@@ -202,8 +202,6 @@ def scaling_policy(args: argparse.Namespace, cfg: ClusterConfig) -> tuple[object
     """``simulate --scaling NAME``'s policy and loop. When the config's ``policies.scaling`` names the same policy,
     its params are read as the live Controller reads them (``ScalingLoop.split``: decision interval, observation
     window, start-up delay, then the policy's own); the flags override them."""
-    from scheduler.policy.scaling import make_scaling_policy
-
     if not args.scaling or args.scaling == "none":
         if args.min_instances is not None or args.max_instances is not None:
             raise ValueError("--min-instances / --max-instances: bounds of autoscaling; give --scaling too")
@@ -211,6 +209,9 @@ def scaling_policy(args: argparse.Namespace, cfg: ClusterConfig) -> tuple[object
     if args.goodput:  # the bisection replays a static cluster: its number would not be this run's
         raise ValueError("--goodput: bisects the rate on the static cluster; not with --scaling")
     spec = cfg.policies.scaling
+    if spec is not None and spec.name not in (args.scaling, "none"):
+        print(f"note: policies.scaling names {spec.name!r}: its params are not read for --scaling {args.scaling} "
+              "(defaults and flags only)", file=sys.stderr)
     try:
         loop, params = ScalingLoop.split(spec.params if spec is not None and spec.name == args.scaling else {})
     except ValueError as e:
