@@ -236,8 +236,11 @@ def test_simulate_says_which_config_policies_it_does_not_apply(tmp_path: Path, c
     base = ["simulate", "--quiet", "--synthetic", "30", "--config", str(cfg)]
     rc, err = run(base, capsys)
     assert rc == 0 and "policies.migration, policies.scaling not applied" in err
-    rc, err = run([*base, "--scaling", "threshold"], capsys)  # the flag's scaling policy runs
-    assert rc == 0 and "policies.migration not applied" in err and "policies.scaling" not in err
+    rc, err = run([*base, "--scaling", "threshold"], capsys)  # the flag's scaling policy runs, not the config's
+    assert rc == 0 and "policies.migration not applied" in err and "policies.scaling not applied" not in err
+    assert "policies.scaling names 'sla': its params are not read for --scaling threshold" in err
+    rc, err = run([*base, "--scaling", "sla"], capsys)  # the config's policy, with its params
+    assert rc == 0 and "policies.scaling" not in err
     rc, err = run(["simulate", "--quiet", "--synthetic", "30"], capsys)
     assert rc == 0 and "not applied" not in err
 

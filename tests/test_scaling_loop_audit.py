@@ -17,14 +17,18 @@ LOOSE, TIGHT = SLO(ttft_s=8.0, tpot_s=0.2), SLO(ttft_s=0.5, tpot_s=0.03)
 
 
 def _config(**slos: SLO) -> ClusterConfig:
-    return ClusterConfig(gpus={"a100": A100}, model=LAT.model,
-                         pools=[{"name": "mixed", "role": "mixed", "gpu": "a100"}],
-                         slos={int(k[1:]): SLOSpec(ttft_s=s.ttft_s, tpot_s=s.tpot_s) for k, s in slos.items()})
+    return ClusterConfig(
+        gpus={"a100": A100},
+        model=LAT.model,
+        pools=[{"name": "mixed", "role": "mixed", "gpu": "a100"}],
+        slos={int(k[1:]): SLOSpec(ttft_s=s.ttft_s, tpot_s=s.tpot_s) for k, s in slos.items()},
+    )
 
 
 def _mixed(n: int) -> ClusterView:
-    return ClusterView(0.0, tuple(InstanceSnapshot(f"mixed-{k}", InstanceRole.MIXED, gpu="a100", tp=1)
-                                  for k in range(n)))
+    return ClusterView(
+        0.0, tuple(InstanceSnapshot(f"mixed-{k}", InstanceRole.MIXED, gpu="a100", tp=1) for k in range(n))
+    )
 
 
 def _target(pol: SLAScaler, w: WorkloadSummary, n: int = 1) -> int:
@@ -42,15 +46,21 @@ def test_sla_scaler_sizes_for_the_slo_of_each_class_in_the_window() -> None:
     cfg = _config(c0=LOOSE, c1=TIGHT)
     kw = {"headroom": 1.0, "max_instances": 1000}
     w = WorkloadSummary(40.0, 1000, 300)
-    by_class = {p: _target(SLAScaler(config=cfg, **kw), WorkloadSummary(40.0, 1000, 300, priorities=p))
-                for p in ((0,), (1,), (0, 1))}
-    alone = {name: _target(SLAScaler(config=cfg, slo=slo, **kw), w) for name, slo in (("loose", LOOSE),
-                                                                                       ("tight", TIGHT))}
+    by_class = {
+        p: _target(SLAScaler(config=cfg, **kw), WorkloadSummary(40.0, 1000, 300, priorities=p))
+        for p in ((0,), (1,), (0, 1))
+    }
+    alone = {
+        name: _target(SLAScaler(config=cfg, slo=slo, **kw), w)
+        for name, slo in (("loose", LOOSE), ("tight", TIGHT))
+    }
     assert alone["tight"] > alone["loose"]
     assert by_class == {(0,): alone["loose"], (1,): alone["tight"], (0, 1): alone["tight"]}
     # An explicit ``slo`` still holds for every class; no class known: class 0's.
-    assert _target(SLAScaler(config=cfg, slo=LOOSE, **kw), WorkloadSummary(40.0, 1000, 300, priorities=(1,))) \
+    assert (
+        _target(SLAScaler(config=cfg, slo=LOOSE, **kw), WorkloadSummary(40.0, 1000, 300, priorities=(1,)))
         == alone["loose"]
+    )
     assert _target(SLAScaler(config=cfg, **kw), w) == alone["loose"]
 
 
@@ -62,27 +72,43 @@ def test_both_windows_report_the_priority_classes_they_saw() -> None:
 
     win = _WorkloadWindow(30.0)
     win.observe(0.0, [], {})
-    win.observe(1.0, [InstanceSnapshot("a", InstanceRole.MIXED, requests=(
-        RequestLoad("r1", 100, 0, None, 2, True), RequestLoad("r2", 100, 0, None, 0, True)))], {})
+    win.observe(
+        1.0,
+        [
+            InstanceSnapshot(
+                "a",
+                InstanceRole.MIXED,
+                requests=(RequestLoad("r1", 100, 0, None, 2, True), RequestLoad("r2", 100, 0, None, 0, True)),
+            )
+        ],
+        {},
+    )
     assert win.summary(1.0).priorities == (0, 2)
 
     cfg = _config(c0=LOOSE, c1=TIGHT)
     n = 200
-    w = Workload(np.linspace(0, 20, n), np.full(n, 200), np.full(n, 20), priority=np.where(np.arange(n) < 100, 0, 1))
+    w = Workload(
+        np.linspace(0, 20, n), np.full(n, 200), np.full(n, 20), priority=np.where(np.arange(n) < 100, 0, 1)
+    )
     pol = make_scaling_policy("sla", config=cfg, max_instances=4)
     seen: list[WorkloadSummary] = []
     decide = pol.decide
     pol.decide = lambda v, t, o: (seen.append(o), decide(v, t, o))[1]  # type: ignore[method-assign]
-    Simulator(cfg, scaling=pol, scaling_interval_s=2.0, scaling_startup_s=1.0, scaling_options={"window_s": 4.0}).run(w)
+    Simulator(
+        cfg, scaling=pol, scaling_interval_s=2.0, scaling_startup_s=1.0, scaling_options={"window_s": 4.0}
+    ).run(w)
     assert seen[0].priorities == (0,) and seen[-1].priorities == (1,)
     assert any(s.priorities == (0, 1) for s in seen)
 
 
 # ---- 2. an SLO no instance count can meet ------------------------------------------------------------------------
-@pytest.mark.parametrize(("prompt", "slo", "what"), [(16_000, SLO(ttft_s=0.2, tpot_s=0.1), "TTFT"),
-                                                     (1000, SLO(ttft_s=2.0, tpot_s=1e-4), "TPOT")])
-def test_sla_scaler_does_not_jump_to_max_for_an_slo_no_instance_count_meets(prompt: int, slo: SLO,
-                                                                          what: str) -> None:
+@pytest.mark.parametrize(
+    ("prompt", "slo", "what"),
+    [(16_000, SLO(ttft_s=0.2, tpot_s=0.1), "TTFT"), (1000, SLO(ttft_s=2.0, tpot_s=1e-4), "TPOT")],
+)
+def test_sla_scaler_does_not_jump_to_max_for_an_slo_no_instance_count_meets(
+    prompt: int, slo: SLO, what: str
+) -> None:
     """A mean prompt whose prefill alone outlasts the TTFT target (or a one-request decode step over TPOT): the
     scaler asked for ``max_instances`` (64) at 1 req/s -- more instances cannot shorten one request's prefill.
     It now sizes the pool for the load's throughput with that target dropped, and the reason says so."""
@@ -97,8 +123,9 @@ def test_sla_scaler_does_not_jump_to_max_for_an_slo_no_instance_count_meets(prom
     if d is not None:
         assert f"{what} {getattr(slo, what.lower() + '_s'):g} s unreachable" in d.reason
     # Load that needs more instances still gets them, and says why the target was dropped.
-    (up,) = SLAScaler(LAT, slo=slo, headroom=1.0, max_instances=64).decide(_mixed(1), 0.0,
-                                                                           WorkloadSummary(8.0, prompt, 200))
+    (up,) = SLAScaler(LAT, slo=slo, headroom=1.0, max_instances=64).decide(
+        _mixed(1), 0.0, WorkloadSummary(8.0, prompt, 200)
+    )
     assert 1 < up.target < 64 and f"{what} " in up.reason and "sized for throughput" in up.reason  # type: ignore
 
 
@@ -127,35 +154,62 @@ def _sim_loop(cfg: ClusterConfig, monkeypatch, name: str, *flags: str) -> tuple[
 
     monkeypatch.setattr(commands, "load_cluster", lambda args: cfg)
     monkeypatch.setattr(commands, "Simulator", capture)
-    assert commands.simulate_main(["--synthetic", "20", "--rate", "2", "--scaling", name, "--quiet", *flags]) == 2
+    assert (
+        commands.simulate_main(["--synthetic", "20", "--rate", "2", "--scaling", name, "--quiet", *flags])
+        == 2
+    )
     pol = seen["scaling"]
     assert seen["scaling_startup_s"] == pol.startup_delay_s  # the driver models what the policy books
-    return seen["scaling_interval_s"], seen.get("scaling_options", {}).get("window_s", 60.0), pol.startup_delay_s
+    return (
+        seen["scaling_interval_s"],
+        seen.get("scaling_options", {}).get("window_s", 60.0),
+        pol.startup_delay_s,
+    )
 
 
-@pytest.mark.parametrize("params", [{}, {"window_s": 20, "scaling_interval_s": 2, "startup_delay_s": 45,
-                                         "headroom": 1.3, "drain_timeout_s": 30}])
-def test_live_controller_and_simulator_read_one_scaling_loop_from_the_config(params: dict, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {
+            "window_s": 20,
+            "scaling_interval_s": 2,
+            "startup_delay_s": 45,
+            "headroom": 1.3,
+            "drain_timeout_s": 30,
+        },
+    ],
+)
+def test_live_controller_and_simulator_read_one_scaling_loop_from_the_config(
+    params: dict, monkeypatch
+) -> None:
     """The same config scaled on different clocks: the Controller decided every 10 s on a 30 s window and booked
     30 s start-ups; ``llmsched simulate --scaling sla`` every 5 s on a 60 s window with 60 s start-ups, and read
     none of the config's ``policies.scaling.params`` (a config's ``window_s: 20`` was live-only). Both read them
     through ``ScalingLoop.split`` now, with one set of defaults; the simulator's flags still override."""
     from scheduler.config.models import PoliciesSpec, PolicySpec
 
-    cfg = _config(c0=LOOSE).model_copy(update={"policies": PoliciesSpec(scaling=PolicySpec(name="sla",
-                                                                                          params=params))})
+    cfg = _config(c0=LOOSE).model_copy(
+        update={"policies": PoliciesSpec(scaling=PolicySpec(name="sla", params=params))}
+    )
     live = _live_loop(cfg)
     assert _sim_loop(cfg, monkeypatch, "sla") == live
     if params:
         assert live == (2.0, 20.0, 45.0)
-    assert _sim_loop(cfg, monkeypatch, "sla", "--scaling-interval", "7", "--startup-delay", "9")[::2] == (7.0, 9.0)
+    assert _sim_loop(cfg, monkeypatch, "sla", "--scaling-interval", "7", "--startup-delay", "9")[::2] == (
+        7.0,
+        9.0,
+    )
 
 
 # ---- 4. simulate --goodput under overload ----------------------------------------------------------------------------
-@pytest.mark.parametrize(("rate", "warning"), [(60.0, "is above this cluster's goodput"), (2.0, None),
-                                               (0.02, "the search's ceiling")])
-def test_simulate_goodput_warns_when_the_offered_load_is_above_it(rate: float, warning: str | None, tmp_path,
-                                                                  capsys) -> None:
+@pytest.mark.parametrize(
+    ("rate", "warning"),
+    [(60.0, "is above this cluster's goodput"), (2.0, None), (0.02, "the search's ceiling")],
+)
+def test_simulate_goodput_warns_when_the_offered_load_is_above_it(
+    rate: float, warning: str | None, tmp_path, capsys
+) -> None:
     """One A100 offered 60 req/s: ``simulate --goodput`` printed a goodput of a few req/s next to the run's
     summary and said nothing of the trace's own rate being far above it (the run just shown was overloaded). It
     now warns, naming both rates, and the JSON summary carries ``offered_rps``. A goodput that is only the
@@ -165,8 +219,24 @@ def test_simulate_goodput_warns_when_the_offered_load_is_above_it(rate: float, w
     from scheduler.cli import main as cli_main
 
     out = tmp_path / "s.json"
-    assert cli_main(["simulate", "--synthetic", "150", "--rate", str(rate), "--instances", "1", "--goodput",
-                     "--quiet", "--json", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "simulate",
+                "--synthetic",
+                "150",
+                "--rate",
+                str(rate),
+                "--instances",
+                "1",
+                "--goodput",
+                "--quiet",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary, err = json.loads(out.read_text()), capsys.readouterr().err
     assert summary["offered_rps"] == pytest.approx(rate, rel=0.3)
     assert (summary["goodput_rps"] < summary["offered_rps"]) is (rate == 60.0)
@@ -180,10 +250,20 @@ def test_sla_scale_down_keeps_the_largest_need_of_its_sustain_window() -> None:
     waited its 60 s and then drained to the dip's 3 -- 5 instances the window had needed until the tick before,
     asked back (60 s to start) at the next tick. It now scales down to the largest need of the window it waited
     on (Kubernetes HPA's scale-down stabilization window), and lower only once a later window says so."""
-    kw = {"slo": SLO(ttft_s=2.0, tpot_s=0.1), "headroom": 1.0, "startup_delay_s": 60, "cooldown_s": 0,
-          "down_sustain_s": 60, "smoothing": 1.0, "trend_smoothing": 0.0, "max_instances": 64}
+    kw = {
+        "slo": SLO(ttft_s=2.0, tpot_s=0.1),
+        "headroom": 1.0,
+        "startup_delay_s": 60,
+        "cooldown_s": 0,
+        "down_sustain_s": 60,
+        "smoothing": 1.0,
+        "trend_smoothing": 0.0,
+        "max_instances": 64,
+    }
     probe = SLAScaler(LAT, **kw)
-    need = {r: probe.targets({"mixed"}, WorkloadSummary(r, 1000, 300))["mixed"] for r in np.arange(0.5, 60, 0.5)}
+    need = {
+        r: probe.targets({"mixed"}, WorkloadSummary(r, 1000, 300))["mixed"] for r in np.arange(0.5, 60, 0.5)
+    }
     r8 = max(r for r, n in need.items() if n == 8)
     r3 = max(r for r, n in need.items() if n == 3)
     pol = SLAScaler(LAT, **kw)
@@ -207,8 +287,9 @@ def test_live_window_does_not_count_the_requests_in_flight_at_its_start_as_arriv
     from scheduler.control.controller import _WorkloadWindow
 
     def snap(*rids: str) -> InstanceSnapshot:
-        return InstanceSnapshot("a", InstanceRole.MIXED,
-                                requests=tuple(RequestLoad(r, 1100, 100) for r in rids))
+        return InstanceSnapshot(
+            "a", InstanceRole.MIXED, requests=tuple(RequestLoad(r, 1100, 100) for r in rids)
+        )
 
     old = [f"old-{k}" for k in range(60)]
     win = _WorkloadWindow(60.0)
@@ -236,5 +317,8 @@ def test_simulate_goodput_probes_draw_the_runs_seed(monkeypatch, capsys) -> None
     monkeypatch.setattr(gp, "Simulator", Spy)
     from scheduler.cli import main as cli_main
 
-    assert cli_main(["simulate", "--quiet", "--synthetic", "40", "--instances", "2", "--seed", "7", "--goodput"]) == 0
+    assert (
+        cli_main(["simulate", "--quiet", "--synthetic", "40", "--instances", "2", "--seed", "7", "--goodput"])
+        == 0
+    )
     assert seen and set(seen) == {7}
