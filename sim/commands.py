@@ -250,7 +250,8 @@ def simulate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--startup-delay", type=nonneg_float,
                    help="seconds from an instance's start request until it takes traffic (model load; default: "
                         "the config's startup_delay_s, else 60)")
-    p.add_argument("--min-instances", type=nonneg_int, help="autoscaling floor per pool (default: the config's, else 1)")
+    p.add_argument("--min-instances", type=nonneg_int,
+                   help="autoscaling floor per pool (default: the config's, else 1)")
     p.add_argument("--max-instances", type=positive_int,
                    help="autoscaling ceiling per pool (default: the config's, else 64)")
     p.add_argument("--quiet", action="store_true")

@@ -241,8 +241,9 @@ def _role_key(inst: InstanceSnapshot) -> str:
 class ScalingPolicy:
     name: ClassVar[str] = "base"
 
-    def __init__(self, *, pool_of: Callable[[InstanceSnapshot], str] = _role_key, startup_delay_s: float = ScalingLoop.startup_delay_s,
-                 min_instances: int = 1, max_instances: int = 64) -> None:
+    def __init__(self, *, pool_of: Callable[[InstanceSnapshot], str] = _role_key,
+                 startup_delay_s: float = ScalingLoop.startup_delay_s, min_instances: int = 1,
+                 max_instances: int = 64) -> None:
         if not 0 <= min_instances <= max_instances:
             raise ValueError(f"need 0 <= min_instances ({min_instances}) <= max_instances ({max_instances})")
         _check(startup_delay_s=(startup_delay_s, 0, None))
@@ -396,7 +397,7 @@ class SLAScaler(ScalingPolicy):
                     self._eng.setdefault(key, pool.engine)
                     self._eng_of_gpu.setdefault((key, pool.gpu, pool.tp), pool.engine)
         # Per-class SLOs (the config's; an explicit ``slo`` holds for every class). Sized with class 0's alone, a
-        # window of priority-1 requests with a 4x tighter TTFT got class 0's instance count.
+        # window of requests of a tighter class got class 0's instance count.
         self._slo_of_class = config.slo_for if config is not None and slo is None else None
         if self._single is None and not self._lat:
             raise ValueError("SLAScaler needs a latency model: pass latency= or config=")
