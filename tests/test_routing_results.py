@@ -107,13 +107,16 @@ def test_the_shipped_predictor_learning_online_meets_the_intelligent_router_targ
 
 
 def test_prefix_affinity_reuses_the_mooncake_cache_more_than_round_robin() -> None:
-    cfg = with_instances(load_config("llama3-8b-a100-16-longctx"), 4)
+    # NOTE: 8 instances (was 4): on 4, round-robin lands a turn on its conversation's instance 1 time in 4 and the
+    # margin was thin (1.17x; 1.07x once prefix_affinity stopped crediting evicted prefixes, with a better P99).
+    # On 8 both versions hit ~2.2x round-robin's tokens, as the full trace's ~3x on 16.
+    cfg = with_instances(load_config("llama3-8b-a100-16-longctx"), 8)
     w = Workload.from_trace(load_trace(DATA / "mooncake_fast25_conversation_first1000.jsonl.gz"))
     assert w.hash_ids is not None
     w = at_load(w, 0.8, saturation_rate(cfg, w))
     rr, _ = _run(cfg, w, "round_robin")
     pa, m = _run(cfg, w, "prefix_affinity")
-    assert pa.prefix_hit_tokens > 1.1 * rr.prefix_hit_tokens  # full trace, 16 instances: ~3x (docs/routing.md)
+    assert pa.prefix_hit_tokens > 1.5 * rr.prefix_hit_tokens  # full trace, 16 instances: ~3x (docs/routing.md)
     assert np.isfinite(m.ttft_s).all()  # nothing dropped: the long-context config fits every request
 
 

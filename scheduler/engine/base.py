@@ -92,9 +92,9 @@ class EngineStats:
     # Prompt tokens the requests in prefill still have to compute (see ``InstanceSnapshot.prefill_compute_tokens``);
     # ``None``: this backend cannot tell.
     prefill_compute_tokens: int | None = None
-    # Prompt block ids resident in this engine's prefix cache (``InstanceSnapshot.cached_hash_ids``); empty when the
-    # backend cannot tell (vLLM: the routers remember where they sent each prefix instead).
-    cached_hash_ids: frozenset[int] = frozenset()
+    # Prompt block ids resident in this engine's prefix cache (``InstanceSnapshot.cached_hash_ids``); ``None`` when
+    # the backend cannot tell (vLLM: prefix_affinity remembers where it sent each prefix instead).
+    cached_hash_ids: frozenset[int] | None = None
 
 
 @runtime_checkable

@@ -97,7 +97,7 @@ def features(request: RequestInfo, inst: InstanceSnapshot, *, phase: str = "colo
     r = inst.predicted_remaining_tokens if inst.predicted_remaining_tokens > 0 else n * default_output_tokens
     q = inst.prefill_tokens_pending
     hit = 0.0
-    if request.hash_ids and phase != "decode":
+    if request.hash_ids and inst.cached_hash_ids and phase != "decode":  # (None: the instance cannot tell)
         k = 0
         for h in request.hash_ids:
             if h not in inst.cached_hash_ids:

@@ -8,7 +8,8 @@ fallback of ``pairing.PairingRouter``. Priority: larger is more important; high-
 from __future__ import annotations
 
 import random as _random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Container
 
 from scheduler.core.types import ClusterView, InstanceSnapshot, Rejected, RequestInfo
 from scheduler.policy.pairing import (
@@ -93,12 +94,18 @@ class LlumnixRouter(PairingRouter):
 class PrefixAffinityRouter(PairingRouter):
     """Prefix-cache affinity, after Mooncake's Conductor (Qin et al., FAST 2025, section 6).
 
-    For each prefill candidate, estimate TTFT in token units: ``load_weight * queued prefill tokens`` plus the
-    prompt tokens NOT already cached there (leading ``hash_ids`` blocks found in the snapshot's
-    ``cached_hash_ids`` or in the router's own LRU of where it sent each block), plus a KV-pressure term once
-    virtual usage passes ``kv_soft_limit``. Pick the minimum. Reuse wins when it saves more prefill than the
-    extra queue costs; otherwise the request goes to a lighter instance (which then caches the prefix too --
-    Mooncake's hot-prefix replication falls out of that).
+    For each prefill candidate, estimate TTFT in units of prompt tokens computed: ``load_weight`` times the queued
+    prompt tokens the instance will compute (``prefill_compute_tokens``: queued prompts less their own cache hits,
+    as the newcomer's) plus the newcomer's prompt tokens NOT already cached there (its leading ``hash_ids`` blocks
+    that ``cached_blocks`` says are resident), plus a KV-pressure term once virtual usage passes ``kv_soft_limit``.
+    Pick the minimum. Reuse wins when it saves more prefill than the extra queue costs; otherwise the request goes
+    to a lighter instance (which then caches the prefix too -- Mooncake's hot-prefix replication falls out of that).
+
+    What is cached where: a snapshot that lists its prefix cache (``cached_hash_ids`` not ``None``: the simulator,
+    the simulated backend) is believed, so a prefix its engine evicted earns nothing; blocks of requests routed there
+    and not finished count too (queued, they are computed before a newcomer is admitted). A snapshot that cannot
+    tell (vLLM live) is read from the router's memory of where it sent each block, an LRU per instance bounded by
+    the instance's KV capacity (the most an engine's cache can hold), so old sends expire as the engine's would.
 
     Decode instances (disaggregated) are chosen by virtual usage: the prefix cache matters only for prefill.
     """
@@ -106,23 +113,35 @@ class PrefixAffinityRouter(PairingRouter):
     name = "prefix_affinity"
 
     def __init__(self, *, hash_block_tokens: int = 512, load_weight: float = 1.0, kv_soft_limit: float = 0.9,
-                 max_entries: int = 200_000, replicas_per_block: int = 4, queue_weight: float = 256.0,
-                 **kw: object) -> None:
+                 max_entries: int = 200_000, queue_weight: float = 256.0, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         self.hash_block_tokens = hash_block_tokens
         self.load_weight = load_weight
         self.kv_soft_limit = kv_soft_limit
         self.max_entries = max_entries
-        self.replicas_per_block = replicas_per_block
         self.queue_weight = queue_weight
-        self._lru: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+        # instance -> the blocks sent there, least recently first, for instances whose snapshot lists no cache;
+        # bounded by ``_capacity`` (its KV in hash blocks, read from its snapshot), else ``max_entries``.
+        self._sent: dict[str, OrderedDict[int, None]] = {}
+        self._capacity: dict[str, int] = {}
+        # Routed, not finished: request -> (prefill instance, its blocks); instance -> how many of them carry a block.
+        self._inflight: OrderedDict[str, tuple[str, frozenset[int]]] = OrderedDict()
+        self._inflight_at: dict[str, Counter[int]] = {}
+
+    def cached_blocks(self, inst: InstanceSnapshot) -> Container[int]:
+        """Block ids the router takes as resident on ``inst`` (see the class docstring), in-flight ones aside."""
+        if inst.cached_hash_ids is not None:
+            return inst.cached_hash_ids
+        kv_tokens = inst.kv_blocks_total * inst.block_size
+        self._capacity[inst.instance_id] = kv_tokens // max(self.hash_block_tokens, 1)
+        return self._sent.get(inst.instance_id, {})
 
     def matched_blocks(self, request: RequestInfo, inst: InstanceSnapshot) -> int:
-        """Leading ``hash_ids`` resident on ``inst`` (as reported, or as this router remembers sending)."""
+        """Leading ``hash_ids`` resident on ``inst`` (``cached_blocks``) or on their way there."""
         n = 0
-        cached, lru, iid = inst.cached_hash_ids, self._lru, inst.instance_id
+        cached, going = self.cached_blocks(inst), self._inflight_at.get(inst.instance_id, {})
         for h in request.hash_ids:
-            if h in cached or iid in lru.get(h, ()):
+            if h in cached or h in going:
                 n += 1
             else:
                 break
@@ -135,16 +154,48 @@ class PrefixAffinityRouter(PairingRouter):
         hit = min(self.matched_blocks(request, inst) * self.hash_block_tokens, p)
         vu = virtual_usage_with(inst, p - hit)
         pressure = p * 10.0 * max(vu - self.kv_soft_limit, 0.0)  # a full instance would evict the prefix anyway
-        return (self.load_weight * inst.prefill_tokens_pending + (p - hit) + pressure
-                + queue_penalty(request, inst, self.queue_weight))
+        # The queue in the newcomer's units: tokens to compute. ``prefill_tokens_pending`` counts queued prompts
+        # whole (their KV), cached prefixes included, and made a hot instance look loaded by the very hits it serves.
+        queued = inst.prefill_compute_tokens
+        if queued is None:
+            queued = inst.prefill_tokens_pending
+        penalty = queue_penalty(request, inst, self.queue_weight)
+        return self.load_weight * queued + (p - hit) + pressure + penalty
 
     def on_routed(self, request: RequestInfo, decision: RouteDecision) -> None:
-        pid, lru, keep = decision.prefill_instance, self._lru, self.replicas_per_block - 1
-        for h in request.hash_ids:
-            old = lru.pop(h, ())
-            lru[h] = (pid,) + tuple(x for x in old if x != pid)[:keep]
-        while len(lru) > self.max_entries:
-            lru.popitem(last=False)
+        if not request.hash_ids:
+            return
+        pid = decision.prefill_instance
+        self._drop(request.request_id)  # re-routed (a recovery): it is going elsewhere now
+        ids = frozenset(request.hash_ids)
+        self._inflight[request.request_id] = (pid, ids)
+        self._inflight_at.setdefault(pid, Counter()).update(ids)
+        while len(self._inflight) > self.max_entries:
+            self._drop(next(iter(self._inflight)))
+        cap = self._capacity.get(pid)
+        if cap is None:
+            return  # its snapshot lists its cache (or was never read): nothing to remember
+        sent = self._sent.setdefault(pid, OrderedDict())
+        # The head most recently used: forgotten last, as the engines evict.
+        for h in reversed(request.hash_ids):
+            sent[h] = None
+            sent.move_to_end(h)
+        while len(sent) > cap:
+            sent.popitem(last=False)
+
+    def on_finished(self, request_id: str, instance_id: str) -> None:
+        self._drop(request_id)
+
+    def _drop(self, request_id: str) -> None:
+        entry = self._inflight.pop(request_id, None)
+        if entry is None:
+            return
+        pid, ids = entry
+        at = self._inflight_at[pid]
+        at.subtract(ids)
+        for h in ids:
+            if at[h] <= 0:
+                del at[h]
 
 
 # ---- Intelligent Router mixing heuristic --------------------------------------------------------------------------------

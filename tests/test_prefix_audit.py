@@ -1,0 +1,117 @@
+"""Regressions from an audit of the prefix_affinity router and the prefix-cache accounting (routers_smart.py,
+scheduler/core/prefix.py, the snapshots' cached ids, the engine model's prefix cache). Each test reproduces one
+confirmed bug."""
+
+from __future__ import annotations
+
+from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot, RequestInfo
+from scheduler.policy.route import RouteDecision
+from scheduler.policy.routers_smart import PrefixAffinityRouter
+
+M = InstanceRole.MIXED
+HOT = tuple(range(8))  # a 4096-token prompt's eight 512-token blocks
+
+
+def snap(
+    iid: str,
+    *,
+    pending: int = 0,
+    compute: int | None = None,
+    total: int = 1000,
+    cached: frozenset[int] | None = None,
+) -> InstanceSnapshot:
+    return InstanceSnapshot(
+        iid,
+        M,
+        kv_blocks_total=total,
+        block_size=16,
+        prefill_tokens_pending=pending,
+        prefill_compute_tokens=compute,
+        cached_hash_ids=cached,
+    )
+
+
+def req(rid: str, hash_ids: tuple[int, ...] = HOT, prompt: int = 4096) -> RequestInfo:
+    return RequestInfo(rid, 0.0, prompt, 64, hash_ids=hash_ids)
+
+
+def route(r: PrefixAffinityRouter, request: RequestInfo, *insts: InstanceSnapshot) -> str:
+    d = r.route(request, ClusterView(0.0, insts))
+    assert isinstance(d, RouteDecision)
+    r.on_routed(request, d)
+    return d.prefill_instance
+
+
+# ---- 1: prefix_affinity credited prefixes the instance had evicted ----------------------------------------------------
+def test_prefix_affinity_believes_a_snapshot_that_lists_its_cache_over_its_memory() -> None:
+    """It scored an instance by its memory of where it sent each block even when the instance's snapshot listed its
+    cache without them (evicted, LRU under KV pressure): "b" kept drawing the prefix, and its queue, for nothing."""
+    r = PrefixAffinityRouter()
+    assert route(r, req("first"), snap("a", cached=frozenset()), snap("b", cached=frozenset())) == "a"
+    r.on_finished("first", "a")
+    # "a" has since evicted the prefix (its cache holds other blocks) and carries 500 more queued tokens than "b".
+    evicted = (
+        snap("a", pending=600, cached=frozenset({100, 101})),
+        snap("b", pending=100, cached=frozenset()),
+    )
+    assert route(r, req("again"), *evicted) == "b"
+    r.on_finished("again", "b")
+    # Still listed: the hit (4096 tokens) outweighs the queue.
+    listed = (snap("a", pending=600, cached=frozenset(HOT)), snap("b", pending=100, cached=frozenset()))
+    assert route(r, req("third"), *listed) == "a"
+
+
+def test_prefix_affinity_counts_a_prefix_on_its_way_until_the_request_finishes() -> None:
+    """Believing the snapshot alone must not spread a burst: a prefix routed to an instance and still queued there
+    is not in its cache yet, but will be by the time the next request with it is admitted."""
+    r = PrefixAffinityRouter()
+    empty = (snap("a", cached=frozenset()), snap("b", cached=frozenset()))
+    assert route(r, req("first"), *empty) == "a"
+    queued = (snap("a", pending=4096, compute=4096, cached=frozenset()), snap("b", cached=frozenset()))
+    assert route(r, req("second"), *queued) == "a"  # queue 4096 + 0 to compute, against 4096 on "b"
+    r.on_finished("first", "a")
+    r.on_finished("second", "a")
+    assert route(r, req("third"), *empty) == "a"  # tie: first in view order
+
+
+def test_prefix_affinity_forgets_sends_beyond_the_instances_kv_capacity() -> None:
+    """Without a cache listing (vLLM live), its memory of sends was one LRU of 200,000 ids for the whole cluster: an
+    instance whose KV holds 2 blocks was credited with a prefix sent there long before, and 50 newer prompts'
+    blocks since -- gone from any engine of that size."""
+    r = PrefixAffinityRouter()
+    small = 64  # 64 blocks x 16 tokens = 1024 tokens: two 512-token hash blocks
+    assert route(r, req("hot"), snap("a", total=small), snap("b", total=small, pending=10)) == "a"
+    for k in range(50):
+        other = tuple(range(1000 + 8 * k, 1008 + 8 * k))
+        route(r, req(f"o{k}", other), snap("a", total=small), snap("b", total=small, pending=10**6))
+        r.on_finished(f"o{k}", "a")
+    r.on_finished("hot", "a")
+    # "a" now queues 600 tokens, "b" 100: the prefix is long gone from "a" and "b" is lighter.
+    assert (
+        route(r, req("again"), snap("a", total=small, pending=600), snap("b", total=small, pending=100))
+        == "b"
+    )
+    # A prefix sent just before still counts.
+    r2 = PrefixAffinityRouter()
+    assert route(r2, req("hot"), snap("a", total=small), snap("b", total=small, pending=10)) == "a"
+    r2.on_finished("hot", "a")
+    two = req("again", HOT[:2], prompt=1024)
+    assert route(r2, two, snap("a", total=small, pending=600), snap("b", total=small, pending=100)) == "a"
+
+
+# ---- 2: prefix_affinity queued in KV tokens, not in the tokens the instance will compute ----------------------------
+def test_prefix_affinity_weighs_a_queue_by_the_prefill_it_will_compute() -> None:
+    """The load term read ``prefill_tokens_pending``: queued prompts whole, cached prefixes included (their KV),
+    against the newcomer's uncached tokens only. A hot instance with four queued turns of one conversation (4096
+    tokens each, all but the last 96 cached) looked 16k tokens loaded while it had 384 to compute, and a fifth turn
+    went to an idle instance to prefill all 4096 tokens again."""
+    r = PrefixAffinityRouter()
+    hot = snap("hot", pending=4 * 4096, compute=4 * 96, total=4000, cached=frozenset(HOT))
+    idle = snap("idle", cached=frozenset())
+    assert route(r, req("turn5"), hot, idle) == "hot"  # 384 + 0 against 0 + 4096
+    # Where the engine cannot tell what its queue will compute, the whole prompts stand in (as before).
+    r2 = PrefixAffinityRouter()
+    assert (
+        route(r2, req("turn5"), snap("hot", pending=4 * 4096, total=4000, cached=frozenset(HOT)), idle)
+        == "idle"
+    )
