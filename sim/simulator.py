@@ -460,7 +460,7 @@ class Simulator:
             return
         compute = snap.prefill_compute_tokens
         if compute is not None:
-            compute += seq.num_tokens - inst.engine.cache_hit_tokens(seq)
+            compute += seq.num_tokens - (seq.num_computed or inst.engine.cache_hit_tokens(seq))  # its KV came along
         requests = snap.requests
         if self._detail:
             requests += (RequestLoad(seq.rid, seq.num_tokens, 0, seq.predicted_remaining, seq.priority, True),)

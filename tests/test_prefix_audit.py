@@ -115,3 +115,24 @@ def test_prefix_affinity_weighs_a_queue_by_the_prefill_it_will_compute() -> None
         route(r2, req("turn5"), snap("hot", pending=4 * 4096, total=4000, cached=frozenset(HOT)), idle)
         == "idle"
     )
+
+
+# ---- 3: the engine model's compute figure counted a waiting request's transferred KV as work ------------------------
+def test_the_engine_models_queue_to_compute_leaves_out_kv_that_came_with_a_request() -> None:
+    """``prefill_compute_tokens`` is the queue less what admission will not compute: cached prefixes "or KV that came
+    with a transfer" (InstanceSnapshot). The engine model took off cache hits only, so a P->D decode leg waiting on a
+    MIXED decoder (its 2000-token prompt's KV loaded, one token to run) counted as 2001 tokens of prefill, for
+    lookahead's queue time and prefix_affinity's load term alike; vLLM's connector leaves it out."""
+    from scheduler.config.models import EngineSpec
+    from scheduler.engine_model.model import EngineModel
+    from tests.test_engine_prefix_cache import LAT, drain
+
+    spec = EngineSpec(block_size=16, max_num_batched_tokens=512, max_num_seqs=64, num_kv_blocks=1000)
+    eng = EngineModel(LAT, spec.model_copy(update={"enable_prefix_caching": True}))
+    eng.add_request("a", 1024, 2, hash_ids=(1, 2, 3, 4), hash_block_tokens=256)
+    drain(eng)
+    eng.add_request("leg", 2001, 10, cached_tokens=2000)  # a decode leg: its prompt's KV arrived with it
+    eng.add_request("b", 1024, 2, hash_ids=(1, 2, 3, 9), hash_block_tokens=256)  # 768 cached
+    snap = eng.snapshot("i0", 0.0)
+    assert snap.prefill_tokens_pending == 2001 + 1024  # KV accounting: whole contexts
+    assert snap.prefill_compute_tokens == 1 + (1024 - 768)

@@ -535,10 +535,11 @@ class EngineModel:
             self._cached_ids = frozenset(self._cached_id_set)
         return self._cached_ids
 
-    def _waiting_cache_hits(self) -> int:
-        """Prompt tokens of the waiting requests their admission would find cached here now (as ``_prefix_hit``
-        will count them, unless the cache changes before then)."""
-        return sum(self.cache_hit_tokens(s) for s in self.waiting if not s.num_computed)
+    def _waiting_not_computed(self) -> int:
+        """Tokens of the waiting requests' contexts their admission will not compute: the KV they brought (a P->D
+        decode leg, a migration), else what the prefix cache holds now (as ``_prefix_hit`` will count it, unless the
+        cache changes before then)."""
+        return sum(s.num_computed or self.cache_hit_tokens(s) for s in self.waiting)
 
     def cache_hit_tokens(self, seq: Seq) -> int:
         """Prompt tokens of ``seq`` this instance's prefix cache would spare it if admitted now."""
@@ -734,7 +735,7 @@ class EngineModel:
         pending = sum(s.num_tokens - s.num_computed for s in self.prefilling) + sum(
             s.num_tokens for s in self.waiting
         )
-        compute = pending - self._waiting_cache_hits() if self.prefix_cache else None
+        compute = pending - self._waiting_not_computed() if self.prefix_cache else None
         bs = len(self.decoding)
         return InstanceSnapshot(
             instance_id=instance_id,
