@@ -136,3 +136,36 @@ def test_the_engine_models_queue_to_compute_leaves_out_kv_that_came_with_a_reque
     snap = eng.snapshot("i0", 0.0)
     assert snap.prefill_tokens_pending == 2001 + 1024  # KV accounting: whole contexts
     assert snap.prefill_compute_tokens == 1 + (1024 - 768)
+
+
+# ---- 4: prefix_affinity priced a token of queue alike on instances of different speeds -------------------------------
+def test_prefix_affinity_estimates_ttft_at_each_instances_prefill_pace() -> None:
+    """Conductor's estimate is a time (queue time + prefill time of the uncached part, on that instance); the router
+    summed tokens, so on the long-context tier a TP-4 instance (prefill ~2.5x faster per 2048-token chunk) with
+    2500 tokens queued lost a 1000-token prompt to a TP-1 instance with 1000 queued: 2000 tokens "against" 3500,
+    1.45x the time (cached tokens are priced the same way: a hit saves the time it saves there)."""
+    from pathlib import Path
+
+    from scheduler.config.load import load_config
+
+    tier = Path(__file__).resolve().parents[1] / "scheduler/config/examples/llama3-8b-a100-longctx-tier.yaml"
+    r = PrefixAffinityRouter()
+    r.initialize(load_config(str(tier)))
+
+    def at(iid: str, tp: int, pending: int) -> InstanceSnapshot:
+        return InstanceSnapshot(
+            iid,
+            M,
+            gpu="a100",
+            tp=tp,
+            kv_blocks_total=10_000,
+            block_size=16,
+            prefill_tokens_pending=pending,
+            cached_hash_ids=frozenset(),
+        )
+
+    slow, fast = at("tp1", 1, 1000), at("tp4", 4, 2500)
+    assert route(r, req("new", (), prompt=1000), slow, fast) == "tp4"
+    assert r.pace_of(slow) > 2 * r.pace_of(fast)
+    # Unbound (no config): token units, every instance alike.
+    assert route(PrefixAffinityRouter(), req("new", (), prompt=1000), slow, fast) == "tp1"

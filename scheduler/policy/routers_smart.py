@@ -11,7 +11,9 @@ import random as _random
 from collections import Counter, OrderedDict
 from collections.abc import Container
 
+from scheduler.config.models import ClusterConfig
 from scheduler.core.types import ClusterView, InstanceSnapshot, Rejected, RequestInfo
+from scheduler.latency import latency_factory
 from scheduler.policy.pairing import (
     HIGH_PRIORITY,
     PairingRouter,
@@ -21,7 +23,12 @@ from scheduler.policy.pairing import (
 )
 from scheduler.policy.route import RouteDecision, RouteResult, register_router
 from scheduler.policy.routers_learned import LearnedRouter
-from scheduler.policy.routers_lookahead import LookaheadRouter, SheddingLookaheadRouter, ShedRouter
+from scheduler.policy.routers_lookahead import (
+    LookaheadRouter,
+    SheddingLookaheadRouter,
+    ShedRouter,
+    default_latency_model,
+)
 
 
 # ---- power of two choices ---------------------------------------------------------------------------------------
@@ -94,10 +101,11 @@ class LlumnixRouter(PairingRouter):
 class PrefixAffinityRouter(PairingRouter):
     """Prefix-cache affinity, after Mooncake's Conductor (Qin et al., FAST 2025, section 6).
 
-    For each prefill candidate, estimate TTFT in units of prompt tokens computed: ``load_weight`` times the queued
-    prompt tokens the instance will compute (``prefill_compute_tokens``: queued prompts less their own cache hits,
-    as the newcomer's) plus the newcomer's prompt tokens NOT already cached there (its leading ``hash_ids`` blocks
-    that ``cached_blocks`` says are resident), plus a KV-pressure term once virtual usage passes ``kv_soft_limit``.
+    For each prefill candidate, estimate TTFT as prompt tokens to compute times the instance's prefill pace
+    (``pace_of``: seconds per token, by its GPU and TP): ``load_weight`` times the queued prompt tokens the
+    instance will compute (``prefill_compute_tokens``: queued prompts less their own cache hits, as the newcomer's)
+    plus the newcomer's prompt tokens NOT already cached there (its leading ``hash_ids`` blocks that
+    ``cached_blocks`` says are resident), plus a KV-pressure term once virtual usage passes ``kv_soft_limit``.
     Pick the minimum. Reuse wins when it saves more prefill than the extra queue costs; otherwise the request goes
     to a lighter instance (which then caches the prefix too -- Mooncake's hot-prefix replication falls out of that).
 
@@ -127,6 +135,31 @@ class PrefixAffinityRouter(PairingRouter):
         # Routed, not finished: request -> (prefill instance, its blocks); instance -> how many of them carry a block.
         self._inflight: OrderedDict[str, tuple[str, frozenset[int]]] = OrderedDict()
         self._inflight_at: dict[str, Counter[int]] = {}
+        self.config: ClusterConfig | None = None
+        self.chunk_tokens = 2048
+        self._pace: dict[tuple[str, int], float] = {}
+
+    def initialize(self, config: ClusterConfig) -> None:
+        """Bind a cluster config: each instance's prefill pace comes from its (GPU, TP) latency model."""
+        self.config = config
+        self._pace.clear()
+        if config.pools:
+            self.chunk_tokens = config.pools[0].engine.max_num_batched_tokens
+
+    def pace_of(self, inst: InstanceSnapshot) -> float:
+        """Seconds per prompt token prefilled on ``inst`` (a full chunk's time over its tokens): Conductor's TTFT is
+        time, and a token queued on a TP-4 instance drains ~3.5x sooner than one on a TP-1 instance. 1.0 (token
+        units, every instance alike) with no config bound."""
+        cfg = self.config
+        if cfg is None:
+            return 1.0
+        key = (inst.gpu, inst.tp)
+        pace = self._pace.get(key)
+        if pace is None:
+            lat = latency_factory(cfg)(cfg.model, cfg.gpus[inst.gpu], inst.tp) if inst.gpu in cfg.gpus else (
+                default_latency_model())
+            pace = self._pace[key] = lat.prefill_time(self.chunk_tokens) / self.chunk_tokens
+        return pace
 
     def cached_blocks(self, inst: InstanceSnapshot) -> Container[int]:
         """Block ids the router takes as resident on ``inst`` (see the class docstring), in-flight ones aside."""
@@ -160,7 +193,7 @@ class PrefixAffinityRouter(PairingRouter):
         if queued is None:
             queued = inst.prefill_tokens_pending
         penalty = queue_penalty(request, inst, self.queue_weight)
-        return self.load_weight * queued + (p - hit) + pressure + penalty
+        return (self.load_weight * queued + (p - hit) + pressure + penalty) * self.pace_of(inst)
 
     def on_routed(self, request: RequestInfo, decision: RouteDecision) -> None:
         if not request.hash_ids:
