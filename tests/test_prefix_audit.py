@@ -74,6 +74,22 @@ def test_prefix_affinity_counts_a_prefix_on_its_way_until_the_request_finishes()
     assert route(r, req("third"), *empty) == "a"  # tie: first in view order
 
 
+def test_prefix_affinity_stops_counting_a_prefix_on_its_way_once_the_listing_shows_it() -> None:
+    """A request's blocks counted on its prefill instance until it finished: on a P/D cluster it finishes on its
+    decoder, long after the prefill instance cached (and, busy, perhaps evicted) them. Once a listing shows them,
+    the listing alone says whether they are still there."""
+    r = PrefixAffinityRouter()
+    empty = (snap("p0", cached=frozenset()), snap("p1", cached=frozenset()))
+    assert route(r, req("first"), *empty) == "p0"
+    assert (
+        route(r, req("x", (50,), prompt=100), snap("p0", cached=frozenset(HOT)), empty[1]) == "p0"
+    )  # prefilled
+    r.on_finished("x", "p0")
+    # "first" still decodes elsewhere; p0 has since evicted its prefix and queues 500 more tokens than p1.
+    evicted = (snap("p0", pending=600, cached=frozenset({7000})), snap("p1", pending=100, cached=frozenset()))
+    assert route(r, req("second"), *evicted) == "p1"
+
+
 def test_prefix_affinity_forgets_sends_beyond_the_instances_kv_capacity() -> None:
     """Without a cache listing (vLLM live), its memory of sends was one LRU of 200,000 ids for the whole cluster: an
     instance whose KV holds 2 blocks was credited with a prefix sent there long before, and 50 newer prompts'

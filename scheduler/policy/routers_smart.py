@@ -111,7 +111,7 @@ class PrefixAffinityRouter(PairingRouter):
 
     What is cached where: a snapshot that lists its prefix cache (``cached_hash_ids`` not ``None``: the simulator,
     the simulated backend) is believed, so a prefix its engine evicted earns nothing; blocks of requests routed there
-    and not finished count too (queued, they are computed before a newcomer is admitted). A snapshot that cannot
+    and not finished count too until a listing shows them (queued, they are computed before a newcomer is admitted). A snapshot that cannot
     tell (vLLM live) is read from the router's memory of where it sent each block, an LRU per instance bounded by
     the instance's KV capacity (the most an engine's cache can hold), so old sends expire as the engine's would.
 
@@ -135,6 +135,7 @@ class PrefixAffinityRouter(PairingRouter):
         # Routed, not finished: request -> (prefill instance, its blocks); instance -> how many of them carry a block.
         self._inflight: OrderedDict[str, tuple[str, frozenset[int]]] = OrderedDict()
         self._inflight_at: dict[str, Counter[int]] = {}
+        self._listed: dict[str, frozenset[int]] = {}  # instance -> the listing its in-flight blocks were checked on
         self.config: ClusterConfig | None = None
         self.chunk_tokens = 2048
         self._pace: dict[tuple[str, int], float] = {}
@@ -148,7 +149,7 @@ class PrefixAffinityRouter(PairingRouter):
 
     def pace_of(self, inst: InstanceSnapshot) -> float:
         """Seconds per prompt token prefilled on ``inst`` (a full chunk's time over its tokens): Conductor's TTFT is
-        time, and a token queued on a TP-4 instance drains ~3.5x sooner than one on a TP-1 instance. 1.0 (token
+        time, and a token queued on a TP-4 A100 instance drains ~2.5x sooner than on a TP-1 one. 1.0 (token
         units, every instance alike) with no config bound."""
         cfg = self.config
         if cfg is None:
@@ -163,8 +164,16 @@ class PrefixAffinityRouter(PairingRouter):
 
     def cached_blocks(self, inst: InstanceSnapshot) -> Container[int]:
         """Block ids the router takes as resident on ``inst`` (see the class docstring), in-flight ones aside."""
-        if inst.cached_hash_ids is not None:
-            return inst.cached_hash_ids
+        cached = inst.cached_hash_ids
+        if cached is not None:
+            going = self._inflight_at.get(inst.instance_id)
+            if going and self._listed.get(inst.instance_id) is not cached:
+                # In-flight blocks the listing shows have arrived: from now on it tells whether they are still
+                # there (a P/D prefill instance may evict them while their request decodes elsewhere).
+                for h in [h for h in going if h in cached]:
+                    del going[h]
+                self._listed[inst.instance_id] = cached
+            return cached
         kv_tokens = inst.kv_blocks_total * inst.block_size
         self._capacity[inst.instance_id] = kv_tokens // max(self.hash_block_tokens, 1)
         return self._sent.get(inst.instance_id, {})
@@ -203,6 +212,7 @@ class PrefixAffinityRouter(PairingRouter):
         ids = frozenset(request.hash_ids)
         self._inflight[request.request_id] = (pid, ids)
         self._inflight_at.setdefault(pid, Counter()).update(ids)
+        self._listed.pop(pid, None)  # check the new ones against the next listing, even an unchanged one
         while len(self._inflight) > self.max_entries:
             self._drop(next(iter(self._inflight)))
         cap = self._capacity.get(pid)
