@@ -152,6 +152,10 @@ def test_the_engine_models_queue_to_compute_leaves_out_kv_that_came_with_a_reque
     snap = eng.snapshot("i0", 0.0)
     assert snap.prefill_tokens_pending == 2001 + 1024  # KV accounting: whole contexts
     assert snap.prefill_compute_tokens == 1 + (1024 - 768)
+    # An engine whose cache holds nothing yet can tell too.
+    fresh = EngineModel(LAT, spec.model_copy(update={"enable_prefix_caching": True}))
+    fresh.add_request("leg", 2001, 10, cached_tokens=2000)
+    assert fresh.snapshot("i1", 0.0).prefill_compute_tokens == 1
 
 
 # ---- 4: prefix_affinity priced a token of queue alike on instances of different speeds -------------------------------

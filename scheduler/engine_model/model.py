@@ -735,7 +735,8 @@ class EngineModel:
         pending = sum(s.num_tokens - s.num_computed for s in self.prefilling) + sum(
             s.num_tokens for s in self.waiting
         )
-        compute = pending - self._waiting_not_computed() if self.prefix_cache else None
+        # (``is not None``: an empty cache still knows its queue; a falsy one read as "cannot tell" until a first id.)
+        compute = pending - self._waiting_not_computed() if self.prefix_cache is not None else None
         bs = len(self.decoding)
         return InstanceSnapshot(
             instance_id=instance_id,
