@@ -189,3 +189,24 @@ def test_prefix_affinity_estimates_ttft_at_each_instances_prefill_pace() -> None
     assert r.pace_of(slow) > 2 * r.pace_of(fast)
     # Unbound (no config): token units, every instance alike.
     assert route(PrefixAffinityRouter(), req("new", (), prompt=1000), slow, fast) == "tp1"
+
+
+# ---- 5: the engine model charged a prompt's partial last block as a whole one ------------------------------------------
+def test_the_engine_models_prefix_cache_charges_a_partial_last_block_its_tokens() -> None:
+    """Each cached id was charged ``hash_block_tokens`` of the KV capacity, the last (partial) one of a prompt too:
+    a 100-token prompt's one id took 256 tokens, and 1024 tokens of KV held four such prompts' ids where they fill
+    800 (vLLM holds its blocks). Mooncake's prompts end in a partial 512-token block (~4% of their ids' charge)."""
+    from scheduler.config.models import EngineSpec
+    from scheduler.engine_model.model import EngineModel
+    from tests.test_engine_prefix_cache import LAT, drain
+
+    spec = EngineSpec(block_size=16, max_num_batched_tokens=512, max_num_seqs=64, num_kv_blocks=64)
+    eng = EngineModel(LAT, spec.model_copy(update={"enable_prefix_caching": True}))  # 1024 tokens of KV
+    for k in range(8):
+        eng.add_request(f"r{k}", 100, 1, hash_ids=(100 + k,), hash_block_tokens=256)
+        drain(eng)
+    assert eng.snapshot("i0", 0.0).cached_hash_ids == frozenset(range(100, 108))
+    # Whole blocks are charged whole: the oldest go once 1024 tokens are passed.
+    eng.add_request("long", 768, 1, hash_ids=(1, 2, 3), hash_block_tokens=256)
+    drain(eng)
+    assert eng.snapshot("i0", 0.0).cached_hash_ids == frozenset({1, 2, 3, 106, 107})  # 968 tokens

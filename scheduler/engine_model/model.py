@@ -513,14 +513,19 @@ class EngineModel:
         cache = self.prefix_cache
         if cache is None or not seq.hash_ids:
             return
-        ids = seq.hash_ids if computed >= seq.num_tokens else seq.hash_ids[: computed // seq.hash_block_tokens]
-        for h in reversed(ids):
+        hbt = seq.hash_block_tokens
+        ids = seq.hash_ids if computed >= seq.num_tokens else seq.hash_ids[: computed // hbt]
+        for k in range(len(ids) - 1, -1, -1):
+            h = ids[k]
             if h in cache:
                 cache.move_to_end(h)
             else:
-                cache[h] = seq.hash_block_tokens
+                # The KV the id's tokens hold: a prompt's last id covers what is left of it (a partial block
+                # charged whole held ~4% fewer Mooncake prefixes than the KV fits; vLLM charges its blocks).
+                tokens = max(min(hbt, seq.num_tokens - k * hbt), 1)
+                cache[h] = tokens
                 self._cached_id_set.add(h)
-                self._prefix_tokens += seq.hash_block_tokens
+                self._prefix_tokens += tokens
                 self._cached_ids = None
         while self._prefix_tokens > self.prefix_capacity_tokens and cache:
             h, tokens = cache.popitem(last=False)
