@@ -110,10 +110,11 @@ class PrefixAffinityRouter(PairingRouter):
     to a lighter instance (which then caches the prefix too -- Mooncake's hot-prefix replication falls out of that).
 
     What is cached where: a snapshot that lists its prefix cache (``cached_hash_ids`` not ``None``: the simulator,
-    the simulated backend) is believed, so a prefix its engine evicted earns nothing; blocks of requests routed there
-    and not finished count too until a listing shows them (queued, they are computed before a newcomer is admitted). A snapshot that cannot
-    tell (vLLM live) is read from the router's memory of where it sent each block, an LRU per instance bounded by
-    the instance's KV capacity (the most an engine's cache can hold), so old sends expire as the engine's would.
+    the simulated backend) is believed, so a prefix its engine evicted earns nothing; blocks of requests routed
+    there and not finished count too until a listing shows them (queued, they are computed before a newcomer is
+    admitted). A snapshot that cannot tell (vLLM live) is read from the router's memory of where it sent each
+    block, an LRU per instance bounded by the instance's KV capacity (the most an engine's cache can hold), so old
+    sends expire as the engine's would.
 
     Decode instances (disaggregated) are chosen by virtual usage: the prefix cache matters only for prefill.
     """
@@ -129,7 +130,7 @@ class PrefixAffinityRouter(PairingRouter):
         self.max_entries = max_entries
         self.queue_weight = queue_weight
         # instance -> the blocks sent there, least recently first, for instances whose snapshot lists no cache;
-        # bounded by ``_capacity`` (its KV in hash blocks, read from its snapshot), else ``max_entries``.
+        # bounded by ``_capacity`` (its KV in hash blocks, read from its snapshot).
         self._sent: dict[str, OrderedDict[int, None]] = {}
         self._capacity: dict[str, int] = {}
         # Routed, not finished: request -> (prefill instance, its blocks); instance -> how many of them carry a block.
