@@ -5,6 +5,7 @@ prefix-cache routers and the simulated engines' prefix cache were inert outside 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 from typing import Any
@@ -43,6 +44,9 @@ def test_prefix_affinity_places_a_shared_prefix_with_its_first_request() -> None
     async def scenario() -> tuple[str, str]:
         ing = _ingress([FakeInstance("mixed-0"), FakeInstance("mixed-1")])
         ing.router = make_router("prefix_affinity")
+        # Instances with room for the prefix: the router forgets sends past an instance's KV (16 tokens by default).
+        kv = 1000  # blocks of 16 tokens
+        ing._view = ClusterView(0.0, tuple(dataclasses.replace(s, kv_blocks_total=kv) for s in ing._view.instances))
         placed = []
         for rid, tail in (("turn-1", [1, 2, 3]), ("turn-2", [1, 2, 3, 4, 5] * 40)):
             req = GenerateRequest(rid, prompt_token_ids=prefix + tail, sampling=SamplingParams(max_tokens=2))
@@ -54,7 +58,8 @@ def test_prefix_affinity_places_a_shared_prefix_with_its_first_request() -> None
             ing._pending.clear()
             ing._pending_prompt.clear()
             ing._view = ClusterView(0.0, tuple(
-                InstanceSnapshot(s.instance_id, s.role, prefill_tokens_pending=500 if s.instance_id == placed[0] else 0)
+                InstanceSnapshot(s.instance_id, s.role, kv_blocks_total=kv,
+                                 prefill_tokens_pending=500 if s.instance_id == placed[0] else 0)
                 for s in ing._view.instances))
         return placed[0], placed[1]
 
