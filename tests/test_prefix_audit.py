@@ -61,7 +61,7 @@ def test_prefix_affinity_believes_a_snapshot_that_lists_its_cache_over_its_memor
     assert route(r, req("third"), *listed) == "a"
 
 
-def test_prefix_affinity_counts_a_prefix_on_its_way_until_the_request_finishes() -> None:
+def test_prefix_affinity_counts_a_prefix_on_its_way_before_the_listing_shows_it() -> None:
     """Believing the snapshot alone must not spread a burst: a prefix routed to an instance and still queued there
     is not in its cache yet, but will be by the time the next request with it is admitted."""
     r = PrefixAffinityRouter()
