@@ -198,6 +198,28 @@ def test_a_blocking_protocol_stops_the_request_for_its_whole_context_in_the_simu
         _protocol_run({"mode": "recompute"}, small_blocks=2000)
 
 
+def test_the_policy_plans_with_the_headroom_the_protocol_reserves() -> None:
+    """The policy's ``headroom_tokens`` and the protocol's were two settings: the Controller built the policy with
+    its own 64 while the destination reserved the protocol's 512, so the policy planned moves the destination then
+    refused. One value now (either key sets both); two that differ are refused when the config loads."""
+    from scheduler.config.load import ConfigError, load_config, parse_config
+    from scheduler.transfer.migration import migration_config, migration_policy
+
+    raw = load_config("tiny-cpu").model_dump(mode="json")
+
+    def cfg(params: dict) -> ClusterConfig:
+        return parse_config({**raw, "policies": {**raw["policies"], "migration": {"name": "llumnix",
+                                                                                 "params": params}}}, source="x")
+
+    for params in ({"protocol": {"headroom_tokens": 512}}, {"headroom_tokens": 512},
+                   {"headroom_tokens": 512, "protocol": {"headroom_tokens": 512}}):
+        c = cfg(params)
+        assert migration_policy(c).headroom_tokens == migration_config(c).headroom_tokens == 512, params
+    assert migration_policy(cfg({})).headroom_tokens == migration_config(cfg({})).headroom_tokens == 64
+    with pytest.raises(ConfigError, match=r"params.headroom_tokens \(128\) differs from .*protocol.headroom_tokens"):
+        cfg({"headroom_tokens": 128, "protocol": {"headroom_tokens": 512}})
+
+
 def test_a_gpu_vllm_pool_keeps_the_configs_kv_block_size(monkeypatch) -> None:
     """``make_vllm_backend`` rounded every pool's block size up to 32 (a vLLM-CPU rule): on a GPU a 16-token config
     ran live with 32-token blocks -- coarser prefix hits and KV allocation than the engine model's 16."""

@@ -265,6 +265,10 @@ class ClusterConfig(_Strict):
             if spec is not None and spec.name not in registry:
                 raise ValueError(f"policies.{field}.name: unknown {kind} {spec.name!r}; allowed: "
                                  f"{', '.join(sorted(registry))}")
+        if self.policies.migration is not None:
+            from scheduler.transfer.migration import check_one_headroom
+
+            check_one_headroom(self.policies.migration.params)
         if self.policies.admission is not None:  # NOTE: no reader yet: accepting it would promise admission control
             raise ValueError("policies.admission: not applied by the ingress yet (docs/fault_tolerance.md, 'Still "
                              "open: admission in the Ingress'); remove it -- router lookahead_shed or shed refuses "

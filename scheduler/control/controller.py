@@ -55,7 +55,7 @@ from scheduler.control.registry import EntryTable, RegistryEntry
 from scheduler.control.reroling import RoleSwitcher
 from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot
 from scheduler.deploy.autoscale import KubernetesBackend
-from scheduler.policy.migration import MigrationPlan, MigrationPolicy, make_migration_policy
+from scheduler.policy.migration import MigrationPlan, MigrationPolicy
 from scheduler.policy.scaling import (
     PrefixHitWindow,
     ScaleDecision,
@@ -64,6 +64,7 @@ from scheduler.policy.scaling import (
     WorkloadSummary,
     make_scaling_policy,
 )
+from scheduler.transfer.migration import migration_policy
 
 log = logging.getLogger(__name__)
 
@@ -330,12 +331,8 @@ class Controller:
         remove_instance_pg(self.cluster, iid)
 
     def _init_migration_policy(self) -> None:
-        spec = self.config.policies.migration
-        if spec is None:
-            return
-        params = dict(spec.params)
-        params.pop("protocol", None)  # protocol knobs are the ingress' (scheduler.transfer.migration)
-        self._migration = make_migration_policy(spec.name, **params)
+        # Protocol knobs are the ingress' (scheduler.transfer.migration); the policy plans with its headroom.
+        self._migration = migration_policy(self.config)
 
     def _policy_tick(self) -> None:
         """Migration policy loop: plan on the live view, hand each plan to the ingress that owns the request's

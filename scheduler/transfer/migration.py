@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from scheduler.config.models import ClusterConfig
+    from scheduler.policy.migration import MigrationPolicy
 
 
 class MigrationState(enum.IntEnum):
@@ -142,12 +143,42 @@ def migration_config(config: ClusterConfig) -> MigrationConfig:
     ingress's and the simulator's (``sim/migration.py``)."""
     spec = config.policies.migration
     raw = dict((spec.params.get("protocol") or {}) if spec is not None else {})
+    if spec is not None and "headroom_tokens" in spec.params:  # one headroom: ``migration_policy``
+        raw.setdefault("headroom_tokens", spec.params["headroom_tokens"])
     if "mode" in raw:
         raw["mode"] = MigrationMode.parse(raw["mode"])
     try:
         return MigrationConfig(**raw)
     except TypeError as e:
         raise ValueError(f"policies.migration.params.protocol: {e}") from None
+
+
+def migration_policy(config: ClusterConfig) -> MigrationPolicy | None:
+    """The policy ``policies.migration`` names, planning with the headroom the protocol reserves on a destination:
+    one value, ``protocol.headroom_tokens`` (the policy's ``headroom_tokens`` param, given alone, sets both). With two
+    values the policy planned moves the destination then refused (each refusal costing the request its
+    ``request_cooldown_s``), or kept free KV the protocol never asked for."""
+    from scheduler.policy.migration import make_migration_policy
+
+    spec = config.policies.migration
+    if spec is None:
+        return None
+    params = dict(spec.params)
+    protocol = params.pop("protocol", None) or {}
+    if "headroom_tokens" in protocol:
+        params["headroom_tokens"] = migration_config(config).headroom_tokens
+    return make_migration_policy(spec.name, **params)
+
+
+def check_one_headroom(params: dict[str, Any]) -> None:
+    """Config validation: ``policies.migration.params.headroom_tokens`` and ``protocol.headroom_tokens`` are one
+    value (``migration_policy``); two that differ are refused naming both."""
+    protocol = params.get("protocol") or {}
+    if "headroom_tokens" in params and "headroom_tokens" in protocol and (
+            params["headroom_tokens"] != protocol["headroom_tokens"]):
+        raise ValueError(f"policies.migration.params.headroom_tokens ({params['headroom_tokens']}) differs from "
+                         f"policies.migration.params.protocol.headroom_tokens ({protocol['headroom_tokens']}): the "
+                         "policy plans with the headroom the destination reserves; give one")
 
 
 @dataclass(frozen=True, slots=True)
