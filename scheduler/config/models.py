@@ -146,6 +146,15 @@ class PoolSpec(_Strict):
     count: int = Field(default=1, ge=0)
     backend: Literal["simulated", "vllm"] = "simulated"
     engine: EngineSpec = EngineSpec()
+    # Live serving only (the simulator's engines cannot hang). NOTE: CPU vLLM can take several seconds for one step
+    # (a long chunked prefill, the first step after start), and the Controller's snapshot poll waits 2 s: a timeout
+    # near those would replace busy instances.
+    hang_timeout_s: float = Field(
+        default=60.0, ge=5.0,
+        description="an instance holding requests with no engine progress (no token, no prompt token computed) "
+                    "for this long, or whose snapshots time out this long, is hung: routed around, released (its "
+                    "requests re-prefilled elsewhere) and replaced",
+    )
 
     @field_validator("role", mode="before")
     @classmethod

@@ -274,6 +274,13 @@ class Controller:
                 self._failing.pop(iid, None)
                 self._snapshots[iid] = res
                 self._adopt_role(iid, res, rnd)
+                if not res.healthy:
+                    # Its engine held requests with no progress for the pool's hang_timeout_s (Instance.snapshot):
+                    # a stuck engine in a live actor. Released, its streams end "released" and are re-prefilled
+                    # elsewhere, as a dead instance's are; the reconcile loop starts a replacement.
+                    log.warning("instance %s: no engine progress for %.0fs with requests on it; replacing it", iid,
+                                self._hang_timeout_s(m))
+                    broken.append(iid)
                 continue
             if actor_gone(res):
                 log.warning("instance %s died: %s", iid, type(res).__name__)
@@ -282,25 +289,34 @@ class Controller:
             # No report: a timeout, "temporarily unavailable" (forgetting it removed its placement group, killing a
             # live instance and its streams), or an error raised on the instance. A slow answer is no verdict: the
             # last snapshot stands for UNHEALTHY_AFTER_S (an adopted instance still starting reports nothing yet).
-            if iid in self._starting or now - self._failing.setdefault(iid, now) <= UNHEALTHY_AFTER_S:
+            if iid in self._starting:
                 continue
+            silent_s = now - self._failing.setdefault(iid, now)
             snap = self._snapshots.get(iid)
-            if snap is not None and snap.healthy:
+            if silent_s > UNHEALTHY_AFTER_S and snap is not None and snap.healthy:
                 # Silent that long: neither capacity to the scaling policy nor a migration destination (it stood as
                 # healthy for good; the ingresses already route around it).
                 self._snapshots[iid] = dataclasses.replace(snap, healthy=False)
-            if isinstance(res, ray.exceptions.RayTaskError):
+            if silent_s > UNHEALTHY_AFTER_S and isinstance(res, ray.exceptions.RayTaskError):
                 # It answers, but cannot report its load: its engine failed (vLLM's EngineDeadError, the simulated
                 # engine's fault). Nothing else would replace it -- only actor deaths were -- and its pool stayed
                 # one instance short for good.
                 log.warning("instance %s: snapshots failing for %.0fs (%s); replacing it", iid, UNHEALTHY_AFTER_S,
                             res.cause if res.cause is not None else res)
                 broken.append(iid)
+            elif silent_s > self._hang_timeout_s(m):
+                # Silent for the pool's hang_timeout_s (a blocked event loop, a stats call stuck behind a hung engine
+                # step): hung. It stayed a member for good, its pool one instance short, its streams waiting.
+                log.warning("instance %s: no snapshot for %.0fs (%s); replacing it", iid, silent_s, type(res).__name__)
+                broken.append(iid)
         for iid in broken:
             self._failing.pop(iid, None)
             assert self._lock is not None
             async with self._lock:
                 await self._release(iid)  # the pool keeps its size: the reconcile loop creates a replacement
+
+    def _hang_timeout_s(self, m: Member) -> float:
+        return self._pools[m.info.pool].hang_timeout_s
 
     def _adopt_role(self, iid: str, snap: InstanceSnapshot, rnd: int) -> None:
         """The instance is the truth about its role: a ``set_role`` whose reply was lost (the switch abandoned at its

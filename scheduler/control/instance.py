@@ -248,6 +248,12 @@ class Instance:
         self._exports: dict[str, tuple[float, asyncio.Task[KVBlocks]]] = {}
         # request_id -> (submit received, first token out of the engine), wall clock, newest _TIMINGS_KEPT.
         self._timings: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+        # Progress watchdog (``PoolSpec.hang_timeout_s``): streams still running, the last sign of engine progress
+        # (a chunk out, or prompt tokens computed as the stats show: a long chunked prefill emits nothing for many
+        # steps), and the engine's computed-prompt count at the last stats read.
+        self._running = 0
+        self._progress_s = time.monotonic()
+        self._computed = 0
         node_id = ""
         try:
             import ray
@@ -385,6 +391,9 @@ class Instance:
         st = _Stream(predicted=predicted_output_tokens, dist=length_dist, before=request.num_output_tokens_before,
                      export=export_on_finish, context=request.prompt_token_ids)
         self._streams[rid] = st
+        if self._running == 0:  # work starts now: an idle spell before it is no stall
+            self._progress_s = time.monotonic()
+        self._running += 1
         st.task = asyncio.create_task(self._pump(rid, st, chunks))
         if not wait_first:
             return Submitted()
@@ -397,6 +406,7 @@ class Instance:
     async def _pump(self, rid: str, st: _Stream, chunks: Any) -> None:
         try:
             async for chunk in chunks:
+                self._progress_s = time.monotonic()
                 if chunk.token_ids and rid not in self._timings:
                     self._timings[rid] = (st.received, time.time())
                     if len(self._timings) > _TIMINGS_KEPT:
@@ -422,6 +432,7 @@ class Instance:
             st.event.set()
         finally:
             st.done = True
+            self._running -= 1
 
     async def poll(
         self, request_id: str, timeout_s: float | None = 5.0, from_index: int | None = None
@@ -529,9 +540,23 @@ class Instance:
         return {rid: t + inner.get(rid, ()) for rid, t in self._timings.items()}
 
     async def snapshot(self) -> InstanceSnapshot:
-        """Load report for routers: engine counts plus per-request context/generated lengths."""
+        """Load report for routers: engine counts plus per-request context/generated lengths. Unhealthy once the
+        engine has held requests without progress for ``hang_timeout_s`` (``stalled_s``): a stuck engine whose
+        actor still answers (a deadlocked worker, a step loop that stopped) kept its streams waiting for good and
+        drew new requests; routers skip it now, and the Controller releases and replaces it."""
         s = await self._require_backend().stats()
-        return snapshot_from_stats(s, self.info, time.time(), self._streams, draining=self._draining)
+        now = time.monotonic()
+        if s.prompt_tokens_computed != self._computed:
+            self._computed = s.prompt_tokens_computed
+            self._progress_s = now
+        hung = self.stalled_s(now) > self.pool.hang_timeout_s
+        return snapshot_from_stats(s, self.info, time.time(), self._streams, draining=self._draining, healthy=not hung)
+
+    def stalled_s(self, now: float | None = None) -> float:
+        """Seconds the engine has held running requests without progress (0 while idle)."""
+        if self._running == 0:
+            return 0.0
+        return (time.monotonic() if now is None else now) - self._progress_s
 
     async def export_kv(self, request_id: str, start_token: int = 0, end_token: int | None = None) -> KVBlocks:
         early = self._exports.pop(request_id, None) if start_token == 0 and end_token is None else None
@@ -722,6 +747,7 @@ def snapshot_from_stats(
     streams: dict[str, _Stream] | None = None,
     *,
     draining: bool = False,
+    healthy: bool = True,
 ) -> InstanceSnapshot:
     """Build an ``InstanceSnapshot`` from any backend's ``EngineStats`` (one code path for vLLM and simulated)."""
     streams = streams or {}
@@ -772,6 +798,6 @@ def snapshot_from_stats(
         decode_context_tokens=decode_ctx,
         predicted_remaining_tokens=predicted,
         requests=tuple(reqs),
-        healthy=True,
+        healthy=healthy,
         draining=draining,
     )

@@ -1,0 +1,136 @@
+"""Hung instances (a later audit of live fault handling): an instance whose actor lives but whose engine stopped
+making progress while it holds requests. Dead actors and failed engines were replaced; a hung one stayed in the
+pool for good, its streams waiting. ``PoolSpec.hang_timeout_s`` is the watchdog's limit.
+
+One Ray cluster and one deployment (2 MIXED simulated instances, ``hang_timeout_s`` 5) for the module; the hang is
+made inside the instance's actor (``__ray_call__``), so no test engine is needed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from scheduler.config.models import ClusterConfig
+from scheduler.control.cluster import deploy
+from scheduler.control.instance import Instance
+from scheduler.engine.base import EngineRequest, SamplingParams
+from tests.test_control_plane import GPUS, MODEL, SIM, _check_exact, _collect, _req
+
+HANG_S = 5.0
+CFG = ClusterConfig.model_validate(
+    {
+        "name": "hang",
+        "gpus": GPUS,
+        "model": MODEL,
+        "pools": [{"name": "mixed", "role": "mixed", "gpu": "a100", "count": 2, "hang_timeout_s": HANG_S}],
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def hang(local_ray: Any, aloop: Any) -> Any:
+    dep = deploy(
+        CFG, name="hang", controller_name="llmsched-controller-hang", backend_kwargs=SIM, refresh_s=0.05
+    )
+    ing = dep.make_ingress()
+    aloop.run(ing.start())
+    yield dep, ing
+    aloop.run(ing.close())
+    dep.shutdown()
+
+
+def _stop_engine_loop(inst: Instance) -> None:
+    """The engine's step loop ends without an error (a worker that stopped): the actor and its stats answer."""
+    task = inst._backend._task  # type: ignore[union-attr]
+    task.get_loop().call_soon_threadsafe(task.cancel)
+
+
+def _hang_in_a_step(inst: Instance) -> None:
+    """A step that never returns (a deadlocked worker): it holds the step lock, so stats -- and snapshots -- wait
+    on it too; polls still answer ("nothing yet")."""
+
+    async def hold() -> None:
+        async with inst._backend._step_lock:  # type: ignore[union-attr]
+            await asyncio.sleep(3600)
+
+    asyncio.run_coroutine_threadsafe(hold(), inst._backend._task.get_loop())  # type: ignore[union-attr]
+
+
+def _members_after_replacing(dep: Any, gone: str, timeout_s: float = 30.0) -> list[str]:
+    deadline = time.time() + timeout_s
+    members: dict[str, Any] = {}
+    while time.time() < deadline:
+        members = ray.get(dep.controller.members.remote())
+        if len(members) == CFG.pools[0].count and gone not in members:
+            return sorted(members)
+        time.sleep(0.2)
+    pytest.fail(f"hung instance {gone} not replaced: members {sorted(members)}")
+
+
+def _hang_mid_stream(hang: Any, aloop: Any, rid: str, make_hang: Any) -> tuple[float, str]:
+    """Stream ``rid``; after 10 tokens hang its instance. Returns (seconds from the hang to the stream's end,
+    the hung instance). The stream must come out exact: recovered elsewhere, not waiting for good."""
+    _, ing = hang
+    n = 300
+    hung: list[tuple[str, float]] = []
+
+    async def on_chunk(c: Any, out: list[Any]) -> None:
+        if not hung and sum(len(x.token_ids) for x in out) >= 10:
+            iid = ing.registry.get(rid).instances[0]
+            await ing._members[iid].handle.__ray_call__.remote(make_hang)
+            hung.append((iid, time.monotonic()))
+
+    chunks = aloop.run(_collect(ing, _req(rid, 200, n), on_chunk), timeout=HANG_S + 40)
+    _check_exact(chunks, rid, n)
+    assert hung and ing.counters["recoveries"] >= 1
+    return time.monotonic() - hung[0][1], hung[0][0]
+
+
+def test_an_engine_whose_step_loop_stopped_is_replaced_and_its_stream_recovered(
+    hang: Any, aloop: Any
+) -> None:
+    """Before: the actor answered every snapshot and poll ("nothing yet"), so the stream waited for good and the
+    Controller kept the instance as healthy capacity; now its snapshot turns unhealthy after ``hang_timeout_s``
+    without progress, the Controller releases it (its stream ends "released" and is re-prefilled elsewhere) and
+    a replacement starts."""
+    took_s, iid = _hang_mid_stream(hang, aloop, "hang-loop", _stop_engine_loop)
+    assert took_s >= HANG_S - 0.5  # not before the configured time
+    _members_after_replacing(hang[0], iid)
+
+
+def test_an_instance_whose_snapshots_hang_is_replaced_and_its_stream_recovered(hang: Any, aloop: Any) -> None:
+    """A step that never ends holds the stats lock: snapshots time out (the ingresses route around it after 10 s)
+    but polls answer. Before: the Controller marked it unhealthy and kept it for good (only a death or an engine
+    error released an instance); its stream waited for good."""
+    took_s, iid = _hang_mid_stream(hang, aloop, "hang-step", _hang_in_a_step)
+    assert took_s >= HANG_S - 0.5
+    _members_after_replacing(hang[0], iid)
+
+
+def test_an_instance_idle_for_long_is_not_hung_when_work_arrives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watchdog times work without progress, not time since the last token: an instance that sat idle past
+    ``hang_timeout_s`` and then takes a request is healthy (no Ray: the Instance object over a simulated engine)."""
+    monkeypatch.setattr(
+        ray, "get_runtime_context", lambda: (_ for _ in ()).throw(RuntimeError("no Ray here"))
+    )
+    pool = CFG.pools[0]
+
+    async def scenario() -> tuple[bool, bool]:
+        inst = Instance("mixed-0", pool, CFG.model, CFG.gpus[pool.gpu], backend_kwargs={"time_scale": 1.0})
+        await inst.start()
+        try:
+            inst._progress_s -= 10 * HANG_S  # its last token long ago
+            idle = (await inst.snapshot()).healthy
+            await inst.submit(
+                EngineRequest("late", tuple(range(1, 65)), SamplingParams(max_tokens=400)), wait_first=False
+            )
+            return idle, (await inst.snapshot()).healthy
+        finally:
+            await inst.shutdown()
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == (True, True)
