@@ -134,3 +134,38 @@ def test_an_instance_idle_for_long_is_not_hung_when_work_arrives(monkeypatch: py
             await inst.shutdown()
 
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) == (True, True)
+
+
+@pytest.mark.parametrize("fault", ["hung", "engine_failed"])
+def test_a_broken_instance_draining_for_a_scale_down_is_not_replaced(
+    fault: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scale-down 3 -> 2 drains mixed-2; it then hangs (its snapshot says unhealthy) or its engine fails. The
+    Controller released it as broken with the pool's desired size still 3, so the reconcile loop started a
+    replacement: the scale-down was undone (a death while draining was counted out; a broken release was not)."""
+    import scheduler.control.controller as controller_mod
+    from scheduler.core.types import InstanceRole, InstanceSnapshot
+    from scheduler.policy.scaling import ScaleDecision
+    from tests.test_controller_audit import FakeInstance, _controller
+
+    class Broken(FakeInstance):
+        async def _snapshot(self) -> InstanceSnapshot:
+            if fault == "hung":
+                return InstanceSnapshot(self.iid, InstanceRole.MIXED, num_running=1, healthy=False)
+            raise ray.exceptions.RayTaskError("snapshot", "", RuntimeError("engine failed"))
+
+    monkeypatch.setattr(controller_mod, "remove_instance_pg", lambda cluster, iid: False)
+    ctrl = _controller([FakeInstance("mixed-0"), FakeInstance("mixed-1"), Broken("mixed-2")], {"mixed": 3})
+    ctrl.cluster = "audit"
+
+    async def run() -> None:
+        await ctrl._apply_scale(ScaleDecision("mixed", target=2, reason="idle", drain=("mixed-2",)))
+        assert list(ctrl._draining) == ["mixed-2"]
+        ctrl._failing["mixed-2"] = time.monotonic() - 11.0  # failing past UNHEALTHY_AFTER_S (engine_failed)
+        await ctrl._refresh()  # released as broken
+        await ctrl._reconcile(wait=True)
+        await ctrl._release_drained()
+
+    asyncio.run(run())
+    assert sorted(ctrl._members) == ["mixed-0", "mixed-1"] and not ctrl._pending
+    assert ctrl._next_index["mixed"] == 3 and ctrl._desired["mixed"] == 2  # nothing started in its place

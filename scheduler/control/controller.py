@@ -311,9 +311,25 @@ class Controller:
                 broken.append(iid)
         for iid in broken:
             self._failing.pop(iid, None)
+            pool = self._members[iid].info.pool
             assert self._lock is not None
             async with self._lock:
-                await self._release(iid)  # the pool keeps its size: the reconcile loop creates a replacement
+                # The pool keeps its size, so the reconcile loop creates a replacement -- unless it was on its way
+                # out. Counted before the release's wait (the scaling loop would see it gone and drop its drain).
+                self._end_scale_down(iid, pool)
+                await self._release(iid)
+
+    def _end_scale_down(self, iid: str, pool: str) -> None:
+        """``iid`` leaves while draining for a scale-down -- it died, or is released as broken: counted out as its
+        release would have (the next reconcile would otherwise replace it, undoing the scale-down), unless an admin
+        scale already did."""
+        if self._draining.pop(iid, None) is None:
+            return
+        self._save_draining()
+        self._k8s_shrink_due = True
+        if self._desired.get(pool, 0) > len([i for i in self._active(pool, held=True) if i != iid]):
+            self._desired[pool] -= 1
+            self._save_desired()
 
     def _hang_timeout_s(self, m: Member) -> float:
         return self._pools[m.info.pool].hang_timeout_s
@@ -333,14 +349,8 @@ class Controller:
     def _forget(self, iid: str) -> None:
         m = self._members.pop(iid, None)
         self._failing.pop(iid, None)
-        if m is not None and self._draining.pop(iid, None) is not None:
-            # Dead while draining for a scale-down: counted out as its release would have (the next reconcile
-            # would otherwise replace it, undoing the scale-down), unless an admin scale already did.
-            self._save_draining()
-            self._k8s_shrink_due = True
-            if self._desired.get(m.info.pool, 0) > len(self._active(m.info.pool, held=True)):
-                self._desired[m.info.pool] -= 1
-                self._save_desired()
+        if m is not None:
+            self._end_scale_down(iid, m.info.pool)
         self._role_round.pop(iid, None)
         self._drop_operator_drain(iid)
         self._snapshots.pop(iid, None)
