@@ -44,6 +44,16 @@ def hang(local_ray: Any, aloop: Any) -> Any:
     dep.shutdown()
 
 
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Instance`` objects in this process without starting a Ray node (``get_runtime_context`` would)."""
+
+    def no_runtime() -> Any:
+        raise RuntimeError("no Ray in this test")
+
+    monkeypatch.setattr(ray, "get_runtime_context", no_runtime)
+
+
 def _stop_engine_loop(inst: Instance) -> None:
     """The engine's step loop ends without an error (a worker that stopped): the actor and its stats answer."""
     task = inst._backend._task  # type: ignore[union-attr]
@@ -112,12 +122,9 @@ def test_an_instance_whose_snapshots_hang_is_replaced_and_its_stream_recovered(h
     _members_after_replacing(hang[0], iid)
 
 
-def test_an_instance_idle_for_long_is_not_hung_when_work_arrives(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_instance_idle_for_long_is_not_hung_when_work_arrives(no_ray: None) -> None:
     """The watchdog times work without progress, not time since the last token: an instance that sat idle past
     ``hang_timeout_s`` and then takes a request is healthy (no Ray: the Instance object over a simulated engine)."""
-    monkeypatch.setattr(
-        ray, "get_runtime_context", lambda: (_ for _ in ()).throw(RuntimeError("no Ray here"))
-    )
     pool = CFG.pools[0]
 
     async def scenario() -> tuple[bool, bool]:
@@ -169,3 +176,30 @@ def test_a_broken_instance_draining_for_a_scale_down_is_not_replaced(
     asyncio.run(run())
     assert sorted(ctrl._members) == ["mixed-0", "mixed-1"] and not ctrl._pending
     assert ctrl._next_index["mixed"] == 3 and ctrl._desired["mixed"] == 2  # nothing started in its place
+
+
+def test_a_request_paused_for_a_migration_is_no_stall(no_ray: None) -> None:
+    """A source's request paused for a migration's stop-and-copy waits on its driver, not on the engine (a driver
+    that died leaves it paused until ``lease_s``, 30 s). Counted as work without progress, an instance whose only
+    request was paused past ``hang_timeout_s`` reported itself hung, and the Controller released a healthy
+    instance; after a resume the watchdog times the engine again."""
+    pool = CFG.pools[0]
+
+    async def scenario() -> tuple[bool, bool, bool]:
+        inst = Instance("mixed-0", pool, CFG.model, CFG.gpus[pool.gpu], backend_kwargs={"time_scale": 1.0})
+        await inst.start()
+        try:
+            req = EngineRequest("moving", tuple(range(1, 65)), SamplingParams(max_tokens=400))
+            assert (await inst.submit(req)).chunks  # decoding
+            await inst.snapshot()  # (the watchdog has seen its prompt computed)
+            assert not isinstance(await inst.migrate_stop("moving", 0), str)
+            inst._progress_s -= 10 * HANG_S  # paused that long (the driving ingress died)
+            paused = (await inst.snapshot()).healthy
+            assert await inst.migrate_resume("moving")
+            resumed = (await inst.snapshot()).healthy
+            inst._progress_s -= 10 * HANG_S  # and now the engine stops making progress on it
+            return paused, resumed, (await inst.snapshot()).healthy
+        finally:
+            await inst.shutdown()
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == (True, True, False)

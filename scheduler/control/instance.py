@@ -179,6 +179,7 @@ class _Stream:
     sent: TokenChunk | None = None  # the last chunk handed out, kept until a poll shows it arrived
     export: bool = False  # P->D prefill: start exporting the prompt KV the moment the stream ends
     migrated: bool = False  # released by a committed migration: its end reads "migrated", not "abort"
+    paused: bool = False  # stopped for a migration's stop-and-copy: waits on its driver, not on the engine
     received: float = field(default_factory=time.time)  # wall clock at submit (request_timings)
     # The request's context (prompt + the ``before`` outputs emitted elsewhere): a poll from an index below
     # ``before`` gets those outputs again (a migration's source died before delivering its last tokens).
@@ -554,9 +555,13 @@ class Instance:
 
     def stalled_s(self, now: float | None = None) -> float:
         """Seconds the engine has held running requests without progress (0 while idle)."""
-        if self._running == 0:
+        now = time.monotonic() if now is None else now
+        if not any(not st.done and not st.paused for st in self._streams.values()):
+            # Idle, or holding only requests paused for a migration (a dead driver leaves one paused until its
+            # lease): nothing the engine owes. Timed from here when work comes back.
+            self._progress_s = now
             return 0.0
-        return (time.monotonic() if now is None else now) - self._progress_s
+        return now - self._progress_s
 
     async def export_kv(self, request_id: str, start_token: int = 0, end_token: int | None = None) -> KVBlocks:
         early = self._exports.pop(request_id, None) if start_token == 0 and end_token is None else None
@@ -647,9 +652,12 @@ class Instance:
     async def migrate_stop(self, request_id: str, start_token: int) -> tuple[Any, KVBlocks | None] | str:
         """Source, final stop-and-copy: pause the request (KV kept) and return its ``MigrationSnapshot`` and the
         KV from ``start_token`` (``< 0``: none). A reason string if it cannot be paused."""
-        if request_id not in self._streams:
+        st = self._streams.get(request_id)
+        if st is None:
             return "request is not running on this instance"
-        return await self._migration_backend().pause(request_id, start_token)
+        out = await self._migration_backend().pause(request_id, start_token)
+        st.paused = not isinstance(out, str)
+        return out
 
     async def migrate_commit(
         self, request_id: str, template: EngineRequest, stopped: list[Any], *, predicted_output_tokens: float | None
@@ -709,6 +717,9 @@ class Instance:
 
     async def migrate_resume(self, request_id: str) -> bool:
         """Source, abort path: the paused request continues here."""
+        st = self._streams.get(request_id)
+        if st is not None:
+            st.paused = False
         return await self._migration_backend().resume(request_id)
 
     async def migrate_cancel(self, request_id: str) -> None:
