@@ -203,3 +203,25 @@ def test_a_request_paused_for_a_migration_is_no_stall(no_ray: None) -> None:
             await inst.shutdown()
 
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) == (True, True, False)
+
+
+def test_shutdown_calls_off_an_instance_still_being_placed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Controller.shutdown`` (a full teardown) awaited every instance still being created before releasing the
+    live ones; one whose placement group never became ready (no node for it: a scale-up KubeRay cannot serve)
+    held it for good, so ``Deployment.shutdown`` gave up at its timeout and killed the Controller, leaving every
+    detached instance and placement group -- and their GPUs -- behind."""
+    from ray.experimental import internal_kv
+
+    from tests.test_controller_audit import FakeInstance, _controller
+
+    monkeypatch.setattr(internal_kv, "_internal_kv_del", lambda *a, **kw: None)
+    ctrl = _controller([FakeInstance("mixed-0")], {"mixed": 2})
+    ctrl.cluster, ctrl.namespace = "audit", "llmsched"
+    ctrl._loop_task = ctrl._scaling_task = None
+
+    async def run() -> None:
+        ctrl._pending["mixed-1"] = asyncio.create_task(asyncio.Event().wait())  # its pg.ready() never returns
+        await asyncio.wait_for(ctrl.shutdown(), 5.0)
+
+    asyncio.run(run())
+    assert ctrl.killed == ["mixed-0"]  # type: ignore[attr-defined]

@@ -932,7 +932,10 @@ class Controller:
             self._loop_task.cancel()
         if self._scaling_task is not None:
             self._scaling_task.cancel()
+        # Called off, not awaited: one whose placement group never becomes ready (no node for it) held the teardown
+        # for good, and the driver then killed this actor with every instance still up. ``_create`` cleans up.
         for t in list(self._pending.values()):
+            t.cancel()
             await asyncio.gather(t, return_exceptions=True)
         for iid in list(self._members):
             await self._release(iid)
