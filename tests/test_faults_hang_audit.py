@@ -225,3 +225,20 @@ def test_shutdown_calls_off_an_instance_still_being_placed(monkeypatch: pytest.M
 
     asyncio.run(run())
     assert ctrl.killed == ["mixed-0"]  # type: ignore[attr-defined]
+
+
+def test_an_adopted_instance_that_does_not_start_while_draining_for_a_scale_down_is_not_replaced() -> None:
+    """The same for an instance a restarted Controller adopts and whose start fails: released for replacement
+    with the scale-down's drain still on it, the reconcile loop undid the scale-down."""
+    from tests.test_controller_audit import FakeInstance, _controller
+
+    class NoStart(FakeInstance):
+        async def _start(self) -> Any:
+            raise RuntimeError("engine cannot start")
+
+    ctrl = _controller([FakeInstance("mixed-0"), FakeInstance("mixed-1"), NoStart("mixed-2")], {"mixed": 3})
+    ctrl._draining = {"mixed-2": (time.time() + 60, 0)}  # restored from Ray's KV after the restart
+    ctrl._save_draining = lambda: None
+
+    asyncio.run(ctrl._start_adopted("mixed-2"))
+    assert ctrl.killed == ["mixed-2"] and ctrl._desired["mixed"] == 2 and not ctrl._draining  # type: ignore[attr-defined]

@@ -223,9 +223,7 @@ class Controller:
             info = await m.handle.start.remote()
         except Exception as e:  # noqa: BLE001 - dead, or its engine cannot start: replaced either way
             log.warning("adopted instance %s did not start (%s); replacing it", iid, type(e).__name__)
-            assert self._lock is not None
-            async with self._lock:
-                await self._release(iid)
+            await self._replace(iid)
             return
         finally:
             self._starting.discard(iid)
@@ -311,13 +309,19 @@ class Controller:
                 broken.append(iid)
         for iid in broken:
             self._failing.pop(iid, None)
-            pool = self._members[iid].info.pool
-            assert self._lock is not None
-            async with self._lock:
-                # The pool keeps its size, so the reconcile loop creates a replacement -- unless it was on its way
-                # out. Counted before the release's wait (the scaling loop would see it gone and drop its drain).
-                self._end_scale_down(iid, pool)
-                await self._release(iid)
+            await self._replace(iid)
+
+    async def _replace(self, iid: str) -> None:
+        """Release a broken instance (its engine failed or hung, or it did not start): its pool keeps its size, so
+        the reconcile loop creates a replacement -- unless it was draining for a scale-down, which this completes.
+        Counted before the release's wait: the scaling loop would see it gone and drop its drain uncounted."""
+        m = self._members.get(iid)
+        if m is None:
+            return
+        assert self._lock is not None
+        async with self._lock:
+            self._end_scale_down(iid, m.info.pool)
+            await self._release(iid)
 
     def _end_scale_down(self, iid: str, pool: str) -> None:
         """``iid`` leaves while draining for a scale-down -- it died, or is released as broken: counted out as its
