@@ -242,3 +242,14 @@ def test_an_adopted_instance_that_does_not_start_while_draining_for_a_scale_down
 
     asyncio.run(ctrl._start_adopted("mixed-2"))
     assert ctrl.killed == ["mixed-2"] and ctrl._desired["mixed"] == 2 and not ctrl._draining  # type: ignore[attr-defined]
+
+
+def test_hang_timeout_is_validated_and_defaults_for_slow_cpu_steps() -> None:
+    """Below the snapshot poll's and a CPU step's scale it would replace busy instances: refused, naming it."""
+    pool = {"name": "mixed", "gpu": "a100", "hang_timeout_s": 2}
+    with pytest.raises(ValueError, match=r"pools\.0\.hang_timeout_s"):
+        ClusterConfig.model_validate({"gpus": GPUS, "model": MODEL, "pools": [pool]})
+    default = ClusterConfig.model_validate(
+        {"gpus": GPUS, "model": MODEL, "pools": [{"name": "m", "gpu": "a100"}]}
+    )
+    assert default.pools[0].hang_timeout_s == 60.0
