@@ -253,3 +253,27 @@ def test_hang_timeout_is_validated_and_defaults_for_slow_cpu_steps() -> None:
         {"gpus": GPUS, "model": MODEL, "pools": [{"name": "m", "gpu": "a100"}]}
     )
     assert default.pools[0].hang_timeout_s == 60.0
+
+
+def test_instance_health_is_false_for_a_hung_or_failed_engine(no_ray: None) -> None:
+    """``Instance.health`` said True for every started instance: a hung engine, a failed one included."""
+    pool = CFG.pools[0]
+
+    async def scenario() -> list[bool]:
+        inst = Instance("mixed-0", pool, CFG.model, CFG.gpus[pool.gpu], backend_kwargs={"time_scale": 1.0})
+        await inst.start()
+        try:
+            out = [await inst.health()]
+            await inst.submit(EngineRequest("r", tuple(range(1, 65)), SamplingParams(max_tokens=400)))
+            await inst.snapshot()  # (the watchdog has seen its prompt computed)
+            backend = inst._backend
+            backend._task.cancel()  # type: ignore[union-attr]  # the step loop stops ...
+            inst._progress_s -= 10 * HANG_S  # ... long ago
+            out.append(await inst.health())
+            backend._failed = "RuntimeError: device fault"  # type: ignore[union-attr]  # and its engine fails
+            out.append(await inst.health())
+            return out
+        finally:
+            await inst.shutdown()
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [True, False, False]

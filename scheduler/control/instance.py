@@ -314,7 +314,12 @@ class Instance:
         return self.info
 
     async def health(self) -> bool:
-        return self._backend is not None
+        """Whether this instance serves: started, its engine reports its load, and it is not hung -- its snapshot's
+        verdict (this said True for any started instance, a failed or hung engine included)."""
+        try:
+            return (await self.snapshot()).healthy
+        except Exception:  # noqa: BLE001 - not started, or its engine failed
+            return False
 
     async def shutdown(self) -> None:
         self._closing = True
