@@ -92,8 +92,10 @@ def _hang_mid_stream(hang: Any, aloop: Any, rid: str, make_hang: Any) -> tuple[f
     async def on_chunk(c: Any, out: list[Any]) -> None:
         if not hung and sum(len(x.token_ids) for x in out) >= 10:
             iid = ing.registry.get(rid).instances[0]
+            hung.append(
+                (iid, time.monotonic())
+            )  # (before the call: its last progress is at most a step before)
             await ing._members[iid].handle.__ray_call__.remote(make_hang)
-            hung.append((iid, time.monotonic()))
 
     chunks = aloop.run(_collect(ing, _req(rid, 200, n), on_chunk), timeout=HANG_S + 40)
     _check_exact(chunks, rid, n)
