@@ -279,3 +279,39 @@ def test_instance_health_is_false_for_a_hung_or_failed_engine(no_ray: None) -> N
             await inst.shutdown()
 
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [True, False, False]
+
+
+def test_ready_past_its_timeout_keeps_the_instances_still_starting() -> None:
+    """``Controller.ready`` (``deploy``, ``llmsched serve``) waited with ``wait_for`` on a gather of the creations:
+    at its timeout (120 s by default; vLLM engines on new nodes take longer) the cancellation reached every
+    creation in flight, and each killed its actor and removed its placement group -- the slow instances were
+    destroyed and ``deploy`` raised. Now the creations go on, and ``ready`` answers with those running (``deploy``
+    then warns "only N of M instances came up"; the others join as they start)."""
+    from tests.test_controller_audit import FakeInstance, _controller, _member
+
+    ctrl = _controller([FakeInstance("mixed-0")], {"mixed": 2})
+    ctrl._refresh = lambda: asyncio.sleep(0)  # type: ignore[method-assign]
+    cancelled: list[str] = []
+
+    async def slow_create(pool: Any, iid: str) -> None:  # the engine takes a while to load
+        try:
+            await asyncio.sleep(0.5)
+            ctrl._members[iid] = _member(FakeInstance(iid), pool.name)
+        except asyncio.CancelledError:
+            cancelled.append(iid)  # the real one kills the actor and removes its placement group here
+            raise
+        finally:
+            ctrl._pending.pop(iid, None)
+
+    ctrl._create = slow_create  # type: ignore[method-assign]
+
+    async def run() -> tuple[list[str], list[str]]:
+        up = sorted(await ctrl.ready(timeout_s=0.1))
+        await asyncio.sleep(1.0)
+        return up, sorted(ctrl._members)
+
+    assert asyncio.run(run()) == (
+        ["mixed-0"],
+        ["mixed-0", "mixed-2"],
+    )  # (the fake numbers from the pool size)
+    assert cancelled == []

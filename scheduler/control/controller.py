@@ -762,7 +762,9 @@ class Controller:
                     if iid in self._members:
                         await self._release(iid)
         if wait and self._pending:
-            await asyncio.gather(*self._pending.values(), return_exceptions=True)
+            # asyncio.wait, not gather: a caller that stops waiting (ready's timeout) must not call the creations
+            # off -- cancelled, each kills its actor and removes its placement group.
+            await asyncio.wait(list(self._pending.values()))
 
     async def _create(self, pool: PoolSpec, iid: str) -> None:
         handle = None
@@ -817,9 +819,14 @@ class Controller:
 
     # ---- API ------------------------------------------------------------------------------------------
     async def ready(self, timeout_s: float = 120.0) -> dict[str, InstanceInfo]:
-        """Place every pool's instances and wait until they run; returns id -> info."""
+        """Place every pool's instances and wait until they run, at most ``timeout_s``; returns id -> info of those
+        running. The others go on starting and join when up (they were killed at the timeout, and deploy raised)."""
         self._ensure_loop()
-        await asyncio.wait_for(self._reconcile(wait=True), timeout_s)
+        try:
+            await asyncio.wait_for(self._reconcile(wait=True), timeout_s)
+        except TimeoutError:
+            log.warning("%d instance(s) still starting after %.0fs; serving with those up", len(self._pending),
+                        timeout_s)
         await self._refresh()
         return {i: m.info for i, m in self._members.items()}
 
