@@ -315,3 +315,31 @@ def test_ready_past_its_timeout_keeps_the_instances_still_starting() -> None:
         ["mixed-0", "mixed-2"],
     )  # (the fake numbers from the pool size)
     assert cancelled == []
+
+
+def test_shutdown_releases_unresponsive_instances_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A teardown released its instances one at a time, each waiting up to 5 s for ``Instance.shutdown``: with
+    six hung instances it took past ``Deployment.shutdown``'s 30 s, which then killed the Controller and left the
+    rest (detached) running on their GPUs."""
+    from ray.experimental import internal_kv
+
+    import scheduler.control.controller as controller_mod
+    from tests.test_controller_audit import FakeInstance, _controller
+
+    class Hung(FakeInstance):
+        async def _shutdown(self) -> None:
+            await asyncio.sleep(3600)
+
+    killed: list[Any] = []
+    monkeypatch.setattr(internal_kv, "_internal_kv_del", lambda *a, **kw: None)
+    monkeypatch.setattr(controller_mod, "remove_instance_pg", lambda cluster, iid: False)
+    monkeypatch.setattr(controller_mod.ray, "kill", lambda handle, no_restart=True: killed.append(handle.iid))
+    ctrl = _controller([Hung(f"mixed-{i}") for i in range(8)], {"mixed": 8})
+    del ctrl._release  # the real one: shuts the actor down (bounded), kills it, removes its group
+    ctrl.cluster, ctrl.namespace = "audit", "llmsched"
+    ctrl._loop_task = ctrl._scaling_task = None
+
+    t0 = time.monotonic()
+    asyncio.run(ctrl.shutdown())
+    assert sorted(killed) == [f"mixed-{i}" for i in range(8)]
+    assert time.monotonic() - t0 < 15.0  # one 5 s wait, not eight

@@ -948,8 +948,9 @@ class Controller:
         for t in list(self._pending.values()):
             t.cancel()
             await asyncio.gather(t, return_exceptions=True)
-        for iid in list(self._members):
-            await self._release(iid)
+        # Side by side: each waits up to 5 s for a hung instance, and one after another they outlasted the driver's
+        # wait (Deployment.shutdown, 30 s), which then killed this actor with the rest still up.
+        await asyncio.gather(*(self._release(iid) for iid in list(self._members)), return_exceptions=True)
         from ray.experimental import internal_kv
 
         for name in self._KV_NAMES:
