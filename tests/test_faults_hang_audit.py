@@ -343,3 +343,30 @@ def test_shutdown_releases_unresponsive_instances_side_by_side(monkeypatch: pyte
     asyncio.run(ctrl.shutdown())
     assert sorted(killed) == [f"mixed-{i}" for i in range(8)]
     assert time.monotonic() - t0 < 15.0  # one 5 s wait, not eight
+
+
+def test_an_instance_that_said_it_is_hung_stays_out_when_its_snapshots_then_time_out() -> None:
+    """The ingress keeps a slow instance's last snapshot for ``UNHEALTHY_AFTER_S``, but set it healthy from the
+    timeout alone: an instance whose last answer said "hung" (the watchdog) was routed to again for 10 s once its
+    snapshots began to time out -- a blocked actor with the Controller down, which would have released it."""
+    from scheduler.core.types import InstanceRole, InstanceSnapshot
+    from tests.test_ingress_audit import FakeInstance, _ingress
+
+    S, T = FakeInstance("mixed-0"), FakeInstance("mixed-1")
+    answers = [InstanceSnapshot("mixed-0", InstanceRole.MIXED, num_running=1, healthy=False)]
+
+    async def snapshot() -> InstanceSnapshot:
+        if answers:
+            return answers.pop()
+        await asyncio.sleep(3600)  # silent from here on
+        raise AssertionError
+
+    S._snapshot = snapshot  # type: ignore[method-assign]
+    ing = _ingress([S, T])
+
+    async def run() -> set[str]:
+        await ing._refresh_view()  # "hung"
+        await ing._refresh_view()  # times out (1 s)
+        return {s.instance_id for s in ing.view().instances if s.accepting}
+
+    assert asyncio.run(run()) == {"mixed-1"}

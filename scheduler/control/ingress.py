@@ -378,9 +378,11 @@ class Ingress:
                 continue
             elif iid in self._snapshots:
                 # A slow answer is not a dead instance: a busy engine on a loaded host answers late. Keep the last
-                # snapshot; only an instance silent for ``unhealthy_after_s`` stops receiving new requests.
+                # snapshot; only an instance silent for ``unhealthy_after_s`` stops receiving new requests. Nor is a
+                # timeout a recovery: one whose last answer said unhealthy (hung: ``Instance.snapshot``) stays so.
+                last = self._snapshots[iid]
                 stale = now - last_ok.get(iid, now) > UNHEALTHY_AFTER_S
-                snaps[iid] = dataclasses.replace(self._snapshots[iid], healthy=not stale)
+                snaps[iid] = dataclasses.replace(last, healthy=last.healthy and not stale)
         self._snapshots = snaps
         for pending, took in ((self._pending, taken), (self._pending_prompt, taken_prompt)):
             for iid, n in took.items():
