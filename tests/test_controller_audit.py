@@ -62,7 +62,9 @@ def _snap(iid: str, n: int = 0, draining: bool = False, role: InstanceRole = Ins
 
 def _controller(insts: list[FakeInstance], pools: dict[str, int], *, drain_timeout_s: float = 120.0) -> Controller:
     ctrl = Controller.__new__(Controller)  # the applier alone: no Ray, no engines
-    ctrl.config = SimpleNamespace(pools=[SimpleNamespace(name=p, count=n, hang_timeout_s=60.0) for p, n in pools.items()])
+    ctrl.config = SimpleNamespace(
+        pools=[SimpleNamespace(name=p, count=n, hang_timeout_s=60.0) for p, n in pools.items()]
+    )
     ctrl._pools = {p.name: p for p in ctrl.config.pools}
     ctrl._members = {i.iid: _member(i, i.iid.rsplit("-", 1)[0]) for i in insts}
     ctrl._pending, ctrl._snapshots, ctrl._registry, ctrl._refresh_round = {}, {}, EntryTable(), 10

@@ -243,7 +243,8 @@ def test_an_adopted_instance_that_does_not_start_while_draining_for_a_scale_down
     ctrl._save_draining = lambda: None
 
     asyncio.run(ctrl._start_adopted("mixed-2"))
-    assert ctrl.killed == ["mixed-2"] and ctrl._desired["mixed"] == 2 and not ctrl._draining  # type: ignore[attr-defined]
+    assert ctrl.killed == ["mixed-2"]  # type: ignore[attr-defined]
+    assert ctrl._desired["mixed"] == 2 and not ctrl._draining
 
 
 def test_hang_timeout_is_validated_and_defaults_for_slow_cpu_steps() -> None:
