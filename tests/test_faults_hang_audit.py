@@ -1,9 +1,10 @@
-"""Hung instances (a later audit of live fault handling): an instance whose actor lives but whose engine stopped
-making progress while it holds requests. Dead actors and failed engines were replaced; a hung one stayed in the
-pool for good, its streams waiting. ``PoolSpec.hang_timeout_s`` is the watchdog's limit.
+"""Regressions from an audit of live fault handling: hung instances (an actor that lives while its engine makes no
+progress was never replaced; ``PoolSpec.hang_timeout_s`` is the watchdog's limit), broken instances released during
+a scale-down, and a teardown or start-up that killed or leaked instances. Each test failed before its fix.
 
-One Ray cluster and one deployment (2 MIXED simulated instances, ``hang_timeout_s`` 5) for the module; the hang is
-made inside the instance's actor (``__ray_call__``), so no test engine is needed."""
+One Ray cluster and one deployment (2 MIXED simulated instances, ``hang_timeout_s`` 5) for the module's Ray tests;
+the hang is made inside the instance's actor (``__ray_call__``), so no test engine is needed. The others run the
+``Instance`` object, the Controller's applier or the Ingress over fakes, without Ray."""
 
 from __future__ import annotations
 
