@@ -1,6 +1,7 @@
 """Regressions from an audit of live fault handling: hung instances (an actor that lives while its engine makes no
 progress was never replaced; ``PoolSpec.hang_timeout_s`` is the watchdog's limit), broken instances released during
-a scale-down, and a teardown or start-up that killed or leaked instances. Each test failed before its fix.
+a scale-down, and a teardown or start-up that killed or leaked instances. Each failed before its fix, except the
+guards of the new watchdog (idle time is no stall; the timeout is validated).
 
 One Ray cluster and one deployment (2 MIXED simulated instances, ``hang_timeout_s`` 5) for the module's Ray tests;
 the hang is made inside the instance's actor (``__ray_call__``), so no test engine is needed. The others run the
