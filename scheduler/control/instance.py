@@ -655,14 +655,18 @@ class Instance:
         return "ok", int(kv.end_token)
 
     async def migrate_stop(self, request_id: str, start_token: int) -> tuple[Any, KVBlocks | None] | str:
-        """Source, final stop-and-copy: pause the request (KV kept) and return its ``MigrationSnapshot`` and the
-        KV from ``start_token`` (``< 0``: none). A reason string if it cannot be paused."""
+        """Source, final stop-and-copy: pause the request (KV kept) and return its ``MigrationSnapshot`` (with this
+        stream's length guess) and the KV from ``start_token`` (``< 0``: none). A reason string if it cannot be
+        paused."""
         st = self._streams.get(request_id)
         if st is None:
             return "request is not running on this instance"
-        out = await self._migration_backend().pause(request_id, start_token)
-        st.paused = not isinstance(out, str)
-        return out
+        res = await self._migration_backend().pause(request_id, start_token)
+        st.paused = not isinstance(res, str)  # waits on its migration's driver now, not on the engine (watchdog)
+        if isinstance(res, str) or st.predicted is None:
+            return res
+        snap, kv = res
+        return dataclasses.replace(snap, predicted_output_tokens=st.predicted), kv
 
     async def migrate_commit(
         self, request_id: str, template: EngineRequest, stopped: list[Any], *, predicted_output_tokens: float | None
@@ -680,6 +684,9 @@ class Instance:
         if isinstance(res, str):
             return f"source: {res}"
         snap, kv = res
+        if snap.predicted_output_tokens is not None:
+            # The source's guess, renewed there if it ran out; the caller's is the request's original one.
+            predicted_output_tokens = snap.predicted_output_tokens
         await self._fault("commit")
         if request_id not in self._incoming:
             # Cancelled (the driver timed out on this step or was cancelled; or the lease expired) while the

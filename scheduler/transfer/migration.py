@@ -189,13 +189,18 @@ class MigrationSnapshot:
     template.
 
     ``token_offset > 0``: B already holds the earlier tokens with the staged KV pieces (each piece carries its
-    token ids), so the stop-and-copy does not ship the whole history again; ``with_prefix`` joins them."""
+    token ids), so the stop-and-copy does not ship the whole history again; ``with_prefix`` joins them.
+
+    ``predicted_output_tokens``: the response's length guess as the source's stream last read it, renewed there if
+    it ran out (``Instance.migrate_stop`` sets it): B counts it down from there, as the simulator's migration
+    carries its engine model's guess, rather than renewing the request's original guess afresh."""
 
     request_id: str
     token_ids: tuple[int, ...]
     num_output_tokens: int
     rng_state: bytes | None = None
     token_offset: int = 0
+    predicted_output_tokens: float | None = None
 
     def with_prefix(self, staged: Sequence[int]) -> tuple[int, ...]:
         """Every token, given the staged tokens ``staged`` (at least ``token_offset`` of them)."""

@@ -1,0 +1,122 @@
+"""Regressions from a second audit of "one scheduling core, two clocks": the live control plane (``Instance`` objects
+on the simulated backend, an ``Ingress`` over fake actor handles; no Ray) and the simulator run one tiny scenario
+each, and must decide and book alike. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from bench.loadgen import cluster_config
+from scheduler.control.instance import Instance
+from scheduler.engine.base import EngineRequest, SamplingParams
+from scheduler.predict.base import LengthPrediction
+from sim.cluster import build_instances
+
+# Mass on 128-256 and 512-1024 tokens: the guess (the median, ~181) runs out, and the renewal is long.
+DIST = LengthPrediction.from_probs([0, 0, 0, 0, 0.6, 0, 0.4, 0, 0])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray() -> Iterator[None]:
+    """``Instance.__init__`` asks Ray for its node id, which would start a local Ray instance."""
+    import ray
+
+    def no_ray() -> Any:
+        raise RuntimeError("no Ray in these tests")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray, "get_runtime_context", no_ray)
+        yield
+
+
+# ---- 1: a live migration carries the renewed length guess ------------------------------------------------------------
+async def _read_past(inst: Instance, rid: str, n: int) -> tuple[int, float]:
+    """Once ``rid`` streamed ``n`` outputs in all, read ``inst``'s snapshot (the one read, so the one renewal point):
+    (outputs then, its predicted remaining)."""
+    out = inst._streams[rid].before
+    while out < n:
+        chunk = await inst.poll(rid, 5.0)
+        assert chunk is not None and not chunk.finished
+        if chunk.token_ids:
+            out = chunk.index + len(chunk.token_ids)
+    snap = await inst.snapshot()
+    (r,) = (r for r in snap.requests if r.request_id == rid)
+    assert not r.in_prefill and r.predicted_remaining is not None
+    return inst._streams[rid].before + r.generated_tokens, r.predicted_remaining
+
+
+def _simulated_guess(cfg: Any, prompt: int, max_tokens: int, read: int, stop: int, dest_read: int) -> float:
+    """The simulator's engines on the same path: read at ``read`` outputs (the guess renews), migrated at ``stop``
+    (``sim.migration``: detach, re-add with the seq's guess), read on the destination at ``dest_read``."""
+    src, dst = (x.engine for x in build_instances(cfg)[:2])
+    src.add_request("r", prompt, max_tokens, predicted_remaining=DIST.point, length_dist=DIST)
+    for target in (read, stop):
+        while src.generated_of(src.get("r")) < target:  # type: ignore[arg-type]
+            src.step()
+        if target == read:
+            src.snapshot("s", 0.0)
+    seq = src.detach("r")
+    assert seq is not None
+    dst.add_request(
+        "r",
+        seq.num_tokens,
+        seq.max_new,
+        cached_tokens=seq.num_tokens - 1,
+        predicted_remaining=seq.predicted_remaining,
+        length_dist=seq.length_dist,
+        generated_before=seq.dist_base,
+    )
+    while True:
+        dst.step()
+        snap = dst.snapshot("d", 0.0, detail=True)
+        r = snap.requests[0]
+        if not r.in_prefill and seq.dist_base + r.generated_tokens >= dest_read:
+            assert seq.dist_base + r.generated_tokens == dest_read
+            assert r.predicted_remaining is not None
+            return r.predicted_remaining
+
+
+def test_a_live_migration_carries_the_renewed_length_guess_as_the_simulator_does() -> None:
+    """The source's stream renewed the guess when it ran out (read at ~250 outputs: E[L - g | L > g] from there);
+    the simulator's migration hands the destination that renewed guess, counting down. The live destination got
+    the ingress's copy of the original guess (``RequestRecord.guess``) and renewed it afresh at its first read:
+    a different count in the decode batch's sum from there on (here 16 tokens apart)."""
+    cfg = cluster_config("twoclocks", mixed=2)
+    pool = cfg.pools[0]
+    prompt, max_tokens = 50, 900
+    tmpl = EngineRequest("r", (), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+
+    async def live() -> tuple[int, int, int, float]:
+        S, D = (
+            Instance(f"mixed-{k}", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 0.02})
+            for k in range(2)
+        )
+        await S.start()
+        await D.start()
+        try:
+            guess = {"predicted_output_tokens": DIST.point, "length_dist": DIST}  # what the ingress passes
+            req = EngineRequest("r", tuple(range(1, prompt + 1)), tmpl.sampling)
+            await S.submit(req, **guess, wait_first=False)
+            read, _ = await _read_past(S, "r", 250)  # past the guess: renewed here
+            await _read_past(S, "r", read + 60)
+            ctx = await S.migrate_context("r")
+            assert ctx is not None and await D.migrate_reserve("r", ctx + max_tokens, tmpl) is None
+            stop = asyncio.ensure_future(S.migrate_stop("r", 0))
+            assert await D.migrate_commit("r", tmpl, [stop], **guess) is None
+            stopped = (await stop)[0].num_output_tokens
+            await S.migrate_release("r")
+            dest_read, remaining = await _read_past(D, "r", stopped + 10)
+            return read, stopped, dest_read, remaining
+        finally:
+            await S.shutdown()
+            await D.shutdown()
+
+    read, stopped, dest_read, remaining = asyncio.run(live())
+    assert read < stopped < dest_read
+    simulated = _simulated_guess(cfg, prompt, max_tokens, read, stopped, dest_read)
+    assert simulated == pytest.approx(DIST.expected_remaining(read) - (dest_read - read))
+    assert remaining == pytest.approx(simulated, abs=1e-6)
