@@ -500,16 +500,17 @@ class Simulator:
         # live ingress does); it used to run colocated there, the decoder ignored (a third of learned's placements
         # on the Mooncake tier as P/D, twenty-sixth session). Not a one-token request: it ends with its prefill,
         # and the live ingress neither hands it off nor counts it on its way to the decoder (``Ingress._route``).
-        # One instance named twice is colocated on a MIXED one; on a PREFILL one it is the pairing routers' Splitwise
-        # borrow ("a PREFILL instance decodes", ``PairingRouter.pair``): its KV comes back to it (read as colocated,
-        # the engine's forced handoff re-routed it and refused it when the second pick was a PREFILL instance too).
-        pair = (decision.decode_instance is not None and output > 1
-                and (decision.decode_instance != decision.prefill_instance or inst.role is InstanceRole.PREFILL))
+        # One instance named twice is colocated, on a PREFILL one too: the pairing routers' Splitwise borrow ("a
+        # PREFILL instance decodes", ``PairingRouter.pair``) runs there start to end, as the live ingress runs it
+        # (``_hands_off``). Its KV went back to it through a handoff, and the PREFILL engine made one token of the
+        # landed decode leg: the response ended a decode step after its first token.
+        colocated = decision.decode_instance == decision.prefill_instance
+        pair = decision.decode_instance is not None and output > 1 and not colocated
         if pair:
             self.dec_of[i] = self._index[decision.decode_instance].index
         pred = req.predicted_output_tokens
         kw = {"hash_ids": req.hash_ids, "hash_block_tokens": self.w.hash_block_tokens} if req.hash_ids else {}
-        handoff = inst.role is InstanceRole.PREFILL or pair
+        handoff = pair or (inst.role is InstanceRole.PREFILL and not colocated)
         try:
             seq = inst.engine.add_request(i, prompt, 1 if handoff else output, priority=req.priority,
                                           predicted_remaining=pred, length_dist=self._dist(i), handoff=handoff,
@@ -572,7 +573,7 @@ class Simulator:
         try:  # the request keeps its priority and length guess (less the token the prefill made)
             seq = inst.engine.add_request(i, prompt + 1, output - 1, cached_tokens=prompt, priority=req.priority,
                                           predicted_remaining=None if pred is None else max(pred - 1.0, 0.0),
-                                          length_dist=self._dist(i), generated_before=1)
+                                          length_dist=self._dist(i), generated_before=1, handoff=False)
         except ValueError:
             self._refuse(i, inst)  # its context does not fit this decoder at all: refused, not a crash
             self._expect_kv(inst, -1, now)

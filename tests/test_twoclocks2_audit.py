@@ -8,13 +8,20 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 from bench.loadgen import cluster_config
+from scheduler.control.api import GenerateRequest
 from scheduler.control.instance import Instance
+from scheduler.control.registry import RequestRecord
+from scheduler.core.types import InstanceRole
 from scheduler.engine.base import EngineRequest, SamplingParams
+from scheduler.policy.route import LeastOutstandingRouter, RouteDecision
 from scheduler.predict.base import LengthPrediction
 from sim.cluster import build_instances
+from sim.simulator import Simulator, Workload
+from tests.test_ingress_audit import FakeInstance, _consume, _ingress
 
 # Mass on 128-256 and 512-1024 tokens: the guess (the median, ~181) runs out, and the renewal is long.
 DIST = LengthPrediction.from_probs([0, 0, 0, 0, 0.6, 0, 0.4, 0, 0])
@@ -120,3 +127,55 @@ def test_a_live_migration_carries_the_renewed_length_guess_as_the_simulator_does
     simulated = _simulated_guess(cfg, prompt, max_tokens, read, stopped, dest_read)
     assert simulated == pytest.approx(DIST.expected_remaining(read) - (dest_read - read))
     assert remaining == pytest.approx(simulated, abs=1e-6)
+
+
+# ---- 2: a PREFILL instance named twice (the Splitwise borrow) decodes the request itself ----------------------------
+class SamePrefill(LeastOutstandingRouter):
+    """The pairing routers' Splitwise borrow, alone: the PREFILL instance prefills and decodes."""
+
+    name = "same_prefill"
+
+    def route(self, request: Any, view: Any) -> Any:
+        return RouteDecision("prefill-0", "prefill-0")
+
+
+def test_a_prefill_instance_named_twice_decodes_the_whole_response_in_the_simulator_as_live() -> None:
+    """``RouteDecision(p, p)`` with ``p`` a PREFILL instance: live, one engine request on ``p``, start to end
+    (``_hands_off``). The simulator handed the prompt's KV off to ``p`` itself (one KV transfer, counted on its way
+    there), and the PREFILL engine, which forces a handoff on every request it is given, admitted the landed decode
+    leg with one token to make: the response "finished" one decode step after its first token (40 tokens asked)."""
+    cfg = cluster_config("twoclocks", mixed=0, prefill=1, decode=1)
+    prompt, output = 64, 40
+    w = Workload(
+        arrival_s=np.array([0.0]), prompt_tokens=np.array([prompt]), output_tokens=np.array([output])
+    )
+    res = Simulator(cfg, router=SamePrefill()).run(w)
+    assert res.instance_ids[res.instance[0]] == "prefill-0"
+    assert res.decode_instance[0] == -1 and res.kv_transfers == 0
+    # Its decode takes what the same request's takes colocated on a MIXED instance of the same GPU (h100).
+    mixed = cluster_config("twoclocks", mixed=1)
+    mixed = mixed.model_copy(update={"pools": [mixed.pools[0].model_copy(update={"gpu": cfg.pools[0].gpu})]})
+    alone = Simulator(mixed).run(w)
+    assert res.finish_s[0] - res.first_token_s[0] == pytest.approx(alone.finish_s[0] - alone.first_token_s[0])
+
+    async def live() -> tuple[list[str], list[str], int, list[int]]:
+        P, D = FakeInstance("prefill-0", InstanceRole.PREFILL), FakeInstance("decode-0", InstanceRole.DECODE)
+        ing = _ingress([P, D], router=SamePrefill())
+        rec = RequestRecord("a", tuple(range(1, prompt + 1)), SamplingParams(max_tokens=output), 0, None)
+        ing._route(rec)
+        incoming = ing.view().by_id("prefill-0").num_incoming
+        req = GenerateRequest(
+            "b", prompt_token_ids=list(range(1, prompt + 1)), sampling=SamplingParams(max_tokens=output)
+        )
+        out: list[Any] = []
+        await _consume(ing, req, out)
+        return (
+            P.calls,
+            D.calls,
+            incoming,
+            [i for c in out for i in range(c.index, c.index + len(c.token_ids))],
+        )
+
+    p_calls, d_calls, incoming, indices = asyncio.run(live())
+    assert p_calls.count("submit") == 1 and not d_calls and incoming == 0
+    assert indices == list(range(output))

@@ -371,13 +371,14 @@ def test_a_prefill_instance_borrowed_to_decode_itself_still_decodes_in_the_simul
     """The pairing routers' Splitwise borrow (``allow_prefill_decode``: decoders saturated, an idle PREFILL instance
     decodes) names that instance twice. Read as colocated since the one-instance-twice fix, the simulator's PREFILL
     engine handed it off anyway, with no decoder named: re-routed after its prefill to a PREFILL instance again,
-    it was refused (before the audits it decoded there, as live)."""
+    it was refused (before the audits it decoded there, as live). Since the second audit it runs there colocated,
+    with no handoff to itself (``tests/test_twoclocks2_audit.py``)."""
     from tests.test_routers_audit import _config
 
     r = make_router("llumnix", allow_prefill_decode=True, saturation=0.0)
     w = Workload(arrival_s=np.array([0.0, 1.0]), prompt_tokens=np.array([200, 300]), output_tokens=np.array([400, 5]))
     res = Simulator(_config(pd=(1, 1)), router=r).run(w)
-    assert res.instance_ids[res.decode_instance[1]] == "p-0"  # the borrow: p-0 prefills and decodes
+    assert res.instance_ids[res.instance[1]] == "p-0" and res.decode_instance[1] == -1  # the borrow: p-0 does both
     assert not res.rejected.any() and np.isfinite(res.finish_s).all()
 
 

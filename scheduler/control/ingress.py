@@ -1212,10 +1212,9 @@ async def _await(ref: Any) -> Any:
 
 def _hands_off(decision: RouteDecision, rec: RequestRecord) -> bool:
     """Whether ``rec`` prefills on ``decision``'s prefill instance and decodes on another: a decode instance other
-    than the prefill one (the same one twice is colocated, as the simulator reads it on a MIXED instance; on a
-    PREFILL one -- the pairing routers' Splitwise borrow -- the simulator's engine, which hands off every prompt
-    there, sends the KV back to it: decoded there either way), and more than one token to make (a one-token
-    request ends with its prefill). ``Simulator._on_arrival`` decides alike."""
+    than the prefill one (the same one twice is colocated, on a PREFILL instance too: the pairing routers' Splitwise
+    borrow), and more than one token to make (a one-token request ends with its prefill). ``Simulator._on_arrival``
+    decides alike."""
     return decision.decode_instance not in (None, decision.prefill_instance) and rec.remaining_tokens > 1
 
 

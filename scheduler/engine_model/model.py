@@ -227,14 +227,15 @@ class EngineModel:
         generated_before: int = 0,
         hash_ids: tuple[int, ...] = (),
         hash_block_tokens: int = 512,
-        handoff: bool = False,
+        handoff: bool | None = None,
         front: bool = False,
     ) -> Seq:
         """Queue a request whose context is ``prompt_tokens`` long, ``cached_tokens`` of it already in KV here
         (loaded by a P->D transfer or a migration), with ``max_tokens`` still to generate. ``hash_ids``: one id
         per ``hash_block_tokens`` prompt tokens, for the prefix cache (ignored when it is disabled). ``handoff``:
-        prefill only and report it in ``prefill_done`` to decode elsewhere -- always on a PREFILL instance; on a
-        MIXED one when the router paired it with another decoder. ``front``: ahead of the queue (a migrated request
+        prefill only and report it in ``prefill_done`` to decode elsewhere -- by default on a PREFILL instance only;
+        the simulator says so on a MIXED one the router paired with another decoder, and not on a PREFILL one named
+        to decode too (the Splitwise borrow) or given a decode leg. ``front``: ahead of the queue (a migrated request
         whose KV blocks were reserved for it). ``length_dist``: the distribution ``predicted_remaining`` came from
         (renews it when it runs out), ``generated_before`` tokens into the response."""
         if rid in self._by_rid:
@@ -251,7 +252,8 @@ class EngineModel:
                 f"prompt_tokens+max_tokens: {prompt_tokens + max_tokens} tokens need {need} KV blocks, "
                 f"the engine has {self.total_blocks}"
             )
-        handoff = handoff or self.role is InstanceRole.PREFILL
+        if handoff is None:
+            handoff = self.role is InstanceRole.PREFILL
         if handoff:
             max_tokens = 1  # only the first token here, then the KV goes to the decoder
         seq = Seq(rid, prompt_tokens, cached_tokens, max_tokens, priority)
