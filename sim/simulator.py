@@ -556,11 +556,11 @@ class Simulator:
         if delta < 0 and not landed and inst.draining and not inst.busy:
             self._idle(inst, now)  # no longer waited for (refused there): it may have run dry
         if inst.in_step is not None and inst.snapshot is not None:  # mid-step: adjust the pre-step snapshot
-            if not landed:
-                inst.snapshot = dataclasses.replace(inst.snapshot, time_s=now,
-                                                    num_waiting=max(inst.snapshot.num_waiting + delta, 0),
-                                                    num_incoming=max(inst.snapshot.num_incoming + delta, 0))
-                self._view_one_changed = True
+            # (landed: the caller queues it on the snapshot next, ``_queue_on_snapshot``)
+            inst.snapshot = dataclasses.replace(inst.snapshot, time_s=now,
+                                                num_waiting=max(inst.snapshot.num_waiting + delta, 0),
+                                                num_incoming=max(inst.snapshot.num_incoming + delta, 0))
+            self._view_one_changed = True
             inst.rebuild_at_step_end = True
             return
         self._refresh_one(inst, now)
@@ -579,8 +579,12 @@ class Simulator:
             self._expect_kv(inst, -1, now)
             return
         seq.tag = i
-        self._poke(inst, now)
+        # No longer on its way before a step it starts takes its snapshot (that one counted it twice: queued, and
+        # incoming); mid-step, the pre-step snapshot has it queued, whole context, as an arrival's.
         self._expect_kv(inst, -1, now, landed=True)
+        if inst.in_step is not None:
+            self._queue_on_snapshot(inst, seq, now)
+        self._poke(inst, now)
 
     # ---- instances ----------------------------------------------------------------------------------------
     def _poke(self, inst: SimInstance, now: float) -> None:

@@ -179,3 +179,52 @@ def test_a_prefill_instance_named_twice_decodes_the_whole_response_in_the_simula
     p_calls, d_calls, incoming, indices = asyncio.run(live())
     assert p_calls.count("submit") == 1 and not d_calls and incoming == 0
     assert indices == list(range(output))
+
+
+# ---- 3: a P->D request whose KV just landed on its decoder ----------------------------------------------------------
+class _Decoder(FakeInstance):
+    """A decode instance that records what the ingress's view shows of it when a decode leg is submitted to it."""
+
+    def __init__(self, iid: str, role: InstanceRole) -> None:
+        super().__init__(iid, role)
+        self.ingress: Any = None
+        self.seen: list[tuple[int, int, int]] = []
+
+    async def _submit(self, req: Any, kv: Any = None, **kw: Any) -> Any:
+        s = self.ingress.view().by_id(self.iid)
+        self.seen.append((s.num_waiting, s.num_incoming, s.prefill_tokens_pending))
+        return await super()._submit(req, kv, **kw)
+
+
+def test_a_landed_pd_request_is_queued_on_its_decoder_with_its_context_in_both_clocks() -> None:
+    """When a P->D request's KV lands, its decoder queues its whole context (prompt + token 0), as an engine counts a
+    waiting request (``prefill_tokens_pending``; vLLM alike). The simulator's view had it twice until the decoder's
+    step ended: queued in the engine and still on its way (2 waiting, 1 incoming: the step's snapshot was taken before
+    the incoming count dropped); the live view had it waiting with none of its tokens until the next refresh."""
+    cfg = cluster_config("twoclocks", mixed=0, prefill=1, decode=1)
+    prompt = 1000
+    w = Workload(arrival_s=np.array([0.0]), prompt_tokens=np.array([prompt]), output_tokens=np.array([8]))
+    sim = Simulator(cfg)
+    landed = sim._on_kv_arrive
+    simulated: list[tuple[int, int, int]] = []
+
+    def on_kv_arrive(inst: Any, i: int, now: float) -> None:
+        landed(inst, i, now)
+        s = sim._view_at(now).by_id("decode-0")  # what a request routed now would see
+        simulated.append((s.num_waiting, s.num_incoming, s.prefill_tokens_pending))
+
+    sim._on_kv_arrive = on_kv_arrive  # type: ignore[method-assign]
+    sim.run(w)
+    assert simulated == [(1, 0, prompt + 1)]
+
+    async def live() -> list[tuple[int, int, int]]:
+        P, D = FakeInstance("prefill-0", InstanceRole.PREFILL), _Decoder("decode-0", InstanceRole.DECODE)
+        ing = _ingress([P, D])
+        D.ingress = ing
+        req = GenerateRequest(
+            "a", prompt_token_ids=list(range(1, prompt + 1)), sampling=SamplingParams(max_tokens=8)
+        )
+        await _consume(ing, req, [])
+        return D.seen
+
+    assert asyncio.run(live()) == simulated

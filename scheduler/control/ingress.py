@@ -474,9 +474,10 @@ class Ingress:
             prefill_tokens_pending=s.prefill_tokens_pending + prompt,
             prefill_compute_tokens=None if compute is None else compute + prompt)
 
-    def _expect_decode(self, rid: str, iid: str | None, *, landed: bool = False) -> None:
+    def _expect_decode(self, rid: str, iid: str | None, *, landed: int = 0) -> None:
         """``rid`` is now on its way to decode instance ``iid`` (``None``: to none). ``landed``: it reached the one
-        it was going to, whose snapshots show it from the next refresh on (counted as routed until then)."""
+        it was going to with a context of that many tokens, whose snapshots show it from the next refresh on
+        (counted as routed until then: waiting, its context queued, as an engine and the simulator count it)."""
         old = self._expected.pop(rid, None)
         if old is not None:
             n = self._incoming.get(old, 0) - 1
@@ -486,6 +487,7 @@ class Ingress:
                 self._incoming.pop(old, None)
             if landed:
                 self._pending[old] = self._pending.get(old, 0) + 1
+                self._pending_prompt[old] = self._pending_prompt.get(old, 0) + landed
         if iid is not None:
             self._expected[rid] = iid
             self._incoming[iid] = self._incoming.get(iid, 0) + 1
@@ -732,9 +734,10 @@ class Ingress:
         while True:
             handoff = _hands_off(target, rec)
             iid = target.prefill_instance
-            if not handoff and self._expected.get(rid) == iid:
-                self._expect_decode(rid, None, landed=True)  # its decode leg starts: the instance has it next
             ereq = rec.resume_request()
+            if not handoff and self._expected.get(rid) == iid:
+                # Its decode leg starts: the instance has it next, queued with its whole context.
+                self._expect_decode(rid, None, landed=len(ereq.prompt_token_ids))
             if handoff:
                 ereq = dataclasses.replace(ereq, sampling=dataclasses.replace(ereq.sampling, max_tokens=1))
             rec.instances = (iid,)
