@@ -130,11 +130,12 @@ def lookahead_view(n_instances: int, residents: int) -> ClusterView:
 
 
 def test_lookahead_prices_a_newcomer_without_walking_every_resident() -> None:
-    # With per-request detail (live snapshots always have it) the decode side summed min(remaining, O) over every
-    # resident of every candidate for every request: 64 instances x 128 residents, 7.7 ms a decision against
-    # 2.1 ms with 8 residents. The residents' lengths are sorted once per snapshot; a decision bisects them.
+    # With per-request detail (``detail=True``: a live snapshot always lists its requests) the decode side summed
+    # min(remaining, O) over every resident of every candidate for every request: 64 instances x 128 residents,
+    # 7.7 ms a decision against 2.1 ms with 8 residents. The residents' lengths are sorted once per snapshot; a
+    # decision bisects them.
     def best_us(view: ClusterView) -> float:
-        router = make_router("lookahead")
+        router = make_router("lookahead", detail=True)
         router.route(RequestInfo("warm", 1.0, 512, 128), view)  # the per-snapshot terms
         best = float("inf")
         for k in range(5):
@@ -150,7 +151,7 @@ def test_lookahead_prices_a_newcomer_without_walking_every_resident() -> None:
 
 def test_lookahead_overlap_is_the_sum_over_residents() -> None:
     # The bisected sum is the plain one: sum(min(r, O)) over the residents, whatever O.
-    router = make_router("lookahead")
+    router = make_router("lookahead", detail=True)
     view = lookahead_view(1, 40)
     inst = view.instances[0]
     t = router._terms(inst)

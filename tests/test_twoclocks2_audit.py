@@ -228,3 +228,33 @@ def test_a_landed_pd_request_is_queued_on_its_decoder_with_its_context_in_both_c
         return D.seen
 
     assert asyncio.run(live()) == simulated
+
+
+# ---- 4: lookahead on a live snapshot, which always lists its requests --------------------------------------------------
+def test_lookahead_prices_a_live_snapshot_as_the_simulators_when_it_asked_for_no_detail() -> None:
+    """Lookahead (``detail=False``, as shipped and benchmarked) prices residents' overlap with a newcomer from the
+    average remaining length: the simulator builds no per-request detail for it. A live snapshot lists its requests
+    whatever the router asked (``snapshot_from_stats``), and lookahead read them when present: on the same engine
+    state it picked the other instance live (three residents about to finish beside a long one)."""
+    from scheduler.core.types import ClusterView, RequestInfo
+    from scheduler.policy.route import make_router
+
+    cfg = cluster_config("twoclocks", mixed=2)
+    a, b = build_instances(cfg)
+    for k, guess in enumerate([2, 2, 2, 2000]):
+        a.engine.add_request(f"a{k}", 300, 3000, predicted_remaining=guess)
+    for k, guess in enumerate([400, 400]):
+        b.engine.add_request(f"b{k}", 600, 3000, predicted_remaining=guess)
+    for e in (a.engine, b.engine):
+        for _ in range(3):
+            e.step()
+    picks = []
+    for detail in (False, True):  # the simulator's snapshots, then the live ones (the same engines)
+        view = ClusterView(0.0, (a.fresh_snapshot(0.0, detail=detail), b.fresh_snapshot(0.0, detail=detail)))
+        assert bool(view.instances[0].requests) is detail
+        router = make_router("lookahead")
+        router.initialize(cfg)
+        assert not router.needs_request_detail
+        req = RequestInfo("n", 0.0, 200, 4000, predicted_output_tokens=200.0)
+        picks.append(router.route(req, view).prefill_instance)
+    assert picks[1] == picks[0]

@@ -20,9 +20,9 @@ Estimator (documented approximations; all times from ``LatencyModel``):
   ``B_p * (prefill steps' time - the same number of decode-only steps)``. FCFS: queued prompts are not delayed.
 * transfer = ``kv_transfer_time(P)`` over the prefill GPU's network link (zero when colocated).
 * On ``d`` with decode batch ``B``, summed context ``C`` and resident remaining lengths ``R_j`` (per request from
-  a detailed snapshot, else the average ``R`` from ``predicted_remaining_tokens`` -- remaining, not total: the
-  live instance and the simulator's engine both report predicted minus generated -- else
-  ``default_output_tokens``)
+  a detailed snapshot when built with ``detail=True``, else the average ``R`` from ``predicted_remaining_tokens``
+  -- remaining, not total: the live instance and the simulator's engine both report predicted minus generated --
+  else ``default_output_tokens``)
   and decode-step coefficients ``a(B) + b * context`` (``decode_coeffs``)::
 
       step_now  = a(B) + b*C
@@ -336,8 +336,10 @@ class LookaheadRouter(PairingRouter):
         Q = inst.prefill_tokens_pending
         # The queue's prefill time counts what the engine will compute: queued prompts' cached prefixes are skipped.
         Qc = Q if inst.prefill_compute_tokens is None else inst.prefill_compute_tokens
+        # Only when asked for (``needs_request_detail``): a live snapshot lists its requests whatever the router
+        # asked, the simulator's only when asked, and the two priced the same engine state differently.
         rem = tuple(r.predicted_remaining if r.predicted_remaining is not None else self.default_output_tokens
-                    for r in inst.requests if not r.in_prefill)
+                    for r in inst.requests if not r.in_prefill) if self.needs_request_detail else ()
         if rem:
             r_avg = sum(rem) / len(rem)
         else:
