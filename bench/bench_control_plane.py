@@ -143,6 +143,7 @@ def wide_view(view: Any, n: int, residents: int = 0) -> Any:
             pred = sum(r.predicted_remaining or 0.0 for r in reqs)
             s = dataclasses.replace(s, requests=reqs, num_running=residents, num_decoding=residents,
                                     decode_context_tokens=ctx, predicted_remaining_tokens=pred,
+                                    num_predicted=residents,
                                     kv_blocks_used=min(-(-ctx // s.block_size) + residents, s.kv_blocks_total))
         snaps.append(s)
     return ClusterView(view.time_s, tuple(snaps))

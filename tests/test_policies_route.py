@@ -41,11 +41,13 @@ def snap(iid: str, role: InstanceRole = M, *, running: int = 0, waiting: int = 0
          used: int = 0, total: int = 1000, pending: int = 0, ctx: int = 0, pred: float = 0.0,
          requests: tuple[RequestLoad, ...] = (), draining: bool = False,
          cached: frozenset[int] = frozenset()) -> InstanceSnapshot:
+    n = running if decoding is None else decoding
     return InstanceSnapshot(
         iid, role, num_running=running, num_waiting=waiting,
-        num_decoding=running if decoding is None else decoding, kv_blocks_used=used, kv_blocks_total=total,
+        num_decoding=n, kv_blocks_used=used, kv_blocks_total=total,
         block_size=16, prefill_tokens_pending=pending, decode_context_tokens=ctx, predicted_remaining_tokens=pred,
         requests=requests, draining=draining, cached_hash_ids=cached,
+        num_predicted=n if pred else 0,  # ``pred``: the whole decode batch's guesses
     )
 
 
@@ -511,7 +513,8 @@ def test_learned_cost_never_falls_as_an_instance_gets_busier() -> None:
                           prefill_tokens_pending=s.prefill_tokens_pending + 8000),
         lambda s: replace(s, num_decoding=s.num_decoding + 16, num_running=s.num_running + 16,
                           decode_context_tokens=s.decode_context_tokens + 20_000,
-                          kv_blocks_used=s.kv_blocks_used + 1250, predicted_remaining_tokens=s.predicted_remaining_tokens + 4000),
+                          kv_blocks_used=s.kv_blocks_used + 1250, predicted_remaining_tokens=s.predicted_remaining_tokens + 4000,
+                          num_predicted=s.num_predicted + 16),
         lambda s: replace(s, prefill_tokens_pending=s.prefill_tokens_pending + 30_000,
                           prefill_compute_tokens=(s.prefill_compute_tokens or 0) + 30_000),
     )

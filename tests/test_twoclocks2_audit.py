@@ -13,10 +13,10 @@ import pytest
 
 from bench.loadgen import cluster_config
 from scheduler.control.api import GenerateRequest
-from scheduler.control.instance import Instance
+from scheduler.control.instance import Instance, InstanceInfo, snapshot_from_stats
 from scheduler.control.registry import RequestRecord
-from scheduler.core.types import InstanceRole
-from scheduler.engine.base import EngineRequest, SamplingParams
+from scheduler.core.types import ClusterView, InstanceRole, RequestInfo
+from scheduler.engine.base import EngineRequest, EngineStats, SamplingParams
 from scheduler.policy.route import LeastOutstandingRouter, RouteDecision
 from scheduler.predict.base import LengthPrediction
 from sim.cluster import build_instances
@@ -236,7 +236,6 @@ def test_lookahead_prices_a_live_snapshot_as_the_simulators_when_it_asked_for_no
     average remaining length: the simulator builds no per-request detail for it. A live snapshot lists its requests
     whatever the router asked (``snapshot_from_stats``), and lookahead read them when present: on the same engine
     state it picked the other instance live (three residents about to finish beside a long one)."""
-    from scheduler.core.types import ClusterView, RequestInfo
     from scheduler.policy.route import make_router
 
     cfg = cluster_config("twoclocks", mixed=2)
@@ -258,3 +257,60 @@ def test_lookahead_prices_a_live_snapshot_as_the_simulators_when_it_asked_for_no
         req = RequestInfo("n", 0.0, 200, 4000, predicted_output_tokens=200.0)
         picks.append(router.route(req, view).prefill_instance)
     assert picks[1] == picks[0]
+
+
+# ---- 5: "0 predicted tokens left": no guesses, or every guess spent ---------------------------------------------------
+def _two_batches(a_guesses: list[float | None], b_guesses: list[float | None]) -> tuple[Any, ClusterView]:
+    """Two MIXED instances decoding requests with these length guesses (``None``: none; 2: spent by now), as the
+    simulator snapshots them for a router that asks for no detail, and as a live instance does (``snapshot_from_stats``
+    over its engine's stats)."""
+    cfg = cluster_config("twoclocks", mixed=2)
+    insts = build_instances(cfg)
+    for x, guesses in zip(insts, (a_guesses, b_guesses), strict=True):
+        for k, g in enumerate(guesses):
+            x.engine.add_request(f"{x.instance_id}/{k}", 300, 3000, predicted_remaining=g)
+        for _ in range(3):
+            x.engine.step()
+    view = ClusterView(0.0, tuple(x.fresh_snapshot(0.0, detail=False) for x in insts))
+    for x, s in zip(insts, view.instances, strict=True):
+        d = x.engine.snapshot(x.instance_id, 0.0, detail=True)
+        stats = EngineStats(
+            d.num_running,
+            d.num_waiting,
+            d.kv_blocks_used,
+            d.kv_blocks_total,
+            d.block_size,
+            requests=d.requests,
+        )
+        info = InstanceInfo(x.instance_id, "mixed", InstanceRole.MIXED, "a100", 1, "m", "simulated", "i")
+        live = snapshot_from_stats(stats, info, 0.0)
+        assert (live.num_predicted, live.predicted_remaining_tokens) == (
+            s.num_predicted,
+            s.predicted_remaining_tokens,
+        )
+    return cfg, view
+
+
+@pytest.mark.parametrize("router", ["mixing", "lookahead"])
+@pytest.mark.parametrize(
+    ("a_guesses", "b_guesses", "lighter"),
+    [
+        ([None] * 4 + [8.0], [None] * 2, "mixed-1"),  # 4 unguessed + 5 tokens left, against 2 unguessed
+        ([2.0] * 4, [2.0, 2.0, 2.0, 60.0], "mixed-0"),  # every guess spent, against 57 tokens left
+    ],
+)
+def test_routers_tell_a_spent_guess_from_no_guess(
+    router: str, a_guesses: list[float | None], b_guesses: list[float | None], lighter: str
+) -> None:
+    """Snapshots summed the decode batch's guesses (a request without one adds 0, a spent point guess 0 too), and
+    the routers read ``n * default_output_tokens`` when the sum was 0, else the sum: a batch of unguessed requests
+    beside one guess with 5 tokens left read 5 tokens (5 requests) against 512 for 2 unguessed ones, and a batch of
+    spent guesses read 4 x 256 against 57 for one with a guess left -- each time the heavier one drew the newcomer.
+    Now a snapshot counts the guessed requests (``num_predicted``) and the rest are priced at the default."""
+    from scheduler.policy.route import make_router
+
+    cfg, view = _two_batches(a_guesses, b_guesses)
+    r = make_router(router)
+    r.initialize(cfg)
+    req = RequestInfo("n", 0.0, 200, 4000, predicted_output_tokens=300.0)
+    assert r.route(req, view).prefill_instance == lighter

@@ -775,7 +775,7 @@ def snapshot_from_stats(
     """Build an ``InstanceSnapshot`` from any backend's ``EngineStats`` (one code path for vLLM and simulated)."""
     streams = streams or {}
     reqs: list[RequestLoad] = []
-    pending = decode_ctx = decoding = 0
+    pending = decode_ctx = decoding = guessed = 0
     predicted = 0.0
     for r in s.requests:
         st = streams.get(r.request_id)
@@ -798,6 +798,7 @@ def snapshot_from_stats(
             decode_ctx += r.context_tokens
             # Of the decode batch only, as the engine model sums it: routers divide it by ``num_decoding``.
             predicted += pr or 0.0
+            guessed += pr is not None
         reqs.append(r)
     return InstanceSnapshot(
         instance_id=info.instance_id,
@@ -820,6 +821,7 @@ def snapshot_from_stats(
         prompt_tokens_cached=s.prompt_tokens_cached,
         decode_context_tokens=decode_ctx,
         predicted_remaining_tokens=predicted,
+        num_predicted=guessed,
         requests=tuple(reqs),
         healthy=healthy,
         draining=draining,

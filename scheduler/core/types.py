@@ -175,10 +175,21 @@ class InstanceSnapshot:
     # instance (the engine does not hold them yet). Lets a policy tell them from queued prompts on a MIXED
     # instance, where both wait.
     num_incoming: int = 0
+    # Of ``num_decoding``: requests with a length guess, spent or not (``predicted_remaining_tokens`` sums theirs).
+    # A sum of 0 alone read "no guesses" and "every guess spent" alike: see ``decode_tokens_left``.
+    num_predicted: int = 0
 
     @property
     def load(self) -> Load:
         return Load.of(self)
+
+    def decode_tokens_left(self, default_output_tokens: float) -> float:
+        """The decode batch's predicted remaining output: the guesses' sum plus ``default_output_tokens`` for each
+        request without one -- as a router reading per-request detail counts them. The routers read the sum alone,
+        and ``n * default`` when it was 0: a batch whose guesses were all spent counted as wholly unguessed (4 x 256
+        tokens against 57 for a batch with one guess left), and a batch of unguessed requests beside one guess
+        counted that guess alone (5 tokens for 5 requests against 512 for 2 unguessed ones)."""
+        return self.predicted_remaining_tokens + (self.num_decoding - self.num_predicted) * default_output_tokens
 
     @property
     def kv_blocks_free(self) -> int:

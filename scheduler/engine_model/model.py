@@ -178,6 +178,7 @@ class EngineModel:
         self._heap_tie = itertools.count()
         self.step_no = 0  # decode step counter (advances once per iteration that has decodes)
         self._n_sum = 0  # sum of num_computed over the decode set, at ``step_no``
+        self._n_guessed = 0  # members of the decode set with a length guess (``InstanceSnapshot.num_predicted``)
         self.prefill_blocks = 0  # blocks held by ``prefilling``
         # Predicted remaining output of the decode set in O(1): sum of (prediction - generated + join_step) over
         # members with a prediction, minus ``step_no`` per member (each decode step generates one token each).
@@ -340,6 +341,7 @@ class EngineModel:
         self.decoding[seq.rid] = seq
         self._n_sum += seq.num_computed
         if seq.predicted_remaining is not None:
+            self._n_guessed += 1
             due = seq.predicted_remaining - seq.generated + seq.join_step
             if due <= self.step_no and seq.length_dist is not None:  # ran out before it got here: renewed
                 due = self._renewed_due(seq, due)
@@ -351,6 +353,7 @@ class EngineModel:
         """Materialise the lazy counts and drop ``seq`` from the decode set (its heap entry goes stale)."""
         k = self.step_no - seq.join_step
         self._n_sum -= seq.num_computed + k
+        self._n_guessed -= seq.predicted_remaining is not None
         self._drop_prediction(seq)
         seq.num_computed += k
         seq.generated += k
@@ -761,6 +764,7 @@ class EngineModel:
             prefill_tokens_pending=pending,
             decode_context_tokens=self._n_sum + bs,
             predicted_remaining_tokens=pred,
+            num_predicted=self._n_guessed,
             requests=requests,
             cached_hash_ids=self._cached_hash_ids(),
             prefill_compute_tokens=compute,

@@ -94,7 +94,7 @@ def features(request: RequestInfo, inst: InstanceSnapshot, *, phase: str = "colo
     p = float(request.prompt_tokens) if phase != "decode" else 1.0
     o = request.predicted_output_tokens or default_output_tokens
     n = inst.num_decoding
-    r = inst.predicted_remaining_tokens if inst.predicted_remaining_tokens > 0 else n * default_output_tokens
+    r = inst.decode_tokens_left(default_output_tokens)
     q = inst.prefill_tokens_pending
     hit = 0.0
     if request.hash_ids and inst.cached_hash_ids and phase != "decode":  # (None: the instance cannot tell)

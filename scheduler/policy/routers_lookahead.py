@@ -343,8 +343,7 @@ class LookaheadRouter(PairingRouter):
         if rem:
             r_avg = sum(rem) / len(rem)
         else:
-            r_avg = inst.predicted_remaining_tokens / B if B and inst.predicted_remaining_tokens > 0 else (
-                self.default_output_tokens)
+            r_avg = inst.decode_tokens_left(self.default_output_tokens) / B if B else self.default_output_tokens
         # Decodes about to join the batch ahead of a newcomer. On a DECODE instance every waiting request: those
         # whose KV is on its way (the snapshot counts them as waiting) and preempted ones. Unseen, a decoder that
         # preempts looks lighter and draws more (Azure on 4 PREFILL + 12 DECODE, prefill-bound: one decoder

@@ -294,7 +294,7 @@ class MixingRouter(PairingRouter):
         if phase == "decode":
             p = 1.0  # the prompt ran elsewhere: only a one-token step joins this batch
         n = inst.num_decoding
-        r = inst.predicted_remaining_tokens if inst.predicted_remaining_tokens > 0 else n * self.default_output_tokens
+        r = inst.decode_tokens_left(self.default_output_tokens)
         q = float(inst.prefill_tokens_pending)
         if phase == "prefill":
             o = 0.0  # a PREFILL instance never decodes it
