@@ -17,7 +17,7 @@ from scheduler.control.instance import Instance, InstanceInfo, snapshot_from_sta
 from scheduler.control.registry import RequestRecord
 from scheduler.core.types import ClusterView, InstanceRole, RequestInfo
 from scheduler.engine.base import EngineRequest, EngineStats, SamplingParams
-from scheduler.policy.route import LeastOutstandingRouter, RouteDecision
+from scheduler.policy.route import LeastOutstandingRouter, RouteDecision, make_router
 from scheduler.predict.base import LengthPrediction
 from sim.cluster import build_instances
 from sim.simulator import Simulator, Workload
@@ -236,8 +236,6 @@ def test_lookahead_prices_a_live_snapshot_as_the_simulators_when_it_asked_for_no
     average remaining length: the simulator builds no per-request detail for it. A live snapshot lists its requests
     whatever the router asked (``snapshot_from_stats``), and lookahead read them when present: on the same engine
     state it picked the other instance live (three residents about to finish beside a long one)."""
-    from scheduler.policy.route import make_router
-
     cfg = cluster_config("twoclocks", mixed=2)
     a, b = build_instances(cfg)
     for k, guess in enumerate([2, 2, 2, 2000]):
@@ -307,10 +305,57 @@ def test_routers_tell_a_spent_guess_from_no_guess(
     beside one guess with 5 tokens left read 5 tokens (5 requests) against 512 for 2 unguessed ones, and a batch of
     spent guesses read 4 x 256 against 57 for one with a guess left -- each time the heavier one drew the newcomer.
     Now a snapshot counts the guessed requests (``num_predicted``) and the rest are priced at the default."""
-    from scheduler.policy.route import make_router
-
     cfg, view = _two_batches(a_guesses, b_guesses)
     r = make_router(router)
     r.initialize(cfg)
     req = RequestInfo("n", 0.0, 200, 4000, predicted_output_tokens=300.0)
     assert r.route(req, view).prefill_instance == lighter
+
+
+# ---- 6: a burst of prompts sharing a cached prefix, between two refreshes of the live view -----------------------------
+@pytest.mark.parametrize("router", ["lookahead", "prefix_affinity"])
+def test_a_burst_on_a_cached_prefix_is_routed_live_as_in_the_simulator(router: str) -> None:
+    """Three 4096-token prompts sharing 7 of their 8 blocks with a conversation's first turn, which left them in
+    mixed-0's prefix cache. The simulator's view queues each routed prompt at what the engine will compute (its
+    cached prefix spared); the live view added each one whole to the prompt tokens to compute, so mixed-0 looked
+    busy after one of them: lookahead sent the second to mixed-1 (simulated: all three to mixed-0)."""
+    cfg = cluster_config("twoclocks", mixed=2, router=router)
+    cfg = cfg.model_copy(
+        update={
+            "pools": [
+                p.model_copy(update={"engine": p.engine.model_copy(update={"enable_prefix_caching": True})})
+                for p in cfg.pools
+            ]
+        }
+    )
+    prompt, n = 4096, 3
+    first = tuple(range(1, 9))
+    burst = [(*range(1, 8), 100 + k) for k in range(n)]
+
+    def workload(ids: list[tuple[int, ...]], at: list[float]) -> Workload:
+        k = len(ids)
+        return Workload(
+            arrival_s=np.array(at),
+            prompt_tokens=np.full(k, prompt),
+            hash_ids=ids,
+            output_tokens=np.array([4] + [20] * (k - 1)),
+        )
+
+    res = Simulator(cfg).run(workload([first, *burst], [0.0] + [5.0] * n))
+    simulated = [res.instance_ids[k] for k in res.instance[1:]]
+    warm = Simulator(cfg)  # the same cluster after the first turn alone (it ends long before 5 s)
+    warm.run(workload([first], [0.0]))
+
+    async def live() -> list[str]:
+        ing = _ingress([FakeInstance("mixed-0"), FakeInstance("mixed-1")], router=make_router(router))
+        ing.router.initialize(cfg)
+        ing._view = ClusterView(5.0, tuple(x.fresh_snapshot(5.0, detail=False) for x in warm.instances))
+        ing._snapshots = {s.instance_id: s for s in ing._view.instances}  # as a refresh leaves them
+        ids = tuple(range(1, prompt + 1))
+        recs = [
+            RequestRecord(f"r{k}", ids, SamplingParams(max_tokens=20), 0, None, hash_ids=h)
+            for k, h in enumerate(burst)
+        ]
+        return [ing._route(r).prefill_instance for r in recs]
+
+    assert asyncio.run(live()) == simulated

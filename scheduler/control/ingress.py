@@ -52,7 +52,7 @@ from scheduler.control.channel import ChannelClient, ChannelError, RemoteError
 from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, UNHEALTHY_AFTER_S, Member, actor_gone
 from scheduler.control.instance import RELEASED
 from scheduler.control.registry import RequestRecord, RequestRegistry
-from scheduler.core.prefix import prompt_hash_ids
+from scheduler.core.prefix import cached_prefix_tokens, prompt_hash_ids
 from scheduler.core.types import (
     SLO,
     ClusterView,
@@ -248,6 +248,9 @@ class Ingress:
         # queued prompt tokens (llumnix's virtual usage, prefix_affinity, lookahead) saw a count only and put a whole
         # burst between two refreshes on one instance.
         self._pending_prompt: dict[str, int] = {}
+        # ... of which the engine will compute this many: less the prefix its cache holds (per the last snapshot),
+        # as the simulator queues them. Counted whole, a burst sharing a cached prefix made its instance look busy.
+        self._pending_compute: dict[str, int] = {}
         # P->D requests routed to a decode instance that does not hold them yet (prefilling elsewhere, or their KV
         # on its way): that instance's snapshots cannot show them, so the view adds them until they land (as the
         # simulator's ``incoming``). Without it a refresh dropped them and a burst piled onto one decoder.
@@ -255,7 +258,7 @@ class Ingress:
         self._expected: dict[str, str] = {}  # request id -> the decode instance it is on its way to
         self._view: ClusterView = ClusterView(0.0, ())
         # instance -> (its snapshot in _view, (routed + incoming, incoming, routed prompt tokens) counts, the snapshot view() adds them to)
-        self._adjusted: dict[str, tuple[InstanceSnapshot, tuple[int, int, int], InstanceSnapshot]] = {}
+        self._adjusted: dict[str, tuple[InstanceSnapshot, tuple[int, int, int, int], InstanceSnapshot]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._starting: asyncio.Future[None] | None = None
         self._controller_epoch: str | None = None
@@ -358,7 +361,7 @@ class Ingress:
         items = list(self._members.items())
         # Only what was routed before the snapshots were asked for is in them: requests routed while they are in
         # flight stay counted (clearing all of _pending after the await dropped a burst from the view).
-        taken, taken_prompt = dict(self._pending), dict(self._pending_prompt)
+        taken, taken_prompt, taken_compute = dict(self._pending), dict(self._pending_prompt), dict(self._pending_compute)
         results = await asyncio.gather(
             *(asyncio.wait_for(self._call(iid, m.handle, "snapshot"), 1.0) for iid, m in items),
             return_exceptions=True,
@@ -384,7 +387,8 @@ class Ingress:
                 stale = now - last_ok.get(iid, now) > UNHEALTHY_AFTER_S
                 snaps[iid] = dataclasses.replace(last, healthy=last.healthy and not stale)
         self._snapshots = snaps
-        for pending, took in ((self._pending, taken), (self._pending_prompt, taken_prompt)):
+        for pending, took in ((self._pending, taken), (self._pending_prompt, taken_prompt),
+                              (self._pending_compute, taken_compute)):
             for iid, n in took.items():
                 left = pending.get(iid, 0) - n
                 if left > 0:
@@ -455,7 +459,8 @@ class Ingress:
             if iid not in extra:
                 out.append(s)
                 continue
-            counts = (extra[iid], self._incoming.get(iid, 0), self._pending_prompt.get(iid, 0))
+            counts = (extra[iid], self._incoming.get(iid, 0), self._pending_prompt.get(iid, 0),
+                      self._pending_compute.get(iid, 0))
             prev = last.get(iid)
             if prev is None or prev[0] is not s or prev[1] != counts:
                 prev = (s, counts, self._with_pending(s, *counts))
@@ -465,14 +470,16 @@ class Ingress:
         return ClusterView(self._view.time_s, tuple(out))
 
     @staticmethod
-    def _with_pending(s: InstanceSnapshot, waiting: int, incoming: int, prompt: int) -> InstanceSnapshot:
+    def _with_pending(
+        s: InstanceSnapshot, waiting: int, incoming: int, prompt: int, compute: int
+    ) -> InstanceSnapshot:
         """``s`` plus ``waiting`` requests not in it yet (``incoming`` of them P->D decodes on their way), and the
-        ``prompt`` tokens of those routed here queued (no cache hit assumed)."""
-        compute = s.prefill_compute_tokens
+        ``prompt`` tokens of those routed here queued, ``compute`` of them to compute (cached prefixes spared)."""
+        base = s.prefill_compute_tokens
         return dataclasses.replace(
             s, num_waiting=s.num_waiting + waiting, num_incoming=incoming,
             prefill_tokens_pending=s.prefill_tokens_pending + prompt,
-            prefill_compute_tokens=None if compute is None else compute + prompt)
+            prefill_compute_tokens=None if base is None else base + compute)
 
     def _expect_decode(self, rid: str, iid: str | None, *, landed: int = 0) -> None:
         """``rid`` is now on its way to decode instance ``iid`` (``None``: to none). ``landed``: it reached the one
@@ -488,6 +495,9 @@ class Ingress:
             if landed:
                 self._pending[old] = self._pending.get(old, 0) + 1
                 self._pending_prompt[old] = self._pending_prompt.get(old, 0) + landed
+                # Its KV came with it, yet a queued request counts whole until admitted (the engine model, whose
+                # cache hits skip a request that holds KV).
+                self._pending_compute[old] = self._pending_compute.get(old, 0) + landed
         if iid is not None:
             self._expected[rid] = iid
             self._incoming[iid] = self._incoming.get(iid, 0) + 1
@@ -572,6 +582,10 @@ class Ingress:
         p = decision.prefill_instance
         self._pending[p] = self._pending.get(p, 0) + 1
         self._pending_prompt[p] = self._pending_prompt.get(p, 0) + info.prompt_tokens
+        snap = self._snapshots.get(p)
+        hit = cached_prefix_tokens(rec.hash_ids, snap.cached_hash_ids, info.prompt_tokens, kv_block=snap.block_size
+                                   ) if snap is not None and rec.hash_ids and snap.cached_hash_ids else 0
+        self._pending_compute[p] = self._pending_compute.get(p, 0) + info.prompt_tokens - hit
         handoff = _hands_off(decision, rec)
         self._expect_decode(rec.request_id, decision.decode_instance if handoff else None)
         self.counters["routed"] += 1

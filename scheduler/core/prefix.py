@@ -8,9 +8,28 @@ request as they read a trace's (vLLM hashes its KV blocks the same chained way, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 HASH_BLOCK_TOKENS = 512  # prompt tokens per id (Mooncake's block; ``Workload.hash_block_tokens``)
+
+
+def cached_prefix_tokens(
+    hash_ids: Sequence[int],
+    cached: Collection[int],
+    prompt_tokens: int,
+    *,
+    kv_block: int,
+    block_tokens: int = HASH_BLOCK_TOKENS,
+) -> int:
+    """Prompt tokens an engine whose prefix cache holds ``cached`` spares a prompt of ``prompt_tokens`` with these
+    ``hash_ids``: those of its leading cached ids, in whole KV blocks of ``kv_block`` tokens, short of the last
+    token (recomputed) -- the engine model's rule (``EngineModel.cache_hit_tokens``), vLLM's."""
+    n = 0
+    for h in hash_ids:
+        if h not in cached:
+            break
+        n += 1
+    return min(n * block_tokens, prompt_tokens - 1) // kv_block * kv_block
 
 
 def prompt_hash_ids(token_ids: Sequence[int], block_tokens: int = HASH_BLOCK_TOKENS) -> tuple[int, ...]:
