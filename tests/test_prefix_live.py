@@ -57,6 +57,7 @@ def test_prefix_affinity_places_a_shared_prefix_with_its_first_request() -> None
             # (A refresh: what was routed before it is in the snapshots, no longer booked on top of them.)
             ing._pending.clear()
             ing._pending_prompt.clear()
+            ing._pending_compute.clear()
             ing._view = ClusterView(0.0, tuple(
                 InstanceSnapshot(s.instance_id, s.role, kv_blocks_total=kv,
                                  prefill_tokens_pending=500 if s.instance_id == placed[0] else 0)
