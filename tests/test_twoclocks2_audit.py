@@ -15,7 +15,7 @@ from bench.loadgen import cluster_config
 from scheduler.control.api import GenerateRequest
 from scheduler.control.instance import Instance, InstanceInfo, snapshot_from_stats
 from scheduler.control.registry import RequestRecord
-from scheduler.core.types import ClusterView, InstanceRole, RequestInfo
+from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot, RequestInfo
 from scheduler.engine.base import EngineRequest, EngineStats, SamplingParams
 from scheduler.policy.route import LeastOutstandingRouter, RouteDecision, make_router
 from scheduler.predict.base import LengthPrediction
@@ -182,18 +182,51 @@ def test_a_prefill_instance_named_twice_decodes_the_whole_response_in_the_simula
 
 
 # ---- 3: a P->D request whose KV just landed on its decoder ----------------------------------------------------------
+def _landing(s: InstanceSnapshot) -> tuple[int, int, int, int | None]:
+    return s.num_waiting, s.num_incoming, s.prefill_tokens_pending, s.prefill_compute_tokens
+
+
 class _Decoder(FakeInstance):
     """A decode instance that records what the ingress's view shows of it when a decode leg is submitted to it."""
 
     def __init__(self, iid: str, role: InstanceRole) -> None:
         super().__init__(iid, role)
         self.ingress: Any = None
-        self.seen: list[tuple[int, int, int]] = []
+        self.seen: list[tuple[int, int, int, int | None]] = []
 
     async def _submit(self, req: Any, kv: Any = None, **kw: Any) -> Any:
-        s = self.ingress.view().by_id(self.iid)
-        self.seen.append((s.num_waiting, s.num_incoming, s.prefill_tokens_pending))
+        self.seen.append(_landing(self.ingress.view().by_id(self.iid)))
         return await super()._submit(req, kv, **kw)
+
+
+def _landed_both_ways(cfg: Any, prompt: int) -> tuple[list[Any], list[Any]]:
+    """What the decoder's entry in the view reads right after a P->D request's KV landed there: in the simulator,
+    and live (the view starting from the simulator's idle snapshots)."""
+    w = Workload(arrival_s=np.array([0.0]), prompt_tokens=np.array([prompt]), output_tokens=np.array([8]))
+    sim = Simulator(cfg)
+    landed = sim._on_kv_arrive
+    simulated: list[Any] = []
+
+    def on_kv_arrive(inst: Any, i: int, now: float) -> None:
+        landed(inst, i, now)
+        simulated.append(_landing(sim._view_at(now).by_id("decode-0")))  # what a request routed now would see
+
+    sim._on_kv_arrive = on_kv_arrive  # type: ignore[method-assign]
+    sim.run(w)
+
+    async def live() -> list[Any]:
+        P, D = FakeInstance("prefill-0", InstanceRole.PREFILL), _Decoder("decode-0", InstanceRole.DECODE)
+        ing = _ingress([P, D])
+        ing._view = ClusterView(0.0, tuple(x.fresh_snapshot(0.0, detail=False) for x in build_instances(cfg)))
+        ing._snapshots = {s.instance_id: s for s in ing._view.instances}
+        D.ingress = ing
+        ids = list(range(1, prompt + 1))
+        await _consume(
+            ing, GenerateRequest("a", prompt_token_ids=ids, sampling=SamplingParams(max_tokens=8)), []
+        )
+        return D.seen
+
+    return simulated, asyncio.run(live())
 
 
 def test_a_landed_pd_request_is_queued_on_its_decoder_with_its_context_in_both_clocks() -> None:
@@ -203,31 +236,29 @@ def test_a_landed_pd_request_is_queued_on_its_decoder_with_its_context_in_both_c
     the incoming count dropped); the live view had it waiting with none of its tokens until the next refresh."""
     cfg = cluster_config("twoclocks", mixed=0, prefill=1, decode=1)
     prompt = 1000
-    w = Workload(arrival_s=np.array([0.0]), prompt_tokens=np.array([prompt]), output_tokens=np.array([8]))
-    sim = Simulator(cfg)
-    landed = sim._on_kv_arrive
-    simulated: list[tuple[int, int, int]] = []
+    simulated, live = _landed_both_ways(cfg, prompt)
+    assert simulated == [
+        (1, 0, prompt + 1, None)
+    ]  # (waiting, incoming, pending, to compute: no prefix caching)
+    assert live == simulated
 
-    def on_kv_arrive(inst: Any, i: int, now: float) -> None:
-        landed(inst, i, now)
-        s = sim._view_at(now).by_id("decode-0")  # what a request routed now would see
-        simulated.append((s.num_waiting, s.num_incoming, s.prefill_tokens_pending))
 
-    sim._on_kv_arrive = on_kv_arrive  # type: ignore[method-assign]
-    sim.run(w)
-    assert simulated == [(1, 0, prompt + 1)]
-
-    async def live() -> list[tuple[int, int, int]]:
-        P, D = FakeInstance("prefill-0", InstanceRole.PREFILL), _Decoder("decode-0", InstanceRole.DECODE)
-        ing = _ingress([P, D])
-        D.ingress = ing
-        req = GenerateRequest(
-            "a", prompt_token_ids=list(range(1, prompt + 1)), sampling=SamplingParams(max_tokens=8)
-        )
-        await _consume(ing, req, [])
-        return D.seen
-
-    assert asyncio.run(live()) == simulated
+def test_a_landed_pd_request_has_one_token_to_compute_on_a_caching_decoder_in_both_clocks() -> None:
+    """With prefix caching on (the reporters then count prompt tokens to compute), a landed request's KV is loaded,
+    not computed: one token to compute, as vLLM counts it (test below). Both clocks counted its whole context."""
+    cfg = cluster_config("twoclocks", mixed=0, prefill=1, decode=1)
+    cfg = cfg.model_copy(
+        update={
+            "pools": [
+                p.model_copy(update={"engine": p.engine.model_copy(update={"enable_prefix_caching": True})})
+                for p in cfg.pools
+            ]
+        }
+    )
+    prompt = 1000
+    simulated, live = _landed_both_ways(cfg, prompt)
+    assert simulated == [(1, 0, prompt + 1, 1)]
+    assert live == simulated
 
 
 # ---- 4: lookahead on a live snapshot, which always lists its requests --------------------------------------------------
@@ -359,3 +390,35 @@ def test_a_burst_on_a_cached_prefix_is_routed_live_as_in_the_simulator(router: s
         return [ing._route(r).prefill_instance for r in recs]
 
     assert asyncio.run(live()) == simulated
+
+
+# ---- 7: a request queued with its KV (a landed P->D decode, a migration) -------------------------------------------------
+def test_a_request_queued_with_its_kv_counts_what_it_computes_as_vllm_does() -> None:
+    """A P->D decode leg whose prompt KV landed waits for admission holding it: vLLM's stats count its whole context
+    pending (nothing computed yet) but one token to compute (``_add_compute_left``: the KV it brings is loaded). The
+    engine model counted its whole context to compute too, so a MIXED decoder of the P/D tier (prefix caching on)
+    read a 1000-token prefill queued until the next step: lookahead priced prefills behind it."""
+    from types import SimpleNamespace
+
+    from scheduler.config.models import EngineSpec
+    from scheduler.engine_model import EngineModel
+    from scheduler.latency import roofline_model
+    from scheduler.transfer.vllm_connector import _add_compute_left
+    from tests.test_engine_model import GPU, MODEL
+
+    prompt = 1000
+    r = SimpleNamespace(num_computed_tokens=0, num_tokens=prompt + 1, block_hashes=())
+    sched = SimpleNamespace(kv_cache_manager=SimpleNamespace(prefix_cache_lookup_enabled=lambda r: False))
+    conn = SimpleNamespace(
+        _loadable_end=lambda r: prompt
+    )  # the landed KV (``LlmschedConnector._loadable_end``)
+    vllm = _add_compute_left(0, sched, conn, r)
+    assert vllm == 1
+
+    eng = EngineModel(roofline_model(MODEL, GPU, 1), EngineSpec(block_size=16, enable_prefix_caching=True))
+    eng.add_request("landed", prompt + 1, 8, cached_tokens=prompt)
+    snap = eng.snapshot("d", 0.0)
+    assert (
+        snap.prefill_tokens_pending == prompt + 1
+    )  # vLLM: num_tokens - num_computed_tokens (0 while waiting)
+    assert snap.prefill_compute_tokens == vllm

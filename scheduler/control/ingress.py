@@ -481,10 +481,11 @@ class Ingress:
             prefill_tokens_pending=s.prefill_tokens_pending + prompt,
             prefill_compute_tokens=None if base is None else base + compute)
 
-    def _expect_decode(self, rid: str, iid: str | None, *, landed: int = 0) -> None:
+    def _expect_decode(self, rid: str, iid: str | None, *, landed: int = 0, loaded: int = 0) -> None:
         """``rid`` is now on its way to decode instance ``iid`` (``None``: to none). ``landed``: it reached the one
-        it was going to with a context of that many tokens, whose snapshots show it from the next refresh on
-        (counted as routed until then: waiting, its context queued, as an engine and the simulator count it)."""
+        it was going to with a context of that many tokens, ``loaded`` of them with their KV, whose snapshots show
+        it from the next refresh on (counted as routed until then: waiting, its context queued and the rest to
+        compute, as an engine and the simulator count it)."""
         old = self._expected.pop(rid, None)
         if old is not None:
             n = self._incoming.get(old, 0) - 1
@@ -495,9 +496,7 @@ class Ingress:
             if landed:
                 self._pending[old] = self._pending.get(old, 0) + 1
                 self._pending_prompt[old] = self._pending_prompt.get(old, 0) + landed
-                # Its KV came with it, yet a queued request counts whole until admitted (the engine model, whose
-                # cache hits skip a request that holds KV).
-                self._pending_compute[old] = self._pending_compute.get(old, 0) + landed
+                self._pending_compute[old] = self._pending_compute.get(old, 0) + landed - loaded
         if iid is not None:
             self._expected[rid] = iid
             self._incoming[iid] = self._incoming.get(iid, 0) + 1
@@ -750,8 +749,10 @@ class Ingress:
             iid = target.prefill_instance
             ereq = rec.resume_request()
             if not handoff and self._expected.get(rid) == iid:
-                # Its decode leg starts: the instance has it next, queued with its whole context.
-                self._expect_decode(rid, None, landed=len(ereq.prompt_token_ids))
+                # Its decode leg starts: the instance has it next, queued with its whole context (all but its
+                # last token loaded, not computed, when the prompt's KV comes along).
+                n = len(ereq.prompt_token_ids)
+                self._expect_decode(rid, None, landed=n, loaded=n - 1 if kv_ref is not None else 0)
             if handoff:
                 ereq = dataclasses.replace(ereq, sampling=dataclasses.replace(ereq.sampling, max_tokens=1))
             rec.instances = (iid,)
