@@ -219,10 +219,13 @@ def test_kv_never_over_allocated(seed: int, blocks: int, steps: int) -> None:
 
 
 def assert_predicted_sum_is_per_request(eng: EngineModel) -> None:
-    """The O(1) ``predicted_remaining_tokens`` equals the sum a detailed snapshot lists over the decode batch."""
+    """The O(1) ``predicted_remaining_tokens`` equals the sum a detailed snapshot lists over the decode batch, and
+    ``num_predicted`` the decode-batch requests it lists with a guess (spent or not)."""
     snap = eng.snapshot("x", 0.0, detail=True)
     per = sum(r.predicted_remaining for r in snap.requests if not r.in_prefill and r.predicted_remaining)
     assert snap.predicted_remaining_tokens == pytest.approx(per, abs=1e-6)
+    guessed = sum(1 for r in snap.requests if not r.in_prefill and r.predicted_remaining is not None)
+    assert snap.num_predicted == guessed
 
 
 @settings(max_examples=25, deadline=None)
