@@ -422,3 +422,26 @@ def test_a_request_queued_with_its_kv_counts_what_it_computes_as_vllm_does() -> 
         snap.prefill_tokens_pending == prompt + 1
     )  # vLLM: num_tokens - num_computed_tokens (0 while waiting)
     assert snap.prefill_compute_tokens == vllm
+
+
+# ---- 8: the route a request's latency metrics are filed under -------------------------------------------------------
+def test_a_request_run_on_one_instance_is_filed_as_colocated() -> None:
+    """TTFT, TPOT and E2E histograms are labelled with the dispatch path (``on_route``). The ingress filed every
+    decision naming a decode instance as "disaggregated": the Splitwise borrow (one instance twice) and a one-token
+    request on a P/D pair, both run on one instance without a KV transfer (``_hands_off``), as the simulator runs
+    them too (``decode_instance`` -1)."""
+
+    async def routes() -> list[str]:
+        P, D = FakeInstance("prefill-0", InstanceRole.PREFILL), FakeInstance("decode-0", InstanceRole.DECODE)
+        filed: list[str] = []
+        out = []
+        for router, n in ((SamePrefill(), 8), (None, 1), (None, 8)):
+            ing = _ingress([P, D], **({"router": router} if router is not None else {}))
+            ing.recorder.on_route = lambda rid, *, route, instance_id="": filed.append(route)  # type: ignore[method-assign]
+            req = GenerateRequest(
+                f"r{len(out)}", prompt_token_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=n)
+            )
+            await _consume(ing, req, out)
+        return filed
+
+    assert asyncio.run(routes()) == ["colocated", "colocated", "disaggregated"]
