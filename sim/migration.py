@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from scheduler.latency import kv_transfer_time
+from scheduler.latency import kv_link, kv_transfer_between
 from scheduler.policy.migration import kv_bandwidth_tok_s, migration_stages
 from scheduler.transfer.migration import MigrationMode, migration_config
 
@@ -61,10 +61,9 @@ class MigrationDriver:
         self.downtime_s: list[float] = []
         self.total_s: list[float] = []
 
-    def _xfer(self, inst: SimInstance, tokens: int) -> float:
-        gpu = self.sim.config.gpus[inst.pool.gpu]
-        return kv_transfer_time(tokens, self.sim.config.model, bandwidth_gbps=gpu.network_gbps,
-                                latency_s=gpu.network_latency_s)
+    def _xfer(self, src: SimInstance, dst: SimInstance, tokens: int) -> float:
+        gpus = self.sim.config.gpus
+        return kv_transfer_between(tokens, self.sim.config.model, gpus[src.pool.gpu], gpus[dst.pool.gpu])
 
     def on_policy(self, now: float) -> None:
         sim = self.sim
@@ -107,12 +106,12 @@ class MigrationDriver:
         eng.prefill_blocks += need  # the reservation: held blocks no request owns yet
         a, b = src.latency.decode_coeffs(max(len(src.engine.decoding), 1))
         step = a + b * (src.engine._n_sum + len(src.engine.decoding))
-        gpu = self.sim.config.gpus[src.pool.gpu]
-        bw_tok = kv_bandwidth_tok_s(self.sim.config.model, gpu.network_gbps)
+        gpus = self.sim.config.gpus
+        bw_tok = kv_bandwidth_tok_s(self.sim.config.model, kv_link(gpus[src.pool.gpu], gpus[dst.pool.gpu])[0])
         stages = migration_stages(context, decode_rate_tok_s=1.0 / step, bandwidth_tok_s=bw_tok,
                               max_stages=self.max_stages, last_stage_max_tokens=self.last_stage_max_tokens)
         pre = [] if self.blocking else stages[:-1] or stages  # live: at least one pre-copy stage of the context
-        t_pre = sum(self._xfer(src, k) for k in pre)
+        t_pre = sum(self._xfer(src, dst, k) for k in pre)
         self.in_flight[rid] = _InFlight(rid, src, dst, need, sum(pre), now, rid if key is None else key)
         self.sim._push(now + t_pre, self._kind("MIGRATE_FINAL"), None, rid)
         return True
@@ -136,7 +135,7 @@ class MigrationDriver:
         m.src.mark_changed()  # mid-step it leaves at the step's end (the stop)
         if not m.src.busy:
             sim._kick(m.src, t_b)
-        downtime = self._xfer(m.src, max(seq.num_tokens - m.copied, 1))
+        downtime = self._xfer(m.src, m.dst, max(seq.num_tokens - m.copied, 1))
         self.downtime_s.append(downtime)
         sim._push(t_b + downtime, self._kind("MIGRATE_COMMIT"), None, (rid, seq))
 

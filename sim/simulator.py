@@ -30,7 +30,7 @@ from scheduler.core.types import (
     RequestLoad,
 )
 from scheduler.engine_model import StepResult
-from scheduler.latency import kv_transfer_time
+from scheduler.latency import kv_transfer_between
 from scheduler.latency.model import prefill_pairs
 from scheduler.policy.route import RouteDecision, Router, make_router
 from scheduler.policy.scaling import ScalingLoop
@@ -769,7 +769,6 @@ class Simulator:
             self._expect_kv(self.instances[d], +1, t)
         dst = self.instances[d]
         src = self.instances[self.inst_of[i]]
-        gpu = self.config.gpus[src.pool.gpu]
         dt = src.latency.handoff_time(int(self.w.prompt_tokens[i]))  # measured end to end (live profiles)
         if dt is not None and self._contended:
             # Measured alone; on a shared host it is CPU work (export, Ray hops, import) that stretches with the
@@ -778,10 +777,9 @@ class Simulator:
             # CPU in flight: the measured handoff holds its own request's.
             dt *= dst.latency.host_factor(self._busy_engines() + 1, 0.0) * dst.noise
         if dt is None:
-            dt = kv_transfer_time(
-                int(self.w.prompt_tokens[i]), self.config.model, bandwidth_gbps=gpu.network_gbps,
-                latency_s=gpu.network_latency_s,
-            )
+            gpus = self.config.gpus
+            dt = kv_transfer_between(int(self.w.prompt_tokens[i]), self.config.model, gpus[src.pool.gpu],
+                                     gpus[dst.pool.gpu])
         self.kv_transfers += 1
         self.kv_transfer_s += dt
         self._push(t + dt, EventKind.KV_ARRIVE, dst, i)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from scheduler.core.types import InstanceRole, RequestLoad
+
+if TYPE_CHECKING:
+    from scheduler.config.models import GPUSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,9 @@ class KVBlocks:
     token_ids: tuple[int, ...]  # the tokens whose KV this is (the destination checks the prefix matches)
     nbytes: int
     data: Any = field(default=None, compare=False, repr=False)
+    # The GPU type of the engine it comes from, where its backend times transfers (the simulated one): a transfer
+    # runs over the slower end's link (``scheduler.latency.kv_link``), so the receiving side needs both.
+    source_gpu: GPUSpec | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

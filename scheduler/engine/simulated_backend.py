@@ -29,7 +29,7 @@ from scheduler.core.prefix import HASH_BLOCK_TOKENS, prompt_hash_ids
 from scheduler.core.types import InstanceRole, InstanceSnapshot
 from scheduler.engine.base import EngineRequest, EngineStats, KVBlocks, TokenChunk
 from scheduler.engine_model import EngineModel
-from scheduler.latency import LatencyModel, kv_transfer_time, latency_for
+from scheduler.latency import LatencyModel, kv_transfer_between, latency_for
 from scheduler.transfer.migration import MigrationSnapshot
 
 log = logging.getLogger(__name__)
@@ -341,7 +341,8 @@ class SimulatedBackend:
         if not 0 <= start_token <= end:
             raise ValueError(f"start_token: {start_token} outside [0, {end}] for {request_id!r}")
         n = end - start_token
-        return KVBlocks(request_id, start_token, end, tokens[start_token:end], n * self.model.kv_bytes_per_token)
+        return KVBlocks(request_id, start_token, end, tokens[start_token:end], n * self.model.kv_bytes_per_token,
+                        source_gpu=self.gpu)
 
     # ---- live migration (scheduler.transfer.migration) ----------------------------------------------------
     def _blocks(self, tokens: int) -> int:
@@ -367,14 +368,14 @@ class SimulatedBackend:
     async def stage_kv(
         self, request_id: str, kv: KVBlocks | None, rng_state: bytes | None = None, *, final: bool = False
     ) -> int:
-        """Destination: receive one stage copy, taking the latency model's transfer time for it."""
+        """Destination: receive one stage copy, taking the transfer time over the link from its source's GPU type
+        (``kv.source_gpu``; this one's when unknown) to this one's, as the simulator's migration does."""
         if kv is None:
             return 0
         end, toks = self._staged.get(request_id, (0, ()))
         if kv.start_token > end:
             raise ValueError(f"kv.start_token: gap in staged KV, have [0, {end}) then {kv.start_token}")
-        dt = kv_transfer_time(kv.end_token - kv.start_token, self.model, bandwidth_gbps=self.gpu.network_gbps,
-                              latency_s=self.gpu.network_latency_s)
+        dt = kv_transfer_between(kv.end_token - kv.start_token, self.model, kv.source_gpu or self.gpu, self.gpu)
         await asyncio.sleep(dt * self.time_scale)
         self._staged[request_id] = (max(end, kv.end_token), toks[: kv.start_token] + tuple(kv.token_ids))
         return kv.nbytes
@@ -407,7 +408,7 @@ class SimulatedBackend:
         kv = None
         if 0 <= start_token < n:
             kv = KVBlocks(request_id, start_token, n, tokens[start_token:n],
-                          (n - start_token) * self.model.kv_bytes_per_token)
+                          (n - start_token) * self.model.kv_bytes_per_token, source_gpu=self.gpu)
         return snap, kv
 
     async def resume(self, request_id: str) -> bool:

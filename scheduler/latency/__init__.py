@@ -6,13 +6,15 @@ from functools import partial
 from scheduler.latency.model import (
     GemmTable,
     LatencyModel,
+    kv_link,
+    kv_transfer_between,
     kv_transfer_time,
     prefill_pairs,
     roofline_model,
 )
 
-__all__ = ["GemmTable", "LatencyModel", "kv_transfer_time", "latency_factory", "latency_for", "prefill_pairs",
-           "roofline_model"]
+__all__ = ["GemmTable", "LatencyModel", "kv_link", "kv_transfer_between", "kv_transfer_time", "latency_factory",
+           "latency_for", "prefill_pairs", "roofline_model"]
 
 
 def latency_for(model, gpu, tp: int) -> LatencyModel:

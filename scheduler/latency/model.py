@@ -225,6 +225,19 @@ def kv_transfer_time(num_tokens: int, model: ModelSpec, *, bandwidth_gbps: float
     return latency_s + num_tokens * model.kv_bytes_per_token / (bandwidth_gbps * 1e9)
 
 
+def kv_link(src: GPUSpec, dst: GPUSpec) -> tuple[float, float]:
+    """(GB/s, latency s) of a KV transfer from a GPU of type ``src`` to one of type ``dst``: the slower end limits
+    it (H100 -> A100 runs at the A100's 25 GB/s, not the H100's 50), with the higher of the two latencies."""
+    return min(src.network_gbps, dst.network_gbps), max(src.network_latency_s, dst.network_latency_s)
+
+
+def kv_transfer_between(num_tokens: int, model: ModelSpec, src: GPUSpec, dst: GPUSpec) -> float:
+    """``kv_transfer_time`` over the link between ``src`` and ``dst`` (``kv_link``): every clock times a P->D
+    handoff and a migration's copies with this."""
+    bw, lat = kv_link(src, dst)
+    return kv_transfer_time(num_tokens, model, bandwidth_gbps=bw, latency_s=lat)
+
+
 # ---- roofline fallback ----------------------------------------------------------------------------------
 ROOFLINE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 

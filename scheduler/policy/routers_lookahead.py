@@ -18,7 +18,8 @@ Estimator (documented approximations; all times from ``LatencyModel``):
   rest, attending over the cached part (what the engine does). Without ``hash_ids`` nothing changes.
 * harm_p: on a MIXED instance each of its ``B_p`` decodes waits for the newcomer's prefill steps:
   ``B_p * (prefill steps' time - the same number of decode-only steps)``. FCFS: queued prompts are not delayed.
-* transfer = ``kv_transfer_time(P)`` over the prefill GPU's network link (zero when colocated).
+* transfer = ``kv_transfer_time(P)`` over the link between the prefill and decode GPUs, the slower end's
+  (``kv_link``; zero when colocated).
 * On ``d`` with decode batch ``B``, summed context ``C`` and resident remaining lengths ``R_j`` (per request from
   a detailed snapshot when built with ``detail=True``, else the average ``R`` from ``predicted_remaining_tokens``
   -- remaining, not total: the live instance and the simulator's engine both report predicted minus generated --
@@ -97,7 +98,13 @@ from dataclasses import dataclass
 
 from scheduler.config.models import ClusterConfig, GPUSpec, ModelSpec
 from scheduler.core.types import SLO, ClusterView, InstanceRole, InstanceSnapshot, Rejected, RequestInfo
-from scheduler.latency import LatencyModel, kv_transfer_time, latency_factory, prefill_pairs, roofline_model
+from scheduler.latency import (
+    LatencyModel,
+    kv_transfer_between,
+    latency_factory,
+    prefill_pairs,
+    roofline_model,
+)
 from scheduler.policy.pairing import PairingRouter
 from scheduler.policy.route import RouteDecision, Router, RouteResult, make_router
 
@@ -371,7 +378,8 @@ class LookaheadRouter(PairingRouter):
         self._cache[inst.instance_id] = t
         return t
 
-    def _prefill_side(self, q: _Req, t: _Terms, *, colocated: bool, xfer: bool) -> _Side:
+    def _prefill_side(self, q: _Req, t: _Terms, *, to: GPUSpec | None) -> _Side:
+        """``to``: the decoder's GPU type, whose link with this one's carries the KV (``None``: colocated)."""
         lat, P, B = t.lat, q.P, t.Bp
         hit = self._cached_tokens(q, t.snap)
         computed = P - hit
@@ -381,9 +389,8 @@ class LookaheadRouter(PairingRouter):
             steps = math.ceil(computed / max(self.chunk_tokens - B, 1))
             harm = B * max(self_s - steps * t.decode_only_s, 0.0)
         ttft = t.queue_s + self_s
-        if xfer and not colocated:
-            ttft += kv_transfer_time(P, lat.model, bandwidth_gbps=lat.gpu.network_gbps,
-                                     latency_s=lat.gpu.network_latency_s)
+        if to is not None:
+            ttft += kv_transfer_between(P, lat.model, lat.gpu, to)
         w, slo = q.w, q.slo
         pen = self.miss_penalty_s * w if slo.ttft_s is not None and ttft > slo.ttft_s else 0.0
         return _Side(w * self.ttft_weight * ttft + harm + pen, ttft_s=ttft, harm_s=harm, slo_s=pen)
@@ -568,8 +575,9 @@ class LookaheadRouter(PairingRouter):
     def _estimate(self, q: _Req, prefill: InstanceSnapshot, decode: InstanceSnapshot | None = None) -> CostBreakdown:
         colocated = decode is None or decode.instance_id == prefill.instance_id
         tp = self._terms(prefill)
-        f = self._prefill_side(q, tp, colocated=colocated, xfer=True)
-        g = self._decode_side(q, tp if decode is None else self._terms(decode), colocated=colocated)
+        td = tp if decode is None else self._terms(decode)
+        f = self._prefill_side(q, tp, to=None if colocated else td.lat.gpu)
+        g = self._decode_side(q, td, colocated=colocated)
         return CostBreakdown(f.cost + g.cost, f.ttft_s, g.tpot_s, g.own_s, f.harm_s + g.harm_s, g.kv_s,
                              f.slo_s + g.slo_s)
 
@@ -578,7 +586,10 @@ class LookaheadRouter(PairingRouter):
 
     def _score(self, q: _Req, inst: InstanceSnapshot, phase: str) -> float:
         if phase == "prefill":
-            return self._prefill_side(q, self._terms(inst), colocated=False, xfer=True).cost
+            # Its decoder unknown here: the transfer over this GPU's own link (a lower bound: the other end can
+            # only slow it, ``kv_link``).
+            t = self._terms(inst)
+            return self._prefill_side(q, t, to=t.lat.gpu).cost
         if phase == "decode":
             return self._decode_side(q, self._terms(inst), colocated=False).cost
         return self._estimate(q, inst).total_s
@@ -592,13 +603,24 @@ class LookaheadRouter(PairingRouter):
         dec = InstanceRole.DECODE
         # A DECODE instance among the prefill candidates (Splitwise's fallback, ``prefill_pool``) only runs the
         # prompt to keep it: costed colocated below, never as the prefill half of a pair.
-        f = [(self._prefill_side(q, self._terms(p), colocated=False, xfer=True).cost, k)
-             for k, p in enumerate(prefill) if p.role is not dec]
+        f = [k for k, p in enumerate(prefill) if p.role is not dec]
         best, choice = math.inf, (prefill[0], prefill[0])
         if f:
-            fp, kp = min(f)
-            gd, kd = min((self._decode_side(q, self._terms(d), colocated=False).cost, k) for k, d in enumerate(decode))
-            best, choice = fp + gd, (prefill[kp], decode[kd])
+            # The transfer runs over the slower end's link (``kv_link``), so a prefill's cost depends on its
+            # decoder's GPU: the best decoder per link (one on a cluster of one NIC type), then the best prefill
+            # for each -- the exact best pair, at one prefill pricing per link rather than per decoder.
+            by_link: dict[tuple[float, float], tuple[float, int]] = {}
+            for k, d in enumerate(decode):
+                gpu = self._terms(d).lat.gpu
+                c = (self._decode_side(q, self._terms(d), colocated=False).cost, k)
+                key = (gpu.network_gbps, gpu.network_latency_s)
+                if key not in by_link or c < by_link[key]:
+                    by_link[key] = c
+            for gd, kd in by_link.values():
+                to = self._terms(decode[kd]).lat.gpu
+                fp, kp = min((self._prefill_side(q, self._terms(prefill[k]), to=to).cost, k) for k in f)
+                if fp + gd < best:
+                    best, choice = fp + gd, (prefill[kp], decode[kd])
         for p in prefill:  # MIXED (and fallback DECODE) instances may keep the request: no transfer, no second queue
             if p.role.does_decode:
                 c = self._estimate(q, p).total_s

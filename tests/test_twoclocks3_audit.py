@@ -1,0 +1,213 @@
+"""Regressions from a third audit of "one scheduling core, two clocks" (the pattern of ``test_twoclocks2_audit``: one
+tiny setup run live -- ``Instance`` objects or backends on the simulated backend, an ``Ingress`` over fake actor
+handles; no Ray -- and in the simulator). Each test failed before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bench.loadgen import cluster_config
+from scheduler.core.types import ClusterView, InstanceRole, RequestInfo
+from scheduler.engine.base import EngineRequest, SamplingParams
+from scheduler.engine.simulated_backend import SimulatedBackend
+from scheduler.latency import kv_transfer_time
+from scheduler.policy.migration import MigrationPlan, MigrationReason
+from scheduler.policy.route import RouteDecision, Router, make_router
+from sim.cluster import build_instances
+from sim.simulator import Simulator, Workload
+
+# Two NIC types: the H100's 400 Gb/s (50 GB/s) and the A100's 200 Gb/s, with different latencies.
+NET = {"h100": (50.0, 5e-6), "a100": (25.0, 20e-6)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray() -> Iterator[None]:
+    """``Instance.__init__`` asks Ray for its node id, which would start a local Ray instance."""
+    import ray
+
+    def no_ray() -> Any:
+        raise RuntimeError("no Ray in these tests")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray, "get_runtime_context", no_ray)
+        yield
+
+
+def _networked(cfg: Any, net: dict[str, tuple[float, float]] = NET) -> Any:
+    gpus = {
+        k: g.model_copy(update={"network_gbps": net[k][0], "network_latency_s": net[k][1]})
+        for k, g in cfg.gpus.items()
+    }
+    return cfg.model_copy(update={"gpus": gpus})
+
+
+def _link_time(cfg: Any, tokens: int, a: str, b: str) -> float:
+    """What a KV transfer between GPU types ``a`` and ``b`` takes: over the slower NIC, with the larger latency."""
+    (ga, la), (gb, lb) = NET[a], NET[b]
+    return kv_transfer_time(tokens, cfg.model, bandwidth_gbps=min(ga, gb), latency_s=max(la, lb))
+
+
+def _two_gpu_types(cfg: Any) -> Any:
+    """One MIXED instance per GPU type, ``h100-0`` and ``a100-0``; migrations blocking (one copy of the whole
+    context at the stop, whose size the test reads off)."""
+    pool = cfg.pools[0]
+    pools = [pool.model_copy(update={"name": g, "gpu": g, "count": 1}) for g in ("h100", "a100")]
+    mig = {"name": "llumnix", "params": {"protocol": {"mode": "blocking"}}}
+    return cfg.model_validate(
+        {
+            **cfg.model_dump(),
+            "pools": [p.model_dump() for p in pools],
+            "policies": {**cfg.policies.model_dump(), "migration": mig},
+        }
+    )
+
+
+# ---- 1: a KV transfer between GPU types runs over the slower end's link --------------------------------------------
+def test_a_pd_handoff_from_an_h100_to_an_a100_runs_at_the_a100s_link() -> None:
+    """The P/D tier of ``cluster_config`` prefills on H100 and decodes on A100. The simulator timed the handoff over
+    the source's (the H100's) 50 GB/s NIC: half what the A100's 25 GB/s NIC on the receiving end lets through."""
+    cfg = _networked(cluster_config("twoclocks", mixed=0, prefill=1, decode=1))
+    prompt = 1000
+    w = Workload(arrival_s=np.array([0.0]), prompt_tokens=np.array([prompt]), output_tokens=np.array([8]))
+    res = Simulator(cfg).run(w)
+    assert res.kv_transfers == 1
+    assert res.kv_transfer_s == pytest.approx(_link_time(cfg, prompt, "h100", "a100"))
+
+
+class _To(Router):
+    """Every request to ``iid``, colocated."""
+
+    name = "to"
+
+    def __init__(self, iid: str) -> None:
+        self.iid = iid
+
+    def route(self, request: Any, view: Any) -> Any:
+        return RouteDecision(self.iid)
+
+
+class _MoveOnce:
+    """A migration policy that moves request 0 from ``src`` to ``dst`` once it decodes there."""
+
+    def __init__(self, src: str, dst: str) -> None:
+        self.src, self.dst, self.done = src, dst, False
+
+    def plan(self, view: ClusterView, now: float) -> list[MigrationPlan]:
+        if self.done or not view.by_id(self.src).num_decoding:
+            return []
+        self.done = True
+        return [MigrationPlan("0", self.src, self.dst, MigrationReason.LOAD_BALANCE)]
+
+
+def _simulated_copies(cfg: Any, src: str, dst: str) -> list[tuple[int, float]]:
+    """The simulator's migration of one request from ``src`` to ``dst``: (tokens, seconds) of its final copy."""
+    w = Workload(arrival_s=np.array([0.0]), prompt_tokens=np.array([1000]), output_tokens=np.array([400]))
+    sim = Simulator(cfg, router=_To(src), migration=_MoveOnce(src, dst), migration_interval_s=0.05)
+    copied: dict[int, int] = {}
+    out: list[tuple[int, float]] = []
+    real_run = sim.run
+
+    def run(workload: Workload) -> Any:
+        drv_cls = __import__("sim.migration", fromlist=["MigrationDriver"]).MigrationDriver
+        on_final, on_commit = drv_cls.on_final, drv_cls.on_commit
+
+        def final(self: Any, rid: int, now: float) -> None:
+            copied[rid] = self.in_flight[rid].copied
+            on_final(self, rid, now)
+
+        def commit(self: Any, payload: tuple, now: float) -> None:
+            rid, seq = payload
+            out.append((seq.num_tokens - copied[rid], self.downtime_s[-1]))
+            on_commit(self, payload, now)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(drv_cls, "on_final", final)
+            mp.setattr(drv_cls, "on_commit", commit)
+            return real_run(workload)
+
+    run(w)
+    assert len(out) == 1 and out[0][0] > 0
+    return out
+
+
+def _live_copy(cfg: Any, src: str, dst: str, tokens: int) -> float:
+    """A live destination on the simulated backend staging ``tokens`` of KV exported by a source of type ``src``:
+    the seconds it sleeps for the copy (time_scale 1)."""
+    model = cfg.model
+
+    async def run() -> float:
+        S = SimulatedBackend(model, cfg.gpus[src], role=InstanceRole.PREFILL)
+        D = SimulatedBackend(model, cfg.gpus[dst])
+        await S.start()
+        await D.start()
+        try:
+            req = EngineRequest("r", tuple(range(1, tokens + 1)), SamplingParams(max_tokens=1))
+            async for _ in S.generate(req):
+                pass
+            kv = await S.export_kv("r")
+            assert kv.end_token - kv.start_token == tokens
+            assert await D.reserve_kv("r", tokens + 16) is None
+            slept: list[float] = []
+            real = asyncio.sleep
+
+            async def sleep(d: float, *a: Any) -> None:
+                slept.append(d)
+                await real(0)
+
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(asyncio, "sleep", sleep)
+                await D.stage_kv("r", kv)
+            return sum(slept)
+        finally:
+            await S.shutdown()
+            await D.shutdown()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize(("src", "dst"), [("h100", "a100"), ("a100", "h100")])
+def test_a_migration_between_gpu_types_copies_over_the_slower_link_in_both_clocks(src: str, dst: str) -> None:
+    """A migration's copies: the simulator timed them over the source's NIC (H100 -> A100 at 50 GB/s), the live
+    simulated backend over the destination's (A100 -> H100 at 50 GB/s): each clock wrong in one direction, and
+    the two apart in both. Both run over the slower end's now."""
+    cfg = _networked(_two_gpu_types(cluster_config("twoclocks", mixed=1)))
+    [(tokens, simulated)] = _simulated_copies(cfg, f"{src}-0", f"{dst}-0")
+    want = _link_time(cfg, tokens, src, dst)
+    assert simulated == pytest.approx(want)
+    assert _live_copy(cfg, src, dst, tokens) == pytest.approx(want)
+
+
+def test_lookahead_prices_the_transfer_to_each_decoder_over_its_link_and_pairs_exactly() -> None:
+    """Lookahead charged every pair the prefill GPU's link: an H100 prefill paired with a decoder behind a slow NIC
+    (here 1 GB/s: 0.5 s for a 1000-token prompt of llama-7b) at the H100's 50 GB/s, and the slow decoder drew the
+    request for a slightly lighter batch. Now each pair pays its own link, and the pick is the cheapest pair."""
+    net = {"h100": (50.0, 5e-6), "a100": (1.0, 20e-6)}
+    cfg = _networked(cluster_config("twoclocks", mixed=0, prefill=1, decode=1, router="lookahead"), net)
+    pools = [*cfg.pools, cfg.pools[1].model_copy(update={"name": "hdecode", "gpu": "h100"})]
+    cfg = cfg.model_copy(update={"pools": pools})
+    insts = build_instances(cfg)
+    by_id = {x.instance_id: x for x in insts}
+    for k in range(6):  # the H100 decoder decodes a batch: costlier for a newcomer than the idle A100 one
+        by_id["hdecode-0"].engine.add_request(f"h{k}", 2000, 3000, predicted_remaining=500)
+    for _ in range(3):
+        by_id["hdecode-0"].engine.step()
+    view = ClusterView(0.0, tuple(x.fresh_snapshot(0.0, detail=False) for x in insts))
+    router = make_router("lookahead")
+    router.initialize(cfg)
+    req = RequestInfo("n", 0.0, 1000, 4000, predicted_output_tokens=64.0)
+    p, slow, fast = (view.by_id(i) for i in ("prefill-0", "decode-0", "hdecode-0"))
+    extra = router.estimate(req, p, slow).ttft_s - router.estimate(req, p, fast).ttft_s
+
+    def xfer(a: str, b: str) -> float:
+        (ga, la), (gb, lb) = net[a], net[b]
+        return kv_transfer_time(1000, cfg.model, bandwidth_gbps=min(ga, gb), latency_s=max(la, lb))
+
+    assert extra == pytest.approx(xfer("h100", "a100") - xfer("h100", "h100"))
+    best = min((router.estimate(req, p, d).total_s, d.instance_id) for d in (slow, fast))
+    assert best[1] == "hdecode-0"
+    assert router.route(req, view).decode_instance == best[1]
