@@ -211,3 +211,79 @@ def test_lookahead_prices_the_transfer_to_each_decoder_over_its_link_and_pairs_e
     best = min((router.estimate(req, p, d).total_s, d.instance_id) for d in (slow, fast))
     assert best[1] == "hdecode-0"
     assert router.route(req, view).decode_instance == best[1]
+
+
+# ---- 3: a migration to a given destination (the Controller's plans) is counted there from its commit ----------------
+def _landing(s: Any) -> tuple[int, int, int, int | None]:
+    return s.num_waiting, s.num_incoming, s.prefill_tokens_pending, s.prefill_compute_tokens
+
+
+def _simulated_commit(cfg: Any, prompt: int) -> tuple[int, int, tuple[int, int, int, int | None]]:
+    """The simulator migrating one request from mixed-0 to mixed-1: (prompt, outputs at the stop, what mixed-1's
+    entry in the routers' view reads right after the commit)."""
+    w = Workload(arrival_s=np.array([0.0]), prompt_tokens=np.array([prompt]), output_tokens=np.array([400]))
+    sim = Simulator(
+        cfg, router=_To("mixed-0"), migration=_MoveOnce("mixed-0", "mixed-1"), migration_interval_s=0.3
+    )
+    out: list[Any] = []
+    from sim.migration import MigrationDriver
+
+    on_commit = MigrationDriver.on_commit
+
+    def commit(self: Any, payload: tuple, now: float) -> None:
+        on_commit(self, payload, now)
+        out.append((payload[1].num_tokens, _landing(sim._view_at(now).by_id("mixed-1"))))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MigrationDriver, "on_commit", commit)
+        sim.run(w)
+    [(context, seen)] = out
+    return prompt, context - prompt, seen
+
+
+def test_a_migration_to_a_given_destination_is_counted_there_from_its_commit_in_both_clocks() -> None:
+    """At the commit the simulator queues the request on its destination with its context (``on_commit``: waiting,
+    all but one token loaded), and a request routed next sees it there. The live ingress booked nothing on a
+    destination it was given (the Controller's plans, an admin's ``migrate(rid, dst)``): until the next refresh,
+    the destination read idle."""
+    from scheduler.control.registry import Phase, RequestRecord
+    from tests.test_ingress_audit import FakeInstance, _ingress
+
+    cfg = cluster_config("twoclocks", mixed=2)
+    prompt, outputs, simulated = _simulated_commit(cfg, 1000)
+
+    async def live() -> tuple[int, int, int, int | None]:
+        S, D = FakeInstance("mixed-0"), FakeInstance("mixed-1")
+        ing = _ingress([S, D])
+        ing._view = ClusterView(0.0, tuple(x.fresh_snapshot(0.0, detail=False) for x in build_instances(cfg)))
+        ing._snapshots = {s.instance_id: s for s in ing._view.instances}
+        rec = RequestRecord(
+            "r",
+            tuple(range(1, prompt + 1)),
+            SamplingParams(max_tokens=400),
+            instances=("mixed-0",),
+            output_token_ids=[7] * outputs,
+            phase=Phase.DECODE,
+        )
+        ing.registry.add(rec)
+        S.streams["r"] = {
+            "next": outputs,
+            "left": 400 - outputs,
+            "paused": False,
+            "done": False,
+            "ev": asyncio.Event(),
+        }
+        seen: list[Any] = []
+        switch = ing._switch
+
+        def on_commit(r: Any, destination: str) -> None:
+            switch(r, destination)
+            seen.append(_landing(ing.view().by_id("mixed-1")))
+
+        ing._switch = on_commit  # type: ignore[method-assign]
+        res = await ing.migrate("r", "mixed-1")
+        assert res.committed
+        return seen[0]
+
+    assert simulated[:3] == (1, 0, prompt + outputs)
+    assert asyncio.run(live()) == simulated

@@ -1108,6 +1108,13 @@ class Ingress:
             return
         rec.moving_to, rec.move_kv = destination, _ADMITTED
         self.registry.touch(rec.request_id)
+        # Counted there from now, as the simulator queues it at its commit: waiting with its context, all but its
+        # last token loaded. Its snapshots show it from the next refresh; without this a destination given by the
+        # Controller's plans read idle until then (one the ingress picked itself is also booked at the pick).
+        n = len(rec.prompt_token_ids) + rec.next_index
+        self._pending[destination] = self._pending.get(destination, 0) + 1
+        self._pending_prompt[destination] = self._pending_prompt.get(destination, 0) + n
+        self._pending_compute[destination] = self._pending_compute.get(destination, 0) + 1
 
     async def _take_plans(self) -> None:
         """Execute the Controller's migration plans for requests this replica serves (its policy loop runs on
