@@ -287,3 +287,61 @@ def test_a_migration_to_a_given_destination_is_counted_there_from_its_commit_in_
 
     assert simulated[:3] == (1, 0, prompt + outputs)
     assert asyncio.run(live()) == simulated
+
+
+# ---- 2: a PREFILL instance named alone hands off after the prefill ----------------------------------------------------
+class _PrefillAlone(Router):
+    """Names the PREFILL instance alone for a new request; an accepted one (its decode, after the prefill) goes
+    where ``least_outstanding`` pairs it."""
+
+    name = "prefill_alone"
+
+    def __init__(self) -> None:
+        self.base = make_router("least_outstanding")
+        self.asked: list[bool] = []
+
+    def route(self, request: Any, view: Any) -> Any:
+        self.asked.append(request.accepted)
+        return self.base.route(request, view) if request.accepted else RouteDecision("prefill-0")
+
+
+def test_a_prefill_instance_named_alone_hands_off_after_the_prefill_in_both_clocks() -> None:
+    """A router answer naming a PREFILL instance and no decoder: the simulator prefills there, hands the KV off and
+    decodes where the router says after the prefill (``Simulator._handoff``); the live ingress ran the whole
+    request on the PREFILL instance (``_hands_off``: no decode instance, no handoff), and both engines decode
+    there in full whatever their role (the simulated backend by ``max_tokens``, vLLM's ``kv_producer`` only keeps
+    the prompt KV) -- a PREFILL pool decoding beside its prefills, which P/D exists to avoid."""
+    from scheduler.control.api import GenerateRequest
+    from scheduler.core.types import InstanceRole
+    from tests.test_ingress_audit import FakeInstance, _consume, _ingress
+
+    cfg = cluster_config("twoclocks", mixed=0, prefill=1, decode=1)
+    prompt, output = 64, 12
+    w = Workload(
+        arrival_s=np.array([0.0]), prompt_tokens=np.array([prompt]), output_tokens=np.array([output])
+    )
+    sim_router = _PrefillAlone()
+    res = Simulator(cfg, router=sim_router).run(w)
+    assert res.instance_ids[res.instance[0]] == "prefill-0"
+    assert res.instance_ids[res.decode_instance[0]] == "decode-0" and res.kv_transfers == 1
+    assert sim_router.asked == [False, True]
+
+    async def live() -> tuple[list[str], list[str], list[int], list[bool], list[str]]:
+        P, D = FakeInstance("prefill-0", InstanceRole.PREFILL), FakeInstance("decode-0", InstanceRole.DECODE)
+        router = _PrefillAlone()
+        ing = _ingress([P, D], router=router)
+        filed: list[str] = []
+        ing.recorder.on_route = lambda rid, *, route, instance_id="": filed.append(route)  # type: ignore[method-assign]
+        req = GenerateRequest(
+            "a", prompt_token_ids=list(range(1, prompt + 1)), sampling=SamplingParams(max_tokens=output)
+        )
+        out: list[Any] = []
+        await _consume(ing, req, out)
+        indices = [i for c in out for i in range(c.index, c.index + len(c.token_ids))]
+        return P.calls, D.calls, indices, router.asked, filed
+
+    p_calls, d_calls, indices, asked, filed = asyncio.run(live())
+    assert (p_calls.count("submit"), d_calls.count("submit")) == (1, 1)
+    assert indices == list(range(output))
+    assert asked == sim_router.asked
+    assert filed == ["disaggregated"]

@@ -585,7 +585,7 @@ class Ingress:
         hit = cached_prefix_tokens(rec.hash_ids, snap.cached_hash_ids, info.prompt_tokens, kv_block=snap.block_size
                                    ) if snap is not None and rec.hash_ids and snap.cached_hash_ids else 0
         self._pending_compute[p] = self._pending_compute.get(p, 0) + info.prompt_tokens - hit
-        handoff = _hands_off(decision, rec)
+        handoff = _hands_off(decision, rec, self._is_prefill(p))
         self._expect_decode(rec.request_id, decision.decode_instance if handoff else None)
         self.counters["routed"] += 1
         return decision
@@ -683,7 +683,8 @@ class Ingress:
             decision = self._route(rec)
         # The path taken, not the decision's shape: a one-token request, or a PREFILL instance named twice (the
         # Splitwise borrow), runs on the prefill instance alone although the decision names a decoder.
-        self.recorder.on_route(rec.request_id, route="disaggregated" if _hands_off(decision, rec) else "colocated",
+        handoff = _hands_off(decision, rec, self._is_prefill(decision.prefill_instance))
+        self.recorder.on_route(rec.request_id, route="disaggregated" if handoff else "colocated",
                                instance_id=decision.prefill_instance)
         self.registry.add(rec)
         finished = False
@@ -745,8 +746,8 @@ class Ingress:
         kv_ref: Any = None
         admitted = False
         while True:
-            handoff = _hands_off(target, rec)
             iid = target.prefill_instance
+            handoff = not admitted and _hands_off(target, rec, self._is_prefill(iid))
             ereq = rec.resume_request()
             if not handoff and self._expected.get(rid) == iid:
                 # Its decode leg starts: the instance has it next, queued with its whole context (all but its
@@ -807,6 +808,7 @@ class Ingress:
                 # P->D: the prompt KV moves through the object store, node to node; decode goes on at index 1.
                 # (Pulled over the instances' direct channels instead, 2 MB of KV took longer than through the
                 # object store on one node: docs/architecture.md.)
+                decoder = target.decode_instance or self._decoder_after_prefill(rec)
                 try:
                     kv_ref = self._handle(iid).export_kv.remote(rid, 0, None)
                 except InstanceLost:
@@ -815,11 +817,33 @@ class Ingress:
                     self._mark_dead(iid)
                     kv_ref = None
                 yield _SpanHandoff(self.tracing.start_span(
-                    Stage.KV_TRANSFER, request_id=rid,
-                    attributes={"source": iid, "destination": str(target.decode_instance)}))
-                target = RouteDecision(target.decode_instance)  # type: ignore[arg-type]
+                    Stage.KV_TRANSFER, request_id=rid, attributes={"source": iid, "destination": decoder}))
+                target = RouteDecision(decoder)
                 rec.phase = Phase.TRANSFER
                 self.counters["handoffs"] += 1
+
+    def _is_prefill(self, iid: str) -> bool:
+        """Whether ``iid`` serves as a PREFILL instance: as the view shows it, else as the Controller lists it."""
+        s = self._snapshots.get(iid)
+        if s is not None:
+            return s.role is InstanceRole.PREFILL
+        m = self._members.get(iid)
+        return m is not None and m.info.role is InstanceRole.PREFILL
+
+    def _decoder_after_prefill(self, rec: RequestRecord) -> str:
+        """Where a request prefilled on a PREFILL instance named alone decodes: the router's answer now (accepted),
+        a colocated answer's instance when it decodes -- as ``Simulator._handoff`` decides. Raises ``Unavailable``
+        when the answer names no instance that decodes (the simulator refuses the request there)."""
+        _, decision = self._decide(rec, exclude=frozenset(), accepted=True)
+        name = decision.decode_instance or decision.prefill_instance
+        s = self._snapshots.get(name)
+        m = self._members.get(name)
+        role = s.role if s is not None else m.info.role if m is not None else None
+        if role is None or not role.does_decode:
+            raise Unavailable(f"request {rec.request_id}: no instance to decode it after its prefill ({name})")
+        self._expect_decode(rec.request_id, name)
+        self.registry.touch(rec.request_id)  # its report names the decoder while the KV is on its way
+        return name
 
     @staticmethod
     def _continues(rec: RequestRecord, handoff: bool, reason: str | None) -> bool:
@@ -1235,12 +1259,17 @@ async def _await(ref: Any) -> Any:
     return await ref
 
 
-def _hands_off(decision: RouteDecision, rec: RequestRecord) -> bool:
+def _hands_off(decision: RouteDecision, rec: RequestRecord, prefill_only: bool) -> bool:
     """Whether ``rec`` prefills on ``decision``'s prefill instance and decodes on another: a decode instance other
     than the prefill one (the same one twice is colocated, on a PREFILL instance too: the pairing routers' Splitwise
-    borrow), and more than one token to make (a one-token request ends with its prefill). ``Simulator._on_arrival``
-    decides alike."""
-    return decision.decode_instance not in (None, decision.prefill_instance) and rec.remaining_tokens > 1
+    borrow), or none named with a PREFILL instance (``prefill_only``: it prefills, then hands off to the decoder
+    the router names after the prefill, ``_decoder_after_prefill``) -- and more than one token to make (a one-token
+    request ends with its prefill). ``Simulator._on_arrival`` decides alike."""
+    if rec.remaining_tokens <= 1:
+        return False
+    if decision.decode_instance is None:
+        return prefill_only
+    return decision.decode_instance != decision.prefill_instance
 
 
 class _RaySource:
