@@ -19,7 +19,8 @@ Estimator (documented approximations; all times from ``LatencyModel``):
 * harm_p: on a MIXED instance each of its ``B_p`` decodes waits for the newcomer's prefill steps:
   ``B_p * (prefill steps' time - the same number of decode-only steps)``. FCFS: queued prompts are not delayed.
 * transfer = ``kv_transfer_time(P)`` over the link between the prefill and decode GPUs, the slower end's
-  (``kv_link``; zero when colocated).
+  (``kv_link``), or the handoff a live profile measured (``LatencyModel.handoff_time``), as the simulator charges
+  it; zero when colocated.
 * On ``d`` with decode batch ``B``, summed context ``C`` and resident remaining lengths ``R_j`` (per request from
   a detailed snapshot when built with ``detail=True``, else the average ``R`` from ``predicted_remaining_tokens``
   -- remaining, not total: the live instance and the simulator's engine both report predicted minus generated --
@@ -390,7 +391,10 @@ class LookaheadRouter(PairingRouter):
             harm = B * max(self_s - steps * t.decode_only_s, 0.0)
         ttft = t.queue_s + self_s
         if to is not None:
-            ttft += kv_transfer_between(P, lat.model, lat.gpu, to)
+            # What the clocks charge (``Simulator._handoff``): the handoff measured end to end where a live profile
+            # has it, else the KV over the link between the two GPU types.
+            measured = lat.handoff_time(P)
+            ttft += measured if measured is not None else kv_transfer_between(P, lat.model, lat.gpu, to)
         w, slo = q.w, q.slo
         pen = self.miss_penalty_s * w if slo.ttft_s is not None and ttft > slo.ttft_s else 0.0
         return _Side(w * self.ttft_weight * ttft + harm + pen, ttft_s=ttft, harm_s=harm, slo_s=pen)
