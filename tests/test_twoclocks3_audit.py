@@ -371,3 +371,49 @@ def test_lookahead_charges_a_pd_pair_the_measured_handoff_as_the_simulator_does(
     bw, latency = min(gp.network_gbps, gd.network_gbps), max(gp.network_latency_s, gd.network_latency_s)
     link = kv_transfer_time(500, cfg.model, bandwidth_gbps=bw, latency_s=latency)
     assert measured - plain == pytest.approx(profiled.handoff_time(500) - link)
+
+
+# ---- 5: the live simulated backend's P->D handoff takes the link's time ---------------------------------------------
+def test_a_live_pd_decode_leg_is_admitted_when_its_kv_has_crossed_the_link_as_simulated() -> None:
+    """The simulator queues a P->D decode leg on its decoder when the KV lands (``kv_transfer_s`` after the prefill;
+    21 ms for 1000 llama-7b tokens at the A100's 25 GB/s). The live simulated backend admitted a decode leg the
+    moment its KV object arrived (the Ray hop: no modelled transfer at all): the decoder started on it a whole
+    link time early, at any ``time_scale``."""
+    import time
+
+    cfg = _networked(cluster_config("twoclocks", mixed=0, prefill=1, decode=1))
+    prompt = 1000
+    w = Workload(arrival_s=np.array([0.0]), prompt_tokens=np.array([prompt]), output_tokens=np.array([8]))
+    simulated = Simulator(cfg).run(w).kv_transfer_s
+
+    async def live() -> tuple[bool, float]:
+        P = SimulatedBackend(cfg.model, cfg.gpus["h100"], role=InstanceRole.PREFILL)
+        D = SimulatedBackend(cfg.model, cfg.gpus["a100"])
+        await P.start()
+        await D.start()
+        try:
+            ids = tuple(range(1, prompt + 1))
+            out = [c async for c in P.generate(EngineRequest("r", ids, SamplingParams(max_tokens=1)))]
+            kv = await P.export_kv("r")
+            leg = EngineRequest(
+                "r",
+                (*ids, *out[-1].token_ids),
+                SamplingParams(max_tokens=7),
+                num_output_tokens_before=1,
+                kv=(kv,),
+            )
+            t0 = time.perf_counter()
+            stream = D.generate(leg)
+            queued_at_once = D.engine.get("r") is not None
+            await stream.__anext__()
+            elapsed = time.perf_counter() - t0
+            await stream.aclose()
+            return queued_at_once, elapsed
+        finally:
+            await P.shutdown()
+            await D.shutdown()
+
+    queued_at_once, elapsed = asyncio.run(live())
+    assert not queued_at_once
+    assert simulated == pytest.approx(_link_time(cfg, prompt, "h100", "a100"))
+    assert elapsed >= simulated

@@ -11,7 +11,8 @@ Token ids are deterministic pseudo-random in ``[0, vocab)`` from ``(seed, reques
 moves between instances (P->D handoff, migration, recovery after a crash) is checkably continuous: the same
 request produces the same token at the same index wherever it runs. KV is only accounted (``KVBlocks.nbytes``
 from the model's ``kv_bytes_per_token``; ``data`` is ``None``); a destination given ``EngineRequest.kv`` admits
-the request with those tokens cached, so it does not recompute them (see ``EngineStats.prompt_tokens_loaded``).
+the request with those tokens cached, so it does not recompute them (see ``EngineStats.prompt_tokens_loaded``),
+once that KV has crossed the link from its source's GPU type (``KVBlocks.source_gpu``), as the simulator times it.
 """
 
 from __future__ import annotations
@@ -163,16 +164,38 @@ class SimulatedBackend:
         cached = self._cached_tokens(request)
         self._release_reservation(rid)  # the request takes the blocks it was reserved
         max_tokens = request.sampling.max_tokens
-        # The prompt's block ids, as a trace's hash_ids: the engine model's prefix cache hits on a shared prefix
-        # (vLLM's does on its own), and the snapshots report what is cached.
-        self.engine.add_request(rid, len(prompt), max_tokens, cached_tokens=cached, priority=request.priority,
-                                hash_ids=prompt_hash_ids(prompt), hash_block_tokens=HASH_BLOCK_TOKENS)
+        self.engine.check_request(rid, len(prompt), max_tokens, cached)  # refused now, even if admitted later
         seed = request.sampling.seed if request.sampling.seed is not None else self.seed
         req = _Req(request, seed, asyncio.Queue(), request.num_output_tokens_before, max_tokens)
         self._reqs[rid] = req
+        landing = self._kv_landing_s(request) * self.time_scale
+        if landing > 0:  # its KV is on its way: admitted when it lands, as the simulator queues it (KV_ARRIVE)
+            asyncio.get_running_loop().call_later(landing, self._admit, req, cached)
+        else:
+            self._admit(req, cached)
+        return self._stream(req)
+
+    def _kv_landing_s(self, request: EngineRequest) -> float:
+        """Modelled time for the KV another simulated engine sent with ``request`` (a P->D handoff) to cross the
+        link between the two GPU types, as the simulator charges the handoff (``kv_transfer_between``). None where
+        the latency model has the handoff measured end to end (a live profile: the real path is what it measured),
+        nor for KV of unknown source (a vLLM engine's)."""
+        if self.engine.latency.handoff_s is not None:
+            return 0.0
+        return sum(kv_transfer_between(kv.end_token - kv.start_token, self.model, kv.source_gpu, self.gpu)
+                   for kv in request.kv if kv.source_gpu is not None)
+
+    def _admit(self, req: _Req, cached: int) -> None:
+        request = req.request
+        rid, prompt = request.request_id, request.prompt_token_ids
+        if self._reqs.get(rid) is not req:  # aborted (or the engine shut down) while its KV was on its way
+            return
+        # The prompt's block ids, as a trace's hash_ids: the engine model's prefix cache hits on a shared prefix
+        # (vLLM's does on its own), and the snapshots report what is cached.
+        self.engine.add_request(rid, len(prompt), req.remaining, cached_tokens=cached, priority=request.priority,
+                                hash_ids=prompt_hash_ids(prompt), hash_block_tokens=HASH_BLOCK_TOKENS)
         assert self._wake is not None
         self._wake.set()
-        return self._stream(req)
 
     def _cached_tokens(self, request: EngineRequest) -> int:
         """Leading prompt tokens whose KV arrived with the request (contiguous from 0, prefix-checked)."""

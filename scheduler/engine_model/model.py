@@ -239,20 +239,7 @@ class EngineModel:
         to decode too (the Splitwise borrow) or given a decode leg. ``front``: ahead of the queue (a migrated request
         whose KV blocks were reserved for it). ``length_dist``: the distribution ``predicted_remaining`` came from
         (renews it when it runs out), ``generated_before`` tokens into the response."""
-        if rid in self._by_rid:
-            raise ValueError(f"request_id: {rid!r} is already on this engine")
-        if prompt_tokens < 1:
-            raise ValueError(f"prompt_tokens: must be >= 1, got {prompt_tokens}")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens: must be >= 1, got {max_tokens}")
-        if not 0 <= cached_tokens <= prompt_tokens:
-            raise ValueError(f"cached_tokens: must be in [0, prompt_tokens={prompt_tokens}], got {cached_tokens}")
-        need = -(-(prompt_tokens + max_tokens) // self.block_size)
-        if need > self.total_blocks:
-            raise ValueError(
-                f"prompt_tokens+max_tokens: {prompt_tokens + max_tokens} tokens need {need} KV blocks, "
-                f"the engine has {self.total_blocks}"
-            )
+        self.check_request(rid, prompt_tokens, max_tokens, cached_tokens)
         if handoff is None:
             handoff = self.role is InstanceRole.PREFILL
         if handoff:
@@ -273,6 +260,24 @@ class EngineModel:
         else:
             self.waiting.append(seq)
         return seq
+
+    def check_request(self, rid: str, prompt_tokens: int, max_tokens: int, cached_tokens: int = 0) -> None:
+        """Raise ``ValueError`` if ``add_request`` would refuse this request (a caller that admits it later checks
+        now: the simulated backend while a P->D request's KV is on its way)."""
+        if rid in self._by_rid:
+            raise ValueError(f"request_id: {rid!r} is already on this engine")
+        if prompt_tokens < 1:
+            raise ValueError(f"prompt_tokens: must be >= 1, got {prompt_tokens}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens: must be >= 1, got {max_tokens}")
+        if not 0 <= cached_tokens <= prompt_tokens:
+            raise ValueError(f"cached_tokens: must be in [0, prompt_tokens={prompt_tokens}], got {cached_tokens}")
+        need = -(-(prompt_tokens + max_tokens) // self.block_size)
+        if need > self.total_blocks:
+            raise ValueError(
+                f"prompt_tokens+max_tokens: {prompt_tokens + max_tokens} tokens need {need} KV blocks, "
+                f"the engine has {self.total_blocks}"
+            )
 
     def abort(self, rid: str) -> bool:
         seq = self._by_rid.pop(rid, None)
