@@ -50,7 +50,7 @@ from scheduler.control.api import (
 )
 from scheduler.control.channel import ChannelClient, ChannelError, RemoteError
 from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, UNHEALTHY_AFTER_S, Member, actor_gone
-from scheduler.control.instance import RELEASED
+from scheduler.control.instance import ENGINE_FAILED, RELEASED
 from scheduler.control.registry import RequestRecord, RequestRegistry
 from scheduler.core.prefix import cached_prefix_tokens, prompt_hash_ids
 from scheduler.core.types import (
@@ -159,8 +159,9 @@ class InstanceUnresponsive(InstanceLost):
 
 
 class EngineFailed(InstanceUnresponsive):
-    """The instance answers, but raised on a request's submit (its engine failed: the request never ran there):
-    recover the request elsewhere, as for an instance that does not answer (it was a gRPC INTERNAL)."""
+    """The instance answers, but its engine failed: a request's submit raised there (it was a gRPC INTERNAL), or a
+    stream ended ``ENGINE_FAILED`` (it was FAILED): recover the request elsewhere, as for an instance that does not
+    answer."""
 
 
 def _lost(iid: str, e: BaseException) -> InstanceLost:
@@ -931,13 +932,18 @@ class Ingress:
     ) -> AsyncIterator[TokenChunk]:
         while True:
             for chunk in chunks:
-                if chunk.finished and chunk.finish_reason == RELEASED:
+                reason = chunk.finish_reason or ""
+                if chunk.finished and (reason == RELEASED or reason.startswith(ENGINE_FAILED)):
                     # The instance is being shut down with the request on it (released before every request could
-                    # move off): keep what it made, recover the rest elsewhere (it is killed next: marked dead).
+                    # move off: it is killed next, marked dead), or its engine failed under it (the Controller
+                    # releases it; out of the view meanwhile, as for a failed submit): keep what it made, recover
+                    # the rest elsewhere, bounded by max_recoveries. (An engine failure ended the stream FAILED.)
                     out = self._accept(rec, dataclasses.replace(chunk, finished=False, finish_reason=None))
                     if out is not None:
                         yield out if out.instance_id else dataclasses.replace(out, instance_id=iid)
-                    raise InstanceLost(f"{iid}: released with the request running")
+                    if reason == RELEASED:
+                        raise InstanceLost(f"{iid}: released with the request running")
+                    raise EngineFailed(f"{iid}: {reason}")
                 out = self._accept(rec, chunk)
                 if out is not None:
                     yield out if out.instance_id else dataclasses.replace(out, instance_id=iid)

@@ -44,6 +44,10 @@ _FINISHED_KEPT = 1024  # final answers kept for a poll retry (a lost one is noti
 # The finish_reason of a stream ended by ``shutdown`` (the instance is released with it still running): the ingress
 # recovers it elsewhere. Read as the "abort" it is underneath, the client's stream ended as cancelled half-way.
 RELEASED = "released"
+# The finish_reason prefix of a stream that ended because its engine failed (``_pump`` asks the engine: it no longer
+# reports its load), not because of the request: the ingress recovers it elsewhere as it does a dead instance's. (The
+# simulated engine's own fault chunks read so already.) Any other ``error: ...`` is the request's own: final.
+ENGINE_FAILED = "error: engine failed"
 
 # backend kind (PoolSpec.backend) -> "module:factory"; factory(model=, gpu=, pool=, role=, **backend_kwargs)
 BACKENDS: dict[str, str] = {
@@ -421,6 +425,9 @@ class Instance:
                     chunk = dataclasses.replace(chunk, finish_reason="migrated")
                 elif chunk.finished and self._closing and chunk.finish_reason == "abort":
                     chunk = dataclasses.replace(chunk, finish_reason=RELEASED)
+                if chunk.finished and chunk.finish_reason and chunk.finish_reason.startswith("error:"):
+                    reason = await self._error_reason(chunk.finish_reason)
+                    chunk = dataclasses.replace(chunk, finish_reason=reason)
                 st.buffer.append(chunk)
                 st.event.set()
                 if chunk.finished:
@@ -434,11 +441,27 @@ class Instance:
                     break
         except Exception as e:
             log.exception("engine stream of %s failed", rid)
-            st.buffer.append(TokenChunk(rid, -1, (), True, f"error: {type(e).__name__}: {e}"))
+            reason = await self._error_reason(f"error: {type(e).__name__}: {e}")
+            st.buffer.append(TokenChunk(rid, -1, (), True, reason))
             st.event.set()
         finally:
             st.done = True
             self._running -= 1
+
+    async def _error_reason(self, reason: str) -> str:
+        """``reason`` (``error: ...``) of a stream that ended in error, as ``ENGINE_FAILED: ...`` when the engine
+        failed under it (vLLM's EngineDeadError, the simulated loop's fault): asked, it cannot report its load, as the
+        Controller judges a failed engine. Such a stream ended ``error:`` (FAILED at the client), though the instance
+        is released and replaced anyway and a hung or dead one's streams were re-run elsewhere."""
+        if reason.startswith(ENGINE_FAILED):
+            return reason
+        try:
+            await asyncio.wait_for(self._require_backend().stats(), 5.0)
+        except TimeoutError:
+            return reason  # slow, not failed: a hung engine is the watchdog's (hang_timeout_s)
+        except Exception:  # noqa: BLE001 - any error is the engine's verdict on itself
+            return f"{ENGINE_FAILED}: {reason.removeprefix('error: ')}"
+        return reason
 
     async def poll(
         self, request_id: str, timeout_s: float | None = 5.0, from_index: int | None = None
