@@ -63,13 +63,15 @@ def _snap(iid: str, n: int = 0, draining: bool = False, role: InstanceRole = Ins
 def _controller(insts: list[FakeInstance], pools: dict[str, int], *, drain_timeout_s: float = 120.0) -> Controller:
     ctrl = Controller.__new__(Controller)  # the applier alone: no Ray, no engines
     ctrl.config = SimpleNamespace(
-        pools=[SimpleNamespace(name=p, count=n, hang_timeout_s=60.0) for p, n in pools.items()]
+        pools=[
+            SimpleNamespace(name=p, count=n, hang_timeout_s=60.0, start_timeout_s=900.0) for p, n in pools.items()
+        ]
     )
     ctrl._pools = {p.name: p for p in ctrl.config.pools}
     ctrl._members = {i.iid: _member(i, i.iid.rsplit("-", 1)[0]) for i in insts}
     ctrl._pending, ctrl._snapshots, ctrl._registry, ctrl._refresh_round = {}, {}, EntryTable(), 10
     ctrl._role_round = {}
-    ctrl._starting, ctrl._failing = set(), {}
+    ctrl._starting, ctrl._failing, ctrl._start_failures = set(), {}, {}
     ctrl._next_index = {p: n for p, n in pools.items()}
     ctrl._desired = dict(pools)
     ctrl._draining, ctrl._operator_drained = {}, set()

@@ -141,3 +141,161 @@ def test_a_stream_that_raises_says_whether_its_engine_failed(engine_dead: bool) 
     reason = asyncio.run(asyncio.wait_for(scenario(), 10))
     assert reason is not None and reason.startswith("error:")
     assert reason.startswith(ENGINE_FAILED) is engine_dead, reason
+
+
+# ---- 2: an instance that never finishes starting ---------------------------------------------------------------------
+class _FakeActor:
+    """An Instance actor handle whose ``start`` hangs (``hang``) or raises; ``ray.remote(Instance)`` builds them."""
+
+    def __init__(self, hang: bool) -> None:
+        self.hang = hang
+
+    def __getattr__(self, name: str) -> Any:
+        from tests.test_ingress_audit import _Method
+
+        return _Method(getattr(self, "_" + name))
+
+    async def _start(self) -> Any:
+        if self.hang:
+            await asyncio.Event().wait()  # a model load that never ends
+        raise RuntimeError("engine could not start")
+
+    async def _shutdown(self) -> None:
+        return None
+
+
+class _FakeRay:
+    """The Ray calls ``Controller._create`` and ``_release`` make, recorded: actors built, killed, groups removed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, hang: bool) -> None:
+        import scheduler.control.controller as c
+
+        self.actors: list[_FakeActor] = []
+        self.killed: list[_FakeActor] = []
+        self.removed: list[str] = []
+        fake = self
+
+        class _Remote:
+            def options(self, **_: Any) -> _Remote:
+                return self
+
+            def remote(self, *_: Any, **__: Any) -> _FakeActor:
+                fake.actors.append(_FakeActor(hang))
+                return fake.actors[-1]
+
+        class _PG:
+            async def ready(self) -> None:
+                return None
+
+        monkeypatch.setattr(c.ray, "remote", lambda cls: _Remote())
+        monkeypatch.setattr(c.ray, "kill", lambda h, no_restart=True: self.killed.append(h))
+        monkeypatch.setattr(c.ray, "cluster_resources", dict)
+        monkeypatch.setattr(c, "plan_placement", lambda *a, **kw: None)
+        monkeypatch.setattr(c, "create_instance_pg", lambda *a, **kw: _PG())
+        monkeypatch.setattr(c, "actor_options", lambda *a, **kw: {})
+        monkeypatch.setattr(c, "remove_instance_pg", lambda cluster, iid: self.removed.append(iid))
+
+
+def _creating_controller(start_timeout_s: float) -> Any:
+    """The fake Controller of ``tests/test_controller_audit.py`` with its real ``_create`` and ``_release``."""
+
+    from scheduler.control.controller import Controller
+    from tests.test_controller_audit import _controller
+
+    ctrl = _controller([], {"mixed": 1})
+    ctrl._pools["mixed"].start_timeout_s = start_timeout_s
+    ctrl._pools["mixed"].gpu, ctrl._pools["mixed"].backend = "cpu", "simulated"
+    ctrl.config.model, ctrl.config.gpus = None, {"cpu": None}
+    ctrl.cluster, ctrl.namespace, ctrl._detached, ctrl._use_gpus, ctrl._backend_kwargs = (
+        "t",
+        "t",
+        False,
+        False,
+        {},
+    )
+    ctrl._create = lambda pool, iid: Controller._create(ctrl, pool, iid)
+    ctrl._release = lambda iid: Controller._release(ctrl, iid)
+    return ctrl
+
+
+def test_an_instance_whose_start_hangs_is_released_and_started_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Controller._create`` waited on ``Instance.start`` for good: an engine that hangs at start (a stuck model
+    load) held its pool one instance short forever, the actor and placement group kept. After the pool's
+    ``start_timeout_s`` the instance must be released (actor killed, group removed) and the reconcile loop start
+    another."""
+    ray = _FakeRay(monkeypatch, hang=True)
+
+    async def scenario() -> tuple[int, int, list[str]]:
+        ctrl = _creating_controller(start_timeout_s=0.2)
+        await ctrl._reconcile(wait=False)
+        pending = list(ctrl._pending.values())
+        await asyncio.wait_for(asyncio.gather(*pending), 5.0)  # hung for good before the fix
+        n_failed = len(ray.actors)
+        ctrl._start_failures["mixed"] = (1, 0.0)  # the retry delay (its own test below) has passed
+        await ctrl._reconcile(wait=False)
+        started_again = len(ray.actors) + len(ctrl._pending) - n_failed
+        for t in list(ctrl._pending.values()):
+            t.cancel()
+        return n_failed, started_again, ray.removed
+
+    n_failed, started_again, removed = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert n_failed == 1 and ray.killed[:1] == ray.actors[:1]  # the hung actor itself killed
+    assert removed[:1] == ["mixed-1"]  # and its group removed
+    assert started_again == 1
+
+
+def test_starts_that_keep_failing_are_retried_with_a_growing_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start that fails at once (a bad model path, a backend that raises) was retried every reconcile round: a new
+    actor and placement group twice a second, for good. The pool's next start must wait, doubling per failure."""
+    import time
+
+    ray = _FakeRay(monkeypatch, hang=False)
+
+    async def scenario() -> int:
+        ctrl = _creating_controller(start_timeout_s=5.0)
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end:  # the Controller's loop reconciles every 0.5 s; faster here
+            await ctrl._reconcile(wait=False)
+            await asyncio.sleep(0.1)
+        for t in list(ctrl._pending.values()):
+            t.cancel()
+        return len(ray.actors)
+
+    created = asyncio.run(asyncio.wait_for(scenario(), 10))
+    # At 0 s and after 1 s (then 2 s more): not one per round (~25).
+    assert 2 <= created <= 3, created
+
+
+def test_an_adopted_instance_whose_start_hangs_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restarted Controller starts the instances it adopted (``_start_adopted``); a start that hangs there held the
+    instance as "starting" for good (its failing snapshots are no verdict while it starts): never replaced."""
+    from scheduler.control.controller import Member
+    from tests.test_controller_audit import FakeInstance, _info
+
+    ray = _FakeRay(monkeypatch, hang=True)
+
+    async def scenario() -> tuple[list[str], set[str]]:
+        ctrl = _creating_controller(start_timeout_s=0.2)
+        actor = _FakeActor(hang=True)
+        ctrl._members["mixed-0"] = Member(actor, _info(FakeInstance("mixed-0"), "mixed"))  # type: ignore[arg-type]
+        await asyncio.wait_for(ctrl._start_adopted("mixed-0"), 5.0)
+        return [a is actor for a in ray.killed], ctrl._starting
+
+    killed, starting = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert killed == [True] and ray.removed == ["mixed-0"]
+    assert not starting
+
+
+def test_start_timeout_is_validated_and_defaults_above_vllms_own() -> None:
+    """A guard of the new knob: refused below 5 s (naming it); by default above vLLM's engine-ready wait (600 s)."""
+    from scheduler.config.models import ClusterConfig
+    from tests.test_control_plane import GPUS, MODEL
+
+    with pytest.raises(ValueError, match=r"pools\.0\.start_timeout_s"):
+        ClusterConfig.model_validate(
+            {"gpus": GPUS, "model": MODEL, "pools": [{"name": "m", "gpu": "a100", "start_timeout_s": 0}]}
+        )
+    cfg = ClusterConfig.model_validate(
+        {"gpus": GPUS, "model": MODEL, "pools": [{"name": "m", "gpu": "a100"}]}
+    )
+    assert cfg.pools[0].start_timeout_s > 600

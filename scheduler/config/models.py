@@ -155,6 +155,13 @@ class PoolSpec(_Strict):
                     "for this long, or whose snapshots time out this long, is hung: routed around, released (its "
                     "requests re-prefilled elsewhere) and replaced",
     )
+    # Above vLLM's own engine-ready wait (VLLM_ENGINE_READY_TIMEOUT_S, 600 s), whose error names the cause; CPU vLLM
+    # starts in tens of seconds.
+    start_timeout_s: float = Field(
+        default=900.0, ge=5.0,
+        description="an instance whose engine has not started after this long is released (actor and placement "
+                    "group) and another one started, with a growing delay while starts keep failing",
+    )
 
     @field_validator("role", mode="before")
     @classmethod

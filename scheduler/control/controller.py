@@ -76,6 +76,11 @@ MAX_POOL_SIZE = 1024
 # An instance whose snapshots fail this long is out of service: routed around by the ingresses while they time out,
 # released (so replaced) by the Controller when they fail with an error -- its actor lives, its engine does not.
 UNHEALTHY_AFTER_S = 10.0
+# After an instance of a pool failed to start (its start raised or outlasted ``pools[].start_timeout_s``), the next
+# start in that pool waits this long, doubling with each failure in a row up to the max: a start that fails at once
+# (a bad model path) would otherwise place a new actor and group every reconcile round (0.5 s), for good.
+START_RETRY_S = 1.0
+START_RETRY_MAX_S = 120.0
 # The roles that serve each phase.
 _PREFILLS = frozenset({InstanceRole.PREFILL, InstanceRole.MIXED})
 _DECODES = frozenset({InstanceRole.DECODE, InstanceRole.MIXED})
@@ -144,6 +149,8 @@ class Controller:
         self._adopted: list[str] = []  # adopted in __init__, to be started (see _start_adopted)
         self._starting: set[str] = set()  # adopted instances being started: "not started" is no engine failure
         self._failing: dict[str, float] = {}  # instance -> monotonic time of its first failed snapshot in a row
+        # pool -> (failed starts in a row, monotonic time before which none is started): see START_RETRY_S
+        self._start_failures: dict[str, tuple[int, float]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
         self.started_s = time.time()
@@ -220,9 +227,13 @@ class Controller:
             return
         self._starting.add(iid)
         try:
-            info = await m.handle.start.remote()
+            # Bounded: a start that hangs kept the pool one instance short for good (its snapshots are no verdict
+            # while it starts).
+            timeout_s = self._pools[m.info.pool].start_timeout_s
+            info = await asyncio.wait_for(_await(m.handle.start.remote()), timeout_s)
         except Exception as e:  # noqa: BLE001 - dead, or its engine cannot start: replaced either way
             log.warning("adopted instance %s did not start (%s); replacing it", iid, type(e).__name__)
+            self._start_failed(m.info.pool)
             await self._replace(iid)
             return
         finally:
@@ -746,6 +757,8 @@ class Controller:
                     key=lambda i: _index_of(i) or 0,
                 )
                 want = self._desired.get(pool.name, pool.count)
+                if time.monotonic() < self._start_failures.get(pool.name, (0, 0.0))[1]:
+                    want = min(want, len(have))  # backing off after failed starts; extras still go below
                 for _ in range(want - len(have)):
                     iid = f"{pool.name}-{self._next_index[pool.name]}"
                     self._next_index[pool.name] += 1
@@ -787,19 +800,36 @@ class Controller:
                 .remote(iid, pool, self.config.model, self.config.gpus[pool.gpu],
                         backend_kwargs=self._backend_kwargs.get(pool.backend))
             )
-            info = await handle.start.remote()
+            # Bounded: an engine that hangs at start (a stuck model load, a worker that never joins) held its pool
+            # one instance short for good -- nothing else ever looked at an instance still starting.
+            info = await asyncio.wait_for(_await(handle.start.remote()), pool.start_timeout_s)
             self._members[iid] = Member(handle, info)
+            self._start_failures.pop(pool.name, None)
             log.info("instance %s up on node %s (bundles on %s)", iid, info.node_id[:8], bundle_nodes(pg))
         except asyncio.CancelledError:  # a scale-down called it off: nothing of it left behind
             if handle is not None:
                 ray.kill(handle, no_restart=True)
             remove_instance_pg(self.cluster, iid)
             raise
-        except Exception:
-            log.exception("creating instance %s failed", iid)
+        except Exception as e:
+            if isinstance(e, TimeoutError):
+                t_s = pool.start_timeout_s
+                log.error("instance %s did not start in %.0fs (start_timeout_s); releasing it", iid, t_s)
+            else:
+                log.exception("creating instance %s failed", iid)
+            self._start_failed(pool.name)
+            if handle is not None:  # its actor too, not only its group: a hung one would hold its memory
+                ray.kill(handle, no_restart=True)
             remove_instance_pg(self.cluster, iid)
         finally:
             self._pending.pop(iid, None)
+
+    def _start_failed(self, pool: str) -> None:
+        """An instance of ``pool`` did not start: its replacement waits ``START_RETRY_S``, doubling per failure."""
+        n = self._start_failures.get(pool, (0, 0.0))[0] + 1
+        delay = min(START_RETRY_S * 2 ** (n - 1), START_RETRY_MAX_S)
+        self._start_failures[pool] = (n, time.monotonic() + delay)
+        log.warning("pool %s: %d instance start(s) failed in a row; next start in %.0fs", pool, n, delay)
 
     async def _release(self, iid: str) -> bool:
         m = self._members.pop(iid, None)
