@@ -299,3 +299,74 @@ def test_start_timeout_is_validated_and_defaults_above_vllms_own() -> None:
         {"gpus": GPUS, "model": MODEL, "pools": [{"name": "m", "gpu": "a100"}]}
     )
     assert cfg.pools[0].start_timeout_s > 600
+
+
+# ---- 3: an admin Drain of a blocked instance -------------------------------------------------------------------------
+def test_an_admin_drain_of_a_blocked_instance_answers_unavailable_and_keeps_the_drain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``Controller.set_draining`` (Admin DrainInstance) awaited the instance's ``set_draining`` with no deadline: a
+    blocked actor (a hung engine holding its event loop) hung the admin call for good. It must answer UNAVAILABLE
+    naming the instance, with the operator's drain still recorded (a retry delivers it)."""
+    import scheduler.control.controller as c
+    from scheduler.control.api import Unavailable
+    from scheduler.server.grpc_server import status_for
+    from tests.test_controller_audit import FakeInstance, _controller
+
+    class Blocked(FakeInstance):
+        async def _set_draining(self, flag: bool) -> None:
+            await asyncio.Event().wait()
+
+    monkeypatch.setattr(c, "ADMIN_CALL_TIMEOUT_S", 0.2, raising=False)
+    ctrl = _controller([FakeInstance("mixed-0"), Blocked("mixed-1")], {"mixed": 2})
+
+    async def scenario() -> BaseException | None:
+        try:
+            await asyncio.wait_for(
+                ctrl.set_draining("mixed-1", True), 5.0
+            )  # TimeoutError here before the fix
+        except Unavailable as e:
+            return e
+        return None
+
+    err = asyncio.run(scenario())
+    assert err is not None and "mixed-1" in str(err)
+    assert status_for(err)[0].name == "UNAVAILABLE"
+    assert ctrl._operator_drained == {"mixed-1"}
+
+
+def test_the_ingress_passes_on_the_controllers_own_admin_error() -> None:
+    """Over Ray the Controller's ``Unavailable`` arrives as a ``RayTaskError(Unavailable)``, whose text is the remote
+    traceback; the ingress re-raised it as is, so the admin's UNAVAILABLE carried a stack dump as its message. The
+    Controller's own error must reach the client as it is (a guard of the fix above: the Controller never answered
+    before it)."""
+    from ray.exceptions import RayTaskError
+
+    from scheduler.control.api import Unavailable
+    from scheduler.control.ingress import Ingress
+    from scheduler.server.grpc_server import status_for
+
+    class Ctrl:
+        class set_draining:  # a Ray method's look-alike
+            @staticmethod
+            def remote(*_: Any) -> Any:
+                async def fail() -> None:
+                    cause = Unavailable("instance_id: mixed-1 did not answer", field="instance_id")
+                    tb = "Traceback (most recent call last):\n  ...\nUnavailable: instance_id: mixed-1 did not answer"
+                    raise RayTaskError("set_draining", tb, cause).as_instanceof_cause()
+
+                return fail()
+
+    ing = Ingress.__new__(Ingress)
+    ing.controller = Ctrl()
+
+    async def scenario() -> BaseException:
+        try:
+            await ing._admin("set_draining", "mixed-1", True)
+        except Exception as e:  # noqa: BLE001 - what the server maps to a status
+            return e
+        raise AssertionError("no error")
+
+    err = asyncio.run(scenario())
+    code, message, _ = status_for(err)
+    assert (code.name, message) == ("UNAVAILABLE", "instance_id: mixed-1 did not answer")

@@ -39,6 +39,7 @@ import ray
 from ray.actor import ActorHandle
 
 from scheduler.config.models import ClusterConfig, PoolSpec
+from scheduler.control.api import Unavailable
 from scheduler.control.instance import Instance, InstanceInfo
 from scheduler.control.placement import (
     InstancePlacement,
@@ -81,6 +82,9 @@ UNHEALTHY_AFTER_S = 10.0
 # (a bad model path) would otherwise place a new actor and group every reconcile round (0.5 s), for good.
 START_RETRY_S = 1.0
 START_RETRY_MAX_S = 120.0
+# How long an admin call waits for an instance's answer (``set_draining``): the operator gets UNAVAILABLE naming the
+# instance instead of a call that never returns.
+ADMIN_CALL_TIMEOUT_S = 5.0
 # The roles that serve each phase.
 _PREFILLS = frozenset({InstanceRole.PREFILL, InstanceRole.MIXED})
 _DECODES = frozenset({InstanceRole.DECODE, InstanceRole.MIXED})
@@ -940,7 +944,17 @@ class Controller:
             # Serving again also ends a scale-down drain of it: it must not be released at that drain's deadline.
             if self._draining.pop(instance_id, None) is not None:
                 self._save_draining()
-        await m.handle.set_draining.remote(draining)
+        try:
+            # Bounded: a blocked actor (a hung engine holding its event loop) held the admin's Drain for good.
+            await asyncio.wait_for(_await(m.handle.set_draining.remote(draining)), ADMIN_CALL_TIMEOUT_S)
+        except (TimeoutError, ray.exceptions.RayActorError) as e:
+            # The intent recorded above stays (the scaling loop keeps off the instance; a watchdog or death replaces
+            # a blocked one); the instance may not have it yet: a retry sends it again.
+            raise Unavailable(
+                f"instance_id: {instance_id} did not answer set_draining({draining}) in "
+                f"{ADMIN_CALL_TIMEOUT_S:.0f}s ({type(e).__name__}); recorded, retry to deliver it",
+                field="instance_id",
+            ) from None
         return True
 
     async def release(self, instance_id: str, *, replace: bool = False) -> bool:

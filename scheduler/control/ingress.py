@@ -42,6 +42,7 @@ from scheduler.config.models import ClusterConfig
 from scheduler.control.api import (
     ClusterState,
     GenerateRequest,
+    IngressError,
     InvalidRequest,
     MigrationResult,
     NotFound,
@@ -1236,6 +1237,8 @@ class Ingress:
         except RayTaskError as e:
             if isinstance(e.cause, ValueError):
                 raise InvalidRequest(str(e.cause), field=str(e.cause).split(":", 1)[0]) from None
+            if isinstance(e.cause, IngressError):  # the Controller's own answer (an instance that did not answer)
+                raise e.cause from None
             raise
 
     async def scale(self, pool: str, count: int) -> int:
