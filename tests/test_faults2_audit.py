@@ -370,3 +370,45 @@ def test_the_ingress_passes_on_the_controllers_own_admin_error() -> None:
     err = asyncio.run(scenario())
     code, message, _ = status_for(err)
     assert (code.name, message) == ("UNAVAILABLE", "instance_id: mixed-1 did not answer")
+
+
+# ---- 4: a Cancel that meets a failed engine --------------------------------------------------------------------------
+def test_a_cancel_that_meets_a_failed_engine_still_stops_the_other_copy() -> None:
+    """Admin Cancel of a request another replica serves aborts it on every instance the Controller's registry names
+    (a P->D pair during a handoff). ``_abort_bounded`` caught a timeout and a dead actor, not an abort that raised on
+    a live actor whose engine failed (vLLM's ``abort`` raises ``EngineDeadError`` then: a ``RayTaskError``): the
+    Cancel answered INTERNAL, though the other instance's abort had run. A failed engine holds nothing to stop."""
+    from ray.exceptions import RayTaskError
+
+    from scheduler.control.controller import Member
+    from scheduler.control.ingress import Ingress
+    from scheduler.control.registry import RegistryEntry, RequestRegistry
+    from scheduler.core.types import Phase
+    from tests.test_controller_audit import FakeInstance, _info
+
+    aborted: list[str] = []
+
+    class Engine(FakeInstance):
+        def __init__(self, iid: str, dead: bool) -> None:
+            super().__init__(iid)
+            self.dead = dead
+
+        async def _abort(self, rid: str) -> bool:
+            if self.dead:
+                raise RayTaskError("abort", "", RuntimeError("EngineDeadError")).as_instanceof_cause()
+            aborted.append(self.iid)
+            return True
+
+    class Ctrl(FakeInstance):
+        async def _lookup(self, rid: str) -> RegistryEntry:
+            return RegistryEntry(rid, "other", ("prefill-0", "decode-0"), 1, Phase.TRANSFER)
+
+    ing = Ingress.__new__(Ingress)
+    ing._tasks, ing.registry, ing.controller = [object()], RequestRegistry(), Ctrl("controller")
+    ing._members = {
+        iid: Member(Engine(iid, dead), _info(FakeInstance(iid), iid.split("-")[0]))  # type: ignore[arg-type]
+        for iid, dead in (("prefill-0", True), ("decode-0", False))
+    }
+
+    assert asyncio.run(ing.cancel("r")) is True  # raised RayTaskError (INTERNAL) before
+    assert aborted == ["decode-0"]

@@ -1027,13 +1027,15 @@ class Ingress:
 
     async def _abort_bounded(self, iid: str, request_id: str) -> bool:
         """``abort`` on ``iid``, for an admin Cancel: a dead instance holds nothing to stop (the others still need
-        the abort), and one that does not answer must not hang the caller -- it had no deadline."""
+        the abort), nor does one whose engine failed (vLLM's abort raises ``EngineDeadError`` then: the Cancel was
+        INTERNAL), and one that does not answer must not hang the caller -- it had no deadline."""
         m = self._members.get(iid)
         if m is None:
             return False
         try:
             return bool(await asyncio.wait_for(_await(m.handle.abort.remote(request_id)), 2.0))
-        except (TimeoutError, *_DEAD):
+        except (TimeoutError, *_DEAD, *_FAILED) as e:
+            log.info("cancel of %s on %s: %s", request_id, iid, type(e).__name__)
             return False
 
     async def cluster_state(self) -> ClusterState:
