@@ -91,6 +91,34 @@ def test_a_stream_whose_engine_fails_continues_elsewhere() -> None:
     assert len({c.instance_id for c in out if c.token_ids}) == 2
 
 
+def test_recovering_from_engine_failures_is_bounded_by_max_recoveries() -> None:
+    """A guard of the recovery above: a request whose engines keep failing under it (it may be what kills them) is
+    re-run at most ``max_recoveries`` times, as a request whose instances keep dying; then UNAVAILABLE."""
+    from scheduler.control.api import Unavailable
+
+    async def scenario() -> BaseException | None:
+        insts, ing = await _cluster("engine-fails-bound", 2, 1.0, max_recoveries=0)
+        out: list[TokenChunk] = []
+        try:
+            req = GenerateRequest(
+                "eb", prompt="hello", sampling=SamplingParams(max_tokens=60, ignore_eos=True)
+            )
+            task = asyncio.create_task(_consume(ing, req, out))
+            while sum(len(c.token_ids) for c in out) < 5:
+                await asyncio.sleep(0.005)
+            _crash_after(insts[ing.registry.get("eb").instances[0]], 1)
+            try:
+                await asyncio.wait_for(task, 20)
+            except Unavailable as e:
+                return e
+            return None
+        finally:
+            await _teardown(insts, ing)
+
+    err = asyncio.run(asyncio.wait_for(scenario(), 40))
+    assert err is not None and "lost its instance" in str(err)
+
+
 class _RaisingBackend:
     """A backend whose stream raises mid-way (as vLLM's output handler raises ``EngineDeadError`` into every stream
     of a dead engine core, or a request-level error into one), with ``stats`` failing or not."""
