@@ -440,3 +440,36 @@ def test_a_cancel_that_meets_a_failed_engine_still_stops_the_other_copy() -> Non
 
     assert asyncio.run(ing.cancel("r")) is True  # raised RayTaskError (INTERNAL) before
     assert aborted == ["decode-0"]
+
+
+# ---- 5: the Controller's view of a failed engine ---------------------------------------------------------------------
+def test_the_controllers_view_marks_a_failed_engine_unhealthy_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An instance whose snapshot raised (its engine failed: it cannot report its load) stayed healthy in the
+    Controller's view for ``UNHEALTHY_AFTER_S`` (10 s) -- capacity to the scaling policy, a destination to the
+    migration policy -- while every ingress took it out at once. An error is a verdict at once; a slow answer is not."""
+    from ray.exceptions import RayTaskError
+
+    from tests.test_controller_audit import FakeInstance, _controller
+
+    ctrl = _controller([FakeInstance("mixed-0"), FakeInstance("mixed-1")], {"mixed": 2})
+    real, failing = FakeInstance._snapshot, [False]
+
+    async def snapshot(self: Any) -> Any:
+        if failing[0] and self.iid == "mixed-0":
+            raise RayTaskError("snapshot", "", RuntimeError("engine failed: RuntimeError: device fault"))
+        if failing[0] and self.iid == "mixed-1":
+            raise TimeoutError
+        return await real(self)
+
+    monkeypatch.setattr(FakeInstance, "_snapshot", snapshot)
+
+    async def scenario() -> dict[str, bool]:
+        await ctrl._refresh()
+        failing[0] = True
+        await ctrl._refresh()
+        return {s.instance_id: s.healthy for s in (await ctrl.view()).instances}
+
+    assert asyncio.run(scenario()) == {"mixed-0": False, "mixed-1": True}
+    assert not ctrl.killed  # type: ignore[attr-defined]  # released only once it lasts UNHEALTHY_AFTER_S

@@ -306,9 +306,11 @@ class Controller:
                 continue
             silent_s = now - self._failing.setdefault(iid, now)
             snap = self._snapshots.get(iid)
-            if silent_s > UNHEALTHY_AFTER_S and snap is not None and snap.healthy:
+            failed = isinstance(res, ray.exceptions.RayTaskError)
+            if (failed or silent_s > UNHEALTHY_AFTER_S) and snap is not None and snap.healthy:
                 # Silent that long: neither capacity to the scaling policy nor a migration destination (it stood as
-                # healthy for good; the ingresses already route around it).
+                # healthy for good; the ingresses already route around it). An error is a verdict at once, as the
+                # ingresses take it (its engine failed): it stood as healthy capacity and destination for 10 s.
                 self._snapshots[iid] = dataclasses.replace(snap, healthy=False)
             if silent_s > UNHEALTHY_AFTER_S and isinstance(res, ray.exceptions.RayTaskError):
                 # It answers, but cannot report its load: its engine failed (vLLM's EngineDeadError, the simulated
