@@ -473,3 +473,60 @@ def test_the_controllers_view_marks_a_failed_engine_unhealthy_at_once(
 
     assert asyncio.run(scenario()) == {"mixed-0": False, "mixed-1": True}
     assert not ctrl.killed  # type: ignore[attr-defined]  # released only once it lasts UNHEALTHY_AFTER_S
+
+
+# ---- 6: a P->D decode submit whose KV source failed --------------------------------------------------------------------
+def test_a_decode_whose_kv_export_failed_recomputes_the_prompt_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefill instance's engine fails after token 0, while it exports the prompt KV: Ray then raises the
+    export's error from the decode instance's ``submit`` (its ObjectRef argument failed; checked against Ray: a
+    ``RayTaskError(RuntimeError)`` from ``B.submit`` carrying the export's cause). Taken for the decode instance's
+    own failure, the healthy decode instance was left out of the recovery's route: with one decode instance the
+    request failed UNAVAILABLE. The decode side must recompute the prompt without the KV, as when the source died."""
+    from ray.exceptions import RayTaskError
+
+    import tests.test_chaos as chaos
+    from bench.loadgen import cluster_config
+    from scheduler.control.controller import Member
+    from scheduler.control.ingress import Ingress
+    from scheduler.control.instance import Instance
+
+    class RayMethod(chaos._Method):  # a failed ObjectRef argument fails the call, as Ray fails it
+        async def _call(self, *args: Any, **kw: Any) -> Any:
+            try:
+                args = tuple([await a if isinstance(a, asyncio.Future) else a for a in args])
+            except Exception as e:  # noqa: BLE001 - re-raised as Ray would
+                raise RayTaskError("Instance.submit", "", e).as_instanceof_cause() from None
+            return await self.fn(*args, **kw)
+
+    monkeypatch.setattr(chaos, "_Method", RayMethod)
+    cfg = cluster_config("pd-export-fails", mixed=0, prefill=1, decode=1)
+
+    async def scenario() -> list[TokenChunk]:
+        insts = {}
+        for pool in cfg.pools:
+            iid = f"{pool.name}-0"
+            insts[iid] = Instance(
+                iid, pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 0.0}
+            )
+        members = {iid: Member(chaos._Handle(i), await i.start()) for iid, i in insts.items()}
+
+        async def export_fails(*_: Any) -> Any:
+            raise RuntimeError("EngineDeadError: EngineCore encountered an issue")
+
+        insts["prefill-0"].export_kv = export_fails  # type: ignore[method-assign]
+        ing = Ingress(cfg, chaos._Handle(chaos._Controller(members)), refresh_s=0.01)
+        await ing.start()
+        out: list[TokenChunk] = []
+        try:
+            req = GenerateRequest(
+                "pdx", prompt="hello there", sampling=SamplingParams(max_tokens=8, ignore_eos=True)
+            )
+            await asyncio.wait_for(_consume(ing, req, out), 20)
+            return out
+        finally:
+            await _teardown(insts, ing)
+
+    out = asyncio.run(asyncio.wait_for(scenario(), 40))
+    assert out[-1].finish_reason == "length"
+    assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(8))
+    assert {c.instance_id for c in out if c.index > 0 and c.token_ids} == {"decode-0"}

@@ -917,7 +917,10 @@ class Ingress:
         try:
             sub = await handle.submit.remote(ereq, kv_ref, **rec.guess())
         except RayTaskError as e:
-            if not _is_lost(e):
+            # Ray raises the KV source's own error here when its export failed (its engine failed after token 0):
+            # not this instance's fault. Taken for one (EngineFailed), the healthy decode instance was left out of the
+            # recovery's route -- with one decode instance, the request failed UNAVAILABLE.
+            if not _is_lost(e) and not await _failed(kv_ref):
                 raise
             return await handle.submit.remote(ereq, None, **rec.guess())
         if sub.rejected is not None and sub.rejected.startswith("kv"):
@@ -1335,6 +1338,15 @@ def _numbered(iid: str) -> tuple[str | int, ...]:
     """Sort key reading the numbers in an instance id as numbers (``re.split`` alternates text and digits, so
     two keys compare position by position like with like)."""
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", iid))
+
+
+async def _failed(ref: Any) -> bool:
+    """Whether the task behind ``ref`` failed (fetches its value otherwise: only on a submit's error path)."""
+    try:
+        await ref
+    except Exception:  # noqa: BLE001 - any error of the task is the answer
+        return True
+    return False
 
 
 def _is_lost(e: RayTaskError) -> bool:
