@@ -276,8 +276,8 @@ def test_a_migration_to_a_given_destination_is_counted_there_from_its_commit_in_
         seen: list[Any] = []
         switch = ing._switch
 
-        def on_commit(r: Any, destination: str) -> None:
-            switch(r, destination)
+        def on_commit(r: Any, destination: str, *a: Any) -> None:
+            switch(r, destination, *a)
             seen.append(_landing(ing.view().by_id("mixed-1")))
 
         ing._switch = on_commit  # type: ignore[method-assign]

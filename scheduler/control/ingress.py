@@ -65,7 +65,7 @@ from scheduler.core.types import (
 )
 from scheduler.engine.base import EngineRequest, TokenChunk
 from scheduler.engine.simulated_backend import ByteTokenizer
-from scheduler.policy.filters import decode_candidates, prefill_candidates
+from scheduler.policy.filters import decode_candidates, is_accepting, prefill_candidates
 from scheduler.policy.route import RouteDecision, Router, make_router, router_takes
 from scheduler.predict.serving import ServingPredictor, serving_predictor
 from scheduler.telemetry.metrics import NULL_RECORDER, Recorder
@@ -258,6 +258,7 @@ class Ingress:
         # simulator's ``incoming``). Without it a refresh dropped them and a burst piled onto one decoder.
         self._incoming: dict[str, int] = {}
         self._expected: dict[str, str] = {}  # request id -> the decode instance it is on its way to
+        self._bookings_taken = 0  # refreshes that took the bookings above (their snapshots show them)
         self._view: ClusterView = ClusterView(0.0, ())
         # instance -> (its snapshot in _view, (routed + incoming, incoming, routed prompt tokens) counts, the snapshot view() adds them to)
         self._adjusted: dict[str, tuple[InstanceSnapshot, tuple[int, int, int, int], InstanceSnapshot]] = {}
@@ -364,6 +365,7 @@ class Ingress:
         # Only what was routed before the snapshots were asked for is in them: requests routed while they are in
         # flight stay counted (clearing all of _pending after the await dropped a burst from the view).
         taken, taken_prompt, taken_compute = dict(self._pending), dict(self._pending_prompt), dict(self._pending_compute)
+        self._bookings_taken += 1  # bookings made before this point are the snapshots' to show from now on
         results = await asyncio.gather(
             *(asyncio.wait_for(self._call(iid, m.handle, "snapshot"), 1.0) for iid, m in items),
             return_exceptions=True,
@@ -1078,15 +1080,16 @@ class Ingress:
             return MigrationResult(request_id, src, destination or "", False, "already migrating", started=False)
         if rec.phase is not Phase.DECODE or len(rec.instances) != 1:
             return MigrationResult(request_id, src, destination or "", False, f"request is in phase {rec.phase.name}", started=False)
+        picked_at: int | None = None  # the booking generation of a destination this ingress picked and booked
         if destination is None:
             try:
-                _, d = self._decide(rec, exclude=frozenset({src}), accepted=True)
+                destination = self._migration_destination(rec, src)
             except (Overloaded, Unavailable) as e:
                 return MigrationResult(request_id, src, "", False, f"no destination: {e}", started=False)
-            destination = d.decode_instance or d.prefill_instance
-            # Booked where the request goes (a drain's next picks spread out), not as a prefill on the pair's
-            # prefill instance, and not with the router: nothing is prefilled anywhere.
-            self._pending[destination] = self._pending.get(destination, 0) + 1
+            # Booked at the pick, as the commit books it (a drain's concurrent picks spread out); the commit books it
+            # again only if a refresh has taken this booking meanwhile (booked twice, it counted one extra request).
+            self._book_landing(rec, destination)
+            picked_at = self._bookings_taken
         if destination == src:
             return MigrationResult(request_id, src, destination, False, "destination is the source", started=False)
         if destination not in self._members:
@@ -1105,7 +1108,7 @@ class Ingress:
                     m, _RaySource(self._handle(src), request_id),
                     _RayDestination(self._handle(destination), request_id, rec, self._template(rec),
                                     preadmit=cfg.preadmit),
-                    on_committed=lambda: self._switch(rec, destination),
+                    on_committed=lambda: self._switch(rec, destination, picked_at),
                 )
         finally:
             self._migrating.pop(request_id, None)
@@ -1134,8 +1137,41 @@ class Ingress:
         request; the destination subtracts the outputs so far), stop conditions, priority."""
         return EngineRequest(rec.request_id, (), rec.sampling, priority=rec.priority)
 
-    def _switch(self, rec: RequestRecord, destination: str) -> None:
-        """Commit point: the destination runs the request; follow it there once the source's stream ends."""
+    def _migration_destination(self, rec: RequestRecord, src: str) -> str:
+        """Where ``rec`` moves off ``src`` when no destination is given: the router's decode pick over the view less
+        ``src`` when it names an accepting instance that decodes, else the least outstanding of ``decode_candidates``.
+        Never a PREFILL instance (the router may name one: a prefill named alone, a Splitwise borrow): it would decode
+        the request in full, where the simulator's migration policy only moves requests to instances that decode.
+
+        Raises:
+            Unavailable: no accepting DECODE or MIXED instance other than ``src``.
+            Overloaded: the router refuses the request.
+        """
+        view = self.view()
+        view = ClusterView(view.time_s, tuple(s for s in view.instances if s.instance_id != src))
+        decoders = {s.instance_id for s in view.instances if s.role.does_decode and is_accepting(s)}
+        if not decoders:
+            raise Unavailable(f"destination: no accepting DECODE or MIXED instance other than the source {src!r}",
+                              field="destination")
+        try:
+            _, d = self._decide(rec, exclude=frozenset({src}), accepted=True)
+        except Unavailable:  # no instance to prefill on (all PREFILL ones draining): irrelevant to a migration
+            d = None
+        if d is not None and (d.decode_instance or d.prefill_instance) in decoders:
+            return d.decode_instance or d.prefill_instance
+        return min(decode_candidates(view), key=lambda s: s.num_running + s.num_waiting).instance_id
+
+    def _book_landing(self, rec: RequestRecord, destination: str) -> None:
+        """Count ``rec`` on ``destination`` until a refresh shows it there, as the simulator queues a migrated
+        request at its commit: waiting with its context, all but its last token loaded."""
+        n = len(rec.prompt_token_ids) + rec.next_index
+        self._pending[destination] = self._pending.get(destination, 0) + 1
+        self._pending_prompt[destination] = self._pending_prompt.get(destination, 0) + n
+        self._pending_compute[destination] = self._pending_compute.get(destination, 0) + 1
+
+    def _switch(self, rec: RequestRecord, destination: str, picked_at: int | None = None) -> None:
+        """Commit point: the destination runs the request; follow it there once the source's stream ends.
+        ``picked_at``: the booking generation at which this ingress picked and booked ``destination`` itself."""
         if rec.cancelled or self.registry.get(rec.request_id) is not rec:
             # The client left, or the stream already ended (a cancel through another replica aborted the
             # paused source during the stop-and-copy): do not leave a copy running. (No registry touch either:
@@ -1144,13 +1180,11 @@ class Ingress:
             return
         rec.moving_to, rec.move_kv = destination, _ADMITTED
         self.registry.touch(rec.request_id)
-        # Counted there from now, as the simulator queues it at its commit: waiting with its context, all but its
-        # last token loaded. Its snapshots show it from the next refresh; without this a destination given by the
-        # Controller's plans read idle until then (one the ingress picked itself is also booked at the pick).
-        n = len(rec.prompt_token_ids) + rec.next_index
-        self._pending[destination] = self._pending.get(destination, 0) + 1
-        self._pending_prompt[destination] = self._pending_prompt.get(destination, 0) + n
-        self._pending_compute[destination] = self._pending_compute.get(destination, 0) + 1
+        # Counted there from now (its snapshots show it from the next refresh; without this a destination given by
+        # the Controller's plans read idle until then) -- unless the pick's booking is still counted: no refresh
+        # has taken it since.
+        if picked_at is None or picked_at != self._bookings_taken:
+            self._book_landing(rec, destination)
 
     async def _take_plans(self) -> None:
         """Execute the Controller's migration plans for requests this replica serves (its policy loop runs on

@@ -1,0 +1,124 @@
+"""Regressions from an audit of the live ingress's migration and recovery paths (no Ray: the fake actor handles of
+``tests/test_ingress_audit.py``, and real ``Instance`` objects over the simulated backend for engine failures).
+Each test failed before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from scheduler.core.types import ClusterView, InstanceRole
+from scheduler.engine.base import SamplingParams
+from scheduler.policy.route import RouteDecision, Router
+from tests.test_ingress_audit import FakeInstance, _ingress
+
+
+class _Borrow(Router):
+    """Answers as the pairing routers' Splitwise borrow does: a PREFILL instance named as both prefill and decode."""
+
+    name = "borrow"
+
+    def route(self, request: Any, view: ClusterView) -> Any:
+        return RouteDecision("prefill-0", "prefill-0")
+
+
+def _decoding(ing: Any, src: FakeInstance, rid: str = "r", outputs: int = 5, max_tokens: int = 400) -> Any:
+    """A request in its decode phase on ``src``, registered on ``ing`` and running on the fake."""
+    from scheduler.control.registry import Phase, RequestRecord
+
+    rec = RequestRecord(rid, tuple(range(1, 21)), SamplingParams(max_tokens=max_tokens), instances=(src.iid,),
+                        output_token_ids=[7] * outputs, phase=Phase.DECODE)
+    ing.registry.add(rec)
+    src.streams[rid] = {"next": outputs, "left": max_tokens - outputs, "paused": False, "done": False,
+                        "ev": asyncio.Event()}
+    return rec
+
+
+# ---- 1: a destination the ingress picks itself is never a PREFILL instance --------------------------------------
+def test_a_picked_migration_destination_is_an_instance_that_decodes() -> None:
+    """``migrate`` without a destination (and so every drain) took the router's answer for a new request: a PREFILL
+    instance when the router named one (a Splitwise borrow), which then decoded the request in full. The simulator's
+    migration policy only moves requests to instances that decode: the idle DECODE instance is the one."""
+
+    async def scenario() -> tuple[Any, FakeInstance]:
+        S = FakeInstance("mixed-0")
+        P = FakeInstance("prefill-0", InstanceRole.PREFILL)
+        D = FakeInstance("decode-0", InstanceRole.DECODE)
+        ing = _ingress([S, P, D], router=_Borrow())
+        _decoding(ing, S)
+        return await ing.migrate("r"), P
+
+    res, P = asyncio.run(scenario())
+    assert res.committed and res.destination == "decode-0", res
+    assert "r" not in P.streams
+
+
+def test_no_instance_that_decodes_is_no_destination_not_a_prefill_instance() -> None:
+    """With no other instance that decodes, the request stays where it is, and the reason says why (it was moved to
+    the PREFILL instance the router named)."""
+
+    async def scenario() -> Any:
+        S = FakeInstance("mixed-0")
+        P = FakeInstance("prefill-0", InstanceRole.PREFILL)
+        ing = _ingress([S, P], router=_Borrow())
+        _decoding(ing, S)
+        return await ing.migrate("r")
+
+    res = asyncio.run(scenario())
+    assert not res.committed and not res.started, res
+    assert "destination" in res.reason and "DECODE or MIXED" in res.reason and "mixed-0" in res.reason, res.reason
+
+
+# ---- 2: a picked destination is booked once --------------------------------------------------------------------
+def test_a_picked_migration_destination_counts_the_request_once() -> None:
+    """The ingress booked a destination it picked at the pick and again at the commit: with no refresh in between,
+    the destination counted two waiting requests for one migrated request (and a drain's next picks avoided it)."""
+
+    async def scenario() -> tuple[int, int, int]:
+        S, D = FakeInstance("mixed-0"), FakeInstance("mixed-1")
+        ing = _ingress([S, D])
+        rec = _decoding(ing, S)
+        seen: list[tuple[int, int]] = []
+        switch = ing._switch
+
+        def on_commit(*a: Any) -> None:
+            switch(*a)
+            s = ing.view().by_id("mixed-1")
+            seen.append((s.num_waiting, s.prefill_tokens_pending))
+
+        ing._switch = on_commit  # type: ignore[method-assign]
+        res = await ing.migrate("r")
+        assert res.committed and res.destination == "mixed-1", res
+        return (*seen[0], len(rec.prompt_token_ids) + rec.next_index)
+
+    waiting, queued, context = asyncio.run(scenario())
+    assert (waiting, queued) == (1, context)
+
+
+def test_a_picked_destination_is_booked_again_at_the_commit_after_a_refresh_took_the_pick() -> None:
+    """The guard of the fix above: once a refresh took the pick's booking (the destination's snapshot does not show
+    the request before the commit), the commit books it, as for a given destination."""
+
+    async def scenario() -> int:
+        S, D = FakeInstance("mixed-0"), FakeInstance("mixed-1")
+        ing = _ingress([S, D])
+        _decoding(ing, S)
+        orig = D._migrate_reserve
+
+        async def reserve_then_refresh(*a: Any) -> Any:
+            await ing._refresh_view()  # the snapshots of a refresh between the pick and the commit
+            return await orig(*a)
+
+        D._migrate_reserve = reserve_then_refresh  # type: ignore[method-assign]
+        seen: list[int] = []
+        switch = ing._switch
+
+        def on_commit(*a: Any) -> None:
+            switch(*a)
+            seen.append(ing.view().by_id("mixed-1").num_waiting)
+
+        ing._switch = on_commit  # type: ignore[method-assign]
+        assert (await ing.migrate("r")).committed
+        return seen[0]
+
+    assert asyncio.run(scenario()) == 1
