@@ -7,10 +7,23 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from scheduler.core.types import ClusterView, InstanceRole
 from scheduler.engine.base import SamplingParams
 from scheduler.policy.route import RouteDecision, Router
 from tests.test_ingress_audit import FakeInstance, _ingress
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Instance`` objects in this process without starting a Ray node (``get_runtime_context`` would)."""
+    import ray
+
+    def no_runtime() -> Any:
+        raise RuntimeError("no Ray in this test")
+
+    monkeypatch.setattr(ray, "get_runtime_context", no_runtime)
 
 
 class _Borrow(Router):
@@ -26,11 +39,22 @@ def _decoding(ing: Any, src: FakeInstance, rid: str = "r", outputs: int = 5, max
     """A request in its decode phase on ``src``, registered on ``ing`` and running on the fake."""
     from scheduler.control.registry import Phase, RequestRecord
 
-    rec = RequestRecord(rid, tuple(range(1, 21)), SamplingParams(max_tokens=max_tokens), instances=(src.iid,),
-                        output_token_ids=[7] * outputs, phase=Phase.DECODE)
+    rec = RequestRecord(
+        rid,
+        tuple(range(1, 21)),
+        SamplingParams(max_tokens=max_tokens),
+        instances=(src.iid,),
+        output_token_ids=[7] * outputs,
+        phase=Phase.DECODE,
+    )
     ing.registry.add(rec)
-    src.streams[rid] = {"next": outputs, "left": max_tokens - outputs, "paused": False, "done": False,
-                        "ev": asyncio.Event()}
+    src.streams[rid] = {
+        "next": outputs,
+        "left": max_tokens - outputs,
+        "paused": False,
+        "done": False,
+        "ev": asyncio.Event(),
+    }
     return rec
 
 
@@ -66,7 +90,9 @@ def test_no_instance_that_decodes_is_no_destination_not_a_prefill_instance() -> 
 
     res = asyncio.run(scenario())
     assert not res.committed and not res.started, res
-    assert "destination" in res.reason and "DECODE or MIXED" in res.reason and "mixed-0" in res.reason, res.reason
+    assert "destination" in res.reason and "DECODE or MIXED" in res.reason and "mixed-0" in res.reason, (
+        res.reason
+    )
 
 
 # ---- 2: a picked destination is booked once --------------------------------------------------------------------
@@ -122,3 +148,104 @@ def test_a_picked_destination_is_booked_again_at_the_commit_after_a_refresh_took
         return seen[0]
 
     assert asyncio.run(scenario()) == 1
+
+
+# ---- 3: a query of death is quarantined, not recovered onto every engine ----------------------------------------
+class _FirstOnMixed0(Router):
+    """New requests on mixed-0 (co-located); recoveries (accepted) where ``least_outstanding`` puts them."""
+
+    name = "first_on_mixed0"
+
+    def __init__(self) -> None:
+        from scheduler.policy.route import make_router
+
+        self.base = make_router("least_outstanding")
+
+    def route(self, request: Any, view: ClusterView) -> Any:
+        return self.base.route(request, view) if request.accepted else RouteDecision("mixed-0")
+
+
+def _fails_while_decoding(inst: Any, rid: str) -> None:
+    """Make the instance's simulated engine raise on a step while ``rid`` decodes there (a request that crashes
+    the engine: a kernel fault on its input, say)."""
+    engine = inst._backend.engine
+    real = engine.step
+
+    def step(*a: Any, **kw: Any) -> Any:
+        if rid in engine.decoding:
+            raise RuntimeError(f"device fault ({rid})")
+        return real(*a, **kw)
+
+    engine.step = step
+
+
+def test_a_request_that_fails_every_engine_it_runs_on_is_quarantined_and_its_neighbour_survives(
+    no_ray: None,
+) -> None:
+    """A "query of death" was recovered up to ``max_recoveries`` times, then ended UNAVAILABLE, which the SDK
+    retries twice: one bad request could fail (max_recoveries + 1) x 3 engines. Here it failed all four engines,
+    the last of them under a request that had merely been co-located with it once, which then failed too. After
+    ``quarantine_after`` (3) engines it ends ``RequestFailed`` (gRPC INTERNAL: not retried) and fails no more; the
+    co-located request is recovered and completes."""
+    from scheduler.control.api import GenerateRequest, RequestFailed
+    from tests.test_faults2_audit import _cluster, _teardown
+    from tests.test_ingress_audit import _consume
+
+    async def scenario() -> tuple[BaseException | None, list[Any], int]:
+        insts, ing = await _cluster("qod", 4, 1.0, router=_FirstOnMixed0())
+        try:
+            for inst in insts.values():
+                _fails_while_decoding(inst, "qod")
+            victim: list[Any] = []
+            v = asyncio.create_task(
+                _consume(
+                    ing,
+                    GenerateRequest(
+                        "v", prompt="hello", sampling=SamplingParams(max_tokens=150, ignore_eos=True)
+                    ),
+                    victim,
+                )
+            )
+            while not victim:
+                await asyncio.sleep(0.005)
+            err: BaseException | None = None
+            try:
+                await asyncio.wait_for(
+                    _consume(
+                        ing,
+                        GenerateRequest(
+                            "qod", prompt="bad", sampling=SamplingParams(max_tokens=150, ignore_eos=True)
+                        ),
+                        [],
+                    ),
+                    20,
+                )
+            except Exception as e:  # noqa: BLE001 - the answer under test
+                err = e
+            await asyncio.gather(asyncio.wait_for(v, 30), return_exceptions=True)
+            return err, victim, ing.counters.get("quarantined", 0)
+        finally:
+            await _teardown(insts, ing)
+
+    err, victim, quarantined = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert isinstance(err, RequestFailed), repr(err)
+    assert "failed 3 engines" in str(err), str(err)
+    assert quarantined == 1
+    assert victim and victim[-1].finish_reason == "length", victim[-1:]
+    assert [c.index + k for c in victim for k in range(len(c.token_ids))] == list(range(150))
+
+
+def test_a_quarantined_request_is_a_final_status_the_sdk_does_not_retry() -> None:
+    """The quarantine's answer is gRPC INTERNAL with its message (UNAVAILABLE is what the SDK retries), HTTP 500."""
+    import grpc
+
+    from scheduler.client._common import RETRYABLE
+    from scheduler.control.api import RequestFailed
+    from scheduler.server.grpc_server import status_for
+    from scheduler.server.http_server import http_error_for
+
+    err = RequestFailed("request q failed 3 engines it ran on (a, b, c): not recovered or retried further")
+    code, message, _ = status_for(err)
+    assert code is grpc.StatusCode.INTERNAL and code not in RETRYABLE
+    assert "failed 3 engines" in message
+    assert http_error_for(err).status == 500

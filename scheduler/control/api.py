@@ -44,6 +44,10 @@ class Unavailable(IngressError):  # -> UNAVAILABLE / HTTP 503
     pass
 
 
+class RequestFailed(IngressError):  # -> INTERNAL / HTTP 500: final, the SDK does not retry it
+    """The request itself is the likely fault (a "query of death": engines failed while it ran on them)."""
+
+
 @dataclass(frozen=True, slots=True)
 class GenerateRequest:
     request_id: str  # client-chosen idempotency key, or server-assigned

@@ -47,6 +47,7 @@ from scheduler.control.api import (
     MigrationResult,
     NotFound,
     Overloaded,
+    RequestFailed,
     Unavailable,
 )
 from scheduler.control.channel import ChannelClient, ChannelError, RemoteError
@@ -181,6 +182,9 @@ class Ingress:
         refresh_s: snapshot poll period of the cached view.
         max_in_flight: admission bound of this replica (``Overloaded`` beyond it).
         max_recoveries: re-prefills allowed per request after instance crashes.
+        quarantine_after: a request on this many distinct instances whose engine failed while it ran there ends
+            ``RequestFailed`` (final, not retried) instead of being recovered again: it is likely what fails them
+            (docs/fault_tolerance.md, "query of death").
         submit_timeout_s: an instance answers a submit within its ``lease_s / 2`` (15 s by default), first chunk or
             not; one that has not answered in this long is unresponsive: the request is recovered elsewhere.
         direct: use the instances' direct channels (``control/channel.py``) for submit/poll/abort/snapshot;
@@ -200,6 +204,7 @@ class Ingress:
         report_s: float = 0.2,
         max_in_flight: int = 4096,
         max_recoveries: int = 3,
+        quarantine_after: int = 3,
         poll_timeout_s: float = 5.0,
         submit_timeout_s: float = 30.0,
         ingress_id: str | None = None,
@@ -238,6 +243,7 @@ class Ingress:
         self.report_s = report_s
         self.max_in_flight = max_in_flight
         self.max_recoveries = max_recoveries
+        self.quarantine_after = quarantine_after
         self.poll_timeout_s = poll_timeout_s
         self.submit_timeout_s = submit_timeout_s
         self.tokenizer = tokenizer or make_tokenizer(config)
@@ -268,7 +274,7 @@ class Ingress:
         self.controller_ok = False
         self.view_refreshed_s = 0.0
         self.counters = {"recoveries": 0, "handoffs": 0, "migrations": 0, "migrations_aborted": 0, "routed": 0,
-                         "channel_calls": 0, "channel_fallbacks": 0, "kv_refused": 0}
+                         "channel_calls": 0, "channel_fallbacks": 0, "kv_refused": 0, "quarantined": 0}
         self.migration_config = migration or migration_config(config)
         self.plans_s = plans_s
         self.direct = direct
@@ -992,6 +998,17 @@ class Ingress:
         self.counters["recoveries"] += 1
         log.warning("%s: instance %s lost (%s); recovering at index %d", rec.request_id, iid, err, rec.next_index)
         self._left(iid, rec.request_id, err)
+        if isinstance(err, EngineFailed) and iid not in rec.failed_engines:
+            # A query of death: an engine failure is evidence against every request that ran there, and the one
+            # that causes them is present at each. Ended UNAVAILABLE it was retried by the SDK, and so failed up to
+            # (max_recoveries + 1) x 3 engines. A co-located request is recovered as before unless it was on the
+            # same failing engines as often (the limit of this rule: docs/fault_tolerance.md).
+            rec.failed_engines += (iid,)
+            if len(rec.failed_engines) >= self.quarantine_after:
+                self.counters["quarantined"] += 1
+                raise RequestFailed(
+                    f"request {rec.request_id} failed {len(rec.failed_engines)} engines it ran on "
+                    f"({', '.join(rec.failed_engines)}): not recovered or retried further")
         if rec.recoveries > self.max_recoveries:
             raise Unavailable(f"request {rec.request_id} lost its instance {rec.recoveries} times")
         return self._route(rec, exclude=frozenset({iid}), accepted=True)

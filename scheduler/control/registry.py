@@ -49,6 +49,7 @@ class RequestRecord:
     output_token_ids: list[int] = field(default_factory=list)
     phase: Phase = Phase.QUEUED
     recoveries: int = 0
+    failed_engines: tuple[str, ...] = ()  # instances whose engine failed while it ran there (quarantine evidence)
     # Set by admin ops that move the request on purpose (migration, drain) before they abort the source.
     moving_to: str | None = None
     move_kv: Any = None  # ObjectRef of the exported KV the destination loads

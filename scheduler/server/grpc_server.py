@@ -43,6 +43,7 @@ from scheduler.control.api import (
     InvalidRequest,
     NotFound,
     Overloaded,
+    RequestFailed,
     TooLarge,
     Unavailable,
 )
@@ -96,6 +97,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
         md.append((RETRY_AFTER_METADATA_KEY, f"{max(exc.retry_after_s, 0.0):g}"))
     elif isinstance(exc, Unavailable):
         code = grpc.StatusCode.UNAVAILABLE
+    elif isinstance(exc, RequestFailed):  # final: not UNAVAILABLE, which the SDK retries
+        code = grpc.StatusCode.INTERNAL
     elif isinstance(exc, IngressError):
         code = grpc.StatusCode.UNKNOWN
     elif isinstance(exc, NotImplementedError):
@@ -107,7 +110,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     code, message, md = status_for(exc)
-    if code is grpc.StatusCode.INTERNAL:
+    if code is grpc.StatusCode.INTERNAL and not isinstance(exc, IngressError):
         logger.error("ingress raised an unexpected error", exc_info=exc)
     await context.abort(code, message, trailing_metadata=md)
 
