@@ -249,3 +249,69 @@ def test_a_quarantined_request_is_a_final_status_the_sdk_does_not_retry() -> Non
     assert code is grpc.StatusCode.INTERNAL and code not in RETRYABLE
     assert "failed 3 engines" in message
     assert http_error_for(err).status == 500
+
+
+# ---- 4: a drain waits for P->D requests on their way to the drained decoder ------------------------------------
+def test_a_drain_of_a_decoder_moves_the_requests_on_their_way_to_it_instead_of_re_prefilling_them() -> None:
+    """``Ingress.drain`` migrated the requests on the instance and released it, but a P->D request still prefilling
+    elsewhere with the drained decoder named for its decode is on no instance there yet (``registry.on_instance``):
+    the drain released the decoder under it, its KV landed on a dead instance and the request was re-prefilled
+    elsewhere (a recovery). The simulator waits for it (``Simulator.is_empty``), as the Controller's drains do since
+    the ingress reports the decoder (``_report``). The drain must wait for it to land, then move it."""
+    from ray.exceptions import RayActorError
+
+    from scheduler.control.api import GenerateRequest
+    from tests.test_ingress_audit import _consume, _Method
+
+    P = FakeInstance("prefill-0", InstanceRole.PREFILL)
+    D0 = FakeInstance("decode-0", InstanceRole.DECODE)
+    D1 = FakeInstance("decode-1", InstanceRole.DECODE)
+    D1.streams["busy"] = {"next": 0, "left": 10**6, "paused": False, "done": False, "ev": asyncio.Event()}
+
+    async def busy_snapshot() -> Any:  # decode-1 runs something: a new request's decoder is decode-0
+        from scheduler.core.types import InstanceSnapshot
+
+        return InstanceSnapshot("decode-1", InstanceRole.DECODE, num_running=1)
+
+    D1._snapshot = busy_snapshot  # type: ignore[method-assign]
+    orig_submit = P._submit
+
+    async def slow_prefill(*a: Any, **kw: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await orig_submit(*a, **kw)
+
+    P._submit = slow_prefill  # type: ignore[method-assign]
+
+    async def dead(*a: Any, **kw: Any) -> Any:
+        raise RayActorError()
+
+    async def set_draining(iid: str, flag: bool = True) -> bool:
+        return True
+
+    async def release(iid: str, **kw: Any) -> bool:
+        for name in ("_submit", "_poll", "_migrate_reserve", "_migrate_context", "_abort"):
+            setattr(D0, name, dead)  # the actor is killed
+        return True
+
+    class Ctrl:
+        pass
+
+    Ctrl.set_draining, Ctrl.release = _Method(set_draining), _Method(release)  # type: ignore[attr-defined]
+
+    async def scenario() -> tuple[list[Any], int, int]:
+        ing = _ingress([P, D0, D1], controller=Ctrl())
+        ing._view = ClusterView(0.0, (await P._snapshot(), await D0._snapshot(), await busy_snapshot()))
+        out: list[Any] = []
+        t = asyncio.create_task(
+            _consume(ing, GenerateRequest("r", prompt="hi", sampling=SamplingParams(max_tokens=40)), out)
+        )
+        await asyncio.sleep(0.05)
+        assert ing._expected.get("r") == "decode-0"
+        moved = await ing.drain("decode-0")
+        await asyncio.wait_for(t, 10)
+        return out, moved, ing.counters["recoveries"]
+
+    out, moved, recoveries = asyncio.run(scenario())
+    assert out[-1].finish_reason == "length" and out[-1].instance_id == "decode-1", out[-1]
+    assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(40))
+    assert (moved, recoveries) == (1, 0)

@@ -1246,7 +1246,11 @@ class Ingress:
             # rounds, then release (a request still there is recovered elsewhere by re-prefill).
             for _ in range(50):
                 pending = [r for r in self.registry.on_instance(instance_id) if r.moving_to is None]
-                if not pending:
+                # P->D requests whose decode goes here are on no instance here yet (prefilling elsewhere, their KV on
+                # its way): wait for them to land, then move them, as the simulator waits for them. (Released under
+                # them, their KV landed on a dead instance and they were re-prefilled elsewhere.)
+                arriving = instance_id in self._expected.values()
+                if not pending and not arriving:
                     break
                 results = await asyncio.gather(*(self.migrate(r.request_id) for r in pending),
                                                return_exceptions=True)
