@@ -34,7 +34,7 @@ def saturation_rate(config: ClusterConfig, w: Workload, *, sample: int | None = 
     """Requests per second the cluster completes in steady state when this trace's mix arrives faster than it serves.
 
     ``sample`` requests (default 1000 per instance, the trace repeated as needed) are drawn shuffled with a fixed
-    seed, so the mix is the same all through, and arrive evenly spaced at an offered rate above capacity, routed as
+    ``seed`` (which also draws the runs' host noise, ``Simulator``), so the mix is the same all through, and arrive evenly spaced at an offered rate above capacity, routed as
     they come by least-outstanding (or ``router``, by name) -- so a faster instance, draining sooner, takes more:
     mixed GPU types and P/D pools of mixed speed are measured as they would run. The rate is the completions over
     the second half of the arrivals (the first half fills the batches). If the cluster kept up with the offered
@@ -54,7 +54,7 @@ def saturation_rate(config: ClusterConfig, w: Workload, *, sample: int | None = 
     def completed(offered: float) -> tuple[float, int]:
         """(completion rate over the second half of the arrivals, completions counted) at ``offered`` req/s."""
         arrival = np.arange(k) / offered
-        res = Simulator(config, router=router).run(_sampled(w, idx, arrival))
+        res = Simulator(config, router=router, seed=seed).run(_sampled(w, idx, arrival))
         done = res.finish_s[np.isfinite(res.finish_s)]
         half = 0.5 * float(arrival[-1])
         n = int(np.sum((done >= half) & (done <= 2 * half)))
@@ -64,7 +64,7 @@ def saturation_rate(config: ClusterConfig, w: Workload, *, sample: int | None = 
 
     # First guess, above capacity on every cluster tried: twice a t=0 burst of 500 (a burst reads high on
     # homogeneous clusters and low on mixed ones; the loop doubles again if it was not enough).
-    offered = 2.0 * _completion_rate(Simulator(config, router=router).run(
+    offered = 2.0 * _completion_rate(Simulator(config, router=router, seed=seed).run(
         _sampled(w, idx[:500], np.zeros(min(k, 500)))))
     if offered <= 0.0:  # nothing completes at all (every request refused): no capacity for this mix
         return 0.0
@@ -145,20 +145,21 @@ def router_factory(name: str, config: ClusterConfig):
 
 
 def compare(config: ClusterConfig, w: Workload, routers: list[str], *, load: float, with_goodput: bool = True,
-            target: float = 0.9) -> tuple[dict, dict, float]:
-    sat = saturation_rate(config, w)
+            target: float = 0.9, seed: int = 0) -> tuple[dict, dict, float]:
+    """``seed``: ``--seed`` (the saturation sample and every run's host-noise draws, goodput probes included)."""
+    sat = saturation_rate(config, w, seed=seed)
     wl = at_load(w, load, sat)
     summaries, metrics = {}, {}
     for name in routers:
         make = router_factory(name, config)
-        res = Simulator(config, router=make()).run(wl)
+        res = Simulator(config, router=make(), seed=seed).run(wl)
         s = sim_summary(res)
         s["load"] = load
         s["saturation_rps"] = sat
         s["offered_rps"] = wl.rate_rps
         if with_goodput:
             s["goodput_rps"] = goodput(config, wl, make, target=target, lo=0.05, hi=8.0,
-                                         iters=GOODPUT_ITERS).goodput_rps
+                                         iters=GOODPUT_ITERS, seed=seed).goodput_rps
         summaries[name] = s
         metrics[name] = request_metrics(res)
     return summaries, metrics, sat
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     warn_over_context(cfg, w)
-    summaries, metrics, sat = compare(cfg, w, routers, load=args.load, with_goodput=not args.no_goodput)
+    summaries, metrics, sat = compare(cfg, w, routers, load=args.load, with_goodput=not args.no_goodput,
+                                      seed=args.seed)
     title = (f"trace {trace.name} ({len(w)} req), {cfg.name} x{cfg.num_instances}, load {args.load:.2f} of "
              f"saturation {sat:.2f} req/s")
     print_summaries(summaries, title=title)

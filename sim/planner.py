@@ -229,9 +229,10 @@ def auto_share(prof: InstanceProfile | None, decode: InstanceProfile | None = No
     return min(max(dec / (pre + dec), 0.05), 0.95)
 
 
-def _evaluate(base: ClusterConfig, c: Candidate, counts: tuple[int, ...], w: Workload) -> tuple[float, dict]:
+def _evaluate(base: ClusterConfig, c: Candidate, counts: tuple[int, ...], w: Workload, *,
+              seed: int = 0) -> tuple[float, dict]:
     cfg = make_config(base, c, counts)
-    res = Simulator(cfg, router=router_factory(c.router, cfg)()).run(w)
+    res = Simulator(cfg, router=router_factory(c.router, cfg)(), seed=seed).run(w)
     m = request_metrics(res)
     return float(m.slo_met.mean()), {
         "ttft_p99_s": float(np.nanpercentile(m.ttft_s, 99)) if np.isfinite(m.ttft_s).any() else None,
@@ -271,14 +272,15 @@ def smallest(ok: Callable[[int], bool], start: int, lo: int, hi: int) -> int | N
     return hi
 
 
-def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, max_instances: int) -> PlanResult:
+def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, max_instances: int,
+             seed: int = 0) -> PlanResult:
     """The fewest instances of ``c`` whose simulated SLO attainment on ``w`` meets ``target``.
 
     Colocated: the smallest count, searched from the analytic estimate. Disaggregated: first the smallest total at
     the candidate's prefill share, then each pool alone down to the fewest that still meet the target with the
     other fixed -- the share is where the search starts, the two counts are its answer (at a fixed share the
     rounding of ``n * share`` makes attainment jump up and down with ``n``). Infeasible within ``max_instances``:
-    a result with 0 instances.
+    a result with 0 instances. ``seed``: every simulation's host-noise draws (``--seed``).
     """
     ws = summary_of(w)
     dec = profile(base, *c.decode_on, ws) if c.decode_on != (c.gpu, c.tp) else None
@@ -287,7 +289,7 @@ def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, m
 
     def run(counts: tuple[int, ...]) -> tuple[float, dict]:
         if counts not in seen:
-            seen[counts] = _evaluate(base, c, counts, w)
+            seen[counts] = _evaluate(base, c, counts, w, seed=seed)
         return seen[counts]
 
     def ok(counts: tuple[int, ...]) -> bool:
@@ -320,7 +322,7 @@ def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, m
     # DistServe's measure of the answer: the highest rate it keeps at the target, by bisection on the trace's rate
     # -- the headroom a plan sized for this trace has. 1x is known to pass; capped at 2x (a smallest cluster has
     # less unless it is one instance); 5 steps in log space: within 2.2% below the true figure.
-    g = goodput(cfg, w, router_factory(c.router, cfg), target=target, lo=1.0, hi=2.0, iters=5)
+    g = goodput(cfg, w, router_factory(c.router, cfg), target=target, lo=1.0, hi=2.0, iters=5, seed=seed)
     return PlanResult(c, sum(best), *pd, gpus, price, a, info["ttft_p99_s"], info["tpot_p99_s"], guess,
                       len(seen) + g.probes, g.goodput_rps, max_rate_capped=g.scale >= 2.0)
 
@@ -388,7 +390,7 @@ def hetero_pairs(base: ClusterConfig, keys: list[str], tps: tuple[int, ...], ws:
 
 
 def _plan_star(args):
-    return plan_one(*args[:3], target=args[3], max_instances=args[4])
+    return plan_one(*args[:3], target=args[3], max_instances=args[4], seed=args[5])
 
 
 def plan(
@@ -404,11 +406,12 @@ def plan(
     workers: int = 2,
     hetero_pd: bool = False,
     progress: Callable[[int, int, PlanResult], None] | None = None,
+    seed: int = 0,
 ) -> list[PlanResult]:
     """All feasible candidates, cheapest first. ``progress(done, total, result)`` after each candidate.
     A ``pd:auto`` layout becomes ``pd:auto=<share>`` per (GPU, TP), the share from its analytic profile.
     ``hetero_pd``: also P/D clusters whose DECODE pool runs on another GPU type or TP (``hetero_pairs``), at the
-    share their two profiles suggest."""
+    share their two profiles suggest. ``seed``: the simulations' host-noise draws (``--seed``)."""
     ws = summary_of(w)
     keys = gpus or default_gpus(base)
     cands = []
@@ -433,7 +436,7 @@ def plan(
         raise ValueError(f"--gpus/--tp: {base.model.name} fits on none of {', '.join(keys)} at TP "
                          f"{', '.join(map(str, tps))} (weights plus KV for {MIN_KV_REQUESTS} requests of "
                          f"{base.model.max_model_len} tokens; or no prefill share for --layouts {','.join(layouts)})")
-    jobs = [(base, c, w, target, max_instances) for c in cands]
+    jobs = [(base, c, w, target, max_instances, seed) for c in cands]
     results: list[PlanResult] = []
 
     def collect(it) -> None:
@@ -576,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         results = plan(
             base, w, gpus=gpus, tps=tps, layouts=layouts, routers=routers, target=args.target,
             max_instances=args.max_instances, workers=args.workers, hetero_pd=args.hetero_pd, progress=said,
+            seed=args.seed,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
