@@ -54,6 +54,23 @@ def _telemetry(cfg):
     return recorder, setup_tracing(), InflightLimiter.from_env(os.environ) or InflightLimiter.for_config(cfg)
 
 
+async def _follow_cluster(ingress, cfg, limiter, every_s: float = 5.0) -> None:
+    """Keep a limiter sized from the config (``InflightLimiter.for_config``) at the batch slots of the instances
+    serving now: the scaling loop and an admin Scale add and remove instances after start."""
+    from scheduler.server.admission import cluster_slots
+
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            slots = cluster_slots(cfg, (await ingress.cluster_state()).instances)
+        except Exception:  # a failed look keeps the last size; the next one retries
+            log.debug("in-flight limit: cluster state unavailable", exc_info=True)
+            continue
+        if slots is not None and slots != limiter.max_total:
+            log.info("in-flight limit follows the cluster: %d -> %d", limiter.max_total, slots)
+            limiter.resize(slots)
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from scheduler.control.cluster import start_local_cluster
     from scheduler.server.grpc_server import serve
@@ -75,7 +92,7 @@ async def _serve(args: argparse.Namespace) -> int:
                                           ingress_kwargs={"direct": args.direct_channel})
     )
     ingress = cluster.ingress
-    http_task = None
+    http_task = follow = None
     try:
         if stop.is_set():
             print("llmsched: stopped while starting; shutting the cluster down", flush=True)
@@ -85,6 +102,8 @@ async def _serve(args: argparse.Namespace) -> int:
         await ingress.start()
         auth = args.auth
         obs = {"recorder": recorder, "tracing": tracing, "limiter": limiter}
+        if limiter.follows_cluster:
+            follow = asyncio.create_task(_follow_cluster(ingress, cfg, limiter))
         if args.http_port:
             import uvicorn
 
@@ -104,6 +123,8 @@ async def _serve(args: argparse.Namespace) -> int:
     finally:
         if http_task is not None:
             http_task.cancel()
+        if follow is not None:
+            follow.cancel()
         await ingress.close()
         await loop.run_in_executor(None, cluster.shutdown)
     return 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from scheduler.control.api import Overloaded
@@ -26,6 +26,7 @@ from scheduler.control.api import Overloaded
 if TYPE_CHECKING:
     from scheduler.config.models import ClusterConfig
     from scheduler.control.api import IngressAPI
+    from scheduler.core.types import InstanceSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class InflightLimiter:
         self._by_priority: dict[int, int] = {}
         self._total = 0
         self.peak_total = 0  # high-water mark (tests, overload reports)
+        self.follows_cluster = False  # sized from the cluster (``for_config``), not set by hand or env
         self._lock = threading.Lock()  # NOTE: the HTTP and gRPC servers may run on different threads
 
     def limit(self, priority: int) -> int:
@@ -157,15 +159,25 @@ class InflightLimiter:
                 self._by_priority.pop(priority, None)  # keep the table as small as the set of live priorities
             self._total -= 1
 
+    def resize(self, slots: int) -> None:
+        """Set the per-priority default and the total cap to ``slots`` (a limiter ``for_config`` made, following
+        the cluster's size). Requests already admitted keep their slots: a smaller cap only turns new ones away
+        until enough have finished."""
+        slots = max(int(slots), 1)
+        with self._lock:
+            self.default_limit = self.max_total = slots
+
     @classmethod
     def for_config(cls, config: ClusterConfig, *, retry_after_s: float = 1.0) -> InflightLimiter:
         """Sized to the cluster: requests beyond the engines' batch slots (``count x max_num_seqs`` over the pools
-        that accept new requests) would only wait in engine queues, so they are turned away at the door instead."""
+        that accept new requests) would only wait in engine queues, so they are turned away at the door instead.
+        ``follows_cluster``: ``llmsched serve`` re-sizes it as instances come and go (``cluster_slots``)."""
         from scheduler.core.types import InstanceRole
 
         slots = sum(p.count * p.engine.max_num_seqs for p in config.pools if p.role is not InstanceRole.DECODE)
-        slots = max(slots, 1)
-        return cls(default_limit=slots, max_total=slots, retry_after_s=retry_after_s)
+        limiter = cls(default_limit=max(slots, 1), max_total=max(slots, 1), retry_after_s=retry_after_s)
+        limiter.follows_cluster = True
+        return limiter
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> InflightLimiter | None:
@@ -202,3 +214,22 @@ class InflightLimiter:
         total = int(num("LLMSCHED_MAX_INFLIGHT", 1024))
         return cls(limits, default_limit=int(num("LLMSCHED_MAX_INFLIGHT_PER_PRIORITY", min(256, total))),
                    max_total=total, retry_after_s=float(num("LLMSCHED_RETRY_AFTER_S", 1.0, float)))
+
+
+def cluster_slots(config: ClusterConfig, instances: Iterable[InstanceSnapshot]) -> int | None:
+    """``for_config``'s batch slots over the instances serving now instead of the configured counts: an
+    accepting (healthy, not draining) instance that takes new requests (not DECODE) adds its pool's
+    ``max_num_seqs`` (its pool found by role, GPU and TP; else the largest of the config's). ``None`` when no
+    instance is listed (starting up: keep the configured size). The scaling loop and an admin Scale change the
+    instance count; a limit fixed at start turned an autoscaled cluster's added capacity away at the door."""
+    from scheduler.core.types import InstanceRole
+
+    listed = list(instances)
+    if not listed:
+        return None
+    seqs: dict[tuple[InstanceRole, str, int], int] = {}
+    for p in config.pools:
+        seqs.setdefault((p.role, p.gpu, p.tp), p.engine.max_num_seqs)
+    widest = max(p.engine.max_num_seqs for p in config.pools)
+    return sum(seqs.get((i.role, i.gpu, i.tp), widest) for i in listed
+               if i.role is not InstanceRole.DECODE and i.healthy and not i.draining)
