@@ -37,7 +37,13 @@ from scheduler.config.load import ConfigError
 from scheduler.config.models import ClusterConfig, EngineSpec, GPUSpec, PolicySpec, PoolSpec
 from scheduler.core.types import InstanceRole
 from scheduler.deploy.k8s import KubernetesError
-from scheduler.policy.placement import InstanceProfile, enumerate_placements, instance_profile, within_catalog
+from scheduler.policy.placement import (
+    InstanceProfile,
+    enumerate_placements,
+    instance_profile,
+    pair_prefill_rps,
+    within_catalog,
+)
 from scheduler.policy.scaling import WorkloadSummary, instances_for
 from sim.cluster import latency_factory
 from sim.commands import (
@@ -214,7 +220,7 @@ def estimate(prof: InstanceProfile | None, c: Candidate, rate: float,
 
 
 def _phase_rps(prefill: InstanceProfile, decode: InstanceProfile | None) -> tuple[float, float]:
-    return min(prefill.prefill_rps, prefill.transfer_rps), (decode or prefill).decode_rps
+    return pair_prefill_rps(prefill, decode or prefill), (decode or prefill).decode_rps
 
 
 def auto_share(prof: InstanceProfile | None, decode: InstanceProfile | None = None) -> float | None:

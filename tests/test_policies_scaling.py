@@ -443,3 +443,26 @@ def test_reroling_conditions_each_hold_their_own() -> None:
     assert RerolePolicy(sustain_s=0).propose(half, 0.0) == []  # decode at 0.5 > decode_low 0.4
     r = RerolePolicy(sustain_s=0, cooldown_s=30)
     assert len(r.propose(near, 0.0)) == 1 and r.propose(near, 10.0) == [] and len(r.propose(near, 30.0)) == 1
+
+
+def test_a_pd_pair_ships_prompts_at_its_slower_links_rate() -> None:
+    """The planner's analytic pass capped a PREFILL pool's capacity by its own GPU's link only: prefill on a fast-NIC
+    GPU paired with decoders on a slow-NIC one counted the handoff at the fast end, where every clock times it over
+    the slower (``kv_link``)."""
+    from scheduler.policy.placement import pair_prefill_rps
+
+    fast = GPUSpec.from_catalog("h100")
+    slow = fast.model_copy(update={"name": "h100-slow-nic", "network_gbps": fast.network_gbps / 100})
+    w = WorkloadSummary(20, 1000, 250)
+    slo = SLO(ttft_s=2.0, tpot_s=0.1)
+    pf, ps = (instance_profile(MODEL, g, 1, slo, w) for g in (fast, slow))
+    assert ps.transfer_rps < pf.prefill_rps < pf.transfer_rps  # the slow link is what limits a pair
+    assert pair_prefill_rps(pf, ps) == pytest.approx(ps.transfer_rps)
+    assert pair_prefill_rps(pf, pf) == pytest.approx(min(pf.prefill_rps, pf.transfer_rps))
+    cands = enumerate_placements({"fast": fast, "slow": slow}, MODEL, slo, w, modes=("disaggregated",),
+                                 heterogeneous=True, prune=False)
+    for c in cands:
+        pre, dec = c.pools
+        per = pair_prefill_rps(*(instance_profile(MODEL, {"fast": fast, "slow": slow}[p.gpu], p.tp, slo, w)
+                                 for p in (pre, dec)))
+        assert c.capacity_rps <= pre.count * per + 1e-6

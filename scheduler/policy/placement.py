@@ -106,9 +106,17 @@ def instance_profile(
     p, o = workload.mean_prompt_tokens, workload.mean_output_tokens
     pre = prefill_capacity_rps(lat, p, ttft_slo_s=slo.ttft_s, chunk_tokens=eng.max_num_batched_tokens)
     dec = decode_capacity_rps(lat, p, o, tpot_slo_s=slo.tpot_s, max_batch=eng.max_num_seqs, kv_tokens=kv_tokens)
-    link = gpu.network_gbps * 1e9 / (max(p, 1.0) * model.kv_bytes_per_token)  # the simulator's per-transfer link
+    # Prompts/s this GPU's link carries; a pair is limited by its slower end (``pair_prefill_rps``).
+    link = gpu.network_gbps * 1e9 / (max(p, 1.0) * model.kv_bytes_per_token)
     return InstanceProfile(gpu.name, tp, kv_tokens, pre, dec, mixed_capacity_rps(pre, dec), link,
                            gpu.price_per_hour * tp)
+
+
+def pair_prefill_rps(prefill: InstanceProfile, decode: InstanceProfile) -> float:
+    """Prompts/s one PREFILL instance of ``prefill`` serves for DECODE instances of ``decode``: its prefill
+    capacity, or what the KV link carries -- the slower end's (``kv_link``, as every clock times the handoff; the
+    prefill side's alone counted an H100 -> A100 handoff at the H100's 50 GB/s)."""
+    return min(prefill.prefill_rps, prefill.transfer_rps, decode.transfer_rps)
 
 
 def _cost(pools: tuple[PoolPlan, ...], prof: Mapping[tuple[str, int], InstanceProfile]) -> float:
@@ -186,12 +194,12 @@ def enumerate_placements(
                 add("colocated", (PoolPlan(InstanceRole.MIXED, g, tp, n),), n * pr.mixed_rps)
     if "disaggregated" in modes:
         for kp, pp in prof.items():
-            pcap = min(pp.prefill_rps, pp.transfer_rps)
-            np0 = instances_for(rate, pcap)
-            if not np0:
-                continue
             for kd, dp in prof.items():
                 if kd != kp and not heterogeneous:
+                    continue
+                pcap = pair_prefill_rps(pp, dp)
+                np0 = instances_for(rate, pcap)
+                if not np0:
                     continue
                 nd0 = instances_for(rate, dp.decode_rps)
                 if not nd0:
