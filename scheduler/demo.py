@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "cpu-pd.yaml"
+START_TIMEOUT_S = 600.0  # how long the main job waits for every instance (vLLM's own engine-start bound)
 
 
 def _say(msg: str) -> None:
@@ -793,7 +794,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     _say(f"starting a local Ray cluster with {cfg.num_instances} vLLM-CPU instances "
          f"({', '.join(f'{q.count} {q.role.value}' for q in cfg.pools)}) of {cfg.model.name}...")
-    cluster = start_local_cluster(cfg)
+    # Every instance, or nothing to show: the P/D split and the migration need them all. vLLM bounds its own
+    # engine start at 600 s (VLLM_ENGINE_READY_TIMEOUT_S); on a loaded 2-core host a start takes minutes.
+    cluster = start_local_cluster(cfg, ready_timeout_s=START_TIMEOUT_S)
+    up = len(cluster.deployment.instances)
+    if up < cfg.num_instances:
+        cluster.shutdown()
+        _say(f"error: only {up} of {cfg.num_instances} instances started within {START_TIMEOUT_S:.0f} s "
+             "(see the Ray logs under /tmp/ray/session_latest/logs)")
+        return 1
     _say(f"  cluster up in {time.perf_counter() - t0:.1f} s")
     try:
         async def run_live():

@@ -199,6 +199,7 @@ def start_local_cluster(
     name: str = "default",
     backend_kwargs: dict[str, dict[str, Any]] | None = None,
     ingress_kwargs: dict[str, Any] | None = None,
+    ready_timeout_s: float = 120.0,
 ) -> LocalCluster:
     """Start Ray (unless already initialised), deploy ``config`` and build an Ingress.
 
@@ -206,6 +207,7 @@ def start_local_cluster(
         fake_gpus_per_node: > 0 starts one worker node per GPU type of the pools (``nodes`` each) with that many
             fake GPUs, so placement groups and GPU-type pinning run for real; 0 is a CPU-only single node.
         backend_kwargs: per backend kind, e.g. ``{"simulated": {"time_scale": 0.5}}``.
+        ready_timeout_s: how long to wait for every instance; those still starting then join when up.
     """
     import ray
 
@@ -218,5 +220,5 @@ def start_local_cluster(
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         else:
             runtime = start_ray(nodes_for(config, fake_gpus_per_node=fake_gpus_per_node, nodes=nodes))
-    dep = deploy(config, name=name, backend_kwargs=backend_kwargs)
+    dep = deploy(config, name=name, backend_kwargs=backend_kwargs, ready_timeout_s=ready_timeout_s)
     return LocalCluster(runtime, dep, dep.make_ingress(**(ingress_kwargs or {})))
