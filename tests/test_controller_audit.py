@@ -85,7 +85,9 @@ def _controller(insts: list[FakeInstance], pools: dict[str, int], *, drain_timeo
     ctrl._ensure_loop = lambda: None
     ctrl.killed = []  # type: ignore[attr-defined]
 
-    async def _release(iid: str) -> bool:  # the real one shuts the actor down and removes its placement group
+    # The real one shuts the actor down (its streams end RELEASED, or ENGINE_FAILED when ``broken``) and removes
+    # its placement group.
+    async def _release(iid: str, broken: str | None = None) -> bool:
         m = ctrl._members.pop(iid, None)
         ctrl._snapshots.pop(iid, None)
         ctrl._drop_operator_drain(iid)  # as the real one does

@@ -289,11 +289,12 @@ class Controller:
                 self._adopt_role(iid, res, rnd)
                 if not res.healthy:
                     # Its engine held requests with no progress for the pool's hang_timeout_s (Instance.snapshot):
-                    # a stuck engine in a live actor. Released, its streams end "released" and are re-prefilled
-                    # elsewhere, as a dead instance's are; the reconcile loop starts a replacement.
+                    # a stuck engine in a live actor. Released as broken, its streams end ENGINE_FAILED and are
+                    # re-prefilled elsewhere (the quarantine counting the hung engine against each); the reconcile
+                    # loop starts a replacement.
                     log.warning("instance %s: no engine progress for %.0fs with requests on it; replacing it", iid,
                                 self._hang_timeout_s(m))
-                    broken.append(iid)
+                    broken.append((iid, f"hung: no progress for {self._hang_timeout_s(m):.0f}s"))
                 continue
             if actor_gone(res):
                 log.warning("instance %s died: %s", iid, type(res).__name__)
@@ -318,27 +319,28 @@ class Controller:
                 # one instance short for good.
                 log.warning("instance %s: snapshots failing for %.0fs (%s); replacing it", iid, UNHEALTHY_AFTER_S,
                             res.cause if res.cause is not None else res)
-                broken.append(iid)
+                broken.append((iid, "failed: snapshots failing"))
             elif silent_s > self._hang_timeout_s(m):
                 # Silent for the pool's hang_timeout_s (a blocked event loop, a stats call stuck behind a hung engine
                 # step): hung. It stayed a member for good, its pool one instance short, its streams waiting.
                 log.warning("instance %s: no snapshot for %.0fs (%s); replacing it", iid, silent_s, type(res).__name__)
-                broken.append(iid)
-        for iid in broken:
+                broken.append((iid, f"hung: no snapshot for {silent_s:.0f}s"))
+        for iid, why in broken:
             self._failing.pop(iid, None)
-            await self._replace(iid)
+            await self._replace(iid, why)
 
-    async def _replace(self, iid: str) -> None:
-        """Release a broken instance (its engine failed or hung, or it did not start): its pool keeps its size, so
-        the reconcile loop creates a replacement -- unless it was draining for a scale-down, which this completes.
-        Counted before the release's wait: the scaling loop would see it gone and drop its drain uncounted."""
+    async def _replace(self, iid: str, why: str = "did not start") -> None:
+        """Release a broken instance (its engine failed or hung -- ``why`` -- or it did not start): its pool keeps
+        its size, so the reconcile loop creates a replacement -- unless it was draining for a scale-down, which this
+        completes. Counted before the release's wait: the scaling loop would see it gone and drop its drain
+        uncounted. Its streams end ENGINE_FAILED (``Instance.shutdown(broken=)``), not "released"."""
         m = self._members.get(iid)
         if m is None:
             return
         assert self._lock is not None
         async with self._lock:
             self._end_scale_down(iid, m.info.pool)
-            await self._release(iid)
+            await self._release(iid, broken=why)
 
     def _end_scale_down(self, iid: str, pool: str) -> None:
         """``iid`` leaves while draining for a scale-down -- it died, or is released as broken: counted out as its
@@ -837,7 +839,7 @@ class Controller:
         self._start_failures[pool] = (n, time.monotonic() + delay)
         log.warning("pool %s: %d instance start(s) failed in a row; next start in %.0fs", pool, n, delay)
 
-    async def _release(self, iid: str) -> bool:
+    async def _release(self, iid: str, broken: str | None = None) -> bool:
         m = self._members.pop(iid, None)
         self._snapshots.pop(iid, None)
         self._failing.pop(iid, None)
@@ -846,7 +848,7 @@ class Controller:
         if m is None:
             return False
         try:
-            await asyncio.wait_for(_await(m.handle.shutdown.remote()), 5.0)
+            await asyncio.wait_for(_await(m.handle.shutdown.remote(broken=broken)), 5.0)
         except Exception as e:  # noqa: BLE001 - killing it anyway
             log.info("instance %s did not shut down cleanly: %s", iid, type(e).__name__)
         ray.kill(m.handle, no_restart=True)

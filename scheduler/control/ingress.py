@@ -948,8 +948,9 @@ class Ingress:
                 if chunk.finished and (reason == RELEASED or reason.startswith(ENGINE_FAILED)):
                     # The instance is being shut down with the request on it (released before every request could
                     # move off: it is killed next, marked dead), or its engine failed under it (the Controller
-                    # releases it; out of the view meanwhile, as for a failed submit): keep what it made, recover
-                    # the rest elsewhere, bounded by max_recoveries. (An engine failure ended the stream FAILED.)
+                    # releases it; out of the view meanwhile, as for a failed submit) -- a release of it as hung or
+                    # failed ends ENGINE_FAILED too, counted by the quarantine: keep what it made, recover the rest
+                    # elsewhere, bounded by max_recoveries. (An engine failure ended the stream FAILED.)
                     out = self._accept(rec, dataclasses.replace(chunk, finished=False, finish_reason=None))
                     if out is not None:
                         yield out if out.instance_id else dataclasses.replace(out, instance_id=iid)

@@ -40,9 +40,14 @@ from scheduler.predict.base import LengthPrediction, remaining_tokens
 log = logging.getLogger(__name__)
 
 _TIMINGS_KEPT = 4096  # request_timings entries (a live run reads them after its replay)
+# How long ``shutdown`` waits for the ends of the streams it stopped to be polled before it closes the channel.
+SHUTDOWN_HANDOVER_S = 1.0
 _FINISHED_KEPT = 1024  # final answers kept for a poll retry (a lost one is noticed within one poll timeout)
 # The finish_reason of a stream ended by ``shutdown`` (the instance is released with it still running): the ingress
 # recovers it elsewhere. Read as the "abort" it is underneath, the client's stream ended as cancelled half-way.
+# A release of a broken instance (``shutdown(broken=...)``: its engine hung or failed) ends them ``ENGINE_FAILED``
+# instead: the engine failed under them, and the ingress's quarantine counts it (as "released" it never counted a
+# hung engine, so a request that hangs every engine was re-run on each).
 RELEASED = "released"
 # The finish_reason prefix of a stream that ended because its engine failed (``_pump`` asks the engine: it no longer
 # reports its load), not because of the request: the ingress recovers it elsewhere as it does a dead instance's. (The
@@ -244,7 +249,8 @@ class Instance:
         # between the handshake and the commit, and nothing else would ever free what the handshake reserved.
         self._incoming: dict[str, float] = {}
         self._draining = False
-        self._closing = False  # shutdown began: streams ended from here on end RELEASED
+        # Set when shutdown began: the finish_reason of streams ended from here on (RELEASED, or ENGINE_FAILED: ...).
+        self._closing: str | None = None
         self._faults: dict[str, str] = {}  # migration step -> injected fault kind (tests: fail / hang / exit)
         self._reaper: asyncio.Task[None] | None = None
         self._starting: asyncio.Future[None] | None = None
@@ -325,10 +331,18 @@ class Instance:
         except Exception:  # noqa: BLE001 - not started, or its engine failed
             return False
 
-    async def shutdown(self) -> None:
-        self._closing = True
+    async def shutdown(self, broken: str | None = None) -> None:
+        """Stop the engine; streams still running end RELEASED, or ``ENGINE_FAILED: <broken>`` when the Controller
+        releases the instance because its engine is broken (``broken`` says how: hung, failed)."""
+        self._closing = RELEASED if broken is None else f"{ENGINE_FAILED}: {broken} (instance released)"
         for rid in list(self._streams):
             await self.abort(rid)
+        # Let the waiting polls take those ends (bounded: the Controller kills the actor 5 s into this call). The
+        # channel closed at once and dropped them, and the ingress's retry over Ray met the killed actor: the end
+        # read as a plain actor death, never as RELEASED or an engine failure.
+        deadline = time.monotonic() + SHUTDOWN_HANDOVER_S
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         if self._reaper is not None:
             self._reaper.cancel()
         if self._channel is not None:
@@ -423,8 +437,8 @@ class Instance:
                         self._timings.popitem(last=False)
                 if chunk.finished and st.migrated and chunk.finish_reason == "abort":
                     chunk = dataclasses.replace(chunk, finish_reason="migrated")
-                elif chunk.finished and self._closing and chunk.finish_reason == "abort":
-                    chunk = dataclasses.replace(chunk, finish_reason=RELEASED)
+                elif chunk.finished and self._closing is not None and chunk.finish_reason == "abort":
+                    chunk = dataclasses.replace(chunk, finish_reason=self._closing)
                 if chunk.finished and chunk.finish_reason and chunk.finish_reason.startswith("error:"):
                     reason = await self._error_reason(chunk.finish_reason)
                     chunk = dataclasses.replace(chunk, finish_reason=reason)
