@@ -242,7 +242,7 @@ def _creating_controller(start_timeout_s: float) -> Any:
         {},
     )
     ctrl._create = lambda pool, iid: Controller._create(ctrl, pool, iid)
-    ctrl._release = lambda iid: Controller._release(ctrl, iid)
+    ctrl._release = lambda iid, broken=None: Controller._release(ctrl, iid, broken)
     return ctrl
 
 
