@@ -69,3 +69,47 @@ def test_a_request_that_hangs_every_engine_it_runs_on_is_quarantined(hangq: Any,
     with pytest.raises(RequestFailed, match="failed 2 engines"):
         aloop.run(_collect(ing, _req("qod-hang", 64, 200)), timeout=8 * HANG_S + 30)
     assert ing.counters["quarantined"] == q0 + 1
+
+
+def test_a_hung_instance_released_as_broken_ends_its_streams_without_its_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The release of a hung instance ended its streams through the engine's abort -- which a hung vLLM engine
+    never answers (the abort drops the request's saved KV by a call into the engine core) --, so ``shutdown`` hung
+    on the first stream until the Controller killed the actor 5 s in, and each stream's end was an actor death to
+    the ingress: a hung engine the quarantine did not count. Released as broken, the instance ends them itself."""
+    import asyncio
+
+    from bench.loadgen import cluster_config
+    from scheduler.control.instance import ENGINE_FAILED, Instance
+    from scheduler.engine.base import EngineRequest, SamplingParams
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: (_ for _ in ()).throw(RuntimeError("no Ray")))
+    cfg = cluster_config("hung-abort", mixed=1)
+    pool = cfg.pools[0]
+
+    async def scenario() -> Any:
+        inst = Instance("mixed-0", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 0.5})
+        await inst.start()
+        _stalls_while_decoding(inst, "r")
+
+        async def hangs(request_id: str) -> None:
+            await asyncio.sleep(3600)
+
+        real_abort = inst._backend.abort  # type: ignore[union-attr]
+        inst._backend.abort = hangs  # type: ignore[union-attr]
+        await inst.submit(EngineRequest("r", tuple(range(1, 65)), SamplingParams(max_tokens=50)))
+        poll = asyncio.create_task(inst.poll("r", 10.0, 1))
+        await asyncio.sleep(0.2)
+        try:
+            await asyncio.wait_for(inst.shutdown(broken="hung: test"), 4.0)  # the Controller waits 5 s
+        except TimeoutError:
+            pass
+        try:
+            return await asyncio.wait_for(poll, 1.0)
+        finally:  # what the kill would end
+            inst._backend.abort = real_abort  # type: ignore[union-attr]
+            await inst.shutdown()
+
+    end = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert end.finished and end.finish_reason.startswith(ENGINE_FAILED), end

@@ -335,8 +335,17 @@ class Instance:
         """Stop the engine; streams still running end RELEASED, or ``ENGINE_FAILED: <broken>`` when the Controller
         releases the instance because its engine is broken (``broken`` says how: hung, failed)."""
         self._closing = RELEASED if broken is None else f"{ENGINE_FAILED}: {broken} (instance released)"
-        for rid in list(self._streams):
-            await self.abort(rid)
+        if broken is None:
+            for rid in list(self._streams):
+                await self.abort(rid)
+        else:
+            # Ended here, not through the engine: a hung engine may never answer an abort (vLLM's drops the
+            # request's saved KV by a call into its engine core), and the actor is killed 5 s into this call.
+            for rid, st in self._streams.items():
+                if not st.done and st.task is not None:
+                    st.task.cancel()
+                    st.buffer.append(TokenChunk(rid, -1, (), True, self._closing))
+                    st.event.set()
         # Let the waiting polls take those ends (bounded: the Controller kills the actor 5 s into this call). The
         # channel closed at once and dropped them, and the ingress's retry over Ray met the killed actor: the end
         # read as a plain actor death, never as RELEASED or an engine failure.
