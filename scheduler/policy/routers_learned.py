@@ -35,10 +35,10 @@ import numpy as np
 
 from scheduler.config.models import ClusterConfig
 from scheduler.core.types import SLO, ClusterView, InstanceRole, InstanceSnapshot, RequestInfo
-from scheduler.latency import LatencyModel, latency_factory
+from scheduler.latency import LatencyModel
 from scheduler.policy.pairing import HIGH_PRIORITY, PairingRouter, virtual_usage_with
 from scheduler.policy.route import RouteDecision, RouteResult
-from scheduler.policy.routers_lookahead import default_latency_model
+from scheduler.policy.routers_lookahead import config_latency
 
 FEATURES: tuple[str, ...] = (
     "bias",
@@ -220,9 +220,7 @@ class LearnedRouter(PairingRouter):
         key = (inst.gpu, inst.tp)
         m = self._lat.get(key)
         if m is None:
-            cfg = self.config
-            m = self._lat[key] = _MemoLatency(latency_factory(cfg)(cfg.model, cfg.gpus[inst.gpu], inst.tp)
-                                              if cfg is not None and inst.gpu in cfg.gpus else default_latency_model())
+            m = self._lat[key] = _MemoLatency(config_latency(self.config, inst.gpu, inst.tp))
         return m
 
     def slo_of(self, request: RequestInfo) -> SLO | None:

@@ -181,6 +181,14 @@ def default_latency_model() -> LatencyModel:
     return roofline_model(model, gpu, 1)
 
 
+def config_latency(config: ClusterConfig | None, gpu: str, tp: int) -> LatencyModel:
+    """The latency model of a (GPU type, TP) instance as the simulator times ``config`` (a named
+    ``latency_profile`` included); the default 7B roofline when no config knows the GPU (rankings only)."""
+    if config is not None and gpu in config.gpus:
+        return latency_factory(config)(config.model, config.gpus[gpu], tp)
+    return default_latency_model()
+
+
 class LookaheadRouter(PairingRouter):
     """Cost-model lookahead router (see the module docstring for the estimator)."""
 
@@ -283,9 +291,7 @@ class LookaheadRouter(PairingRouter):
             key = (inst.gpu, inst.tp)
             m = self._by_gpu.get(key)
             if m is None:
-                # The simulator's own timing of this config (a named ``latency_profile`` included).
-                timed = latency_factory(self.config)
-                m = self._by_gpu[key] = timed(self.config.model, self.config.gpus[inst.gpu], inst.tp)
+                m = self._by_gpu[key] = config_latency(self.config, inst.gpu, inst.tp)
             return m
         if self._single is None:
             self._single = default_latency_model()

@@ -13,7 +13,6 @@ from collections.abc import Container
 
 from scheduler.config.models import ClusterConfig
 from scheduler.core.types import ClusterView, InstanceSnapshot, Rejected, RequestInfo
-from scheduler.latency import latency_factory
 from scheduler.policy.pairing import (
     HIGH_PRIORITY,
     PairingRouter,
@@ -27,7 +26,7 @@ from scheduler.policy.routers_lookahead import (
     LookaheadRouter,
     SheddingLookaheadRouter,
     ShedRouter,
-    default_latency_model,
+    config_latency,
 )
 
 
@@ -158,8 +157,7 @@ class PrefixAffinityRouter(PairingRouter):
         key = (inst.gpu, inst.tp)
         pace = self._pace.get(key)
         if pace is None:
-            lat = latency_factory(cfg)(cfg.model, cfg.gpus[inst.gpu], inst.tp) if inst.gpu in cfg.gpus else (
-                default_latency_model())
+            lat = config_latency(cfg, inst.gpu, inst.tp)
             pace = self._pace[key] = lat.prefill_time(self.chunk_tokens) / self.chunk_tokens
         return pace
 
