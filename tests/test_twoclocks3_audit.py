@@ -5,7 +5,6 @@ handles; no Ray -- and in the simulator). Each test failed before its fix."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,22 +19,10 @@ from scheduler.policy.migration import MigrationPlan, MigrationReason
 from scheduler.policy.route import RouteDecision, Router, make_router
 from sim.cluster import build_instances
 from sim.simulator import Simulator, Workload
+from tests.test_twoclocks2_audit import _no_ray  # noqa: F401 -- autouse: no Ray in these tests either
 
 # Two NIC types: the H100's 400 Gb/s (50 GB/s) and the A100's 200 Gb/s, with different latencies.
 NET = {"h100": (50.0, 5e-6), "a100": (25.0, 20e-6)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_ray() -> Iterator[None]:
-    """``Instance.__init__`` asks Ray for its node id, which would start a local Ray instance."""
-    import ray
-
-    def no_ray() -> Any:
-        raise RuntimeError("no Ray in these tests")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ray, "get_runtime_context", no_ray)
-        yield
 
 
 def _networked(cfg: Any, net: dict[str, tuple[float, float]] = NET) -> Any:

@@ -832,13 +832,16 @@ class Ingress:
                 rec.phase = Phase.TRANSFER
                 self.counters["handoffs"] += 1
 
-    def _is_prefill(self, iid: str) -> bool:
-        """Whether ``iid`` serves as a PREFILL instance: as the view shows it, else as the Controller lists it."""
+    def _role_of(self, iid: str) -> InstanceRole | None:
+        """``iid``'s role as the view shows it, else as the Controller lists it (``None``: unknown here)."""
         s = self._snapshots.get(iid)
         if s is not None:
-            return s.role is InstanceRole.PREFILL
+            return s.role
         m = self._members.get(iid)
-        return m is not None and m.info.role is InstanceRole.PREFILL
+        return m.info.role if m is not None else None
+
+    def _is_prefill(self, iid: str) -> bool:
+        return self._role_of(iid) is InstanceRole.PREFILL
 
     def _decoder_after_prefill(self, rec: RequestRecord) -> str:
         """Where a request prefilled on a PREFILL instance named alone decodes: the router's answer now (accepted),
@@ -846,9 +849,7 @@ class Ingress:
         when the answer names no instance that decodes (the simulator refuses the request there)."""
         _, decision = self._decide(rec, exclude=frozenset(), accepted=True)
         name = decision.decode_instance or decision.prefill_instance
-        s = self._snapshots.get(name)
-        m = self._members.get(name)
-        role = s.role if s is not None else m.info.role if m is not None else None
+        role = self._role_of(name)
         if role is None or not role.does_decode:
             raise Unavailable(f"request {rec.request_id}: no instance to decode it after its prefill ({name})")
         self._expect_decode(rec.request_id, name)
