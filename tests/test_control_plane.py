@@ -235,8 +235,9 @@ def test_the_configured_length_predictor_reaches_the_router_and_the_instance(mix
     req = GenerateRequest("pred-1", prompt=text, sampling=SamplingParams(max_tokens=200))
     chunks = aloop.run(_collect(ing, req, on_chunk))
     _check_exact(chunks, "pred-1", 200)
-    # the text's length in the predictor's own units (count_tokens, as trained), not the serving tokenizer's
-    guess = load_predictor("default").predict(text, prompt_tokens=count_tokens(text)).point
+    # the text's length in the predictor's own units (count_tokens, as trained), not the serving tokenizer's;
+    # capped at max_tokens (the engine stops there)
+    guess = load_predictor("default").predict(text, prompt_tokens=count_tokens(text)).capped(200).point
     assert seen["pred-1"] == pytest.approx(guess)
     assert 0 < reported[0] <= guess and reported[0] == pytest.approx(guess, abs=20)  # a few tokens generated
     hinted = GenerateRequest("pred-2", prompt=text, sampling=SamplingParams(max_tokens=4), length_hint=3)

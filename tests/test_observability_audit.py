@@ -11,7 +11,6 @@ import socket
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -27,6 +26,7 @@ from scheduler.config.load import load_config
 from scheduler.control.api import GenerateRequest, InvalidRequest
 from scheduler.core.types import InstanceRole, InstanceSnapshot
 from scheduler.engine.base import SamplingParams
+from scheduler.predict.base import LengthPrediction
 from scheduler.predict.serving import ServingPredictor
 from scheduler.server.admission import InflightLimiter
 from scheduler.server.background import BackgroundServer
@@ -227,7 +227,7 @@ def test_traces_protocol_variable_is_honoured(monkeypatch: pytest.MonkeyPatch) -
 
 class _Four:
     def predict(self, prompt, *, prompt_tokens, tenant=None):  # type: ignore[no-untyped-def]
-        return SimpleNamespace(point=4.0)
+        return LengthPrediction.from_probs([1.0] + [0.0] * 8)  # all in [1, 16): median 4
 
 
 def test_the_ingress_records_the_predictors_error() -> None:

@@ -105,8 +105,8 @@ def test_the_live_ingress_learns_from_finished_requests_only() -> None:
             out: list = []
             await _consume(
                 ing,
-                GenerateRequest(
-                    rid, prompt_token_ids=tuple(range(1, 61)), sampling=SamplingParams(max_tokens=20)
+                GenerateRequest(  # ignore_eos: 20 tokens is the response's own length (a replay forcing it)
+                    rid, prompt_token_ids=tuple(range(1, 61)), sampling=SamplingParams(max_tokens=20, ignore_eos=True)
                 ),
                 out,
             )
@@ -131,3 +131,90 @@ def test_the_live_ingress_learns_from_finished_requests_only() -> None:
     predictor, before = asyncio.run(scenario())
     assert predictor.online.observed == 30
     assert predictor.predict_dist(None, 60).point < 32 < before  # 20-token answers learned
+
+
+@pytest.mark.parametrize("cap", [1, 2, 8, 16, 20, 100, 511, 512, 3000, 8191])
+def test_a_capped_prediction_is_the_length_the_engine_generates(cap: int) -> None:
+    """min(response, max_tokens): below the cap the distribution is the predictor's, the rest sits at the cap."""
+    for prompt in (40, 700, 5000):
+        d = TRACE.predict(None, prompt_tokens=prompt)
+        c = d.capped(cap)
+        assert sum(c.probs) == pytest.approx(1.0)
+        assert c.quantile(1.0) <= cap + 1 + 1e-9 and c.point <= cap + 1
+        assert c.point == pytest.approx(min(d.point, c.point), abs=1.0)
+        for t in (1, 5, 17, 100, 600, 4000):
+            if t < cap:  # the response's own law below the cap
+                assert c.prob_longer_than(t) == pytest.approx(d.prob_longer_than(t), abs=1e-9)
+        # What ran past the cap stops at it: in the one-token bucket [cap, cap + 1), nothing beyond.
+        assert c.prob_longer_than(cap) == pytest.approx(d.prob_longer_than(cap), abs=1e-9)
+        assert c.prob_longer_than(cap + 1) == pytest.approx(0.0, abs=1e-9)
+        assert c.expected_remaining(cap - 0.5) <= 1.5  # a guess cannot be renewed past the cap
+    assert d.capped(9000) is d  # past the last edge that bucket already means "longer"
+
+
+def test_a_cut_response_is_learned_as_longer_not_as_the_cap() -> None:
+    """Clients capping two thirds of their requests at 100 tokens of answers that run ~600: booked as 100-token
+    answers, the cut ones dragged the guess to the cap; spread over the longer buckets they leave it at ~600."""
+    prior = TRACE.predict(None, prompt_tokens=300)
+    rng = np.random.default_rng(0)
+    naive, censored = OnlineLengths(), OnlineLengths()
+    for k in range(300):
+        length = int(rng.integers(520, 1000))
+        if k % 3:
+            naive.observe(300, 100)
+            censored.observe(300, 100, cut=True, prior=prior)
+        else:
+            naive.observe(300, length)
+            censored.observe(300, length)
+    assert naive.adjust(prior, 300).point < 128  # the cap learned as the answers' length
+    learned = censored.adjust(prior, 300)
+    row = censored.counts[censored.counts.sum(axis=1) > 0][0]
+    assert row[:3].sum() == 0.0 and row[3] < 0.05 * row.sum()  # a cut is longer than 100 tokens: none below 64
+    assert learned.prob_longer_than(128) > 0.9  # (the shipped prior's 20 pseudo-counts hold the rest)
+    assert 512 < learned.point < 1024
+    assert censored.counts.sum() == pytest.approx(300.0)  # one count per request, spread
+    # With no history and no prior past the cut, the cut's bucket is all there is to book (a lower bound).
+    bare = OnlineLengths()
+    bare.observe(300, 100, cut=True)
+    assert bare.counts.sum() == pytest.approx(1.0) and bare.counts[:, 3].sum() == pytest.approx(1.0)
+
+
+class _Guesses(FakeInstance):
+    """Records the length guess each request was submitted with."""
+
+    def __init__(self, iid: str) -> None:
+        super().__init__(iid)
+        self.guesses: dict[str, float | None] = {}
+
+    async def _submit(self, req, kv=None, **kw):
+        self.guesses[req.request_id] = kw.get("predicted_output_tokens")
+        return await super()._submit(req, kv, **kw)
+
+
+def test_the_live_guess_is_capped_by_max_tokens_and_a_cut_is_learned_as_longer() -> None:
+    async def scenario() -> tuple:
+        inst = _Guesses("mixed-0")
+        ing = _ingress([inst])
+        ing.predictor = serving_predictor(PolicySpec(name="trace", params={"online": True}))
+        before = ing.predictor.predict_dist(None, 60).point
+
+        async def one(rid: str, max_tokens: int, *, ignore_eos: bool = False, hint: int | None = None) -> None:
+            sp = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
+            await _consume(ing, GenerateRequest(rid, prompt_token_ids=tuple(range(1, 61)), sampling=sp,
+                                                length_hint=hint), [])
+
+        await one("capped", 8)
+        await one("replay", 8, ignore_eos=True)  # max_tokens is the forced length, not a cap: no oracle
+        await one("hinted", 8, hint=500)
+        await asyncio.gather(*(one(f"cut{k}", 20) for k in range(30)))
+        return inst.guesses, before, ing.predictor
+
+    guesses, before, predictor = asyncio.run(scenario())
+    assert before > 20
+    assert guesses["capped"] <= 9 < before
+    assert guesses["replay"] == pytest.approx(before, rel=0.01)  # (one cut request learned since)
+    assert guesses["hinted"] == 8
+    assert predictor.online.observed == 33
+    # 30 answers cut at 20 tokens: the guess for the next one stays above the cut (booked as 20-token answers, it
+    # fell below 32: test_the_live_ingress_learns_from_finished_requests_only).
+    assert predictor.predict_dist(None, 60).point > 20

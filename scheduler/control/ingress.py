@@ -64,7 +64,7 @@ from scheduler.core.types import (
     Rejected,
     RequestInfo,
 )
-from scheduler.engine.base import EngineRequest, TokenChunk
+from scheduler.engine.base import EngineRequest, SamplingParams, TokenChunk
 from scheduler.engine.simulated_backend import ByteTokenizer
 from scheduler.policy.filters import decode_candidates, is_accepting, prefill_candidates
 from scheduler.policy.route import RouteDecision, Router, make_router, router_takes
@@ -556,7 +556,10 @@ class Ingress:
         if len(self.registry) >= self.max_in_flight:
             raise Overloaded(f"ingress {self.ingress_id} has {len(self.registry)} requests in flight",
                              retry_after_s=1.0)
-        return RequestRecord(req.request_id, ids, sp, req.priority, req.length_hint, hash_ids=prompt_hash_ids(ids))
+        hint = req.length_hint
+        if hint is not None and _length_cap(sp) is not None:
+            hint = min(hint, _length_cap(sp))  # the engine stops there whatever the client expected
+        return RequestRecord(req.request_id, ids, sp, req.priority, hint, hash_ids=prompt_hash_ids(ids))
 
     async def _predict(self, rec: RequestRecord, prompt: str | None) -> None:
         """The configured predictor's guess of the output length, unless the client gave a ``length_hint``.
@@ -567,7 +570,9 @@ class Ingress:
         n = len(rec.prompt_token_ids)
         try:
             # Not slow: tens of microseconds, cheaper than a thread hop.
-            dist = p.predict_dist(prompt, n) if not p.slow else await asyncio.to_thread(p.predict_dist, prompt, n)
+            cap = _length_cap(rec.sampling)
+            dist = (p.predict_dist(prompt, n, max_tokens=cap) if not p.slow
+                    else await asyncio.to_thread(p.predict_dist, prompt, n, max_tokens=cap))
             rec.predicted_output_tokens, rec.length_dist = float(dist.point), dist
         except Exception:
             # A predictor fault costs the routers their guess, never the request (nor the re-check below:
@@ -717,7 +722,12 @@ class Ingress:
             if finished and reason in ("stop", "length") and self.predictor is not None:
                 if predicted is not None:
                     self.recorder.on_prediction(predicted, rec.next_index, predictor=self.predictor.name)
-                self.predictor.observe(len(rec.prompt_token_ids), rec.next_index)  # ``online`` learns lengths
+                try:  # ``online`` learns lengths; a response max_tokens cut is only known to be longer
+                    self.predictor.observe(len(rec.prompt_token_ids), rec.next_index,
+                                           cut=reason == "length" and _length_cap(rec.sampling) is not None)
+                except Exception:  # a predictor fault must not skip the clean-up below
+                    log.exception("length predictor %s failed to observe request %s", self.predictor.name,
+                                  rec.request_id)
             if not finished:  # the client went away (or we failed): free the engine(s)
                 rec.cancelled = True
                 for iid in rec.instances:
@@ -1324,6 +1334,13 @@ class Ingress:
         started = await self._admin("switch_role", instance_id, new.value)
         await self._refresh_view()  # the instance shows as draining from now on
         return bool(started)
+
+
+def _length_cap(sp: SamplingParams) -> int | None:
+    """The most tokens the engine will generate for a request, as a cap on length guesses: ``max_tokens``, except
+    with ``ignore_eos``, where it is the length a benchmark replay forces (the trace's true length: capping at it
+    would hand the routers the oracle; ``scheduler/predict/serving.py``)."""
+    return None if sp.ignore_eos else sp.max_tokens
 
 
 async def _await(ref: Any) -> Any:

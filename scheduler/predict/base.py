@@ -104,19 +104,39 @@ class LengthPrediction:
             tokens += p * (hi - a) / width  # log-uniform density p / (x * width) times x, integrated over [a, hi]
         return max(tokens / mass - generated, 1.0) if mass > 0.0 else 1.0
 
-    def prob_longer_than(self, tokens: float) -> float:
-        """P(response > ``tokens``), interpolated log-linearly inside the bucket that holds ``tokens``."""
+    def mass_above(self, tokens: float) -> list[float]:
+        """Each bucket's probability of a response longer than ``tokens`` (log-linear inside the bucket that
+        holds ``tokens``; the buckets above it whole, the ones below 0)."""
         e = self.bucket_edges
-        acc = 0.0
+        out = []
         for i, p in enumerate(self.probs):
             lo, hi = max(e[i], 1), e[i + 1]
             if tokens >= hi:
-                acc += p
-                continue
-            if tokens > lo:
-                acc += p * (math.log(tokens) - math.log(lo)) / (math.log(hi) - math.log(lo))
-            break
-        return max(0.0, 1.0 - acc)
+                out.append(0.0)
+            elif tokens > lo:
+                out.append(p * (math.log(hi) - math.log(tokens)) / (math.log(hi) - math.log(lo)))
+            else:
+                out.append(p)
+        return out
+
+    def prob_longer_than(self, tokens: float) -> float:
+        """P(response > ``tokens``), interpolated log-linearly inside the bucket that holds ``tokens``."""
+        return min(1.0, max(0.0, sum(self.mass_above(tokens))))
+
+    def capped(self, max_tokens: int) -> LengthPrediction:
+        """The length the engine will generate, min(response, ``max_tokens``): the mass past the cap lands in a
+        one-token bucket ``[max_tokens, max_tokens + 1)`` (the bucket holding the cap keeps its share below it).
+        Unchanged when the cap is past the last edge (that bucket already stands for "longer")."""
+        e = self.bucket_edges
+        if max_tokens >= e[-1]:
+            return self
+        k = bucket_of(max_tokens, e)
+        above = self.mass_above(max_tokens)
+        edges = [*e[: k + 1], max_tokens, max_tokens + 1]
+        probs = [*self.probs[:k], self.probs[k] - above[k], sum(above)]
+        if max_tokens <= max(e[k], 1):  # the cap sits on the bucket's lower edge: nothing of it lies below
+            del edges[k], probs[k]
+        return LengthPrediction.from_probs(probs, edges)
 
 
 def remaining_tokens(left: float, dist: LengthPrediction | None, generated: float) -> float:

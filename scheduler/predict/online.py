@@ -52,24 +52,45 @@ class OnlineLengths:
             strength=self.strength, memory=self.memory, input_edges=self.input_edges, edges=self.edges
         )
 
-    def observe(self, prompt_tokens: int, output_tokens: int) -> None:
-        """One finished request (output as generated: a ``max_tokens`` cut counts as its length)."""
+    def observe(
+        self, prompt_tokens: int, output_tokens: int, *, cut: bool = False, prior: LengthPrediction | None = None
+    ) -> None:
+        """One finished request. ``cut``: it stopped at ``output_tokens`` because of ``max_tokens`` (or the
+        context), so its own length is only known to be longer. Booked at that length, every client cap would
+        pull the guesses down to it; instead its one count is spread over the buckets past ``output_tokens`` as
+        the posterior for its input bucket spreads there (Efron's redistribution to the right, as Kaplan-Meier
+        does). ``prior``: the predictor's length-only distribution for the request (without it, the history
+        alone; with no history past the cut, the cut's own bucket: a lower bound)."""
         row = self.counts[bucket_of(prompt_tokens, self.input_edges)]
-        row[bucket_of(output_tokens, self.edges)] += 1.0
+        weights = np.zeros_like(row)
+        if cut:
+            post = row.copy()
+            if prior is not None:
+                self._check(prior)
+                post += self.strength * np.asarray(prior.probs)
+            if post.any():
+                weights = np.asarray(LengthPrediction.from_probs(post.tolist(), self.edges).mass_above(output_tokens))
+        if weights.sum() > 0.0:
+            row += weights / weights.sum()
+        else:
+            row[bucket_of(output_tokens, self.edges)] += 1.0
         total = row.sum()
         if total > self.memory:
             row *= self.memory / total
         self.observed += 1
+
+    def _check(self, prediction: LengthPrediction) -> None:
+        if prediction.bucket_edges != self.edges:
+            raise ValueError(
+                f"prediction buckets {prediction.bucket_edges} are not the online counts' {self.edges}"
+            )
 
     def adjust(self, prediction: LengthPrediction, prompt_tokens: int) -> LengthPrediction:
         """``prediction`` updated with the history of its input bucket (unchanged without history)."""
         row = self.counts[bucket_of(prompt_tokens, self.input_edges)]
         if not row.any():
             return prediction
-        if prediction.bucket_edges != self.edges:
-            raise ValueError(
-                f"prediction buckets {prediction.bucket_edges} are not the online counts' {self.edges}"
-            )
+        self._check(prediction)
         post = self.strength * np.asarray(prediction.probs) + row
         return LengthPrediction.from_probs(post.tolist(), self.edges)
 

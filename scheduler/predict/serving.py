@@ -11,8 +11,11 @@ routers fall back to their own default length.
       predictor: {name: ngram, params: {artifacts: /models/predictor}}   # `llmsched predict train --out DIR`
       predictor: {name: trace, params: {online: true}}  # learn P(output | input length) from finished requests
 
-The guess is the prediction's median (``LengthPrediction.point``), not capped by ``max_tokens``: in trace replays
-``max_tokens`` is the true length, and a cap would hand the router the oracle.
+The guess is the prediction's median (``LengthPrediction.point``), capped by the client's ``max_tokens`` where that
+is a cap (``LengthPrediction.capped``: a request asking for at most 16 tokens is not decode-heavy, whatever its
+prompt looks like) -- but not with ``ignore_eos``: there ``max_tokens`` is the length a benchmark replay forces (the
+trace's true length), and capping at it would hand the routers the oracle. The simulator's trace requests carry no
+client cap either.
 """
 
 from __future__ import annotations
@@ -47,8 +50,11 @@ class ServingPredictor:
     slow: bool = False
     online: OnlineLengths | None = None
 
-    def predict_dist(self, prompt: str | None, prompt_tokens: int) -> LengthPrediction:
-        """The predicted output-length distribution of one request (``prompt=None``: its length only).
+    def predict_dist(
+        self, prompt: str | None, prompt_tokens: int, *, max_tokens: int | None = None
+    ) -> LengthPrediction:
+        """The predicted output-length distribution of one request (``prompt=None``: its length only), capped at
+        ``max_tokens`` when given (the most the engine will generate for it).
 
         With text, the length feature is recounted with ``count_tokens`` -- the unit the text predictors were
         trained and evaluated in -- not the caller's tokenizer (the ingress's ByteTokenizer counts ~4.5x more,
@@ -56,12 +62,21 @@ class ServingPredictor:
         """
         n = count_tokens(prompt) if prompt is not None else int(prompt_tokens)
         dist = self.predictor.predict(prompt, prompt_tokens=n, tenant=self.tenant)
-        return self.online.adjust(dist, n) if self.online is not None and prompt is None else dist
+        if self.online is not None and prompt is None:
+            dist = self.online.adjust(dist, n)
+        return dist.capped(max_tokens) if max_tokens is not None else dist
 
-    def observe(self, prompt_tokens: int, output_tokens: int) -> None:
-        """A request finished with ``output_tokens`` (the online history learns it; nothing without ``online``)."""
-        if self.online is not None:
-            self.online.observe(prompt_tokens, output_tokens)
+    def observe(self, prompt_tokens: int, output_tokens: int, *, cut: bool = False) -> None:
+        """A request finished with ``output_tokens`` (the online history learns it; nothing without ``online``).
+        ``cut``: ``max_tokens`` or the context stopped it, so its length is only known to be longer
+        (``OnlineLengths.observe``); the length-only prediction spreads that count -- except from a neural
+        predictor, which is not run on the caller's event loop for it (the history alone spreads it then)."""
+        if self.online is None:
+            return
+        prior = None
+        if cut and not self.slow:
+            prior = self.predictor.predict(None, prompt_tokens=int(prompt_tokens), tenant=self.tenant)
+        self.online.observe(prompt_tokens, output_tokens, cut=cut, prior=prior)
 
     def predict_dists(self, prompt_tokens: Sequence[int] | np.ndarray) -> list[LengthPrediction]:
         """Predictions for requests known by prompt length only (trace replays): one per distinct length, since
