@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ def write_figure(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     ncols = 4 if timeline is not None else 3
     fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.6))
@@ -97,6 +99,13 @@ def write_figure(
         ax.set_xlabel(label)
         ax.set_ylabel("CDF")
         ax.set_xscale("log")
+        # Plain numbers, minor ones as the span leaves room: the default minor labels (3x10^-1, 4x10^-1, ...) ran
+        # into each other on CDFs spanning less than a decade.
+        lo, hi = ax.get_xlim()
+        decades = math.log10(hi / lo) if lo > 0 and hi > lo else 0.0
+        minor = (2, 3, 5) if decades < 1.2 else (2, 5) if decades < 2.2 else ()
+        ax.xaxis.set_major_formatter(FuncFormatter(_tick))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _, m=minor: _tick(v) if _mantissa(v) in m else ""))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     if timeline is not None:
@@ -119,3 +128,12 @@ def write_figure(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def _mantissa(v: float) -> int:
+    """The leading digit of ``v`` > 0 (2 for 0.2, 20 and 2000)."""
+    return round(v / 10 ** math.floor(math.log10(v))) if v > 0 else 0
+
+
+def _tick(v: float, _pos: object = None) -> str:
+    return f"{v:g}"
