@@ -726,3 +726,30 @@ def test_parked_requests_do_not_keep_the_engine_stepping() -> None:
     assert not sched.has_requests()
     conn.bind_scheduler(sched)  # idempotent: no second wrapper
     assert not sched.has_requests()
+
+
+def test_snapshots_list_what_the_prefix_cache_holds_from_vllms_kv_events(engines: Engines) -> None:
+    """The decode engine (prefix caching on) follows vLLM's KV cache events: after a 1100-token prompt its stats list
+    the prompt's two full 512-token ids (``prompt_hash_ids``, what the routers match), and a second prompt sharing
+    its first 576 tokens adds only its own second id. The prefill engine caches nothing: it cannot tell (None)."""
+    from scheduler.core.prefix import prompt_hash_ids
+
+    rng = np.random.default_rng(7)
+    a = tuple(int(t) for t in rng.integers(4, 1000, 1100))
+    b = a[:576] + tuple(int(t) for t in rng.integers(4, 1000, 600))
+
+    async def cached_after(rid: str, prompt: tuple[int, ...], want: set[int]) -> frozenset[int] | None:
+        await _collect(engines.decode, EngineRequest(rid, prompt, SamplingParams(max_tokens=2, ignore_eos=True)))
+        for _ in range(100):  # the events travel from the engine core's publisher thread
+            cached = (await engines.decode.stats()).cached_hash_ids
+            if cached is not None and want <= cached:
+                break
+            await asyncio.sleep(0.05)
+        return cached
+
+    ids_a, ids_b = prompt_hash_ids(a), prompt_hash_ids(b)
+    cached = engines.run(cached_after("events-a", a, set(ids_a[:2])))
+    assert cached is not None and set(ids_a[:2]) <= cached and ids_a[2] not in cached
+    cached = engines.run(cached_after("events-b", b, set(ids_b[:2])))
+    assert set(ids_a[:2]) | set(ids_b[:2]) <= cached
+    assert engines.run(engines.prefill.stats()).cached_hash_ids is None

@@ -160,7 +160,7 @@ class InstanceSnapshot:
     healthy: bool = True
     draining: bool = False
     # Mooncake-style prefix cache: block hash ids resident on this instance (bounded by the reporter); empty when
-    # nothing is cached (or caching is off). ``None``: the reporter cannot tell (vLLM live) -- not "nothing cached".
+    # nothing is cached (or caching is off). ``None``: the reporter cannot tell (vLLM with its KV cache events off or lost) -- not "nothing cached".
     cached_hash_ids: frozenset[int] | None = None
     # Prompt tokens still to *compute*: ``prefill_tokens_pending`` less the leading blocks of the waiting prompts
     # that this instance's prefix cache holds now (or that come with transferred KV). ``None``: the reporter cannot

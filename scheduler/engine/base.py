@@ -99,7 +99,7 @@ class EngineStats:
     # ``None``: this backend cannot tell.
     prefill_compute_tokens: int | None = None
     # Prompt block ids resident in this engine's prefix cache (``InstanceSnapshot.cached_hash_ids``); ``None`` when
-    # the backend cannot tell (vLLM: prefix_affinity remembers where it sent each prefix instead).
+    # the backend cannot tell (vLLM without its KV cache events: prefix_affinity remembers where it sent each prefix).
     cached_hash_ids: frozenset[int] | None = None
 
 

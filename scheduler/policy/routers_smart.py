@@ -109,9 +109,9 @@ class PrefixAffinityRouter(PairingRouter):
     to a lighter instance (which then caches the prefix too -- Mooncake's hot-prefix replication falls out of that).
 
     What is cached where: a snapshot that lists its prefix cache (``cached_hash_ids`` not ``None``: the simulator,
-    the simulated backend) is believed, so a prefix its engine evicted earns nothing; blocks of requests routed
+    the simulated backend, vLLM from its KV cache events) is believed, so a prefix its engine evicted earns nothing; blocks of requests routed
     there and not finished count too until a listing shows them (queued, they are computed before a newcomer is
-    admitted). A snapshot that cannot tell (vLLM live) is read from the router's memory of where it sent each
+    admitted). A snapshot that cannot tell (vLLM with its events off or lost) is read from the router's memory of where it sent each
     block, an LRU per instance bounded by the instance's KV capacity (the most an engine's cache can hold), so old
     sends expire as the engine's would.
 

