@@ -148,7 +148,8 @@ class MigrationDriver:
         # unaccounted (206 blocks held on a 200-block engine).
         new = m.dst.engine.add_request(rid, seq.num_tokens, seq.max_new, cached_tokens=seq.num_tokens - 1,
                                        priority=seq.priority, predicted_remaining=seq.predicted_remaining,
-                                       length_dist=seq.length_dist, generated_before=seq.dist_base, front=True)
+                                       length_dist=seq.length_dist, generated_before=seq.dist_base, front=True,
+                                       **self.sim.prefix_ids(rid))
         new.tag = rid
         self.sim.dec_of[rid] = m.dst.index
         if m.dst.in_step is not None:  # mid-step: on the pre-step snapshot now, as an arrival is (else on none)

@@ -17,6 +17,7 @@ import itertools
 import math
 import time as _time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -509,12 +510,11 @@ class Simulator:
         if pair:
             self.dec_of[i] = self._index[decision.decode_instance].index
         pred = req.predicted_output_tokens
-        kw = {"hash_ids": req.hash_ids, "hash_block_tokens": self.w.hash_block_tokens} if req.hash_ids else {}
         handoff = pair or (inst.role is InstanceRole.PREFILL and not colocated)
         try:
             seq = inst.engine.add_request(i, prompt, 1 if handoff else output, priority=req.priority,
                                           predicted_remaining=pred, length_dist=self._dist(i), handoff=handoff,
-                                          **kw)
+                                          **self.prefix_ids(i))
         except ValueError:
             self._refuse(i, inst)  # does not fit this engine at all
             return
@@ -532,6 +532,12 @@ class Simulator:
         """A finished request's lengths reach an online predictor, as the live ingress tells it of each."""
         if self._predict_live:
             self.predictor.observe(int(self.w.prompt_tokens[i]), int(self.w.output_tokens[i]))
+
+    def prefix_ids(self, i: int) -> dict[str, Any]:
+        """``add_request``'s prefix-cache keywords for request ``i``: its prompt's ids, wherever its KV is computed or
+        lands (a decode leg, a migration), since vLLM caches the blocks it loaded as its own."""
+        ids = self.w.hash_ids[i] if self.w.hash_ids is not None else None
+        return {"hash_ids": tuple(ids), "hash_block_tokens": self.w.hash_block_tokens} if ids else {}
 
     def _dist(self, i: int) -> LengthPrediction | None:
         return self.w.predicted_dist[i] if self.w.predicted_dist is not None else None
@@ -573,7 +579,8 @@ class Simulator:
         try:  # the request keeps its priority and length guess (less the token the prefill made)
             seq = inst.engine.add_request(i, prompt + 1, output - 1, cached_tokens=prompt, priority=req.priority,
                                           predicted_remaining=None if pred is None else max(pred - 1.0, 0.0),
-                                          length_dist=self._dist(i), generated_before=1, handoff=False)
+                                          length_dist=self._dist(i), generated_before=1, handoff=False,
+                                          **self.prefix_ids(i))
         except ValueError:
             self._refuse(i, inst)  # its context does not fit this decoder at all: refused, not a crash
             self._expect_kv(inst, -1, now)

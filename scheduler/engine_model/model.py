@@ -24,12 +24,13 @@ Semantics (documented choices where vLLM has knobs):
   its leading ids found in the instance's cache count as already computed, in whole KV blocks and at most
   ``prompt - 1`` tokens (as vLLM: the last block is recomputed to sample the first token), so only the rest is
   prefilled. Ids enter the cache as the chunk that fills them is scheduled (vLLM caches a block when it allocates
-  it: a prompt admitted later in the same step hits it). The cache is an LRU of ids bounded by the instance's KV
-  capacity in tokens; a prompt's ids are touched last-to-first, so its tail is evicted before its head (vLLM frees
-  a request's blocks in reverse). NOTE: admission still reserves KV for the whole context (no block sharing
-  between concurrent requests): cached blocks save compute, not memory -- conservative on memory; and cached ids
-  do not give way to running requests' KV (vLLM's do: they are its free blocks), so under KV pressure hits are
-  optimistic.
+  it: a prompt admitted later in the same step hits it), and those of KV that arrived with the request (a P->D
+  decode leg, a migration) as it is admitted (vLLM caches what its KV connector loaded). The cache is an LRU of
+  ids bounded by the instance's KV capacity in tokens; a prompt's ids are touched last-to-first, so its tail is
+  evicted before its head (vLLM frees a request's blocks in reverse). NOTE: admission still reserves KV for the
+  whole context (no block sharing between concurrent requests): cached blocks save compute, not memory --
+  conservative on memory; and cached ids do not give way to running requests' KV (vLLM's do: they are its free
+  blocks), so under KV pressure hits are optimistic.
 
 Per-request bookkeeping of decoding requests is lazy: a request stores the step counter and its counts when it
 joined the decode set, so advancing ``k`` steps is O(1) regardless of batch size.
@@ -439,7 +440,9 @@ class EngineModel:
                 self.prefill_blocks += need
                 self.prompt_tokens_loaded += head.num_computed
                 if head.num_computed and head.num_tokens - head.num_computed == 1:
-                    # Its whole context is cached (P->D or migration): a plain decode from now on.
+                    # Its whole context is cached (P->D or migration): a plain decode from now on. vLLM caches the
+                    # blocks its connector loaded as its own (``allocate_slots``): a later prompt sharing them hits.
+                    self._prefix_insert(head, head.num_tokens)
                     self.prefill_blocks -= need
                     head.blocks = 0
                     self._join_decode(head)
