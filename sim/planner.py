@@ -35,7 +35,7 @@ from scheduler.cli_args import output_dir, positive_int
 from scheduler.config.gpus import catalog_key, catalog_names
 from scheduler.config.load import ConfigError
 from scheduler.config.models import ClusterConfig, EngineSpec, GPUSpec, PolicySpec, PoolSpec
-from scheduler.core.types import InstanceRole
+from scheduler.core.types import SLO, InstanceRole
 from scheduler.deploy.k8s import KubernetesError
 from scheduler.policy.placement import (
     InstanceProfile,
@@ -44,7 +44,7 @@ from scheduler.policy.placement import (
     pair_prefill_rps,
     within_catalog,
 )
-from scheduler.policy.scaling import WorkloadSummary, instances_for
+from scheduler.policy.scaling import WorkloadSummary, instances_for, tightest_slo
 from sim.cluster import latency_factory
 from sim.commands import (
     add_cluster_args,
@@ -165,8 +165,17 @@ MIN_KV_REQUESTS = 4
 
 
 def summary_of(w: Workload) -> WorkloadSummary:
-    """The workload as the analytic capacity model sees it: arrival rate and mean lengths."""
-    return WorkloadSummary(w.rate_rps, float(np.mean(w.prompt_tokens)), float(np.mean(w.output_tokens)))
+    """The workload as the analytic capacity model sees it: arrival rate, mean lengths and its priority classes."""
+    return WorkloadSummary(w.rate_rps, float(np.mean(w.prompt_tokens)), float(np.mean(w.output_tokens)),
+                           priorities=tuple(int(p) for p in np.unique(w.priorities)))
+
+
+def sized_slo(base: ClusterConfig, w: WorkloadSummary) -> SLO:
+    """The SLO the analytic pass sizes an instance for: the tightest of the trace's classes, as the SLA scaler sizes
+    pools (``scaling.tightest_slo``; the simulated pass scores each request against its own class's). Class 0's
+    alone sized a trace whose tight class was not class 0 for the looser SLO: a low estimate, a prefill-heavy
+    ``pd:auto`` share."""
+    return tightest_slo(base.slo_for, w.priorities or (0,))
 
 
 def default_gpus(base: ClusterConfig) -> list[str]:
@@ -196,10 +205,10 @@ def _analytic(base: ClusterConfig) -> dict:
 
 
 def profile(base: ClusterConfig, gpu: str, tp: int, w: WorkloadSummary) -> InstanceProfile | None:
-    """One instance's analytic capacity for ``w`` under the config's default SLO (``placement.instance_profile``,
+    """One instance's analytic capacity for ``w`` under ``sized_slo`` (``placement.instance_profile``,
     ``_analytic``'s terms); None when the model does not fit: weights plus KV for ``MIN_KV_REQUESTS`` max-length
     requests, and heads split evenly over ``tp``."""
-    return instance_profile(base.model, base.gpus[gpu], tp, base.slo_for(0), w, **_analytic(base))
+    return instance_profile(base.model, base.gpus[gpu], tp, sized_slo(base, w), w, **_analytic(base))
 
 
 def estimate(prof: InstanceProfile | None, c: Candidate, rate: float,
@@ -384,7 +393,7 @@ def hetero_pairs(base: ClusterConfig, keys: list[str], tps: tuple[int, ...], ws:
     the GPU that does it best per dollar): the analytic pass over both roles (``placement.enumerate_placements``,
     with the planner's feasibility rule) keeps only P/D clusters no other is cheaper than with at least as much
     capacity; of those, the ones whose pools differ."""
-    found = enumerate_placements({k: base.gpus[k] for k in keys}, base.model, base.slo_for(0), ws, tp_choices=tps,
+    found = enumerate_placements({k: base.gpus[k] for k in keys}, base.model, sized_slo(base, ws), ws, tp_choices=tps,
                                  modes=("disaggregated",), extra=0, max_instances=max_instances, **_analytic(base))
     out: list[tuple[tuple[str, int], tuple[str, int]]] = []
     for cand in found:

@@ -234,6 +234,15 @@ def instances_for(rate_rps: float, capacity_rps: float) -> int | None:
 
 
 # ---- scalers ---------------------------------------------------------------------------------------------------------
+def tightest_slo(slo_of_class: Callable[[int], SLO], priorities: Iterable[int]) -> SLO:
+    """What pools serving the ``priorities`` classes are sized for: each target the tightest over their SLOs
+    (``slo_of_class``; None where none sets it) -- an engine admits FCFS and decodes one batch, so every class waits
+    in one queue and steps at one pace. ``SLAScaler.slo_of`` and the planner's analytic pass both read it."""
+    slos = [slo_of_class(p) for p in priorities]
+    return SLO(min((s.ttft_s for s in slos if s.ttft_s is not None), default=None),
+               min((s.tpot_s for s in slos if s.tpot_s is not None), default=None))
+
+
 def _role_key(inst: InstanceSnapshot) -> str:
     return inst.role.value
 
@@ -435,14 +444,11 @@ class SLAScaler(ScalingPolicy):
         return self._eng.get(pool)
 
     def slo_of(self, w: WorkloadSummary) -> SLO:
-        """The targets the pools are sized for: with per-class SLOs, each the tightest over the window's classes --
-        an engine admits FCFS and decodes one batch, so every class waits in one queue and steps at one pace."""
+        """The targets the pools are sized for: with per-class SLOs, the tightest over the window's classes
+        (``tightest_slo``)."""
         if self._slo_of_class is None or not w.priorities:
             return self.slo
-        slos = [self._slo_of_class(p) for p in w.priorities]
-        ttfts = [s.ttft_s for s in slos if s.ttft_s is not None]
-        tpots = [s.tpot_s for s in slos if s.tpot_s is not None]
-        return SLO(min(ttfts, default=None), min(tpots, default=None))
+        return tightest_slo(self._slo_of_class, w.priorities)
 
     @staticmethod
     def reachable(lat: LatencyModel, role: str, w: WorkloadSummary, slo: SLO) -> tuple[SLO, tuple[str, ...]]:
