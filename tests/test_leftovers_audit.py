@@ -3,15 +3,19 @@ each test reproduces one finding and failed before its fix."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from scheduler.cli import main as cli_main
 from scheduler.config.load import load_config
 from scheduler.config.models import ClusterConfig, SLOSpec
 from scheduler.policy.placement import instance_profile
 from sim import planner
+from sim.compare import GOODPUT_CEILING
 from sim.simulator import Workload
 from sim.traces import default_trace
 
@@ -70,3 +74,27 @@ def test_planner_analytic_pass_sizes_for_the_tightest_class_in_the_trace(two_cla
         "mixed": planner.estimate(tight, c, ws.rate_rps),
         pd.layout: planner.estimate(tight, pd, ws.rate_rps),
     }
+
+
+# ---- 2. ``llmsched compare`` says when a goodput is the search's ceiling ------------------------------------------
+def test_compare_says_when_a_goodput_is_the_search_ceiling(tmp_path: Path, capsys) -> None:
+    """The goodput bisection stops at 8x the offered rate. On a 60-request head every router still met the target
+    there, and compare reported 230.07 req/s (8 x 28.76) as each router's goodput, in the JSON and the table alike,
+    with nothing saying it was the ceiling (6.4x the measured saturation). Now ``goodput_capped`` says so, and the
+    table marks the figure ``>=`` with the reason; a measured goodput is not marked."""
+    capped, measured = tmp_path / "capped.json", tmp_path / "measured.json"
+    assert (
+        cli_main(["compare", "--limit", "60", "--routers", "least_outstanding", "--json", str(capped)]) == 0
+    )
+    r = json.loads(capped.read_text())["routers"]["least_outstanding"]
+    assert r["goodput_capped"] is True and r["goodput_rps"] == pytest.approx(
+        GOODPUT_CEILING * r["offered_rps"]
+    )
+    line = next(x for x in capsys.readouterr().out.splitlines() if "goodput@90%" in x)
+    assert f">={r['goodput_rps']:.2f} req/s" in line and "ceiling" in line
+    args = ["--limit", "400", "--instances", "2", "--load", "1.0", "--routers", "least_outstanding"]
+    assert cli_main(["compare", *args, "--json", str(measured)]) == 0
+    r = json.loads(measured.read_text())["routers"]["least_outstanding"]
+    assert r["goodput_capped"] is False and 0 < r["goodput_rps"] < GOODPUT_CEILING * r["offered_rps"]
+    line = next(x for x in capsys.readouterr().out.splitlines() if "goodput@90%" in x)
+    assert f"goodput@90% {r['goodput_rps']:.2f} req/s" in line and "ceiling" not in line
