@@ -5,6 +5,10 @@
   and GPU-type pinning run for real. Shut down at the end of the module.
 * ``aloop``: an asyncio event loop on a background thread, for async code shared across a module's tests
   (``aloop.run(coro, timeout=...)``); Ingress objects live in it.
+* ``no_ray``: no Ray node for a test that runs ``Instance`` objects (or anything else Ray-aware) in this process.
+  Opt in by naming it, or for a whole module with ``pytestmark = pytest.mark.usefixtures("no_ray")``.
+* ``no_cluster_start``: a command (``llmsched serve`` / ``run``) that must fail before it starts a cluster fails the
+  test if it reaches one.
 """
 
 from __future__ import annotations
@@ -90,3 +94,36 @@ def local_ray() -> Iterator[Any]:
         yield rt
     finally:
         rt.shutdown()
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ray.get_runtime_context`` (``Instance.__init__`` asks it for its node id) and ``ray.init`` (what every Ray
+    API calls first when no node runs) raise instead of starting a local Ray node. Not autouse: the Ray tests need
+    Ray, and a module may hold both kinds (test_faults_audit)."""
+    import ray
+
+    def refuse(*a: Any, **kw: Any) -> Any:
+        raise RuntimeError("no Ray in this test (tests/conftest.py: no_ray)")
+
+    monkeypatch.setattr(ray, "get_runtime_context", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+@pytest.fixture
+def no_cluster_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in ``scheduler.control.cluster`` whose ``start_local_cluster``, ``start_ray`` and ``deploy`` fail
+    the test if reached; ``nodes_for`` (the placement check ``serve`` runs first) and ``NodeSpec`` are the real
+    ones."""
+    import sys
+    import types
+
+    from scheduler.control.cluster import NodeSpec, nodes_for
+
+    def started(*a: Any, **kw: Any) -> Any:
+        raise AssertionError("the command started a cluster despite a bad argument")
+
+    fake = types.ModuleType("scheduler.control.cluster")
+    fake.start_local_cluster = fake.start_ray = fake.deploy = started  # type: ignore[attr-defined]
+    fake.nodes_for, fake.NodeSpec = nodes_for, NodeSpec  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "scheduler.control.cluster", fake)

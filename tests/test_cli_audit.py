@@ -124,24 +124,6 @@ def test_missing_or_broken_latency_profile_names_the_field(tmp_path: Path, capsy
         assert rc == 2 and f"latency_profile {prof}" in err, err
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """``scheduler.control.cluster`` whose ``start_local_cluster`` fails the test if reached (``nodes_for``, the
-    placement check serve runs first, is the real one)."""
-    import sys
-    import types
-
-    from scheduler.control.cluster import nodes_for
-
-    def start_local_cluster(*a, **k):
-        raise AssertionError("llmsched serve started a cluster despite a bad argument")
-
-    fake = types.ModuleType("scheduler.control.cluster")
-    fake.start_local_cluster = start_local_cluster
-    fake.nodes_for = nodes_for
-    monkeypatch.setitem(sys.modules, "scheduler.control.cluster", fake)
-
-
 @pytest.mark.parametrize(
     "args, flag",
     [
@@ -152,13 +134,13 @@ def no_ray(monkeypatch):
         (["--fake-gpus-per-node", "-2"], "--fake-gpus-per-node"),
     ],
 )
-def test_serve_bad_numbers_fail_before_ray_starts(args, flag, no_ray, capsys) -> None:
+def test_serve_bad_numbers_fail_before_ray_starts(args, flag, no_cluster_start, capsys) -> None:
     """``serve --port -5`` started a Ray cluster and the engines, then failed (or hung) binding the port."""
     rc, err = run(["serve", "--config", "tiny-cpu", *args], capsys)
     assert rc == 2 and f"argument {flag}" in err
 
 
-def test_serve_tp_wider_than_fake_gpu_nodes_fails_before_ray_starts(tmp_path: Path, no_ray, capsys) -> None:
+def test_serve_tp_wider_than_fake_gpu_nodes_fails_before_ray_starts(tmp_path: Path, no_cluster_start, capsys) -> None:
     """A TP-2 pool on 1-GPU fake nodes: its STRICT_PACK placement group could never be placed; serve waited out the
     start timeout, warned "only 0 of 2 instances came up" and served nothing."""
     raw = yaml.safe_load((ROOT / "scheduler/config/examples/tiny-cpu.yaml").read_text())
@@ -348,7 +330,7 @@ def test_json_outputs_into_a_new_folder_are_written(tmp_path: Path, capsys) -> N
     assert rc == 0 and out.is_file(), err
 
 
-def test_serve_bad_log_level_is_one_line_naming_the_variable(no_ray, monkeypatch, capsys) -> None:
+def test_serve_bad_log_level_is_one_line_naming_the_variable(no_cluster_start, monkeypatch, capsys) -> None:
     """``LLMSCHED_LOG_LEVEL=foo`` (the chart's ``logLevel``) was a ValueError traceback."""
     monkeypatch.setenv("LLMSCHED_LOG_LEVEL", "foo")
     rc, err = run(["serve", "--config", "tiny-cpu"], capsys)

@@ -5,8 +5,6 @@ before any simulation, Ray cluster or engine starts (the timeout turns a regress
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -156,17 +154,6 @@ def test_bad_input_exits_2_naming_the_flag(argv, needle, files, capsys) -> None:
     assert "Traceback" not in err
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """``llmsched run`` must fail before it starts a Ray cluster: a stand-in that fails the test if it is reached."""
-    def start_local_cluster(*a, **k):
-        raise AssertionError("llmsched run started a cluster despite a bad argument")
-
-    fake = types.ModuleType("scheduler.control.cluster")
-    fake.start_local_cluster = start_local_cluster
-    monkeypatch.setitem(sys.modules, "scheduler.control.cluster", fake)
-
-
 @pytest.mark.parametrize("argv, needle", [
     (["--config", "{missing}"], "--config"),
     (["--config", "{bad_yaml}"], "--config"),
@@ -175,7 +162,7 @@ def no_ray(monkeypatch):
     (["--rate-scale", "0"], "--rate-scale"),
     (["--out", "{file}"], "--out"),
 ])
-def test_run_bad_input_fails_before_ray_starts(argv, needle, files, no_ray, capsys) -> None:
+def test_run_bad_input_fails_before_ray_starts(argv, needle, files, no_cluster_start, capsys) -> None:
     rc, err = run(["run", *(a.format(**files) for a in argv)], capsys)
     assert rc == 2, err
     assert needle in err
@@ -191,7 +178,7 @@ def test_run_bad_input_fails_before_ray_starts(argv, needle, files, no_ray, caps
         ({"LLMSCHED_TLS_KEY_FILE": "{file}"}, "LLMSCHED_TLS_CERT_FILE"),
     ],
 )
-def test_serve_bad_auth_env_fails_before_ray_starts(env, needle, files, no_ray, monkeypatch, capsys) -> None:
+def test_serve_bad_auth_env_fails_before_ray_starts(env, needle, files, no_cluster_start, monkeypatch, capsys) -> None:
     monkeypatch.delenv("LLMSCHED_HOST", raising=False)  # loopback: the open-by-default case
     for name, value in env.items():
         monkeypatch.setenv(name, value.format(**files))

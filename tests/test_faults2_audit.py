@@ -15,16 +15,7 @@ from scheduler.engine.base import EngineRequest, SamplingParams, TokenChunk
 from tests.test_faults_audit import _crash_after
 from tests.test_ingress_audit import _consume
 
-
-@pytest.fixture(autouse=True)
-def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``Instance`` objects in this process without starting a Ray node (``get_runtime_context`` would)."""
-    import ray
-
-    def no_runtime() -> Any:
-        raise RuntimeError("no Ray in this test")
-
-    monkeypatch.setattr(ray, "get_runtime_context", no_runtime)
+pytestmark = pytest.mark.usefixtures("no_ray")  # tests/conftest.py: Instance objects here, no Ray node
 
 
 async def _cluster(name: str, n: int, time_scale: float, **ingress_kw: Any) -> tuple[dict[str, Any], Any]:

@@ -18,17 +18,6 @@ from tests.test_controller_audit import _controller
 from tests.test_ingress_audit import FakeInstance, _consume, _ingress
 
 
-@pytest.fixture
-def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``Instance`` objects in this process without starting a Ray node (``get_runtime_context`` would)."""
-    import ray
-
-    def no_runtime() -> Any:
-        raise RuntimeError("no Ray in this test")
-
-    monkeypatch.setattr(ray, "get_runtime_context", no_runtime)
-
-
 def _unavailable() -> ActorUnavailableError:
     return ActorUnavailableError("the actor is temporarily unavailable: RpcError", b"\x00" * 16)
 

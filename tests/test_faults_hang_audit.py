@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -24,36 +26,51 @@ from scheduler.engine.base import EngineRequest, SamplingParams
 from tests.test_control_plane import GPUS, MODEL, SIM, _check_exact, _collect, _req
 
 HANG_S = 5.0
-CFG = ClusterConfig.model_validate(
-    {
-        "name": "hang",
-        "gpus": GPUS,
-        "model": MODEL,
-        "pools": [{"name": "mixed", "role": "mixed", "gpu": "a100", "count": 2, "hang_timeout_s": HANG_S}],
-    }
-)
+
+
+def hang_config(name: str, count: int) -> ClusterConfig:
+    """``count`` MIXED simulated instances whose watchdog gives up after ``HANG_S`` without progress."""
+    return ClusterConfig.model_validate(
+        {
+            "name": name,
+            "gpus": GPUS,
+            "model": MODEL,
+            "pools": [
+                {"name": "mixed", "role": "mixed", "gpu": "a100", "count": count, "hang_timeout_s": HANG_S}
+            ],
+        }
+    )
+
+
+@contextmanager
+def hang_deployment(aloop: Any, cfg: ClusterConfig, **ingress_kw: Any) -> Iterator[tuple[Any, Any]]:
+    """``cfg`` deployed on the running Ray cluster (simulated backend, 50 ms refresh) and a started ingress over it
+    (``ingress_kw``): ``(deployment, ingress)``, both closed after. This module's and test_hang_quarantine_audit's."""
+    dep = deploy(
+        cfg,
+        name=cfg.name,
+        controller_name=f"llmsched-controller-{cfg.name}",
+        backend_kwargs=SIM,
+        refresh_s=0.05,
+    )
+    try:
+        ing = dep.make_ingress(**ingress_kw)
+        aloop.run(ing.start())
+        try:
+            yield dep, ing
+        finally:
+            aloop.run(ing.close())
+    finally:
+        dep.shutdown()
+
+
+CFG = hang_config("hang", 2)
 
 
 @pytest.fixture(scope="module")
-def hang(local_ray: Any, aloop: Any) -> Any:
-    dep = deploy(
-        CFG, name="hang", controller_name="llmsched-controller-hang", backend_kwargs=SIM, refresh_s=0.05
-    )
-    ing = dep.make_ingress()
-    aloop.run(ing.start())
-    yield dep, ing
-    aloop.run(ing.close())
-    dep.shutdown()
-
-
-@pytest.fixture
-def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``Instance`` objects in this process without starting a Ray node (``get_runtime_context`` would)."""
-
-    def no_runtime() -> Any:
-        raise RuntimeError("no Ray in this test")
-
-    monkeypatch.setattr(ray, "get_runtime_context", no_runtime)
+def hang(local_ray: Any, aloop: Any) -> Iterator[tuple[Any, Any]]:
+    with hang_deployment(aloop, CFG) as dep_ing:
+        yield dep_ing
 
 
 def _stop_engine_loop(inst: Instance) -> None:

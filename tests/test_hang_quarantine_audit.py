@@ -1,43 +1,28 @@
 """Regressions from an audit of the query-of-death quarantine together with the hang watchdog. Each failed before
 its fix.
 
-One Ray cluster and one deployment (3 MIXED simulated instances, ``hang_timeout_s`` 5) for the module; the engine
-stall is patched into each instance's simulated engine inside its actor (``__ray_call__``)."""
+One Ray cluster and one deployment (3 MIXED simulated instances, ``hang_timeout_s`` 5; test_faults_hang_audit's
+``hang_deployment``) for the module; the engine stall is patched into each instance's simulated engine inside its
+actor (``__ray_call__``)."""
 
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
-from scheduler.config.models import ClusterConfig
-from scheduler.control.cluster import deploy
-from tests.test_control_plane import GPUS, MODEL, SIM, _collect, _req
-
-HANG_S = 5.0
-CFG = ClusterConfig.model_validate(
-    {
-        "name": "hangq",
-        "gpus": GPUS,
-        "model": MODEL,
-        "pools": [{"name": "mixed", "role": "mixed", "gpu": "a100", "count": 3, "hang_timeout_s": HANG_S}],
-    }
-)
+from tests.test_control_plane import _collect, _req
+from tests.test_faults_hang_audit import HANG_S, hang_config, hang_deployment
 
 
 @pytest.fixture(scope="module")
-def hangq(local_ray: Any, aloop: Any) -> Any:
-    dep = deploy(
-        CFG, name="hangq", controller_name="llmsched-controller-hangq", backend_kwargs=SIM, refresh_s=0.05
-    )
-    ing = dep.make_ingress(quarantine_after=2, max_recoveries=3)
-    aloop.run(ing.start())
-    yield dep, ing
-    aloop.run(ing.close())
-    dep.shutdown()
+def hangq(local_ray: Any, aloop: Any) -> Iterator[tuple[Any, Any]]:
+    with hang_deployment(aloop, hang_config("hangq", 3), quarantine_after=2, max_recoveries=3) as dep_ing:
+        yield dep_ing
 
 
 def _stalls_while_decoding(inst: Any, rid: str = "qod-hang") -> None:
@@ -71,9 +56,7 @@ def test_a_request_that_hangs_every_engine_it_runs_on_is_quarantined(hangq: Any,
     assert ing.counters["quarantined"] == q0 + 1
 
 
-def test_a_hung_instance_released_as_broken_ends_its_streams_without_its_engine(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_hung_instance_released_as_broken_ends_its_streams_without_its_engine(no_ray: None) -> None:
     """The release of a hung instance ended its streams through the engine's abort -- which a hung vLLM engine
     never answers (the abort drops the request's saved KV by a call into the engine core) --, so ``shutdown`` hung
     on the first stream until the Controller killed the actor 5 s in, and each stream's end was an actor death to
@@ -84,7 +67,6 @@ def test_a_hung_instance_released_as_broken_ends_its_streams_without_its_engine(
     from scheduler.control.instance import ENGINE_FAILED, Instance
     from scheduler.engine.base import EngineRequest, SamplingParams
 
-    monkeypatch.setattr(ray, "get_runtime_context", lambda: (_ for _ in ()).throw(RuntimeError("no Ray")))
     cfg = cluster_config("hung-abort", mixed=1)
     pool = cfg.pools[0]
 

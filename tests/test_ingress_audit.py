@@ -164,15 +164,8 @@ async def _until(cond: Any, timeout: float = 5.0) -> None:
 
 
 # ---- 1 ------------------------------------------------------------------------------------------------------------
-def test_lost_zero_token_final_answer_is_resent(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lost_zero_token_final_answer_is_resent(no_ray: None) -> None:
     """A poll retry after a lost zero-token final answer (abort) got None ("unknown request") instead of it again."""
-    import ray
-
-    def no_ray() -> Any:
-        raise RuntimeError("no Ray in this test")
-
-    monkeypatch.setattr(ray, "get_runtime_context", no_ray)
-
     async def scenario() -> TokenChunk | None:
         cfg = load_config("default")
         pool = cfg.pools[0]

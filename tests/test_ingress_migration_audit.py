@@ -7,23 +7,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
-
 from scheduler.core.types import ClusterView, InstanceRole
 from scheduler.engine.base import SamplingParams
 from scheduler.policy.route import RouteDecision, Router
 from tests.test_ingress_audit import FakeInstance, _ingress
-
-
-@pytest.fixture
-def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``Instance`` objects in this process without starting a Ray node (``get_runtime_context`` would)."""
-    import ray
-
-    def no_runtime() -> Any:
-        raise RuntimeError("no Ray in this test")
-
-    monkeypatch.setattr(ray, "get_runtime_context", no_runtime)
 
 
 class _Borrow(Router):

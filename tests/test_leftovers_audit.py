@@ -98,3 +98,25 @@ def test_compare_says_when_a_goodput_is_the_search_ceiling(tmp_path: Path, capsy
     assert r["goodput_capped"] is False and 0 < r["goodput_rps"] < GOODPUT_CEILING * r["offered_rps"]
     line = next(x for x in capsys.readouterr().out.splitlines() if "goodput@90%" in x)
     assert f"goodput@90% {r['goodput_rps']:.2f} req/s" in line and "ceiling" not in line
+
+
+# ---- 3. one no-Ray fixture (tests/conftest.py) ----------------------------------------------------------------------
+def test_no_ray_refuses_every_way_a_test_could_start_ray(no_ray: None) -> None:
+    """The one ``no_ray`` the modules that run ``Instance`` objects in-process share (nine kept a copy or an inline
+    patch, of ``ray.get_runtime_context`` only): any Ray call that would start a local node now raises too (they
+    all go through ``ray.init``), and an ``Instance`` still builds, with no node id."""
+    import ray
+
+    from bench.loadgen import cluster_config
+    from scheduler.control.instance import Instance
+
+    if ray.is_initialized():
+        pytest.skip("a Ray node is already up in this process")
+    with pytest.raises(RuntimeError, match="no_ray"):
+        ray.put(1)
+    with pytest.raises(RuntimeError, match="no_ray"):
+        ray.get_runtime_context()
+    cfg = cluster_config("no-ray", mixed=1)
+    pool = cfg.pools[0]
+    assert Instance("mixed-0", pool, cfg.model, cfg.gpus[pool.gpu]).info.node_id == ""
+    assert not ray.is_initialized()

@@ -24,16 +24,7 @@ from scheduler.engine.simulated_backend import SimulatedBackend, sim_token
 from scheduler.transfer.migration import MigrationSnapshot
 from tests.test_ingress_audit import FakeInstance, _consume, _ingress, _until
 
-
-@pytest.fixture(autouse=True)
-def _no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``Instance.__init__`` asks Ray for its node id, which would start a local Ray instance."""
-    import ray
-
-    def no_ray() -> Any:
-        raise RuntimeError("no Ray in these tests")
-
-    monkeypatch.setattr(ray, "get_runtime_context", no_ray)
+pytestmark = pytest.mark.usefixtures("no_ray")  # tests/conftest.py: Instance objects here, no Ray node
 
 
 class Handle:

@@ -156,17 +156,6 @@ def test_the_simulator_prefills_on_a_decode_instance_only_when_the_prefill_pool_
 
 
 # ---- the live ingress applies the fallback's decision: a DECODE instance runs the whole request ---------------------
-@pytest.fixture
-def _no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``Instance.__init__`` asks Ray for its node id, which would start a local Ray instance."""
-    import ray
-
-    def no_ray() -> Any:
-        raise RuntimeError("no Ray in these tests")
-
-    monkeypatch.setattr(ray, "get_runtime_context", no_ray)
-
-
 class _Handle:
     """An ``Instance`` called as through a Ray actor handle (``handle.method.remote(...)``)."""
 
@@ -177,7 +166,7 @@ class _Handle:
         return _Method(getattr(self.inst, name))
 
 
-def test_the_live_ingress_runs_a_borrowed_prompt_on_a_decode_instance(_no_ray: None) -> None:
+def test_the_live_ingress_runs_a_borrowed_prompt_on_a_decode_instance(no_ray: None) -> None:
     """The live side: the router (the same pure policy) places the prompt on the light DECODE instance; the ingress
     submits it there whole (no max_tokens=1 prefill leg, no export), and a DECODE ``Instance`` with the simulated
     backend prefills and decodes it to the end. The saturated PREFILL instance sees nothing."""

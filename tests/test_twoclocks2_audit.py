@@ -5,7 +5,6 @@ each, and must decide and book alike. Each test failed before its fix."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -27,17 +26,7 @@ from tests.test_ingress_audit import FakeInstance, _consume, _ingress
 DIST = LengthPrediction.from_probs([0, 0, 0, 0, 0.6, 0, 0.4, 0, 0])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_ray() -> Iterator[None]:
-    """``Instance.__init__`` asks Ray for its node id, which would start a local Ray instance."""
-    import ray
-
-    def no_ray() -> Any:
-        raise RuntimeError("no Ray in these tests")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ray, "get_runtime_context", no_ray)
-        yield
+pytestmark = pytest.mark.usefixtures("no_ray")  # tests/conftest.py: Instance objects here, no Ray node
 
 
 # ---- 1: a live migration carries the renewed length guess ------------------------------------------------------------

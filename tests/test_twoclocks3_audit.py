@@ -19,7 +19,8 @@ from scheduler.policy.migration import MigrationPlan, MigrationReason
 from scheduler.policy.route import RouteDecision, Router, make_router
 from sim.cluster import build_instances
 from sim.simulator import Simulator, Workload
-from tests.test_twoclocks2_audit import _no_ray  # noqa: F401 -- autouse: no Ray in these tests either
+
+pytestmark = pytest.mark.usefixtures("no_ray")  # tests/conftest.py: Instance objects here, no Ray node
 
 # Two NIC types: the H100's 400 Gb/s (50 GB/s) and the A100's 200 Gb/s, with different latencies.
 NET = {"h100": (50.0, 5e-6), "a100": (25.0, 20e-6)}

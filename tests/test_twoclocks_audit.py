@@ -109,17 +109,6 @@ def test_a_request_refused_after_routing_is_heard_as_ended_in_the_simulator() ->
 
 
 # ---- 2: prefill_tokens_pending of a prompt in chunked prefill -------------------------------------------------------
-@pytest.fixture
-def _no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``Instance.__init__`` asks Ray for its node id, which would start a local Ray instance."""
-    import ray
-
-    def no_ray() -> Any:
-        raise RuntimeError("no Ray in these tests")
-
-    monkeypatch.setattr(ray, "get_runtime_context", no_ray)
-
-
 def _snapshots_after(cfg: Any, script: Any) -> tuple[InstanceSnapshot, InstanceSnapshot]:
     """The live ``Instance`` (simulated backend) and the simulator's instance, after ``script(engine_model)`` ran
     on each one's engine model: (live snapshot, simulator's snapshot). The live engine loop is started but never
@@ -140,7 +129,7 @@ def _snapshots_after(cfg: Any, script: Any) -> tuple[InstanceSnapshot, InstanceS
     return asyncio.run(live()), sim.fresh_snapshot(0.0, detail=True)
 
 
-def test_a_prompt_in_chunked_prefill_counts_what_it_has_left_live_as_in_the_simulator(_no_ray: None) -> None:
+def test_a_prompt_in_chunked_prefill_counts_what_it_has_left_live_as_in_the_simulator(no_ray: None) -> None:
     """A 5000-token prompt, 2048 of it computed in one step, and a queued 300-token one: the live snapshot counted
     the first whole (5300 pending), the simulator what is left (3252) -- so Llumnix's virtual usage, prefix
     affinity's queue, the re-roling policy's prefill queue and the learned router's features read differently
@@ -166,7 +155,7 @@ def test_a_prompt_in_chunked_prefill_counts_what_it_has_left_live_as_in_the_simu
 
 
 def test_the_predicted_remaining_tokens_are_the_decode_batch_s_live_as_in_the_simulator(
-    _no_ray: None,
+    no_ray: None,
 ) -> None:
     """One request decoding (40 tokens predicted left) and one queued (200 predicted): the live snapshot summed both
     (239 after the first token) where the simulator sums the decode batch (39) -- the quantity lookahead divides by
