@@ -34,7 +34,7 @@ import yaml
 from scheduler.cli_args import output_dir, positive_int
 from scheduler.config.gpus import catalog_key, catalog_names
 from scheduler.config.load import ConfigError
-from scheduler.config.models import ClusterConfig, EngineSpec, GPUSpec, PolicySpec, PoolSpec
+from scheduler.config.models import ClusterConfig, GPUSpec, PolicySpec, PoolSpec
 from scheduler.core.types import SLO, InstanceRole
 from scheduler.deploy.k8s import KubernetesError
 from scheduler.policy.placement import (
@@ -110,27 +110,29 @@ class PlanResult:
         return (self.instances,) if self.candidate.prefill_share is None else (self.prefill, self.decode)
 
 
-def engine_for(base: ClusterConfig, role: InstanceRole) -> EngineSpec:
-    """Engine settings for a planned pool of ``role``: those of the base config's first pool in that role (a P/D
-    template's prefill chunk budget stays on its PREFILL pool), else of its first pool."""
-    return next((p.engine for p in base.pools if p.role == role), base.pools[0].engine)
+def template_for(base: ClusterConfig, role: InstanceRole) -> PoolSpec:
+    """The base config's pool a planned pool of ``role`` copies all but its name, role, hardware and count from
+    (backend, engine settings, timeouts): its first pool in that role (a P/D template's prefill chunk budget stays
+    on its PREFILL pool), else its first pool. Only the engine was copied: planned on a vLLM config, the written
+    best-cluster.yaml served simulated engines with default timeouts."""
+    return next((p for p in base.pools if p.role == role), base.pools[0])
 
 
 def make_config(base: ClusterConfig, c: Candidate, counts: tuple[int, ...]) -> ClusterConfig:
     """``base`` with the candidate's pools: ``(n,)`` MIXED instances, or ``(prefill, decode)`` instances."""
+
+    def pool(name: str, role: InstanceRole, gpu: str, tp: int, count: int) -> PoolSpec:
+        return template_for(base, role).model_copy(
+            update={"name": name, "role": role, "gpu": gpu, "tp": tp, "count": count})
+
     if c.prefill_share is None:
         (n,) = counts
-        pools = [PoolSpec(name=f"{c.gpu}-tp{c.tp}", role=InstanceRole.MIXED, gpu=c.gpu, tp=c.tp, count=n,
-                          engine=engine_for(base, InstanceRole.MIXED))]
+        pools = [pool(f"{c.gpu}-tp{c.tp}", InstanceRole.MIXED, c.gpu, c.tp, n)]
     else:
         p, d = counts
         dg, dt = c.decode_on
-        pools = [
-            PoolSpec(name=f"prefill-{c.gpu}", role=InstanceRole.PREFILL, gpu=c.gpu, tp=c.tp, count=p,
-                     engine=engine_for(base, InstanceRole.PREFILL)),
-            PoolSpec(name=f"decode-{dg}", role=InstanceRole.DECODE, gpu=dg, tp=dt, count=d,
-                     engine=engine_for(base, InstanceRole.DECODE)),
-        ]
+        pools = [pool(f"prefill-{c.gpu}", InstanceRole.PREFILL, c.gpu, c.tp, p),
+                 pool(f"decode-{dg}", InstanceRole.DECODE, dg, dt, d)]
     label = "-".join(map(str, counts))
     hw = c.hardware.lower().replace(" / ", "-").replace(" ", "-")
     # The router the candidate is simulated with (router_factory reads it from here: the base config's params when

@@ -120,3 +120,37 @@ def test_no_ray_refuses_every_way_a_test_could_start_ray(no_ray: None) -> None:
     pool = cfg.pools[0]
     assert Instance("mixed-0", pool, cfg.model, cfg.gpus[pool.gpu]).info.node_id == ""
     assert not ray.is_initialized()
+
+
+# ---- 4. the planned cluster keeps its template pools' backend and timeouts ------------------------------------------
+def test_planned_pools_keep_the_templates_backend_and_timeouts(tmp_path: Path) -> None:
+    """``make_config`` built each planned pool from the template's engine settings alone: planned on a vLLM
+    config (deploy/examples/cpu-pd.yaml), the ready-to-use best-cluster.yaml had ``backend: simulated`` on every
+    pool -- ``llmsched serve`` on it served simulated engines -- and the default hang / start timeouts. Each
+    planned pool now copies its role's template pool whole but for name, role, hardware and count."""
+    base = load_config("deploy/examples/cpu-pd.yaml")
+    prefill, decode = (
+        p.model_copy(update=kw)
+        for p, kw in zip(base.pools, ({"hang_timeout_s": 30.0}, {"start_timeout_s": 120.0}), strict=True)
+    )
+    base = base.model_copy(update={"pools": [prefill, decode]})
+    assert {p.backend for p in base.pools} == {"vllm"}
+    pd = planner.make_config(base, planner.Candidate("cpu", 1, "pd:0.5", "least_outstanding"), (2, 3)).pools
+    kept = ("backend", "engine", "hang_timeout_s", "start_timeout_s")
+    for got, tpl, count in zip(pd, (prefill, decode), (2, 3), strict=True):
+        assert (got.role, got.gpu, got.tp, got.count) == (tpl.role, "cpu", 1, count)
+        assert {k: getattr(got, k) for k in kept} == {k: getattr(tpl, k) for k in kept}
+    # The CLI's answer, as written and loaded back.
+    out = tmp_path / "plan"
+    args = ["--synthetic", "40", "--rate", "4", "--tp", "1", "--layouts", "mixed", "--max-instances", "4"]
+    assert (
+        cli_main(
+            ["plan", "--config", "deploy/examples/cpu-mixed.yaml", *args, "--workers", "1", "--out", str(out)]
+        )
+        == 0
+    )
+    (best,) = load_config(str(out / "best-cluster.yaml")).pools
+    assert (
+        best.backend == "vllm"
+        and best.engine == load_config("deploy/examples/cpu-mixed.yaml").pools[0].engine
+    )
