@@ -284,7 +284,7 @@ def simulate_main(argv: list[str] | None = None) -> int:
     summary["trace_source"] = getattr(trace, "source", "")
     if args.goodput:
         g = goodput(cfg, w, lambda: make_router(router_name, **params), seed=args.seed)
-        summary["goodput_rps"] = g.goodput_rps
+        summary["goodput_rps"], summary["goodput_capped"] = g.goodput_rps, g.capped  # capped: a lower bound
         summary["offered_rps"] = w.rate_rps
         warn_goodput(g, w.rate_rps, summary["slo_attainment"])
     if not args.quiet:
@@ -296,7 +296,8 @@ def simulate_main(argv: list[str] | None = None) -> int:
             f"GPU util {summary['gpu_utilization'] * 100:.0f}%  cost ${summary['cost_usd']:.2f}  "
             f"preemptions {summary['preemptions']}"
             + (f"  refused {summary['rejected']}" if summary["rejected"] else "")
-            + (f"  goodput {summary['goodput_rps']:.2f} req/s" if "goodput_rps" in summary else "")
+            + (f"  goodput {'>=' if summary['goodput_capped'] else ''}{summary['goodput_rps']:.2f} req/s"
+               if "goodput_rps" in summary else "")
             + (f"  GPU-hours {summary['gpu_hours']:.2f}  scale events {summary['scale_events']}  "
                f"mean instances {summary['mean_instances']:.2f}" if "scale_events" in summary else "")
         )

@@ -98,6 +98,12 @@ def test_compare_says_when_a_goodput_is_the_search_ceiling(tmp_path: Path, capsy
     assert r["goodput_capped"] is False and 0 < r["goodput_rps"] < GOODPUT_CEILING * r["offered_rps"]
     line = next(x for x in capsys.readouterr().out.splitlines() if "goodput@90%" in x)
     assert f"goodput@90% {r['goodput_rps']:.2f} req/s" in line and "ceiling" not in line
+    # ``simulate --goodput`` warned on stderr, but its JSON could not tell a ceiling (64x) from a measurement.
+    sim = tmp_path / "sim.json"
+    assert cli_main(["simulate", "--limit", "10", "--goodput", "--json", str(sim)]) == 0
+    s = json.loads(sim.read_text())
+    assert s["goodput_capped"] is True and s["goodput_rps"] == pytest.approx(64 * s["offered_rps"])
+    assert f"goodput >={s['goodput_rps']:.2f} req/s" in capsys.readouterr().out
 
 
 # ---- 3. one no-Ray fixture (tests/conftest.py) ----------------------------------------------------------------------
