@@ -233,7 +233,6 @@ def instances_for(rate_rps: float, capacity_rps: float) -> int | None:
     return math.ceil(rate_rps / capacity_rps - 1e-9)
 
 
-# ---- scalers ---------------------------------------------------------------------------------------------------------
 def tightest_slo(slo_of_class: Callable[[int], SLO], priorities: Iterable[int]) -> SLO:
     """What pools serving the ``priorities`` classes are sized for: each target the tightest over their SLOs
     (``slo_of_class``; None where none sets it) -- an engine admits FCFS and decodes one batch, so every class waits
@@ -243,6 +242,7 @@ def tightest_slo(slo_of_class: Callable[[int], SLO], priorities: Iterable[int]) 
                min((s.tpot_s for s in slos if s.tpot_s is not None), default=None))
 
 
+# ---- scalers ---------------------------------------------------------------------------------------------------------
 def _role_key(inst: InstanceSnapshot) -> str:
     return inst.role.value
 
