@@ -587,7 +587,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     def said(done: int, total: int, r: PlanResult) -> None:  # a search takes minutes: say where it is
         c = r.candidate
-        got = (f"{r.instances} instances, ${r.cost_per_hour:.2f}/h, attainment {r.attainment:.3f}, up to "
+        # A headroom at the search's ceiling is a lower bound (the table's ">="), not where the cluster tops out.
+        most = "at least" if r.max_rate_capped else "up to"
+        got = (f"{r.instances} instances, ${r.cost_per_hour:.2f}/h, attainment {r.attainment:.3f}, {most} "
                f"{r.max_rate_rps:.1f} req/s" if r.instances else "infeasible within --max-instances")
         got += f" (estimate {r.estimate if r.estimate is not None else '-'}, {r.simulations} simulations)"
         print(f"[{done}/{total}] {c.hardware} {c.layout} {c.router}: {got}", file=sys.stderr, flush=True)

@@ -106,6 +106,26 @@ def test_compare_says_when_a_goodput_is_the_search_ceiling(tmp_path: Path, capsy
     assert f"goodput >={s['goodput_rps']:.2f} req/s" in capsys.readouterr().out
 
 
+def test_plan_progress_says_when_headroom_is_the_search_ceiling(tmp_path: Path, capsys) -> None:
+    """``llmsched plan``'s table marks a headroom at the bisection's 2x ceiling ``>=``, but its progress line (what
+    a user watches for minutes) said "up to 6.5 req/s" of the same lower bound (one A100 TP 2 on the Azure head,
+    3.26 req/s x 2). It now says "at least"; a measured headroom (one A100 TP 1: 5.4 req/s) stays "up to"."""
+    out = tmp_path / "plan"
+    args = ["--limit", "200", "--gpus", "a100", "--tp", "1,2", "--layouts", "mixed", "--max-instances", "4"]
+    assert cli_main(["plan", *args, "--workers", "1", "--out", str(out)]) == 0
+    res = {r["candidate"]["tp"]: r for r in json.loads((out / "plan.json").read_text())["results"]}
+    assert (res[1]["max_rate_capped"], res[2]["max_rate_capped"]) == (False, True)
+    err = capsys.readouterr().err
+    assert (
+        f"a100 TP1 mixed least_outstanding: 1 instances, $2.50/h, attainment 1.000, up to {res[1]['max_rate_rps']:.1f}"
+        in err
+    )
+    assert (
+        f"a100 TP2 mixed least_outstanding: 1 instances, $5.00/h, attainment 1.000, at least {res[2]['max_rate_rps']:.1f}"
+        in err
+    )
+
+
 # ---- 3. one no-Ray fixture (tests/conftest.py) ----------------------------------------------------------------------
 def test_no_ray_refuses_every_way_a_test_could_start_ray(no_ray: None) -> None:
     """The one ``no_ray`` the modules that run ``Instance`` objects in-process share (nine kept a copy or an inline
