@@ -227,7 +227,8 @@ def estimate(prof: InstanceProfile | None, c: Candidate, rate: float,
     pre, dec = _phase_rps(prof, decode)
     if pre <= 0 or dec <= 0:
         return None
-    return math.ceil(max(rate / (share * pre), rate / ((1 - share) * dec)) - 1e-9)
+    # At least one instance of each pool (``split``): the search starts there, and plan.json reports this as where.
+    return max(2, math.ceil(max(rate / (share * pre), rate / ((1 - share) * dec)) - 1e-9))
 
 
 def _phase_rps(prefill: InstanceProfile, decode: InstanceProfile | None) -> tuple[float, float]:

@@ -126,6 +126,21 @@ def test_plan_progress_says_when_headroom_is_the_search_ceiling(tmp_path: Path, 
     )
 
 
+def test_a_pd_estimate_is_at_least_one_instance_per_pool() -> None:
+    """A P/D layout's analytic estimate could be 1 (the Azure head on one A100: 0.34 of an instance prefilling),
+    which no P/D cluster is: the search started from 2 (a prefill and a decode instance) while plan.json's
+    ``estimate`` -- "the analytic instance count the search started from" -- and the table's "est. n" said 1."""
+    cfg = load_config("default")
+    w = Workload.from_trace(default_trace().head(200))
+    ws = planner.summary_of(w)
+    prof = planner.profile(cfg, "a100", 1, ws)
+    c = planner.Candidate("a100", 1, "pd:0.34", "least_outstanding")
+    assert prof is not None and ws.rate_rps < 0.66 * prof.decode_rps  # so one decode instance is enough
+    assert planner.estimate(prof, c, ws.rate_rps) == 2
+    r = planner.plan_one(cfg, c, w, target=0.9, max_instances=4)
+    assert r.estimate == 2 and r.instances >= 2
+
+
 # ---- 3. one no-Ray fixture (tests/conftest.py) ----------------------------------------------------------------------
 def test_no_ray_refuses_every_way_a_test_could_start_ray(no_ray: None) -> None:
     """The one ``no_ray`` the modules that run ``Instance`` objects in-process share (nine kept a copy or an inline
