@@ -433,10 +433,14 @@ def plan(
     ws = summary_of(w)
     keys = gpus or default_gpus(base)
     cands = []
+    short = []  # (GPU, TP) of which the GPU inventory (gpus.<key>.count, --k8s-inventory) holds no instance
     for g in keys:
         for tp in tps:
+            if base.gpus[g].count and tp > base.gpus[g].count:
+                short.append(f"{g} TP{tp} (count {base.gpus[g].count})")
+                continue
             prof = profile(base, g, tp, ws)
-            if prof is None or (base.gpus[g].count and tp > base.gpus[g].count):
+            if prof is None:
                 continue
             for lay in layouts:
                 if lay == "pd:auto":
@@ -451,9 +455,13 @@ def plan(
             if share is not None:
                 cands += [Candidate(g, tp, f"pd:auto={share:.2f}", r, dg, dt) for r in routers]
     if not cands:
-        raise ValueError(f"--gpus/--tp: {base.model.name} fits on none of {', '.join(keys)} at TP "
-                         f"{', '.join(map(str, tps))} (weights plus KV for {MIN_KV_REQUESTS} requests of "
-                         f"{base.model.max_model_len} tokens; or no prefill share for --layouts {','.join(layouts)})")
+        fit = (f"{base.model.name} fits on none of {', '.join(keys)} at TP {', '.join(map(str, tps))} (weights plus "
+               f"KV for {MIN_KV_REQUESTS} requests of {base.model.max_model_len} tokens; or no prefill share for "
+               f"--layouts {','.join(layouts)})")
+        # Named apart: "fits on none" of a GPU type the model fits on, when its inventory was the reason, misled.
+        held = f"the GPU inventory (gpus.<key>.count) holds no instance of {', '.join(short)}"
+        raise ValueError("--gpus/--tp: " + (held if len(short) == len(keys) * len(tps) else
+                                             f"{fit}; {held}" if short else fit))
     jobs = [(base, c, w, target, max_instances, seed) for c in cands]
     results: list[PlanResult] = []
 
