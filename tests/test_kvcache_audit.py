@@ -161,3 +161,43 @@ def test_the_live_simulated_decoder_caches_the_prompt_kv_a_handoff_brought() -> 
     hit, computed, cached = asyncio.run(run())
     assert hit == PROMPT and computed == 512
     assert set(prompt_hash_ids(prompt)[:2]) <= cached
+
+
+def test_a_request_resumed_after_an_aborted_migration_keeps_its_prompt_ids_and_its_place() -> None:
+    """``SimulatedBackend.resume`` (the destination failed at the commit) re-added the paused request without its
+    prompt's ids and behind the queued prompts: a later preemption recomputed its whole context, and it waited
+    for prompts that arrived while it was paused, where vLLM's paused request never left its running batch."""
+    from scheduler.engine.base import EngineRequest, SamplingParams
+    from scheduler.engine.simulated_backend import SimulatedBackend
+    from tests.test_migration_audit import cluster_config
+
+    async def scenario() -> tuple[tuple[int, ...], tuple[int, ...], str]:
+        cfg = cluster_config("c", mixed=1)
+        pool = cfg.pools[0]
+        engine = pool.engine.model_copy(update={"enable_prefix_caching": True})
+        b = SimulatedBackend(cfg.model, cfg.gpus[pool.gpu], engine=engine, time_scale=1.0)
+        await b.start()
+        try:
+            gen = b.generate(EngineRequest("r", tuple(range(1, 1100)), SamplingParams(max_tokens=400, ignore_eos=True)))
+            async for c in gen:
+                if c.index >= 3:
+                    break
+            ids = b.engine.get("r").hash_ids
+            res = await b.pause("r", 0)
+            assert not isinstance(res, str), res
+            queued = b.generate(EngineRequest("q", tuple(range(5, 900)), SamplingParams(max_tokens=4)))
+            task = asyncio.ensure_future(queued.__anext__())
+            await asyncio.sleep(0)
+            assert await b.resume("r")
+            first = b.engine.waiting[0].rid if b.engine.waiting else "r (admitted)"
+            after = b.engine.get("r").hash_ids
+            task.cancel()
+            await b.abort("r")
+            await b.abort("q")
+            return ids, after, first
+        finally:
+            await b.shutdown()
+
+    ids, after, first = asyncio.run(scenario())
+    assert ids and after == ids
+    assert first in ("r", "r (admitted)")

@@ -443,9 +443,13 @@ class SimulatedBackend:
         self.engine.prefill_blocks -= held  # given back whether or not the request is still here
         if request_id not in self._reqs:
             return False
+        # Back where it was: ahead of queued prompts (vLLM's paused request never left its running batch), with
+        # its prompt's ids (a later preemption recomputes only what the prefix cache lost, as before the pause).
         self.engine.add_request(request_id, seq.num_tokens, max(seq.max_new, 1),  # type: ignore[attr-defined]
                                 cached_tokens=seq.num_tokens - 1,  # type: ignore[attr-defined]
-                                priority=seq.priority)  # type: ignore[attr-defined]
+                                priority=seq.priority, hash_ids=seq.hash_ids,  # type: ignore[attr-defined]
+                                hash_block_tokens=seq.hash_block_tokens or HASH_BLOCK_TOKENS,  # type: ignore[attr-defined]
+                                front=True)
         assert self._wake is not None
         self._wake.set()
         return True
