@@ -39,6 +39,7 @@ from scheduler.control.api import (
     InvalidRequest,
     NotFound,
     Overloaded,
+    RequestFailed,
     TooLarge,
     Unavailable,
 )
@@ -149,6 +150,12 @@ def http_error_for(exc: IngressError) -> HTTPError:
         )
     if isinstance(exc, Unavailable):
         return HTTPError(503, str(exc), type_="service_unavailable", param=exc.field)
+    if isinstance(exc, RequestFailed):
+        # Final (a query of death, quarantined). OpenAI clients retry any 5xx by default (openai-python twice), which
+        # re-sent it to more engines; they obey this header (gRPC: INTERNAL, which the SDK does not retry).
+        return HTTPError(
+            500, str(exc), type_="server_error", param=exc.field, headers={"x-should-retry": "false"}
+        )
     return HTTPError(500, str(exc), type_="server_error", param=exc.field)
 
 

@@ -1,0 +1,75 @@
+"""The OpenAI-compatible HTTP server against the real ``openai`` client (an audit by a helper session): a server on
+loopback over ``EchoIngress`` with faults injected by request id. Each test failed before its fix."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+import pytest
+
+from scheduler.control.api import GenerateRequest, RequestFailed
+from scheduler.engine.base import TokenChunk
+from scheduler.server.background import BackgroundServer
+from scheduler.server.echo import EchoIngress
+
+
+@dataclass
+class _Faulty(EchoIngress):
+    """``EchoIngress`` failing requests by id prefix: ``poison`` = quarantined (``RequestFailed``), ``bug`` = a server
+    bug (``RuntimeError``); with ``-mid`` after the first chunk, else before it."""
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        rid = request.request_id
+        if rid.startswith(("poison", "bug")) and "-mid" not in rid:
+            self.requests.append(request)
+            raise _fault(rid)
+        return self._faulty(super().generate(request), rid)
+
+    async def _faulty(self, chunks: AsyncIterator[TokenChunk], rid: str) -> AsyncIterator[TokenChunk]:
+        async for c in chunks:
+            yield c
+            if rid.startswith(("poison", "bug")):
+                raise _fault(rid)
+
+
+def _fault(rid: str) -> Exception:
+    if rid.startswith("poison"):
+        return RequestFailed(
+            f"request {rid} failed 2 engines it ran on (a, b): not recovered or retried further"
+        )
+    return RuntimeError("an ingress bug")
+
+
+@pytest.fixture(scope="module")
+def srv():  # type: ignore[no-untyped-def]
+    with BackgroundServer(lambda: _Faulty(max_model_len=4096), http=True) as s:
+        yield s
+
+
+def _client(srv: Any, **kw: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{srv.http_port}/v1", api_key="unused", **kw)
+
+
+def _tries(srv: Any, rid: str) -> int:
+    return sum(r.request_id == rid for r in srv.ingress.requests)
+
+
+# -- a quarantined request is final: the client must not re-send it ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rid", "stream"), [("poison-1", False), ("poison-2", True), ("poison-mid-3", False)]
+)
+def test_quarantined_request_is_not_retried_by_openai_client(srv, rid, stream) -> None:  # type: ignore[no-untyped-def]
+    # openai-python retries any 5xx twice by default: a 500 re-sent the query of death to more engines.
+    client = _client(srv, max_retries=2)
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.completions.create(
+            model="echo", prompt="hi", max_tokens=4, stream=stream, extra_body={"request_id": rid}
+        )
+    assert _tries(srv, rid) == 1
+    assert exc.value.status_code == 500 and exc.value.response.headers["x-should-retry"] == "false"
+    assert exc.value.body["type"] == "server_error" and "not recovered" in exc.value.body["message"]
