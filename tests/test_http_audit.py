@@ -73,3 +73,40 @@ def test_quarantined_request_is_not_retried_by_openai_client(srv, rid, stream) -
     assert _tries(srv, rid) == 1
     assert exc.value.status_code == 500 and exc.value.response.headers["x-should-retry"] == "false"
     assert exc.value.body["type"] == "server_error" and "not recovered" in exc.value.body["message"]
+
+
+# -- a server bug is still an OpenAI error -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rid", ["bug-1", "bug-mid-2"])
+def test_server_bug_is_openai_shaped_500(srv, rid) -> None:  # type: ignore[no-untyped-def]
+    # Starlette's default was a text/plain "Internal Server Error": no error body for the client to read.
+    with pytest.raises(openai.InternalServerError) as exc:
+        _client(srv, max_retries=0).completions.create(
+            model="echo", prompt="hi", max_tokens=4, extra_body={"request_id": rid}
+        )
+    assert exc.value.response.headers["content-type"] == "application/json"
+    assert exc.value.body == {
+        "message": "internal error (RuntimeError)",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+
+
+def test_server_bug_mid_stream_is_an_error_event(srv) -> None:  # type: ignore[no-untyped-def]
+    # The body used to end abruptly: openai-python reported a network failure (APIConnectionError), not the server's.
+    stream = _client(srv, max_retries=0).completions.create(
+        model="echo", prompt="hi", max_tokens=4, stream=True, extra_body={"request_id": "bug-mid-3"}
+    )
+    got = []
+    with pytest.raises(openai.APIError) as exc:
+        for chunk in stream:
+            got.append(chunk.choices[0].text)
+    assert type(exc.value) is openai.APIError and got == ["h"]
+    assert exc.value.body == {
+        "message": "internal error (RuntimeError)",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }

@@ -131,8 +131,16 @@ def error_response(
     param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(_error_body(message, type_, param), status_code=status, headers=headers)
+
+
+def _error_body(message: str, type_: str, param: str | None) -> dict[str, Any]:
+    """OpenAI's error body (a response's, or a stream's error event)."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": None}}
+
+
+def _internal_error(exc: BaseException) -> str:
+    return f"internal error ({type(exc).__name__})"  # as gRPC's INTERNAL: the type only; the server logs the rest
 
 
 def http_error_for(exc: IngressError) -> HTTPError:
@@ -392,6 +400,12 @@ def build_app(
         index = next((p for p in loc if p.isdigit()), None)
         name = f"{param}[{index}]" if index is not None and param != "body" else param
         return error_response(400, f"{name}: {err.get('msg', 'invalid value')}", param=param)
+
+    @app.exception_handler(Exception)
+    async def _server_error(_request: Request, exc: Exception) -> JSONResponse:
+        # A bug: OpenAI's body too (Starlette's own was text/plain "Internal Server Error", no error to read). Starlette
+        # re-raises it after this response, so the server still logs it.
+        return error_response(500, _internal_error(exc), type_="server_error")
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -737,8 +751,11 @@ async def _sse_stream(
         yield b"data: [DONE]\n\n"
     except IngressError as e:
         err = sc.fail(e)
-        yield _sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": None}})
-    except Exception:
+        yield _sse(_error_body(err.message, err.type, err.param))
+    except Exception as e:
         sc.status = RequestStatus.FAILED  # a server error mid-stream, not a client cancel
-        raise
+        logger.error("%s: stream failed", sc.g.request_id, exc_info=e)
+        # An error event, as for an ingress error: ending the body instead broke the connection, which clients report
+        # as a network error (openai-python: APIConnectionError).
+        yield _sse(_error_body(_internal_error(e), "server_error", None))
     # NOTE: no clean-up here: _ScopedStreamingResponse closes the scope however the response ends.
