@@ -110,3 +110,33 @@ def test_server_bug_mid_stream_is_an_error_event(srv) -> None:  # type: ignore[n
         "param": None,
         "code": None,
     }
+
+
+# -- stream_options.include_usage --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_stream_include_usage_sends_the_usage_chunk(srv, chat) -> None:  # type: ignore[no-untyped-def]
+    # It was ignored: a streaming client asking for usage (to bill, to count tokens) got none.
+    client = _client(srv, max_retries=0)
+    kw: dict[str, Any] = {"model": "echo", "max_tokens": 3, "stream": True}
+    if chat:
+        chunks = list(
+            client.chat.completions.create(
+                messages=[{"role": "user", "content": "hi"}], stream_options={"include_usage": True}, **kw
+            )
+        )
+        prompt_tokens = len("user: hi\nassistant:")  # the echo's tokens: one per character of the transcript
+    else:
+        chunks = list(client.completions.create(prompt="hello", stream_options={"include_usage": True}, **kw))
+        prompt_tokens = 5
+    *tokens, last = chunks
+    assert len(tokens) == 3 and all(c.usage is None for c in tokens)
+    assert last.choices == [] and last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.total_tokens) == (
+        prompt_tokens,
+        3,
+        prompt_tokens + 3,
+    )
+    without = list(client.completions.create(prompt="hello", **kw))  # not asked: no usage chunk, as OpenAI
+    assert len(without) == 3 and all(c.choices for c in without)

@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP front end over the same :class:`IngressAPI` as the gRPC server.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` = server-sent events ending in
-``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (200 ready / 503 draining; never needs a token).
+``data: [DONE]``, after a ``usage`` chunk if ``stream_options.include_usage``), ``GET /v1/models``, ``GET /health`` (200 ready / 503 draining; never needs a token).
 Errors use OpenAI's body, with ``param`` naming the field::
 
     {"error": {"message": "max_tokens: must be > 0, got 0", "type": "invalid_request_error",
@@ -63,6 +63,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False  # a last chunk with ``usage`` and no choices, before ``data: [DONE]``
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
 
@@ -75,6 +80,7 @@ class _Common(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = 1
     stop: str | list[str] | None = None
     logprobs: Any = None
@@ -428,8 +434,16 @@ def build_app(
     async def completions(body: CompletionRequest, request: Request) -> Any:
         text, ids = _prompt_of(body)
         g = _generate_request(body, text, ids, request.headers.get("x-request-id"), body.max_tokens)
-        return await _respond(deps, g, body.model or default_model, request, chat=False, stream=body.stream,
-                              names=HTTP_FIELDS)
+        return await _respond(
+            deps,
+            g,
+            body.model or default_model,
+            request,
+            chat=False,
+            stream=body.stream,
+            usage_chunk=_usage_chunk(body),
+            names=HTTP_FIELDS,
+        )
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
@@ -443,8 +457,16 @@ def build_app(
         g = _generate_request(
             body, _chat_prompt(body.messages), None, request.headers.get("x-request-id"), max_tokens, names
         )
-        return await _respond(deps, g, body.model or default_model, request, chat=True, stream=body.stream,
-                              names=names)
+        return await _respond(
+            deps,
+            g,
+            body.model or default_model,
+            request,
+            chat=True,
+            stream=body.stream,
+            usage_chunk=_usage_chunk(body),
+            names=names,
+        )
 
     open_paths = ("/health", *([metrics_path.rstrip("/")] if metrics_path else []))
     body_limit = _BodyLimit(app, max_body_bytes, on_reject=lambda: deps.recorder.on_invalid(api="http"))
@@ -559,8 +581,20 @@ class _ScopedStreamingResponse(StreamingResponse):
             await self._scope.close()
 
 
+def _usage_chunk(body: _Common) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
 async def _respond(
-    deps: _Deps, g: GenerateRequest, model: str, request: Request, *, chat: bool, stream: bool, names: FieldNames
+    deps: _Deps,
+    g: GenerateRequest,
+    model: str,
+    request: Request,
+    *,
+    chat: bool,
+    stream: bool,
+    usage_chunk: bool,
+    names: FieldNames,
 ) -> Any:
     ingress = deps.ingress
     sc = _Scope(deps, g, request, names)
@@ -582,7 +616,7 @@ async def _respond(
             created = int(time.time())
             rid = ("chatcmpl-" if chat else "cmpl-") + g.request_id
             if stream:
-                gen = _sse_stream(sc, first, chunks, rid, model, created, chat=chat)
+                gen = _sse_stream(sc, first, chunks, rid, model, created, chat=chat, usage_chunk=usage_chunk)
                 handed_off = True
                 return _ScopedStreamingResponse(
                     gen,
@@ -628,12 +662,7 @@ async def _respond(
     finally:
         if not handed_off:
             await sc.close()
-    prompt_tokens = _prompt_tokens(ingress, g)
-    usage = {
-        "prompt_tokens": prompt_tokens,  # null when the ingress cannot count a text prompt (never a wrong 0)
-        "completion_tokens": len(ids),
-        "total_tokens": None if prompt_tokens is None else prompt_tokens + len(ids),
-    }
+    usage = _usage(ingress, g, len(ids))
     if chat:
         choice: dict[str, Any] = {
             "index": 0,
@@ -655,6 +684,15 @@ async def _respond(
         {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage},
         headers={"X-Request-Id": _header_value(g.request_id)},
     )
+
+
+def _usage(ingress: IngressAPI, g: GenerateRequest, completion_tokens: int) -> dict[str, int | None]:
+    prompt_tokens = _prompt_tokens(ingress, g)
+    return {
+        "prompt_tokens": prompt_tokens,  # null when the ingress cannot count a text prompt (never a wrong 0)
+        "completion_tokens": completion_tokens,
+        "total_tokens": None if prompt_tokens is None else prompt_tokens + completion_tokens,
+    }
 
 
 def _prompt_tokens(ingress: IngressAPI, g: GenerateRequest) -> int | None:
@@ -715,7 +753,10 @@ async def _sse_stream(
     created: int,
     *,
     chat: bool,
+    usage_chunk: bool,
 ) -> AsyncIterator[bytes]:
+    # With stream_options.include_usage, OpenAI's chunks carry "usage": null, then a last one carries it.
+    extra = {"usage": None} if usage_chunk else {}
     try:
         c = first
         role_sent = False
@@ -735,7 +776,7 @@ async def _sse_stream(
                 token_ids=list(c.token_ids),
                 first_index=c.index,
             )
-            yield _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]})
+            yield _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], **extra})
             if c.finished:
                 break
             try:
@@ -748,6 +789,9 @@ async def _sse_stream(
                 sc.status = RequestStatus.FINISHED
                 break
             sc.chunk(c)
+        if usage_chunk:
+            tail = {"choices": [], "usage": _usage(sc.deps.ingress, sc.g, sc.n_tokens)}
+            yield _sse({"id": rid, "object": obj, "created": created, "model": model, **tail})
         yield b"data: [DONE]\n\n"
     except IngressError as e:
         err = sc.fail(e)
