@@ -140,3 +140,59 @@ def test_stream_include_usage_sends_the_usage_chunk(srv, chat) -> None:  # type:
     )
     without = list(client.completions.create(prompt="hello", **kw))  # not asked: no usage chunk, as OpenAI
     assert len(without) == 3 and all(c.choices for c in without)
+
+
+# -- options that would change the output are refused, not dropped -----------------------------------------------------
+
+_CHAT = [{"role": "user", "content": "hi"}]
+_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize(
+    ("chat", "kw", "param"),
+    [
+        (False, {"presence_penalty": 0.5}, "presence_penalty"),
+        (False, {"frequency_penalty": -1.0}, "frequency_penalty"),
+        (False, {"logit_bias": {"50256": -100}}, "logit_bias"),
+        (False, {"suffix": "}"}, "suffix"),
+        (False, {"logprobs": 0}, "logprobs"),  # 0 asks for the sampled tokens' logprobs (OpenAI, vLLM)
+        (True, {"response_format": {"type": "json_object"}}, "response_format"),
+        (True, {"tools": [_TOOL]}, "tools"),
+        (True, {"top_logprobs": 2}, "top_logprobs"),
+        (True, {"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),  # vLLM's own
+        (True, {"extra_body": {"min_tokens": 3}}, "min_tokens"),
+        (True, {"extra_body": {"guided_choice": ["yes", "no"]}}, "guided_choice"),
+    ],
+)
+def test_output_changing_options_are_refused(srv, chat, kw, param) -> None:  # type: ignore[no-untyped-def]
+    # They were dropped with the unknown fields: e.g. JSON mode or tools asked and plain text answered, as if honoured.
+    client = _client(srv, max_retries=0)
+    rid = f"opt-{param}"
+    kw = {**kw, "extra_body": {**kw.get("extra_body", {}), "request_id": rid}}
+    with pytest.raises(openai.BadRequestError) as exc:
+        if chat:
+            client.chat.completions.create(model="echo", messages=_CHAT, max_tokens=2, **kw)
+        else:
+            client.completions.create(model="echo", prompt="hi", max_tokens=2, **kw)
+    assert exc.value.body["param"] == param and exc.value.body["message"].startswith(param)
+    assert _tries(srv, rid) == 0
+
+
+def test_neutral_values_of_refused_options_are_accepted(srv) -> None:  # type: ignore[no-untyped-def]
+    client = _client(srv, max_retries=0)
+    out = client.chat.completions.create(
+        model="echo",
+        messages=_CHAT,
+        max_tokens=2,
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        logit_bias={},
+        logprobs=False,
+        response_format={"type": "text"},
+        tools=[],
+        extra_body={"repetition_penalty": 1.0, "min_tokens": 0},
+    )
+    assert out.choices[0].message.content == "us"
+    assert (
+        client.completions.create(model="echo", prompt="hi", max_tokens=2, suffix="").choices[0].text == "hi"
+    )

@@ -142,7 +142,8 @@ def _check_response(path: str, raw: bytes, status: int, text: str) -> None:
         choice = json.loads(text)["choices"][0]
         n = len(choice["token_ids"])
         assert choice["finish_reason"] in ("length", "stop"), choice
-    limit = getattr(model, "max_completion_tokens", None) or model.max_tokens
+    # NOTE: a declared field only: on /v1/completions a max_completion_tokens is an unread extra (model_extra)
+    limit = (model.max_completion_tokens if isinstance(model, ChatCompletionRequest) else None) or model.max_tokens
     assert 1 <= n <= limit, (n, raw)
 
 

@@ -11,7 +11,8 @@ Extensions beyond OpenAI (vLLM-style): ``top_k``, ``seed``, ``stop_token_ids``, 
 ``request_id`` (idempotency key; also the ``X-Request-Id`` header), ``length_hint``, ``ttft_slo_s``,
 ``tpot_slo_s``; completions may take ``prompt`` as a list of token ids; each choice carries ``token_ids``.
 Unsupported OpenAI options that would change the output (``n`` > 1, ``stop`` strings, ``logprobs``, ``echo``,
-``best_of`` > 1, batched prompts) are rejected with the field named rather than silently ignored.
+``best_of`` > 1, batched prompts, penalties, ``response_format``, ``tools``, ...: ``_REFUSED``) are rejected with the
+field named rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -68,8 +69,32 @@ class StreamOptions(BaseModel):
     include_usage: bool = False  # a last chunk with ``usage`` and no choices, before ``data: [DONE]``
 
 
+# OpenAI's (and vLLM's) options that this server cannot honour, with their neutral values (and null): any other value
+# would change the output, so it is refused with the field named, not dropped with the other unknown fields.
+_REFUSED: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "repetition_penalty": (1,),
+    "logit_bias": ({},),
+    "min_tokens": (0,),
+    "min_p": (0,),
+    "top_logprobs": (0,),
+    "suffix": ("",),
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "functions": ([],),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "structured_outputs": (),
+}
+
+
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
+    # Other fields OpenAI clients send and that do not change the output (user, ...) are kept here unread, in
+    # model_extra, for _check_unsupported to look at the _REFUSED ones.
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     max_tokens: int = 16
@@ -281,8 +306,11 @@ def _check_unsupported(req: _Common) -> None:
         raise HTTPError(400, f"n: only n=1 is supported, got {req.n}", param="n")
     if req.stop:
         raise HTTPError(400, "stop: stop strings are not supported; use stop_token_ids", param="stop")
-    if req.logprobs not in (None, False, 0):
+    if req.logprobs is not None and req.logprobs is not False:  # a completion's logprobs=0 asks for them too
         raise HTTPError(400, "logprobs: not supported", param="logprobs")
+    for name, value in (req.model_extra or {}).items():
+        if name in _REFUSED and value is not None and value not in _REFUSED[name]:
+            raise HTTPError(400, f"{name}: not supported", param=name)
     if isinstance(req, CompletionRequest):
         if req.echo:
             raise HTTPError(400, "echo: not supported", param="echo")
