@@ -196,3 +196,22 @@ def test_neutral_values_of_refused_options_are_accepted(srv) -> None:  # type: i
     assert (
         client.completions.create(model="echo", prompt="hi", max_tokens=2, suffix="").choices[0].text == "hi"
     )
+
+
+# -- null is "not set" -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_null_options_mean_their_defaults(srv, chat) -> None:  # type: ignore[no-untyped-def]
+    # OpenAI and vLLM take null as unset; a client passing None (sent as null) got "temperature: Input should be a
+    # valid number" and the like.
+    client = _client(srv, max_retries=0)
+    nulls: dict[str, Any] = dict.fromkeys(("temperature", "top_p", "n", "max_tokens", "seed", "stop"))
+    nulls["extra_body"] = dict.fromkeys(("logprobs", "top_k", "ignore_eos", "priority", "stop_token_ids"))
+    if chat:
+        out = client.chat.completions.create(model="echo", messages=_CHAT, **nulls)
+    else:
+        out = client.completions.create(model="echo", prompt="abc", **nulls)
+        assert out.choices[0].text == ("abc" * 6)[:16]
+    # max_tokens null: the default (16), as not sent
+    assert out.usage.completion_tokens == 16 and out.choices[0].finish_reason == "length"

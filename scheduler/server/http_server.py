@@ -29,7 +29,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -114,6 +114,12 @@ class _Common(BaseModel):
     length_hint: int | None = None
     ttft_slo_s: float | None = None
     tpot_slo_s: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        # OpenAI and vLLM take null as "not set" (clients send "temperature": null and the like): the default.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class CompletionRequest(_Common):
