@@ -3,6 +3,10 @@ loopback over ``EchoIngress`` with faults injected by request id. Each test fail
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +23,7 @@ from scheduler.server.echo import EchoIngress
 @dataclass
 class _Faulty(EchoIngress):
     """``EchoIngress`` failing requests by id prefix: ``poison`` = quarantined (``RequestFailed``), ``bug`` = a server
-    bug (``RuntimeError``); with ``-mid`` after the first chunk, else before it."""
+    bug (``RuntimeError``); with ``-mid`` after the first chunk, else before it. ``queued``: 3 s to the first chunk."""
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
         rid = request.request_id
@@ -29,6 +33,8 @@ class _Faulty(EchoIngress):
         return self._faulty(super().generate(request), rid)
 
     async def _faulty(self, chunks: AsyncIterator[TokenChunk], rid: str) -> AsyncIterator[TokenChunk]:
+        if rid.startswith("queued"):  # a long wait for the first token (a queue, a long prefill)
+            await asyncio.sleep(3.0)
         async for c in chunks:
             yield c
             if rid.startswith(("poison", "bug")):
@@ -215,3 +221,22 @@ def test_null_options_mean_their_defaults(srv, chat) -> None:  # type: ignore[no
         assert out.choices[0].text == ("abc" * 6)[:16]
     # max_tokens null: the default (16), as not sent
     assert out.usage.completion_tokens == 16 and out.choices[0].finish_reason == "length"
+
+
+# -- a client that hangs up while its request waits for the first token ------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_before_first_token_cancels_at_once(srv, stream) -> None:  # type: ignore[no-untyped-def]
+    # The wait for the first chunk was not watched: a client gone while queued kept its place, and its prefill ran
+    # (and took KV) until the first token came; only then was it cancelled.
+    rid = f"queued-{stream}"
+    body = json.dumps({"prompt": "hi", "max_tokens": 2, "stream": stream, "request_id": rid}).encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d"
+    with socket.create_connection(("127.0.0.1", srv.http_port), timeout=5) as sock:
+        sock.sendall(head % len(body) + b"\r\n\r\n" + body)
+        time.sleep(0.3)
+    deadline = time.monotonic() + 1.5  # the first token comes 3 s after the request
+    while rid not in srv.ingress.cancelled and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert rid in srv.ingress.cancelled

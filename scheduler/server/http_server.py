@@ -638,14 +638,17 @@ async def _respond(
             try:
                 sc.admit()
                 chunks = sc.stream = ingress.generate(g)
-                first = await anext(aiter(chunks))  # errors before the first chunk become a proper HTTP status
+                # Errors before the first chunk become a proper HTTP status. NOTE: watched, as collect() below: the
+                # server does not cancel a handler whose client hung up, so one gone while queued kept its place and
+                # had its prefill run (and its KV taken) until the first token.
+                first = await _unless_disconnected(request, anext(aiter(chunks)))
             except IngressError as e:
                 raise sc.fail(e) from None
             except StopAsyncIteration:
                 first = TokenChunk(g.request_id, 0, (), finished=True, finish_reason="error: empty stream")
                 chunks = _empty()
-            except asyncio.CancelledError:  # client went away before the first token: close() frees the engine
-                raise
+            except _ClientGone:
+                return JSONResponse({}, status_code=499)  # never delivered; close() cancels, status stays cancelled
             sc.chunk(first)
             created = int(time.time())
             rid = ("chatcmpl-" if chat else "cmpl-") + g.request_id
@@ -755,7 +758,7 @@ async def _until_disconnected(request: Request) -> None:
 
 
 async def _unless_disconnected(request: Request, work: Any) -> Any:
-    """Await ``work`` (a coroutine) unless the client disconnects first: then cancel it and raise _ClientGone."""
+    """Await ``work`` (an awaitable) unless the client disconnects first: then cancel it and raise _ClientGone."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_until_disconnected(request))
     try:
