@@ -287,8 +287,9 @@ def _prompt_of(req: CompletionRequest) -> tuple[str | None, tuple[int, ...] | No
 
 
 def _chat_prompt(messages: list[ChatMessage]) -> str:
-    # NOTE: a plain role-tagged transcript; the engine's tokenizer chat template is applied further down when
-    # the ingress knows the model (this server stays model-agnostic).
+    # NOTE: a plain role-tagged transcript, and nothing further down applies the model's chat template (the
+    # ingress tokenizes this text as is; vLLM's server would render tokenizer_config.json's template): a chat-tuned
+    # model sees a prompt format it was not tuned on. This server stays model-agnostic.
     if not messages:
         raise HTTPError(400, "messages: must not be empty", param="messages")
     lines = []
