@@ -91,7 +91,7 @@ def test_chat_completions(srv) -> None:  # type: ignore[no-untyped-def]
         ({"prompt": "x", "temperature": -1}, "temperature"),
         ({"prompt": "x", "top_p": 2}, "top_p"),
         ({"prompt": "x", "n": 2}, "n"),
-        ({"prompt": "x", "stop": ["\n"]}, "stop"),
+        ({"prompt": "x", "stop": ["\n", ""]}, "stop"),  # stop strings are honoured; an empty one is refused
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": {"a": 1}}, "prompt"),
         ({"max_tokens": 3}, "prompt"),

@@ -240,3 +240,51 @@ def test_disconnect_before_first_token_cancels_at_once(srv, stream) -> None:  # 
     while rid not in srv.ingress.cancelled and time.monotonic() < deadline:
         time.sleep(0.02)
     assert rid in srv.ingress.cancelled
+
+
+# -- stop strings (vLLM honours them) ----------------------------------------------------------------------------------
+
+
+def _complete(srv: Any, stream: bool, **kw: Any) -> tuple[str, str | None, int | None]:
+    """(text, finish_reason, completion tokens) of one completion, streamed or not."""
+    client = _client(srv, max_retries=0)
+    if not stream:
+        out = client.completions.create(model="echo", **kw)
+        return out.choices[0].text, out.choices[0].finish_reason, out.usage.completion_tokens
+    chunks = list(
+        client.completions.create(model="echo", stream=True, stream_options={"include_usage": True}, **kw)
+    )
+    text = "".join(c.choices[0].text for c in chunks[:-1])
+    return text, chunks[-2].choices[0].finish_reason, chunks[-1].usage.completion_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_end_the_text_before_them(srv, stream) -> None:  # type: ignore[no-untyped-def]
+    # They were refused (400), where vLLM honours them (and OpenAI clients and frameworks send them).
+    rid = f"stop-{stream}"
+    text, reason, n = _complete(
+        srv, stream, prompt="hello world", max_tokens=50, stop=["xyz", "o w"], extra_body={"request_id": rid}
+    )
+    # "o w" is completed by the 7th token; its text is left out; the request is stopped in the ingress
+    assert (text, reason, n) == ("hell", "stop", 7)
+    assert rid in srv.ingress.cancelled and rid not in srv.ingress.finished
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_held_back_for_a_stop_string_is_sent_at_the_end(srv, stream) -> None:  # type: ignore[no-untyped-def]
+    # "lx" could begin "lxx": held back, then sent with the last chunk when the request ends otherwise
+    assert _complete(srv, stream, prompt="abcl", max_tokens=4, stop="lxx") == ("abcl", "length", 4)
+    assert _complete(srv, stream, prompt="ab", max_tokens=5, stop="bab") == ("a", "stop", 4)
+
+
+def test_empty_stop_string_is_refused(srv) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(openai.BadRequestError) as exc:
+        _complete(srv, False, prompt="ab", max_tokens=5, stop=["x", ""])
+    assert exc.value.body["param"] == "stop" and "empty" in exc.value.body["message"]
+
+
+def test_chat_stop_string(srv) -> None:  # type: ignore[no-untyped-def]
+    out = _client(srv, max_retries=0).chat.completions.create(
+        model="echo", messages=_CHAT, max_tokens=10, stop="hi"
+    )  # the echo streams back the transcript "user: hi\nassistant:"
+    assert (out.choices[0].message.content, out.choices[0].finish_reason) == ("user: ", "stop")

@@ -10,7 +10,8 @@ Errors use OpenAI's body, with ``param`` naming the field::
 Extensions beyond OpenAI (vLLM-style): ``top_k``, ``seed``, ``stop_token_ids``, ``ignore_eos``, ``priority``,
 ``request_id`` (idempotency key; also the ``X-Request-Id`` header), ``length_hint``, ``ttft_slo_s``,
 ``tpot_slo_s``; completions may take ``prompt`` as a list of token ids; each choice carries ``token_ids``.
-Unsupported OpenAI options that would change the output (``n`` > 1, ``stop`` strings, ``logprobs``, ``echo``,
+``stop`` strings are applied here (vLLM's semantics: ``_stop_at_strings``).
+Unsupported OpenAI options that would change the output (``n`` > 1, ``logprobs``, ``echo``,
 ``best_of`` > 1, batched prompts, penalties, ``response_format``, ``tools``, ...: ``_REFUSED``) are rejected with the
 field named rather than silently ignored.
 """
@@ -18,6 +19,7 @@ field named rather than silently ignored.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -88,7 +90,9 @@ _REFUSED: dict[str, tuple[Any, ...]] = {
     "guided_choice": (),
     "guided_grammar": (),
     "structured_outputs": (),
+    "include_stop_str_in_output": (False,),
 }
+MAX_STOP_STRINGS = 16  # each is searched for in every chunk's text
 
 
 class _Common(BaseModel):
@@ -311,8 +315,10 @@ def _chat_prompt(messages: list[ChatMessage]) -> str:
 def _check_unsupported(req: _Common) -> None:
     if req.n != 1:
         raise HTTPError(400, f"n: only n=1 is supported, got {req.n}", param="n")
-    if req.stop:
-        raise HTTPError(400, "stop: stop strings are not supported; use stop_token_ids", param="stop")
+    if len(_stops(req)) > MAX_STOP_STRINGS:
+        raise HTTPError(400, f"stop: at most {MAX_STOP_STRINGS} strings", param="stop")
+    if "" in _stops(req):
+        raise HTTPError(400, "stop: must not hold an empty string", param="stop")
     if req.logprobs is not None and req.logprobs is not False:  # a completion's logprobs=0 asks for them too
         raise HTTPError(400, "logprobs: not supported", param="logprobs")
     for name, value in (req.model_extra or {}).items():
@@ -323,6 +329,10 @@ def _check_unsupported(req: _Common) -> None:
             raise HTTPError(400, "echo: not supported", param="echo")
         if req.best_of not in (None, 1):
             raise HTTPError(400, "best_of: not supported", param="best_of")
+
+
+def _stops(req: _Common) -> tuple[str, ...]:
+    return (req.stop,) if isinstance(req.stop, str) and req.stop else tuple(req.stop or ())
 
 
 def _generate_request(
@@ -477,6 +487,7 @@ def build_app(
             chat=False,
             stream=body.stream,
             usage_chunk=_usage_chunk(body),
+            stops=_stops(body),
             names=HTTP_FIELDS,
         )
 
@@ -500,6 +511,7 @@ def build_app(
             chat=True,
             stream=body.stream,
             usage_chunk=_usage_chunk(body),
+            stops=_stops(body),
             names=names,
         )
 
@@ -629,6 +641,7 @@ async def _respond(
     chat: bool,
     stream: bool,
     usage_chunk: bool,
+    stops: tuple[str, ...],
     names: FieldNames,
 ) -> Any:
     ingress = deps.ingress
@@ -639,6 +652,8 @@ async def _respond(
             try:
                 sc.admit()
                 chunks = sc.stream = ingress.generate(g)
+                if stops:
+                    chunks = _stop_at_strings(chunks, stops, ingress, g.request_id)
                 # Errors before the first chunk become a proper HTTP status. NOTE: watched, as collect() below: the
                 # server does not cancel a handler whose client hung up, so one gone while queued kept its place and
                 # had its prefill run (and its KV taken) until the first token.
@@ -775,6 +790,29 @@ async def _unless_disconnected(request: Request, work: Any) -> Any:
     if client_left:
         raise _ClientGone()
     return task.result()
+
+
+async def _stop_at_strings(
+    chunks: AsyncIterator[TokenChunk], stops: tuple[str, ...], ingress: IngressAPI, request_id: str
+) -> AsyncIterator[TokenChunk]:
+    """``chunks`` with vLLM's ``stop`` strings applied: the text ends before the first one found (left out), the
+    chunk that completed it is the last (finish_reason "stop"; its tokens count, as in vLLM) and the request is
+    cancelled in the ingress. Text that may begin a stop string is held back until a later chunk tells."""
+    held = ""
+    async for c in chunks:
+        text = held + c.text
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if hits:
+            if not c.finished:
+                await cancel_quietly(ingress, request_id)
+            yield dataclasses.replace(c, text=text[: min(hits)], finished=True, finish_reason="stop")
+            return
+        # the longest end of the text that begins a stop string (none once the stream ends)
+        keep = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        if c.finished:
+            keep = 0
+        held = text[len(text) - keep :]
+        yield dataclasses.replace(c, text=text[: len(text) - keep])
 
 
 async def _empty() -> AsyncIterator[TokenChunk]:
