@@ -288,3 +288,15 @@ def test_chat_stop_string(srv) -> None:  # type: ignore[no-untyped-def]
         model="echo", messages=_CHAT, max_tokens=10, stop="hi"
     )  # the echo streams back the transcript "user: hi\nassistant:"
     assert (out.choices[0].message.content, out.choices[0].finish_reason) == ("user: ", "stop")
+
+
+def test_vllm_top_k_minus_one_means_disabled(srv) -> None:  # type: ignore[no-untyped-def]
+    # vLLM takes top_k=-1 as "all tokens" (its examples send it); ours answered 400 "top_k: must be >= 0".
+    rid = "topk-minus-one"
+    out = _client(srv, max_retries=0).completions.create(
+        model="echo", prompt="ab", max_tokens=2, extra_body={"top_k": -1, "request_id": rid}
+    )
+    assert out.choices[0].text == "ab"
+    assert [r.sampling.top_k for r in srv.ingress.requests if r.request_id == rid] == [0]
+    with pytest.raises(openai.BadRequestError):  # other negatives are still refused
+        _client(srv, max_retries=0).completions.create(model="echo", prompt="ab", extra_body={"top_k": -2})

@@ -348,7 +348,7 @@ def _generate_request(
             max_tokens=max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
-            top_k=req.top_k,
+            top_k=0 if req.top_k == -1 else req.top_k,  # vLLM's -1 = disabled, as our 0
             seed=req.seed,
             stop_token_ids=tuple(req.stop_token_ids),
             ignore_eos=req.ignore_eos,
