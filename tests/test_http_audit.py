@@ -168,6 +168,8 @@ _TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "o
         (True, {"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),  # vLLM's own
         (True, {"extra_body": {"min_tokens": 3}}, "min_tokens"),
         (True, {"extra_body": {"guided_choice": ["yes", "no"]}}, "guided_choice"),
+        (True, {"extra_body": {"echo": True}}, "echo"),
+        (False, {"extra_body": {"truncate_prompt_tokens": 1}}, "truncate_prompt_tokens"),
     ],
 )
 def test_output_changing_options_are_refused(srv, chat, kw, param) -> None:  # type: ignore[no-untyped-def]

@@ -91,6 +91,11 @@ _REFUSED: dict[str, tuple[Any, ...]] = {
     "guided_grammar": (),
     "structured_outputs": (),
     "include_stop_str_in_output": (False,),
+    "prompt_logprobs": (0,),
+    "truncate_prompt_tokens": (),
+    "bad_words": ([],),
+    "allowed_token_ids": (),
+    "echo": (False,),  # a chat's (vLLM); a completion's is a declared field
 }
 MAX_STOP_STRINGS = 16  # each is searched for in every chunk's text
 
