@@ -274,15 +274,20 @@ def test_stop_strings_end_the_text_before_them(srv, stream) -> None:  # type: ig
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_text_held_back_for_a_stop_string_is_sent_at_the_end(srv, stream) -> None:  # type: ignore[no-untyped-def]
-    # "lx" could begin "lxx": held back, then sent with the last chunk when the request ends otherwise
+    # a stream holds back its last 2 characters (len("lxx") - 1): sent with the last chunk when it ends otherwise
     assert _complete(srv, stream, prompt="abcl", max_tokens=4, stop="lxx") == ("abcl", "length", 4)
     assert _complete(srv, stream, prompt="ab", max_tokens=5, stop="bab") == ("a", "stop", 4)
 
 
-def test_empty_stop_string_is_refused(srv) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("stop", "words"),
+    [(["x", ""], "empty"), (["x" * 1025], "1024 characters"), ([str(i) for i in range(17)], "16")],
+)
+def test_empty_or_too_many_stop_strings_are_refused(srv, stop, words) -> None:  # type: ignore[no-untyped-def]
+    # each is searched in every chunk's text (and a stream holds back as many characters): bounded
     with pytest.raises(openai.BadRequestError) as exc:
-        _complete(srv, False, prompt="ab", max_tokens=5, stop=["x", ""])
-    assert exc.value.body["param"] == "stop" and "empty" in exc.value.body["message"]
+        _complete(srv, False, prompt="ab", max_tokens=5, stop=stop)
+    assert exc.value.body["param"] == "stop" and words in exc.value.body["message"]
 
 
 def test_chat_stop_string(srv) -> None:  # type: ignore[no-untyped-def]

@@ -97,7 +97,8 @@ _REFUSED: dict[str, tuple[Any, ...]] = {
     "allowed_token_ids": (),
     "echo": (False,),  # a chat's (vLLM); a completion's is a declared field
 }
-MAX_STOP_STRINGS = 16  # each is searched for in every chunk's text
+# Each stop string is searched for in every chunk's text, and a stream holds back as many characters.
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024
 
 
 class _Common(BaseModel):
@@ -320,10 +321,13 @@ def _chat_prompt(messages: list[ChatMessage]) -> str:
 def _check_unsupported(req: _Common) -> None:
     if req.n != 1:
         raise HTTPError(400, f"n: only n=1 is supported, got {req.n}", param="n")
-    if len(_stops(req)) > MAX_STOP_STRINGS:
+    stops = _stops(req)
+    if len(stops) > MAX_STOP_STRINGS:
         raise HTTPError(400, f"stop: at most {MAX_STOP_STRINGS} strings", param="stop")
-    if "" in _stops(req):
+    if "" in stops:
         raise HTTPError(400, "stop: must not hold an empty string", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise HTTPError(400, f"stop: at most {MAX_STOP_CHARS} characters a string", param="stop")
     if req.logprobs is not None and req.logprobs is not False:  # a completion's logprobs=0 asks for them too
         raise HTTPError(400, "logprobs: not supported", param="logprobs")
     for name, value in (req.model_extra or {}).items():
@@ -802,7 +806,9 @@ async def _stop_at_strings(
 ) -> AsyncIterator[TokenChunk]:
     """``chunks`` with vLLM's ``stop`` strings applied: the text ends before the first one found (left out), the
     chunk that completed it is the last (finish_reason "stop"; its tokens count, as in vLLM) and the request is
-    cancelled in the ingress. Text that may begin a stop string is held back until a later chunk tells."""
+    cancelled in the ingress. As vLLM's stop buffer, the last (longest stop string - 1) characters of the text are
+    held back until a later chunk (or the end) tells whether they begin a stop string."""
+    hold = max(map(len, stops)) - 1
     held = ""
     async for c in chunks:
         text = held + c.text
@@ -812,12 +818,9 @@ async def _stop_at_strings(
                 await cancel_quietly(ingress, request_id)
             yield dataclasses.replace(c, text=text[: min(hits)], finished=True, finish_reason="stop")
             return
-        # the longest end of the text that begins a stop string (none once the stream ends)
-        keep = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        if c.finished:
-            keep = 0
-        held = text[len(text) - keep :]
-        yield dataclasses.replace(c, text=text[: len(text) - keep])
+        cut = len(text) if c.finished else max(0, len(text) - hold)
+        held = text[cut:]
+        yield dataclasses.replace(c, text=text[:cut])
 
 
 async def _empty() -> AsyncIterator[TokenChunk]:
