@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP front end over the same :class:`IngressAPI` as the gRPC server.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` = server-sent events ending in
-``data: [DONE]``, after a ``usage`` chunk if ``stream_options.include_usage``), ``GET /v1/models``, ``GET /health`` (200 ready / 503 draining; never needs a token).
+``data: [DONE]``, after a ``usage`` chunk if ``stream_options.include_usage``), ``GET /v1/models``, ``GET /health``
+(200 ready / 503 draining; never needs a token).
 Errors use OpenAI's body, with ``param`` naming the field::
 
     {"error": {"message": "max_tokens: must be > 0, got 0", "type": "invalid_request_error",
@@ -672,8 +673,8 @@ async def _respond(
             except StopAsyncIteration:
                 first = TokenChunk(g.request_id, 0, (), finished=True, finish_reason="error: empty stream")
                 chunks = _empty()
-            except _ClientGone:
-                return JSONResponse({}, status_code=499)  # never delivered; close() cancels, status stays cancelled
+            except _ClientGone:  # never delivered; close() cancels, status stays cancelled
+                return JSONResponse({}, status_code=499)
             sc.chunk(first)
             created = int(time.time())
             rid = ("chatcmpl-" if chat else "cmpl-") + g.request_id
@@ -860,7 +861,8 @@ async def _sse_stream(
                 token_ids=list(c.token_ids),
                 first_index=c.index,
             )
-            yield _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], **extra})
+            head = {"id": rid, "object": obj, "created": created, "model": model}
+            yield _sse({**head, "choices": [choice], **extra})
             if c.finished:
                 break
             try:
@@ -874,8 +876,7 @@ async def _sse_stream(
                 break
             sc.chunk(c)
         if usage_chunk:
-            tail = {"choices": [], "usage": _usage(sc.deps.ingress, sc.g, sc.n_tokens)}
-            yield _sse({"id": rid, "object": obj, "created": created, "model": model, **tail})
+            yield _sse({**head, "choices": [], "usage": _usage(sc.deps.ingress, sc.g, sc.n_tokens)})
         yield b"data: [DONE]\n\n"
     except IngressError as e:
         err = sc.fail(e)
