@@ -110,7 +110,9 @@ async def _serve(args: argparse.Namespace) -> int:
             from scheduler.server.http_server import build_app
 
             tls = auth.uvicorn_kwargs() if auth is not None else {}
-            server = uvicorn.Server(uvicorn.Config(build_app(ingress, auth=auth, **obs), host=args.host,
+            # default_model: what a response says when the client named none (/v1/models lists the instances' model).
+            app = build_app(ingress, auth=auth, default_model=cfg.model.name, **obs)
+            server = uvicorn.Server(uvicorn.Config(app, host=args.host,
                                                    port=args.http_port, lifespan="off", log_level="warning", **tls))
             http_task = asyncio.create_task(server.serve())
 
