@@ -442,6 +442,7 @@ def test_an_idle_vllm_engine_that_died_does_not_report_its_cached_idle_stats() -
     backend = VLLMBackend.__new__(VLLMBackend)  # the stats path alone: no engine processes
     backend._engine, backend._idle_stats, backend._epoch = Engine(), None, 0
     backend._active, backend._incoming, backend._priority = {}, {}, {}
+    backend._prefix = None  # KV cache events not followed
 
     async def scenario() -> None:
         assert (await backend.stats()).kv_blocks_total == 64  # idle: cached from here on
