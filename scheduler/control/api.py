@@ -60,6 +60,9 @@ class GenerateRequest:
     tpot_slo_s: float | None = None
     length_hint: int | None = None
     deadline_s: float | None = None  # absolute wall-clock deadline (time.time()) propagated from gRPC
+    # vLLM's: tokenize a text prompt with the tokenizer's special tokens (BOS...); False for a chat template's
+    # rendering, which holds its own.
+    add_special_tokens: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,10 @@ class MigrationResult:
 
 
 class IngressAPI(Protocol):
+    """Optional, looked up by the HTTP front end: ``prompt_tokens(request) -> int`` (usage counts) and
+    ``render_chat(messages, *, add_generation_prompt, chat_template_kwargs) -> str | None`` (the model's chat
+    template; ``None``: it has none). ``scheduler.control.ingress.Ingress`` has both."""
+
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
         """Validate, route, dispatch; yield chunks with contiguous ``index`` from 0 until ``finished``.
         Raises ``IngressError`` subclasses before the first chunk for bad input / overload."""

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
+import json
 import logging
 import re
 import time
@@ -96,29 +98,91 @@ _ADMITTED = object()
 
 
 class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+    """Optional: ``render_chat(messages, *, add_generation_prompt, chat_template_kwargs) -> str | None`` (see
+    :meth:`HFTokenizer.render_chat`); a tokenizer without it has no chat template."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, token_ids: tuple[int, ...] | list[int]) -> str: ...
 
 
 class HFTokenizer:
     """A ``tokenizers`` tokenizer file (the vLLM pools' model), loaded in the ingress so that tokenizing is
-    never a hop to an instance."""
+    never a hop to an instance. When the model directory declares a chat template (``tokenizer_config.json``'s
+    ``chat_template``, ``chat_template.jinja`` or ``additional_chat_templates/``, as transformers saves them),
+    transformers' tokenizer is loaded too, to render chat messages with it as vLLM's OpenAI server does."""
 
     def __init__(self, path: str | Path) -> None:
         from tokenizers import Tokenizer as _Tok
 
         self._tok = _Tok.from_file(str(path))
+        self._chat: Any = None  # transformers' tokenizer, for its chat template; None: the model has none
+        model_dir = Path(path).parent
+        if _declares_chat_template(model_dir):
+            # NOTE: imported only then: transformers takes seconds to import. The generic fast class, not
+            # AutoTokenizer: rendering needs the template and the special tokens only, never a model's own class
+            # (which may be remote code).
+            from transformers import PreTrainedTokenizerFast
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text).ids)
+            chat = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+            self._chat = chat if chat.chat_template is not None else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, token_ids: tuple[int, ...] | list[int]) -> str:
         return str(self._tok.decode(list(token_ids)))
 
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> str | None:
+        """``messages`` rendered by the model's chat template (``apply_chat_template(..., tokenize=False)``), or
+        ``None`` when it has none. ``chat_template_kwargs``: more template variables (e.g. ``enable_thinking``).
+        Raises ``InvalidRequest`` naming ``messages`` when the template refuses them (a role it does not take, an
+        order it raises on: vLLM's 400 too), ``chat_template_kwargs`` for a name the server sets itself."""
+        if self._chat is None:
+            return None
+        kwargs = dict(chat_template_kwargs or {})
+        taken = sorted(k for k in kwargs if k in _chat_call_args(self._chat))
+        if taken:
+            raise InvalidRequest(
+                f"chat_template_kwargs: {taken[0]!r} is set by the server, not a template variable a request sets",
+                field="chat_template_kwargs",
+            )
+        import jinja2
+
+        try:
+            text = self._chat.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+            )
+        except (jinja2.TemplateError, ValueError, TypeError, RuntimeError) as e:  # vLLM's 400s for the same
+            raise InvalidRequest(
+                f"messages: the model's chat template refused them: {e}", field="messages"
+            ) from None
+        return str(text)
+
+
+def _declares_chat_template(model_dir: Path) -> bool:
+    if (model_dir / "chat_template.jinja").is_file() or (model_dir / "additional_chat_templates").is_dir():
+        return True
+    config = model_dir / "tokenizer_config.json"
+    return config.is_file() and json.loads(config.read_text()).get("chat_template") is not None
+
+
+def _chat_call_args(chat: Any) -> frozenset[str]:
+    """Names ``chat_template_kwargs`` may not take: ``apply_chat_template``'s own parameters (this server sets
+    them, or they are refused) and ``messages`` (the template's variable for the conversation)."""
+    params = inspect.signature(chat.apply_chat_template).parameters
+    return frozenset(n for n, p in params.items() if p.kind is not p.VAR_KEYWORD) | {"messages"}
+
 
 def make_tokenizer(config: ClusterConfig, backend_kwargs: dict[str, dict[str, Any]] | None = None) -> Tokenizer:
-    """Byte tokenizer for simulated clusters; the model's ``tokenizer.json`` when any pool runs vLLM."""
+    """Byte tokenizer for simulated clusters (no chat template); the model's ``tokenizer.json`` (and chat template)
+    when any pool runs vLLM."""
     if any(p.backend == "vllm" for p in config.pools):
         path = (backend_kwargs or {}).get("vllm", {}).get("model_path")
         if path is None:
@@ -523,7 +587,7 @@ class Ingress:
         if (req.prompt is None) == (req.prompt_token_ids is None):
             raise InvalidRequest("prompt: set exactly one of prompt, prompt_token_ids", field="prompt")
         if req.prompt is not None:
-            ids = tuple(self.tokenizer.encode(req.prompt))
+            ids = tuple(self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
             field_name = "prompt"
         else:
             ids = tuple(req.prompt_token_ids or ())
@@ -585,7 +649,23 @@ class Ingress:
         """The request's prompt length in tokens, as this ingress tokenizes it (the HTTP front end's usage)."""
         if request.prompt_token_ids is not None:
             return len(request.prompt_token_ids)
-        return len(self.tokenizer.encode(request.prompt or ""))
+        return len(self.tokenizer.encode(request.prompt or "", add_special_tokens=request.add_special_tokens))
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> str | None:
+        """Chat ``messages`` (``role``/``content`` dicts) as the model's chat template renders them into a prompt
+        (the HTTP front end's chat); ``None`` when the tokenizer has no template. Raises ``InvalidRequest``."""
+        render = getattr(self.tokenizer, "render_chat", None)
+        if render is None:  # the simulated backend's ByteTokenizer
+            return None
+        return render(
+            messages, add_generation_prompt=add_generation_prompt, chat_template_kwargs=chat_template_kwargs
+        )
 
     def _route(self, rec: RequestRecord, *, exclude: frozenset[str] = frozenset(), accepted: bool = False
                ) -> RouteDecision:

@@ -52,8 +52,8 @@ class ByteTokenizer:
             raise ValueError(f"vocab_size: the byte tokenizer needs >= 256, got {vocab_size}")
         self.vocab_size = vocab_size
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("utf-8"))  # no special tokens to add
 
     def decode(self, token_ids: tuple[int, ...] | list[int]) -> str:
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")

@@ -10,7 +10,9 @@ Errors use OpenAI's body, with ``param`` naming the field::
 
 Extensions beyond OpenAI (vLLM-style): ``top_k``, ``seed``, ``stop_token_ids``, ``ignore_eos``, ``priority``,
 ``request_id`` (idempotency key; also the ``X-Request-Id`` header), ``length_hint``, ``ttft_slo_s``,
-``tpot_slo_s``; completions may take ``prompt`` as a list of token ids; each choice carries ``token_ids``.
+``tpot_slo_s``, ``add_special_tokens``; completions may take ``prompt`` as a list of token ids; each choice carries
+``token_ids``. A chat's messages are rendered by the model's chat template (the ingress' ``render_chat``; vLLM's
+``add_generation_prompt`` and ``chat_template_kwargs``), else sent as a ``role: content`` transcript.
 ``stop`` strings are applied here (vLLM's semantics: ``_stop_at_strings``).
 Unsupported OpenAI options that would change the output (``n`` > 1, ``logprobs``, ``echo``,
 ``best_of`` > 1, batched prompts, penalties, ``response_format``, ``tools``, ...: ``_REFUSED``) are rejected with the
@@ -97,6 +99,11 @@ _REFUSED: dict[str, tuple[Any, ...]] = {
     "bad_words": ([],),
     "allowed_token_ids": (),
     "echo": (False,),  # a chat's (vLLM); a completion's is a declared field
+    # A chat's (vLLM): the model's own template renders the messages; a request's template would run client Jinja
+    # here (vLLM too refuses it unless started with --trust-request-chat-template).
+    "chat_template": (),
+    "continue_final_message": (False,),
+    "documents": ([],),
 }
 # Each stop string is searched for in every chunk's text, and a stream holds back as many characters.
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024
@@ -125,6 +132,9 @@ class _Common(BaseModel):
     length_hint: int | None = None
     ttft_slo_s: float | None = None
     tpot_slo_s: float | None = None
+    # vLLM's: add the tokenizer's special tokens (BOS...) to a text prompt. Unset: a completion's yes; a chat's no
+    # when the model's chat template rendered it (the template writes them itself), else yes.
+    add_special_tokens: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -143,11 +153,15 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None  # passed to the chat template (vLLM's too)
 
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    # vLLM's chat template options: end the prompt with the assistant's turn opening; more template variables.
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class HTTPError(Exception):
@@ -297,13 +311,33 @@ def _prompt_of(req: CompletionRequest) -> tuple[str | None, tuple[int, ...] | No
     return None, tuple(int(x) for x in p)
 
 
-def _chat_prompt(messages: list[ChatMessage]) -> str:
-    # NOTE: a plain role-tagged transcript, and nothing further down applies the model's chat template (the
-    # ingress tokenizes this text as is; vLLM's server would render tokenizer_config.json's template): a chat-tuned
-    # model sees a prompt format it was not tuned on. This server stays model-agnostic.
+def _chat_prompt(ingress: IngressAPI, req: ChatCompletionRequest) -> tuple[str, bool]:
+    """The chat's prompt, and whether the model's chat template rendered it. The ingress renders it (it knows the
+    model; ``render_chat``, optional on ``IngressAPI``); one without a template (the simulated backend's byte
+    tokenizer) gets a plain ``role: content`` transcript."""
+    messages = _chat_messages(req.messages)
+    render = getattr(ingress, "render_chat", None)
+    if render is not None:
+        try:
+            text = render(
+                messages,
+                add_generation_prompt=req.add_generation_prompt,
+                chat_template_kwargs=req.chat_template_kwargs,
+            )
+        except IngressError as e:
+            raise http_error_for(e) from None
+        if text is not None:
+            return text, True
+    lines = [f"{m['role']}: {m['content']}" for m in messages]
+    return "\n".join(lines) + ("\nassistant:" if req.add_generation_prompt else ""), False
+
+
+def _chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The messages as a chat template takes them: ``role``, string ``content`` (text parts joined by newlines, as
+    vLLM's "string" content format), and ``name`` if set."""
     if not messages:
         raise HTTPError(400, "messages: must not be empty", param="messages")
-    lines = []
+    out = []
     for i, m in enumerate(messages):
         content = m.content
         if isinstance(content, list):
@@ -314,9 +348,12 @@ def _chat_prompt(messages: list[ChatMessage]) -> str:
                     f"messages[{i}].content: only text parts with a string 'text' are supported",
                     param=f"messages[{i}].content",
                 )
-            content = "".join(parts)
-        lines.append(f"{m.role}: {content or ''}")
-    return "\n".join(lines) + "\nassistant:"
+            content = "\n".join(parts)
+        msg: dict[str, Any] = {"role": m.role, "content": content or ""}
+        if m.name is not None:
+            msg["name"] = m.name
+        out.append(msg)
+    return out
 
 
 def _check_unsupported(req: _Common) -> None:
@@ -346,9 +383,16 @@ def _stops(req: _Common) -> tuple[str, ...]:
 
 
 def _generate_request(
-    req: _Common, text: str | None, ids: tuple[int, ...] | None, request_id: str | None, max_tokens: int,
+    req: _Common,
+    text: str | None,
+    ids: tuple[int, ...] | None,
+    request_id: str | None,
+    max_tokens: int,
     names: FieldNames = HTTP_FIELDS,
+    *,
+    add_special_tokens: bool = True,
 ) -> GenerateRequest:
+    """``add_special_tokens``: the endpoint's default, unless the request sets it."""
     _check_unsupported(req)
     g = GenerateRequest(
         request_id=req.request_id or request_id or new_request_id(),
@@ -368,6 +412,7 @@ def _generate_request(
         ttft_slo_s=req.ttft_slo_s,
         tpot_slo_s=req.tpot_slo_s,
         length_hint=req.length_hint,
+        add_special_tokens=add_special_tokens if req.add_special_tokens is None else req.add_special_tokens,
     )
     try:
         validate_generate(g, names)
@@ -505,13 +550,20 @@ def build_app(
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         # `is not None`, not `or`: an explicit 0 is an error to report, not "unset"; and errors name the field the
         # client actually sent.
-        names = {**HTTP_FIELDS, "prompt": "messages", "prompt.text": "messages"}  # the prompt is their transcript
+        names = {**HTTP_FIELDS, "prompt": "messages", "prompt.text": "messages"}  # the prompt is theirs
         if body.max_completion_tokens is not None:
             max_tokens, names = body.max_completion_tokens, {**names, "max_tokens": "max_completion_tokens"}
         else:
             max_tokens = body.max_tokens
+        prompt, rendered = _chat_prompt(ingress, body)
         g = _generate_request(
-            body, _chat_prompt(body.messages), None, request.headers.get("x-request-id"), max_tokens, names
+            body,
+            prompt,
+            None,
+            request.headers.get("x-request-id"),
+            max_tokens,
+            names,
+            add_special_tokens=not rendered,  # a template writes the special tokens it wants (vLLM's default)
         )
         return await _respond(
             deps,
