@@ -3,9 +3,9 @@ progress was never replaced; ``PoolSpec.hang_timeout_s`` is the watchdog's limit
 a scale-down, and a teardown or start-up that killed or leaked instances. Each failed before its fix, except the
 guards of the new watchdog (idle time is no stall; the timeout is validated).
 
-One Ray cluster and one deployment (2 MIXED simulated instances, ``hang_timeout_s`` 5) for the module's Ray tests;
-the hang is made inside the instance's actor (``__ray_call__``), so no test engine is needed. The others run the
-``Instance`` object, the Controller's applier or the Ingress over fakes, without Ray."""
+One Ray cluster and one deployment (2 MIXED simulated instances, ``hang_timeout_s`` 10, its minimum) for the module's
+Ray tests; the hang is made inside the instance's actor (``__ray_call__``), so no test engine is needed. The others
+run the ``Instance`` object, the Controller's applier or the Ingress over fakes, without Ray."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from scheduler.control.instance import Instance
 from scheduler.engine.base import EngineRequest, SamplingParams
 from tests.test_control_plane import GPUS, MODEL, SIM, _check_exact, _collect, _req
 
-HANG_S = 5.0
+HANG_S = 10.0  # the least a pool takes (UNHEALTHY_AFTER_S)
 
 
 def hang_config(name: str, count: int) -> ClusterConfig:

@@ -1,7 +1,7 @@
 """Regressions from an audit of the query-of-death quarantine together with the hang watchdog. Each failed before
 its fix.
 
-One Ray cluster and one deployment (3 MIXED simulated instances, ``hang_timeout_s`` 5; test_faults_hang_audit's
+One Ray cluster and one deployment (3 MIXED simulated instances, ``hang_timeout_s`` 10, its minimum; test_faults_hang_audit's
 ``hang_deployment``) for the module; the engine stall is patched into each instance's simulated engine inside its
 actor (``__ray_call__``)."""
 

@@ -13,6 +13,10 @@ from scheduler.config.gpus import GPU_CATALOG, catalog_key, catalog_names
 from scheduler.core.types import SLO, InstanceRole
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
+# An instance whose snapshots fail this long is out of service: routed around by the ingresses while they time out,
+# released (so replaced) by the Controller when they fail with an error -- its actor lives, its engine does not.
+# (Here, not in ``control.controller``: ``PoolSpec.hang_timeout_s`` may not be below it.)
+UNHEALTHY_AFTER_S = 10.0
 
 
 class _Strict(BaseModel):
@@ -148,9 +152,10 @@ class PoolSpec(_Strict):
     engine: EngineSpec = EngineSpec()
     # Live serving only (the simulator's engines cannot hang). NOTE: CPU vLLM can take several seconds for one step
     # (a long chunked prefill, the first step after start), and the Controller's snapshot poll waits 2 s: a timeout
-    # near those would replace busy instances.
+    # near those would replace busy instances. Not below UNHEALTHY_AFTER_S: a snapshot that slow is only late
+    # (the ingresses keep the last one that long), and a shorter silence released the instance as hung.
     hang_timeout_s: float = Field(
-        default=60.0, ge=5.0,
+        default=60.0, ge=UNHEALTHY_AFTER_S,
         description="an instance holding requests with no engine progress (no token, no prompt token computed) "
                     "for this long, or whose snapshots time out this long, is hung: routed around, released (its "
                     "requests re-prefilled elsewhere) and replaced",

@@ -38,7 +38,7 @@ from typing import Any
 import ray
 from ray.actor import ActorHandle
 
-from scheduler.config.models import ClusterConfig, PoolSpec
+from scheduler.config.models import UNHEALTHY_AFTER_S, ClusterConfig, PoolSpec
 from scheduler.control.api import Unavailable
 from scheduler.control.instance import Instance, InstanceInfo
 from scheduler.control.placement import (
@@ -74,9 +74,6 @@ CONTROLLER_NAME = "llmsched-controller"
 # Upper bound on a pool's size (Admin Scale): the count is persisted, sent to KubeRay, and every missing instance
 # is one task + placement group started in a single reconcile pass. ``grpc_server.MAX_SCALE_COUNT`` mirrors it.
 MAX_POOL_SIZE = 1024
-# An instance whose snapshots fail this long is out of service: routed around by the ingresses while they time out,
-# released (so replaced) by the Controller when they fail with an error -- its actor lives, its engine does not.
-UNHEALTHY_AFTER_S = 10.0
 # After an instance of a pool failed to start (its start raised or outlasted ``pools[].start_timeout_s``), the next
 # start in that pool waits this long, doubling with each failure in a row up to the max: a start that fails at once
 # (a bad model path) would otherwise place a new actor and group every reconcile round (0.5 s), for good.

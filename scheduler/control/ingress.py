@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from scheduler.config.models import ClusterConfig
+from scheduler.config.models import UNHEALTHY_AFTER_S, ClusterConfig
 from scheduler.control.api import (
     ClusterState,
     GenerateRequest,
@@ -53,7 +53,7 @@ from scheduler.control.api import (
     Unavailable,
 )
 from scheduler.control.channel import ChannelClient, ChannelError, RemoteError
-from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, UNHEALTHY_AFTER_S, Member, actor_gone
+from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, Member, actor_gone
 from scheduler.control.instance import ENGINE_FAILED, RELEASED
 from scheduler.control.registry import RequestRecord, RequestRegistry
 from scheduler.core.prefix import cached_prefix_tokens, prompt_hash_ids
