@@ -5,10 +5,15 @@ as in ``tests/test_faults2_audit.py``."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
 from scheduler.config.models import UNHEALTHY_AFTER_S, ClusterConfig
+from scheduler.engine.base import SamplingParams
 from tests.test_control_plane import GPUS, MODEL
+from tests.test_faults2_audit import no_ray  # noqa: F401 - autouse: Instance objects without a Ray node
 
 
 def test_a_hang_timeout_below_the_unhealthy_bound_is_refused_naming_the_field() -> None:
@@ -21,3 +26,77 @@ def test_a_hang_timeout_below_the_unhealthy_bound_is_refused_naming_the_field() 
     pool["hang_timeout_s"] = UNHEALTHY_AFTER_S
     cfg = ClusterConfig.model_validate({"gpus": GPUS, "model": MODEL, "pools": [pool]})
     assert cfg.pools[0].hang_timeout_s == UNHEALTHY_AFTER_S
+
+
+_CALLS = ("submit", "poll", "snapshot", "abort", "stats")
+
+
+# ---- 1: a request that takes its instance down (kills the actor, blocks its event loop) is quarantined ----------
+def _goes_down_under(inst: Any, rid: str, how: str) -> list[str]:
+    """Once ``rid`` runs on ``inst`` (its submit answered), the instance goes down for every caller: ``how`` is
+    "dies" (calls raise ``ActorDiedError``: the Controller killed it, or the request crashed its process) or "blocks"
+    (calls never answer: the request's engine call blocked the actor's event loop). Returns the list the instance's
+    id is appended to when it goes down. Calls go through the instance's attributes: the ingress uses Ray calls."""
+    from ray.exceptions import ActorDiedError
+
+    down: list[str] = []
+
+    async def gone() -> Any:
+        if how == "dies":
+            raise ActorDiedError()
+        await asyncio.sleep(3600)
+
+    def wrap(name: str) -> None:
+        real = getattr(inst, name)
+
+        async def call(*args: Any, **kw: Any) -> Any:
+            if down:
+                return await gone()
+            out = await real(*args, **kw)
+            if name == "submit" and args[0].request_id == rid:
+                down.append(inst.instance_id)
+            return out
+
+        setattr(inst, name, call)
+
+    for name in _CALLS:
+        wrap(name)
+    return down
+
+
+@pytest.mark.parametrize("how", ["dies", "blocks"])
+def test_a_request_that_takes_down_every_instance_it_runs_on_is_quarantined(how: str) -> None:
+    """A request that blocks its instance's event loop (an engine call that never yields) makes the instance stop
+    answering, and the Controller kills it: to the ingress a poll that times out, or an actor death. Neither counted
+    toward the quarantine (only an engine that reported its failure did), so such a request was recovered onto every
+    instance in turn: here all four went down, and it ended UNAVAILABLE, which the SDK retries. Counted as an engine
+    failure, it ends ``RequestFailed`` after ``quarantine_after`` (3) instances; the fourth survives."""
+    from scheduler.control.api import GenerateRequest, RequestFailed
+    from tests.test_faults2_audit import _cluster, _teardown
+    from tests.test_ingress_audit import _consume
+    from tests.test_ingress_migration_audit import _FirstOnMixed0
+
+    async def scenario() -> tuple[BaseException | None, list[str]]:
+        insts, ing = await _cluster(
+            f"qod-{how}", 4, 0.2, router=_FirstOnMixed0(), direct=False, max_recoveries=5, poll_timeout_s=0.2
+        )
+        try:
+            downs = [_goes_down_under(inst, "qod", how) for inst in insts.values()]
+            req = GenerateRequest(
+                "qod", prompt="bad", sampling=SamplingParams(max_tokens=400, ignore_eos=True)
+            )
+            try:
+                await asyncio.wait_for(_consume(ing, req, []), 40)
+            except Exception as e:  # noqa: BLE001 - the answer under test
+                return e, [i for d in downs for i in d]
+            return None, [i for d in downs for i in d]
+        finally:
+            for inst in insts.values():  # up again, for the teardown's shutdown
+                for name in _CALLS:
+                    vars(inst).pop(name, None)
+            await _teardown(insts, ing)
+
+    err, down = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert isinstance(err, RequestFailed), repr(err)
+    assert "failed 3 engines" in str(err), str(err)
+    assert len(down) == 3, down

@@ -210,7 +210,12 @@ class _SpanHandoff:
 
 
 class InstanceLost(Exception):
-    """The instance serving a stream died or stopped answering."""
+    """The instance serving a stream is gone for it: released with it (a scale-down, drain or admin release), or not
+    a live member here any more. Its subclasses say why otherwise."""
+
+
+class InstanceDied(InstanceLost):
+    """Ray confirmed the instance's actor dead (a kill, a node lost, a request that crashed or blocked it)."""
 
 
 class RequestLost(InstanceLost):
@@ -232,8 +237,15 @@ class EngineFailed(InstanceUnresponsive):
 
 def _lost(iid: str, e: BaseException) -> InstanceLost:
     """The ``InstanceLost`` for Ray's error ``e`` (or a timeout) on a call to ``iid``."""
-    cls = InstanceLost if actor_gone(e) else InstanceUnresponsive
+    cls = InstanceDied if actor_gone(e) else InstanceUnresponsive
     return cls(f"{iid}: {type(e).__name__}")
+
+
+# The instance failed while the request ran there -- it died, stopped answering, or its engine failed --: evidence for
+# the query-of-death quarantine (``Ingress.quarantine_after``). A request that blocks its instance's event loop ends
+# as a timeout and then an actor death, never as an engine failure: counted only for those, it took out every
+# instance in turn. Not a release (scale-down, drain, admin) nor a request the instance forgot (``RequestLost``).
+_FAILED_UNDER = (InstanceDied, InstanceUnresponsive)
 
 
 class Ingress:
@@ -1090,11 +1102,11 @@ class Ingress:
         self.counters["recoveries"] += 1
         log.warning("%s: instance %s lost (%s); recovering at index %d", rec.request_id, iid, err, rec.next_index)
         self._left(iid, rec.request_id, err)
-        if isinstance(err, EngineFailed) and iid not in rec.failed_engines:
-            # A query of death: an engine failure is evidence against every request that ran there, and the one
+        if isinstance(err, _FAILED_UNDER) and iid not in rec.failed_engines:
+            # A query of death: an instance failure is evidence against every request that ran there, and the one
             # that causes them is present at each. Ended UNAVAILABLE it was retried by the SDK, and so failed up to
             # (max_recoveries + 1) x 3 engines. A co-located request is recovered as before unless it was on the
-            # same failing engines as often (the limit of this rule: docs/fault_tolerance.md).
+            # same failing instances as often (the limit of this rule: docs/fault_tolerance.md).
             rec.failed_engines += (iid,)
             if len(rec.failed_engines) >= self.quarantine_after:
                 self.counters["quarantined"] += 1

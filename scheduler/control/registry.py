@@ -49,7 +49,8 @@ class RequestRecord:
     output_token_ids: list[int] = field(default_factory=list)
     phase: Phase = Phase.QUEUED
     recoveries: int = 0
-    failed_engines: tuple[str, ...] = ()  # instances whose engine failed while it ran there (quarantine evidence)
+    # Instances that failed while it ran there -- died, stopped answering, or their engine failed (quarantine evidence)
+    failed_engines: tuple[str, ...] = ()
     # Set by admin ops that move the request on purpose (migration, drain) before they abort the source.
     moving_to: str | None = None
     move_kv: Any = None  # ObjectRef of the exported KV the destination loads
