@@ -100,3 +100,74 @@ def test_a_request_that_takes_down_every_instance_it_runs_on_is_quarantined(how:
     assert isinstance(err, RequestFailed), repr(err)
     assert "failed 3 engines" in str(err), str(err)
     assert len(down) == 3, down
+
+
+# ---- 2: a hung KV export is the source's fault, not the decoder's -------------------------------------------------
+def test_a_decode_whose_kv_export_hangs_recomputes_the_prompt_and_blames_the_source(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The prefill instance's KV export hangs after token 0 (its engine stuck in the copy): Ray holds the decode
+    instance's ``submit`` until its ObjectRef argument resolves, so the submit timed out and the healthy decode
+    instance was blamed -- taken for unresponsive, left out of the recovery's route (with one decode instance the
+    request failed UNAVAILABLE) and counted toward the request's quarantine. The export is the source's: it is called
+    off, the source is blamed (counted toward the quarantine), and the decode instance recomputes the prompt, as for a
+    failed export."""
+    import tests.test_chaos as chaos
+    from bench.loadgen import cluster_config
+    from scheduler.control.api import GenerateRequest
+    from scheduler.control.controller import Member
+    from scheduler.control.ingress import Ingress
+    from scheduler.control.instance import Instance
+    from tests.test_faults2_audit import _teardown
+    from tests.test_ingress_audit import _consume
+
+    class RayMethod(
+        chaos._Method
+    ):  # as Ray: a caller that stops waiting for a call does not cancel its arguments
+        async def _call(self, *args: Any, **kw: Any) -> Any:
+            args = tuple([await asyncio.shield(a) if isinstance(a, asyncio.Future) else a for a in args])
+            return await self.fn(*args, **kw)
+
+    monkeypatch.setattr(chaos, "_Method", RayMethod)
+    cfg = cluster_config("pd-export-hangs", mixed=0, prefill=1, decode=1)
+    called_off: list[bool] = []
+
+    async def scenario() -> tuple[list[Any], Any]:
+        insts = {}
+        for pool in cfg.pools:
+            iid = f"{pool.name}-0"
+            insts[iid] = Instance(
+                iid, pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 0.0}
+            )
+        members = {iid: Member(chaos._Handle(i), await i.start()) for iid, i in insts.items()}
+
+        async def export_hangs(*_: Any) -> Any:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                called_off.append(True)
+                raise
+
+        insts["prefill-0"].export_kv = export_hangs  # type: ignore[method-assign]
+        ing = Ingress(cfg, chaos._Handle(chaos._Controller(members)), refresh_s=0.01, submit_timeout_s=1.0)
+        await ing.start()
+        out: list[Any] = []
+        try:
+            req = GenerateRequest(
+                "pdh", prompt="hello there", sampling=SamplingParams(max_tokens=8, ignore_eos=True)
+            )
+            task = asyncio.create_task(_consume(ing, req, out))
+            while not out:
+                await asyncio.sleep(0.005)
+            rec = ing.registry.get("pdh")
+            await asyncio.wait_for(task, 20)
+            return out, rec
+        finally:
+            await _teardown(insts, ing)
+
+    out, rec = asyncio.run(asyncio.wait_for(scenario(), 40))
+    assert out[-1].finish_reason == "length", out[-1]
+    assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(8))
+    assert {c.instance_id for c in out if c.index > 0 and c.token_ids} == {"decode-0"}
+    assert rec.recoveries == 0 and rec.failed_engines == ("prefill-0",), (rec.recoveries, rec.failed_engines)
+    assert called_off, "the hung export was left running on the source"

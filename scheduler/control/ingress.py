@@ -856,6 +856,7 @@ class Ingress:
         rid = rec.request_id
         target = decision
         kv_ref: Any = None
+        kv_src = ""  # the instance exporting kv_ref
         admitted = False
         while True:
             iid = target.prefill_instance
@@ -874,7 +875,8 @@ class Ingress:
             self.registry.touch(rid)
             last: TokenChunk | None = None
             try:
-                async for chunk in self._attempt(rec, iid, ereq, kv_ref, admitted=admitted, export=handoff):
+                async for chunk in self._attempt(rec, iid, ereq, kv_ref, admitted=admitted, export=handoff,
+                                                 kv_src=kv_src):
                     last = chunk
                     if chunk.finished and self._continues(rec, handoff, chunk.finish_reason):
                         if chunk.token_ids:  # e.g. token 0 from the prefill instance: stream it now (TTFT)
@@ -922,7 +924,7 @@ class Ingress:
                 # object store on one node: docs/architecture.md.)
                 decoder = target.decode_instance or self._decoder_after_prefill(rec)
                 try:
-                    kv_ref = self._handle(iid).export_kv.remote(rid, 0, None)
+                    kv_ref, kv_src = self._handle(iid).export_kv.remote(rid, 0, None), iid
                 except InstanceLost:
                     # The prefill instance was seen dead after it streamed token 0: the decode side recomputes
                     # the prompt (as when the KV source dies mid-transfer) rather than failing the request.
@@ -969,7 +971,7 @@ class Ingress:
 
     async def _attempt(
         self, rec: RequestRecord, iid: str, ereq: EngineRequest, kv_ref: Any, *, admitted: bool = False,
-        export: bool = False,
+        export: bool = False, kv_src: str = "",
     ) -> AsyncIterator[TokenChunk]:
         """Stream one engine request from one instance; raises ``InstanceLost`` if it dies. ``admitted``: the
         instance already runs it (a committed live migration): only poll. ``export``: a P->D prefill, whose
@@ -984,11 +986,11 @@ class Ingress:
         # instance held every request submitted to it for good.
         try:
             if kv_ref is None:
-                call = self._call(iid, handle, "submit", ereq, None, on_retry={"adopt": True},
-                                  **rec.guess(), export_on_finish=export)
+                sub = await asyncio.wait_for(
+                    self._call(iid, handle, "submit", ereq, None, on_retry={"adopt": True}, **rec.guess(),
+                               export_on_finish=export), self.submit_timeout_s)
             else:
-                call = self._submit_with_kv(rec, iid, handle, ereq, kv_ref)
-            sub = await asyncio.wait_for(call, self.submit_timeout_s)
+                sub = await self._submit_with_kv(rec, iid, handle, ereq, kv_ref, kv_src)  # bounds its own submits
         except TimeoutError as e:
             raise _lost(iid, e) from e
         except RayTaskError as e:
@@ -1021,25 +1023,41 @@ class Ingress:
             yield chunk
 
     async def _submit_with_kv(
-        self, rec: RequestRecord, iid: str, handle: Any, ereq: EngineRequest, kv_ref: Any
+        self, rec: RequestRecord, iid: str, handle: Any, ereq: EngineRequest, kv_ref: Any, src: str
     ) -> Any:
         """Submit with the prompt KV as an ObjectRef (Ray resolves it on the instance: KV moves node to node); without
-        it if its source died or this instance cannot load it (it recomputes the prompt)."""
+        it if its source ``src`` did not export it (died, its export failed or hung) or this instance cannot load it
+        (it recomputes the prompt). Each submit is bounded by ``submit_timeout_s``."""
+
+        async def submit(kv: Any) -> Any:
+            return await asyncio.wait_for(_await(handle.submit.remote(ereq, kv, **rec.guess())), self.submit_timeout_s)
+
         try:
-            sub = await handle.submit.remote(ereq, kv_ref, **rec.guess())
+            sub = await submit(kv_ref)
+        except TimeoutError:
+            # Ray holds the submit until its KV argument exists: an export hung on the source timed the healthy decode
+            # instance out (it was taken for unresponsive, left out of the recovery's route and counted toward the
+            # quarantine). Only a submit whose KV exists is this instance's to answer.
+            if _ended(kv_ref):
+                raise
+            _cancel(kv_ref)  # the hung export; the submit waiting on it then never runs here
+            log.warning("%s: the KV export on %s hung; %s recomputes the prompt", rec.request_id, src, iid)
+            self._failed_under(rec, src)  # it stopped answering for this request, as a poll that times out
+            return await submit(None)
         except RayTaskError as e:
             # Ray raises the KV source's own error here when its export failed (its engine failed after token 0):
             # not this instance's fault. Taken for one (EngineFailed), the healthy decode instance was left out of the
             # recovery's route -- with one decode instance, the request failed UNAVAILABLE.
+            # (Not counted for the quarantine: the KV may just be gone from its source, evicted under its byte cap.)
             if not _is_lost(e) and not await _failed(kv_ref):
                 raise
-            return await handle.submit.remote(ereq, None, **rec.guess())
+            return await submit(None)
         if sub.rejected is not None and sub.rejected.startswith("kv"):
             # KV this instance cannot load (the pools' engines differ: TP degree, dtype, block size): it recomputes
             # the prompt rather than fail the request.
             log.warning("%s: %s refused the prompt KV (%s); recomputing it there", rec.request_id, iid, sub.rejected)
             self.counters["kv_refused"] += 1
-            sub = await handle.submit.remote(ereq, None, **rec.guess())
+            sub = await submit(None)
         return sub
 
     async def _poll_loop(
@@ -1102,20 +1120,26 @@ class Ingress:
         self.counters["recoveries"] += 1
         log.warning("%s: instance %s lost (%s); recovering at index %d", rec.request_id, iid, err, rec.next_index)
         self._left(iid, rec.request_id, err)
-        if isinstance(err, _FAILED_UNDER) and iid not in rec.failed_engines:
-            # A query of death: an instance failure is evidence against every request that ran there, and the one
-            # that causes them is present at each. Ended UNAVAILABLE it was retried by the SDK, and so failed up to
-            # (max_recoveries + 1) x 3 engines. A co-located request is recovered as before unless it was on the
-            # same failing instances as often (the limit of this rule: docs/fault_tolerance.md).
-            rec.failed_engines += (iid,)
-            if len(rec.failed_engines) >= self.quarantine_after:
-                self.counters["quarantined"] += 1
-                raise RequestFailed(
-                    f"request {rec.request_id} failed {len(rec.failed_engines)} engines it ran on "
-                    f"({', '.join(rec.failed_engines)}): not recovered or retried further")
+        if isinstance(err, _FAILED_UNDER):
+            self._failed_under(rec, iid)
         if rec.recoveries > self.max_recoveries:
             raise Unavailable(f"request {rec.request_id} lost its instance {rec.recoveries} times")
         return self._route(rec, exclude=frozenset({iid}), accepted=True)
+
+    def _failed_under(self, rec: RequestRecord, iid: str) -> None:
+        """``iid`` failed while ``rec`` ran there. Raises ``RequestFailed`` once ``quarantine_after`` distinct instances
+        did: a query of death -- an instance failure is evidence against every request that ran there, and the one that
+        causes them is present at each. Ended UNAVAILABLE it was retried by the SDK, and so failed up to
+        (max_recoveries + 1) x 3 engines. A co-located request is recovered as before unless it was on the same failing
+        instances as often (the limit of this rule: docs/fault_tolerance.md)."""
+        if iid in rec.failed_engines:
+            return
+        rec.failed_engines += (iid,)
+        if len(rec.failed_engines) >= self.quarantine_after:
+            self.counters["quarantined"] += 1
+            raise RequestFailed(
+                f"request {rec.request_id} failed {len(rec.failed_engines)} engines it ran on "
+                f"({', '.join(rec.failed_engines)}): not recovered or retried further")
 
     def _left(self, iid: str, rid: str, err: InstanceLost) -> None:
         """``rid`` left ``iid`` because of ``err``: a dead instance is never routed to again; a live one that lost
@@ -1504,6 +1528,21 @@ def _numbered(iid: str) -> tuple[str | int, ...]:
     """Sort key reading the numbers in an instance id as numbers (``re.split`` alternates text and digits, so
     two keys compare position by position like with like)."""
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", iid))
+
+
+def _ended(ref: Any) -> bool:
+    """Whether the task behind ``ref`` has ended (its value or its error exists), without fetching the value."""
+    if isinstance(ref, ray.ObjectRef):
+        return bool(ray.wait([ref], timeout=0, fetch_local=False)[0])
+    return bool(ref.done())  # an in-process handle's future (tests/test_chaos.py)
+
+
+def _cancel(ref: Any) -> None:
+    """Call off the task behind ``ref`` (an actor task: its coroutine is cancelled); tasks waiting on it fail."""
+    if isinstance(ref, ray.ObjectRef):
+        ray.cancel(ref)
+    else:
+        ref.cancel()
 
 
 async def _failed(ref: Any) -> bool:
