@@ -1,7 +1,8 @@
 """Regressions from the third audit of live fault handling. Each test failed before its fix.
 
-No Ray: real ``Instance`` objects over the simulated backend behind in-process handles (``tests/test_chaos.py``),
-as in ``tests/test_faults2_audit.py``."""
+Most run without Ray: real ``Instance`` objects over the simulated backend behind in-process handles
+(``tests/test_chaos.py``), as in ``tests/test_faults2_audit.py``. One runs the real thing on a Ray cluster (3 MIXED
+simulated instances, ``hang_timeout_s`` 10) shared by the module."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 
 from scheduler.config.models import UNHEALTHY_AFTER_S, ClusterConfig
 from scheduler.engine.base import SamplingParams
-from tests.test_control_plane import GPUS, MODEL
-from tests.test_faults2_audit import no_ray  # noqa: F401 - autouse: Instance objects without a Ray node
+from tests.test_control_plane import GPUS, MODEL, SIM, _collect, _req
+from tests.test_faults_hang_audit import no_ray  # noqa: F401 - the fixture: Instance objects without a Ray node
 
 
 def test_a_hang_timeout_below_the_unhealthy_bound_is_refused_naming_the_field() -> None:
@@ -64,6 +65,7 @@ def _goes_down_under(inst: Any, rid: str, how: str) -> list[str]:
     return down
 
 
+@pytest.mark.usefixtures("no_ray")
 @pytest.mark.parametrize("how", ["dies", "blocks"])
 def test_a_request_that_takes_down_every_instance_it_runs_on_is_quarantined(how: str) -> None:
     """A request that blocks its instance's event loop (an engine call that never yields) makes the instance stop
@@ -103,6 +105,7 @@ def test_a_request_that_takes_down_every_instance_it_runs_on_is_quarantined(how:
 
 
 # ---- 2: a hung KV export is the source's fault, not the decoder's -------------------------------------------------
+@pytest.mark.usefixtures("no_ray")
 def test_a_decode_whose_kv_export_hangs_recomputes_the_prompt_and_blames_the_source(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -171,3 +174,68 @@ def test_a_decode_whose_kv_export_hangs_recomputes_the_prompt_and_blames_the_sou
     assert {c.instance_id for c in out if c.index > 0 and c.token_ids} == {"decode-0"}
     assert rec.recoveries == 0 and rec.failed_engines == ("prefill-0",), (rec.recoveries, rec.failed_engines)
     assert called_off, "the hung export was left running on the source"
+
+
+# ---- 1, live: a request that blocks its instance's event loop ------------------------------------------------------
+BLOCK_CFG = ClusterConfig.model_validate(
+    {
+        "name": "qodblock",
+        "gpus": GPUS,
+        "model": MODEL,
+        "pools": [
+            {"name": "mixed", "role": "mixed", "gpu": "a100", "count": 3, "hang_timeout_s": UNHEALTHY_AFTER_S}
+        ],
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def qodblock(local_ray: Any, aloop: Any) -> Any:
+    from scheduler.control.cluster import deploy
+
+    dep = deploy(
+        BLOCK_CFG,
+        name="qodblock",
+        controller_name="llmsched-controller-qodblock",
+        backend_kwargs=SIM,
+        refresh_s=0.05,
+    )
+    ing = dep.make_ingress(quarantine_after=2, max_recoveries=3)
+    aloop.run(ing.start())
+    yield dep, ing
+    aloop.run(ing.close())
+    dep.shutdown()
+
+
+def _blocks_its_loop_while_decoding(inst: Any, rid: str = "qod-block") -> None:
+    """Make the instance's simulated engine block the actor's event loop once ``rid`` decodes there (an engine call
+    that never yields): no snapshot, poll or submit answers from then on, until the Controller kills the actor."""
+    import time
+
+    engine = inst._backend.engine
+    real = engine.step
+
+    def step(*a: Any, **kw: Any) -> Any:
+        if rid in engine.decoding:
+            time.sleep(300)  # bounded, should the kill not come
+        return real(*a, **kw)
+
+    engine.step = step
+
+
+def test_a_request_that_blocks_every_instances_event_loop_is_quarantined(qodblock: Any, aloop: Any) -> None:
+    """Live: each instance the request reached stopped answering, the Controller killed it as silent, and the ingress
+    recovered the request elsewhere (an actor death, or a poll that timed out) -- neither counted by the quarantine:
+    the request blocked all three instances one after another (then ran on a replacement, which this test leaves
+    unpatched; a real query of death blocks those too, up to ``max_recoveries``, then UNAVAILABLE, which the SDK
+    retries). Now it ends ``RequestFailed`` after ``quarantine_after`` (2) instances."""
+    import ray
+
+    from scheduler.control.api import RequestFailed
+
+    dep, ing = qodblock
+    for m in ray.get(dep.controller.members.remote()).values():
+        ray.get(m.handle.__ray_call__.remote(_blocks_its_loop_while_decoding))
+    with pytest.raises(RequestFailed, match="failed 2 engines"):
+        aloop.run(_collect(ing, _req("qod-block", 64, 400)), timeout=6 * UNHEALTHY_AFTER_S + 30)
+    assert ing.counters["quarantined"] == 1
