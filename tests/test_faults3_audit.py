@@ -176,6 +176,43 @@ def test_a_decode_whose_kv_export_hangs_recomputes_the_prompt_and_blames_the_sou
     assert called_off, "the hung export was left running on the source"
 
 
+# ---- 4: a request submitted to an instance being released -----------------------------------------------------------
+@pytest.mark.usefixtures("no_ray")
+@pytest.mark.parametrize("broken", [None, "hung: test"])
+def test_a_submit_during_a_release_ends_as_the_released_streams_do(broken: str | None) -> None:
+    """An instance being released (``shutdown``: the Controller kills the actor right after) still started new
+    requests: one routed there during the release began decoding and ended in the kill, an actor death to the ingress,
+    which its quarantine counts as a failure under the request -- though a release for a scale-down or by an admin is
+    no failure. Such a submit ends at once as the released streams do: ``released`` (recovered elsewhere, not
+    counted), or ``engine failed: ...`` for a broken instance."""
+    from bench.loadgen import cluster_config
+    from scheduler.control.instance import ENGINE_FAILED, RELEASED, Instance
+    from scheduler.engine.base import EngineRequest
+
+    cfg = cluster_config("closing", mixed=1)
+    pool = cfg.pools[0]
+
+    async def scenario() -> Any:
+        inst = Instance("mixed-0", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 0.2})
+        await inst.start()
+        await inst.submit(EngineRequest("r1", tuple(range(1, 65)), SamplingParams(max_tokens=200)))
+        closing = asyncio.create_task(inst.shutdown(broken=broken))
+        await asyncio.sleep(0.1)  # in its hand-over wait: r1's end is not polled
+        assert not closing.done()
+        try:
+            return await inst.submit(EngineRequest("r2", tuple(range(1, 65)), SamplingParams(max_tokens=200)))
+        finally:
+            await closing
+
+    sub = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert sub.rejected is None and len(sub.chunks) == 1, sub
+    end = sub.chunks[0]
+    assert end.finished and not end.token_ids, end
+    assert end.finish_reason == RELEASED if broken is None else end.finish_reason.startswith(ENGINE_FAILED), (
+        end
+    )
+
+
 # ---- 1, live: a request that blocks its instance's event loop ------------------------------------------------------
 BLOCK_CFG = ClusterConfig.model_validate(
     {

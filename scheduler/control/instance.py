@@ -406,6 +406,13 @@ class Instance:
         if adopt and ran_here:
             out = await self.poll(rid, self._lease_s / 2, request.num_output_tokens_before)  # bounded: see below
             return Submitted(chunks=(out,) if out is not None and (out.token_ids or out.finished) else ())
+        if self._closing is not None:
+            # Being released (the actor is killed next): started now, the request ended in the kill, an actor death
+            # that the ingress's quarantine counts as a failure under it, a scale-down's release included. It ends as
+            # the running streams did: recovered elsewhere. (A migration's commit is refused: it stays on its source.)
+            if not wait_first:
+                return Submitted(rejected=f"{self.instance_id} is being released")
+            return Submitted(chunks=(TokenChunk(rid, -1, (), True, self._closing),))
         old = self._streams.get(rid)
         if old is not None and old.done:
             # Ended (aborted: its client left, or its ingress failed it) and never polled to its end: nothing runs.
