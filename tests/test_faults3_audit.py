@@ -7,6 +7,7 @@ simulated instances, ``hang_timeout_s`` 10) shared by the module."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -213,6 +214,58 @@ def test_a_submit_during_a_release_ends_as_the_released_streams_do(broken: str |
     )
 
 
+# ---- 5: a release whose engine's abort raises ------------------------------------------------------------------------
+@pytest.mark.usefixtures("no_ray")
+def test_a_release_whose_engine_abort_raises_still_ends_every_stream_and_closes() -> None:
+    """``Instance.shutdown`` ended its streams one by one through the engine's abort and stopped at the first that
+    raised (vLLM's ``abort`` raises ``EngineDeadError`` on a dead engine core): the other streams never ended
+    ``released`` -- they ended in the kill, an actor death the quarantine counts --, and the channel and backend were
+    not shut down. Each stream ends ``released`` now, through the engine where its abort works, here otherwise."""
+    from bench.loadgen import cluster_config
+    from scheduler.control.instance import RELEASED, Instance
+    from scheduler.engine.base import EngineRequest
+
+    cfg = cluster_config("abort-raises", mixed=1)
+    pool = cfg.pools[0]
+
+    async def scenario() -> tuple[list[Any], bool]:
+        inst = Instance("mixed-0", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 1.0})
+        await inst.start()
+        for rid in ("r1", "r2"):
+            await inst.submit(EngineRequest(rid, tuple(range(1, 65)), SamplingParams(max_tokens=3000)))
+
+        async def dead(request_id: str) -> None:
+            raise RuntimeError("EngineDeadError: EngineCore encountered an issue")
+
+        inst._backend.abort = dead  # type: ignore[union-attr]
+        real_shutdown, shut = inst._backend.shutdown, []  # type: ignore[union-attr]
+
+        async def shutdown() -> None:
+            shut.append(True)
+            await real_shutdown()
+
+        inst._backend.shutdown = shutdown  # type: ignore[union-attr]
+
+        async def end_of(rid: str) -> Any:
+            deadline = time.monotonic() + 3.0  # its end comes at once, or never (the kill ends it)
+            while True:
+                c = await inst.poll(rid, 1.0)
+                if c is None or c.finished or time.monotonic() > deadline:
+                    return c
+
+        polls = [asyncio.create_task(end_of(rid)) for rid in ("r1", "r2")]
+        await asyncio.sleep(0.05)
+        try:
+            await inst.shutdown()
+        except RuntimeError:
+            pass  # what it did before: the caller (the Controller) kills the actor then
+        return [await p for p in polls], bool(shut)
+
+    ends, shut_down = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert [e is not None and e.finished and e.finish_reason for e in ends] == [RELEASED, RELEASED], ends
+    assert shut_down, "the backend was not shut down"
+
+
 # ---- 1, live: a request that blocks its instance's event loop ------------------------------------------------------
 BLOCK_CFG = ClusterConfig.model_validate(
     {
@@ -247,7 +300,6 @@ def qodblock(local_ray: Any, aloop: Any) -> Any:
 def _blocks_its_loop_while_decoding(inst: Any, rid: str = "qod-block") -> None:
     """Make the instance's simulated engine block the actor's event loop once ``rid`` decodes there (an engine call
     that never yields): no snapshot, poll or submit answers from then on, until the Controller kills the actor."""
-    import time
 
     engine = inst._backend.engine
     real = engine.step

@@ -335,17 +335,21 @@ class Instance:
         """Stop the engine; streams still running end RELEASED, or ``ENGINE_FAILED: <broken>`` when the Controller
         releases the instance because its engine is broken (``broken`` says how: hung, failed)."""
         self._closing = RELEASED if broken is None else f"{ENGINE_FAILED}: {broken} (instance released)"
-        if broken is None:
-            for rid in list(self._streams):
-                await self.abort(rid)
-        else:
-            # Ended here, not through the engine: a hung engine may never answer an abort (vLLM's drops the
+        for rid, st in list(self._streams.items()):
+            if broken is None:
+                try:
+                    await self.abort(rid)  # through the engine: it frees the request's KV; the stream ends RELEASED
+                    continue
+                except Exception as e:  # noqa: BLE001 - ended here instead; one failure stopped the whole shutdown
+                    # (vLLM's abort raises EngineDeadError on a dead engine core): the other streams ended in the
+                    # kill, an actor death the ingress's quarantine counts, and nothing was closed.
+                    log.warning("%s: abort of %s failed (%s); ending its stream here", self.instance_id, rid, e)
+            # Broken: ended here, not through the engine -- a hung engine may never answer an abort (vLLM's drops the
             # request's saved KV by a call into its engine core), and the actor is killed 5 s into this call.
-            for rid, st in self._streams.items():
-                if not st.done and st.task is not None:
-                    st.task.cancel()
-                    st.buffer.append(TokenChunk(rid, -1, (), True, self._closing))
-                    st.event.set()
+            if not st.done and st.task is not None:
+                st.task.cancel()
+                st.buffer.append(TokenChunk(rid, -1, (), True, self._closing))
+                st.event.set()
         # Let the waiting polls take those ends (bounded: the Controller kills the actor 5 s into this call). The
         # channel closed at once and dropped them, and the ingress's retry over Ray met the killed actor: the end
         # read as a plain actor death, never as RELEASED or an engine failure.
