@@ -241,7 +241,7 @@ def _lost(iid: str, e: BaseException) -> InstanceLost:
     return cls(f"{iid}: {type(e).__name__}")
 
 
-# The instance failed while the request ran there -- it died, stopped answering, or its engine failed --: evidence for
+# The instance failed while the request ran there (it died, stopped answering, or its engine failed): evidence for
 # the query-of-death quarantine (``Ingress.quarantine_after``). A request that blocks its instance's event loop ends
 # as a timeout and then an actor death, never as an engine failure: counted only for those, it took out every
 # instance in turn. Not a release (scale-down, drain, admin) nor a request the instance forgot (``RequestLost``).
