@@ -266,6 +266,38 @@ def test_a_release_whose_engine_abort_raises_still_ends_every_stream_and_closes(
     assert shut_down, "the backend was not shut down"
 
 
+# ---- 6: one silent instance and the view of the others ---------------------------------------------------------------
+@pytest.mark.usefixtures("no_ray")
+def test_one_silent_instance_does_not_slow_the_view_of_the_others() -> None:
+    """The ingress's refresh asked every instance for its snapshot and waited for all, up to 1 s each round: while one
+    instance did not answer (a blocked actor, a step holding the stats lock -- up to its ``hang_timeout_s``, 60 s by
+    default) the whole view was refreshed once a second instead of every ``refresh_s`` (10 ms here: 2 refreshes in
+    2 s), and routers read the other instances' load that late. The silent one's call is kept, not waited for again;
+    it still leaves the view once silent for ``UNHEALTHY_AFTER_S``, as before."""
+    from tests.test_faults2_audit import _cluster, _teardown
+
+    async def scenario() -> int:
+        insts, ing = await _cluster("silent", 3, 0.0, direct=False)
+        try:
+
+            async def silent() -> Any:
+                await asyncio.sleep(3600)
+
+            insts["mixed-2"].snapshot = silent  # type: ignore[method-assign]
+            await asyncio.sleep(1.5)  # its first call times out
+            seen = set()
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                seen.add(ing.view_refreshed_s)
+            return len(seen)
+        finally:
+            vars(insts["mixed-2"]).pop("snapshot", None)
+            await _teardown(insts, ing)
+
+    refreshes = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert refreshes >= 20, refreshes
+
+
 # ---- 1, live: a request that blocks its instance's event loop ------------------------------------------------------
 BLOCK_CFG = ClusterConfig.model_validate(
     {
