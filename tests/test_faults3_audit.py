@@ -298,6 +298,38 @@ def test_one_silent_instance_does_not_slow_the_view_of_the_others() -> None:
     assert refreshes >= 20, refreshes
 
 
+def test_one_silent_instance_does_not_slow_the_controllers_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Controller's refresh likewise waited up to 2 s a round for a silent instance's snapshot: every round of its
+    loop (deaths noticed, replacements started, the policies' view) ran 2 s late for as long as the instance stayed
+    silent (up to its ``hang_timeout_s``). Its call is kept; later rounds do not wait for it, and its silence still
+    counts toward the hang verdict."""
+    from tests.test_controller_audit import FakeInstance, _controller
+
+    real = FakeInstance._snapshot
+
+    async def snapshot(self: Any) -> Any:
+        if self.iid == "mixed-1":
+            await asyncio.sleep(3600)
+        return await real(self)
+
+    monkeypatch.setattr(FakeInstance, "_snapshot", snapshot)
+    ctrl = _controller([FakeInstance("mixed-0"), FakeInstance("mixed-1")], {"mixed": 2})
+
+    async def scenario() -> list[float]:
+        took = []
+        for _ in range(3):
+            t0 = time.monotonic()
+            await ctrl._refresh()
+            took.append(time.monotonic() - t0)
+        return took
+
+    took = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert took[0] >= 1.9 and max(took[1:]) < 0.5, (
+        took
+    )  # the first round finds it silent, the next ones go on
+    assert "mixed-1" in ctrl._failing and "mixed-0" not in ctrl._failing
+
+
 # ---- 1, live: a request that blocks its instance's event loop ------------------------------------------------------
 BLOCK_CFG = ClusterConfig.model_validate(
     {

@@ -53,7 +53,7 @@ from scheduler.control.api import (
     Unavailable,
 )
 from scheduler.control.channel import ChannelClient, ChannelError, RemoteError
-from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, Member, actor_gone
+from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, Member, actor_gone, ask_each
 from scheduler.control.instance import ENGINE_FAILED, RELEASED
 from scheduler.control.registry import RequestRecord, RequestRegistry
 from scheduler.core.prefix import cached_prefix_tokens, prompt_hash_ids
@@ -452,7 +452,7 @@ class Ingress:
         # flight stay counted (clearing all of _pending after the await dropped a burst from the view).
         taken, taken_prompt, taken_compute = dict(self._pending), dict(self._pending_prompt), dict(self._pending_compute)
         self._bookings_taken += 1  # bookings made before this point are the snapshots' to show from now on
-        results = await self._snapshots_of(items)
+        results = await ask_each(items, lambda iid, m: self._call(iid, m.handle, "snapshot"), self._probes, 1.0)
         snaps: dict[str, InstanceSnapshot] = {}
         now = time.time()
         last_ok = self.__dict__.setdefault("_last_ok", {})
@@ -487,45 +487,7 @@ class Ingress:
         self.view_refreshed_s = time.time()
         self.recorder.observe_instances(self._view.instances)
 
-    async def _snapshots_of(self, items: list[tuple[str, Member]]) -> list[Any]:
-        """Each instance's snapshot, or the error of asking it (``TimeoutError`` past 1 s), in ``items``' order.
-        A call that outlasts the second is kept (``_probes``), and that instance is not waited for again until it
-        has answered: waited for each round, one silent instance (a blocked actor, a step holding the stats lock:
-        up to its ``hang_timeout_s``) slowed every refresh of the whole view to 1 s -- 4 refreshes in 3 s, not 300."""
-        probes = self._probes
-        for iid in set(probes) - {iid for iid, _ in items}:  # no longer a member
-            probes.pop(iid).cancel()
-        calls: dict[str, asyncio.Future[Any]] = {}
-        for iid, m in items:
-            probe = probes.pop(iid, None)
-            if probe is not None and not probe.done():
-                probes[iid] = probe  # still silent: a timeout again, at once
-                continue
-            if probe is not None and not probe.cancelled():
-                probe.exception()  # retrieved; its answer predates the bookings this round takes: asked afresh
-            calls[iid] = asyncio.ensure_future(self._call(iid, m.handle, "snapshot"))
-        try:
-            if calls:
-                await asyncio.wait(calls.values(), timeout=1.0)
-        except BaseException:  # cancelled (close): no call left behind
-            for t in calls.values():
-                t.cancel()
-            raise
-        out: list[Any] = []
-        for iid, _ in items:
-            t = calls.get(iid)
-            if t is None or not t.done():
-                if t is not None:
-                    probes[iid] = t
-                out.append(TimeoutError())
-            else:
-                out.append(t.exception() or t.result())
-        return out
-
     def _mark_dead(self, iid: str) -> None:
-        probe = self._probes.pop(iid, None)
-        if probe is not None:
-            probe.cancel()
         self.recorder.forget_instance(iid)
         m = self._members.pop(iid, None)
         if m is not None:
