@@ -15,7 +15,6 @@ import pytest
 from scheduler.config.models import UNHEALTHY_AFTER_S, ClusterConfig
 from scheduler.engine.base import SamplingParams
 from tests.test_control_plane import GPUS, MODEL, SIM, _collect, _req
-from tests.test_faults_hang_audit import no_ray  # noqa: F401 - the fixture: Instance objects without a Ray node
 
 
 def test_a_hang_timeout_below_the_unhealthy_bound_is_refused_naming_the_field() -> None:
