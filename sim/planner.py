@@ -166,6 +166,15 @@ def split(n: int, share: float) -> tuple[int, int]:
 MIN_KV_REQUESTS = 4
 
 
+def kv_need(base: ClusterConfig, role: InstanceRole) -> int:
+    """KV tokens an instance of ``role`` must hold to be planned: ``MIN_KV_REQUESTS`` max-length requests where it
+    decodes (its batch is the requests it holds, each to its last token); a PREFILL instance one max-length prompt
+    (vLLM's own start-up check) -- its batch is the chunk budget, and it keeps a prompt's KV only until the DECODE
+    side has it. With the DECODE rule on it, a P/D template whose PREFILL pool holds one 2,048-token request was
+    "fits on none", though the simulator serves it."""
+    return base.model.max_model_len * (1 if role == InstanceRole.PREFILL else MIN_KV_REQUESTS)
+
+
 def summary_of(w: Workload) -> WorkloadSummary:
     """The workload as the analytic capacity model sees it: arrival rate, mean lengths and its priority classes."""
     return WorkloadSummary(w.rate_rps, float(np.mean(w.prompt_tokens)), float(np.mean(w.output_tokens)),
@@ -199,25 +208,40 @@ def latency_sources(base: ClusterConfig, keys: list[str], tps: tuple[int, ...]) 
     return out
 
 
-def _analytic(base: ClusterConfig) -> dict:
-    """The planner's terms for ``placement``'s analytic pass: the config's engine settings, the latency model the
-    simulator uses, and KV for ``MIN_KV_REQUESTS`` max-length requests as the feasibility rule."""
-    return {"engine": base.pools[0].engine, "max_context_tokens": MIN_KV_REQUESTS * base.model.max_model_len,
+def _analytic(base: ClusterConfig, role: InstanceRole = InstanceRole.MIXED) -> dict:
+    """The planner's terms for ``placement``'s analytic pass on an instance of ``role``: the engine settings of the
+    pool ``make_config`` builds for that role (``template_for``), the latency model the simulator uses, and
+    ``kv_need`` as the feasibility rule. The first pool's engine for every role sized a P/D template's decode pool
+    with its prefill pool's settings (and fitted it by its KV)."""
+    return {"engine": template_for(base, role).engine, "max_context_tokens": kv_need(base, role),
             "latency_factory": latency_factory(base)}
 
 
-def profile(base: ClusterConfig, gpu: str, tp: int, w: WorkloadSummary) -> InstanceProfile | None:
-    """One instance's analytic capacity for ``w`` under ``sized_slo`` (``placement.instance_profile``,
-    ``_analytic``'s terms); None when the model does not fit: weights plus KV for ``MIN_KV_REQUESTS`` max-length
-    requests, and heads split evenly over ``tp``."""
-    return instance_profile(base.model, base.gpus[gpu], tp, sized_slo(base, w), w, **_analytic(base))
+def profile(base: ClusterConfig, gpu: str, tp: int, w: WorkloadSummary,
+            role: InstanceRole = InstanceRole.MIXED) -> InstanceProfile | None:
+    """One ``role`` instance's analytic capacity for ``w`` under ``sized_slo`` (``placement.instance_profile``,
+    ``_analytic``'s terms); None when the model does not fit: weights plus ``kv_need`` tokens of KV, and heads
+    split evenly over ``tp``."""
+    return instance_profile(base.model, base.gpus[gpu], tp, sized_slo(base, w), w, **_analytic(base, role))
+
+
+def role_profiles(base: ClusterConfig, c: Candidate,
+                  w: WorkloadSummary) -> tuple[InstanceProfile | None, InstanceProfile | None]:
+    """``c``'s instances as ``estimate`` and ``auto_share`` take them, each on its own hardware and from its own
+    role's template: (MIXED, None) colocated, (PREFILL, DECODE) disaggregated; (None, None) when one of them does
+    not fit."""
+    if c.prefill_share is None:
+        return profile(base, c.gpu, c.tp, w), None
+    pre = profile(base, c.gpu, c.tp, w, InstanceRole.PREFILL)
+    dec = profile(base, *c.decode_on, w, InstanceRole.DECODE)
+    return (pre, dec) if pre is not None and dec is not None else (None, None)
 
 
 def estimate(prof: InstanceProfile | None, c: Candidate, rate: float,
              decode: InstanceProfile | None = None) -> int | None:
     """The analytic instance count for ``c`` at ``rate`` (where the count search starts); None: the model says
     no count serves it (the simulator may still find one: it is a guess from mean lengths). ``prof`` is the MIXED
-    or PREFILL pool's instance, ``decode`` the DECODE pool's when it runs elsewhere."""
+    or PREFILL pool's instance, ``decode`` the DECODE pool's (``role_profiles``; None: ``prof`` decodes too)."""
     if prof is None:
         return None
     share = c.prefill_share
@@ -237,8 +261,8 @@ def _phase_rps(prefill: InstanceProfile, decode: InstanceProfile | None) -> tupl
 
 def auto_share(prof: InstanceProfile | None, decode: InstanceProfile | None = None) -> float | None:
     """The prefill share the analytic profile suggests: instances in proportion to each phase's per-instance time
-    (``1 / prefill capacity`` : ``1 / decode capacity``; the decode side from ``decode`` when the DECODE pool runs
-    on other GPUs), clipped to [0.05, 0.95]; None when it cannot say."""
+    (``1 / prefill capacity`` : ``1 / decode capacity``; the decode side from ``decode``, the DECODE pool's
+    instance, when given), clipped to [0.05, 0.95]; None when it cannot say."""
     if prof is None:
         return None
     pre, dec = _phase_rps(prof, decode)
@@ -301,8 +325,8 @@ def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, m
     a result with 0 instances. ``seed``: every simulation's host-noise draws (``--seed``).
     """
     ws = summary_of(w)
-    dec = profile(base, *c.decode_on, ws) if c.decode_on != (c.gpu, c.tp) else None
-    guess = estimate(profile(base, c.gpu, c.tp, ws), c, ws.rate_rps, dec)
+    prof, dec = role_profiles(base, c, ws)
+    guess = estimate(prof, c, ws.rate_rps, dec)
     seen: dict[tuple[int, ...], tuple[float, dict]] = {}
 
     def run(counts: tuple[int, ...]) -> tuple[float, dict]:
@@ -396,8 +420,13 @@ def hetero_pairs(base: ClusterConfig, keys: list[str], tps: tuple[int, ...], ws:
     the GPU that does it best per dollar): the analytic pass over both roles (``placement.enumerate_placements``,
     with the planner's feasibility rule) keeps only P/D clusters no other is cheaper than with at least as much
     capacity; of those, the ones whose pools differ."""
+    roles = (InstanceRole.PREFILL, InstanceRole.DECODE)
+    terms = {r: _analytic(base, r) for r in roles}  # each pool sized and fitted by its own role's template
     found = enumerate_placements({k: base.gpus[k] for k in keys}, base.model, sized_slo(base, ws), ws, tp_choices=tps,
-                                 modes=("disaggregated",), extra=0, max_instances=max_instances, **_analytic(base))
+                                 modes=("disaggregated",), extra=0, max_instances=max_instances,
+                                 engine={r: terms[r]["engine"] for r in roles},
+                                 max_context_tokens={r: terms[r]["max_context_tokens"] for r in roles},
+                                 latency_factory=latency_factory(base))
     out: list[tuple[tuple[str, int], tuple[str, int]]] = []
     for cand in found:
         pre, dec = cand.pools
@@ -439,25 +468,27 @@ def plan(
             if base.gpus[g].count and tp > base.gpus[g].count:
                 short.append(f"{g} TP{tp} (count {base.gpus[g].count})")
                 continue
-            prof = profile(base, g, tp, ws)
-            if prof is None:
-                continue
             for lay in layouts:
+                # Each layout fits, and pd:auto takes its share, by its own roles' templates (``role_profiles``).
+                probe = Candidate(g, tp, "pd:0.5" if lay == "pd:auto" else lay, "")
+                prof, dec = role_profiles(base, probe, ws)
+                if prof is None:
+                    continue
                 if lay == "pd:auto":
-                    share = auto_share(prof)
+                    share = auto_share(prof, dec)
                     if share is None:
                         continue
                     lay = f"pd:auto={share:.2f}"
                 cands += [Candidate(g, tp, lay, r) for r in routers if Candidate(g, tp, lay, r) not in cands]
     if hetero_pd:
         for (g, tp), (dg, dt) in hetero_pairs(base, keys, tps, ws, max_instances=max_instances):
-            share = auto_share(profile(base, g, tp, ws), profile(base, dg, dt, ws))
+            share = auto_share(*role_profiles(base, Candidate(g, tp, "pd:0.5", "", dg, dt), ws))
             if share is not None:
                 cands += [Candidate(g, tp, f"pd:auto={share:.2f}", r, dg, dt) for r in routers]
     if not cands:
         fit = (f"{base.model.name} fits on none of {', '.join(keys)} at TP {', '.join(map(str, tps))} (weights plus "
-               f"KV for {MIN_KV_REQUESTS} requests of {base.model.max_model_len} tokens; or no prefill share for "
-               f"--layouts {','.join(layouts)})")
+               f"KV for {MIN_KV_REQUESTS} requests of {base.model.max_model_len} tokens, one on a PREFILL instance, "
+               f"with each role's engine settings; or no prefill share for --layouts {','.join(layouts)})")
         # Named apart: "fits on none" of a GPU type the model fits on, when its inventory was the reason, misled.
         held = f"the GPU inventory (gpus.<key>.count) holds no instance of {', '.join(short)}"
         raise ValueError("--gpus/--tp: " + (held if len(short) == len(keys) * len(tps) else

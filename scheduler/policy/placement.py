@@ -4,7 +4,7 @@
 each candidate's feasibility, starting instance count and P/D share from ``instance_profile``, and simulates only
 the heterogeneous P/D pairs (prefill and decode on different GPU types / TPs) this enumeration keeps::
 
-    for each GPU type g, TP degree t:                       # memory feasibility
+    for each GPU type g, TP degree t, role (its pool's engine settings, ``engine`` per role):  # feasibility
         weights / t + activation reserve fit, KV holds >= one max-context request, heads divide by t
         per-instance capacity (scaling.py): prefill (M/D/1 under the TTFT SLO), decode (batch meeting TPOT and
         KV), KV-transfer link bound for prefill instances, colocated = time-shared prefill + decode
@@ -76,10 +76,17 @@ class PlacementCandidate:
     def label(self) -> str:
         return " + ".join(f"{p.count}x{p.role.value}[{p.gpu} tp{p.tp}]" for p in self.pools)
 
-    def to_pool_specs(self, engine: EngineSpec | None = None) -> list[PoolSpec]:
-        """Pools ready for a ``ClusterConfig``."""
+    def to_pool_specs(self, engine: EngineSpec | Mapping[InstanceRole, EngineSpec] | None = None,
+                      ) -> list[PoolSpec]:
+        """Pools ready for a ``ClusterConfig``; ``engine``: every pool's settings, or each role's (as
+        ``enumerate_placements`` sized them)."""
         return [PoolSpec(name=f"{p.role.value}-{p.gpu}-tp{p.tp}", role=p.role, gpu=p.gpu, tp=p.tp, count=p.count,
-                         engine=engine or EngineSpec()) for p in self.pools]
+                         engine=_of_role(engine, p.role) or EngineSpec()) for p in self.pools]
+
+
+def _of_role(x, role: InstanceRole):
+    """``x`` when it is one setting for every role, else its entry for ``role`` (None when it has none)."""
+    return x.get(role) if isinstance(x, Mapping) else x
 
 
 def instance_profile(
@@ -119,8 +126,9 @@ def pair_prefill_rps(prefill: InstanceProfile, decode: InstanceProfile) -> float
     return min(prefill.prefill_rps, prefill.transfer_rps, decode.transfer_rps)
 
 
-def _cost(pools: tuple[PoolPlan, ...], prof: Mapping[tuple[str, int], InstanceProfile]) -> float:
-    return sum(prof[(p.gpu, p.tp)].price_per_hour * p.count for p in pools)
+def _cost(pools: tuple[PoolPlan, ...],
+          prof: Mapping[InstanceRole, Mapping[tuple[str, int], InstanceProfile]]) -> float:
+    return sum(prof[p.role][(p.gpu, p.tp)].price_per_hour * p.count for p in pools)
 
 
 def within_catalog(usage: Iterable[tuple[str, int]], gpus: Mapping[str, GPUSpec]) -> bool:
@@ -153,12 +161,16 @@ def enumerate_placements(
     extra: int = 1,
     max_instances: int = 64,
     gpus_per_node: int = 8,
-    engine: EngineSpec | None = None,
-    max_context_tokens: int | None = None,
+    engine: EngineSpec | Mapping[InstanceRole, EngineSpec] | None = None,
+    max_context_tokens: int | Mapping[InstanceRole, int] | None = None,
     prune: bool = True,
     latency_factory: Callable[[ModelSpec, GPUSpec, int], LatencyModel] = latency_for,
 ) -> list[PlacementCandidate]:
     """Candidate clusters for ``workload`` under ``slo``, cheapest first (see the module docstring).
+
+    ``engine`` / ``max_context_tokens`` (``instance_profile``'s): one for every role, or per role -- a P/D
+    cluster's PREFILL pool is sized and fitted with the PREFILL entry, its DECODE pool with the DECODE one, a
+    colocated pool with the MIXED one (one engine for every role sized decode with a prefill pool's settings).
 
     Raises:
         ValueError: an unknown mode, or a non-positive rate.
@@ -168,16 +180,21 @@ def enumerate_placements(
         raise ValueError(f"modes: unknown {bad}; allowed: colocated, disaggregated")
     if workload.rate_rps <= 0:
         raise ValueError(f"workload.rate_rps must be > 0, got {workload.rate_rps}")
-    prof: dict[tuple[str, int], InstanceProfile] = {}
+    roles = ((InstanceRole.MIXED,) if "colocated" in modes else ()) + (
+        (InstanceRole.PREFILL, InstanceRole.DECODE) if "disaggregated" in modes else ())
+    # Per role: an instance's capacity and fit come from the engine settings of the pool it would run in.
+    prof: dict[InstanceRole, dict[tuple[str, int], InstanceProfile]] = {r: {} for r in roles}
     # Keyed by the mapping's keys (a config's GPU names), not GPUSpec.name: pools name GPUs by key.
     for key, g in gpus.items():
         for tp in tp_choices:
             if tp > gpus_per_node or (g.count and tp > g.count):
                 continue
-            pr = instance_profile(model, g, tp, slo, workload, engine=engine, max_context_tokens=max_context_tokens,
-                                  latency_factory=latency_factory)
-            if pr is not None:
-                prof[(key, tp)] = pr
+            for role in roles:
+                pr = instance_profile(model, g, tp, slo, workload, engine=_of_role(engine, role),
+                                      max_context_tokens=_of_role(max_context_tokens, role),
+                                      latency_factory=latency_factory)
+                if pr is not None:
+                    prof[role][(key, tp)] = pr
     rate = workload.rate_rps
     cands: list[PlacementCandidate] = []
 
@@ -188,13 +205,13 @@ def enumerate_placements(
         cands.append(PlacementCandidate(mode, pools, _cost(pools, prof), capacity, sum(p.num_gpus for p in pools)))
 
     if "colocated" in modes:
-        for (g, tp), pr in prof.items():
+        for (g, tp), pr in prof[InstanceRole.MIXED].items():
             n0 = instances_for(rate, pr.mixed_rps)
             for n in range(n0, n0 + extra + 1) if n0 else ():
                 add("colocated", (PoolPlan(InstanceRole.MIXED, g, tp, n),), n * pr.mixed_rps)
     if "disaggregated" in modes:
-        for kp, pp in prof.items():
-            for kd, dp in prof.items():
+        for kp, pp in prof[InstanceRole.PREFILL].items():
+            for kd, dp in prof[InstanceRole.DECODE].items():
                 if kd != kp and not heterogeneous:
                     continue
                 pcap = pair_prefill_rps(pp, dp)
