@@ -53,6 +53,7 @@ from sim.commands import (
     comma_list,
     load_cluster,
     load_workload,
+    warn_over_context,
 )
 from sim.compare import router_factory
 from sim.goodput import goodput
@@ -613,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--kube-context: only with --k8s-inventory")
         trace, w = load_workload(args, base)
         check_time_span(trace)  # the instance counts are sized for the trace's rate
+        # As simulate and compare do: the simulated answer serves requests a live cluster of it refuses.
+        warn_over_context(base, w)
         kinds = latency_sources(base, gpus or default_gpus(base), tps)
         if base.latency_profile and sum(map(len, kinds.values())) > 1:
             raise ValueError(f"--gpus/--tp: {args.config} sets latency_profile, which the simulator applies to every "
@@ -643,11 +646,23 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_plan(Path(args.out), base, trace, results, args.target)
+    write_plan(Path(args.out), base, trace, results, args.target, workload=w)
     return 0 if results else 1
 
 
-def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult], target: float) -> None:
+def _slos(base: ClusterConfig, w: Workload) -> dict:
+    classes, n = np.unique(w.priorities, return_counts=True)
+    per_class = {str(int(p)): {**asdict(base.slo_for(int(p))), "requests": int(k)}
+                 for p, k in zip(classes, n, strict=True)}
+    return {"slos": per_class, "sized_slo": asdict(sized_slo(base, summary_of(w)))}
+
+
+def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult], target: float, *,
+               workload: Workload | None = None) -> None:
+    """The table, plan.json, best-cluster.yaml and pareto.png. ``workload``: what was planned (default: ``trace``'s,
+    every request in class 0); plan.json names the SLO of each priority class in it (``slos``, with its requests:
+    each request was scored against its own class's) and the one the analytic pass sized for (``sized_slo``). It
+    named class 0's alone, a class the workload might not even have."""
     from rich.console import Console
     from rich.table import Table
 
@@ -674,7 +689,7 @@ def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult],
     (out / "plan.json").write_text(json.dumps(
         {"trace": trace.name, "trace_source": getattr(trace, "source", ""), "requests": len(trace),
          "rate_rps": round(trace.mean_rate, 4), "config": base.name, "model": base.model.name,
-         "slo": asdict(base.slo_for(0)),
+         **_slos(base, workload if workload is not None else Workload.from_trace(trace)),
          "target": target, "results": [asdict(r) for r in results]}, indent=2))
     if not results:
         for stale in ("best-cluster.yaml", "pareto.png"):  # a previous run's answer is not this plan's

@@ -3,13 +3,16 @@ test reproduces one finding and failed before its fix."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from scheduler.cli import main as cli_main
 from scheduler.config.load import load_config
-from scheduler.config.models import ClusterConfig, EngineSpec
+from scheduler.config.models import ClusterConfig, EngineSpec, SLOSpec
 from scheduler.core.types import InstanceRole
 from scheduler.policy.placement import enumerate_placements, instance_profile, pair_prefill_rps
 from sim import planner
@@ -165,3 +168,40 @@ def test_enumerate_placements_sizes_each_pool_with_its_roles_engine(pd_template:
         assert c.capacity_rps == pytest.approx(min(n_p * pair_prefill_rps(pre, dec), n_d * dec.decode_rps))
     # And the pools it would write run the engine they were sized with.
     assert [s.engine for s in cands[0].to_pool_specs(engines)] == [engines[P], engines[D]]
+
+
+# ---- 3. plan.json names every class's SLO and the one the analytic pass sized for ---------------------------------
+def test_plan_json_names_each_class_slo_and_the_sized_one(tmp_path: Path) -> None:
+    """plan.json's ``slo`` was class 0's whatever the planned workload held: a workload of a loose class 0 and a
+    tight class 1 (the analytic pass sizes for the tight one, each request is scored against its own) named the
+    loose SLO alone, and a workload of class 1 alone named a class it does not have. It now lists each class
+    present with its requests (``slos``) and the SLO the analytic pass sized for (``sized_slo``)."""
+    loose, tight = SLOSpec(ttft_s=8.0, tpot_s=0.2), SLOSpec(ttft_s=0.5, tpot_s=0.03)
+    cfg = load_config("default").model_copy(update={"slos": {0: loose, 1: tight}})
+    trace = default_trace().head(50)
+    w = Workload.from_trace(trace)
+    both = replace(w, priority=(np.arange(50) % 5 == 0).astype(np.int64))  # every fifth request in class 1
+    planner.write_plan(tmp_path, cfg, trace, [], 0.9, workload=both)
+    d = json.loads((tmp_path / "plan.json").read_text())
+    assert d["slos"] == {
+        "0": {**loose.model_dump(), "requests": 40},
+        "1": {**tight.model_dump(), "requests": 10},
+    }
+    assert d["sized_slo"] == tight.model_dump()
+    planner.write_plan(
+        tmp_path, cfg, trace, [], 0.9, workload=replace(w, priority=np.ones(50, dtype=np.int64))
+    )
+    d = json.loads((tmp_path / "plan.json").read_text())
+    assert d["slos"] == {"1": {**tight.model_dump(), "requests": 50}} and d["sized_slo"] == tight.model_dump()
+
+
+# ---- 4. plan warns about requests a live cluster of its answer refuses -------------------------------------------
+def test_plan_warns_about_requests_over_the_models_context(tmp_path: Path, capsys, monkeypatch) -> None:
+    """``simulate`` and ``compare`` warn when requests need more than the model's max_model_len (a live cluster
+    refuses them; the simulator serves them as if the context were longer); ``plan`` did not: on cpu-pd.yaml a
+    40-request synthetic workload, 13 of them over tiny-llama's 2,048 tokens, was planned at 100% attainment
+    without a word. It now warns as they do."""
+    monkeypatch.setattr(planner, "plan", lambda base, w, **kw: [])  # the warning comes before any simulation
+    args = ["--synthetic", "40", "--rate", "4", "--tp", "1", "--workers", "1", "--out", str(tmp_path)]
+    assert cli_main(["plan", "--config", str(ROOT / "deploy/examples/cpu-pd.yaml"), *args]) == 1
+    assert "13 of 40 requests need more than cpu-pd's max_model_len" in capsys.readouterr().err

@@ -241,7 +241,8 @@ def test_plan_cli_writes_a_plan_that_names_its_inputs(tmp_path) -> None:
                      "--workers", "1", "--max-instances", "8", "--out", str(out)]) == 0
     d = json.loads((out / "plan.json").read_text())
     assert d["trace"] and d["config"] == "default" and d["requests"] == 200 and d["rate_rps"] > 0
-    assert d["slo"] == {"ttft_s": 2.0, "tpot_s": 0.1} and d["target"] == 0.9
+    assert d["slos"] == {"0": {"ttft_s": 2.0, "tpot_s": 0.1, "requests": 200}} and d["target"] == 0.9
+    assert d["sized_slo"] == {"ttft_s": 2.0, "tpot_s": 0.1}
     best = d["results"][0]
     assert best["estimate"] is not None and best["simulations"] >= 1
     assert best["max_rate_rps"] >= d["rate_rps"] * 0.999  # the plan serves the trace's rate, so at least that
