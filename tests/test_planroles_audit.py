@@ -205,3 +205,37 @@ def test_plan_warns_about_requests_over_the_models_context(tmp_path: Path, capsy
     args = ["--synthetic", "40", "--rate", "4", "--tp", "1", "--workers", "1", "--out", str(tmp_path)]
     assert cli_main(["plan", "--config", str(ROOT / "deploy/examples/cpu-pd.yaml"), *args]) == 1
     assert "13 of 40 requests need more than cpu-pd's max_model_len" in capsys.readouterr().err
+
+
+# ---- 5. a KV-block override does not make a model fit a GPU its weights do not ---------------------------------
+def test_a_kv_block_override_does_not_fit_weights_the_gpu_cannot_hold(monkeypatch) -> None:
+    """``instance_profile`` checked the KV an engine holds (``engine_kv_tokens``), which takes a ``num_kv_blocks``
+    override as is: Llama-2-70B (128 GiB of weights) with ``num_kv_blocks: 4096`` was planned on one 24 GB L4 and
+    one H100 (the cheapest candidates). An instance now fits only where the memory left after the weights and the
+    activation reserve holds the KV it is told to allocate."""
+    base = load_config("llama2-70b-h100")
+    pinned = _with_engines(base, mixed={"num_kv_blocks": 4096})  # 65,536 tokens: 16 max-length requests
+    w = Workload.from_trace(default_trace().head(300))
+
+    def planned(cfg: ClusterConfig) -> set[tuple[str, int]]:
+        """The (GPU, TP) ``plan`` simulates (each search stubbed out)."""
+        tried: list[tuple[str, int]] = []
+        monkeypatch.setattr(
+            planner,
+            "plan_one",
+            lambda b, c, *a, **kw: (
+                tried.append((c.gpu, c.tp)) or planner.PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None)
+            ),
+        )
+        cfg, keys = planner.with_gpus(cfg, ["l4", "h100"])
+        planner.plan(cfg, w, gpus=keys, tps=(1, 2, 4, 8), layouts=("mixed",), workers=1)
+        return set(tried)
+
+    unpinned, got = planned(base), planned(pinned)
+    assert unpinned == {
+        ("l4", 8),
+        ("h100", 2),
+        ("h100", 4),
+        ("h100", 8),
+    }  # 128 GiB of weights: 2 H100s, 8 L4s
+    assert got and got <= unpinned  # the override fits fewer, never more

@@ -108,7 +108,12 @@ def instance_profile(
     kv_tokens = engine_kv_tokens(lat, eng)
     need = max_context_tokens or min(model.max_model_len,
                                      int(workload.mean_prompt_tokens + workload.mean_output_tokens))
-    if kv_tokens < need:
+    # What the memory left after the weights and the activation reserve holds: ``engine_kv_tokens`` takes a
+    # ``num_kv_blocks`` override as is, so with one a 70B model "fit" on a single 24 GB L4 (the engine could not
+    # allocate the KV it is told to, nor load the weights).
+    room = eng.block_size * lat.kv_blocks(eng.block_size, gpu_memory_utilization=eng.gpu_memory_utilization,
+                                          activation_reserve_gib=eng.activation_reserve_gib)
+    if kv_tokens < need or kv_tokens > room:
         return None
     p, o = workload.mean_prompt_tokens, workload.mean_output_tokens
     pre = prefill_capacity_rps(lat, p, ttft_slo_s=slo.ttft_s, chunk_tokens=eng.max_num_batched_tokens)
