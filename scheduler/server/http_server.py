@@ -359,6 +359,8 @@ def _chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 def _check_unsupported(req: _Common) -> None:
     if req.n != 1:
         raise HTTPError(400, f"n: only n=1 is supported, got {req.n}", param="n")
+    if req.stream_options is not None and not req.stream:  # OpenAI's 400 (null is unset: accepted)
+        raise HTTPError(400, "stream_options: only allowed when stream is true", param="stream_options")
     stops = _stops(req)
     if len(stops) > MAX_STOP_STRINGS:
         raise HTTPError(400, f"stop: at most {MAX_STOP_STRINGS} strings", param="stop")
@@ -723,8 +725,11 @@ async def _respond(
             except IngressError as e:
                 raise sc.fail(e) from None
             except StopAsyncIteration:
-                first = TokenChunk(g.request_id, 0, (), finished=True, finish_reason="error: empty stream")
-                chunks = _empty()
+                # An ingress bug (its stream ends with a finished chunk): a server error, not a 200 with no output.
+                logger.error("%s: the ingress stream ended without a chunk", g.request_id)
+                raise HTTPError(
+                    500, "internal error (the ingress stream ended without a chunk)", type_="server_error"
+                ) from None
             except _ClientGone:  # never delivered; close() cancels, status stays cancelled
                 return JSONResponse({}, status_code=499)
             sc.chunk(first)
@@ -876,11 +881,6 @@ async def _stop_at_strings(
         yield dataclasses.replace(c, text=text[:cut])
 
 
-async def _empty() -> AsyncIterator[TokenChunk]:
-    return
-    yield  # pragma: no cover
-
-
 async def _sse_stream(
     sc: _Scope,
     first: TokenChunk,
@@ -929,7 +929,6 @@ async def _sse_stream(
             sc.chunk(c)
         if usage_chunk:
             yield _sse({**head, "choices": [], "usage": _usage(sc.deps.ingress, sc.g, sc.n_tokens)})
-        yield b"data: [DONE]\n\n"
     except IngressError as e:
         err = sc.fail(e)
         yield _sse(_error_body(err.message, err.type, err.param))
@@ -939,4 +938,6 @@ async def _sse_stream(
         # An error event, as for an ingress error: ending the body instead broke the connection, which clients report
         # as a network error (openai-python: APIConnectionError).
         yield _sse(_error_body(_internal_error(e), "server_error", None))
+    # After an error event too, as vLLM's server: a client reading to the end finds the end it waits for.
+    yield b"data: [DONE]\n\n"
     # NOTE: no clean-up here: _ScopedStreamingResponse closes the scope however the response ends.
