@@ -1,18 +1,22 @@
 """API polish on both front ends (an audit by a helper session): the HTTP server's errors and options as OpenAI's and
-vLLM's. A server on loopback over ``EchoIngress`` with faults injected by request id. Each test failed before its
-fix."""
+vLLM's, gRPC's ``add_special_tokens``. A server on loopback over ``EchoIngress`` with faults injected by request id.
+Each test failed before its fix."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import httpx
 import openai
 import pytest
 
+from scheduler.client import AsyncClient, Client
 from scheduler.control.api import GenerateRequest, RequestFailed
 from scheduler.engine.base import TokenChunk
 from scheduler.server.background import BackgroundServer
@@ -128,3 +132,63 @@ def test_stream_options_without_stream_is_refused(srv, chat, stream) -> None:  #
     # null is unset (as any field): accepted
     path, body = _body(chat, max_tokens=2, stream_options=None)
     assert _post(srv, path, body).status_code == 200
+
+
+# -- gRPC: add_special_tokens, as the HTTP API's ----------------------------------------------------------------------
+
+
+def _sent(srv: Any, rid: str) -> GenerateRequest:
+    (req,) = [r for r in srv.ingress.requests if r.request_id == rid]
+    return req
+
+
+def test_grpc_add_special_tokens(srv) -> None:  # type: ignore[no-untyped-def]
+    # The proto had no such field: a gRPC text prompt always got the tokenizer's special tokens (BOS...), so a
+    # client sending an already templated prompt got two BOS.
+    with Client(srv.address, timeout_s=10) as c:
+        assert c.generate("hi", max_tokens=2, request_id="ast-off", add_special_tokens=False).text == "hi"
+        c.generate("hi", max_tokens=2, request_id="ast-on", add_special_tokens=True)
+        c.generate("hi", max_tokens=2, request_id="ast-unset")
+        list(c.stream("hi", max_tokens=2, request_id="ast-stream", add_special_tokens=False))
+
+    async def run() -> None:
+        async with AsyncClient(srv.address, timeout_s=10) as ac:
+            await ac.generate("hi", max_tokens=2, request_id="ast-async", add_special_tokens=False)
+            async with ac.stream(
+                "hi", max_tokens=2, request_id="ast-async-stream", add_special_tokens=False
+            ) as s:
+                assert [x async for x in s]
+
+    asyncio.run(run())
+    assert _sent(srv, "ast-off").add_special_tokens is False
+    assert _sent(srv, "ast-on").add_special_tokens is True
+    assert _sent(srv, "ast-unset").add_special_tokens is True  # unset on the wire: today's behaviour
+    for rid in ("ast-stream", "ast-async", "ast-async-stream"):
+        assert _sent(srv, rid).add_special_tokens is False
+
+
+def test_grpc_add_special_tokens_unset_on_the_wire_keeps_the_default(srv) -> None:  # type: ignore[no-untyped-def]
+    # An old client's request (no field 10 on the wire) still gets the special tokens.
+    from scheduler._proto.llmsched.v1 import inference_pb2
+
+    req = inference_pb2.GenerateRequest(
+        request_id="ast-old", text="hi", sampling=inference_pb2.SamplingParams(max_tokens=1)
+    )
+    assert not req.HasField("add_special_tokens")
+    with grpc.insecure_channel(srv.address) as ch:
+        call = ch.unary_stream(
+            "/llmsched.v1.Inference/Generate",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=inference_pb2.GenerateChunk.FromString,
+        )
+        assert [m.finished for m in call(req, timeout=10)] == [True]
+    assert _sent(srv, "ast-old").add_special_tokens is True
+
+
+@pytest.mark.parametrize("method", ["generate", "stream"])
+def test_sync_and_async_clients_take_the_same_arguments(method) -> None:  # type: ignore[no-untyped-def]
+    sync, aio = inspect.signature(getattr(Client, method)), inspect.signature(getattr(AsyncClient, method))
+    assert [(p.name, p.kind, p.default) for p in sync.parameters.values()] == [
+        (p.name, p.kind, p.default) for p in aio.parameters.values()
+    ]
+    assert "add_special_tokens" in sync.parameters

@@ -115,6 +115,7 @@ def build_generate_request(
     ttft_slo_s: float | None = None,
     tpot_slo_s: float | None = None,
     length_hint: int | None = None,
+    add_special_tokens: bool = True,
 ) -> inference_pb2.GenerateRequest:
     """The wire request. Validation is the server's job (one place); only the prompt type is checked here."""
     sampling = inference_pb2.SamplingParams(
@@ -145,6 +146,8 @@ def build_generate_request(
         req.slo.tpot_ms = (tpot_slo_s or 0.0) * 1e3
     if length_hint is not None:
         req.length_hint = length_hint
+    if not add_special_tokens:  # unset means true on the server (and to a server from before the field)
+        req.add_special_tokens = False
     return req
 
 

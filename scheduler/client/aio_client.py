@@ -121,6 +121,7 @@ class AsyncClient:
         ttft_slo_s: float | None = None,
         tpot_slo_s: float | None = None,
         length_hint: int | None = None,
+        add_special_tokens: bool = True,
         timeout_s: float | None = None,
     ) -> AsyncStream:
         """Async-iterate chunks (contiguous indices from 0). Leaving an ``async with ac.stream(...) as s:`` block
@@ -140,6 +141,7 @@ class AsyncClient:
             ttft_slo_s=ttft_slo_s,
             tpot_slo_s=tpot_slo_s,
             length_hint=length_hint,
+            add_special_tokens=add_special_tokens,
             timeout_s=timeout_s,
         )
         return AsyncStream(self._stream(req, state, timeout))
@@ -161,6 +163,7 @@ class AsyncClient:
         ttft_slo_s: float | None = None,
         tpot_slo_s: float | None = None,
         length_hint: int | None = None,
+        add_special_tokens: bool = True,
         timeout_s: float | None = None,
     ) -> GenerateResult:
         """Run a request to completion (see :meth:`Client.generate`)."""
@@ -179,6 +182,7 @@ class AsyncClient:
             ttft_slo_s=ttft_slo_s,
             tpot_slo_s=tpot_slo_s,
             length_hint=length_hint,
+            add_special_tokens=add_special_tokens,
             timeout_s=timeout_s,
         )
         chunks: list[StreamChunk] = []

@@ -125,12 +125,16 @@ class Client:
         ttft_slo_s: float | None = None,
         tpot_slo_s: float | None = None,
         length_hint: int | None = None,
+        add_special_tokens: bool = True,
         timeout_s: float | None = None,
     ) -> Stream:
         """Yield chunks as they arrive: contiguous ``index`` from 0, last one ``finished``.
 
         Leaving a ``with c.stream(...) as s:`` block, or ``s.close()``, cancels the request on the server; a bare
         ``break`` does so only once nothing references the iterator any more.
+
+        ``add_special_tokens``: the server tokenizes a text prompt with the tokenizer's special tokens (BOS...), as
+        vLLM does; pass False for a prompt that holds them already (e.g. rendered by a chat template).
 
         Raises:
             LLMSchedError: a subclass per status (``InvalidArgument`` with ``.field``, ``ResourceExhausted`` with
@@ -151,6 +155,7 @@ class Client:
             ttft_slo_s=ttft_slo_s,
             tpot_slo_s=tpot_slo_s,
             length_hint=length_hint,
+            add_special_tokens=add_special_tokens,
             timeout_s=timeout_s,
         )
         return Stream(self._stream(req, state, timeout))
@@ -222,6 +227,7 @@ class Client:
         ttft_slo_s: float | None = None,
         tpot_slo_s: float | None = None,
         length_hint: int | None = None,
+        add_special_tokens: bool = True,
         timeout_s: float | None = None,
     ) -> GenerateResult:
         """Run a request to completion; same arguments as :meth:`stream`.
@@ -245,6 +251,7 @@ class Client:
             ttft_slo_s=ttft_slo_s,
             tpot_slo_s=tpot_slo_s,
             length_hint=length_hint,
+            add_special_tokens=add_special_tokens,
             timeout_s=timeout_s,
         )
         chunks: list[StreamChunk] = []

@@ -120,6 +120,8 @@ def generate_request_from_proto(
         tpot_slo_s=slo.tpot_ms / 1e3 if slo is not None and slo.tpot_ms else None,
         length_hint=msg.length_hint if msg.HasField("length_hint") else None,
         deadline_s=deadline_s,
+        # Unset (a client from before the field): the special tokens, as always.
+        add_special_tokens=msg.add_special_tokens if msg.HasField("add_special_tokens") else True,
     )
     if slo is not None:  # before validate_generate: it would report the value converted to seconds
         for name, value in (("slo.ttft_ms", slo.ttft_ms), ("slo.tpot_ms", slo.tpot_ms)):
