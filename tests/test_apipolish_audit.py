@@ -5,6 +5,7 @@ Each test failed before its fix."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import json
 from collections.abc import AsyncIterator
@@ -35,7 +36,20 @@ class _Faulty(EchoIngress):
             return _no_chunks()
         if rid.startswith(("poison-mid", "bug-mid")):
             return _fail_after_first(chunks, rid)
+        if rid.startswith("err-"):
+            return _end_in_error(chunks, first="err-first" in rid)
         return chunks
+
+
+async def _end_in_error(chunks: AsyncIterator[TokenChunk], *, first: bool) -> AsyncIterator[TokenChunk]:
+    """As the ingress ends a stream whose engine raised on it: a finished chunk with ``error: ...``."""
+    async for c in chunks:
+        if first or c.index > 0:
+            yield dataclasses.replace(
+                c, finished=True, finish_reason="error: ValueError: the engine refused it"
+            )
+            return
+        yield c
 
 
 async def _no_chunks() -> AsyncIterator[TokenChunk]:
@@ -111,6 +125,38 @@ def test_openai_client_still_raises_the_error_event(srv) -> None:  # type: ignor
     with pytest.raises(openai.APIError) as exc:
         list(stream)
     assert exc.value.body["message"] == "internal error (RuntimeError)"
+
+
+# -- a stream that ended in error is a 500 / an error event, as vLLM's ---------------------------------------------------
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize(("rid", "stream"), [("err-first", False), ("err-first", True), ("err-mid", False)])
+def test_error_finish_is_a_500(srv, chat, rid, stream) -> None:  # type: ignore[no-untyped-def]
+    # It was a 200 with finish_reason "error: ..." (and the output so far): no OpenAI client knows that reason, and
+    # one that reads the text took a failed request for a short answer. vLLM answers 500 for its "error" finish.
+    path, body = _body(chat, max_tokens=4, stream=stream, request_id=f"{rid}-{chat}-{stream}")
+    resp = _post(srv, path, body)
+    assert resp.status_code == 500 and resp.headers["content-type"] == "application/json"
+    assert resp.json()["error"] == {
+        "message": "error: ValueError: the engine refused it",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_error_finish_mid_stream_is_an_error_event(srv, chat) -> None:  # type: ignore[no-untyped-def]
+    path, body = _body(chat, max_tokens=4, stream=True, request_id=f"err-mid-{chat}-stream")
+    resp = _post(srv, path, body)
+    assert resp.status_code == 200
+    first, second, error, done = _events(resp)
+    tokens = [json.loads(e)["choices"][0] for e in (first, second)]
+    assert [len(c["token_ids"]) for c in tokens] == [1, 1]  # what it made is delivered
+    assert all(c["finish_reason"] is None for c in tokens)  # never "error: ...": the error event says it
+    assert json.loads(error)["error"]["message"] == "error: ValueError: the engine refused it"
+    assert done == "[DONE]"
 
 
 # -- stream_options without stream is refused, as OpenAI -----------------------------------------------------------------

@@ -692,6 +692,14 @@ class _ScopedStreamingResponse(StreamingResponse):
             await self._scope.close()
 
 
+def _ended_in_error(c: TokenChunk) -> HTTPError | None:
+    """The error of a stream that ended ``error: ...`` (an engine raised on the request; gRPC passes the reason on):
+    vLLM's 500, or its error event mid-stream, rather than a 200 with a finish_reason no OpenAI client knows."""
+    if c.finished and request_status_of_finish(c.finish_reason) is RequestStatus.FAILED:
+        return HTTPError(500, c.finish_reason or "error", type_="server_error")
+    return None
+
+
 def _usage_chunk(body: _Common) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
@@ -733,6 +741,9 @@ async def _respond(
             except _ClientGone:  # never delivered; close() cancels, status stays cancelled
                 return JSONResponse({}, status_code=499)
             sc.chunk(first)
+            failed = _ended_in_error(first)
+            if failed is not None:
+                raise failed
             created = int(time.time())
             rid = ("chatcmpl-" if chat else "cmpl-") + g.request_id
             if stream:
@@ -773,6 +784,9 @@ async def _respond(
             except IngressError as e:
                 raise sc.fail(e) from None
             last = seen[0]
+            failed = _ended_in_error(last)
+            if failed is not None:
+                raise failed
     except Exception:
         # Not an ingress error sc.fail() recorded (those set done): the server failed it (a 500), which is neither a
         # client cancel nor a success. CancelledError (the client went away) is a BaseException and stays cancelled.
@@ -898,6 +912,9 @@ async def _sse_stream(
         c = first
         role_sent = False
         while True:
+            failed = _ended_in_error(c)
+            if failed is not None:  # what it made, then the error event
+                c = dataclasses.replace(c, finished=False, finish_reason=None)
             if chat:
                 delta: dict[str, Any] = {"content": c.text}
                 if not role_sent:
@@ -914,7 +931,10 @@ async def _sse_stream(
                 first_index=c.index,
             )
             head = {"id": rid, "object": obj, "created": created, "model": model}
-            yield _sse({**head, "choices": [choice], **extra})
+            if failed is None or c.token_ids or c.text:
+                yield _sse({**head, "choices": [choice], **extra})
+            if failed is not None:
+                raise failed
             if c.finished:
                 break
             try:
@@ -932,6 +952,8 @@ async def _sse_stream(
     except IngressError as e:
         err = sc.fail(e)
         yield _sse(_error_body(err.message, err.type, err.param))
+    except HTTPError as e:  # a stream that ended in error (counted failed by sc.chunk)
+        yield _sse(_error_body(e.message, e.type, e.param))
     except Exception as e:
         sc.status = RequestStatus.FAILED  # a server error mid-stream, not a client cancel
         logger.error("%s: stream failed", sc.g.request_id, exc_info=e)
