@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from scheduler.client import AsyncClient, Client
+from scheduler.client import AsyncClient, Client, LLMSchedError
 from scheduler.control.api import GenerateRequest, RequestFailed
 from scheduler.engine.base import TokenChunk
 from scheduler.server.background import BackgroundServer
@@ -238,3 +238,11 @@ def test_sync_and_async_clients_take_the_same_arguments(method) -> None:  # type
         (p.name, p.kind, p.default) for p in aio.parameters.values()
     ]
     assert "add_special_tokens" in sync.parameters
+
+
+def test_grpc_empty_ingress_stream_is_internal(srv) -> None:  # type: ignore[no-untyped-def]
+    # It was OK with no chunk at all: the SDK's generate() returned an empty result (finish_reason None) as if the
+    # request had run. An ingress bug, as on HTTP (a 500): INTERNAL, logged on the server.
+    with Client(srv.address, timeout_s=10, retries=0) as c, pytest.raises(LLMSchedError) as exc:
+        c.generate("hi", max_tokens=2, request_id="empty-grpc")
+    assert exc.value.code == grpc.StatusCode.INTERNAL

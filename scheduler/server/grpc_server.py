@@ -188,13 +188,17 @@ class InferenceServicer:
                 chunk_cls = inference_pb2.GenerateChunk
                 tokenizer = getattr(self._ingress, "tokenizer", None)
                 detokenize = getattr(tokenizer, "decode", None)
+                seen = False  # a chunk came from the ingress
                 while True:
                     try:
                         with activate(span):
                             chunk = await anext(chunks)
                     except StopAsyncIteration:
+                        if not seen:  # an ingress bug: OK with nothing was a silent empty answer (HTTP: a 500)
+                            raise RuntimeError("the ingress stream ended without a chunk") from None
                         status = RequestStatus.FINISHED  # ended without a finished chunk: the ingress closed it
                         break
+                    seen = True
                     ids, index, text = chunk.token_ids, chunk.index, chunk.text
                     instance_id = chunk.instance_id
                     if ids and n_tokens == 0:
