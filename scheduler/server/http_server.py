@@ -8,9 +8,9 @@ Errors use OpenAI's body, with ``param`` naming the field::
     {"error": {"message": "max_tokens: must be > 0, got 0", "type": "invalid_request_error",
                "param": "max_tokens", "code": null}}
 
-Extensions beyond OpenAI (vLLM-style): ``top_k``, ``seed``, ``stop_token_ids``, ``ignore_eos``, ``priority``,
-``request_id`` (idempotency key; also the ``X-Request-Id`` header), ``length_hint``, ``ttft_slo_s``,
-``tpot_slo_s``, ``add_special_tokens``; completions may take ``prompt`` as a list of token ids; each choice carries
+Extensions beyond OpenAI (vLLM-style): ``top_k``, ``seed``, ``stop_token_ids``, ``ignore_eos``, ``priority`` (higher
+= more important, as gRPC's: the reverse of vLLM's), ``request_id`` (idempotency key; also the ``X-Request-Id``
+header), ``length_hint``, ``ttft_slo_s``, ``tpot_slo_s``, ``add_special_tokens``; completions may take ``prompt`` as a list of token ids; each choice carries
 ``token_ids``. A chat's messages are rendered by the model's chat template (the ingress' ``render_chat``; vLLM's
 ``add_generation_prompt`` and ``chat_template_kwargs``), else sent as a ``role: content`` transcript.
 ``stop`` strings are applied here (vLLM's semantics: ``_stop_at_strings``).
