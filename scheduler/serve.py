@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"LLMSCHED_LOG_LEVEL: Unknown level: {level!r}; use DEBUG, INFO, WARNING or ERROR")
         logging.basicConfig(level=level)
         cfg = load_config(args.config)
+        cfg.chat_template_text()  # a template file that cannot be read: exit 2 now, not once the engines are up
         if args.fake_gpus_per_node:
             from scheduler.control.cluster import nodes_for
 

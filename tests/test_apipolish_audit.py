@@ -16,12 +16,21 @@ import grpc
 import httpx
 import openai
 import pytest
+import yaml
 
 from scheduler.client import AsyncClient, Client, LLMSchedError
+from scheduler.config.load import load_config
+from scheduler.config.models import ClusterConfig
 from scheduler.control.api import GenerateRequest, RequestFailed
+from scheduler.control.ingress import make_tokenizer
 from scheduler.engine.base import TokenChunk
 from scheduler.server.background import BackgroundServer
 from scheduler.server.echo import EchoIngress
+from tests.test_chat_template import MESSAGES as CHAT_MESSAGES
+from tests.test_chat_template import RENDERED as CHAT_RENDERED
+from tests.test_chat_template import TEMPLATE as CHAT_TEMPLATE
+from tests.test_chat_template import _copy_tokenizer
+from tests.test_cli_bad_input import run as run_cli
 
 
 @dataclass
@@ -246,3 +255,50 @@ def test_grpc_empty_ingress_stream_is_internal(srv) -> None:  # type: ignore[no-
     with Client(srv.address, timeout_s=10, retries=0) as c, pytest.raises(LLMSchedError) as exc:
         c.generate("hi", max_tokens=2, request_id="empty-grpc")
     assert exc.value.code == grpc.StatusCode.INTERNAL
+
+
+# -- a server-side chat template (vLLM's --chat-template): the config's chat_template ---------------------------------
+
+SERVER_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+SERVER_RENDERED = "[system] be brief\n[user] hi\n[assistant] "
+
+
+def _config(chat_template: str | None, source: str = "tiny-cpu") -> ClusterConfig:
+    data = load_config(source).model_dump()
+    return ClusterConfig.model_validate({**data, "chat_template": chat_template})
+
+
+@pytest.mark.parametrize("model_has_one", [True, False])
+@pytest.mark.parametrize("as_file", [False, True])
+def test_config_chat_template_renders_chats(tmp_path, model_has_one, as_file) -> None:  # type: ignore[no-untyped-def]
+    # There was no way to set the template server-side: a model without one (or with a wrong one) could only be
+    # served chats as a "role: content" transcript (or through its own template); vLLM has --chat-template.
+    tok_file = _copy_tokenizer(tmp_path / "model", CHAT_TEMPLATE if model_has_one else None)
+    value = SERVER_TEMPLATE
+    if as_file:
+        (tmp_path / "server.jinja").write_text(SERVER_TEMPLATE)
+        value = str(tmp_path / "server.jinja")
+    tok = make_tokenizer(_config(value), {"vllm": {"model_path": str(tok_file.parent)}})
+    assert tok.render_chat(CHAT_MESSAGES) == SERVER_RENDERED  # type: ignore[attr-defined]
+    # without it, the model's own (or none)
+    own = make_tokenizer(_config(None), {"vllm": {"model_path": str(tok_file.parent)}})
+    assert own.render_chat(CHAT_MESSAGES) == (CHAT_RENDERED if model_has_one else None)  # type: ignore[attr-defined]
+
+
+def test_config_chat_template_on_a_simulated_cluster_is_refused_at_load() -> None:
+    # The simulated backend's byte tokenizer has no template machinery: it would be silently unused.
+    with pytest.raises(ValueError, match="chat_template: only a vllm pool"):
+        _config(SERVER_TEMPLATE, "default")
+
+
+def test_serve_with_an_unreadable_chat_template_file_exits_2_before_starting(  # type: ignore[no-untyped-def]
+    no_cluster_start, tmp_path, capsys
+) -> None:
+    data = load_config("tiny-cpu").model_dump(mode="json")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**data, "chat_template": str(tmp_path / "missing.jinja")}))
+    rc, err = run_cli(["serve", "--config", str(cfg)], capsys)
+    assert rc == 2 and "error: chat_template: cannot read the file" in err

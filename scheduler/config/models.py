@@ -5,6 +5,7 @@ Errors name the file, the key path and the allowed values (see ``load.py``).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -217,6 +218,11 @@ class ClusterConfig(_Strict):
     slos: dict[int, SLOSpec] = Field(default_factory=lambda: {0: SLOSpec(ttft_s=2.0, tpot_s=0.1)})
     policies: PoliciesSpec = PoliciesSpec()
     latency_profile: str | None = Field(default=None, description="path to a latency table (llmsched profile)")
+    chat_template: str | None = Field(
+        default=None,
+        description="renders /v1/chat/completions instead of the model's own template (vLLM's --chat-template): a "
+                    "Jinja template, or the path of a file holding one; vllm pools only",
+    )
 
     @field_validator("gpus", mode="before")
     @classmethod
@@ -258,8 +264,24 @@ class ClusterConfig(_Strict):
             raise ValueError(f"latency_profile: one engine's measured step times cannot time pools on "
                              f"{', '.join(f'{g} x TP{tp}' for g, tp in kinds)} alike; give each its own config, or "
                              "drop latency_profile (the profiled tables and the roofline know GPU and TP)")
+        if self.chat_template is not None and not any(p.backend == "vllm" for p in self.pools):
+            raise ValueError("chat_template: only a vllm pool's model has a tokenizer to render chats with (a "
+                             "simulated cluster's byte tokenizer has none); remove it")
         self._check_policy_names()
         return self
+
+    def chat_template_text(self) -> str | None:
+        """``chat_template`` as a template, by vLLM's rule: a value holding Jinja's ``{``, ``}`` or a newline is the
+        template itself, any other names the file holding it, read here (where the ingress runs: not at load, which
+        may be elsewhere, e.g. a chart's lint). Raises ``ValueError`` naming the field if it cannot be read."""
+        value = self.chat_template
+        if value is None or any(c in value for c in "{}\n"):
+            return value
+        try:
+            return Path(value).read_text()
+        except OSError as e:
+            raise ValueError(f"chat_template: cannot read the file {value!r} ({e.strerror}); give a Jinja template "
+                             "or the path of a file holding one") from None
 
     def _check_policy_names(self) -> None:
         """Unknown policy names (and router parameters) fail at load, naming the field: the live Controller and

@@ -110,21 +110,24 @@ class HFTokenizer:
     """A ``tokenizers`` tokenizer file (the vLLM pools' model), loaded in the ingress so that tokenizing is
     never a hop to an instance. When the model directory declares a chat template (``tokenizer_config.json``'s
     ``chat_template``, ``chat_template.jinja`` or ``additional_chat_templates/``, as transformers saves them),
-    transformers' tokenizer is loaded too, to render chat messages with it as vLLM's OpenAI server does."""
+    transformers' tokenizer is loaded too, to render chat messages with it as vLLM's OpenAI server does.
+    ``chat_template`` (the config's, vLLM's ``--chat-template``): a Jinja template used instead of the model's."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, chat_template: str | None = None) -> None:
         from tokenizers import Tokenizer as _Tok
 
         self._tok = _Tok.from_file(str(path))
         self._chat: Any = None  # transformers' tokenizer, for its chat template; None: the model has none
         model_dir = Path(path).parent
-        if _declares_chat_template(model_dir):
+        if chat_template is not None or _declares_chat_template(model_dir):
             # NOTE: imported only then: transformers takes seconds to import. The generic fast class, not
             # AutoTokenizer: rendering needs the template and the special tokens only, never a model's own class
             # (which may be remote code).
             from transformers import PreTrainedTokenizerFast
 
             chat = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+            if chat_template is not None:
+                chat.chat_template = chat_template
             self._chat = chat if chat.chat_template is not None else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -181,15 +184,15 @@ def _chat_call_args(chat: Any) -> frozenset[str]:
 
 
 def make_tokenizer(config: ClusterConfig, backend_kwargs: dict[str, dict[str, Any]] | None = None) -> Tokenizer:
-    """Byte tokenizer for simulated clusters (no chat template); the model's ``tokenizer.json`` (and chat template)
-    when any pool runs vLLM."""
+    """Byte tokenizer for simulated clusters (no chat template); the model's ``tokenizer.json`` (and chat template,
+    or the config's ``chat_template``) when any pool runs vLLM."""
     if any(p.backend == "vllm" for p in config.pools):
         path = (backend_kwargs or {}).get("vllm", {}).get("model_path")
         if path is None:
             from scheduler.engine.tiny_model import ensure_tiny_model
 
             path = ensure_tiny_model()
-        return HFTokenizer(Path(path) / "tokenizer.json")
+        return HFTokenizer(Path(path) / "tokenizer.json", chat_template=config.chat_template_text())
     return ByteTokenizer(max(config.model.vocab_size, 256))
 
 
