@@ -10,9 +10,10 @@ Errors use OpenAI's body, with ``param`` naming the field::
 
 Extensions beyond OpenAI (vLLM-style): ``top_k``, ``seed``, ``stop_token_ids``, ``ignore_eos``, ``priority`` (higher
 = more important, as gRPC's: the reverse of vLLM's), ``request_id`` (idempotency key; also the ``X-Request-Id``
-header), ``length_hint``, ``ttft_slo_s``, ``tpot_slo_s``, ``add_special_tokens``; completions may take ``prompt`` as a list of token ids; each choice carries
-``token_ids``. A chat's messages are rendered by the model's chat template (the ingress' ``render_chat``; vLLM's
-``add_generation_prompt`` and ``chat_template_kwargs``), else sent as a ``role: content`` transcript.
+header), ``length_hint``, ``ttft_slo_s``, ``tpot_slo_s``, ``add_special_tokens``; completions may take ``prompt``
+as a list of token ids; each choice carries ``token_ids``. A chat's messages are rendered by the model's chat
+template (the ingress' ``render_chat``; vLLM's ``add_generation_prompt`` and ``chat_template_kwargs``), else sent as a
+``role: content`` transcript.
 ``stop`` strings are applied here (vLLM's semantics: ``_stop_at_strings``).
 Unsupported OpenAI options that would change the output (``n`` > 1, ``logprobs``, ``echo``,
 ``best_of`` > 1, batched prompts, penalties, ``response_format``, ``tools``, ...: ``_REFUSED``) are rejected with the
@@ -733,7 +734,7 @@ async def _respond(
             except IngressError as e:
                 raise sc.fail(e) from None
             except StopAsyncIteration:
-                # An ingress bug (its stream ends with a finished chunk): a server error, not a 200 with no output.
+                # An ingress bug (every stream ends with a finished chunk): a server error, not a 200 with no output.
                 logger.error("%s: the ingress stream ended without a chunk", g.request_id)
                 raise HTTPError(
                     500, "internal error (the ingress stream ended without a chunk)", type_="server_error"
