@@ -147,12 +147,23 @@ def test_error_finish_is_a_500(srv, chat, rid, stream) -> None:  # type: ignore[
     path, body = _body(chat, max_tokens=4, stream=stream, request_id=f"{rid}-{chat}-{stream}")
     resp = _post(srv, path, body)
     assert resp.status_code == 500 and resp.headers["content-type"] == "application/json"
+    assert resp.headers["x-should-retry"] == "false"  # final: OpenAI clients would re-run it twice
     assert resp.json()["error"] == {
         "message": "error: ValueError: the engine refused it",
         "type": "server_error",
         "param": None,
         "code": None,
     }
+
+
+def test_error_finish_is_not_retried_by_openai_client(srv) -> None:  # type: ignore[no-untyped-def]
+    # Final (a request's own error on a live engine): openai-python retries a 500 twice unless told not to.
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.http_port}/v1", api_key="unused", max_retries=2)
+    with pytest.raises(openai.InternalServerError):
+        client.completions.create(
+            model="echo", prompt="hi", max_tokens=4, extra_body={"request_id": "err-first-oa"}
+        )
+    assert sum(r.request_id == "err-first-oa" for r in srv.ingress.requests) == 1
 
 
 @pytest.mark.parametrize("chat", [False, True])

@@ -695,9 +695,12 @@ class _ScopedStreamingResponse(StreamingResponse):
 
 def _ended_in_error(c: TokenChunk) -> HTTPError | None:
     """The error of a stream that ended ``error: ...`` (an engine raised on the request; gRPC passes the reason on):
-    vLLM's 500, or its error event mid-stream, rather than a 200 with a finish_reason no OpenAI client knows."""
+    vLLM's 500, or its error event mid-stream, rather than a 200 with a finish_reason no OpenAI client knows. Final
+    (the ingress recovers engine failures itself), so not to be retried, as a quarantined request's 500."""
     if c.finished and request_status_of_finish(c.finish_reason) is RequestStatus.FAILED:
-        return HTTPError(500, c.finish_reason or "error", type_="server_error")
+        return HTTPError(
+            500, c.finish_reason or "error", type_="server_error", headers={"x-should-retry": "false"}
+        )
     return None
 
 
