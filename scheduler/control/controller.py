@@ -83,6 +83,8 @@ START_RETRY_MAX_S = 120.0
 # How long an admin call waits for an instance's answer (``set_draining``): the operator gets UNAVAILABLE naming the
 # instance instead of a call that never returns.
 ADMIN_CALL_TIMEOUT_S = 5.0
+# How long a release waits for ``Instance.shutdown`` (its streams' hand-over) before it kills the actor anyway.
+RELEASE_TIMEOUT_S = 5.0
 # The roles that serve each phase.
 _PREFILLS = frozenset({InstanceRole.PREFILL, InstanceRole.MIXED})
 _DECODES = frozenset({InstanceRole.DECODE, InstanceRole.MIXED})
@@ -189,6 +191,7 @@ class Controller:
         self._next_index.update({k: int(v) for k, v in (self._kv_get("next_index") or {}).items()
                                  if k in self._next_index})
         self._pending: dict[str, asyncio.Task[Any]] = {}  # instance_id -> creation task
+        self._releasing: dict[str, asyncio.Task[None]] = {}  # instance_id -> its release in flight (see _release)
         self._adopted: list[str] = []  # adopted in __init__, to be started (see _start_adopted)
         self._starting: set[str] = set()  # adopted instances being started: "not started" is no engine failure
         self._failing: dict[str, float] = {}  # instance -> monotonic time of its first failed snapshot in a row
@@ -319,7 +322,7 @@ class Controller:
             return
         results = await ask_each(items, lambda _, m: _await(m.handle.snapshot.remote()), self._probes, 2.0)
         now = time.monotonic()
-        broken: list[str] = []
+        broken: list[tuple[str, str]] = []  # (instance, why)
         for (iid, m), res in zip(items, results):
             if isinstance(res, InstanceSnapshot):
                 self._failing.pop(iid, None)
@@ -370,8 +373,8 @@ class Controller:
     async def _replace(self, iid: str, why: str = "did not start") -> None:
         """Release a broken instance (its engine failed or hung -- ``why`` -- or it did not start): its pool keeps
         its size, so the reconcile loop creates a replacement -- unless it was draining for a scale-down, which this
-        completes. Counted before the release's wait: the scaling loop would see it gone and drop its drain
-        uncounted. Its streams end ENGINE_FAILED (``Instance.shutdown(broken=)``), not "released"."""
+        completes. Counted before the release: the scaling loop would see it gone and drop its drain uncounted. Its
+        streams end ENGINE_FAILED (``Instance.shutdown(broken=)``), not "released"."""
         m = self._members.get(iid)
         if m is None:
             return
@@ -576,7 +579,10 @@ class Controller:
                 if switcher.policy is not None and time.monotonic() >= next_switch:
                     next_switch = time.monotonic() + switcher.interval_s
                     await switcher.tick(time.time())
-                if self._k8s_shrink_due and self._k8s is not None and not self._pending and not self._draining:
+                # Not while a release is in flight: its pod, no member's any more, would read as idle and go
+                # (killing the instance in its streams' hand-over).
+                if (self._k8s_shrink_due and self._k8s is not None and not self._pending and not self._draining
+                        and not self._releasing):
                     await self._k8s_shrink()
             except asyncio.CancelledError:
                 raise
@@ -714,7 +720,7 @@ class Controller:
             # The pool shrinks by this instance unless an admin scale already counted it out meanwhile.
             pool = self._members[iid].info.pool
             serving = sum(1 for i in self._active(pool, held=True) if i != iid)
-            await self.release(iid, replace=self._desired.get(pool, 0) <= serving)
+            await self._release_from_pool(iid, replace=self._desired.get(pool, 0) <= serving)
             self.scaling_stats["released"] += 1
             self._scaling_events.append({"time_s": time.time(), "action": "released", "instance": iid})
 
@@ -878,6 +884,10 @@ class Controller:
         log.warning("pool %s: %d instance start(s) failed in a row; next start in %.0fs", pool, n, delay)
 
     async def _release(self, iid: str, broken: str | None = None) -> bool:
+        """The one release of an instance: out of the membership and the view at once (nothing routes to it, and
+        its pool counts it gone: the reconcile loop may start its replacement), then stopped in a task tracked in
+        ``_releasing`` (``_stop``). False when it is no member (released already: never released twice).
+        ``broken``: why its engine is broken; its streams then end ENGINE_FAILED, not RELEASED."""
         m = self._members.pop(iid, None)
         self._snapshots.pop(iid, None)
         self._failing.pop(iid, None)
@@ -885,13 +895,32 @@ class Controller:
         self._drop_operator_drain(iid)
         if m is None:
             return False
+        # NOTE: off the caller's path. Awaited here, a hung actor's shutdown held the Controller's refresh and lock
+        # for RELEASE_TIMEOUT_S per broken instance: no death noticed, no replacement started, no policy run, every
+        # admin call waiting.
+        self._releasing[iid] = asyncio.create_task(self._stop(iid, m.handle, broken))
+        return True
+
+    async def _stop(self, iid: str, handle: ActorHandle, broken: str | None) -> None:
+        """Shut the instance down (its streams' hand-over, at most ``RELEASE_TIMEOUT_S``), then kill its actor and
+        remove its placement group -- also when cancelled (the Controller ends): detached, they would stay for good."""
         try:
-            await asyncio.wait_for(_await(m.handle.shutdown.remote(broken=broken)), 5.0)
+            await asyncio.wait_for(_await(handle.shutdown.remote(broken=broken)), RELEASE_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - killing it anyway
             log.info("instance %s did not shut down cleanly: %s", iid, type(e).__name__)
-        ray.kill(m.handle, no_restart=True)
-        remove_instance_pg(self.cluster, iid)
-        return True
+        finally:
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception as e:  # noqa: BLE001 - its group's removal stops it too
+                log.warning("killing instance %s failed: %s", iid, e)
+            remove_instance_pg(self.cluster, iid)
+            self._releasing.pop(iid, None)
+
+    async def _stopped(self, iids: list[str]) -> None:
+        """Wait until the releases in flight of ``iids`` have ended; a waiter that stops waiting calls none off."""
+        tasks = [t for i in iids if (t := self._releasing.get(i)) is not None]
+        if tasks:
+            await asyncio.wait(tasks)
 
     # ---- API ------------------------------------------------------------------------------------------
     async def ready(self, timeout_s: float = 120.0) -> dict[str, InstanceInfo]:
@@ -1000,8 +1029,16 @@ class Controller:
         return True
 
     async def release(self, instance_id: str, *, replace: bool = False) -> bool:
-        """Stop an instance. Without ``replace`` its pool shrinks by one (a drained instance stays gone)."""
+        """Stop an instance (answers once it is stopped). Without ``replace`` its pool shrinks by one (a drained
+        instance stays gone)."""
         self._ensure_loop()
+        if not await self._release_from_pool(instance_id, replace=replace):
+            return False
+        await self._stopped([instance_id])
+        return True
+
+    async def _release_from_pool(self, instance_id: str, *, replace: bool) -> bool:
+        """``release`` without waiting for the instance to stop (the scaling loop's release of a drained one)."""
         m = self._members.get(instance_id)
         if m is None:
             return False
@@ -1034,9 +1071,11 @@ class Controller:
         for t in list(self._pending.values()):
             t.cancel()
             await asyncio.gather(t, return_exceptions=True)
-        # Side by side: each waits up to 5 s for a hung instance, and one after another they outlasted the driver's
-        # wait (Deployment.shutdown, 30 s), which then killed this actor with the rest still up.
+        # Side by side: each waits up to RELEASE_TIMEOUT_S for a hung instance, and one after another they outlasted
+        # the driver's wait (Deployment.shutdown, 30 s), which then killed this actor with the rest still up. Those
+        # already in flight (a broken instance the loop was releasing) are waited for too.
         await asyncio.gather(*(self._release(iid) for iid in list(self._members)), return_exceptions=True)
+        await self._stopped(list(self._releasing))
         from ray.experimental import internal_kv
 
         for name in self._KV_NAMES:

@@ -1,0 +1,106 @@
+"""The Controller's refresh / reconcile loop: releases off the loop's path, and its races with admin calls. Each test
+failed before its fix. No Ray: the fake Controller of ``tests/test_controller_audit.py`` (fake instance handles)
+with its real ``_release``, ``ray.kill`` and the placement-group removal recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+import scheduler.control.controller as controller_mod
+from scheduler.core.types import InstanceRole, InstanceSnapshot
+from tests.test_controller_audit import FakeInstance, _controller
+
+
+class Broken(FakeInstance):
+    """Reports itself hung (its watchdog) and never finishes ``shutdown`` (a blocked actor)."""
+
+    shutdowns = 0
+
+    async def _snapshot(self) -> InstanceSnapshot:
+        return InstanceSnapshot(self.iid, InstanceRole.MIXED, num_running=1, healthy=False)
+
+    async def _shutdown(self, broken: str | None = None) -> None:
+        self.shutdowns += 1
+        await asyncio.sleep(3600)
+
+
+class Healthy(FakeInstance):
+    async def _shutdown(self, broken: str | None = None) -> None:
+        return None
+
+
+@pytest.fixture
+def kills(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """``ray.kill`` and ``remove_instance_pg`` recorded; releases wait at most 0.3 s for ``Instance.shutdown``."""
+    out: dict[str, list[str]] = {"killed": [], "removed": []}
+    monkeypatch.setattr(controller_mod.ray, "kill", lambda h, no_restart=True: out["killed"].append(h.iid))
+    monkeypatch.setattr(controller_mod, "remove_instance_pg", lambda cluster, iid: out["removed"].append(iid))
+    monkeypatch.setattr(controller_mod, "RELEASE_TIMEOUT_S", 0.3, raising=False)
+    return out
+
+
+def _real_release(insts: list[FakeInstance], pools: dict[str, int]) -> Any:
+    ctrl = _controller(insts, pools)
+    del ctrl._release  # the real one: shuts the actor down (bounded), kills it, removes its group
+    ctrl.cluster, ctrl.namespace = "audit", "llmsched"
+    return ctrl
+
+
+def test_a_broken_instances_release_does_not_hold_the_controllers_loop(kills: dict[str, list[str]]) -> None:
+    """Two hung instances whose actors do not answer ``shutdown``: the refresh that found them released them inline,
+    under the Controller's lock, waiting 5 s for each -- 10 s in which no death was noticed, no replacement started,
+    no policy ran and admin calls (``scale``, ``release``) waited for the lock. Now each leaves the membership and
+    the view at once, its shutdown, kill and group removal run in a tracked task, the replacements start at once,
+    and a second release of the same instance is a no-op."""
+    b1, b2 = Broken("mixed-1"), Broken("mixed-2")
+    ctrl = _real_release([Healthy("mixed-0"), b1, b2], {"mixed": 3})
+    created: list[str] = []
+
+    async def _create(pool: Any, iid: str) -> None:
+        created.append(iid)
+        ctrl._pending.pop(iid, None)
+
+    ctrl._create = _create
+
+    async def run() -> None:
+        t0 = time.monotonic()
+        await asyncio.wait_for(ctrl._refresh(), 2.0)
+        assert time.monotonic() - t0 < 0.25  # not the releases' wait
+        assert list(ctrl._members) == ["mixed-0"]
+        assert [s.instance_id for s in (await ctrl.view()).instances] == ["mixed-0"]
+        assert kills["killed"] == []  # still shutting down
+        await asyncio.wait_for(ctrl.scale("mixed", 3), 0.25)  # the admin call is not held; replacements start
+        assert sorted(created) == ["mixed-3", "mixed-4"]
+        await ctrl._replace("mixed-1", "again")  # no double release
+        await ctrl._refresh()
+        assert (b1.shutdowns, b2.shutdowns) == (1, 1)
+        await asyncio.sleep(0.5)  # past RELEASE_TIMEOUT_S: killed anyway
+        assert sorted(kills["killed"]) == sorted(kills["removed"]) == ["mixed-1", "mixed-2"]
+        assert not ctrl._releasing
+
+    asyncio.run(run())
+
+
+def test_shutdown_during_a_release_still_kills_the_instance(
+    kills: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Controller.shutdown`` while the loop was releasing a hung instance cancelled the loop, and with it the
+    release in its wait for ``Instance.shutdown``: the instance had already left the membership, so the teardown
+    did not release it either -- its detached actor and placement group (its GPUs) were left behind for good."""
+    from ray.experimental import internal_kv
+
+    monkeypatch.setattr(internal_kv, "_internal_kv_del", lambda *a, **kw: None)
+    ctrl = _real_release([Healthy("mixed-0"), Broken("mixed-1")], {"mixed": 2})
+    ctrl._scaling_task = None
+
+    async def run() -> None:
+        ctrl._loop_task = asyncio.create_task(ctrl._refresh())  # the loop, in the round that releases mixed-1
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(ctrl.shutdown(), 5.0)
+
+    asyncio.run(run())
+    assert sorted(kills["killed"]) == sorted(kills["removed"]) == ["mixed-0", "mixed-1"]
