@@ -104,3 +104,26 @@ def test_shutdown_during_a_release_still_kills_the_instance(
 
     asyncio.run(run())
     assert sorted(kills["killed"]) == sorted(kills["removed"]) == ["mixed-0", "mixed-1"]
+
+
+def test_a_snapshot_that_arrives_after_the_instance_was_released_does_not_bring_it_back() -> None:
+    """A refresh round waits for every instance's snapshot (up to 2 s for a slow one); an instance released in the
+    meantime (the scaling loop's drained release, an admin release) had its answered snapshot put back into the
+    Controller's view -- for good, nothing removed it again: a ghost the migration policy planned with, counted
+    by ``view()``."""
+
+    class Slow(FakeInstance):
+        async def _snapshot(self) -> InstanceSnapshot:
+            await asyncio.sleep(0.3)
+            return await super()._snapshot()
+
+    ctrl = _controller([FakeInstance("mixed-0"), FakeInstance("mixed-1"), Slow("mixed-2")], {"mixed": 3})
+
+    async def run() -> list[str]:
+        rnd = asyncio.create_task(ctrl._refresh())
+        await asyncio.sleep(0.1)  # mixed-0 answered; the round waits for mixed-2
+        assert await ctrl.release("mixed-0")
+        await rnd
+        return [s.instance_id for s in (await ctrl.view()).instances]
+
+    assert asyncio.run(run()) == ["mixed-1", "mixed-2"]

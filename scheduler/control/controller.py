@@ -324,6 +324,10 @@ class Controller:
         now = time.monotonic()
         broken: list[tuple[str, str]] = []  # (instance, why)
         for (iid, m), res in zip(items, results):
+            if iid not in self._members:
+                # Released while the round waited for the others (ids are never reused): its answer put it back
+                # into the view, for good.
+                continue
             if isinstance(res, InstanceSnapshot):
                 self._failing.pop(iid, None)
                 self._snapshots[iid] = res
