@@ -127,3 +127,40 @@ def test_a_snapshot_that_arrives_after_the_instance_was_released_does_not_bring_
         return [s.instance_id for s in (await ctrl.view()).instances]
 
     assert asyncio.run(run()) == ["mixed-1", "mixed-2"]
+
+
+def test_an_admin_scale_down_calls_off_instances_still_being_placed() -> None:
+    """A pool asked to grow to 3 on a cluster with no room (the placement groups never become ready), then
+    Scale(mixed, 1): the reconcile loop chose the newest as extras -- the two being placed -- but only released
+    members, so both creations went on (to start only to be released, or to wait for good), and the admin call,
+    which waits for the creations in flight, never returned. They are called off now (newest first), as the scaling
+    loop's scale-down does."""
+    ctrl = _controller([FakeInstance("mixed-0")], {"mixed": 1})
+    cancelled: list[str] = []
+
+    async def never_placed(pool: Any, iid: str) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(iid)
+            raise
+        finally:
+            ctrl._pending.pop(iid, None)
+
+    ctrl._create = never_placed
+
+    async def run() -> None:
+        await ctrl._set_desired("mixed", 3)
+        await ctrl._reconcile(wait=False)
+        await asyncio.sleep(0.05)  # both waiting for their placement groups
+        assert sorted(ctrl._pending) == ["mixed-1", "mixed-2"]
+        await ctrl._set_desired("mixed", 2)  # the newest first
+        await ctrl._reconcile(wait=False)
+        await asyncio.sleep(0)
+        assert list(ctrl._pending) == ["mixed-1"] and cancelled == ["mixed-2"]
+        await asyncio.wait_for(ctrl.scale("mixed", 1), 1.0)
+        await asyncio.sleep(0)
+        assert not ctrl._pending and cancelled == ["mixed-2", "mixed-1"]
+        assert list(ctrl._members) == ["mixed-0"] and ctrl._desired == {"mixed": 1}
+
+    asyncio.run(run())

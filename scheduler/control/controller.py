@@ -823,12 +823,17 @@ class Controller:
                 if len(have) <= want:
                     continue
                 # Instances already draining for a scale-down go first (an admin scale overtook the drain), then the
-                # newest: releasing busy ones while an idle draining one stays would shrink the pool twice.
+                # newest: releasing busy ones while an idle draining one stays would shrink the pool twice. One still
+                # being placed is called off (``_create`` removes what it had placed), as the scaling loop's
+                # scale-down does: left running, it started only to be released (or waited for good for a group
+                # with no room), and an admin ``scale`` waited for it.
                 draining = [i for i in have if i in self._draining]
                 for iid in (draining + [i for i in have[::-1] if i not in draining])[: len(have) - want]:
                     if self._draining.pop(iid, None) is not None:
                         self._save_draining()
-                    if iid in self._members:
+                    if iid in self._pending:
+                        self._pending.pop(iid).cancel()
+                    elif iid in self._members:
                         await self._release(iid)
         if wait and self._pending:
             # asyncio.wait, not gather: a caller that stops waiting (ready's timeout) must not call the creations
