@@ -164,3 +164,33 @@ def test_an_admin_scale_down_calls_off_instances_still_being_placed() -> None:
         assert list(ctrl._members) == ["mixed-0"] and ctrl._desired == {"mixed": 1}
 
     asyncio.run(run())
+
+
+def test_an_instance_released_during_its_role_switch_does_not_come_back_as_a_member() -> None:
+    """The scaling loop's ``RoleSwitcher.advance`` waits for ``set_role`` (up to 5 s), then writes the instance's
+    new record into the membership; an instance released meanwhile (an admin release, or the refresh found it
+    broken) came back as a member whose actor was being killed: the ingresses were handed it and its pool counted
+    it until a later refresh saw it dead."""
+    from tests.test_controller_audit import _switch_ran_dry
+
+    gate = asyncio.Event()
+
+    class SlowSwitch(FakeInstance):
+        async def _set_role(self, role: Any) -> Any:
+            await gate.wait()
+            return await super()._set_role(role)
+
+    p0 = SlowSwitch("prefill-0", InstanceRole.PREFILL)
+    ctrl = _controller([p0, FakeInstance("prefill-1", InstanceRole.PREFILL)], {"prefill": 2})
+
+    async def run() -> None:
+        await _switch_ran_dry(ctrl)
+        advancing = asyncio.create_task(ctrl._switcher.advance())
+        await asyncio.sleep(0.05)  # in set_role
+        assert await ctrl.release("prefill-0")
+        gate.set()
+        await advancing
+        assert list(ctrl._members) == ["prefill-1"]
+        assert not ctrl._switcher.switching and ctrl._switcher.stats["switches"] == 0
+
+    asyncio.run(run())

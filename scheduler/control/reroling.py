@@ -121,6 +121,9 @@ class RoleSwitcher:
                     if time.time() < deadline:
                         continue
                 else:
+                    if iid not in c._members:  # released (or died) during the call: written back, it came back
+                        self._forget(iid)
+                        continue
                     m = type(m)(m.handle, info)
                     c._members[iid] = m
                     c._role_round[iid] = c._refresh_round
