@@ -194,3 +194,39 @@ def test_an_instance_released_during_its_role_switch_does_not_come_back_as_a_mem
         assert not ctrl._switcher.switching and ctrl._switcher.stats["switches"] == 0
 
     asyncio.run(run())
+
+
+def test_a_restarted_controller_finishes_a_release_its_predecessor_began(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Controller died while releasing mixed-1 (its shutdown sent, the kill not yet: up to 5 s, 1 s for an idle
+    one). Its restart adopted the named, still-live actor as a member -- shut down or shutting down, its drain flag
+    still on (a scale-down's release) -- which nothing tracked any more: a simulated engine's snapshots still say
+    healthy and draining after its shutdown (checked), so it was never released and never served, its pool one
+    short for good, and for a scale-down the reconcile released another, serving instance to match the desired
+    size. The release in flight is recorded (Ray's KV, as the drains are); the restart kills that actor instead."""
+    from scheduler.control.controller import Controller, instance_actor_name
+    from tests.test_controller_audit import _info
+
+    class Actor:  # a named Instance actor; ``get_info.remote()`` is its answer (``ray.get`` is the identity here)
+        def __init__(self, iid: str) -> None:
+            self.iid = iid
+            info = _info(FakeInstance(iid), "mixed")
+            self.get_info = type("Method", (), {"remote": staticmethod(lambda: info)})
+
+    actors = {instance_actor_name("audit", f"mixed-{i}"): Actor(f"mixed-{i}") for i in range(2)}
+    named = [{"name": n, "namespace": "llmsched"} for n in actors]
+    killed: list[str] = []
+    monkeypatch.setattr(controller_mod.ray.util, "list_named_actors", lambda all_namespaces=True: named)
+    monkeypatch.setattr(controller_mod.ray, "get_actor", lambda name, namespace=None: actors[name])
+    monkeypatch.setattr(controller_mod.ray, "get", lambda ref, timeout=None: ref)
+    monkeypatch.setattr(controller_mod.ray, "kill", lambda h, no_restart=True: killed.append(h.iid))
+    monkeypatch.setattr(controller_mod.ray.util, "placement_group_table", dict)
+    kv: dict[str, Any] = {"releasing": ["mixed-1"]}  # what the dead Controller recorded
+    ctrl = Controller.__new__(Controller)  # its restart's __init__, from the adoption on
+    ctrl.cluster, ctrl.namespace = "audit", "llmsched"
+    ctrl._members, ctrl._adopted, ctrl._next_index = {}, [], {"mixed": 0}
+    ctrl._kv_get, ctrl._kv_put = kv.get, kv.__setitem__
+    ctrl._adopt()
+    assert list(ctrl._members) == ["mixed-0"] and killed == ["mixed-1"]
+    assert kv["releasing"] == []

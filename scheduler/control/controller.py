@@ -12,7 +12,8 @@
 
 Fault tolerance: the Controller is created with ``max_restarts=-1``; instances and their placement groups are
 detached and named (``llmsched/<cluster>/...``), so they survive it. A restarted Controller re-runs ``__init__``,
-which adopts every live named instance of its cluster (``_adopt``); desired pool sizes live in Ray's internal KV.
+which adopts every live named instance of its cluster (``_adopt``) but those it was releasing (killed); desired pool
+sizes and the releases in flight live in Ray's internal KV.
 Ingresses keep routing from their own cached view meanwhile and re-send their request registry on the next report.
 
 Scaling loop (``policies.scaling``): every ``scaling_interval_s`` the scaling policy decides on the live view;
@@ -236,11 +237,18 @@ class Controller:
     def _adopt(self) -> None:
         """Find this cluster's live named instances (after a restart, or a redeploy of the same name)."""
         prefix = instance_actor_name(self.cluster, "")
+        releasing = set(self._kv_get("releasing") or [])
         for entry in ray.util.list_named_actors(all_namespaces=True):
             if entry.get("namespace") != self.namespace or not entry["name"].startswith(prefix):
                 continue
             try:
                 handle = ray.get_actor(entry["name"], namespace=self.namespace)
+                if entry["name"][len(prefix):] in releasing:
+                    # The previous Controller died releasing it (shutdown sent, the kill not yet): adopted, it
+                    # stayed a member that nothing tracked -- shut down, or still draining -- for good.
+                    log.warning("killing %s: the previous Controller was releasing it", entry["name"])
+                    ray.kill(handle, no_restart=True)  # its group goes below (no adopted instance holds it)
+                    continue
                 info = ray.get(handle.get_info.remote(), timeout=5)
             except Exception as e:  # noqa: BLE001 - dead or dying: the reconcile loop replaces it
                 log.warning("not adopting %s: %s", entry["name"], type(e).__name__)
@@ -250,6 +258,8 @@ class Controller:
             n = _index_of(info.instance_id)
             if info.pool in self._next_index and n is not None:
                 self._next_index[info.pool] = max(self._next_index[info.pool], n + 1)
+        if releasing:
+            self._kv_put("releasing", [])
         if self._members:
             log.info("controller %s adopted %d live instance(s)", self.cluster, len(self._members))
         # A group of this cluster with no adopted instance: the previous Controller died between creating an
@@ -500,7 +510,7 @@ class Controller:
         return m.info.pool if m is not None else snap.instance_id.rsplit("-", 1)[0]
 
     # Work in progress that must survive a restart, as JSON in Ray's internal KV under llmsched/<cluster>/<name>.
-    _KV_NAMES = ("desired", "draining", "switching", "operator_draining", "next_index")
+    _KV_NAMES = ("desired", "draining", "switching", "operator_draining", "next_index", "releasing")
 
     def _kv_key(self, name: str) -> bytes:
         return f"llmsched/{self.cluster}/{name}".encode()
@@ -908,6 +918,7 @@ class Controller:
         # for RELEASE_TIMEOUT_S per broken instance: no death noticed, no replacement started, no policy run, every
         # admin call waiting.
         self._releasing[iid] = asyncio.create_task(self._stop(iid, m.handle, broken))
+        self._kv_put("releasing", sorted(self._releasing))  # a restarted Controller finishes it (_adopt)
         return True
 
     async def _stop(self, iid: str, handle: ActorHandle, broken: str | None) -> None:
@@ -924,6 +935,7 @@ class Controller:
                 log.warning("killing instance %s failed: %s", iid, e)
             remove_instance_pg(self.cluster, iid)
             self._releasing.pop(iid, None)
+            self._kv_put("releasing", sorted(self._releasing))
 
     async def _stopped(self, iids: list[str]) -> None:
         """Wait until the releases in flight of ``iids`` have ended; a waiter that stops waiting calls none off."""
