@@ -201,11 +201,7 @@ class VLLMBackend:
             engine_id=f"llmsched-{uuid.uuid4().hex[:8]}",
             kv_connector_extra_config={"saved_kv_capacity_bytes": self._saved_kv_capacity_bytes},
         )
-        # vLLM names its ZMQ IPC sockets (front end <-> engine core) under VLLM_RPC_BASE_PATH, /tmp by default, and
-        # leaves them behind: ~4 per engine, thousands after a day of tests and runs. A folder of this engine's
-        # own, removed at shutdown, takes them along (and the KV events socket).
-        self._rpc_dir = tempfile.mkdtemp(prefix="llmsched-vllm-")
-        events = f"ipc://{self._rpc_dir}/kv-events"
+        events = f"ipc://{self._ipc_dir()}/kv-events"
         extra = {} if self._prefix is None else {
             "kv_events_config": KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=events)}
         args = AsyncEngineArgs(kv_transfer_config=kv_config, **extra, **self._engine_args)
@@ -226,8 +222,16 @@ class VLLMBackend:
     def _bump(self) -> None:
         self._epoch += 1  # the prefix cache changed: an idle engine's cached report is stale
 
+    def _ipc_dir(self) -> str:
+        """This engine's folder for its ZMQ IPC sockets. vLLM names them (front end <-> engine core) under
+        VLLM_RPC_BASE_PATH, /tmp by default, and leaves them behind: ~4 per engine, thousands after a day of tests
+        and runs. A folder of its own, removed at shutdown, takes them along (and the KV events socket)."""
+        if self._rpc_dir is None:
+            self._rpc_dir = tempfile.mkdtemp(prefix="llmsched-vllm-")
+        return self._rpc_dir
+
     def _construct(self, async_llm_cls: Any, args: Any) -> Any:
-        env: dict[str, str] = {"VLLM_RPC_BASE_PATH": str(self._rpc_dir)}
+        env: dict[str, str] = {"VLLM_RPC_BASE_PATH": self._ipc_dir()}
         if self._cpu_threads_bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_threads_bind
         if self._cpu_omp_threads is not None:
