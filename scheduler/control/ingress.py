@@ -25,6 +25,7 @@ from 0, each exactly once, across handoffs, recoveries and migrations.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import inspect
 import json
@@ -54,7 +55,7 @@ from scheduler.control.api import (
 )
 from scheduler.control.channel import ChannelClient, ChannelError, RemoteError
 from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, Member, actor_gone, ask_each
-from scheduler.control.instance import ENGINE_FAILED, RELEASED
+from scheduler.control.instance import ENGINE_FAILED, RELEASED, merge_chunks
 from scheduler.control.registry import RequestRecord, RequestRegistry
 from scheduler.core.prefix import cached_prefix_tokens, prompt_hash_ids
 from scheduler.core.types import (
@@ -804,8 +805,10 @@ class Ingress:
         phase = self.tracing.start_span(Stage.PREFILL, request_id=rec.request_id,
                                         attributes={"instance": decision.prefill_instance})
         decoding = False
+        # Polled ahead of the consumer: see _Ahead.
+        ahead = _Ahead(self._run(rec, decision))
         try:
-            async for chunk in self._run(rec, decision):
+            async for chunk in ahead:
                 finished = chunk.finished
                 reason = chunk.finish_reason
                 if not decoding and chunk.token_ids:
@@ -814,6 +817,7 @@ class Ingress:
                     decoding = True
                 yield chunk
         finally:
+            await ahead.aclose()
             phase.end()
             if finished and reason in ("stop", "length") and self.predictor is not None:
                 if predicted is not None:
@@ -1478,6 +1482,70 @@ def _hands_off(decision: RouteDecision, rec: RequestRecord, prefill_only: bool) 
     if decision.decode_instance is None:
         return prefill_only
     return decision.decode_instance != decision.prefill_instance
+
+
+class _Ahead:
+    """A request's chunks, polled from its instances by a task of their own rather than at its consumer's pace, into a
+    buffer the consumer reads from. Polled only when the gRPC/HTTP client pulled, a client that stopped reading (flow
+    control, a slow reader, a debugger) stopped renewing the instance's poll lease: past ``lease_s`` the instance
+    reaped the stream and the request was re-prefilled elsewhere (or ended ``abort``); and an instance released under
+    it (scale-down, drain) handed its ``released`` end over only for ``SHUTDOWN_HANDOVER_S``: missed, the kill read as
+    an actor death, counted toward the request's quarantine. As vLLM's per-request output collector, the buffer merges
+    consecutive chunks of one instance: bounded by the request's output (its ``max_tokens``), which ``rec`` keeps
+    anyway, and a few entries (one per instance it ran on). Errors reach the consumer in order, after the chunks before
+    them."""
+
+    _END = object()
+
+    def __init__(self, source: AsyncIterator[TokenChunk]) -> None:
+        self._source = source
+        self._items: collections.deque[Any] = collections.deque()  # chunks, then an exception or _END
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def __aiter__(self) -> _Ahead:
+        return self
+
+    async def __anext__(self) -> TokenChunk:
+        if self._task is None:  # started by the first read: in the consumer's loop and (tracing) context
+            self._task = asyncio.create_task(self._pump())
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items[0]
+        if item is self._END:
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        self._items.popleft()
+        return item
+
+    async def _pump(self) -> None:
+        try:
+            async for chunk in self._source:
+                last = self._items[-1] if self._items else None
+                if (
+                    isinstance(last, TokenChunk)
+                    and not last.finished
+                    and last.instance_id == chunk.instance_id
+                    and last.index + len(last.token_ids) == chunk.index
+                ):
+                    merged = merge_chunks([last, chunk])
+                    self._items[-1] = dataclasses.replace(merged, instance_id=chunk.instance_id)
+                else:
+                    self._items.append(chunk)
+                self._ready.set()
+        except Exception as e:  # noqa: BLE001 - the consumer's to raise, after the chunks before it
+            self._items.append(e)
+        else:
+            self._items.append(self._END)
+        self._ready.set()
+
+    async def aclose(self) -> None:
+        """Stop polling (the consumer left, or read the end) and wait for the polls to stop."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.wait((self._task,))
 
 
 class _RaySource:

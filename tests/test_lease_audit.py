@@ -1,0 +1,162 @@
+"""Regressions from the audit of slow consumers and the poll lease. Each test failed before its fix.
+
+The ingress polled an instance for a stream's next chunks only when its consumer (the gRPC/HTTP client) pulled the
+next chunk, so a paused reader stopped renewing the instance's poll lease and missed a release's hand-over. Real
+``Instance`` objects over the simulated backend behind in-process handles (``tests/test_chaos.py``), a short lease."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from scheduler.control.api import GenerateRequest
+from scheduler.engine.base import SamplingParams, TokenChunk
+from scheduler.engine.simulated_backend import sim_token
+
+pytestmark = pytest.mark.usefixtures("no_ray")
+
+LEASE_S = 0.4
+
+
+async def _cluster(
+    name: str, n: int, lease_s: float = LEASE_S, **ingress_kw: Any
+) -> tuple[dict[str, Any], Any]:
+    """``n`` MIXED simulated instances (real-time steps, poll lease ``lease_s``), an ingress over them putting new
+    requests on mixed-0 (Ray calls: in-process handles)."""
+    from bench.loadgen import cluster_config
+    from scheduler.control.controller import Member
+    from scheduler.control.ingress import Ingress
+    from scheduler.control.instance import Instance
+    from tests.test_chaos import _Controller, _Handle
+    from tests.test_ingress_migration_audit import _FirstOnMixed0
+
+    cfg = cluster_config(name, mixed=n)
+    pool = cfg.pools[0]
+    insts = {
+        f"mixed-{k}": Instance(
+            f"mixed-{k}",
+            pool,
+            cfg.model,
+            cfg.gpus[pool.gpu],
+            backend_kwargs={"time_scale": 1.0},
+            lease_s=lease_s,
+        )
+        for k in range(n)
+    }
+    members = {iid: Member(_Handle(i), await i.start()) for iid, i in insts.items()}
+    ing = Ingress(
+        cfg,
+        _Handle(_Controller(members)),
+        refresh_s=0.01,
+        router=_FirstOnMixed0(),
+        direct=False,
+        poll_timeout_s=0.1,
+        **ingress_kw,
+    )
+    await ing.start()
+    return insts, ing
+
+
+async def _teardown(insts: dict[str, Any], ing: Any) -> None:
+    await ing.close()
+    for i in insts.values():
+        await i.shutdown()
+
+
+def _tokens(out: list[TokenChunk]) -> list[int]:
+    return [t for c in out for t in c.token_ids]
+
+
+def _indices(out: list[TokenChunk]) -> list[int]:
+    return [c.index + k for c in out for k in range(len(c.token_ids))]
+
+
+def test_a_consumer_paused_past_the_lease_keeps_its_stream() -> None:
+    """A client that stops reading for longer than the instance's poll lease (a paused debugger, gRPC flow control, a
+    slow HTTP reader): the ingress polled only when the client pulled, the instance reaped the stream as one whose
+    ingress died, and the client got ``abort`` (CANCELLED) half-way. vLLM's server keeps a slow reader's outputs
+    instead. The stream must go on where it was, each index once, with no recovery."""
+    n = 200
+
+    async def scenario() -> tuple[list[TokenChunk], int, set[str]]:
+        insts, ing = await _cluster("slow-reader", 2)
+        out: list[TokenChunk] = []
+        try:
+            req = GenerateRequest(
+                "slow", prompt="hello", sampling=SamplingParams(max_tokens=n, ignore_eos=True)
+            )
+            stream = ing.generate(req)
+            out.append(await anext(stream))
+            await asyncio.sleep(LEASE_S * 4)  # the reader pauses
+            out.append(await anext(stream))  # what was made meanwhile: one chunk (merged), not one per poll
+            async for c in stream:
+                out.append(c)
+            return out, ing.counters["recoveries"], {c.instance_id for c in out if c.token_ids}
+        finally:
+            await _teardown(insts, ing)
+
+    from bench.loadgen import cluster_config
+
+    out, recoveries, served_by = asyncio.run(asyncio.wait_for(scenario(), 30))
+    vocab = cluster_config("slow-reader", mixed=1).model.vocab_size
+    assert out[-1].finish_reason == "length", out[-1]
+    assert _indices(out) == list(range(n))
+    assert _tokens(out) == [sim_token(0, "slow", i, vocab) for i in range(n)]
+    assert recoveries == 0 and served_by == {"mixed-0"}
+    assert len(out[1].token_ids) > 1, out[1]
+
+
+def test_a_release_under_a_paused_consumer_is_handed_over_not_counted_as_a_failure() -> None:
+    """An instance released for a scale-down (``Instance.shutdown``) while a stream's client is not reading: its end
+    ``released`` waits ``SHUTDOWN_HANDOVER_S`` (1 s) to be polled, and the ingress polled only when the client pulled,
+    so the end was lost in the kill and read as an actor death -- counted toward the request's quarantine (here
+    ``quarantine_after=1``: it failed ``RequestFailed``), a slow client penalised for an operator's scale-down. The
+    stream must continue on the other instance, its quarantine count untouched."""
+    from ray.exceptions import ActorDiedError
+
+    from scheduler.control.instance import SHUTDOWN_HANDOVER_S
+
+    n = 200
+
+    async def scenario() -> tuple[list[TokenChunk], BaseException | None, tuple[str, ...]]:
+        # A lease well past the pause: only the release's hand-over is under test here.
+        insts, ing = await _cluster("slow-release", 2, lease_s=SHUTDOWN_HANDOVER_S * 10, quarantine_after=1)
+        out: list[TokenChunk] = []
+        err: BaseException | None = None
+        try:
+            req = GenerateRequest(
+                "rel", prompt="hello", sampling=SamplingParams(max_tokens=n, ignore_eos=True)
+            )
+            stream = ing.generate(req)
+            out.append(await anext(stream))
+            rec = ing.registry.get("rel")
+            victim = insts["mixed-0"]
+            await (
+                victim.shutdown()
+            )  # the Controller's release: SHUTDOWN_HANDOVER_S for the ends to be polled ...
+
+            async def dead(*_: Any, **__: Any) -> Any:
+                raise ActorDiedError()
+
+            for name in ("submit", "poll", "abort", "snapshot", "stats"):
+                setattr(victim, name, dead)  # ... then the kill
+            await asyncio.sleep(SHUTDOWN_HANDOVER_S * 0.5)  # the reader resumes later still
+            try:
+                async for c in stream:
+                    out.append(c)
+            except Exception as e:  # noqa: BLE001 - the answer under test
+                err = e
+            return out, err, rec.failed_engines
+        finally:
+            for inst in insts.values():
+                for name in ("submit", "poll", "abort", "snapshot", "stats"):
+                    vars(inst).pop(name, None)
+            await _teardown(insts, ing)
+
+    out, err, failed = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert err is None, repr(err)
+    assert failed == ()
+    assert out[-1].finish_reason == "length", out[-1]
+    assert _indices(out) == list(range(n))
