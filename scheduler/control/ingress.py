@@ -817,7 +817,7 @@ class Ingress:
                     decoding = True
                 yield chunk
         finally:
-            await ahead.aclose()
+            ahead.cancel()
             phase.end()
             if finished and reason in ("stop", "length") and self.predictor is not None:
                 if predicted is not None:
@@ -1535,17 +1535,21 @@ class _Ahead:
                 else:
                     self._items.append(chunk)
                 self._ready.set()
-        except Exception as e:  # noqa: BLE001 - the consumer's to raise, after the chunks before it
-            self._items.append(e)
-        else:
             self._items.append(self._END)
-        self._ready.set()
+        except BaseException as e:
+            # The consumer's to raise, after the chunks before it; a CancelledError too (only ``cancel`` below means
+            # this task's own, and then nobody reads): one from an await inside the polls ended the stream as before.
+            self._items.append(e)
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            self._ready.set()
 
-    async def aclose(self) -> None:
-        """Stop polling (the consumer left, or read the end) and wait for the polls to stop."""
-        if self._task is not None and not self._task.done():
+    def cancel(self) -> None:
+        """Stop polling (the consumer left, or read the end). Not awaited: ``generate``'s clean-up after it must run
+        even if its task is cancelled again meanwhile (a registry entry and the engines' aborts were left behind)."""
+        if self._task is not None:
             self._task.cancel()
-            await asyncio.wait((self._task,))
 
 
 class _RaySource:
