@@ -160,3 +160,40 @@ def test_a_release_under_a_paused_consumer_is_handed_over_not_counted_as_a_failu
     assert failed == ()
     assert out[-1].finish_reason == "length", out[-1]
     assert _indices(out) == list(range(n))
+
+
+def test_a_backlog_is_read_as_one_chunk_per_instance_and_an_error_after_it() -> None:
+    """What the reader has not taken yet comes as one chunk per instance it ran on (as vLLM's output collector
+    merges a slow reader's outputs), merged once per read -- a long pause is not copied per poll -- and an error
+    raised by the polls reaches the reader after the chunks made before it."""
+    from scheduler.control.api import Unavailable
+    from scheduler.control.ingress import _Ahead
+
+    n = 20_000
+
+    made = asyncio.Event()
+
+    async def source() -> Any:
+        for i in range(n):
+            yield TokenChunk("r", i, (i,), text="x", instance_id="a" if i < n // 2 else "b")
+            await asyncio.sleep(0)  # a poll
+        made.set()
+        raise Unavailable("lost")
+
+    async def scenario() -> tuple[list[TokenChunk], BaseException | None]:
+        ahead = _Ahead(source())
+        first = [await anext(ahead)]
+        await made.wait()  # the reader pauses; the polls go on to the end
+        out: list[TokenChunk] = []
+        try:
+            async for c in ahead:
+                out.append(c)
+        except Unavailable as e:
+            return first + out, e
+        return first + out, None
+
+    out, err = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert isinstance(err, Unavailable)
+    assert [c.instance_id for c in out[1:]] == ["a", "b"]
+    assert _indices(out) == list(range(n)) and _tokens(out) == list(range(n))
+    assert "".join(c.text for c in out) == "x" * n

@@ -1490,10 +1490,10 @@ class _Ahead:
     control, a slow reader, a debugger) stopped renewing the instance's poll lease: past ``lease_s`` the instance
     reaped the stream and the request was re-prefilled elsewhere (or ended ``abort``); and an instance released under
     it (scale-down, drain) handed its ``released`` end over only for ``SHUTDOWN_HANDOVER_S``: missed, the kill read as
-    an actor death, counted toward the request's quarantine. As vLLM's per-request output collector, the buffer merges
-    consecutive chunks of one instance: bounded by the request's output (its ``max_tokens``), which ``rec`` keeps
-    anyway, and a few entries (one per instance it ran on). Errors reach the consumer in order, after the chunks before
-    them."""
+    an actor death, counted toward the request's quarantine. As vLLM's per-request output collector, a read takes
+    everything one instance made since the last read, merged into one chunk; the buffer holds at most the request's
+    output (its ``max_tokens``), which ``rec`` keeps anyway. Errors reach the consumer in order, after the chunks
+    before them."""
 
     _END = object()
 
@@ -1517,23 +1517,17 @@ class _Ahead:
             raise StopAsyncIteration
         if isinstance(item, BaseException):
             raise item
-        self._items.popleft()
-        return item
+        # What one instance made since the last read, as one chunk: merged once per read, not at each poll (merging
+        # each poll's chunk into the backlog copied all of it every time: quadratic over a long pause).
+        run = [self._items.popleft()]
+        while self._items and _follows(run[-1], self._items[0]):
+            run.append(self._items.popleft())
+        return item if len(run) == 1 else dataclasses.replace(merge_chunks(run), instance_id=item.instance_id)
 
     async def _pump(self) -> None:
         try:
             async for chunk in self._source:
-                last = self._items[-1] if self._items else None
-                if (
-                    isinstance(last, TokenChunk)
-                    and not last.finished
-                    and last.instance_id == chunk.instance_id
-                    and last.index + len(last.token_ids) == chunk.index
-                ):
-                    merged = merge_chunks([last, chunk])
-                    self._items[-1] = dataclasses.replace(merged, instance_id=chunk.instance_id)
-                else:
-                    self._items.append(chunk)
+                self._items.append(chunk)
                 self._ready.set()
             self._items.append(self._END)
         except BaseException as e:
@@ -1550,6 +1544,16 @@ class _Ahead:
         even if its task is cancelled again meanwhile (a registry entry and the engines' aborts were left behind)."""
         if self._task is not None:
             self._task.cancel()
+
+
+def _follows(chunk: TokenChunk, nxt: Any) -> bool:
+    """Whether ``nxt`` continues ``chunk`` on the same instance (the two merge into one chunk)."""
+    return (
+        isinstance(nxt, TokenChunk)
+        and not chunk.finished
+        and nxt.instance_id == chunk.instance_id
+        and nxt.index == chunk.index + len(chunk.token_ids)
+    )
 
 
 class _RaySource:
