@@ -197,3 +197,48 @@ def test_a_backlog_is_read_as_one_chunk_per_instance_and_an_error_after_it() -> 
     assert [c.instance_id for c in out[1:]] == ["a", "b"]
     assert _indices(out) == list(range(n)) and _tokens(out) == list(range(n))
     assert "".join(c.text for c in out) == "x" * n
+
+
+def test_a_retry_submitted_while_the_reaper_frees_its_old_stream_is_not_dropped() -> None:
+    """The reaper aborts an unpolled stream (its ingress died), then drops it by id. A retry of the request (the SDK's,
+    through another ingress) submitted while that abort was in flight replaced the ended stream under the same id, and
+    the reaper dropped the new one: its polls answered "unknown request" while its engine request ran on unreaped,
+    holding its KV until it finished. The reaper drops only the stream it reaped."""
+    from bench.loadgen import cluster_config
+    from scheduler.control.instance import Instance
+    from scheduler.engine.base import EngineRequest
+
+    async def scenario() -> TokenChunk | None:
+        cfg = cluster_config("reap-race", mixed=1)
+        pool = cfg.pools[0]
+        inst = Instance(
+            "mixed-0", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 1.0}, lease_s=0.2
+        )
+        await inst.start()
+        real_abort = inst._backend.abort
+        aborting = asyncio.Event()
+
+        async def slow_abort(
+            rid: str,
+        ) -> None:  # the engine's answer to the abort takes a while (vLLM: an RPC)
+            await real_abort(rid)
+            aborting.set()
+            await asyncio.sleep(0.3)
+
+        inst._backend.abort = slow_abort
+        try:
+            req = EngineRequest("r", tuple(range(1, 33)), SamplingParams(max_tokens=2, ignore_eos=True))
+            await inst.submit(req)  # token 0 taken; its ingress "died": nobody polls the end
+            await asyncio.wait_for(aborting.wait(), 5)  # the lease ran out: the reaper is freeing it
+            retry = EngineRequest("r", tuple(range(1, 33)), SamplingParams(max_tokens=400, ignore_eos=True))
+            sub = await inst.submit(retry)
+            assert sub.rejected is None and sub.chunks, sub
+            await asyncio.sleep(0.35)  # the reaper's abort returned
+            return await inst.poll("r", 1.0, len(sub.chunks[0].token_ids))
+        finally:
+            inst._backend.abort = real_abort
+            await inst.shutdown()
+
+    got = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert got is not None, "the retry's stream was dropped"
+    assert got.token_ids

@@ -570,7 +570,9 @@ class Instance:
                 if now - st.last_poll > self._lease_s:
                     log.warning("%s: no poll for %s in %.1fs; aborting", self.instance_id, rid, self._lease_s)
                     await self._reap_one(self.abort, rid)
-                    self._streams.pop(rid, None)
+                    # Only this stream: a retry's new stream of the id may have replaced it during the abort.
+                    if self._streams.get(rid) is st:
+                        del self._streams[rid]
             for rid, (started, task) in list(self._exports.items()):
                 if now - started > self._lease_s:  # nobody came for it (the decode side or the ingress died)
                     self._exports.pop(rid, None)
