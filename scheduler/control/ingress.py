@@ -1488,12 +1488,12 @@ class _Ahead:
     """A request's chunks, polled from its instances by a task of their own rather than at its consumer's pace, into a
     buffer the consumer reads from. Polled only when the gRPC/HTTP client pulled, a client that stopped reading (flow
     control, a slow reader, a debugger) stopped renewing the instance's poll lease: past ``lease_s`` the instance
-    reaped the stream and the request was re-prefilled elsewhere (or ended ``abort``); and an instance released under
-    it (scale-down, drain) handed its ``released`` end over only for ``SHUTDOWN_HANDOVER_S``: missed, the kill read as
-    an actor death, counted toward the request's quarantine. As vLLM's per-request output collector, a read takes
-    everything one instance made since the last read, merged into one chunk; the buffer holds at most the request's
-    output (its ``max_tokens``), which ``rec`` keeps anyway. Errors reach the consumer in order, after the chunks
-    before them."""
+    reaped the stream and the request was re-prefilled elsewhere (UNAVAILABLE at the fourth pause); and an instance
+    released under it (scale-down, drain) handed its ``released`` end over only for ``SHUTDOWN_HANDOVER_S``: missed,
+    the kill read as an actor death, counted toward the request's quarantine. As vLLM's per-request output collector,
+    a read takes everything one instance made since the last read, merged into one chunk; the buffer holds at most the
+    request's output (its ``max_tokens``), which ``rec`` keeps anyway. Errors reach the consumer in order, after the
+    chunks before them."""
 
     _END = object()
 
