@@ -242,3 +242,35 @@ def test_a_retry_submitted_while_the_reaper_frees_its_old_stream_is_not_dropped(
     got = asyncio.run(asyncio.wait_for(scenario(), 20))
     assert got is not None, "the retry's stream was dropped"
     assert got.token_ids
+
+
+def test_a_migration_under_a_paused_consumer_is_not_undone_by_the_destinations_lease() -> None:
+    """A live migration commits while the client is not reading: the ingress switched to the destination only once the
+    client read the source's ``migrated`` end, so the destination's new stream went unpolled past its lease, was reaped,
+    and the request was re-prefilled elsewhere (here back on the source). The destination must serve the rest."""
+
+    async def scenario() -> tuple[list[TokenChunk], bool, int]:
+        insts, ing = await _cluster("slow-migration", 2)
+        out: list[TokenChunk] = []
+        try:
+            req = GenerateRequest(
+                "mig", prompt="hello", sampling=SamplingParams(max_tokens=300, ignore_eos=True)
+            )
+            stream = ing.generate(req)
+            out.append(await anext(stream))
+            while ing.registry.get("mig").next_index < 2:
+                out.append(await anext(stream))
+            committed = (await ing.migrate("mig", "mixed-1")).committed
+            await asyncio.sleep(LEASE_S * 4)  # the reader pauses
+            async for c in stream:
+                out.append(c)
+            return out, committed, ing.counters["recoveries"]
+        finally:
+            await _teardown(insts, ing)
+
+    out, committed, recoveries = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert committed
+    assert out[-1].finish_reason == "length", out[-1]
+    assert _indices(out) == list(range(300))
+    assert recoveries == 0
+    assert out[-1].instance_id == "mixed-1"
