@@ -1,4 +1,5 @@
-"""Regressions from the audit of slow consumers and the poll lease. Each test failed before its fix.
+"""Regressions from the audit of slow consumers and the poll lease. Each test failed before its fix (the backlog
+test checks the fix's buffer itself).
 
 The ingress polled an instance for a stream's next chunks only when its consumer (the gRPC/HTTP client) pulled the
 next chunk, so a paused reader stopped renewing the instance's poll lease and missed a release's hand-over. Real
