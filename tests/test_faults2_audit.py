@@ -18,21 +18,31 @@ from tests.test_ingress_audit import _consume
 pytestmark = pytest.mark.usefixtures("no_ray")  # tests/conftest.py: Instance objects here, no Ray node
 
 
-async def _cluster(name: str, n: int, time_scale: float, **ingress_kw: Any) -> tuple[dict[str, Any], Any]:
-    """``n`` MIXED simulated instances and an ingress over them (in-process handles, direct channels)."""
+async def _cluster(name: str, n: int, time_scale: float, **kw: Any) -> tuple[dict[str, Any], Any]:
+    """``n`` MIXED simulated instances and an ingress over them (``_cluster_of``)."""
     from bench.loadgen import cluster_config
+
+    return await _cluster_of(cluster_config(name, mixed=n), time_scale, **kw)
+
+
+async def _cluster_of(
+    cfg: Any, time_scale: float, *, lease_s: float | None = None, **ingress_kw: Any
+) -> tuple[dict[str, Any], Any]:
+    """Every pool's instances of ``cfg`` (``<pool>-<k>``, simulated at ``time_scale``; poll lease ``lease_s`` if
+    given) and an ingress over them (in-process handles, direct channels unless ``ingress_kw`` says otherwise)."""
     from scheduler.control.controller import Member
     from scheduler.control.ingress import Ingress
     from scheduler.control.instance import Instance
     from tests.test_chaos import _Controller, _Handle
 
-    cfg = cluster_config(name, mixed=n)
-    pool = cfg.pools[0]
+    lease = {} if lease_s is None else {"lease_s": lease_s}
     insts = {
-        f"mixed-{k}": Instance(
-            f"mixed-{k}", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": time_scale}
+        f"{pool.name}-{k}": Instance(
+            f"{pool.name}-{k}", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": time_scale},
+            **lease,
         )
-        for k in range(n)
+        for pool in cfg.pools
+        for k in range(pool.count)
     }
     members = {iid: Member(_Handle(i), await i.start()) for iid, i in insts.items()}
     ing = Ingress(cfg, _Handle(_Controller(members)), refresh_s=0.01, **ingress_kw)
@@ -477,9 +487,6 @@ def test_a_decode_whose_kv_export_failed_recomputes_the_prompt_there(monkeypatch
 
     import tests.test_chaos as chaos
     from bench.loadgen import cluster_config
-    from scheduler.control.controller import Member
-    from scheduler.control.ingress import Ingress
-    from scheduler.control.instance import Instance
 
     class RayMethod(chaos._Method):  # a failed ObjectRef argument fails the call, as Ray fails it
         async def _call(self, *args: Any, **kw: Any) -> Any:
@@ -493,20 +500,12 @@ def test_a_decode_whose_kv_export_failed_recomputes_the_prompt_there(monkeypatch
     cfg = cluster_config("pd-export-fails", mixed=0, prefill=1, decode=1)
 
     async def scenario() -> list[TokenChunk]:
-        insts = {}
-        for pool in cfg.pools:
-            iid = f"{pool.name}-0"
-            insts[iid] = Instance(
-                iid, pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 0.0}
-            )
-        members = {iid: Member(chaos._Handle(i), await i.start()) for iid, i in insts.items()}
+        insts, ing = await _cluster_of(cfg, 0.0)
 
         async def export_fails(*_: Any) -> Any:
             raise RuntimeError("EngineDeadError: EngineCore encountered an issue")
 
-        insts["prefill-0"].export_kv = export_fails  # type: ignore[method-assign]
-        ing = Ingress(cfg, chaos._Handle(chaos._Controller(members)), refresh_s=0.01)
-        await ing.start()
+        insts["prefill-0"].export_kv = export_fails  # type: ignore[method-assign]  # the handles look it up per call
         out: list[TokenChunk] = []
         try:
             req = GenerateRequest(

@@ -118,10 +118,7 @@ def test_a_decode_whose_kv_export_hangs_recomputes_the_prompt_and_blames_the_sou
     import tests.test_chaos as chaos
     from bench.loadgen import cluster_config
     from scheduler.control.api import GenerateRequest
-    from scheduler.control.controller import Member
-    from scheduler.control.ingress import Ingress
-    from scheduler.control.instance import Instance
-    from tests.test_faults2_audit import _teardown
+    from tests.test_faults2_audit import _cluster_of, _teardown
     from tests.test_ingress_audit import _consume
 
     class RayMethod(
@@ -136,13 +133,7 @@ def test_a_decode_whose_kv_export_hangs_recomputes_the_prompt_and_blames_the_sou
     called_off: list[bool] = []
 
     async def scenario() -> tuple[list[Any], Any]:
-        insts = {}
-        for pool in cfg.pools:
-            iid = f"{pool.name}-0"
-            insts[iid] = Instance(
-                iid, pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 0.0}
-            )
-        members = {iid: Member(chaos._Handle(i), await i.start()) for iid, i in insts.items()}
+        insts, ing = await _cluster_of(cfg, 0.0, submit_timeout_s=1.0)
 
         async def export_hangs(*_: Any) -> Any:
             try:
@@ -151,9 +142,7 @@ def test_a_decode_whose_kv_export_hangs_recomputes_the_prompt_and_blames_the_sou
                 called_off.append(True)
                 raise
 
-        insts["prefill-0"].export_kv = export_hangs  # type: ignore[method-assign]
-        ing = Ingress(cfg, chaos._Handle(chaos._Controller(members)), refresh_s=0.01, submit_timeout_s=1.0)
-        await ing.start()
+        insts["prefill-0"].export_kv = export_hangs  # type: ignore[method-assign]  # the handles look it up per call
         out: list[Any] = []
         try:
             req = GenerateRequest(

@@ -15,6 +15,7 @@ import pytest
 from scheduler.control.api import GenerateRequest
 from scheduler.engine.base import SamplingParams, TokenChunk
 from scheduler.engine.simulated_backend import sim_token
+from tests.test_faults2_audit import _cluster_of, _teardown
 
 pytestmark = pytest.mark.usefixtures("no_ray")
 
@@ -27,43 +28,10 @@ async def _cluster(
     """``n`` MIXED simulated instances (real-time steps, poll lease ``lease_s``), an ingress over them putting new
     requests on mixed-0 (Ray calls: in-process handles)."""
     from bench.loadgen import cluster_config
-    from scheduler.control.controller import Member
-    from scheduler.control.ingress import Ingress
-    from scheduler.control.instance import Instance
-    from tests.test_chaos import _Controller, _Handle
     from tests.test_ingress_migration_audit import _FirstOnMixed0
 
-    cfg = cluster_config(name, mixed=n)
-    pool = cfg.pools[0]
-    insts = {
-        f"mixed-{k}": Instance(
-            f"mixed-{k}",
-            pool,
-            cfg.model,
-            cfg.gpus[pool.gpu],
-            backend_kwargs={"time_scale": 1.0},
-            lease_s=lease_s,
-        )
-        for k in range(n)
-    }
-    members = {iid: Member(_Handle(i), await i.start()) for iid, i in insts.items()}
-    ing = Ingress(
-        cfg,
-        _Handle(_Controller(members)),
-        refresh_s=0.01,
-        router=_FirstOnMixed0(),
-        direct=False,
-        poll_timeout_s=0.1,
-        **ingress_kw,
-    )
-    await ing.start()
-    return insts, ing
-
-
-async def _teardown(insts: dict[str, Any], ing: Any) -> None:
-    await ing.close()
-    for i in insts.values():
-        await i.shutdown()
+    return await _cluster_of(cluster_config(name, mixed=n), 1.0, lease_s=lease_s, router=_FirstOnMixed0(),
+                             direct=False, poll_timeout_s=0.1, **ingress_kw)
 
 
 def _tokens(out: list[TokenChunk]) -> list[int]:
