@@ -537,17 +537,7 @@ def build_app(
     async def completions(body: CompletionRequest, request: Request) -> Any:
         text, ids = _prompt_of(body)
         g = _generate_request(body, text, ids, request.headers.get("x-request-id"), body.max_tokens)
-        return await _respond(
-            deps,
-            g,
-            body.model or default_model,
-            request,
-            chat=False,
-            stream=body.stream,
-            usage_chunk=_usage_chunk(body),
-            stops=_stops(body),
-            names=HTTP_FIELDS,
-        )
+        return await _respond(deps, g, body, body.model or default_model, request, chat=False, names=HTTP_FIELDS)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
@@ -568,17 +558,7 @@ def build_app(
             names,
             add_special_tokens=not rendered,  # a template writes the special tokens it wants (vLLM's default)
         )
-        return await _respond(
-            deps,
-            g,
-            body.model or default_model,
-            request,
-            chat=True,
-            stream=body.stream,
-            usage_chunk=_usage_chunk(body),
-            stops=_stops(body),
-            names=names,
-        )
+        return await _respond(deps, g, body, body.model or default_model, request, chat=True, names=names)
 
     open_paths = ("/health", *([metrics_path.rstrip("/")] if metrics_path else []))
     body_limit = _BodyLimit(app, max_body_bytes, on_reject=lambda: deps.recorder.on_invalid(api="http"))
@@ -711,16 +691,17 @@ def _usage_chunk(body: _Common) -> bool:
 async def _respond(
     deps: _Deps,
     g: GenerateRequest,
+    body: _Common,
     model: str,
     request: Request,
     *,
     chat: bool,
-    stream: bool,
-    usage_chunk: bool,
-    stops: tuple[str, ...],
     names: FieldNames,
 ) -> Any:
+    """Run ``g`` (built from ``body``: its ``stream``, ``stream_options`` and ``stop`` are read here) and answer it,
+    streamed or whole."""
     ingress = deps.ingress
+    stream, usage_chunk, stops = body.stream, _usage_chunk(body), _stops(body)
     sc = _Scope(deps, g, request, names)
     handed_off = False  # the streaming response owns the scope from then on
     try:
