@@ -64,12 +64,13 @@ class OnlineLengths:
         row = self.counts[bucket_of(prompt_tokens, self.input_edges)]
         weights = np.zeros_like(row)
         if cut:
-            post = row.copy()
             if prior is not None:
-                self._check(prior)
-                post += self.strength * np.asarray(prior.probs)
-            if post.any():
-                weights = np.asarray(LengthPrediction.from_probs(post.tolist(), self.edges).mass_above(output_tokens))
+                self._check(prior)  # (``adjust`` checks it only once there is history)
+            # The posterior ``adjust`` gives the prior; without one, the history alone.
+            post = self.adjust(prior, prompt_tokens) if prior is not None else (
+                LengthPrediction.from_probs(row.tolist(), self.edges) if row.any() else None)
+            if post is not None:
+                weights = np.asarray(post.mass_above(output_tokens))
         if weights.sum() > 0.0:
             row += weights / weights.sum()
         else:
