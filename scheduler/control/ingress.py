@@ -638,8 +638,8 @@ class Ingress:
             raise Overloaded(f"ingress {self.ingress_id} has {len(self.registry)} requests in flight",
                              retry_after_s=1.0)
         hint = req.length_hint
-        if hint is not None and _length_cap(sp) is not None:
-            hint = min(hint, _length_cap(sp))  # the engine stops there whatever the client expected
+        if hint is not None and (cap := _length_cap(sp)) is not None:
+            hint = min(hint, cap)  # the engine stops there whatever the client expected
         return RequestRecord(req.request_id, ids, sp, req.priority, hint, hash_ids=prompt_hash_ids(ids))
 
     async def _predict(self, rec: RequestRecord, prompt: str | None) -> None:
