@@ -72,10 +72,10 @@ def schedule(sc: Scenario, *, long: int, arrivals: int, gap_s: float, start_s: f
 def simulated_tpot(profile_path: Path, sc: Scenario, **kw: Any) -> float:
     """The long streams' TPOT in the simulator (median over its draws of the host's spread and both streams)."""
     from scheduler.config.load import load_config
-    from scheduler.demo import _simulate
+    from sim.live_vs_sim import simulate_slice
 
     arr, prompt, out = schedule(sc, **kw)
-    runs = _simulate(load_config(CONFIG), profile_path, arr, prompt, out, sc.name)
+    runs = simulate_slice(load_config(CONFIG), profile_path, arr, prompt, out, sc.name)
     return float(np.median([(r.finish_s[i] - r.first_token_s[i]) / (out[i] - 1) for r in runs for i in (0, 1)]))
 
 

@@ -91,9 +91,10 @@ async def _run(args, out_npz: str) -> dict:
 
     from scheduler.config.load import load_config
     from scheduler.control.cluster import start_local_cluster
-    from scheduler.demo import DEFAULT_CONFIG, HostCPU, _server_timings
+    from scheduler.demo import DEFAULT_CONFIG, _server_timings
     from scheduler.profile import measure
     from scheduler.server.grpc_server import build_server
+    from scheduler.telemetry.host import HostCPU
     from sim.replay import fit_lengths, replay_async
     from sim.traces import default_trace
 

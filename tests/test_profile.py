@@ -230,14 +230,15 @@ def test_simulator_slows_the_request_path_by_host_contention(tmp_path):
 def test_resimulate_refits_saved_runs_and_reports_the_error(tmp_path):
     """``llmsched run --resimulate DIR``: a saved run whose 'live' summary is the simulator's own output for
     that profile and slice re-simulates with ~0 error; a live side twice as slow reads as about -50%."""
-    from scheduler.demo import DEFAULT_CONFIG, _simulate, pooled_sim_summary, resimulate
+    from scheduler.demo import DEFAULT_CONFIG
+    from sim.live_vs_sim import pooled_sim_summary, resimulate, simulate_slice
 
     cfg = load_config(DEFAULT_CONFIG)
     samples = _samples()
     prof = tmp_path / "p.json"
     prof.write_text(json.dumps(fit(samples)))
     arrival, prompt, output = np.arange(12) * 0.2, np.full(12, 200), np.full(12, 24)
-    own = pooled_sim_summary(_simulate(cfg, prof, arrival, prompt, output, "t"))
+    own = pooled_sim_summary(simulate_slice(cfg, prof, arrival, prompt, output, "t"))
     slow = {m: {q: 2 * v for q, v in own[m].items() if q in ("p50", "p90")} for m in ("ttft_s", "tpot_s", "e2e_s")}
     for name, live in (("same", own), ("slow", slow)):
         d = tmp_path / name
@@ -259,14 +260,15 @@ def test_resimulate_refits_saved_runs_and_reports_the_error(tmp_path):
 def test_resimulate_scores_live_runs_from_when_each_request_was_sent(tmp_path):
     """A live run that sent every request 1 ms after its scheduled arrival (the load generator's wake-up, not the
     cluster) and then saw exactly the simulated times: the re-simulation reads it as no error, on every metric."""
-    from scheduler.demo import DEFAULT_CONFIG, _simulate, resimulate
+    from scheduler.demo import DEFAULT_CONFIG
+    from sim.live_vs_sim import resimulate, simulate_slice
 
     cfg = load_config(DEFAULT_CONFIG)
     samples = _samples()
     prof = tmp_path / "p.json"
     prof.write_text(json.dumps(fit(samples)))
     arrival, prompt, output = np.arange(12) * 0.2, np.full(12, 200), np.full(12, 24)
-    res = _simulate(cfg, prof, arrival, prompt, output, "t")[0]  # noise-free samples: every draw the same
+    res = simulate_slice(cfg, prof, arrival, prompt, output, "t")[0]  # noise-free samples: every draw the same
     late = 0.001
     (tmp_path / "report.json").write_text(json.dumps({
         "trace": "t", "live": {}, "profile_samples": samples,
@@ -296,7 +298,8 @@ def test_resimulate_cli_names_a_missing_report(tmp_path, capsys):
 
 
 def test_resimulate_names_the_report_that_lacks_samples(tmp_path):
-    from scheduler.demo import DEFAULT_CONFIG, resimulate
+    from scheduler.demo import DEFAULT_CONFIG
+    from sim.live_vs_sim import resimulate
 
     (tmp_path / "report.json").write_text(json.dumps({"live": {}, "per_request": None}))
     with pytest.raises(ValueError, match=r"report\.json: no profile_samples"):
@@ -443,7 +446,8 @@ def test_recorded_live_vs_sim_errors_match_the_current_simulator(recorded_json, 
     re-record them with the commands in docs/results/README.md."""
     from pathlib import Path
 
-    from scheduler.demo import DEFAULT_CONFIG, resimulate
+    from scheduler.demo import DEFAULT_CONFIG
+    from sim.live_vs_sim import resimulate
 
     repo = Path(__file__).resolve().parents[1]
     recorded = json.loads((repo / "docs" / "results" / recorded_json).read_text())
@@ -557,7 +561,7 @@ def test_simulator_counts_a_decode_placement_before_its_kv_arrives(tmp_path):
 
 
 def test_cpu_class_names_the_cluster_roles():
-    from scheduler.demo import cpu_class
+    from scheduler.telemetry.host import cpu_class
 
     assert cpu_class("VLLM::EngineCor", "VLLM::EngineCore") == "engines"
     assert cpu_class("ray::Instance", "ray::Instance") == "instance actors"
@@ -574,14 +578,14 @@ def test_host_cpu_attributes_a_busy_process_to_its_role():
     import subprocess
     import sys
 
-    from scheduler import demo
+    from scheduler.telemetry import host
 
     burn = ("import sys, time\nsys.stdin.readline()\nt = time.process_time()\n"
             "while time.process_time() - t < 0.3: pass\nprint(flush=True)\nsys.stdin.readline()")
     child = subprocess.Popen([sys.executable, "-c", burn, "EngineCore-test"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     try:
-        cpu = demo.HostCPU()
+        cpu = host.HostCPU()
         a = cpu.snapshot()
         child.stdin.write("go\n")
         child.stdin.flush()
@@ -594,7 +598,7 @@ def test_host_cpu_attributes_a_busy_process_to_its_role():
         child.wait(10)
     key = (child.pid, "engines")
     assert 0.25 <= b["procs"][key] - a["procs"][key] <= 0.35
-    d = demo.HostCPU.delta(a, b)  # cores on average over the interval, by role
+    d = host.HostCPU.delta(a, b)  # cores on average over the interval, by role
     assert d["engines"] * d["wall_s"] >= 0.25
     assert d.get("this process", 0.0) * d["wall_s"] < 0.15  # waiting on a pipe costs nothing
     # The child's time is not counted again outside the cluster (whatever else the host ran meanwhile).
@@ -605,7 +609,7 @@ def test_host_cpu_books_an_instance_actors_child_to_the_engines():
     """A process whose title names no role but whose parent is an instance actor is that instance's engine."""
     from types import SimpleNamespace
 
-    from scheduler import demo
+    from scheduler.telemetry import host
 
     class Proc(SimpleNamespace):
         def parent(self):
@@ -614,7 +618,7 @@ def test_host_cpu_books_an_instance_actors_child_to_the_engines():
     actor = Proc(pid=10, info={"name": "ray::Instance", "cmdline": ["ray::Instance"]}, up=None)
     engine = Proc(pid=11, info={"name": "python3", "cmdline": ["python3", "-c", "spawn_main()"]}, up=actor)
     stranger = Proc(pid=12, info={"name": "python3", "cmdline": ["python3", "-m", "http.server"]}, up=None)
-    cpu = demo.HostCPU()
+    cpu = host.HostCPU()
     cpu._psutil = SimpleNamespace(process_iter=lambda attrs: [actor, engine, stranger], Error=Exception)
     cpu._scan()
     assert {pid: cls for pid, (_, cls) in cpu._procs.items()} == {10: "instance actors", 11: "engines"}
@@ -721,7 +725,7 @@ def test_measure_request_cpu_removes_the_idle_background(monkeypatch):
     """Per size: the cluster's CPU over ``n`` requests less what the idle cluster used in as long, per request."""
     import asyncio
 
-    from scheduler import demo
+    from scheduler.telemetry import host
 
     sent = []
 
@@ -741,7 +745,7 @@ def test_measure_request_cpu_removes_the_idle_background(monkeypatch):
             return {"t": self.t, "procs": {(1, "engines"): self.cpu}, "busy": self.cpu, "steal": 0.0}
 
     _fake_generate(monkeypatch, lambda ids, kw: sent.append((len(ids), kw["max_tokens"])))
-    out = asyncio.run(demo.measure_request_cpu("x", FakeCPU(), sizes=(32, 1024), n=4, gap_s=0.0, idle_s=0.0))
+    out = asyncio.run(host.measure_request_cpu("x", FakeCPU(), sizes=(32, 1024), n=4, gap_s=0.0, idle_s=0.0))
     assert [n for n, _ in out] == [32, 1024]
     assert [c for _, c in out] == pytest.approx([0.030, 0.090])
     assert sent == [(32, 2)] * 4 + [(1024, 2)] * 4  # with a decode leg: prefill, handoff, one decode step
@@ -751,7 +755,7 @@ def test_measure_token_cpu_takes_the_stacks_cpu_per_extra_token(monkeypatch):
     """Stack roles only (engines excluded), idle background removed, per token beyond the 2-token requests."""
     import asyncio
 
-    from scheduler import demo
+    from scheduler.telemetry import host
 
     sent = []
 
@@ -771,7 +775,7 @@ def test_measure_token_cpu_takes_the_stacks_cpu_per_extra_token(monkeypatch):
                     "busy": self.stack + self.engines, "steal": 0.0}
 
     _fake_generate(monkeypatch, lambda ids, kw: sent.append(kw["max_tokens"]))
-    out = asyncio.run(demo.measure_token_cpu("x", FakeCPU(), n=4, tokens=66, idle_s=0.0))
+    out = asyncio.run(host.measure_token_cpu("x", FakeCPU(), n=4, tokens=66, idle_s=0.0))
     assert out == pytest.approx([per_token, per_token])
     assert sent == ([2] * 4 + [66] * 4) * 2
 
@@ -829,25 +833,25 @@ def test_server_timings_keep_both_legs_of_a_pd_request():
 def test_engine_pace_of_lone_streams_in_the_profile_and_the_replay():
     """The decode engine's own time per token (its first token out to its finish stamp): the profile's lone
     streams by request id; the replay's streams only where no other decode leg overlapped them."""
-    from scheduler import demo
+    from sim import live_vs_sim
 
     timings = {"p-1": (0.0, 1.0, 0.0, 0.0, 1.0 + 46 * 0.003), "p-2": (0.0, 5.0, 0.0, 0.0, 5.0 + 46 * 0.005)}
-    assert demo._engine_pace([(64, "p-1", 48), (512, "p-2", 48), (64, "p-missing", 48)], timings) == \
+    assert live_vs_sim.engine_pace([(64, "p-1", 48), (512, "p-2", 48), (64, "p-missing", 48)], timings) == \
         pytest.approx([0.003, 0.005])
     server = {"decode_first_s": [0.0, 0.5, 10.0, 20.0], "decode_finished_s": [1.0, 1.5, 10.0 + 62 * 0.004, 20.1]}
     # 0 and 1 overlap; 2 decodes alone (64 tokens); 3 has too few tokens to count.
-    assert demo._replay_lone_pace(server, [64, 64, 64, 4]) == pytest.approx([0.004])
+    assert live_vs_sim.replay_lone_pace(server, [64, 64, 64, 4]) == pytest.approx([0.004])
 
 
 def test_pace_ratio_and_decode_steps_scaled_by_it():
     """The replay's engine pace over the profile's (lone streams) scales the decode step terms only: the prefill
     engine drifts on its own, and the request path, the handoff and the request CPU are the stack's."""
-    from scheduler import demo
     from scheduler.profile import scale_decode_steps
+    from sim import live_vs_sim
 
-    assert demo.pace_ratio({"profile_lone_s": [0.002] * 5, "replay_lone_s": [0.003] * 6}) == pytest.approx(1.5)
-    assert demo.pace_ratio({"profile_lone_s": [0.002] * 4, "replay_lone_s": [0.003] * 6}) is None  # too few
-    assert demo.pace_ratio(None) is None
+    assert live_vs_sim.pace_ratio({"profile_lone_s": [0.002] * 5, "replay_lone_s": [0.003] * 6}) == pytest.approx(1.5)
+    assert live_vs_sim.pace_ratio({"profile_lone_s": [0.002] * 4, "replay_lone_s": [0.003] * 6}) is None  # too few
+    assert live_vs_sim.pace_ratio(None) is None
     prof = {"overhead_s": 0.002, "gemm_s_per_token": 1e-5, "attn_prefill_s_per_pair": 0.0,
             "attn_decode_s_per_token": 1e-8, "per_seq_s": 1e-4, "request_latency_s": 0.006, "handoff_s": 0.015,
             "request_cpu_s": 0.03, "prefill_table": [[32, 0.004], [1024, 0.02]], "new_shape_table": [[33, 0.001]]}
@@ -862,15 +866,15 @@ def test_pace_ratio_and_decode_steps_scaled_by_it():
 def test_replay_lone_pace_leaves_out_streams_beside_a_prefill():
     """A stream counts as lone only with no other decode leg and no other request's prefill forward in its
     window: a prefill beside it slows it on a shared host, which the simulator models (not drift)."""
-    from scheduler import demo
+    from sim import live_vs_sim
 
     nan = float("nan")
     server = {"decode_first_s": [0.0, 5.0, 10.0], "decode_finished_s": [0.25, 5.25, 10.25],
               "engine_scheduled_s": [nan, 5.1, 9.9], "engine_finished_s": [nan, 5.12, 9.95]}
     # 0 alone; 1's own prefill is its own (not counted), 2's prefill ended before it decoded: all three lone.
-    assert demo._replay_lone_pace(server, [64, 64, 64]) == pytest.approx([0.25 / 62] * 3)
+    assert live_vs_sim.replay_lone_pace(server, [64, 64, 64]) == pytest.approx([0.25 / 62] * 3)
     server["engine_scheduled_s"][1], server["engine_finished_s"][1] = 0.1, 0.13  # request 1's prefill beside 0
-    assert demo._replay_lone_pace(server, [64, 64, 64]) == pytest.approx([0.25 / 62] * 2)
+    assert live_vs_sim.replay_lone_pace(server, [64, 64, 64]) == pytest.approx([0.25 / 62] * 2)
 
 
 def test_replay_engine_counters_and_the_routers_peaks():
@@ -1047,7 +1051,7 @@ def test_ttft_by_requests_in_flight_bins_live_against_simulated():
     """``llmsched run`` / ``--resimulate`` print the TTFT of the requests by how many others the live run had in
     flight halfway to their first token: alone, the simulator should match its profile; beside others, its
     contention model shows."""
-    from scheduler.demo import in_flight_at_ttft, ttft_by_in_flight
+    from sim.live_vs_sim import in_flight_at_ttft, ttft_by_in_flight
 
     sent = np.array([0.0, 0.012, 1.0, 2.0, 2.005, 2.006])
     first = np.array([0.02, 0.05, 1.02, 2.03, 2.04, np.nan])  # the last never got a token
