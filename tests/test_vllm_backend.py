@@ -730,8 +730,9 @@ def test_parked_requests_do_not_keep_the_engine_stepping() -> None:
 
 def test_snapshots_list_what_the_prefix_cache_holds_from_vllms_kv_events(engines: Engines) -> None:
     """The decode engine (prefix caching on) follows vLLM's KV cache events: after a 1100-token prompt its stats list
-    the prompt's two full 512-token ids (``prompt_hash_ids``, what the routers match), and a second prompt sharing
-    its first 576 tokens adds only its own second id. The prefill engine caches nothing: it cannot tell (None)."""
+    the prompt's ids (``prompt_hash_ids``, what the routers match): its two full 512-token ones and its partial
+    third (a repeat reuses its blocks up to 1088 tokens, all cached), and a second prompt sharing its first 576
+    tokens adds only its own ids. The prefill engine caches nothing: it cannot tell (None)."""
     from scheduler.core.prefix import prompt_hash_ids
 
     rng = np.random.default_rng(7)
@@ -748,8 +749,8 @@ def test_snapshots_list_what_the_prefix_cache_holds_from_vllms_kv_events(engines
         return cached
 
     ids_a, ids_b = prompt_hash_ids(a), prompt_hash_ids(b)
-    cached = engines.run(cached_after("events-a", a, set(ids_a[:2])))
-    assert cached is not None and set(ids_a[:2]) <= cached and ids_a[2] not in cached
-    cached = engines.run(cached_after("events-b", b, set(ids_b[:2])))
-    assert set(ids_a[:2]) | set(ids_b[:2]) <= cached
+    cached = engines.run(cached_after("events-a", a, set(ids_a)))
+    assert cached is not None and set(ids_a) <= cached
+    cached = engines.run(cached_after("events-b", b, set(ids_b)))
+    assert set(ids_a) | set(ids_b) <= cached
     assert engines.run(engines.prefill.stats()).cached_hash_ids is None

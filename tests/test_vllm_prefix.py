@@ -48,7 +48,7 @@ def test_a_cached_prompt_lists_its_full_ids_and_a_shared_prefix_is_named_once() 
     index = PrefixIndex()
     a = tokens(1100)
     ha = store(index, 0, 1, None, a)  # 34 full blocks: 1088 tokens
-    assert index.cached == frozenset(prompt_hash_ids(a)[:2])  # the partial third id (1024..1100) is not listed
+    assert index.cached == frozenset(prompt_hash_ids(a)[:2])  # the partial third id: listed only for a noted prompt
     # b shares a's first 576 tokens: vLLM stores only its new blocks, continuing a's 18th (tokens 544..576). Its
     # first id is a's; its second (tokens 512..1024) is named from a's blocks 16-17 and its own.
     b = a[:576] + tokens(600)

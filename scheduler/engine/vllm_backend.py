@@ -175,8 +175,10 @@ class VLLMBackend:
         # The prefix cache's contents from vLLM's KV events (None: not followed; a user's own kv_events_config
         # publishes where they chose, not to us).
         self._prefix: PrefixIndex | None = (
-            PrefixIndex() if enable_prefix_caching and kv_cache_events and "kv_events_config" not in self._engine_args
-            else None)
+            PrefixIndex(kv_block=block_size)
+            if enable_prefix_caching and kv_cache_events and "kv_events_config" not in self._engine_args
+            else None
+        )
         self._events_task: asyncio.Task | None = None
         self._tokenizer: Any = None  # loaded on first use (resumed streams' text)
 
@@ -418,6 +420,9 @@ class VLLMBackend:
             # detokenizer with all of it (~3 ms at 16k tokens, on the migration's critical path): decode its text
             # here instead, from a stream primed with the last few tokens (all that byte-level BPE text needs).
             own_text = self._resume_text_stream(request) if request.num_output_tokens_before else None
+            if self._prefix is not None:  # its partial last id is listed once its blocks are cached
+                prompt_len = len(request.prompt_token_ids) - request.num_output_tokens_before
+                self._prefix.note_prompt(request.prompt_token_ids[:prompt_len])
             if held is not None:
                 outputs = await self._release_held(request, held, staged_tokens, reserved_tokens)
             else:

@@ -9,9 +9,13 @@ for a prompt (one per 512 tokens, chained), so a vLLM instance's snapshot lists 
 
 An id is listed while every vLLM block under its 512 tokens is cached (the block ending on its boundary stands
 for them: vLLM evicts a chain's tail first, and a block is only cached after its parent). A prompt's partial last
-id (fewer than 512 tokens) is never listed: the routers' hit counts at most its full ids -- short of vLLM's own
-hit by under 512 tokens. Events lost (a gap in the publisher's sequence numbers) make the index unknown for good
-(``cached`` is ``None``, as for an engine without events), never wrong.
+id (fewer than 512 tokens) names tokens that no event shows whole (vLLM caches full blocks of its own size only),
+so the engine tells the index each prompt it is given (``note_prompt``): that id is listed while the prompt's
+blocks up to its last one vLLM would reuse are cached (vLLM's hit on a repeat is ``(P - 1) // block * block``
+tokens), as the simulated engines list a computed prompt's last id -- a repeated prompt reads as a full hit.
+Events lost (a gap in the publisher's sequence numbers) make the index unknown (``cached`` is ``None``, as for an
+engine without events), never wrong, until vLLM empties its cache (``AllBlocksCleared``: ``reset_prefix_cache``),
+after which every block is known again.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from scheduler.core.prefix import HASH_BLOCK_TOKENS
+from scheduler.core.prefix import HASH_BLOCK_TOKENS, prompt_hash_ids
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,9 @@ class _Block:
     end: int  # tokens from the sequence's start to this block's end
     last_id: int  # llmsched id of the last 512-token boundary at or before ``end`` (0: none yet)
     own_id: int | None  # the id this block completes (its end is a boundary), else None
+    # The last id of the prompt made of the tokens up to ``end`` (``own_id`` on a boundary; None: an ancestor
+    # is no longer known): the anchor ``note_prompt`` names a prompt's partial last id by.
+    prefix_id: int | None
 
 
 class PrefixIndex:
@@ -42,15 +50,21 @@ class PrefixIndex:
 
     Args:
         block_tokens: tokens per llmsched id (``HASH_BLOCK_TOKENS``); a vLLM block size must divide it.
+        kv_block: vLLM's block size (``None``: taken from the first ``BlockStored``), for ``note_prompt``.
     """
 
-    def __init__(self, block_tokens: int = HASH_BLOCK_TOKENS) -> None:
+    def __init__(self, block_tokens: int = HASH_BLOCK_TOKENS, kv_block: int | None = None) -> None:
         self.block_tokens = block_tokens
+        self.kv_block = kv_block
         self._blocks: dict[Any, _Block] = {}
         self._ids: dict[int, int] = {}  # id -> vLLM blocks completing it (the same prefix stored twice: 2)
+        self._prefixes: dict[int, int] = {}  # ``_Block.prefix_id`` -> blocks with it
+        # A noted prompt's partial last id -> its anchor (the ``prefix_id`` of its last block vLLM reuses); the
+        # oldest forgotten past ``_partials_cap``.
+        self._partials: OrderedDict[int, int] = OrderedDict()
         self._cached: frozenset[int] | None = frozenset()
         self._next_seq = 0  # batches are numbered from 0; the subscriber connects before the first request
-        self.lost = False  # events were missed: ``cached`` is None from then on
+        self.lost = False  # events were missed: ``cached`` is None until vLLM empties its cache
 
     @property
     def cached(self) -> frozenset[int] | None:
@@ -58,26 +72,58 @@ class PrefixIndex:
         if self.lost:
             return None
         if self._cached is None:
-            self._cached = frozenset(self._ids)
+            prefixes = self._prefixes
+            self._cached = frozenset(self._ids).union(p for p, a in self._partials.items() if a in prefixes)
         return self._cached
+
+    def note_prompt(self, token_ids: Sequence[int]) -> None:
+        """The engine was given a prompt of ``token_ids``: its partial last id (if any) is listed from now on while
+        vLLM holds the blocks a repeat of it would reuse (module docstring)."""
+        bt, kvb, n = self.block_tokens, self.kv_block, len(token_ids)
+        if not kvb or n % bt == 0:
+            return  # no partial id (or vLLM's block size not known yet: nothing to anchor it to)
+        reused = (n - 1) // kvb * kvb  # vLLM recomputes the last token: a repeat reuses its blocks up to here
+        if reused == 0:
+            return  # a repeat reuses nothing
+        ids = prompt_hash_ids(token_ids, bt)
+        start = n // bt * bt  # the partial id's first token
+        before = ids[-2] if len(ids) > 1 else 0
+        anchor = before if reused == start else hash((before, hash(tuple(token_ids[start:reused]))))
+        self._partials.pop(ids[-1], None)
+        self._partials[ids[-1]] = anchor  # the most recent last: forgotten last
+        while len(self._partials) > self._partials_cap():
+            self._partials.popitem(last=False)
+        self._cached = None
+
+    def _partials_cap(self) -> int:
+        # A partial id is listed only while its anchor block is cached: a few per cached block at most matter.
+        return max(1024, 2 * len(self._blocks))
 
     def on_batch(self, seq: int, events: Iterable[Any]) -> None:
         """Apply one published batch (``seq``: the publisher's sequence number, consecutive from 0)."""
         if seq != self._next_seq:
-            log.warning("vLLM KV events: batch %d after %d (events lost); the prefix cache is unknown from now on",
-                        seq, self._next_seq - 1)
+            log.warning(
+                "vLLM KV events: batch %d after %d (events lost); the prefix cache is unknown until vLLM empties it",
+                seq,
+                self._next_seq - 1,
+            )
             self.lost = True
         self._next_seq = seq + 1
-        if self.lost:
-            return
         for e in events:
             kind = type(e).__name__
-            if kind == "BlockStored":
+            if kind == "AllBlocksCleared":
+                # vLLM's cache is empty now (``reset_prefix_cache``): known again whatever was missed before, and
+                # the events after it tell the rest (a block size we cannot follow gives up again at its next store).
+                if self.lost:
+                    log.info("vLLM KV events: the prefix cache was emptied; following it again")
+                self.lost = False
+                self.clear()
+            elif self.lost:
+                continue
+            elif kind == "BlockStored":
                 self.stored(e.block_hashes, e.parent_block_hash, e.token_ids, e.block_size)
             elif kind == "BlockRemoved":
                 self.removed(e.block_hashes)
-            elif kind == "AllBlocksCleared":
-                self.clear()
 
     def stored(self, hashes: list[Any], parent: Any, token_ids: list[int], block_size: int) -> None:
         """Blocks ``hashes`` (a chain, in order, after ``parent``) entered the cache with ``token_ids``."""
@@ -86,6 +132,8 @@ class PrefixIndex:
                         block_size, self.block_tokens)
             self.lost = True
             return
+        if self.kv_block is None:
+            self.kv_block = block_size
         prev = self._blocks.get(parent) if parent is not None else None
         if parent is not None and prev is None:
             return  # its parent is not known (evicted meanwhile): nothing under it can be named
@@ -96,14 +144,17 @@ class PrefixIndex:
             end = (prev.end if prev is not None else 0) + block_size
             last_id = prev.own_id if prev is not None and prev.own_id is not None else (
                 prev.last_id if prev is not None else 0)
-            own_id = None
-            chunk = self._chunk(tokens, prev) if end % self.block_tokens == 0 else None
+            own_id = prefix_id = None
+            # The tokens since the last boundary (512 of them when this block ends on one), as ``prompt_hash_ids``.
+            chunk = self._chunk(tokens, prev, (end - 1) % self.block_tokens + 1)
             if chunk is not None:
-                own_id = hash((last_id, hash(chunk)))  # as ``prompt_hash_ids``
-                self._ids[own_id] = self._ids.get(own_id, 0) + 1
+                prefix_id = hash((last_id, hash(chunk)))
+                self._prefixes[prefix_id] = self._prefixes.get(prefix_id, 0) + 1
                 self._cached = None
-                last_id = own_id
-            block = _Block(parent, tokens, end, last_id, own_id)
+                if end % self.block_tokens == 0:
+                    own_id = last_id = prefix_id
+                    self._ids[own_id] = self._ids.get(own_id, 0) + 1
+            block = _Block(parent, tokens, end, last_id, own_id, prefix_id)
             old = self._blocks.get(h)
             if old is not None:
                 self._drop(old)  # stored again (vLLM re-caches a hash it evicted): one entry
@@ -117,25 +168,28 @@ class PrefixIndex:
                 self._drop(block)
 
     def clear(self) -> None:
+        """vLLM's cache is empty (the noted prompts stay: listed again once their blocks are back)."""
         self._blocks.clear()
         self._ids.clear()
+        self._prefixes.clear()
         self._cached = None
 
     def _drop(self, block: _Block) -> None:
-        if block.own_id is None:
-            return
-        n = self._ids.get(block.own_id, 0) - 1
-        if n > 0:
-            self._ids[block.own_id] = n
-        else:
-            self._ids.pop(block.own_id, None)
-        self._cached = None
+        for counts, key in ((self._ids, block.own_id), (self._prefixes, block.prefix_id)):
+            if key is None:
+                continue
+            n = counts.get(key, 0) - 1
+            if n > 0:
+                counts[key] = n
+            else:
+                counts.pop(key, None)
+            self._cached = None
 
-    def _chunk(self, tokens: tuple[int, ...], prev: _Block | None) -> tuple[int, ...] | None:
-        """The 512 tokens ending with ``tokens``: this block's and its ancestors' back to the last boundary
+    def _chunk(self, tokens: tuple[int, ...], prev: _Block | None, length: int) -> tuple[int, ...] | None:
+        """The ``length`` tokens ending with ``tokens``: this block's and its ancestors' back to the last boundary
         (``None`` if one of them is no longer known: no id is named from part of its tokens)."""
         parts = [tokens]
-        need = self.block_tokens - len(tokens)
+        need = length - len(tokens)
         while need > 0 and prev is not None:
             parts.append(prev.tokens)
             need -= len(prev.tokens)

