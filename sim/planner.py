@@ -45,7 +45,7 @@ from scheduler.policy.placement import (
     within_catalog,
 )
 from scheduler.policy.scaling import WorkloadSummary, instances_for, tightest_slo
-from sim.cluster import latency_factory
+from sim.cluster import build_instances, latency_factory
 from sim.commands import (
     add_cluster_args,
     add_workload_args,
@@ -104,6 +104,7 @@ class PlanResult:
     simulations: int = 0  # runs the search took
     max_rate_rps: float | None = None  # the most this cluster serves at the target (rate bisection), >= the trace's
     max_rate_capped: bool = False  # the bisection's 2x ceiling still met the target: max_rate_rps is a lower bound
+    infeasible: str = ""  # instances == 0: why no count was found (``plan_one``), as the progress lines say it
 
     @property
     def counts(self) -> tuple[int, ...]:
@@ -272,6 +273,22 @@ def auto_share(prof: InstanceProfile | None, decode: InstanceProfile | None = No
     return min(max(dec / (pre + dec), 0.05), 0.95)
 
 
+def refused_anywhere(base: ClusterConfig, c: Candidate, w: Workload) -> tuple[int, str]:
+    """Requests of ``w`` that no count of ``c``'s instances serves, and the KV they outgrow: the simulator refuses a
+    request whose context its engine's KV cannot hold at all (``EngineModel.check_request``) -- a PREFILL instance
+    its prompt and first token, a DECODE or MIXED one its whole context (a P/D request runs on a PREFILL instance
+    from start to end at most, where that holds more)."""
+    counts = (1,) if c.prefill_share is None else (1, 1)
+    kv = {x.role: x.engine.total_blocks * x.engine.block_size for x in build_instances(make_config(base, c, counts))}
+    prompt = np.asarray(w.prompt_tokens, dtype=np.int64)
+    context = prompt + np.asarray(w.output_tokens, dtype=np.int64)
+    if c.prefill_share is None:
+        held = kv[InstanceRole.MIXED]
+        return int((context > held).sum()), f"{held} tokens"
+    pre, dec = kv[InstanceRole.PREFILL], kv[InstanceRole.DECODE]
+    return int(((prompt + 1 > pre) | (context > max(pre, dec))).sum()), f"{pre} tokens prefill, {dec} decode"
+
+
 def _evaluate(base: ClusterConfig, c: Candidate, counts: tuple[int, ...], w: Workload, *,
               seed: int = 0) -> tuple[float, dict]:
     cfg = make_config(base, c, counts)
@@ -322,10 +339,17 @@ def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, m
     Colocated: the smallest count, searched from the analytic estimate. Disaggregated: first the smallest total at
     the candidate's prefill share, then each pool alone down to the fewest that still meet the target with the
     other fixed -- the share is where the search starts, the two counts are its answer (at a fixed share the
-    rounding of ``n * share`` makes attainment jump up and down with ``n``). Infeasible within ``max_instances``:
-    a result with 0 instances. ``seed``: every simulation's host-noise draws (``--seed``).
+    rounding of ``n * share`` makes attainment jump up and down with ``n``). No count found: a result with 0
+    instances, ``infeasible`` saying why -- requests an instance cannot hold (no simulation: more instances do not
+    help), the GPU inventory, or ``max_instances``. ``seed``: every simulation's host-noise draws (``--seed``).
     """
     ws = summary_of(w)
+    refused, kv = refused_anywhere(base, c, w)
+    n_req = len(w.prompt_tokens)
+    if n_req - refused < target * n_req:  # each refused request misses its SLO, at any count
+        why = (f"{refused} of {n_req} requests need more KV than an instance holds ({kv}; the simulator refuses them "
+               f"at any count): at most {(n_req - refused) / n_req:.3f} attainment; a larger GPU, TP or num_kv_blocks")
+        return PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None, infeasible=why)
     prof, dec = role_profiles(base, c, ws)
     guess = estimate(prof, c, ws.rate_rps, dec)
     seen: dict[tuple[int, ...], tuple[float, dict]] = {}
@@ -342,18 +366,24 @@ def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, m
     # The count search's ceiling: --max-instances, and no more GPUs of a type than the config has (counts past
     # the inventory are neither simulated nor treated as "missed", which would send the walk the wrong way).
     as_counts = (lambda k: (k,)) if share is None else (lambda k: split(k, share))
+    asked = max_instances
     max_instances = max((k for k in range(1, max_instances + 1) if within_inventory(base, c, as_counts(k))),
                         default=0)
+    least = 1 if share is None else 2  # a P/D cluster is one instance of each pool at least
+    n = smallest(lambda k: ok(as_counts(k)), guess or least, least, max_instances) if max_instances >= least else None
+    if n is None:
+        if max_instances < least:
+            why = f"the GPU inventory (gpus.<key>.count) holds no {c.hardware} cluster of {least} instances"
+        else:
+            # More instances might serve it only where the search stopped at --max-instances; say how close it got.
+            ceiling = (f"within --max-instances ({asked})" if max_instances == asked else
+                       f"within the {max_instances} instances the GPU inventory (gpus.<key>.count) holds")
+            why = f"infeasible {ceiling}: attainment {run(as_counts(max_instances))[0]:.3f} at {max_instances}"
+        return PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None, guess, len(seen), infeasible=why)
     best: tuple[int, ...]
     if share is None:
-        n = smallest(lambda k: ok((k,)), guess or 1, 1, max_instances) if max_instances >= 1 else None
-        if n is None:
-            return PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None, guess, len(seen))
         best = (n,)
     else:
-        n = smallest(lambda k: ok(split(k, share)), guess or 2, 2, max_instances) if max_instances >= 2 else None
-        if n is None:
-            return PlanResult(c, 0, 0, 0, 0, 0.0, 0.0, None, None, guess, len(seen))
         p, d = split(n, share)
         p = smallest(lambda k: ok((k, d)), p, 1, p) or p
         d = smallest(lambda k: ok((p, k)), d, 1, d) or d
@@ -633,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         # A headroom at the search's ceiling is a lower bound (the table's ">="), not where the cluster tops out.
         most = "at least" if r.max_rate_capped else "up to"
         got = (f"{r.instances} instances, ${r.cost_per_hour:.2f}/h, attainment {r.attainment:.3f}, {most} "
-               f"{r.max_rate_rps:.1f} req/s" if r.instances else "infeasible within --max-instances")
+               f"{r.max_rate_rps:.1f} req/s" if r.instances else r.infeasible)
         got += f" (estimate {r.estimate if r.estimate is not None else '-'}, {r.simulations} simulations)"
         print(f"[{done}/{total}] {c.hardware} {c.layout} {c.router}: {got}", file=sys.stderr, flush=True)
 
@@ -694,7 +724,7 @@ def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult],
     if not results:
         for stale in ("best-cluster.yaml", "pareto.png"):  # a previous run's answer is not this plan's
             (out / stale).unlink(missing_ok=True)
-        print("no configuration meets the target within --max-instances")
+        print("no configuration meets the target (each candidate's reason is in its line above)")
         return
     best = results[0]
     cfg = make_config(base, best.candidate, best.counts)

@@ -177,3 +177,60 @@ def test_a_partial_id_is_not_listed_without_its_blocks_or_its_prompt() -> None:
     assert prompt_hash_ids(other)[-1] not in index.cached  # never given to the engine: not named
     index.note_prompt(other)
     assert prompt_hash_ids(other)[-1] in index.cached
+
+
+# ---- 3. llmsched plan says why a candidate has no instance count ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cpu_pd():
+    from pathlib import Path
+
+    from scheduler.config.load import load_config
+
+    return load_config(str(Path(__file__).resolve().parents[1] / "deploy/examples/cpu-pd.yaml"))
+
+
+def _workload(n: int, *, gap_s: float, long_every: int = 0):
+    import numpy as np
+
+    from sim.simulator import Workload
+
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(200, 1500, n)
+    if long_every:
+        prompt[::long_every] = 9000  # over the 8,192 tokens of KV an instance of cpu-pd.yaml holds
+    return Workload(
+        arrival_s=np.arange(n) * gap_s, prompt_tokens=prompt, output_tokens=rng.integers(20, 100, n)
+    )
+
+
+@pytest.mark.parametrize("layout", ["mixed", "pd:0.5"])
+def test_plan_names_requests_an_instance_cannot_hold_without_simulating(cpu_pd, layout: str) -> None:
+    """14 of 40 requests need more KV than a cpu-pd.yaml instance holds: the simulator refuses them at any count, so
+    no count meets 90%. The search still simulated its way up to --max-instances (4 runs at 8, ~7 at the default 64)
+    and the progress line said "infeasible within --max-instances", as if more instances would do."""
+    from sim import planner
+
+    c = planner.Candidate("cpu", 1, layout, "least_outstanding")
+    r = planner.plan_one(cpu_pd, c, _workload(40, gap_s=0.5, long_every=3), target=0.9, max_instances=8)
+    assert r.instances == 0 and r.simulations == 0
+    assert r.infeasible.startswith("14 of 40 requests need more KV than an instance holds (8192 tokens")
+    assert "at most 0.650 attainment" in r.infeasible
+
+
+def test_plan_names_the_gpu_inventory_and_how_close_max_instances_came(cpu_pd) -> None:
+    """A P/D candidate on a 1-CPU inventory has no cluster at all (it said "infeasible within --max-instances");
+    a search that stopped at --max-instances now says so with the attainment it reached there."""
+    from sim import planner
+
+    w = _workload(40, gap_s=0.05)
+    one_cpu = cpu_pd.model_copy(update={"gpus": {"cpu": cpu_pd.gpus["cpu"].model_copy(update={"count": 1})}})
+    pd = planner.Candidate("cpu", 1, "pd:0.5", "least_outstanding")
+    r = planner.plan_one(one_cpu, pd, w, target=0.9, max_instances=8)
+    assert r.instances == 0 and r.simulations == 0
+    assert r.infeasible == "the GPU inventory (gpus.<key>.count) holds no cpu TP1 cluster of 2 instances"
+    # The search reached its ceiling: which one, and the attainment there (how far more instances are from it).
+    mixed = planner.Candidate("cpu", 1, "mixed", "least_outstanding")
+    r = planner.plan_one(cpu_pd, mixed, _workload(40, gap_s=0.01), target=1.0, max_instances=1)
+    assert r.instances == 0 and r.infeasible == "infeasible within --max-instances (1): attainment 0.750 at 1"
