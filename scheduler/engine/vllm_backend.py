@@ -776,7 +776,12 @@ class VLLMBackend:
         if self._engine is None:
             return False
         self._epoch += 1
-        return bool(await self._engine.reset_prefix_cache())
+        reset = bool(await self._engine.reset_prefix_cache())
+        if reset and self._prefix is not None:
+            # vLLM publishes its AllBlocksCleared with the next step's events: an idle engine listed the emptied
+            # cache until a request came (a batch still on its way re-lists a few blocks until that clear lands).
+            self._prefix.clear()
+        return reset
 
     def release_kv(self, request_id: str) -> bool:
         """Nobody will ask for the prompt KV of finished ``request_id`` any more (its handoff was served, or none
