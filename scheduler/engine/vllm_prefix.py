@@ -40,9 +40,9 @@ class _Block:
     end: int  # tokens from the sequence's start to this block's end
     last_id: int  # llmsched id of the last 512-token boundary at or before ``end`` (0: none yet)
     own_id: int | None  # the id this block completes (its end is a boundary), else None
-    # The last id of the prompt made of the tokens up to ``end`` (``own_id`` on a boundary; None: an ancestor
-    # is no longer known): the anchor ``note_prompt`` names a prompt's partial last id by.
-    prefix_id: int | None
+    # The blocks since the last boundary chained onto its id (``_run``): what ``note_prompt`` anchors a prompt's
+    # partial last id to. O(1) per block, where hashing the tokens since the boundary was O(512) per block.
+    run: int
 
 
 class PrefixIndex:
@@ -58,9 +58,9 @@ class PrefixIndex:
         self.kv_block = kv_block
         self._blocks: dict[Any, _Block] = {}
         self._ids: dict[int, int] = {}  # id -> vLLM blocks completing it (the same prefix stored twice: 2)
-        self._prefixes: dict[int, int] = {}  # ``_Block.prefix_id`` -> blocks with it
-        # A noted prompt's partial last id -> its anchor (the ``prefix_id`` of its last block vLLM reuses); the
-        # oldest forgotten past ``_partials_cap``.
+        self._runs: dict[int, int] = {}  # ``_Block.run`` -> blocks with it
+        # A noted prompt's partial last id -> its anchor (the ``run`` of its last block vLLM reuses, or the id
+        # before it when that block ends on a boundary); the oldest forgotten past ``_partials_cap``.
         self._partials: OrderedDict[int, int] = OrderedDict()
         self._cached: frozenset[int] | None = frozenset()
         self._next_seq = 0  # batches are numbered from 0; the subscriber connects before the first request
@@ -72,8 +72,8 @@ class PrefixIndex:
         if self.lost:
             return None
         if self._cached is None:
-            prefixes = self._prefixes
-            self._cached = frozenset(self._ids).union(p for p, a in self._partials.items() if a in prefixes)
+            runs, ids = self._runs, self._ids
+            self._cached = frozenset(ids).union(p for p, a in self._partials.items() if a in runs or a in ids)
         return self._cached
 
     def note_prompt(self, token_ids: Sequence[int]) -> None:
@@ -87,8 +87,9 @@ class PrefixIndex:
             return  # a repeat reuses nothing
         ids = prompt_hash_ids(token_ids, bt)
         start = n // bt * bt  # the partial id's first token
-        before = ids[-2] if len(ids) > 1 else 0
-        anchor = before if reused == start else hash((before, hash(tuple(token_ids[start:reused]))))
+        anchor = ids[-2] if len(ids) > 1 else 0
+        for pos in range(start, reused, kvb):
+            anchor = _run(anchor, tuple(token_ids[pos : pos + kvb]))
         self._partials.pop(ids[-1], None)
         self._partials[ids[-1]] = anchor  # the most recent last: forgotten last
         while len(self._partials) > self._partials_cap():
@@ -144,17 +145,18 @@ class PrefixIndex:
             end = (prev.end if prev is not None else 0) + block_size
             last_id = prev.own_id if prev is not None and prev.own_id is not None else (
                 prev.last_id if prev is not None else 0)
-            own_id = prefix_id = None
-            # The tokens since the last boundary (512 of them when this block ends on one), as ``prompt_hash_ids``.
-            chunk = self._chunk(tokens, prev, (end - 1) % self.block_tokens + 1)
+            run = _run(prev.run if prev is not None and prev.end % self.block_tokens else last_id, tokens)
+            self._runs[run] = self._runs.get(run, 0) + 1
+            if self._partials:
+                self._cached = None  # a noted prompt's anchor may be this block
+            own_id = None
+            chunk = self._chunk(tokens, prev) if end % self.block_tokens == 0 else None
             if chunk is not None:
-                prefix_id = hash((last_id, hash(chunk)))
-                self._prefixes[prefix_id] = self._prefixes.get(prefix_id, 0) + 1
+                own_id = hash((last_id, hash(chunk)))  # as ``prompt_hash_ids``
+                self._ids[own_id] = self._ids.get(own_id, 0) + 1
                 self._cached = None
-                if end % self.block_tokens == 0:
-                    own_id = last_id = prefix_id
-                    self._ids[own_id] = self._ids.get(own_id, 0) + 1
-            block = _Block(parent, tokens, end, last_id, own_id, prefix_id)
+                last_id = own_id
+            block = _Block(parent, tokens, end, last_id, own_id, run)
             old = self._blocks.get(h)
             if old is not None:
                 self._drop(old)  # stored again (vLLM re-caches a hash it evicted): one entry
@@ -171,11 +173,11 @@ class PrefixIndex:
         """vLLM's cache is empty (the noted prompts stay: listed again once their blocks are back)."""
         self._blocks.clear()
         self._ids.clear()
-        self._prefixes.clear()
+        self._runs.clear()
         self._cached = None
 
     def _drop(self, block: _Block) -> None:
-        for counts, key in ((self._ids, block.own_id), (self._prefixes, block.prefix_id)):
+        for counts, key in ((self._ids, block.own_id), (self._runs, block.run)):
             if key is None:
                 continue
             n = counts.get(key, 0) - 1
@@ -185,11 +187,11 @@ class PrefixIndex:
                 counts.pop(key, None)
             self._cached = None
 
-    def _chunk(self, tokens: tuple[int, ...], prev: _Block | None, length: int) -> tuple[int, ...] | None:
-        """The ``length`` tokens ending with ``tokens``: this block's and its ancestors' back to the last boundary
+    def _chunk(self, tokens: tuple[int, ...], prev: _Block | None) -> tuple[int, ...] | None:
+        """The 512 tokens ending with ``tokens``: this block's and its ancestors' back to the last boundary
         (``None`` if one of them is no longer known: no id is named from part of its tokens)."""
         parts = [tokens]
-        need = length - len(tokens)
+        need = self.block_tokens - len(tokens)
         while need > 0 and prev is not None:
             parts.append(prev.tokens)
             need -= len(prev.tokens)
@@ -197,6 +199,11 @@ class PrefixIndex:
         if need:
             return None
         return tuple(t for part in reversed(parts) for t in part)
+
+
+def _run(base: int, tokens: tuple[int, ...]) -> int:
+    """A block's ``run`` key: its tokens chained onto the previous block's key (onto the boundary id after one)."""
+    return hash((base, tokens))
 
 
 def subscribe(endpoint: str) -> Any:
