@@ -143,9 +143,9 @@ class MigrationDriver:
         rid, seq = payload
         m = self.in_flight.pop(rid)
         self._release(m)
-        # Its blocks were reserved for it (live: adopted at pre-admission, so it waits holding its KV): ahead of the
-        # prompts queued behind the reservation, which otherwise took the blocks first and left its copied KV
-        # unaccounted (206 blocks held on a 200-block engine).
+        # Ahead of the queued prompts: it keeps running (Llumnix), as the live backends queue it (vLLM's connector
+        # prepends it, as vLLM does a preempted request). Its blocks were reserved for it: prompts admitted first
+        # took them and left its copied KV unaccounted (206 blocks held on a 200-block engine).
         new = m.dst.engine.add_request(rid, seq.num_tokens, seq.max_new, cached_tokens=seq.num_tokens - 1,
                                        priority=seq.priority, predicted_remaining=seq.predicted_remaining,
                                        length_dist=seq.length_dist, generated_before=seq.dist_base, front=True,

@@ -162,6 +162,7 @@ class SimulatedBackend:
         if bad is not None:
             raise ValueError(f"prompt_token_ids: token {bad} outside [0, {self.vocab_size})")
         cached = self._cached_tokens(request)
+        migrated = rid in self._reserved  # a migration's commit: the handshake reserved its blocks here
         self._release_reservation(rid)  # the request takes the blocks it was reserved
         max_tokens = request.sampling.max_tokens
         self.engine.check_request(rid, len(prompt), max_tokens, cached)  # refused now, even if admitted later
@@ -172,7 +173,7 @@ class SimulatedBackend:
         if landing > 0:  # its KV is on its way: admitted when it lands, as the simulator queues it (KV_ARRIVE)
             asyncio.get_running_loop().call_later(landing, self._admit, req, cached)
         else:
-            self._admit(req, cached)
+            self._admit(req, cached, front=migrated)
         return self._stream(req)
 
     def _kv_landing_s(self, request: EngineRequest) -> float:
@@ -185,7 +186,9 @@ class SimulatedBackend:
         return sum(kv_transfer_between(kv.end_token - kv.start_token, self.model, kv.source_gpu, self.gpu)
                    for kv in request.kv if kv.source_gpu is not None)
 
-    def _admit(self, req: _Req, cached: int) -> None:
+    def _admit(self, req: _Req, cached: int, *, front: bool = False) -> None:
+        """``front``: a migrated request, queued ahead of the prompts waiting here, as the simulator's driver and
+        the vLLM connector queue it (it keeps running, Llumnix; it does not wait behind later arrivals)."""
         request = req.request
         rid, prompt = request.request_id, request.prompt_token_ids
         if self._reqs.get(rid) is not req:  # aborted (or the engine shut down) while its KV was on its way
@@ -193,7 +196,7 @@ class SimulatedBackend:
         # The prompt's block ids, as a trace's hash_ids: the engine model's prefix cache hits on a shared prefix
         # (vLLM's does on its own), and the snapshots report what is cached.
         self.engine.add_request(rid, len(prompt), req.remaining, cached_tokens=cached, priority=request.priority,
-                                hash_ids=prompt_hash_ids(prompt), hash_block_tokens=HASH_BLOCK_TOKENS)
+                                hash_ids=prompt_hash_ids(prompt), hash_block_tokens=HASH_BLOCK_TOKENS, front=front)
         assert self._wake is not None
         self._wake.set()
 

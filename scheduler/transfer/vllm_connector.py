@@ -176,15 +176,24 @@ class LlmschedConnector(KVConnectorBase_V1):
                 self._held[str(lid)] = request
                 self._adopt_reserved(str(lid), request)  # the bulk of it, off the critical path
                 return
-            self._arrive(str(lid), request)
+            if self._arrive(str(lid), request):
+                # vLLM queued it behind the prompts waiting here a moment ago (same call): to the front instead.
+                self._scheduler.waiting.remove_request(request)
+                self._scheduler.waiting.prepend_request(request)
 
-    def _arrive(self, llmsched_id: str, request: Request) -> None:
-        """A migrated request enters scheduling (admitted now, or released after a pre-admission): adopt what was
-        written into its reservation, then hand the reservation back to the pool."""
+    def _arrive(self, llmsched_id: str, request: Request) -> bool:
+        """A request enters scheduling (admitted now, or released after a pre-admission). A migrated one (its
+        handshake reserved blocks here): adopt what was written into its reservation, then hand the reservation
+        back to the pool. Returns whether it is migrated: the caller queues it at the front of the waiting queue --
+        it keeps running (Llumnix), as a request vLLM preempts does (``prepend_request``), instead of waiting
+        behind the prompts that arrived during its move; the simulator's driver queues it so too."""
+        if llmsched_id not in self._reservations:
+            return False
         self._adopt_reserved(llmsched_id, request)
         # NOTE(migration): the reservation made at the handshake is handed back to the pool right when the
         # migrated request arrives (same EngineCore thread, before the next schedule), so it allocates them.
         self.unreserve(llmsched_id)
+        return True
 
     def _adopt_reserved(self, llmsched_id: str, request: Request) -> None:
         """Migration fast path: the stage copies were written straight into the reserved blocks (worker side,
@@ -699,12 +708,10 @@ def _engine_release(
     if reserved_tokens:
         params["reserved_tokens"] = int(reserved_tokens)
     conn._arrive(llmsched_id, request)
-    sched = core.scheduler
-    enqueue = getattr(sched, "_enqueue_waiting_request", None)
-    if enqueue is not None:
-        enqueue(request)
-    else:  # pragma: no cover - older vLLM
-        sched.waiting.add_request(request)
+    # At the front of the waiting queue, as every migrated request (``LlmschedConnector._arrive``): not behind the
+    # prompts that arrived during its pre-copy. It holds no blocks yet (its adopted ones are cached, free), so
+    # vLLM's own ``_enqueue_waiting_request`` would have put it in ``waiting`` too, at the back.
+    core.scheduler.waiting.prepend_request(request)
     return True
 
 
