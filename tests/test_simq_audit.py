@@ -165,3 +165,35 @@ def test_vllm_releases_a_pre_admitted_migration_ahead_of_waiting_prompts(connect
     assert vc._engine_release(core, "m", [], 8, CONTEXT - 1, 0) is True
     assert [r.request_id for r in sched.waiting] == ["m", "late"]
     assert "m" not in conn._reservations
+
+
+# ---- a preempted request's recompute and the prefix cache ----------------------------------------------------------
+@pytest.mark.parametrize("with_ids", [True, False], ids=["prompt-ids", "no-ids"])
+def test_a_preempted_request_recomputes_only_what_the_prefix_cache_lost(with_ids: bool) -> None:
+    """vLLM caches every full block of a request, its generated tokens' included (``Request.block_hashes`` grow with
+    its output), and a preempted request's freed blocks stay cached: its recompute hits all but the last partial
+    block (``get_computed_blocks``: up to ``num_tokens - 1``). The engine model hit only the prompt's ids -- none
+    for a prompt without ids -- and recomputed every generated token."""
+    cfg = cluster_config("twoclocks", mixed=1)
+    spec = EngineSpec(
+        block_size=16,
+        max_num_seqs=8,
+        max_num_batched_tokens=512,
+        num_kv_blocks=20,
+        enable_prefix_caching=True,
+    )
+    eng = EngineModel(roofline_model(cfg.model, cfg.gpus[cfg.pools[0].gpu], 1), spec)
+    ids = {"hash_ids": (1, 2, 3, 4), "hash_block_tokens": 16} if with_ids else {}
+    eng.add_request("a", 64, 200, **ids)
+    eng.add_request("b", 64, 200, **{k: (5, 6, 7, 8) if k == "hash_ids" else v for k, v in ids.items()})
+    victim = None
+    while eng.has_work:
+        res = eng.step()
+        if res.preempted and victim is None:
+            [seq] = res.preempted
+            victim, context = seq.rid, seq.num_tokens
+            computed_before = eng.prompt_tokens_computed
+    assert victim == "b" and context > 64 + 16
+    hit = (context - 1) // 16 * 16  # all its full blocks: prompt and generated
+    assert eng.prefix_hit_tokens == hit
+    assert eng.prompt_tokens_computed - computed_before == context - hit

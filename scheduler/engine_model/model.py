@@ -27,7 +27,9 @@ Semantics (documented choices where vLLM has knobs):
   it: a prompt admitted later in the same step hits it), and those of KV that arrived with the request (a P->D
   decode leg, a migration) as it is admitted (vLLM caches what its KV connector loaded). The cache is an LRU of
   ids bounded by the instance's KV capacity in tokens; a prompt's ids are touched last-to-first, so its tail is
-  evicted before its head (vLLM frees a request's blocks in reverse). NOTE: admission still reserves KV for the
+  evicted before its head (vLLM frees a request's blocks in reverse). A request preempted while decoding has its
+  whole context cached, its generated tokens' blocks under ids of its own, as vLLM caches every full block of a
+  request: its recompute hits them (``_cache_context``). NOTE: admission still reserves KV for the
   whole context (no block sharing between concurrent requests): cached blocks save compute, not memory --
   conservative on memory; and cached ids do not give way to running requests' KV (vLLM's do: they are its free
   blocks), so under KV pressure hits are optimistic.
@@ -210,6 +212,7 @@ class EngineModel:
         self._cached_id_set: set[int] = set()
         self.prefix_capacity_tokens = num_blocks * spec.block_size
         self.prefix_hit_tokens = 0
+        self._own_ids = itertools.count(-1, -1)  # ids of preempted requests' generated blocks (``_cache_context``)
         # Batch token counts whose GEMM kernels the engine has built, least recently used first (the vLLM CPU
         # build's oneDNN primitive cache); None: the latency model has no such cost.
         self._shapes: OrderedDict[int, None] | None = OrderedDict() if latency.shape_cache_size > 0 else None
@@ -620,14 +623,29 @@ class EngineModel:
         victim = min(pool, key=lambda s: (s.priority, -s.admit_no))
         if victim.in_decode:
             self._leave_decode(victim)
-        else:
+            self._cache_context(victim)
+        else:  # (its scheduled chunks' ids are in the cache already)
             self.prefilling.remove(victim)
             self.prefill_blocks -= victim.blocks
         victim.blocks = 0
-        victim.num_computed = 0  # KV dropped: prompt and generated tokens are recomputed
+        victim.num_computed = 0  # KV dropped: prompt and generated tokens are recomputed (less the cache's hits)
         self.waiting.appendleft(victim)
         self.num_preemptions += 1
         return victim
+
+    def _cache_context(self, seq: Seq) -> None:
+        """A decoding request is preempted. vLLM caches a request's full blocks as they fill, its generated tokens'
+        too, and keeps them cached once freed: the recompute hits all of them not evicted meanwhile. The ids cover a
+        prompt only, so the rest of the context gets ids of this request's own (its tokens are nobody else's;
+        negative: a trace's are not), and the whole context is cached now, as its blocks are freed."""
+        if self.prefix_cache is None:
+            return
+        if not seq.hash_ids:  # a prompt without ids (nothing to share) still hits its own blocks
+            seq.hash_block_tokens = self.block_size
+        n = -(-seq.num_tokens // seq.hash_block_tokens)
+        if n > len(seq.hash_ids):
+            seq.hash_ids += tuple(next(self._own_ids) for _ in range(n - len(seq.hash_ids)))
+        self._prefix_insert(seq, seq.num_tokens)
 
     # ---- the closed-form fast path ------------------------------------------------------------------------
     def plan_span(self, max_steps: int | None = None) -> Span | None:
