@@ -12,7 +12,8 @@ import pytest
 
 import scheduler.control.controller as controller_mod
 from scheduler.core.types import InstanceRole
-from tests.test_controller_audit import FakeInstance, _controller
+from tests.test_controller_audit import FakeInstance, _controller, _member
+from tests.test_ctlrelease_audit import _real_release
 
 
 def _never_placed(ctrl: Any) -> Any:
@@ -60,3 +61,44 @@ def test_admin_scale_does_not_wait_for_another_pools_starts(monkeypatch: pytest.
         ctrl._pending["decode-1"].cancel()
 
     asyncio.run(run())
+
+
+class _Adopted(FakeInstance):
+    """An adopted instance: ``start`` answers its record; ``shutdown`` records how it was released."""
+
+    def __init__(self, iid: str) -> None:
+        super().__init__(iid)
+        self.shutdowns: list[str | None] = []
+
+    async def _start(self) -> Any:
+        return _member(self, self.iid.rsplit("-", 1)[0]).info
+
+    async def _shutdown(self, broken: str | None = None) -> None:
+        self.shutdowns.append(broken)
+
+
+def test_a_redeploy_that_drops_a_pool_releases_its_instances_as_extras(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A redeploy of the same cluster whose config no longer has pool ``old``: the Controller adopted old-0, and
+    starting it looked the pool up (``self._pools[...]``): the KeyError read as a start that failed, so the instance
+    was released as broken -- its streams ended ENGINE_FAILED "did not start" (each counted against its request in
+    the quarantine) -- and a start failure was booked for a pool that no longer exists. It is released as an extra
+    now: its streams end RELEASED and continue elsewhere."""
+    killed: list[str] = []
+    monkeypatch.setattr(controller_mod.ray, "kill", lambda h, no_restart=True: killed.append(h.iid))
+    monkeypatch.setattr(controller_mod, "remove_instance_pg", lambda cluster, iid: None)
+    gone, kept = _Adopted("old-0"), _Adopted("mixed-0")
+    ctrl = _real_release([kept], {"mixed": 1})
+    ctrl._members["old-0"] = _member(gone, "old")
+
+    async def run() -> None:
+        await ctrl._start_adopted("old-0")
+        await ctrl._start_adopted("mixed-0")
+        await ctrl._stopped(["old-0"])
+
+    asyncio.run(run())
+    assert gone.shutdowns == [None]  # released, not broken
+    assert killed == ["old-0"]
+    assert list(ctrl._members) == ["mixed-0"] and kept.shutdowns == []
+    assert ctrl._start_failures == {}

@@ -286,6 +286,15 @@ class Controller:
         m = self._members.get(iid)
         if m is None:
             return
+        if m.info.pool not in self._pools:
+            # A redeploy dropped its pool: an extra, released as a scale-down releases one (its streams end
+            # RELEASED and continue elsewhere). Before, the missing pool's KeyError read as a failed start: the
+            # streams ended ENGINE_FAILED (counted against each request) and a start failure was booked.
+            log.info("instance %s: pool %r is no longer in the config; releasing it", iid, m.info.pool)
+            assert self._lock is not None
+            async with self._lock:
+                await self._release(iid)
+            return
         self._starting.add(iid)
         try:
             # Bounded: a start that hangs kept the pool one instance short for good (its snapshots are no verdict
