@@ -12,7 +12,8 @@ import pytest
 
 import scheduler.control.controller as controller_mod
 from scheduler.core.types import InstanceRole
-from tests.test_controller_audit import FakeInstance, _controller, _member
+from scheduler.policy.migration import MigrationPlan, MigrationReason
+from tests.test_controller_audit import FakeInstance, _controller, _member, _snap
 from tests.test_ctlrelease_audit import _real_release
 
 
@@ -102,3 +103,35 @@ def test_a_redeploy_that_drops_a_pool_releases_its_instances_as_extras(
     assert killed == ["old-0"]
     assert list(ctrl._members) == ["mixed-0"] and kept.shutdowns == []
     assert ctrl._start_failures == {}
+
+
+class _NoPlans:
+    """A migration policy that plans nothing and records the plans dropped."""
+
+    def __init__(self) -> None:
+        self.dropped: list[str] = []
+
+    def plan(self, view: Any, now: float) -> list[MigrationPlan]:
+        return []
+
+    def on_migration_dropped(self, request_id: str) -> None:
+        self.dropped.append(request_id)
+
+
+def test_plans_of_a_gone_ingress_leave_no_key_and_are_counted_dropped() -> None:
+    """Plans not taken within 5 s are pruned, but the key of their ingress stayed in ``Controller._plans`` with an
+    empty list, for good (ingress ids are random per process: one key per ingress that ever died holding a plan).
+    And a pruned plan, counted ``planned``, was never counted ``dropped``: planned != committed + failed + dropped
+    with nothing in flight."""
+    ctrl = _controller([FakeInstance("mixed-0"), FakeInstance("mixed-1")], {"mixed": 2})
+    ctrl._migration = policy = _NoPlans()
+    ctrl._snapshots = {"mixed-0": _snap("mixed-0", 4), "mixed-1": _snap("mixed-1")}
+    ctrl.migration_stats = {"planned": 2, "dropped": 0, "committed": 0, "failed": 0}
+    old, new = time.time() - 6.0, time.time()
+    ctrl._plans = {
+        "ingress-dead": [(old, MigrationPlan("r1", "mixed-0", "mixed-1", MigrationReason.LOAD_BALANCE))],
+        "ingress-live": [(new, MigrationPlan("r2", "mixed-0", "mixed-1", MigrationReason.LOAD_BALANCE))],
+    }
+    ctrl._policy_tick()
+    assert list(ctrl._plans) == ["ingress-live"] and policy.dropped == ["r1"]
+    assert ctrl.migration_stats["dropped"] == 1

@@ -466,7 +466,13 @@ class Controller:
             for t, p in plans:
                 if now - t >= 5.0:  # never started: dropped, not failed (that held the request out of plans 5 s more)
                     policy.on_migration_dropped(p.request_id)
-            self._plans[ing] = [(t, p) for t, p in plans if now - t < 5.0]
+                    self.migration_stats["dropped"] += 1  # counted as planned: its end is counted too
+            # An ingress that is gone never takes its key away (ids are random per process): kept empty, it stayed
+            # for good, one per dead ingress.
+            if kept := [(t, p) for t, p in plans if now - t < 5.0]:
+                self._plans[ing] = kept
+            else:
+                del self._plans[ing]
         view = ClusterView(now, tuple(self._snapshots[i] for i in sorted(self._snapshots)))
         for plan in policy.plan(view, now):
             entry = self._registry.entries.get(plan.request_id)
