@@ -135,3 +135,36 @@ def test_plans_of_a_gone_ingress_leave_no_key_and_are_counted_dropped() -> None:
     ctrl._policy_tick()
     assert list(ctrl._plans) == ["ingress-live"] and policy.dropped == ["r1"]
     assert ctrl.migration_stats["dropped"] == 1
+
+
+# -- gRPC: a request that ended "error: ..." ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def srv():  # type: ignore[no-untyped-def]
+    from scheduler.server.background import BackgroundServer
+    from tests.test_apipolish_audit import _Faulty
+
+    with BackgroundServer(lambda: _Faulty(max_model_len=4096)) as s:
+        yield s
+
+
+def test_grpc_stream_that_ended_in_an_engine_error_ends_internal_with_its_tokens(srv: Any) -> None:
+    """A request whose engine raised on it ends ``error: <why>`` in the ingress. HTTP answers it 500 (or the tokens
+    made, then an error event), but gRPC ended the stream OK with that finish_reason: the SDK's ``generate`` returned
+    it as a result and ``stream`` ended normally -- a failure no caller that does not parse finish_reason sees. The
+    stream ends INTERNAL with the reason now (final: not retried), after every token made, the last chunk's too."""
+    import grpc
+
+    from scheduler.client import Client, LLMSchedError
+
+    with Client(srv.address, timeout_s=10, retries=3) as c:
+        with pytest.raises(LLMSchedError) as exc:
+            c.generate("hello there", max_tokens=4, request_id="err-gen")
+        assert exc.value.code == grpc.StatusCode.INTERNAL
+        assert exc.value.message == "error: ValueError: the engine refused it"
+        got: list[Any] = []
+        with pytest.raises(LLMSchedError) as exc:
+            got.extend(c.stream("hello there", max_tokens=4, request_id="err-stream"))
+        assert exc.value.code == grpc.StatusCode.INTERNAL
+        # the first chunk, then the failing one's tokens; none marked finished
+        assert [ch.index for ch in got] == [0, 1] and all(ch.token_ids for ch in got)
+        assert not any(ch.finished for ch in got)

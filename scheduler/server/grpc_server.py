@@ -213,6 +213,20 @@ class InferenceServicer:
                         text = detokenize(ids) if ids and text and detokenize is not None else ""
                         if not ids and not chunk.finished:
                             continue
+                    reason = chunk.finish_reason
+                    if chunk.finished and request_status_of_finish(reason) is RequestStatus.FAILED:
+                        # An engine raised on the request (the ingress's "error: ..." end): a status, INTERNAL
+                        # with the reason as HTTP answers 500, not an OK stream whose finish_reason no client
+                        # checks. Final (the ingress recovers engine failures itself). Its tokens go first.
+                        if ids:
+                            yield chunk_cls(
+                                request_id=request_id,
+                                index=index,
+                                token_ids=ids,
+                                text=text,
+                                instance_id=instance_id,
+                            )
+                        raise RequestFailed(reason or "error")
                     if chunk.finished:
                         # NOTE: before the yield: a client that hangs up on its last chunk cancels us at the yield,
                         # and the request has finished in the ingress all the same (nothing to cancel there).
