@@ -5,6 +5,7 @@ need no Ray: the fake Controller of ``tests/test_controller_audit.py`` (fake ins
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from typing import Any
 
@@ -168,3 +169,86 @@ def test_grpc_stream_that_ended_in_an_engine_error_ends_internal_with_its_tokens
         # the first chunk, then the failing one's tokens; none marked finished
         assert [ch.index for ch in got] == [0, 1] and all(ch.token_ids for ch in got)
         assert not any(ch.finished for ch in got)
+
+
+# -- the ingress tokenizes a long prompt off its event loop ----------------------------------------------------------
+LONG_PROMPT = (
+    "the quick brown fox jumps over the lazy dog. " * 4400
+)  # 200 KB, ~120k tokens of the tiny model's
+
+
+@pytest.fixture(scope="module")
+def long_prompt_ingress(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """An ingress over a fake instance with the tiny model's tokenizer, and how long that takes on LONG_PROMPT."""
+    from scheduler.control.ingress import HFTokenizer
+    from tests.test_chat_template import _copy_tokenizer
+    from tests.test_ingress_audit import FakeInstance as IngressInstance
+    from tests.test_ingress_audit import _ingress
+
+    tok = HFTokenizer(_copy_tokenizer(tmp_path_factory.mktemp("ctlfix") / "tok", None))
+    ing = _ingress([IngressInstance("mixed-0")], tokenizer=tok)
+    tok.encode(LONG_PROMPT)
+    t0 = time.perf_counter()
+    n = len(tok.encode(LONG_PROMPT))
+    encode_s = time.perf_counter() - t0
+    assert encode_s > 0.05, "the prompt is too short to show a stall on this machine"
+    return ing, n, encode_s
+
+
+def _longest_stall(coro: Any) -> tuple[Any, float]:
+    """``coro``'s result (or exception) and the longest the event loop went without running a 1 ms ticker."""
+
+    async def run() -> tuple[Any, float]:
+        gaps: list[float] = []
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not stop.is_set():
+                await asyncio.sleep(0.001)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        t = asyncio.create_task(ticker())
+        await asyncio.sleep(0.02)
+        try:
+            out: Any = await coro
+        except Exception as e:  # noqa: BLE001 - returned for the test to check
+            out = e
+        stop.set()
+        await t
+        return out, max(gaps)
+
+    return asyncio.run(run())
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop(no_ray: None, long_prompt_ingress: Any) -> None:
+    """``Ingress._validate`` tokenized a text prompt on the event loop: a 200 KB prompt (~150 ms with the tiny
+    model's tokenizer; a 4 MB one, the largest message, seconds) held every other stream, poll and report that long.
+    (A thread alone would not do: tokenizers' ``encode`` holds the GIL; ``encode_batch`` releases it.) The chat
+    template's rendering is cheap by comparison (about 1 ms for an 800 KB conversation) and stays on the loop."""
+    from scheduler.control.api import GenerateRequest, InvalidRequest
+
+    ing, n, encode_s = long_prompt_ingress
+    err, stall = _longest_stall(anext(aiter(ing.generate(GenerateRequest("long", prompt=LONG_PROMPT)))))
+    assert isinstance(err, InvalidRequest) and str(err).startswith(f"prompt: {n} tokens leave no room")
+    assert stall < encode_s / 3
+
+
+def test_http_usage_tokenizes_a_long_prompt_off_the_event_loop(
+    no_ray: None, long_prompt_ingress: Any
+) -> None:
+    """The HTTP server's ``usage`` tokenized a text prompt again, on the event loop, at the end of every request
+    that reports it (non-streamed, or ``include_usage``): the same stall as the ingress's."""
+    from scheduler.control.api import GenerateRequest
+    from scheduler.server import http_server
+
+    ing, n, encode_s = long_prompt_ingress
+
+    async def usage() -> Any:
+        out = http_server._prompt_tokens(ing, GenerateRequest("u", prompt=LONG_PROMPT))
+        return await out if inspect.isawaitable(out) else out  # it was a plain function
+
+    count, stall = _longest_stall(usage())
+    assert count == n and stall < encode_s / 3

@@ -96,6 +96,9 @@ _SWITCH_WAIT_S = 30.0
 
 # ``RequestRecord.move_kv`` value meaning "the destination already admitted the request" (live migration commit).
 _ADMITTED = object()
+# A text prompt at least this long (characters) is tokenized in a thread: on the event loop a 200 KB prompt held
+# every other stream ~150 ms (a 4 MB one, the largest message, seconds). Below, the hop costs more than it frees.
+ENCODE_OFF_LOOP_CHARS = 16384
 
 
 class Tokenizer(Protocol):
@@ -132,7 +135,9 @@ class HFTokenizer:
             self._chat = chat if chat.chat_template is not None else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        # NOTE: encode_batch, not encode: the same ids, but it releases the GIL (tokenizers' encode holds it), so
+        # the ingress tokenizing a long prompt in a thread frees its event loop.
+        return list(self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
     def decode(self, token_ids: tuple[int, ...] | list[int]) -> str:
         return str(self._tok.decode(list(token_ids)))
@@ -593,7 +598,17 @@ class Ingress:
             self._incoming[iid] = self._incoming.get(iid, 0) + 1
 
     # ---- validation and routing -----------------------------------------------------------------------
-    def _validate(self, req: GenerateRequest) -> RequestRecord:
+    async def _encode_prompt(self, req: GenerateRequest) -> tuple[int, ...] | None:
+        """A text prompt's token ids (``None`` for a request without one), a long one's off the event loop."""
+        if req.prompt is None:
+            return None
+        args = (req.prompt, req.add_special_tokens)
+        if len(req.prompt) < ENCODE_OFF_LOOP_CHARS:
+            return tuple(self.tokenizer.encode(*args))
+        return tuple(await asyncio.to_thread(self.tokenizer.encode, *args))
+
+    def _validate(self, req: GenerateRequest, prompt_ids: tuple[int, ...] | None) -> RequestRecord:
+        """``prompt_ids``: the text prompt's ids (``_encode_prompt``)."""
         m = self.config.model
         if not req.request_id:
             raise InvalidRequest("request_id: must not be empty", field="request_id")
@@ -604,7 +619,7 @@ class Ingress:
         if (req.prompt is None) == (req.prompt_token_ids is None):
             raise InvalidRequest("prompt: set exactly one of prompt, prompt_token_ids", field="prompt")
         if req.prompt is not None:
-            ids = tuple(self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+            ids = prompt_ids or ()
             field_name = "prompt"
         else:
             ids = tuple(req.prompt_token_ids or ())
@@ -781,7 +796,7 @@ class Ingress:
         """Validate, route, dispatch; yield chunks with contiguous indices from 0 until one is ``finished``."""
         if not self._tasks:
             await self.start()
-        rec = self._validate(request)
+        rec = self._validate(request, await self._encode_prompt(request))
         rec.trace_context = self.tracing.current_context()  # the server span: migrations started elsewhere join it
         with self.tracing.span(Stage.PREDICT, request_id=rec.request_id):
             await self._predict(rec, request.prompt)

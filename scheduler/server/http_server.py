@@ -781,7 +781,7 @@ async def _respond(
     finally:
         if not handed_off:
             await sc.close()
-    usage = _usage(ingress, g, len(ids))
+    usage = await _usage(ingress, g, len(ids))
     if chat:
         choice: dict[str, Any] = {
             "index": 0,
@@ -805,8 +805,8 @@ async def _respond(
     )
 
 
-def _usage(ingress: IngressAPI, g: GenerateRequest, completion_tokens: int) -> dict[str, int | None]:
-    prompt_tokens = _prompt_tokens(ingress, g)
+async def _usage(ingress: IngressAPI, g: GenerateRequest, completion_tokens: int) -> dict[str, int | None]:
+    prompt_tokens = await _prompt_tokens(ingress, g)
     return {
         "prompt_tokens": prompt_tokens,  # null when the ingress cannot count a text prompt (never a wrong 0)
         "completion_tokens": completion_tokens,
@@ -814,7 +814,7 @@ def _usage(ingress: IngressAPI, g: GenerateRequest, completion_tokens: int) -> d
     }
 
 
-def _prompt_tokens(ingress: IngressAPI, g: GenerateRequest) -> int | None:
+async def _prompt_tokens(ingress: IngressAPI, g: GenerateRequest) -> int | None:
     """The prompt's length in tokens: a text prompt is tokenized by the ingress (``prompt_tokens``, optional on
     ``IngressAPI``); ``None`` when it cannot say."""
     if g.prompt_token_ids is not None:
@@ -823,7 +823,8 @@ def _prompt_tokens(ingress: IngressAPI, g: GenerateRequest) -> int | None:
     if count is None:
         return None
     try:
-        return int(count(g))
+        # In a thread, as the ingress tokenizes a long prompt: on the loop it held every other stream.
+        return int(await asyncio.to_thread(count, g))
     except Exception:  # usage is informational: never fail a finished request over it
         logger.debug("prompt_tokens of %s failed", g.request_id, exc_info=True)
         return None
@@ -933,7 +934,7 @@ async def _sse_stream(
                 break
             sc.chunk(c)
         if usage_chunk:
-            yield _sse({**head, "choices": [], "usage": _usage(sc.deps.ingress, sc.g, sc.n_tokens)})
+            yield _sse({**head, "choices": [], "usage": await _usage(sc.deps.ingress, sc.g, sc.n_tokens)})
     except IngressError as e:
         err = sc.fail(e)
         yield _sse(_error_body(err.message, err.type, err.param))
