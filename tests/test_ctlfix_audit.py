@@ -252,3 +252,36 @@ def test_http_usage_tokenizes_a_long_prompt_off_the_event_loop(
 
     count, stall = _longest_stall(usage())
     assert count == n and stall < encode_s / 3
+
+
+# -- a stream whose client left does not hold its instance's release -------------------------------------------------
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_stream_whose_client_left_does_not_hold_its_instances_shutdown(no_ray: None, direct: bool) -> None:
+    """The client left mid-stream: the ingress aborted the request on its instance and stopped polling it. Polled
+    over Ray, its poll in flight was cancelled with it, so the stream's ``abort`` end stayed on the instance, never
+    taken, until the lease reaper -- and a release meanwhile (a scale-down, a drain, the server's shutdown) waited
+    ``SHUTDOWN_HANDOVER_S`` (1 s) for a poll that never came. The ingress's abort tells the instance it polls the
+    stream no more; the instance drops it once ended."""
+    from scheduler.control.api import GenerateRequest
+    from scheduler.engine.base import SamplingParams
+    from tests.test_faults2_audit import _cluster
+
+    async def run() -> tuple[list[str], float]:
+        insts, ing = await _cluster(f"ctlfix-gone-{direct}", 1, 1.0, direct=direct)
+        inst = next(iter(insts.values()))
+        req = GenerateRequest(
+            "gone", prompt_token_ids=tuple(range(1, 50)), sampling=SamplingParams(max_tokens=500)
+        )
+        gen = ing.generate(req)
+        await anext(gen)
+        await gen.aclose()  # the client left: the server closes the ingress stream
+        await asyncio.sleep(0.3)
+        left = list(inst._streams)
+        t0 = time.monotonic()
+        await inst.shutdown()
+        took = time.monotonic() - t0
+        await ing.close()
+        return left, took
+
+    left, took = asyncio.run(run())
+    assert left == [] and took < 0.5

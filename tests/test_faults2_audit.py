@@ -422,7 +422,7 @@ def test_a_cancel_that_meets_a_failed_engine_still_stops_the_other_copy() -> Non
             super().__init__(iid)
             self.dead = dead
 
-        async def _abort(self, rid: str) -> bool:
+        async def _abort(self, rid: str, forget: bool = False) -> bool:
             if self.dead:
                 raise RayTaskError("abort", "", RuntimeError("EngineDeadError")).as_instanceof_cause()
             aborted.append(self.iid)

@@ -79,7 +79,7 @@ class FakeInstance:
         await asyncio.sleep(0.01)
         return self._tok(rid, st)
 
-    async def _abort(self, rid: str) -> bool:
+    async def _abort(self, rid: str, forget: bool = False) -> bool:
         self.aborted.append(rid)
         st = self.streams.get(rid)
         if st is None:

@@ -1175,9 +1175,10 @@ class Ingress:
             self._mark_dead(iid)
 
     def _abort_quietly(self, iid: str, rid: str) -> None:
+        """Stop ``rid`` on ``iid``, whose stream this ingress polls no more (``forget``: the instance drops it)."""
         m = self._members.get(iid)
         if m is not None:
-            m.handle.abort.remote(rid)  # fire and forget
+            m.handle.abort.remote(rid, forget=True)  # fire and forget
 
     # ---- admin ----------------------------------------------------------------------------------------
     async def cancel(self, request_id: str) -> bool:

@@ -189,6 +189,7 @@ class _Stream:
     export: bool = False  # P->D prefill: start exporting the prompt KV the moment the stream ends
     migrated: bool = False  # released by a committed migration: its end reads "migrated", not "abort"
     paused: bool = False  # stopped for a migration's stop-and-copy: waits on its driver, not on the engine
+    unread: bool = False  # its caller polls it no more (``abort(forget=True)``): dropped once ended
     received: float = field(default_factory=time.time)  # wall clock at submit (request_timings)
     # The request's context (prompt + the ``before`` outputs emitted elsewhere): a poll from an index below
     # ``before`` gets those outputs again (a migration's source died before delivering its last tokens).
@@ -481,6 +482,8 @@ class Instance:
         finally:
             st.done = True
             self._running -= 1
+            if st.unread:
+                self._drop_unread(rid, st)
 
     async def _error_reason(self, reason: str) -> str:
         """``reason`` (``error: ...``) of a stream that ended in error, as ``ENGINE_FAILED: ...`` when the engine
@@ -553,13 +556,22 @@ class Instance:
                 self._finished.popitem(last=False)
         return merged
 
-    async def abort(self, request_id: str) -> bool:
-        """Stop ``request_id`` and free its KV; its stream ends with ``finish_reason="abort"``."""
+    async def abort(self, request_id: str, forget: bool = False) -> bool:
+        """Stop ``request_id`` and free its KV; its stream ends with ``finish_reason="abort"``. ``forget``: the
+        caller polls it no more (its client left): the stream is dropped once ended. Kept, nothing took its end
+        until the lease reaper, and a release meanwhile waited ``SHUTDOWN_HANDOVER_S`` for it in vain."""
         st = self._streams.get(request_id)
         if st is None or self._backend is None:
             return False
+        st.unread = st.unread or forget
         await self._backend.abort(request_id)
+        if st.unread and st.done:  # ended before this call (else its _pump drops it)
+            self._drop_unread(request_id, st)
         return True
+
+    def _drop_unread(self, rid: str, st: _Stream) -> None:
+        if self._streams.get(rid) is st:  # (a retry's new stream of the id may have replaced it: see submit)
+            del self._streams[rid]
 
     async def _reap(self) -> None:
         """Abort streams whose ingress stopped polling (it crashed), so their KV is not held forever."""
