@@ -285,3 +285,39 @@ def test_a_stream_whose_client_left_does_not_hold_its_instances_shutdown(no_ray:
 
     left, took = asyncio.run(run())
     assert left == [] and took < 0.5
+
+
+# -- the poll lease runs from a poll's end ----------------------------------------------------------------------------
+def test_a_stream_with_a_poll_waiting_is_not_reaped(no_ray: None) -> None:
+    """The instance renewed a stream's lease only when a poll started, so a poll that waited longer than the lease
+    (a request queued for KV; the ingress polls with ``poll_timeout_s``, here above ``lease_s``) had its stream
+    reaped under it as an orphan while its ingress waited on it: the poll answered ``abort``. A stream with a poll
+    waiting is alive; its lease runs from the poll's end. (The ingress's read-ahead, ``_Ahead``, keeps polls back to
+    back, so only this case was left: with the defaults, a 5 s poll and a 30 s lease, it does not arise.)"""
+    from scheduler.engine.base import EngineRequest, SamplingParams, TokenChunk
+    from tests.test_instance_leases import LEASE_S, _instance
+
+    async def slow_first(request: EngineRequest) -> Any:  # queued for 3 leases, then two tokens
+        await asyncio.sleep(LEASE_S * 3)
+        yield TokenChunk(request.request_id, 0, (7,))
+        yield TokenChunk(request.request_id, 1, (8,), True, "length")
+
+    aborted: list[str] = []
+
+    async def abort(request_id: str) -> None:  # the engine's: this fake stream ignores it
+        aborted.append(request_id)
+
+    async def scenario() -> TokenChunk | None:
+        inst = _instance()
+        await inst.start()
+        inst._backend.generate, inst._backend.abort = slow_first, abort
+        try:
+            await inst.submit(EngineRequest("queued", tuple(range(1, 65)), SamplingParams(max_tokens=2)))
+            out = await inst.poll("queued", LEASE_S * 10)  # one poll, waiting past the lease
+            assert "queued" in inst._streams or out.finished  # not dropped as an orphan either
+            return out
+        finally:
+            await inst.shutdown()
+
+    out = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert aborted == [] and out is not None and out.token_ids[:1] == (7,)

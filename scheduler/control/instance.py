@@ -190,6 +190,7 @@ class _Stream:
     migrated: bool = False  # released by a committed migration: its end reads "migrated", not "abort"
     paused: bool = False  # stopped for a migration's stop-and-copy: waits on its driver, not on the engine
     unread: bool = False  # its caller polls it no more (``abort(forget=True)``): dropped once ended
+    polls: int = 0  # polls waiting on it: its ingress is alive, whatever ``last_poll`` says (see _reap)
     received: float = field(default_factory=time.time)  # wall clock at submit (request_timings)
     # The request's context (prompt + the ``before`` outputs emitted elsewhere): a poll from an index below
     # ``before`` gets those outputs again (a migration's source died before delivering its last tokens).
@@ -535,14 +536,22 @@ class Instance:
     async def _take(self, rid: str, st: _Stream, *, timeout_s: float | None) -> TokenChunk | None:
         st.last_poll = time.monotonic()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        # A loop, not one wait: two polls of one stream can overlap for a moment (a dropped channel's poll not yet
-        # cancelled here while its Ray retry arrives), and the other one may have emptied the buffer.
-        while not st.buffer:
-            st.event.clear()
-            try:
-                await asyncio.wait_for(st.event.wait(), None if deadline is None else max(deadline - time.monotonic(), 0))
-            except TimeoutError:
-                return None
+        st.polls += 1
+        try:
+            # A loop, not one wait: two polls of one stream can overlap for a moment (a dropped channel's poll not
+            # yet cancelled here while its Ray retry arrives), and the other one may have emptied the buffer.
+            while not st.buffer:
+                st.event.clear()
+                try:
+                    timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
+                    await asyncio.wait_for(st.event.wait(), timeout)
+                except TimeoutError:
+                    return None
+        finally:
+            # The lease runs from the poll's end: renewed only at its start, a poll waiting longer than the lease
+            # (a request queued for KV, polled with a timeout above ``lease_s``) had its stream reaped under it.
+            st.polls -= 1
+            st.last_poll = time.monotonic()
         chunks, st.buffer = st.buffer, []
         merged = merge_chunks(chunks)
         if merged.token_ids:
@@ -579,7 +588,7 @@ class Instance:
             await asyncio.sleep(max(self._lease_s / 4, 0.05))
             now = time.monotonic()
             for rid, st in list(self._streams.items()):
-                if now - st.last_poll > self._lease_s:
+                if not st.polls and now - st.last_poll > self._lease_s:
                     log.warning("%s: no poll for %s in %.1fs; aborting", self.instance_id, rid, self._lease_s)
                     await self._reap_one(self.abort, rid)
                     # Only this stream: a retry's new stream of the id may have replaced it during the abort.
