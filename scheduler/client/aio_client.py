@@ -301,7 +301,8 @@ class AsyncClient:
         return resp.requests_moved
 
     async def scale(self, pool: str, count: int, *, timeout_s: float | None = None) -> int:
-        """Set a pool's size; returns the pool's target size after the call (``count``)."""
+        """Set a pool's size; returns the pool's target size after the call (``count``). Answers once the new
+        instances run, or after 60 s (the Controller's ``SCALE_WAIT_S``; those still starting join when up)."""
         resp = await self._unary(
             self._admin.Scale,
             admin_pb2.ScaleRequest(pool=pool, count=count),

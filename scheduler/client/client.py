@@ -318,7 +318,8 @@ class Client:
         return resp.requests_moved
 
     def scale(self, pool: str, count: int, *, timeout_s: float | None = None) -> int:
-        """Set a pool's size; returns the pool's target size."""
+        """Set a pool's size; returns the pool's target size after the call (``count``). Answers once the new
+        instances run, or after 60 s (the Controller's ``SCALE_WAIT_S``; those still starting join when up)."""
         resp = self._unary(
             self._admin.Scale,
             admin_pb2.ScaleRequest(pool=pool, count=count),
