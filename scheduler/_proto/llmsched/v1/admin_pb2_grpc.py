@@ -96,7 +96,8 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Scale(self, request, context):
-        """Sets the number of instances in a pool (e.g. "prefill", "decode", "mixed").
+        """Sets the number of instances in a pool (e.g. "prefill", "decode", "mixed"). Answers once the pool's new
+        instances run, or after 60 s; those still starting go on and join when up (ListInstances shows them).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
