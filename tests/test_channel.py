@@ -23,6 +23,9 @@ from scheduler.control.channel import ChannelClient, ChannelError, ChannelServer
 from scheduler.control.instance import Instance
 from scheduler.engine.base import EngineRequest, SamplingParams
 
+# "no Ray": an Instance built here asked Ray for its node id, which started a local node (~10 s) for nothing.
+pytestmark = pytest.mark.usefixtures("no_ray")
+
 
 class _Methods:
     def __init__(self) -> None:

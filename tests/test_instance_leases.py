@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from bench.loadgen import cluster_config
 from scheduler.control.instance import Instance
 from scheduler.engine.base import EngineRequest, KVBlocks, SamplingParams
+
+# "no Ray": an Instance built here asked Ray for its node id, which started a local node (~10 s) for nothing.
+pytestmark = pytest.mark.usefixtures("no_ray")
 
 LEASE_S = 0.2
 
