@@ -129,41 +129,33 @@ class _Controller:
         return "epoch-0"
 
 
-def test_prefill_instance_seen_dead_at_handoff_is_recovered_not_internal() -> None:
+def test_prefill_instance_seen_dead_at_handoff_is_recovered_not_internal(no_ray: None) -> None:
     from bench.loadgen import cluster_config
     from scheduler.control.api import GenerateRequest
-    from scheduler.control.controller import Member
-    from scheduler.control.ingress import Ingress
-    from scheduler.control.instance import Instance
     from scheduler.engine.base import SamplingParams
     from scheduler.engine.simulated_backend import sim_token
+    from tests.test_faults2_audit import _cluster_of, _teardown
 
     cfg = cluster_config("pd-race", mixed=0, prefill=2, decode=1)
 
     async def scenario() -> list[int]:
-        insts, members = [], {}
-        for pool in cfg.pools:
-            for n in range(pool.count):
-                iid = f"{pool.name}-{n}"
-                inst = Instance(iid, pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 0.0})
-                insts.append(inst)
-                members[iid] = Member(_Handle(inst), await inst.start())
-        ing = Ingress(cfg, _Handle(_Controller(members)), refresh_s=0.01)
+        insts, ing = await _cluster_of(cfg, 0.0)
         seen: list[int] = []
         try:
-            req = GenerateRequest("race-1", prompt_token_ids=tuple(range(1, 65)),
-                                  sampling=SamplingParams(max_tokens=8))
+            req = GenerateRequest(
+                "race-1", prompt_token_ids=tuple(range(1, 65)), sampling=SamplingParams(max_tokens=8)
+            )
             async for c in ing.generate(req):
                 if c.index == 0 and c.token_ids:
                     # What the refresh task does when the prefill instance's snapshot says it died.
                     ing._mark_dead(ing.registry.get("race-1").instances[0])
                 seen += [c.index + k for k in range(len(c.token_ids))]
-                assert all(t == sim_token(0, "race-1", c.index + k, cfg.model.vocab_size)
-                           for k, t in enumerate(c.token_ids))
+                assert all(
+                    t == sim_token(0, "race-1", c.index + k, cfg.model.vocab_size)
+                    for k, t in enumerate(c.token_ids)
+                )
         finally:
-            await ing.close()
-            for inst in insts:
-                await inst.shutdown()
+            await _teardown(insts, ing)
         return seen
 
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) == list(range(8))

@@ -325,26 +325,14 @@ def test_requests_sent_after_an_engine_failed_complete_elsewhere(no_ray: None) -
     (RemoteError)"), though a healthy instance was there. A snapshot that fails with an error (not a timeout) takes
     the instance out of the view, and a submit that raises is recovered on another instance."""
     from bench.loadgen import cluster_config
-    from scheduler.control.controller import Member
-    from scheduler.control.ingress import Ingress
-    from scheduler.control.instance import Instance
     from scheduler.engine.base import EngineRequest
-    from tests.test_chaos import _Controller, _Handle
-
-    cfg = cluster_config("broken", mixed=2)
-    pool = cfg.pools[0]
+    from tests.test_faults2_audit import _cluster_of, _teardown
 
     async def scenario() -> tuple[list[str | None], set[str]]:
-        insts = [
-            Instance(f"mixed-{n}", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 0.0})
-            for n in range(2)
-        ]
-        members = {i.instance_id: Member(_Handle(i), await i.start()) for i in insts}
-        ing = Ingress(cfg, _Handle(_Controller(members)), refresh_s=0.01)
-        await ing.start()
+        insts, ing = await _cluster_of(cluster_config("broken", mixed=2), 0.0)
         try:
-            broken = insts[0]._backend
-            _crash_after(insts[0], 1)
+            broken = insts["mixed-0"]._backend
+            _crash_after(insts["mixed-0"], 1)
             async for c in broken.generate(EngineRequest("kill", (1, 2, 3), SamplingParams(max_tokens=4))):
                 assert c.finish_reason is None or c.finish_reason.startswith("error:")
             reasons: list[str | None] = []
@@ -356,9 +344,7 @@ def test_requests_sent_after_an_engine_failed_complete_elsewhere(no_ray: None) -
             await asyncio.sleep(0.05)
             return reasons, {s.instance_id for s in ing.view().instances}
         finally:
-            await ing.close()
-            for i in insts:
-                await i.shutdown()
+            await _teardown(insts, ing)
 
     reasons, view = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert reasons == ["length"] * 6
@@ -499,24 +485,10 @@ def test_streams_on_a_released_instance_continue_elsewhere(no_ray: None) -> None
     Scale down) calls ``Instance.shutdown``, which aborted every stream: the client's stream ended "abort"
     (CANCELLED) half-way, though nobody cancelled it. They must continue on another instance."""
     from bench.loadgen import cluster_config
-    from scheduler.control.controller import Member
-    from scheduler.control.ingress import Ingress
-    from scheduler.control.instance import Instance
-    from tests.test_chaos import _Controller, _Handle
-
-    cfg = cluster_config("release", mixed=2)
-    pool = cfg.pools[0]
+    from tests.test_faults2_audit import _cluster_of, _teardown
 
     async def scenario() -> list[TokenChunk]:
-        insts = {
-            f"mixed-{n}": Instance(
-                f"mixed-{n}", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 1}
-            )
-            for n in range(2)
-        }
-        members = {iid: Member(_Handle(i), await i.start()) for iid, i in insts.items()}
-        ing = Ingress(cfg, _Handle(_Controller(members)), refresh_s=0.01)
-        await ing.start()
+        insts, ing = await _cluster_of(cluster_config("release", mixed=2), 1.0)
         out: list[TokenChunk] = []
         try:
             req = GenerateRequest(
@@ -531,9 +503,7 @@ def test_streams_on_a_released_instance_continue_elsewhere(no_ray: None) -> None
             await asyncio.wait_for(task, 20)
             return out
         finally:
-            await ing.close()
-            for i in insts.values():
-                await i.shutdown()
+            await _teardown(insts, ing)
 
     out = asyncio.run(asyncio.wait_for(scenario(), 40))
     assert out[-1].finish_reason == "length"
@@ -548,18 +518,10 @@ def test_a_retry_after_the_client_left_is_not_refused_as_already_running(no_ray:
     retried, for a request that had been accepted."""
     from bench.loadgen import cluster_config
     from scheduler.control.api import InvalidRequest
-    from scheduler.control.controller import Member
-    from scheduler.control.ingress import Ingress
-    from scheduler.control.instance import Instance
-    from tests.test_chaos import _Controller, _Handle
-
-    cfg = cluster_config("retry", mixed=1)
-    pool = cfg.pools[0]
+    from tests.test_faults2_audit import _cluster_of, _teardown
 
     async def scenario() -> list[TokenChunk] | InvalidRequest:
-        inst = Instance("mixed-0", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 1})
-        ing = Ingress(cfg, _Handle(_Controller({"mixed-0": Member(_Handle(inst), await inst.start())})))
-        await ing.start()
+        insts, ing = await _cluster_of(cluster_config("retry", mixed=1), 1.0)
         try:
             req = GenerateRequest(
                 "again", prompt="hello", sampling=SamplingParams(max_tokens=30, ignore_eos=True)
@@ -577,8 +539,7 @@ def test_a_retry_after_the_client_left_is_not_refused_as_already_running(no_ray:
                 return e
             return out
         finally:
-            await ing.close()
-            await inst.shutdown()
+            await _teardown(insts, ing)
 
     out = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert not isinstance(out, InvalidRequest), out
@@ -593,28 +554,16 @@ def test_a_retry_that_meets_its_dead_replicas_copy_runs_elsewhere(no_ray: None) 
     request runs on another instance (the orphan is reaped at its lease)."""
     from bench.loadgen import cluster_config
     from scheduler.control.api import InvalidRequest
-    from scheduler.control.controller import Member
-    from scheduler.control.ingress import Ingress
-    from scheduler.control.instance import Instance
     from scheduler.engine.base import EngineRequest
     from scheduler.policy.route import RoundRobinRouter
-    from tests.test_chaos import _Controller, _Handle
-
-    cfg = cluster_config("orphan-copy", mixed=2)
-    pool = cfg.pools[0]
+    from tests.test_faults2_audit import _cluster_of, _teardown
 
     async def scenario() -> list[TokenChunk] | InvalidRequest:
-        insts = [
-            Instance(f"mixed-{n}", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs={"time_scale": 1})
-            for n in range(2)
-        ]
-        members = {i.instance_id: Member(_Handle(i), await i.start()) for i in insts}
+        insts, ing = await _cluster_of(cluster_config("orphan-copy", mixed=2), 1.0, router=RoundRobinRouter())
         # The dead replica's copy, on the instance the round-robin router picks first.
-        await insts[0].submit(
+        await insts["mixed-0"].submit(
             EngineRequest("dup", (1, 2, 3), SamplingParams(max_tokens=500, ignore_eos=True))
         )
-        ing = Ingress(cfg, _Handle(_Controller(members)), router=RoundRobinRouter())
-        await ing.start()
         out: list[TokenChunk] = []
         try:
             req = GenerateRequest(
@@ -626,9 +575,7 @@ def test_a_retry_that_meets_its_dead_replicas_copy_runs_elsewhere(no_ray: None) 
                 return e
             return out
         finally:
-            await ing.close()
-            for i in insts:
-                await i.shutdown()
+            await _teardown(insts, ing)
 
     out = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert not isinstance(out, InvalidRequest), out
