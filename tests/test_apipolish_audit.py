@@ -1,15 +1,12 @@
 """API polish on both front ends (an audit by a helper session): the HTTP server's errors and options as OpenAI's and
-vLLM's, gRPC's ``add_special_tokens``. A server on loopback over ``EchoIngress`` with faults injected by request id.
-Each test failed before its fix."""
+vLLM's, gRPC's ``add_special_tokens``. A server on loopback over test_http_audit's ``_Faulty`` (an ``EchoIngress``
+with faults injected by request id), its own per module. Each test failed before its fix."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -21,69 +18,21 @@ import yaml
 from scheduler.client import AsyncClient, Client, LLMSchedError
 from scheduler.config.load import load_config
 from scheduler.config.models import ClusterConfig
-from scheduler.control.api import GenerateRequest, RequestFailed
+from scheduler.control.api import GenerateRequest
 from scheduler.control.ingress import make_tokenizer
-from scheduler.engine.base import TokenChunk
 from scheduler.server.background import BackgroundServer
-from scheduler.server.echo import EchoIngress
 from tests.test_chat_template import MESSAGES as CHAT_MESSAGES
 from tests.test_chat_template import RENDERED as CHAT_RENDERED
 from tests.test_chat_template import TEMPLATE as CHAT_TEMPLATE
 from tests.test_chat_template import _copy_tokenizer
 from tests.test_cli_bad_input import run as run_cli
-
-
-@dataclass
-class _Faulty(EchoIngress):
-    """``EchoIngress`` whose stream, by request id prefix: ``empty`` ends with no chunk at all; ``poison-mid``
-    raises ``RequestFailed`` and ``bug-mid`` a ``RuntimeError`` after its first chunk."""
-
-    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
-        chunks = super().generate(request)
-        rid = request.request_id
-        if rid.startswith("empty"):
-            return _no_chunks()
-        if rid.startswith(("poison-mid", "bug-mid")):
-            return _fail_after_first(chunks, rid)
-        if rid.startswith("err-"):
-            return _end_in_error(chunks, first="err-first" in rid)
-        return chunks
-
-
-async def _end_in_error(chunks: AsyncIterator[TokenChunk], *, first: bool) -> AsyncIterator[TokenChunk]:
-    """As the ingress ends a stream whose engine raised on it: a finished chunk with ``error: ...``."""
-    async for c in chunks:
-        if first or c.index > 0:
-            yield dataclasses.replace(
-                c, finished=True, finish_reason="error: ValueError: the engine refused it"
-            )
-            return
-        yield c
-
-
-async def _no_chunks() -> AsyncIterator[TokenChunk]:
-    return
-    yield  # pragma: no cover
-
-
-async def _fail_after_first(chunks: AsyncIterator[TokenChunk], rid: str) -> AsyncIterator[TokenChunk]:
-    async for c in chunks:
-        yield c
-        if rid.startswith("poison"):
-            raise RequestFailed(
-                f"request {rid} failed 2 engines it ran on (a, b): not recovered or retried further"
-            )
-        raise RuntimeError("an ingress bug")
+from tests.test_http_audit import _client, _Faulty, _post, _tries
 
 
 @pytest.fixture(scope="module")
 def srv():  # type: ignore[no-untyped-def]
     with BackgroundServer(lambda: _Faulty(max_model_len=4096), http=True) as s:
         yield s
-
-
-def _post(srv: Any, path: str, body: dict[str, Any]) -> httpx.Response:
-    return httpx.post(f"http://127.0.0.1:{srv.http_port}/v1/{path}", json=body, timeout=10)
 
 
 def _body(chat: bool, **kw: Any) -> tuple[str, dict[str, Any]]:
@@ -127,7 +76,7 @@ def test_stream_error_event_is_followed_by_done(srv, chat, rid) -> None:  # type
 
 def test_openai_client_still_raises_the_error_event(srv) -> None:  # type: ignore[no-untyped-def]
     # [DONE] after the error event must not hide it from openai-python (it stops at [DONE]).
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.http_port}/v1", api_key="unused", max_retries=0)
+    client = _client(srv, max_retries=0)
     stream = client.completions.create(
         model="echo", prompt="hi", max_tokens=4, stream=True, extra_body={"request_id": "bug-mid-openai"}
     )
@@ -158,12 +107,12 @@ def test_error_finish_is_a_500(srv, chat, rid, stream) -> None:  # type: ignore[
 
 def test_error_finish_is_not_retried_by_openai_client(srv) -> None:  # type: ignore[no-untyped-def]
     # Final (a request's own error on a live engine): openai-python retries a 500 twice unless told not to.
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.http_port}/v1", api_key="unused", max_retries=2)
+    client = _client(srv, max_retries=2)
     with pytest.raises(openai.InternalServerError):
         client.completions.create(
             model="echo", prompt="hi", max_tokens=4, extra_body={"request_id": "err-first-oa"}
         )
-    assert sum(r.request_id == "err-first-oa" for r in srv.ingress.requests) == 1
+    assert _tries(srv, "err-first-oa") == 1
 
 
 @pytest.mark.parametrize("chat", [False, True])

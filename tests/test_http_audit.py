@@ -4,6 +4,7 @@ loopback over ``EchoIngress`` with faults injected by request id. Each test fail
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import time
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -22,15 +24,22 @@ from scheduler.server.echo import EchoIngress
 
 @dataclass
 class _Faulty(EchoIngress):
-    """``EchoIngress`` failing requests by id prefix: ``poison`` = quarantined (``RequestFailed``), ``bug`` = a server
-    bug (``RuntimeError``); with ``-mid`` after the first chunk, else before it. ``queued``: 3 s to the first chunk."""
+    """``EchoIngress`` failing requests by id prefix (this module's and test_apipolish_audit's server):
+    ``poison`` = quarantined (``RequestFailed``), ``bug`` = a server bug (``RuntimeError``), with ``-mid`` after the
+    first chunk, else before it; ``queued``: 3 s to the first chunk; ``empty``: no chunk at all; ``err-``: ends
+    with an ``error: ...`` finish (``err-first`` on its first chunk)."""
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
         rid = request.request_id
         if rid.startswith(("poison", "bug")) and "-mid" not in rid:
             self.requests.append(request)
             raise _fault(rid)
-        return self._faulty(super().generate(request), rid)
+        chunks = super().generate(request)
+        if rid.startswith("empty"):
+            return _no_chunks()
+        if rid.startswith("err-"):
+            return _end_in_error(chunks, first="err-first" in rid)
+        return self._faulty(chunks, rid)
 
     async def _faulty(self, chunks: AsyncIterator[TokenChunk], rid: str) -> AsyncIterator[TokenChunk]:
         if rid.startswith("queued"):  # a long wait for the first token (a queue, a long prefill)
@@ -49,6 +58,22 @@ def _fault(rid: str) -> Exception:
     return RuntimeError("an ingress bug")
 
 
+async def _end_in_error(chunks: AsyncIterator[TokenChunk], *, first: bool) -> AsyncIterator[TokenChunk]:
+    """As the ingress ends a stream whose engine raised on it: a finished chunk with ``error: ...``."""
+    async for c in chunks:
+        if first or c.index > 0:
+            yield dataclasses.replace(
+                c, finished=True, finish_reason="error: ValueError: the engine refused it"
+            )
+            return
+        yield c
+
+
+async def _no_chunks() -> AsyncIterator[TokenChunk]:
+    return
+    yield  # pragma: no cover
+
+
 @pytest.fixture(scope="module")
 def srv():  # type: ignore[no-untyped-def]
     with BackgroundServer(lambda: _Faulty(max_model_len=4096), http=True) as s:
@@ -57,6 +82,10 @@ def srv():  # type: ignore[no-untyped-def]
 
 def _client(srv: Any, **kw: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{srv.http_port}/v1", api_key="unused", **kw)
+
+
+def _post(srv: Any, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"http://127.0.0.1:{srv.http_port}/v1/{path}", json=body, timeout=10)
 
 
 def _tries(srv: Any, rid: str) -> int:
