@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -23,6 +24,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 def _run(cfg, w: Workload, router: str):
     res = Simulator(cfg, router=router_factory(router, cfg)()).run(w)
     return res, request_metrics(res)
+
+
+# Runs more than one test compares against are made once per module (each is seconds to a minute of simulation).
+@functools.cache
+def _ir_round_robin_e2e(seed: int) -> float:
+    """Round-robin's mean E2E on the intelligent-router mix of ``seed``; it reads no length guess, so the same with
+    or without one."""
+    from bench_routing import ir_workload
+
+    w = ir_workload(seed=seed)
+    no_pred = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, name=w.name)
+    return float(np.nanmean(_run(load_config("default"), no_pred, "round_robin")[1].e2e_s))
+
+
+def _mooncake() -> Workload:
+    return Workload.from_trace(load_trace(DATA / "mooncake_fast25_conversation_first1000.jsonl.gz"))
+
+
+def _small_tier_pd():  # type: ignore[no-untyped-def]
+    """``llama3-8b-a100-longctx-tier-pd`` in small: 3 x TP-1 MIXED + 1 x TP-4 PREFILL."""
+    cfg = load_config("llama3-8b-a100-longctx-tier-pd")
+    mixed, tier = cfg.pools
+    return cfg.model_copy(
+        update={"pools": [mixed.model_copy(update={"count": 3}), tier.model_copy(update={"count": 1})]}
+    )
+
+
+@functools.cache
+def _small_tier_pd_saturation() -> float:
+    return saturation_rate(_small_tier_pd(), _mooncake())
 
 
 def test_lookahead_beats_round_robin_on_p99_ttft_on_the_azure_slice_at_high_load() -> None:
@@ -57,7 +88,7 @@ def test_lookahead_meets_the_intelligent_router_target_with_and_without_lengths(
     for seed in (0, 1):
         w = ir_workload(seed=seed)
         no_pred = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, name=w.name)
-        rr = np.nanmean(_run(cfg, w, "round_robin")[1].e2e_s)
+        rr = _ir_round_robin_e2e(seed)
         for key, wl in (("exact", w), ("none", no_pred)):
             e2e = np.nanmean(request_metrics(Simulator(cfg, router=ir_router("lookahead", cfg)).run(wl)).e2e_s)
             gain[key].append(1 - e2e / rr)
@@ -77,7 +108,7 @@ def test_a_predictor_fitted_on_the_deployments_history_meets_the_intelligent_rou
     no_pred = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, name=w.name)
     fitted = with_predictor(cfg, "trace", artifacts=str(fit_history_predictor(ir_workload(seed=100), tmp_path, "ir")),
                             tenant="ir")
-    rr = np.nanmean(_run(cfg, no_pred, "round_robin")[1].e2e_s)
+    rr = _ir_round_robin_e2e(seed)
     res = Simulator(fitted, router=ir_router("lookahead", fitted)).run(no_pred)
     m = request_metrics(res)
     heavy = w.prompt_tokens >= 1500
@@ -97,7 +128,7 @@ def test_the_shipped_predictor_learning_online_meets_the_intelligent_router_targ
     w = ir_workload(seed=seed)
     no_pred = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, name=w.name)
     online = with_predictor(cfg, "trace", online=True)
-    rr = np.nanmean(_run(cfg, no_pred, "round_robin")[1].e2e_s)
+    rr = _ir_round_robin_e2e(seed)
     res = Simulator(online, router=ir_router("lookahead", online)).run(no_pred)
     heavy = w.prompt_tokens >= 1500
     late = np.arange(len(w)) >= len(w) // 10  # past the first tenth: history has taken over from the prior
@@ -170,12 +201,11 @@ def test_adding_a_prefill_pool_never_lowers_the_measured_saturation() -> None:
     """A TP-4 PREFILL instance beside three TP-1 MIXED ones (decodes go to the MIXED ones) adds capacity; the t=0
     burst this used to measure with split requests by count, so the MIXED instances waited on the slow-to-drain
     prefill queue and the bigger cluster read *lower* (0.52 vs 0.58 req/s alone); routed as they arrive, 0.97."""
-    cfg = load_config("llama3-8b-a100-longctx-tier")
-    short = cfg.pools[0].model_copy(update={"count": 3})
-    prefill = cfg.pools[1].model_copy(update={"count": 1, "role": InstanceRole.PREFILL})
-    w = Workload.from_trace(load_trace(DATA / "mooncake_fast25_conversation_first1000.jsonl.gz"))
-    alone = saturation_rate(cfg.model_copy(update={"pools": [short]}), w)
-    both = saturation_rate(cfg.model_copy(update={"pools": [short, prefill]}), w)
+    cfg = _small_tier_pd()  # llama3-8b-a100-longctx-tier's pools, its TP-4 one as PREFILL
+    short, prefill = cfg.pools
+    assert (short.role, short.count, prefill.role, prefill.tp) == (InstanceRole.MIXED, 3, InstanceRole.PREFILL, 4)
+    alone = saturation_rate(cfg.model_copy(update={"pools": [short]}), _mooncake())
+    both = _small_tier_pd_saturation()
     assert both > 1.3 * alone  # measured 0.97 vs 0.59 req/s
 
 
@@ -207,12 +237,10 @@ def test_lookahead_sends_the_long_prompts_to_a_fast_prefill_tier() -> None:
     instance and the decoder jointly, so the long prompts go to the TP-4 PREFILL instance (their prefill there plus
     the KV handoff beats a TP-1 prefill) and short ones stay where they decode; round-robin spreads by count and
     queues short prompts behind long ones on the slow instances (full cluster: P99 TTFT 17.4 vs 1004 s)."""
-    cfg = load_config("llama3-8b-a100-longctx-tier-pd")
-    mixed, tier = cfg.pools
-    cfg = cfg.model_copy(update={"pools": [mixed.model_copy(update={"count": 3}), tier.model_copy(update={"count": 1})]})
+    cfg = _small_tier_pd()
+    tier = cfg.pools[1]
     assert tier.role is InstanceRole.PREFILL and tier.tp == 4
-    w = Workload.from_trace(load_trace(DATA / "mooncake_fast25_conversation_first1000.jsonl.gz"))
-    w = at_load(w, 0.8, saturation_rate(cfg, w))
+    w = at_load(_mooncake(), 0.8, _small_tier_pd_saturation())
     (_, m_rr), (la, m_la) = (_run(cfg, w, r) for r in ("round_robin", "lookahead"))
     assert np.nanpercentile(m_la.ttft_s, 99) < np.nanpercentile(m_rr.ttft_s, 99) / 5  # measured 31 vs 455 s
     on_tier = np.array([la.instance_ids[i].startswith(tier.name) for i in la.instance])
