@@ -18,7 +18,8 @@ from scheduler.engine.base import SamplingParams
 from scheduler.policy.route import LeastOutstandingRouter, RouteDecision, make_router
 from scheduler.telemetry.metrics import NullRecorder
 from sim.simulator import Simulator, Workload
-from tests.test_ingress_audit import FakeInstance, _consume, _ingress, _Method
+from tests.test_chaos import _Handle  # an Instance called as through a Ray actor handle
+from tests.test_ingress_audit import FakeInstance, _consume, _ingress
 from tests.test_routers_audit import GPU, MODEL
 
 P, D = InstanceRole.PREFILL, InstanceRole.DECODE
@@ -156,16 +157,6 @@ def test_the_simulator_prefills_on_a_decode_instance_only_when_the_prefill_pool_
 
 
 # ---- the live ingress applies the fallback's decision: a DECODE instance runs the whole request ---------------------
-class _Handle:
-    """An ``Instance`` called as through a Ray actor handle (``handle.method.remote(...)``)."""
-
-    def __init__(self, inst: Instance) -> None:
-        self.inst = inst
-
-    def __getattr__(self, name: str) -> _Method:
-        return _Method(getattr(self.inst, name))
-
-
 def test_the_live_ingress_runs_a_borrowed_prompt_on_a_decode_instance(no_ray: None) -> None:
     """The live side: the router (the same pure policy) places the prompt on the light DECODE instance; the ingress
     submits it there whole (no max_tokens=1 prefill leg, no export), and a DECODE ``Instance`` with the simulated
