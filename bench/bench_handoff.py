@@ -57,7 +57,8 @@ async def handoff_ms(ingress: Any, rid: str, prompt: tuple[int, ...], tokens: in
 
 
 async def bench(cluster: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from scheduler.control.ingress import Ingress, make_tokenizer
+    from scheduler.control.ingress import Ingress
+    from scheduler.control.tokenizer import make_tokenizer
     from sim.replay import prompt_ids
 
     dep = cluster.deployment

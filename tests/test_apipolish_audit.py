@@ -19,7 +19,7 @@ from scheduler.client import AsyncClient, Client, LLMSchedError
 from scheduler.config.load import load_config
 from scheduler.config.models import ClusterConfig
 from scheduler.control.api import GenerateRequest
-from scheduler.control.ingress import make_tokenizer
+from scheduler.control.tokenizer import make_tokenizer
 from scheduler.server.background import BackgroundServer
 from tests.test_chat_template import MESSAGES as CHAT_MESSAGES
 from tests.test_chat_template import RENDERED as CHAT_RENDERED

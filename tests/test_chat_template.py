@@ -13,7 +13,8 @@ import pytest
 from tokenizers import Tokenizer, processors
 
 from scheduler.config.load import load_config
-from scheduler.control.ingress import HFTokenizer, Ingress
+from scheduler.control.ingress import Ingress
+from scheduler.control.tokenizer import HFTokenizer
 from scheduler.engine.tiny_model import ensure_tiny_model
 from scheduler.server.background import BackgroundServer
 from tests.test_ingress_audit import FakeInstance, _ingress

@@ -209,7 +209,7 @@ def test_the_configured_length_predictor_reaches_the_router_and_the_instance(mix
     guess from its text, and the instance serving it reports that guess (less what it generated) as predicted
     remaining work; a client's hint wins."""
     from scheduler.config.models import PolicySpec
-    from scheduler.control.ingress import make_tokenizer
+    from scheduler.control.tokenizer import make_tokenizer
     from scheduler.policy.route import LeastOutstandingRouter
     from scheduler.predict import count_tokens, load_predictor
 

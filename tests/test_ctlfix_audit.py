@@ -180,7 +180,7 @@ LONG_PROMPT = (
 @pytest.fixture(scope="module")
 def long_prompt_ingress(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """An ingress over a fake instance with the tiny model's tokenizer, and how long that takes on LONG_PROMPT."""
-    from scheduler.control.ingress import HFTokenizer
+    from scheduler.control.tokenizer import HFTokenizer
     from tests.test_chat_template import _copy_tokenizer
     from tests.test_ingress_audit import FakeInstance as IngressInstance
     from tests.test_ingress_audit import _ingress

@@ -122,7 +122,8 @@ class Deployment:
 
     def make_ingress(self, **kw: Any) -> Any:
         """A new Ingress for this deployment (starts lazily in the event loop that first uses it)."""
-        from scheduler.control.ingress import Ingress, make_tokenizer
+        from scheduler.control.ingress import Ingress
+        from scheduler.control.tokenizer import make_tokenizer
 
         kw.setdefault("tokenizer", make_tokenizer(self.config, self.backend_kwargs))
         return Ingress(self.config, self.controller, **kw)
