@@ -53,6 +53,14 @@ from scheduler.control.api import (
 from scheduler.control.channel import ChannelClient, ChannelError, RemoteError
 from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, Member, actor_gone, ask_each
 from scheduler.control.instance import ENGINE_FAILED, RELEASED, merge_chunks
+from scheduler.control.instance_lost import (
+    _FAILED_UNDER,
+    EngineFailed,
+    InstanceLost,
+    InstanceUnresponsive,
+    RequestLost,
+    _lost,
+)
 from scheduler.control.registry import RequestRecord, RequestRegistry
 from scheduler.control.tokenizer import HFTokenizer, Tokenizer, make_tokenizer  # noqa: F401 - HFTokenizer re-exported
 from scheduler.core.prefix import cached_prefix_tokens, prompt_hash_ids
@@ -112,45 +120,6 @@ class _SpanHandoff:
 
     def __init__(self, span: Any) -> None:
         self.span = span
-
-
-class InstanceLost(Exception):
-    """The instance serving a stream is gone for it: released with it (a scale-down, drain or admin release), or not
-    a live member here any more. Its subclasses say why otherwise."""
-
-
-class InstanceDied(InstanceLost):
-    """Ray confirmed the instance's actor dead (a kill, a node lost, a request that crashed or blocked it)."""
-
-
-class RequestLost(InstanceLost):
-    """The instance answers but no longer knows the request (``poll`` returned ``None``): recover the request, and
-    keep routing to the instance -- a dead actor raises ``RayActorError`` instead."""
-
-
-class InstanceUnresponsive(InstanceLost):
-    """The instance did not answer (a poll timed out, Ray reports it temporarily unavailable): recover the request
-    elsewhere and stop it there, but keep the instance -- the view routes around it while its snapshots fail, and it
-    is marked dead once Ray confirms it died. (Marked dead at once, a live instance was never used again here.)"""
-
-
-class EngineFailed(InstanceUnresponsive):
-    """The instance answers, but its engine failed: a request's submit raised there (it was a gRPC INTERNAL), or a
-    stream ended ``ENGINE_FAILED`` (it was FAILED): recover the request elsewhere, as for an instance that does not
-    answer."""
-
-
-def _lost(iid: str, e: BaseException) -> InstanceLost:
-    """The ``InstanceLost`` for Ray's error ``e`` (or a timeout) on a call to ``iid``."""
-    cls = InstanceDied if actor_gone(e) else InstanceUnresponsive
-    return cls(f"{iid}: {type(e).__name__}")
-
-
-# The instance failed while the request ran there (it died, stopped answering, or its engine failed): evidence for
-# the query-of-death quarantine (``Ingress.quarantine_after``). A request that blocks its instance's event loop ends
-# as a timeout and then an actor death, never as an engine failure: counted only for those, it took out every
-# instance in turn. Not a release (scale-down, drain, admin) nor a request the instance forgot (``RequestLost``).
-_FAILED_UNDER = (InstanceDied, InstanceUnresponsive)
 
 
 class Ingress:
