@@ -136,7 +136,7 @@ def test_a_backlog_is_read_as_one_chunk_per_instance_and_an_error_after_it() -> 
     merges a slow reader's outputs), merged once per read -- a long pause is not copied per poll -- and an error
     raised by the polls reaches the reader after the chunks made before it."""
     from scheduler.control.api import Unavailable
-    from scheduler.control.ingress import _Ahead
+    from scheduler.control.read_ahead import _Ahead
 
     n = 20_000
 
