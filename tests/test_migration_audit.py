@@ -408,12 +408,12 @@ def test_cancel_via_another_replica_during_final_copy_stops_the_request() -> Non
 # route: a phantom prefill on the pair's PREFILL instance (counted waiting there until the next refresh, and the
 # lookahead router's prefill pressure there) while the decoder it goes to counted nothing.
 def test_a_destination_pick_is_booked_on_the_destination_not_as_a_route(monkeypatch: pytest.MonkeyPatch) -> None:
-    import scheduler.control.ingress as ingress_mod
+    import scheduler.control.ingress_migration as migration_mod
 
     async def stop_here(*a: Any, **kw: Any) -> None:
         raise RuntimeError("picked")
 
-    monkeypatch.setattr(ingress_mod, "run_migration", stop_here)
+    monkeypatch.setattr(migration_mod, "run_migration", stop_here)
     insts = [FakeInstance("prefill-0", InstanceRole.PREFILL), FakeInstance("decode-0", InstanceRole.DECODE),
              FakeInstance("decode-1", InstanceRole.DECODE)]
     ing = _ingress(insts)

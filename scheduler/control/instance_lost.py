@@ -3,7 +3,15 @@ and reads (recover elsewhere, keep or drop the instance, count toward the query-
 
 from __future__ import annotations
 
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+from scheduler.control.channel import RemoteError
 from scheduler.control.controller import actor_gone
+
+# Ray could not reach the instance's actor: it died, or is unavailable (for now).
+_DEAD = (RayActorError, ActorUnavailableError)
+# The call raised on the instance (over Ray, or over the direct channel): the actor lives, what it runs failed.
+_FAILED = (RayTaskError, RemoteError)
 
 
 class InstanceLost(Exception):
