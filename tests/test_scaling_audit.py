@@ -272,7 +272,7 @@ def test_sla_scaler_sizes_prefill_on_the_tokens_a_prefix_cache_leaves_to_compute
 def test_live_workload_window_reads_prefix_hits_from_the_snapshots() -> None:
     """The Controller's window: the growth of each instance's ``prompt_tokens_cached`` over the window, per arrival
     (an instance first seen counts from then on: its earlier hits are not this window's)."""
-    from scheduler.control.controller import _WorkloadWindow
+    from scheduler.control.controller_scaling import _WorkloadWindow
     from scheduler.core.types import RequestLoad
 
     def snap(iid: str, cached: int, *rids: str) -> InstanceSnapshot:
@@ -293,7 +293,7 @@ def test_live_workload_window_counts_the_outputs_made_before_a_move() -> None:
     """``generated_tokens`` counts what the listing engine made (the two-clocks audit; vLLM too since then): a
     migrated request's output read as what it made after the move (10 of 60 here), a P->D request's lacked its
     prefill's token. The window counts the KV grown past the prompt it first saw."""
-    from scheduler.control.controller import _WorkloadWindow
+    from scheduler.control.controller_scaling import _WorkloadWindow
     from scheduler.core.types import RequestLoad
 
     def snap(iid: str, *loads: RequestLoad) -> InstanceSnapshot:

@@ -66,7 +66,7 @@ def test_sla_scaler_sizes_for_the_slo_of_each_class_in_the_window() -> None:
 
 def test_both_windows_report_the_priority_classes_they_saw() -> None:
     """The simulator's driver and the Controller's window hand the scaler the classes of the window's arrivals."""
-    from scheduler.control.controller import _WorkloadWindow
+    from scheduler.control.controller_scaling import _WorkloadWindow
     from scheduler.policy.scaling import make_scaling_policy
     from sim.simulator import Simulator, Workload
 
@@ -284,7 +284,7 @@ def test_live_window_does_not_count_the_requests_in_flight_at_its_start_as_arriv
     all those already in flight: a Controller (re)started under 60 running requests read 12 req/s at its first
     decision (60 / 5 s) where 1 request had arrived, and the SLA scaler scaled up for it at once. Those are load
     already placed; only ids first seen after the first look arrive (their outputs still count when they end)."""
-    from scheduler.control.controller import _WorkloadWindow
+    from scheduler.control.controller_scaling import _WorkloadWindow
 
     def snap(*rids: str) -> InstanceSnapshot:
         return InstanceSnapshot(

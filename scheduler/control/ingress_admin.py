@@ -13,8 +13,8 @@ from typing import Any
 from ray.exceptions import RayTaskError
 
 from scheduler.control.api import IngressError, InvalidRequest, MigrationResult, NotFound, Unavailable
-from scheduler.control.controller import _await
 from scheduler.control.instance_lost import _DEAD
+from scheduler.control.util import _await
 from scheduler.core.types import ClusterView, InstanceRole
 
 # NOTE: the Ingress's logger: these are Ingress methods, and deployments tune (benches silence) it by that name.

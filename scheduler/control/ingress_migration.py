@@ -13,9 +13,9 @@ from typing import Any
 from ray.exceptions import RayTaskError
 
 from scheduler.control.api import MigrationResult, NotFound, Overloaded, Unavailable
-from scheduler.control.controller import _await
 from scheduler.control.instance_lost import _DEAD
 from scheduler.control.registry import RequestRecord
+from scheduler.control.util import _await
 from scheduler.core.types import ClusterView, Phase
 from scheduler.engine.base import EngineRequest
 from scheduler.policy.filters import decode_candidates, is_accepting

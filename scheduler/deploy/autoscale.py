@@ -1,7 +1,7 @@
 """Kubernetes side of autoscaling: size the KubeRay worker groups to the instances the Controller wants.
 
-The Controller's scaling loop (``scheduler.control.controller``) decides *instances per pool*; this module turns
-those counts into *worker pods per GPU type* and applies them to the release's ``RayCluster``:
+The Controller's scaling loop (``scheduler.control.controller_scaling``) decides *instances per pool*; this
+module turns those counts into *worker pods per GPU type* and applies them to the release's ``RayCluster``:
 
 * :func:`desired_worker_replicas` -- pure: pools (GPU type, TP, count) -> worker nodes needed per worker group.
   Instances are packed onto nodes first-fit-decreasing by TP (an instance never spans nodes: its placement group
