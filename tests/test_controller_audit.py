@@ -381,7 +381,7 @@ def test_scale_count_is_bounded() -> None:
         assert ctrl._desired == {"mixed": 3}
 
     asyncio.run(main())
-    from scheduler.control.controller import MAX_POOL_SIZE
+    from scheduler.control.controller_admin import MAX_POOL_SIZE
     from scheduler.server.grpc_server import MAX_SCALE_COUNT
 
     assert MAX_SCALE_COUNT == MAX_POOL_SIZE

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import scheduler.control.controller as controller_mod
+import scheduler.control.controller_admin as admin_mod
 from scheduler.core.types import InstanceRole
 from scheduler.policy.migration import MigrationPlan, MigrationReason
 from tests.test_controller_audit import FakeInstance, _controller, _member, _snap
@@ -36,7 +37,7 @@ def test_admin_scale_answers_after_a_bounded_wait_and_leaves_the_starts_going(
     """Scale(mixed, 2) on a cluster with no room: the admin call waited for the creation with no bound (a start
     waits up to start_timeout_s, 900 s, and a placement group with no room for good), so the operator's RPC never
     returned. It answers after SCALE_WAIT_S now, the creation still going on."""
-    monkeypatch.setattr(controller_mod, "SCALE_WAIT_S", 0.2, raising=False)
+    monkeypatch.setattr(admin_mod, "SCALE_WAIT_S", 0.2)
     ctrl = _controller([FakeInstance("mixed-0")], {"mixed": 1})
     ctrl._create = _never_placed(ctrl)
 

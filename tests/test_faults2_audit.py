@@ -337,7 +337,7 @@ def test_an_admin_drain_of_a_blocked_instance_answers_unavailable_and_keeps_the_
     """``Controller.set_draining`` (Admin DrainInstance) awaited the instance's ``set_draining`` with no deadline: a
     blocked actor (a hung engine holding its event loop) hung the admin call for good. It must answer UNAVAILABLE
     naming the instance, with the operator's drain still recorded (a retry delivers it)."""
-    import scheduler.control.controller as c
+    import scheduler.control.controller_admin as admin_mod
     from scheduler.control.api import Unavailable
     from scheduler.server.grpc_server import status_for
     from tests.test_controller_audit import FakeInstance, _controller
@@ -346,7 +346,7 @@ def test_an_admin_drain_of_a_blocked_instance_answers_unavailable_and_keeps_the_
         async def _set_draining(self, flag: bool) -> None:
             await asyncio.Event().wait()
 
-    monkeypatch.setattr(c, "ADMIN_CALL_TIMEOUT_S", 0.2, raising=False)
+    monkeypatch.setattr(admin_mod, "ADMIN_CALL_TIMEOUT_S", 0.2)
     ctrl = _controller([FakeInstance("mixed-0"), Blocked("mixed-1")], {"mixed": 2})
 
     async def scenario() -> BaseException | None:

@@ -72,7 +72,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # which answers naming the field (grpc's built-in answer names none). Bounds a request's memory at 2x the limit.
 TRANSPORT_SLACK = 2
 FIELD_METADATA_KEY = "llmsched-field"
-# Largest Admin Scale count: the Controller's MAX_POOL_SIZE (not imported: that module needs Ray).
+# Largest Admin Scale count: the Controller's MAX_POOL_SIZE (control/controller_admin.py; not imported: it needs Ray).
 MAX_SCALE_COUNT = 1024
 RETRY_AFTER_METADATA_KEY = "retry-after"
 SERVICE_NAMES = (INFERENCE_SERVICE, ADMIN_SERVICE)

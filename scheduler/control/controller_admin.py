@@ -1,0 +1,117 @@
+"""The Controller's admin entry points (``ControllerAdmin``, a mixin of ``Controller``): ``scale`` a pool,
+``switch_role``, an operator's ``set_draining``, ``release`` an instance. The Ingress forwards the Admin service's
+calls here (``scheduler.control.ingress_admin``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+
+from scheduler.control.api import Unavailable
+from scheduler.control.util import _await
+
+# NOTE: the Controller's logger: these are Controller methods, and deployments tune (benches silence) it by that name.
+log = logging.getLogger("scheduler.control.controller")
+
+# Upper bound on a pool's size (Admin Scale): the count is persisted, sent to KubeRay, and every missing instance
+# is one task + placement group started in a single reconcile pass. ``grpc_server.MAX_SCALE_COUNT`` mirrors it.
+MAX_POOL_SIZE = 1024
+# How long an admin call waits for an instance's answer (``set_draining``): the operator gets UNAVAILABLE naming the
+# instance instead of a call that never returns.
+ADMIN_CALL_TIMEOUT_S = 5.0
+# How long an admin ``scale`` waits for the instances it starts to run (a CPU vLLM starts in tens of
+# seconds), then answers; those still starting go on and join when up. Unbounded, the call waited up to
+# ``start_timeout_s`` (900 s) per start, and for good for a placement group with no room.
+SCALE_WAIT_S = 60.0
+
+
+class ControllerAdmin:
+    """``Controller``'s admin methods. A mixin (the Controller is one Ray actor): they change its desired sizes,
+    drains and members, all set up in ``Controller.__init__``."""
+
+    async def scale(self, pool: str, count: int) -> int:
+        """Set pool ``pool`` to ``count`` instances; returns the previous desired count once the pool's new
+        instances run, or after ``SCALE_WAIT_S`` with those still starting left to join when up."""
+        self._ensure_loop()
+        if pool not in self._pools:
+            raise ValueError(f"pool: unknown pool {pool!r}; allowed: {', '.join(sorted(self._pools))}")
+        if count < 0:
+            raise ValueError(f"count: must be >= 0, got {count}")
+        if count > MAX_POOL_SIZE:
+            raise ValueError(f"count: must be <= {MAX_POOL_SIZE}, got {count}")
+        before = await self._set_desired(pool, count)
+        await self._reconcile(wait=False)
+        # Only this pool's creations (another pool's, started by the loop, are none of this call's
+        # business); not cancelled at the timeout (asyncio.wait): they go on starting.
+        starting = [t for i, t in self._pending.items() if i.rsplit("-", 1)[0] == pool]
+        if starting:
+            _, late = await asyncio.wait(starting, timeout=SCALE_WAIT_S)
+            if late:
+                log.warning("scale %s: %d instance(s) still starting; they join when up", pool, len(late))
+        return before
+
+    async def switch_role(self, instance_id: str, role: str, reason: str = "operator") -> bool:
+        """Move an instance between the PREFILL and DECODE roles: it drains, then switches once idle (see
+        ``scheduler.control.reroling``). False when it has that role already or is already switching/draining."""
+        self._ensure_loop()
+        if self._scaling_task is None:  # the loop that finishes switches; started here when no policy needs it
+            self._scaling_task = asyncio.create_task(self._scaling_loop())
+        return await self._switcher.begin(instance_id, role, reason)
+
+    async def set_draining(self, instance_id: str, draining: bool = True) -> bool:
+        """The operator's drain (Admin DrainInstance). Recorded, so the scaling loop neither counts the instance as
+        capacity, nor drains it, nor takes it back on a scale-up while the operator's drain moves requests off."""
+        self._ensure_loop()
+        m = self._members.get(instance_id)
+        if m is None:
+            return False
+        ops = self._operator_drained
+        if draining and instance_id not in ops:
+            phase = self._last_for(instance_id)
+            if phase is not None:  # the drain would release it with its requests nowhere to go
+                raise ValueError(f"instance_id: {instance_id} is the last instance serving {phase}; "
+                                 "scale its pool up first")
+        if draining:
+            ops.add(instance_id)  # before the call: see _begin_drain
+            self._kv_put("operator_draining", sorted(ops))
+        else:
+            self._drop_operator_drain(instance_id)
+            # Serving again also ends a scale-down drain of it: it must not be released at that drain's deadline.
+            if self._draining.pop(instance_id, None) is not None:
+                self._save_draining()
+        try:
+            # Bounded: a blocked actor (a hung engine holding its event loop) held the admin's Drain for good.
+            await asyncio.wait_for(_await(m.handle.set_draining.remote(draining)), ADMIN_CALL_TIMEOUT_S)
+        except (TimeoutError, ray.exceptions.RayActorError) as e:
+            # The intent recorded above stays (the scaling loop keeps off the instance; a watchdog or death replaces
+            # a blocked one); the instance may not have it yet: a retry sends it again.
+            raise Unavailable(
+                f"instance_id: {instance_id} did not answer set_draining({draining}) in "
+                f"{ADMIN_CALL_TIMEOUT_S:.0f}s ({type(e).__name__}); recorded, retry to deliver it",
+                field="instance_id",
+            ) from None
+        return True
+
+    async def release(self, instance_id: str, *, replace: bool = False) -> bool:
+        """Stop an instance (answers once it is stopped). Without ``replace`` its pool shrinks by one (a drained
+        instance stays gone)."""
+        self._ensure_loop()
+        if not await self._release_from_pool(instance_id, replace=replace):
+            return False
+        await self._stopped([instance_id])
+        return True
+
+    async def _release_from_pool(self, instance_id: str, *, replace: bool) -> bool:
+        """``release`` without waiting for the instance to stop (the scaling loop's release of a drained one)."""
+        m = self._members.get(instance_id)
+        if m is None:
+            return False
+        if not replace:
+            self._desired[m.info.pool] = max(self._desired.get(m.info.pool, 1) - 1, 0)
+            self._save_desired()
+            self._k8s_shrink_due = True
+        assert self._lock is not None
+        async with self._lock:
+            return await self._release(instance_id)
