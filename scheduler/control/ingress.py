@@ -64,6 +64,7 @@ from scheduler.control.instance_lost import (
 from scheduler.control.read_ahead import _Ahead
 from scheduler.control.registry import RequestRecord, RequestRegistry
 from scheduler.control.tokenizer import HFTokenizer, Tokenizer, make_tokenizer  # noqa: F401 - HFTokenizer re-exported
+from scheduler.control.util import _await
 from scheduler.core.prefix import cached_prefix_tokens, prompt_hash_ids
 from scheduler.core.types import (
     SLO,
@@ -1083,10 +1084,6 @@ def _length_cap(sp: SamplingParams) -> int | None:
     with ``ignore_eos``, where it is the length a benchmark replay forces (the trace's true length: capping at it
     would hand the routers the oracle; ``scheduler/predict/serving.py``)."""
     return None if sp.ignore_eos else sp.max_tokens
-
-
-async def _await(ref: Any) -> Any:
-    return await ref
 
 
 def _hands_off(decision: RouteDecision, rec: RequestRecord, prefill_only: bool) -> bool:

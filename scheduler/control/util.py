@@ -1,4 +1,4 @@
-"""Small helpers the Controller and its mixins share."""
+"""Small helpers the Controller, the Ingress and their mixins share."""
 
 from __future__ import annotations
 
