@@ -235,7 +235,7 @@ def test_live_view_orders_instances_by_number_as_the_simulator() -> None:
     """The live view sorted ids as strings (mixed-10 before mixed-2) and the simulator by number; argmin routers
     break ties in view order, so the same tie went to different instances."""
     from scheduler.config.load import load_config
-    from scheduler.control.ingress import _numbered
+    from scheduler.control.ingress_view import _numbered
     from sim.commands import with_instances
     from sim.simulator import build_instances
 
