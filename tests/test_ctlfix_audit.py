@@ -322,3 +322,43 @@ def test_a_stream_with_a_poll_waiting_is_not_reaped(no_ray: None) -> None:
 
     out = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert aborted == [] and out is not None and out.token_ids[:1] == (7,)
+
+
+# ---- a redeploy with a new pool count ---------------------------------------------------------------------------------
+def test_a_redeploy_with_a_new_count_takes_it_and_a_restart_keeps_the_scaled_size() -> None:
+    """The Controller restored each pool's saved desired size whatever the config said: a redeploy of the same
+    cluster with ``count`` 4 -> 6 (instances alive, so the saved sizes survive) kept the size saved before it. The
+    counts a size was saved under are saved beside it: a pool whose configured count changed takes the new one."""
+    from scheduler.control.controller import restored_desired
+
+    counts = {"prefill": 4, "decode": 2}
+    scaled = {"prefill": 5, "decode": 3}  # an admin scale / the scaling loop moved both
+    # A restart (same config): the scaled sizes stay.
+    assert restored_desired(counts, scaled, {"prefill": 4, "decode": 2}) == {"prefill": 5, "decode": 3}
+    # A redeploy changing prefill's count only: prefill takes it, decode keeps its scaled size.
+    assert restored_desired({"prefill": 6, "decode": 2}, scaled, {"prefill": 4, "decode": 2}) == {
+        "prefill": 6, "decode": 3}
+    # Sizes saved by an older Controller (no counts beside them) are kept, as before; pools gone or new are not.
+    assert restored_desired({"prefill": 6, "new": 1}, {"prefill": 5, "gone": 9}, None) == {"prefill": 5, "new": 1}
+    assert restored_desired(counts, None, None) == counts
+
+
+def test_the_controller_saves_the_counts_beside_the_sizes_and_restores_by_them() -> None:
+    """``Controller._save_desired`` / ``_load_desired`` through its KV (a dict standing in for Ray's)."""
+    from types import SimpleNamespace
+
+    from scheduler.control.controller import Controller
+
+    kv: dict[str, object] = {}
+
+    def ctl(counts: dict[str, int]) -> SimpleNamespace:
+        pools = [SimpleNamespace(name=k, count=v) for k, v in counts.items()]
+        c = SimpleNamespace(config=SimpleNamespace(pools=pools), _kv_put=kv.__setitem__, _kv_get=kv.get)
+        c._desired = Controller._load_desired(c)
+        return c
+
+    first = ctl({"mixed": 2})
+    first._desired["mixed"] = 5  # scaled up
+    Controller._save_desired(first)
+    assert ctl({"mixed": 2})._desired == {"mixed": 5}  # restarted: the scaled size
+    assert ctl({"mixed": 3})._desired == {"mixed": 3}  # redeployed with a new count: the count

@@ -216,15 +216,15 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
 
     # ---- state that survives restarts -----------------------------------------------------------------
     def _load_desired(self) -> dict[str, int]:
-        desired = {p.name: p.count for p in self.config.pools}
-        desired.update({k: int(v) for k, v in (self._kv_get("desired") or {}).items() if k in desired})
-        return desired
+        return restored_desired({p.name: p.count for p in self.config.pools}, self._kv_get("desired"),
+                                self._kv_get("configured"))
 
     def _save_desired(self) -> None:
         self._kv_put("desired", self._desired)
+        self._kv_put("configured", {p.name: p.count for p in self.config.pools})
 
     # Work in progress that must survive a restart, as JSON in Ray's internal KV under llmsched/<cluster>/<name>.
-    _KV_NAMES = ("desired", "draining", "switching", "operator_draining", "next_index", "releasing")
+    _KV_NAMES = ("desired", "configured", "draining", "switching", "operator_draining", "next_index", "releasing")
 
     def _kv_key(self, name: str) -> bytes:
         return f"llmsched/{self.cluster}/{name}".encode()
@@ -661,6 +661,20 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
 
         for name in self._KV_NAMES:
             internal_kv._internal_kv_del(self._kv_key(name), namespace=self.namespace)
+
+
+def restored_desired(counts: dict[str, int], saved: dict[str, Any] | None,
+                     configured: dict[str, Any] | None) -> dict[str, int]:
+    """Each pool's desired size when a Controller starts: the config's ``counts``, or the size the previous
+    Controller of this cluster saved (``saved``: an admin scale or the scaling loop moved it), unless the config's
+    count of that pool changed since (``configured``: the counts saved beside it). A restart keeps the scaled sizes;
+    a redeploy with a new ``count`` is the operator's new word (the saved size overrode it). Sizes saved without
+    their counts (an older Controller) are kept, as before."""
+    out = dict(counts)
+    for pool, n in (saved or {}).items():
+        if pool in out and (configured is None or configured.get(pool) == counts[pool]):
+            out[pool] = int(n)
+    return out
 
 
 def instance_backend_kwargs(
