@@ -55,6 +55,21 @@ class ClientTLS:
     certificate_chain: bytes | None = None
     server_name: str | None = None
 
+    def __post_init__(self) -> None:
+        # NOTE: grpc's C core aborts the whole process (a failed CHECK, not an exception) on a key without its
+        # chain or a chain without its key, and answers non-PEM bytes with a retried UNAVAILABLE "Failed to create
+        # security handshaker": both are refused here, naming the field.
+        if (self.private_key is None) != (self.certificate_chain is None):
+            missing = "certificate_chain" if self.certificate_chain is None else "private_key"
+            raise ValueError(
+                f"ClientTLS: mTLS needs both private_key and certificate_chain; {missing} is missing"
+            )
+        for name in ("root_certificates", "private_key", "certificate_chain"):
+            pem = getattr(self, name)
+            if pem is not None and (not isinstance(pem, bytes) or b"-----BEGIN " not in pem):
+                got = "bytes without one" if isinstance(pem, bytes) else type(pem).__name__
+                raise ValueError(f"ClientTLS: {name} must be PEM bytes with a '-----BEGIN ' line, got {got}")
+
     @classmethod
     def from_files(
         cls,

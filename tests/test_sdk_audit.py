@@ -1,0 +1,36 @@
+"""SDK audit (a helper): each test failed before its fix; ``Client`` / ``AsyncClient`` against a real loopback server
+with ``EchoIngress`` where a server is needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.client import ClientTLS
+from tests.test_grpc_api import _self_signed
+
+
+def test_half_mtls_client_tls_is_a_value_error_not_a_process_abort() -> None:
+    """A key without its chain (or the reverse) made grpc's C core abort the interpreter (a failed CHECK in
+    grpc_tls_certificate_distributor.cc) when ``Client``/``AsyncClient`` built the channel: no exception, the
+    whole process gone (so this checks ClientTLS itself: the old code would take the test run down)."""
+    cert, key = _self_signed()
+    with pytest.raises(ValueError, match="certificate_chain is missing"):
+        ClientTLS(root_certificates=cert, private_key=key)
+    with pytest.raises(ValueError, match="private_key is missing"):
+        ClientTLS(certificate_chain=cert)
+    ClientTLS(root_certificates=cert, private_key=key, certificate_chain=cert)  # full mTLS material is fine
+
+
+def test_non_pem_tls_material_is_refused_naming_the_field(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Non-PEM bytes (a DER file, a path passed as bytes) reached grpc, whose answer was UNAVAILABLE "Failed to
+    create security handshaker" after every retry: nothing named the field at fault."""
+    cert, key = _self_signed()
+    with pytest.raises(ValueError, match="root_certificates must be PEM"):
+        ClientTLS(root_certificates=b"/etc/ssl/ca.crt")
+    with pytest.raises(ValueError, match="private_key must be PEM"):
+        ClientTLS(root_certificates=cert, private_key=b"\x30\x82junk", certificate_chain=cert)
+    with pytest.raises(ValueError, match="certificate_chain must be PEM.*got str"):
+        ClientTLS(private_key=key, certificate_chain=cert.decode())  # type: ignore[arg-type]
+    (tmp_path / "cert.pem").write_bytes(cert)
+    with pytest.raises(ValueError, match="certificate_chain is missing"):
+        ClientTLS.from_files(ca=tmp_path / "cert.pem", key=tmp_path / "cert.pem")
