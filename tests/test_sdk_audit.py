@@ -3,9 +3,11 @@ with ``EchoIngress`` where a server is needed."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from scheduler.client import ClientTLS
+from scheduler.client import AsyncClient, Client, ClientTLS
 from tests.test_grpc_api import _self_signed
 
 
@@ -34,3 +36,22 @@ def test_non_pem_tls_material_is_refused_naming_the_field(tmp_path) -> None:  # 
     (tmp_path / "cert.pem").write_bytes(cert)
     with pytest.raises(ValueError, match="certificate_chain is missing"):
         ClientTLS.from_files(ca=tmp_path / "cert.pem", key=tmp_path / "cert.pem")
+
+
+@pytest.mark.parametrize("token", ["c-tok\n", "c tok", "t\u00f6k"])
+def test_an_unsendable_token_is_a_value_error_at_construction(token: str) -> None:
+    """A token with whitespace or outside printable ASCII (typically a file's trailing newline) made every call
+    fail with INTERNAL "Invalid metadata" (grpc refuses the header), naming nothing; the servers refuse such tokens
+    at construction (AuthConfig), so the client does too, naming its argument."""
+    with pytest.raises(ValueError, match="^token: a bearer token must be printable ASCII"):
+        Client("127.0.0.1:1", token=token)
+    with pytest.raises(ValueError, match="^admin_token: "):
+        Client("127.0.0.1:1", token="c-tok", admin_token=token)
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="^token: "):
+            AsyncClient("127.0.0.1:1", token=token)
+        with pytest.raises(ValueError, match="^admin_token: "):
+            AsyncClient("127.0.0.1:1", admin_token=token)
+
+    asyncio.run(main())

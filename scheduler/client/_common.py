@@ -105,7 +105,14 @@ def channel_setup(
     return cfg.credentials(), options
 
 
-def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+def auth_metadata(token: str | None, name: str = "token") -> tuple[tuple[str, str], ...]:
+    """The ``authorization`` metadata for ``token`` (None/empty: none). ValueError naming ``name`` for a token that
+    is not printable ASCII without whitespace: grpc refused such a header at every call with INTERNAL "Invalid
+    metadata" (e.g. a token read from a file with its newline), and the servers accept no such token anyway."""
+    if token and not all("!" <= ch <= "~" for ch in token):
+        raise ValueError(
+            f"{name}: a bearer token must be printable ASCII without whitespace (strip a file's newline)"
+        )
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 

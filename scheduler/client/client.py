@@ -100,7 +100,7 @@ class Client:
         self._inference = inference_pb2_grpc.InferenceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self._md = c.auth_metadata(token)
-        self._admin_md = c.auth_metadata(admin_token or token)
+        self._admin_md = c.auth_metadata(admin_token, "admin_token") if admin_token else self._md
         self.timeout_s = timeout_s
         self.retries = retries
         self._tracing = tracing if tracing is not None else Tracing()
