@@ -4,6 +4,7 @@ with ``EchoIngress`` where a server is needed."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -53,5 +54,36 @@ def test_an_unsendable_token_is_a_value_error_at_construction(token: str) -> Non
             AsyncClient("127.0.0.1:1", token=token)
         with pytest.raises(ValueError, match="^admin_token: "):
             AsyncClient("127.0.0.1:1", admin_token=token)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.inf, math.nan])
+def test_a_timeout_that_is_no_deadline_is_a_value_error(bad: float) -> None:
+    """``timeout_s=-1`` (a deadline already past) ran calls as if there were none (cluster_state answered OK on a
+    loopback server every time; ``0`` mostly) while ``math.inf`` failed every call DEADLINE_EXCEEDED at
+    once: both are refused, per client and per call, sync and async alike."""
+    with pytest.raises(ValueError, match="^timeout_s: must be a finite number of seconds > 0"):
+        Client("127.0.0.1:1", timeout_s=bad)
+    with Client("127.0.0.1:1", timeout_s=5) as c:
+        for call in (
+            lambda: c.cluster_state(timeout_s=bad),
+            lambda: c.stream("x", timeout_s=bad),
+            lambda: c.generate("x", timeout_s=bad),
+            lambda: c.cancel("r", timeout_s=bad),
+        ):
+            with pytest.raises(ValueError, match="^timeout_s: "):
+                call()
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="^timeout_s: "):
+            AsyncClient("127.0.0.1:1", timeout_s=bad)
+        async with AsyncClient("127.0.0.1:1", timeout_s=5) as ac:
+            with pytest.raises(ValueError, match="^timeout_s: "):
+                await ac.instances(timeout_s=bad)
+            with pytest.raises(ValueError, match="^timeout_s: "):
+                ac.stream("x", timeout_s=bad)
+            with pytest.raises(ValueError, match="^timeout_s: "):
+                await ac.generate("x", timeout_s=bad)
 
     asyncio.run(main())

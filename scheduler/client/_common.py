@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 import random
 import time
@@ -403,6 +404,19 @@ def end_generate_span(span: Span, state: StreamState, err: BaseException | None)
         set_outcome(span, ok=False, status=getattr(code, "name", type(err).__name__).lower(),
                     description=str(err))
     span.end()
+
+
+def call_timeout(timeout_s: float | None, default: float | None) -> float | None:
+    """A call's timeout: its own ``timeout_s``, else the client's ``default`` (None: no deadline).
+
+    Raises:
+        ValueError: neither None nor a finite number of seconds > 0. grpc ran a call whose deadline had already
+            passed (``timeout_s=-1``) as if it had none, and failed one with ``math.inf`` at once.
+    """
+    t = timeout_s if timeout_s is not None else default
+    if t is not None and not 0 < t < math.inf:
+        raise ValueError(f"timeout_s: must be a finite number of seconds > 0 (None: no deadline), got {t!r}")
+    return t
 
 
 def remaining(deadline: float | None) -> float | None:

@@ -97,7 +97,7 @@ class AsyncClient:
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self._md = c.auth_metadata(token)
         self._admin_md = c.auth_metadata(admin_token, "admin_token") if admin_token else self._md
-        self.timeout_s = timeout_s
+        self.timeout_s = c.call_timeout(timeout_s, None)
         self.retries = retries
         self._tracing = tracing if tracing is not None else Tracing()
         self._closed = False
@@ -204,7 +204,7 @@ class AsyncClient:
     ) -> tuple[inference_pb2.GenerateRequest, c.StreamState, float | None]:
         rid = request_id or c.new_request_id()
         req = c.build_generate_request(prompt, request_id=rid, **params)
-        return req, c.StreamState(rid), timeout_s if timeout_s is not None else self.timeout_s
+        return req, c.StreamState(rid), c.call_timeout(timeout_s, self.timeout_s)
 
     async def _stream(
         self, req: inference_pb2.GenerateRequest, state: c.StreamState, timeout_s: float | None,
@@ -341,7 +341,7 @@ class AsyncClient:
         retry: bool,
         request_id: str | None = None,
     ) -> Any:
-        timeout_s = timeout_s if timeout_s is not None else self.timeout_s
+        timeout_s = c.call_timeout(timeout_s, self.timeout_s)
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         attempts = 0
         while True:

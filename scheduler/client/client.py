@@ -68,7 +68,8 @@ class Client:
         token: bearer token for Inference.
         admin_token: bearer token for Admin calls (falls back to ``token``).
         tls: None/False = plaintext; True = TLS with system roots; a :class:`ClientTLS` for CA / mTLS / name.
-        timeout_s: default deadline per call (a whole generate, including retries).
+        timeout_s: default deadline per call (a whole generate, including retries): seconds > 0, finite; None
+            = no deadline. Each call's ``timeout_s`` overrides it.
         retries: retries after UNAVAILABLE (same request id; streams resume without duplicated indices).
         max_message_bytes: channel message-size limit (default: grpc's 4 MiB).
         tracing: OpenTelemetry spans; each generate gets a CLIENT span whose W3C ``traceparent`` travels in the
@@ -101,7 +102,7 @@ class Client:
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self._md = c.auth_metadata(token)
         self._admin_md = c.auth_metadata(admin_token, "admin_token") if admin_token else self._md
-        self.timeout_s = timeout_s
+        self.timeout_s = c.call_timeout(timeout_s, None)
         self.retries = retries
         self._tracing = tracing if tracing is not None else Tracing()
         self._closed = False
@@ -170,7 +171,7 @@ class Client:
     ) -> tuple[inference_pb2.GenerateRequest, c.StreamState, float | None]:
         rid = request_id or c.new_request_id()
         req = c.build_generate_request(prompt, request_id=rid, **params)
-        return req, c.StreamState(rid), timeout_s if timeout_s is not None else self.timeout_s
+        return req, c.StreamState(rid), c.call_timeout(timeout_s, self.timeout_s)
 
     def _stream(
         self, req: inference_pb2.GenerateRequest, state: c.StreamState, timeout_s: float | None,
@@ -359,7 +360,7 @@ class Client:
         retry: bool,
         request_id: str | None = None,
     ) -> T:
-        timeout_s = timeout_s if timeout_s is not None else self.timeout_s
+        timeout_s = c.call_timeout(timeout_s, self.timeout_s)
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         attempts = 0
         while True:
