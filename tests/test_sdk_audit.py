@@ -5,11 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 
 import pytest
 
-from scheduler.client import AsyncClient, Client, ClientTLS
+from scheduler.client import AsyncClient, Cancelled, Client, ClientTLS
+from scheduler.server.background import BackgroundServer
+from scheduler.server.echo import EchoIngress
 from tests.test_grpc_api import _self_signed
+
+
+class _SlowCancelEcho(EchoIngress):
+    """An ingress whose Cancel takes a while (an engine abort over Ray): a unary call stays in flight."""
+
+    async def cancel(self, request_id: str) -> bool:
+        await asyncio.sleep(3)
+        return await super().cancel(request_id)
+
+
+@pytest.fixture(scope="module")
+def srv():  # type: ignore[no-untyped-def]
+    with BackgroundServer(lambda: _SlowCancelEcho(token_delay_s=0.001)) as s:
+        yield s
 
 
 def test_half_mtls_client_tls_is_a_value_error_not_a_process_abort() -> None:
@@ -87,3 +104,24 @@ def test_a_timeout_that_is_no_deadline_is_a_value_error(bad: float) -> None:
                 await ac.generate("x", timeout_s=bad)
 
     asyncio.run(main())
+
+
+def test_an_async_unary_call_cut_off_by_close_names_its_request(srv) -> None:  # type: ignore[no-untyped-def]
+    """``AsyncClient.cancel`` cut off by ``close()`` raised ``Cancelled`` with ``request_id`` None (the sync client,
+    and the async one's streams, name it): the handler of the channel-cancel path was passed None."""
+    c = Client(srv.address, timeout_s=10)
+    threading.Timer(0.3, c.close).start()
+    with pytest.raises(Cancelled) as sync_err:
+        c.cancel("sync-rid")
+
+    async def main() -> BaseException:
+        ac = AsyncClient(srv.address, timeout_s=10)
+        t = asyncio.create_task(ac.cancel("aio-rid"))
+        await asyncio.sleep(0.3)
+        await ac.close()
+        with pytest.raises(Cancelled) as info:
+            await t
+        return info.value
+
+    assert sync_err.value.request_id == "sync-rid"
+    assert asyncio.run(main()).request_id == "aio-rid"

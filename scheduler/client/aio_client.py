@@ -357,7 +357,7 @@ class AsyncClient:
                     raise err from None
                 await asyncio.sleep(delay)
             except asyncio.CancelledError:
-                err2 = _channel_cancelled(None)
+                err2 = _channel_cancelled(request_id)
                 if err2 is None:
                     raise
                 raise err2 from None
