@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 
 import pytest
 
@@ -125,3 +126,24 @@ def test_an_async_unary_call_cut_off_by_close_names_its_request(srv) -> None:  #
 
     assert sync_err.value.request_id == "sync-rid"
     assert asyncio.run(main()).request_id == "aio-rid"
+
+
+def test_stream_times_count_from_the_send_not_from_building_the_stream(srv) -> None:  # type: ignore[no-untyped-def]
+    """``stream()`` sends the request at the first ``next()``, but ``arrival_s`` (documented as seconds since the
+    request was sent) counted from the ``stream()`` call: a stream iterated 0.5 s later reported a first token
+    0.5 s late. The deadline already counted from the send."""
+    with Client(srv.address, timeout_s=10) as c:
+        s = c.stream("x", max_tokens=2)
+        time.sleep(0.5)
+        with s:
+            first = next(s)
+    assert first.arrival_s < 0.4, first.arrival_s
+
+    async def main() -> float:
+        async with AsyncClient(srv.address, timeout_s=10) as ac:
+            s = ac.stream("x", max_tokens=2)
+            await asyncio.sleep(0.5)
+            async with s:
+                return (await s.__anext__()).arrival_s
+
+    assert asyncio.run(main()) < 0.4

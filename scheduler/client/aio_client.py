@@ -211,6 +211,8 @@ class AsyncClient:
         *, restart: bool = False,
     ) -> AsyncIterator[StreamChunk]:
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        # The request goes out now (the first next()), not when stream() built it: the times count from here.
+        state.started = time.perf_counter()
         span, md = c.start_generate_span(self._tracing, req, self._md)
         error: BaseException | None = None
         try:
