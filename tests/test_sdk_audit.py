@@ -147,3 +147,28 @@ def test_stream_times_count_from_the_send_not_from_building_the_stream(srv) -> N
                 return (await s.__anext__()).arrival_s
 
     assert asyncio.run(main()) < 0.4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"max_tokens": 1 << 31}, "max_tokens"),
+        ({"priority": -(1 << 31) - 1}, "priority"),
+        ({"seed": 1 << 63}, "seed"),
+        ({"length_hint": 1 << 63}, "length_hint"),
+        ({"top_k": 1 << 31}, "top_k"),
+        ({"stop_token_ids": [1, 1 << 31]}, "stop_token_ids"),
+        ({"temperature": "0.7"}, "temperature"),
+        ({"max_tokens": 1.5}, "max_tokens"),
+    ],
+)
+def test_a_value_protobuf_refuses_names_its_keyword(kwargs: dict, named: str) -> None:  # type: ignore[type-arg]
+    """A value outside the wire's int32/int64 range, or of the wrong type, raised protobuf's own error, which names
+    no field ("Value out of range: 2147483648"): the caller could not tell which keyword was at fault."""
+    with Client("127.0.0.1:1") as c, pytest.raises((ValueError, TypeError), match=f"^{named}: "):
+        c.generate("x", **kwargs)
+    with (
+        Client("127.0.0.1:1") as c,
+        pytest.raises(ValueError, match=r"^prompt\[2\]: token id 4294967296 is outside"),
+    ):
+        c.stream([1, 2, 1 << 32])

@@ -32,6 +32,7 @@ RETRY_AFTER_METADATA_KEY = "retry-after"
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 _BACKOFF_BASE_S = 0.05
 _BACKOFF_CAP_S = 2.0
+_INT32 = 1 << 31  # token ids are int32 on the wire
 
 _ROLE_FROM_PROTO = {
     admin_pb2.INSTANCE_ROLE_PREFILL: InstanceRole.PREFILL,
@@ -140,20 +141,21 @@ def build_generate_request(
     length_hint: int | None = None,
     add_special_tokens: bool = True,
 ) -> inference_pb2.GenerateRequest:
-    """The wire request. Validation is the server's job (one place); only the prompt type is checked here."""
-    sampling = inference_pb2.SamplingParams(
+    """The wire request. Validation is the server's job (one place); only the prompt type is checked here, and
+    what protobuf itself refuses (a type, a value outside int32/int64) is named by its keyword."""
+    sampling = inference_pb2.SamplingParams()
+    _fill(
+        sampling,
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
-        stop_token_ids=list(stop_token_ids),
+        seed=seed,
+        stop_token_ids=stop_token_ids,
         ignore_eos=ignore_eos,
     )
-    if seed is not None:
-        sampling.seed = seed
-    req = inference_pb2.GenerateRequest(
-        request_id=request_id, sampling=sampling, model=model or "", priority=priority
-    )
+    req = inference_pb2.GenerateRequest(sampling=sampling)
+    _fill(req, request_id=request_id, model=model or "", priority=priority)
     if isinstance(prompt, str):
         req.text = prompt
     elif isinstance(prompt, (bytes, bytearray, memoryview)):
@@ -167,11 +169,26 @@ def build_generate_request(
     if ttft_slo_s is not None or tpot_slo_s is not None:
         req.slo.ttft_ms = (ttft_slo_s or 0.0) * 1e3
         req.slo.tpot_ms = (tpot_slo_s or 0.0) * 1e3
-    if length_hint is not None:
-        req.length_hint = length_hint
+    _fill(req, length_hint=length_hint)
     if not add_special_tokens:  # unset means true on the server (and to a server from before the field)
         req.add_special_tokens = False
     return req
+
+
+def _fill(msg: Any, **fields: Any) -> None:
+    """Set ``msg``'s fields from the keywords of the same names (None: left unset). protobuf's errors name no field
+    ("Value out of range: 2147483648", "must be real number, not str"): they are raised again naming the keyword."""
+    for name, value in fields.items():
+        if value is None:
+            continue
+        try:
+            current = getattr(msg, name)
+            if hasattr(current, "extend"):  # a repeated field
+                current.extend(value)
+            else:
+                setattr(msg, name, value)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{name}: {e}") from None
 
 
 def _token_ids(prompt: object) -> list[int]:
@@ -179,7 +196,7 @@ def _token_ids(prompt: object) -> list[int]:
     if not isinstance(prompt, Iterable) or isinstance(prompt, Mapping):
         raise TypeError(f"prompt must be str or a sequence of int, got {type(prompt).__name__}")
     ids: list[int] = []
-    for t in prompt:
+    for i, t in enumerate(prompt):
         if isinstance(t, bool):
             raise TypeError("prompt: token ids must be int, got bool")
         try:
@@ -187,6 +204,9 @@ def _token_ids(prompt: object) -> list[int]:
         except TypeError:
             raise TypeError(f"prompt must be str or a sequence of int, got an element of type {type(t).__name__}"
                             ) from None
+        # protobuf's own error would name neither the prompt nor the index
+        if not -_INT32 <= ids[-1] < _INT32:
+            raise ValueError(f"prompt[{i}]: token id {ids[-1]} is outside the wire's int32 range")
     return ids
 
 
