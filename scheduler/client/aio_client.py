@@ -253,6 +253,7 @@ class AsyncClient:
             c.end_generate_span(span, state, error)
 
     async def cancel(self, request_id: str, *, timeout_s: float | None = None) -> bool:
+        """See :meth:`Client.cancel` (retried: idempotent)."""
         resp = await self._unary(
             self._inference.Cancel,
             inference_pb2.CancelRequest(request_id=request_id),
@@ -284,6 +285,7 @@ class AsyncClient:
     async def migrate(
         self, request_id: str, destination: str | None = None, *, timeout_s: float | None = None
     ) -> MigrationResult:
+        """See :meth:`Client.migrate` (not retried)."""
         msg = admin_pb2.MigrateRequestRequest(request_id=request_id)
         if destination is not None:
             msg.destination = destination

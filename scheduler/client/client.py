@@ -267,7 +267,8 @@ class Client:
         return c.collect(state.request_id, chunks, state.attempts, time.perf_counter() - state.started)
 
     def cancel(self, request_id: str, *, timeout_s: float | None = None) -> bool:
-        """Cancel a running request; True when it was running."""
+        """Cancel a running request; True when it was running. Retried after UNAVAILABLE (a cancel is idempotent),
+        so False may also mean that an attempt whose reply was lost cancelled it."""
         resp = self._unary(
             self._inference.Cancel,
             inference_pb2.CancelRequest(request_id=request_id),
