@@ -306,8 +306,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         m = self.config.model
         if not req.request_id:
             raise InvalidRequest("request_id: must not be empty", field="request_id")
-        if req.request_id in self.registry:
-            raise InvalidRequest(f"request_id: {req.request_id!r} is already in flight", field="request_id")
+        self._check_new_id(req.request_id)
         if req.model not in (None, "", m.name):
             raise InvalidRequest(f"model: unknown model {req.model!r}; allowed: {m.name}", field="model")
         if (req.prompt is None) == (req.prompt_token_ids is None):
@@ -368,8 +367,18 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             # A predictor fault costs the routers their guess, never the request (nor the re-check below:
             # the thread hop yielded either way).
             log.exception("length predictor %s failed on request %s", p.name, rec.request_id)
-        if rec.request_id in self.registry:  # the same id validated again while this one was predicted
-            raise InvalidRequest(f"request_id: {rec.request_id!r} is already in flight", field="request_id")
+        self._check_new_id(rec.request_id)  # the same id validated again while this one was predicted
+
+    def _check_new_id(self, request_id: str) -> None:
+        """Refuse an id this ingress is serving. One whose client left (``cancelled``: its engines are being
+        aborted, up to ``_abort_bounded``'s deadline, before its stream closes) is most likely that client's own
+        retry after a broken connection: UNAVAILABLE, which the SDK retries, not a final INVALID_ARGUMENT."""
+        rec = self.registry.get(request_id)
+        if rec is None:
+            return
+        if rec.cancelled:
+            raise Unavailable(f"request_id: {request_id!r} is still being cancelled; retry", field="request_id")
+        raise InvalidRequest(f"request_id: {request_id!r} is already in flight", field="request_id")
 
     def prompt_tokens(self, request: GenerateRequest) -> int:
         """The request's prompt length in tokens, as this ingress tokenizes it (the HTTP front end's usage)."""
