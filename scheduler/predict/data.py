@@ -218,16 +218,22 @@ def read_eval_jsonl(path: str | Path, *, use_tenant: bool = True) -> list[Record
     output/answer; optional ``input`` is appended to the prompt; optional tenant/generator/model).
 
     Raises:
-        ValueError: naming the file and 1-based line number of the first bad line (not JSON, not an object,
-            or missing/non-string prompt or response).
+        ValueError: naming the file and 1-based line number of the first bad line (not UTF-8, not JSON, not an
+            object, missing/non-string prompt or response, or a blank response).
     """
     p = Path(path)
     out: list[Record] = []
-    with _open_text(p) as f:
-        for no, line in enumerate(f, 1):
+    # Bytes, decoded line by line: a text stream fails on a non-UTF-8 byte naming only its offset in a buffer.
+    with gzip.open(p) if p.suffix == ".gz" else open(p, "rb") as f:
+        for no, raw in enumerate(f, 1):
+            where = f"{p}:{no}"
+            try:
+                line = raw.decode("utf-8-sig")  # a UTF-8 BOM (Windows editors, PowerShell) is not JSON
+            except UnicodeDecodeError as e:
+                why = f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                raise _bad_line(where, why) from None
             if not line.strip():
                 continue
-            where = f"{p}:{no}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -235,11 +241,14 @@ def read_eval_jsonl(path: str | Path, *, use_tenant: bool = True) -> list[Record
             if not isinstance(obj, dict):
                 raise _bad_line(where, f"expected a JSON object, got {type(obj).__name__}")
             prompt = next((obj[k] for k in _PROMPT_KEYS if k in obj), None)
-            response = next((obj[k] for k in _RESPONSE_KEYS if k in obj), None)
+            rkey = next((k for k in _RESPONSE_KEYS if k in obj), "response")
+            response = obj.get(rkey)
             if not isinstance(prompt, str):
                 raise _bad_line(where, "field 'prompt' missing or not a string")
             if not isinstance(response, str):
                 raise _bad_line(where, "field 'response' missing or not a string")
+            if not response.strip():  # a failed generation, not a 0-token answer: it would skew every metric
+                raise _bad_line(where, f"field {rkey!r} is blank (no response to measure; drop the line)")
             extra = obj.get("input")
             prompt = _join(prompt, extra if isinstance(extra, str) else None)
             tenant = (

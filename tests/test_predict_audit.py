@@ -1,0 +1,45 @@
+"""Response-length predictors: an audit's findings (thirty-fourth session); each test failed before its fix."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from scheduler.predict import eval_main, read_eval_jsonl
+
+
+def _write(path, lines: list[bytes]) -> None:
+    data = b"".join(line + b"\n" for line in lines)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+GOOD = json.dumps({"prompt": "hi", "response": "hello there"}).encode()
+
+
+@pytest.mark.parametrize("name", ["latin1.jsonl", "latin1.jsonl.gz"])
+def test_a_non_utf8_line_is_named(tmp_path, capsys, name):
+    """A Latin-1 byte was reported as "'utf-8' codec can't decode byte 0xe9 in position 59": no file, no line."""
+    data = tmp_path / name
+    _write(data, [GOOD, GOOD, b'{"prompt": "caf\xe9", "response": "x"}'])
+    with pytest.raises(ValueError, match=r"latin1\.jsonl(\.gz)?:3: not UTF-8"):
+        read_eval_jsonl(data)
+    assert eval_main(["--data", str(data)]) == 2
+    assert f"{name}:3: not UTF-8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("blank", ["", "  \n "])
+def test_a_blank_response_is_named_not_scored_as_a_zero_token_answer(tmp_path, capsys, blank):
+    """An empty response (a failed generation) was scored as a 0-token answer: it dragged mean_true_tokens, MAE and
+    coverage (coverage 0.0 on a file of one good row and two blank ones) with no word said."""
+    data = tmp_path / "blank.jsonl"
+    _write(data, [GOOD, json.dumps({"prompt": "yo", "output": blank}).encode()])
+    with pytest.raises(ValueError, match=r"blank\.jsonl:2: field 'output' is blank"):
+        read_eval_jsonl(data)
+    assert eval_main(["--data", str(data)]) == 2
+    assert "blank.jsonl:2" in capsys.readouterr().err
