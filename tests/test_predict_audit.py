@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from scheduler.predict import eval_main, read_eval_jsonl
+from scheduler.predict import LengthPrediction, eval_main, read_eval_jsonl
 
 
 def _write(path, lines: list[bytes]) -> None:
@@ -43,3 +43,9 @@ def test_a_blank_response_is_named_not_scored_as_a_zero_token_answer(tmp_path, c
         read_eval_jsonl(data)
     assert eval_main(["--data", str(data)]) == 2
     assert "blank.jsonl:2" in capsys.readouterr().err
+
+
+def test_negative_bucket_weights_are_refused_not_silently_unnormalised():
+    """from_probs summed the weights before clipping negatives to 0: [1, -0.5] became probs (2.0, 0.0)."""
+    with pytest.raises(ValueError, match="non-negative"):
+        LengthPrediction.from_probs([1.0, -0.5], (0, 16, 32))

@@ -61,10 +61,12 @@ class LengthPrediction:
     @staticmethod
     def from_probs(probs: Sequence[float], edges: Sequence[int] = BUCKET_EDGES) -> LengthPrediction:
         """Build a prediction from (possibly unnormalised, non-negative) bucket weights; point = median."""
+        if any(float(x) < 0.0 for x in probs):  # clipped after summing, they left probs summing past 1
+            raise ValueError(f"bucket weights must be non-negative, got {list(probs)}")
         total = float(sum(probs))
         if not total > 0.0:
             raise ValueError("bucket probabilities must have a positive sum")
-        p = tuple(max(float(x), 0.0) / total for x in probs)
+        p = tuple(float(x) / total for x in probs)
         pred = LengthPrediction(tuple(int(e) for e in edges), p, 0.0)
         return LengthPrediction(pred.bucket_edges, p, pred.quantile(0.5))
 
