@@ -7,7 +7,12 @@ import json
 
 import pytest
 
-from scheduler.predict import LengthPrediction, eval_main, read_eval_jsonl
+from scheduler.predict import LengthPrediction, eval_main, load_predictor, read_eval_jsonl
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return load_predictor("trace")
 
 
 def _write(path, lines: list[bytes]) -> None:
@@ -43,6 +48,17 @@ def test_a_blank_response_is_named_not_scored_as_a_zero_token_answer(tmp_path, c
         read_eval_jsonl(data)
     assert eval_main(["--data", str(data)]) == 2
     assert "blank.jsonl:2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cap", [1, 2, 8, 16, 100, 256, 3000])
+def test_a_capped_guess_never_exceeds_max_tokens(trace, cap):
+    """min(response, max_tokens) is at most max_tokens, but the cap's one-token bucket [cap, cap + 1) was
+    interpolated like a wide one: a request capped at 1 token was guessed 1.41, at 16 tokens 16.5."""
+    for prompt in (40, 700, 5000):
+        c = trace.predict(None, prompt_tokens=prompt).capped(cap)
+        assert c.point <= cap and c.quantile(0.99) <= cap and c.quantile(1.0) <= cap
+    # Past the median the guess is the cap itself: every request with more mass above it stops there.
+    assert LengthPrediction.from_probs([0, 0, 0, 0, 0, 1, 0, 0, 0]).capped(100).point == 100
 
 
 def test_negative_bucket_weights_are_refused_not_silently_unnormalised():

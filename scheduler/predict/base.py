@@ -71,13 +71,18 @@ class LengthPrediction:
         return LengthPrediction(pred.bucket_edges, p, pred.quantile(0.5))
 
     def quantile(self, q: float) -> float:
-        """Token count below which the response falls with probability ``q`` (log-linear inside a bucket)."""
+        """Token count below which the response falls with probability ``q`` (log-linear inside a bucket; a
+        one-token bucket, as ``capped`` makes at the cap, is its one length)."""
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"quantile q must be in [0, 1], got {q}")
         edges = self.bucket_edges
+        last = max((i for i, p in enumerate(self.probs) if p > 0.0), default=-1)
         acc = 0.0
         for i, p in enumerate(self.probs):
-            if p > 0.0 and acc + p >= q:
+            # (a float sum short of 1 ends in the last bucket with mass, not past the last edge)
+            if p > 0.0 and (acc + p >= q or i == last):
+                if edges[i + 1] - edges[i] <= 1:  # interpolated, [cap, cap + 1) guessed past max_tokens
+                    return float(edges[i])
                 lo, hi = max(edges[i], 1), edges[i + 1]
                 frac = min(max((q - acc) / p, 0.0), 1.0)
                 return math.exp(math.log(lo) + frac * (math.log(hi) - math.log(lo)))
