@@ -381,8 +381,11 @@ def fit_predictor_main(argv: list[str] | None = None) -> int:
     tau = "undefined" if metrics["kendall_tau"] is None else f"{metrics['kendall_tau']:.3f}"
     print(f"held-out last {args.holdout:.0%}: n {metrics['n']}  Kendall tau {tau}  "
           f"bucket accuracy {metrics['bucket_accuracy']:.3f}  MAE {metrics['mae_tokens']:.1f} tokens")
+    # The tenant that most of the log's requests came from (it named the alphabetically first: a one-request model)
+    main = max(sorted(pairs), key=lambda t: len(pairs[t]))
+    others = f" (or tenant: one of {', '.join(t for t in sorted(pairs) if t != main)})" if len(pairs) > 1 else ""
     print(f"wrote {out / 'trace.json'}; use policies.predictor: {{name: trace, params: {{artifacts: {out}, "
-          f"tenant: {min(pairs)}}}}}")
+          f"tenant: {main}}}}}{others}")
     if args.json:
         write_json(args.json, report)
     return 0

@@ -65,3 +65,17 @@ def test_negative_bucket_weights_are_refused_not_silently_unnormalised():
     """from_probs summed the weights before clipping negatives to 0: [1, -0.5] became probs (2.0, 0.0)."""
     with pytest.raises(ValueError, match="non-negative"):
         LengthPrediction.from_probs([1.0, -0.5], (0, 16, 32))
+
+
+def test_fit_trace_suggests_the_tenant_most_requests_came_from(tmp_path, capsys):
+    """The printed config named the alphabetically first tenant: here a model with one request of the log's ten."""
+    from scheduler.cli import main as cli
+
+    lines = ["Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type"]
+    lines += [f"{i},Mistral,{100 + 200 * (i % 2)},{50 + i},{150 + i},Conversation log" for i in range(9)]
+    lines.append("9,Claude,300,400,700,Conversation log")
+    log = tmp_path / "burst.csv"
+    log.write_text("\n".join(lines) + "\n")
+    assert cli(["predict", "fit-trace", "--trace", str(log), "--out", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "tenant: Mistral/Conversation log}}" in out and "one of Claude/Conversation log" in out
