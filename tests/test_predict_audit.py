@@ -79,3 +79,14 @@ def test_fit_trace_suggests_the_tenant_most_requests_came_from(tmp_path, capsys)
     assert cli(["predict", "fit-trace", "--trace", str(log), "--out", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
     assert "tenant: Mistral/Conversation log}}" in out and "one of Claude/Conversation log" in out
+
+
+def test_a_truncated_gzip_is_an_error_naming_the_file_not_a_traceback(tmp_path, capsys):
+    """A .jsonl.gz cut short (an interrupted copy) ended `predict eval` in an EOFError traceback."""
+    data = tmp_path / "cut.jsonl.gz"
+    whole = gzip.compress(b"".join(GOOD + b"\n" for _ in range(2000)))
+    data.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"cut\.jsonl\.gz: not a complete gzip file"):
+        read_eval_jsonl(data)
+    assert eval_main(["--data", str(data)]) == 2
+    assert "cut.jsonl.gz: not a complete gzip file" in capsys.readouterr().err

@@ -213,6 +213,16 @@ def _bad_line(where: str, why: str) -> ValueError:
     return ValueError(f"{where}: {why}")
 
 
+def _byte_lines(p: Path) -> Iterator[bytes]:
+    """``p``'s lines as bytes (``.gz`` decompressed): the caller decodes each, so a non-UTF-8 byte is named by its
+    line (a text stream names only its offset in a read buffer)."""
+    try:
+        with gzip.open(p) if p.suffix == ".gz" else open(p, "rb") as f:
+            yield from f
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a truncated .gz was a traceback (EOFError)
+        raise ValueError(f"{p}: not a complete gzip file ({e})") from None
+
+
 def read_eval_jsonl(path: str | Path, *, use_tenant: bool = True) -> list[Record]:
     """Read a JSONL file whose lines have ``prompt`` and ``response`` text (aliases: instruction/question,
     output/answer; optional ``input`` is appended to the prompt; optional tenant/generator/model).
@@ -223,49 +233,47 @@ def read_eval_jsonl(path: str | Path, *, use_tenant: bool = True) -> list[Record
     """
     p = Path(path)
     out: list[Record] = []
-    # Bytes, decoded line by line: a text stream fails on a non-UTF-8 byte naming only its offset in a buffer.
-    with gzip.open(p) if p.suffix == ".gz" else open(p, "rb") as f:
-        for no, raw in enumerate(f, 1):
-            where = f"{p}:{no}"
-            try:
-                line = raw.decode("utf-8-sig")  # a UTF-8 BOM (Windows editors, PowerShell) is not JSON
-            except UnicodeDecodeError as e:
-                why = f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
-                raise _bad_line(where, why) from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise _bad_line(where, f"expected a JSON object, got {type(obj).__name__}")
-            prompt = next((obj[k] for k in _PROMPT_KEYS if k in obj), None)
-            rkey = next((k for k in _RESPONSE_KEYS if k in obj), "response")
-            response = obj.get(rkey)
-            if not isinstance(prompt, str):
-                raise _bad_line(where, "field 'prompt' missing or not a string")
-            if not isinstance(response, str):
-                raise _bad_line(where, "field 'response' missing or not a string")
-            if not response.strip():  # a failed generation, not a 0-token answer: it would skew every metric
-                raise _bad_line(where, f"field {rkey!r} is blank (no response to measure; drop the line)")
-            extra = obj.get("input")
-            prompt = _join(prompt, extra if isinstance(extra, str) else None)
-            tenant = (
-                next((tenant_name(obj[k]) for k in _TENANT_KEYS if isinstance(obj.get(k), str)), None)
-                if use_tenant
-                else None
+    for no, raw in enumerate(_byte_lines(p), 1):
+        where = f"{p}:{no}"
+        try:
+            line = raw.decode("utf-8-sig")  # a UTF-8 BOM (Windows editors, PowerShell) is not JSON
+        except UnicodeDecodeError as e:
+            why = f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
+            raise _bad_line(where, why) from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise _bad_line(where, f"expected a JSON object, got {type(obj).__name__}")
+        prompt = next((obj[k] for k in _PROMPT_KEYS if k in obj), None)
+        rkey = next((k for k in _RESPONSE_KEYS if k in obj), "response")
+        response = obj.get(rkey)
+        if not isinstance(prompt, str):
+            raise _bad_line(where, "field 'prompt' missing or not a string")
+        if not isinstance(response, str):
+            raise _bad_line(where, "field 'response' missing or not a string")
+        if not response.strip():  # a failed generation, not a 0-token answer: it would skew every metric
+            raise _bad_line(where, f"field {rkey!r} is blank (no response to measure; drop the line)")
+        extra = obj.get("input")
+        prompt = _join(prompt, extra if isinstance(extra, str) else None)
+        tenant = (
+            next((tenant_name(obj[k]) for k in _TENANT_KEYS if isinstance(obj.get(k), str)), None)
+            if use_tenant
+            else None
+        )
+        out.append(
+            Record(
+                prompt,
+                count_tokens(prompt),
+                count_tokens(response),
+                tenant,
+                str(obj.get("source", p.stem)),
+                prompt_key(prompt),
             )
-            out.append(
-                Record(
-                    prompt,
-                    count_tokens(prompt),
-                    count_tokens(response),
-                    tenant,
-                    str(obj.get("source", p.stem)),
-                    prompt_key(prompt),
-                )
-            )
+        )
     if not out:
         raise ValueError(f"{p}: no records")
     return out
