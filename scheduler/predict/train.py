@@ -207,7 +207,7 @@ def train_all(
         report["predictors"]["constant"] = {"training_marginal": per_source(base, test)}
         log(f"loaded {len(recs)} text records in {time.perf_counter() - t0:.1f}s")
     if "ngram" in which:
-        from scheduler.predict.ngram import fit_ngram
+        from scheduler.predict.ngram import NgramPredictor, fit_ngram
 
         t = time.perf_counter()
         m = fit_ngram(
@@ -223,8 +223,9 @@ def train_all(
             {"balance": balance, "tenant_dropout": tenant_dropout, "train_s": time.perf_counter() - t}
         )
         m.save(out / "ngram.npz")
-        ngram = m
-        report["predictors"]["ngram"] = {"train_s": m.meta["train_s"], **_both(m, test)}
+        # Scored (and pooled in the ensemble) as shipped: the file holds float16 weights, the fit float32 ones.
+        ngram = NgramPredictor.load(out / "ngram.npz")
+        report["predictors"]["ngram"] = {"train_s": m.meta["train_s"], **_both(ngram, test)}
         n = write_vendored_sample(test, out / "heldout_sample.jsonl.gz", _raw_responses(d))
         log(f"ngram: trained in {m.meta['train_s']:.1f}s; vendored {n} held-out rows")
     if "trace" in which:
