@@ -116,8 +116,14 @@ def warn_over_context(cfg: ClusterConfig, w) -> None:
 
 def warn_goodput(g, offered_rps: float, attainment: float) -> None:
     """Say when the goodput is not the plain answer it looks like: the trace's rate is above it (the cluster is
-    overloaded at the load just simulated), or it is only the search's ceiling (a lower bound)."""
-    if g.capped:
+    overloaded at the load just simulated), it is only the search's ceiling (a lower bound), or it is 0 because
+    even a nearly idle cluster misses the SLO (then less load is no cure)."""
+    if g.scale <= 0:  # missed at the lowest rate tried: there is no load to shed
+        print(f"warning: SLO attainment {g.attainment:.1%} even at the goodput search's lowest rate (a nearly idle "
+              "cluster): requests miss the SLO on their own latency (or are refused), not for load; loosen the "
+              "targets or use faster instances (GPU, TP) -- more instances or a lower rate will not meet them",
+              file=sys.stderr)
+    elif g.capped:
         print(f"warning: goodput >= {g.goodput_rps:.2f} req/s: SLO attainment still met at {g.scale:g}x the trace's "
               "rate, the search's ceiling; the true goodput is higher", file=sys.stderr)
     elif g.goodput_rps < offered_rps:

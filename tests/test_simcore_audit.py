@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
+import scheduler.config
 from bench.loadgen import cluster_config
+from sim.commands import simulate_main
 from sim.simulator import Simulator, Workload
 
 
@@ -33,3 +37,30 @@ def test_a_noise_draw_at_an_arrivals_instant_comes_first(one_mixed) -> None:
     at_tick = _ttft_on_noisy_host(one_mixed, 0.0)
     after = _ttft_on_noisy_host(one_mixed, 1e-9)
     assert at_tick == pytest.approx(after, rel=1e-6)
+
+
+def test_goodput_zero_does_not_advise_lowering_the_rate(tmp_path, capsys) -> None:
+    """A TTFT SLO below any prefill: goodput 0 (missed even at 0.05x the trace's rate), and ``simulate --goodput``
+    warned that the cluster "is overloaded at the trace's rate ... add instances or lower --rate-scale", which
+    cannot help."""
+    examples = Path(scheduler.config.__file__).parent / "examples"
+    cfg = yaml.safe_load((examples / "default.yaml").read_text())
+    cfg["slos"] = {0: {"ttft_s": 0.001, "tpot_s": 0.1}}  # no prefill is that fast
+    path = tmp_path / "tight.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc = simulate_main(
+        [
+            "--quiet",
+            "--config",
+            str(path),
+            "--synthetic",
+            "60",
+            "--goodput",
+            "--json",
+            str(tmp_path / "out.json"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "overloaded" not in err and "lower --rate-scale" not in err
+    assert "even at the goodput search's lowest rate" in err
