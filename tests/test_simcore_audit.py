@@ -12,6 +12,7 @@ import yaml
 import scheduler.config
 from bench.loadgen import cluster_config
 from sim.commands import simulate_main
+from sim.metrics import RequestMetrics, sim_summary
 from sim.simulator import Simulator, Workload
 
 
@@ -64,3 +65,19 @@ def test_goodput_zero_does_not_advise_lowering_the_rate(tmp_path, capsys) -> Non
     assert rc == 0
     assert "overloaded" not in err and "lower --rate-scale" not in err
     assert "even at the goodput search's lowest rate" in err
+
+
+def test_one_token_responses_have_no_tpot(one_mixed) -> None:
+    """TPOT is the time per output token after the first: a one-token response has none. It was counted as 0 s, so
+    half the requests here being one-token put the TPOT p50 at ~0 (a decode-bound cluster read as instant); its
+    TPOT target stays met."""
+    w = Workload(np.arange(8) * 5.0, np.full(8, 256), np.array([1, 64] * 4))
+    res = Simulator(one_mixed, router="round_robin").run(w)
+    s = sim_summary(res)
+    multi = (res.finish_s - res.first_token_s)[1::2] / 63
+    assert s["tpot_s"]["p50"] == pytest.approx(float(np.median(multi)))
+    assert s["tpot_s"]["p50"] > 0.001
+    tight = RequestMetrics.from_times(
+        w.arrival_s, res.first_token_s, res.finish_s, w.output_tokens, slo_tpot_s=1e-6
+    )
+    assert tight.slo_met[0::2].all() and not tight.slo_met[1::2].any()  # no TPOT to miss; the others miss

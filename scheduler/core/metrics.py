@@ -1,6 +1,7 @@
 """Per-request latency metrics and the run summary, shared by the simulator and the live replayer.
 
-TTFT: arrival -> first token.  TPOT: (finish - first token) / (output tokens - 1).  E2E: arrival -> last token.
+TTFT: arrival -> first token.  TPOT: (finish - first token) / (output tokens - 1), none for a one-token response
+(its TPOT target is met).  E2E: arrival -> last token.
 Queueing: arrival -> first admission into a batch.  SLO attainment: share of *all* requests (rejected and
 unfinished ones count as misses) meeting both their TTFT and TPOT targets.
 """
@@ -49,12 +50,14 @@ class RequestMetrics:
         ttft = first_token_s - arrival_s
         e2e = finish_s - arrival_s
         with np.errstate(invalid="ignore", divide="ignore"):
-            tpot = np.where(output_tokens > 1, (finish_s - first_token_s) / np.maximum(output_tokens - 1, 1), 0.0)
-        tpot = np.where(np.isfinite(finish_s), tpot, np.nan)
+            # A one-token response has no time per output token after the first: no TPOT (left out of its
+            # percentiles, as vLLM's benchmark leaves it out), not 0 s -- that pulled the percentiles down.
+            tpot = np.where(output_tokens > 1, (finish_s - first_token_s) / np.maximum(output_tokens - 1, 1), np.nan)
         queue = (admit_s - arrival_s) if admit_s is not None else np.full_like(ttft, np.nan)
         completed = np.isfinite(finish_s)
         with np.errstate(invalid="ignore"):
-            met = completed & (ttft <= slo_ttft_s) & (np.nan_to_num(tpot, nan=np.inf) <= slo_tpot_s)
+            tpot_ok = (output_tokens <= 1) | (np.nan_to_num(tpot, nan=np.inf) <= slo_tpot_s)
+            met = completed & (ttft <= slo_ttft_s) & tpot_ok
         return cls(ttft, tpot, e2e, queue, completed, met)
 
 
