@@ -78,6 +78,8 @@ class Workload:
         n = len(self.arrival_s)
         if len(self.prompt_tokens) != n or len(self.output_tokens) != n:
             raise ValueError("workload: arrival_s, prompt_tokens and output_tokens must have equal length")
+        if n and not np.all(np.isfinite(self.arrival_s)):  # a NaN passed the order check below, then was never run
+            raise ValueError("workload.arrival_s: arrivals must be finite")
         if n and np.any(np.diff(self.arrival_s) < 0):
             raise ValueError("workload.arrival_s: arrivals must be non-decreasing")
         if self.hash_ids is not None and len(self.hash_ids) != n:  # request i would read another's prefix blocks

@@ -81,3 +81,10 @@ def test_one_token_responses_have_no_tpot(one_mixed) -> None:
         w.arrival_s, res.first_token_s, res.finish_s, w.output_tokens, slo_tpot_s=1e-6
     )
     assert tight.slo_met[0::2].all() and not tight.slo_met[1::2].any()  # no TPOT to miss; the others miss
+
+
+def test_a_nan_arrival_is_refused_not_lost() -> None:
+    """A NaN arrival passed ``Workload``'s order check (NaN compares false) and the run never served nor refused that
+    request: it vanished into the SLO misses, neither completed nor rejected."""
+    with pytest.raises(ValueError, match="arrival_s: arrivals must be finite"):
+        Workload(np.array([0.0, np.nan, 2.0]), np.full(3, 100), np.full(3, 5))
