@@ -130,6 +130,9 @@ def _completion_rate(res) -> float:
 
 
 def at_load(w: Workload, load: float, saturation: float) -> Workload:
+    if saturation <= 0:  # a rate scale of 0 put every arrival at infinity (the first at NaN): the run never ended
+        raise ValueError(f"--load: the cluster completes none of {w.name}'s requests (each refused: does one fit an "
+                         "instance's KV cache?), so there is no saturation rate to take a share of")
     return scale_rate(w, load * saturation / w.rate_rps)
 
 
@@ -200,8 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     warn_over_context(cfg, w)
-    summaries, metrics, sat = compare(cfg, w, routers, load=args.load, with_goodput=not args.no_goodput,
-                                      seed=args.seed)
+    try:
+        summaries, metrics, sat = compare(cfg, w, routers, load=args.load, with_goodput=not args.no_goodput,
+                                          seed=args.seed)
+    except ValueError as e:  # no capacity for this mix (``at_load``)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     title = (f"trace {trace.name} ({len(w)} req), {cfg.name} x{cfg.num_instances}, load {args.load:.2f} of "
              f"saturation {sat:.2f} req/s")
     print_summaries(summaries, title=title)

@@ -12,6 +12,8 @@ import yaml
 import scheduler.config
 from bench.loadgen import cluster_config
 from sim.commands import simulate_main
+from sim.compare import at_load
+from sim.compare import main as compare_main
 from sim.metrics import RequestMetrics, sim_summary
 from sim.simulator import Simulator, Workload
 
@@ -88,3 +90,19 @@ def test_a_nan_arrival_is_refused_not_lost() -> None:
     request: it vanished into the SLO misses, neither completed nor rejected."""
     with pytest.raises(ValueError, match="arrival_s: arrivals must be finite"):
         Workload(np.array([0.0, np.nan, 2.0]), np.full(3, 100), np.full(3, 5))
+
+
+def test_load_on_a_cluster_that_completes_nothing_is_an_error(tmp_path, capsys) -> None:
+    """Every request refused (2 KV blocks an instance): the measured saturation is 0, ``at_load`` scaled the trace by
+    0 (arrivals at infinity, the first at NaN), and ``llmsched compare`` never returned (killed after 120 s)."""
+    w = Workload(np.arange(3.0), np.full(3, 100), np.full(3, 5), name="t")
+    with pytest.raises(ValueError, match="completes none of t's requests"):
+        at_load(w, 0.8, 0.0)
+    cfg = yaml.safe_load((Path(scheduler.config.__file__).parent / "examples" / "default.yaml").read_text())
+    cfg["pools"][0]["engine"] = {"num_kv_blocks": 2, "block_size": 16}
+    path = tmp_path / "nokv.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc = compare_main(
+        ["--config", str(path), "--synthetic", "30", "--routers", "round_robin", "--no-goodput"]
+    )
+    assert rc == 2 and "error: --load: the cluster completes none" in capsys.readouterr().err
