@@ -362,7 +362,8 @@ class Simulator:
                         x.noise = float(self._noise_rng.choice(x.latency.host_noise))
                     self._noise_epoch += 1
                     self._host_update(now)
-                    if i < n or any(x.busy for x in self.instances):
+                    # Also while only KV is moving (a handoff): the decode leg it starts is drawn on as well.
+                    if i < n or any(x.busy or x.incoming for x in self.instances):
                         self._push(now + self._noisy[0].latency.host_noise_period_s, EventKind.NOISE, None, None)
                 elif kind is EventKind.HOST:
                     self._host_load = max(self._host_load - self._cpu_rate.pop(payload, 0.0), 0.0)

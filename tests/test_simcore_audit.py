@@ -106,3 +106,17 @@ def test_load_on_a_cluster_that_completes_nothing_is_an_error(tmp_path, capsys) 
         ["--config", str(path), "--synthetic", "30", "--routers", "round_robin", "--no-goodput"]
     )
     assert rc == 2 and "error: --load: the cluster completes none" in capsys.readouterr().err
+
+
+def test_host_noise_keeps_drawing_through_a_handoff() -> None:
+    """The host-noise ticks went on only while an engine was busy: a tick during a P->D handoff (nothing busy, no
+    arrival left) ended them, and the decode leg after it (here 5.3 s) ran on one frozen draw -- 2 draws in all."""
+    cfg = cluster_config("simcore-pd", mixed=0, prefill=1, decode=1)
+    sim = Simulator(cfg)
+    for x in sim.instances:
+        x.latency = dataclasses.replace(x.latency, host_noise=(1.0, 1.0001), host_noise_period_s=0.25)
+    sim._noisy = list(sim.instances)
+    # An 8000-token prompt: its prefill ends at ~0.22 s, its KV lands ~0.17 s later, past the 0.25 s tick.
+    res = sim.run(Workload(np.array([0.0]), np.array([8000]), np.array([400])))
+    assert res.kv_transfers == 1
+    assert sim._noise_epoch >= res.finish_s[0] / 0.25 - 1
