@@ -101,7 +101,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     if not Path(a.data).is_file():
         ap.error(f"--data: {a.data!r} is not a file")
     try:
-        records = read_eval_jsonl(a.data, use_tenant=not a.no_tenant)
+        blank: list[str] = []
+        records = read_eval_jsonl(a.data, use_tenant=not a.no_tenant, blank=blank)
         predictor = load_predictor(a.predictor, artifacts=a.artifacts)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"llmsched predict eval: {e}", file=sys.stderr)
@@ -118,10 +119,14 @@ def eval_main(argv: list[str] | None = None) -> int:
     if undefined:
         print(f"llmsched predict eval: {', '.join(undefined)} undefined on these {len(records)} record(s) (too few, or "
               "all lengths equal): written as null", file=sys.stderr)
+    if blank:
+        print(f"llmsched predict eval: {len(blank)} line(s) with a blank response left out (first: {blank[0]})",
+              file=sys.stderr)
     result = {
         "predictor": predictor.name,
         "data": str(a.data),
         "token_counter": "scheduler.predict.count_tokens",
+        "skipped_blank_responses": len(blank),
         **metrics,
     }
     print(json.dumps(result, indent=1))

@@ -223,13 +223,16 @@ def _byte_lines(p: Path) -> Iterator[bytes]:
         raise ValueError(f"{p}: not a complete gzip file ({e})") from None
 
 
-def read_eval_jsonl(path: str | Path, *, use_tenant: bool = True) -> list[Record]:
+def read_eval_jsonl(path: str | Path, *, use_tenant: bool = True, blank: list[str] | None = None) -> list[Record]:
     """Read a JSONL file whose lines have ``prompt`` and ``response`` text (aliases: instruction/question,
     output/answer; optional ``input`` is appended to the prompt; optional tenant/generator/model).
 
     Raises:
         ValueError: naming the file and 1-based line number of the first bad line (not UTF-8, not JSON, not an
-            object, missing/non-string prompt or response, or a blank response).
+            object, missing/non-string prompt or response).
+
+    A blank response (a failed generation, not a 0-token answer: scored, it would skew every metric) is left out,
+    its ``file:line`` appended to ``blank`` when given; only a file of nothing else is an error.
     """
     p = Path(path)
     out: list[Record] = []
@@ -255,8 +258,10 @@ def read_eval_jsonl(path: str | Path, *, use_tenant: bool = True) -> list[Record
             raise _bad_line(where, "field 'prompt' missing or not a string")
         if not isinstance(response, str):
             raise _bad_line(where, "field 'response' missing or not a string")
-        if not response.strip():  # a failed generation, not a 0-token answer: it would skew every metric
-            raise _bad_line(where, f"field {rkey!r} is blank (no response to measure; drop the line)")
+        if not response.strip():
+            if blank is not None:
+                blank.append(f"{where} ({rkey!r})")
+            continue
         extra = obj.get("input")
         prompt = _join(prompt, extra if isinstance(extra, str) else None)
         tenant = (
