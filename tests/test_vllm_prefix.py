@@ -94,12 +94,15 @@ def test_a_block_whose_parent_is_unknown_names_nothing_and_odd_block_sizes_give_
     assert odd.cached is None
 
 
-def test_follow_reads_vllms_published_batches() -> None:
-    """vLLM's own event types, msgpack-encoded and sent as its ZmqEventPublisher sends them (topic, 8-byte
-    sequence number, payload), through ``subscribe`` + ``follow``."""
-    msgspec = pytest.importorskip("msgspec")
-    zmq = pytest.importorskip("zmq")
-    kv_events = pytest.importorskip("vllm.distributed.kv_events")
+def follow_published(batches: list[tuple[int, list]]) -> tuple[frozenset[int] | None, int]:
+    """``batches`` of vLLM event objects, each ``(sequence number, events)``, msgpack-encoded and sent as vLLM's
+    ZmqEventPublisher sends them (topic, 8-byte sequence number, payload) over a real ZMQ PUB socket, read through
+    ``subscribe`` + ``follow``: the index's ``cached`` and how many changes it reported."""
+    import tempfile
+
+    import msgspec
+    import zmq
+    from vllm.distributed.kv_events import KVEventBatch
 
     async def scenario(tmp: str) -> tuple[frozenset[int] | None, int]:
         endpoint = f"ipc://{tmp}/kv-events"
@@ -108,24 +111,30 @@ def test_follow_reads_vllms_published_batches() -> None:
         index, changes = PrefixIndex(), []
         task = asyncio.create_task(follow(subscribe(endpoint), index, lambda: changes.append(1)))
         await asyncio.sleep(0.2)  # the subscription reaches the publisher
-        a = tokens(1024)
-        stored = kv_events.BlockStored(block_hashes=list(range(1, 33)), parent_block_hash=None, token_ids=a,
-                                       block_size=B, lora_id=None, medium="CPU", lora_name=None)
-        for seq, events in enumerate(([stored], [kv_events.BlockRemoved(block_hashes=[32], medium="CPU")])):
-            payload = msgspec.msgpack.Encoder().encode(kv_events.KVEventBatch(ts=0.0, events=events))
+        for seq, events in batches:
+            payload = msgspec.msgpack.Encoder().encode(KVEventBatch(ts=0.0, events=events))
             pub.send_multipart((b"", seq.to_bytes(8, "big"), payload))
         for _ in range(50):
-            if len(changes) == 2:
+            if len(changes) == len(batches):
                 break
             await asyncio.sleep(0.02)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         pub.close(linger=0)
-        return index.cached, len(changes), prompt_hash_ids(a)
-
-    import tempfile
+        return index.cached, len(changes)
 
     with tempfile.TemporaryDirectory() as tmp:
-        cached, changes, ids = asyncio.run(scenario(tmp))
+        return asyncio.run(scenario(tmp))
+
+
+def test_follow_reads_vllms_published_batches() -> None:
+    """vLLM's own event types, as its publisher sends them, through ``subscribe`` + ``follow``."""
+    pytest.importorskip("msgspec")
+    pytest.importorskip("zmq")
+    kv_events = pytest.importorskip("vllm.distributed.kv_events")
+    a = tokens(1024)
+    stored = kv_events.BlockStored(block_hashes=list(range(1, 33)), parent_block_hash=None, token_ids=a,
+                                   block_size=B, lora_id=None, medium="CPU", lora_name=None)
+    cached, changes = follow_published([(0, [stored]), (1, [kv_events.BlockRemoved(block_hashes=[32], medium="CPU")])])
     assert changes == 2
-    assert cached == frozenset(ids[:1])  # the second id's boundary block (32) was evicted
+    assert cached == frozenset(prompt_hash_ids(a)[:1])  # the second id's boundary block (32) was evicted
