@@ -58,7 +58,7 @@ from scheduler.control.placement import (
 )
 from scheduler.control.registry import EntryTable, RegistryEntry
 from scheduler.control.reroling import RoleSwitcher
-from scheduler.control.util import _await, _index_of
+from scheduler.control.util import _await, _index_of, _pool_of
 from scheduler.core.types import ClusterView, InstanceSnapshot
 from scheduler.deploy.autoscale import KubernetesBackend
 from scheduler.policy.migration import MigrationPlan, MigrationPolicy
@@ -456,7 +456,7 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
             for pool in self.config.pools:
                 have = sorted(
                     [i for i, m in self._members.items() if m.info.pool == pool.name]
-                    + [i for i in self._pending if i.rsplit("-", 1)[0] == pool.name],
+                    + [i for i in self._pending if _pool_of(i) == pool.name],
                     key=lambda i: _index_of(i) or 0,
                 )
                 want = self._desired.get(pool.name, pool.count)

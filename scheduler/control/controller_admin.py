@@ -10,7 +10,7 @@ import logging
 import ray
 
 from scheduler.control.api import Unavailable
-from scheduler.control.util import _await
+from scheduler.control.util import _await, _pool_of
 
 # NOTE: the Controller's logger: these are Controller methods, and deployments tune (benches silence) it by that name.
 log = logging.getLogger("scheduler.control.controller")
@@ -45,7 +45,7 @@ class ControllerAdmin:
         await self._reconcile(wait=False)
         # Only this pool's creations (another pool's, started by the loop, are none of this call's
         # business); not cancelled at the timeout (asyncio.wait): they go on starting.
-        starting = [t for i, t in self._pending.items() if i.rsplit("-", 1)[0] == pool]
+        starting = [t for i, t in self._pending.items() if _pool_of(i) == pool]
         if starting:
             _, late = await asyncio.wait(starting, timeout=SCALE_WAIT_S)
             if late:

@@ -15,7 +15,7 @@ from typing import Any
 import ray
 
 from scheduler.control.placement import bundle_nodes
-from scheduler.control.util import _await, _index_of
+from scheduler.control.util import _await, _index_of, _pool_of
 from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot
 from scheduler.policy.scaling import (
     PrefixHitWindow,
@@ -58,7 +58,7 @@ class ControllerScaling:
 
     def _pool_of(self, snap: InstanceSnapshot) -> str:
         m = self._members.get(snap.instance_id)
-        return m.info.pool if m is not None else snap.instance_id.rsplit("-", 1)[0]
+        return m.info.pool if m is not None else _pool_of(snap.instance_id)
 
     def _save_draining(self) -> None:
         self._kv_put("draining", sorted(self._draining))
@@ -153,7 +153,7 @@ class ControllerScaling:
         skip = set() if held else self._held()
         live = [i for i, m in self._members.items()
                 if m.info.pool == pool and i not in self._draining and i not in skip]
-        return live + [i for i in self._pending if i.rsplit("-", 1)[0] == pool and i not in live]
+        return live + [i for i in self._pending if _pool_of(i) == pool and i not in live]
 
     async def _apply_scale(self, d: ScaleDecision) -> None:
         if d.pool not in self._pools:
