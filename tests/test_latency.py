@@ -18,13 +18,13 @@ from scheduler.latency.fit import (
     GPU_KERNEL_FILES,
     SPLITWISE_FILE,
     holdout_errors,
-    measured_attention,
-    read_gpu_kernels,
-    whole_step_errors,
     mape,
+    measured_attention,
     predict_splitwise,
+    read_gpu_kernels,
     read_vendored_splitwise,
     spec_for,
+    whole_step_errors,
 )
 
 LLAMA7 = ModelSpec(

@@ -12,7 +12,7 @@ from scheduler.config.load import load_config
 from scheduler.profile import _steady_tpot, contention_table, fit, latency_from_profile, merge_samples
 from sim.simulator import Simulator, Workload
 
-TRUE = dict(c=2e-3, g=5e-6, s=0.5e-3, a_d=1e-6, L=4e-3)
+TRUE = {"c": 2e-3, "g": 5e-6, "s": 0.5e-3, "a_d": 1e-6, "L": 4e-3}
 
 
 def _samples(contention=None) -> dict:
@@ -629,7 +629,7 @@ def test_fit_takes_the_request_cpu_beside_the_prefill_step():
     off-step CPU, linear in the prompt; merge_samples carries the samples and the host's cores."""
     base = fit(_samples())
     xs, ys = zip(*base["prefill_table"])
-    step = lambda n: float(np.interp(n, xs, ys)) + base["overhead_s"] + base["per_seq_s"]  # noqa: E731
+    step = lambda n: float(np.interp(n, xs, ys)) + base["overhead_s"] + base["per_seq_s"]
     true0, true1 = 0.040, 3e-5
     rc = [(n, true0 + true1 * n + step(n)) for n in (32, 384, 1024)]
     merged = merge_samples(dict(_samples(), request_cpu=rc, host_cores=2), _samples())
@@ -963,7 +963,7 @@ def test_simulator_stretches_the_handoff_with_the_engines_busy(tmp_path):
     # Request 0 streams long on a decode engine; request 1's handoff happens while it does.
     w = Workload(np.array([0.0, 1.5]), np.array([64, 64]), np.array([2000, 20]))
     busy = _sim(base, tmp_path, w)
-    hop = lambda r, i: r.finish_s[i] - r.first_token_s[i]  # noqa: E731 - 19 steps after the handoff
+    hop = lambda r, i: r.finish_s[i] - r.first_token_s[i]
     # The 0.5 s handoff took ~1.8x; the 19 slower steps after it add only ~0.04 s.
     assert hop(busy, 1) - hop(alone, 0) == pytest.approx(0.8 * 0.5, abs=0.1)
 

@@ -163,9 +163,9 @@ def test_grpc_and_http_servers_record_metrics() -> None:
 
 def test_overload_is_counted_as_rejection() -> None:
     rec = recorder()
-    with BackgroundServer(lambda: EchoIngress(max_inflight=0), recorder=rec) as s:
-        with Client(s.address, retries=0) as c, pytest.raises(ResourceExhausted):
-            c.generate("x", priority=2)
+    with (BackgroundServer(lambda: EchoIngress(max_inflight=0), recorder=rec) as s,
+          Client(s.address, retries=0) as c, pytest.raises(ResourceExhausted)):
+        c.generate("x", priority=2)
     assert sample(rec, "llmsched_admission_rejected_total", priority="2", reason="ingress") == 1
     assert sample(rec, "llmsched_requests_total", api="grpc", route="none", status="rejected") == 1
     assert sample(rec, "llmsched_requests_in_flight", api="grpc", priority="2") == 0
@@ -248,9 +248,9 @@ def test_grpc_trace_context_client_to_server_to_ingress_spans() -> None:
         ing.tracing = server_tracing
         return ing
 
-    with BackgroundServer(factory, tracing=server_tracing) as s:
-        with Client(s.address, tracing=client_tracing) as c:
-            r = c.generate("trace", max_tokens=3, request_id="t-1")
+    with (BackgroundServer(factory, tracing=server_tracing) as s,
+          Client(s.address, tracing=client_tracing) as c):
+        r = c.generate("trace", max_tokens=3, request_id="t-1")
     assert len(r.token_ids) == 3
     client = _by_name(client_spans.get_finished_spans(), Stage.CLIENT)
     spans = server_spans.get_finished_spans()

@@ -18,8 +18,8 @@ import pytest
 pytest.importorskip("vllm")
 ray = pytest.importorskip("ray")
 
-from scheduler.client import Client, LLMSchedError  # noqa: E402
-from scheduler.config.load import load_config  # noqa: E402
+from scheduler.client import Client, LLMSchedError
+from scheduler.config.load import load_config
 
 pytestmark = pytest.mark.e2e
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "cpu-pd.yaml"

@@ -61,11 +61,10 @@ class SLO:
     tpot_s: float | None = None
 
     def met(self, ttft_s: float, tpot_s: float) -> bool:
-        if self.ttft_s is not None and ttft_s > self.ttft_s:
-            return False
-        if self.tpot_s is not None and tpot_s > self.tpot_s:
-            return False
-        return True
+        # Written as "not over" so a NaN (a one-token request has no TPOT) meets its target.
+        over_ttft = self.ttft_s is not None and ttft_s > self.ttft_s
+        over_tpot = self.tpot_s is not None and tpot_s > self.tpot_s
+        return not (over_ttft or over_tpot)
 
 
 @dataclass(frozen=True, slots=True)

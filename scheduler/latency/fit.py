@@ -24,7 +24,13 @@ from scipy.optimize import least_squares
 
 from scheduler.config.models import GPUSpec, ModelSpec
 from scheduler.latency import profiles
-from scheduler.latency.model import LatencyModel, _allreduce_time, attention_coeffs, prefill_pairs, roofline_model
+from scheduler.latency.model import (
+    LatencyModel,
+    _allreduce_time,
+    attention_coeffs,
+    prefill_pairs,
+    roofline_model,
+)
 from scheduler.latency.profiles import Calibration, ProfileRows, _lm_head_s, gemm_table, model_key
 
 DATA_OUT = Path(__file__).resolve().parent / "data"

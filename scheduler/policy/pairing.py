@@ -258,11 +258,11 @@ class PairingRouter(Router):
         if p.role is InstanceRole.DECODE:
             return RouteDecision(p.instance_id, reason=f"{self.name}; decode instance prefills")
         d = self.pick(request, decode, view, phase="decode")
-        if p.role is InstanceRole.MIXED and d.instance_id != p.instance_id:
-            # NOTE: keeping the request on a MIXED instance saves the KV transfer; do it when the instance
-            # would decode about as well as the chosen decoder.
-            if self.score(request, p, phase="decode") <= self.score(request, d, phase="decode"):
-                d = p
+        # Keeping the request on a MIXED instance saves the KV transfer; do it when the instance would decode
+        # about as well as the chosen decoder.
+        if (p.role is InstanceRole.MIXED and d.instance_id != p.instance_id
+                and self.score(request, p, phase="decode") <= self.score(request, d, phase="decode")):
+            d = p
         if d.role is InstanceRole.PREFILL:
             # Splitwise borrow: an explicit pair (even p == d) tells the applier a PREFILL instance decodes.
             return RouteDecision(p.instance_id, d.instance_id, reason=f"{self.name}; prefill instance decodes")

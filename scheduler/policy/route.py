@@ -70,7 +70,6 @@ class Router:
     # Optional hooks (no-ops by default).
     def initialize(self, config: ClusterConfig) -> None:
         """Bind the cluster config (latency models, SLOs); called once by the simulator / controller."""
-        return None
 
     def on_routed(self, request: RequestInfo, decision: RouteDecision) -> None:
         return None
