@@ -21,9 +21,11 @@ def tokens(n: int) -> list[int]:
 
 
 class Stored:  # the fields ``PrefixIndex.on_batch`` reads of vLLM's BlockStored
-    def __init__(self, hashes: list[int], parent: int | None, token_ids: list[int], block_size: int = B) -> None:
+    def __init__(self, hashes: list[int], parent: int | None, token_ids: list[int], block_size: int = B, *,
+                 group_idx: int | None = None, extra_keys: list | None = None) -> None:
         self.block_hashes, self.parent_block_hash, self.token_ids, self.block_size = (
             hashes, parent, token_ids, block_size)
+        self.group_idx, self.extra_keys = group_idx, extra_keys
 
 
 Stored.__name__ = "BlockStored"
@@ -35,6 +37,10 @@ class Removed:
 
 
 Removed.__name__ = "BlockRemoved"
+
+
+class AllBlocksCleared:
+    pass
 
 
 def store(index: PrefixIndex, seq: int, first: int, parent: int | None, toks: list[int]) -> list[int]:
@@ -92,6 +98,33 @@ def test_a_block_whose_parent_is_unknown_names_nothing_and_odd_block_sizes_give_
     odd = PrefixIndex()
     odd.on_batch(0, [Stored([1], None, tokens(48), block_size=48)])  # 512 is not a multiple of 48
     assert odd.cached is None
+
+
+def test_a_second_kv_cache_group_makes_the_cache_unknown_for_good() -> None:
+    """A hybrid model (full + sliding-window attention) has one KV cache group per kind, and vLLM hits only what
+    every group holds: one group's blocks over-claim, so the index says it cannot tell rather than be wrong."""
+    index = PrefixIndex()
+    a = tokens(1024)
+    hashes = list(range(1, 33))
+    index.on_batch(0, [Stored(hashes, None, a, group_idx=0)])
+    assert index.cached == frozenset(prompt_hash_ids(a))
+    index.on_batch(1, [Stored(hashes, None, a, group_idx=1)])
+    assert index.cached is None and index.hybrid
+    index.on_batch(2, [AllBlocksCleared()])  # emptying the cache does not make one group tell the hits
+    index.on_batch(3, [Stored(hashes, None, a, group_idx=0)])
+    assert index.cached is None
+
+
+def test_blocks_hashed_with_extra_keys_name_no_prompt_id() -> None:
+    """A block cached under a LoRA / cache salt / image input is not hit by a plain prompt of the same tokens."""
+    a = tokens(1024)
+    salted = PrefixIndex()
+    salted.on_batch(0, [Stored(list(range(1, 33)), None, a, extra_keys=[("salt",)] * 32)])
+    assert salted.cached == frozenset()
+    # Extra keys from the 20th block on (an image after 608 text tokens): the first id, all text, is still named.
+    mixed = PrefixIndex()
+    mixed.on_batch(0, [Stored(list(range(1, 33)), None, a, extra_keys=[None] * 19 + [("mm", "img", 0)] * 13)])
+    assert mixed.cached == frozenset(prompt_hash_ids(a)[:1])
 
 
 def follow_published(batches: list[tuple[int, list]]) -> tuple[frozenset[int] | None, int]:

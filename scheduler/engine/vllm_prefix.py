@@ -15,7 +15,9 @@ blocks up to its last one vLLM would reuse are cached (vLLM's hit on a repeat is
 tokens), as the simulated engines list a computed prompt's last id -- a repeated prompt reads as a full hit.
 Events lost (a gap in the publisher's sequence numbers) make the index unknown (``cached`` is ``None``, as for an
 engine without events), never wrong, until vLLM empties its cache (``AllBlocksCleared``: ``reset_prefix_cache``),
-after which every block is known again.
+after which every block is known again. A model with several KV cache groups (hybrid attention: vLLM's hit is
+what every group holds) is unknown for good, and blocks hashed with extra keys (LoRA, cache salt, multimodal
+inputs) name nothing: a plain prompt of the same tokens would not hit them.
 """
 
 from __future__ import annotations
@@ -65,11 +67,13 @@ class PrefixIndex:
         self._cached: frozenset[int] | None = frozenset()
         self._next_seq = 0  # batches are numbered from 0; the subscriber connects before the first request
         self.lost = False  # events were missed: ``cached`` is None until vLLM empties its cache
+        self._group: int | None = None  # the KV cache group the events are about (vLLM's ``group_idx``)
+        self.hybrid = False  # events of a second group came: ``cached`` is None for good
 
     @property
     def cached(self) -> frozenset[int] | None:
         """The ids resident now; ``None`` once the index cannot tell (events lost, an unsupported block size)."""
-        if self.lost:
+        if self.lost or self.hybrid:
             return None
         if self._cached is None:
             runs, ids = self._runs, self._ids
@@ -119,15 +123,33 @@ class PrefixIndex:
                     log.info("vLLM KV events: the prefix cache was emptied; following it again")
                 self.lost = False
                 self.clear()
-            elif self.lost:
+            elif self.lost or not self._follows(getattr(e, "group_idx", None)):
                 continue
             elif kind == "BlockStored":
-                self.stored(e.block_hashes, e.parent_block_hash, e.token_ids, e.block_size)
+                self.stored(e.block_hashes, e.parent_block_hash, e.token_ids, e.block_size,
+                            getattr(e, "extra_keys", None))
             elif kind == "BlockRemoved":
                 self.removed(e.block_hashes)
 
-    def stored(self, hashes: list[Any], parent: Any, token_ids: list[int], block_size: int) -> None:
-        """Blocks ``hashes`` (a chain, in order, after ``parent``) entered the cache with ``token_ids``."""
+    def _follows(self, group: int | None) -> bool:
+        """Whether an event of KV cache group ``group`` is followed: the first group seen; a second one means a
+        hybrid model, whose hits one group's blocks cannot tell."""
+        if group is None or group == self._group:
+            return True
+        if self._group is None:
+            self._group = group
+            return True
+        if not self.hybrid:
+            log.warning("vLLM KV events: KV cache groups %d and %d (a hybrid model); the prefix cache is unknown",
+                        self._group, group)
+            self.hybrid = True
+        return False
+
+    def stored(self, hashes: list[Any], parent: Any, token_ids: list[int], block_size: int,
+               extra_keys: list[Any] | None = None) -> None:
+        """Blocks ``hashes`` (a chain, in order, after ``parent``) entered the cache with ``token_ids``;
+        ``extra_keys``: per block, what else vLLM hashed into it (LoRA, cache salt, multimodal input; ``None``:
+        nothing)."""
         if block_size <= 0 or self.block_tokens % block_size:
             log.warning("vLLM KV events: block size %d does not divide %d; the prefix cache is unknown",
                         block_size, self.block_tokens)
@@ -142,6 +164,8 @@ class PrefixIndex:
             tokens = tuple(token_ids[k * block_size : (k + 1) * block_size])
             if len(tokens) < block_size:
                 break  # only full blocks are cached
+            if extra_keys and extra_keys[k]:
+                break  # hashed with more than its tokens: no prompt id names it (nor, unknown parent, its children)
             end = (prev.end if prev is not None else 0) + block_size
             last_id = prev.own_id if prev is not None and prev.own_id is not None else (
                 prev.last_id if prev is not None else 0)
