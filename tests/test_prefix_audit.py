@@ -67,8 +67,9 @@ def test_prefix_affinity_counts_a_prefix_on_its_way_before_the_listing_shows_it(
     r = PrefixAffinityRouter()
     empty = (snap("a", cached=frozenset()), snap("b", cached=frozenset()))
     assert route(r, req("first"), *empty) == "a"
-    queued = (snap("a", pending=4096, compute=4096, cached=frozenset()), snap("b", cached=frozenset()))
-    assert route(r, req("second"), *queued) == "a"  # queue 4096 + 0 to compute, against 4096 on "b"
+    queued = (snap("a", pending=4000, compute=4000, cached=frozenset()), snap("b", cached=frozenset()))
+    # queue 4000 + the last block's 16 tokens to compute (vLLM recomputes a repeat's last token), against 4096 on "b"
+    assert route(r, req("second"), *queued) == "a"
     r.on_finished("first", "a")
     r.on_finished("second", "a")
     assert route(r, req("third"), *empty) == "a"  # tie: first in view order
@@ -210,3 +211,16 @@ def test_the_engine_models_prefix_cache_charges_a_partial_last_block_its_tokens(
     eng.add_request("long", 768, 1, hash_ids=(1, 2, 3), hash_block_tokens=256)
     drain(eng)
     assert eng.snapshot("i0", 0.0).cached_hash_ids == frozenset({1, 2, 3, 106, 107})  # 968 tokens
+
+
+def test_a_full_repeat_is_priced_with_its_last_block_recomputed_as_the_engines_do() -> None:
+    """A prompt whose every id is cached still prefills its last KV block (vLLM recomputes the last token to sample
+    the first output; the engine model too): prefix_affinity and lookahead priced it at 0 and P - 1 tokens hit."""
+    from scheduler.core.prefix import reused_prompt_tokens
+
+    r = PrefixAffinityRouter()
+    full = snap("a", cached=frozenset(HOT))
+    assert r.score(req("again"), full, phase="prefill") == 16.0  # 4096 - (4095 // 16 * 16)
+    assert reused_prompt_tokens(8, 4096, kv_block=16) == 4080
+    assert reused_prompt_tokens(8, 4000, kv_block=16) == 3984  # a partial last id: up to the last whole block
+    assert reused_prompt_tokens(3, 4096, kv_block=16) == 1536 and reused_prompt_tokens(0, 10, kv_block=0) == 0

@@ -29,7 +29,16 @@ def cached_prefix_tokens(
         if h not in cached:
             break
         n += 1
-    return min(n * block_tokens, prompt_tokens - 1) // kv_block * kv_block
+    return reused_prompt_tokens(n, prompt_tokens, kv_block=kv_block, block_tokens=block_tokens)
+
+
+def reused_prompt_tokens(cached_ids: int, prompt_tokens: int, *, kv_block: int,
+                         block_tokens: int = HASH_BLOCK_TOKENS) -> int:
+    """Prompt tokens ``cached_ids`` leading ids found in an engine's prefix cache spare a prompt of
+    ``prompt_tokens``: the whole KV blocks of ``kv_block`` tokens they cover, short of the last token, which the
+    engine recomputes to sample the first output token (vLLM's rule; a repeated prompt is not free)."""
+    kv_block = max(kv_block, 1)
+    return max(min(cached_ids * block_tokens, prompt_tokens - 1), 0) // kv_block * kv_block
 
 
 def prompt_hash_ids(token_ids: Sequence[int], block_tokens: int = HASH_BLOCK_TOKENS) -> tuple[int, ...]:

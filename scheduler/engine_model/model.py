@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from scheduler.config.models import EngineSpec
+from scheduler.core.prefix import reused_prompt_tokens
 from scheduler.core.types import InstanceRole, InstanceSnapshot, RequestLoad
 from scheduler.latency.model import LatencyModel, prefill_pairs
 from scheduler.predict.base import LengthPrediction, remaining_tokens
@@ -569,7 +570,7 @@ class EngineModel:
     def _hit_tokens(self, seq: Seq, n: int) -> int:
         """Prompt tokens ``n`` leading cached ids spare ``seq``: the whole KV blocks they cover, short of the last
         token, which is recomputed."""
-        return min(n * seq.hash_block_tokens, seq.num_tokens - 1) // self.block_size * self.block_size
+        return reused_prompt_tokens(n, seq.num_tokens, kv_block=self.block_size, block_tokens=seq.hash_block_tokens)
 
     def cached_prefix_blocks(self, hash_ids: tuple[int, ...]) -> int:
         """How many leading ``hash_ids`` are in this instance's prefix cache now (0 when caching is off)."""

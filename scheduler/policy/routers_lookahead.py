@@ -98,6 +98,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from scheduler.config.models import ClusterConfig, GPUSpec, ModelSpec
+from scheduler.core.prefix import reused_prompt_tokens
 from scheduler.core.types import SLO, ClusterView, InstanceRole, InstanceSnapshot, Rejected, RequestInfo
 from scheduler.latency import (
     LatencyModel,
@@ -333,7 +334,7 @@ class LookaheadRouter(PairingRouter):
             if h not in inst.cached_hash_ids:
                 break
             n += 1
-        return min(n * self.hash_block_tokens, q.P - 1)
+        return reused_prompt_tokens(n, q.P, kv_block=inst.block_size, block_tokens=self.hash_block_tokens)
 
     def _terms(self, inst: InstanceSnapshot) -> _Terms:
         """The request-independent part of the estimate for ``inst``, kept while its snapshot object is current

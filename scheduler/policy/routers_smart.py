@@ -12,6 +12,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Container
 
 from scheduler.config.models import ClusterConfig
+from scheduler.core.prefix import reused_prompt_tokens
 from scheduler.core.types import ClusterView, InstanceSnapshot, Rejected, RequestInfo
 from scheduler.policy.pairing import (
     HIGH_PRIORITY,
@@ -192,7 +193,9 @@ class PrefixAffinityRouter(PairingRouter):
         p = request.prompt_tokens
         if phase == "decode":  # (no num_incoming term either: counted, 42.0 -> 39.5% SLO on the tier as P/D)
             return virtual_usage_with(inst, p)
-        hit = min(self.matched_blocks(request, inst) * self.hash_block_tokens, p)
+        # A repeat is not free: the engine recomputes the last token (``reused_prompt_tokens``, its rule).
+        hit = reused_prompt_tokens(self.matched_blocks(request, inst), p, kv_block=inst.block_size,
+                                   block_tokens=self.hash_block_tokens)
         vu = virtual_usage_with(inst, p - hit)
         pressure = p * 10.0 * max(vu - self.kv_soft_limit, 0.0)  # a full instance would evict the prefix anyway
         # The queue in the newcomer's units: tokens to compute. ``prefill_tokens_pending`` counts queued prompts
