@@ -75,7 +75,7 @@ from scheduler.core.types import (
     Rejected,
     RequestInfo,
 )
-from scheduler.engine.base import EngineRequest, SamplingParams, TokenChunk
+from scheduler.engine.base import TEXT_CONTEXT_TOKENS, EngineRequest, SamplingParams, TokenChunk, text_after
 from scheduler.policy.filters import decode_candidates, prefill_candidates
 from scheduler.policy.route import RouteDecision, Router, make_router, router_takes
 from scheduler.predict.serving import ServingPredictor, serving_predictor
@@ -831,9 +831,15 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         tokens = chunk.token_ids[skip:]
         if not tokens:
             return dataclasses.replace(chunk, index=start, token_ids=()) if chunk.finished else None
+        text = chunk.text
+        if skip or not text:
+            # Text for these tokens alone (an overlap's tail; an instance's resend of outputs emitted before it took
+            # over, sent without text -- or vLLM's "" for a token inside a character, which this keeps ""): decoded
+            # after the tokens before them, as the engine's text is.
+            context = (*rec.prompt_token_ids[-TEXT_CONTEXT_TOKENS:], *rec.output_token_ids[-TEXT_CONTEXT_TOKENS:])
+            text = text_after(self.tokenizer.decode, context, tokens)
         rec.output_token_ids.extend(tokens)
         rec.phase = Phase.DECODE
-        text = self.tokenizer.decode(tokens) if not chunk.text or skip else chunk.text
         return dataclasses.replace(chunk, index=start, token_ids=tokens, text=text)
 
     def _recover(self, rec: RequestRecord, iid: str, err: Exception) -> RouteDecision:

@@ -9,7 +9,7 @@ of one request, as plain bytes/arrays that can travel through Ray's object store
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -57,6 +57,22 @@ class TokenChunk:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "migrated" | "error: ..."
     text: str = ""
     instance_id: str = ""  # which instance produced these tokens (set by the control plane)
+
+
+# Tokens before a run that its text is decoded after: a UTF-8 character spans up to 4 byte tokens, and a BPE or
+# sentencepiece word boundary needs one or two (vLLM's incremental detokenizer reads back 5).
+TEXT_CONTEXT_TOKENS = 8
+
+
+def text_after(decode: Callable[[list[int]], str], context: Sequence[int], token_ids: Sequence[int]) -> str:
+    """The text ``token_ids`` add to a stream whose earlier ids end with ``context``, as vLLM's incremental
+    detokenizer streams it, so that the texts of consecutive runs join to ``decode(all ids)``: decoded after the
+    last context tokens (alone, a character split at the run's start came out as U+FFFD, and a sentencepiece
+    word lost its leading space), and a character still incomplete at the end held back -- its text comes with
+    the token that completes it (the engine streams "" for such a token, as here)."""
+    ctx = list(context[-TEXT_CONTEXT_TOKENS:])
+    head = decode(ctx).rstrip("\ufffd") if ctx else ""
+    return decode(ctx + list(token_ids)).rstrip("\ufffd")[len(head) :]
 
 
 @dataclass(frozen=True, slots=True)

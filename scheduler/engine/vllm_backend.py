@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.core.types import InstanceRole, RequestLoad
-from scheduler.engine.base import EngineRequest, EngineStats, KVBlocks, TokenChunk
+from scheduler.engine.base import (
+    TEXT_CONTEXT_TOKENS,
+    EngineRequest,
+    EngineStats,
+    KVBlocks,
+    TokenChunk,
+    text_after,
+)
 from scheduler.engine.tiny_model import configure_cache_env
 from scheduler.engine.vllm_prefix import PrefixIndex, follow, subscribe
 from scheduler.transfer.kv_payload import (
@@ -46,7 +53,6 @@ from scheduler.transfer.kv_payload import (
 from scheduler.transfer.migration import MigrationSnapshot
 
 KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
-_TEXT_PRIME_TOKENS = 8  # history a resumed stream's detokenizer is primed with (byte-level BPE needs a few)
 _ENV_LOCK = threading.Lock()
 logger = logging.getLogger(__name__)
 
@@ -537,9 +543,10 @@ class VLLMBackend:
         return outputs()
 
     def _resume_text_stream(self, request: EngineRequest) -> Callable[[tuple[int, ...]], str] | None:
-        """Incremental text of a resumed stream's new tokens, or ``None`` (no ``tokenizer.json``: vLLM decodes)."""
+        """Incremental text of a resumed stream's new tokens, or ``None`` (no ``tokenizer.json``: vLLM decodes).
+        NOTE: not tokenizers' DecodeStream: primed with a context that ends inside a character (a stream resumed
+        between two of its bytes), it returned the whole primed text again."""
         from tokenizers import Tokenizer
-        from tokenizers.decoders import DecodeStream
 
         if self._tokenizer is None:
             path = self.model_path / "tokenizer.json"
@@ -547,10 +554,12 @@ class VLLMBackend:
                 return None
             self._tokenizer = Tokenizer.from_file(str(path))
         tok = self._tokenizer
-        stream = DecodeStream(ids=list(request.prompt_token_ids[-_TEXT_PRIME_TOKENS:]), skip_special_tokens=True)
+        context = list(request.prompt_token_ids[-TEXT_CONTEXT_TOKENS:])
 
         def decode(tokens: tuple[int, ...]) -> str:
-            return "".join(stream.step(tok, t) or "" for t in tokens)
+            text = text_after(tok.decode, context, tokens)
+            context[:] = [*context, *tokens][-TEXT_CONTEXT_TOKENS:]
+            return text
 
         return decode
 

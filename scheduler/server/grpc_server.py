@@ -48,7 +48,7 @@ from scheduler.control.api import (
     Unavailable,
 )
 from scheduler.core.types import InstanceRole
-from scheduler.engine.base import TokenChunk
+from scheduler.engine.base import TEXT_CONTEXT_TOKENS, TokenChunk, text_after
 from scheduler.server.admission import InflightLimiter, Slot, cancel_quietly, close_stream
 from scheduler.server.auth import ADMIN_SERVICE, INFERENCE_SERVICE, AuthConfig, TokenAuthInterceptor
 
@@ -189,6 +189,7 @@ class InferenceServicer:
                 tokenizer = getattr(self._ingress, "tokenizer", None)
                 detokenize = getattr(tokenizer, "decode", None)
                 seen = False  # a chunk came from the ingress
+                dropped: list[int] = []  # the last ids dropped below ``resume``: the kept tail's text follows them
                 while True:
                     try:
                         with activate(span):
@@ -207,10 +208,12 @@ class InferenceServicer:
                     last_instance = instance_id or last_instance
                     if index < resume:  # retry after UNAVAILABLE: drop what the client already has
                         skip = min(resume - index, len(ids))
+                        dropped = [*dropped, *ids[:skip]][-TEXT_CONTEXT_TOKENS:]
                         ids, index = ids[skip:], index + skip
                         # The kept tail still needs its text (the SDK joins chunk texts into the output): the
-                        # chunk's text belongs to all its tokens, so detokenize the tail, as the ingress does.
-                        text = detokenize(ids) if ids and text and detokenize is not None else ""
+                        # chunk's text belongs to all its tokens, so detokenize the tail after the ids before it
+                        # (alone, a character split at the resume point came out as U+FFFD).
+                        text = text_after(detokenize, dropped, ids) if ids and text and detokenize is not None else ""
                         if not ids and not chunk.finished:
                             continue
                     reason = chunk.finish_reason

@@ -1,0 +1,154 @@
+"""Regressions from an audit of the live ingress, its gRPC/HTTP surface and the SDK (session 35). No Ray: the real
+``Ingress`` over the fake instance handles of ``test_ingress_audit``, served over real loopback gRPC/HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from scheduler._proto.llmsched.v1 import inference_pb2
+from scheduler.control.api import GenerateRequest
+from scheduler.control.registry import RequestRecord
+from scheduler.control.tokenizer import HFTokenizer
+from scheduler.engine.base import SamplingParams, TokenChunk
+from scheduler.engine.tiny_model import ensure_tiny_model
+from scheduler.server.background import BackgroundServer
+from tests.test_grpc_api import raw_generate
+from tests.test_ingress_audit import _ingress
+
+# Multi-byte characters (2, 3 and 4 UTF-8 bytes): the tiny model's byte-level BPE splits each over several tokens.
+TEXT = "the cache é ok 日本 and 🙂 model"
+
+
+@pytest.fixture(scope="module")
+def tok() -> HFTokenizer:
+    return HFTokenizer(Path(ensure_tiny_model()) / "tokenizer.json")
+
+
+def _engine_texts(tok: HFTokenizer, ids: list[int]) -> list[str]:
+    """Each token's text as vLLM's incremental detokenizer streams it: the text the token completes, a character
+    still incomplete held back ("" until its last byte)."""
+    out, done = [], ""
+    for n in range(1, len(ids) + 1):
+        now = tok.decode(ids[:n]).rstrip("\ufffd")
+        out.append(now[len(done) :])
+        done = now
+    return out
+
+
+def _splits(tok: HFTokenizer, ids: list[int]) -> list[int]:
+    """Indices that cut a character in two (decoding the head alone ends in U+FFFD)."""
+    return [n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd")]
+
+
+def test_the_text_fixture_splits_characters(tok: HFTokenizer) -> None:
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    assert tok.decode(ids) == TEXT and len(_splits(tok, ids)) >= 4
+    assert "".join(_engine_texts(tok, ids)) == TEXT
+
+
+# ---- resumed stream text --------------------------------------------------------------------------------------------
+class _TextIngress:
+    """Streams ``TEXT``'s tokens ``chunk`` at a time with the engine's texts; ``tokenizer`` as the real ingress's."""
+
+    def __init__(self, tok: HFTokenizer, chunk: int) -> None:
+        self.tokenizer, self.chunk = tok, chunk
+        self.ids = tok.encode(TEXT, add_special_tokens=False)
+        self.texts = _engine_texts(tok, self.ids)
+
+    async def _stream(self, rid: str) -> AsyncIterator[TokenChunk]:
+        n = len(self.ids)
+        for i in range(0, n, self.chunk):
+            j = min(i + self.chunk, n)
+            yield TokenChunk(
+                rid, i, tuple(self.ids[i:j]), j == n, "length" if j == n else None, "".join(self.texts[i:j])
+            )
+            await asyncio.sleep(0)
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        return self._stream(request.request_id)
+
+    async def cancel(self, request_id: str) -> bool:
+        return False
+
+
+def test_grpc_resumed_stream_text_joins_to_the_whole_text(tok: HFTokenizer) -> None:
+    """A retry's ``resume_from_index`` inside a chunk: the server detokenized the kept tail alone, so a character split
+    at the resume point came out as U+FFFD (and its head's bytes were lost). The client's text (what it holds before
+    the resume point + the resumed stream's) must be the whole text, wherever the resume point falls."""
+    with BackgroundServer(lambda: _TextIngress(tok, chunk=4)) as srv:
+        ing = srv.ingress
+        ids = ing.ids
+        bad = []
+        for resume in range(1, len(ids)):
+            req = inference_pb2.GenerateRequest(text="x", request_id=f"r{resume}")
+            req.sampling.max_tokens = len(ids)
+            req.resume_from_index = resume
+            code, details, chunks = raw_generate(grpc.insecure_channel(srv.address), req.SerializeToString())
+            assert code == grpc.StatusCode.OK, details
+            got = "".join(ing.texts[:resume]) + "".join(c.text for c in chunks)
+            if got != TEXT:
+                bad.append((resume, got))
+        assert not bad, bad
+
+
+def _accept_all(tok: HFTokenizer, chunks: list[TokenChunk]) -> str:
+    ing = _ingress([], tokenizer=tok)
+    rec = RequestRecord(
+        "r", tuple(tok.encode("Hello", add_special_tokens=False)), SamplingParams(max_tokens=100)
+    )
+    return "".join(out.text for c in chunks if (out := ing._accept(rec, c)) is not None)
+
+
+def test_ingress_keeps_a_held_back_character_whole(tok: HFTokenizer) -> None:
+    """vLLM streams "" for a token that ends inside a character (its text comes with the token that completes it):
+    the ingress took the empty text for missing and detokenized the token alone, so every non-ASCII character
+    reached the client as U+FFFD followed by the character."""
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    texts = _engine_texts(tok, ids)
+    chunks = [TokenChunk("r", i, (t,), i == len(ids) - 1, None, texts[i]) for i, t in enumerate(ids)]
+    assert _accept_all(tok, chunks) == TEXT
+
+
+@pytest.mark.parametrize("cut", [5, 10, 13, 19])
+def test_ingress_text_of_resent_and_overlapping_tokens(tok: HFTokenizer, cut: int) -> None:
+    """Tokens the ingress must detokenize itself -- an instance's resend of outputs emitted before it took over
+    (sent without text), and the new tail of a chunk overlapping what was already streamed -- were decoded alone:
+    a character split at their start came out as U+FFFD."""
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    assert cut in _splits(tok, ids)
+    texts = _engine_texts(tok, ids)
+    head = [TokenChunk("r", i, (ids[i],), False, None, texts[i]) for i in range(cut)]
+    # The destination resends [cut, cut + 3) without text (Instance.poll below ``before``), then streams on.
+    resend = TokenChunk("r", cut, tuple(ids[cut : cut + 3]))
+    rest = TokenChunk("r", cut + 3, tuple(ids[cut + 3 :]), True, "length", "".join(texts[cut + 3 :]))
+    assert _accept_all(tok, [*head, resend, rest]) == TEXT
+    # A chunk from two tokens back (a poll's answer sent again): the new tail only.
+    overlap = TokenChunk("r", cut - 2, tuple(ids[cut - 2 :]), True, "length", "".join(texts[cut - 2 :]))
+    assert _accept_all(tok, [*head, overlap]) == TEXT
+
+
+@pytest.mark.parametrize("cut", [5, 10, 13, 19])
+def test_vllm_resumed_stream_text_after_a_split_character(tok: HFTokenizer, cut: int) -> None:
+    """A resumed engine stream (recovery, migration) decodes its new tokens after the last ones of its context
+    (``VLLMBackend._resume_text_stream``); with the context ending inside a character, tokenizers' DecodeStream
+    returned the whole primed text again (up to 8 tokens of text duplicated) with the completed character."""
+    from scheduler.engine.base import EngineRequest
+    from scheduler.engine.vllm_backend import VLLMBackend
+
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    texts = _engine_texts(tok, ids)
+    backend = object.__new__(VLLMBackend)
+    backend.model_path, backend._tokenizer = Path(ensure_tiny_model()), None
+    prompt = tok.encode("Hello", add_special_tokens=False)
+    req = EngineRequest(
+        "r", tuple(prompt + ids[:cut]), SamplingParams(max_tokens=100), num_output_tokens_before=cut
+    )
+    own_text = backend._resume_text_stream(req)
+    assert own_text is not None
+    tail = "".join(own_text((t,)) for t in ids[cut:])
+    assert "".join(texts[:cut]) + tail == TEXT
