@@ -4,21 +4,29 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from scheduler._proto.llmsched.v1 import inference_pb2
-from scheduler.control.api import GenerateRequest
+from scheduler.client import Client
+from scheduler.client.types import DeadlineExceeded
+from scheduler.control.api import GenerateRequest, IngressError
 from scheduler.control.registry import RequestRecord
 from scheduler.control.tokenizer import HFTokenizer
 from scheduler.engine.base import SamplingParams, TokenChunk
 from scheduler.engine.tiny_model import ensure_tiny_model
 from scheduler.server.background import BackgroundServer
-from tests.test_grpc_api import raw_generate
-from tests.test_ingress_audit import _ingress
+from scheduler.server.grpc_server import status_for
+from scheduler.server.http_server import http_error_for
+from scheduler.server.validate import request_status_for
+from scheduler.telemetry.metrics import NullRecorder, RequestStatus
+from tests.test_grpc_api import raw_generate, wait_for
+from tests.test_ingress_audit import FakeInstance, _ingress
 
 # Multi-byte characters (2, 3 and 4 UTF-8 bytes): the tiny model's byte-level BPE splits each over several tokens.
 TEXT = "the cache é ok 日本 and 🙂 model"
@@ -152,3 +160,69 @@ def test_vllm_resumed_stream_text_after_a_split_character(tok: HFTokenizer, cut:
     assert own_text is not None
     tail = "".join(own_text((t,)) for t in ids[cut:])
     assert "".join(texts[:cut]) + tail == TEXT
+
+
+# ---- deadlines ------------------------------------------------------------------------------------------------------
+class _Statuses(NullRecorder):
+    """Each finished request's status, as the servers report it to metrics."""
+
+    def __init__(self) -> None:
+        self.statuses: dict[str, RequestStatus] = {}
+
+    def on_request_start(self, request_id: str, *, priority: int = 0, api: str = "grpc") -> str:
+        return request_id
+
+    def on_finish(self, request_id: str, *, status: RequestStatus, **kw: Any) -> None:
+        self.statuses[request_id] = status
+
+
+class _SlowTokenizer:
+    """The tiny model's tokenizer, holding the event loop ``delay_s`` per encode (a long prompt, a busy host)."""
+
+    def __init__(self, tok: HFTokenizer, delay_s: float) -> None:
+        self.tok, self.delay_s = tok, delay_s
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        time.sleep(self.delay_s)
+        return self.tok.encode(text, add_special_tokens)
+
+    def decode(self, token_ids: Any) -> str:
+        return self.tok.decode(token_ids)
+
+
+def test_expired_deadline_is_deadline_exceeded_not_unavailable(tok: HFTokenizer) -> None:
+    """A request whose deadline passed before the ingress admitted it was refused ``Unavailable`` (UNAVAILABLE /
+    HTTP 503: "retry me", and counted as "no instance could serve it"), though no retry of it can succeed: it is
+    DEADLINE_EXCEEDED / HTTP 504, final, counted with the requests whose deadline passed later (cancelled)."""
+    ing = _ingress([FakeInstance("i0")], tokenizer=tok)
+    late = GenerateRequest("late", prompt="hello", deadline_s=time.time() - 0.01)
+    with pytest.raises(IngressError) as info:
+        ing._validate(late, tuple(tok.encode("hello")))
+    err = info.value
+    assert status_for(err)[0] is grpc.StatusCode.DEADLINE_EXCEEDED
+    http = http_error_for(err)
+    assert http.status == 504 and http.headers == {"x-should-retry": "false"}
+    assert request_status_for(err) is RequestStatus.CANCELLED
+
+    # Over gRPC: the deadline passes while the prompt is tokenized (the loop held), before admission.
+    inst = FakeInstance("i0")
+    rec = _Statuses()
+    with BackgroundServer(lambda: _ingress([inst], tokenizer=_SlowTokenizer(tok, 0.4)), recorder=rec) as srv:
+        with Client(srv.address, retries=2) as c, pytest.raises(DeadlineExceeded):
+            c.generate("hello", request_id="slow", max_tokens=4, timeout_s=0.2)
+        assert wait_for(lambda: "slow" in rec.statuses)
+        assert rec.statuses["slow"] is RequestStatus.CANCELLED
+        assert inst.calls == [] and len(srv.ingress.registry) == 0
+
+
+def test_deadline_passing_while_running_aborts_the_engine(tok: HFTokenizer) -> None:
+    """A deadline that passes mid-stream: the client gets DEADLINE_EXCEEDED, the ingress aborts the request on its
+    instance (its KV freed), forgets it, and the request is counted cancelled."""
+    inst = FakeInstance("i0")
+    rec = _Statuses()
+    with BackgroundServer(lambda: _ingress([inst], tokenizer=tok), recorder=rec) as srv:
+        with Client(srv.address) as c, pytest.raises(DeadlineExceeded):
+            c.generate("hello", request_id="run", max_tokens=1000, timeout_s=0.3)
+        assert wait_for(lambda: "run" in inst.aborted and len(srv.ingress.registry) == 0)
+        assert wait_for(lambda: "run" in rec.statuses) and rec.statuses["run"] is RequestStatus.CANCELLED
+        assert not inst.running("run")

@@ -15,37 +15,60 @@ from scheduler.engine.base import SamplingParams, TokenChunk
 
 
 class IngressError(Exception):
-    """Base: carries the offending field so servers can name it."""
+    """Base: carries the offending field so servers can name it.
+
+    Each class says once how both servers answer it: ``grpc_code`` (a ``grpc.StatusCode`` name), ``http_status`` and
+    ``http_type`` (OpenAI's error type), ``status`` (the ``llmsched_requests_total`` label: a ``RequestStatus``
+    value) and ``final`` (a 5xx that no retry can help: HTTP ``x-should-retry: false``, OpenAI clients retry other
+    5xx; gRPC's SDK retries UNAVAILABLE only)."""
+
+    grpc_code = "UNKNOWN"
+    http_status = 500
+    http_type = "server_error"
+    status = "failed"
+    final = False
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
 
 
-class InvalidRequest(IngressError):  # -> INVALID_ARGUMENT / HTTP 400
-    pass
+class InvalidRequest(IngressError):
+    grpc_code, http_status, http_type, status = "INVALID_ARGUMENT", 400, "invalid_request_error", "invalid"
 
 
-class TooLarge(InvalidRequest):  # -> RESOURCE_EXHAUSTED (no retry-after: a retry cannot help) / HTTP 413
-    pass
+class TooLarge(InvalidRequest):  # no retry-after: a retry cannot help
+    grpc_code, http_status = "RESOURCE_EXHAUSTED", 413
 
 
-class NotFound(IngressError):  # -> NOT_FOUND / HTTP 404
-    pass
+class NotFound(IngressError):
+    grpc_code, http_status, http_type, status = "NOT_FOUND", 404, "not_found_error", "not_found"
 
 
-class Overloaded(IngressError):  # -> RESOURCE_EXHAUSTED / HTTP 429 (+ retry-after)
+class Overloaded(IngressError):  # + retry-after (gRPC trailing metadata, HTTP header)
+    grpc_code, http_status, http_type, status = "RESOURCE_EXHAUSTED", 429, "rate_limit_error", "rejected"
+
     def __init__(self, message: str, *, field: str | None = None, retry_after_s: float = 1.0) -> None:
         super().__init__(message, field=field)
         self.retry_after_s = retry_after_s
 
 
-class Unavailable(IngressError):  # -> UNAVAILABLE / HTTP 503
-    pass
+class Unavailable(IngressError):  # the SDK retries it
+    grpc_code, http_status, http_type, status = "UNAVAILABLE", 503, "service_unavailable", "unavailable"
 
 
-class RequestFailed(IngressError):  # -> INTERNAL / HTTP 500: final, the SDK does not retry it
+class RequestFailed(IngressError):
     """The request itself is the likely fault (a "query of death": engines failed while it ran on them)."""
+
+    grpc_code, final = "INTERNAL", True
+
+
+class DeadlineExceeded(IngressError):
+    """The request's deadline (``GenerateRequest.deadline_s``) passed: no retry of it can succeed. Counted as gRPC
+    counts a deadline that passes mid-stream (it cancels the call): cancelled."""
+
+    grpc_code, http_status, http_type = "DEADLINE_EXCEEDED", 504, "timeout_error"
+    status, final = "cancelled", True
 
 
 @dataclass(frozen=True, slots=True)

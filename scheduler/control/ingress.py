@@ -39,6 +39,7 @@ from ray.exceptions import GetTimeoutError, RayTaskError
 from scheduler.config.models import ClusterConfig
 from scheduler.control.api import (
     ClusterState,
+    DeadlineExceeded,
     GenerateRequest,
     InvalidRequest,
     Overloaded,
@@ -341,7 +342,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         if not 0 < sp.top_p <= 1:
             raise InvalidRequest(f"top_p: must be in (0, 1], got {sp.top_p}", field="top_p")
         if req.deadline_s is not None and req.deadline_s <= time.time():
-            raise Unavailable("deadline_s: the request's deadline has already passed", field="deadline_s")
+            raise DeadlineExceeded("the call's deadline passed before the request was admitted")
         if len(self.registry) >= self.max_in_flight:
             raise Overloaded(f"ingress {self.ingress_id} has {len(self.registry)} requests in flight",
                              retry_after_s=1.0)

@@ -13,9 +13,10 @@ that a GenerateRequest carrying both prompt forms on the wire (protobuf's oneof 
 rejected. An oversize payload (over ``max_message_bytes``) is RESOURCE_EXHAUSTED naming ``prompt``; grpc's transport
 limit sits at twice that, so only a payload past it gets grpc's own generic RESOURCE_EXHAUSTED.
 
-Error mapping (also the HTTP server's, see ``http_server.py``): ``InvalidRequest`` -> INVALID_ARGUMENT,
-``NotFound`` -> NOT_FOUND, ``Overloaded`` -> RESOURCE_EXHAUSTED + ``retry-after`` trailing metadata,
-``Unavailable`` -> UNAVAILABLE, ``NotImplementedError`` -> UNIMPLEMENTED, anything else -> INTERNAL (logged).
+Error mapping (each ``IngressError`` class names its status, for this server and the HTTP one: ``control/api.py``):
+``InvalidRequest`` -> INVALID_ARGUMENT, ``NotFound`` -> NOT_FOUND, ``Overloaded`` -> RESOURCE_EXHAUSTED +
+``retry-after`` trailing metadata, ``Unavailable`` -> UNAVAILABLE, ``DeadlineExceeded`` -> DEADLINE_EXCEEDED,
+``RequestFailed`` -> INTERNAL, ``NotImplementedError`` -> UNIMPLEMENTED, anything else -> INTERNAL (logged).
 Errors naming a field also carry it as ``llmsched-field`` trailing metadata, which the SDK exposes as ``.field``.
 
 Observability and admission (all optional): ``recorder`` (Prometheus), ``tracing`` (OpenTelemetry; the client's
@@ -41,11 +42,9 @@ from scheduler.control.api import (
     IngressAPI,
     IngressError,
     InvalidRequest,
-    NotFound,
     Overloaded,
     RequestFailed,
     TooLarge,
-    Unavailable,
 )
 from scheduler.core.types import InstanceRole
 from scheduler.engine.base import TEXT_CONTEXT_TOKENS, TokenChunk, text_after
@@ -82,30 +81,16 @@ SERVICE_NAMES = (INFERENCE_SERVICE, ADMIN_SERVICE)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
-    """The gRPC status, message and trailing metadata for an exception raised by the ingress or validation."""
-    md: list[tuple[str, str]] = []
-    if isinstance(exc, IngressError) and exc.field:
-        md.append((FIELD_METADATA_KEY, exc.field))
-    if isinstance(exc, TooLarge):
-        code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    elif isinstance(exc, InvalidRequest):
-        code = grpc.StatusCode.INVALID_ARGUMENT
-    elif isinstance(exc, NotFound):
-        code = grpc.StatusCode.NOT_FOUND
-    elif isinstance(exc, Overloaded):
-        code = grpc.StatusCode.RESOURCE_EXHAUSTED
-        md.append((RETRY_AFTER_METADATA_KEY, f"{max(exc.retry_after_s, 0.0):g}"))
-    elif isinstance(exc, Unavailable):
-        code = grpc.StatusCode.UNAVAILABLE
-    elif isinstance(exc, RequestFailed):  # final: not UNAVAILABLE, which the SDK retries
-        code = grpc.StatusCode.INTERNAL
-    elif isinstance(exc, IngressError):
-        code = grpc.StatusCode.UNKNOWN
-    elif isinstance(exc, NotImplementedError):
+    """The gRPC status, message and trailing metadata for an exception raised by the ingress or validation (the
+    status an ``IngressError`` class names: ``scheduler.control.api``)."""
+    if isinstance(exc, IngressError):
+        md: list[tuple[str, str]] = [(FIELD_METADATA_KEY, exc.field)] if exc.field else []
+        if isinstance(exc, Overloaded):
+            md.append((RETRY_AFTER_METADATA_KEY, f"{max(exc.retry_after_s, 0.0):g}"))
+        return grpc.StatusCode[exc.grpc_code], str(exc), tuple(md)
+    if isinstance(exc, NotImplementedError):
         return grpc.StatusCode.UNIMPLEMENTED, str(exc) or "not implemented by this ingress", ()
-    else:
-        return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})", ()
-    return code, str(exc), tuple(md)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})", ()
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:

@@ -44,11 +44,7 @@ from scheduler.control.api import (
     IngressAPI,
     IngressError,
     InvalidRequest,
-    NotFound,
     Overloaded,
-    RequestFailed,
-    TooLarge,
-    Unavailable,
 )
 from scheduler.engine.base import SamplingParams, TokenChunk
 from scheduler.server.admission import InflightLimiter, Slot, cancel_quietly, close_stream
@@ -207,27 +203,16 @@ def _internal_error(exc: BaseException) -> str:
 
 
 def http_error_for(exc: IngressError) -> HTTPError:
-    """The HTTP status/type for an ingress error (mirror of the gRPC mapping)."""
-    if isinstance(exc, TooLarge):
-        return HTTPError(413, str(exc), param=exc.field)
-    if isinstance(exc, InvalidRequest):
-        return HTTPError(400, str(exc), param=exc.field)
-    if isinstance(exc, NotFound):
-        return HTTPError(404, str(exc), type_="not_found_error", param=exc.field)
+    """The HTTP status/type for an ingress error (the class names it: ``control/api.py``, as for gRPC)."""
+    headers = None
     if isinstance(exc, Overloaded):
-        retry = str(max(1, math.ceil(exc.retry_after_s)))  # HTTP Retry-After is whole seconds
-        return HTTPError(
-            429, str(exc), type_="rate_limit_error", param=exc.field, headers={"Retry-After": retry}
-        )
-    if isinstance(exc, Unavailable):
-        return HTTPError(503, str(exc), type_="service_unavailable", param=exc.field)
-    if isinstance(exc, RequestFailed):
-        # Final (a query of death, quarantined). OpenAI clients retry any 5xx by default (openai-python twice), which
-        # re-sent it to more engines; they obey this header (gRPC: INTERNAL, which the SDK does not retry).
-        return HTTPError(
-            500, str(exc), type_="server_error", param=exc.field, headers={"x-should-retry": "false"}
-        )
-    return HTTPError(500, str(exc), type_="server_error", param=exc.field)
+        # HTTP Retry-After is whole seconds.
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    elif exc.final:
+        # OpenAI clients retry any 5xx by default (openai-python twice): a quarantined request was re-sent to more
+        # engines. They obey this header (gRPC: the SDK retries UNAVAILABLE only).
+        headers = {"x-should-retry": "false"}
+    return HTTPError(exc.http_status, str(exc), type_=exc.http_type, param=exc.field, headers=headers)
 
 
 class _Auth:

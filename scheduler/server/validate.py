@@ -12,7 +12,7 @@ import math
 import unicodedata
 import uuid
 
-from scheduler.control.api import GenerateRequest, InvalidRequest, NotFound, Overloaded, Unavailable
+from scheduler.control.api import GenerateRequest, IngressError, InvalidRequest
 from scheduler.telemetry.metrics import RequestStatus
 
 MAX_REQUEST_ID_CHARS = 256
@@ -143,16 +143,9 @@ def validate_generate(req: GenerateRequest, names: FieldNames = GRPC_FIELDS) -> 
 
 
 def request_status_for(exc: BaseException) -> RequestStatus:
-    """The metrics/span status of a request that ended with ``exc`` (same mapping on gRPC and HTTP)."""
-    if isinstance(exc, InvalidRequest):
-        return RequestStatus.INVALID
-    if isinstance(exc, NotFound):
-        return RequestStatus.NOT_FOUND
-    if isinstance(exc, Overloaded):
-        return RequestStatus.REJECTED
-    if isinstance(exc, Unavailable):
-        return RequestStatus.UNAVAILABLE
-    return RequestStatus.FAILED
+    """The metrics/span status of a request that ended with ``exc`` (same on gRPC and HTTP: the ``IngressError``
+    class names it)."""
+    return RequestStatus(exc.status) if isinstance(exc, IngressError) else RequestStatus.FAILED
 
 
 def request_status_of_finish(reason: str | None) -> RequestStatus:
