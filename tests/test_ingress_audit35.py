@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 
 from scheduler._proto.llmsched.v1 import inference_pb2
@@ -22,7 +24,7 @@ from scheduler.engine.base import SamplingParams, TokenChunk
 from scheduler.engine.tiny_model import ensure_tiny_model
 from scheduler.server.background import BackgroundServer
 from scheduler.server.grpc_server import status_for
-from scheduler.server.http_server import http_error_for
+from scheduler.server.http_server import build_app, http_error_for
 from scheduler.server.validate import request_status_for
 from scheduler.telemetry.metrics import NullRecorder, RequestStatus
 from tests.test_grpc_api import raw_generate, wait_for
@@ -226,3 +228,44 @@ def test_deadline_passing_while_running_aborts_the_engine(tok: HFTokenizer) -> N
         assert wait_for(lambda: "run" in inst.aborted and len(srv.ingress.registry) == 0)
         assert wait_for(lambda: "run" in rec.statuses) and rec.statuses["run"] is RequestStatus.CANCELLED
         assert not inst.running("run")
+
+
+# ---- HTTP usage -----------------------------------------------------------------------------------------------------
+class _CountingTokenizer:
+    def __init__(self, tok: HFTokenizer) -> None:
+        self.tok, self.encodes = tok, 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.encodes += 1
+        return self.tok.encode(text, add_special_tokens)
+
+    def decode(self, token_ids: Any) -> str:
+        return self.tok.decode(token_ids)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_http_usage_counts_the_prompt_the_ingress_tokenized(tok: HFTokenizer, stream: bool) -> None:
+    """The usage's prompt_tokens came from a second encode of the prompt (``Ingress.prompt_tokens``, after the
+    stream ended): a 16k-token prompt cost ~50 ms of tokenizer time twice. It is the ingress's own count now."""
+    counting = _CountingTokenizer(tok)
+    prompt = "the cache model stream " * 50
+    n = len(tok.encode(prompt))
+
+    async def scenario() -> httpx.Response:
+        ing = _ingress([FakeInstance("i0")], tokenizer=counting)
+        app = build_app(ing)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            body: dict[str, Any] = {"prompt": prompt, "max_tokens": 2}
+            if stream:
+                body |= {"stream": True, "stream_options": {"include_usage": True}}
+            return await c.post("/v1/completions", json=body)
+
+    r = asyncio.run(scenario())
+    assert r.status_code == 200, r.text
+    if stream:
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        usage = events[-1]["usage"]
+    else:
+        usage = r.json()["usage"]
+    assert usage == {"prompt_tokens": n, "completion_tokens": 2, "total_tokens": n + 2}
+    assert counting.encodes == 1

@@ -382,9 +382,14 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         raise InvalidRequest(f"request_id: {request_id!r} is already in flight", field="request_id")
 
     def prompt_tokens(self, request: GenerateRequest) -> int:
-        """The request's prompt length in tokens, as this ingress tokenizes it (the HTTP front end's usage)."""
+        """The request's prompt length in tokens, as this ingress tokenizes it (the HTTP front end's usage). While
+        the request is in flight here, the count of its own tokenization: encoding it again cost as much as the
+        first time (~50 ms at 16k tokens)."""
         if request.prompt_token_ids is not None:
             return len(request.prompt_token_ids)
+        rec = self.registry.get(request.request_id)
+        if rec is not None:
+            return len(rec.prompt_token_ids)
         return len(self.tokenizer.encode(request.prompt or "", add_special_tokens=request.add_special_tokens))
 
     def render_chat(

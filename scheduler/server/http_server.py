@@ -757,6 +757,8 @@ async def _respond(
             failed = _ended_in_error(last)
             if failed is not None:
                 raise failed
+            # Before close(): the ingress holds the request until then and counts the prompt it tokenized.
+            prompt_tokens = await _prompt_tokens(ingress, g)
     except Exception:
         # Not an ingress error sc.fail() recorded (those set done): the server failed it (a 500), which is neither a
         # client cancel nor a success. CancelledError (the client went away) is a BaseException and stays cancelled.
@@ -766,7 +768,7 @@ async def _respond(
     finally:
         if not handed_off:
             await sc.close()
-    usage = await _usage(ingress, g, len(ids))
+    usage = _usage(prompt_tokens, len(ids))
     if chat:
         choice: dict[str, Any] = {
             "index": 0,
@@ -790,8 +792,7 @@ async def _respond(
     )
 
 
-async def _usage(ingress: IngressAPI, g: GenerateRequest, completion_tokens: int) -> dict[str, int | None]:
-    prompt_tokens = await _prompt_tokens(ingress, g)
+def _usage(prompt_tokens: int | None, completion_tokens: int) -> dict[str, int | None]:
     return {
         "prompt_tokens": prompt_tokens,  # null when the ingress cannot count a text prompt (never a wrong 0)
         "completion_tokens": completion_tokens,
@@ -800,15 +801,16 @@ async def _usage(ingress: IngressAPI, g: GenerateRequest, completion_tokens: int
 
 
 async def _prompt_tokens(ingress: IngressAPI, g: GenerateRequest) -> int | None:
-    """The prompt's length in tokens: a text prompt is tokenized by the ingress (``prompt_tokens``, optional on
-    ``IngressAPI``); ``None`` when it cannot say."""
+    """The prompt's length in tokens: a text prompt's is the ingress's (``prompt_tokens``, optional on
+    ``IngressAPI``); ``None`` when it cannot say. Asked before the request's stream is closed: ``Ingress`` then
+    counts the tokens it made of the prompt (after, it tokenizes the prompt again)."""
     if g.prompt_token_ids is not None:
         return len(g.prompt_token_ids)
     count = getattr(ingress, "prompt_tokens", None)
     if count is None:
         return None
     try:
-        # In a thread, as the ingress tokenizes a long prompt: on the loop it held every other stream.
+        # In a thread: an ingress may tokenize a long prompt, which on the loop held every other stream.
         return int(await asyncio.to_thread(count, g))
     except Exception:  # usage is informational: never fail a finished request over it
         logger.debug("prompt_tokens of %s failed", g.request_id, exc_info=True)
@@ -919,7 +921,9 @@ async def _sse_stream(
                 break
             sc.chunk(c)
         if usage_chunk:
-            yield _sse({**head, "choices": [], "usage": await _usage(sc.deps.ingress, sc.g, sc.n_tokens)})
+            # (Before the scope's close, as a whole response's: the ingress still holds the request.)
+            prompt_tokens = await _prompt_tokens(sc.deps.ingress, sc.g)
+            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, sc.n_tokens)})
     except IngressError as e:
         err = sc.fail(e)
         yield _sse(_error_body(err.message, err.type, err.param))
