@@ -392,21 +392,12 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             return len(rec.prompt_token_ids)
         return len(self.tokenizer.encode(request.prompt or "", add_special_tokens=request.add_special_tokens))
 
-    def render_chat(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        add_generation_prompt: bool = True,
-        chat_template_kwargs: dict[str, Any] | None = None,
-    ) -> str | None:
-        """Chat ``messages`` (``role``/``content`` dicts) as the model's chat template renders them into a prompt
-        (the HTTP front end's chat); ``None`` when the tokenizer has no template. Raises ``InvalidRequest``."""
+    def render_chat(self, messages: list[dict[str, Any]], **options: Any) -> str | None:
+        """Chat ``messages`` as the model's chat template renders them into a prompt (the HTTP front end's chat):
+        :meth:`HFTokenizer.render_chat` and its options; ``None`` when the tokenizer has no template (the simulated
+        backend's ``ByteTokenizer``)."""
         render = getattr(self.tokenizer, "render_chat", None)
-        if render is None:  # the simulated backend's ByteTokenizer
-            return None
-        return render(
-            messages, add_generation_prompt=add_generation_prompt, chat_template_kwargs=chat_template_kwargs
-        )
+        return None if render is None else render(messages, **options)
 
     def _route(self, rec: RequestRecord, *, exclude: frozenset[str] = frozenset(), accepted: bool = False
                ) -> RouteDecision:
