@@ -63,11 +63,11 @@ def test_the_text_fixture_splits_characters(tok: HFTokenizer) -> None:
 
 # ---- resumed stream text --------------------------------------------------------------------------------------------
 class _TextIngress:
-    """Streams ``TEXT``'s tokens ``chunk`` at a time with the engine's texts; ``tokenizer`` as the real ingress's."""
+    """Streams ``text``'s tokens ``chunk`` at a time with the engine's texts; ``tokenizer`` as the real ingress's."""
 
-    def __init__(self, tok: HFTokenizer, chunk: int) -> None:
+    def __init__(self, tok: HFTokenizer, chunk: int, text: str = TEXT) -> None:
         self.tokenizer, self.chunk = tok, chunk
-        self.ids = tok.encode(TEXT, add_special_tokens=False)
+        self.ids = tok.encode(text, add_special_tokens=False)
         self.texts = _engine_texts(tok, self.ids)
 
     async def _stream(self, rid: str) -> AsyncIterator[TokenChunk]:
@@ -269,3 +269,43 @@ def test_http_usage_counts_the_prompt_the_ingress_tokenized(tok: HFTokenizer, st
         usage = r.json()["usage"]
     assert usage == {"prompt_tokens": n, "completion_tokens": 2, "total_tokens": n + 2}
     assert counting.encodes == 1
+
+
+class _SentencePieceLike:
+    """A sentencepiece-style tokenizer (words carry their leading space as "▁", dropped at the start of a decode),
+    built in place: decoded alone, a run of tokens loses its first word's space."""
+
+    def __init__(self) -> None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        words = ["<unk>", *(f"▁{w}" for w in ["hello", "world", "the", "cache", "model", "stream"])]
+        self._tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+        self._tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        self._tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text).ids)
+
+    def decode(self, token_ids: Any) -> str:
+        return str(self._tok.decode(list(token_ids)))
+
+
+def test_resumed_text_keeps_a_word_boundary() -> None:
+    """Sentencepiece words: the text of a resumed tail (gRPC ``resume_from_index``) or of tokens the ingress
+    detokenizes (an instance's resend) lost the space before its first word ("hello worldthe cache")."""
+    sp = _SentencePieceLike()
+    text = "hello world the cache model stream"
+    ids = sp.encode(text)
+    assert sp.decode(ids) == text and sp.decode(ids[2:]) == "the cache model stream"
+    ing = _TextIngress(sp, chunk=4, text=text)  # type: ignore[arg-type]
+    with BackgroundServer(lambda: ing) as srv:
+        for resume in (1, 2, 3):
+            req = inference_pb2.GenerateRequest(text="x", request_id=f"sp{resume}")
+            req.sampling.max_tokens = len(ids)
+            req.resume_from_index = resume
+            code, details, chunks = raw_generate(grpc.insecure_channel(srv.address), req.SerializeToString())
+            assert code == grpc.StatusCode.OK, details
+            assert "".join(ing.texts[:resume]) + "".join(c.text for c in chunks) == text
+    head = [TokenChunk("r", i, (ids[i],), False, None, ing.texts[i]) for i in range(2)]
+    resend = TokenChunk("r", 2, tuple(ids[2:]), True, "length")  # without text
+    assert _accept_all(sp, [*head, resend]) == text  # type: ignore[arg-type]
