@@ -3,8 +3,9 @@
 Empirical conditional histograms fitted on real traces (Azure LLM 2023 conversation, Mooncake FAST'25 conversation
 and synthetic, Vidur arxiv-summarisation lengths); the tenant is the trace/app name. Each (tenant, input bucket)
 histogram is smoothed toward that tenant's marginal (``alpha`` pseudo-counts). For an unknown tenant the
-prediction mixes the pooled tenants' conditionals, weighting each by P(input bucket | tenant) (Bayes with a
-uniform prior over tenants), so a long prompt leans toward the long-context trace.
+prediction is the pooled tenants' fit taken as one trace: their conditionals mixed, each weighted by its requests
+in that input bucket (Bayes with each tenant's share of the fitted requests as its prior), so a long prompt leans
+toward the long-context trace and a tenant with a few requests in a log counts as a few requests.
 """
 
 from __future__ import annotations
@@ -41,7 +42,12 @@ class TracePredictor:
         i = bucket_of(prompt_tokens, self.input_edges)
         if tenant is not None and tenant in self.cond:
             return self.cond[tenant][i]
-        w = np.array([self.input_marginal[t][i] for t in self.pool])
+        # Each pooled tenant weighs as its fitted requests in this input bucket, n_t P(i | t): the marginal over
+        # tenants. P(i | t) alone (a uniform prior over tenants) gave a 30-request tenant of a `fit-trace` log as
+        # much say as the main one's 2867. An artifact without the row counts keeps the uniform prior.
+        rows = self.meta.get("rows", {})
+        counted = all(t in rows for t in self.pool)
+        w = np.array([(rows[t] if counted else 1.0) * self.input_marginal[t][i] for t in self.pool])
         w = w / w.sum() if w.sum() > 0 else np.full(len(self.pool), 1.0 / len(self.pool))
         return sum(wt * self.cond[t][i] for wt, t in zip(w, self.pool))
 
