@@ -3,6 +3,8 @@ failed before its fix."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from scheduler.predict.base import bucket_of
@@ -55,3 +57,37 @@ def test_a_few_request_tenant_in_a_log_does_not_steer_the_tenant_free_guess(bund
     assert free["bucket_accuracy"] >= named["bucket_accuracy"] - 0.01, (free, named)
     assert free["mae_tokens"] <= named["mae_tokens"] + 2.0, (free, named)
     assert free["kendall_tau"] >= named["kendall_tau"] - 0.01, (free, named)
+
+
+@pytest.mark.parametrize(
+    ("name", "fname", "content"),
+    [
+        ("trace", "trace.json", b'{"tenants": '),  # truncated
+        ("trace", "trace.json", None),  # a pool tenant without histograms: KeyError 'gone' at every request
+        ("ngram", "ngram.npz", b"not a zip"),
+        ("ngram", "ngram.npz", b"PK\x03\x04 truncated"),
+    ],
+)
+def test_an_unreadable_artifact_is_refused_at_load_naming_the_file_and_the_field(
+    tmp_path, name, fname, content
+):
+    """A truncated or hand-edited artifact was refused in its parser's words ("Expecting value: line 1 column 14
+    (char 13)", a numpy pickle notice), naming neither the file nor the config field; a trace.json whose pool
+    named a tenant without histograms loaded, then raised KeyError on every request (the ingress logs it and
+    drops that request's guess)."""
+    from types import SimpleNamespace
+
+    from scheduler.predict.registry import ARTIFACTS
+    from scheduler.predict.serving import serving_predictor
+
+    path = tmp_path / fname
+    if content is None:
+        doc = json.loads((ARTIFACTS / "trace.json").read_text())
+        doc["pool"] = [*doc["pool"], "gone"]
+        path.write_text(json.dumps(doc))
+    else:
+        path.write_bytes(content)
+    spec = SimpleNamespace(name=name, params={"artifacts": str(tmp_path)})
+    with pytest.raises(ValueError, match=rf"^policies\.predictor\.params\.artifacts: .*{fname}") as e:
+        serving_predictor(spec).predict_dist(None, 1500)
+    assert str(path) in str(e.value)

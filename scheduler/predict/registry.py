@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,7 @@ def load_predictor(
     Raises:
         ValueError: unknown name (lists the allowed ones).
         FileNotFoundError: the artifact is missing from ``artifacts``.
+        ValueError: the artifact is there but cannot be read (naming the file).
         EmbeddingUnavailable: ``embedding`` without its optional packages.
     """
     kind = PredictorKind.parse(name)
@@ -123,18 +125,30 @@ def load_predictor(
             )
         return p
 
+    def read(fname: str, load: Callable[[Path], LengthPredictor]) -> LengthPredictor:
+        p = need(fname)
+        try:
+            return load(p)
+        except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            # A truncated or hand-edited file: its parser's words ("Expecting value: line 2 column 1", KeyError
+            # 'x' at the first request) named neither the file nor what to do.
+            raise ValueError(
+                f"predictor artifact {p} is not a valid {fname} ({type(e).__name__}: {e}); "
+                f"rewrite it (`llmsched predict train --out {d}`, or `predict fit-trace`)"
+            ) from None
+
     if kind is PredictorKind.NGRAM:
         from scheduler.predict.ngram import NgramPredictor
 
-        return NgramPredictor.load(need("ngram.npz"))
+        return read("ngram.npz", NgramPredictor.load)
     if kind is PredictorKind.TRACE:
         from scheduler.predict.trace import TracePredictor
 
-        return TracePredictor.load(need("trace.json"))
+        return read("trace.json", TracePredictor.load)
     if kind is PredictorKind.EMBEDDING:
         from scheduler.predict.embedding import EmbeddingPredictor
 
-        return EmbeddingPredictor.load(need("embedding_head.npz"))
+        return read("embedding_head.npz", EmbeddingPredictor.load)
     if kind is PredictorKind.ENSEMBLE:
         members = [load_predictor("ngram", artifacts=d), load_predictor("embedding", artifacts=d)]
         return LogLinearPool(members, (0.5, 0.5))

@@ -105,7 +105,8 @@ def serving_predictor(spec: Any) -> ServingPredictor | None:
     """The predictor ``policies.predictor`` names (``spec``: its ``PolicySpec``, or ``None`` for no prediction).
 
     Raises:
-        ValueError: an unknown name or parameter, or a missing artifact, with the config field in the message.
+        ValueError: an unknown name or parameter, or a missing or unreadable artifact, with the config field in
+            the message.
     """
     if spec is None:
         return None
@@ -113,7 +114,7 @@ def serving_predictor(spec: Any) -> ServingPredictor | None:
     artifacts = spec.params.get("artifacts")
     try:
         predictor = load_predictor(kind, artifacts=Path(artifacts) if artifacts is not None else None)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # missing, or there and unreadable (named in the message)
         raise ValueError(f"policies.predictor.params.artifacts: {e}") from None
     except RuntimeError as e:  # EmbeddingUnavailable: the optional embedding stack is not installed
         raise ValueError(f"policies.predictor.name: {spec.name!r} cannot load here: {e}") from None

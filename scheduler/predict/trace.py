@@ -37,6 +37,20 @@ class TracePredictor:
     meta: dict = field(default_factory=dict)
     name: str = "trace"
 
+    def __post_init__(self) -> None:
+        # Checked once here: a pool tenant without a histogram (or a histogram of other edges) was a KeyError or a
+        # shape error at every request, each costing the routers that request's guess.
+        shape = (len(self.input_edges) - 1, len(self.edges) - 1)
+        missing = sorted(set(self.pool) - set(self.cond))
+        if missing or not self.pool:
+            why = f"names tenants without histograms: {missing}" if missing else "is empty"
+            raise ValueError(f"trace predictor: pool {list(self.pool)} {why}")
+        for t, c in self.cond.items():
+            if np.shape(c) != shape or np.shape(self.input_marginal.get(t)) != shape[:1]:
+                raise ValueError(
+                    f"trace predictor: tenant {t!r} histograms are not {shape} (input x output buckets)"
+                )
+
     def probs(self, prompt_tokens: int, tenant: str | None = None) -> np.ndarray:
         """Output-bucket probabilities for a prompt of ``prompt_tokens`` tokens."""
         i = bucket_of(prompt_tokens, self.input_edges)
