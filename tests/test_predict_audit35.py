@@ -4,10 +4,11 @@ failed before its fix."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
-from scheduler.predict.base import bucket_of
+from scheduler.predict.base import LengthPrediction, bucket_of
 from scheduler.predict.data import Record
 from scheduler.predict.metrics import evaluate
 from scheduler.predict.trace import fit_trace, split_pairs
@@ -91,3 +92,11 @@ def test_an_unreadable_artifact_is_refused_at_load_naming_the_file_and_the_field
     with pytest.raises(ValueError, match=rf"^policies\.predictor\.params\.artifacts: .*{fname}") as e:
         serving_predictor(spec).predict_dist(None, 1500)
     assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_bucket_weight_is_refused_naming_it(bad):
+    """An infinite weight was accepted: probs (nan, 0, ...) and a median of 8192 tokens (the last edge), the
+    longest guess there is, handed to the routers; a NaN one was refused as needing "a positive sum"."""
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        LengthPrediction.from_probs([bad, 1.0, 0, 0, 0, 0, 0, 0, 0])

@@ -61,8 +61,10 @@ class LengthPrediction:
     @staticmethod
     def from_probs(probs: Sequence[float], edges: Sequence[int] = BUCKET_EDGES) -> LengthPrediction:
         """Build a prediction from (possibly unnormalised, non-negative) bucket weights; point = median."""
-        if any(float(x) < 0.0 for x in probs):  # clipped after summing, they left probs summing past 1
-            raise ValueError(f"bucket weights must be non-negative, got {list(probs)}")
+        # Negatives, clipped after summing, left probs summing past 1; an infinite weight gave NaN probs and a
+        # silent 8192-token median (the last edge); a NaN one was refused as "a positive sum" needed.
+        if not all(0.0 <= float(x) < math.inf for x in probs):
+            raise ValueError(f"bucket weights must be finite and non-negative, got {list(probs)}")
         total = float(sum(probs))
         if not total > 0.0:
             raise ValueError("bucket probabilities must have a positive sum")
