@@ -100,3 +100,39 @@ def test_a_non_finite_bucket_weight_is_refused_naming_it(bad):
     longest guess there is, handed to the routers; a NaN one was refused as needing "a positive sum"."""
     with pytest.raises(ValueError, match="finite and non-negative"):
         LengthPrediction.from_probs([bad, 1.0, 0, 0, 0, 0, 0, 0, 0])
+
+
+def test_the_trace_predictor_learns_online_from_text_requests_too():
+    """``{name: trace, params: {online: true}}`` behind clients that send text (an OpenAI-style prompt): the trace
+    predictor reads the prompt's length alone, yet only requests sent as token ids were adjusted, so 30 finished
+    20-token answers left the guess for the next such prompt where it was (167 tokens), while the simulator's
+    replays (token counts, no text) did learn. Each request is also booked at the length its own prediction
+    read: a text prompt's ``count_tokens``, not the ingress tokenizer's count (the byte tokenizer's ~4.5x put the
+    history some four input buckets away from where text prompts are predicted)."""
+    import asyncio
+
+    from scheduler.config.models import PolicySpec
+    from scheduler.control.api import GenerateRequest
+    from scheduler.engine.base import SamplingParams
+    from scheduler.predict.serving import serving_predictor
+    from tests.test_ingress_audit import FakeInstance, _consume, _ingress
+
+    prompt = "Summarise the following meeting notes for the team in a short paragraph. " * 10
+
+    async def scenario():
+        ing = _ingress([FakeInstance("mixed-0")])
+        ing.predictor = serving_predictor(PolicySpec(name="trace", params={"online": True}))
+        before = ing.predictor.predict_dist(prompt, 10_000).point
+
+        async def one(rid: str) -> None:
+            out: list = []
+            sp = SamplingParams(max_tokens=20, ignore_eos=True)  # a 20-token answer, its own length
+            await _consume(ing, GenerateRequest(rid, prompt=prompt, sampling=sp), out)
+            assert out[-1].finish_reason == "length"
+
+        await asyncio.gather(*(one(f"r{k}") for k in range(30)))
+        return ing.predictor, before
+
+    predictor, before = asyncio.run(scenario())
+    assert predictor.online.observed == 30
+    assert predictor.predict_dist(prompt, 10_000).point < 32 < before  # the 20-token answers learned

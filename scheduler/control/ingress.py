@@ -538,7 +538,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                 if predicted is not None:
                     self.recorder.on_prediction(predicted, rec.next_index, predictor=self.predictor.name)
                 try:  # ``online`` learns lengths; a response max_tokens cut is only known to be longer
-                    self.predictor.observe(len(rec.prompt_token_ids), rec.next_index,
+                    self.predictor.observe(len(rec.prompt_token_ids), rec.next_index, prompt=request.prompt,
                                            cut=reason == "length" and _length_cap(rec.sampling) is not None)
                 except Exception:  # a predictor fault must not skip the clean-up below
                     log.exception("length predictor %s failed to observe request %s", self.predictor.name,

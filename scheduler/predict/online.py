@@ -9,8 +9,9 @@ shipped guess; after ``strength`` finished requests it is half history. Counts d
 ``memory`` requests' worth: the mix a deployment serves drifts (re-roling exists for that), and old traffic should
 stop voting.
 
-Only predictions from length alone (requests without text: the trace predictor) are adjusted. A text predictor's
-distribution is specific to its prompt; one histogram per input bucket would wash its signal out.
+Only predictions from length alone (requests without text, and the trace predictor's, which never reads the text)
+are adjusted (``ServingPredictor.predict_dist``). A text predictor's distribution is specific to its prompt; one
+histogram per input bucket would wash its signal out.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import numpy as np
 from scheduler.predict.base import LengthPrediction, LengthPredictor, count_tokens
 from scheduler.predict.online import OnlineLengths
 from scheduler.predict.registry import PredictorKind, load_predictor
+from scheduler.predict.trace import TracePredictor
 
 PARAMS = ("artifacts", "tenant", "online")
 
@@ -60,23 +61,35 @@ class ServingPredictor:
         trained and evaluated in -- not the caller's tokenizer (the ingress's ByteTokenizer counts ~4.5x more,
         the tiny vLLM model's ~2.5x), so the serving guess equals ``llmsched predict eval``'s for the same prompt.
         """
-        n = count_tokens(prompt) if prompt is not None else int(prompt_tokens)
+        n = self._length(prompt, prompt_tokens)
         dist = self.predictor.predict(prompt, prompt_tokens=n, tenant=self.tenant)
-        if self.online is not None and prompt is None:
+        # Length-only predictions are adjusted: a request without text, and any from the trace predictor, which
+        # never reads the text (with text it was not adjusted: `trace` + `online` behind text clients never learned).
+        if self.online is not None and (prompt is None or isinstance(self.predictor, TracePredictor)):
             dist = self.online.adjust(dist, n)
         return dist.capped(max_tokens) if max_tokens is not None else dist
 
-    def observe(self, prompt_tokens: int, output_tokens: int, *, cut: bool = False) -> None:
+    @staticmethod
+    def _length(prompt: str | None, prompt_tokens: int) -> int:
+        """The input length a request is predicted (and, ``online``, booked) at: see ``predict_dist``."""
+        return count_tokens(prompt) if prompt is not None else int(prompt_tokens)
+
+    def observe(
+        self, prompt_tokens: int, output_tokens: int, *, cut: bool = False, prompt: str | None = None
+    ) -> None:
         """A request finished with ``output_tokens`` (the online history learns it; nothing without ``online``).
         ``cut``: ``max_tokens`` or the context stopped it, so its length is only known to be longer
         (``OnlineLengths.observe``); the length-only prediction spreads that count -- except from a neural
-        predictor, which is not run on the caller's event loop for it (the history alone spreads it then)."""
+        predictor, which is not run on the caller's event loop for it (the history alone spreads it then).
+        ``prompt``: the request's text, where it had one: it is booked at the length ``predict_dist`` read for it
+        (``count_tokens`` of the text, not ``prompt_tokens`` of the caller's tokenizer)."""
         if self.online is None:
             return
+        n = self._length(prompt, prompt_tokens)
         prior = None
         if cut and not self.slow:
-            prior = self.predictor.predict(None, prompt_tokens=int(prompt_tokens), tenant=self.tenant)
-        self.online.observe(prompt_tokens, output_tokens, cut=cut, prior=prior)
+            prior = self.predictor.predict(None, prompt_tokens=n, tenant=self.tenant)
+        self.online.observe(n, output_tokens, cut=cut, prior=prior)
 
     def predict_dists(self, prompt_tokens: Sequence[int] | np.ndarray) -> list[LengthPrediction]:
         """Predictions for requests known by prompt length only (trace replays): one per distinct length, since
