@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from scheduler.predict.base import LengthPrediction, bucket_of
@@ -136,3 +137,13 @@ def test_the_trace_predictor_learns_online_from_text_requests_too():
     predictor, before = asyncio.run(scenario())
     assert predictor.online.observed == 30
     assert predictor.predict_dist(prompt, 10_000).point < 32 < before  # the 20-token answers learned
+
+
+def test_the_mean_is_the_distributions_mean():
+    """``LengthPrediction.mean`` is E[L] of the distribution ``quantile`` draws from (integrated over its quantile
+    function). It took each bucket's log-midpoint, the bucket's median: 2-35% short of its mean per bucket (4096
+    for the last against 4432)."""
+    u = (np.arange(20_000) + 0.5) / 20_000
+    for probs in ([0, 0, 0, 0, 0, 0, 0, 0, 1.0], [1.0, 0, 0, 0, 0, 0, 0, 0, 0], [3, 1, 4, 1, 5, 9, 2, 6, 5]):
+        d = LengthPrediction.from_probs(probs)
+        assert d.mean == pytest.approx(np.mean([d.quantile(q) for q in u]), rel=1e-3), probs
