@@ -79,6 +79,7 @@ from scheduler.core.types import (
 from scheduler.engine.base import TEXT_CONTEXT_TOKENS, EngineRequest, SamplingParams, TokenChunk, text_after
 from scheduler.policy.filters import decode_candidates, prefill_candidates
 from scheduler.policy.route import RouteDecision, Router, make_router, router_takes
+from scheduler.predict.base import LengthPrediction
 from scheduler.predict.serving import ServingPredictor, serving_predictor
 from scheduler.telemetry.metrics import NULL_RECORDER, Recorder
 from scheduler.telemetry.tracing import Stage, Tracing
@@ -351,24 +352,34 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             hint = min(hint, cap)  # the engine stops there whatever the client expected
         return RequestRecord(req.request_id, ids, sp, req.priority, hint, hash_ids=prompt_hash_ids(ids))
 
-    async def _predict(self, rec: RequestRecord, prompt: str | None) -> None:
+    async def _predict(self, rec: RequestRecord, prompt: str | None) -> int | None:
         """The configured predictor's guess of the output length, unless the client gave a ``length_hint``.
-        ``prompt``: the request's text (``None`` for token ids: the prediction then uses the length only)."""
+        ``prompt``: the request's text (``None`` for token ids: the prediction then uses the length only).
+        Returns the input length the guess read (``ServingPredictor.input_length``; ``None``: no guess), which the
+        finished request is booked at."""
         p = self.predictor
         if p is None or rec.predicted_output_tokens is not None:
-            return
-        n = len(rec.prompt_token_ids)
+            return None
+        n, counted = len(rec.prompt_token_ids), None
         try:
-            # Not slow: tens of microseconds, cheaper than a thread hop.
             cap = _length_cap(rec.sampling)
-            dist = (p.predict_dist(prompt, n, max_tokens=cap) if not p.slow
-                    else await asyncio.to_thread(p.predict_dist, prompt, n, max_tokens=cap))
+
+            def guess() -> tuple[int, LengthPrediction]:
+                k = p.input_length(prompt, n)
+                return k, p.predict_dist(prompt, n, max_tokens=cap, counted=k)
+
+            # In a thread: a neural encoder (ms), or a long text -- counting and featurising a 500 KB prompt held
+            # every stream ~130 ms, the stall _encode_prompt avoids past the same length. Else tens of
+            # microseconds, cheaper than a thread hop.
+            off = p.slow or (prompt is not None and len(prompt) >= ENCODE_OFF_LOOP_CHARS)
+            counted, dist = await asyncio.to_thread(guess) if off else guess()
             rec.predicted_output_tokens, rec.length_dist = float(dist.point), dist
         except Exception:
             # A predictor fault costs the routers their guess, never the request (nor the re-check below:
             # the thread hop yielded either way).
             log.exception("length predictor %s failed on request %s", p.name, rec.request_id)
         self._check_new_id(rec.request_id)  # the same id validated again while this one was predicted
+        return counted
 
     def _check_new_id(self, request_id: str) -> None:
         """Refuse an id this ingress is serving. One whose client left (``cancelled``: its engines are being
@@ -499,7 +510,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         rec = self._validate(request, await self._encode_prompt(request))
         rec.trace_context = self.tracing.current_context()  # the server span: migrations started elsewhere join it
         with self.tracing.span(Stage.PREDICT, request_id=rec.request_id):
-            await self._predict(rec, request.prompt)
+            booked_at = await self._predict(rec, request.prompt)
         # The predictor's guess (not a client's length_hint): scored against the actual length at the end.
         predicted = rec.predicted_output_tokens if request.length_hint is None else None
         if request.ttft_slo_s or request.tpot_slo_s:
@@ -538,7 +549,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                 if predicted is not None:
                     self.recorder.on_prediction(predicted, rec.next_index, predictor=self.predictor.name)
                 try:  # ``online`` learns lengths; a response max_tokens cut is only known to be longer
-                    self.predictor.observe(len(rec.prompt_token_ids), rec.next_index, prompt=request.prompt,
+                    at = booked_at if booked_at is not None else len(rec.prompt_token_ids)  # (None: a client hint)
+                    self.predictor.observe(at, rec.next_index,
                                            cut=reason == "length" and _length_cap(rec.sampling) is not None)
                 except Exception:  # a predictor fault must not skip the clean-up below
                     log.exception("length predictor %s failed to observe request %s", self.predictor.name,

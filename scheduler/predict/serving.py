@@ -41,8 +41,9 @@ class ServingPredictor:
 
     ``tenant``: the app name requests are predicted for (the trace predictor conditions on it; unknown names mix
     the trained tenants). ``slow``: the predictor runs a neural encoder (ms per request), so the live ingress
-    calls it off its event loop; the others take ~20-130 us and run inline. ``online``: the finished requests'
-    lengths adjust predictions made from length alone (``scheduler/predict/online.py``); fed by ``observe``.
+    calls it off its event loop (any predictor on a text past ``ENCODE_OFF_LOOP_CHARS``: counting its tokens
+    takes ms); the others take ~20-130 us and run inline. ``online``: the finished requests' lengths adjust
+    predictions made from length alone (``scheduler/predict/online.py``); fed by ``observe``.
     """
 
     predictor: LengthPredictor
@@ -52,7 +53,12 @@ class ServingPredictor:
     online: OnlineLengths | None = None
 
     def predict_dist(
-        self, prompt: str | None, prompt_tokens: int, *, max_tokens: int | None = None
+        self,
+        prompt: str | None,
+        prompt_tokens: int,
+        *,
+        max_tokens: int | None = None,
+        counted: int | None = None,
     ) -> LengthPrediction:
         """The predicted output-length distribution of one request (``prompt=None``: its length only), capped at
         ``max_tokens`` when given (the most the engine will generate for it).
@@ -60,8 +66,10 @@ class ServingPredictor:
         With text, the length feature is recounted with ``count_tokens`` -- the unit the text predictors were
         trained and evaluated in -- not the caller's tokenizer (the ingress's ByteTokenizer counts ~4.5x more,
         the tiny vLLM model's ~2.5x), so the serving guess equals ``llmsched predict eval``'s for the same prompt.
+        ``counted``: that length (``input_length``) where the caller has it already (the ingress keeps it to book
+        the finished request at, ``observe``).
         """
-        n = self._length(prompt, prompt_tokens)
+        n = counted if counted is not None else self.input_length(prompt, prompt_tokens)
         dist = self.predictor.predict(prompt, prompt_tokens=n, tenant=self.tenant)
         # Length-only predictions are adjusted: a request without text, and any from the trace predictor, which
         # never reads the text (with text it was not adjusted: `trace` + `online` behind text clients never learned).
@@ -70,22 +78,21 @@ class ServingPredictor:
         return dist.capped(max_tokens) if max_tokens is not None else dist
 
     @staticmethod
-    def _length(prompt: str | None, prompt_tokens: int) -> int:
-        """The input length a request is predicted (and, ``online``, booked) at: see ``predict_dist``."""
+    def input_length(prompt: str | None, prompt_tokens: int) -> int:
+        """The input length a request is predicted at (``predict_dist``): ``count_tokens`` of its text, else
+        ``prompt_tokens``. Counting a long text takes a while (~130 ms at 500 KB)."""
         return count_tokens(prompt) if prompt is not None else int(prompt_tokens)
 
-    def observe(
-        self, prompt_tokens: int, output_tokens: int, *, cut: bool = False, prompt: str | None = None
-    ) -> None:
+    def observe(self, prompt_tokens: int, output_tokens: int, *, cut: bool = False) -> None:
         """A request finished with ``output_tokens`` (the online history learns it; nothing without ``online``).
-        ``cut``: ``max_tokens`` or the context stopped it, so its length is only known to be longer
-        (``OnlineLengths.observe``); the length-only prediction spreads that count -- except from a neural
-        predictor, which is not run on the caller's event loop for it (the history alone spreads it then).
-        ``prompt``: the request's text, where it had one: it is booked at the length ``predict_dist`` read for it
-        (``count_tokens`` of the text, not ``prompt_tokens`` of the caller's tokenizer)."""
+        ``prompt_tokens``: the length it was predicted at (``input_length``: a text prompt's ``count_tokens``, so
+        its count lands in the input bucket the next such prompt reads). ``cut``: ``max_tokens`` or the context
+        stopped it, so its length is only known to be longer (``OnlineLengths.observe``); the length-only
+        prediction spreads that count -- except from a neural predictor, which is not run on the caller's event
+        loop for it (the history alone spreads it then)."""
         if self.online is None:
             return
-        n = self._length(prompt, prompt_tokens)
+        n = int(prompt_tokens)
         prior = None
         if cut and not self.slow:
             prior = self.predictor.predict(None, prompt_tokens=n, tenant=self.tenant)
