@@ -109,7 +109,9 @@ def test_the_trace_predictor_learns_online_from_text_requests_too():
     20-token answers left the guess for the next such prompt where it was (167 tokens), while the simulator's
     replays (token counts, no text) did learn. Each request is also booked at the length its own prediction
     read: a text prompt's ``count_tokens``, not the ingress tokenizer's count (the byte tokenizer's ~4.5x put the
-    history some four input buckets away from where text prompts are predicted)."""
+    history some four input buckets away from where text prompts are predicted). With ``default`` the text goes
+    to the ngram, whose guess is its prompt's own (not adjusted): its history serves token-id requests, and is
+    booked at their length, the tokenizer's count."""
     import asyncio
 
     from scheduler.config.models import PolicySpec
@@ -120,10 +122,11 @@ def test_the_trace_predictor_learns_online_from_text_requests_too():
 
     prompt = "Summarise the following meeting notes for the team in a short paragraph. " * 10
 
-    async def scenario():
+    async def scenario(name: str):
         ing = _ingress([FakeInstance("mixed-0")])
-        ing.predictor = serving_predictor(PolicySpec(name="trace", params={"online": True}))
-        before = ing.predictor.predict_dist(prompt, 10_000).point
+        ing.predictor = serving_predictor(PolicySpec(name=name, params={"online": True}))
+        ids = len(ing.tokenizer.encode(prompt, True))
+        before = ing.predictor.predict_dist(prompt, ids).point, ing.predictor.predict_dist(None, ids).point
 
         async def one(rid: str) -> None:
             out: list = []
@@ -132,11 +135,14 @@ def test_the_trace_predictor_learns_online_from_text_requests_too():
             assert out[-1].finish_reason == "length"
 
         await asyncio.gather(*(one(f"r{k}") for k in range(30)))
-        return ing.predictor, before
+        p = ing.predictor
+        assert p.online.observed == 30
+        return before, (p.predict_dist(prompt, ids).point, p.predict_dist(None, ids).point)
 
-    predictor, before = asyncio.run(scenario())
-    assert predictor.online.observed == 30
-    assert predictor.predict_dist(prompt, 10_000).point < 32 < before  # the 20-token answers learned
+    (text0, _), (text1, _) = asyncio.run(scenario("trace"))
+    assert text1 < 32 < text0  # the 20-token answers learned
+    (text0, ids0), (text1, ids1) = asyncio.run(scenario("default"))
+    assert text1 == text0 and ids1 < 32 < ids0
 
 
 def test_the_mean_is_the_distributions_mean():

@@ -355,31 +355,31 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
     async def _predict(self, rec: RequestRecord, prompt: str | None) -> int | None:
         """The configured predictor's guess of the output length, unless the client gave a ``length_hint``.
         ``prompt``: the request's text (``None`` for token ids: the prediction then uses the length only).
-        Returns the input length the guess read (``ServingPredictor.input_length``; ``None``: no guess), which the
-        finished request is booked at."""
+        Returns the input length its length-only guess read (``ServingPredictor.input_length``), where the
+        finished request is booked (``None``: no such guess; its ``prompt_token_ids`` count then)."""
         p = self.predictor
         if p is None or rec.predicted_output_tokens is not None:
             return None
-        n, counted = len(rec.prompt_token_ids), None
+        n, booked = len(rec.prompt_token_ids), None
         try:
             cap = _length_cap(rec.sampling)
 
-            def guess() -> tuple[int, LengthPrediction]:
+            def guess() -> tuple[int | None, LengthPrediction]:
                 k = p.input_length(prompt, n)
-                return k, p.predict_dist(prompt, n, max_tokens=cap, counted=k)
+                return (k if p.length_only(prompt) else None), p.predict_dist(prompt, n, max_tokens=cap, counted=k)
 
             # In a thread: a neural encoder (ms), or a long text -- counting and featurising a 500 KB prompt held
             # every stream ~130 ms, the stall _encode_prompt avoids past the same length. Else tens of
             # microseconds, cheaper than a thread hop.
             off = p.slow or (prompt is not None and len(prompt) >= ENCODE_OFF_LOOP_CHARS)
-            counted, dist = await asyncio.to_thread(guess) if off else guess()
+            booked, dist = await asyncio.to_thread(guess) if off else guess()
             rec.predicted_output_tokens, rec.length_dist = float(dist.point), dist
         except Exception:
             # A predictor fault costs the routers their guess, never the request (nor the re-check below:
             # the thread hop yielded either way).
             log.exception("length predictor %s failed on request %s", p.name, rec.request_id)
         self._check_new_id(rec.request_id)  # the same id validated again while this one was predicted
-        return counted
+        return booked
 
     def _check_new_id(self, request_id: str) -> None:
         """Refuse an id this ingress is serving. One whose client left (``cancelled``: its engines are being
@@ -549,7 +549,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                 if predicted is not None:
                     self.recorder.on_prediction(predicted, rec.next_index, predictor=self.predictor.name)
                 try:  # ``online`` learns lengths; a response max_tokens cut is only known to be longer
-                    at = booked_at if booked_at is not None else len(rec.prompt_token_ids)  # (None: a client hint)
+                    at = booked_at if booked_at is not None else len(rec.prompt_token_ids)
                     self.predictor.observe(at, rec.next_index,
                                            cut=reason == "length" and _length_cap(rec.sampling) is not None)
                 except Exception:  # a predictor fault must not skip the clean-up below

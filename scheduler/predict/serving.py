@@ -71,11 +71,15 @@ class ServingPredictor:
         """
         n = counted if counted is not None else self.input_length(prompt, prompt_tokens)
         dist = self.predictor.predict(prompt, prompt_tokens=n, tenant=self.tenant)
-        # Length-only predictions are adjusted: a request without text, and any from the trace predictor, which
-        # never reads the text (with text it was not adjusted: `trace` + `online` behind text clients never learned).
-        if self.online is not None and (prompt is None or isinstance(self.predictor, TracePredictor)):
+        if self.online is not None and self.length_only(prompt):
             dist = self.online.adjust(dist, n)
         return dist.capped(max_tokens) if max_tokens is not None else dist
+
+    def length_only(self, prompt: str | None) -> bool:
+        """Whether a request's prediction depends on its input length alone, the ones ``online`` adjusts: without
+        text, and any from the trace predictor, which never reads the text (with text it was not adjusted: `trace`
+        + `online` behind text clients never learned). A text predictor's is its prompt's own."""
+        return prompt is None or isinstance(self.predictor, TracePredictor)
 
     @staticmethod
     def input_length(prompt: str | None, prompt_tokens: int) -> int:
@@ -85,8 +89,9 @@ class ServingPredictor:
 
     def observe(self, prompt_tokens: int, output_tokens: int, *, cut: bool = False) -> None:
         """A request finished with ``output_tokens`` (the online history learns it; nothing without ``online``).
-        ``prompt_tokens``: the length it was predicted at (``input_length``: a text prompt's ``count_tokens``, so
-        its count lands in the input bucket the next such prompt reads). ``cut``: ``max_tokens`` or the context
+        ``prompt_tokens``: the length its length-only prediction read (``input_length``; a text prompt's
+        ``count_tokens`` where ``length_only``), so its count lands in the input bucket the next such request
+        reads. ``cut``: ``max_tokens`` or the context
         stopped it, so its length is only known to be longer (``OnlineLengths.observe``); the length-only
         prediction spreads that count -- except from a neural predictor, which is not run on the caller's event
         loop for it (the history alone spreads it then)."""
