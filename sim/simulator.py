@@ -345,25 +345,20 @@ class Simulator:
                     last_work = now
                 elif kind is EventKind.POLICY:
                     self.migrations.on_policy(now)  # type: ignore[union-attr]
-                    # Also while only KV is moving (a handoff, a stop-and-copy): ticks stopped for good there.
-                    if i < n or self.migrations.in_flight or any(  # type: ignore[union-attr]
-                            x.busy or x.engine.has_work or x.incoming for x in self.instances):
+                    if self._ticks_go_on(i < n):
                         self._push(now + self.migration_interval_s, EventKind.POLICY, None, None)
                 elif kind is EventKind.SCALE:
-                    if self.scaler.on_event(payload, now) and (  # type: ignore[union-attr]
-                            i < n or any(x.busy for x in self._live)):
+                    if self.scaler.on_event(payload, now) and self._ticks_go_on(i < n):  # type: ignore[union-attr]
                         self._push(now + self.scaling_interval_s, EventKind.SCALE, None, None)
                 elif kind is EventKind.REROLE:
-                    if self.reroler.on_event(payload, now) and (  # type: ignore[union-attr]
-                            i < n or any(x.busy for x in self.instances)):
+                    if self.reroler.on_event(payload, now) and self._ticks_go_on(i < n):  # type: ignore[union-attr]
                         self._push(now + self.reroling_interval_s, EventKind.REROLE, None, None)
                 elif kind is EventKind.NOISE:
                     for x in self._noisy:
                         x.noise = float(self._noise_rng.choice(x.latency.host_noise))
                     self._noise_epoch += 1
                     self._host_update(now)
-                    # Also while only KV is moving (a handoff): the decode leg it starts is drawn on as well.
-                    if i < n or any(x.busy or x.incoming for x in self.instances):
+                    if self._ticks_go_on(i < n):
                         self._push(now + self._noisy[0].latency.host_noise_period_s, EventKind.NOISE, None, None)
                 elif kind is EventKind.HOST:
                     self._host_load = max(self._host_load - self._cpu_rate.pop(payload, 0.0), 0.0)
@@ -382,6 +377,15 @@ class Simulator:
         if bar is not None:
             bar.finish(n)
         return self._result(workload, last_work, _time.perf_counter() - wall0, tl_t, tl_load)
+
+    def _ticks_go_on(self, arrivals_left: bool) -> bool:
+        """Whether a periodic tick (migration, scaling, re-roling policy; host noise) schedules its next: while
+        arrivals are left or any work is, KV only moving included -- a P->D handoff or a migration's copy, with no
+        engine busy. Each tick had its own test; those of scaling and re-roling saw busy engines only, so a tick
+        during a handoff after the last arrival ended them for good (1P+1D, an 8000-token prompt: one scaling tick
+        in a 5.5 s run; tests/test_sim_audit35.py)."""
+        return (arrivals_left or bool(self.migrations is not None and self.migrations.in_flight)
+                or any(x.busy or x.engine.has_work or x.incoming for x in self.instances))
 
     def _push(self, t: float, kind: EventKind, inst: SimInstance | None, payload: object) -> None:
         heapq.heappush(self.heap, (t, kind, next(self.seq), inst, payload))
