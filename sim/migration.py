@@ -128,6 +128,8 @@ class MigrationDriver:
         seq = m.src.engine.detach(rid)
         if seq is None:  # finished, preempted or aborted meanwhile: the source keeps ownership; free the reservation
             self._release(m)
+            if not m.dst.busy:  # drained meanwhile (scale-down), only the reservation kept it: it may go now (it
+                sim._idle(m.dst, now)  # stayed, counted to the run's end: nothing else wakes a draining instance)
             self.aborted_src += 1
             self._tell("on_migration_done", m.key, ok=False)
             del self.in_flight[rid]

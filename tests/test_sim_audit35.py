@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from bench.loadgen import cluster_config
+from scheduler.policy.scaling import ScaleDecision
 from sim.simulator import Simulator, Workload
 from tests.test_engine_model import config
 from tests.test_sim_migration import AllToFirst, MoveAt
@@ -39,6 +40,46 @@ def test_an_aborted_move_leaves_the_request_running_on_its_source(two_mixed, one
             assert res.finish_s[0] == pytest.approx(alone.finish_s[0], rel=1e-12)
             assert res.preemptions[0] == 0 and res.decode_instance[0] == -1
         assert [x.engine.prefill_blocks for x in sim.instances] == [0, 0]
+
+
+class _DrainTheDestination:
+    """Scale-down naming the destination of the first migration in flight (a least-loaded pick would: a reservation
+    holds no request)."""
+
+    def __init__(self) -> None:
+        self.sim: Simulator | None = None
+        self.done = False
+
+    def pool_of(self, snap) -> str:
+        return "p"
+
+    def decide(self, view, now, observed) -> list[ScaleDecision]:
+        moving = self.sim.migrations.in_flight if self.sim.migrations is not None else {}
+        if self.done or not moving:
+            return []
+        self.done = True
+        return [ScaleDecision("p", delta=-1, drain=(next(iter(moving.values())).dst.instance_id,))]
+
+
+def test_an_aborted_move_into_a_drained_destination_lets_it_go(two_mixed, one_request) -> None:
+    """An instance drained while a migration's reservation was on it stayed alive to the run's end when the move
+    aborted: freeing the reservation woke nothing (a draining instance is removed when it runs dry, and it had
+    nothing to run), so its GPU time counted to the makespan."""
+    pol = _DrainTheDestination()
+    sim = Simulator(
+        two_mixed,
+        router=AllToFirst(),
+        migration=MoveAt(1.319),
+        migration_interval_s=0.01,
+        scaling=pol,
+        scaling_interval_s=0.001,
+        scaling_startup_s=0.0,
+    )
+    pol.sim = sim
+    res = sim.run(one_request)
+    assert pol.done and sim.migrations.aborted_src == 1 and sim.instances[1].draining
+    assert sim.scaler.removed == 1
+    assert res.instance_stopped_s[1] < res.makespan_s - 0.005
 
 
 class _CountScaling:
