@@ -177,6 +177,9 @@ def load_workload(args: argparse.Namespace, cfg: ClusterConfig):
             print(f"note: {args.trace} has no timestamps as read (format {args.format or 'detected'}); arrivals "
                   f"are synthetic ({trace.drawn_arrivals}; --rate and --cv set them)",
                   file=sys.stderr)
+        if trace.skipped_rows:  # the loader drops them on purpose (docs/traces.md); a replay says so
+            print(f"note: {args.trace}: {trace.skipped_rows} row(s) with 0 prompt or 0 output tokens dropped (not "
+                  "replayed, not counted as refused)", file=sys.stderr)
     else:
         trace = default_trace()
     if not trace.drawn_arrivals and (args.rate is not None or cv != 1.0):

@@ -82,6 +82,14 @@ class Workload:
             raise ValueError("workload.arrival_s: arrivals must be finite")
         if n and np.any(np.diff(self.arrival_s) < 0):
             raise ValueError("workload.arrival_s: arrivals must be non-decreasing")
+        for name in ("prompt_tokens", "output_tokens"):
+            # A 0 was not refused here but by the engine at its arrival: counted as a rejection like a request too
+            # long for the cluster, with nothing naming it (a ``Trace`` refuses it; its loaders drop such rows and
+            # count them in ``skipped_rows``).
+            col = np.asarray(getattr(self, name))
+            if n and col.min() < 1:
+                k = int(np.argmax(col < 1))
+                raise ValueError(f"workload.{name}[{k}]: request {k} has {int(col[k])} tokens; must be >= 1")
         if self.hash_ids is not None and len(self.hash_ids) != n:  # request i would read another's prefix blocks
             raise ValueError(f"workload.hash_ids: {len(self.hash_ids)} entries for {n} requests")
         if self.predicted_dist is not None and (self.predicted_output is None or len(self.predicted_dist) != n):

@@ -8,6 +8,7 @@ import pytest
 
 from bench.loadgen import cluster_config
 from scheduler.policy.scaling import ScaleDecision
+from sim.commands import simulate_main
 from sim.simulator import Simulator, Workload
 from tests.test_engine_model import config
 from tests.test_sim_migration import AllToFirst, MoveAt
@@ -115,3 +116,23 @@ def test_scaling_and_reroling_ticks_go_on_through_a_handoff(kind: str) -> None:
     res = sim.run(Workload(np.array([0.0]), np.array([8000]), np.array([400])))
     assert res.kv_transfers == 1
     assert len(pol.ticks) >= res.finish_s[0] / 0.25 - 1
+
+
+@pytest.mark.parametrize("column", ["prompt_tokens", "output_tokens"])
+def test_a_workload_with_a_zero_token_request_is_refused_naming_it(two_mixed, column: str) -> None:
+    """A 0-token prompt or output ran, and the engine refused the request at its arrival: counted as rejected, as one
+    too long for the cluster, with nothing naming it. A ``Trace`` refuses it; a ``Workload`` now does too."""
+    cols = {"prompt_tokens": np.array([100, 100]), "output_tokens": np.array([5, 5])}
+    cols[column][1] = 0
+    with pytest.raises(ValueError, match=rf"workload\.{column}\[1\]: .*0 tokens"):
+        Workload(np.array([0.0, 1.0]), cols["prompt_tokens"], cols["output_tokens"])
+
+
+def test_simulate_says_how_many_trace_rows_it_dropped(tmp_path, capsys) -> None:
+    """The loaders drop rows with 0 prompt or output tokens (documented, counted in ``Trace.skipped_rows``), but
+    ``llmsched simulate`` said nothing: the replay ran fewer requests than the file's rows, silently."""
+    path = tmp_path / "azure.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n0.0,100,5\n0.5,0,5\n1.0,120,0\n1.5,90,7\n")
+    assert simulate_main(["--quiet", "--trace", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "2 row(s) with 0 prompt or 0 output tokens dropped" in err
