@@ -10,7 +10,7 @@ from bench.loadgen import cluster_config
 from scheduler.policy.scaling import ScaleDecision
 from sim.commands import simulate_main
 from sim.simulator import Simulator, Workload
-from tests.test_engine_model import config
+from tests.test_engine_model import GPU, config
 from tests.test_sim_migration import AllToFirst, MoveAt
 
 
@@ -136,3 +136,21 @@ def test_simulate_says_how_many_trace_rows_it_dropped(tmp_path, capsys) -> None:
     assert simulate_main(["--quiet", "--trace", str(path)]) == 0
     err = capsys.readouterr().err
     assert "2 row(s) with 0 prompt or 0 output tokens dropped" in err
+
+
+def test_a_moves_stop_and_copy_follows_the_live_drivers_stages(two_mixed) -> None:
+    """The live driver pre-copies every stage, the one at or under ``last_stage_max_tokens`` too, and stops for what
+    the request made during the last (a token or two); a context of at most that limit is not pre-copied. The
+    simulator took the last stage for the stop (a 4000-token context over a 2 GB/s link: stages [4000, 63], a
+    16.8 ms downtime where live pauses for ~1 token's 0.3 ms), and pre-copied a small context (its stop a token's
+    copy, 41 us, where live copies the ~45 tokens, 0.75 ms)."""
+    slow = two_mixed.model_copy(update={"gpus": {"a100": GPU.model_copy(update={"network_gbps": 2.0})}})
+    for cfg, prompt, t in ((slow, 4000, 1.0), (two_mixed, 30, 0.065)):
+        sim = Simulator(cfg, router=AllToFirst(), migration=MoveAt(t), migration_interval_s=0.01)
+        res = sim.run(Workload(np.array([0.0]), np.array([prompt]), np.array([300])))
+        m, (src, dst) = sim.migrations, sim.instances
+        assert res.migrations == 1
+        if prompt > m.last_stage_max_tokens:
+            assert m.downtime_s[0] <= m._xfer(src, dst, 2)
+        else:
+            assert m.downtime_s[0] >= m._xfer(src, dst, prompt + 1)

@@ -2,7 +2,8 @@
 
 ``MigrationPolicy.plan(view, now_s)`` returns ``MigrationPlan``s; the simulator (``sim/migration.py``) or the
 controller executes them with the multi-stage protocol; the simulator costs it with the stage sizes
-``migration_stages`` computes here (the live driver's one difference: ``sim/migration.py``)::
+``migration_stages`` computes here, by the live driver's rule (``sim/migration.py``: every entry is a pre-copy, the
+stop copies what the request made during the last; ``migration_cost`` below takes the last entry for the stop)::
 
     stage 1: copy the whole context while the request keeps decoding on the source
     stage k: copy the tokens produced during stage k-1          (shrinks by decode_rate / bandwidth each time)
