@@ -191,6 +191,7 @@ class ScalingDriver:
         sim.instances.append(inst)
         sim._ids.append(inst.instance_id)
         sim._index[inst.instance_id] = inst
+        sim.join_host(inst, now)
         self.starting.append(inst)
         self.started += 1
         from sim.simulator import EventKind

@@ -386,6 +386,19 @@ class Simulator:
             bar.finish(n)
         return self._result(workload, last_work, _time.perf_counter() - wall0, tl_t, tl_load)
 
+    def join_host(self, inst: SimInstance, now: float) -> None:
+        """``inst`` started mid-run (autoscaling) on the host the others share: its steps draw host noise as theirs
+        do (it was left out of the draws: on a 3x-noise host, a started instance stepped 3x faster than its
+        siblings for the rest of the run)."""
+        if not inst.latency.host_noise:
+            return
+        inst.noise = float(self._noise_rng.choice(inst.latency.host_noise))
+        if not self._noisy:  # the first noisy engine: the draws begin
+            self._push(now + inst.latency.host_noise_period_s, EventKind.NOISE, None, None)
+        self._noisy.append(inst)
+        self._contended = True
+        self._noise_epoch += 1  # a new draw: step times are rescaled at the next host update
+
     def _ticks_go_on(self, arrivals_left: bool) -> bool:
         """Whether a periodic tick (migration, scaling, re-roling policy; host noise) schedules its next: while
         arrivals are left or any work is, KV only moving included -- a P->D handoff or a migration's copy, with no
