@@ -133,8 +133,12 @@ class MigrationDriver:
         seq = m.src.engine.detach(rid)
         if seq is None:  # finished, preempted or aborted meanwhile: the source keeps ownership; free the reservation
             self._release(m)
-            if not m.dst.busy:  # drained meanwhile (scale-down), only the reservation kept it: it may go now (it
-                sim._idle(m.dst, now)  # stayed, counted to the run's end: nothing else wakes a draining instance)
+            # An idle destination is woken, as new work or an ended one wakes an engine: the blocks may admit a
+            # prompt the reservation held back (it waited for good, and the run never ended: the policy ticks went
+            # on while it had work), and one drained meanwhile, only the reservation keeping it, may go (it stayed,
+            # counted to the run's end: nothing else wakes a draining instance).
+            if not m.dst.busy:
+                sim._kick(m.dst, now)
             self.aborted_src += 1
             self._tell("on_migration_done", m.key, ok=False)
             del self.in_flight[rid]

@@ -85,6 +85,44 @@ def test_an_aborted_move_into_a_drained_destination_lets_it_go(two_mixed, one_re
     assert res.instance_stopped_s[1] < res.makespan_s - 0.005
 
 
+class _ByIndex:
+    """Request 0 to the first instance, the others to the second."""
+
+    name = "by_index"
+    needs_request_detail = False
+
+    def route(self, request, view):
+        from scheduler.policy.route import RouteDecision
+
+        return RouteDecision(view.instances[0 if request.request_id == "0" else 1].instance_id)
+
+    def on_routed(self, *a) -> None:
+        pass
+
+    def on_finished(self, *a) -> None:
+        pass
+
+
+class _MoveAtOrStop(MoveAt):
+    def plan(self, view, now_s: float) -> list:
+        assert now_s < 60.0, "the run did not end"  # it is over by ~1.4 s of simulated time
+        return super().plan(view, now_s)
+
+
+def test_a_prompt_a_reservation_held_back_runs_once_the_move_aborts() -> None:
+    """A prompt routed to an idle destination that its migration reservation left without room waited; when the
+    move aborted (its request finished on the source during the pre-copy), freeing the blocks woke nothing: the
+    prompt waited for good and the run never ended (the policy ticks go on while an engine has work)."""
+    cfg = config(2, blocks=200)
+    # Request 0 (2000 + 60 tokens) on instance 0, a move of it planned at 1.08 s reserves 133 of instance 1's 200
+    # blocks; request 1 (1500 tokens: 94 blocks) lands there at 1.09 s; request 0 ends at 1.12 s, mid pre-copy.
+    w = Workload(np.array([0.0, 1.09]), np.array([2000, 1500]), np.array([60, 10]))
+    sim = Simulator(cfg, router=_ByIndex(), migration=_MoveAtOrStop(1.08), migration_interval_s=0.01)
+    res = sim.run(w)
+    assert sim.migrations.aborted_src == 1 and res.migrations == 0
+    assert res.first_token_s[1] < res.finish_s[0] + 0.2 and np.isfinite(res.finish_s[1])
+
+
 class _CountScaling:
     def __init__(self) -> None:
         self.ticks: list[float] = []
