@@ -3,6 +3,7 @@ Each test but the first failed before its fix."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import numpy as np
@@ -225,3 +226,54 @@ def test_an_instance_started_mid_run_draws_host_noise_as_its_siblings() -> None:
     assert list(res.instance) == [0, 1, 0]  # the second request on the started instance
     ttft = res.first_token_s - arrival
     assert ttft[1] == pytest.approx(ttft[2], rel=1e-9)
+
+
+def test_the_simulated_engine_waits_rather_than_spins_while_a_reservation_keeps_a_prompt_out() -> None:
+    """The live simulated backend's engine loop stepped again at once after a step that scheduled nothing: a prompt
+    that a migration's reservation left without room, nothing running, made it spin -- 20k empty steps in 0.2 s,
+    a core of the shared host, until the reservation went. It waits for a change now: the freed reservation, and
+    a queued request aborted (the one behind it may fit), wake it."""
+    from scheduler.config.models import EngineSpec
+    from scheduler.engine.base import EngineRequest, SamplingParams
+    from scheduler.engine.simulated_backend import SimulatedBackend
+    from tests.test_engine_model import MODEL
+
+    async def scenario() -> None:
+        eng = EngineSpec(block_size=16, max_num_batched_tokens=512, max_num_seqs=8, num_kv_blocks=100)
+        b = SimulatedBackend(MODEL, GPU, engine=eng, time_scale=0.0)
+        await b.start()
+        steps = 0
+        step = b.engine.step
+
+        def counting(**kw):
+            nonlocal steps
+            steps += 1
+            return step(**kw)
+
+        b.engine.step = counting
+        try:
+            assert await b.reserve_kv("moving", 80 * 16) is None  # 80 of 100 blocks
+            big = b.generate(
+                EngineRequest("big", tuple(range(1, 501)), SamplingParams(max_tokens=3))
+            )  # 32 blocks
+            small = b.generate(
+                EngineRequest("small", tuple(range(1, 101)), SamplingParams(max_tokens=3))
+            )  # 7
+            await asyncio.sleep(0.2)
+            assert steps <= 3  # FCFS: the small one waits behind the big one
+            await b.abort("big")  # the small one fits now
+            assert [c async for c in small][-1].finish_reason == "length"
+            assert [c async for c in big][-1].finish_reason == "abort"
+            again = b.generate(EngineRequest("big2", tuple(range(1, 501)), SamplingParams(max_tokens=3)))
+            await asyncio.sleep(0.05)
+            await b.cancel_incoming("moving")  # the reservation goes: it fits
+            chunks = await asyncio.wait_for(_collect(again), 5.0)
+            assert chunks[-1].finish_reason == "length"
+        finally:
+            await b.shutdown()
+
+    asyncio.run(scenario())
+
+
+async def _collect(stream) -> list:
+    return [c async for c in stream]

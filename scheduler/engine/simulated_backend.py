@@ -240,6 +240,7 @@ class SimulatedBackend:
         if request_id in self._reqs:
             self.engine.abort(request_id)
             self._finish(request_id, "abort")
+        self._changed()
 
     def _finish(self, rid: str, reason: str, tokens: tuple[int, ...] = (), index: int | None = None) -> None:
         req = self._reqs.pop(rid, None)
@@ -275,6 +276,7 @@ class SimulatedBackend:
                 await self._wake.wait()
                 continue
             async with self._step_lock:
+                self._wake.clear()  # from here a change (work, freed KV) wakes a step that scheduled nothing
                 t0 = time.perf_counter()
                 r = em.step(want_emitted=True)
                 # NOTE: sleep until the modelled end of the step, minus the time the bookkeeping itself took.
@@ -285,6 +287,11 @@ class SimulatedBackend:
                     self._remember_handoff(rid)
                 for rid in r.emitted or ():
                     self._emit(rid, rid in done)
+            if r.duration_s <= 0.0 and not r.preempted:
+                # Nothing schedulable: queued prompts the KV a migration holds (a reservation, a paused request)
+                # keeps out, nothing running. Wait for a change; it stepped in a loop, ~100k empty steps a second
+                # on the host's cores, until the KV was freed.
+                await self._wake.wait()
 
     def _emit(self, rid: str, engine_done: bool) -> None:
         req = self._reqs.get(rid)
@@ -375,7 +382,16 @@ class SimulatedBackend:
         return -(-int(tokens) // self.engine.block_size)
 
     def _release_reservation(self, request_id: str) -> None:
-        self.engine.prefill_blocks -= self._reserved.pop(request_id, 0)
+        held = self._reserved.pop(request_id, 0)
+        if held:
+            self.engine.prefill_blocks -= held
+            self._changed()
+
+    def _changed(self) -> None:
+        """Changed outside a step -- KV no request owned given back (a reservation, a paused request's), a queued
+        request gone: a queued prompt may fit now; an engine loop waiting on an empty step steps again."""
+        if self._wake is not None:
+            self._wake.set()
 
     async def reserve_kv(self, request_id: str, tokens: int, template: EngineRequest | None = None) -> str | None:
         """Destination handshake: hold blocks for ``tokens`` (as held-by-nobody prefill blocks, like the
@@ -444,6 +460,7 @@ class SimulatedBackend:
             return False
         seq, held = paused
         self.engine.prefill_blocks -= held  # given back whether or not the request is still here
+        self._changed()
         if request_id not in self._reqs:
             return False
         # Back where it was: ahead of queued prompts (vLLM's paused request never left its running batch), with
