@@ -105,7 +105,9 @@ class MigrationDriver:
             return False
         eng.prefill_blocks += need  # the reservation: held blocks no request owns yet
         a, b = src.latency.decode_coeffs(max(len(src.engine.decoding), 1))
-        step = a + b * (src.engine._n_sum + len(src.engine.decoding))
+        # As the source steps now (host contention and noise: ``time_scale``): the live driver's stages are what the
+        # request made meanwhile, at the speed it ran (on a 3x host the unscaled rate planned stages 3x too big).
+        step = (a + b * (src.engine._n_sum + len(src.engine.decoding))) * src.engine.time_scale
         gpus = self.sim.config.gpus
         bw_tok = kv_bandwidth_tok_s(self.sim.config.model, kv_link(gpus[src.pool.gpu], gpus[dst.pool.gpu])[0])
         stages = migration_stages(context, decode_rate_tok_s=1.0 / step, bandwidth_tok_s=bw_tok,

@@ -277,3 +277,27 @@ def test_the_simulated_engine_waits_rather_than_spins_while_a_reservation_keeps_
 
 async def _collect(stream) -> list:
     return [c async for c in stream]
+
+
+def test_a_moves_stages_are_sized_at_the_speed_the_source_runs(two_mixed, monkeypatch) -> None:
+    """The live driver's stages are what the request made during the previous one, at the speed it ran. The
+    simulator sized them from the source's uncontended step time: on a 3x host (``host_noise``) at 60 tokens/s
+    where the request made 20 (over a 2 GB/s link: a second stage of 64 tokens where it made 22)."""
+    import sim.migration
+
+    rates: list[float] = []
+    stages = sim.migration.migration_stages
+
+    def spy(*a, **kw):
+        rates.append(kw["decode_rate_tok_s"])
+        return stages(*a, **kw)
+
+    monkeypatch.setattr(sim.migration, "migration_stages", spy)
+    for noise in (1.0, 3.0):
+        # (at 2 s: decoding on the 3x host too, its 4000-token prefill ends at 1.3 s)
+        s = Simulator(two_mixed, router=AllToFirst(), migration=MoveAt(2.0), migration_interval_s=0.01)
+        for x in s.instances:
+            x.latency = dataclasses.replace(x.latency, host_noise=(noise,))
+        s._noisy = list(s.instances)
+        assert s.run(Workload(np.array([0.0]), np.array([4000]), np.array([600]))).migrations == 1
+    assert rates[1] == pytest.approx(rates[0] / 3, rel=0.02)
