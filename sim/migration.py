@@ -135,12 +135,11 @@ class MigrationDriver:
         seq = m.src.engine.detach(rid)
         if seq is None:  # finished, preempted or aborted meanwhile: the source keeps ownership; free the reservation
             self._release(m)
-            # An idle destination is woken, as new work or an ended one wakes an engine: the blocks may admit a
-            # prompt the reservation held back (it waited for good, and the run never ended: the policy ticks went
-            # on while it had work), and one drained meanwhile, only the reservation keeping it, may go (it stayed,
-            # counted to the run's end: nothing else wakes a draining instance).
-            if not m.dst.busy:
-                sim._kick(m.dst, now)
+            # The destination is poked, as new work pokes an engine: the blocks may admit a prompt the reservation
+            # held back -- at once if idle (it waited for good, and the run never ended: the policy ticks went on
+            # while it had work), at the next step boundary mid-span (it waited for the span's end: 9 s) -- and one
+            # drained meanwhile, only the reservation keeping it, may go (it stayed, counted to the run's end).
+            sim._poke(m.dst, now)
             self.aborted_src += 1
             self._tell("on_migration_done", m.key, ok=False)
             del self.in_flight[rid]

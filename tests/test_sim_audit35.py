@@ -124,6 +124,18 @@ def test_a_prompt_a_reservation_held_back_runs_once_the_move_aborts() -> None:
     assert res.first_token_s[1] < res.finish_s[0] + 0.2 and np.isfinite(res.finish_s[1])
 
 
+def test_a_prompt_a_reservation_held_back_on_a_busy_destination_runs_at_the_next_step() -> None:
+    """As above with the destination decoding a long request (a closed-form span in flight, planned while the
+    reservation held the blocks): the freed blocks waited for the span's end, the prompt's first token came at
+    10.5 s instead of 1.3 s."""
+    cfg = config(2, blocks=200)
+    w = Workload(np.array([0.0, 0.0, 1.09]), np.array([2000, 400, 1500]), np.array([60, 1500, 10]))
+    sim = Simulator(cfg, router=_ByIndex(), migration=_MoveAtOrStop(1.08), migration_interval_s=0.01)
+    res = sim.run(w)
+    assert sim.migrations.aborted_src == 1 and res.migrations == 0
+    assert res.first_token_s[2] < res.finish_s[0] + 0.2
+
+
 class _CountScaling:
     def __init__(self) -> None:
         self.ticks: list[float] = []
