@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 from scheduler.config.models import EngineSpec, GPUSpec, ModelSpec
 from scheduler.core.prefix import HASH_BLOCK_TOKENS, prompt_hash_ids
 from scheduler.core.types import InstanceRole, InstanceSnapshot
-from scheduler.engine.base import EngineRequest, EngineStats, KVBlocks, TokenChunk
+from scheduler.engine.base import (
+    TEXT_CONTEXT_TOKENS,
+    EngineRequest,
+    EngineStats,
+    KVBlocks,
+    TokenChunk,
+    text_after,
+)
 from scheduler.engine_model import EngineModel
 from scheduler.latency import LatencyModel, kv_transfer_between, latency_for
 from scheduler.transfer.migration import MigrationSnapshot
@@ -242,13 +249,15 @@ class SimulatedBackend:
             self._finish(request_id, "abort")
         self._changed()
 
-    def _finish(self, rid: str, reason: str, tokens: tuple[int, ...] = (), index: int | None = None) -> None:
+    def _finish(
+        self, rid: str, reason: str, tokens: tuple[int, ...] = (), index: int | None = None, text: str = ""
+    ) -> None:
         req = self._reqs.pop(rid, None)
         if req is None:
             return
         req.done = True
         idx = req.next_index if index is None else index
-        req.queue.put_nowait(TokenChunk(rid, idx, tokens, finished=True, finish_reason=reason))
+        req.queue.put_nowait(TokenChunk(rid, idx, tokens, finished=True, finish_reason=reason, text=text))
 
     # ---- the engine loop ------------------------------------------------------------------------------
     def _check_alive(self) -> None:
@@ -299,19 +308,22 @@ class SimulatedBackend:
             return
         idx = req.next_index
         tok = sim_token(req.seed, rid, idx, self.vocab_size)
+        # Decoded after the ids before it, as vLLM streams text: alone, each byte of a multi-byte character came
+        # out as its own U+FFFD (a resumed request's prompt ends with the outputs streamed before).
+        context = (*req.request.prompt_token_ids[-TEXT_CONTEXT_TOKENS:], *req.outputs[-TEXT_CONTEXT_TOKENS:])
+        text = text_after(self.tokenizer.decode, context, (tok,))
         req.next_index += 1
         req.outputs.append(tok)
         req.remaining -= 1
-        text = self.tokenizer.decode((tok,))
         sp = req.request.sampling
         if tok in sp.stop_token_ids and not sp.ignore_eos:
             if not engine_done:
                 self.engine.abort(rid)
-            self._finish(rid, "stop", (tok,), idx)
+            self._finish(rid, "stop", (tok,), idx, text)
         elif engine_done or req.remaining <= 0:
             if not engine_done:
                 self.engine.abort(rid)
-            self._finish(rid, "length", (tok,), idx)
+            self._finish(rid, "length", (tok,), idx, text)
         else:
             req.queue.put_nowait(TokenChunk(rid, idx, (tok,), text=text))
 

