@@ -454,13 +454,13 @@ def test_drain_and_switch_role_are_not_retried() -> None:
 # ---- test-suite audit: the I/O-free helpers' promises (each names the mutant of ``_common.py`` it kills) ---------
 def test_stream_state_replays_keep_the_finish_and_drop_the_runs_text() -> None:
     """A replayed message that only repeats tokens but finishes the stream still finishes it (kills returning ``()``
-    for every pure duplicate: the caller never saw the end); a partly replayed message's text belongs to the whole
-    run, half of it already delivered, so it is dropped (kills keeping it: the text came twice); only the last
-    chunk of a message carries its ``finish_reason`` (kills stamping it on every chunk)."""
+    for every pure duplicate: the caller never saw the end); a partly replayed message without text keeps its new
+    tail (one with text is refused: ``test_loose_ends_audit35``); only the last chunk of a message carries its
+    ``finish_reason`` (kills stamping it on every chunk)."""
     st = StreamState("r")
     first = st.accept(inference_pb2.GenerateChunk(request_id="r", index=0, token_ids=[1, 2], text="ab"))
     assert [c.text for c in first] == ["ab", ""] and [c.finish_reason for c in first] == [None, None]
-    again = st.accept(inference_pb2.GenerateChunk(request_id="r", index=1, token_ids=[2, 3], text="bc"))
+    again = st.accept(inference_pb2.GenerateChunk(request_id="r", index=1, token_ids=[2, 3]))
     assert [(c.index, c.token_ids, c.text) for c in again] == [(2, (3,), "")]
     end = st.accept(inference_pb2.GenerateChunk(request_id="r", index=2, token_ids=[3], finished=True,
                                                 finish_reason="stop"))

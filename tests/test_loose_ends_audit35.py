@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
+import pytest
+
+from scheduler._proto.llmsched.v1.inference_pb2 import GenerateChunk
+from scheduler.client._common import StreamState
+from scheduler.client.types import StreamGap
 from scheduler.config.models import GPUSpec, ModelSpec
 from scheduler.engine.base import EngineRequest, SamplingParams
 from scheduler.engine.simulated_backend import ByteTokenizer, SimulatedBackend, sim_token
@@ -81,3 +87,26 @@ def test_simulated_resumed_stream_text_joins_across_a_split_character() -> None:
     second = _stream(_backend(), resumed)
     assert [t for toks, _ in first + second for t in toks] == ids
     assert "".join(text for _, text in first + second) == tok.decode(ids)
+
+
+# ---- the SDK's resumed stream ---------------------------------------------------------------------------------------
+def test_sdk_refuses_a_replay_whose_text_covers_tokens_it_already_has() -> None:
+    """A resumed stream whose server (or proxy) re-sends a run the client half has: its text belongs to the whole
+    run, and the SDK set the new tail's text to "" -- ``c`` was lost from the output without a word. Now it is
+    a ``StreamGap`` (DATA_LOSS) naming the replayed indices; a replay without text still keeps its tail."""
+    st = StreamState("r")
+    assert [
+        c.text for c in st.accept(GenerateChunk(request_id="r", index=0, token_ids=[1, 2], text="ab"))
+    ] == [
+        "ab",
+        "",
+    ]
+    with pytest.raises(StreamGap) as info:
+        st.accept(GenerateChunk(request_id="r", index=1, token_ids=[2, 3], text="bc"))
+    assert info.value.code == grpc.StatusCode.DATA_LOSS and "indices 1..1" in info.value.message
+    assert st.next_index == 2  # nothing taken from the refused message
+    tail = st.accept(GenerateChunk(request_id="r", index=1, token_ids=[2, 3]))
+    assert [(c.index, c.token_ids, c.text) for c in tail] == [(2, (3,), "")]
+    assert (
+        st.accept(GenerateChunk(request_id="r", index=0, token_ids=[1, 2, 3], text="abc")) == ()
+    )  # duplicate

@@ -306,7 +306,7 @@ class StreamState:
         finishes the stream without new tokens becomes one empty finished chunk.
 
         Raises:
-            StreamGap: the server skipped indices.
+            StreamGap: the server skipped indices, or re-sent indices the client has with text (see below).
         """
         ids = tuple(msg.token_ids)
         index, text = msg.index, msg.text
@@ -320,6 +320,16 @@ class StreamState:
             skip = self.next_index - index
             if skip >= len(ids) and not msg.finished:
                 return ()
+            if text and skip < len(ids):
+                # The text belongs to the whole run, part of which the caller already has: without a tokenizer the
+                # new tokens' share cannot be told (dropping it lost their text silently). This server trims to
+                # ``resume_from_index``; one that does not breaks the protocol.
+                raise error_for(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"stream replay: indices {index}..{self.next_index - 1} re-sent with text for the whole run"
+                    f" (expected the stream to resume at index {self.next_index}): the new tokens' text is unknown",
+                    request_id=self.request_id,
+                )
             ids, index, text = ids[skip:], self.next_index, ""
         self.next_index = index + len(ids)
         self.finished = msg.finished

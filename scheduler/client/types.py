@@ -161,7 +161,8 @@ class Unimplemented(LLMSchedError):
 
 
 class StreamGap(LLMSchedError):
-    """The server skipped a sequence index (a protocol violation: tokens would be lost)."""
+    """The server skipped a sequence index, or re-sent indices before ``resume_from_index`` with text for the whole
+    run (protocol violations: tokens or text would be lost)."""
 
 
 _BY_CODE: dict[grpc.StatusCode, type[LLMSchedError]] = {
