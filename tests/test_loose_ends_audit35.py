@@ -11,9 +11,10 @@ import pytest
 from scheduler._proto.llmsched.v1.inference_pb2 import GenerateChunk
 from scheduler.client._common import StreamState
 from scheduler.client.types import StreamGap
-from scheduler.config.models import GPUSpec, ModelSpec
+from scheduler.config.models import GPUSpec, ModelSpec, PolicySpec
 from scheduler.engine.base import EngineRequest, SamplingParams
 from scheduler.engine.simulated_backend import ByteTokenizer, SimulatedBackend, sim_token
+from scheduler.predict.serving import serving_predictor
 
 # ---- the simulated backend's text -----------------------------------------------------------------------------------
 # A byte-vocabulary model, so that every simulated token is a UTF-8 byte (a larger vocabulary's ids past 255 decode
@@ -110,3 +111,19 @@ def test_sdk_refuses_a_replay_whose_text_covers_tokens_it_already_has() -> None:
     assert (
         st.accept(GenerateChunk(request_id="r", index=0, token_ids=[1, 2, 3], text="abc")) == ()
     )  # duplicate
+
+
+# ---- a predictor tenant its artifacts do not know -------------------------------------------------------------------
+def test_a_predictor_tenant_the_artifacts_do_not_know_is_refused_naming_the_field() -> None:
+    """``tenant: azure_cnv`` (a typo) predicted every request from the tenants' pooled mix, the same as naming no
+    tenant, without a word. Refused where the artifacts load (as a missing ``artifacts`` is), listing the known."""
+    with pytest.raises(
+        ValueError, match=r"policies\.predictor\.params\.tenant: 'azure_cnv' .*known: .*azure_conv"
+    ):
+        serving_predictor(PolicySpec(name="trace", params={"tenant": "azure_cnv"}))
+    assert serving_predictor(PolicySpec(name="trace", params={"tenant": "azure_conv"})).tenant == "azure_conv"
+    # `default`: the trace fallback's tenants and the text predictor's (generating models) both condition it.
+    for tenant in ("azure_conv", "gpt4"):
+        assert serving_predictor(PolicySpec(name="default", params={"tenant": tenant})).tenant == tenant
+    with pytest.raises(ValueError, match=r"policies\.predictor\.params\.tenant: 'azure_conv' .*ngram"):
+        serving_predictor(PolicySpec(name="ngram", params={"tenant": "azure_conv"}))

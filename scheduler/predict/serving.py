@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 
 from scheduler.predict.base import LengthPrediction, LengthPredictor, count_tokens
+from scheduler.predict.embedding import EmbeddingPredictor
+from scheduler.predict.ngram import NgramPredictor
 from scheduler.predict.online import OnlineLengths
-from scheduler.predict.registry import PredictorKind, load_predictor
+from scheduler.predict.registry import LogLinearPool, PredictorKind, TextWithTraceFallback, load_predictor
 from scheduler.predict.trace import TracePredictor
 
 PARAMS = ("artifacts", "tenant", "online")
@@ -39,8 +41,8 @@ PARAMS = ("artifacts", "tenant", "online")
 class ServingPredictor:
     """A loaded predictor plus the deployment's defaults for it.
 
-    ``tenant``: the app name requests are predicted for (the trace predictor conditions on it; unknown names mix
-    the trained tenants). ``slow``: the predictor runs a neural encoder (ms per request), so the live ingress
+    ``tenant``: the app name requests are predicted for (the trace predictor conditions on it; ``serving_predictor``
+    refuses one its artifacts do not know). ``slow``: the predictor runs a neural encoder (ms per request), so the live ingress
     calls it off its event loop (any predictor on a text past ``ENCODE_OFF_LOOP_CHARS``: counting its tokens
     takes ms); the others take ~20-130 us and run inline. ``online``: the finished requests' lengths adjust
     predictions made from length alone (``scheduler/predict/online.py``); fed by ``observe``.
@@ -126,12 +128,27 @@ def check_spec(name: str, params: dict[str, Any]) -> PredictorKind:
         raise ValueError(f"policies.predictor.name: {e}") from None
 
 
+def known_tenants(predictor: LengthPredictor) -> frozenset[str]:
+    """The tenants ``predictor`` conditions on (its fit saw them); any other name predicts as no tenant."""
+    if isinstance(predictor, TextWithTraceFallback):
+        return known_tenants(predictor.text) | known_tenants(predictor.trace)
+    if isinstance(predictor, LogLinearPool):
+        return frozenset().union(*(known_tenants(m) for m in predictor.members))
+    if isinstance(predictor, TracePredictor):
+        return frozenset(predictor.cond)
+    if isinstance(predictor, NgramPredictor):
+        return frozenset(predictor.tenant_bias)
+    if isinstance(predictor, EmbeddingPredictor):
+        return frozenset(predictor.tenants)
+    return frozenset()
+
+
 def serving_predictor(spec: Any) -> ServingPredictor | None:
     """The predictor ``policies.predictor`` names (``spec``: its ``PolicySpec``, or ``None`` for no prediction).
 
     Raises:
-        ValueError: an unknown name or parameter, or a missing or unreadable artifact, with the config field in
-            the message.
+        ValueError: an unknown name or parameter, a missing or unreadable artifact, or a ``tenant`` its artifacts
+            do not know, with the config field in the message.
     """
     if spec is None:
         return None
@@ -144,9 +161,16 @@ def serving_predictor(spec: Any) -> ServingPredictor | None:
     except RuntimeError as e:  # EmbeddingUnavailable: the optional embedding stack is not installed
         raise ValueError(f"policies.predictor.name: {spec.name!r} cannot load here: {e}") from None
     tenant = spec.params.get("tenant")
+    if tenant is not None and str(tenant) not in (known := known_tenants(predictor)):
+        # Checked where the artifacts are loaded, as ``artifacts`` is: an unknown tenant predicts every request as
+        # if none were named (the pooled mix), so a typo went unnoticed.
+        raise ValueError(
+            f"policies.predictor.params.tenant: {str(tenant)!r} is not a tenant of the {kind.value} predictor's"
+            f" artifacts (known: {', '.join(sorted(known)) or 'none'}); omit it for the pooled prediction"
+        )
     return ServingPredictor(predictor, kind.value, str(tenant) if tenant is not None else None,
                             slow=kind in (PredictorKind.EMBEDDING, PredictorKind.ENSEMBLE),
                             online=OnlineLengths() if spec.params.get("online", False) else None)
 
 
-__all__ = ["PARAMS", "ServingPredictor", "check_spec", "serving_predictor"]
+__all__ = ["PARAMS", "ServingPredictor", "check_spec", "known_tenants", "serving_predictor"]
