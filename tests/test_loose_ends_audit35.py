@@ -4,17 +4,27 @@ resumed-stream text, a predictor tenant the trace does not know, and UNAVAILABLE
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import grpc
 import pytest
 
 from scheduler._proto.llmsched.v1.inference_pb2 import GenerateChunk
+from scheduler.client import Client
 from scheduler.client._common import StreamState
 from scheduler.client.types import StreamGap
 from scheduler.config.models import GPUSpec, ModelSpec, PolicySpec
+from scheduler.control.api import Unavailable
+from scheduler.control.ingress import Ingress
+from scheduler.control.registry import RequestRecord
+from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot
 from scheduler.engine.base import EngineRequest, SamplingParams
 from scheduler.engine.simulated_backend import ByteTokenizer, SimulatedBackend, sim_token
 from scheduler.predict.serving import serving_predictor
+from scheduler.server.background import BackgroundServer
+from scheduler.server.grpc_server import status_for
+from scheduler.server.http_server import http_error_for
+from tests.test_ingress_audit import FakeInstance, _ingress
 
 # ---- the simulated backend's text -----------------------------------------------------------------------------------
 # A byte-vocabulary model, so that every simulated token is a UTF-8 byte (a larger vocabulary's ids past 255 decode
@@ -127,3 +137,37 @@ def test_a_predictor_tenant_the_artifacts_do_not_know_is_refused_naming_the_fiel
         assert serving_predictor(PolicySpec(name="default", params={"tenant": tenant})).tenant == tenant
     with pytest.raises(ValueError, match=r"policies\.predictor\.params\.tenant: 'azure_conv' .*ngram"):
         serving_predictor(PolicySpec(name="ngram", params={"tenant": "azure_conv"}))
+
+
+# ---- UNAVAILABLE's retry hint ---------------------------------------------------------------------------------------
+def test_a_request_arriving_while_no_instance_is_up_waits_for_the_replacement() -> None:
+    """A cluster with no live instance for 0.6 s (the Controller replacing a dead one takes ~1-2 s): the ingress's
+    UNAVAILABLE carried no retry-after, so the SDK's two retries (25-50 ms, then 50-100 ms) were spent before any
+    instance was back and the request failed. With the hint (gRPC trailer, HTTP header) they wait for it."""
+    inst = FakeInstance("i0")
+    with BackgroundServer(lambda: _ingress([inst], routable=[])) as srv:
+        ing = srv.ingress
+        err = _unavailable(ing)
+        code, _, md = status_for(err)
+        assert code is grpc.StatusCode.UNAVAILABLE and ("retry-after", "1") in md
+        assert http_error_for(err).headers == {"Retry-After": "1"}
+        back = threading.Timer(
+            0.6,
+            lambda: setattr(ing, "_view", ClusterView(0.0, (InstanceSnapshot("i0", InstanceRole.MIXED),))),
+        )
+        back.start()
+        try:
+            with Client(srv.address, retries=2) as c:
+                res = c.generate("hello", request_id="outage", max_tokens=3, timeout_s=10)
+        finally:
+            back.cancel()
+        assert res.token_ids == [7, 7, 7] and res.attempts >= 2
+
+
+def _unavailable(ing: Ingress) -> Unavailable:
+    async def route() -> None:
+        ing._route(RequestRecord("x", (1, 2), SamplingParams()))
+
+    with pytest.raises(Unavailable) as info:
+        asyncio.run(route())
+    return info.value

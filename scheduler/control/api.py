@@ -20,13 +20,15 @@ class IngressError(Exception):
     Each class says once how both servers answer it: ``grpc_code`` (a ``grpc.StatusCode`` name), ``http_status`` and
     ``http_type`` (OpenAI's error type), ``status`` (the ``llmsched_requests_total`` label: a ``RequestStatus``
     value) and ``final`` (a 5xx that no retry can help: HTTP ``x-should-retry: false``, OpenAI clients retry other
-    5xx; gRPC's SDK retries UNAVAILABLE only)."""
+    5xx; gRPC's SDK retries UNAVAILABLE only). ``retry_after_s``, where set, goes out as ``retry-after`` (gRPC
+    trailing metadata, HTTP header): the SDK waits at least that long before its retry."""
 
     grpc_code = "UNKNOWN"
     http_status = 500
     http_type = "server_error"
     status = "failed"
     final = False
+    retry_after_s: float | None = None
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -45,7 +47,7 @@ class NotFound(IngressError):
     grpc_code, http_status, http_type, status = "NOT_FOUND", 404, "not_found_error", "not_found"
 
 
-class Overloaded(IngressError):  # + retry-after (gRPC trailing metadata, HTTP header)
+class Overloaded(IngressError):  # always with a retry-after
     grpc_code, http_status, http_type, status = "RESOURCE_EXHAUSTED", 429, "rate_limit_error", "rejected"
 
     def __init__(self, message: str, *, field: str | None = None, retry_after_s: float = 1.0) -> None:
@@ -53,8 +55,20 @@ class Overloaded(IngressError):  # + retry-after (gRPC trailing metadata, HTTP h
         self.retry_after_s = retry_after_s
 
 
-class Unavailable(IngressError):  # the SDK retries it
+# The retry-after of an UNAVAILABLE that waits on the cluster (no instance up or accepting, an id whose aborts are
+# under way, the Controller restarting): it replaces a dead instance in ~1-2 s, which the SDK's own backoff (two
+# retries within ~150 ms) never covered -- a second-long outage failed every request that arrived in it.
+UNAVAILABLE_RETRY_AFTER_S = 1.0
+
+
+class Unavailable(IngressError):
+    """The SDK retries it; ``retry_after_s`` (``UNAVAILABLE_RETRY_AFTER_S`` where the cluster needs time) or none."""
+
     grpc_code, http_status, http_type, status = "UNAVAILABLE", 503, "service_unavailable", "unavailable"
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after_s: float | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
 
 
 class RequestFailed(IngressError):

@@ -38,6 +38,7 @@ from ray.exceptions import GetTimeoutError, RayTaskError
 
 from scheduler.config.models import ClusterConfig
 from scheduler.control.api import (
+    UNAVAILABLE_RETRY_AFTER_S,
     ClusterState,
     DeadlineExceeded,
     GenerateRequest,
@@ -389,7 +390,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         if rec is None:
             return
         if rec.cancelled:
-            raise Unavailable(f"request_id: {request_id!r} is still being cancelled; retry", field="request_id")
+            raise Unavailable(f"request_id: {request_id!r} is still being cancelled; retry", field="request_id",
+                              retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
         raise InvalidRequest(f"request_id: {request_id!r} is already in flight", field="request_id")
 
     def prompt_tokens(self, request: GenerateRequest) -> int:
@@ -435,7 +437,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         if exclude:
             view = ClusterView(view.time_s, tuple(s for s in view.instances if s.instance_id not in exclude))
         if not view.instances:
-            raise Unavailable("no live engine instance in the cluster view")
+            raise Unavailable("no live engine instance in the cluster view", retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
         info = RequestInfo(
             rec.request_id, time.time(), len(rec.prompt_token_ids) + rec.next_index, max(rec.remaining_tokens, 1),
             priority=rec.priority, slo=rec.slo, predicted_output_tokens=rec.predicted_output_tokens,
@@ -445,7 +447,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         if isinstance(decision, Rejected):
             if not prefill_candidates(view) or not decode_candidates(view):
                 # Nothing to wait for in a queue (no instance can run a phase): UNAVAILABLE, not RESOURCE_EXHAUSTED.
-                raise Unavailable(f"no instance accepts requests: {decision.reason}")
+                raise Unavailable(f"no instance accepts requests: {decision.reason}",
+                                  retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
             raise Overloaded(decision.reason, retry_after_s=decision.retry_after_s or 1.0)
         return info, decision
 
@@ -690,7 +693,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         name = decision.decode_instance or decision.prefill_instance
         role = self._role_of(name)
         if role is None or not role.does_decode:
-            raise Unavailable(f"request {rec.request_id}: no instance to decode it after its prefill ({name})")
+            raise Unavailable(f"request {rec.request_id}: no instance to decode it after its prefill ({name})",
+                              retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
         self._expect_decode(rec.request_id, name)
         self.registry.touch(rec.request_id)  # its report names the decoder while the KV is on its way
         return name
@@ -864,7 +868,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         if isinstance(err, _FAILED_UNDER):
             self._failed_under(rec, iid)
         if rec.recoveries > self.max_recoveries:
-            raise Unavailable(f"request {rec.request_id} lost its instance {rec.recoveries} times")
+            raise Unavailable(f"request {rec.request_id} lost its instance {rec.recoveries} times",
+                              retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
         return self._route(rec, exclude=frozenset({iid}), accepted=True)
 
     def _failed_under(self, rec: RequestRecord, iid: str) -> None:

@@ -12,7 +12,14 @@ from typing import Any
 
 from ray.exceptions import RayTaskError
 
-from scheduler.control.api import IngressError, InvalidRequest, MigrationResult, NotFound, Unavailable
+from scheduler.control.api import (
+    UNAVAILABLE_RETRY_AFTER_S,
+    IngressError,
+    InvalidRequest,
+    MigrationResult,
+    NotFound,
+    Unavailable,
+)
 from scheduler.control.instance_lost import _DEAD
 from scheduler.control.util import _await
 from scheduler.core.types import ClusterView, InstanceRole
@@ -91,7 +98,8 @@ class IngressAdmin:
         try:
             return await getattr(self.controller, method).remote(*args)
         except _DEAD as e:
-            raise Unavailable(f"the Controller is unavailable ({type(e).__name__}); retry") from None
+            raise Unavailable(f"the Controller is unavailable ({type(e).__name__}); retry",
+                              retry_after_s=UNAVAILABLE_RETRY_AFTER_S) from None
         except RayTaskError as e:
             if isinstance(e.cause, ValueError):
                 raise InvalidRequest(str(e.cause), field=str(e.cause).split(":", 1)[0]) from None

@@ -85,7 +85,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
     status an ``IngressError`` class names: ``scheduler.control.api``)."""
     if isinstance(exc, IngressError):
         md: list[tuple[str, str]] = [(FIELD_METADATA_KEY, exc.field)] if exc.field else []
-        if isinstance(exc, Overloaded):
+        if exc.retry_after_s is not None:
             md.append((RETRY_AFTER_METADATA_KEY, f"{max(exc.retry_after_s, 0.0):g}"))
         return grpc.StatusCode[exc.grpc_code], str(exc), tuple(md)
     if isinstance(exc, NotImplementedError):

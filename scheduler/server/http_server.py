@@ -205,7 +205,7 @@ def _internal_error(exc: BaseException) -> str:
 def http_error_for(exc: IngressError) -> HTTPError:
     """The HTTP status/type for an ingress error (the class names it: ``control/api.py``, as for gRPC)."""
     headers = None
-    if isinstance(exc, Overloaded):
+    if exc.retry_after_s is not None:
         # HTTP Retry-After is whole seconds.
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
     elif exc.final:
