@@ -8,7 +8,7 @@ every few ms, each engine thread's ``/proc/.../schedstat`` (on-CPU and run-queue
 major faults), and the engines' ``statm``. Each replayed request's prefill step (the engine's scheduled ->
 finished stamps) is then attributed: wall time, the prefill engine's CPU, its wait for a core, its page faults.
 The baseline is in the same run: a prompt size's later steps against its first. This is how the eighteenth
-session found the prefill engine's growing heap (docs/live_vs_sim.md): the first ~960-token step 40-54 ms with
+session found the prefill engine's growing heap (docs/history/live_vs_sim.md): the first ~960-token step 40-54 ms with
 2300-2700 faults against ~22 ms with ~5 once the engine stopped keeping every prompt's KV.
 """
 

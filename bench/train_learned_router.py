@@ -26,9 +26,9 @@ are searched (``signal_features``). The shipped artifact is the bandit's (``--ro
 docs/results/learned_router_bandit.json``) refined by ``--method cem --rounds 6 --load 0.8 --start
 docs/results/learned_router_bandit.json`` over the first halves of five 16-instance clusters (Azure conv on a
 homogeneous and a mixed-speed cluster, Mooncake conv on a homogeneous one, a long-context tier and the same tier
-as a PREFILL pool; the full command is in its meta and docs/routing.md). Measured there ("What changed",
-twenty-fourth session): a search on one trace overfits it, on the two homogeneous clusters it gives up Azure's
-P99 TTFT; with the mixed-speed runs (and the time features) it gains on every cluster. Both methods keep the
+as a PREFILL pool; the full command is in its meta and docs/routing.md). Measured there (docs/history/routing.md,
+"What changed", twenty-fourth session): a search on one trace overfits it, on the two homogeneous clusters it gives
+up Azure's P99 TTFT; with the mixed-speed runs (and the time features) it gains on every cluster. Both methods keep the
 ``LOAD_FEATURES`` weights >= 0 (twenty-fifth session: the bandit's one negative weight, harmless at the default
 length guess its runs all had, sent every request to one instance under a 500-token length hint).
 """
@@ -210,7 +210,7 @@ def train_cem(runs: list[tuple[object, Workload]], *, start: dict[str, float] | 
       * ``slo``: mean SLO attainment, then mean reward;
       * ``robust``: the WORST run's relative gain over the prior in ``mean reward + cvar`` (the tail term), then
         mean attainment. Ranking by the worst run keeps a candidate from buying one trace's mean with another
-        trace's (or its own) tail -- what the single-trace searches did (docs/routing.md, "What changed").
+        trace's (or its own) tail -- what the single-trace searches did (docs/history/routing.md, "What changed").
     """
     rng = np.random.default_rng(seed)
     names = list(FEATURES)  # the order of WEIGHT_FLOOR

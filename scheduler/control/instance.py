@@ -87,7 +87,8 @@ def make_vllm_backend(
     On the CPU build (TP 1) every engine's worker runs ONE unbound OpenMP thread (``cpu_threads_bind="nobind"``,
     ``cpu_omp_threads=1``) unless the pool's backend kwargs say otherwise. vLLM's "auto" binding gives every engine
     an OMP team over all allowed cores (on a 2-core host: cores [0, 1], 2 threads, each), so co-located engines'
-    teams spin-wait against each other; that made live latencies unrepeatable (docs/live_vs_sim.md, 2026-11-22).
+    teams spin-wait against each other; that made live latencies unrepeatable (docs/history/live_vs_sim.md,
+    2026-11-22).
     Its worker runs in the engine-core process (``distributed_executor_backend="uni"``; see below)."""
     from vllm.platforms import current_platform
 

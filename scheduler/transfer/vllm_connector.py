@@ -371,7 +371,7 @@ class LlmschedConnector(KVConnectorBase_V1):
             # Taken out of the worker's store, not copied: the front end holds it from here (``export_kv``
             # serves it), and a copy left behind for every prompt grew this process' heap to the store's cap,
             # so that each later prefill step wrote its buffers into fresh pages (page faults cost a 960-token
-            # step up to 2x on the CPU host: docs/live_vs_sim.md, eighteenth session).
+            # step up to 2x on the CPU host: docs/history/live_vs_sim.md, eighteenth session).
             worker = _WORKER_CONNECTOR
             if self._params(request).get("save") and worker is not None:
                 saved = worker.pop_saved(str(lid))
