@@ -43,8 +43,9 @@ def view(*insts: InstanceSnapshot, t: float = 0.0) -> ClusterView:
 
 
 def hot(n: int = 6, iid: str = "hot") -> InstanceSnapshot:
-    # 6 requests x 160 tokens = 60 blocks + 30 more in use: virtual usage 0.9 > 0.8.
-    return inst(iid, tuple(rl(f"{iid}{k}", rem=10.0 * (k + 1)) for k in range(n)), used=90)
+    # 6 requests x 160 tokens = 60 blocks + 30 more in use: virtual usage 0.9 > 0.8. The first has the longest
+    # remaining (10 * n tokens): the same copy frees its KV the longest, so it is the one to move.
+    return inst(iid, tuple(rl(f"{iid}{k}", rem=10.0 * (n - k)) for k in range(n)), used=90)
 
 
 # ---- stage sizes -------------------------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def test_migration_cost_and_validation() -> None:
 
 
 # ---- triggers ------------------------------------------------------------------------------------------------------
-def test_load_balance_moves_shortest_remaining_to_least_loaded() -> None:
+def test_load_balance_moves_longest_remaining_to_least_loaded() -> None:
     p = LlumnixMigrationPolicy()
     plans = p.plan(view(hot(), inst("mid", (rl("m0"),), used=55), inst("cold", (rl("c0"),), used=20)), 0.0)
     assert plans == [MigrationPlan("hot0", "hot", "cold", MigrationReason.LOAD_BALANCE)]
@@ -174,12 +175,12 @@ def test_priority_isolation_moves_low_priority_off() -> None:
     reqs = (rl("hi", prio=1, ctx=800), rl("lo1", rem=300.0), rl("lo2", rem=30.0))
     p = LlumnixMigrationPolicy(max_per_instance=2, high_watermark=0.95)
     plans = p.plan(view(inst("busy", reqs, used=88), inst("free", total=100)), 0.0)
-    assert [x.request_id for x in plans] == ["lo2"]  # shortest remaining first; 88 -> 78 blocks relieves it
+    assert [x.request_id for x in plans] == ["lo1"]  # longest remaining first; 88 -> 78 blocks relieves it
     assert all(x.reason is MigrationReason.PRIORITY for x in plans)
     # Still over the pressure after one move: the next low-priority decode goes too.
     plans = LlumnixMigrationPolicy(max_per_instance=2, high_watermark=0.95).plan(
         view(inst("busy", reqs, used=99), inst("free", total=100)), 0.0)
-    assert [x.request_id for x in plans] == ["lo2", "lo1"]
+    assert [x.request_id for x in plans] == ["lo1", "lo2"]
     # No high-priority decode there: no isolation (and below the balance watermark: nothing).
     calm = (rl("lo1"), rl("lo2"))
     assert LlumnixMigrationPolicy(high_watermark=0.95).plan(view(inst("busy", calm, used=88), inst("free")), 0.0) == []
@@ -312,11 +313,18 @@ def test_load_balance_stops_once_the_source_is_relieved() -> None:
 
 def test_choosers_order_by_their_own_key_first() -> None:
     """``shortest_remaining`` picks the shortest remaining request even when it holds more KV; ``least_kv`` the
-    smallest KV (kills swapping the key's terms: every request in ``hot()`` has the same context)."""
+    smallest KV (kills swapping the key's terms: every request in ``hot()`` has the same context); the default
+    ``relief_per_copy`` the most KV-time freed per token copied: a longer remaining beats a smaller KV."""
     reqs = (rl("long_small", ctx=160, rem=500.0), rl("short_big", ctx=320, rem=5.0))
     v = view(inst("src", reqs, used=90), inst("cold", total=1000))
-    assert [x.request_id for x in LlumnixMigrationPolicy().plan(v, 0.0)] == ["short_big"]
+    old = LlumnixMigrationPolicy(choose="shortest_remaining")
+    assert [x.request_id for x in old.plan(v, 0.0)] == ["short_big"]
     assert [x.request_id for x in LlumnixMigrationPolicy(choose="least_kv").plan(v, 0.0)] == ["long_small"]
+    # 320 tokens held for 400 more steps: 650 token-steps freed per token copied, against 131 for 160 tokens held
+    # for 100 (the other two rules both pick the small one).
+    reqs = (rl("small_short", ctx=160, rem=100.0), rl("big_long", ctx=320, rem=400.0))
+    v = view(inst("src", reqs, used=90), inst("cold", total=1000))
+    assert [x.request_id for x in LlumnixMigrationPolicy().plan(v, 0.0)] == ["big_long"]
 
 
 def test_inflight_entry_expires_after_the_timeout() -> None:

@@ -17,10 +17,15 @@ Triggers of ``LlumnixMigrationPolicy``, in this order each round (a request is p
                   decodes until it is below (Llumnix's priority headroom);
 3. defrag      -- the head of some instance's queue needs more KV blocks than any instance has free: move the
                   smallest decodes off that instance until the head fits (only if they can free enough);
-4. balance     -- instances above ``high_watermark`` virtual usage send their shortest-remaining decodes (fewest
-                  KV tokens to copy per unit of relief) to instances at least ``balance_gap`` less used (Llumnix
-                  pairs the least free with the most free, a relative rule) and, if set, below
-                  ``low_watermark``.
+4. balance     -- instances above ``high_watermark`` virtual usage send decodes to instances at least
+                  ``balance_gap`` less used (Llumnix pairs the least free with the most free, a relative rule)
+                  and, if set, below ``low_watermark``.
+
+Which decode a trigger moves (``choose``; priority isolation and balance): the default ``relief_per_copy`` moves
+the one that spares its source the most KV-time per KV token copied -- its context held (and growing) for its
+predicted remaining steps, over its context. A request about to finish frees its KV soon anyway: moving it costs a
+copy and buys a few steps. Without length guesses (every remaining the default) that is the least KV, Llumnix's
+choice (its SRF: the shortest running sequence, the cheapest copy).
 
 Destinations: accepting (healthy, not draining), decode-capable, enough free KV for the request plus
 ``headroom_tokens`` after everything already planned this round, and not pushed above ``high_watermark``.
@@ -243,7 +248,7 @@ class LlumnixMigrationPolicy(MigrationPolicy):
         request_cooldown_s: float = 10.0,
         inflight_timeout_s: float = 10.0,
         headroom_tokens: int = 64,
-        choose: str = "shortest_remaining",
+        choose: str = "relief_per_copy",
         default_output_tokens: float = 256.0,
     ) -> None:
         if low_watermark is not None and not 0 <= low_watermark <= high_watermark:
@@ -430,10 +435,18 @@ class LlumnixMigrationPolicy(MigrationPolicy):
                     rnd.add(r, src, d, MigrationReason.LOAD_BALANCE)
 
 
+def _relief_per_copy(p: LlumnixMigrationPolicy, r: RequestLoad) -> tuple[float, ...]:
+    """Most KV-time freed on the source per KV token copied first: ``ctx`` tokens held, growing by one a step, for
+    ``rem`` more steps (``ctx * rem + rem**2 / 2`` token-steps), over the ``ctx`` tokens the copy moves."""
+    rem, ctx = max(p._remaining(r), 0.0), max(r.context_tokens, 1)
+    return -rem * (ctx + rem / 2) / ctx, r.context_tokens
+
+
 _CHOOSERS: dict[str, Callable[[LlumnixMigrationPolicy, RequestLoad], tuple[float, ...]]] = {
-    # Shortest predicted remaining first, then least KV (cheapest copy): frees the most for the least copying.
+    "relief_per_copy": _relief_per_copy,
+    "least_kv": lambda p, r: (r.context_tokens, p._remaining(r)),  # Llumnix's SRF: the cheapest copy
+    # The old default, for A/B only: it moves what would leave soonest anyway (2 tokens left: a copy for 2 steps).
     "shortest_remaining": lambda p, r: (p._remaining(r), r.context_tokens),
-    "least_kv": lambda p, r: (r.context_tokens, p._remaining(r)),
 }
 
 MIGRATION_POLICIES: dict[str, Callable[..., MigrationPolicy]] = {

@@ -1,0 +1,26 @@
+"""Migration policy audit against Llumnix (Sun et al., OSDI 2024): which request a trigger moves, and whether a
+drain reaches every draining instance. Pure policy: snapshots in, plans out. Each test fails on the code before
+its fix, except the one marked a guard."""
+
+from __future__ import annotations
+
+from scheduler.policy.migration import LlumnixMigrationPolicy, MigrationPlan, MigrationReason
+from tests.test_policies_migration import inst, rl, view
+
+
+def test_load_balance_moves_the_request_that_would_stay_longest_not_one_about_to_finish() -> None:
+    """Same KV, so the same copy: ``ending`` has 2 tokens left and frees its 20 blocks in two steps anyway;
+    ``staying`` holds them for 400 more. The "shortest remaining first" default moved ``ending`` (a copy that
+    bought two steps of 20 blocks); the goal is the most KV-time freed per KV token copied."""
+    reqs = (rl("ending", ctx=320, rem=2.0), rl("staying", ctx=320, rem=400.0))
+    plans = LlumnixMigrationPolicy().plan(view(inst("src", reqs, used=90), inst("cold", total=1000)), 0.0)
+    assert plans == [MigrationPlan("staying", "src", "cold", MigrationReason.LOAD_BALANCE)]
+
+
+def test_without_length_guesses_the_choice_is_llumnixs_shortest_sequence() -> None:
+    """Guard (passes before and after): no request has a guess (every remaining is the default), so the choice
+    falls back to the least KV to copy, as Llumnix's SRF (shortest ``request_len``) does -- listed last, so it is
+    the key and not the order. The recorded simulator studies run without guesses: their moves do not change."""
+    reqs = (rl("big", ctx=480, rem=None), rl("small", ctx=160, rem=None))
+    plans = LlumnixMigrationPolicy().plan(view(inst("src", reqs, used=90), inst("cold", total=1000)), 0.0)
+    assert [x.request_id for x in plans] == ["small"]
