@@ -24,3 +24,12 @@ def test_without_length_guesses_the_choice_is_llumnixs_shortest_sequence() -> No
     reqs = (rl("big", ctx=480, rem=None), rl("small", ctx=160, rem=None))
     plans = LlumnixMigrationPolicy().plan(view(inst("src", reqs, used=90), inst("cold", total=1000)), 0.0)
     assert [x.request_id for x in plans] == ["small"]
+
+
+def test_load_balance_moves_low_priority_before_high_priority() -> None:
+    """Llumnix prefers low-priority requests for migration (a move costs its request a stop-and-copy). Two equal
+    decodes, the high-priority one listed first: load balance moved it (its key ignored priority)."""
+    reqs = (rl("hi", ctx=160, rem=100.0, prio=1), rl("lo", ctx=160, rem=100.0))
+    # Below ``pressure`` (0.85): priority isolation does not fire, load balance (0.82 > 0.8) does.
+    plans = LlumnixMigrationPolicy().plan(view(inst("src", reqs, used=82), inst("cold", total=1000)), 0.0)
+    assert plans == [MigrationPlan("lo", "src", "cold", MigrationReason.LOAD_BALANCE)]

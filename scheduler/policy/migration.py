@@ -25,7 +25,8 @@ Which decode a trigger moves (``choose``; priority isolation and balance): the d
 the one that spares its source the most KV-time per KV token copied -- its context held (and growing) for its
 predicted remaining steps, over its context. A request about to finish frees its KV soon anyway: moving it costs a
 copy and buys a few steps. Without length guesses (every remaining the default) that is the least KV, Llumnix's
-choice (its SRF: the shortest running sequence, the cheapest copy).
+choice (its SRF: the shortest running sequence, the cheapest copy). Balance moves low priority first, as
+Llumnix prefers to (a move costs its request a stop-and-copy).
 
 Destinations: accepting (healthy, not draining), decode-capable, enough free KV for the request plus
 ``headroom_tokens`` after everything already planned this round, and not pushed above ``high_watermark``.
@@ -421,7 +422,8 @@ class LlumnixMigrationPolicy(MigrationPolicy):
         sources = sorted((i for i in view.instances if i.healthy and not i.draining and i.role.does_decode
                           and rnd.vu(i) > self.high_watermark), key=rnd.vu, reverse=True)
         for src in sources:
-            reqs = sorted((r for r in src.requests if rnd.movable(r)), key=lambda r: self._key(self, r))
+            # Low priority first (it moved a high-priority decode ahead of an equal low-priority one).
+            reqs = sorted((r for r in src.requests if rnd.movable(r)), key=lambda r: (r.priority, self._key(self, r)))
             for r in reqs:
                 if rnd.full() or not rnd.can_touch(src) or rnd.vu(src) <= self.high_watermark:
                     break
