@@ -33,3 +33,16 @@ def test_load_balance_moves_low_priority_before_high_priority() -> None:
     # Below ``pressure`` (0.85): priority isolation does not fire, load balance (0.82 > 0.8) does.
     plans = LlumnixMigrationPolicy().plan(view(inst("src", reqs, used=82), inst("cold", total=1000)), 0.0)
     assert plans == [MigrationPlan("lo", "src", "cold", MigrationReason.LOAD_BALANCE)]
+
+
+def test_a_busy_draining_instance_does_not_stall_the_next_ones_drain() -> None:
+    """Two instances drain (a scale-down of two). ``d1`` already has a move in flight (``max_per_instance`` 1):
+    the drain returned from the whole round there, so ``d2`` got no plan until ``d1`` was empty."""
+    p = LlumnixMigrationPolicy(max_concurrent=8, max_plans=8, max_per_s=8, cooldown_s=0.0)
+    d1 = inst("d1", (rl("a", rem=300.0), rl("b", rem=200.0)), draining=True)
+    d2 = inst("d2", (rl("c", rem=300.0),), draining=True)
+    x, y = inst("x", total=200), inst("y", total=200)
+    assert [pl.request_id for pl in p.plan(view(d1, x, y), 0.0)] == ["a"]
+    # ``a`` still copying (listed on d1): d1 is busy, d2 must still drain, to the other free destination.
+    plans = p.plan(view(d1, d2, x, y, t=0.5), 0.5)
+    assert plans == [MigrationPlan("c", "d2", "y", MigrationReason.DRAIN)]

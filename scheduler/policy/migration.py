@@ -359,8 +359,10 @@ class LlumnixMigrationPolicy(MigrationPolicy):
         for src in draining:
             reqs = sorted((r for r in src.requests if rnd.movable(r)), key=self._remaining, reverse=True)
             for r in reqs:
-                if rnd.full() or not rnd.can_touch(src, cooldown=False):
+                if rnd.full():
                     return
+                if not rnd.can_touch(src, cooldown=False):
+                    break  # this one is busy; the next draining instance may still move (it returned: drains ran serially)
                 d = self._destination(rnd, r, src, dests, below=1.0)
                 if d is not None:
                     rnd.add(r, src, d, MigrationReason.DRAIN)
