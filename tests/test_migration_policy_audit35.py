@@ -46,3 +46,79 @@ def test_a_busy_draining_instance_does_not_stall_the_next_ones_drain() -> None:
     # ``a`` still copying (listed on d1): d1 is busy, d2 must still drain, to the other free destination.
     plans = p.plan(view(d1, d2, x, y, t=0.5), 0.5)
     assert plans == [MigrationPlan("c", "d2", "y", MigrationReason.DRAIN)]
+
+
+# ---- the live (vLLM) snapshot's queue order, which defrag reads ---------------------------------------------------
+class _Req:
+    """The fields of a vLLM ``Request`` that ``llmsched_stats`` reads."""
+
+    def __init__(self, rid: str, tokens: int, computed: int, prompt: int | None = None) -> None:
+        self.request_id, self.kv_transfer_params, self.priority = rid, {"llmsched_id": rid}, 0
+        self.num_tokens, self.num_computed_tokens = tokens, computed
+        self.num_prompt_tokens = tokens if prompt is None else prompt
+        self.num_output_tokens = tokens - self.num_prompt_tokens
+
+    def is_finished(self) -> bool:
+        return False
+
+
+def test_live_snapshot_lists_vllms_queue_in_its_order_so_defrag_finds_the_head() -> None:
+    """Defrag takes the head of an instance's queue from the snapshot ("prefilling first, then the FCFS queue", as
+    the engine model lists them). vLLM's ``llmsched_stats`` listed requests in arrival order, and vLLM puts a
+    preempted request back at the *front* of its waiting queue: here the 1200-token request ``a`` (75 blocks, no
+    instance has them) heads the queue, but the listing put ``b`` (running its chunked prefill, fits) where the
+    head is read. No defrag: the prompt that fits nowhere stayed stuck (load balance moved the same decodes, for
+    the wrong reason and only while the instance was above its watermark)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import pytest
+
+    pytest.importorskip("vllm")
+    from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+
+    from scheduler.core.types import RequestLoad
+    from scheduler.transfer import vllm_connector as vc
+
+    dec = [_Req("d1", 320, 319, 300), _Req("d2", 160, 159, 150), _Req("d3", 480, 479, 460)]
+    a = _Req("a", 1200, 0, 1000)  # decoded 200 tokens, preempted: recomputes its whole context
+    b, c = _Req("b", 160, 64), _Req("c", 160, 0)
+    conn = vc.LlmschedConnector.__new__(vc.LlmschedConnector)  # scheduler-side state only
+    conn._live = {r.request_id: r for r in (*dec[:1], a, *dec[1:], b, c)}  # arrival order
+    conn._held, conn.counters = {}, vc._Counters()
+    waiting = FCFSRequestQueue()
+    waiting.add_request(c)
+    waiting.prepend_request(a)  # vLLM's ``_preempt_request``
+    pool = SimpleNamespace(num_gpu_blocks=101, get_num_free_blocks=lambda: 40)
+    sched = SimpleNamespace(
+        kv_cache_manager=SimpleNamespace(block_pool=pool),
+        block_size=16,
+        running=[*dec, b],
+        waiting=waiting,
+        kv_holding_waiting=FCFSRequestQueue(),
+        get_request_counts=lambda: (4, 2),
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vc, "_SCHEDULER_CONNECTOR", conn)
+        d = vc._engine_stats(SimpleNamespace(scheduler=sched))
+    reqs = tuple(
+        RequestLoad(
+            r["llmsched_id"], r["context_tokens"], r["output_tokens"], None, r["priority"], r["in_prefill"]
+        )
+        for r in d["requests"]
+    )
+    src = dataclasses.replace(
+        inst("s", reqs, used=d["kv_blocks_used"], total=d["kv_blocks_total"]),
+        num_running=d["num_running"],
+        num_waiting=d["num_waiting"],
+        prefill_tokens_pending=d["prefill_tokens_pending"],
+    )
+    o1, o2 = inst("o1", (rl("x1", ctx=640),), used=40), inst("o2", (rl("x2", ctx=640),), used=40)
+    p = LlumnixMigrationPolicy(
+        max_per_instance=3, max_plans=5, max_concurrent=5, max_per_s=5, high_watermark=0.9
+    )
+    plans = p.plan(view(src, o1, o2), 0.0)
+    # Deficit 75 - 40 = 35 blocks: the smallest decodes (10, 20, 30 blocks) until it fits.
+    assert [(x.request_id, x.reason) for x in plans] == [
+        (k, MigrationReason.DEFRAG) for k in ("d2", "d1", "d3")
+    ]

@@ -735,7 +735,13 @@ def _engine_stats(core: Any) -> dict[str, Any]:
     if conn is not None:
         counters = conn.counters
         held = {id(r) for r in conn._held.values()}
-        for internal_id, r in conn._live.items():
+        # In the scheduler's order (running, then each waiting queue front to back), as the engine model lists its
+        # requests: the migration policy's defrag reads the queue's head there. Arrival order put a preempted (or
+        # migrated-in) request, which vLLM queues at the front, behind later arrivals.
+        queues = (sched.running, sched.waiting, getattr(sched, "kv_holding_waiting", ()))
+        rank = {id(r): k for k, r in enumerate(r for q in queues for r in q)}
+        live = sorted(conn._live.items(), key=lambda kv: rank.get(id(kv[1]), len(rank)))
+        for internal_id, r in live:
             if r.is_finished() or id(r) in held:  # a held request is still the source's until the commit
                 continue
             if r.num_computed_tokens < r.num_prompt_tokens:
