@@ -48,6 +48,24 @@ def test_a_busy_draining_instance_does_not_stall_the_next_ones_drain() -> None:
     assert plans == [MigrationPlan("c", "d2", "y", MigrationReason.DRAIN)]
 
 
+def test_a_move_never_pushes_an_instance_with_high_priority_decodes_into_priority_pressure() -> None:
+    """With ``high_watermark`` (0.95) above ``pressure`` (0.85), priority isolation shed ``lo1`` from ``a`` onto
+    ``b`` (0.80 -> 0.90), which holds a high-priority decode too: ``b`` was then over the pressure itself and the
+    next round shed a low-priority decode back onto ``a`` -- ping-pong. ``c`` (nothing to protect) takes it."""
+    a = inst("a", (rl("hi_a", prio=1), rl("lo1", rem=100.0)), used=88)
+    b = inst("b", (rl("hi_b", prio=1), rl("lo2", rem=100.0)), used=80)
+    c = inst("c", (rl("c0"),), used=80)
+    p = LlumnixMigrationPolicy(high_watermark=0.95)
+    assert p.plan(view(a, b, c), 0.0) == [MigrationPlan("lo1", "a", "c", MigrationReason.PRIORITY)]
+    # Only b there: no move rather than one that bounces back.
+    assert LlumnixMigrationPolicy(high_watermark=0.95).plan(view(a, b), 0.0) == []
+    # A drain still goes there: its source must empty, and nothing is shed back to a draining instance.
+    d = inst("d", (rl("lo3", rem=100.0),), draining=True)
+    assert LlumnixMigrationPolicy().plan(view(d, b), 0.0) == [
+        MigrationPlan("lo3", "d", "b", MigrationReason.DRAIN)
+    ]
+
+
 # ---- the live (vLLM) snapshot's queue order, which defrag reads ---------------------------------------------------
 class _Req:
     """The fields of a vLLM ``Request`` that ``llmsched_stats`` reads."""

@@ -29,7 +29,8 @@ choice (its SRF: the shortest running sequence, the cheapest copy). Balance move
 Llumnix prefers to (a move costs its request a stop-and-copy).
 
 Destinations: accepting (healthy, not draining), decode-capable, enough free KV for the request plus
-``headroom_tokens`` after everything already planned this round, and not pushed above ``high_watermark``.
+``headroom_tokens`` after everything already planned this round, not pushed above ``high_watermark``, and, if it
+holds a high-priority decode, not up to ``pressure`` (a drain takes any that fits: its source must empty).
 Rate limits so migrations do not thrash: at most ``max_concurrent`` in flight cluster-wide and
 ``max_per_instance`` per instance (as source or destination), and at most ``max_per_s`` planned in any second
 (cluster-wide, drains included); an instance rests ``cooldown_s`` after a migration starts (drain sources
@@ -162,6 +163,11 @@ class NoMigration(MigrationPolicy):
 
     def plan(self, view: ClusterView, now_s: float) -> list[MigrationPlan]:
         return []
+
+
+def _holds_high_priority(inst: InstanceSnapshot) -> bool:
+    """A high-priority request decodes there: what priority isolation protects."""
+    return any(r.priority >= HIGH_PRIORITY and not r.in_prefill for r in inst.requests)
 
 
 def _blocks(tokens: float, block_size: int) -> int:
@@ -339,8 +345,11 @@ class LlumnixMigrationPolicy(MigrationPolicy):
         return rnd.plans
 
     def _destination(self, rnd: _Round, r: RequestLoad, src: InstanceSnapshot, dests: list[InstanceSnapshot], *,
-                     below: float) -> InstanceSnapshot | None:
-        """Least virtually used eligible destination that stays below ``below`` after taking ``r``."""
+                     below: float, protect: bool = True) -> InstanceSnapshot | None:
+        """Least virtually used eligible destination that stays below ``below`` after taking ``r`` -- and, with
+        ``protect``, below ``pressure`` if it holds a high-priority decode: with ``high_watermark`` above
+        ``pressure``, priority isolation shed such a move straight back (a low-priority decode bouncing between two
+        protected instances). A drain does not protect: its source must empty, and nothing goes back to it."""
         best, best_vu = None, math.inf
         for d in dests:
             if d.instance_id == src.instance_id or not rnd.can_touch(d):
@@ -350,7 +359,7 @@ class LlumnixMigrationPolicy(MigrationPolicy):
                 continue
             vu = rnd.vu(d)
             after = vu + _blocks(r.context_tokens, d.block_size) / max(d.kv_blocks_total, 1)
-            if after > below or vu >= best_vu:
+            if after > below or vu >= best_vu or (protect and after >= self.pressure and _holds_high_priority(d)):
                 continue
             best, best_vu = d, vu
         return best
@@ -363,7 +372,7 @@ class LlumnixMigrationPolicy(MigrationPolicy):
                     return
                 if not rnd.can_touch(src, cooldown=False):
                     break  # this one is busy; the next draining instance may still move (it returned: drains ran serially)
-                d = self._destination(rnd, r, src, dests, below=1.0)
+                d = self._destination(rnd, r, src, dests, below=1.0, protect=False)
                 if d is not None:
                     rnd.add(r, src, d, MigrationReason.DRAIN)
 
@@ -373,7 +382,7 @@ class LlumnixMigrationPolicy(MigrationPolicy):
                 return
             if src.draining or not src.healthy or src.kv_blocks_used / max(src.kv_blocks_total, 1) < self.pressure:
                 continue
-            if not any(r.priority >= HIGH_PRIORITY and not r.in_prefill for r in src.requests):
+            if not _holds_high_priority(src):
                 continue
             low = sorted((r for r in src.requests if r.priority < HIGH_PRIORITY and rnd.movable(r)),
                          key=lambda r: (r.priority, self._key(self, r)))
