@@ -66,6 +66,22 @@ def test_a_move_never_pushes_an_instance_with_high_priority_decodes_into_priorit
     ]
 
 
+def test_defrag_moves_one_decode_that_frees_enough_rather_than_the_smallest_first() -> None:
+    """The queue's head needs 65 blocks, the source has 30 free (deficit 35), no instance has 65. Defrag took the
+    smallest decodes first (b: 10 blocks); with ``max_per_instance`` 1 (the default) that was its only move this
+    round, 10 < 35, so it rolled back: defrag never fired, though ``c`` alone (40 blocks) lets the head in. Load
+    balance then moved ``b``, which does not. (Even with 3 moves allowed: b + a = 30, and ``o`` had no room left
+    for ``c``.)"""
+    head = rl("head", ctx=1040, rem=None, prefill=True)
+    src = inst(
+        "s", (rl("b", ctx=160), rl("a", ctx=320), rl("c", ctx=640), head), used=70, waiting=1, pending=1040
+    )
+    o = inst("o", (rl("x", ctx=576),), used=36)  # 64 free: the head fits nowhere; c fits here (0.36 -> 0.76)
+    for per_instance in (1, 3):
+        plans = LlumnixMigrationPolicy(max_per_instance=per_instance).plan(view(src, o), 0.0)
+        assert plans[0] == MigrationPlan("c", "s", "o", MigrationReason.DEFRAG), per_instance
+
+
 # ---- the live (vLLM) snapshot's queue order, which defrag reads ---------------------------------------------------
 class _Req:
     """The fields of a vLLM ``Request`` that ``llmsched_stats`` reads."""

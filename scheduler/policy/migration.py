@@ -15,8 +15,9 @@ Triggers of ``LlumnixMigrationPolicy``, in this order each round (a request is p
                   would finish before their copy pays off);
 2. priority    -- an instance holding high-priority decodes with KV usage >= ``pressure`` sheds low-priority
                   decodes until it is below (Llumnix's priority headroom);
-3. defrag      -- the head of some instance's queue needs more KV blocks than any instance has free: move the
-                  smallest decodes off that instance until the head fits (only if they can free enough);
+3. defrag      -- the head of some instance's queue needs more KV blocks than any instance has free: move off
+                  that instance the smallest decode that alone frees enough, else the smallest decodes until the
+                  head fits (only if they can free enough);
 4. balance     -- instances above ``high_watermark`` virtual usage send decodes to instances at least
                   ``balance_gap`` less used (Llumnix pairs the least free with the most free, a relative rule)
                   and, if set, below ``low_watermark``.
@@ -418,6 +419,12 @@ class LlumnixMigrationPolicy(MigrationPolicy):
             small = sorted((r for r in src.requests if rnd.movable(r)), key=lambda r: r.context_tokens)
             if sum(_blocks(r.context_tokens, src.block_size) for r in small) < deficit:
                 continue  # cannot free enough: moving some would only cost
+            # One move if one decode frees enough (the smallest such): smallest-first took a 10-block decode
+            # against a 35-block deficit, had no second move (max_per_instance 1) and rolled back, every round.
+            one = next((r for r in small if _blocks(r.context_tokens, src.block_size) >= deficit), None)
+            if one is not None:
+                small.remove(one)
+                small.insert(0, one)
             freed, cp = 0, rnd.checkpoint()
             for r in small:
                 if freed >= deficit or rnd.full() or not rnd.can_touch(src):
