@@ -372,7 +372,7 @@ class LlumnixMigrationPolicy(MigrationPolicy):
                 if rnd.full():
                     return
                 if not rnd.can_touch(src, cooldown=False):
-                    break  # this one is busy; the next draining instance may still move (it returned: drains ran serially)
+                    break  # only this source waits (a return here drained one instance at a time)
                 d = self._destination(rnd, r, src, dests, below=1.0, protect=False)
                 if d is not None:
                     rnd.add(r, src, d, MigrationReason.DRAIN)
