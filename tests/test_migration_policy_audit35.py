@@ -156,3 +156,39 @@ def test_live_snapshot_lists_vllms_queue_in_its_order_so_defrag_finds_the_head()
     assert [(x.request_id, x.reason) for x in plans] == [
         (k, MigrationReason.DEFRAG) for k in ("d2", "d1", "d3")
     ]
+
+
+# ---- the live ingress executing the Controller's plans ------------------------------------------------------------
+def test_a_plan_whose_request_moved_since_is_dropped_not_run_from_its_new_instance() -> None:
+    """The Controller planned ``r`` a -> c on its view; by the time the ingress took the plan, ``r`` had moved to
+    ``b`` (an operator's drain of ``a`` through ``Ingress.drain`` migrates it too, and the Controller's policy sees
+    the same draining instance). The ingress ran ``migrate(r, c)`` from wherever ``r`` was: a second copy and
+    downtime from ``b``, which nothing had planned. Now it is dropped (not started), as a moot plan is."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from scheduler.control.ingress_migration import IngressMigration
+    from scheduler.control.registry import RequestRecord, RequestRegistry
+    from scheduler.engine.base import SamplingParams
+
+    reg = RequestRegistry()
+    reg.add(RequestRecord("r", (1, 2, 3), SamplingParams(), instances=("b",)))
+    calls: list[tuple] = []
+
+    async def migrate(rid: str, dst: str) -> object:
+        calls.append(("migrate", rid, dst))
+        return SimpleNamespace(committed=True, started=True)
+
+    done = SimpleNamespace(remote=lambda *a: calls.append(("done", *a)))
+    ing = SimpleNamespace(
+        registry=reg,
+        _members={"a", "b", "c"},
+        migrate=migrate,
+        controller=SimpleNamespace(migration_done=done),
+    )
+    asyncio.run(IngressMigration._execute_plan(ing, MigrationPlan("r", "a", "c", MigrationReason.DRAIN)))
+    assert calls == [("done", "r", False, False)]
+    # Still on its planned source: the plan runs.
+    calls.clear()
+    asyncio.run(IngressMigration._execute_plan(ing, MigrationPlan("r", "b", "c", MigrationReason.DRAIN)))
+    assert calls == [("migrate", "r", "c"), ("done", "r", True, True)]

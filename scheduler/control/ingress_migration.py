@@ -179,8 +179,11 @@ class IngressMigration:
 
     async def _execute_plan(self, plan: Any) -> None:
         ok = started = False
+        rec = self.registry.get(plan.request_id)
         try:
-            if plan.request_id in self.registry and plan.destination in self._members:
+            # Still where the plan moves it from: a request that moved since (an operator's drain of the same
+            # instance, a handoff) went from its new instance, a move nothing had planned. Moot: dropped.
+            if rec is not None and rec.instances[-1:] == (plan.source,) and plan.destination in self._members:
                 res = await self.migrate(plan.request_id, plan.destination)
                 ok, started = res.committed, res.started
         except Exception:
