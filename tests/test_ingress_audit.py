@@ -113,7 +113,7 @@ class FakeInstance:
         self.streams[rid]["paused"] = False
         return True
 
-    async def _migrate_reserve(self, rid: str, tokens: int, template: Any) -> str | None:
+    async def _migrate_reserve(self, rid: str, tokens: int, template: Any, **kw: Any) -> str | None:
         return None
 
     async def _migrate_stage(self, rid: str, piece: list[Any]) -> tuple[str, Any]:
@@ -393,7 +393,7 @@ def test_cancelled_drain_puts_instance_back_in_service() -> None:
 
     Ctrl.set_draining, Ctrl.release = _Method(set_draining), _Method(release)  # type: ignore[attr-defined]
 
-    async def refuse(rid: str, tokens: int, template: Any) -> str:  # every migration attempt is refused
+    async def refuse(rid: str, tokens: int, template: Any, **kw: Any) -> str:  # every migration attempt is refused
         return "no KV room"
 
     D._migrate_reserve = refuse  # type: ignore[method-assign]

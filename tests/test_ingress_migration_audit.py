@@ -118,9 +118,9 @@ def test_a_picked_destination_is_booked_again_at_the_commit_after_a_refresh_took
         _decoding(ing, S)
         orig = D._migrate_reserve
 
-        async def reserve_then_refresh(*a: Any) -> Any:
+        async def reserve_then_refresh(*a: Any, **kw: Any) -> Any:
             await ing._refresh_view()  # the snapshots of a refresh between the pick and the commit
-            return await orig(*a)
+            return await orig(*a, **kw)
 
         D._migrate_reserve = reserve_then_refresh  # type: ignore[method-assign]
         seen: list[int] = []

@@ -226,7 +226,11 @@ class _RayDestination:
         self.h, self.rid, self.rec, self.template, self.preadmit = handle, request_id, rec, template, preadmit
 
     async def reserve(self, tokens: int) -> str | None:
-        return await self.h.migrate_reserve.remote(self.rid, tokens, self.template if self.preadmit else None)
+        # The most the context can reach here (what the commit admits: history + remaining max_tokens), so that a
+        # destination that could never hold it refuses now, not at the commit after the request paused for it.
+        whole = len(self.rec.prompt_token_ids) + self.rec.sampling.max_tokens
+        return await self.h.migrate_reserve.remote(self.rid, tokens, self.template if self.preadmit else None,
+                                                   whole_tokens=whole)
 
     async def stage(self, piece: Any) -> int:
         kind, value = await self.h.migrate_stage.remote(self.rid, [piece])

@@ -708,15 +708,17 @@ class Instance:
                 return None if r.in_prefill else int(r.context_tokens)
         return None
 
-    async def migrate_reserve(self, request_id: str, tokens: int, template: EngineRequest | None = None) -> str | None:
+    async def migrate_reserve(self, request_id: str, tokens: int, template: EngineRequest | None = None, *,
+                              whole_tokens: int | None = None) -> str | None:
         """Destination, handshake: reserve KV for ``tokens``; ``None`` or why not. ``template`` (sampling,
-        priority) lets the backend pre-admit the request during the pre-copy."""
+        priority) lets the backend pre-admit the request during the pre-copy. ``whole_tokens`` (prompt +
+        max_tokens): refused when this engine could never hold that context, as the commit would be."""
         await self._fault("reserve")
         if self._draining:
             return f"{self.instance_id} is draining"
         if request_id in self._streams:
             return f"request_id: {request_id!r} is already running on {self.instance_id}"
-        why = await self._migration_backend().reserve_kv(request_id, tokens, template)
+        why = await self._migration_backend().reserve_kv(request_id, tokens, template, whole_tokens=whole_tokens)
         if why is None:
             self._incoming[request_id] = time.monotonic()
         return why

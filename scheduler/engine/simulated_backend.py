@@ -405,11 +405,17 @@ class SimulatedBackend:
         if self._wake is not None:
             self._wake.set()
 
-    async def reserve_kv(self, request_id: str, tokens: int, template: EngineRequest | None = None) -> str | None:
+    async def reserve_kv(self, request_id: str, tokens: int, template: EngineRequest | None = None, *,
+                         whole_tokens: int | None = None) -> str | None:
         """Destination handshake: hold blocks for ``tokens`` (as held-by-nobody prefill blocks, like the
-        simulator's driver). Returns why not, or ``None``. (``template``: unused, nothing to pre-admit here.)"""
+        simulator's driver). Returns why not, or ``None``: also when ``whole_tokens`` (the request's prompt +
+        max_tokens) exceeds the whole KV here, which the commit's admission would refuse (the simulator's driver
+        refuses it here too). (``template``: unused, nothing to pre-admit here.)"""
         if request_id in self._reqs:
             return f"request {request_id!r} is already running on this engine"
+        if whole_tokens is not None and self._blocks(whole_tokens) > self.engine.total_blocks:
+            return (f"its whole context ({whole_tokens} tokens) needs {self._blocks(whole_tokens)} KV blocks, "
+                    f"the engine has {self.engine.total_blocks}")
         self._release_reservation(request_id)
         need = self._blocks(tokens)
         free = self.engine.total_blocks - self.engine.blocks_used()

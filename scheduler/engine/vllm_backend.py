@@ -675,9 +675,12 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------ live migration (scheduler.transfer.migration)
 
-    async def reserve_kv(self, request_id: str, tokens: int, template: EngineRequest | None = None) -> str | None:
+    async def reserve_kv(self, request_id: str, tokens: int, template: EngineRequest | None = None, *,
+                         whole_tokens: int | None = None) -> str | None:
         """Destination handshake: hold KV blocks for ``tokens`` tokens of an incoming request (handed back to the
-        pool when the request arrives, or by ``cancel_incoming``). Returns why not, or ``None``.
+        pool when the request arrives, or by ``cancel_incoming``). Returns why not, or ``None``: also when
+        ``whole_tokens`` (the request's prompt + max_tokens) exceeds ``max_model_len``, which the commit's
+        ``generate`` would refuse (vLLM sizes its KV for at least one such context).
 
         With ``template`` (the request's sampling parameters and priority) and prefix caching on, the first stage
         also pre-admits R (see ``_preadmit``)."""
@@ -687,6 +690,8 @@ class VLLMBackend:
             return why
         if request_id in self._active:
             return f"request {request_id!r} is already running on this engine"
+        if whole_tokens is not None and whole_tokens > self.max_model_len:
+            return f"its whole context ({whole_tokens} tokens) exceeds the model's context of {self.max_model_len}"
         n_blocks = -(-int(tokens) // self.block_size)
         res = await self._utility("llmsched_reserve", request_id, n_blocks)
         if isinstance(res, str):

@@ -5,7 +5,9 @@ One migration moves request R from source A to destination B (Llumnix, Sun et al
     ingress (driver)              source A (owns R until COMMITTED)         destination B
     ----------------              ---------------------------------         -------------
     HANDSHAKE  ---- context_tokens(R) -->                                   reserve(R, ctx + headroom)
-                                                                            -> refused: ABORTED_DST (nothing held)
+                                                                            -> refused: ABORTED_DST (nothing held;
+                                                                               also when R's prompt + max_tokens
+                                                                               could never fit on B)
     STAGING    ---- export(R, from) --> copy of the filled blocks ---kv---> stage(R, piece)     (repeat while the
                     R keeps decoding on A                                   pieces shrink, <= max_stages)
     FINAL_COPY ---- stop(R, from) ----> pause R (KV kept), copy the last
@@ -300,7 +302,8 @@ class SourceOps(Protocol):
 
 class DestinationOps(Protocol):
     async def reserve(self, tokens: int) -> str | None:
-        """Reserve KV for ``tokens``; ``None`` on success, else why not."""
+        """Reserve KV for ``tokens``; ``None`` on success, else why not (also when R's whole context, prompt +
+        max_tokens, could never fit on B: the commit would refuse it after R paused for the stop)."""
         ...
 
     async def stage(self, piece: Any) -> int:

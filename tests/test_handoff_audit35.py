@@ -1,0 +1,153 @@
+"""Regressions from an audit of the KV handoff between the two clocks (live migration vs the simulator's); each
+test failed before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from bench.loadgen import cluster_config
+from scheduler.control.api import GenerateRequest
+from scheduler.control.instance import Instance
+from scheduler.engine.base import SamplingParams
+from tests.test_migration_audit import Handle, make_ingress, set_routable, until
+
+
+# ---- 1: a request whose whole context (prompt + max_tokens) can never fit on the destination was accepted at the
+# live handshake (the reservation only covers context + headroom): the move paused it for the stop-and-copy and
+# failed at commit ("prompt_tokens+max_tokens ... need N KV blocks"), downtime paid for nothing. The simulator (and
+# Llumnix, whose handshake reserves the blocks) refuse it up front.
+async def _instances(blocks: tuple[int | None, ...]) -> list[Instance]:
+    cfg = cluster_config("handoff", mixed=len(blocks))
+    pool = cfg.pools[0]
+    out = []
+    for i, n in enumerate(blocks):
+        kw: dict[str, Any] = {"time_scale": 0.2}
+        if n is not None:
+            kw["num_blocks"] = n
+        inst = Instance(f"mixed-{i}", pool, cfg.model, cfg.gpus[pool.gpu], backend_kwargs=kw)
+        await inst.start()
+        out.append(inst)
+    return out
+
+
+@pytest.mark.usefixtures("no_ray")
+def test_live_handshake_refuses_a_request_whose_whole_context_cannot_fit() -> None:
+    async def scenario() -> tuple[Any, list[str], int]:
+        S_inst, D_inst = await _instances((None, 40))  # the destination holds 40 blocks: 640 tokens
+        S, D = Handle(S_inst), Handle(D_inst)
+        ing = make_ingress([S, D], routable=["mixed-0"])
+        out: list[Any] = []
+
+        async def consume() -> None:
+            req = GenerateRequest(
+                "r",
+                prompt_token_ids=list(range(1, 100)),
+                sampling=SamplingParams(max_tokens=1000, ignore_eos=True),
+            )
+            async for c in ing.generate(req):
+                out.append(c)
+
+        t = asyncio.create_task(consume())
+        try:
+            await until(lambda: len(out) >= 2)
+            set_routable(ing, ["mixed-0", "mixed-1"])
+            res = await ing.migrate("r", "mixed-1")
+            return res, list(S.calls), sum(len(c.token_ids) for c in out)
+        finally:
+            t.cancel()
+            for i in (S_inst, D_inst):
+                await i.shutdown()
+
+    res, calls, _ = asyncio.run(scenario())
+    assert not res.committed
+    assert "HANDSHAKE" in res.reason and "migrate_stop" not in calls, (
+        f"the request was paused for a move its destination could never hold: {res.reason}"
+    )
+
+
+def test_simulator_refuses_the_same_move_at_handshake() -> None:
+    """The other clock, same numbers: the simulator's driver refuses it at the handshake (no stop, no downtime)."""
+    import numpy as np
+
+    from scheduler.config.models import ClusterConfig, EngineSpec, PoolSpec
+    from sim.simulator import Simulator, Workload
+    from tests.test_engine_model import GPU, MODEL
+    from tests.test_sim_migration import AllToFirst, MoveAt
+
+    def eng(blocks: int) -> EngineSpec:
+        return EngineSpec(block_size=16, max_num_batched_tokens=512, max_num_seqs=64, num_kv_blocks=blocks)
+
+    cfg = ClusterConfig(
+        gpus={"a100": GPU},
+        model=MODEL,
+        pools=[
+            PoolSpec(name="big", gpu="a100", count=1, engine=eng(2000)),
+            PoolSpec(name="small", gpu="a100", count=1, engine=eng(40)),
+        ],
+    )
+    pol = MoveAt(0.3)
+    sim = Simulator(cfg, router=AllToFirst(), migration=pol, migration_interval_s=0.3)
+    res = sim.run(Workload(np.array([0.0]), np.array([99]), np.array([1000])))
+    assert res.migrations == 0 and sim.migrations.aborted_dst == 1 and not sim.migrations.downtime_s
+
+
+# ---- 2: the simulator queued a request migrated in during a step at the END of the destination's pre-step snapshot
+# (``_queue_on_snapshot``), though the engine puts it at the FRONT of its queue (``front=True``, as vLLM prepends
+# it): until the step ended, the migration policy's defrag read another prompt as that queue's head.
+class _SplitRouter:
+    """Request 0 on the first instance, every other one on the second (which builds a queue)."""
+
+    name = "split"
+    needs_request_detail = True
+
+    def route(self, request, view):
+        from scheduler.policy.route import RouteDecision
+
+        return RouteDecision(view.instances[0 if request.request_id == "0" else 1].instance_id)
+
+    def on_routed(self, *a: Any) -> None:
+        pass
+
+    def on_finished(self, *a: Any) -> None:
+        pass
+
+
+def test_simulator_queues_a_request_migrated_in_mid_step_at_the_head_of_the_snapshot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import numpy as np
+
+    from sim.migration import MigrationDriver
+    from sim.simulator import Simulator, Workload
+    from tests.test_engine_model import config
+    from tests.test_sim_migration import MoveAt
+
+    n = 40
+    w = Workload(
+        np.linspace(0.0, 0.4, n), np.array([200] + [400] * (n - 1)), np.array([400] + [200] * (n - 1))
+    )
+    sim = Simulator(
+        config(2, blocks=2000), router=_SplitRouter(), migration=MoveAt(0.3), migration_interval_s=0.3
+    )
+    seen: list[tuple[Any, ...]] = []
+    commit = MigrationDriver.on_commit
+
+    def on_commit(drv: MigrationDriver, payload: tuple, now: float) -> None:
+        dst = drv.in_flight[payload[0]].dst
+        mid_step = dst.in_step is not None
+        commit(drv, payload, now)
+        snap = dst.snapshot
+        listed = snap.num_waiting - snap.num_incoming
+        queued = [r.request_id for r in snap.requests if r.in_prefill]
+        seen.append((mid_step, (queued[-listed:] if listed else [None])[0], dst.engine.waiting[0].rid))
+
+    monkeypatch.setattr(MigrationDriver, "on_commit", on_commit)
+    sim.run(w)
+    assert seen and seen[0][0], f"the commit did not land mid-step with a queue on the destination: {seen}"
+    _, snap_head, engine_head = seen[0]
+    assert snap_head == engine_head == 0, (
+        f"the snapshot's queue head is {snap_head}, the engine's {engine_head}"
+    )
