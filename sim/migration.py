@@ -165,7 +165,7 @@ class MigrationDriver:
         new.tag = rid
         self.sim.dec_of[rid] = m.dst.index
         if m.dst.in_step is not None:  # mid-step: on the pre-step snapshot now, as an arrival is (else on none)
-            self.sim._queue_on_snapshot(m.dst, new, now)
+            self.sim._queue_on_snapshot(m.dst, new, now, front=True)
         self.sim._poke(m.dst, now)
         self.committed += 1
         self._tell("on_migration_done", m.key, ok=True)

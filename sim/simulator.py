@@ -485,9 +485,10 @@ class Simulator:
             inst.make_snapshot(now, detail=self._detail)
         self._view_one_changed = True
 
-    def _queue_on_snapshot(self, inst: SimInstance, seq, now: float) -> None:
+    def _queue_on_snapshot(self, inst: SimInstance, seq, now: float, *, front: bool = False) -> None:
         """``inst`` is mid-step and ``seq`` just joined its queue: its pre-step snapshot, plus ``seq`` queued (the
-        ingress's own dispatch accounting; the engine's state is the step's outcome already)."""
+        ingress's own dispatch accounting; the engine's state is the step's outcome already). ``front``: it joined
+        at the queue's head (a migrated request, ``add_request(front=True)``), where the policies read the head."""
         snap = inst.snapshot
         if snap is None:
             return
@@ -496,7 +497,12 @@ class Simulator:
             compute += seq.num_tokens - (seq.num_computed or inst.engine.cache_hit_tokens(seq))  # its KV came along
         requests = snap.requests
         if self._detail:
-            requests += (RequestLoad(seq.rid, seq.num_tokens, 0, seq.predicted_remaining, seq.priority, True),)
+            load = RequestLoad(seq.rid, seq.num_tokens, 0, seq.predicted_remaining, seq.priority, True)
+            # Listed: running, prefilling, then the queue (its last num_waiting - num_incoming entries).
+            at = len(requests)
+            if front:
+                at -= min(max(snap.num_waiting - snap.num_incoming, 0), sum(r.in_prefill for r in requests))
+            requests = requests[:at] + (load,) + requests[at:]
         inst.snapshot = dataclasses.replace(
             snap, time_s=now, num_waiting=snap.num_waiting + 1,
             prefill_tokens_pending=snap.prefill_tokens_pending + seq.num_tokens, prefill_compute_tokens=compute,
