@@ -31,7 +31,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from scheduler.policy.scaling import PrefixHitWindow, ScaleDecision, ScalingLoop, WorkloadSummary
+from scheduler.policy.scaling import (
+    PrefixHitWindow,
+    ScaleDecision,
+    ScalingLoop,
+    WorkloadSummary,
+    observed_span_s,
+)
 from sim.cluster import SimInstance, new_instance, pool_latency
 
 if TYPE_CHECKING:
@@ -112,8 +118,7 @@ class ScalingDriver:
         lo_t = now - self.window_s
         lo = int(np.searchsorted(w.arrival_s, lo_t, side="right"))
         hi = int(np.searchsorted(w.arrival_s, now, side="right"))
-        span = min(self.window_s, now) if now > 0 else self.window_s
-        rate = (hi - lo) / span
+        rate = (hi - lo) / observed_span_s(self.window_s, now)
         prompt = float(w.prompt_tokens[lo:hi].mean()) if hi > lo else 0.0
         done = (sim.finish > lo_t) & (sim.finish <= now)
         if done.any():

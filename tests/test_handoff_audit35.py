@@ -151,3 +151,42 @@ def test_simulator_queues_a_request_migrated_in_mid_step_at_the_head_of_the_snap
     assert snap_head == engine_head == 0, (
         f"the snapshot's queue head is {snap_head}, the engine's {engine_head}"
     )
+
+
+# ---- 3: the observed arrival rate's span: the simulator divided by min(window, now), the live Controller by
+# min(window, max(elapsed, 1 s)): with a decision interval under 1 s the two clocks read the same arrivals as
+# different rates (twice as many at 0.5 s).
+class _Records:
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, float]] = []
+
+    def pool_of(self, snap: Any) -> str:
+        return "m"
+
+    def decide(self, view: Any, now_s: float, observed: Any) -> list[Any]:
+        self.seen.append((now_s, observed.rate_rps))
+        return []
+
+
+def test_both_clocks_read_the_same_arrival_rate_early_in_a_window() -> None:
+    import numpy as np
+
+    from scheduler.control.controller_scaling import _WorkloadWindow
+    from scheduler.core.types import InstanceRole, InstanceSnapshot, RequestLoad
+    from sim.simulator import Simulator, Workload
+    from tests.test_engine_model import config
+    from tests.test_sim_migration import AllToFirst
+
+    pol = _Records()
+    sim = Simulator(config(1, blocks=2000), router=AllToFirst(), scaling=pol, scaling_interval_s=0.5)
+    sim.run(Workload(np.array([0.1, 0.2]), np.array([100, 100]), np.array([400, 400])))
+    now, sim_rate = pol.seen[0]
+    assert now == 0.5
+
+    live = _WorkloadWindow(sim.scaler.window_s)  # type: ignore[union-attr]
+    live.observe(0.0, [], {})  # the Controller's first look, before the two arrivals
+    loads = tuple(RequestLoad(r, 100, 0, in_prefill=True) for r in ("0", "1"))
+    live.observe(0.5, [InstanceSnapshot("m-0", InstanceRole.MIXED, requests=loads)], {})
+    assert sim_rate == live.summary(0.5).rate_rps, (
+        f"simulated {sim_rate} req/s, live {live.summary(0.5).rate_rps}"
+    )

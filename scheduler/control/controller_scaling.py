@@ -23,6 +23,7 @@ from scheduler.policy.scaling import (
     ScalingLoop,
     WorkloadSummary,
     make_scaling_policy,
+    observed_span_s,
 )
 
 # NOTE: the Controller's logger: these are Controller methods, and deployments tune (benches silence) it by that name.
@@ -403,7 +404,7 @@ class _WorkloadWindow:
         self._ended = {k: t for k, t in self._ended.items() if t >= cut}
 
     def summary(self, now: float) -> WorkloadSummary:
-        span = min(self.window_s, max(now - (self.started_s or now), 1.0))
+        span = observed_span_s(self.window_s, now - (self.started_s or now))
         prompts = [p for _, p, _ in self._arrivals if p is not None]
         outs = [o for _, o in self._outputs if o > 0]
         prompt = sum(prompts) / len(prompts) if prompts else 512.0

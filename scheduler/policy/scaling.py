@@ -114,6 +114,14 @@ class ScalingLoop:
         return loop, rest
 
 
+def observed_span_s(window_s: float, elapsed_s: float) -> float:
+    """What an observed ``WorkloadSummary``'s arrival rate divides by, ``elapsed_s`` into the observation: the window,
+    or the time observed so far while shorter, at least 1 s (two arrivals in the first 0.1 s are no 20 req/s). One
+    rule for the live Controller and the simulator's driver: the simulator divided by the time alone, and with
+    decisions under 1 s apart it read twice the live rate at 0.5 s."""
+    return min(window_s, max(elapsed_s, 1.0))
+
+
 class PrefixHitWindow:
     """Prompt tokens the instances served from their prefix caches over the last ``window_s``: the growth of each
     snapshot's cumulative ``prompt_tokens_cached`` (an instance counts from its first sample). One estimator for
