@@ -197,7 +197,10 @@ class InferenceServicer:
                         ids, index = ids[skip:], index + skip
                         # The kept tail still needs its text (the SDK joins chunk texts into the output): the
                         # chunk's text belongs to all its tokens, so detokenize the tail after the ids before it
-                        # (alone, a character split at the resume point came out as U+FFFD).
+                        # (alone, a character split at the resume point came out as U+FFFD). Without a tokenizer
+                        # the tail goes without text: only an ``IngressAPI`` double can lack one (``Ingress``
+                        # always has one, ``make_tokenizer``), and ``EchoIngress`` chunks the same way on a retry,
+                        # so a resume index never splits its chunks.
                         text = text_after(detokenize, dropped, ids) if ids and text and detokenize is not None else ""
                         if not ids and not chunk.finished:
                             continue
