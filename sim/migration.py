@@ -2,8 +2,8 @@
 
     handshake (destination reserves KV for context + headroom, or refuses)
       -> pre-copy stages while the request keeps decoding on the source
-      -> final stop-and-copy of what the request produced meanwhile (the downtime)
-      -> commit (destination resumes; source already freed at the stop)
+      -> final stop-and-copy of what the request produced meanwhile (the downtime; its KV still held on the source)
+      -> commit (destination resumes; the source frees the request's KV)
 
 The stage sizes come from ``scheduler.policy.migration.migration_stages``; the live driver
 (``scheduler.transfer.migration.run_migration``) applies the same rule to measured stage sizes: each is a pre-copy,
@@ -37,6 +37,7 @@ class _InFlight:
     copied: int
     started_s: float
     key: object  # the request id as the plan carried it: the policy's hooks get back the key it planned with
+    held: int = 0  # the stopped request's blocks, kept on the source until the commit
 
 
 class MigrationDriver:
@@ -144,6 +145,10 @@ class MigrationDriver:
             self._tell("on_migration_done", m.key, ok=False)
             del self.in_flight[rid]
             return
+        # Its KV stays on the source until the commit, as live (``pause`` holds the blocks, the release after the
+        # commit frees them): freed at the stop, a prompt queued there took them a whole copy early (26 ms).
+        m.held = -(-seq.num_tokens // m.src.engine.block_size)
+        m.src.engine.prefill_blocks += m.held
         m.src.mark_changed()  # mid-step it leaves at the step's end (the stop)
         if not m.src.busy:
             sim._kick(m.src, t_b)
@@ -155,6 +160,9 @@ class MigrationDriver:
         rid, seq = payload
         m = self.in_flight.pop(rid)
         self._release(m)
+        if m.held:  # the source releases it now: a prompt may fit there, a drained source may go
+            m.src.engine.prefill_blocks -= m.held
+            self.sim._poke(m.src, now)
         # Ahead of the queued prompts: it keeps running (Llumnix), as the live backends queue it (vLLM's connector
         # prepends it, as vLLM does a preempted request). Its blocks were reserved for it: prompts admitted first
         # took them and left its copied KV unaccounted (206 blocks held on a 200-block engine).

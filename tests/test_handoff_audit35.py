@@ -190,3 +190,39 @@ def test_both_clocks_read_the_same_arrival_rate_early_in_a_window() -> None:
     assert sim_rate == live.summary(0.5).rate_rps, (
         f"simulated {sim_rate} req/s, live {live.summary(0.5).rate_rps}"
     )
+
+
+# ---- 5: the simulator freed a migrating request's KV on its source at the stop; live, the paused request keeps its
+# blocks there until the destination committed (``pause`` holds them, ``migrate_release`` frees them; Llumnix frees
+# the source after the commit too). A prompt queued on the source for those blocks started a whole stop-and-copy
+# earlier in the simulator.
+def test_simulator_holds_the_source_kv_until_the_commit() -> None:
+    import numpy as np
+
+    from scheduler.config.models import ClusterConfig, EngineSpec, PoolSpec
+    from sim.simulator import Simulator, Workload
+    from tests.test_engine_model import GPU, MODEL
+    from tests.test_sim_migration import AllToFirst, MoveAt
+
+    def eng(blocks: int) -> EngineSpec:
+        return EngineSpec(block_size=16, max_num_batched_tokens=512, max_num_seqs=64, num_kv_blocks=blocks)
+
+    cfg = ClusterConfig(
+        gpus={"a100": GPU},
+        model=MODEL,
+        pools=[
+            PoolSpec(name="src", gpu="a100", engine=eng(110)),
+            PoolSpec(name="dst", gpu="a100", engine=eng(2000)),
+        ],
+        policies={"migration": {"name": "llumnix", "params": {"protocol": {"mode": "blocking"}}}},
+    )
+    sim = Simulator(cfg, router=AllToFirst(), migration=MoveAt(0.5), migration_interval_s=0.5)
+    # Request 0 (1200-token prompt) decodes on src; request 1 (800) waits there for its blocks.
+    sim.run(Workload(np.array([0.0, 0.2]), np.array([1200, 800]), np.array([300, 10])))
+    assert sim.migrations.committed == 1  # type: ignore[union-attr]
+    stop = sim.migrations.total_s[0] - sim.migrations.downtime_s[0]  # type: ignore[union-attr]
+    commit = 0.5 + sim.migrations.total_s[0]  # type: ignore[union-attr]
+    assert sim.admit[1] >= commit - 1e-9, (
+        f"request 1 took the migrating request's blocks at {sim.admit[1]:.4f} s, before the commit at "
+        f"{commit:.4f} s (stop ~{0.5 + stop:.4f} s)"
+    )
