@@ -101,7 +101,9 @@ class MigrationDriver:
         context = src.engine.computed_of(seq) + 1
         need = -(-(context + self.headroom_tokens) // eng.block_size)
         whole = -(-(context + seq.max_new - src.engine.generated_of(seq)) // eng.block_size)
-        if need > eng.total_blocks - eng.blocks_used() or whole > eng.total_blocks:  # (smaller KV: heterogeneous)
+        # Refused as the live destination refuses (``Instance.migrate_reserve``): too few free blocks, a whole
+        # context it could never hold (smaller KV: heterogeneous), or on its way out (draining).
+        if need > eng.total_blocks - eng.blocks_used() or whole > eng.total_blocks or dst.draining:
             self.aborted_dst += 1
             return False
         eng.prefill_blocks += need  # the reservation: held blocks no request owns yet

@@ -226,3 +226,39 @@ def test_simulator_holds_the_source_kv_until_the_commit() -> None:
         f"request 1 took the migrating request's blocks at {sim.admit[1]:.4f} s, before the commit at "
         f"{commit:.4f} s (stop ~{0.5 + stop:.4f} s)"
     )
+
+
+# ---- 6: a plan onto a draining destination: live, ``Instance.migrate_reserve`` refuses it at the handshake ("is
+# draining": a failed migration); the simulator's driver reserved there and moved the request onto an instance on
+# its way out (the shipped policies filter draining destinations; a custom one need not).
+class _MoveToDraining:
+    def __init__(self) -> None:
+        self.done, self.hooks = False, []
+
+    def plan(self, view: Any, now_s: float) -> list[Any]:
+        from tests.test_sim_migration import Plan
+
+        if self.done or now_s < 0.3:
+            return []
+        self.done = True
+        return [Plan("0", view.instances[0].instance_id, view.instances[1].instance_id)]
+
+    def on_migration_done(self, request_id: str, *, ok: bool) -> None:
+        self.hooks.append(("done", request_id, ok))
+
+    def on_migration_dropped(self, request_id: str) -> None:
+        self.hooks.append(("dropped", request_id))
+
+
+def test_simulator_refuses_a_move_onto_a_draining_destination_as_live() -> None:
+    import numpy as np
+
+    from sim.simulator import Simulator, Workload
+    from tests.test_engine_model import config
+    from tests.test_sim_migration import AllToFirst
+
+    pol = _MoveToDraining()
+    sim = Simulator(config(2, blocks=2000), router=AllToFirst(), migration=pol, migration_interval_s=0.3)
+    sim.instances[1].draining = True
+    res = sim.run(Workload(np.array([0.0]), np.array([200]), np.array([400])))
+    assert res.migrations == 0 and pol.hooks == [("done", "0", False)], (res.migrations, pol.hooks)
