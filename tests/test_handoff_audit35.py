@@ -262,3 +262,74 @@ def test_simulator_refuses_a_move_onto_a_draining_destination_as_live() -> None:
     sim.instances[1].draining = True
     res = sim.run(Workload(np.array([0.0]), np.array([200]), np.array([400])))
     assert res.migrations == 0 and pol.hooks == [("done", "0", False)], (res.migrations, pol.hooks)
+
+
+# ---- 7: a migration cancelled (an admin RPC's deadline, a cancelled drain; or its commit step timed out) just after
+# its stop was sent: the driver's undo sends ``migrate_resume`` while the source's ``pause`` still waits for the step
+# in flight to end (the simulated backend's step lock). The resume found nothing paused and returned; the pause then
+# paused the request for good -- the ingress kept polling a stream that never moved again.
+@pytest.mark.usefixtures("no_ray")
+def test_a_migration_cancelled_while_its_stop_waits_for_the_step_resumes_the_source() -> None:
+    async def scenario() -> tuple[bool, list[Any], list[str]]:
+        S_inst, D_inst = await _instances((None, None))
+        S, D = Handle(S_inst), Handle(D_inst)
+        order: list[str] = []
+
+        backend = S_inst._backend
+        pause = backend.pause  # type: ignore[union-attr]
+
+        async def pause_after_the_step(*a: Any) -> Any:
+            await asyncio.sleep(0.3)  # waits for a long step in flight to end (its step lock)
+            res = await pause(*a)
+            order.append("paused")
+            return res
+
+        backend.pause = pause_after_the_step  # type: ignore[union-attr]
+
+        async def stop(fn: Any, *a: Any, **kw: Any) -> Any:
+            # A Ray actor task runs to its end whatever its caller does (the fake handle's future would be cancelled).
+            return await asyncio.shield(asyncio.ensure_future(fn(*a, **kw)))
+
+        async def resume(fn: Any, *a: Any, **kw: Any) -> Any:
+            res = await fn(*a, **kw)
+            order.append(f"resumed={res}")
+            return res
+
+        S.hooks.update(migrate_stop=stop, migrate_resume=resume)
+        ing = make_ingress([S, D], routable=["mixed-0"])
+        out: list[Any] = []
+
+        async def consume() -> None:
+            req = GenerateRequest(
+                "r",
+                prompt_token_ids=list(range(1, 100)),
+                sampling=SamplingParams(max_tokens=200, ignore_eos=True),
+            )
+            async for c in ing.generate(req):
+                out.append(c)
+
+        t = asyncio.create_task(consume())
+        try:
+            await until(lambda: len(out) >= 2)
+            set_routable(ing, ["mixed-0", "mixed-1"])
+            mig = asyncio.create_task(ing.migrate("r", "mixed-1", mode="blocking"))
+            await until(lambda: "migrate_stop" in S.calls)  # the stop is on its way: cancel now
+            mig.cancel()
+            try:
+                await mig
+            except asyncio.CancelledError:
+                pass
+            try:
+                await asyncio.wait_for(asyncio.shield(t), 10.0)
+                done = True
+            except TimeoutError:
+                done = False
+            return done, out, order
+        finally:
+            t.cancel()
+            for i in (S_inst, D_inst):
+                await i.shutdown()
+
+    done, out, order = asyncio.run(scenario())
+    n = sum(len(c.token_ids) for c in out)
+    assert done and n == 200, f"the client's stream stalled at {n} tokens: the source stayed paused ({order})"

@@ -251,6 +251,8 @@ class Instance:
         # Incoming live migrations (destination side) -> last protocol step seen: the driving ingress may die
         # between the handshake and the commit, and nothing else would ever free what the handshake reserved.
         self._incoming: dict[str, float] = {}
+        # Source: a migration's stop (pause) still running, per request id; its resume waits for it (see migrate_resume).
+        self._stopping: dict[str, asyncio.Event] = {}
         self._draining = False
         # Set when shutdown began: the finish_reason of streams ended from here on (RELEASED, or ENGINE_FAILED: ...).
         self._closing: str | None = None
@@ -744,8 +746,14 @@ class Instance:
         st = self._streams.get(request_id)
         if st is None:
             return "request is not running on this instance"
-        res = await self._migration_backend().pause(request_id, start_token)
-        st.paused = not isinstance(res, str)  # waits on its migration's driver now, not on the engine (watchdog)
+        stopped = self._stopping[request_id] = asyncio.Event()
+        try:
+            res = await self._migration_backend().pause(request_id, start_token)
+            st.paused = not isinstance(res, str)  # waits on its migration's driver now, not on the engine (watchdog)
+        finally:
+            stopped.set()
+            if self._stopping.get(request_id) is stopped:
+                del self._stopping[request_id]
         if isinstance(res, str) or st.predicted is None:
             return res
         snap, kv = res
@@ -812,6 +820,11 @@ class Instance:
 
     async def migrate_resume(self, request_id: str) -> bool:
         """Source, abort path: the paused request continues here."""
+        stopping = self._stopping.get(request_id)
+        if stopping is not None:
+            # The stop still waits for the step in flight (a driver cancelled or timed out just after sending it):
+            # resumed first, the resume found nothing paused and the stop then paused the request for good.
+            await stopping.wait()
         st = self._streams.get(request_id)
         if st is not None:
             st.paused = False
