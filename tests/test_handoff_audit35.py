@@ -68,26 +68,26 @@ def test_live_handshake_refuses_a_request_whose_whole_context_cannot_fit() -> No
     )
 
 
+def _two_pools(first: tuple[str, int], second: tuple[str, int], **kw: Any) -> Any:
+    """A one-instance pool each, ``(name, KV blocks)``, of the engine-model tests' A100 / model."""
+    from scheduler.config.models import ClusterConfig, EngineSpec, PoolSpec
+    from tests.test_engine_model import GPU, MODEL
+
+    def pool(name: str, blocks: int) -> PoolSpec:
+        engine = EngineSpec(block_size=16, max_num_batched_tokens=512, max_num_seqs=64, num_kv_blocks=blocks)
+        return PoolSpec(name=name, gpu="a100", count=1, engine=engine)
+
+    return ClusterConfig(gpus={"a100": GPU}, model=MODEL, pools=[pool(*first), pool(*second)], **kw)
+
+
 def test_simulator_refuses_the_same_move_at_handshake() -> None:
     """The other clock, same numbers: the simulator's driver refuses it at the handshake (no stop, no downtime)."""
     import numpy as np
 
-    from scheduler.config.models import ClusterConfig, EngineSpec, PoolSpec
     from sim.simulator import Simulator, Workload
-    from tests.test_engine_model import GPU, MODEL
     from tests.test_sim_migration import AllToFirst, MoveAt
 
-    def eng(blocks: int) -> EngineSpec:
-        return EngineSpec(block_size=16, max_num_batched_tokens=512, max_num_seqs=64, num_kv_blocks=blocks)
-
-    cfg = ClusterConfig(
-        gpus={"a100": GPU},
-        model=MODEL,
-        pools=[
-            PoolSpec(name="big", gpu="a100", count=1, engine=eng(2000)),
-            PoolSpec(name="small", gpu="a100", count=1, engine=eng(40)),
-        ],
-    )
+    cfg = _two_pools(("big", 2000), ("small", 40))
     pol = MoveAt(0.3)
     sim = Simulator(cfg, router=AllToFirst(), migration=pol, migration_interval_s=0.3)
     res = sim.run(Workload(np.array([0.0]), np.array([99]), np.array([1000])))
@@ -199,23 +199,11 @@ def test_both_clocks_read_the_same_arrival_rate_early_in_a_window() -> None:
 def test_simulator_holds_the_source_kv_until_the_commit() -> None:
     import numpy as np
 
-    from scheduler.config.models import ClusterConfig, EngineSpec, PoolSpec
     from sim.simulator import Simulator, Workload
-    from tests.test_engine_model import GPU, MODEL
     from tests.test_sim_migration import AllToFirst, MoveAt
 
-    def eng(blocks: int) -> EngineSpec:
-        return EngineSpec(block_size=16, max_num_batched_tokens=512, max_num_seqs=64, num_kv_blocks=blocks)
-
-    cfg = ClusterConfig(
-        gpus={"a100": GPU},
-        model=MODEL,
-        pools=[
-            PoolSpec(name="src", gpu="a100", engine=eng(110)),
-            PoolSpec(name="dst", gpu="a100", engine=eng(2000)),
-        ],
-        policies={"migration": {"name": "llumnix", "params": {"protocol": {"mode": "blocking"}}}},
-    )
+    cfg = _two_pools(("src", 110), ("dst", 2000),
+                     policies={"migration": {"name": "llumnix", "params": {"protocol": {"mode": "blocking"}}}})
     sim = Simulator(cfg, router=AllToFirst(), migration=MoveAt(0.5), migration_interval_s=0.5)
     # Request 0 (1200-token prompt) decodes on src; request 1 (800) waits there for its blocks.
     sim.run(Workload(np.array([0.0, 0.2]), np.array([1200, 800]), np.array([300, 10])))
