@@ -33,6 +33,17 @@ async def _instances(blocks: tuple[int | None, ...]) -> list[Instance]:
     return out
 
 
+def _streaming(ing: Any, out: list[Any], *, max_tokens: int) -> asyncio.Task:
+    """Stream request "r" (a 99-token prompt) through ``ing`` into ``out``, in a task."""
+
+    async def consume() -> None:
+        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        async for c in ing.generate(GenerateRequest("r", prompt_token_ids=list(range(1, 100)), sampling=sampling)):
+            out.append(c)
+
+    return asyncio.create_task(consume())
+
+
 @pytest.mark.usefixtures("no_ray")
 def test_live_handshake_refuses_a_request_whose_whole_context_cannot_fit() -> None:
     async def scenario() -> tuple[Any, list[str], int]:
@@ -41,16 +52,7 @@ def test_live_handshake_refuses_a_request_whose_whole_context_cannot_fit() -> No
         ing = make_ingress([S, D], routable=["mixed-0"])
         out: list[Any] = []
 
-        async def consume() -> None:
-            req = GenerateRequest(
-                "r",
-                prompt_token_ids=list(range(1, 100)),
-                sampling=SamplingParams(max_tokens=1000, ignore_eos=True),
-            )
-            async for c in ing.generate(req):
-                out.append(c)
-
-        t = asyncio.create_task(consume())
+        t = _streaming(ing, out, max_tokens=1000)
         try:
             await until(lambda: len(out) >= 2)
             set_routable(ing, ["mixed-0", "mixed-1"])
@@ -219,33 +221,14 @@ def test_simulator_holds_the_source_kv_until_the_commit() -> None:
 # ---- 6: a plan onto a draining destination: live, ``Instance.migrate_reserve`` refuses it at the handshake ("is
 # draining": a failed migration); the simulator's driver reserved there and moved the request onto an instance on
 # its way out (the shipped policies filter draining destinations; a custom one need not).
-class _MoveToDraining:
-    def __init__(self) -> None:
-        self.done, self.hooks = False, []
-
-    def plan(self, view: Any, now_s: float) -> list[Any]:
-        from tests.test_sim_migration import Plan
-
-        if self.done or now_s < 0.3:
-            return []
-        self.done = True
-        return [Plan("0", view.instances[0].instance_id, view.instances[1].instance_id)]
-
-    def on_migration_done(self, request_id: str, *, ok: bool) -> None:
-        self.hooks.append(("done", request_id, ok))
-
-    def on_migration_dropped(self, request_id: str) -> None:
-        self.hooks.append(("dropped", request_id))
-
-
 def test_simulator_refuses_a_move_onto_a_draining_destination_as_live() -> None:
     import numpy as np
 
     from sim.simulator import Simulator, Workload
     from tests.test_engine_model import config
-    from tests.test_sim_migration import AllToFirst
+    from tests.test_sim_migration import AllToFirst, MoveAt
 
-    pol = _MoveToDraining()
+    pol = MoveAt(0.3)
     sim = Simulator(config(2, blocks=2000), router=AllToFirst(), migration=pol, migration_interval_s=0.3)
     sim.instances[1].draining = True
     res = sim.run(Workload(np.array([0.0]), np.array([200]), np.array([400])))
@@ -287,16 +270,7 @@ def test_a_migration_cancelled_while_its_stop_waits_for_the_step_resumes_the_sou
         ing = make_ingress([S, D], routable=["mixed-0"])
         out: list[Any] = []
 
-        async def consume() -> None:
-            req = GenerateRequest(
-                "r",
-                prompt_token_ids=list(range(1, 100)),
-                sampling=SamplingParams(max_tokens=200, ignore_eos=True),
-            )
-            async for c in ing.generate(req):
-                out.append(c)
-
-        t = asyncio.create_task(consume())
+        t = _streaming(ing, out, max_tokens=200)
         try:
             await until(lambda: len(out) >= 2)
             set_routable(ing, ["mixed-0", "mixed-1"])
