@@ -90,7 +90,7 @@ class GenerateRequest:
     request_id: str  # client-chosen idempotency key, or server-assigned
     prompt: str | None = None
     prompt_token_ids: tuple[int, ...] | None = None
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     model: str | None = None
     priority: int = 0
     ttft_slo_s: float | None = None

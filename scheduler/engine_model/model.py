@@ -60,9 +60,26 @@ class Seq:
     """One request inside an engine. Decode-set members read their counts through ``EngineModel``."""
 
     __slots__ = (
-        "rid", "priority", "admit_no", "num_tokens", "num_computed", "max_new", "generated",
-        "join_step", "finish_step", "blocks", "in_decode", "done", "predicted_remaining", "tag", "hash_ids",
-        "hash_block_tokens", "handoff", "pred_due", "length_dist", "dist_base",
+        "admit_no",
+        "blocks",
+        "dist_base",
+        "done",
+        "finish_step",
+        "generated",
+        "handoff",
+        "hash_block_tokens",
+        "hash_ids",
+        "in_decode",
+        "join_step",
+        "length_dist",
+        "max_new",
+        "num_computed",
+        "num_tokens",
+        "pred_due",
+        "predicted_remaining",
+        "priority",
+        "rid",
+        "tag",
     )
 
     def __init__(self, rid: str, num_tokens: int, num_computed: int, max_new: int, priority: int) -> None:
