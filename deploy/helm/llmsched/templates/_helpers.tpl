@@ -87,6 +87,13 @@ the key and the allowed values, like the project's own config errors.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- /* The head pod's containers share one network namespace: a metrics port another listener holds makes
+       `llmsched serve` fail to bind at start-up. */}}
+{{- $taken := dict "6379" "Ray GCS" "8265" "the Ray dashboard" "10001" "the Ray client server" "8080" "Ray's metrics export (KubeRay's default)" "52365" "the Ray dashboard agent" "50051" "llmsched gRPC" "8000" "llmsched HTTP" }}
+{{- $mport := toString (int .Values.metrics.port) }}
+{{- if hasKey $taken $mport }}
+{{- fail (printf "metrics.port: %s is already used in the head pod by %s; pick another port" $mport (get $taken $mport)) }}
+{{- end }}
 {{- if and .Values.auth.clientToken .Values.auth.adminToken (eq .Values.auth.clientToken .Values.auth.adminToken) }}
 {{- fail "auth.adminToken: must differ from auth.clientToken (the admin API needs a distinct credential)" }}
 {{- end }}
