@@ -74,3 +74,41 @@ def test_a_metrics_port_the_head_pod_already_uses_fails_naming_the_value(port: i
     assert rendered.manifests == []
     assert len(findings) == 1 and "metrics.port" in findings[0].message, findings
     assert str(port) in findings[0].message
+
+
+def _gpu_types(**override: Any) -> list[dict[str, Any]]:
+    chart_values = yaml.safe_load((DEFAULT_CHART / "values.yaml").read_text())
+    return [{**chart_values["gpuTypes"][0], **override}]
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        # A product label value with spaces: KubeRay's worker pods fail creation (invalid nodeSelector) after a
+        # successful install; before, chart check passed it.
+        ({"gpuTypes": _gpu_types(product="NVIDIA A100 80GB")}, "/gpuTypes/0/product"),
+        ({"gpuTypes": _gpu_types(nodeSelector={"pool": "gpu a"})}, "/gpuTypes/0/nodeSelector/pool"),
+        ({"gpuTypes": _gpu_types(nodeSelector={"pool": "x" * 64})}, "/gpuTypes/0/nodeSelector/pool"),
+        (
+            {"metrics": {"serviceMonitor": {"labels": {"release": "kube prometheus"}}}},
+            "serviceMonitor/labels",
+        ),
+        ({"ray": {"version": "2.40.0", "head": {"nodeSelector": {"bad key!": "x"}}}}, "bad key!"),
+    ],
+)
+def test_a_label_the_api_server_would_refuse_fails_the_values_check(
+    values: dict[str, Any], where: str
+) -> None:
+    rendered, findings = render_chart(DEFAULT_CHART, values, "test")
+    assert rendered.manifests == []
+    assert [f.stage for f in findings] == ["values"] and where in findings[0].message, findings
+
+
+def test_valid_qualified_label_keys_and_product_values_pass() -> None:
+    values = {
+        "gpuTypes": _gpu_types(
+            product="NVIDIA-H100-80GB-HBM3", nodeSelector={"node.kubernetes.io/instance-type": "p5.48xlarge"}
+        ),
+        "ray": {"version": "2.40.0", "head": {"nodeSelector": {"node-role/system": "true"}}},
+    }
+    _manifests(values)

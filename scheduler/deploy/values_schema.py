@@ -19,6 +19,18 @@ from typing import Any
 from scheduler.config.models import ClusterConfig
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Label keys and values as the API server validates them (k8s.io/apimachinery validation.IsQualifiedName /
+# IsValidLabelValue). Pod nodeSelectors and metadata labels are checked only when the object is created -- for the
+# worker pods, by KubeRay long after `helm install` succeeded -- so the values schema checks them up front.
+LABEL_VALUE = {"type": "string", "maxLength": 63, "pattern": r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"}
+LABELS = {
+    "type": "object",
+    "propertyNames": {
+        "pattern": r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+    },
+    "additionalProperties": LABEL_VALUE,
+}
 # Kubernetes resource.Quantity, as the API server's openapi spec spells it (int-or-string).
 QUANTITY = {
     "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^[0-9.]+[a-zA-Z]*$"}]
@@ -84,7 +96,7 @@ def build_values_schema() -> dict[str, Any]:
                 "description": "GPU type name: pools[].gpu refers to it; Ray resource llmsched_gpu_<name>.",
             },
             "product": {
-                "type": "string",
+                **LABEL_VALUE,
                 "description": "nvidia.com/gpu.product node label value; selects the nodes of this type.",
             },
             "gpusPerNode": {
@@ -103,7 +115,7 @@ def build_values_schema() -> dict[str, Any]:
             "resources": _k8s_passthrough(
                 "cpu/memory requests and limits (nvidia.com/gpu is added from gpusPerNode)"
             ),
-            "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
+            "nodeSelector": LABELS,
             "tolerations": _k8s_passthrough("pod tolerations", "array"),
             "rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}},
             "spec": {"$ref": "#/$defs/GPUTypeSpec"},
@@ -124,7 +136,7 @@ def build_values_schema() -> dict[str, Any]:
     head = _obj(
         {
             "resources": _k8s_passthrough("head container resources"),
-            "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
+            "nodeSelector": LABELS,
             "tolerations": _k8s_passthrough("head pod tolerations", "array"),
             "rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}},
         }
@@ -223,7 +235,7 @@ def build_values_schema() -> dict[str, Any]:
                         {
                             "enabled": {"type": "boolean"},
                             "interval": {"type": "string", "pattern": r"^[0-9]+(ms|s|m|h)$"},
-                            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                            "labels": LABELS,
                         }
                     ),
                 }
@@ -243,7 +255,7 @@ def build_values_schema() -> dict[str, Any]:
                     "dashboard": _obj(
                         {
                             "enabled": {"type": "boolean"},
-                            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                            "labels": LABELS,
                         }
                     )
                 }
