@@ -1,0 +1,64 @@
+"""The user's journey through the docs (README, api, deploy, simulator, traces, scaling, observability): what they
+point to exists, and the command-line help names the command a user types."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+USER_DOCS = [
+    "README.md",
+    *(f"docs/{n}.md" for n in ("api", "deploy", "simulator", "traces", "scaling", "observability")),
+]
+
+
+def _headings(path: Path) -> list[str]:
+    return [
+        re.sub(r"^#+\s+", "", line).strip() for line in path.read_text().splitlines() if line.startswith("#")
+    ]
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def broken_references(doc: Path) -> list[str]:
+    """Links to missing files or anchors, and `file.md, "Section"` references to no heading of that file."""
+    text = doc.read_text()
+    bad = []
+    for link in re.findall(r"\]\(([^)\s]+)\)", text):
+        if link.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = link.partition("#")
+        target = (doc.parent / path).resolve() if path else doc
+        if not target.exists():
+            bad.append(f"{link}: no such file")
+        elif anchor and target.suffix == ".md" and anchor not in {_anchor(h) for h in _headings(target)}:
+            bad.append(f"{link}: no such heading")
+    # `routing.md, "Dynamic re-roling"` or `[routing.md](routing.md), "..."`: a section named in prose
+    for name, section in re.findall(r"([\w/]+\.md)\)?,\s+\"([^\"]+)\"", text):
+        target = doc.parent / name if (doc.parent / name).exists() else ROOT / name
+        wanted = " ".join(section.split()).lower()
+        if not target.exists() or not any(wanted in h.lower() for h in _headings(target)):
+            bad.append(f'{name}, "{section}": no such section')
+    return bad
+
+
+@pytest.mark.parametrize("doc", USER_DOCS)
+def test_user_docs_point_to_what_exists(doc):
+    assert broken_references(ROOT / doc) == []
+
+
+def test_the_reference_check_catches_a_moved_section(tmp_path):
+    """The check itself: simulator.md named a routing.md section that had moved to history/routing.md."""
+    doc = tmp_path / "docs" / "sim.md"
+    doc.parent.mkdir()
+    (doc.parent / "routing.md").write_text("# Routing\n\n## Prefix ids in the request path\n")
+    doc.write_text(
+        'see (routing.md, "Prefix\n  cache in the engine model"), [r](routing.md#prefix-ids-in-the-request-path)\n'
+    )
+    assert broken_references(doc) == ['routing.md, "Prefix\n  cache in the engine model": no such section']
