@@ -100,7 +100,7 @@ def via_grpc(address: str, calls: int, streams: int, tokens: int) -> dict[str, l
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="llmsched bench grpc", description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=400)
     ap.add_argument("--streams", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=256)

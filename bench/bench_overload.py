@@ -233,7 +233,7 @@ def print_table(r: dict[str, Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.bench_overload", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="llmsched bench overload", description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path)
     p.add_argument("--factor", type=float, default=3.0, help="offered load / measured capacity")
     p.add_argument("--capacity-s", type=float, default=12.0)

@@ -667,7 +667,7 @@ STUDIES = {"ir": study_ir, "predictor": study_predictor, "migration": study_migr
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog="llmsched bench routing")
     p.add_argument("study", choices=[*STUDIES, "all"])
     p.add_argument("--json")
     args = p.parse_args(argv)

@@ -43,7 +43,7 @@ def run(cfg, w: Workload, router: str, *, closed_form: bool = True) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog="llmsched bench sim")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json")
     args = p.parse_args(argv)

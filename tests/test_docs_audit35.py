@@ -3,6 +3,8 @@ point to exists, and the command-line help names the command a user types."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from pathlib import Path
 
@@ -62,3 +64,18 @@ def test_the_reference_check_catches_a_moved_section(tmp_path):
         'see (routing.md, "Prefix\n  cache in the engine model"), [r](routing.md#prefix-ids-in-the-request-path)\n'
     )
     assert broken_references(doc) == ['routing.md, "Prefix\n  cache in the engine model": no such section']
+
+
+def test_bench_help_names_the_command_typed():
+    """`llmsched bench NAME --help` printed `usage: cli.py` (sim, routing, grpc) or `python -m bench.bench_overload`."""
+    from bench.cli import BENCHES, main
+
+    wrong = {}
+    for name in BENCHES:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        if not out.getvalue().startswith(f"usage: llmsched bench {name} "):
+            wrong[name] = out.getvalue().splitlines()[0]
+    assert wrong == {}
