@@ -1,7 +1,8 @@
-"""``llmsched predict train|eval``.
+"""``llmsched predict train|eval|fit-trace``.
 
     llmsched predict train --data-dir DIR [--out DIR] [--only ngram,trace,embedding] [--report PATH.json]
-    llmsched predict eval --data PATH.jsonl [--predictor default|ngram|embedding|trace] [--json OUT] [--no-tenant]
+    llmsched predict eval --data PATH.jsonl [--predictor default|ngram|embedding|trace|ensemble] [--artifacts DIR]
+                          [--json OUT] [--no-tenant]
     llmsched predict fit-trace --trace LOG --out DIR [--tenant NAME] [--holdout 0.2] [--json OUT]
         (the trace predictor refitted on a deployment's own request log: sim/commands.py, fit_predictor_main)
 
