@@ -59,9 +59,12 @@ def window_arg(s: str) -> tuple[float, float]:
     return lo, hi
 
 
-def add_cluster_args(p: argparse.ArgumentParser) -> None:
+def add_cluster_args(
+    p: argparse.ArgumentParser,
+    instances_help: str = "override the instance count (spread over the config's pools)",
+) -> None:
     p.add_argument("--config", help="cluster config YAML or a bundled name (default: 'default')")
-    p.add_argument("--instances", type=int, help="override the instance count (spread over the config's pools)")
+    p.add_argument("--instances", type=int, help=instances_help)
 
 
 def load_cluster(args: argparse.Namespace) -> ClusterConfig:

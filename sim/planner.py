@@ -588,7 +588,8 @@ def parse_layouts(s: str) -> tuple[str, ...]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="llmsched plan", description=__doc__)
     add_workload_args(p)
-    add_cluster_args(p)
+    # Refused below (the planner sizes the pools itself): say so in --help, not "override the instance count".
+    add_cluster_args(p, instances_help="not for plan: it searches the instance counts (see --max-instances)")
     p.add_argument("--gpus", help="comma-separated GPU types to consider (default: all in the config's catalog)")
     p.add_argument("--tp", help="comma-separated tensor-parallel degrees (default: those of 1,2,4,8 the model's "
                                 "attention heads split over)")
@@ -607,8 +608,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kube-context", help="kubeconfig context for --k8s-inventory (default: the current one)")
     p.add_argument("--routers", default="least_outstanding", help="comma-separated router names")
     p.add_argument("--target", type=float, default=0.9, help="SLO attainment to meet, in (0, 1]")
-    p.add_argument("--max-instances", type=positive_int, default=64)
-    p.add_argument("--workers", type=positive_int, default=2)
+    p.add_argument("--max-instances", type=positive_int, default=64,
+                   help="the count search's ceiling, instances per candidate (default: %(default)s)")
+    p.add_argument("--workers", type=positive_int, default=2,
+                   help="candidates simulated in parallel, one process each (default: %(default)s)")
     p.add_argument("--out", type=output_dir, default="plan-out",
                    help="folder for plan.json, pareto.png and best-cluster.yaml")
     args = p.parse_args(argv)

@@ -79,3 +79,23 @@ def test_bench_help_names_the_command_typed():
         if not out.getvalue().startswith(f"usage: llmsched bench {name} "):
             wrong[name] = out.getvalue().splitlines()[0]
     assert wrong == {}
+
+
+def _help(main, argv: list[str]) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    return out.getvalue()
+
+
+def test_plan_help_does_not_offer_the_instances_it_refuses():
+    """`llmsched plan --help` listed --instances as "override the instance count"; plan refuses it (exit 2)."""
+    from sim.planner import main
+
+    text = " ".join(_help(main, ["--help"]).split())
+    assert "--instances INSTANCES not for plan" in text
+    assert "override the instance count" not in text
+    with pytest.raises(SystemExit) as e:
+        main(["--instances", "4"])
+    assert e.value.code == 2
