@@ -539,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     from scheduler.client.types import LLMSchedError
     from scheduler.telemetry.report import write_json
 
-    ap = argparse.ArgumentParser(prog="llmsched profile", description=__doc__)
+    # Raw: the docstring's two formulas are a table, which the default formatter ran together into one line.
+    ap = argparse.ArgumentParser(prog="llmsched profile", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", required=True, help="host:port of a running llmsched server (one instance is best)")
     ap.add_argument("--out", type=output_file, default="latency-profile.json")
     ap.add_argument("--vocab", type=token_vocab, default=1024)
