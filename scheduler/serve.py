@@ -89,7 +89,7 @@ async def _serve(args: argparse.Namespace) -> int:
     # Ray start-up and engine creation block: keep them off the event loop.
     cluster = await loop.run_in_executor(
         None, lambda: start_local_cluster(cfg, fake_gpus_per_node=args.fake_gpus_per_node,
-                                          ingress_kwargs={"direct": args.direct_channel})
+                                          ingress_kwargs={"direct": args.direct_channel, "predictor": args.predictor})
     )
     ingress = cluster.ingress
     http_task = follow = None
@@ -165,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--fake-gpus-per-node: {e}") from None
         # NOTE: before Ray starts: a bad token/TLS variable is exit 2 naming it, not a traceback minutes later.
         args.auth = _auth(args.host)
+        # The same for the length predictor: its artifacts and tenant are checked where they load (a ValueError
+        # naming policies.predictor.params.*), which was the Ingress, built once every engine had started. The
+        # ingress is handed this one.
+        from scheduler.predict.serving import serving_predictor
+
+        args.predictor = serving_predictor(cfg.policies.predictor)
     except ValueError as e:  # a ConfigError, or AuthConfig.from_env naming the variable
         print(f"error: {e}", file=sys.stderr)
         return 2

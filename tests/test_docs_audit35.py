@@ -99,3 +99,49 @@ def test_plan_help_does_not_offer_the_instances_it_refuses():
     with pytest.raises(SystemExit) as e:
         main(["--instances", "4"])
     assert e.value.code == 2
+
+
+def _serve_config(tmp_path: Path, predictor: dict) -> str:
+    import yaml
+
+    from scheduler.config.load import load_config
+
+    data = load_config(str(ROOT / "deploy/examples/cpu-pd.yaml")).model_dump(mode="json")
+    data["policies"]["predictor"] = predictor
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"tenant": "my-app"}, "policies.predictor.params.tenant"),
+        ({"artifacts": "/nonexistent"}, "policies.predictor.params.artifacts"),
+    ],
+)
+def test_serve_refuses_a_bad_predictor_before_starting_a_cluster(
+    tmp_path, params, field, no_cluster_start, capsys
+):
+    """deploy.md: a tenant the artifacts do not know is refused where they load -- for `llmsched serve` that was the
+    Ingress, built after Ray and every engine had started (minutes; a traceback, no cluster shutdown)."""
+    from scheduler import serve
+
+    rc = serve.main(["--config", _serve_config(tmp_path, {"name": "trace", "params": params})])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: {field}" in err
+
+
+def test_serve_hands_the_checked_predictor_to_the_ingress(tmp_path, monkeypatch):
+    from scheduler import serve
+
+    seen = []
+
+    async def fake_serve(args) -> int:
+        seen.append(args.predictor)
+        return 0
+
+    monkeypatch.setattr(serve, "_serve", fake_serve)
+    cfg = _serve_config(tmp_path, {"name": "trace", "params": {"tenant": "azure_conv"}})
+    assert serve.main(["--config", cfg]) == 0
+    assert seen[0].tenant == "azure_conv"
