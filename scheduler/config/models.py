@@ -5,6 +5,8 @@ Errors name the file, the key path and the allowed values (see ``load.py``).
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +16,9 @@ from scheduler.config.gpus import GPU_CATALOG, catalog_key, catalog_names
 from scheduler.core.types import SLO, InstanceRole
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
+# A Hugging Face repo id ("name" or "org/name"; huggingface_hub's REPO_ID_REGEX): what ``model.path`` names when it
+# is no local path. Anything else (an absolute path, two slashes, "./", "~") is a directory.
+_HF_REPO_ID = re.compile(r"^(\b[\w\-.]+\b/)?\b[\w\-.]+\b$")
 # An instance whose snapshots fail this long is out of service: routed around by the ingresses while they time out,
 # released (so replaced) by the Controller when they fail with an error -- its actor lives, its engine does not.
 # (Here, not in ``control.controller``: ``PoolSpec.hang_timeout_s`` may not be below it.)
@@ -70,6 +75,41 @@ class ModelSpec(_Strict):
     gated_mlp: bool = True
     # Name of the model in profiled tables (Vidur / Splitwise / DistServe), when it differs from ``name``.
     profile_name: str | None = None
+    path: str | None = Field(
+        default=None,
+        description="the weights vllm pools serve (and the ingress tokenizes with): a Hugging Face repo id, or a "
+                    "model directory on the worker (and head) nodes; unset: the generated tiny test model",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_named(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("an empty path; name a Hugging Face repo id or a model directory, or leave it unset "
+                             "for the generated tiny test model")
+        return v
+
+    def weights(self, override: str | Path | None = None) -> str:
+        """What a vLLM engine loads and the ingress tokenizes with: ``override`` (a ``vllm`` backend kwarg
+        ``model_path``: tests, benches), else ``path``, else the generated tiny test model (CPU demo, tests).
+
+        Checked here, where it is read (an engine on a worker node, the ingress on the head), not at config load:
+        the directory lives on those nodes. Raises ``ValueError`` naming ``model.path`` for a local path that does
+        not exist here (anything that is not a repo id, "org/name", is one)."""
+        if override is not None:
+            return str(override)
+        if self.path is None:
+            from scheduler.engine.tiny_model import ensure_tiny_model
+
+            return str(ensure_tiny_model())
+        local = Path(self.path).expanduser()
+        if local.exists() or not _HF_REPO_ID.match(self.path):
+            if not local.is_dir():
+                raise ValueError(f"model.path: no model directory {self.path!r} on this node ({os.uname().nodename}); "
+                                 "mount the weights there (the chart's weights.volume) or name a Hugging Face repo "
+                                 "id (org/name)")
+            return str(local)
+        return self.path
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelSpec:

@@ -81,7 +81,8 @@ def make_vllm_backend(
     *, model: ModelSpec, gpu: GPUSpec, pool: PoolSpec, role: InstanceRole, model_path: str | None = None,
     **kwargs: Any,
 ) -> EngineBackend:
-    """A vLLM engine for ``pool``: the tiny local model unless ``model_path`` is given; PREFILL instances save
+    """A vLLM engine for ``pool`` serving ``model.weights(model_path)`` (``model.path``, else the generated tiny
+    model; a ``model_path`` backend kwarg overrides both), in the config's dtype; PREFILL instances save
     every prompt's KV for export (``kv_producer``); TP > 1 runs vLLM's Ray executor in the instance's group.
 
     On the CPU build (TP 1) every engine's worker runs ONE unbound OpenMP thread (``cpu_threads_bind="nobind"``,
@@ -92,9 +93,9 @@ def make_vllm_backend(
     Its worker runs in the engine-core process (``distributed_executor_backend="uni"``; see below)."""
     from vllm.platforms import current_platform
 
-    from scheduler.engine.tiny_model import ensure_tiny_model
     from scheduler.engine.vllm_backend import VLLMBackend
 
+    weights = model.weights(model_path)  # first: a missing model.path fails before anything else is built
     on_cpu = current_platform.is_cpu()
     e = pool.engine
     # vLLM-CPU needs a multiple of 32; a GPU takes the config's (rounded there, live prefix hits and KV came in
@@ -133,9 +134,13 @@ def make_vllm_backend(
         # shared-memory queue readers busy-spin (sched_yield) for 1 s after every message, so co-located
         # engines burn the host's few cores waiting on each other, and each step pays one more IPC hop.
         engine_kwargs["distributed_executor_backend"] = "uni"
+    if model_path is not None or model.path is not None:
+        # The config's dtype: the backend's default is the tiny model's float32, which upcast real weights (twice
+        # their bf16 memory). fp8 names a quantized checkpoint: vLLM reads its dtype from the checkpoint.
+        kw["dtype"] = "auto" if model.dtype == "fp8" else model.dtype
     kw["engine_kwargs"] = engine_kwargs
     kw.update(kwargs)
-    return VLLMBackend(model_path or ensure_tiny_model(), **kw)
+    return VLLMBackend(weights, **kw)
 
 
 def make_backend(

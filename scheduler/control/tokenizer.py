@@ -105,13 +105,33 @@ def _chat_call_args(chat: Any) -> frozenset[str]:
 def make_tokenizer(
     config: ClusterConfig, backend_kwargs: dict[str, dict[str, Any]] | None = None
 ) -> Tokenizer:
-    """Byte tokenizer for simulated clusters (no chat template); the model's ``tokenizer.json`` (and chat template,
-    or the config's ``chat_template``) when any pool runs vLLM."""
+    """Byte tokenizer for simulated clusters (no chat template); the served model's ``tokenizer.json`` (and chat
+    template, or the config's ``chat_template``) when any pool runs vLLM: ``model.weights`` decides which, as for
+    the engines. Raises ``ValueError`` naming ``model.path`` when it has no ``tokenizer.json``."""
     if any(p.backend == "vllm" for p in config.pools):
-        path = (backend_kwargs or {}).get("vllm", {}).get("model_path")
-        if path is None:
-            from scheduler.engine.tiny_model import ensure_tiny_model
+        path = config.model.weights((backend_kwargs or {}).get("vllm", {}).get("model_path"))
+        model_dir = Path(path)
+        if not model_dir.is_dir():  # a Hugging Face repo id: its tokenizer files only (HF_HOME, HF_TOKEN)
+            from huggingface_hub import snapshot_download
 
-            path = ensure_tiny_model()
-        return HFTokenizer(Path(path) / "tokenizer.json", chat_template=config.chat_template_text())
+            model_dir = Path(snapshot_download(path, allow_patterns=_TOKENIZER_FILES))
+        tokenizer = model_dir / "tokenizer.json"
+        if not tokenizer.is_file():
+            raise ValueError(
+                f"model.path: no tokenizer.json in {path!r}; the ingress tokenizes with it (a fast "
+                "tokenizer, as transformers saves one)"
+            )
+        return HFTokenizer(tokenizer, chat_template=config.chat_template_text())
     return ByteTokenizer(max(config.model.vocab_size, 256))
+
+
+# What HFTokenizer reads from a model directory (the tokenizer and its chat template), fetched for a repo id.
+_TOKENIZER_FILES = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "additional_chat_templates/*",
+]

@@ -49,17 +49,19 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "llmsched"
 
 
-def configure_cache_env(cache_dir: Path | None = None) -> Path:
+def configure_cache_env(cache_dir: Path | None = None, *, offline: bool = True) -> Path:
     """Point vLLM's (and HF's) caches into the llmsched cache unless the user already chose a location.
 
     Returns the cache directory. Call before creating an engine so nothing is written under ``$HOME`` by default.
+    ``offline``: the model is local, so the hub is never asked (``HF_HUB_OFFLINE``, unless set); False for a model
+    named by its Hugging Face repo id, which the engine downloads.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("VLLM_CACHE_ROOT", str(root / "vllm"))
     os.environ.setdefault("HF_HOME", str(root / "hf"))
-    # The engine never needs the hub: the model is local.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if offline:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     return root

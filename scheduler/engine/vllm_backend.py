@@ -61,7 +61,7 @@ class VLLMBackend:
     """``EngineBackend`` on a vLLM V1 ``AsyncLLM`` (CPU or GPU build).
 
     Args:
-        model_path: a Hugging Face model directory (e.g. ``ensure_tiny_model()``).
+        model_path: a Hugging Face model directory (e.g. ``ensure_tiny_model()``) or repo id (downloaded).
         kv_cache_bytes: KV cache size per GPU (on CPU: host memory). ``None``: vLLM sizes it -- on a GPU from
             ``gpu_memory_utilization`` (pass it in ``engine_kwargs``), on CPU against NUMA node 0.
         block_size: tokens per KV block; vLLM-CPU needs a multiple of 32 (a GPU takes vLLM's sizes, e.g. 16).
@@ -194,7 +194,8 @@ class VLLMBackend:
         """Start the engine (spawns the engine-core and worker processes; ~20 s on CPU in eager mode)."""
         if self._engine is not None:
             return
-        configure_cache_env()
+        # A repo id (not a directory here) is downloaded: offline mode, the default, refused it.
+        configure_cache_env(offline=self.model_path.is_dir())
         from vllm.config import KVEventsConfig, KVTransferConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM

@@ -1,0 +1,182 @@
+"""Serving a real model: ``model.path`` from the config (and ``llmsched serve --model-path``, the chart's values)
+reaches the vLLM engines and the ingress tokenizer. A vllm pool always loaded the generated tiny test model; the
+only way to name weights was the Python-level ``backend_kwargs``. No vLLM engine starts, nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scheduler.config.load import ConfigError, load_config, parse_config
+from scheduler.config.models import ClusterConfig, GPUSpec, ModelSpec, PoolSpec
+from scheduler.core.types import InstanceRole
+
+CPU_PD = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "cpu-pd.yaml"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _config(path: str | None, **model: Any) -> ClusterConfig:
+    data = load_config(CPU_PD).model_dump()
+    data["model"].update(path=path, **model)
+    return ClusterConfig.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Path:
+    from scheduler.engine.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def own_model(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory other than the tiny model's (its tokenizer files copied), so that a tokenizer loaded from
+    it proves the configured path was read, not the default."""
+    out = tmp_path_factory.mktemp("weights") / "my-model"
+    out.mkdir()
+    for name in TOKENIZER_FILES:
+        if (tiny / name).is_file():
+            shutil.copy(tiny / name, out / name)
+    return out
+
+
+@pytest.fixture
+def no_tiny(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails any fall-back to the generated tiny model."""
+
+    def refuse(*_: Any, **__: Any) -> Path:
+        raise AssertionError("the tiny test model was loaded instead of the configured one")
+
+    monkeypatch.setattr("scheduler.engine.tiny_model.ensure_tiny_model", refuse)
+
+
+# ---- config ----------------------------------------------------------------------------------------------------
+def test_config_names_the_weights_and_keeps_the_tiny_model_by_default() -> None:
+    assert load_config(CPU_PD).model.path is None
+    assert _config("meta-llama/Llama-2-7b-hf").model.path == "meta-llama/Llama-2-7b-hf"
+
+
+def test_an_empty_model_path_is_refused_at_load_naming_it() -> None:
+    data = load_config(CPU_PD).model_dump()
+    data["model"]["path"] = "  "
+    with pytest.raises(ConfigError, match=r"model\.path: an empty path"):
+        parse_config(data, source="c.yaml")
+
+
+def test_a_missing_local_model_path_loads_but_fails_where_read_naming_it(tmp_path: Path) -> None:
+    # The directory lives on the worker nodes: a config loaded elsewhere (a chart check, the head) is not wrong.
+    cfg = _config(str(tmp_path / "absent"))
+    with pytest.raises(ValueError, match=r"model\.path: no model directory .*absent"):
+        cfg.model.weights()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"model\.path: no model directory"):
+        _config(str(tmp_path / "file")).model.weights()
+
+
+def test_weights_local_dir_repo_id_and_override(own_model: Path, no_tiny: None) -> None:
+    assert _config(str(own_model)).model.weights() == str(own_model)
+    assert _config("meta-llama/Llama-2-7b-hf").model.weights() == "meta-llama/Llama-2-7b-hf"
+    assert _config("gpt2").model.weights() == "gpt2"
+    # a backend kwarg (tests, benches) overrides the config
+    assert _config("gpt2").model.weights("/else") == "/else"
+
+
+# ---- engines -----------------------------------------------------------------------------------------------------
+class _Recorder:
+    def __init__(self, model_path: Any, **kw: Any) -> None:
+        self.model_path, self.kw = model_path, kw
+
+
+def _backend(monkeypatch: pytest.MonkeyPatch, model: ModelSpec, **kw: Any) -> _Recorder:
+    from scheduler.control.instance import make_vllm_backend
+
+    monkeypatch.setattr("scheduler.engine.vllm_backend.VLLMBackend", _Recorder)
+    pool = PoolSpec(name="p", gpu="cpu", backend="vllm")
+    backend = make_vllm_backend(
+        model=model, gpu=GPUSpec.from_catalog("cpu"), pool=pool, role=InstanceRole.MIXED, **kw
+    )
+    assert isinstance(backend, _Recorder)
+    return backend
+
+
+def test_make_vllm_backend_loads_the_configured_weights_in_the_config_dtype(
+    monkeypatch: pytest.MonkeyPatch, own_model: Path, no_tiny: None
+) -> None:
+    model = _config(str(own_model), dtype="bfloat16").model
+    b = _backend(monkeypatch, model)
+    assert b.model_path == str(own_model)
+    # not the backend's float32 default (the tiny model's), which upcast real weights
+    assert b.kw["dtype"] == "bfloat16"
+    assert _backend(monkeypatch, _config("org/name").model).model_path == "org/name"
+    assert _backend(monkeypatch, _config("org/name", dtype="fp8").model).kw["dtype"] == "auto"
+    # a backend kwarg still overrides it
+    assert _backend(monkeypatch, model, model_path="/else").model_path == "/else"
+
+
+def test_make_vllm_backend_without_a_path_serves_the_tiny_model_as_before(
+    monkeypatch: pytest.MonkeyPatch, tiny: Path
+) -> None:
+    b = _backend(monkeypatch, _config(None).model)
+    assert b.model_path == str(tiny)
+    assert "dtype" not in b.kw  # the tiny model's own float32
+
+
+def test_make_vllm_backend_refuses_a_missing_directory_naming_model_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=r"model\.path: no model directory"):
+        _backend(monkeypatch, _config(str(tmp_path / "absent")).model)
+
+
+def test_an_engine_may_download_a_repo_id_but_a_local_model_stays_offline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from scheduler.engine.tiny_model import configure_cache_env
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    configure_cache_env(tmp_path, offline=False)  # a repo id: HF_HUB_OFFLINE=1 refused its download
+    assert "HF_HUB_OFFLINE" not in os.environ
+    configure_cache_env(tmp_path)
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+# ---- ingress tokenizer ---------------------------------------------------------------------------------------------
+def test_the_ingress_tokenizes_with_the_configured_model(own_model: Path, tiny: Path, no_tiny: None) -> None:
+    from tokenizers import Tokenizer
+
+    from scheduler.control.tokenizer import HFTokenizer, make_tokenizer
+
+    tok = make_tokenizer(_config(str(own_model)))
+    assert isinstance(tok, HFTokenizer)
+    text = "the request token model cache"
+    assert tok.encode(text) == Tokenizer.from_file(str(tiny / "tokenizer.json")).encode(text).ids
+
+
+def test_the_ingress_fetches_a_repo_ids_tokenizer_only(
+    monkeypatch: pytest.MonkeyPatch, own_model: Path, no_tiny: None
+) -> None:
+    from scheduler.control.tokenizer import HFTokenizer, make_tokenizer
+
+    calls: list[tuple[str, Any]] = []
+
+    def snapshot_download(repo_id: str, allow_patterns: Any = None, **_: Any) -> str:
+        calls.append((repo_id, allow_patterns))
+        return str(own_model)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    assert isinstance(make_tokenizer(_config("org/name")), HFTokenizer)
+    assert calls and calls[0][0] == "org/name"
+    assert "tokenizer.json" in calls[0][1] and not any("safetensors" in p for p in calls[0][1])
+
+
+def test_the_ingress_names_model_path_for_a_model_without_a_tokenizer(tmp_path: Path, no_tiny: None) -> None:
+    from scheduler.control.tokenizer import make_tokenizer
+
+    with pytest.raises(ValueError, match=r"model\.path: no tokenizer\.json"):
+        make_tokenizer(_config(str(tmp_path)))
+    with pytest.raises(ValueError, match=r"model\.path: no model directory"):
+        make_tokenizer(_config(str(tmp_path / "absent")))
