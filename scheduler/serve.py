@@ -15,7 +15,8 @@ import signal
 import sys
 
 from scheduler.cli_args import nonneg_float, nonneg_int, port
-from scheduler.config.load import load_config
+from scheduler.config.load import load_config, parse_config
+from scheduler.config.models import ClusterConfig
 
 log = logging.getLogger("llmsched.serve")
 
@@ -75,7 +76,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from scheduler.control.cluster import start_local_cluster
     from scheduler.server.grpc_server import serve
 
-    cfg = load_config(args.config)
+    cfg = args.cfg
     loop = asyncio.get_running_loop()
     # SIGTERM/SIGINT from now on stop the server cleanly (exit 0), also while the engines are still starting:
     # a signal then lets start-up finish, and the cluster is shut down instead of served (no leaked Ray workers).
@@ -132,9 +133,28 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_path(s: str) -> str:
+    if not s.strip():
+        raise argparse.ArgumentTypeError("empty; name a Hugging Face repo id or a model directory")
+    return s
+
+
+def _load(args: argparse.Namespace) -> ClusterConfig:
+    """The config file, with ``--model-path`` as its ``model.path`` when given."""
+    cfg = load_config(args.config)
+    if args.model_path is None:
+        return cfg
+    data = cfg.model_dump()
+    data["model"]["path"] = args.model_path
+    return parse_config(data, source=f"{args.config} with --model-path")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="llmsched serve", description=__doc__)
     p.add_argument("--config", required=True, help="cluster config YAML (e.g. deploy/examples/cpu-pd.yaml)")
+    p.add_argument("--model-path", type=_model_path, default=None,
+                   help="the weights vllm pools serve, instead of the config's model.path: a Hugging Face repo id "
+                        "or a model directory (on every worker node, and here for the tokenizer)")
     # NOTE: checked types: a bad number fails here, not once Ray and the engines are up (minutes later).
     p.add_argument("--port", type=port, default=50051)
     p.add_argument("--host", default=os.environ.get("LLMSCHED_HOST", "127.0.0.1"))
@@ -154,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(  # noqa: TRY004 -- a bad setting, reported with the config errors below
                 f"LLMSCHED_LOG_LEVEL: Unknown level: {level!r}; use DEBUG, INFO, WARNING or ERROR")
         logging.basicConfig(level=level)
-        cfg = load_config(args.config)
+        cfg = args.cfg = _load(args)
         cfg.chat_template_text()  # a template file that cannot be read: exit 2 now, not once the engines are up
+        if cfg.model.path is not None and any(p.backend == "vllm" for p in cfg.pools):
+            cfg.model.weights()  # likewise a model directory missing here, where the ingress tokenizes with it
         if args.fake_gpus_per_node:
             from scheduler.control.cluster import nodes_for
 

@@ -180,3 +180,38 @@ def test_the_ingress_names_model_path_for_a_model_without_a_tokenizer(tmp_path: 
         make_tokenizer(_config(str(tmp_path)))
     with pytest.raises(ValueError, match=r"model\.path: no model directory"):
         make_tokenizer(_config(str(tmp_path / "absent")))
+
+
+# ---- llmsched serve --model-path -------------------------------------------------------------------------------------
+def _serve(monkeypatch: pytest.MonkeyPatch, *argv: str) -> tuple[int, ClusterConfig | None]:
+    """``llmsched serve`` up to the point it would start Ray: its exit code and the config it would serve."""
+    from scheduler import serve
+
+    served: list[ClusterConfig] = []
+
+    async def fake_serve(args: Any) -> int:
+        served.append(args.cfg)
+        return 0
+
+    monkeypatch.setattr(serve, "_serve", fake_serve)
+    rc = serve.main(["--config", str(CPU_PD), *argv])
+    return rc, (served[0] if served else None)
+
+
+def test_serve_model_path_overrides_the_config(monkeypatch: pytest.MonkeyPatch, own_model: Path) -> None:
+    assert _serve(monkeypatch)[1].model.path is None  # type: ignore[union-attr]
+    rc, cfg = _serve(monkeypatch, "--model-path", str(own_model))
+    assert rc == 0 and cfg is not None and cfg.model.path == str(own_model)
+    assert _serve(monkeypatch, "--model-path", "org/name")[1].model.path == "org/name"  # type: ignore[union-attr]
+
+
+def test_serve_refuses_a_missing_model_dir_before_starting_naming_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, cfg = _serve(monkeypatch, "--model-path", str(tmp_path / "absent"))
+    assert rc == 2 and cfg is None
+    assert "model.path: no model directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        _serve(monkeypatch, "--model-path", "")
+    assert e.value.code == 2
+    assert "--model-path: empty" in capsys.readouterr().err
