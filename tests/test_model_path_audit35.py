@@ -215,3 +215,94 @@ def test_serve_refuses_a_missing_model_dir_before_starting_naming_it(
         _serve(monkeypatch, "--model-path", "")
     assert e.value.code == 2
     assert "--model-path: empty" in capsys.readouterr().err
+
+
+# ---- Helm chart ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chart() -> Any:
+    pytest.importorskip("helm_python")
+    pytest.importorskip("kubernetes_validate")
+    import yaml
+
+    from scheduler.deploy import chart
+
+    def render(**weights: Any) -> tuple[dict[str, Any], list[Any]]:
+        values = yaml.safe_load((chart.DEFAULT_VALUES_DIR / "hetero-pd.yaml").read_text())
+        values["weights"] = {**values["weights"], **weights}
+        rendered, findings = chart.render_chart(chart.DEFAULT_CHART, values, "test")
+        by_kind = {m["kind"]: m for m in rendered.manifests if m["kind"] == "RayCluster"}
+        return {**by_kind, "config.yaml": rendered.config_yaml}, findings
+
+    return render
+
+
+def _containers(raycluster: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The llmsched container and each worker group's, by name, with their pod's volumes."""
+    head = raycluster["spec"]["headGroupSpec"]["template"]["spec"]
+    out = {"llmsched": {**next(c for c in head["containers"] if c["name"] == "llmsched"), "pod": head}}
+    for group in raycluster["spec"]["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        out[group["groupName"]] = {**pod["containers"][0], "pod": pod}
+    return out
+
+
+def test_the_chart_passes_model_path_hf_env_and_the_weights_volume(chart: Any) -> None:
+    import yaml
+
+    from scheduler.deploy.chart import DEFAULT_CHART, DEFAULT_VALUES_DIR, check_chart
+
+    assert check_chart(DEFAULT_CHART, [DEFAULT_VALUES_DIR / "hetero-pd.yaml"]) == []
+    manifests, findings = chart()
+    assert findings == []
+    config = yaml.safe_load(manifests["config.yaml"])
+    assert config["model"]["path"] == "meta-llama/Llama-2-70b-hf"
+    containers = _containers(manifests["RayCluster"])
+    assert set(containers) == {"llmsched", "h100", "a100"}  # the ingress tokenizer and every engine
+    for name, c in containers.items():
+        env = {e["name"]: e for e in c["env"]}
+        assert env["HF_HOME"]["value"] == "/models/hf", name
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "HF_TOKEN"}, name
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "weights")
+        assert mount == {"name": "weights", "mountPath": "/models", "readOnly": False}, name
+        volume = next(v for v in c["pod"]["volumes"] if v["name"] == "weights")
+        assert volume["persistentVolumeClaim"] == {"claimName": "llmsched-models", "readOnly": False}, name
+
+
+def test_the_chart_mounts_a_host_path_and_sets_nothing_unasked(chart: Any) -> None:
+    manifests, findings = chart(
+        hfHome="",
+        hfTokenSecret={"name": ""},
+        volume={"existingClaim": "", "hostPath": "/mnt/m", "readOnly": True},
+    )
+    assert findings == []
+    for name, c in _containers(manifests["RayCluster"]).items():
+        assert not {"HF_HOME", "HF_TOKEN"} & {e["name"] for e in c.get("env", [])}, name
+        volume = next(v for v in c["pod"]["volumes"] if v["name"] == "weights")
+        assert volume["hostPath"]["path"] == "/mnt/m", name
+    manifests, findings = chart(hfHome="", hfTokenSecret={"name": ""}, volume={"existingClaim": ""})
+    assert findings == []
+    for name, c in _containers(manifests["RayCluster"]).items():
+        assert "weights" not in {v["name"] for v in c["pod"]["volumes"]}, name
+
+
+@pytest.mark.parametrize(
+    ("weights", "named"),
+    [
+        (
+            {"volume": {"existingClaim": "m", "hostPath": "/mnt/m"}},
+            "weights.volume: set existingClaim or hostPath",
+        ),
+        ({"volume": {"mountPath": "/tmp/ray"}}, "weights.volume.mountPath: /tmp/ray overlaps"),
+        (
+            {"volume": {"mountPath": "/etc"}},
+            "weights.volume.mountPath: /etc overlaps the chart's own mount /etc/llmsched",
+        ),
+        ({"volume": {"hostPath": "mnt/m"}}, "/weights/volume/hostPath"),
+        ({"volume": {"claim": "m"}}, "/weights/volume"),
+        ({"hfHome": "hf"}, "/weights/hfHome"),
+        ({"hfTokenSecret": {"name": "Bad_Name"}}, "/weights/hfTokenSecret/name"),
+    ],
+)
+def test_bad_weights_values_are_named(chart: Any, weights: dict[str, Any], named: str) -> None:
+    _, findings = chart(**weights)  # over hetero-pd's weights (a PVC at /models)
+    assert findings and named in str(findings[0]), findings

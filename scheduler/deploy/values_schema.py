@@ -19,6 +19,10 @@ from typing import Any
 from scheduler.config.models import ClusterConfig
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# An object's name (Secret, PVC: a DNS subdomain), or "" for none.
+OPTIONAL_NAME = {"type": "string", "maxLength": 253,
+                 "pattern": r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)?$"}
+OPTIONAL_ABS_PATH = {"type": "string", "pattern": "^(/.*)?$"}
 # Label keys and values as the API server validates them (k8s.io/apimachinery validation.IsQualifiedName /
 # IsValidLabelValue). Pod nodeSelectors and metadata labels are checked only when the object is created -- for the
 # worker pods, by KubeRay long after `helm install` succeeded -- so the values schema checks them up front.
@@ -182,6 +186,25 @@ def build_values_schema() -> dict[str, Any]:
             ),
             "gpuTypes": {"type": "array", "minItems": 1, "items": gpu_type},
             "config": config,
+            "weights": _obj(
+                {
+                    "hfHome": {**OPTIONAL_ABS_PATH, "description": "HF_HOME for the engines and the ingress tokenizer"},
+                    "hfTokenSecret": _obj(
+                        {
+                            "name": {**OPTIONAL_NAME, "description": "an existing Secret holding HF_TOKEN; empty: none"},
+                            "key": {"type": "string", "pattern": r"^[-._a-zA-Z0-9]+$"},
+                        }
+                    ),
+                    "volume": _obj(
+                        {
+                            "existingClaim": {**OPTIONAL_NAME, "description": "a PVC with the weights; empty: none"},
+                            "hostPath": {**OPTIONAL_ABS_PATH, "description": "or a node directory; empty: none"},
+                            "mountPath": {"type": "string", "pattern": "^/.", "description": "where it is mounted"},
+                            "readOnly": {"type": "boolean"},
+                        }
+                    ),
+                }
+            ),
             "service": _obj(
                 {
                     "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},

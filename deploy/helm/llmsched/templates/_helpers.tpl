@@ -94,6 +94,17 @@ the key and the allowed values, like the project's own config errors.
 {{- if hasKey $taken $mport }}
 {{- fail (printf "metrics.port: %s is already used in the head pod by %s; pick another port" $mport (get $taken $mport)) }}
 {{- end }}
+{{- with .Values.weights.volume }}
+{{- if and .existingClaim .hostPath }}
+{{- fail "weights.volume: set existingClaim or hostPath, not both" }}
+{{- end }}
+{{- $mount := trimSuffix "/" .mountPath }}
+{{- range $taken := list "/dev/shm" "/tmp/ray" "/etc/llmsched" }}
+{{- if or (eq $mount $taken) (hasPrefix (printf "%s/" $taken) $mount) (hasPrefix (printf "%s/" $mount) $taken) }}
+{{- fail (printf "weights.volume.mountPath: %s overlaps the chart's own mount %s; pick another path" $.Values.weights.volume.mountPath $taken) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if and .Values.auth.clientToken .Values.auth.adminToken (eq .Values.auth.clientToken .Values.auth.adminToken) }}
 {{- fail "auth.adminToken: must differ from auth.clientToken (the admin API needs a distinct credential)" }}
 {{- end }}
@@ -116,5 +127,41 @@ the key and the allowed values, like the project's own config errors.
 {{- default (include "llmsched.fullname" .) .Values.serviceAccount.name }}
 {{- else }}
 {{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Model weights (values.weights): what every engine (workers) and the ingress tokenizer (the llmsched container)
+need to load config.model.path -- HF_HOME, HF_TOKEN from an existing Secret, and the weights volume.
+*/}}
+{{- define "llmsched.weightsEnv" -}}
+{{- with .Values.weights }}
+{{- if .hfHome }}
+- {name: HF_HOME, value: {{ .hfHome | quote }}}
+{{- end }}
+{{- if .hfTokenSecret.name }}
+- name: HF_TOKEN
+  valueFrom: {secretKeyRef: {name: {{ .hfTokenSecret.name | quote }}, key: {{ .hfTokenSecret.key | default "HF_TOKEN" | quote }}}}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "llmsched.weightsMount" -}}
+{{- with .Values.weights.volume }}
+{{- if or .existingClaim .hostPath }}
+- {name: weights, mountPath: {{ .mountPath | quote }}, readOnly: {{ .readOnly }}}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "llmsched.weightsVolume" -}}
+{{- with .Values.weights.volume }}
+{{- if .existingClaim }}
+- name: weights
+  persistentVolumeClaim: {claimName: {{ .existingClaim | quote }}, readOnly: {{ .readOnly }}}
+{{- else if .hostPath }}
+- name: weights
+  hostPath: {path: {{ .hostPath | quote }}, type: DirectoryOrCreate}
+{{- end }}
 {{- end }}
 {{- end }}
