@@ -180,6 +180,10 @@ class LengthPredictor(Protocol):
         tenants: Sequence[str | None] | None = None,
     ) -> list[LengthPrediction]: ...
 
+    def known_tenants(self) -> frozenset[str]:
+        """The tenants it conditions on (its fit saw them); any other name predicts as no tenant."""
+        ...
+
 
 def predict_each(
     predictor: LengthPredictor,

@@ -106,6 +106,10 @@ class EmbeddingPredictor:
     embedder: Embedder = field(default_factory=Embedder)
     name: str = "embedding"
 
+    def known_tenants(self) -> frozenset[str]:
+        """The tenants its head has a category for."""
+        return frozenset(self.tenants)
+
     def _code(self, tenant: str | None) -> float:
         return float(self.tenants[tenant]) if tenant is not None and tenant in self.tenants else math.nan
 

@@ -134,3 +134,7 @@ class ConstantPredictor:
     def predict_batch(self, prompts, prompt_tokens, tenants=None):
         """Always the marginal."""
         return [self._pred for _ in prompts]
+
+    def known_tenants(self) -> frozenset[str]:
+        """None: the marginal is everyone's."""
+        return frozenset()

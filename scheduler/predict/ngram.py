@@ -44,6 +44,10 @@ class NgramPredictor:
         z = np.exp(z - z.max())
         return z / z.sum()
 
+    def known_tenants(self) -> frozenset[str]:
+        """The tenants it learned a bias for."""
+        return frozenset(self.tenant_bias)
+
     def predict(
         self, prompt: str | None, *, prompt_tokens: int, tenant: str | None = None
     ) -> LengthPrediction:

@@ -56,6 +56,10 @@ class TextWithTraceFallback:
         p = self.text if prompt is not None else self.trace
         return p.predict(prompt, prompt_tokens=prompt_tokens, tenant=tenant)
 
+    def known_tenants(self) -> frozenset[str]:
+        """Those either part knows."""
+        return self.text.known_tenants() | self.trace.known_tenants()
+
     def predict_batch(
         self,
         prompts: Sequence[str | None],
@@ -79,6 +83,10 @@ class LogLinearPool:
     ) -> LengthPrediction:
         """Pool one request."""
         return self.predict_batch([prompt], [prompt_tokens], [tenant])[0]
+
+    def known_tenants(self) -> frozenset[str]:
+        """Those any member knows."""
+        return frozenset().union(*(m.known_tenants() for m in self.members))
 
     def predict_batch(
         self,

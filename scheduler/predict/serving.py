@@ -28,10 +28,8 @@ from typing import Any
 import numpy as np
 
 from scheduler.predict.base import LengthPrediction, LengthPredictor, count_tokens
-from scheduler.predict.embedding import EmbeddingPredictor
-from scheduler.predict.ngram import NgramPredictor
 from scheduler.predict.online import OnlineLengths
-from scheduler.predict.registry import LogLinearPool, PredictorKind, TextWithTraceFallback, load_predictor
+from scheduler.predict.registry import PredictorKind, load_predictor
 from scheduler.predict.trace import TracePredictor
 
 PARAMS = ("artifacts", "tenant", "online")
@@ -128,21 +126,6 @@ def check_spec(name: str, params: dict[str, Any]) -> PredictorKind:
         raise ValueError(f"policies.predictor.name: {e}") from None
 
 
-def known_tenants(predictor: LengthPredictor) -> frozenset[str]:
-    """The tenants ``predictor`` conditions on (its fit saw them); any other name predicts as no tenant."""
-    if isinstance(predictor, TextWithTraceFallback):
-        return known_tenants(predictor.text) | known_tenants(predictor.trace)
-    if isinstance(predictor, LogLinearPool):
-        return frozenset().union(*(known_tenants(m) for m in predictor.members))
-    if isinstance(predictor, TracePredictor):
-        return frozenset(predictor.cond)
-    if isinstance(predictor, NgramPredictor):
-        return frozenset(predictor.tenant_bias)
-    if isinstance(predictor, EmbeddingPredictor):
-        return frozenset(predictor.tenants)
-    return frozenset()
-
-
 def serving_predictor(spec: Any) -> ServingPredictor | None:
     """The predictor ``policies.predictor`` names (``spec``: its ``PolicySpec``, or ``None`` for no prediction).
 
@@ -161,7 +144,7 @@ def serving_predictor(spec: Any) -> ServingPredictor | None:
     except RuntimeError as e:  # EmbeddingUnavailable: the optional embedding stack is not installed
         raise ValueError(f"policies.predictor.name: {spec.name!r} cannot load here: {e}") from None
     tenant = spec.params.get("tenant")
-    if tenant is not None and str(tenant) not in (known := known_tenants(predictor)):
+    if tenant is not None and str(tenant) not in (known := predictor.known_tenants()):
         # Checked where the artifacts are loaded, as ``artifacts`` is: an unknown tenant predicts every request as
         # if none were named (the pooled mix), so a typo went unnoticed.
         raise ValueError(
@@ -173,4 +156,4 @@ def serving_predictor(spec: Any) -> ServingPredictor | None:
                             online=OnlineLengths() if spec.params.get("online", False) else None)
 
 
-__all__ = ["PARAMS", "ServingPredictor", "check_spec", "known_tenants", "serving_predictor"]
+__all__ = ["PARAMS", "ServingPredictor", "check_spec", "serving_predictor"]

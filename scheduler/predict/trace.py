@@ -65,6 +65,10 @@ class TracePredictor:
         w = w / w.sum() if w.sum() > 0 else np.full(len(self.pool), 1.0 / len(self.pool))
         return sum(wt * self.cond[t][i] for wt, t in zip(w, self.pool))
 
+    def known_tenants(self) -> frozenset[str]:
+        """The tenants it has a conditional histogram for."""
+        return frozenset(self.cond)
+
     def predict(
         self, prompt: str | None, *, prompt_tokens: int, tenant: str | None = None
     ) -> LengthPrediction:
