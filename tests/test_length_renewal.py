@@ -21,6 +21,7 @@ from scheduler.core.types import InstanceRole, RequestLoad
 from scheduler.engine.base import EngineStats
 from scheduler.engine_model import EngineModel
 from scheduler.latency import roofline_model
+from scheduler.predict import load_predictor
 from scheduler.predict.base import BUCKET_EDGES, LengthPrediction, remaining_tokens
 from tests.test_engine_model import GPU, MODEL, assert_predicted_sum_is_per_request
 
@@ -48,12 +49,75 @@ def test_expected_remaining_edges() -> None:
     assert DIST.expected_remaining(256.0) == pytest.approx(
         (1024 - 512) / math.log(2) - 256.0
     )  # the gap: none left
-    assert DIST.expected_remaining(1024.0) == 1.0  # past everything it knows: still running, one more token
-    assert DIST.expected_remaining(BUCKET_EDGES[-1] * 2) == 1.0
+    # Past everything it knows: one more octave bucket from there (``test_the_tail_rule...`` below).
+    assert DIST.expected_remaining(1024.0) == pytest.approx(_octave_rest(1024.0), rel=0.01)
     # A guess with time left is read as is; a point guess (hint, exact lengths) that ran out stays at 0.
     assert remaining_tokens(50.0, DIST, 131.0) == 50.0
     assert remaining_tokens(-5.0, None, 300.0) == 0.0
     assert remaining_tokens(-5.0, DIST, 300.0) == DIST.expected_remaining(300.0) > 300.0
+
+
+def _octave_rest(g: float) -> float:
+    """E[L - g] of L log-uniform on [g, 2g), by quadrature (the tail rule's rest, computed apart from it)."""
+    x = np.exp(np.linspace(math.log(g), math.log(2 * g), 200_001))
+    return float(np.trapezoid(x - g, np.log(x)) / math.log(2))
+
+
+# Mass in the open last bucket [2048, 8192): the shipped predictor's arXiv summaries, and a flat histogram.
+TAILED = [
+    LengthPrediction.from_probs([1.0] * 9),
+    load_predictor("trace").predict(None, prompt_tokens=1000, tenant="arxiv_summarization"),
+]
+
+
+@pytest.mark.parametrize("dist", TAILED, ids=["flat", "arxiv"])
+def test_the_tail_rule_keeps_a_response_past_the_last_edge_running(dist: LengthPrediction) -> None:
+    """Past the last bucket edge (8192) a response was read as ending at once (1 token), and the open last
+    bucket's rest fell to ~0 towards that edge (96 tokens at 8000): routers, the migration policy and the
+    simulator's renewals (one per step there) saw the longest requests as finishing. Now the rest of a response
+    the histogram no longer resolves is one more octave bucket's from where it stands: it grows with it."""
+    last = BUCKET_EDGES[-2]
+    x = _sample(dist, np.random.default_rng(1), 400_000)
+    for g in (3000.0, 4000.0):  # the open bucket's own law while it spans an octave or more ahead
+        alive = x[x > g]
+        assert dist.expected_remaining(g) == pytest.approx(float(alive.mean()) - g, rel=0.03)
+    for g in (9000.0, 20_000.0, 100_000.0):
+        assert dist.expected_remaining(g) == pytest.approx(_octave_rest(g), rel=1e-3)
+    # Continuous through the open bucket, no cliff at its upper edge, and growing from where the octave ahead
+    # reaches past that edge.
+    gs = np.arange(last, 4 * BUCKET_EDGES[-1], 7.0)
+    rest = np.array([dist.expected_remaining(g) for g in gs])
+    assert rest.min() >= 0.4 * last and np.all(np.abs(np.diff(rest)) < 10.0)
+    assert np.all(np.diff(rest[gs >= BUCKET_EDGES[-1] / 2]) > 0.0)
+    # What the histogram says before the response reaches the open bucket does not move: the mean is E[L].
+    assert dist.mean == pytest.approx(float(x.mean()), rel=0.02)
+
+
+def test_the_tail_stops_at_max_tokens() -> None:
+    """A capped guess (``capped``: the engine stops at ``max_tokens``) is never renewed past the cap, a response
+    that outran every bucket with mass included."""
+    for cap in (1500, 3000, 8000):
+        c = DIST.capped(cap)
+        for g in np.arange(1.0, cap, 13.0):
+            assert 1.0 <= c.expected_remaining(g) <= max(cap - g, 1.0) + 1e-9
+        assert c.expected_remaining(cap - 200.0) == pytest.approx(
+            min(_octave_rest(cap - 200.0), 200.0), rel=1e-3)  # past the 512-1024 mass: the tail, to the cap
+
+
+def test_the_simulated_engine_keeps_a_very_long_response_in_its_decode_work() -> None:
+    """The engine model renews a spent guess from ``expected_remaining``: past 8192 tokens it renewed every step
+    to 1 token, and the snapshot the routers read counted the request as finishing."""
+    eng = _engine()
+    dist = TAILED[0]
+    eng.add_request("long", 50, 12_000, predicted_remaining=dist.point, length_dist=dist)
+    while eng.has_work and eng.generated_of(eng.get("long")) < 9000:
+        span = eng.plan_span(max_steps=256)
+        eng.advance(span, span.steps) if span is not None else eng.step()
+    snap = eng.snapshot("x", 0.0, detail=True)
+    g = snap.requests[0].generated_tokens
+    assert 9000 <= g < 12_000
+    assert snap.predicted_remaining_tokens == pytest.approx(snap.requests[0].predicted_remaining)
+    assert snap.predicted_remaining_tokens > 0.3 * g  # one renewal of ~0.44 g, counted down since
 
 
 def _engine(blocks: int = 4000) -> EngineModel:

@@ -18,6 +18,10 @@ from typing import Protocol, runtime_checkable
 # and a finite edge keeps quantiles finite). 9 buckets.
 BUCKET_EDGES: tuple[int, ...] = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 8192)
 
+# E[L - g | L > g] of a length log-uniform on [g, 2g), over g: the rest ``expected_remaining`` gives at least a
+# response the histogram no longer resolves (one more octave bucket from where it stands; its tail rule).
+OCTAVE_REST = 1.0 / math.log(2.0) - 1.0
+
 # Token counter: no Llama tokenizer is available offline, so count with a regex that mimics a BPE vocabulary:
 # an ASCII word is one token per 8 letters, every digit is a token (Llama splits digits), every newline is a token,
 # and a run of one repeated punctuation char ("**", "...", "---") is one token; other characters (CJK, emoji) count
@@ -102,7 +106,14 @@ class LengthPrediction:
         """Expected tokens still to come once ``generated`` have been: E[L - g | L > g], at least 1 (the response
         is still running). A guess that ran out is renewed from this rather than read as "about to finish": a
         request past its median is, given the distribution, a long one (log-uniform inside a bucket, as
-        ``quantile``; past the last edge there is nothing left to condition on, so it counts one more token)."""
+        ``quantile``).
+
+        Tail rule: where the histogram no longer resolves the rest -- inside the open last bucket, whose upper edge
+        is only there to keep quantiles finite, or past every bucket with mass -- the rest is at least that of one
+        more octave bucket from ``g`` (log-uniform on [g, 2g): ``OCTAVE_REST * g``, 0.44 g), so it grows with ``g``
+        and a 9000-token response is not read as ending at once; never past ``max_tokens`` where ``capped`` put
+        it. ``quantile``, ``mass_above`` and ``mean`` keep the histogram's law (nothing past the last edge): the
+        tail is only what the renewal of a response that outran it reads."""
         e = self.bucket_edges
         mass = tokens = 0.0  # P(L > g) and E[L; L > g]
         for i, p in enumerate(self.probs):
@@ -112,7 +123,14 @@ class LengthPrediction:
             a, width = max(lo, generated), math.log(hi) - math.log(lo)
             mass += p * (math.log(hi) - math.log(a)) / width
             tokens += p * (hi - a) / width  # log-uniform density p / (x * width) times x, integrated over [a, hi]
-        return max(tokens / mass - generated, 1.0) if mass > 0.0 else 1.0
+        rest = tokens / mass - generated if mass > 0.0 else 0.0
+        # The log-uniform shape runs its rest down to 0 at the bucket's upper edge: true of a closed bucket (the
+        # lengths seen end there), an artifact of the open last one (at 8191 tokens: 1 more; at 4096 its rest is
+        # the octave's, where the floor takes over, so the rule is continuous there).
+        cap = e[-2] if e[-1] - e[-2] <= 1 else math.inf  # ``capped``'s one-token bucket: the engine stops there
+        if mass == 0.0 or (cap == math.inf and generated >= max(e[-2], 1)):
+            rest = max(rest, min(OCTAVE_REST * generated, cap - generated))
+        return max(rest, 1.0)
 
     def mass_above(self, tokens: float) -> list[float]:
         """Each bucket's probability of a response longer than ``tokens`` (log-linear inside the bucket that
