@@ -77,7 +77,7 @@ from scheduler.core.types import (
     Rejected,
     RequestInfo,
 )
-from scheduler.engine.base import TEXT_CONTEXT_TOKENS, EngineRequest, SamplingParams, TokenChunk, text_after
+from scheduler.engine.base import EngineRequest, SamplingParams, TokenChunk, text_after
 from scheduler.policy.filters import decode_candidates, prefill_candidates
 from scheduler.policy.route import RouteDecision, Router, make_router, router_takes
 from scheduler.predict.base import LengthPrediction
@@ -849,8 +849,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             # Text for these tokens alone (an overlap's tail; an instance's resend of outputs emitted before it took
             # over, sent without text -- or vLLM's "" for a token inside a character, which this keeps ""): decoded
             # after the tokens before them, as the engine's text is.
-            context = (*rec.prompt_token_ids[-TEXT_CONTEXT_TOKENS:], *rec.output_token_ids[-TEXT_CONTEXT_TOKENS:])
-            text = text_after(self.tokenizer.decode, context, tokens)
+            text = text_after(self.tokenizer.decode, rec.output_token_ids, tokens, before=rec.prompt_token_ids)
         rec.output_token_ids.extend(tokens)
         rec.phase = Phase.DECODE
         return dataclasses.replace(chunk, index=start, token_ids=tokens, text=text)

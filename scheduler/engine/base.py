@@ -60,18 +60,36 @@ class TokenChunk:
 
 
 # Tokens before a run that its text is decoded after: a UTF-8 character spans up to 4 byte tokens, and a BPE or
-# sentencepiece word boundary needs one or two (vLLM's incremental detokenizer reads back 5).
+# sentencepiece word boundary needs one or two (vLLM's incremental detokenizer reads back 5). ``text_after`` reads
+# further back past tokens that decode to nothing but U+FFFD (or to nothing).
 TEXT_CONTEXT_TOKENS = 8
 
 
-def text_after(decode: Callable[[list[int]], str], context: Sequence[int], token_ids: Sequence[int]) -> str:
-    """The text ``token_ids`` add to a stream whose earlier ids end with ``context``, as vLLM's incremental
-    detokenizer streams it, so that the texts of consecutive runs join to ``decode(all ids)``: decoded after the
-    last context tokens (alone, a character split at the run's start came out as U+FFFD, and a sentencepiece
-    word lost its leading space), and a character still incomplete at the end held back -- its text comes with
-    the token that completes it (the engine streams "" for such a token, as here)."""
-    ctx = list(context[-TEXT_CONTEXT_TOKENS:])
-    head = decode(ctx).rstrip("\ufffd") if ctx else ""
+def text_after(
+    decode: Callable[[list[int]], str],
+    context: Sequence[int],
+    token_ids: Sequence[int],
+    *,
+    before: Sequence[int] = (),
+) -> str:
+    """The text ``token_ids`` add to a stream whose earlier ids are ``before`` + ``context`` (a prompt and the
+    outputs since, say), as vLLM's incremental detokenizer streams it, so that the texts of consecutive runs join
+    to ``decode(all ids)``: decoded after the last context tokens (alone, a character split at the run's start came
+    out as U+FFFD, and a sentencepiece word lost its leading space), and a character still incomplete at the end
+    held back -- its text comes with the token that completes it (the engine streams "" for such a token, as
+    here); so are bytes that can never decode (U+FFFD), until text follows them.
+
+    The context read reaches back to a token that decodes to text (doubling from ``TEXT_CONTEXT_TOKENS``): held
+    back past 8 ids (9 lone invalid bytes), the U+FFFDs beyond them were lost, and a window opening inside a
+    character added its own (the simulator's random bytes: 3 of 3000 random streams joined off by U+FFFDs)."""
+    n, total = TEXT_CONTEXT_TOKENS, len(before) + len(context)
+    while True:
+        k = n - len(context)  # of them from ``before``
+        ctx = [*before[-k:], *context] if k > 0 else list(context[-n:])
+        head = decode(ctx).rstrip("\ufffd") if ctx else ""
+        if head or n >= total:
+            break
+        n *= 2
     return decode(ctx + list(token_ids)).rstrip("\ufffd")[len(head) :]
 
 

@@ -29,7 +29,6 @@ from scheduler.config.models import EngineSpec, GPUSpec, ModelSpec
 from scheduler.core.prefix import HASH_BLOCK_TOKENS, prompt_hash_ids
 from scheduler.core.types import InstanceRole, InstanceSnapshot
 from scheduler.engine.base import (
-    TEXT_CONTEXT_TOKENS,
     EngineRequest,
     EngineStats,
     KVBlocks,
@@ -310,8 +309,7 @@ class SimulatedBackend:
         tok = sim_token(req.seed, rid, idx, self.vocab_size)
         # Decoded after the ids before it, as vLLM streams text: alone, each byte of a multi-byte character came
         # out as its own U+FFFD (a resumed request's prompt ends with the outputs streamed before).
-        context = (*req.request.prompt_token_ids[-TEXT_CONTEXT_TOKENS:], *req.outputs[-TEXT_CONTEXT_TOKENS:])
-        text = text_after(self.tokenizer.decode, context, (tok,))
+        text = text_after(self.tokenizer.decode, req.outputs, (tok,), before=req.request.prompt_token_ids)
         req.next_index += 1
         req.outputs.append(tok)
         req.remaining -= 1

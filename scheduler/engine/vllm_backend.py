@@ -31,7 +31,6 @@ from typing import Any
 
 from scheduler.core.types import InstanceRole, RequestLoad
 from scheduler.engine.base import (
-    TEXT_CONTEXT_TOKENS,
     EngineRequest,
     EngineStats,
     KVBlocks,
@@ -555,11 +554,11 @@ class VLLMBackend:
                 return None
             self._tokenizer = Tokenizer.from_file(str(path))
         tok = self._tokenizer
-        context = list(request.prompt_token_ids[-TEXT_CONTEXT_TOKENS:])
+        outputs: list[int] = []
 
         def decode(tokens: tuple[int, ...]) -> str:
-            text = text_after(tok.decode, context, tokens)
-            context[:] = [*context, *tokens][-TEXT_CONTEXT_TOKENS:]
+            text = text_after(tok.decode, outputs, tokens, before=request.prompt_token_ids)
+            outputs.extend(tokens)
             return text
 
         return decode

@@ -47,7 +47,7 @@ from scheduler.control.api import (
     TooLarge,
 )
 from scheduler.core.types import InstanceRole
-from scheduler.engine.base import TEXT_CONTEXT_TOKENS, TokenChunk, text_after
+from scheduler.engine.base import TokenChunk, text_after
 from scheduler.server.admission import InflightLimiter, Slot, cancel_quietly, close_stream
 from scheduler.server.auth import ADMIN_SERVICE, INFERENCE_SERVICE, AuthConfig, TokenAuthInterceptor
 
@@ -174,7 +174,7 @@ class InferenceServicer:
                 tokenizer = getattr(self._ingress, "tokenizer", None)
                 detokenize = getattr(tokenizer, "decode", None)
                 seen = False  # a chunk came from the ingress
-                dropped: list[int] = []  # the last ids dropped below ``resume``: the kept tail's text follows them
+                dropped: list[int] = []  # the ids dropped below ``resume``: the kept tail's text follows them
                 while True:
                     try:
                         with activate(span):
@@ -193,7 +193,7 @@ class InferenceServicer:
                     last_instance = instance_id or last_instance
                     if index < resume:  # retry after UNAVAILABLE: drop what the client already has
                         skip = min(resume - index, len(ids))
-                        dropped = [*dropped, *ids[:skip]][-TEXT_CONTEXT_TOKENS:]
+                        dropped.extend(ids[:skip])
                         ids, index = ids[skip:], index + skip
                         # The kept tail still needs its text (the SDK joins chunk texts into the output): the
                         # chunk's text belongs to all its tokens, so detokenize the tail after the ids before it
