@@ -300,6 +300,31 @@ def test_text_survives_a_resume_whose_chunks_split_differently() -> None:
         assert r.attempts == 2 and r.text == "".join(map(chr, r.token_ids)) == "abcdefghij"
 
 
+def test_tenant_round_trips_through_both_clients(srv, client) -> None:  # type: ignore[no-untyped-def]
+    """``tenant=`` reaches the ingress from the sync and the async client; a bad one is named ``tenant``."""
+    assert client.generate("abc", max_tokens=2, request_id="sdk-tenant", tenant="mooncake_conv").token_ids
+    with client.stream([3], max_tokens=2, request_id="sdk-tenant-stream", tenant="azure_conv") as st:
+        assert [ch.index for ch in st] == [0, 1]
+    with pytest.raises(InvalidArgument) as info:
+        client.generate("abc", tenant="t" * 129)
+    assert info.value.field == "tenant"
+    with pytest.raises(TypeError, match="^tenant: "):
+        client.generate("abc", tenant=7)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        async with AsyncClient(srv.address, timeout_s=10) as ac:
+            await ac.generate([5], max_tokens=2, request_id="aio-tenant", tenant="arxiv_summarization")
+            assert [ch.index async for ch in ac.stream([5], max_tokens=2, request_id="aio-tenant-stream",
+                                                       tenant="x")] == [0, 1]
+
+    asyncio.run(main())
+    got = {r.request_id: r.tenant for r in srv.ingress.requests if "tenant" in r.request_id}
+    assert got == {"sdk-tenant": "mooncake_conv", "sdk-tenant-stream": "azure_conv",
+                   "aio-tenant": "arxiv_summarization", "aio-tenant-stream": "x"}
+    assert client.generate("abc", max_tokens=2, request_id="sdk-no-tenant").token_ids
+    assert next(r for r in srv.ingress.requests if r.request_id == "sdk-no-tenant").tenant is None
+
+
 def test_a_field_has_its_wire_name_whichever_layer_rejects_it() -> None:
     with BackgroundServer(lambda: EchoIngress(max_model_len=64)) as s, Client(s.address, timeout_s=10) as c:
         fields = []

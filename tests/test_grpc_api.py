@@ -145,6 +145,15 @@ def test_sampling_fields_reach_ingress(srv, channel) -> None:  # type: ignore[no
     assert got.deadline_s is not None and abs(got.deadline_s - (sent + 5.0)) < 1.0
 
 
+def test_tenant_reaches_ingress_and_empty_means_none(srv, channel) -> None:  # type: ignore[no-untyped-def]
+    """``tenant`` (field 11) is the length predictor's per-request app; unset or empty leaves the config's."""
+    for rid, tenant in (("tenant-1", "azure_conv"), ("tenant-2", "t" * 128), ("tenant-3", "")):
+        assert raw_generate(channel, good_request(request_id=rid, tenant=tenant).SerializeToString())[0] == \
+            grpc.StatusCode.OK
+    got = {r.request_id: r.tenant for r in srv.ingress.requests if r.request_id.startswith("tenant-")}
+    assert got == {"tenant-1": "azure_conv", "tenant-2": "t" * 128, "tenant-3": None}
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
@@ -190,6 +199,10 @@ BAD_REQUESTS = {
         "slo.ttft_ms",
     ),
     "long request id": (good_request(request_id="r" * 300).SerializeToString(), "request_id"),
+    "long tenant": (good_request(tenant="t" * 129).SerializeToString(), "tenant"),
+    "control character in tenant": (good_request(tenant="app\x1b[2J").SerializeToString(), "tenant"),
+    # field 11 as a varint: protobuf keeps it as an unknown field, so the tenant was dropped without a word
+    "tenant not a string": (good_request().SerializeToString() + bytes([11 << 3 | 0, 5]), "tenant"),
     "malformed bytes": (b"\xff\xff\xff\xff\x0f", "request"),
     "unknown model (ingress)": (good_request(model="gpt-9").SerializeToString(), "model"),
     "beyond context (ingress)": (_with(max_tokens=5000), "sampling.max_tokens"),

@@ -98,6 +98,8 @@ def test_chat_completions(srv) -> None:  # type: ignore[no-untyped-def]
         ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
         ({"prompt": "x", "model": "gpt-9"}, "model"),
         ({"prompt": "x", "max_tokens": 5000}, "max_tokens"),
+        ({"prompt": "x", "tenant": 5}, "tenant"),  # an llmsched extension: a string, as gRPC's field
+        ({"prompt": "x", "tenant": "t" * 129}, "tenant"),
     ],
 )
 def test_bad_requests_openai_errors(srv, body, param) -> None:  # type: ignore[no-untyped-def]
@@ -106,6 +108,19 @@ def test_bad_requests_openai_errors(srv, body, param) -> None:  # type: ignore[n
     err = json.loads(payload)["error"]
     assert err["type"] == "invalid_request_error" and err["param"] == param, err
     assert err["message"].startswith(param), err
+
+
+def test_tenant_extension_reaches_ingress(srv) -> None:  # type: ignore[no-untyped-def]
+    """``tenant`` in the body is the length predictor's per-request app (completions and chat); "" or null: unset."""
+    for path, body in (("/v1/completions", {"prompt": "x", "request_id": "ht-1", "tenant": "azure_conv"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                 "request_id": "ht-2", "tenant": "mooncake_conv"}),
+                       ("/v1/completions", {"prompt": "x", "request_id": "ht-3", "tenant": ""}),
+                       ("/v1/completions", {"prompt": "x", "request_id": "ht-4", "tenant": None})):
+        status, _, payload = request(srv, "POST", path, {"max_tokens": 2, **body})
+        assert status == 200, payload
+    got = {r.request_id: r.tenant for r in srv.ingress.requests if r.request_id.startswith("ht-")}
+    assert got == {"ht-1": "azure_conv", "ht-2": "mooncake_conv", "ht-3": None, "ht-4": None}
 
 
 def test_bad_json_and_oversize(srv) -> None:  # type: ignore[no-untyped-def]

@@ -140,6 +140,7 @@ def build_generate_request(
     tpot_slo_s: float | None = None,
     length_hint: int | None = None,
     add_special_tokens: bool = True,
+    tenant: str | None = None,
 ) -> inference_pb2.GenerateRequest:
     """The wire request. Validation is the server's job (one place); only the prompt type is checked here, and
     what protobuf itself refuses (a type, a value outside int32/int64) is named by its keyword."""
@@ -169,7 +170,7 @@ def build_generate_request(
     if ttft_slo_s is not None or tpot_slo_s is not None:
         req.slo.ttft_ms = (ttft_slo_s or 0.0) * 1e3
         req.slo.tpot_ms = (tpot_slo_s or 0.0) * 1e3
-    _fill(req, length_hint=length_hint)
+    _fill(req, length_hint=length_hint, tenant=tenant)
     if not add_special_tokens:  # unset means true on the server (and to a server from before the field)
         req.add_special_tokens = False
     return req

@@ -122,6 +122,7 @@ class AsyncClient:
         tpot_slo_s: float | None = None,
         length_hint: int | None = None,
         add_special_tokens: bool = True,
+        tenant: str | None = None,
         timeout_s: float | None = None,
     ) -> AsyncStream:
         """Async-iterate chunks (contiguous indices from 0). Leaving an ``async with ac.stream(...) as s:`` block
@@ -142,6 +143,7 @@ class AsyncClient:
             tpot_slo_s=tpot_slo_s,
             length_hint=length_hint,
             add_special_tokens=add_special_tokens,
+            tenant=tenant,
             timeout_s=timeout_s,
         )
         return AsyncStream(self._stream(req, state, timeout))
@@ -164,6 +166,7 @@ class AsyncClient:
         tpot_slo_s: float | None = None,
         length_hint: int | None = None,
         add_special_tokens: bool = True,
+        tenant: str | None = None,
         timeout_s: float | None = None,
     ) -> GenerateResult:
         """Run a request to completion (see :meth:`Client.generate`)."""
@@ -183,6 +186,7 @@ class AsyncClient:
             tpot_slo_s=tpot_slo_s,
             length_hint=length_hint,
             add_special_tokens=add_special_tokens,
+            tenant=tenant,
             timeout_s=timeout_s,
         )
         chunks: list[StreamChunk] = []

@@ -127,6 +127,7 @@ class Client:
         tpot_slo_s: float | None = None,
         length_hint: int | None = None,
         add_special_tokens: bool = True,
+        tenant: str | None = None,
         timeout_s: float | None = None,
     ) -> Stream:
         """Yield chunks as they arrive: contiguous ``index`` from 0, last one ``finished``.
@@ -136,6 +137,9 @@ class Client:
 
         ``add_special_tokens``: the server tokenizes a text prompt with the tokenizer's special tokens (BOS...), as
         vLLM does; pass False for a prompt that holds them already (e.g. rendered by a chat template).
+
+        ``tenant``: the app / tenant the request comes from; the server's length predictor conditions on it where it
+        knows the name (else it guesses without one). ``None``: the deployment's configured tenant.
 
         Raises:
             LLMSchedError: a subclass per status (``InvalidArgument`` with ``.field``, ``ResourceExhausted`` with
@@ -157,6 +161,7 @@ class Client:
             tpot_slo_s=tpot_slo_s,
             length_hint=length_hint,
             add_special_tokens=add_special_tokens,
+            tenant=tenant,
             timeout_s=timeout_s,
         )
         return Stream(self._stream(req, state, timeout))
@@ -231,6 +236,7 @@ class Client:
         tpot_slo_s: float | None = None,
         length_hint: int | None = None,
         add_special_tokens: bool = True,
+        tenant: str | None = None,
         timeout_s: float | None = None,
     ) -> GenerateResult:
         """Run a request to completion; same arguments as :meth:`stream`.
@@ -255,6 +261,7 @@ class Client:
             tpot_slo_s=tpot_slo_s,
             length_hint=length_hint,
             add_special_tokens=add_special_tokens,
+            tenant=tenant,
             timeout_s=timeout_s,
         )
         chunks: list[StreamChunk] = []

@@ -100,6 +100,8 @@ class GenerateRequest:
     # vLLM's: tokenize a text prompt with the tokenizer's special tokens (BOS...); False for a chat template's
     # rendering, which holds its own.
     add_special_tokens: bool = True
+    # The app / tenant it comes from, for the length predictor (``ServingPredictor.tenant_for``); None: the config's.
+    tenant: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

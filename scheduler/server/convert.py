@@ -39,9 +39,10 @@ def _parse(cls: type[Message], raw: bytes) -> Any:
         raise InvalidRequest(f"request: malformed {name} protobuf ({e})", field="request") from None
 
 
-def _top_level_fields(raw: bytes) -> set[int] | None:
-    """Field numbers present at the top level of an encoded message (None if the walk fails)."""
-    seen: set[int] = set()
+def _top_level_fields(raw: bytes) -> dict[int, set[int]] | None:
+    """Field numbers present at the top level of an encoded message, each with the wire types it came in (None if
+    the walk fails)."""
+    seen: dict[int, set[int]] = {}
     i, n = 0, len(raw)
 
     def varint() -> int:
@@ -61,7 +62,7 @@ def _top_level_fields(raw: bytes) -> set[int] | None:
         while i < n:
             tag = varint()
             number, wire = tag >> 3, tag & 7
-            seen.add(number)
+            seen.setdefault(number, set()).add(wire)
             if wire == 0:
                 varint()
             elif wire == 1:
@@ -83,6 +84,8 @@ _DEFAULT_SAMPLING = (
 )  # NOTE: slotted dataclass: class attributes are descriptors, not defaults
 _PROMPT_TEXT = inference_pb2.GenerateRequest.TEXT_FIELD_NUMBER
 _PROMPT_IDS = inference_pb2.GenerateRequest.TOKEN_IDS_FIELD_NUMBER
+_TENANT = inference_pb2.GenerateRequest.TENANT_FIELD_NUMBER
+_LENGTH_DELIMITED = 2
 
 
 def generate_request_from_proto(
@@ -97,6 +100,9 @@ def generate_request_from_proto(
         fields = _top_level_fields(raw)
         if fields is not None and _PROMPT_TEXT in fields and _PROMPT_IDS in fields:
             raise InvalidRequest("prompt: set exactly one of text or token_ids, got both", field="prompt")
+        if fields is not None and fields.get(_TENANT, {_LENGTH_DELIMITED}) != {_LENGTH_DELIMITED}:
+            # protobuf keeps a field of the wrong wire type as an unknown field: the tenant would be dropped silently.
+            raise InvalidRequest("tenant: must be a string (wire type 2)", field="tenant")
     which = msg.WhichOneof("prompt")
     s, d = msg.sampling, _DEFAULT_SAMPLING
     sampling = SamplingParams(
@@ -122,6 +128,7 @@ def generate_request_from_proto(
         deadline_s=deadline_s,
         # Unset (a client from before the field): the special tokens, as always.
         add_special_tokens=msg.add_special_tokens if msg.HasField("add_special_tokens") else True,
+        tenant=msg.tenant or None,  # empty (a client from before the field too): the config's tenant
     )
     if slo is not None:  # before validate_generate: it would report the value converted to seconds
         for name, value in (("slo.ttft_ms", slo.ttft_ms), ("slo.tpot_ms", slo.tpot_ms)):

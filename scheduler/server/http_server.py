@@ -10,7 +10,8 @@ Errors use OpenAI's body, with ``param`` naming the field::
 
 Extensions beyond OpenAI (vLLM-style): ``top_k``, ``seed``, ``stop_token_ids``, ``ignore_eos``, ``priority`` (higher
 = more important, as gRPC's: the reverse of vLLM's), ``request_id`` (idempotency key; also the ``X-Request-Id``
-header), ``length_hint``, ``ttft_slo_s``, ``tpot_slo_s``, ``add_special_tokens``; completions may take ``prompt``
+header), ``length_hint``, ``ttft_slo_s``, ``tpot_slo_s``, ``add_special_tokens``, ``tenant`` (the app the request comes
+from, for the length predictor: gRPC's field); completions may take ``prompt``
 as a list of token ids; each choice carries ``token_ids``. A chat's messages are rendered by the model's chat
 template (the ingress' ``render_chat``; vLLM's ``add_generation_prompt`` and ``chat_template_kwargs``), else sent as a
 ``role: content`` transcript.
@@ -132,6 +133,7 @@ class _Common(BaseModel):
     # vLLM's: add the tokenizer's special tokens (BOS...) to a text prompt. Unset: a completion's yes; a chat's no
     # when the model's chat template rendered it (the template writes them itself), else yes.
     add_special_tokens: bool | None = None
+    tenant: str | None = None  # llmsched's: the app it comes from (the length predictor's tenant); "" = unset
 
     @model_validator(mode="before")
     @classmethod
@@ -401,6 +403,7 @@ def _generate_request(
         tpot_slo_s=req.tpot_slo_s,
         length_hint=req.length_hint,
         add_special_tokens=add_special_tokens if req.add_special_tokens is None else req.add_special_tokens,
+        tenant=req.tenant or None,
     )
     try:
         validate_generate(g, names)

@@ -16,6 +16,8 @@ from scheduler.control.api import GenerateRequest, IngressError, InvalidRequest
 from scheduler.telemetry.metrics import RequestStatus
 
 MAX_REQUEST_ID_CHARS = 256
+# A tenant is an app name the length predictor looks up (and logs once when it does not know it), not free text.
+MAX_TENANT_CHARS = 128
 # The gRPC wire's integer types (int32 / int64): HTTP's JSON integers are held to them too, so both APIs take the same
 # values (a length_hint of 10**400 passed over HTTP and overflowed float() in its instance's snapshots).
 INT32, INT64 = 1 << 31, 1 << 63
@@ -40,6 +42,7 @@ GRPC_FIELDS: FieldNames = {
     "ttft": "slo.ttft_ms",
     "tpot": "slo.tpot_ms",
     "length_hint": "length_hint",
+    "tenant": "tenant",
 }
 
 HTTP_FIELDS: FieldNames = {
@@ -59,6 +62,7 @@ HTTP_FIELDS: FieldNames = {
     "ttft": "ttft_slo_s",
     "tpot": "tpot_slo_s",
     "length_hint": "length_hint",
+    "tenant": "tenant",
 }
 
 # Field names in the ingress' and the engines' errors (they name fields as the engine API does) -> the keys above.
@@ -103,6 +107,13 @@ def validate_generate(req: GenerateRequest, names: FieldNames = GRPC_FIELDS) -> 
         )
     if any(unicodedata.category(c) == "Cc" for c in req.request_id):  # C0, DEL and C1 (e.g. CSI) alike
         raise bad("request_id", "must not contain control characters")
+    if req.tenant is not None:
+        if not isinstance(req.tenant, str):
+            raise bad("tenant", f"must be a string, got {type(req.tenant).__name__}")
+        if len(req.tenant) > MAX_TENANT_CHARS:
+            raise bad("tenant", f"must be at most {MAX_TENANT_CHARS} characters, got {len(req.tenant)}")
+        if any(unicodedata.category(c) == "Cc" for c in req.tenant):  # it is logged, as request_id is
+            raise bad("tenant", "must not contain control characters")
     has_text = req.prompt is not None
     has_ids = req.prompt_token_ids is not None
     if has_text and has_ids:

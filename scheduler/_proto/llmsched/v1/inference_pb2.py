@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bllmsched/v1/inference.proto\x12\x0bllmsched.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd7\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\'\n\x03SLO\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x01\"\xe4\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.llmsched.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.llmsched.v1.SamplingParams\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\"\n\x03slo\x18\x07 \x01(\x0b\x32\x10.llmsched.v1.SLOH\x01\x88\x01\x01\x12\x18\n\x0blength_hint\x18\x08 \x01(\x03H\x02\x88\x01\x01\x12\x19\n\x11resume_from_index\x18\t \x01(\x03\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\n \x01(\x08H\x03\x88\x01\x01\x42\x08\n\x06promptB\x06\n\x04_sloB\x0e\n\x0c_length_hintB\x15\n\x13_add_special_tokens\"\x91\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x03\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0binstance_id\x18\x07 \x01(\t\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x32\x96\x01\n\tInference\x12\x46\n\x08Generate\x12\x1c.llmsched.v1.GenerateRequest\x1a\x1a.llmsched.v1.GenerateChunk0\x01\x12\x41\n\x06\x43\x61ncel\x12\x1a.llmsched.v1.CancelRequest\x1a\x1b.llmsched.v1.CancelResponseB>P\x01Z:github.com/llmsched/llmsched/gen/go/llmsched/v1;llmschedv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bllmsched/v1/inference.proto\x12\x0bllmsched.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd7\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\'\n\x03SLO\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x01\"\xf4\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.llmsched.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.llmsched.v1.SamplingParams\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\"\n\x03slo\x18\x07 \x01(\x0b\x32\x10.llmsched.v1.SLOH\x01\x88\x01\x01\x12\x18\n\x0blength_hint\x18\x08 \x01(\x03H\x02\x88\x01\x01\x12\x19\n\x11resume_from_index\x18\t \x01(\x03\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\n \x01(\x08H\x03\x88\x01\x01\x12\x0e\n\x06tenant\x18\x0b \x01(\tB\x08\n\x06promptB\x06\n\x04_sloB\x0e\n\x0c_length_hintB\x15\n\x13_add_special_tokens\"\x91\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x03\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0binstance_id\x18\x07 \x01(\t\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\x32\x96\x01\n\tInference\x12\x46\n\x08Generate\x12\x1c.llmsched.v1.GenerateRequest\x1a\x1a.llmsched.v1.GenerateChunk0\x01\x12\x41\n\x06\x43\x61ncel\x12\x1a.llmsched.v1.CancelRequest\x1a\x1b.llmsched.v1.CancelResponseB>P\x01Z:github.com/llmsched/llmsched/gen/go/llmsched/v1;llmschedv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,13 +39,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SLO']._serialized_start=287
   _globals['_SLO']._serialized_end=326
   _globals['_GENERATEREQUEST']._serialized_start=329
-  _globals['_GENERATEREQUEST']._serialized_end=685
-  _globals['_GENERATECHUNK']._serialized_start=688
-  _globals['_GENERATECHUNK']._serialized_end=833
-  _globals['_CANCELREQUEST']._serialized_start=835
-  _globals['_CANCELREQUEST']._serialized_end=870
-  _globals['_CANCELRESPONSE']._serialized_start=872
-  _globals['_CANCELRESPONSE']._serialized_end=907
-  _globals['_INFERENCE']._serialized_start=910
-  _globals['_INFERENCE']._serialized_end=1060
+  _globals['_GENERATEREQUEST']._serialized_end=701
+  _globals['_GENERATECHUNK']._serialized_start=704
+  _globals['_GENERATECHUNK']._serialized_end=849
+  _globals['_CANCELREQUEST']._serialized_start=851
+  _globals['_CANCELREQUEST']._serialized_end=886
+  _globals['_CANCELRESPONSE']._serialized_start=888
+  _globals['_CANCELRESPONSE']._serialized_end=923
+  _globals['_INFERENCE']._serialized_start=926
+  _globals['_INFERENCE']._serialized_end=1076
 # @@protoc_insertion_point(module_scope)

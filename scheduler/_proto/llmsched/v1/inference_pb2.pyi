@@ -39,7 +39,7 @@ class SLO(_message.Message):
     def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "sampling", "model", "priority", "slo", "length_hint", "resume_from_index", "add_special_tokens")
+    __slots__ = ("request_id", "text", "token_ids", "sampling", "model", "priority", "slo", "length_hint", "resume_from_index", "add_special_tokens", "tenant")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class GenerateRequest(_message.Message):
     LENGTH_HINT_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_INDEX_FIELD_NUMBER: _ClassVar[int]
     ADD_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: TokenIds
@@ -60,7 +61,8 @@ class GenerateRequest(_message.Message):
     length_hint: int
     resume_from_index: int
     add_special_tokens: bool
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., model: _Optional[str] = ..., priority: _Optional[int] = ..., slo: _Optional[_Union[SLO, _Mapping]] = ..., length_hint: _Optional[int] = ..., resume_from_index: _Optional[int] = ..., add_special_tokens: _Optional[bool] = ...) -> None: ...
+    tenant: str
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., model: _Optional[str] = ..., priority: _Optional[int] = ..., slo: _Optional[_Union[SLO, _Mapping]] = ..., length_hint: _Optional[int] = ..., resume_from_index: _Optional[int] = ..., add_special_tokens: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("request_id", "index", "token_ids", "text", "finished", "finish_reason", "instance_id")
