@@ -117,10 +117,11 @@ def mix_sample(w: Workload, k: int, seed: int = 0) -> np.ndarray:
 
 
 def _sampled(w: Workload, idx: np.ndarray, arrival: np.ndarray) -> Workload:
-    """Requests ``idx`` of ``w`` (prefix ``hash_ids`` kept: reuse counts too) arriving at ``arrival``."""
+    """Requests ``idx`` of ``w`` (prefix ``hash_ids`` and tenants kept: reuse counts too) arriving at ``arrival``."""
     hash_ids = [w.hash_ids[i] for i in idx] if w.hash_ids is not None else None
-    return Workload(arrival, w.prompt_tokens[idx], w.output_tokens[idx], hash_ids=hash_ids, name=w.name,
-                    hash_block_tokens=w.hash_block_tokens)
+    tenant = [w.tenant[i] for i in idx] if w.tenant is not None else None
+    return Workload(arrival, w.prompt_tokens[idx], w.output_tokens[idx], hash_ids=hash_ids, tenant=tenant,
+                    name=w.name, hash_block_tokens=w.hash_block_tokens)
 
 
 def _completion_rate(res) -> float:

@@ -71,6 +71,9 @@ class Workload:
     # ``LengthPrediction.expected_remaining``); None for exact lengths and client hints.
     predicted_dist: list[LengthPrediction] | None = None
     hash_ids: list[tuple[int, ...]] | None = None
+    # Each request's app / tenant (a trace's tenant column; None or "" = the config's): the predictor's, as a live
+    # request's ``tenant`` (``ServingPredictor.tenant_for``).
+    tenant: list[str | None] | None = None
     name: str = "workload"
     hash_block_tokens: int = 512  # prompt tokens per hash id (Mooncake's block size)
 
@@ -92,6 +95,11 @@ class Workload:
                 raise ValueError(f"workload.{name}[{k}]: request {k} has {int(col[k])} tokens; must be >= 1")
         if self.hash_ids is not None and len(self.hash_ids) != n:  # request i would read another's prefix blocks
             raise ValueError(f"workload.hash_ids: {len(self.hash_ids)} entries for {n} requests")
+        if self.tenant is not None:
+            if len(self.tenant) != n:
+                raise ValueError(f"workload.tenant: {len(self.tenant)} entries for {n} requests")
+            # A trace's column is a numpy object array: plain names, and an empty one is none (as on the API).
+            self.tenant = [str(t) if t is not None and str(t) else None for t in self.tenant]
         if self.predicted_dist is not None and (self.predicted_output is None or len(self.predicted_dist) != n):
             raise ValueError(f"workload.predicted_dist: needs predicted_output and {n} entries")
         if self.hash_block_tokens < 1:
@@ -119,6 +127,7 @@ class Workload:
             output_tokens=np.asarray(trace.output_tokens, dtype=np.int64),
             predicted_output=predicted_output,
             hash_ids=getattr(trace, "hash_ids", None),
+            tenant=getattr(trace, "tenant", None),
             name=getattr(trace, "name", "trace"),
         )
 
@@ -257,7 +266,7 @@ class Simulator:
         self._predict_live = False
         if self.predictor is not None and workload.predicted_output is None and n:
             if self.predictor.online is None:
-                dists = self.predictor.predict_dists(workload.prompt_tokens)
+                dists = self.predictor.predict_dists(workload.prompt_tokens, workload.tenant)
                 points = np.array([d.point for d in dists], dtype=np.float64)
             else:
                 dists, points, self._predict_live = [None] * n, np.full(n, np.nan), True
@@ -519,13 +528,14 @@ class Simulator:
             priority=int(w.priority[i]) if w.priority is not None else 0,
             predicted_output_tokens=float(w.predicted_output[i]) if w.predicted_output is not None else None,
             hash_ids=tuple(w.hash_ids[i]) if w.hash_ids is not None and w.hash_ids[i] is not None else (),
+            tenant=self._tenant(i),
             output_tokens=output,
             accepted=accepted,
         )
 
     def _on_arrival(self, i: int, now: float, prompt: int, output: int) -> None:
         if self._predict_live:
-            dist = self.w.predicted_dist[i] = self.predictor.predict_dist(None, prompt)
+            dist = self.w.predicted_dist[i] = self.predictor.predict_dist(None, prompt, tenant=self._tenant(i))
             self.w.predicted_output[i] = dist.point
         req = self._request_info(i, now, prompt, output)
         decision = self.router.route(req, self._view_at(now))
@@ -569,7 +579,11 @@ class Simulator:
     def _learn_length(self, i: int) -> None:
         """A finished request's lengths reach an online predictor, as the live ingress tells it of each."""
         if self._predict_live:
-            self.predictor.observe(int(self.w.prompt_tokens[i]), int(self.w.output_tokens[i]))
+            self.predictor.observe(int(self.w.prompt_tokens[i]), int(self.w.output_tokens[i]), tenant=self._tenant(i))
+
+    def _tenant(self, i: int) -> str | None:
+        """Request ``i``'s own tenant (its trace's column), or None."""
+        return self.w.tenant[i] if self.w.tenant is not None else None
 
     def prefix_ids(self, i: int) -> dict[str, Any]:
         """``add_request``'s prefix-cache keywords for request ``i``: its prompt's ids, wherever its KV is computed or

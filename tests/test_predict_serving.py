@@ -4,13 +4,14 @@ ingress (the ingress without Ray here; through a real cluster in test_control_pl
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import numpy as np
 import pytest
 
 from scheduler.config.load import ConfigError, load_config, parse_config
 from scheduler.config.models import PolicySpec
-from scheduler.control.api import InvalidRequest
+from scheduler.control.api import GenerateRequest, InvalidRequest
 from scheduler.control.ingress import Ingress
 from scheduler.control.registry import RequestRecord
 from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot
@@ -18,6 +19,7 @@ from scheduler.engine.base import SamplingParams
 from scheduler.policy.route import LeastOutstandingRouter
 from scheduler.predict import count_tokens, load_predictor
 from scheduler.predict.serving import ServingPredictor, serving_predictor
+from scheduler.predict.trace import TracePredictor, fit_trace
 from sim.commands import with_predictor
 from sim.simulator import Simulator, Workload
 
@@ -28,9 +30,11 @@ class Recording(LeastOutstandingRouter):
     def __init__(self) -> None:
         super().__init__()
         self.seen: dict[str, float | None] = {}
+        self.tenants: dict[str, str | None] = {}
 
     def route(self, request, view):  # type: ignore[override]
         self.seen[request.request_id] = request.predicted_output_tokens
+        self.tenants[request.request_id] = request.tenant
         return super().route(request, view)
 
 
@@ -206,3 +210,96 @@ def test_fit_trace_fits_a_tenant_too_small_to_score(tmp_path) -> None:
     sp = serving_predictor(PolicySpec(name="trace", params={"artifacts": str(tmp_path / "p"),
                                                             "tenant": "ChatGPT/Conversation log"}))
     assert sp is not None and sp.predict_dist(None, 2000).point < sp.predict_dist(None, 100).point  # long prompts, short answers here
+
+
+def test_the_ingress_predicts_for_the_requests_tenant_else_the_configs(caplog) -> None:
+    """A request's ``tenant`` wins over ``policies.predictor.params.tenant``; one the predictor does not know gets
+    the tenant-free guess (not the config's app), is counted and logged once, and still runs."""
+    router = Recording()
+    ing = _ingress(None, router)
+    ing.predictor = serving_predictor(PolicySpec(name="trace", params={"tenant": "azure_conv"}))
+    # 1500 prompt tokens: the three guesses differ there (azure 82, pooled 114, mooncake 343 tokens)
+    ids, sp = (5,) * 1500, SamplingParams(max_tokens=400, ignore_eos=True)
+    sent = {"own": "mooncake_conv", "none": None, "unknown": "nope", "unknown2": "nope"}
+    with caplog.at_level(logging.WARNING, logger="scheduler.predict.serving"):
+        for rid, tenant in sent.items():
+            rec = ing._validate(GenerateRequest(rid, prompt_token_ids=ids, sampling=sp, tenant=tenant), None)
+            asyncio.run(ing._predict(rec, None))
+            ing._route(rec)
+    trace = load_predictor("trace")
+    used = {"own": "mooncake_conv", "none": "azure_conv", "unknown": None, "unknown2": None}
+    want = {rid: trace.predict(None, prompt_tokens=1500, tenant=t).point for rid, t in used.items()}
+    assert len({round(v, 3) for v in want.values()}) == 3
+    assert router.seen == pytest.approx(want)
+    assert router.tenants == sent  # the router's RequestInfo carries it too
+    assert ing.predictor.unknown_tenants.requests == 2
+    assert caplog.text.count("'nope' is not one it knows") == 1
+
+
+def test_a_predictor_that_knows_no_tenants_ignores_a_requests() -> None:
+    class Blind:
+        name = "blind"
+
+        def known_tenants(self) -> frozenset[str]:
+            return frozenset()
+
+        def predict(self, prompt, *, prompt_tokens, tenant=None):
+            assert tenant is None
+            return load_predictor("trace").predict(None, prompt_tokens=prompt_tokens)
+
+    sp = ServingPredictor(Blind(), "blind")  # type: ignore[arg-type]
+    assert sp.predict_dist(None, 100, tenant="any").point > 0 and sp.unknown_tenants.requests == 0
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_the_simulator_predicts_each_request_for_its_traces_tenant(tmp_path, caplog, online: bool) -> None:
+    """A trace's tenant column (BurstGPT: model / log type) is each simulated request's ``tenant``, decided where a
+    live request's is: its own where the predictor knows it, the config's where the column has none, the
+    tenant-free guess (counted) for an app it does not know. (The config's tenant was used for every request.)"""
+    short, long_ = "ChatGPT/Conversation log", "GPT-4/API log"
+    fit_trace({short: [(400, 20)] * 60, long_: [(400, 1500)] * 60}).save(tmp_path / "trace.json")
+    rows = [short, long_, "Claude/API log", long_]
+    csv = ["Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type"]
+    # One arrival time: no request finishes before the last is predicted (``online`` has no history yet).
+    csv += [f"0,{t.split('/')[0]},400,30,430,{t.split('/')[1]}" for t in rows]
+    (tmp_path / "burst.csv").write_text("\n".join(csv) + "\n")
+    from sim.traces import load_trace
+
+    w = Workload.from_trace(load_trace(tmp_path / "burst.csv"))
+    cfg = with_predictor(load_config("default"), "trace", artifacts=str(tmp_path), tenant=short, online=online)
+    router, sim = Recording(), None
+    with caplog.at_level(logging.WARNING, logger="scheduler.predict.serving"):
+        sim = Simulator(cfg, router=router)
+        sim.run(w)
+    fitted = TracePredictor.load(tmp_path / "trace.json")
+    want = [fitted.predict(None, prompt_tokens=400, tenant=t).point for t in (short, long_, None, long_)]
+    assert want[1] > 10 * want[0] and want[0] < want[2] < want[1]
+    assert [router.seen[str(i)] for i in range(4)] == pytest.approx(want)
+    assert [router.tenants[str(i)] for i in range(4)] == rows
+    assert sim.predictor.unknown_tenants.requests == 1 and "'Claude/API log' is not one it knows" in caplog.text
+    router = Recording()  # no column: the config's tenant, as before
+    Simulator(cfg, router=router).run(Workload(w.arrival_s, w.prompt_tokens, w.output_tokens))
+    assert [router.seen[str(i)] for i in range(4)] == pytest.approx([want[0]] * 4)
+
+
+def test_the_sdks_tenant_reaches_the_live_ingresss_predictor() -> None:
+    """End to end without Ray: ``Client(tenant=)`` -> gRPC -> the real ``Ingress`` (fake instances) -> the length
+    predictor -> the router's guess; an unknown name runs and is counted in the cluster state."""
+    from scheduler.client import Client
+    from scheduler.server.background import BackgroundServer
+    from tests.test_ingress_audit import FakeInstance
+    from tests.test_ingress_audit import _ingress as live_ingress
+
+    router = Recording()
+    predictor = serving_predictor(PolicySpec(name="trace", params={"tenant": "azure_conv"}))
+    sent = {"sdk-own": "mooncake_conv", "sdk-none": None, "sdk-unknown": "nope"}
+    with BackgroundServer(lambda: live_ingress([FakeInstance("mixed-0")], router=router, predictor=predictor)) as s, \
+            Client(s.address, timeout_s=10) as c:
+        for rid, tenant in sent.items():
+            assert c.generate([5] * 1500, max_tokens=3, ignore_eos=True, request_id=rid, tenant=tenant).token_ids
+        extra = c.cluster_state().extra
+    trace = load_predictor("trace")
+    used = {"sdk-own": "mooncake_conv", "sdk-none": "azure_conv", "sdk-unknown": None}
+    assert router.seen == pytest.approx({r: trace.predict(None, prompt_tokens=1500, tenant=t).point
+                                         for r, t in used.items()})
+    assert router.tenants == sent and extra["predictor_unknown_tenant"] == 1

@@ -351,7 +351,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         hint = req.length_hint
         if hint is not None and (cap := _length_cap(sp)) is not None:
             hint = min(hint, cap)  # the engine stops there whatever the client expected
-        return RequestRecord(req.request_id, ids, sp, req.priority, hint, hash_ids=prompt_hash_ids(ids))
+        return RequestRecord(req.request_id, ids, sp, req.priority, hint, hash_ids=prompt_hash_ids(ids),
+                             tenant=req.tenant)
 
     async def _predict(self, rec: RequestRecord, prompt: str | None) -> int | None:
         """The configured predictor's guess of the output length, unless the client gave a ``length_hint``.
@@ -367,7 +368,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
 
             def guess() -> tuple[int | None, LengthPrediction]:
                 k = p.input_length(prompt, n)
-                return (k if p.length_only(prompt) else None), p.predict_dist(prompt, n, max_tokens=cap, counted=k)
+                return (k if p.length_only(prompt) else None), p.predict_dist(prompt, n, max_tokens=cap, counted=k,
+                                                                              tenant=rec.tenant)
 
             # In a thread: a neural encoder (ms), or a long text -- counting and featurising a 500 KB prompt held
             # every stream ~130 ms, the stall _encode_prompt avoids past the same length. Else tens of
@@ -441,7 +443,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         info = RequestInfo(
             rec.request_id, time.time(), len(rec.prompt_token_ids) + rec.next_index, max(rec.remaining_tokens, 1),
             priority=rec.priority, slo=rec.slo, predicted_output_tokens=rec.predicted_output_tokens,
-            accepted=accepted, hash_ids=rec.hash_ids,
+            accepted=accepted, hash_ids=rec.hash_ids, tenant=rec.tenant,
         )
         decision = self.router.route(info, view)
         if isinstance(decision, Rejected):
@@ -553,7 +555,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                     self.recorder.on_prediction(predicted, rec.next_index, predictor=self.predictor.name)
                 try:  # ``online`` learns lengths; a response max_tokens cut is only known to be longer
                     at = booked_at if booked_at is not None else len(rec.prompt_token_ids)
-                    self.predictor.observe(at, rec.next_index,
+                    self.predictor.observe(at, rec.next_index, tenant=rec.tenant,
                                            cut=reason == "length" and _length_cap(rec.sampling) is not None)
                 except Exception:  # a predictor fault must not skip the clean-up below
                     log.exception("length predictor %s failed to observe request %s", self.predictor.name,
@@ -944,6 +946,9 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                 "view_age_s": time.time() - self.view_refreshed_s,
                 "controller_ok": float(self.controller_ok),
                 **{k: float(v) for k, v in self.counters.items()},
+                # Requests that named a tenant the length predictor does not know (predicted without one).
+                **({"predictor_unknown_tenant": float(self.predictor.unknown_tenants.requests)}
+                   if self.predictor is not None else {}),
             },
         )
 

@@ -59,6 +59,7 @@ class RequestRecord:
     slo: SLO | None = None
     trace_context: Any = None  # the request's span context (the server span): parent of spans started elsewhere
     hash_ids: tuple[int, ...] = ()  # the prompt's block ids (scheduler.core.prefix): prefix-cache affinity
+    tenant: str | None = None  # the app the client named: the length predictor's (``ServingPredictor.tenant_for``)
 
     @property
     def next_index(self) -> int:

@@ -7,7 +7,8 @@ routers fall back to their own default length.
 
     policies:
       predictor: {name: default}                       # ngram on prompt text, trace on token ids
-      predictor: {name: trace, params: {tenant: azure_conv}}   # one app behind the deployment
+      predictor: {name: trace, params: {tenant: azure_conv}}   # one app behind the deployment (a request's own
+                                                               # ``tenant`` wins: ``ServingPredictor.tenant_for``)
       predictor: {name: ngram, params: {artifacts: /models/predictor}}   # `llmsched predict train --out DIR`
       predictor: {name: trace, params: {online: true}}  # learn P(output | input length) from finished requests
 
@@ -20,8 +21,10 @@ client cap either.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +37,30 @@ from scheduler.predict.trace import TracePredictor
 
 PARAMS = ("artifacts", "tenant", "online")
 
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class UnknownTenants:
+    """Requests that named a tenant the predictor does not know (``ServingPredictor.tenant_for``): counted, the
+    first one logged. Not refused: a new app's requests still run, on the tenant-free guess."""
+
+    requests: int = 0
+
+    def note(self, name: str, predictor: str, known: frozenset[str]) -> None:
+        if not self.requests:  # once: every request of an unknown app would log otherwise
+            log.warning("length predictor %s: request tenant %r is not one it knows (%s); such requests are predicted"
+                        " without a tenant (counted, not logged again)", predictor, name[:128],
+                        ", ".join(sorted(known)[:8]) + (", ..." if len(known) > 8 else ""))
+        self.requests += 1
+
 
 @dataclass(frozen=True)
 class ServingPredictor:
     """A loaded predictor plus the deployment's defaults for it.
 
-    ``tenant``: the app name requests are predicted for (the trace predictor conditions on it; ``serving_predictor``
-    refuses one its artifacts do not know). ``slow``: the predictor runs a neural encoder (ms per request), so the live ingress
+    ``tenant``: the app name requests that name none are predicted for (the trace predictor conditions on it;
+    ``serving_predictor`` refuses one its artifacts do not know); a request's own wins (``tenant_for``). ``slow``: the predictor runs a neural encoder (ms per request), so the live ingress
     calls it off its event loop (any predictor on a text past ``ENCODE_OFF_LOOP_CHARS``: counting its tokens
     takes ms); the others take ~20-130 us and run inline. ``online``: the finished requests' lengths adjust
     predictions made from length alone (``scheduler/predict/online.py``); fed by ``observe``.
@@ -51,6 +71,26 @@ class ServingPredictor:
     tenant: str | None = None
     slow: bool = False
     online: OnlineLengths | None = None
+    unknown_tenants: UnknownTenants = field(default_factory=UnknownTenants, compare=False)
+
+    @functools.cached_property
+    def known_tenants(self) -> frozenset[str]:
+        """The tenants the predictor conditions on (asked once: the answer is fixed by its artifacts)."""
+        return self.predictor.known_tenants()
+
+    def tenant_for(self, requested: str | None, *, note: bool = True) -> str | None:
+        """The tenant a request is predicted for: the one place that decides, live (``Ingress._predict``) and
+        simulated (a trace's tenant column). The request's own where it names one, else the deployment's
+        (``tenant``). A name the predictor does not know gives the tenant-free guess -- not the deployment's tenant:
+        the request said it is another app -- and is counted in ``unknown_tenants`` (``note``; the first logged),
+        never refused. A predictor that knows no tenants ignores the name."""
+        if requested is None:
+            return self.tenant
+        if requested in self.known_tenants:
+            return requested
+        if note and self.known_tenants:
+            self.unknown_tenants.note(requested, self.name, self.known_tenants)
+        return None
 
     def predict_dist(
         self,
@@ -59,6 +99,7 @@ class ServingPredictor:
         *,
         max_tokens: int | None = None,
         counted: int | None = None,
+        tenant: str | None = None,
     ) -> LengthPrediction:
         """The predicted output-length distribution of one request (``prompt=None``: its length only), capped at
         ``max_tokens`` when given (the most the engine will generate for it).
@@ -67,10 +108,14 @@ class ServingPredictor:
         trained and evaluated in -- not the caller's tokenizer (the ingress's ByteTokenizer counts ~4.5x more,
         the tiny vLLM model's ~2.5x), so the serving guess equals ``llmsched predict eval``'s for the same prompt.
         ``counted``: that length (``input_length``) where the caller has it already (the ingress keeps it to book
-        the finished request at, ``observe``).
+        the finished request at, ``observe``). ``tenant``: the request's own (``tenant_for``).
         """
         n = counted if counted is not None else self.input_length(prompt, prompt_tokens)
-        dist = self.predictor.predict(prompt, prompt_tokens=n, tenant=self.tenant)
+        return self._dist(prompt, n, self.tenant_for(tenant), max_tokens)
+
+    def _dist(self, prompt: str | None, n: int, tenant: str | None, max_tokens: int | None) -> LengthPrediction:
+        """``predict_dist`` at input length ``n`` for the resolved ``tenant``."""
+        dist = self.predictor.predict(prompt, prompt_tokens=n, tenant=tenant)
         if self.online is not None and self.length_only(prompt):
             dist = self.online.adjust(dist, n)
         return dist.capped(max_tokens) if max_tokens is not None else dist
@@ -87,29 +132,43 @@ class ServingPredictor:
         ``prompt_tokens``. Counting a long text takes a while (~130 ms at 500 KB)."""
         return count_tokens(prompt) if prompt is not None else int(prompt_tokens)
 
-    def observe(self, prompt_tokens: int, output_tokens: int, *, cut: bool = False) -> None:
+    def observe(self, prompt_tokens: int, output_tokens: int, *, cut: bool = False, tenant: str | None = None
+                ) -> None:
         """A request finished with ``output_tokens`` (the online history learns it; nothing without ``online``).
         ``prompt_tokens``: the length its length-only prediction read (``input_length``; a text prompt's
         ``count_tokens`` where ``length_only``), so its count lands in the input bucket the next such request
         reads. ``cut``: ``max_tokens`` or the context
         stopped it, so its length is only known to be longer (``OnlineLengths.observe``); the length-only
         prediction spreads that count -- except from a neural predictor, which is not run on the caller's event
-        loop for it (the history alone spreads it then)."""
+        loop for it (the history alone spreads it then). ``tenant``: the request's own, as ``predict_dist`` took it
+        (not counted again)."""
         if self.online is None:
             return
         n = int(prompt_tokens)
         prior = None
         if cut and not self.slow:
-            prior = self.predictor.predict(None, prompt_tokens=n, tenant=self.tenant)
+            prior = self.predictor.predict(None, prompt_tokens=n, tenant=self.tenant_for(tenant, note=False))
         self.online.observe(n, output_tokens, cut=cut, prior=prior)
 
-    def predict_dists(self, prompt_tokens: Sequence[int] | np.ndarray) -> list[LengthPrediction]:
-        """Predictions for requests known by prompt length only (trace replays): one per distinct length, since
-        without text that is all a prediction depends on (and on the online history as it stands now: a replay
-        with ``online`` predicts each request as it arrives instead)."""
-        lengths, inverse = np.unique(np.asarray(prompt_tokens, dtype=np.int64), return_inverse=True)
-        dists = [self.predict_dist(None, int(n)) for n in lengths]
-        return [dists[k] for k in inverse.reshape(-1).tolist()]
+    def predict_dists(
+        self, prompt_tokens: Sequence[int] | np.ndarray, tenants: Sequence[str | None] | None = None
+    ) -> list[LengthPrediction]:
+        """Predictions for requests known by prompt length only (trace replays): one per distinct length and
+        tenant, since without text that is all a prediction depends on (and on the online history as it stands now:
+        a replay with ``online`` predicts each request as it arrives instead). ``tenants``: each request's own
+        (a trace's tenant column; ``tenant_for`` per request, so unknown names count per request)."""
+        if tenants is None:
+            lengths, inverse = np.unique(np.asarray(prompt_tokens, dtype=np.int64), return_inverse=True)
+            dists = [self.predict_dist(None, int(n)) for n in lengths]
+            return [dists[k] for k in inverse.reshape(-1).tolist()]
+        seen: dict[tuple[int, str | None], LengthPrediction] = {}
+        out = []
+        for n, t in zip(np.asarray(prompt_tokens, dtype=np.int64).tolist(), tenants, strict=True):
+            key = (n, self.tenant_for(t))
+            if key not in seen:
+                seen[key] = self._dist(None, n, key[1], None)
+            out.append(seen[key])
+        return out
 
 
 def check_spec(name: str, params: dict[str, Any]) -> PredictorKind:
@@ -156,4 +215,4 @@ def serving_predictor(spec: Any) -> ServingPredictor | None:
                             online=OnlineLengths() if spec.params.get("online", False) else None)
 
 
-__all__ = ["PARAMS", "ServingPredictor", "check_spec", "serving_predictor"]
+__all__ = ["PARAMS", "ServingPredictor", "UnknownTenants", "check_spec", "serving_predictor"]
