@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,7 +99,10 @@ async def replay_async(
     token: str | None = None,
     timeout_s: float = 600.0,
     id_prefix: str = "replay",
+    tenants: Sequence[str | None] | None = None,
 ) -> LiveResult:
+    """``tenants``: each request's app (a trace's tenant column), sent as its ``tenant``, so the live length
+    predictor sees what the simulator's does."""
     from scheduler.client import AsyncClient
 
     n = len(arrival_s)
@@ -128,6 +132,7 @@ async def replay_async(
             async for chunk in client.stream(
                 ids, max_tokens=int(output_tokens[i]), temperature=0.0,
                 request_id=f"{id_prefix}-{i}", ignore_eos=True, timeout_s=timeout_s,
+                tenant=str(tenants[i]) if tenants is not None and tenants[i] else None,  # "" / None: unset
             ):
                 now = time.perf_counter() - t0
                 if chunk.token_ids:
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         trace = trace.scale_rate(args.rate_scale)
     pr, out = fit_lengths(trace.prompt_tokens, trace.output_tokens, args.max_model_len, args.max_output)
     res = asyncio.run(replay_async(args.target, trace.arrival_s, pr, out, name=trace.name, vocab=args.vocab,
-                                   token=args.token))
+                                   token=args.token, tenants=trace.tenant))
     s = res.summary(slo_ttft_s=slo.ttft_s or np.inf, slo_tpot_s=slo.tpot_s or np.inf)
     s["slo"] = {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "config": args.config}
     s["clipped_prompts"] = int((pr < trace.prompt_tokens).sum())

@@ -107,6 +107,21 @@ def test_replay_writes_the_simulators_summary_keys_scored_with_the_configs_slos(
     assert "--config" in capsys.readouterr().err
 
 
+def test_replay_sends_the_traces_tenant_column(tmp_path: Path) -> None:
+    """``llmsched replay`` of a trace with a tenant column (BurstGPT) sends each request's ``tenant``, as the
+    simulator predicts it (live and simulated length guesses read the same app)."""
+    from scheduler.server.background import BackgroundServer
+    from scheduler.server.echo import EchoIngress
+
+    burst = tmp_path / "burst.csv"
+    burst.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                     "0,ChatGPT,20,4,24,Conversation log\n0,GPT-4,30,5,35,API log\n")
+    with BackgroundServer(lambda: EchoIngress(token_delay_s=0.0005)) as srv:
+        assert cli_main(["replay", "--target", srv.address, "--trace", str(burst), "--max-output", "8"]) == 0
+        got = {r.request_id: r.tenant for r in srv.ingress.requests}
+    assert got == {"replay-0": "ChatGPT/Conversation log", "replay-1": "GPT-4/API log"}
+
+
 def test_simulate_console_script_runs() -> None:
     r = subprocess.run([sys.executable, "-m", "scheduler.cli", "simulate", "--synthetic", "300", "--instances", "2",
                         "--router", "round_robin"], check=False, capture_output=True, text=True, timeout=120)
