@@ -152,10 +152,10 @@ def price_and_gpus(cfg: ClusterConfig) -> tuple[float, int]:
 
 
 def within_inventory(base: ClusterConfig, c: Candidate, counts: tuple[int, ...]) -> bool:
-    """Whether the pools of ``c`` at ``counts`` use no more GPUs of a type than the config has
-    (``gpus.<key>.count``; 0 = unbounded): the analytic pass's rule (``placement.within_catalog``)."""
+    """Whether the pools of ``c`` at ``counts`` fit the GPUs of a type the config has (``gpus.<key>.count``, 0 =
+    unbounded, in nodes of ``gpus_per_node``): the analytic pass's rule (``placement.within_catalog``)."""
     hw = [(c.gpu, c.tp)] if c.prefill_share is None else [(c.gpu, c.tp), c.decode_on]
-    return within_catalog(((g, tp * n) for (g, tp), n in zip(hw, counts, strict=True)), base.gpus)
+    return within_catalog(((g, tp, n) for (g, tp), n in zip(hw, counts, strict=True)), base.gpus)
 
 
 def split(n: int, share: float) -> tuple[int, int]:
@@ -496,8 +496,10 @@ def plan(
     short = []  # (GPU, TP) of which the GPU inventory (gpus.<key>.count, --k8s-inventory) holds no instance
     for g in keys:
         for tp in tps:
-            if base.gpus[g].count and tp > base.gpus[g].count:
-                short.append(f"{g} TP{tp} (count {base.gpus[g].count})")
+            if not base.gpus[g].holds([tp]):
+                per_node = base.gpus[g].gpus_per_node
+                short.append(f"{g} TP{tp} (" + (f"gpus_per_node {per_node}" if per_node else
+                                                 f"count {base.gpus[g].count}") + ")")
                 continue
             for lay in layouts:
                 # Each layout fits, and pd:auto takes its share, by its own roles' templates (``role_profiles``).

@@ -93,6 +93,39 @@ def _model() -> dict:
             "intermediate_size": 256, "vocab_size": 1024}
 
 
+def _on_nodes(gpus: dict, *pools: tuple[int, int]):
+    """A config of ``(tp, count)`` pools on a100 whose model splits over TP 3 and 6."""
+    model = {**_model(), "hidden_size": 192, "num_heads": 6, "num_kv_heads": 6}
+    return parse_config({"gpus": gpus, "model": model,
+                         "pools": [{"name": f"p{i}", "gpu": "a100", "tp": tp, "count": n}
+                                   for i, (tp, n) in enumerate(pools)]}, source="c.yaml")
+
+
+def test_pools_must_pack_on_whole_nodes():
+    """An instance never spans nodes (its placement group is STRICT_PACK): TP 3 on 8-GPU nodes is 2 per node. The
+    check added GPUs only, so 5 x TP3 (15 GPUs) loaded on 2 nodes of 8, and 3 x TP3 + 1 x TP6 too."""
+    two_nodes = {"a100": {"count": 16, "gpus_per_node": 8}}
+    with pytest.raises(ConfigError) as e:
+        _on_nodes(two_nodes, (3, 5))
+    assert ("gpus.a100.count: 16 GPUs are 2 nodes of 8 (gpus_per_node), but the pools' 15 GPUs need 3 nodes, an "
+            "instance never spanning nodes (pools[0] p0: 5 x TP3)") in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        _on_nodes(two_nodes, (3, 3), (6, 1))
+    assert "pools' 15 GPUs need 3 nodes" in str(e.value)
+    assert "(pools[0] p0: 3 x TP3, pools[1] p1: 1 x TP6)" in str(e.value)
+    assert _on_nodes(two_nodes, (3, 4), (2, 2)).num_instances == 6  # 3+3+2 on each node
+    # Without gpus_per_node the GPUs are one node (as before): 5 x TP3 fit 16.
+    assert _on_nodes({"a100": {"count": 16}}, (3, 5)).gpus["a100"].node_gpus == 16
+
+
+def test_node_size_errors_name_the_field():
+    # A pool of count 0 too: scaling would start instances no node holds.
+    with pytest.raises(ConfigError, match=r"pools\[1\].tp: 6 GPUs, but gpus.a100.gpus_per_node is 4 \(an"):
+        _on_nodes({"a100": {"gpus_per_node": 4}}, (1, 1), (6, 0))
+    with pytest.raises(ConfigError, match="gpus.a100.count: 12 GPUs are not whole nodes of gpus_per_node 8"):
+        _on_nodes({"a100": {"count": 12, "gpus_per_node": 8}}, (1, 1))
+
+
 def test_bad_yaml_names_file_and_line(tmp_path):
     msg = _error(tmp_path, "model: [1, 2\npools: {\n")
     assert "line 2" in msg and "not valid YAML" in msg

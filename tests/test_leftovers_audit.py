@@ -158,6 +158,11 @@ def test_plan_names_the_gpu_inventory_when_it_holds_no_instance(tmp_path: Path, 
     assert "fits on none" not in err
     fits = ["--tp", "1,2", "--max-instances", "1", "--layouts", "mixed"]  # TP 1 fits: the plan runs
     assert cli_main([*base, *fits, "--out", str(tmp_path / "p")]) == 0
+    # Eight GPUs, but one per node: a TP-2 instance (never spanning nodes) fits none of them either.
+    raw["gpus"]["a100"] = {"count": 8, "gpus_per_node": 1}
+    cfg.write_text(yaml.safe_dump(raw))
+    assert cli_main([*base, "--tp", "2", "--out", str(tmp_path / "q")]) == 2
+    assert "holds no instance of a100 TP2 (gpus_per_node 1)" in capsys.readouterr().err
 
 
 # ---- 3. one no-Ray fixture (tests/conftest.py) ----------------------------------------------------------------------

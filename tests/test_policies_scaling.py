@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scheduler.config.models import ClusterConfig, GPUSpec
 from scheduler.core.types import SLO, ClusterView, InstanceRole, InstanceSnapshot, Rejected, RequestInfo
 from scheduler.policy.admission import AdmissionPolicy, Admitted, make_admission_policy
-from scheduler.policy.placement import enumerate_placements, instance_profile
+from scheduler.policy.placement import enumerate_placements, instance_profile, within_catalog
 from scheduler.policy.routers_lookahead import default_latency_model
 from scheduler.policy.scaling import (
     RerolePolicy,
@@ -284,6 +284,16 @@ def test_placement_memory_feasibility() -> None:
     assert instance_profile(MODEL, GPUS["small"], 1, SLO(), w) is None  # 13.5 GB of weights + reserve > 16 GiB
     assert instance_profile(MODEL, GPUS["small"], 2, SLO(), w) is not None
     assert instance_profile(MODEL, GPUS["big"], 3, SLO(), w) is None  # 32 heads do not split 3 ways
+
+
+def test_catalog_bound_packs_instances_on_nodes() -> None:
+    """The planner's GPU inventory rule is the config's (``GPUSpec.holds``): an instance never spans nodes, so on
+    2 nodes of 8 GPUs 4 x TP3 fit (2 per node) and 5 x TP3 do not, though 15 GPUs are under 16."""
+    gpus = {"a100": GPUSpec.from_catalog("a100", count=16, gpus_per_node=8), "l4": GPUSpec.from_catalog("l4")}
+    assert within_catalog([("a100", 3, 4), ("a100", 2, 2), ("l4", 8, 100)], gpus)
+    assert not within_catalog([("a100", 3, 5)], gpus)
+    assert not within_catalog([("a100", 3, 3), ("a100", 6, 1)], gpus)  # 6 | 3+3 | 3
+    assert within_catalog([("a100", 3, 5)], {"a100": GPUSpec.from_catalog("a100", count=16)})  # one node
 
 
 def test_placement_enumerates_feasible_non_dominated_candidates() -> None:

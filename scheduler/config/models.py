@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from scheduler.config.gpus import GPU_CATALOG, catalog_key, catalog_names
+from scheduler.config.gpus import GPU_CATALOG, catalog_key, catalog_names, nodes_for
 from scheduler.core.types import SLO, InstanceRole
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
@@ -41,11 +42,36 @@ class GPUSpec(_Strict):
     network_latency_s: float = Field(default=20e-6, ge=0)
     price_per_hour: float = Field(default=0.0, ge=0, description="$ per GPU-hour")
     count: int = Field(default=0, ge=0, description="GPUs of this type available (0 = unbounded)")
+    gpus_per_node: int | None = Field(
+        default=None, ge=1,
+        description="GPUs per node of this type; an instance (its tp GPUs) never spans nodes. Default: count "
+                    "(one node)",
+    )
     # Fraction of peak actually reached; the roofline multiplies peaks by these.
     mfu: float = Field(default=0.6, gt=0, le=1)
     mbu: float = Field(default=0.8, gt=0, le=1)
     # Fixed per-step cost (scheduling, sampling, launches) used by the roofline model for this GPU type.
     step_overhead_s: float = Field(default=2e-3, ge=0)
+
+    @model_validator(mode="after")
+    def _whole_nodes(self) -> GPUSpec:
+        if self.gpus_per_node and self.count % self.gpus_per_node:
+            raise ValueError(f"count: {self.count} GPUs are not whole nodes of gpus_per_node {self.gpus_per_node}")
+        return self
+
+    @property
+    def node_gpus(self) -> int:
+        """GPUs per node: ``gpus_per_node``, else ``count`` (one node); 0 = unbounded."""
+        return self.gpus_per_node or self.count
+
+    def holds(self, tps: Sequence[int]) -> bool:
+        """Whether instances of these TP degrees fit this type's ``count`` GPUs (0 = unbounded) in nodes of
+        ``node_gpus``, each instance on one node (:func:`~scheduler.config.gpus.nodes_for`): the capacity rule of
+        config load and the planner."""
+        node = self.node_gpus
+        if node and any(tp > node for tp in tps):
+            return False
+        return not self.count or nodes_for(tps, node) <= self.count // node
 
     @classmethod
     def from_catalog(cls, name: str, **overrides: Any) -> GPUSpec:
@@ -292,13 +318,24 @@ class ClusterConfig(_Strict):
                                  f"attention / {self.model.num_kv_heads} KV heads (vLLM: TP divides the heads, and "
                                  "divides the KV heads or is a multiple of them)")
         # ``gpus.<key>.count`` is how many GPUs of the type there are (the planner sizes within it; the chart sets it
-        # to the worker groups' maximum): pools needing more would never all be placed live.
+        # to the worker groups' maximum), in nodes of ``gpus_per_node``: pools that cannot be packed on them (an
+        # instance never spans nodes) would never all be placed live.
         for key, spec in self.gpus.items():
-            use = [(i, p) for i, p in enumerate(self.pools) if p.gpu == key and p.count]
-            need = sum(p.count * p.tp for _, p in use)
-            if spec.count and need > spec.count:
-                raise ValueError(f"gpus.{key}.count: {spec.count} GPUs, but the pools need {need} ("
-                                 + ", ".join(f"pools[{i}] {p.name}: {p.count} x TP{p.tp}" for i, p in use) + ")")
+            on = [(i, p) for i, p in enumerate(self.pools) if p.gpu == key]
+            per_node = spec.gpus_per_node
+            for i, p in on:  # pools of count 0 too: scaling may start one
+                if per_node and p.tp > per_node:
+                    raise ValueError(f"pools[{i}].tp: {p.tp} GPUs, but gpus.{key}.gpus_per_node is {per_node} (an "
+                                     "instance never spans nodes)")
+            use = [(i, p) for i, p in on if p.count]
+            tps = [p.tp for _, p in use for _ in range(p.count)]
+            if not spec.holds(tps):
+                pools = ", ".join(f"pools[{i}] {p.name}: {p.count} x TP{p.tp}" for i, p in use)
+                if per_node:
+                    raise ValueError(f"gpus.{key}.count: {spec.count} GPUs are {spec.count // per_node} nodes of "
+                                     f"{per_node} (gpus_per_node), but the pools' {sum(tps)} GPUs need "
+                                     f"{nodes_for(tps, per_node)} nodes, an instance never spanning nodes ({pools})")
+                raise ValueError(f"gpus.{key}.count: {spec.count} GPUs, but the pools need {sum(tps)} ({pools})")
         kinds = sorted({(p.gpu, p.tp) for p in self.pools})
         if self.latency_profile and len(kinds) > 1:  # the simulator would time every pool with it alike
             raise ValueError(f"latency_profile: one engine's measured step times cannot time pools on "

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from scheduler.config.gpus import nodes_for
 from scheduler.config.models import ClusterConfig
 from scheduler.deploy.k8s import KubeRayScaler, ResizeResult, WorkerGroup
 
@@ -37,31 +38,6 @@ _SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
 # ---- pure: pools -> worker nodes -------------------------------------------------------------------------------------
-def nodes_for(tps: Sequence[int], gpus_per_node: int) -> int:
-    """Nodes of ``gpus_per_node`` GPUs that hold instances of these TP degrees (each instance on one node).
-
-    First-fit decreasing: optimal when every TP divides the node (the usual 1/2/4/8), a tight bound otherwise.
-
-    Raises:
-        ValueError: an instance needs more GPUs than a node has, or ``gpus_per_node`` < 1.
-    """
-    if not tps:
-        return 0
-    if gpus_per_node < 1:
-        raise ValueError(f"gpus per worker node must be >= 1, got {gpus_per_node}")
-    free: list[int] = []  # free GPUs per opened node
-    for tp in sorted(tps, reverse=True):
-        if tp > gpus_per_node:
-            raise ValueError(f"an instance with tp {tp} does not fit a worker node of {gpus_per_node} GPUs")
-        for i, f in enumerate(free):
-            if f >= tp:
-                free[i] -= tp
-                break
-        else:
-            free.append(gpus_per_node - tp)
-    return len(free)
-
-
 def desired_worker_replicas(
     config: ClusterConfig,
     counts: Mapping[str, int] | None = None,

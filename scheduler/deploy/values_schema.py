@@ -41,7 +41,7 @@ QUANTITY = {
 }
 
 # Keys of a GPU worker group that are the chart's, not GPUSpec's.
-_GPU_SPEC_DERIVED = ("name", "count")
+_GPU_SPEC_DERIVED = ("name", "count", "gpus_per_node")
 
 
 def _obj(props: dict[str, Any], required: list[str] | None = None, **extra: Any) -> dict[str, Any]:

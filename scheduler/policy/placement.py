@@ -136,12 +136,13 @@ def _cost(pools: tuple[PoolPlan, ...],
     return sum(prof[p.role][(p.gpu, p.tp)].price_per_hour * p.count for p in pools)
 
 
-def within_catalog(usage: Iterable[tuple[str, int]], gpus: Mapping[str, GPUSpec]) -> bool:
-    """Whether (GPU type, GPUs) uses, summed per type, stay within each type's ``count`` (0 = unbounded)."""
-    used: dict[str, int] = {}
-    for g, n in usage:
-        used[g] = used.get(g, 0) + n
-    return all(gpus[g].count == 0 or n <= gpus[g].count for g, n in used.items())
+def within_catalog(usage: Iterable[tuple[str, int, int]], gpus: Mapping[str, GPUSpec]) -> bool:
+    """Whether (GPU type, TP, instances) uses, together per type, fit each type's ``count`` GPUs (0 = unbounded) in
+    its nodes (``GPUSpec.holds``: an instance never spans nodes, so TP 3 on 8-GPU nodes is 2 per node)."""
+    tps: dict[str, list[int]] = {}
+    for g, tp, n in usage:
+        tps.setdefault(g, []).extend([tp] * n)
+    return all(gpus[g].holds(t) for g, t in tps.items())
 
 
 def pareto(cands: list[PlacementCandidate]) -> list[PlacementCandidate]:
@@ -192,7 +193,7 @@ def enumerate_placements(
     # Keyed by the mapping's keys (a config's GPU names), not GPUSpec.name: pools name GPUs by key.
     for key, g in gpus.items():
         for tp in tp_choices:
-            if tp > gpus_per_node or (g.count and tp > g.count):
+            if tp > gpus_per_node or not g.holds([tp]):
                 continue
             for role in roles:
                 pr = instance_profile(model, g, tp, slo, workload, engine=_of_role(engine, role),
@@ -204,7 +205,7 @@ def enumerate_placements(
     cands: list[PlacementCandidate] = []
 
     def add(mode: str, pools: tuple[PoolPlan, ...], capacity: float) -> None:
-        fits = within_catalog(((p.gpu, p.num_gpus) for p in pools), gpus)
+        fits = within_catalog(((p.gpu, p.tp, p.count) for p in pools), gpus)
         if capacity + 1e-9 < rate or sum(p.count for p in pools) > max_instances or not fits:
             return
         cands.append(PlacementCandidate(mode, pools, _cost(pools, prof), capacity, sum(p.num_gpus for p in pools)))
