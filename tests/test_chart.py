@@ -116,6 +116,28 @@ def test_config_that_only_pydantic_rejects_is_a_config_finding(tmp_path: Path) -
     assert "not a multiple of num_heads 48" in findings[0].message
 
 
+def test_pools_that_do_not_pack_on_the_workers_are_a_config_finding(tmp_path: Path) -> None:
+    """The rendered gpus[].count was gpusPerNode x maxReplicas alone: 3 x TP5 (15 GPUs) passed on 2 workers of 8
+    GPUs, though an instance never spans nodes (one TP-5 instance per worker: 3 workers)."""
+    values = _set(_set(_base(), "config.pools.0.tp", 5), "config.pools.0.count", 3)
+    values = _set(values, "gpuTypes.0.maxReplicas", 2)
+    findings = check_chart(DEFAULT_CHART, [_write(tmp_path, values)])
+    assert [f.stage for f in findings] == ["config"], "\n".join(map(str, findings))
+    assert ("gpus.h100.count: 16 GPUs are 2 nodes of 8 (gpus_per_node), but the pools' 15 GPUs need 3 nodes"
+            in findings[0].message)
+    cm = _render(_set(values, "gpuTypes.0.maxReplicas", 3))["ConfigMap", "llmsched-config"]
+    parse_config(yaml.safe_load(cm["data"]["config.yaml"]))  # a third worker holds the third instance
+
+
+def test_cpu_only_workers_pack_by_slots() -> None:
+    # gpusPerNode 0: a worker's simulated slots are its node.
+    values = _values("cpu-dev.yaml")
+    (g,) = values["gpuTypes"]
+    cm = _render(values)["ConfigMap", "llmsched-config"]
+    gpu = parse_config(yaml.safe_load(cm["data"]["config.yaml"])).gpus[g["name"]]
+    assert (gpu.count, gpu.gpus_per_node) == (g["slots"] * g["maxReplicas"], g["slots"])
+
+
 def test_unreadable_values_file_is_a_finding(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("gpuTypes: [\n")
@@ -141,6 +163,7 @@ def test_hetero_pd_config_and_worker_groups() -> None:
         "decode": ("decode", "a100", 4),
     }
     assert (cfg.gpus["h100"].count, cfg.gpus["a100"].count) == (8 * 3, 8 * 6)  # gpusPerNode x maxReplicas
+    assert (cfg.gpus["h100"].gpus_per_node, cfg.gpus["a100"].gpus_per_node) == (8, 8)
     assert cfg.gpus["h100"].fp16_tflops == 989
 
     rc = m["RayCluster", "llmsched"]

@@ -110,12 +110,16 @@ the key and the allowed values, like the project's own config errors.
 {{- end }}
 {{- end }}
 
-{{/* The ClusterConfig the scheduler loads: values.config plus gpus rendered from gpuTypes. */}}
+{{/*
+The ClusterConfig the scheduler loads: values.config plus gpus rendered from gpuTypes. gpus_per_node lets the
+config check that the pools pack onto maxReplicas workers (an instance never spans nodes), not only that their
+GPUs add up.
+*/}}
 {{- define "llmsched.config" -}}
 {{- $gpus := dict }}
 {{- range .Values.gpuTypes }}
-{{- $count := mul (include "llmsched.gpuSlots" . | int) (int .maxReplicas) }}
-{{- $_ := set $gpus .name (merge (dict "name" .name "count" $count) (deepCopy .spec)) }}
+{{- $slots := include "llmsched.gpuSlots" . | int }}
+{{- $_ := set $gpus .name (merge (dict "name" .name "count" (mul $slots (int .maxReplicas)) "gpus_per_node" $slots) (deepCopy .spec)) }}
 {{- end }}
 {{- $cfg := deepCopy .Values.config }}
 {{- $_ := set $cfg "gpus" $gpus }}
