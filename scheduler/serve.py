@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http-port", type=port, default=os.environ.get("LLMSCHED_HTTP_PORT", "0"),
                    help="also serve the HTTP API on this port (default: env LLMSCHED_HTTP_PORT; 0: no HTTP)")
     p.add_argument("--fake-gpus-per-node", type=nonneg_int, default=0,
-                   help="start one local Ray node per GPU type with this many fake GPUs (dev/test)")
+                   help="start local Ray nodes with this many fake GPUs, per GPU type as many as its pools' instances "
+                        "pack onto (dev/test)")
     p.add_argument("--grace-s", type=nonneg_float, default=10.0)
     p.add_argument("--no-direct-channel", dest="direct_channel", action="store_false",
                    default=os.environ.get("LLMSCHED_DIRECT_CHANNEL", "1").lower() not in ("0", "false", "no"),

@@ -79,6 +79,21 @@ def test_desired_replicas_errors_name_the_pool() -> None:
         desired_worker_replicas(HETERO, gpus_per_worker={"h100": 8})
 
 
+def test_fake_local_cluster_starts_the_nodes_its_pools_pack_onto() -> None:
+    """``serve --fake-gpus-per-node`` started one fake node per GPU type whatever the pools: HETERO's 3 x TP2
+    prefill on 4-GPU nodes placed two instances and left the third waiting for good. It starts what a KubeRay
+    worker group would be sized to now; ``nodes`` still sets the number."""
+    from scheduler.control.cluster import nodes_for as local_nodes
+
+    nodes = local_nodes(HETERO, fake_gpus_per_node=4)
+    started = {t: sum(n.gpu == t for n in nodes) for t in ("h100", "a100")}
+    assert started == desired_worker_replicas(HETERO, gpus_per_worker={"h100": 4, "a100": 4})
+    assert all(n.num_gpus == 4 for n in nodes) and started["h100"] > 1
+    assert len(local_nodes(HETERO, fake_gpus_per_node=4, nodes=1)) == 2
+    idle = _config([{"name": "m", "role": "mixed", "gpu": "a100", "tp": 1, "count": 0}])
+    assert len(local_nodes(idle, fake_gpus_per_node=4)) == 1  # a pool scaling may start still gets its node
+
+
 def test_kubernetes_backend_from_env_and_pickles() -> None:
     assert KubernetesBackend.from_env({}) is None
     b = KubernetesBackend.from_env({"LLMSCHED_RAYCLUSTER": "pd-llmsched", "LLMSCHED_NAMESPACE": "llmsched"})

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from scheduler.config.gpus import nodes_for as packed_nodes
 from scheduler.config.models import ClusterConfig
 from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, Controller
 from scheduler.control.instance import InstanceInfo
@@ -56,8 +57,9 @@ class RayRuntime:
 
 
 def nodes_for(config: ClusterConfig, *, fake_gpus_per_node: int, nodes: int | None = None) -> list[NodeSpec]:
-    """Worker nodes for ``config``: ``nodes`` per GPU type its pools use (default 1), each with
-    ``fake_gpus_per_node`` fake GPUs. No GPUs asked: no worker nodes (CPU-only head).
+    """Worker nodes for ``config``: ``nodes`` per GPU type its pools use, each with ``fake_gpus_per_node`` fake
+    GPUs -- by default the nodes that type's instances pack onto (``scheduler.config.gpus.nodes_for``, as a KubeRay
+    worker group is sized; at least 1). No GPUs asked: no worker nodes (CPU-only head).
 
     Raises:
         ValueError: a pool's TP is over ``fake_gpus_per_node``: an instance's GPUs are one STRICT_PACK placement
@@ -70,9 +72,12 @@ def nodes_for(config: ClusterConfig, *, fake_gpus_per_node: int, nodes: int | No
         if p.tp > fake_gpus_per_node:
             raise ValueError(f"{fake_gpus_per_node} fake GPUs per node cannot hold an instance of pools[{i}] "
                              f"({p.name}): TP {p.tp} needs {p.tp} GPUs on one node")
-    types = sorted({p.gpu for p in config.pools})
-    per_type = max(nodes or 1, 1)
-    return [NodeSpec(t, fake_gpus_per_node) for t in types for _ in range(per_type)]
+    out: list[NodeSpec] = []
+    for t in sorted({p.gpu for p in config.pools}):
+        # One node per type placed only what fit on it: 3 x TP2 on 4-GPU nodes left the third instance unplaced.
+        need = packed_nodes([p.tp for p in config.pools if p.gpu == t for _ in range(p.count)], fake_gpus_per_node)
+        out += [NodeSpec(t, fake_gpus_per_node)] * max(nodes or need, 1)
+    return out
 
 
 def start_ray(
@@ -205,8 +210,9 @@ def start_local_cluster(
     """Start Ray (unless already initialised), deploy ``config`` and build an Ingress.
 
     Args:
-        fake_gpus_per_node: > 0 starts one worker node per GPU type of the pools (``nodes`` each) with that many
-            fake GPUs, so placement groups and GPU-type pinning run for real; 0 is a CPU-only single node.
+        fake_gpus_per_node: > 0 starts worker nodes per GPU type of the pools (``nodes`` each, default what its
+            instances pack onto: :func:`nodes_for`) with that many fake GPUs, so placement groups and GPU-type
+            pinning run for real; 0 is a CPU-only single node.
         backend_kwargs: per backend kind, e.g. ``{"simulated": {"time_scale": 0.5}}``.
         ready_timeout_s: how long to wait for every instance; those still starting then join when up.
     """
