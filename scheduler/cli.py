@@ -8,6 +8,7 @@ usage: llmsched COMMAND [--help] ...
     llmsched compare      router x trace x load matrix in the simulator
     llmsched plan         capacity planning: cheapest cluster meeting the SLOs
     llmsched replay       send a trace to a live cluster through the SDK
+    llmsched admin        the Admin API from a shell: instances, drain, drain-node, scale
     llmsched profile      measure a real engine's step times into a latency table
     llmsched predict      train / evaluate the response-length predictors (fit-trace: on your own request log)
     llmsched chart        lint, render and validate the Helm chart
@@ -31,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "compare": "sim.compare:main",
     "plan": "sim.planner:main",
     "replay": "sim.replay:main",
+    "admin": "scheduler.client.admin:main",
     "profile": "scheduler.profile:main",
     "predict": "scheduler.predict.cli:main",
     "chart": "scheduler.deploy.chart:main",

@@ -21,6 +21,7 @@ from scheduler.client.types import (
     InstanceInfo,
     LLMSchedError,
     MigrationResult,
+    NodeDrainInfo,
     StreamChunk,
     error_for,
 )
@@ -404,6 +405,11 @@ def migration_from_proto(m: admin_pb2.MigrationResult) -> MigrationResult:
         downtime_s=m.downtime_s,
         stages=m.stages,
     )
+
+
+def node_drain_from_proto(m: admin_pb2.DrainNodeResponse) -> NodeDrainInfo:
+    return NodeDrainInfo(node_id=m.node_id, drained=tuple(m.drained), kept=dict(m.kept),
+                         requests_moved=m.requests_moved)
 
 
 def start_generate_span(

@@ -24,6 +24,7 @@ from scheduler.client.types import (
     GenerateResult,
     InstanceInfo,
     MigrationResult,
+    NodeDrainInfo,
     StreamChunk,
 )
 from scheduler.core.types import InstanceRole
@@ -307,6 +308,19 @@ class AsyncClient:
             retry=False,
         )
         return resp.requests_moved
+
+    async def drain_node(
+        self, node: str, *, deadline_s: float = 0.0, timeout_s: float | None = None
+    ) -> NodeDrainInfo:
+        """See :meth:`Client.drain_node` (not retried)."""
+        resp = await self._unary(
+            self._admin.DrainNode,
+            admin_pb2.DrainNodeRequest(node=node, deadline_s=deadline_s),
+            self._admin_md,
+            timeout_s,
+            retry=False,
+        )
+        return c.node_drain_from_proto(resp)
 
     async def scale(self, pool: str, count: int, *, timeout_s: float | None = None) -> int:
         """Set a pool's size; returns the pool's target size after the call (``count``). Answers once the new

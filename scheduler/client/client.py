@@ -26,6 +26,7 @@ from scheduler.client.types import (
     GenerateResult,
     InstanceInfo,
     MigrationResult,
+    NodeDrainInfo,
     StreamChunk,
 )
 from scheduler.core.types import InstanceRole
@@ -327,6 +328,23 @@ class Client:
             retry=False,
         )
         return resp.requests_moved
+
+    def drain_node(
+        self, node: str, *, deadline_s: float = 0.0, timeout_s: float | None = None
+    ) -> NodeDrainInfo:
+        """Admin DrainNode: a node is going away (a worker pod's preStop hook): Ray places nothing new on it, each
+        instance there is drained onto the rest and released with a replacement started elsewhere (pools keep
+        their sizes); the last instance serving a phase is kept in service. ``node``: Ray node id, hostname (under
+        KubeRay the pod's name) or IP; ``deadline_s``: when it will be killed (seconds from now). Not retried (a
+        retry would find the instances gone and report nothing drained)."""
+        resp = self._unary(
+            self._admin.DrainNode,
+            admin_pb2.DrainNodeRequest(node=node, deadline_s=deadline_s),
+            self._admin_md,
+            timeout_s,
+            retry=False,
+        )
+        return c.node_drain_from_proto(resp)
 
     def scale(self, pool: str, count: int, *, timeout_s: float | None = None) -> int:
         """Set a pool's size; returns the pool's target size after the call (``count``). Answers once the new

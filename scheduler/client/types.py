@@ -91,6 +91,17 @@ class ClusterStateInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeDrainInfo:
+    """Admin DrainNode's answer: the Ray node id, instances drained off it (and replaced elsewhere), those kept
+    in service there (instance -> why), requests moved."""
+
+    node_id: str
+    drained: tuple[str, ...]
+    kept: dict[str, str]
+    requests_moved: int
+
+
+@dataclass(frozen=True, slots=True)
 class MigrationResult:
     request_id: str
     source: str

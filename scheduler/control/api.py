@@ -126,6 +126,18 @@ class MigrationResult:
     started: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class NodeDrainResult:
+    """What Admin DrainNode did: the Ray node's id; the instances drained off it (requests migrated, released,
+    replaced elsewhere); those left serving there, with why (the last instance of a phase: its requests had
+    nowhere to go); requests moved."""
+
+    node_id: str
+    drained: tuple[str, ...] = ()
+    kept: dict[str, str] = field(default_factory=dict)
+    requests_moved: int = 0
+
+
 class IngressAPI(Protocol):
     """Optional, looked up by the HTTP front end: ``prompt_tokens(request) -> int`` (usage counts) and
     ``render_chat(messages, *, add_generation_prompt, chat_template_kwargs) -> str | None`` (the model's chat
@@ -144,6 +156,10 @@ class IngressAPI(Protocol):
 
     async def drain(self, instance_id: str) -> int:
         """Migrate everything off ``instance_id``, then release it; returns requests moved."""
+        ...
+
+    async def drain_node(self, node: str, deadline_s: float = 0.0) -> NodeDrainResult:
+        """A node is going away: nothing new placed on it; each instance on it drained and replaced elsewhere."""
         ...
 
     async def scale(self, pool: str, count: int) -> int: ...

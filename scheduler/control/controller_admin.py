@@ -1,15 +1,17 @@
 """The Controller's admin entry points (``ControllerAdmin``, a mixin of ``Controller``): ``scale`` a pool,
-``switch_role``, an operator's ``set_draining``, ``release`` an instance. The Ingress forwards the Admin service's
+``switch_role``, an operator's ``set_draining``, ``release`` an instance, ``drain_node`` (a node going away). The Ingress forwards the Admin service's
 calls here (``scheduler.control.ingress_admin``)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import ray
 
 from scheduler.control.api import Unavailable
+from scheduler.control.placement import bundle_nodes, drain_ray_node, find_node, find_pg, pg_name
 from scheduler.control.util import _await, _pool_of
 
 # NOTE: the Controller's logger: these are Controller methods, and deployments tune (benches silence) it by that name.
@@ -93,6 +95,34 @@ class ControllerAdmin:
                 field="instance_id",
             ) from None
         return True
+
+    async def drain_node(self, node: str, deadline_s: float = 0.0) -> tuple[str, list[str]]:
+        """A Ray node is going away (a worker pod's preStop, ``kubectl drain``; Admin DrainNode): Ray places
+        nothing new on it from now on, so replacements land elsewhere. Returns (its node id, the instances it
+        hosts), which the Ingress drains onto the rest and releases *with* replacement (``IngressAdmin.drain_node``):
+        the pools keep their sizes. Instances still being placed there are called off and started again (by the
+        reconcile round) elsewhere.
+
+        Raises:
+            ValueError: naming ``node`` (no such alive node, ambiguous, the head).
+            Unavailable: Ray refused the drain.
+        """
+        self._ensure_loop()
+        found = await asyncio.to_thread(find_node, node)
+        nid = found["NodeID"]
+        try:
+            await asyncio.to_thread(drain_ray_node, nid, f"llmsched: drain of node {node}", deadline_s)
+        except RuntimeError as e:
+            raise Unavailable(f"node: {e}", field="node") from None
+        hosted = sorted(i for i, m in self._members.items() if m.info.node_id == nid)
+        for iid, task in list(self._pending.items()):
+            pg = find_pg(pg_name(self.cluster, iid))
+            if pg is not None and nid in await asyncio.to_thread(bundle_nodes, pg):
+                task.cancel()  # its _create removes what it placed; the next reconcile starts it elsewhere
+        log.info("node %s (%s) draining: instances %s", node, nid[:8], ", ".join(hosted) or "none")
+        self._scaling_events.append({"time_s": time.time(), "action": "drain_node", "node": nid,
+                                     "instances": hosted})
+        return nid, hosted
 
     async def release(self, instance_id: str, *, replace: bool = False) -> bool:
         """Stop an instance (answers once it is stopped). Without ``replace`` its pool shrinks by one (a drained

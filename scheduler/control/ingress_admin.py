@@ -17,6 +17,7 @@ from scheduler.control.api import (
     IngressError,
     InvalidRequest,
     MigrationResult,
+    NodeDrainResult,
     NotFound,
     Unavailable,
 )
@@ -35,15 +36,25 @@ class IngressAdmin:
     """``Ingress``'s admin methods (the Admin gRPC service's, through ``IngressAPI``). A mixin: ``drain`` works on the
     Ingress's view, registry and ``migrate`` (``IngressMigration``)."""
 
-    async def drain(self, instance_id: str) -> int:
+    async def drain(self, instance_id: str, *, replace: bool = False) -> int:
+        """Migrate every request off ``instance_id``, then release it (``replace``: the Controller starts another
+        in its pool; else the pool shrinks by one). Returns the requests moved."""
         await self.start()
         if instance_id not in self._members:
             raise NotFound(f"instance_id: no live instance {instance_id!r}", field="instance_id")
+        await self._begin_drain(instance_id)
+        return await self._move_off(instance_id, replace=replace)
+
+    async def _begin_drain(self, instance_id: str) -> None:
+        """Out of service: no new request routed to it (the Controller's operator drain, and this view at once)."""
         await self._admin("set_draining", instance_id, True)
         self._snapshots.pop(instance_id, None)
         self._view = ClusterView(self._view.time_s, tuple(
             dataclasses.replace(s, draining=True) if s.instance_id == instance_id else s for s in self._view.instances
         ))
+
+    async def _move_off(self, instance_id: str, *, replace: bool) -> int:
+        """The rest of ``drain``: migrate its requests away, wait for their streams to switch, release it."""
         moved = 0
         released = False
         try:
@@ -69,7 +80,7 @@ class IngressAdmin:
             while time.monotonic() < deadline and any(
                     r.moving_to is not None for r in self.registry.on_instance(instance_id)):
                 await asyncio.sleep(0.01)
-            await self._admin("release", instance_id)
+            await self._admin("release", instance_id, replace=replace)
             released = True
         finally:
             if not released:
@@ -91,12 +102,54 @@ class IngressAdmin:
                 dataclasses.replace(s, draining=False) if s.instance_id == instance_id else s
                 for s in self._view.instances))
 
-    async def _admin(self, method: str, *args: Any) -> Any:
+    async def drain_node(self, node: str, deadline_s: float = 0.0) -> NodeDrainResult:
+        """A node is going away (a worker pod's preStop hook, ``llmsched admin drain-node``): the Controller has
+        Ray place nothing new on it; every instance there is taken out of service at once (so no request moves
+        from one of them to another), its requests are migrated onto the rest, and it is released *with*
+        replacement -- the pools keep their sizes, the replacements start on other nodes. The last instance
+        serving a phase stays in service (its requests would have nowhere to go); it is ``kept``, with why.
+        ``deadline_s``: when the node will be killed (seconds from now; Ray's record only)."""
+        await self.start()
+        if not node:
+            raise InvalidRequest("node: must not be empty", field="node")
+        node_id, hosted = await self._admin("drain_node", node, float(deadline_s))
+        await self._refresh_members()
+        kept: dict[str, str] = {}
+        begun: list[str] = []
+        try:
+            for iid in hosted:  # one at a time: each next "last instance of a phase" check sees the ones before
+                if iid not in self._members:
+                    continue  # released meanwhile
+                try:
+                    await self._begin_drain(iid)
+                    begun.append(iid)
+                except IngressError as e:
+                    kept[iid] = str(e)
+        except BaseException:  # cancelled (the caller's deadline): nothing else would put these back in service
+            for iid in begun:
+                await self._undrain(iid)
+            raise
+        results = await asyncio.gather(*(self._move_off(i, replace=True) for i in begun), return_exceptions=True)
+        drained, moved = [], 0
+        for iid, r in zip(begun, results, strict=True):
+            if isinstance(r, BaseException):
+                kept[iid] = f"drain failed: {r!r}"
+                log.warning("drain of node %s: instance %s: %r", node, iid, r)
+            else:
+                drained.append(iid)
+                moved += r
+        await self._refresh_members()
+        await self._refresh_view()
+        log.info("node %s drained: %d instance(s) released for replacement, %d request(s) moved, kept %s",
+                 node, len(drained), moved, kept or "none")
+        return NodeDrainResult(node_id, tuple(drained), kept, moved)
+
+    async def _admin(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """``controller.<method>.remote(*args)`` for an admin call: the Controller down or restarting is
         ``Unavailable`` (retryable, as on the hot path), a ``ValueError`` it raises is ``InvalidRequest`` (it names
         the field first: "count: ...")."""
         try:
-            return await getattr(self.controller, method).remote(*args)
+            return await getattr(self.controller, method).remote(*args, **kwargs)
         except _DEAD as e:
             raise Unavailable(f"the Controller is unavailable ({type(e).__name__}); retry",
                               retry_after_s=UNAVAILABLE_RETRY_AFTER_S) from None

@@ -17,6 +17,7 @@ Groups are detached and named, so they outlive a Controller crash and a restarte
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,3 +132,47 @@ def bundle_nodes(pg: PlacementGroup) -> list[str]:
     table = ray.util.placement_group_table(pg)
     mapping = table.get("bundles_to_node_id") or {}
     return [mapping[i] for i in sorted(mapping)]
+
+
+# Ray marks its head node with this resource (the control plane lives there; it is never drained).
+_HEAD_RESOURCE = "node:__internal_head__"
+
+
+def find_node(name: str) -> dict[str, Any]:
+    """The alive Ray node that ``name`` names: its node id (hex), its hostname (under KubeRay the worker pod's name,
+    what a pod's preStop hook knows as ``$HOSTNAME``) or its IP (the pod IP).
+
+    Raises:
+        ValueError: naming ``node``: no alive node has that name, several do (say the node id), or it is the head.
+    """
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    hits = [n for n in alive if n.get("NodeID") == name] or [
+        n for n in alive if name in (n.get("NodeManagerHostname"), n.get("NodeManagerAddress"))
+    ]
+    if not hits:
+        raise ValueError(f"node: no alive Ray node is named {name!r} (a node id, hostname or IP)")
+    if len(hits) > 1:
+        raise ValueError(f"node: {name!r} names {len(hits)} Ray nodes; give the node id: "
+                         + ", ".join(sorted(n["NodeID"] for n in hits)))
+    if _HEAD_RESOURCE in (hits[0].get("Resources") or {}):
+        raise ValueError(f"node: {name!r} is the Ray head, where the control plane runs; it hosts no instances")
+    return hits[0]
+
+
+def drain_ray_node(node_id: str, reason: str, deadline_s: float) -> None:
+    """Tell Ray the node is going away (a preemption, as KubeRay's autoscaler v2 does before deleting a pod): no new
+    task, actor or placement group lands on it from now on, so a replacement placed while it still runs goes
+    elsewhere; what runs there keeps running. ``deadline_s`` (seconds from now) is informational for Ray.
+
+    Raises:
+        RuntimeError: Ray refused the drain (its message).
+    """
+    from ray.core.generated import autoscaler_pb2
+
+    # NOTE(control): the GCS call behind `ray drain-node` (not a public API in Ray 2.60; its CLI is hidden).
+    gcs = ray._private.worker.global_worker.gcs_client
+    deadline_ms = int((time.time() + max(deadline_s, 0.0)) * 1000)
+    accepted, why = gcs.drain_node(
+        node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), reason, deadline_ms)
+    if not accepted:
+        raise RuntimeError(f"Ray refused to drain node {node_id}: {why}")

@@ -245,6 +245,14 @@ def build_values_schema() -> dict[str, Any]:
                     "then": {"required": ["secretName"], "properties": {"secretName": {"minLength": 1}}},
                 },
             ),
+            "workerDrain": _obj(
+                {
+                    "enabled": {"type": "boolean", "description": "preStop: drain the node's instances (DrainNode)"},
+                    "gracePeriodSeconds": {"type": "integer", "minimum": 1, "maximum": 86400},
+                    "tlsServerName": {"type": "string", "maxLength": 253,
+                                      "description": "name checked in the server certificate; empty: <fullname>-grpc"},
+                }
+            ),
             "podDisruptionBudget": _obj(
                 {
                     "enabled": {"type": "boolean"},

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -337,6 +338,16 @@ class AdminServicer:
             raise InvalidRequest("instance_id: must not be empty", field="instance_id")
         return admin_pb2.DrainInstanceResponse(requests_moved=await self._ingress.drain(msg.instance_id))
 
+    async def drain_node(self, msg: admin_pb2.DrainNodeRequest) -> admin_pb2.DrainNodeResponse:
+        if not msg.node:
+            raise InvalidRequest("node: must not be empty", field="node")
+        if not math.isfinite(msg.deadline_s) or msg.deadline_s < 0:
+            raise InvalidRequest(f"deadline_s: must be a finite number >= 0, got {msg.deadline_s}",
+                                 field="deadline_s")
+        r = await self._ingress.drain_node(msg.node, msg.deadline_s)
+        return admin_pb2.DrainNodeResponse(node_id=r.node_id, drained=list(r.drained), kept=dict(r.kept),
+                                           requests_moved=r.requests_moved)
+
     async def scale(self, msg: admin_pb2.ScaleRequest) -> admin_pb2.ScaleResponse:
         if not msg.pool:
             raise InvalidRequest("pool: must not be empty", field="pool")
@@ -362,6 +373,7 @@ class AdminServicer:
             "ListInstances": _unary(self.list_instances, admin_pb2.ListInstancesRequest),
             "MigrateRequest": _unary(self.migrate, admin_pb2.MigrateRequestRequest),
             "DrainInstance": _unary(self.drain, admin_pb2.DrainInstanceRequest),
+            "DrainNode": _unary(self.drain_node, admin_pb2.DrainNodeRequest),
             "Scale": _unary(self.scale, admin_pb2.ScaleRequest),
             "SwitchRole": _unary(self.switch_role, admin_pb2.SwitchRoleRequest),
         }

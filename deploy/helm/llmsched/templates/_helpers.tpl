@@ -94,6 +94,9 @@ the key and the allowed values, like the project's own config errors.
 {{- if hasKey $taken $mport }}
 {{- fail (printf "metrics.port: %s is already used in the head pod by %s; pick another port" $mport (get $taken $mport)) }}
 {{- end }}
+{{- if and .Values.workerDrain.enabled .Values.tls.enabled .Values.tls.clientCASecretName }}
+{{- fail "workerDrain.enabled: the workers' preStop drain has no client certificate for mTLS (tls.clientCASecretName); set workerDrain.enabled=false" }}
+{{- end }}
 {{- with .Values.weights.volume }}
 {{- if and .existingClaim .hostPath }}
 {{- fail "weights.volume: set existingClaim or hostPath, not both" }}

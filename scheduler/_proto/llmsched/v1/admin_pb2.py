@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmsched/v1/admin.proto\x12\x0bllmsched.v1\"\x8c\x02\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x04role\x18\x02 \x01(\x0e\x32\x19.llmsched.v1.InstanceRole\x12\x0b\n\x03gpu\x18\x03 \x01(\t\x12\n\n\x02tp\x18\x04 \x01(\x05\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07running\x18\x06 \x01(\x05\x12\x0f\n\x07waiting\x18\x07 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x08 \x01(\x03\x12\x17\n\x0fkv_blocks_total\x18\t \x01(\x03\x12\x12\n\nblock_size\x18\n \x01(\x05\x12\x0f\n\x07healthy\x18\x0b \x01(\x08\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12\x10\n\x08\x64\x65\x63oding\x18\r \x01(\x05\"\x18\n\x16GetClusterStateRequest\"\xc7\x01\n\x0c\x43lusterState\x12(\n\tinstances\x18\x01 \x03(\x0b\x32\x15.llmsched.v1.Instance\x12\x0e\n\x06router\x18\x02 \x01(\t\x12\x1a\n\x12requests_in_flight\x18\x03 \x01(\x03\x12\x33\n\x05\x65xtra\x18\x04 \x03(\x0b\x32$.llmsched.v1.ClusterState.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x16\n\x14ListInstancesRequest\"A\n\x15ListInstancesResponse\x12(\n\tinstances\x18\x01 \x03(\x0b\x32\x15.llmsched.v1.Instance\"U\n\x15MigrateRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x0b\x64\x65stination\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_destination\"\x91\x01\n\x0fMigrationResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x11\n\tcommitted\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\ndowntime_s\x18\x06 \x01(\x01\x12\x0e\n\x06stages\x18\x07 \x01(\x05\"+\n\x14\x44rainInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"/\n\x15\x44rainInstanceResponse\x12\x16\n\x0erequests_moved\x18\x01 \x01(\x05\"+\n\x0cScaleRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\x1e\n\rScaleResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\"Q\n\x11SwitchRoleRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x04role\x18\x02 \x01(\x0e\x32\x19.llmsched.v1.InstanceRole\"%\n\x12SwitchRoleResponse\x12\x0f\n\x07started\x18\x01 \x01(\x08*{\n\x0cInstanceRole\x12\x1d\n\x19INSTANCE_ROLE_UNSPECIFIED\x10\x00\x12\x19\n\x15INSTANCE_ROLE_PREFILL\x10\x01\x12\x18\n\x14INSTANCE_ROLE_DECODE\x10\x02\x12\x17\n\x13INSTANCE_ROLE_MIXED\x10\x03\x32\xed\x03\n\x05\x41\x64min\x12Q\n\x0fGetClusterState\x12#.llmsched.v1.GetClusterStateRequest\x1a\x19.llmsched.v1.ClusterState\x12V\n\rListInstances\x12!.llmsched.v1.ListInstancesRequest\x1a\".llmsched.v1.ListInstancesResponse\x12R\n\x0eMigrateRequest\x12\".llmsched.v1.MigrateRequestRequest\x1a\x1c.llmsched.v1.MigrationResult\x12V\n\rDrainInstance\x12!.llmsched.v1.DrainInstanceRequest\x1a\".llmsched.v1.DrainInstanceResponse\x12>\n\x05Scale\x12\x19.llmsched.v1.ScaleRequest\x1a\x1a.llmsched.v1.ScaleResponse\x12M\n\nSwitchRole\x12\x1e.llmsched.v1.SwitchRoleRequest\x1a\x1f.llmsched.v1.SwitchRoleResponseB>P\x01Z:github.com/llmsched/llmsched/gen/go/llmsched/v1;llmschedv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmsched/v1/admin.proto\x12\x0bllmsched.v1\"\x8c\x02\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x04role\x18\x02 \x01(\x0e\x32\x19.llmsched.v1.InstanceRole\x12\x0b\n\x03gpu\x18\x03 \x01(\t\x12\n\n\x02tp\x18\x04 \x01(\x05\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07running\x18\x06 \x01(\x05\x12\x0f\n\x07waiting\x18\x07 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x08 \x01(\x03\x12\x17\n\x0fkv_blocks_total\x18\t \x01(\x03\x12\x12\n\nblock_size\x18\n \x01(\x05\x12\x0f\n\x07healthy\x18\x0b \x01(\x08\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12\x10\n\x08\x64\x65\x63oding\x18\r \x01(\x05\"\x18\n\x16GetClusterStateRequest\"\xc7\x01\n\x0c\x43lusterState\x12(\n\tinstances\x18\x01 \x03(\x0b\x32\x15.llmsched.v1.Instance\x12\x0e\n\x06router\x18\x02 \x01(\t\x12\x1a\n\x12requests_in_flight\x18\x03 \x01(\x03\x12\x33\n\x05\x65xtra\x18\x04 \x03(\x0b\x32$.llmsched.v1.ClusterState.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x16\n\x14ListInstancesRequest\"A\n\x15ListInstancesResponse\x12(\n\tinstances\x18\x01 \x03(\x0b\x32\x15.llmsched.v1.Instance\"U\n\x15MigrateRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x0b\x64\x65stination\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_destination\"\x91\x01\n\x0fMigrationResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x11\n\tcommitted\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\ndowntime_s\x18\x06 \x01(\x01\x12\x0e\n\x06stages\x18\x07 \x01(\x05\"+\n\x14\x44rainInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"/\n\x15\x44rainInstanceResponse\x12\x16\n\x0erequests_moved\x18\x01 \x01(\x05\"4\n\x10\x44rainNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x12\n\ndeadline_s\x18\x02 \x01(\x01\"\xb2\x01\n\x11\x44rainNodeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64rained\x18\x02 \x03(\t\x12\x36\n\x04kept\x18\x03 \x03(\x0b\x32(.llmsched.v1.DrainNodeResponse.KeptEntry\x12\x16\n\x0erequests_moved\x18\x04 \x01(\x05\x1a+\n\tKeptEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"+\n\x0cScaleRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\x1e\n\rScaleResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\"Q\n\x11SwitchRoleRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\'\n\x04role\x18\x02 \x01(\x0e\x32\x19.llmsched.v1.InstanceRole\"%\n\x12SwitchRoleResponse\x12\x0f\n\x07started\x18\x01 \x01(\x08*{\n\x0cInstanceRole\x12\x1d\n\x19INSTANCE_ROLE_UNSPECIFIED\x10\x00\x12\x19\n\x15INSTANCE_ROLE_PREFILL\x10\x01\x12\x18\n\x14INSTANCE_ROLE_DECODE\x10\x02\x12\x17\n\x13INSTANCE_ROLE_MIXED\x10\x03\x32\xb9\x04\n\x05\x41\x64min\x12Q\n\x0fGetClusterState\x12#.llmsched.v1.GetClusterStateRequest\x1a\x19.llmsched.v1.ClusterState\x12V\n\rListInstances\x12!.llmsched.v1.ListInstancesRequest\x1a\".llmsched.v1.ListInstancesResponse\x12R\n\x0eMigrateRequest\x12\".llmsched.v1.MigrateRequestRequest\x1a\x1c.llmsched.v1.MigrationResult\x12V\n\rDrainInstance\x12!.llmsched.v1.DrainInstanceRequest\x1a\".llmsched.v1.DrainInstanceResponse\x12J\n\tDrainNode\x12\x1d.llmsched.v1.DrainNodeRequest\x1a\x1e.llmsched.v1.DrainNodeResponse\x12>\n\x05Scale\x12\x19.llmsched.v1.ScaleRequest\x1a\x1a.llmsched.v1.ScaleResponse\x12M\n\nSwitchRole\x12\x1e.llmsched.v1.SwitchRoleRequest\x1a\x1f.llmsched.v1.SwitchRoleResponseB>P\x01Z:github.com/llmsched/llmsched/gen/go/llmsched/v1;llmschedv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'P\001Z:github.com/llmsched/llmsched/gen/go/llmsched/v1;llmschedv1'
   _globals['_CLUSTERSTATE_EXTRAENTRY']._loaded_options = None
   _globals['_CLUSTERSTATE_EXTRAENTRY']._serialized_options = b'8\001'
-  _globals['_INSTANCEROLE']._serialized_start=1158
-  _globals['_INSTANCEROLE']._serialized_end=1281
+  _globals['_DRAINNODERESPONSE_KEPTENTRY']._loaded_options = None
+  _globals['_DRAINNODERESPONSE_KEPTENTRY']._serialized_options = b'8\001'
+  _globals['_INSTANCEROLE']._serialized_start=1393
+  _globals['_INSTANCEROLE']._serialized_end=1516
   _globals['_INSTANCE']._serialized_start=41
   _globals['_INSTANCE']._serialized_end=309
   _globals['_GETCLUSTERSTATEREQUEST']._serialized_start=311
@@ -56,14 +58,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAININSTANCEREQUEST']._serialized_end=908
   _globals['_DRAININSTANCERESPONSE']._serialized_start=910
   _globals['_DRAININSTANCERESPONSE']._serialized_end=957
-  _globals['_SCALEREQUEST']._serialized_start=959
-  _globals['_SCALEREQUEST']._serialized_end=1002
-  _globals['_SCALERESPONSE']._serialized_start=1004
-  _globals['_SCALERESPONSE']._serialized_end=1034
-  _globals['_SWITCHROLEREQUEST']._serialized_start=1036
-  _globals['_SWITCHROLEREQUEST']._serialized_end=1117
-  _globals['_SWITCHROLERESPONSE']._serialized_start=1119
-  _globals['_SWITCHROLERESPONSE']._serialized_end=1156
-  _globals['_ADMIN']._serialized_start=1284
-  _globals['_ADMIN']._serialized_end=1777
+  _globals['_DRAINNODEREQUEST']._serialized_start=959
+  _globals['_DRAINNODEREQUEST']._serialized_end=1011
+  _globals['_DRAINNODERESPONSE']._serialized_start=1014
+  _globals['_DRAINNODERESPONSE']._serialized_end=1192
+  _globals['_DRAINNODERESPONSE_KEPTENTRY']._serialized_start=1149
+  _globals['_DRAINNODERESPONSE_KEPTENTRY']._serialized_end=1192
+  _globals['_SCALEREQUEST']._serialized_start=1194
+  _globals['_SCALEREQUEST']._serialized_end=1237
+  _globals['_SCALERESPONSE']._serialized_start=1239
+  _globals['_SCALERESPONSE']._serialized_end=1269
+  _globals['_SWITCHROLEREQUEST']._serialized_start=1271
+  _globals['_SWITCHROLEREQUEST']._serialized_end=1352
+  _globals['_SWITCHROLERESPONSE']._serialized_start=1354
+  _globals['_SWITCHROLERESPONSE']._serialized_end=1391
+  _globals['_ADMIN']._serialized_start=1519
+  _globals['_ADMIN']._serialized_end=2088
 # @@protoc_insertion_point(module_scope)

@@ -119,6 +119,33 @@ class DrainInstanceResponse(_message.Message):
     requests_moved: int
     def __init__(self, requests_moved: _Optional[int] = ...) -> None: ...
 
+class DrainNodeRequest(_message.Message):
+    __slots__ = ("node", "deadline_s")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    deadline_s: float
+    def __init__(self, node: _Optional[str] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+
+class DrainNodeResponse(_message.Message):
+    __slots__ = ("node_id", "drained", "kept", "requests_moved")
+    class KeptEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_MOVED_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    drained: _containers.RepeatedScalarFieldContainer[str]
+    kept: _containers.ScalarMap[str, str]
+    requests_moved: int
+    def __init__(self, node_id: _Optional[str] = ..., drained: _Optional[_Iterable[str]] = ..., kept: _Optional[_Mapping[str, str]] = ..., requests_moved: _Optional[int] = ...) -> None: ...
+
 class ScaleRequest(_message.Message):
     __slots__ = ("pool", "count")
     POOL_FIELD_NUMBER: _ClassVar[int]

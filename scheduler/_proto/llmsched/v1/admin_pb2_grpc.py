@@ -54,6 +54,11 @@ class AdminStub:
                 request_serializer=llmsched_dot_v1_dot_admin__pb2.DrainInstanceRequest.SerializeToString,
                 response_deserializer=llmsched_dot_v1_dot_admin__pb2.DrainInstanceResponse.FromString,
                 _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/llmsched.v1.Admin/DrainNode',
+                request_serializer=llmsched_dot_v1_dot_admin__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=llmsched_dot_v1_dot_admin__pb2.DrainNodeResponse.FromString,
+                _registered_method=True)
         self.Scale = channel.unary_unary(
                 '/llmsched.v1.Admin/Scale',
                 request_serializer=llmsched_dot_v1_dot_admin__pb2.ScaleRequest.SerializeToString,
@@ -90,6 +95,15 @@ class AdminServicer:
 
     def DrainInstance(self, request, context):
         """Migrates every request off the instance, then releases it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """A node is going away (a worker pod's preStop hook, `kubectl drain`): Ray places nothing new on it; every
+        instance on it is drained (requests migrated off) and released *with* replacement: pools keep their sizes,
+        the replacements start on other nodes. The last instance serving a phase stays in service (`kept`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -132,6 +146,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DrainInstance,
                     request_deserializer=llmsched_dot_v1_dot_admin__pb2.DrainInstanceRequest.FromString,
                     response_serializer=llmsched_dot_v1_dot_admin__pb2.DrainInstanceResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=llmsched_dot_v1_dot_admin__pb2.DrainNodeRequest.FromString,
+                    response_serializer=llmsched_dot_v1_dot_admin__pb2.DrainNodeResponse.SerializeToString,
             ),
             'Scale': grpc.unary_unary_rpc_method_handler(
                     servicer.Scale,
@@ -252,6 +271,33 @@ class Admin:
             '/llmsched.v1.Admin/DrainInstance',
             llmsched_dot_v1_dot_admin__pb2.DrainInstanceRequest.SerializeToString,
             llmsched_dot_v1_dot_admin__pb2.DrainInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmsched.v1.Admin/DrainNode',
+            llmsched_dot_v1_dot_admin__pb2.DrainNodeRequest.SerializeToString,
+            llmsched_dot_v1_dot_admin__pb2.DrainNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
