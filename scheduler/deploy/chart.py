@@ -107,6 +107,7 @@ class Rendered:
     source: str
     manifests: list[dict[str, Any]] = field(default_factory=list)
     config_yaml: str | None = None
+    notes: str | None = None  # NOTES.txt, what `helm install/upgrade` prints
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,28 +221,45 @@ def _short(message: str) -> str:
     return "; ".join(keep) if keep else " ".join(lines)
 
 
+# No kubeconfig: only the API server given to render_chart is reached (never the operator's ~/.kube/config).
+_NO_KUBECONFIG = "apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n"
+
+
 def render_chart(
-    chart_dir: Path, values: dict[str, Any] | None, source: str
+    chart_dir: Path, values: dict[str, Any] | None, source: str, *, upgrade_from: str | None = None
 ) -> tuple[Rendered, list[Finding]]:
-    """Render the chart for one values set (offline) and parse the manifests.
+    """Render the chart for one values set and parse the manifests.
+
+    Args:
+        upgrade_from: None: an install, offline (``lookup`` is empty, as under ``helm template``). Else the URL of a
+            Kubernetes API server (tests serve an in-memory one): rendered as an upgrade of the release there, with
+            ``lookup`` reading its live objects, as ``helm upgrade`` does.
 
     Returns:
         The rendered manifests (empty when rendering failed) and the findings of this stage.
     """
     from helm_python import chart as helm_chart
+    from helm_python.config import Config
     from helm_python.errors import HelmError, HelmValuesError
 
     out = Rendered(source)
     try:
         with helm_chart.Chart.load(chart_dir) as chart:
-            files = chart.render(values, name=RELEASE_NAME, namespace=NAMESPACE, is_install=True)
+            if upgrade_from is None:
+                files = chart.render(values, name=RELEASE_NAME, namespace=NAMESPACE, is_install=True)
+            else:
+                with Config(kube_apiserver=upgrade_from, kubeconfig_content=_NO_KUBECONFIG) as cluster:
+                    files = cluster.render(chart, values, name=RELEASE_NAME, namespace=NAMESPACE, is_upgrade=True)
     except HelmValuesError as e:
         return out, [Finding(source, "values", "values.schema.json", _short(str(e)))]
     except HelmError as e:
         return out, [Finding(source, "render", "templates", _short(str(e)))]
     findings: list[Finding] = []
     for name, text in sorted(files.items()):
-        if name.endswith("NOTES.txt") or not text.strip():
+        if name.endswith("NOTES.txt"):
+            out.notes = text
+            continue
+        if not text.strip():
             continue
         try:
             docs = [d for d in yaml.safe_load_all(text) if d]

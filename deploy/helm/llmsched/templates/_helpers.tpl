@@ -47,6 +47,41 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
+The live RayCluster's worker groups by name, as JSON: {} on install, under `helm template` and a client-side
+--dry-run (lookup is empty there), and for a RayCluster without groups.
+*/}}
+{{- define "llmsched.liveWorkerGroups" -}}
+{{- $rc := lookup "ray.io/v1" "RayCluster" .Release.Namespace (include "llmsched.fullname" .) | default dict }}
+{{- $groups := dict }}
+{{- range (dig "spec" "workerGroupSpecs" list $rc) }}
+{{- $_ := set $groups .groupName . }}
+{{- end }}
+{{- toJson $groups }}
+{{- end }}
+
+{{/*
+The replicas a worker group renders with; called with (dict "group" <a gpuTypes entry> "live" <liveWorkerGroups>).
+The Controller sizes the groups by patching the live RayCluster (scheduler/deploy/k8s.py), and `helm upgrade`
+replaces workerGroupSpecs whole (a list): rendering values.replicas would shrink a grown group, and KubeRay would
+delete workers, possibly ones hosting instances. So the live group's replicas win, clamped to the new
+[minReplicas, maxReplicas]; values.replicas is the size at install and of a group the live cluster lacks.
+*/}}
+{{- define "llmsched.workerReplicas" -}}
+{{- $g := .group }}
+{{- $live := get .live $g.name | default dict }}
+{{- if hasKey $live "replicas" }}
+{{- min (max (int $live.replicas) (int (default 0 $g.minReplicas))) (int $g.maxReplicas) }}
+{{- else }}
+{{- include "llmsched.valuesReplicas" $g }}
+{{- end }}
+{{- end }}
+
+{{/* A gpuTypes entry's replicas as values give them (minReplicas when unset). */}}
+{{- define "llmsched.valuesReplicas" -}}
+{{- int (default (default 0 .minReplicas) .replicas) }}
+{{- end }}
+
+{{/*
 Cross-field checks a JSON schema cannot express. They fail `helm lint/template/install` with a message naming
 the key and the allowed values, like the project's own config errors.
 */}}
@@ -64,7 +99,7 @@ the key and the allowed values, like the project's own config errors.
 {{- end }}
 {{- $min := int (default 0 $g.minReplicas) }}
 {{- $max := int $g.maxReplicas }}
-{{- $rep := int (default $min $g.replicas) }}
+{{- $rep := include "llmsched.valuesReplicas" $g | int }}
 {{- if or (gt $min $max) (lt $rep $min) (gt $rep $max) }}
 {{- fail (printf "gpuTypes[%d] (%s): need minReplicas <= replicas <= maxReplicas, got %d <= %d <= %d" $i $g.name $min $rep $max) }}
 {{- end }}

@@ -1,0 +1,113 @@
+"""`helm upgrade` keeps the worker-group sizes the Controller set on the live RayCluster.
+
+The chart is rendered as an upgrade with Helm's own ``lookup`` reading an in-memory Kubernetes API (kmock, as in
+tests/test_k8s.py) that holds the RayCluster the install rendered, resized through the Controller's real patch
+(:class:`~scheduler.deploy.k8s.KubeRayScaler`). Before, the upgrade rendered values' ``replicas``: the list
+``workerGroupSpecs`` replaces the live one whole, so a grown group shrank and KubeRay deleted workers.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+pytest.importorskip("helm_python")
+pytest.importorskip("kmock")
+client = pytest.importorskip("kubernetes.client")
+
+from scheduler.deploy.chart import DEFAULT_CHART, DEFAULT_VALUES_DIR, NAMESPACE, RELEASE_NAME, render_chart
+from scheduler.deploy.k8s import KubeRayScaler
+from tests.test_k8s import RC, _Server
+
+
+def _values() -> dict[str, Any]:
+    # h100: replicas 1 in [1, 3]; a100: replicas 2 in [1, 6].
+    return yaml.safe_load((DEFAULT_VALUES_DIR / "hetero-pd.yaml").read_text())
+
+
+def _group(values: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(g for g in values["gpuTypes"] if g["name"] == name)
+
+
+def _render(values: dict[str, Any], upgrade_from: str | None = None) -> tuple[dict[str, Any], str]:
+    """The RayCluster and NOTES.txt of an install (offline) or of an upgrade of the release at ``upgrade_from``."""
+    rendered, findings = render_chart(DEFAULT_CHART, values, "test", upgrade_from=upgrade_from)
+    assert findings == []
+    (rc,) = [m for m in rendered.manifests if m["kind"] == "RayCluster"]
+    return rc, rendered.notes or ""
+
+
+def _replicas(rc: dict[str, Any]) -> dict[str, int]:
+    return {g["groupName"]: g["replicas"] for g in rc["spec"]["workerGroupSpecs"]}
+
+
+@pytest.fixture
+def cluster() -> Iterator[_Server]:
+    """An API server that serves RayClusters (discovery included: Helm's lookup asks it for the resource)."""
+    with _Server() as s:
+        s.k8s.resources["ray.io/v1/rayclusters"] = {
+            "namespaced": True, "kind": "RayCluster", "singular": "raycluster", "verbs": ["get", "patch"],
+        }
+        yield s
+
+
+def _install(cluster: _Server, values: dict[str, Any]) -> dict[str, Any]:
+    rc, _ = _render(values)
+    cluster.k8s.objects[RC, NAMESPACE, RELEASE_NAME] = copy.deepcopy(rc)
+    return rc
+
+
+def _resize(cluster: _Server, group: str, replicas: int) -> None:
+    # What the Controller does (scheduler/deploy/autoscale.py): a JSON patch of the group's replicas.
+    KubeRayScaler(client.CustomObjectsApi(cluster.api_client()), NAMESPACE, RELEASE_NAME).resize(group, replicas)
+
+
+def test_upgrade_keeps_the_size_the_controller_set(cluster: _Server) -> None:
+    values = _values()
+    installed = _install(cluster, values)
+    _resize(cluster, "a100", 5)
+
+    upgraded, notes = _render(values, upgrade_from=cluster.url)
+    assert _replicas(upgraded) == {"h100": 1, "a100": 5}, "the upgrade reset a worker group the Controller grew"
+    expected = copy.deepcopy(installed)
+    expected["spec"]["workerGroupSpecs"][1]["replicas"] = 5
+    assert upgraded == expected  # nothing else moves
+    # The operator is told why values' a100 replicas (2) did not apply; h100 ran at its values size.
+    assert "Worker group a100 keeps 5 replicas" in notes and "Worker group h100" not in notes
+    assert "keeps" not in _render(values)[1]  # an install says nothing
+
+
+@pytest.mark.parametrize(
+    ("live", "new", "expected"),
+    [
+        (5, {"maxReplicas": 3, "replicas": 2}, 3),  # bounds lowered below the running size: clamped down
+        (1, {"minReplicas": 3, "replicas": 4}, 3),  # raised above it: clamped up (to the bound, not values)
+        (4, {"replicas": 6}, 4),  # a changed values.replicas does not win over the running size
+    ],
+)
+def test_the_running_size_is_clamped_to_the_new_bounds(
+    cluster: _Server, live: int, new: dict[str, int], expected: int
+) -> None:
+    values = _values()
+    _install(cluster, values)
+    _resize(cluster, "a100", live)
+    _group(values, "a100").update(new)
+    upgraded, notes = _render(values, upgrade_from=cluster.url)
+    assert _replicas(upgraded)["a100"] == expected
+    assert (f"Worker group a100 keeps {expected} replicas" in notes) == (expected != new["replicas"])
+
+
+def test_a_group_or_release_the_cluster_lacks_renders_the_values(cluster: _Server) -> None:
+    values = _values()
+    # No RayCluster yet (the first `helm upgrade --install`): every group at its values size.
+    assert _replicas(_render(values, upgrade_from=cluster.url)[0]) == {"h100": 1, "a100": 2}
+
+    _install(cluster, values)
+    _resize(cluster, "a100", 6)
+    l4 = {**copy.deepcopy(_group(values, "a100")), "name": "l4", "product": "NVIDIA-L4", "replicas": 3}
+    values["gpuTypes"].append(l4)  # a GPU type added by this upgrade
+    assert _replicas(_render(values, upgrade_from=cluster.url)[0]) == {"h100": 1, "a100": 6, "l4": 3}
