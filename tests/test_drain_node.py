@@ -194,6 +194,8 @@ def test_admin_cli_and_grpc_drain_node(cluster: Any, aloop: Any, tmp_path: Any,
         assert admin_main([*admin, "instances"]) == 0
         listed = capsys.readouterr().out
         assert other in listed and "draining" not in listed, listed
+        assert admin_main([*admin, "--json", "instances"]) == 0  # where each instance runs: what drain-node takes
+        assert {i["instance_id"]: i["node_id"] for i in json.loads(capsys.readouterr().out)} == {other: nodes[other]}
     finally:
         aloop.run(srv.stop())
 

@@ -383,6 +383,7 @@ def instance_from_proto(m: admin_pb2.Instance) -> InstanceInfo:
         block_size=m.block_size,
         healthy=m.healthy,
         draining=m.draining,
+        node_id=m.node_id,
     )
 
 

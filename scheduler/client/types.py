@@ -76,6 +76,7 @@ class InstanceInfo:
     block_size: int
     healthy: bool
     draining: bool
+    node_id: str = ""  # the Ray node it runs on (what ``drain_node`` takes); "" from an older server
 
     @property
     def kv_usage(self) -> float:

@@ -110,6 +110,7 @@ class ClusterState:
     router: str
     requests_in_flight: int
     extra: dict[str, float] = field(default_factory=dict)
+    nodes: dict[str, str] = field(default_factory=dict)  # instance id -> the Ray node it runs on
 
 
 @dataclass(frozen=True, slots=True)

@@ -942,6 +942,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             instances=self.view().instances,
             router=self.router.name,
             requests_in_flight=len(self.registry),
+            nodes={i: m.info.node_id for i, m in self._members.items() if m.info.node_id},
             extra={
                 "view_age_s": time.time() - self.view_refreshed_s,
                 "controller_ok": float(self.controller_ok),

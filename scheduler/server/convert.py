@@ -142,8 +142,9 @@ def generate_request_from_proto(
     return req
 
 
-def instance_to_proto(s: InstanceSnapshot) -> admin_pb2.Instance:
+def instance_to_proto(s: InstanceSnapshot, node_id: str = "") -> admin_pb2.Instance:
     return admin_pb2.Instance(
+        node_id=node_id,
         instance_id=s.instance_id,
         role=_ROLE_TO_PROTO.get(s.role, admin_pb2.INSTANCE_ROLE_UNSPECIFIED),
         gpu=s.gpu,
@@ -162,7 +163,7 @@ def instance_to_proto(s: InstanceSnapshot) -> admin_pb2.Instance:
 
 def cluster_state_to_proto(state: ClusterState) -> admin_pb2.ClusterState:
     return admin_pb2.ClusterState(
-        instances=[instance_to_proto(i) for i in state.instances],
+        instances=[instance_to_proto(i, state.nodes.get(i.instance_id, "")) for i in state.instances],
         router=state.router,
         requests_in_flight=state.requests_in_flight,
         extra=dict(state.extra),

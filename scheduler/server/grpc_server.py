@@ -320,7 +320,8 @@ class AdminServicer:
 
     async def list_instances(self, _msg: admin_pb2.ListInstancesRequest) -> admin_pb2.ListInstancesResponse:
         state = await self._ingress.cluster_state()
-        return admin_pb2.ListInstancesResponse(instances=[instance_to_proto(i) for i in state.instances])
+        return admin_pb2.ListInstancesResponse(
+            instances=[instance_to_proto(i, state.nodes.get(i.instance_id, "")) for i in state.instances])
 
     async def migrate(self, msg: admin_pb2.MigrateRequestRequest) -> admin_pb2.MigrationResult:
         if not msg.request_id:
