@@ -3,6 +3,8 @@
 * ``local_ray``: one real local Ray cluster per test module -- a CPU head plus one worker per fake GPU type
   (``h100`` and ``a100``, 4 fake GPUs each, labelled ``llmsched_gpu_<type>``), so placement groups, STRICT_PACK
   and GPU-type pinning run for real. Shut down at the end of the module.
+* ``ray_head``: a bare local Ray node per test module (no fake GPUs: CPU slivers do), for tests whose bug is in the
+  Ray layer, and for ``llmsched serve`` subprocesses that join it (``RAY_ADDRESS``) as the chart's join its head.
 * ``aloop``: an asyncio event loop on a background thread, for async code shared across a module's tests
   (``aloop.run(coro, timeout=...)``); Ingress objects live in it.
 * ``no_ray``: no Ray node for a test that runs ``Instance`` objects (or anything else Ray-aware) in this process.
@@ -90,6 +92,22 @@ def local_ray() -> Iterator[Any]:
     if ray.is_initialized():  # a previous module leaked it; never share state between modules
         ray.shutdown()
     rt = start_ray([NodeSpec(t, FAKE_GPUS_PER_NODE) for t in FAKE_GPU_TYPES], head_cpus=2)
+    try:
+        yield rt
+    finally:
+        rt.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[Any]:
+    """A bare local Ray node; yields the ``RayRuntime``."""
+    import ray
+
+    from scheduler.control.cluster import start_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    rt = start_ray(head_cpus=2)
     try:
         yield rt
     finally:

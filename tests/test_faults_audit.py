@@ -151,22 +151,6 @@ def test_concurrent_starts_build_one_engine(monkeypatch: pytest.MonkeyPatch, no_
     assert all(i.channel for i in infos)
 
 
-@pytest.fixture(scope="module")
-def ray_head() -> Any:
-    """A bare local Ray node (no fake GPUs: CPU slivers do) for the tests whose bug is in the Ray layer."""
-    import ray
-
-    from scheduler.control.cluster import start_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    rt = start_ray(head_cpus=2)
-    try:
-        yield rt
-    finally:
-        rt.shutdown()
-
-
 def test_an_instance_whose_creator_died_before_starting_it_is_started_on_adoption(ray_head: Any) -> None:
     """A Controller killed while an instance's actor was being constructed: its ``start`` call, buffered in the dead
     caller, never runs (checked on Ray 2.60: the detached actor comes up un-started). The restarted Controller

@@ -110,3 +110,47 @@ def test_serve_sigterm_while_starting_exits_0(tmp_path: Path) -> None:
     assert rc == 0, out
     assert "stopped while starting" in out and "serving" not in out.replace("stopped while starting", ""), out
 
+
+# -- a restart of the chart's llmsched container (thirty-sixth session); ray_head: tests/conftest.py -------------------
+
+
+def _incarnations(dep) -> set[str]:
+    return {i.incarnation for i in dep.instances.values()}
+
+
+def test_deploy_attaches_to_a_running_controller_of_its_config_and_replaces_one_of_another(
+    ray_head, tmp_path: Path
+) -> None:
+    """What the restarted `serve` runs: ``deploy`` of the config the named Controller runs attaches to it (before:
+    ActorAlreadyExistsError, the name was taken); of another config (the operator changed the file) it shuts that
+    deployment down and deploys the new one, whose ingress would otherwise route by a config its Controller does
+    not run."""
+    import ray
+
+    from scheduler.config.load import load_config, parse_config
+    from scheduler.control.cluster import deploy
+
+    cfg = load_config(_simulated_config(tmp_path))
+    first = deploy(cfg, detached=True)
+    try:
+        again = deploy(cfg)
+        assert again.attached and not first.attached
+        assert again.controller._actor_id == first.controller._actor_id
+        assert _incarnations(again) == _incarnations(first) and len(first.instances) == 3
+        with pytest.raises(ValueError, match="controller_name: 'llmsched-controller' is the Controller of cluster "
+                                             "'default', not 'other'"):
+            deploy(cfg, name="other")  # another cluster's Controller by that name: neither attached nor shut down
+        data = cfg.model_dump()
+        data["pools"][1]["count"] = 1
+        other = parse_config(data, source="one decode instance fewer")
+        changed = deploy(other)
+    except BaseException:
+        first.shutdown()
+        raise
+    try:
+        assert not changed.attached and changed.controller._actor_id != first.controller._actor_id
+        config, _ = ray.get(changed.controller.spec.remote())
+        assert config == other and len(changed.instances) == 2
+        assert not _incarnations(changed) & _incarnations(first)  # new instances
+    finally:
+        changed.shutdown()

@@ -7,7 +7,8 @@
     deploy(config)          Controller actor (named, max_restarts=-1) -> placement groups -> Instance actors
     Ingress(config, ctrl)   in the caller's process; starts lazily in the caller's event loop
 
-``start_local_cluster`` does all three; ``LocalCluster.shutdown()`` undoes them.
+``start_local_cluster`` does all three; ``LocalCluster.shutdown()`` undoes them, ``LocalCluster.detach()`` leaves a
+detached deployment running for the next ``deploy`` of the same name to attach to (``llmsched serve --on-exit keep``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from scheduler.config.gpus import nodes_for as packed_nodes
 from scheduler.config.models import ClusterConfig
-from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, Controller
+from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, Controller, instance_backend_kwargs
 from scheduler.control.instance import InstanceInfo
 from scheduler.control.placement import gpu_type_resource
 
@@ -124,6 +125,7 @@ class Deployment:
     controller_name: str
     instances: dict[str, InstanceInfo] = field(default_factory=dict)
     backend_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    attached: bool = False  # found running (``deploy`` attached to its Controller), not created by this driver
 
     def make_ingress(self, **kw: Any) -> Any:
         """A new Ingress for this deployment (starts lazily in the event loop that first uses it)."""
@@ -157,9 +159,21 @@ def deploy(
 ) -> Deployment:
     """Start the Controller (``detached`` in production; owned by this driver in tests) and wait until every
     pool's instances run. Instances and their placement groups are always detached: they must outlive a
-    Controller crash (a non-detached actor dies with its owner)."""
+    Controller crash (a non-detached actor dies with its owner).
+
+    A live Controller of this name already running ``config`` (and the same backend kwargs) is attached to, not
+    created again: a restarted ``llmsched serve`` finds the deployment it left running (``--on-exit keep``), and
+    its instances go on serving without a model reload (before: ``ActorAlreadyExistsError``). One running
+    another config is shut down first and ``config`` deployed: the file is the operator's new word (as a changed
+    pool count is, ``restored_desired``), and an ingress built from it must match its Controller."""
     import ray
 
+    ctrl = _running(config, name, namespace, controller_name, backend_kwargs)
+    if ctrl is not None:
+        infos = ray.get(ctrl.ready.remote(ready_timeout_s), timeout=ready_timeout_s + 10)
+        log.info("attached to the running controller %s (%d instances)", controller_name, len(infos))
+        return Deployment(config, ctrl, name, namespace, controller_name, infos, dict(backend_kwargs or {}),
+                          attached=True)
     ctrl = (
         ray.remote(Controller)
         .options(
@@ -179,6 +193,40 @@ def deploy(
     return Deployment(config, ctrl, name, namespace, controller_name, infos, dict(backend_kwargs or {}))
 
 
+def _running(config: ClusterConfig, name: str, namespace: str, controller_name: str,
+             backend_kwargs: dict[str, dict[str, Any]] | None) -> Any | None:
+    """The live Controller ``deploy`` attaches to, or None (none runs, or one of another deployment was shut
+    down)."""
+    import ray
+
+    try:
+        ctrl = ray.get_actor(controller_name, namespace=namespace)
+    except ValueError:  # no actor of that name
+        return None
+    try:
+        running, kwargs = ray.get(ctrl.spec.remote(), timeout=30)
+        cluster = ray.get(ctrl.ping.remote(), timeout=30)["cluster"]
+    except ray.exceptions.RayActorError:  # dead (a kill still under way): its name is about to be free
+        return None
+    if cluster != name:  # another deployment's: neither ours to attach to nor to shut down
+        raise ValueError(f"controller_name: {controller_name!r} is the Controller of cluster {cluster!r}, "
+                         f"not {name!r}")
+    if (running.model_dump(mode="json"), kwargs) == (config.model_dump(mode="json"),
+                                                     instance_backend_kwargs(config, backend_kwargs)):
+        return ctrl
+    log.warning("controller %s runs another config (%s); shutting that deployment down to deploy %s",
+                controller_name, running.name, config.name)
+    Deployment(running, ctrl, name, namespace, controller_name).shutdown()
+    deadline = time.monotonic() + 10.0  # the kill lands asynchronously; its name is free once it has
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(controller_name, namespace=namespace)
+        except ValueError:
+            break
+        time.sleep(0.1)
+    return None
+
+
 @dataclass
 class LocalCluster:
     """Ray + one deployment + an Ingress, all owned by this process."""
@@ -196,6 +244,16 @@ class LocalCluster:
         if self.runtime is not None:
             self.runtime.shutdown()
 
+    def detach(self) -> None:
+        """Disconnect, leaving the deployment running (a detached Controller outlives this driver; its instances
+        always do). A Ray runtime this process started stops with it all the same."""
+        import ray
+
+        if self.runtime is not None:
+            self.runtime.shutdown()
+        else:
+            ray.shutdown()
+
 
 def start_local_cluster(
     config: ClusterConfig,
@@ -206,8 +264,10 @@ def start_local_cluster(
     backend_kwargs: dict[str, dict[str, Any]] | None = None,
     ingress_kwargs: dict[str, Any] | None = None,
     ready_timeout_s: float = 120.0,
+    detached: bool = False,
 ) -> LocalCluster:
-    """Start Ray (unless already initialised), deploy ``config`` and build an Ingress.
+    """Start Ray (unless already initialised), deploy ``config`` (or attach to it: :func:`deploy`) and build an
+    Ingress.
 
     Args:
         fake_gpus_per_node: > 0 starts worker nodes per GPU type of the pools (``nodes`` each, default what its
@@ -215,6 +275,7 @@ def start_local_cluster(
             pinning run for real; 0 is a CPU-only single node.
         backend_kwargs: per backend kind, e.g. ``{"simulated": {"time_scale": 0.5}}``.
         ready_timeout_s: how long to wait for every instance; those still starting then join when up.
+        detached: a Controller that outlives this process (``LocalCluster.detach``).
     """
     import ray
 
@@ -227,5 +288,6 @@ def start_local_cluster(
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         else:
             runtime = start_ray(nodes_for(config, fake_gpus_per_node=fake_gpus_per_node, nodes=nodes))
-    dep = deploy(config, name=name, backend_kwargs=backend_kwargs, ready_timeout_s=ready_timeout_s)
+    dep = deploy(config, name=name, backend_kwargs=backend_kwargs, ready_timeout_s=ready_timeout_s,
+                 detached=detached)
     return LocalCluster(runtime, dep, dep.make_ingress(**(ingress_kwargs or {})))

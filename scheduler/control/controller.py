@@ -599,7 +599,8 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
 
     async def ping(self) -> dict[str, Any]:
         self._ensure_loop()
-        return {"epoch": self.epoch, "restarted": self.restarted, "instances": len(self._members)}
+        return {"epoch": self.epoch, "restarted": self.restarted, "instances": len(self._members),
+                "cluster": self.cluster}
 
     async def members(self) -> dict[str, Member]:
         """Live instances with their handles: what an ingress needs to poll them directly."""
