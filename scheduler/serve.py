@@ -1,8 +1,10 @@
 """``llmsched serve --config PATH --port N``: the control plane plus the gRPC (and optional HTTP) servers.
 
-Runs in the foreground until SIGTERM/SIGINT, then reports NOT_SERVING, drains (in-flight streams finish), shuts
-the deployment down and exits 0. Starts a local Ray cluster unless one is reachable (``RAY_ADDRESS`` or an
-initialised Ray), so the same command serves a laptop and a KubeRay head pod.
+Runs in the foreground until SIGTERM/SIGINT, then reports NOT_SERVING, drains (in-flight gRPC and HTTP streams
+finish, for up to ``--grace-s``), and exits 0 after what ``--on-exit`` says: ``shutdown`` (default: a laptop's
+Ctrl-C) releases every instance and stops the Controller; ``keep`` (the Helm chart) leaves them running in Ray, and
+the next start attaches to that Controller instead of loading every model again. Starts a local Ray cluster unless
+one is reachable (``RAY_ADDRESS`` or an initialised Ray), so the same command serves a laptop and a KubeRay head pod.
 """
 
 from __future__ import annotations
@@ -22,6 +24,23 @@ log = logging.getLogger("llmsched.serve")
 
 
 _AUTH_VARS = ("LLMSCHED_CLIENT_TOKEN_FILE", "LLMSCHED_ADMIN_TOKEN_FILE")
+ON_EXIT = ("shutdown", "keep")
+INGRESS_CLOSE_S = 5.0  # how long ``Ingress.close`` waits for its background tasks (its default)
+
+
+def exit_bound_s(grace_s: float) -> float:
+    """The longest a SIGTERM of ``serve --on-exit keep`` takes to exit: the gRPC and HTTP drains side by side
+    (``grace_s``, HTTP's + 1 s), the ingress's close, Ray's disconnect (~1 s). The chart's
+    ``terminationGracePeriodSeconds`` must be above it. A ``shutdown`` exit adds ``Deployment.shutdown`` (up to
+    30 s)."""
+    return grace_s + 1 + INGRESS_CLOSE_S + 1
+
+
+def _on_exit(s: str) -> str:
+    v = s.strip().lower()
+    if v not in ON_EXIT:
+        raise argparse.ArgumentTypeError(f"use shutdown or keep, got {s!r} (the flag, or env LLMSCHED_ON_EXIT)")
+    return v
 
 
 def _auth(host: str):
@@ -79,24 +98,33 @@ async def _serve(args: argparse.Namespace) -> int:
     cfg = args.cfg
     loop = asyncio.get_running_loop()
     # SIGTERM/SIGINT from now on stop the server cleanly (exit 0), also while the engines are still starting:
-    # a signal then lets start-up finish, and the cluster is shut down instead of served (no leaked Ray workers).
+    # a signal then lets start-up finish, and the cluster is shut down instead of served (no leaked Ray workers),
+    # or left running (--on-exit keep).
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / platform
             pass
+    keep = args.on_exit == "keep"
     print(f"llmsched starting {cfg.name} ({cfg.num_instances} instances)...", flush=True)
-    # Ray start-up and engine creation block: keep them off the event loop.
+    # Ray start-up and engine creation block: keep them off the event loop. Kept, the Controller is detached: one
+    # owned by this driver died with it, instances and all.
     cluster = await loop.run_in_executor(
-        None, lambda: start_local_cluster(cfg, fake_gpus_per_node=args.fake_gpus_per_node,
+        None, lambda: start_local_cluster(cfg, fake_gpus_per_node=args.fake_gpus_per_node, detached=keep,
                                           ingress_kwargs={"direct": args.direct_channel, "predictor": args.predictor})
     )
+    if cluster.deployment.attached:
+        print(f"llmsched attached to the running {cfg.name} ({len(cluster.deployment.instances)} instances)",
+              flush=True)
+    if keep and cluster.runtime is not None:
+        log.warning("--on-exit keep: this process started its own Ray cluster (no RAY_ADDRESS), which stops with it")
     ingress = cluster.ingress
-    http_task = follow = None
+    http_task = http_exit = follow = server = None
     try:
         if stop.is_set():
-            print("llmsched: stopped while starting; shutting the cluster down", flush=True)
+            print(f"llmsched: stopped while starting; {'leaving' if keep else 'shutting'} the cluster "
+                  f"{'running' if keep else 'down'}", flush=True)
             return 0
         recorder, tracing, limiter = _telemetry(cfg)
         ingress.recorder, ingress.tracing = recorder, tracing  # per-stage spans and instance gauges
@@ -113,9 +141,12 @@ async def _serve(args: argparse.Namespace) -> int:
             tls = auth.uvicorn_kwargs() if auth is not None else {}
             # default_model: what a response says when the client named none (/v1/models lists the instances' model).
             app = build_app(ingress, auth=auth, default_model=cfg.model.name, **obs)
-            server = uvicorn.Server(uvicorn.Config(app, host=args.host,
-                                                   port=args.http_port, lifespan="off", log_level="warning", **tls))
+            # Drained as gRPC is, side by side: streams in flight get ``grace_s`` to finish. It was cancelled once
+            # gRPC had stopped, which with no gRPC stream in flight was at once, cutting every HTTP stream.
+            server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.http_port, lifespan="off",
+                                                   log_level="warning", timeout_graceful_shutdown=args.grace_s, **tls))
             http_task = asyncio.create_task(server.serve())
+            http_exit = asyncio.create_task(_exit_on(stop, server))
 
         def started(srv) -> None:
             print(f"llmsched serving {cfg.name} ({cfg.num_instances} instances) on {args.host}:{srv.port}",
@@ -125,12 +156,25 @@ async def _serve(args: argparse.Namespace) -> int:
                     grace_s=args.grace_s, stop=stop, **obs)
     finally:
         if http_task is not None:
+            server.should_exit = True
+            await asyncio.wait({http_task}, timeout=args.grace_s + 1)  # its own grace ends it; +1: its close
             http_task.cancel()
+            http_exit.cancel()
         if follow is not None:
             follow.cancel()
-        await ingress.close()
-        await loop.run_in_executor(None, cluster.shutdown)
+        await ingress.close(INGRESS_CLOSE_S)
+        if keep:
+            # Safe under `helm uninstall`: it deletes the RayCluster, and the kept Controller and instances with it.
+            print(f"llmsched: leaving {cfg.name} running (--on-exit keep)", flush=True)
+            await loop.run_in_executor(None, cluster.detach)
+        else:
+            await loop.run_in_executor(None, cluster.shutdown)
     return 0
+
+
+async def _exit_on(stop: asyncio.Event, server) -> None:
+    await stop.wait()
+    server.should_exit = True
 
 
 def _model_path(s: str) -> str:
@@ -149,7 +193,7 @@ def _load(args: argparse.Namespace) -> ClusterConfig:
     return parse_config(data, source=f"{args.config} with --model-path")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmsched serve", description=__doc__)
     p.add_argument("--config", required=True, help="cluster config YAML (e.g. deploy/examples/cpu-pd.yaml)")
     p.add_argument("--model-path", type=_model_path, default=None,
@@ -163,12 +207,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fake-gpus-per-node", type=nonneg_int, default=0,
                    help="start local Ray nodes with this many fake GPUs, per GPU type as many as its pools' instances "
                         "pack onto (dev/test)")
-    p.add_argument("--grace-s", type=nonneg_float, default=10.0)
+    p.add_argument("--grace-s", type=nonneg_float, default=10.0,
+                   help="on SIGTERM/SIGINT, how long in-flight gRPC and HTTP streams get to finish")
+    p.add_argument("--on-exit", type=_on_exit, default=os.environ.get("LLMSCHED_ON_EXIT", "shutdown"),
+                   help="on SIGTERM/SIGINT, shutdown: release every instance and stop the Controller; keep: leave "
+                        "them running in Ray for the next start to attach to, no model reload (the Helm chart: a "
+                        "container restart). Default: env LLMSCHED_ON_EXIT, else shutdown")
     p.add_argument("--no-direct-channel", dest="direct_channel", action="store_false",
                    default=os.environ.get("LLMSCHED_DIRECT_CHANNEL", "1").lower() not in ("0", "false", "no"),
                    help="Ray actor calls only between the ingress and the instances (default: the direct TCP "
                         "channel, with Ray as fallback; env LLMSCHED_DIRECT_CHANNEL=0 does the same)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     level = os.environ.get("LLMSCHED_LOG_LEVEL", "WARNING").strip().upper()
     try:
         if not isinstance(logging.getLevelName(level), int):  # basicConfig's "Unknown level" named no variable

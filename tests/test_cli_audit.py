@@ -359,3 +359,12 @@ def test_simulate_seed_reaches_the_simulators_host_noise(monkeypatch: pytest.Mon
     monkeypatch.setattr(commands, "Simulator", Spy)
     rc, _ = run(["simulate", "--quiet", "--synthetic", "20", "--instances", "2", "--seed", "7"], capsys)
     assert rc == 0 and seen == [7]
+
+
+@pytest.mark.parametrize("args, env", [(["--on-exit", "stay"], {}), ([], {"LLMSCHED_ON_EXIT": "stay"})])
+def test_serve_bad_on_exit_fails_before_ray_starts(args, env, no_cluster_start, monkeypatch, capsys) -> None:
+    """``--on-exit`` / ``LLMSCHED_ON_EXIT`` (the chart's container restart): a typo must not fall back to either."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    rc, err = run(["serve", "--config", "tiny-cpu", *args], capsys)
+    assert rc == 2 and "argument --on-exit: use shutdown or keep, got 'stay'" in err and "LLMSCHED_ON_EXIT" in err

@@ -35,11 +35,11 @@ def _simulated_config(tmp_path: Path) -> Path:
     return path
 
 
-def _start_serve(tmp_path: Path, port: int) -> subprocess.Popen:
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+def _start_serve(tmp_path: Path, port: int, *args: str, **env: str) -> subprocess.Popen:
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", **env)
     return subprocess.Popen(
         [sys.executable, "-m", "scheduler.cli", "serve", "--config", str(_simulated_config(tmp_path)),
-         "--port", str(port)],
+         "--port", str(port), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
 
@@ -57,6 +57,18 @@ def _wait_serving(addr: str, proc: subprocess.Popen, timeout_s: float = 120) -> 
                 pass
             time.sleep(0.5)
     raise AssertionError("server never reported SERVING")
+
+
+def _stop(proc: subprocess.Popen) -> tuple[int, float, str]:
+    """SIGTERM: exit code, seconds to exit, output."""
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return rc, time.monotonic() - t0, proc.stdout.read() if proc.stdout else ""
 
 
 def test_serve_foreground_health_generate_and_sigterm(tmp_path: Path) -> None:
@@ -78,13 +90,8 @@ def test_serve_foreground_health_generate_and_sigterm(tmp_path: Path) -> None:
         assert "prompt" in str(e.value)
         c.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert rc == 0
+        rc, _, out = _stop(proc)
+    assert rc == 0, out
 
 
 def test_serve_sigterm_while_starting_exits_0(tmp_path: Path) -> None:
@@ -111,7 +118,84 @@ def test_serve_sigterm_while_starting_exits_0(tmp_path: Path) -> None:
     assert "stopped while starting" in out and "serving" not in out.replace("stopped while starting", ""), out
 
 
+
 # -- a restart of the chart's llmsched container (thirty-sixth session); ray_head: tests/conftest.py -------------------
+
+
+def _instances() -> dict[str, str]:
+    """Live instance actors of the deployment `serve` names ``default``: actor name -> actor id."""
+    import ray
+
+    from scheduler.control.controller import NAMESPACE, instance_actor_name
+
+    prefix = instance_actor_name("default", "")
+    return {e["name"]: ray.get_actor(e["name"], namespace=NAMESPACE)._actor_id.hex()
+            for e in ray.util.list_named_actors(all_namespaces=True)
+            if e["namespace"] == NAMESPACE and e["name"].startswith(prefix)}
+
+
+def test_a_kept_deployment_survives_sigterm_and_the_next_start_attaches_to_it(ray_head, tmp_path: Path) -> None:
+    """A restart of the chart's llmsched container (liveness probe, rollout): `serve` shut the whole deployment down
+    on SIGTERM, so every model reloaded (minutes). With LLMSCHED_ON_EXIT=keep the servers drain (an HTTP stream in
+    flight finishes: it was cut after 4 of 400 tokens) and the Controller and instances stay; the next start
+    attaches to them (same actors, no new instance); the default still shuts the deployment down."""
+    import http.client
+    import json
+
+    import ray
+
+    from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE
+
+    port, http_port = _free_port(), _free_port()
+    addr = f"127.0.0.1:{port}"
+    proc = _start_serve(tmp_path, port, "--http-port", str(http_port), RAY_ADDRESS=ray_head.address,
+                        LLMSCHED_ON_EXIT="keep")
+    try:
+        _wait_serving(addr, proc)
+        ctrl = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+        before = _instances()
+        assert len(before) == 3
+        # An HTTP stream in flight when SIGTERM arrives, and no gRPC one: HTTP was cancelled as soon as gRPC stopped.
+        conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=30)
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": [3, 4, 5], "max_tokens": 400,
+                                                                  "stream": True}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        first = resp.readline()
+        assert first.startswith(b"data: "), first
+    finally:
+        rc, exit_s, out = _stop(proc)
+    body = first + resp.read()
+    conn.close()
+    assert rc == 0, out
+    events = [json.loads(e[len(b"data: "):]) for e in body.split(b"\n\n") if e.startswith(b"data: {")]
+    assert sum(len(e["choices"][0]["token_ids"]) for e in events) == 400, body[-300:]
+    assert events[-1]["choices"][0]["finish_reason"] == "length" and body.rstrip().endswith(b"[DONE]")
+    assert ray.get(ctrl.ping.remote(), timeout=10)["instances"] == 3 and _instances() == before, out
+
+    t0 = time.monotonic()
+    proc = _start_serve(tmp_path, port, RAY_ADDRESS=ray_head.address)  # the default: shutdown
+    try:
+        _wait_serving(addr, proc)
+        start_s = time.monotonic() - t0
+        again = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+        assert again._actor_id == ctrl._actor_id  # the same Controller, not a second one
+        with Client(addr) as c:
+            chunks = [ch for ch in c.stream([5, 6, 7], max_tokens=6) if ch.token_ids]
+        assert sum(len(ch.token_ids) for ch in chunks) == 6
+        assert {f"llmsched/default/inst/{ch.instance_id}" for ch in chunks} <= set(before)
+        assert _instances() == before  # nothing re-deployed
+    finally:
+        rc, _, out = _stop(proc)
+    assert rc == 0 and "attached to the running" in out, out
+    deadline = time.monotonic() + 10
+    while _instances() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _instances() == {}
+    with pytest.raises(ValueError):
+        ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    print(f"keep: SIGTERM -> exit {exit_s:.1f}s (an HTTP stream drained); restart -> SERVING {start_s:.1f}s")
 
 
 def _incarnations(dep) -> set[str]:
