@@ -390,3 +390,19 @@ def test_the_scheduler_shares_the_ray_heads_session_dir() -> None:
     mounts = {c["name"]: {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])} for c in spec["containers"]}
     assert mounts["ray-head"]["/tmp/ray"] == mounts["llmsched"]["/tmp/ray"]
     assert "emptyDir" in {v["name"]: v for v in spec["volumes"]}[mounts["ray-head"]["/tmp/ray"]]
+
+
+def test_a_restart_of_the_scheduler_container_keeps_the_deployment_within_the_pods_grace() -> None:
+    """SIGTERM of the llmsched container (a liveness restart, a rollout) shut the Controller and every engine down:
+    every model reloaded although the Ray head and the workers ran on. The chart keeps them (`serve --on-exit`),
+    and the pod's grace outlasts serve's own drain, or the kubelet's SIGKILL cut the streams still draining."""
+    from scheduler.serve import exit_bound_s, parser
+
+    rc = _of_kind(_render(None), "RayCluster")[0]
+    spec = rc["spec"]["headGroupSpec"]["template"]["spec"]
+    c = _scheduler_container(None)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["LLMSCHED_ON_EXIT"] == "keep"
+    assert c["command"][:2] == ["llmsched", "serve"]
+    grace_s = parser().parse_args(c["command"][2:]).grace_s
+    assert spec.get("terminationGracePeriodSeconds", 30) > exit_bound_s(grace_s)
