@@ -5,6 +5,9 @@ Errors name the file, the key path and the allowed values (see ``load.py``).
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -20,6 +23,16 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
 # A Hugging Face repo id ("name" or "org/name"; huggingface_hub's REPO_ID_REGEX): what ``model.path`` names when it
 # is no local path. Anything else (an absolute path, two slashes, "./", "~") is a directory.
 _HF_REPO_ID = re.compile(r"^(\b[\w\-.]+\b/)?\b[\w\-.]+\b$")
+# ``ModelSpec`` shape fields and the Hugging Face ``config.json`` keys they must equal (``ModelSpec.check_weights``).
+_HF_SHAPE = {
+    "num_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "intermediate_size": "intermediate_size",
+    "vocab_size": "vocab_size",
+}
+log = logging.getLogger(__name__)
 # An instance whose snapshots fail this long is out of service: routed around by the ingresses while they time out,
 # released (so replaced) by the Controller when they fail with an error -- its actor lives, its engine does not.
 # (Here, not in ``control.controller``: ``PoolSpec.hang_timeout_s`` may not be below it.)
@@ -121,21 +134,67 @@ class ModelSpec(_Strict):
 
         Checked here, where it is read (an engine on a worker node, the ingress on the head), not at config load:
         the directory lives on those nodes. Raises ``ValueError`` naming ``model.path`` for a local path that does
-        not exist here (anything that is not a repo id, "org/name", is one)."""
+        not exist here (anything that is not a repo id, "org/name", is one), and naming the shape fields for a
+        directory whose ``config.json`` is another model's (:meth:`check_weights`; not the tiny model's)."""
         if override is not None:
-            return str(override)
-        if self.path is None:
+            where = str(override)
+        elif self.path is None:  # NOTE: not checked: the chart's default values give it Llama-2-7B's shape
             from scheduler.engine.tiny_model import ensure_tiny_model
 
             return str(ensure_tiny_model())
-        local = Path(self.path).expanduser()
-        if local.exists() or not _HF_REPO_ID.match(self.path):
-            if not local.is_dir():
-                raise ValueError(f"model.path: no model directory {self.path!r} on this node ({os.uname().nodename}); "
-                                 "mount the weights there (the chart's weights.volume) or name a Hugging Face repo "
-                                 "id (org/name)")
-            return str(local)
-        return self.path
+        else:
+            where = self.path
+            local = Path(self.path).expanduser()
+            if local.exists() or not _HF_REPO_ID.match(self.path):
+                if not local.is_dir():
+                    raise ValueError(f"model.path: no model directory {self.path!r} on this node "
+                                     f"({os.uname().nodename}); mount the weights there (the chart's weights.volume) "
+                                     "or name a Hugging Face repo id (org/name)")
+                where = str(local)
+        self.check_weights(where)
+        return where
+
+    def check_weights(self, where: str) -> None:
+        """Refuses weights that are not the model the shape fields describe: they size the KV cache, the latency
+        model and the simulator, and vLLM would serve other weights without a word (a 70B's directory under a 7B's
+        shape: KV sized for 32 layers, not 80). Compares a model directory's ``config.json`` (Hugging Face's keys;
+        a multimodal model's ``text_config``); ``max_model_len`` may be below its ``max_position_embeddings`` (times
+        a RoPE scaling factor, or its ``model_max_length``), not above (vLLM's rule; unless
+        ``VLLM_ALLOW_LONG_MAX_MODEL_LEN``). Called by :meth:`weights`, so wherever the weights are read: the head
+        before Ray starts and the ingress, each engine on its worker (whose directory may differ from the head's).
+        A repo id is not read before its engine downloads it, nor a directory without ``config.json``: logged once.
+
+        Raises ``ValueError`` naming each field that differs (``model.num_layers: 32, but <dir>/config.json has
+        num_hidden_layers 80``)."""
+        file = Path(where) / "config.json"
+        if not file.is_file():
+            why = ("no config.json in the directory" if Path(where).is_dir() else
+                   "no model directory here: a Hugging Face repo id is not read before its engine downloads it")
+            _log_unchecked(where, why)
+            return
+        try:
+            hf = json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"model.path: cannot read {file} ({e}); a Hugging Face config.json is JSON") from None
+        if not isinstance(hf, dict):
+            raise ValueError(f"model.path: {file} is not a JSON object (a Hugging Face config.json)")  # noqa: TRY004
+        if "num_hidden_layers" not in hf and isinstance(hf.get("text_config"), dict):
+            hf = {**hf, **hf["text_config"]}  # a multimodal model: its language model's shape
+        if hf.get("num_key_value_heads") is None:  # Hugging Face's default: no grouped-query attention
+            hf = {**hf, "num_key_value_heads": hf.get("num_attention_heads")}
+        wrong = [f"model.{field}: {getattr(self, field)}, but {file} has {key} {hf[key]}"
+                 for field, key in _HF_SHAPE.items() if hf.get(key) is not None and hf[key] != getattr(self, field)]
+        # KV bytes per token are by head_dim (a differing hidden_size or num_heads says it already)
+        if not wrong and hf.get("head_dim") not in (None, self.head_dim):
+            wrong.append(f"model.hidden_size: {self.hidden_size} / num_heads {self.num_heads} is head_dim "
+                         f"{self.head_dim}, but {file} has head_dim {hf['head_dim']} (which the config cannot give)")
+        longest = _longest_context(hf)
+        if longest is not None and self.max_model_len > longest and not _allow_long_context():
+            wrong.append(f"model.max_model_len: {self.max_model_len}, but {file} allows {longest} "
+                         "(max_position_embeddings, times a RoPE scaling factor, or model_max_length)")
+        if wrong:
+            raise ValueError("; ".join(wrong) + ": the config's model shape is not these weights'; give the "
+                             "weights' shape, or point model.path at the model it describes")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelSpec:
@@ -401,6 +460,34 @@ class ClusterConfig(_Strict):
     @property
     def num_instances(self) -> int:
         return sum(p.count for p in self.pools)
+
+
+@functools.cache
+def _log_unchecked(where: str, why: str) -> None:
+    """Once per process and model: the engines and the ingress each read the weights."""
+    log.warning("model.path %r: the config's model shape is not checked against it (%s)", where, why)
+
+
+def _longest_context(hf: dict[str, Any]) -> int | None:
+    """The longest ``max_model_len`` a ``config.json`` allows, leniently: vLLM scales ``max_position_embeddings``
+    by a RoPE scaling factor for some RoPE types and not others; any factor is taken here, so that only vLLM
+    refuses the ones between. ``None``: it does not say."""
+    positions = hf.get("max_position_embeddings")
+    if not isinstance(positions, int):
+        return None
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters")
+    if not isinstance(rope, dict):
+        rope = {}
+    # transformers 5 may key the parameters by layer type ({"full_attention": {...}, ...})
+    ropes = [rope] if "factor" in rope or "rope_type" in rope else [r for r in rope.values() if isinstance(r, dict)]
+    factor = max([r["factor"] for r in ropes if isinstance(r.get("factor"), int | float)], default=1)
+    own = hf.get("model_max_length")
+    return max(int(positions * max(factor, 1)), own if isinstance(own, int) else 0)
+
+
+def _allow_long_context() -> bool:
+    """vLLM's own escape hatch for a ``max_model_len`` above the model's (``VLLM_ALLOW_LONG_MAX_MODEL_LEN``)."""
+    return os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").strip().lower() in ("1", "true")
 
 
 def _resolve_gpus(v: Any) -> Any:

@@ -1,0 +1,144 @@
+"""``model.path``'s weights against the config's model shape: the shape fields size the KV cache, the latency model
+and the simulator, and nothing checked that they describe the weights the engines load (a 70B's directory under a
+7B's shape was served, its KV sized for the wrong model). The generated tiny model's ``config.json`` is the
+reference; no engine starts, nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scheduler.config.load import load_config
+from scheduler.config.models import ModelSpec
+from tests.test_model_path_audit35 import _backend, _config, _serve
+
+_DROP = object()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Path:
+    from scheduler.engine.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+@pytest.fixture
+def weights(tiny: Path, tmp_path: Path) -> Any:
+    """A model directory whose ``config.json`` is the tiny model's with ``changes`` (``_DROP``: the key removed)."""
+
+    def make(**changes: Any) -> Path:
+        hf = json.loads((tiny / "config.json").read_text())
+        for key, value in changes.items():
+            if value is _DROP:
+                hf.pop(key, None)
+            else:
+                hf[key] = value
+        out = tmp_path / "model"
+        out.mkdir(exist_ok=True)
+        (out / "config.json").write_text(json.dumps(hf))
+        return out
+
+    return make
+
+
+def _model(path: Path | str, **shape: Any) -> ModelSpec:
+    """The cpu-pd example's model (the tiny model's shape, max_model_len 2048) with ``shape`` changed."""
+    return _config(str(path), **shape).model
+
+
+def test_the_tiny_model_under_its_own_shape_is_served(tiny: Path) -> None:
+    assert _model(tiny).weights() == str(tiny)
+    assert _model(tiny, max_model_len=16384).weights() == str(tiny)  # its max_position_embeddings
+    # unset: the tiny fallback, under any shape (the chart's default values give it Llama-2-7B's)
+    assert load_config("llama2-70b-h100").model.weights() == str(tiny)
+
+
+def test_a_70b_shape_over_the_tiny_weights_is_refused_naming_each_field(tiny: Path) -> None:
+    model = load_config("llama2-70b-h100").model.model_copy(update={"path": str(tiny)})
+    with pytest.raises(ValueError) as e:
+        model.weights()
+    msg = str(e.value)
+    assert f"model.num_layers: 80, but {tiny}/config.json has num_hidden_layers 2" in msg
+    for field, key, value in (("hidden_size", "hidden_size", 128), ("num_heads", "num_attention_heads", 4),
+                              ("num_kv_heads", "num_key_value_heads", 4), ("intermediate_size",
+                              "intermediate_size", 256), ("vocab_size", "vocab_size", 1024)):
+        assert f"model.{field}: {getattr(model, field)}, but {tiny}/config.json has {key} {value}" in msg
+
+
+@pytest.mark.parametrize(("shape", "named"), [
+    ({"num_layers": 3}, "model.num_layers: 3, but .* has num_hidden_layers 2"),
+    ({"num_heads": 8}, "model.num_heads: 8, but .* has num_attention_heads 4"),
+    ({"num_kv_heads": 2}, "model.num_kv_heads: 2, but .* has num_key_value_heads 4"),
+    ({"intermediate_size": 512}, "model.intermediate_size: 512, but .* has intermediate_size 256"),
+    ({"vocab_size": 32000}, "model.vocab_size: 32000, but .* has vocab_size 1024"),
+    ({"hidden_size": 256}, "model.hidden_size: 256, but .* has hidden_size 128"),
+])
+def test_one_differing_field_is_named_alone(tiny: Path, shape: dict[str, Any], named: str) -> None:
+    with pytest.raises(ValueError, match=named) as e:
+        _model(tiny, **shape).weights()
+    assert str(e.value).count("model.") == 2  # the field, and the advice naming model.path
+
+
+def test_kv_heads_default_to_the_attention_heads(weights: Any) -> None:
+    path = weights(num_key_value_heads=_DROP)
+    assert _model(path).weights() == str(path)  # 4 KV heads: no grouped-query attention
+    with pytest.raises(ValueError, match="model.num_kv_heads: 2, but .* has num_key_value_heads 4"):
+        _model(path, num_kv_heads=2).weights()
+
+
+def test_a_head_dim_the_config_cannot_give_is_refused(weights: Any) -> None:
+    with pytest.raises(ValueError, match=r"model.hidden_size: 128 / num_heads 4 is head_dim 32, but .* has head_dim 64"):
+        _model(weights(head_dim=64)).weights()
+
+
+def test_max_model_len_may_be_shorter_than_the_models_not_longer(
+    tiny: Path, weights: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ValueError, match=r"model.max_model_len: 16385, but .* allows 16384"):
+        _model(tiny, max_model_len=16385).weights()
+    scaled = weights(rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert _model(scaled, max_model_len=32768).weights() == str(scaled)
+    with pytest.raises(ValueError, match=r"allows 32768"):
+        _model(scaled, max_model_len=32769).weights()
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # vLLM's own override
+    assert _model(tiny, max_model_len=16385).weights() == str(tiny)
+
+
+def test_a_multimodal_models_language_shape_is_compared(tiny: Path, weights: Any) -> None:
+    text = json.loads((tiny / "config.json").read_text())
+    path = weights(text_config={**text, "num_hidden_layers": 80}, num_hidden_layers=_DROP)
+    with pytest.raises(ValueError, match="model.num_layers: 2, but .* has num_hidden_layers 80"):
+        _model(path).weights()
+    assert _model(path, num_layers=80).weights() == str(path)
+
+
+def test_serve_model_path_refuses_other_weights_before_ray_starts(
+    monkeypatch: pytest.MonkeyPatch, weights: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, cfg = _serve(monkeypatch, "--model-path", str(weights(num_hidden_layers=80)))
+    assert rc == 2 and cfg is None
+    assert "error: model.num_layers: 2, but" in capsys.readouterr().err
+
+
+def test_an_engine_refuses_other_weights_on_its_node(monkeypatch: pytest.MonkeyPatch, weights: Any) -> None:
+    # the worker's directory may not be the head's: the engine checks the one it loads
+    path = weights(num_hidden_layers=80)
+    with pytest.raises(ValueError, match="model.num_layers: 2, but"):
+        _backend(monkeypatch, _model(path))
+    with pytest.raises(ValueError, match="model.num_layers: 2, but"):  # a backend kwarg's directory too
+        _backend(monkeypatch, _model("org/name"), model_path=str(path))
+
+
+def test_what_cannot_be_read_is_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="scheduler.config.models")
+    for _ in range(2):
+        assert _model("org/shape-unchecked").weights() == "org/shape-unchecked"
+        assert _model(tmp_path).weights() == str(tmp_path)  # a directory without config.json
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2
+    assert "org/shape-unchecked" in said[0] and "repo id is not read" in said[0]
+    assert str(tmp_path) in said[1] and "no config.json" in said[1]
