@@ -17,8 +17,8 @@ import signal
 import sys
 
 from scheduler.cli_args import nonneg_float, nonneg_int, port
-from scheduler.config.load import load_config, parse_config
-from scheduler.config.models import ClusterConfig
+from scheduler.config.load import parse_config, read_config
+from scheduler.config.models import ClusterConfig, fill_model_shape
 
 log = logging.getLogger("llmsched.serve")
 
@@ -184,13 +184,17 @@ def _model_path(s: str) -> str:
 
 
 def _load(args: argparse.Namespace) -> ClusterConfig:
-    """The config file, with ``--model-path`` as its ``model.path`` when given."""
-    cfg = load_config(args.config)
-    if args.model_path is None:
-        return cfg
-    data = cfg.model_dump()
-    data["model"]["path"] = args.model_path
-    return parse_config(data, source=f"{args.config} with --model-path")
+    """The config file, with ``--model-path`` as its ``model.path`` when given, and the model fields it omits from
+    that directory's ``config.json`` (``fill_model_shape``)."""
+    data, source = read_config(args.config)
+    if isinstance(data, dict) and isinstance(data.get("model", {}), dict):  # else parse_config names what is wrong
+        model = dict(data.get("model") or {})
+        if args.model_path is not None:
+            model["path"] = args.model_path
+            source = f"{source} with --model-path"
+        if model:
+            data = {**data, "model": fill_model_shape(model)}
+    return parse_config(data, source=source)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -198,7 +202,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="cluster config YAML (e.g. deploy/examples/cpu-pd.yaml)")
     p.add_argument("--model-path", type=_model_path, default=None,
                    help="the weights vllm pools serve, instead of the config's model.path: a Hugging Face repo id "
-                        "or a model directory (on every worker node, and here for the tokenizer)")
+                        "or a model directory (on every worker node, and here for the tokenizer; the model fields "
+                        "the config omits are read from its config.json)")
     # NOTE: checked types: a bad number fails here, not once Ray and the engines are up (minutes later).
     p.add_argument("--port", type=port, default=50051)
     p.add_argument("--host", default=os.environ.get("LLMSCHED_HOST", "127.0.0.1"))

@@ -183,7 +183,9 @@ def test_the_ingress_names_model_path_for_a_model_without_a_tokenizer(tmp_path: 
 
 
 # ---- llmsched serve --model-path -------------------------------------------------------------------------------------
-def _serve(monkeypatch: pytest.MonkeyPatch, *argv: str) -> tuple[int, ClusterConfig | None]:
+def _serve(
+    monkeypatch: pytest.MonkeyPatch, *argv: str, config: Path = CPU_PD
+) -> tuple[int, ClusterConfig | None]:
     """``llmsched serve`` up to the point it would start Ray: its exit code and the config it would serve."""
     from scheduler import serve
 
@@ -194,7 +196,7 @@ def _serve(monkeypatch: pytest.MonkeyPatch, *argv: str) -> tuple[int, ClusterCon
         return 0
 
     monkeypatch.setattr(serve, "_serve", fake_serve)
-    rc = serve.main(["--config", str(CPU_PD), *argv])
+    rc = serve.main(["--config", str(config), *argv])
     return rc, (served[0] if served else None)
 
 

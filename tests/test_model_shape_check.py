@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from scheduler.config.load import load_config
 from scheduler.config.models import ModelSpec
-from tests.test_model_path_audit35 import _backend, _config, _serve
+from tests.test_model_path_audit35 import CPU_PD, _backend, _config, _serve
 
 _DROP = object()
 
@@ -142,3 +143,41 @@ def test_what_cannot_be_read_is_logged_once(tmp_path: Path, caplog: pytest.LogCa
     assert len(said) == 2
     assert "org/shape-unchecked" in said[0] and "repo id is not read" in said[0]
     assert str(tmp_path) in said[1] and "no config.json" in said[1]
+
+
+# ---- llmsched serve fills the model fields a config omits from the weights' config.json -------------------------
+def _without_shape(tmp_path: Path, **model: Any) -> Path:
+    """The cpu-pd example with only ``model`` as its model mapping."""
+    data = yaml.safe_load(CPU_PD.read_text())
+    data["model"] = model
+    out = tmp_path / "no-shape.yaml"
+    out.write_text(yaml.safe_dump(data))
+    return out
+
+
+def test_serve_model_path_fills_the_shape_a_config_omits(
+    monkeypatch: pytest.MonkeyPatch, tiny: Path, tmp_path: Path
+) -> None:
+    rc, cfg = _serve(monkeypatch, "--model-path", str(tiny), config=_without_shape(tmp_path))
+    assert rc == 0 and cfg is not None
+    hf = json.loads((tiny / "config.json").read_text())
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_heads, cfg.model.num_kv_heads,
+            cfg.model.intermediate_size, cfg.model.vocab_size) == (
+        hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"],
+        hf["intermediate_size"], hf["vocab_size"])
+    assert cfg.model.dtype == hf["dtype"] and cfg.model.name == tiny.name and cfg.model.path == str(tiny)
+    assert cfg.model.max_model_len == min(ModelSpec.model_fields["max_model_len"].default,
+                                          hf["max_position_embeddings"])
+    # the config's model.path does the same; what it gives stays
+    rc, cfg = _serve(monkeypatch, config=_without_shape(tmp_path, path=str(tiny), name="mine", max_model_len=512))
+    assert rc == 0 and cfg is not None
+    assert (cfg.model.name, cfg.model.max_model_len, cfg.model.num_layers) == ("mine", 512, hf["num_hidden_layers"])
+
+
+def test_serve_checks_the_fields_a_config_gives_and_needs_them_without_weights(
+    monkeypatch: pytest.MonkeyPatch, tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, _ = _serve(monkeypatch, "--model-path", str(tiny), config=_without_shape(tmp_path, num_layers=32))
+    assert rc == 2 and "model.num_layers: 32, but" in capsys.readouterr().err
+    rc, _ = _serve(monkeypatch, "--model-path", "org/name", config=_without_shape(tmp_path))
+    assert rc == 2 and "model.num_layers: Field required" in capsys.readouterr().err

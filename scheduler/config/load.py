@@ -115,6 +115,13 @@ def load_config(path: str | Path | None = None) -> ClusterConfig:
         ConfigError: missing file, invalid YAML or invalid content; the message names the file, the key path and
             the allowed values.
     """
+    data, source = read_config(path)
+    return parse_config(data, source=source)
+
+
+def read_config(path: str | Path | None = None) -> tuple[Any, str]:
+    """:func:`load_config`'s YAML, not validated yet (to change it first: ``llmsched serve --model-path``), and the
+    name its errors give. Raises ``ConfigError`` for a missing file or invalid YAML."""
     if path is None:
         path = "default"
     p = Path(path)
@@ -122,11 +129,11 @@ def load_config(path: str | Path | None = None) -> ClusterConfig:
         bundled = resources.files("scheduler.config") / "examples" / f"{path}.yaml"
         if bundled.is_file():
             source = f"scheduler/config/examples/{path}.yaml"
-            return parse_config(_parse_yaml(bundled.read_text(), source), source=source)
+            return _parse_yaml(bundled.read_text(), source), source
     if not p.is_file():
         what = "a directory, not a config file" if p.is_dir() else "no such config file"  # "no such" misled
         raise ConfigError(f"{path}: {what} (bundled examples: {', '.join(bundled_configs())})")
-    return parse_config(_parse_yaml(p.read_text(), str(p)), source=str(p))
+    return _parse_yaml(p.read_text(), str(p)), str(p)
 
 
 def bundled_configs() -> list[str]:

@@ -166,22 +166,13 @@ class ModelSpec(_Strict):
 
         Raises ``ValueError`` naming each field that differs (``model.num_layers: 32, but <dir>/config.json has
         num_hidden_layers 80``)."""
-        file = Path(where) / "config.json"
-        if not file.is_file():
+        found = _hf_config(Path(where))
+        if found is None:
             why = ("no config.json in the directory" if Path(where).is_dir() else
                    "no model directory here: a Hugging Face repo id is not read before its engine downloads it")
             _log_unchecked(where, why)
             return
-        try:
-            hf = json.loads(file.read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"model.path: cannot read {file} ({e}); a Hugging Face config.json is JSON") from None
-        if not isinstance(hf, dict):
-            raise ValueError(f"model.path: {file} is not a JSON object (a Hugging Face config.json)")  # noqa: TRY004
-        if "num_hidden_layers" not in hf and isinstance(hf.get("text_config"), dict):
-            hf = {**hf, **hf["text_config"]}  # a multimodal model: its language model's shape
-        if hf.get("num_key_value_heads") is None:  # Hugging Face's default: no grouped-query attention
-            hf = {**hf, "num_key_value_heads": hf.get("num_attention_heads")}
+        file, hf = found
         wrong = [f"model.{field}: {getattr(self, field)}, but {file} has {key} {hf[key]}"
                  for field, key in _HF_SHAPE.items() if hf.get(key) is not None and hf[key] != getattr(self, field)]
         # KV bytes per token are by head_dim (a differing hidden_size or num_heads says it already)
@@ -460,6 +451,49 @@ class ClusterConfig(_Strict):
     @property
     def num_instances(self) -> int:
         return sum(p.count for p in self.pools)
+
+
+def fill_model_shape(model: dict[str, Any]) -> dict[str, Any]:
+    """A config's ``model:`` mapping with the fields it omits taken from its ``path``'s ``config.json``, where that
+    is a model directory here (``llmsched serve``, e.g. ``--model-path DIR``: no shape to copy into the config).
+    Shape fields, ``dtype``, ``max_model_len`` (the default, or the model's own if shorter) and ``name`` (the
+    directory's); the fields given stay, for :meth:`ModelSpec.check_weights` to compare."""
+    path = model.get("path")
+    found = _hf_config(Path(path).expanduser()) if isinstance(path, str) and path.strip() else None
+    if found is None:
+        return model
+    file, hf = found
+    shape: dict[str, Any] = {field: hf[key] for field, key in _HF_SHAPE.items() if hf.get(key) is not None}
+    dtype = hf.get("torch_dtype") or hf.get("dtype")  # transformers 5 writes "dtype"
+    if dtype in DTYPE_BYTES:
+        shape["dtype"] = dtype
+    longest = _longest_context(hf)
+    default_len = ModelSpec.model_fields["max_model_len"].default
+    shape["max_model_len"] = default_len if longest is None else min(default_len, longest)
+    shape["name"] = Path(path).expanduser().name
+    filled = {k: v for k, v in shape.items() if k not in model}
+    if filled:
+        log.info("model: %s from %s", ", ".join(f"{k}={v}" for k, v in filled.items()), file)
+    return {**filled, **model}
+
+
+def _hf_config(model_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """A model directory's ``config.json`` (``None``: it has none), a multimodal model's ``text_config`` over it,
+    ``num_key_value_heads`` defaulted. Raises ``ValueError`` naming ``model.path`` if it is no JSON object."""
+    file = model_dir / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        hf = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.path: cannot read {file} ({e}); a Hugging Face config.json is JSON") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"model.path: {file} is not a JSON object (a Hugging Face config.json)")  # noqa: TRY004
+    if "num_hidden_layers" not in hf and isinstance(hf.get("text_config"), dict):
+        hf = {**hf, **hf["text_config"]}  # a multimodal model: its language model's shape
+    if hf.get("num_key_value_heads") is None:  # Hugging Face's default: no grouped-query attention
+        hf = {**hf, "num_key_value_heads": hf.get("num_attention_heads")}
+    return file, hf
 
 
 @functools.cache
