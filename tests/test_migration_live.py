@@ -296,3 +296,72 @@ def test_admin_migrate_through_grpc_and_sdk(live: Any, aloop: Any) -> None:
         assert [i for ch in chunks for i in range(ch.index, ch.index + len(ch.token_ids))] == list(range(n))
     finally:
         aloop.run(srv.stop(), timeout=30)
+
+
+async def _streaming(ing: Any, rid: str, sampling: SamplingParams, after: int = 20,
+                     ) -> tuple[list[TokenChunk], asyncio.Task, str, str]:
+    """Start streaming ``rid`` into a list and return once ``after`` tokens came: (chunks, the consumer task, the
+    source instance, another instance)."""
+    chunks: list[TokenChunk] = []
+
+    async def consume() -> None:
+        async for c in ing.generate(GenerateRequest(rid, prompt_token_ids=PROMPT, sampling=sampling)):
+            chunks.append(c)
+
+    t = asyncio.create_task(consume())
+    while sum(len(c.token_ids) for c in chunks) < after:
+        assert not t.done(), t.result()
+        await asyncio.sleep(0.005)
+    src = ing.registry.get(rid).instances[-1]
+    return chunks, t, src, next(i for i in sorted(ing._members) if i != src)
+
+
+def _set_context_limit(inst: Any, limit: int) -> int:
+    """(``__ray_call__``) The context limit of ``inst``'s vLLM backend -- what its handshake and its ``generate``
+    check a request's prompt + max_tokens against -- set to ``limit``; returns the previous one."""
+    old, inst._backend.max_model_len = inst._backend.max_model_len, limit
+    return old
+
+
+def test_destination_that_cannot_hold_the_whole_context_refuses_at_the_handshake(live: Any, aloop: Any) -> None:
+    """A destination whose context is one token short of the request's whole (prompt + max_tokens, which the
+    request reaches there) refuses at the reserve: no pause, no KV reserved; the request keeps streaming on its
+    source, and moves to the same destination once its limit is the whole context exactly (the boundary: the
+    count is prompt + max_tokens, the outputs so far not counted twice). A deployment serves one max_model_len,
+    so the destination's is lowered inside its actor (``__ray_call__``), and restored."""
+    ing = live.ingress
+    n = 400
+    whole = len(PROMPT) + n
+    ref, _, _ = aloop.run(_run(ing, "w-ref", _sampling(n)), timeout=120)
+
+    async def go() -> tuple[list[TokenChunk], Any, Any, int, str, str]:
+        rid = "w-mig"
+        chunks, t, src, dst = await _streaming(ing, rid, _sampling(n))
+        h = ing._members[dst].handle
+        old = await h.__ray_call__.remote(_set_context_limit, whole - 1)
+        try:
+            before = (await h.stats.remote()).kv_blocks_used
+            refused = await ing.migrate(rid, dst)
+            blocks = (await h.stats.remote()).kv_blocks_used - before
+            got = sum(len(c.token_ids) for c in chunks)
+            await h.__ray_call__.remote(_set_context_limit, whole)
+            moved = await ing.migrate(rid, dst)
+        finally:
+            await h.__ray_call__.remote(_set_context_limit, old)
+        await t
+        assert got < n, f"the stream ended ({got} tokens) before the refused migration: nothing was tested"
+        return chunks, refused, moved, blocks, src, dst
+
+    chunks, refused, moved, blocks, src, dst = aloop.run(go(), timeout=120)
+    assert not refused.committed and refused.started and refused.source == src, refused
+    assert f"reserve refused: its whole context ({whole} tokens) exceeds" in refused.reason, refused.reason
+    assert "aborted by destination in HANDSHAKE" in refused.reason, refused.reason
+    m = next(m for m in ing.migrations if m.request_id == "w-mig")
+    assert m.abort is not None and m.abort.side is Side.DESTINATION and m.abort.state is MigrationState.HANDSHAKE
+    assert m.stages == [] and m.t_stop == 0.0, "refused before any copy or stop"
+    assert blocks == 0, "the refusal reserved nothing on the destination"
+    assert moved.committed and moved.destination == dst, moved.reason
+    idx = [c.index + k for c in chunks for k in range(len(c.token_ids))]
+    assert idx == list(range(n)), "every index exactly once, in order"
+    assert [t for c in chunks for t in c.token_ids] == ref
+
