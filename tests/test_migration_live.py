@@ -365,3 +365,80 @@ def test_destination_that_cannot_hold_the_whole_context_refuses_at_the_handshake
     assert idx == list(range(n)), "every index exactly once, in order"
     assert [t for c in chunks for t in c.token_ids] == ref
 
+
+def _slow_next_pause(inst: Any, delay_s: float) -> None:
+    """(``__ray_call__``) ``inst``'s next migration stop reaches the engine ``delay_s`` late -- as a pause waits for a
+    long engine step in flight -- and that pause and the resumes after it are logged in ``inst.pause_log``."""
+    backend = inst._backend
+    pause, resume = backend.pause, backend.resume
+    log: list[str] = []
+    inst.pause_log = log
+
+    async def slow_pause(*a: Any) -> Any:
+        backend.pause = pause
+        await asyncio.sleep(delay_s)
+        res = await pause(*a)
+        log.append(f"not paused: {res}" if isinstance(res, str) else "paused")
+        return res
+
+    async def logged_resume(*a: Any) -> Any:
+        res = await resume(*a)
+        log.append(f"resumed={res}")
+        return res
+
+    backend.pause, backend.resume = slow_pause, logged_resume
+
+
+def _unpatch_pause(inst: Any) -> list[str]:
+    """(``__ray_call__``) Undo ``_slow_next_pause``; returns its log."""
+    for name in ("pause", "resume"):
+        inst._backend.__dict__.pop(name, None)
+    return inst.__dict__.pop("pause_log", [])
+
+
+def test_migration_cancelled_while_its_stop_waits_resumes_the_source(live: Any, aloop: Any) -> None:
+    """The driver is cancelled (an admin RPC's deadline, a cancelled drain) in FINAL_COPY while the source's pause
+    has not reached the engine yet: its undo's resume must wait for that pause, not find nothing paused and leave the
+    pause to stop the request for good (the ingress would poll a stream that never moves). On vLLM the pause and the
+    resume utilities are handled in order by the engine core once sent; ``Instance.migrate_resume`` orders a resume
+    that arrives before the pause was sent."""
+    ing = live.ingress
+    n = 1000  # the stream must outlast the 0.5 s wait for the stop (decoding goes on meanwhile: ~1.5 ms/token)
+    ref, _, _ = aloop.run(_run(ing, "c-ref", _sampling(n)), timeout=120)
+
+    async def go() -> tuple[list[TokenChunk], bool, list[str], int, str]:
+        rid = "c-mig"
+        chunks, t, src, dst = await _streaming(ing, rid, _sampling(n))
+        hs = ing._members[src].handle
+        await hs.__ray_call__.remote(_slow_next_pause, 0.5)
+        try:
+            mig = asyncio.create_task(ing.migrate(rid, dst))
+            while (m := ing._migrating.get(rid)) is None or m.state is not MigrationState.FINAL_COPY:
+                assert not mig.done(), mig.result()
+                await asyncio.sleep(0.001)
+            mig.cancel()  # the stop is on its way to the source, which waits before pausing
+            with pytest.raises(asyncio.CancelledError):
+                await mig
+            try:
+                await asyncio.wait_for(asyncio.shield(t), 30)
+                done = True
+            except TimeoutError:  # stalled: the request stayed paused; end it, not to leave it to the next test
+                done = False
+                await ing.cancel(rid)
+                await asyncio.wait_for(t, 30)
+        finally:
+            log = await hs.__ray_call__.remote(_unpatch_pause)
+        blocks = (await ing._members[dst].handle.stats.remote()).kv_blocks_used
+        return chunks, done, log, blocks, dst
+
+    chunks, done, log, blocks, dst = aloop.run(go(), timeout=180)
+    got = sum(len(c.token_ids) for c in chunks)
+    assert done and got == n, f"the stream stalled at {got} of {n} tokens: the source stayed paused ({log})"
+    assert log == ["paused", "resumed=True"], log
+    m = next(m for m in reversed(ing.migrations) if m.request_id == "c-mig")
+    assert m.abort is not None and m.abort.side is Side.DRIVER and m.abort.state is MigrationState.FINAL_COPY
+    assert ing.registry.get("c-mig") is None and chunks[-1].finish_reason == "length"
+    idx = [c.index + k for c in chunks for k in range(len(c.token_ids))]
+    assert idx == list(range(n)), "every index exactly once, in order"
+    assert [t for c in chunks for t in c.token_ids] == ref, "resumed where it stopped: same blocks, same tokens"
+    assert blocks == 0, f"the destination {dst} still holds KV of the cancelled migration"
