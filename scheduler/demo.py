@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,32 +55,43 @@ START_TIMEOUT_S = 600.0  # how long the main job waits for every instance (vLLM'
 
 
 async def _migration_check(target: str, *, vocab: int) -> dict:
-    """Stream a long greedy request, migrate it mid-stream, compare with an unmigrated run of the same prompt."""
+    """Stream a long greedy request, migrate it mid-stream, compare with an unmigrated run of the same prompt.
+
+    A migration started 40 tokens in races the stream's end on a loaded host (the stages take longer than the
+    rest of the stream; the source then aborts, rightly: the request is gone): tried once more, 3x as long."""
     from scheduler.client import AsyncClient
 
     client = AsyncClient(target)
     prompt = np.random.default_rng(7).integers(4, vocab, 200).tolist()
     try:
-        ref = await client.generate(prompt, max_tokens=160, temperature=0.0, ignore_eos=True,
-                                    request_id=f"demo-ref-{time.time_ns()}")
-        rid = f"demo-migrate-{time.time_ns()}"
-        got: list[int] = []
-        indices: list[int] = []
-        result = None
-        gaps: list[float] = []
-        last = time.perf_counter()
-        async for ch in client.stream(prompt, max_tokens=160, temperature=0.0, ignore_eos=True, request_id=rid):
-            now = time.perf_counter()
-            if ch.token_ids:
-                gaps.append(now - last)
-                last = now
-                indices.extend(range(ch.index, ch.index + len(ch.token_ids)))
-                got.extend(ch.token_ids)
-            if result is None and len(got) >= 40:
-                result = asyncio.create_task(client.migrate(rid))
-        mig = await result if result is not None else None
+        for attempt, n in enumerate((160, 480), 1):
+            out = await _migrate_once(client, prompt, n)
+            if out["committed"]:
+                break
     finally:
         await client.close()
+    return {**out, "attempts": attempt}
+
+
+async def _migrate_once(client: Any, prompt: list[int], n: int) -> dict:
+    ref = await client.generate(prompt, max_tokens=n, temperature=0.0, ignore_eos=True,
+                                request_id=f"demo-ref-{time.time_ns()}")
+    rid = f"demo-migrate-{time.time_ns()}"
+    got: list[int] = []
+    indices: list[int] = []
+    result = None
+    gaps: list[float] = []
+    last = time.perf_counter()
+    async for ch in client.stream(prompt, max_tokens=n, temperature=0.0, ignore_eos=True, request_id=rid):
+        now = time.perf_counter()
+        if ch.token_ids:
+            gaps.append(now - last)
+            last = now
+            indices.extend(range(ch.index, ch.index + len(ch.token_ids)))
+            got.extend(ch.token_ids)
+        if result is None and len(got) >= 40:
+            result = asyncio.create_task(client.migrate(rid))
+    mig = await result if result is not None else None
     return {
         "committed": bool(mig and mig.committed),
         "source": getattr(mig, "source", ""),
@@ -415,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     if res["migration"] is not None:
         say(f"migration: committed={m['committed']} {m['source']} -> {m['destination']}, "
              f"indices exact={m['indices_exact']}, identical to unmigrated={m['identical_to_unmigrated']}, "
-             f"client-seen max gap {m['max_client_gap_s'] or 0:.3f} s (median {m['median_client_gap_s'] or 0:.4f} s)")
+             f"client-seen max gap {m['max_client_gap_s'] or 0:.3f} s (median {m['median_client_gap_s'] or 0:.4f} s)"
+             + (f"; attempt {m['attempts']} ({m['tokens']} tokens)" if m.get("attempts", 1) > 1 else "")
+             + ("" if m["committed"] else f"; aborted: {m['reason']}"))
     rs = res["role_switch"]
     if rs is not None:
         say(f"re-roling: {rs['instance']} -> prefill in {rs['to_prefill_s']:.2f} s, prefilled "
