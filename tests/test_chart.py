@@ -406,3 +406,33 @@ def test_a_restart_of_the_scheduler_container_keeps_the_deployment_within_the_po
     assert c["command"][:2] == ["llmsched", "serve"]
     grace_s = parser().parse_args(c["command"][2:]).grace_s
     assert spec.get("terminationGracePeriodSeconds", 30) > exit_bound_s(grace_s)
+
+
+def test_the_default_install_describes_the_model_its_engines_run() -> None:
+    """The defaults run vllm pools without ``config.model.path`` (the generated tiny test model) but gave
+    ``config.model`` Llama-2-7B's shape: KV, step times and routing sized for a model no engine ran."""
+    cfg = parse_config(yaml.safe_load(_render(None)["ConfigMap", "llmsched-config"]["data"]["config.yaml"]))
+    assert cfg.model.path is None and {p.backend for p in cfg.pools} == {"vllm"}
+    from scheduler.engine.tiny_model import ensure_tiny_model
+
+    hf = json.loads((ensure_tiny_model() / "config.json").read_text())
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads, m.intermediate_size, m.vocab_size) == (
+        hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"],
+        hf["intermediate_size"], hf["vocab_size"])
+    assert m.dtype == hf.get("torch_dtype", hf.get("dtype")) == "float32"  # vLLM serves it in its own float32
+    assert m.max_model_len <= hf["max_position_embeddings"]
+
+
+def test_a_path_given_alone_over_the_default_tiny_shape_fails_naming_it(tmp_path: Path) -> None:
+    """Helm merges ``config.model`` over the defaults: a path alone would be served under the tiny model's shape
+    (a repo id unchecked until its engine downloads it)."""
+    values = {"config": {"model": {"path": "meta-llama/Llama-2-7b-hf"}}}
+    findings = check_chart(DEFAULT_CHART, [_write(tmp_path, values)])
+    assert [f.stage for f in findings] == ["render"], "\n".join(map(str, findings))
+    assert 'config.model.path: "meta-llama/Llama-2-7b-hf", but config.model is still the chart default' in (
+        findings[0].message)
+    llama = {"name": "llama2-7b", "path": "meta-llama/Llama-2-7b-hf", "num_layers": 32, "hidden_size": 4096,
+             "num_heads": 32, "num_kv_heads": 32, "intermediate_size": 11008, "vocab_size": 32000,
+             "dtype": "float16"}
+    assert check_chart(DEFAULT_CHART, [_write(tmp_path, {"config": {"model": llama}})]) == []

@@ -122,6 +122,12 @@ the key and the allowed values, like the project's own config errors.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- /* Helm merges config.model over the defaults (the tiny test model's name and shape): a path given alone would
+       serve those weights under the tiny model's shape, and a repo id is not checked before its engine downloads
+       it. The name marks the defaults. */}}
+{{- if and .Values.config.model.path (eq (toString .Values.config.model.name) "tiny-llama") }}
+{{- fail (printf "config.model.path: %q, but config.model is still the chart default's tiny test model (name tiny-llama, its 2-layer shape); give that model's name and shape fields too (values/single-gpu-type.yaml)" .Values.config.model.path) }}
+{{- end }}
 {{- /* The head pod's containers share one network namespace: a metrics port another listener holds makes
        `llmsched serve` fail to bind at start-up. */}}
 {{- $taken := dict "6379" "Ray GCS" "8265" "the Ray dashboard" "10001" "the Ray client server" "8080" "Ray's metrics export (KubeRay's default)" "52365" "the Ray dashboard agent" "50051" "llmsched gRPC" "8000" "llmsched HTTP" }}
