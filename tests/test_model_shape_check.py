@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from scheduler.config.load import load_config
+from scheduler.config.load import ConfigError, load_config, parse_config
 from scheduler.config.models import ModelSpec
 from tests.test_model_path_audit35 import CPU_PD, _backend, _config, _serve
 
@@ -54,8 +54,66 @@ def _model(path: Path | str, **shape: Any) -> ModelSpec:
 def test_the_tiny_model_under_its_own_shape_is_served(tiny: Path) -> None:
     assert _model(tiny).weights() == str(tiny)
     assert _model(tiny, max_model_len=16384).weights() == str(tiny)  # its max_position_embeddings
-    # unset: the tiny fallback, under any shape (the chart's default values give it Llama-2-7B's)
-    assert load_config("llama2-70b-h100").model.weights() == str(tiny)
+    assert load_config(CPU_PD).model.weights() == str(tiny)  # unset: the tiny fallback, under its own shape
+
+
+# ---- model.path unset: the generated tiny model is the weights --------------------------------------------------
+def test_an_unset_path_under_another_models_shape_is_refused_where_read(tiny: Path) -> None:
+    """Unset, the tiny model was served under any shape unchecked (the chart's default values gave it Llama-2-7B's:
+    KV, step times and routing sized for a model no engine ran). Its config.json is compared as a directory's."""
+    model = load_config("llama2-70b-h100").model  # simulated pools: loads
+    with pytest.raises(ValueError, match=r"model\.num_layers: 80, but .*tiny-llama-.*/config\.json has "
+                                         r"num_hidden_layers 2;.* model\.path is unset"):
+        model.weights()
+
+
+def test_an_unset_path_in_another_dtype_is_refused(tiny: Path) -> None:
+    """vLLM serves the tiny model in its own float32 (no config dtype is passed for it): a float16 config counted
+    half its KV bytes per token."""
+    with pytest.raises(ValueError, match=r"model\.dtype: float16, but the generated tiny test model has dtype float32 .*model\.path is unset"):
+        _config(None, dtype="float16")
+    model = ModelSpec.model_validate({**load_config(CPU_PD).model.model_dump(), "dtype": "bfloat16"})
+    with pytest.raises(ValueError, match=r"^model\.dtype: bfloat16, but .*config\.json has dtype float32"):
+        model.weights()
+
+
+def test_config_load_refuses_vllm_pools_without_a_path_under_another_shape() -> None:
+    """At load, without building the model (``llmsched chart check``, ``llmsched serve`` before Ray, ``simulate``),
+    naming each field; simulated pools serve nothing, so any shape loads."""
+    data = load_config("llama2-7b-a100-16").model_dump()
+    parse_config(data, source="c.yaml")
+    data["pools"][0]["backend"] = "vllm"
+    with pytest.raises(ConfigError, match=r"model\.num_layers: 32, but the generated tiny test model has "
+                                          r"num_hidden_layers 2; .*model\.vocab_size: 32000.*model\.path is unset"):
+        parse_config(data, source="c.yaml")
+    parse_config({**data, "model": {**data["model"], "path": "meta-llama/Llama-2-7b-hf"}}, source="c.yaml")
+
+
+def test_serve_refuses_vllm_pools_without_a_path_under_another_shape_before_ray_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = yaml.safe_load(CPU_PD.read_text())
+    data["model"] = load_config("llama2-7b-a100-16").model.model_dump(exclude_none=True)  # the chart's old defaults
+    (config := tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    rc, cfg = _serve(monkeypatch, config=config)
+    assert rc == 2 and cfg is None
+    assert "model.num_layers: 32, but the generated tiny test model has num_hidden_layers 2" in capsys.readouterr().err
+
+
+def test_the_tiny_models_recipe_is_its_config_json(tiny: Path) -> None:
+    """Config load compares against ``TinyModelSpec.hf_config`` (no build): the generated file must say the same."""
+    from scheduler.engine.tiny_model import TinyModelSpec
+
+    hf = json.loads((tiny / "config.json").read_text())
+    own = TinyModelSpec().hf_config()
+    assert {k: hf.get(k, hf.get("dtype")) for k in own} == own
+
+
+@pytest.mark.parametrize("config", ["tiny-cpu", CPU_PD, CPU_PD.with_name("cpu-mixed.yaml")])
+def test_the_shipped_tiny_model_configs_describe_it(tiny: Path, config: str | Path) -> None:
+    cfg = load_config(config)  # the README's `llmsched run` serves tiny-cpu
+    assert cfg.model.path is None and {p.backend for p in cfg.pools} == {"vllm"}
+    assert cfg.model.weights() == str(tiny)
 
 
 def test_a_70b_shape_over_the_tiny_weights_is_refused_naming_each_field(tiny: Path) -> None:

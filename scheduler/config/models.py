@@ -135,13 +135,19 @@ class ModelSpec(_Strict):
         Checked here, where it is read (an engine on a worker node, the ingress on the head), not at config load:
         the directory lives on those nodes. Raises ``ValueError`` naming ``model.path`` for a local path that does
         not exist here (anything that is not a repo id, "org/name", is one), and naming the shape fields for a
-        directory whose ``config.json`` is another model's (:meth:`check_weights`; not the tiny model's)."""
+        directory whose ``config.json`` is another model's (:meth:`check_weights`; the tiny model's too, and its
+        float32)."""
         if override is not None:
             where = str(override)
-        elif self.path is None:  # NOTE: not checked: the chart's default values give it Llama-2-7B's shape
+        elif self.path is None:
             from scheduler.engine.tiny_model import ensure_tiny_model
 
-            return str(ensure_tiny_model())
+            tiny = ensure_tiny_model()
+            found = _hf_config(tiny)
+            if found is None:  # built with one, or not returned
+                raise RuntimeError(f"the generated tiny test model {tiny} has no config.json")
+            self._check_shape(*found, tiny=True)
+            return str(tiny)
         else:
             where = self.path
             local = Path(self.path).expanduser()
@@ -172,17 +178,36 @@ class ModelSpec(_Strict):
                    "no model directory here: a Hugging Face repo id is not read before its engine downloads it")
             _log_unchecked(where, why)
             return
-        file, hf = found
+        self._check_shape(*found)
+
+    def check_tiny_shape(self) -> None:
+        """:meth:`check_weights` against the generated tiny test model, which vllm pools serve while ``path`` is
+        unset, without building it (its ``config.json`` is its recipe's, ``TinyModelSpec.hf_config``): config load
+        refuses a config whose vllm pools would serve it under another model's shape."""
+        from scheduler.engine.tiny_model import TinyModelSpec
+
+        self._check_shape("the generated tiny test model", TinyModelSpec().hf_config(), tiny=True)
+
+    def _check_shape(self, file: Path | str, hf: dict[str, Any], *, tiny: bool = False) -> None:
+        """The comparison of :meth:`check_weights`. ``tiny``: the weights are the generated tiny model, which vLLM
+        serves in its own dtype (float32), so ``dtype`` (the KV bytes per token) must be that too."""
         wrong = [f"model.{field}: {getattr(self, field)}, but {file} has {key} {hf[key]}"
                  for field, key in _HF_SHAPE.items() if hf.get(key) is not None and hf[key] != getattr(self, field)]
         # KV bytes per token are by head_dim (a differing hidden_size or num_heads says it already)
         if not wrong and hf.get("head_dim") not in (None, self.head_dim):
             wrong.append(f"model.hidden_size: {self.hidden_size} / num_heads {self.num_heads} is head_dim "
                          f"{self.head_dim}, but {file} has head_dim {hf['head_dim']} (which the config cannot give)")
+        own_dtype = hf.get("torch_dtype") or hf.get("dtype")  # transformers 5 writes "dtype"
+        if tiny and own_dtype is not None and own_dtype != self.dtype:
+            wrong.append(f"model.dtype: {self.dtype}, but {file} has dtype {own_dtype} (vLLM serves it in that)")
         longest = _longest_context(hf)
         if longest is not None and self.max_model_len > longest and not _allow_long_context():
             wrong.append(f"model.max_model_len: {self.max_model_len}, but {file} allows {longest} "
                          "(max_position_embeddings, times a RoPE scaling factor, or model_max_length)")
+        if wrong and tiny:
+            raise ValueError("; ".join(wrong) + ": model.path is unset, so vllm pools serve the generated tiny test "
+                             "model; give its shape (scheduler/config/examples/tiny-cpu.yaml), or set model.path "
+                             "to the weights the config's shape describes")
         if wrong:
             raise ValueError("; ".join(wrong) + ": the config's model shape is not these weights'; give the "
                              "weights' shape, or point model.path at the model it describes")
@@ -391,6 +416,11 @@ class ClusterConfig(_Strict):
             raise ValueError(f"latency_profile: one engine's measured step times cannot time pools on "
                              f"{', '.join(f'{g} x TP{tp}' for g, tp in kinds)} alike; give each its own config, or "
                              "drop latency_profile (the profiled tables and the roofline know GPU and TP)")
+        if self.model.path is None and any(p.backend == "vllm" for p in self.pools):
+            # Those pools serve the generated tiny model: another shape would size KV and step times for a model no
+            # engine runs (the chart's defaults did, Llama-2-7B's). Here, not only where it is read: it is the
+            # same model on every node, and a chart's lint or `llmsched simulate` sees the mistake too.
+            self.model.check_tiny_shape()
         if self.chat_template is not None and not any(p.backend == "vllm" for p in self.pools):
             raise ValueError("chat_template: only a vllm pool's model has a tokenizer to render chats with (a "
                              "simulated cluster's byte tokenizer has none); remove it")

@@ -42,6 +42,21 @@ class TinyModelSpec:
     seed: int = 0
     corpus_sentences: int = 4000
 
+    def hf_config(self) -> dict[str, object]:
+        """The generated ``config.json``'s shape keys (Hugging Face's names): what ``ModelSpec`` compares a config
+        without ``model.path`` to before the model is built (config load, ``llmsched chart check``). float32: the
+        weights' dtype, and vLLM serves them in it (no config dtype is passed for this model)."""
+        return {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "torch_dtype": "float32",
+        }
+
 
 def default_cache_dir() -> Path:
     """``$LLMSCHED_CACHE`` if set, else ``~/.cache/llmsched``."""
@@ -169,19 +184,12 @@ def _build(out: Path, spec: TinyModelSpec) -> None:
     fast.save_pretrained(out)
 
     config = LlamaConfig(
-        vocab_size=spec.vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        max_position_embeddings=spec.max_position_embeddings,
+        **spec.hf_config(),
         initializer_range=spec.initializer_range,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
         tie_word_embeddings=False,
-        torch_dtype="float32",
     )
     # Fixed seed and a private generator state: building the model must not disturb the caller's RNG.
     with torch.random.fork_rng(devices=[]):
