@@ -12,6 +12,7 @@ import asyncio
 import json
 import shlex
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -39,21 +40,28 @@ CONFIG = ClusterConfig.model_validate({
 N = 300  # tokens per request: long enough to be mid-stream when the drain starts
 
 
-@pytest.fixture(scope="module")
-def cluster(aloop: Any) -> Any:
+def drain_cluster(aloop: Any, nodes: list[NodeSpec], config: ClusterConfig, time_scale: float) -> Iterator[Any]:
+    """A module's own multi-node Ray cluster and deployment of ``config`` (simulated backend): yields
+    (runtime, deployment, ingress)."""
     if ray.is_initialized():
         ray.shutdown()
-    rt = start_ray([NodeSpec("a100", 1)] * 3, head_cpus=2)
-    dep = deploy(CONFIG, name="dn", controller_name="llmsched-controller-dn",
-                 backend_kwargs={"simulated": {"time_scale": 0.5}}, refresh_s=0.05)
+    rt = start_ray(nodes, head_cpus=2)
+    dep = deploy(config, name=config.name, controller_name=f"llmsched-controller-{config.name}",
+                 backend_kwargs={"simulated": {"time_scale": time_scale}}, refresh_s=0.05)
     ing = dep.make_ingress()
     aloop.run(ing.start())
     try:
-        yield dep, ing
+        yield rt, dep, ing
     finally:
         aloop.run(ing.close())
         dep.shutdown()
         rt.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(aloop: Any) -> Any:
+    for _, dep, ing in drain_cluster(aloop, [NodeSpec("a100", 1)] * 3, CONFIG, 0.5):
+        yield dep, ing
 
 
 def _nodes(dep: Any) -> dict[str, str]:

@@ -42,6 +42,7 @@ from scheduler.control.api import (
     ClusterState,
     DeadlineExceeded,
     GenerateRequest,
+    IngressError,
     InvalidRequest,
     Overloaded,
     RequestFailed,
@@ -662,7 +663,12 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                 # P->D: the prompt KV moves through the object store, node to node; decode goes on at index 1.
                 # (Pulled over the instances' direct channels instead, 2 MB of KV took longer than through the
                 # object store on one node: docs/architecture.md.)
-                decoder = target.decode_instance or self._decoder_after_prefill(rec)
+                decoder = target.decode_instance
+                if decoder is None or not self._in_service(decoder):
+                    # The pairing was made at arrival; its decoder has since gone out of service (drained for a
+                    # node going away, a scale-down, a role switch; released): pick one now. Sent there, the KV
+                    # landed on an instance about to go -- moved again, or lost and the prompt re-prefilled.
+                    decoder = self._decoder_after_prefill(rec, keep=decoder)
                 try:
                     kv_ref, kv_src = self._handle(iid).export_kv.remote(rid, 0, None), iid
                 except InstanceLost:
@@ -687,16 +693,26 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
     def _is_prefill(self, iid: str) -> bool:
         return self._role_of(iid) is InstanceRole.PREFILL
 
-    def _decoder_after_prefill(self, rec: RequestRecord) -> str:
+    def _in_service(self, iid: str) -> bool:
+        """``iid`` is in the view, healthy and not draining: the router could pick it now."""
+        return any(s.instance_id == iid and s.healthy and not s.draining for s in self._view.instances)
+
+    def _decoder_after_prefill(self, rec: RequestRecord, keep: str | None = None) -> str:
         """Where a request prefilled on a PREFILL instance named alone decodes: the router's answer now (accepted),
         a colocated answer's instance when it decodes -- as ``Simulator._handoff`` decides. Raises ``Unavailable``
-        when the answer names no instance that decodes (the simulator refuses the request there)."""
-        _, decision = self._decide(rec, exclude=frozenset(), accepted=True)
-        name = decision.decode_instance or decision.prefill_instance
-        role = self._role_of(name)
-        if role is None or not role.does_decode:
-            raise Unavailable(f"request {rec.request_id}: no instance to decode it after its prefill ({name})",
-                              retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
+        when the answer names no instance that decodes (the simulator refuses the request there) -- unless ``keep``
+        (the decoder paired at arrival, out of service since) is given: it is kept then."""
+        try:
+            _, decision = self._decide(rec, exclude=frozenset(), accepted=True)
+            name = decision.decode_instance or decision.prefill_instance
+            role = self._role_of(name)
+            if role is None or not role.does_decode:
+                raise Unavailable(f"request {rec.request_id}: no instance to decode it after its prefill ({name})",
+                                  retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
+        except IngressError:
+            if keep is None:
+                raise
+            return keep
         self._expect_decode(rec.request_id, name)
         self.registry.touch(rec.request_id)  # its report names the decoder while the KV is on its way
         return name

@@ -1,0 +1,98 @@
+"""Admin DrainNode under a P/D split, on a real multi-node local Ray cluster (simulated backend).
+
+One l40 node (2 fake GPUs) runs the PREFILL instance (TP=2: a placement group of 2 bundles on one node); three
+a100 nodes (1 fake GPU each) run the 2 DECODE instances, one spare. Prompts are long and the engines slowed
+down so that a burst keeps the prefill instance busy for seconds: P->D handoffs are in flight (prefilled or
+queued there, their decoder chosen at arrival) while a node drains. The tests run in order and use the nodes up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from scheduler.config.models import ClusterConfig
+from scheduler.control.api import GenerateRequest
+from scheduler.control.cluster import NodeSpec
+from scheduler.engine.base import SamplingParams, TokenChunk
+from scheduler.engine.simulated_backend import sim_token
+from tests.test_drain_node import MODEL, _nodes, drain_cluster
+
+pytestmark = [pytest.mark.timeout(300)]
+
+GPUS = {
+    # A slow prefill GPU: a burst of long prompts queues seconds of prefill on it.
+    "l40": {"name": "l40", "memory_gib": 80, "fp16_tflops": 60, "hbm_gbps": 864},
+    "a100": {"name": "a100", "memory_gib": 80, "fp16_tflops": 312, "hbm_gbps": 2039},
+}
+CONFIG = ClusterConfig.model_validate({
+    "name": "dnpd", "gpus": GPUS, "model": MODEL,
+    "pools": [{"name": "prefill", "role": "prefill", "gpu": "l40", "tp": 2, "count": 1},
+              {"name": "decode", "role": "decode", "gpu": "a100", "tp": 1, "count": 2}],
+})
+PROMPT = 3500  # tokens: a burst of these queues seconds of prefill
+N = 8  # output tokens per request
+
+
+@pytest.fixture(scope="module")
+def cluster(aloop: Any) -> Any:
+    yield from drain_cluster(aloop, [NodeSpec("l40", 2)] + [NodeSpec("a100", 1)] * 3, CONFIG, 0.5)
+
+
+async def _collect(ing: Any, rid: str) -> list[TokenChunk]:
+    req = GenerateRequest(rid, prompt_token_ids=tuple(range(1, PROMPT + 1)), sampling=SamplingParams(max_tokens=N))
+    return [c async for c in ing.generate(req)]
+
+
+def _check_exact(chunks: list[TokenChunk], rid: str) -> None:
+    assert [c.index + k for c in chunks for k in range(len(c.token_ids))] == list(range(N)), rid
+    assert [t for c in chunks for t in c.token_ids] == [sim_token(0, rid, i, MODEL["vocab_size"]) for i in range(N)]
+    assert chunks[-1].finished and chunks[-1].finish_reason == "length", rid
+
+
+def _wait_members(dep: Any, pred: Any, what: str, timeout_s: float = 60) -> dict[str, str]:
+    deadline = time.monotonic() + timeout_s
+    while not pred(now := _nodes(dep)):
+        assert time.monotonic() < deadline, (what, now)
+        time.sleep(0.2)
+    return now
+
+
+def test_drain_decode_node_repairs_handoffs_in_flight(cluster: Any, aloop: Any) -> None:
+    """Requests prefilling (or queued) on the PREFILL instance, paired at arrival with the DECODE instance whose
+    node drains, decode on the other one: none is re-prefilled (before, the drain waited ~3 s for them to land,
+    released the instance under the rest, and each of those ran its prefill again elsewhere)."""
+    _, dep, ing = cluster
+    before = _nodes(dep)
+    assert sorted(before) == ["decode-0", "decode-1", "prefill-0"] and len(set(before.values())) == 3
+    node = before["decode-0"]
+    recoveries = ing.counters["recoveries"]
+
+    async def run() -> Any:
+        rids = [f"pd-{i}" for i in range(16)]
+        tasks = []
+        for r in rids:
+            tasks.append(asyncio.create_task(_collect(ing, r)))
+            await asyncio.sleep(0)  # routed one by one: the router alternates the decoders
+        deadline = time.monotonic() + 30
+        while sum(d == "decode-0" for d in ing._expected.values()) < 6:
+            assert time.monotonic() < deadline, ing._expected
+            await asyncio.sleep(0.01)
+        headed = sum(d == "decode-0" for d in ing._expected.values())
+        t0 = time.monotonic()
+        res = await ing.drain_node(node, deadline_s=60)
+        return rids, res, headed, time.monotonic() - t0, await asyncio.gather(*tasks)
+
+    rids, res, headed, took, outs = aloop.run(run(), timeout=120)
+    assert res.node_id == node and res.drained == ("decode-0",) and res.kept == {}, res
+    for rid, out in zip(rids, outs, strict=True):
+        _check_exact(out, rid)
+    # Every request headed to decode-0 when the drain began decoded elsewhere, its prompt prefilled once.
+    assert ing.counters["recoveries"] == recoveries, (ing.counters, headed, took)
+    now = _wait_members(dep, lambda n: len(n) == 3 and "decode-0" not in n, "decode-0 replaced")
+    assert node not in now.values() and now["decode-1"] == before["decode-1"], now
