@@ -68,6 +68,12 @@ def _nodes(dep: Any) -> dict[str, str]:
     return {i: m.info.node_id for i, m in ray.get(dep.controller.members.remote()).items()}
 
 
+def _groups() -> set[str]:
+    """The deployment's placement groups not removed (placed or waiting for room)."""
+    return {g["name"] for g in ray.util.placement_group_table().values()
+            if g["name"].startswith("llmsched/dn/") and g["state"] != "REMOVED"}
+
+
 def _head() -> str:
     return next(n["NodeID"] for n in ray.nodes() if "node:__internal_head__" in n["Resources"])
 
@@ -194,11 +200,18 @@ def test_admin_cli_and_grpc_drain_node(cluster: Any, aloop: Any, tmp_path: Any,
         out = json.loads(capsys.readouterr().out)
         assert out == {"node_id": nodes["mixed-1"], "drained": ["mixed-1"], "kept": {}, "requests_moved": 0}
         assert sorted(_nodes(dep)) == [other]
-        # The last instance serving: kept in service on its draining node (its requests would have nowhere to go).
-        assert admin_main([*admin, "--json", "drain-node", nodes[other]]) == 0
+        # The last instance serving: its replacement, started first, finds no room in half the deadline (both
+        # other nodes drained): kept in service on its draining node (its requests would have nowhere to go), and
+        # the pool set back to its size.
+        groups = _groups()
+        assert admin_main([*admin, "--json", "drain-node", nodes[other], "--deadline-s", "2"]) == 0
         out = json.loads(capsys.readouterr().out)
         assert out["drained"] == [] and list(out["kept"]) == [other], out
         assert "last instance serving" in out["kept"][other]
+        (event,) = [e for e in ray.get(dep.controller.scaling_events.remote()) if e["action"] == "replace_ahead"]
+        assert event["instances"] == [] and event["failed"] == [other], event
+        time.sleep(1.5)  # reconcile rounds: the replacement that found no room is called off, not left waiting
+        assert _groups() == groups  # other's and mixed-1's replacement (waiting for room), nothing more
         assert admin_main([*admin, "instances"]) == 0
         listed = capsys.readouterr().out
         assert other in listed and "draining" not in listed, listed

@@ -19,6 +19,7 @@ ray = pytest.importorskip("ray")
 from scheduler.config.models import ClusterConfig
 from scheduler.control.api import GenerateRequest
 from scheduler.control.cluster import NodeSpec
+from scheduler.control.placement import gpu_type_resource
 from scheduler.engine.base import SamplingParams, TokenChunk
 from scheduler.engine.simulated_backend import sim_token
 from tests.test_drain_node import MODEL, _nodes, drain_cluster
@@ -96,3 +97,40 @@ def test_drain_decode_node_repairs_handoffs_in_flight(cluster: Any, aloop: Any) 
     assert ing.counters["recoveries"] == recoveries, (ing.counters, headed, took)
     now = _wait_members(dep, lambda n: len(n) == 3 and "decode-0" not in n, "decode-0 replaced")
     assert node not in now.values() and now["decode-1"] == before["decode-1"], now
+
+
+def test_drain_node_of_the_last_prefill_replaces_it_first(cluster: Any, aloop: Any) -> None:
+    """The node of the only PREFILL instance (TP=2) drains with prompts queued there: its replacement starts on
+    another node first, then the queued prompts go there and it is released -- the pool keeps one instance (before,
+    it was "kept": it served on until the node died, taking what it held with it)."""
+    rt, dep, ing = cluster
+    spare = rt.cluster.add_node(num_cpus=1, num_gpus=2, resources={gpu_type_resource("l40"): 2.0})
+    deadline = time.monotonic() + 30  # (not wait_for_nodes: the node drained above has gone, as Ray ends it idle)
+    while not any(n["NodeID"] == spare.node_id and n["Alive"] for n in ray.nodes()):
+        assert time.monotonic() < deadline, "the spare node did not join"
+        time.sleep(0.1)
+    before = _nodes(dep)
+    node = before["prefill-0"]
+    assert spare.node_id not in before.values()
+
+    async def run() -> Any:
+        rids = [f"pp-{i}" for i in range(6)]
+        tasks = [asyncio.create_task(_collect(ing, r)) for r in rids]
+        deadline = time.monotonic() + 30
+        while len(ing.registry.on_instance("prefill-0")) < 4:  # queued / prefilling there
+            assert time.monotonic() < deadline, "no prompts on prefill-0"
+            await asyncio.sleep(0.01)
+        res = await ing.drain_node(node, deadline_s=60)
+        return rids, res, await asyncio.gather(*tasks)
+
+    rids, res, outs = aloop.run(run(), timeout=120)
+    assert res.drained == ("prefill-0",) and res.kept == {}, res
+    for rid, out in zip(rids, outs, strict=True):
+        _check_exact(out, rid)
+    now = _nodes(dep)
+    (new,) = [i for i in now if i.startswith("prefill-")]
+    assert new != "prefill-0" and now[new] == spare.node_id, now  # TP=2: both bundles on the spare node
+    time.sleep(1.5)  # a few reconcile rounds: the pool stays at one (the replacement was counted, not added)
+    assert sorted(_nodes(dep)) == sorted(now), _nodes(dep)
+    events = [e for e in ray.get(dep.controller.scaling_events.remote()) if e["action"] == "replace_ahead"]
+    assert events[-1]["instances"] == ["prefill-0"] and events[-1]["failed"] == [], events

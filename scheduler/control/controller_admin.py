@@ -11,6 +11,7 @@ import time
 import ray
 
 from scheduler.control.api import Unavailable
+from scheduler.control.controller_scaling import _DECODES, _PREFILLS
 from scheduler.control.placement import bundle_nodes, drain_ray_node, find_node, find_pg, pg_name
 from scheduler.control.util import _await, _pool_of
 
@@ -96,12 +97,16 @@ class ControllerAdmin:
             ) from None
         return True
 
-    async def drain_node(self, node: str, deadline_s: float = 0.0) -> tuple[str, list[str]]:
+    async def drain_node(self, node: str, deadline_s: float = 0.0) -> tuple[str, list[str], list[str]]:
         """A Ray node is going away (a worker pod's preStop, ``kubectl drain``; Admin DrainNode): Ray places
         nothing new on it from now on, so replacements land elsewhere. Returns (its node id, the instances it
-        hosts), which the Ingress drains onto the rest and releases *with* replacement (``IngressAdmin.drain_node``):
-        the pools keep their sizes. Instances still being placed there are called off and started again (by the
-        reconcile round) elsewhere.
+        hosts, those of them replaced ahead), which the Ingress drains onto the rest and releases *with*
+        replacement (``IngressAdmin.drain_node``) -- those replaced ahead without: the pools keep their sizes.
+        Instances still being placed there are called off and started again (by the reconcile round) elsewhere.
+
+        An instance there that is the last serving its phase off the node (a 1-decode P/D deployment) has its
+        replacement started first and waited for (``_replace_ahead``): drained without one, its phase would have
+        had nowhere to go, and it stayed in service until the node died under its requests.
 
         Raises:
             ValueError: naming ``node`` (no such alive node, ambiguous, the head).
@@ -122,7 +127,48 @@ class ControllerAdmin:
         log.info("node %s (%s) draining: instances %s", node, nid[:8], ", ".join(hosted) or "none")
         self._scaling_events.append({"time_s": time.time(), "action": "drain_node", "node": nid,
                                      "instances": hosted})
-        return nid, hosted
+        # Half the node's remaining life at most: the other half moves the requests off.
+        wait_s = min(SCALE_WAIT_S, deadline_s / 2) if deadline_s > 0 else SCALE_WAIT_S
+        return nid, hosted, await self._replace_ahead(node, hosted, wait_s)
+
+    async def _replace_ahead(self, node: str, hosted: list[str], wait_s: float) -> list[str]:
+        """Start one more instance of the pool of each instance in ``hosted`` that is the last serving its phase
+        off the node, and wait for them (at most ``wait_s``). Returns those whose phase another instance off the
+        node serves now; a pool whose new instance did not come up (no room) is set back (the reconcile calls it
+        off) and its instance is left to the Ingress's "last instance" refusal."""
+        going = frozenset(hosted)
+        ahead: dict[str, str] = {}  # instance -> its pool
+        covered: set[str] = set()
+        for iid in hosted:
+            phase = self._last_for(iid, going)
+            if phase is None or phase in covered:
+                continue
+            pool = self._members[iid].info.pool
+            ahead[iid] = pool
+            covered |= {ph for ph, roles in (("prefill", _PREFILLS), ("decode", _DECODES))
+                        if self._pools[pool].role in roles}
+        if not ahead:
+            return []
+        pools = set(ahead.values())
+        for pool in pools:
+            await self._set_desired(pool, self._desired.get(pool, 0) + 1)
+        await self._reconcile(wait=False)
+        starting = [t for i, t in self._pending.items() if _pool_of(i) in pools]
+        if starting:
+            await asyncio.wait(starting, timeout=wait_s)
+        done: list[str] = []
+        for iid, pool in ahead.items():
+            if iid in self._members and self._last_for(iid, going) is None:
+                done.append(iid)
+                continue
+            log.warning("node %s: no replacement for %s up in %.0fs; it serves there until the node goes", node,
+                        iid, wait_s)
+            await self._set_desired(pool, max(self._desired.get(pool, 0) - 1, 0))
+        if len(done) < len(ahead):
+            await self._reconcile(wait=False)
+        self._scaling_events.append({"time_s": time.time(), "action": "replace_ahead", "node": node,
+                                     "instances": done, "failed": sorted(set(ahead) - set(done))})
+        return done
 
     async def release(self, instance_id: str, *, replace: bool = False) -> bool:
         """Stop an instance (answers once it is stopped). Without ``replace`` its pool shrinks by one (a drained

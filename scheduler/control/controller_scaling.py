@@ -81,11 +81,11 @@ class ControllerScaling:
         capacity, and not the scaling loop's to drain or take back (each un-drains its own when done)."""
         return self._operator_drained | set(self._switcher.switching)
 
-    def _last_for(self, iid: str) -> str | None:
+    def _last_for(self, iid: str, going: frozenset[str] = frozenset()) -> str | None:
         """The phase ("prefill" / "decode") that no live instance but ``iid`` serves (others drained or switching
-        do not count), or None. Draining or switching it away would leave that phase to nobody: its requests
-        could not move and new ones would fail."""
-        held = self._held() | set(self._draining)
+        do not count, nor those in ``going``), or None. Draining or switching it away would leave that phase to
+        nobody: its requests could not move and new ones would fail."""
+        held = self._held() | set(self._draining) | going
         others = [m.info.role for i, m in self._members.items() if i != iid and i not in held]
         for phase, roles in (("prefill", _PREFILLS), ("decode", _DECODES)):
             if self._members[iid].info.role in roles and not any(r in roles for r in others):
