@@ -75,7 +75,7 @@ def _controller(insts: list[FakeInstance], pools: dict[str, int], *, drain_timeo
     ctrl._starting, ctrl._failing, ctrl._start_failures, ctrl._probes = set(), {}, {}, {}
     ctrl._next_index = {p: n for p, n in pools.items()}
     ctrl._desired = dict(pools)
-    ctrl._draining, ctrl._operator_drained = {}, set()
+    ctrl._draining, ctrl._operator_drained, ctrl._replaced_ahead = {}, set(), set()
     ctrl._k8s, ctrl._k8s_shrink_due, ctrl._drain_timeout_s = None, False, drain_timeout_s
     ctrl._scaling = ThresholdScaler(min_instances=1, max_instances=4)
     ctrl._lock = asyncio.Lock()

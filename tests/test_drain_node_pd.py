@@ -134,3 +134,42 @@ def test_drain_node_of_the_last_prefill_replaces_it_first(cluster: Any, aloop: A
     assert sorted(_nodes(dep)) == sorted(now), _nodes(dep)
     events = [e for e in ray.get(dep.controller.scaling_events.remote()) if e["action"] == "replace_ahead"]
     assert events[-1]["instances"] == ["prefill-0"] and events[-1]["failed"] == [], events
+
+
+def _groups(pool: str) -> set[str]:
+    """The pool's placement groups not removed: its instances' and those still waiting for room."""
+    prefix = f"llmsched/{CONFIG.name}/{pool}-"
+    return {g["name"].rsplit("/", 1)[1] for g in ray.util.placement_group_table().values()
+            if g["name"].startswith(prefix) and g["state"] != "REMOVED"}
+
+
+def test_drain_node_retried_after_its_caller_gave_up_keeps_the_pool_size(cluster: Any, aloop: Any) -> None:
+    """The preStop call timed out after the Controller had replaced the last PREFILL instance ahead, and the hook
+    is retried (possibly through another ingress): the retry drains the instance onto its replacement and the pool
+    ends at one instance (before, the retry released it *with* replacement: two for good)."""
+    rt, dep, ing = cluster
+    spare = rt.cluster.add_node(num_cpus=1, num_gpus=2, resources={gpu_type_resource("l40"): 2.0})
+    (old,) = [i for i in _nodes(dep) if i.startswith("prefill-")]
+    node = _nodes(dep)[old]
+    ray.get(dep.controller.drain_node.remote(node, 30.0), timeout=60)  # the first call: its caller went away
+    (new,) = [i for i in _nodes(dep) if i.startswith("prefill-") and i != old]
+    res = aloop.run(ing.drain_node(node, deadline_s=30), timeout=60)
+    assert res.drained == (old,) and res.kept == {}, res
+    time.sleep(1.5)  # reconcile rounds
+    assert _groups("prefill") == {new}, _groups("prefill")
+    assert _nodes(dep)[new] == spare.node_id
+
+
+def test_drain_node_of_an_instance_draining_for_a_scale_down_completes_the_scale_down(
+        cluster: Any, aloop: Any) -> None:
+    """The scaling loop drains decode-2 for a scale-down; its node then drains: released by DrainNode, it leaves
+    the pool as the scale-down's release would have (before: replaced, the scale-down undone)."""
+    _, dep, ing = cluster
+    decoders = sorted(i for i in _nodes(dep) if i.startswith("decode-"))
+    assert len(decoders) == 2, decoders
+    stay, going = decoders
+    ray.get(dep.controller._begin_drain.remote(going), timeout=30)  # what a scale-down decision does
+    res = aloop.run(ing.drain_node(_nodes(dep)[going], deadline_s=30), timeout=60)
+    assert res.drained == (going,) and res.kept == {}, res
+    time.sleep(1.5)
+    assert _groups("decode") == {stay}, _groups("decode")

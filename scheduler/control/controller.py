@@ -204,6 +204,9 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         self._scaling_task: asyncio.Task[None] | None = None
         self._draining: dict[str, tuple[float, int]] = {}  # id -> (release deadline, refresh round at drain)
         self._operator_drained: set[str] = set()  # drained by an operator (set_draining), not by the scaling loop
+        # On a draining node, their replacement started ahead of them (``_replace_ahead``): counted out of their
+        # pool when they go, however they go (``_end_replaced_ahead``).
+        self._replaced_ahead: set[str] = set()
         self._refresh_round = 0
         self._k8s_shrink_due = False
         self._workload = _WorkloadWindow()
@@ -213,6 +216,7 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         self._init_scaling_policy()
         self._switcher = RoleSwitcher.from_config(self)
         self._adopt()
+        self._replaced_ahead = {i for i in self._kv_get("replaced_ahead") or [] if i in self._members}
 
     # ---- state that survives restarts -----------------------------------------------------------------
     def _load_desired(self) -> dict[str, int]:
@@ -224,7 +228,8 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         self._kv_put("configured", {p.name: p.count for p in self.config.pools})
 
     # Work in progress that must survive a restart, as JSON in Ray's internal KV under llmsched/<cluster>/<name>.
-    _KV_NAMES = ("desired", "configured", "draining", "switching", "operator_draining", "next_index", "releasing")
+    _KV_NAMES = ("desired", "configured", "draining", "switching", "operator_draining", "next_index", "releasing",
+                 "replaced_ahead")
 
     def _kv_key(self, name: str) -> bytes:
         return f"llmsched/{self.cluster}/{name}".encode()
@@ -410,6 +415,7 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         assert self._lock is not None
         async with self._lock:
             self._end_scale_down(iid, m.info.pool)
+            self._end_replaced_ahead(iid, m.info.pool)
             await self._release(iid, broken=why)
 
     def _end_scale_down(self, iid: str, pool: str) -> None:
@@ -423,6 +429,19 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         if self._desired.get(pool, 0) > len([i for i in self._active(pool, held=True) if i != iid]):
             self._desired[pool] -= 1
             self._save_desired()
+
+    def _end_replaced_ahead(self, iid: str, pool: str) -> None:
+        """``iid`` leaves -- released, dead, broken -- and its replacement was started ahead of it (a draining
+        node's last instance of a phase: ``_replace_ahead``): its pool counts it out. Released *with* replacement
+        (a DrainNode retried, through another ingress or after its caller gave up) or replaced when its node died,
+        it was replaced a second time and the pool stayed one bigger for good."""
+        if iid not in self._replaced_ahead:
+            return
+        self._replaced_ahead.discard(iid)
+        self._kv_put("replaced_ahead", sorted(self._replaced_ahead))
+        self._desired[pool] = max(self._desired.get(pool, 1) - 1, 0)
+        self._save_desired()
+        self._k8s_shrink_due = True
 
     def _hang_timeout_s(self, m: Member) -> float:
         return self._pools[m.info.pool].hang_timeout_s
@@ -444,6 +463,7 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         self._failing.pop(iid, None)
         if m is not None:
             self._end_scale_down(iid, m.info.pool)
+            self._end_replaced_ahead(iid, m.info.pool)
         self._role_round.pop(iid, None)
         self._drop_operator_drain(iid)
         self._snapshots.pop(iid, None)
@@ -549,6 +569,9 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         self._failing.pop(iid, None)
         self._role_round.pop(iid, None)
         self._drop_operator_drain(iid)
+        if iid in self._replaced_ahead:  # released as an extra (the reconcile): its pool has counted it out
+            self._replaced_ahead.discard(iid)
+            self._kv_put("replaced_ahead", sorted(self._replaced_ahead))
         if m is None:
             return False
         # NOTE: off the caller's path. Awaited here, a hung actor's shutdown held the Controller's refresh and lock

@@ -97,16 +97,17 @@ class ControllerAdmin:
             ) from None
         return True
 
-    async def drain_node(self, node: str, deadline_s: float = 0.0) -> tuple[str, list[str], list[str]]:
+    async def drain_node(self, node: str, deadline_s: float = 0.0) -> tuple[str, list[str]]:
         """A Ray node is going away (a worker pod's preStop, ``kubectl drain``; Admin DrainNode): Ray places
         nothing new on it from now on, so replacements land elsewhere. Returns (its node id, the instances it
-        hosts, those of them replaced ahead), which the Ingress drains onto the rest and releases *with*
-        replacement (``IngressAdmin.drain_node``) -- those replaced ahead without: the pools keep their sizes.
-        Instances still being placed there are called off and started again (by the reconcile round) elsewhere.
+        hosts), which the Ingress drains onto the rest and releases *with* replacement (``IngressAdmin.drain_node``):
+        the pools keep their sizes. Instances still being placed there are called off and started again (by the
+        reconcile round) elsewhere.
 
         An instance there that is the last serving its phase off the node (a 1-decode P/D deployment) has its
         replacement started first and waited for (``_replace_ahead``): drained without one, its phase would have
-        had nowhere to go, and it stayed in service until the node died under its requests.
+        had nowhere to go, and it stayed in service until the node died under its requests. Its pool counts it
+        out when it goes, whoever releases it (``_end_replaced_ahead``).
 
         Raises:
             ValueError: naming ``node`` (no such alive node, ambiguous, the head).
@@ -129,26 +130,30 @@ class ControllerAdmin:
                                      "instances": hosted})
         # Half the node's remaining life at most: the other half moves the requests off.
         wait_s = min(SCALE_WAIT_S, deadline_s / 2) if deadline_s > 0 else SCALE_WAIT_S
-        return nid, hosted, await self._replace_ahead(node, hosted, wait_s)
+        await self._replace_ahead(node, hosted, wait_s)
+        return nid, hosted
 
-    async def _replace_ahead(self, node: str, hosted: list[str], wait_s: float) -> list[str]:
+    async def _replace_ahead(self, node: str, hosted: list[str], wait_s: float) -> None:
         """Start one more instance of the pool of each instance in ``hosted`` that is the last serving its phase
-        off the node, and wait for them (at most ``wait_s``). Returns those whose phase another instance off the
-        node serves now; a pool whose new instance did not come up (no room) is set back (the reconcile calls it
-        off) and its instance is left to the Ingress's "last instance" refusal."""
+        off the node, and wait for them (at most ``wait_s``). A pool whose new instance did not come up (no room)
+        is set back (the reconcile calls it off) and its instance is left to the Ingress's "last instance"
+        refusal."""
         going = frozenset(hosted)
         ahead: dict[str, str] = {}  # instance -> its pool
         covered: set[str] = set()
         for iid in hosted:
             phase = self._last_for(iid, going)
-            if phase is None or phase in covered:
+            # One already being replaced ahead (a DrainNode retried while the first waits): not a second time.
+            if phase is None or phase in covered or iid in self._replaced_ahead:
                 continue
             pool = self._members[iid].info.pool
             ahead[iid] = pool
             covered |= {ph for ph, roles in (("prefill", _PREFILLS), ("decode", _DECODES))
                         if self._pools[pool].role in roles}
         if not ahead:
-            return []
+            return
+        self._replaced_ahead.update(ahead)
+        self._kv_put("replaced_ahead", sorted(self._replaced_ahead))
         pools = set(ahead.values())
         for pool in pools:
             await self._set_desired(pool, self._desired.get(pool, 0) + 1)
@@ -163,12 +168,14 @@ class ControllerAdmin:
                 continue
             log.warning("node %s: no replacement for %s up in %.0fs; it serves there until the node goes", node,
                         iid, wait_s)
-            await self._set_desired(pool, max(self._desired.get(pool, 0) - 1, 0))
+            if iid in self._replaced_ahead:  # (still a member: not counted out meanwhile)
+                self._replaced_ahead.discard(iid)
+                await self._set_desired(pool, max(self._desired.get(pool, 0) - 1, 0))
+        self._kv_put("replaced_ahead", sorted(self._replaced_ahead))
         if len(done) < len(ahead):
             await self._reconcile(wait=False)
         self._scaling_events.append({"time_s": time.time(), "action": "replace_ahead", "node": node,
                                      "instances": done, "failed": sorted(set(ahead) - set(done))})
-        return done
 
     async def release(self, instance_id: str, *, replace: bool = False) -> bool:
         """Stop an instance (answers once it is stopped). Without ``replace`` its pool shrinks by one (a drained
@@ -184,8 +191,15 @@ class ControllerAdmin:
         m = self._members.get(instance_id)
         if m is None:
             return False
-        if not replace:
-            self._desired[m.info.pool] = max(self._desired.get(m.info.pool, 1) - 1, 0)
+        pool = m.info.pool
+        if instance_id in self._replaced_ahead:
+            self._end_replaced_ahead(instance_id, pool)  # its replacement runs already: the pool counts it out
+        elif replace and instance_id in self._draining:
+            # Draining for a scale-down (DrainNode released it first): it leaves as that drain's release would
+            # have -- replaced, the scale-down was undone.
+            self._end_scale_down(instance_id, pool)
+        elif not replace:
+            self._desired[pool] = max(self._desired.get(pool, 1) - 1, 0)
             self._save_desired()
             self._k8s_shrink_due = True
         assert self._lock is not None

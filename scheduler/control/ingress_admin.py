@@ -107,17 +107,16 @@ class IngressAdmin:
         Ray place nothing new on it; every instance there is taken out of service at once (so no request moves
         from one of them to another), its requests are migrated onto the rest, and it is released *with*
         replacement -- the pools keep their sizes, the replacements start on other nodes. The last instance
-        serving a phase has its replacement started first (``Controller.drain_node``), and is released without;
-        when that one finds no room in time it stays in service (its requests would have nowhere to go): it is
+        serving a phase has its replacement started first (``Controller.drain_node``; its pool then counts it out
+        when it goes); when that one finds no room in time it stays in service (its requests would have nowhere to go): it is
         ``kept``, with why. ``deadline_s``: when the node will be killed (seconds from now): Ray's record, and
         half of it bounds the wait for those replacements."""
         await self.start()
         if not node:
             raise InvalidRequest("node: must not be empty", field="node")
-        node_id, hosted, ahead = await self._admin("drain_node", node, float(deadline_s))
+        node_id, hosted = await self._admin("drain_node", node, float(deadline_s))
         await self._refresh_members()
-        if ahead:
-            await self._refresh_view()  # the replacements started ahead: destinations for the requests below
+        await self._refresh_view()  # replacements started ahead: destinations for the requests below
         kept: dict[str, str] = {}
         begun: list[str] = []
         try:
@@ -133,8 +132,7 @@ class IngressAdmin:
             for iid in begun:
                 await self._undrain(iid)
             raise
-        results = await asyncio.gather(*(self._move_off(i, replace=i not in ahead) for i in begun),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(self._move_off(i, replace=True) for i in begun), return_exceptions=True)
         drained, moved = [], 0
         for iid, r in zip(begun, results, strict=True):
             if isinstance(r, BaseException):
