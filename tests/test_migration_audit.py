@@ -289,13 +289,13 @@ class FakeController:
             def __init__(self, fn: Any) -> None:
                 self.fn = fn
 
-            def remote(self, *a: Any) -> Any:
-                return asyncio.ensure_future(self.fn(*a))
+            def remote(self, *a: Any, **kw: Any) -> Any:
+                return asyncio.ensure_future(self.fn(*a, **kw))
 
         async def set_draining(iid: str, flag: bool) -> None:
             return None
 
-        async def release(iid: str) -> bool:
+        async def release(iid: str, replace: bool = False) -> bool:
             ctl.released.append(iid)
             ctl.handles[iid].dead = True  # the actor is killed
             await ctl.handles[iid].inst.shutdown()
