@@ -130,7 +130,7 @@ def test_drain_node_of_the_last_prefill_replaces_it_first(cluster: Any, aloop: A
     now = _nodes(dep)
     (new,) = [i for i in now if i.startswith("prefill-")]
     assert new != "prefill-0" and now[new] == spare.node_id, now  # TP=2: both bundles on the spare node
-    time.sleep(1.5)  # a few reconcile rounds: the pool stays at one (the replacement was counted, not added)
+    time.sleep(1.2)  # a few reconcile rounds: the pool stays at one (the replacement was counted, not added)
     assert sorted(_nodes(dep)) == sorted(now), _nodes(dep)
     events = [e for e in ray.get(dep.controller.scaling_events.remote()) if e["action"] == "replace_ahead"]
     assert events[-1]["instances"] == ["prefill-0"] and events[-1]["failed"] == [], events
@@ -155,7 +155,7 @@ def test_drain_node_retried_after_its_caller_gave_up_keeps_the_pool_size(cluster
     (new,) = [i for i in _nodes(dep) if i.startswith("prefill-") and i != old]
     res = aloop.run(ing.drain_node(node, deadline_s=30), timeout=60)
     assert res.drained == (old,) and res.kept == {}, res
-    time.sleep(1.5)  # reconcile rounds
+    time.sleep(1.2)  # reconcile rounds
     assert _groups("prefill") == {new}, _groups("prefill")
     assert _nodes(dep)[new] == spare.node_id
 
@@ -171,5 +171,29 @@ def test_drain_node_of_an_instance_draining_for_a_scale_down_completes_the_scale
     ray.get(dep.controller._begin_drain.remote(going), timeout=30)  # what a scale-down decision does
     res = aloop.run(ing.drain_node(_nodes(dep)[going], deadline_s=30), timeout=60)
     assert res.drained == (going,) and res.kept == {}, res
-    time.sleep(1.5)
+    time.sleep(1.2)
     assert _groups("decode") == {stay}, _groups("decode")
+
+
+def test_drain_node_goes_on_when_its_caller_stops_waiting(cluster: Any, aloop: Any) -> None:
+    """The caller of DrainNode stops waiting (the preStop hook's timeout) while the last DECODE instance's
+    replacement starts: the drain goes on -- the instance is drained onto its replacement and released (before,
+    cancelled with the call, it was left serving on the going node beside an idle replacement)."""
+    rt, dep, ing = cluster
+    spare = rt.cluster.add_node(num_cpus=1, num_gpus=1, resources={gpu_type_resource("a100"): 1.0})
+    (last,) = [i for i in _nodes(dep) if i.startswith("decode-")]
+    node = _nodes(dep)[last]
+
+    async def run() -> None:
+        call = asyncio.create_task(ing.drain_node(node, deadline_s=30))
+        await asyncio.sleep(0.3)  # the Controller is starting the replacement
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    aloop.run(run(), timeout=30)
+    now = _wait_members(dep, lambda n: last not in n, f"{last} released", timeout_s=60)
+    (new,) = [i for i in now if i.startswith("decode-")]
+    assert now[new] == spare.node_id, now
+    time.sleep(1.2)
+    assert _groups("decode") == {new}, _groups("decode")

@@ -142,6 +142,8 @@ class ControllerAdmin:
         ahead: dict[str, str] = {}  # instance -> its pool
         covered: set[str] = set()
         for iid in hosted:
+            if iid not in self._members:
+                continue  # released while the node was being looked at
             phase = self._last_for(iid, going)
             # One already being replaced ahead (a DrainNode retried while the first waits): not a second time.
             if phase is None or phase in covered or iid in self._replaced_ahead:

@@ -211,6 +211,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         # instance -> (its snapshot in _view, (routed + incoming, incoming, routed prompt tokens) counts, the snapshot view() adds them to)
         self._adjusted: dict[str, tuple[InstanceSnapshot, tuple[int, int, int, int], InstanceSnapshot]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._node_drains: dict[str, asyncio.Task[Any]] = {}  # node name -> its DrainNode (IngressAdmin.drain_node)
         self._probes: dict[str, asyncio.Future[Any]] = {}  # instance -> its snapshot call that outlasted a round
         self._starting: asyncio.Future[None] | None = None
         self._controller_epoch: str | None = None
@@ -267,7 +268,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         ]
 
     async def close(self, timeout_s: float = 5.0) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *self._node_drains.values()]:
             t.cancel()
         if self._tasks:
             # Bounded: a background poll stuck awaiting a Ray reply whose cancellation never lands must not

@@ -110,10 +110,30 @@ class IngressAdmin:
         serving a phase has its replacement started first (``Controller.drain_node``; its pool then counts it out
         when it goes); when that one finds no room in time it stays in service (its requests would have nowhere to go): it is
         ``kept``, with why. ``deadline_s``: when the node will be killed (seconds from now): Ray's record, and
-        half of it bounds the wait for those replacements."""
+        half of it bounds the wait for those replacements.
+
+        The drain runs to its end even when the caller stops waiting (the preStop hook's timeout, a client gone):
+        the node goes away all the same. Cancelled with its caller, it put the instances there back in service
+        and left a replacement started ahead idle beside the one it replaced. A second call for the same node
+        while it runs (the hook retried) waits for the same drain."""
         await self.start()
         if not node:
             raise InvalidRequest("node: must not be empty", field="node")
+        drains = self._node_drains
+        task = drains.get(node)
+        if task is None:
+            task = drains[node] = asyncio.create_task(self._drain_node(node, deadline_s))
+
+            def done(t: asyncio.Task[NodeDrainResult]) -> None:
+                if drains.get(node) is t:
+                    del drains[node]
+                if not t.cancelled():
+                    t.exception()  # retrieved: no caller may be left to
+
+            task.add_done_callback(done)
+        return await asyncio.shield(task)
+
+    async def _drain_node(self, node: str, deadline_s: float) -> NodeDrainResult:
         node_id, hosted = await self._admin("drain_node", node, float(deadline_s))
         await self._refresh_members()
         await self._refresh_view()  # replacements started ahead: destinations for the requests below
@@ -128,7 +148,7 @@ class IngressAdmin:
                     begun.append(iid)
                 except IngressError as e:
                     kept[iid] = str(e)
-        except BaseException:  # cancelled (the caller's deadline): nothing else would put these back in service
+        except BaseException:  # cancelled (the Ingress closes): nothing else would put these back in service
             for iid in begun:
                 await self._undrain(iid)
             raise
