@@ -23,7 +23,7 @@ from scheduler.control.api import (
 )
 from scheduler.control.instance_lost import _DEAD
 from scheduler.control.util import _await
-from scheduler.core.types import ClusterView, InstanceRole
+from scheduler.core.types import ClusterView, InstanceRole, Phase
 
 # NOTE: the Ingress's logger: these are Ingress methods, and deployments tune (benches silence) it by that name.
 log = logging.getLogger("scheduler.control.ingress")
@@ -62,10 +62,14 @@ class IngressAdmin:
             # rounds, then release (a request still there is recovered elsewhere by re-prefill).
             for _ in range(50):
                 pending = [r for r in self.registry.on_instance(instance_id) if r.moving_to is None]
-                # P->D requests whose decode goes here are on no instance here yet (prefilling elsewhere, their KV on
-                # its way): wait for them to land, then move them, as the simulator waits for them. (Released under
-                # them, their KV landed on a dead instance and they were re-prefilled elsewhere.)
-                arriving = instance_id in self._expected.values()
+                # P->D requests whose decode goes here are on no instance here yet (their KV on its way): wait for
+                # them to land, then move them, as the simulator waits for them. (Released under them, their KV
+                # landed on a dead instance and they were re-prefilled elsewhere.) Not those still prefilling: their
+                # handoff picks a decoder in service (``Ingress._run_attempts``), so waiting for them only held the
+                # drain ~3 s (50 rounds) to no end.
+                arriving = any(d == instance_id and (r := self.registry.get(rid)) is not None
+                               and r.phase is not Phase.PREFILL and r.phase is not Phase.QUEUED
+                               for rid, d in list(self._expected.items()))
                 if not pending and not arriving:
                     break
                 results = await asyncio.gather(*(self.migrate(r.request_id) for r in pending),
