@@ -817,20 +817,15 @@ class Simulator:
             self.router.on_finished(str(i), self._ids[self.inst_of[i]])
             return
         if d < 0:  # routed to a PREFILL instance without a decode partner: decode where the router says now
-            d = self._decoder_now(i, t, output)
-            if d is None:
+            decision = self.router.route(self._request_info(i, t, int(self.w.prompt_tokens[i]), output,
+                                                            accepted=True), self._view_at(t))
+            # A colocated answer names a MIXED instance to do both: the prompt is done, so it decodes there.
+            name = None if isinstance(decision, Rejected) else decision.decode_instance or decision.prefill_instance
+            if name is None or not self._index[name].role.does_decode:
                 self._refuse(i, self.instances[self.inst_of[i]])
                 return
-            self.dec_of[i] = d
+            d = self.dec_of[i] = self._index[name].index
             self._expect_kv(self.instances[d], +1, t)
-        elif self.instances[d].draining:
-            # The decoder paired at arrival went out of service while the prompt prefilled (a scale-down, a role
-            # switch): decode where the router says now, as the live handoff does (``Ingress`` P->D); none: keep it.
-            now_d = self._decoder_now(i, t, output)
-            if now_d is not None and now_d != d:
-                self._expect_kv(self.instances[d], -1, t)
-                d = self.dec_of[i] = now_d
-                self._expect_kv(self.instances[d], +1, t)
         dst = self.instances[d]
         src = self.instances[self.inst_of[i]]
         dt = src.latency.handoff_time(int(self.w.prompt_tokens[i]))  # measured end to end (live profiles)
@@ -847,17 +842,6 @@ class Simulator:
         self.kv_transfers += 1
         self.kv_transfer_s += dt
         self._push(t + dt, EventKind.KV_ARRIVE, dst, i)
-
-    def _decoder_now(self, i: int, t: float, output: int) -> int | None:
-        """The instance the router names now to decode prefilled request ``i``, or None (refused, or the answer
-        decodes nowhere). A colocated answer names a MIXED instance to do both: the prompt is done, so it decodes
-        there."""
-        decision = self.router.route(self._request_info(i, t, int(self.w.prompt_tokens[i]), output, accepted=True),
-                                     self._view_at(t))
-        name = None if isinstance(decision, Rejected) else decision.decode_instance or decision.prefill_instance
-        if name is None or not self._index[name].role.does_decode:
-            return None
-        return self._index[name].index
 
     # ---- results --------------------------------------------------------------------------------------------
     def _result(self, w: Workload, end: float, wall: float, tl_t: list, tl_load: list) -> SimResult:

@@ -90,19 +90,16 @@ def test_scale_down_of_a_decode_pool_waits_for_kv_in_flight():
 
 def test_a_decoder_paired_with_a_prompt_still_prefilling_is_not_removed_before_its_kv_lands():
     """A request is paired with its decoder at routing; the KV only leaves the prefill instance at its end. The
-    decoder is not empty meanwhile: it used to be removed at once, then decoded the request anyway, uncharged. Once
-    the prefill ends, the decoder -- draining since -- is given up for one in service (as the live handoff does),
-    and it is removed then, not before."""
+    decoder is not empty meanwhile: it used to be removed at once, then decoded the request anyway, uncharged."""
     cfg = config(pd=(1, 2), blocks=2000)
     w = Workload(np.array([0.01, 5.0]), np.array([16000, 50]), np.array([200, 20]))  # a long prefill first
     pol = Scripted([(0.02, ScaleDecision("decode", delta=-1, reason="test", drain=("d-0",)))])
     sim = Simulator(cfg, router="least_outstanding", scaling=pol, scaling_interval_s=0.02, scaling_startup_s=1.0)
     res = sim.run(w)
-    d0, d1 = sim._index["d-0"], sim._index["d-1"]
-    assert res.decode_instance[0] == d1.index and res.first_token_s[0] > 3.0  # decoded where it was in service
-    assert d0.stopped_s is not None and d0.stopped_s >= res.first_token_s[0] - 1e-9  # waited for until the prefill end
-    assert d0.engine.busy_time_s == 0.0  # never decoded the request it was paired with
-    assert res.instance_lifetime_s[d1.index] >= d1.engine.busy_time_s  # every busy second charged
+    d0 = sim._index["d-0"]
+    assert res.decode_instance[0] == d0.index and res.first_token_s[0] > 3.0
+    assert d0.stopped_s is not None and res.finish_s[0] <= d0.stopped_s + 1e-9  # removed once it decoded it
+    assert res.instance_lifetime_s[d0.index] >= d0.engine.busy_time_s  # every busy second charged
 
 
 def test_a_start_still_pending_at_the_end_does_not_stretch_the_run():
