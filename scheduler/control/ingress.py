@@ -211,6 +211,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         # instance -> (its snapshot in _view, (routed + incoming, incoming, routed prompt tokens) counts, the snapshot view() adds them to)
         self._adjusted: dict[str, tuple[InstanceSnapshot, tuple[int, int, int, int], InstanceSnapshot]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._admin_drains: set[str] = set()  # instances an admin drain here releases (IngressAdmin._begin_drain)
         self._node_drains: dict[str, asyncio.Task[Any]] = {}  # node name -> its DrainNode (IngressAdmin.drain_node)
         self._probes: dict[str, asyncio.Future[Any]] = {}  # instance -> its snapshot call that outlasted a round
         self._starting: asyncio.Future[None] | None = None
@@ -665,10 +666,12 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                 # (Pulled over the instances' direct channels instead, 2 MB of KV took longer than through the
                 # object store on one node: docs/architecture.md.)
                 decoder = target.decode_instance
-                if decoder is None or not self._in_service(decoder):
-                    # The pairing was made at arrival; its decoder has since gone out of service (drained for a
-                    # node going away, a scale-down, a role switch; released): pick one now. Sent there, the KV
-                    # landed on an instance about to go -- moved again, or lost and the prompt re-prefilled.
+                if decoder is None or self._leaving(decoder):
+                    # The pairing was made at arrival; its decoder is going away since (an admin drain, DrainNode:
+                    # released once its requests moved; or released already): pick one now. Sent there, the KV
+                    # landed on an instance about to go -- moved again, or lost and the prompt re-prefilled. A
+                    # decoder drained for a role switch or a scale-down still takes it (it waits for the KV on its
+                    # way, as the simulator's pairing does; tests/test_sim_scaling.py).
                     decoder = self._decoder_after_prefill(rec, keep=decoder)
                 try:
                     kv_ref, kv_src = self._handle(iid).export_kv.remote(rid, 0, None), iid
@@ -694,9 +697,10 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
     def _is_prefill(self, iid: str) -> bool:
         return self._role_of(iid) is InstanceRole.PREFILL
 
-    def _in_service(self, iid: str) -> bool:
-        """``iid`` is in the view, healthy and not draining: the router could pick it now."""
-        return any(s.instance_id == iid and s.healthy and not s.draining for s in self._view.instances)
+    def _leaving(self, iid: str) -> bool:
+        """``iid`` is gone from the view, or an admin drain through this ingress releases it once its requests
+        have moved (``IngressAdmin._begin_drain``)."""
+        return iid in self._admin_drains or not any(s.instance_id == iid for s in self._view.instances)
 
     def _decoder_after_prefill(self, rec: RequestRecord, keep: str | None = None) -> str:
         """Where a request prefilled on a PREFILL instance named alone decodes: the router's answer now (accepted),

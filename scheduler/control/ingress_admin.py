@@ -48,6 +48,7 @@ class IngressAdmin:
     async def _begin_drain(self, instance_id: str) -> None:
         """Out of service: no new request routed to it (the Controller's operator drain, and this view at once)."""
         await self._admin("set_draining", instance_id, True)
+        self._admin_drains.add(instance_id)  # released once its requests moved: P->D handoffs pick another decoder
         self._snapshots.pop(instance_id, None)
         self._view = ClusterView(self._view.time_s, tuple(
             dataclasses.replace(s, draining=True) if s.instance_id == instance_id else s for s in self._view.instances
@@ -85,7 +86,7 @@ class IngressAdmin:
                     r.moving_to is not None for r in self.registry.on_instance(instance_id)):
                 await asyncio.sleep(0.01)
             await self._admin("release", instance_id, replace=replace)
-            released = True
+            released = True  # (stays in _admin_drains: an id is never reused, and the view may still list it)
         finally:
             if not released:
                 # Cancelled (the caller's deadline) or failed before the release: nothing else would ever release
@@ -95,6 +96,7 @@ class IngressAdmin:
         return moved
 
     async def _undrain(self, instance_id: str) -> None:
+        self._admin_drains.discard(instance_id)
         fut = asyncio.ensure_future(_await(self.controller.set_draining.remote(instance_id, False)))
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if we stop waiting
         try:
