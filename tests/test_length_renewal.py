@@ -104,6 +104,45 @@ def test_the_tail_stops_at_max_tokens() -> None:
             min(_octave_rest(cap - 200.0), 200.0), rel=1e-3)  # past the 512-1024 mass: the tail, to the cap
 
 
+@pytest.mark.parametrize("dist", TAILED, ids=["flat", "arxiv"])
+def test_a_cap_past_the_last_edge_still_bounds_the_tail(dist: LengthPrediction) -> None:
+    """``capped`` left a distribution unchanged for caps >= 8192 (the last edge), so the tail rule, bounded only by
+    the cap's one-token bucket, renewed past ``max_tokens``: cap 10000, 9500 generated -> 4205 more, not <= 500.
+    The buckets still do not move (nothing to cut below the last edge); the cap does bound the renewal."""
+    assert dist.capped(10_000).expected_remaining(9500.0) == pytest.approx(500.0)
+    for cap in (BUCKET_EDGES[-1], 10_000, 20_000):
+        c = dist.capped(cap)
+        assert (c.bucket_edges, c.probs, c.point, c.max_tokens) == (dist.bucket_edges, dist.probs, dist.point, cap)
+        for g in np.arange(1.0, cap, 37.0):
+            r = c.expected_remaining(g)
+            assert 1.0 <= r <= max(cap - g, 1.0) + 1e-9
+            assert r == pytest.approx(min(dist.expected_remaining(g), max(cap - g, 1.0)), rel=1e-12)
+    assert dist.expected_remaining(9500.0) == pytest.approx(_octave_rest(9500.0), rel=1e-3)  # uncapped: the octave
+    assert dist.capped(20_000).capped(10_000).max_tokens == dist.capped(10_000).capped(20_000).max_tokens == 10_000
+    assert dist.capped(10_000).capped(3000) == dist.capped(3000)  # a cap below the edge: its one-token bucket
+    with pytest.raises(ValueError, match="max_tokens"):
+        dist.capped(0)
+
+
+def test_the_cap_past_the_last_edge_reaches_the_live_and_simulated_renewals() -> None:
+    """The capped distribution is the one the instances renew from: the engine model (simulator) and the live
+    instance's snapshot (``snapshot_from_stats``) read a request 9500 tokens into a 10000-token cap as at most
+    500 from its end (they read ~4200 before)."""
+    cap, dist = 10_000, TAILED[1].capped(10_000)
+    eng = _engine(blocks=1000)
+    eng.add_request("long", 50, cap, predicted_remaining=dist.point, length_dist=dist)
+    while eng.has_work and eng.generated_of(eng.get("long")) < 9500:
+        span = eng.plan_span(max_steps=256)
+        eng.advance(span, span.steps) if span is not None else eng.step()
+    sim = eng.snapshot("x", 0.0, detail=True).requests[0]
+    g = sim.generated_tokens
+    assert 9500 <= g < cap and 1.0 <= sim.predicted_remaining <= cap - g
+    stats = EngineStats(1, 0, 10, 100, 16, requests=(RequestLoad("r", 50 + g, g, None),))
+    info = InstanceInfo("d", "p", InstanceRole.DECODE, "cpu", 1, "tiny", "sim", "i")
+    live = snapshot_from_stats(stats, info, 0.0, {"r": _Stream(predicted=dist.point, dist=dist)})
+    assert 1.0 <= live.requests[0].predicted_remaining <= cap - g
+
+
 def test_the_simulated_engine_keeps_a_very_long_response_in_its_decode_work() -> None:
     """The engine model renews a spent guess from ``expected_remaining``: past 8192 tokens it renewed every step
     to 1 token, and the snapshot the routers read counted the request as finishing."""

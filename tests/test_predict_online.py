@@ -149,7 +149,9 @@ def test_a_capped_prediction_is_the_length_the_engine_generates(cap: int) -> Non
         assert c.prob_longer_than(cap) == pytest.approx(d.prob_longer_than(cap), abs=1e-9)
         assert c.prob_longer_than(cap + 1) == pytest.approx(0.0, abs=1e-9)
         assert c.expected_remaining(cap - 0.5) <= 1.5  # a guess cannot be renewed past the cap
-    assert d.capped(9000) is d  # past the last edge that bucket already means "longer"
+    # Past the last edge that bucket already means "longer": the buckets stay, the cap is kept for the tail rule.
+    far = d.capped(9000)
+    assert (far.probs, far.point, far.max_tokens) == (d.probs, d.point, 9000)
 
 
 def test_a_cut_response_is_learned_as_longer_not_as_the_cap() -> None:

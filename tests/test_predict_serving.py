@@ -88,6 +88,22 @@ def _ingress(predictor: str | None, router: Recording) -> Ingress:
     return ing
 
 
+def test_the_ingress_keeps_a_max_tokens_past_the_last_edge_for_the_renewals() -> None:
+    """``max_tokens`` 10000 (past the last bucket edge, 8192) reached the distribution the instances renew from
+    as nothing, so a request 9500 tokens in was read as ~4200 from its end; now as at most 500. With
+    ``ignore_eos`` it is the replay's forced length and still caps nothing."""
+    ing = _ingress("default", Recording())
+    ids = tuple(range(1, 41))
+    rec = RequestRecord("r", ids, SamplingParams(max_tokens=10_000))
+    forced = RequestRecord("f", ids, SamplingParams(max_tokens=10_000, ignore_eos=True))
+    for r in (rec, forced):
+        asyncio.run(ing._predict(r, None))
+    assert rec.length_dist is not None and 1.0 <= rec.length_dist.expected_remaining(9500.0) <= 500.0
+    assert rec.length_dist.max_tokens == 10_000
+    assert forced.length_dist is not None and forced.length_dist.max_tokens is None
+    assert forced.length_dist.expected_remaining(9500.0) > 4000.0  # the octave's 0.44 g
+
+
 def test_the_ingress_guesses_from_the_prompt_text_and_a_client_hint_wins() -> None:
     router = Recording()
     ing = _ingress("default", router)

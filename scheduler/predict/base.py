@@ -49,12 +49,15 @@ class LengthPrediction:
     """A predicted response-length distribution.
 
     ``probs[i]`` is the probability that the response has ``bucket_edges[i] <= tokens < bucket_edges[i+1]``
-    tokens (the last bucket also holds everything longer). ``point`` is the median in tokens.
+    tokens (the last bucket also holds everything longer). ``point`` is the median in tokens. ``max_tokens``: the
+    most the engine generates (``capped``; None: no cap), the one bound ``expected_remaining``'s tail reads -- past
+    the last edge the histogram cannot hold it.
     """
 
     bucket_edges: tuple[int, ...]
     probs: tuple[float, ...]
     point: float
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.probs) != len(self.bucket_edges) - 1:
@@ -63,7 +66,9 @@ class LengthPrediction:
             )
 
     @staticmethod
-    def from_probs(probs: Sequence[float], edges: Sequence[int] = BUCKET_EDGES) -> LengthPrediction:
+    def from_probs(
+        probs: Sequence[float], edges: Sequence[int] = BUCKET_EDGES, max_tokens: int | None = None
+    ) -> LengthPrediction:
         """Build a prediction from (possibly unnormalised, non-negative) bucket weights; point = median."""
         # Negatives, clipped after summing, left probs summing past 1; an infinite weight gave NaN probs and a
         # silent 8192-token median (the last edge); a NaN one was refused as "a positive sum" needed.
@@ -74,7 +79,7 @@ class LengthPrediction:
             raise ValueError("bucket probabilities must have a positive sum")
         p = tuple(float(x) / total for x in probs)
         pred = LengthPrediction(tuple(int(e) for e in edges), p, 0.0)
-        return LengthPrediction(pred.bucket_edges, p, pred.quantile(0.5))
+        return LengthPrediction(pred.bucket_edges, p, pred.quantile(0.5), max_tokens)
 
     def quantile(self, q: float) -> float:
         """Token count below which the response falls with probability ``q`` (log-linear inside a bucket; a
@@ -111,7 +116,7 @@ class LengthPrediction:
         Tail rule: where the histogram no longer resolves the rest -- inside the open last bucket, whose upper edge
         is only there to keep quantiles finite, or past every bucket with mass -- the rest is at least that of one
         more octave bucket from ``g`` (log-uniform on [g, 2g): ``OCTAVE_REST * g``, 0.44 g), so it grows with ``g``
-        and a 9000-token response is not read as ending at once; never past ``max_tokens`` where ``capped`` put
+        and a 9000-token response is not read as ending at once; never past ``max_tokens`` where ``capped`` set
         it. ``quantile``, ``mass_above`` and ``mean`` keep the histogram's law (nothing past the last edge): the
         tail is only what the renewal of a response that outran it reads."""
         e = self.bucket_edges
@@ -127,8 +132,10 @@ class LengthPrediction:
         # The log-uniform shape runs its rest down to 0 at the bucket's upper edge: true of a closed bucket (the
         # lengths seen end there), an artifact of the open last one (at 8191 tokens: 1 more; at 4096 its rest is
         # the octave's, where the floor takes over, so the rule is continuous there).
-        cap = e[-2] if e[-1] - e[-2] <= 1 else math.inf  # ``capped``'s one-token bucket: the engine stops there
-        if mass == 0.0 or (cap == math.inf and generated >= max(e[-2], 1)):
+        # The cap is the field, not the histogram: past the last edge (8192) ``capped`` leaves the buckets as they
+        # are. Below it the last bucket is the cap's one-token one, where g >= cap makes the floor <= 0: no-op.
+        cap = math.inf if self.max_tokens is None else self.max_tokens
+        if mass == 0.0 or generated >= max(e[-2], 1):
             rest = max(rest, min(OCTAVE_REST * generated, cap - generated))
         return max(rest, 1.0)
 
@@ -154,17 +161,22 @@ class LengthPrediction:
     def capped(self, max_tokens: int) -> LengthPrediction:
         """The length the engine will generate, min(response, ``max_tokens``): the mass past the cap lands in a
         one-token bucket ``[max_tokens, max_tokens + 1)`` (the bucket holding the cap keeps its share below it).
-        Unchanged when the cap is past the last edge (that bucket already stands for "longer")."""
+        Past the last edge the buckets are unchanged (that bucket already stands for "longer") and only
+        ``max_tokens`` records the cap, for ``expected_remaining``'s tail."""
+        if max_tokens < 1:  # (0 left a [0, 1) bucket whose log-width, 0, ``expected_remaining`` divided by)
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         e = self.bucket_edges
+        if self.max_tokens is not None and max_tokens >= self.max_tokens:
+            return self  # capped already, at or under it
         if max_tokens >= e[-1]:
-            return self
+            return LengthPrediction(e, self.probs, self.point, max_tokens)
         k = bucket_of(max_tokens, e)
         above = self.mass_above(max_tokens)
         edges = [*e[: k + 1], max_tokens, max_tokens + 1]
         probs = [*self.probs[:k], self.probs[k] - above[k], sum(above)]
         if max_tokens <= max(e[k], 1):  # the cap sits on the bucket's lower edge: nothing of it lies below
             del edges[k], probs[k]
-        return LengthPrediction.from_probs(probs, edges)
+        return LengthPrediction.from_probs(probs, edges, max_tokens)
 
 
 def remaining_tokens(left: float, dist: LengthPrediction | None, generated: float) -> float:
