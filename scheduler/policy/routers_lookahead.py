@@ -421,8 +421,10 @@ class LookaheadRouter(PairingRouter):
         harm = (step_with - step_now) * overlap if B else 0.0
         m = min(O, r_avg) if B else 0.0
         own = m * step_with + (O - m) * (t.a_alone + b * ctx_new)
+        # One read of the prefill history for both of its uses below (a decay factor per instance per request).
+        stalls = self._stalls(d.instance_id)
         if d.role is InstanceRole.MIXED:
-            own /= 1.0 - self.prefill_pressure(d.instance_id)
+            own /= 1.0 - min(stalls[0], self.max_pressure)  # prefill_pressure
         if d.role is InstanceRole.MIXED and not colocated and d.prefill_tokens_pending:
             own += t.queue_s  # its queued prefills interleave with the newcomer's decode
         # KV: headroom for the batch's growth over the fixed horizon H (module docstring), and the newcomer's end.
@@ -446,7 +448,8 @@ class LookaheadRouter(PairingRouter):
         w, slo = q.w, q.slo
         pen = 0.0
         if slo.tpot_s is not None:
-            pen = self.tpot_miss_penalty_s * w * self._tpot_miss_probability(d.instance_id, O, step_with, slo.tpot_s)
+            miss = self._tpot_miss_probability(d.instance_id, O, step_with, slo.tpot_s, stalls=stalls)
+            pen = self.tpot_miss_penalty_s * w * miss
         base = (self.slo_by_priority.get(0) or self.slo or _NO_SLO).tpot_s
         if base is not None and B and step_now <= base < step_with:
             pen += self.miss_penalty_s * B  # residents pushed over their TPOT target
@@ -469,14 +472,15 @@ class LookaheadRouter(PairingRouter):
         k = math.exp(-max(self._now - t, 0.0) / self.pressure_window_s) / self.pressure_window_s
         return work * k, sq * k, net * k
 
-    def _tpot_miss_probability(self, instance_id: str, O: float, step_s: float, slo_s: float) -> float:
+    def _tpot_miss_probability(self, instance_id: str, O: float, step_s: float, slo_s: float, *,
+                               stalls: tuple[float, float, float] | None = None) -> float:
         """P(the newcomer's TPOT > ``slo_s``) over a life of ``O`` tokens of ``step_s`` each plus the prefill
-        stalls met meanwhile (module docstring, "SLO")."""
+        stalls met meanwhile (module docstring, "SLO"). ``stalls``: ``_stalls(instance_id)`` when already read."""
         O = max(O, 1.0)
         slack = O * (slo_s - step_s)
         if slack <= 0:
             return 1.0
-        rate, sq_rate, _ = self._stalls(instance_id)
+        rate, sq_rate, _ = stalls if stalls is not None else self._stalls(instance_id)
         f = min(rate, self.max_pressure)  # prefill_pressure, from the one read of the history
         life = O * step_s / (1.0 - f)
         mean, var = f * life, sq_rate * life
