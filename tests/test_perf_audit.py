@@ -229,3 +229,26 @@ def test_lookahead_reads_each_candidates_prefill_history_once_a_decision() -> No
         miss = router._tpot_miss_probability(iid, q.O, side.tpot_s, slo.tpot_s)
         assert side.slo_s == router.tpot_miss_penalty_s * q.w * miss + residents
     assert sides["x-2"].slo_s > sides["x-1"].slo_s
+
+
+def test_lookahead_prices_colocated_candidates_without_building_breakdowns(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A colocated candidate's score built a CostBreakdown (seven fields, frozen) only to read its total: one per
+    # candidate per request (Azure conv x16 lookahead: 310k). The score is the estimate's total, bit for bit.
+    import scheduler.policy.routers_lookahead as la
+
+    router = make_router("lookahead", detail=True)
+    view = lookahead_view(8, 8)
+    req = RequestInfo("n", 1.0, 900, 128, predicted_output_tokens=40.0)
+    totals = [router.estimate(req, inst).total_s for inst in view.instances]
+    built = 0
+
+    class Counting(la.CostBreakdown):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: float) -> None:
+            nonlocal built
+            built += 1
+            super().__init__(*args)
+
+    monkeypatch.setattr(la, "CostBreakdown", Counting)
+    assert [router.score(req, inst, phase="colocated") for inst in view.instances] == totals
+    router.route(req, view)
+    assert built == 0, f"{built} breakdowns built for {len(view.instances)} candidates"

@@ -607,7 +607,9 @@ class LookaheadRouter(PairingRouter):
             return self._prefill_side(q, t, to=t.lat.gpu).cost
         if phase == "decode":
             return self._decode_side(q, self._terms(inst), colocated=False).cost
-        return self._estimate(q, inst).total_s
+        # ``_estimate(q, inst).total_s`` without its breakdown: a router prices every candidate for every request.
+        t = self._terms(inst)
+        return self._prefill_side(q, t, to=None).cost + self._decode_side(q, t, colocated=True).cost
 
     def pick(self, request, candidates, view, *, phase):  # type: ignore[override]
         q = self._request(request)  # once per decision, not once per candidate
