@@ -60,15 +60,19 @@ class LoopThread:
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def close(self) -> None:
+    def cancel_all(self, timeout: float = 10.0) -> None:
+        """Cancel every task still on the loop and wait for them (their ``finally`` blocks run now)."""
         async def _cancel_all() -> None:
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+        self.run(_cancel_all(), timeout=timeout)
+
+    def close(self) -> None:
         try:
-            self.run(_cancel_all(), timeout=10)
+            self.cancel_all()
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
