@@ -2,7 +2,7 @@
 
     python bench/bench_sim.py                 # Azure conv trace on 16 instances + 1M synthetic on 64
     python bench/bench_sim.py --quick         # smaller sizes (CI smoke)
-    python bench/bench_sim.py --trace /work/shared/data/azure_llm_2023_conv.csv.gz   # from a checkout not beside shared/
+    python bench/bench_sim.py --trace PATH/shared/data/azure_llm_2023_conv.csv.gz   # from a checkout not beside shared/
 
 Prints wall time, requests/s and events/s for each, and the speed-up of the closed form over the naive
 reference on the same workload (the baseline measured in this run, so machine noise cancels).

@@ -197,7 +197,7 @@ class ModelSpec(_Strict):
         if not wrong and hf.get("head_dim") not in (None, self.head_dim):
             wrong.append(f"model.hidden_size: {self.hidden_size} / num_heads {self.num_heads} is head_dim "
                          f"{self.head_dim}, but {file} has head_dim {hf['head_dim']} (which the config cannot give)")
-        own_dtype = hf.get("torch_dtype") or hf.get("dtype")  # transformers 5 writes "dtype"
+        own_dtype = _hf_dtype(hf)
         if tiny and own_dtype is not None and own_dtype != self.dtype:
             wrong.append(f"model.dtype: {self.dtype}, but {file} has dtype {own_dtype} (vLLM serves it in that)")
         longest = _longest_context(hf)
@@ -494,7 +494,7 @@ def fill_model_shape(model: dict[str, Any]) -> dict[str, Any]:
         return model
     file, hf = found
     shape: dict[str, Any] = {field: hf[key] for field, key in _HF_SHAPE.items() if hf.get(key) is not None}
-    dtype = hf.get("torch_dtype") or hf.get("dtype")  # transformers 5 writes "dtype"
+    dtype = _hf_dtype(hf)
     if dtype in DTYPE_BYTES:
         shape["dtype"] = dtype
     longest = _longest_context(hf)
@@ -524,6 +524,11 @@ def _hf_config(model_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     if hf.get("num_key_value_heads") is None:  # Hugging Face's default: no grouped-query attention
         hf = {**hf, "num_key_value_heads": hf.get("num_attention_heads")}
     return file, hf
+
+
+def _hf_dtype(hf: dict[str, Any]) -> Any:
+    """A ``config.json``'s weights dtype (transformers 5 writes ``dtype``, earlier ones ``torch_dtype``)."""
+    return hf.get("torch_dtype") or hf.get("dtype")
 
 
 @functools.cache

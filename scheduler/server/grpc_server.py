@@ -57,7 +57,6 @@ from scheduler.server.convert import (
     _parse,
     cluster_state_to_proto,
     generate_request_from_proto,
-    instance_to_proto,
     migration_result_to_proto,
     role_from_proto,
 )
@@ -319,9 +318,8 @@ class AdminServicer:
         return cluster_state_to_proto(await self._ingress.cluster_state())
 
     async def list_instances(self, _msg: admin_pb2.ListInstancesRequest) -> admin_pb2.ListInstancesResponse:
-        state = await self._ingress.cluster_state()
-        return admin_pb2.ListInstancesResponse(
-            instances=[instance_to_proto(i, state.nodes.get(i.instance_id, "")) for i in state.instances])
+        state = cluster_state_to_proto(await self._ingress.cluster_state())  # one conversion (node ids included)
+        return admin_pb2.ListInstancesResponse(instances=state.instances)
 
     async def migrate(self, msg: admin_pb2.MigrateRequestRequest) -> admin_pb2.MigrationResult:
         if not msg.request_id:
