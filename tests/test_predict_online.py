@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from scheduler.config.models import PolicySpec
 from scheduler.control.api import GenerateRequest
 from scheduler.engine.base import SamplingParams
 from scheduler.predict import load_predictor
-from scheduler.predict.online import OnlineLengths
+from scheduler.predict.base import LengthPrediction
+from scheduler.predict.online import OnlineLengths, TenantLengths
 from scheduler.predict.serving import serving_predictor
 from sim.commands import with_predictor
 from sim.simulator import Simulator, Workload
@@ -220,3 +222,91 @@ def test_the_live_guess_is_capped_by_max_tokens_and_a_cut_is_learned_as_longer()
     # 30 answers cut at 20 tokens: the guess for the next one stays above the cut (booked as 20-token answers, it
     # fell below 32: test_the_live_ingress_learns_from_finished_requests_only).
     assert predictor.predict_dist(None, 60).point > 20
+
+
+# ---- per-tenant histories (``TenantLengths``) ---------------------------------------------------------------
+
+
+def test_the_live_ingress_learns_each_tenants_lengths_apart() -> None:
+    """Two apps behind one ingress, the same 60-token prompts: ``chat`` answers in 20 tokens, ``summarise`` in 300.
+    One history for the ingress guessed the mix for both; each tenant now reads its own (a request naming none the
+    shared one, the mix)."""
+    async def scenario() -> Any:
+        ing = _ingress([FakeInstance("mixed-0")])
+        ing.predictor = serving_predictor(PolicySpec(name="trace", params={"online": True}))
+
+        async def one(rid: str, tenant: str, n: int) -> None:
+            sp = SamplingParams(max_tokens=n, ignore_eos=True)  # the response's own length (a replay forcing it)
+            await _consume(ing, GenerateRequest(rid, prompt_token_ids=tuple(range(1, 61)), sampling=sp,
+                                                tenant=tenant), [])
+
+        await asyncio.gather(*(one(f"c{k}", "chat", 20) for k in range(30)),
+                             *(one(f"s{k}", "summarise", 300) for k in range(30)))
+        return ing.predictor
+
+    predictor = asyncio.run(scenario())
+    assert predictor.online.observed == 60
+    chat, long_ = (predictor.predict_dist(None, 60, tenant=t).point for t in ("chat", "summarise"))
+    mix = predictor.predict_dist(None, 60).point
+    assert chat < 40 < mix < 256 < long_, (chat, mix, long_)  # one history: ~60-90 tokens for both
+    assert set(predictor.online.tenants) == {"chat", "summarise"}
+
+
+def test_a_short_tenant_history_falls_back_to_the_others_and_a_lone_tenant_is_the_shared_history() -> None:
+    prior = TRACE.predict(None, prompt_tokens=60)
+    tl = TenantLengths()
+    for _ in range(100):
+        tl.observe(60, 600)  # requests naming no tenant: long answers
+    shared = tl.adjust(prior, 60)
+    assert tl.adjust(prior, 60, "new").probs == shared.probs  # no history of its own: the shared one
+    tl.observe(60, 20, tenant="new")
+    one = tl.adjust(prior, 60, "new")
+    assert 256 < one.point < shared.point  # one short answer of its own: still mostly the others' (long) guess
+    for _ in range(100):
+        tl.observe(60, 20, tenant="new")
+    assert tl.adjust(prior, 60, "new").point < 32  # its own now
+    assert 32 < tl.adjust(prior, 60).point < 512  # the shared history: the mix of both
+    # The other tenants' history is the prior, not the shared one (its own requests are not counted twice).
+    assert tl.adjust(prior, 60, "new").probs == tl.tenants["new"].adjust(
+        LengthPrediction.from_probs((20.0 * np.asarray(prior.probs) + 100.0 * np.eye(9)[6]).tolist()), 60).probs
+    # A deployment whose requests all name one app predicts bit for bit as the shared history (cut ones included).
+    alone, old = TenantLengths(), OnlineLengths()
+    rng = np.random.default_rng(3)
+    for k in range(300):
+        p, out = int(rng.integers(10, 5000)), int(rng.integers(1, 2000))
+        d = TRACE.predict(None, prompt_tokens=p)
+        assert alone.adjust(d, p, "app").probs == old.adjust(d, p).probs
+        alone.observe(p, out, cut=k % 4 == 0, prior=d, tenant="app")
+        old.observe(p, out, cut=k % 4 == 0, prior=d)
+    assert np.array_equal(alone.tenants["app"].counts, old.counts) and np.array_equal(alone.shared.counts, old.counts)
+
+
+def test_online_histories_are_bounded_and_a_replaced_tenant_reads_the_shared_one() -> None:
+    tl = TenantLengths(max_tenants=2, memory=50.0)
+    for t in ("a", "b", "a", "c"):  # c replaces b, the tenant observed least recently
+        tl.observe(60, 20 if t == "a" else 600, tenant=t)
+    assert list(tl.tenants) == ["a", "c"] and tl.observed == 4
+    prior = TRACE.predict(None, prompt_tokens=60)
+    assert tl.adjust(prior, 60, "b").probs == tl.adjust(prior, 60).probs
+    assert tl._slots.sum() == pytest.approx(4.0)  # b's count joined the untracked ones: the others still see it
+    for k in range(500):  # many tenants, many requests: still two histories, each row within ``memory``
+        tl.observe(60 + k, 600, tenant=f"t{k % 7}")
+    assert len(tl.tenants) == 2 and tl._slots.shape[0] == 3
+    assert tl._slots.sum(axis=2).max() <= 50.0 + 1e-9
+    with pytest.raises(ValueError, match="max_tenants"):
+        TenantLengths(max_tenants=0)
+
+
+def test_the_simulator_learns_each_tenants_lengths_from_its_trace_column() -> None:
+    rng = np.random.default_rng(2)
+    n = 400
+    chat = rng.random(n) < 0.5
+    output = np.where(chat, rng.integers(10, 30, n), rng.integers(500, 800, n)).astype(np.int64)
+    w = Workload(np.sort(rng.uniform(0, 40, n)), np.full(n, 300, dtype=np.int64), output,
+                 tenant=["chat" if c else "summarise" for c in chat])
+    cfg = with_predictor(load_config("default"), "trace", online=True)
+    router = Recording()
+    Simulator(cfg, router=router).run(w)
+    seen = np.array([router.seen[str(i)] for i in range(n)])
+    late = np.arange(n) >= n // 2
+    assert np.median(seen[late & chat]) < 64 and np.median(seen[late & ~chat]) > 400

@@ -12,10 +12,19 @@ stop voting.
 Only predictions from length alone (requests without text, and the trace predictor's, which never reads the text)
 are adjusted (``ServingPredictor.predict_dist``). A text predictor's distribution is specific to its prompt; one
 histogram per input bucket would wash its signal out.
+
+Per tenant (``TenantLengths``, what ``params: {online: true}`` runs): a multi-tenant deployment mixes its apps'
+length distributions in one input bucket (a chat app's 30-token answers and a summariser's 600-token ones), so a
+request that names a tenant (gRPC field 11, ``ServingPredictor.tenant_for``) reads that tenant's own history, with
+the others' as its prior: while its history is short it gets what the rest of the traffic says, and its own
+requests take over after ``strength`` of them. A request with no tenant reads the shared history of every request,
+as before. Memory is bounded: at most ``max_tenants`` histories (a fixed table each, counts decayed past
+``memory``); a new tenant past that replaces the one observed least recently.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -97,4 +106,118 @@ class OnlineLengths:
         return LengthPrediction.from_probs(post.tolist(), self.edges)
 
 
-__all__ = ["OnlineLengths"]
+class TenantLengths:
+    """``OnlineLengths`` per tenant over a shared one: what ``ServingPredictor.online`` holds.
+
+    ``shared`` learns every finished request and is what a request of no tenant reads (one history per ingress, as
+    before tenants had their own: a deployment whose requests name no tenant predicts exactly as it did). A named
+    tenant's prediction is its own history's posterior whose prior is the *other* requests' posterior (the
+    predictor's distribution updated with every history but its own, so nothing is counted twice): no history of
+    its own -> the rest of the traffic's guess; after ``strength`` requests of its own in an input bucket, half its
+    own. Alone in the deployment, a tenant's prior is the predictor's distribution: the shared history's numbers.
+
+    Args:
+        max_tenants: tenants with a history of their own; past it a new tenant replaces the one observed least
+            recently (its counts join the untracked ones: the others' history keeps them).
+        strength, memory, input_edges, edges: each history's (``OnlineLengths``).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_tenants: int = 64,
+        strength: float = 20.0,
+        memory: float = 1000.0,
+        input_edges: Sequence[int] = INPUT_EDGES,
+        edges: Sequence[int] = BUCKET_EDGES,
+    ) -> None:
+        if max_tenants < 1:
+            raise ValueError(f"TenantLengths: max_tenants must be >= 1, got {max_tenants}")
+        self.max_tenants = int(max_tenants)
+        self.shared = OnlineLengths(strength=strength, memory=memory, input_edges=input_edges, edges=edges)
+        self.strength, self.memory, self.edges = self.shared.strength, self.shared.memory, self.shared.edges
+        # Slot 0: the requests of no tenant with a history (none named, or replaced); slot k: one tenant's counts.
+        # One table, so the others' counts of an input bucket are one sum (``_total``, kept at ``observe``).
+        self._slots = np.zeros((self.max_tenants + 1, *self.shared.counts.shape))
+        self._total = np.zeros_like(self.shared.counts)
+        self._rest = self._history(0)
+        self.tenants: OrderedDict[str, OnlineLengths] = OrderedDict()  # least recently observed first
+        self._slot: dict[str, int] = {}
+
+    def _history(self, slot: int) -> OnlineLengths:
+        h = self.shared.fresh()
+        h.counts = self._slots[slot]  # a view: its observe writes the table
+        return h
+
+    @property
+    def observed(self) -> int:
+        return self.shared.observed
+
+    def fresh(self) -> TenantLengths:
+        """The same settings without history (a new replay starts from the shipped guesses)."""
+        s = self.shared
+        return TenantLengths(max_tenants=self.max_tenants, strength=s.strength, memory=s.memory,
+                             input_edges=s.input_edges, edges=s.edges)
+
+    def _tenant_prior(self, own: OnlineLengths, prediction: LengthPrediction, prompt_tokens: int
+                      ) -> LengthPrediction:
+        """``prediction`` updated with every history but ``own``'s (unchanged where there is none)."""
+        b = bucket_of(prompt_tokens, self.shared.input_edges)
+        # (a float sum less one of its terms: clipped at 0; exactly 0 where ``own`` is the only history)
+        others = np.maximum(self._total[b] - own.counts[b], 0.0)
+        if not others.any():
+            return prediction
+        self.shared._check(prediction)
+        return LengthPrediction.from_probs((self.strength * np.asarray(prediction.probs) + others).tolist(),
+                                           self.edges)
+
+    def adjust(self, prediction: LengthPrediction, prompt_tokens: int, tenant: str | None = None
+               ) -> LengthPrediction:
+        """``prediction`` updated with the history of ``tenant`` (a tenant without one, or none: the shared)."""
+        own = self.tenants.get(tenant) if tenant is not None else None
+        if own is None:
+            return self.shared.adjust(prediction, prompt_tokens)
+        return own.adjust(self._tenant_prior(own, prediction, prompt_tokens), prompt_tokens)
+
+    def observe(
+        self,
+        prompt_tokens: int,
+        output_tokens: int,
+        *,
+        cut: bool = False,
+        prior: LengthPrediction | None = None,
+        tenant: str | None = None,
+    ) -> None:
+        """One finished request of ``tenant`` (``OnlineLengths.observe``; a cut one is spread as its tenant's
+        posterior spreads): the shared history learns it, and its tenant's (a new tenant gets one)."""
+        if tenant is None:
+            own = self._rest
+        elif (own := self.tenants.get(tenant)) is not None:
+            self.tenants.move_to_end(tenant)
+        else:
+            own = self._admit(tenant)
+        own_prior = prior if prior is None or own is self._rest else self._tenant_prior(own, prior, prompt_tokens)
+        own.observe(prompt_tokens, output_tokens, cut=cut, prior=own_prior)
+        b = bucket_of(prompt_tokens, self.shared.input_edges)
+        self._total[b] = self._slots[: len(self.tenants) + 1, b].sum(axis=0)  # (slots in use: 0..len)
+        self.shared.observe(prompt_tokens, output_tokens, cut=cut, prior=prior)
+
+    def _admit(self, tenant: str) -> OnlineLengths:
+        """A history for a new ``tenant``: a free slot, else the least recently observed tenant's."""
+        if len(self.tenants) < self.max_tenants:
+            slot = len(self.tenants) + 1
+        else:
+            name, old = self.tenants.popitem(last=False)
+            slot = self._slot.pop(name)
+            rest = self._rest.counts
+            rest += old.counts
+            over = rest.sum(axis=1) > self.memory
+            rest[over] *= (self.memory / rest[over].sum(axis=1))[:, None]
+            old.counts[:] = 0.0
+            self._total[:] = self._slots.sum(axis=0)
+        self._slot[tenant] = slot
+        self.tenants[tenant] = h = self._history(slot)
+        return h
+
+
+__all__ = ["OnlineLengths", "TenantLengths"]

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from scheduler.predict.base import LengthPrediction, LengthPredictor, count_tokens
-from scheduler.predict.online import OnlineLengths
+from scheduler.predict.online import TenantLengths
 from scheduler.predict.registry import PredictorKind, load_predictor
 from scheduler.predict.trace import TracePredictor
 
@@ -63,14 +63,15 @@ class ServingPredictor:
     ``serving_predictor`` refuses one its artifacts do not know); a request's own wins (``tenant_for``). ``slow``: the predictor runs a neural encoder (ms per request), so the live ingress
     calls it off its event loop (any predictor on a text past ``ENCODE_OFF_LOOP_CHARS``: counting its tokens
     takes ms); the others take ~20-130 us and run inline. ``online``: the finished requests' lengths adjust
-    predictions made from length alone (``scheduler/predict/online.py``); fed by ``observe``.
+    predictions made from length alone (``scheduler/predict/online.py``), from the history of the request's own
+    tenant where it names one (``history_key``); fed by ``observe``.
     """
 
     predictor: LengthPredictor
     name: str
     tenant: str | None = None
     slow: bool = False
-    online: OnlineLengths | None = None
+    online: TenantLengths | None = None
     unknown_tenants: UnknownTenants = field(default_factory=UnknownTenants, compare=False)
 
     @functools.cached_property
@@ -111,14 +112,22 @@ class ServingPredictor:
         the finished request at, ``observe``). ``tenant``: the request's own (``tenant_for``).
         """
         n = counted if counted is not None else self.input_length(prompt, prompt_tokens)
-        return self._dist(prompt, n, self.tenant_for(tenant), max_tokens)
+        return self._dist(prompt, n, self.tenant_for(tenant), max_tokens, self.history_key(tenant))
 
-    def _dist(self, prompt: str | None, n: int, tenant: str | None, max_tokens: int | None) -> LengthPrediction:
-        """``predict_dist`` at input length ``n`` for the resolved ``tenant``."""
+    def _dist(self, prompt: str | None, n: int, tenant: str | None, max_tokens: int | None,
+              history: str | None = None) -> LengthPrediction:
+        """``predict_dist`` at input length ``n`` for the resolved ``tenant``, online from ``history``'s."""
         dist = self.predictor.predict(prompt, prompt_tokens=n, tenant=tenant)
         if self.online is not None and self.length_only(prompt):
-            dist = self.online.adjust(dist, n)
+            dist = self.online.adjust(dist, n, history)
         return dist.capped(max_tokens) if max_tokens is not None else dist
+
+    def history_key(self, requested: str | None) -> str | None:
+        """The online history a request learns from and is predicted with (``TenantLengths``): its own tenant's
+        -- any name, one the predictor does not know included (a new app is what the history is for) -- else the
+        shared one (no tenant, or the config's ``tenant``: the deployment's default app is what the shared history
+        holds, so a single-app deployment predicts as it did whether or not its requests name the app)."""
+        return None if requested is None or requested == self.tenant else requested
 
     def length_only(self, prompt: str | None) -> bool:
         """Whether a request's prediction depends on its input length alone, the ones ``online`` adjusts: without
@@ -148,7 +157,7 @@ class ServingPredictor:
         prior = None
         if cut and not self.slow:
             prior = self.predictor.predict(None, prompt_tokens=n, tenant=self.tenant_for(tenant, note=False))
-        self.online.observe(n, output_tokens, cut=cut, prior=prior)
+        self.online.observe(n, output_tokens, cut=cut, prior=prior, tenant=self.history_key(tenant))
 
     def predict_dists(
         self, prompt_tokens: Sequence[int] | np.ndarray, tenants: Sequence[str | None] | None = None
@@ -161,12 +170,12 @@ class ServingPredictor:
             lengths, inverse = np.unique(np.asarray(prompt_tokens, dtype=np.int64), return_inverse=True)
             dists = [self.predict_dist(None, int(n)) for n in lengths]
             return [dists[k] for k in inverse.reshape(-1).tolist()]
-        seen: dict[tuple[int, str | None], LengthPrediction] = {}
+        seen: dict[tuple[int, str | None, str | None], LengthPrediction] = {}
         out = []
         for n, t in zip(np.asarray(prompt_tokens, dtype=np.int64).tolist(), tenants, strict=True):
-            key = (n, self.tenant_for(t))
+            key = (n, self.tenant_for(t), self.history_key(t) if self.online is not None else None)
             if key not in seen:
-                seen[key] = self._dist(None, n, key[1], None)
+                seen[key] = self._dist(None, n, key[1], None, key[2])
             out.append(seen[key])
         return out
 
@@ -212,7 +221,7 @@ def serving_predictor(spec: Any) -> ServingPredictor | None:
         )
     return ServingPredictor(predictor, kind.value, str(tenant) if tenant is not None else None,
                             slow=kind in (PredictorKind.EMBEDDING, PredictorKind.ENSEMBLE),
-                            online=OnlineLengths() if spec.params.get("online", False) else None)
+                            online=TenantLengths() if spec.params.get("online", False) else None)
 
 
 __all__ = ["PARAMS", "ServingPredictor", "UnknownTenants", "check_spec", "serving_predictor"]
