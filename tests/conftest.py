@@ -11,12 +11,28 @@
   Opt in by naming it, or for a whole module with ``pytestmark = pytest.mark.usefixtures("no_ray")``.
 * ``no_cluster_start``: a command (``llmsched serve`` / ``run``) that must fail before it starts a cluster fails the
   test if it reaches one.
+
+Ray never connects on its own in a test process (``RAY_ENABLE_AUTO_CONNECT=0``, set below before anything imports
+Ray; Ray 2.60 reads it once, at import, in ``ray/_private/auto_init_hook.py``): every module starts its cluster
+explicitly (the fixtures above, ``start_ray``, ``start_local_cluster``), and a Ray call made with none up raises
+``RaySystemError`` ("Ray has not been started yet") instead of ``ray.init()``-ing. Without it, a call left over after
+a module's ``ray.shutdown()`` -- an actor method's ``.remote()`` (Ray wraps ``ActorMethod._remote`` with its
+auto-init too) or ``ray.get_actor`` from a task's ``finally`` or a thread -- joined the cluster being torn down, and
+Ray ended the whole pytest process when that raylet died (test_drain_node's teardown, once in CI:
+docs/fault_tolerance.md, "Test harness"). Subprocesses (``llmsched serve``) inherit it; they call ``ray.init``
+themselves.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
+import sys
+
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"  # before Ray is imported anywhere in the tests (see above)
+if "ray._private.auto_init_hook" in sys.modules:  # imported already (a plugin): it has read the variable
+    sys.modules["ray._private.auto_init_hook"].enable_auto_connect = False
+
+import asyncio
 import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
@@ -120,9 +136,10 @@ def ray_head() -> Iterator[Any]:
 
 @pytest.fixture
 def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``ray.get_runtime_context`` (``Instance.__init__`` asks it for its node id) and ``ray.init`` (what every Ray
-    API calls first when no node runs) raise instead of starting a local Ray node. Not autouse: the Ray tests need
-    Ray, and a module may hold both kinds (test_faults_audit)."""
+    """``ray.get_runtime_context`` (``Instance.__init__`` asks it for its node id) and ``ray.init`` raise instead of
+    starting a local Ray node: code that starts Ray itself (``start_ray``) is refused too; the other Ray APIs already
+    raise with no node up (no auto-connect in tests, above). Not autouse: the Ray tests need Ray, and a module may
+    hold both kinds (test_faults_audit)."""
     import ray
 
     def refuse(*a: Any, **kw: Any) -> Any:

@@ -57,6 +57,7 @@ def drain_cluster(aloop: Any, nodes: list[NodeSpec], config: ClusterConfig, time
         # Before Ray goes: a task left on the loop (a drain's un-drain in its finally) calling Ray after
         # ray.shutdown() auto-connected to the cluster being torn down, and Ray ended the whole pytest process
         # when that raylet died ("Failed to get the system config from raylet because it is dead"; once in CI).
+        # tests/conftest.py also turns Ray's auto-connect off: such a call now raises instead of reconnecting.
         aloop.cancel_all()
         dep.shutdown()
         rt.shutdown()

@@ -182,13 +182,32 @@ def test_no_ray_refuses_every_way_a_test_could_start_ray(no_ray: None) -> None:
                              capture_output=True, text=True, timeout=300, check=False)
         assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
         return
+    with pytest.raises(ray.exceptions.RaySystemError, match="Ray has not been started"):
+        ray.put(1)  # no auto-connect in tests (tests/conftest.py): no ray.init() behind it to refuse
     with pytest.raises(RuntimeError, match="no_ray"):
-        ray.put(1)
+        ray.init()
     with pytest.raises(RuntimeError, match="no_ray"):
         ray.get_runtime_context()
     cfg = cluster_config("no-ray", mixed=1)
     pool = cfg.pools[0]
     assert Instance("mixed-0", pool, cfg.model, cfg.gpus[pool.gpu]).info.node_id == ""
+    assert not ray.is_initialized()
+
+
+def test_a_ray_call_with_no_cluster_up_never_connects_on_its_own_in_tests() -> None:
+    """A Ray call left over after a module's ``ray.shutdown()`` (a task's ``finally`` un-draining an instance with
+    an actor method's ``.remote()``, a thread's ``ray.get_actor``) ``ray.init()``-ed: it joined the cluster being
+    torn down, and Ray ended the whole pytest process when that raylet died (test_drain_node, once in CI).
+    tests/conftest.py turns Ray's auto-connect off before Ray is imported: such a call raises, nothing starts."""
+    from ray._private import auto_init_hook
+
+    assert auto_init_hook.enable_auto_connect is False  # checked first: with it on, the call below starts a node
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("an earlier module's Ray node is up in this process")
+    with pytest.raises(ray.exceptions.RaySystemError, match="Ray has not been started"):
+        ray.get_actor("llmsched-controller", namespace="llmsched")
     assert not ray.is_initialized()
 
 
