@@ -25,7 +25,7 @@ class FakeInstance:
 
     def __init__(self, iid: str, role: InstanceRole = InstanceRole.MIXED, late: tuple[str, ...] = ()) -> None:
         self.iid, self.role, self.late = iid, role, set(late)
-        self.draining = False
+        self.draining = self.leaving = False
 
     def __getattr__(self, name: str) -> _Method:
         fn = getattr(type(self), "_" + name, None)
@@ -33,8 +33,8 @@ class FakeInstance:
             raise AttributeError(name)
         return _Method(fn.__get__(self))
 
-    async def _set_draining(self, flag: bool) -> None:
-        self.draining = flag
+    async def _set_draining(self, flag: bool, leaving: bool = False) -> None:
+        self.draining, self.leaving = flag, flag and leaving
         if "set_draining" in self.late:
             raise TimeoutError
 
@@ -156,6 +156,25 @@ def test_scaling_loop_leaves_an_operator_drain_alone() -> None:
         await ctrl.set_draining(iid, True)
         await ctrl.set_draining(iid, False)
         assert not ctrl._operator_drained and not ctrl._draining
+
+    asyncio.run(main())
+
+
+def test_an_admin_drain_says_leaving_in_the_instance_and_a_scale_down_drain_does_not() -> None:
+    """An admin drain (DrainInstance, DrainNode) releases its instance once the requests moved: the Controller
+    tells the instance, whose snapshots every ingress replica reads (a P->D handoff there picks another decoder).
+    Before, only the ingress running the drain knew. A scale-down's drain keeps its pairing: not leaving."""
+    insts = [FakeInstance(f"mixed-{i}") for i in range(3)]
+    ctrl = _controller(insts, {"mixed": 3})
+    ctrl._snapshots = {i.iid: _snap(i.iid, n) for i, n in zip(insts, (1, 5, 5))}
+
+    async def main() -> None:
+        await ctrl.set_draining("mixed-1", True)
+        assert insts[1].draining and insts[1].leaving
+        await ctrl._apply_scale(ScaleDecision("mixed", delta=-1, reason="idle"))  # drains mixed-0 (least loaded)
+        assert insts[0].draining and not insts[0].leaving
+        await ctrl.set_draining("mixed-1", False)  # the drain was undone
+        assert not insts[1].draining and not insts[1].leaving
 
     asyncio.run(main())
 

@@ -20,6 +20,7 @@ from scheduler.config.models import ClusterConfig
 from scheduler.control.api import GenerateRequest
 from scheduler.control.cluster import NodeSpec
 from scheduler.control.placement import gpu_type_resource
+from scheduler.core.types import Phase
 from scheduler.engine.base import SamplingParams, TokenChunk
 from scheduler.engine.simulated_backend import sim_token
 from tests.test_drain_node import MODEL, _nodes, drain_cluster
@@ -100,6 +101,76 @@ def test_drain_decode_node_repairs_handoffs_in_flight(cluster: Any, aloop: Any) 
     assert took < 2.5, took
     now = _wait_members(dep, lambda n: len(n) == 3 and "decode-0" not in n, "decode-0 replaced")
     assert node not in now.values() and now["decode-1"] == before["decode-1"], now
+
+
+def test_drain_node_through_one_ingress_repairs_another_ingresss_handoffs(cluster: Any, aloop: Any) -> None:
+    """Two ingress replicas: ingress A runs a DrainNode of a decoder while requests on ingress B, paired with that
+    decoder at arrival, are queued on the PREFILL instance. Their handoffs, made while A's drain is still moving
+    requests off (held before its release here, as a drain with requests to move is), go to the other decoder:
+    B reads the admin drain from the instance's snapshot (``leaving``, set by the Controller). Before, only the
+    ingress running the drain knew (``_admin_drains``): B handed them all to the leaving decoder, whose release
+    then ended them there and B re-prefilled them."""
+    rt, dep, ing = cluster
+    spare = rt.cluster.add_node(num_cpus=1, num_gpus=1, resources={gpu_type_resource("a100"): 1.0})
+    decoders = sorted(i for i in _nodes(dep) if i.startswith("decode-"))
+    assert len(decoders) == 2, decoders
+    going, stay = decoders
+    node = _nodes(dep)[going]
+    other = dep.make_ingress()
+    aloop.run(other.start(), timeout=30)
+    gate = asyncio.Event()
+    admin = ing._admin
+
+    async def held(method: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "release":  # A's drain holds here until B's requests have all been handed off
+            await gate.wait()
+        return await admin(method, *args, **kwargs)
+
+    async def run() -> Any:
+        ahead = [asyncio.create_task(_collect(ing, f"xa-{i}")) for i in range(6)]  # queued first on the prefill
+        rids = [f"xb-{i}" for i in range(8)]
+        tasks = []
+        for r in rids:
+            tasks.append(asyncio.create_task(_collect(other, r)))
+            await asyncio.sleep(0)
+        deadline = time.monotonic() + 30
+        while sum(d == going for d in other._expected.values()) < 3:
+            assert time.monotonic() < deadline, other._expected
+            await asyncio.sleep(0.01)
+        ing._admin = held
+        drain = asyncio.create_task(ing.drain_node(node, deadline_s=60))
+        before: set[str] | None = None  # B's requests on the decoder when B's view first showed it draining
+        paired: set[str] = set()  # ... and those paired with it then, still to be prefilled
+        late: set[str] = set()  # handed to it after that
+        while not all(t.done() for t in tasks):
+            on = {r.request_id for r in other.registry.on_instance(going)}
+            if before is not None:
+                late |= on - before
+            elif any(s.instance_id == going and s.draining for s in other._view.instances):
+                before = on
+                paired = {r for r, d in other._expected.items() if d == going
+                          and (rec := other.registry.get(r)) is not None and rec.phase in (Phase.QUEUED, Phase.PREFILL)}
+            await asyncio.sleep(0.005)
+        gate.set()
+        return rids, paired, late, await drain, await asyncio.gather(*tasks), await asyncio.gather(*ahead)
+
+    recoveries = other.counters["recoveries"]
+    try:
+        rids, paired, late, res, outs, _ = aloop.run(run(), timeout=120)
+    finally:
+        gate.set()
+        ing.__dict__.pop("_admin", None)
+        aloop.run(other.close(), timeout=30)
+    assert res.drained == (going,) and res.kept == {}, res
+    for rid, out in zip(rids, outs, strict=True):
+        _check_exact(out, rid)
+    # B's requests paired with the draining decoder and still to be prefilled then were handed to the other one,
+    # and none was re-prefilled.
+    assert paired, "no request of B was still headed to the decoder when the drain began"
+    assert late == set(), (paired, late)
+    assert other.counters["recoveries"] == recoveries, other.counters
+    now = _wait_members(dep, lambda n: len(n) == 3 and going not in n, f"{going} replaced")
+    assert now[stay] != spare.node_id and spare.node_id in now.values(), now
 
 
 def test_drain_node_of_the_last_prefill_replaces_it_first(cluster: Any, aloop: Any) -> None:

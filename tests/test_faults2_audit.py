@@ -343,7 +343,7 @@ def test_an_admin_drain_of_a_blocked_instance_answers_unavailable_and_keeps_the_
     from tests.test_controller_audit import FakeInstance, _controller
 
     class Blocked(FakeInstance):
-        async def _set_draining(self, flag: bool) -> None:
+        async def _set_draining(self, flag: bool, leaving: bool = False) -> None:
             await asyncio.Event().wait()
 
     monkeypatch.setattr(admin_mod, "ADMIN_CALL_TIMEOUT_S", 0.2)

@@ -128,7 +128,7 @@ class FakeInstance:
     async def _migrate_cancel(self, rid: str) -> None:
         self.streams.pop(rid, None)
 
-    async def _set_draining(self, flag: bool) -> None:
+    async def _set_draining(self, flag: bool, leaving: bool = False) -> None:
         self.draining = flag
 
     def running(self, rid: str) -> bool:

@@ -64,8 +64,11 @@ class ControllerAdmin:
         return await self._switcher.begin(instance_id, role, reason)
 
     async def set_draining(self, instance_id: str, draining: bool = True) -> bool:
-        """The operator's drain (Admin DrainInstance). Recorded, so the scaling loop neither counts the instance as
-        capacity, nor drains it, nor takes it back on a scale-up while the operator's drain moves requests off."""
+        """The operator's drain (Admin DrainInstance, DrainNode: ``IngressAdmin._begin_drain``). Recorded, so the
+        scaling loop neither counts the instance as capacity, nor drains it, nor takes it back on a scale-up while
+        the operator's drain moves requests off. The instance's snapshots say it is ``leaving`` (released once its
+        requests moved): every ingress replica reads that, not only the one running the drain, and a P->D handoff
+        paired with it there picks another decoder (``Ingress._leaving``)."""
         self._ensure_loop()
         m = self._members.get(instance_id)
         if m is None:
@@ -86,7 +89,8 @@ class ControllerAdmin:
                 self._save_draining()
         try:
             # Bounded: a blocked actor (a hung engine holding its event loop) held the admin's Drain for good.
-            await asyncio.wait_for(_await(m.handle.set_draining.remote(draining)), ADMIN_CALL_TIMEOUT_S)
+            await asyncio.wait_for(_await(m.handle.set_draining.remote(draining, leaving=draining)),
+                                   ADMIN_CALL_TIMEOUT_S)
         except (TimeoutError, ray.exceptions.RayActorError) as e:
             # The intent recorded above stays (the scaling loop keeps off the instance; a watchdog or death replaces
             # a blocked one); the instance may not have it yet: a retry sends it again.

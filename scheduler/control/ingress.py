@@ -211,7 +211,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         # instance -> (its snapshot in _view, (routed + incoming, incoming, routed prompt tokens) counts, the snapshot view() adds them to)
         self._adjusted: dict[str, tuple[InstanceSnapshot, tuple[int, int, int, int], InstanceSnapshot]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._admin_drains: set[str] = set()  # instances an admin drain here releases (IngressAdmin._begin_drain)
+        # Instances an admin drain here releases (IngressAdmin._begin_drain); other replicas' read in the view
+        self._admin_drains: set[str] = set()
         self._node_drains: dict[str, asyncio.Task[Any]] = {}  # node name -> its DrainNode (IngressAdmin.drain_node)
         self._probes: dict[str, asyncio.Future[Any]] = {}  # instance -> its snapshot call that outlasted a round
         self._starting: asyncio.Future[None] | None = None
@@ -667,8 +668,9 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                 # object store on one node: docs/architecture.md.)
                 decoder = target.decode_instance
                 if decoder is None or self._leaving(decoder):
-                    # The pairing was made at arrival; its decoder is going away since (an admin drain, DrainNode:
-                    # released once its requests moved; or released already): pick one now. Sent there, the KV
+                    # The pairing was made at arrival; its decoder is going away since (an admin drain, DrainNode,
+                    # through this ingress or another: released once its requests moved; or released already): pick
+                    # one now. Sent there, the KV
                     # landed on an instance about to go -- moved again, or lost and the prompt re-prefilled. A
                     # decoder drained for a role switch or a scale-down still takes it (it waits for the KV on its
                     # way, as the simulator's pairing does; tests/test_sim_scaling.py).
@@ -698,9 +700,13 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         return self._role_of(iid) is InstanceRole.PREFILL
 
     def _leaving(self, iid: str) -> bool:
-        """``iid`` is gone from the view, or an admin drain through this ingress releases it once its requests
-        have moved (``IngressAdmin._begin_drain``)."""
-        return iid in self._admin_drains or not any(s.instance_id == iid for s in self._view.instances)
+        """``iid`` is gone from the view, or an admin drain releases it once its requests have moved: one through
+        any ingress replica, as its snapshots say (``InstanceSnapshot.leaving``: the Controller sets it with the
+        drain), or one through this ingress (``IngressAdmin._begin_drain``: also before a snapshot shows it)."""
+        if iid in self._admin_drains:
+            return True
+        s = next((s for s in self._view.instances if s.instance_id == iid), None)
+        return s is None or s.leaving
 
     def _decoder_after_prefill(self, rec: RequestRecord, keep: str | None = None) -> str:
         """Where a request prefilled on a PREFILL instance named alone decodes: the router's answer now (accepted),

@@ -51,7 +51,8 @@ class IngressAdmin:
         self._admin_drains.add(instance_id)  # released once its requests moved: P->D handoffs pick another decoder
         self._snapshots.pop(instance_id, None)
         self._view = ClusterView(self._view.time_s, tuple(
-            dataclasses.replace(s, draining=True) if s.instance_id == instance_id else s for s in self._view.instances
+            dataclasses.replace(s, draining=True, leaving=True) if s.instance_id == instance_id else s
+            for s in self._view.instances
         ))
 
     async def _move_off(self, instance_id: str, *, replace: bool) -> int:
@@ -105,7 +106,7 @@ class IngressAdmin:
             log.warning("drain of %s interrupted; un-draining it failed: %r", instance_id, e)
         else:
             self._view = ClusterView(self._view.time_s, tuple(
-                dataclasses.replace(s, draining=False) if s.instance_id == instance_id else s
+                dataclasses.replace(s, draining=False, leaving=False) if s.instance_id == instance_id else s
                 for s in self._view.instances))
 
     async def drain_node(self, node: str, deadline_s: float = 0.0) -> NodeDrainResult:

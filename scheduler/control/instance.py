@@ -259,6 +259,7 @@ class Instance:
         # Source: a migration's stop (pause) still running, per request id; its resume waits for it (see migrate_resume).
         self._stopping: dict[str, asyncio.Event] = {}
         self._draining = False
+        self._leaving = False  # draining for an admin drain: released once its requests moved (snapshot.leaving)
         # Set when shutdown began: the finish_reason of streams ended from here on (RELEASED, or ENGINE_FAILED: ...).
         self._closing: str | None = None
         self._faults: dict[str, str] = {}  # migration step -> injected fault kind (tests: fail / hang / exit)
@@ -373,9 +374,11 @@ class Instance:
         if self._backend is not None:
             await self._backend.shutdown()
 
-    async def set_draining(self, draining: bool = True) -> None:
-        """A draining instance says so in its snapshot; routers then skip it."""
+    async def set_draining(self, draining: bool = True, leaving: bool = False) -> None:
+        """A draining instance says so in its snapshot; routers then skip it. ``leaving``: an admin drain, which
+        releases it once its requests have moved (``InstanceSnapshot.leaving``); un-draining ends it too."""
         self._draining = draining
+        self._leaving = draining and leaving
 
     async def set_role(self, role: InstanceRole | str) -> InstanceInfo:
         """Serve as ``role`` from now on (dynamic re-roling between PREFILL and DECODE, applied by the
@@ -644,7 +647,8 @@ class Instance:
             self._computed = s.prompt_tokens_computed
             self._progress_s = now
         hung = self.stalled_s(now) > self.pool.hang_timeout_s
-        return snapshot_from_stats(s, self.info, time.time(), self._streams, draining=self._draining, healthy=not hung)
+        return snapshot_from_stats(s, self.info, time.time(), self._streams, draining=self._draining, healthy=not hung,
+                                   leaving=self._leaving)
 
     def stalled_s(self, now: float | None = None) -> float:
         """Seconds the engine has held running requests without progress (0 while idle)."""
@@ -872,6 +876,7 @@ def snapshot_from_stats(
     *,
     draining: bool = False,
     healthy: bool = True,
+    leaving: bool = False,
 ) -> InstanceSnapshot:
     """Build an ``InstanceSnapshot`` from any backend's ``EngineStats`` (one code path for vLLM and simulated)."""
     streams = streams or {}
@@ -926,4 +931,5 @@ def snapshot_from_stats(
         requests=tuple(reqs),
         healthy=healthy,
         draining=draining,
+        leaving=leaving,
     )

@@ -158,6 +158,12 @@ class InstanceSnapshot:
     requests: tuple[RequestLoad, ...] = ()
     healthy: bool = True
     draining: bool = False
+    # Draining for an admin drain (DrainInstance, DrainNode): released once its requests have moved. Set by the
+    # Controller with its record of the drain (``Controller.set_draining``), so every ingress replica reads it: a
+    # P->D handoff paired with it picks another decoder (``Ingress._leaving``). A scale-down or role-switch drain
+    # does not set it (its decoder still takes the KV on its way, in both clocks); the simulator never does (it has
+    # no admin drains).
+    leaving: bool = False
     # Mooncake-style prefix cache: block hash ids resident on this instance (bounded by the reporter); empty when
     # nothing is cached (or caching is off). ``None``: the reporter cannot tell (vLLM with its KV cache events off or lost) -- not "nothing cached".
     cached_hash_ids: frozenset[int] | None = None
