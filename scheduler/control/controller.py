@@ -414,8 +414,7 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
             return
         assert self._lock is not None
         async with self._lock:
-            self._end_scale_down(iid, m.info.pool)
-            self._end_replaced_ahead(iid, m.info.pool)
+            self._leaves(iid, "lost")
             await self._release(iid, broken=why)
 
     def _end_scale_down(self, iid: str, pool: str) -> None:
@@ -438,10 +437,13 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         if iid not in self._replaced_ahead:
             return
         self._replaced_ahead.discard(iid)
-        self._kv_put("replaced_ahead", sorted(self._replaced_ahead))
+        self._save_replaced_ahead()
         self._desired[pool] = max(self._desired.get(pool, 1) - 1, 0)
         self._save_desired()
         self._k8s_shrink_due = True
+
+    def _save_replaced_ahead(self) -> None:
+        self._kv_put("replaced_ahead", sorted(self._replaced_ahead))
 
     def _hang_timeout_s(self, m: Member) -> float:
         return self._pools[m.info.pool].hang_timeout_s
@@ -459,15 +461,48 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         self._members[iid] = Member(m.handle, dataclasses.replace(m.info, role=snap.role))
 
     def _forget(self, iid: str) -> None:
-        m = self._members.pop(iid, None)
+        """``iid``'s actor died: out of the cluster (its pool keeps its size: the reconcile loop replaces it)."""
+        self._leaves(iid, "lost")
+        self._members.pop(iid, None)
+        remove_instance_pg(self.cluster, iid)
+
+    def _leaves(self, iid: str, how: str, *, replace: bool = True) -> None:
+        """The one hook of an instance leaving the cluster, called by every path that takes it out, while it is
+        still a member (idempotent: ``_release`` calls it again). What its pool counts of it, by ``how``:
+
+        * ``"lost"`` -- it died (``_forget``) or is released as broken (``_replace``): a scale-down drain of it
+          (``_end_scale_down``) and a replacement started ahead of it (``_end_replaced_ahead``) count it out;
+        * ``"released"`` -- ``_release_from_pool`` (an admin release, a drain's, the scaling loop's of a drained
+          one): its replacement ahead counts it out; else, with ``replace``, a scale-down drain of it does (it
+          leaves as that drain's release would have); else, without ``replace``, its pool shrinks by one;
+        * ``"counted"`` -- its pool's size counts it out already: the reconcile releases it as an extra, a redeploy
+          dropped its pool, the teardown.
+
+        Then its per-instance state goes: snapshot, failure clock, role round, an operator's drain, the mark of a
+        replacement ahead (persisted)."""
+        m = self._members.get(iid)
+        if m is not None and how != "counted":
+            pool = m.info.pool
+            if how == "lost":
+                self._end_scale_down(iid, pool)
+                self._end_replaced_ahead(iid, pool)
+            elif iid in self._replaced_ahead:
+                self._end_replaced_ahead(iid, pool)  # its replacement runs already: the pool counts it out
+            elif replace and iid in self._draining:
+                # Draining for a scale-down (DrainNode released it first): it leaves as that drain's release would
+                # have -- replaced, the scale-down was undone.
+                self._end_scale_down(iid, pool)
+            elif not replace:
+                self._desired[pool] = max(self._desired.get(pool, 1) - 1, 0)
+                self._save_desired()
+                self._k8s_shrink_due = True
+        self._snapshots.pop(iid, None)
         self._failing.pop(iid, None)
-        if m is not None:
-            self._end_scale_down(iid, m.info.pool)
-            self._end_replaced_ahead(iid, m.info.pool)
         self._role_round.pop(iid, None)
         self._drop_operator_drain(iid)
-        self._snapshots.pop(iid, None)
-        remove_instance_pg(self.cluster, iid)
+        if iid in self._replaced_ahead:  # ("counted": not counted out again)
+            self._replaced_ahead.discard(iid)
+            self._save_replaced_ahead()
 
     async def _reconcile(self, *, wait: bool) -> None:
         """Create instances until every pool has its desired count (replacing dead ones); remove extras."""
@@ -564,14 +599,8 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         its pool counts it gone: the reconcile loop may start its replacement), then stopped in a task tracked in
         ``_releasing`` (``_stop``). False when it is no member (released already: never released twice).
         ``broken``: why its engine is broken; its streams then end ENGINE_FAILED, not RELEASED."""
+        self._leaves(iid, "counted")  # (the callers that count it otherwise called it first)
         m = self._members.pop(iid, None)
-        self._snapshots.pop(iid, None)
-        self._failing.pop(iid, None)
-        self._role_round.pop(iid, None)
-        self._drop_operator_drain(iid)
-        if iid in self._replaced_ahead:  # released as an extra (the reconcile): its pool has counted it out
-            self._replaced_ahead.discard(iid)
-            self._kv_put("replaced_ahead", sorted(self._replaced_ahead))
         if m is None:
             return False
         # NOTE: off the caller's path. Awaited here, a hung actor's shutdown held the Controller's refresh and lock

@@ -159,7 +159,7 @@ class ControllerAdmin:
         if not ahead:
             return
         self._replaced_ahead.update(ahead)
-        self._kv_put("replaced_ahead", sorted(self._replaced_ahead))
+        self._save_replaced_ahead()
         pools = set(ahead.values())
         for pool in pools:
             await self._set_desired(pool, self._desired.get(pool, 0) + 1)
@@ -177,7 +177,7 @@ class ControllerAdmin:
             if iid in self._replaced_ahead:  # (still a member: not counted out meanwhile)
                 self._replaced_ahead.discard(iid)
                 await self._set_desired(pool, max(self._desired.get(pool, 0) - 1, 0))
-        self._kv_put("replaced_ahead", sorted(self._replaced_ahead))
+        self._save_replaced_ahead()
         if len(done) < len(ahead):
             await self._reconcile(wait=False)
         self._scaling_events.append({"time_s": time.time(), "action": "replace_ahead", "node": node,
@@ -194,20 +194,9 @@ class ControllerAdmin:
 
     async def _release_from_pool(self, instance_id: str, *, replace: bool) -> bool:
         """``release`` without waiting for the instance to stop (the scaling loop's release of a drained one)."""
-        m = self._members.get(instance_id)
-        if m is None:
+        if instance_id not in self._members:
             return False
-        pool = m.info.pool
-        if instance_id in self._replaced_ahead:
-            self._end_replaced_ahead(instance_id, pool)  # its replacement runs already: the pool counts it out
-        elif replace and instance_id in self._draining:
-            # Draining for a scale-down (DrainNode released it first): it leaves as that drain's release would
-            # have -- replaced, the scale-down was undone.
-            self._end_scale_down(instance_id, pool)
-        elif not replace:
-            self._desired[pool] = max(self._desired.get(pool, 1) - 1, 0)
-            self._save_desired()
-            self._k8s_shrink_due = True
+        self._leaves(instance_id, "released", replace=replace)
         assert self._lock is not None
         async with self._lock:
             return await self._release(instance_id)
