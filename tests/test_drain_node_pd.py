@@ -17,7 +17,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from scheduler.config.models import ClusterConfig
-from scheduler.control.api import GenerateRequest
+from scheduler.control.api import GenerateRequest, Unavailable
 from scheduler.control.cluster import NodeSpec
 from scheduler.control.placement import gpu_type_resource
 from scheduler.core.types import Phase
@@ -271,3 +271,84 @@ def test_drain_node_goes_on_when_its_caller_stops_waiting(cluster: Any, aloop: A
     assert now[new] == spare.node_id, now
     time.sleep(1.2)
     assert _groups("decode") == {new}, _groups("decode")
+
+
+
+def _check_last_decoder_drained(dep: Any, res: Any, last: str, spare: str, rids: list[str],
+                                outs: list[list[TokenChunk]]) -> None:
+    """``res`` drained the last DECODE instance ``last``, the streams ``rids`` were exact, its replacement runs on
+    node ``spare``, and each pool ends at its size (one instance: none lost, none replaced twice)."""
+    assert res.drained == (last,) and res.kept == {}, res
+    for rid, out in zip(rids, outs, strict=True):
+        _check_exact(out, rid)
+    now = _wait_members(dep, lambda n: last not in n, f"{last} released")
+    (new,) = [i for i in now if i.startswith("decode-")]
+    assert now[new] == spare, now
+    time.sleep(1.2)  # reconcile rounds
+    assert _groups("decode") == {new} and len(_groups("prefill")) == 1, (_groups("decode"), _groups("prefill"))
+
+
+def test_drain_node_retried_after_a_controller_restart_drains_onto_the_replacement(cluster: Any, aloop: Any) -> None:
+    """The Controller restarts (killed; ``max_restarts=-1``) while a DrainNode waits for the replacement of the
+    last DECODE instance: the call fails UNAVAILABLE ("retry"); the new Controller (sizes and marks from Ray's KV)
+    starts the replacement afresh, and the retried call waits for it, then drains the instance onto it -- the pool
+    ends at its size, the requests in flight exact. Before, the retry answered at once and kept the instance ("the
+    last instance serving decode") while its replacement was still starting: it served on the going node."""
+    rt, dep, ing = cluster
+    spare = rt.cluster.add_node(num_cpus=1, num_gpus=1, resources={gpu_type_resource("a100"): 1.0})
+    (last,) = [i for i in _nodes(dep) if i.startswith("decode-")]
+    node = _nodes(dep)[last]
+
+    async def run() -> Any:
+        rids = [f"rs-{i}" for i in range(4)]
+        tasks = [asyncio.create_task(_collect(ing, r)) for r in rids]
+        call = asyncio.create_task(ing.drain_node(node, deadline_s=60))
+        deadline = time.monotonic() + 30
+        while len(_groups("decode")) < 2:  # the replacement is being placed
+            assert time.monotonic() < deadline, _groups("decode")
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(ray.kill, dep.controller, no_restart=False)
+        with pytest.raises(Unavailable, match="the Controller is unavailable"):
+            await call
+        return rids, await ing.drain_node(node, deadline_s=60), await asyncio.gather(*tasks)
+
+    rids, res, outs = aloop.run(run(), timeout=120)
+    _check_last_decoder_drained(dep, res, last, spare.node_id, rids, outs)
+
+
+def test_controller_restart_while_a_drain_node_moves_requests_off(cluster: Any, aloop: Any) -> None:
+    """The Controller restarts while a DrainNode moves the last DECODE instance's requests off (after its
+    replacement came up; held before the release here): the release, refused while the Controller is down, is
+    retried until the new one answers -- it adopted the instance with the drain's marks from Ray's KV -- and the
+    drain completes: the instance released, its replacement counted, the pool at its size. Before, the drain gave up
+    at the first refusal and reported the instance ``kept`` ("drain failed: Unavailable"), which stayed drained
+    (its un-drain refused too) on the going node beside its replacement."""
+    rt, dep, ing = cluster
+    spare = rt.cluster.add_node(num_cpus=1, num_gpus=1, resources={gpu_type_resource("a100"): 1.0})
+    (last,) = [i for i in _nodes(dep) if i.startswith("decode-")]
+    node = _nodes(dep)[last]
+    gate, at = asyncio.Event(), asyncio.Event()
+    admin = ing._admin
+
+    async def held(method: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "release":  # the first time: the Controller dies while the drain is here
+            at.set()
+            await gate.wait()
+        return await admin(method, *args, **kwargs)
+
+    async def run() -> Any:
+        rids = [f"rb-{i}" for i in range(4)]
+        tasks = [asyncio.create_task(_collect(ing, r)) for r in rids]
+        ing._admin = held
+        call = asyncio.create_task(ing.drain_node(node, deadline_s=60))
+        await asyncio.wait_for(at.wait(), 60)
+        await asyncio.to_thread(ray.kill, dep.controller, no_restart=False)
+        gate.set()
+        return rids, await call, await asyncio.gather(*tasks)
+
+    try:
+        rids, res, outs = aloop.run(run(), timeout=120)
+    finally:
+        gate.set()
+        ing.__dict__.pop("_admin", None)
+    _check_last_decoder_drained(dep, res, last, spare.node_id, rids, outs)

@@ -141,22 +141,30 @@ class ControllerAdmin:
         """Start one more instance of the pool of each instance in ``hosted`` that is the last serving its phase
         off the node, and wait for them (at most ``wait_s``). A pool whose new instance did not come up (no room)
         is set back (the reconcile calls it off) and its instance is left to the Ingress's "last instance"
-        refusal."""
+        refusal.
+
+        One replaced ahead already (a DrainNode retried -- its caller gave up, or the Controller restarted under
+        it) is not replaced a second time, but its replacement is waited for too: the retry answered at once, and
+        the ingress kept the instance ("the last instance serving decode") while its replacement was still starting
+        -- after a Controller restart, started afresh by the new one."""
         going = frozenset(hosted)
         ahead: dict[str, str] = {}  # instance -> its pool
+        again: set[str] = set()  # pools of those replaced ahead by an earlier call
         covered: set[str] = set()
         for iid in hosted:
             if iid not in self._members:
                 continue  # released while the node was being looked at
+            if iid in self._replaced_ahead:
+                again.add(self._members[iid].info.pool)
+                continue
             phase = self._last_for(iid, going)
-            # One already being replaced ahead (a DrainNode retried while the first waits): not a second time.
-            if phase is None or phase in covered or iid in self._replaced_ahead:
+            if phase is None or phase in covered:
                 continue
             pool = self._members[iid].info.pool
             ahead[iid] = pool
             covered |= {ph for ph, roles in (("prefill", _PREFILLS), ("decode", _DECODES))
                         if self._pools[pool].role in roles}
-        if not ahead:
+        if not ahead and not again:
             return
         self._replaced_ahead.update(ahead)
         self._save_replaced_ahead()
@@ -164,9 +172,11 @@ class ControllerAdmin:
         for pool in pools:
             await self._set_desired(pool, self._desired.get(pool, 0) + 1)
         await self._reconcile(wait=False)
-        starting = [t for i, t in self._pending.items() if _pool_of(i) in pools]
+        starting = [t for i, t in self._pending.items() if _pool_of(i) in pools | again]
         if starting:
             await asyncio.wait(starting, timeout=wait_s)
+        if not ahead:
+            return
         done: list[str] = []
         for iid, pool in ahead.items():
             if iid in self._members and self._last_for(iid, going) is None:

@@ -30,6 +30,8 @@ log = logging.getLogger("scheduler.control.ingress")
 
 # How long ``drain`` waits, before releasing the instance, for committed migrations' streams to switch over.
 _SWITCH_WAIT_S = 30.0
+# How long a drain's release is retried while the Controller is down or restarting (it restarts in seconds).
+_RELEASE_RETRY_S = 30.0
 
 
 class IngressAdmin:
@@ -86,7 +88,7 @@ class IngressAdmin:
             while time.monotonic() < deadline and any(
                     r.moving_to is not None for r in self.registry.on_instance(instance_id)):
                 await asyncio.sleep(0.01)
-            await self._admin("release", instance_id, replace=replace)
+            await self._release_retried(instance_id, replace)
             released = True  # (stays in _admin_drains: an id is never reused, and the view may still list it)
         finally:
             if not released:
@@ -95,6 +97,25 @@ class IngressAdmin:
                 # back in service rather than leave it silently out of it.
                 await self._undrain(instance_id)
         return moved
+
+    async def _release_retried(self, instance_id: str, replace: bool) -> None:
+        """The drain's release, retried while the Controller is unavailable (restarting: ``max_restarts=-1``), for
+        ``_RELEASE_RETRY_S``. The new one adopted the instance with the drain's marks (Ray's KV: the operator's
+        drain, a replacement started ahead) and releases it; one the old Controller was releasing when it died is
+        killed by the new one (``Controller._adopt``), and the retry finds it gone: released all the same. Before,
+        the drain gave up at the first refusal: its un-drain failed too (the Controller still down), and the instance
+        stayed out of service on its going node, reported ``kept`` ("drain failed: Unavailable"), with its
+        replacement running beside it."""
+        deadline = time.monotonic() + _RELEASE_RETRY_S
+        while True:
+            try:
+                await self._admin("release", instance_id, replace=replace)
+                return
+            except Unavailable as e:
+                if time.monotonic() >= deadline:
+                    raise
+                log.info("release of drained %s: %s; retrying", instance_id, e)
+                await asyncio.sleep(e.retry_after_s or UNAVAILABLE_RETRY_AFTER_S)
 
     async def _undrain(self, instance_id: str) -> None:
         self._admin_drains.discard(instance_id)
