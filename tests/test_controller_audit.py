@@ -179,6 +179,30 @@ def test_an_admin_drain_says_leaving_in_the_instance_and_a_scale_down_drain_does
     asyncio.run(main())
 
 
+def test_a_controller_dying_while_kuberay_grows_for_a_replacement_ahead_persists_no_mark_without_its_count() -> None:
+    """DrainNode of the only DECODE instance's node: the Controller marks it replaced ahead and raises its pool's
+    count, growing the KubeRay worker group first (an API call). Killed during that call, Ray's KV held the mark but
+    not the count: the restarted Controller started no replacement and counted the instance out when the node
+    died -- the pool fell to 0 DECODE instances for good. Now the mark is persisted with the count, not before."""
+    p0, d0 = FakeInstance("prefill-0", InstanceRole.PREFILL), FakeInstance("decode-0", InstanceRole.DECODE)
+    ctrl = _controller([p0, d0], {"prefill": 1, "decode": 1})
+    ctrl._pools["prefill"].role, ctrl._pools["decode"].role = InstanceRole.PREFILL, InstanceRole.DECODE
+    kv: dict[str, Any] = {}
+    ctrl._kv_put = lambda name, value: kv.__setitem__(name, value)
+
+    class Died(BaseException):
+        """The Controller's process ends here."""
+
+    async def grow(counts: dict[str, int]) -> None:
+        raise Died
+
+    ctrl._k8s_grow = grow
+    with pytest.raises(Died):
+        asyncio.run(ctrl._replace_ahead("node-1", ["decode-0"], 1.0))
+    # What a restarted Controller reads: the mark only with the count that replaces the instance.
+    assert "decode-0" not in kv.get("replaced_ahead", []) and kv.get("desired", {"decode": 1})["decode"] == 1, kv
+
+
 def test_scale_down_does_not_pick_an_instance_a_role_switch_is_draining() -> None:
     """A scale-down picked an instance a role switch was draining; once switched (un-drained) it stayed in
     _draining and was force-released at the deadline while serving its new role."""

@@ -442,8 +442,9 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         self._save_desired()
         self._k8s_shrink_due = True
 
-    def _save_replaced_ahead(self) -> None:
-        self._kv_put("replaced_ahead", sorted(self._replaced_ahead))
+    def _save_replaced_ahead(self, but: set[str] | frozenset[str] = frozenset()) -> None:
+        """Persist the marks of replacements started ahead (``but`` those whose pool's count is not saved yet)."""
+        self._kv_put("replaced_ahead", sorted(self._replaced_ahead - but))
 
     def _hang_timeout_s(self, m: Member) -> float:
         return self._pools[m.info.pool].hang_timeout_s

@@ -166,11 +166,17 @@ class ControllerAdmin:
                         if self._pools[pool].role in roles}
         if not ahead and not again:
             return
-        self._replaced_ahead.update(ahead)
-        self._save_replaced_ahead()
+        self._replaced_ahead.update(ahead)  # (at once: a concurrent retry does not replace them a second time)
+        uncounted = set(ahead)
         pools = set(ahead.values())
         for pool in pools:
             await self._set_desired(pool, self._desired.get(pool, 0) + 1)
+            # Persisted once the pool's count has its replacement (saved just now, no await between): saved first,
+            # a Controller dying while ``_set_desired`` grew the KubeRay worker group left the mark without the
+            # count -- the new one started no replacement, and counted the instance out of its pool when it went:
+            # the phase lost an instance, its last one for a 1-instance pool.
+            uncounted -= {i for i, p in ahead.items() if p == pool}
+            self._save_replaced_ahead(but=uncounted)
         await self._reconcile(wait=False)
         starting = [t for i, t in self._pending.items() if _pool_of(i) in pools | again]
         if starting:
