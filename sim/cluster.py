@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from scheduler.config.models import ClusterConfig, PoolSpec
@@ -29,6 +30,12 @@ class SimInstance:
     span_start: float = 0.0
     snapshot: InstanceSnapshot | None = None
     snap_dirty: bool = True
+    # When the routers' entry was last refreshed; ``snapshot.time_s`` is when its state was read, earlier where an
+    # unchanged engine kept its snapshot (``make_snapshot``).
+    snap_t: float = -math.inf
+    # What ``snapshot`` was read from: the engine's version, the state written on it from outside, the driver's own
+    # (``_read_key``); None when the entry is no longer the engine's read (``amend_snapshot``).
+    snap_key: tuple | None = None
     draining: bool = False
     started_s: float = 0.0
     stopped_s: float | None = None
@@ -62,10 +69,27 @@ class SimInstance:
         return False
 
     def make_snapshot(self, now_s: float, *, detail: bool) -> InstanceSnapshot:
-        """The routers' snapshot of this instance, kept until marked dirty (``snap_dirty``)."""
-        self.snapshot = self.fresh_snapshot(now_s, detail=detail)
+        """The routers' snapshot of this instance, kept until marked dirty (``snap_dirty``). Read from the engine
+        only if it changed since the last read: an unchanged one's snapshot is the same state, and is kept (a
+        periodic refresh mid-span or of an idle instance rebuilt ~40% of the snapshots of an Azure x16 run
+        unchanged)."""
+        if self.snapshot is None or self.snap_key != self._read_key(detail):
+            self.snapshot = self.fresh_snapshot(now_s, detail=detail)
+            self.snap_key = self._read_key(detail)  # after the read: it may drop spent predictions (a new version)
+        self.snap_t = now_s
         self.snap_dirty = False
         return self.snapshot
+
+    def _read_key(self, detail: bool) -> tuple:
+        eng = self.engine
+        return eng.version, eng.prefill_blocks, eng.role, self.draining, self.incoming, detail
+
+    def amend_snapshot(self, now_s: float, **changes: object) -> None:
+        """The routers' entry as of ``now_s`` with ``changes`` the ingress knows of and the engine's read does not
+        show (mid-step: a request queued, KV on its way); the next ``make_snapshot`` reads the engine again."""
+        self.snapshot = replace(self.snapshot, time_s=now_s, **changes)  # type: ignore[arg-type]
+        self.snap_t = now_s
+        self.snap_key = None
 
     def fresh_snapshot(self, now_s: float, *, detail: bool) -> InstanceSnapshot:
         """The engine's state now (the routers' snapshot left as it is)."""

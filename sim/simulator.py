@@ -512,8 +512,8 @@ class Simulator:
             if front:
                 at -= min(max(snap.num_waiting - snap.num_incoming, 0), sum(r.in_prefill for r in requests))
             requests = requests[:at] + (load,) + requests[at:]
-        inst.snapshot = dataclasses.replace(
-            snap, time_s=now, num_waiting=snap.num_waiting + 1,
+        inst.amend_snapshot(
+            now, num_waiting=snap.num_waiting + 1,
             prefill_tokens_pending=snap.prefill_tokens_pending + seq.num_tokens, prefill_compute_tokens=compute,
             requests=requests)
         self._view_one_changed = True
@@ -615,9 +615,8 @@ class Simulator:
             self._idle(inst, now)  # no longer waited for (refused there): it may have run dry
         if inst.in_step is not None and inst.snapshot is not None:  # mid-step: adjust the pre-step snapshot
             # (landed: the caller queues it on the snapshot next, ``_queue_on_snapshot``)
-            inst.snapshot = dataclasses.replace(inst.snapshot, time_s=now,
-                                                num_waiting=max(inst.snapshot.num_waiting + delta, 0),
-                                                num_incoming=max(inst.snapshot.num_incoming + delta, 0))
+            inst.amend_snapshot(now, num_waiting=max(inst.snapshot.num_waiting + delta, 0),
+                                num_incoming=max(inst.snapshot.num_incoming + delta, 0))
             self._view_one_changed = True
             inst.rebuild_at_step_end = True
             return
@@ -677,8 +676,7 @@ class Simulator:
             res, end, started = inst.in_step
             inst.in_step = None
             self._record(res, end, started=started, inst=inst)
-            if inst.rebuild_at_step_end or (inst.snapshot is not None
-                                            and now - inst.snapshot.time_s >= self.view_refresh_s):
+            if inst.rebuild_at_step_end or (inst.snapshot is not None and now - inst.snap_t >= self.view_refresh_s):
                 inst.snap_dirty = True  # work came mid-step, or a periodic refresh passed it by
             inst.rebuild_at_step_end = False
         span = inst.span

@@ -208,6 +208,10 @@ class EngineModel:
         self._pred_sum = 0.0
         self._pred_n = 0
         self._due_heap: list[tuple[float, int, Seq]] = []
+        # Bumped by every change a snapshot can show that the engine makes itself (requests in and out, steps,
+        # predictions dropped or renewed: by a read too, ``ahead`` included): a driver keeps its snapshot while this
+        # stands (``SimInstance.make_snapshot``). Not by writes from outside (``prefill_blocks``, ``role``).
+        self.version = 0
         # Counters (a live engine reports the same ones).
         self.num_preemptions = 0
         self.prompt_tokens_computed = 0
@@ -262,6 +266,7 @@ class EngineModel:
         whose KV blocks were reserved for it). ``length_dist``: the distribution ``predicted_remaining`` came from
         (renews it when it runs out), ``generated_before`` tokens into the response."""
         self.check_request(rid, prompt_tokens, max_tokens, cached_tokens)
+        self.version += 1
         if handoff is None:
             handoff = self.role is InstanceRole.PREFILL
         if handoff:
@@ -305,6 +310,7 @@ class EngineModel:
         seq = self._by_rid.pop(rid, None)
         if seq is None:
             return False
+        self.version += 1
         if seq.in_decode:
             self._leave_decode(seq)
         elif seq in self.prefilling:
@@ -325,6 +331,7 @@ class EngineModel:
         seq = self._by_rid.get(rid)
         if seq is None or not seq.in_decode:
             return None
+        self.version += 1
         self._leave_decode(seq)
         del self._by_rid[rid]
         seq.max_new -= seq.generated
@@ -427,6 +434,7 @@ class EngineModel:
     def step(self, *, want_emitted: bool = False) -> StepResult:
         """Run one engine iteration: schedule, account KV, advance tokens. Returns what happened."""
         res = StepResult()
+        self.version += 1
         B = self.block_size
         # 1. Decodes need blocks for the token each computes now; preempt until they fit.
         while self.decoding and not self._decode_fits(0, self.total_blocks - self.prefill_blocks):
@@ -724,6 +732,7 @@ class EngineModel:
     def advance(self, span: Span, steps: int) -> StepResult:
         """Apply the first ``steps`` steps of ``span`` (all of it, or up to an interruption)."""
         res = StepResult()
+        self.version += 1
         res.duration_s = span.time_of(steps)
         self._advance_decodes(steps, res)
         self.busy_time_s += res.duration_s
@@ -731,6 +740,7 @@ class EngineModel:
         return res
 
     def _track_prediction(self, seq: Seq, due: float) -> None:
+        self.version += 1
         seq.pred_due = due
         self._pred_sum += due
         self._pred_n += 1
@@ -746,6 +756,7 @@ class EngineModel:
 
     def _drop_prediction(self, seq: Seq) -> None:
         if seq.pred_due is not None:
+            self.version += 1
             self._pred_sum -= seq.pred_due
             self._pred_n -= 1
             seq.pred_due = None
