@@ -136,7 +136,8 @@ class Load:
 
 @dataclass(frozen=True, slots=True)
 class InstanceSnapshot:
-    """Read-only state of one engine instance at ``time_s``."""
+    """Read-only state of one engine instance at ``time_s``: when it was read (the simulator keeps an unchanged
+    engine's snapshot, read time and all, rather than reading it again; policies take "now" from the view)."""
 
     instance_id: str
     role: InstanceRole
