@@ -208,9 +208,10 @@ class EngineModel:
         self._pred_sum = 0.0
         self._pred_n = 0
         self._due_heap: list[tuple[float, int, Seq]] = []
-        # Bumped by every change a snapshot can show that the engine makes itself (requests in and out, steps,
-        # predictions dropped or renewed: by a read too, ``ahead`` included): a driver keeps its snapshot while this
-        # stands (``SimInstance.make_snapshot``). Not by writes from outside (``prefill_blocks``, ``role``).
+        # Bumped by every change a snapshot can show that the engine makes itself (requests in and out, steps and
+        # span advances, predictions dropped or renewed -- by a snapshot too, which drops spent ones for good, inside
+        # ``ahead`` as well): a driver keeps its snapshot while this stands (``SimInstance.make_snapshot``). Not by
+        # writes from outside (``prefill_blocks``, ``role``): the driver keys on those itself.
         self.version = 0
         # Counters (a live engine reports the same ones).
         self.num_preemptions = 0
