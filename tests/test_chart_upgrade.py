@@ -41,6 +41,17 @@ def _render(values: dict[str, Any], upgrade_from: str | None = None) -> tuple[di
     return rc, rendered.notes or ""
 
 
+def _min_available(values: dict[str, Any], upgrade_from: str | None = None) -> dict[str, int]:
+    """Each worker PDB's minAvailable, by GPU type (its selector's llmsched.io/gpu-type)."""
+    rendered, findings = render_chart(DEFAULT_CHART, values, "test", upgrade_from=upgrade_from)
+    assert findings == []
+    return {
+        m["spec"]["selector"]["matchLabels"]["llmsched.io/gpu-type"]: m["spec"]["minAvailable"]
+        for m in rendered.manifests
+        if m["kind"] == "PodDisruptionBudget"
+    }
+
+
 def _replicas(rc: dict[str, Any]) -> dict[str, int]:
     return {g["groupName"]: g["replicas"] for g in rc["spec"]["workerGroupSpecs"]}
 
@@ -111,3 +122,18 @@ def test_a_group_or_release_the_cluster_lacks_renders_the_values(cluster: _Serve
     l4 = {**copy.deepcopy(_group(values, "a100")), "name": "l4", "product": "NVIDIA-L4", "replicas": 3}
     values["gpuTypes"].append(l4)  # a GPU type added by this upgrade
     assert _replicas(_render(values, upgrade_from=cluster.url)[0]) == {"h100": 1, "a100": 6, "l4": 3}
+
+
+@pytest.mark.parametrize(("live", "expected"), [(6, 5), (1, 0)])
+def test_worker_pdbs_follow_the_size_the_upgrade_renders(cluster: _Server, live: int, expected: int) -> None:
+    """A PDB's minAvailable is an absolute count: computed from values' replicas (2) after the Controller grew a100
+    to 6, it let a drain evict 5 workers at once (podDisruptionBudget.maxUnavailable is 1); after it shrank the
+    group to 1, minAvailable 1 blocked every drain of its last worker's node... the budget now counts from the
+    replicas the RayCluster renders."""
+    values = _values()
+    assert _min_available(values) == {"h100": 0, "a100": 1}  # install: values' replicas - maxUnavailable
+    _install(cluster, values)
+    _resize(cluster, "a100", live)
+    upgraded, _ = _render(values, upgrade_from=cluster.url)
+    assert _replicas(upgraded)["a100"] == live
+    assert _min_available(values, upgrade_from=cluster.url) == {"h100": 0, "a100": expected}
