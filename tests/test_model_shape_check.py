@@ -239,3 +239,73 @@ def test_serve_checks_the_fields_a_config_gives_and_needs_them_without_weights(
     assert rc == 2 and "model.num_layers: 32, but" in capsys.readouterr().err
     rc, _ = _serve(monkeypatch, "--model-path", "org/name", config=_without_shape(tmp_path))
     assert rc == 2 and "model.num_layers: Field required" in capsys.readouterr().err
+
+
+# ---- a repo id already in the local Hugging Face cache is read from it (offline) ----------------------------------
+def _cache_repo(hub: Path, repo: str, hf: dict[str, Any], rev: str = "0123abcd") -> Path:
+    """``repo`` in a hub cache laid out as huggingface_hub writes it: models--org--name/refs/main names the snapshot
+    snapshots/<rev>/ that holds ``config.json``."""
+    repo_dir = hub / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(rev)
+    snapshot = repo_dir / "snapshots" / rev
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(hf))
+    return snapshot
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty hub cache that HF_HUB_CACHE names (set after huggingface_hub's import: read at check time)."""
+    for name in ("HUGGINGFACE_HUB_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "hub"
+    out.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(out))
+    return out
+
+
+def test_a_cached_repo_ids_config_json_is_checked_naming_every_field(tiny: Path, hub: Path) -> None:
+    hf = json.loads((tiny / "config.json").read_text())
+    _cache_repo(hub, "org/cached-70b", {**hf, "num_hidden_layers": 80, "vocab_size": 32000})
+    with pytest.raises(ValueError, match=r"model\.num_layers: 2, but org/cached-70b's cached .*snapshots/0123abcd/"
+                                         r"config\.json has num_hidden_layers 80; model\.vocab_size: \d+, but "
+                                         r".* has vocab_size 32000: the config's model shape is not these weights'"):
+        _model("org/cached-70b").weights()
+    _cache_repo(hub, "cached-solo", {**hf, "num_hidden_layers": 80})  # a repo id without an org
+    with pytest.raises(ValueError, match=r"model\.num_layers: 2, but cached-solo's cached"):
+        _model("cached-solo").weights()
+
+
+def test_a_cached_repo_id_of_the_configs_shape_is_served_unlogged(
+    tiny: Path, hub: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    caplog.set_level(logging.WARNING, logger="scheduler.config.models")
+    hf = json.loads((tiny / "config.json").read_text())
+    _cache_repo(hub, "org/cached-same", hf)
+    assert _model("org/cached-same").weights() == "org/cached-same"  # the engine still loads it by its id
+    assert caplog.records == []
+    # HF_HOME's hub/ when HF_HUB_CACHE is unset (huggingface_hub's order)
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    _cache_repo(tmp_path / "home" / "hub", "org/home-cached", {**hf, "hidden_size": 256})
+    with pytest.raises(ValueError, match=r"model\.hidden_size: 128, but org/home-cached's cached"):
+        _model("org/home-cached").weights()
+
+
+def test_a_repo_id_the_cache_lacks_is_logged_once_as_before(
+    tiny: Path, hub: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="scheduler.config.models")
+    hf = json.loads((tiny / "config.json").read_text())
+    # another repo; and one whose refs/main names a snapshot not downloaded (only that revision is read)
+    _cache_repo(hub, "org/other", {**hf, "num_hidden_layers": 80})
+    snapshot = _cache_repo(hub, "org/half-cached", {**hf, "num_hidden_layers": 80})
+    (snapshot.parents[1] / "refs" / "main").write_text("fedcba98")
+    for _ in range(2):
+        assert _model("org/not-cached").weights() == "org/not-cached"
+        assert _model("org/half-cached").weights() == "org/half-cached"
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2
+    assert all("repo id is not read" in s and str(hub) in s for s in said)
+    assert "org/not-cached" in said[0] and "org/half-cached" in said[1]

@@ -168,15 +168,23 @@ class ModelSpec(_Strict):
         a RoPE scaling factor, or its ``model_max_length``), not above (vLLM's rule; unless
         ``VLLM_ALLOW_LONG_MAX_MODEL_LEN``). Called by :meth:`weights`, so wherever the weights are read: the head
         before Ray starts and the ingress, each engine on its worker (whose directory may differ from the head's).
-        A repo id is not read before its engine downloads it, nor a directory without ``config.json``: logged once.
+        A repo id is read from the local Hugging Face cache (:func:`_cached_repo`, offline) where its engine would
+        find it; one not cached there is not read before its engine downloads it, nor is a directory without
+        ``config.json``: logged once.
 
         Raises ``ValueError`` naming each field that differs (``model.num_layers: 32, but <dir>/config.json has
         num_hidden_layers 80``)."""
         found = _hf_config(Path(where))
+        if found is None and not Path(where).is_dir() and _HF_REPO_ID.match(where):
+            snapshot, cache = _cached_repo(where)
+            found = _hf_config(snapshot) if snapshot is not None else None
+            if found is None:
+                _log_unchecked(where, "no model directory here: a Hugging Face repo id is not read before its "
+                                      f"engine downloads it, and the local cache {cache} has no config.json of it")
+                return
+            found = (f"{where}'s cached {found[0]}", found[1])
         if found is None:
-            why = ("no config.json in the directory" if Path(where).is_dir() else
-                   "no model directory here: a Hugging Face repo id is not read before its engine downloads it")
-            _log_unchecked(where, why)
+            _log_unchecked(where, "no config.json in the directory" if Path(where).is_dir() else "no model here")
             return
         self._check_shape(*found)
 
@@ -524,6 +532,33 @@ def _hf_config(model_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     if hf.get("num_key_value_heads") is None:  # Hugging Face's default: no grouped-query attention
         hf = {**hf, "num_key_value_heads": hf.get("num_attention_heads")}
     return file, hf
+
+
+def _hub_cache() -> Path:
+    """The Hugging Face hub cache as ``huggingface_hub`` resolves it (``HF_HUB_CACHE``, ``HUGGINGFACE_HUB_CACHE``,
+    else ``HF_HOME``/hub, else ``$XDG_CACHE_HOME``/huggingface/hub), read from the environment now: its
+    ``constants`` are read once, at its import, which may come before the environment is set."""
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if not hub:
+        home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+        hub = os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(hub)))
+
+
+def _cached_repo(repo_id: str) -> tuple[Path | None, Path]:
+    """The snapshot directory of ``repo_id``'s ``main`` revision in the local hub cache, where it holds a
+    ``config.json`` (``None``: it does not, or ``huggingface_hub`` is not installed), and that cache. Offline: the
+    cache's files only (``huggingface_hub.try_to_load_from_cache``), no request to the hub."""
+    cache = _hub_cache()
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None, cache
+    try:
+        file = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache)
+    except ValueError:  # an id huggingface_hub's stricter check refuses (HFValidationError): vLLM would too
+        return None, cache
+    return (Path(file).parent if isinstance(file, str) else None), cache
 
 
 def _hf_dtype(hf: dict[str, Any]) -> Any:

@@ -123,8 +123,8 @@ the key and the allowed values, like the project's own config errors.
 {{- end }}
 {{- end }}
 {{- /* Helm merges config.model over the defaults (the tiny test model's name and shape): a path given alone would
-       serve those weights under the tiny model's shape, and a repo id is not checked before its engine downloads
-       it. The name marks the defaults. */}}
+       serve those weights under the tiny model's shape, and a repo id not yet in the HF cache is not checked
+       before its engine downloads it. The name marks the defaults. */}}
 {{- if and .Values.config.model.path (eq (toString .Values.config.model.name) "tiny-llama") }}
 {{- fail (printf "config.model.path: %q, but config.model is still the chart default's tiny test model (name tiny-llama, its 2-layer shape); give that model's name and shape fields too (values/single-gpu-type.yaml)" .Values.config.model.path) }}
 {{- end }}
