@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,55 @@ def test_max_model_len_may_be_shorter_than_the_models_not_longer(
         _model(scaled, max_model_len=32769).weights()
     monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # vLLM's own override
     assert _model(tiny, max_model_len=16385).weights() == str(tiny)
+
+
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192,
+                 "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+# (config.json changes over the tiny model's, the longest max_model_len allowed, what the refusal names);
+# tests/test_max_len_vllm.py runs them through vLLM's own rule too
+MAX_LEN_CASES = [
+    # Llama-3.1: max_position_embeddings is the scaled length already; vLLM never multiplies it by 8
+    ({"max_position_embeddings": 131072, "rope_scaling": _LLAMA31_ROPE}, 131072,
+     "max_position_embeddings 131072 (rope_scaling llama3: already scaled"),
+    # transformers 5's rope_parameters, keyed by layer type
+    ({"max_position_embeddings": 131072, "rope_parameters": {"full_attention": _LLAMA31_ROPE}}, 131072,
+     "max_position_embeddings 131072 (rope_parameters llama3"),
+    # DeepSeek-V3's YaRN: 4096 x 40 = its max_position_embeddings (not 163840 x 40)
+    ({"max_position_embeddings": 163840, "rope_scaling": {
+        "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096}}, 163840,
+     "max_position_embeddings 163840"),
+    # Qwen2.5's YaRN recipe (32768 x 4): what vLLM before PR 56446 accepts
+    ({"max_position_embeddings": 32768, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}, 131072,
+     "rope_scaling yarn: original_max_position_embeddings 32768 x factor 4.0"),
+    # Phi-3's longrope: per-dimension factor lists, max_position_embeddings already scaled
+    ({"max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "rope_scaling": {
+        "type": "longrope", "long_factor": [1.0, 2.0], "short_factor": [1.0, 1.0]}}, 131072,
+     "max_position_embeddings 131072 (rope_scaling longrope"),
+    # a legacy "type" key and a linear-style factor: scaled
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, 32768,
+     "max_position_embeddings 16384 x rope_scaling dynamic factor 2.0"),
+    # Gemma 3 declares its scaled length: never multiplied
+    ({"model_type": "gemma3_text", "max_position_embeddings": 131072, "rope_scaling": {
+        "rope_type": "linear", "factor": 8.0}}, 131072, "max_position_embeddings 131072"),
+    # vLLM takes the smallest length key present, and model_max_length over them
+    ({"seq_length": 2048}, 2048, "seq_length 2048"),
+    ({"max_position_embeddings": _DROP, "n_positions": 1024}, 1024, "n_positions 1024"),
+    ({"model_max_length": 32000}, 32000, "model_max_length 32000"),
+]
+
+
+@pytest.mark.parametrize(("changes", "allowed", "named"), MAX_LEN_CASES)
+def test_max_model_len_is_refused_past_what_vllm_derives_naming_the_fields(
+    weights: Any, changes: dict[str, Any], allowed: int, named: str
+) -> None:
+    path = weights(**changes)
+    assert _model(path, max_model_len=allowed).weights() == str(path)
+    with pytest.raises(ValueError, match=rf"model\.max_model_len: {allowed + 1}, but .* allows {allowed} "
+                                         rf"\({re.escape(named)}"):
+        _model(path, max_model_len=allowed + 1).weights()
 
 
 def test_a_multimodal_models_language_shape_is_compared(tiny: Path, weights: Any) -> None:

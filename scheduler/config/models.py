@@ -164,8 +164,8 @@ class ModelSpec(_Strict):
         """Refuses weights that are not the model the shape fields describe: they size the KV cache, the latency
         model and the simulator, and vLLM would serve other weights without a word (a 70B's directory under a 7B's
         shape: KV sized for 32 layers, not 80). Compares a model directory's ``config.json`` (Hugging Face's keys;
-        a multimodal model's ``text_config``); ``max_model_len`` may be below its ``max_position_embeddings`` (times
-        a RoPE scaling factor, or its ``model_max_length``), not above (vLLM's rule; unless
+        a multimodal model's ``text_config``); ``max_model_len`` may be below the length vLLM derives from it
+        (:func:`_longest_context`: ``max_position_embeddings`` and RoPE scaling), not above (unless
         ``VLLM_ALLOW_LONG_MAX_MODEL_LEN``). Called by :meth:`weights`, so wherever the weights are read: the head
         before Ray starts and the ingress, each engine on its worker (whose directory may differ from the head's).
         A repo id is read from the local Hugging Face cache (:func:`_cached_repo`, offline) where its engine would
@@ -209,9 +209,9 @@ class ModelSpec(_Strict):
         if tiny and own_dtype is not None and own_dtype != self.dtype:
             wrong.append(f"model.dtype: {self.dtype}, but {file} has dtype {own_dtype} (vLLM serves it in that)")
         longest = _longest_context(hf)
-        if longest is not None and self.max_model_len > longest and not _allow_long_context():
-            wrong.append(f"model.max_model_len: {self.max_model_len}, but {file} allows {longest} "
-                         "(max_position_embeddings, times a RoPE scaling factor, or model_max_length)")
+        if longest is not None and self.max_model_len > longest[0] and not _allow_long_context():
+            wrong.append(f"model.max_model_len: {self.max_model_len}, but {file} allows {longest[0]} ({longest[1]}; "
+                         "vLLM refuses more unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1)")
         if wrong and tiny:
             raise ValueError("; ".join(wrong) + ": model.path is unset, so vllm pools serve the generated tiny test "
                              "model; give its shape (scheduler/config/examples/tiny-cpu.yaml), or set model.path "
@@ -507,7 +507,7 @@ def fill_model_shape(model: dict[str, Any]) -> dict[str, Any]:
         shape["dtype"] = dtype
     longest = _longest_context(hf)
     default_len = ModelSpec.model_fields["max_model_len"].default
-    shape["max_model_len"] = default_len if longest is None else min(default_len, longest)
+    shape["max_model_len"] = default_len if longest is None else min(default_len, longest[0])
     shape["name"] = Path(path).expanduser().name
     filled = {k: v for k, v in shape.items() if k not in model}
     if filled:
@@ -572,21 +572,56 @@ def _log_unchecked(where: str, why: str) -> None:
     log.warning("model.path %r: the config's model shape is not checked against it (%s)", where, why)
 
 
-def _longest_context(hf: dict[str, Any]) -> int | None:
-    """The longest ``max_model_len`` a ``config.json`` allows, leniently: vLLM scales ``max_position_embeddings``
-    by a RoPE scaling factor for some RoPE types and not others; any factor is taken here, so that only vLLM
-    refuses the ones between. ``None``: it does not say."""
-    positions = hf.get("max_position_embeddings")
-    if not isinstance(positions, int):
+# config.json keys vLLM derives a model's length from (the smallest present; ``model_max_length`` wins when set).
+_HF_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                   "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+# RoPE types whose max_position_embeddings is already the scaled length: vLLM applies no factor to it.
+_ROPE_PRESCALED = ("su", "longrope", "llama3", "deepseek_llama_scaling")
+# YaRN: before vLLM PR 56446 (2026-09) original_max_position_embeddings x factor, since then max_position_embeddings.
+_ROPE_YARN = ("yarn", "deepseek_yarn", "telechat3-yarn")
+
+
+def _longest_context(hf: dict[str, Any]) -> tuple[int, str] | None:
+    """The longest ``max_model_len`` vLLM accepts for a ``config.json`` (its ``_get_and_verify_max_len``), and the
+    fields that give it; ``None``: it does not say. The length is the smallest of :data:`_HF_LENGTH_KEYS` present
+    (``model_max_length`` when set), times the RoPE scaling ``factor`` -- except for the types whose
+    ``max_position_embeddings`` is already scaled (Llama-3.1's ``llama3``, ``longrope``: no factor) and YaRN, whose
+    length is ``original_max_position_embeddings`` x ``factor`` for vLLM before PR 56446 and
+    ``max_position_embeddings`` since: the longer is taken, so that only what no vLLM accepts is refused; Gemma 3
+    is never scaled. ``model_max_length`` above it is accepted too. ``tokenizer_config.json`` is not read (vLLM 0.32
+    caps by its ``model_max_length`` only for pooling models). tests/test_max_len_vllm.py holds it to vLLM's."""
+    given = {k: hf[k] for k in _HF_LENGTH_KEYS if isinstance(hf.get(k), int) and not isinstance(hf[k], bool)}
+    if not given:
         return None
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters")
-    if not isinstance(rope, dict):
-        rope = {}
+    own = given.get("model_max_length")
+    key = "model_max_length" if own is not None else min(given, key=given.__getitem__)
+    base = given[key]
+    longest, why = base, f"{key} {base}"
+    rope_key = "rope_scaling" if isinstance(hf.get("rope_scaling"), dict) else "rope_parameters"
+    rope = hf.get(rope_key)
+    rope = rope if isinstance(rope, dict) else {}
     # transformers 5 may key the parameters by layer type ({"full_attention": {...}, ...})
-    ropes = [rope] if "factor" in rope or "rope_type" in rope else [r for r in rope.values() if isinstance(r, dict)]
-    factor = max([r["factor"] for r in ropes if isinstance(r.get("factor"), int | float)], default=1)
-    own = hf.get("model_max_length")
-    return max(int(positions * max(factor, 1)), own if isinstance(own, int) else 0)
+    ropes = [rope] if "factor" in rope or "rope_type" in rope or "type" in rope else [
+        r for r in rope.values() if isinstance(r, dict)]
+    if "gemma3" in str(hf.get("model_type", "")):
+        ropes = []  # its max_position_embeddings is already scaled (vLLM's exception)
+    note = ""
+    for r in ropes:
+        kind, factor = r.get("rope_type") or r.get("type") or "default", r.get("factor")
+        if kind in _ROPE_PRESCALED:
+            note = f" ({rope_key} {kind}: already scaled, vLLM applies no factor)"
+        if not isinstance(factor, int | float) or isinstance(factor, bool) or kind in _ROPE_PRESCALED:
+            continue
+        if kind in _ROPE_YARN:
+            orig = r.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+            if isinstance(orig, int) and int(orig * factor) > longest:
+                longest = int(orig * factor)
+                why = f"{rope_key} {kind}: original_max_position_embeddings {orig} x factor {factor}"
+        elif int(base * factor) > longest:
+            longest, why = int(base * factor), f"{key} {base} x {rope_key} {kind} factor {factor}"
+    if own is not None and own > longest:
+        longest, why = own, f"model_max_length {own}"
+    return longest, why + (note if longest == base else "")
 
 
 def _allow_long_context() -> bool:
