@@ -137,3 +137,66 @@ def test_worker_pdbs_follow_the_size_the_upgrade_renders(cluster: _Server, live:
     upgraded, _ = _render(values, upgrade_from=cluster.url)
     assert _replicas(upgraded)["a100"] == live
     assert _min_available(values, upgrade_from=cluster.url) == {"h100": 0, "a100": expected}
+
+
+# ---- between upgrades: the Controller keeps the worker PDBs at the sizes it sets --------------------------------
+PDB = "policy/v1/poddisruptionbudgets"
+
+
+def _installed(cluster: _Server, values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Install: the RayCluster and the worker PDBs the chart renders, in the API server; all manifests back."""
+    rendered, findings = render_chart(DEFAULT_CHART, values, "test")
+    assert findings == []
+    for m in rendered.manifests:
+        if m["kind"] in ("RayCluster", "PodDisruptionBudget"):
+            resource = RC if m["kind"] == "RayCluster" else PDB
+            cluster.k8s.objects[resource, NAMESPACE, m["metadata"]["name"]] = copy.deepcopy(m)
+    return rendered.manifests
+
+
+def _controller_env(manifests: list[dict[str, Any]]) -> dict[str, str]:
+    (rc,) = [m for m in manifests if m["kind"] == "RayCluster"]
+    (sched,) = [c for c in rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"] if c["name"] == "llmsched"]
+    return {e["name"]: e["value"] for e in sched["env"] if "value" in e} | {"LLMSCHED_NAMESPACE": NAMESPACE}
+
+
+def test_the_controllers_resizes_keep_the_worker_pdbs_in_step(cluster: _Server) -> None:
+    """minAvailable is an absolute count: between upgrades a group the Controller grew from 2 to 6 kept the
+    install's minAvailable 1, so one drain could evict 5 of its workers (maxUnavailable 1); shrunk to 1, it kept
+    minAvailable 1 over one pod and blocked every drain of that node. The Controller (the env and Role the chart
+    renders, the real KubernetesBackend) now sets the PDB with each resize, to what an upgrade would render."""
+    from scheduler.deploy.autoscale import KubernetesBackend
+
+    values = _values()
+    manifests = _installed(cluster, values)
+    env = _controller_env(manifests)
+    assert env["LLMSCHED_PDB_MAX_UNAVAILABLE"] == "1"
+    backend = KubernetesBackend.from_env(env)
+    assert backend is not None
+    backend.host = cluster.url
+    pdb_name = f"{RELEASE_NAME}-a100"
+    (role,) = [m for m in manifests if m["kind"] == "Role"]
+    assert any(pdb_name in r.get("resourceNames", ()) and "patch" in r["verbs"]
+               and r["resources"] == ["poddisruptionbudgets"] for r in role["rules"])  # allowed to
+
+    for size, expected in [(6, 5), (1, 0), (3, 2)]:
+        backend.applier.scaler.resize("a100", size)
+        assert cluster.k8s.objects[PDB, NAMESPACE, pdb_name]["spec"]["minAvailable"] == expected
+        assert _min_available(values, upgrade_from=cluster.url)["a100"] == expected  # what an upgrade renders
+    assert cluster.k8s.objects[PDB, NAMESPACE, f"{RELEASE_NAME}-h100"]["spec"]["minAvailable"] == 0  # untouched
+
+
+def test_a_pdb_the_controller_cannot_patch_leaves_the_resize_done(
+    cluster: _Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    values = _values()
+    _install(cluster, values)  # the RayCluster only: no PDB to patch
+    scaler = KubeRayScaler(client.CustomObjectsApi(cluster.api_client()), NAMESPACE, RELEASE_NAME,
+                           policy=client.PolicyV1Api(cluster.api_client()), pdb_max_unavailable=1)
+    assert scaler.resize("a100", 4).replicas == 4
+    assert _replicas(cluster.k8s.objects[RC, NAMESPACE, RELEASE_NAME])["a100"] == 4
+    assert f"patch PodDisruptionBudget {NAMESPACE}/{RELEASE_NAME}-a100: Kubernetes API 404" in caplog.text
+    # with the chart's PDBs off, nothing is patched nor said
+    values["podDisruptionBudget"] = {"enabled": False}
+    env = _controller_env(render_chart(DEFAULT_CHART, values, "test")[0].manifests)
+    assert "LLMSCHED_PDB_MAX_UNAVAILABLE" not in env

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 ENV_NAMESPACE = "LLMSCHED_NAMESPACE"
 ENV_RAYCLUSTER = "LLMSCHED_RAYCLUSTER"
+# The chart's podDisruptionBudget.maxUnavailable, set while its worker PDBs are on: resizes keep them in step.
+ENV_PDB_MAX_UNAVAILABLE = "LLMSCHED_PDB_MAX_UNAVAILABLE"
 _SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -230,6 +232,8 @@ class KubernetesBackend:
         host: API server URL (tests: an in-memory server); ``None``: in-cluster service account, else kubeconfig.
         context: kubeconfig context (outside a cluster).
         gpus_per_worker / group_of: see :class:`WorkerGroupApplier`.
+        pdb_max_unavailable: the chart's worker PodDisruptionBudgets follow each resize
+            (:meth:`~scheduler.deploy.k8s.KubeRayScaler._follow_pdb`); ``None``: the chart renders none.
     """
 
     namespace: str
@@ -238,6 +242,7 @@ class KubernetesBackend:
     context: str | None = None
     gpus_per_worker: dict[str, int] = field(default_factory=dict)
     group_of: dict[str, str] = field(default_factory=dict)
+    pdb_max_unavailable: int | None = None
     _applier: WorkerGroupApplier | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
@@ -257,7 +262,10 @@ class KubernetesBackend:
                 f"{ENV_RAYCLUSTER}={cluster!r} is set but {ENV_NAMESPACE} is not (and no service "
                 "account namespace is mounted)"
             )
-        return cls(namespace=ns, cluster=cluster)
+        pdb = env.get(ENV_PDB_MAX_UNAVAILABLE, "").strip()
+        if pdb and not pdb.isdigit():
+            raise ValueError(f"{ENV_PDB_MAX_UNAVAILABLE}={pdb!r}: expected a whole number >= 0")
+        return cls(namespace=ns, cluster=cluster, pdb_max_unavailable=int(pdb) if pdb else None)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -277,7 +285,13 @@ class KubernetesBackend:
                 api = client.ApiClient(cfg)
             else:
                 api = api_client(self.context)
-            scaler = KubeRayScaler(client.CustomObjectsApi(api), self.namespace, self.cluster)
+            scaler = KubeRayScaler(
+                client.CustomObjectsApi(api),
+                self.namespace,
+                self.cluster,
+                policy=client.PolicyV1Api(api),
+                pdb_max_unavailable=self.pdb_max_unavailable,
+            )
             self._applier = WorkerGroupApplier(
                 scaler, gpus_per_worker=self.gpus_per_worker, group_of=self.group_of
             )
@@ -301,6 +315,7 @@ class KubernetesBackend:
 
 __all__ = [
     "ENV_NAMESPACE",
+    "ENV_PDB_MAX_UNAVAILABLE",
     "ENV_RAYCLUSTER",
     "GroupPlan",
     "KubernetesBackend",

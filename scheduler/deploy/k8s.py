@@ -12,6 +12,7 @@ The chart's Role/ClusterRole grant exactly these calls: list nodes; get/patch ra
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayclusters"
 _JSON_PATCH = "application/json-patch+json"
 _CONFLICT_STATUSES = (409, 422)  # a failed JSON-patch `test` op (the group moved) or a write conflict
+log = logging.getLogger(__name__)
 
 
 class KubernetesError(RuntimeError):
@@ -243,12 +245,24 @@ class KubeRayScaler:
     """
 
     def __init__(
-        self, custom: CustomObjectsApi, namespace: str, cluster: str, *, max_attempts: int = 3
+        self,
+        custom: CustomObjectsApi,
+        namespace: str,
+        cluster: str,
+        *,
+        max_attempts: int = 3,
+        policy: Any = None,
+        pdb_max_unavailable: int | None = None,
     ) -> None:
+        """``policy`` (a ``PolicyV1Api``) and ``pdb_max_unavailable`` (the chart's
+        ``podDisruptionBudget.maxUnavailable``): keep each group's PodDisruptionBudget in step (:meth:`_follow_pdb`);
+        either ``None``: PDBs are left alone."""
         self.custom = custom
         self.namespace = namespace
         self.cluster = cluster
         self.max_attempts = max_attempts
+        self.policy = policy
+        self.pdb_max_unavailable = pdb_max_unavailable
 
     def _get(self) -> dict[str, Any]:
         try:
@@ -332,5 +346,26 @@ class KubeRayScaler:
                 raise _api_error(f"patch RayCluster {self.namespace}/{self.cluster} group {group}", e) from e
             except Exception as e:
                 raise _api_error(f"patch RayCluster {self.namespace}/{self.cluster} group {group}", e) from e
+            self._follow_pdb(group, replicas)
             return ResizeResult(group=group, previous=g.replicas, replicas=replicas, attempts=attempt)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _follow_pdb(self, group: str, replicas: int) -> None:
+        """Set the group's PodDisruptionBudget (the chart's ``<cluster>-<group>``) to keep ``replicas -
+        maxUnavailable`` workers up. Its ``minAvailable`` is an absolute count (a RayCluster has no ``/scale``
+        subresource, so a ``maxUnavailable`` budget over its pods allows nothing): left as rendered, a grown group
+        could lose more than ``maxUnavailable`` workers to one drain, and a shrunk one block every drain. A failure
+        is logged, not raised: the group is resized already (the next resize or ``helm upgrade`` sets it again)."""
+        if self.policy is None or self.pdb_max_unavailable is None:
+            return
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        name = f"{self.cluster}-{group}"
+        body = {"spec": {"minAvailable": max(0, replicas - self.pdb_max_unavailable)}}
+        try:
+            self.policy.patch_namespaced_pod_disruption_budget(
+                name, self.namespace, body, _content_type="application/merge-patch+json"
+            )
+        except (ApiException, HTTPError, OSError) as e:  # refused, or unreachable
+            log.warning("%s", _api_error(f"patch PodDisruptionBudget {self.namespace}/{name}", e))
