@@ -128,7 +128,7 @@ def test_a_group_or_release_the_cluster_lacks_renders_the_values(cluster: _Serve
 def test_worker_pdbs_follow_the_size_the_upgrade_renders(cluster: _Server, live: int, expected: int) -> None:
     """A PDB's minAvailable is an absolute count: computed from values' replicas (2) after the Controller grew a100
     to 6, it let a drain evict 5 workers at once (podDisruptionBudget.maxUnavailable is 1); after it shrank the
-    group to 1, minAvailable 1 blocked every drain of its last worker's node... the budget now counts from the
+    group to 1, minAvailable 1 blocked every drain of its last worker's node. The budget now counts from the
     replicas the RayCluster renders."""
     values = _values()
     assert _min_available(values) == {"h100": 0, "a100": 1}  # install: values' replicas - maxUnavailable
