@@ -263,8 +263,10 @@ class KubernetesBackend:
                 "account namespace is mounted)"
             )
         pdb = env.get(ENV_PDB_MAX_UNAVAILABLE, "").strip()
-        if pdb and not pdb.isdigit():
-            raise ValueError(f"{ENV_PDB_MAX_UNAVAILABLE}={pdb!r}: expected a whole number >= 0")
+        if pdb and not pdb.isdigit():  # the groups are still resized: only their PDBs are left as rendered
+            log.warning("not keeping the worker PodDisruptionBudgets in step: %s=%r is no whole number >= 0",
+                        ENV_PDB_MAX_UNAVAILABLE, pdb)
+            pdb = ""
         return cls(namespace=ns, cluster=cluster, pdb_max_unavailable=int(pdb) if pdb else None)
 
     def __getstate__(self) -> dict[str, Any]:
