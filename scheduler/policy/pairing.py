@@ -47,11 +47,15 @@ def blocks_for(tokens: float, block_size: int) -> int:
     return -(-int(tokens) // max(block_size, 1))
 
 
+def virtual_blocks_with(inst: InstanceSnapshot, extra_tokens: float = 0.0) -> int:
+    """Llumnix virtual usage in KV blocks after adding ``extra_tokens`` of KV demand: used + queued + extra."""
+    bs = max(inst.block_size, 1)
+    return inst.kv_blocks_used + blocks_for(inst.prefill_tokens_pending, bs) + blocks_for(extra_tokens, bs)
+
+
 def virtual_usage_with(inst: InstanceSnapshot, extra_tokens: float = 0.0) -> float:
     """Llumnix virtual usage after adding ``extra_tokens`` of KV demand: (used + queued + extra) / total."""
-    bs = max(inst.block_size, 1)
-    queued = blocks_for(inst.prefill_tokens_pending, bs)
-    return (inst.kv_blocks_used + queued + blocks_for(extra_tokens, bs)) / max(inst.kv_blocks_total, 1)
+    return virtual_blocks_with(inst, extra_tokens) / max(inst.kv_blocks_total, 1)
 
 
 def queue_penalty(request: RequestInfo, inst: InstanceSnapshot, weight: float) -> float:

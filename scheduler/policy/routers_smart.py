@@ -7,6 +7,7 @@ fallback of ``pairing.PairingRouter``. Priority: larger is more important; high-
 
 from __future__ import annotations
 
+import math
 import random as _random
 from collections import Counter, OrderedDict
 from collections.abc import Container
@@ -19,6 +20,7 @@ from scheduler.policy.pairing import (
     PairingRouter,
     PriorityTracker,
     queue_penalty,
+    virtual_blocks_with,
     virtual_usage_with,
 )
 from scheduler.policy.route import RouteDecision, RouteResult, register_router
@@ -61,34 +63,56 @@ class PowerOfTwoRouter(PairingRouter):
 
 # ---- Llumnix dispatch ---------------------------------------------------------------------------------------------
 class LlumnixRouter(PairingRouter):
-    """Llumnix dispatch (Sun et al., OSDI 2024, section 4.4.2): the instance with the lowest virtual usage.
+    """Llumnix dispatch (Sun et al., OSDI 2024, section 4.4.2), by one of Llumnix's two load metrics (``metric``).
 
-    Virtual usage = (KV blocks used + blocks of queued prompts + this request's prompt blocks) / total blocks,
-    i.e. the KV demand the instance will have once its queue is admitted. Priority headroom: an instance holding
-    high-priority requests reports ``headroom`` extra virtual usage per such request (capped at
-    ``max_headroom``) to normal-priority requests, so normal load stays away and the high-priority requests keep
-    room to grow; a high-priority request sees no headroom but pays ``queue_weight`` per waiting request.
+    * ``usage_ratio`` (the default): the lowest virtual usage fraction, (KV blocks used + blocks of queued prompts
+      + this request's prompt blocks) / total blocks -- the KV demand the instance will have once its queue is
+      admitted (the code's ``kv_blocks_ratio``/``usage_ratio`` load, here with the newcomer's prompt counted).
+    * ``remaining_steps``: the highest *freeness*, the paper's F = (M - sum V) / B -- the free blocks left after the
+      virtual usages, divided by the batch size: how many decode steps the batch can still run. As the code's
+      default dispatch metric (AlibabaPAI/llumnix ``RemainingStepsLoad``, ``DISPATCH_LOAD_METRIC =
+      'remaining_steps'``): (total - used - blocks of all queued prompts) / (running + waiting requests), the
+      newcomer not counted, an instance with no request the best (freeness +inf; ties go to the first candidate,
+      as a sort by load would). The score is -F (lower is better, as every router's).
+
+    Decodes on their way here (``num_incoming``) are left out of both, as Llumnix's virtual usage has no such
+    term: counted, this baseline did worse on the Mooncake tier as P/D (SLO 86.7 -> 85.0% counted on the decode
+    side, 69.9% on both; twenty-seventh session, ``usage_ratio``).
+
+    Priority headroom: an instance holding high-priority requests reports ``headroom`` extra virtual usage per such
+    request (capped at ``max_headroom``; a fraction of its KV blocks) to normal-priority requests, so normal load
+    stays away and the high-priority requests keep room to grow; a high-priority request sees no headroom but pays
+    ``queue_weight`` per waiting request. Under ``remaining_steps`` the same fraction of the instance's blocks is
+    taken from the free blocks F divides (the paper's headroom is virtual usage too).
     """
 
     name = "llumnix"
+    METRICS = ("usage_ratio", "remaining_steps")
 
     def __init__(self, *, headroom: float = 0.1, max_headroom: float = 0.5, queue_weight: float = 0.05,
-                 **kw: object) -> None:
+                 metric: str = "usage_ratio", **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
+        if metric not in self.METRICS:
+            raise ValueError(f"router 'llumnix': metric {metric!r}; expected one of {', '.join(self.METRICS)}")
         self.headroom = headroom
         self.max_headroom = max_headroom
         self.queue_weight = queue_weight
+        self.metric = metric
         self._prio = PriorityTracker()
 
     def score(self, request: RequestInfo, inst: InstanceSnapshot, *, phase: str) -> float:
-        # NOTE: decodes on their way here (``num_incoming``) are left out, as Llumnix's virtual usage has no such
-        # term: counted, this baseline did worse on the Mooncake tier as P/D (SLO 86.7 -> 85.0% counted on the
-        # decode side, 69.9% on both; twenty-seventh session).
-        extra = request.prompt_tokens + (1 if phase != "prefill" else 0)
-        s = virtual_usage_with(inst, extra)
         if request.priority >= HIGH_PRIORITY:
-            return s + queue_penalty(request, inst, self.queue_weight)
-        return s + min(self.headroom * self._prio.count(inst), self.max_headroom)
+            penalty = queue_penalty(request, inst, self.queue_weight)
+        else:
+            penalty = min(self.headroom * self._prio.count(inst), self.max_headroom)
+        if self.metric == "remaining_steps":
+            batch = inst.num_running + inst.num_waiting - inst.num_incoming
+            if batch <= 0:
+                return -math.inf
+            free = inst.kv_blocks_total * (1.0 - penalty) - virtual_blocks_with(inst)
+            return -free / batch
+        extra = request.prompt_tokens + (1 if phase != "prefill" else 0)
+        return virtual_usage_with(inst, extra) + penalty
 
     def on_routed(self, request: RequestInfo, decision: RouteDecision) -> None:
         self._prio.add(request, decision)

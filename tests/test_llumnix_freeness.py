@@ -1,0 +1,89 @@
+"""The llumnix router's two load metrics (``metric``): the virtual usage fraction and the paper's freeness
+(Sun et al., OSDI 2024, 4.4.2; AlibabaPAI/llumnix ``RemainingStepsLoad``), on hand-built snapshots where they pick
+different instances."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot, RequestInfo
+from scheduler.policy.route import RouteDecision, make_router
+
+M, P, D = InstanceRole.MIXED, InstanceRole.PREFILL, InstanceRole.DECODE
+
+
+def _snap(iid: str, role: InstanceRole = M, *, running: int = 0, waiting: int = 0, used: int = 0,
+          pending: int = 0, total: int = 1000, incoming: int = 0) -> InstanceSnapshot:
+    return InstanceSnapshot(iid, role, num_running=running, num_waiting=waiting, num_decoding=running,
+                            kv_blocks_used=used, kv_blocks_total=total, block_size=16,
+                            prefill_tokens_pending=pending, num_incoming=incoming)
+
+
+def _req(prompt: int = 512, priority: int = 0) -> RequestInfo:
+    return RequestInfo("r", 0.0, prompt, 64, priority=priority)
+
+
+def _pick(metric: str, *insts: InstanceSnapshot, request: RequestInfo | None = None) -> str:
+    d = make_router("llumnix", metric=metric).route(request or _req(), ClusterView(0.0, insts))
+    assert isinstance(d, RouteDecision)
+    return d.prefill_instance
+
+
+def test_freeness_prefers_a_small_batch_with_room_to_grow_over_the_lowest_usage() -> None:
+    """a: 1 request on 300 of 1000 blocks (freeness 700 steps); b: 20 requests on 200 (40 steps each). Usage ratio
+    sends to b (20% < 30%), freeness to a: b's batch runs out of KV in 40 decode steps, a's in 700."""
+    a, b = _snap("a", running=1, used=300), _snap("b", running=20, used=200)
+    assert _pick("usage_ratio", a, b) == "b"
+    assert _pick("remaining_steps", a, b) == "a"
+
+
+def test_freeness_counts_queued_prompts_in_both_numerator_and_batch() -> None:
+    """The code's formula: (total - used - blocks of all waiting prompts) / (running + waiting). a: 2 running on
+    100 blocks plus 2 queued prompts of 4000 tokens (500 blocks): (1000 - 600) / 4 = 100. b: 8 running on 201
+    blocks: 799 / 8 = 99.9 steps. Usage ratio reads a at 63%, b at 23%."""
+    r = make_router("llumnix", metric="remaining_steps")
+    a = _snap("a", running=2, waiting=2, used=100, pending=8000)
+    b = _snap("b", running=8, used=201)
+    assert r.score(_req(), a, phase="colocated") == pytest.approx(-(1000 - 100 - 500) / 4)
+    assert r.score(_req(), b, phase="colocated") == pytest.approx(-(1000 - 201) / 8)
+    assert _pick("remaining_steps", a, b) == "a"
+    assert _pick("usage_ratio", a, b) == "b"
+
+
+def test_an_empty_instance_is_the_freest_whatever_its_size() -> None:
+    """Freeness is +inf with no request (the code's ``RemainingStepsLoad(np.inf)``): a small empty instance beats a
+    big one holding a request; by usage ratio the newcomer's 32 blocks are 32% of the small one, 4.2% of the
+    big."""
+    small, big = _snap("small", total=100), _snap("big", running=1, used=10, total=1000)
+    assert _pick("usage_ratio", small, big) == "big"
+    assert _pick("remaining_steps", small, big) == "small"
+
+
+def test_freeness_leaves_decodes_on_their_way_out_as_usage_ratio_does() -> None:
+    """A decode instance's ``num_incoming`` (requests whose KV is still in flight, counted in ``num_waiting``) is
+    not in its batch: d0 with 4 running and 6 incoming reads (1000 - 400) / 4, not / 10."""
+    r = make_router("llumnix", metric="remaining_steps")
+    d0 = _snap("d0", D, running=4, waiting=6, incoming=6, used=400)
+    assert r.score(_req(), d0, phase="decode") == pytest.approx(-600 / 4)
+
+
+def test_priority_headroom_is_taken_from_the_free_blocks() -> None:
+    """A high-priority request routed to a makes a report 10% of its blocks (``headroom``) as used to normal
+    requests: a and b otherwise equal (a first, so a tie goes to a), a normal request now goes to b; a
+    high-priority one sees no headroom and pays ``queue_weight`` per waiting request instead."""
+    r = make_router("llumnix", metric="remaining_steps")
+    a, b = _snap("a", running=2, used=100), _snap("b", running=2, used=100)
+    view = ClusterView(0.0, (a, b))
+    assert r.route(_req(), view).prefill_instance == "a"
+    r.on_routed(RequestInfo("h", 0.0, 100, 10, priority=1), RouteDecision("a"))
+    assert r.score(_req(), a, phase="colocated") == pytest.approx(-(1000 * 0.9 - 100) / 2)
+    assert r.route(_req(), view).prefill_instance == "b"
+    assert r.route(_req(priority=1), view).prefill_instance == "a"
+    queued = _snap("a", running=2, waiting=1, used=100)
+    assert r.score(_req(priority=1), queued, phase="colocated") == pytest.approx(-(1000 * 0.95 - 100) / 3)
+
+
+def test_usage_ratio_stays_the_default_and_an_unknown_metric_is_refused() -> None:
+    assert make_router("llumnix").metric == "usage_ratio"
+    with pytest.raises(ValueError, match="metric 'freeness'"):
+        make_router("llumnix", metric="freeness")
