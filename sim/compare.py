@@ -8,6 +8,7 @@ cluster completes this trace's request mix in steady state when requests arrive 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import numpy as np
@@ -137,11 +138,40 @@ def at_load(w: Workload, load: float, saturation: float) -> Workload:
     return scale_rate(w, load * saturation / w.rate_rps)
 
 
+def router_spec(spec: str) -> tuple[str, dict[str, object]]:
+    """``--routers`` entry -> (router name, params): ``name:key=value[:key=value...]`` sets constructor parameters
+    (``llumnix:metric=remaining_steps``); a value reads as JSON (numbers, ``true``, ``null``) or else as a string.
+    Segments without ``=`` stay in the name, so ``package.module:Class`` (and ``package.module:Class:key=value``)
+    still work.
+
+    Raises:
+        ValueError: an empty key, or a key given twice.
+    """
+    parts = spec.split(":")
+    name = ":".join(p for p in parts if "=" not in p)
+    params: dict[str, object] = {}
+    for p in parts:
+        if "=" not in p:
+            continue
+        key, _, raw = p.partition("=")
+        key = key.strip()
+        if not key or key in params:
+            raise ValueError(f"router {spec!r}: {'empty' if not key else 'repeated'} parameter name in {p!r}")
+        try:
+            params[key] = json.loads(raw)
+        except ValueError:
+            params[key] = raw
+    return name, params
+
+
 def router_factory(name: str, config: ClusterConfig):
     """A zero-argument factory (goodput bisection needs fresh router state per probe). Routers that use the latency
     model or the SLOs (``lookahead``) get them from the config; the config's own router gets its
-    ``policies.router.params`` (as ``llmsched simulate`` gives them: a learned router's ``path``, say)."""
+    ``policies.router.params`` (as ``llmsched simulate`` gives them: a learned router's ``path``, say). ``name``
+    may carry parameters (``router_spec``: ``llumnix:metric=remaining_steps``), which override the config's."""
+    name, given = router_spec(name)
     params = dict(config.policies.router.params) if name == config.policies.router.name else {}
+    params.update(given)
     if name in ("lookahead", "lookahead_shed"):
         params.setdefault("config", config)
 
@@ -182,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     add_cluster_args(p)
     # > 0 and finite: load 0 scales the trace's arrivals to infinity and the simulation never ends.
     p.add_argument("--load", type=positive_float, default=0.8, help="offered load / measured saturation rate")
-    p.add_argument("--routers", default=DEFAULT_ROUTERS, help="comma-separated router names")
+    p.add_argument("--routers", default=DEFAULT_ROUTERS,
+                   help="comma-separated router names; name:key=value[:key=value] sets a router parameter "
+                   "(llumnix:metric=remaining_steps), the entry naming its row")
     p.add_argument("--no-goodput", action="store_true")
     p.add_argument("--json", type=output_file)
     p.add_argument("--png", type=figure_file)
@@ -235,4 +267,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["at_load", "compare", "main", "router_factory", "saturation_rate"]
+__all__ = ["at_load", "compare", "main", "router_factory", "router_spec", "saturation_rate"]

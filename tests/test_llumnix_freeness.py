@@ -1,13 +1,19 @@
 """The llumnix router's two load metrics (``metric``): the virtual usage fraction and the paper's freeness
 (Sun et al., OSDI 2024, 4.4.2; AlibabaPAI/llumnix ``RemainingStepsLoad``), on hand-built snapshots where they pick
-different instances."""
+different instances, and the ``name:key=value`` router entries that let ``llmsched compare`` run both."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from scheduler.cli import main as cli_main
+from scheduler.config.load import load_config
 from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot, RequestInfo
 from scheduler.policy.route import RouteDecision, make_router
+from sim.compare import router_factory, router_spec
 
 M, P, D = InstanceRole.MIXED, InstanceRole.PREFILL, InstanceRole.DECODE
 
@@ -87,3 +93,27 @@ def test_usage_ratio_stays_the_default_and_an_unknown_metric_is_refused() -> Non
     assert make_router("llumnix").metric == "usage_ratio"
     with pytest.raises(ValueError, match="metric 'freeness'"):
         make_router("llumnix", metric="freeness")
+
+
+def test_a_router_entry_carries_parameters() -> None:
+    assert router_spec("llumnix:metric=remaining_steps:headroom=0.2") == (
+        "llumnix", {"metric": "remaining_steps", "headroom": 0.2})
+    assert router_spec("scheduler.policy.routers_smart:LlumnixRouter") == (
+        "scheduler.policy.routers_smart:LlumnixRouter", {})
+    assert router_spec("llumnix:prefill_saturation_tokens=null") == ("llumnix", {"prefill_saturation_tokens": None})
+    with pytest.raises(ValueError, match="repeated"):
+        router_spec("llumnix:metric=usage_ratio:metric=remaining_steps")
+    cfg = load_config("default")
+    r = router_factory("llumnix:metric=remaining_steps", cfg)()
+    assert (r.name, r.metric) == ("llumnix", "remaining_steps")
+    with pytest.raises(ValueError, match="bogus"):
+        router_factory("llumnix:bogus=1", cfg)()
+
+
+def test_compare_runs_both_llumnix_metrics_as_rows(tmp_path: Path) -> None:
+    out = tmp_path / "c.json"
+    assert cli_main(["compare", "--limit", "300", "--instances", "4", "--load", "0.9", "--no-goodput",
+                     "--routers", "llumnix,llumnix:metric=remaining_steps", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["routers"]
+    assert set(rows) == {"llumnix", "llumnix:metric=remaining_steps"}
+    assert all(s["completed"] == 300 for s in rows.values())
