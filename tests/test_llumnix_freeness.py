@@ -117,3 +117,17 @@ def test_compare_runs_both_llumnix_metrics_as_rows(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())["routers"]
     assert set(rows) == {"llumnix", "llumnix:metric=remaining_steps"}
     assert all(s["completed"] == 300 for s in rows.values())
+
+
+def test_on_a_p_d_view_freeness_picks_the_decoder_and_usage_ratio_the_prefill_instance() -> None:
+    """Llumnix's P/D defaults: decode instances by remaining steps, prefill instances by KV blocks ratio. p1 is the
+    freer prefill instance by steps (1 request) but the fuller by usage (300 blocks); d1 the freer decoder by
+    steps. Freeness pairs p0 (usage 23% < 33%) with d1; usage ratio pairs p0 with d0."""
+    view = ClusterView(0.0, (
+        _snap("p0", P, running=20, used=200), _snap("p1", P, running=1, used=300),
+        _snap("d0", D, running=20, used=200), _snap("d1", D, running=1, used=300),
+    ))
+    rs = make_router("llumnix", metric="remaining_steps").route(_req(), view)
+    assert (rs.prefill_instance, rs.decode_instance) == ("p0", "d1")
+    ur = make_router("llumnix").route(_req(), view)
+    assert (ur.prefill_instance, ur.decode_instance) == ("p0", "d0")

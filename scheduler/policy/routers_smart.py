@@ -73,7 +73,10 @@ class LlumnixRouter(PairingRouter):
       default dispatch metric (AlibabaPAI/llumnix ``RemainingStepsLoad``, ``DISPATCH_LOAD_METRIC =
       'remaining_steps'``): (total - used - blocks of all queued prompts) / (running + waiting requests), the
       newcomer not counted, an instance with no request the best (freeness +inf; ties go to the first candidate,
-      as a sort by load would). The score is -F (lower is better, as every router's).
+      as a sort by load would). The score is -F (lower is better, as every router's). On a P/D view it picks
+      the decode instance; the prefill instance is still picked by usage ratio, as the code's P/D defaults do
+      (``DISPATCH_DECODE_LOAD_METRIC = 'remaining_steps'``, ``DISPATCH_PREFILL_LOAD_METRIC`` and
+      ``DISPATCH_DECODE_AS_PREFILL_LOAD_METRIC = 'kv_blocks_ratio'``).
 
     Decodes on their way here (``num_incoming``) are left out of both, as Llumnix's virtual usage has no such
     term: counted, this baseline did worse on the Mooncake tier as P/D (SLO 86.7 -> 85.0% counted on the decode
@@ -105,7 +108,7 @@ class LlumnixRouter(PairingRouter):
             penalty = queue_penalty(request, inst, self.queue_weight)
         else:
             penalty = min(self.headroom * self._prio.count(inst), self.max_headroom)
-        if self.metric == "remaining_steps":
+        if self.metric == "remaining_steps" and phase != "prefill":
             batch = inst.num_running + inst.num_waiting - inst.num_incoming
             if batch <= 0:
                 return -math.inf
