@@ -46,14 +46,14 @@ def cluster(aloop: Any) -> Any:
     yield from drain_cluster(aloop, [NodeSpec("l40", 2)] + [NodeSpec("a100", 1)] * 3, CONFIG, 0.5)
 
 
-async def _collect(ing: Any, rid: str) -> list[TokenChunk]:
-    req = GenerateRequest(rid, prompt_token_ids=tuple(range(1, PROMPT + 1)), sampling=SamplingParams(max_tokens=N))
+async def _collect(ing: Any, rid: str, prompt: int = PROMPT, n: int = N) -> list[TokenChunk]:
+    req = GenerateRequest(rid, prompt_token_ids=tuple(range(1, prompt + 1)), sampling=SamplingParams(max_tokens=n))
     return [c async for c in ing.generate(req)]
 
 
-def _check_exact(chunks: list[TokenChunk], rid: str) -> None:
-    assert [c.index + k for c in chunks for k in range(len(c.token_ids))] == list(range(N)), rid
-    assert [t for c in chunks for t in c.token_ids] == [sim_token(0, rid, i, MODEL["vocab_size"]) for i in range(N)]
+def _check_exact(chunks: list[TokenChunk], rid: str, n: int = N) -> None:
+    assert [c.index + k for c in chunks for k in range(len(c.token_ids))] == list(range(n)), rid
+    assert [t for c in chunks for t in c.token_ids] == [sim_token(0, rid, i, MODEL["vocab_size"]) for i in range(n)]
     assert chunks[-1].finished and chunks[-1].finish_reason == "length", rid
 
 
@@ -171,6 +171,54 @@ def test_drain_node_through_one_ingress_repairs_another_ingresss_handoffs(cluste
     assert other.counters["recoveries"] == recoveries, other.counters
     now = _wait_members(dep, lambda n: len(n) == 3 and going not in n, f"{going} replaced")
     assert now[stay] != spare.node_id and spare.node_id in now.values(), now
+
+
+LONG = 300  # output tokens of the streams below: mid-stream when the drain starts
+
+
+def test_drain_node_through_one_ingress_moves_another_ingresss_streams(cluster: Any, aloop: Any) -> None:
+    """Two ingress replicas: streams of ingress B decode on a decoder whose node is drained through ingress A. A
+    has the Controller plan a move of each (``drain_moves``), B runs them (to the decoder in service) and A waits
+    for them before the release: every stream exact, none re-prefilled, the moves counted in ``requests_moved``.
+    Before, A moved only the requests it served itself (none here) and released the decoder under B's streams,
+    which B then recovered by re-prefilling each on the other decoder."""
+    rt, dep, ing = cluster
+    rt.cluster.add_node(num_cpus=1, num_gpus=1, resources={gpu_type_resource("a100"): 1.0})  # for the replacement
+    nodes = _nodes(dep)
+    decoders = sorted(i for i in nodes if i.startswith("decode-"))
+    assert len(decoders) == 2, decoders
+    other = dep.make_ingress()
+    aloop.run(other.start(), timeout=30)
+    recoveries, migrations = other.counters["recoveries"], other.counters["migrations"]
+
+    def decoding(d: str) -> set[str]:  # B's streams decoding on ``d``, a few tokens out
+        return {r.request_id for r in other.registry.on_instance(d)
+                if r.phase is Phase.DECODE and r.instances == (d,) and r.next_index >= 4}
+
+    async def run() -> Any:
+        rids = [f"xm-{i}" for i in range(6)]
+        tasks = [asyncio.create_task(_collect(other, r, prompt=64, n=LONG)) for r in rids]
+        deadline = time.monotonic() + 30
+        while max(len(decoding(d)) for d in decoders) < 2:
+            assert time.monotonic() < deadline, [(r.request_id, r.phase, r.instances) for r in other.registry]
+            await asyncio.sleep(0.01)
+        going = max(decoders, key=lambda d: len(decoding(d)))
+        on = decoding(going)
+        res = await ing.drain_node(nodes[going], deadline_s=60)
+        return rids, going, on, res, await asyncio.gather(*tasks)
+
+    try:
+        rids, going, on, res, outs = aloop.run(run(), timeout=120)
+    finally:
+        aloop.run(other.close(), timeout=30)
+    assert res.drained == (going,) and res.kept == {}, res
+    for rid, out in zip(rids, outs, strict=True):
+        _check_exact(out, rid, LONG)
+    # B's streams on the decoder moved (live, by B), none was re-prefilled, and the drain counted B's moves.
+    assert other.counters["recoveries"] == recoveries, (on, res, other.counters)
+    assert other.counters["migrations"] - migrations == res.requests_moved >= len(on) >= 2, (on, res, other.counters)
+    now = _wait_members(dep, lambda n: len(n) == 3 and going not in n, f"{going} replaced")
+    assert nodes[going] not in now.values(), now  # replaced on another node
 
 
 def test_drain_node_of_the_last_prefill_replaces_it_first(cluster: Any, aloop: Any) -> None:
@@ -352,3 +400,55 @@ def test_controller_restart_while_a_drain_node_moves_requests_off(cluster: Any, 
         gate.set()
         ing.__dict__.pop("_admin", None)
     _check_last_decoder_drained(dep, res, last, spare.node_id, rids, outs)
+
+
+def test_controller_plans_the_moves_of_other_ingresses_requests_off_a_drained_instance(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Controller.drain_moves`` (no Ray: its registry and plans alone): a drain through ingress A has a move
+    planned, without a destination, for each request another live ingress holds on the instance, whatever phase its
+    last report says -- handed to that ingress once, planned again when it did not commit (or could not start) or
+    was not taken in time, at most ``DRAIN_MOVE_TRIES`` times -- and is told to wait while such a request is still
+    there. A's own requests, those only headed there from a prefill elsewhere, and those of an ingress that polls
+    no more are not its business. The moves count apart from the policy's."""
+    from scheduler.control.controller import Controller
+    from scheduler.control.controller_migration import DRAIN_MOVE_TRIES, PLAN_TTL_S
+    from scheduler.control.registry import EntryTable, RegistryEntry
+
+    monkeypatch.setattr(Controller, "_ensure_loop", lambda self: None)
+    ctrl = Controller.__new__(Controller)
+    ctrl._registry, ctrl._plans, ctrl._drain_moves, ctrl._drain_moved = EntryTable(), {}, {}, {}
+    ctrl._migration = None
+    ctrl.migration_stats = {"planned": 0, "dropped": 0, "committed": 0, "failed": 0}
+    ctrl._registry.apply("A", [RegistryEntry("a", "A", ("d",), 5, Phase.DECODE)], [], full=True)
+    ctrl._registry.apply("B", [RegistryEntry("b1", "B", ("d",), 5, Phase.DECODE),
+                               RegistryEntry("b2", "B", ("p", "d"), 0, Phase.PREFILL),  # its hand-off goes elsewhere
+                               RegistryEntry("b3", "B", ("d",), 3, Phase.TRANSFER),  # landed, decoding since
+                               RegistryEntry("b4", "B", ("x",), 5, Phase.DECODE)], [], full=True)
+    ctrl._registry.apply("G", [RegistryEntry("g", "G", ("d",), 5, Phase.DECODE)], [], full=True,
+                         now=time.monotonic() - PLAN_TTL_S)  # gone: silent since
+
+    def moves() -> tuple[int, int]:
+        return asyncio.run(ctrl.drain_moves("d", "A"))
+
+    def take() -> list[str]:
+        plans = asyncio.run(ctrl.take_migrations("B"))
+        assert all((p.source, p.destination) == ("d", "") for p in plans), plans
+        return [p.request_id for p in plans]
+
+    assert moves() == (2, 0) and moves() == (2, 0)  # planned once each
+    assert take() == ["b1", "b3"] and take() == []
+    asyncio.run(ctrl.migration_done("b1", False, True, drain=True))  # aborted: planned again
+    asyncio.run(ctrl.migration_done("b3", True, True, drain=True))
+    assert moves() == (2, 1) and take() == ["b1"]  # b3 committed, not switched yet: still waited for
+    assert ctrl.migration_stats == {"planned": 0, "dropped": 0, "committed": 0, "failed": 0}
+    ctrl._registry.apply("B", [RegistryEntry("b3", "B", ("x",), 9, Phase.DECODE)], [], full=False)
+    assert moves() == (1, 1)
+    asyncio.run(ctrl.migration_done("b1", False, False, drain=True))  # could not start: planned again ...
+    assert moves() == (1, 1) and ctrl._drain_moves["b1"].tries == 3
+    ctrl._drain_moves["b1"].planned_s -= PLAN_TTL_S  # ... and B never took it: dropped, planned anew
+    assert moves() == (1, 1) and take() == ["b1"] and ctrl._drain_moves["b1"].tries == 4
+    ctrl._drain_moves["b1"].tries = DRAIN_MOVE_TRIES
+    asyncio.run(ctrl.migration_done("b1", False, True, drain=True))
+    assert moves() == (0, 1) and take() == []  # given up: recovered at the release
+    ctrl._end_drain_moves("d")
+    assert ctrl._drain_moves == {} and ctrl._drain_moved == {}

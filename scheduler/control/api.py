@@ -131,7 +131,8 @@ class MigrationResult:
 class NodeDrainResult:
     """What Admin DrainNode did: the Ray node's id; the instances drained off it (requests migrated, released,
     replaced elsewhere); those left serving there, with why (the last instance of a phase: its requests had
-    nowhere to go); requests moved."""
+    nowhere to go); requests moved (live-migrated off them by every ingress replica: the one the call reached moves
+    its own, the others theirs on the Controller's plans)."""
 
     node_id: str
     drained: tuple[str, ...] = ()
@@ -156,7 +157,7 @@ class IngressAPI(Protocol):
     async def migrate(self, request_id: str, destination: str | None = None) -> MigrationResult: ...
 
     async def drain(self, instance_id: str) -> int:
-        """Migrate everything off ``instance_id``, then release it; returns requests moved."""
+        """Migrate everything off ``instance_id``, then release it; returns requests moved (by every replica)."""
         ...
 
     async def drain_node(self, node: str, deadline_s: float = 0.0) -> NodeDrainResult:

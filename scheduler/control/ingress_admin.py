@@ -32,6 +32,9 @@ log = logging.getLogger("scheduler.control.ingress")
 _SWITCH_WAIT_S = 30.0
 # How long a drain's release is retried while the Controller is down or restarting (it restarts in seconds).
 _RELEASE_RETRY_S = 30.0
+# How long a drain waits, at most (a node's deadline may be sooner), for the requests other ingress replicas serve on
+# the instance to move off (``ControllerMigration.drain_moves``); those still there are recovered by re-prefill.
+_PEER_WAIT_S = 30.0
 
 
 class IngressAdmin:
@@ -40,7 +43,7 @@ class IngressAdmin:
 
     async def drain(self, instance_id: str, *, replace: bool = False) -> int:
         """Migrate every request off ``instance_id``, then release it (``replace``: the Controller starts another
-        in its pool; else the pool shrinks by one). Returns the requests moved."""
+        in its pool; else the pool shrinks by one). Returns the requests moved, by every ingress replica."""
         await self.start()
         if instance_id not in self._members:
             raise NotFound(f"instance_id: no live instance {instance_id!r}", field="instance_id")
@@ -57,10 +60,13 @@ class IngressAdmin:
             for s in self._view.instances
         ))
 
-    async def _move_off(self, instance_id: str, *, replace: bool) -> int:
-        """The rest of ``drain``: migrate its requests away, wait for their streams to switch, release it."""
+    async def _move_off(self, instance_id: str, *, replace: bool, until: float | None = None) -> int:
+        """The rest of ``drain``: migrate its requests away, wait for their streams to switch, release it. The
+        requests other ingress replicas serve there are moved by them, on the Controller's plans
+        (``_move_peers_off``), waited for until ``until`` (monotonic; a node's deadline) at the latest."""
         moved = 0
         released = False
+        peers = asyncio.create_task(self._move_peers_off(instance_id, until))
         try:
             # NOTE(migration): requests still in prefill or queued finish their prefill first; retry them a few
             # rounds, then release (a request still there is recovered elsewhere by re-prefill).
@@ -88,15 +94,51 @@ class IngressAdmin:
             while time.monotonic() < deadline and any(
                     r.moving_to is not None for r in self.registry.on_instance(instance_id)):
                 await asyncio.sleep(0.01)
+            moved += await peers
             await self._release_retried(instance_id, replace)
             released = True  # (stays in _admin_drains: an id is never reused, and the view may still list it)
         finally:
+            peers.cancel()  # (done already unless this failed or was cancelled before it)
             if not released:
                 # Cancelled (the caller's deadline) or failed before the release: nothing else would ever release
                 # or un-drain the instance (the Controller keeps an operator's drain until it is undone), so put it
                 # back in service rather than leave it silently out of it.
                 await self._undrain(instance_id)
         return moved
+
+    async def _move_peers_off(self, instance_id: str, until: float | None) -> int:
+        """Have the other ingress replicas move the requests they serve on ``instance_id`` off it, and wait for them
+        to leave it: the Controller plans a move for each (``drain_moves``; the registry says who serves what) and
+        hands it to that replica, which picks the destination and runs it. Returns the moves committed. Waits
+        ``_PEER_WAIT_S`` at most, or until ``until``; what is still there then is released with the instance and
+        recovered by re-prefill, as before any of this (each replica moved only its own requests off a drain it
+        ran, and a drain through another replica re-prefilled them all)."""
+        drain_moves = getattr(self.controller, "drain_moves", None)
+        if drain_moves is None:
+            return 0
+        now = time.monotonic()
+        end = now + _PEER_WAIT_S
+        if until is not None:
+            end = min(end, until)
+        # The registry is a report behind (each replica reports every ``report_s``): a request that reached the
+        # instance just before it went out of service may not be there yet. Nothing reaches it after that (no
+        # route, no hand-off picks it), so two report periods on, what the registry shows is all there is.
+        settled = now + 2 * self.report_s
+        moved = waiting = 0
+        while True:
+            try:
+                waiting, moved = await asyncio.wait_for(
+                    _await(drain_moves.remote(instance_id, self.ingress_id)), 2.0)
+            except (TimeoutError, *_DEAD, RayTaskError) as e:  # restarting: its registry comes back with the reports
+                log.info("drain of %s: other ingresses' requests: %r", instance_id, e)
+            else:
+                if not waiting and time.monotonic() >= settled:
+                    return moved
+            if time.monotonic() >= end:
+                log.warning("drain of %s: %d request(s) of other ingresses still there at its deadline; released "
+                            "under them (recovered elsewhere)", instance_id, waiting)
+                return moved
+            await asyncio.sleep(0.1)
 
     async def _release_retried(self, instance_id: str, replace: bool) -> None:
         """The drain's release, retried while the Controller is unavailable (restarting: ``max_restarts=-1``), for
@@ -162,6 +204,7 @@ class IngressAdmin:
         return await asyncio.shield(task)
 
     async def _drain_node(self, node: str, deadline_s: float) -> NodeDrainResult:
+        until = time.monotonic() + deadline_s if deadline_s > 0 else None
         node_id, hosted = await self._admin("drain_node", node, float(deadline_s))
         await self._refresh_members()
         await self._refresh_view()  # replacements started ahead: destinations for the requests below
@@ -180,7 +223,7 @@ class IngressAdmin:
             for iid in begun:
                 await self._undrain(iid)
             raise
-        results = await asyncio.gather(*(self._move_off(i, replace=True) for i in begun), return_exceptions=True)
+        results = await asyncio.gather(*(self._move_off(i, replace=True, until=until) for i in begun), return_exceptions=True)
         drained, moved = [], 0
         for iid, r in zip(begun, results, strict=True):
             if isinstance(r, BaseException):

@@ -174,23 +174,34 @@ class IngressMigration:
             plans = await asyncio.wait_for(_await(take.remote(self.ingress_id)), 2.0)
         except (TimeoutError, *_DEAD, RayTaskError):
             return
+        if any(not p.destination for p in plans or ()):
+            # A drain through another replica moves requests of this one (``ControllerMigration.drain_moves``):
+            # its instances were out of service before it asked, and a fresh view shows them so -- the destinations
+            # picked below are never one of them (this replica's view can be a refresh behind).
+            await self._refresh_view()
         for plan in plans or ():
             asyncio.create_task(self._execute_plan(plan))
 
     async def _execute_plan(self, plan: Any) -> None:
+        """Run one of the Controller's plans; one without a destination (a drain's move) goes where this replica's
+        own migrations go (``_migration_destination``)."""
         ok = started = False
         rec = self.registry.get(plan.request_id)
         try:
             # Still where the plan moves it from: a request that moved since (an operator's drain of the same
             # instance, a handoff) went from its new instance, a move nothing had planned. Moot: dropped.
-            if rec is not None and rec.instances[-1:] == (plan.source,) and plan.destination in self._members:
-                res = await self.migrate(plan.request_id, plan.destination)
+            if rec is not None and rec.instances[-1:] == (plan.source,) and (
+                    not plan.destination or plan.destination in self._members):
+                res = await self.migrate(plan.request_id, plan.destination or None)
                 ok, started = res.committed, res.started
         except Exception:
             log.exception("migration plan %s failed", plan)
             started = True
         try:
-            self.controller.migration_done.remote(plan.request_id, ok, started)
+            if plan.destination:
+                self.controller.migration_done.remote(plan.request_id, ok, started)
+            else:
+                self.controller.migration_done.remote(plan.request_id, ok, started, drain=True)
         except Exception as e:  # noqa: BLE001 - the Controller restarting; its policy times the entry out
             log.debug("migration_done for %s not delivered: %s", plan.request_id, e)
 

@@ -171,6 +171,11 @@ class EntryTable:
     def seen(self, ingress_id: str, now: float | None = None) -> None:
         self._seen[ingress_id] = time.monotonic() if now is None else now
 
+    def silent_s(self, ingress_id: str, now: float | None = None) -> float:
+        """How long ``ingress_id`` has not been heard from (``inf``: never, or dropped)."""
+        t = self._seen.get(ingress_id)
+        return float("inf") if t is None else (time.monotonic() if now is None else now) - t
+
     def apply(self, ingress_id: str, upserts: list[RegistryEntry], removed: list[str], *, full: bool,
               now: float | None = None) -> None:
         self.seen(ingress_id, now)
