@@ -615,3 +615,32 @@ def test_a_cancelled_generate_span_is_not_an_error() -> None:
     span = FakeSpan()
     end_generate_span(span, StreamState("r"), Unavailable(grpc.StatusCode.UNAVAILABLE, "down"))  # type: ignore[arg-type]
     assert span.attrs["llmsched.status"] == "unavailable" and span.status is not None
+
+
+def test_an_admin_drain_lists_the_instance_leaving(capsys: pytest.CaptureFixture[str]) -> None:
+    """An admin drain marks the instance ``leaving`` (``InstanceSnapshot.leaving``); ListInstances, the SDK's
+    ``InstanceInfo`` and ``llmsched admin instances`` did not carry it, so an operator could not tell an admin
+    drain (released once its requests moved) from a scale-down or role-switch one."""
+    import json
+
+    from scheduler.client._common import instance_from_proto
+    from scheduler.client.admin import main as admin_main
+    from scheduler.core.types import InstanceSnapshot
+    from scheduler.server.convert import instance_to_proto
+
+    for draining, leaving in ((False, False), (True, False), (True, True)):
+        info = instance_from_proto(instance_to_proto(
+            InstanceSnapshot(instance_id="i", role=InstanceRole.MIXED, draining=draining, leaving=leaving)))
+        assert (info.draining, info.leaving) == (draining, leaving)
+    with BackgroundServer(EchoIngress) as s:
+        with Client(s.address) as c:
+            assert not any(i.leaving for i in c.instances())
+            assert c.drain("echo-1") == 0
+            assert {i.instance_id: (i.draining, i.leaving) for i in c.instances()} == {
+                "echo-0": (False, False), "echo-1": (True, True)}
+        assert admin_main(["--target", s.address, "--json", "instances"]) == 0
+        listed = {i["instance_id"]: i["leaving"] for i in json.loads(capsys.readouterr().out)}
+        assert listed == {"echo-0": False, "echo-1": True}
+        assert admin_main(["--target", s.address, "instances"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.endswith("draining (leaving)") for line in lines] == [False, True], lines

@@ -384,6 +384,7 @@ def instance_from_proto(m: admin_pb2.Instance) -> InstanceInfo:
         healthy=m.healthy,
         draining=m.draining,
         node_id=m.node_id,
+        leaving=m.leaving,
     )
 
 

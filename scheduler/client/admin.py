@@ -84,13 +84,14 @@ def main(argv: list[str] | None = None) -> int:
                 out: object = [
                     {"instance_id": i.instance_id, "role": i.role.value if i.role else None, "gpu": i.gpu,
                      "tp": i.tp, "running": i.running, "waiting": i.waiting, "kv_usage": round(i.kv_usage, 4),
-                     "healthy": i.healthy, "draining": i.draining, "node_id": i.node_id}
+                     "healthy": i.healthy, "draining": i.draining, "leaving": i.leaving, "node_id": i.node_id}
                     for i in c.instances()
                 ]
                 text = "\n".join(
                     f"{i['instance_id']:<16} {i['role'] or '?':<8} {i['gpu']}x{i['tp']} running={i['running']} "
                     f"waiting={i['waiting']} kv={i['kv_usage']:.0%} node={i['node_id'] or '?'}"
                     + ("" if i["healthy"] else " UNHEALTHY") + (" draining" if i["draining"] else "")
+                    + (" (leaving)" if i["leaving"] else "")
                     for i in out
                 )
             elif args.cmd == "drain":

@@ -77,6 +77,9 @@ class InstanceInfo:
     healthy: bool
     draining: bool
     node_id: str = ""  # the Ray node it runs on (what ``drain_node`` takes); "" from an older server
+    # Draining for an admin drain (``drain``/``drain_node``): released once its requests have moved; a scale-down
+    # or role-switch drain is ``draining`` but not leaving. False from an older server.
+    leaving: bool = False
 
     @property
     def kv_usage(self) -> float:

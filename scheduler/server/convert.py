@@ -158,6 +158,7 @@ def instance_to_proto(s: InstanceSnapshot, node_id: str = "") -> admin_pb2.Insta
         block_size=s.block_size,
         healthy=s.healthy,
         draining=s.draining,
+        leaving=s.leaving,
     )
 
 

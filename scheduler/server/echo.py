@@ -141,6 +141,7 @@ class EchoIngress:
                 num_running=len(self._inflight) if k == 0 else 0,
                 kv_blocks_total=1024,
                 draining=iid in self.draining,
+                leaving=iid in self.draining,  # drain() is an admin drain: released once its requests moved
             )
             for k, iid in enumerate(self.instance_ids)
         )

@@ -19,7 +19,7 @@ INSTANCE_ROLE_DECODE: InstanceRole
 INSTANCE_ROLE_MIXED: InstanceRole
 
 class Instance(_message.Message):
-    __slots__ = ("instance_id", "role", "gpu", "tp", "model", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "block_size", "healthy", "draining", "decoding", "node_id")
+    __slots__ = ("instance_id", "role", "gpu", "tp", "model", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "block_size", "healthy", "draining", "decoding", "node_id", "leaving")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     GPU_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class Instance(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     DECODING_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: InstanceRole
     gpu: str
@@ -48,7 +49,8 @@ class Instance(_message.Message):
     draining: bool
     decoding: int
     node_id: str
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[InstanceRole, str]] = ..., gpu: _Optional[str] = ..., tp: _Optional[int] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., block_size: _Optional[int] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., decoding: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
+    leaving: bool
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[InstanceRole, str]] = ..., gpu: _Optional[str] = ..., tp: _Optional[int] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., block_size: _Optional[int] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., decoding: _Optional[int] = ..., node_id: _Optional[str] = ..., leaving: _Optional[bool] = ...) -> None: ...
 
 class GetClusterStateRequest(_message.Message):
     __slots__ = ()
