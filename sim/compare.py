@@ -164,14 +164,21 @@ def router_spec(spec: str) -> tuple[str, dict[str, object]]:
     return name, params
 
 
+def router_params(spec: str, config: ClusterConfig) -> tuple[str, dict[str, object]]:
+    """A ``--routers`` entry's router name and parameters: the config's ``policies.router.params`` when it names the
+    config's router, the entry's own (``router_spec``) over them."""
+    name, given = router_spec(spec)
+    params = dict(config.policies.router.params) if name == config.policies.router.name else {}
+    params.update(given)
+    return name, params
+
+
 def router_factory(name: str, config: ClusterConfig):
     """A zero-argument factory (goodput bisection needs fresh router state per probe). Routers that use the latency
     model or the SLOs (``lookahead``) get them from the config; the config's own router gets its
     ``policies.router.params`` (as ``llmsched simulate`` gives them: a learned router's ``path``, say). ``name``
     may carry parameters (``router_spec``: ``llumnix:metric=remaining_steps``), which override the config's."""
-    name, given = router_spec(name)
-    params = dict(config.policies.router.params) if name == config.policies.router.name else {}
-    params.update(given)
+    name, params = router_params(name, config)
     if name in ("lookahead", "lookahead_shed"):
         params.setdefault("config", config)
 
@@ -267,4 +274,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["at_load", "compare", "main", "router_factory", "router_spec", "saturation_rate"]
+__all__ = ["at_load", "compare", "main", "router_factory", "router_params", "router_spec", "saturation_rate"]

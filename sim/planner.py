@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -55,7 +56,7 @@ from sim.commands import (
     load_workload,
     warn_over_context,
 )
-from sim.compare import router_factory
+from sim.compare import router_factory, router_params
 from sim.goodput import goodput
 from sim.metrics import request_metrics
 from sim.simulator import Simulator, Workload
@@ -138,11 +139,13 @@ def make_config(base: ClusterConfig, c: Candidate, counts: tuple[int, ...]) -> C
     label = "-".join(map(str, counts))
     hw = c.hardware.lower().replace(" / ", "-").replace(" ", "-")
     # The router the candidate is simulated with (router_factory reads it from here: the base config's params when
-    # it is the base config's router): the written best-cluster.yaml runs the cluster the table measured.
-    same = c.router == base.policies.router.name
-    policies = base.policies.model_copy(update={"router": base.policies.router if same else PolicySpec(name=c.router)})
+    # it is the base config's router, under those a --routers entry sets, name:key=value as compare takes them):
+    # the written best-cluster.yaml runs the cluster the table measured, with a router name serve knows.
+    name, params = router_params(c.router, base)
+    policies = base.policies.model_copy(update={"router": PolicySpec(name=name, params=params)})
+    router = re.sub(r"[^A-Za-z0-9_.-]+", "-", c.router)  # llumnix:metric=remaining_steps -> llumnix-metric-...
     return base.model_copy(update={"pools": pools, "policies": policies,
-                                   "name": f"plan-{hw}-{c.layout}-{c.router}-{label}"})
+                                   "name": f"plan-{hw}-{c.layout}-{router}-{label}"})
 
 
 def price_and_gpus(cfg: ClusterConfig) -> tuple[float, int]:
@@ -608,7 +611,9 @@ def main(argv: list[str] | None = None) -> int:
                         "schedulable nodes per GPU type (in-cluster service account, else the kubeconfig; the "
                         "chart's ClusterRole grants the node list); GPU types it has none of are not planned")
     p.add_argument("--kube-context", help="kubeconfig context for --k8s-inventory (default: the current one)")
-    p.add_argument("--routers", default="least_outstanding", help="comma-separated router names")
+    p.add_argument("--routers", default="least_outstanding",
+                   help="comma-separated router names; name:key=value[:key=value] sets a router parameter "
+                   "(llumnix:metric=remaining_steps) as compare takes it, the entry naming its candidates")
     p.add_argument("--target", type=float, default=0.9, help="SLO attainment to meet, in (0, 1]")
     p.add_argument("--max-instances", type=positive_int, default=64,
                    help="the count search's ceiling, instances per candidate (default: %(default)s)")

@@ -280,6 +280,39 @@ def test_compare_and_plan_use_the_configs_router_params(tmp_path: Path) -> None:
     assert make_config(cfg, Candidate("a100", 1, "mixed", "round_robin"), (2,)).policies.router.params == {}
 
 
+def test_plan_routers_take_parameters_as_compare_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """``plan --routers llumnix:metric=remaining_steps`` simulated the variant (router_factory parses the entry) but
+    the planned config named its router ``llumnix:metric=remaining_steps``, no router ``serve`` knows, without
+    the base config's params: best-cluster.yaml did not run what the table measured. The entry is parsed by
+    compare's ``router_spec`` (one parser): router ``llumnix`` with the config's params and the entry's over them."""
+    from scheduler.policy.route import make_router
+    from sim import planner
+    from sim.compare import router_factory
+    from sim.planner import Candidate, make_config
+
+    cfg = parse_config({**RAW, "policies": {"router": {"name": "llumnix", "params": {"headroom": 0.3}}}})
+    cand = Candidate("a100", 1, "mixed", "llumnix:metric=remaining_steps")
+    planned = make_config(cfg, cand, (2,))
+    assert planned.policies.router.name == "llumnix"
+    assert planned.policies.router.params == {"headroom": 0.3, "metric": "remaining_steps"}
+    assert ":" not in planned.name and "=" not in planned.name, planned.name
+    written = parse_config(yaml.safe_load(yaml.safe_dump(planned.model_dump(mode="json"))))  # best-cluster.yaml
+    served = make_router(written.policies.router.name, **written.policies.router.params)
+    simulated = router_factory(cand.router, planned)()
+    assert (served.metric, served.headroom) == (simulated.metric, simulated.headroom) == ("remaining_steps", 0.3)
+    other = make_config(cfg, Candidate("a100", 1, "mixed", "round_robin:x=1"), (2,)).policies.router
+    assert (other.name, other.params) == ("round_robin", {"x": 1})  # another router: none of llumnix's params
+    seen: list = []
+    monkeypatch.setattr(planner, "plan", lambda base, w, **kw: seen.append(kw) or [])
+    assert cli_main(["plan", "--synthetic", "50", "--gpus", "a100", "--tp", "1", "--routers",
+                     "llumnix,llumnix:metric=remaining_steps", "--out", str(tmp_path / "p")]) == 1
+    assert seen[0]["routers"] == ("llumnix", "llumnix:metric=remaining_steps")
+    rc, err = run(["plan", "--synthetic", "50", "--routers", "llumnix:metric=bogus", "--out", str(tmp_path / "q")],
+                  capsys)
+    assert rc == 2 and "--routers" in err, err  # an unknown metric: refused before any simulation
+
+
 def test_latency_profile_refuses_pools_it_cannot_time(tmp_path: Path) -> None:
     """One engine's measured profile timed a TP-1 and a TP-4 pool (or an A100 and an H100 one) alike in the
     simulator -- the planner refuses that, ``simulate`` ran it."""
