@@ -185,7 +185,7 @@ def _model_path(s: str) -> str:
 
 def _load(args: argparse.Namespace) -> ClusterConfig:
     """The config file, with ``--model-path`` as its ``model.path`` when given, and the model fields it omits from
-    that directory's ``config.json`` (``fill_model_shape``)."""
+    that directory's ``config.json``, or a repo id's in the local hub cache (``fill_model_shape``)."""
     data, source = read_config(args.config)
     if isinstance(data, dict) and isinstance(data.get("model", {}), dict):  # else parse_config names what is wrong
         model = dict(data.get("model") or {})
@@ -203,7 +203,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", type=_model_path, default=None,
                    help="the weights vllm pools serve, instead of the config's model.path: a Hugging Face repo id "
                         "or a model directory (on every worker node, and here for the tokenizer; the model fields "
-                        "the config omits are read from its config.json)")
+                        "the config omits are read from its config.json: the directory's, or a repo id's in the "
+                        "local Hugging Face cache)")
     # NOTE: checked types: a bad number fails here, not once Ray and the engines are up (minutes later).
     p.add_argument("--port", type=port, default=50051)
     p.add_argument("--host", default=os.environ.get("LLMSCHED_HOST", "127.0.0.1"))

@@ -359,3 +359,27 @@ def test_a_repo_id_the_cache_lacks_is_logged_once_as_before(
     assert len(said) == 2
     assert all("repo id is not read" in s and str(hub) in s for s in said)
     assert "org/not-cached" in said[0] and "org/half-cached" in said[1]
+
+
+def test_serve_model_path_fills_the_shape_from_a_cached_repo_ids_config_json(
+    monkeypatch: pytest.MonkeyPatch, tiny: Path, tmp_path: Path, hub: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--model-path org/name`` filled nothing from the hub cache that the shape check reads it from: a config
+    without the shape was refused (``model.num_layers: Field required``) although the cache held its config.json."""
+    hf = json.loads((tiny / "config.json").read_text())
+    _cache_repo(hub, "org/cached-tiny", hf)
+    rc, cfg = _serve(monkeypatch, "--model-path", "org/cached-tiny", config=_without_shape(tmp_path))
+    assert rc == 0 and cfg is not None, capsys.readouterr().err
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_heads, cfg.model.num_kv_heads,
+            cfg.model.intermediate_size, cfg.model.vocab_size, cfg.model.dtype) == (
+        hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"],
+        hf["intermediate_size"], hf["vocab_size"], hf["dtype"])
+    assert cfg.model.name == "org/cached-tiny" and cfg.model.path == "org/cached-tiny"  # served as vLLM names it
+    # what the config gives stays, and is checked against the cached file
+    rc, cfg = _serve(monkeypatch, config=_without_shape(tmp_path, path="org/cached-tiny", name="mine"))
+    assert rc == 0 and cfg is not None and (cfg.model.name, cfg.model.num_layers) == ("mine", hf["num_hidden_layers"])
+    rc, _ = _serve(monkeypatch, "--model-path", "org/cached-tiny", config=_without_shape(tmp_path, num_layers=32))
+    assert rc == 2 and "model.num_layers: 32, but org/cached-tiny's cached" in capsys.readouterr().err
+    # a repo id the cache lacks still needs the shape in the config
+    rc, _ = _serve(monkeypatch, "--model-path", "org/not-cached", config=_without_shape(tmp_path))
+    assert rc == 2 and "model.num_layers: Field required" in capsys.readouterr().err

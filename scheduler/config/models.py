@@ -174,15 +174,11 @@ class ModelSpec(_Strict):
 
         Raises ``ValueError`` naming each field that differs (``model.num_layers: 32, but <dir>/config.json has
         num_hidden_layers 80``)."""
-        found = _hf_config(Path(where))
-        if found is None and not Path(where).is_dir() and _HF_REPO_ID.match(where):
-            snapshot, cache = _cached_repo(where)
-            found = _hf_config(snapshot) if snapshot is not None else None
-            if found is None:
-                _log_unchecked(where, "no model directory here: a Hugging Face repo id is not read before its "
-                                      f"engine downloads it, and the local cache {cache} has no config.json of it")
-                return
-            found = (f"{where}'s cached {found[0]}", found[1])
+        found, cache = _local_hf_config(Path(where), where)
+        if found is None and cache is not None:
+            _log_unchecked(where, "no model directory here: a Hugging Face repo id is not read before its "
+                                  f"engine downloads it, and the local cache {cache} has no config.json of it")
+            return
         if found is None:
             _log_unchecked(where, "no config.json in the directory" if Path(where).is_dir() else "no model here")
             return
@@ -493,11 +489,15 @@ class ClusterConfig(_Strict):
 
 def fill_model_shape(model: dict[str, Any]) -> dict[str, Any]:
     """A config's ``model:`` mapping with the fields it omits taken from its ``path``'s ``config.json``, where that
-    is a model directory here (``llmsched serve``, e.g. ``--model-path DIR``: no shape to copy into the config).
+    is a model directory here, or a Hugging Face repo id whose ``config.json`` the local hub cache holds (offline,
+    as :meth:`ModelSpec.check_weights` reads it: :func:`_local_hf_config`) (``llmsched serve``, e.g. ``--model-path
+    DIR`` or ``--model-path org/name``: no shape to copy into the config).
     Shape fields, ``dtype``, ``max_model_len`` (the default, or the model's own if shorter) and ``name`` (the
-    directory's); the fields given stay, for :meth:`ModelSpec.check_weights` to compare."""
+    directory's name, or the repo id); the fields given stay, for :meth:`ModelSpec.check_weights` to compare."""
     path = model.get("path")
-    found = _hf_config(Path(path).expanduser()) if isinstance(path, str) and path.strip() else None
+    if not (isinstance(path, str) and path.strip()):
+        return model
+    found, cache = _local_hf_config(Path(path).expanduser(), path)
     if found is None:
         return model
     file, hf = found
@@ -508,11 +508,26 @@ def fill_model_shape(model: dict[str, Any]) -> dict[str, Any]:
     longest = _longest_context(hf)
     default_len = ModelSpec.model_fields["max_model_len"].default
     shape["max_model_len"] = default_len if longest is None else min(default_len, longest[0])
-    shape["name"] = Path(path).expanduser().name
+    # A repo id's name is the id, as vLLM serves it by default (``org/name``); a directory's, its own name.
+    shape["name"] = path if cache is not None else Path(path).expanduser().name
     filled = {k: v for k, v in shape.items() if k not in model}
     if filled:
         log.info("model: %s from %s", ", ".join(f"{k}={v}" for k, v in filled.items()), file)
     return {**filled, **model}
+
+
+def _local_hf_config(model_dir: Path, where: str) -> tuple[tuple[Path | str, dict[str, Any]] | None, Path | None]:
+    """The ``config.json`` of weights named ``where``, as :func:`_hf_config` reads it from ``model_dir`` (``where``
+    as a path), else, where ``where`` is a Hugging Face repo id and no directory here, from the local hub cache
+    (:func:`_cached_repo`, offline; its file named ``<id>'s cached <file>``). The second item is the hub cache that
+    was looked in (``None``: ``where`` was read as a directory). Both :meth:`ModelSpec.check_weights` and
+    :func:`fill_model_shape` find the weights' ``config.json`` here."""
+    found = _hf_config(model_dir)
+    if found is not None or model_dir.is_dir() or not _HF_REPO_ID.match(where):
+        return found, None
+    snapshot, cache = _cached_repo(where)
+    found = _hf_config(snapshot) if snapshot is not None else None
+    return (None if found is None else (f"{where}'s cached {found[0]}", found[1])), cache
 
 
 def _hf_config(model_dir: Path) -> tuple[Path, dict[str, Any]] | None:
