@@ -670,10 +670,9 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                 if decoder is None or self._leaving(decoder):
                     # The pairing was made at arrival; its decoder is going away since (an admin drain, DrainNode,
                     # through this ingress or another: released once its requests moved; or released already): pick
-                    # one now. Sent there, the KV
-                    # landed on an instance about to go -- moved again, or lost and the prompt re-prefilled. A
-                    # decoder drained for a role switch or a scale-down still takes it (it waits for the KV on its
-                    # way, as the simulator's pairing does; tests/test_sim_scaling.py).
+                    # one now. Sent there, the KV landed on an instance about to go -- moved again, or lost and the
+                    # prompt re-prefilled. A decoder drained for a role switch or a scale-down still takes it (it
+                    # waits for the KV on its way, as the simulator's pairing does; tests/test_sim_scaling.py).
                     decoder = self._decoder_after_prefill(rec, keep=decoder)
                 try:
                     kv_ref, kv_src = self._handle(iid).export_kv.remote(rid, 0, None), iid
