@@ -9,6 +9,8 @@ times slower than the modelled GPU and arrivals are stretched by the same factor
 modelled load while the 2-core host keeps up with the stream; times are reported back in model seconds.
 The simulator runs the same window with the same policy (``sim/reroling.py``; switch delay 0 and no decode
 hand-off, as the live switch: it costs the drain only).
+The live TTFT is also reported where the simulator takes it, at the engine (instance received -> its engine's first
+token, ``ttft_at_instance_*``), and the rest -- the harness's gRPC, ingress and Ray hops -- apart (``stack_*``).
 
     llmsched bench rerole-live                              # 200 s of trace, time scale 2 (~15 min)
     llmsched bench rerole-live --window 60 --json out.json
@@ -29,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.loadgen import COMPLETED, LoadPlan, LoadProcess, RequestSpec, count_outcomes, start_stack
+from scheduler.demo import _instance_timings
 from scheduler.telemetry.report import write_json
 
 SLO_TTFT_S, SLO_TPOT_S = 2.0, 0.1  # the config's class-0 SLO, model seconds
@@ -39,6 +42,20 @@ def _stats(ttft: np.ndarray, tpot: np.ndarray, n: int) -> dict[str, float]:
     return {"slo_attainment": float(ok.sum() / n), "ttft_p50_s": float(np.nanpercentile(ttft, 50)),
             "ttft_p90_s": float(np.nanpercentile(ttft, 90)), "tpot_p50_s": float(np.nanpercentile(tpot, 50)),
             "tpot_p90_s": float(np.nanpercentile(tpot, 90))}
+
+
+def _at_instance(done: list, first: dict[str, tuple[float, ...]], scale: float) -> dict[str, float]:
+    """TTFT as the simulator measures it, at the engine: from the instance receiving the request (``Instance.submit``)
+    to its engine's first token out (``Instance.request_timings`` of the instance that put it out; model seconds),
+    and the rest of the SDK's TTFT -- the harness's gRPC, ingress and Ray hops, both ways -- per request."""
+    t = np.array([first[o.rid][:2] if o.rid in first else (np.nan, np.nan) for o in done], dtype=float).reshape(-1, 2)
+    engine = (t[:, 1] - t[:, 0]) / scale
+    stack = np.array([o.ttft_s for o in done]) / scale - engine
+    if np.isnan(engine).all():
+        return {}
+    return {"ttft_at_instance_p50_s": float(np.nanpercentile(engine, 50)),
+            "ttft_at_instance_p90_s": float(np.nanpercentile(engine, 90)),
+            "stack_p50_s": float(np.nanpercentile(stack, 50)), "stack_p90_s": float(np.nanpercentile(stack, 90))}
 
 
 def run_live(cfg: Any, w: Any, scale: float, label: str) -> dict:
@@ -55,19 +72,21 @@ def run_live(cfg: Any, w: Any, scale: float, label: str) -> dict:
             started = await load.start()
             res = await load.result(timeout_s=span + 700.0)
             events = await stack.deployment.controller.scaling_events.remote()
-            return res, events, started
+            first, _ = await _instance_timings(stack.ingress)
+            return res, events, started, first
         finally:
             await stack.stop_front()
 
     try:
         t0 = time.perf_counter()
-        res, events, started = asyncio.run(go())
+        res, events, started, first = asyncio.run(go())
     finally:
         stack.shutdown()
     done = [o for o in res if o.outcome == COMPLETED]
     ttft = np.array([o.ttft_s for o in done]) / scale
     tpot = np.array([o.tpot_s for o in done]) / scale
     out = _stats(ttft, tpot, len(res))
+    out.update(_at_instance(done, first, scale))
     lost = Counter(f"{o.outcome}: {o.finish_reason} {o.message}".strip()[:160] for o in res
                    if o.outcome != COMPLETED)
     out.update(outcomes=count_outcomes(res), lost_reasons=dict(lost.most_common(5)), wall_s=time.perf_counter() - t0,
@@ -131,9 +150,17 @@ def main(argv: list[str] | None = None) -> int:
         live = out["live"][name] = run_live(cfg, w, s, name)
         sim = out["sim"][name] = run_sim(cfg, w, name == "rerole")
         out["sim_error"][name] = {k: (sim[k] - live[k]) / live[k] for k in sim if k != "switches" and live[k]}
+        for q in ("50", "90"):  # against the live TTFT taken where the simulator takes it (at the engine)
+            if live.get(f"ttft_at_instance_p{q}_s"):
+                out["sim_error"][name][f"ttft_p{q}_s_at_instance"] = (
+                    sim[f"ttft_p{q}_s"] - live[f"ttft_at_instance_p{q}_s"]) / live[f"ttft_at_instance_p{q}_s"]
         print(f"  live: SLO {live['slo_attainment']:.1%}, TTFT p50/p90 {live['ttft_p50_s']:.2f}/{live['ttft_p90_s']:.2f}"
               f" s, TPOT p50/p90 {live['tpot_p50_s'] * 1e3:.0f}/{live['tpot_p90_s'] * 1e3:.0f} ms, "
               f"lost {live['outcomes']['lost']}, switches {live['switches']}", flush=True)
+        if "ttft_at_instance_p50_s" in live:
+            print(f"        at the instance: TTFT p50/p90 {live['ttft_at_instance_p50_s']:.3f}/"
+                  f"{live['ttft_at_instance_p90_s']:.3f} s; the stack's hops p50/p90 {live['stack_p50_s'] * 1e3:.1f}/"
+                  f"{live['stack_p90_s'] * 1e3:.1f} ms", flush=True)
         print(f"  sim:  SLO {sim['slo_attainment']:.1%}, TTFT p50/p90 {sim['ttft_p50_s']:.2f}/{sim['ttft_p90_s']:.2f}"
               f" s, TPOT p50/p90 {sim['tpot_p50_s'] * 1e3:.0f}/{sim['tpot_p90_s'] * 1e3:.0f} ms, "
               f"switches {sim.get('switches', [])}", flush=True)

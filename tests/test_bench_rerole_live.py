@@ -1,0 +1,36 @@
+"""``llmsched bench rerole-live``: the live TTFT split where the simulator measures it (at the engine) and the
+harness's hops (no cluster: the split is a function of the outcomes and the instances' timings)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.bench_rerole_live import _at_instance
+from bench.loadgen import COMPLETED, Outcome
+
+
+def _done(rid: str, sent: float, first: float) -> Outcome:
+    return Outcome(rid, outcome=COMPLETED, sent_s=sent, first_s=first, end_s=first + 1.0, tokens=10)
+
+
+def test_ttft_split_at_the_instance_in_model_seconds():
+    # SDK TTFTs (wall) 0.30, 0.50, 0.20 s; the instance received each 0.02-0.10 s after it was sent and its engine
+    # put out the first token 0.01-0.05 s before the SDK saw it. Time scale 2: model seconds are half the wall's.
+    done = [_done("r-0", 10.0, 10.30), _done("r-1", 11.0, 11.50), _done("r-2", 12.0, 12.20)]
+    first = {"r-0": (1000.02, 1000.28), "r-1": (2000.10, 2000.45), "r-2": (3000.05, 3000.19, 3000.06, 3000.07)}
+    out = _at_instance(done, first, 2.0)
+    engine = np.array([0.26, 0.35, 0.14]) / 2
+    stack = np.array([0.30, 0.50, 0.20]) / 2 - engine
+    assert out["ttft_at_instance_p50_s"] == pytest.approx(np.percentile(engine, 50))
+    assert out["ttft_at_instance_p90_s"] == pytest.approx(np.percentile(engine, 90))
+    assert out["stack_p50_s"] == pytest.approx(np.percentile(stack, 50))
+    assert out["stack_p90_s"] == pytest.approx(np.percentile(stack, 90))
+
+
+def test_requests_without_instance_timings_are_left_out():
+    done = [_done("r-0", 0.0, 0.4), _done("r-1", 0.0, 9.0)]
+    out = _at_instance(done, {"r-0": (5.1, 5.3)}, 1.0)  # r-1's instance was not read (a failed call)
+    assert out["ttft_at_instance_p90_s"] == pytest.approx(0.2)
+    assert out["stack_p90_s"] == pytest.approx(0.2)
+    assert _at_instance(done, {}, 1.0) == {}  # none read: no split rather than NaNs in the JSON
