@@ -278,24 +278,36 @@ class SimulatedBackend:
     async def _steps(self) -> None:
         assert self._wake is not None
         em = self.engine
+        due: float | None = None  # the modelled end of the step before, when this one follows it at once
+        last_s = 0.0  # that step's scaled time (the most debt a step takes over)
         while True:
             if not em.has_work:
+                due = None
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             async with self._step_lock:
                 self._wake.clear()  # from here a change (work, freed KV) wakes a step that scheduled nothing
-                t0 = time.perf_counter()
+                now = time.perf_counter()
+                # NOTE: a step back to back with the one before starts at that one's modelled end: the CPU spent
+                # since -- the sleep's overshoot, emitting its tokens (ids, text, queues), a stats read -- is this
+                # step's time, not added to it. Started at ``now``, every decode step ran late by its batch's
+                # emitting, more on a busier host: live TPOT 1.1-1.2x the model's on the
+                # shared 2-core box (docs/routing.md, "Live vs simulated, under load"). A debt of more than one
+                # step is dropped (no catching up in a burst of short steps after a stall).
+                t0 = now if due is None else max(due, now - last_s)
                 r = em.step(want_emitted=True)
-                # NOTE: sleep until the modelled end of the step, minus the time the bookkeeping itself took.
-                delay = r.duration_s * self.time_scale - (time.perf_counter() - t0)
-                await asyncio.sleep(max(delay, 0.0))
+                # sleep until the modelled end of the step, less what the bookkeeping and the step before overran
+                last_s = r.duration_s * self.time_scale
+                due = t0 + last_s
+                await asyncio.sleep(max(due - time.perf_counter(), 0.0))
                 done = {s.rid for s in r.finished}
                 for rid in done:
                     self._remember_handoff(rid)
                 for rid in r.emitted or ():
                     self._emit(rid, rid in done)
             if r.duration_s <= 0.0 and not r.preempted:
+                due = None
                 # Nothing schedulable: queued prompts the KV a migration holds (a reservation, a paused request)
                 # keeps out, nothing running. Wait for a change; it stepped in a loop, ~100k empty steps a second
                 # on the host's cores, until the KV was freed.
