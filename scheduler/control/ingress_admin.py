@@ -223,7 +223,8 @@ class IngressAdmin:
             for iid in begun:
                 await self._undrain(iid)
             raise
-        results = await asyncio.gather(*(self._move_off(i, replace=True, until=until) for i in begun), return_exceptions=True)
+        results = await asyncio.gather(*(self._move_off(i, replace=True, until=until) for i in begun),
+                                       return_exceptions=True)
         drained, moved = [], 0
         for iid, r in zip(begun, results, strict=True):
             if isinstance(r, BaseException):
