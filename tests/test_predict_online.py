@@ -15,7 +15,7 @@ from scheduler.control.api import GenerateRequest
 from scheduler.engine.base import SamplingParams
 from scheduler.predict import load_predictor
 from scheduler.predict.base import LengthPrediction
-from scheduler.predict.online import OnlineLengths, TenantLengths
+from scheduler.predict.online import OnlineLengths, TenantLengths, TenantSketch
 from scheduler.predict.serving import serving_predictor
 from sim.commands import with_predictor
 from sim.simulator import Simulator, Workload
@@ -53,12 +53,93 @@ def test_old_traffic_is_forgotten_past_memory() -> None:
 
 def test_online_must_be_a_boolean_naming_the_field() -> None:
     raw = load_config("tiny-cpu").model_dump(mode="json")
-    with pytest.raises(ConfigError, match=r"policies.predictor.params.online: must be true or false"):
+    with pytest.raises(ConfigError, match=r"policies.predictor.params.online: must be true, false or a mapping"):
         parse_config(
             {**raw, "policies": {"predictor": {"name": "trace", "params": {"online": "yes"}}}}, source="x"
         )
     assert serving_predictor(PolicySpec(name="trace", params={"online": True})).online is not None
     assert serving_predictor(PolicySpec(name="trace")).online is None
+
+
+def _online_config(online: object) -> dict:
+    raw = load_config("tiny-cpu").model_dump(mode="json")
+    return {**raw, "policies": {"predictor": {"name": "trace", "params": {"online": online}}}}
+
+
+@pytest.mark.parametrize(("online", "error"), [
+    ({"max_tenants": -1}, r"params\.online\.max_tenants: Input should be greater than or equal to 0 \(got -1\)"),
+    ({"max_tenants": "many"}, r"params\.online\.max_tenants: Input should be a valid integer"),
+    ({"admit_after": 0}, r"params\.online\.admit_after: Input should be greater than or equal to 1"),
+    ({"strength": 0}, r"params\.online\.strength: Input should be greater than 0"),
+    ({"memory": -5.0}, r"params\.online\.memory: Input should be greater than 0"),
+    ({"pinned": "chat"}, r"params\.online\.pinned: Input should be a valid list"),
+    ({"pinned": [""]}, r"params\.online\.pinned: tenant names are 1\.\.128 characters"),
+    ({"max_tenants": 0}, r"params\.online\.max_tenants: 0 leaves no tenant a history"),
+    ({"max_tenant": 8}, r"params\.online\.max_tenant: unknown key; allowed: max_tenants, admit_after, pinned"),
+])
+def test_online_settings_are_checked_naming_the_field(online: dict, error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        parse_config(_online_config(online), source="x")
+
+
+def test_online_settings_size_the_tenant_histories() -> None:
+    sp = serving_predictor(parse_config(_online_config(
+        {"max_tenants": 3, "admit_after": 2, "pinned": ["chat", "chat", "search"], "strength": 5, "memory": 300}
+    )).policies.predictor)
+    tl = sp.online
+    assert (tl.max_tenants, tl.admit_after, tl.pinned, tl.strength, tl.memory) == (3, 2, ("chat", "search"), 5.0,
+                                                                                    300.0)
+    assert tl._slots.shape[0] == 1 + 2 + 3 and tl.fresh().pinned == ("chat", "search")
+    # ``true`` and an empty mapping are the defaults the recorded results ran with.
+    for online in (True, {}):
+        d = serving_predictor(parse_config(_online_config(online)).policies.predictor).online
+        assert (d.max_tenants, d.admit_after, d.pinned, d.strength, d.memory) == (64, 8, (), 20.0, 1000.0)
+    # Pinned only: no other tenant gets a history.
+    only = TenantLengths(max_tenants=0, pinned=["chat"])
+    for _ in range(50):
+        only.observe(60, 20, tenant="other")
+    only.observe(60, 20, tenant="chat")
+    assert list(only.tenants) == [] and only.history("chat").counts.sum() == 1.0 and only.unadmitted == 50
+
+
+def test_a_flood_of_made_up_tenants_does_not_evict_an_established_one() -> None:
+    prior = TRACE.predict(None, prompt_tokens=60)
+    tl = TenantLengths(max_tenants=8)
+    for k in range(200):  # an established app (short answers) beside the rest of the traffic (long ones)
+        tl.observe(60, 20, tenant="chat")
+        tl.observe(60, 600, tenant=f"app{k % 7}")
+    before = tl.adjust(prior, 60, "chat")
+    assert before.point < 32
+    rng = np.random.default_rng(0)
+    names = [rng.bytes(12).hex() for _ in range(10_000)]
+    for k, name in enumerate(names):  # 10k random names, most once, the last 1000 twice; none sends 8
+        tl.observe(60, 600, tenant=name)
+        if k >= 9000:
+            tl.observe(60, 600, tenant=name)
+    assert "chat" in tl.tenants and tl.adjust(prior, 60, "chat").point < 32
+    assert tl.unadmitted == 11_000 and not set(names) & set(tl.tenants)
+    # Memory stays bounded: the same tables as before the flood, whatever the number of names.
+    assert tl._slots.shape[0] == 9 and len(tl._slot) == 8 and tl.sketch.table.shape == (4, 4096)
+    # A real new app that keeps sending is admitted (replacing an idle tenant), and learns its own lengths.
+    for _ in range(200):
+        tl.observe(60, 20, tenant="chat")  # chat keeps sending: never the least recently observed
+        tl.observe(60, 60, tenant="new")
+    assert "new" in tl.tenants and "chat" in tl.tenants and 32 < tl.adjust(prior, 60, "new").point < 128
+    # Pinned: never replaced, however many tenants come and go past it.
+    pin = TenantLengths(max_tenants=1, admit_after=1, pinned=["chat"])
+    pin.observe(60, 20, tenant="chat")
+    for k in range(100):
+        pin.observe(60, 600, tenant=f"t{k}")
+    assert pin.history("chat").counts.sum() == 1.0 and "chat" not in pin.tenants and len(pin.tenants) == 1
+    assert pin.adjust(prior, 60, "chat").probs != pin.adjust(prior, 60).probs  # its own history, not the shared
+
+
+def test_the_tenant_sketch_counts_recent_requests_in_fixed_memory() -> None:
+    sk = TenantSketch(width=64)
+    assert [sk.add("a") for _ in range(5)] == [1, 2, 3, 4, 5] and sk.count("a") == 5 and sk.count("b") == 0
+    for k in range(59):
+        sk.add(f"x{k}")
+    assert sk.count("a") == 2  # 64 names counted: every counter halved (5 -> 2)
 
 
 def _two_class_workload(n: int = 400) -> Workload:
@@ -282,8 +363,8 @@ def test_a_short_tenant_history_falls_back_to_the_others_and_a_lone_tenant_is_th
 
 
 def test_online_histories_are_bounded_and_a_replaced_tenant_reads_the_shared_one() -> None:
-    tl = TenantLengths(max_tenants=2, memory=50.0)
-    for t in ("a", "b", "a", "c"):  # c replaces b, the tenant observed least recently
+    tl = TenantLengths(max_tenants=2, memory=50.0, admit_after=1)
+    for t in ("a", "b", "a", "c"):  # c replaces b, the tenant observed least recently (as often as c)
         tl.observe(60, 20 if t == "a" else 600, tenant=t)
     assert list(tl.tenants) == ["a", "c"] and tl.observed == 4
     prior = TRACE.predict(None, prompt_tokens=60)

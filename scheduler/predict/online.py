@@ -19,13 +19,17 @@ request that names a tenant (gRPC field 11, ``ServingPredictor.tenant_for``) rea
 the others' as its prior: while its history is short it gets what the rest of the traffic says, and its own
 requests take over after ``strength`` of them. A request with no tenant reads the shared history of every request,
 as before. Memory is bounded: at most ``max_tenants`` histories (a fixed table each, counts decayed past
-``memory``); a new tenant past that replaces the one observed least recently.
+``memory``) plus one per ``pinned`` tenant. Once they are all taken, a new tenant replaces the one observed least
+recently only after it has sent ``admit_after`` requests and at least as many as that one (TinyLFU's admission rule,
+counted in ``TenantSketch``, a fixed-size count-min sketch): a flood of made-up names, each sent a few times, cannot
+push an established tenant's history out; ``pinned`` tenants (an operator's allow-list) are never replaced.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -106,6 +110,46 @@ class OnlineLengths:
         return LengthPrediction.from_probs(post.tolist(), self.edges)
 
 
+class TenantSketch:
+    """Approximate request counts per tenant name in a fixed table (a count-min sketch: ``depth`` rows of ``width``
+    counters, a name's count the least of its ``depth`` counters, so never under its true count). Every ``width``
+    names counted, all counters are halved (TinyLFU's reset): a count is recent traffic, and the counters a flood of
+    distinct names fills stay low (~2 per counter on average), so a name sent once reads ~0-2, far below an active
+    tenant's. Memory: ``depth * width`` int32, whatever the number of names.
+
+    Hashing is blake2b, keyed per sketch (``key``; one from ``os.urandom`` is what a deployment would pass to keep
+    names crafted to collide from being admitted together; the default, fixed, keeps a simulated replay
+    reproducible).
+    """
+
+    def __init__(self, width: int = 4096, depth: int = 4, key: bytes = b"llmsched-tenants") -> None:
+        if width < 1 or depth < 1 or depth > 8:
+            raise ValueError(f"TenantSketch: width must be >= 1 and depth 1..8, got {width}, {depth}")
+        self.width, self.depth, self.key = int(width), int(depth), bytes(key)
+        self.table = np.zeros((self.depth, self.width), dtype=np.int32)
+        self._rows = np.arange(self.depth)
+        self._added = 0
+
+    def _cells(self, name: str) -> np.ndarray:
+        digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=4 * self.depth,
+                                 key=self.key).digest()
+        return np.frombuffer(digest, dtype="<u4") % self.width
+
+    def add(self, name: str) -> int:
+        """Counts one request of ``name``; returns its count now."""
+        cells = self._cells(name)
+        self.table[self._rows, cells] += 1
+        self._added += 1
+        count = int(self.table[self._rows, cells].min())
+        if self._added >= self.width:
+            self.table >>= 1
+            self._added = 0
+        return count
+
+    def count(self, name: str) -> int:
+        return int(self.table[self._rows, self._cells(name)].min())
+
+
 class TenantLengths:
     """``OnlineLengths`` per tenant over a shared one: what ``ServingPredictor.online`` holds.
 
@@ -116,9 +160,17 @@ class TenantLengths:
     its own -> the rest of the traffic's guess; after ``strength`` requests of its own in an input bucket, half its
     own. Alone in the deployment, a tenant's prior is the predictor's distribution: the shared history's numbers.
 
+    A tenant without a history (not admitted yet, or replaced) learns into and reads the shared one, as a request of
+    no tenant does.
+
     Args:
-        max_tenants: tenants with a history of their own; past it a new tenant replaces the one observed least
-            recently (its counts join the untracked ones: the others' history keeps them).
+        max_tenants: tenants with a history of their own besides ``pinned`` (0: the pinned ones only). A new tenant
+            takes a free one at once; once all are taken, it replaces the one observed least recently (whose counts
+            join the untracked ones: the others' history keeps them) when it has sent ``admit_after`` requests and
+            at least as many as that one (recent counts: ``TenantSketch``).
+        admit_after: requests a new tenant sends before it may replace another's history (1: at its first, if the
+            one it replaces has sent no more).
+        pinned: tenants with a history of their own from the start, never replaced (an allow-list of known apps).
         strength, memory, input_edges, edges: each history's (``OnlineLengths``).
     """
 
@@ -126,23 +178,34 @@ class TenantLengths:
         self,
         *,
         max_tenants: int = 64,
+        admit_after: int = 8,
+        pinned: Iterable[str] = (),
         strength: float = 20.0,
         memory: float = 1000.0,
         input_edges: Sequence[int] = INPUT_EDGES,
         edges: Sequence[int] = BUCKET_EDGES,
     ) -> None:
-        if max_tenants < 1:
-            raise ValueError(f"TenantLengths: max_tenants must be >= 1, got {max_tenants}")
-        self.max_tenants = int(max_tenants)
+        pinned = tuple(dict.fromkeys(str(t) for t in pinned))  # (order kept, repeats once)
+        if max_tenants < 0 or (max_tenants == 0 and not pinned):
+            raise ValueError(f"TenantLengths: max_tenants must be >= 1 (or 0 with pinned tenants), got {max_tenants}")
+        if admit_after < 1:
+            raise ValueError(f"TenantLengths: admit_after must be >= 1, got {admit_after}")
+        self.max_tenants, self.admit_after, self.pinned = int(max_tenants), int(admit_after), pinned
         self.shared = OnlineLengths(strength=strength, memory=memory, input_edges=input_edges, edges=edges)
         self.strength, self.memory, self.edges = self.shared.strength, self.shared.memory, self.shared.edges
-        # Slot 0: the requests of no tenant with a history (none named, or replaced); slot k: one tenant's counts.
-        # One table, so the others' counts of an input bucket are one sum (``_total``, kept at ``observe``).
-        self._slots = np.zeros((self.max_tenants + 1, *self.shared.counts.shape))
+        # Slot 0: the requests of no tenant with a history (none named, or replaced); 1..len(pinned): the pinned
+        # tenants'; then one per admitted tenant. One table, so the others' counts of an input bucket are one sum
+        # (``_total``, kept at ``observe``).
+        self._slots = np.zeros((len(pinned) + self.max_tenants + 1, *self.shared.counts.shape))
         self._total = np.zeros_like(self.shared.counts)
         self._rest = self._history(0)
-        self.tenants: OrderedDict[str, OnlineLengths] = OrderedDict()  # least recently observed first
+        self._pinned = {t: self._history(k + 1) for k, t in enumerate(pinned)}
+        self.tenants: OrderedDict[str, OnlineLengths] = OrderedDict()  # admitted, least recently observed first
         self._slot: dict[str, int] = {}
+        # ~64 counters per history (at least 4096): a tenant sending ~0.1% of the named requests or more reads
+        # past ``admit_after`` = 8 at its steady state (2 x its share x width), a name sent once ~0-2.
+        self.sketch = TenantSketch(width=max(4096, 1 << (64 * self.max_tenants - 1).bit_length()))
+        self.unadmitted = 0  # requests whose tenant had no history of its own (learned into the shared one)
 
     def _history(self, slot: int) -> OnlineLengths:
         h = self.shared.fresh()
@@ -156,8 +219,14 @@ class TenantLengths:
     def fresh(self) -> TenantLengths:
         """The same settings without history (a new replay starts from the shipped guesses)."""
         s = self.shared
-        return TenantLengths(max_tenants=self.max_tenants, strength=s.strength, memory=s.memory,
-                             input_edges=s.input_edges, edges=s.edges)
+        return TenantLengths(max_tenants=self.max_tenants, admit_after=self.admit_after, pinned=self.pinned,
+                             strength=s.strength, memory=s.memory, input_edges=s.input_edges, edges=s.edges)
+
+    def history(self, tenant: str | None) -> OnlineLengths | None:
+        """``tenant``'s own history (pinned or admitted), else None."""
+        if tenant is None:
+            return None
+        return self._pinned.get(tenant) or self.tenants.get(tenant)
 
     def _tenant_prior(self, own: OnlineLengths, prediction: LengthPrediction, prompt_tokens: int
                       ) -> LengthPrediction:
@@ -174,7 +243,7 @@ class TenantLengths:
     def adjust(self, prediction: LengthPrediction, prompt_tokens: int, tenant: str | None = None
                ) -> LengthPrediction:
         """``prediction`` updated with the history of ``tenant`` (a tenant without one, or none: the shared)."""
-        own = self.tenants.get(tenant) if tenant is not None else None
+        own = self.history(tenant)
         if own is None:
             return self.shared.adjust(prediction, prompt_tokens)
         return own.adjust(self._tenant_prior(own, prediction, prompt_tokens), prompt_tokens)
@@ -189,35 +258,54 @@ class TenantLengths:
         tenant: str | None = None,
     ) -> None:
         """One finished request of ``tenant`` (``OnlineLengths.observe``; a cut one is spread as its tenant's
-        posterior spreads): the shared history learns it, and its tenant's (a new tenant gets one)."""
-        if tenant is None:
-            own = self._rest
-        elif (own := self.tenants.get(tenant)) is not None:
-            self.tenants.move_to_end(tenant)
-        else:
-            own = self._admit(tenant)
+        posterior spreads): the shared history learns it, and its tenant's (a new tenant gets one, if admitted)."""
+        own = self._own(tenant)
         own_prior = prior if prior is None or own is self._rest else self._tenant_prior(own, prior, prompt_tokens)
         own.observe(prompt_tokens, output_tokens, cut=cut, prior=own_prior)
         b = bucket_of(prompt_tokens, self.shared.input_edges)
-        self._total[b] = self._slots[: len(self.tenants) + 1, b].sum(axis=0)  # (slots in use: 0..len)
+        self._total[b] = self._slots[: self._in_use, b].sum(axis=0)
         self.shared.observe(prompt_tokens, output_tokens, cut=cut, prior=prior)
 
-    def _admit(self, tenant: str) -> OnlineLengths:
-        """A history for a new ``tenant``: a free slot, else the least recently observed tenant's."""
+    @property
+    def _in_use(self) -> int:
+        return 1 + len(self.pinned) + len(self.tenants)  # slots 0..: the rest, the pinned, the admitted
+
+    def _own(self, tenant: str | None) -> OnlineLengths:
+        """The history a finished request of ``tenant`` learns into: its own (admitting it if it may), else the
+        untracked requests'."""
+        if tenant is None:
+            return self._rest
+        if (own := self._pinned.get(tenant)) is not None:
+            return own
+        count = self.sketch.add(tenant)
+        if (own := self.tenants.get(tenant)) is not None:
+            self.tenants.move_to_end(tenant)
+            return own
         if len(self.tenants) < self.max_tenants:
-            slot = len(self.tenants) + 1
-        else:
-            name, old = self.tenants.popitem(last=False)
-            slot = self._slot.pop(name)
-            rest = self._rest.counts
-            rest += old.counts
-            over = rest.sum(axis=1) > self.memory
-            rest[over] *= (self.memory / rest[over].sum(axis=1))[:, None]
-            old.counts[:] = 0.0
-            self._total[:] = self._slots.sum(axis=0)
+            return self._admit(tenant, len(self._pinned) + len(self.tenants) + 1)
+        if self.max_tenants and count >= self.admit_after:
+            victim = next(iter(self.tenants))
+            if count >= self.sketch.count(victim):
+                return self._admit(tenant, self._evict(victim))
+        self.unadmitted += 1
+        return self._rest
+
+    def _evict(self, name: str) -> int:
+        """Frees ``name``'s slot; its counts join the untracked requests' (decayed past ``memory``)."""
+        old = self.tenants.pop(name)
+        slot = self._slot.pop(name)
+        rest = self._rest.counts
+        rest += old.counts
+        over = rest.sum(axis=1) > self.memory
+        rest[over] *= (self.memory / rest[over].sum(axis=1))[:, None]
+        old.counts[:] = 0.0
+        self._total[:] = self._slots.sum(axis=0)
+        return slot
+
+    def _admit(self, tenant: str, slot: int) -> OnlineLengths:
         self._slot[tenant] = slot
         self.tenants[tenant] = h = self._history(slot)
         return h
 
 
-__all__ = ["OnlineLengths", "TenantLengths"]
+__all__ = ["OnlineLengths", "TenantLengths", "TenantSketch"]

@@ -11,6 +11,8 @@ routers fall back to their own default length.
                                                                # ``tenant`` wins: ``ServingPredictor.tenant_for``)
       predictor: {name: ngram, params: {artifacts: /models/predictor}}   # `llmsched predict train --out DIR`
       predictor: {name: trace, params: {online: true}}  # learn P(output | input length) from finished requests
+      predictor: {name: trace, params: {online: {max_tenants: 256, admit_after: 8, pinned: [chat, search]}}}
+                                                        # the same, its per-tenant histories sized (``OnlineSpec``)
 
 The guess is the prediction's median (``LengthPrediction.point``), capped by the client's ``max_tokens`` where that
 is a cap (``LengthPrediction.capped``: a request asking for at most 16 tokens is not decode-heavy, whatever its
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from scheduler.predict.base import LengthPrediction, LengthPredictor, count_tokens
 from scheduler.predict.online import TenantLengths
@@ -38,6 +41,64 @@ from scheduler.predict.trace import TracePredictor
 PARAMS = ("artifacts", "tenant", "online")
 
 log = logging.getLogger(__name__)
+
+
+class OnlineSpec(BaseModel):
+    """``policies.predictor.params.online`` as a mapping (``true`` is all defaults): the online histories'
+    settings (``TenantLengths``; docs/routing.md, "Length predictor in the request path")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Tenants with a history of their own besides ``pinned`` (0: the pinned ones only); each a fixed 23 x 9 table.
+    max_tenants: int = Field(default=64, ge=0, le=100_000)
+    # Requests a new tenant sends before it may replace the least recently observed one's history (once all
+    # ``max_tenants`` are taken): made-up names sent a few times cannot push real tenants' histories out.
+    admit_after: int = Field(default=8, ge=1)
+    # Tenants (an allow-list of known apps) that have a history from the start and never lose it.
+    pinned: list[str] = Field(default_factory=list, max_length=10_000)
+    strength: float = Field(default=20.0, gt=0)  # the predictor's guess weighs as this many requests
+    memory: float = Field(default=1000.0, gt=0)  # requests an input bucket's counts hold (older ones decay)
+
+    @model_validator(mode="after")
+    def _some_history(self) -> OnlineSpec:
+        if self.max_tenants == 0 and not self.pinned:
+            raise ValueError("max_tenants: 0 leaves no tenant a history of its own; give pinned tenants, or >= 1")
+        if any(not t or len(t) > 128 for t in self.pinned):
+            raise ValueError("pinned: tenant names are 1..128 characters (what a request may name)")
+        return self
+
+    def lengths(self) -> TenantLengths:
+        return TenantLengths(max_tenants=self.max_tenants, admit_after=self.admit_after, pinned=self.pinned,
+                             strength=self.strength, memory=self.memory)
+
+
+def online_spec(value: Any) -> OnlineSpec | None:
+    """``params.online`` read: ``false`` / absent -> None, ``true`` -> the defaults, a mapping -> checked.
+
+    Raises:
+        ValueError: anything else, or a mapping with an unknown key or a bad value (naming the field).
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return OnlineSpec()
+    where = "policies.predictor.params.online"
+    if not isinstance(value, dict):
+        # A ValueError, as every check here: the config loader reports it naming the field.
+        raise ValueError(  # noqa: TRY004
+            f"{where}: must be true, false or a mapping of {', '.join(OnlineSpec.model_fields)}; got {value!r}")
+    try:
+        return OnlineSpec.model_validate(value)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key; allowed: {', '.join(OnlineSpec.model_fields)}"
+        elif not key and ": " in msg:  # the model's own check names its field first
+            key, msg = msg.split(": ", 1)
+        given = f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "value_error") else ""
+        raise ValueError(f"{where}{'.' + key if key else ''}: {msg}{given}") from None
 
 
 @dataclass
@@ -185,9 +246,7 @@ def check_spec(name: str, params: dict[str, Any]) -> PredictorKind:
     unknown = sorted(set(params) - set(PARAMS))
     if unknown:
         raise ValueError(f"policies.predictor.params: unknown {', '.join(unknown)}; allowed: {', '.join(PARAMS)}")
-    if not isinstance(params.get("online", False), bool):
-        # A ValueError, as every check here: the config loader reports it naming the field.
-        raise ValueError(f"policies.predictor.params.online: must be true or false, got {params['online']!r}")  # noqa: TRY004
+    online_spec(params.get("online"))  # (a ValueError, as every check here: the loader reports it naming the field)
     try:
         return PredictorKind.parse(name)
     except ValueError as e:
@@ -221,7 +280,8 @@ def serving_predictor(spec: Any) -> ServingPredictor | None:
         )
     return ServingPredictor(predictor, kind.value, str(tenant) if tenant is not None else None,
                             slow=kind in (PredictorKind.EMBEDDING, PredictorKind.ENSEMBLE),
-                            online=TenantLengths() if spec.params.get("online", False) else None)
+                            online=o.lengths() if (o := online_spec(spec.params.get("online"))) is not None else None)
 
 
-__all__ = ["PARAMS", "ServingPredictor", "UnknownTenants", "check_spec", "serving_predictor"]
+__all__ = ["PARAMS", "OnlineSpec", "ServingPredictor", "UnknownTenants", "check_spec", "online_spec",
+           "serving_predictor"]
