@@ -119,7 +119,7 @@ def test_a_flood_of_made_up_tenants_does_not_evict_an_established_one() -> None:
     assert "chat" in tl.tenants and tl.adjust(prior, 60, "chat").point < 32
     assert tl.unadmitted == 11_000 and not set(names) & set(tl.tenants)
     # Memory stays bounded: the same tables as before the flood, whatever the number of names.
-    assert tl._slots.shape[0] == 9 and len(tl._slot) == 8 and tl.sketch.table.shape == (4, 4096)
+    assert tl._slots.shape[0] == 9 and len(tl._slot) == 8 and len(tl.sketch.table) == 4 * 4096
     # A real new app that keeps sending is admitted (replacing an idle tenant), and learns its own lengths.
     for _ in range(200):
         tl.observe(60, 20, tenant="chat")  # chat keeps sending: never the least recently observed

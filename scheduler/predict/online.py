@@ -28,6 +28,7 @@ push an established tenant's history out; ``pinned`` tenants (an operator's allo
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
@@ -115,7 +116,7 @@ class TenantSketch:
     counters, a name's count the least of its ``depth`` counters, so never under its true count). Every ``width``
     names counted, all counters are halved (TinyLFU's reset): a count is recent traffic, and the counters a flood of
     distinct names fills stay low (~2 per counter on average), so a name sent once reads ~0-2, far below an active
-    tenant's. Memory: ``depth * width`` int32, whatever the number of names.
+    tenant's. Memory: ``depth * width`` uint32, whatever the number of names.
 
     Hashing is blake2b, keyed per sketch (``key``; one from ``os.urandom`` is what a deployment would pass to keep
     names crafted to collide from being admitted together; the default, fixed, keeps a simulated replay
@@ -126,28 +127,31 @@ class TenantSketch:
         if width < 1 or depth < 1 or depth > 8:
             raise ValueError(f"TenantSketch: width must be >= 1 and depth 1..8, got {width}, {depth}")
         self.width, self.depth, self.key = int(width), int(depth), bytes(key)
-        self.table = np.zeros((self.depth, self.width), dtype=np.int32)
-        self._rows = np.arange(self.depth)
+        # Flat, row after row; an ``array`` (not numpy): a handful of scalar reads per request, ~10x faster so.
+        self.table = array("I", bytes(4 * self.depth * self.width))
         self._added = 0
 
-    def _cells(self, name: str) -> np.ndarray:
+    def _cells(self, name: str) -> list[int]:
         digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=4 * self.depth,
                                  key=self.key).digest()
-        return np.frombuffer(digest, dtype="<u4") % self.width
+        w = self.width
+        return [r * w + h % w for r, h in enumerate(memoryview(digest).cast("I"))]  # (native byte order)
 
     def add(self, name: str) -> int:
         """Counts one request of ``name``; returns its count now."""
+        t = self.table
         cells = self._cells(name)
-        self.table[self._rows, cells] += 1
+        for c in cells:
+            t[c] += 1
+        count = min(t[c] for c in cells)
         self._added += 1
-        count = int(self.table[self._rows, cells].min())
         if self._added >= self.width:
-            self.table >>= 1
+            self.table = array("I", (v >> 1 for v in t))
             self._added = 0
         return count
 
     def count(self, name: str) -> int:
-        return int(self.table[self._rows, self._cells(name)].min())
+        return min(self.table[c] for c in self._cells(name))
 
 
 class TenantLengths:
