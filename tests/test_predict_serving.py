@@ -319,3 +319,27 @@ def test_the_sdks_tenant_reaches_the_live_ingresss_predictor() -> None:
     assert router.seen == pytest.approx({r: trace.predict(None, prompt_tokens=1500, tenant=t).point
                                          for r, t in used.items()})
     assert router.tenants == sent and extra["predictor_unknown_tenant"] == 1
+
+
+def test_the_live_ingress_reports_its_online_tenant_histories() -> None:
+    """``params.online`` settings reach the live ingress's predictor; its cluster state counts the tenant histories
+    held and the requests whose tenant got none (past ``max_tenants``, not yet admitted)."""
+    import time
+
+    from scheduler.client import Client
+    from scheduler.server.background import BackgroundServer
+    from tests.test_ingress_audit import FakeInstance
+    from tests.test_ingress_audit import _ingress as live_ingress
+
+    predictor = serving_predictor(PolicySpec(name="trace", params={
+        "online": {"max_tenants": 1, "admit_after": 3, "pinned": ["search"]}}))
+    sent = ["chat", "flood-1", "search", "flood-2", "chat"]
+    with BackgroundServer(lambda: live_ingress([FakeInstance("mixed-0")], router=Recording(),
+                                               predictor=predictor)) as s, Client(s.address, timeout_s=10) as c:
+        for k, tenant in enumerate(sent):
+            assert c.generate([5] * 100, max_tokens=3, ignore_eos=True, request_id=f"t{k}", tenant=tenant).token_ids
+        deadline = time.monotonic() + 10  # (a stream's end reaches the client before the ingress books it)
+        while (extra := c.cluster_state().extra).get("predictor_online_unadmitted") != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert extra["predictor_online_tenants"] == 2 and extra["predictor_online_unadmitted"] == 2
+    assert list(predictor.online.tenants) == ["chat"] and predictor.online.history("search").observed == 1

@@ -976,6 +976,11 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                 # Requests that named a tenant the length predictor does not know (predicted without one).
                 **({"predictor_unknown_tenant": float(self.predictor.unknown_tenants.requests)}
                    if self.predictor is not None else {}),
+                # Online length learning: tenant histories held, and requests whose tenant had none (not admitted
+                # yet: ``TenantLengths``) -- a rising count with few histories is a flood of names, or a full table.
+                **({"predictor_online_tenants": float(len(online.tenants) + len(online.pinned)),
+                    "predictor_online_unadmitted": float(online.unadmitted)}
+                   if self.predictor is not None and (online := self.predictor.online) is not None else {}),
             },
         )
 
