@@ -68,6 +68,7 @@ def _online_config(online: object) -> dict:
 
 @pytest.mark.parametrize(("online", "error"), [
     ({"max_tenants": -1}, r"params\.online\.max_tenants: Input should be greater than or equal to 0 \(got -1\)"),
+    ({"max_tenants": 20_000}, r"params\.online\.max_tenants: Input should be less than or equal to 10000"),
     ({"max_tenants": "many"}, r"params\.online\.max_tenants: Input should be a valid integer"),
     ({"admit_after": 0}, r"params\.online\.admit_after: Input should be greater than or equal to 1"),
     ({"strength": 0}, r"params\.online\.strength: Input should be greater than 0"),

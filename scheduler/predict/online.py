@@ -129,6 +129,7 @@ class TenantSketch:
         self.width, self.depth, self.key = int(width), int(depth), bytes(key)
         # Flat, row after row; an ``array`` (not numpy): a handful of scalar reads per request, ~10x faster so.
         self.table = array("I", bytes(4 * self.depth * self.width))
+        self._view = np.frombuffer(self.table, dtype=np.uint32)  # the same memory (``table`` never resizes)
         self._added = 0
 
     def _cells(self, name: str) -> list[int]:
@@ -146,7 +147,7 @@ class TenantSketch:
         count = min(t[c] for c in cells)
         self._added += 1
         if self._added >= self.width:
-            self.table = array("I", (v >> 1 for v in t))
+            np.right_shift(self._view, 1, out=self._view)  # in place, through numpy: ~ms for a 10k-tenant table
             self._added = 0
         return count
 

@@ -50,7 +50,7 @@ class OnlineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # Tenants with a history of their own besides ``pinned`` (0: the pinned ones only); each a fixed 23 x 9 table.
-    max_tenants: int = Field(default=64, ge=0, le=100_000)
+    max_tenants: int = Field(default=64, ge=0, le=10_000)  # (10k: ~16 MB of tables, ~16 MB of sketch)
     # Requests a new tenant sends before it may replace the least recently observed one's history (once all
     # ``max_tenants`` are taken): made-up names sent a few times cannot push real tenants' histories out.
     admit_after: int = Field(default=8, ge=1)
