@@ -119,8 +119,8 @@ class TenantSketch:
     tenant's. Memory: ``depth * width`` uint32, whatever the number of names.
 
     Hashing is blake2b under a fixed ``key`` (a simulated replay admits the same tenants every run). A made-up name
-    reads high only where all ``depth`` of its counters collide with busy names: at the default size ~2^-44 per name
-    against one busy tenant, so names crafted to ride on a real tenant's count take ~10^13 tries.
+    reads high only where all ``depth`` of its counters collide with busy names: at the default size 2^-48 per name
+    against one busy tenant, so names crafted to ride on a real tenant's count take ~10^14 tries.
     """
 
     def __init__(self, width: int = 4096, depth: int = 4, key: bytes = b"llmsched-tenants") -> None:
