@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from scheduler.config.models import DrainSpec
 from scheduler.control.controller import Controller, Member
 from scheduler.control.instance import InstanceInfo
 from scheduler.control.registry import EntryTable, RegistryEntry
@@ -76,6 +77,7 @@ def _controller(insts: list[FakeInstance], pools: dict[str, int], *, drain_timeo
     ctrl._next_index = {p: n for p, n in pools.items()}
     ctrl._desired = dict(pools)
     ctrl._draining, ctrl._operator_drained, ctrl._replaced_ahead = {}, set(), set()
+    ctrl._init_drain_moves(DrainSpec())
     ctrl._k8s, ctrl._k8s_shrink_due, ctrl._drain_timeout_s = None, False, drain_timeout_s
     ctrl._scaling = ThresholdScaler(min_instances=1, max_instances=4)
     ctrl._lock = asyncio.Lock()

@@ -407,16 +407,18 @@ def test_controller_plans_the_moves_of_other_ingresses_requests_off_a_drained_in
     """``Controller.drain_moves`` (no Ray: its registry and plans alone): a drain through ingress A has a move
     planned, without a destination, for each request another live ingress holds on the instance, whatever phase its
     last report says -- handed to that ingress once, planned again when it did not commit (or could not start) or
-    was not taken in time, at most ``DRAIN_MOVE_TRIES`` times -- and is told to wait while such a request is still
+    was not taken in time, at most ``config.drain.move_tries`` times -- and is told to wait while such a request is still
     there. A's own requests, those only headed there from a prefill elsewhere, and those of an ingress that polls
     no more are not its business. The moves count apart from the policy's."""
+    from scheduler.config.models import DrainSpec
     from scheduler.control.controller import Controller
-    from scheduler.control.controller_migration import DRAIN_MOVE_TRIES, PLAN_TTL_S
+    from scheduler.control.controller_migration import PLAN_TTL_S
     from scheduler.control.registry import EntryTable, RegistryEntry
 
     monkeypatch.setattr(Controller, "_ensure_loop", lambda self: None)
     ctrl = Controller.__new__(Controller)
-    ctrl._registry, ctrl._plans, ctrl._drain_moves, ctrl._drain_moved = EntryTable(), {}, {}, {}
+    ctrl._registry, ctrl._plans = EntryTable(), {}
+    ctrl._init_drain_moves(DrainSpec(move_tries=5))
     ctrl._migration = None
     ctrl.migration_stats = {"planned": 0, "dropped": 0, "committed": 0, "failed": 0}
     ctrl._registry.apply("A", [RegistryEntry("a", "A", ("d",), 5, Phase.DECODE)], [], full=True)
@@ -428,7 +430,9 @@ def test_controller_plans_the_moves_of_other_ingresses_requests_off_a_drained_in
                          now=time.monotonic() - PLAN_TTL_S)  # gone: silent since
 
     def moves() -> tuple[int, int]:
-        return asyncio.run(ctrl.drain_moves("d", "A"))
+        waiting, moved, alone = asyncio.run(ctrl.drain_moves("d", "A"))
+        assert not alone  # B polls
+        return waiting, moved
 
     def take() -> list[str]:
         plans = asyncio.run(ctrl.take_migrations("B"))
@@ -447,7 +451,7 @@ def test_controller_plans_the_moves_of_other_ingresses_requests_off_a_drained_in
     assert moves() == (1, 1) and ctrl._drain_moves["b1"].tries == 3
     ctrl._drain_moves["b1"].planned_s -= PLAN_TTL_S  # ... and B never took it: dropped, planned anew
     assert moves() == (1, 1) and take() == ["b1"] and ctrl._drain_moves["b1"].tries == 4
-    ctrl._drain_moves["b1"].tries = DRAIN_MOVE_TRIES
+    ctrl._drain_moves["b1"].tries = 5  # move_tries
     asyncio.run(ctrl.migration_done("b1", False, True, drain=True))
     assert moves() == (0, 1) and take() == []  # given up: recovered at the release
     ctrl._end_drain_moves("d")

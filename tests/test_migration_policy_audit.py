@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from scheduler.config.models import ClusterConfig, EngineSpec, PoolSpec
+from scheduler.config.models import ClusterConfig, DrainSpec, EngineSpec, PoolSpec
 from scheduler.control.controller import Controller
 from scheduler.control.registry import EntryTable, RegistryEntry
 from scheduler.core.types import ClusterView, Phase
@@ -87,6 +87,7 @@ def test_controller_drops_plans_nobody_took_without_a_request_cooldown() -> None
     out of plans for request_cooldown_s (10 s from the plan: 5 s more). Dropped, it is planned again at once."""
     ctrl = Controller.__new__(Controller)  # the policy loop alone: no Ray
     pol = ctrl._migration = LlumnixMigrationPolicy(cooldown_s=0.0)
+    ctrl._init_drain_moves(DrainSpec())
     ctrl.migration_stats = {"planned": 0, "dropped": 0, "committed": 0, "failed": 0}
     ctrl._registry = EntryTable()
     ctrl._registry.apply("ing", [RegistryEntry("a", "ing", ("d",), 5, Phase.DECODE)], [], full=True)
@@ -137,6 +138,7 @@ def test_a_plan_that_was_moot_on_arrival_is_dropped_not_failed() -> None:
 
     ctrl = Controller.__new__(Controller)
     pol = ctrl._migration = LlumnixMigrationPolicy()
+    ctrl._init_drain_moves(DrainSpec())
     ctrl.migration_stats = {"planned": 0, "dropped": 0, "committed": 0, "failed": 0}
     pol._inflight["a"], pol._recent["a"] = ("d", "x", 0.0), 0.0
     asyncio.run(ctrl.migration_done("a", False, False))

@@ -351,6 +351,30 @@ class PoliciesSpec(_Strict):
         return v
 
 
+class DrainSpec(_Strict):
+    """An operator's drain (Admin Drain / DrainNode, a worker pod's preStop hook): how long it waits, and how often
+    it retries, to move an instance's requests off before it releases the instance. What is still there then is
+    recovered elsewhere by re-prefill (its output so far kept). A node's deadline (DrainNode ``deadline_s``) bounds
+    the waits too."""
+
+    switch_wait_s: float = Field(
+        default=30.0, ge=0,
+        description="after its own moves commit, the drain waits up to this long for their streams to switch to "
+                    "the destination before the release (a slow consumer still reads the source's buffer)",
+    )
+    peer_wait_s: float = Field(
+        default=30.0, ge=0,
+        description="the longest wait for the other ingress replicas to move the requests they serve on the "
+                    "instance (the Controller plans each move, the owning replica runs it); 0: not waited for, "
+                    "re-prefilled",
+    )
+    move_tries: int = Field(
+        default=20, ge=1,
+        description="how many times the Controller plans the move of one request of another ingress replica "
+                    "(refused, aborted, or the request still prefilling) before leaving it to re-prefill",
+    )
+
+
 class ClusterConfig(_Strict):
     """The whole deployment: GPU catalog, model, pools, SLOs and policies."""
 
@@ -362,6 +386,7 @@ class ClusterConfig(_Strict):
     pools: list[PoolSpec]
     slos: dict[int, SLOSpec] = Field(default_factory=lambda: {0: SLOSpec(ttft_s=2.0, tpot_s=0.1)})
     policies: PoliciesSpec = PoliciesSpec()
+    drain: DrainSpec = DrainSpec()
     latency_profile: str | None = Field(default=None, description="path to a latency table (llmsched profile)")
     chat_template: str | None = Field(
         default=None,

@@ -42,7 +42,7 @@ from ray.actor import ActorHandle
 
 from scheduler.config.models import UNHEALTHY_AFTER_S, ClusterConfig, PoolSpec
 from scheduler.control.controller_admin import ControllerAdmin
-from scheduler.control.controller_migration import ControllerMigration, _DrainMove
+from scheduler.control.controller_migration import ControllerMigration
 from scheduler.control.controller_scaling import ControllerScaling, _WorkloadWindow
 from scheduler.control.instance import Instance, InstanceInfo
 from scheduler.control.placement import (
@@ -196,8 +196,7 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         self._migration: MigrationPolicy | None = None
         self._plans: dict[str, list[tuple[float, MigrationPlan]]] = {}  # ingress id -> plans it has to execute
         self.migration_stats = {"planned": 0, "dropped": 0, "committed": 0, "failed": 0}
-        self._drain_moves: dict[str, _DrainMove] = {}  # request -> an operator drain's move of it (drain_moves)
-        self._drain_moved: dict[str, int] = {}  # draining instance -> other ingresses' moves committed off it
+        self._init_drain_moves(config.drain)
         self._init_migration_policy()
         self._k8s = kubernetes if kubernetes is not None else _kubernetes_from_env()
         self._scaling: ScalingPolicy | None = None

@@ -213,6 +213,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         self._tasks: list[asyncio.Task[None]] = []
         # Instances an admin drain here releases (IngressAdmin._begin_drain); other replicas' read in the view
         self._admin_drains: set[str] = set()
+        # draining instance -> the requests moved off it (committed) during its drain, by any migration of this replica
+        self._moved_off: dict[str, set[str]] = {}
         self._node_drains: dict[str, asyncio.Task[Any]] = {}  # node name -> its DrainNode (IngressAdmin.drain_node)
         self._probes: dict[str, asyncio.Future[Any]] = {}  # instance -> its snapshot call that outlasted a round
         self._starting: asyncio.Future[None] | None = None

@@ -16,7 +16,6 @@ from scheduler.control.api import (
     UNAVAILABLE_RETRY_AFTER_S,
     IngressError,
     InvalidRequest,
-    MigrationResult,
     NodeDrainResult,
     NotFound,
     Unavailable,
@@ -28,13 +27,9 @@ from scheduler.core.types import ClusterView, InstanceRole, Phase
 # NOTE: the Ingress's logger: these are Ingress methods, and deployments tune (benches silence) it by that name.
 log = logging.getLogger("scheduler.control.ingress")
 
-# How long ``drain`` waits, before releasing the instance, for committed migrations' streams to switch over.
-_SWITCH_WAIT_S = 30.0
 # How long a drain's release is retried while the Controller is down or restarting (it restarts in seconds).
 _RELEASE_RETRY_S = 30.0
-# How long a drain waits, at most (a node's deadline may be sooner), for the requests other ingress replicas serve on
-# the instance to move off (``ControllerMigration.drain_moves``); those still there are recovered by re-prefill.
-_PEER_WAIT_S = 30.0
+# (How long a drain waits for its moves' streams to switch over, and for other replicas' moves: ``config.drain``.)
 
 
 class IngressAdmin:
@@ -63,9 +58,12 @@ class IngressAdmin:
     async def _move_off(self, instance_id: str, *, replace: bool, until: float | None = None) -> int:
         """The rest of ``drain``: migrate its requests away, wait for their streams to switch, release it. The
         requests other ingress replicas serve there are moved by them, on the Controller's plans
-        (``_move_peers_off``), waited for until ``until`` (monotonic; a node's deadline) at the latest."""
-        moved = 0
+        (``_move_peers_off``), waited for until ``until`` (monotonic; a node's deadline) at the latest.
+
+        Counts each request moved off once, whoever ran its move: this loop, or a plan of the Controller's migration
+        policy that this replica ran meanwhile (``migrate`` notes the commit in ``_moved_off``)."""
         released = False
+        self._moved_off[instance_id] = set()
         peers = asyncio.create_task(self._move_peers_off(instance_id, until))
         try:
             # NOTE(migration): requests still in prefill or queued finish their prefill first; retry them a few
@@ -82,23 +80,24 @@ class IngressAdmin:
                                for rid, d in list(self._expected.items()))
                 if not pending and not arriving:
                     break
-                results = await asyncio.gather(*(self.migrate(r.request_id) for r in pending),
-                                               return_exceptions=True)
-                moved += sum(1 for r in results if isinstance(r, MigrationResult) and r.committed)
+                await asyncio.gather(*(self.migrate(r.request_id) for r in pending), return_exceptions=True)
                 await asyncio.sleep(0.05)
             # A committed migration's stream still reads what the source made before its stop out of the source's
             # buffer until it switches (a consumer slower than the engine): releasing the instance first destroys
             # those tokens and the stream fails on the gap. Wait for the switches (bounded: a stalled consumer's
             # source stream would be reaped by the instance's lease anyway).
-            deadline = time.monotonic() + _SWITCH_WAIT_S
+            deadline = time.monotonic() + self.config.drain.switch_wait_s
+            if until is not None:
+                deadline = min(deadline, until)
             while time.monotonic() < deadline and any(
                     r.moving_to is not None for r in self.registry.on_instance(instance_id)):
                 await asyncio.sleep(0.01)
-            moved += await peers
+            moved = len(self._moved_off[instance_id]) + await peers
             await self._release_retried(instance_id, replace)
             released = True  # (stays in _admin_drains: an id is never reused, and the view may still list it)
         finally:
             peers.cancel()  # (done already unless this failed or was cancelled before it)
+            del self._moved_off[instance_id]
             if not released:
                 # Cancelled (the caller's deadline) or failed before the release: nothing else would ever release
                 # or un-drain the instance (the Controller keeps an operator's drain until it is undone), so put it
@@ -110,29 +109,30 @@ class IngressAdmin:
         """Have the other ingress replicas move the requests they serve on ``instance_id`` off it, and wait for them
         to leave it: the Controller plans a move for each (``drain_moves``; the registry says who serves what) and
         hands it to that replica, which picks the destination and runs it. Returns the moves committed. Waits
-        ``_PEER_WAIT_S`` at most, or until ``until``; what is still there then is released with the instance and
-        recovered by re-prefill, as before any of this (each replica moved only its own requests off a drain it
-        ran, and a drain through another replica re-prefilled them all)."""
+        ``config.drain.peer_wait_s`` at most, or until ``until``; what is still there then is released with the
+        instance and recovered by re-prefill, as before any of this (each replica moved only its own requests off a
+        drain it ran, and a drain through another replica re-prefilled them all)."""
         drain_moves = getattr(self.controller, "drain_moves", None)
         if drain_moves is None:
             return 0
         now = time.monotonic()
-        end = now + _PEER_WAIT_S
+        end = now + self.config.drain.peer_wait_s
         if until is not None:
             end = min(end, until)
         # The registry is a report behind (each replica reports every ``report_s``): a request that reached the
         # instance just before it went out of service may not be there yet. Nothing reaches it after that (no
-        # route, no hand-off picks it), so two report periods on, what the registry shows is all there is.
+        # route, no hand-off picks it), so two report periods on, what the registry shows is all there is --
+        # unless no other replica is live (``alone``): then nothing of another one can be on its way.
         settled = now + 2 * self.report_s
         moved = waiting = 0
         while True:
             try:
-                waiting, moved = await asyncio.wait_for(
+                waiting, moved, alone = await asyncio.wait_for(
                     _await(drain_moves.remote(instance_id, self.ingress_id)), 2.0)
             except (TimeoutError, *_DEAD, RayTaskError) as e:  # restarting: its registry comes back with the reports
                 log.info("drain of %s: other ingresses' requests: %r", instance_id, e)
             else:
-                if not waiting and time.monotonic() >= settled:
+                if not waiting and (alone or time.monotonic() >= settled):
                     return moved
             if time.monotonic() >= end:
                 log.warning("drain of %s: %d request(s) of other ingresses still there at its deadline; released "

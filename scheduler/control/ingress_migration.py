@@ -98,6 +98,8 @@ class IngressMigration:
                                        m.downtime_s if m.committed else None)
         if m.committed:
             self.counters["migrations"] += 1
+            if (off := self._moved_off.get(src)) is not None:  # a drain's, or a policy plan's during a drain
+                off.add(request_id)
             return MigrationResult(request_id, src, destination, True, cfg.mode.value, m.downtime_s,
                                    len(m.stages) + 1)
         self.counters["migrations_aborted"] += 1

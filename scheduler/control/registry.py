@@ -167,6 +167,7 @@ class EntryTable:
         self.ttl_s = ttl_s
         self._seen: dict[str, float] = {}  # ingress id -> monotonic time it was last heard from
         self._swept: float | None = None
+        self._born = time.monotonic()
 
     def seen(self, ingress_id: str, now: float | None = None) -> None:
         self._seen[ingress_id] = time.monotonic() if now is None else now
@@ -175,6 +176,14 @@ class EntryTable:
         """How long ``ingress_id`` has not been heard from (``inf``: never, or dropped)."""
         t = self._seen.get(ingress_id)
         return float("inf") if t is None else (time.monotonic() if now is None else now) - t
+
+    def live(self, within_s: float, now: float | None = None) -> set[str] | None:
+        """The ingresses heard from within ``within_s``; ``None`` while this table is younger than that (a restarted
+        Controller's: the live ones may not have polled it yet)."""
+        now = time.monotonic() if now is None else now
+        if now - self._born < within_s:
+            return None
+        return {i for i, t in self._seen.items() if now - t < within_s}
 
     def apply(self, ingress_id: str, upserts: list[RegistryEntry], removed: list[str], *, full: bool,
               now: float | None = None) -> None:
