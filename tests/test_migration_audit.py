@@ -305,12 +305,19 @@ class FakeController:
         self.release = _M(release)
 
 
+async def drain_pair() -> tuple[Instance, Handle, Ingress]:
+    """Two in-process instances, an ingress routing to mixed-0 alone, and a Controller that releases them; returns
+    mixed-1 (to shut it down at the end), its handle, the ingress."""
+    S_inst, D_inst = await start_instances(2, time_scale=0.5)
+    S, D = Handle(S_inst), Handle(D_inst)
+    ing = make_ingress([S, D], routable=["mixed-0"])
+    ing.controller = FakeController({"mixed-0": S, "mixed-1": D})
+    return D_inst, D, ing
+
+
 def test_drain_does_not_release_before_migrated_streams_switched() -> None:
     async def scenario() -> tuple[list[Any], list[BaseException]]:
-        S_inst, D_inst = await start_instances(2, time_scale=0.5)
-        S, D = Handle(S_inst), Handle(D_inst)
-        ing = make_ingress([S, D], routable=["mixed-0"])
-        ing.controller = FakeController({"mixed-0": S, "mixed-1": D})
+        D_inst, _, ing = await drain_pair()
         out: list[Any] = []
         errs: list[BaseException] = []
 
