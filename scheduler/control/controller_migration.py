@@ -152,10 +152,10 @@ class ControllerMigration:
 
         Returns (the requests of other live ingresses -- heard from within ``PLAN_TTL_S`` -- the drain should still
         wait for: on the instance with a move to come, in flight, or committed but not yet switched over in the
-        registry; the moves committed off the instance so far; whether no other ingress is live, so none has
-        a request on its way there to wait for -- not known for ``PLAN_TTL_S`` after a restart). A request paired with the instance while it prefills elsewhere is not waited for: its
-        hand-off picks a decoder in service (``Ingress._leaving``); one whose KV is on its way there is planned
-        once its ingress reports it landed."""
+        registry; the moves committed off the instance so far; whether no other ingress is live, so none has a
+        request on its way there to wait for -- not known for ``PLAN_TTL_S`` after a restart). A request paired with
+        the instance while it prefills elsewhere is not waited for: its hand-off picks a decoder in service
+        (``Ingress._leaving``); one whose KV is on its way there is planned once its ingress reports it landed."""
         self._ensure_loop()
         now, wall = time.monotonic(), time.time()
         moves = self._drain_moves

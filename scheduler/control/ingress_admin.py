@@ -63,7 +63,7 @@ class IngressAdmin:
         Counts each request moved off once, whoever ran its move: this loop, or a plan of the Controller's migration
         policy that this replica ran meanwhile (``migrate`` notes the commit in ``_moved_off``)."""
         released = False
-        self._moved_off[instance_id] = set()
+        off = self._moved_off.setdefault(instance_id, set())  # (shared with a second drain call of it meanwhile)
         peers = asyncio.create_task(self._move_peers_off(instance_id, until))
         try:
             # NOTE(migration): requests still in prefill or queued finish their prefill first; retry them a few
@@ -92,12 +92,12 @@ class IngressAdmin:
             while time.monotonic() < deadline and any(
                     r.moving_to is not None for r in self.registry.on_instance(instance_id)):
                 await asyncio.sleep(0.01)
-            moved = len(self._moved_off[instance_id]) + await peers
+            moved = len(off) + await peers
             await self._release_retried(instance_id, replace)
             released = True  # (stays in _admin_drains: an id is never reused, and the view may still list it)
         finally:
             peers.cancel()  # (done already unless this failed or was cancelled before it)
-            del self._moved_off[instance_id]
+            self._moved_off.pop(instance_id, None)
             if not released:
                 # Cancelled (the caller's deadline) or failed before the release: nothing else would ever release
                 # or un-drain the instance (the Controller keeps an operator's drain until it is undone), so put it
