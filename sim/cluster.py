@@ -91,8 +91,9 @@ class SimInstance:
         self.snap_t = now_s
         self.snap_key = None
 
-    def fresh_snapshot(self, now_s: float, *, detail: bool) -> InstanceSnapshot:
-        """The engine's state now (the routers' snapshot left as it is)."""
+    def fresh_snapshot(self, now_s: float, *, detail: bool, incoming: bool = True) -> InstanceSnapshot:
+        """The engine's state now (the routers' snapshot left as it is). ``incoming``: with the requests on their way
+        here counted as waiting (the driver's count; an instance's own answer to the live ingress has none)."""
         snap = self.engine.snapshot(
             self.instance_id,
             now_s,
@@ -101,7 +102,7 @@ class SimInstance:
             tp=self.pool.tp,
             draining=self.draining,
         )
-        if self.incoming:
+        if incoming and self.incoming:
             snap = replace(snap, num_waiting=snap.num_waiting + self.incoming, num_incoming=self.incoming)
         return snap
 

@@ -266,6 +266,10 @@ def simulate_main(argv: list[str] | None = None) -> int:
                    help="autoscaling floor per pool (default: the config's, else 1)")
     p.add_argument("--max-instances", type=positive_int,
                    help="autoscaling ceiling per pool (default: the config's, else 64)")
+    p.add_argument("--ingress-poll-s", type=positive_float, metavar="S",
+                   help="route on the live ingress's poll-round view, rounds S seconds apart (its refresh_s / the "
+                        "engines' time scale; docs/simulator.md#routing-view); default: each instance as of its "
+                        "last step's end")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -284,7 +288,8 @@ def simulate_main(argv: list[str] | None = None) -> int:
         # Builds the instances: a pool without KV memory, a cluster that cannot prefill or decode fail here.
         sim = Simulator(cfg, router=router, closed_form=not args.naive, progress=not args.quiet and len(w) > 50_000,
                         scaling=scaling, scaling_interval_s=loop.interval_s, scaling_startup_s=loop.startup_delay_s,
-                        scaling_options={"window_s": loop.window_s}, seed=args.seed)
+                        scaling_options={"window_s": loop.window_s}, seed=args.seed,
+                        ingress_poll_s=args.ingress_poll_s)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

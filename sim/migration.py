@@ -174,6 +174,8 @@ class MigrationDriver:
                                        **self.sim.prefix_ids(rid))
         new.tag = rid
         self.sim.dec_of[rid] = m.dst.index
+        if self.sim.poll is not None:  # the ingress counts it there until a round shows it (``_book_landing``)
+            self.sim.poll.book(m.dst.instance_id, seq.num_tokens, compute=1)
         if m.dst.in_step is not None:  # mid-step: on the pre-step snapshot now, as an arrival is (else on none)
             self.sim._queue_on_snapshot(m.dst, new, now, front=True)
         self.sim._poke(m.dst, now)

@@ -39,6 +39,7 @@ from scheduler.predict.base import LengthPrediction
 from scheduler.predict.serving import serving_predictor
 from sim.cluster import SimInstance, build_instances
 from sim.migration import MigrationDriver
+from sim.poll import IngressPoll
 
 
 class EventKind(enum.IntEnum):
@@ -56,6 +57,7 @@ class EventKind(enum.IntEnum):
     STEP = 5
     SCALE = 6  # scaling policy tick, or a started instance becoming routable (sim/scaling.py)
     REROLE = 7  # re-roling policy tick, or a switching instance taking its new role (sim/reroling.py)
+    POLL = 8  # the ingress's poll round (opt-in, ``ingress_poll_s``): an ask, a mid-span answer, a round's timeout
 
 
 @dataclass
@@ -203,6 +205,10 @@ class Simulator:
             every ``reroling_interval_s`` on a P/D cluster: a switching instance stops taking work of its old
             role, finishes or hands off what it has, then pays a modelled switch delay (``sim/reroling.py``;
             ``reroling_options`` go to ``RerolingDriver``: ``switch_delay_s``, ``handoff``). Not with ``scaling``.
+        ingress_poll_s: route on the live ingress's poll-round view instead (``sim/poll.py``): instances as of the
+            last round (asked every ``ingress_poll_s`` after the previous one published; each answers at its step
+            in flight's end, the round publishes with its last answer) plus the requests routed since its ask.
+            ``None`` (default): each instance as of its last step's end.
     """
 
     def __init__(
@@ -224,6 +230,7 @@ class Simulator:
         reroling_interval_s: float = 5.0,
         reroling_options: dict | None = None,
         seed: int = 0,
+        ingress_poll_s: float | None = None,
     ) -> None:
         if scaling is not None and reroling is not None:
             raise ValueError("reroling: not supported together with scaling (the scaling driver keys pools by role)")
@@ -249,6 +256,10 @@ class Simulator:
         self.predictor = serving_predictor(config.policies.predictor)
         self.closed_form = closed_form
         self.view_refresh_s = view_refresh_s
+        self.ingress_poll_s = ingress_poll_s
+        self.poll: IngressPoll | None = None  # the run's rounds (``run``)
+        if ingress_poll_s is not None:
+            IngressPoll(ingress_poll_s)  # a bad period fails here, not at run()
         self.timeline_points = timeline_points
         self.progress = progress
         self.instances = build_instances(config)
@@ -339,6 +350,9 @@ class Simulator:
             self._push(self.reroling_interval_s, EventKind.REROLE, None, None)
         if self._noisy:
             self._push(0.0, EventKind.NOISE, None, None)
+        self.poll = None if self.ingress_poll_s is None else IngressPoll(self.ingress_poll_s)
+        if self.poll is not None:
+            self._poll_ask(0.0)  # the ingress starts with a first view
         while i < n or heap:
             # Arrivals are merged in at their place in the heap's order: at a tie, after the kinds that sort
             # before ARRIVAL (a host-noise draw at t=0 came after the arrivals at t=0, so their prefill ran on
@@ -380,6 +394,8 @@ class Simulator:
                 elif kind is EventKind.HOST:
                     self._host_load = max(self._host_load - self._cpu_rate.pop(payload, 0.0), 0.0)
                     self._host_update(now)
+                elif kind is EventKind.POLL:
+                    self._on_poll(inst, payload, now, i < n)
                 elif kind is EventKind.MIGRATE_FINAL:
                     self.migrations.on_final(payload, now)  # type: ignore[union-attr]
                     last_work = now
@@ -487,6 +503,50 @@ class Simulator:
             self._view = dataclasses.replace(self._view, time_s=now)
         return self._view  # type: ignore[return-value]
 
+    def _routing_view(self, now: float) -> ClusterView:
+        return self._view_at(now) if self.poll is None else self.poll.view(self._live)
+
+    # ---- the ingress's poll rounds (opt-in: ``ingress_poll_s``; sim/poll.py) ------------------------------------
+    def _poll_ask(self, now: float) -> None:
+        """A round asks every live instance: an idle one answers now, a busy one at its step in flight's end (a
+        single step's, or a span's cut one: its STEP event, ``_on_step_end``; a span's step: a POLL event)."""
+        poll = self.poll
+        poll.ask(x.instance_id for x in self._live)  # type: ignore[union-attr]
+        for x in self._live:
+            if not x.busy:
+                poll.answer(x.instance_id, x.fresh_snapshot(now, detail=self._detail, incoming=False))  # type: ignore[union-attr]
+            elif x.span is not None:
+                j = x.span.steps_done_by(now - x.span_start)
+                if j < x.span.steps:  # the span's last step ends with its STEP event
+                    self._push(x.span_start + x.span.time_of(j), EventKind.POLL, x, (poll.rounds, x.span, j))  # type: ignore[union-attr]
+        if not poll.waiting:  # type: ignore[union-attr]
+            self._poll_publish(now)
+        else:
+            self._push(now + poll.timeout_s, EventKind.POLL, None, poll.rounds)  # type: ignore[union-attr]
+
+    def _on_poll(self, inst: SimInstance | None, payload: object, now: float, arrivals_left: bool) -> None:
+        poll = self.poll
+        if payload is None:  # the next round's ask: while work is left
+            if self._ticks_go_on(arrivals_left):
+                self._poll_ask(now)
+        elif isinstance(payload, int):  # a round's timeout: publish what came (if it is still open)
+            if payload == poll.rounds and poll.waiting:  # type: ignore[union-attr]
+                self._poll_publish(now)
+        else:  # a span's step returned: the answer, as of that step's end (a cut span answers at its STEP event)
+            rnd, span, j = payload  # type: ignore[misc]
+            if rnd == poll.rounds and inst.span is span and inst.instance_id in poll.waiting:  # type: ignore[union-attr]
+                with inst.engine.ahead(j):  # type: ignore[union-attr]
+                    snap = inst.fresh_snapshot(now, detail=self._detail, incoming=False)  # type: ignore[union-attr]
+                self._poll_answer(inst, snap, now)  # type: ignore[arg-type]
+
+    def _poll_answer(self, inst: SimInstance, snap: InstanceSnapshot, now: float) -> None:
+        if self.poll.answer(inst.instance_id, snap):  # type: ignore[union-attr]
+            self._poll_publish(now)
+
+    def _poll_publish(self, now: float) -> None:
+        self.poll.publish(now)  # type: ignore[union-attr]
+        self._push(now + self.poll.period_s, EventKind.POLL, None, None)  # type: ignore[union-attr]
+
     def _refresh_one(self, inst: SimInstance, now: float) -> None:
         """The ingress knows what it just dispatched: refresh that instance's entry at once (a step that started at
         the dispatch took its snapshot, new request included, just before it began: ``_kick``)."""
@@ -538,7 +598,7 @@ class Simulator:
             dist = self.w.predicted_dist[i] = self.predictor.predict_dist(None, prompt, tenant=self._tenant(i))
             self.w.predicted_output[i] = dist.point
         req = self._request_info(i, now, prompt, output)
-        decision = self.router.route(req, self._view_at(now))
+        decision = self.router.route(req, self._routing_view(now))
         if isinstance(decision, Rejected):
             self.rejected[i] = True
             return
@@ -567,6 +627,8 @@ class Simulator:
             self._refuse(i, inst)  # does not fit this engine at all
             return
         seq.tag = i
+        if self.poll is not None:
+            self.poll.book(inst.instance_id, prompt, **self.prefix_ids(i))
         if self._host_cpu:
             self._spend_request_cpu(i, inst, prompt, now, handoff=self.dec_of[i] >= 0)
         if inst.in_step is not None:  # mid-step: the pre-step snapshot plus this request in the queue
@@ -640,6 +702,8 @@ class Simulator:
         # No longer on its way before a step it starts takes its snapshot (that one counted it twice: queued, and
         # incoming); mid-step, the pre-step snapshot has it queued, whole context, as an arrival's.
         self._expect_kv(inst, -1, now, landed=True)
+        if self.poll is not None:  # counted there with its context, all but the last token loaded (``Ingress``)
+            self.poll.book(inst.instance_id, prompt + 1, compute=1)
         if inst.in_step is not None:
             self._queue_on_snapshot(inst, seq, now)
         self._poke(inst, now)
@@ -684,6 +748,8 @@ class Simulator:
             inst.span = None
             res = inst.engine.advance(span, span.steps)
             self._record(res, now, inst=inst)
+        if self.poll is not None and inst.instance_id in self.poll.waiting:  # its answer to the round: the step returned
+            self._poll_answer(inst, inst.fresh_snapshot(now, detail=self._detail, incoming=False), now)
         self._kick(inst, now)
 
     def _busy_engines(self) -> int:
@@ -816,7 +882,7 @@ class Simulator:
             return
         if d < 0:  # routed to a PREFILL instance without a decode partner: decode where the router says now
             decision = self.router.route(self._request_info(i, t, int(self.w.prompt_tokens[i]), output,
-                                                            accepted=True), self._view_at(t))
+                                                            accepted=True), self._routing_view(t))
             # A colocated answer names a MIXED instance to do both: the prompt is done, so it decodes there.
             name = None if isinstance(decision, Rejected) else decision.decode_instance or decision.prefill_instance
             if name is None or not self._index[name].role.does_decode:

@@ -16,7 +16,7 @@ from scheduler.config.models import UNHEALTHY_AFTER_S
 from scheduler.control.controller import Member, actor_gone, ask_each
 from scheduler.control.instance_lost import _DEAD, _FAILED
 from scheduler.control.util import _await
-from scheduler.core.types import ClusterView, InstanceSnapshot
+from scheduler.core.types import ClusterView, InstanceSnapshot, with_bookings
 
 
 class IngressView:
@@ -131,36 +131,10 @@ class IngressView:
         extra = dict(self._pending)
         for iid, n in self._incoming.items():
             extra[iid] = extra.get(iid, 0) + n
-        # An instance whose snapshot and counts are as at the last call keeps its adjusted snapshot object: routers
-        # keep per-snapshot terms (lookahead, llumnix), and a replace() per instance per request (all of them
-        # counted in a burst) cost more than the routing itself at 64 instances.
-        last, adjusted, out = self._adjusted, {}, []
-        for s in self._view.instances:
-            iid = s.instance_id
-            if iid not in extra:
-                out.append(s)
-                continue
-            counts = (extra[iid], self._incoming.get(iid, 0), self._pending_prompt.get(iid, 0),
-                      self._pending_compute.get(iid, 0))
-            prev = last.get(iid)
-            if prev is None or prev[0] is not s or prev[1] != counts:
-                prev = (s, counts, self._with_pending(s, *counts))
-            adjusted[iid] = prev
-            out.append(prev[2])
-        self._adjusted = adjusted
-        return ClusterView(self._view.time_s, tuple(out))
-
-    @staticmethod
-    def _with_pending(
-        s: InstanceSnapshot, waiting: int, incoming: int, prompt: int, compute: int
-    ) -> InstanceSnapshot:
-        """``s`` plus ``waiting`` requests not in it yet (``incoming`` of them P->D decodes on their way), and the
-        ``prompt`` tokens of those routed here queued, ``compute`` of them to compute (cached prefixes spared)."""
-        base = s.prefill_compute_tokens
-        return dataclasses.replace(
-            s, num_waiting=s.num_waiting + waiting, num_incoming=incoming,
-            prefill_tokens_pending=s.prefill_tokens_pending + prompt,
-            prefill_compute_tokens=None if base is None else base + compute)
+        counts = {iid: (n, self._incoming.get(iid, 0), self._pending_prompt.get(iid, 0),
+                        self._pending_compute.get(iid, 0)) for iid, n in extra.items()}
+        out, self._adjusted = with_bookings(self._view.instances, counts, self._adjusted)
+        return ClusterView(self._view.time_s, out)
 
     def _expect_decode(self, rid: str, iid: str | None, *, landed: int = 0, loaded: int = 0) -> None:
         """``rid`` is now on its way to decode instance ``iid`` (``None``: to none). ``landed``: it reached the one

@@ -7,7 +7,8 @@ Policies (``scheduler.policy``) read only these types. They hold ids and numbers
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 
 
 class InstanceRole(enum.Enum):
@@ -204,6 +205,42 @@ class InstanceSnapshot:
     @property
     def accepting(self) -> bool:
         return self.healthy and not self.draining
+
+
+def with_pending(s: InstanceSnapshot, waiting: int, incoming: int, prompt: int, compute: int) -> InstanceSnapshot:
+    """``s`` plus ``waiting`` requests not in it yet (``incoming`` of them P->D decodes on their way), and the
+    ``prompt`` tokens of those routed there queued, ``compute`` of them to compute (cached prefixes spared): what an
+    ingress routed since the snapshot was read (``IngressView.view``; the simulator's ``IngressPoll``)."""
+    base = s.prefill_compute_tokens
+    return replace(
+        s, num_waiting=s.num_waiting + waiting, num_incoming=incoming,
+        prefill_tokens_pending=s.prefill_tokens_pending + prompt,
+        prefill_compute_tokens=None if base is None else base + compute)
+
+
+Counts = tuple[int, int, int, int]  # ``with_pending``'s (waiting, incoming, prompt, compute)
+
+
+def with_bookings(
+    instances: Iterable[InstanceSnapshot], counts: dict[str, Counts],
+    last: dict[str, tuple[InstanceSnapshot, Counts, InstanceSnapshot]],
+) -> tuple[tuple[InstanceSnapshot, ...], dict[str, tuple[InstanceSnapshot, Counts, InstanceSnapshot]]]:
+    """``instances``, each with its ``counts`` added (``with_pending``), and the cache for the next call: an instance
+    whose snapshot and counts are as in ``last`` keeps its adjusted snapshot object -- routers keep per-snapshot
+    terms (lookahead, llumnix), and a replace() per instance per request cost more than the routing at 64."""
+    out, adjusted = [], {}
+    for s in instances:
+        iid = s.instance_id
+        c = counts.get(iid)
+        if c is None:
+            out.append(s)
+            continue
+        prev = last.get(iid)
+        if prev is None or prev[0] is not s or prev[1] != c:
+            prev = (s, c, with_pending(s, *c))
+        adjusted[iid] = prev
+        out.append(prev[2])
+    return tuple(out), adjusted
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,101 @@
+"""The simulator's opt-in model of the live ingress's poll-round view (``ingress_poll_s``, ``sim/poll.py``): routers
+see each instance as of the last round plus the ingress's own bookings since its ask; off, as of its last step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot
+from scheduler.policy.route import LeastOutstandingRouter
+from sim.poll import IngressPoll
+from sim.simulator import Simulator, Workload
+from tests.test_engine_model import config
+
+
+class _Seen(LeastOutstandingRouter):
+    """least_outstanding, keeping each view it routed on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.views: list[ClusterView] = []
+
+    def route(self, request, view):  # type: ignore[override]
+        self.views.append(view)
+        return super().route(request, view)
+
+
+@pytest.fixture(scope="module")
+def two_mixed():
+    return config(2, blocks=2000)
+
+
+def _one_token_then_another(gap_s: float) -> Workload:
+    """A 64-token prompt answered by one token (done in one ~10 ms step on m-0), another request ``gap_s`` later."""
+    return Workload(np.array([0.0, gap_s]), np.array([64, 64]), np.array([1, 1]))
+
+
+def test_a_router_routes_on_the_stale_count_until_a_round_shows_the_finish(two_mixed) -> None:
+    """Request 0 finishes on m-0 within a step. 50 ms later, with rounds 200 ms apart, the ingress still counts it
+    there (booked after the round at t=0 was asked; no round since): least_outstanding sends request 1 to m-1. Off,
+    the router sees m-0 empty at its step's end and sends it to m-0 (ties: first in view order) -- and so it does
+    with the rounds on once a round asked after the finish has published."""
+    w = _one_token_then_another(0.05)
+    lag = _Seen()
+    res = Simulator(two_mixed, router=lag, ingress_poll_s=0.2).run(w)
+    assert res.finish_s[0] < 0.05  # it is gone from m-0 when request 1 comes
+    seen = lag.views[1].by_id("m-0")
+    assert (seen.num_running, seen.num_waiting, seen.prefill_tokens_pending) == (0, 1, 64)
+    assert lag.views[1].time_s == 0.0  # the view is the round published at t=0
+    assert res.instance.tolist() == [0, 1]
+
+    exact = _Seen()
+    res = Simulator(two_mixed, router=exact).run(w)
+    assert exact.views[1].by_id("m-0").num_waiting == 0
+    assert res.instance.tolist() == [0, 0]
+
+    later = Simulator(two_mixed, router=_Seen(), ingress_poll_s=0.2).run(_one_token_then_another(0.25))
+    assert later.instance.tolist() == [0, 0]
+
+
+def test_a_round_waits_for_the_step_in_flight_and_publishes_with_its_last_answer() -> None:
+    """A 4000-token prompt's prefill step (~0.39 s, one step) is in flight on m-0 when the round of t=0.05 is asked:
+    m-1 answers at once, m-0 at the step's end, and the round publishes then. Requests routed meanwhile see the round
+    of t=0 plus the bookings. The round's answer from m-0 holds request 2, which reached it during the wait, and
+    the ingress still counts its booking, made after the ask: counted twice until the next round, as live."""
+    w = Workload(np.array([0.0, 0.1, 0.2, 0.42]), np.array([4000, 16, 16, 16]), np.array([50, 1, 1, 1]))
+    seen = _Seen()
+    res = Simulator(config(2, blocks=2000, budget=4096), router=seen, ingress_poll_s=0.05).run(w)
+    step_end = res.first_token_s[0]
+    assert 0.3 < step_end < 0.42
+    assert [v.time_s for v in seen.views] == [0.0, 0.0, 0.0, step_end]
+    m0, m1 = seen.views[3].by_id("m-0"), seen.views[3].by_id("m-1")
+    assert (m0.num_running, m0.num_waiting, m0.prefill_tokens_pending) == (1, 2, 32)
+    assert (m1.num_running, m1.num_waiting) == (0, 1)  # request 1, done since, booked after m-1 answered
+    assert res.instance.tolist() == [0, 1, 0, 1]
+
+
+def test_bookings_made_while_a_round_is_out_stay_counted_after_it_publishes() -> None:
+    """As ``IngressView._refresh_view``: only what was booked before the ask leaves the count when the round
+    publishes; a request routed while the answers were on their way stays counted (its instance may not show it)."""
+    poll = IngressPoll(0.025)
+    poll.book("a", 100)
+    poll.ask(["a", "b"])
+    poll.book("a", 7)
+    poll.book("b", 5, compute=1)
+    assert not poll.answer("a", _snap("a"))
+    assert poll.answer("b", _snap("b"))
+    poll.publish(1.0)
+    assert poll.pending == {"a": (1, 7, 7), "b": (1, 5, 1)}
+    poll.ask(["a", "b"])
+    poll.publish(2.0)  # nobody answered (timeout): the last snapshots stand, the bookings taken at the ask go
+    assert poll.pending == {} and set(poll.snapshots) == {"a", "b"} and poll.time_s == 2.0
+
+
+def test_the_period_must_be_positive(two_mixed) -> None:
+    with pytest.raises(ValueError, match="ingress_poll_s"):
+        Simulator(two_mixed, ingress_poll_s=0.0)
+
+
+def _snap(iid: str) -> InstanceSnapshot:
+    return InstanceSnapshot(instance_id=iid, role=InstanceRole.MIXED)
