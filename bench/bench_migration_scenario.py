@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.loadgen import (
     COMPLETED,
+    INGRESS_REFRESH_S,
     MODEL,
     LoadPlan,
     LoadProcess,
@@ -149,7 +150,8 @@ def run_sim(specs: list[RequestSpec], args: argparse.Namespace, params: dict[str
     for label, mig in (("off", None), ("on", make_migration_policy("llumnix", **pol))):
         cfg = scenario_config(f"migscn-{label}", kv_blocks=args.kv_blocks, max_num_seqs=args.max_num_seqs,
                               migration=None if mig is None else {"name": "llumnix", "params": params})
-        sim = Simulator(cfg, migration=mig, view_refresh_s=0.1)
+        # Routed as the live ingress routes, on its poll rounds (round robin reads no load: no change there).
+        sim = Simulator(cfg, migration=mig, view_refresh_s=0.1, ingress_poll_s=INGRESS_REFRESH_S / args.time_scale)
         res = sim.run(w)
         ttft = (res.first_token_s - w.arrival_s).tolist()
         n = w.output_tokens.astype(float)

@@ -8,18 +8,21 @@ it, through the gRPC SDK (load generator in a child process) to a local Ray clus
 times slower than the modelled GPU and arrivals are stretched by the same factor, so the cluster sees the
 modelled load while the 2-core host keeps up with the stream; times are reported back in model seconds.
 The simulator runs the same window with the same policy (``sim/reroling.py``; switch delay 0 and no decode
-hand-off, as the live switch: it costs the drain only).
+hand-off, as the live switch: it costs the drain only), routing as the live ingress does on its poll-round view
+(``ingress_poll_s``: its 50 ms wall period in model seconds; ``--no-poll``: each instance as of its last step).
 The live TTFT is also reported where the simulator takes it, at the engine (instance received -> its engine's first
 token, ``ttft_at_instance_*``), and the rest -- the harness's gRPC, ingress and Ray hops -- apart (``stack_*``).
 
     llmsched bench rerole-live                              # 200 s of trace, time scale 2 (~15 min)
     llmsched bench rerole-live --window 60 --json out.json
+    llmsched bench rerole-live --resim docs/results/rerole_live.json   # the simulator side again, recorded live runs
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from collections import Counter
@@ -30,7 +33,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.loadgen import COMPLETED, LoadPlan, LoadProcess, RequestSpec, count_outcomes, start_stack
+from bench.loadgen import (
+    COMPLETED,
+    INGRESS_REFRESH_S,
+    LoadPlan,
+    LoadProcess,
+    RequestSpec,
+    count_outcomes,
+    start_stack,
+)
 from scheduler.demo import _instance_timings
 from scheduler.telemetry.report import write_json
 
@@ -96,7 +107,7 @@ def run_live(cfg: Any, w: Any, scale: float, label: str) -> dict:
     return out
 
 
-def run_sim(cfg: Any, w: Any, reroling: bool) -> dict:
+def run_sim(cfg: Any, w: Any, reroling: bool, *, ingress_poll_s: float | None = None) -> dict:
     from scheduler.policy.route import make_router
     from scheduler.policy.scaling import RerolePolicy
     from sim.metrics import request_metrics
@@ -106,13 +117,23 @@ def run_sim(cfg: Any, w: Any, reroling: bool) -> dict:
     if reroling:
         kw = {"reroling": RerolePolicy(), "reroling_interval_s": 5.0,
               "reroling_options": {"switch_delay_s": 0.0, "handoff": False}}
-    sim = Simulator(cfg, router=make_router("least_outstanding"), **kw)
+    sim = Simulator(cfg, router=make_router("least_outstanding"), ingress_poll_s=ingress_poll_s, **kw)
     res = sim.run(w)
     m = request_metrics(res)
     out = _stats(m.ttft_s, m.tpot_s, len(w))
     if sim.reroler is not None:
         out["switches"] = sim.reroler.summary()["switches"]
     return out
+
+
+def sim_error(live: dict, sim: dict) -> dict[str, float]:
+    """(sim - live) / live per metric, and the TTFT against the live one taken where the simulator takes it."""
+    err = {k: (sim[k] - live[k]) / live[k] for k in sim if k != "switches" and live[k]}
+    for q in ("50", "90"):  # against the live TTFT taken where the simulator takes it (at the engine)
+        if live.get(f"ttft_at_instance_p{q}_s"):
+            err[f"ttft_p{q}_s_at_instance"] = (
+                sim[f"ttft_p{q}_s"] - live[f"ttft_at_instance_p{q}_s"]) / live[f"ttft_at_instance_p{q}_s"]
+    return err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-scale", type=float, default=2.0, help="engines this much slower than the model")
     p.add_argument("--only", choices=("static", "rerole"), help="run one of the two")
     p.add_argument("--json")
+    p.add_argument("--no-poll", action="store_true",
+                   help="the simulator's routers see each instance as of its last step, not the ingress's poll rounds")
+    p.add_argument("--resim", metavar="JSON",
+                   help="no live run: simulate again against the live runs recorded in JSON (its window, time "
+                        "scale); writes --json, else JSON itself")
     args = p.parse_args(argv)
+    if args.resim:
+        rec = json.loads(Path(args.resim).read_text())
+        args.window, args.time_scale = rec["window_s"], rec["time_scale"]
 
     from bench.bench_routing import shifting_workload
     from scheduler.config.load import load_config
@@ -134,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     w = Workload(full.arrival_s[:k], full.prompt_tokens[:k], full.output_tokens[:k], name=full.name)
     base = load_config("llama2-7b-pd-a100")
     s = args.time_scale
+    poll = None if args.no_poll else INGRESS_REFRESH_S / s
     policy = {"name": "threshold", "params": {"interval_s": 5.0 * s, "sustain_s": 5.0 * s, "cooldown_s": 30.0 * s,
                                               "switch_timeout_s": 120.0 * s}}
     runs = {"static": base, "rerole": base.model_copy(update={"policies": base.policies.model_copy(
@@ -141,19 +171,28 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"trace": w.name, "requests": len(w), "window_s": args.window, "time_scale": s,
                            "config": "llama2-7b-pd-a100 (2 PREFILL + 2 DECODE, simulated A100 engines)",
                            "router": "least_outstanding", "slo": f"ttft {SLO_TTFT_S} s, tpot {SLO_TPOT_S} s",
-                           "command": f"llmsched bench rerole-live --window {args.window:g} --time-scale {s:g}",
-                           "live": {}, "sim": {}, "sim_error": {}}
+                           "command": f"llmsched bench rerole-live --window {args.window:g} --time-scale {s:g}"
+                           + (" --no-poll" if args.no_poll else ""),
+                           "sim_ingress_poll_s": poll, "live": {}, "sim": {}, "sim_error": {}}
+    if args.resim:
+        # The live runs' command stands; the simulator side's is this one.
+        out.update(command=rec["command"], live=rec["live"],
+                   sim_command=f"llmsched bench rerole-live --resim {args.resim}" + (" --no-poll" if args.no_poll else ""))
+        for name, live in rec["live"].items():
+            sim = out["sim"][name] = run_sim(runs[name], w, name == "rerole", ingress_poll_s=poll)
+            out["sim_error"][name] = sim_error(live, sim)
+            print(f"  {name} sim: TTFT p50/p90 {sim['ttft_p50_s']:.3f}/{sim['ttft_p90_s']:.3f} s, TPOT p50/p90 "
+                  f"{sim['tpot_p50_s'] * 1e3:.1f}/{sim['tpot_p90_s'] * 1e3:.1f} ms; error "
+                  + ", ".join(f"{k} {v:+.1%}" for k, v in out["sim_error"][name].items()), flush=True)
+        write_json(Path(args.json or args.resim), out)
+        return 0
     for name, cfg in runs.items():
         if args.only and name != args.only:
             continue
         print(f"[rerole-live] {name}: {len(w)} requests over {w.arrival_s[-1] * s:.0f} s wall...", flush=True)
         live = out["live"][name] = run_live(cfg, w, s, name)
-        sim = out["sim"][name] = run_sim(cfg, w, name == "rerole")
-        out["sim_error"][name] = {k: (sim[k] - live[k]) / live[k] for k in sim if k != "switches" and live[k]}
-        for q in ("50", "90"):  # against the live TTFT taken where the simulator takes it (at the engine)
-            if live.get(f"ttft_at_instance_p{q}_s"):
-                out["sim_error"][name][f"ttft_p{q}_s_at_instance"] = (
-                    sim[f"ttft_p{q}_s"] - live[f"ttft_at_instance_p{q}_s"]) / live[f"ttft_at_instance_p{q}_s"]
+        sim = out["sim"][name] = run_sim(cfg, w, name == "rerole", ingress_poll_s=poll)
+        out["sim_error"][name] = sim_error(live, sim)
         print(f"  live: SLO {live['slo_attainment']:.1%}, TTFT p50/p90 {live['ttft_p50_s']:.2f}/{live['ttft_p90_s']:.2f}"
               f" s, TPOT p50/p90 {live['tpot_p50_s'] * 1e3:.0f}/{live['tpot_p90_s'] * 1e3:.0f} ms, "
               f"lost {live['outcomes']['lost']}, switches {live['switches']}", flush=True)

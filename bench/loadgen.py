@@ -391,7 +391,7 @@ class Stack:
         """A fresh ingress (``router`` overrides the config's) and gRPC server (``server_kw``) on the cluster."""
         from scheduler.server.grpc_server import build_server
 
-        self.ingress = self.deployment.make_ingress(refresh_s=0.05, router=router)
+        self.ingress = self.deployment.make_ingress(refresh_s=INGRESS_REFRESH_S, router=router)
         await self.ingress.start()
         self.server = build_server(self.ingress, port=0, **server_kw)
         await self.server.start()
@@ -423,6 +423,11 @@ def on_local_cluster(config_path: Any, bench: Any, args: Any) -> Any:
         return asyncio.run(bench(cluster, args))
     finally:
         cluster.shutdown()
+
+
+# The benches' ingress polls its instances' snapshots this often (wall seconds): the simulator sides that model its
+# poll rounds (``Simulator(ingress_poll_s=...)``) use it over the engines' time scale.
+INGRESS_REFRESH_S = 0.05
 
 
 def start_stack(config: Any, *, time_scale: float, fake_gpus: int = 0, seed: int = 0) -> Stack:

@@ -304,12 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resimulate", nargs="+", metavar="DIR",
                    help="no live run: re-fit and re-simulate earlier runs' saved reports (DIR/report.json)")
     p.add_argument("--json", type=output_file, help="with --resimulate: write the per-run errors and their median to this file")
+    p.add_argument("--ingress-poll-s", type=positive_float, metavar="S",
+                   help="with --resimulate: route on the ingress's poll-round view, rounds S s apart (the live "
+                        "ingress: 0.025); default: each instance as of its last step")
     args = p.parse_args(argv)
     if args.resimulate:
         from scheduler.config.load import load_config
 
         try:
-            resimulate(load_config(args.config), args.resimulate, args.json)
+            resimulate(load_config(args.config), args.resimulate, args.json, ingress_poll_s=args.ingress_poll_s)
         except (OSError, ValueError) as e:  # a missing or older report: say which, no traceback
             p.error(f"--resimulate: {e}")
         return 0

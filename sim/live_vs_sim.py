@@ -65,10 +65,12 @@ def replay_lone_pace(server: dict[str, list[float]], output) -> list[float]:
 SIM_SEEDS = 8  # draws of the host's noise per simulated slice (``simulate_slice``)
 
 
-def simulate_slice(cfg, profile_path: Path, arrival, prompt, output, name: str) -> list:
+def simulate_slice(cfg, profile_path: Path, arrival, prompt, output, name: str, *,
+                   ingress_poll_s: float | None = None) -> list:
     """The slice in the simulator with the profile: one ``SimResult`` per draw of the host's noise (``SIM_SEEDS``
     when the profile measured the host's spread, ``host_noise``; else the one deterministic run). A noisy host's
-    percentiles are those of many draws: one draw of 40 requests moved a p90 by +-10 points from seed to seed."""
+    percentiles are those of many draws: one draw of 40 requests moved a p90 by +-10 points from seed to seed.
+    ``ingress_poll_s``: route on the ingress's poll-round view (``Simulator``; off by default)."""
     from sim.simulator import Simulator, Workload
 
     sim_cfg = cfg.model_copy(update={
@@ -76,7 +78,8 @@ def simulate_slice(cfg, profile_path: Path, arrival, prompt, output, name: str) 
         "pools": [p.model_copy(update={"backend": "simulated"}) for p in cfg.pools],
     })
     seeds = SIM_SEEDS if json.loads(Path(profile_path).read_text()).get("host_noise") else 1
-    return [Simulator(sim_cfg, seed=k).run(Workload(arrival, prompt, output, name=name)) for k in range(seeds)]
+    return [Simulator(sim_cfg, seed=k, ingress_poll_s=ingress_poll_s).run(Workload(arrival, prompt, output, name=name))
+            for k in range(seeds)]
 
 
 def pooled_metrics(results: list):
@@ -202,12 +205,13 @@ def pace_ratio(pace: dict | None) -> float | None:
     return float(np.median(b) / np.median(a))
 
 
-def simulate_paced(cfg, profile: dict, ratio: float, tmp: Path, arrival, prompt, output, name: str):
+def simulate_paced(cfg, profile: dict, ratio: float, tmp: Path, arrival, prompt, output, name: str, *,
+                   ingress_poll_s: float | None = None):
     """The slice simulated with the profile's decode steps scaled by ``ratio`` (``scale_decode_steps``)."""
     from scheduler.profile import scale_decode_steps
 
     tmp.write_text(json.dumps(scale_decode_steps(profile, ratio)))
-    return simulate_slice(cfg, tmp, arrival, prompt, output, name)
+    return simulate_slice(cfg, tmp, arrival, prompt, output, name, ingress_poll_s=ingress_poll_s)
 
 
 def sim_errors(live_sum: dict, sim_sum: dict) -> dict[str, float]:
@@ -215,11 +219,13 @@ def sim_errors(live_sum: dict, sim_sum: dict) -> dict[str, float]:
     return {f"{m}.{q}": (sim_sum[m][q] - live_sum[m][q]) / live_sum[m][q] for m, q in METRICS if live_sum[m][q]}
 
 
-def resimulate(cfg, dirs: list[str], json_path: str | None = None) -> dict[str, dict[str, float]]:
+def resimulate(cfg, dirs: list[str], json_path: str | None = None, *,
+               ingress_poll_s: float | None = None) -> dict[str, dict[str, float]]:
     """Re-fit the profile samples saved by earlier runs (``DIR/report.json``) with the current ``fit`` and
     simulate their slices again: the simulator's error against those live runs, without running them again
     (how a change to the fit or the simulator is checked against several noisy live runs at once). Nothing is
-    written into ``DIR``; ``json_path`` gets the per-run errors and their median."""
+    written into ``DIR``; ``json_path`` gets the per-run errors and their median. ``ingress_poll_s``: simulate
+    with the ingress's poll-round view (``Simulator``; the live runs' ingress polls every 25 ms)."""
     import tempfile
 
     from scheduler.profile import fit
@@ -241,7 +247,7 @@ def resimulate(cfg, dirs: list[str], json_path: str | None = None) -> dict[str, 
             pr = report["per_request"]
             slice_ = (np.asarray(pr["arrival_s"]), np.asarray(pr["prompt_tokens"]), np.asarray(pr["output_tokens"]),
                       report.get("trace", "trace"))
-            res = simulate_slice(cfg, path, *slice_)
+            res = simulate_slice(cfg, path, *slice_, ingress_poll_s=ingress_poll_s)
             # The live side is recomputed from its per-request columns where saved, so every run is scored by the
             # current rules (TTFT from when the request was sent; reports without ``live_sent_s``: from arrival).
             live = report["live"]
@@ -258,7 +264,8 @@ def resimulate(cfg, dirs: list[str], json_path: str | None = None) -> dict[str, 
                 pace["replay_lone_s"] = replay_lone_pace(pr, pr["output_tokens"])
             ratio = pace_ratio(pace)
             if ratio is not None:
-                res = simulate_paced(cfg, profile, ratio, Path(tmp) / f"paced-{n}.json", *slice_)
+                res = simulate_paced(cfg, profile, ratio, Path(tmp) / f"paced-{n}.json", *slice_,
+                                     ingress_poll_s=ingress_poll_s)
                 paced[d] = {"pace_ratio": ratio, **sim_errors(live, pooled_sim_summary(res))}
                 say(f"  engine drift x{ratio:.2f} divided out: " + ", ".join(
                     f"{k} {v * 100:+.0f}%" for k, v in paced[d].items() if k != "pace_ratio"))
@@ -279,6 +286,8 @@ def resimulate(cfg, dirs: list[str], json_path: str | None = None) -> dict[str, 
     if json_path:
         doc = {"config": cfg.name, "what": "(simulated - live) / live per run, simulator re-fitted from each run's "
                "own profile samples", "runs": errors, "median": med}
+        if ingress_poll_s is not None:
+            doc["ingress_poll_s"] = ingress_poll_s
         if pooled:
             doc.update(pooled_what="the percentiles of all runs' requests pooled, live against simulated: one "
                        "sample of every request of every run, so a p90 rests on ~10% of all of them, not of one run",

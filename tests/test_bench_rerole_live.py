@@ -34,3 +34,26 @@ def test_requests_without_instance_timings_are_left_out():
     assert out["ttft_at_instance_p90_s"] == pytest.approx(0.2)
     assert out["stack_p90_s"] == pytest.approx(0.2)
     assert _at_instance(done, {}, 1.0) == {}  # none read: no split rather than NaNs in the JSON
+
+
+def test_resim_simulates_again_against_the_recorded_live_runs_with_the_ingress_poll(tmp_path):
+    """``--resim``: no live run; the recorded live side stands and the simulator's is re-run, routing on the ingress's
+    poll rounds (50 ms wall at the recorded time scale) unless ``--no-poll``, where the static run's TTFT p90 is
+    lower (the lag it leaves out)."""
+    import json
+    from pathlib import Path
+
+    from bench.bench_rerole_live import main
+
+    recorded = Path(__file__).resolve().parents[1] / "docs/results/rerole_live.json"
+    rec = json.loads(recorded.read_text())
+    on, off = tmp_path / "on.json", tmp_path / "off.json"
+    assert main(["--resim", str(recorded), "--json", str(on)]) == 0
+    assert main(["--resim", str(recorded), "--json", str(off), "--no-poll"]) == 0
+    on_, off_ = json.loads(on.read_text()), json.loads(off.read_text())
+    assert on_["live"] == off_["live"] == rec["live"] and on_["command"] == rec["command"]
+    assert on_["sim_ingress_poll_s"] == pytest.approx(0.05 / rec["time_scale"]) and off_["sim_ingress_poll_s"] is None
+    live, sim = rec["live"]["static"], on_["sim"]["static"]
+    assert on_["sim_error"]["static"]["ttft_p90_s"] == pytest.approx((sim["ttft_p90_s"] - live["ttft_p90_s"])
+                                                                     / live["ttft_p90_s"])
+    assert off_["sim"]["static"]["ttft_p90_s"] < sim["ttft_p90_s"]
