@@ -75,6 +75,26 @@ def test_a_round_waits_for_the_step_in_flight_and_publishes_with_its_last_answer
     assert res.instance.tolist() == [0, 1, 0, 1]
 
 
+def test_a_landed_decode_leg_is_counted_on_its_decoder_until_a_round_shows_it() -> None:
+    """P/D, rounds 1 s apart (only the one at t=0 published before t=0.9): request 0's decode leg lands on d-0 at
+    ~0.17 s and is counted there as the ingress counts it (``_expect_decode(landed=...)``): one waiting, none on its
+    way, its context (prompt + first token) queued -- not the 1 running the simulator's exact view shows -- and so is
+    request 1's on d-1; request 2's decode goes to d-0 (a tie, first in order), where the exact view sends it to
+    d-1, whose request 1 ended."""
+    w = Workload(np.array([0.0, 0.1, 0.9]), np.array([2000, 16, 16]), np.array([50, 20, 20]))
+    cfg = config(pd=(1, 2), blocks=2000, budget=4096)
+    seen = _Seen()
+    res = Simulator(cfg, router=seen, ingress_poll_s=1.0).run(w)
+    assert res.first_token_s[1] < 0.9 and seen.views[2].time_s == 0.0
+    d0, d1 = seen.views[2].by_id("d-0"), seen.views[2].by_id("d-1")
+    assert (d0.num_running, d0.num_waiting, d0.num_incoming, d0.prefill_tokens_pending) == (0, 1, 0, 2001)
+    assert (d1.num_running, d1.num_waiting, d1.prefill_tokens_pending) == (0, 1, 17)
+    assert res.decode_instance.tolist() == [1, 2, 1]
+    exact = _Seen()
+    res = Simulator(cfg, router=exact).run(w)
+    assert exact.views[2].by_id("d-0").num_running == 1 and res.decode_instance.tolist() == [1, 2, 2]
+
+
 def test_bookings_made_while_a_round_is_out_stay_counted_after_it_publishes() -> None:
     """As ``IngressView._refresh_view``: only what was booked before the ask leaves the count when the round
     publishes; a request routed while the answers were on their way stays counted (its instance may not show it)."""
