@@ -352,7 +352,7 @@ class Simulator:
             self._push(0.0, EventKind.NOISE, None, None)
         self.poll = None if self.ingress_poll_s is None else IngressPoll(self.ingress_poll_s)
         if self.poll is not None:
-            self._poll_ask(0.0)  # the ingress starts with a first view
+            self._poll_ask(self.poll, 0.0)  # the ingress starts with a first view
         while i < n or heap:
             # Arrivals are merged in at their place in the heap's order: at a tie, after the kinds that sort
             # before ARRIVAL (a host-noise draw at t=0 came after the arrivals at t=0, so their prefill ran on
@@ -395,7 +395,7 @@ class Simulator:
                     self._host_load = max(self._host_load - self._cpu_rate.pop(payload, 0.0), 0.0)
                     self._host_update(now)
                 elif kind is EventKind.POLL:
-                    self._on_poll(inst, payload, now, i < n)
+                    self._on_poll(self.poll, inst, payload, now, i < n)  # type: ignore[arg-type]
                 elif kind is EventKind.MIGRATE_FINAL:
                     self.migrations.on_final(payload, now)  # type: ignore[union-attr]
                     last_work = now
@@ -507,45 +507,44 @@ class Simulator:
         return self._view_at(now) if self.poll is None else self.poll.view(self._live)
 
     # ---- the ingress's poll rounds (opt-in: ``ingress_poll_s``; sim/poll.py) ------------------------------------
-    def _poll_ask(self, now: float) -> None:
+    def _poll_ask(self, poll: IngressPoll, now: float) -> None:
         """A round asks every live instance: an idle one answers now, a busy one at its step in flight's end (a
         single step's, or a span's cut one: its STEP event, ``_on_step_end``; a span's step: a POLL event)."""
-        poll = self.poll
-        poll.ask(x.instance_id for x in self._live)  # type: ignore[union-attr]
+        poll.ask(x.instance_id for x in self._live)
         for x in self._live:
             if not x.busy:
-                poll.answer(x.instance_id, x.fresh_snapshot(now, detail=self._detail, incoming=False))  # type: ignore[union-attr]
+                poll.answer(x.instance_id, x.fresh_snapshot(now, detail=self._detail, incoming=False))
             elif x.span is not None:
                 j = x.span.steps_done_by(now - x.span_start)
                 if j < x.span.steps:  # the span's last step ends with its STEP event
-                    self._push(x.span_start + x.span.time_of(j), EventKind.POLL, x, (poll.rounds, x.span, j))  # type: ignore[union-attr]
-        if not poll.waiting:  # type: ignore[union-attr]
-            self._poll_publish(now)
+                    self._push(x.span_start + x.span.time_of(j), EventKind.POLL, x, (poll.rounds, x.span, j))
+        if not poll.waiting:
+            self._poll_publish(poll, now)
         else:
-            self._push(now + poll.timeout_s, EventKind.POLL, None, poll.rounds)  # type: ignore[union-attr]
+            self._push(now + poll.timeout_s, EventKind.POLL, None, poll.rounds)
 
-    def _on_poll(self, inst: SimInstance | None, payload: object, now: float, arrivals_left: bool) -> None:
-        poll = self.poll
+    def _on_poll(self, poll: IngressPoll, inst: SimInstance | None, payload: object, now: float,
+                 arrivals_left: bool) -> None:
         if payload is None:  # the next round's ask: while work is left
             if self._ticks_go_on(arrivals_left):
-                self._poll_ask(now)
+                self._poll_ask(poll, now)
         elif isinstance(payload, int):  # a round's timeout: publish what came (if it is still open)
-            if payload == poll.rounds and poll.waiting:  # type: ignore[union-attr]
-                self._poll_publish(now)
-        else:  # a span's step returned: the answer, as of that step's end (a cut span answers at its STEP event)
+            if payload == poll.rounds and poll.waiting:
+                self._poll_publish(poll, now)
+        elif inst is not None:  # a span's step returned: the answer as of its end (a cut span's: its STEP event)
             rnd, span, j = payload  # type: ignore[misc]
-            if rnd == poll.rounds and inst.span is span and inst.instance_id in poll.waiting:  # type: ignore[union-attr]
-                with inst.engine.ahead(j):  # type: ignore[union-attr]
-                    snap = inst.fresh_snapshot(now, detail=self._detail, incoming=False)  # type: ignore[union-attr]
-                self._poll_answer(inst, snap, now)  # type: ignore[arg-type]
+            if rnd == poll.rounds and inst.span is span and inst.instance_id in poll.waiting:
+                with inst.engine.ahead(j):
+                    snap = inst.fresh_snapshot(now, detail=self._detail, incoming=False)
+                self._poll_answer(poll, inst, snap, now)
 
-    def _poll_answer(self, inst: SimInstance, snap: InstanceSnapshot, now: float) -> None:
-        if self.poll.answer(inst.instance_id, snap):  # type: ignore[union-attr]
-            self._poll_publish(now)
+    def _poll_answer(self, poll: IngressPoll, inst: SimInstance, snap: InstanceSnapshot, now: float) -> None:
+        if poll.answer(inst.instance_id, snap):
+            self._poll_publish(poll, now)
 
-    def _poll_publish(self, now: float) -> None:
-        self.poll.publish(now)  # type: ignore[union-attr]
-        self._push(now + self.poll.period_s, EventKind.POLL, None, None)  # type: ignore[union-attr]
+    def _poll_publish(self, poll: IngressPoll, now: float) -> None:
+        poll.publish(now)
+        self._push(now + poll.period_s, EventKind.POLL, None, None)
 
     def _refresh_one(self, inst: SimInstance, now: float) -> None:
         """The ingress knows what it just dispatched: refresh that instance's entry at once (a step that started at
@@ -748,8 +747,9 @@ class Simulator:
             inst.span = None
             res = inst.engine.advance(span, span.steps)
             self._record(res, now, inst=inst)
-        if self.poll is not None and inst.instance_id in self.poll.waiting:  # its answer to the round: the step returned
-            self._poll_answer(inst, inst.fresh_snapshot(now, detail=self._detail, incoming=False), now)
+        poll = self.poll
+        if poll is not None and inst.instance_id in poll.waiting:  # its answer to the round: the step returned
+            self._poll_answer(poll, inst, inst.fresh_snapshot(now, detail=self._detail, incoming=False), now)
         self._kick(inst, now)
 
     def _busy_engines(self) -> int:
