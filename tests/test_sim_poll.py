@@ -119,3 +119,21 @@ def test_the_period_must_be_positive(two_mixed) -> None:
 
 def _snap(iid: str) -> InstanceSnapshot:
     return InstanceSnapshot(instance_id=iid, role=InstanceRole.MIXED)
+
+
+def test_simulate_takes_the_period_from_its_flag(tmp_path, capsys) -> None:
+    """``llmsched simulate --ingress-poll-s``: the rounds run (their events counted), the default has none; a period
+    that is not positive is refused by name."""
+    import json
+
+    from sim.commands import simulate_main
+
+    events = []
+    for flags in ([], ["--ingress-poll-s", "0.025"]):
+        out = tmp_path / f"{len(flags)}.json"
+        assert simulate_main(["--synthetic", "200", "--instances", "2", "--quiet", "--json", str(out), *flags]) == 0
+        events.append(json.loads(out.read_text())["events"])
+    assert events[1] > events[0]
+    with pytest.raises(SystemExit):
+        simulate_main(["--synthetic", "20", "--quiet", "--ingress-poll-s", "0"])
+    assert "--ingress-poll-s" in capsys.readouterr().err
