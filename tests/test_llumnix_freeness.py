@@ -131,3 +131,50 @@ def test_on_a_p_d_view_freeness_picks_the_decoder_and_usage_ratio_the_prefill_in
     assert (rs.prefill_instance, rs.decode_instance) == ("p0", "d1")
     ur = make_router("llumnix").route(_req(), view)
     assert (ur.prefill_instance, ur.decode_instance) == ("p0", "d0")
+
+
+def test_the_watermark_is_left_out_of_the_free_blocks() -> None:
+    """``watermark=0.01``: int(1% of the blocks) come off the free blocks, as the OSDI-era Llumnix's
+    ``num_free_gpu_blocks - num_watermark_blocks``: 10 of 1000, 30 of 3000. It moves the pick where batches differ:
+    b, 4 running on 40 of 1000 blocks, reads 960 / 4 = 240 steps, c, 1 running on 755, 245 -- c; with the
+    watermark b reads 950 / 4 = 237.5, c 235 -- b (a constant off the numerator costs a small batch more)."""
+    r1 = make_router("llumnix", metric="remaining_steps", watermark=0.01)
+    assert r1.score(_req(), _snap("a", running=1, used=500), phase="colocated") == pytest.approx(-490)
+    big = _snap("big", running=2, used=1000, total=3000)
+    assert r1.score(_req(), big, phase="colocated") == pytest.approx(-(3000 - 30 - 1000) / 2)
+    b, c = _snap("b", running=4, used=40), _snap("c", running=1, used=755)
+    assert _pick("remaining_steps", b, c) == "c"
+    assert r1.route(_req(), ClusterView(0.0, (b, c))).prefill_instance == "b"
+
+
+def test_llumnix_ties_go_where_its_sort_puts_them_not_to_the_first_candidate() -> None:
+    """Four empty instances tie at freeness +inf: ``ties=first`` takes e0; ``ties=llumnix`` sorts as Llumnix's
+    ``sort_instance_infos`` over ``RemainingStepsLoad`` (whose ``__lt__`` is ``>=``), which on CPython puts the last
+    tie first: e3. An instance with any request loses to every empty one either way, and a freer one still wins
+    outright."""
+    empties = tuple(_snap(f"e{i}") for i in range(4))
+    busy = _snap("busy", running=1, used=10)
+    view = ClusterView(0.0, (busy, *empties))
+    first = make_router("llumnix", metric="remaining_steps").route(_req(), view)
+    llum = make_router("llumnix", metric="remaining_steps", ties="llumnix").route(_req(), view)
+    assert (first.prefill_instance, llum.prefill_instance) == ("e0", "e3")
+    free, tight = _snap("free", running=1, used=10), _snap("tight", running=5, used=10)
+    assert make_router("llumnix", metric="remaining_steps", ties="llumnix").route(
+        _req(), ClusterView(0.0, (tight, free))).prefill_instance == "free"
+    # Finite ties too: two instances at 495 steps.
+    x, y = _snap("x", running=2, used=10), _snap("y", running=2, used=10)
+    assert make_router("llumnix", metric="remaining_steps", ties="llumnix").route(
+        _req(), ClusterView(0.0, (x, y, tight))).prefill_instance == "y"
+
+
+def test_watermark_and_ties_are_refused_where_they_would_change_nothing() -> None:
+    with pytest.raises(ValueError, match="apply to metric=remaining_steps"):
+        make_router("llumnix", watermark=0.01)
+    with pytest.raises(ValueError, match="apply to metric=remaining_steps"):
+        make_router("llumnix", ties="llumnix")
+    with pytest.raises(ValueError, match="ties 'random'"):
+        make_router("llumnix", metric="remaining_steps", ties="random")
+    with pytest.raises(ValueError, match="watermark 1.5"):
+        make_router("llumnix", metric="remaining_steps", watermark=1.5)
+    r = router_factory("llumnix:metric=remaining_steps:watermark=0.01:ties=llumnix", load_config("default"))()
+    assert (r.metric, r.watermark, r.ties) == ("remaining_steps", 0.01, "llumnix")

@@ -62,6 +62,19 @@ class PowerOfTwoRouter(PairingRouter):
 
 
 # ---- Llumnix dispatch ---------------------------------------------------------------------------------------------
+class _StepsLoad:
+    """A freeness as AlibabaPAI/llumnix's ``RemainingStepsLoad`` compares: ``a < b`` is ``a >= b`` in steps (the
+    freer sorts first), so a tie is "less" both ways and Python's sort, not a rule, orders tied instances."""
+
+    __slots__ = ("steps",)
+
+    def __init__(self, steps: float) -> None:
+        self.steps = steps
+
+    def __lt__(self, other: _StepsLoad) -> bool:
+        return self.steps >= other.steps
+
+
 class LlumnixRouter(PairingRouter):
     """Llumnix dispatch (Sun et al., OSDI 2024, section 4.4.2), by one of Llumnix's two load metrics (``metric``).
 
@@ -72,8 +85,7 @@ class LlumnixRouter(PairingRouter):
       virtual usages, divided by the batch size: how many decode steps the batch can still run. As the code's
       default dispatch metric (AlibabaPAI/llumnix ``RemainingStepsLoad``, ``DISPATCH_LOAD_METRIC =
       'remaining_steps'``): (total - used - blocks of all queued prompts) / (running + waiting requests), the
-      newcomer not counted, an instance with no request the best (freeness +inf; ties go to the first candidate,
-      as a sort by load would). The score is -F (lower is better, as every router's). On a P/D view it picks
+      newcomer not counted, an instance with no request the best (freeness +inf; ties: ``ties`` below). The score is -F (lower is better, as every router's). On a P/D view it picks
       the decode instance; the prefill instance is still picked by usage ratio, as the code's P/D defaults do
       (``DISPATCH_DECODE_LOAD_METRIC = 'remaining_steps'``, ``DISPATCH_PREFILL_LOAD_METRIC`` and
       ``DISPATCH_DECODE_AS_PREFILL_LOAD_METRIC = 'kv_blocks_ratio'``).
@@ -87,21 +99,51 @@ class LlumnixRouter(PairingRouter):
     stays away and the high-priority requests keep room to grow; a high-priority request sees no headroom but pays
     ``queue_weight`` per waiting request. Under ``remaining_steps`` the same fraction of the instance's blocks is
     taken from the free blocks F divides (the paper's headroom is virtual usage too).
+
+    Two details of Llumnix's freeness, off by default (the defaults keep every recorded row), each as one release
+    of AlibabaPAI/llumnix has it (``remaining_steps`` only; usage ratio has neither):
+
+    * ``watermark``: the fraction of blocks vLLM's block manager keeps free (``BlockSpaceManagerV1``:
+      ``watermark_blocks = int(watermark * num_gpu_blocks)``, vLLM's default 0.01), left out of the free blocks,
+      as the OSDI-era code does (``InstanceInfo``: ``num_available_gpu_blocks = num_free_gpu_blocks -
+      num_watermark_blocks``); the current code's ``__post_init__`` takes total - used and leaves it in.
+    * ``ties``: ``first`` (ties go to the first candidate, as the OSDI-era code's stable sort of float loads) or
+      ``llumnix``: the current code's ``sort_instance_infos`` over ``RemainingStepsLoad`` objects, whose ``__lt__``
+      is ``>=`` -- true both ways on a tie, so the order ties come out in is whatever Python's sort makes of it
+      (on CPython 3.11, almost always the last tied candidate: every empty instance ties at +inf).
     """
 
     name = "llumnix"
     METRICS = ("usage_ratio", "remaining_steps")
+    TIES = ("first", "llumnix")
 
     def __init__(self, *, headroom: float = 0.1, max_headroom: float = 0.5, queue_weight: float = 0.05,
-                 metric: str = "usage_ratio", **kw: object) -> None:
+                 metric: str = "usage_ratio", watermark: float = 0.0, ties: str = "first", **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         if metric not in self.METRICS:
             raise ValueError(f"router 'llumnix': metric {metric!r}; expected one of {', '.join(self.METRICS)}")
+        if ties not in self.TIES:
+            raise ValueError(f"router 'llumnix': ties {ties!r}; expected one of {', '.join(self.TIES)}")
+        if not 0.0 <= watermark < 1.0:
+            raise ValueError(f"router 'llumnix': watermark {watermark!r}; expected a fraction in [0, 1)")
+        if metric != "remaining_steps" and (watermark or ties != "first"):
+            # Llumnix's usage ratio counts neither: set here, they would change nothing and look as if they did.
+            raise ValueError("router 'llumnix': watermark and ties apply to metric=remaining_steps")
         self.headroom = headroom
         self.max_headroom = max_headroom
         self.queue_weight = queue_weight
         self.metric = metric
+        self.watermark = watermark
+        self.ties = ties
         self._prio = PriorityTracker()
+
+    def pick(self, request, candidates, view, *, phase):  # type: ignore[override]
+        if self.ties == "first" or phase == "prefill":
+            return super().pick(request, candidates, view, phase=phase)
+        # Llumnix's sort_instance_infos: sorted by (load, instance_id), candidates in the order it holds them (ours:
+        # view order); the loads never compare equal (no __eq__), so the id is never read and only __lt__ counts.
+        # Not min(): with this __lt__ min() takes the last tie always, the sort not quite always.
+        return sorted(candidates, key=lambda s: _StepsLoad(-self.score(request, s, phase=phase)))[0]  # noqa: FURB192
 
     def score(self, request: RequestInfo, inst: InstanceSnapshot, *, phase: str) -> float:
         if request.priority >= HIGH_PRIORITY:
@@ -112,7 +154,8 @@ class LlumnixRouter(PairingRouter):
             batch = inst.num_running + inst.num_waiting - inst.num_incoming
             if batch <= 0:
                 return -math.inf
-            free = inst.kv_blocks_total * (1.0 - penalty) - virtual_blocks_with(inst)
+            free = (inst.kv_blocks_total * (1.0 - penalty) - int(self.watermark * inst.kv_blocks_total)
+                    - virtual_blocks_with(inst))
             return -free / batch
         extra = request.prompt_tokens + (1 if phase != "prefill" else 0)
         return virtual_usage_with(inst, extra) + penalty
