@@ -64,7 +64,7 @@ def score(guess: np.ndarray, output: np.ndarray, tenants: list[str], start: int)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="llmsched bench online-tenants", description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=4000)
     ap.add_argument("--lag", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)

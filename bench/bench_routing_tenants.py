@@ -76,7 +76,7 @@ def twin_workload(n: int, seed: int) -> Workload:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="llmsched bench routing-tenants", description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=SHARED, help="the folder holding the two datasets")
     ap.add_argument("--minutes", type=float, default=20.0, help="of the Azure trace (--mix real)")
     ap.add_argument("--mix", choices=("real", "synthetic"), default="real",
