@@ -17,6 +17,7 @@ dataset under the name it was fitted on: in-sample, a reference), ``none`` (no p
 and ratios against ``online_shared`` in the same run.
 
     python bench/bench_routing_tenants.py [--data DIR] [--minutes 20] [--load 0.8] [--config default] [--json OUT]
+        [--tpot-miss-penalty S] [--steady-batch]
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tpot-miss-penalty", type=float, default=None,
                     help="lookahead's tpot_miss_penalty_s (default: its own; 1.0 = the mean-E2E weight of the IR study)")
+    ap.add_argument("--steady-batch", action="store_true",
+                    help="lookahead's steady_batch (a newcomer's decode batch keeps its size; default: it drains)")
     ap.add_argument("--json")
     args = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(args)
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     w = at_load(w, a.load, sat)
     tenants = np.asarray(w.tenant, dtype=object)
     params = {} if a.tpot_miss_penalty is None else {"tpot_miss_penalty_s": a.tpot_miss_penalty}
+    if a.steady_batch:
+        params["steady_batch"] = True
     out: dict = {"trace": w.name, "requests": len(w), "config": a.config, "load": a.load, "saturation_rps": sat,
                  "seed": a.seed, "router": "lookahead", "lookahead_params": params,
                  "command": " ".join(["python bench/bench_routing_tenants.py", *args])}

@@ -317,6 +317,31 @@ def test_lookahead_kv_headroom_does_not_depend_on_the_newcomers_predicted_length
     assert r.estimate(req(1000, 3000.0), roomy).kv_s > 0 == r.estimate(req(1000, 100.0), roomy).kv_s
 
 
+def test_lookahead_steady_batch_prices_a_long_answer_by_its_own_life_not_the_residents() -> None:
+    """Exact lengths, two instances: ``ending`` decodes 48 requests that each have 20 tokens left, ``light`` 8 with
+    400 left. Under the drain assumption (the default) a 2000-token answer is priced as if ``ending`` emptied after
+    20 tokens and it then decoded alone: the busier instance looks cheaper and takes it. Under load the 48 are
+    replaced as they leave, so the answer spends its 2000 steps in a batch of ~49 (the step ``tpot_s`` reports):
+    ``steady_batch`` prices that and sends it to ``light``. A 20-token answer goes to ``light`` either way, and
+    without predictions the two models are one (``O = R``)."""
+    lat = default_latency_model()
+    ending = snap("ending", running=48, ctx=48 * 600, pred=48 * 20.0, used=1800, total=100_000)
+    light = snap("light", running=8, ctx=8 * 600, pred=8 * 400.0, used=300, total=100_000)
+    picks = {}
+    for steady in (False, True):
+        r = LookaheadRouter(lat, steady_batch=steady)
+        picks[steady] = [r.route(req(100, o), view(ending, light)).prefill_instance  # type: ignore[union-attr]
+                         for o in (2000.0, 20.0)]
+    assert picks == {False: ["ending", "light"], True: ["light", "light"]}
+    est = LookaheadRouter(lat, steady_batch=True).estimate(req(100, 2000.0), ending)
+    assert est.own_s == pytest.approx(2000 * est.tpot_s)  # its whole life at the batch's step
+    # No length guesses anywhere: the same price under both models.
+    blind = [snap("a", running=48, ctx=48 * 600, used=1800, total=100_000), snap("b", running=8, ctx=8 * 600)]
+    for inst in blind:
+        assert (LookaheadRouter(lat).estimate(req(100), inst)
+                == LookaheadRouter(lat, steady_batch=True).estimate(req(100), inst))
+
+
 def test_lookahead_reprices_an_instance_whose_snapshot_changed() -> None:
     # The router keeps each instance's request-independent terms while its snapshot object is current; a new
     # snapshot under the same id (the instance got busy) must be priced afresh, as a fresh router prices it.
