@@ -1,6 +1,7 @@
 """Routing, prediction and migration studies in the simulator (issue: routing by predicted length and mix).
 
     python bench/bench_routing.py ir          # Intelligent Router paper setting: 4 x Llama-2-7B, ~20 req/s
+    python bench/bench_routing.py ir --steady-batch   # the same, lookahead's decode batch priced as steady
     python bench/bench_routing.py predictor   # lookahead with oracle lengths vs the trace predictor vs none
     python bench/bench_routing.py migration   # migration on/off under bursty load (cost included)
     python bench/bench_routing.py scaling --json docs/results/scaling.json   # autoscaling vs static provisioning
@@ -75,11 +76,14 @@ def fit_history_predictor(history: Workload, out_dir: Path, tenant: str) -> Path
 IR_LOOKAHEAD = {"tpot_miss_penalty_s": 1.0}
 
 
-def ir_router(name: str, cfg):
-    """The router of the Intelligent Router study: ``name`` from the registry, lookahead with ``IR_LOOKAHEAD``."""
+def ir_router(name: str, cfg, **lookahead: object):
+    """The router of the Intelligent Router study: ``name`` from the registry, lookahead with ``IR_LOOKAHEAD`` (and
+    ``lookahead``'s further parameters)."""
     from scheduler.policy.route import make_router
 
-    return make_router(name, config=cfg, **IR_LOOKAHEAD) if name == "lookahead" else router_factory(name, cfg)()
+    if name == "lookahead":
+        return make_router(name, config=cfg, **{**IR_LOOKAHEAD, **lookahead})
+    return router_factory(name, cfg)()
 
 
 def run(cfg, w: Workload, router: str, **kw) -> dict:
@@ -91,7 +95,7 @@ def run(cfg, w: Workload, router: str, **kw) -> dict:
     return s
 
 
-def study_ir() -> dict:
+def study_ir(steady_batch: bool = False) -> dict:
     """Mean E2E vs round-robin on the Intelligent Router setting, split by request class.
 
     Lengths: routers see ``predicted_output_tokens`` = the true lengths here (the paper's setting assumes a
@@ -99,6 +103,7 @@ def study_ir() -> dict:
     the shipped trace predictor (fitted on public traces; alone, and learning online from the requests finished
     so far) and with the trace predictor fitted on another hour of the same mix (``ir_workload(seed=100)``, what ``llmsched predict fit-trace`` does on a deployment's log).
     lookahead runs with the mean-E2E objective weight ``IR_LOOKAHEAD``; one row shows its default SLO weights.
+    ``steady_batch``: every lookahead row with ``LookaheadRouter(steady_batch=True)`` (``--steady-batch``).
     """
     import tempfile
 
@@ -107,8 +112,9 @@ def study_ir() -> dict:
     heavy = w.prompt_tokens >= 1500
     out: dict = {"trace": w.name, "config": "default (4 x llama2-7b a100)", "rate_rps": 20.0,
                  "lengths": "oracle predicted_output_tokens (the paper assumes a predictor)",
-                 "lookahead_params": IR_LOOKAHEAD,
-                 "command": "python bench/bench_routing.py ir"}
+                 "lookahead_params": {**IR_LOOKAHEAD, **({"steady_batch": True} if steady_batch else {})},
+                 "command": "python bench/bench_routing.py ir" + (" --steady-batch" if steady_batch else "")}
+    extra = {"steady_batch": True} if steady_batch else {}
 
     def one(make, wl: Workload, c=cfg) -> dict:
         res = Simulator(c, router=make(c)).run(wl)
@@ -121,13 +127,14 @@ def study_ir() -> dict:
                     "prefill_heavy": float(np.median(guess[heavy])), "decode_heavy": float(np.median(guess[~heavy]))}}
 
     def study(name: str):  # the study's router (lookahead with the mean-E2E weight)
-        return lambda c: ir_router(name, c)
+        return lambda c: ir_router(name, c, **extra)
 
     base = out["round_robin"] = one(study("round_robin"), w)
     runs = [(r, study(r), w) for r in ("least_outstanding", "power_of_two", "llumnix", "mixing", "lookahead", "learned")]
     no_pred = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, name=w.name)
     runs += [("lookahead_no_prediction", study("lookahead"), no_pred),
-             ("lookahead_default_slo_weights", lambda c: router_factory("lookahead", c)(), w)]
+             ("lookahead_default_slo_weights",
+              lambda c: router_factory("lookahead:steady_batch=true" if steady_batch else "lookahead", c)(), w)]
     with tempfile.TemporaryDirectory() as d:
         fitted = fit_history_predictor(ir_workload(seed=100), Path(d), "ir")
         configs = {"lookahead_shipped_trace_predictor": with_predictor(cfg, "trace"),
@@ -691,10 +698,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json")
     p.add_argument("--head", type=positive_int, help="shed studies: the trace's first N requests only (a check)")
     p.add_argument("--instances", type=positive_int, help="shed studies: this many instances, not 16 (a check)")
+    p.add_argument("--steady-batch", action="store_true",
+                   help="ir: lookahead with steady_batch (a newcomer's decode batch keeps its size; default: drains)")
     args = p.parse_args(argv)
     kw = {k: v for k, v in (("head", args.head), ("instances", args.instances)) if v is not None}
     if kw and args.study not in SHED_STUDIES:
         p.error(f"--head/--instances: only with {', '.join(SHED_STUDIES)}")
+    if args.steady_batch:
+        if args.study != "ir":
+            p.error("--steady-batch: only with ir")
+        kw["steady_batch"] = True
     names = list(STUDIES) if args.study == "all" else [args.study]
     out = {n: STUDIES[n](**kw) for n in names}
     print(json.dumps(out, indent=2))
