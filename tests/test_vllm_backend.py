@@ -412,11 +412,13 @@ def test_seeded_migration_at_a_block_boundary_continues_the_rng(engines: Engines
     """Seeded sampling, stopped where the migrated context is a whole number of blocks: every token is then a
     prefix-cache hit on adopted blocks and nothing is loaded through the connector, and the sampler RNG must still
     be restored (it used to ride on the load: the destination then resampled from a freshly seeded generator).
-    The source is paused, resumed and paused again until its context is block-aligned."""
+    The source stops wherever the engine is, then decodes on to the next block boundary and stops there
+    (``pause(at_output=...)``): it used to be paused, resumed and paused again until a stop landed on one, which
+    missed them all on a loaded box (each resume let a load-dependent number of tokens through)."""
     p, d = engines.prefill, engines.decode
     rid = f"rng-aligned-{preadmit}"
     prompt = tuple((i * 613 + 11 + preadmit) % 1000 + 3 for i in range(250))
-    total, bs = 720, d.block_size  # room to spare: on a loaded box a resume can let several tokens through
+    total, bs = 720, d.block_size
 
     def sampling(n: int) -> SamplingParams:
         return SamplingParams(max_tokens=n, temperature=1.0, seed=1234, ignore_eos=True)
@@ -430,17 +432,19 @@ def test_seeded_migration_at_a_block_boundary_continues_the_rng(engines: Engines
             got += len(c.token_ids)
             if got >= 8:
                 break
-        for _ in range(200):
-            res = await p.pause(rid, -1)
-            assert not isinstance(res, str), res
-            snap, _ = res
-            context = len(prompt) + snap.num_output_tokens - 1  # the last sampled token has no KV yet
-            if context % bs == 0:
-                break
-            assert await p.resume(rid)
-            await asyncio.sleep(0.002)
-        else:
-            pytest.fail("the source never stopped on a block boundary")
+        res = await p.pause(rid, -1)  # wherever the engine is now
+        assert not isinstance(res, str), res
+        made = res[0].num_output_tokens
+        assert made < total - 2 * bs, made  # room to decode on to a boundary (it would finish first otherwise)
+        # The next output count past ``made`` whose context is whole blocks (the last sampled token has no KV yet):
+        # never ``made`` itself, so the paused request always decodes on to it.
+        target = made + bs - (len(prompt) + made - 1) % bs
+        res = await p.pause(rid, -1, at_output=target)
+        assert not isinstance(res, str), res
+        snap, _ = res
+        assert snap.num_output_tokens == target
+        context = len(prompt) + snap.num_output_tokens - 1
+        assert context % bs == 0
         template = EngineRequest(rid, prompt, sampling(total)) if preadmit else None
         assert await d.reserve_kv(rid, context + 64, template) is None
         kv = await p.export_kv(rid, 0, context)
@@ -459,6 +463,53 @@ def test_seeded_migration_at_a_block_boundary_continues_the_rng(engines: Engines
     assert s1.prompt_tokens_adopted - s0.prompt_tokens_adopted == context  # all of it adopted: no connector load
     assert s1.prompt_tokens_computed - s0.prompt_tokens_computed == 1
     assert tokens == ref
+
+
+def test_pause_at_an_output_count_stops_exactly_there(engines: Engines) -> None:
+    """``pause(at_output=n)`` stops the request when it has made exactly n output tokens, whatever the engine's
+    pace (a paused request decodes on to n), with the KV of everything before its last token; refuses a count it
+    has passed (staying paused); answers with a reason, and stops nothing, when the request is resumed or finishes
+    first. The stream loses nothing: its tokens are the unpaused run's."""
+    p = engines.prefill
+    rid, total = "pause-at", 1500
+    prompt = tuple((i * 389 + 17) % 1000 + 3 for i in range(100))
+    sampling = SamplingParams(max_tokens=total, ignore_eos=True)
+    ref, _ = engines.run(_collect(p, EngineRequest(f"{rid}-ref", prompt, sampling)))
+
+    async def scenario() -> tuple[list[Any], list[TokenChunk]]:
+        gen = p.generate(EngineRequest(rid, prompt, sampling))
+        chunks = [await gen.__anext__()]
+        first = await p.pause(rid, -1)
+        assert not isinstance(first, str), first
+        made = first[0].num_output_tokens
+        got = [
+            first,
+            await p.pause(rid, -1, at_output=made - 1),  # passed: refused, still paused
+            await p.pause(rid, -1, at_output=made),  # paused there already: its state again
+            await p.pause(rid, 0, at_output=made + 5),  # decodes on for exactly 5 tokens
+            await p.pause(rid, -1, at_output=made + 6),
+        ]
+        far = asyncio.ensure_future(p.pause(rid, -1, at_output=total - 10))
+        while (await p.stats()).num_running == 0:  # back in vLLM's running list: the pause waits
+            await asyncio.sleep(0.005)
+        got += [await p.resume(rid), await far]  # a resume answers the waiting pause; the request decodes on
+        got.append(await p.pause(rid, -1, at_output=total + 1))  # finishes first
+        chunks += [c async for c in gen]
+        return got, chunks
+
+    got, chunks = engines.run(scenario())
+    first, past, again, at, next_one, resumed, far, finished = got
+    made = first[0].num_output_tokens
+    assert isinstance(past, str) and "past" in past, past
+    assert again[0] == first[0]
+    snap, kv = at
+    assert snap.num_output_tokens == made + 5 and list(snap.token_ids) == list(prompt) + ref[: made + 5]
+    assert kv.start_token == 0 and kv.end_token == len(snap.token_ids) - 1  # the last sampled token has no KV yet
+    assert next_one[0].num_output_tokens == made + 6
+    assert resumed is True and isinstance(far, str) and "resumed" in far, far
+    assert isinstance(finished, str) and "finished" in finished, finished
+    assert [t for c in chunks for t in c.token_ids] == ref
+    _check_indices(chunks, 0)
 
 
 def test_cancel_of_preadmitted_migration_frees_everything(engines: Engines) -> None:

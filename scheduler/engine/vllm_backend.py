@@ -755,18 +755,30 @@ class VLLMBackend:
         await self._utility("llmsched_unreserve", request_id)
         await self._rpc("llmsched_unstage_kv", args=(request_id,))
 
-    async def pause(self, request_id: str, start_token: int) -> tuple[MigrationSnapshot, KVBlocks | None] | str:
+    async def pause(self, request_id: str, start_token: int, *, at_output: int | None = None
+                    ) -> tuple[MigrationSnapshot, KVBlocks | None] | str:
         """Source stop-and-copy: pause the request between two engine steps (its KV stays allocated) and return
-        its state and the KV of ``[start_token, end)`` (``start_token < 0``: no KV). A reason string if it
-        cannot be paused (finished, queued, still prefilling)."""
+        its state and the KV of ``[start_token, end)`` (``start_token < 0``: no KV). A request paused already:
+        its state again. A reason string if it cannot be paused (finished, queued, still prefilling).
+
+        ``at_output``: stop exactly when the request has made that many output tokens (counted as
+        ``MigrationSnapshot.num_output_tokens``: with those made before it came here). It decodes on until then --
+        a paused one is resumed -- and the call returns at that stop; whoever wants a stop where the context is a
+        whole number of KV blocks (nothing partial to load on the destination: every block is adopted) or any
+        other chosen point asks for it so, whatever the engine's pace. A reason string if it made more already,
+        finishes first, or is resumed (``resume``) or paused again before it gets there.
+        """
         if self._engine is None:
             return "engine not started"
         if why := self._kv_immovable():
             return why
-        res = await self._utility("llmsched_pause", request_id, int(start_token))
+        before = self._active.get(request_id, 0)
+        if at_output is not None and at_output < before:
+            return f"at_output: {at_output} < the {before} output tokens it made before it came to this engine"
+        here = None if at_output is None else int(at_output) - before
+        res = await self._utility("llmsched_pause", request_id, int(start_token), here)
         if isinstance(res, str):
             return res
-        before = self._active.get(request_id, 0)
         rng = res.get("rng_state")
         snap = MigrationSnapshot(request_id, tuple(res["token_ids"]), before + int(res["num_output_tokens"]),
                                  bytes(rng) if rng is not None else None, int(res.get("token_offset", 0)))
@@ -780,7 +792,8 @@ class VLLMBackend:
         return inc.token_ids if inc is not None else []
 
     async def resume(self, request_id: str) -> bool:
-        """Source abort path: a paused request continues decoding here."""
+        """Source abort path: a paused request continues decoding here (a ``pause(at_output=...)`` still waiting
+        returns a reason string: the request decodes on)."""
         if self._engine is None:
             return False
         return bool(await self._utility("llmsched_resume", request_id))

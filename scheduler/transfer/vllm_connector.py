@@ -29,6 +29,7 @@ import os
 import threading
 import time
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +99,17 @@ class LlmschedConnectorMetadata(KVConnectorMetadata):
 
 
 @dataclass
+class _PauseAt:
+    """A pause waiting for its request to reach ``output_tokens`` (``llmsched_pause`` with ``at_output``)."""
+
+    request: Request
+    output_tokens: int  # made on this engine (``Request.num_output_tokens``)
+    start_token: int
+    result: Future  # the pause utility's deferred answer (vLLM sends it when it is set)
+    core: Any
+
+
+@dataclass
 class _Counters:
     prompt_tokens_computed: int = 0
     prompt_tokens_loaded: int = 0
@@ -128,6 +140,7 @@ class LlmschedConnector(KVConnectorBase_V1):
             # and requests a source paused for the final stop-and-copy (out of ``running``, blocks kept).
             self._reservations: dict[str, list[Any]] = {}
             self._paused: dict[str, Request] = {}
+            self._pause_at: dict[str, _PauseAt] = {}  # llmsched id -> pause due at an output count
             self._adopted: dict[str, int] = {}  # llmsched id -> tokens of reserved blocks put in the prefix cache
             # Live migration, destination: requests pre-admitted during the pre-copy stages and held out of
             # scheduling until the commit (``_engine_release``) appends the tail and queues them.
@@ -240,6 +253,35 @@ class LlmschedConnector(KVConnectorBase_V1):
             return len(scheduler.requests) > running + waiting + len(self._held) + len(self._paused)
 
         scheduler.has_finished_requests = has_finished_requests
+        vllm_schedule = scheduler.schedule
+
+        def schedule(*args: Any, **kwargs: Any) -> Any:
+            if self._pause_at:
+                self._pause_due(scheduler)
+            return vllm_schedule(*args, **kwargs)
+
+        scheduler.schedule = schedule
+
+    def _pause_due(self, scheduler: Any) -> None:
+        """Before vLLM schedules a step: pause each running request that has made the output tokens its pending
+        pause waits for (the last step's outputs are on their way to the client already) and answer that pause."""
+        for lid, due in list(self._pause_at.items()):
+            request = due.request
+            if request not in scheduler.running:
+                continue  # preempted: it comes back to running (a finished one had ``request_finished`` answer)
+            if request.num_output_tokens >= due.output_tokens:
+                del self._pause_at[lid]
+                scheduler.running.remove(request)
+                self._paused[lid] = request
+                due.result.set_result(_stop_state(due.core, request, due.start_token))
+
+    def drop_pause_at(self, llmsched_id: str, why: str) -> bool:
+        """Answer a pending pause of ``llmsched_id`` with ``why`` (it will not stop). Returns whether one was."""
+        due = self._pause_at.pop(llmsched_id, None)
+        if due is None:
+            return False
+        due.result.set_result(why)
+        return True
 
     def reserve(self, llmsched_id: str, num_blocks: int) -> list[int] | str:
         """Hold ``num_blocks`` free KV blocks for an incoming migration. Returns their ids (stage copies are
@@ -360,6 +402,9 @@ class LlmschedConnector(KVConnectorBase_V1):
                 del self._held[str(lid)]
             if self._paused.get(str(lid)) is request:
                 del self._paused[str(lid)]
+            due = self._pause_at.get(str(lid))
+            if due is not None and due.request is request:
+                self.drop_pause_at(str(lid), f"request finished before it made {due.output_tokens} output tokens")
             if self._by_llmsched_id.get(str(lid)) == request.request_id:
                 del self._by_llmsched_id[str(lid)]
             self._consumed.discard(str(lid))
@@ -613,13 +658,21 @@ def _engine_unreserve(core: Any, llmsched_id: str) -> bool:
     return conn.unreserve(llmsched_id) if conn is not None else False
 
 
-def _engine_pause(core: Any, llmsched_id: str, start_token: int) -> dict[str, Any] | str:
+def _engine_pause(
+    core: Any, llmsched_id: str, start_token: int, at_output: int | None = None
+) -> dict[str, Any] | str | Future:
     """EngineCore utility: the source's stop-and-copy. Takes a *running, decoding* request out of the
     scheduler's running list (its blocks stay allocated, so ``resume`` can put it back as if it had simply not
     been scheduled for a few steps -- vLLM's worker keeps the cached state of unscheduled running requests) and
     returns its state plus the KV from ``start_token`` (``start_token < 0``: no KV, recompute migration).
+    A request paused already: its state again.
 
-    Returns a reason string when the request cannot be paused (finished, queued, preempted, prefilling).
+    ``at_output``: stop once the request has made that many output tokens here (``num_output_tokens``), before
+    the step after (exactly there: one token a step). Fewer so far: it decodes on -- a paused one is put back to
+    running -- and the answer is a ``Future`` that vLLM sends when ``LlmschedConnector._pause_due`` sets it.
+
+    Returns a reason string when the request cannot be paused (finished, queued, preempted, prefilling, past
+    ``at_output``).
     """
     from vllm.v1.request import RequestStatus
 
@@ -629,12 +682,31 @@ def _engine_pause(core: Any, llmsched_id: str, start_token: int) -> dict[str, An
         return "request is not running on this engine (finished?)"
     sched = core.scheduler
     conn.bind_scheduler(sched)
-    if request.status != RequestStatus.RUNNING or request not in sched.running:
-        return f"request is not running (status {request.status.name})"
-    if request.num_computed_tokens < request.num_prompt_tokens:
-        return "request is still in prefill"
-    sched.running.remove(request)
-    conn._paused[llmsched_id] = request
+    conn.drop_pause_at(llmsched_id, "a later pause of the request replaced this one")
+    made = request.num_output_tokens
+    if at_output is not None and made > at_output:
+        return f"request has made {made} output tokens here, past {at_output}"
+    paused = conn._paused.get(llmsched_id) is request
+    if at_output is not None and made < at_output:
+        if paused:
+            del conn._paused[llmsched_id]
+            sched.running.append(request)
+        due = _PauseAt(request, int(at_output), int(start_token), Future(), core)
+        conn._pause_at[llmsched_id] = due
+        return due.result
+    if not paused:
+        if request.status != RequestStatus.RUNNING or request not in sched.running:
+            return f"request is not running (status {request.status.name})"
+        if request.num_computed_tokens < request.num_prompt_tokens:
+            return "request is still in prefill"
+        sched.running.remove(request)
+        conn._paused[llmsched_id] = request
+    return _stop_state(core, request, start_token)
+
+
+def _stop_state(core: Any, request: Request, start_token: int) -> dict[str, Any]:
+    """A paused request's state for the stop-and-copy: token ids, output count, sampler RNG, KV from
+    ``start_token``."""
     n = request.num_computed_tokens  # == num_tokens - 1: the last sampled token has no KV yet
     out: dict[str, Any] = {
         "token_ids": list(request.all_token_ids),
@@ -646,7 +718,7 @@ def _engine_pause(core: Any, llmsched_id: str, start_token: int) -> dict[str, An
     if request.sampling_params is not None and request.sampling_params.seed is not None:
         out["rng_state"] = core.collective_rpc("llmsched_rng_state", args=(request.request_id,))[0]
     if start_token >= 0 and start_token < n:
-        block_ids = list(sched.kv_cache_manager.get_block_ids(request.request_id)[0])
+        block_ids = list(core.scheduler.kv_cache_manager.get_block_ids(request.request_id)[0])
         payload = core.collective_rpc("llmsched_copy_blocks", args=(block_ids, start_token, n))[0]
         payload["token_ids"] = list(request.all_token_ids[payload["start_token"] : n])
         out["kv"] = to_wire(payload)
@@ -659,8 +731,11 @@ def _engine_pause(core: Any, llmsched_id: str, start_token: int) -> dict[str, An
 
 
 def _engine_resume(core: Any, llmsched_id: str) -> bool:
-    """EngineCore utility: abort path of a migration; the paused request goes back to the running list."""
+    """EngineCore utility: abort path of a migration; the paused request goes back to the running list. A pause
+    still waiting for an output count is answered (it will not stop) and the request decodes on."""
     conn = _SCHEDULER_CONNECTOR
+    if conn is not None and conn.drop_pause_at(llmsched_id, "the request was resumed before it stopped"):
+        return True
     request = conn._paused.pop(llmsched_id, None) if conn is not None else None
     if request is None or request.is_finished():
         return False
