@@ -754,8 +754,11 @@ def test_parked_requests_do_not_keep_the_engine_stepping() -> None:
         def has_requests(self) -> bool:
             return bool(self.running or self.waiting) or self.has_finished_requests()
 
+        def schedule(self) -> None:  # wrapped too (pauses due at an output count)
+            return None
+
     conn = LlmschedConnector.__new__(LlmschedConnector)  # scheduler-side state only; no vLLM config needed
-    conn._held, conn._paused, conn._scheduler = {}, {}, None
+    conn._held, conn._paused, conn._pause_at, conn._scheduler = {}, {}, {}, None
     sched = FakeScheduler()
     conn.bind_scheduler(sched)
     held, paused, other = object(), object(), object()
