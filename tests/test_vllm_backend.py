@@ -471,7 +471,7 @@ def test_pause_at_an_output_count_stops_exactly_there(engines: Engines) -> None:
     has passed (staying paused); answers with a reason, and stops nothing, when the request is resumed or finishes
     first. The stream loses nothing: its tokens are the unpaused run's."""
     p = engines.prefill
-    rid, total = "pause-at", 1500
+    rid, total = "pause-at", 800
     prompt = tuple((i * 389 + 17) % 1000 + 3 for i in range(100))
     sampling = SamplingParams(max_tokens=total, ignore_eos=True)
     ref, _ = engines.run(_collect(p, EngineRequest(f"{rid}-ref", prompt, sampling)))
