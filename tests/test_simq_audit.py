@@ -61,7 +61,7 @@ def _simulated_queue_after_migration() -> list[str]:
     eng.add_request("busy", 64, 5000)
     eng.step()
     eng.add_request("late", 64, 8)
-    sim = SimpleNamespace(prefix_ids=lambda rid: {}, dec_of={}, _poke=lambda inst, now: None)
+    sim = SimpleNamespace(prefix_ids=lambda rid: {}, dec_of={}, _poke=lambda inst, now: None, poll=None)
     drv = MigrationDriver.__new__(MigrationDriver)  # the commit alone: no simulation run
     drv.sim, drv.policy, drv.committed, drv.total_s = sim, None, 0, []
     dst = SimpleNamespace(engine=eng, index=1, in_step=None)
