@@ -97,6 +97,9 @@ class _Scheduler:
         self.running: list[Any] = []
         self._enqueue = Scheduler._enqueue_waiting_request
 
+    def schedule(self) -> None:  # (bind_scheduler wraps it: a pause due at an output count is taken before a step)
+        raise AssertionError("not stepped here")
+
     def add_request(self, request: Any, conn: Any) -> None:
         """vLLM's ``Scheduler.add_request``: queue it, then tell the connector."""
         self._enqueue(self, request)
