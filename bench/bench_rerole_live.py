@@ -42,7 +42,8 @@ from bench.loadgen import (
     count_outcomes,
     start_stack,
 )
-from scheduler.demo import _instance_timings
+from scheduler.demo import _from_each_instance
+from scheduler.policy.route import RouteDecision, Router
 from scheduler.telemetry.report import write_json
 
 SLO_TTFT_S, SLO_TPOT_S = 2.0, 0.1  # the config's class-0 SLO, model seconds
@@ -69,6 +70,25 @@ def _at_instance(done: list, first: dict[str, tuple[float, ...]], scale: float) 
             "stack_p50_s": float(np.nanpercentile(stack, 50)), "stack_p90_s": float(np.nanpercentile(stack, 90))}
 
 
+def _per_request(per_instance: dict[str, dict], n: int, label: str, started: float, scale: float) -> dict[str, list]:
+    """Per request ``{label}-{i}`` of the window, from every instance's ``request_timings``: the instance whose
+    engine put out its first token (the prefill side), when that instance received it and when that first token came
+    out (model seconds from the load's start), and the instance that put out its last record (the decode leg's;
+    the same one without a handoff). ``None`` where no instance has it."""
+    recs: dict[int, list[tuple[float, float, str]]] = {}
+    for iid, timings in per_instance.items():
+        for rid, t in timings.items():
+            head, _, idx = rid.rpartition("-")
+            if head == label and idx.isdigit() and int(idx) < n:
+                recs.setdefault(int(idx), []).append(((t[1] - started) / scale, (t[0] - started) / scale, iid))
+    out: dict[str, list] = {k: [None] * n for k in ("prefill_instance", "decode_instance", "received_s", "first_s")}
+    for i, r in recs.items():
+        (first, received, iid), last = min(r), max(r)
+        out["prefill_instance"][i], out["received_s"][i], out["first_s"][i] = iid, received, first
+        out["decode_instance"][i] = last[2]
+    return out
+
+
 def run_live(cfg: Any, w: Any, scale: float, label: str) -> dict:
     stack = start_stack(cfg, time_scale=scale)
 
@@ -83,16 +103,19 @@ def run_live(cfg: Any, w: Any, scale: float, label: str) -> dict:
             started = await load.start()
             res = await load.result(timeout_s=span + 700.0)
             events = await stack.deployment.controller.scaling_events.remote()
-            first, _ = await _instance_timings(stack.ingress)
-            return res, events, started, first
+            timings = await _from_each_instance(stack.ingress, "request_timings", "server-side timings")
+            return res, events, started, timings
         finally:
             await stack.stop_front()
 
     try:
         t0 = time.perf_counter()
-        res, events, started, first = asyncio.run(go())
+        res, events, started, timings = asyncio.run(go())
     finally:
         stack.shutdown()
+    per = _per_request(timings, len(w), label, started, scale)
+    first = {f"{label}-{i}": (r * scale, f * scale) for i, (r, f) in enumerate(zip(per["received_s"], per["first_s"]))
+             if f is not None}
     done = [o for o in res if o.outcome == COMPLETED]
     ttft = np.array([o.ttft_s for o in done]) / scale
     tpot = np.array([o.tpot_s for o in done]) / scale
@@ -103,11 +126,11 @@ def run_live(cfg: Any, w: Any, scale: float, label: str) -> dict:
     out.update(outcomes=count_outcomes(res), lost_reasons=dict(lost.most_common(5)), wall_s=time.perf_counter() - t0,
                switches=[{k: e[k] for k in ("action", "instance", "to") if k in e}
                          | {"at_model_s": round((e["time_s"] - started) / scale, 1)}
-                         for e in events if e["action"].startswith("role_switch")])
+                         for e in events if e["action"].startswith("role_switch")], per_request=per)
     return out
 
 
-def run_sim(cfg: Any, w: Any, reroling: bool, *, ingress_poll_s: float | None = None) -> dict:
+def _simulate(cfg: Any, w: Any, reroling: bool, ingress_poll_s: float | None, router: Any = None) -> tuple[Any, Any]:
     from scheduler.policy.route import make_router
     from scheduler.policy.scaling import RerolePolicy
     from sim.metrics import request_metrics
@@ -117,23 +140,81 @@ def run_sim(cfg: Any, w: Any, reroling: bool, *, ingress_poll_s: float | None = 
     if reroling:
         kw = {"reroling": RerolePolicy(), "reroling_interval_s": 5.0,
               "reroling_options": {"switch_delay_s": 0.0, "handoff": False}}
-    sim = Simulator(cfg, router=make_router("least_outstanding"), ingress_poll_s=ingress_poll_s, **kw)
-    res = sim.run(w)
-    m = request_metrics(res)
+    sim = Simulator(cfg, router=router or make_router("least_outstanding"), ingress_poll_s=ingress_poll_s, **kw)
+    return sim, request_metrics(sim.run(w))
+
+
+def run_sim(cfg: Any, w: Any, reroling: bool, *, ingress_poll_s: float | None = None) -> dict:
+    sim, m = _simulate(cfg, w, reroling, ingress_poll_s)
     out = _stats(m.ttft_s, m.tpot_s, len(w))
     if sim.reroler is not None:
         out["switches"] = sim.reroler.summary()["switches"]
     return out
 
 
-def sim_error(live: dict, sim: dict) -> dict[str, float]:
-    """(sim - live) / live per metric, and the TTFT against the live one taken where the simulator takes it."""
+class _AsLive(Router):
+    """Routes request ``i`` (the simulator's id) to the instances the live run used for it."""
+
+    name = "as_live"
+
+    def __init__(self, prefill: list[str], decode: list[str]) -> None:
+        self._p, self._d = prefill, decode
+
+    def route(self, request: Any, view: Any) -> RouteDecision:
+        i = int(request.request_id)
+        return RouteDecision(self._p[i], self._d[i])  # the same one twice: it ran there start to end, colocated
+
+
+def run_sim_as_live(cfg: Any, w: Any, per: dict[str, list], reroling: bool, *,
+                    ingress_poll_s: float | None = None) -> dict[str, float]:
+    """The simulator on the live run's inputs to its instances: each request routed where live routed it, arriving
+    when its live prefill instance received it (``per``: ``_per_request``'s). What is left of the error against
+    the live TTFT at the instance is then the engines' and the host's -- not the routing's, nor the arrival jitter
+    the harness's hops add. Per request, ``late_*``: live's TTFT at the instance less the simulator's, here."""
+    from sim.simulator import Workload
+
+    keep = sorted((i for i, r in enumerate(per["received_s"]) if r is not None), key=lambda i: per["received_s"][i])
+    sub = Workload(np.array([per["received_s"][i] for i in keep]), w.prompt_tokens[keep], w.output_tokens[keep],
+                   name=f"{w.name} as live")
+    router = _AsLive([per["prefill_instance"][i] for i in keep], [per["decode_instance"][i] for i in keep])
+    _, m = _simulate(cfg, sub, reroling, ingress_poll_s, router)
+    live = np.array([per["first_s"][i] - per["received_s"][i] for i in keep])
+    late = live - m.ttft_s
+    return {"requests": len(keep), "ttft_p50_s": float(np.nanpercentile(m.ttft_s, 50)),
+            "ttft_p90_s": float(np.nanpercentile(m.ttft_s, 90)),
+            "late_p50_s": float(np.nanpercentile(late, 50)), "late_p90_s": float(np.nanpercentile(late, 90)),
+            "late_p99_s": float(np.nanpercentile(late, 99)), "late_over_10ms": float(np.mean(late > 0.01))}
+
+
+def sim_error(live: dict, sim: dict, as_live: dict | None = None) -> dict[str, float]:
+    """(sim - live) / live per metric, and the TTFT against the live one taken where the simulator takes it (also
+    with the simulator on live's routing and arrivals at the instances, ``as_live``: ``run_sim_as_live``)."""
     err = {k: (sim[k] - live[k]) / live[k] for k in sim if k != "switches" and live[k]}
+    for q in ("50", "90"):
+        if as_live and live.get(f"ttft_at_instance_p{q}_s"):
+            err[f"ttft_p{q}_s_as_live"] = (
+                as_live[f"ttft_p{q}_s"] - live[f"ttft_at_instance_p{q}_s"]) / live[f"ttft_at_instance_p{q}_s"]
     for q in ("50", "90"):  # against the live TTFT taken where the simulator takes it (at the engine)
         if live.get(f"ttft_at_instance_p{q}_s"):
             err[f"ttft_p{q}_s_at_instance"] = (
                 sim[f"ttft_p{q}_s"] - live[f"ttft_at_instance_p{q}_s"]) / live[f"ttft_at_instance_p{q}_s"]
     return err
+
+
+def _sim_side(out: dict, name: str, cfg: Any, w: Any, live: dict, poll: float | None) -> dict:
+    """The simulator's run against the live run ``name`` into ``out`` (``sim``, ``sim_error``; ``sim_as_live``
+    where the live run kept its per-request timings)."""
+    sim = out["sim"][name] = run_sim(cfg, w, name == "rerole", ingress_poll_s=poll)
+    as_live = None
+    if live.get("per_request"):
+        as_live = out.setdefault("sim_as_live", {})[name] = run_sim_as_live(
+            cfg, w, live["per_request"], name == "rerole", ingress_poll_s=poll)
+        print(f"  {name} sim on live's routing and arrivals at the instances: TTFT p50/p90 "
+              f"{as_live['ttft_p50_s']:.3f}/{as_live['ttft_p90_s']:.3f} s; live later per request p50/p90/p99 "
+              f"{as_live['late_p50_s'] * 1e3:.1f}/{as_live['late_p90_s'] * 1e3:.1f}/{as_live['late_p99_s'] * 1e3:.1f}"
+              f" ms", flush=True)
+    out["sim_error"][name] = sim_error(live, sim, as_live)
+    return sim
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,15 +253,14 @@ def main(argv: list[str] | None = None) -> int:
                            "config": "llama2-7b-pd-a100 (2 PREFILL + 2 DECODE, simulated A100 engines)",
                            "router": "least_outstanding", "slo": f"ttft {SLO_TTFT_S} s, tpot {SLO_TPOT_S} s",
                            "command": f"llmsched bench rerole-live --window {args.window:g} --time-scale {s:g}"
-                           + (" --no-poll" if args.no_poll else ""),
+                           + (f" --only {args.only}" if args.only else "") + (" --no-poll" if args.no_poll else ""),
                            "sim_ingress_poll_s": poll, "live": {}, "sim": {}, "sim_error": {}}
     if args.resim:
         # The live runs' command stands; the simulator side's is this one.
         out.update(command=rec["command"], live=rec["live"],
                    sim_command=f"llmsched bench rerole-live --resim {args.resim}" + (" --no-poll" if args.no_poll else ""))
         for name, live in rec["live"].items():
-            sim = out["sim"][name] = run_sim(runs[name], w, name == "rerole", ingress_poll_s=poll)
-            out["sim_error"][name] = sim_error(live, sim)
+            sim = _sim_side(out, name, runs[name], w, live, poll)
             print(f"  {name} sim: TTFT p50/p90 {sim['ttft_p50_s']:.3f}/{sim['ttft_p90_s']:.3f} s, TPOT p50/p90 "
                   f"{sim['tpot_p50_s'] * 1e3:.1f}/{sim['tpot_p90_s'] * 1e3:.1f} ms; error "
                   + ", ".join(f"{k} {v:+.1%}" for k, v in out["sim_error"][name].items()), flush=True)
@@ -191,8 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[rerole-live] {name}: {len(w)} requests over {w.arrival_s[-1] * s:.0f} s wall...", flush=True)
         live = out["live"][name] = run_live(cfg, w, s, name)
-        sim = out["sim"][name] = run_sim(cfg, w, name == "rerole", ingress_poll_s=poll)
-        out["sim_error"][name] = sim_error(live, sim)
+        sim = _sim_side(out, name, cfg, w, live, poll)
         print(f"  live: SLO {live['slo_attainment']:.1%}, TTFT p50/p90 {live['ttft_p50_s']:.2f}/{live['ttft_p90_s']:.2f}"
               f" s, TPOT p50/p90 {live['tpot_p50_s'] * 1e3:.0f}/{live['tpot_p90_s'] * 1e3:.0f} ms, "
               f"lost {live['outcomes']['lost']}, switches {live['switches']}", flush=True)

@@ -57,3 +57,39 @@ def test_resim_simulates_again_against_the_recorded_live_runs_with_the_ingress_p
     assert on_["sim_error"]["static"]["ttft_p90_s"] == pytest.approx((sim["ttft_p90_s"] - live["ttft_p90_s"])
                                                                      / live["ttft_p90_s"])
     assert off_["sim"]["static"]["ttft_p90_s"] < sim["ttft_p90_s"]
+
+
+def test_per_request_timings_name_the_prefill_side_and_the_decoder_in_model_seconds():
+    from bench.bench_rerole_live import _per_request
+
+    per_instance = {"prefill-1": {"static-0": (100.0, 100.2), "other-1": (1.0, 2.0)},
+                    "decode-0": {"static-0": (100.3, 100.5)}, "prefill-0": {"static-2": (104.0, 104.4)}}
+    per = _per_request(per_instance, 3, "static", 99.0, 2.0)
+    assert per["prefill_instance"] == ["prefill-1", None, "prefill-0"]
+    assert per["decode_instance"] == ["decode-0", None, "prefill-0"]  # no handoff: the same instance
+    assert per["received_s"][0] == pytest.approx(0.5) and per["first_s"][0] == pytest.approx(0.6)
+    assert per["received_s"][1] is None and per["first_s"][2] == pytest.approx(2.7)
+
+
+def test_the_simulator_on_lives_routing_and_arrivals_at_the_instances():
+    """Live sent requests 0 and 1 to prefill-1 at once (at 2.0 s, not at their trace times 0.0 / 0.3 s) and 2 to
+    prefill-0 alone: simulated so, 1 waits for 0's prefill step (least_outstanding on the trace's times runs each
+    at once), and what is left per request is live's lateness (5 ms on request 2)."""
+    from bench.bench_rerole_live import run_sim_as_live
+    from scheduler.config.load import load_config
+    from scheduler.latency import latency_for
+    from sim.simulator import Workload
+
+    cfg = load_config("llama2-7b-pd-a100")
+    lat = latency_for(cfg.model, cfg.gpus["a100"], 1)
+    a, c = lat.prefill_time(1000), lat.prefill_time(500)
+    w = Workload(np.array([0.0, 0.3, 0.6]), np.array([1000, 1000, 500]), np.array([10, 10, 10]), name="t")
+    per = {"prefill_instance": ["prefill-1", "prefill-1", "prefill-0"],
+           "decode_instance": ["decode-0", "decode-1", "decode-0"],
+           "received_s": [2.0, 2.0, 4.0], "first_s": [2.0 + a, 2.0 + 2 * a, 4.0 + c + 0.005]}
+    out = run_sim_as_live(cfg, w, per, False)
+    assert out["requests"] == 3
+    assert out["ttft_p90_s"] == pytest.approx(np.percentile([a, 2 * a, c], 90), abs=1e-9)
+    assert out["late_p50_s"] == pytest.approx(0.0, abs=1e-9)
+    assert out["late_p99_s"] == pytest.approx(np.percentile([0.0, 0.0, 0.005], 99), abs=1e-9)
+    assert out["late_over_10ms"] == 0.0
