@@ -12,10 +12,14 @@ hand-off, as the live switch: it costs the drain only), routing as the live ingr
 (``ingress_poll_s``: its 50 ms wall period in model seconds; ``--no-poll``: each instance as of its last step).
 The live TTFT is also reported where the simulator takes it, at the engine (instance received -> its engine's first
 token, ``ttft_at_instance_*``), and the rest -- the harness's gRPC, ingress and Ray hops -- apart (``stack_*``).
+Each live run keeps its per-request instances and timings (``per_request``), and the simulator runs it once more on
+them (``sim_as_live``: each request routed where live routed it, arriving when its prefill instance received it), so
+what is left of the error is the engines' and the host's (docs/simulator.md, "The static P/D run's TTFT tail").
 
     llmsched bench rerole-live                              # 200 s of trace, time scale 2 (~15 min)
     llmsched bench rerole-live --window 60 --json out.json
     llmsched bench rerole-live --resim docs/results/rerole_live.json   # the simulator side again, recorded live runs
+    llmsched bench rerole-live --window 100 --only static --json docs/results/rerole_live_static_100.json
 """
 
 from __future__ import annotations
