@@ -44,6 +44,9 @@ class SimInstance:
     # live ingress counts what it dispatched as waiting until its next refresh, so the next route sees them.
     incoming: int = 0
     noise: float = 1.0  # the host's step multiplier on this engine now (``LatencyModel.host_noise``)
+    # The last answer to the ingress's poll (``poll_answer``) and what it was read from.
+    poll_snap: InstanceSnapshot | None = None
+    poll_key: tuple | None = None
 
     @property
     def role(self) -> InstanceRole:
@@ -83,6 +86,24 @@ class SimInstance:
     def _read_key(self, detail: bool) -> tuple:
         eng = self.engine
         return eng.version, eng.prefill_blocks, eng.role, self.draining, self.incoming, detail
+
+    def poll_answer(self, now_s: float, *, detail: bool, ahead: int = 0) -> InstanceSnapshot:
+        """This instance's answer to the ingress's poll round, read ``ahead`` steps into its span (``EngineModel.ahead``;
+        0: as the engine stands). An engine unchanged since the last answer's read, read as far ahead, answers with
+        that snapshot object: the same state (its read time aside), and a second read would drop no prediction --
+        the first dropped those due by then (an idle or waiting instance was read again every round: most of the
+        poll rounds' cost)."""
+        eng = self.engine
+        key = (eng.version, ahead, eng.prefill_blocks, eng.role, self.draining, detail)
+        if key != self.poll_key or self.poll_snap is None:
+            if ahead:
+                with eng.ahead(ahead):
+                    self.poll_snap = self.fresh_snapshot(now_s, detail=detail, incoming=False)
+            else:
+                self.poll_snap = self.fresh_snapshot(now_s, detail=detail, incoming=False)
+            # after the read: it may drop spent predictions (a new version)
+            self.poll_key = (eng.version, ahead, eng.prefill_blocks, eng.role, self.draining, detail)
+        return self.poll_snap
 
     def amend_snapshot(self, now_s: float, **changes: object) -> None:
         """The routers' entry as of ``now_s`` with ``changes`` the ingress knows of and the engine's read does not

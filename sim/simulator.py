@@ -513,7 +513,7 @@ class Simulator:
         poll.ask(x.instance_id for x in self._live)
         for x in self._live:
             if not x.busy:
-                poll.answer(x.instance_id, x.fresh_snapshot(now, detail=self._detail, incoming=False))
+                poll.answer(x.instance_id, x.poll_answer(now, detail=self._detail))
             elif x.span is not None:
                 j = x.span.steps_done_by(now - x.span_start)
                 if j < x.span.steps:  # the span's last step ends with its STEP event
@@ -534,9 +534,7 @@ class Simulator:
         elif inst is not None:  # a span's step returned: the answer as of its end (a cut span's: its STEP event)
             rnd, span, j = payload  # type: ignore[misc]
             if rnd == poll.rounds and inst.span is span and inst.instance_id in poll.waiting:
-                with inst.engine.ahead(j):
-                    snap = inst.fresh_snapshot(now, detail=self._detail, incoming=False)
-                self._poll_answer(poll, inst, snap, now)
+                self._poll_answer(poll, inst, inst.poll_answer(now, detail=self._detail, ahead=j), now)
 
     def _poll_answer(self, poll: IngressPoll, inst: SimInstance, snap: InstanceSnapshot, now: float) -> None:
         if poll.answer(inst.instance_id, snap):
@@ -749,7 +747,7 @@ class Simulator:
             self._record(res, now, inst=inst)
         poll = self.poll
         if poll is not None and inst.instance_id in poll.waiting:  # its answer to the round: the step returned
-            self._poll_answer(poll, inst, inst.fresh_snapshot(now, detail=self._detail, incoming=False), now)
+            self._poll_answer(poll, inst, inst.poll_answer(now, detail=self._detail), now)
         self._kick(inst, now)
 
     def _busy_engines(self) -> int:
