@@ -5,6 +5,9 @@ the Ingress's drain on in-process or fake instances).
 2. Its waits and retries are ``config.drain`` (they were constants).
 3. A policy plan that moved a request the drain had to move was counted by the policy, not the drain, and the drain
    planned the same request again.
+4. The drain took the registry as complete two report periods after it began: a replica whose report came later
+   (a loaded host) had its streams released under it and re-prefilled. It now waits until every live replica has
+   polled twice since it began (each poll flushes that replica's unreported changes first).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from scheduler.config.models import DrainSpec
 from scheduler.control.api import GenerateRequest
 from scheduler.control.controller import Controller
 from scheduler.control.controller_migration import PLAN_TTL_S
-from scheduler.control.registry import EntryTable, RegistryEntry
+from scheduler.control.registry import EntryTable, RegistryEntry, RequestRecord
 from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot, Phase
 from scheduler.engine.base import SamplingParams, TokenChunk
 from scheduler.policy.migration import MigrationPlan, MigrationPolicy, MigrationReason
@@ -62,14 +65,21 @@ def _controller(monkeypatch: pytest.MonkeyPatch, *, aged: bool = True) -> Contro
 
 # ---- 1 ------------------------------------------------------------------------------------------------------------
 def test_drain_moves_says_whether_another_ingress_is_live(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``drain_moves`` tells the drain's ingress whether any other replica polled within ``PLAN_TTL_S`` -- and not
-    that none did while its registry is younger than that (a restarted Controller has not heard from them yet)."""
+    """``drain_moves`` tells the drain's ingress whether every other replica live (polled within ``PLAN_TTL_S``)
+    has polled twice since the drain began -- at once with none live, and not while its registry is younger than
+    that (a restarted Controller has not heard from them yet)."""
     ctrl = _controller(monkeypatch)
     ctrl._registry.apply("A", [RegistryEntry("a", "A", ("d",), 5, Phase.DECODE)], [], full=True)
     ctrl._registry.apply("G", [], [], full=True, now=time.monotonic() - PLAN_TTL_S)  # gone: silent since
     assert asyncio.run(ctrl.drain_moves("d", "A")) == (0, 0, True)
+    ctrl._end_drain_moves("d")
     asyncio.run(ctrl.take_migrations("B"))  # B polls: live, with nothing on the instance
+    asyncio.run(ctrl.take_migrations("B"))  # (before the drain: proves nothing of what it sent since)
     assert asyncio.run(ctrl.drain_moves("d", "A")) == (0, 0, False)
+    asyncio.run(ctrl.take_migrations("B"))
+    assert asyncio.run(ctrl.drain_moves("d", "A")) == (0, 0, False)  # its flush may predate the drain
+    asyncio.run(ctrl.take_migrations("B"))
+    assert asyncio.run(ctrl.drain_moves("d", "A")) == (0, 0, True)
 
     young = _controller(monkeypatch, aged=False)
     young._registry.seen("A")
@@ -110,11 +120,12 @@ def _timed_drain(ctrl: Any, **drain: float) -> float:
 
 def test_a_drain_with_no_other_ingress_live_does_not_wait_for_their_reports() -> None:
     """Every drain waited two report periods (2 x 0.2 s) for requests of other replicas to show in the registry;
-    with none live (``drain_moves``' third answer) there is nothing to wait for. With one, the wait stays."""
+    with every other live replica heard from (``drain_moves``' third answer; none live: at once) there is nothing to
+    wait for. Until then it waits, ``peer_wait_s`` at most."""
     alone = _timed_drain(_peers_ctrl((0, 0, True)))
     assert alone < 0.2, alone
-    others = _timed_drain(_peers_ctrl((0, 0, False)))
-    assert others >= 0.4, others
+    others = _timed_drain(_peers_ctrl((0, 0, False)), peer_wait_s=0.6)
+    assert others >= 0.6, others
 
 
 # ---- 2 ------------------------------------------------------------------------------------------------------------
@@ -195,7 +206,7 @@ def test_a_policy_plan_that_moves_a_request_off_a_drained_instance_is_the_drains
     asyncio.run(ctrl.migration_done("b3", True, True, drain=True))
     ctrl._registry.apply("B", [RegistryEntry(r, "B", ("x",), 9, Phase.DECODE) for r in ("b1", "b2", "b3")], [],
                          full=True)
-    assert asyncio.run(ctrl.drain_moves("d", "A")) == (0, 3, False)  # each counted once
+    assert asyncio.run(ctrl.drain_moves("d", "A")) == (0, 3, True)  # each counted once (B polled twice since)
 
     # A policy plan queued before the drain that B never takes: dropped at its TTL, then the drain plans b4.
     ctrl._registry.apply("B", [RegistryEntry("b4", "B", ("x",), 5, Phase.DECODE)], [], full=True)
@@ -249,3 +260,85 @@ def test_a_policy_migration_in_flight_off_a_drained_instance_counts_as_the_drain
     assert moved == 1
     assert [i for c in out for i in range(c.index, c.index + len(c.token_ids))] == list(range(300))
     assert out[-1].instance_id == "mixed-1"
+
+
+# ---- 4 ------------------------------------------------------------------------------------------------------------
+def test_a_drain_waits_for_a_live_replica_whose_report_comes_late(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replica B (live: it polled before) has a stream decoding on the drained instance that it has not reported
+    yet, and its event loop stalls: its next report and poll come three report periods after the drain began. The
+    drain (through A, on the Controller's real bookkeeping) waited two periods, saw nothing of B there and released
+    the instance under B's stream (re-prefilled); now it waits to hear from B, has B move the stream, and counts it.
+    A replica silent for ``PLAN_TTL_S`` (gone) is not waited for."""
+    ctrl = _controller(monkeypatch)
+    released: list[dict[str, tuple[str, ...]]] = []  # where the registry shows B's requests at the release
+
+    async def ok(*a: Any, **kw: Any) -> bool:
+        return True
+
+    async def release_it(iid: str, **kw: Any) -> bool:
+        released.append({e.request_id: e.instances for e in ctrl._registry.entries.values() if e.ingress_id == "B"})
+        return True
+
+    class Ctrl:
+        set_draining, release, drain_moves = _Method(ok), _Method(release_it), _Method(ctrl.drain_moves)
+
+    async def replica_b(resume_s: float, stop: asyncio.Event) -> list[str]:
+        """B: stalled until ``resume_s``; then, every poll period, it flushes its changes and polls for plans,
+        running a drain's move of its stream to mixed-1."""
+        taken: list[str] = []
+        await asyncio.sleep(resume_s - time.monotonic())
+        ctrl._registry.apply("B", [RegistryEntry("b1", "B", ("mixed-0",), 7, Phase.DECODE)], [], full=False)
+        while not stop.is_set():
+            for p in await ctrl.take_migrations("B"):
+                taken.append(p.request_id)
+                ctrl._registry.apply("B", [RegistryEntry(p.request_id, "B", ("mixed-1",), 9, Phase.DECODE)], [],
+                                     full=False)
+                await ctrl.migration_done(p.request_id, True, True, drain=True)
+            await asyncio.sleep(0.05)
+        return taken
+
+    async def scenario() -> tuple[int, list[str], float]:
+        ing = _ingress([FakeInstance("mixed-0"), FakeInstance("mixed-1")], controller=Ctrl())
+        ing.config = ing.config.model_copy(update={"drain": DrainSpec(peer_wait_s=5.0)})
+        await ctrl.take_migrations("B")  # B is live
+        ctrl._registry.apply("G", [], [], full=True, now=time.monotonic() - PLAN_TTL_S)  # G is gone: never waited for
+        stop = asyncio.Event()
+        t0 = time.monotonic()
+        b = asyncio.create_task(replica_b(t0 + 3 * ing.report_s, stop))
+        moved = await asyncio.wait_for(ing.drain("mixed-0"), 10.0)
+        took = time.monotonic() - t0
+        stop.set()
+        return moved, await b, took
+
+    moved, taken, took = asyncio.run(scenario())
+    # Old code: [{}] -- released before B's report came, under its stream (re-prefilled), nothing moved.
+    assert released == [{"b1": ("mixed-1",)}], released
+    assert taken == ["b1"] and moved == 1, (taken, moved)
+    assert took < 2.0, took  # heard from B: not held to peer_wait_s
+
+
+def test_an_ingress_flushes_its_registry_changes_before_each_plans_poll() -> None:
+    """What makes two polls since a drain began prove the Controller knows an ingress's requests there: its changes
+    not reported yet go first (one report at a time with the report loop's). Before, a poll came without them."""
+    calls: list[tuple[str, Any]] = []
+
+    async def report(ingress_id: str, upserts: list[RegistryEntry], removed: list[str], full: bool) -> str:
+        calls.append(("report", sorted(e.request_id for e in upserts)))
+        return "epoch"
+
+    async def take(ingress_id: str) -> list[MigrationPlan]:
+        calls.append(("take", None))
+        return []
+
+    class Ctrl:
+        report_requests, take_migrations = _Method(report), _Method(take)
+
+    async def scenario() -> None:
+        ing = _ingress([FakeInstance("mixed-0")], controller=Ctrl())
+        await ing._report()  # (the first report is the full set)
+        ing.registry.add(RequestRecord("r1", (1, 2), SamplingParams(max_tokens=4), instances=("mixed-0",)))
+        await ing._take_plans()
+        await ing._take_plans()  # nothing new: no empty report
+
+    asyncio.run(scenario())
+    assert calls == [("report", []), ("report", ["r1"]), ("take", None), ("take", None)], calls

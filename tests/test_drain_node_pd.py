@@ -430,8 +430,7 @@ def test_controller_plans_the_moves_of_other_ingresses_requests_off_a_drained_in
                          now=time.monotonic() - PLAN_TTL_S)  # gone: silent since
 
     def moves() -> tuple[int, int]:
-        waiting, moved, alone = asyncio.run(ctrl.drain_moves("d", "A"))
-        assert not alone  # B polls
+        waiting, moved, _ = asyncio.run(ctrl.drain_moves("d", "A"))
         return waiting, moved
 
     def take() -> list[str]:

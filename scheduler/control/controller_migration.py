@@ -57,6 +57,7 @@ class ControllerMigration:
         self._drain_moves: dict[str, _DrainMove] = {}  # request -> an operator drain's move of it
         self._drain_moved: dict[str, int] = {}  # draining instance -> other ingresses' moves committed off it
         self._drains: dict[str, float] = {}  # draining instance -> monotonic time of its drain's last drain_moves
+        self._drain_polls: dict[str, dict[str, int]] = {}  # draining instance -> each ingress' polls when it began
         self._policy_moves: dict[str, str] = {}  # request -> source of a policy plan taken, its outcome not reported
 
     def _drop_policy_plan(self, request_id: str) -> None:
@@ -109,7 +110,7 @@ class ControllerMigration:
     async def take_migrations(self, ingress_id: str) -> list[MigrationPlan]:
         """The migration plans for requests served by ``ingress_id`` (taken once)."""
         self._ensure_loop()
-        self._registry.seen(ingress_id)  # polled every plans_s by every live ingress: its heartbeat
+        self._registry.polled(ingress_id)  # polled every plans_s by every live ingress: its heartbeat
         plans = [p for _, p in self._plans.pop(ingress_id, [])]
         for p in plans:
             mv = self._drain_moves.get(p.request_id)
@@ -152,13 +153,21 @@ class ControllerMigration:
 
         Returns (the requests of other live ingresses -- heard from within ``PLAN_TTL_S`` -- the drain should still
         wait for: on the instance with a move to come, in flight, or committed but not yet switched over in the
-        registry; the moves committed off the instance so far; whether no other ingress is live, so none has a
-        request on its way there to wait for -- not known for ``PLAN_TTL_S`` after a restart). A request paired with
-        the instance while it prefills elsewhere is not waited for: its hand-off picks a decoder in service
-        (``Ingress._leaving``); one whose KV is on its way there is planned once its ingress reports it landed."""
+        registry; the moves committed off the instance so far; whether the registry is complete for the instance:
+        every other live ingress has polled (``take_migrations``) twice since the drain began -- at once when none
+        is live; not known for ``PLAN_TTL_S`` after a restart). An ingress flushes its unreported changes before
+        each poll, so the second poll's flush came after the first's answer, sent after the drain began: after the
+        instance went out of service, so every request of that ingress there is in the registry. (A fixed two
+        report periods missed a replica whose report came later on a loaded host: its streams were re-prefilled.)
+        A live but slow ingress is waited for (``peer_wait_s``, the node's deadline at most); one silent for
+        ``PLAN_TTL_S`` is gone and not. A request paired with the instance while it prefills elsewhere is not
+        waited for: its hand-off picks a decoder in service (``Ingress._leaving``); one whose KV is on its way there
+        is planned once its ingress reports it landed."""
         self._ensure_loop()
         now, wall = time.monotonic(), time.time()
         moves = self._drain_moves
+        if now - self._drains.get(instance_id, float("-inf")) >= PLAN_TTL_S:  # it begins (an earlier one is over)
+            self._drain_polls[instance_id] = self._registry.poll_counts()
         self._drains[instance_id] = now
         waiting = 0
         for e in self._registry.on_instance(instance_id):
@@ -193,7 +202,10 @@ class ControllerMigration:
                     moves[e.request_id] = _DrainMove(instance_id, now, tries + 1)
             waiting += 1
         live = self._registry.live(PLAN_TTL_S, now)
-        return waiting, self._drain_moved.get(instance_id, 0), live is not None and not live - {ingress_id}
+        began = self._drain_polls[instance_id]
+        heard = live is not None and all(
+            self._registry.polls(i) - began.get(i, 0) >= 2 for i in live - {ingress_id})
+        return waiting, self._drain_moved.get(instance_id, 0), heard
 
     def _policy_moving(self, request_id: str, ingress_id: str, instance_id: str) -> bool:
         """A policy plan moves ``request_id`` off ``instance_id``: handed out, or queued for ``ingress_id``."""
@@ -205,6 +217,7 @@ class ControllerMigration:
         """``instance_id`` left (``Controller._leaves``): its drain's moves are over."""
         self._drain_moved.pop(instance_id, None)
         self._drains.pop(instance_id, None)
+        self._drain_polls.pop(instance_id, None)
         for rid in [r for r, mv in self._drain_moves.items() if mv.instance_id == instance_id]:
             del self._drain_moves[rid]
         for rid in [r for r, src in self._policy_moves.items() if src == instance_id]:

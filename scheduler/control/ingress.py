@@ -190,6 +190,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         self.submit_timeout_s = submit_timeout_s
         self.tokenizer = tokenizer or make_tokenizer(config)
         self.registry = RequestRegistry()
+        self._report_lock = asyncio.Lock()  # one registry report at a time (``_report``)
         self._members: dict[str, Member] = {}
         self._snapshots: dict[str, InstanceSnapshot] = {}
         self._dead: set[str] = set()  # incarnations seen dead; never routed to again

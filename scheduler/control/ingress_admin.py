@@ -119,24 +119,24 @@ class IngressAdmin:
         end = now + self.config.drain.peer_wait_s
         if until is not None:
             end = min(end, until)
-        # The registry is a report behind (each replica reports every ``report_s``): a request that reached the
-        # instance just before it went out of service may not be there yet. Nothing reaches it after that (no
-        # route, no hand-off picks it), so two report periods on, what the registry shows is all there is --
-        # unless no other replica is live (``alone``): then nothing of another one can be on its way.
-        settled = now + 2 * self.report_s
         moved = waiting = 0
+        heard = False
         while True:
             try:
-                waiting, moved, alone = await asyncio.wait_for(
+                # ``heard``: every other live replica has told the Controller of its requests since the instance
+                # went out of service (nothing reaches it after that: no route, no hand-off picks it) -- at once
+                # when none is live. Not a fixed wait: a replica's report can come late on a loaded host.
+                waiting, moved, heard = await asyncio.wait_for(
                     _await(drain_moves.remote(instance_id, self.ingress_id)), 2.0)
             except (TimeoutError, *_DEAD, RayTaskError) as e:  # restarting: its registry comes back with the reports
                 log.info("drain of %s: other ingresses' requests: %r", instance_id, e)
             else:
-                if not waiting and (alone or time.monotonic() >= settled):
+                if not waiting and heard:
                     return moved
             if time.monotonic() >= end:
-                log.warning("drain of %s: %d request(s) of other ingresses still there at its deadline; released "
-                            "under them (recovered elsewhere)", instance_id, waiting)
+                log.warning("drain of %s: %d request(s) of other ingresses still there at its deadline%s; released "
+                            "under them (recovered elsewhere)", instance_id, waiting,
+                            "" if heard else ", and a replica not heard from since it began")
                 return moved
             await asyncio.sleep(0.1)
 

@@ -172,6 +172,9 @@ class IngressMigration:
         take = getattr(self.controller, "take_migrations", None)
         if take is None:
             return
+        # Unreported registry changes first: a drain through another replica waits for two polls of this one
+        # since it began (``ControllerMigration.drain_moves``), and then knows every request of it on the instance.
+        await self._report()
         try:
             plans = await asyncio.wait_for(_await(take.remote(self.ingress_id)), 2.0)
         except (TimeoutError, *_DEAD, RayTaskError):

@@ -97,7 +97,12 @@ class IngressView:
         self._view = ClusterView(self._view.time_s, tuple(s for s in self._view.instances if s.instance_id != iid))
 
     async def _report(self) -> None:
-        """Send the registry delta to the Controller (full set after it restarted)."""
+        """Send the registry delta to the Controller (full set after it restarted). One at a time (from the report
+        loop, and before each plans poll): two deltas in flight could be applied out of order."""
+        async with self._report_lock:
+            await self._report_delta()
+
+    async def _report_delta(self) -> None:
         full = self._controller_epoch is None
         upserts, removed = self.registry.take_delta(self.ingress_id, full=full)
         if not full and not upserts and not removed:

@@ -166,11 +166,24 @@ class EntryTable:
         self.entries: dict[str, RegistryEntry] = {}
         self.ttl_s = ttl_s
         self._seen: dict[str, float] = {}  # ingress id -> monotonic time it was last heard from
+        self._polls: dict[str, int] = {}  # ingress id -> its ``take_migrations`` polls (``polled``)
         self._swept: float | None = None
         self._born = time.monotonic()
 
     def seen(self, ingress_id: str, now: float | None = None) -> None:
         self._seen[ingress_id] = time.monotonic() if now is None else now
+
+    def polled(self, ingress_id: str) -> None:
+        """``ingress_id`` polled for migration plans: a heartbeat, counted (a drain's "heard from you since": an
+        ingress flushes its unreported registry changes before each poll, ``IngressMigration._take_plans``)."""
+        self.seen(ingress_id)
+        self._polls[ingress_id] = self._polls.get(ingress_id, 0) + 1
+
+    def polls(self, ingress_id: str) -> int:
+        return self._polls.get(ingress_id, 0)
+
+    def poll_counts(self) -> dict[str, int]:
+        return dict(self._polls)
 
     def silent_s(self, ingress_id: str, now: float | None = None) -> float:
         """How long ``ingress_id`` has not been heard from (``inf``: never, or dropped)."""
@@ -214,6 +227,7 @@ class EntryTable:
         for rid in [r for r, e in self.entries.items() if e.ingress_id == ingress_id]:
             del self.entries[rid]
         self._seen.pop(ingress_id, None)
+        self._polls.pop(ingress_id, None)
 
     def on_instance(self, instance_id: str) -> list[RegistryEntry]:
         return [e for e in self.entries.values() if instance_id in e.instances]
