@@ -67,7 +67,7 @@ def _controller(monkeypatch: pytest.MonkeyPatch, *, aged: bool = True) -> Contro
 def test_drain_moves_says_whether_another_ingress_is_live(monkeypatch: pytest.MonkeyPatch) -> None:
     """``drain_moves`` tells the drain's ingress whether every other replica live (polled within ``PLAN_TTL_S``)
     has polled twice since the drain began -- at once with none live; while its registry is younger than that (a
-    restarted Controller), each that polled it so far."""
+    restarted Controller), each heard from so far."""
     ctrl = _controller(monkeypatch)
     ctrl._registry.apply("A", [RegistryEntry("a", "A", ("d",), 5, Phase.DECODE)], [], full=True)
     ctrl._registry.apply("G", [], [], full=True, now=time.monotonic() - PLAN_TTL_S)  # gone: silent since
@@ -81,7 +81,7 @@ def test_drain_moves_says_whether_another_ingress_is_live(monkeypatch: pytest.Mo
     asyncio.run(ctrl.take_migrations("B"))
     assert asyncio.run(ctrl.drain_moves("d", "A")) == (0, 0, True)
 
-    # A Controller restarted less than PLAN_TTL_S ago waits for the replicas that polled it so far.
+    # A Controller restarted less than PLAN_TTL_S ago waits for the replicas heard from so far.
     young = _controller(monkeypatch, aged=False)
     young._registry.seen("A")
     asyncio.run(young.take_migrations("B"))

@@ -155,7 +155,7 @@ class ControllerMigration:
         wait for: on the instance with a move to come, in flight, or committed but not yet switched over in the
         registry; the moves committed off the instance so far; whether the registry is complete for the instance:
         every other live ingress has polled (``take_migrations``) twice since the drain began -- at once when none
-        is live; within ``PLAN_TTL_S`` of a restart, every other that polled it so far). An ingress flushes its unreported changes before
+        is live; within ``PLAN_TTL_S`` of a restart, every other heard from so far). An ingress flushes its unreported changes before
         each poll, so the second poll's flush came after the first's answer, sent after the drain began: after the
         instance went out of service, so every request of that ingress there is in the registry. (A fixed two
         report periods missed a replica whose report came later on a loaded host: its streams were re-prefilled.)
@@ -201,11 +201,9 @@ class ControllerMigration:
                     self._plans.setdefault(e.ingress_id, []).append((wall, plan))
                     moves[e.request_id] = _DrainMove(instance_id, now, tries + 1)
             waiting += 1
-        # (Within PLAN_TTL_S of a restart, the ones that polled this Controller so far: a live one that has not yet
-        # is not known.)
-        live = self._registry.live(PLAN_TTL_S, now)
-        if live is None:
-            live = {i for i in self._registry.poll_counts() if self._registry.silent_s(i, now) < PLAN_TTL_S}
+        # (Within PLAN_TTL_S of a restart, those heard from so far: a live one that has not reported or polled yet
+        # is not known. An ingress reports once as it starts, before it routes anything.)
+        live = self._registry.heard(PLAN_TTL_S, now)
         began = self._drain_polls[instance_id]
         heard = all(self._registry.polls(i) - began.get(i, 0) >= 2 for i in live - {ingress_id})
         return waiting, self._drain_moved.get(instance_id, 0), heard

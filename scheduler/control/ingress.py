@@ -265,6 +265,10 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
     async def _start(self) -> None:
         await self._refresh_members()
         await self._refresh_view()
+        # Heard from before it routes anything: a drain through another replica waits for the live ones
+        # (``ControllerMigration.drain_moves``); one it never heard from, started just before, was not waited for
+        # and its streams on the drained instance were re-prefilled (the first report came a period later).
+        await self._report()
         self._tasks = [
             asyncio.create_task(self._loop(self._refresh_view, self.refresh_s)),
             asyncio.create_task(self._loop(self._refresh_members, self.members_s)),

@@ -99,6 +99,8 @@ class IngressView:
     async def _report(self) -> None:
         """Send the registry delta to the Controller (full set after it restarted). One at a time (from the report
         loop, and before each plans poll): two deltas in flight could be applied out of order."""
+        if getattr(self.controller, "report_requests", None) is None:
+            return  # (no Controller to report to)
         async with self._report_lock:
             await self._report_delta()
 

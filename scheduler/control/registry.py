@@ -190,12 +190,9 @@ class EntryTable:
         t = self._seen.get(ingress_id)
         return float("inf") if t is None else (time.monotonic() if now is None else now) - t
 
-    def live(self, within_s: float, now: float | None = None) -> set[str] | None:
-        """The ingresses heard from within ``within_s``; ``None`` while this table is younger than that (a restarted
-        Controller's: the live ones may not have polled it yet)."""
+    def heard(self, within_s: float, now: float | None = None) -> set[str]:
+        """The ingresses heard from within ``within_s`` (however young this table is)."""
         now = time.monotonic() if now is None else now
-        if now - self._born < within_s:
-            return None
         return {i for i, t in self._seen.items() if now - t < within_s}
 
     def apply(self, ingress_id: str, upserts: list[RegistryEntry], removed: list[str], *, full: bool,
