@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -137,20 +139,28 @@ def follow_published(batches: list[tuple[int, list]]) -> tuple[frozenset[int] | 
     import zmq
     from vllm.distributed.kv_events import KVEventBatch
 
+    async def until(done: Callable[[], bool], what: str, bound_s: float = 30.0) -> None:
+        # Polled to a generous bound: on a loaded CI host (load 12-17 on 2 cores) fixed waits of 0.2 s for the
+        # subscription and 1 s for the batches ran out, and both batches were lost before anyone listened.
+        deadline = time.monotonic() + bound_s
+        while not done():
+            assert time.monotonic() < deadline, f"{what} within {bound_s} s"
+            await asyncio.sleep(0.01)
+
     async def scenario(tmp: str) -> tuple[frozenset[int] | None, int]:
         endpoint = f"ipc://{tmp}/kv-events"
-        pub = zmq.Context.instance().socket(zmq.PUB)
+        # XPUB is PUB on the wire (the subscriber cannot tell) and tells when the subscription has arrived: a PUB
+        # socket drops what it sends before then.
+        pub = zmq.Context.instance().socket(zmq.XPUB)
         pub.bind(endpoint)
         index, changes = PrefixIndex(), []
         task = asyncio.create_task(follow(subscribe(endpoint), index, lambda: changes.append(1)))
-        await asyncio.sleep(0.2)  # the subscription reaches the publisher
+        await until(lambda: pub.poll(0, zmq.POLLIN), "the subscription reaches the publisher")
+        assert pub.recv() == b"\x01"  # subscribed to every topic
         for seq, events in batches:
             payload = msgspec.msgpack.Encoder().encode(KVEventBatch(ts=0.0, events=events))
             pub.send_multipart((b"", seq.to_bytes(8, "big"), payload))
-        for _ in range(50):
-            if len(changes) == len(batches):
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: len(changes) >= len(batches), "every batch read")
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         pub.close(linger=0)
