@@ -221,6 +221,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip("vllm")
     from scheduler.engine.tiny_model import ensure_tiny_model
     from scheduler.engine.vllm_backend import VLLMBackend
+    from tests.test_vllm_backend import ENGINE_START_S
 
     cache = os.environ.get("LLMSCHED_CACHE") or str(tmp_path_factory.getbasetemp().parent / "llmsched-cache")
     os.environ["LLMSCHED_CACHE"] = cache
@@ -236,7 +237,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory):
         engine_kwargs={"distributed_executor_backend": "uni"},
     )
     try:
-        loop.run_until_complete(asyncio.wait_for(backend.start(), 240))
+        loop.run_until_complete(asyncio.wait_for(backend.start(), ENGINE_START_S))
         yield loop, backend
     finally:
         loop.run_until_complete(backend.shutdown())
