@@ -93,17 +93,19 @@ class SimInstance:
         that snapshot object: the same state (its read time aside), and a second read would drop no prediction --
         the first dropped those due by then (an idle or waiting instance was read again every round: most of the
         poll rounds' cost)."""
-        eng = self.engine
-        key = (eng.version, ahead, eng.prefill_blocks, eng.role, self.draining, detail)
-        if key != self.poll_key or self.poll_snap is None:
+        if self.poll_snap is None or self.poll_key != self._poll_key(detail, ahead):
             if ahead:
-                with eng.ahead(ahead):
+                with self.engine.ahead(ahead):
                     self.poll_snap = self.fresh_snapshot(now_s, detail=detail, incoming=False)
             else:
                 self.poll_snap = self.fresh_snapshot(now_s, detail=detail, incoming=False)
-            # after the read: it may drop spent predictions (a new version)
-            self.poll_key = (eng.version, ahead, eng.prefill_blocks, eng.role, self.draining, detail)
+            self.poll_key = self._poll_key(detail, ahead)  # after the read: it may drop spent predictions
         return self.poll_snap
+
+    def _poll_key(self, detail: bool, ahead: int) -> tuple:
+        # ``_read_key`` less the requests on their way here (an answer has none), plus how far ahead it was read.
+        eng = self.engine
+        return eng.version, ahead, eng.prefill_blocks, eng.role, self.draining, detail
 
     def amend_snapshot(self, now_s: float, **changes: object) -> None:
         """The routers' entry as of ``now_s`` with ``changes`` the ingress knows of and the engine's read does not

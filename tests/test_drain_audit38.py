@@ -50,14 +50,11 @@ class _Planner(MigrationPolicy):
         self.dropped.append(request_id)
 
 
-def _controller(monkeypatch: pytest.MonkeyPatch, *, aged: bool = True) -> Controller:
-    """The Controller's migration side alone (its registry, plans, drain state); ``aged``: its registry is older
-    than ``PLAN_TTL_S`` (not a just-restarted Controller's)."""
+def _controller(monkeypatch: pytest.MonkeyPatch) -> Controller:
+    """The Controller's migration side alone (its registry, plans, drain state)."""
     monkeypatch.setattr(Controller, "_ensure_loop", lambda self: None)
     ctrl = Controller.__new__(Controller)
     ctrl._registry, ctrl._plans, ctrl._migration = EntryTable(), {}, None
-    if aged:
-        ctrl._registry._born -= PLAN_TTL_S
     ctrl.migration_stats = {"planned": 0, "dropped": 0, "committed": 0, "failed": 0}
     ctrl._init_drain_moves(DrainSpec())
     return ctrl
@@ -82,7 +79,7 @@ def test_drain_moves_says_whether_another_ingress_is_live(monkeypatch: pytest.Mo
     assert asyncio.run(ctrl.drain_moves("d", "A")) == (0, 0, True)
 
     # A Controller restarted less than PLAN_TTL_S ago waits for the replicas heard from so far.
-    young = _controller(monkeypatch, aged=False)
+    young = _controller(monkeypatch)  # (a fresh registry: as just restarted)
     young._registry.seen("A")
     asyncio.run(young.take_migrations("B"))
     assert asyncio.run(young.drain_moves("d", "A")) == (0, 0, False)

@@ -168,7 +168,6 @@ class EntryTable:
         self._seen: dict[str, float] = {}  # ingress id -> monotonic time it was last heard from
         self._polls: dict[str, int] = {}  # ingress id -> its ``take_migrations`` polls (``polled``)
         self._swept: float | None = None
-        self._born = time.monotonic()
 
     def seen(self, ingress_id: str, now: float | None = None) -> None:
         self._seen[ingress_id] = time.monotonic() if now is None else now
