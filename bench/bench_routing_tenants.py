@@ -13,8 +13,8 @@ Rows, all lookahead (the simulator predicts each request as it arrives and learn
 ingress does): ``oracle`` (the true lengths), ``online_per_tenant`` (``params: {online: true}``, the tenant column
 kept), ``online_shared`` (the same, the tenant column dropped: one history), ``shipped`` (the trace predictor,
 no learning; its pooled guess, over every dataset it was fitted on), ``shipped_named`` (the same told each request's
-dataset under the name it was fitted on: in-sample, a reference), ``none`` (no prediction). Printed: mean E2E, P99 TTFT, SLO attainment, per-tenant MAE of the guess,
-and ratios against ``online_shared`` in the same run.
+dataset under the name it was fitted on: in-sample, a reference), ``none`` (no prediction). Printed: mean E2E,
+P99 TTFT, SLO attainment, per-tenant MAE of the guess, and ratios against ``online_shared`` in the same run.
 
     python bench/bench_routing_tenants.py [--data DIR] [--minutes 20] [--load 0.8] [--config default] [--json OUT]
         [--tpot-miss-penalty S] [--steady-batch]

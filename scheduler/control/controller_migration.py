@@ -151,18 +151,19 @@ class ControllerMigration:
         again until the drain releases the instance. A request the migration policy's plan moves off already
         (handed out before the drain began) is not planned again: that plan is its move, counted here if it commits.
 
-        Returns (the requests of other live ingresses -- heard from within ``PLAN_TTL_S`` -- the drain should still
-        wait for: on the instance with a move to come, in flight, or committed but not yet switched over in the
-        registry; the moves committed off the instance so far; whether the registry is complete for the instance:
-        every other live ingress has polled (``take_migrations``) twice since the drain began -- at once when none
-        is live; within ``PLAN_TTL_S`` of a restart, every other heard from so far). An ingress flushes its unreported changes before
-        each poll, so the second poll's flush came after the first's answer, sent after the drain began: after the
-        instance went out of service, so every request of that ingress there is in the registry. (A fixed two
-        report periods missed a replica whose report came later on a loaded host: its streams were re-prefilled.)
-        A live but slow ingress is waited for (``peer_wait_s``, the node's deadline at most); one silent for
-        ``PLAN_TTL_S`` is gone and not. A request paired with the instance while it prefills elsewhere is not
-        waited for: its hand-off picks a decoder in service (``Ingress._leaving``); one whose KV is on its way there
-        is planned once its ingress reports it landed."""
+        Returns (the requests of other live ingresses -- heard from within ``PLAN_TTL_S`` -- the drain should
+        still wait for: on the instance with a move to come, in flight, or committed but not yet switched over
+        in the registry; the moves committed off the instance so far; whether the registry is complete for the
+        instance: every other live ingress has polled (``take_migrations``) twice since the drain began -- at
+        once when none is live; within ``PLAN_TTL_S`` of a restart, every other heard from so far). An ingress
+        flushes its unreported changes before each poll, so the second poll's flush came after the first's
+        answer, sent after the drain began: after the instance went out of service, so every request of that
+        ingress there is in the registry. (A fixed two report periods missed a replica whose report came later
+        on a loaded host: its streams were re-prefilled.) A live but slow ingress is waited for
+        (``peer_wait_s``, the node's deadline at most); one silent for ``PLAN_TTL_S`` is gone and not. A
+        request paired with the instance while it prefills elsewhere is not waited for: its hand-off picks a
+        decoder in service (``Ingress._leaving``); one whose KV is on its way there is planned once its
+        ingress reports it landed."""
         self._ensure_loop()
         now, wall = time.monotonic(), time.time()
         moves = self._drain_moves

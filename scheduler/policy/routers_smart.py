@@ -85,8 +85,9 @@ class LlumnixRouter(PairingRouter):
       virtual usages, divided by the batch size: how many decode steps the batch can still run. As the code's
       default dispatch metric (AlibabaPAI/llumnix ``RemainingStepsLoad``, ``DISPATCH_LOAD_METRIC =
       'remaining_steps'``): (total - used - blocks of all queued prompts) / (running + waiting requests), the
-      newcomer not counted, an instance with no request the best (freeness +inf; ties: ``ties`` below). The score is -F (lower is better, as every router's). On a P/D view it picks
-      the decode instance; the prefill instance is still picked by usage ratio, as the code's P/D defaults do
+      newcomer not counted, an instance with no request the best (freeness +inf; ties: ``ties`` below). The
+      score is -F (lower is better, as every router's). On a P/D view it picks the decode instance; the
+      prefill instance is still picked by usage ratio, as the code's P/D defaults do
       (``DISPATCH_DECODE_LOAD_METRIC = 'remaining_steps'``, ``DISPATCH_PREFILL_LOAD_METRIC`` and
       ``DISPATCH_DECODE_AS_PREFILL_LOAD_METRIC = 'kv_blocks_ratio'``).
 
