@@ -194,14 +194,13 @@ def sim_error(live: dict, sim: dict, as_live: dict | None = None) -> dict[str, f
     """(sim - live) / live per metric, and the TTFT against the live one taken where the simulator takes it (also
     with the simulator on live's routing and arrivals at the instances, ``as_live``: ``run_sim_as_live``)."""
     err = {k: (sim[k] - live[k]) / live[k] for k in sim if k != "switches" and live[k]}
-    for q in ("50", "90"):
-        if as_live and live.get(f"ttft_at_instance_p{q}_s"):
-            err[f"ttft_p{q}_s_as_live"] = (
-                as_live[f"ttft_p{q}_s"] - live[f"ttft_at_instance_p{q}_s"]) / live[f"ttft_at_instance_p{q}_s"]
     for q in ("50", "90"):  # against the live TTFT taken where the simulator takes it (at the engine)
-        if live.get(f"ttft_at_instance_p{q}_s"):
-            err[f"ttft_p{q}_s_at_instance"] = (
-                sim[f"ttft_p{q}_s"] - live[f"ttft_at_instance_p{q}_s"]) / live[f"ttft_at_instance_p{q}_s"]
+        at = live.get(f"ttft_at_instance_p{q}_s")
+        if not at:
+            continue
+        err[f"ttft_p{q}_s_at_instance"] = (sim[f"ttft_p{q}_s"] - at) / at
+        if as_live:
+            err[f"ttft_p{q}_s_as_live"] = (as_live[f"ttft_p{q}_s"] - at) / at
     return err
 
 
