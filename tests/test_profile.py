@@ -306,17 +306,69 @@ def test_resimulate_names_the_report_that_lacks_samples(tmp_path):
         resimulate(load_config(DEFAULT_CONFIG), [str(tmp_path)])
 
 
-def _fake_sdk(monkeypatch, events: list, prompts: list, roles: tuple[str, ...] = ("mixed",), *,
-              spread: bool = False) -> None:
-    """Replace the SDK's AsyncClient with instances of ``roles`` (default: one MIXED) that stream a token every
-    0.5 ms, recording each request's (start|end, time, max_tokens) in ``events`` and its prompt in ``prompts``.
-    Every chunk says instance "i0"; with ``spread``, "i<k>" for a request sent with k others in flight (as a
-    router spreading streams over decoders)."""
+class _VirtualSelector:
+    """A selector that never waits: with no I/O ready it moves the loop's clock to the next timer instead."""
+
+    def __init__(self, loop, selector):
+        self._loop, self._selector = loop, selector
+
+    def select(self, timeout=None):
+        events = self._selector.select(0 if timeout is not None else None)
+        if not events and timeout:
+            self._loop.now += timeout
+        return events
+
+    def __getattr__(self, name):
+        return getattr(self._selector, name)
+
+
+def _virtual_time_loop():
+    """An event loop on a virtual clock (``loop.time()``): sleeps take no wall time and end exactly on time.
+    A fake engine paced by ``asyncio.sleep`` in the test's own process otherwise shares a loaded host's
+    scheduling delay with the profiler: on a CI host at load 12-17 on 2 cores each 1 ms fake token gap gained
+    a few ms, and the measured 3x factor read 1.49 or 4.6-4.9 (3 failures in 4 runs)."""
     import asyncio
+
+    loop = asyncio.SelectorEventLoop()
+    loop.now = 0.0
+    loop.time = lambda: loop.now
+    loop._selector = _VirtualSelector(loop, loop._selector)
+    return loop
+
+
+def _run_virtual(monkeypatch, coro):
+    """Run ``coro`` (a ``measure`` call) on ``_virtual_time_loop``, the profile's clock being the loop's: a fake
+    engine's ``asyncio.sleep`` paces exactly what the profile times."""
     import time
     from types import SimpleNamespace
 
+    import scheduler.profile as profile_mod
+
+    loop = _virtual_time_loop()
+    monkeypatch.setattr(profile_mod, "time", SimpleNamespace(perf_counter=loop.time, time_ns=time.time_ns))
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+TOKEN_S = 0.0005  # the fake engine's time per token (virtual: ``_run_virtual``)
+
+
+def _fake_sdk(monkeypatch, events: list, prompts: list, roles: tuple[str, ...] = ("mixed",), *,
+              spread: bool = False, build_s: float = 0.0) -> None:
+    """Replace the SDK's AsyncClient with instances of ``roles`` (default: one MIXED) that stream a token every
+    ``TOKEN_S`` of the running loop's clock, recording each request's (start|end, time, max_tokens) in ``events``
+    and its prompt in ``prompts``. Every chunk says instance "i0"; with ``spread``, "i<k>" for a request sent with
+    k others in flight (as a router spreading streams over decoders). ``build_s``: the first token of a prompt
+    size the fake has not run before comes that much later (the vLLM CPU build's kernel build)."""
+    import asyncio
+    from types import SimpleNamespace
+
     import scheduler.client as client_mod
+
+    ran: set[int] = set()
 
     class FakeClient:
         def __init__(self, target, token=None):
@@ -326,13 +378,17 @@ def _fake_sdk(monkeypatch, events: list, prompts: list, roles: tuple[str, ...] =
             return SimpleNamespace(instances=[SimpleNamespace(role=SimpleNamespace(value=r)) for r in roles])
 
         async def stream(self, ids, *, max_tokens, **kw):
+            now = asyncio.get_running_loop().time
             prompts.append(tuple(ids))
             inst = f"i{sum(1 if e[0] == 'start' else -1 for e in events)}" if spread else "i0"
-            events.append(("start", time.perf_counter(), max_tokens))
+            events.append(("start", now(), max_tokens))
+            if build_s and len(ids) not in ran:
+                await asyncio.sleep(build_s)
+            ran.add(len(ids))
             for i in range(max_tokens):
-                await asyncio.sleep(0.0005)
+                await asyncio.sleep(TOKEN_S)
                 yield SimpleNamespace(token_ids=(5,), instance_id=inst, index=i)
-            events.append(("end", time.perf_counter(), max_tokens))
+            events.append(("end", now(), max_tokens))
 
         async def close(self):
             pass
@@ -346,14 +402,14 @@ def test_lone_ttft_samples_follow_an_idle_gap(monkeypatch, roles, ttft_tokens):
     stack stays hot and short prompts measure ~2x faster than trace arrivals, which are spaced, ever see. On a P/D
     cluster the sample asks for two tokens, as a replayed request does: its token 0 goes out while the KV is
     handed to a decoder (one token ends at the prefill instance, with no handoff beside it)."""
-    import asyncio
-
     from scheduler.profile import PREFILL_GRID, measure
 
     events: list[tuple[str, float, int]] = []  # (start|end, time, max_tokens)
     _fake_sdk(monkeypatch, events, [], roles)
-    samples = asyncio.run(measure("fake:0", repeats=2, decode_tokens=8, idle_gap_s=0.02))
+    samples = _run_virtual(monkeypatch, measure("fake:0", repeats=2, decode_tokens=8, idle_gap_s=0.02))
     assert sorted(N for N, _ in samples["prefill"]) == sorted(PREFILL_GRID)
+    # The TTFT is the request's alone: its first token, the idle gap before it not counted.
+    assert [t for _, t in samples["prefill"]] == pytest.approx([TOKEN_S] * len(PREFILL_GRID), abs=1e-12)
     lone = [i for i, (kind, _, mt) in enumerate(events) if kind == "start" and mt == ttft_tokens]
     # An unrecorded round over the grid, then per round and grid size: a grid sample, a size never sent, and it again.
     assert len(lone) == len(PREFILL_GRID) + 2 * 3 * len(PREFILL_GRID)
@@ -363,7 +419,7 @@ def test_lone_ttft_samples_follow_an_idle_gap(monkeypatch, roles, ttft_tokens):
     for i in lone:
         in_flight = sum(1 if k == "start" else -1 for k, _, _ in events[:i])
         assert in_flight == 0
-        assert events[i][1] - events[i - 1][1] >= 0.02 * 0.9  # idle since the previous request ended
+        assert events[i][1] - events[i - 1][1] == pytest.approx(0.02, abs=1e-12)  # idle since the last one ended
 
 
 @pytest.mark.parametrize("roles, streams", [(("prefill", "decode"), [1]), (("prefill", "decode", "decode"), [1, 2]),
@@ -372,21 +428,23 @@ def test_pd_profile_times_prefills_beside_decode_streams(monkeypatch, roles, str
     """On a P/D cluster the profile sends prefills of ``BESIDE_SIZES`` while one other request streams, and with
     two decoders while two do, one on each (its engine step, stamped by the caller, over the lone step at that
     size becomes the prefill table's two- and three-busy entries); a single MIXED instance has no other engine to
-    measure it against."""
-    import asyncio
-
+    measure it against. Each stream starts once the one before it is past its second token (decoding), and the
+    prefill as soon as the last one is."""
     from scheduler.profile import BESIDE_SIZES, BESIDE_TOKENS, measure
 
     events: list[tuple[str, float, int]] = []
     prompts: list[tuple[int, ...]] = []
     _fake_sdk(monkeypatch, events, prompts, roles, spread=True)
-    samples = asyncio.run(measure("fake:0", repeats=2, decode_tokens=8, idle_gap_s=0.01))
+    samples = _run_virtual(monkeypatch, measure("fake:0", repeats=2, decode_tokens=8, idle_gap_s=0.01))
     assert [(N, k) for N, _, k in samples["beside_runs"]] == [(N, k) for k in streams for _ in range(2)
                                                               for N in BESIDE_SIZES]
     starts = [i for i, e in enumerate(events) if e[0] == "start"]
-    beside = [sum(1 if e[0] == "start" else -1 for e in events[:i]) for k, i in enumerate(starts)
-              if events[i][2] == BESIDE_TOKENS and len(prompts[k]) in BESIDE_SIZES]
-    assert beside == [k for k in streams for _ in range(2) for _ in BESIDE_SIZES]  # that many streams in flight
+    beside = [k for k, i in enumerate(starts) if events[i][2] == BESIDE_TOKENS and len(prompts[k]) in BESIDE_SIZES]
+    in_flight = [sum(1 if e[0] == "start" else -1 for e in events[:starts[k]]) for k in beside]
+    assert in_flight == [k for k in streams for _ in range(2) for _ in BESIDE_SIZES]  # that many streams in flight
+    for k, n in zip(beside, in_flight):  # the n streams, then the prefill: each 2 tokens after the one before
+        sent = [events[i][1] for i in starts[k - n:k + 1]]
+        assert np.diff(sent) == pytest.approx([2 * TOKEN_S] * n, abs=1e-12)
 
 
 def test_fit_takes_the_prefill_busy_factors_from_the_prefills_beside_decode_streams():
@@ -463,40 +521,41 @@ def test_recorded_live_vs_sim_errors_match_the_current_simulator(recorded_json, 
 
 def test_new_size_samples_avoid_sizes_the_engines_have_run(monkeypatch):
     """A size an engine ran once stays cheap (oneDNN's own primitive cache), so ``llmsched run``'s second profile
-    must not take a size the first one or the replay sent as a new one."""
-    import asyncio
-
+    must not take a size the first one or the replay sent as a new one. On a fake engine that builds kernels for
+    each size once, every new-size sample is that build exactly, in both profiles."""
     from scheduler.profile import measure
 
+    build_s = 0.004
     prompts: list[tuple[int, ...]] = []
-    _fake_sdk(monkeypatch, [], prompts)
-    first = asyncio.run(measure("fake:0", repeats=2, decode_tokens=4, idle_gap_s=0.0, seed=3))
+    _fake_sdk(monkeypatch, [], prompts, build_s=build_s)
+    first = _run_virtual(monkeypatch, measure("fake:0", repeats=2, decode_tokens=4, idle_gap_s=0.0, seed=3))
     ran = set(first["sizes_sent"]) | {301, 303}  # + what a replay sent
     assert {len(p) for p in prompts} <= ran
-    second = asyncio.run(measure("fake:0", repeats=2, decode_tokens=4, idle_gap_s=0.0, seed=3, avoid=ran))
+    second = _run_virtual(monkeypatch, measure("fake:0", repeats=2, decode_tokens=4, idle_gap_s=0.0, seed=3,
+                                               avoid=ran))
     assert second["new_shape"] and not {M for M, _ in second["new_shape"]} & ran
     assert {M for M, _ in first["new_shape"]} <= set(second["sizes_sent"])  # sizes_sent carries avoid along
+    for s in (first, second):
+        assert [e for _, e in s["new_shape"]] == pytest.approx([build_s] * len(s["new_shape"]), abs=1e-12)
 
 
 def test_two_profiles_never_send_the_same_prompt(monkeypatch):
     """``llmsched run`` profiles before and after its replay on the same engines, which cache prompt blocks: a
     prompt sent twice is timed as a prefix-cache hit (its 1024-token TTFT samples after the replay were ~0.55x
     the ones before, in every committed run). Unseeded, each ``measure`` call draws fresh prompts."""
-    import asyncio
-
     from scheduler.profile import measure
 
     prompts: list[tuple[int, ...]] = []
     _fake_sdk(monkeypatch, [], prompts)
-    asyncio.run(measure("fake:0", repeats=1, decode_tokens=4, idle_gap_s=0.0))
+    _run_virtual(monkeypatch, measure("fake:0", repeats=1, decode_tokens=4, idle_gap_s=0.0))
     first = set(prompts)
     prompts.clear()
-    asyncio.run(measure("fake:0", repeats=1, decode_tokens=4, idle_gap_s=0.0))
+    _run_virtual(monkeypatch, measure("fake:0", repeats=1, decode_tokens=4, idle_gap_s=0.0))
     assert first and not first & set(prompts)
     seeded = []
     for _ in range(2):  # a seed still reproduces a profile's prompts exactly
         prompts.clear()
-        asyncio.run(measure("fake:0", repeats=1, decode_tokens=4, idle_gap_s=0.0, seed=7))
+        _run_virtual(monkeypatch, measure("fake:0", repeats=1, decode_tokens=4, idle_gap_s=0.0, seed=7))
         seeded.append(list(prompts))
     assert seeded[0] == seeded[1]
 
@@ -968,46 +1027,14 @@ def test_simulator_stretches_the_handoff_with_the_engines_busy(tmp_path):
     assert hop(busy, 1) - hop(alone, 0) == pytest.approx(0.8 * 0.5, abs=0.1)
 
 
-class _VirtualSelector:
-    """A selector that never waits: with no I/O ready it moves the loop's clock to the next timer instead."""
-
-    def __init__(self, loop, selector):
-        self._loop, self._selector = loop, selector
-
-    def select(self, timeout=None):
-        events = self._selector.select(0 if timeout is not None else None)
-        if not events and timeout:
-            self._loop.now += timeout
-        return events
-
-    def __getattr__(self, name):
-        return getattr(self._selector, name)
-
-
-def _virtual_time_loop():
-    """An event loop on a virtual clock (``loop.time()``): sleeps take no wall time and end exactly on time.
-    A fake engine paced by ``asyncio.sleep`` in the test's own process otherwise shares a loaded host's
-    scheduling delay with the profiler: on a CI host at load 12-17 on 2 cores each 1 ms fake token gap gained
-    a few ms, and the measured 3x factor read 1.49 or 4.6-4.9 (3 failures in 4 runs)."""
-    import asyncio
-
-    loop = asyncio.SelectorEventLoop()
-    loop.now = 0.0
-    loop.time = lambda: loop.now
-    loop._selector = _VirtualSelector(loop, loop._selector)
-    return loop
-
-
 def test_measure_takes_the_decoders_side_of_a_busy_prefill_engine(monkeypatch):
     """On a P/D cluster the profile also times decode streams, one per decoder, while prompts run back to back
     on the prefill engine: a fake cluster whose decode tokens come 3x slower while a prompt is in flight reads
     as a three-busy factor of ~3 for the decoders (``contention_decode``), into their own table in ``fit``."""
     import asyncio
-    import time
     from types import SimpleNamespace
 
     import scheduler.client as client_mod
-    import scheduler.profile as profile_mod
     from scheduler.profile import measure
 
     state = {"prompts": 0, "n": 0}
@@ -1037,12 +1064,7 @@ def test_measure_takes_the_decoders_side_of_a_busy_prefill_engine(monkeypatch):
             pass
 
     monkeypatch.setattr(client_mod, "AsyncClient", FakeClient)
-    loop = _virtual_time_loop()  # the fake's pace and the profile's clock: the same virtual time
-    monkeypatch.setattr(profile_mod, "time", SimpleNamespace(perf_counter=loop.time, time_ns=time.time_ns))
-    try:
-        samples = loop.run_until_complete(measure("fake:0", repeats=1, decode_tokens=16, idle_gap_s=0.0, seed=1))
-    finally:
-        loop.close()
+    samples = _run_virtual(monkeypatch, measure("fake:0", repeats=1, decode_tokens=16, idle_gap_s=0.0, seed=1))
     side = samples["contention_decode"][3]
     assert len(side) == 2 and all(2.5 < x < 3.5 for x in side), side  # 2.95: the window's edges
     p = fit({**_samples(), "contention": {2: [1.5]}, "contention_decode": samples["contention_decode"]})
