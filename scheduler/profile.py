@@ -87,6 +87,11 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
     - ``handoff``: (N, gap between token 0 and token 1 minus one decode step) on a P/D cluster: the P->D handoff
       (KV export on the prefill engine, object store, import on the decode engine) as clients see it;
     - ``contention``: step-time factor by number of engines busy on this host (engines share the host's cores);
+    - ``contention_decode``: the same from the decoders' side (three or more engines, two decoders or more): each
+      decoder's stream paced between its own tokens while prompts run back to back on the prefill engine, over a
+      lone stream's pace. Exact on a fake engine; live, what a client cannot see is when the prefill engine's
+      last step ended (its token reaches the client a request path later), so the decode steps of those last few
+      ms, not slowed, are counted in: it reads low by at most that tail over the ~0.6 s window;
     - ``new_shape``: (M, TTFT of a lone prompt of a size M never sent less that of the same size sent again right
       after): the engine's kernel build for a new batch token count (``SHAPE_CACHE_SIZE``). ``avoid``: sizes the
       engines have run already (an earlier profile, a replay), never picked as new; ``sizes_sent`` in the result
@@ -263,10 +268,15 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
                     if len({r["inst"][-1] for r in runs}) < decoders:
                         continue  # two streams on one decoder: not the point measured
                     for r in runs:
-                        k = sum(1 for t in r["times"] if t0 < t <= t1)
-                        if k >= 8:
-                            contention_decode.setdefault(engines, []).append(
-                                (t1 - t0) / k / float(np.median(alone[64])))
+                        # Paced between its own tokens inside [t0, t1], not over the window: the step each
+                        # stream was in at t0 began beside an idle prefill engine, and a stream that ended before
+                        # t1 has no tokens in the window's tail; counting both as slowed steps read 2.95 for an
+                        # exact 3 (tests/test_profile.py). Its first token inside is skipped, as _steady_tpot
+                        # skips token 0: the step after it may still start before the prompts reach the engine.
+                        inside = [t for t in r["times"] if t0 < t <= t1]
+                        tpot = _steady_tpot([{"times": inside}]) if len(inside) >= 8 else None
+                        if tpot is not None:
+                            contention_decode.setdefault(engines, []).append(tpot / float(np.median(alone[64])))
     finally:
         await client.close()
     return {"prefill": prefill, "decode": decode, "handoff": handoff, "new_shape": new_shape,
