@@ -958,8 +958,10 @@ def test_replay_engine_counters_and_the_routers_peaks():
         [InstanceSnapshot("d0", InstanceRole.DECODE, kv_blocks_used=40, kv_blocks_total=100, num_running=1, num_waiting=3)],
     ])
     last: list = []
+    polls = []
 
     def view():
+        polls.append(asyncio.get_running_loop().time())
         last[:] = next(views, last)
         return SimpleNamespace(instances=last)
 
@@ -970,11 +972,16 @@ def test_replay_engine_counters_and_the_routers_peaks():
     async def watch():
         peaks: dict = {}
         task = asyncio.create_task(demo._watch_peaks(ingress, peaks, period_s=0.01))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.045)
         task.cancel()
         return peaks
 
-    assert asyncio.run(watch()) == {"d0": {"kv_usage": 0.4, "running": 2, "waiting": 3}}
+    loop = _virtual_time_loop()  # a poll every 10 ms exactly, however loaded the host
+    try:
+        assert loop.run_until_complete(watch()) == {"d0": {"kv_usage": 0.4, "running": 2, "waiting": 3}}
+    finally:
+        loop.close()
+    assert polls == pytest.approx([0.0, 0.01, 0.02, 0.03, 0.04], abs=1e-12)
 
 
 def test_fit_takes_the_hosts_spread_from_the_lone_decode_streams():
