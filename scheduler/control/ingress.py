@@ -53,12 +53,13 @@ from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, Member
 from scheduler.control.ingress_admin import IngressAdmin
 from scheduler.control.ingress_migration import _ADMITTED, IngressMigration
 from scheduler.control.ingress_view import IngressView
-from scheduler.control.instance import ENGINE_FAILED, RELEASED
+from scheduler.control.instance import DRAINING, ENGINE_FAILED, RELEASED
 from scheduler.control.instance_lost import (
     _DEAD,
     _FAILED,
     _FAILED_UNDER,
     EngineFailed,
+    InstanceDraining,
     InstanceLost,
     InstanceUnresponsive,
     RequestLost,
@@ -223,7 +224,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         self.controller_ok = False
         self.view_refreshed_s = 0.0
         self.counters = {"recoveries": 0, "handoffs": 0, "migrations": 0, "migrations_aborted": 0, "routed": 0,
-                         "channel_calls": 0, "channel_fallbacks": 0, "kv_refused": 0, "quarantined": 0}
+                         "channel_calls": 0, "channel_fallbacks": 0, "kv_refused": 0, "quarantined": 0,
+                         "drain_refused": 0}
         self.migration_config = migration or migration_config(config)
         self.plans_s = plans_s
         self.direct = direct
@@ -609,6 +611,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         kv_ref: Any = None
         kv_src = ""  # the instance exporting kv_ref
         admitted = False
+        refused: set[str] = set()  # instances that refused it as draining: left out of its next picks
         while True:
             iid = target.prefill_instance
             handoff = not admitted and _hands_off(target, rec, self._is_prefill(iid))
@@ -659,6 +662,14 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                     continue
                 target, kv_ref = self._recover(rec, iid, e), None
                 continue
+            except InstanceDraining as e:
+                if rec.cancelled:
+                    yield TokenChunk(rid, rec.next_index, (), True, "abort")
+                    return
+                refused.add(iid)
+                # A handoff's (or a move's) KV goes to the next decoder as it is: the same ref, nothing recomputed.
+                target = self._route_around(rec, iid, e, frozenset(refused), decode_only=kv_ref is not None)
+                continue
             admitted = False
             assert last is not None and last.finished
             if not self._continues(rec, handoff, last.finish_reason):
@@ -679,7 +690,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                     # through this ingress or another: released once its requests moved; or released already): pick
                     # one now. Sent there, the KV landed on an instance about to go -- moved again, or lost and the
                     # prompt re-prefilled. A decoder drained for a role switch or a scale-down still takes it (it
-                    # waits for the KV on its way, as the simulator's pairing does; tests/test_sim_scaling.py).
+                    # waits for the KV on its way, as the simulator's pairing does; tests/test_sim_scaling.py). One
+                    # that leaves but that this view shows in service yet refuses the submit: _route_around.
                     decoder = self._decoder_after_prefill(rec, keep=decoder)
                 try:
                     kv_ref, kv_src = self._handle(iid).export_kv.remote(rid, 0, None), iid
@@ -714,13 +726,15 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         s = next((s for s in self._view.instances if s.instance_id == iid), None)
         return s is None or s.leaving
 
-    def _decoder_after_prefill(self, rec: RequestRecord, keep: str | None = None) -> str:
-        """Where a request prefilled on a PREFILL instance named alone decodes: the router's answer now (accepted),
-        a colocated answer's instance when it decodes -- as ``Simulator._handoff`` decides. Raises ``Unavailable``
-        when the answer names no instance that decodes (the simulator refuses the request there) -- unless ``keep``
-        (the decoder paired at arrival, out of service since) is given: it is kept then."""
+    def _decoder_after_prefill(self, rec: RequestRecord, keep: str | None = None,
+                               exclude: frozenset[str] = frozenset()) -> str:
+        """Where a request prefilled on a PREFILL instance named alone decodes: the router's answer now (accepted)
+        over the view less ``exclude``, a colocated answer's instance when it decodes -- as ``Simulator._handoff``
+        decides. Raises ``Unavailable`` when the answer names no instance that decodes (the simulator refuses the
+        request there) -- unless ``keep`` (the decoder paired at arrival, out of service since) is given: it is kept
+        then."""
         try:
-            _, decision = self._decide(rec, exclude=frozenset(), accepted=True)
+            _, decision = self._decide(rec, exclude=exclude, accepted=True)
             name = decision.decode_instance or decision.prefill_instance
             role = self._role_of(name)
             if role is None or not role.does_decode:
@@ -775,6 +789,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             raise _lost(iid, e) from e
         if sub.rejected is not None:
             field = sub.rejected.split(":", 1)[0] if ":" in sub.rejected else None
+            if field == DRAINING:
+                raise InstanceDraining(sub.rejected)
             if field == "request_id":
                 # A copy of this id runs there (this replica admitted it as new): the stream of a replica that died
                 # with it, reaped at the instance's lease, and this is its client's retry. Not the client's error
@@ -905,6 +921,22 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             raise Unavailable(f"request {rec.request_id} lost its instance {rec.recoveries} times",
                               retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
         return self._route(rec, exclude=frozenset({iid}), accepted=True)
+
+    def _route_around(self, rec: RequestRecord, iid: str, err: InstanceDraining, refused: frozenset[str], *,
+                      decode_only: bool) -> RouteDecision:
+        """``rec``'s next pick after ``iid`` refused it as draining, without the instances in ``refused``:
+        ``decode_only``, an instance to decode it (its KV is ready), else a whole route. Raises ``Unavailable``
+        naming the drain when no other instance takes it."""
+        self.counters["drain_refused"] += 1
+        log.info("%s: %s; routing it elsewhere", rec.request_id, err)
+        self._mark_draining(iid)
+        try:
+            if decode_only:
+                return RouteDecision(self._decoder_after_prefill(rec, exclude=refused))
+            return self._route(rec, exclude=refused, accepted=True)
+        except Unavailable as e:
+            raise Unavailable(f"request {rec.request_id}: {', '.join(sorted(refused))} refused it (draining) and no "
+                              f"other instance takes it: {e}", retry_after_s=UNAVAILABLE_RETRY_AFTER_S) from e
 
     def _failed_under(self, rec: RequestRecord, iid: str) -> None:
         """``iid`` failed while ``rec`` ran there. Raises ``RequestFailed`` once ``quarantine_after`` distinct instances

@@ -96,6 +96,15 @@ class IngressView:
         self._snapshots.pop(iid, None)
         self._view = ClusterView(self._view.time_s, tuple(s for s in self._view.instances if s.instance_id != iid))
 
+    def _mark_draining(self, iid: str) -> None:
+        """``iid`` refused a request as draining: shown so in this view until its next snapshot (which says so by
+        then), so that the routers skip it for the requests that come meanwhile."""
+        s = self._snapshots.get(iid)
+        if s is None or s.draining:
+            return
+        self._snapshots[iid] = s = dataclasses.replace(s, draining=True)
+        self._view = ClusterView(self._view.time_s, tuple(s if x.instance_id == iid else x for x in self._view.instances))
+
     async def _report(self) -> None:
         """Send the registry delta to the Controller (full set after it restarted). One at a time (from the report
         loop, and before each plans poll): two deltas in flight could be applied out of order."""

@@ -53,6 +53,9 @@ RELEASED = "released"
 # reports its load), not because of the request: the ingress recovers it elsewhere as it does a dead instance's. (The
 # simulated engine's own fault chunks read so already.) Any other ``error: ...`` is the request's own: final.
 ENGINE_FAILED = "error: engine failed"
+# The field of ``Submitted.rejected`` when a draining instance refuses a new request (``submit``): the ingress routes
+# it elsewhere -- not the client's error, nor a failure of the instance.
+DRAINING = "draining"
 
 # backend kind (PoolSpec.backend) -> "module:factory"; factory(model=, gpu=, pool=, role=, **backend_kwargs)
 BACKENDS: dict[str, str] = {
@@ -375,8 +378,9 @@ class Instance:
             await self._backend.shutdown()
 
     async def set_draining(self, draining: bool = True, leaving: bool = False) -> None:
-        """A draining instance says so in its snapshot; routers then skip it. ``leaving``: an admin drain, which
-        releases it once its requests have moved (``InstanceSnapshot.leaving``); un-draining ends it too."""
+        """A draining instance says so in its snapshot; routers then skip it, and ``submit`` refuses what one routed
+        here on an older view. ``leaving``: an admin drain, which releases it once its requests have moved
+        (``InstanceSnapshot.leaving``); un-draining ends it too."""
         self._draining = draining
         self._leaving = draining and leaving
 
@@ -416,13 +420,34 @@ class Instance:
         channel dropped it; the ingress retries over Ray): answer with that stream instead of refusing the id.
         ``export_on_finish``: a P->D prefill: export the prompt KV as soon as the stream ends, so that the
         ingress' ``export_kv`` for the decode side finds it ready (or under way) instead of starting it a hop later.
+
+        A draining instance refuses a new request (``rejected`` starts ``draining:``; the ingress routes it
+        elsewhere): one that leaves (an admin drain, released once its requests moved) refuses every one; one that
+        drains for a scale-down or a role switch refuses those without KV -- it still takes a P->D handoff's prompt
+        KV, paired with it at arrival, which its drain waits for (as the simulator's pairing does). A router
+        skips a draining instance once its view has the snapshot; these are the ones routed on an older view.
         """
+        return await self._submit(request, kv, predicted_output_tokens=predicted_output_tokens,
+                                  length_dist=length_dist, wait_first=wait_first, adopt=adopt,
+                                  export_on_finish=export_on_finish, refuse_draining=True)
+
+    async def _submit(
+        self, request: EngineRequest, kv: KVBlocks | None, *, predicted_output_tokens: float | None,
+        length_dist: LengthPrediction | None, wait_first: bool, adopt: bool, export_on_finish: bool,
+        refuse_draining: bool,
+    ) -> Submitted:
+        """``submit``; ``refuse_draining`` off for a committed migration's admission (``migrate_commit``): its
+        reservation was granted before the drain, and its source has stopped it already."""
         backend = self._require_backend()
         rid = request.request_id
         ran_here = rid in self._streams or _not_received(self._finished.get(rid), request.num_output_tokens_before)
         if adopt and ran_here:
             out = await self.poll(rid, self._lease_s / 2, request.num_output_tokens_before)  # bounded: see below
             return Submitted(chunks=(out,) if out is not None and (out.token_ids or out.finished) else ())
+        if refuse_draining and (self._leaving or (self._draining and kv is None)):
+            # Before the release check: a request sent as the release begins goes elsewhere, not recovered from here.
+            why = "leaving the cluster (an admin drain)" if self._leaving else "draining (a scale-down or role switch)"
+            return Submitted(rejected=f"{DRAINING}: {self.instance_id} is {why}; it takes no new requests")
         if self._closing is not None:
             # Being released (the actor is killed next): started now, the request ended in the kill, an actor death
             # that the ingress's quarantine counts as a failure under it, a scale-down's release included. It ends as
@@ -810,8 +835,8 @@ class Instance:
             request_id, tokens, dataclasses.replace(sp, max_tokens=remaining), priority=template.priority,
             num_output_tokens_before=snap.num_output_tokens,
         )
-        sub = await self.submit(ereq, predicted_output_tokens=predicted_output_tokens, length_dist=length_dist,
-                                wait_first=False)
+        sub = await self._submit(ereq, None, predicted_output_tokens=predicted_output_tokens, length_dist=length_dist,
+                                 wait_first=False, adopt=False, export_on_finish=False, refuse_draining=False)
         if sub.rejected is None:  # a stream now: the poll lease covers it from here on
             self._incoming.pop(request_id, None)
         return sub.rejected

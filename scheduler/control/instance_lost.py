@@ -40,6 +40,12 @@ class EngineFailed(InstanceUnresponsive):
     answer."""
 
 
+class InstanceDraining(Exception):
+    """The instance refused a new request: it drains (``Instance.submit``; the router that picked it read an older
+    view). Nothing ran there: the request is routed again without it -- not a recovery, nor a failure of the
+    instance (``max_recoveries``, the quarantine)."""
+
+
 def _lost(iid: str, e: BaseException) -> InstanceLost:
     """The ``InstanceLost`` for Ray's error ``e`` (or a timeout) on a call to ``iid``."""
     cls = InstanceDied if actor_gone(e) else InstanceUnresponsive

@@ -1,0 +1,125 @@
+"""A draining instance refuses new requests; the ingress routes them elsewhere (a real local Ray cluster, simulated
+backend: 2 PREFILL + 2 DECODE instances on one node).
+
+Every replica's router skips a draining instance once its view has the snapshot saying so; until then (one refresh
+period, longer on a loaded host) a replica can still send it a new request, or a P->D handoff's KV. Before, the
+instance took it: the request ran on an instance about to be released (re-prefilled elsewhere at the release) and a
+handoff decoded on the leaving decoder. Here the replica with the stale view is an ingress that never refreshes its
+view after it started (``refresh_s`` an hour), and the drain is the Controller's (Admin DrainInstance's first step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from scheduler.config.models import ClusterConfig
+from scheduler.control.api import GenerateRequest, Unavailable
+from scheduler.control.cluster import NodeSpec
+from scheduler.engine.base import SamplingParams, TokenChunk
+from tests.test_drain_node import MODEL, drain_cluster
+from tests.test_drain_node_pd import _check_exact
+
+pytestmark = [pytest.mark.timeout(300)]
+
+GPUS = {"a100": {"name": "a100", "memory_gib": 80, "fp16_tflops": 312, "hbm_gbps": 2039}}
+CONFIG = ClusterConfig.model_validate({
+    "name": "drf", "gpus": GPUS, "model": MODEL,
+    "pools": [{"name": "prefill", "role": "prefill", "gpu": "a100", "tp": 1, "count": 2},
+              {"name": "decode", "role": "decode", "gpu": "a100", "tp": 1, "count": 2}],
+})
+PROMPT = 512
+N = 8
+
+
+@pytest.fixture(scope="module")
+def cluster(aloop: Any) -> Any:
+    for _, dep, _ in drain_cluster(aloop, [NodeSpec("a100", 4, 2)], CONFIG, 0.5):
+        yield dep
+
+
+def _stale(dep: Any, aloop: Any) -> Any:
+    """An ingress whose view is the one it took at its start (all four in service), for good; a refusal is neither a
+    recovery (``max_recoveries`` 0) nor a failure (quarantined at the first)."""
+    ing = dep.make_ingress(refresh_s=3600.0, max_recoveries=0, quarantine_after=1)
+    aloop.run(ing.start(), timeout=30)
+    assert sorted(s.instance_id for s in ing.view().instances if not s.draining) == [
+        "decode-0", "decode-1", "prefill-0", "prefill-1"]
+    return ing
+
+
+def _handles(dep: Any) -> dict[str, Any]:
+    return {i: m.handle for i, m in ray.get(dep.controller.members.remote()).items()}
+
+
+def _stats(dep: Any) -> dict[str, Any]:
+    return {i: ray.get(h.stats.remote()) for i, h in _handles(dep).items()}
+
+
+async def _collect(ing: Any, rid: str) -> list[TokenChunk]:
+    req = GenerateRequest(rid, prompt_token_ids=tuple(range(1, PROMPT + 1)), sampling=SamplingParams(max_tokens=N))
+    return [c async for c in ing.generate(req)]
+
+
+def _through_stale_view(dep: Any, aloop: Any, drained: str, rid: str) -> tuple[list[TokenChunk], Any, dict, dict]:
+    """``rid`` through a stale replica while ``drained`` is out of service (an admin drain through the Controller,
+    undone after): its chunks, the replica, and every instance's engine stats before and after."""
+    stale = _stale(dep, aloop)
+    before = _stats(dep)
+    assert ray.get(dep.controller.set_draining.remote(drained, True))
+    try:
+        out = aloop.run(_collect(stale, rid), timeout=60)
+    finally:
+        ray.get(dep.controller.set_draining.remote(drained, False))
+        aloop.run(stale.close())
+    _check_exact(out, rid)
+    return out, stale, before, _stats(dep)
+
+
+def test_a_request_routed_to_an_instance_drained_since_runs_elsewhere(cluster: Any, aloop: Any) -> None:
+    """prefill-0 goes out of service (an admin drain) after the replica's view was taken: the replica's router
+    still picks it (least outstanding, first of the idle ones). It refuses the request; the replica routes it to
+    prefill-1, unharmed: the right tokens, no recovery, not counted against it. Before, it ran on prefill-0."""
+    out, stale, before, after = _through_stale_view(cluster, aloop, "prefill-0", "r1")
+    assert out[0].instance_id == "prefill-1", [(c.index, c.instance_id) for c in out]
+    assert (stale.counters["drain_refused"], stale.counters["recoveries"], stale.counters["quarantined"]) == (1, 0, 0)
+    assert after["prefill-0"].prompt_tokens_computed == before["prefill-0"].prompt_tokens_computed  # nothing ran
+
+
+def test_a_handoff_to_a_decoder_drained_since_lands_on_another_with_its_kv(cluster: Any, aloop: Any) -> None:
+    """decode-0 goes out of service (an admin drain) after the replica's view was taken: the request is paired with
+    it at arrival, and at its handoff the view still shows it in service, so the prompt KV's submit goes there. It
+    refuses it; the same KV goes to decode-1: the prompt is prefilled once (on prefill-0) and loaded on decode-1, not
+    recomputed. Before, it decoded on decode-0 (the drain then moved it, or released it and it was re-prefilled)."""
+    out, stale, before, after = _through_stale_view(cluster, aloop, "decode-0", "r2")
+    assert (out[0].instance_id, out[-1].instance_id) == ("prefill-0", "decode-1"), [(c.index, c.instance_id)
+                                                                                   for c in out]
+    counters = stale.counters
+    assert (counters["drain_refused"], counters["handoffs"], counters["recoveries"], counters["kv_refused"]) == (
+        1, 1, 0, 0), counters
+    computed = {i: after[i].prompt_tokens_computed - before[i].prompt_tokens_computed for i in after}
+    loaded = {i: after[i].prompt_tokens_loaded - before[i].prompt_tokens_loaded for i in after}
+    assert computed["prefill-0"] == PROMPT and computed["prefill-1"] == 0, computed  # prefilled once
+    assert loaded["decode-1"] == PROMPT and computed["decode-1"] <= 1, (computed, loaded)  # its KV, not recomputed
+    assert loaded["decode-0"] == computed["decode-0"] == 0, (computed, loaded)
+
+
+def test_a_request_no_other_instance_takes_ends_unavailable_naming_the_drain(cluster: Any, aloop: Any) -> None:
+    """Both PREFILL instances drain (a scale-down's or a role switch's drain) after the replica's view was taken:
+    each refuses the request in turn, and it ends UNAVAILABLE (retried by the SDK) saying why. Before, it ran on
+    prefill-0."""
+    dep = cluster
+    stale = _stale(dep, aloop)
+    handles = _handles(dep)
+    ray.get([handles[i].set_draining.remote(True) for i in ("prefill-0", "prefill-1")])
+    try:
+        with pytest.raises(Unavailable) as err:
+            aloop.run(_collect(stale, "r3"), timeout=60)
+    finally:
+        ray.get([handles[i].set_draining.remote(False) for i in ("prefill-0", "prefill-1")])
+        aloop.run(stale.close())
+    assert "prefill-0, prefill-1 refused it (draining) and no other instance takes it" in str(err.value), err.value
+    assert (stale.counters["drain_refused"], stale.counters["recoveries"]) == (2, 0)
