@@ -84,7 +84,9 @@ def test_a_request_routed_to_an_instance_drained_since_runs_elsewhere(cluster: A
     still picks it (least outstanding, first of the idle ones). It refuses the request; the replica routes it to
     prefill-1, unharmed: the right tokens, no recovery, not counted against it. Before, it ran on prefill-0."""
     out, stale, before, after = _through_stale_view(cluster, aloop, "prefill-0", "r1")
-    assert out[0].instance_id == "prefill-1", [(c.index, c.instance_id) for c in out]
+    # Paired anew: decode-0 is idle (the refused route's booking of it is dropped, not counted against it).
+    assert (out[0].instance_id, out[-1].instance_id) == ("prefill-1", "decode-0"), [(c.index, c.instance_id)
+                                                                                   for c in out]
     assert (stale.counters["drain_refused"], stale.counters["recoveries"], stale.counters["quarantined"]) == (1, 0, 0)
     assert after["prefill-0"].prompt_tokens_computed == before["prefill-0"].prompt_tokens_computed  # nothing ran
 

@@ -930,6 +930,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         self.counters["drain_refused"] += 1
         log.info("%s: %s; routing it elsewhere", rec.request_id, err)
         self._mark_draining(iid)
+        self._expect_decode(rec.request_id, None)  # not on its way to the decoder paired with the refused route
         try:
             if decode_only:
                 return RouteDecision(self._decoder_after_prefill(rec, exclude=refused))
