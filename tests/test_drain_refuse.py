@@ -10,6 +10,7 @@ view after it started (``refresh_s`` an hour), and the drain is the Controller's
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -125,3 +126,63 @@ def test_a_request_no_other_instance_takes_ends_unavailable_naming_the_drain(clu
         aloop.run(stale.close())
     assert "prefill-0, prefill-1 refused it (draining) and no other instance takes it" in str(err.value), err.value
     assert (stale.counters["drain_refused"], stale.counters["recoveries"]) == (2, 0)
+
+
+# ---- the rules on the instance (no Ray: in-process instances over the simulated backend) --------------------------
+@pytest.mark.usefixtures("no_ray")
+def test_what_a_draining_instance_refuses_and_what_it_still_takes() -> None:
+    """A new request is refused while an instance drains (``draining:``); a P->D handoff's KV paired with it is
+    refused only when it leaves (an admin drain) -- a scale-down or role-switch drain waits for it; a live migration
+    whose reservation was granted before the drain began still commits there (the source has stopped it already)."""
+    from scheduler.engine.base import EngineRequest
+    from tests.test_handoff_audit35 import _instances, _streaming
+    from tests.test_migration_audit import Handle, make_ingress, set_routable, until
+
+    prompt = tuple(range(1, 100))
+
+    async def scenario() -> tuple[list[str | None], Any, list[Any]]:
+        S_inst, D_inst = await _instances((None, None))
+        try:
+            # The prompt KV of a prefilled request, exported as for a handoff.
+            first = await S_inst.submit(EngineRequest("h", prompt, SamplingParams(max_tokens=1)),
+                                        export_on_finish=True)
+            kv = await S_inst.export_kv("h")
+            decode = EngineRequest("h", prompt + first.chunks[0].token_ids, SamplingParams(max_tokens=4),
+                                   num_output_tokens_before=1)
+            answers: list[str | None] = []
+            await D_inst.set_draining(True)  # a scale-down's (or role switch's) drain
+            answers.append((await D_inst.submit(EngineRequest("n", prompt, SamplingParams(max_tokens=4)))).rejected)
+            await D_inst.set_draining(True, leaving=True)  # an admin drain
+            answers.append((await D_inst.submit(decode, kv)).rejected)
+            await D_inst.set_draining(True)
+            answers.append((await D_inst.submit(decode, kv)).rejected)
+            await D_inst.abort("h")
+            await D_inst.set_draining(False)
+
+            S, D = Handle(S_inst), Handle(D_inst)
+            ing = make_ingress([S, D], routable=["mixed-0"])
+
+            async def drain_then_commit(fn: Any, *a: Any, **kw: Any) -> Any:
+                await D_inst.set_draining(True, leaving=True)  # after the handshake's reservation
+                return await fn(*a, **kw)
+
+            D.hooks["migrate_commit"] = drain_then_commit
+            out: list[Any] = []
+            t = _streaming(ing, out, max_tokens=200)
+            await until(lambda: len(out) >= 2)
+            set_routable(ing, ["mixed-0", "mixed-1"])
+            res = await ing.migrate("r", "mixed-1")
+            await asyncio.wait_for(t, 30)
+            return answers, res, out
+        finally:
+            for i in (S_inst, D_inst):
+                await i.shutdown()
+
+    answers, res, out = asyncio.run(scenario())
+    new, kv_leaving, kv_scale_down = answers
+    assert new is not None and new.startswith("draining: mixed-1 is draining"), new
+    assert kv_leaving is not None and kv_leaving.startswith("draining: mixed-1 is leaving"), kv_leaving
+    assert kv_scale_down is None
+    assert res.committed, res.reason
+    assert out[-1].finish_reason == "length" and out[-1].instance_id == "mixed-1", out[-1]
+    assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(200))
