@@ -8,6 +8,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -88,7 +89,7 @@ def test_an_evicted_boundary_block_takes_its_id_out_and_a_gap_makes_the_cache_un
     # A batch missed: what was removed meanwhile is not known, so nothing is believed from then on.
     store(index, 6, 1, None, a)
     index.on_batch(8, [Removed(ha)])
-    assert index.cached is None and index.lost
+    assert index.cached is None and index.behind and index.next_seq == 7
     store(index, 9, 1, None, a)
     assert index.cached is None
 
@@ -129,37 +130,54 @@ def test_blocks_hashed_with_extra_keys_name_no_prompt_id() -> None:
     assert mixed.cached == frozenset(prompt_hash_ids(a)[:1])
 
 
+async def until(done: Callable[[], bool], what: str, bound_s: float = 30.0) -> None:
+    # Polled to a generous bound: on a loaded CI host (load 12-17 on 2 cores) fixed waits of 0.2 s for the
+    # subscription and 1 s for the batches ran out, and both batches were lost before anyone listened.
+    deadline = time.monotonic() + bound_s
+    while not done():
+        assert time.monotonic() < deadline, f"{what} within {bound_s} s"
+        await asyncio.sleep(0.01)
+
+
+def encoded(events: list) -> bytes:
+    """A batch of vLLM event objects as vLLM's ZmqEventPublisher encodes it."""
+    import msgspec
+    from vllm.distributed.kv_events import KVEventBatch
+
+    return msgspec.msgpack.Encoder().encode(KVEventBatch(ts=0.0, events=events))
+
+
+async def live_publisher(endpoint: str) -> Any:
+    """A stand-in for vLLM's PUB socket whose sends the test picks (a batch it skips is one lost on the way). XPUB
+    is PUB on the wire (the subscriber cannot tell) and tells when the subscription has arrived: a PUB socket
+    drops what it sends before then. Returns once the subscriber (already connecting) is there."""
+    import zmq
+
+    pub = zmq.Context.instance().socket(zmq.XPUB)
+    pub.bind(endpoint)
+    await until(lambda: pub.poll(0, zmq.POLLIN), "the subscription reaches the publisher")
+    assert pub.recv() == b"\x01"  # subscribed to every topic
+    return pub
+
+
+def send(pub: Any, seq: int, events: list) -> None:
+    pub.send_multipart((b"", seq.to_bytes(8, "big"), encoded(events)))  # topic, 8-byte sequence number, payload
+
+
 def follow_published(batches: list[tuple[int, list]]) -> tuple[frozenset[int] | None, int]:
     """``batches`` of vLLM event objects, each ``(sequence number, events)``, msgpack-encoded and sent as vLLM's
     ZmqEventPublisher sends them (topic, 8-byte sequence number, payload) over a real ZMQ PUB socket, read through
-    ``subscribe`` + ``follow``: the index's ``cached`` and how many changes it reported."""
+    ``subscribe`` + ``follow`` (no replay endpoint): the index's ``cached`` and how many changes it reported."""
     import tempfile
-
-    import msgspec
-    import zmq
-    from vllm.distributed.kv_events import KVEventBatch
-
-    async def until(done: Callable[[], bool], what: str, bound_s: float = 30.0) -> None:
-        # Polled to a generous bound: on a loaded CI host (load 12-17 on 2 cores) fixed waits of 0.2 s for the
-        # subscription and 1 s for the batches ran out, and both batches were lost before anyone listened.
-        deadline = time.monotonic() + bound_s
-        while not done():
-            assert time.monotonic() < deadline, f"{what} within {bound_s} s"
-            await asyncio.sleep(0.01)
 
     async def scenario(tmp: str) -> tuple[frozenset[int] | None, int]:
         endpoint = f"ipc://{tmp}/kv-events"
-        # XPUB is PUB on the wire (the subscriber cannot tell) and tells when the subscription has arrived: a PUB
-        # socket drops what it sends before then.
-        pub = zmq.Context.instance().socket(zmq.XPUB)
-        pub.bind(endpoint)
         index, changes = PrefixIndex(), []
-        task = asyncio.create_task(follow(subscribe(endpoint), index, lambda: changes.append(1)))
-        await until(lambda: pub.poll(0, zmq.POLLIN), "the subscription reaches the publisher")
-        assert pub.recv() == b"\x01"  # subscribed to every topic
+        sub = subscribe(endpoint)
+        pub = await live_publisher(endpoint)
+        task = asyncio.create_task(follow(sub, index, lambda: changes.append(1)))
         for seq, events in batches:
-            payload = msgspec.msgpack.Encoder().encode(KVEventBatch(ts=0.0, events=events))
-            pub.send_multipart((b"", seq.to_bytes(8, "big"), payload))
+            send(pub, seq, events)
         await until(lambda: len(changes) >= len(batches), "every batch read")
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -181,3 +199,160 @@ def test_follow_reads_vllms_published_batches() -> None:
     cached, changes = follow_published([(0, [stored]), (1, [kv_events.BlockRemoved(block_hashes=[32], medium="CPU")])])
     assert changes == 2
     assert cached == frozenset(prompt_hash_ids(a)[:1])  # the second id's boundary block (32) was evicted
+
+
+# ---- lost batches asked again from vLLM's replay buffer (``KVEventsConfig.replay_endpoint``) ---------------------
+
+
+def test_a_batch_received_again_is_skipped_and_a_filled_gap_makes_the_cache_known() -> None:
+    """The index's side of a replay: after a gap it is ``behind`` (unknown); the missing batch and those after it
+    (replayed), then those again as they arrive live, leave it as if nothing had been missed."""
+    index = PrefixIndex()
+    a, b, c = tokens(512), tokens(512), tokens(512)
+    store(index, 0, 1, None, a)
+    store(index, 2, 200, None, c)  # batch 1 missed
+    assert index.cached is None and index.behind and index.next_seq == 1
+    store(index, 1, 100, None, b)  # the replay: 1, 2, 3
+    hc = store(index, 2, 200, None, c)
+    index.on_batch(3, [Removed(hc)])
+    assert not index.behind and index.next_seq == 4
+    store(index, 2, 200, None, c)  # batch 2 as received live: applied already (again, c would be listed)
+    assert index.cached == frozenset(prompt_hash_ids(a) + prompt_hash_ids(b))
+
+
+def replay_scenario(scenario: Callable[[str, Any], Any]) -> Any:
+    """Run ``scenario(tmp, kv_events)`` (``kv_events``: vLLM's module) in a fresh event loop and folder."""
+    import tempfile
+
+    pytest.importorskip("msgspec")
+    pytest.importorskip("zmq")
+    kv = pytest.importorskip("vllm.distributed.kv_events")
+    with tempfile.TemporaryDirectory() as tmp:
+        return asyncio.run(scenario(tmp, kv))
+
+
+def vllm_publisher(kv: Any, tmp: str, buffer_steps: int = 10_000) -> Any:
+    """vLLM's own ZmqEventPublisher, in-process (its thread, PUB and replay ROUTER sockets; no engine), replaying
+    at ``ipc://{tmp}/replay``."""
+    return kv.ZmqEventPublisher(0, endpoint=f"ipc://{tmp}/vllm-events", replay_endpoint=f"ipc://{tmp}/replay",
+                                buffer_steps=buffer_steps)
+
+
+async def publish(pub: Any, batches: list[list]) -> None:
+    """``batches`` through vLLM's publisher; returns once its thread has sent and buffered them."""
+    from vllm.distributed.kv_events import KVEventBatch
+
+    for events in batches:
+        pub.publish(KVEventBatch(ts=0.0, events=events))
+    await until(lambda: pub._event_queue.unfinished_tasks == 0, "the publisher's thread sent them")
+
+
+def stored_event(kv: Any, first: int, toks: list[int]) -> Any:
+    n = len(toks) // B
+    return kv.BlockStored(block_hashes=list(range(first, first + n)), parent_block_hash=None,
+                          token_ids=toks[: n * B], block_size=B, lora_id=None, medium="CPU", lora_name=None)
+
+
+def test_a_batch_published_before_the_subscriber_connected_is_replayed() -> None:
+    """vLLM's publisher sends batch 0 before anyone subscribed (its PUB socket drops it): the follower asks the
+    replay endpoint from 0 as it starts, and lists it (before: the index read empty until the next batch)."""
+    a = tokens(1024)
+
+    async def scenario(tmp: str, kv: Any) -> frozenset[int] | None:
+        pub = vllm_publisher(kv, tmp)
+        await publish(pub, [[stored_event(kv, 1, a)]])
+        index = PrefixIndex()
+        task = asyncio.create_task(
+            follow(subscribe(f"ipc://{tmp}/vllm-events"), index, lambda: None, f"ipc://{tmp}/replay"))
+        try:
+            await until(lambda: index.next_seq == 1, "batch 0 replayed")
+            return index.cached
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            pub.shutdown()
+
+    assert replay_scenario(scenario) == frozenset(prompt_hash_ids(a))
+
+
+def test_a_gap_is_filled_from_vllms_replay_buffer_and_batches_received_twice_count_once() -> None:
+    """Batches 0-3 go through vLLM's publisher (its replay buffer); the subscriber receives 0 and 2 only. At 2 the
+    follower asks from 1, gets 1-3, then skips 2 as received: c, stored in 2 and evicted in 3, is not listed again
+    (before: unknown from batch 2 on)."""
+    a, b, c = tokens(512), tokens(512), tokens(512)
+
+    async def scenario(tmp: str, kv: Any) -> tuple[frozenset[int] | None, int]:
+        pub = vllm_publisher(kv, tmp)
+        index, changes = PrefixIndex(), []
+        sub = subscribe(f"ipc://{tmp}/live")
+        live = await live_publisher(f"ipc://{tmp}/live")
+        task = asyncio.create_task(follow(sub, index, lambda: changes.append(1), f"ipc://{tmp}/replay"))
+        try:
+            await until(lambda: changes, "the first replay answered (nothing yet)")
+            batches = [[stored_event(kv, 1, a)], [stored_event(kv, 100, b)], [stored_event(kv, 200, c)],
+                       [kv.BlockRemoved(block_hashes=list(range(200, 216)), medium="CPU")]]
+            await publish(pub, batches)
+            for seq in (0, 2):
+                send(live, seq, batches[seq])
+            await until(lambda: len(changes) == 3, "the live batches read")
+            return index.cached, index.next_seq
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            live.close(linger=0)
+            pub.shutdown()
+
+    cached, next_seq = replay_scenario(scenario)
+    assert next_seq == 4
+    assert cached == frozenset(prompt_hash_ids(a) + prompt_hash_ids(b))
+
+
+def test_no_replay_leaves_the_cache_unknown_until_a_later_replay_or_a_clear() -> None:
+    """No replay endpoint answering (bounded wait): a gap makes the cache unknown, as before replays; a later ask,
+    once it answers, fills it. A gap older than the replay buffer stays unknown until vLLM empties its cache."""
+    a, b, c, d = tokens(512), tokens(512), tokens(512), tokens(512)
+
+    async def scenario(tmp: str, kv: Any) -> list[frozenset[int] | None]:
+        seen: list[frozenset[int] | None] = []
+        index, changes = PrefixIndex(), []
+        sub = subscribe(f"ipc://{tmp}/live")
+        live = await live_publisher(f"ipc://{tmp}/live")
+        task = asyncio.create_task(follow(sub, index, lambda: changes.append(1), f"ipc://{tmp}/replay",
+                                          wait_s=0.2, retry_s=0.0))
+        pub = None
+        try:
+            batches = [[stored_event(kv, 1, a)], [stored_event(kv, 100, b)], [stored_event(kv, 200, c)],
+                       [stored_event(kv, 300, d)]]
+            await until(lambda: changes, "the first replay given up on")
+            for seq in (0, 2):  # nothing listens at the replay endpoint yet
+                send(live, seq, batches[seq])
+            await until(lambda: len(changes) == 3, "batches 0 and 2 read")
+            seen.append(index.cached)
+            pub = vllm_publisher(kv, tmp, buffer_steps=3)  # now it answers
+            await publish(pub, batches)
+            send(live, 3, batches[3])
+            await until(lambda: len(changes) == 4, "batch 3 read")
+            seen.append(index.cached)
+            # 4-7 published, the subscriber receives 7: the buffer (3 batches) starts at 5.
+            more = [[kv.BlockRemoved(block_hashes=list(range(1, 17)), medium="CPU")], [], [], []]
+            await publish(pub, more)
+            send(live, 7, more[3])
+            await until(lambda: len(changes) == 5, "batch 7 read")
+            seen.append(index.cached)
+            await publish(pub, [[kv.AllBlocksCleared(), stored_event(kv, 400, d)]])
+            send(live, 8, [kv.AllBlocksCleared(), stored_event(kv, 400, d)])
+            await until(lambda: len(changes) == 6, "batch 8 read")
+            seen.append(index.cached)
+            return seen
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            live.close(linger=0)
+            if pub is not None:
+                pub.shutdown()
+
+    unknown, filled, overrun, cleared = replay_scenario(scenario)
+    assert unknown is None
+    assert filled == frozenset(prompt_hash_ids(a) + prompt_hash_ids(b) + prompt_hash_ids(c) + prompt_hash_ids(d))
+    assert overrun is None
+    assert cleared == frozenset(prompt_hash_ids(d))

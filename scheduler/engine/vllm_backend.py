@@ -209,9 +209,9 @@ class VLLMBackend:
             engine_id=f"llmsched-{uuid.uuid4().hex[:8]}",
             kv_connector_extra_config={"saved_kv_capacity_bytes": self._saved_kv_capacity_bytes},
         )
-        events = f"ipc://{self._ipc_dir()}/kv-events"
-        extra = {} if self._prefix is None else {
-            "kv_events_config": KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=events)}
+        events, replay = f"ipc://{self._ipc_dir()}/kv-events", f"ipc://{self._ipc_dir()}/kv-replay"
+        extra = {} if self._prefix is None else {"kv_events_config": KVEventsConfig(
+            enable_kv_cache_events=True, publisher="zmq", endpoint=events, replay_endpoint=replay)}
         args = AsyncEngineArgs(kv_transfer_config=kv_config, **extra, **self._engine_args)
         # NOTE(vllm-backend): construction blocks ~20 s (it spawns and handshakes with the engine-core and worker
         # processes); run it in a thread so the caller's event loop (an actor's health checks, other engines
@@ -222,7 +222,9 @@ class VLLMBackend:
             await self.shutdown()  # its socket folder
             raise
         if self._prefix is not None:  # subscribed before the call below, so before any request's events
-            self._events_task = asyncio.create_task(follow(subscribe(events), self._prefix, self._bump))
+            # A fresh index: an engine started again numbers its batches from 0 and caches nothing yet.
+            self._prefix = PrefixIndex(kv_block=self._prefix.kv_block)
+            self._events_task = asyncio.create_task(follow(subscribe(events), self._prefix, self._bump, replay))
         self.vocab_size = self._engine.model_config.get_vocab_size()
         layout = (await self._engine.collective_rpc("llmsched_kv_layout"))[0]
         self._kv_layout = {name: (str(dt), tuple(shape)) for name, (dt, shape) in layout.items()}

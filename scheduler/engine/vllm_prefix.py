@@ -13,9 +13,11 @@ id (fewer than 512 tokens) names tokens that no event shows whole (vLLM caches f
 so the engine tells the index each prompt it is given (``note_prompt``): that id is listed while the prompt's
 blocks up to its last one vLLM would reuse are cached (vLLM's hit on a repeat is ``(P - 1) // block * block``
 tokens), as the simulated engines list a computed prompt's last id -- a repeated prompt reads as a full hit.
-Events lost (a gap in the publisher's sequence numbers) make the index unknown (``cached`` is ``None``, as for an
-engine without events), never wrong, until vLLM empties its cache (``AllBlocksCleared``: ``reset_prefix_cache``),
-after which every block is known again. A model with several KV cache groups (hybrid attention: vLLM's hit is
+Batches not received (published before the subscription took, or a gap in the publisher's sequence numbers) are
+asked again from vLLM's replay buffer (``KVEventsConfig.replay_endpoint``, ``follow``) and applied in order, those
+already applied skipped. Those it cannot give (overrun, no answer) make the index unknown (``cached`` is ``None``,
+as for an engine without events), never wrong, until a later replay brings them or vLLM empties its cache
+(``AllBlocksCleared``: ``reset_prefix_cache``), after which every block is known again. A model with several KV cache groups (hybrid attention: vLLM's hit is
 what every group holds) is unknown for good, and blocks hashed with extra keys (LoRA, cache salt, multimodal
 inputs) name nothing: a plain prompt of the same tokens would not hit them.
 """
@@ -25,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -65,15 +69,18 @@ class PrefixIndex:
         # before it when that block ends on a boundary); the oldest forgotten past ``_partials_cap``.
         self._partials: OrderedDict[int, int] = OrderedDict()
         self._cached: frozenset[int] | None = frozenset()
-        self._next_seq = 0  # batches are numbered from 0; the subscriber connects before the first request
-        self.lost = False  # events were missed: ``cached`` is None until vLLM empties its cache
+        self._next_seq = 0  # batches are numbered from 0
+        # Batches from ``next_seq`` on were missed (a later one came): ``cached`` is None until they are applied
+        # (replayed) or vLLM empties its cache; the batches after them are not applied meanwhile.
+        self.behind = False
+        self.lost = False  # events could not be followed: ``cached`` is None until vLLM empties its cache
         self._group: int | None = None  # the KV cache group the events are about (vLLM's ``group_idx``)
         self.hybrid = False  # events of a second group came: ``cached`` is None for good
 
     @property
     def cached(self) -> frozenset[int] | None:
         """The ids resident now; ``None`` once the index cannot tell (events lost, an unsupported block size)."""
-        if self.lost or self.hybrid:
+        if self.lost or self.behind or self.hybrid:
             return None
         if self._cached is None:
             runs, ids = self._runs, self._ids
@@ -104,26 +111,37 @@ class PrefixIndex:
         # A partial id is listed only while its anchor block is cached: a few per cached block at most matter.
         return max(1024, 2 * len(self._blocks))
 
+    @property
+    def next_seq(self) -> int:
+        """The sequence number of the first batch not applied: where a replay should start."""
+        return self._next_seq
+
     def on_batch(self, seq: int, events: Iterable[Any]) -> None:
-        """Apply one published batch (``seq``: the publisher's sequence number, consecutive from 0)."""
-        if seq != self._next_seq:
-            log.warning(
-                "vLLM KV events: batch %d after %d (events lost); the prefix cache is unknown until vLLM empties it",
-                seq,
-                self._next_seq - 1,
-            )
-            self.lost = True
-        self._next_seq = seq + 1
+        """Apply one published batch (``seq``: the publisher's sequence number, consecutive from 0). One applied
+        already (replayed, then received live) is skipped; one after a gap makes the index ``behind`` until the
+        missing ones come."""
+        if seq < self._next_seq:
+            return
+        if seq == self._next_seq:
+            if self.behind:
+                log.info("vLLM KV events: the missed batches came; following the prefix cache again")
+            self.behind = False
+            self._next_seq = seq + 1
+        elif not self.behind:
+            log.warning("vLLM KV events: batch %d after %d (events lost); the prefix cache is unknown until they"
+                        " are replayed or vLLM empties it", seq, self._next_seq - 1)
+            self.behind = True
         for e in events:
             kind = type(e).__name__
             if kind == "AllBlocksCleared":
                 # vLLM's cache is empty now (``reset_prefix_cache``): known again whatever was missed before, and
                 # the events after it tell the rest (a block size we cannot follow gives up again at its next store).
-                if self.lost:
+                if self.lost or self.behind:
                     log.info("vLLM KV events: the prefix cache was emptied; following it again")
-                self.lost = False
+                self.lost = self.behind = False
+                self._next_seq = seq + 1  # the batches missed before it no longer matter
                 self.clear()
-            elif self.lost or not self._follows(getattr(e, "group_idx", None)):
+            elif self.lost or self.behind or not self._follows(getattr(e, "group_idx", None)):
                 continue
             elif kind == "BlockStored":
                 self.stored(e.block_hashes, e.parent_block_hash, e.token_ids, e.block_size,
@@ -230,9 +248,16 @@ def _run(base: int, tokens: tuple[int, ...]) -> int:
     return hash((base, tokens))
 
 
+# NOTE(kv-replay): vLLM's publisher thread answers a replay between batches, polling every 0.1 s when idle; a
+# silence this long means no answer is coming (endpoint down or not configured).
+REPLAY_WAIT_S = 2.0
+# After such a silence, a gap is not asked about again for this long: each ask holds the follower for the wait.
+REPLAY_RETRY_S = 10.0
+
+
 def subscribe(endpoint: str) -> Any:
     """A ZMQ SUB socket on a vLLM engine's KV events at ``endpoint`` (connected now: a PUB socket drops what it
-    publishes before a subscriber is there)."""
+    publishes before a subscriber is there; ``follow`` asks those again from the replay endpoint)."""
     import zmq
     import zmq.asyncio
 
@@ -242,16 +267,75 @@ def subscribe(endpoint: str) -> Any:
     return sock
 
 
-async def follow(sock: Any, index: PrefixIndex, on_change: Callable[[], None]) -> None:
-    """Apply the KV event batches arriving on ``sock`` (``subscribe``) to ``index`` until cancelled; closes it."""
+async def replay(endpoint: str, start: int, apply: Callable[[int, bytes], None],
+                 wait_s: float = REPLAY_WAIT_S) -> bool:
+    """Ask vLLM's replay endpoint (``KVEventsConfig.replay_endpoint``, a ROUTER socket) for the batches it keeps
+    from sequence number ``start`` on, and ``apply(seq, payload)`` each, in order.
+
+    Returns:
+        True once its end marker came (whether or not its buffer still held ``start``); False when nothing came
+        for ``wait_s``.
+    """
+    import zmq
+    import zmq.asyncio
+    from vllm.distributed.kv_events import ZmqEventPublisher
+
+    # A DEALER, not vLLM's example's REQ: the answer is many messages (one per batch, then the end marker). A new
+    # socket per ask: a late answer to an ask given up on never mixes into the next.
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    try:
+        await asyncio.wait_for(sock.send_multipart((b"", start.to_bytes(8, "big"))), wait_s)
+        while True:
+            _empty, _topic, seq, payload = await asyncio.wait_for(sock.recv_multipart(), wait_s)
+            if seq == ZmqEventPublisher.END_SEQ:
+                return True
+            apply(int.from_bytes(seq, "big"), payload)
+    except TimeoutError:
+        return False
+    finally:
+        sock.close(linger=0)
+
+
+async def follow(sock: Any, index: PrefixIndex, on_change: Callable[[], None], replay_endpoint: str | None = None,
+                 *, wait_s: float = REPLAY_WAIT_S, retry_s: float = REPLAY_RETRY_S) -> None:
+    """Apply the KV event batches arriving on ``sock`` (``subscribe``) to ``index`` until cancelled; closes it.
+
+    With ``replay_endpoint``, the batches not received are asked from vLLM's replay buffer (``replay``): from 0 at
+    once (those published before the subscription took) and, at a gap, from the first one missing. One the buffer
+    no longer holds leaves the index ``behind`` until vLLM empties its cache; after an ask with no answer (waited
+    ``wait_s``) the gap is asked about again after ``retry_s``.
+    """
     import msgspec
     from vllm.distributed.kv_events import KVEventBatch
 
     decode = msgspec.msgpack.Decoder(type=KVEventBatch).decode
+
+    def apply(seq: int, payload: bytes) -> None:
+        index.on_batch(seq, decode(payload).events)
+
+    retry_at = 0.0  # while ``index.behind``: when the gap may be asked about again
+
+    async def catch_up() -> None:
+        nonlocal retry_at
+        if replay_endpoint is None or (index.behind and time.monotonic() < retry_at):
+            return
+        answered = await replay(replay_endpoint, index.next_seq, apply, wait_s)
+        # Answered and still behind: the buffer has moved past the gap, no later ask can fill it.
+        retry_at = math.inf if answered else time.monotonic() + retry_s
+        if not answered:
+            log.warning("vLLM KV events: no replay from %s within %.1f s", replay_endpoint, wait_s)
+
     try:
+        if replay_endpoint is not None:
+            await catch_up()
+            on_change()
         while True:
             _topic, seq, payload = await sock.recv_multipart()
-            index.on_batch(int.from_bytes(seq, "big"), decode(payload).events)
+            n = int.from_bytes(seq, "big")
+            if n > index.next_seq:
+                await catch_up()
+            apply(n, payload)
             on_change()
     except asyncio.CancelledError:
         raise
@@ -264,4 +348,4 @@ async def follow(sock: Any, index: PrefixIndex, on_change: Callable[[], None]) -
             sock.close(linger=0)
 
 
-__all__ = ["PrefixIndex", "follow", "subscribe"]
+__all__ = ["PrefixIndex", "follow", "replay", "subscribe"]
