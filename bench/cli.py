@@ -21,6 +21,7 @@ BENCHES = {
     "arrivals": "bench.bench_arrivals",
     "online-tenants": "bench.bench_online_tenants",
     "routing-tenants": "bench.bench_routing_tenants",
+    "kv-replay": "bench.bench_kv_replay",
 }
 
 

@@ -244,27 +244,31 @@ def engine(tmp_path_factory: pytest.TempPathFactory):
         loop.close()
 
 
+async def served_and_listed(backend, request_id: str, prompt: tuple[int, ...]) -> frozenset[int] | None:
+    """Serve ``prompt`` (2 tokens), then the backend's listing once it holds the prompt's ids (or after 5 s)."""
+    from scheduler.engine.base import EngineRequest, SamplingParams
+
+    async for _ in backend.generate(EngineRequest(request_id, prompt, SamplingParams(max_tokens=2, ignore_eos=True))):
+        pass
+    for _ in range(100):  # the events travel from the engine core's publisher thread
+        listed = (await backend.stats()).cached_hash_ids
+        if listed and set(prompt_hash_ids(prompt)) <= listed:
+            break
+        await asyncio.sleep(0.05)
+    return listed
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_reset_prefix_cache_empties_the_listing_at_once(engine) -> None:
     """vLLM publishes its AllBlocksCleared with the next engine step's events: on an idle engine (reset only succeeds
     with no request holding blocks) the snapshot went on listing the emptied cache until a request arrived -- the
     prefix routers placed that request by a cache that was gone."""
-    from scheduler.engine.base import EngineRequest, SamplingParams
-
     loop, backend = engine
     a = tuple(tokens(1024))  # two full ids
 
     async def scenario() -> tuple[frozenset[int] | None, frozenset[int] | None]:
-        async for _ in backend.generate(
-            EngineRequest("reset-a", a, SamplingParams(max_tokens=2, ignore_eos=True))
-        ):
-            pass
-        for _ in range(100):  # the events travel from the engine core's publisher thread
-            before = (await backend.stats()).cached_hash_ids
-            if before and set(prompt_hash_ids(a)) <= before:
-                break
-            await asyncio.sleep(0.05)
+        before = await served_and_listed(backend, "reset-a", a)
         assert await backend.reset_prefix_cache()
         await asyncio.sleep(0.5)
         return before, (await backend.stats()).cached_hash_ids
@@ -272,3 +276,33 @@ def test_reset_prefix_cache_empties_the_listing_at_once(engine) -> None:
     before, after = loop.run_until_complete(asyncio.wait_for(scenario(), 120))
     assert before is not None and set(prompt_hash_ids(a)) <= before
     assert after == frozenset()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_a_subscriber_started_late_gets_the_engines_cache_from_its_replay_endpoint(engine) -> None:
+    """The engine is configured with a replay endpoint beside its events (``KVEventsConfig.replay_endpoint``): a
+    follower started after a prompt was served (its batches long published) lists what the backend's own lists."""
+    from scheduler.engine.vllm_prefix import follow, subscribe
+
+    loop, backend = engine
+    a = tuple(tokens(1024))  # two full ids (no partial one: the late index is told no prompts)
+
+    async def scenario() -> tuple[frozenset[int] | None, frozenset[int] | None]:
+        listed = await served_and_listed(backend, "late-a", a)
+        events, replay = backend.kv_events_endpoints
+        late = PrefixIndex()
+        task = asyncio.create_task(follow(subscribe(events), late, lambda: None, replay))
+        try:
+            for _ in range(200):
+                if late.next_seq == backend._prefix.next_seq:
+                    break
+                await asyncio.sleep(0.05)
+            return listed, late.cached
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    listed, late = loop.run_until_complete(asyncio.wait_for(scenario(), 120))
+    assert listed is not None and set(prompt_hash_ids(a)) <= listed
+    assert late == listed
