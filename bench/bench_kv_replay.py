@@ -1,10 +1,12 @@
-"""How fast lost vLLM KV event batches come back through vLLM's replay endpoint (``scheduler/engine/vllm_prefix.py``,
-``follow``), against vLLM's own ZmqEventPublisher in-process (its publisher thread and sockets; no engine):
+"""How fast lost vLLM KV event batches come back through vLLM's replay endpoint.
+
+``follow`` (``scheduler/engine/vllm_prefix.py``) against vLLM's own ZmqEventPublisher in-process (its
+publisher thread and sockets; no engine):
 
     in order       the baseline: a batch received as published, from its send to the index applying it
-    gap            one batch lost on the way: from the next batch's send to the index holding both (it asks the
-                   replay endpoint from the missing one); without a replay the cache reads unknown until vLLM
-                   empties it
+    gap            one batch lost on the way: from the next batch's send to the index holding both (it asks
+                   the replay endpoint from the missing one); without a replay the cache reads unknown until
+                   vLLM empties it
     connect race   a batch published before the subscriber connected: from ``follow`` starting to the index
                    holding it; without a replay it is never seen (the index reads empty until the next batch,
                    which then finds a gap)
@@ -44,8 +46,9 @@ async def _until(done: Any) -> float:
 
 def _batch(kv: Any, seq: int) -> list[Any]:
     """One 32-token block stored (its own chain): a batch as small as vLLM publishes for a short prompt."""
-    return [kv.BlockStored(block_hashes=[seq + 1], parent_block_hash=None, token_ids=list(range(seq, seq + 32)),
-                           block_size=32, lora_id=None, medium="CPU", lora_name=None)]
+    return [kv.BlockStored(block_hashes=[seq + 1], parent_block_hash=None,
+                           token_ids=list(range(seq, seq + 32)), block_size=32, lora_id=None, medium="CPU",
+                           lora_name=None)]
 
 
 async def _publish(kv: Any, pub: Any, events: list[Any]) -> None:
@@ -59,8 +62,8 @@ async def _gaps(kv: Any, tmp: str, rounds: int) -> dict[str, list[float]]:
     import zmq
 
     pub = kv.ZmqEventPublisher(0, endpoint=f"ipc://{tmp}/vllm-events", replay_endpoint=f"ipc://{tmp}/replay")
-    # The live stream the subscriber reads, a stand-in for vLLM's PUB socket that leaves out the batch to lose (XPUB:
-    # PUB on the wire, and it tells when the subscription has arrived).
+    # The live stream the subscriber reads, a stand-in for vLLM's PUB socket that leaves out the batch to lose
+    # (XPUB: PUB on the wire, and it tells when the subscription has arrived).
     live = zmq.Context.instance().socket(zmq.XPUB)
     index, changes = PrefixIndex(), []
     sub = subscribe(f"ipc://{tmp}/live")
@@ -91,7 +94,8 @@ async def _gaps(kv: Any, tmp: str, rounds: int) -> dict[str, list[float]]:
 
 
 async def _connect_race(kv: Any, tmp: str) -> float:
-    pub = kv.ZmqEventPublisher(0, endpoint=f"ipc://{tmp}/race-events", replay_endpoint=f"ipc://{tmp}/race-replay")
+    pub = kv.ZmqEventPublisher(0, endpoint=f"ipc://{tmp}/race-events",
+                               replay_endpoint=f"ipc://{tmp}/race-replay")
     index = PrefixIndex()
     try:
         await _publish(kv, pub, _batch(kv, 0))  # nobody subscribed: its PUB socket drops it
@@ -125,7 +129,8 @@ async def bench(rounds: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="llmsched bench kv-replay", description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=40, help="in-order and gap rounds (connect races: a quarter)")
+    p.add_argument("--rounds", type=int, default=40,
+                   help="in-order and gap rounds (connect races: a quarter)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 

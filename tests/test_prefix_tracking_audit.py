@@ -245,10 +245,11 @@ def engine(tmp_path_factory: pytest.TempPathFactory):
 
 
 async def served_and_listed(backend, request_id: str, prompt: tuple[int, ...]) -> frozenset[int] | None:
-    """Serve ``prompt`` (2 tokens), then the backend's listing once it holds the prompt's ids (or after 5 s)."""
+    """Serve ``prompt`` (2 tokens); the backend's listing once it holds the prompt's ids (or after 5 s)."""
     from scheduler.engine.base import EngineRequest, SamplingParams
 
-    async for _ in backend.generate(EngineRequest(request_id, prompt, SamplingParams(max_tokens=2, ignore_eos=True))):
+    request = EngineRequest(request_id, prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+    async for _ in backend.generate(request):
         pass
     for _ in range(100):  # the events travel from the engine core's publisher thread
         listed = (await backend.stats()).cached_hash_ids
@@ -281,8 +282,8 @@ def test_reset_prefix_cache_empties_the_listing_at_once(engine) -> None:
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_a_subscriber_started_late_gets_the_engines_cache_from_its_replay_endpoint(engine) -> None:
-    """The engine is configured with a replay endpoint beside its events (``KVEventsConfig.replay_endpoint``): a
-    follower started after a prompt was served (its batches long published) lists what the backend's own lists."""
+    """The engine is configured with a replay endpoint beside its events (``KVEventsConfig.replay_endpoint``):
+    a follower started after a prompt was served (its batches long published) lists what the backend lists."""
     from scheduler.engine.vllm_prefix import follow, subscribe
 
     loop, backend = engine

@@ -148,9 +148,9 @@ def encoded(events: list) -> bytes:
 
 
 async def live_publisher(endpoint: str) -> Any:
-    """A stand-in for vLLM's PUB socket whose sends the test picks (a batch it skips is one lost on the way). XPUB
-    is PUB on the wire (the subscriber cannot tell) and tells when the subscription has arrived: a PUB socket
-    drops what it sends before then. Returns once the subscriber (already connecting) is there."""
+    """A stand-in for vLLM's PUB socket whose sends the test picks (a batch it skips is one lost on the way).
+    XPUB is PUB on the wire (the subscriber cannot tell) and tells when the subscription has arrived: a PUB
+    socket drops what it sends before then. Returns once the subscriber (already connecting) is there."""
     import zmq
 
     pub = zmq.Context.instance().socket(zmq.XPUB)
@@ -161,13 +161,15 @@ async def live_publisher(endpoint: str) -> Any:
 
 
 def send(pub: Any, seq: int, events: list) -> None:
-    pub.send_multipart((b"", seq.to_bytes(8, "big"), encoded(events)))  # topic, 8-byte sequence number, payload
+    # topic, 8-byte sequence number, payload
+    pub.send_multipart((b"", seq.to_bytes(8, "big"), encoded(events)))
 
 
 def follow_published(batches: list[tuple[int, list]]) -> tuple[frozenset[int] | None, int]:
-    """``batches`` of vLLM event objects, each ``(sequence number, events)``, msgpack-encoded and sent as vLLM's
-    ZmqEventPublisher sends them (topic, 8-byte sequence number, payload) over a real ZMQ PUB socket, read through
-    ``subscribe`` + ``follow`` (no replay endpoint): the index's ``cached`` and how many changes it reported."""
+    """``batches`` of vLLM event objects, each ``(sequence number, events)``, msgpack-encoded and sent as
+    vLLM's ZmqEventPublisher sends them (topic, 8-byte sequence number, payload) over a real ZMQ PUB socket,
+    read through ``subscribe`` + ``follow`` (no replay endpoint): the index's ``cached`` and how many changes
+    it reported."""
     import tempfile
 
     async def scenario(tmp: str) -> tuple[frozenset[int] | None, int]:
@@ -201,12 +203,12 @@ def test_follow_reads_vllms_published_batches() -> None:
     assert cached == frozenset(prompt_hash_ids(a)[:1])  # the second id's boundary block (32) was evicted
 
 
-# ---- lost batches asked again from vLLM's replay buffer (``KVEventsConfig.replay_endpoint``) ---------------------
+# ---- lost batches asked again from vLLM's replay buffer (``KVEventsConfig.replay_endpoint``) ---------------
 
 
 def test_a_batch_received_again_is_skipped_and_a_filled_gap_makes_the_cache_known() -> None:
-    """The index's side of a replay: after a gap it is ``behind`` (unknown); the missing batch and those after it
-    (replayed), then those again as they arrive live, leave it as if nothing had been missed."""
+    """The index's side of a replay: after a gap it is ``behind`` (unknown); the missing batch and those after
+    it (replayed), then those again as they arrive live, leave it as if nothing had been missed."""
     index = PrefixIndex()
     a, b, c = tokens(512), tokens(512), tokens(512)
     store(index, 0, 1, None, a)
@@ -232,8 +234,8 @@ def replay_scenario(scenario: Callable[[str, Any], Any]) -> Any:
 
 
 def vllm_publisher(kv: Any, tmp: str, buffer_steps: int = 10_000) -> Any:
-    """vLLM's own ZmqEventPublisher, in-process (its thread, PUB and replay ROUTER sockets; no engine), replaying
-    at ``ipc://{tmp}/replay``."""
+    """vLLM's own ZmqEventPublisher, in-process (its thread, PUB and replay ROUTER sockets; no engine),
+    replaying at ``ipc://{tmp}/replay``."""
     return kv.ZmqEventPublisher(0, endpoint=f"ipc://{tmp}/vllm-events", replay_endpoint=f"ipc://{tmp}/replay",
                                 buffer_steps=buffer_steps)
 
@@ -254,8 +256,8 @@ def stored_event(kv: Any, first: int, toks: list[int]) -> Any:
 
 
 def test_a_batch_published_before_the_subscriber_connected_is_replayed() -> None:
-    """vLLM's publisher sends batch 0 before anyone subscribed (its PUB socket drops it): the follower asks the
-    replay endpoint from 0 as it starts, and lists it (before: the index read empty until the next batch)."""
+    """vLLM's publisher sends batch 0 before anyone subscribed (its PUB socket drops it): the follower asks
+    the replay endpoint from 0 as it starts, and lists it (before: the index read empty until a next one)."""
     a = tokens(1024)
 
     async def scenario(tmp: str, kv: Any) -> frozenset[int] | None:
@@ -276,9 +278,9 @@ def test_a_batch_published_before_the_subscriber_connected_is_replayed() -> None
 
 
 def test_a_gap_is_filled_from_vllms_replay_buffer_and_batches_received_twice_count_once() -> None:
-    """Batches 0-3 go through vLLM's publisher (its replay buffer); the subscriber receives 0 and 2 only. At 2 the
-    follower asks from 1, gets 1-3, then skips 2 as received: c, stored in 2 and evicted in 3, is not listed again
-    (before: unknown from batch 2 on)."""
+    """Batches 0-3 go through vLLM's publisher (its replay buffer); the subscriber receives 0 and 2 only. At 2
+    the follower asks from 1, gets 1-3, then skips 2 as received: c, stored in 2 and evicted in 3, is not
+    listed again (before: unknown from batch 2 on)."""
     a, b, c = tokens(512), tokens(512), tokens(512)
 
     async def scenario(tmp: str, kv: Any) -> tuple[frozenset[int] | None, int]:
@@ -308,8 +310,8 @@ def test_a_gap_is_filled_from_vllms_replay_buffer_and_batches_received_twice_cou
 
 
 def test_no_replay_leaves_the_cache_unknown_until_a_later_replay_or_a_clear() -> None:
-    """No replay endpoint answering (bounded wait): a gap makes the cache unknown, as before replays; a later ask,
-    once it answers, fills it. A gap older than the replay buffer stays unknown until vLLM empties its cache."""
+    """No replay endpoint answering (bounded wait): a gap makes the cache unknown, as before replays; a later
+    ask, once it answers, fills it. A gap older than the replay buffer stays unknown until vLLM empties it."""
     a, b, c, d = tokens(512), tokens(512), tokens(512), tokens(512)
 
     async def scenario(tmp: str, kv: Any) -> list[frozenset[int] | None]:
@@ -353,6 +355,6 @@ def test_no_replay_leaves_the_cache_unknown_until_a_later_replay_or_a_clear() ->
 
     unknown, filled, overrun, cleared = replay_scenario(scenario)
     assert unknown is None
-    assert filled == frozenset(prompt_hash_ids(a) + prompt_hash_ids(b) + prompt_hash_ids(c) + prompt_hash_ids(d))
+    assert filled == frozenset(id_ for toks in (a, b, c, d) for id_ in prompt_hash_ids(toks))
     assert overrun is None
     assert cleared == frozenset(prompt_hash_ids(d))

@@ -185,7 +185,8 @@ class VLLMBackend:
             else None
         )
         self._events_task: asyncio.Task | None = None
-        # Where the engine publishes its KV events and answers replays of them (``start``; None: not followed).
+        # Where the engine publishes its KV events and answers replays of them (``start``; None: not
+        # followed).
         self.kv_events_endpoints: tuple[str, str] | None = None
         self._tokenizer: Any = None  # loaded on first use (resumed streams' text)
 
@@ -227,7 +228,8 @@ class VLLMBackend:
             # A fresh index: an engine started again numbers its batches from 0 and caches nothing yet.
             self._prefix = PrefixIndex(kv_block=self._prefix.kv_block)
             self.kv_events_endpoints = (events, replay)
-            self._events_task = asyncio.create_task(follow(subscribe(events), self._prefix, self._bump, replay))
+            self._events_task = asyncio.create_task(
+                follow(subscribe(events), self._prefix, self._bump, replay))
         self.vocab_size = self._engine.model_config.get_vocab_size()
         layout = (await self._engine.collective_rpc("llmsched_kv_layout"))[0]
         self._kv_layout = {name: (str(dt), tuple(shape)) for name, (dt, shape) in layout.items()}

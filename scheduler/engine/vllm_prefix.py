@@ -13,13 +13,14 @@ id (fewer than 512 tokens) names tokens that no event shows whole (vLLM caches f
 so the engine tells the index each prompt it is given (``note_prompt``): that id is listed while the prompt's
 blocks up to its last one vLLM would reuse are cached (vLLM's hit on a repeat is ``(P - 1) // block * block``
 tokens), as the simulated engines list a computed prompt's last id -- a repeated prompt reads as a full hit.
-Batches not received (published before the subscription took, or a gap in the publisher's sequence numbers) are
-asked again from vLLM's replay buffer (``KVEventsConfig.replay_endpoint``, ``follow``) and applied in order, those
-already applied skipped. Those it cannot give (overrun, no answer) make the index unknown (``cached`` is ``None``,
-as for an engine without events), never wrong, until a later replay brings them or vLLM empties its cache
-(``AllBlocksCleared``: ``reset_prefix_cache``), after which every block is known again. A model with several KV cache groups (hybrid attention: vLLM's hit is
-what every group holds) is unknown for good, and blocks hashed with extra keys (LoRA, cache salt, multimodal
-inputs) name nothing: a plain prompt of the same tokens would not hit them.
+Batches not received (published before the subscription took, or a gap in the publisher's sequence numbers)
+are asked again from vLLM's replay buffer (``KVEventsConfig.replay_endpoint``, ``follow``) and applied in
+order, those already applied skipped. Those it cannot give (overrun, no answer) make the index unknown
+(``cached`` is ``None``, as for an engine without events), never wrong, until a later replay brings them or
+vLLM empties its cache (``AllBlocksCleared``: ``reset_prefix_cache``), after which every block is known again.
+A model with several KV cache groups (hybrid attention: vLLM's hit is what every group holds) is unknown for
+good, and blocks hashed with extra keys (LoRA, cache salt, multimodal inputs) name nothing: a plain prompt of
+the same tokens would not hit them.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ class PrefixIndex:
         self._partials: OrderedDict[int, int] = OrderedDict()
         self._cached: frozenset[int] | None = frozenset()
         self._next_seq = 0  # batches are numbered from 0
-        # Batches from ``next_seq`` on were missed (a later one came): ``cached`` is None until they are applied
-        # (replayed) or vLLM empties its cache; the batches after them are not applied meanwhile.
+        # Batches from ``next_seq`` on were missed (a later one came): ``cached`` is None until they are
+        # applied (replayed) or vLLM empties its cache; the batches after them are not applied meanwhile.
         self.behind = False
         self.lost = False  # events could not be followed: ``cached`` is None until vLLM empties its cache
         self._group: int | None = None  # the KV cache group the events are about (vLLM's ``group_idx``)
@@ -117,9 +118,9 @@ class PrefixIndex:
         return self._next_seq
 
     def on_batch(self, seq: int, events: Iterable[Any]) -> None:
-        """Apply one published batch (``seq``: the publisher's sequence number, consecutive from 0). One applied
-        already (replayed, then received live) is skipped; one after a gap makes the index ``behind`` until the
-        missing ones come."""
+        """Apply one published batch (``seq``: the publisher's sequence number, consecutive from 0). One
+        applied already (replayed, then received live) is skipped; one after a gap makes the index ``behind``
+        until the missing ones come."""
         if seq < self._next_seq:
             return
         if seq == self._next_seq:
@@ -128,8 +129,8 @@ class PrefixIndex:
             self.behind = False
             self._next_seq = seq + 1
         elif not self.behind:
-            log.warning("vLLM KV events: batch %d after %d (events lost); the prefix cache is unknown until they"
-                        " are replayed or vLLM empties it", seq, self._next_seq - 1)
+            log.warning("vLLM KV events: batch %d after %d (events lost); the prefix cache is unknown until"
+                        " they are replayed or vLLM empties it", seq, self._next_seq - 1)
             self.behind = True
         for e in events:
             kind = type(e).__name__
@@ -251,7 +252,7 @@ def _run(base: int, tokens: tuple[int, ...]) -> int:
 # NOTE(kv-replay): vLLM's publisher thread answers a replay between batches, polling every 0.1 s when idle; a
 # silence this long means no answer is coming (endpoint down or not configured).
 REPLAY_WAIT_S = 2.0
-# After such a silence, a gap is not asked about again for this long: each ask holds the follower for the wait.
+# After such a silence, a gap is not asked about again for this long: each ask holds the follower that long.
 REPLAY_RETRY_S = 10.0
 
 
@@ -269,19 +270,19 @@ def subscribe(endpoint: str) -> Any:
 
 async def replay(endpoint: str, start: int, apply: Callable[[int, bytes], None],
                  wait_s: float = REPLAY_WAIT_S) -> bool:
-    """Ask vLLM's replay endpoint (``KVEventsConfig.replay_endpoint``, a ROUTER socket) for the batches it keeps
-    from sequence number ``start`` on, and ``apply(seq, payload)`` each, in order.
+    """Ask vLLM's replay endpoint (``KVEventsConfig.replay_endpoint``, a ROUTER socket) for the batches it
+    keeps from sequence number ``start`` on, and ``apply(seq, payload)`` each, in order.
 
     Returns:
-        True once its end marker came (whether or not its buffer still held ``start``); False when nothing came
-        for ``wait_s``.
+        True once its end marker came (whether or not its buffer still held ``start``); False when nothing
+        came for ``wait_s``.
     """
     import zmq
     import zmq.asyncio
     from vllm.distributed.kv_events import ZmqEventPublisher
 
-    # A DEALER, not vLLM's example's REQ: the answer is many messages (one per batch, then the end marker). A new
-    # socket per ask: a late answer to an ask given up on never mixes into the next.
+    # A DEALER, not vLLM's example's REQ: the answer is many messages (one per batch, then the end marker).
+    # A new socket per ask: a late answer to an ask given up on never mixes into the next.
     sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     sock.connect(endpoint)
     try:
@@ -297,14 +298,15 @@ async def replay(endpoint: str, start: int, apply: Callable[[int, bytes], None],
         sock.close(linger=0)
 
 
-async def follow(sock: Any, index: PrefixIndex, on_change: Callable[[], None], replay_endpoint: str | None = None,
-                 *, wait_s: float = REPLAY_WAIT_S, retry_s: float = REPLAY_RETRY_S) -> None:
-    """Apply the KV event batches arriving on ``sock`` (``subscribe``) to ``index`` until cancelled; closes it.
+async def follow(sock: Any, index: PrefixIndex, on_change: Callable[[], None],
+                 replay_endpoint: str | None = None, *, wait_s: float = REPLAY_WAIT_S,
+                 retry_s: float = REPLAY_RETRY_S) -> None:
+    """Apply the KV event batches on ``sock`` (``subscribe``) to ``index`` until cancelled; closes it.
 
-    With ``replay_endpoint``, the batches not received are asked from vLLM's replay buffer (``replay``): from 0 at
-    once (those published before the subscription took) and, at a gap, from the first one missing. One the buffer
-    no longer holds leaves the index ``behind`` until vLLM empties its cache; after an ask with no answer (waited
-    ``wait_s``) the gap is asked about again after ``retry_s``.
+    With ``replay_endpoint``, the batches not received are asked from vLLM's replay buffer (``replay``): from
+    0 at once (those published before the subscription took) and, at a gap, from the first one missing. One
+    the buffer no longer holds leaves the index ``behind`` until vLLM empties its cache; after an ask with no
+    answer (waited ``wait_s``) the gap is asked about again after ``retry_s``.
     """
     import msgspec
     from vllm.distributed.kv_events import KVEventBatch
