@@ -320,7 +320,7 @@ def test_no_replay_leaves_the_cache_unknown_until_a_later_replay_or_a_clear() ->
         sub = subscribe(f"ipc://{tmp}/live")
         live = await live_publisher(f"ipc://{tmp}/live")
         task = asyncio.create_task(follow(sub, index, lambda: changes.append(1), f"ipc://{tmp}/replay",
-                                          wait_s=0.2, retry_s=0.0))
+                                          wait_s=1.0, retry_s=0.0))
         pub = None
         try:
             batches = [[stored_event(kv, 1, a)], [stored_event(kv, 100, b)], [stored_event(kv, 200, c)],
