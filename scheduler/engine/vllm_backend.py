@@ -281,6 +281,7 @@ class VLLMBackend:
     async def shutdown(self) -> None:
         """Stop the engine and its processes. Idempotent."""
         task, self._events_task = self._events_task, None
+        self.kv_events_endpoints = None  # its sockets go with the engine
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
