@@ -47,6 +47,14 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                         "evenly at random up to the next timestamp, instead of replaying them as one burst")
 
 
+def add_batching_arg(p: argparse.ArgumentParser) -> None:
+    """``--same-instant-batching`` (``simulate``, ``compare``): ``Simulator``'s ``same_instant_batching``."""
+    p.add_argument("--same-instant-batching", action="store_true",
+                   help="requests reaching an idle instance at one instant (a coarse trace clock's burst) share its "
+                        "next step, as live vLLM batches them; default: the first starts a step alone "
+                        "(docs/simulator.md#same-instant-arrivals)")
+
+
 def window_arg(s: str) -> tuple[float, float]:
     """``START:END`` seconds (an empty START is 0, an empty END the trace's end) -> ``(start, end)``."""
     start, _, end = s.partition(":")
@@ -270,6 +278,7 @@ def simulate_main(argv: list[str] | None = None) -> int:
                    help="route on the live ingress's poll-round view, rounds S seconds apart (its refresh_s / the "
                         "engines' time scale; docs/simulator.md#routing-view); default: each instance as of its "
                         "last step's end")
+    add_batching_arg(p)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -289,7 +298,7 @@ def simulate_main(argv: list[str] | None = None) -> int:
         sim = Simulator(cfg, router=router, closed_form=not args.naive, progress=not args.quiet and len(w) > 50_000,
                         scaling=scaling, scaling_interval_s=loop.interval_s, scaling_startup_s=loop.startup_delay_s,
                         scaling_options={"window_s": loop.window_s}, seed=args.seed,
-                        ingress_poll_s=args.ingress_poll_s)
+                        ingress_poll_s=args.ingress_poll_s, same_instant_batching=args.same_instant_batching)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -300,7 +309,8 @@ def simulate_main(argv: list[str] | None = None) -> int:
         summary["scaling"] = {"policy": args.scaling, **sim.scaler.summary()}
     summary["trace_source"] = getattr(trace, "source", "")
     if args.goodput:
-        g = goodput(cfg, w, lambda: make_router(router_name, **params), seed=args.seed)
+        g = goodput(cfg, w, lambda: make_router(router_name, **params), seed=args.seed,
+                    same_instant_batching=args.same_instant_batching)
         summary["goodput_rps"], summary["goodput_capped"] = g.goodput_rps, g.capped  # capped: a lower bound
         summary["offered_rps"] = w.rate_rps
         warn_goodput(g, w.rate_rps, summary["slo_attainment"])

@@ -34,7 +34,7 @@ GOODPUT_CEILING = 8.0
 
 
 def saturation_rate(config: ClusterConfig, w: Workload, *, sample: int | None = None, seed: int = 0,
-                    router: str = "least_outstanding") -> float:
+                    router: str = "least_outstanding", same_instant_batching: bool = False) -> float:
     """Requests per second the cluster completes in steady state when this trace's mix arrives faster than it serves.
 
     ``sample`` requests (default 1000 per instance, the trace repeated as needed) are drawn shuffled with a fixed
@@ -55,10 +55,13 @@ def saturation_rate(config: ClusterConfig, w: Workload, *, sample: int | None = 
     k = sample or 1000 * config.num_instances
     idx = mix_sample(w, k, seed)
 
+    def simulator() -> Simulator:
+        return Simulator(config, router=router, seed=seed, same_instant_batching=same_instant_batching)
+
     def completed(offered: float) -> tuple[float, int]:
         """(completion rate over the second half of the arrivals, completions counted) at ``offered`` req/s."""
         arrival = np.arange(k) / offered
-        res = Simulator(config, router=router, seed=seed).run(_sampled(w, idx, arrival))
+        res = simulator().run(_sampled(w, idx, arrival))
         done = res.finish_s[np.isfinite(res.finish_s)]
         half = 0.5 * float(arrival[-1])
         n = int(np.sum((done >= half) & (done <= 2 * half)))
@@ -68,7 +71,7 @@ def saturation_rate(config: ClusterConfig, w: Workload, *, sample: int | None = 
 
     # First guess, above capacity on every cluster tried: twice a t=0 burst of 500 (a burst reads high on
     # homogeneous clusters and low on mixed ones; the loop doubles again if it was not enough).
-    offered = 2.0 * _completion_rate(Simulator(config, router=router, seed=seed).run(
+    offered = 2.0 * _completion_rate(simulator().run(
         _sampled(w, idx[:500], np.zeros(min(k, 500)))))
     if offered <= 0.0:  # nothing completes at all (every request refused): no capacity for this mix
         return 0.0
@@ -189,20 +192,23 @@ def router_factory(name: str, config: ClusterConfig):
 
 
 def compare(config: ClusterConfig, w: Workload, routers: list[str], *, load: float, with_goodput: bool = True,
-            target: float = 0.9, seed: int = 0) -> tuple[dict, dict, float]:
-    """``seed``: ``--seed`` (the saturation sample and every run's host-noise draws, goodput probes included)."""
-    sat = saturation_rate(config, w, seed=seed)
+            target: float = 0.9, seed: int = 0, same_instant_batching: bool = False) -> tuple[dict, dict, float]:
+    """``seed``: ``--seed`` (the saturation sample and every run's host-noise draws, goodput probes included);
+    ``same_instant_batching``: every run's, the saturation's and goodput's included (``Simulator``)."""
+    batching = {"same_instant_batching": same_instant_batching}
+    sat = saturation_rate(config, w, seed=seed, **batching)
     wl = at_load(w, load, sat)
     summaries, metrics = {}, {}
     for name in routers:
         make = router_factory(name, config)
-        res = Simulator(config, router=make(), seed=seed).run(wl)
+        res = Simulator(config, router=make(), seed=seed, **batching).run(wl)
         s = sim_summary(res)
         s["load"] = load
         s["saturation_rps"] = sat
         s["offered_rps"] = wl.rate_rps
         if with_goodput:
-            g = goodput(config, wl, make, target=target, lo=0.05, hi=GOODPUT_CEILING, iters=GOODPUT_ITERS, seed=seed)
+            g = goodput(config, wl, make, target=target, lo=0.05, hi=GOODPUT_CEILING, iters=GOODPUT_ITERS, seed=seed,
+                        **batching)
             s["goodput_rps"], s["goodput_capped"] = g.goodput_rps, g.capped
         summaries[name] = s
         metrics[name] = request_metrics(res)
@@ -212,7 +218,7 @@ def compare(config: ClusterConfig, w: Workload, routers: list[str], *, load: flo
 def main(argv: list[str] | None = None) -> int:
     from scheduler.cli_args import figure_file, output_file, positive_float
     from sim.cluster import build_instances
-    from sim.commands import check_time_span, comma_list, warn_over_context
+    from sim.commands import add_batching_arg, check_time_span, comma_list, warn_over_context
 
     p = argparse.ArgumentParser(prog="llmsched compare", description=__doc__)
     add_workload_args(p)
@@ -223,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated router names; name:key=value[:key=value] sets a router parameter "
                    "(llumnix:metric=remaining_steps), the entry naming its row")
     p.add_argument("--no-goodput", action="store_true")
+    add_batching_arg(p)
     p.add_argument("--json", type=output_file)
     p.add_argument("--png", type=figure_file)
     args = p.parse_args(argv)
@@ -245,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     warn_over_context(cfg, w)
     try:
         summaries, metrics, sat = compare(cfg, w, routers, load=args.load, with_goodput=not args.no_goodput,
-                                          seed=args.seed)
+                                          seed=args.seed, same_instant_batching=args.same_instant_batching)
     except ValueError as e:  # no capacity for this mix (``at_load``)
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,8 +21,10 @@ def scale_rate(w: Workload, factor: float) -> Workload:
     return replace(w, arrival_s=w.arrival_s / factor)
 
 
-def attainment(config: ClusterConfig, w: Workload, router_factory: Callable[[], object], *, seed: int = 0) -> float:
-    res = Simulator(config, router=router_factory(), seed=seed).run(w)  # type: ignore[arg-type]
+def attainment(config: ClusterConfig, w: Workload, router_factory: Callable[[], object], *, seed: int = 0,
+               same_instant_batching: bool = False) -> float:
+    res = Simulator(config, router=router_factory(), seed=seed,  # type: ignore[arg-type]
+                    same_instant_batching=same_instant_batching).run(w)
     return float(request_metrics(res).slo_met.mean()) if len(w) else 0.0
 
 
@@ -48,9 +50,11 @@ def goodput(
     hi: float = 64.0,
     iters: int = 8,
     seed: int = 0,
+    same_instant_batching: bool = False,
 ) -> GoodputResult:
     """Max rate (req/s) with SLO attainment >= ``target``; 0 when even ``lo`` x the trace rate misses it. ``seed``:
-    the probes' host-noise draws (``Simulator``), the run's own when reported beside it."""
+    the probes' host-noise draws (``Simulator``), the run's own when reported beside it; ``same_instant_batching``:
+    the probes' (``Simulator``)."""
     if len(w) > 1 and float(w.arrival_s[-1] - w.arrival_s[0]) <= 0:
         raise ValueError(f"goodput: the {len(w)} arrivals of {w.name!r} span no time, so the trace's rate (which the "
                          "result scales) cannot be measured")
@@ -60,7 +64,8 @@ def goodput(
     def ok(scale: float) -> tuple[bool, float]:
         nonlocal probes
         probes += 1
-        a = attainment(config, scale_rate(w, scale), router_factory, seed=seed)
+        a = attainment(config, scale_rate(w, scale), router_factory, seed=seed,
+                       same_instant_batching=same_instant_batching)
         return a >= target, a
 
     good, a_lo = ok(lo)

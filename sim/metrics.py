@@ -58,6 +58,8 @@ def sim_summary(res) -> dict[str, Any]:
             "requests_per_wall_s": float(len(w) / max(res.wall_seconds, 1e-9)),
             "events_per_wall_s": float(res.events / max(res.wall_seconds, 1e-9)),
             **_scaling_extras(res, life, span),
+            # Named only when on: the recorded runs predate it (off).
+            **({"same_instant_batching": True} if getattr(res, "same_instant_batching", False) else {}),
         },
     )
 

@@ -152,8 +152,8 @@ class MigrationDriver:
         m.held = -(-seq.num_tokens // m.src.engine.block_size)
         m.src.engine.prefill_blocks += m.held
         m.src.mark_changed()  # mid-step it leaves at the step's end (the stop)
-        if not m.src.busy:
-            sim._kick(m.src, t_b)
+        if not m.src.busy:  # (idle: no step in flight, ``t_b`` is now)
+            sim.start(m.src, now)
         downtime = self._xfer(m.src, m.dst, max(seq.num_tokens - m.copied, 1))
         self.downtime_s.append(downtime)
         sim._push(t_b + downtime, self._kind("MIGRATE_COMMIT"), None, (rid, seq))

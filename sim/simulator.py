@@ -53,6 +53,9 @@ class EventKind(enum.IntEnum):
     KV_ARRIVE = 1
     MIGRATE_COMMIT = 2  # last stage landed: the destination resumes the request
     MIGRATE_FINAL = 3  # pre-copy stages done: stop the request on the source, copy the rest
+    # (Idle instances given work by the kinds above start their step here, after the instant's last of them:
+    # ``Simulator.start``. The kinds below read the cluster with those steps started, as before; a tie with them is
+    # two clocks meeting, not a burst.)
     POLICY = 4  # periodic policy loop (migration)
     STEP = 5
     SCALE = 6  # scaling policy tick, or a started instance becoming routable (sim/scaling.py)
@@ -174,6 +177,7 @@ class SimResult:
     # Requests whose prompt + output exceed the model's max_model_len: the live ingress refuses them; the simulator
     # serves them as if the context were longer (``over_context``).
     over_max_model_len: int = 0
+    same_instant_batching: bool = False  # the run's ``Simulator`` option
 
     @property
     def instance_lifetime_s(self) -> np.ndarray:
@@ -209,6 +213,9 @@ class Simulator:
             last round (asked every ``ingress_poll_s`` after the previous one published; each answers at its step
             in flight's end, the round publishes with its last answer) plus the requests routed since its ask.
             ``None`` (default): each instance as of its last step's end.
+        same_instant_batching: requests that reach an idle instance at one instant share its next step, as live
+            vLLM's engine loop batches whatever reached it before its next ``schedule()`` (``start``). ``False``
+            (default, what the recorded results ran): the first starts a step alone, the rest wait for its end.
     """
 
     def __init__(
@@ -231,6 +238,7 @@ class Simulator:
         reroling_options: dict | None = None,
         seed: int = 0,
         ingress_poll_s: float | None = None,
+        same_instant_batching: bool = False,
     ) -> None:
         if scaling is not None and reroling is not None:
             raise ValueError("reroling: not supported together with scaling (the scaling driver keys pools by role)")
@@ -257,6 +265,7 @@ class Simulator:
         self.closed_form = closed_form
         self.view_refresh_s = view_refresh_s
         self.ingress_poll_s = ingress_poll_s
+        self.same_instant_batching = same_instant_batching
         self.poll: IngressPoll | None = None  # the run's rounds (``run``)
         if ingress_poll_s is not None:
             IngressPoll(ingress_poll_s)  # a bad period fails here, not at run()
@@ -295,6 +304,7 @@ class Simulator:
         self.kv_transfer_s = 0.0
         self.heap: list = []
         self.seq = itertools.count()
+        self._starts: list[SimInstance] = []  # idle instances given work at ``now``: they start at its end
         # Co-located engines sharing a host's cores (live CPU profiles): step times scale with the busy count.
         self._contended = any(len(x.latency.host_contention) > 1 for x in self.instances)
         # ... and with the CPU each request costs outside its engine steps, spent while it is set up, prefilled
@@ -353,7 +363,14 @@ class Simulator:
         self.poll = None if self.ingress_poll_s is None else IngressPoll(self.ingress_poll_s)
         if self.poll is not None:
             self._poll_ask(self.poll, 0.0)  # the ingress starts with a first view
-        while i < n or heap:
+        starts = self._starts
+        while i < n or heap or starts:
+            # The instant's last event that brings work is done: the idle instances given work at it start their
+            # step now, on everything that reached them at this instant (``start``).
+            if starts and not (i < n and arrivals[i] == now) and not (
+                    heap and heap[0][0] == now and heap[0][1] <= EventKind.MIGRATE_FINAL):
+                self._start_pending(now)
+                continue
             # Arrivals are merged in at their place in the heap's order: at a tie, after the kinds that sort
             # before ARRIVAL (a host-noise draw at t=0 came after the arrivals at t=0, so their prefill ran on
             # the undrawn host: TTFT 1/3 of a request's arriving 1 ns later on a 3x host; simcore audit).
@@ -711,9 +728,26 @@ class Simulator:
         snapshot waits for the step's end, as the step's own outcome does: ``_kick``.)"""
         inst.mark_changed()
         if not inst.busy:
-            self._kick(inst, now)
+            self.start(inst, now)
             return
         self.cut_span(inst, now)
+
+    def start(self, inst: SimInstance, now: float) -> None:
+        """Start idle ``inst``'s next step -- with ``same_instant_batching``, once every arrival, KV landing and
+        migration event at ``now`` is done (``EventKind``): live vLLM's engine loop schedules whatever reached it
+        before its next ``schedule()``, so requests arriving together share one step. Started at once, the first of
+        a coarse trace's burst ran a step alone and the rest waited for it."""
+        if not self.same_instant_batching:
+            self._kick(inst, now)
+        elif inst not in self._starts:
+            self._starts.append(inst)
+
+    def _start_pending(self, now: float) -> None:
+        starts = self._starts[:]
+        self._starts.clear()  # in place: the loop holds the list
+        for inst in starts:
+            if not inst.busy:  # a guard: one kicked directly meanwhile is not started twice
+                self._kick(inst, now)
 
     def cut_span(self, inst: SimInstance, now: float) -> float:
         """End ``inst``'s span at the step boundary at or after ``now``; returns that boundary's time."""
@@ -950,6 +984,7 @@ class Simulator:
             scale_events=self.scaler.applied if self.scaler is not None else None,
             role_switches=self.reroler.summary()["role_switches"] if self.reroler is not None else None,
             over_max_model_len=over_context(cfg, w),
+            same_instant_batching=self.same_instant_batching,
         )
 
 
