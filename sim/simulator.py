@@ -735,8 +735,8 @@ class Simulator:
     def start(self, inst: SimInstance, now: float) -> None:
         """Start idle ``inst``'s next step -- with ``same_instant_batching``, once every arrival, KV landing and
         migration event at ``now`` is done (``EventKind``): live vLLM's engine loop schedules whatever reached it
-        before its next ``schedule()``, so requests arriving together share one step. Started at once, the first of
-        a coarse trace's burst ran a step alone and the rest waited for it."""
+        before its next ``schedule()``, so requests arriving together share one step. Off, at once: the first of a
+        burst runs a step alone and the rest wait for it (docs/simulator.md, "Same-instant arrivals")."""
         if not self.same_instant_batching:
             self._kick(inst, now)
         elif inst not in self._starts:
