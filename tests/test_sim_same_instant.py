@@ -102,3 +102,31 @@ def test_simulate_flag_batches_a_coarse_traces_ticks(tmp_path) -> None:
     on, off = out["--same-instant-batching"], out[""]
     assert on["same_instant_batching"] is True and "same_instant_batching" not in off
     assert on["engine_steps"] < off["engine_steps"]
+
+
+class _Watch:
+    """A migration policy that moves nothing and records what each tick sees of instance 0."""
+
+    def __init__(self) -> None:
+        self.seen: dict[float, tuple[int, int]] = {}
+
+    def plan(self, view, now_s: float) -> list:
+        s = view.instances[0]
+        self.seen[now_s] = (s.num_running, s.num_waiting)
+        return []
+
+
+def test_a_policy_tick_at_the_instant_sees_the_bursts_step_started() -> None:
+    """Two prompts at t=0.5, on a migration tick: the batch starts once the instant's arrivals are done, before the
+    tick (``EventKind``: POLICY after the kinds that bring work), so the tick reads both running -- as it read the
+    first running (and the second queued) before. Started after every event of the instant, the tick read both
+    waiting on an idle engine."""
+    cfg = cluster_config("same-instant-tick", mixed=1)
+    w = Workload(np.array([0.0, 0.5, 0.5]), np.array([64, 512, 300]), np.array([2, 40, 40]))
+    seen = {}
+    for same in (True, False):
+        watch = _Watch()
+        _run(cfg, w, same=same, migration=watch, migration_interval_s=0.5)
+        seen[same] = watch.seen[0.5]
+    assert seen[True] == (2, 0)
+    assert seen[False] == (1, 1)
