@@ -130,3 +130,24 @@ def test_a_policy_tick_at_the_instant_sees_the_bursts_step_started() -> None:
         seen[same] = watch.seen[0.5]
     assert seen[True] == (2, 0)
     assert seen[False] == (1, 1)
+
+
+def test_compare_flag_reaches_every_simulation(monkeypatch) -> None:
+    """``compare --same-instant-batching``: the saturation probes, the routers' runs and the goodput probes all batch
+    (one left out would mix the two behaviours in one file)."""
+    from scheduler.cli import main as cli_main
+    from sim import compare, goodput
+
+    seen: list[bool] = []
+    real = compare.Simulator
+
+    class Spy(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *a, **kw):  # type: ignore[no-untyped-def]
+            seen.append(kw.get("same_instant_batching", False))
+            super().__init__(*a, **kw)
+
+    for mod in (compare, goodput):
+        monkeypatch.setattr(mod, "Simulator", Spy)
+    argv = ["compare", "--synthetic", "40", "--instances", "2", "--routers", "round_robin", "--same-instant-batching"]
+    assert cli_main(argv) == 0
+    assert len(seen) > 3 and set(seen) == {True}
