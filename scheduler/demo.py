@@ -20,8 +20,9 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,6 +50,10 @@ from sim.live_vs_sim import (
     ttft_by_in_flight,
     ttft_flight_columns,
 )
+
+if TYPE_CHECKING:
+    from scheduler.config.models import ClusterConfig
+    from sim.replay import LiveResult
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "cpu-pd.yaml"
 START_TIMEOUT_S = 600.0  # how long the main job waits for every instance (vLLM's own engine-start bound)
@@ -289,7 +294,8 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
             "lengths": (trace.arrival_s, pr, out), "engine_pace": pace, "replay_engines": engines,
             "instances": [(i.instance_id, i.role.value) for i in state.instances]}
 
-def main(argv: list[str] | None = None) -> int:
+
+def _parser() -> argparse.ArgumentParser:
     from scheduler.cli_args import output_dir, output_file, positive_float, positive_int
 
     p = argparse.ArgumentParser(prog="llmsched run", description=__doc__)
@@ -307,6 +313,243 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ingress-poll-s", type=positive_float, metavar="S",
                    help="with --resimulate: route on the ingress's poll-round view, rounds S s apart (the live "
                         "ingress: 0.025); default: each instance as of its last step")
+    return p
+
+
+def _run_cluster(cfg: ClusterConfig, args: argparse.Namespace, t0: float) -> tuple[dict, dict] | None:
+    """Start the local cluster, run ``_live`` against it and shut it down: ``_live``'s results and the host
+    probe's, or None (said why) when not every instance started."""
+    from scheduler.control.cluster import start_local_cluster
+
+    say(f"starting a local Ray cluster with {cfg.num_instances} vLLM-CPU instances "
+         f"({', '.join(f'{q.count} {q.role.value}' for q in cfg.pools)}) of {cfg.model.name}...")
+    # Every instance, or nothing to show: the P/D split and the migration need them all. vLLM bounds its own
+    # engine start at 600 s (VLLM_ENGINE_READY_TIMEOUT_S); on a loaded 2-core host a start takes minutes.
+    cluster = start_local_cluster(cfg, ready_timeout_s=START_TIMEOUT_S)
+    up = len(cluster.deployment.instances)
+    if up < cfg.num_instances:
+        cluster.shutdown()
+        say(f"error: only {up} of {cfg.num_instances} instances started within {START_TIMEOUT_S:.0f} s "
+             "(see the Ray logs under /tmp/ray/session_latest/logs)")
+        return None
+    say(f"  cluster up in {time.perf_counter() - t0:.1f} s")
+    try:
+        async def run_live():
+            await cluster.ingress.start()
+            try:
+                return await _live(cfg, cluster.ingress, args, probe)
+            finally:
+                await cluster.ingress.close()
+
+        probe = HostProbe()
+        try:
+            res = asyncio.run(run_live())
+        finally:
+            host = probe.stop()
+    finally:
+        cluster.shutdown()
+    return res, host
+
+
+@dataclass
+class _Report:
+    """``llmsched run`` after its live part, one method per phase: simulate the slice, say what was seen, write
+    the report. The phases share the live run (``_live``'s results, the host probe's) and add theirs below."""
+
+    cfg: ClusterConfig
+    out_dir: Path
+    t0: float  # when the main job started
+    res: dict  # ``_live``'s
+    host: dict  # ``HostProbe.stop``'s
+    sim_runs: list = field(default_factory=list)  # one per draw of the host's noise
+    live_sum: dict = field(default_factory=dict)
+    sim_sum: dict = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)
+    title: str = ""
+    by_in_flight: dict | None = None
+    paced: dict | None = None  # the errors with the engines' drift divided out
+
+    @property
+    def live(self) -> LiveResult:
+        return self.res["live"]
+
+    @property
+    def migration(self) -> dict:
+        return self.res["migration"] or {"indices_exact": True}
+
+    def simulate(self) -> None:
+        """The same slice in the simulator with the measured profile; the summaries and errors said."""
+        from scheduler.telemetry.report import print_summaries
+
+        live, cfg = self.live, self.cfg
+        prof_path = self.out_dir / "profile.json"
+        prof_path.write_text(json.dumps(self.res["profile"], indent=2) + "\n")
+        arrival, pr, out = self.res["lengths"]
+        say("simulating the same slice with the measured profile...")
+        self.sim_runs = simulate_slice(cfg, prof_path, arrival, pr, out, live.name)
+        if len(self.sim_runs) > 1:
+            noise = self.res["profile"]["host_noise"]
+            say(f"  the host's spread in the profile: {len(noise)} lone decode streams at {min(noise):.2f}-"
+                f"{max(noise):.2f}x their median pace; simulated with {len(self.sim_runs)} draws of it, "
+                "pooled")
+        slo = cfg.slo_for(0)
+        self.live_sum = live.summary(slo_ttft_s=slo.ttft_s or np.inf, slo_tpot_s=slo.tpot_s or np.inf)
+        self.sim_sum = pooled_sim_summary(self.sim_runs)
+        self.errors = sim_errors(self.live_sum, self.sim_sum)
+        self.title = (f"{live.name}: {len(pr)} requests on {cfg.name} (live vLLM-CPU) vs the simulator "
+                      "(profiled latency)")
+        print_summaries({"live (gRPC SDK)": self.live_sum, "simulated": self.sim_sum}, title=self.title)
+        say("simulator error vs live: " + ", ".join(f"{k} {v * 100:+.0f}%" for k, v in self.errors.items()))
+
+    def say_latency_splits(self) -> None:
+        """Where the live TTFT and TPOT went (load generator, stack, engines); TTFT by requests in flight."""
+        live, srv = self.live, self.res["server"]
+        arrival, _, out = self.res["lengths"]
+        late = self.live_sum.get("send_late_s") or {}
+        if late.get("p50") is not None:
+            say(f"load generator: sent {late['p50'] * 1e3:.2f} ms (p50) / {late['p99'] * 1e3:.2f} ms (p99) "
+                "after the scheduled arrivals; live TTFT and E2E count from the send")
+        engine_part = np.asarray(srv["server_first_s"]) - np.asarray(srv["server_received_s"])
+        stack_part = live.first_token_s - live.start_s() - engine_part
+        if np.isfinite(engine_part).any():
+            line = (f"TTFT split (p50): instance receipt -> engine's first token "
+                    f"{np.nanmedian(engine_part) * 1e3:.1f} ms, the rest (SDK, gRPC, ingress, hops) "
+                    f"{np.nanmedian(stack_part) * 1e3:.1f} ms")
+            marks = [np.asarray(srv[k]) for k in ("server_received_s", "engine_arrival_s",
+                                                  "engine_scheduled_s", "engine_finished_s",
+                                                  "server_first_s")]
+            if np.isfinite(marks[2]).any():
+                parts = [np.nanmedian(b - a) * 1e3 for a, b in itertools.pairwise(marks)]
+                line += ("; inside: to vLLM's front end {:.1f}, to first scheduled {:.1f}, scheduled -> "
+                         "finished {:.1f}, back out {:.1f} ms").format(*parts)
+            say(line)
+        self.by_in_flight = ttft_by_in_flight(*ttft_flight_columns(live, self.sim_runs, arrival, srv))
+        say_ttft_by_in_flight(self.by_in_flight)
+        if np.isfinite(np.asarray(srv.get("decode_finished_s", [np.nan]), dtype=float)).any():
+            # Inside the decode engine (its first token out to its finish stamp) against what the client saw,
+            # per stream: a TPOT above the engine's is the stack's (streaming, hops); the engine's own against
+            # the profile.
+            eng = decode_pace(srv, out)
+            seen = (live.finish_s - live.first_token_s) / np.maximum(np.asarray(out, dtype=float) - 1, 1)
+            ok = np.isfinite(eng) & np.isfinite(seen)
+            if ok.any():
+                say(f"TPOT split (p50 over streams of 8+ tokens): inside the decode engine "
+                    f"{np.median(eng[ok]) * 1e3:.2f} ms/token, as the client saw it "
+                    f"{np.median(seen[ok]) * 1e3:.2f} ms/token (handoff included)")
+
+    def say_drift(self) -> None:
+        """The decode engines' pace in the profile and the replay; the error with that drift divided out."""
+        pace = self.res["engine_pace"]
+        if pace["profile_lone_s"] and pace["replay_lone_s"]:
+            a, b = np.median(pace["profile_lone_s"]), np.median(pace["replay_lone_s"])
+            say(f"decode engine pace, lone streams (inside the engine): profile {a * 1e3:.2f} ms/token "
+                f"({len(pace['profile_lone_s'])}), replay {b * 1e3:.2f} ms/token "
+                f"({len(pace['replay_lone_s'])}): the replay's engines ran at {a / b:.2f}x the profile's "
+                "speed")
+        if (ratio := pace_ratio(pace)) is not None:
+            # A diagnostic beside the error above, never instead of it: the same model with the host's drift
+            # between the profile and the replay divided out, so what is left is the model's own error.
+            arrival, pr, out = self.res["lengths"]
+            paced_res = simulate_paced(self.cfg, self.res["profile"], ratio,
+                                       self.out_dir / "profile_paced.json", arrival, pr, out, self.live.name)
+            self.paced = {"pace_ratio": ratio, **sim_errors(self.live_sum, pooled_sim_summary(paced_res))}
+            say(f"simulator error with the engines' drift (x{ratio:.2f}) divided out: " + ", ".join(
+                f"{k} {v * 100:+.0f}%" for k, v in self.paced.items() if k != "pace_ratio"))
+
+    def say_engines_and_checks(self) -> None:
+        """The engines' preemptions and peaks during the replay; the migration and re-roling checks."""
+        roles = dict(self.res["instances"])
+        for iid, e in sorted(self.res["replay_engines"].items()):
+            say(f"  {iid} ({roles.get(iid, '?')}) during the replay: {e['preemptions']} preemptions, prompt "
+                f"tokens computed {e['prompt_tokens_computed']}, loaded {e['prompt_tokens_loaded']}; peaks "
+                f"seen by the router: KV {e.get('kv_usage', 0) * 100:.0f}%, "
+                f"running {e.get('running', 0):.0f}, waiting {e.get('waiting', 0):.0f}")
+        say(f"  simulated: {self.sim_sum.get('preemptions', 0)} preemptions")
+        m = self.migration
+        if self.res["migration"] is not None:
+            say(f"migration: committed={m['committed']} {m['source']} -> {m['destination']}, "
+                f"indices exact={m['indices_exact']}, "
+                f"identical to unmigrated={m['identical_to_unmigrated']}, "
+                f"client-seen max gap {m['max_client_gap_s'] or 0:.3f} s "
+                f"(median {m['median_client_gap_s'] or 0:.4f} s)"
+                + (f"; attempt {m['attempts']} ({m['tokens']} tokens)" if m.get("attempts", 1) > 1 else "")
+                + ("" if m["committed"] else f"; aborted: {m['reason']}"))
+        rs = self.res["role_switch"]
+        if rs is not None:
+            say(f"re-roling: {rs['instance']} -> prefill in {rs['to_prefill_s']:.2f} s, prefilled "
+                f"{rs['prefilled_by'].count(rs['instance'])} of {len(rs['prefilled_by'])} requests (tokens "
+                f"identical={rs['identical']}), back to decode in {rs['back_to_decode_s']:.2f} s; no engine "
+                "restart")
+
+    def say_host(self) -> None:
+        """The host probe's speeds and the host's CPU during the replay; the live requests that failed."""
+        host = self.host
+        med = host["median_ms"]
+        if host.get("replay_over_profile"):
+            say("host probe (fixed ~1 ms task, median): "
+                + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items() if v)
+                + f"; the replay ran at {1 / host['replay_over_profile']:.2f}x the profile's host speed")
+        cores = host["cpu_cores"].get("replay")
+        if cores:
+            cluster_cores = HostCPU.cluster_cores(cores)
+            out = self.res["lengths"][2]
+            # ms of CPU per streamed token, per core used
+            per_token = cores["wall_s"] / max(int(np.sum(out)), 1) * 1e3
+            roles = [name for name, _ in CPU_CLASSES] + ["this process"]
+            say(f"host CPU during the replay (cores of {os.cpu_count()}): cluster {cluster_cores:.2f} = "
+                + ", ".join(f"{k} {cores[k]:.2f}" for k in roles if k in cores)
+                + f"; outside the cluster {cores['outside the cluster']:.2f}, steal {cores['steal']:.2f}; "
+                f"per streamed token: engines {cores.get('engines', 0) * per_token:.2f} ms, the rest of the "
+                f"cluster {(cluster_cores - cores.get('engines', 0)) * per_token:.2f} ms")
+        if self.live.errors:
+            say(f"{len(self.live.errors)} live requests failed, first: {self.live.errors[0]}")
+
+    def write(self) -> None:
+        """report.json and report.png under ``out_dir``."""
+        from scheduler.core.metrics import RequestMetrics
+        from scheduler.telemetry.report import write_figure, write_json
+
+        res, live, out_dir = self.res, self.live, self.out_dir
+        arrival, pr, out = res["lengths"]
+        sim_res = self.sim_runs[0]  # per-request columns and the figure: the first draw
+        report = {"config": self.cfg.name, "trace": live.name, "requests": len(pr),
+                  "instances": res["instances"], "live": self.live_sum, "simulated": self.sim_sum,
+                  "sim_error": self.errors, "migration": self.migration, "role_switch": res["role_switch"],
+                  "profile": {k: v for k, v in res["profile"].items() if k != "samples"},
+                  "wall_seconds": time.perf_counter() - self.t0,
+                  # Per-request columns (seconds from the replay start), for diagnosing where live and sim
+                  # differ.
+                  "per_request": {"arrival_s": np.asarray(arrival).tolist(),
+                                  "prompt_tokens": np.asarray(pr).tolist(),
+                                  "output_tokens": np.asarray(out).tolist(),
+                                  "live_sent_s": live.sent_s.tolist() if live.sent_s is not None else None,
+                                  "live_first_s": live.first_token_s.tolist(),
+                                  "live_finish_s": live.finish_s.tolist(),
+                                  "sim_first_s": sim_res.first_token_s.tolist(),
+                                  "sim_finish_s": sim_res.finish_s.tolist(),
+                                  "sim_decode_instance": sim_res.decode_instance.tolist(), **res["server"]},
+                  "profile_samples": res["profile"].get("samples"), "host_probe": self.host,
+                  "engine_pace": res["engine_pace"], "sim_error_paced": self.paced,
+                  "replay_engines": res["replay_engines"], "ttft_by_in_flight": self.by_in_flight}
+        write_json(out_dir / "report.json", report)
+        sim_m = RequestMetrics.from_times(arrival, sim_res.first_token_s, sim_res.finish_s, out)
+        write_figure(out_dir / "report.png", {"live": live.metrics(), "simulated": sim_m}, title=self.title)
+        say(f"report: {out_dir / 'report.json'}, figure: {out_dir / 'report.png'} "
+            f"({time.perf_counter() - self.t0:.0f} s in all)")
+
+    def ok(self) -> bool:
+        """Every request served, and the migration and re-roling checks (where run) passed."""
+        m, rs, requests = self.migration, self.res["role_switch"], len(self.res["lengths"][1])
+        ok = not self.live.errors and m["indices_exact"] and self.live_sum["completed"] == requests
+        if self.res["migration"] is not None:
+            ok = ok and m["committed"] and m["identical_to_unmigrated"]
+        if rs is not None:
+            ok = ok and rs["asked"] and rs["served_prefill"] and rs["complete"] and rs["identical"]
+        return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     if args.resimulate:
         from scheduler.config.load import load_config
@@ -325,160 +568,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as e:  # missing file, bad YAML, bad field: before Ray starts
         p.error(f"--config: {e}")
 
-    from scheduler.control.cluster import start_local_cluster
-    from scheduler.core.metrics import RequestMetrics
-    from scheduler.telemetry.report import print_summaries, write_figure, write_json
-
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    say(f"starting a local Ray cluster with {cfg.num_instances} vLLM-CPU instances "
-         f"({', '.join(f'{q.count} {q.role.value}' for q in cfg.pools)}) of {cfg.model.name}...")
-    # Every instance, or nothing to show: the P/D split and the migration need them all. vLLM bounds its own
-    # engine start at 600 s (VLLM_ENGINE_READY_TIMEOUT_S); on a loaded 2-core host a start takes minutes.
-    cluster = start_local_cluster(cfg, ready_timeout_s=START_TIMEOUT_S)
-    up = len(cluster.deployment.instances)
-    if up < cfg.num_instances:
-        cluster.shutdown()
-        say(f"error: only {up} of {cfg.num_instances} instances started within {START_TIMEOUT_S:.0f} s "
-             "(see the Ray logs under /tmp/ray/session_latest/logs)")
+    ran = _run_cluster(cfg, args, t0)
+    if ran is None:
         return 1
-    say(f"  cluster up in {time.perf_counter() - t0:.1f} s")
-    try:
-        async def run_live():
-            await cluster.ingress.start()
-            try:
-                return await _live(cfg, cluster.ingress, args, probe)
-            finally:
-                await cluster.ingress.close()
-
-        probe = HostProbe()
-        try:
-            res = asyncio.run(run_live())
-        finally:
-            host = probe.stop()
-    finally:
-        cluster.shutdown()
-    live = res["live"]
-    prof_path = out_dir / "profile.json"
-    prof_path.write_text(json.dumps(res["profile"], indent=2) + "\n")
-    arrival, pr, out = res["lengths"]
-    say("simulating the same slice with the measured profile...")
-    sim_runs = simulate_slice(cfg, prof_path, arrival, pr, out, live.name)
-    sim_res = sim_runs[0]  # per-request columns and the figure: the first draw
-    if len(sim_runs) > 1:
-        noise = res["profile"]["host_noise"]
-        say(f"  the host's spread in the profile: {len(noise)} lone decode streams at {min(noise):.2f}-"
-             f"{max(noise):.2f}x their median pace; simulated with {len(sim_runs)} draws of it, pooled")
-    slo = cfg.slo_for(0)
-    live_sum = live.summary(slo_ttft_s=slo.ttft_s or np.inf, slo_tpot_s=slo.tpot_s or np.inf)
-    sim_sum = pooled_sim_summary(sim_runs)
-    errors = sim_errors(live_sum, sim_sum)
-    title = f"{live.name}: {len(pr)} requests on {cfg.name} (live vLLM-CPU) vs the simulator (profiled latency)"
-    print_summaries({"live (gRPC SDK)": live_sum, "simulated": sim_sum}, title=title)
-    say("simulator error vs live: " + ", ".join(f"{k} {v * 100:+.0f}%" for k, v in errors.items()))
-    late = live_sum.get("send_late_s") or {}
-    if late.get("p50") is not None:
-        say(f"load generator: sent {late['p50'] * 1e3:.2f} ms (p50) / {late['p99'] * 1e3:.2f} ms (p99) after the "
-             "scheduled arrivals; live TTFT and E2E count from the send")
-    srv = res["server"]
-    engine_part = np.asarray(srv["server_first_s"]) - np.asarray(srv["server_received_s"])
-    stack_part = live.first_token_s - live.start_s() - engine_part
-    if np.isfinite(engine_part).any():
-        line = (f"TTFT split (p50): instance receipt -> engine's first token {np.nanmedian(engine_part) * 1e3:.1f} "
-                f"ms, the rest (SDK, gRPC, ingress, hops) {np.nanmedian(stack_part) * 1e3:.1f} ms")
-        marks = [np.asarray(srv[k]) for k in ("server_received_s", "engine_arrival_s", "engine_scheduled_s",
-                                              "engine_finished_s", "server_first_s")]
-        if np.isfinite(marks[2]).any():
-            parts = [np.nanmedian(b - a) * 1e3 for a, b in itertools.pairwise(marks)]
-            line += ("; inside: to vLLM's front end {:.1f}, to first scheduled {:.1f}, scheduled -> finished "
-                     "{:.1f}, back out {:.1f} ms").format(*parts)
-        say(line)
-    by_in_flight = ttft_by_in_flight(*ttft_flight_columns(live, sim_runs, arrival, srv))
-    say_ttft_by_in_flight(by_in_flight)
-    if np.isfinite(np.asarray(srv.get("decode_finished_s", [np.nan]), dtype=float)).any():
-        # Inside the decode engine (its first token out to its finish stamp) against what the client saw, per
-        # stream: a TPOT above the engine's is the stack's (streaming, hops); the engine's own against the profile.
-        eng = decode_pace(srv, out)
-        seen = (live.finish_s - live.first_token_s) / np.maximum(np.asarray(out, dtype=float) - 1, 1)
-        ok = np.isfinite(eng) & np.isfinite(seen)
-        if ok.any():
-            say(f"TPOT split (p50 over streams of 8+ tokens): inside the decode engine {np.median(eng[ok]) * 1e3:.2f} "
-                 f"ms/token, as the client saw it {np.median(seen[ok]) * 1e3:.2f} ms/token (handoff included)")
-    pace = res["engine_pace"]
-    if pace["profile_lone_s"] and pace["replay_lone_s"]:
-        a, b = np.median(pace["profile_lone_s"]), np.median(pace["replay_lone_s"])
-        say(f"decode engine pace, lone streams (inside the engine): profile {a * 1e3:.2f} ms/token "
-             f"({len(pace['profile_lone_s'])}), replay {b * 1e3:.2f} ms/token ({len(pace['replay_lone_s'])}): the "
-             f"replay's engines ran at {a / b:.2f}x the profile's speed")
-    paced = None
-    if (ratio := pace_ratio(pace)) is not None:
-        # A diagnostic beside the error above, never instead of it: the same model with the host's drift between
-        # the profile and the replay divided out, so what is left is the model's own error.
-        paced_res = simulate_paced(cfg, res["profile"], ratio, out_dir / "profile_paced.json", arrival, pr, out,
-                                    live.name)
-        paced = {"pace_ratio": ratio, **sim_errors(live_sum, pooled_sim_summary(paced_res))}
-        say(f"simulator error with the engines' drift (x{ratio:.2f}) divided out: " + ", ".join(
-            f"{k} {v * 100:+.0f}%" for k, v in paced.items() if k != "pace_ratio"))
-    roles = dict(res["instances"])
-    for iid, e in sorted(res["replay_engines"].items()):
-        say(f"  {iid} ({roles.get(iid, '?')}) during the replay: {e['preemptions']} preemptions, prompt tokens "
-             f"computed {e['prompt_tokens_computed']}, loaded {e['prompt_tokens_loaded']}; peaks seen by the router: "
-             f"KV {e.get('kv_usage', 0) * 100:.0f}%, running {e.get('running', 0):.0f}, waiting {e.get('waiting', 0):.0f}")
-    say(f"  simulated: {sim_sum.get('preemptions', 0)} preemptions")
-    m = res["migration"] or {"indices_exact": True}
-    if res["migration"] is not None:
-        say(f"migration: committed={m['committed']} {m['source']} -> {m['destination']}, "
-             f"indices exact={m['indices_exact']}, identical to unmigrated={m['identical_to_unmigrated']}, "
-             f"client-seen max gap {m['max_client_gap_s'] or 0:.3f} s (median {m['median_client_gap_s'] or 0:.4f} s)"
-             + (f"; attempt {m['attempts']} ({m['tokens']} tokens)" if m.get("attempts", 1) > 1 else "")
-             + ("" if m["committed"] else f"; aborted: {m['reason']}"))
-    rs = res["role_switch"]
-    if rs is not None:
-        say(f"re-roling: {rs['instance']} -> prefill in {rs['to_prefill_s']:.2f} s, prefilled "
-             f"{rs['prefilled_by'].count(rs['instance'])} of {len(rs['prefilled_by'])} requests (tokens identical="
-             f"{rs['identical']}), back to decode in {rs['back_to_decode_s']:.2f} s; no engine restart")
-    med = host["median_ms"]
-    if host.get("replay_over_profile"):
-        say("host probe (fixed ~1 ms task, median): " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items() if v)
-             + f"; the replay ran at {1 / host['replay_over_profile']:.2f}x the profile's host speed")
-    cores = host["cpu_cores"].get("replay")
-    if cores:
-        cluster_cores = HostCPU.cluster_cores(cores)
-        per_token = cores["wall_s"] / max(int(np.sum(out)), 1) * 1e3  # ms of CPU per streamed token, per core used
-        roles = [name for name, _ in CPU_CLASSES] + ["this process"]
-        say(f"host CPU during the replay (cores of {os.cpu_count()}): cluster {cluster_cores:.2f} = "
-             + ", ".join(f"{k} {cores[k]:.2f}" for k in roles if k in cores)
-             + f"; outside the cluster {cores['outside the cluster']:.2f}, steal {cores['steal']:.2f}; "
-             f"per streamed token: engines {cores.get('engines', 0) * per_token:.2f} ms, the rest of the cluster "
-             f"{(cluster_cores - cores.get('engines', 0)) * per_token:.2f} ms")
-    if live.errors:
-        say(f"{len(live.errors)} live requests failed, first: {live.errors[0]}")
-    report = {"config": cfg.name, "trace": live.name, "requests": len(pr), "instances": res["instances"],
-              "live": live_sum, "simulated": sim_sum, "sim_error": errors, "migration": m, "role_switch": rs,
-              "profile": {k: v for k, v in res["profile"].items() if k != "samples"},
-              "wall_seconds": time.perf_counter() - t0,
-              # Per-request columns (seconds from the replay start), for diagnosing where live and sim differ.
-              "per_request": {"arrival_s": np.asarray(arrival).tolist(), "prompt_tokens": np.asarray(pr).tolist(),
-                              "output_tokens": np.asarray(out).tolist(),
-                              "live_sent_s": live.sent_s.tolist() if live.sent_s is not None else None,
-                              "live_first_s": live.first_token_s.tolist(), "live_finish_s": live.finish_s.tolist(),
-                              "sim_first_s": sim_res.first_token_s.tolist(), "sim_finish_s": sim_res.finish_s.tolist(),
-                              "sim_decode_instance": sim_res.decode_instance.tolist(), **res["server"]},
-              "profile_samples": res["profile"].get("samples"), "host_probe": host,
-              "engine_pace": res["engine_pace"], "sim_error_paced": paced, "replay_engines": res["replay_engines"],
-              "ttft_by_in_flight": by_in_flight}
-    write_json(out_dir / "report.json", report)
-    sim_m = RequestMetrics.from_times(arrival, sim_res.first_token_s, sim_res.finish_s, out)
-    write_figure(out_dir / "report.png", {"live": live.metrics(), "simulated": sim_m}, title=title)
-    say(f"report: {out_dir / 'report.json'}, figure: {out_dir / 'report.png'} "
-         f"({time.perf_counter() - t0:.0f} s in all)")
-    ok = not live.errors and m["indices_exact"] and live_sum["completed"] == len(pr)
-    if res["migration"] is not None:
-        ok = ok and m["committed"] and m["identical_to_unmigrated"]
-    if rs is not None:
-        ok = ok and rs["asked"] and rs["served_prefill"] and rs["complete"] and rs["identical"]
-    return 0 if ok else 1
+    report = _Report(cfg, out_dir, t0, *ran)
+    report.simulate()
+    report.say_latency_splits()
+    report.say_drift()
+    report.say_engines_and_checks()
+    report.say_host()
+    report.write()
+    return 0 if report.ok() else 1
 
 
 if __name__ == "__main__":

@@ -247,7 +247,7 @@ class _Profiler:
         # Its engine step (stamps attached by the caller, as for the lone samples) over the lone step at the
         # same size. The two-busy point of ``decode_streams`` is two decode streams; a prefill beside one lost
         # more than that live once its own steps stopped paying page faults (1.74x against 1.55:
-        # docs/history/live_vs_sim.md, eighteenth session). The three-busy point of ``three_busy_prefills`` is
+        # docs/history/live_vs_sim.md, eighteenth session). The three-busy point of ``all_busy_prefills`` is
         # a TTFT ratio: the path, about half a 256-token TTFT, does not stretch, and live prefill steps with
         # two or more others in flight ran ~1.14x what it gives (nineteenth, ibid.).
         for streams in range(1, min(self.decoders, 2) + 1):
@@ -258,7 +258,7 @@ class _Profiler:
                         self.s.beside_runs.append((N, r["id"], streams))
                     await asyncio.sleep(self.idle_gap_s)
 
-    async def three_busy_prefills(self, repeats: int) -> None:
+    async def all_busy_prefills(self, repeats: int) -> None:
         """``contention`` with every engine busy: a prefill's TTFT while the other engines decode, over its
         TTFT alone."""
         engines = self.engines
@@ -344,7 +344,7 @@ async def measure(target: str, *, vocab: int = 1024, decode_tokens: int = 48, re
         if p.split and p.engines > 1:
             await p.prefills_beside_decodes(repeats)
         if p.engines > 2:  # a prefill while two other engines decode: three busy engines
-            await p.three_busy_prefills(repeats)
+            await p.all_busy_prefills(repeats)
             if p.decoders >= 2 and 64 in p.s.alone:  # ... and the decoders' side, over a lone stream's pace
                 await p.decoders_beside_prefills(repeats)
     finally:
