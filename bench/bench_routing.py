@@ -2,6 +2,7 @@
 
     python bench/bench_routing.py ir          # Intelligent Router paper setting: 4 x Llama-2-7B, ~20 req/s
     python bench/bench_routing.py ir --steady-batch   # the same, lookahead's decode batch priced as steady
+    python bench/bench_routing.py ir --batch-model refill   # ... as refilled at the observed arrival rate
     python bench/bench_routing.py predictor   # lookahead with oracle lengths vs the trace predictor vs none
     python bench/bench_routing.py migration   # migration on/off under bursty load (cost included)
     python bench/bench_routing.py scaling --json docs/results/scaling.json   # autoscaling vs static provisioning
@@ -95,7 +96,14 @@ def run(cfg, w: Workload, router: str, **kw) -> dict:
     return s
 
 
-def study_ir(steady_batch: bool = False) -> dict:
+def batch_model_params(batch_model: str) -> dict:
+    """lookahead's parameters for ``--batch-model`` (``steady``: ``steady_batch``, as its recorded results name it)."""
+    if batch_model == "drain":
+        return {}
+    return {"steady_batch": True} if batch_model == "steady" else {"batch_model": batch_model}
+
+
+def study_ir(batch_model: str = "drain") -> dict:
     """Mean E2E vs round-robin on the Intelligent Router setting, split by request class.
 
     Lengths: routers see ``predicted_output_tokens`` = the true lengths here (the paper's setting assumes a
@@ -103,18 +111,19 @@ def study_ir(steady_batch: bool = False) -> dict:
     the shipped trace predictor (fitted on public traces; alone, and learning online from the requests finished
     so far) and with the trace predictor fitted on another hour of the same mix (``ir_workload(seed=100)``, what ``llmsched predict fit-trace`` does on a deployment's log).
     lookahead runs with the mean-E2E objective weight ``IR_LOOKAHEAD``; one row shows its default SLO weights.
-    ``steady_batch``: every lookahead row with ``LookaheadRouter(steady_batch=True)`` (``--steady-batch``).
+    ``batch_model``: every lookahead row with ``LookaheadRouter(batch_model=...)`` (``--batch-model``;
+    ``--steady-batch`` is ``steady``).
     """
     import tempfile
 
     cfg = load_config("default")  # 4 x Llama-2-7B on A100, MIXED
     w = ir_workload()
     heavy = w.prompt_tokens >= 1500
+    extra = batch_model_params(batch_model)
+    flag = {"drain": "", "steady": " --steady-batch"}.get(batch_model, f" --batch-model {batch_model}")
     out: dict = {"trace": w.name, "config": "default (4 x llama2-7b a100)", "rate_rps": 20.0,
                  "lengths": "oracle predicted_output_tokens (the paper assumes a predictor)",
-                 "lookahead_params": {**IR_LOOKAHEAD, **({"steady_batch": True} if steady_batch else {})},
-                 "command": "python bench/bench_routing.py ir" + (" --steady-batch" if steady_batch else "")}
-    extra = {"steady_batch": True} if steady_batch else {}
+                 "lookahead_params": {**IR_LOOKAHEAD, **extra}, "command": "python bench/bench_routing.py ir" + flag}
 
     def one(make, wl: Workload, c=cfg) -> dict:
         res = Simulator(c, router=make(c)).run(wl)
@@ -134,7 +143,7 @@ def study_ir(steady_batch: bool = False) -> dict:
     no_pred = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, name=w.name)
     runs += [("lookahead_no_prediction", study("lookahead"), no_pred),
              ("lookahead_default_slo_weights",
-              lambda c: router_factory("lookahead:steady_batch=true" if steady_batch else "lookahead", c)(), w)]
+              lambda c: router_factory(":".join(["lookahead", *(f"{k}={json.dumps(v)}" for k, v in extra.items())]), c)(), w)]
     with tempfile.TemporaryDirectory() as d:
         fitted = fit_history_predictor(ir_workload(seed=100), Path(d), "ir")
         configs = {"lookahead_shipped_trace_predictor": with_predictor(cfg, "trace"),
@@ -700,14 +709,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--instances", type=positive_int, help="shed studies: this many instances, not 16 (a check)")
     p.add_argument("--steady-batch", action="store_true",
                    help="ir: lookahead with steady_batch (a newcomer's decode batch keeps its size; default: drains)")
+    p.add_argument("--batch-model", choices=("drain", "steady", "refill"),
+                   help="ir: lookahead's batch_model (refill: residents leave, arrivals refill; default: drain)")
     args = p.parse_args(argv)
     kw = {k: v for k, v in (("head", args.head), ("instances", args.instances)) if v is not None}
     if kw and args.study not in SHED_STUDIES:
         p.error(f"--head/--instances: only with {', '.join(SHED_STUDIES)}")
-    if args.steady_batch:
+    if args.steady_batch and args.batch_model not in (None, "steady"):
+        p.error(f"--steady-batch contradicts --batch-model {args.batch_model}")
+    model = "steady" if args.steady_batch else args.batch_model
+    if model is not None:
         if args.study != "ir":
-            p.error("--steady-batch: only with ir")
-        kw["steady_batch"] = True
+            p.error("--steady-batch/--batch-model: only with ir")
+        kw["batch_model"] = model
     names = list(STUDIES) if args.study == "all" else [args.study]
     out = {n: STUDIES[n](**kw) for n in names}
     print(json.dumps(out, indent=2))

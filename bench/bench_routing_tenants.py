@@ -17,7 +17,7 @@ dataset under the name it was fitted on: in-sample, a reference), ``none`` (no p
 P99 TTFT, SLO attainment, per-tenant MAE of the guess, and ratios against ``online_shared`` in the same run.
 
     python bench/bench_routing_tenants.py [--data DIR] [--minutes 20] [--load 0.8] [--config default] [--json OUT]
-        [--tpot-miss-penalty S] [--steady-batch]
+        [--tpot-miss-penalty S] [--steady-batch | --batch-model {drain,steady,refill}]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_routing import batch_model_params
 from scheduler.config.load import load_config
 from scheduler.policy.route import make_router
 from scheduler.predict.metrics import kendall_tau
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="lookahead's tpot_miss_penalty_s (default: its own; 1.0 = the mean-E2E weight of the IR study)")
     ap.add_argument("--steady-batch", action="store_true",
                     help="lookahead's steady_batch (a newcomer's decode batch keeps its size; default: it drains)")
+    ap.add_argument("--batch-model", choices=("drain", "steady", "refill"),
+                    help="lookahead's batch_model (refill: residents leave, arrivals refill; default: drain)")
     ap.add_argument("--json")
     args = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(args)
@@ -99,8 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
     w = at_load(w, a.load, sat)
     tenants = np.asarray(w.tenant, dtype=object)
     params = {} if a.tpot_miss_penalty is None else {"tpot_miss_penalty_s": a.tpot_miss_penalty}
-    if a.steady_batch:
-        params["steady_batch"] = True
+    if a.steady_batch and a.batch_model not in (None, "steady"):
+        ap.error(f"--steady-batch contradicts --batch-model {a.batch_model}")
+    params.update(batch_model_params("steady" if a.steady_batch else a.batch_model or "drain"))
     out: dict = {"trace": w.name, "requests": len(w), "config": a.config, "load": a.load, "saturation_rps": sat,
                  "seed": a.seed, "router": "lookahead", "lookahead_params": params,
                  "command": " ".join(["python bench/bench_routing_tenants.py", *args])}

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from bench import bench_routing
+from scheduler.policy.routers_lookahead import BatchModel, LookaheadRouter
+
+
+def spy_routers(monkeypatch: pytest.MonkeyPatch, module: object) -> list[object]:
+    """Every router ``module`` hands its simulator, in order."""
+    seen: list[object] = []
+
+    class Spy(module.Simulator):  # type: ignore[attr-defined, name-defined, misc]
+        def __init__(self, config, router=None, **kw):  # type: ignore[no-untyped-def]
+            seen.append(router)
+            super().__init__(config, router=router, **kw)
+
+    monkeypatch.setattr(module, "Simulator", Spy)
+    return seen
 
 
 def test_the_baseline_takes_llumnix_under_its_better_metric() -> None:
@@ -38,3 +55,27 @@ def test_head_and_instances_are_for_the_shed_studies(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit, match="2"):
         bench_routing.main(["sweep", "--head", "10"])
     assert "--head/--instances: only with shed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "model"), [([], BatchModel.DRAIN), (["--steady-batch"], BatchModel.STEADY),
+                                              (["--batch-model", "refill"], BatchModel.REFILL)])
+def test_ir_batch_model_flags_reach_every_lookahead_row(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        flags: list[str], model: BatchModel) -> None:
+    """``ir --steady-batch`` / ``--batch-model``: each of the study's six lookahead rows is built with that model
+    (a 60-request IR mix), and the recorded command says how to get it again."""
+    full = bench_routing.ir_workload
+    monkeypatch.setattr(bench_routing, "ir_workload", lambda seed=0: full(60, seed=seed))
+    seen = spy_routers(monkeypatch, bench_routing)
+    out = tmp_path / "ir.json"
+    bench_routing.main(["ir", *flags, "--json", str(out)])
+    lookahead = [r for r in seen if isinstance(r, LookaheadRouter)]
+    assert len(lookahead) == 6 and {r.batch_model for r in lookahead} == {model}
+    assert json.loads(out.read_text())["ir"]["command"] == " ".join(["python bench/bench_routing.py ir", *flags])
+
+
+def test_batch_model_flags_are_for_ir_and_agree(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, msg in ((["predictor", "--steady-batch"], "only with ir"),
+                      (["ir", "--steady-batch", "--batch-model", "refill"], "contradicts --batch-model refill")):
+        with pytest.raises(SystemExit, match="2"):
+            bench_routing.main(argv)
+        assert msg in capsys.readouterr().err

@@ -8,8 +8,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bench import bench_routing_tenants as brt
+from scheduler.policy.routers_lookahead import BatchModel, LookaheadRouter
+from tests.test_bench_routing import spy_routers
 
 DATA = Path(__file__).resolve().parents[1] / "sim" / "data"
 
@@ -41,3 +44,16 @@ def test_per_tenant_histories_beat_the_shared_one_on_the_synthetic_mix(tmp_path:
     # The tenant alone tells the lengths apart: per-tenant guesses are half as far off or less, and rank both apps.
     assert per["mae_chat"] < shared["mae_chat"] / 2 and per["kendall_tau"] > shared["kendall_tau"] + 0.3
     assert res["per_tenant_vs_shared"]["e2e_mean"] < 1.0
+
+
+@pytest.mark.parametrize(("flags", "model"), [([], BatchModel.DRAIN), (["--steady-batch"], BatchModel.STEADY),
+                                              (["--batch-model", "refill"], BatchModel.REFILL)])
+def test_batch_model_flags_reach_every_row(monkeypatch: pytest.MonkeyPatch, flags: list[str],
+                                           model: BatchModel) -> None:
+    """``--steady-batch`` / ``--batch-model``: every row's lookahead is built with that model (120 requests)."""
+    seen = spy_routers(monkeypatch, brt)
+    res = brt.main(["--mix", "synthetic", "--n", "120", *flags])
+    assert len(seen) == 5 and all(isinstance(r, LookaheadRouter) for r in seen)
+    assert {r.batch_model for r in seen} == {model}  # type: ignore[attr-defined]
+    assert res["lookahead_params"] == ({"batch_model": "refill"} if model is BatchModel.REFILL
+                                       else {"steady_batch": True} if flags else {})

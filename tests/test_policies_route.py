@@ -774,3 +774,47 @@ def test_priority_tracker_bound_and_detailed_snapshots() -> None:
     listed = (RequestLoad("a", 100, 5, priority=1), RequestLoad("b", 100, 5), RequestLoad("c", 100, 5))
     assert t.count(snap("i1", requests=listed)) == 1  # the snapshot's one high (memory has none there), not 3
     assert t.count(snap("i2", requests=listed[1:])) == 1  # memory's, not listed yet (on its way there)
+
+
+def test_lookahead_refill_prices_a_life_at_the_batch_its_residents_and_the_arrivals_make() -> None:
+    """``batch_model="refill"``: ``ending`` decodes 48 requests with 20 tokens left. A 2000-token answer there is
+    priced at the batch it would meet: with nothing arriving, the 48 gone after 20 of its steps (near the drain
+    price, about half the steady one); with the router placing requests at the rate that keeps 48 decoding there
+    (Little's law: rate x step x their length), near the steady price; in between, in between. The rate is the
+    router's own placements, decayed over ``pressure_window_s`` and shared over the decoding instances."""
+    lat = default_latency_model()
+    ending = snap("ending", running=48, ctx=48 * 600, pred=48 * 20.0, used=1800, total=100_000)
+    light = snap("light", running=8, ctx=8 * 600, pred=8 * 400.0, used=300, total=100_000)
+    long = req(100, 20_000.0)
+    drain, steady = (LookaheadRouter(lat, batch_model=m).estimate(long, ending) for m in ("drain", "steady"))
+
+    def refill(placed: int, *insts: InstanceSnapshot, later_s: float = 0.0) -> float:
+        r = LookaheadRouter(lat, batch_model="refill")
+        r.route(req(), view(*insts))
+        for _ in range(placed):  # each arrival: 400-token prompt, 400-token answer (context 600, the residents')
+            r.on_routed(req(400, 400.0), RouteDecision("light"))
+        r.route(req(), ClusterView(later_s, insts))
+        return r.estimate(long, ending).own_s
+
+    step = steady.tpot_s  # the decode step with the 48 and the newcomer
+    # Placements that keep 48 busy on each of the two: per second per decoder, times the 10 s window, times two.
+    little = round(48 / (400 * step) * 10.0 * 2)
+    alone = refill(0, ending, light)
+    assert alone == pytest.approx(drain.own_s, rel=0.05) and alone < 0.6 * steady.own_s
+    assert refill(little, ending, light) == pytest.approx(steady.own_s, rel=0.03)
+    half = refill(little // 2, ending, light)
+    assert alone < half < refill(little, ending, light)
+    # Shared over the decoders: with two more instances each gets half the rate.
+    more = (ending, light, snap("c"), snap("d"))
+    assert refill(little, *more) == pytest.approx(half, rel=0.01)
+    assert refill(little, *more[:2], snap("p", InstanceRole.PREFILL)) == refill(little, ending, light)
+    # The history decays: three windows later little is left of it.
+    assert refill(little, ending, light, later_s=30.0) < alone * 1.1
+
+
+def test_lookahead_batch_model_names_the_allowed_ones() -> None:
+    with pytest.raises(ValueError, match="batch_model: must be one of drain, steady, refill, got 'fill'"):
+        LookaheadRouter(batch_model="fill")
+    with pytest.raises(ValueError, match="steady_batch=True contradicts batch_model='refill'"):
+        LookaheadRouter(steady_batch=True, batch_model="refill")
+    assert LookaheadRouter(steady_batch=True).batch_model == LookaheadRouter(batch_model="steady").batch_model
