@@ -13,6 +13,7 @@
     python bench/bench_routing.py shed_learned_mooncake --json docs/results/routing_shed_learned_mooncake.json
     python bench/bench_routing.py length_hints --json docs/results/routing_length_hints.json  # length guesses
     python bench/bench_routing.py capacity --json docs/results/routing_azure_capacity.json  # overload, per router
+    python bench/bench_routing.py batch_models --json docs/results/routing_batch_models_azure_16.json  # lookahead
     python bench/bench_routing.py all --json docs/results/routing_studies.json
 
 Every number is a ratio against a baseline simulated in the same run, on the named trace and config.
@@ -173,6 +174,34 @@ def study_predictor() -> dict:
         s = run(c, wl, "lookahead")
         out[label] = {"ttft_p99_s": s["ttft_s"]["p99"], "e2e_mean_s": s["e2e_mean_s"],
                       "slo_attainment": s["slo_attainment"]}
+    return out
+
+
+def study_batch_models() -> dict:
+    """lookahead's decode-batch models (``batch_model``: drain, steady, refill) on Azure x16 at load 0.8 (the
+    ``routing_azure_16.json`` setting), each fed the true lengths, the shipped trace predictor and no prediction:
+    goodput at 90% SLO attainment, mean E2E, P99 TTFT, SLO attainment. Without predictions drain and steady are one
+    model (``O = R``, bit-identical): that row runs once, as drain."""
+    from sim.commands import with_instances
+    from sim.compare import compare
+
+    trace = azure_conv_trace()
+    cfg = with_instances(load_config("default"), 16)
+    w = Workload.from_trace(trace)
+    oracle = Workload(w.arrival_s, w.prompt_tokens, w.output_tokens, predicted_output=w.output_tokens.astype(float),
+                      name=w.name)
+    out: dict = {"trace": trace.name, "config": "default x16", "load": 0.8,
+                 "command": "python bench/bench_routing.py batch_models", "rows": {}}
+    for label, c, wl in (("oracle", cfg, oracle), ("trace_predictor", with_predictor(cfg, "trace"), w),
+                         ("none", cfg, w)):
+        models = ("drain", "refill") if label == "none" else ("drain", "steady", "refill")
+        summaries, _, out["saturation_rps"] = compare(c, wl, [f"lookahead:batch_model={m}" for m in models], load=0.8)
+        for m in models:
+            s = summaries[f"lookahead:batch_model={m}"]
+            row = out["rows"][f"{m}/{label}"] = {
+                "goodput_rps": s["goodput_rps"], "e2e_mean_s": s["e2e_s"]["mean"], "ttft_p99_s": s["ttft_s"]["p99"],
+                "slo_attainment": s["slo_attainment"], "preemptions": s["preemptions"]}
+            print(m, label, json.dumps(row), flush=True)
     return out
 
 
@@ -698,7 +727,7 @@ SHED_STUDIES = {"shed": study_shed, "shed_mooncake": lambda **kw: study_shed(moo
 STUDIES = {"ir": study_ir, "predictor": study_predictor, "migration": study_migration, "sweep": study_sweep,
            "scaling": study_scaling, "rerole": study_rerole, **SHED_STUDIES,
            "prefill_speed": study_prefill_speed, "learned_training": study_learned_training,
-           "length_hints": study_length_hints, "capacity": study_capacity}
+           "length_hints": study_length_hints, "capacity": study_capacity, "batch_models": study_batch_models}
 
 
 def main(argv: list[str] | None = None) -> int:
