@@ -528,6 +528,7 @@ class LookaheadRouter(PairingRouter):
         n_ref = rate * step_s * (O / 2 if O <= L else L * (1 - L / (2 * O)))
         n_res = self._overlap(t, O) / O  # residents' mean count: each stays min(R_j, O)
         ctx = n_res * (t.Cd / t.Bd if t.Bd else 0.0) + n_ref * ctx_refill + q.P + O / 2
+        # A fractional batch: the step's GEMM table interpolates between its neighbours.
         return O * (t.lat.decode_coeffs(n_res + n_ref + 1.0)[0] + t.b * ctx)  # type: ignore[arg-type]
 
     def _refills(self) -> tuple[float, float, float]:
@@ -613,11 +614,10 @@ class LookaheadRouter(PairingRouter):
         outgrows twice the view: a steady cluster pays a length check per request, and a view briefly short of an
         instance (the ingress retrying around a failed one) does not wipe that instance's history."""
         n = 2 * len(view.instances)
-        states = (self._cache, self._pressure, self._lat_of_id)
-        if all(len(state) <= n for state in states):
+        if len(self._cache) <= n and len(self._pressure) <= n and len(self._lat_of_id) <= n:
             return
         live = {s.instance_id for s in view.instances}
-        for state in states:
+        for state in (self._cache, self._pressure, self._lat_of_id):
             for iid in [k for k in state if k not in live]:
                 del state[iid]
 
