@@ -52,7 +52,8 @@ Estimator (documented approximations; all times from ``LatencyModel``):
   ``C / B``, refills at the arrivals' mean ``P + O/2``). ``rho = lambda * step_with``, with ``lambda`` the
   router's own EWMA of what it placed (``on_routed``, decayed over ``pressure_window_s``) shared equally over the
   decoding instances -- not each instance's own history, which is the router's past choices (it balances those
-  away: priced as a forecast it measured worse). No arrivals seen: the residents alone drain, as in ``drain``.
+  away: priced as a forecast it measured worse). No arrivals seen: the residents alone drain (near the
+  ``drain`` price, at one mean batch rather than two phases).
   Measured (docs/routing.md "A batch that refills at the arrival rate"): not better than ``drain`` with the
   shipped predictor, so an option.
 
