@@ -16,7 +16,10 @@ cores keep up), one request shape (256-token prompt, 64 output tokens, ``ignore_
    - ``serve-default``: the limiter ``llmsched serve`` installs when no ``LLMSCHED_MAX_INFLIGHT*`` is set
      (``InflightLimiter()``: 256 per priority, 1024 total) -- what happens today out of the box;
    - ``unbounded``: no limiter at all (only the ingress' ``max_in_flight`` of 4096);
-   - ``shed``: no limiter; the router is ``lookahead_shed`` (refuses what would wait too long for its prefill).
+   - ``shed``: no limiter; the router is ``lookahead_shed`` (refuses what would wait too long for its prefill);
+   - ``admission``: no limiter; the ingress applies ``policies.admission`` (``AdmissionPolicy``: bounded queues
+     per priority, ``--protected-share`` of the requests priority 1 with a long queue, the rest priority 0 with a
+     short one): the protected class keeps its SLO, the rest is shed. Its summary splits by priority.
 
 Per phase: admitted vs rejected (every rejection must be RESOURCE_EXHAUSTED with a ``retry-after``), p99 TTFT and
 TPOT of *admitted* requests (an admitted request with no token by the hard stop counts as an infinite TTFT),
@@ -102,9 +105,9 @@ async def _await(ref: Any) -> Any:
     return await ref
 
 
-async def run_phase(stack: Stack, name: str, plan: LoadPlan, limiter: Any, router: Any = None
-                    ) -> tuple[list[Outcome], dict[str, Any]]:
-    await stack.start_front(limiter=limiter, router=router)
+async def run_phase(stack: Stack, name: str, plan: LoadPlan, limiter: Any, router: Any = None,
+                    admission: Any = None) -> tuple[list[Outcome], dict[str, Any]]:
+    await stack.start_front(limiter=limiter, router=router, admission=admission)
     plan.target = stack.address
     await _wait_idle(stack)
     stats: dict[str, Any] = {"rss": [], "peak_registry": 0, "peak_in_flight": 0}
@@ -117,6 +120,7 @@ async def run_phase(stack: Stack, name: str, plan: LoadPlan, limiter: Any, route
         sampler = asyncio.ensure_future(_sample(stack, limiter, stats, stop))
         res = await load.result(plan.stop_after_s + 90)
         stats["wall_s"] = time.perf_counter() - t0
+        stats["admission_rejected"] = dict(stack.ingress.admission_rejected)  # the ingress' own count
     finally:
         stop.set()
         if sampler is not None:
@@ -198,20 +202,40 @@ async def run(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     offered = args.factor * capacity
     print(f"capacity {capacity:.2f} req/s at concurrency {k}; offering {offered:.2f} req/s ({args.factor}x)")
     arrivals = poisson_arrivals(offered, args.phase_s, args.seed)
+    # The admission phase's classes: a seeded share of the arrivals is priority 1 (protected), the rest 0.
+    prio = (np.random.default_rng(args.seed + 1).random(len(arrivals)) < args.protected_share).astype(int)
     for phase in args.phases.split(","):
         limiter = {"bounded": lambda: InflightLimiter(default_limit=k, max_total=k),
                    "serve-default": lambda: InflightLimiter.for_config(stack.deployment.config),
-                   "unbounded": lambda: None, "shed": lambda: None}[phase]()
+                   "unbounded": lambda: None, "shed": lambda: None, "admission": lambda: None}[phase]()
         # "shed": no server limit; the router refuses what would wait too long (SLO shedding, docs/routing.md).
         router = make_router("lookahead_shed", config=stack.deployment.config) if phase == "shed" else None
-        reqs = [RequestSpec(f"{phase}-{i}", float(t), PROMPT, OUTPUT) for i, t in enumerate(arrivals)]
+        admission = admission_policy(args) if phase == "admission" else None
+        reqs = [RequestSpec(f"{phase}-{i}", float(t), PROMPT, OUTPUT, int(prio[i]) if admission else 0)
+                for i, t in enumerate(arrivals)]
         plan = LoadPlan("", reqs, token_seed=args.seed, timeout_s=args.phase_s + args.drain_s, retries=0,
                         stop_after_s=args.phase_s + args.drain_s, id_prefix=phase)
-        res, stats = await run_phase(stack, phase, plan, limiter, router)
+        res, stats = await run_phase(stack, phase, plan, limiter, router, admission)
         limit = None if limiter is None else limiter.max_total
         out["phases"][phase] = summarize_phase(res, stats, offered_rps=len(reqs) / args.phase_s, slo_ttft=slo_ttft,
                                                slo_tpot=slo_tpot, limit=limit)
+        if admission is not None:
+            of = {r.rid: r.priority for r in reqs}
+            out["phases"][phase]["admission"] = {"max_queued": admission.max_queued,
+                                                 "ingress_admission_rejected": stats["admission_rejected"]}
+            out["phases"][phase]["by_priority"] = {
+                p: summarize_phase([o for o in res if of[o.rid] == p], stats,
+                                   offered_rps=sum(r.priority == p for r in reqs) / args.phase_s,
+                                   slo_ttft=slo_ttft, slo_tpot=slo_tpot, limit=limit)
+                for p in sorted(set(of.values()))}
     return out
+
+
+def admission_policy(args: argparse.Namespace) -> Any:
+    """The admission phase's policy: short queue for priority 0, long for the protected priority 1."""
+    from scheduler.policy.admission import AdmissionPolicy
+
+    return AdmissionPolicy(max_queued={0: args.queue_low, 1: args.queue_protected}, protected_priority=1)
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -222,12 +246,14 @@ def print_table(r: dict[str, Any]) -> None:
             "open_at_hard_stop",
             "admitted_ttft_p99_s", "admitted_tpot_p99_s", "within_slo", "goodput_rps", "rss_growth_mib",
             "rss_peak_mib", "peak_ingress_registry"]
-    names = list(r["phases"])
+    phases = {f"{n} p{p}" if p is not None else n: s for n, ph in r["phases"].items()
+              for p, s in [(None, ph), *ph.get("by_priority", {}).items()]}
+    names = list(phases)
     print(f"{'':<28}" + "".join(f"{n:>16}" for n in names))
     for col in cols:
         vals = []
         for n in names:
-            v = r["phases"][n][col]
+            v = phases[n][col]
             vals.append(f"{v:>16.3f}" if isinstance(v, float) else f"{v!s:>16}")
         print(f"{col:<28}" + "".join(vals))
 
@@ -240,7 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase-s", type=float, default=20.0)
     p.add_argument("--drain-s", type=float, default=20.0, help="after the arrivals, for admitted streams (hard stop)")
     p.add_argument("--phases", default="bounded,serve-default",
-                   help="comma list of bounded,serve-default,unbounded,shed")
+                   help="comma list of bounded,serve-default,unbounded,shed,admission")
+    p.add_argument("--protected-share", type=float, default=0.25,
+                   help="admission phase: share of the requests at priority 1 (protected); the rest priority 0")
+    p.add_argument("--queue-low", type=int, default=2, help="admission phase: max_queued of priority 0")
+    p.add_argument("--queue-protected", type=int, default=32, help="admission phase: max_queued of priority 1")
     p.add_argument("--instances", type=int, default=2)
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--time-scale", type=float, default=4.0)
@@ -269,7 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=str))
     b = result["phases"].get("bounded")
-    return 0 if b is None or (b["within_slo"] and b["lost"] == 0 and b["rejected"] == b["rejected_with_retry_after"]) else 1
+    ok = b is None or (b["within_slo"] and b["lost"] == 0 and b["rejected"] == b["rejected_with_retry_after"])
+    a = result["phases"].get("admission")
+    if a is not None:  # the protected class within its SLO, nothing lost, every refusal with a retry-after
+        ok = ok and a["by_priority"][1]["within_slo"] and a["lost"] == 0 and a["rejected"] == a[
+            "rejected_with_retry_after"]
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -387,11 +387,12 @@ class Stack:
     def address(self) -> str:
         return f"127.0.0.1:{self.server.port}"
 
-    async def start_front(self, *, router: Any = None, **server_kw: Any) -> None:
-        """A fresh ingress (``router`` overrides the config's) and gRPC server (``server_kw``) on the cluster."""
+    async def start_front(self, *, router: Any = None, admission: Any = None, **server_kw: Any) -> None:
+        """A fresh ingress (``router``, ``admission`` override the config's) and gRPC server (``server_kw``) on the
+        cluster."""
         from scheduler.server.grpc_server import build_server
 
-        self.ingress = self.deployment.make_ingress(refresh_s=INGRESS_REFRESH_S, router=router)
+        self.ingress = self.deployment.make_ingress(refresh_s=INGRESS_REFRESH_S, router=router, admission=admission)
         await self.ingress.start()
         self.server = build_server(self.ingress, port=0, **server_kw)
         await self.server.start()

@@ -45,6 +45,32 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spread-ties", action="store_true",
                    help="spread requests logged at one timestamp (a coarse trace clock, e.g. Mooncake's 3 s ticks) "
                         "evenly at random up to the next timestamp, instead of replaying them as one burst")
+    p.add_argument("--priority-mix", type=priority_mix_arg, metavar="P:SHARE,...",
+                   help="give each request a priority class at random (seeded by --seed): e.g. 1:0.25 puts a quarter "
+                        "in class 1, the rest in 0 (traces carry none; SLOs and policies.admission read it)")
+
+
+def priority_mix_arg(s: str) -> dict[int, float]:
+    """``P:SHARE,...`` -> ``{priority: share}``, shares in (0, 1] summing to at most 1 (the rest is class 0)."""
+    mix: dict[int, float] = {}
+    try:
+        for item in s.split(","):
+            p, _, share = item.partition(":")
+            mix[int(p)] = float(share)
+    except ValueError:
+        mix = {0: float("nan")}
+    if not all(0 < v <= 1 for v in mix.values()) or sum(mix.values()) > 1 + 1e-9:
+        raise argparse.ArgumentTypeError(f"expected P:SHARE,... with shares in (0, 1] summing to <= 1, got {s!r}")
+    return mix
+
+
+def with_priorities(w: Workload, mix: dict[int, float], seed: int) -> Workload:
+    """``w`` with each request's priority drawn from ``mix`` (``priority_mix_arg``; the rest class 0)."""
+    classes = [*mix, 0]
+    shares = [*mix.values(), max(1.0 - sum(mix.values()), 0.0)]
+    prio = np.random.default_rng(seed).choice(np.array(classes, dtype=np.int64), size=len(w),
+                                              p=np.array(shares) / sum(shares))
+    return dataclasses.replace(w, priority=prio)
 
 
 def add_batching_arg(p: argparse.ArgumentParser) -> None:
@@ -215,7 +241,9 @@ def load_workload(args: argparse.Namespace, cfg: ClusterConfig):
         trace = trace.scale_rate(args.rate_scale)
     if len(trace) == 0:
         raise ValueError("the workload is empty after --window/--limit")
-    return trace, Workload.from_trace(trace)
+    w = Workload.from_trace(trace)
+    mix = getattr(args, "priority_mix", None)
+    return trace, (w if mix is None else with_priorities(w, mix, args.seed))
 
 
 def scaling_policy(args: argparse.Namespace, cfg: ClusterConfig) -> tuple[object | None, ScalingLoop]:
@@ -323,6 +351,7 @@ def simulate_main(argv: list[str] | None = None) -> int:
             f"GPU util {summary['gpu_utilization'] * 100:.0f}%  cost ${summary['cost_usd']:.2f}  "
             f"preemptions {summary['preemptions']}"
             + (f"  refused {summary['rejected']}" if summary["rejected"] else "")
+            + (f" (admission {summary['admission_rejected']})" if summary.get("admission_rejected") else "")
             + (f"  goodput {'>=' if summary['goodput_capped'] else ''}{summary['goodput_rps']:.2f} req/s"
                if "goodput_rps" in summary else "")
             + (f"  GPU-hours {summary['gpu_hours']:.2f}  scale events {summary['scale_events']}  "

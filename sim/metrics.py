@@ -60,6 +60,7 @@ def sim_summary(res) -> dict[str, Any]:
             **_scaling_extras(res, life, span),
             # Named only when on: the recorded runs predate it (off).
             **({"same_instant_batching": True} if getattr(res, "same_instant_batching", False) else {}),
+            **_admission_extras(res),
         },
     )
 
@@ -74,11 +75,20 @@ def _slo_targets(res, met: np.ndarray) -> dict[str, Any]:
         v = None if col is None else float(np.broadcast_to(col, prio.shape)[i])
         return v if v is not None and np.isfinite(v) else None
 
+    refused = getattr(res, "admission_rejected", None)
     classes = {int(p): {"ttft_s": target(res.slo_ttft_s, i), "tpot_s": target(res.slo_tpot_s, i),
-                        "requests": int((prio == p).sum()), "attainment": float(met[prio == p].mean())}
+                        "requests": int((prio == p).sum()), "attainment": float(met[prio == p].mean()),
+                        # with an admission policy: its refusals in the class (they count as misses above)
+                        **({"admission_rejected": int(refused[prio == p].sum())} if refused is not None else {})}
                for p, i in zip(*np.unique(prio, return_index=True), strict=True)}
     top = classes.get(0) or (next(iter(classes.values())) if classes else {})
     return {"ttft_s": top.get("ttft_s"), "tpot_s": top.get("tpot_s"), "classes": classes}
+
+
+def _admission_extras(res) -> dict[str, Any]:
+    """With an admission policy: the requests it refused (also in ``rejected``, as the router's refusals are)."""
+    refused = getattr(res, "admission_rejected", None)
+    return {} if refused is None else {"admission_rejected": int(refused.sum())}
 
 
 def _scaling_extras(res, life: np.ndarray, span: float) -> dict[str, Any]:

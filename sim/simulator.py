@@ -33,6 +33,8 @@ from scheduler.core.types import (
 from scheduler.engine_model import StepResult
 from scheduler.latency import kv_transfer_between
 from scheduler.latency.model import prefill_pairs
+from scheduler.policy.admission import AdmissionPolicy, make_admission_policy
+from scheduler.policy.filters import decode_candidates, prefill_candidates
 from scheduler.policy.route import RouteDecision, Router, make_router
 from scheduler.policy.scaling import ScalingLoop
 from scheduler.predict.base import LengthPrediction
@@ -178,6 +180,8 @@ class SimResult:
     # serves them as if the context were longer (``over_context``).
     over_max_model_len: int = 0
     same_instant_batching: bool = False  # the run's ``Simulator`` option
+    # Of ``rejected``: the requests the admission policy refused at arrival (None: no admission policy).
+    admission_rejected: np.ndarray | None = None
 
     @property
     def instance_lifetime_s(self) -> np.ndarray:
@@ -209,6 +213,8 @@ class Simulator:
             every ``reroling_interval_s`` on a P/D cluster: a switching instance stops taking work of its old
             role, finishes or hands off what it has, then pays a modelled switch delay (``sim/reroling.py``;
             ``reroling_options`` go to ``RerolingDriver``: ``switch_delay_s``, ``handoff``). Not with ``scaling``.
+        admission: an admission policy (``admit(request, view, queued_by_priority)``); default: the config's
+            ``policies.admission``, if any. Its queues: requests admitted without a first token yet.
         ingress_poll_s: route on the live ingress's poll-round view instead (``sim/poll.py``): instances as of the
             last round (asked every ``ingress_poll_s`` after the previous one published; each answers at its step
             in flight's end, the round publishes with its last answer) plus the requests routed since its ask.
@@ -239,6 +245,7 @@ class Simulator:
         seed: int = 0,
         ingress_poll_s: float | None = None,
         same_instant_batching: bool = False,
+        admission: AdmissionPolicy | None = None,
     ) -> None:
         if scaling is not None and reroling is not None:
             raise ValueError("reroling: not supported together with scaling (the scaling driver keys pools by role)")
@@ -260,6 +267,12 @@ class Simulator:
         if hasattr(router, "initialize"):
             router.initialize(config)
         self.router = router
+        # ``policies.admission`` (or ``admission``): asked at each arrival before the router, as the live ingress
+        # asks it (``Ingress._admit``); None admits every request.
+        spec = config.policies.admission
+        if admission is None and spec is not None:
+            admission = make_admission_policy(spec.name, **spec.params)
+        self.admission = admission
         # ``policies.predictor``: the routers' length guess for workloads that bring none (as the live ingress).
         self.predictor = serving_predictor(config.policies.predictor)
         self.closed_form = closed_form
@@ -300,6 +313,9 @@ class Simulator:
         self.dec_of = np.full(n, -1, dtype=np.int32)
         self.preempt = np.zeros(n, dtype=np.int32)
         self.rejected = np.zeros(n, dtype=bool)
+        self.admission_rejected = np.zeros(n, dtype=bool)  # of ``rejected``: refused by the admission policy
+        self._queued: dict[int, int] = {}  # priority -> admitted requests without a first token (admission's queues)
+        self._in_queue = np.zeros(n, dtype=bool)
         self.kv_transfers = 0
         self.kv_transfer_s = 0.0
         self.heap: list = []
@@ -612,10 +628,15 @@ class Simulator:
             dist = self.w.predicted_dist[i] = self.predictor.predict_dist(None, prompt, tenant=self._tenant(i))
             self.w.predicted_output[i] = dist.point
         req = self._request_info(i, now, prompt, output)
+        if self.admission is not None and not self._admit(i, req, now):
+            return
         decision = self.router.route(req, self._routing_view(now))
         if isinstance(decision, Rejected):
             self.rejected[i] = True
             return
+        if self.admission is not None:
+            self._in_queue[i] = True
+            self._queued[req.priority] = self._queued.get(req.priority, 0) + 1
         self.router.on_routed(req, decision)
         inst = self._index[decision.prefill_instance]
         self.inst_of[i] = inst.index
@@ -651,6 +672,23 @@ class Simulator:
         self._refresh_one(inst, now)
         if self.dec_of[i] >= 0 and handoff:  # a handoff will follow its prefill
             self._expect_kv(self.instances[self.dec_of[i]], +1, now)
+
+    def _admit(self, i: int, req: RequestInfo, now: float) -> bool:
+        """The admission policy on arrival ``i`` (as ``Ingress._admit``: where nothing accepts requests, the
+        router's refusal stands); ``False``: refused, counted in ``rejected`` and ``admission_rejected``."""
+        view = self._routing_view(now)
+        decision = self.admission.admit(req, view, self._queued)  # type: ignore[union-attr]
+        if not isinstance(decision, Rejected) or not prefill_candidates(view) or not decode_candidates(view):
+            return True
+        self.rejected[i] = self.admission_rejected[i] = True
+        return False
+
+    def _dequeue(self, i: int) -> None:
+        """Request ``i`` has its first token, or ended without one: out of its admission queue."""
+        if self._in_queue[i]:
+            self._in_queue[i] = False
+            p = int(self.w.priority[i]) if self.w.priority is not None else 0
+            self._queued[p] -= 1
 
     def _learn_length(self, i: int) -> None:
         """A finished request's lengths reach an online predictor, as the live ingress tells it of each."""
@@ -886,6 +924,7 @@ class Simulator:
             i = seq.tag
             if self.first[i] != self.first[i]:
                 self.first[i] = t + lat(i)
+                self._dequeue(i)
         for seq in res.finished:
             i = seq.tag
             self.finish[i] = t + lat(i)
@@ -902,6 +941,7 @@ class Simulator:
         """Request ``i``, routed, cannot go on at ``inst``: it ends there. The router hears of it, as the live
         ingress tells it of every routed request's end (a tracker of where requests are would keep it forever)."""
         self.rejected[i] = True
+        self._dequeue(i)
         self.router.on_finished(str(i), inst.instance_id)
 
     def _handoff(self, i: int, t: float) -> None:
@@ -985,6 +1025,7 @@ class Simulator:
             role_switches=self.reroler.summary()["role_switches"] if self.reroler is not None else None,
             over_max_model_len=over_context(cfg, w),
             same_instant_batching=self.same_instant_batching,
+            admission_rejected=self.admission_rejected if self.admission is not None else None,
         )
 
 

@@ -45,8 +45,7 @@ def test_duplicate_pool_names_are_refused() -> None:
         ({"scaling": {"name": "bogus"}}, "policies.scaling.name: unknown scaling policy 'bogus'"),
         ({"reroling": {"name": "bogus"}}, "policies.reroling.name: unknown re-roling policy 'bogus'"),
         ({"predictor": {"name": "bogus"}}, "  policies.predictor.name: unknown predictor 'bogus'"),
-        # No reader anywhere (docs/fault_tolerance.md "Still open"): it was accepted and did nothing.
-        ({"admission": {"name": "bounded"}}, "policies.admission: not applied by the ingress yet"),
+        ({"admission": {"name": "bogus"}}, "policies.admission.name: unknown admission policy 'bogus'"),
     ],
 )
 def test_unknown_policy_names_fail_at_load_naming_the_field(policies, needle) -> None:

@@ -498,10 +498,16 @@ class ClusterConfig(_Strict):
             from scheduler.transfer.migration import check_one_headroom
 
             check_one_headroom(self.policies.migration.params)
-        if self.policies.admission is not None:  # NOTE: no reader yet: accepting it would promise admission control
-            raise ValueError("policies.admission: not applied by the ingress yet (docs/fault_tolerance.md, 'Still "
-                             "open: admission in the Ingress'); remove it -- router lookahead_shed or shed refuses "
-                             "requests that would miss their SLO")
+        if self.policies.admission is not None:  # built where it is applied (Ingress, Simulator): checked here
+            from scheduler.policy.admission import make_admission_policy
+
+            spec = self.policies.admission
+            try:
+                make_admission_policy(spec.name, **spec.params)
+            except ValueError as e:
+                if str(e).startswith("unknown admission policy"):
+                    raise ValueError(f"policies.admission.name: {e}") from None
+                raise ValueError(f"policies.admission.params.{e}") from None
 
     def slo_for(self, priority: int) -> SLO:
         spec = self.slos.get(priority) or self.slos.get(0) or SLOSpec()

@@ -50,9 +50,13 @@ class NotFound(IngressError):
 class Overloaded(IngressError):  # always with a retry-after
     grpc_code, http_status, http_type, status = "RESOURCE_EXHAUSTED", 429, "rate_limit_error", "rejected"
 
-    def __init__(self, message: str, *, field: str | None = None, retry_after_s: float = 1.0) -> None:
+    def __init__(self, message: str, *, field: str | None = None, retry_after_s: float = 1.0,
+                 reason_code: str = "ingress") -> None:
         super().__init__(message, field=field)
         self.retry_after_s = retry_after_s
+        # Who said no, for ``llmsched_admission_rejected_total{reason}`` when the ingress raised it ("admission":
+        # the ``policies.admission`` policy; "ingress": its in-flight bound or the router's refusal).
+        self.reason_code = reason_code
 
 
 # The retry-after of an UNAVAILABLE that waits on the cluster (no instance up or accepting, an id whose aborts are

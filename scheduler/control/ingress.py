@@ -46,6 +46,7 @@ from scheduler.control.api import (
     InvalidRequest,
     Overloaded,
     RequestFailed,
+    TooLarge,
     Unavailable,
 )
 from scheduler.control.channel import ChannelClient, ChannelError, RemoteError
@@ -80,6 +81,7 @@ from scheduler.core.types import (
     RequestInfo,
 )
 from scheduler.engine.base import EngineRequest, SamplingParams, TokenChunk, text_after
+from scheduler.policy.admission import AdmissionPolicy, make_admission_policy
 from scheduler.policy.filters import decode_candidates, prefill_candidates
 from scheduler.policy.route import RouteDecision, Router, make_router, router_takes
 from scheduler.predict.base import LengthPrediction
@@ -134,6 +136,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             ``False``: Ray actor calls only (the bench's baseline).
         predictor: overrides ``config.policies.predictor`` (the output-length guess for requests without a
             ``length_hint``; ``scheduler/predict/serving.py``).
+        admission: overrides ``config.policies.admission`` (``scheduler/policy/admission.py``; ``_admit``).
     """
 
     def __init__(
@@ -158,6 +161,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         tracing: Tracing | None = None,
         direct: bool = True,
         predictor: ServingPredictor | None = None,
+        admission: AdmissionPolicy | None = None,
     ) -> None:
         self.config = config
         # Telemetry: the servers own request start/finish; the ingress adds routes, instance gauges and the
@@ -180,6 +184,13 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         if hasattr(router, "initialize"):
             router.initialize(config)
         self.router = router
+        # ``policies.admission``: checked before each new request is routed (``_admit``); None admits all (bounded
+        # by ``max_in_flight`` and the server's limiter only).
+        spec = config.policies.admission
+        if admission is None and spec is not None:
+            admission = make_admission_policy(spec.name, **spec.params)
+        self.admission = admission
+        self.admission_rejected: dict[int, int] = {}  # priority -> requests the admission policy refused
         self.predictor = predictor or serving_predictor(config.policies.predictor)
         self.refresh_s = refresh_s
         self.members_s = members_s
@@ -445,6 +456,38 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         self.counters["routed"] += 1
         return decision
 
+    def _info(self, rec: RequestRecord, *, accepted: bool = False) -> RequestInfo:
+        return RequestInfo(
+            rec.request_id, time.time(), len(rec.prompt_token_ids) + rec.next_index, max(rec.remaining_tokens, 1),
+            priority=rec.priority, slo=rec.slo, predicted_output_tokens=rec.predicted_output_tokens,
+            accepted=accepted, hash_ids=rec.hash_ids, tenant=rec.tenant,
+        )
+
+    def queued_by_priority(self) -> dict[int, int]:
+        """Requests this replica admitted that have no first token yet, per priority (the admission policy's
+        queues). NOTE: this replica's own only: the snapshots' waiting counts are not split by priority and hold
+        this replica's requests too; with N replicas each bounds its own share (size ``max_queued`` per replica)."""
+        out: dict[int, int] = {}
+        for r in self.registry:
+            if r.next_index == 0:
+                out[r.priority] = out.get(r.priority, 0) + 1
+        return out
+
+    def _admit(self, rec: RequestRecord) -> None:
+        """``policies.admission`` on a new request: ``Overloaded`` (RESOURCE_EXHAUSTED / 429 with its retry-after)
+        if it says no; nothing is booked either way. Without instances to run it the router's UNAVAILABLE stands."""
+        if self.admission is None:
+            return
+        view = self.view()
+        decision = self.admission.admit(self._info(rec), view, self.queued_by_priority())
+        if not isinstance(decision, Rejected) or not prefill_candidates(view) or not decode_candidates(view):
+            return  # admitted, or nothing accepts requests: _route answers UNAVAILABLE as without admission
+        self.admission_rejected[rec.priority] = self.admission_rejected.get(rec.priority, 0) + 1
+        if decision.retry_after_s is None:  # it can never run on this cluster: a retry cannot help
+            raise TooLarge(decision.reason, field="prompt")
+        raise Overloaded(decision.reason, field="priority", retry_after_s=decision.retry_after_s,
+                         reason_code="admission")
+
     def _decide(self, rec: RequestRecord, *, exclude: frozenset[str], accepted: bool
                 ) -> tuple[RequestInfo, RouteDecision]:
         """The router's pick for ``rec`` over the live view less ``exclude``; nothing booked."""
@@ -453,11 +496,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             view = ClusterView(view.time_s, tuple(s for s in view.instances if s.instance_id not in exclude))
         if not view.instances:
             raise Unavailable("no live engine instance in the cluster view", retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
-        info = RequestInfo(
-            rec.request_id, time.time(), len(rec.prompt_token_ids) + rec.next_index, max(rec.remaining_tokens, 1),
-            priority=rec.priority, slo=rec.slo, predicted_output_tokens=rec.predicted_output_tokens,
-            accepted=accepted, hash_ids=rec.hash_ids, tenant=rec.tenant,
-        )
+        info = self._info(rec, accepted=accepted)
         decision = self.router.route(info, view)
         if isinstance(decision, Rejected):
             if not prefill_candidates(view) or not decode_candidates(view):
@@ -536,6 +575,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         else:
             rec.slo = self.config.slo_for(request.priority)
         with self.tracing.span(Stage.ROUTE, request_id=rec.request_id, attributes={"router": self.router.name}):
+            self._admit(rec)  # NOTE: no await from here to registry.add: the queued counts it read stay true
             decision = self._route(rec)
         # The path taken, not the decision's shape: a one-token request, or a PREFILL instance named twice (the
         # Splitwise borrow), runs on the prefill instance alone although the decision names a decoder.
@@ -1013,6 +1053,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                 "view_age_s": time.time() - self.view_refreshed_s,
                 "controller_ok": float(self.controller_ok),
                 **{k: float(v) for k, v in self.counters.items()},
+                # Requests the admission policy refused, per priority (``admission_rejected_p<priority>``).
+                **{f"admission_rejected_p{p}": float(n) for p, n in sorted(self.admission_rejected.items())},
                 # Requests that named a tenant the length predictor does not know (predicted without one).
                 **({"predictor_unknown_tenant": float(self.predictor.unknown_tenants.requests)}
                    if self.predictor is not None else {}),

@@ -16,6 +16,7 @@ longer queues (they are worth waiting for); the lead's ingress counts queued req
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -39,17 +40,16 @@ class AdmissionPolicy:
     def __init__(self, *, max_queued: Mapping[int, int] | None = None, default_max_queued: int = 1024,
                  shed_usage: float | None = None, protected_priority: int = 1, retry_after_s: float = 1.0,
                  drain_rps_per_instance: float = 2.0) -> None:
-        for p, n in (max_queued or {}).items():
-            if n < 0:
-                raise ValueError(f"max_queued[{p}] must be >= 0, got {n}")
-        if default_max_queued < 0:
-            raise ValueError(f"default_max_queued must be >= 0, got {default_max_queued}")
-        self.max_queued = {int(k): int(v) for k, v in (max_queued or {}).items()}
-        self.default_max_queued = default_max_queued
-        self.shed_usage = shed_usage
-        self.protected_priority = protected_priority
-        self.retry_after_s = retry_after_s
-        self.drain_rps_per_instance = drain_rps_per_instance
+        # NOTE: errors name the parameter (the config prefixes ``policies.admission.params.``); bools are no counts.
+        if max_queued is not None and not isinstance(max_queued, Mapping):
+            raise ValueError(f"max_queued: a mapping priority -> queue length, got {max_queued!r}")
+        self.max_queued = {_int(f"max_queued[{k!r}]", k, key=True): _int(f"max_queued[{k!r}]", v, low=0)
+                           for k, v in (max_queued or {}).items()}
+        self.default_max_queued = _int("default_max_queued", default_max_queued, low=0)
+        self.shed_usage = None if shed_usage is None else _positive("shed_usage", shed_usage)
+        self.protected_priority = _int("protected_priority", protected_priority)
+        self.retry_after_s = _positive("retry_after_s", retry_after_s)
+        self.drain_rps_per_instance = _positive("drain_rps_per_instance", drain_rps_per_instance)
 
     def limit(self, priority: int) -> int:
         return self.max_queued.get(priority, self.default_max_queued)
@@ -93,9 +93,33 @@ ADMISSION_POLICIES: dict[str, Callable[..., AdmissionPolicy]] = {
 
 
 def make_admission_policy(name: str, **params: object) -> AdmissionPolicy:
-    """Build an admission policy by registry name; unknown names list the allowed ones."""
+    """Build an admission policy by registry name; unknown names, parameters or bad values raise ``ValueError``
+    naming them (unknown names list the allowed ones)."""
     try:
         factory = ADMISSION_POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown admission policy {name!r}; allowed: {', '.join(sorted(ADMISSION_POLICIES))}") from None
+    allowed = [p for p in inspect.signature(AdmissionPolicy).parameters if not (factory is AdmitAll and
+                                                                                 p == "default_max_queued")]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown parameter of admission policy {name!r}; allowed: "
+                         f"{', '.join(allowed)}")
     return factory(**params)
+
+
+def _int(field: str, v: object, *, low: int | None = None, key: bool = False) -> int:
+    """``v`` as an int (a mapping key may be a string of one: JSON and some YAML keys are)."""
+    if key and isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):  # NOTE: a ValueError, as every config error
+        raise ValueError(f"{field}: {'priority' if key else 'value'} must be an integer, got {v!r}")  # noqa: TRY004
+    if low is not None and v < low:
+        raise ValueError(f"{field}: must be >= {low}, got {v}")
+    return v
+
+
+def _positive(field: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0 or v == float("inf"):
+        raise ValueError(f"{field}: must be a finite number > 0, got {v!r}")
+    return float(v)

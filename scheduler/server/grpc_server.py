@@ -272,7 +272,7 @@ class InferenceServicer:
         if isinstance(e, Overloaded):
             # NOTE: the server limiter rejects before start; the ingress' admission after it (its own reason).
             # Only a started request has an entry to end: another request may be in flight under the same id.
-            reason = "server_limit" if not started else "ingress"
+            reason = "server_limit" if not started else e.reason_code
             self._rec.on_reject(priority=priority, reason=reason, api="grpc", request_id=key if started else None)
             return RequestStatus.REJECTED
         status = request_status_for(e)

@@ -603,7 +603,7 @@ class _Scope:
         """Record an ingress error; the HTTP error to raise."""
         rec = self.deps.recorder
         if isinstance(e, Overloaded):
-            reason = "server_limit" if not self.started else "ingress"
+            reason = "server_limit" if not self.started else e.reason_code
             rec.on_reject(priority=self.g.priority, reason=reason, api="http",
                           request_id=self.key if self.started else None)
             self.started = False  # on_reject ended it
