@@ -228,6 +228,29 @@ async def run(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
                                    offered_rps=sum(r.priority == p for r in reqs) / args.phase_s,
                                    slo_ttft=slo_ttft, slo_tpot=slo_tpot, limit=limit)
                 for p in sorted(set(of.values()))}
+            out["phases"][phase]["simulated"] = simulate_admission(stack.deployment.config, arrivals, prio, args)
+    return out
+
+
+def simulate_admission(cfg: Any, arrivals: np.ndarray, prio: np.ndarray, args: argparse.Namespace
+                       ) -> dict[str, Any]:
+    """The admission phase replayed in the simulator: same arrivals, priorities, shapes and policy on the same
+    cluster, on the modelled clock (the live engines run it ``time_scale`` x slower, so arrivals are divided by it
+    and TTFTs multiplied back). Per priority: refused fraction and admitted TTFT p99 (live seconds)."""
+    from sim.simulator import Simulator, Workload
+
+    n = len(arrivals)
+    w = Workload(arrival_s=arrivals / args.time_scale, prompt_tokens=np.full(n, PROMPT),
+                 output_tokens=np.full(n, OUTPUT), priority=prio.astype(np.int64))
+    res = Simulator(cfg, admission=admission_policy(args), seed=args.seed).run(w)
+    ttft = (res.first_token_s - w.arrival_s) * args.time_scale
+    out: dict[str, Any] = {}
+    for p in sorted({int(x) for x in prio}):
+        sel = prio == p
+        served = sel & ~res.rejected
+        out[p] = {"sent": int(sel.sum()), "rejected": int(res.admission_rejected[sel].sum()),
+                  "rejected_fraction": round(float(res.admission_rejected[sel].mean()), 3),
+                  "admitted_ttft_p99_s": round(float(np.percentile(ttft[served], 99)), 3) if served.any() else None}
     return out
 
 
