@@ -11,7 +11,9 @@ retry_after_s)`` (an expected "no" is a value). Rules, in order:
    the queue drains: ``queued / (accepting instances * drain_rps_per_instance)``, at least ``retry_after_s``.
 
 ``limit(priority)``: ``max_queued[priority]`` if given, else ``default_max_queued``. Higher classes usually get
-longer queues (they are worth waiting for); the lead's ingress counts queued requests per class.
+longer queues (they are worth waiting for). ``policies.admission`` builds it; the live Ingress (``Ingress._admit``)
+and the simulator (``Simulator._admit``) ask it for each new request, each counting its own queues: requests
+admitted that have no first token yet, per priority.
 """
 
 from __future__ import annotations
