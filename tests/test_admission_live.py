@@ -3,7 +3,7 @@ gRPC and HTTP: a full priority-0 queue answers RESOURCE_EXHAUSTED (HTTP 429) wit
 priority-1 request is admitted, and the request holding the queue loses nothing.
 
 One MIXED instance; ``max_queued`` {0: 1, 1: 4}. The queue holder is a 3000-token prompt whose prefill, at
-``time_scale`` 10, takes seconds: it has no first token (it is queued) while the others arrive.
+``time_scale`` 25, takes seconds: it has no first token (it is queued) while the others arrive.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from scheduler.control.cluster import deploy
 from scheduler.engine.simulated_backend import sim_token
 from scheduler.server.background import BackgroundServer
 from tests.test_control_plane import GPUS, MODEL
+from tests.test_telemetry import recorder, sample
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -33,15 +34,15 @@ CONFIG = ClusterConfig.model_validate({
     "pools": [{"name": "mixed", "role": "mixed", "gpu": "a100", "tp": 1, "count": 1}],
     "policies": {"admission": {"name": "bounded", "params": {"max_queued": {0: 1, 1: 4}, "retry_after_s": 2.0}}},
 })
-LONG = 3000  # prompt tokens of the queue holder: seconds of prefill at time_scale 10
+LONG = 3000  # prompt tokens of the queue holder: seconds of prefill at time_scale 25
 
 
 @pytest.fixture(scope="module")
 def served(local_ray: Any) -> Any:
     dep = deploy(CONFIG, name="adm", controller_name="llmsched-controller-adm",
-                 backend_kwargs={"simulated": {"time_scale": 10.0}}, refresh_s=0.05)
+                 backend_kwargs={"simulated": {"time_scale": 25.0}}, refresh_s=0.05)
     try:
-        with BackgroundServer(lambda: dep.make_ingress(refresh_s=0.05), http=True) as srv:
+        with BackgroundServer(lambda: dep.make_ingress(refresh_s=0.05), http=True, recorder=recorder()) as srv:
             yield srv
             srv.call(srv.ingress.close())
     finally:
@@ -104,4 +105,5 @@ def test_full_low_priority_queue_rejects_with_retry_after_while_protected_is_adm
     assert code == grpc.StatusCode.OK and toks == [sim_token(0, "hold", i, MODEL["vocab_size"]) for i in range(4)]
     state = srv.call(srv.ingress.cluster_state())
     assert state.extra["admission_rejected_p0"] == 2 and "admission_rejected_p1" not in state.extra, state.extra
+    assert sample(srv.recorder, "llmsched_admission_rejected_total", priority="0", reason="admission") == 2
     assert _queued(srv) == {}
