@@ -818,3 +818,13 @@ def test_lookahead_batch_model_names_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match="steady_batch=True contradicts batch_model='refill'"):
         LookaheadRouter(steady_batch=True, batch_model="refill")
     assert LookaheadRouter(steady_batch=True).batch_model == LookaheadRouter(batch_model="steady").batch_model
+
+
+def test_lookahead_refill_needs_a_window_to_measure_the_arrival_rate() -> None:
+    """``batch_model="refill"`` measures its arrival rate over ``pressure_window_s``; a window of 0 (prefill pressure
+    off) left it no rate at all, so it priced every placement as if nothing ever arrived -- the ``drain``-like
+    price under another name, silently. Refused naming both; the other models still take a window of 0."""
+    with pytest.raises(ValueError, match="pressure_window_s: batch_model='refill' measures the arrival rate over it"):
+        LookaheadRouter(batch_model="refill", pressure_window_s=0.0)
+    for model in ("drain", "steady"):
+        assert LookaheadRouter(batch_model=model, pressure_window_s=0.0).pressure_window_s == 0.0
