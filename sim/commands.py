@@ -56,6 +56,8 @@ def priority_mix_arg(s: str) -> dict[int, float]:
     try:
         for item in s.split(","):
             p, _, share = item.partition(":")
+            if int(p) in mix:  # the last share would silently win
+                raise argparse.ArgumentTypeError(f"class {int(p)} given twice in {s!r}")
             mix[int(p)] = float(share)
     except ValueError:
         mix = {0: float("nan")}

@@ -108,3 +108,16 @@ def test_simulate_cli_runs_a_config_with_admission(tmp_path: Path, capsys: pytes
     assert s["admission_rejected"] == s["rejected"] == classes["0"]["requests"]
     rc, err = run(["simulate", "--synthetic", "10", "--priority-mix", "1:1.5", "--quiet"], capsys)
     assert rc == 2 and "--priority-mix" in err
+
+
+def test_priority_mix_names_each_class_once() -> None:
+    """``--priority-mix 1:0.2,1:0.3``: a class named twice kept the last share and dropped the first without a
+    word (30% of the requests in class 1 where the user may have meant 50%, or a typo for another class).
+    Refused, as a share out of (0, 1] is; a well-formed mix parses as before."""
+    import argparse
+
+    from sim.commands import priority_mix_arg
+
+    with pytest.raises(argparse.ArgumentTypeError, match="class 1 given twice"):
+        priority_mix_arg("1:0.2,1:0.3")
+    assert priority_mix_arg("1:0.25,2:0.05") == {1: 0.25, 2: 0.05}
