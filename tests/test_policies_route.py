@@ -30,7 +30,7 @@ from scheduler.policy.routers_learned import (
     features,
     monotone,
 )
-from scheduler.policy.routers_lookahead import LookaheadRouter, default_latency_model
+from scheduler.policy.routers_lookahead import BatchModel, LookaheadRouter, default_latency_model
 from scheduler.policy.routers_smart import LlumnixRouter, MixingRouter, PowerOfTwoRouter, PrefixAffinityRouter
 
 M, P, D = InstanceRole.MIXED, InstanceRole.PREFILL, InstanceRole.DECODE
@@ -818,6 +818,19 @@ def test_lookahead_batch_model_names_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match="steady_batch=True contradicts batch_model='refill'"):
         LookaheadRouter(steady_batch=True, batch_model="refill")
     assert LookaheadRouter(steady_batch=True).batch_model == LookaheadRouter(batch_model="steady").batch_model
+
+
+def test_lookahead_steady_batch_takes_a_bool_only() -> None:
+    """``compare --routers lookahead:steady_batch=False`` passes the string ``"False"`` (not JSON): truthy, it
+    priced the run as ``steady`` without a word (and ``batch_model=refill`` beside it read as a contradiction).
+    Refused naming the parameter; ``true`` / ``false`` (JSON, YAML) are bools and work as before."""
+    from sim.compare import router_spec
+
+    name, params = router_spec("lookahead:steady_batch=False")
+    with pytest.raises(ValueError, match="steady_batch: must be true or false, got 'False'"):
+        make_router(name, **params)
+    name, params = router_spec("lookahead:steady_batch=false")
+    assert make_router(name, **params).batch_model is BatchModel.DRAIN
 
 
 def test_lookahead_refill_needs_a_window_to_measure_the_arrival_rate() -> None:

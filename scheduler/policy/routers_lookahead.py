@@ -291,6 +291,8 @@ class LookaheadRouter(PairingRouter):
         self.kv_horizon_tokens = kv_horizon_tokens if kv_horizon_tokens is not None else default_output_tokens
         # How the newcomer's decode batch evolves over its life (module docstring); ``steady_batch=True`` is
         # ``batch_model="steady"``, kept for the configs and commands that name it.
+        if not isinstance(steady_batch, bool):  # a string ("False" from a --routers entry) is truthy: steady
+            raise ValueError(f"steady_batch: must be true or false, got {steady_batch!r}")  # noqa: TRY004 (config)
         if batch_model is None:
             batch_model = BatchModel.STEADY if steady_batch else BatchModel.DRAIN
         elif steady_batch and batch_model != BatchModel.STEADY:
