@@ -305,7 +305,6 @@ class LookaheadRouter(PairingRouter):
         if self.batch_model is BatchModel.REFILL and not pressure_window_s > 0:  # else no rate: priced as none
             raise ValueError(f"pressure_window_s: batch_model='refill' measures the arrival rate over it; must be > 0, "
                              f"got {pressure_window_s}")
-        self.steady_batch = self.batch_model is BatchModel.STEADY
         self.hash_block_tokens = hash_block_tokens
         self._now = 0.0
         # instance -> (decayed prefill seconds, decayed sum of their squares, decayed prefill seconds net of
