@@ -186,3 +186,41 @@ def test_what_a_draining_instance_refuses_and_what_it_still_takes() -> None:
     assert res.committed, res.reason
     assert out[-1].finish_reason == "length" and out[-1].instance_id == "mixed-1", out[-1]
     assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(200))
+
+
+@pytest.mark.usefixtures("no_ray")
+def test_an_instance_that_refused_an_earlier_leg_takes_a_later_one() -> None:
+    """The instances a request was refused by are left out of that leg's next picks only: mixed-0 refuses the
+    request (a scale-down's drain, called off since), it runs on mixed-1, which dies; its recovery goes to
+    mixed-2, which refuses it (draining); mixed-0, back in service, takes it. Before, mixed-0 was still left out
+    and the request failed UNAVAILABLE ("mixed-0, mixed-2 refused it")."""
+    from scheduler.control.api import GenerateRequest as Req
+    from tests.test_migration_audit import Handle, consume, make_ingress, set_routable, start_instances, until
+
+    async def scenario() -> tuple[list[TokenChunk], list[BaseException], dict[str, int]]:
+        insts = await start_instances(3)
+        handles = [Handle(i) for i in insts]
+        ing = make_ingress(handles, routable=["mixed-0", "mixed-1"])  # least outstanding: mixed-0 first
+        out: list[TokenChunk] = []
+        errors: list[BaseException] = []
+        req = Req("r", prompt_token_ids=tuple(range(1, 50)), sampling=SamplingParams(max_tokens=200))
+        try:
+            await insts[0].set_draining(True)
+            task = asyncio.create_task(consume(ing, req, out, errors))
+            await until(lambda: len(out) >= 2 or bool(errors))
+            await insts[0].set_draining(False)
+            await insts[2].set_draining(True)
+            set_routable(ing, ["mixed-2", "mixed-0", "mixed-1"])  # the recovery picks mixed-2 first
+            handles[1].dead = True
+            await asyncio.wait_for(task, 60)
+            return out, errors, dict(ing.counters)
+        finally:
+            for i in insts:
+                await i.shutdown()
+
+    out, errors, counters = asyncio.run(scenario())
+    assert not errors, errors
+    assert out[0].instance_id == "mixed-1" and out[-1].instance_id == "mixed-0", [c.instance_id for c in out]
+    assert out[-1].finish_reason == "length"
+    assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(200))
+    assert (counters["drain_refused"], counters["recoveries"]) == (2, 1), counters

@@ -651,7 +651,9 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         kv_ref: Any = None
         kv_src = ""  # the instance exporting kv_ref
         admitted = False
-        refused: set[str] = set()  # instances that refused it as draining: left out of its next picks
+        # Instances that refused this leg as draining: left out of its next picks (until a leg is taken or lost: one
+        # drained for a scale-down or role switch comes back, and a later leg may need it).
+        refused: set[str] = set()
         while True:
             iid = target.prefill_instance
             handoff = not admitted and _hands_off(target, rec, self._is_prefill(iid))
@@ -682,6 +684,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                     yield chunk
             except InstanceLost as e:
                 admitted = False
+                refused.clear()
                 ended = self._migration_ended.get(rid)
                 if ended is not None:
                     # A migration of this request is in flight from the instance just lost. It cannot commit
@@ -711,6 +714,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                 target = self._route_around(rec, iid, e, frozenset(refused), decode_only=kv_ref is not None)
                 continue
             admitted = False
+            refused.clear()
             assert last is not None and last.finished
             if not self._continues(rec, handoff, last.finish_reason):
                 rec.phase = Phase.CANCELLED if last.finish_reason in ("abort", "migrated") else Phase.FINISHED
