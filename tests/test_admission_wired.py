@@ -53,6 +53,11 @@ def test_admission_spec_is_accepted_with_its_params() -> None:
      "policies.admission.params.max_queue: unknown parameter of admission policy 'bounded'; allowed: max_queued"),
     ({"name": "always", "params": {"default_max_queued": 3}},
      "policies.admission.params.default_max_queued: unknown parameter of admission policy 'always'"),
+    # "always" bounds no queue and sheds nothing: those settings would make it "bounded" under another name.
+    ({"name": "always", "params": {"max_queued": {0: 1}}},
+     "policies.admission.params.max_queued: unknown parameter of admission policy 'always'; allowed: retry_after_s"),
+    ({"name": "always", "params": {"shed_usage": 0.5}},
+     "policies.admission.params.shed_usage: unknown parameter of admission policy 'always'"),
 ])
 def test_bad_admission_specs_fail_at_load_naming_the_field(spec: dict, needle: str) -> None:
     with pytest.raises(ConfigError) as e:

@@ -83,9 +83,11 @@ class AdmitAll(AdmissionPolicy):
     """Admits everything that can ever run (rules 1-2 only)."""
 
     name = "always"
+    # Only rule 1's retry-after: a queue bound or shedding would make it "bounded" under another name.
+    params: ClassVar[tuple[str, ...]] = ("retry_after_s",)
 
-    def __init__(self, **kw: object) -> None:
-        super().__init__(default_max_queued=2**62, **kw)  # type: ignore[arg-type]
+    def __init__(self, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(default_max_queued=2**62, retry_after_s=retry_after_s)
 
 
 ADMISSION_POLICIES: dict[str, Callable[..., AdmissionPolicy]] = {
@@ -101,8 +103,7 @@ def make_admission_policy(name: str, **params: object) -> AdmissionPolicy:
         factory = ADMISSION_POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown admission policy {name!r}; allowed: {', '.join(sorted(ADMISSION_POLICIES))}") from None
-    allowed = [p for p in inspect.signature(AdmissionPolicy).parameters if not (factory is AdmitAll and
-                                                                                 p == "default_max_queued")]
+    allowed = list(getattr(factory, "params", None) or inspect.signature(AdmissionPolicy).parameters)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown parameter of admission policy {name!r}; allowed: "
