@@ -260,6 +260,10 @@ def test_admission_bounds_queues_per_priority() -> None:
     pd = view(snap("p", P, total=100), snap("d", D, total=1000))
     big = a.admit(RequestInfo("w", 0.0, 5000, 10), pd, {})
     assert isinstance(big, Rejected) and "prefill-capable" in big.reason
+    # Fits only an instance draining now (a role switch, a scale-down): come back later, not "never".
+    big_one_draining = view(snap("small", total=100), snap("big", total=1000, draining=True))
+    later = a.admit(RequestInfo("v", 0.0, 5000, 10), big_one_draining, {})
+    assert isinstance(later, Rejected) and "draining" in later.reason and later.retry_after_s == 0.5
 
 
 def test_admission_sheds_low_priority_under_overload() -> None:

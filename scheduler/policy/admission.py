@@ -4,7 +4,8 @@
 retry_after_s)`` (an expected "no" is a value). Rules, in order:
 
 1. no accepting instance                         -> Rejected, retry after ``retry_after_s``;
-2. the prompt exceeds every instance's KV        -> Rejected, no retry (it can never run here);
+2. the prompt exceeds every healthy instance's KV -> Rejected, no retry (it can never run here); one that fits
+   only instances draining now                   -> Rejected, retry later;
 3. overload shedding: mean virtual usage of accepting instances >= ``shed_usage`` and the request's priority is
    below ``protected_priority``                  -> Rejected, retry later;
 4. the request's priority queue holds ``limit(priority)`` requests -> Rejected, retry after an estimate of when
@@ -61,10 +62,17 @@ class AdmissionPolicy:
         if not accepting:
             return Rejected("no healthy instance is accepting requests", retry_after_s=self.retry_after_s)
         # Where it can be prefilled (a DECODE instance's KV does not help a prompt no prefill instance holds).
-        cap = max((i.kv_blocks_total * i.block_size for i in accepting if i.role.does_prefill), default=0)
-        if request.prompt_tokens > cap:
+        def cap(insts: list) -> int:
+            return max((i.kv_blocks_total * i.block_size for i in insts if i.role.does_prefill), default=0)
+
+        # Final only when no healthy instance could ever hold it: one that fits an instance draining now (a role
+        # switch, a scale-down that may be undone) is asked to come back, not told it never can.
+        if request.prompt_tokens > cap([i for i in view.instances if i.healthy]):
             return Rejected(f"prompt_tokens: {request.prompt_tokens} exceeds every prefill-capable instance's KV "
-                            f"capacity ({cap} tokens)")
+                            f"capacity ({cap(accepting)} tokens)")
+        if request.prompt_tokens > cap(accepting):
+            return Rejected(f"prompt_tokens: {request.prompt_tokens} fits only instances draining now (accepting "
+                            f"ones hold {cap(accepting)} tokens)", retry_after_s=self.retry_after_s)
         if self.shed_usage is not None and request.priority < self.protected_priority:
             usage = sum(i.load.virtual_usage for i in accepting) / len(accepting)
             if usage >= self.shed_usage:
