@@ -103,7 +103,8 @@ def add_cluster_args(
     p.add_argument("--instances", type=int, help=instances_help)
 
 
-def load_cluster(args: argparse.Namespace) -> ClusterConfig:
+def load_cluster(args: argparse.Namespace, *, applies: tuple[str, ...] = ()) -> ClusterConfig:
+    """``applies``: the ``policies`` entries (``migration``, ...) the calling command runs itself (no note)."""
     cfg = load_config(args.config)
     if args.instances is not None:
         cfg = with_instances(cfg, args.instances)
@@ -112,7 +113,7 @@ def load_cluster(args: argparse.Namespace) -> ClusterConfig:
                           "instances or pass --instances")
     # Only the live Controller builds these from the config: say so rather than silently simulate without them.
     unused = [k for k in ("migration", "scaling", "reroling")
-              if (spec := getattr(cfg.policies, k)) is not None and spec.name != "none"]
+              if k not in applies and (spec := getattr(cfg.policies, k)) is not None and spec.name != "none"]
     if "scaling" in unused and getattr(args, "scaling", None):  # simulate --scaling: the flag's policy runs
         unused.remove("scaling")
     if unused:

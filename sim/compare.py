@@ -3,6 +3,9 @@
 ``--load`` is the offered load as a fraction of the cluster's *measured* saturation rate: the rate at which the
 cluster completes this trace's request mix in steady state when requests arrive faster than it serves them
 (``saturation_rate``). The trace is then rate-scaled so its mean arrival rate is ``load x saturation``.
+
+A config's ``policies.migration`` runs beside every router (each run and goodput probe with a fresh policy); the
+saturation is measured without it, so a config with and without migration offers the same rate.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import numpy as np
 from scheduler.config.load import ConfigError
 from scheduler.config.models import ClusterConfig
 from scheduler.policy.route import make_router
+from scheduler.transfer.migration import migration_policy
 from sim.commands import add_cluster_args, add_workload_args, load_cluster, load_workload
 from sim.goodput import goodput, scale_rate
 from sim.metrics import request_metrics, sim_summary
+from sim.migration import migration_stats
 from sim.report import print_summaries, write_figure, write_json
 from sim.simulator import Simulator, Workload
 
@@ -191,25 +196,62 @@ def router_factory(name: str, config: ClusterConfig):
     return make
 
 
+def migration_factory(config: ClusterConfig):
+    """A zero-argument factory of the config's ``policies.migration`` (fresh state per run: its rate limits and
+    cooldowns remember), or ``None`` when the config has none (or ``none``)."""
+    spec = config.policies.migration
+    if spec is None or spec.name == "none":
+        return None
+    migration_policy(config)  # fail fast on bad parameters
+    return lambda: migration_policy(config)
+
+
+def at_goodput(config: ClusterConfig, w: Workload, router, migration, *, seed: int = 0,
+               same_instant_batching: bool = False) -> dict[str, object]:
+    """The run at the goodput rate (its passing probe, run again): which SLO its misses miss (shares of all
+    requests; one request may miss both), its preemptions and migrations -- what a goodput moved by."""
+    sim = Simulator(config, router=router, seed=seed, migration=migration, same_instant_batching=same_instant_batching)
+    res = sim.run(w)
+    m = request_metrics(res)
+    inf = np.inf
+    with np.errstate(invalid="ignore"):
+        ttft_miss = ~(m.ttft_s <= (res.slo_ttft_s if res.slo_ttft_s is not None else inf))
+        tpot_miss = m.tpot_s > (res.slo_tpot_s if res.slo_tpot_s is not None else inf)  # NaN (1 token): met
+    out: dict[str, object] = {"offered_rps": w.rate_rps, "slo_attainment": float(m.slo_met.mean()),
+                              "ttft_miss": float(ttft_miss.mean()), "tpot_miss": float(tpot_miss.mean()),
+                              "preemptions": int(res.preemptions.sum()), "migrations": int(res.migrations)}
+    if sim.migrations is not None:
+        out["migration"] = migration_stats(sim.migrations)
+    return out
+
+
 def compare(config: ClusterConfig, w: Workload, routers: list[str], *, load: float, with_goodput: bool = True,
             target: float = 0.9, seed: int = 0, same_instant_batching: bool = False) -> tuple[dict, dict, float]:
     """``seed``: ``--seed`` (the saturation sample and every run's host-noise draws, goodput probes included);
-    ``same_instant_batching``: every run's, the saturation's and goodput's included (``Simulator``)."""
+    ``same_instant_batching``: every run's, the saturation's and goodput's included (``Simulator``). The config's
+    migration policy runs in every run and goodput probe, not in the saturation measurement (module docstring)."""
     batching = {"same_instant_batching": same_instant_batching}
     sat = saturation_rate(config, w, seed=seed, **batching)
     wl = at_load(w, load, sat)
+    migration = migration_factory(config)
     summaries, metrics = {}, {}
     for name in routers:
         make = router_factory(name, config)
-        res = Simulator(config, router=make(), seed=seed, **batching).run(wl)
+        sim = Simulator(config, router=make(), seed=seed, migration=migration() if migration else None, **batching)
+        res = sim.run(wl)
         s = sim_summary(res)
         s["load"] = load
         s["saturation_rps"] = sat
         s["offered_rps"] = wl.rate_rps
+        if sim.migrations is not None:
+            s["migration"] = migration_stats(sim.migrations)
         if with_goodput:
             g = goodput(config, wl, make, target=target, lo=0.05, hi=GOODPUT_CEILING, iters=GOODPUT_ITERS, seed=seed,
-                        **batching)
+                        migration=migration, **batching)
             s["goodput_rps"], s["goodput_capped"] = g.goodput_rps, g.capped
+            if g.goodput_rps > 0:
+                s["at_goodput"] = at_goodput(config, scale_rate(wl, g.scale), make(),
+                                             migration() if migration else None, seed=seed, **batching)
         summaries[name] = s
         metrics[name] = request_metrics(res)
     return summaries, metrics, sat
@@ -235,11 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         routers = comma_list("--routers", args.routers)
-        cfg = load_cluster(args)
+        cfg = load_cluster(args, applies=("migration",))
         trace, w = load_workload(args, cfg)
         check_time_span(trace)  # --load scales from the trace's rate
         if args.rate_scale != 1.0:
             raise ValueError("--rate-scale: compare sets the rate by --load (a share of the measured saturation)")
+        migration_factory(cfg)  # fail fast: bad policies.migration params
         build_instances(cfg)  # fail fast: a pool without KV memory, a cluster that cannot prefill or decode
         for r in routers:
             try:
@@ -264,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
             capped = s["goodput_capped"]  # the ceiling's rate, read as a measured goodput it was not
             print(f"  {name:18s} goodput@90% {'>=' if capped else ''}{s['goodput_rps']:.2f} req/s   preemptions "
                   f"{s['preemptions']}"
+                  + (f"   at it: preemptions {s['at_goodput']['preemptions']}, migrations "
+                     f"{s['at_goodput'].get('migration', {}).get('started', {})}, TTFT / TPOT misses "
+                     f"{s['at_goodput']['ttft_miss']:.1%} / {s['at_goodput']['tpot_miss']:.1%}"
+                     if "at_goodput" in s else "")
                   + ("   (SLO attainment below 90% at any rate tried)" if s["goodput_rps"] <= 0 else "")
                   + (f"   (SLO attainment still met at {GOODPUT_CEILING:g}x the offered rate, the search's "
                      "ceiling: a lower bound)" if capped else ""))
@@ -274,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
               "short for a steady state; use a longer one for capacity numbers", file=sys.stderr)
     out = {"trace": trace.name, "trace_source": getattr(trace, "source", ""), "config": cfg.name,
            "instances": cfg.num_instances, "load": args.load, "saturation_rps": sat, "routers": summaries}
+    if (spec := cfg.policies.migration) is not None:
+        out["migration_policy"] = spec.model_dump()
     if args.json:
         write_json(args.json, out)
     if args.png:
@@ -281,4 +330,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["at_load", "compare", "main", "router_factory", "router_params", "router_spec", "saturation_rate"]
+__all__ = ["at_load", "compare", "main", "migration_factory", "router_factory", "router_params", "router_spec", "saturation_rate"]
