@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from scheduler.config.load import ConfigError
-from scheduler.config.models import ClusterConfig
+from scheduler.config.models import ClusterConfig, PolicySpec
 from scheduler.policy.route import make_router
 from scheduler.transfer.migration import migration_policy
 from sim.commands import add_cluster_args, add_workload_args, load_cluster, load_workload
@@ -225,6 +225,16 @@ def at_goodput(config: ClusterConfig, w: Workload, router, migration, *, seed: i
     return out
 
 
+def with_migration(config: ClusterConfig, spec: str | None) -> ClusterConfig:
+    """``config`` with ``--migration``'s policy (``router_spec``'s syntax) as its ``policies.migration``; ``none``
+    removes it; ``None`` (the flag not given) keeps the config's."""
+    if spec is None:
+        return config
+    name, params = router_spec(spec)
+    mig = None if name == "none" else PolicySpec(name=name, params=params)
+    return config.model_copy(update={"policies": config.policies.model_copy(update={"migration": mig})})
+
+
 def compare(config: ClusterConfig, w: Workload, routers: list[str], *, load: float, with_goodput: bool = True,
             target: float = 0.9, seed: int = 0, same_instant_batching: bool = False) -> tuple[dict, dict, float]:
     """``seed``: ``--seed`` (the saturation sample and every run's host-noise draws, goodput probes included);
@@ -270,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routers", default=DEFAULT_ROUTERS,
                    help="comma-separated router names; name:key=value[:key=value] sets a router parameter "
                    "(llumnix:metric=remaining_steps), the entry naming its row")
+    p.add_argument("--migration", metavar="NAME[:KEY=VALUE...]",
+                   help="live migration beside every router, over the config's policies.migration "
+                   "(llumnix, llumnix:high_watermark=0.3:balance_gap=0.1; none: without)")
     p.add_argument("--no-goodput", action="store_true")
     add_batching_arg(p)
     p.add_argument("--json", type=output_file)
@@ -277,12 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         routers = comma_list("--routers", args.routers)
-        cfg = load_cluster(args, applies=("migration",))
+        cfg = with_migration(load_cluster(args, applies=("migration",)), args.migration)
         trace, w = load_workload(args, cfg)
         check_time_span(trace)  # --load scales from the trace's rate
         if args.rate_scale != 1.0:
             raise ValueError("--rate-scale: compare sets the rate by --load (a share of the measured saturation)")
-        migration_factory(cfg)  # fail fast: bad policies.migration params
+        try:
+            migration_factory(cfg)  # fail fast: an unknown policy, bad parameters
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--migration / policies.migration: {e}") from None
         build_instances(cfg)  # fail fast: a pool without KV memory, a cluster that cannot prefill or decode
         for r in routers:
             try:
@@ -330,4 +346,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["at_load", "compare", "main", "migration_factory", "router_factory", "router_params", "router_spec", "saturation_rate"]
+__all__ = ["at_load", "compare", "main", "migration_factory", "router_factory", "router_params", "router_spec", "saturation_rate",
+           "with_migration"]

@@ -78,8 +78,16 @@ def test_compare_cli_applies_policies_migration_without_the_not_applied_note(tmp
     d = json.loads(out.read_text())
     assert d["migration_policy"] == {"name": "llumnix", "params": {"max_per_s": 4.0}}
     assert "migration" in d["routers"]["least_outstanding"]
-    # A bad parameter fails before any simulation, naming it.
-    cfg["policies"]["migration"]["params"] = {"max_per_s": 0}
-    path.write_text(yaml.safe_dump(cfg))
-    assert cli_main(["compare", "--synthetic", "60", "--config", str(path), "--no-goodput"]) == 2
-    assert "max_per_s" in capsys.readouterr().err
+    # --migration overrides the config's: none runs without; a policy on a config that has none runs it.
+    assert cli_main(["compare", "--synthetic", "60", "--config", str(path), "--no-goodput", "--migration", "none",
+                     "--routers", "least_outstanding", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert "migration_policy" not in d and "migration" not in d["routers"]["least_outstanding"]
+    assert cli_main(["compare", "--synthetic", "60", "--no-goodput", "--migration", "llumnix:balance_gap=0.1",
+                     "--routers", "least_outstanding", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["migration_policy"] == {"name": "llumnix", "params": {"balance_gap": 0.1}}
+    # A bad policy or parameter fails before any simulation, naming it.
+    capsys.readouterr()
+    for bad, named in (("llumnix:max_per_s=0", "max_per_s"), ("llumnix:nope=1", "nope"), ("bogus", "bogus")):
+        assert cli_main(["compare", "--synthetic", "60", "--no-goodput", "--migration", bad]) == 2
+        assert named in capsys.readouterr().err
