@@ -77,7 +77,7 @@ class MigrationDriver:
             refused = self.aborted_dst
             if self.start(int(plan.request_id), sim._index[plan.source], sim._index[plan.destination], now,
                           key=plan.request_id):
-                reason = plan.reason.value
+                reason = str(getattr(plan.reason, "value", plan.reason))  # test policies give plain strings
                 self.started_by_reason[reason] = self.started_by_reason.get(reason, 0) + 1
                 continue
             if self.aborted_dst > refused:
