@@ -1,5 +1,5 @@
 """``llmsched compare`` runs the config's ``policies.migration`` beside every router (docs/routing.md, "Live
-migration in the compares")."""
+migration beside the routers")."""
 
 from __future__ import annotations
 
