@@ -346,5 +346,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["at_load", "compare", "main", "migration_factory", "router_factory", "router_params", "router_spec", "saturation_rate",
-           "with_migration"]
+__all__ = ["at_goodput", "at_load", "compare", "main", "migration_factory", "router_factory", "router_params",
+           "router_spec", "saturation_rate", "with_migration"]
