@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 
@@ -290,20 +291,29 @@ def test_a_subscriber_started_late_gets_the_engines_cache_from_its_replay_endpoi
     a = tuple(tokens(1024))  # two full ids (no partial one: the late index is told no prompts)
 
     async def scenario() -> tuple[frozenset[int] | None, frozenset[int] | None]:
-        listed = await served_and_listed(backend, "late-a", a)
+        # Each phase bounded on its own (a fresh-clone CI once timed the whole scenario out at 120 s, with no sign
+        # of which phase took it; it has not failed since, alone or beside two busy loops): a failure names it.
+        t0 = time.monotonic()
+        try:
+            listed = await asyncio.wait_for(served_and_listed(backend, "late-a", a), 150)
+        except TimeoutError:
+            pytest.fail(f"serving the prompt and listing it took over 150 s (backend index next_seq "
+                        f"{backend._prefix.next_seq}, cached {backend._prefix.cached is not None})")
         events, replay = backend.kv_events_endpoints
         late = PrefixIndex()
         task = asyncio.create_task(follow(subscribe(events), late, lambda: None, replay))
+        t1 = time.monotonic()
         try:
-            for _ in range(200):
-                if late.next_seq == backend._prefix.next_seq:
-                    break
+            while late.next_seq != backend._prefix.next_seq and time.monotonic() - t1 < 60:
                 await asyncio.sleep(0.05)
+            assert late.next_seq == backend._prefix.next_seq, (
+                f"the late follower reached batch {late.next_seq} of {backend._prefix.next_seq} in 60 s "
+                f"(behind {late.behind}, lost {late.lost}; serving took {t1 - t0:.1f} s; task done {task.done()})")
             return listed, late.cached
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    listed, late = loop.run_until_complete(asyncio.wait_for(scenario(), 120))
+    listed, late = loop.run_until_complete(scenario())
     assert listed is not None and set(prompt_hash_ids(a)) <= listed
     assert late == listed
