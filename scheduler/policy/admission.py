@@ -65,14 +65,15 @@ class AdmissionPolicy:
         def cap(insts: list) -> int:
             return max((i.kv_blocks_total * i.block_size for i in insts if i.role.does_prefill), default=0)
 
-        # Final only when no healthy instance could ever hold it: one that fits an instance draining now (a role
-        # switch, a scale-down that may be undone) is asked to come back, not told it never can.
-        if request.prompt_tokens > cap([i for i in view.instances if i.healthy]):
-            return Rejected(f"prompt_tokens: {request.prompt_tokens} exceeds every prefill-capable instance's KV "
-                            f"capacity ({cap(accepting)} tokens)")
-        if request.prompt_tokens > cap(accepting):
+        held = cap(accepting)
+        if request.prompt_tokens > held:
+            # Final only when no healthy instance could ever hold it: one that fits an instance draining now (a
+            # role switch, a scale-down that may be undone) is asked to come back, not told it never can.
+            if request.prompt_tokens > cap([i for i in view.instances if i.healthy]):
+                return Rejected(f"prompt_tokens: {request.prompt_tokens} exceeds every prefill-capable instance's "
+                                f"KV capacity ({held} tokens)")
             return Rejected(f"prompt_tokens: {request.prompt_tokens} fits only instances draining now (accepting "
-                            f"ones hold {cap(accepting)} tokens)", retry_after_s=self.retry_after_s)
+                            f"ones hold {held} tokens)", retry_after_s=self.retry_after_s)
         if self.shed_usage is not None and request.priority < self.protected_priority:
             usage = sum(i.load.virtual_usage for i in accepting) / len(accepting)
             if usage >= self.shed_usage:
