@@ -430,7 +430,9 @@ def prefill_side_table(samples: dict) -> list[float]:
 
 
 def fit(samples: dict) -> dict:
-    """Least squares for ``(c, g1, a_p, a_d, s, L)`` over both kinds of samples, non-negative (scipy NNLS).
+    """Least squares for ``(c, g1, a_p, a_d, s, L)`` over both kinds of samples, non-negative (scipy NNLS),
+    then the measured tables and live-only cost terms beside the curve (one ``_fit_*`` phase each, in order:
+    the prefill table reads the step terms, the request CPU reads the prefill table).
 
     ``L`` is the per-request path latency (client -> gRPC -> ingress -> instance -> engine and back) that a
     client sees once per request, not once per step: it is in the TTFT samples only, since the decode samples
@@ -443,6 +445,22 @@ def fit(samples: dict) -> dict:
     simulator's TPOT p50 error -31% -> -10% (median over the runs), E2E p50 -26% -> -8%; single runs still
     scatter far more than that.
     """
+    out = _fit_step_terms(samples)
+    _fit_prefill_table(out, samples)
+    _fit_handoff(out, samples)
+    _fit_new_shape(out, samples)
+    _fit_host_noise(out, samples)
+    _fit_request_cpu(out, samples)
+    # Stack CPU per streamed token, measured over lone streams. Not divided out of the batched decode points above:
+    # there the stack sends a step's tokens together, and charging them at the lone rate took ~2x off those points
+    # and made every re-simulated run faster (docs/history/live_vs_sim.md, fifteenth session).
+    if samples.get("token_cpu") and samples.get("host_cores"):
+        out["token_cpu_s"] = float(np.median(samples["token_cpu"]))
+    return out
+
+
+def _fit_step_terms(samples: dict) -> dict:
+    """The NNLS curve ``(c, g1, a_p, a_d, s, L)`` and the contention tables (``fit``'s docstring says how)."""
     from scipy.optimize import nnls
 
     table = contention_table(samples)
@@ -463,7 +481,7 @@ def fit(samples: dict) -> dict:
     coef, _ = nnls((A / scale) / Y[:, None], np.ones_like(Y))  # relative-error weighting
     coef = coef / scale
     pred = A @ coef
-    out = {
+    return {
         "overhead_s": float(coef[0]),
         "gemm_s_per_token": float(coef[1]),
         "attn_prefill_s_per_pair": float(coef[2]),
@@ -479,10 +497,16 @@ def fit(samples: dict) -> dict:
         "fit_mape": float(np.mean(np.abs(pred - Y) / Y)),
         "samples": samples,
     }
-    # The prefill step as measured at each grid size, attention included (lone TTFT less c, s and L): on the vLLM
-    # CPU build the lone TTFT is not c + g1 N + a_p N^2 (the curve misses single sizes by 10-24%, mostly low, so
-    # the simulator's isolated TTFTs came out ~11% under this profile's own samples). The simulator interpolates
-    # the table (``latency_from_profile``).
+
+
+def _fit_prefill_table(out: dict, samples: dict) -> None:
+    """The prefill step as measured at each grid size, attention included (lone TTFT less c, s and L): on the vLLM
+    CPU build the lone TTFT is not c + g1 N + a_p N^2 (the curve misses single sizes by 10-24%, mostly low, so
+    the simulator's isolated TTFTs came out ~11% under this profile's own samples). The simulator interpolates
+    the table (``latency_from_profile``)."""
+    from scipy.optimize import nnls
+
+    c, s = out["overhead_s"], out["per_seq_s"]  # in every step, not in the table
     by_n: dict[int, list[float]] = {}
     for N, t in samples["prefill"]:
         by_n.setdefault(int(N), []).append(float(t))
@@ -498,21 +522,30 @@ def fit(samples: dict) -> dict:
         path = np.array([np.median(engine[engine[:, 0] == N, 1] - engine[engine[:, 0] == N, 2]) for N in sizes])
         (L, per_token), _ = nnls(np.c_[np.ones(len(sizes)), sizes], np.maximum(path, 0.0))
         out["request_latency_s"], out["request_latency_s_per_token"] = float(L), float(per_token)
-        out["prefill_table"] = [[N, max(t - coef[0] - coef[4], 0.0)] for N, t in step.items()]
+        out["prefill_table"] = [[N, max(t - c - s, 0.0)] for N, t in step.items()]
     elif lone:
         # L no larger than the smallest lone TTFT allows (the curve's intercept can overshoot it).
-        L = min(out["request_latency_s"], max(min(lone.values()) - coef[0] - coef[4], 0.0))
+        L = min(out["request_latency_s"], max(min(lone.values()) - c - s, 0.0))
         out["request_latency_s"] = L
-        fixed = coef[0] + coef[4] + L
+        fixed = c + s + L
         out["prefill_table"] = [[N, max(t - fixed, 0.0)] for N, t in lone.items()]
+
+
+def _fit_handoff(out: dict, samples: dict) -> None:
+    """The P->D KV handoff: intercept + per prompt token (NNLS over ``(tokens, seconds)`` rows)."""
+    from scipy.optimize import nnls
+
     if samples.get("handoff"):
         h = np.asarray(samples["handoff"], dtype=float)
         hc, _ = nnls(np.c_[np.ones(len(h)), h[:, 0]], np.maximum(h[:, 1], 0.0))
         out["handoff_s"] = float(hc[0])
         out["handoff_s_per_token"] = float(hc[1])
+
+
+def _fit_new_shape(out: dict, samples: dict) -> None:
+    """A table, not a curve: the build cost is not smooth in M (six cpu-pd profiles: 0.2-3 ms up to ~400 tokens,
+    6-13 ms from ~520). One point per grid size: the medians of its pairs (each is two lone samples' noise)."""
     if samples.get("new_shape"):
-        # A table, not a curve: the build cost is not smooth in M (six cpu-pd profiles: 0.2-3 ms up to ~400 tokens,
-        # 6-13 ms from ~520). One point per grid size: the medians of its pairs (each is two lone samples' noise).
         by_grid: dict[int, list[tuple[float, float]]] = {}
         for M, extra in samples["new_shape"]:
             g = min(PREFILL_GRID, key=lambda x: abs(x - M))
@@ -520,31 +553,33 @@ def fit(samples: dict) -> dict:
         pts = sorted(tuple(np.median(np.asarray(v), axis=0)) for v in by_grid.values())
         out["new_shape_table"] = [[round(float(m)), max(float(e), 0.0)] for m, e in pts]
         out["shape_cache_size"] = SHAPE_CACHE_SIZE
+
+
+def _fit_host_noise(out: dict, samples: dict) -> None:
+    """Each lone stream's pace over the median of its context's: the host's spread, not the model's shape."""
     lone = [(float(d[1]), float(d[2])) for d in samples["decode"] if int(d[0]) == 1 and (d[3] if len(d) > 3 else 1) == 1]
     if len(lone) >= HOST_NOISE_MIN:
-        # Each lone stream's pace over the median of its context's: the host's spread, not the model's shape.
         ctx = np.array([c for c, _ in lone])
         t = np.array([x for _, x in lone])
         rel = np.array([x / np.median(t[ctx == c]) for c, x in lone])
         out["host_noise"] = sorted(float(x) for x in rel / np.median(rel))
         out["host_noise_period_s"] = HOST_NOISE_PERIOD_S
+
+
+def _fit_request_cpu(out: dict, samples: dict) -> None:
+    """``llmsched run``: (prompt tokens, host CPU seconds per lone P/D request, idle background removed). What is
+    not the request's own prefill step (the step as the table has it, plus c + s) runs beside the steps."""
+    from scipy.optimize import nnls
+
     if samples.get("request_cpu") and samples.get("host_cores"):
-        # ``llmsched run``: (prompt tokens, host CPU seconds per lone P/D request, idle background removed). What
-        # is not the request's own prefill step (the step as the table has it, plus c + s) runs beside the steps.
         rc = np.asarray(samples["request_cpu"], dtype=float).reshape(-1, 2)
         step = np.zeros(len(rc))
         if out.get("prefill_table"):
             xs, ys = zip(*out["prefill_table"])
-            step = np.interp(rc[:, 0], xs, ys) + coef[0] + coef[4]
+            step = np.interp(rc[:, 0], xs, ys) + out["overhead_s"] + out["per_seq_s"]
         (c0, c1), _ = nnls(np.c_[np.ones(len(rc)), rc[:, 0]], np.maximum(rc[:, 1] - step, 0.0))
         out["request_cpu_s"], out["request_cpu_s_per_token"] = float(c0), float(c1)
         out["host_cores"] = int(samples["host_cores"])
-    # Stack CPU per streamed token, measured over lone streams. Not divided out of the batched decode points above:
-    # there the stack sends a step's tokens together, and charging them at the lone rate took ~2x off those points
-    # and made every re-simulated run faster (docs/history/live_vs_sim.md, fifteenth session).
-    if samples.get("token_cpu") and samples.get("host_cores"):
-        out["token_cpu_s"] = float(np.median(samples["token_cpu"]))
-    return out
 
 
 def scale_decode_steps(profile: dict, factor: float) -> dict:
