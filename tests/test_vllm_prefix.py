@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from scheduler.core.prefix import prompt_hash_ids
+from scheduler.engine import vllm_prefix
 from scheduler.engine.vllm_prefix import PrefixIndex, follow, subscribe
 
 B = 32  # vLLM-CPU's block size here
@@ -311,39 +312,39 @@ def test_a_gap_is_filled_from_vllms_replay_buffer_and_batches_received_twice_cou
 
 def test_no_replay_leaves_the_cache_unknown_until_a_later_replay_or_a_clear() -> None:
     """No replay endpoint answering (bounded wait): a gap makes the cache unknown, as before replays; a later
-    ask, once it answers, fills it. A gap older than the replay buffer stays unknown until vLLM empties it."""
+    ask, once it answers, fills it -- on the retry timer, with no batch after the gap (the engine idle). A gap
+    older than the replay buffer stays unknown until vLLM empties it."""
     a, b, c, d = tokens(512), tokens(512), tokens(512), tokens(512)
 
     async def scenario(tmp: str, kv: Any) -> list[frozenset[int] | None]:
         seen: list[frozenset[int] | None] = []
-        index, changes = PrefixIndex(), []
+        index = PrefixIndex()
         sub = subscribe(f"ipc://{tmp}/live")
         live = await live_publisher(f"ipc://{tmp}/live")
-        task = asyncio.create_task(follow(sub, index, lambda: changes.append(1), f"ipc://{tmp}/replay",
-                                          wait_s=1.0, retry_s=0.0))
+        task = asyncio.create_task(follow(sub, index, lambda: None, f"ipc://{tmp}/replay",
+                                          wait_s=0.5, retry_s=0.2, settle_s=()))
         pub = None
         try:
             batches = [[stored_event(kv, 1, a)], [stored_event(kv, 100, b)], [stored_event(kv, 200, c)],
                        [stored_event(kv, 300, d)]]
-            await until(lambda: changes, "the first replay given up on")
             for seq in (0, 2):  # nothing listens at the replay endpoint yet
                 send(live, seq, batches[seq])
-            await until(lambda: len(changes) == 3, "batches 0 and 2 read")
+            await until(lambda: index.next_seq == 1 and index.behind, "batches 0 and 2 read")
             seen.append(index.cached)
-            pub = vllm_publisher(kv, tmp, buffer_steps=3)  # now it answers
+            pub = vllm_publisher(kv, tmp, buffer_steps=3)  # now it answers; no live batch follows
             await publish(pub, batches)
-            send(live, 3, batches[3])
-            await until(lambda: len(changes) == 4, "batch 3 read")
+            await until(lambda: index.next_seq == 4, "the gap filled on the retry timer")
             seen.append(index.cached)
             # 4-7 published, the subscriber receives 7: the buffer (3 batches) starts at 5.
             more = [[kv.BlockRemoved(block_hashes=list(range(1, 17)), medium="CPU")], [], [], []]
             await publish(pub, more)
             send(live, 7, more[3])
-            await until(lambda: len(changes) == 5, "batch 7 read")
+            await until(lambda: index.behind, "batch 7 read")
+            await asyncio.sleep(1.0)  # answered, still behind: nothing more to ask (a retry would not fill it)
             seen.append(index.cached)
             await publish(pub, [[kv.AllBlocksCleared(), stored_event(kv, 400, d)]])
             send(live, 8, [kv.AllBlocksCleared(), stored_event(kv, 400, d)])
-            await until(lambda: len(changes) == 6, "batch 8 read")
+            await until(lambda: index.next_seq == 9, "batch 8 read")
             seen.append(index.cached)
             return seen
         finally:
@@ -358,3 +359,46 @@ def test_no_replay_leaves_the_cache_unknown_until_a_later_replay_or_a_clear() ->
     assert filled == frozenset(id_ for toks in (a, b, c, d) for id_ in prompt_hash_ids(toks))
     assert overrun is None
     assert cleared == frozenset(prompt_hash_ids(d))
+
+
+def test_a_batch_published_before_the_subscription_took_with_none_after_it_is_replayed() -> None:
+    """The connect race's residue: the first replay answers (nothing yet), then vLLM publishes a batch the
+    subscriber never receives (its subscription had not reached the publisher) and nothing after it -- no gap to
+    see. The follower asks again after idle waits until a live batch shows the subscription took (before: the
+    batch stayed unlisted until a later one showed the gap). A live batch ends those asks."""
+    a = tokens(1024)
+
+    async def scenario(tmp: str, kv: Any) -> tuple[frozenset[int] | None, int]:
+        pub = vllm_publisher(kv, tmp)
+        index, asks = PrefixIndex(), []
+        sub = subscribe(f"ipc://{tmp}/live")  # vLLM's PUB is elsewhere: what it sends never reaches this socket
+        live = await live_publisher(f"ipc://{tmp}/live")
+        real_replay = vllm_prefix.replay
+
+        async def counted(*args: Any, **kw: Any) -> bool:
+            asks.append(1)
+            return await real_replay(*args, **kw)
+
+        vllm_prefix.replay = counted
+        task = asyncio.create_task(follow(sub, index, lambda: None, f"ipc://{tmp}/replay",
+                                          settle_s=(0.2, 0.2, 0.2, 0.2, 0.2, 0.2)))
+        try:
+            await until(lambda: asks, "the first replay asked")
+            await publish(pub, [[stored_event(kv, 1, a)]])
+            await until(lambda: index.next_seq == 1, "batch 0 replayed with nothing after it")
+            cached = index.cached
+            send(live, 1, [])  # the subscription has taken: no more idle asks
+            await until(lambda: index.next_seq == 2, "batch 1 read live")
+            n = len(asks)
+            await asyncio.sleep(1.0)
+            return cached, len(asks) - n
+        finally:
+            vllm_prefix.replay = real_replay
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            live.close(linger=0)
+            pub.shutdown()
+
+    cached, asks_after_live = replay_scenario(scenario)
+    assert cached == frozenset(prompt_hash_ids(a))
+    assert asks_after_live == 0

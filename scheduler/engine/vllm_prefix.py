@@ -253,7 +253,12 @@ def _run(base: int, tokens: tuple[int, ...]) -> int:
 # silence this long means no answer is coming (endpoint down or not configured).
 REPLAY_WAIT_S = 2.0
 # After such a silence, a gap is not asked about again for this long: each ask holds the follower that long.
+# An idle engine sends nothing that would show the gap, so the follower asks again on this timer too.
 REPLAY_RETRY_S = 10.0
+# ZMQ tells a subscriber nothing of when its subscription reached the publisher: a batch published between the
+# first replay's answer and then, with none after it, shows no gap. Until a live batch arrives (the
+# subscription has taken) the follower asks again after these idle waits, then no more.
+SETTLE_ASKS_S = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def subscribe(endpoint: str) -> Any:
@@ -300,15 +305,18 @@ async def replay(endpoint: str, start: int, apply: Callable[[int, bytes], None],
 
 async def follow(sock: Any, index: PrefixIndex, on_change: Callable[[], None],
                  replay_endpoint: str | None = None, *, wait_s: float = REPLAY_WAIT_S,
-                 retry_s: float = REPLAY_RETRY_S) -> None:
+                 retry_s: float = REPLAY_RETRY_S, settle_s: Sequence[float] = SETTLE_ASKS_S) -> None:
     """Apply the KV event batches on ``sock`` (``subscribe``) to ``index`` until cancelled; closes it.
 
     With ``replay_endpoint``, the batches not received are asked from vLLM's replay buffer (``replay``): from
-    0 at once (those published before the subscription took) and, at a gap, from the first one missing. One
-    the buffer no longer holds leaves the index ``behind`` until vLLM empties its cache; after an ask with no
-    answer (waited ``wait_s``) the gap is asked about again after ``retry_s``.
+    0 at once (those published before the subscription took), again after each idle wait of ``settle_s`` until
+    a live batch shows the subscription has taken, and, at a gap, from the first one missing. One the buffer no
+    longer holds leaves the index ``behind`` until vLLM empties its cache; after an ask with no answer (waited
+    ``wait_s``) the gap is asked about again after ``retry_s``, whether or not a batch comes meanwhile.
+    ``on_change`` is called for each batch received and after an idle ask that moved the index.
     """
     import msgspec
+    import zmq
     from vllm.distributed.kv_events import KVEventBatch
 
     decode = msgspec.msgpack.Decoder(type=KVEventBatch).decode
@@ -317,6 +325,7 @@ async def follow(sock: Any, index: PrefixIndex, on_change: Callable[[], None],
         index.on_batch(seq, decode(payload).events)
 
     retry_at = 0.0  # while ``index.behind``: when the gap may be asked about again
+    settle = list(settle_s) if replay_endpoint is not None else []  # idle asks left before a live batch
 
     async def catch_up() -> None:
         nonlocal retry_at
@@ -328,12 +337,29 @@ async def follow(sock: Any, index: PrefixIndex, on_change: Callable[[], None],
         if not answered:
             log.warning("vLLM KV events: no replay from %s within %.1f s", replay_endpoint, wait_s)
 
+    def idle_wait_s() -> float | None:
+        """How long to wait for a batch before asking on our own; None: wait for one."""
+        waits = [settle[0]] if settle else []
+        if replay_endpoint is not None and index.behind and retry_at < math.inf:
+            waits.append(max(retry_at - time.monotonic(), 0.0))
+        return min(waits) if waits else None
+
     try:
         if replay_endpoint is not None:
             await catch_up()
             on_change()
         while True:
+            wait = idle_wait_s()
+            if wait is not None and not await sock.poll(wait * 1000, zmq.POLLIN):
+                if settle and wait == settle[0]:  # this settle wait is spent (not a retry's)
+                    settle.pop(0)
+                state = (index.next_seq, index.behind)
+                await catch_up()
+                if (index.next_seq, index.behind) != state:
+                    on_change()
+                continue
             _topic, seq, payload = await sock.recv_multipart()
+            settle.clear()  # the subscription has taken: from now on a lost batch shows as a gap
             n = int.from_bytes(seq, "big")
             if n > index.next_seq:
                 await catch_up()
