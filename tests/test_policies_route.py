@@ -812,6 +812,27 @@ def test_lookahead_refill_prices_a_life_at_the_batch_its_residents_and_the_arriv
     assert refill(little, ending, light, later_s=30.0) < alone * 1.1
 
 
+def test_lookahead_refill_counts_arrivals_not_re_routes_of_accepted_requests() -> None:
+    """The live ingress re-routes an accepted request (a recovery, a draining instance's refusal) through
+    ``route`` + ``on_routed`` with ``accepted=True``: no new decode joins the cluster, so the refill rate must not
+    rise (it did: each re-route counted as an arrival; the simulator routes each request once)."""
+    lat = default_latency_model()
+    ending = snap("ending", running=48, ctx=48 * 600, pred=48 * 20.0, used=1800, total=100_000)
+    light = snap("light", running=8, ctx=8 * 600, pred=8 * 400.0, used=300, total=100_000)
+
+    def priced(rerouted: int) -> float:
+        r = LookaheadRouter(lat, batch_model="refill")
+        r.route(req(), view(ending, light))
+        for _ in range(40):
+            r.on_routed(req(400, 400.0), RouteDecision("light"))
+        for _ in range(rerouted):
+            r.on_routed(dataclasses.replace(req(400, 400.0), accepted=True), RouteDecision("light"))
+        r.route(req(), view(ending, light))
+        return r.estimate(req(100, 20_000.0), ending).own_s
+
+    assert priced(200) == priced(0)
+
+
 def test_lookahead_batch_model_names_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match="batch_model: must be one of drain, steady, refill, got 'fill'"):
         LookaheadRouter(batch_model="fill")

@@ -673,7 +673,9 @@ class LookaheadRouter(PairingRouter):
         if self.pressure_window_s <= 0:
             return
         now = self._now
-        if self.batch_model is BatchModel.REFILL:
+        # Arrivals only: a re-route of an accepted request (a recovery, a drain's refusal) adds no new decode to
+        # the cluster (the simulator routes each request once; the live ingress re-routes, and counted them).
+        if self.batch_model is BatchModel.REFILL and not request.accepted:
             n, out, ctx, t = self._arrivals or (0.0, 0.0, 0.0, now)
             k = math.exp(-max(now - t, 0.0) / self.pressure_window_s)
             O = self.output_of(request)
