@@ -65,6 +65,16 @@ def test_bad_admission_specs_fail_at_load_naming_the_field(spec: dict, needle: s
     assert needle in str(e.value), str(e.value)
 
 
+def test_a_priority_named_twice_in_max_queued_fails_at_load() -> None:
+    """YAML's ``1:`` and ``"1":`` are two keys of one priority: the limit was whichever came last, silently."""
+    raw = yaml.safe_load('policies:\n  admission:\n    name: bounded\n    params:\n'
+                         '      max_queued: {1: 4, "1": 64, 0: 2}\n')
+    assert list(raw["policies"]["admission"]["params"]["max_queued"]) == [1, "1", 0]
+    with pytest.raises(ConfigError) as e:
+        parse_config(_with_admission(RAW, raw["policies"]["admission"]), source="c.yaml")
+    assert "policies.admission.params.max_queued: priority 1 is given twice (1 and '1')" in str(e.value), str(e.value)
+
+
 def _crafted() -> Workload:
     """1 instance. Six arrivals 1 ms apart, each prefill (2000 tokens) far longer than that: none has its first token
     while the others arrive. Then one more at 30 s, when all are done."""

@@ -46,8 +46,14 @@ class AdmissionPolicy:
         # NOTE: errors name the parameter (the config prefixes ``policies.admission.params.``); bools are no counts.
         if max_queued is not None and not isinstance(max_queued, Mapping):
             raise ValueError(f"max_queued: a mapping priority -> queue length, got {max_queued!r}")
-        self.max_queued = {_int(f"max_queued[{k!r}]", k, key=True): _int(f"max_queued[{k!r}]", v, low=0)
-                           for k, v in (max_queued or {}).items()}
+        self.max_queued: dict[int, int] = {}
+        named: dict[int, object] = {}  # priority -> the key that named it
+        for k, v in (max_queued or {}).items():
+            p = _int(f"max_queued[{k!r}]", k, key=True)
+            if p in named:  # YAML's 1 and "1" (or "01") are two keys: one would silently win
+                raise ValueError(f"max_queued: priority {p} is given twice ({named[p]!r} and {k!r})")
+            named[p] = k
+            self.max_queued[p] = _int(f"max_queued[{k!r}]", v, low=0)
         self.default_max_queued = _int("default_max_queued", default_max_queued, low=0)
         self.shed_usage = None if shed_usage is None else _positive("shed_usage", shed_usage)
         self.protected_priority = _int("protected_priority", protected_priority)
