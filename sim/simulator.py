@@ -34,7 +34,6 @@ from scheduler.engine_model import StepResult
 from scheduler.latency import kv_transfer_between
 from scheduler.latency.model import prefill_pairs
 from scheduler.policy.admission import AdmissionPolicy, make_admission_policy
-from scheduler.policy.filters import decode_candidates, prefill_candidates
 from scheduler.policy.route import RouteDecision, Router, make_router
 from scheduler.policy.scaling import ScalingLoop
 from scheduler.predict.base import LengthPrediction
@@ -674,11 +673,11 @@ class Simulator:
             self._expect_kv(self.instances[self.dec_of[i]], +1, now)
 
     def _admit(self, i: int, req: RequestInfo, now: float) -> bool:
-        """The admission policy on arrival ``i`` (as ``Ingress._admit``: where nothing accepts requests, the
-        router's refusal stands); ``False``: refused, counted in ``rejected`` and ``admission_rejected``."""
-        view = self._routing_view(now)
-        decision = self.admission.admit(req, view, self._queued)  # type: ignore[union-attr]
-        if not isinstance(decision, Rejected) or not prefill_candidates(view) or not decode_candidates(view):
+        """The admission policy on arrival ``i`` (as ``Ingress._admit``: ``Deferred`` goes on to the router, whose
+        refusal is counted as without admission); ``False``: refused, counted in ``rejected`` and
+        ``admission_rejected``."""
+        decision = self.admission.admit(req, self._routing_view(now), self._queued)  # type: ignore[union-attr]
+        if not isinstance(decision, Rejected):
             return True
         self.rejected[i] = self.admission_rejected[i] = True
         return False

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from scheduler.config.models import ClusterConfig, GPUSpec
 from scheduler.core.types import SLO, ClusterView, InstanceRole, InstanceSnapshot, Rejected, RequestInfo
-from scheduler.policy.admission import AdmissionPolicy, Admitted, make_admission_policy
+from scheduler.policy.admission import AdmissionPolicy, Admitted, Deferred, make_admission_policy
 from scheduler.policy.placement import enumerate_placements, instance_profile, within_catalog
 from scheduler.policy.routers_lookahead import default_latency_model
 from scheduler.policy.scaling import (
@@ -255,7 +255,7 @@ def test_admission_bounds_queues_per_priority() -> None:
     huge = a.admit(RequestInfo("z", 0.0, 20_000, 10), v, {})
     assert isinstance(huge, Rejected) and "prompt_tokens" in huge.reason and huge.retry_after_s is None
     gone = a.admit(r0, view(snap("a", draining=True)), {})
-    assert isinstance(gone, Rejected) and gone.retry_after_s == 0.5
+    assert isinstance(gone, Deferred) and "prefill" in gone.reason  # rule 1 (next test)
     # A decoder's KV does not hold a prompt no prefill instance can: 1000 blocks x 16 there, 100 x 16 to prefill.
     pd = view(snap("p", P, total=100), snap("d", D, total=1000))
     big = a.admit(RequestInfo("w", 0.0, 5000, 10), pd, {})
@@ -264,6 +264,28 @@ def test_admission_bounds_queues_per_priority() -> None:
     big_one_draining = view(snap("small", total=100), snap("big", total=1000, draining=True))
     later = a.admit(RequestInfo("v", 0.0, 5000, 10), big_one_draining, {})
     assert isinstance(later, Rejected) and "draining" in later.reason and later.retry_after_s == 0.5
+
+
+def test_admission_defers_to_the_router_when_no_instance_accepts_a_phase() -> None:
+    """Rule 1: with no accepting instance for a phase there is no queue to bound; the router decides (its fallbacks
+    may still place the request, a light decoder prefilling; its refusal is the caller's UNAVAILABLE). It was a
+    ``Rejected`` (or rules 2-4 over what was left) that the Ingress and the Simulator each overrode beside the
+    policy."""
+    a = AdmissionPolicy(max_queued={0: 0}, retry_after_s=0.5)
+    r = RequestInfo("x", 0.0, 100, 100)
+    full = {0: 5}
+    for v in (view(snap("a", draining=True)),  # nothing accepting
+              view(InstanceSnapshot("u", M, kv_blocks_total=100, healthy=False)),
+              view(snap("p", P, draining=True), snap("d", D)),  # no prefill: a router may borrow the decoder
+              view(snap("p", P), snap("d", D, draining=True))):  # no decode
+        got = a.admit(r, v, full)
+        assert isinstance(got, Deferred), (v, got)
+    # A prompt no accepting instance holds too: the router's refusal answers it, not rule 2.
+    assert isinstance(a.admit(RequestInfo("h", 0.0, 10**6, 1), view(snap("p", P, draining=True), snap("d", D)), {}),
+                      Deferred)
+    # Both phases covered: the queue bound answers.
+    no = a.admit(r, view(snap("p", P), snap("d", D)), full)
+    assert isinstance(no, Rejected) and "priority 0 is full" in no.reason
 
 
 def test_admission_sheds_low_priority_under_overload() -> None:

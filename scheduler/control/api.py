@@ -21,7 +21,9 @@ class IngressError(Exception):
     ``http_type`` (OpenAI's error type), ``status`` (the ``llmsched_requests_total`` label: a ``RequestStatus``
     value) and ``final`` (a 5xx that no retry can help: HTTP ``x-should-retry: false``, OpenAI clients retry other
     5xx; gRPC's SDK retries UNAVAILABLE only). ``retry_after_s``, where set, goes out as ``retry-after`` (gRPC
-    trailing metadata, HTTP header): the SDK waits at least that long before its retry."""
+    trailing metadata, HTTP header): the SDK waits at least that long before its retry. ``reason_code``, where set,
+    makes it an admission refusal: counted in ``llmsched_admission_rejected_total{reason}`` and as a ``rejected``
+    request (``scheduler.server.validate.admission_reason``)."""
 
     grpc_code = "UNKNOWN"
     http_status = 500
@@ -29,6 +31,7 @@ class IngressError(Exception):
     status = "failed"
     final = False
     retry_after_s: float | None = None
+    reason_code: str | None = None
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -41,6 +44,12 @@ class InvalidRequest(IngressError):
 
 class TooLarge(InvalidRequest):  # no retry-after: a retry cannot help
     grpc_code, http_status = "RESOURCE_EXHAUSTED", 413
+
+    def __init__(self, message: str, *, field: str | None = None, reason_code: str | None = None) -> None:
+        super().__init__(message, field=field)
+        # "too_large": the admission policy's (a prompt no instance of this cluster can hold); None: bad input (a
+        # request over the server's byte limit), counted as invalid.
+        self.reason_code = reason_code
 
 
 class NotFound(IngressError):

@@ -465,26 +465,23 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
 
     def queued_by_priority(self) -> dict[int, int]:
         """Requests this replica admitted that have no first token yet, per priority (the admission policy's
-        queues). NOTE: this replica's own only: the snapshots' waiting counts are not split by priority and hold
-        this replica's requests too; with N replicas each bounds its own share (size ``max_queued`` per replica)."""
-        out: dict[int, int] = {}
-        for r in self.registry:
-            if r.next_index == 0:
-                out[r.priority] = out.get(r.priority, 0) + 1
-        return out
+        queues), kept by the registry as they change. NOTE: this replica's own only: the snapshots' waiting counts
+        are not split by priority and hold this replica's requests too; with N replicas each bounds its own share
+        (size ``max_queued`` per replica)."""
+        return self.registry.queued_by_priority()
 
     def _admit(self, rec: RequestRecord) -> None:
         """``policies.admission`` on a new request: ``Overloaded`` (RESOURCE_EXHAUSTED / 429 with its retry-after)
-        if it says no; nothing is booked either way. Without instances to run it the router's UNAVAILABLE stands."""
+        if it says no; nothing is booked either way. ``Admitted`` and ``Deferred`` (no instance accepts a phase:
+        ``_decide`` answers the router's refusal UNAVAILABLE) go on to ``_route``."""
         if self.admission is None:
             return
-        view = self.view()
-        decision = self.admission.admit(self._info(rec), view, self.queued_by_priority())
-        if not isinstance(decision, Rejected) or not prefill_candidates(view) or not decode_candidates(view):
-            return  # admitted, or nothing accepts requests: _route answers UNAVAILABLE as without admission
+        decision = self.admission.admit(self._info(rec), self.view(), self.queued_by_priority())
+        if not isinstance(decision, Rejected):
+            return
         self.admission_rejected[rec.priority] = self.admission_rejected.get(rec.priority, 0) + 1
         if decision.retry_after_s is None:  # it can never run on this cluster: a retry cannot help
-            raise TooLarge(decision.reason, field="prompt")
+            raise TooLarge(decision.reason, field="prompt", reason_code="too_large")
         raise Overloaded(decision.reason, field="priority", retry_after_s=decision.retry_after_s,
                          reason_code="admission")
 
@@ -945,7 +942,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             # over, sent without text -- or vLLM's "" for a token inside a character, which this keeps ""): decoded
             # after the tokens before them, as the engine's text is.
             text = text_after(self.tokenizer.decode, rec.output_token_ids, tokens, before=rec.prompt_token_ids)
-        rec.output_token_ids.extend(tokens)
+        self.registry.emit(rec, tokens)
         rec.phase = Phase.DECODE
         return dataclasses.replace(chunk, index=start, token_ids=tokens, text=text)
 

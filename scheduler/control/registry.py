@@ -109,6 +109,12 @@ class RequestRegistry:
         self._records: dict[str, RequestRecord] = {}
         self._dirty: set[str] = set()
         self._removed: set[str] = set()
+        # The admission policy's queues, kept where they change (a scan of every record per admitted request cost
+        # ~0.3 ms at 4096 in flight): records with no token yet (id -> priority), and their count per priority.
+        # A record leaves at its first tokens (``emit``, the one place output grows) or its removal (finish,
+        # failure, cancel); recovery, handoffs and migrations keep both the record and its tokens.
+        self._unstarted: dict[str, int] = {}
+        self._queued: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -127,6 +133,28 @@ class RequestRegistry:
             raise ValueError(f"request_id: {record.request_id!r} is already in flight")
         self._records[record.request_id] = record
         self.touch(record.request_id)
+        if not record.output_token_ids:
+            self._unstarted[record.request_id] = record.priority
+            self._queued[record.priority] = self._queued.get(record.priority, 0) + 1
+
+    def emit(self, record: RequestRecord, tokens: Iterable[int]) -> None:
+        """Append ``tokens`` to ``record``'s output (its first ones take it out of its priority's queue)."""
+        n = len(record.output_token_ids)
+        record.output_token_ids.extend(tokens)
+        if n == 0 and record.output_token_ids and self._records.get(record.request_id) is record:
+            self._dequeue(record.request_id)
+
+    def queued_by_priority(self) -> dict[int, int]:
+        """Records with no token yet, per priority (priorities with none left out)."""
+        return dict(self._queued)
+
+    def _dequeue(self, request_id: str) -> None:
+        p = self._unstarted.pop(request_id, None)
+        if p is not None:
+            if self._queued[p] == 1:
+                del self._queued[p]
+            else:
+                self._queued[p] -= 1
 
     def touch(self, request_id: str) -> None:
         """Mark a record changed (new holder, phase) so the next report carries it."""
@@ -138,6 +166,7 @@ class RequestRegistry:
         if rec is not None:
             self._dirty.discard(request_id)
             self._removed.add(request_id)
+            self._dequeue(request_id)
         return rec
 
     def on_instance(self, instance_id: str) -> list[RequestRecord]:

@@ -1,9 +1,13 @@
 """Admission control: bounded queues per priority class, checked before a request is routed.
 
-``AdmissionPolicy.admit(request, view, queued_by_priority)`` returns ``Admitted`` or ``Rejected(reason,
-retry_after_s)`` (an expected "no" is a value). Rules, in order:
+``AdmissionPolicy.admit(request, view, queued_by_priority)`` returns ``Admitted``, ``Deferred(reason)`` or
+``Rejected(reason, retry_after_s)`` (an expected "no" is a value). Rules, in order:
 
-1. no accepting instance                         -> Rejected, retry after ``retry_after_s``;
+1. no accepting instance can run one of the request's phases (no ``prefill_candidates`` or no
+   ``decode_candidates``)                       -> Deferred: there is no queue to bound; the router decides. Its
+   fallbacks may still place the request (a light DECODE instance prefills, a PREFILL one decodes); its refusal is
+   "nothing accepts requests", which each caller answers as without admission (live: UNAVAILABLE with a
+   retry-after; simulator: a router refusal, not an admission one);
 2. the prompt exceeds every healthy instance's KV -> Rejected, no retry (it can never run here); one that fits
    only instances draining now                   -> Rejected, retry later;
 3. overload shedding: mean virtual usage of accepting instances >= ``shed_usage`` and the request's priority is
@@ -14,7 +18,8 @@ retry_after_s)`` (an expected "no" is a value). Rules, in order:
 ``limit(priority)``: ``max_queued[priority]`` if given, else ``default_max_queued``. Higher classes usually get
 longer queues (they are worth waiting for). ``policies.admission`` builds it; the live Ingress (``Ingress._admit``)
 and the simulator (``Simulator._admit``) ask it for each new request, each counting its own queues: requests
-admitted that have no first token yet, per priority.
+admitted that have no first token yet, per priority. Both refuse exactly the ``Rejected`` answers and route the
+others.
 """
 
 from __future__ import annotations
@@ -32,7 +37,15 @@ class Admitted:
     reason: str = ""
 
 
-AdmissionResult = Admitted | Rejected
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """Rule 1: no accepting instance runs one of the request's phases, so admission has nothing to bound: the router
+    decides (module docstring). Not a refusal: callers route it, as they would with no admission policy."""
+
+    reason: str
+
+
+AdmissionResult = Admitted | Deferred | Rejected
 
 
 class AdmissionPolicy:
@@ -65,8 +78,11 @@ class AdmissionPolicy:
 
     def admit(self, request: RequestInfo, view: ClusterView, queued_by_priority: Mapping[int, int]) -> AdmissionResult:
         accepting = [i for i in view.instances if i.healthy and not i.draining]
-        if not accepting:
-            return Rejected("no healthy instance is accepting requests", retry_after_s=self.retry_after_s)
+        # NOTE: ``prefill_candidates`` / ``decode_candidates`` non-empty, without building them (once per request).
+        if not any(i.role.does_prefill for i in accepting):
+            return Deferred("no accepting instance can run prefill: the router decides")
+        if not any(i.role.does_decode for i in accepting):
+            return Deferred("no accepting instance can decode: the router decides")
         # Where it can be prefilled (a DECODE instance's KV does not help a prompt no prefill instance holds).
         def cap(insts: list) -> int:
             return max((i.kv_blocks_total * i.block_size for i in insts if i.role.does_prefill), default=0)
@@ -98,7 +114,8 @@ class AdmitAll(AdmissionPolicy):
     """Admits everything that can ever run (rules 1-2 only)."""
 
     name = "always"
-    # Only rule 1's retry-after: a queue bound or shedding would make it "bounded" under another name.
+    # Only rule 2's retry-after (a prompt that fits only draining instances): a queue bound or shedding would make it
+    # "bounded" under another name.
     params: ClassVar[tuple[str, ...]] = ("retry_after_s",)
 
     def __init__(self, *, retry_after_s: float = 1.0) -> None:

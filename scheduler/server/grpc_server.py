@@ -43,7 +43,6 @@ from scheduler.control.api import (
     IngressAPI,
     IngressError,
     InvalidRequest,
-    Overloaded,
     RequestFailed,
     TooLarge,
 )
@@ -60,7 +59,13 @@ from scheduler.server.convert import (
     migration_result_to_proto,
     role_from_proto,
 )
-from scheduler.server.validate import GRPC_FIELDS, relabel, request_status_for, request_status_of_finish
+from scheduler.server.validate import (
+    GRPC_FIELDS,
+    admission_reason,
+    relabel,
+    request_status_for,
+    request_status_of_finish,
+)
 from scheduler.telemetry.metrics import NULL_RECORDER, Recorder, RequestStatus
 from scheduler.telemetry.tracing import SpanKind, Stage, Tracing, set_outcome
 
@@ -239,7 +244,7 @@ class InferenceServicer:
                 # request already holding this id (a duplicate refused as in flight cancelled the original).
                 finished = True
                 status = self._on_error(e, key, started, priority)
-                started = started and not isinstance(e, Overloaded)  # on_reject ended it
+                started = started and status is not RequestStatus.REJECTED  # on_reject ended it
                 await _abort(context, relabel(e, GRPC_FIELDS))
             except asyncio.CancelledError:
                 # Client cancelled, disconnected or its deadline passed: grpc cancels this task. Tell the ingress.
@@ -269,10 +274,10 @@ class InferenceServicer:
 
     def _on_error(self, e: BaseException, key: str, started: bool, priority: int) -> RequestStatus:
         """Record an error that ends a Generate call; returns the request status for the span/finish."""
-        if isinstance(e, Overloaded):
+        reason = admission_reason(e, started=started)
+        if reason is not None:
             # NOTE: the server limiter rejects before start; the ingress' admission after it (its own reason).
             # Only a started request has an entry to end: another request may be in flight under the same id.
-            reason = "server_limit" if not started else e.reason_code
             self._rec.on_reject(priority=priority, reason=reason, api="grpc", request_id=key if started else None)
             return RequestStatus.REJECTED
         status = request_status_for(e)

@@ -45,7 +45,6 @@ from scheduler.control.api import (
     IngressAPI,
     IngressError,
     InvalidRequest,
-    Overloaded,
 )
 from scheduler.engine.base import SamplingParams, TokenChunk
 from scheduler.server.admission import InflightLimiter, Slot, cancel_quietly, close_stream
@@ -53,6 +52,7 @@ from scheduler.server.auth import AuthConfig, http_check
 from scheduler.server.validate import (
     HTTP_FIELDS,
     FieldNames,
+    admission_reason,
     new_request_id,
     relabel,
     request_status_for,
@@ -602,8 +602,8 @@ class _Scope:
     def fail(self, e: IngressError) -> HTTPError:
         """Record an ingress error; the HTTP error to raise."""
         rec = self.deps.recorder
-        if isinstance(e, Overloaded):
-            reason = "server_limit" if not self.started else e.reason_code
+        reason = admission_reason(e, started=self.started)
+        if reason is not None:
             rec.on_reject(priority=self.g.priority, reason=reason, api="http",
                           request_id=self.key if self.started else None)
             self.started = False  # on_reject ended it

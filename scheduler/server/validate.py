@@ -12,7 +12,7 @@ import math
 import unicodedata
 import uuid
 
-from scheduler.control.api import GenerateRequest, IngressError, InvalidRequest
+from scheduler.control.api import GenerateRequest, IngressError, InvalidRequest, Overloaded
 from scheduler.telemetry.metrics import RequestStatus
 
 MAX_REQUEST_ID_CHARS = 256
@@ -157,6 +157,16 @@ def request_status_for(exc: BaseException) -> RequestStatus:
     """The metrics/span status of a request that ended with ``exc`` (same on gRPC and HTTP: the ``IngressError``
     class names it)."""
     return RequestStatus(exc.status) if isinstance(exc, IngressError) else RequestStatus.FAILED
+
+
+def admission_reason(exc: BaseException, *, started: bool) -> str | None:
+    """The ``llmsched_admission_rejected_total{reason}`` of an error that refused a request, or None when it is no
+    admission refusal: ``server_limit`` (the server's limiter, before the request started), else the ingress's
+    ``reason_code`` (``admission``: ``policies.admission``; ``too_large``: that policy's "this prompt fits no
+    instance"; ``ingress``: its in-flight bound or the router's refusal)."""
+    if not isinstance(exc, IngressError) or exc.reason_code is None:
+        return None
+    return "server_limit" if isinstance(exc, Overloaded) and not started else exc.reason_code
 
 
 def request_status_of_finish(reason: str | None) -> RequestStatus:

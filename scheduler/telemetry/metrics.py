@@ -17,7 +17,9 @@ Families (names are what the Grafana dashboard in deploy/helm/llmsched/dashboard
     llmsched_output_tokens{route}                     histogram  tokens streamed per request
     llmsched_requests_total{api,route,status}         counter    finished|cancelled|failed|invalid|rejected|...
     llmsched_requests_in_flight{api,priority}         gauge      admitted and not yet finished
-    llmsched_admission_rejected_total{priority,reason} counter   overload rejections (RESOURCE_EXHAUSTED / 429)
+    llmsched_admission_rejected_total{priority,reason} counter   admission refusals: server_limit | ingress |
+                                                                 admission (RESOURCE_EXHAUSTED / 429) | too_large
+                                                                 (the policy's "fits no instance": 413)
     llmsched_queue_depth{instance_id,role}            gauge      waiting requests on the instance
     llmsched_running_requests{instance_id,role}       gauge      running requests on the instance
     llmsched_kv_usage_ratio{instance_id,role}         gauge      KV blocks used / total
@@ -71,7 +73,7 @@ class RequestStatus(enum.Enum):
     FAILED = "failed"  # the ingress or server failed it (INTERNAL / UNKNOWN)
     UNAVAILABLE = "unavailable"  # no instance could serve it (the SDK retries these)
     INVALID = "invalid"  # bad input (INVALID_ARGUMENT / 400), rejected before routing
-    REJECTED = "rejected"  # admission control (RESOURCE_EXHAUSTED / 429)
+    REJECTED = "rejected"  # admission control (RESOURCE_EXHAUSTED / 429; 413 for its too_large)
     NOT_FOUND = "not_found"
 
 
