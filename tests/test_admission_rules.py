@@ -137,8 +137,8 @@ def _scan(ing: Any) -> dict[int, int]:
 
 def test_incremental_queue_counts_equal_a_full_scan_through_a_mixed_workload() -> None:
     """Requests of three priorities through every transition of "admitted, no token yet": first tokens, finishes,
-    a client cancel and an admin cancel before the first token, an instance death (its requests recovered
-    elsewhere, queued ones still queued), admission refusals. At each step the counts the policy reads are the
+    a client cancel and an admin cancel before the first token, a live migration, an instance death (its requests
+    recovered elsewhere, queued ones still queued), admission refusals. At each step the counts the policy reads are the
     scan's; at the end both are empty."""
     gates: dict[str, asyncio.Event] = {}
     a, b = _Gated("i0", gates), _Gated("i1", gates)
@@ -163,7 +163,8 @@ def test_incremental_queue_counts_equal_a_full_scan_through_a_mixed_workload() -
                 return type(e).__name__
             return "open"
 
-        tasks = {f"r{k}": asyncio.create_task(run(f"r{k}", k % 3, 3 + k)) for k in range(12)}
+        # r4 streams long enough to be migrated mid-stream below (10 ms a token)
+        tasks = {f"r{k}": asyncio.create_task(run(f"r{k}", k % 3, 100 if k == 4 else 3 + k)) for k in range(12)}
         await _until(lambda: len(ing.registry) == 12 and a.streams.keys() | b.streams.keys() >= set(tasks))
         check()
         assert checks[-1] == {0: 4, 1: 4, 2: 4}
@@ -180,6 +181,9 @@ def test_incremental_queue_counts_equal_a_full_scan_through_a_mixed_workload() -
         check()
         assert await tasks["r2"] == "length"
         check()
+        src = ing.registry.get("r4").instances[0]  # a live migration (of a request with tokens) keeps its record
+        assert (await ing.migrate("r4", "i1" if src == "i0" else "i0")).committed
+        check()
         a.dead = True  # i0 dies: its requests, with tokens or without, are re-prefilled on i1
         ing._view = ClusterView(0.0, (_snap("i1"),))
         await _until(lambda: all(r.request_id in b.streams for r in ing.registry))
@@ -193,4 +197,4 @@ def test_incremental_queue_counts_equal_a_full_scan_through_a_mixed_workload() -
         assert checks[-1] == {} and ing.queued_by_priority() == {}
 
     asyncio.run(scenario())
-    assert len(checks) == 7
+    assert len(checks) == 8

@@ -46,6 +46,7 @@ class RequestRecord:
     length_dist: LengthPrediction | None = None  # the predictor's distribution behind the guess (None: a hint)
     arrival_s: float = field(default_factory=time.time)
     instances: tuple[str, ...] = ()
+    # NOTE: grown only through ``RequestRegistry.emit`` once registered: the admission queues count on it.
     output_token_ids: list[int] = field(default_factory=list)
     phase: Phase = Phase.QUEUED
     recoveries: int = 0
