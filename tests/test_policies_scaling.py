@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from scheduler.config.models import ClusterConfig, GPUSpec
 from scheduler.core.types import SLO, ClusterView, InstanceRole, InstanceSnapshot, Rejected, RequestInfo
 from scheduler.policy.admission import AdmissionPolicy, Admitted, Deferred, make_admission_policy
+from scheduler.policy.filters import decode_candidates, prefill_candidates
 from scheduler.policy.placement import enumerate_placements, instance_profile, within_catalog
 from scheduler.policy.routers_lookahead import default_latency_model
 from scheduler.policy.scaling import (
@@ -286,6 +287,16 @@ def test_admission_defers_to_the_router_when_no_instance_accepts_a_phase() -> No
     # Both phases covered: the queue bound answers.
     no = a.admit(r, view(snap("p", P), snap("d", D)), full)
     assert isinstance(no, Rejected) and "priority 0 is full" in no.reason
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([M, P, D]), st.booleans(), st.booleans()), max_size=5))
+def test_admission_defers_exactly_where_the_router_has_no_candidates(insts: list) -> None:
+    """Rule 1 is the named filters' test (what the callers checked beside the policy), not a copy that may drift."""
+    v = view(*[InstanceSnapshot(f"i{k}", role, kv_blocks_total=100, healthy=healthy, draining=draining)
+               for k, (role, healthy, draining) in enumerate(insts)])
+    deferred = isinstance(AdmissionPolicy().admit(RequestInfo("x", 0.0, 10, 10), v, {}), Deferred)
+    assert deferred == (not prefill_candidates(v) or not decode_candidates(v))
 
 
 def test_admission_sheds_low_priority_under_overload() -> None:
