@@ -138,12 +138,12 @@ def _simulate(cfg: Any, w: Any, reroling: bool, ingress_poll_s: float | None, ro
     from scheduler.policy.route import make_router
     from scheduler.policy.scaling import RerolePolicy
     from sim.metrics import request_metrics
+    from sim.policies import AS_LIVE_REROLING
     from sim.simulator import Simulator
 
     kw: dict[str, Any] = {}
     if reroling:
-        kw = {"reroling": RerolePolicy(), "reroling_interval_s": 5.0,
-              "reroling_options": {"switch_delay_s": 0.0, "handoff": False}}
+        kw = {"reroling": RerolePolicy(), "reroling_interval_s": 5.0, "reroling_options": dict(AS_LIVE_REROLING)}
     sim = Simulator(cfg, router=router or make_router("least_outstanding"), ingress_poll_s=ingress_poll_s, **kw)
     return sim, request_metrics(sim.run(w))
 

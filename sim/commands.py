@@ -25,6 +25,8 @@ from scheduler.policy.route import make_router
 from scheduler.policy.scaling import ScalingLoop, make_scaling_policy
 from sim.goodput import goodput
 from sim.metrics import request_metrics, sim_summary
+from sim.migration import migration_stats
+from sim.policies import add_policy_args, sim_policies, with_policy
 from sim.report import print_summaries, write_figure, write_json
 from sim.simulator import Simulator, Workload
 
@@ -111,7 +113,7 @@ def load_cluster(args: argparse.Namespace, *, applies: tuple[str, ...] = ()) -> 
     if cfg.num_instances == 0:  # the simulator would fail deep inside; say which setting to change
         raise ConfigError(f"{args.config or 'default'}: pools[*].count: every pool has count 0; give a pool "
                           "instances or pass --instances")
-    # Only the live Controller builds these from the config: say so rather than silently simulate without them.
+    # Those the command does not run: say so rather than silently simulate without them.
     unused = [k for k in ("migration", "scaling", "reroling")
               if k not in applies and (spec := getattr(cfg.policies, k)) is not None and spec.name != "none"]
     if "scaling" in unused and getattr(args, "scaling", None):  # simulate --scaling: the flag's policy runs
@@ -120,7 +122,7 @@ def load_cluster(args: argparse.Namespace, *, applies: tuple[str, ...] = ()) -> 
         hint = (f" (llmsched simulate --scaling {cfg.policies.scaling.name} runs it with its params)"  # type: ignore
                 if "scaling" in unused else "")
         print(f"note: {args.config}: {', '.join(f'policies.{k}' for k in unused)} not applied: the live Controller "
-              f"applies them; this simulation runs without{hint}", file=sys.stderr)
+              f"applies {'it' if len(unused) == 1 else 'them'}; this simulation runs without{hint}", file=sys.stderr)
     return cfg
 
 
@@ -309,11 +311,13 @@ def simulate_main(argv: list[str] | None = None) -> int:
                    help="route on the live ingress's poll-round view, rounds S seconds apart (its refresh_s / the "
                         "engines' time scale; docs/simulator.md#routing-view); default: each instance as of its "
                         "last step's end")
+    add_policy_args(p, where="in the run (and each --goodput probe)", reroling=True)
     add_batching_arg(p)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
-        cfg = load_cluster(args)
+        cfg = load_cluster(args, applies=("migration", "reroling"))
+        cfg = with_policy(with_policy(cfg, "migration", args.migration), "reroling", args.reroling)
         trace, w = load_workload(args, cfg)
         if args.goodput:
             check_time_span(trace)  # goodput = scale x the trace's rate: a zero-span trace reads ~1e11 req/s
@@ -325,11 +329,17 @@ def simulate_main(argv: list[str] | None = None) -> int:
             where = "--router" if args.router else f"{args.config or 'default'}: policies.router"
             raise ValueError(f"{where}: {e}") from None
         scaling, loop = scaling_policy(args, cfg)
+        if scaling is not None and cfg.policies.reroling is not None:  # the Simulator refuses the two together
+            raise ValueError(f"--scaling {args.scaling}: not with policies.reroling ({cfg.policies.reroling.name}): "
+                             "the scaling driver sizes pools by role, re-roling moves instances between them; pass "
+                             "--reroling none to autoscale, or drop --scaling")
+        policies = sim_policies(cfg)  # None: neither policy, the plain run
         # Builds the instances: a pool without KV memory, a cluster that cannot prefill or decode fail here.
         sim = Simulator(cfg, router=router, closed_form=not args.naive, progress=not args.quiet and len(w) > 50_000,
                         scaling=scaling, scaling_interval_s=loop.interval_s, scaling_startup_s=loop.startup_delay_s,
                         scaling_options={"window_s": loop.window_s}, seed=args.seed,
-                        ingress_poll_s=args.ingress_poll_s, same_instant_batching=args.same_instant_batching)
+                        ingress_poll_s=args.ingress_poll_s, same_instant_batching=args.same_instant_batching,
+                        **(policies() if policies is not None else {}))
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -338,10 +348,16 @@ def simulate_main(argv: list[str] | None = None) -> int:
     summary = sim_summary(res)
     if sim.scaler is not None:
         summary["scaling"] = {"policy": args.scaling, **sim.scaler.summary()}
+    if sim.migration is not None:  # (keys as compare's rows and its top level name them)
+        summary["migration"] = migration_stats(sim.migrations)  # type: ignore[arg-type]
+        summary["migration_policy"] = cfg.policies.migration.model_dump()  # type: ignore[union-attr]
+    if sim.reroler is not None:
+        summary["reroling"] = sim.reroler.summary()
+        summary["reroling_policy"] = cfg.policies.reroling.model_dump()  # type: ignore[union-attr]
     summary["trace_source"] = getattr(trace, "source", "")
     if args.goodput:
         g = goodput(cfg, w, lambda: make_router(router_name, **params), seed=args.seed,
-                    same_instant_batching=args.same_instant_batching)
+                    same_instant_batching=args.same_instant_batching, policies=policies)
         summary["goodput_rps"], summary["goodput_capped"] = g.goodput_rps, g.capped  # capped: a lower bound
         summary["offered_rps"] = w.rate_rps
         warn_goodput(g, w.rate_rps, summary["slo_attainment"])
@@ -355,6 +371,8 @@ def simulate_main(argv: list[str] | None = None) -> int:
             f"preemptions {summary['preemptions']}"
             + (f"  refused {summary['rejected']}" if summary["rejected"] else "")
             + (f" (admission {summary['admission_rejected']})" if summary.get("admission_rejected") else "")
+            + (f"  migrations {summary['migrations']}" if "migration" in summary else "")
+            + (f"  role switches {summary['reroling']['role_switches']}" if "reroling" in summary else "")
             + (f"  goodput {'>=' if summary['goodput_capped'] else ''}{summary['goodput_rps']:.2f} req/s"
                if "goodput_rps" in summary else "")
             + (f"  GPU-hours {summary['gpu_hours']:.2f}  scale events {summary['scale_events']}  "

@@ -11,19 +11,18 @@ saturation is measured without it, so a config with and without migration offers
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
 
 from scheduler.config.load import ConfigError
-from scheduler.config.models import ClusterConfig, PolicySpec
+from scheduler.config.models import ClusterConfig
 from scheduler.policy.route import make_router
-from scheduler.transfer.migration import migration_policy
 from sim.commands import add_cluster_args, add_workload_args, load_cluster, load_workload
 from sim.goodput import goodput, scale_rate
 from sim.metrics import request_metrics, sim_summary
 from sim.migration import migration_stats
+from sim.policies import add_policy_args, migration_factory, router_spec, with_policy
 from sim.report import print_summaries, write_figure, write_json
 from sim.simulator import Simulator, Workload
 
@@ -146,32 +145,6 @@ def at_load(w: Workload, load: float, saturation: float) -> Workload:
     return scale_rate(w, load * saturation / w.rate_rps)
 
 
-def router_spec(spec: str) -> tuple[str, dict[str, object]]:
-    """``--routers`` entry -> (router name, params): ``name:key=value[:key=value...]`` sets constructor parameters
-    (``llumnix:metric=remaining_steps``); a value reads as JSON (numbers, ``true``, ``null``) or else as a string.
-    Segments without ``=`` stay in the name, so ``package.module:Class`` (and ``package.module:Class:key=value``)
-    still work.
-
-    Raises:
-        ValueError: an empty key, or a key given twice.
-    """
-    parts = spec.split(":")
-    name = ":".join(p for p in parts if "=" not in p)
-    params: dict[str, object] = {}
-    for p in parts:
-        if "=" not in p:
-            continue
-        key, _, raw = p.partition("=")
-        key = key.strip()
-        if not key or key in params:
-            raise ValueError(f"router {spec!r}: {'empty' if not key else 'repeated'} parameter name in {p!r}")
-        try:
-            params[key] = json.loads(raw)
-        except ValueError:
-            params[key] = raw
-    return name, params
-
-
 def router_params(spec: str, config: ClusterConfig) -> tuple[str, dict[str, object]]:
     """A ``--routers`` entry's router name and parameters: the config's ``policies.router.params`` when it names the
     config's router, the entry's own (``router_spec``) over them."""
@@ -196,16 +169,6 @@ def router_factory(name: str, config: ClusterConfig):
     return make
 
 
-def migration_factory(config: ClusterConfig):
-    """A zero-argument factory of the config's ``policies.migration`` (fresh state per run: its rate limits and
-    cooldowns remember), or ``None`` when the config has none (or ``none``)."""
-    spec = config.policies.migration
-    if spec is None or spec.name == "none":
-        return None
-    migration_policy(config)  # fail fast on bad parameters
-    return lambda: migration_policy(config)
-
-
 def at_goodput(config: ClusterConfig, w: Workload, router, migration, *, seed: int = 0,
                same_instant_batching: bool = False) -> dict[str, object]:
     """The run at the goodput rate (its passing probe, run again): which SLO its misses miss (shares of all
@@ -223,16 +186,6 @@ def at_goodput(config: ClusterConfig, w: Workload, router, migration, *, seed: i
     if sim.migrations is not None:
         out["migration"] = migration_stats(sim.migrations)
     return out
-
-
-def with_migration(config: ClusterConfig, spec: str | None) -> ClusterConfig:
-    """``config`` with ``--migration``'s policy (``router_spec``'s syntax) as its ``policies.migration``; ``none``
-    removes it; ``None`` (the flag not given) keeps the config's."""
-    if spec is None:
-        return config
-    name, params = router_spec(spec)
-    mig = None if name == "none" else PolicySpec(name=name, params=params)
-    return config.model_copy(update={"policies": config.policies.model_copy(update={"migration": mig})})
 
 
 def compare(config: ClusterConfig, w: Workload, routers: list[str], *, load: float, with_goodput: bool = True,
@@ -257,7 +210,7 @@ def compare(config: ClusterConfig, w: Workload, routers: list[str], *, load: flo
             s["migration"] = migration_stats(sim.migrations)
         if with_goodput:
             g = goodput(config, wl, make, target=target, lo=0.05, hi=GOODPUT_CEILING, iters=GOODPUT_ITERS, seed=seed,
-                        migration=migration, **batching)
+                        policies=(lambda: {"migration": migration()}) if migration else None, **batching)
             s["goodput_rps"], s["goodput_capped"] = g.goodput_rps, g.capped
             if g.goodput_rps > 0:
                 s["at_goodput"] = at_goodput(config, scale_rate(wl, g.scale), make(),
@@ -280,9 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routers", default=DEFAULT_ROUTERS,
                    help="comma-separated router names; name:key=value[:key=value] sets a router parameter "
                    "(llumnix:metric=remaining_steps), the entry naming its row")
-    p.add_argument("--migration", metavar="NAME[:KEY=VALUE...]",
-                   help="live migration beside every router, over the config's policies.migration "
-                   "(llumnix, llumnix:high_watermark=0.3:balance_gap=0.1; none: without)")
+    add_policy_args(p, where="beside every router")
     p.add_argument("--no-goodput", action="store_true")
     add_batching_arg(p)
     p.add_argument("--json", type=output_file)
@@ -290,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         routers = comma_list("--routers", args.routers)
-        cfg = with_migration(load_cluster(args, applies=("migration",)), args.migration)
+        cfg = with_policy(load_cluster(args, applies=("migration",)), "migration", args.migration)
         trace, w = load_workload(args, cfg)
         check_time_span(trace)  # --load scales from the trace's rate
         if args.rate_scale != 1.0:
@@ -347,4 +298,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["at_goodput", "at_load", "compare", "main", "migration_factory", "router_factory", "router_params",
-           "router_spec", "saturation_rate", "with_migration"]
+           "router_spec", "saturation_rate"]

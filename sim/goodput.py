@@ -22,11 +22,11 @@ def scale_rate(w: Workload, factor: float) -> Workload:
 
 
 def attainment(config: ClusterConfig, w: Workload, router_factory: Callable[[], object], *, seed: int = 0,
-               same_instant_batching: bool = False, migration: Callable[[], object | None] | None = None) -> float:
-    """``migration``: a factory of the run's migration policy (fresh state per run; ``None``: no migration)."""
+               same_instant_batching: bool = False, policies: Callable[[], dict[str, object]] | None = None) -> float:
+    """``policies``: a factory of the run's periodic-policy ``Simulator`` keywords (``sim.policies.sim_policies``:
+    migration, re-roling; fresh state per run; ``None``: without)."""
     res = Simulator(config, router=router_factory(), seed=seed,  # type: ignore[arg-type]
-                    same_instant_batching=same_instant_batching,
-                    migration=migration() if migration is not None else None).run(w)
+                    same_instant_batching=same_instant_batching, **(policies() if policies is not None else {})).run(w)
     return float(request_metrics(res).slo_met.mean()) if len(w) else 0.0
 
 
@@ -53,11 +53,11 @@ def goodput(
     iters: int = 8,
     seed: int = 0,
     same_instant_batching: bool = False,
-    migration: Callable[[], object | None] | None = None,
+    policies: Callable[[], dict[str, object]] | None = None,
 ) -> GoodputResult:
     """Max rate (req/s) with SLO attainment >= ``target``; 0 when even ``lo`` x the trace rate misses it. ``seed``:
     the probes' host-noise draws (``Simulator``), the run's own when reported beside it; ``same_instant_batching``:
-    the probes' (``Simulator``); ``migration``: the probes' migration policy factory (``attainment``)."""
+    the probes' (``Simulator``); ``policies``: the probes' periodic policies, fresh per probe (``attainment``)."""
     if len(w) > 1 and float(w.arrival_s[-1] - w.arrival_s[0]) <= 0:
         raise ValueError(f"goodput: the {len(w)} arrivals of {w.name!r} span no time, so the trace's rate (which the "
                          "result scales) cannot be measured")
@@ -68,7 +68,7 @@ def goodput(
         nonlocal probes
         probes += 1
         a = attainment(config, scale_rate(w, scale), router_factory, seed=seed,
-                       same_instant_batching=same_instant_batching, migration=migration)
+                       same_instant_batching=same_instant_batching, policies=policies)
         return a >= target, a
 
     good, a_lo = ok(lo)

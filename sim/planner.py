@@ -59,6 +59,7 @@ from sim.commands import (
 from sim.compare import router_factory, router_params
 from sim.goodput import goodput
 from sim.metrics import request_metrics
+from sim.policies import sim_policies
 from sim.simulator import Simulator, Workload
 
 
@@ -142,7 +143,10 @@ def make_config(base: ClusterConfig, c: Candidate, counts: tuple[int, ...]) -> C
     # it is the base config's router, under those a --routers entry sets, name:key=value as compare takes them):
     # the written best-cluster.yaml runs the cluster the table measured, with a router name serve knows.
     name, params = router_params(c.router, base)
-    policies = base.policies.model_copy(update={"router": PolicySpec(name=name, params=params)})
+    update: dict[str, object] = {"router": PolicySpec(name=name, params=params)}
+    if c.prefill_share is None:  # re-roling moves PREFILL <-> DECODE: a MIXED cluster has none (serve refuses it)
+        update["reroling"] = None
+    policies = base.policies.model_copy(update=update)
     router = re.sub(r"[^A-Za-z0-9_.-]+", "-", c.router)  # llumnix:metric=remaining_steps -> llumnix-metric-...
     return base.model_copy(update={"pools": pools, "policies": policies,
                                    "name": f"plan-{hw}-{c.layout}-{router}-{label}"})
@@ -295,7 +299,9 @@ def refused_anywhere(base: ClusterConfig, c: Candidate, w: Workload) -> tuple[in
 def _evaluate(base: ClusterConfig, c: Candidate, counts: tuple[int, ...], w: Workload, *,
               seed: int = 0) -> tuple[float, dict]:
     cfg = make_config(base, c, counts)
-    res = Simulator(cfg, router=router_factory(c.router, cfg)(), seed=seed).run(w)
+    policies = sim_policies(cfg)  # the base config's migration / re-roling, as simulate runs them
+    res = Simulator(cfg, router=router_factory(c.router, cfg)(), seed=seed,
+                    **(policies() if policies is not None else {})).run(w)
     m = request_metrics(res)
     return float(m.slo_met.mean()), {
         "ttft_p99_s": float(np.nanpercentile(m.ttft_s, 99)) if np.isfinite(m.ttft_s).any() else None,
@@ -398,7 +404,8 @@ def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, m
     # DistServe's measure of the answer: the highest rate it keeps at the target, by bisection on the trace's rate
     # -- the headroom a plan sized for this trace has. 1x is known to pass; capped at 2x (a smallest cluster has
     # less unless it is one instance); 5 steps in log space: within 2.2% below the true figure.
-    g = goodput(cfg, w, router_factory(c.router, cfg), target=target, lo=1.0, hi=2.0, iters=5, seed=seed)
+    g = goodput(cfg, w, router_factory(c.router, cfg), target=target, lo=1.0, hi=2.0, iters=5, seed=seed,
+                policies=sim_policies(cfg))
     return PlanResult(c, sum(best), *pd, gpus, price, a, info["ttft_p99_s"], info["tpot_p99_s"], guess,
                       len(seen) + g.probes, g.goodput_rps, max_rate_capped=g.scale >= 2.0)
 
@@ -566,6 +573,21 @@ def pareto(results: list[PlanResult]) -> list[PlanResult]:
     return out
 
 
+def check_policies(base: ClusterConfig, layouts: tuple[str, ...]) -> None:
+    """Fail fast on the base config's ``policies.migration`` / ``policies.reroling``, which every candidate's
+    simulations run (``_evaluate``), re-roling the P/D candidates' only (``make_config``): checked on the base's
+    first pool as a P/D pair, as a P/D candidate will run it. Says so when MIXED layouts run without it."""
+    reroling = base.policies.reroling is not None
+    pools = base.pools
+    if reroling:
+        pools = [base.pools[0].model_copy(update={"name": r.value, "role": r})
+                 for r in (InstanceRole.PREFILL, InstanceRole.DECODE)]
+    sim_policies(base.model_copy(update={"pools": pools}))
+    if reroling and "mixed" in layouts:
+        print("note: policies.reroling: applied to the P/D candidates only (a MIXED pool has no roles to move; its "
+              "best-cluster.yaml leaves it out)", file=sys.stderr)
+
+
 def parse_tps(s: str) -> tuple[int, ...]:
     out = []
     for x in comma_list("--tp", s):
@@ -629,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tps, layouts = parse_tps(args.tp or "1,2,4,8"), tuple(dict.fromkeys(parse_layouts(args.layouts)))
         routers = tuple(dict.fromkeys(comma_list("--routers", args.routers)))
-        base = load_cluster(args)
+        base = load_cluster(args, applies=("migration", "reroling"))
+        check_policies(base, layouts)
         if args.tp is None:  # the default list: the degrees this model splits over
             tps = tuple(tp for tp in tps if base.model.splits_over(tp))
         odd = [tp for tp in tps if not base.model.splits_over(tp)]
@@ -730,6 +753,9 @@ def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult],
         {"trace": trace.name, "trace_source": getattr(trace, "source", ""), "requests": len(trace),
          "rate_rps": round(trace.mean_rate, 4), "config": base.name, "model": base.model.name,
          **_slos(base, workload if workload is not None else Workload.from_trace(trace)),
+         # The periodic policies every candidate ran with (re-roling: the P/D candidates), as compare names them.
+         **{f"{k}_policy": spec.model_dump() for k in ("migration", "reroling")
+            if (spec := getattr(base.policies, k)) is not None},
          "target": target, "results": [asdict(r) for r in results]}, indent=2))
     if not results:
         for stale in ("best-cluster.yaml", "pareto.png"):  # a previous run's answer is not this plan's

@@ -55,7 +55,8 @@ def test_goodput_probes_each_get_a_fresh_migration_policy() -> None:
         return made[-1]
 
     cfg = _kv_tight(None)
-    g = goodput(cfg, _bursty(150), lambda: "least_outstanding", lo=0.5, hi=8.0, iters=2, migration=factory)
+    g = goodput(cfg, _bursty(150), lambda: "least_outstanding", lo=0.5, hi=8.0, iters=2,
+                policies=lambda: {"migration": factory()})
     assert len(made) == g.probes >= 3 and len({id(p) for p in made}) == g.probes
     # ``at_goodput`` re-runs the passing probe: the same attainment, and it says what the misses missed.
     a = at_goodput(cfg, scale_rate(_bursty(150), g.scale), "least_outstanding", factory())

@@ -31,7 +31,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from scheduler.core.types import ClusterView, InstanceRole
-from scheduler.policy.scaling import REROLING_POLICIES, RerolePolicy
+from scheduler.policy.scaling import RerolePolicy, RerolingLoop, reroling_policy
 
 if TYPE_CHECKING:
     from scheduler.control.controller import Controller
@@ -45,9 +45,7 @@ class RoleSwitcher:
 
     def __init__(self, ctrl: Controller, policy: RerolePolicy | None, *, interval_s: float = 5.0,
                  switch_timeout_s: float = 120.0) -> None:
-        if interval_s <= 0 or switch_timeout_s < 0:
-            raise ValueError("policies.reroling.params: need interval_s > 0 and switch_timeout_s >= 0, got "
-                             f"{interval_s} and {switch_timeout_s}")
+        RerolingLoop(interval_s, switch_timeout_s)  # bad values: ValueError naming policies.reroling.params
         self.ctrl = ctrl
         self.policy = policy
         self.interval_s = interval_s
@@ -58,30 +56,13 @@ class RoleSwitcher:
 
     @classmethod
     def from_config(cls, ctrl: Controller) -> RoleSwitcher:
-        """The configured policy (``policies.reroling``), or an operator-only switcher when there is none."""
-        cfg = ctrl.config
-        spec = cfg.policies.reroling
-        if spec is None:
+        """The configured policy (``policies.reroling``: ``reroling_policy``, as ``llmsched simulate`` reads it), or
+        an operator-only switcher when there is none."""
+        built = reroling_policy(ctrl.config)
+        if built is None:
             return cls(ctrl, None)
-        where = "policies.reroling"
-        if spec.name not in REROLING_POLICIES:
-            raise ValueError(f"{where}.name: unknown re-roling policy {spec.name!r}; allowed: "
-                             f"{', '.join(sorted(REROLING_POLICIES))}")
-        if cfg.policies.scaling is not None and cfg.policies.scaling.name != "none":
-            raise ValueError(f"{where}: not supported together with policies.scaling (the scaling policies size "
-                             "pools by role; an instance that changes role would be counted in the wrong one)")
-        roles = {p.role for p in cfg.pools}
-        if not {InstanceRole.PREFILL, InstanceRole.DECODE} <= roles:
-            raise ValueError(f"{where}: needs a PREFILL and a DECODE pool; pools have roles "
-                             f"{', '.join(sorted(r.value for r in roles))}")
-        params = dict(spec.params)
-        try:
-            interval_s = float(params.pop("interval_s", 5.0))
-            timeout_s = float(params.pop("switch_timeout_s", 120.0))
-            policy = REROLING_POLICIES[spec.name](**params)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}.params: {e}") from None
-        return cls(ctrl, policy, interval_s=interval_s, switch_timeout_s=timeout_s)
+        policy, loop = built
+        return cls(ctrl, policy, interval_s=loop.interval_s, switch_timeout_s=loop.switch_timeout_s)
 
     # ---- the loop's two steps -------------------------------------------------------------------------------
     async def tick(self, now_s: float) -> None:

@@ -669,6 +669,55 @@ SCALING_POLICIES: dict[str, Callable[..., ScalingPolicy]] = {
 REROLING_POLICIES: dict[str, Callable[..., RerolePolicy]] = {"threshold": RerolePolicy}
 
 
+@dataclass(frozen=True, slots=True)
+class RerolingLoop:
+    """The applier's keys of ``policies.reroling.params`` (the rest are the policy's): ``interval_s`` between the
+    policy's checks; ``switch_timeout_s``, after which the live Controller abandons a switch still busy (the
+    simulator does not model it: its switches always complete)."""
+
+    interval_s: float = 5.0
+    switch_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if not (self.interval_s > 0 and self.switch_timeout_s >= 0):  # NaN fails too
+            raise ValueError("policies.reroling.params: need interval_s > 0 and switch_timeout_s >= 0, got "
+                             f"{self.interval_s} and {self.switch_timeout_s}")
+
+
+def reroling_policy(config: ClusterConfig) -> tuple[RerolePolicy, RerolingLoop] | None:
+    """``policies.reroling`` as both appliers read it (the live ``RoleSwitcher``, ``llmsched simulate`` / ``plan``):
+    a fresh policy (its sustain clocks and cooldown remember) and its loop; ``None`` when the config has none.
+
+    Raises:
+        ValueError: an unknown name, together with ``policies.scaling``, a cluster without both a PREFILL and a
+            DECODE pool, or a bad parameter -- each naming the field.
+    """
+    spec = config.policies.reroling
+    if spec is None:
+        return None
+    where = "policies.reroling"
+    if spec.name not in REROLING_POLICIES:
+        raise ValueError(f"{where}.name: unknown re-roling policy {spec.name!r}; allowed: "
+                         f"{', '.join(sorted(REROLING_POLICIES))}")
+    if config.policies.scaling is not None and config.policies.scaling.name != "none":
+        raise ValueError(f"{where}: not supported together with policies.scaling (the scaling policies size "
+                         "pools by role; an instance that changes role would be counted in the wrong one)")
+    roles = {p.role for p in config.pools}
+    if not {InstanceRole.PREFILL, InstanceRole.DECODE} <= roles:
+        raise ValueError(f"{where}: needs a PREFILL and a DECODE pool; pools have roles "
+                         f"{', '.join(sorted(r.value for r in roles))}")
+    params = dict(spec.params)
+    try:
+        d = RerolingLoop()
+        loop = RerolingLoop(float(params.pop("interval_s", d.interval_s)),
+                            float(params.pop("switch_timeout_s", d.switch_timeout_s)))
+        return REROLING_POLICIES[spec.name](**params), loop
+    except ValueError as e:
+        raise ValueError(str(e) if str(e).startswith(where) else f"{where}.params: {e}") from None
+    except TypeError as e:
+        raise ValueError(f"{where}.params: {e}") from None
+
+
 def make_scaling_policy(name: str, **params: object) -> ScalingPolicy:
     """Build a scaling policy by registry name; unknown names list the allowed ones."""
     try:

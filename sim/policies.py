@@ -1,0 +1,115 @@
+"""A config's periodic policies as the simulator commands run them, beside the router (``simulate``, ``plan``,
+``compare``), and the ``NAME[:KEY=VALUE...]`` flags that override them.
+
+* ``policies.migration`` plans every 0.5 s, the live Controller's policy tick (``Simulator``'s
+  ``migration_interval_s`` default), and its moves run the config's protocol knobs (``sim/migration.py``).
+* ``policies.reroling`` is read as the live Controller reads it (``scheduler.policy.scaling.reroling_policy``:
+  ``interval_s`` between checks, the rest the policy's), and switches cost what a live one costs
+  (``AS_LIVE_REROLING``).
+
+Each run (and each goodput probe) gets fresh policy objects: their rate limits, cooldowns and sustain clocks
+remember.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+from scheduler.config.models import ClusterConfig, PolicySpec
+from scheduler.policy.scaling import reroling_policy
+from scheduler.transfer.migration import migration_policy
+
+# A live switch costs the drain only: no engine restart (every backend exports and imports KV whatever its role),
+# and a switching decoder's requests move only by a configured migration policy's drain trigger, otherwise they
+# finish in place (scheduler/control/reroling.py). ``RerolingDriver``'s defaults (a 10 s switch, its own hand-off)
+# model a restarting engine instead; ``llmsched bench rerole-live`` compares live with these.
+AS_LIVE_REROLING: dict[str, object] = {"switch_delay_s": 0.0, "handoff": False}
+
+
+def router_spec(spec: str) -> tuple[str, dict[str, object]]:
+    """``--routers`` / ``--migration`` / ``--reroling`` entry -> (name, params): ``name:key=value[:key=value...]``
+    sets constructor parameters (``llumnix:metric=remaining_steps``); a value reads as JSON (numbers, ``true``,
+    ``null``) or else as a string. Segments without ``=`` stay in the name, so ``package.module:Class`` (and
+    ``package.module:Class:key=value``) still work.
+
+    Raises:
+        ValueError: an empty key, or a key given twice.
+    """
+    parts = spec.split(":")
+    name = ":".join(p for p in parts if "=" not in p)
+    params: dict[str, object] = {}
+    for p in parts:
+        if "=" not in p:
+            continue
+        key, _, raw = p.partition("=")
+        key = key.strip()
+        if not key or key in params:
+            raise ValueError(f"router {spec!r}: {'empty' if not key else 'repeated'} parameter name in {p!r}")
+        try:
+            params[key] = json.loads(raw)
+        except ValueError:
+            params[key] = raw
+    return name, params
+
+
+def add_policy_args(p: argparse.ArgumentParser, *, where: str, reroling: bool = False) -> None:
+    """``--migration`` (and ``--reroling``): a policy over the config's (``with_policy``); ``where``: what runs it."""
+    p.add_argument("--migration", metavar="NAME[:KEY=VALUE...]",
+                   help=f"live migration {where}, over the config's policies.migration "
+                   "(llumnix, llumnix:high_watermark=0.3:balance_gap=0.1; none: without)")
+    if reroling:
+        p.add_argument("--reroling", metavar="NAME[:KEY=VALUE...]",
+                       help=f"P/D re-roling {where}, over the config's policies.reroling (threshold, "
+                       "threshold:interval_s=2:sustain_s=2; none: without); not with --scaling")
+
+
+def with_policy(config: ClusterConfig, field: str, spec: str | None) -> ClusterConfig:
+    """``config`` with a flag's policy (``router_spec``'s syntax) as its ``policies.<field>``; ``none`` removes it;
+    ``None`` (the flag not given) keeps the config's."""
+    if spec is None:
+        return config
+    name, params = router_spec(spec)
+    new = None if name == "none" else PolicySpec(name=name, params=params)
+    return config.model_copy(update={"policies": config.policies.model_copy(update={field: new})})
+
+
+def migration_factory(config: ClusterConfig):
+    """A zero-argument factory of the config's ``policies.migration`` (fresh state per run: its rate limits and
+    cooldowns remember), or ``None`` when the config has none (or ``none``)."""
+    spec = config.policies.migration
+    if spec is None or spec.name == "none":
+        return None
+    migration_policy(config)  # fail fast on bad parameters
+    return lambda: migration_policy(config)
+
+
+def sim_policies(config: ClusterConfig) -> Callable[[], dict[str, object]] | None:
+    """A factory of one run's ``Simulator`` keywords for the config's migration and re-roling policies (fresh
+    objects per call), or ``None`` when it has neither: the run is then the plain one, bit for bit.
+
+    Raises:
+        ValueError: a bad policy or parameter, naming ``policies.migration`` / ``policies.reroling``.
+    """
+    try:
+        migration = migration_factory(config)
+    except (TypeError, ValueError) as e:  # an unknown parameter is a TypeError
+        raise ValueError(f"policies.migration: {e}") from None
+    rerole = reroling_policy(config) is not None  # fails fast, naming the field
+    if migration is None and not rerole:
+        return None
+
+    def kwargs() -> dict[str, object]:
+        kw: dict[str, object] = {}
+        if migration is not None:
+            kw["migration"] = migration()
+        if rerole:
+            policy, loop = reroling_policy(config)  # type: ignore[misc]
+            kw.update(reroling=policy, reroling_interval_s=loop.interval_s, reroling_options=dict(AS_LIVE_REROLING))
+        return kw
+
+    return kwargs
+
+
+__all__ = ["AS_LIVE_REROLING", "add_policy_args", "migration_factory", "router_spec", "sim_policies", "with_policy"]
