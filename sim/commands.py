@@ -1,4 +1,8 @@
-"""``llmsched simulate``: replay a trace (or a synthetic workload) through the simulator and report."""
+"""``llmsched simulate``: replay a trace (or a synthetic workload) through the simulator and report.
+
+The config's policies run as a live cluster runs them -- router, admission, predictor, migration, P/D re-roling
+(--migration / --reroling replace the last two); autoscaling runs with --scaling (docs/simulator.md, "Policies
+from the config")."""
 
 from __future__ import annotations
 

@@ -471,8 +471,9 @@ class ClusterConfig(_Strict):
 
     def _check_policy_names(self) -> None:
         """Unknown policy names (and router parameters) fail at load, naming the field: the live Controller and
-        Ingress build the policies only once Ray is up, and ``llmsched simulate`` never builds migration, scaling
-        or re-roling from the config. (Lazy imports: the policy modules import this one.)"""
+        Ingress build the policies only once Ray is up, and ``llmsched simulate`` never builds a scaling policy
+        from the config (migration and re-roling parameters: where each command builds them,
+        ``sim/policies.py``). (Lazy imports: the policy modules import this one.)"""
         from scheduler.policy.migration import MIGRATION_POLICIES
         from scheduler.policy.route import check_router_params, router_class
         from scheduler.policy.scaling import REROLING_POLICIES, SCALING_POLICIES
