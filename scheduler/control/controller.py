@@ -9,6 +9,7 @@
       admin ops  <------------------------  cluster view  ------>  policy loops (migration, scaling)
                                                   ^
     ingress replicas --report_requests (batched)--+  (request registry for cross-replica cancel / recovery)
+    ingress replicas --share_lengths (each plans period)-> merged online length histories (predict/shared.py)
 
 Fault tolerance: the Controller is created with ``max_restarts=-1``; instances and their placement groups are
 detached and named (``llmsched/<cluster>/...``), so they survive it. A restarted Controller re-runs ``__init__``,
@@ -66,6 +67,7 @@ from scheduler.policy.scaling import (
     ScalingLoop,
     ScalingPolicy,
 )
+from scheduler.predict.shared import LengthLog, LengthReply, LengthReport
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +195,9 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         self.started_s = time.time()
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.epoch = f"{self.started_s:.6f}"
+        # The ingress replicas' online length histories, merged (``share_lengths``); not persisted: a restarted
+        # Controller is seeded by the first replica that reports (``scheduler/predict/shared.py``).
+        self._lengths = LengthLog(self.epoch)
         self._migration: MigrationPolicy | None = None
         self._plans: dict[str, list[tuple[float, MigrationPlan]]] = {}  # ingress id -> plans it has to execute
         self.migration_stats = {"planned": 0, "dropped": 0, "committed": 0, "failed": 0}
@@ -674,6 +679,12 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         self._ensure_loop()
         self._registry.apply(ingress_id, upserts, removed, full=full)
         return self.epoch
+
+    async def share_lengths(self, ingress_id: str, report: LengthReport) -> LengthReply | None:
+        """An ingress's new online length samples, merged into the cluster's histories; the answer brings its copy
+        of them up to date (``scheduler/predict/shared.py``). Each replica's plans period, off the request path."""
+        self._ensure_loop()
+        return self._lengths.share(ingress_id, report)
 
     async def lookup(self, request_id: str) -> RegistryEntry | None:
         self._ensure_loop()

@@ -86,6 +86,7 @@ from scheduler.policy.filters import decode_candidates, prefill_candidates
 from scheduler.policy.route import RouteDecision, Router, make_router, router_takes
 from scheduler.predict.base import LengthPrediction
 from scheduler.predict.serving import ServingPredictor, serving_predictor
+from scheduler.predict.shared import SharedLengths
 from scheduler.telemetry.metrics import NULL_RECORDER, Recorder
 from scheduler.telemetry.tracing import Stage, Tracing
 from scheduler.transfer.migration import (
@@ -192,6 +193,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         self.admission = admission
         self.admission_rejected: dict[int, int] = {}  # priority -> requests the admission policy refused
         self.predictor = predictor or serving_predictor(config.policies.predictor)
+        self._lengths: SharedLengths | None = None  # ``online`` shared with the other replicas (``_share_lengths``)
         self.refresh_s = refresh_s
         self.members_s = members_s
         self.report_s = report_s
@@ -282,11 +284,13 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         # (``ControllerMigration.drain_moves``); one it never heard from, started just before, was not waited for
         # and its streams on the drained instance were re-prefilled (the first report came a period later).
         await self._report()
+        await self._share_lengths()  # (a new replica starts from what the others learned)
         self._tasks = [
             asyncio.create_task(self._loop(self._refresh_view, self.refresh_s)),
             asyncio.create_task(self._loop(self._refresh_members, self.members_s)),
             asyncio.create_task(self._loop(self._report, self.report_s)),
             asyncio.create_task(self._loop(self._take_plans, self.plans_s)),
+            asyncio.create_task(self._loop(self._share_lengths, self.plans_s)),
         ]
 
     async def close(self, timeout_s: float = 5.0) -> None:
@@ -306,6 +310,23 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         for ch in self._channels.values():
             ch.close()
         self._channels.clear()
+
+    async def _share_lengths(self) -> None:
+        """The online length samples learned here since the last time to the Controller, which merges every
+        replica's; its answer replaces this replica's histories with the merged ones plus its own samples not
+        merged yet (``scheduler/predict/shared.py``). Kept as they are while the Controller is away."""
+        share = getattr(self.controller, "share_lengths", None)
+        p = self.predictor
+        if share is None or p is None or p.online is None or not p.share_online:
+            return
+        if self._lengths is None or self._lengths.view is not p.online:  # (a predictor set after __init__ too)
+            self._lengths = SharedLengths(p.online)
+        lengths = self._lengths
+        try:
+            reply = await asyncio.wait_for(_await(share.remote(self.ingress_id, lengths.report())), 2.0)
+        except (TimeoutError, *_DEAD, RayTaskError):
+            return
+        lengths.apply(reply)
 
     @staticmethod
     async def _loop(fn: Any, period: float) -> None:

@@ -31,11 +31,24 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from scheduler.predict.base import BUCKET_EDGES, LengthPrediction, bucket_of
 from scheduler.predict.trace import INPUT_EDGES
+
+
+class Sample(NamedTuple):
+    """One finished request as ``TenantLengths.observe`` took it: what another ingress (or the Controller) needs to
+    learn it exactly the same way (``scheduler/predict/shared.py``). ``prior``: the probabilities of the
+    length-only prediction a cut request was spread by (only those are read), else None."""
+
+    prompt_tokens: int
+    output_tokens: int
+    cut: bool
+    prior: tuple[float, ...] | None
+    tenant: str | None
 
 
 class OnlineLengths:
@@ -211,6 +224,8 @@ class TenantLengths:
         # past ``admit_after`` = 8 at its steady state (2 x its share x width), a name sent once ~0-2.
         self.sketch = TenantSketch(width=max(4096, 1 << (64 * self.max_tenants - 1).bit_length()))
         self.unadmitted = 0  # requests whose tenant had no history of its own (learned into the shared one)
+        # When a list: every ``observe`` is appended as a ``Sample`` (what an ingress reports: ``SharedLengths``).
+        self.journal: list[Sample] | None = None
 
     def _history(self, slot: int) -> OnlineLengths:
         h = self.shared.fresh()
@@ -264,12 +279,68 @@ class TenantLengths:
     ) -> None:
         """One finished request of ``tenant`` (``OnlineLengths.observe``; a cut one is spread as its tenant's
         posterior spreads): the shared history learns it, and its tenant's (a new tenant gets one, if admitted)."""
+        if self.journal is not None:
+            self.journal.append(Sample(int(prompt_tokens), int(output_tokens), bool(cut),
+                                       None if prior is None else tuple(prior.probs), tenant))
         own = self._own(tenant)
         own_prior = prior if prior is None or own is self._rest else self._tenant_prior(own, prior, prompt_tokens)
         own.observe(prompt_tokens, output_tokens, cut=cut, prior=own_prior)
         b = bucket_of(prompt_tokens, self.shared.input_edges)
         self._total[b] = self._slots[: self._in_use, b].sum(axis=0)
         self.shared.observe(prompt_tokens, output_tokens, cut=cut, prior=prior)
+
+    def replay(self, samples: Iterable[Sample]) -> None:
+        """Learns ``samples`` as ``observe`` learned them (not journaled): the same samples in the same order give
+        the same tables, bit for bit, wherever they are replayed."""
+        journal, self.journal = self.journal, None
+        try:
+            for s in samples:
+                prior = None if s.prior is None else LengthPrediction(self.edges, s.prior, 0.0)  # (probs alone read)
+                self.observe(s.prompt_tokens, s.output_tokens, cut=s.cut, prior=prior, tenant=s.tenant)
+        finally:
+            self.journal = journal
+
+    def settings(self) -> tuple[Any, ...]:
+        """What two histories must share for one's samples and state to mean the same in the other."""
+        s = self.shared
+        return (self.max_tenants, self.admit_after, self.pinned, s.strength, s.memory, s.input_edges, s.edges)
+
+    @classmethod
+    def from_settings(cls, settings: Sequence[Any]) -> TenantLengths:
+        """A new one with ``settings`` (``settings()`` of another): the Controller's merged histories."""
+        max_tenants, admit_after, pinned, strength, memory, input_edges, edges = settings
+        return cls(max_tenants=max_tenants, admit_after=admit_after, pinned=pinned, strength=strength,
+                   memory=memory, input_edges=input_edges, edges=edges)
+
+    def state(self) -> dict[str, Any]:
+        """Everything learned, copied (``load_state`` puts it back; ~175 KB pickled at the default 64 tenants)."""
+        return {"settings": self.settings(), "slots": self._slots.copy(), "total": self._total.copy(),
+                "shared": self.shared.counts.copy(), "observed": self.shared.observed,
+                "sketch": bytes(self._table_bytes()), "added": self.sketch._added, "unadmitted": self.unadmitted,
+                "tenants": [(t, self._slot[t], h.observed) for t, h in self.tenants.items()],
+                "rest": [h.observed for h in (self._rest, *self._pinned.values())]}
+
+    def _table_bytes(self) -> memoryview:
+        return memoryview(self.sketch.table).cast("B")
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Replaces what this one learned with ``state`` (``state()`` of one with the same ``settings``), in place:
+        the histories handed out before read the new counts."""
+        if tuple(state["settings"]) != self.settings():
+            raise ValueError(f"TenantLengths.load_state: settings {state['settings']} are not {self.settings()}")
+        self._slots[:] = state["slots"]
+        self._total[:] = state["total"]
+        self.shared.counts[:] = state["shared"]
+        self.shared.observed = int(state["observed"])
+        self._table_bytes()[:] = state["sketch"]
+        self.sketch._added = int(state["added"])
+        self.unadmitted = int(state["unadmitted"])
+        self.tenants.clear()
+        self._slot.clear()
+        for name, slot, observed in state["tenants"]:
+            self._admit(name, slot).observed = observed
+        for h, observed in zip((self._rest, *self._pinned.values()), state["rest"], strict=True):
+            h.observed = observed
 
     @property
     def _in_use(self) -> int:
@@ -313,4 +384,4 @@ class TenantLengths:
         return h
 
 
-__all__ = ["OnlineLengths", "TenantLengths", "TenantSketch"]
+__all__ = ["OnlineLengths", "Sample", "TenantLengths", "TenantSketch"]

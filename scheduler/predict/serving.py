@@ -58,6 +58,9 @@ class OnlineSpec(BaseModel):
     pinned: list[str] = Field(default_factory=list, max_length=10_000)
     strength: float = Field(default=20.0, gt=0)  # the predictor's guess weighs as this many requests
     memory: float = Field(default=1000.0, gt=0)  # requests an input bucket's counts hold (older ones decay)
+    # The ingress replicas learn as one through the Controller (``scheduler/predict/shared.py``); false: each
+    # learns from the requests it served alone, and a restarted one starts from the shipped guesses.
+    share: bool = True
 
     @model_validator(mode="after")
     def _some_history(self) -> OnlineSpec:
@@ -125,7 +128,8 @@ class ServingPredictor:
     calls it off its event loop (any predictor on a text past ``ENCODE_OFF_LOOP_CHARS``: counting its tokens
     takes ms); the others take ~20-130 us and run inline. ``online``: the finished requests' lengths adjust
     predictions made from length alone (``scheduler/predict/online.py``), from the history of the request's own
-    tenant where it names one (``history_key``); fed by ``observe``.
+    tenant where it names one (``history_key``); fed by ``observe``; shared by the live ingress replicas
+    through the Controller where ``share_online`` (``scheduler/predict/shared.py``).
     """
 
     predictor: LengthPredictor
@@ -133,6 +137,7 @@ class ServingPredictor:
     tenant: str | None = None
     slow: bool = False
     online: TenantLengths | None = None
+    share_online: bool = True  # ``OnlineSpec.share``: the live ingress shares ``online`` through the Controller
     unknown_tenants: UnknownTenants = field(default_factory=UnknownTenants, compare=False)
 
     @functools.cached_property
@@ -278,9 +283,11 @@ def serving_predictor(spec: Any) -> ServingPredictor | None:
             f"policies.predictor.params.tenant: {str(tenant)!r} is not a tenant of the {kind.value} predictor's"
             f" artifacts (known: {', '.join(sorted(known)) or 'none'}); omit it for the pooled prediction"
         )
+    online = online_spec(spec.params.get("online"))
     return ServingPredictor(predictor, kind.value, str(tenant) if tenant is not None else None,
                             slow=kind in (PredictorKind.EMBEDDING, PredictorKind.ENSEMBLE),
-                            online=o.lengths() if (o := online_spec(spec.params.get("online"))) is not None else None)
+                            online=online.lengths() if online is not None else None,
+                            share_online=online is None or online.share)
 
 
 __all__ = ["PARAMS", "OnlineSpec", "ServingPredictor", "UnknownTenants", "check_spec", "online_spec",

@@ -1,0 +1,170 @@
+"""Online length learning shared by the ingress replicas through the Controller: the cluster learns once.
+
+Each replica's ``TenantLengths`` (``ServingPredictor.online``) journals the requests it learns (``Sample``: lengths,
+cut, the prior a cut one was spread by, history key). Every plans period (``Ingress._share_lengths``) the replica
+sends the samples not merged yet; the Controller (``LengthLog``) learns them into its merged histories in arrival
+order, appends them to a log, and answers with the log since the replica's cursor (or, to a new replica or one
+behind the log, its merged state)::
+
+    replica A: observe -> view (what it predicts from) + journal --report(first, samples, cursor)--> LengthLog
+                                                                                             merged += samples
+    replica A <--reply(acked, log since A's cursor | merged state)-- log.append(samples)
+              base += reply ; view = base + journal (the samples not acked yet)
+
+Every replica replays the same samples in the same order (the Controller's), so its ``base`` is the Controller's
+merged state, bit for bit, as of its cursor; its view adds its own samples the Controller has not acknowledged
+(kept until ``acked`` passes them; a report whose reply was lost is sent again and merged once: ``acked`` per
+replica). One replica alone predicts exactly as without sharing: its samples come back in its own order.
+
+The merged state is what one ingress that saw all the traffic in the Controller's merge order would hold: the
+requests of one report period of different replicas are ordered by report, not by when they finished, which moves
+only how much each weighs once a row is past ``memory`` (decay: at most a period's worth of requests apart) and
+the TinyLFU sketch's halving point by as much; a cut request is spread by the merged posterior at merge time (its
+own replica spread it by its local one until then). A Controller restart empties the log: the first replica that
+reports with a cursor of the old Controller's seeds the new one with its base (``LengthReply.seed``); samples the
+other replicas had merged after that replica's cursor are lost (at most one period's).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
+
+from scheduler.predict.online import Sample, TenantLengths
+
+log = logging.getLogger(__name__)
+
+# The log the Controller keeps for replicas that fell behind (more than this since their cursor: the full state,
+# ~175 KB, instead); ~100 bytes a sample.
+MAX_LOG = 8192
+# Samples a replica keeps unacknowledged while the Controller is away (the oldest past this are not shared).
+MAX_JOURNAL = 32768
+MAX_REPLICAS = 256  # replicas whose acknowledged count the Controller keeps (the least recent forgotten)
+
+
+@dataclass(frozen=True, slots=True)
+class LengthReport:
+    """What a replica sends each period. ``first``: its own number of ``samples[0]`` (numbers count its samples
+    since it started); ``epoch``/``cursor``: the Controller incarnation and log position its base is at (None/0:
+    none yet); ``state``: its base, sent only when the Controller asked to be seeded."""
+
+    settings: tuple[Any, ...]
+    epoch: str | None
+    cursor: int
+    first: int
+    samples: tuple[Sample, ...]
+    state: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LengthReply:
+    """The Controller's answer: the replica's samples numbered below ``acked`` are merged; its base becomes
+    ``state`` (when given) plus ``samples``, at log position ``start + len(samples)`` of ``epoch``. ``seed``: this
+    Controller restarted with nothing learned; send your base."""
+
+    epoch: str
+    acked: int
+    start: int
+    samples: tuple[Sample, ...] = ()
+    state: dict[str, Any] | None = None
+    seed: bool = False
+
+
+class LengthLog:
+    """The Controller's side: one merged ``TenantLengths`` (the settings of the first report) and the log of the
+    samples merged into it. Memory: the merged tables (as one ingress's), ``MAX_LOG`` samples, ``MAX_REPLICAS``
+    counters."""
+
+    def __init__(self, epoch: str, *, max_log: int = MAX_LOG, max_replicas: int = MAX_REPLICAS) -> None:
+        self.epoch = epoch
+        self.merged: TenantLengths | None = None
+        self.log: deque[Sample] = deque(maxlen=max_log)
+        self.seq = 0  # samples merged since this Controller started (the log holds the last ``len(log)``)
+        self.learned = False  # anything merged or adopted: a restarted Controller asks to be seeded until then
+        self._acked: OrderedDict[str, int] = OrderedDict()
+        self._max_replicas = max_replicas
+        self.refused = 0  # reports with other settings than the merged ones (their replica learns alone)
+
+    def share(self, replica: str, report: LengthReport) -> LengthReply | None:
+        """Merges ``report``'s new samples; the reply brings ``replica``'s base up to date. None: its settings are
+        not the merged ones (it keeps learning alone)."""
+        if self.merged is None:
+            self.merged = TenantLengths.from_settings(report.settings)
+        elif tuple(report.settings) != self.merged.settings():
+            if not self.refused:
+                log.warning("online lengths: replica %s has other settings than the merged ones (%s vs %s); it learns"
+                            " alone", replica, report.settings, self.merged.settings())
+            self.refused += 1
+            return None
+        cursor = report.cursor if report.epoch == self.epoch else None
+        if report.epoch is not None and cursor is None and not self.learned:
+            # Restarted: the replica's base is what the cluster learned before; adopted, it is this log's start.
+            if report.state is None:
+                return LengthReply(self.epoch, report.first, self.seq, seed=True)
+            self.merged.load_state(report.state)
+            cursor = self.seq
+        acked = self._acked.pop(replica, report.first)
+        new = report.samples[max(0, acked - report.first):]  # (those below ``acked`` were merged: a lost reply)
+        self._acked[replica] = max(acked, report.first + len(report.samples))
+        if len(self._acked) > self._max_replicas:
+            self._acked.popitem(last=False)
+        self.merged.replay(new)
+        self.log.extend(new)
+        self.seq += len(new)
+        self.learned = self.learned or bool(new) or report.state is not None
+        start = self.seq - len(self.log)
+        if cursor is not None and start <= cursor <= self.seq:
+            return LengthReply(self.epoch, self._acked[replica], cursor,
+                               tuple(itertools.islice(self.log, cursor - start, None)))
+        return LengthReply(self.epoch, self._acked[replica], self.seq, state=self.merged.state())
+
+
+class SharedLengths:
+    """A replica's side: ``view`` is the ``TenantLengths`` its predictor reads and learns into (journaled);
+    ``base`` the Controller's merged state as of ``cursor``. Invariant: view == base + the journal, replayed."""
+
+    def __init__(self, view: TenantLengths, *, max_journal: int = MAX_JOURNAL) -> None:
+        self.view = view
+        self.base = view.fresh()
+        view.journal = []
+        self.epoch: str | None = None
+        self.cursor = 0
+        self.first = 0  # the number of ``view.journal[0]``
+        self.max_journal = max_journal
+        self._seed = False
+
+    def report(self) -> LengthReport:
+        journal = self.view.journal
+        assert journal is not None
+        if len(journal) > self.max_journal:  # the Controller away for long: the oldest are not shared
+            over = len(journal) - self.max_journal
+            del journal[:over]
+            self.first += over
+        return LengthReport(self.view.settings(), self.epoch, self.cursor, self.first, tuple(journal),
+                            self.base.state() if self._seed else None)
+
+    def apply(self, reply: LengthReply | None) -> None:
+        """Brings the base up to the Controller's and rebuilds the view on it (the journal less what was merged)."""
+        if reply is None:
+            return
+        self._seed = reply.seed
+        if reply.seed:
+            return
+        journal = self.view.journal
+        assert journal is not None
+        del journal[:max(0, reply.acked - self.first)]
+        self.first = max(self.first, reply.acked)
+        if reply.state is not None:
+            self.base.load_state(reply.state)
+        self.base.replay(reply.samples)
+        self.epoch, self.cursor = reply.epoch, reply.start + len(reply.samples)
+        if reply.state is None and not reply.samples:
+            return  # the base did not move (and nothing of the journal was merged): the view stands
+        self.view.load_state(self.base.state())
+        self.view.replay(journal)
+
+
+__all__ = ["MAX_JOURNAL", "MAX_LOG", "LengthLog", "LengthReply", "LengthReport", "SharedLengths"]
