@@ -74,9 +74,14 @@ def main(argv: list[str] | None = None) -> dict:
     prompt, output, tenants = workload(a.n, a.seed)
     res = {"n": a.n, "lag": a.lag, "seed": a.seed, "warmup": a.warmup,
            "scored": score(replay(prompt, output, tenants, a.lag), output, tenants, int(a.warmup * a.n))}
+    return emit(res, a.json)
+
+
+def emit(res: dict, path: str | None) -> dict:
+    """Prints ``res`` and writes it to ``path`` (``--json``) when given."""
     print(json.dumps(res, indent=1))
-    if a.json:
-        with open(a.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump(res, f, indent=1)
     return res
 

@@ -20,6 +20,7 @@ BENCHES = {
     "rerole-live": "bench.bench_rerole_live",
     "arrivals": "bench.bench_arrivals",
     "online-tenants": "bench.bench_online_tenants",
+    "online-shared": "bench.bench_online_shared",
     "routing-tenants": "bench.bench_routing_tenants",
     "kv-replay": "bench.bench_kv_replay",
 }
