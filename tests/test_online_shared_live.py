@@ -94,3 +94,34 @@ def test_replicas_learn_from_each_others_requests_once_and_a_new_one_starts_from
         aloop.run(run(), timeout=180)
     finally:
         aloop.run(close())
+
+
+def test_a_restarted_controller_starts_from_a_replicas_copy(dep: Any, aloop: Any) -> None:
+    """The Controller keeps the merged histories in memory only: restarted by Ray, it takes them from the first
+    replica that reports (what the previous test's replicas learned), and a replica started after it begins with
+    them; requests served after the restart are shared as before."""
+    a = dep.make_ingress(ingress_id="olA2")
+    d = None
+
+    async def run() -> None:
+        nonlocal d
+        await a.start()
+        assert a.predictor.online.observed == 20
+        old = a._lengths.epoch
+        ray.kill(dep.controller, no_restart=False)
+        await _until("the Controller restarted", lambda: a._lengths.epoch not in (None, old), timeout_s=60)
+        assert a.predictor.online.observed == 20
+        d = dep.make_ingress(ingress_id="olD")
+        await d.start()
+        assert d.predictor.online.observed == 20 and _guess(d, "chat") == _guess(a, "chat")
+        await asyncio.gather(*(_serve(d, f"sd{k}", 1000, 10, "chat") for k in range(3)))
+        await _until("A learned D's", lambda: a.predictor.online.observed == 23)
+        assert a.predictor.online.history("chat").observed == 11
+
+    async def close() -> None:
+        await asyncio.gather(a.close(), *([d.close()] if d is not None else []))
+
+    try:
+        aloop.run(run(), timeout=180)
+    finally:
+        aloop.run(close())

@@ -159,6 +159,28 @@ def test_a_restarted_controller_is_seeded_by_the_first_replica_that_reports() ->
     _same(c, one)
 
 
+def test_a_long_journal_goes_in_bounded_reports_and_the_oldest_past_the_bound_are_not_shared() -> None:
+    """While the Controller is away a replica keeps at most ``max_journal`` samples (its view keeps them all until
+    the next exchange); back, it sends them ``max_report`` at a time, each merged once."""
+    a, log = _lengths(), LengthLog("e1")
+    sa = SharedLengths(a, max_journal=30, max_report=8)
+    reqs = _requests(40, seed=5)
+    for r in reqs:
+        _observe(a, r)
+    assert a.observed == 40
+    sizes = []
+    for _ in range(5):
+        report = sa.report()
+        sizes.append(len(report.samples))
+        sa.apply(log.share("a", report))
+    assert sizes == [8, 8, 8, 6, 0] and log.seq == 30 and a.journal == []
+    one = _lengths()
+    for r in reqs[10:]:
+        _observe(one, r)
+    _same(a, one)
+    _same(log.merged, one)
+
+
 def test_replay_refuses_a_state_of_other_settings() -> None:
     with pytest.raises(ValueError, match="settings"):
         _lengths().load_state(TenantLengths().state())

@@ -43,6 +43,7 @@ MAX_LOG = 8192
 # Samples a replica keeps unacknowledged while the Controller is away (the oldest past this are not shared).
 MAX_JOURNAL = 32768
 MAX_REPLICAS = 256  # replicas whose acknowledged count the Controller keeps (the least recent forgotten)
+MAX_REPORT = 4096  # samples in one report (a journal that grew while the Controller was away goes in several)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,14 +127,14 @@ class SharedLengths:
     """A replica's side: ``view`` is the ``TenantLengths`` its predictor reads and learns into (journaled);
     ``base`` the Controller's merged state as of ``cursor``. Invariant: view == base + the journal, replayed."""
 
-    def __init__(self, view: TenantLengths, *, max_journal: int = MAX_JOURNAL) -> None:
+    def __init__(self, view: TenantLengths, *, max_journal: int = MAX_JOURNAL, max_report: int = MAX_REPORT) -> None:
         self.view = view
         self.base = view.fresh()
         view.journal = []
         self.epoch: str | None = None
         self.cursor = 0
         self.first = 0  # the number of ``view.journal[0]``
-        self.max_journal = max_journal
+        self.max_journal, self.max_report = max_journal, max_report
         self._seed = False
 
     def report(self) -> LengthReport:
@@ -143,7 +144,8 @@ class SharedLengths:
             over = len(journal) - self.max_journal
             del journal[:over]
             self.first += over
-        return LengthReport(self.view.settings(), self.epoch, self.cursor, self.first, tuple(journal),
+        return LengthReport(self.view.settings(), self.epoch, self.cursor, self.first,
+                            tuple(journal[:self.max_report]),
                             self.base.state() if self._seed else None)
 
     def apply(self, reply: LengthReply | None) -> None:
@@ -167,4 +169,4 @@ class SharedLengths:
         self.view.replay(journal)
 
 
-__all__ = ["MAX_JOURNAL", "MAX_LOG", "LengthLog", "LengthReply", "LengthReport", "SharedLengths"]
+__all__ = ["MAX_JOURNAL", "MAX_LOG", "MAX_REPORT", "LengthLog", "LengthReply", "LengthReport", "SharedLengths"]
