@@ -144,8 +144,12 @@ class SharedLengths:
             over = len(journal) - self.max_journal
             del journal[:over]
             self.first += over
-        return LengthReport(self.view.settings(), self.epoch, self.cursor, self.first,
-                            tuple(journal[:self.max_report]),
+        # One string object per tenant name: pickled once, the other samples of the report refer to it (each
+        # request brought its own copy of the name).
+        names: dict[str, str] = {}
+        samples = tuple(x if x.tenant is None else x._replace(tenant=names.setdefault(x.tenant, x.tenant))
+                        for x in journal[:self.max_report])
+        return LengthReport(self.view.settings(), self.epoch, self.cursor, self.first, samples,
                             self.base.state() if self._seed else None)
 
     def apply(self, reply: LengthReply | None) -> None:
