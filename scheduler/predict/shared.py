@@ -38,7 +38,7 @@ from scheduler.predict.online import Sample, TenantLengths
 log = logging.getLogger(__name__)
 
 # The log the Controller keeps for replicas that fell behind (more than this since their cursor: the full state,
-# ~175 KB, instead); ~100 bytes a sample.
+# 70-180 KB at the default 64 tenants, instead); ~100 bytes a sample held.
 MAX_LOG = 8192
 # Samples a replica keeps unacknowledged while the Controller is away (the oldest past this are not shared).
 MAX_JOURNAL = 32768
