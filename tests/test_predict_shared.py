@@ -199,3 +199,14 @@ def test_a_report_names_each_tenant_once() -> None:
     for k in range(100):
         view.observe(300 + k, 400, tenant="".join(name))
     assert _size(shared.report()) < 100 * 25 + len(name), _size(shared.report())
+
+
+def test_sharing_is_on_with_online_and_off_with_share_false() -> None:
+    from scheduler.config.models import PolicySpec
+    from scheduler.predict.serving import serving_predictor
+
+    assert serving_predictor(PolicySpec(name="trace", params={"online": True})).share_online
+    off = serving_predictor(PolicySpec(name="trace", params={"online": {"share": False, "max_tenants": 4}}))
+    assert not off.share_online and off.online.max_tenants == 4
+    with pytest.raises(ValueError, match=r"params\.online\.share"):
+        serving_predictor(PolicySpec(name="trace", params={"online": {"share": "sometimes"}}))
