@@ -217,10 +217,10 @@ async def _server_timings(ingress, live, prefix: str = "replay") -> dict[str, li
     return {k: cols[:, j].tolist() for j, k in enumerate(names)}
 
 async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
-    from scheduler.profile import attach_engine_times, fit, measure, merge_samples
+    """The live part of the main job through the SDK over loopback gRPC: profile, replay, profile again (the
+    two halves of the profile around the replay), a live migration and a role switch."""
+    from scheduler.profile import fit, merge_samples
     from scheduler.server.grpc_server import build_server
-    from sim.replay import fit_lengths, replay_async
-    from sim.traces import default_trace
 
     srv = build_server(ingress, port=0)
     await srv.start()
@@ -232,55 +232,18 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
         # minutes (single-stream decode 3 ms in one run, 5-7 ms in the next), and the replay sits between them.
         say("profiling this machine through the SDK (prefill and decode step times; 3 rounds now, 2 after "
              "the replay)...")
-        with probe.phase("profile_before"):
-            sampled = await measure(target, vocab=vocab, repeats=3)
-            before = attach_engine_times(sampled, (await _instance_timings(ingress))[0])
-            # The CPU a request costs beside its engine steps (the simulator charges it to the host's cores).
-            idle = await measure_idle(probe.cpu)  # one idle background for both
-            before["request_cpu"] = await measure_request_cpu(target, probe.cpu, vocab=vocab, idle=idle)
-            before["token_cpu"] = await measure_token_cpu(target, probe.cpu, vocab=vocab, idle=idle)
-            before["host_cores"] = os.cpu_count() or 1
-        trace = default_trace().head(args.requests)
-        if args.rate_scale != 1.0:
-            trace = trace.scale_rate(args.rate_scale)
-        pr, out = fit_lengths(trace.prompt_tokens, trace.output_tokens, 1024, args.max_output)
-        say(f"replaying {len(pr)} requests of {trace.name} ({trace.duration_s:.1f} s of arrivals) through the SDK...")
-        # Whether the engines preempted or queued during the replay (the simulator reports its own preemptions):
-        # the engines' counters around it, and the peaks of what the router saw.
-        counters = await _engine_counters(ingress)
-        peaks: dict[str, dict[str, float]] = {}
-        watch = asyncio.create_task(_watch_peaks(ingress, peaks))
-        try:
-            with probe.phase("replay"):
-                live = await replay_async(target, trace.arrival_s, pr, out, name=trace.name, vocab=vocab)
-        finally:
-            watch.cancel()
-        after_counters = await _engine_counters(ingress)
-        engines = {iid: {**{k: v - counters.get(iid, {}).get(k, 0) for k, v in c.items()}, **peaks.get(iid, {})}
-                   for iid, c in after_counters.items()}
-        server = await _server_timings(ingress, live)
+        sampled, before = await _profile_before(ingress, target, vocab, probe)
+        replayed = await _replay(ingress, target, vocab, args, probe)
         say("profiling again (2 rounds)...")
-        # New-size samples must be sizes these engines never ran (a run size stays cheap: profile.SHAPE_CACHE_SIZE).
-        ran = {*sampled["sizes_sent"], *(int(x) for x in pr)}
-        with probe.phase("profile_after"):
-            sampled_after = await measure(target, vocab=vocab, repeats=2, avoid=ran)
-            prefill_side, decode_side = await _instance_timings(ingress)
-            after = attach_engine_times(sampled_after, prefill_side)
+        # New-size samples must be sizes these engines never ran (a run size stays cheap:
+        # profile.SHAPE_CACHE_SIZE).
+        ran = {*sampled["sizes_sent"], *(int(x) for x in replayed["prompts"])}
+        sampled_after, after, decode_side = await _profile_after(ingress, target, vocab, probe, avoid=ran)
         pace = {"profile_lone_s": engine_pace([*sampled["lone_decodes"], *sampled_after["lone_decodes"]],
                                                decode_side),
-                "replay_lone_s": replay_lone_pace(server, out)}
+                "replay_lone_s": replay_lone_pace(replayed["server"], replayed["outputs"])}
         profile = fit(merge_samples(before, after))
-        line = (f"  profile: step overhead {profile['overhead_s'] * 1e3:.2f} ms, "
-                f"{profile['gemm_s_per_token'] * 1e6:.1f} us/token, fit error {profile['fit_mape'] * 100:.1f}%")
-        if profile.get("new_shape_table"):
-            extra = [e for _, e in profile["new_shape_table"]]
-            line += f", kernel build at a new prompt size {min(extra) * 1e3:.1f}-{max(extra) * 1e3:.1f} ms"
-        if "request_cpu_s" in profile:
-            line += (f", host CPU per request beside its steps {profile['request_cpu_s'] * 1e3:.0f} ms + "
-                     f"{profile['request_cpu_s_per_token'] * 1e6:.0f} us/prompt token")
-        if profile.get("token_cpu_s"):
-            line += f", stack CPU per streamed token {profile['token_cpu_s'] * 1e3:.2f} ms"
-        say(line)
+        say(_profile_line(profile))
         mig = None
         if not args.no_migration:
             say("live-migrating a running request...")
@@ -290,9 +253,79 @@ async def _live(cfg, ingress, args, probe: HostProbe) -> dict:
         state = await ingress.cluster_state()
     finally:
         await srv.stop()
-    return {"profile": profile, "live": live, "migration": mig, "role_switch": role, "server": server,
-            "lengths": (trace.arrival_s, pr, out), "engine_pace": pace, "replay_engines": engines,
+    return {"profile": profile, "live": replayed["live"], "migration": mig, "role_switch": role,
+            "server": replayed["server"], "lengths": replayed["lengths"], "engine_pace": pace,
+            "replay_engines": replayed["engines"],
             "instances": [(i.instance_id, i.role.value) for i in state.instances]}
+
+
+async def _profile_before(ingress, target: str, vocab: int, probe: HostProbe) -> tuple[dict, dict]:
+    """The first profile half (3 rounds) and the host CPU a request and a streamed token cost beside the engine
+    steps (the simulator charges them to the host's cores): (the sampler's raw output, the samples)."""
+    from scheduler.profile import attach_engine_times, measure
+
+    with probe.phase("profile_before"):
+        sampled = await measure(target, vocab=vocab, repeats=3)
+        before = attach_engine_times(sampled, (await _instance_timings(ingress))[0])
+        idle = await measure_idle(probe.cpu)  # one idle background for both
+        before["request_cpu"] = await measure_request_cpu(target, probe.cpu, vocab=vocab, idle=idle)
+        before["token_cpu"] = await measure_token_cpu(target, probe.cpu, vocab=vocab, idle=idle)
+        before["host_cores"] = os.cpu_count() or 1
+    return sampled, before
+
+
+async def _replay(ingress, target: str, vocab: int, args, probe: HostProbe) -> dict:
+    """The bundled trace's head replayed through the SDK, with the engines' counters around it and the peaks of
+    what the router saw (whether the engines preempted or queued; the simulator reports its own)."""
+    from sim.replay import fit_lengths, replay_async
+    from sim.traces import default_trace
+
+    trace = default_trace().head(args.requests)
+    if args.rate_scale != 1.0:
+        trace = trace.scale_rate(args.rate_scale)
+    pr, out = fit_lengths(trace.prompt_tokens, trace.output_tokens, 1024, args.max_output)
+    say(f"replaying {len(pr)} requests of {trace.name} ({trace.duration_s:.1f} s of arrivals) through the SDK...")
+    counters = await _engine_counters(ingress)
+    peaks: dict[str, dict[str, float]] = {}
+    watch = asyncio.create_task(_watch_peaks(ingress, peaks))
+    try:
+        with probe.phase("replay"):
+            live = await replay_async(target, trace.arrival_s, pr, out, name=trace.name, vocab=vocab)
+    finally:
+        watch.cancel()
+    after_counters = await _engine_counters(ingress)
+    engines = {iid: {**{k: v - counters.get(iid, {}).get(k, 0) for k, v in c.items()}, **peaks.get(iid, {})}
+               for iid, c in after_counters.items()}
+    return {"live": live, "server": await _server_timings(ingress, live), "engines": engines, "prompts": pr,
+            "outputs": out, "lengths": (trace.arrival_s, pr, out)}
+
+
+async def _profile_after(ingress, target: str, vocab: int, probe: HostProbe, *, avoid: set[int]
+                         ) -> tuple[dict, dict, Timings]:
+    """The second profile half (2 rounds, new prompt sizes other than ``avoid``): (the sampler's raw output, the
+    samples, the decode side's server timings for the engine pace)."""
+    from scheduler.profile import attach_engine_times, measure
+
+    with probe.phase("profile_after"):
+        sampled_after = await measure(target, vocab=vocab, repeats=2, avoid=avoid)
+        prefill_side, decode_side = await _instance_timings(ingress)
+        after = attach_engine_times(sampled_after, prefill_side)
+    return sampled_after, after, decode_side
+
+
+def _profile_line(profile: dict) -> str:
+    """One line on the fitted profile: step overhead, per-token cost, fit error and the live-only costs."""
+    line = (f"  profile: step overhead {profile['overhead_s'] * 1e3:.2f} ms, "
+            f"{profile['gemm_s_per_token'] * 1e6:.1f} us/token, fit error {profile['fit_mape'] * 100:.1f}%")
+    if profile.get("new_shape_table"):
+        extra = [e for _, e in profile["new_shape_table"]]
+        line += f", kernel build at a new prompt size {min(extra) * 1e3:.1f}-{max(extra) * 1e3:.1f} ms"
+    if "request_cpu_s" in profile:
+        line += (f", host CPU per request beside its steps {profile['request_cpu_s'] * 1e3:.0f} ms + "
+                 f"{profile['request_cpu_s_per_token'] * 1e6:.0f} us/prompt token")
+    if profile.get("token_cpu_s"):
+        line += f", stack CPU per streamed token {profile['token_cpu_s'] * 1e3:.2f} ms"
+    return line
 
 
 def _parser() -> argparse.ArgumentParser:
