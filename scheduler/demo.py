@@ -9,6 +9,10 @@
 5. a decode instance switched to PREFILL and back through the admin API (dynamic re-roling, no engine restart),
    checked by serving a prefill there with the same tokens as before;
 6. the same slice in the simulator with the measured profile; live and simulated side by side, with errors.
+
+Steps 4 and 5 are one-off admin actions after the replay, not in the simulated slice. A config's
+``policies.migration`` / ``policies.reroling`` run in the Controller all through the replay: the simulation (and
+``--resimulate``, from ``report.json``'s ``live_policies``) runs them too.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from sim.live_vs_sim import (
     Timings,
     decode_pace,
     engine_pace,
+    live_policies,
     pace_ratio,
     pooled_sim_summary,
     replay_lone_pace,
@@ -548,6 +553,8 @@ class _Report:
         report = {"config": self.cfg.name, "trace": live.name, "requests": len(pr),
                   "instances": res["instances"], "live": self.live_sum, "simulated": self.sim_sum,
                   "sim_error": self.errors, "migration": self.migration, "role_switch": res["role_switch"],
+                  # What the Controller ran through the replay (the simulation ran the same): --resimulate reads it.
+                  "live_policies": live_policies(self.cfg),
                   "profile": {k: v for k, v in res["profile"].items() if k != "samples"},
                   "wall_seconds": time.perf_counter() - self.t0,
                   # Per-request columns (seconds from the replay start), for diagnosing where live and sim

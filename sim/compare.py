@@ -4,8 +4,10 @@
 cluster completes this trace's request mix in steady state when requests arrive faster than it serves them
 (``saturation_rate``). The trace is then rate-scaled so its mean arrival rate is ``load x saturation``.
 
-A config's ``policies.migration`` runs beside every router (each run and goodput probe with a fresh policy); the
-saturation is measured without it, so a config with and without migration offers the same rate.
+A config's ``policies.migration`` and ``policies.reroling`` run beside every router (each run and goodput probe
+with fresh policies; ``--migration`` / ``--reroling`` replace them) as ``llmsched simulate`` runs them
+(``sim/policies.py``); the saturation is measured without them, so a config with and without them offers the same
+rate. Re-roling needs a P/D cluster: on a MIXED one it is refused, as the live Controller refuses it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from sim.commands import add_cluster_args, add_workload_args, load_cluster, load
 from sim.goodput import goodput, scale_rate
 from sim.metrics import request_metrics, sim_summary
 from sim.migration import migration_stats
-from sim.policies import add_policy_args, migration_factory, router_spec, with_policy
+from sim.policies import add_policy_args, migration_factory, router_spec, sim_policies, with_policy
 from sim.report import print_summaries, write_figure, write_json
 from sim.simulator import Simulator, Workload
 
@@ -169,11 +171,12 @@ def router_factory(name: str, config: ClusterConfig):
     return make
 
 
-def at_goodput(config: ClusterConfig, w: Workload, router, migration, *, seed: int = 0,
-               same_instant_batching: bool = False) -> dict[str, object]:
-    """The run at the goodput rate (its passing probe, run again): which SLO its misses miss (shares of all
-    requests; one request may miss both), its preemptions and migrations -- what a goodput moved by."""
-    sim = Simulator(config, router=router, seed=seed, migration=migration, same_instant_batching=same_instant_batching)
+def at_goodput(config: ClusterConfig, w: Workload, router, policies: dict[str, object] | None = None, *,
+               seed: int = 0, same_instant_batching: bool = False) -> dict[str, object]:
+    """The run at the goodput rate (its passing probe, run again, with fresh ``policies``: ``Simulator`` keywords
+    of ``sim_policies``): which SLO its misses miss (shares of all requests; one request may miss both), its
+    preemptions, migrations and role switches -- what a goodput moved by."""
+    sim = Simulator(config, router=router, seed=seed, same_instant_batching=same_instant_batching, **(policies or {}))
     res = sim.run(w)
     m = request_metrics(res)
     inf = np.inf
@@ -183,8 +186,19 @@ def at_goodput(config: ClusterConfig, w: Workload, router, migration, *, seed: i
     out: dict[str, object] = {"offered_rps": w.rate_rps, "slo_attainment": float(m.slo_met.mean()),
                               "ttft_miss": float(ttft_miss.mean()), "tpot_miss": float(tpot_miss.mean()),
                               "preemptions": int(res.preemptions.sum()), "migrations": int(res.migrations)}
+    out.update(policy_stats(sim, switches=False))
+    return out
+
+
+def policy_stats(sim: Simulator, *, switches: bool = True) -> dict[str, object]:
+    """A run's ``migration`` and ``reroling`` stats, for those of its policies that ran (keys as ``simulate``'s
+    summary names them); ``switches``: with the re-roling's list of switches, not its counts only."""
+    out: dict[str, object] = {}
     if sim.migrations is not None:
         out["migration"] = migration_stats(sim.migrations)
+    if sim.reroler is not None:
+        r = sim.reroler.summary()
+        out["reroling"] = r if switches else {k: v for k, v in r.items() if k != "switches"}
     return out
 
 
@@ -192,29 +206,33 @@ def compare(config: ClusterConfig, w: Workload, routers: list[str], *, load: flo
             target: float = 0.9, seed: int = 0, same_instant_batching: bool = False) -> tuple[dict, dict, float]:
     """``seed``: ``--seed`` (the saturation sample and every run's host-noise draws, goodput probes included);
     ``same_instant_batching``: every run's, the saturation's and goodput's included (``Simulator``). The config's
-    migration policy runs in every run and goodput probe, not in the saturation measurement (module docstring)."""
+    migration and re-roling policies run in every run and goodput probe, fresh each time, not in the saturation
+    measurement (module docstring).
+
+    Raises:
+        ValueError: a bad ``policies.migration`` / ``policies.reroling`` (re-roling on a MIXED cluster included).
+    """
     batching = {"same_instant_batching": same_instant_batching}
+    policies = sim_policies(config)  # None: neither policy, the plain runs
     sat = saturation_rate(config, w, seed=seed, **batching)
     wl = at_load(w, load, sat)
-    migration = migration_factory(config)
     summaries, metrics = {}, {}
     for name in routers:
         make = router_factory(name, config)
-        sim = Simulator(config, router=make(), seed=seed, migration=migration() if migration else None, **batching)
+        sim = Simulator(config, router=make(), seed=seed, **batching, **(policies() if policies else {}))
         res = sim.run(wl)
         s = sim_summary(res)
         s["load"] = load
         s["saturation_rps"] = sat
         s["offered_rps"] = wl.rate_rps
-        if sim.migrations is not None:
-            s["migration"] = migration_stats(sim.migrations)
+        s.update(policy_stats(sim))
         if with_goodput:
             g = goodput(config, wl, make, target=target, lo=0.05, hi=GOODPUT_CEILING, iters=GOODPUT_ITERS, seed=seed,
-                        policies=(lambda: {"migration": migration()}) if migration else None, **batching)
+                        policies=policies, **batching)
             s["goodput_rps"], s["goodput_capped"] = g.goodput_rps, g.capped
             if g.goodput_rps > 0:
                 s["at_goodput"] = at_goodput(config, scale_rate(wl, g.scale), make(),
-                                             migration() if migration else None, seed=seed, **batching)
+                                             policies() if policies else None, seed=seed, **batching)
         summaries[name] = s
         metrics[name] = request_metrics(res)
     return summaries, metrics, sat
@@ -233,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routers", default=DEFAULT_ROUTERS,
                    help="comma-separated router names; name:key=value[:key=value] sets a router parameter "
                    "(llumnix:metric=remaining_steps), the entry naming its row")
-    add_policy_args(p, where="beside every router")
+    add_policy_args(p, where="beside every router (P/D configs)", reroling=True)
     p.add_argument("--no-goodput", action="store_true")
     add_batching_arg(p)
     p.add_argument("--json", type=output_file)
@@ -241,15 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         routers = comma_list("--routers", args.routers)
-        cfg = with_policy(load_cluster(args, applies=("migration",)), "migration", args.migration)
+        cfg = load_cluster(args, applies=("migration", "reroling"))
+        cfg = with_policy(with_policy(cfg, "migration", args.migration), "reroling", args.reroling)
         trace, w = load_workload(args, cfg)
         check_time_span(trace)  # --load scales from the trace's rate
         if args.rate_scale != 1.0:
             raise ValueError("--rate-scale: compare sets the rate by --load (a share of the measured saturation)")
-        try:
-            migration_factory(cfg)  # fail fast: an unknown policy, bad parameters
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"--migration / policies.migration: {e}") from None
+        sim_policies(cfg)  # fail fast: an unknown policy, bad parameters, re-roling without P/D pools
         build_instances(cfg)  # fail fast: a pool without KV memory, a cluster that cannot prefill or decode
         for r in routers:
             try:
@@ -270,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
              f"saturation {sat:.2f} req/s")
     print_summaries(summaries, title=title)
     for name, s in summaries.items():
+        if "reroling" in s:  # (simulate's printed line says the same)
+            r = s["reroling"]
+            print(f"  {name:18s} role switches {r['role_switches']} (to DECODE {r['to_decode']}, to PREFILL "
+                  f"{r['to_prefill']})")
         if "goodput_rps" in s:
             capped = s["goodput_capped"]  # the ceiling's rate, read as a measured goodput it was not
             print(f"  {name:18s} goodput@90% {'>=' if capped else ''}{s['goodput_rps']:.2f} req/s   preemptions "
@@ -277,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                   + (f"   at it: preemptions {s['at_goodput']['preemptions']}, migrations "
                      f"{s['at_goodput'].get('migration', {}).get('started', {})}, TTFT / TPOT misses "
                      f"{s['at_goodput']['ttft_miss']:.1%} / {s['at_goodput']['tpot_miss']:.1%}"
+                     + (f", role switches {s['at_goodput']['reroling']['role_switches']}"
+                        if "reroling" in s["at_goodput"] else "")
                      if "at_goodput" in s else "")
                   + ("   (SLO attainment below 90% at any rate tried)" if s["goodput_rps"] <= 0 else "")
                   + (f"   (SLO attainment still met at {GOODPUT_CEILING:g}x the offered rate, the search's "
@@ -288,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
               "short for a steady state; use a longer one for capacity numbers", file=sys.stderr)
     out = {"trace": trace.name, "trace_source": getattr(trace, "source", ""), "config": cfg.name,
            "instances": cfg.num_instances, "load": args.load, "saturation_rps": sat, "routers": summaries}
-    if (spec := cfg.policies.migration) is not None:
-        out["migration_policy"] = spec.model_dump()
+    for k in ("migration", "reroling"):  # the periodic policies every run had (as simulate and plan name them)
+        if (spec := getattr(cfg.policies, k)) is not None:
+            out[f"{k}_policy"] = spec.model_dump()
     if args.json:
         write_json(args.json, out)
     if args.png:

@@ -70,7 +70,10 @@ def simulate_slice(cfg, profile_path: Path, arrival, prompt, output, name: str, 
     """The slice in the simulator with the profile: one ``SimResult`` per draw of the host's noise (``SIM_SEEDS``
     when the profile measured the host's spread, ``host_noise``; else the one deterministic run). A noisy host's
     percentiles are those of many draws: one draw of 40 requests moved a p90 by +-10 points from seed to seed.
-    ``ingress_poll_s``: route on the ingress's poll-round view (``Simulator``; off by default)."""
+    ``ingress_poll_s``: route on the ingress's poll-round view (``Simulator``; off by default). The config's
+    ``policies.migration`` / ``policies.reroling`` run as the live Controller ran them during the replay
+    (``sim_policies``, fresh per draw); ``cfg`` without them: the plain runs."""
+    from sim.policies import sim_policies
     from sim.simulator import Simulator, Workload
 
     sim_cfg = cfg.model_copy(update={
@@ -78,8 +81,35 @@ def simulate_slice(cfg, profile_path: Path, arrival, prompt, output, name: str, 
         "pools": [p.model_copy(update={"backend": "simulated"}) for p in cfg.pools],
     })
     seeds = SIM_SEEDS if json.loads(Path(profile_path).read_text()).get("host_noise") else 1
-    return [Simulator(sim_cfg, seed=k, ingress_poll_s=ingress_poll_s).run(Workload(arrival, prompt, output, name=name))
-            for k in range(seeds)]
+    policies = sim_policies(sim_cfg)
+    return [Simulator(sim_cfg, seed=k, ingress_poll_s=ingress_poll_s, **(policies() if policies else {}))
+            .run(Workload(arrival, prompt, output, name=name)) for k in range(seeds)]
+
+
+LIVE_POLICIES = ("migration", "reroling")  # the periodic policies a live run's Controller ran from its config
+
+
+def live_policies(cfg) -> dict[str, dict | None]:
+    """``report.json``'s ``live_policies``: the config's periodic policies the live Controller ran through the replay
+    (``None``: without), which ``resimulate`` simulates again whatever ``--config`` says."""
+    return {k: None if (spec := getattr(cfg.policies, k)) is None else spec.model_dump() for k in LIVE_POLICIES}
+
+
+def as_live_ran(cfg, report: dict, where: str):
+    """``cfg`` with the periodic policies the report's live run ran (``live_policies``), said when they differ from
+    ``cfg``'s. A report written before they were recorded (before the fortieth session: every committed one, run
+    on ``cpu-pd`` / ``cpu-mixed``, which set neither) keeps ``cfg``'s."""
+    from scheduler.config.models import PolicySpec
+
+    ran = report.get("live_policies")
+    if ran is None:
+        return cfg
+    update = {k: None if ran.get(k) is None else PolicySpec(**ran[k]) for k in LIVE_POLICIES}
+    if any(update[k] != getattr(cfg.policies, k) for k in LIVE_POLICIES):
+        say(f"{where}: simulated with the live run's policies ("
+            + ", ".join(f"{k} {'none' if v is None else v.name}" for k, v in update.items())
+            + "), not --config's")
+    return cfg.model_copy(update={"policies": cfg.policies.model_copy(update=update)})
 
 
 def pooled_metrics(results: list):
@@ -241,13 +271,14 @@ def resimulate(cfg, dirs: list[str], json_path: str | None = None, *,
             report = json.loads((Path(d) / "report.json").read_text())
             if not report.get("profile_samples") or not report.get("per_request"):
                 raise ValueError(f"{d}/report.json: no profile_samples/per_request (written by an older llmsched run)")
+            run_cfg = as_live_ran(cfg, report, d)
             path = Path(tmp) / f"profile-{n}.json"
             profile = fit(report["profile_samples"])
             path.write_text(json.dumps(profile))
             pr = report["per_request"]
             slice_ = (np.asarray(pr["arrival_s"]), np.asarray(pr["prompt_tokens"]), np.asarray(pr["output_tokens"]),
                       report.get("trace", "trace"))
-            res = simulate_slice(cfg, path, *slice_, ingress_poll_s=ingress_poll_s)
+            res = simulate_slice(run_cfg, path, *slice_, ingress_poll_s=ingress_poll_s)
             # The live side is recomputed from its per-request columns where saved, so every run is scored by the
             # current rules (TTFT from when the request was sent; reports without ``live_sent_s``: from arrival).
             live = report["live"]
@@ -264,7 +295,7 @@ def resimulate(cfg, dirs: list[str], json_path: str | None = None, *,
                 pace["replay_lone_s"] = replay_lone_pace(pr, pr["output_tokens"])
             ratio = pace_ratio(pace)
             if ratio is not None:
-                res = simulate_paced(cfg, profile, ratio, Path(tmp) / f"paced-{n}.json", *slice_,
+                res = simulate_paced(run_cfg, profile, ratio, Path(tmp) / f"paced-{n}.json", *slice_,
                                      ingress_poll_s=ingress_poll_s)
                 paced[d] = {"pace_ratio": ratio, **sim_errors(live, pooled_sim_summary(res))}
                 say(f"  engine drift x{ratio:.2f} divided out: " + ", ".join(

@@ -59,7 +59,7 @@ from sim.commands import (
 from sim.compare import router_factory, router_params
 from sim.goodput import goodput
 from sim.metrics import request_metrics
-from sim.policies import sim_policies
+from sim.policies import add_policy_args, sim_policies, with_policy
 from sim.simulator import Simulator, Workload
 
 
@@ -643,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="candidates simulated in parallel, one process each (default: %(default)s)")
     p.add_argument("--out", type=output_dir, default="plan-out",
                    help="folder for plan.json, pareto.png and best-cluster.yaml")
+    add_policy_args(p, where="in every candidate's simulations (re-roling: the P/D candidates'; best-cluster.yaml "
+                    "keeps it)", reroling=True)
     args = p.parse_args(argv)
     if not 0 < args.target <= 1:  # NaN fails too
         p.error(f"--target: SLO attainment must be in (0, 1], got {args.target}")
@@ -652,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         tps, layouts = parse_tps(args.tp or "1,2,4,8"), tuple(dict.fromkeys(parse_layouts(args.layouts)))
         routers = tuple(dict.fromkeys(comma_list("--routers", args.routers)))
         base = load_cluster(args, applies=("migration", "reroling"))
+        base = with_policy(with_policy(base, "migration", args.migration), "reroling", args.reroling)
         check_policies(base, layouts)
         if args.tp is None:  # the default list: the degrees this model splits over
             tps = tuple(tp for tp in tps if base.model.splits_over(tp))

@@ -1,5 +1,6 @@
 """A config's periodic policies as the simulator commands run them, beside the router (``simulate``, ``plan``,
-``compare``), and the ``NAME[:KEY=VALUE...]`` flags that override them.
+``compare``, and ``llmsched run``'s simulation of its live slice, ``sim/live_vs_sim.py``), and the
+``NAME[:KEY=VALUE...]`` flags that override them.
 
 * ``policies.migration`` plans every 0.5 s, the live Controller's policy tick (``Simulator``'s
   ``migration_interval_s`` default), and its moves run the config's protocol knobs (``sim/migration.py``).
@@ -62,7 +63,7 @@ def add_policy_args(p: argparse.ArgumentParser, *, where: str, reroling: bool = 
     if reroling:
         p.add_argument("--reroling", metavar="NAME[:KEY=VALUE...]",
                        help=f"P/D re-roling {where}, over the config's policies.reroling (threshold, "
-                       "threshold:interval_s=2:sustain_s=2; none: without); not with --scaling")
+                       "threshold:interval_s=2:sustain_s=2; none: without); P/D clusters only, not with autoscaling")
 
 
 def with_policy(config: ClusterConfig, field: str, spec: str | None) -> ClusterConfig:
@@ -85,6 +86,21 @@ def migration_factory(config: ClusterConfig):
     return lambda: migration_policy(config)
 
 
+def check_reroling_without_scaling(config: ClusterConfig) -> None:
+    """Refuse ``policies.reroling`` beside ``policies.scaling`` (the live Controller refuses the pair too), saying
+    what to do: the simulating commands run without re-roling given ``--reroling none``.
+
+    Raises:
+        ValueError: both set, naming both and the remedies.
+    """
+    rerole, scaling = config.policies.reroling, config.policies.scaling
+    if rerole is not None and scaling is not None and scaling.name != "none":
+        raise ValueError(f"policies.reroling ({rerole.name}): not with policies.scaling ({scaling.name}): the "
+                         "scaling policies size pools by role, re-roling moves instances between them (the live "
+                         "Controller refuses the two together too); pass --reroling none to simulate without "
+                         "re-roling, or drop one of the two from the config")
+
+
 def sim_policies(config: ClusterConfig) -> Callable[[], dict[str, object]] | None:
     """A factory of one run's ``Simulator`` keywords for the config's migration and re-roling policies (fresh
     objects per call), or ``None`` when it has neither: the run is then the plain one, bit for bit.
@@ -96,6 +112,7 @@ def sim_policies(config: ClusterConfig) -> Callable[[], dict[str, object]] | Non
         migration = migration_factory(config)
     except (TypeError, ValueError) as e:  # an unknown parameter is a TypeError
         raise ValueError(f"policies.migration: {e}") from None
+    check_reroling_without_scaling(config)
     rerole = reroling_policy(config) is not None  # fails fast, naming the field
     if migration is None and not rerole:
         return None
@@ -112,4 +129,5 @@ def sim_policies(config: ClusterConfig) -> Callable[[], dict[str, object]] | Non
     return kwargs
 
 
-__all__ = ["AS_LIVE_REROLING", "add_policy_args", "migration_factory", "router_spec", "sim_policies", "with_policy"]
+__all__ = ["AS_LIVE_REROLING", "add_policy_args", "check_reroling_without_scaling", "migration_factory", "router_spec",
+           "sim_policies", "with_policy"]

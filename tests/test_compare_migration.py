@@ -59,7 +59,7 @@ def test_goodput_probes_each_get_a_fresh_migration_policy() -> None:
                 policies=lambda: {"migration": factory()})
     assert len(made) == g.probes >= 3 and len({id(p) for p in made}) == g.probes
     # ``at_goodput`` re-runs the passing probe: the same attainment, and it says what the misses missed.
-    a = at_goodput(cfg, scale_rate(_bursty(150), g.scale), "least_outstanding", factory())
+    a = at_goodput(cfg, scale_rate(_bursty(150), g.scale), "least_outstanding", {"migration": factory()})
     assert a["slo_attainment"] == g.attainment >= 0.9
     assert a["migrations"] == a["migration"]["committed"]
     assert max(a["ttft_miss"], a["tpot_miss"]) <= 1 - a["slo_attainment"] + 1e-9  # a miss misses one of them

@@ -45,12 +45,17 @@ def _decode_heavy(tmp_path: Path) -> str:
     return str(path)
 
 
-def _simulate(args: list[str], tmp_path: Path, capsys) -> tuple[int, dict, str]:
-    out = tmp_path / "s.json"
+def cli_json(command: str, args: list[str], tmp_path: Path, capsys) -> tuple[int, dict, str]:
+    """``llmsched <command> ARGS --json F``: exit status, F's object (``{}`` unless 0), what it printed."""
+    out = tmp_path / f"{command}.json"
     out.unlink(missing_ok=True)
-    rc = cli_main(["simulate", *args, "--json", str(out)])
+    rc = cli_main([command, *args, "--json", str(out)])
     cap = capsys.readouterr()
     return rc, (json.loads(out.read_text()) if rc == 0 else {}), cap.out + cap.err
+
+
+def _simulate(args: list[str], tmp_path: Path, capsys) -> tuple[int, dict, str]:
+    return cli_json("simulate", args, tmp_path, capsys)
 
 
 def test_simulate_runs_the_configs_migration_policy(tmp_path: Path, capsys) -> None:
