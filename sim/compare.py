@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routers", default=DEFAULT_ROUTERS,
                    help="comma-separated router names; name:key=value[:key=value] sets a router parameter "
                    "(llumnix:metric=remaining_steps), the entry naming its row")
-    add_policy_args(p, where="beside every router (P/D configs)", reroling=True)
+    add_policy_args(p, where="beside every router", reroling=True)
     p.add_argument("--no-goodput", action="store_true")
     add_batching_arg(p)
     p.add_argument("--json", type=output_file)

@@ -643,8 +643,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="candidates simulated in parallel, one process each (default: %(default)s)")
     p.add_argument("--out", type=output_dir, default="plan-out",
                    help="folder for plan.json, pareto.png and best-cluster.yaml")
-    add_policy_args(p, where="in every candidate's simulations (re-roling: the P/D candidates'; best-cluster.yaml "
-                    "keeps it)", reroling=True)
+    add_policy_args(p, where="in every candidate's simulations", reroling=True)
     args = p.parse_args(argv)
     if not 0 < args.target <= 1:  # NaN fails too
         p.error(f"--target: SLO attainment must be in (0, 1], got {args.target}")
