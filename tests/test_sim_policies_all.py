@@ -10,7 +10,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
 import sim.simulator
 from scheduler.cli import main as cli_main
@@ -159,3 +161,38 @@ def test_resimulate_runs_the_policies_the_live_run_ran(tmp_path: Path, recorded_
     recorded_simulators.clear()
     resimulate(with_mig, [_report(tmp_path, "none", live_policies=live_policies(cpu_pd))])
     assert all("migration" not in k for k in recorded_simulators)
+
+
+def test_the_main_jobs_simulation_runs_the_configs_policies(tmp_path: Path, recorded_simulators: list[dict],
+                                                           monkeypatch) -> None:
+    """``llmsched run`` with its live part replayed from a committed report (the cluster faked): the slice's
+    simulation runs the config's migration, as the live Controller ran it, and report.json records it."""
+    from scheduler import demo
+    from scheduler.profile import fit
+    from sim.replay import LiveResult
+
+    rep = json.loads((RESULTS / "live_vs_sim_s19d" / "pd-40-1" / "report.json").read_text())
+    pr = rep["per_request"]
+    res = {"profile": fit(rep["profile_samples"]), "live": LiveResult.from_columns(pr, name=rep["trace"]),
+           "migration": None, "role_switch": rep["role_switch"], "engine_pace": rep["engine_pace"],
+           "server": {k: v for k, v in pr.items() if k.startswith(("server_", "engine_", "decode_"))},
+           "lengths": tuple(np.asarray(pr[k]) for k in ("arrival_s", "prompt_tokens", "output_tokens")),
+           "replay_engines": rep["replay_engines"], "instances": [tuple(i) for i in rep["instances"]]}
+    monkeypatch.setattr(demo, "_run_cluster", lambda cfg, args, t0: (res, rep["host_probe"]))
+    cpu_pd = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "cpu-pd.yaml"
+    for name, policies in (("plain", {}), ("mig", {"migration": {"name": "llumnix"}})):
+        recorded_simulators.clear()
+        cfg = yaml.safe_load(cpu_pd.read_text())
+        cfg["policies"].update(policies)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        demo.main(["--config", str(path), "--out", str(tmp_path / name)])
+        written = json.loads((tmp_path / name / "report.json").read_text())
+        assert written["live_policies"] == {"migration": policies.get("migration") and
+                                            {**policies["migration"], "params": {}}, "reroling": None}
+        migs = [k.get("migration") for k in recorded_simulators]
+        assert len(migs) >= 8  # every noise draw (and the paced re-run)
+        if policies:
+            assert all(type(m).__name__ == "LlumnixMigrationPolicy" for m in migs)
+        else:
+            assert migs == [None] * len(migs)
