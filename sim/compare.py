@@ -320,5 +320,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["at_goodput", "at_load", "compare", "main", "migration_factory", "router_factory", "router_params",
+__all__ = ["at_goodput", "at_load", "compare", "main", "migration_factory", "policy_stats", "router_factory",
+           "router_params",
            "router_spec", "saturation_rate"]
