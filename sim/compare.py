@@ -321,5 +321,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["at_goodput", "at_load", "compare", "main", "migration_factory", "policy_stats", "router_factory",
-           "router_params",
-           "router_spec", "saturation_rate"]
+           "router_params", "router_spec", "saturation_rate"]
