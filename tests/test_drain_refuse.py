@@ -20,7 +20,8 @@ ray = pytest.importorskip("ray")
 from scheduler.config.models import ClusterConfig
 from scheduler.control.api import GenerateRequest, Unavailable
 from scheduler.control.cluster import NodeSpec
-from scheduler.engine.base import SamplingParams, TokenChunk
+from scheduler.engine.base import EngineRequest, SamplingParams, TokenChunk
+from scheduler.policy.route import Router
 from tests.test_drain_node import MODEL, drain_cluster
 from tests.test_drain_node_pd import _check_exact
 
@@ -42,10 +43,10 @@ def cluster(aloop: Any) -> Any:
         yield dep
 
 
-def _stale(dep: Any, aloop: Any) -> Any:
+def _stale(dep: Any, aloop: Any, **kw: Any) -> Any:
     """An ingress whose view is the one it took at its start (all four in service), for good; a refusal is neither a
     recovery (``max_recoveries`` 0) nor a failure (quarantined at the first)."""
-    ing = dep.make_ingress(refresh_s=3600.0, max_recoveries=0, quarantine_after=1)
+    ing = dep.make_ingress(**{"refresh_s": 3600.0, "max_recoveries": 0, "quarantine_after": 1, **kw})
     aloop.run(ing.start(), timeout=30)
     assert sorted(s.instance_id for s in ing.view().instances if not s.draining) == [
         "decode-0", "decode-1", "prefill-0", "prefill-1"]
@@ -60,8 +61,8 @@ def _stats(dep: Any) -> dict[str, Any]:
     return {i: ray.get(h.stats.remote()) for i, h in _handles(dep).items()}
 
 
-async def _collect(ing: Any, rid: str) -> list[TokenChunk]:
-    req = GenerateRequest(rid, prompt_token_ids=tuple(range(1, PROMPT + 1)), sampling=SamplingParams(max_tokens=N))
+async def _collect(ing: Any, rid: str, prompt: int = PROMPT) -> list[TokenChunk]:
+    req = GenerateRequest(rid, prompt_token_ids=tuple(range(1, prompt + 1)), sampling=SamplingParams(max_tokens=N))
     return [c async for c in ing.generate(req)]
 
 
@@ -126,6 +127,88 @@ def test_a_request_no_other_instance_takes_ends_unavailable_naming_the_drain(clu
         aloop.run(stale.close())
     assert "prefill-0, prefill-1 refused it (draining) and no other instance takes it" in str(err.value), err.value
     assert (stale.counters["drain_refused"], stale.counters["recoveries"]) == (2, 0)
+
+
+class _Pinned(Router):
+    """Pairs each request with the instances named for it (request id -> ids), the accepting ones in id order else:
+    the pairings at arrival a test needs, whatever their load."""
+
+    name = "pinned"
+
+    def __init__(self, pins: dict[str, tuple[str, ...]]) -> None:
+        self.pins = pins
+
+    def score(self, request: Any, inst: Any, *, phase: str) -> Any:
+        return (inst.instance_id not in self.pins.get(request.request_id, ()), inst.instance_id)
+
+
+def test_a_decoder_that_refused_a_handoff_as_leaving_gets_no_other_handoff_paired_with_it(
+        cluster: Any, aloop: Any) -> None:
+    """Two requests are paired with decode-0 at arrival, before it leaves (an admin drain) in a view that does not
+    show it: the first one's handoff is refused there and goes to decode-1. The second one's handoff, later (its
+    3,000-token prompt prefills on prefill-1 meanwhile), goes to decode-1 at once: the refusal said decode-0 leaves,
+    and the view shows it so. Before, the view showed it draining only (as a scale-down's drain, which still takes
+    the KV paired with it), so that handoff was sent there too and refused again: 2 refusals, not 1."""
+    dep = cluster
+    stale = _stale(dep, aloop, router=_Pinned({"long": ("prefill-1", "decode-0"), "short": ("prefill-0", "decode-0")}))
+    assert ray.get(dep.controller.set_draining.remote("decode-0", True))
+
+    async def both() -> tuple[list[TokenChunk], list[TokenChunk]]:
+        long = asyncio.create_task(_collect(stale, "long", prompt=3000))
+        while stale.counters["routed"] < 1:  # paired (with decode-0) before the short one's refusal
+            await asyncio.sleep(0.001)
+        short = await _collect(stale, "short")
+        assert not long.done()
+        return await long, short
+
+    try:
+        long, short = aloop.run(both(), timeout=60)
+    finally:
+        ray.get(dep.controller.set_draining.remote("decode-0", False))
+        aloop.run(stale.close())
+    for out, rid in ((long, "long"), (short, "short")):
+        _check_exact(out, rid, N)
+        assert out[-1].instance_id == "decode-1", (rid, [(c.index, c.instance_id) for c in out])
+    counters = stale.counters
+    assert (counters["drain_refused"], counters["handoffs"], counters["recoveries"]) == (1, 2, 0), counters
+
+
+def test_a_handoff_to_a_decoder_being_released_goes_to_another_with_its_kv(cluster: Any, aloop: Any) -> None:
+    """decode-0 drains for a scale-down and is released (the Controller's release: its ``shutdown`` hands over a
+    stream nobody polls for up to 1 s, the actor killed after) while a replica whose view shows it in service pairs
+    a request with it. The handoff's KV is refused there as leaving and goes to decode-1: prefilled once. Before, the
+    instance took it (a scale-down's drain waits for a handoff paired with it) and ended it ``released`` at once:
+    a recovery, the prompt prefilled a second time. (Last in the module: decode-0 is replaced after.)"""
+    dep = cluster
+    stale = _stale(dep, aloop, max_recoveries=3, quarantine_after=3)
+    handles = _handles(dep)
+    others = ("prefill-0", "prefill-1", "decode-1")
+    before = {i: ray.get(handles[i].stats.remote()) for i in others}
+    # A stream nobody polls: the release's hand-over waits for its end for SHUTDOWN_HANDOVER_S.
+    ray.get(handles["decode-0"].submit.remote(
+        EngineRequest("held", tuple(range(1, 65)), SamplingParams(max_tokens=10_000)), wait_first=False))
+    ray.get(handles["decode-0"].set_draining.remote(True))  # a scale-down's drain (Controller._begin_drain)
+    released = dep.controller.release.remote("decode-0", replace=True)
+
+    async def run() -> list[TokenChunk]:
+        await asyncio.sleep(0.2)  # the release began: decode-0 is in its shutdown
+        return await _collect(stale, "r5")
+
+    try:
+        out = aloop.run(run(), timeout=60)
+    finally:
+        aloop.run(stale.close())
+        assert ray.get(released, timeout=30)
+    _check_exact(out, "r5", N)
+    assert (out[0].instance_id, out[-1].instance_id) == ("prefill-0", "decode-1"), [(c.index, c.instance_id)
+                                                                                   for c in out]
+    counters = stale.counters
+    assert (counters["drain_refused"], counters["recoveries"], counters["quarantined"]) == (1, 0, 0), counters
+    after = {i: ray.get(handles[i].stats.remote()) for i in others}
+    computed = {i: after[i].prompt_tokens_computed - before[i].prompt_tokens_computed for i in others}
+    loaded = {i: after[i].prompt_tokens_loaded - before[i].prompt_tokens_loaded for i in others}
+    assert computed == {"prefill-0": PROMPT, "prefill-1": 0, "decode-1": computed["decode-1"]}, computed
+    assert loaded["decode-1"] == PROMPT and computed["decode-1"] <= 1, (computed, loaded)
 
 
 # ---- the rules on the instance (no Ray: in-process instances over the simulated backend) --------------------------

@@ -168,14 +168,16 @@ def test_a_decode_whose_kv_export_hangs_recomputes_the_prompt_and_blames_the_sou
 # ---- 4: a request submitted to an instance being released -----------------------------------------------------------
 @pytest.mark.usefixtures("no_ray")
 @pytest.mark.parametrize("broken", [None, "hung: test"])
-def test_a_submit_during_a_release_ends_as_the_released_streams_do(broken: str | None) -> None:
+def test_a_submit_during_a_release_is_refused_as_leaving(broken: str | None) -> None:
     """An instance being released (``shutdown``: the Controller kills the actor right after) still started new
     requests: one routed there during the release began decoding and ended in the kill, an actor death to the ingress,
     which its quarantine counts as a failure under the request -- though a release for a scale-down or by an admin is
-    no failure. Such a submit ends at once as the released streams do: ``released`` (recovered elsewhere, not
-    counted), or ``engine failed: ...`` for a broken instance."""
+    no failure. Then (thirty-ninth session) such a submit ended at once as the released streams do: ``released``
+    (re-prefilled elsewhere, a P->D handoff's KV thrown away) or ``engine failed: ...`` (counted against a request
+    that never ran there). Now it is refused as leaving (``draining: ... being released``): the ingress routes it,
+    a handoff's KV included, to another instance -- not a recovery, nor a failure."""
     from bench.loadgen import cluster_config
-    from scheduler.control.instance import ENGINE_FAILED, RELEASED, Instance
+    from scheduler.control.instance import DRAINING, Instance
     from scheduler.engine.base import EngineRequest
 
     cfg = cluster_config("closing", mixed=1)
@@ -194,12 +196,8 @@ def test_a_submit_during_a_release_ends_as_the_released_streams_do(broken: str |
             await closing
 
     sub = asyncio.run(asyncio.wait_for(scenario(), 20))
-    assert sub.rejected is None and len(sub.chunks) == 1, sub
-    end = sub.chunks[0]
-    assert end.finished and not end.token_ids, end
-    assert end.finish_reason == RELEASED if broken is None else end.finish_reason.startswith(ENGINE_FAILED), (
-        end
-    )
+    assert not sub.chunks and sub.leaving, sub
+    assert sub.rejected == f"{DRAINING}: mixed-0 is being released; it takes no new requests", sub
 
 
 # ---- 5: a release whose engine's abort raises ------------------------------------------------------------------------

@@ -852,7 +852,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         if sub.rejected is not None:
             field = sub.rejected.split(":", 1)[0] if ":" in sub.rejected else None
             if field == DRAINING:
-                raise InstanceDraining(sub.rejected)
+                raise InstanceDraining(sub.rejected, leaving=sub.leaving)
             if field == "request_id":
                 # A copy of this id runs there (this replica admitted it as new): the stream of a replica that died
                 # with it, reaped at the instance's lease, and this is its client's retry. Not the client's error
@@ -991,7 +991,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         naming the drain when no other instance takes it."""
         self.counters["drain_refused"] += 1
         log.info("%s: %s; routing it elsewhere", rec.request_id, err)
-        self._mark_draining(iid)
+        self._mark_draining(iid, leaving=err.leaving)
         self._expect_decode(rec.request_id, None)  # not on its way to the decoder paired with the refused route
         try:
             if decode_only:

@@ -96,13 +96,15 @@ class IngressView:
         self._snapshots.pop(iid, None)
         self._view = ClusterView(self._view.time_s, tuple(s for s in self._view.instances if s.instance_id != iid))
 
-    def _mark_draining(self, iid: str) -> None:
+    def _mark_draining(self, iid: str, *, leaving: bool = False) -> None:
         """``iid`` refused a request as draining: shown so in this view until its next snapshot (which says so by
-        then), so that the routers skip it for the requests that come meanwhile."""
+        then), so that the routers skip it for the requests that come meanwhile. ``leaving``: it said it leaves
+        (it refuses a handoff's KV too): shown leaving, so that a handoff paired with it before picks another
+        decoder instead of paying one more refusal (``Ingress._leaving``)."""
         s = self._snapshots.get(iid)
-        if s is None or s.draining:
+        if s is None or (s.draining and (s.leaving or not leaving)):
             return
-        self._snapshots[iid] = s = dataclasses.replace(s, draining=True)
+        self._snapshots[iid] = s = dataclasses.replace(s, draining=True, leaving=s.leaving or leaving)
         self._view = ClusterView(self._view.time_s, tuple(s if x.instance_id == iid else x for x in self._view.instances))
 
     async def _report(self) -> None:

@@ -182,6 +182,9 @@ class Submitted:
 
     chunks: tuple[TokenChunk, ...] = ()
     rejected: str | None = None  # message naming the field (engine-side validation)
+    # With a ``draining:`` refusal: the instance leaves (an admin drain, or its release began) and refuses a P->D
+    # handoff's KV too -- the ingress then pairs no handoff with it; a scale-down's drain still takes those.
+    leaving: bool = False
 
 
 @dataclass(slots=True)
@@ -422,10 +425,11 @@ class Instance:
         ingress' ``export_kv`` for the decode side finds it ready (or under way) instead of starting it a hop later.
 
         A draining instance refuses a new request (``rejected`` starts ``draining:``; the ingress routes it
-        elsewhere): one that leaves (an admin drain, released once its requests moved) refuses every one; one that
-        drains for a scale-down or a role switch refuses those without KV -- it still takes a P->D handoff's prompt
-        KV, paired with it at arrival, which its drain waits for (as the simulator's pairing does). A router
-        skips a draining instance once its view has the snapshot; these are the ones routed on an older view.
+        elsewhere): one that leaves (an admin drain, released once its requests moved; or one being released)
+        refuses every one (``Submitted.leaving``); one that drains for a scale-down or a role switch refuses those
+        without KV -- it still takes a P->D handoff's prompt KV, paired with it at arrival, which its drain waits for
+        (as the simulator's pairing does). A router skips a draining instance once its view has the snapshot; these
+        are the ones routed on an older view.
         """
         return await self._submit(request, kv, predicted_output_tokens=predicted_output_tokens,
                                   length_dist=length_dist, wait_first=wait_first, adopt=adopt,
@@ -444,17 +448,18 @@ class Instance:
         if adopt and ran_here:
             out = await self.poll(rid, self._lease_s / 2, request.num_output_tokens_before)  # bounded: see below
             return Submitted(chunks=(out,) if out is not None and (out.token_ids or out.finished) else ())
-        if refuse_draining and (self._leaving or (self._draining and kv is None)):
-            # Before the release check: a request sent as the release begins goes elsewhere, not recovered from here.
-            why = "leaving the cluster (an admin drain)" if self._leaving else "draining (a scale-down or role switch)"
-            return Submitted(rejected=f"{DRAINING}: {self.instance_id} is {why}; it takes no new requests")
-        if self._closing is not None:
-            # Being released (the actor is killed next): started now, the request ended in the kill, an actor death
-            # that the ingress's quarantine counts as a failure under it, a scale-down's release included. It ends as
-            # the running streams did: recovered elsewhere. (A migration's commit is refused: it stays on its source.)
-            if not wait_first:
-                return Submitted(rejected=f"{self.instance_id} is being released")
-            return Submitted(chunks=(TokenChunk(rid, -1, (), True, self._closing),))
+        # Being released (``shutdown`` began; the actor is killed next) counts as leaving: a request sent now, a
+        # handoff's KV included, goes elsewhere. Taken, it ended at once as the released streams do -- "released",
+        # re-prefilled elsewhere (a handoff's KV thrown away), or "engine failed", counted by the quarantine against
+        # a request that never ran there.
+        leaving = self._leaving or self._closing is not None
+        if refuse_draining and (leaving or (self._draining and kv is None)):
+            why = ("being released" if self._closing is not None else "leaving the cluster (an admin drain)"
+                   if self._leaving else "draining (a scale-down or role switch)")
+            return Submitted(rejected=f"{DRAINING}: {self.instance_id} is {why}; it takes no new requests",
+                             leaving=leaving)
+        if self._closing is not None:  # a committed migration's admission: it stays on its source
+            return Submitted(rejected=f"{self.instance_id} is being released")
         old = self._streams.get(rid)
         if old is not None and old.done:
             # Ended (aborted: its client left, or its ingress failed it) and never polled to its end: nothing runs.

@@ -43,7 +43,12 @@ class EngineFailed(InstanceUnresponsive):
 class InstanceDraining(Exception):
     """The instance refused a new request: it drains (``Instance.submit``; the router that picked it read an older
     view). Nothing ran there: the request is routed again without it -- not a recovery, nor a failure of the
-    instance (``max_recoveries``, the quarantine)."""
+    instance (``max_recoveries``, the quarantine). ``leaving``: it refuses a handoff's KV too (``Submitted.leaving``).
+    """
+
+    def __init__(self, message: str, *, leaving: bool = False) -> None:
+        super().__init__(message)
+        self.leaving = leaving
 
 
 def _lost(iid: str, e: BaseException) -> InstanceLost:
