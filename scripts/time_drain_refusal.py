@@ -5,6 +5,8 @@ whose view is the one it took at its start (``refresh_s`` an hour): its router p
 outstanding, ties in view order). Then, in turn: nothing drained, prefill-0 drained, decode-0 drained (an admin
 drain through the Controller, undone after the request). Prints per case the median time to the first token and to
 the last, where they came from, the refusals, and the prompt tokens computed and loaded per request (all engines).
+Then ``decode-0, 2 paired``: two requests paired with decode-0 at arrival (``PinnedRouter``), the second one's
+handoff later (a long prompt on prefill-1): the refused submits per handoff once the first one's was refused.
 
     PYTHONPATH=. python scripts/time_drain_refusal.py --rounds 10
 """
@@ -26,8 +28,23 @@ from bench.loadgen import cluster_config
 from scheduler.control.api import GenerateRequest
 from scheduler.control.cluster import start_local_cluster
 from scheduler.engine.base import SamplingParams
+from scheduler.policy.route import Router
 
 CASES = ("none", "prefill-0", "decode-0")
+LONG_PROMPT = 3000  # prefills on prefill-1 while the short request's handoff is refused
+
+
+class PinnedRouter(Router):
+    """Pairs each request with the instances named for it (request id -> ids), the accepting ones in id order else:
+    the pairings at arrival a stale replica's router made, whatever the load."""
+
+    name = "pinned"
+
+    def __init__(self, pins: dict[str, tuple[str, ...]]) -> None:
+        self.pins = pins
+
+    def score(self, request: Any, inst: Any, *, phase: str) -> Any:
+        return (inst.instance_id not in self.pins.get(request.request_id, ()), inst.instance_id)
 
 
 async def _prompt_tokens(dep: Any) -> tuple[int, int]:
@@ -62,11 +79,36 @@ async def _one(dep: Any, drained: str, rid: str, prompt: int, tokens: int) -> di
             "computed": computed2 - computed, "loaded": loaded2 - loaded}
 
 
+async def _two_paired(dep: Any, r: int, prompt: int, tokens: int) -> dict[str, Any]:
+    """Two requests paired with decode-0 before it leaves: the refusals their two handoffs paid."""
+    long, short = f"r{r}-long", f"r{r}-short"
+    ing = dep.make_ingress(refresh_s=3600.0, router=PinnedRouter({long: ("prefill-1", "decode-0"),
+                                                                  short: ("prefill-0", "decode-0")}))
+    await ing.start()
+    await dep.controller.set_draining.remote("decode-0", True)
+
+    async def one(rid: str, n: int) -> str:
+        req = GenerateRequest(rid, prompt_token_ids=tuple(range(1, n + 1)),
+                              sampling=SamplingParams(max_tokens=tokens, ignore_eos=True))
+        return [c async for c in ing.generate(req)][-1].instance_id
+
+    try:
+        first = asyncio.create_task(one(long, LONG_PROMPT))
+        while ing.counters["routed"] < 1:  # paired before the short one's refusal
+            await asyncio.sleep(0.001)
+        on = [await one(short, prompt), await first]
+    finally:
+        await dep.controller.set_draining.remote("decode-0", False)
+        await ing.close()
+    return {"refused": ing.counters["drain_refused"], "handoffs": ing.counters["handoffs"], "last_on": on}
+
+
 async def _run(dep: Any, rounds: int, prompt: int, tokens: int) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {c: [] for c in CASES}
+    out: dict[str, list[dict[str, Any]]] = {c: [] for c in (*CASES, "paired")}
     for r in range(rounds):
         for case in CASES:
             out[case].append(await _one(dep, case, f"r{r}-{case}", prompt, tokens))
+        out["paired"].append(await _two_paired(dep, r, prompt, tokens))
     return out
 
 
@@ -82,6 +124,7 @@ def main() -> None:
         res = asyncio.run(_run(cluster.deployment, args.rounds, args.prompt, args.tokens))
     finally:
         cluster.shutdown()
+    paired = res.pop("paired")
     for case, rows in res.items():
         first = statistics.median(r["first_s"] for r in rows) * 1e3
         end = statistics.median(r["end_s"] for r in rows) * 1e3
@@ -90,6 +133,10 @@ def main() -> None:
               f"refusals {sum(r['refused'] for r in rows)}, recoveries {sum(r['recoveries'] for r in rows)}; "
               f"prompt tokens computed {sorted({r['computed'] for r in rows})}, "
               f"loaded {sorted({r['loaded'] for r in rows})} per request")
+    refused, handoffs = sum(r["refused"] for r in paired), sum(r["handoffs"] for r in paired)
+    on = collections.Counter(i for r in paired for i in r["last_on"])
+    print(f"drained decode-0, 2 paired: {refused} refused submits for {handoffs} handoffs "
+          f"({refused / max(handoffs, 1):.2f} per handoff); decoded on {dict(on)}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from scheduler.config.models import ClusterConfig
 from scheduler.control.api import GenerateRequest, Unavailable
 from scheduler.control.cluster import NodeSpec
 from scheduler.engine.base import EngineRequest, SamplingParams, TokenChunk
-from scheduler.policy.route import Router
+from scripts.time_drain_refusal import LONG_PROMPT, PinnedRouter
 from tests.test_drain_node import MODEL, drain_cluster
 from tests.test_drain_node_pd import _check_exact
 
@@ -129,19 +129,6 @@ def test_a_request_no_other_instance_takes_ends_unavailable_naming_the_drain(clu
     assert (stale.counters["drain_refused"], stale.counters["recoveries"]) == (2, 0)
 
 
-class _Pinned(Router):
-    """Pairs each request with the instances named for it (request id -> ids), the accepting ones in id order else:
-    the pairings at arrival a test needs, whatever their load."""
-
-    name = "pinned"
-
-    def __init__(self, pins: dict[str, tuple[str, ...]]) -> None:
-        self.pins = pins
-
-    def score(self, request: Any, inst: Any, *, phase: str) -> Any:
-        return (inst.instance_id not in self.pins.get(request.request_id, ()), inst.instance_id)
-
-
 def test_a_decoder_that_refused_a_handoff_as_leaving_gets_no_other_handoff_paired_with_it(
         cluster: Any, aloop: Any) -> None:
     """Two requests are paired with decode-0 at arrival, before it leaves (an admin drain) in a view that does not
@@ -150,11 +137,12 @@ def test_a_decoder_that_refused_a_handoff_as_leaving_gets_no_other_handoff_paire
     and the view shows it so. Before, the view showed it draining only (as a scale-down's drain, which still takes
     the KV paired with it), so that handoff was sent there too and refused again: 2 refusals, not 1."""
     dep = cluster
-    stale = _stale(dep, aloop, router=_Pinned({"long": ("prefill-1", "decode-0"), "short": ("prefill-0", "decode-0")}))
+    pins = {"long": ("prefill-1", "decode-0"), "short": ("prefill-0", "decode-0")}
+    stale = _stale(dep, aloop, router=PinnedRouter(pins))
     assert ray.get(dep.controller.set_draining.remote("decode-0", True))
 
     async def both() -> tuple[list[TokenChunk], list[TokenChunk]]:
-        long = asyncio.create_task(_collect(stale, "long", prompt=3000))
+        long = asyncio.create_task(_collect(stale, "long", prompt=LONG_PROMPT))
         while stale.counters["routed"] < 1:  # paired (with decode-0) before the short one's refusal
             await asyncio.sleep(0.001)
         short = await _collect(stale, "short")
