@@ -61,6 +61,8 @@ def sim_summary(res) -> dict[str, Any]:
             # Named only when on: the recorded runs predate it (off).
             **({"same_instant_batching": True} if getattr(res, "same_instant_batching", False) else {}),
             **_admission_extras(res),
+            # Named only where an instance can drain under the poll-round view: the recorded runs predate it.
+            **({"drain_refused": res.drain_refused} if getattr(res, "drain_refused", None) is not None else {}),
         },
     )
 

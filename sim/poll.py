@@ -18,6 +18,7 @@ The simulator drives the rounds (``Simulator._poll_ask`` / ``_poll_answer``); th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -70,6 +71,13 @@ class IngressPoll:
                 compute -= cached_prefix_tokens(hash_ids, snap.cached_hash_ids, prompt, kv_block=snap.block_size, **kw)
         n, p, c = self.pending.get(iid, (0, 0, 0))
         self.pending[iid] = (n + 1, p + prompt, c + compute)
+
+    def mark_draining(self, iid: str) -> None:
+        """``iid`` refused a request as draining: shown so until a round's answer replaces its snapshot, as
+        ``IngressView._mark_draining`` shows it live (the routers skip it meanwhile)."""
+        s = self.snapshots.get(iid)
+        if s is not None and not s.draining:
+            self.snapshots[iid] = dataclasses.replace(s, draining=True)
 
     def ask(self, ids: Iterable[str]) -> None:
         """A round starts: the bookings so far are the answers' to show from its publication on."""

@@ -181,6 +181,9 @@ class SimResult:
     same_instant_batching: bool = False  # the run's ``Simulator`` option
     # Of ``rejected``: the requests the admission policy refused at arrival (None: no admission policy).
     admission_rejected: np.ndarray | None = None
+    # Poll mode with scaling or re-roling: requests refused by an instance that drains since the round they were
+    # routed on, and routed again (``Simulator._route_around``). None: no instance drains under a stale view.
+    drain_refused: int | None = None
 
     @property
     def instance_lifetime_s(self) -> np.ndarray:
@@ -317,6 +320,7 @@ class Simulator:
         self._in_queue = np.zeros(n, dtype=bool)
         self.kv_transfers = 0
         self.kv_transfer_s = 0.0
+        self.drain_refused = 0  # poll mode: refusals of a request routed to a draining instance (``_route_around``)
         self.heap: list = []
         self.seq = itertools.count()
         self._starts: list[SimInstance] = []  # idle instances given work at ``now``: they start at its end
@@ -630,6 +634,8 @@ class Simulator:
         if self.admission is not None and not self._admit(i, req, now):
             return
         decision = self.router.route(req, self._routing_view(now))
+        if self.poll is not None:
+            req, decision = self._route_around(i, req, decision, prompt, now)
         if isinstance(decision, Rejected):
             self.rejected[i] = True
             return
@@ -671,6 +677,29 @@ class Simulator:
         self._refresh_one(inst, now)
         if self.dec_of[i] >= 0 and handoff:  # a handoff will follow its prefill
             self._expect_kv(self.instances[self.dec_of[i]], +1, now)
+
+    def _route_around(self, i: int, req: RequestInfo, decision: RouteDecision | Rejected, prompt: int, now: float
+                      ) -> tuple[RequestInfo, RouteDecision | Rejected]:
+        """Poll mode: ``decision`` read a round from before its instance began to drain (a scale-down, a role
+        switch). As live, that instance refuses the prompt (``Instance.submit``: a draining instance takes no request
+        without KV; a handoff's KV paired with it is still taken) and the ingress routes it again without it
+        (``Ingress._route_around``): counted in ``drain_refused``, shown draining until a round's answer replaces
+        its snapshot, the refused route routed and booked as live's was before its submit."""
+        refused: set[str] = set()
+        poll = self.poll
+        assert poll is not None
+        while not isinstance(decision, Rejected) and self._index[decision.prefill_instance].draining:
+            p = decision.prefill_instance
+            self.router.on_routed(req, decision)
+            poll.book(p, prompt, **self.prefix_ids(i))
+            poll.mark_draining(p)
+            self.drain_refused += 1
+            refused.add(p)
+            req = dataclasses.replace(req, accepted=True)
+            view = self._routing_view(now)
+            view = ClusterView(view.time_s, tuple(s for s in view.instances if s.instance_id not in refused))
+            decision = self.router.route(req, view)
+        return req, decision
 
     def _admit(self, i: int, req: RequestInfo, now: float) -> bool:
         """The admission policy on arrival ``i`` (as ``Ingress._admit``: ``Deferred`` goes on to the router, whose
@@ -1025,6 +1054,9 @@ class Simulator:
             over_max_model_len=over_context(cfg, w),
             same_instant_batching=self.same_instant_batching,
             admission_rejected=self.admission_rejected if self.admission is not None else None,
+            # Where an instance can drain under a stale view (poll mode with scaling or re-roling) only.
+            drain_refused=(self.drain_refused if self.poll is not None
+                           and (self.scaler is not None or self.reroler is not None) else None),
         )
 
 

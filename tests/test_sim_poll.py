@@ -137,3 +137,33 @@ def test_simulate_takes_the_period_from_its_flag(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         simulate_main(["--synthetic", "20", "--quiet", "--ingress-poll-s", "0"])
     assert "--ingress-poll-s" in capsys.readouterr().err
+
+
+def test_a_request_routed_on_a_round_from_before_a_drain_is_refused_and_routed_again(two_mixed) -> None:
+    """m-0 drains for a scale-down at t=0.5 (busy: it stays until its request ends); rounds 10 s apart, so the view
+    is the round of t=0. Request 2 (t=1.0) is routed to m-0 on it (a tie, first in order): m-0 refuses it, as live
+    (``Instance.submit``), and it goes to m-1, counted in ``drain_refused``; m-0 shows draining from then on, so
+    request 3 goes to m-1 without a refusal. Before, request 2 ran on the draining m-0. Off, the view is fresh: no
+    refusal, and no ``drain_refused`` key (nor with the rounds on and nothing that drains)."""
+    from scheduler.policy.scaling import ScaleDecision
+    from sim.metrics import sim_summary
+    from tests.test_sim_scaling import Scripted
+
+    w = Workload(np.array([0.0, 0.01, 1.0, 1.1]), np.array([64, 64, 64, 64]), np.array([300, 300, 20, 20]))
+
+    def run(poll_s: float | None, scale: bool = True):
+        pol = Scripted([(0.5, ScaleDecision("mixed", delta=-1, reason="test", drain=("m-0",)))])
+        sim = Simulator(two_mixed, router="least_outstanding", ingress_poll_s=poll_s,
+                        **({"scaling": pol, "scaling_interval_s": 0.5} if scale else {}))
+        res = sim.run(w)
+        assert np.isfinite(res.finish_s).all() and not res.rejected.any()
+        return sim, res
+
+    sim, res = run(10.0)
+    assert sim._index["m-0"].stopped_s is not None and sim._index["m-0"].stopped_s > 1.1  # draining, not gone
+    assert res.instance.tolist() == [0, 1, 1, 1]
+    assert res.drain_refused == 1 and sim_summary(res)["drain_refused"] == 1
+    _, res = run(None)
+    assert res.instance.tolist() == [0, 1, 1, 1] and "drain_refused" not in sim_summary(res)
+    _, res = run(10.0, scale=False)
+    assert res.drain_refused is None and "drain_refused" not in sim_summary(res)
