@@ -146,7 +146,7 @@ def test_a_restarted_controller_is_seeded_by_the_first_replica_that_reports() ->
     _exchange("a", sa, new)  # asked to seed: nothing changes yet
     assert sa._seed and new.seq == 0 and not new.learned
     _exchange("a", sa, new)  # its base adopted
-    assert new.learned and sa.epoch == "e2"
+    assert new.learned and sa.epoch == new.epoch
     _exchange("b", sb, new)
     one = _lengths()
     one.load_state(learned)
@@ -210,3 +210,29 @@ def test_sharing_is_on_with_online_and_off_with_share_false() -> None:
     assert not off.share_online and off.online.max_tenants == 4
     with pytest.raises(ValueError, match=r"params\.online\.share"):
         serving_predictor(PolicySpec(name="trace", params={"online": {"share": "sometimes"}}))
+
+
+def test_a_replica_served_by_a_restarted_controller_before_its_seed_gets_the_seeded_state() -> None:
+    """A restarted Controller asks A (old epoch) to seed it; meanwhile a new replica C reports and gets the
+    Controller's state, empty then, at log position 0. A's base adopted, C's next exchange brings it the seeded
+    state too (before: the log since C's cursor only, so C never learned what the cluster knew before the
+    restart)."""
+    a, c = _lengths(), _lengths()
+    sa, sc, old = SharedLengths(a), SharedLengths(c), LengthLog("e1")
+    reqs = _requests(120, seed=7)
+    for r in reqs[:100]:
+        _observe(a, r)
+    _exchange("a", sa, old)
+    new = LengthLog("e2")
+    _exchange("a", sa, new)  # asked to seed
+    _exchange("c", sc, new)  # a new replica: the empty state
+    _exchange("a", sa, new)  # A's base adopted
+    for r in reqs[100:]:
+        _observe(a, r)
+    _exchange("a", sa, new)
+    _exchange("c", sc, new)
+    one = _lengths()
+    for r in reqs:
+        _observe(one, r)
+    _same(new.merged, one)
+    _same(c, one)

@@ -21,8 +21,9 @@ requests of one report period of different replicas are ordered by report, not b
 only how much each weighs once a row is past ``memory`` (decay: at most a period's worth of requests apart) and
 the TinyLFU sketch's halving point by as much; a cut request is spread by the merged posterior at merge time (its
 own replica spread it by its local one until then). A Controller restart empties the log: the first replica that
-reports with a cursor of the old Controller's seeds the new one with its base (``LengthReply.seed``); samples the
-other replicas had merged after that replica's cursor are lost (at most one period's).
+reports with a cursor of the old Controller's seeds the new one with its base (``LengthReply.seed``), and the log
+takes a new epoch (a replica answered before, the empty state, then gets the merged one); samples the other
+replicas had merged after that replica's cursor are lost (at most one period's).
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ class LengthLog:
             if report.state is None:
                 return LengthReply(self.epoch, report.first, self.seq, seed=True)
             self.merged.load_state(report.state)
+            # A base handed out before (a new replica's: the empty state) is not this one plus the log: a new
+            # epoch sends those replicas the merged state.
+            self.epoch += "+seed"
             cursor = self.seq
         acked = self._acked.pop(replica, report.first)
         new = report.samples[max(0, acked - report.first):]  # (those below ``acked`` were merged: a lost reply)
