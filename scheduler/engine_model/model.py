@@ -73,6 +73,7 @@ class Seq:
         "in_decode",
         "join_step",
         "length_dist",
+        "load",
         "max_new",
         "num_computed",
         "num_tokens",
@@ -106,6 +107,10 @@ class Seq:
         self.hash_ids: tuple[int, ...] = ()  # prompt block ids for the prefix cache
         self.hash_block_tokens = 0
         self.handoff = False  # prefill only, then hand the KV to another instance
+        # Its entry in a detailed snapshot while queued (prefilling or waiting), built at the first read: what it
+        # shows is fixed there. Cleared when it re-enters the queue by preemption, the one way back after its
+        # counts moved (a prefill completed, decode steps, a migration's ``detach``: all outside the queue).
+        self.load: RequestLoad | None = None
 
 
 def _remaining(seq: Seq, generated: int) -> float | None:
@@ -114,6 +119,12 @@ def _remaining(seq: Seq, generated: int) -> float | None:
     if seq.predicted_remaining is None:
         return None
     return remaining_tokens(seq.predicted_remaining - generated, seq.length_dist, seq.dist_base + generated)
+
+
+def _queued_load(seq: Seq) -> RequestLoad:
+    """``seq``'s entry in a detailed snapshot while it is queued (kept on it: ``Seq.load``)."""
+    seq.load = RequestLoad(seq.rid, seq.num_tokens, seq.generated, _remaining(seq, seq.generated), seq.priority, True)
+    return seq.load
 
 
 @dataclass(slots=True)
@@ -216,6 +227,12 @@ class EngineModel:
         # ``ahead`` as well): a driver keeps its snapshot while this stands (``SimInstance.make_snapshot``). Not by
         # writes from outside (``prefill_blocks``, ``role``): the driver keys on those itself.
         self.version = 0
+        # The detailed snapshot's entries of ``prefilling`` and ``waiting`` (``snapshot(detail=True)``), kept until
+        # either list changes: what they show of a queued request (context, generated, guess, priority) is fixed
+        # while it is queued, and a step changes the queue only when it admits, completes a prefill or preempts. An
+        # overloaded instance lists ~100 queued requests: rebuilding them on every read was most of a migration
+        # run's time (the policy reads every instance each 0.5 s tick). None: rebuild at the next read.
+        self._queue_loads: tuple[RequestLoad, ...] | None = None
         # Counters (a live engine reports the same ones).
         self.num_preemptions = 0
         self.prompt_tokens_computed = 0
@@ -290,6 +307,7 @@ class EngineModel:
             self.waiting.appendleft(seq)
         else:
             self.waiting.append(seq)
+        self._queue_loads = None
         return seq
 
     def check_request(self, rid: str, prompt_tokens: int, max_tokens: int, cached_tokens: int = 0) -> None:
@@ -321,8 +339,10 @@ class EngineModel:
             self.prefilling.remove(seq)
             self.prefill_blocks -= seq.blocks
             seq.blocks = 0
+            self._queue_loads = None
         else:
             self.waiting.remove(seq)
+            self._queue_loads = None
         seq.done = True
         return True
 
@@ -467,6 +487,7 @@ class EngineModel:
                     if need > self.total_blocks - self.prefill_blocks - decode_blocks:
                         break
                 self.waiting.popleft()
+                self._queue_loads = None
                 res.admitted.append(head)
                 head.admit_no = next(self._admit_counter)
                 head.blocks = need
@@ -616,6 +637,7 @@ class EngineModel:
     def _prefill_complete(self, seq: Seq, res: StepResult) -> None:
         """The context is computed: sample the first token on this engine."""
         self.prefilling.remove(seq)
+        self._queue_loads = None
         seq.generated += 1
         seq.num_tokens += 1
         res.first_token.append(seq)
@@ -658,8 +680,10 @@ class EngineModel:
             self.prefilling.remove(victim)
             self.prefill_blocks -= victim.blocks
         victim.blocks = 0
+        victim.load = None  # its context and generated count moved while it decoded
         victim.num_computed = 0  # KV dropped: prompt and generated tokens are recomputed (less the cache's hits)
         self.waiting.appendleft(victim)
+        self._queue_loads = None
         self.num_preemptions += 1
         return victim
 
@@ -798,9 +822,11 @@ class EngineModel:
             for s in self.decoding.values():
                 g = self.generated_of(s)
                 rl.append(RequestLoad(s.rid, self.computed_of(s) + 1, g, _remaining(s, g), s.priority))
-            for s in itertools.chain(self.prefilling, self.waiting):
-                rl.append(RequestLoad(s.rid, s.num_tokens, s.generated, _remaining(s, s.generated), s.priority, True))
-            requests = tuple(rl)
+            queue = self._queue_loads
+            if queue is None:
+                queue = self._queue_loads = tuple(
+                    s.load or _queued_load(s) for s in itertools.chain(self.prefilling, self.waiting))
+            requests = (*rl, *queue)
         pending = sum(s.num_tokens - s.num_computed for s in self.prefilling) + sum(
             s.num_tokens for s in self.waiting
         )

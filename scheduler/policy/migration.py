@@ -166,11 +166,6 @@ class NoMigration(MigrationPolicy):
         return []
 
 
-def _holds_high_priority(inst: InstanceSnapshot) -> bool:
-    """A high-priority request decodes there: what priority isolation protects."""
-    return any(r.priority >= HIGH_PRIORITY and not r.in_prefill for r in inst.requests)
-
-
 def _blocks(tokens: float, block_size: int) -> int:
     return -(-int(tokens) // max(block_size, 1))
 
@@ -192,6 +187,34 @@ class _Round:
         self.rate_left = policy.max_per_s - len(policy._starts)  # ``_expire`` left the last second's starts
         self.plans: list[MigrationPlan] = []
         self.moved: set[str] = set(policy._inflight)
+        self.changes = 0  # bumped by every plan added or rolled back: what ``vu``, ``free`` read moved
+        # Each instance's requests split once a round into its decodes (what a move takes) and its queue, in the
+        # snapshot's order: an overloaded instance lists ~100 queued requests behind ~10 decodes, and every
+        # trigger scanned them all (most of a migration run's time went to these scans; fortieth session).
+        self._split: dict[str, tuple[list[RequestLoad], list[RequestLoad], bool]] = {}
+
+    def _split_of(self, inst: InstanceSnapshot) -> tuple[list[RequestLoad], list[RequestLoad], bool]:
+        split = self._split.get(inst.instance_id)
+        if split is None:
+            decodes: list[RequestLoad] = []
+            queued: list[RequestLoad] = []
+            for r in inst.requests:
+                (queued if r.in_prefill else decodes).append(r)
+            high = any(r.priority >= HIGH_PRIORITY for r in decodes)
+            split = self._split[inst.instance_id] = (decodes, queued, high)
+        return split
+
+    def decodes(self, inst: InstanceSnapshot) -> list[RequestLoad]:
+        """``inst``'s decoding requests, in its snapshot's order."""
+        return self._split_of(inst)[0]
+
+    def queued(self, inst: InstanceSnapshot) -> list[RequestLoad]:
+        """``inst``'s requests in prefill (prefilling, then the FCFS queue), in its snapshot's order."""
+        return self._split_of(inst)[1]
+
+    def holds_high_priority(self, inst: InstanceSnapshot) -> bool:
+        """A high-priority request decodes on ``inst``: what priority isolation protects."""
+        return self._split_of(inst)[2]
 
     def vu(self, inst: InstanceSnapshot) -> float:
         return self.used[inst.instance_id] / max(inst.kv_blocks_total, 1)
@@ -217,6 +240,7 @@ class _Round:
     def rollback(self, cp: tuple) -> None:
         self.free, self.used, self.busy, self.inflight, n, self.moved = cp
         del self.plans[n:]
+        self.changes += 1
 
     def add(self, r: RequestLoad, src: InstanceSnapshot, dst: InstanceSnapshot, reason: MigrationReason) -> None:
         n = _blocks(r.context_tokens, src.block_size)
@@ -233,6 +257,7 @@ class _Round:
         self.inflight += 1
         self.moved.add(r.request_id)
         self.plans.append(MigrationPlan(r.request_id, src.instance_id, dst.instance_id, reason))
+        self.changes += 1
 
 
 class LlumnixMigrationPolicy(MigrationPolicy):
@@ -350,7 +375,10 @@ class LlumnixMigrationPolicy(MigrationPolicy):
         """Least virtually used eligible destination that stays below ``below`` after taking ``r`` -- and, with
         ``protect``, below ``pressure`` if it holds a high-priority decode: with ``high_watermark`` above
         ``pressure``, priority isolation shed such a move straight back (a low-priority decode bouncing between two
-        protected instances). A drain does not protect: its source must empty, and nothing goes back to it."""
+        protected instances). A drain does not protect: its source must empty, and nothing goes back to it.
+
+        None for a request means none for a larger one while nothing is planned meanwhile: every test a candidate
+        fails (free blocks, usage after, pressure) is monotone in the context moved. The loops skip those calls."""
         best, best_vu = None, math.inf
         for d in dests:
             if d.instance_id == src.instance_id or not rnd.can_touch(d):
@@ -360,14 +388,14 @@ class LlumnixMigrationPolicy(MigrationPolicy):
                 continue
             vu = rnd.vu(d)
             after = vu + _blocks(r.context_tokens, d.block_size) / max(d.kv_blocks_total, 1)
-            if after > below or vu >= best_vu or (protect and after >= self.pressure and _holds_high_priority(d)):
+            if after > below or vu >= best_vu or (protect and after >= self.pressure and rnd.holds_high_priority(d)):
                 continue
             best, best_vu = d, vu
         return best
 
     def _drain(self, rnd: _Round, draining: list[InstanceSnapshot], dests: list[InstanceSnapshot]) -> None:
         for src in draining:
-            reqs = sorted((r for r in src.requests if rnd.movable(r)), key=self._remaining, reverse=True)
+            reqs = sorted((r for r in rnd.decodes(src) if rnd.movable(r)), key=self._remaining, reverse=True)
             for r in reqs:
                 if rnd.full():
                     return
@@ -383,9 +411,9 @@ class LlumnixMigrationPolicy(MigrationPolicy):
                 return
             if src.draining or not src.healthy or src.kv_blocks_used / max(src.kv_blocks_total, 1) < self.pressure:
                 continue
-            if not _holds_high_priority(src):
+            if not rnd.holds_high_priority(src):
                 continue
-            low = sorted((r for r in src.requests if r.priority < HIGH_PRIORITY and rnd.movable(r)),
+            low = sorted((r for r in rnd.decodes(src) if r.priority < HIGH_PRIORITY and rnd.movable(r)),
                          key=lambda r: (r.priority, self._key(self, r)))
             used0 = rnd.used[src.instance_id]
             for r in low:
@@ -407,7 +435,7 @@ class LlumnixMigrationPolicy(MigrationPolicy):
             nq = src.num_waiting - src.num_incoming
             if rnd.full() or nq <= 0 or not rnd.can_touch(src):
                 continue
-            queued = [r for r in src.requests if r.in_prefill]
+            queued = rnd.queued(src)
             # NOTE: snapshots list prefilling requests first, then the FCFS queue; the head is the first waiting.
             waiting = queued[-nq:] if len(queued) >= nq else queued
             if not waiting:
@@ -416,7 +444,7 @@ class LlumnixMigrationPolicy(MigrationPolicy):
             deficit = need - rnd.free[src.instance_id]
             if deficit <= 0 or need <= most_free:
                 continue  # it fits here or elsewhere: routing/admission's job, not migration's
-            small = sorted((r for r in src.requests if rnd.movable(r)), key=lambda r: r.context_tokens)
+            small = sorted((r for r in rnd.decodes(src) if rnd.movable(r)), key=lambda r: r.context_tokens)
             if sum(_blocks(r.context_tokens, src.block_size) for r in small) < deficit:
                 continue  # cannot free enough: moving some would only cost
             # One move if one decode frees enough (the smallest such): smallest-first took a 10-block decode
@@ -425,33 +453,56 @@ class LlumnixMigrationPolicy(MigrationPolicy):
             if one is not None:
                 small.remove(one)
                 small.insert(0, one)
-            freed, cp = 0, rnd.checkpoint()
+            freed, cp, fail = 0, rnd.checkpoint(), math.inf
             for r in small:
                 if freed >= deficit or rnd.full() or not rnd.can_touch(src):
                     break
+                if r.context_tokens >= fail:
+                    continue  # no destination for a smaller one, nothing planned since (``_destination``)
                 d = self._destination(rnd, r, src, dests, below=self.high_watermark)
-                if d is not None:
-                    rnd.add(r, src, d, MigrationReason.DEFRAG)
-                    freed += _blocks(r.context_tokens, src.block_size)
+                if d is None:
+                    fail = r.context_tokens
+                    continue
+                rnd.add(r, src, d, MigrationReason.DEFRAG)
+                freed += _blocks(r.context_tokens, src.block_size)
+                fail = math.inf
             if freed < deficit:
                 rnd.rollback(cp)  # a partial defrag only costs: the queued prompt still would not fit
 
     def _balance(self, rnd: _Round, view: ClusterView, dests: list[InstanceSnapshot]) -> None:
         sources = sorted((i for i in view.instances if i.healthy and not i.draining and i.role.does_decode
                           and rnd.vu(i) > self.high_watermark), key=rnd.vu, reverse=True)
+        def less_used(src: InstanceSnapshot) -> list[InstanceSnapshot]:
+            # Relative, as Llumnix pairs instances by freeness: under bursts every instance is above a fixed
+            # low watermark and none qualified (bursty L4 study, 4 seeds x 2 rates: preemptions -13% / -9%
+            # with a 0.5 watermark, -43% / -30% with a 0.2 gap; twenty-seventh session).
+            vu = rnd.vu(src)
+            return [d for d in dests if rnd.vu(d) < min(self.low_watermark, vu - self.balance_gap)]
+
         for src in sources:
+            # NOTE: the candidates change only with a plan added (``rnd.changes``): none now, none for any of this
+            # source's requests until one is -- the common case under load, every instance about as full (the
+            # request scan and sort for nothing were a third of a migration run's policy time).
+            low, seen = less_used(src), rnd.changes
+            if not low:
+                continue
             # Low priority first (it moved a high-priority decode ahead of an equal low-priority one).
-            reqs = sorted((r for r in src.requests if rnd.movable(r)), key=lambda r: (r.priority, self._key(self, r)))
+            reqs = sorted((r for r in rnd.decodes(src) if rnd.movable(r)),
+                          key=lambda r: (r.priority, self._key(self, r)))
+            fail = math.inf
             for r in reqs:
                 if rnd.full() or not rnd.can_touch(src) or rnd.vu(src) <= self.high_watermark:
                     break
-                # Relative, as Llumnix pairs instances by freeness: under bursts every instance is above a fixed
-                # low watermark and none qualified (bursty L4 study, 4 seeds x 2 rates: preemptions -13% / -9%
-                # with a 0.5 watermark, -43% / -30% with a 0.2 gap; twenty-seventh session).
-                vu = rnd.vu(src)
-                low = [d for d in dests if rnd.vu(d) < min(self.low_watermark, vu - self.balance_gap)]
+                if rnd.changes != seen:
+                    low, seen, fail = less_used(src), rnd.changes, math.inf
+                    if not low:
+                        break
+                if r.context_tokens >= fail:
+                    continue  # no destination for a smaller one, nothing planned since (``_destination``)
                 d = self._destination(rnd, r, src, low, below=self.high_watermark)
-                if d is not None:
+                if d is None:
+                    fail = r.context_tokens
+                else:
                     rnd.add(r, src, d, MigrationReason.LOAD_BALANCE)
 
 
