@@ -233,6 +233,7 @@ class EngineModel:
         # overloaded instance lists ~100 queued requests: rebuilding them on every read was most of a migration
         # run's time (the policy reads every instance each 0.5 s tick). None: rebuild at the next read.
         self._queue_loads: tuple[RequestLoad, ...] | None = None
+        self._waiting_tokens: int | None = None  # summed contexts of ``waiting`` (the same rule)
         # Counters (a live engine reports the same ones).
         self.num_preemptions = 0
         self.prompt_tokens_computed = 0
@@ -307,8 +308,13 @@ class EngineModel:
             self.waiting.appendleft(seq)
         else:
             self.waiting.append(seq)
-        self._queue_loads = None
+        self._queue_changed()
         return seq
+
+    def _queue_changed(self) -> None:
+        """``prefilling`` or ``waiting`` changed: a snapshot reads them again (``_queue_loads``)."""
+        self._queue_loads = None
+        self._waiting_tokens = None
 
     def check_request(self, rid: str, prompt_tokens: int, max_tokens: int, cached_tokens: int = 0) -> None:
         """Raise ``ValueError`` if ``add_request`` would refuse this request (a caller that admits it later checks
@@ -339,10 +345,10 @@ class EngineModel:
             self.prefilling.remove(seq)
             self.prefill_blocks -= seq.blocks
             seq.blocks = 0
-            self._queue_loads = None
+            self._queue_changed()
         else:
             self.waiting.remove(seq)
-            self._queue_loads = None
+            self._queue_changed()
         seq.done = True
         return True
 
@@ -487,7 +493,7 @@ class EngineModel:
                     if need > self.total_blocks - self.prefill_blocks - decode_blocks:
                         break
                 self.waiting.popleft()
-                self._queue_loads = None
+                self._queue_changed()
                 res.admitted.append(head)
                 head.admit_no = next(self._admit_counter)
                 head.blocks = need
@@ -637,7 +643,7 @@ class EngineModel:
     def _prefill_complete(self, seq: Seq, res: StepResult) -> None:
         """The context is computed: sample the first token on this engine."""
         self.prefilling.remove(seq)
-        self._queue_loads = None
+        self._queue_changed()
         seq.generated += 1
         seq.num_tokens += 1
         res.first_token.append(seq)
@@ -683,7 +689,7 @@ class EngineModel:
         victim.load = None  # its context and generated count moved while it decoded
         victim.num_computed = 0  # KV dropped: prompt and generated tokens are recomputed (less the cache's hits)
         self.waiting.appendleft(victim)
-        self._queue_loads = None
+        self._queue_changed()
         self.num_preemptions += 1
         return victim
 
@@ -827,9 +833,10 @@ class EngineModel:
                 queue = self._queue_loads = tuple(
                     s.load or _queued_load(s) for s in itertools.chain(self.prefilling, self.waiting))
             requests = (*rl, *queue)
-        pending = sum(s.num_tokens - s.num_computed for s in self.prefilling) + sum(
-            s.num_tokens for s in self.waiting
-        )
+        waiting_tokens = self._waiting_tokens
+        if waiting_tokens is None:
+            waiting_tokens = self._waiting_tokens = sum(s.num_tokens for s in self.waiting)
+        pending = sum(s.num_tokens - s.num_computed for s in self.prefilling) + waiting_tokens
         # (``is not None``: an empty cache still knows its queue; a falsy one read as "cannot tell" until a first id.)
         compute = pending - self._waiting_not_computed() if self.prefix_cache is not None else None
         bs = len(self.decoding)
