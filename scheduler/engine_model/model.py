@@ -825,9 +825,11 @@ class EngineModel:
         requests: tuple[RequestLoad, ...] = ()
         if detail:
             rl = []
-            for s in self.decoding.values():
-                g = self.generated_of(s)
-                rl.append(RequestLoad(s.rid, self.computed_of(s) + 1, g, _remaining(s, g), s.priority))
+            step_no = self.step_no
+            for s in self.decoding.values():  # (``computed_of`` and ``generated_of`` inlined: per decode, per read)
+                k = step_no - s.join_step
+                g = s.generated + k
+                rl.append(RequestLoad(s.rid, s.num_computed + k + 1, g, _remaining(s, g), s.priority))
             queue = self._queue_loads
             if queue is None:
                 queue = self._queue_loads = tuple(

@@ -196,10 +196,8 @@ class _Round:
     def _split_of(self, inst: InstanceSnapshot) -> tuple[list[RequestLoad], list[RequestLoad], bool]:
         split = self._split.get(inst.instance_id)
         if split is None:
-            decodes: list[RequestLoad] = []
-            queued: list[RequestLoad] = []
-            for r in inst.requests:
-                (queued if r.in_prefill else decodes).append(r)
+            decodes = [r for r in inst.requests if not r.in_prefill]
+            queued = [r for r in inst.requests if r.in_prefill]
             high = any(r.priority >= HIGH_PRIORITY for r in decodes)
             split = self._split[inst.instance_id] = (decodes, queued, high)
         return split
