@@ -143,6 +143,21 @@ def test_balance_does_not_retry_a_larger_request_where_a_smaller_found_no_room()
     assert [p.request_id for p in plans] == ["short"]
 
 
+def test_defrag_does_not_retry_an_instance_whose_smallest_decode_has_no_room() -> None:
+    # A 3200-token prompt heads the queue and fits nowhere (10 blocks free anywhere); its instance's decodes could
+    # free enough, but no destination has room for even the smallest: the old round tried each of them (and rolled
+    # back) at every tick; one look at the smallest settles it.
+    policy = LlumnixMigrationPolicy()
+    calls = counting(policy)
+    src = snap("src", used=990, decodes=[3100, 1000, 3200, 2000], queued=0)
+    head = RequestLoad("head", 3200, 0, in_prefill=True)
+    src = InstanceSnapshot(**{**{f: getattr(src, f) for f in src.__slots__}, "requests": (*src.requests, head),
+                              "num_waiting": 1})
+    dst = snap("dst", used=990, decodes=[100], queued=0)
+    assert policy.plan(ClusterView(0.0, (src, dst)), 1.0) == []
+    assert calls[0] == 1
+
+
 def l4_config(tmp_path: Path):
     text = (Path(__file__).resolve().parents[1] / "scheduler/config/examples/default.yaml").read_text()
     path = tmp_path / "l4.yaml"  # the migration study's cluster: 4 x Llama-2-7B on L4s, KV binds

@@ -442,9 +442,15 @@ class LlumnixMigrationPolicy(MigrationPolicy):
             deficit = need - rnd.free[src.instance_id]
             if deficit <= 0 or need <= most_free:
                 continue  # it fits here or elsewhere: routing/admission's job, not migration's
-            small = sorted((r for r in rnd.decodes(src) if rnd.movable(r)), key=lambda r: r.context_tokens)
-            if sum(_blocks(r.context_tokens, src.block_size) for r in small) < deficit:
+            movable = [r for r in rnd.decodes(src) if rnd.movable(r)]
+            if sum(_blocks(r.context_tokens, src.block_size) for r in movable) < deficit:
                 continue  # cannot free enough: moving some would only cost
+            # No destination for the smallest: none for any (``_destination``), and the partial defrag would roll
+            # back -- under load, every tick, on every instance whose queue head fits nowhere.
+            smallest = min(movable, key=lambda r: r.context_tokens)
+            if self._destination(rnd, smallest, src, dests, below=self.high_watermark) is None:
+                continue
+            small = sorted(movable, key=lambda r: r.context_tokens)
             # One move if one decode frees enough (the smallest such): smallest-first took a 10-block decode
             # against a 35-block deficit, had no second move (max_per_instance 1) and rolled back, every round.
             one = next((r for r in small if _blocks(r.context_tokens, src.block_size) >= deficit), None)
