@@ -476,12 +476,17 @@ class LlumnixMigrationPolicy(MigrationPolicy):
     def _balance(self, rnd: _Round, view: ClusterView, dests: list[InstanceSnapshot]) -> None:
         sources = sorted((i for i in view.instances if i.healthy and not i.draining and i.role.does_decode
                           and rnd.vu(i) > self.high_watermark), key=rnd.vu, reverse=True)
+        usage: tuple[int, list[float]] = (-1, [])  # the destinations' usages, as of ``rnd.changes``
+
         def less_used(src: InstanceSnapshot) -> list[InstanceSnapshot]:
             # Relative, as Llumnix pairs instances by freeness: under bursts every instance is above a fixed
             # low watermark and none qualified (bursty L4 study, 4 seeds x 2 rates: preemptions -13% / -9%
             # with a 0.5 watermark, -43% / -30% with a 0.2 gap; twenty-seventh session).
-            vu = rnd.vu(src)
-            return [d for d in dests if rnd.vu(d) < min(self.low_watermark, vu - self.balance_gap)]
+            nonlocal usage
+            if usage[0] != rnd.changes:
+                usage = (rnd.changes, [rnd.vu(d) for d in dests])
+            below = min(self.low_watermark, rnd.vu(src) - self.balance_gap)
+            return [d for d, vu in zip(dests, usage[1], strict=True) if vu < below]
 
         for src in sources:
             # NOTE: the candidates change only with a plan added (``rnd.changes``): none now, none for any of this
