@@ -36,3 +36,19 @@ def test_the_json_names_the_trace_it_timed(monkeypatch, tmp_path):
     assert bench_sim.main(["--trace", str(given), "--json", str(out)]) == 0
     row = json.loads(out.read_text())["azure_16"]
     assert row["trace"] == given.name and row["requests"] == len(bench_sim.load_trace(given))
+
+
+def test_migration_case_times_both_trees_and_compares_their_summaries(monkeypatch, tmp_path):
+    # ``--case migration --baseline TREE``: with/without migration in this tree and the baseline's, in fresh
+    # processes; a tree against itself gives the same summaries (wall clock aside) and the same moves.
+    monkeypatch.setattr(bench_sim, "MIGRATION_WORKLOADS", {"tiny": ["--synthetic", "60", "--cv", "4", "--rate", "2"]})
+    out = tmp_path / "m.json"
+    assert bench_sim.main(["--case", "migration", "--baseline", str(bench_sim.ROOT), "--repeats", "1",
+                           "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["migration_tiny"]
+    assert row["identical"] is True
+    for tree in ("current", "baseline"):
+        assert row[tree]["llumnix_wall_s"] > 0 and row[tree]["ratio"] > 0
+    assert row["current"]["migrations"] == row["baseline"]["migrations"]
+    with pytest.raises(SystemExit, match="--baseline .*not a checkout"):
+        bench_sim.main(["--case", "migration", "--baseline", str(tmp_path)])
