@@ -25,13 +25,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
-    view = TenantLengths()
-    shared, log = SharedLengths(view), LengthLog("e1")
+    shared, log = SharedLengths(TenantLengths()), LengthLog("e1")
     shared.apply(log.share("a", shared.report()))
     for _ in range(args.backlog):
-        view.observe(rng.randint(10, 4000), rng.randint(1, 2000), tenant=f"t{rng.randrange(args.tenants)}")
+        shared.view.observe(rng.randint(10, 4000), rng.randint(1, 2000), tenant=f"t{rng.randrange(args.tenants)}")
     exchanges, total, worst = 0, 0.0, 0.0
-    while view.journal:
+    while shared.view.journal:  # (``apply`` swaps a rebuilt view in)
         reply = log.share("a", shared.report())
         t0 = time.perf_counter()
         shared.apply(reply)

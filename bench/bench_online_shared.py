@@ -45,7 +45,7 @@ def replay(prompt: np.ndarray, output: np.ndarray, tenants: list[str], replica: 
     k = int(replica.max()) + 1 if mode != "one" else 1
     sps = [_predictor() for _ in range(k)]
     log = LengthLog("bench")
-    shares = [SharedLengths(sp.online) for sp in sps] if mode == "shared" else []
+    shares = [SharedLengths(sp.online, adopt=sp.use_online) for sp in sps] if mode == "shared" else []
     sizes: dict[str, list[float]] = {k: [] for k in ("report", "reply", "samples", "ingress_s", "controller_s")}
 
     def exchange(r: int) -> None:
@@ -70,7 +70,7 @@ def replay(prompt: np.ndarray, output: np.ndarray, tenants: list[str], replica: 
         if i == restart_at:
             sps[1] = _predictor()
             if shares:
-                shares[1] = SharedLengths(sps[1].online)
+                shares[1] = SharedLengths(sps[1].online, adopt=sps[1].use_online)
                 exchange(1)  # (``Ingress._start``: before it serves anything)
         guess[i] = sps[0 if mode == "one" else replica[i]].predict_dist(None, n, tenant=t).point
         pending.append(i)

@@ -58,72 +58,70 @@ def test_a_lone_replica_predicts_bit_for_bit_as_without_sharing() -> None:
     """One replica: its samples come back in its own order, so after every exchange (and between them) its
     histories are the ones a replica that does not share holds -- with requests finishing while a report is on its
     way too (they stay in its view, and go with the next report)."""
-    alone, view = _lengths(), _lengths()
-    shared, log = SharedLengths(view), LengthLog("e1")
+    alone = _lengths()
+    shared, log = SharedLengths(_lengths()), LengthLog("e1")
     reqs = iter(_requests(400))
     for k in range(100):
         for r in [next(reqs) for _ in range(k % 5)]:
             _observe(alone, r)
-            _observe(view, r)
+            _observe(shared.view, r)
         reply = log.share("a", shared.report())
         for r in [next(reqs) for _ in range(k % 3)]:  # finished meanwhile
             _observe(alone, r)
-            _observe(view, r)
+            _observe(shared.view, r)
         shared.apply(reply)
-        _same(view, alone)
+        _same(shared.view, alone)
     for r in reqs:
         _observe(alone, r)
-        _observe(view, r)
+        _observe(shared.view, r)
     _exchange("a", shared, log)
-    _same(view, alone)
+    _same(shared.view, alone)
     _same(log.merged, alone)
-    assert view.journal == [] and view.observed == 400
+    assert shared.view.journal == [] and shared.view.observed == 400
 
 
 def test_two_replicas_learn_as_one_and_a_new_one_starts_from_it() -> None:
     """Requests observed on A only change B's prediction after an exchange; B then holds exactly what one replica
     that saw every request in the Controller's order holds (nothing counted twice, nothing lost), even when a reply
     is lost and its report sent again; a new replica C starts from it."""
-    a, b = _lengths(), _lengths()
-    sa, sb, log = SharedLengths(a), SharedLengths(b), LengthLog("e1")
+    sa, sb, log = SharedLengths(_lengths()), SharedLengths(_lengths()), LengthLog("e1")
     one = _lengths()  # sees every request in the order the Controller merges them
     reqs = _requests(600, seed=1)
     for k in range(0, 600, 20):
         batch_a, batch_b = reqs[k:k + 15], reqs[k + 15:k + 20]
-        before = b.adjust(PRIOR, batch_a[0][0], batch_a[0][3])
+        before = sb.view.adjust(PRIOR, batch_a[0][0], batch_a[0][3])
         for r in batch_a:
-            _observe(a, r)
-        assert b.adjust(PRIOR, batch_a[0][0], batch_a[0][3]) == before  # (A's are not in B yet)
+            _observe(sa.view, r)
+        assert sb.view.adjust(PRIOR, batch_a[0][0], batch_a[0][3]) == before  # (A's are not in B yet)
         for r in batch_b:
-            _observe(b, r)
+            _observe(sb.view, r)
         # Every third reply lost: the Controller merged the batch, and A sends it again next time (merged once).
         _exchange("a", sa, log, lost=k % 60 == 0)
         _exchange("b", sb, log)
         for r in batch_a + batch_b:
             _observe(one, r)
-        _same(b, one)
+        _same(sb.view, one)
         _same(log.merged, one)
     _exchange("a", sa, log)
-    _same(a, one)
-    assert one.observed == a.observed == b.observed == log.merged.observed == 600 == log.seq
-    c = _lengths()
-    SharedLengths(c).apply(log.share("c", SharedLengths(c).report()))
-    _same(c, one)
-    assert b.adjust(PRIOR, 1000, "summarise") != _lengths().adjust(PRIOR, 1000, "summarise")
+    _same(sa.view, one)
+    assert one.observed == sa.view.observed == sb.view.observed == log.merged.observed == 600 == log.seq
+    sc = SharedLengths(_lengths())
+    _exchange("c", sc, log)
+    _same(sc.view, one)
+    assert sb.view.adjust(PRIOR, 1000, "summarise") != _lengths().adjust(PRIOR, 1000, "summarise")
 
 
 def test_a_replica_behind_the_log_gets_the_merged_state_and_other_settings_learn_alone() -> None:
-    a, b = _lengths(), _lengths()
-    sa, sb, log = SharedLengths(a), SharedLengths(b), LengthLog("e1", max_log=10)
+    sa, sb, log = SharedLengths(_lengths()), SharedLengths(_lengths()), LengthLog("e1", max_log=10)
     _exchange("b", sb, log)
     for r in _requests(50, seed=2):
-        _observe(a, r)
+        _observe(sa.view, r)
     _exchange("a", sa, log)
     assert len(log.log) == 10 and log.seq == 50
     reply = log.share("b", sb.report())
     assert reply is not None and reply.state is not None and not reply.samples  # 50 since B's cursor, 10 kept
     sb.apply(reply)
-    _same(b, a)
+    _same(sb.view, sa.view)
     other = TenantLengths(max_tenants=3, admit_after=2, memory=40.0, strength=6.0)
     assert log.share("x", SharedLengths(other).report()) is None and log.refused == 1
 
@@ -132,17 +130,16 @@ def test_a_restarted_controller_is_seeded_by_the_first_replica_that_reports() ->
     """The Controller keeps nothing across a restart: the first replica that reports with the old epoch sends its
     base, which becomes the merged state; another replica then gets it back (its own samples not merged yet on
     top), and a replica with no Controller yet starts from it."""
-    a, b = _lengths(), _lengths()
-    sa, sb, old = SharedLengths(a), SharedLengths(b), LengthLog("e1")
+    sa, sb, old = SharedLengths(_lengths()), SharedLengths(_lengths()), LengthLog("e1")
     reqs = _requests(200, seed=3)
     for r in reqs[:100]:
-        _observe(a, r)
+        _observe(sa.view, r)
     _exchange("a", sa, old)
     _exchange("b", sb, old)
     learned = old.merged.state()
     new = LengthLog("e2")
     for r in reqs[100:110]:
-        _observe(b, r)
+        _observe(sb.view, r)
     _exchange("a", sa, new)  # asked to seed: nothing changes yet
     assert sa._seed and new.seq == 0 and not new.learned
     _exchange("a", sa, new)  # its base adopted
@@ -153,31 +150,31 @@ def test_a_restarted_controller_is_seeded_by_the_first_replica_that_reports() ->
     for r in reqs[100:110]:
         _observe(one, r)
     _same(new.merged, one)
-    _same(b, one)
-    c = _lengths()
-    SharedLengths(c).apply(new.share("c", SharedLengths(c).report()))
-    _same(c, one)
+    _same(sb.view, one)
+    sc = SharedLengths(_lengths())
+    _exchange("c", sc, new)
+    _same(sc.view, one)
 
 
 def test_a_long_journal_goes_in_bounded_reports_and_the_oldest_past_the_bound_are_not_shared() -> None:
     """While the Controller is away a replica keeps at most ``max_journal`` samples (its view keeps them all until
     the next exchange); back, it sends them ``max_report`` at a time, each merged once."""
-    a, log = _lengths(), LengthLog("e1")
-    sa = SharedLengths(a, max_journal=30, max_report=8)
+    log = LengthLog("e1")
+    sa = SharedLengths(_lengths(), max_journal=30, max_report=8)
     reqs = _requests(40, seed=5)
     for r in reqs:
-        _observe(a, r)
-    assert a.observed == 40
+        _observe(sa.view, r)
+    assert sa.view.observed == 40
     sizes = []
     for _ in range(5):
         report = sa.report()
         sizes.append(len(report.samples))
         sa.apply(log.share("a", report))
-    assert sizes == [8, 8, 8, 6, 0] and log.seq == 30 and a.journal == []
+    assert sizes == [8, 8, 8, 6, 0] and log.seq == 30 and sa.view.journal == []
     one = _lengths()
     for r in reqs[10:]:
         _observe(one, r)
-    _same(a, one)
+    _same(sa.view, one)
     _same(log.merged, one)
 
 
@@ -217,25 +214,24 @@ def test_a_replica_served_by_a_restarted_controller_before_its_seed_gets_the_see
     Controller's state, empty then, at log position 0. A's base adopted, C's next exchange brings it the seeded
     state too (before: the log since C's cursor only, so C never learned what the cluster knew before the
     restart)."""
-    a, c = _lengths(), _lengths()
-    sa, sc, old = SharedLengths(a), SharedLengths(c), LengthLog("e1")
+    sa, sc, old = SharedLengths(_lengths()), SharedLengths(_lengths()), LengthLog("e1")
     reqs = _requests(120, seed=7)
     for r in reqs[:100]:
-        _observe(a, r)
+        _observe(sa.view, r)
     _exchange("a", sa, old)
     new = LengthLog("e2")
     _exchange("a", sa, new)  # asked to seed
     _exchange("c", sc, new)  # a new replica: the empty state
     _exchange("a", sa, new)  # A's base adopted
     for r in reqs[100:]:
-        _observe(a, r)
+        _observe(sa.view, r)
     _exchange("a", sa, new)
     _exchange("c", sc, new)
     one = _lengths()
     for r in reqs:
         _observe(one, r)
     _same(new.merged, one)
-    _same(c, one)
+    _same(sc.view, one)
 
 
 def test_a_backlog_rebuilds_the_view_once_it_is_down_to_one_report(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -243,25 +239,113 @@ def test_a_backlog_rebuilds_the_view_once_it_is_down_to_one_report(monkeypatch: 
     ingress's event loop, ~30 us a sample) is rebuilt once what is left fits one report, not on every exchange
     (before: 22 + 14 + 6 samples replayed for 30 here; 28k + 24k + ... ~130k, seconds of stalls, at the defaults),
     and ends as before."""
-    a, log = _lengths(), LengthLog("e1")
-    sa = SharedLengths(a, max_journal=30, max_report=8)
+    log = LengthLog("e1")
+    sa = SharedLengths(_lengths(), max_journal=30, max_report=8)
     reqs = _requests(40, seed=5)
     for r in reqs:
-        _observe(a, r)
+        _observe(sa.view, r)
     replayed: list[int] = []
     replay = TenantLengths.replay
 
     def counted(self: TenantLengths, samples: Any) -> None:
         samples = list(samples)
-        if self is a:
+        if self is not sa.base and self is not log.merged:  # (a view being rebuilt)
             replayed.append(len(samples))
         replay(self, samples)
 
     monkeypatch.setattr(TenantLengths, "replay", counted)
     for _ in range(5):
         _exchange("a", sa, log)
-    assert replayed == [6, 0] and a.journal == []
+    assert replayed == [6, 0] and sa.view.journal == []
     one = _lengths()
     for r in reqs[10:]:
         _observe(one, r)
-    _same(a, one)
+    _same(sa.view, one)
+
+
+def test_a_prediction_during_a_rebuild_reads_the_old_view_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow predictor predicts in a worker thread while ``apply`` rebuilds the view on the event loop. Each step
+    of the rebuild (every sample replayed) is a point where such a thread may read: it reads the view as it was
+    before the exchange, whole -- its own tenant's history with the replica's unmerged samples -- and the rebuilt one
+    after. Before, the view was rebuilt in place: from the merged state without the replica's samples (``chat``'s
+    history gone: the shared one read) until the replay was done."""
+    from scheduler.config.models import PolicySpec
+    from scheduler.predict.serving import serving_predictor
+
+    def predictor() -> Any:
+        return serving_predictor(PolicySpec(name="trace", params={"online": {"max_tenants": 3, "strength": 5.0}}))
+
+    a, b, log = predictor(), predictor(), LengthLog("e1")
+    sa = SharedLengths(a.online, adopt=a.use_online)
+    sb = SharedLengths(b.online, adopt=b.use_online)
+    _exchange("a", sa, log)
+    _exchange("b", sb, log)
+    for k in range(40):
+        a.observe(500 + k, 700, tenant="summarise")
+    _exchange("a", sa, log)
+    report = sb.report()
+    for k in range(30):  # finished while B's report was on its way: not merged, in B's view only
+        b.observe(500 + k, 12, tenant="chat")
+    reply = log.share("b", report)
+    before = b.predict_dist(None, 520, tenant="chat")
+    seen: list[Any] = []
+    observe = TenantLengths.observe
+
+    def racing(self: TenantLengths, *args: Any, **kwargs: Any) -> None:
+        seen.append(b.predict_dist(None, 520, tenant="chat"))  # (what a worker thread would read now)
+        observe(self, *args, **kwargs)
+
+    monkeypatch.setattr(TenantLengths, "observe", racing)
+    sb.apply(reply)
+    monkeypatch.setattr(TenantLengths, "observe", observe)
+    assert len(seen) == 40 + 30  # A's samples onto the base, then B's onto the new view
+    assert all(s == before for s in seen)
+    assert b.online is sb.view and b.online.observed == 70 and b.online.history("chat").observed == 30
+    after = b.predict_dist(None, 520, tenant="chat")
+    assert after.point < 40 and after != predictor().predict_dist(None, 520, tenant="chat")
+
+
+def test_a_replica_the_controller_refuses_stops_sending_and_learns_alone(caplog: pytest.LogCaptureFixture) -> None:
+    """The Controller merges the settings of the first report it got, for as long as it runs; a replica with other
+    ``online`` settings is refused. It stops sharing after the refusal (logged once) and learns alone: before, it
+    sent its whole journal (up to 4096 samples) again every plans period, refused every time."""
+    import asyncio
+
+    from scheduler.config.load import load_config
+    from scheduler.config.models import PolicySpec
+    from scheduler.control.ingress import Ingress
+    from scheduler.predict.serving import serving_predictor
+
+    class Controller:  # the real Controller's ``share_lengths``, without Ray
+        def __init__(self) -> None:
+            self.lengths, self.reports = LengthLog("e1"), []
+            self.share_lengths = self
+
+        async def _share(self, ingress_id: str, report: Any) -> Any:
+            self.reports.append(report)
+            return self.lengths.share(ingress_id, pickle.loads(pickle.dumps(report)))
+
+        def remote(self, ingress_id: str, report: Any) -> Any:
+            return self._share(ingress_id, report)
+
+    controller = Controller()
+    first = SharedLengths(TenantLengths())  # another replica, the defaults: the settings merged
+    first.apply(controller.lengths.share("x", first.report()))
+    predictor = serving_predictor(PolicySpec(name="trace", params={"online": {"strength": 6.0}}))
+    ing = Ingress(load_config("default"), controller=controller, predictor=predictor)
+
+    async def periods(n: int) -> None:
+        for _ in range(n):
+            await ing._share_lengths()
+
+    with caplog.at_level("WARNING", logger="scheduler.predict.shared"):
+        asyncio.run(periods(1))  # (``Ingress._start``: before it serves anything; refused)
+        for _ in range(2):
+            for k in range(50):
+                predictor.observe(300 + k, 40, tenant="chat")
+            asyncio.run(periods(5))
+    assert [len(r.samples) for r in controller.reports] == [0]  # (before: 0, then 50 x 5, 100 x 5)
+    assert controller.lengths.refused == 1 and controller.lengths.merged.observed == 0
+    assert sum("from now on" in r.message for r in caplog.records) == 1
+    assert predictor.online.observed == 100 and predictor.online.history("chat").observed == 100
+    assert predictor.online.journal is None  # (nothing kept for a Controller that will not take it)

@@ -320,8 +320,10 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         if share is None or p is None or p.online is None or not p.share_online:
             return
         if self._lengths is None or self._lengths.view is not p.online:  # (a predictor set after __init__ too)
-            self._lengths = SharedLengths(p.online)
+            self._lengths = SharedLengths(p.online, adopt=p.use_online)  # (its rebuilt views swapped into ``p``)
         lengths = self._lengths
+        if lengths.refused:  # (its settings are not the Controller's: it learns alone)
+            return
         try:
             reply = await asyncio.wait_for(_await(share.remote(self.ingress_id, lengths.report())), 2.0)
         except (TimeoutError, *_DEAD, RayTaskError):

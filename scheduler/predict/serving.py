@@ -188,6 +188,14 @@ class ServingPredictor:
             dist = self.online.adjust(dist, n, history)
         return dist.capped(max_tokens) if max_tokens is not None else dist
 
+    def use_online(self, online: TenantLengths) -> None:
+        """Swaps ``online`` in for the online histories (a rebuilt copy with the same settings:
+        ``SharedLengths.apply``) by one reference assignment, so a prediction running in a worker thread (``slow``)
+        reads the old histories or the new ones, never a half-rebuilt table."""
+        if online.settings() != (self.online.settings() if self.online is not None else None):
+            raise ValueError(f"use_online: settings {online.settings()} are not the predictor's")
+        object.__setattr__(self, "online", online)  # (frozen for its configuration; the histories are its state)
+
     def history_key(self, requested: str | None) -> str | None:
         """The online history a request learns from and is predicted with (``TenantLengths``): its own tenant's
         -- any name, one the predictor does not know included (a new app is what the history is for) -- else the

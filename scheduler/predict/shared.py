@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,10 +131,17 @@ class LengthLog:
 class SharedLengths:
     """A replica's side: ``view`` is the ``TenantLengths`` its predictor reads and learns into (journaled);
     ``base`` the Controller's merged state as of ``cursor``. Invariant: view == base + the journal, replayed
-    (but while a backlog of more than one report goes: ``apply``)."""
+    (but while a backlog of more than one report goes: ``apply``).
 
-    def __init__(self, view: TenantLengths, *, max_journal: int = MAX_JOURNAL, max_report: int = MAX_REPORT) -> None:
+    ``apply`` rebuilds the view as a new object and swaps it in (``view``, and the predictor's reference through
+    ``adopt``, e.g. ``ServingPredictor.use_online``): a slow predictor predicts in a worker thread
+    (``Ingress._predict``), and a view rebuilt in place read the merged state without the replica's own samples, or
+    the shared history for a tenant's, until the replay was done. Hold ``view`` afresh after an ``apply``."""
+
+    def __init__(self, view: TenantLengths, *, adopt: Callable[[TenantLengths], None] | None = None,
+                 max_journal: int = MAX_JOURNAL, max_report: int = MAX_REPORT) -> None:
         self.view = view
+        self._adopt = adopt
         self.base = view.fresh()
         view.journal = []
         self.epoch: str | None = None
@@ -142,10 +150,12 @@ class SharedLengths:
         self.max_journal, self.max_report = max_journal, max_report
         self._seed = False
         self._stale = False  # the base moved since the view was rebuilt on it
+        self.refused = False  # the Controller merges other settings: this replica learns alone (``apply``)
 
     def report(self) -> LengthReport:
         journal = self.view.journal
-        assert journal is not None
+        if self.refused or journal is None:
+            raise RuntimeError("SharedLengths.report: the Controller refused this replica's settings; it learns alone")
         if len(journal) > self.max_journal:  # the Controller away for long: the oldest are not shared
             over = len(journal) - self.max_journal
             del journal[:over]
@@ -159,8 +169,17 @@ class SharedLengths:
                             self.base.state() if self._seed else None)
 
     def apply(self, reply: LengthReply | None) -> None:
-        """Brings the base up to the Controller's and rebuilds the view on it (the journal less what was merged)."""
+        """Brings the base up to the Controller's and rebuilds the view on it (the journal less what was merged).
+        ``None``: the Controller refused the report (it merges other ``online`` settings, the first it was sent, for
+        as long as it runs): this replica stops sharing and learns alone (``refused``; its journal dropped), rather
+        than resend up to ``max_report`` samples every period for nothing."""
         if reply is None:
+            if not self.refused:
+                log.warning("online lengths: the Controller merges other settings than this replica's %s; it learns"
+                            " alone from now on (restart it with the cluster's settings to share)",
+                            self.view.settings())
+            self.refused = True
+            self.view.journal = None
             return
         self._seed = reply.seed
         if reply.seed:
@@ -179,8 +198,16 @@ class SharedLengths:
         if not self._stale or len(journal) > self.max_report:
             return
         self._stale = False
-        self.view.load_state(self.base.state())
-        self.view.replay(journal)
+        # Built aside and swapped in by one reference assignment (atomic under the GIL): a prediction in a worker
+        # thread reads the old view or the new one, each whole. Observe runs on the event loop, as this does, so
+        # nothing learns into the old view once it is swapped out.
+        view = self.base.fresh()
+        view.load_state(self.base.state())
+        view.replay(journal)
+        view.journal = journal
+        self.view = view
+        if self._adopt is not None:
+            self._adopt(view)
 
 
 __all__ = ["MAX_JOURNAL", "MAX_LOG", "MAX_REPORT", "LengthLog", "LengthReply", "LengthReport", "SharedLengths"]
