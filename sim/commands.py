@@ -29,8 +29,7 @@ from scheduler.policy.route import make_router
 from scheduler.policy.scaling import ScalingLoop, make_scaling_policy
 from sim.goodput import goodput
 from sim.metrics import request_metrics, sim_summary
-from sim.migration import migration_stats
-from sim.policies import add_policy_args, sim_policies, with_policy
+from sim.policies import add_policy_args, policy_stats, sim_policies, with_policy
 from sim.report import print_summaries, write_figure, write_json
 from sim.simulator import Simulator, Workload
 
@@ -352,12 +351,7 @@ def simulate_main(argv: list[str] | None = None) -> int:
     summary = sim_summary(res)
     if sim.scaler is not None:
         summary["scaling"] = {"policy": args.scaling, **sim.scaler.summary()}
-    if sim.migration is not None:  # (keys as compare's rows and its top level name them)
-        summary["migration"] = migration_stats(sim.migrations)  # type: ignore[arg-type]
-        summary["migration_policy"] = cfg.policies.migration.model_dump()  # type: ignore[union-attr]
-    if sim.reroler is not None:
-        summary["reroling"] = sim.reroler.summary()
-        summary["reroling_policy"] = cfg.policies.reroling.model_dump()  # type: ignore[union-attr]
+    summary.update(policy_stats(sim, cfg))  # (keys as compare's rows and its top level name them)
     summary["trace_source"] = getattr(trace, "source", "")
     if args.goodput:
         g = goodput(cfg, w, lambda: make_router(router_name, **params), seed=args.seed,

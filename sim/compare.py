@@ -23,8 +23,14 @@ from scheduler.policy.route import make_router
 from sim.commands import add_cluster_args, add_workload_args, load_cluster, load_workload
 from sim.goodput import goodput, scale_rate
 from sim.metrics import request_metrics, sim_summary
-from sim.migration import migration_stats
-from sim.policies import add_policy_args, migration_factory, router_spec, sim_policies, with_policy
+from sim.policies import (
+    add_policy_args,
+    migration_factory,
+    policy_stats,
+    router_spec,
+    sim_policies,
+    with_policy,
+)
 from sim.report import print_summaries, write_figure, write_json
 from sim.simulator import Simulator, Workload
 
@@ -187,18 +193,6 @@ def at_goodput(config: ClusterConfig, w: Workload, router, policies: dict[str, o
                               "ttft_miss": float(ttft_miss.mean()), "tpot_miss": float(tpot_miss.mean()),
                               "preemptions": int(res.preemptions.sum()), "migrations": int(res.migrations)}
     out.update(policy_stats(sim, switches=False))
-    return out
-
-
-def policy_stats(sim: Simulator, *, switches: bool = True) -> dict[str, object]:
-    """A run's ``migration`` and ``reroling`` stats, for those of its policies that ran (keys as ``simulate``'s
-    summary names them); ``switches``: with the re-roling's list of switches, not its counts only."""
-    out: dict[str, object] = {}
-    if sim.migrations is not None:
-        out["migration"] = migration_stats(sim.migrations)
-    if sim.reroler is not None:
-        r = sim.reroler.summary()
-        out["reroling"] = r if switches else {k: v for k, v in r.items() if k != "switches"}
     return out
 
 

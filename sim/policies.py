@@ -17,10 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from scheduler.config.models import ClusterConfig, PolicySpec
 from scheduler.policy.scaling import reroling_policy
 from scheduler.transfer.migration import migration_policy
+from sim.migration import migration_stats
+
+if TYPE_CHECKING:
+    from sim.simulator import Simulator
 
 # A live switch costs the drain only: no engine restart (every backend exports and imports KV whatever its role),
 # and a switching decoder's requests move only by a configured migration policy's drain trigger, otherwise they
@@ -129,5 +134,23 @@ def sim_policies(config: ClusterConfig) -> Callable[[], dict[str, object]] | Non
     return kwargs
 
 
-__all__ = ["AS_LIVE_REROLING", "add_policy_args", "check_reroling_without_scaling", "migration_factory", "router_spec",
-           "sim_policies", "with_policy"]
+def policy_stats(sim: Simulator, config: ClusterConfig | None = None, *, switches: bool = True) -> dict[str, object]:
+    """A run's ``migration`` and ``reroling`` stats, for those of its policies that ran (the keys of ``simulate``'s
+    summary and ``compare``'s rows). ``config``: the run's, each stat followed by its policy's spec
+    (``migration_policy``, ``reroling_policy``: ``simulate``'s summary); ``switches``: with the re-roling's list of
+    switches, not its counts only."""
+    out: dict[str, object] = {}
+    if sim.migrations is not None:
+        out["migration"] = migration_stats(sim.migrations)
+        if config is not None:
+            out["migration_policy"] = config.policies.migration.model_dump()  # type: ignore[union-attr]
+    if sim.reroler is not None:
+        r = sim.reroler.summary()
+        out["reroling"] = r if switches else {k: v for k, v in r.items() if k != "switches"}
+        if config is not None:
+            out["reroling_policy"] = config.policies.reroling.model_dump()  # type: ignore[union-attr]
+    return out
+
+
+__all__ = ["AS_LIVE_REROLING", "add_policy_args", "check_reroling_without_scaling", "migration_factory", "policy_stats",
+           "router_spec", "sim_policies", "with_policy"]
