@@ -375,6 +375,9 @@ if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(pytest.main([__file__, "-q"]))
 
 
+# Wall-clock pace on a shared 2-core host: a fresh-clone CI beside three busy jobs read 1.23x once (alone: 3/3
+# under the bound). The old code read ~1.3x on every run, so a rerun does not hide the regression it guards.
+@pytest.mark.flaky(reruns=2)
 def test_the_simulated_backend_keeps_the_modelled_pace_when_emitting_takes_cpu() -> None:
     """A decode step's tokens are emitted after its modelled sleep (ids, text, the streams' queues); the next step
     started when that was done, so every step ran late by its batch's emitting: live TPOT 1.1-1.2x the model's on
