@@ -66,13 +66,20 @@ def test_a_prompt_that_fits_no_instance_is_one_admission_refusal_on_every_counte
             r = httpx.post(f"http://127.0.0.1:{srv.http_port}/v1/completions", timeout=10,
                            json={"prompt": list(range(1, KV_TOKENS + 2)), "max_tokens": 4})
             assert r.status_code == 413 and "retry-after" not in r.headers, (r.status_code, r.text)
+            assert r.json()["error"]["param"] == "prompt", r.text
+            # A chat's prompt is its messages (OpenAI's field): its refusal names them, not the completions' prompt.
+            r = httpx.post(f"http://127.0.0.1:{srv.http_port}/v1/chat/completions", timeout=10,
+                           json={"messages": [{"role": "user", "content": " ".join(["w"] * KV_TOKENS)}],
+                                 "max_tokens": 4})
+            assert r.status_code == 413 and "retry-after" not in r.headers, (r.status_code, r.text)
+            assert r.json()["error"]["param"] == "messages", r.text
             assert _generate(channel, "fits", KV_TOKENS - 8) == (grpc.StatusCode.OK, {})  # the next one is served
         finally:
             channel.close()
-    assert ing.admission_rejected == {0: 2}
-    assert sample(rec, "llmsched_admission_rejected_total", priority="0", reason="too_large") == 2
+    assert ing.admission_rejected == {0: 3}
+    assert sample(rec, "llmsched_admission_rejected_total", priority="0", reason="too_large") == 3
     assert sum(sample(rec, "llmsched_requests_total", api=api, route="none", status="rejected")
-               for api in ("grpc", "http")) == 2
+               for api in ("grpc", "http")) == 3
     assert sample(rec, "llmsched_requests_total", api="grpc", route="none", status="invalid") == 0
     assert sample(rec, "llmsched_requests_total", api="http", route="none", status="invalid") == 0
     assert rec.in_flight == 0

@@ -129,6 +129,11 @@ def test_bad_json_and_oversize(srv) -> None:  # type: ignore[no-untyped-def]
     status, _, payload = request(srv, "POST", "/v1/completions", {"prompt": "x" * 100_000})
     err = json.loads(payload)["error"]
     assert status == 413 and "exceeds" in err["message"] and err["param"] == "prompt", err
+    # A chat's prompt is its messages: the error names that field (it named the completions' prompt).
+    status, _, payload = request(srv, "POST", "/v1/chat/completions",
+                                 {"messages": [{"role": "user", "content": "x" * 100_000}]})
+    err = json.loads(payload)["error"]
+    assert status == 413 and err["param"] == "messages" and err["message"].startswith("messages: "), err
     assert request(srv, "POST", "/v1/completions", {"prompt": "ok", "max_tokens": 1})[0] == 200
 
 

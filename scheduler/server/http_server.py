@@ -281,8 +281,10 @@ class _BodyLimit:
     async def _reject(self, scope: dict[str, Any], send: Any) -> None:
         if self.on_reject is not None:  # counted as invalid input, as gRPC counts its RESOURCE_EXHAUSTED TooLarge
             self.on_reject()
-        resp = error_response(413, f"prompt: the request body exceeds the server's limit of {self.max_bytes} bytes; "
-                                   "send a shorter prompt", param="prompt")
+        # A chat's prompt is its messages (OpenAI's field): the error names the field the client sent.
+        field = "messages" if _route_path(scope) == "/v1/chat/completions" else "prompt"
+        resp = error_response(413, f"{field}: the request body exceeds the server's limit of {self.max_bytes} "
+                                   f"bytes; send a shorter {field}", param=field)
         await resp(scope, None, send)  # type: ignore[arg-type]
 
 

@@ -12,7 +12,7 @@ import math
 import unicodedata
 import uuid
 
-from scheduler.control.api import GenerateRequest, IngressError, InvalidRequest, Overloaded
+from scheduler.control.api import GenerateRequest, IngressError, InvalidRequest, Overloaded, TooLarge
 from scheduler.telemetry.metrics import RequestStatus
 
 MAX_REQUEST_ID_CHARS = 256
@@ -78,14 +78,17 @@ _INGRESS_FIELDS: dict[str, str] = {
 
 
 def relabel(e: BaseException, names: FieldNames) -> BaseException:
-    """An ingress ``InvalidRequest`` re-labelled with the front end's field name (message prefix and ``field``)."""
-    key = _INGRESS_FIELDS.get(e.field or "") if type(e) is InvalidRequest else None
+    """An ingress ``InvalidRequest`` re-labelled with the front end's field name (message prefix and ``field``); an
+    admission ``TooLarge`` too (the prompt no instance holds: a chat's is its ``messages``), kept a ``TooLarge``."""
+    key = _INGRESS_FIELDS.get(e.field or "") if type(e) in (InvalidRequest, TooLarge) else None
     if key is None or key not in names:
         return e
     old, new = e.field or "", names[key]
     msg = str(e)
     if msg.startswith(f"{old}:"):
         msg = new + msg[len(old):]
+    if isinstance(e, TooLarge):
+        return TooLarge(msg, field=new, reason_code=e.reason_code)
     return InvalidRequest(msg, field=new)
 
 
