@@ -215,6 +215,8 @@ async def run_chaos(args: argparse.Namespace, stack: Stack, want: int) -> dict[s
         "controller_kills": chaos.controller_kills,
         "recoveries": counters.get("recoveries", 0),
         "handoffs": counters.get("handoffs", 0),
+        # Handoffs whose decoder was lost before it took the KV, handed to another decoder (not re-prefilled).
+        "handoffs_rerouted": counters.get("handoff_rerouted", 0),
         "min_live_instances_seen": chaos.min_members,
         "restored": restored,
         "events": chaos.events,
@@ -235,6 +237,7 @@ def print_table(r: dict[str, Any]) -> None:
             ("wire_duplicated_tokens", r["wire_duplicated_tokens"]), ("gaps", r["gaps"]),
             ("wrong_tokens", r["wrong_tokens"]), ("instance_kills", r["instance_kills"]),
             ("controller_kills", r["controller_kills"]), ("recoveries (re-prefills)", r["recoveries"]),
+            ("handoffs rerouted (KV kept)", r.get("handoffs_rerouted", 0)),
             ("client retries", r["client_retries"]), ("tokens received", r["tokens_received"])]
     print(f"{'chaos':<32}{'count':>10}")
     for k, v in rows:

@@ -60,6 +60,7 @@ from scheduler.control.instance_lost import (
     _FAILED,
     _FAILED_UNDER,
     EngineFailed,
+    HandoffLost,
     InstanceDraining,
     InstanceLost,
     InstanceUnresponsive,
@@ -238,7 +239,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         self.view_refreshed_s = 0.0
         self.counters = {"recoveries": 0, "handoffs": 0, "migrations": 0, "migrations_aborted": 0, "routed": 0,
                          "channel_calls": 0, "channel_fallbacks": 0, "kv_refused": 0, "quarantined": 0,
-                         "drain_refused": 0}
+                         "drain_refused": 0, "handoff_rerouted": 0}
         self.migration_config = migration or migration_config(config)
         self.plans_s = plans_s
         self.direct = direct
@@ -674,6 +675,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         # Instances that refused this leg as draining: left out of its next picks (until a leg is taken or lost: one
         # drained for a scale-down or role switch comes back, and a later leg may need it).
         refused: set[str] = set()
+        lost_to: set[str] = set()  # decoders lost before they took this leg's KV (HandoffLost): out of its picks
         while True:
             iid = target.prefill_instance
             handoff = not admitted and _hands_off(target, rec, self._is_prefill(iid))
@@ -702,9 +704,21 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                         # A hand-over nobody follows (the request was cancelled meanwhile): the client's end is an abort.
                         chunk = dataclasses.replace(chunk, finish_reason="abort")
                     yield chunk
+            except HandoffLost as e:
+                if rec.cancelled:
+                    yield TokenChunk(rid, rec.next_index, (), True, "abort")
+                    return
+                lost_to.add(iid)
+                target = self._hand_on(rec, iid, e, frozenset(refused | lost_to))
+                if target is None:  # no other decoder: recovered as a lost instance's request (re-prefilled)
+                    target, kv_ref = self._recover(rec, iid, e.lost), None
+                    refused.clear()
+                    lost_to.clear()
+                continue
             except InstanceLost as e:
                 admitted = False
                 refused.clear()
+                lost_to.clear()
                 ended = self._migration_ended.get(rid)
                 if ended is not None:
                     # A migration of this request is in flight from the instance just lost. It cannot commit
@@ -735,6 +749,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                 continue
             admitted = False
             refused.clear()
+            lost_to.clear()
             assert last is not None and last.finished
             if not self._continues(rec, handoff, last.finish_reason):
                 rec.phase = Phase.CANCELLED if last.finish_reason in ("abort", "migrated") else Phase.FINISHED
@@ -828,7 +843,12 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         """Stream one engine request from one instance; raises ``InstanceLost`` if it dies. ``admitted``: the
         instance already runs it (a committed live migration): only poll. ``export``: a P->D prefill, whose
         instance starts exporting the prompt KV the moment it finishes (the decode side then finds it ready)."""
-        handle = self._handle(iid)
+        try:
+            handle = self._handle(iid)
+        except InstanceLost as e:
+            if kv_ref is None or admitted:
+                raise
+            raise HandoffLost(e, reached=False) from e  # seen dead since its pick: the KV goes elsewhere
         if admitted:
             async for chunk in self._poll_loop(rec, iid, handle, []):
                 yield chunk
@@ -893,7 +913,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             # instance out (it was taken for unresponsive, left out of the recovery's route and counted toward the
             # quarantine). Only a submit whose KV exists is this instance's to answer.
             if _ended(kv_ref):
-                raise
+                # This instance did not answer (it may run a copy: _left stops it there); no token came from it.
+                raise HandoffLost(_lost(iid, TimeoutError())) from None
             _cancel(kv_ref)  # the hung export; the submit waiting on it then never runs here
             log.warning("%s: the KV export on %s hung; %s recomputes the prompt", rec.request_id, src, iid)
             self._failed_under(rec, src)  # it stopped answering for this request, as a poll that times out
@@ -906,6 +927,11 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             if not _is_lost(e) and not await _failed(kv_ref):
                 raise
             return await submit(None)
+        except _DEAD as e:
+            # This decoder died (or Ray finds it unavailable) before it answered: a KV source's death arrives as
+            # RayTaskError(ActorDiedError), above. Its KV goes to another decoder (_hand_on), not re-prefilled.
+            # (A submit without KV below, or a poll once it answered, is a lost instance's: tokens may have come.)
+            raise HandoffLost(_lost(iid, e)) from e
         if sub.rejected is not None and sub.rejected.startswith("kv"):
             # KV this instance cannot load (the pools' engines differ: TP degree, dtype, block size): it recomputes
             # the prompt rather than fail the request.
@@ -1002,6 +1028,26 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         except Unavailable as e:
             raise Unavailable(f"request {rec.request_id}: {', '.join(sorted(refused))} refused it (draining) and no "
                               f"other instance takes it: {e}", retry_after_s=UNAVAILABLE_RETRY_AFTER_S) from e
+
+    def _hand_on(self, rec: RequestRecord, iid: str, err: HandoffLost, exclude: frozenset[str]
+                 ) -> RouteDecision | None:
+        """The decoder that takes ``rec``'s KV after ``iid`` was lost before it took it (``HandoffLost``), without the
+        instances in ``exclude``; ``None`` when no other decoder takes it. ``iid`` is left as a lost instance is (dead:
+        never routed to again; silent: hidden, its copy stopped) and, when the submit reached it, counted toward the
+        quarantine: a request that kills each decoder it is handed to ends ``RequestFailed`` after
+        ``quarantine_after`` of them, which bounds the hand-ons with the decoders left out of the picks."""
+        log.warning("%s: decoder %s lost before it took the KV (%s); handing it to another", rec.request_id, iid,
+                    err.lost)
+        self._left(iid, rec.request_id, err.lost)
+        if err.reached and isinstance(err.lost, _FAILED_UNDER):
+            self._failed_under(rec, iid)
+        self._expect_decode(rec.request_id, None)  # not on its way to the lost decoder
+        try:
+            decoder = self._decoder_after_prefill(rec, exclude=exclude)
+        except IngressError:
+            return None
+        self.counters["handoff_rerouted"] += 1
+        return RouteDecision(decoder)
 
     def _failed_under(self, rec: RequestRecord, iid: str) -> None:
         """``iid`` failed while ``rec`` ran there. Raises ``RequestFailed`` once ``quarantine_after`` distinct instances

@@ -51,6 +51,19 @@ class InstanceDraining(Exception):
         self.leaving = leaving
 
 
+class HandoffLost(Exception):
+    """A P->D handoff's (or a move's) submit with its KV never reached a decoder that took it: the decoder died or did
+    not answer during that submit (``lost``), or was no live member here any more (``reached`` false: nothing was
+    sent). No token came from it, so the stream is where the prefill left it; and the KV is intact (the object store
+    holds it for the ingress, its caller and owner, whatever becomes of its source): it goes to another decoder, as a
+    draining decoder's refusal's does -- not a recovery (``max_recoveries``), nothing recomputed. A decoder the
+    submit reached counts toward the quarantine (its death may be this request's doing)."""
+
+    def __init__(self, lost: InstanceLost, *, reached: bool = True) -> None:
+        super().__init__(str(lost))
+        self.lost, self.reached = lost, reached
+
+
 def _lost(iid: str, e: BaseException) -> InstanceLost:
     """The ``InstanceLost`` for Ray's error ``e`` (or a timeout) on a call to ``iid``."""
     cls = InstanceDied if actor_gone(e) else InstanceUnresponsive

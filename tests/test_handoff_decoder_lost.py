@@ -1,0 +1,149 @@
+"""A P->D handoff whose decoder is lost before it takes the request hands the same prompt KV to another decoder (a
+real local Ray cluster, simulated backend: 2 PREFILL + 2 DECODE instances on one node).
+
+The decoder dies between the pairing and the handoff's submit: each replica here took its view (and membership)
+before decode-0 was killed and never refreshes it (``refresh_s`` an hour), so its router still pairs requests with
+decode-0 (``PinnedRouter``) and the handoff's submit meets the dead actor (``ActorDiedError``). Before, that was an
+instance lost: the request was recovered by prefilling ``prompt + [t0]`` again (a recovery spent), though the KV
+ref, which the ingress owns, was intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Any
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from scheduler.control.api import GenerateRequest, RequestFailed
+from scheduler.control.cluster import NodeSpec
+from scheduler.engine.base import SamplingParams, TokenChunk
+from scripts.time_drain_refusal import PinnedRouter
+from tests.test_drain_node import drain_cluster
+from tests.test_drain_node_pd import _check_exact
+from tests.test_drain_refuse import CONFIG, PROMPT, N, _handles
+
+pytestmark = [pytest.mark.timeout(300)]
+
+RIDS = ("kv-on", "kv-gone", "kills-all")
+
+
+@pytest.fixture(scope="module")
+def stale(aloop: Any) -> Any:
+    """The deployment, and one replica per test whose view shows all four instances in service though decode-0 was
+    killed (no restart) after they started; each pairs its request with prefill-0 and decode-0."""
+    for _, dep, _ in drain_cluster(aloop, [NodeSpec("a100", 4, 2)], CONFIG, 0.5):
+        replicas = {}
+        for rid in RIDS:
+            # quarantine_after 2: the last test's request kills both decoders it is handed to.
+            ing = dep.make_ingress(refresh_s=3600.0, quarantine_after=2,
+                                   router=PinnedRouter({rid: ("prefill-0", "decode-0")}))
+            aloop.run(ing.start(), timeout=30)
+            assert sorted(s.instance_id for s in ing.view().instances) == [
+                "decode-0", "decode-1", "prefill-0", "prefill-1"]
+            replicas[rid] = ing
+        handle = ray.get(dep.controller.members.remote())["decode-0"].handle
+        ray.kill(handle, no_restart=True)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(handle.stats.remote(), timeout=30)
+        try:
+            yield dep, replicas
+        finally:
+            for ing in replicas.values():
+                aloop.run(ing.close())
+
+
+async def _collect(ing: Any, rid: str) -> list[TokenChunk]:
+    req = GenerateRequest(rid, prompt_token_ids=tuple(range(1, PROMPT + 1)), sampling=SamplingParams(max_tokens=N))
+    return [c async for c in ing.generate(req)]
+
+
+def _stats(dep: Any) -> dict[str, Any]:
+    """Engine stats of the instances alive (the Controller may still list a killed one)."""
+    out = {}
+    for iid, h in _handles(dep).items():
+        try:
+            out[iid] = ray.get(h.stats.remote(), timeout=30)
+        except ray.exceptions.RayActorError:
+            pass
+    return out
+
+
+def _delta(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, int], dict[str, int]]:
+    """Prompt tokens computed and loaded per instance alive at both ends."""
+    ids = sorted(set(before) & set(after))
+    return ({i: after[i].prompt_tokens_computed - before[i].prompt_tokens_computed for i in ids},
+            {i: after[i].prompt_tokens_loaded - before[i].prompt_tokens_loaded for i in ids})
+
+
+def test_a_handoff_whose_decoder_died_goes_to_another_decoder_with_its_kv(stale: Any, aloop: Any) -> None:
+    """The handoff's submit meets decode-0 dead: its KV goes to decode-1 -- the right tokens, the prompt computed once
+    (on prefill-0) and loaded on decode-1, no recovery. Before: a recovery, the prompt prefilled a second time."""
+    dep, replicas = stale
+    ing = replicas["kv-on"]
+    before = _stats(dep)
+    out = aloop.run(_collect(ing, "kv-on"), timeout=60)
+    computed, loaded = _delta(before, _stats(dep))
+    _check_exact(out, "kv-on")
+    assert (out[0].instance_id, out[-1].instance_id) == ("prefill-0", "decode-1"), [(c.index, c.instance_id)
+                                                                                   for c in out]
+    c = ing.counters
+    assert (c["handoffs"], c["handoff_rerouted"], c["recoveries"], c["quarantined"]) == (1, 1, 0, 0), c
+    assert computed["prefill-0"] == PROMPT and computed["prefill-1"] == 0, computed  # prefilled once
+    assert loaded["decode-1"] == PROMPT and computed["decode-1"] <= 1, (computed, loaded)  # its KV, not recomputed
+    assert "decode-0" not in ing._members  # marked dead, as before
+
+
+@ray.remote
+def _kv_gone() -> None:
+    raise KeyError("kv: evicted")  # what the simulated backend's export raises for KV it no longer holds
+
+
+def test_a_handoff_whose_decoder_died_and_whose_kv_is_gone_recomputes_the_prompt(stale: Any, aloop: Any) -> None:
+    """As above, but the KV's export failed (the object holds the source's error: its engine failed, or it no longer
+    held the KV): the next decoder, decode-1, recomputes the prompt (re-prefilled there, as when the KV source dies
+    mid-transfer) -- still no recovery, nothing lost. Before: a recovery, prefilled again on a PREFILL instance."""
+    dep, replicas = stale
+    ing = replicas["kv-gone"]
+    m = ing._members["prefill-0"]
+
+    class _Handle:  # prefill-0's handle, whose export fails
+        export_kv = types.SimpleNamespace(remote=lambda *_a, **_k: _kv_gone.remote())
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(m.handle, name)
+
+    ing._members["prefill-0"] = dataclasses.replace(m, handle=_Handle())
+    before = _stats(dep)
+    out = aloop.run(_collect(ing, "kv-gone"), timeout=60)
+    computed, loaded = _delta(before, _stats(dep))
+    _check_exact(out, "kv-gone")
+    assert out[-1].instance_id == "decode-1", [(c.index, c.instance_id) for c in out]
+    c = ing.counters
+    assert (c["handoff_rerouted"], c["recoveries"]) == (1, 0), c
+    assert computed["prefill-0"] == PROMPT and computed["prefill-1"] == 0, computed
+    assert loaded["decode-1"] == 0 and computed["decode-1"] >= PROMPT, (computed, loaded)  # recomputed there
+
+
+def test_a_request_handed_to_decoders_that_all_die_is_quarantined(stale: Any, aloop: Any) -> None:
+    """A query of death at the handoff: every decoder its KV is handed to dies under the submit (here decode-1 is
+    killed too, and this replica's view still shows both). Each counts toward its quarantine (``quarantine_after``
+    2): it ends ``RequestFailed`` after the second, without a recovery or a second prefill -- the hand-ons are bounded
+    by the quarantine. Before: the first death was a recovery, the prompt prefilled again before the second.
+    (Last in the module: both decoders are dead.)"""
+    dep, replicas = stale
+    ing = replicas["kills-all"]
+    handle = ray.get(dep.controller.members.remote())["decode-1"].handle
+    ray.kill(handle, no_restart=True)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(handle.stats.remote(), timeout=30)
+    before = _stats(dep)
+    with pytest.raises(RequestFailed, match="failed 2 engines it ran on"):
+        aloop.run(_collect(ing, "kills-all"), timeout=60)
+    computed, _ = _delta(before, _stats(dep))
+    c = ing.counters
+    assert (c["handoff_rerouted"], c["recoveries"], c["quarantined"]) == (1, 0, 1), c
+    assert computed["prefill-0"] + computed["prefill-1"] == PROMPT, computed  # prefilled once
