@@ -147,3 +147,59 @@ def test_a_request_handed_to_decoders_that_all_die_is_quarantined(stale: Any, al
     c = ing.counters
     assert (c["handoff_rerouted"], c["recoveries"], c["quarantined"]) == (1, 0, 1), c
     assert computed["prefill-0"] + computed["prefill-1"] == PROMPT, computed  # prefilled once
+
+
+def test_a_handoff_whose_decoder_does_not_answer_goes_to_another_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first decoder the KV is handed to never answers the submit (its event loop blocked; in-process instances,
+    ``submit_timeout_s`` 1 s): it is counted toward the request's quarantine and hidden, and the same KV goes to the
+    other decoder -- no recovery, the prompt prefilled once. Before: an instance lost, the prompt prefilled again."""
+    import asyncio
+
+    import tests.test_chaos as chaos
+    from bench.loadgen import cluster_config
+    from tests.test_faults2_audit import _cluster_of, _teardown
+    from tests.test_ingress_audit import _consume
+
+    class RayMethod(chaos._Method):  # as Ray: a caller that stops waiting for a call does not cancel its arguments
+        async def _call(self, *args: Any, **kw: Any) -> Any:
+            args = tuple([await asyncio.shield(a) if isinstance(a, asyncio.Future) else a for a in args])
+            return await self.fn(*args, **kw)
+
+    monkeypatch.setattr(chaos, "_Method", RayMethod)
+    hung: list[str] = []
+
+    async def scenario() -> tuple[list[Any], Any, dict[str, int]]:
+        insts, ing = await _cluster_of(cluster_config("pd-silent-decoder", mixed=0, prefill=1, decode=2), 0.0,
+                                       submit_timeout_s=1.0)
+        for iid in ("decode-0", "decode-1"):
+            real = insts[iid].submit
+
+            async def submit(request: Any, kv: Any = None, *, _iid: str = iid, _real: Any = real, **kw: Any) -> Any:
+                if kv is not None and not hung:  # the first handoff's decoder hangs on it
+                    hung.append(_iid)
+                    await asyncio.sleep(3600)
+                return await _real(request, kv, **kw)
+
+            insts[iid].submit = submit  # type: ignore[method-assign]  # the handles look it up per call
+        out: list[Any] = []
+        try:
+            req = GenerateRequest("pds", prompt_token_ids=tuple(range(1, PROMPT + 1)),
+                                  sampling=SamplingParams(max_tokens=N, ignore_eos=True))
+            task = asyncio.create_task(_consume(ing, req, out))
+            while not out:
+                await asyncio.sleep(0.005)
+            rec = ing.registry.get("pds")
+            await asyncio.wait_for(task, 20)
+            computed = {i: (await inst.stats()).prompt_tokens_computed for i, inst in insts.items()}
+            return out, (rec, dict(ing.counters)), computed
+        finally:
+            await _teardown(insts, ing)
+
+    out, (rec, counters), computed = asyncio.run(asyncio.wait_for(scenario(), 40))
+    other = ({"decode-0", "decode-1"} - set(hung)).pop()
+    assert out[-1].finish_reason == "length", out[-1]
+    assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(N))
+    assert {c.instance_id for c in out if c.index > 0 and c.token_ids} == {other}, out
+    assert (rec.recoveries, rec.failed_engines) == (0, tuple(hung)), (rec.recoveries, rec.failed_engines)
+    assert counters["handoff_rerouted"] == 1, counters
+    assert computed["prefill-0"] == PROMPT and computed[other] <= 1, computed  # prefilled once, its KV loaded
