@@ -135,6 +135,24 @@ def test_bad_policies_are_exit_2_naming_the_field(tmp_path: Path, capsys) -> Non
     assert rc == 2 and "policies.migration" in said and "nope" in said
 
 
+def test_non_numeric_policy_params_are_exit_2_naming_the_key(tmp_path: Path, capsys) -> None:
+    # A flag's value that is not JSON reads as a string, and so does a YAML value in quotes: the policies took them
+    # and the run died mid-way in a comparison (a bare TypeError traceback, not naming the key), or never used
+    # them (a sustain clock compared only once a trigger held) and exited 0.
+    pd = ["--config", "llama2-7b-pd-a100", "--synthetic", "20", "--quiet"]
+    for args, named in ((["--synthetic", "20", "--migration", "llumnix:high_watermark=abc"], "high_watermark"),
+                        (["--synthetic", "20", "--migration", "llumnix:cooldown_s=1s"], "cooldown_s"),
+                        ([*pd, "--reroling", "threshold:sustain_s=abc"], "sustain_s"),
+                        ([*pd, "--reroling", "threshold:min_per_role=one"], "min_per_role"),
+                        ([*pd, "--reroling", "threshold:interval_s=abc"], "interval_s")):
+        rc, _, said = _simulate(args, tmp_path, capsys)
+        field = "policies.reroling" if "--reroling" in args else "policies.migration"
+        assert rc == 2 and field in said and named in said and "Traceback" not in said, (args, said[-300:])
+    cfg = _config(tmp_path, "default", migration={"name": "llumnix", "params": {"pressure": "0.7"}})
+    rc, _, said = _simulate(["--config", cfg, "--synthetic", "20"], tmp_path, capsys)
+    assert rc == 2 and "policies.migration" in said and "pressure" in said and "'0.7'" in said
+
+
 def test_without_the_policies_the_summary_is_the_plain_runs(tmp_path: Path, capsys) -> None:
     """``--migration none --reroling none`` (and a config without them) simulate exactly the plain ``Simulator``
     run: every summary value but the wall-clock ones equal."""

@@ -53,6 +53,7 @@ from typing import ClassVar
 
 from scheduler.config.models import ModelSpec
 from scheduler.core.types import ClusterView, InstanceSnapshot, RequestLoad
+from scheduler.policy.params import check_numbers
 
 HIGH_PRIORITY = 1
 
@@ -282,6 +283,12 @@ class LlumnixMigrationPolicy(MigrationPolicy):
         choose: str = "relief_per_copy",
         default_output_tokens: float = 256.0,
     ) -> None:
+        check_numbers(high_watermark=high_watermark, balance_gap=balance_gap, pressure=pressure,
+                      max_concurrent=max_concurrent, max_per_instance=max_per_instance, max_plans=max_plans,
+                      max_per_s=max_per_s, cooldown_s=cooldown_s, min_gap_s=min_gap_s,
+                      request_cooldown_s=request_cooldown_s, inflight_timeout_s=inflight_timeout_s,
+                      headroom_tokens=headroom_tokens, default_output_tokens=default_output_tokens,
+                      **({} if low_watermark is None else {"low_watermark": low_watermark}))
         if low_watermark is not None and not 0 <= low_watermark <= high_watermark:
             raise ValueError(f"watermarks: need 0 <= low_watermark ({low_watermark}) <= high_watermark "
                              f"({high_watermark})")

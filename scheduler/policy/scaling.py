@@ -27,6 +27,7 @@ from typing import ClassVar
 from scheduler.config.models import ClusterConfig, EngineSpec
 from scheduler.core.types import SLO, ClusterView, InstanceRole, InstanceSnapshot
 from scheduler.latency import LatencyModel, latency_factory, prefill_pairs
+from scheduler.policy.params import check_numbers
 
 
 # ---- decisions ------------------------------------------------------------------------------------------------
@@ -609,6 +610,9 @@ class RerolePolicy:
     def __init__(self, *, decode_high: float = 0.9, decode_low: float = 0.4, prefill_high_tokens: int = 8192,
                  prefill_low_tokens: int = 1024, min_per_role: int = 1, sustain_s: float = 5.0,
                  cooldown_s: float = 30.0) -> None:
+        check_numbers(decode_high=decode_high, decode_low=decode_low, prefill_high_tokens=prefill_high_tokens,
+                      prefill_low_tokens=prefill_low_tokens, min_per_role=min_per_role, sustain_s=sustain_s,
+                      cooldown_s=cooldown_s)
         if min_per_role < 1:
             raise ValueError(f"RerolePolicy.min_per_role: a P/D cluster needs both roles, got {min_per_role}")
         self.decode_high, self.decode_low = decode_high, decode_low
@@ -709,8 +713,9 @@ def reroling_policy(config: ClusterConfig) -> tuple[RerolePolicy, RerolingLoop] 
     params = dict(spec.params)
     try:
         d = RerolingLoop()
-        loop = RerolingLoop(float(params.pop("interval_s", d.interval_s)),
-                            float(params.pop("switch_timeout_s", d.switch_timeout_s)))
+        interval_s, timeout_s = params.pop("interval_s", d.interval_s), params.pop("switch_timeout_s", d.switch_timeout_s)
+        check_numbers(interval_s=interval_s, switch_timeout_s=timeout_s)  # (float() took "5" and True)
+        loop = RerolingLoop(float(interval_s), float(timeout_s))  # type: ignore[arg-type]
         return REROLING_POLICIES[spec.name](**params), loop
     except ValueError as e:
         raise ValueError(str(e) if str(e).startswith(where) else f"{where}.params: {e}") from None
