@@ -355,7 +355,8 @@ def simulate_main(argv: list[str] | None = None) -> int:
     summary["trace_source"] = getattr(trace, "source", "")
     if args.goodput:
         g = goodput(cfg, w, lambda: make_router(router_name, **params), seed=args.seed,
-                    same_instant_batching=args.same_instant_batching, policies=policies)
+                    same_instant_batching=args.same_instant_batching, policies=policies,
+                    ingress_poll_s=args.ingress_poll_s)
         summary["goodput_rps"], summary["goodput_capped"] = g.goodput_rps, g.capped  # capped: a lower bound
         summary["offered_rps"] = w.rate_rps
         warn_goodput(g, w.rate_rps, summary["slo_attainment"])

@@ -22,11 +22,14 @@ def scale_rate(w: Workload, factor: float) -> Workload:
 
 
 def attainment(config: ClusterConfig, w: Workload, router_factory: Callable[[], object], *, seed: int = 0,
-               same_instant_batching: bool = False, policies: Callable[[], dict[str, object]] | None = None) -> float:
+               same_instant_batching: bool = False, policies: Callable[[], dict[str, object]] | None = None,
+               ingress_poll_s: float | None = None) -> float:
     """``policies``: a factory of the run's periodic-policy ``Simulator`` keywords (``sim.policies.sim_policies``:
-    migration, re-roling; fresh state per run; ``None``: without)."""
+    migration, re-roling; fresh state per run; ``None``: without); ``ingress_poll_s``: the poll-round view
+    (``Simulator``; ``None``: off)."""
     res = Simulator(config, router=router_factory(), seed=seed,  # type: ignore[arg-type]
-                    same_instant_batching=same_instant_batching, **(policies() if policies is not None else {})).run(w)
+                    same_instant_batching=same_instant_batching, ingress_poll_s=ingress_poll_s,
+                    **(policies() if policies is not None else {})).run(w)
     return float(request_metrics(res).slo_met.mean()) if len(w) else 0.0
 
 
@@ -54,10 +57,12 @@ def goodput(
     seed: int = 0,
     same_instant_batching: bool = False,
     policies: Callable[[], dict[str, object]] | None = None,
+    ingress_poll_s: float | None = None,
 ) -> GoodputResult:
     """Max rate (req/s) with SLO attainment >= ``target``; 0 when even ``lo`` x the trace rate misses it. ``seed``:
     the probes' host-noise draws (``Simulator``), the run's own when reported beside it; ``same_instant_batching``:
-    the probes' (``Simulator``); ``policies``: the probes' periodic policies, fresh per probe (``attainment``)."""
+    the probes' (``Simulator``); ``policies``: the probes' periodic policies, fresh per probe (``attainment``);
+    ``ingress_poll_s``: the probes' poll-round view (``Simulator``), the run's own when reported beside it."""
     if len(w) > 1 and float(w.arrival_s[-1] - w.arrival_s[0]) <= 0:
         raise ValueError(f"goodput: the {len(w)} arrivals of {w.name!r} span no time, so the trace's rate (which the "
                          "result scales) cannot be measured")
@@ -68,7 +73,7 @@ def goodput(
         nonlocal probes
         probes += 1
         a = attainment(config, scale_rate(w, scale), router_factory, seed=seed,
-                       same_instant_batching=same_instant_batching, policies=policies)
+                       same_instant_batching=same_instant_batching, policies=policies, ingress_poll_s=ingress_poll_s)
         return a >= target, a
 
     good, a_lo = ok(lo)

@@ -139,6 +139,25 @@ def test_simulate_takes_the_period_from_its_flag(tmp_path, capsys) -> None:
     assert "--ingress-poll-s" in capsys.readouterr().err
 
 
+def test_simulate_goodput_probes_route_on_the_rounds_too(monkeypatch) -> None:
+    """``simulate --ingress-poll-s S --goodput``: every goodput probe routes on the rounds, as the run beside it does
+    (the probes ran without them: the same goodput whatever S, the flag silently left out of the reported figure)."""
+    import sim.goodput
+    from sim.commands import simulate_main
+
+    periods: list[float | None] = []
+
+    class Recording(Simulator):
+        def __init__(self, *a, **kw) -> None:
+            periods.append(kw.get("ingress_poll_s"))
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(sim.goodput, "Simulator", Recording)
+    assert simulate_main(["--synthetic", "100", "--instances", "2", "--quiet", "--goodput",
+                          "--ingress-poll-s", "0.25"]) == 0
+    assert len(periods) >= 5 and set(periods) == {0.25}
+
+
 def test_a_request_routed_on_a_round_from_before_a_drain_is_refused_and_routed_again(two_mixed) -> None:
     """m-0 drains for a scale-down at t=0.5 (busy: it stays until its request ends); rounds 10 s apart, so the view
     is the round of t=0. Request 2 (t=1.0) is routed to m-0 on it (a tie, first in order): m-0 refuses it, as live
