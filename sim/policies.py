@@ -34,11 +34,11 @@ if TYPE_CHECKING:
 AS_LIVE_REROLING: dict[str, object] = {"switch_delay_s": 0.0, "handoff": False}
 
 
-def router_spec(spec: str) -> tuple[str, dict[str, object]]:
+def router_spec(spec: str, *, what: str = "router") -> tuple[str, dict[str, object]]:
     """``--routers`` / ``--migration`` / ``--reroling`` entry -> (name, params): ``name:key=value[:key=value...]``
     sets constructor parameters (``llumnix:metric=remaining_steps``); a value reads as JSON (numbers, ``true``,
     ``null``) or else as a string. Segments without ``=`` stay in the name, so ``package.module:Class`` (and
-    ``package.module:Class:key=value``) still work.
+    ``package.module:Class:key=value``) still work. ``what``: the errors' name of it (``--migration``).
 
     Raises:
         ValueError: an empty key, or a key given twice.
@@ -52,7 +52,7 @@ def router_spec(spec: str) -> tuple[str, dict[str, object]]:
         key, _, raw = p.partition("=")
         key = key.strip()
         if not key or key in params:
-            raise ValueError(f"router {spec!r}: {'empty' if not key else 'repeated'} parameter name in {p!r}")
+            raise ValueError(f"{what} {spec!r}: {'empty' if not key else 'repeated'} parameter name in {p!r}")
         try:
             params[key] = json.loads(raw)
         except ValueError:
@@ -76,7 +76,9 @@ def with_policy(config: ClusterConfig, field: str, spec: str | None) -> ClusterC
     ``None`` (the flag not given) keeps the config's."""
     if spec is None:
         return config
-    name, params = router_spec(spec)
+    name, params = router_spec(spec, what=f"--{field}")
+    if name == "none" and params:  # nothing would read them
+        raise ValueError(f"--{field} none: takes no parameters, got {', '.join(params)}")
     new = None if name == "none" else PolicySpec(name=name, params=params)
     return config.model_copy(update={"policies": config.policies.model_copy(update={field: new})})
 

@@ -153,6 +153,20 @@ def test_non_numeric_policy_params_are_exit_2_naming_the_key(tmp_path: Path, cap
     assert rc == 2 and "policies.migration" in said and "pressure" in said and "'0.7'" in said
 
 
+def test_policy_flag_syntax_errors_name_the_flag(tmp_path: Path, capsys) -> None:
+    # The flags share --routers' NAME:key=value reader: a repeated key was reported as a "router" error, and
+    # ``none`` with parameters dropped them silently (no policy ran, nothing said).
+    pd = ["--config", "llama2-7b-pd-a100", "--synthetic", "20", "--quiet"]
+    for args, said_part in ((["--synthetic", "20", "--migration", "llumnix:max_plans=2:max_plans=3"],
+                             "--migration 'llumnix:max_plans=2:max_plans=3': repeated parameter name"),
+                            ([*pd, "--reroling", "threshold:=1"], "--reroling 'threshold:=1': empty parameter name"),
+                            (["--synthetic", "20", "--migration", "none:high_watermark=0.3"],
+                             "--migration none: takes no parameters, got high_watermark"),
+                            ([*pd, "--reroling", "none:sustain_s=2"], "--reroling none: takes no parameters")):
+        rc, _, said = _simulate(args, tmp_path, capsys)
+        assert rc == 2 and said_part in said and "router" not in said, (args, said[-300:])
+
+
 def test_without_the_policies_the_summary_is_the_plain_runs(tmp_path: Path, capsys) -> None:
     """``--migration none --reroling none`` (and a config without them) simulate exactly the plain ``Simulator``
     run: every summary value but the wall-clock ones equal."""
