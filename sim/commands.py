@@ -29,7 +29,7 @@ from scheduler.policy.route import make_router
 from scheduler.policy.scaling import ScalingLoop, make_scaling_policy
 from sim.goodput import goodput
 from sim.metrics import request_metrics, sim_summary
-from sim.policies import add_policy_args, policy_stats, sim_policies, with_policy
+from sim.policies import add_policy_args, given_policies, policy_stats, sim_policies, with_policy
 from sim.report import print_summaries, write_figure, write_json
 from sim.simulator import Simulator, Workload
 
@@ -336,7 +336,7 @@ def simulate_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--scaling {args.scaling}: not with policies.reroling ({cfg.policies.reroling.name}): "
                              "the scaling driver sizes pools by role, re-roling moves instances between them; pass "
                              "--reroling none to autoscale, or drop --scaling")
-        policies = sim_policies(cfg)  # None: neither policy, the plain run
+        policies = sim_policies(cfg, flags=given_policies(args))  # None: neither policy, the plain run
         # Builds the instances: a pool without KV memory, a cluster that cannot prefill or decode fail here.
         sim = Simulator(cfg, router=router, closed_form=not args.naive, progress=not args.quiet and len(w) > 50_000,
                         scaling=scaling, scaling_interval_s=loop.interval_s, scaling_startup_s=loop.startup_delay_s,

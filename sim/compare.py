@@ -25,6 +25,7 @@ from sim.goodput import goodput, scale_rate
 from sim.metrics import request_metrics, sim_summary
 from sim.policies import (
     add_policy_args,
+    given_policies,
     migration_factory,
     policy_stats,
     router_spec,
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         check_time_span(trace)  # --load scales from the trace's rate
         if args.rate_scale != 1.0:
             raise ValueError("--rate-scale: compare sets the rate by --load (a share of the measured saturation)")
-        sim_policies(cfg)  # fail fast: an unknown policy, bad parameters, re-roling without P/D pools
+        sim_policies(cfg, flags=given_policies(args))  # fail fast: unknown policy, bad parameters, re-roling w/o P/D
         build_instances(cfg)  # fail fast: a pool without KV memory, a cluster that cannot prefill or decode
         for r in routers:
             try:

@@ -59,7 +59,7 @@ from sim.commands import (
 from sim.compare import router_factory, router_params
 from sim.goodput import goodput
 from sim.metrics import request_metrics
-from sim.policies import add_policy_args, sim_policies, with_policy
+from sim.policies import add_policy_args, given_policies, sim_policies, with_policy
 from sim.simulator import Simulator, Workload
 
 
@@ -573,7 +573,7 @@ def pareto(results: list[PlanResult]) -> list[PlanResult]:
     return out
 
 
-def check_policies(base: ClusterConfig, layouts: tuple[str, ...]) -> None:
+def check_policies(base: ClusterConfig, layouts: tuple[str, ...], *, flags: tuple[str, ...] = ()) -> None:
     """Fail fast on the base config's ``policies.migration`` / ``policies.reroling``, which every candidate's
     simulations run (``_evaluate``), re-roling the P/D candidates' only (``make_config``): checked on the base's
     first pool as a P/D pair, as a P/D candidate will run it. Says so when MIXED layouts run without it."""
@@ -582,7 +582,7 @@ def check_policies(base: ClusterConfig, layouts: tuple[str, ...]) -> None:
     if reroling:
         pools = [base.pools[0].model_copy(update={"name": r.value, "role": r})
                  for r in (InstanceRole.PREFILL, InstanceRole.DECODE)]
-    sim_policies(base.model_copy(update={"pools": pools}))
+    sim_policies(base.model_copy(update={"pools": pools}), flags=flags)
     if reroling and "mixed" in layouts:
         print("note: policies.reroling: applied to the P/D candidates only (a MIXED pool has no roles to move; its "
               "best-cluster.yaml leaves it out)", file=sys.stderr)
@@ -654,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         routers = tuple(dict.fromkeys(comma_list("--routers", args.routers)))
         base = load_cluster(args, applies=("migration", "reroling"))
         base = with_policy(with_policy(base, "migration", args.migration), "reroling", args.reroling)
-        check_policies(base, layouts)
+        check_policies(base, layouts, flags=given_policies(args))
         if args.tp is None:  # the default list: the degrees this model splits over
             tps = tuple(tp for tp in tps if base.model.splits_over(tp))
         odd = [tp for tp in tps if not base.model.splits_over(tp)]
@@ -711,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_plan(Path(args.out), base, trace, results, args.target, workload=w)
+    write_plan(Path(args.out), base, trace, results, args.target, workload=w, layouts=layouts)
     return 0 if results else 1
 
 
@@ -723,11 +723,12 @@ def _slos(base: ClusterConfig, w: Workload) -> dict:
 
 
 def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult], target: float, *,
-               workload: Workload | None = None) -> None:
+               workload: Workload | None = None, layouts: tuple[str, ...] = ("mixed", "pd:auto")) -> None:
     """The table, plan.json, best-cluster.yaml and pareto.png. ``workload``: what was planned (default: ``trace``'s,
     every request in class 0); plan.json names the SLO of each priority class in it (``slos``, with its requests:
     each request was scored against its own class's) and the one the analytic pass sized for (``sized_slo``). It
-    named class 0's alone, a class the workload might not even have."""
+    named class 0's alone, a class the workload might not even have. ``layouts``: those searched; re-roling runs on
+    the P/D ones only, so with none plan.json says it was not applied rather than naming it as if it ran."""
     from rich.console import Console
     from rich.table import Table
 
@@ -758,6 +759,8 @@ def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult],
          # The periodic policies every candidate ran with (re-roling: the P/D candidates), as compare names them.
          **{f"{k}_policy": spec.model_dump() for k in ("migration", "reroling")
             if (spec := getattr(base.policies, k)) is not None},
+         **({"reroling_policy": "not applied (no P/D candidate)"}
+            if base.policies.reroling is not None and not any(x.startswith("pd") for x in layouts) else {}),
          "target": target, "results": [asdict(r) for r in results]}, indent=2))
     if not results:
         for stale in ("best-cluster.yaml", "pareto.png"):  # a previous run's answer is not this plan's

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -83,6 +84,11 @@ def with_policy(config: ClusterConfig, field: str, spec: str | None) -> ClusterC
     return config.model_copy(update={"policies": config.policies.model_copy(update={field: new})})
 
 
+def given_policies(args: argparse.Namespace) -> tuple[str, ...]:
+    """The policy fields a command's ``--migration`` / ``--reroling`` flags set (``sim_policies``' ``flags``)."""
+    return tuple(f for f in ("migration", "reroling") if getattr(args, f, None) is not None)
+
+
 def migration_factory(config: ClusterConfig):
     """A zero-argument factory of the config's ``policies.migration`` (fresh state per run: its rate limits and
     cooldowns remember), or ``None`` when the config has none (or ``none``)."""
@@ -108,19 +114,23 @@ def check_reroling_without_scaling(config: ClusterConfig) -> None:
                          "re-roling, or drop one of the two from the config")
 
 
-def sim_policies(config: ClusterConfig) -> Callable[[], dict[str, object]] | None:
+def sim_policies(config: ClusterConfig, *, flags: tuple[str, ...] = ()) -> Callable[[], dict[str, object]] | None:
     """A factory of one run's ``Simulator`` keywords for the config's migration and re-roling policies (fresh
-    objects per call), or ``None`` when it has neither: the run is then the plain one, bit for bit.
+    objects per call), or ``None`` when it has neither: the run is then the plain one, bit for bit. ``flags``: the
+    fields (``migration``, ``reroling``) a command's flag set (``with_policy``), which its errors name instead.
 
     Raises:
-        ValueError: a bad policy or parameter, naming ``policies.migration`` / ``policies.reroling``.
+        ValueError: a bad policy or parameter, naming ``policies.migration`` / ``policies.reroling`` (or the flag).
     """
     try:
         migration = migration_factory(config)
     except (TypeError, ValueError) as e:  # an unknown parameter is a TypeError
-        raise ValueError(f"policies.migration: {e}") from None
+        raise ValueError(_flag_named(f"policies.migration: {e}", "migration", flags)) from None
     check_reroling_without_scaling(config)
-    rerole = reroling_policy(config) is not None  # fails fast, naming the field
+    try:
+        rerole = reroling_policy(config) is not None  # fails fast, naming the field
+    except ValueError as e:
+        raise ValueError(_flag_named(str(e), "reroling", flags)) from None
     if migration is None and not rerole:
         return None
 
@@ -134,6 +144,14 @@ def sim_policies(config: ClusterConfig) -> Callable[[], dict[str, object]] | Non
         return kw
 
     return kwargs
+
+
+def _flag_named(message: str, field: str, flags: tuple[str, ...]) -> str:
+    """``message`` naming ``--<field>`` for ``policies.<field>`` (and its ``.name`` / ``.params``) when the flag set
+    it: the user typed no config key."""
+    if field not in flags:
+        return message
+    return re.sub(rf"^policies\.{field}(\.name|\.params)?", f"--{field}", message)
 
 
 def policy_stats(sim: Simulator, config: ClusterConfig | None = None, *, switches: bool = True) -> dict[str, object]:
@@ -154,5 +172,6 @@ def policy_stats(sim: Simulator, config: ClusterConfig | None = None, *, switche
     return out
 
 
-__all__ = ["AS_LIVE_REROLING", "add_policy_args", "check_reroling_without_scaling", "migration_factory", "policy_stats",
+__all__ = ["AS_LIVE_REROLING", "add_policy_args", "check_reroling_without_scaling", "given_policies",
+           "migration_factory", "policy_stats",
            "router_spec", "sim_policies", "with_policy"]

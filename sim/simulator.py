@@ -287,7 +287,11 @@ class Simulator:
         self.timeline_points = timeline_points
         self.progress = progress
         self.instances = build_instances(config)
-        self._detail = bool(getattr(router, "needs_request_detail", False)) or migration is not None
+        # The routers' snapshots list their requests only for a router that reads them; the policy ticks' views
+        # (``policy_view``) for a migration policy too, which always reads them.
+        self._detail = bool(getattr(router, "needs_request_detail", False)) or (
+            migration is not None and bool(getattr(router, "needs_detail_with_migration", False)))
+        self._policy_detail = self._detail or migration is not None
         self._ids = [i.instance_id for i in self.instances]
         self._index = {i.instance_id: i for i in self.instances}
         self._live = self.instances  # instances in the routers' view (the scaling driver keeps its own list)
@@ -492,12 +496,12 @@ class Simulator:
     def _fresh(self, inst: SimInstance, now: float) -> InstanceSnapshot:
         span = inst.span
         if span is None:  # idle, or a single step in flight (booked: read as of its end)
-            return inst.fresh_snapshot(now, detail=self._detail)
+            return inst.fresh_snapshot(now, detail=self._policy_detail)
         # Mid-span, read as of the step in flight's end, short of the span's last (its finishes are booked at the
         # span's end: left out rather than changing the run by reading them).
         k = min(span.steps_done_by(now - inst.span_start), span.steps - 1)
         with inst.engine.ahead(k):
-            return inst.fresh_snapshot(now, detail=self._detail)
+            return inst.fresh_snapshot(now, detail=self._policy_detail)
 
     def materialise(self, inst: SimInstance, now: float) -> None:
         """Turn ``inst``'s closed-form span, which books its steps at its end, into what naive stepping has at

@@ -14,9 +14,9 @@ from scheduler.cli import main as cli_main
 from scheduler.config.load import load_config
 from scheduler.core.types import InstanceRole
 from sim.metrics import sim_summary
-from sim.planner import Candidate, make_config
+from sim.planner import Candidate, make_config, write_plan
 from sim.simulator import Simulator, Workload
-from sim.traces import load_trace
+from sim.traces import default_trace, load_trace
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "scheduler" / "config" / "examples"
 # The migration study's bursty load (docs/migration.md: KV is what binds): gamma arrivals, CV 4.
@@ -127,12 +127,20 @@ def test_bad_policies_are_exit_2_naming_the_field(tmp_path: Path, capsys) -> Non
                         ([*pd, "--reroling", "threshold:interval_s=0"], "interval_s"),
                         (["--synthetic", "20", "--reroling", "threshold"], "needs a PREFILL and a DECODE pool")):
         rc, _, said = _simulate(args, tmp_path, capsys)
-        field = "policies.reroling" if "--reroling" in args else "policies.migration"
+        # Set by the flag: named by it, not by the config key the user never wrote.
+        field = "--reroling" if "--reroling" in args else "--migration"
         assert rc == 2 and field in said and named in said and "Traceback" not in said, args
+        assert "policies." not in said, (args, said[-300:])
     # The same from the config file (it loads: names are checked at load, parameters where the policy is built).
     cfg = _config(tmp_path, "default", migration={"name": "llumnix", "params": {"nope": 1}})
     rc, _, said = _simulate(["--config", cfg, "--synthetic", "20"], tmp_path, capsys)
     assert rc == 2 and "policies.migration" in said and "nope" in said
+    # Re-roling on a MIXED cluster: the flag's named as the flag (it named policies.reroling), the config's by key.
+    rc, _, said = _simulate(["--synthetic", "20", "--reroling", "threshold"], tmp_path, capsys)
+    assert rc == 2 and "error: --reroling: needs a PREFILL and a DECODE pool" in said, said[-300:]
+    cfg = _config(tmp_path, "default", reroling=REROLING)
+    rc, _, said = _simulate(["--config", cfg, "--synthetic", "20"], tmp_path, capsys)
+    assert rc == 2 and "error: policies.reroling: needs a PREFILL and a DECODE pool" in said, said[-300:]
 
 
 def test_non_numeric_policy_params_are_exit_2_naming_the_key(tmp_path: Path, capsys) -> None:
@@ -146,7 +154,7 @@ def test_non_numeric_policy_params_are_exit_2_naming_the_key(tmp_path: Path, cap
                         ([*pd, "--reroling", "threshold:min_per_role=one"], "min_per_role"),
                         ([*pd, "--reroling", "threshold:interval_s=abc"], "interval_s")):
         rc, _, said = _simulate(args, tmp_path, capsys)
-        field = "policies.reroling" if "--reroling" in args else "policies.migration"
+        field = "--reroling" if "--reroling" in args else "--migration"
         assert rc == 2 and field in said and named in said and "Traceback" not in said, (args, said[-300:])
     cfg = _config(tmp_path, "default", migration={"name": "llumnix", "params": {"pressure": "0.7"}})
     rc, _, said = _simulate(["--config", cfg, "--synthetic", "20"], tmp_path, capsys)
@@ -221,3 +229,13 @@ def test_plan_json_names_the_policies_it_ran(tmp_path: Path, capsys) -> None:
     assert cli_main(["plan", "--config", bad, "--limit", "200", "--gpus", "a100", "--tp", "1", "--out",
                      str(out)]) == 2
     assert "policies.reroling.params" in capsys.readouterr().err
+
+
+def test_plan_json_names_reroling_only_where_it_ran(tmp_path: Path) -> None:
+    # Re-roling runs on the P/D candidates only: with MIXED layouts alone plan.json named the policy as if it ran.
+    base = load_config(_config(tmp_path, "default", reroling=REROLING))
+    for layouts, named in ((("mixed",), "not applied (no P/D candidate)"), (("mixed", "pd:auto"), REROLING),
+                           (("pd:0.3",), REROLING)):
+        out = tmp_path / "-".join(layouts)
+        write_plan(out, base, default_trace().head(50), [], 0.9, layouts=layouts)
+        assert json.loads((out / "plan.json").read_text())["reroling_policy"] == named, layouts

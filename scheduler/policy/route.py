@@ -35,11 +35,14 @@ class Router:
 
     Hooks (``on_routed``, ``on_finished``) are no-ops unless a router keeps state (round-robin's cursor).
     ``needs_request_detail``: whether snapshots must carry the per-request ``requests`` tuple (costly to build
-    in the simulator, so only routers that read it ask for it).
+    in the simulator, so only routers that read it ask for it). ``needs_detail_with_migration``: the router reads
+    it only for what a migration changes (requests that moved from where it placed them), so the simulator lists
+    them only when a migration policy runs; a live snapshot always lists them.
     """
 
     name: ClassVar[str] = "base"
     needs_request_detail: ClassVar[bool] = False
+    needs_detail_with_migration: ClassVar[bool] = False
 
     def route(self, request: RequestInfo, view: ClusterView) -> RouteResult:
         prefill = prefill_candidates(view)

@@ -809,6 +809,7 @@ class ShedRouter(Router):
         self.judge = LookaheadRouter(config=config, shed_ttft_factor=shed_ttft_factor,
                                      shed_tpot_factor=shed_tpot_factor, shed_below_priority=shed_below_priority)
         self.needs_request_detail = self.base.needs_request_detail  # type: ignore[misc]
+        self.needs_detail_with_migration = self.base.needs_detail_with_migration  # type: ignore[misc]
 
     def initialize(self, config: ClusterConfig) -> None:
         self.base.initialize(config)

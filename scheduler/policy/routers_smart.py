@@ -137,6 +137,9 @@ class LlumnixRouter(PairingRouter):
         self.watermark = watermark
         self.ties = ties
         self._prio = PriorityTracker()
+        # The headroom reads the listed high-priority requests its memory does not place (``PriorityTracker.count``):
+        # in the simulator only migrated ones, none without a migration policy; headroom 0 reads none at all.
+        self.needs_detail_with_migration = headroom > 0  # type: ignore[misc]
 
     def pick(self, request, candidates, view, *, phase):  # type: ignore[override]
         if self.ties == "first" or phase == "prefill":
