@@ -192,7 +192,8 @@ class PriorityTracker:
         # in transit, routed since the snapshot), or migrated away (routers hear nothing of migrations: the
         # instance a request left keeps its headroom until it finishes). Before, the listed ones alone counted
         # whenever any were listed: live, a pair's headroom sat on its PREFILL instance during the prefill and on
-        # its decoder only once the KV landed, the reverse of the simulator's (which feeds llumnix no detail).
+        # its decoder only once the KV landed, the reverse of the simulator's (which lists requests to llumnix only
+        # under migration: ``needs_detail_with_migration``).
         read = self._listed.get(inst.instance_id)
         if read is None or read[0] is not inst:
             high = tuple((r.request_id, r.in_prefill) for r in inst.requests if r.priority >= HIGH_PRIORITY)
