@@ -107,3 +107,13 @@ def test_runs_are_the_same_as_with_detail_everywhere(name: str, pd: bool) -> Non
     for c in COLUMNS:
         np.testing.assert_array_equal(getattr(a, c), getattr(b, c), err_msg=c)
     assert any(seen) == (name == "llumnix")  # only the router that reads the listing got it
+
+
+def test_llumnix_needs_it_under_migration() -> None:
+    # Why llumnix keeps the detail: without it, its headroom misses the migrated high-priority requests and the
+    # run changes (the identity test above would catch a rule that dropped it).
+    _, a = run(make_router("llumnix"), pd=False)
+    r = make_router("llumnix")
+    r.needs_detail_with_migration = False  # type: ignore[misc]
+    _, b = run(r, pd=False)
+    assert not np.array_equal(a.finish_s, b.finish_s, equal_nan=True)
