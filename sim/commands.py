@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from scheduler.cli_args import (
 )
 from scheduler.config.load import ConfigError, load_config
 from scheduler.config.models import ClusterConfig
-from scheduler.policy.route import make_router
+from scheduler.policy.route import make_router, router_class
 from scheduler.policy.scaling import ScalingLoop, make_scaling_policy
 from sim.goodput import goodput
 from sim.metrics import request_metrics, sim_summary
@@ -45,8 +46,9 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cv", type=positive_float, default=1.0,
                    help="synthetic inter-arrival CV (1 = Poisson, >1 bursty)")
     p.add_argument("--seed", type=nonneg_int, default=0,
-                   help="synthetic arrivals, trace resampling and tie spreading, and the simulator's host-noise draws "
-                        "(a measured profile's spread)")
+                   help="synthetic arrivals, trace resampling and tie spreading, the simulator's host-noise draws "
+                        "(a measured profile's spread), and a drawing router's own seed (power_of_two, random, "
+                        "learned's exploration) unless its parameters name one")
     p.add_argument("--spread-ties", action="store_true",
                    help="spread requests logged at one timestamp (a coarse trace clock, e.g. Mooncake's 3 s ticks) "
                         "evenly at random up to the next timestamp, instead of replaying them as one burst")
@@ -127,6 +129,14 @@ def load_cluster(args: argparse.Namespace, *, applies: tuple[str, ...] = ()) -> 
         print(f"note: {args.config}: {', '.join(f'policies.{k}' for k in unused)} not applied: the live Controller "
               f"applies {'it' if len(unused) == 1 else 'them'}; this simulation runs without{hint}", file=sys.stderr)
     return cfg
+
+
+def seeded(router: str, params: dict[str, object], seed: int) -> dict[str, object]:
+    """``params`` with ``--seed`` for a router that draws (``power_of_two``, ``random``, ``learned``'s exploration)
+    unless they name one; such routers default to seed 0, so ``--seed 0`` leaves every run as it was."""
+    if seed and "seed" not in params and "seed" in inspect.signature(router_class(router)).parameters:
+        return {**params, "seed": seed}
+    return params
 
 
 def comma_list(flag: str, s: str) -> list[str]:
@@ -327,6 +337,7 @@ def simulate_main(argv: list[str] | None = None) -> int:
         router_name = args.router or cfg.policies.router.name
         params = cfg.policies.router.params if router_name == cfg.policies.router.name else {}
         try:
+            params = seeded(router_name, params, args.seed)
             router = make_router(router_name, **params)
         except ValueError as e:  # say where the name / params came from
             where = "--router" if args.router else f"{args.config or 'default'}: policies.router"

@@ -20,7 +20,7 @@ import numpy as np
 from scheduler.config.load import ConfigError
 from scheduler.config.models import ClusterConfig
 from scheduler.policy.route import make_router
-from sim.commands import add_cluster_args, add_workload_args, load_cluster, load_workload
+from sim.commands import add_cluster_args, add_workload_args, load_cluster, load_workload, seeded
 from sim.goodput import goodput, scale_rate
 from sim.metrics import request_metrics, sim_summary
 from sim.policies import (
@@ -163,14 +163,17 @@ def router_params(spec: str, config: ClusterConfig) -> tuple[str, dict[str, obje
     return name, params
 
 
-def router_factory(name: str, config: ClusterConfig):
+def router_factory(name: str, config: ClusterConfig, seed: int = 0):
     """A zero-argument factory (goodput bisection needs fresh router state per probe). Routers that use the latency
     model or the SLOs (``lookahead``) get them from the config; the config's own router gets its
     ``policies.router.params`` (as ``llmsched simulate`` gives them: a learned router's ``path``, say). ``name``
-    may carry parameters (``router_spec``: ``llumnix:metric=remaining_steps``), which override the config's."""
+    may carry parameters (``router_spec``: ``llumnix:metric=remaining_steps``), which override the config's.
+    ``seed`` (``--seed``) reaches a router that draws (``power_of_two``, ``random``, ``learned``'s exploration)
+    unless its parameters name one; their default seed is 0, so ``--seed 0`` is the run it was."""
     name, params = router_params(name, config)
     if name in ("lookahead", "lookahead_shed"):
         params.setdefault("config", config)
+    params = seeded(name, params, seed)
 
     def make():
         return make_router(name, **params)
@@ -213,7 +216,7 @@ def compare(config: ClusterConfig, w: Workload, routers: list[str], *, load: flo
     wl = at_load(w, load, sat)
     summaries, metrics = {}, {}
     for name in routers:
-        make = router_factory(name, config)
+        make = router_factory(name, config, seed)
         sim = Simulator(config, router=make(), seed=seed, **batching, **(policies() if policies else {}))
         res = sim.run(wl)
         s = sim_summary(res)

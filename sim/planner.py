@@ -300,7 +300,7 @@ def _evaluate(base: ClusterConfig, c: Candidate, counts: tuple[int, ...], w: Wor
               seed: int = 0) -> tuple[float, dict]:
     cfg = make_config(base, c, counts)
     policies = sim_policies(cfg)  # the base config's migration / re-roling, as simulate runs them
-    res = Simulator(cfg, router=router_factory(c.router, cfg)(), seed=seed,
+    res = Simulator(cfg, router=router_factory(c.router, cfg, seed)(), seed=seed,
                     **(policies() if policies is not None else {})).run(w)
     m = request_metrics(res)
     return float(m.slo_met.mean()), {
@@ -404,7 +404,7 @@ def plan_one(base: ClusterConfig, c: Candidate, w: Workload, *, target: float, m
     # DistServe's measure of the answer: the highest rate it keeps at the target, by bisection on the trace's rate
     # -- the headroom a plan sized for this trace has. 1x is known to pass; capped at 2x (a smallest cluster has
     # less unless it is one instance); 5 steps in log space: within 2.2% below the true figure.
-    g = goodput(cfg, w, router_factory(c.router, cfg), target=target, lo=1.0, hi=2.0, iters=5, seed=seed,
+    g = goodput(cfg, w, router_factory(c.router, cfg, seed), target=target, lo=1.0, hi=2.0, iters=5, seed=seed,
                 policies=sim_policies(cfg))
     return PlanResult(c, sum(best), *pd, gpus, price, a, info["ttft_p99_s"], info["tpot_p99_s"], guess,
                       len(seen) + g.probes, g.goodput_rps, max_rate_capped=g.scale >= 2.0)
