@@ -584,7 +584,8 @@ def check_policies(base: ClusterConfig, layouts: tuple[str, ...], *, flags: tupl
                  for r in (InstanceRole.PREFILL, InstanceRole.DECODE)]
     sim_policies(base.model_copy(update={"pools": pools}), flags=flags)
     if reroling and "mixed" in layouts:
-        print("note: policies.reroling: applied to the P/D candidates only (a MIXED pool has no roles to move; its "
+        where = "--reroling" if "reroling" in flags else "policies.reroling"
+        print(f"note: {where}: applied to the P/D candidates only (a MIXED pool has no roles to move; its "
               "best-cluster.yaml leaves it out)", file=sys.stderr)
 
 

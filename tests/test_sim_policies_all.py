@@ -97,7 +97,7 @@ def test_plan_flags_override_the_configs_policies(tmp_path: Path, capsys) -> Non
                         tmp_path, capsys)
     assert rc == 0 and d["migration_policy"] == {"name": "llumnix", "params": {"max_per_s": 2}}
     assert d["reroling_policy"]["params"] == {"interval_s": 1, "sustain_s": 2}
-    assert "policies.reroling: applied to the P/D candidates only" in said
+    assert "--reroling: applied to the P/D candidates only" in said  # named as given (the flag)
     rc, _, said = _plan(["--layouts", "pd:0.5", "--migration", "llumnix:nope=1"], tmp_path, capsys)
     assert rc == 2 and "--migration: " in said and "nope" in said and "policies." not in said  # named as given
 
