@@ -276,6 +276,11 @@ async def _profile_before(ingress, target: str, vocab: int, probe: HostProbe) ->
         before["request_cpu"] = await measure_request_cpu(target, probe.cpu, vocab=vocab, idle=idle)
         before["token_cpu"] = await measure_token_cpu(target, probe.cpu, vocab=vocab, idle=idle)
         before["host_cores"] = os.cpu_count() or 1
+    if not any(c for _, c in before["request_cpu"]) or not any(before["token_cpu"]):
+        # Clamped at 0: the background moved more than the requests cost (a busy host); the simulator then
+        # charges no host CPU beside the steps and reads faster than live.
+        say("  warning: host CPU per request / per streamed token measured as 0 (the idle background moved "
+            "during the measurement: a busy host?); the simulation charges none")
     return sampled, before
 
 

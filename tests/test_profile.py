@@ -810,6 +810,39 @@ def test_measure_request_cpu_removes_the_idle_background(monkeypatch):
     assert sent == [(32, 2)] * 4 + [(1024, 2)] * 4  # with a decode leg: prefill, handoff, one decode step
 
 
+def test_a_burst_in_one_idle_stretch_is_not_read_as_the_background(monkeypatch):
+    """The idle background is each role's median over short stretches: one stretch with a burst (a GC, another
+    job) is not subtracted from every request. Read as one stretch, the burst zeroed the per-request CPU (clamped)
+    -- as it did once in ``llmsched run`` beside busy jobs."""
+    import asyncio
+
+    from scheduler.telemetry import host
+
+    sent = []
+    per_request, background, burst = 0.030, 0.2, 0.5  # s, cores, extra cores in the burst's stretch
+
+    class FakeCPU:
+        def __init__(self):
+            self.t, self.cpu, self.calls, self.seen = 0.0, 0.0, 0, 0
+
+        def snapshot(self):
+            self.calls += 1
+            if self.calls > 1:  # every interval 1 s: background + its requests, the second one a burst too
+                self.t += 1.0
+                self.cpu += background + (burst if self.calls == 2 else 0.0) + per_request * (len(sent) - self.seen)
+            self.seen = len(sent)
+            return {"t": self.t, "procs": {(1, "engines"): self.cpu}, "busy": self.cpu, "steal": 0.0}
+
+    _fake_generate(monkeypatch, lambda ids, kw: sent.append(len(ids)))
+
+    async def measured(cpu):
+        idle = await host.measure_idle(cpu, idle_s=0.0)
+        return await host.measure_request_cpu("x", cpu, sizes=(32,), n=4, gap_s=0.0, idle=idle)
+
+    assert asyncio.run(measured(FakeCPU()))[0][1] == pytest.approx(per_request)
+    assert asyncio.run(host.measure_idle(FakeCPU(), idle_s=0.0, windows=1))["engines"] == background + burst
+
+
 def test_measure_token_cpu_takes_the_stacks_cpu_per_extra_token(monkeypatch):
     """Stack roles only (engines excluded), idle background removed, per token beyond the 2-token requests."""
     import asyncio
