@@ -110,24 +110,19 @@ def add_cluster_args(
     p.add_argument("--instances", type=int, help=instances_help)
 
 
-def load_cluster(args: argparse.Namespace, *, applies: tuple[str, ...] = ()) -> ClusterConfig:
-    """``applies``: the ``policies`` entries (``migration``, ...) the calling command runs itself (no note)."""
+def load_cluster(args: argparse.Namespace) -> ClusterConfig:
+    """``--config`` (with ``--instances``). Every command runs the config's migration and re-roling; autoscaling
+    only with ``simulate --scaling``: a ``policies.scaling`` it will not run is noted, not silently dropped."""
     cfg = load_config(args.config)
     if args.instances is not None:
         cfg = with_instances(cfg, args.instances)
     if cfg.num_instances == 0:  # the simulator would fail deep inside; say which setting to change
         raise ConfigError(f"{args.config or 'default'}: pools[*].count: every pool has count 0; give a pool "
                           "instances or pass --instances")
-    # Those the command does not run: say so rather than silently simulate without them.
-    unused = [k for k in ("migration", "scaling", "reroling")
-              if k not in applies and (spec := getattr(cfg.policies, k)) is not None and spec.name != "none"]
-    if "scaling" in unused and getattr(args, "scaling", None):  # simulate --scaling: the flag's policy runs
-        unused.remove("scaling")
-    if unused:
-        hint = (f" (llmsched simulate --scaling {cfg.policies.scaling.name} runs it with its params)"  # type: ignore
-                if "scaling" in unused else "")
-        print(f"note: {args.config}: {', '.join(f'policies.{k}' for k in unused)} not applied: the live Controller "
-              f"applies {'it' if len(unused) == 1 else 'them'}; this simulation runs without{hint}", file=sys.stderr)
+    spec = cfg.policies.scaling
+    if spec is not None and spec.name != "none" and not getattr(args, "scaling", None):
+        print(f"note: {args.config}: policies.scaling not applied: the live Controller applies it; this simulation "
+              f"runs without (llmsched simulate --scaling {spec.name} runs it with its params)", file=sys.stderr)
     return cfg
 
 
@@ -329,7 +324,7 @@ def simulate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
-        cfg = load_cluster(args, applies=("migration", "reroling"))
+        cfg = load_cluster(args)
         cfg = with_policy(with_policy(cfg, "migration", args.migration), "reroling", args.reroling)
         trace, w = load_workload(args, cfg)
         if args.goodput:

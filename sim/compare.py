@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         routers = comma_list("--routers", args.routers)
-        cfg = load_cluster(args, applies=("migration", "reroling"))
+        cfg = load_cluster(args)
         cfg = with_policy(with_policy(cfg, "migration", args.migration), "reroling", args.reroling)
         trace, w = load_workload(args, cfg)
         check_time_span(trace)  # --load scales from the trace's rate

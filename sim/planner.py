@@ -653,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tps, layouts = parse_tps(args.tp or "1,2,4,8"), tuple(dict.fromkeys(parse_layouts(args.layouts)))
         routers = tuple(dict.fromkeys(comma_list("--routers", args.routers)))
-        base = load_cluster(args, applies=("migration", "reroling"))
+        base = load_cluster(args)
         base = with_policy(with_policy(base, "migration", args.migration), "reroling", args.reroling)
         check_policies(base, layouts, flags=given_policies(args))
         if args.tp is None:  # the default list: the degrees this model splits over
