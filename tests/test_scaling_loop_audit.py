@@ -152,7 +152,7 @@ def _sim_loop(cfg: ClusterConfig, monkeypatch, name: str, *flags: str) -> tuple[
         seen.update(kw)
         raise ValueError("captured")
 
-    monkeypatch.setattr(commands, "load_cluster", lambda args, **kw: cfg)
+    monkeypatch.setattr(commands, "load_cluster", lambda args: cfg)
     monkeypatch.setattr(commands, "Simulator", capture)
     assert (
         commands.simulate_main(["--synthetic", "20", "--rate", "2", "--scaling", name, "--quiet", *flags])
