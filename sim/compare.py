@@ -26,7 +26,6 @@ from sim.metrics import request_metrics, sim_summary
 from sim.policies import (
     add_policy_args,
     given_policies,
-    migration_factory,
     policy_stats,
     router_spec,
     sim_policies,
@@ -318,5 +317,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["at_goodput", "at_load", "compare", "main", "migration_factory", "policy_stats", "router_factory",
-           "router_params", "router_spec", "saturation_rate"]
+__all__ = ["at_goodput", "at_load", "compare", "main", "policy_stats", "router_factory", "router_params", "router_spec",
+           "saturation_rate"]

@@ -12,8 +12,9 @@ from scheduler.cli import main as cli_main
 from scheduler.config.load import load_config
 from scheduler.config.models import PolicySpec
 from scheduler.policy.migration import make_migration_policy
-from sim.compare import at_goodput, compare, migration_factory
+from sim.compare import at_goodput, compare
 from sim.goodput import goodput, scale_rate
+from sim.policies import migration_factory
 from sim.simulator import Workload
 from sim.traces import LogNormal, synthetic
 
