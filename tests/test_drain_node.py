@@ -128,6 +128,14 @@ def test_drain_node_migrates_streams_and_replaces_on_another_node(cluster: Any, 
     assert node not in now.values() and now["mixed-1"] == before["mixed-1"], now
 
 
+def test_controller_runs_on_the_head_never_on_a_node_a_drain_takes_away(cluster: Any) -> None:
+    """The Controller is pinned to the Ray head (a sliver of its ``node:__internal_head__`` resource), as Ray Serve
+    pins its own: with ``num_cpus=0`` and nothing else, Ray placed it on any node -- a GPU worker whose DrainNode
+    (KubeRay then deletes the pod) killed it mid-drain, and it restarted under the drain it was running."""
+    dep, _ = cluster
+    assert ray.get(dep.controller.ping.remote(), timeout=10)["node"] == _head()
+
+
 def test_drain_node_bad_input_names_the_field(cluster: Any, aloop: Any) -> None:
     _, ing = cluster
     for name, why in (("", "must not be empty"), ("no-such-node", "no alive Ray node"), (_head(), "Ray head")):

@@ -23,7 +23,7 @@ from scheduler.control.placement import gpu_type_resource
 from scheduler.core.types import Phase
 from scheduler.engine.base import SamplingParams, TokenChunk
 from scheduler.engine.simulated_backend import sim_token
-from tests.test_drain_node import MODEL, _nodes, drain_cluster
+from tests.test_drain_node import MODEL, _head, _nodes, drain_cluster
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -334,6 +334,8 @@ def _check_last_decoder_drained(dep: Any, res: Any, last: str, spare: str, rids:
     assert now[new] == spare, now
     time.sleep(1.2)  # reconcile rounds
     assert _groups("decode") == {new} and len(_groups("prefill")) == 1, (_groups("decode"), _groups("prefill"))
+    # Restarted on the head too: on a worker, a drain of that node took the Controller with it mid-test (once in CI).
+    assert ray.get(dep.controller.ping.remote(), timeout=10)["node"] == _head()
 
 
 def test_drain_node_retried_after_a_controller_restart_drains_onto_the_replacement(cluster: Any, aloop: Any) -> None:

@@ -23,7 +23,7 @@ from scheduler.config.gpus import nodes_for as packed_nodes
 from scheduler.config.models import ClusterConfig
 from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, Controller, instance_backend_kwargs
 from scheduler.control.instance import InstanceInfo
-from scheduler.control.placement import gpu_type_resource
+from scheduler.control.placement import HEAD_RESOURCE, gpu_type_resource
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,10 @@ def deploy(
             lifetime="detached" if detached else None,
             max_restarts=-1,
             num_cpus=0,
+            # On the head, as Ray Serve pins its controller: placed anywhere, it could land on a GPU worker that a
+            # DrainNode then takes away (KubeRay deletes the pod), and it died -- restarting mid-drain -- with the
+            # very node whose drain it ran.
+            resources={HEAD_RESOURCE: 0.001},
             max_concurrency=1000,
         )
         .remote(config, cluster=name, backend_kwargs=backend_kwargs, refresh_s=refresh_s, namespace=namespace)

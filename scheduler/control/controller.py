@@ -660,7 +660,7 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
     async def ping(self) -> dict[str, Any]:
         self._ensure_loop()
         return {"epoch": self.epoch, "restarted": self.restarted, "instances": len(self._members),
-                "cluster": self.cluster}
+                "cluster": self.cluster, "node": ray.get_runtime_context().get_node_id()}
 
     async def members(self) -> dict[str, Member]:
         """Live instances with their handles: what an ingress needs to poll them directly."""

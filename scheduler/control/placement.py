@@ -134,8 +134,9 @@ def bundle_nodes(pg: PlacementGroup) -> list[str]:
     return [mapping[i] for i in sorted(mapping)]
 
 
-# Ray marks its head node with this resource (the control plane lives there; it is never drained).
-_HEAD_RESOURCE = "node:__internal_head__"
+# Ray marks its head node with this resource (the control plane lives there -- the Controller asks for a sliver of it,
+# ``deploy`` -- and it is never drained).
+HEAD_RESOURCE = "node:__internal_head__"
 
 
 def find_node(name: str) -> dict[str, Any]:
@@ -154,7 +155,7 @@ def find_node(name: str) -> dict[str, Any]:
     if len(hits) > 1:
         raise ValueError(f"node: {name!r} names {len(hits)} Ray nodes; give the node id: "
                          + ", ".join(sorted(n["NodeID"] for n in hits)))
-    if _HEAD_RESOURCE in (hits[0].get("Resources") or {}):
+    if HEAD_RESOURCE in (hits[0].get("Resources") or {}):
         raise ValueError(f"node: {name!r} is the Ray head, where the control plane runs; it hosts no instances")
     return hits[0]
 
