@@ -349,3 +349,50 @@ def test_a_replica_the_controller_refuses_stops_sending_and_learns_alone(caplog:
     assert sum("from now on" in r.message for r in caplog.records) == 1
     assert predictor.online.observed == 100 and predictor.online.history("chat").observed == 100
     assert predictor.online.journal is None  # (nothing kept for a Controller that will not take it)
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_the_ingress_runs_the_sharing_task_only_with_online_histories(online: bool) -> None:
+    """Without an online predictor there is nothing to share: the ingress still ran ``_share_lengths`` every plans
+    period (0.25 s by default) to find that out. With one it exchanges with the Controller every period."""
+    import asyncio
+
+    from scheduler.config.load import load_config
+    from scheduler.config.models import PolicySpec
+    from scheduler.control.ingress import Ingress
+    from scheduler.predict.serving import serving_predictor
+    from tests.test_chaos import _Controller, _Handle
+
+    class Controller(_Controller):  # members, reports and the real Controller's ``share_lengths``, without Ray
+        def __init__(self) -> None:
+            super().__init__({})
+            self.lengths, self.shared = LengthLog("e1"), 0
+
+        async def share_lengths(self, ingress_id: str, report: Any) -> Any:
+            self.shared += 1
+            return self.lengths.share(ingress_id, pickle.loads(pickle.dumps(report)))
+
+    controller = Controller()
+    predictor = serving_predictor(PolicySpec(name="trace", params={"online": True})) if online else None
+    ing = Ingress(load_config("default"), _Handle(controller), plans_s=0.01, predictor=predictor)
+    assert (ing.predictor is not None) is online
+    calls = 0
+    share = ing._share_lengths
+
+    async def counted() -> None:
+        nonlocal calls
+        calls += 1
+        await share()
+
+    ing._share_lengths = counted  # type: ignore[method-assign]
+
+    async def run() -> None:
+        await ing.start()
+        await asyncio.sleep(0.2)  # ~20 plans periods
+        await ing.close()
+
+    asyncio.run(run())
+    if online:
+        assert calls >= 5 and controller.shared == calls, (calls, controller.shared)
+    else:
+        assert calls == 0 and controller.shared == 0, calls

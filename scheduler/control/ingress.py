@@ -285,14 +285,13 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         # (``ControllerMigration.drain_moves``); one it never heard from, started just before, was not waited for
         # and its streams on the drained instance were re-prefilled (the first report came a period later).
         await self._report()
-        await self._share_lengths()  # (a new replica starts from what the others learned)
-        self._tasks = [
-            asyncio.create_task(self._loop(self._refresh_view, self.refresh_s)),
-            asyncio.create_task(self._loop(self._refresh_members, self.members_s)),
-            asyncio.create_task(self._loop(self._report, self.report_s)),
-            asyncio.create_task(self._loop(self._take_plans, self.plans_s)),
-            asyncio.create_task(self._loop(self._share_lengths, self.plans_s)),
-        ]
+        loops = [(self._refresh_view, self.refresh_s), (self._refresh_members, self.members_s),
+                 (self._report, self.report_s), (self._take_plans, self.plans_s)]
+        # NOTE: only with online histories to share: without, the task woke every plans period to find nothing.
+        if self._shares_lengths():
+            await self._share_lengths()  # (a new replica starts from what the others learned)
+            loops.append((self._share_lengths, self.plans_s))
+        self._tasks = [asyncio.create_task(self._loop(fn, period)) for fn, period in loops]
 
     async def close(self, timeout_s: float = 5.0) -> None:
         for t in [*self._tasks, *self._node_drains.values()]:
@@ -312,13 +311,19 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             ch.close()
         self._channels.clear()
 
+    def _shares_lengths(self) -> bool:
+        """Whether this replica shares online length histories through its Controller (``_share_lengths``): its
+        predictor learns online, sharing is on, and the Controller takes them."""
+        p = self.predictor
+        return (p is not None and p.online is not None and p.share_online
+                and getattr(self.controller, "share_lengths", None) is not None)
+
     async def _share_lengths(self) -> None:
         """The online length samples learned here since the last time to the Controller, which merges every
         replica's; its answer replaces this replica's histories with the merged ones plus its own samples not
         merged yet (``scheduler/predict/shared.py``). Kept as they are while the Controller is away."""
-        share = getattr(self.controller, "share_lengths", None)
         p = self.predictor
-        if share is None or p is None or p.online is None or not p.share_online:
+        if p is None or p.online is None or not self._shares_lengths():
             return
         if self._lengths is None or self._lengths.view is not p.online:  # (a predictor set after __init__ too)
             self._lengths = SharedLengths(p.online, adopt=p.use_online)  # (its rebuilt views swapped into ``p``)
@@ -326,7 +331,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         if lengths.refused:  # (its settings are not the Controller's: it learns alone)
             return
         try:
-            reply = await asyncio.wait_for(_await(share.remote(self.ingress_id, lengths.report())), 2.0)
+            reply = await asyncio.wait_for(
+                _await(self.controller.share_lengths.remote(self.ingress_id, lengths.report())), 2.0)
         except (TimeoutError, *_DEAD, RayTaskError):
             return
         lengths.apply(reply)
