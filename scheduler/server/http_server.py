@@ -50,6 +50,7 @@ from scheduler.engine.base import SamplingParams, TokenChunk
 from scheduler.server.admission import InflightLimiter, Slot, cancel_quietly, close_stream
 from scheduler.server.auth import AuthConfig, http_check
 from scheduler.server.validate import (
+    CHAT_FIELDS,
     HTTP_FIELDS,
     FieldNames,
     admission_reason,
@@ -281,8 +282,8 @@ class _BodyLimit:
     async def _reject(self, scope: dict[str, Any], send: Any) -> None:
         if self.on_reject is not None:  # counted as invalid input, as gRPC counts its RESOURCE_EXHAUSTED TooLarge
             self.on_reject()
-        # A chat's prompt is its messages (OpenAI's field): the error names the field the client sent.
-        field = "messages" if _route_path(scope) == "/v1/chat/completions" else "prompt"
+        # The prompt's field as the route's handler names it (a chat's is its ``messages``): the field the client sent.
+        field = _ROUTE_FIELDS.get(_route_path(scope), HTTP_FIELDS)["prompt"]
         resp = error_response(413, f"{field}: the request body exceeds the server's limit of {self.max_bytes} "
                                    f"bytes; send a shorter {field}", param=field)
         await resp(scope, None, send)  # type: ignore[arg-type]
@@ -422,6 +423,12 @@ def _header_value(value: str) -> str:
     return urllib.parse.quote(value, safe="")
 
 
+_COMPLETIONS, _CHAT = "/v1/completions", "/v1/chat/completions"
+# Each generate route's field names: its handler's errors and the body limit's (``_BodyLimit``, ahead of the
+# router) name the same fields.
+_ROUTE_FIELDS: dict[str, FieldNames] = {_COMPLETIONS: HTTP_FIELDS, _CHAT: CHAT_FIELDS}
+
+
 def _route_path(scope: dict[str, Any]) -> str:
     """The path the router matches: ``scope["path"]`` less the ``root_path`` prefix a proxy or a mount adds (as
     starlette's private ``get_route_path``, not imported: private API)."""
@@ -523,17 +530,18 @@ def build_app(
             "data": [{"id": n, "object": "model", "created": 0, "owned_by": "llmsched"} for n in names],
         }
 
-    @app.post("/v1/completions")
+    @app.post(_COMPLETIONS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         text, ids = _prompt_of(body)
-        g = _generate_request(body, text, ids, request.headers.get("x-request-id"), body.max_tokens)
-        return await _respond(deps, g, body, body.model or default_model, request, chat=False, names=HTTP_FIELDS)
+        names = _ROUTE_FIELDS[_COMPLETIONS]
+        g = _generate_request(body, text, ids, request.headers.get("x-request-id"), body.max_tokens, names)
+        return await _respond(deps, g, body, body.model or default_model, request, chat=False, names=names)
 
-    @app.post("/v1/chat/completions")
+    @app.post(_CHAT)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         # `is not None`, not `or`: an explicit 0 is an error to report, not "unset"; and errors name the field the
         # client actually sent.
-        names = {**HTTP_FIELDS, "prompt": "messages", "prompt.text": "messages"}  # the prompt is theirs
+        names = _ROUTE_FIELDS[_CHAT]
         if body.max_completion_tokens is not None:
             max_tokens, names = body.max_completion_tokens, {**names, "max_tokens": "max_completion_tokens"}
         else:

@@ -65,6 +65,9 @@ HTTP_FIELDS: FieldNames = {
     "tenant": "tenant",
 }
 
+# The chat endpoint's: its prompt is the client's ``messages`` (OpenAI's field), rendered to one text.
+CHAT_FIELDS: FieldNames = {**HTTP_FIELDS, "prompt": "messages", "prompt.text": "messages"}
+
 # Field names in the ingress' and the engines' errors (they name fields as the engine API does) -> the keys above.
 _INGRESS_FIELDS: dict[str, str] = {
     "prompt_token_ids": "prompt.token_ids",
