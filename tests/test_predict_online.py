@@ -392,3 +392,48 @@ def test_the_simulator_learns_each_tenants_lengths_from_its_trace_column() -> No
     seen = np.array([router.seen[str(i)] for i in range(n)])
     late = np.arange(n) >= n // 2
     assert np.median(seen[late & chat]) < 64 and np.median(seen[late & ~chat]) > 400
+
+
+def test_a_prediction_in_a_thread_never_reads_an_observe_half_done() -> None:
+    """The ingress predicts off its event loop (a slow predictor, a long text) while the loop observes finished
+    requests. One observe writes the tenant's row, then its decay, the others' sum and the shared row: a prediction
+    in between read the new count in the tenant's own row and took it off the others' (before: ~1 in 15 predictions
+    torn with a 1 us switch interval). Here every observe leaves the histories as they were (the row of ``a`` at
+    ``memory`` = 1023, all in one bucket: + 1, x 1023 / 1024, exact), so every prediction must equal the one before."""
+    import sys
+    import threading
+    import time
+
+    tl = TenantLengths(memory=1023.0, pinned=("a", "b"))
+    for _ in range(3000):
+        tl.observe(500, 5, tenant="a")
+    for _ in range(30):
+        tl.observe(500, 300, tenant="b")  # (the others' history of ``a``: its prior reads it)
+    prior = TRACE.predict(None, prompt_tokens=500)
+    want = tl.adjust(prior, 500, "a").probs
+    row = tl.history("a").counts.copy()
+    tl.observe(500, 5, tenant="a")
+    assert np.array_equal(tl.history("a").counts, row) and tl.adjust(prior, 500, "a").probs == want  # (fixed point)
+
+    stop = threading.Event()
+
+    def learn() -> None:
+        while not stop.is_set():
+            tl.observe(500, 5, tenant="a")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    writer = threading.Thread(target=learn)
+    writer.start()
+    try:
+        torn, end = 0, time.monotonic() + 5.0
+        for _ in range(4000):
+            torn += tl.adjust(prior, 500, "a").probs != want
+            if time.monotonic() > end:
+                break
+    finally:
+        stop.set()
+        writer.join()
+        sys.setswitchinterval(interval)
+    assert tl.observed > 3031 + 100  # (they did run side by side)
+    assert torn == 0

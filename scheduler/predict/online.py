@@ -28,6 +28,7 @@ push an established tenant's history out; ``pinned`` tenants (an operator's allo
 from __future__ import annotations
 
 import hashlib
+import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -226,6 +227,11 @@ class TenantLengths:
         self.unadmitted = 0  # requests whose tenant had no history of its own (learned into the shared one)
         # When a list: every ``observe`` is appended as a ``Sample`` (what an ingress reports: ``SharedLengths``).
         self.journal: list[Sample] | None = None
+        # NOTE: a prediction may run in a worker thread (a slow predictor, a long text: ``Ingress._predict``) while
+        # the event loop observes. One observe writes the tenant's row, decays it, then ``_total`` and the shared
+        # row: read in between, a tenant's prior lost its own new count from the others' (``_total`` less the
+        # row) and its row stood past ``memory``. Each observe, adjust and state load holds this lock.
+        self._lock = threading.Lock()
 
     def _history(self, slot: int) -> OnlineLengths:
         h = self.shared.fresh()
@@ -263,10 +269,11 @@ class TenantLengths:
     def adjust(self, prediction: LengthPrediction, prompt_tokens: int, tenant: str | None = None
                ) -> LengthPrediction:
         """``prediction`` updated with the history of ``tenant`` (a tenant without one, or none: the shared)."""
-        own = self.history(tenant)
-        if own is None:
-            return self.shared.adjust(prediction, prompt_tokens)
-        return own.adjust(self._tenant_prior(own, prediction, prompt_tokens), prompt_tokens)
+        with self._lock:
+            own = self.history(tenant)
+            if own is None:
+                return self.shared.adjust(prediction, prompt_tokens)
+            return own.adjust(self._tenant_prior(own, prediction, prompt_tokens), prompt_tokens)
 
     def observe(
         self,
@@ -282,12 +289,13 @@ class TenantLengths:
         if self.journal is not None:
             self.journal.append(Sample(int(prompt_tokens), int(output_tokens), bool(cut),
                                        None if prior is None else tuple(prior.probs), tenant))
-        own = self._own(tenant)
-        own_prior = prior if prior is None or own is self._rest else self._tenant_prior(own, prior, prompt_tokens)
-        own.observe(prompt_tokens, output_tokens, cut=cut, prior=own_prior)
-        b = bucket_of(prompt_tokens, self.shared.input_edges)
-        self._total[b] = self._slots[: self._in_use, b].sum(axis=0)
-        self.shared.observe(prompt_tokens, output_tokens, cut=cut, prior=prior)
+        with self._lock:
+            own = self._own(tenant)
+            own_prior = prior if prior is None or own is self._rest else self._tenant_prior(own, prior, prompt_tokens)
+            own.observe(prompt_tokens, output_tokens, cut=cut, prior=own_prior)
+            b = bucket_of(prompt_tokens, self.shared.input_edges)
+            self._total[b] = self._slots[: self._in_use, b].sum(axis=0)
+            self.shared.observe(prompt_tokens, output_tokens, cut=cut, prior=prior)
 
     def replay(self, samples: Iterable[Sample]) -> None:
         """Learns ``samples`` as ``observe`` learned them (not journaled): the same samples in the same order give
@@ -329,6 +337,10 @@ class TenantLengths:
         the histories handed out before read the new counts."""
         if tuple(state["settings"]) != self.settings():
             raise ValueError(f"TenantLengths.load_state: settings {state['settings']} are not {self.settings()}")
+        with self._lock:
+            self._load_state(state)
+
+    def _load_state(self, state: dict[str, Any]) -> None:
         n = len(state["slots"])
         self._slots[:n] = state["slots"]
         self._slots[n:] = 0.0
