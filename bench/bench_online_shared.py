@@ -23,27 +23,20 @@ import argparse
 import logging
 import pickle
 import time
-from collections import deque
 from typing import Any
 
 import numpy as np
 
-from bench.bench_online_tenants import TENANTS, emit, workload
-from scheduler.config.models import PolicySpec
-from scheduler.predict.metrics import kendall_tau
-from scheduler.predict.serving import ServingPredictor, serving_predictor
+from bench.bench_online_tenants import emit, online_predictor, per_tenant, workload
+from bench.bench_online_tenants import replay as replay_online
 from scheduler.predict.shared import LengthLog, SharedLengths
-
-
-def _predictor() -> ServingPredictor:
-    return serving_predictor(PolicySpec(name="trace", params={"online": True}))
 
 
 def replay(prompt: np.ndarray, output: np.ndarray, tenants: list[str], replica: np.ndarray, *, mode: str, lag: int,
            period: int, restart_at: int | None) -> tuple[np.ndarray, dict[str, Any]]:
     """Each request's guess by the replica serving it (``mode``: alone, shared, one); the report sizes."""
     k = int(replica.max()) + 1 if mode != "one" else 1
-    sps = [_predictor() for _ in range(k)]
+    sps = [online_predictor() for _ in range(k)]
     log = LengthLog("bench")
     shares = [SharedLengths(sp.online, adopt=sp.use_online) for sp in sps] if mode == "shared" else []
     sizes: dict[str, list[float]] = {k: [] for k in ("report", "reply", "samples", "ingress_s", "controller_s")}
@@ -64,23 +57,22 @@ def replay(prompt: np.ndarray, output: np.ndarray, tenants: list[str], replica: 
         exchange(r)
     for v in sizes.values():
         v.clear()  # (the first exchanges: nothing learned yet)
-    guess = np.empty(len(prompt))
-    pending: deque[int] = deque()
-    for i, (n, t) in enumerate(zip(prompt.tolist(), tenants, strict=True)):
+
+    def restart(i: int) -> None:
         if i == restart_at:
-            sps[1] = _predictor()
+            sps[1] = online_predictor()
             if shares:
                 shares[1] = SharedLengths(sps[1].online, adopt=sps[1].use_online)
                 exchange(1)  # (``Ingress._start``: before it serves anything)
-        guess[i] = sps[0 if mode == "one" else replica[i]].predict_dist(None, n, tenant=t).point
-        pending.append(i)
-        if len(pending) > lag:
-            j = pending.popleft()
-            sps[0 if mode == "one" else replica[j]].observe(int(prompt[j]), int(output[j]), tenant=tenants[j])
+
+    def period_end(i: int) -> None:
         if shares and (i + 1) % period == 0:
             sizes["samples"].append(sum(len(s.view.journal or ()) for s in shares))
             for r in range(len(shares)):
                 exchange(r)
+
+    guess = replay_online(prompt, output, tenants, lag, lambda i: sps[0 if mode == "one" else replica[i]],
+                          before=restart, after=period_end)
     stats = {}
     if shares:
         stats = {"report_bytes_mean": round(float(np.mean(sizes["report"])), 1),
@@ -93,17 +85,6 @@ def replay(prompt: np.ndarray, output: np.ndarray, tenants: list[str], replica: 
                  "controller_ms_mean": round(1e3 * float(np.mean(sizes["controller_s"])), 2),
                  "merged_observed": log.merged.observed}
     return guess, stats
-
-
-def score(guess: np.ndarray, output: np.ndarray, tenants: list[str], keep: np.ndarray) -> dict[str, Any]:
-    out = {}
-    t = np.asarray(tenants)
-    for name in TENANTS:
-        m = keep & (t == name)
-        g, y = guess[m], output[m].astype(float)
-        out[name] = {"requests": int(m.sum()), "mae": round(float(np.mean(np.abs(g - y))), 1),
-                     "tau": round(kendall_tau(g, y), 4)}
-    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -128,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for mode in ("alone", "shared", "one"):
         guess, stats = replay(prompt, output, tenants, replica, mode=mode, lag=a.lag, period=a.period,
                               restart_at=restart if mode != "one" else None)
-        res[mode] = {**score(guess, output, tenants, keep), **stats}
+        res[mode] = {**per_tenant(guess, output, tenants, keep), **stats}
     return emit(res, a.json)
 
 

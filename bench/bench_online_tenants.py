@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 
 from scheduler.config.models import PolicySpec
 from scheduler.predict.metrics import kendall_tau
-from scheduler.predict.serving import serving_predictor
+from scheduler.predict.serving import ServingPredictor, serving_predictor
 
 TENANTS = {"chat": 20.0, "summarise": 500.0}  # median answer at a 400-token prompt
 
@@ -38,28 +39,52 @@ def workload(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return prompt, output, [names[k] for k in which]
 
 
-def replay(prompt: np.ndarray, output: np.ndarray, tenants: list[str], lag: int) -> np.ndarray:
-    """Each request's online guess as it arrives; a request is learned ``lag`` arrivals after its own."""
-    sp = serving_predictor(PolicySpec(name="trace", params={"online": True}))
+def online_predictor() -> ServingPredictor:
+    """The shipped trace predictor learning online (``params: {online: true}``), as a new ingress starts it."""
+    return serving_predictor(PolicySpec(name="trace", params={"online": True}))
+
+
+def replay(prompt: np.ndarray, output: np.ndarray, tenants: list[str], lag: int,
+           serving: Callable[[int], ServingPredictor], *,
+           before: Callable[[int], None] | None = None, after: Callable[[int], None] | None = None) -> np.ndarray:
+    """Each request's online guess as it arrives; a request is learned ``lag`` arrivals after its own.
+    ``serving(i)``: the predictor that predicts request ``i`` and learns it (asked again then). ``before(i)`` /
+    ``after(i)``: called at arrival ``i``, before its prediction / after the learning it let go."""
     guess = np.empty(len(prompt))
     pending: deque[int] = deque()
     for i, (n, t) in enumerate(zip(prompt.tolist(), tenants, strict=True)):
-        guess[i] = sp.predict_dist(None, n, tenant=t).point
+        if before is not None:
+            before(i)
+        guess[i] = serving(i).predict_dist(None, n, tenant=t).point
         pending.append(i)
         if len(pending) > lag:
             j = pending.popleft()
-            sp.observe(int(prompt[j]), int(output[j]), tenant=tenants[j])
+            serving(j).observe(int(prompt[j]), int(output[j]), tenant=tenants[j])
+        if after is not None:
+            after(i)
     return guess
 
 
+def per_tenant(guess: np.ndarray, output: np.ndarray, tenants: list[str], keep: np.ndarray) -> dict[str, dict]:
+    """Per tenant, over the requests ``keep`` marks: their number, Kendall tau (guess vs true length) and MAE."""
+    out = {}
+    t = np.asarray(tenants)
+    for name in TENANTS:
+        m = keep & (t == name)
+        g, y = guess[m], output[m].astype(float)
+        out[name] = {"requests": int(m.sum()), "tau": round(kendall_tau(g, y), 4),
+                     "mae": round(float(np.mean(np.abs(g - y))), 1)}
+    return out
+
+
 def score(guess: np.ndarray, output: np.ndarray, tenants: list[str], start: int) -> dict:
-    g, y, t = guess[start:], output[start:].astype(float), np.asarray(tenants[start:])
+    keep = np.arange(len(guess)) >= start
+    g, y, t = guess[keep], output[keep].astype(float), np.asarray(tenants)[keep]
     out = {"all": {"tau": round(kendall_tau(g, y), 4), "mae": round(float(np.mean(np.abs(g - y))), 1)}}
+    out.update(per_tenant(guess, output, tenants, keep))
     for name in TENANTS:
         m = t == name
-        out[name] = {"requests": int(m.sum()), "tau": round(kendall_tau(g[m], y[m]), 4),
-                     "mae": round(float(np.mean(np.abs(g[m] - y[m]))), 1),
-                     "median_guess": round(float(np.median(g[m])), 1), "median_true": float(np.median(y[m]))}
+        out[name].update(median_guess=round(float(np.median(g[m])), 1), median_true=float(np.median(y[m])))
     return out
 
 
@@ -72,8 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     prompt, output, tenants = workload(a.n, a.seed)
+    sp = online_predictor()  # (one ingress serving every request)
+    guess = replay(prompt, output, tenants, a.lag, lambda _: sp)
     res = {"n": a.n, "lag": a.lag, "seed": a.seed, "warmup": a.warmup,
-           "scored": score(replay(prompt, output, tenants, a.lag), output, tenants, int(a.warmup * a.n))}
+           "scored": score(guess, output, tenants, int(a.warmup * a.n))}
     return emit(res, a.json)
 
 
