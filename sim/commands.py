@@ -27,10 +27,10 @@ from scheduler.cli_args import (
 from scheduler.config.load import ConfigError, load_config
 from scheduler.config.models import ClusterConfig
 from scheduler.policy.route import make_router, router_class
-from scheduler.policy.scaling import ScalingLoop, make_scaling_policy
+from scheduler.policy.scaling import ScalingLoop, check_reroling_without_scaling, make_scaling_policy
 from sim.goodput import goodput
 from sim.metrics import request_metrics, sim_summary
-from sim.policies import add_policy_args, given_policies, policy_stats, sim_policies, with_policy
+from sim.policies import add_policy_args, policy_flags, policy_stats, sim_policies
 from sim.report import print_summaries, write_figure, write_json
 from sim.simulator import Simulator, Workload
 
@@ -319,13 +319,13 @@ def simulate_main(argv: list[str] | None = None) -> int:
                    help="route on the live ingress's poll-round view, rounds S seconds apart (its refresh_s / the "
                         "engines' time scale; docs/simulator.md#routing-view); default: each instance as of its "
                         "last step's end")
-    add_policy_args(p, where="in the run (and each --goodput probe)", reroling=True)
+    add_policy_args(p, where="in the run (and each --goodput probe)")
     add_batching_arg(p)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
         cfg = load_cluster(args)
-        cfg = with_policy(with_policy(cfg, "migration", args.migration), "reroling", args.reroling)
+        cfg, flags = policy_flags(cfg, args)
         trace, w = load_workload(args, cfg)
         if args.goodput:
             check_time_span(trace)  # goodput = scale x the trace's rate: a zero-span trace reads ~1e11 req/s
@@ -338,17 +338,16 @@ def simulate_main(argv: list[str] | None = None) -> int:
             where = "--router" if args.router else f"{args.config or 'default'}: policies.router"
             raise ValueError(f"{where}: {e}") from None
         scaling, loop = scaling_policy(args, cfg)
-        if scaling is not None and cfg.policies.reroling is not None:  # the Simulator refuses the two together
-            raise ValueError(f"--scaling {args.scaling}: not with policies.reroling ({cfg.policies.reroling.name}): "
-                             "the scaling driver sizes pools by role, re-roling moves instances between them; pass "
-                             "--reroling none to autoscale, or drop --scaling")
-        policies = sim_policies(cfg, flags=given_policies(args))  # None: neither policy, the plain run
+        rerole = cfg.policies.reroling  # (sim_policies sees the config's policies.scaling, not --scaling)
+        check_reroling_without_scaling(None if rerole is None else f"policies.reroling ({rerole.name})",
+                                       None if scaling is None else f"--scaling {args.scaling}")
+        policies = sim_policies(cfg, flags=flags)
         # Builds the instances: a pool without KV memory, a cluster that cannot prefill or decode fail here.
         sim = Simulator(cfg, router=router, closed_form=not args.naive, progress=not args.quiet and len(w) > 50_000,
                         scaling=scaling, scaling_interval_s=loop.interval_s, scaling_startup_s=loop.startup_delay_s,
                         scaling_options={"window_s": loop.window_s}, seed=args.seed,
                         ingress_poll_s=args.ingress_poll_s, same_instant_batching=args.same_instant_batching,
-                        **(policies() if policies is not None else {}))
+                        **policies())
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 import numpy as np
 
@@ -23,14 +24,7 @@ from scheduler.policy.route import make_router
 from sim.commands import add_cluster_args, add_workload_args, load_cluster, load_workload, seeded
 from sim.goodput import goodput, scale_rate
 from sim.metrics import request_metrics, sim_summary
-from sim.policies import (
-    add_policy_args,
-    given_policies,
-    policy_stats,
-    router_spec,
-    sim_policies,
-    with_policy,
-)
+from sim.policies import add_policy_args, policy_flags, policy_specs, policy_stats, router_spec, sim_policies
 from sim.report import print_summaries, write_figure, write_json
 from sim.simulator import Simulator, Workload
 
@@ -200,23 +194,25 @@ def at_goodput(config: ClusterConfig, w: Workload, router, policies: dict[str, o
 
 
 def compare(config: ClusterConfig, w: Workload, routers: list[str], *, load: float, with_goodput: bool = True,
-            target: float = 0.9, seed: int = 0, same_instant_batching: bool = False) -> tuple[dict, dict, float]:
+            target: float = 0.9, seed: int = 0, same_instant_batching: bool = False,
+            policies: Callable[[], dict[str, object]] | None = None) -> tuple[dict, dict, float]:
     """``seed``: ``--seed`` (the saturation sample and every run's host-noise draws, goodput probes included);
     ``same_instant_batching``: every run's, the saturation's and goodput's included (``Simulator``). The config's
     migration and re-roling policies run in every run and goodput probe, fresh each time, not in the saturation
-    measurement (module docstring).
+    measurement (module docstring); ``policies``: their ``sim_policies`` where the caller built it already.
 
     Raises:
         ValueError: a bad ``policies.migration`` / ``policies.reroling`` (re-roling on a MIXED cluster included).
     """
     batching = {"same_instant_batching": same_instant_batching}
-    policies = sim_policies(config)  # None: neither policy, the plain runs
+    if policies is None:
+        policies = sim_policies(config)
     sat = saturation_rate(config, w, seed=seed, **batching)
     wl = at_load(w, load, sat)
     summaries, metrics = {}, {}
     for name in routers:
         make = router_factory(name, config, seed)
-        sim = Simulator(config, router=make(), seed=seed, **batching, **(policies() if policies else {}))
+        sim = Simulator(config, router=make(), seed=seed, **batching, **policies())
         res = sim.run(wl)
         s = sim_summary(res)
         s["load"] = load
@@ -228,8 +224,8 @@ def compare(config: ClusterConfig, w: Workload, routers: list[str], *, load: flo
                         policies=policies, **batching)
             s["goodput_rps"], s["goodput_capped"] = g.goodput_rps, g.capped
             if g.goodput_rps > 0:
-                s["at_goodput"] = at_goodput(config, scale_rate(wl, g.scale), make(),
-                                             policies() if policies else None, seed=seed, **batching)
+                s["at_goodput"] = at_goodput(config, scale_rate(wl, g.scale), make(), policies(), seed=seed,
+                                             **batching)
         summaries[name] = s
         metrics[name] = request_metrics(res)
     return summaries, metrics, sat
@@ -248,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routers", default=DEFAULT_ROUTERS,
                    help="comma-separated router names; name:key=value[:key=value] sets a router parameter "
                    "(llumnix:metric=remaining_steps), the entry naming its row")
-    add_policy_args(p, where="beside every router", reroling=True)
+    add_policy_args(p, where="beside every router")
     p.add_argument("--no-goodput", action="store_true")
     add_batching_arg(p)
     p.add_argument("--json", type=output_file)
@@ -257,12 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         routers = comma_list("--routers", args.routers)
         cfg = load_cluster(args)
-        cfg = with_policy(with_policy(cfg, "migration", args.migration), "reroling", args.reroling)
+        cfg, flags = policy_flags(cfg, args)
         trace, w = load_workload(args, cfg)
         check_time_span(trace)  # --load scales from the trace's rate
         if args.rate_scale != 1.0:
             raise ValueError("--rate-scale: compare sets the rate by --load (a share of the measured saturation)")
-        sim_policies(cfg, flags=given_policies(args))  # fail fast: unknown policy, bad parameters, re-roling w/o P/D
+        policies = sim_policies(cfg, flags=flags)  # fail fast: unknown policy, bad parameters, re-roling w/o P/D
         build_instances(cfg)  # fail fast: a pool without KV memory, a cluster that cannot prefill or decode
         for r in routers:
             try:
@@ -275,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     warn_over_context(cfg, w)
     try:
         summaries, metrics, sat = compare(cfg, w, routers, load=args.load, with_goodput=not args.no_goodput,
-                                          seed=args.seed, same_instant_batching=args.same_instant_batching)
+                                          seed=args.seed, same_instant_batching=args.same_instant_batching,
+                                          policies=policies)
     except ValueError as e:  # no capacity for this mix (``at_load``)
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -307,9 +304,7 @@ def main(argv: list[str] | None = None) -> int:
               "short for a steady state; use a longer one for capacity numbers", file=sys.stderr)
     out = {"trace": trace.name, "trace_source": getattr(trace, "source", ""), "config": cfg.name,
            "instances": cfg.num_instances, "load": args.load, "saturation_rps": sat, "routers": summaries}
-    for k in ("migration", "reroling"):  # the periodic policies every run had (as simulate and plan name them)
-        if (spec := getattr(cfg.policies, k)) is not None:
-            out[f"{k}_policy"] = spec.model_dump()
+    out.update(policy_specs(cfg))  # the periodic policies every run had (as simulate and plan name them)
     if args.json:
         write_json(args.json, out)
     if args.png:

@@ -22,14 +22,14 @@ def scale_rate(w: Workload, factor: float) -> Workload:
 
 
 def attainment(config: ClusterConfig, w: Workload, router_factory: Callable[[], object], *, seed: int = 0,
-               same_instant_batching: bool = False, policies: Callable[[], dict[str, object]] | None = None,
+               same_instant_batching: bool = False, policies: Callable[[], dict[str, object]] = dict,
                ingress_poll_s: float | None = None) -> float:
     """``policies``: a factory of the run's periodic-policy ``Simulator`` keywords (``sim.policies.sim_policies``:
-    migration, re-roling; fresh state per run; ``None``: without); ``ingress_poll_s``: the poll-round view
+    migration, re-roling; fresh state per run; default: without); ``ingress_poll_s``: the poll-round view
     (``Simulator``; ``None``: off)."""
     res = Simulator(config, router=router_factory(), seed=seed,  # type: ignore[arg-type]
                     same_instant_batching=same_instant_batching, ingress_poll_s=ingress_poll_s,
-                    **(policies() if policies is not None else {})).run(w)
+                    **policies()).run(w)
     return float(request_metrics(res).slo_met.mean()) if len(w) else 0.0
 
 
@@ -56,7 +56,7 @@ def goodput(
     iters: int = 8,
     seed: int = 0,
     same_instant_batching: bool = False,
-    policies: Callable[[], dict[str, object]] | None = None,
+    policies: Callable[[], dict[str, object]] = dict,
     ingress_poll_s: float | None = None,
 ) -> GoodputResult:
     """Max rate (req/s) with SLO attainment >= ``target``; 0 when even ``lo`` x the trace rate misses it. ``seed``:

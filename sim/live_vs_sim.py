@@ -82,17 +82,17 @@ def simulate_slice(cfg, profile_path: Path, arrival, prompt, output, name: str, 
     })
     seeds = SIM_SEEDS if json.loads(Path(profile_path).read_text()).get("host_noise") else 1
     policies = sim_policies(sim_cfg)
-    return [Simulator(sim_cfg, seed=k, ingress_poll_s=ingress_poll_s, **(policies() if policies else {}))
+    return [Simulator(sim_cfg, seed=k, ingress_poll_s=ingress_poll_s, **policies())
             .run(Workload(arrival, prompt, output, name=name)) for k in range(seeds)]
-
-
-LIVE_POLICIES = ("migration", "reroling")  # the periodic policies a live run's Controller ran from its config
 
 
 def live_policies(cfg) -> dict[str, dict | None]:
     """``report.json``'s ``live_policies``: the config's periodic policies the live Controller ran through the replay
     (``None``: without), which ``resimulate`` simulates again whatever ``--config`` says."""
-    return {k: None if (spec := getattr(cfg.policies, k)) is None else spec.model_dump() for k in LIVE_POLICIES}
+    from sim.policies import POLICY_FIELDS, policy_specs
+
+    specs = policy_specs(cfg)
+    return {k: specs.get(f"{k}_policy") for k in POLICY_FIELDS}
 
 
 def as_live_ran(cfg, report: dict, where: str):
@@ -100,12 +100,13 @@ def as_live_ran(cfg, report: dict, where: str):
     ``cfg``'s. A report written before they were recorded (before the fortieth session: every committed one, run
     on ``cpu-pd`` / ``cpu-mixed``, which set neither) keeps ``cfg``'s."""
     from scheduler.config.models import PolicySpec
+    from sim.policies import POLICY_FIELDS
 
     ran = report.get("live_policies")
     if ran is None:
         return cfg
-    update = {k: None if ran.get(k) is None else PolicySpec(**ran[k]) for k in LIVE_POLICIES}
-    if any(update[k] != getattr(cfg.policies, k) for k in LIVE_POLICIES):
+    update = {k: None if ran.get(k) is None else PolicySpec(**ran[k]) for k in POLICY_FIELDS}
+    if any(update[k] != getattr(cfg.policies, k) for k in POLICY_FIELDS):
         say(f"{where}: simulated with the live run's policies ("
             + ", ".join(f"{k} {'none' if v is None else v.name}" for k, v in update.items())
             + "), not --config's")

@@ -59,7 +59,7 @@ from sim.commands import (
 from sim.compare import router_factory, router_params
 from sim.goodput import goodput
 from sim.metrics import request_metrics
-from sim.policies import add_policy_args, given_policies, sim_policies, with_policy
+from sim.policies import add_policy_args, policy_flags, policy_specs, sim_policies
 from sim.simulator import Simulator, Workload
 
 
@@ -300,8 +300,7 @@ def _evaluate(base: ClusterConfig, c: Candidate, counts: tuple[int, ...], w: Wor
               seed: int = 0) -> tuple[float, dict]:
     cfg = make_config(base, c, counts)
     policies = sim_policies(cfg)  # the base config's migration / re-roling, as simulate runs them
-    res = Simulator(cfg, router=router_factory(c.router, cfg, seed)(), seed=seed,
-                    **(policies() if policies is not None else {})).run(w)
+    res = Simulator(cfg, router=router_factory(c.router, cfg, seed)(), seed=seed, **policies()).run(w)
     m = request_metrics(res)
     return float(m.slo_met.mean()), {
         "ttft_p99_s": float(np.nanpercentile(m.ttft_s, 99)) if np.isfinite(m.ttft_s).any() else None,
@@ -644,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="candidates simulated in parallel, one process each (default: %(default)s)")
     p.add_argument("--out", type=output_dir, default="plan-out",
                    help="folder for plan.json, pareto.png and best-cluster.yaml")
-    add_policy_args(p, where="in every candidate's simulations", reroling=True)
+    add_policy_args(p, where="in every candidate's simulations")
     args = p.parse_args(argv)
     if not 0 < args.target <= 1:  # NaN fails too
         p.error(f"--target: SLO attainment must be in (0, 1], got {args.target}")
@@ -654,8 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         tps, layouts = parse_tps(args.tp or "1,2,4,8"), tuple(dict.fromkeys(parse_layouts(args.layouts)))
         routers = tuple(dict.fromkeys(comma_list("--routers", args.routers)))
         base = load_cluster(args)
-        base = with_policy(with_policy(base, "migration", args.migration), "reroling", args.reroling)
-        check_policies(base, layouts, flags=given_policies(args))
+        base, flags = policy_flags(base, args)
+        check_policies(base, layouts, flags=flags)
         if args.tp is None:  # the default list: the degrees this model splits over
             tps = tuple(tp for tp in tps if base.model.splits_over(tp))
         odd = [tp for tp in tps if not base.model.splits_over(tp)]
@@ -758,8 +757,7 @@ def write_plan(out: Path, base: ClusterConfig, trace, results: list[PlanResult],
          "rate_rps": round(trace.mean_rate, 4), "config": base.name, "model": base.model.name,
          **_slos(base, workload if workload is not None else Workload.from_trace(trace)),
          # The periodic policies every candidate ran with (re-roling: the P/D candidates), as compare names them.
-         **{f"{k}_policy": spec.model_dump() for k in ("migration", "reroling")
-            if (spec := getattr(base.policies, k)) is not None},
+         **policy_specs(base),
          **({"reroling_policy": "not applied (no P/D candidate)"}
             if base.policies.reroling is not None and not any(x.startswith("pd") for x in layouts) else {}),
          "target": target, "results": [asdict(r) for r in results]}, indent=2))

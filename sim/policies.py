@@ -61,32 +61,38 @@ def router_spec(spec: str, *, what: str = "router") -> tuple[str, dict[str, obje
     return name, params
 
 
-def add_policy_args(p: argparse.ArgumentParser, *, where: str, reroling: bool = False) -> None:
-    """``--migration`` (and ``--reroling``): a policy over the config's (``with_policy``); ``where``: what runs it."""
+# The periodic policies the simulating commands run beside the router, from the config or their flags.
+POLICY_FIELDS = ("migration", "reroling")
+
+
+def add_policy_args(p: argparse.ArgumentParser, *, where: str) -> None:
+    """``--migration`` and ``--reroling``: policies over the config's (``policy_flags``); ``where``: what runs them."""
     p.add_argument("--migration", metavar="NAME[:KEY=VALUE...]",
                    help=f"live migration {where}, over the config's policies.migration "
                    "(llumnix, llumnix:high_watermark=0.3:balance_gap=0.1; none: without)")
-    if reroling:
-        p.add_argument("--reroling", metavar="NAME[:KEY=VALUE...]",
-                       help=f"P/D re-roling {where}, over the config's policies.reroling (threshold, "
-                       "threshold:interval_s=2:sustain_s=2; none: without); P/D clusters only, not with autoscaling")
+    p.add_argument("--reroling", metavar="NAME[:KEY=VALUE...]",
+                   help=f"P/D re-roling {where}, over the config's policies.reroling (threshold, "
+                   "threshold:interval_s=2:sustain_s=2; none: without); P/D clusters only, not with autoscaling")
 
 
-def with_policy(config: ClusterConfig, field: str, spec: str | None) -> ClusterConfig:
-    """``config`` with a flag's policy (``router_spec``'s syntax) as its ``policies.<field>``; ``none`` removes it;
-    ``None`` (the flag not given) keeps the config's."""
-    if spec is None:
-        return config
-    name, params = router_spec(spec, what=f"--{field}")
-    if name == "none" and params:  # nothing would read them
-        raise ValueError(f"--{field} none: takes no parameters, got {', '.join(params)}")
-    new = None if name == "none" else PolicySpec(name=name, params=params)
-    return config.model_copy(update={"policies": config.policies.model_copy(update={field: new})})
+def policy_flags(config: ClusterConfig, args: argparse.Namespace) -> tuple[ClusterConfig, tuple[str, ...]]:
+    """``config`` with each policy a command's ``--migration`` / ``--reroling`` gives (``router_spec``'s syntax) as
+    its ``policies.<field>`` (``none`` removes it), and the fields they set (``sim_policies``' ``flags``). A bad
+    flag raises ``ValueError`` naming it."""
+    flags = tuple(f for f in POLICY_FIELDS if getattr(args, f) is not None)
+    update: dict[str, PolicySpec | None] = {}
+    for field in flags:
+        name, params = router_spec(getattr(args, field), what=f"--{field}")
+        if name == "none" and params:  # nothing would read them
+            raise ValueError(f"--{field} none: takes no parameters, got {', '.join(params)}")
+        update[field] = None if name == "none" else PolicySpec(name=name, params=params)
+    return config.model_copy(update={"policies": config.policies.model_copy(update=update)}), flags
 
 
-def given_policies(args: argparse.Namespace) -> tuple[str, ...]:
-    """The policy fields a command's ``--migration`` / ``--reroling`` flags set (``sim_policies``' ``flags``)."""
-    return tuple(f for f in ("migration", "reroling") if getattr(args, f, None) is not None)
+def policy_specs(config: ClusterConfig) -> dict[str, dict[str, object]]:
+    """``<field>_policy``: the spec of each periodic policy ``config`` sets, as ``simulate``, ``compare`` and ``plan``
+    write it (and ``llmsched run``'s report, ``live_policies``)."""
+    return {f"{k}_policy": spec.model_dump() for k in POLICY_FIELDS if (spec := getattr(config.policies, k)) is not None}
 
 
 def migration_factory(config: ClusterConfig):
@@ -99,40 +105,23 @@ def migration_factory(config: ClusterConfig):
     return lambda: migration_policy(config)
 
 
-def check_reroling_without_scaling(config: ClusterConfig) -> None:
-    """Refuse ``policies.reroling`` beside ``policies.scaling`` (the live Controller refuses the pair too), saying
-    what to do: the simulating commands run without re-roling given ``--reroling none``.
-
-    Raises:
-        ValueError: both set, naming both and the remedies.
-    """
-    rerole, scaling = config.policies.reroling, config.policies.scaling
-    if rerole is not None and scaling is not None and scaling.name != "none":
-        raise ValueError(f"policies.reroling ({rerole.name}): not with policies.scaling ({scaling.name}): the "
-                         "scaling policies size pools by role, re-roling moves instances between them (the live "
-                         "Controller refuses the two together too); pass --reroling none to simulate without "
-                         "re-roling, or drop one of the two from the config")
-
-
-def sim_policies(config: ClusterConfig, *, flags: tuple[str, ...] = ()) -> Callable[[], dict[str, object]] | None:
+def sim_policies(config: ClusterConfig, *, flags: tuple[str, ...] = ()) -> Callable[[], dict[str, object]]:
     """A factory of one run's ``Simulator`` keywords for the config's migration and re-roling policies (fresh
-    objects per call), or ``None`` when it has neither: the run is then the plain one, bit for bit. ``flags``: the
-    fields (``migration``, ``reroling``) a command's flag set (``with_policy``), which its errors name instead.
+    objects per call), for callers to splat: ``{}`` when it has neither, the plain run bit for bit. ``flags``: the
+    fields a command's flags set (``policy_flags``), which its errors name instead.
 
     Raises:
-        ValueError: a bad policy or parameter, naming ``policies.migration`` / ``policies.reroling`` (or the flag).
+        ValueError: a bad policy or parameter, naming ``policies.migration`` / ``policies.reroling`` (or the flag);
+            re-roling beside ``policies.scaling`` (``reroling_policy``).
     """
     try:
         migration = migration_factory(config)
     except (TypeError, ValueError) as e:  # an unknown parameter is a TypeError
         raise ValueError(_flag_named(f"policies.migration: {e}", "migration", flags)) from None
-    check_reroling_without_scaling(config)
     try:
         rerole = reroling_policy(config) is not None  # fails fast, naming the field
     except ValueError as e:
         raise ValueError(_flag_named(str(e), "reroling", flags)) from None
-    if migration is None and not rerole:
-        return None
 
     def kwargs() -> dict[str, object]:
         kw: dict[str, object] = {}
@@ -159,19 +148,19 @@ def policy_stats(sim: Simulator, config: ClusterConfig | None = None, *, switche
     summary and ``compare``'s rows). ``config``: the run's, each stat followed by its policy's spec
     (``migration_policy``, ``reroling_policy``: ``simulate``'s summary); ``switches``: with the re-roling's list of
     switches, not its counts only."""
+    specs = policy_specs(config) if config is not None else None
     out: dict[str, object] = {}
     if sim.migrations is not None:
         out["migration"] = migration_stats(sim.migrations)
-        if config is not None:
-            out["migration_policy"] = config.policies.migration.model_dump()  # type: ignore[union-attr]
+        if specs is not None:
+            out["migration_policy"] = specs["migration_policy"]
     if sim.reroler is not None:
         r = sim.reroler.summary()
         out["reroling"] = r if switches else {k: v for k, v in r.items() if k != "switches"}
-        if config is not None:
-            out["reroling_policy"] = config.policies.reroling.model_dump()  # type: ignore[union-attr]
+        if specs is not None:
+            out["reroling_policy"] = specs["reroling_policy"]
     return out
 
 
-__all__ = ["AS_LIVE_REROLING", "add_policy_args", "check_reroling_without_scaling", "given_policies",
-           "migration_factory", "policy_stats",
-           "router_spec", "sim_policies", "with_policy"]
+__all__ = ["AS_LIVE_REROLING", "POLICY_FIELDS", "add_policy_args", "migration_factory", "policy_flags",
+           "policy_specs", "policy_stats", "router_spec", "sim_policies"]

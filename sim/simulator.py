@@ -35,7 +35,7 @@ from scheduler.latency import kv_transfer_between
 from scheduler.latency.model import prefill_pairs
 from scheduler.policy.admission import AdmissionPolicy, make_admission_policy
 from scheduler.policy.route import RouteDecision, Router, make_router
-from scheduler.policy.scaling import ScalingLoop
+from scheduler.policy.scaling import ScalingLoop, check_reroling_without_scaling
 from scheduler.predict.base import LengthPrediction
 from scheduler.predict.serving import serving_predictor
 from sim.cluster import SimInstance, build_instances
@@ -249,8 +249,7 @@ class Simulator:
         same_instant_batching: bool = False,
         admission: AdmissionPolicy | None = None,
     ) -> None:
-        if scaling is not None and reroling is not None:
-            raise ValueError("reroling: not supported together with scaling (the scaling driver keys pools by role)")
+        check_reroling_without_scaling(None if reroling is None else "reroling", None if scaling is None else "scaling")
         self.config = config
         self.seed = seed  # of the host-noise draws (``LatencyModel.host_noise``): the rest is deterministic
         self.reroling = reroling

@@ -112,7 +112,8 @@ def test_simulate_runs_the_configs_reroling_policy_on_a_pd_cluster(tmp_path: Pat
 def test_reroling_with_scaling_is_refused_naming_both(tmp_path: Path, capsys) -> None:
     cfg = _config(tmp_path, "llama2-7b-pd-a100", reroling=REROLING)
     rc, _, said = _simulate(["--config", cfg, "--synthetic", "20", "--scaling", "threshold"], tmp_path, capsys)
-    assert rc == 2 and "--scaling threshold: not with policies.reroling" in said and "--reroling none" in said
+    assert rc == 2 and "policies.reroling (threshold): not with --scaling threshold" in said
+    assert "--reroling none" in said
     rc, _, _ = _simulate(["--config", cfg, "--synthetic", "20", "--scaling", "threshold", "--reroling", "none"],
                          tmp_path, capsys)
     assert rc == 0

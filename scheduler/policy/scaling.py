@@ -688,6 +688,20 @@ class RerolingLoop:
                              f"{self.interval_s} and {self.switch_timeout_s}")
 
 
+def check_reroling_without_scaling(reroling: str | None, scaling: str | None) -> None:
+    """The one rule for re-roling beside autoscaling, for every applier (the live Controller and the simulating
+    commands through ``reroling_policy``, ``simulate --scaling``, ``Simulator``). ``reroling``, ``scaling``: each as
+    the error names it (``policies.reroling (threshold)``, ``--scaling threshold``); ``None``: not set.
+
+    Raises:
+        ValueError: both set, naming both and the remedies.
+    """
+    if reroling is not None and scaling is not None:
+        raise ValueError(f"{reroling}: not with {scaling}: the scaling policies size pools by role, re-roling moves "
+                         "instances between them (an instance that changes role would be counted in the wrong "
+                         "pool); drop one of the two, or pass --reroling none to simulate without re-roling")
+
+
 def reroling_policy(config: ClusterConfig) -> tuple[RerolePolicy, RerolingLoop] | None:
     """``policies.reroling`` as both appliers read it (the live ``RoleSwitcher``, ``llmsched simulate`` / ``plan``):
     a fresh policy (its sustain clocks and cooldown remember) and its loop; ``None`` when the config has none.
@@ -703,9 +717,9 @@ def reroling_policy(config: ClusterConfig) -> tuple[RerolePolicy, RerolingLoop] 
     if spec.name not in REROLING_POLICIES:
         raise ValueError(f"{where}.name: unknown re-roling policy {spec.name!r}; allowed: "
                          f"{', '.join(sorted(REROLING_POLICIES))}")
-    if config.policies.scaling is not None and config.policies.scaling.name != "none":
-        raise ValueError(f"{where}: not supported together with policies.scaling (the scaling policies size "
-                         "pools by role; an instance that changes role would be counted in the wrong one)")
+    scaling = config.policies.scaling
+    check_reroling_without_scaling(f"{where} ({spec.name})", None if scaling is None or scaling.name == "none"
+                                   else f"policies.scaling ({scaling.name})")
     roles = {p.role for p in config.pools}
     if not {InstanceRole.PREFILL, InstanceRole.DECODE} <= roles:
         raise ValueError(f"{where}: needs a PREFILL and a DECODE pool; pools have roles "
