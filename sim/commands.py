@@ -27,7 +27,12 @@ from scheduler.cli_args import (
 from scheduler.config.load import ConfigError, load_config
 from scheduler.config.models import ClusterConfig
 from scheduler.policy.route import make_router, router_class
-from scheduler.policy.scaling import ScalingLoop, check_reroling_without_scaling, make_scaling_policy
+from scheduler.policy.scaling import (
+    SIM_REROLING_REMEDY,
+    ScalingLoop,
+    check_reroling_without_scaling,
+    make_scaling_policy,
+)
 from sim.goodput import goodput
 from sim.metrics import request_metrics, sim_summary
 from sim.policies import add_policy_args, policy_flags, policy_stats, sim_policies
@@ -340,7 +345,8 @@ def simulate_main(argv: list[str] | None = None) -> int:
         scaling, loop = scaling_policy(args, cfg)
         rerole = cfg.policies.reroling  # (sim_policies sees the config's policies.scaling, not --scaling)
         check_reroling_without_scaling(None if rerole is None else f"policies.reroling ({rerole.name})",
-                                       None if scaling is None else f"--scaling {args.scaling}")
+                                       None if scaling is None else f"--scaling {args.scaling}",
+                                       remedy=SIM_REROLING_REMEDY)
         policies = sim_policies(cfg, flags=flags)
         # Builds the instances: a pool without KV memory, a cluster that cannot prefill or decode fail here.
         sim = Simulator(cfg, router=router, closed_form=not args.naive, progress=not args.quiet and len(w) > 50_000,

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from scheduler.config.models import ClusterConfig, PolicySpec
-from scheduler.policy.scaling import reroling_policy
+from scheduler.policy.scaling import SIM_REROLING_REMEDY, reroling_policy
 from scheduler.transfer.migration import migration_policy
 from sim.migration import migration_stats
 
@@ -119,7 +119,7 @@ def sim_policies(config: ClusterConfig, *, flags: tuple[str, ...] = ()) -> Calla
     except (TypeError, ValueError) as e:  # an unknown parameter is a TypeError
         raise ValueError(_flag_named(f"policies.migration: {e}", "migration", flags)) from None
     try:
-        rerole = reroling_policy(config) is not None  # fails fast, naming the field
+        rerole = reroling_policy(config, remedy=SIM_REROLING_REMEDY) is not None  # fails fast, naming the field
     except ValueError as e:
         raise ValueError(_flag_named(str(e), "reroling", flags)) from None
 

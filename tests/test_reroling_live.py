@@ -39,7 +39,7 @@ class _Ctrl:  # what RoleSwitcher.from_config reads of a Controller
 @pytest.mark.parametrize(("pools", "policies", "match"), [
     (PD, {"reroling": {"name": "nope"}}, r"policies.reroling.name: unknown re-roling policy 'nope'"),
     (PD, {"reroling": POLICY, "scaling": {"name": "threshold"}},
-     r"policies.reroling \(threshold\): not with policies.scaling \(threshold\): .* --reroling none"),
+     r"policies.reroling \(threshold\): not with policies.scaling \(threshold\): .*drop one of the two$"),
     ([{"name": "m", "role": "mixed", "gpu": "a100", "count": 2}], {"reroling": POLICY},
      r"policies.reroling: needs a PREFILL and a DECODE pool"),
     (PD, {"reroling": {"name": "threshold", "params": {"decode_hihg": 1}}}, r"policies.reroling.params: .*decode_hihg"),

@@ -35,8 +35,8 @@ def test_compare_runs_the_configs_reroling_beside_every_router(tmp_path: Path, c
     made: list[object] = []
     real = sim.policies.reroling_policy
 
-    def counting(config):
-        built = real(config)
+    def counting(config, **kwargs):
+        built = real(config, **kwargs)
         made.append(built[0] if built else None)
         return built
 

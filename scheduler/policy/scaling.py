@@ -688,10 +688,15 @@ class RerolingLoop:
                              f"{self.interval_s} and {self.switch_timeout_s}")
 
 
-def check_reroling_without_scaling(reroling: str | None, scaling: str | None) -> None:
+# What the simulating commands add to the refusal below (the live Controller has no such flag).
+SIM_REROLING_REMEDY = "pass --reroling none to simulate without re-roling"
+
+
+def check_reroling_without_scaling(reroling: str | None, scaling: str | None, *, remedy: str = "") -> None:
     """The one rule for re-roling beside autoscaling, for every applier (the live Controller and the simulating
     commands through ``reroling_policy``, ``simulate --scaling``, ``Simulator``). ``reroling``, ``scaling``: each as
-    the error names it (``policies.reroling (threshold)``, ``--scaling threshold``); ``None``: not set.
+    the error names it (``policies.reroling (threshold)``, ``--scaling threshold``); ``None``: not set. ``remedy``:
+    the caller's own way out, said after "drop one of the two" (``SIM_REROLING_REMEDY``).
 
     Raises:
         ValueError: both set, naming both and the remedies.
@@ -699,12 +704,13 @@ def check_reroling_without_scaling(reroling: str | None, scaling: str | None) ->
     if reroling is not None and scaling is not None:
         raise ValueError(f"{reroling}: not with {scaling}: the scaling policies size pools by role, re-roling moves "
                          "instances between them (an instance that changes role would be counted in the wrong "
-                         "pool); drop one of the two, or pass --reroling none to simulate without re-roling")
+                         f"pool); drop one of the two{', or ' + remedy if remedy else ''}")
 
 
-def reroling_policy(config: ClusterConfig) -> tuple[RerolePolicy, RerolingLoop] | None:
+def reroling_policy(config: ClusterConfig, *, remedy: str = "") -> tuple[RerolePolicy, RerolingLoop] | None:
     """``policies.reroling`` as both appliers read it (the live ``RoleSwitcher``, ``llmsched simulate`` / ``plan``):
     a fresh policy (its sustain clocks and cooldown remember) and its loop; ``None`` when the config has none.
+    ``remedy``: the caller's own way out of the refusal beside ``policies.scaling``.
 
     Raises:
         ValueError: an unknown name, together with ``policies.scaling``, a cluster without both a PREFILL and a
@@ -719,7 +725,7 @@ def reroling_policy(config: ClusterConfig) -> tuple[RerolePolicy, RerolingLoop] 
                          f"{', '.join(sorted(REROLING_POLICIES))}")
     scaling = config.policies.scaling
     check_reroling_without_scaling(f"{where} ({spec.name})", None if scaling is None or scaling.name == "none"
-                                   else f"policies.scaling ({scaling.name})")
+                                   else f"policies.scaling ({scaling.name})", remedy=remedy)
     roles = {p.role for p in config.pools}
     if not {InstanceRole.PREFILL, InstanceRole.DECODE} <= roles:
         raise ValueError(f"{where}: needs a PREFILL and a DECODE pool; pools have roles "
