@@ -158,6 +158,34 @@ def test_defrag_does_not_retry_an_instance_whose_smallest_decode_has_no_room() -
     assert calls[0] == 1
 
 
+@pytest.mark.parametrize(("decodes", "moved"), [
+    ([1920, 1600, 1600], ["src-d1", "src-d2", "src-d0"]),  # no one decode frees enough: smallest first
+    ([4000, 1600, 1600, 1600], ["src-d1", "src-d2", "src-d3"]),  # the one that would has no room: then smallest
+])
+def test_defrag_asks_once_for_a_destination_of_its_smallest_decode(decodes: list[int], moved: list[str]) -> None:
+    # A 4000-token prompt (250 blocks) heads the queue with 10 free; every other instance has 220. The defrag's
+    # look at its smallest decode before the loop found a destination, and the loop asked again for the same
+    # request with nothing planned in between (the answer cannot have changed).
+    policy = LlumnixMigrationPolicy(high_watermark=1.0, max_per_instance=4, max_per_s=10.0)
+    asked: list[tuple[str, int]] = []
+    inner = policy._destination
+
+    def wrapped(rnd, r, *a, **kw):
+        asked.append((r.request_id, rnd.changes))
+        return inner(rnd, r, *a, **kw)
+
+    policy._destination = wrapped  # type: ignore[method-assign]
+    src = snap("src", used=990, decodes=decodes, queued=0)
+    head = RequestLoad("head", 4000, 0, in_prefill=True)
+    src = InstanceSnapshot(**{**{f: getattr(src, f) for f in src.__slots__}, "requests": (*src.requests, head),
+                              "num_waiting": 1})
+    dests = [snap(f"d{k}", used=780, decodes=[100], queued=0) for k in range(3)]
+    plans = policy.plan(ClusterView(0.0, (src, *dests)), 1.0)
+    assert [(p.request_id, p.destination, p.reason.value) for p in plans] == [
+        (rid, f"d{k}", "defrag") for k, rid in enumerate(moved)]
+    assert len(asked) == len(set(asked)), asked
+
+
 def l4_config(tmp_path: Path):
     text = (Path(__file__).resolve().parents[1] / "scheduler/config/examples/default.yaml").read_text()
     path = tmp_path / "l4.yaml"  # the migration study's cluster: 4 x Llama-2-7B on L4s, KV binds

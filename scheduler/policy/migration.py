@@ -259,6 +259,34 @@ class _Round:
         self.changes += 1
 
 
+class _Finder:
+    """``_destination`` for one source's requests, skipping the calls whose answer is known while nothing is
+    planned (``rnd.changes`` unchanged): none for a request at least as large as one that found none (``_destination``
+    is monotone in the context moved), and the destination already found for the same request (the defrag asks
+    for its smallest decode before its loop)."""
+
+    def __init__(self, policy: LlumnixMigrationPolicy, rnd: _Round, src: InstanceSnapshot,
+                 dests: list[InstanceSnapshot], *, below: float) -> None:
+        self.p, self.rnd, self.src, self.dests, self.below = policy, rnd, src, dests, below
+        self.seen = rnd.changes
+        self.fail = math.inf  # smallest context that found no destination, as of ``seen``
+        self.found: dict[str, InstanceSnapshot] = {}  # request -> its destination, as of ``seen``
+
+    def __call__(self, r: RequestLoad) -> InstanceSnapshot | None:
+        if self.rnd.changes != self.seen:
+            self.seen, self.fail, self.found = self.rnd.changes, math.inf, {}
+        if r.context_tokens >= self.fail:
+            return None
+        d = self.found.get(r.request_id)
+        if d is None:
+            d = self.p._destination(self.rnd, r, self.src, self.dests, below=self.below)
+            if d is None:
+                self.fail = r.context_tokens
+            else:
+                self.found[r.request_id] = d
+        return d
+
+
 class LlumnixMigrationPolicy(MigrationPolicy):
     """Llumnix-style migration: triggers, request choice, destinations and rate limits (module docstring)."""
 
@@ -383,7 +411,7 @@ class LlumnixMigrationPolicy(MigrationPolicy):
         protected instances). A drain does not protect: its source must empty, and nothing goes back to it.
 
         None for a request means none for a larger one while nothing is planned meanwhile: every test a candidate
-        fails (free blocks, usage after, pressure) is monotone in the context moved. The loops skip those calls."""
+        fails (free blocks, usage after, pressure) is monotone in the context moved. ``_Finder`` skips those calls."""
         best, best_vu = None, math.inf
         for d in dests:
             if d.instance_id == src.instance_id or not rnd.can_touch(d):
@@ -453,9 +481,10 @@ class LlumnixMigrationPolicy(MigrationPolicy):
             if sum(_blocks(r.context_tokens, src.block_size) for r in movable) < deficit:
                 continue  # cannot free enough: moving some would only cost
             # No destination for the smallest: none for any (``_destination``), and the partial defrag would roll
-            # back -- under load, every tick, on every instance whose queue head fits nowhere.
-            smallest = min(movable, key=lambda r: r.context_tokens)
-            if self._destination(rnd, smallest, src, dests, below=self.high_watermark) is None:
+            # back -- under load, every tick, on every instance whose queue head fits nowhere. (``find`` keeps the
+            # answer: the loop below asks for the smallest again.)
+            find = _Finder(self, rnd, src, dests, below=self.high_watermark)
+            if find(min(movable, key=lambda r: r.context_tokens)) is None:
                 continue
             small = sorted(movable, key=lambda r: r.context_tokens)
             # One move if one decode frees enough (the smallest such): smallest-first took a 10-block decode
@@ -464,19 +493,14 @@ class LlumnixMigrationPolicy(MigrationPolicy):
             if one is not None:
                 small.remove(one)
                 small.insert(0, one)
-            freed, cp, fail = 0, rnd.checkpoint(), math.inf
+            freed, cp = 0, rnd.checkpoint()
             for r in small:
                 if freed >= deficit or rnd.full() or not rnd.can_touch(src):
                     break
-                if r.context_tokens >= fail:
-                    continue  # no destination for a smaller one, nothing planned since (``_destination``)
-                d = self._destination(rnd, r, src, dests, below=self.high_watermark)
-                if d is None:
-                    fail = r.context_tokens
-                    continue
-                rnd.add(r, src, d, MigrationReason.DEFRAG)
-                freed += _blocks(r.context_tokens, src.block_size)
-                fail = math.inf
+                d = find(r)
+                if d is not None:
+                    rnd.add(r, src, d, MigrationReason.DEFRAG)
+                    freed += _blocks(r.context_tokens, src.block_size)
             if freed < deficit:
                 rnd.rollback(cp)  # a partial defrag only costs: the queued prompt still would not fit
 
@@ -505,20 +529,17 @@ class LlumnixMigrationPolicy(MigrationPolicy):
             # Low priority first (it moved a high-priority decode ahead of an equal low-priority one).
             reqs = sorted((r for r in rnd.decodes(src) if rnd.movable(r)),
                           key=lambda r: (r.priority, self._key(self, r)))
-            fail = math.inf
+            find = _Finder(self, rnd, src, low, below=self.high_watermark)
             for r in reqs:
                 if rnd.full() or not rnd.can_touch(src) or rnd.vu(src) <= self.high_watermark:
                     break
                 if rnd.changes != seen:
-                    low, seen, fail = less_used(src), rnd.changes, math.inf
+                    low, seen = less_used(src), rnd.changes
                     if not low:
                         break
-                if r.context_tokens >= fail:
-                    continue  # no destination for a smaller one, nothing planned since (``_destination``)
-                d = self._destination(rnd, r, src, low, below=self.high_watermark)
-                if d is None:
-                    fail = r.context_tokens
-                else:
+                    find = _Finder(self, rnd, src, low, below=self.high_watermark)
+                d = find(r)
+                if d is not None:
                     rnd.add(r, src, d, MigrationReason.LOAD_BALANCE)
 
 
