@@ -38,18 +38,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_PD = frozenset((InstanceRole.PREFILL, InstanceRole.DECODE))  # the roles a switch moves between
+
 
 class RoleSwitcher:
     """Applies role changes for one Controller (module docstring): ``tick`` asks the policy, ``advance`` finishes
-    the switches whose instance ran dry, ``begin`` starts one (the policy's or an operator's)."""
+    the switches whose instance ran dry, ``begin`` starts an operator's (the policy's skip its input checks)."""
 
-    def __init__(self, ctrl: Controller, policy: RerolePolicy | None, *, interval_s: float = 5.0,
-                 switch_timeout_s: float = 120.0) -> None:
-        RerolingLoop(interval_s, switch_timeout_s)  # bad values: ValueError naming policies.reroling.params
+    def __init__(self, ctrl: Controller, policy: RerolePolicy | None, loop: RerolingLoop | None = None) -> None:
+        loop = RerolingLoop() if loop is None else loop  # validated when built (``reroling_policy``)
         self.ctrl = ctrl
         self.policy = policy
-        self.interval_s = interval_s
-        self.switch_timeout_s = switch_timeout_s
+        self.interval_s = loop.interval_s
+        self.switch_timeout_s = loop.switch_timeout_s
         # instance -> (new role, deadline, the Controller's refresh round when the drain began)
         self.switching: dict[str, tuple[InstanceRole, float, int]] = {}
         self.stats = {"switches": 0, "abandoned": 0}
@@ -61,20 +62,22 @@ class RoleSwitcher:
         built = reroling_policy(ctrl.config)
         if built is None:
             return cls(ctrl, None)
-        policy, loop = built
-        return cls(ctrl, policy, interval_s=loop.interval_s, switch_timeout_s=loop.switch_timeout_s)
+        return cls(ctrl, *built)
 
     # ---- the loop's two steps -------------------------------------------------------------------------------
     async def tick(self, now_s: float) -> None:
-        """Ask the policy on the live view and begin what it proposes."""
-        if self.policy is None:
-            return
+        """Ask the policy on the live view and begin what it proposes. Only with a policy (the scaling loop, its
+        one caller, checks that once: the policy is set at start and never changes)."""
+        assert self.policy is not None
         c = self.ctrl
         view = ClusterView(now_s, tuple(c._snapshots[i] for i in sorted(c._snapshots) if i in c._members))
         if not view.instances:
             return
+        # NOTE: ``begin``'s checks of an operator's input are not repeated here: the policy proposes a RoleChange
+        # (an InstanceRole) of a PREFILL / DECODE instance to the other role, and an instance's role stays within
+        # its pool's P/D pair. ``_begin`` checks what changes at run time (membership, drains, the last of a phase).
         for ch in self.policy.propose(view, now_s):
-            await self.begin(ch.instance_id, ch.new_role, ch.reason)
+            await self._begin(ch.instance_id, ch.new_role, ch.reason)
 
     async def advance(self) -> None:
         """Finish each switch whose instance is idle; abandon those past their deadline."""
@@ -129,18 +132,28 @@ class RoleSwitcher:
     async def begin(self, instance_id: str, role: InstanceRole | str, reason: str = "") -> bool:
         """Start moving ``instance_id`` to ``role`` (PREFILL <-> DECODE). False when it already has that role or
         is already switching or draining for a scale-down."""
-        c = self.ctrl
         try:
             new = InstanceRole.parse(role)
         except ValueError as e:
             raise ValueError(f"role: {e}") from None
-        m = c._members.get(instance_id)
-        if m is None:
-            raise ValueError(f"instance_id: unknown instance {instance_id!r}; live: {', '.join(sorted(c._members))}")
-        pd = {InstanceRole.PREFILL, InstanceRole.DECODE}
-        if new not in pd or m.info.role not in pd:
+        m = self._member(instance_id)
+        if new not in _PD or m.info.role not in _PD:
             raise ValueError(f"role: only PREFILL <-> DECODE switches are supported; {instance_id} is "
                              f"{m.info.role.value}, asked {new.value}")
+        return await self._begin(instance_id, new, reason)
+
+    def _member(self, instance_id: str) -> Any:
+        m = self.ctrl._members.get(instance_id)
+        if m is None:
+            raise ValueError(f"instance_id: unknown instance {instance_id!r}; live: "
+                             f"{', '.join(sorted(self.ctrl._members))}")
+        return m
+
+    async def _begin(self, instance_id: str, new: InstanceRole, reason: str) -> bool:
+        """``begin`` past the checks of its input: what can change between two switches (membership, a drain or
+        switch under way, the instance being the last serving its phase)."""
+        c = self.ctrl
+        m = self._member(instance_id)
         # c._held(): switching, or drained by an operator (its drain ends in a release, not in serving again)
         held = c._held()
         if new is m.info.role or instance_id in held or instance_id in c._draining:
