@@ -26,7 +26,7 @@ from sim.goodput import goodput, scale_rate
 from sim.metrics import request_metrics, sim_summary
 from sim.policies import add_policy_args, policy_flags, policy_specs, policy_stats, router_spec, sim_policies
 from sim.report import print_summaries, write_figure, write_json
-from sim.simulator import Simulator, Workload
+from sim.simulator import SimResult, Simulator, Workload
 
 DEFAULT_ROUTERS = "round_robin,random,least_outstanding,power_of_two,llumnix,mixing,lookahead"
 
@@ -177,10 +177,15 @@ def router_factory(name: str, config: ClusterConfig, seed: int = 0):
 def at_goodput(config: ClusterConfig, w: Workload, router, policies: dict[str, object] | None = None, *,
                seed: int = 0, same_instant_batching: bool = False) -> dict[str, object]:
     """The run at the goodput rate (its passing probe, run again, with fresh ``policies``: ``Simulator`` keywords
-    of ``sim_policies``): which SLO its misses miss (shares of all requests; one request may miss both), its
-    preemptions, migrations and role switches -- what a goodput moved by."""
+    of ``sim_policies``): ``goodput_stats``. ``compare`` keeps them from the probe itself instead."""
     sim = Simulator(config, router=router, seed=seed, same_instant_batching=same_instant_batching, **(policies or {}))
-    res = sim.run(w)
+    return goodput_stats(sim, sim.run(w), w)
+
+
+def goodput_stats(sim: Simulator, res: SimResult, w: Workload) -> dict[str, object]:
+    """A run at the goodput rate (``sim`` ran ``w`` into ``res``): which SLO its misses miss (shares of all
+    requests; one request may miss both), its preemptions, migrations and role switches -- what a goodput moved
+    by. ``compare``'s ``at_goodput``, from the bisection's passing probe (``goodput(report=...)``)."""
     m = request_metrics(res)
     inf = np.inf
     with np.errstate(invalid="ignore"):
@@ -220,12 +225,13 @@ def compare(config: ClusterConfig, w: Workload, routers: list[str], *, load: flo
         s["offered_rps"] = wl.rate_rps
         s.update(policy_stats(sim))
         if with_goodput:
+            # The passing probe at the goodput's rate is the run ``at_goodput`` reports: its stats kept from the
+            # bisection, not simulated again (the same workload, seed, fresh router and policies).
             g = goodput(config, wl, make, target=target, lo=0.05, hi=GOODPUT_CEILING, iters=GOODPUT_ITERS, seed=seed,
-                        policies=policies, **batching)
+                        policies=policies, report=goodput_stats, **batching)
             s["goodput_rps"], s["goodput_capped"] = g.goodput_rps, g.capped
             if g.goodput_rps > 0:
-                s["at_goodput"] = at_goodput(config, scale_rate(wl, g.scale), make(), policies(), seed=seed,
-                                             **batching)
+                s["at_goodput"] = g.report
         summaries[name] = s
         metrics[name] = request_metrics(res)
     return summaries, metrics, sat
@@ -312,5 +318,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["at_goodput", "at_load", "compare", "main", "policy_stats", "router_factory", "router_params", "router_spec",
-           "saturation_rate"]
+__all__ = ["at_goodput", "at_load", "compare", "goodput_stats", "main", "policy_stats", "router_factory", "router_params",
+           "router_spec", "saturation_rate"]

@@ -93,3 +93,53 @@ def test_compare_cli_applies_policies_migration_without_the_not_applied_note(tmp
     for bad, named in (("llumnix:max_per_s=0", "max_per_s"), ("llumnix:nope=1", "nope"), ("bogus", "bogus")):
         assert cli_main(["compare", "--synthetic", "60", "--no-goodput", "--migration", bad]) == 2
         assert named in capsys.readouterr().err
+
+
+def test_compare_reports_at_goodput_from_the_bisections_probe_not_a_rerun(monkeypatch) -> None:
+    """``at_goodput`` is the bisection's passing probe at the goodput's rate: kept, not simulated again (one run
+    fewer per router than the code before, which re-ran it), and equal to that re-run, migration stats included."""
+    import sim.compare as C
+    import sim.goodput as gp
+
+    runs = {"compare": 0, "goodput": 0}
+
+    def spy(module, key):
+        real = module.Simulator
+
+        class Spy(real):  # type: ignore[misc, valid-type]
+            def run(self, w):  # type: ignore[no-untyped-def]
+                runs[key] += 1
+                return super().run(w)
+
+        monkeypatch.setattr(module, "Simulator", Spy)
+
+    spy(C, "compare")
+    spy(gp, "goodput")
+    found: dict[str, object] = {}
+    real_goodput = C.goodput
+
+    def goodput_spy(config, w, make, **kw):  # type: ignore[no-untyped-def]
+        g = real_goodput(config, w, make, **kw)
+        found[len(found)] = g
+        return g
+
+    monkeypatch.setattr(C, "goodput", goodput_spy)
+    cfg = _kv_tight(PolicySpec(name="llumnix", params={"high_watermark": 0.5, "balance_gap": 0.1}))
+    w, routers = _bursty(200), ["least_outstanding", "llumnix"]
+    plain, _, _ = compare(cfg, w, routers, load=0.9, with_goodput=False)
+    without = runs["compare"]  # the saturation's runs and one per router
+    runs.update(compare=0, goodput=0)
+    s, _, sat = compare(cfg, w, routers, load=0.9)
+    assert runs["compare"] == without  # no run at the goodput rate
+    assert runs["goodput"] == sum(g.probes for g in found.values())  # type: ignore[attr-defined]
+    wl = C.at_load(w, 0.9, sat)
+    for i, name in enumerate(routers):
+        g = found[i]
+        assert g.goodput_rps > 0 and not g.capped  # type: ignore[attr-defined]
+        again = at_goodput(cfg, scale_rate(wl, g.scale), C.router_factory(name, cfg)(),  # type: ignore[attr-defined]
+                           C.sim_policies(cfg)())  # type: ignore[misc]
+        assert s[name]["at_goodput"] == again  # the re-run's stats, exactly
+        assert again["slo_attainment"] == g.attainment  # type: ignore[attr-defined]
+        assert s[name]["at_goodput"]["migration"]["committed"] == again["migrations"]
+    assert sum(s[n]["at_goodput"]["migrations"] for n in routers) > 0  # the migration stats were compared too
+    assert {n: s[n]["slo_attainment"] for n in routers} == {n: plain[n]["slo_attainment"] for n in routers}
