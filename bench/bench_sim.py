@@ -10,7 +10,10 @@ reference on the same workload (the baseline measured in this run, so machine no
 
 ``--case migration``: ``llmsched simulate`` with ``--migration llumnix`` against ``--migration none`` on the
 migration study's cluster (``default`` on L4s: KV binds), the bundled Azure slice at 0.5x and 300 bursty synthetic
-requests; each run a fresh process, the simulator's own ``wall_seconds`` (best of ``--repeats``, runs alternated).
+requests; and the tuned policy of docs/routing.md ("Held out (fortieth session)") against none on the bundled
+Mooncake conversation slice (1,000 requests) on 16 long-context A100s under lookahead, where KV does not bind and
+a tick reads 16 prefix-cache engines; each run a fresh process, the simulator's own ``wall_seconds`` (best of
+``--repeats``, runs alternated).
 ``--baseline OLD_TREE`` (a checkout of older code, e.g. ``git archive <commit> | tar -x -C OLD_TREE``) times the
 same runs under that code in the same alternation, prints both trees' with/without ratios and the speed-up, and
 checks the summaries are identical but for their wall-clock fields.
@@ -25,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from scheduler.config.load import load_config
@@ -36,10 +40,29 @@ from sim.traces import bundled_traces, load_trace, synthetic
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_AZURE = ROOT.parent / "shared/data/azure_llm_2023_conv.csv.gz"
 CASES = ("azure_16", "closed_form_vs_naive", "synthetic", "migration")
-# The migration case's workloads: ``llmsched simulate`` arguments (docs/simulator.md, "Policies from the config").
+# The migration study's cluster (docs/simulator.md, "Policies from the config"): ``default`` on L4s, written per run.
+L4 = "l4"
+# docs/routing.md, "Held out (fortieth session)": the Mooncake compares' tuned policy.
+TUNED_MIGRATION = ("llumnix:high_watermark=0.3:balance_gap=0.1:max_concurrent=16:max_plans=16:max_per_s=16:"
+                   "cooldown_s=0.5")
+
+
+@dataclass(frozen=True)
+class MigrationRun:
+    """One migration-case row: ``llmsched simulate`` arguments, on ``config`` (``L4``, or a config ``--config``
+    takes), with ``migration`` against ``--migration none``."""
+
+    args: list[str]
+    config: str = L4
+    migration: str = "llumnix"
+
+
 MIGRATION_WORKLOADS = {
-    "azure_slice_0.5x": ["--rate-scale", "0.5"],
-    "synthetic_300_cv4": ["--synthetic", "300", "--cv", "4", "--rate", "2"],
+    "azure_slice_0.5x": MigrationRun(["--rate-scale", "0.5"]),
+    "synthetic_300_cv4": MigrationRun(["--synthetic", "300", "--cv", "4", "--rate", "2"]),
+    "mooncake_slice_16_tuned": MigrationRun(
+        ["--trace", str(bundled_traces()["mooncake_conversation"]), "--router", "lookahead"],
+        config="llama3-8b-a100-16-longctx", migration=TUNED_MIGRATION),
 }
 
 
@@ -79,7 +102,7 @@ def azure_trace_path(arg: str | None) -> Path:
     return path
 
 
-def simulate_summary(tree: Path, config: Path, migration: str, workload: list[str]) -> dict:
+def simulate_summary(tree: Path, config: Path | str, migration: str, workload: list[str]) -> dict:
     """One ``llmsched simulate --json`` run of ``tree``'s code in a fresh process: its summary."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "summary.json"
@@ -96,20 +119,23 @@ def _outcome(summary: dict) -> dict:
 
 
 def migration_case(*, baseline: Path | None = None, repeats: int = 3) -> dict:
-    """With vs without ``--migration llumnix`` on L4s (``MIGRATION_WORKLOADS``), this tree and ``baseline``'s."""
+    """With vs without migration (``MIGRATION_WORKLOADS``), this tree and ``baseline``'s."""
     trees = {"current": ROOT} if baseline is None else {"current": ROOT, "baseline": baseline}
     out: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "l4.yaml"  # as docs/simulator.md: sed 's/gpu: a100/gpu: l4/'
+        l4 = Path(tmp) / "l4.yaml"  # as docs/simulator.md: sed 's/gpu: a100/gpu: l4/'
         text = (ROOT / "scheduler/config/examples/default.yaml").read_text()
-        config.write_text(text.replace("gpu: a100", "gpu: l4"))
-        for name, workload in MIGRATION_WORKLOADS.items():
+        l4.write_text(text.replace("gpu: a100", "gpu: l4"))
+        for name, case in MIGRATION_WORKLOADS.items():
+            config = l4 if case.config == L4 else case.config
+            specs = {"none": "none", "llumnix": case.migration}
             runs: dict[tuple[str, str], list[dict]] = {}
             for _ in range(repeats):  # alternated: a loaded minute weighs on every variant alike
                 for tree_name, tree in trees.items():
-                    for mig in ("none", "llumnix"):
-                        runs.setdefault((tree_name, mig), []).append(simulate_summary(tree, config, mig, workload))
-            row: dict[str, object] = {}
+                    for mig, spec in specs.items():
+                        runs.setdefault((tree_name, mig), []).append(simulate_summary(tree, config, spec, case.args))
+            row: dict[str, object] = {"requests": runs[("current", "none")][0]["requests"],
+                                      "migration": case.migration}
             for tree_name in trees:
                 none = min(r["wall_seconds"] for r in runs[(tree_name, "none")])
                 mig = min(r["wall_seconds"] for r in runs[(tree_name, "llumnix")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,8 @@ def test_the_json_names_the_trace_it_timed(monkeypatch, tmp_path):
 def test_migration_case_times_both_trees_and_compares_their_summaries(monkeypatch, tmp_path):
     # ``--case migration --baseline TREE``: with/without migration in this tree and the baseline's, in fresh
     # processes; a tree against itself gives the same summaries (wall clock aside) and the same moves.
-    monkeypatch.setattr(bench_sim, "MIGRATION_WORKLOADS", {"tiny": ["--synthetic", "60", "--cv", "4", "--rate", "2"]})
+    monkeypatch.setattr(bench_sim, "MIGRATION_WORKLOADS",
+                        {"tiny": bench_sim.MigrationRun(["--synthetic", "60", "--cv", "4", "--rate", "2"])})
     out = tmp_path / "m.json"
     assert bench_sim.main(["--case", "migration", "--baseline", str(bench_sim.ROOT), "--repeats", "1",
                            "--json", str(out)]) == 0
@@ -52,3 +54,30 @@ def test_migration_case_times_both_trees_and_compares_their_summaries(monkeypatc
     assert row["current"]["migrations"] == row["baseline"]["migrations"]
     with pytest.raises(SystemExit, match="--baseline .*not a checkout"):
         bench_sim.main(["--case", "migration", "--baseline", str(tmp_path)])
+
+
+def test_migration_case_times_the_tuned_policy_on_the_mooncake_slice(monkeypatch, tmp_path):
+    """The Mooncake row: the bundled conversation slice on the 16 long-context A100s, the tuned policy of
+    docs/routing.md against none (the L4 rows keep ``llumnix`` on the L4 config), its ratio from the best runs."""
+    calls = []
+
+    def fake(tree, config, migration, workload):  # type: ignore[no-untyped-def]
+        calls.append((str(config), migration, tuple(workload)))
+        wall = 0.5 if migration == "none" else 2.0 + len(calls)  # the best (first) with-migration run counts
+        return {"requests": 1000, "wall_seconds": wall, "migrations": 7 if migration != "none" else 0}
+
+    monkeypatch.setattr(bench_sim, "simulate_summary", fake)
+    out = tmp_path / "m.json"
+    assert bench_sim.main(["--case", "migration", "--repeats", "2", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["migration_mooncake_slice_16_tuned"]
+    mooncake = [c for c in calls if "--trace" in c[2]]
+    assert len(mooncake) == 4 and {c[0] for c in mooncake} == {"llama3-8b-a100-16-longctx"}
+    assert {c[1] for c in mooncake} == {"none", bench_sim.TUNED_MIGRATION}
+    trace = Path(mooncake[0][2][mooncake[0][2].index("--trace") + 1])
+    assert trace == bundled_traces()["mooncake_conversation"] and trace.is_file()
+    assert row["migration"] == bench_sim.TUNED_MIGRATION and row["requests"] == 1000
+    best = min(2.0 + i + 1 for i, c in enumerate(calls) if c in mooncake and c[1] != "none")
+    assert row["current"] == {"none_wall_s": 0.5, "llumnix_wall_s": best, "ratio": round(best / 0.5, 2),
+                              "migrations": 7}
+    assert {c[1] for c in calls if "--trace" not in c[2]} == {"none", "llumnix"}  # the L4 rows as they were
+    assert all(c[0].endswith("l4.yaml") for c in calls if "--trace" not in c[2])
