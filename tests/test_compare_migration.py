@@ -143,3 +143,28 @@ def test_compare_reports_at_goodput_from_the_bisections_probe_not_a_rerun(monkey
         assert s[name]["at_goodput"]["migration"]["committed"] == again["migrations"]
     assert sum(s[n]["at_goodput"]["migrations"] for n in routers) > 0  # the migration stats were compared too
     assert {n: s[n]["slo_attainment"] for n in routers} == {n: plain[n]["slo_attainment"] for n in routers}
+
+
+def test_goodput_report_is_the_reported_probes_at_the_ceiling_and_when_none_passes() -> None:
+    """``goodput(report=...)`` keeps the report of the probe at the reported scale in every way the search ends: a
+    capped search (the ceiling ``hi`` itself was probed) and a bisected one equal a re-run at ``scale``; a search
+    where even ``lo`` fails has none."""
+    from sim.compare import goodput_stats
+
+    cfg = _kv_tight(None)
+    w = _bursty(150)
+
+    def policies():
+        return {"migration": make_migration_policy("llumnix", high_watermark=0.5, balance_gap=0.1)}
+
+    capped = goodput(cfg, w, lambda: "least_outstanding", lo=0.05, hi=0.3, iters=2, policies=policies,
+                     report=goodput_stats)
+    bisected = goodput(cfg, w, lambda: "least_outstanding", lo=0.5, hi=8.0, iters=3, policies=policies,
+                       report=goodput_stats)
+    assert capped.capped and capped.scale == 0.3 and not bisected.capped
+    for g in (capped, bisected):
+        again = at_goodput(cfg, scale_rate(w, g.scale), "least_outstanding", policies())
+        assert g.report == again and again["slo_attainment"] == g.attainment >= 0.9
+    assert bisected.report["migrations"] > 0  # type: ignore[index]
+    none = goodput(cfg, w, lambda: "least_outstanding", target=1.01, lo=0.5, hi=8.0, iters=1, report=goodput_stats)
+    assert none.goodput_rps == 0 and none.report is None
