@@ -75,15 +75,16 @@ def replay(prompt: np.ndarray, output: np.ndarray, tenants: list[str], replica: 
                           before=restart, after=period_end)
     stats = {}
     if shares:
+        [merged] = [g.merged for g in log.groups.values()]  # (one settings: one log)
         stats = {"report_bytes_mean": round(float(np.mean(sizes["report"])), 1),
                  "report_bytes_max": int(np.max(sizes["report"])),
                  "reply_bytes_mean": round(float(np.mean(sizes["reply"])), 1),
                  "bytes_per_sample": round(float(np.sum(sizes["report"]) / max(1, np.sum(sizes["samples"]))), 1),
-                 "full_state_bytes": len(pickle.dumps(log.merged.state())),
+                 "full_state_bytes": len(pickle.dumps(merged.state())),
                  # wall clock per exchange (noisy): the replica's report + rebase, the Controller's merge
                  "ingress_ms_mean": round(1e3 * float(np.mean(sizes["ingress_s"])), 2),
                  "controller_ms_mean": round(1e3 * float(np.mean(sizes["controller_s"])), 2),
-                 "merged_observed": log.merged.observed}
+                 "merged_observed": merged.observed}
     return guess, stats
 
 

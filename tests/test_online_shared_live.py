@@ -125,3 +125,35 @@ def test_a_restarted_controller_starts_from_a_replicas_copy(dep: Any, aloop: Any
         aloop.run(run(), timeout=180)
     finally:
         aloop.run(close())
+
+
+def test_replicas_with_other_settings_share_among_themselves(dep: Any, aloop: Any) -> None:
+    """A rolling change of the ``online`` settings: two replicas started with new ones (``strength``) learn each
+    other's requests through the same Controller, and a replica of the old settings learns none of them (before:
+    the Controller refused the new settings for as long as it ran, each new replica learned alone)."""
+    from scheduler.config.models import PolicySpec
+    from scheduler.predict.serving import serving_predictor
+
+    def other() -> Any:
+        return serving_predictor(PolicySpec(name="trace", params={"online": {"strength": 6.0}}))
+
+    g = dep.make_ingress(ingress_id="olG")
+    e, f = dep.make_ingress(ingress_id="olE", predictor=other()), dep.make_ingress(ingress_id="olF", predictor=other())
+
+    async def run() -> None:
+        await asyncio.gather(g.start(), e.start(), f.start())
+        before = g.predictor.online.observed
+        assert e.predictor.online.observed == f.predictor.online.observed == 0
+        await asyncio.gather(*(_serve(e, f"se{k}", 1000, 10, "chat") for k in range(5)))
+        await _until("F learned E's", lambda: f.predictor.online.observed == 5)
+        await asyncio.sleep(3 * e.plans_s)
+        assert e.predictor.online.observed == 5 and g.predictor.online.observed == before
+        assert _guess(f, "chat") == _guess(e, "chat")
+
+    async def close() -> None:
+        await asyncio.gather(e.close(), f.close(), g.close())
+
+    try:
+        aloop.run(run(), timeout=180)
+    finally:
+        aloop.run(close())

@@ -13,7 +13,7 @@ import pytest
 
 from scheduler.predict.base import LengthPrediction
 from scheduler.predict.online import TenantLengths
-from scheduler.predict.shared import LengthLog, SharedLengths
+from scheduler.predict.shared import LengthLog, SettingsLog, SharedLengths
 
 PRIOR = LengthPrediction.from_probs([1, 2, 4, 8, 8, 4, 2, 1, 1])
 
@@ -48,6 +48,12 @@ def _lengths() -> TenantLengths:
     return TenantLengths(max_tenants=3, admit_after=2, memory=40.0, strength=5.0)  # small: decay and eviction run
 
 
+def _one(log: LengthLog) -> SettingsLog:
+    """The Controller's log of the one settings its replicas report with."""
+    [group] = log.groups.values()
+    return group
+
+
 def _exchange(replica: str, shared: SharedLengths, log: LengthLog, lost: bool = False) -> None:
     reply = log.share(replica, pickle.loads(pickle.dumps(shared.report())))  # (as Ray sends it)
     if not lost:
@@ -76,7 +82,7 @@ def test_a_lone_replica_predicts_bit_for_bit_as_without_sharing() -> None:
         _observe(shared.view, r)
     _exchange("a", shared, log)
     _same(shared.view, alone)
-    _same(log.merged, alone)
+    _same(_one(log).merged, alone)
     assert shared.view.journal == [] and shared.view.observed == 400
 
 
@@ -101,29 +107,89 @@ def test_two_replicas_learn_as_one_and_a_new_one_starts_from_it() -> None:
         for r in batch_a + batch_b:
             _observe(one, r)
         _same(sb.view, one)
-        _same(log.merged, one)
+        _same(_one(log).merged, one)
     _exchange("a", sa, log)
     _same(sa.view, one)
-    assert one.observed == sa.view.observed == sb.view.observed == log.merged.observed == 600 == log.seq
+    assert one.observed == sa.view.observed == sb.view.observed == _one(log).merged.observed == 600 == _one(log).seq
     sc = SharedLengths(_lengths())
     _exchange("c", sc, log)
     _same(sc.view, one)
     assert sb.view.adjust(PRIOR, 1000, "summarise") != _lengths().adjust(PRIOR, 1000, "summarise")
 
 
-def test_a_replica_behind_the_log_gets_the_merged_state_and_other_settings_learn_alone() -> None:
+def test_a_replica_behind_the_log_gets_the_merged_state() -> None:
     sa, sb, log = SharedLengths(_lengths()), SharedLengths(_lengths()), LengthLog("e1", max_log=10)
     _exchange("b", sb, log)
     for r in _requests(50, seed=2):
         _observe(sa.view, r)
     _exchange("a", sa, log)
-    assert len(log.log) == 10 and log.seq == 50
+    assert len(_one(log).log) == 10 and _one(log).seq == 50
     reply = log.share("b", sb.report())
-    assert reply is not None and reply.state is not None and not reply.samples  # 50 since B's cursor, 10 kept
+    assert reply.state is not None and not reply.samples  # 50 since B's cursor, 10 kept
     sb.apply(reply)
     _same(sb.view, sa.view)
-    other = TenantLengths(max_tenants=3, admit_after=2, memory=40.0, strength=6.0)
-    assert log.share("x", SharedLengths(other).report()) is None and log.refused == 1
+
+
+def _other() -> TenantLengths:
+    return TenantLengths(max_tenants=3, admit_after=2, memory=40.0, strength=6.0)
+
+
+def test_replicas_of_other_settings_learn_as_one_among_themselves() -> None:
+    """A rolling change of the ``online`` settings: replicas X and Y with the new ones share between themselves,
+    A and B with the old ones between themselves, each pair as one ingress of its settings would learn. Before,
+    the Controller merged the first settings it was sent and refused the others: X and Y each learned alone."""
+    sa, sb, sx, sy, log = (SharedLengths(_lengths()), SharedLengths(_lengths()), SharedLengths(_other()),
+                           SharedLengths(_other()), LengthLog("e1"))
+    old, new = _lengths(), _other()
+    reqs = _requests(200, seed=8)
+    for k in range(0, 200, 20):
+        for r in reqs[k:k + 10]:
+            _observe(sa.view, r)
+            _observe(old, r)
+        for r in reqs[k + 10:k + 20]:
+            _observe(sx.view, r)
+            _observe(new, r)
+        for name, shared in [("a", sa), ("x", sx), ("b", sb), ("y", sy)]:
+            _exchange(name, shared, log)
+        _same(sb.view, old)
+        _same(sy.view, new)
+    assert sy.view.observed == 100 and sy.epoch != sb.epoch
+    assert [g.merged.observed for g in log.groups.values()] == [100, 100]
+    sz = SharedLengths(_other())  # a new replica of the new settings starts from what X learned
+    _exchange("z", sz, log)
+    _same(sz.view, new)
+
+
+def test_a_dropped_settings_group_is_re_seeded_by_its_replicas(caplog: pytest.LogCaptureFixture) -> None:
+    """Past ``max_groups`` settings the least recently reported one's log is dropped (its replicas, if any, re-seed
+    it as after a Controller restart): a replica of it keeps what it learned, sends what it learned meanwhile, and
+    the other replicas of its settings, a new one too, get all of it."""
+    sa, sb, log = SharedLengths(_lengths()), SharedLengths(_lengths()), LengthLog("e1", max_groups=2)
+    reqs = _requests(40, seed=9)
+    for r in reqs[:30]:
+        _observe(sa.view, r)
+    _exchange("a", sa, log)
+    _exchange("b", sb, log)
+    dropped = sb.epoch
+    _exchange("x", SharedLengths(_other()), log)
+    with caplog.at_level("WARNING", logger="scheduler.predict.shared"):
+        _exchange("z", SharedLengths(TenantLengths()), log)  # a third settings: A and B's log dropped
+    assert len(log.groups) == 2 and _lengths().settings() not in log.groups
+    assert log.dropped == 1 and sum("dropped" in r.message for r in caplog.records) == 1
+    for r in reqs[30:]:
+        _observe(sb.view, r)
+    _exchange("b", sb, log)  # asked to seed
+    _exchange("b", sb, log)  # its base (A's 30) adopted, its 10 merged
+    _exchange("a", sa, log)
+    sc = SharedLengths(_lengths())
+    _exchange("c", sc, log)
+    one = _lengths()
+    for r in reqs:
+        _observe(one, r)
+    group = log.groups[_lengths().settings()]
+    assert group.epoch != dropped and group.merged.observed == 40
+    for view in (sa.view, sb.view, sc.view):
+        _same(view, one)
 
 
 def test_a_restarted_controller_is_seeded_by_the_first_replica_that_reports() -> None:
@@ -136,20 +202,20 @@ def test_a_restarted_controller_is_seeded_by_the_first_replica_that_reports() ->
         _observe(sa.view, r)
     _exchange("a", sa, old)
     _exchange("b", sb, old)
-    learned = old.merged.state()
+    learned = _one(old).merged.state()
     new = LengthLog("e2")
     for r in reqs[100:110]:
         _observe(sb.view, r)
     _exchange("a", sa, new)  # asked to seed: nothing changes yet
-    assert sa._seed and new.seq == 0 and not new.learned
+    assert sa._seed and _one(new).seq == 0 and not _one(new).learned
     _exchange("a", sa, new)  # its base adopted
-    assert new.learned and sa.epoch == new.epoch
+    assert _one(new).learned and sa.epoch == _one(new).epoch
     _exchange("b", sb, new)
     one = _lengths()
     one.load_state(learned)
     for r in reqs[100:110]:
         _observe(one, r)
-    _same(new.merged, one)
+    _same(_one(new).merged, one)
     _same(sb.view, one)
     sc = SharedLengths(_lengths())
     _exchange("c", sc, new)
@@ -170,12 +236,12 @@ def test_a_long_journal_goes_in_bounded_reports_and_the_oldest_past_the_bound_ar
         report = sa.report()
         sizes.append(len(report.samples))
         sa.apply(log.share("a", report))
-    assert sizes == [8, 8, 8, 6, 0] and log.seq == 30 and sa.view.journal == []
+    assert sizes == [8, 8, 8, 6, 0] and _one(log).seq == 30 and sa.view.journal == []
     one = _lengths()
     for r in reqs[10:]:
         _observe(one, r)
     _same(sa.view, one)
-    _same(log.merged, one)
+    _same(_one(log).merged, one)
 
 
 def test_replay_refuses_a_state_of_other_settings() -> None:
@@ -230,7 +296,7 @@ def test_a_replica_served_by_a_restarted_controller_before_its_seed_gets_the_see
     one = _lengths()
     for r in reqs:
         _observe(one, r)
-    _same(new.merged, one)
+    _same(_one(new).merged, one)
     _same(sc.view, one)
 
 
@@ -249,7 +315,7 @@ def test_a_backlog_rebuilds_the_view_once_it_is_down_to_one_report(monkeypatch: 
 
     def counted(self: TenantLengths, samples: Any) -> None:
         samples = list(samples)
-        if self is not sa.base and self is not log.merged:  # (a view being rebuilt)
+        if self is not sa.base and all(self is not g.merged for g in log.groups.values()):  # (a view rebuilt)
             replayed.append(len(samples))
         replay(self, samples)
 
@@ -305,10 +371,11 @@ def test_a_prediction_during_a_rebuild_reads_the_old_view_whole(monkeypatch: pyt
     assert after.point < 40 and after != predictor().predict_dist(None, 520, tenant="chat")
 
 
-def test_a_replica_the_controller_refuses_stops_sending_and_learns_alone(caplog: pytest.LogCaptureFixture) -> None:
-    """The Controller merges the settings of the first report it got, for as long as it runs; a replica with other
-    ``online`` settings is refused. It stops sharing after the refusal (logged once) and learns alone: before, it
-    sent its whole journal (up to 4096 samples) again every plans period, refused every time."""
+def test_an_ingress_with_other_settings_shares_with_its_settings_replicas() -> None:
+    """An ingress whose ``online`` settings are not those of the replicas that reported first (a rolling change of
+    them) shares every period with the replicas of its own settings: another one of them learns its requests.
+    Before, the Controller refused it (it kept only the first settings, until it restarted) and it learned alone,
+    its task still waking every plans period."""
     import asyncio
 
     from scheduler.config.load import load_config
@@ -329,7 +396,7 @@ def test_a_replica_the_controller_refuses_stops_sending_and_learns_alone(caplog:
             return self._share(ingress_id, report)
 
     controller = Controller()
-    first = SharedLengths(TenantLengths())  # another replica, the defaults: the settings merged
+    first = SharedLengths(TenantLengths())  # another replica, the defaults: the settings reported first
     first.apply(controller.lengths.share("x", first.report()))
     predictor = serving_predictor(PolicySpec(name="trace", params={"online": {"strength": 6.0}}))
     ing = Ingress(load_config("default"), controller=controller, predictor=predictor)
@@ -338,17 +405,18 @@ def test_a_replica_the_controller_refuses_stops_sending_and_learns_alone(caplog:
         for _ in range(n):
             await ing._share_lengths()
 
-    with caplog.at_level("WARNING", logger="scheduler.predict.shared"):
-        asyncio.run(periods(1))  # (``Ingress._start``: before it serves anything; refused)
-        for _ in range(2):
-            for k in range(50):
-                predictor.observe(300 + k, 40, tenant="chat")
-            asyncio.run(periods(5))
-    assert [len(r.samples) for r in controller.reports] == [0]  # (before: 0, then 50 x 5, 100 x 5)
-    assert controller.lengths.refused == 1 and controller.lengths.merged.observed == 0
-    assert sum("from now on" in r.message for r in caplog.records) == 1
-    assert predictor.online.observed == 100 and predictor.online.history("chat").observed == 100
-    assert predictor.online.journal is None  # (nothing kept for a Controller that will not take it)
+    asyncio.run(periods(1))  # (``Ingress._start``: before it serves anything)
+    for _ in range(2):
+        for k in range(50):
+            predictor.observe(300 + k, 40, tenant="chat")
+        asyncio.run(periods(5))
+    assert [len(r.samples) for r in controller.reports] == [0, 50, 0, 0, 0, 0, 50, 0, 0, 0, 0]  # (before: [0])
+    assert predictor.online.observed == 100 and predictor.online.journal == []
+    peer = SharedLengths(predictor.online.fresh())  # a replica of the same settings, new
+    peer.apply(controller.lengths.share("y", peer.report()))
+    assert peer.view.history("chat").observed == 100 and first.view.observed == 0
+    first.apply(controller.lengths.share("x", first.report()))
+    assert first.view.observed == 0  # (the defaults' replicas learn none of them)
 
 
 @pytest.mark.parametrize("online", [False, True])

@@ -680,7 +680,7 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         self._registry.apply(ingress_id, upserts, removed, full=full)
         return self.epoch
 
-    async def share_lengths(self, ingress_id: str, report: LengthReport) -> LengthReply | None:
+    async def share_lengths(self, ingress_id: str, report: LengthReport) -> LengthReply:
         """An ingress's new online length samples, merged into the cluster's histories; the answer brings its copy
         of them up to date (``scheduler/predict/shared.py``). Each replica's plans period, off the request path."""
         self._ensure_loop()

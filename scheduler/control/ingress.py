@@ -328,8 +328,6 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         if self._lengths is None or self._lengths.view is not p.online:  # (a predictor set after __init__ too)
             self._lengths = SharedLengths(p.online, adopt=p.use_online)  # (its rebuilt views swapped into ``p``)
         lengths = self._lengths
-        if lengths.refused:  # (its settings are not the Controller's: it learns alone)
-            return
         try:
             reply = await asyncio.wait_for(
                 _await(self.controller.share_lengths.remote(self.ingress_id, lengths.report())), 2.0)

@@ -24,6 +24,11 @@ own replica spread it by its local one until then). A Controller restart empties
 reports with a cursor of the old Controller's seeds the new one with its base (``LengthReply.seed``), and the log
 takes a new epoch (a replica answered before, the empty state, then gets the merged one); samples the other
 replicas had merged after that replica's cursor are lost (at most one period's).
+
+Replicas with other ``online`` settings (a rolling change of them) cannot share histories (one's samples and state
+mean something else in the other's tables): the Controller keeps one log per settings (``SettingsLog``, its own
+epoch), and each settings' replicas learn as one among themselves; the old settings' log is dropped once
+``MAX_GROUPS`` newer ones are in use (a replica of it still running re-seeds it, as after a restart).
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ MAX_LOG = 8192
 MAX_JOURNAL = 32768
 MAX_REPLICAS = 256  # replicas whose acknowledged count the Controller keeps (the least recent forgotten)
 MAX_REPORT = 4096  # samples in one report (a journal that grew while the Controller was away goes in several)
+# ``online`` settings the Controller merges apart at once (a rolling change of them makes two; ~1 MB each at most).
+MAX_GROUPS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,32 +83,22 @@ class LengthReply:
     seed: bool = False
 
 
-class LengthLog:
-    """The Controller's side: one merged ``TenantLengths`` (the settings of the first report) and the log of the
-    samples merged into it. Memory: the merged tables (as one ingress's), ``MAX_LOG`` samples, ``MAX_REPLICAS``
-    counters."""
+class SettingsLog:
+    """The merged ``TenantLengths`` of the replicas with one ``online`` settings, and the log of the samples merged
+    into it. Memory: the merged tables (as one ingress's), ``MAX_LOG`` samples, ``MAX_REPLICAS`` counters."""
 
-    def __init__(self, epoch: str, *, max_log: int = MAX_LOG, max_replicas: int = MAX_REPLICAS) -> None:
+    def __init__(self, merged: TenantLengths, epoch: str, *, max_log: int = MAX_LOG,
+                 max_replicas: int = MAX_REPLICAS) -> None:
         self.epoch = epoch
-        self.merged: TenantLengths | None = None
+        self.merged = merged
         self.log: deque[Sample] = deque(maxlen=max_log)
-        self.seq = 0  # samples merged since this Controller started (the log holds the last ``len(log)``)
-        self.learned = False  # anything merged or adopted: a restarted Controller asks to be seeded until then
+        self.seq = 0  # samples merged since this log started (it holds the last ``len(log)``)
+        self.learned = False  # anything merged or adopted: a new log asks to be seeded until then
         self._acked: OrderedDict[str, int] = OrderedDict()
         self._max_replicas = max_replicas
-        self.refused = 0  # reports with other settings than the merged ones (their replica learns alone)
 
-    def share(self, replica: str, report: LengthReport) -> LengthReply | None:
-        """Merges ``report``'s new samples; the reply brings ``replica``'s base up to date. None: its settings are
-        not the merged ones (it keeps learning alone)."""
-        if self.merged is None:
-            self.merged = TenantLengths.from_settings(report.settings)
-        elif tuple(report.settings) != self.merged.settings():
-            if not self.refused:
-                log.warning("online lengths: replica %s has other settings than the merged ones (%s vs %s); it learns"
-                            " alone", replica, report.settings, self.merged.settings())
-            self.refused += 1
-            return None
+    def share(self, replica: str, report: LengthReport) -> LengthReply:
+        """Merges ``report``'s new samples; the reply brings ``replica``'s base up to date."""
         cursor = report.cursor if report.epoch == self.epoch else None
         if report.epoch is not None and cursor is None and not self.learned:
             # Restarted: the replica's base is what the cluster learned before; adopted, it is this log's start.
@@ -128,6 +125,46 @@ class LengthLog:
         return LengthReply(self.epoch, self._acked[replica], self.seq, state=self.merged.state())
 
 
+class LengthLog:
+    """The Controller's side: one ``SettingsLog`` per ``online`` settings reported, so the replicas of each
+    settings learn as one among themselves (a rolling change of the settings: the new replicas share from the
+    first, the old ones go on with theirs). At most ``max_groups`` (the least recently reported dropped past it)."""
+
+    def __init__(self, epoch: str, *, max_log: int = MAX_LOG, max_replicas: int = MAX_REPLICAS,
+                 max_groups: int = MAX_GROUPS) -> None:
+        self.epoch = epoch
+        self.groups: OrderedDict[tuple[Any, ...], SettingsLog] = OrderedDict()  # least recently reported first
+        self._made = 0
+        self.dropped = 0  # settings logs dropped for a newer settings (past ``max_groups``)
+        self._max_log, self._max_replicas, self._max_groups = max_log, max_replicas, max_groups
+
+    def share(self, replica: str, report: LengthReport) -> LengthReply:
+        """Merges ``report``'s new samples into its settings' histories; the reply brings ``replica``'s base up to
+        date."""
+        key = tuple(report.settings)
+        group = self.groups.pop(key, None)
+        if group is None:
+            if len(self.groups) >= self._max_groups:
+                # NOTE: a replica of the dropped group that still runs re-seeds it at its next report, as after a
+                # Controller restart (its own epoch: ``_made`` never repeats, so the old epoch matches no group).
+                old, _ = self.groups.popitem(last=False)
+                self.dropped += 1
+                if self.dropped & (self.dropped - 1) == 0:  # (1st, 2nd, 4th, ...: more than max_groups live churn)
+                    log.warning("online lengths: more than %d online settings reported; the least recently reported"
+                                " one's log dropped (%s; %d dropped so far)", self._max_groups, old, self.dropped)
+            elif self.groups:
+                log.info("online lengths: replica %s has other settings than the others (%s); the replicas of each"
+                         " settings learn as one among themselves", replica, key)
+            # Its own epoch: a replica's cursor means a position in its group's log only (the first: the
+            # Controller's, so one settings' exchange is byte for byte what it was with one log).
+            epoch = f"{self.epoch}/{self._made}" if self._made else self.epoch
+            group = SettingsLog(TenantLengths.from_settings(key), epoch, max_log=self._max_log,
+                                max_replicas=self._max_replicas)
+            self._made += 1
+        self.groups[key] = group
+        return group.share(replica, report)
+
+
 class SharedLengths:
     """A replica's side: ``view`` is the ``TenantLengths`` its predictor reads and learns into (journaled);
     ``base`` the Controller's merged state as of ``cursor``. Invariant: view == base + the journal, replayed
@@ -150,12 +187,10 @@ class SharedLengths:
         self.max_journal, self.max_report = max_journal, max_report
         self._seed = False
         self._stale = False  # the base moved since the view was rebuilt on it
-        self.refused = False  # the Controller merges other settings: this replica learns alone (``apply``)
 
     def report(self) -> LengthReport:
         journal = self.view.journal
-        if self.refused or journal is None:
-            raise RuntimeError("SharedLengths.report: the Controller refused this replica's settings; it learns alone")
+        assert journal is not None
         if len(journal) > self.max_journal:  # the Controller away for long: the oldest are not shared
             over = len(journal) - self.max_journal
             del journal[:over]
@@ -168,19 +203,8 @@ class SharedLengths:
         return LengthReport(self.view.settings(), self.epoch, self.cursor, self.first, samples,
                             self.base.state() if self._seed else None)
 
-    def apply(self, reply: LengthReply | None) -> None:
-        """Brings the base up to the Controller's and rebuilds the view on it (the journal less what was merged).
-        ``None``: the Controller refused the report (it merges other ``online`` settings, the first it was sent, for
-        as long as it runs): this replica stops sharing and learns alone (``refused``; its journal dropped), rather
-        than resend up to ``max_report`` samples every period for nothing."""
-        if reply is None:
-            if not self.refused:
-                log.warning("online lengths: the Controller merges other settings than this replica's %s; it learns"
-                            " alone from now on (restart it with the cluster's settings to share)",
-                            self.view.settings())
-            self.refused = True
-            self.view.journal = None
-            return
+    def apply(self, reply: LengthReply) -> None:
+        """Brings the base up to the Controller's and rebuilds the view on it (the journal less what was merged)."""
         self._seed = reply.seed
         if reply.seed:
             return
@@ -210,4 +234,5 @@ class SharedLengths:
             self._adopt(view)
 
 
-__all__ = ["MAX_JOURNAL", "MAX_LOG", "MAX_REPORT", "LengthLog", "LengthReply", "LengthReport", "SharedLengths"]
+__all__ = ["MAX_GROUPS", "MAX_JOURNAL", "MAX_LOG", "MAX_REPORT", "LengthLog", "LengthReply", "LengthReport",
+           "SettingsLog", "SharedLengths"]
