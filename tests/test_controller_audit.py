@@ -71,6 +71,7 @@ def _controller(insts: list[FakeInstance], pools: dict[str, int], *, drain_timeo
     ctrl._pools = {p.name: p for p in ctrl.config.pools}
     ctrl._members = {i.iid: _member(i, i.iid.rsplit("-", 1)[0]) for i in insts}
     ctrl._pending, ctrl._snapshots, ctrl._registry, ctrl._refresh_round = {}, {}, EntryTable(), 10
+    ctrl._unreported = set()
     ctrl._releasing = {}
     ctrl._role_round = {}
     ctrl._starting, ctrl._failing, ctrl._start_failures, ctrl._probes = set(), {}, {}, {}

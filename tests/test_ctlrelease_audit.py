@@ -225,8 +225,33 @@ def test_a_restarted_controller_finishes_a_release_its_predecessor_began(
     kv: dict[str, Any] = {"releasing": ["mixed-1"]}  # what the dead Controller recorded
     ctrl = Controller.__new__(Controller)  # its restart's __init__, from the adoption on
     ctrl.cluster, ctrl.namespace = "audit", "llmsched"
-    ctrl._members, ctrl._adopted, ctrl._next_index = {}, [], {"mixed": 0}
+    ctrl._members, ctrl._adopted, ctrl._next_index, ctrl._unreported = {}, [], {"mixed": 0}, set()
     ctrl._kv_get, ctrl._kv_put = kv.get, kv.__setitem__
     ctrl._adopt()
     assert list(ctrl._members) == ["mixed-0"] and killed == ["mixed-1"]
     assert kv["releasing"] == []
+
+
+def test_a_restarted_controller_releases_the_drained_instance_not_its_replacement() -> None:
+    """A DrainNode of the last DECODE instance (decode-7) started its replacement ahead (decode-8), moved its
+    requests over and asked for its release; the Controller was killed after the release counted decode-7 out of its
+    pool (desired back to 1, its marks dropped) but before it recorded decode-7 as "releasing". The restart adopted
+    both, unmarked, one over the pool's size, and its reconcile released the newest -- the replacement -- then the
+    retried release took decode-7: no decoder left (CI, test_drain_node_pd). The instance says it is leaving in its
+    snapshot; the reconcile waits for the adopted ones' first snapshots and releases the leaving one."""
+    class Leaving(FakeInstance):
+        async def _snapshot(self) -> InstanceSnapshot:
+            return InstanceSnapshot(self.iid, InstanceRole.DECODE, draining=True, leaving=True)
+
+    ctrl = _controller([Leaving("decode-7", InstanceRole.DECODE), FakeInstance("decode-8", InstanceRole.DECODE)],
+                       {"decode": 1})
+    ctrl._unreported = {"decode-7", "decode-8"}  # adopted by the restart; nothing heard from them yet
+
+    async def run() -> None:
+        await ctrl._reconcile(wait=False)
+        assert ctrl.killed == [] and sorted(ctrl._members) == ["decode-7", "decode-8"]  # not picked blind
+        await ctrl._refresh()
+        await ctrl._reconcile(wait=False)
+
+    asyncio.run(run())
+    assert ctrl.killed == ["decode-7"] and list(ctrl._members) == ["decode-8"], ctrl.killed

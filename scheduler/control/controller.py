@@ -185,6 +185,9 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         self._pending: dict[str, asyncio.Task[Any]] = {}  # instance_id -> creation task
         self._releasing: dict[str, asyncio.Task[None]] = {}  # instance_id -> its release in flight (see _release)
         self._adopted: list[str] = []  # adopted in __init__, to be started (see _start_adopted)
+        # Adopted instances with no snapshot since: whether one is leaving (an admin drain) is known from its first
+        # snapshot only, and ``_reconcile`` picks no member to release before it has it.
+        self._unreported: set[str] = set()
         self._starting: set[str] = set()  # adopted instances being started: "not started" is no engine failure
         self._failing: dict[str, float] = {}  # instance -> monotonic time of its first failed snapshot in a row
         self._probes: dict[str, asyncio.Future[Any]] = {}  # instance -> its snapshot call that outlasted a round
@@ -272,6 +275,7 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
                 continue
             self._members[info.instance_id] = Member(handle, info)
             self._adopted.append(info.instance_id)
+            self._unreported.add(info.instance_id)
             n = _index_of(info.instance_id)
             if info.pool in self._next_index and n is not None:
                 self._next_index[info.pool] = max(self._next_index[info.pool], n + 1)
@@ -367,6 +371,7 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
             if isinstance(res, InstanceSnapshot):
                 self._failing.pop(iid, None)
                 self._snapshots[iid] = res
+                self._unreported.discard(iid)
                 self._adopt_role(iid, res, rnd)
                 if not res.healthy:
                     # Its engine held requests with no progress for the pool's hang_timeout_s (Instance.snapshot):
@@ -504,6 +509,7 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
                 self._save_desired()
                 self._k8s_shrink_due = True
         self._snapshots.pop(iid, None)
+        self._unreported.discard(iid)
         self._end_drain_moves(iid)
         self._failing.pop(iid, None)
         self._role_round.pop(iid, None)
@@ -532,13 +538,24 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
                     self._pending[iid] = asyncio.create_task(self._create(pool, iid))
                 if len(have) <= want:
                     continue
-                # Instances already draining for a scale-down go first (an admin scale overtook the drain), then the
-                # newest: releasing busy ones while an idle draining one stays would shrink the pool twice. One still
-                # being placed is called off (``_create`` removes what it had placed), as the scaling loop's
-                # scale-down does: left running, it started only to be released (or waited for good for a group
-                # with no room), and an admin ``scale`` waited for it.
+                # Instances already draining for a scale-down go first (an admin scale overtook the drain), then
+                # those leaving anyway (an admin drain: DrainNode, Drain), then the newest: releasing busy ones while
+                # an idle draining one stays would shrink the pool twice. One still being placed is called off
+                # (``_create`` removes what it had placed), as the scaling loop's scale-down does: left running, it
+                # started only to be released (or waited for good for a group with no room), and an admin ``scale``
+                # waited for it.
+                # A Controller killed between a drain's release counting the instance out of its pool and marking
+                # it "releasing" left the pool one over with the drained instance adopted, unmarked: the newest --
+                # its replacement, started ahead -- was released, and the drain's release then took the other: the
+                # phase had no instance left. Whether an adopted one is leaving is known from its first snapshot.
                 draining = [i for i in have if i in self._draining]
-                for iid in (draining + [i for i in have[::-1] if i not in draining])[: len(have) - want]:
+                leaving = [i for i in have[::-1] if i not in draining and (
+                    i in self._operator_drained or getattr(self._snapshots.get(i), "leaving", False))]
+                order = draining + leaving + [i for i in have[::-1] if i not in draining and i not in leaving]
+                extras = order[: len(have) - want]
+                if any(i in self._unreported for i in have) and any(i in self._members for i in extras):
+                    continue  # next round, with every adopted member's snapshot
+                for iid in extras:
                     if self._draining.pop(iid, None) is not None:
                         self._save_draining()
                     if iid in self._pending:
