@@ -33,13 +33,16 @@ RIDS = ("kv-on", "kv-gone", "kills-all")
 
 @pytest.fixture(scope="module")
 def stale(aloop: Any) -> Any:
-    """The deployment, and one replica per test whose view shows all four instances in service though decode-0 was
-    killed (no restart) after they started; each pairs its request with prefill-0 and decode-0."""
+    """The deployment, and one replica per test whose view and membership show all four instances in service though
+    decode-0 was killed (no restart) after they started; each pairs its request with prefill-0 and decode-0."""
     for _, dep, _ in drain_cluster(aloop, [NodeSpec("a100", 4, 2)], CONFIG, 0.5):
         replicas = {}
         for rid in RIDS:
             # quarantine_after 2: the last test's request kills both decoders it is handed to.
-            ing = dep.make_ingress(refresh_s=3600.0, quarantine_after=2,
+            # Membership stale too: the Controller drops a killed instance ~10 s after (and starts its
+            # replacement), and a replica that heard of it before its test -- CI, under load -- took its pick of
+            # decode-0 as "not a live member" (no engine ran it: not counted for the quarantine).
+            ing = dep.make_ingress(refresh_s=3600.0, members_s=3600.0, quarantine_after=2,
                                    router=PinnedRouter({rid: ("prefill-0", "decode-0")}))
             aloop.run(ing.start(), timeout=30)
             assert sorted(s.instance_id for s in ing.view().instances) == [
