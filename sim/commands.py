@@ -344,7 +344,9 @@ def simulate_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{where}: {e}") from None
         scaling, loop = scaling_policy(args, cfg)
         rerole = cfg.policies.reroling  # (sim_policies sees the config's policies.scaling, not --scaling)
-        check_reroling_without_scaling(None if rerole is None else f"policies.reroling ({rerole.name})",
+        # Each named as the user gave it: a --reroling flag is no config key (as ``sim_policies`` names it).
+        check_reroling_without_scaling(None if rerole is None else f"--reroling {args.reroling}"
+                                       if "reroling" in flags else f"policies.reroling ({rerole.name})",
                                        None if scaling is None else f"--scaling {args.scaling}",
                                        remedy=SIM_REROLING_REMEDY)
         policies = sim_policies(cfg, flags=flags)

@@ -73,3 +73,14 @@ def test_compare_builds_its_policies_once(tmp_path: Path, capsys, monkeypatch) -
                      "--migration", "llumnix", "--json", str(out)]) == 0
     capsys.readouterr()
     assert len(built) == 1  # the fail-fast check's factory is the runs' (two until the forty-first session)
+
+
+def test_reroling_flag_beside_scaling_flag_is_named_as_given(capsys) -> None:
+    """``simulate --reroling threshold --scaling threshold`` on a config without ``policies.reroling``: the refusal
+    names the flag the user typed (until the forty-first session's review it named ``policies.reroling``, a key
+    the config does not set)."""
+    assert cli_main(["simulate", "--config", "llama2-7b-pd-a100", "--synthetic", "20", "--scaling", "threshold",
+                     "--reroling", "threshold:sustain_s=2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --reroling threshold:sustain_s=2: not with --scaling threshold: " in err, err
+    assert "policies.reroling" not in err and err.rstrip().endswith(SIM_REROLING_REMEDY), err
