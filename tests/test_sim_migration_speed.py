@@ -143,6 +143,41 @@ def test_balance_does_not_retry_a_larger_request_where_a_smaller_found_no_room()
     assert [p.request_id for p in plans] == ["short"]
 
 
+def with_requests(s: InstanceSnapshot, reqs: tuple[RequestLoad, ...], **kw: object) -> InstanceSnapshot:
+    return InstanceSnapshot(**{**{f: getattr(s, f) for f in s.__slots__}, "requests": reqs,
+                               "num_decoding": len(reqs), "num_running": len(reqs), **kw})
+
+
+# Three long-running large decodes (5000-7000 tokens: 317+ blocks with headroom) go first in both orders (a drain's
+# longest remaining first; priority's most KV-time spared per token copied), then a short 500-token one.
+LARGE_FIRST = tuple(RequestLoad(f"big{k}", 5000 + 1000 * k, 10, 2000.0 - 100 * k) for k in range(3)) + (
+    RequestLoad("small", 500, 10, 10.0),)
+
+
+VIP = RequestLoad("vip", 100, 10, priority=1)
+
+
+@pytest.mark.parametrize(("src", "dst", "reason"), [
+    # The one destination has 160 blocks free: once the 5000-token decode finds none, the 6000- and 7000-token
+    # ones cannot either. It holds a high-priority decode and the short one takes it to 0.87, past ``pressure``:
+    # a drain still goes there (its source must empty).
+    (with_requests(snap("src", used=950, decodes=[], queued=0), LARGE_FIRST, draining=True),
+     with_requests(snap("dst", used=840, decodes=[], queued=0), (VIP,)), "drain"),
+    # A 0.95-full instance holding a high-priority decode sheds low-priority ones; the destination at 0.5 would go
+    # past the 0.8 watermark with any of the large ones (313+ blocks).
+    (with_requests(snap("src", used=950, decodes=[], queued=0), (*LARGE_FIRST, VIP)),
+     snap("dst", used=500, decodes=[100], queued=0), "priority"),
+], ids=["drain", "priority"])
+def test_drain_and_priority_do_not_retry_a_larger_request_where_a_smaller_found_no_room(
+        src: InstanceSnapshot, dst: InstanceSnapshot, reason: str) -> None:
+    # The old triggers asked for all four decodes; the short one after the failures is still asked for.
+    policy = LlumnixMigrationPolicy()
+    calls = counting(policy)
+    plans = policy.plan(ClusterView(0.0, (src, dst)), 1.0)
+    assert [(p.request_id, p.destination, p.reason.value) for p in plans] == [("small", "dst", reason)]
+    assert calls[0] == 2
+
+
 def test_defrag_does_not_retry_an_instance_whose_smallest_decode_has_no_room() -> None:
     # A 3200-token prompt heads the queue and fits nowhere (10 blocks free anywhere); its instance's decodes could
     # free enough, but no destination has room for even the smallest: the old round tried each of them (and rolled

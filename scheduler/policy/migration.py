@@ -262,12 +262,14 @@ class _Round:
 class _Finder:
     """``_destination`` for one source's requests, skipping the calls whose answer is known while nothing is
     planned (``rnd.changes`` unchanged): none for a request at least as large as one that found none (``_destination``
-    is monotone in the context moved), and the destination already found for the same request (the defrag asks
-    for its smallest decode before its loop)."""
+    is monotone in the context moved, with or without ``protect``), and the destination already found for the same
+    request (the defrag asks for its smallest decode before its loop). The skip holds in any order the trigger
+    asks in: ``fail`` only ever shrinks (a call is made only below it)."""
 
     def __init__(self, policy: LlumnixMigrationPolicy, rnd: _Round, src: InstanceSnapshot,
-                 dests: list[InstanceSnapshot], *, below: float) -> None:
-        self.p, self.rnd, self.src, self.dests, self.below = policy, rnd, src, dests, below
+                 dests: list[InstanceSnapshot], *, below: float, protect: bool = True) -> None:
+        self.p, self.rnd, self.src, self.dests = policy, rnd, src, dests
+        self.below, self.protect = below, protect
         self.seen = rnd.changes
         self.fail = math.inf  # smallest context that found no destination, as of ``seen``
         self.found: dict[str, InstanceSnapshot] = {}  # request -> its destination, as of ``seen``
@@ -279,7 +281,7 @@ class _Finder:
             return None
         d = self.found.get(r.request_id)
         if d is None:
-            d = self.p._destination(self.rnd, r, self.src, self.dests, below=self.below)
+            d = self.p._destination(self.rnd, r, self.src, self.dests, below=self.below, protect=self.protect)
             if d is None:
                 self.fail = r.context_tokens
             else:
@@ -429,12 +431,13 @@ class LlumnixMigrationPolicy(MigrationPolicy):
     def _drain(self, rnd: _Round, draining: list[InstanceSnapshot], dests: list[InstanceSnapshot]) -> None:
         for src in draining:
             reqs = sorted((r for r in rnd.decodes(src) if rnd.movable(r)), key=self._remaining, reverse=True)
+            find = _Finder(self, rnd, src, dests, below=1.0, protect=False)
             for r in reqs:
                 if rnd.full():
                     return
                 if not rnd.can_touch(src, cooldown=False):
                     break  # only this source waits (a return here drained one instance at a time)
-                d = self._destination(rnd, r, src, dests, below=1.0, protect=False)
+                d = find(r)
                 if d is not None:
                     rnd.add(r, src, d, MigrationReason.DRAIN)
 
@@ -449,12 +452,13 @@ class LlumnixMigrationPolicy(MigrationPolicy):
             low = sorted((r for r in rnd.decodes(src) if r.priority < HIGH_PRIORITY and rnd.movable(r)),
                          key=lambda r: (r.priority, self._key(self, r)))
             used0 = rnd.used[src.instance_id]
+            find = _Finder(self, rnd, src, dests, below=self.high_watermark)
             for r in low:
                 # Until the pressure is relieved (it went on shedding: 4 moves where one took 0.86 to 0.80).
                 left = src.kv_blocks_used - (used0 - rnd.used[src.instance_id])
                 if rnd.full() or not rnd.can_touch(src) or left / max(src.kv_blocks_total, 1) < self.pressure:
                     break
-                d = self._destination(rnd, r, src, dests, below=self.high_watermark)
+                d = find(r)
                 if d is not None:
                     rnd.add(r, src, d, MigrationReason.PRIORITY)
 
