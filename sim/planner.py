@@ -59,7 +59,7 @@ from sim.commands import (
 from sim.compare import router_factory, router_params
 from sim.goodput import goodput
 from sim.metrics import request_metrics
-from sim.policies import add_policy_args, policy_flags, policy_specs, sim_policies
+from sim.policies import add_policy_args, flag_named, policy_flags, policy_specs, sim_policies
 from sim.simulator import Simulator, Workload
 
 
@@ -583,9 +583,9 @@ def check_policies(base: ClusterConfig, layouts: tuple[str, ...], *, flags: tupl
                  for r in (InstanceRole.PREFILL, InstanceRole.DECODE)]
     sim_policies(base.model_copy(update={"pools": pools}), flags=flags)
     if reroling and "mixed" in layouts:
-        where = "--reroling" if "reroling" in flags else "policies.reroling"
-        print(f"note: {where}: applied to the P/D candidates only (a MIXED pool has no roles to move; its "
-              "best-cluster.yaml leaves it out)", file=sys.stderr)
+        print("note: " + flag_named("policies.reroling: applied to the P/D candidates only (a MIXED pool has no "
+                                    "roles to move; its best-cluster.yaml leaves it out)", "reroling", flags),
+              file=sys.stderr)
 
 
 def parse_tps(s: str) -> tuple[int, ...]:

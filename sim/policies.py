@@ -117,11 +117,11 @@ def sim_policies(config: ClusterConfig, *, flags: tuple[str, ...] = ()) -> Calla
     try:
         migration = migration_factory(config)
     except (TypeError, ValueError) as e:  # an unknown parameter is a TypeError
-        raise ValueError(_flag_named(f"policies.migration: {e}", "migration", flags)) from None
+        raise ValueError(flag_named(f"policies.migration: {e}", "migration", flags)) from None
     try:
         rerole = reroling_policy(config, remedy=SIM_REROLING_REMEDY) is not None  # fails fast, naming the field
     except ValueError as e:
-        raise ValueError(_flag_named(str(e), "reroling", flags)) from None
+        raise ValueError(flag_named(str(e), "reroling", flags)) from None
 
     def kwargs() -> dict[str, object]:
         kw: dict[str, object] = {}
@@ -135,9 +135,10 @@ def sim_policies(config: ClusterConfig, *, flags: tuple[str, ...] = ()) -> Calla
     return kwargs
 
 
-def _flag_named(message: str, field: str, flags: tuple[str, ...]) -> str:
+def flag_named(message: str, field: str, flags: tuple[str, ...]) -> str:
     """``message`` naming ``--<field>`` for ``policies.<field>`` (and its ``.name`` / ``.params``) when the flag set
-    it: the user typed no config key."""
+    it (``flags``: ``policy_flags``'): the user typed no config key. ``sim_policies``' errors and ``plan``'s note
+    on MIXED candidates use it."""
     if field not in flags:
         return message
     return re.sub(rf"^policies\.{field}(\.name|\.params)?", f"--{field}", message)
@@ -162,5 +163,5 @@ def policy_stats(sim: Simulator, config: ClusterConfig | None = None, *, switche
     return out
 
 
-__all__ = ["AS_LIVE_REROLING", "POLICY_FIELDS", "add_policy_args", "migration_factory", "policy_flags",
-           "policy_specs", "policy_stats", "router_spec", "sim_policies"]
+__all__ = ["AS_LIVE_REROLING", "POLICY_FIELDS", "add_policy_args", "flag_named", "migration_factory",
+           "policy_flags", "policy_specs", "policy_stats", "router_spec", "sim_policies"]
