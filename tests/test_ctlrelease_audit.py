@@ -255,3 +255,35 @@ def test_a_restarted_controller_releases_the_drained_instance_not_its_replacemen
 
     asyncio.run(run())
     assert ctrl.killed == ["decode-7"] and list(ctrl._members) == ["decode-8"], ctrl.killed
+
+
+def test_the_controllers_persisted_state_is_one_record_written_once_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state a restarted Controller reads (pool counts, drain / release / replacement marks) was one Ray-KV key
+    per entry, written one after another: killed between two writes of one transition (a release counted out of
+    its pool, then recorded "releasing"), the Controller restarted with a count and a mark that disagreed. Now one
+    record, written once at the end of the loop step that changed it: a kill before then leaves the previous one
+    whole."""
+    import json
+
+    from ray.experimental import internal_kv
+
+    from scheduler.control.controller import Controller
+
+    writes: list[tuple[bytes, Any]] = []
+    monkeypatch.setattr(internal_kv, "_internal_kv_put",
+                        lambda key, value, overwrite=True, namespace=None: writes.append((key, json.loads(value))))
+    monkeypatch.setattr(internal_kv, "_internal_kv_get", lambda key, namespace=None: None)
+    ctrl = Controller.__new__(Controller)
+    ctrl.cluster, ctrl.namespace = "audit", "llmsched"
+    ctrl._kv_put("desired", {"decode": 2})  # outside the actor's loop (``__init__``): at once
+    assert writes == [(b"llmsched/audit/state", {"desired": {"decode": 2}})]
+
+    async def step() -> None:
+        ctrl._kv_put("desired", {"decode": 1})
+        ctrl._kv_put("replaced_ahead", [])
+        assert len(writes) == 1  # killed here: the previous record stands, whole
+        await asyncio.sleep(0)
+
+    asyncio.run(step())
+    assert writes[1:] == [(b"llmsched/audit/state", {"desired": {"decode": 1}, "replaced_ahead": []})]
+    assert ctrl._kv_get("desired") == {"decode": 1} and ctrl._kv_get("releasing") is None

@@ -236,23 +236,52 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         self._kv_put("desired", self._desired)
         self._kv_put("configured", {p.name: p.count for p in self.config.pools})
 
-    # Work in progress that must survive a restart, as JSON in Ray's internal KV under llmsched/<cluster>/<name>.
+    # Work in progress that must survive a restart: one JSON record in Ray's internal KV, llmsched/<cluster>/state,
+    # with these entries. Written once per step of the event loop that changed it (``_kv_put`` defers the write to
+    # the loop's next turn), so the parts of one transition -- a pool's count and its instance's mark, a release
+    # counted out of its pool and recorded "releasing" -- are persisted together or not at all. Each entry its own
+    # key, written one after another, a Controller killed between two writes restarted with a count and a mark that
+    # disagreed (a drain's replacement released in its place: CI, test_drain_node_pd).
     _KV_NAMES = ("desired", "configured", "draining", "switching", "operator_draining", "next_index", "releasing",
                  "replaced_ahead")
+    _kv: dict[str, Any] | None = None  # the record as this Controller last wrote or read it
+    _kv_due = False  # a write is scheduled on the loop
+    _kv_closed = False  # shut down: the record is deleted, nothing written again
 
     def _kv_key(self, name: str) -> bytes:
         return f"llmsched/{self.cluster}/{name}".encode()
 
+    def _kv_record(self) -> dict[str, Any]:
+        if self._kv is None:
+            from ray.experimental import internal_kv
+
+            raw = internal_kv._internal_kv_get(self._kv_key("state"), namespace=self.namespace)
+            self._kv = json.loads(raw) if raw else {}
+        return self._kv
+
     def _kv_put(self, name: str, value: Any) -> None:
+        assert name in self._KV_NAMES, name
+        self._kv_record()[name] = value
+        if self._kv_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # ``__init__`` runs outside the actor's loop: at once
+            self._kv_write()
+            return
+        self._kv_due = True
+        loop.call_soon(self._kv_write)
+
+    def _kv_write(self) -> None:
         from ray.experimental import internal_kv
 
-        internal_kv._internal_kv_put(self._kv_key(name), json.dumps(value), overwrite=True, namespace=self.namespace)
+        self._kv_due = False
+        if not self._kv_closed:
+            internal_kv._internal_kv_put(self._kv_key("state"), json.dumps(self._kv_record()), overwrite=True,
+                                         namespace=self.namespace)
 
     def _kv_get(self, name: str) -> Any:
-        from ray.experimental import internal_kv
-
-        raw = internal_kv._internal_kv_get(self._kv_key(name), namespace=self.namespace)
-        return json.loads(raw) if raw else None
+        return self._kv_record().get(name)
 
     def _adopt(self) -> None:
         """Find this cluster's live named instances (after a restart, or a redeploy of the same name)."""
@@ -743,8 +772,8 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         await self._stopped(list(self._releasing))
         from ray.experimental import internal_kv
 
-        for name in self._KV_NAMES:
-            internal_kv._internal_kv_del(self._kv_key(name), namespace=self.namespace)
+        self._kv_closed = True
+        internal_kv._internal_kv_del(self._kv_key("state"), namespace=self.namespace)
 
 
 def restored_desired(counts: dict[str, int], saved: dict[str, Any] | None,
