@@ -287,3 +287,23 @@ def test_the_controllers_persisted_state_is_one_record_written_once_per_step(mon
     asyncio.run(step())
     assert writes[1:] == [(b"llmsched/audit/state", {"desired": {"decode": 1}, "replaced_ahead": []})]
     assert ctrl._kv_get("desired") == {"decode": 1} and ctrl._kv_get("releasing") is None
+
+
+def test_a_restart_counts_out_a_replaced_ahead_instance_that_went_meanwhile_and_keeps_operator_drains() -> None:
+    """A DrainNode started decode-8 ahead of decode-7 (the pool's count raised to 2), then decode-7 died while no
+    Controller ran: the restart dropped its mark (only adopted instances kept theirs) without counting it out, so
+    the pool stayed at 2 for good. And an operator's drain of an adopted instance came back only with the scaling
+    loop (a deployment without one lost it). Both are read with the adoption now."""
+    from scheduler.control.controller import Controller
+
+    kv: dict[str, Any] = {"replaced_ahead": ["decode-7", "prefill-1"], "operator_draining": ["prefill-1"]}
+    ctrl = Controller.__new__(Controller)
+    ctrl._members = {"decode-8": object(), "prefill-1": object()}  # adopted; decode-7 is gone
+    ctrl._desired = {"decode": 2, "prefill": 2}
+    ctrl._replaced_ahead, ctrl._operator_drained = set(), set()
+    ctrl._kv_get, ctrl._kv_put = kv.get, kv.__setitem__
+    ctrl.config = type("C", (), {"pools": []})()
+    ctrl._restore_marks()
+    assert ctrl._desired == {"decode": 1, "prefill": 2} and kv["desired"] == {"decode": 1, "prefill": 2}
+    assert ctrl._replaced_ahead == {"prefill-1"} and kv["replaced_ahead"] == ["prefill-1"]
+    assert ctrl._operator_drained == {"prefill-1"}

@@ -225,7 +225,23 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         self._init_scaling_policy()
         self._switcher = RoleSwitcher.from_config(self)
         self._adopt()
-        self._replaced_ahead = {i for i in self._kv_get("replaced_ahead") or [] if i in self._members}
+        self._restore_marks()
+
+    def _restore_marks(self) -> None:
+        """After ``_adopt``: the marks of the instances adopted -- a replacement started ahead, an operator's drain
+        (read here, not with the scaling loop's drains: a deployment without that loop lost them at a restart).
+        A replacement-ahead mark of an instance that went while no Controller ran (it died, or ``_adopt`` killed
+        it) counts it out of its pool as ``_leaves(..., "lost")`` would have: dropped, the pool stayed one bigger
+        for good."""
+        for iid in self._kv_get("replaced_ahead") or []:
+            if iid in self._members:
+                self._replaced_ahead.add(iid)
+            elif (pool := _pool_of(iid)) in self._desired:
+                log.info("instance %s, replaced ahead, went while no Controller ran; pool %s counts it out", iid, pool)
+                self._desired[pool] = max(self._desired[pool] - 1, 0)
+                self._save_desired()
+        self._save_replaced_ahead()
+        self._operator_drained.update(i for i in self._kv_get("operator_draining") or [] if i in self._members)
 
     # ---- state that survives restarts -----------------------------------------------------------------
     def _load_desired(self) -> dict[str, int]:

@@ -69,7 +69,6 @@ class ControllerScaling:
         for iid in self._kv_get("draining") or []:
             if iid in self._members:
                 self._draining[iid] = (time.time() + self._drain_timeout_s, 0)
-        self._operator_drained.update(i for i in self._kv_get("operator_draining") or [] if i in self._members)
 
     def _drop_operator_drain(self, iid: str) -> None:
         if iid in self._operator_drained:
