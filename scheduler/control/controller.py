@@ -589,10 +589,9 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
                 # (``_create`` removes what it had placed), as the scaling loop's scale-down does: left running, it
                 # started only to be released (or waited for good for a group with no room), and an admin ``scale``
                 # waited for it.
-                # A Controller killed between a drain's release counting the instance out of its pool and marking
-                # it "releasing" left the pool one over with the drained instance adopted, unmarked: the newest --
-                # its replacement, started ahead -- was released, and the drain's release then took the other: the
-                # phase had no instance left. Whether an adopted one is leaving is known from its first snapshot.
+                # (Newest first alone, a restart that found a drained instance beside its replacement started ahead,
+                # one over the pool's size, released the replacement. An adopted instance's own snapshot says
+                # whether it is leaving: no member is picked before each has sent one.)
                 draining = [i for i in have if i in self._draining]
                 leaving = [i for i in have[::-1] if i not in draining and (
                     i in self._operator_drained or getattr(self._snapshots.get(i), "leaving", False))]
