@@ -307,3 +307,13 @@ def test_a_restart_counts_out_a_replaced_ahead_instance_that_went_meanwhile_and_
     assert ctrl._desired == {"decode": 1, "prefill": 2} and kv["desired"] == {"decode": 1, "prefill": 2}
     assert ctrl._replaced_ahead == {"prefill-1"} and kv["replaced_ahead"] == ["prefill-1"]
     assert ctrl._operator_drained == {"prefill-1"}
+
+
+def test_a_restart_counts_out_a_scale_down_whose_instance_went_meanwhile() -> None:
+    """The scaling loop drained mixed-2 for a scale-down (3 -> 2; the count drops at its release), and mixed-2 died
+    while no Controller ran: the restart dropped its drain (only adopted instances kept theirs), and the reconcile
+    replaced it at the old count -- the scale-down undone. Counted out now, as its release would have."""
+    ctrl = _controller([FakeInstance("mixed-0"), FakeInstance("mixed-1")], {"mixed": 3})
+    ctrl._kv_get = {"draining": ["mixed-2", "mixed-1"]}.get
+    ctrl._load_draining()
+    assert ctrl._desired == {"mixed": 2} and list(ctrl._draining) == ["mixed-1"]

@@ -65,10 +65,13 @@ class ControllerScaling:
         self._kv_put("draining", sorted(self._draining))
 
     def _load_draining(self) -> None:
-        """After a restart: scale-downs in progress continue (their instances were adopted, still draining)."""
+        """After a restart: scale-downs in progress continue (their instances were adopted, still draining); one
+        whose instance went while no Controller ran is counted out as its release would have (``_end_scale_down``:
+        dropped, the reconcile replaced it and undid the scale-down)."""
         for iid in self._kv_get("draining") or []:
-            if iid in self._members:
-                self._draining[iid] = (time.time() + self._drain_timeout_s, 0)
+            self._draining[iid] = (time.time() + self._drain_timeout_s, 0)
+            if iid not in self._members:
+                self._end_scale_down(iid, _pool_of(iid))
 
     def _drop_operator_drain(self, iid: str) -> None:
         if iid in self._operator_drained:
