@@ -72,13 +72,16 @@ def simulate_slice(cfg, profile_path: Path, arrival, prompt, output, name: str, 
     percentiles are those of many draws: one draw of 40 requests moved a p90 by +-10 points from seed to seed.
     ``ingress_poll_s``: route on the ingress's poll-round view (``Simulator``; off by default). The config's
     ``policies.migration`` / ``policies.reroling`` run as the live Controller ran them during the replay
-    (``sim_policies``, fresh per draw); ``cfg`` without them: the plain runs."""
+    (``sim_policies``, fresh per draw); ``cfg`` without them: the plain runs. ``policies.scaling`` is not simulated
+    here (the slice runs the instances the live run had), so it does not refuse re-roling beside it either: a
+    ``--resimulate --config`` with scaling re-simulates a live run that ran re-roling."""
     from sim.policies import sim_policies
     from sim.simulator import Simulator, Workload
 
     sim_cfg = cfg.model_copy(update={
         "latency_profile": str(profile_path),
         "pools": [p.model_copy(update={"backend": "simulated"}) for p in cfg.pools],
+        "policies": cfg.policies.model_copy(update={"scaling": None}),
     })
     seeds = SIM_SEEDS if json.loads(Path(profile_path).read_text()).get("host_noise") else 1
     policies = sim_policies(sim_cfg)

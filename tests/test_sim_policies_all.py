@@ -163,6 +163,17 @@ def test_resimulate_runs_the_policies_the_live_run_ran(tmp_path: Path, recorded_
     assert all("migration" not in k for k in recorded_simulators)
 
 
+def test_resimulate_with_a_scaling_config_runs_the_live_runs_reroling(tmp_path: Path,
+                                                                      recorded_simulators: list[dict]) -> None:
+    """The slice simulates no scaling, so a ``--config`` with ``policies.scaling`` does not refuse the re-roling a
+    live run ran (it did, telling the user to pass ``--reroling``, a flag ``--resimulate`` lacks)."""
+    cpu_pd = load_config(str(Path(__file__).resolve().parents[1] / "deploy" / "examples" / "cpu-pd.yaml"))
+    scaled = cpu_pd.model_copy(update={"policies": cpu_pd.policies.model_copy(
+        update={"scaling": load_config(_config(tmp_path, "default", scaling={"name": "threshold"})).policies.scaling})})
+    resimulate(scaled, [_report(tmp_path, "rr", live_policies={"migration": None, "reroling": REROLING})])
+    assert recorded_simulators and all(type(k["reroling"]).__name__ == "RerolePolicy" for k in recorded_simulators)
+
+
 def test_the_main_jobs_simulation_runs_the_configs_policies(tmp_path: Path, recorded_simulators: list[dict],
                                                            monkeypatch) -> None:
     """``llmsched run`` with its live part replayed from a committed report (the cluster faked): the slice's
