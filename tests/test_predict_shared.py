@@ -464,3 +464,49 @@ def test_the_ingress_runs_the_sharing_task_only_with_online_histories(online: bo
         assert calls >= 5 and controller.shared == calls, (calls, controller.shared)
     else:
         assert calls == 0 and controller.shared == 0, calls
+
+
+def test_a_controller_failing_the_exchange_is_said_once_until_it_works_again(caplog) -> None:
+    """A Controller that answers ``share_lengths`` with an error (a bug there, not an outage) is logged once, not
+    every 0.25 s period, and again after an exchange succeeded in between. Before, every error was swallowed: the
+    replicas learned alone with nothing in the logs. A Controller away (timeout, dead) stays quiet."""
+    import asyncio
+    import logging
+
+    from ray.exceptions import RayTaskError
+
+    from scheduler.config.load import load_config
+    from scheduler.config.models import PolicySpec
+    from scheduler.control.ingress import Ingress
+    from scheduler.predict.serving import serving_predictor
+
+    class Controller:
+        def __init__(self) -> None:
+            self.lengths, self.fail = LengthLog("e1"), True
+            self.share_lengths = self
+
+        async def _share(self, ingress_id: str, report: Any) -> Any:
+            if self.fail:
+                raise RayTaskError("share_lengths", "Traceback ...", KeyError("epoch"))
+            return self.lengths.share(ingress_id, pickle.loads(pickle.dumps(report)))
+
+        def remote(self, ingress_id: str, report: Any) -> Any:
+            return self._share(ingress_id, report)
+
+    controller = Controller()
+    predictor = serving_predictor(PolicySpec(name="trace", params={"online": True}))
+    ing = Ingress(load_config("default"), controller=controller, predictor=predictor)
+
+    def periods(n: int) -> list[str]:
+        caplog.clear()
+        for _ in range(n):
+            asyncio.run(ing._share_lengths())
+        return [r.getMessage() for r in caplog.records if "sharing length histories" in r.getMessage()]
+
+    with caplog.at_level(logging.INFO, logger="scheduler.control.ingress"):
+        said = periods(5)
+        assert len(said) == 1 and "failed on the Controller" in said[0] and "KeyError('epoch')" in said[0]
+        controller.fail = False
+        assert periods(2) == [f"ingress {ing.ingress_id}: sharing length histories works again"]
+        controller.fail = True
+        assert len(periods(3)) == 1

@@ -195,6 +195,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         self.admission_rejected: dict[int, int] = {}  # priority -> requests the admission policy refused
         self.predictor = predictor or serving_predictor(config.policies.predictor)
         self._lengths: SharedLengths | None = None  # ``online`` shared with the other replicas (``_share_lengths``)
+        self._share_failing = False  # the Controller's last ``share_lengths`` raised (said once until one succeeds)
         self.refresh_s = refresh_s
         self.members_s = members_s
         self.report_s = report_s
@@ -331,8 +332,18 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         try:
             reply = await asyncio.wait_for(
                 _await(self.controller.share_lengths.remote(self.ingress_id, lengths.report())), 2.0)
-        except (TimeoutError, *_DEAD, RayTaskError):
+        except (TimeoutError, *_DEAD):
+            return  # the Controller away (restarting): its next exchange catches up
+        except RayTaskError as e:
+            # The Controller up but failing the exchange is a bug, not an outage: said once, not every period.
+            if not self._share_failing:
+                log.warning("ingress %s: sharing length histories failed on the Controller (learning alone until "
+                            "an exchange succeeds): %r", self.ingress_id, e.cause)
+            self._share_failing = True
             return
+        if self._share_failing:
+            log.info("ingress %s: sharing length histories works again", self.ingress_id)
+            self._share_failing = False
         lengths.apply(reply)
 
     @staticmethod
