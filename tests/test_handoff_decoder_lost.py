@@ -153,23 +153,33 @@ def test_a_request_handed_to_decoders_that_all_die_is_quarantined(stale: Any, al
     assert computed["prefill-0"] + computed["prefill-1"] == PROMPT, computed  # prefilled once
 
 
-def test_a_handoff_whose_decoder_does_not_answer_goes_to_another_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first decoder the KV is handed to never answers the submit (its event loop blocked; in-process instances,
-    ``submit_timeout_s`` 1 s): it is counted toward the request's quarantine and hidden, and the same KV goes to the
-    other decoder -- no recovery, the prompt prefilled once. Before: an instance lost, the prompt prefilled again."""
+@pytest.fixture
+def ray_like(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process handles (``tests/test_chaos.py``) that resolve a call's KV argument as Ray does: a caller that stops
+    waiting for a call does not cancel its arguments (the KV future is handed on to the next decoder)."""
     import asyncio
 
     import tests.test_chaos as chaos
-    from bench.loadgen import cluster_config
-    from tests.test_faults2_audit import _cluster_of, _teardown
-    from tests.test_ingress_audit import _consume
 
-    class RayMethod(chaos._Method):  # as Ray: a caller that stops waiting for a call does not cancel its arguments
+    class RayMethod(chaos._Method):
         async def _call(self, *args: Any, **kw: Any) -> Any:
             args = tuple([await asyncio.shield(a) if isinstance(a, asyncio.Future) else a for a in args])
             return await self.fn(*args, **kw)
 
     monkeypatch.setattr(chaos, "_Method", RayMethod)
+
+
+@pytest.mark.usefixtures("ray_like")
+def test_a_handoff_whose_decoder_does_not_answer_goes_to_another_decoder() -> None:
+    """The first decoder the KV is handed to never answers the submit (its event loop blocked; in-process instances,
+    ``submit_timeout_s`` 1 s): it is counted toward the request's quarantine and hidden, and the same KV goes to the
+    other decoder -- no recovery, the prompt prefilled once. Before: an instance lost, the prompt prefilled again."""
+    import asyncio
+
+    from bench.loadgen import cluster_config
+    from tests.test_faults2_audit import _cluster_of, _teardown
+    from tests.test_ingress_audit import _consume
+
     hung: list[str] = []
 
     async def scenario() -> tuple[list[Any], Any, dict[str, int]]:
@@ -207,3 +217,131 @@ def test_a_handoff_whose_decoder_does_not_answer_goes_to_another_decoder(monkeyp
     assert (rec.recoveries, rec.failed_engines) == (0, tuple(hung)), (rec.recoveries, rec.failed_engines)
     assert counters["handoff_rerouted"] == 1, counters
     assert computed["prefill-0"] == PROMPT and computed[other] <= 1, computed  # prefilled once, its KV loaded
+
+
+# ---- a leg lost after its instance answered the submit, before its first token ---------------------------------------
+def _loses_its_first_leg(inst: Any, how: str, lost: list[str], closing: list[Any], *, kv_only: bool) -> None:
+    """The first submit of the module's request that ``inst`` takes (only one with KV when ``kv_only``: a handoff's) is
+    answered at once (``wait_first`` off: "taken, nothing yet", as an instance answers whose queue holds the request
+    past half its lease), and ``inst`` is lost before a token of it is read: ``how`` "dies" (every later call raises
+    ``ActorDiedError``), "engine fails" (its engine's next step raises: the stream ends ``engine failed``), "released"
+    (its release starts, ``Instance.shutdown``: the stream ends ``released``, as for a submit that landed as the
+    Controller released it). One instance of the cluster only: the first to take it (its id goes to ``lost``)."""
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+
+    from tests.test_faults3_audit import _CALLS
+    from tests.test_faults_audit import _crash_after
+
+    real = {name: getattr(inst, name) for name in _CALLS}
+
+    async def submit(request: Any, kv: Any = None, **kw: Any) -> Any:
+        if lost or (kv_only and kv is None):
+            return await real["submit"](request, kv, **kw)
+        sub = await real["submit"](request, kv, **kw, wait_first=False)
+        lost.append(inst.instance_id)
+        if how == "dies":
+            for name in _CALLS:
+                setattr(inst, name, died)
+        elif how == "engine fails":
+            _crash_after(inst, 1)
+        else:
+            closing.append(asyncio.create_task(inst.shutdown()))
+            await asyncio.sleep(0)  # its first step ends every stream there (no engine step can come in between)
+        return sub
+
+    async def died(*_a: Any, **_k: Any) -> Any:
+        raise ActorDiedError()
+
+    inst.submit = submit
+
+
+def _run_losing_first_leg(cfg: Any, rid: str, how: str, *, kv_only: bool) -> tuple[list[TokenChunk], Any, dict[str, int],
+                                                                                   dict[str, Any], str]:
+    """``rid`` (a ``PROMPT``-token prompt, ``N`` tokens) through in-process instances of ``cfg`` whose first to take it
+    is lost before its first token (``_loses_its_first_leg``). Returns its chunks, its record, the ingress's counters,
+    the other instances' engine stats and the lost instance's id."""
+    import asyncio
+
+    from tests.test_faults2_audit import _cluster_of, _teardown
+    from tests.test_faults3_audit import _CALLS
+    from tests.test_ingress_audit import _consume
+
+    async def scenario() -> tuple[list[TokenChunk], Any, dict[str, int], dict[str, Any], str]:
+        insts, ing = await _cluster_of(cfg, 0.2, direct=False)
+        lost: list[str] = []
+        closing: list[Any] = []
+        for inst in insts.values():
+            _loses_its_first_leg(inst, how, lost, closing, kv_only=kv_only)
+        out: list[TokenChunk] = []
+        try:
+            req = GenerateRequest(rid, prompt_token_ids=tuple(range(1, PROMPT + 1)),
+                                  sampling=SamplingParams(max_tokens=N, ignore_eos=True))
+            task = asyncio.create_task(_consume(ing, req, out))
+            while (rec := ing.registry.get(rid)) is None:
+                await asyncio.sleep(0.001)
+            await asyncio.wait_for(task, 20)
+            await asyncio.gather(*closing)
+            stats = {i: await inst.stats() for i, inst in insts.items() if i not in lost}
+            return out, rec, dict(ing.counters), stats, lost[0]
+        finally:
+            for inst in insts.values():  # up again, for the teardown's shutdown
+                for name in _CALLS:
+                    vars(inst).pop(name, None)
+            await asyncio.gather(*closing)
+            await _teardown(insts, ing)
+
+    return asyncio.run(asyncio.wait_for(scenario(), 40))
+
+
+def _exact(out: list[TokenChunk], rid: str, vocab: int) -> None:
+    """Every index once, in order, each the token an unfaulted run streams (the simulated engine's token is a function
+    of (seed, request, index))."""
+    from scheduler.engine.simulated_backend import sim_token
+
+    assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(N)), out
+    assert [t for c in out for t in c.token_ids] == [sim_token(0, rid, i, vocab) for i in range(N)], out
+    assert out[-1].finish_reason == "length", out[-1]
+
+
+@pytest.mark.usefixtures("no_ray", "ray_like")
+@pytest.mark.parametrize("how", ["dies", "engine fails", "released"])
+def test_a_decoder_lost_after_it_took_the_handoff_before_its_first_token_hands_its_kv_on(how: str) -> None:
+    """The handoff's decoder answered the submit, then was lost before it streamed a token: it died (its poll meets
+    the dead actor), its engine failed, or it was released with the request on it. The stream stands where the
+    prefill left it, which the KV covers: the same KV goes to the other decoder -- the right tokens, the prompt
+    computed once (on prefill-0) and loaded there, no recovery. A decoder that died or failed counts toward the
+    request's quarantine, as before; a released one does not. Before: a recovery, the prompt prefilled a second time
+    on prefill-0."""
+    from bench.loadgen import cluster_config
+
+    cfg = cluster_config("pd-lost-first", mixed=0, prefill=1, decode=2)
+    rid = f"pd-{how.replace(' ', '-')}"
+    out, rec, counters, stats, lost = _run_losing_first_leg(cfg, rid, how, kv_only=True)
+    other = ({"decode-0", "decode-1"} - {lost}).pop()
+    _exact(out, rid, cfg.model.vocab_size)
+    assert {c.instance_id for c in out if c.index > 0 and c.token_ids} == {other}, out
+    assert rec.recoveries == 0 and counters["recoveries"] == 0, (rec.recoveries, counters)
+    rerouted = "released_rerouted" if how == "released" else "handoff_rerouted"
+    assert counters.get(rerouted) == 1 and counters["handoffs"] == 1, counters
+    assert rec.failed_engines == (() if how == "released" else (lost,)), rec.failed_engines
+    assert stats["prefill-0"].prompt_tokens_computed == PROMPT, stats  # prefilled once
+    assert stats[other].prompt_tokens_loaded == PROMPT and stats[other].prompt_tokens_computed <= 1, stats
+
+
+@pytest.mark.usefixtures("no_ray", "ray_like")
+def test_a_request_ended_released_before_its_first_token_is_routed_again_not_recovered() -> None:
+    """A new request (no KV) lands on a MIXED instance as its release starts, which ends it ``released`` before its
+    first token: routed again without that instance, as the instance's refusal of it would have been -- not a
+    recovery (``max_recoveries``), nor counted by the quarantine. Before: a recovery."""
+    from bench.loadgen import cluster_config
+
+    cfg = cluster_config("mixed-released-first", mixed=2)
+    out, rec, counters, stats, lost = _run_losing_first_leg(cfg, "mx-released", "released", kv_only=False)
+    other = ({"mixed-0", "mixed-1"} - {lost}).pop()
+    _exact(out, "mx-released", cfg.model.vocab_size)
+    assert {c.instance_id for c in out if c.token_ids} == {other}, out
+    assert (rec.recoveries, rec.failed_engines) == (0, ()), (rec.recoveries, rec.failed_engines)
+    assert (counters["recoveries"], counters.get("released_rerouted")) == (0, 1), counters
+    assert stats[other].prompt_tokens_computed == PROMPT, stats

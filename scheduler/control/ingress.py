@@ -63,6 +63,7 @@ from scheduler.control.instance_lost import (
     HandoffLost,
     InstanceDraining,
     InstanceLost,
+    InstanceReleased,
     InstanceUnresponsive,
     RequestLost,
     _lost,
@@ -108,6 +109,11 @@ ENCODE_OFF_LOOP_CHARS = 16384
 # five minutes, not one every few seconds.
 CHANNEL_RETRY_S = 5.0
 CHANNEL_RETRY_MAX_S = 300.0
+
+
+# From ``_attempt`` to ``_run_attempts``: the leg's KV ref proved unusable (its export hung and was called off, or
+# failed): the decoder recomputes the prompt, and a hand-on must not pass the ref on (never reaches clients).
+_KV_DROPPED = object()
 
 
 class _SpanHandoff:
@@ -240,7 +246,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         self.view_refreshed_s = 0.0
         self.counters = {"recoveries": 0, "handoffs": 0, "migrations": 0, "migrations_aborted": 0, "routed": 0,
                          "channel_calls": 0, "channel_fallbacks": 0, "kv_refused": 0, "quarantined": 0,
-                         "drain_refused": 0, "handoff_rerouted": 0}
+                         "drain_refused": 0, "handoff_rerouted": 0, "released_rerouted": 0}
         self.migration_config = migration or migration_config(config)
         self.plans_s = plans_s
         self.direct = direct
@@ -690,7 +696,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         # Instances that refused this leg as draining: left out of its next picks (until a leg is taken or lost: one
         # drained for a scale-down or role switch comes back, and a later leg may need it).
         refused: set[str] = set()
-        lost_to: set[str] = set()  # decoders lost before they took this leg's KV (HandoffLost): out of its picks
+        lost_to: set[str] = set()  # decoders lost before this leg's first token (HandoffLost): out of its picks
         while True:
             iid = target.prefill_instance
             handoff = not admitted and _hands_off(target, rec, self._is_prefill(iid))
@@ -706,10 +712,14 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             if rec.next_index == 0:
                 rec.phase = Phase.PREFILL
             self.registry.touch(rid)
+            start = rec.next_index  # a leg lost before it moved the stream left nothing behind but the route it took
             last: TokenChunk | None = None
             try:
                 async for chunk in self._attempt(rec, iid, ereq, kv_ref, admitted=admitted, export=handoff,
                                                  kv_src=kv_src):
+                    if chunk is _KV_DROPPED:
+                        kv_ref = None
+                        continue
                     last = chunk
                     if chunk.finished and self._continues(rec, handoff, chunk.finish_reason):
                         if chunk.token_ids:  # e.g. token 0 from the prefill instance: stream it now (TTFT)
@@ -723,17 +733,9 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                 if rec.cancelled:
                     yield TokenChunk(rid, rec.next_index, (), True, "abort")
                     return
-                lost_to.add(iid)
-                target = self._hand_on(rec, iid, e, frozenset(refused | lost_to))
-                if target is None:  # no other decoder: recovered as a lost instance's request (re-prefilled)
-                    target, kv_ref = self._recover(rec, iid, e.lost), None
-                    refused.clear()
-                    lost_to.clear()
+                target, kv_ref = self._hand_on(rec, iid, e, kv_ref, refused, lost_to)
                 continue
             except InstanceLost as e:
-                admitted = False
-                refused.clear()
-                lost_to.clear()
                 ended = self._migration_ended.get(rid)
                 if ended is not None:
                     # A migration of this request is in flight from the instance just lost. It cannot commit
@@ -748,10 +750,27 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                     # The source died right after a migration committed: the destination already runs it, and
                     # re-sends the outputs the source produced before the stop but never delivered (Instance.poll
                     # from an index below the snapshot's).
+                    refused.clear()
+                    lost_to.clear()
                     target, kv_ref, admitted = RouteDecision(rec.moving_to), None, True
                     rec.moving_to, rec.move_kv = None, None
                     self._left(iid, rid, e)
                     continue
+                if not admitted and rec.next_index == start:
+                    # Lost before its first token: the stream stands where the leg found it, so a handoff's KV,
+                    # which covers exactly that, goes on as it is (the ingress owns it). Released (a submit that
+                    # landed as the Controller released the instance, before its shutdown began refusing): as its
+                    # refusal would have been. Otherwise only a handoff's leg: without KV there is nothing to keep.
+                    if isinstance(e, InstanceReleased):
+                        refused.add(iid)
+                        target = self._route_around(rec, iid, e, frozenset(refused), decode_only=kv_ref is not None)
+                        continue
+                    if kv_ref is not None:
+                        target, kv_ref = self._hand_on(rec, iid, HandoffLost(e), kv_ref, refused, lost_to)
+                        continue
+                admitted = False
+                refused.clear()
+                lost_to.clear()
                 target, kv_ref = self._recover(rec, iid, e), None
                 continue
             except InstanceDraining as e:
@@ -872,12 +891,13 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         # InstanceLost; one outside this try escaped generate() as INTERNAL. Bounded, as the poll is: a hung
         # instance held every request submitted to it for good.
         try:
-            if kv_ref is None:
+            sub = None if kv_ref is None else await self._submit_with_kv(rec, iid, handle, ereq, kv_ref, kv_src)
+            if kv_ref is not None and sub is None:
+                yield _KV_DROPPED  # before the submit without it: this instance may be lost during that one
+            if sub is None:
                 sub = await asyncio.wait_for(
                     self._call(iid, handle, "submit", ereq, None, on_retry={"adopt": True}, **rec.guess(),
                                export_on_finish=export), self.submit_timeout_s)
-            else:
-                sub = await self._submit_with_kv(rec, iid, handle, ereq, kv_ref, kv_src)  # bounds its own submits
         except TimeoutError as e:
             raise _lost(iid, e) from e
         except RayTaskError as e:
@@ -915,8 +935,9 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         self, rec: RequestRecord, iid: str, handle: Any, ereq: EngineRequest, kv_ref: Any, src: str
     ) -> Any:
         """Submit with the prompt KV as an ObjectRef (Ray resolves it on the instance: KV moves node to node); without
-        it if its source ``src`` did not export it (died, its export failed or hung) or this instance cannot load it
-        (it recomputes the prompt). Each submit is bounded by ``submit_timeout_s``."""
+        it if this instance cannot load it (it recomputes the prompt). ``None`` (nothing submitted) if its source
+        ``src`` did not export it (died, its export failed or hung: called off): the KV is no use to any instance,
+        and the caller submits without it. Each submit is bounded by ``submit_timeout_s``."""
 
         async def submit(kv: Any) -> Any:
             return await asyncio.wait_for(_await(handle.submit.remote(ereq, kv, **rec.guess())), self.submit_timeout_s)
@@ -933,7 +954,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             _cancel(kv_ref)  # the hung export; the submit waiting on it then never runs here
             log.warning("%s: the KV export on %s hung; %s recomputes the prompt", rec.request_id, src, iid)
             self._failed_under(rec, src)  # it stopped answering for this request, as a poll that times out
-            return await submit(None)
+            return None
         except RayTaskError as e:
             # Ray raises the KV source's own error here when its export failed (its engine failed after token 0):
             # not this instance's fault. Taken for one (EngineFailed), the healthy decode instance was left out of the
@@ -941,11 +962,11 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             # (Not counted for the quarantine: the KV may just be gone from its source, evicted under its byte cap.)
             if not _is_lost(e) and not await _failed(kv_ref):
                 raise
-            return await submit(None)
+            return None
         except _DEAD as e:
             # This decoder died (or Ray finds it unavailable) before it answered: a KV source's death arrives as
-            # RayTaskError(ActorDiedError), above. Its KV goes to another decoder (_hand_on), not re-prefilled.
-            # (A submit without KV below, or a poll once it answered, is a lost instance's: tokens may have come.)
+            # RayTaskError(ActorDiedError), above. Its KV goes to another decoder (_hand_on), not re-prefilled; as
+            # when it is lost once it answered, before its first token (_run_attempts).
             raise HandoffLost(_lost(iid, e)) from e
         if sub.rejected is not None and sub.rejected.startswith("kv"):
             # KV this instance cannot load (the pools' engines differ: TP degree, dtype, block size): it recomputes
@@ -971,7 +992,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                     if out is not None:
                         yield out if out.instance_id else dataclasses.replace(out, instance_id=iid)
                     if reason == RELEASED:
-                        raise InstanceLost(f"{iid}: released with the request running")
+                        raise InstanceReleased(f"{iid}: released with the request running")
                     raise EngineFailed(f"{iid}: {reason}")
                 out = self._accept(rec, chunk)
                 if out is not None:
@@ -1027,14 +1048,20 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                               retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
         return self._route(rec, exclude=frozenset({iid}), accepted=True)
 
-    def _route_around(self, rec: RequestRecord, iid: str, err: InstanceDraining, refused: frozenset[str], *,
-                      decode_only: bool) -> RouteDecision:
-        """``rec``'s next pick after ``iid`` refused it as draining, without the instances in ``refused``:
-        ``decode_only``, an instance to decode it (its KV is ready), else a whole route. Raises ``Unavailable``
-        naming the drain when no other instance takes it."""
-        self.counters["drain_refused"] += 1
+    def _route_around(self, rec: RequestRecord, iid: str, err: InstanceDraining | InstanceReleased,
+                      refused: frozenset[str], *, decode_only: bool) -> RouteDecision:
+        """``rec``'s next pick after ``iid`` refused it as draining, or ended it ``released`` before its first token
+        (its submit landed between the Controller's decision to release it and its shutdown's start, when it began
+        refusing), without the instances in ``refused``: ``decode_only``, an instance to decode it (its KV is
+        ready), else a whole route. Not a recovery, nor a failure. Raises ``Unavailable`` naming the drain when no
+        other instance takes it."""
+        if isinstance(err, InstanceReleased):
+            self.counters["released_rerouted"] += 1
+            self._left(iid, rec.request_id, err)  # gone: the Controller kills it next
+        else:
+            self.counters["drain_refused"] += 1
+            self._mark_draining(iid, leaving=err.leaving)
         log.info("%s: %s; routing it elsewhere", rec.request_id, err)
-        self._mark_draining(iid, leaving=err.leaving)
         self._expect_decode(rec.request_id, None)  # not on its way to the decoder paired with the refused route
         try:
             if decode_only:
@@ -1044,25 +1071,30 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             raise Unavailable(f"request {rec.request_id}: {', '.join(sorted(refused))} refused it (draining) and no "
                               f"other instance takes it: {e}", retry_after_s=UNAVAILABLE_RETRY_AFTER_S) from e
 
-    def _hand_on(self, rec: RequestRecord, iid: str, err: HandoffLost, exclude: frozenset[str]
-                 ) -> RouteDecision | None:
-        """The decoder that takes ``rec``'s KV after ``iid`` was lost before it took it (``HandoffLost``), without the
-        instances in ``exclude``; ``None`` when no other decoder takes it. ``iid`` is left as a lost instance is (dead:
-        never routed to again; silent: hidden, its copy stopped) and, when the submit reached it, counted toward the
-        quarantine: a request that kills each decoder it is handed to ends ``RequestFailed`` after
-        ``quarantine_after`` of them, which bounds the hand-ons with the decoders left out of the picks."""
-        log.warning("%s: decoder %s lost before it took the KV (%s); handing it to another", rec.request_id, iid,
-                    err.lost)
+    def _hand_on(self, rec: RequestRecord, iid: str, err: HandoffLost, kv_ref: Any, refused: set[str],
+                 lost_to: set[str]) -> tuple[RouteDecision, Any]:
+        """The next route and KV of ``rec`` after its decoder ``iid`` was lost before its first token
+        (``HandoffLost``): the decoder that takes ``kv_ref`` as it is, without the instances of ``refused`` and
+        ``lost_to`` (``iid`` joins it) -- or, when no other decoder takes it, a lost instance's recovery (re-prefilled,
+        no KV; both sets emptied). ``iid`` is left as a lost instance is (dead: never routed to again; silent: hidden,
+        its copy stopped) and, when the submit reached it, counted toward the quarantine: a request that kills each
+        decoder it is handed to ends ``RequestFailed`` after ``quarantine_after`` of them, which bounds the hand-ons
+        with the decoders left out of the picks."""
+        log.warning("%s: decoder %s lost before its first token (%s); handing the KV to another", rec.request_id,
+                    iid, err.lost)
+        lost_to.add(iid)
         self._left(iid, rec.request_id, err.lost)
         if err.reached and isinstance(err.lost, _FAILED_UNDER):
             self._failed_under(rec, iid)
         self._expect_decode(rec.request_id, None)  # not on its way to the lost decoder
         try:
-            decoder = self._decoder_after_prefill(rec, exclude=exclude)
+            decoder = self._decoder_after_prefill(rec, exclude=frozenset(refused | lost_to))
         except IngressError:
-            return None
+            refused.clear()
+            lost_to.clear()
+            return self._recover(rec, iid, err.lost), None
         self.counters["handoff_rerouted"] += 1
-        return RouteDecision(decoder)
+        return RouteDecision(decoder), kv_ref
 
     def _failed_under(self, rec: RequestRecord, iid: str) -> None:
         """``iid`` failed while ``rec`` ran there. Raises ``RequestFailed`` once ``quarantine_after`` distinct instances

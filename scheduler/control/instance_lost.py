@@ -19,6 +19,11 @@ class InstanceLost(Exception):
     a live member here any more. Its subclasses say why otherwise."""
 
 
+class InstanceReleased(InstanceLost):
+    """The instance ended the stream ``released``: its shutdown began with the request on it (a scale-down, a drain
+    that could not move it, an admin release). No failure of the instance: not counted by the quarantine."""
+
+
 class InstanceDied(InstanceLost):
     """Ray confirmed the instance's actor dead (a kill, a node lost, a request that crashed or blocked it)."""
 
@@ -52,12 +57,12 @@ class InstanceDraining(Exception):
 
 
 class HandoffLost(Exception):
-    """A P->D handoff's (or a move's) submit with its KV never reached a decoder that took it: the decoder died or did
-    not answer during that submit (``lost``), or was no live member here any more (``reached`` false: nothing was
-    sent). No token came from it, so the stream is where the prefill left it; and the KV is intact (the object store
-    holds it for the ingress, its caller and owner, whatever becomes of its source): it goes to another decoder, as a
-    draining decoder's refusal's does -- not a recovery (``max_recoveries``), nothing recomputed. A decoder the
-    submit reached counts toward the quarantine (its death may be this request's doing)."""
+    """A P->D handoff's decoder was lost before its first token: it died or did not answer during the submit with the
+    KV, or after it (its poll failed, its engine failed: ``lost``), or was no live member here any more (``reached``
+    false: nothing was sent). No token came from it, so the stream is where the prefill left it; and the KV is intact
+    (the object store holds it for the ingress, its caller and owner, whatever becomes of its source): it goes to
+    another decoder, as a draining decoder's refusal's does -- not a recovery (``max_recoveries``), nothing
+    recomputed. A decoder the submit reached counts toward the quarantine (its death may be this request's doing)."""
 
     def __init__(self, lost: InstanceLost, *, reached: bool = True) -> None:
         super().__init__(str(lost))
