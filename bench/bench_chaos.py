@@ -215,7 +215,7 @@ async def run_chaos(args: argparse.Namespace, stack: Stack, want: int) -> dict[s
         "controller_kills": chaos.controller_kills,
         "recoveries": counters.get("recoveries", 0),
         "handoffs": counters.get("handoffs", 0),
-        # Handoffs whose decoder was lost before it took the KV, handed to another decoder (not re-prefilled).
+        # Handoffs whose decoder was lost before its first token, handed to another decoder (not re-prefilled).
         "handoffs_rerouted": counters.get("handoff_rerouted", 0),
         "min_live_instances_seen": chaos.min_members,
         "restored": restored,

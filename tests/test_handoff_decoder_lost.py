@@ -28,7 +28,7 @@ from tests.test_drain_refuse import CONFIG, PROMPT, N, _handles
 
 pytestmark = [pytest.mark.timeout(300)]
 
-RIDS = ("kv-on", "kv-gone", "kills-all")
+RIDS = ("kv-on", "kv-gone", "kills-all")  # the stale replicas' requests
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,59 @@ def test_a_handoff_whose_decoder_died_and_whose_kv_is_gone_recomputes_the_prompt
     assert loaded["decode-1"] == 0 and computed["decode-1"] >= PROMPT, (computed, loaded)  # recomputed there
 
 
+def _exits_at_its_first_poll(inst: Any, rid: str) -> None:
+    """Run on an instance actor: ``rid``'s submit is answered at once ("taken, nothing yet", as an instance answers
+    whose queue holds the request past half its lease), and the actor's process exits at the first poll of it: the
+    instance died after it took the request, before a token of it could be read."""
+    import os
+
+    submit, take = inst._submit, inst._take
+
+    async def _submit(request: Any, kv: Any, **kw: Any) -> Any:
+        if request.request_id == rid:
+            kw["wait_first"] = False
+        return await submit(request, kv, **kw)
+
+    async def _take(request_id: str, st: Any, **kw: Any) -> Any:
+        if request_id == rid:
+            os._exit(1)
+        return await take(request_id, st, **kw)
+
+    inst._submit, inst._take = _submit, _take
+
+
+def test_a_decoder_that_dies_after_it_took_the_handoff_hands_its_kv_on(stale: Any, aloop: Any) -> None:
+    """Real Ray: decode-1 answers the handoff's submit, then its process exits at the first poll (the direct channel
+    drops, Ray's retry finds the actor dead), before any token of it is read: the same KV goes to the Controller's
+    replacement of decode-0 -- the right tokens, the prompt computed once (on prefill-0) and loaded there, no recovery.
+    Before: a recovery, the prompt prefilled a second time. (A fresh replica: decode-0's replacement in its view.)"""
+    import time
+
+    dep, _ = stale
+    rid = "answered-then-died"
+    ing = dep.make_ingress(router=PinnedRouter({rid: ("prefill-0", "decode-1")}))
+    aloop.run(ing.start(), timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while not (spare := {s.instance_id for s in ing.view().instances if s.instance_id.startswith("decode-")}
+                   - {"decode-0", "decode-1"}):
+            assert time.monotonic() < deadline, "decode-0 was not replaced"
+            time.sleep(0.1)
+        ray.get(ing._members["decode-1"].handle.__ray_call__.remote(_exits_at_its_first_poll, rid), timeout=30)
+        before = _stats(dep)
+        out = aloop.run(_collect(ing, rid), timeout=60)
+        computed, loaded = _delta(before, _stats(dep))
+    finally:
+        aloop.run(ing.close())
+    _check_exact(out, rid)
+    (other,) = spare
+    assert (out[0].instance_id, out[-1].instance_id) == ("prefill-0", other), [(c.index, c.instance_id) for c in out]
+    c = ing.counters
+    assert (c["handoffs"], c["handoff_rerouted"], c["recoveries"]) == (1, 1, 0), c
+    assert computed["prefill-0"] == PROMPT and computed["prefill-1"] == 0, computed  # prefilled once
+    assert loaded[other] == PROMPT and computed[other] <= 1, (computed, loaded)  # its KV, not recomputed
+
+
 def test_a_request_handed_to_decoders_that_all_die_is_quarantined(stale: Any, aloop: Any) -> None:
     """A query of death at the handoff: every decoder its KV is handed to dies under the submit (here decode-1 is
     killed too, and this replica's view still shows both). Each counts toward its quarantine (``quarantine_after``
@@ -140,7 +193,7 @@ def test_a_request_handed_to_decoders_that_all_die_is_quarantined(stale: Any, al
     (Last in the module: both decoders are dead.)"""
     dep, replicas = stale
     ing = replicas["kills-all"]
-    handle = ray.get(dep.controller.members.remote())["decode-1"].handle
+    handle = ing._members["decode-1"].handle  # (dead already when the test above ran: gone from the Controller's)
     ray.kill(handle, no_restart=True)
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(handle.stats.remote(), timeout=30)
