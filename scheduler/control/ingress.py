@@ -712,7 +712,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             if rec.next_index == 0:
                 rec.phase = Phase.PREFILL
             self.registry.touch(rid)
-            start = rec.next_index  # a leg lost before it moved the stream left nothing behind but the route it took
+            start = rec.next_index  # where this leg found the stream: still there when lost, it gave the client nothing
             last: TokenChunk | None = None
             try:
                 async for chunk in self._attempt(rec, iid, ereq, kv_ref, admitted=admitted, export=handoff,
