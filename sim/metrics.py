@@ -63,6 +63,7 @@ def sim_summary(res) -> dict[str, Any]:
             **_admission_extras(res),
             # Named only where an instance can drain under the poll-round view: the recorded runs predate it.
             **({"drain_refused": res.drain_refused} if getattr(res, "drain_refused", None) is not None else {}),
+            **({"role_refused": res.role_refused} if getattr(res, "role_refused", None) is not None else {}),
         },
     )
 

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from scheduler.core.prefix import cached_prefix_tokens
-from scheduler.core.types import ClusterView, Counts, InstanceSnapshot, with_bookings
+from scheduler.core.types import ClusterView, Counts, InstanceRole, InstanceSnapshot, with_bookings
 
 if TYPE_CHECKING:
     from sim.cluster import SimInstance
@@ -78,6 +78,19 @@ class IngressPoll:
         s = self.snapshots.get(iid)
         if s is not None and not s.draining:
             self.snapshots[iid] = dataclasses.replace(s, draining=True)
+
+    def mark_role(self, iid: str, role: InstanceRole) -> None:
+        """``iid`` refused a request routed for the role this view showed (its role switch finished since): shown in
+        its new role until a round's answer replaces its snapshot, as ``IngressView._mark_role`` shows it live."""
+        s = self.snapshots.get(iid)
+        if s is not None and s.role is not role:
+            self.snapshots[iid] = dataclasses.replace(s, role=role)
+
+    def role_changed(self, iid: str, role: InstanceRole) -> bool:
+        """Whether ``iid``, serving as ``role``, refuses a request routed on this view: its published snapshot shows
+        another role (``Instance.submit``'s ``view_role``)."""
+        s = self.snapshots.get(iid)
+        return s is not None and s.role is not role
 
     def ask(self, ids: Iterable[str]) -> None:
         """A round starts: the bookings so far are the answers' to show from its publication on."""

@@ -184,6 +184,10 @@ class SimResult:
     # Poll mode with scaling or re-roling: requests refused by an instance that drains since the round they were
     # routed on, and routed again (``Simulator._route_around``). None: no instance drains under a stale view.
     drain_refused: int | None = None
+    # Poll mode with re-roling: requests (a prefill, or a handoff's KV) refused by an instance whose role switch
+    # finished after the round they were routed on, and routed again (``Simulator._route_around``,
+    # ``_decoder_now``). None: no role switches under a stale view.
+    role_refused: int | None = None
 
     @property
     def instance_lifetime_s(self) -> np.ndarray:
@@ -324,6 +328,8 @@ class Simulator:
         self.kv_transfers = 0
         self.kv_transfer_s = 0.0
         self.drain_refused = 0  # poll mode: refusals of a request routed to a draining instance (``_route_around``)
+        self.role_refused = 0  # poll mode: refusals by an instance whose role switched since the round
+        self._stale_pair: set[int] = set()  # poll mode: requests paired with a decoder whose role switched since
         self.heap: list = []
         self.seq = itertools.count()
         self._starts: list[SimInstance] = []  # idle instances given work at ``now``: they start at its end
@@ -659,7 +665,10 @@ class Simulator:
         colocated = decision.decode_instance == decision.prefill_instance
         pair = decision.decode_instance is not None and output > 1 and not colocated
         if pair:
-            self.dec_of[i] = self._index[decision.decode_instance].index
+            dec = self._index[decision.decode_instance]
+            self.dec_of[i] = dec.index
+            if self.poll is not None and self.poll.role_changed(dec.instance_id, dec.role):
+                self._stale_pair.add(i)  # it refuses the KV at the handoff, as live (``_handoff``)
         pred = req.predicted_output_tokens
         handoff = pair or (inst.role is InstanceRole.PREFILL and not colocated)
         try:
@@ -684,19 +693,30 @@ class Simulator:
     def _route_around(self, i: int, req: RequestInfo, decision: RouteDecision | Rejected, prompt: int, now: float
                       ) -> tuple[RequestInfo, RouteDecision | Rejected]:
         """Poll mode: ``decision`` read a round from before its instance began to drain (a scale-down, a role
-        switch). As live, that instance refuses the prompt (``Instance.submit``: a draining instance takes no request
-        without KV; a handoff's KV paired with it is still taken) and the ingress routes it again without it
-        (``Ingress._route_around``): counted in ``drain_refused``, shown draining until a round's answer replaces
-        its snapshot, the refused route routed and booked as live's was before its submit."""
+        switch), or from before its role switch finished. As live, that instance refuses the prompt
+        (``Instance.submit``: a draining instance takes no request without KV, a handoff's KV paired with it is
+        still taken; one whose role changed since the view takes nothing routed for its old role) and the ingress
+        routes it again without it (``Ingress._route_around``): counted in ``drain_refused`` (``role_refused``),
+        shown draining (in its new role) until a round's answer replaces its snapshot, the refused route routed and
+        booked as live's was before its submit."""
         refused: set[str] = set()
         poll = self.poll
         assert poll is not None
-        while not isinstance(decision, Rejected) and self._index[decision.prefill_instance].draining:
+        while not isinstance(decision, Rejected):
             p = decision.prefill_instance
+            inst = self._index[p]
+            draining = inst.draining
+            # A draining one refuses first; then one whose role switch finished since the round (the round shows
+            # its old role: ``Instance.submit``'s ``view_role``), shown in its new role from then on.
+            if not draining and not poll.role_changed(p, inst.role):
+                break
             self.router.on_routed(req, decision)
             poll.book(p, prompt, **self.prefix_ids(i))
-            poll.mark_draining(p)
-            self.drain_refused += 1
+            if draining:
+                poll.mark_draining(p)
+                self.drain_refused += 1
+            else:
+                self._role_refusal(inst)
             refused.add(p)
             req = dataclasses.replace(req, accepted=True)
             view = self._routing_view(now)
@@ -983,15 +1003,22 @@ class Simulator:
             self._learn_length(i)
             self.router.on_finished(str(i), self._ids[self.inst_of[i]])
             return
+        refused: set[str] = set()
+        if i in self._stale_pair:
+            # Paired on a round from before its decoder's role switch finished: it refuses the KV, as live's
+            # (``Instance.submit``'s ``view_role``), which goes as it is to the decoder the router names now.
+            self._stale_pair.discard(i)
+            dst = self.instances[d]
+            self._role_refusal(dst)
+            self._expect_kv(dst, -1, t)
+            refused.add(dst.instance_id)
+            d = self.dec_of[i] = -1
         if d < 0:  # routed to a PREFILL instance without a decode partner: decode where the router says now
-            decision = self.router.route(self._request_info(i, t, int(self.w.prompt_tokens[i]), output,
-                                                            accepted=True), self._routing_view(t))
-            # A colocated answer names a MIXED instance to do both: the prompt is done, so it decodes there.
-            name = None if isinstance(decision, Rejected) else decision.decode_instance or decision.prefill_instance
-            if name is None or not self._index[name].role.does_decode:
+            d = self._decoder_now(i, t, output, refused)
+            if d < 0:
                 self._refuse(i, self.instances[self.inst_of[i]])
                 return
-            d = self.dec_of[i] = self._index[name].index
+            self.dec_of[i] = d
             self._expect_kv(self.instances[d], +1, t)
         dst = self.instances[d]
         src = self.instances[self.inst_of[i]]
@@ -1009,6 +1036,39 @@ class Simulator:
         self.kv_transfers += 1
         self.kv_transfer_s += dt
         self._push(t + dt, EventKind.KV_ARRIVE, dst, i)
+
+    def _decoder_now(self, i: int, t: float, output: int, refused: set[str]) -> int:
+        """The instance that decodes request ``i`` after its prefill, as ``Ingress._decoder_after_prefill`` picks
+        it: the router's answer now over the view less ``refused``; -1 when it names none that decodes (as the view
+        shows it). Poll mode: one whose role switch finished since the round refuses the KV (``_role_refusal``)
+        and the router answers again without it."""
+        while True:
+            view = self._routing_view(t)
+            if refused:
+                view = ClusterView(view.time_s, tuple(s for s in view.instances if s.instance_id not in refused))
+                if not view.instances:
+                    return -1
+            decision = self.router.route(self._request_info(i, t, int(self.w.prompt_tokens[i]), output,
+                                                            accepted=True), view)
+            # A colocated answer names a MIXED instance to do both: the prompt is done, so it decodes there.
+            name = None if isinstance(decision, Rejected) else decision.decode_instance or decision.prefill_instance
+            if name is None:
+                return -1
+            inst = self._index[name]
+            shown = inst.role if self.poll is None else self.poll.snapshots[name].role
+            if not shown.does_decode:
+                return -1
+            if shown is inst.role:
+                return inst.index
+            self._role_refusal(inst)
+            refused.add(name)
+
+    def _role_refusal(self, inst: SimInstance) -> None:
+        """Poll mode: ``inst`` refused a request routed on a round that shows its role from before its switch
+        finished: counted, and shown in its new role until a round's answer replaces its snapshot."""
+        assert self.poll is not None
+        self.poll.mark_role(inst.instance_id, inst.role)
+        self.role_refused += 1
 
     # ---- results --------------------------------------------------------------------------------------------
     def _result(self, w: Workload, end: float, wall: float, tl_t: list, tl_load: list) -> SimResult:
@@ -1060,6 +1120,7 @@ class Simulator:
             # Where an instance can drain under a stale view (poll mode with scaling or re-roling) only.
             drain_refused=(self.drain_refused if self.poll is not None
                            and (self.scaler is not None or self.reroler is not None) else None),
+            role_refused=self.role_refused if self.poll is not None and self.reroler is not None else None,
         )
 
 

@@ -11,6 +11,7 @@ view after it started (``refresh_s`` an hour), and the drain is the Controller's
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -81,6 +82,21 @@ def _through_stale_view(dep: Any, aloop: Any, drained: str, rid: str) -> tuple[l
     return out, stale, before, _stats(dep)
 
 
+def _check_kv_went_to_decode_1(out: list[TokenChunk], stale: Any, before: dict, after: dict, refused: str) -> None:
+    """Prefilled once on prefill-0, its KV refused by decode-0 (counted in ``refused``) and loaded on decode-1, not
+    recomputed; nothing ran on decode-0."""
+    assert (out[0].instance_id, out[-1].instance_id) == ("prefill-0", "decode-1"), [(c.index, c.instance_id)
+                                                                                   for c in out]
+    counters = stale.counters
+    assert (counters[refused], counters["handoffs"], counters["recoveries"], counters["kv_refused"]) == (
+        1, 1, 0, 0), counters
+    computed = {i: after[i].prompt_tokens_computed - before[i].prompt_tokens_computed for i in after}
+    loaded = {i: after[i].prompt_tokens_loaded - before[i].prompt_tokens_loaded for i in after}
+    assert computed["prefill-0"] == PROMPT and computed["prefill-1"] == 0, computed  # prefilled once
+    assert loaded["decode-1"] == PROMPT and computed["decode-1"] <= 1, (computed, loaded)  # its KV, not recomputed
+    assert loaded["decode-0"] == computed["decode-0"] == 0, (computed, loaded)
+
+
 def test_a_request_routed_to_an_instance_drained_since_runs_elsewhere(cluster: Any, aloop: Any) -> None:
     """prefill-0 goes out of service (an admin drain) after the replica's view was taken: the replica's router
     still picks it (least outstanding, first of the idle ones). It refuses the request; the replica routes it to
@@ -99,16 +115,7 @@ def test_a_handoff_to_a_decoder_drained_since_lands_on_another_with_its_kv(clust
     refuses it; the same KV goes to decode-1: the prompt is prefilled once (on prefill-0) and loaded on decode-1, not
     recomputed. Before, it decoded on decode-0 (the drain then moved it, or released it and it was re-prefilled)."""
     out, stale, before, after = _through_stale_view(cluster, aloop, "decode-0", "r2")
-    assert (out[0].instance_id, out[-1].instance_id) == ("prefill-0", "decode-1"), [(c.index, c.instance_id)
-                                                                                   for c in out]
-    counters = stale.counters
-    assert (counters["drain_refused"], counters["handoffs"], counters["recoveries"], counters["kv_refused"]) == (
-        1, 1, 0, 0), counters
-    computed = {i: after[i].prompt_tokens_computed - before[i].prompt_tokens_computed for i in after}
-    loaded = {i: after[i].prompt_tokens_loaded - before[i].prompt_tokens_loaded for i in after}
-    assert computed["prefill-0"] == PROMPT and computed["prefill-1"] == 0, computed  # prefilled once
-    assert loaded["decode-1"] == PROMPT and computed["decode-1"] <= 1, (computed, loaded)  # its KV, not recomputed
-    assert loaded["decode-0"] == computed["decode-0"] == 0, (computed, loaded)
+    _check_kv_went_to_decode_1(out, stale, before, after, "drain_refused")
 
 
 def test_a_request_no_other_instance_takes_ends_unavailable_naming_the_drain(cluster: Any, aloop: Any) -> None:
@@ -159,6 +166,65 @@ def test_a_decoder_that_refused_a_handoff_as_leaving_gets_no_other_handoff_paire
         assert out[-1].instance_id == "decode-1", (rid, [(c.index, c.instance_id) for c in out])
     counters = stale.counters
     assert (counters["drain_refused"], counters["handoffs"], counters["recoveries"]) == (1, 2, 0), counters
+
+
+def _switch(dep: Any, iid: str, role: str, timeout_s: float = 30.0) -> None:
+    """``iid`` switched to ``role`` through the Controller (an operator's ``switch_role``: drained, switched once
+    idle, un-drained), and back in service."""
+    assert ray.get(dep.controller.switch_role.remote(iid, role))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        snap = {s.instance_id: s for s in ray.get(dep.controller.view.remote()).instances}.get(iid)
+        if ray.get(dep.controller.members.remote())[iid].info.role.value == role and snap is not None and (
+                snap.role.value == role and not snap.draining):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{iid} not switched to {role} in {timeout_s} s")
+
+
+def _through_stale_view_after_switch(dep: Any, aloop: Any, switched: str, role: str, rid: str
+                                     ) -> tuple[list[TokenChunk], Any, dict, dict]:
+    """``rid`` through a stale replica (its view: every instance in its pool's role) after ``switched``'s switch to
+    ``role`` finished (switched back after): its chunks, the replica, and every instance's engine stats before and
+    after."""
+    stale = _stale(dep, aloop)
+    before = _stats(dep)
+    back = ray.get(dep.controller.members.remote())[switched].info.role.value
+    _switch(dep, switched, role)
+    try:
+        out = aloop.run(_collect(stale, rid), timeout=60)
+        assert stale._role_of(switched).value == role  # its view shows the new role since the refusal
+    finally:
+        aloop.run(stale.close())
+        after = _stats(dep)
+        _switch(dep, switched, back)
+    _check_exact(out, rid)
+    return out, stale, before, after
+
+
+def test_a_request_routed_to_an_instance_switched_to_decode_since_prefills_elsewhere(cluster: Any, aloop: Any
+                                                                                    ) -> None:
+    """prefill-0 became DECODE (a finished role switch) after the replica's view was taken: its router still sees it
+    PREFILL and sends it the prefill-only leg (first of the idle ones). It refuses it (``view_role`` prefill, its
+    role decode); the replica routes the request to prefill-1, unharmed: the right tokens, nothing run on prefill-0,
+    no recovery, no quarantine count. Before, prefill-0 ran the prefill leg on the decode pool."""
+    out, stale, before, after = _through_stale_view_after_switch(cluster, aloop, "prefill-0", "decode", "rr1")
+    assert (out[0].instance_id, out[-1].instance_id) == ("prefill-1", "decode-0"), [(c.index, c.instance_id)
+                                                                                   for c in out]
+    counters = stale.counters
+    assert (counters["role_refused"], counters["drain_refused"], counters["recoveries"], counters["quarantined"]
+            ) == (1, 0, 0, 0), counters
+    assert after["prefill-0"].prompt_tokens_computed == before["prefill-0"].prompt_tokens_computed  # nothing ran
+
+
+def test_a_handoff_to_a_decoder_switched_to_prefill_since_lands_on_another_with_its_kv(cluster: Any, aloop: Any
+                                                                                       ) -> None:
+    """decode-0 became PREFILL (a finished role switch) after the replica's view was taken: the request is paired
+    with it at arrival on that view, and the prompt KV's submit goes there for DECODE. It refuses it; the same KV
+    goes to decode-1: prefilled once on prefill-0, loaded on decode-1. Before, decode-0 decoded the whole answer on
+    the prefill pool."""
+    out, stale, before, after = _through_stale_view_after_switch(cluster, aloop, "decode-0", "prefill", "rr2")
+    _check_kv_went_to_decode_1(out, stale, before, after, "role_refused")
 
 
 def test_a_handoff_to_a_decoder_being_released_goes_to_another_with_its_kv(cluster: Any, aloop: Any) -> None:
@@ -295,3 +361,44 @@ def test_an_instance_that_refused_an_earlier_leg_takes_a_later_one() -> None:
     assert out[-1].finish_reason == "length"
     assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(200))
     assert (counters["drain_refused"], counters["recoveries"]) == (2, 1), counters
+
+
+@pytest.mark.usefixtures("no_ray")
+def test_what_an_instance_switched_since_the_view_refuses_and_what_it_takes() -> None:
+    """An instance whose role changed since the caller's view (``view_role``) refuses the leg, a handoff's KV too,
+    saying its role now; one sent for its current role -- whatever the leg -- is taken, and so is every submit that
+    names no view (tests, tools: the old callers) and an ``adopt`` retry of a stream that runs there."""
+    from scheduler.control.instance import ROLE_CHANGED
+    from scheduler.core.types import InstanceRole
+    from tests.test_handoff_audit35 import _instances
+
+    prompt = tuple(range(1, 100))
+
+    def req(rid: str, n: int = 4) -> EngineRequest:
+        return EngineRequest(rid, prompt, SamplingParams(max_tokens=n))
+
+    async def scenario() -> list[Any]:
+        S, D = await _instances((None, None))
+        try:
+            first = await S.submit(req("h", 1), export_on_finish=True)
+            kv = await S.export_kv("h")
+            decode = EngineRequest("h", prompt + first.chunks[0].token_ids, SamplingParams(max_tokens=4),
+                                   num_output_tokens_before=1)
+            await D.set_role(InstanceRole.DECODE)
+            return [
+                await D.submit(req("a"), view_role=InstanceRole.MIXED),  # routed on a view from before the switch
+                await D.submit(decode, kv, view_role="mixed"),  # a handoff's KV, likewise
+                await D.submit(req("b", 1), export_on_finish=True, view_role="decode"),  # a prefill leg, role seen
+                await D.submit(req("c")),  # no view named
+                await D.submit(req("b", 1), adopt=True, view_role="mixed"),  # a retry of "b", which runs there
+            ]
+        finally:
+            for i in (S, D):
+                await i.shutdown()
+
+    stale, stale_kv, seen, unnamed, adopted = asyncio.run(scenario())
+    for sub in (stale, stale_kv):
+        assert sub.rejected is not None and sub.rejected.startswith(f"{ROLE_CHANGED}: mixed-1 serves as decode now")
+        assert sub.role is InstanceRole.DECODE
+    for sub in (seen, unnamed, adopted):
+        assert sub.rejected is None, sub.rejected

@@ -186,3 +186,66 @@ def test_a_request_routed_on_a_round_from_before_a_drain_is_refused_and_routed_a
     assert res.instance.tolist() == [0, 1, 1, 1] and "drain_refused" not in sim_summary(res)
     _, res = run(10.0, scale=False)
     assert res.drain_refused is None and "drain_refused" not in sim_summary(res)
+
+
+class _SwitchAt:
+    """A pure stand-in re-roling policy: proposes the scripted role changes at the first tick at or after each
+    time."""
+
+    def __init__(self, script: list[tuple[float, str, InstanceRole]]) -> None:
+        self.script = sorted(script, key=lambda x: x[0])
+
+    def propose(self, view, now_s):  # type: ignore[no-untyped-def]
+        from scheduler.policy.scaling import RoleChange
+
+        out = []
+        while self.script and self.script[0][0] <= now_s:
+            _, iid, role = self.script.pop(0)
+            out.append(RoleChange(iid, role, "test"))
+        return out
+
+
+def _rerole_run(switch: tuple[str, InstanceRole], poll_s: float | None, w: Workload):
+    from tests.test_engine_model import config as engine_config
+
+    sim = Simulator(engine_config(pd=(2, 2), blocks=2000), router="least_outstanding", ingress_poll_s=poll_s,
+                    reroling=_SwitchAt([(0.5, *switch)]), reroling_interval_s=0.5,
+                    reroling_options={"switch_delay_s": 0.0, "handoff": False})
+    res = sim.run(w)
+    assert np.isfinite(res.finish_s).all() and not res.rejected.any()
+    assert [(s.instance_id, s.done_s) for s in sim.reroler.events] == [(switch[0], 0.5)]  # idle: switched at once
+    return sim, res
+
+
+def test_a_request_routed_on_a_round_from_before_a_role_switch_is_refused_and_routed_again() -> None:
+    """p-0 (idle) switches to DECODE at t=0.5; rounds 10 s apart, so the view is the round of t=0, p-0 PREFILL
+    in it. The request (t=1.0) is routed to p-0 for its prefill on it (idle, first in order): p-0 refuses it, as
+    live (``Instance.submit``'s ``view_role``), and it prefills on p-1, counted in ``role_refused``; p-0 shows as
+    DECODE from then on. Before, the prefill-only leg ran on the DECODE p-0. Off, the view is fresh: no refusal,
+    p-0 decodes the request, and no ``role_refused`` key."""
+    from sim.metrics import sim_summary
+
+    w = Workload(np.array([1.0]), np.array([64]), np.array([20]))
+    sim, res = _rerole_run(("p-0", InstanceRole.DECODE), 10.0, w)
+    ids = list(res.instance_ids)
+    assert (ids[res.instance[0]], ids[res.decode_instance[0]]) == ("p-1", "d-0")
+    assert (res.role_refused, res.drain_refused) == (1, 0)
+    assert sim_summary(res)["role_refused"] == 1
+    assert sim.poll.snapshots["p-0"].role is InstanceRole.DECODE  # shown in its new role since the refusal
+    _, res = _rerole_run(("p-0", InstanceRole.DECODE), None, w)
+    assert (ids[res.instance[0]], ids[res.decode_instance[0]]) == ("p-1", "p-0")
+    assert res.role_refused is None and "role_refused" not in sim_summary(res)
+
+
+def test_a_handoff_paired_on_a_round_from_before_its_decoders_switch_goes_to_another_decoder() -> None:
+    """d-0 (idle) switches to PREFILL at t=0.5; the round of t=0 shows it DECODE. The request (t=1.0) is paired with
+    it there: its prefill runs on p-0, and the KV is refused by d-0, now PREFILL (live: the handoff's submit with
+    ``view_role`` DECODE); it goes to d-1, the decoder the router names now. Before, the request decoded in full on
+    the PREFILL d-0."""
+    w = Workload(np.array([1.0]), np.array([64]), np.array([20]))
+    sim, res = _rerole_run(("d-0", InstanceRole.PREFILL), 10.0, w)
+    ids = list(res.instance_ids)
+    assert (ids[res.instance[0]], ids[res.decode_instance[0]]) == ("p-0", "d-1")
+    assert res.role_refused == 1 and sim._index["d-0"].incoming == 0
+    _, res = _rerole_run(("d-0", InstanceRole.PREFILL), None, w)
+    assert ids[res.decode_instance[0]] == "d-1" and res.role_refused is None

@@ -54,7 +54,7 @@ from scheduler.control.controller import CONTROLLER_NAME, NAMESPACE, Member
 from scheduler.control.ingress_admin import IngressAdmin
 from scheduler.control.ingress_migration import _ADMITTED, IngressMigration
 from scheduler.control.ingress_view import IngressView
-from scheduler.control.instance import DRAINING, ENGINE_FAILED, RELEASED
+from scheduler.control.instance import DRAINING, ENGINE_FAILED, RELEASED, ROLE_CHANGED
 from scheduler.control.instance_lost import (
     _DEAD,
     _FAILED,
@@ -66,6 +66,7 @@ from scheduler.control.instance_lost import (
     InstanceReleased,
     InstanceUnresponsive,
     RequestLost,
+    RoleChanged,
     _lost,
 )
 from scheduler.control.read_ahead import _Ahead
@@ -246,7 +247,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         self.view_refreshed_s = 0.0
         self.counters = {"recoveries": 0, "handoffs": 0, "migrations": 0, "migrations_aborted": 0, "routed": 0,
                          "channel_calls": 0, "channel_fallbacks": 0, "kv_refused": 0, "quarantined": 0,
-                         "drain_refused": 0, "handoff_rerouted": 0, "released_rerouted": 0}
+                         "drain_refused": 0, "role_refused": 0, "handoff_rerouted": 0, "released_rerouted": 0}
         self.migration_config = migration or migration_config(config)
         self.plans_s = plans_s
         self.direct = direct
@@ -488,6 +489,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         """Place ``rec``'s prefill (and decode): the router's pick, booked where the request goes next."""
         info, decision = self._decide(rec, exclude=exclude, accepted=accepted)
         self.router.on_routed(info, decision)
+        self._note_roles(rec, decision.prefill_instance, decision.decode_instance)
         # The decode instance of a P->D pair is counted while the request is on its way there (_expect_decode).
         p = decision.prefill_instance
         self._pending[p] = self._pending.get(p, 0) + 1
@@ -857,9 +859,18 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             if keep is None:
                 raise
             return keep
+        self._note_roles(rec, name)
         self._expect_decode(rec.request_id, name)
         self.registry.touch(rec.request_id)  # its report names the decoder while the KV is on its way
         return name
+
+    def _note_roles(self, rec: RequestRecord, *iids: str | None) -> None:
+        """``rec`` was routed to ``iids`` on the view as it is now: their roles there go with its submits to them
+        (``view_role``), so that one whose role switch finished after that view refuses them."""
+        for iid in iids:
+            role = None if iid is None else self._role_of(iid)
+            if iid is not None and role is not None:
+                rec.view_roles[iid] = role
 
     @staticmethod
     def _continues(rec: RequestRecord, handoff: bool, reason: str | None) -> bool:
@@ -897,7 +908,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             if sub is None:
                 sub = await asyncio.wait_for(
                     self._call(iid, handle, "submit", ereq, None, on_retry={"adopt": True}, **rec.guess(),
-                               export_on_finish=export), self.submit_timeout_s)
+                               export_on_finish=export, view_role=rec.view_roles.get(iid)), self.submit_timeout_s)
         except TimeoutError as e:
             raise _lost(iid, e) from e
         except RayTaskError as e:
@@ -910,6 +921,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             field = sub.rejected.split(":", 1)[0] if ":" in sub.rejected else None
             if field == DRAINING:
                 raise InstanceDraining(sub.rejected, leaving=sub.leaving)
+            if field == ROLE_CHANGED and sub.role is not None:
+                raise RoleChanged(sub.rejected, role=sub.role)
             if field == "request_id":
                 # A copy of this id runs there (this replica admitted it as new): the stream of a replica that died
                 # with it, reaped at the instance's lease, and this is its client's retry. Not the client's error
@@ -940,7 +953,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         and the caller submits without it. Each submit is bounded by ``submit_timeout_s``."""
 
         async def submit(kv: Any) -> Any:
-            return await asyncio.wait_for(_await(handle.submit.remote(ereq, kv, **rec.guess())), self.submit_timeout_s)
+            return await asyncio.wait_for(_await(handle.submit.remote(
+                ereq, kv, **rec.guess(), view_role=rec.view_roles.get(iid))), self.submit_timeout_s)
 
         try:
             sub = await submit(kv_ref)
@@ -1050,25 +1064,31 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
 
     def _route_around(self, rec: RequestRecord, iid: str, err: InstanceDraining | InstanceReleased,
                       refused: frozenset[str], *, decode_only: bool) -> RouteDecision:
-        """``rec``'s next pick after ``iid`` refused it as draining, or ended it ``released`` before its first token
-        (its submit landed between the Controller's decision to release it and its shutdown's start, when it began
-        refusing), without the instances in ``refused``: ``decode_only``, an instance to decode it (its KV is
-        ready), else a whole route. Not a recovery, nor a failure. Raises ``Unavailable`` naming the drain when no
-        other instance takes it."""
+        """``rec``'s next pick after ``iid`` refused it as draining, or as switched to another role since the view
+        (``RoleChanged``: counted apart, its new role shown in the view from now on), or ended it ``released``
+        before its first token (its submit landed between the Controller's decision to release it and its
+        shutdown's start, when it began refusing), without the instances in ``refused``: ``decode_only``, an
+        instance to decode it (its KV is ready), else a whole route. Not a recovery, nor a failure. Raises
+        ``Unavailable`` naming the refusal when no other instance takes it."""
+        log.info("%s: %s; routing it elsewhere", rec.request_id, err)
         if isinstance(err, InstanceReleased):
             self.counters["released_rerouted"] += 1
             self._left(iid, rec.request_id, err)  # gone: the Controller kills it next
+        elif isinstance(err, RoleChanged):
+            self.counters["role_refused"] += 1
+            self._mark_role(iid, err.role)
         else:
             self.counters["drain_refused"] += 1
             self._mark_draining(iid, leaving=err.leaving)
-        log.info("%s: %s; routing it elsewhere", rec.request_id, err)
         self._expect_decode(rec.request_id, None)  # not on its way to the decoder paired with the refused route
         try:
             if decode_only:
                 return RouteDecision(self._decoder_after_prefill(rec, exclude=refused))
             return self._route(rec, exclude=refused, accepted=True)
         except Unavailable as e:
-            raise Unavailable(f"request {rec.request_id}: {', '.join(sorted(refused))} refused it (draining) and no "
+            why = ("its role switched" if isinstance(err, RoleChanged) else "released" if isinstance(err, InstanceReleased)
+                   else "draining")
+            raise Unavailable(f"request {rec.request_id}: {', '.join(sorted(refused))} refused it ({why}) and no "
                               f"other instance takes it: {e}", retry_after_s=UNAVAILABLE_RETRY_AFTER_S) from e
 
     def _hand_on(self, rec: RequestRecord, iid: str, err: HandoffLost, kv_ref: Any, refused: set[str],

@@ -16,7 +16,7 @@ from scheduler.config.models import UNHEALTHY_AFTER_S
 from scheduler.control.controller import Member, actor_gone, ask_each
 from scheduler.control.instance_lost import _DEAD, _FAILED
 from scheduler.control.util import _await
-from scheduler.core.types import ClusterView, InstanceSnapshot, with_bookings
+from scheduler.core.types import ClusterView, InstanceRole, InstanceSnapshot, with_bookings
 
 
 class IngressView:
@@ -104,8 +104,21 @@ class IngressView:
         s = self._snapshots.get(iid)
         if s is None or (s.draining and (s.leaving or not leaving)):
             return
-        self._snapshots[iid] = s = dataclasses.replace(s, draining=True, leaving=s.leaving or leaving)
-        self._view = ClusterView(self._view.time_s, tuple(s if x.instance_id == iid else x for x in self._view.instances))
+        self._show(dataclasses.replace(s, draining=True, leaving=s.leaving or leaving))
+
+    def _mark_role(self, iid: str, role: InstanceRole) -> None:
+        """``iid`` refused a leg as serving ``role`` now (its switch finished after this view's snapshot of it):
+        shown so until its next snapshot, so that the routers read its new role meanwhile."""
+        s = self._snapshots.get(iid)
+        if s is None or s.role is role:
+            return
+        self._show(dataclasses.replace(s, role=role))
+
+    def _show(self, snap: InstanceSnapshot) -> None:
+        """``snap`` in place of its instance's snapshot in this view (the next refresh replaces it)."""
+        iid = snap.instance_id
+        self._snapshots[iid] = snap
+        self._view = ClusterView(self._view.time_s, tuple(snap if x.instance_id == iid else x for x in self._view.instances))
 
     async def _report(self) -> None:
         """Send the registry delta to the Controller (full set after it restarted). One at a time (from the report

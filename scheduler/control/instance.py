@@ -56,6 +56,9 @@ ENGINE_FAILED = "error: engine failed"
 # The field of ``Submitted.rejected`` when a draining instance refuses a new request (``submit``): the ingress routes
 # it elsewhere -- not the client's error, nor a failure of the instance.
 DRAINING = "draining"
+# The field of ``Submitted.rejected`` when the instance's role changed since the view its router read (a finished
+# role switch the view predates: ``submit``'s ``view_role``): routed around as a drain refusal is.
+ROLE_CHANGED = "role_changed"
 
 # backend kind (PoolSpec.backend) -> "module:factory"; factory(model=, gpu=, pool=, role=, **backend_kwargs)
 BACKENDS: dict[str, str] = {
@@ -185,6 +188,7 @@ class Submitted:
     # With a ``draining:`` refusal: the instance leaves (an admin drain, or its release began) and refuses a P->D
     # handoff's KV too -- the ingress then pairs no handoff with it; a scale-down's drain still takes those.
     leaving: bool = False
+    role: InstanceRole | None = None  # with a ``role_changed:`` refusal: the role it serves as now
 
 
 @dataclass(slots=True)
@@ -414,6 +418,7 @@ class Instance:
         wait_first: bool = True,
         adopt: bool = False,
         export_on_finish: bool = False,
+        view_role: InstanceRole | str | None = None,
     ) -> Submitted:
         """Start ``request``; with ``wait_first``, return once its first chunk exists.
 
@@ -430,15 +435,24 @@ class Instance:
         without KV -- it still takes a P->D handoff's prompt KV, paired with it at arrival, which its drain waits for
         (as the simulator's pairing does). A router skips a draining instance once its view has the snapshot; these
         are the ones routed on an older view.
+
+        ``view_role``: this instance's role as the view the caller routed the request here on showed it. Refused
+        (``rejected`` starts ``role_changed:``, ``Submitted.role`` the role now; the ingress routes it elsewhere) when
+        the role differs now: a role switch finished after that view was taken, and the leg was meant for the old
+        role (a prefill-only leg sent to what decodes now, a whole request or a handoff's KV to what prefills now).
+        The rule is "changed since the view", never "the wrong role for the leg": a router may send work across
+        roles on purpose (a Splitwise borrow, a fallback), with the role it saw. ``None``: not checked (a caller
+        that routed on no view). An ``adopt`` retry whose first submit ran here gets that stream, as before.
         """
         return await self._submit(request, kv, predicted_output_tokens=predicted_output_tokens,
                                   length_dist=length_dist, wait_first=wait_first, adopt=adopt,
-                                  export_on_finish=export_on_finish, refuse_draining=True)
+                                  export_on_finish=export_on_finish, refuse_draining=True,
+                                  view_role=None if view_role is None else InstanceRole.parse(view_role))
 
     async def _submit(
         self, request: EngineRequest, kv: KVBlocks | None, *, predicted_output_tokens: float | None,
         length_dist: LengthPrediction | None, wait_first: bool, adopt: bool, export_on_finish: bool,
-        refuse_draining: bool,
+        refuse_draining: bool, view_role: InstanceRole | None = None,
     ) -> Submitted:
         """``submit``; ``refuse_draining`` off for a committed migration's admission (``migrate_commit``): its
         reservation was granted before the drain, and its source has stopped it already."""
@@ -458,6 +472,10 @@ class Instance:
                    if self._leaving else "draining (a scale-down or role switch)")
             return Submitted(rejected=f"{DRAINING}: {self.instance_id} is {why}; it takes no new requests",
                              leaving=leaving)
+        if view_role is not None and view_role is not self.role:
+            return Submitted(rejected=f"{ROLE_CHANGED}: {self.instance_id} serves as {self.role.value} now, not "
+                             f"{view_role.value} as the view it was routed on showed it (a role switch since)",
+                             role=self.role)
         if self._closing is not None:  # a committed migration's admission: it stays on its source
             return Submitted(rejected=f"{self.instance_id} is being released")
         old = self._streams.get(rid)

@@ -7,6 +7,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from scheduler.control.channel import RemoteError
 from scheduler.control.controller import actor_gone
+from scheduler.core.types import InstanceRole
 
 # Ray could not reach the instance's actor: it died, or is unavailable (for now).
 _DEAD = (RayActorError, ActorUnavailableError)
@@ -54,6 +55,16 @@ class InstanceDraining(Exception):
     def __init__(self, message: str, *, leaving: bool = False) -> None:
         super().__init__(message)
         self.leaving = leaving
+
+
+class RoleChanged(InstanceDraining):
+    """The instance refused a leg routed for the role the view showed: its role switch finished since that view
+    (``Instance.submit``'s ``view_role``). Routed around as a drain refusal is; ``role`` is its role now, which the
+    view shows from then on."""
+
+    def __init__(self, message: str, *, role: InstanceRole) -> None:
+        super().__init__(message)
+        self.role = role
 
 
 class HandoffLost(Exception):

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from scheduler.core.types import SLO, Phase
+from scheduler.core.types import SLO, InstanceRole, Phase
 from scheduler.engine.base import EngineRequest, KVBlocks, SamplingParams
 from scheduler.predict.base import LengthPrediction
 
@@ -61,6 +61,9 @@ class RequestRecord:
     trace_context: Any = None  # the request's span context (the server span): parent of spans started elsewhere
     hash_ids: tuple[int, ...] = ()  # the prompt's block ids (scheduler.core.prefix): prefix-cache affinity
     tenant: str | None = None  # the app the client named: the length predictor's (``ServingPredictor.tenant_for``)
+    # Each instance it was routed to, with its role as the view routed on showed it: its submits there say so
+    # (``Instance.submit``'s ``view_role``), and one whose role switched since refuses them.
+    view_roles: dict[str, InstanceRole] = field(default_factory=dict)
 
     @property
     def next_index(self) -> int:
