@@ -665,10 +665,7 @@ class Simulator:
         colocated = decision.decode_instance == decision.prefill_instance
         pair = decision.decode_instance is not None and output > 1 and not colocated
         if pair:
-            dec = self._index[decision.decode_instance]
-            self.dec_of[i] = dec.index
-            if self.poll is not None and self.poll.role_changed(dec.instance_id, dec.role):
-                self._stale_pair.add(i)  # it refuses the KV at the handoff, as live (``_handoff``)
+            self.dec_of[i] = self._index[decision.decode_instance].index
         pred = req.predicted_output_tokens
         handoff = pair or (inst.role is InstanceRole.PREFILL and not colocated)
         try:
@@ -688,7 +685,10 @@ class Simulator:
         self._poke(inst, now)
         self._refresh_one(inst, now)
         if self.dec_of[i] >= 0 and handoff:  # a handoff will follow its prefill
-            self._expect_kv(self.instances[self.dec_of[i]], +1, now)
+            dec = self.instances[self.dec_of[i]]
+            self._expect_kv(dec, +1, now)
+            if self.poll is not None and self.poll.role_changed(dec.instance_id, dec.role):
+                self._stale_pair.add(i)  # paired on the round's old role: it refuses the KV (``_handoff``)
 
     def _route_around(self, i: int, req: RequestInfo, decision: RouteDecision | Rejected, prompt: int, now: float
                       ) -> tuple[RequestInfo, RouteDecision | Rejected]:

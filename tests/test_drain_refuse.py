@@ -195,6 +195,9 @@ def _through_stale_view_after_switch(dep: Any, aloop: Any, switched: str, role: 
         out = aloop.run(_collect(stale, rid), timeout=60)
         assert stale._role_of(switched).value == role  # its view shows the new role since the refusal
     finally:
+        # Its request's end reported before it closes: the Controller's registry would hold the switch back until
+        # the entry expired (30 s).
+        aloop.run(stale._report())
         aloop.run(stale.close())
         after = _stats(dep)
         _switch(dep, switched, back)
