@@ -7,6 +7,9 @@ drain through the Controller, undone after the request). Prints per case the med
 the last, where they came from, the refusals, and the prompt tokens computed and loaded per request (all engines).
 Then ``decode-0, 2 paired``: two requests paired with decode-0 at arrival (``PinnedRouter``), the second one's
 handoff later (a long prompt on prefill-1): the refused submits per handoff once the first one's was refused.
+The ``switched`` cases: prefill-0 switched to DECODE, or decode-0 to PREFILL (an operator's ``switch_role``, finished
+before the request; switched back after), under the same stale view: refused for the role the view showed
+(``Instance.submit``'s ``view_role``).
 
     PYTHONPATH=. python scripts/time_drain_refusal.py --rounds 10
 """
@@ -30,7 +33,8 @@ from scheduler.control.cluster import start_local_cluster
 from scheduler.engine.base import SamplingParams
 from scheduler.policy.route import Router
 
-CASES = ("none", "prefill-0", "decode-0")
+CASES = ("none", "prefill-0", "decode-0", "prefill-0 switched", "decode-0 switched")
+_SWITCH = {"prefill-0": ("decode", "prefill"), "decode-0": ("prefill", "decode")}  # (to, back)
 LONG_PROMPT = 3000  # prefills on prefill-1 while the short request's handoff is refused
 
 
@@ -53,11 +57,28 @@ async def _prompt_tokens(dep: Any) -> tuple[int, int]:
     return sum(s.prompt_tokens_computed for s in stats), sum(s.prompt_tokens_loaded for s in stats)
 
 
-async def _one(dep: Any, drained: str, rid: str, prompt: int, tokens: int) -> dict[str, Any]:
+async def switch_and_wait(dep: Any, iid: str, role: str, timeout_s: float = 30.0) -> None:
+    """``iid`` switched to ``role`` through the Controller (an operator's ``switch_role``: drained, switched once idle,
+    un-drained), and serving again."""
+    assert await dep.controller.switch_role.remote(iid, role)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        view = await dep.controller.view.remote()
+        snap = next((x for x in view.instances if x.instance_id == iid), None)
+        if snap is not None and snap.role.value == role and not snap.draining:
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{iid} not switched to {role} in {timeout_s} s")
+
+
+async def _one(dep: Any, case: str, rid: str, prompt: int, tokens: int) -> dict[str, Any]:
     ing = dep.make_ingress(refresh_s=3600.0)
     await ing.start()
     computed, loaded = await _prompt_tokens(dep)
-    if drained != "none":
+    drained, switched = case.removesuffix(" switched"), case.endswith(" switched")
+    if switched:
+        await switch_and_wait(dep, drained, _SWITCH[drained][0])
+    elif drained != "none":
         await dep.controller.set_draining.remote(drained, True)
     req = GenerateRequest(rid, prompt_token_ids=tuple(range(1, prompt + 1)),
                           sampling=SamplingParams(max_tokens=tokens, ignore_eos=True))
@@ -70,13 +91,16 @@ async def _one(dep: Any, drained: str, rid: str, prompt: int, tokens: int) -> di
             chunks.append(c)
         end = time.perf_counter() - t0
     finally:
-        if drained != "none":
+        await ing._report()  # its request's end: the Controller's registry would hold a switch back 30 s
+        if switched:
+            await switch_and_wait(dep, drained, _SWITCH[drained][1])
+        elif drained != "none":
             await dep.controller.set_draining.remote(drained, False)
         await ing.close()
     computed2, loaded2 = await _prompt_tokens(dep)
     return {"first_s": first, "end_s": end, "first_on": chunks[0].instance_id, "last_on": chunks[-1].instance_id,
-            "refused": ing.counters.get("drain_refused", 0), "recoveries": ing.counters["recoveries"],
-            "computed": computed2 - computed, "loaded": loaded2 - loaded}
+            "refused": ing.counters.get("drain_refused", 0) + ing.counters.get("role_refused", 0),
+            "recoveries": ing.counters["recoveries"], "computed": computed2 - computed, "loaded": loaded2 - loaded}
 
 
 async def _two_paired(dep: Any, r: int, prompt: int, tokens: int) -> dict[str, Any]:
@@ -129,7 +153,7 @@ def main() -> None:
         first = statistics.median(r["first_s"] for r in rows) * 1e3
         end = statistics.median(r["end_s"] for r in rows) * 1e3
         on = collections.Counter(f"{r['first_on']}->{r['last_on']}" for r in rows)
-        print(f"drained {case:9s}: first token median {first:.1f} ms, last {end:.1f} ms; ran {dict(on)}; "
+        print(f"drained {case:18s}: first token median {first:.1f} ms, last {end:.1f} ms; ran {dict(on)}; "
               f"refusals {sum(r['refused'] for r in rows)}, recoveries {sum(r['recoveries'] for r in rows)}; "
               f"prompt tokens computed {sorted({r['computed'] for r in rows})}, "
               f"loaded {sorted({r['loaded'] for r in rows})} per request")

@@ -11,7 +11,6 @@ view after it started (``refresh_s`` an hour), and the drain is the Controller's
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
@@ -22,7 +21,7 @@ from scheduler.config.models import ClusterConfig
 from scheduler.control.api import GenerateRequest, Unavailable
 from scheduler.control.cluster import NodeSpec
 from scheduler.engine.base import EngineRequest, SamplingParams, TokenChunk
-from scripts.time_drain_refusal import LONG_PROMPT, PinnedRouter
+from scripts.time_drain_refusal import LONG_PROMPT, PinnedRouter, switch_and_wait
 from tests.test_drain_node import MODEL, drain_cluster
 from tests.test_drain_node_pd import _check_exact
 
@@ -168,20 +167,6 @@ def test_a_decoder_that_refused_a_handoff_as_leaving_gets_no_other_handoff_paire
     assert (counters["drain_refused"], counters["handoffs"], counters["recoveries"]) == (1, 2, 0), counters
 
 
-def _switch(dep: Any, iid: str, role: str, timeout_s: float = 30.0) -> None:
-    """``iid`` switched to ``role`` through the Controller (an operator's ``switch_role``: drained, switched once
-    idle, un-drained), and back in service."""
-    assert ray.get(dep.controller.switch_role.remote(iid, role))
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        snap = {s.instance_id: s for s in ray.get(dep.controller.view.remote()).instances}.get(iid)
-        if ray.get(dep.controller.members.remote())[iid].info.role.value == role and snap is not None and (
-                snap.role.value == role and not snap.draining):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{iid} not switched to {role} in {timeout_s} s")
-
-
 def _through_stale_view_after_switch(dep: Any, aloop: Any, switched: str, role: str, rid: str
                                      ) -> tuple[list[TokenChunk], Any, dict, dict]:
     """``rid`` through a stale replica (its view: every instance in its pool's role) after ``switched``'s switch to
@@ -190,7 +175,7 @@ def _through_stale_view_after_switch(dep: Any, aloop: Any, switched: str, role: 
     stale = _stale(dep, aloop)
     before = _stats(dep)
     back = ray.get(dep.controller.members.remote())[switched].info.role.value
-    _switch(dep, switched, role)
+    aloop.run(switch_and_wait(dep, switched, role), timeout=60)
     try:
         out = aloop.run(_collect(stale, rid), timeout=60)
         assert stale._role_of(switched).value == role  # its view shows the new role since the refusal
@@ -200,7 +185,7 @@ def _through_stale_view_after_switch(dep: Any, aloop: Any, switched: str, role: 
         aloop.run(stale._report())
         aloop.run(stale.close())
         after = _stats(dep)
-        _switch(dep, switched, back)
+        aloop.run(switch_and_wait(dep, switched, back), timeout=60)
     _check_exact(out, rid)
     return out, stale, before, after
 
