@@ -488,3 +488,34 @@ def test_an_operator_drain_of_the_last_instance_serving_a_phase_is_refused() -> 
         assert await ctrl.set_draining("decode-1", True) and await ctrl.set_draining("prefill-0", True)
 
     asyncio.run(main())
+
+
+def test_a_closing_ingress_drops_its_entries_at_once() -> None:
+    """An ingress replica that closes (a rolling update, a scale-in of the servers) says so: the Controller drops
+    its entries now. Before, they stayed until ``ttl_s`` (30 s) of silence, and a scale-down's or role switch's
+    drain of their instance waited for requests nobody served any more."""
+    from scheduler.config.load import load_config
+    from scheduler.control.ingress import Ingress
+
+    ctrl = _controller([FakeInstance("mixed-0")], {"mixed": 1})
+
+    class Handle:  # the Controller's actor methods, without Ray
+        def __getattr__(self, name: str) -> Any:
+            return SimpleNamespace(remote=getattr(ctrl, name))
+
+    async def main() -> None:
+        ing = Ingress(load_config("default"), controller=Handle())
+        other = RegistryEntry("r2", "ingress-b", ("mixed-0",), 5, Phase.DECODE)
+        await ctrl.report_requests("ingress-b", [other], [], True)
+        await ctrl.report_requests(ing.ingress_id, [RegistryEntry("r1", ing.ingress_id, ("mixed-0",), 5,
+                                                                  Phase.DECODE)], [], True)
+        ing._controller_epoch = "e1"
+        ctrl._snapshots = {"mixed-0": _snap("mixed-0", 0, True)}
+        ctrl._refresh_round = 1000
+        await ing.close()
+        assert set(ctrl._registry.entries) == {"r2"}  # only its own, at once
+        assert ing._controller_epoch is None  # started again, it reports its whole set
+        await ctrl.report_requests("ingress-b", [], ["r2"], False)
+        assert ctrl._drained("mixed-0", 1)
+
+    asyncio.run(main())

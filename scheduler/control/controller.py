@@ -741,6 +741,13 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
         self._registry.apply(ingress_id, upserts, removed, full=full)
         return self.epoch
 
+    async def ingress_closed(self, ingress_id: str) -> None:
+        """An ingress replica closing (``Ingress.close``): its entries dropped now, not ``ttl_s`` after its last
+        report -- its streams end with it, and held, they kept a scale-down's or a role switch's drain waiting for
+        requests nobody serves (its instances' own streams still hold those until they end or their lease)."""
+        self._ensure_loop()
+        self._registry.drop_ingress(ingress_id)
+
     async def share_lengths(self, ingress_id: str, report: LengthReport) -> LengthReply:
         """An ingress's new online length samples, merged into the cluster's histories; the answer brings its copy
         of them up to date (``scheduler/predict/shared.py``). Each replica's plans period, off the request path."""

@@ -312,12 +312,27 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                 log.warning("ingress close: %d background task(s) did not stop within %.0fs", len(stuck), timeout_s)
         self._tasks = []
         self._starting = None
+        await self._say_closed()
         for probe in self._probes.values():
             probe.cancel()
         self._probes.clear()
         for ch in self._channels.values():
             ch.close()
         self._channels.clear()
+
+    async def _say_closed(self) -> None:
+        """Tell the Controller this replica's requests are gone (``Controller.ingress_closed``): before, it held them
+        until they expired (``EntryTable.ttl_s``, 30 s), and a scale-down or role switch waited for them. Best effort
+        and bounded: a Controller away expires them as before. A replica started again reports its whole set."""
+        self._controller_epoch = None
+        closed = getattr(self.controller, "ingress_closed", None)
+        if closed is None:
+            return
+        try:
+            await asyncio.wait_for(_await(closed.remote(self.ingress_id)), 1.0)
+        except Exception as e:  # noqa: BLE001 - closing goes on whatever the Controller answers
+            log.info("ingress %s close: the Controller did not take it (%s); its requests expire there",
+                     self.ingress_id, type(e).__name__)
 
     def _shares_lengths(self) -> bool:
         """Whether this replica shares online length histories through its Controller (``_share_lengths``): its
