@@ -518,4 +518,27 @@ def test_a_closing_ingress_drops_its_entries_at_once() -> None:
         await ctrl.report_requests("ingress-b", [], ["r2"], False)
         assert ctrl._drained("mixed-0", 1)
 
+
+def test_admin_scale_to_zero_keeps_every_phase_served() -> None:
+    """Admin Scale(decode, 0) on a P/D cluster released every decoder (`llmsched admin scale decode 0` on cpu-pd):
+    each request after it was UNAVAILABLE ("no healthy instance can run decode"). A drain of the last one was
+    already refused; a pool whose phase another pool serves may still go to 0."""
+    p0 = FakeInstance("prefill-0", InstanceRole.PREFILL)
+    ds = [FakeInstance(f"decode-{i}", InstanceRole.DECODE) for i in range(2)]
+    spare = FakeInstance("spare-0", InstanceRole.DECODE)
+    ctrl = _controller([p0, *ds], {"prefill": 1, "decode": 2})
+
+    async def main() -> None:
+        for pool, phase in (("decode", "decode"), ("prefill", "prefill")):
+            with pytest.raises(ValueError, match=f"^count: 0 would leave no instance serving {phase}"):
+                await ctrl.scale(pool, 0)
+        assert ctrl._desired == {"prefill": 1, "decode": 2} and not ctrl._draining
+        ctrl._members["spare-0"] = _member(spare, "spare")  # another pool decodes too
+        ctrl._pools["spare"] = SimpleNamespace(name="spare", count=1, hang_timeout_s=60.0, start_timeout_s=900.0)
+        ctrl._desired["spare"] = ctrl._next_index["spare"] = 1
+        await ctrl.scale("decode", 0)
+        assert ctrl._desired["decode"] == 0
+        with pytest.raises(ValueError, match="^count: 0 would leave no instance serving decode"):
+            await ctrl.scale("spare", 0)  # the decoders of pool decode are going: spare-0 is the last
+
     asyncio.run(main())

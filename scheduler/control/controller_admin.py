@@ -44,6 +44,15 @@ class ControllerAdmin:
             raise ValueError(f"count: must be >= 0, got {count}")
         if count > MAX_POOL_SIZE:
             raise ValueError(f"count: must be <= {MAX_POOL_SIZE}, got {count}")
+        if count == 0:
+            # As a drain of the last instance of a phase is refused: emptying the only pool serving prefill or
+            # decode leaves every request after it UNAVAILABLE (`llmsched admin scale decode 0` on cpu-pd did).
+            going = frozenset(i for i in self._members if _pool_of(i) == pool)
+            for iid in sorted(going):
+                phase = self._last_for(iid, going)
+                if phase is not None:
+                    raise ValueError(f"count: 0 would leave no instance serving {phase} (pool {pool!r} has the "
+                                     f"only ones); scale up another pool serving {phase} first")
         before = await self._set_desired(pool, count)
         await self._reconcile(wait=False)
         # Only this pool's creations (another pool's, started by the loop, are none of this call's
