@@ -644,3 +644,18 @@ def test_an_admin_drain_lists_the_instance_leaving(capsys: pytest.CaptureFixture
         assert admin_main(["--target", s.address, "instances"]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert [line.endswith("draining (leaving)") for line in lines] == [False, True], lines
+
+
+def test_admin_cli_takes_its_options_after_the_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    """`llmsched admin instances --json` (as its help's first line reads) was "unrecognized arguments: --json":
+    the connection and output options were the top-level parser's only. Either place works now; one given before
+    the subcommand is not reset by the subcommand's own defaults."""
+    import json
+
+    from scheduler.client.admin import main as admin_main
+
+    with BackgroundServer(EchoIngress) as s:
+        assert admin_main(["instances", "--target", s.address, "--json"]) == 0
+        assert sorted(i["instance_id"] for i in json.loads(capsys.readouterr().out)) == ["echo-0", "echo-1"]
+        assert admin_main(["--json", "--target", s.address, "scale", "mixed", "3", "--timeout-s", "5"]) == 0
+        assert json.loads(capsys.readouterr().out) == {"count": 3}

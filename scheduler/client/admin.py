@@ -31,21 +31,31 @@ from scheduler.client.types import LLMSchedError
 DEFAULT_TARGET = "localhost:50051"
 
 
+def _options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The connection and output options. Given to each subcommand too (without defaults, so one given before the
+    subcommand stands): ``llmsched admin instances --json`` was an "unrecognized arguments" error."""
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    p.add_argument("--target", default=default(os.environ.get("LLMSCHED_TARGET") or DEFAULT_TARGET),
+                   help=f"host:port of the llmsched gRPC server (default: $LLMSCHED_TARGET or {DEFAULT_TARGET})")
+    p.add_argument("--admin-token-file", default=default(os.environ.get("LLMSCHED_ADMIN_TOKEN_FILE") or None),
+                   help="file holding the admin token (default: $LLMSCHED_ADMIN_TOKEN_FILE)")
+    p.add_argument("--tls", action="store_true", default=default(False),
+                   help="TLS with the system's root certificates")
+    p.add_argument("--tls-ca", default=default(None), help="TLS, trusting this PEM CA file")
+    p.add_argument("--tls-server-name", default=default(None), help="the name to check in the server's certificate")
+    p.add_argument("--timeout-s", type=positive_float, default=default(None),
+                   help="give up after this many seconds (default: the call's own bound)")
+    p.add_argument("--json", action="store_true", default=default(False), help="print the answer as JSON")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmsched admin", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", default=os.environ.get("LLMSCHED_TARGET") or DEFAULT_TARGET,
-                   help="host:port of the llmsched gRPC server (default: $LLMSCHED_TARGET or %(default)s)")
-    p.add_argument("--admin-token-file", default=os.environ.get("LLMSCHED_ADMIN_TOKEN_FILE") or None,
-                   help="file holding the admin token (default: $LLMSCHED_ADMIN_TOKEN_FILE)")
-    p.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
-    p.add_argument("--tls-ca", help="TLS, trusting this PEM CA file")
-    p.add_argument("--tls-server-name", help="the name to check in the server's certificate")
-    p.add_argument("--timeout-s", type=positive_float, default=None,
-                   help="give up after this many seconds (default: the call's own bound)")
-    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    _options(p, defaults=True)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("instances", help="list the instances")
+    i = sub.add_parser("instances", help="list the instances")
     d = sub.add_parser("drain", help="migrate an instance's requests off, then release it")
     d.add_argument("instance_id")
     n = sub.add_parser("drain-node", help="drain every instance on a node that is going away")
@@ -55,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("scale", help="set a pool's size")
     s.add_argument("pool")
     s.add_argument("count", type=nonneg_int)
+    for sp in (i, d, n, s):
+        _options(sp, defaults=False)
     return p
 
 
