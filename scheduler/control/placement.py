@@ -156,7 +156,7 @@ def find_node(name: str) -> dict[str, Any]:
         raise ValueError(f"node: {name!r} names {len(hits)} Ray nodes; give the node id: "
                          + ", ".join(sorted(n["NodeID"] for n in hits)))
     if HEAD_RESOURCE in (hits[0].get("Resources") or {}):
-        raise ValueError(f"node: {name!r} is the Ray head, where the control plane runs; it hosts no instances")
+        raise ValueError(f"node: {name!r} is the Ray head, where the control plane runs; it is never drained")
     return hits[0]
 
 
