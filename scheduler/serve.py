@@ -97,6 +97,17 @@ async def _serve(args: argparse.Namespace) -> int:
 
     cfg = args.cfg
     loop = asyncio.get_running_loop()
+    runtime = None
+    if args.fake_gpus_per_node > 0:
+        import ray
+
+        from scheduler.control.cluster import nodes_for, start_ray
+
+        if not ray.is_initialized():
+            # Here, not in the executor below: Ray's multi-node test cluster sets a SIGTERM handler, which only
+            # the main thread may (started there, `serve --fake-gpus-per-node` died with a ValueError). Before
+            # the handlers below, so theirs win.
+            runtime = start_ray(nodes_for(cfg, fake_gpus_per_node=args.fake_gpus_per_node))
     # SIGTERM/SIGINT from now on stop the server cleanly (exit 0), also while the engines are still starting:
     # a signal then lets start-up finish, and the cluster is shut down instead of served (no leaked Ray workers),
     # or left running (--on-exit keep).
@@ -112,6 +123,7 @@ async def _serve(args: argparse.Namespace) -> int:
     # owned by this driver died with it, instances and all.
     cluster = await loop.run_in_executor(
         None, lambda: start_local_cluster(cfg, fake_gpus_per_node=args.fake_gpus_per_node, detached=keep,
+                                          runtime=runtime,
                                           ingress_kwargs={"direct": args.direct_channel, "predictor": args.predictor})
     )
     if cluster.deployment.attached:
@@ -149,7 +161,8 @@ async def _serve(args: argparse.Namespace) -> int:
             http_exit = asyncio.create_task(_exit_on(stop, server))
 
         def started(srv) -> None:
-            print(f"llmsched serving {cfg.name} ({cfg.num_instances} instances) on {args.host}:{srv.port}",
+            http = f", OpenAI-compatible HTTP on {args.host}:{args.http_port}" if args.http_port else ""
+            print(f"llmsched serving {cfg.name} ({cfg.num_instances} instances) on {args.host}:{srv.port}{http}",
                   flush=True)
 
         await serve(ingress, port=args.port, host=args.host, auth=auth, on_started=started,

@@ -119,6 +119,28 @@ def test_serve_sigterm_while_starting_exits_0(tmp_path: Path) -> None:
 
 
 
+def test_serve_on_fake_gpu_nodes_with_http(tmp_path: Path) -> None:
+    """``serve --fake-gpus-per-node`` died before serving (``ValueError: signal only works in main thread``: Ray's
+    multi-node cluster was started in the executor thread); and the "serving" line named the gRPC address only, not
+    the HTTP one ``--http-port`` had opened."""
+    import urllib.request
+
+    port, http_port = _free_port(), _free_port()
+    proc = _start_serve(tmp_path, port, "--fake-gpus-per-node", "2", "--http-port", str(http_port))
+    try:
+        _wait_serving(f"127.0.0.1:{port}", proc)
+        with Client(f"127.0.0.1:{port}") as c:
+            assert len(c.generate([5, 6, 7], max_tokens=4, temperature=0.0).token_ids) == 4
+            nodes = {i.node_id for i in c.instances()}
+        assert len(nodes) == 2, nodes  # the head (no fake GPU) hosts none: two 2-GPU nodes for 3 instances
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        rc, _, out = _stop(proc)
+    assert rc == 0, out
+    assert f"on 127.0.0.1:{port}, OpenAI-compatible HTTP on 127.0.0.1:{http_port}" in out, out
+
+
 # -- a restart of the chart's llmsched container (thirty-sixth session); ray_head: tests/conftest.py -------------------
 
 

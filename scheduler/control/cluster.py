@@ -269,6 +269,7 @@ def start_local_cluster(
     ingress_kwargs: dict[str, Any] | None = None,
     ready_timeout_s: float = 120.0,
     detached: bool = False,
+    runtime: RayRuntime | None = None,
 ) -> LocalCluster:
     """Start Ray (unless already initialised), deploy ``config`` (or attach to it: :func:`deploy`) and build an
     Ingress.
@@ -280,10 +281,10 @@ def start_local_cluster(
         backend_kwargs: per backend kind, e.g. ``{"simulated": {"time_scale": 0.5}}``.
         ready_timeout_s: how long to wait for every instance; those still starting then join when up.
         detached: a Controller that outlives this process (``LocalCluster.detach``).
+        runtime: a Ray the caller started for it (:func:`start_ray`), stopped with the cluster.
     """
     import ray
 
-    runtime = None
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if not ray.is_initialized():
         if address and fake_gpus_per_node <= 0:
