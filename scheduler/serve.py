@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 
 from scheduler.cli_args import nonneg_float, nonneg_int, port
@@ -96,6 +98,14 @@ async def _serve(args: argparse.Namespace) -> int:
     from scheduler.server.grpc_server import serve
 
     cfg = args.cfg
+    try:  # the last check before Ray starts (in main, its tests' default port would have to be free)
+        if args.port and args.port == args.http_port:
+            raise ValueError(f"--http-port: {args.http_port} is --port's too; give the HTTP API its own port")
+        _check_listenable("--port", args.host, args.port)
+        _check_listenable("--http-port", args.host, args.http_port)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     loop = asyncio.get_running_loop()
     runtime = None
     if args.fake_gpus_per_node > 0:
@@ -188,6 +198,23 @@ async def _serve(args: argparse.Namespace) -> int:
 async def _exit_on(stop: asyncio.Event, server) -> None:
     await stop.wait()
     server.should_exit = True
+
+
+def _check_listenable(flag: str, host: str, port: int) -> None:
+    """Refuse now, naming the flag, when ``host:port`` is already taken: the servers bind only once Ray and every
+    engine are up (minutes with vLLM), and then the gRPC one failed with a traceback, the HTTP one after printing
+    that it served. A race with another process can still lose; this catches the usual case."""
+    if not port:
+        return
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as both servers: TIME_WAIT is no owner
+            sock.bind(addr)
+    except OSError as e:
+        held = "; another process listens there" if e.errno == errno.EADDRINUSE else ""
+        raise ValueError(f"{flag}: cannot listen on {host}:{port} ({e.strerror or e}){held}") from None
 
 
 def _model_path(s: str) -> str:

@@ -402,3 +402,20 @@ def test_serve_bad_on_exit_fails_before_ray_starts(args, env, no_cluster_start, 
         monkeypatch.setenv(k, v)
     rc, err = run(["serve", "--config", "tiny-cpu", *args], capsys)
     assert rc == 2 and "argument --on-exit: use shutdown or keep, got 'stay'" in err and "LLMSCHED_ON_EXIT" in err
+
+
+def test_serve_port_in_use_fails_before_ray_starts(no_cluster_start, capsys) -> None:
+    """The servers bind once every engine is up: a taken ``--port`` was a gRPC traceback minutes later, a taken
+    ``--http-port`` an error after "serving ... HTTP on" was printed, the gRPC server serving on without it."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        for flag in ("--port", "--http-port"):
+            args = {"--port": "0", "--http-port": "0", flag: port}
+            rc, err = run(["serve", "--config", "tiny-cpu", *[a for kv in args.items() for a in kv]], capsys)
+            assert rc == 2 and f"{flag}: cannot listen on 127.0.0.1:{port}" in err and "another process" in err
+    rc, err = run(["serve", "--config", "tiny-cpu", "--port", "50999", "--http-port", "50999"], capsys)
+    assert rc == 2 and "--http-port: 50999 is --port's too" in err
