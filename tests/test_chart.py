@@ -283,6 +283,19 @@ def test_values_schema_is_generated_from_the_config_models() -> None:
     assert (DEFAULT_CHART / "values.schema.json").read_text() == render_values_schema()
 
 
+def test_values_schema_cli_help_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m scheduler.deploy.values_schema --help` wrote the schema to a file named "--help"."""
+    from scheduler.deploy.values_schema import main as schema_main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        schema_main(["--help"])
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out and not list(tmp_path.iterdir())
+    assert schema_main([str(tmp_path / "s.json")]) == 0
+    assert (tmp_path / "s.json").read_text() == render_values_schema()
+
+
 def test_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--values", str(DEFAULT_VALUES_DIR / "cpu-dev.yaml")]) == 0
     assert "chart check: OK" in capsys.readouterr().out

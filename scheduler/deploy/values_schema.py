@@ -10,6 +10,7 @@ chart. ``llmsched chart check`` reports a finding when the checked-in file is st
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import sys
@@ -302,7 +303,17 @@ def render_values_schema() -> str:
     return json.dumps(build_values_schema(), indent=2, sort_keys=True) + "\n"
 
 
-if __name__ == "__main__":
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("deploy/helm/llmsched/values.schema.json")
+def main(argv: list[str] | None = None) -> int:
+    # argparse: `--help` was taken for the output path (it wrote the schema to a file named "--help").
+    p = argparse.ArgumentParser(prog="python -m scheduler.deploy.values_schema",
+                                description="Write the chart's values.schema.json, generated from ClusterConfig.")
+    p.add_argument("out", nargs="?", type=Path, default=Path("deploy/helm/llmsched/values.schema.json"),
+                   help="where to write it (default: %(default)s)")
+    out = p.parse_args(argv).out
     out.write_text(render_values_schema())
     print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
