@@ -9,10 +9,10 @@
                                                  drained onto the rest and replaced elsewhere (pools keep sizes)
     llmsched admin scale POOL COUNT              set a pool's size
 
-Connection: ``--target`` (default ``$LLMSCHED_TARGET`` or localhost:50051), the admin token from
-``--admin-token-file`` (default ``$LLMSCHED_ADMIN_TOKEN_FILE``; none: no token), TLS with ``--tls-ca`` (a PEM
-file; ``--tls`` for the system roots) and ``--tls-server-name``. Exit status: 0 done, 1 the server refused
-(its status and message on stderr), 2 bad arguments.
+Connection (these and ``--json`` go before or after the subcommand): ``--target`` (default ``$LLMSCHED_TARGET``
+or localhost:50051), the admin token from ``--admin-token-file`` (default ``$LLMSCHED_ADMIN_TOKEN_FILE``; none: no
+token), TLS with ``--tls-ca`` (a PEM file; ``--tls`` for the system roots) and ``--tls-server-name``. Exit status:
+0 done, 1 the server refused (its status and message on stderr), 2 bad arguments.
 """
 
 from __future__ import annotations
