@@ -177,6 +177,17 @@ def test_http_token_auth() -> None:
         assert request(s, "GET", "/health")[0] == 200  # probes stay open
 
 
+@pytest.mark.parametrize("msg", [{"role": "user"}, {"role": "system", "content": None}])
+def test_chat_a_non_assistant_message_needs_content(srv, msg) -> None:  # type: ignore[no-untyped-def]
+    # A user turn without content was rendered as "" and answered 200 (OpenAI's API refuses it).
+    status, _, payload = request(srv, "POST", "/v1/chat/completions", {"messages": [msg], "max_tokens": 2})
+    assert status == 400, payload
+    err = json.loads(payload)["error"]
+    assert err["param"] == "messages[0].content" and repr(msg["role"]) in err["message"]
+    ok = [{"role": "user", "content": "hi"}, {"role": "assistant"}, {"role": "user", "content": "again"}]
+    assert request(srv, "POST", "/v1/chat/completions", {"messages": ok, "max_tokens": 2})[0] == 200
+
+
 @pytest.mark.parametrize("part", [{"type": "text", "text": None}, {"type": "text"}, {"type": "text", "text": 3},
                                   {"type": "image_url", "image_url": {"url": "x"}}])
 def test_chat_content_parts_must_be_text_strings(srv, part) -> None:  # type: ignore[no-untyped-def]

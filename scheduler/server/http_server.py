@@ -331,6 +331,11 @@ def _chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(messages):
         content = m.content
+        if content is None and m.role != "assistant":
+            # As OpenAI's API: only an assistant turn may go without content (it answered with tool calls).
+            # Read as "", a user turn with none was rendered as an empty message and answered 200.
+            raise HTTPError(400, f"messages[{i}].content: required for a {m.role!r} message",
+                            param=f"messages[{i}].content")
         if isinstance(content, list):
             parts = [p.get("text") for p in content if p.get("type") == "text"]
             if len(parts) != len(content) or not all(isinstance(t, str) for t in parts):
