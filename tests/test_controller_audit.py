@@ -542,3 +542,4 @@ def test_admin_scale_to_zero_keeps_every_phase_served() -> None:
             await ctrl.scale("spare", 0)  # the decoders of pool decode are going: spare-0 is the last
 
     asyncio.run(main())
+

@@ -490,3 +490,32 @@ def test_http_chat_max_completion_tokens_and_prompt_usage() -> None:
     assert neg.status_code == 400 and neg.json()["error"]["param"] == "max_completion_tokens"
     usage = text.json()["usage"]
     assert usage["prompt_tokens"] == len("hello world") and usage["total_tokens"] == len("hello world") + 2
+
+
+@pytest.mark.parametrize("draining", [False, True])
+def test_a_channel_failure_warns_only_for_an_instance_in_service(draining: bool, caplog) -> None:
+    """The direct channel of an instance released once drained closes with its shutdown: the fallback to Ray is
+    expected there and said at INFO. Before, every release logged a WARNING "direct channel failed" that looked
+    like a fault to operators; one in service still warns."""
+    import logging
+    from types import SimpleNamespace
+
+    from scheduler.control.channel import ChannelError
+
+    ing = Ingress(load_config("default"), controller=None)
+    snap = InstanceSnapshot("mixed-0", InstanceRole.MIXED, num_running=1, draining=draining)
+    ing._snapshots, ing._view = {"mixed-0": snap}, ClusterView(0.0, (snap,))
+
+    class Channel:
+        async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+            raise ChannelError("closed mid-call")
+
+    async def poll(*args: Any, **kwargs: Any) -> str:
+        return "over Ray"
+
+    ing._channel = lambda iid: Channel()  # type: ignore[method-assign]
+    with caplog.at_level(logging.INFO, logger="scheduler.control.ingress"):
+        out = asyncio.run(ing._call("mixed-0", SimpleNamespace(poll=SimpleNamespace(remote=poll)), "poll", "r1"))
+    assert out == "over Ray"
+    [rec] = [r for r in caplog.records if "direct channel failed" in r.getMessage()]
+    assert rec.levelno == (logging.INFO if draining else logging.WARNING)

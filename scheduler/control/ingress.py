@@ -602,7 +602,10 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                     n = self._channel_fails[m.info.incarnation] = self._channel_fails.get(m.info.incarnation, 0) + 1
                     wait = min(CHANNEL_RETRY_S * 2 ** (n - 1), CHANNEL_RETRY_MAX_S)
                     self._channel_down[m.info.incarnation] = time.monotonic() + wait
-                log.warning("%s: direct channel failed (%s); using Ray calls for %.0fs", iid, e, wait)
+                # Expected of one going away (released once drained: its shutdown closes the channel): no warning.
+                s = self._snapshots.get(iid)
+                level = logging.INFO if self._leaving(iid) or (s is not None and s.draining) else logging.WARNING
+                log.log(level, "%s: direct channel failed (%s); using Ray calls for %.0fs", iid, e, wait)
                 kwargs.update(on_retry or {})
             else:
                 if self._channel_fails:
