@@ -398,3 +398,57 @@ def test_a_request_ended_released_before_its_first_token_is_routed_again_not_rec
     assert (rec.recoveries, rec.failed_engines) == (0, ()), (rec.recoveries, rec.failed_engines)
     assert (counters["recoveries"], counters.get("released_rerouted")) == (0, 1), counters
     assert stats[other].prompt_tokens_computed == PROMPT, stats
+
+
+@pytest.mark.usefixtures("no_ray", "ray_like")
+def test_a_decoder_lost_before_its_first_token_stays_out_of_the_picks_after_another_refuses() -> None:
+    """decode-0 hangs on the handoff's submit (its snapshots still answer: back in the view a refresh later); the KV
+    goes to decode-1, whose role switch to PREFILL finished just before the submit landed: it refuses it. The next
+    decoder is decode-2, not decode-0 again -- a decoder lost before this leg's first token stays out of the leg's
+    picks after a refusal too, as after a loss. Before: the refusal's pick took decode-0 (its pinned decoder, back in
+    the view), whose submit hung a second time (``submit_timeout_s`` more to the first token: 30 s by default)."""
+    import asyncio
+    import time
+
+    from bench.loadgen import cluster_config
+    from scheduler.core.types import InstanceRole
+    from tests.test_faults2_audit import _cluster_of, _teardown
+    from tests.test_ingress_audit import _consume
+
+    rid = "lost-then-refused"
+    hung: list[float] = []
+
+    async def scenario() -> tuple[list[TokenChunk], Any, dict[str, int], float]:
+        insts, ing = await _cluster_of(cluster_config("pd-lost-refused", mixed=0, prefill=1, decode=3), 0.0,
+                                       submit_timeout_s=1.0, router=PinnedRouter({rid: ("prefill-0", "decode-0")}))
+        real0, real1 = insts["decode-0"].submit, insts["decode-1"].submit
+
+        async def hangs(request: Any, kv: Any = None, **kw: Any) -> Any:
+            if kv is not None:  # every handoff's submit: its event loop's submit path is stuck
+                hung.append(time.monotonic())
+                await asyncio.sleep(3600)
+            return await real0(request, kv, **kw)
+
+        async def switched(request: Any, kv: Any = None, **kw: Any) -> Any:
+            if kv is not None and insts["decode-1"].role is InstanceRole.DECODE:
+                await asyncio.sleep(0.2)  # on its way while the replica's view refreshes (decode-0 back in it)
+                await insts["decode-1"].set_role(InstanceRole.PREFILL)  # the switch finished before it landed
+            return await real1(request, kv, **kw)
+
+        insts["decode-0"].submit, insts["decode-1"].submit = hangs, switched  # type: ignore[method-assign]
+        out: list[TokenChunk] = []
+        try:
+            req = GenerateRequest(rid, prompt_token_ids=tuple(range(1, PROMPT + 1)),
+                                  sampling=SamplingParams(max_tokens=N, ignore_eos=True))
+            t0 = time.monotonic()
+            await asyncio.wait_for(_consume(ing, req, out), 20)
+            return out, ing.registry.get(rid), dict(ing.counters), time.monotonic() - t0
+        finally:
+            await _teardown(insts, ing)
+
+    out, _, counters, took = asyncio.run(asyncio.wait_for(scenario(), 40))
+    assert out[-1].finish_reason == "length", out[-1]
+    assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(N))
+    assert {c.instance_id for c in out if c.index > 0 and c.token_ids} == {"decode-2"}, out
+    assert len(hung) == 1, f"decode-0's submit hung {len(hung)} times ({took:.1f} s)"
+    assert (counters["handoff_rerouted"], counters["role_refused"], counters["recoveries"]) == (1, 1, 0), counters

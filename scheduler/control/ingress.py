@@ -783,7 +783,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                     # refusal would have been. Otherwise only a handoff's leg: without KV there is nothing to keep.
                     if isinstance(e, InstanceReleased):
                         refused.add(iid)
-                        target = self._route_around(rec, iid, e, frozenset(refused), decode_only=kv_ref is not None)
+                        target = self._route_around(rec, iid, e, frozenset(refused), decode_only=kv_ref is not None,
+                                                    lost_to=frozenset(lost_to))
                         continue
                     if kv_ref is not None:
                         target, kv_ref = self._hand_on(rec, iid, HandoffLost(e), kv_ref, refused, lost_to)
@@ -799,7 +800,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                     return
                 refused.add(iid)
                 # A handoff's (or a move's) KV goes to the next decoder as it is: the same ref, nothing recomputed.
-                target = self._route_around(rec, iid, e, frozenset(refused), decode_only=kv_ref is not None)
+                target = self._route_around(rec, iid, e, frozenset(refused), decode_only=kv_ref is not None,
+                                            lost_to=frozenset(lost_to))
                 continue
             admitted = False
             refused.clear()
@@ -1081,13 +1083,15 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         return self._route(rec, exclude=frozenset({iid}), accepted=True)
 
     def _route_around(self, rec: RequestRecord, iid: str, err: InstanceDraining | InstanceReleased,
-                      refused: frozenset[str], *, decode_only: bool) -> RouteDecision:
+                      refused: frozenset[str], *, decode_only: bool, lost_to: frozenset[str] = frozenset()
+                      ) -> RouteDecision:
         """``rec``'s next pick after ``iid`` refused it as draining, or as switched to another role since the view
         (``RoleChanged``: counted apart, its new role shown in the view from now on), or ended it ``released``
         before its first token (its submit landed between the Controller's decision to release it and its
         shutdown's start, when it began refusing), without the instances in ``refused``: ``decode_only``, an
-        instance to decode it (its KV is ready), else a whole route. Not a recovery, nor a failure. Raises
-        ``Unavailable`` naming the refusal when no other instance takes it."""
+        instance to decode it (its KV is ready), else a whole route -- nor the decoders ``lost_to`` before this leg's
+        first token (a hung one is back in the view once its snapshot answers: picked again, its submit hung again).
+        Not a recovery, nor a failure. Raises ``Unavailable`` naming the refusal when no other instance takes it."""
         log.info("%s: %s; routing it elsewhere", rec.request_id, err)
         if isinstance(err, InstanceReleased):
             self.counters["released_rerouted"] += 1
@@ -1101,8 +1105,8 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         self._expect_decode(rec.request_id, None)  # not on its way to the decoder paired with the refused route
         try:
             if decode_only:
-                return RouteDecision(self._decoder_after_prefill(rec, exclude=refused))
-            return self._route(rec, exclude=refused, accepted=True)
+                return RouteDecision(self._decoder_after_prefill(rec, exclude=refused | lost_to))
+            return self._route(rec, exclude=refused | lost_to, accepted=True)
         except Unavailable as e:
             why = ("its role switched" if isinstance(err, RoleChanged) else "released" if isinstance(err, InstanceReleased)
                    else "draining")
