@@ -1006,10 +1006,13 @@ class Simulator:
         refused: set[str] = set()
         if i in self._stale_pair:
             # Paired on a round from before its decoder's role switch finished: it refuses the KV, as live's
-            # (``Instance.submit``'s ``view_role``), which goes as it is to the decoder the router names now.
+            # (``Instance.submit``'s ``view_role``), which goes as it is to the decoder the router names now --
+            # not even sent there when the view shows its new role by now (a round, another refusal), as live's
+            # ``Ingress._role_changed`` re-picks before the submit.
             self._stale_pair.discard(i)
             dst = self.instances[d]
-            self._role_refusal(dst)
+            if self.poll is not None and self.poll.role_changed(dst.instance_id, dst.role):
+                self._role_refusal(dst)
             self._expect_kv(dst, -1, t)
             refused.add(dst.instance_id)
             d = self.dec_of[i] = -1

@@ -452,3 +452,54 @@ def test_a_decoder_lost_before_its_first_token_stays_out_of_the_picks_after_anot
     assert {c.instance_id for c in out if c.index > 0 and c.token_ids} == {"decode-2"}, out
     assert len(hung) == 1, f"decode-0's submit hung {len(hung)} times ({took:.1f} s)"
     assert (counters["handoff_rerouted"], counters["role_refused"], counters["recoveries"]) == (1, 1, 0), counters
+
+
+def test_a_request_paired_with_a_decoder_that_refused_another_for_its_new_role_is_not_sent_there() -> None:
+    """r1 and r2 are both paired at arrival with decode-0 as DECODE; its switch to PREFILL finishes as r1's KV lands
+    there: refused (``role_changed``). r2's prefill ends after that: the view shows decode-0's new role by then, so
+    its KV goes to decode-1 at once, not to decode-0 to be refused again. Before: refused twice (a round trip each,
+    as the simulator's poll rounds also counted it)."""
+    import asyncio
+
+    from bench.loadgen import cluster_config
+    from scheduler.core.types import InstanceRole
+    from tests.test_faults2_audit import _cluster_of, _teardown
+    from tests.test_ingress_audit import _consume
+
+    sent: list[str] = []
+
+    async def scenario() -> tuple[dict[str, list[TokenChunk]], dict[str, int]]:
+        pins = {"r1": ("prefill-0", "decode-0"), "r2": ("prefill-1", "decode-0")}
+        insts, ing = await _cluster_of(cluster_config("pd-role-twice", mixed=0, prefill=2, decode=2), 0.0,
+                                       router=PinnedRouter(pins), direct=False)  # (every submit by the hooks)
+        real_d0, real_p1 = insts["decode-0"].submit, insts["prefill-1"].submit
+
+        async def switches(request: Any, kv: Any = None, **kw: Any) -> Any:
+            if kv is not None:
+                sent.append(request.request_id)
+                if insts["decode-0"].role is InstanceRole.DECODE:
+                    await insts["decode-0"].set_role(InstanceRole.PREFILL)  # the switch finished as r1's KV lands
+            return await real_d0(request, kv, **kw)
+
+        async def after_the_refusal(request: Any, kv: Any = None, **kw: Any) -> Any:
+            while ing.counters["role_refused"] < 1:  # r2 routed (paired) already; its prefill waits for r1's refusal
+                await asyncio.sleep(0.005)
+            return await real_p1(request, kv, **kw)
+
+        insts["decode-0"].submit, insts["prefill-1"].submit = switches, after_the_refusal  # type: ignore[method-assign]
+        outs: dict[str, list[TokenChunk]] = {"r1": [], "r2": []}
+        try:
+            reqs = [GenerateRequest(r, prompt_token_ids=tuple(range(1, PROMPT + 1)),
+                                    sampling=SamplingParams(max_tokens=N, ignore_eos=True)) for r in outs]
+            await asyncio.wait_for(asyncio.gather(*(_consume(ing, q, outs[q.request_id]) for q in reqs)), 20)
+            return outs, dict(ing.counters)
+        finally:
+            await _teardown(insts, ing)
+
+    outs, counters = asyncio.run(asyncio.wait_for(scenario(), 40))
+    for rid, out in outs.items():
+        assert out[-1].finish_reason == "length", (rid, out[-1])
+        assert [c.index + k for c in out for k in range(len(c.token_ids))] == list(range(N)), rid
+        assert {c.instance_id for c in out if c.index > 0 and c.token_ids} == {"decode-1"}, (rid, out)
+    assert sent == ["r1"], sent
+    assert (counters["role_refused"], counters["recoveries"]) == (1, 0), counters

@@ -3,6 +3,8 @@ see each instance as of the last round plus the ingress's own bookings since its
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -205,10 +207,10 @@ class _SwitchAt:
         return out
 
 
-def _rerole_run(switch: tuple[str, InstanceRole], poll_s: float | None, w: Workload):
+def _rerole_run(switch: tuple[str, InstanceRole], poll_s: float | None, w: Workload, router: Any = None):
     from tests.test_engine_model import config as engine_config
 
-    sim = Simulator(engine_config(pd=(2, 2), blocks=2000), router="least_outstanding", ingress_poll_s=poll_s,
+    sim = Simulator(engine_config(pd=(2, 2), blocks=2000), router=router or "least_outstanding", ingress_poll_s=poll_s,
                     reroling=_SwitchAt([(0.5, *switch)]), reroling_interval_s=0.5,
                     reroling_options={"switch_delay_s": 0.0, "handoff": False})
     res = sim.run(w)
@@ -249,3 +251,18 @@ def test_a_handoff_paired_on_a_round_from_before_its_decoders_switch_goes_to_ano
     assert res.role_refused == 1 and sim._index["d-0"].incoming == 0
     _, res = _rerole_run(("d-0", InstanceRole.PREFILL), None, w)
     assert ids[res.decode_instance[0]] == "d-1" and res.role_refused is None
+
+
+def test_a_second_handoff_paired_with_a_decoder_that_refused_one_is_not_sent_there() -> None:
+    """Requests 0 and 1 are both paired with d-0 on the round of t=0 (DECODE there); d-0 switched to PREFILL at 0.5.
+    Request 0's KV is refused (its prefill is short); request 1's prefill (long) ends after that refusal showed d-0's
+    new role, so its KV goes to d-1 at once -- not sent to be refused again, as live's ``Ingress._role_changed``
+    re-picks before the submit. Before: two refusals."""
+    from scripts.time_drain_refusal import PinnedRouter
+
+    w = Workload(np.array([1.0, 1.0]), np.array([64, 3000]), np.array([20, 20]))
+    pins = {"0": ("p-0", "d-0"), "1": ("p-1", "d-0")}
+    sim, res = _rerole_run(("d-0", InstanceRole.PREFILL), 10.0, w, PinnedRouter(pins))
+    ids = list(res.instance_ids)
+    assert [(ids[res.instance[k]], ids[res.decode_instance[k]]) for k in (0, 1)] == [("p-0", "d-1"), ("p-1", "d-1")]
+    assert res.role_refused == 1 and sim._index["d-0"].incoming == 0

@@ -820,7 +820,11 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                 # (Pulled over the instances' direct channels instead, 2 MB of KV took longer than through the
                 # object store on one node: docs/architecture.md.)
                 decoder = target.decode_instance
-                if decoder is None or self._leaving(decoder):
+                if decoder is not None and self._role_changed(rec, decoder):
+                    # This view shows it in another role than at the pairing (another request's refusal said so,
+                    # or a refresh): it would refuse the KV (``view_role``), so picked again without it.
+                    decoder = self._decoder_after_prefill(rec, exclude=frozenset({decoder}))
+                elif decoder is None or self._leaving(decoder):
                     # The pairing was made at arrival; its decoder is going away since (an admin drain, DrainNode,
                     # through this ingress or another: released once its requests moved; or released already): pick
                     # one now. Sent there, the KV landed on an instance about to go -- moved again, or lost and the
@@ -883,6 +887,11 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         self._expect_decode(rec.request_id, name)
         self.registry.touch(rec.request_id)  # its report names the decoder while the KV is on its way
         return name
+
+    def _role_changed(self, rec: RequestRecord, iid: str) -> bool:
+        """Whether this view shows ``iid`` in another role than when ``rec`` was routed there (``_note_roles``)."""
+        seen = rec.view_roles.get(iid)
+        return seen is not None and self._role_of(iid) not in (None, seen)
 
     def _note_roles(self, rec: RequestRecord, *iids: str | None) -> None:
         """``rec`` was routed to ``iids`` on the view as it is now: their roles there go with its submits to them
