@@ -125,7 +125,14 @@ class RerolingDriver:
             self.sim._push(now + self.switch_delay_s, EventKind.REROLE, inst, inst)
 
     def _switch(self, inst: SimInstance, now: float) -> None:
-        sw = self.switching.pop(inst.instance_id)
+        sw = self.switching[inst.instance_id]
+        if inst.busy or not self.sim.is_empty(inst):
+            # Work reached it during the switch's delay (a handoff's KV paired on a stale poll-round view, which a
+            # draining decoder still takes, as live's does): it switches once idle again, as live's Controller
+            # waits for it (``Instance.set_role`` takes an idle instance only). Before, it decoded on the new role.
+            sw.idle_s = None
+            return
+        del self.switching[inst.instance_id]
         inst.engine.role = sw.new_role
         inst.draining = False
         inst.snap_dirty = True

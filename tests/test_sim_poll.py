@@ -266,3 +266,20 @@ def test_a_second_handoff_paired_with_a_decoder_that_refused_one_is_not_sent_the
     ids = list(res.instance_ids)
     assert [(ids[res.instance[k]], ids[res.decode_instance[k]]) for k in (0, 1)] == [("p-0", "d-1"), ("p-1", "d-1")]
     assert res.role_refused == 1 and sim._index["d-0"].incoming == 0
+
+
+def test_a_kv_that_lands_during_a_switchs_delay_holds_the_switch_until_it_is_done() -> None:
+    """d-0 (idle) begins its switch to PREFILL at 0.5 with a 2 s delay (the engine re-configuring). A request at
+    t=1.0 is paired with it on the round of t=0: its KV is taken (a draining decoder takes a paired handoff, as
+    live) and it decodes there. The switch waits until it is done and d-0 is idle again, as live's Controller does.
+    Before, the role flipped at 2.5 s under the running decode."""
+    from tests.test_engine_model import config as engine_config
+
+    sim = Simulator(engine_config(pd=(2, 2), blocks=2000), router="least_outstanding", ingress_poll_s=10.0,
+                    reroling=_SwitchAt([(0.5, "d-0", InstanceRole.PREFILL)]), reroling_interval_s=0.5,
+                    reroling_options={"switch_delay_s": 2.0, "handoff": False})
+    res = sim.run(Workload(np.array([1.0]), np.array([64]), np.array([400])))
+    ids = list(res.instance_ids)
+    assert ids[res.decode_instance[0]] == "d-0" and res.finish_s[0] > 2.5  # still decoding when the delay ran out
+    [event] = sim.reroler.events
+    assert event.done_s is not None and event.done_s >= res.finish_s[0] + 2.0, (event.done_s, res.finish_s[0])
