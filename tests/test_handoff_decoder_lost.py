@@ -454,6 +454,7 @@ def test_a_decoder_lost_before_its_first_token_stays_out_of_the_picks_after_anot
     assert (counters["handoff_rerouted"], counters["role_refused"], counters["recoveries"]) == (1, 1, 0), counters
 
 
+@pytest.mark.usefixtures("no_ray", "ray_like")
 def test_a_request_paired_with_a_decoder_that_refused_another_for_its_new_role_is_not_sent_there() -> None:
     """r1 and r2 are both paired at arrival with decode-0 as DECODE; its switch to PREFILL finishes as r1's KV lands
     there: refused (``role_changed``). r2's prefill ends after that: the view shows decode-0's new role by then, so
@@ -503,3 +504,55 @@ def test_a_request_paired_with_a_decoder_that_refused_another_for_its_new_role_i
         assert {c.instance_id for c in out if c.index > 0 and c.token_ids} == {"decode-1"}, (rid, out)
     assert sent == ["r1"], sent
     assert (counters["role_refused"], counters["recoveries"]) == (1, 0), counters
+
+
+
+@pytest.mark.usefixtures("no_ray", "ray_like")
+def test_the_only_decoder_released_before_its_first_token_is_unavailable_naming_why() -> None:
+    """decode-0, the only decoder, is released with the handoff's KV before its first token: no other instance
+    decodes it, so the request ends UNAVAILABLE (which the SDK retries) saying so -- the refusal's path, not a
+    recovery's "lost its instance"."""
+    from bench.loadgen import cluster_config
+    from scheduler.control.api import Unavailable
+
+    cfg = cluster_config("pd-only-released", mixed=0, prefill=1, decode=1)
+    with pytest.raises(Unavailable, match=r"decode-0 refused it \(released\) and no other instance takes it"):
+        _run_losing_first_leg(cfg, "only-released", "released", kv_only=True)
+
+
+@pytest.mark.usefixtures("no_ray", "ray_like")
+def test_the_only_decoder_switched_to_prefill_as_the_kv_lands_is_unavailable_naming_why() -> None:
+    """decode-0, the only decoder, finishes a switch to PREFILL as the KV lands: refused (``role_changed``), no other
+    decodes it: UNAVAILABLE saying its role switched, nothing counted as a recovery."""
+    import asyncio
+
+    from bench.loadgen import cluster_config
+    from scheduler.control.api import Unavailable
+    from scheduler.core.types import InstanceRole
+    from tests.test_faults2_audit import _cluster_of, _teardown
+    from tests.test_ingress_audit import _consume
+
+    async def scenario() -> tuple[str, dict[str, int]]:
+        insts, ing = await _cluster_of(cluster_config("pd-only-role", mixed=0, prefill=1, decode=1), 0.0,
+                                       direct=False)
+        d0 = insts["decode-0"]
+        real = d0.submit
+
+        async def lands(request: Any, kv: Any = None, **kw: Any) -> Any:
+            if kv is not None and d0.role is InstanceRole.DECODE:
+                await d0.set_role(InstanceRole.PREFILL)
+            return await real(request, kv, **kw)
+
+        d0.submit = lands  # type: ignore[method-assign]
+        try:
+            req = GenerateRequest("only", prompt_token_ids=tuple(range(1, PROMPT + 1)),
+                                  sampling=SamplingParams(max_tokens=N, ignore_eos=True))
+            with pytest.raises(Unavailable) as e:
+                await asyncio.wait_for(_consume(ing, req, []), 20)
+            return str(e.value), dict(ing.counters)
+        finally:
+            await _teardown(insts, ing)
+
+    message, counters = asyncio.run(asyncio.wait_for(scenario(), 40))
+    assert "decode-0 refused it (its role switched) and no other instance takes it" in message, message
+    assert (counters["recoveries"], counters["role_refused"]) == (0, 1), counters

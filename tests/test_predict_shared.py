@@ -473,7 +473,7 @@ def test_a_controller_failing_the_exchange_is_said_once_until_it_works_again(cap
     import asyncio
     import logging
 
-    from ray.exceptions import RayTaskError
+    from ray.exceptions import RayActorError, RayTaskError
 
     from scheduler.config.load import load_config
     from scheduler.config.models import PolicySpec
@@ -486,6 +486,8 @@ def test_a_controller_failing_the_exchange_is_said_once_until_it_works_again(cap
             self.share_lengths = self
 
         async def _share(self, ingress_id: str, report: Any) -> Any:
+            if self.fail == "away":
+                raise RayActorError()
             if self.fail:
                 raise RayTaskError("share_lengths", "Traceback ...", KeyError("epoch"))
             return self.lengths.share(ingress_id, pickle.loads(pickle.dumps(report)))
@@ -510,3 +512,5 @@ def test_a_controller_failing_the_exchange_is_said_once_until_it_works_again(cap
         assert periods(2) == [f"ingress {ing.ingress_id}: sharing length histories works again"]
         controller.fail = True
         assert len(periods(3)) == 1
+        controller.fail = "away"  # dead or restarting: an outage, quiet (its next exchange catches up)
+        assert periods(3) == [] and ing._share_failing
