@@ -88,6 +88,24 @@ def test_drain_moves_says_whether_another_ingress_is_live(monkeypatch: pytest.Mo
     assert asyncio.run(young.drain_moves("d", "A")) == (0, 0, True)
 
 
+def test_a_replica_closed_and_started_again_counts_as_heard_after_two_polls(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica that closes (``Controller.ingress_closed``) and starts again under the same id, during a drain, is
+    heard from once it has polled twice since. Before, its poll count began again at 0, below the drain's count of
+    it from before the close: the drain took it as silent until it had polled as often again (``peer_wait_s``)."""
+    ctrl = _controller(monkeypatch)
+    for _ in range(6):
+        asyncio.run(ctrl.take_migrations("B"))  # B has run a while
+    assert asyncio.run(ctrl.drain_moves("d", "A")) == (0, 0, False)
+    asyncio.run(ctrl.ingress_closed("B"))
+    assert asyncio.run(ctrl.drain_moves("d", "A")) == (0, 0, True)  # gone: not waited for
+    ctrl._registry.apply("B", [], [], full=True)  # started again: it reports first (``report_requests``)
+    assert asyncio.run(ctrl.drain_moves("d", "A")) == (0, 0, False)
+    asyncio.run(ctrl.take_migrations("B"))
+    asyncio.run(ctrl.take_migrations("B"))
+    assert asyncio.run(ctrl.drain_moves("d", "A")) == (0, 0, True)
+
+
 def _peers_ctrl(answer: tuple[int, int, bool]) -> Any:
     calls: list[str] = []
 

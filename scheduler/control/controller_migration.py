@@ -57,7 +57,7 @@ class ControllerMigration:
         self._drain_moves: dict[str, _DrainMove] = {}  # request -> an operator drain's move of it
         self._drain_moved: dict[str, int] = {}  # draining instance -> other ingresses' moves committed off it
         self._drains: dict[str, float] = {}  # draining instance -> monotonic time of its drain's last drain_moves
-        self._drain_polls: dict[str, dict[str, int]] = {}  # draining instance -> each ingress' polls when it began
+        self._drain_polls: dict[str, int] = {}  # draining instance -> the registry's ``poll_seq`` when it began
         self._policy_moves: dict[str, str] = {}  # request -> source of a policy plan taken, its outcome not reported
 
     def _drop_policy_plan(self, request_id: str) -> None:
@@ -168,7 +168,7 @@ class ControllerMigration:
         now, wall = time.monotonic(), time.time()
         moves = self._drain_moves
         if now - self._drains.get(instance_id, float("-inf")) >= PLAN_TTL_S:  # it begins (an earlier one is over)
-            self._drain_polls[instance_id] = self._registry.poll_counts()
+            self._drain_polls[instance_id] = self._registry.poll_seq
         self._drains[instance_id] = now
         waiting = 0
         for e in self._registry.on_instance(instance_id):
@@ -206,7 +206,7 @@ class ControllerMigration:
         # is not known. An ingress reports once as it starts, before it routes anything.)
         live = self._registry.heard(PLAN_TTL_S, now)
         began = self._drain_polls[instance_id]
-        heard = all(self._registry.polls(i) - began.get(i, 0) >= 2 for i in live - {ingress_id})
+        heard = all(self._registry.polled_twice_since(i, began) for i in live - {ingress_id})
         return waiting, self._drain_moved.get(instance_id, 0), heard
 
     def _policy_moving(self, request_id: str, ingress_id: str, instance_id: str) -> bool:

@@ -199,7 +199,11 @@ class EntryTable:
         self.entries: dict[str, RegistryEntry] = {}
         self.ttl_s = ttl_s
         self._seen: dict[str, float] = {}  # ingress id -> monotonic time it was last heard from
-        self._polls: dict[str, int] = {}  # ingress id -> its ``take_migrations`` polls (``polled``)
+        # ingress id -> the sequence numbers (``poll_seq``) of its last two ``take_migrations`` polls (``polled``).
+        # Not per-ingress counts: a replica closed (``drop_ingress``) and started again under the same id counted
+        # from 0 again, below a drain's count from before, and the drain took it as silent (``peer_wait_s``).
+        self._polls: dict[str, tuple[int, int]] = {}
+        self.poll_seq = 0  # polls by any ingress so far
         self._swept: float | None = None
 
     def seen(self, ingress_id: str, now: float | None = None) -> None:
@@ -209,13 +213,12 @@ class EntryTable:
         """``ingress_id`` polled for migration plans: a heartbeat, counted (a drain's "heard from you since": an
         ingress flushes its unreported registry changes before each poll, ``IngressMigration._take_plans``)."""
         self.seen(ingress_id)
-        self._polls[ingress_id] = self._polls.get(ingress_id, 0) + 1
+        self.poll_seq += 1
+        self._polls[ingress_id] = (self._polls.get(ingress_id, (0, 0))[1], self.poll_seq)
 
-    def polls(self, ingress_id: str) -> int:
-        return self._polls.get(ingress_id, 0)
-
-    def poll_counts(self) -> dict[str, int]:
-        return dict(self._polls)
+    def polled_twice_since(self, ingress_id: str, seq: int) -> bool:
+        """``ingress_id`` polled twice after ``poll_seq`` was ``seq``."""
+        return self._polls.get(ingress_id, (0, 0))[0] > seq
 
     def silent_s(self, ingress_id: str, now: float | None = None) -> float:
         """How long ``ingress_id`` has not been heard from (``inf``: never, or dropped)."""
