@@ -659,3 +659,34 @@ def test_admin_cli_takes_its_options_after_the_subcommand(capsys: pytest.Capture
         assert sorted(i["instance_id"] for i in json.loads(capsys.readouterr().out)) == ["echo-0", "echo-1"]
         assert admin_main(["--json", "--target", s.address, "scale", "mixed", "3", "--timeout-s", "5"]) == 0
         assert json.loads(capsys.readouterr().out) == {"count": 3}
+
+
+def test_admin_cli_switches_roles_migrates_and_shows_the_state(capsys: pytest.CaptureFixture[str]) -> None:
+    """``llmsched admin`` had no way to re-role an instance, migrate a request or read the cluster's counters: the
+    SDK had (``switch_role``, ``migrate``, ``cluster_state``), an operator's shell did not."""
+    import asyncio
+    import json
+
+    from scheduler.client.admin import main as admin_main
+
+    with BackgroundServer(EchoIngress) as s:
+        t = ["--target", s.address]
+        assert admin_main([*t, "switch-role", "echo-1", "prefill", "--wait", "--timeout-s", "5"]) == 0
+        assert capsys.readouterr().out.strip() == "echo-1: serves as prefill"
+        assert admin_main([*t, "--json", "switch-role", "echo-1", "prefill"]) == 0  # already: not started
+        assert json.loads(capsys.readouterr().out) == {"started": False}
+        assert admin_main([*t, "instances", "--json"]) == 0
+        assert {i["instance_id"]: i["role"] for i in json.loads(capsys.readouterr().out)}["echo-1"] == "prefill"
+        with pytest.raises(SystemExit) as e:  # prefill or decode only
+            admin_main([*t, "switch-role", "echo-0", "mixed"])
+        assert e.value.code == 2
+        assert "invalid choice" in capsys.readouterr().err
+        assert admin_main([*t, "migrate", "nope"]) == 1
+        assert "request_id" in capsys.readouterr().err
+        ing = s.ingress  # a request in flight to migrate
+        ing._inflight["r1"] = asyncio.Event()
+        assert admin_main([*t, "migrate", "r1", "--to", "echo-0", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["committed"] is True
+        assert admin_main([*t, "state", "--json"]) == 0
+        state = json.loads(capsys.readouterr().out)
+        assert state["router"] == "echo" and state["instances"] == 2 and state["counters"] == {"echo": 1.0}

@@ -8,19 +8,27 @@
                                                  a node going away: nothing new placed there, its instances
                                                  drained onto the rest and replaced elsewhere (pools keep sizes)
     llmsched admin scale POOL COUNT              set a pool's size
+    llmsched admin switch-role INSTANCE ROLE     re-role an instance, prefill or decode (it drains, then switches;
+                                                 no engine restart); --wait: until it serves in the new role
+    llmsched admin migrate REQUEST [--to INSTANCE]
+                                                 live-migrate a running request (exit 1 when it did not commit)
+    llmsched admin state                         the router, requests in flight and the cluster's counters
 
 Connection (these and ``--json`` go before or after the subcommand): ``--target`` (default ``$LLMSCHED_TARGET``
 or localhost:50051), the admin token from ``--admin-token-file`` (default ``$LLMSCHED_ADMIN_TOKEN_FILE``; none: no
 token), TLS with ``--tls-ca`` (a PEM file; ``--tls`` for the system roots) and ``--tls-server-name``. Exit status:
-0 done, 1 the server refused (its status and message on stderr), 2 bad arguments.
+0 done, 1 the server refused (its status and message on stderr), a migration did not commit, or ``--wait``
+timed out, 2 bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from scheduler.cli_args import nonneg_float, nonneg_int, positive_float
@@ -65,7 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("scale", help="set a pool's size")
     s.add_argument("pool")
     s.add_argument("count", type=nonneg_int)
-    for sp in (i, d, n, s):
+    r = sub.add_parser("switch-role", help="re-role an instance between prefill and decode")
+    r.add_argument("instance_id")
+    r.add_argument("role", choices=("prefill", "decode"))
+    r.add_argument("--wait", action="store_true", help="return once it serves in the new role (else: once begun)")
+    m = sub.add_parser("migrate", help="live-migrate a running request")
+    m.add_argument("request_id")
+    m.add_argument("--to", dest="destination", default=None, help="the destination instance (default: the policy's)")
+    st = sub.add_parser("state", help="the router, requests in flight and the cluster's counters")
+    for sp in (i, d, n, s, r, m, st):
         _options(sp, defaults=False)
     return p
 
@@ -90,6 +106,7 @@ def _client(args: argparse.Namespace) -> Client:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    rc = 0
     try:
         with _client(args) as c:
             if args.cmd == "instances":
@@ -116,14 +133,53 @@ def main(argv: list[str] | None = None) -> int:
                 text = (f"node {args.node} ({r.node_id}): drained {', '.join(r.drained) or 'none'}; "
                         f"{r.requests_moved} request(s) moved"
                         + "".join(f"\n  kept {i}: {why}" for i, why in sorted(r.kept.items())))
-            else:
+            elif args.cmd == "scale":
                 count = c.scale(args.pool, args.count)
                 out, text = {"count": count}, f"{args.pool}: {count} instance(s)"
+            elif args.cmd == "switch-role":
+                started = c.switch_role(args.instance_id, args.role)
+                if started and args.wait:
+                    _wait_for_role(c, args.instance_id, args.role, args.timeout_s or SWITCH_WAIT_S)
+                out = {"started": started}
+                text = (f"{args.instance_id}: " + ("serves as " if args.wait else "switching to ") + args.role
+                        if started else f"{args.instance_id}: not switched (already {args.role}, or switching or "
+                        "draining)")
+            elif args.cmd == "migrate":
+                res = c.migrate(args.request_id, args.destination)
+                out = dataclasses.asdict(res)
+                text = (f"{res.request_id}: {res.source} -> {res.destination} "
+                        + (f"committed ({res.stages} stage(s), paused {res.downtime_s * 1e3:.1f} ms)" if res.committed
+                           else f"not migrated: {res.reason}"))
+                rc = 0 if res.committed else 1
+            else:
+                state = c.cluster_state()
+                out = {"router": state.router, "requests_in_flight": state.requests_in_flight,
+                       "instances": len(state.instances), "counters": dict(sorted(state.extra.items()))}
+                text = (f"router {state.router}, {state.requests_in_flight} request(s) in flight, "
+                        f"{len(state.instances)} instance(s)"
+                        + "".join(f"\n  {k} {v:g}" for k, v in sorted(state.extra.items())))
     except LLMSchedError as e:
         print(f"llmsched admin {args.cmd}: {e}", file=sys.stderr)
         return 1
+    except TimeoutError as e:
+        print(f"llmsched admin {args.cmd}: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(out, indent=2) if args.json else text)
-    return 0
+    return rc
+
+
+SWITCH_WAIT_S = 300.0  # ``switch-role --wait`` without --timeout-s: a drain of long requests can take minutes
+
+
+def _wait_for_role(c: Client, instance_id: str, role: str, timeout_s: float) -> None:
+    """Until ``instance_id`` serves as ``role`` (listed in it, not draining), polling ListInstances."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = next((i for i in c.instances() if i.instance_id == instance_id), None)
+        if info is not None and info.role is not None and info.role.value == role and not info.draining:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{instance_id} did not serve as {role} within {timeout_s:.0f} s (it may still switch)")
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ class EchoIngress:
         insts = tuple(
             InstanceSnapshot(
                 instance_id=iid,
-                role=InstanceRole.MIXED,
+                role=self.switched.get(iid, InstanceRole.MIXED),  # (a switch_role is done at once here)
                 model=self.models[0] if self.models else "default",
                 num_running=len(self._inflight) if k == 0 else 0,
                 kv_blocks_total=1024,
