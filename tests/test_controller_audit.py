@@ -543,3 +543,25 @@ def test_admin_scale_to_zero_keeps_every_phase_served() -> None:
 
     asyncio.run(main())
 
+
+
+def test_admin_scale_down_keeps_every_phase_served_after_re_roling() -> None:
+    """Re-roling mixes a pool's roles: pool decode holds decode-0 switched to PREFILL and decode-1 (DECODE), the last
+    decoder. Scale(decode, 1) releases the newest, decode-1: refused, naming it (only a count of 0 was checked). A
+    count whose releases leave a decoder (decode-0 switched back) goes through."""
+    p0 = FakeInstance("prefill-0", InstanceRole.PREFILL)
+    d0, d1 = FakeInstance("decode-0", InstanceRole.PREFILL), FakeInstance("decode-1", InstanceRole.DECODE)
+    ctrl = _controller([p0, d0, d1], {"prefill": 1, "decode": 2})
+    ctrl._members["decode-0"] = _member(d0, "decode")  # (its info says PREFILL: switched)
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match=r"^count: 1 would leave no instance serving decode \(it releases "
+                                             r"decode-1\)"):
+            await ctrl.scale("decode", 1)
+        assert ctrl._desired["decode"] == 2 and set(ctrl._members) == {"prefill-0", "decode-0", "decode-1"}
+        d0.role = InstanceRole.DECODE
+        ctrl._members["decode-0"] = _member(d0, "decode")
+        await ctrl.scale("decode", 1)
+        assert ctrl._desired["decode"] == 1 and set(ctrl._members) == {"prefill-0", "decode-0"}
+
+    asyncio.run(main())

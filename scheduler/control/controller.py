@@ -563,16 +563,29 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
             self._replaced_ahead.discard(iid)
             self._save_replaced_ahead()
 
+    def _pool_have(self, pool: str) -> list[str]:
+        """``pool``'s members and instances being placed, oldest first."""
+        return sorted([i for i, m in self._members.items() if m.info.pool == pool]
+                      + [i for i in self._pending if _pool_of(i) == pool], key=lambda i: _index_of(i) or 0)
+
+    def _release_order(self, have: list[str]) -> list[str]:
+        """The order in which a pool over its size releases ``have`` (``_pool_have``): those already draining for
+        a scale-down first (an admin scale overtook the drain), then those leaving anyway (an admin drain:
+        DrainNode, Drain), then the newest -- releasing busy ones while an idle draining one stays would shrink
+        the pool twice. (Newest first alone, a restart that found a drained instance beside its replacement started
+        ahead, one over the pool's size, released the replacement. An adopted instance's own snapshot says whether
+        it is leaving: the reconcile picks no member before each has sent one.)"""
+        draining = [i for i in have if i in self._draining]
+        leaving = [i for i in have[::-1] if i not in draining and (
+            i in self._operator_drained or getattr(self._snapshots.get(i), "leaving", False))]
+        return draining + leaving + [i for i in have[::-1] if i not in draining and i not in leaving]
+
     async def _reconcile(self, *, wait: bool) -> None:
         """Create instances until every pool has its desired count (replacing dead ones); remove extras."""
         assert self._lock is not None
         async with self._lock:
             for pool in self.config.pools:
-                have = sorted(
-                    [i for i, m in self._members.items() if m.info.pool == pool.name]
-                    + [i for i in self._pending if _pool_of(i) == pool.name],
-                    key=lambda i: _index_of(i) or 0,
-                )
+                have = self._pool_have(pool.name)
                 want = self._desired.get(pool.name, pool.count)
                 if time.monotonic() < self._start_failures.get(pool.name, (0, 0.0))[1]:
                     want = min(want, len(have))  # backing off after failed starts; extras still go below
@@ -583,20 +596,10 @@ class Controller(ControllerMigration, ControllerScaling, ControllerAdmin):
                     self._pending[iid] = asyncio.create_task(self._create(pool, iid))
                 if len(have) <= want:
                     continue
-                # Instances already draining for a scale-down go first (an admin scale overtook the drain), then
-                # those leaving anyway (an admin drain: DrainNode, Drain), then the newest: releasing busy ones while
-                # an idle draining one stays would shrink the pool twice. One still being placed is called off
-                # (``_create`` removes what it had placed), as the scaling loop's scale-down does: left running, it
-                # started only to be released (or waited for good for a group with no room), and an admin ``scale``
-                # waited for it.
-                # (Newest first alone, a restart that found a drained instance beside its replacement started ahead,
-                # one over the pool's size, released the replacement. An adopted instance's own snapshot says
-                # whether it is leaving: no member is picked before each has sent one.)
-                draining = [i for i in have if i in self._draining]
-                leaving = [i for i in have[::-1] if i not in draining and (
-                    i in self._operator_drained or getattr(self._snapshots.get(i), "leaving", False))]
-                order = draining + leaving + [i for i in have[::-1] if i not in draining and i not in leaving]
-                extras = order[: len(have) - want]
+                # One still being placed is called off (``_create`` removes what it had placed), as the scaling
+                # loop's scale-down does: left running, it started only to be released (or waited for good for a
+                # group with no room), and an admin ``scale`` waited for it.
+                extras = self._release_order(have)[: len(have) - want]
                 if any(i in self._unreported for i in have) and any(i in self._members for i in extras):
                     continue  # next round, with every adopted member's snapshot
                 for iid in extras:

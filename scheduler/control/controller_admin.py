@@ -44,15 +44,18 @@ class ControllerAdmin:
             raise ValueError(f"count: must be >= 0, got {count}")
         if count > MAX_POOL_SIZE:
             raise ValueError(f"count: must be <= {MAX_POOL_SIZE}, got {count}")
-        if count == 0:
-            # As a drain of the last instance of a phase is refused: emptying the only pool serving prefill or
-            # decode leaves every request after it UNAVAILABLE (`llmsched admin scale decode 0` on cpu-pd did).
-            going = frozenset(i for i in self._members if _pool_of(i) == pool)
+        have = self._pool_have(pool)
+        if count < len(have):
+            # As a drain of the last instance of a phase is refused: a scale-down releasing the only instances
+            # serving prefill or decode leaves every request after it UNAVAILABLE (`llmsched admin scale decode 0`
+            # on cpu-pd did; so did a smaller count once re-roling had left the pool's newest the last decoders).
+            # The ones the reconcile will release, in its order.
+            going = frozenset(i for i in self._release_order(have)[: len(have) - count] if i in self._members)
             for iid in sorted(going):
                 phase = self._last_for(iid, going)
                 if phase is not None:
-                    raise ValueError(f"count: 0 would leave no instance serving {phase} (pool {pool!r} has the "
-                                     f"only ones); scale up another pool serving {phase} first")
+                    raise ValueError(f"count: {count} would leave no instance serving {phase} (it releases "
+                                     f"{', '.join(sorted(going))}); scale up another pool serving {phase} first")
         before = await self._set_desired(pool, count)
         await self._reconcile(wait=False)
         # Only this pool's creations (another pool's, started by the loop, are none of this call's
