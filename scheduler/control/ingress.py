@@ -117,6 +117,26 @@ CHANNEL_RETRY_MAX_S = 300.0
 _KV_DROPPED = object()
 
 
+@dataclasses.dataclass
+class _Legs:
+    """A request's route from one leg (an attempt on one instance) to the next (``Ingress._run_attempts``)."""
+
+    target: RouteDecision
+    kv_ref: Any = None  # the prompt KV its next leg takes (a P->D handoff's, a move's)
+    kv_src: str = ""  # the instance exporting kv_ref
+    admitted: bool = False  # the next instance runs it already (a committed live migration): only poll
+    # Instances that refused this leg as draining: left out of its next picks (until a leg is taken or lost: one
+    # drained for a scale-down or role switch comes back, and a later leg may need it).
+    refused: set[str] = dataclasses.field(default_factory=set)
+    lost_to: set[str] = dataclasses.field(default_factory=set)  # decoders lost before this leg's first token
+
+    def taken(self) -> None:
+        """A leg ended (taken, or lost to a recovery): the next may go anywhere again."""
+        self.admitted = False
+        self.refused.clear()
+        self.lost_to.clear()
+
+
 class _SpanHandoff:
     """Internal marker from the attempt loop to ``_run``: a KV-transfer span began (never reaches clients)."""
 
@@ -709,23 +729,16 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
     async def _run_attempts(self, rec: RequestRecord, decision: RouteDecision) -> AsyncIterator[Any]:
         """Attempts on instances until the stream ends: prefill, P->D handoff, recoveries, migrations."""
         rid = rec.request_id
-        target = decision
-        kv_ref: Any = None
-        kv_src = ""  # the instance exporting kv_ref
-        admitted = False
-        # Instances that refused this leg as draining: left out of its next picks (until a leg is taken or lost: one
-        # drained for a scale-down or role switch comes back, and a later leg may need it).
-        refused: set[str] = set()
-        lost_to: set[str] = set()  # decoders lost before this leg's first token (HandoffLost): out of its picks
+        leg = _Legs(decision)
         while True:
-            iid = target.prefill_instance
-            handoff = not admitted and _hands_off(target, rec, self._is_prefill(iid))
+            iid = leg.target.prefill_instance
+            handoff = not leg.admitted and _hands_off(leg.target, rec, self._is_prefill(iid))
             ereq = rec.resume_request()
             if not handoff and self._expected.get(rid) == iid:
                 # Its decode leg starts: the instance has it next, queued with its whole context (all but its
                 # last token loaded, not computed, when the prompt's KV comes along).
                 n = len(ereq.prompt_token_ids)
-                self._expect_decode(rid, None, landed=n, loaded=n - 1 if kv_ref is not None else 0)
+                self._expect_decode(rid, None, landed=n, loaded=n - 1 if leg.kv_ref is not None else 0)
             if handoff:
                 ereq = dataclasses.replace(ereq, sampling=dataclasses.replace(ereq.sampling, max_tokens=1))
             rec.instances = (iid,)
@@ -735,10 +748,10 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             start = rec.next_index  # where this leg found the stream: still there when lost, it gave the client nothing
             last: TokenChunk | None = None
             try:
-                async for chunk in self._attempt(rec, iid, ereq, kv_ref, admitted=admitted, export=handoff,
-                                                 kv_src=kv_src):
+                async for chunk in self._attempt(rec, iid, ereq, leg.kv_ref, admitted=leg.admitted, export=handoff,
+                                                 kv_src=leg.kv_src):
                     if chunk is _KV_DROPPED:
-                        kv_ref = None
+                        leg.kv_ref = None
                         continue
                     last = chunk
                     if chunk.finished and self._continues(rec, handoff, chunk.finish_reason):
@@ -749,101 +762,99 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                         # A hand-over nobody follows (the request was cancelled meanwhile): the client's end is an abort.
                         chunk = dataclasses.replace(chunk, finish_reason="abort")
                     yield chunk
-            except HandoffLost as e:
+            except (HandoffLost, InstanceLost, InstanceDraining) as e:
+                if isinstance(e, InstanceLost):
+                    ended = self._migration_ended.get(rid)
+                    if ended is not None:
+                        # A migration of this request is in flight from the instance just lost. It cannot commit
+                        # any more unless it already has (``_after_lost``), and its abort cancels whatever the
+                        # destination holds under this id: a recovery that landed there first would be killed by
+                        # that cancel. Let it finish (its steps are bounded by step_timeout_s), then recover.
+                        await ended.wait()
                 if rec.cancelled:
                     yield TokenChunk(rid, rec.next_index, (), True, "abort")
                     return
-                target, kv_ref = self._hand_on(rec, iid, e, kv_ref, refused, lost_to)
+                if isinstance(e, HandoffLost):
+                    leg.target, leg.kv_ref = self._hand_on(rec, iid, e, leg.kv_ref, leg.refused, leg.lost_to)
+                elif isinstance(e, InstanceLost):
+                    self._after_lost(rec, iid, e, leg, lost_first=not leg.admitted and rec.next_index == start)
+                else:
+                    leg.refused.add(iid)
+                    # A handoff's (or a move's) KV goes to the next decoder as it is: the same ref, nothing recomputed.
+                    leg.target = self._route_around(rec, iid, e, frozenset(leg.refused),
+                                                    decode_only=leg.kv_ref is not None, lost_to=frozenset(leg.lost_to))
                 continue
-            except InstanceLost as e:
-                ended = self._migration_ended.get(rid)
-                if ended is not None:
-                    # A migration of this request is in flight from the instance just lost. It cannot commit
-                    # any more unless it already has (checked below), and its abort cancels whatever the
-                    # destination holds under this id: a recovery that landed there first would be killed by
-                    # that cancel. Let it finish (its steps are bounded by step_timeout_s), then recover.
-                    await ended.wait()
-                if rec.cancelled:
-                    yield TokenChunk(rid, rec.next_index, (), True, "abort")
-                    return
-                if rec.moving_to is not None and rec.move_kv is _ADMITTED:
-                    # The source died right after a migration committed: the destination already runs it, and
-                    # re-sends the outputs the source produced before the stop but never delivered (Instance.poll
-                    # from an index below the snapshot's).
-                    refused.clear()
-                    lost_to.clear()
-                    target, kv_ref, admitted = RouteDecision(rec.moving_to), None, True
-                    rec.moving_to, rec.move_kv = None, None
-                    self._left(iid, rid, e)
-                    continue
-                if not admitted and rec.next_index == start:
-                    # Lost before its first token: the stream stands where the leg found it, so a handoff's KV,
-                    # which covers exactly that, goes on as it is (the ingress owns it). Released (a submit that
-                    # landed as the Controller released the instance, before its shutdown began refusing): as its
-                    # refusal would have been. Otherwise only a handoff's leg: without KV there is nothing to keep.
-                    if isinstance(e, InstanceReleased):
-                        refused.add(iid)
-                        target = self._route_around(rec, iid, e, frozenset(refused), decode_only=kv_ref is not None,
-                                                    lost_to=frozenset(lost_to))
-                        continue
-                    if kv_ref is not None:
-                        target, kv_ref = self._hand_on(rec, iid, HandoffLost(e), kv_ref, refused, lost_to)
-                        continue
-                admitted = False
-                refused.clear()
-                lost_to.clear()
-                target, kv_ref = self._recover(rec, iid, e), None
-                continue
-            except InstanceDraining as e:
-                if rec.cancelled:
-                    yield TokenChunk(rid, rec.next_index, (), True, "abort")
-                    return
-                refused.add(iid)
-                # A handoff's (or a move's) KV goes to the next decoder as it is: the same ref, nothing recomputed.
-                target = self._route_around(rec, iid, e, frozenset(refused), decode_only=kv_ref is not None,
-                                            lost_to=frozenset(lost_to))
-                continue
-            admitted = False
-            refused.clear()
-            lost_to.clear()
+            leg.taken()
             assert last is not None and last.finished
             if not self._continues(rec, handoff, last.finish_reason):
                 rec.phase = Phase.CANCELLED if last.finish_reason in ("abort", "migrated") else Phase.FINISHED
                 return
             if rec.moving_to is not None and last.finish_reason == "migrated":
-                target, kv_ref = RouteDecision(rec.moving_to), rec.move_kv
+                leg.target, leg.kv_ref = RouteDecision(rec.moving_to), rec.move_kv
                 rec.moving_to, rec.move_kv = None, None
-                if kv_ref is _ADMITTED:  # live migration: the destination is decoding it already
-                    admitted, kv_ref = True, None
-            else:
-                # P->D: the prompt KV moves through the object store, node to node; decode goes on at index 1.
-                # (Pulled over the instances' direct channels instead, 2 MB of KV took longer than through the
-                # object store on one node: docs/architecture.md.)
-                decoder = target.decode_instance
-                if decoder is not None and self._role_changed(rec, decoder):
-                    # This view shows it in another role than at the pairing (another request's refusal said so,
-                    # or a refresh): it would refuse the KV (``view_role``), so picked again without it.
-                    decoder = self._decoder_after_prefill(rec, exclude=frozenset({decoder}))
-                elif decoder is None or self._leaving(decoder):
-                    # The pairing was made at arrival; its decoder is going away since (an admin drain, DrainNode,
-                    # through this ingress or another: released once its requests moved; or released already): pick
-                    # one now. Sent there, the KV landed on an instance about to go -- moved again, or lost and the
-                    # prompt re-prefilled. A decoder drained for a role switch or a scale-down still takes it (it
-                    # waits for the KV on its way, as the simulator's pairing does; tests/test_sim_scaling.py). One
-                    # that leaves but that this view shows in service yet refuses the submit: _route_around.
-                    decoder = self._decoder_after_prefill(rec, keep=decoder)
-                try:
-                    kv_ref, kv_src = self._handle(iid).export_kv.remote(rid, 0, None), iid
-                except InstanceLost:
-                    # The prefill instance was seen dead after it streamed token 0: the decode side recomputes
-                    # the prompt (as when the KV source dies mid-transfer) rather than failing the request.
-                    self._mark_dead(iid)
-                    kv_ref = None
-                yield _SpanHandoff(self.tracing.start_span(
-                    Stage.KV_TRANSFER, request_id=rid, attributes={"source": iid, "destination": decoder}))
-                target = RouteDecision(decoder)
-                rec.phase = Phase.TRANSFER
-                self.counters["handoffs"] += 1
+                if leg.kv_ref is _ADMITTED:  # live migration: the destination is decoding it already
+                    leg.admitted, leg.kv_ref = True, None
+                continue
+            # P->D: the prompt KV moves through the object store, node to node; decode goes on at index 1.
+            # (Pulled over the instances' direct channels instead, 2 MB of KV took longer than through the
+            # object store on one node: docs/architecture.md.)
+            decoder = self._handoff_decoder(rec, leg.target.decode_instance)
+            try:
+                leg.kv_ref, leg.kv_src = self._handle(iid).export_kv.remote(rid, 0, None), iid
+            except InstanceLost:
+                # The prefill instance was seen dead after it streamed token 0: the decode side recomputes
+                # the prompt (as when the KV source dies mid-transfer) rather than failing the request.
+                self._mark_dead(iid)
+                leg.kv_ref = None
+            yield _SpanHandoff(self.tracing.start_span(
+                Stage.KV_TRANSFER, request_id=rid, attributes={"source": iid, "destination": decoder}))
+            leg.target = RouteDecision(decoder)
+            rec.phase = Phase.TRANSFER
+            self.counters["handoffs"] += 1
+
+    def _after_lost(self, rec: RequestRecord, iid: str, e: InstanceLost, leg: _Legs, *, lost_first: bool) -> None:
+        """``leg``'s next route after its instance ``iid`` was lost (``lost_first``: before the leg's first token)."""
+        if rec.moving_to is not None and rec.move_kv is _ADMITTED:
+            # The source died right after a migration committed: the destination already runs it, and re-sends the
+            # outputs the source produced before the stop but never delivered (Instance.poll from an index below the
+            # snapshot's).
+            leg.taken()
+            leg.target, leg.kv_ref, leg.admitted = RouteDecision(rec.moving_to), None, True
+            rec.moving_to, rec.move_kv = None, None
+            self._left(iid, rec.request_id, e)
+            return
+        if lost_first:
+            # The stream stands where the leg found it, so a handoff's KV, which covers exactly that, goes on as it
+            # is (the ingress owns it). Released (a submit that landed as the Controller released the instance,
+            # before its shutdown began refusing): as its refusal would have been. Otherwise only a handoff's leg:
+            # without KV there is nothing to keep.
+            if isinstance(e, InstanceReleased):
+                leg.refused.add(iid)
+                leg.target = self._route_around(rec, iid, e, frozenset(leg.refused), decode_only=leg.kv_ref is not None,
+                                                lost_to=frozenset(leg.lost_to))
+                return
+            if leg.kv_ref is not None:
+                leg.target, leg.kv_ref = self._hand_on(rec, iid, HandoffLost(e), leg.kv_ref, leg.refused, leg.lost_to)
+                return
+        leg.taken()
+        leg.target, leg.kv_ref = self._recover(rec, iid, e), None
+
+    def _handoff_decoder(self, rec: RequestRecord, decoder: str | None) -> str:
+        """Where a P->D request decodes after its prefill: the decoder paired at arrival, ``decoder``, unless it is
+        out of service since or shown in another role."""
+        if decoder is not None and self._role_changed(rec, decoder):
+            # This view shows it in another role than at the pairing (another request's refusal said so, or a
+            # refresh): it would refuse the KV (``view_role``), so picked again without it.
+            return self._decoder_after_prefill(rec, exclude=frozenset({decoder}))
+        if decoder is None or self._leaving(decoder):
+            # The pairing was made at arrival; its decoder is going away since (an admin drain, DrainNode, through
+            # this ingress or another: released once its requests moved; or released already): pick one now. Sent
+            # there, the KV landed on an instance about to go -- moved again, or lost and the prompt re-prefilled. A
+            # decoder drained for a role switch or a scale-down still takes it (it waits for the KV on its way, as
+            # the simulator's pairing does; tests/test_sim_scaling.py). One that leaves but that this view shows in
+            # service yet refuses the submit: _route_around.
+            return self._decoder_after_prefill(rec, keep=decoder)
+        return decoder
 
     def _role_of(self, iid: str) -> InstanceRole | None:
         """``iid``'s role as the view shows it, else as the Controller lists it (``None``: unknown here)."""
