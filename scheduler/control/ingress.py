@@ -1020,7 +1020,7 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
         except _DEAD as e:
             # This decoder died (or Ray finds it unavailable) before it answered: a KV source's death arrives as
             # RayTaskError(ActorDiedError), above. Its KV goes to another decoder (_hand_on), not re-prefilled; as
-            # when it is lost once it answered, before its first token (_run_attempts).
+            # when it is lost once it answered, before its first token (_after_lost).
             raise HandoffLost(_lost(iid, e)) from e
         if sub.rejected is not None and sub.rejected.startswith("kv"):
             # KV this instance cannot load (the pools' engines differ: TP degree, dtype, block size): it recomputes

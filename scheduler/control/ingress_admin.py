@@ -73,7 +73,7 @@ class IngressAdmin:
                 # P->D requests whose decode goes here are on no instance here yet (their KV on its way): wait for
                 # them to land, then move them, as the simulator waits for them. (Released under them, their KV
                 # landed on a dead instance and they were re-prefilled elsewhere.) Not those still prefilling: their
-                # handoff picks a decoder in service (``Ingress._run_attempts``), so waiting for them only held the
+                # handoff picks a decoder in service (``Ingress._handoff_decoder``), so waiting for them only held the
                 # drain ~3 s (50 rounds) to no end.
                 arriving = any(d == instance_id and (r := self.registry.get(rid)) is not None
                                and r.phase is not Phase.PREFILL and r.phase is not Phase.QUEUED
