@@ -775,14 +775,11 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                     yield TokenChunk(rid, rec.next_index, (), True, "abort")
                     return
                 if isinstance(e, HandoffLost):
-                    leg.target, leg.kv_ref = self._hand_on(rec, iid, e, leg.kv_ref, leg.refused, leg.lost_to)
+                    self._hand_on(rec, iid, e, leg)
                 elif isinstance(e, InstanceLost):
                     self._after_lost(rec, iid, e, leg, lost_first=not leg.admitted and rec.next_index == start)
                 else:
-                    leg.refused.add(iid)
-                    # A handoff's (or a move's) KV goes to the next decoder as it is: the same ref, nothing recomputed.
-                    leg.target = self._route_around(rec, iid, e, frozenset(leg.refused),
-                                                    decode_only=leg.kv_ref is not None, lost_to=frozenset(leg.lost_to))
+                    self._route_around(rec, iid, e, leg)
                 continue
             leg.taken()
             assert last is not None and last.finished
@@ -829,12 +826,10 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             # before its shutdown began refusing): as its refusal would have been. Otherwise only a handoff's leg:
             # without KV there is nothing to keep.
             if isinstance(e, InstanceReleased):
-                leg.refused.add(iid)
-                leg.target = self._route_around(rec, iid, e, frozenset(leg.refused), decode_only=leg.kv_ref is not None,
-                                                lost_to=frozenset(leg.lost_to))
+                self._route_around(rec, iid, e, leg)
                 return
             if leg.kv_ref is not None:
-                leg.target, leg.kv_ref = self._hand_on(rec, iid, HandoffLost(e), leg.kv_ref, leg.refused, leg.lost_to)
+                self._hand_on(rec, iid, HandoffLost(e), leg)
                 return
         leg.taken()
         leg.target, leg.kv_ref = self._recover(rec, iid, e), None
@@ -1102,16 +1097,18 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
                               retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
         return self._route(rec, exclude=frozenset({iid}), accepted=True)
 
-    def _route_around(self, rec: RequestRecord, iid: str, err: InstanceDraining | InstanceReleased,
-                      refused: frozenset[str], *, decode_only: bool, lost_to: frozenset[str] = frozenset()
-                      ) -> RouteDecision:
-        """``rec``'s next pick after ``iid`` refused it as draining, or as switched to another role since the view
-        (``RoleChanged``: counted apart, its new role shown in the view from now on), or ended it ``released``
-        before its first token (its submit landed between the Controller's decision to release it and its
-        shutdown's start, when it began refusing), without the instances in ``refused``: ``decode_only``, an
-        instance to decode it (its KV is ready), else a whole route -- nor the decoders ``lost_to`` before this leg's
-        first token (a hung one is back in the view once its snapshot answers: picked again, its submit hung again).
-        Not a recovery, nor a failure. Raises ``Unavailable`` naming the refusal when no other instance takes it."""
+    def _route_around(self, rec: RequestRecord, iid: str, err: InstanceDraining | InstanceReleased, leg: _Legs
+                      ) -> None:
+        """``leg.target``: ``rec``'s next pick after ``iid`` refused it as draining, or as switched to another role
+        since the view (``RoleChanged``: counted apart, its new role shown in the view from now on), or ended it
+        ``released`` before its first token (its submit landed between the Controller's decision to release it and
+        its shutdown's start, when it began refusing), without ``iid`` and the others in ``leg.refused``: with a KV
+        (a handoff's, a move's), an instance to decode it, the same ref going on as it is, nothing recomputed; else
+        a whole route -- nor the decoders ``leg.lost_to`` before this leg's first token (a hung one is back in the
+        view once its snapshot answers: picked again, its submit hung again). Not a recovery, nor a failure. Raises
+        ``Unavailable`` naming the refusal when no other instance takes it."""
+        leg.refused.add(iid)
+        refused = frozenset(leg.refused)
         log.info("%s: %s; routing it elsewhere", rec.request_id, err)
         if isinstance(err, InstanceReleased):
             self.counters["released_rerouted"] += 1
@@ -1123,40 +1120,41 @@ class Ingress(IngressView, IngressMigration, IngressAdmin):
             self.counters["drain_refused"] += 1
             self._mark_draining(iid, leaving=err.leaving)
         self._expect_decode(rec.request_id, None)  # not on its way to the decoder paired with the refused route
+        exclude = refused | leg.lost_to
         try:
-            if decode_only:
-                return RouteDecision(self._decoder_after_prefill(rec, exclude=refused | lost_to))
-            return self._route(rec, exclude=refused | lost_to, accepted=True)
+            if leg.kv_ref is not None:
+                leg.target = RouteDecision(self._decoder_after_prefill(rec, exclude=exclude))
+            else:
+                leg.target = self._route(rec, exclude=exclude, accepted=True)
         except Unavailable as e:
             why = ("its role switched" if isinstance(err, RoleChanged) else "released" if isinstance(err, InstanceReleased)
                    else "draining")
             raise Unavailable(f"request {rec.request_id}: {', '.join(sorted(refused))} refused it ({why}) and no "
                               f"other instance takes it: {e}", retry_after_s=UNAVAILABLE_RETRY_AFTER_S) from e
 
-    def _hand_on(self, rec: RequestRecord, iid: str, err: HandoffLost, kv_ref: Any, refused: set[str],
-                 lost_to: set[str]) -> tuple[RouteDecision, Any]:
-        """The next route and KV of ``rec`` after its decoder ``iid`` was lost before its first token
-        (``HandoffLost``): the decoder that takes ``kv_ref`` as it is, without the instances of ``refused`` and
-        ``lost_to`` (``iid`` joins it) -- or, when no other decoder takes it, a lost instance's recovery (re-prefilled,
-        no KV; both sets emptied). ``iid`` is left as a lost instance is (dead: never routed to again; silent: hidden,
+    def _hand_on(self, rec: RequestRecord, iid: str, err: HandoffLost, leg: _Legs) -> None:
+        """``leg``'s next route and KV after its decoder ``iid`` was lost before its first token (``HandoffLost``):
+        the decoder that takes ``leg.kv_ref`` as it is, without the instances of ``leg.refused`` and ``leg.lost_to``
+        (``iid`` joins it) -- or, when no other decoder takes it, a lost instance's recovery (re-prefilled, no KV;
+        ``leg.taken()``). ``iid`` is left as a lost instance is (dead: never routed to again; silent: hidden,
         its copy stopped) and, when the submit reached it, counted toward the quarantine: a request that kills each
         decoder it is handed to ends ``RequestFailed`` after ``quarantine_after`` of them, which bounds the hand-ons
         with the decoders left out of the picks."""
         log.warning("%s: decoder %s lost before its first token (%s); handing the KV to another", rec.request_id,
                     iid, err.lost)
-        lost_to.add(iid)
+        leg.lost_to.add(iid)
         self._left(iid, rec.request_id, err.lost)
         if err.reached and isinstance(err.lost, _FAILED_UNDER):
             self._failed_under(rec, iid)
         self._expect_decode(rec.request_id, None)  # not on its way to the lost decoder
         try:
-            decoder = self._decoder_after_prefill(rec, exclude=frozenset(refused | lost_to))
+            decoder = self._decoder_after_prefill(rec, exclude=frozenset(leg.refused | leg.lost_to))
         except IngressError:
-            refused.clear()
-            lost_to.clear()
-            return self._recover(rec, iid, err.lost), None
+            leg.taken()
+            leg.target, leg.kv_ref = self._recover(rec, iid, err.lost), None
+            return
         self.counters["handoff_rerouted"] += 1
-        return RouteDecision(decoder), kv_ref
+        leg.target = RouteDecision(decoder)
 
     def _failed_under(self, rec: RequestRecord, iid: str) -> None:
         """``iid`` failed while ``rec`` ran there. Raises ``RequestFailed`` once ``quarantine_after`` distinct instances
