@@ -158,10 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 text = (f"router {state.router}, {state.requests_in_flight} request(s) in flight, "
                         f"{len(state.instances)} instance(s)"
                         + "".join(f"\n  {k} {v:g}" for k, v in sorted(state.extra.items())))
-    except LLMSchedError as e:
-        print(f"llmsched admin {args.cmd}: {e}", file=sys.stderr)
-        return 1
-    except TimeoutError as e:
+    except (LLMSchedError, TimeoutError) as e:  # (TimeoutError: ``switch-role --wait``)
         print(f"llmsched admin {args.cmd}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(out, indent=2) if args.json else text)
